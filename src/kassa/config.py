@@ -1,0 +1,86 @@
+"""One typed settings object, read from a YAML file and then ``KASSA_*`` environment variables.
+
+Precedence: defaults < file (``--config`` or ``KASSA_CONFIG``) < environment. An env var is the
+upper-cased field path joined with ``__``: ``KASSA_SERVER__PORT=9000``, ``KASSA_DATA_DIR=/var/kassa``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from msgspec import Struct, field
+
+
+class ServerSettings(Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 65_536
+    idempotency_ttl_seconds: float = 600.0
+    idempotency_max_entries: int = 100_000
+    cors_origins: list[str] = []
+
+
+class LearnSettings(Struct, forbid_unknown_fields=True):
+    snapshot_every_seconds: float = 2.0  # how often the online learner publishes a model snapshot
+    snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
+    learning_rate: float = 0.5
+    vw_extra_args: str = ""
+    keep_snapshots: int = 5
+
+
+class Settings(Struct, forbid_unknown_fields=True):
+    data_dir: str = ".kassa"
+    catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
+    store_timezone: str = "UTC"
+    admin_key: str | None = None  # bootstrap keys (plaintext only in env/config; stored hashed)
+    publishable_key: str | None = None
+    secret_key: str | None = None
+    auth: bool = True
+    server: ServerSettings = field(default_factory=ServerSettings)
+    learn: LearnSettings = field(default_factory=LearnSettings)
+    decision_log_flush_seconds: float = 1.0
+    log_level: str = "info"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional file, the environment and explicit overrides."""
+    tree: dict[str, Any] = {}
+    path = path or os.environ.get("KASSA_CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise SystemExit(f"config file not found: {path}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"config file {path} must hold a mapping")
+        tree.update(loaded)
+    for name, value in os.environ.items():
+        if name.startswith("KASSA_") and name != "KASSA_CONFIG":
+            keys = [p.lower() for p in name[len("KASSA_") :].split("__")]
+            _set_path(tree, keys, value)
+    for key, value in overrides.items():
+        if value is not None:
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    try:
+        return msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"invalid configuration: {exc}") from None

@@ -1,0 +1,200 @@
+"""Wire types: every JSON body Kassa accepts or returns, as msgspec Structs.
+
+These are the contracts of ``shared/ARCHITECTURE.md``. Decoding a request is one
+``msgspec.json.decode`` call that validates types and bounds; no dict walking on the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+Id = Annotated[str, Meta(min_length=1, max_length=128)]
+ShortStr = Annotated[str, Meta(max_length=256)]
+Money = Annotated[float, Meta(ge=0, le=1e9)]
+Qty = Annotated[int, Meta(ge=0, le=100_000)]
+FeatureValue = float | int | str | bool | None
+
+OfferKind = Literal["product", "partner", "subscription", "warranty", "discount"]
+EventType = Literal["impression", "click", "accept", "dismiss", "conversion", "order", "refund"]
+
+
+# --------------------------------------------------------------------------- decisions
+class Customer(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    id: Id | None = None
+    email_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
+
+
+class OrderItem(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    sku: Id
+    product_id: Id | None = None
+    category: ShortStr | None = None
+    qty: Qty = 1
+    price: Money = 0.0
+
+
+class Order(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A placed order in the canonical shape shared by decisions, events and platform connectors."""
+
+    id: Id
+    platform: ShortStr | None = None
+    currency: Annotated[str, Meta(pattern="^[A-Z]{3}$")] = "USD"
+    total: Money = 0.0
+    ship_country: Annotated[str, Meta(pattern="^[A-Z]{2}$")] | None = None
+    items: Annotated[list[OrderItem], Meta(max_length=500)] = []
+    created_at: float | None = None  # unix seconds; defaults to the time Kassa saw it
+    customer_id: Id | None = None
+
+
+class Context(Struct, forbid_unknown_fields=False, omit_defaults=True):
+    device: ShortStr | None = None
+    locale: ShortStr | None = None
+    timezone: ShortStr | None = None
+    referrer: ShortStr | None = None
+
+
+class DecisionRequest(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    placement: Id
+    request_id: Id | None = None
+    customer: Customer | None = None
+    session_id: Id | None = None
+    order: Order | None = None
+    context: Context | None = None
+    candidates: Annotated[list[Id], Meta(max_length=1000)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=50)] | None = None
+
+
+class OfferOut(Struct):
+    offer_id: str
+    rank: int
+    score: float
+    probability: float
+    content: dict[str, Any]
+
+
+class DecisionResponse(Struct):
+    decision_id: str
+    placement: str
+    model_version: str
+    offers: list[OfferOut]
+    explored: bool
+    fallback: bool
+    took_ms: float
+
+
+# --------------------------------------------------------------------------- events
+class Event(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    event_id: Id
+    type: EventType
+    decision_id: Id | None = None
+    offer_id: Id | None = None
+    value: Annotated[float, Meta(ge=-1e9, le=1e9)] | None = None
+    timestamp: float | None = None  # unix seconds; defaults to receive time
+    customer: Customer | None = None
+    order: Order | None = None
+
+
+class EventBatch(Struct, forbid_unknown_fields=True):
+    events: Annotated[list[Event], Meta(min_length=1, max_length=1000)]
+
+
+class EventAck(Struct):
+    accepted: int
+    duplicates: int
+
+
+# --------------------------------------------------------------------------- catalog
+class Eligibility(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Rules an offer must pass to be shown. Every field is optional; unset means no constraint."""
+
+    countries: list[str] | None = None  # ship country allow-list
+    exclude_countries: list[str] | None = None
+    min_order_total: float | None = None
+    max_order_total: float | None = None
+    require_categories: list[str] | None = None  # at least one item in one of these
+    exclude_categories: list[str] | None = None  # no item in any of these
+    exclude_if_in_order: bool = True  # drop when the offer's sku/product is already in the order
+    starts_at: float | None = None  # unix seconds
+    ends_at: float | None = None
+    max_per_customer: int | None = None  # frequency cap: times shown to one customer...
+    cap_window_seconds: float = 86_400.0  # ...within this window
+
+
+class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    id: Id
+    kind: OfferKind
+    title: ShortStr
+    content: dict[str, Any] = {}
+    value: Annotated[float, Meta(ge=0)] = 0.0  # value of one accept, in the store currency
+    sku: Id | None = None  # for product offers: the product it sells
+    product_id: Id | None = None
+    category: ShortStr | None = None
+    stock: int | None = None  # None: not stock-tracked
+    features: dict[str, FeatureValue] = {}
+    eligibility: Eligibility = field(default_factory=Eligibility)
+    active: bool = True
+
+
+class Retrieval(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """How product cross-sell candidates are retrieved for a placement (0 disables a source)."""
+
+    co_purchase: int = 20
+    history: int = 10
+    popular: int = 20
+    max_candidates: int = 50
+
+
+class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Reward of one shown offer: the sum of the weights of its outcome events in the wait window.
+
+    ``conversion`` and ``order`` may use the event's value instead of a fixed weight (``"value"``).
+    """
+
+    weights: dict[str, float | Literal["value"]] = field(
+        default_factory=lambda: {"click": 0.1, "accept": 1.0, "dismiss": 0.0}
+    )
+    wait_seconds: float = 600.0
+    default: float = 0.0
+    cap: float | None = None  # clip a single reward (order values can be huge)
+
+
+class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    id: Id
+    slots: Annotated[int, Meta(ge=1, le=20)] = 3
+    offers: list[str] | None = None  # explicit offer ids; None = every active offer of `kinds`
+    kinds: list[OfferKind] | None = None
+    retrieval: Retrieval | None = None  # set for product cross-sell placements
+    policy: Literal["squarecb", "epsilon", "softmax", "baseline"] = "squarecb"
+    exploration: float = 0.1  # epsilon, or softmax lambda, or squarecb gamma scale
+    baseline: Literal["value", "popularity", "listed"] = "value"
+    min_learned_decisions: int = 200  # cold start: baseline until this many rewarded decisions
+    reward: RewardDefinition = field(default_factory=RewardDefinition)
+    latency_budget_ms: float = 50.0
+    timezone: str = "UTC"
+    features: list[str] | None = None  # feature views to read for this placement (None = all)
+
+
+class CatalogFile(Struct, forbid_unknown_fields=True):
+    offers: list[Offer] = []
+    placements: list[Placement] = []
+
+
+# --------------------------------------------------------------------------- errors
+class Problem(Struct, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+    instance: str | None = None
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+_encoder = msgspec.json.Encoder()
