@@ -22,10 +22,11 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     idempotency_ttl_seconds: float = 600.0
     idempotency_max_entries: int = 100_000
     cors_origins: list[str] = []
+    bench_endpoints: bool = False  # POST /_bench/noop: a do-nothing endpoint for latency baselines
 
 
 class LearnSettings(Struct, forbid_unknown_fields=True):
-    snapshot_every_seconds: float = 2.0  # how often the online learner publishes a model snapshot
+    snapshot_every_seconds: float = 10.0  # how often the online learner publishes a model snapshot
     snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
     learning_rate: float = 0.5
     vw_extra_args: str = ""

@@ -166,8 +166,10 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     offers: list[str] | None = None  # explicit offer ids; None = every active offer of `kinds`
     kinds: list[OfferKind] | None = None
     retrieval: Retrieval | None = None  # set for product cross-sell placements
-    policy: Literal["squarecb", "epsilon", "softmax", "baseline"] = "squarecb"
-    exploration: float = 0.1  # epsilon, or softmax lambda, or squarecb gamma scale
+    policy: Literal["squarecb", "epsilon", "softmax", "baseline", "uniform"] = "squarecb"
+    exploration: float = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
+    gamma_scale: float = 10.0  # squarecb: higher exploits sooner
+    softmax_lambda: float = 10.0  # softmax: higher exploits more
     baseline: Literal["value", "popularity", "listed"] = "value"
     min_learned_decisions: int = 200  # cold start: baseline until this many rewarded decisions
     reward: RewardDefinition = field(default_factory=RewardDefinition)

@@ -1,0 +1,1 @@
+"""HTTP API: thin ASGI handlers that parse, call a service, encode."""

@@ -1,0 +1,79 @@
+"""The ASGI application: routes, problem+json error handling, and the Kassa lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from kassa import errors
+from kassa.api import catalog, decisions, events, system
+from kassa.api.common import problem_response
+from kassa.app import Kassa
+
+log = logging.getLogger("kassa.api")
+
+
+def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
+    routes = [
+        Route("/v1/decisions", decisions.create_decision, methods=["POST"]),
+        Route("/v1/events", events.post_events, methods=["POST"]),
+        Route("/v1/offers", catalog.list_offers, methods=["GET"]),
+        Route("/v1/offers/{offer_id}", catalog.get_offer, methods=["GET"]),
+        Route("/v1/offers/{offer_id}", catalog.put_offer, methods=["PUT"]),
+        Route("/v1/offers/{offer_id}", catalog.delete_offer, methods=["DELETE"]),
+        Route("/v1/placements", catalog.list_placements, methods=["GET"]),
+        Route("/v1/placements/{placement_id}", catalog.get_placement, methods=["GET"]),
+        Route("/v1/placements/{placement_id}", catalog.put_placement, methods=["PUT"]),
+        Route("/v1/models", catalog.list_models, methods=["GET"]),
+        Route("/healthz", system.healthz, methods=["GET"]),
+        Route("/readyz", system.readyz, methods=["GET"]),
+        Route("/metrics", system.metrics, methods=["GET"]),
+        Route("/openapi.json", system.openapi, methods=["GET"]),
+    ]
+    if kassa.settings.server.bench_endpoints:
+        routes.append(Route("/_bench/noop", system.noop, methods=["POST"]))
+
+    async def kassa_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.KassaError)
+        kassa.metrics.errors.labels(str(exc.status)).inc()
+        return problem_response(exc, request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        err = errors.NotFound(f"no route {request.method} {request.url.path}") if exc.status_code == 404 \
+            else errors.KassaError(str(exc.detail))
+        if exc.status_code == 405:
+            err = errors.KassaError(f"{request.method} is not allowed on {request.url.path}")
+            err.status, err.title, err.slug = 405, "Method not allowed", "method-not-allowed"
+        kassa.metrics.errors.labels(str(err.status)).inc()
+        return problem_response(err, request.url.path)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(errors.KassaError("unexpected server error; see the server log"),
+                                request.url.path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await kassa.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await kassa.stop()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={errors.KassaError: kassa_error, HTTPException: http_error, Exception: unexpected},
+        lifespan=lifespan,
+    )
+    app.state.kassa = kassa
+    return app

@@ -1,0 +1,105 @@
+"""Offers and placements: GET|PUT|DELETE /v1/offers[/{id}], GET|PUT /v1/placements[/{id}] (admin key)."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kassa import errors, schemas
+from kassa.api.common import authorize, decode, json_response, read_body
+from kassa.app import Kassa
+
+
+def _kassa(request: Request) -> Kassa:
+    kassa: Kassa = request.app.state.kassa
+    authorize(request, kassa.keys, "admin", kassa.settings.auth)
+    return kassa
+
+
+async def list_offers(request: Request) -> Response:
+    kassa = _kassa(request)
+    offers = list(kassa.catalog.snapshot.offers.values())
+    return json_response({"offers": offers, "count": len(offers)})
+
+
+async def get_offer(request: Request) -> Response:
+    kassa = _kassa(request)
+    offer_id = request.path_params["offer_id"]
+    offer = kassa.catalog.snapshot.offers.get(offer_id)
+    if offer is None:
+        raise errors.NotFound(f"unknown offer {offer_id!r}", "offer_id")
+    return json_response(offer)
+
+
+async def put_offer(request: Request) -> Response:
+    kassa = _kassa(request)
+    offer_id = request.path_params["offer_id"]
+    body = await read_body(request, kassa.settings.server.max_body_bytes)
+    offer = decode(body, schemas.Offer)
+    if offer.id != offer_id:
+        raise errors.Invalid(f"body id {offer.id!r} does not match the path id {offer_id!r}", "id")
+    created = kassa.catalog.put_offer(offer)
+    return json_response(offer, 201 if created else 200)
+
+
+async def delete_offer(request: Request) -> Response:
+    kassa = _kassa(request)
+    offer_id = request.path_params["offer_id"]
+    users = [p.placement.id for p in kassa.catalog.snapshot.placements.values()
+             if offer_id in (p.placement.offers or ())]
+    if users:
+        raise errors.Conflict(f"offer {offer_id!r} is listed by placement(s) {users}; remove it there first",
+                              "offer_id")
+    if not kassa.catalog.delete_offer(offer_id):
+        raise errors.NotFound(f"unknown offer {offer_id!r}", "offer_id")
+    return Response(status_code=204)
+
+
+async def list_placements(request: Request) -> Response:
+    kassa = _kassa(request)
+    placements = [v.placement for v in kassa.catalog.snapshot.placements.values()]
+    return json_response({"placements": placements, "count": len(placements)})
+
+
+async def get_placement(request: Request) -> Response:
+    kassa = _kassa(request)
+    placement_id = request.path_params["placement_id"]
+    view = kassa.catalog.snapshot.placements.get(placement_id)
+    if view is None:
+        raise errors.NotFound(f"unknown placement {placement_id!r}", "placement_id")
+    model = kassa.models.get(placement_id)
+    return json_response({
+        "placement": view.placement, "eligible_offers": len(view.static_offers),
+        "model_version": model.version if model else None,
+    })
+
+
+async def put_placement(request: Request) -> Response:
+    kassa = _kassa(request)
+    placement_id = request.path_params["placement_id"]
+    body = await read_body(request, kassa.settings.server.max_body_bytes)
+    placement = decode(body, schemas.Placement)
+    if placement.id != placement_id:
+        raise errors.Invalid(f"body id {placement.id!r} does not match the path id {placement_id!r}", "id")
+    try:
+        created = kassa.catalog.put_placement(placement)
+    except KeyError as exc:
+        raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
+    return json_response(msgspec.to_builtins(placement), 201 if created else 200)
+
+
+async def list_models(request: Request) -> Response:
+    kassa = _kassa(request)
+    out = []
+    for placement_id in kassa.catalog.snapshot.placements:
+        model = kassa.models.get(placement_id)
+        learner = kassa.learning.learners.get(placement_id)
+        out.append({
+            "placement": placement_id,
+            "serving": model.version if model else None,
+            "learned_examples": learner.learned if learner else (model.meta.get("learned", 0) if model else 0),
+            "rewarded_decisions": learner.rewarded_decisions if learner else
+            (model.meta.get("rewarded_decisions", 0) if model else 0),
+        })
+    return json_response({"models": out})

@@ -1,0 +1,103 @@
+"""`Kassa`: builds every service of one process from the settings and owns their lifecycle.
+
+The API and the CLI call these services; nothing else wires them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from kassa import schemas
+from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.config import Settings
+from kassa.db import make_engine
+from kassa.decide.engine import DecisionEngine, IdempotencyCache
+from kassa.decide.retrieval import ProductRetriever
+from kassa.decide.rules import FrequencyLedger
+from kassa.events.decision_log import DecisionLogWriter
+from kassa.events.ingest import EventIngest
+from kassa.events.log import SqliteEventLog
+from kassa.features.online.memory import InMemoryOnlineStore
+from kassa.features.profile import CustomerProfiles
+from kassa.keys import KeyStore
+from kassa.learn.loop import LearningLoop
+from kassa.learn.models import ModelStore
+from kassa.learn.rewards import RewardJoiner
+from kassa.monitor.metrics import Metrics
+
+log = logging.getLogger("kassa")
+
+
+class Kassa:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, seed: int | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.db = make_engine(data / "kassa.db")
+        self.catalog = Catalog(SqlCatalogStore(self.db))
+        if settings.catalog_file:
+            self.catalog.load_file(settings.catalog_file)
+        self.keys = KeyStore(self.db)
+        for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
+                          ("secret", settings.secret_key)):
+            if key:
+                self.keys.add(key, kind, f"{kind} (from settings)")  # type: ignore[arg-type]
+        self.metrics = Metrics()
+        self.store = InMemoryOnlineStore()
+        self.profiles = CustomerProfiles(self.store)
+        self.retriever = ProductRetriever()
+        self.ledger = FrequencyLedger()
+        self.models = ModelStore()
+        self.joiner = RewardJoiner(self._reward_definition)
+        self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds)
+        self.event_log = SqliteEventLog(data / "events.db")
+        self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock)
+        self.engine = DecisionEngine(
+            self.catalog, self.store, self.retriever, self.ledger, self.models, self.joiner, self.decision_log,
+            settings.store_timezone,
+            IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
+            seed=seed, clock=clock, observe=self.metrics.observe_decision,
+        )
+        self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
+                                  on_event=self._count_event)
+        self._tasks: list[asyncio.Task] = []
+        self.ready = False
+        self.started_at = 0.0
+
+    def _reward_definition(self, placement_id: str) -> schemas.RewardDefinition | None:
+        view = self.catalog.snapshot.placements.get(placement_id)
+        return view.placement.reward if view else None
+
+    def _count_event(self, event: schemas.Event) -> None:
+        self.metrics.events.labels(event.type).inc()
+
+    def warm_up(self) -> None:
+        """Synchronous start-up work: replay the event log, load the latest model snapshots."""
+        t0 = time.perf_counter()
+        replayed = self.events.replay()
+        self.learning.load_models()
+        log.info("replayed %d events, loaded models %s in %.0f ms", replayed, self.models.versions(),
+                 (time.perf_counter() - t0) * 1000)
+
+    async def start(self) -> None:
+        self.warm_up()
+        self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        self.started_at = time.time()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        self.learning.snapshot_due(force=True)
+        self.decision_log.close()
+        self.event_log.close()
+        self.db.dispose()

@@ -1,0 +1,73 @@
+"""`CatalogSnapshot`: an immutable, precomputed view of offers and placements for the hot path.
+
+Everything a decision needs from the catalog is a dict lookup here: offers by id and by product, each
+placement's static candidate list and baseline order, and each offer's learner line (built once when the
+offer changes, never per request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kassa import schemas
+from kassa.learn.featurize import action_line
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementView:
+    placement: schemas.Placement
+    static_offers: tuple[str, ...]  # active offers listed for (or matching the kinds of) the placement
+    by_value: tuple[str, ...]  # static offers sorted by value, high first (the default baseline)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    version: int
+    offers: dict[str, schemas.Offer]
+    placements: dict[str, PlacementView]
+    action_lines: dict[str, str]
+    product_offer: dict[str, str]  # product key (product_id or sku) -> offer id, product offers only
+    product_offers: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def build(
+        cls,
+        offers: list[schemas.Offer],
+        placements: list[schemas.Placement],
+        previous: CatalogSnapshot | None = None,
+    ) -> CatalogSnapshot:
+        by_id = {o.id: o for o in offers}
+        lines: dict[str, str] = {}
+        for offer in offers:
+            # Reuse the previous line when the offer did not change: a PUT of one offer among 10,000
+            # then costs one line, not 10,000.
+            if previous is not None and previous.offers.get(offer.id) == offer:
+                lines[offer.id] = previous.action_lines[offer.id]
+            else:
+                lines[offer.id] = action_line(offer)
+        product_offer: dict[str, str] = {}
+        for offer in offers:
+            if offer.kind == "product" and offer.active:
+                for key in (offer.product_id, offer.sku):
+                    if key:
+                        product_offer.setdefault(key, offer.id)
+        views: dict[str, PlacementView] = {}
+        for p in placements:
+            if p.offers is not None:
+                static = [i for i in p.offers if i in by_id and by_id[i].active]
+            elif p.kinds is not None:
+                static = [o.id for o in offers if o.active and o.kind in p.kinds]
+            elif p.retrieval is not None:
+                static = []  # pure retrieval placement
+            else:
+                static = [o.id for o in offers if o.active and o.kind != "product"]
+            by_value = sorted(static, key=lambda i: -by_id[i].value)
+            views[p.id] = PlacementView(p, tuple(static), tuple(by_value))
+        return cls(
+            version=(previous.version + 1) if previous else 1,
+            offers=by_id,
+            placements=views,
+            action_lines=lines,
+            product_offer=product_offer,
+            product_offers=tuple(sorted(set(product_offer.values()))),
+        )

@@ -1,0 +1,142 @@
+"""Durable catalog storage behind a small protocol, and `Catalog`, which owns the live snapshot.
+
+Writes go to the store first, then a new immutable `CatalogSnapshot` replaces the old one with a single
+reference assignment, so a decision in flight keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import yaml
+from sqlalchemy import Engine, delete, insert, select, update
+
+from kassa import schemas
+from kassa.catalog.snapshot import CatalogSnapshot
+from kassa.db import offers_table, placements_table
+
+
+class CatalogStore(Protocol):
+    def load(self) -> tuple[list[schemas.Offer], list[schemas.Placement]]: ...
+    def put_offer(self, offer: schemas.Offer) -> bool: ...  # True when created
+    def delete_offer(self, offer_id: str) -> bool: ...
+    def put_placement(self, placement: schemas.Placement) -> bool: ...
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None: ...
+
+
+class SqlCatalogStore:
+    """Offers and placements as JSON bodies in two SQL tables (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load(self) -> tuple[list[schemas.Offer], list[schemas.Placement]]:
+        with self.engine.connect() as conn:
+            offers = [
+                msgspec.json.decode(row.body, type=schemas.Offer)
+                for row in conn.execute(select(offers_table.c.body).order_by(offers_table.c.id))
+            ]
+            placements = [
+                msgspec.json.decode(row.body, type=schemas.Placement)
+                for row in conn.execute(select(placements_table.c.body).order_by(placements_table.c.id))
+            ]
+        return offers, placements
+
+    def _upsert(self, conn, table, key: str, body: bytes) -> bool:  # type: ignore[no-untyped-def]
+        now = time.time()
+        text = body.decode()
+        res = conn.execute(update(table).where(table.c.id == key).values(body=text, updated_at=now))
+        if res.rowcount:
+            return False
+        conn.execute(insert(table).values(id=key, body=text, updated_at=now))
+        return True
+
+    def put_offer(self, offer: schemas.Offer) -> bool:
+        with self.engine.begin() as conn:
+            return self._upsert(conn, offers_table, offer.id, msgspec.json.encode(offer))
+
+    def delete_offer(self, offer_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return bool(conn.execute(delete(offers_table).where(offers_table.c.id == offer_id)).rowcount)
+
+    def put_placement(self, placement: schemas.Placement) -> bool:
+        with self.engine.begin() as conn:
+            return self._upsert(conn, placements_table, placement.id, msgspec.json.encode(placement))
+
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None:
+        with self.engine.begin() as conn:
+            for offer in offers:
+                self._upsert(conn, offers_table, offer.id, msgspec.json.encode(offer))
+            for placement in placements:
+                self._upsert(conn, placements_table, placement.id, msgspec.json.encode(placement))
+
+
+def read_catalog_file(path: str | Path) -> schemas.CatalogFile:
+    """Parse a YAML or JSON catalog file, with a message naming the failing field."""
+    raw = Path(path).read_text()
+    try:
+        tree = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from None
+    try:
+        catalog = msgspec.convert(tree, schemas.CatalogFile)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    known = {o.id for o in catalog.offers}
+    for placement in catalog.placements:
+        for offer_id in placement.offers or ():
+            if offer_id not in known:
+                raise ValueError(f"{path}: placement {placement.id!r} lists unknown offer {offer_id!r}")
+    return catalog
+
+
+class Catalog:
+    """The live catalog: a store plus the current immutable snapshot."""
+
+    def __init__(self, store: CatalogStore) -> None:
+        self.store = store
+        offers, placements = store.load()
+        self.snapshot = CatalogSnapshot.build(offers, placements)
+
+    def _rebuild(self) -> None:
+        offers, placements = self.store.load()
+        self.snapshot = CatalogSnapshot.build(offers, placements, previous=self.snapshot)
+
+    def load_file(self, path: str | Path) -> schemas.CatalogFile:
+        catalog = read_catalog_file(path)
+        self.store.put_many(catalog.offers, catalog.placements)
+        self._rebuild()
+        return catalog
+
+    def put_offer(self, offer: schemas.Offer) -> bool:
+        created = self.store.put_offer(offer)
+        self._rebuild()
+        return created
+
+    def delete_offer(self, offer_id: str) -> bool:
+        deleted = self.store.delete_offer(offer_id)
+        if deleted:
+            self._rebuild()
+        return deleted
+
+    def put_placement(self, placement: schemas.Placement) -> bool:
+        unknown = [o for o in placement.offers or () if o not in self.snapshot.offers]
+        if unknown:
+            raise KeyError(unknown[0])
+        created = self.store.put_placement(placement)
+        self._rebuild()
+        return created
+
+    def adjust_stock(self, offer_id: str, stock: int | None) -> None:
+        offer = self.snapshot.offers.get(offer_id)
+        if offer is not None:
+            self.put_offer(msgspec.structs.replace(offer, stock=stock))
+
+
+def sqlite_catalog(data_dir: Path) -> Catalog:
+    from kassa.db import make_engine
+
+    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))

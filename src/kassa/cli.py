@@ -1,0 +1,115 @@
+"""The ``kassa`` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kassa.config import Settings, load_settings
+
+app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    return load_settings(config, **overrides)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,  # noqa: UP045
+) -> None:
+    """Run the decision API on the embedded default (nothing else to start)."""
+    overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog}
+    if host is not None:
+        overrides["server.host"] = host
+    if port is not None:
+        overrides["server.port"] = port
+    settings = _settings(config, **overrides)
+    from kassa.server import run_server
+
+    run_server(settings)
+
+
+@app.command()
+def demo(
+    headless: Annotated[bool, typer.Option(help="Run the simulation to completion without the live view.")] = False,
+    checkouts: Annotated[int, typer.Option(help="Simulated checkouts.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+    data_dir: Annotated[Optional[str], typer.Option(help="Demo data folder (default: a fresh temp dir).")] = None,  # noqa: UP045
+    keep_serving: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--keep-serving/--exit", help="Leave the API up for curl when done (default: yes unless headless).")] = None,
+) -> None:
+    """Simulated store + shoppers: watch Kassa decide, log and learn, with control slices."""
+    from kassa.demo.run import run_demo
+
+    run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
+             data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving)
+
+
+@keys_app.command("create")
+def keys_create(
+    kind: Annotated[str, typer.Argument(help="publishable | secret | admin")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    origin: Annotated[Optional[list[str]], typer.Option(help="Allowed origin (publishable keys).")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    if kind not in ("publishable", "secret", "admin"):
+        raise typer.BadParameter("kind must be publishable, secret or admin", param_hint="KIND")
+    from kassa.db import make_engine
+    from kassa.keys import KeyStore
+
+    settings = _settings(config, data_dir=data_dir)
+    store = KeyStore(make_engine(settings.data_path / "kassa.db"))
+    key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]
+    console.print(f"[green]created {kind} key[/] (shown once, store it now):")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List keys (hash prefix, kind, name, origins)."""
+    from kassa.db import make_engine
+    from kassa.keys import KeyStore
+
+    settings = _settings(config, data_dir=data_dir)
+    table = Table("hash", "kind", "name", "origins", "revoked")
+    for k in KeyStore(make_engine(settings.data_path / "kassa.db")).list():
+        table.add_row(k["hash"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Revoke a key (give the key itself)."""
+    from kassa.db import make_engine
+    from kassa.keys import KeyStore
+
+    settings = _settings(config, data_dir=data_dir)
+    if not KeyStore(make_engine(settings.data_path / "kassa.db")).revoke(key):
+        console.print("[red]no such key[/]")
+        raise typer.Exit(1)
+    console.print("revoked")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()

@@ -1,0 +1,60 @@
+"""SQL metadata database (catalog, placements, API keys): SQLite embedded, PostgreSQL in production.
+
+SQLAlchemy 2 Core only. Nothing here is on the decision hot path: the services keep in-memory copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, create_engine, event
+
+metadata = MetaData()
+
+offers_table = Table(
+    "offers",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+placements_table = Table(
+    "placements",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+api_keys_table = Table(
+    "api_keys",
+    metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("origins", Text, nullable=False),  # JSON list; empty = any origin
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+
+def make_engine(url_or_path: str | Path) -> Engine:
+    """An engine for a database URL, or a SQLite file path (created, WAL mode)."""
+    url = str(url_or_path)
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{url}"
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+    metadata.create_all(engine)
+    return engine

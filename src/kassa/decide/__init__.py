@@ -1,0 +1,1 @@
+"""Decision engine: pure, no I/O of its own."""

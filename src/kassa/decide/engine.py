@@ -1,0 +1,240 @@
+"""`DecisionEngine`: one decision, from request to ranked offers, within the placement's budget.
+
+Stages: request + entity features -> candidates (placement offers, product retrieval) -> eligibility
+rules -> policy (learned model, or the baseline during cold start) -> slots. A stage that fails or a
+budget that runs out yields the fallback ranking (by offer value) with ``fallback: true``; a dependency
+failure never becomes an error for the page. The decision is then logged (off the hot path) and handed
+to the reward joiner with the exact learner lines it was made from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from kassa import errors, schemas
+from kassa.catalog import Catalog
+from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
+from kassa.decide.retrieval import ProductRetriever
+from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
+from kassa.events.decision_log import DecisionRecord, DecisionLogWriter
+from kassa.features.online.memory import OnlineStore
+from kassa.features.profile import VIEW as PROFILE_VIEW
+from kassa.features.request import request_features
+from kassa.learn.featurize import shared_line
+from kassa.learn.models import ModelStore
+from kassa.learn.rewards import PendingDecision, RewardJoiner
+
+log = logging.getLogger("kassa.decide")
+_LEARNED = ("squarecb", "epsilon", "softmax")
+
+
+class IdempotencyCache:
+    """request_id -> (fingerprint of the request, response); bounded LRU with a TTL."""
+
+    def __init__(self, ttl: float = 600.0, max_entries: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, tuple[float, int, schemas.DecisionResponse]] = OrderedDict()
+
+    def get(self, key: str, fingerprint: int, now: float) -> schemas.DecisionResponse | None:
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        ts, fp, response = hit
+        if now - ts > self.ttl:
+            del self._items[key]
+            return None
+        if fp != fingerprint:
+            raise errors.Conflict(
+                "request_id was already used for a different request; use a new request_id", "request_id"
+            )
+        return response
+
+    def put(self, key: str, fingerprint: int, response: schemas.DecisionResponse, now: float) -> None:
+        self._items[key] = (now, fingerprint, response)
+        if len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+
+class DecisionEngine:
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: OnlineStore,
+        retriever: ProductRetriever,
+        ledger: FrequencyLedger,
+        models: ModelStore,
+        joiner: RewardJoiner,
+        decision_log: DecisionLogWriter | None,
+        store_timezone: str = "UTC",
+        idempotency: IdempotencyCache | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.time,
+        observe: Callable[[str, bool, float], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.retriever = retriever
+        self.ledger = ledger
+        self.models = models
+        self.joiner = joiner
+        self.decision_log = decision_log
+        self.tz = store_timezone
+        self.idempotency = idempotency or IdempotencyCache()
+        self.rng = random.Random(seed)
+        self.clock = clock
+        self.observe = observe
+        self._fp_encoder = msgspec.json.Encoder()
+
+    async def decide(self, req: schemas.DecisionRequest) -> schemas.DecisionResponse:
+        t0 = time.perf_counter()
+        now = self.clock()
+        fingerprint = 0
+        if req.request_id is not None:
+            fingerprint = hash(self._fp_encoder.encode(req))
+            cached = self.idempotency.get(req.request_id, fingerprint, now)
+            if cached is not None:
+                return cached
+        snap = self.catalog.snapshot
+        view = snap.placements.get(req.placement)
+        if view is None:
+            raise errors.NotFound(f"unknown placement {req.placement!r}", "placement")
+        placement = view.placement
+        budget = placement.latency_budget_ms / 1000.0
+        customer_id = req.customer.id if req.customer is not None else None
+        fallback = False
+
+        # -- features
+        profile: dict[str, Any] | None = None
+        if customer_id is not None:
+            try:
+                row = await self.store.get("customer", customer_id)
+                profile = row.get(PROFILE_VIEW) if row else None
+            except Exception:  # a store outage degrades to no entity features
+                log.exception("online store read failed")
+                fallback = True
+        features = request_features(req, now, placement.timezone or self.tz, profile)
+
+        # -- candidates
+        offers = snap.offers
+        if req.candidates is not None:
+            for i, offer_id in enumerate(req.candidates):
+                if offer_id not in offers:
+                    raise errors.Invalid(f"unknown offer {offer_id!r}", f"candidates[{i}]")
+            candidates = list(dict.fromkeys(req.candidates))
+        else:
+            candidates = list(view.static_offers)
+            retrieval = placement.retrieval
+            if retrieval is not None:
+                order_keys: list[str] = []
+                if req.order is not None:
+                    for item in req.order.items:
+                        order_keys.append(item.product_id or item.sku)
+                seen = set(candidates)
+                for key, _source in self.retriever.retrieve(
+                    order_keys, customer_id, now, retrieval.co_purchase, retrieval.history,
+                    retrieval.popular, retrieval.max_candidates,
+                ):
+                    offer_id = snap.product_offer.get(key)
+                    if offer_id is not None and offer_id not in seen:
+                        seen.add(offer_id)
+                        candidates.append(offer_id)
+
+        # -- eligibility
+        facts = OrderFacts.of(req)
+        ledger = self.ledger
+        kept = [o for o in candidates if eligible(offers[o], facts, now, customer_id, ledger) is None]
+
+        # -- policy
+        slots = req.limit or placement.slots
+        shared = shared_line(features)
+        action_lines = [snap.action_lines[o] for o in kept]
+        version = "baseline"
+        policy: Policy
+        if not kept:
+            policy = UniformPolicy(0)
+        elif fallback or time.perf_counter() - t0 > budget:
+            fallback = True
+            policy, version = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), "fallback"
+        elif placement.policy == "uniform":
+            policy, version = UniformPolicy(len(kept)), "uniform"
+        else:
+            policy = None  # type: ignore[assignment]
+            model = self.models.get(placement.id) if placement.policy in _LEARNED else None
+            if model is not None and model.meta.get("rewarded_decisions", 0) >= placement.min_learned_decisions:
+                try:
+                    pmf = model.pmf(shared, action_lines)
+                    policy, version = PmfPolicy(pmf), model.version
+                except Exception:
+                    log.exception("model %s failed to score; serving the fallback", model.version)
+                    fallback = True
+                    policy, version = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), "fallback"
+            if policy is None:
+                policy = GreedyEpsilonPolicy(self._baseline_scores(placement, kept, offers), placement.exploration)
+        ranking = fill_slots(policy, len(kept), slots, self.rng)
+        if not fallback and time.perf_counter() - t0 > budget:
+            # Scoring itself ran past the budget: answer, but say so, and serve the cheap order.
+            fallback = True
+            version = "fallback"
+            ranking = fill_slots(GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), len(kept), slots)
+
+        chosen = [kept[i] for i in ranking.chosen]
+        out = [
+            schemas.OfferOut(offer_id, rank + 1, round(score, 6), round(prob, 6), offers[offer_id].content)
+            for rank, (offer_id, score, prob) in enumerate(
+                zip(chosen, ranking.scores, ranking.probabilities, strict=True))
+        ]
+        decision_id = os.urandom(12).hex()
+        took_ms = (time.perf_counter() - t0) * 1000.0
+        response = schemas.DecisionResponse(
+            decision_id, placement.id, version, out, ranking.explored, fallback, round(took_ms, 3)
+        )
+
+        # -- bookkeeping (memory only; the Parquet write happens on the log's own thread)
+        if customer_id is not None and chosen:
+            ledger.record(customer_id, chosen, now)
+        if chosen:
+            self.joiner.register(PendingDecision(
+                decision_id, placement.id, now, now + placement.reward.wait_seconds, shared, chosen,
+                [snap.action_lines[o] for o in chosen], ranking.probabilities, customer_id,
+                [offers[o].product_id or offers[o].sku for o in chosen],
+            ))
+        if self.decision_log is not None:
+            self.decision_log.append(DecisionRecord(
+                decision_id=decision_id, ts=now, placement=placement.id, model_version=version,
+                request_id=req.request_id, customer_id=customer_id, features=_loggable(features),
+                candidates=kept, probabilities=_slot1_probs(policy, len(kept)), chosen=chosen,
+                chosen_probabilities=ranking.probabilities, explored=ranking.explored, fallback=fallback,
+                took_ms=took_ms,
+            ))
+        if req.request_id is not None:
+            self.idempotency.put(req.request_id, fingerprint, response, now)
+        if self.observe is not None:
+            self.observe(placement.id, fallback, took_ms / 1000.0)
+        return response
+
+    def _baseline_scores(self, placement: schemas.Placement, kept: list[str], offers: dict) -> list[float]:
+        if placement.baseline == "listed":
+            n = len(kept)
+            order = {o: i for i, o in enumerate(placement.offers or ())}
+            return [float(n - order.get(o, n)) for o in kept]
+        if placement.baseline == "popularity":
+            return [self.retriever.popularity(offers[o].product_id or offers[o].sku or o) for o in kept]
+        return [offers[o].value for o in kept]
+
+
+def _slot1_probs(policy: Policy, n: int) -> list[float]:
+    return policy.slot_pmf(list(range(n))) if n else []
+
+
+def _loggable(features: dict[str, Any]) -> dict[str, Any]:
+    # Lists (categories) are logged as a joined string so the feature column stays scalar.
+    return {k: ("|".join(map(str, v)) if isinstance(v, list) else v) for k, v in features.items()}

@@ -1,0 +1,65 @@
+"""Errors that become ``application/problem+json`` responses (RFC 9457), naming the failing field."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+_AT = re.compile(r" - at `\$(.*)`$")
+
+
+class KassaError(Exception):
+    status = 500
+    title = "Internal error"
+    slug = "internal"
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+class BadRequest(KassaError):
+    status, title, slug = 400, "Malformed request", "malformed"
+
+
+class Unauthorized(KassaError):
+    status, title, slug = 401, "Missing or invalid API key", "unauthorized"
+
+
+class Forbidden(KassaError):
+    status, title, slug = 403, "API key not allowed here", "forbidden"
+
+
+class NotFound(KassaError):
+    status, title, slug = 404, "Not found", "not-found"
+
+
+class Conflict(KassaError):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(KassaError):
+    status, title, slug = 413, "Request body too large", "too-large"
+
+
+class Invalid(KassaError):
+    status, title, slug = 422, "Invalid field", "invalid"
+
+
+class Unavailable(KassaError):
+    status, title, slug = 503, "Service unavailable", "unavailable"
+
+
+def from_decode_error(exc: msgspec.DecodeError) -> KassaError:
+    """Map a msgspec error to 422 (valid JSON, wrong fields) or 400 (not JSON), with the field path."""
+    message = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        m = _AT.search(message)
+        field = None
+        if m:
+            field = m.group(1).lstrip(".") or None
+            message = message[: m.start()]
+        return Invalid(message, field)
+    return BadRequest(f"malformed JSON: {message}")

@@ -1,0 +1,242 @@
+"""The decision log: one record per decision served, written as date-partitioned Parquet.
+
+This module owns ``<root>/decisions/date=YYYY-MM-DD/part-<unixms>-<seq>.parquet``: its schema, the
+buffered writer the decide path appends to, and ``read_decisions`` for offline evaluation and
+training. Each record carries exactly what off-policy evaluation needs: the feature vector used,
+every candidate with its policy probability, and the probability of each shown offer.
+
+The hot path only appends to an in-memory deque; a daemon thread does all file I/O, so neither the
+event loop nor a request ever waits for the disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kassa.schemas import FeatureValue
+
+log = logging.getLogger(__name__)
+
+
+class DecisionRecord(msgspec.Struct):
+    decision_id: str
+    ts: float  # unix seconds
+    placement: str
+    model_version: str
+    request_id: str | None
+    customer_id: str | None
+    features: dict[str, FeatureValue]  # the exact feature vector the policy scored
+    candidates: list[str]  # offer ids scored, in order
+    probabilities: list[float]  # the policy's probability for each candidate, same order
+    chosen: list[str]  # offer ids shown, in rank order
+    chosen_probabilities: list[float]  # probability with which each slot's offer was chosen
+    explored: bool
+    fallback: bool
+    took_ms: float
+
+
+SCHEMA = pa.schema(
+    [
+        pa.field("decision_id", pa.string(), nullable=False),
+        pa.field("ts", pa.float64(), nullable=False),
+        pa.field("placement", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("request_id", pa.string()),
+        pa.field("customer_id", pa.string()),
+        pa.field("features_json", pa.string(), nullable=False),
+        pa.field("candidates", pa.list_(pa.string())),
+        pa.field("probabilities", pa.list_(pa.float64())),
+        pa.field("chosen", pa.list_(pa.string())),
+        pa.field("chosen_probabilities", pa.list_(pa.float64())),
+        pa.field("explored", pa.bool_(), nullable=False),
+        pa.field("fallback", pa.bool_(), nullable=False),
+        pa.field("took_ms", pa.float64(), nullable=False),
+    ]
+)
+
+_json = msgspec.json.Encoder()
+
+
+def records_to_table(records: Iterable[DecisionRecord]) -> pa.Table:
+    """Decision records as an Arrow table with ``SCHEMA`` (features as a JSON string)."""
+    rows = list(records)
+    columns = {
+        "decision_id": [r.decision_id for r in rows],
+        "ts": [r.ts for r in rows],
+        "placement": [r.placement for r in rows],
+        "model_version": [r.model_version for r in rows],
+        "request_id": [r.request_id for r in rows],
+        "customer_id": [r.customer_id for r in rows],
+        "features_json": [_json.encode(r.features).decode() for r in rows],
+        "candidates": [r.candidates for r in rows],
+        "probabilities": [r.probabilities for r in rows],
+        "chosen": [r.chosen for r in rows],
+        "chosen_probabilities": [r.chosen_probabilities for r in rows],
+        "explored": [r.explored for r in rows],
+        "fallback": [r.fallback for r in rows],
+        "took_ms": [r.took_ms for r in rows],
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _utc_date(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+class DecisionLogWriter:
+    """Buffers decision records and writes them to Parquet every ``flush_seconds`` from a thread.
+
+    ``append`` never blocks and never raises. A failed write keeps its records in the buffer (in
+    order) for the next attempt and is logged; nothing is dropped. ``max_buffer`` is not a cap: it
+    wakes the flusher early so a burst produces several moderate files instead of one huge one.
+    """
+
+    def __init__(self, root: Path, flush_seconds: float = 1.0, max_buffer: int = 5000) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "decisions"
+        self.flush_seconds = flush_seconds
+        self.max_buffer = max_buffer
+        self.written = 0  # records durably written to Parquet
+        self.files_written = 0
+        self.failed_flushes = 0
+        # deque.append/popleft are atomic under the GIL: no lock on the hot path, and a record
+        # appended while a flush runs is never swept into a batch that was already taken.
+        self._buffer: collections.deque[DecisionRecord] = collections.deque()
+        self._flush_lock = threading.Lock()  # serialises the thread's flush and explicit flush()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="kassa-decision-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet written."""
+        return len(self._buffer)
+
+    def append(self, record: DecisionRecord) -> None:
+        self._buffer.append(record)
+        if len(self._buffer) >= self.max_buffer and not self._wake.is_set():
+            self._wake.set()
+
+    def flush(self) -> int:
+        """Write every buffered record now; return how many were written (failures are logged)."""
+        with self._flush_lock:
+            n = len(self._buffer)
+            if n == 0:
+                return 0
+            batch = [self._buffer.popleft() for _ in range(n)]
+            by_date: dict[str, list[DecisionRecord]] = {}
+            for rec in batch:
+                by_date.setdefault(_utc_date(rec.ts), []).append(rec)
+            done = 0
+            failed_dates: set[str] = set()
+            for date, recs in by_date.items():
+                try:
+                    self._write_file(date, recs)
+                except Exception:
+                    self.failed_flushes += 1
+                    log.exception("decision log: writing %d records for %s failed", len(recs), date)
+                    failed_dates.add(date)
+                else:
+                    done += len(recs)
+            if failed_dates:
+                # Back in front of anything appended meanwhile, in append order, for the next try.
+                failed = [r for r in batch if _utc_date(r.ts) in failed_dates]
+                self._buffer.extendleft(reversed(failed))
+            self.written += done
+            return done
+
+    def _write_file(self, date: str, records: list[DecisionRecord]) -> Path:
+        part_dir = self.dir / f"date={date}"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        unixms = int(time.time() * 1000)
+        while True:
+            self._seq += 1
+            path = part_dir / f"part-{unixms}-{self._seq}.parquet"
+            if not path.exists():  # another process may share the directory
+                break
+        # Readers glob *.parquet: write under a name they skip, fsync, then rename into place, so
+        # a reader never sees a half-written file and a crash never leaves a corrupt one.
+        tmp = part_dir / f".{path.name}.tmp"
+        try:
+            pq.write_table(records_to_table(records), tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.files_written += 1
+        return path
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # flush() already logs write errors; this is a last resort
+                log.exception("decision log flusher error")
+
+    def close(self) -> None:
+        """Stop the flusher and write whatever is buffered."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self.flush()
+        if self._buffer:
+            log.error("decision log closed with %d unwritten records", len(self._buffer))
+
+
+def read_decisions(
+    root: Path,
+    placement: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> pa.Table:
+    """Logged decisions under ``root`` ordered by time, optionally for one placement and in
+    ``[since, until)`` (unix seconds). Columns are ``SCHEMA``; empty table when nothing is logged."""
+    base = Path(root) / "decisions"
+    if not any(base.glob("date=*/*.parquet")):
+        return SCHEMA.empty_table()
+    where: list[str] = []
+    params: list[object] = []
+    if placement is not None:
+        where.append("placement = ?")
+        params.append(placement)
+    if since is not None:
+        # The partition predicate lets DuckDB skip whole days without opening their files.
+        where += ["date >= CAST(? AS DATE)", "ts >= ?"]
+        params += [_utc_date(since), since]
+    if until is not None:
+        where += ["date <= CAST(? AS DATE)", "ts < ?"]
+        params += [_utc_date(until), until]
+    cols = ", ".join(f'"{name}"' for name in SCHEMA.names)
+    glob = str(base / "*" / "*.parquet").replace("'", "''")
+    sql = (
+        f"SELECT {cols} FROM read_parquet('{glob}', hive_partitioning = true, "
+        "hive_types = {'date': DATE})"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + " ORDER BY ts, decision_id"
+    )
+    con = duckdb.connect()
+    try:
+        table = con.sql(sql, params=params).to_arrow_table()
+    finally:
+        con.close()
+    if table is None:  # only for statements without a result set; kept for the type checker
+        return SCHEMA.empty_table()
+    return table.cast(SCHEMA)

@@ -1,0 +1,239 @@
+"""The durable event log: every accepted outcome event, deduplicated by ``event_id``, in order.
+
+This module owns the ``events`` table and the guarantee behind ``POST /v1/events``: ``append``
+returns only after the new events are committed with ``synchronous=FULL`` in WAL mode, so an
+acknowledged event survives a crash. Learners and stream workers replay it with ``read``.
+
+Latency: SQLite calls block, so the asyncio loop never touches the write connection. A single
+writer thread drains every append queued since its last commit and writes them in one transaction
+(group commit): one fsync is shared by all concurrent requests instead of one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from kassa import schemas
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.Text, unique=True, nullable=False),
+    sa.Column("type", sa.Text),
+    sa.Column("decision_id", sa.Text, index=True),
+    sa.Column("received_at", sa.Float),
+    sa.Column("body", sa.LargeBinary),
+    # AUTOINCREMENT: a seq is never reused, even after the highest row is deleted, so a reader's
+    # "after_seq" cursor can never skip or re-read an event.
+    sqlite_autoincrement=True,
+)
+
+# SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below both.
+_IN_CHUNK = 500
+# Upper bound of events per group commit, so one huge backlog doesn't hold the write lock forever.
+_MAX_GROUP_EVENTS = 20_000
+
+
+@dataclass(slots=True)
+class AppendResult:
+    new: list[schemas.Event] = field(default_factory=list)
+    duplicates: int = 0
+
+
+class EventLog(Protocol):
+    async def append(self, events: list[schemas.Event], received_at: float) -> AppendResult:
+        """Store the events not seen before; return once they are durably committed."""
+        ...
+
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, schemas.Event]]:
+        """Events with ``seq > after_seq`` in append order, at most ``limit``."""
+        ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    events: list[schemas.Event]
+    received_at: float
+    future: asyncio.Future[AppendResult]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _set_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        # Readers and the writer use different connections; wait out brief locks (checkpoints)
+        # instead of failing with "database is locked".
+        cur.execute("PRAGMA busy_timeout=10000")
+    finally:
+        cur.close()
+
+
+def _resolve(
+    fut: asyncio.Future[AppendResult], result: AppendResult | None, exc: BaseException | None
+) -> None:
+    if fut.done():  # the awaiting request was cancelled; its events are committed regardless
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result if result is not None else AppendResult())
+
+
+class SqliteEventLog(EventLog):
+    """``EventLog`` on one SQLite file, written by a single group-commit thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._engine: Engine = sa.create_engine(f"sqlite:///{self.path}")
+        sa.event.listen(self._engine, "connect", _set_pragmas)
+        metadata.create_all(self._engine)
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(schemas.Event)
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer = threading.Thread(target=self._run, name="kassa-event-log-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ write path
+    async def append(self, events: list[schemas.Event], received_at: float) -> AppendResult:
+        if not events:
+            return AppendResult()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AppendResult] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("event log is closed")
+            self._queue.put(_Pending(events, received_at, fut, loop))
+        # shield: a cancelled request must not cancel the shared future; the write still happens.
+        return await asyncio.shield(fut)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            assert isinstance(first, _Pending)
+            group = [first]
+            size = len(first.events)
+            # Drain whatever queued up while the previous commit was fsyncing: that is the group.
+            while size < _MAX_GROUP_EVENTS:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True  # close() queued the stop after every accepted append
+                    break
+                assert isinstance(item, _Pending)
+                group.append(item)
+                size += len(item.events)
+            self._commit_group(group)
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        try:
+            results = self._write(group)
+        except Exception as exc:
+            log.exception("event log commit failed for %d appends", len(group))
+            for item in group:
+                self._notify(item, None, exc)
+            return
+        for item, result in zip(group, results, strict=True):
+            self._notify(item, result, None)
+
+    @staticmethod
+    def _notify(item: _Pending, result: AppendResult | None, exc: BaseException | None) -> None:
+        # RuntimeError: the caller's loop is closed, so nobody is waiting for this answer.
+        with contextlib.suppress(RuntimeError):
+            item.loop.call_soon_threadsafe(_resolve, item.future, result, exc)
+
+    def _write(self, group: list[_Pending]) -> list[AppendResult]:
+        ids = list({ev.event_id for item in group for ev in item.events})
+        rows: list[dict[str, Any]] = []
+        results: list[AppendResult] = []
+        with self._engine.begin() as conn:
+            # This thread is the only writer, so ids absent here are still absent at INSERT time;
+            # knowing them up front lets one executemany insert the whole group.
+            seen: set[str] = set()
+            col = events_table.c.event_id
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                seen.update(conn.execute(sa.select(col).where(col.in_(chunk))).scalars())
+            for item in group:
+                result = AppendResult()
+                for ev in item.events:
+                    if ev.event_id in seen:
+                        result.duplicates += 1
+                        continue
+                    seen.add(ev.event_id)
+                    if ev.timestamp is None:
+                        ev = msgspec.structs.replace(ev, timestamp=item.received_at)
+                    result.new.append(ev)
+                    rows.append(
+                        {
+                            "event_id": ev.event_id,
+                            "type": ev.type,
+                            "decision_id": ev.decision_id,
+                            "received_at": item.received_at,
+                            "body": self._encoder.encode(ev),
+                        }
+                    )
+                results.append(result)
+            if rows:
+                # OR IGNORE only guards against a second process writing the same file.
+                stmt = events_table.insert().prefix_with("OR IGNORE")
+                inserted = conn.execute(stmt, rows).rowcount
+                if inserted != len(rows):
+                    log.warning(
+                        "event log: %d of %d new events were already present (another writer?)",
+                        len(rows) - inserted,
+                        len(rows),
+                    )
+        return results
+
+    # ------------------------------------------------------------------ read path
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, schemas.Event]]:
+        t = events_table
+        stmt = sa.select(t.c.seq, t.c.body).where(t.c.seq > after_seq).order_by(t.c.seq).limit(limit)
+        with self._engine.connect() as conn:
+            return [(seq, self._decoder.decode(body)) for seq, body in conn.execute(stmt)]
+
+    def count(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(events_table)).scalar_one())
+
+    def close(self) -> None:
+        """Commit every append already accepted, stop the writer and release the file."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._writer.join()
+        self._engine.dispose()

@@ -1,0 +1,41 @@
+"""Customer profiles built from the order stream: the buyer-side entity row a decision reads.
+
+View ``customer_profile``: orders_count, spend_total, last_order_ts, last_order_id, recent_categories
+(the last five distinct categories bought). The streaming-feature engine generalises this.
+"""
+
+from __future__ import annotations
+
+from kassa import schemas
+from kassa.features.online.memory import InMemoryOnlineStore
+
+VIEW = "customer_profile"
+
+
+class CustomerProfiles:
+    def __init__(self, store: InMemoryOnlineStore) -> None:
+        self.store = store
+        self._seen_orders: set[tuple[str, str]] = set()
+
+    def observe_order(self, order: schemas.Order, customer_id: str, ts: float) -> None:
+        if (customer_id, order.id) in self._seen_orders:  # the same order via webhook and event
+            return
+        self._seen_orders.add((customer_id, order.id))
+        row = self.store.get_now("customer", customer_id) or {}
+        prof = dict(row.get(VIEW, {}))
+        prof["orders_count"] = int(prof.get("orders_count", 0)) + 1
+        prof["spend_total"] = float(prof.get("spend_total", 0.0)) + order.total
+        prof["last_order_ts"] = max(ts, float(prof.get("last_order_ts", 0.0)))
+        prof["last_order_id"] = order.id
+        recent = [c for c in prof.get("recent_categories", [])]
+        for item in order.items:
+            if item.category:
+                if item.category in recent:
+                    recent.remove(item.category)
+                recent.insert(0, item.category)
+        prof["recent_categories"] = recent[:5]
+        self.store.put("customer", customer_id, VIEW, prof, ts)
+
+    def get(self, customer_id: str) -> dict | None:
+        row = self.store.get_now("customer", customer_id)
+        return row.get(VIEW) if row else None

@@ -1,0 +1,1 @@
+"""Learning: featurization for the learner, policies, the online learner, the reward joiner."""

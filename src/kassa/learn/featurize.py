@@ -1,0 +1,65 @@
+"""Turn feature dicts into Vowpal Wabbit text lines, once per offer and once per request.
+
+Context features go in namespace ``c`` (the shared example), offer features in ``o``; the learner is
+configured with ``-q co`` so every context feature is crossed with every offer feature. Strings become
+one-hot ``name=value`` tokens, numbers ``name:value``, ``True`` a bare ``name``; ``None``/``False`` are
+dropped. VW's separators (space, ``|``, ``:``) are replaced in names and values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from kassa import schemas
+
+_CLEAN = str.maketrans({" ": "_", "|": "/", ":": ";", "\t": "_", "\n": "_", "\r": "_"})
+
+
+def clean(token: str) -> str:
+    return token.translate(_CLEAN)
+
+
+def tokens(features: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, value in features.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            out.append(clean(name))
+        elif isinstance(value, str):
+            out.append(f"{clean(name)}={clean(value)}")
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            n = clean(name)
+            out.extend(f"{n}={clean(str(v))}" for v in value)
+        elif isinstance(value, (int, float)):
+            if math.isfinite(value) and value != 0:
+                out.append(f"{clean(name)}:{float(value):.6g}")
+        else:
+            out.append(f"{clean(name)}={clean(str(value))}")
+    return out
+
+
+def shared_line(features: Mapping[str, Any]) -> str:
+    return "shared |c " + " ".join(tokens(features))
+
+
+def value_bucket(value: float) -> str:
+    if value <= 0:
+        return "0"
+    return str(min(12, int(math.log2(value + 1))))
+
+
+def offer_features(offer: schemas.Offer) -> dict[str, Any]:
+    """The features the learner sees for an offer: identity, kind, category, value bucket, own features."""
+    feats: dict[str, Any] = {"id": offer.id, "kind": offer.kind, "vb": value_bucket(offer.value)}
+    if offer.category:
+        feats["cat"] = offer.category
+    for name, value in offer.features.items():
+        feats[f"f_{name}"] = value
+    return feats
+
+
+def action_line(offer: schemas.Offer) -> str:
+    return " |o " + " ".join(tokens(offer_features(offer)))

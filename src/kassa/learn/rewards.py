@@ -1,0 +1,156 @@
+"""`RewardJoiner`: match outcome events to the decisions they answer, inside each placement's wait.
+
+A decision is registered when it is served (with the exact learner lines and slot probabilities). Outcome
+events carrying its ``decision_id`` add reward to the offer they name, weighted by the placement's reward
+definition; an ``order`` event for the same customer that buys a shown product counts as a conversion
+of that offer. When the wait time ends the decision is closed: every shown offer gets its summed reward,
+or the default if nothing happened, and the joined examples go to the learner. Late events are counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kassa import schemas
+
+
+@dataclass(slots=True)
+class PendingDecision:
+    decision_id: str
+    placement: str
+    ts: float
+    deadline: float
+    shared: str  # learner context line
+    offers: list[str]  # shown offer ids, slot order
+    actions: list[str]  # learner action line of each shown offer
+    probabilities: list[float]  # each slot's probability
+    customer_id: str | None = None
+    product_keys: list[str | None] = field(default_factory=list)  # per shown offer, for order attribution
+    rewards: dict[str, float] | None = None
+    outcomes: int = 0
+
+
+@dataclass(slots=True)
+class JoinedExample:
+    placement: str
+    decision_id: str
+    shared: str
+    action: str
+    offer_id: str
+    reward: float
+    probability: float
+    slot: int
+
+
+class RewardJoiner:
+    def __init__(self, definition: Callable[[str], schemas.RewardDefinition | None]) -> None:
+        self._definition = definition
+        self._pending: dict[str, PendingDecision] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._by_customer: dict[str, list[str]] = {}
+        self.matched_events = 0
+        self.late_events = 0
+        self.closed = 0
+        self.closed_with_outcome = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def register(self, pending: PendingDecision) -> None:
+        self._pending[pending.decision_id] = pending
+        heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))
+        if pending.customer_id is not None:
+            self._by_customer.setdefault(pending.customer_id, []).append(pending.decision_id)
+
+    def _credit(self, pending: PendingDecision, offer_id: str, kind: str, value: float | None) -> bool:
+        definition = self._definition(pending.placement)
+        if definition is None or offer_id not in pending.offers:
+            return False
+        weight = definition.weights.get(kind)
+        if weight is None:
+            return False
+        amount = (value or 0.0) if weight == "value" else float(weight)
+        if pending.rewards is None:
+            pending.rewards = {}
+        pending.rewards[offer_id] = pending.rewards.get(offer_id, 0.0) + amount
+        pending.outcomes += 1
+        return True
+
+    def observe(self, event: schemas.Event) -> int:
+        """Apply one outcome event; returns how many decisions it credited."""
+        credited = 0
+        if event.decision_id is not None:
+            pending = self._pending.get(event.decision_id)
+            if pending is None:
+                if event.type != "order":
+                    self.late_events += 1
+            elif event.offer_id is not None and self._credit(pending, event.offer_id, event.type, event.value):
+                credited += 1
+        if event.type == "order" and event.order is not None:
+            credited += self._attribute_order(event)
+        self.matched_events += bool(credited)
+        return credited
+
+    def _attribute_order(self, event: schemas.Event) -> int:
+        assert event.order is not None
+        customer = (event.customer.id if event.customer else None) or event.order.customer_id
+        if customer is None:
+            return 0
+        bought: dict[str, float] = {}
+        for item in event.order.items:
+            amount = item.price * item.qty
+            bought[item.sku] = amount
+            if item.product_id:
+                bought[item.product_id] = amount
+        credited = 0
+        for decision_id in self._by_customer.get(customer, ()):
+            pending = self._pending.get(decision_id)
+            if pending is None:
+                continue
+            for offer_id, key in zip(pending.offers, pending.product_keys, strict=False):
+                if key is not None and key in bought:
+                    credited += self._credit(pending, offer_id, "conversion", bought[key])
+        return credited
+
+    def expire(self, now: float, limit: int = 10_000) -> list[JoinedExample]:
+        """Close decisions whose wait ended; return their per-slot examples."""
+        out: list[JoinedExample] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now and limit > 0:
+            _, decision_id = heapq.heappop(heap)
+            pending = self._pending.pop(decision_id, None)
+            if pending is None:
+                continue
+            limit -= 1
+            self._forget_customer(pending)
+            definition = self._definition(pending.placement)
+            default = definition.default if definition else 0.0
+            cap = definition.cap if definition else None
+            self.closed += 1
+            if pending.rewards:
+                self.closed_with_outcome += 1
+            for slot, offer_id in enumerate(pending.offers):
+                reward = default
+                if pending.rewards and offer_id in pending.rewards:
+                    reward = pending.rewards[offer_id]
+                    if cap is not None:
+                        reward = min(reward, cap)
+                out.append(
+                    JoinedExample(pending.placement, decision_id, pending.shared, pending.actions[slot],
+                                  offer_id, reward, pending.probabilities[slot], slot)
+                )
+        return out
+
+    def _forget_customer(self, pending: PendingDecision) -> None:
+        if pending.customer_id is None:
+            return
+        ids = self._by_customer.get(pending.customer_id)
+        if ids is not None:
+            try:
+                ids.remove(pending.decision_id)
+            except ValueError:
+                pass
+            if not ids:
+                del self._by_customer[pending.customer_id]

@@ -1,0 +1,135 @@
+"""Vowpal Wabbit contextual bandits: the serving model (predict only) and the online learner.
+
+Serving parses only the shared context line per request; each offer's action example is parsed once per
+model and cached, which cuts a 50-action predict from ~400 µs (parse everything) to ~60 µs. Learning
+uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
+default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import vowpalwabbit
+
+from kassa import schemas
+
+_LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
+_MAX_CACHED = 50_000
+
+
+def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str = "") -> str:
+    if placement.policy == "epsilon":
+        explore = f"--epsilon {placement.exploration}"
+    elif placement.policy == "softmax":
+        explore = f"--softmax --lambda {placement.softmax_lambda}"
+    else:  # squarecb is the default learner; baseline/uniform placements still learn for later use
+        explore = f"--squarecb --gamma_scale {placement.gamma_scale}"
+    return f"--cb_explore_adf {explore} -q co -l {learning_rate} -b 20 --quiet {extra}".strip()
+
+
+class VWModel:
+    """A loaded model snapshot used for prediction only. Immutable once published."""
+
+    def __init__(self, path: Path, version: str, meta: dict | None = None) -> None:
+        self.path = path
+        self.version = version
+        self.meta = meta or {}
+        self.workspace = vowpalwabbit.Workspace(f"--quiet -i {path}", enable_logging=False)
+        self._examples: dict[str, vowpalwabbit.Example] = {}
+
+    def _action(self, line: str) -> vowpalwabbit.Example:
+        ex = self._examples.get(line)
+        if ex is None:
+            if len(self._examples) >= _MAX_CACHED:
+                self._examples.clear()
+            parsed = self.workspace.parse(line, _LT)
+            ex = parsed[0] if isinstance(parsed, list) else parsed
+            self._examples[line] = ex
+        return ex
+
+    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
+        """The policy's probability for each action, in the order given."""
+        ws = self.workspace
+        parsed = ws.parse(shared, _LT)
+        shared_ex = parsed[0] if isinstance(parsed, list) else parsed
+        try:
+            probs = ws.predict([shared_ex, *[self._action(line) for line in action_lines]])
+        finally:
+            ws.finish_example([shared_ex])
+        return list(probs)
+
+
+class OnlineLearner:
+    """One placement's learner: learns joined examples and writes numbered snapshots."""
+
+    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.5,
+                 extra_args: str = "") -> None:
+        self.placement_id = placement.id
+        self.dir = model_dir / placement.id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.args = vw_args(placement, learning_rate, extra_args)
+        latest = latest_snapshot(self.dir)
+        self.seq = latest[0] if latest else 0
+        self.learned = int(latest[2].get("learned", 0)) if latest else 0
+        self.rewarded_decisions = int(latest[2].get("rewarded_decisions", 0)) if latest else 0
+        init = f" -i {latest[1]}" if latest and latest[2].get("args") == self.args else ""
+        if latest and not init:
+            self.learned = self.rewarded_decisions = 0  # settings changed: start a fresh model
+        self.workspace = vowpalwabbit.Workspace(self.args + init, enable_logging=False)
+        self.learned_since_snapshot = 0
+        self.reward_sum = 0.0
+
+    def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
+        # VW minimises cost; rewards are negated. Probabilities are floored to keep weights bounded.
+        p = probability if probability > 1e-4 else 1e-4
+        ex = self.workspace.parse([shared, f"0:{-reward:.6g}:{p:.6g}{action}"], _LT)
+        try:
+            self.workspace.learn(ex)
+        finally:
+            self.workspace.finish_example(ex)
+        self.learned += 1
+        self.learned_since_snapshot += 1
+        self.reward_sum += reward
+
+    def snapshot(self, keep: int = 5) -> tuple[Path, str]:
+        self.seq += 1
+        path = self.dir / f"{self.seq:08d}.vw"
+        tmp = path.with_suffix(".tmp")
+        self.workspace.save(str(tmp))
+        os.replace(tmp, path)
+        meta = {"seq": self.seq, "args": self.args, "learned": self.learned,
+                "rewarded_decisions": self.rewarded_decisions, "created_at": time.time()}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+        self.learned_since_snapshot = 0
+        for old in sorted(self.dir.glob("*.vw"))[:-keep]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+        return path, version_name(self.placement_id, self.seq)
+
+
+def version_name(placement_id: str, seq: int) -> str:
+    return f"{placement_id}@{seq}"
+
+
+_SNAP = re.compile(r"^(\d{8})\.vw$")
+
+
+def latest_snapshot(directory: Path) -> tuple[int, Path, dict] | None:
+    """The newest complete snapshot in a placement's model folder (model file and its metadata)."""
+    if not directory.exists():
+        return None
+    for path in sorted(directory.glob("*.vw"), reverse=True):
+        m = _SNAP.match(path.name)
+        meta_path = path.with_suffix(".json")
+        if m and meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                continue
+            return int(m.group(1)), path, meta
+    return None

@@ -1,0 +1,66 @@
+"""Run the ASGI app under uvicorn (uvloop + httptools), in the foreground or on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import uvicorn
+
+from kassa.config import Settings
+
+log = logging.getLogger("kassa")
+
+
+def _config(settings: Settings, app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
+        lifespan="on", access_log=False, log_level=settings.log_level, server_header=False,
+        date_header=False, timeout_keep_alive=30,
+    )
+
+
+def run_server(settings: Settings) -> None:
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+
+    t0 = time.perf_counter()
+    kassa = Kassa(settings)
+    app = create_app(kassa)
+    log.info("Kassa built in %.0f ms; serving on http://%s:%d", (time.perf_counter() - t0) * 1000,
+             settings.server.host, settings.server.port)
+    uvicorn.Server(_config(settings, app)).run()
+
+
+class BackgroundServer:
+    """A Kassa server on a thread of this process (tests, the demo). ``stop()`` shuts it down."""
+
+    def __init__(self, settings: Settings, kassa: object | None = None) -> None:
+        from kassa.api.app import create_app
+        from kassa.app import Kassa
+
+        self.kassa = kassa if kassa is not None else Kassa(settings)
+        self.app = create_app(self.kassa)  # type: ignore[arg-type]
+        self.server = uvicorn.Server(_config(settings, self.app))
+        self.url = f"http://{settings.server.host}:{settings.server.port}"
+        self.thread = threading.Thread(target=self._run, name="kassa-server", daemon=True)
+
+    def _run(self) -> None:
+        import uvloop
+
+        asyncio.run(self.server.serve(), loop_factory=uvloop.new_event_loop)
+
+    def start(self, timeout: float = 20.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"Kassa server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

@@ -1,0 +1,208 @@
+"""DecisionLogWriter / read_decisions: buffered Parquet decision log and its DuckDB reader."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kassa.events import decision_log
+from kassa.events.decision_log import SCHEMA, DecisionLogWriter, DecisionRecord, read_decisions
+
+DAY1 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC).timestamp()
+DAY2 = datetime(2024, 3, 2, 0, 30, tzinfo=UTC).timestamp()
+
+
+def rec(i: int, ts: float, placement: str = "checkout", **kw: object) -> DecisionRecord:
+    base: dict[str, object] = dict(
+        decision_id=f"d{i}",
+        ts=ts,
+        placement=placement,
+        model_version="v1",
+        request_id=f"r{i}" if i % 2 else None,
+        customer_id=None if i % 2 else f"c{i}",
+        features={"order_total": 12.5 + i, "items": i, "country": "DE", "returning": bool(i % 2), "x": None},
+        candidates=["o1", "o2", "o3"],
+        probabilities=[0.7, 0.2, 0.1],
+        chosen=["o1", "o3"],
+        chosen_probabilities=[0.7, 0.25],
+        explored=i % 3 == 0,
+        fallback=False,
+        took_ms=1.25,
+    )
+    base.update(kw)
+    return DecisionRecord(**base)  # type: ignore[arg-type]
+
+
+def parquet_files(root: Path) -> list[Path]:
+    return sorted((root / "decisions").glob("date=*/*.parquet"))
+
+
+def test_round_trip_features_and_probabilities(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    records = [rec(i, DAY1 + i) for i in range(5)]
+    try:
+        for r in records:
+            writer.append(r)
+        assert writer.pending == 5
+        assert writer.flush() == 5
+        assert writer.written == 5 and writer.pending == 0
+    finally:
+        writer.close()
+
+    files = parquet_files(tmp_path)
+    assert len(files) == 1
+    assert files[0].parent.name == "date=2024-03-01"
+    assert files[0].name.startswith("part-") and files[0].name.endswith(".parquet")
+
+    table = read_decisions(tmp_path)
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert len(rows) == 5
+    for r, row in zip(records, rows, strict=True):
+        assert row["decision_id"] == r.decision_id
+        assert row["ts"] == r.ts
+        assert json.loads(row["features_json"]) == r.features
+        assert row["candidates"] == r.candidates
+        assert row["probabilities"] == r.probabilities
+        assert row["chosen"] == r.chosen
+        assert row["chosen_probabilities"] == r.chosen_probabilities
+        assert row["request_id"] == r.request_id and row["customer_id"] == r.customer_id
+        assert row["explored"] == r.explored and row["took_ms"] == r.took_ms
+    # Types survive JSON: the int feature is still an int, the bool a bool.
+    feats = json.loads(rows[1]["features_json"])
+    assert isinstance(feats["items"], int) and feats["returning"] is True and feats["x"] is None
+
+
+def test_partitions_by_utc_date_and_filters(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    writer.append(rec(1, DAY1, "checkout"))
+    writer.append(rec(2, DAY1 + 60, "thank_you"))
+    writer.append(rec(3, DAY2, "checkout"))
+    writer.append(rec(4, DAY2 + 60, "thank_you"))
+    writer.close()
+
+    assert {p.parent.name for p in parquet_files(tmp_path)} == {"date=2024-03-01", "date=2024-03-02"}
+
+    def ids(**kw: object) -> list[str]:
+        return read_decisions(tmp_path, **kw).column("decision_id").to_pylist()  # type: ignore[arg-type]
+
+    assert ids() == ["d1", "d2", "d3", "d4"]
+    assert ids(placement="checkout") == ["d1", "d3"]
+    assert ids(placement="nope") == []
+    assert ids(since=DAY2) == ["d3", "d4"]
+    assert ids(until=DAY2) == ["d1", "d2"]  # half-open: until is exclusive
+    assert ids(since=DAY1 + 1, until=DAY2 + 1) == ["d2", "d3"]
+    assert ids(placement="thank_you", since=DAY1 + 1) == ["d2", "d4"]
+
+
+def test_read_without_files_returns_empty_table_with_schema(tmp_path: Path) -> None:
+    table = read_decisions(tmp_path)
+    assert table.num_rows == 0 and table.schema == SCHEMA
+    (tmp_path / "decisions" / "date=2024-03-01").mkdir(parents=True)
+    assert read_decisions(tmp_path, placement="checkout").schema == SCHEMA
+
+
+def test_close_flushes_buffer(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    for i in range(10):
+        writer.append(rec(i, DAY1 + i))
+    assert parquet_files(tmp_path) == []
+    writer.close()
+    assert writer.written == 10
+    assert not writer._thread.is_alive()
+    assert read_decisions(tmp_path).num_rows == 10
+
+
+def test_background_thread_flushes_periodically(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=0.05)
+    try:
+        writer.append(rec(1, DAY1))
+        deadline = time.monotonic() + 5
+        while writer.written < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.written == 1
+        assert pq.read_table(parquet_files(tmp_path)[0]).num_rows == 1
+    finally:
+        writer.close()
+
+
+def test_max_buffer_wakes_flusher_early(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600, max_buffer=20)
+    try:
+        for i in range(20):
+            writer.append(rec(i, DAY1 + i))
+        deadline = time.monotonic() + 5
+        while writer.written < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.written == 20
+    finally:
+        writer.close()
+
+
+def test_failed_flush_keeps_records_and_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    real_write = decision_log.pq.write_table
+    try:
+        for i in range(3):
+            writer.append(rec(i, DAY1 + i))
+        with monkeypatch.context() as m:
+
+            def broken(*a: object, **kw: object) -> None:
+                raise OSError("disk full")
+
+            m.setattr(decision_log.pq, "write_table", broken)
+            assert writer.flush() == 0  # does not raise
+            assert writer.failed_flushes == 1
+            assert writer.pending == 3 and writer.written == 0
+            # No half-written or temp file is left behind.
+            assert list((tmp_path / "decisions").rglob("*")) == [tmp_path / "decisions" / "date=2024-03-01"]
+        assert decision_log.pq.write_table is real_write
+        writer.append(rec(3, DAY1 + 3))
+        assert writer.flush() == 4
+    finally:
+        writer.close()
+    # Retried records keep their original order ahead of later ones.
+    assert read_decisions(tmp_path).column("decision_id").to_pylist() == ["d0", "d1", "d2", "d3"]
+    assert writer.written == 4
+
+
+def test_partial_failure_only_retries_failed_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    real_write = decision_log.pq.write_table
+
+    def fail_day2(table: object, where: Path, *a: object, **kw: object) -> None:
+        if "2024-03-02" in str(where):
+            raise OSError("bad disk")
+        real_write(table, where, *a, **kw)
+
+    try:
+        writer.append(rec(1, DAY1))
+        writer.append(rec(2, DAY2))
+        monkeypatch.setattr(decision_log.pq, "write_table", fail_day2)
+        assert writer.flush() == 1
+        assert writer.pending == 1
+        monkeypatch.setattr(decision_log.pq, "write_table", real_write)
+        assert writer.flush() == 1
+    finally:
+        writer.close()
+    assert read_decisions(tmp_path).column("decision_id").to_pylist() == ["d1", "d2"]
+
+
+def test_many_flushes_produce_distinct_files(tmp_path: Path) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    try:
+        for i in range(5):
+            writer.append(rec(i, DAY1 + i))
+            writer.flush()
+    finally:
+        writer.close()
+    files = parquet_files(tmp_path)
+    assert len(files) == 5 == writer.files_written
+    assert read_decisions(tmp_path).num_rows == 5
