@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
@@ -14,7 +15,7 @@ from kassa.config import Settings
 log = logging.getLogger("kassa")
 
 
-def _config(settings: Settings, app: object) -> uvicorn.Config:
+def _config(settings: Settings, app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
         lifespan="on", access_log=False, log_level=settings.log_level, server_header=False,
@@ -46,11 +47,16 @@ class BackgroundServer:
         self.server = uvicorn.Server(_config(settings, self.app))
         self.url = f"http://{settings.server.host}:{settings.server.port}"
         self.thread = threading.Thread(target=self._run, name="kassa-server", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, once started
 
     def _run(self) -> None:
         import uvloop
 
-        asyncio.run(self.server.serve(), loop_factory=uvloop.new_event_loop)
+        self.loop = uvloop.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
 
     def start(self, timeout: float = 20.0) -> BackgroundServer:
         self.thread.start()

@@ -46,7 +46,7 @@ def decode(body: bytes, kind: type[T]) -> T:
     if not body:
         raise errors.BadRequest("request body is empty; send a JSON object")
     try:
-        return decoder.decode(body)  # type: ignore[no-any-return]
+        return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise errors.from_decode_error(exc) from None
 

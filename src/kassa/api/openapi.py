@@ -22,7 +22,10 @@ def _ok(ref: str | None, status: str = "200", desc: str = "OK") -> dict[str, Any
 
 
 _PROBLEMS = {
-    str(code): {"description": desc, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    str(code): {
+        "description": desc,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
     for code, desc in [(400, "Malformed JSON"), (401, "Missing or unknown key"), (403, "Key not allowed"),
                        (404, "Unknown id"), (409, "Conflict"), (413, "Body too large"), (422, "Invalid field")]
 }
@@ -34,7 +37,7 @@ def openapi_document() -> bytes:
              schemas.Offer, schemas.Placement, schemas.Problem]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
-    bearer = [{"bearer": []}]
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
 
     def op(summary: str, body: str | None = None, ok: dict | None = None, key: str = "publishable") -> dict:
         out: dict[str, Any] = {"summary": summary, "security": bearer, "x-kassa-key": key,
@@ -71,7 +74,9 @@ def openapi_document() -> bytes:
             },
             "/v1/models": {"get": op("Models serving each placement", key="admin")},
             "/healthz": {"get": {"summary": "Liveness", "responses": _ok(None)}},
-            "/readyz": {"get": {"summary": "Readiness", "responses": {**_ok(None), "503": {"description": "Starting"}}}},
+            "/readyz": {
+                "get": {"summary": "Readiness", "responses": {**_ok(None), "503": {"description": "Starting"}}}
+            },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _ok(None)}},
         },
     }

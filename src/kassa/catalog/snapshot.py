@@ -28,6 +28,7 @@ class CatalogSnapshot:
     action_lines: dict[str, str]
     product_offer: dict[str, str]  # product key (product_id or sku) -> offer id, product offers only
     product_offers: tuple[str, ...] = field(default=())
+    unconstrained: frozenset[str] = field(default=frozenset())  # active offers no rule can exclude
 
     @classmethod
     def build(
@@ -63,6 +64,11 @@ class CatalogSnapshot:
                 static = [o.id for o in offers if o.active and o.kind != "product"]
             by_value = sorted(static, key=lambda i: -by_id[i].value)
             views[p.id] = PlacementView(p, tuple(static), tuple(by_value))
+        no_rules = schemas.Eligibility()
+        unconstrained = frozenset(
+            o.id for o in offers
+            if o.active and o.stock is None and o.eligibility == no_rules and o.sku is None and o.product_id is None
+        )
         return cls(
             version=(previous.version + 1) if previous else 1,
             offers=by_id,
@@ -70,4 +76,5 @@ class CatalogSnapshot:
             action_lines=lines,
             product_offer=product_offer,
             product_offers=tuple(sorted(set(product_offer.values()))),
+            unconstrained=unconstrained,
         )

@@ -45,7 +45,7 @@ class SqlCatalogStore:
             ]
         return offers, placements
 
-    def _upsert(self, conn, table, key: str, body: bytes) -> bool:  # type: ignore[no-untyped-def]
+    def _upsert(self, conn, table, key: str, body: bytes) -> bool:
         now = time.time()
         text = body.decode()
         res = conn.execute(update(table).where(table.c.id == key).values(body=text, updated_at=now))

@@ -24,7 +24,7 @@ from kassa.catalog import Catalog
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
-from kassa.events.decision_log import DecisionRecord, DecisionLogWriter
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
 from kassa.features.online.memory import OnlineStore
 from kassa.features.profile import VIEW as PROFILE_VIEW
 from kassa.features.request import request_features
@@ -90,6 +90,7 @@ class DecisionEngine:
         self.tz = store_timezone
         self.idempotency = idempotency or IdempotencyCache()
         self.rng = random.Random(seed)
+        self._ids = random.Random(os.urandom(16))  # decision ids: unique, not reproducible by seed
         self.clock = clock
         self.observe = observe
         self._fp_encoder = msgspec.json.Encoder()
@@ -108,6 +109,9 @@ class DecisionEngine:
         if view is None:
             raise errors.NotFound(f"unknown placement {req.placement!r}", "placement")
         placement = view.placement
+        # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
+        # change what this decision is scored with.
+        model = self.models.get(placement.id) if placement.policy in _LEARNED else None
         budget = placement.latency_budget_ms / 1000.0
         customer_id = req.customer.id if req.customer is not None else None
         fallback = False
@@ -134,24 +138,22 @@ class DecisionEngine:
             candidates = list(view.static_offers)
             retrieval = placement.retrieval
             if retrieval is not None:
-                order_keys: list[str] = []
-                if req.order is not None:
-                    for item in req.order.items:
-                        order_keys.append(item.product_id or item.sku)
+                order_keys = [i.product_id or i.sku for i in req.order.items] if req.order is not None else []
                 seen = set(candidates)
                 for key, _source in self.retriever.retrieve(
                     order_keys, customer_id, now, retrieval.co_purchase, retrieval.history,
                     retrieval.popular, retrieval.max_candidates,
                 ):
-                    offer_id = snap.product_offer.get(key)
-                    if offer_id is not None and offer_id not in seen:
-                        seen.add(offer_id)
-                        candidates.append(offer_id)
+                    product_offer = snap.product_offer.get(key)
+                    if product_offer is not None and product_offer not in seen:
+                        seen.add(product_offer)
+                        candidates.append(product_offer)
 
         # -- eligibility
         facts = OrderFacts.of(req)
         ledger = self.ledger
-        kept = [o for o in candidates if eligible(offers[o], facts, now, customer_id, ledger) is None]
+        free = snap.unconstrained
+        kept = [o for o in candidates if o in free or eligible(offers[o], facts, now, customer_id, ledger) is None]
 
         # -- policy
         slots = req.limit or placement.slots
@@ -168,7 +170,6 @@ class DecisionEngine:
             policy, version = UniformPolicy(len(kept)), "uniform"
         else:
             policy = None  # type: ignore[assignment]
-            model = self.models.get(placement.id) if placement.policy in _LEARNED else None
             if model is not None and model.meta.get("rewarded_decisions", 0) >= placement.min_learned_decisions:
                 try:
                     pmf = model.pmf(shared, action_lines)
@@ -192,7 +193,7 @@ class DecisionEngine:
             for rank, (offer_id, score, prob) in enumerate(
                 zip(chosen, ranking.scores, ranking.probabilities, strict=True))
         ]
-        decision_id = os.urandom(12).hex()
+        decision_id = f"{self._ids.getrandbits(96):024x}"
         took_ms = (time.perf_counter() - t0) * 1000.0
         response = schemas.DecisionResponse(
             decision_id, placement.id, version, out, ranking.explored, fallback, round(took_ms, 3)

@@ -31,6 +31,8 @@ from collections.abc import Collection, Sequence
 from operator import itemgetter
 from typing import Protocol
 
+import numpy as np
+
 from kassa import schemas
 
 SOURCES = ("co_purchase", "history", "popular")
@@ -121,9 +123,15 @@ class ProductRetriever:
         # product -> {neighbour: scaled weight}
         self._nb: dict[str, dict[str, float]] = {}
         self._n_pairs = 0
-        # product -> (monotonic build time, neighbours sorted by weight desc, at most N)
-        self._nb_top: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+        # Read-side cache, product -> (monotonic build time, top-N neighbour ids, their weights), in
+        # descending weight order. Contiguous arrays rather than dicts: merging several seeds'
+        # lists is the dominant retrieve() cost and is memory-bound, so numpy halves it.
+        self._nb_top: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
         self._nb_dirty: set[str] = set()
+        # Dense ids for products that appear in a cached list, and a zeroed accumulator over them.
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+        self._acc = np.zeros(1024)
 
         # customer -> {product: [count, last_ts, mean_interval, n_intervals]}; dict order = LRU
         self._hist: dict[str, dict[str, list[float]]] = {}
@@ -310,81 +318,109 @@ class ProductRetriever:
         out: list[tuple[str, str]] = []
         if max_candidates <= 0:
             return out
-        blocked = set(order_product_keys)
-        blocked.update(exclude)
+        # `taken`: the order and everything picked so far. `exclude` is checked in place rather than
+        # copied, as callers may pass large sets (out-of-stock lists).
+        taken = set(order_product_keys)
+        excl: Collection[str] = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         mono = time.monotonic()
 
         if co_purchase > 0 and self._nb:
             n = min(co_purchase, max_candidates)
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
-            if len(seeds) == 1:
-                # One seed: its cached list is already in rank order.
-                for k, _ in self._neighbours(seeds[0], mono):
-                    if k not in blocked:
-                        out.append((k, "co_purchase"))
-                        blocked.add(k)
-                        if len(out) >= n:
-                            break
-            elif seeds:
-                # Seed the sum with the first list at C speed, add the rest, filter at the end: blocked
-                # keys are few, so skipping them while taking the top is cheaper than testing every entry.
-                scores = dict(self._neighbours(seeds[0], mono))
-                get = scores.get
-                for s in seeds[1:]:
-                    for k, w in self._neighbours(s, mono):
-                        scores[k] = get(k, 0.0) + w
-                # sorted() of a few hundred entries in C beats heapq.nlargest's Python loop here.
-                for k in sorted(scores, key=scores.__getitem__, reverse=True):
-                    if k not in blocked:
-                        out.append((k, "co_purchase"))
-                        blocked.add(k)
-                        if len(out) >= n:
-                            break
+            names = self._names
+            for i in self._ranked_neighbours(seeds, mono):
+                k = names[i]
+                if k not in taken and k not in excl:
+                    out.append((k, "co_purchase"))
+                    taken.add(k)
+                    if len(out) >= n:
+                        break
 
         if history > 0 and customer_id is not None and len(out) < max_candidates:
             hist = self._hist.get(customer_id)
             if hist:
                 n = min(history, max_candidates - len(out))
-                for k in self._history_rank(hist, blocked, now, n):
+                for k in self._history_rank(hist, taken, excl, now, n):
                     out.append((k, "history"))
-                    blocked.add(k)
+                    taken.add(k)
 
         if popular > 0 and len(out) < max_candidates:
             if self._pop_pending and mono - self._pop_built >= self.refresh_seconds:
                 self._rebuild_popular()
             stop = len(out) + min(popular, max_candidates - len(out))
             for k in self._pop_top:
-                if k not in blocked:
+                if k not in taken and k not in excl:
                     out.append((k, "popular"))
                     if len(out) >= stop:
                         break
         return out
 
-    def _neighbours(self, key: str, mono: float) -> list[tuple[str, float]]:
+    def _neighbours(self, key: str, mono: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top neighbours of ``key`` as (ids, weights) in descending weight order; None if unknown."""
         cached = self._nb_top.get(key)
         if cached is not None and (key not in self._nb_dirty or mono - cached[0] < self.refresh_seconds):
-            return cached[1]
+            return cached[1], cached[2]
         nb = self._nb.get(key)
         if nb is None:
             # Unknown product: cache nothing, or request keys could grow memory without bound.
-            return []
+            return None
         top = sorted(nb.items(), key=_by_weight, reverse=True)[: self.neighbours_per_product]
-        self._nb_top[key] = (mono, top)
+        ids = np.fromiter((self._id(k) for k, _ in top), dtype=np.intp, count=len(top))
+        weights = np.fromiter((w for _, w in top), dtype=np.float64, count=len(top))
+        self._nb_top[key] = (mono, ids, weights)
         self._nb_dirty.discard(key)
-        return top
+        return ids, weights
+
+    def _id(self, key: str) -> int:
+        i = self._ids.get(key)
+        if i is None:
+            i = self._ids[key] = len(self._names)
+            self._names.append(key)
+            if i >= len(self._acc):
+                self._acc = np.zeros(2 * len(self._acc))
+        return i
+
+    def _ranked_neighbours(self, seeds: list[str], mono: float) -> list[int]:
+        """Ids of the seeds' neighbours by descending summed weight; may repeat an id, not yet filtered."""
+        lists = [nb for nb in (self._neighbours(s, mono) for s in seeds) if nb is not None]
+        if not lists:
+            return []
+        if len(lists) == 1:
+            return lists[0][0].tolist()  # already ranked
+        # Sum through a dense accumulator (ids are unique within one list, so fancy += is exact),
+        # read back, and zero it again for the next call.
+        acc = self._acc
+        for ids, weights in lists:
+            acc[ids] += weights
+        all_ids = np.concatenate([ids for ids, _ in lists])
+        summed = acc[all_ids]
+        acc[all_ids] = 0.0
+        # A shared neighbour appears once per list with the same summed value; the caller's
+        # `taken` check drops the repeats.
+        return all_ids[np.argsort(-summed, kind="stable")].tolist()
 
     @staticmethod
-    def _history_rank(hist: dict[str, list[float]], blocked: set[str], now: float, n: int) -> list[str]:
-        ranked: list[tuple[bool, float, float, str]] = []
-        for k, (count, last, mean, _) in hist.items():
-            if k in blocked:
-                continue
-            due = mean > 0.0 and _DUE_FROM * mean <= now - last <= _DUE_UNTIL * mean
-            ranked.append((due, count, last, k))
-        # Due first, then most-bought, then most recent. At most a few dozen entries: sorted() in C
-        # is cheaper than heapq.nlargest.
-        ranked.sort(reverse=True)
-        return [r[3] for r in ranked[:n]]
+    def _history_rank(
+        hist: dict[str, list[float]], taken: set[str], excl: Collection[str], now: float, n: int
+    ) -> list[str]:
+        lo, hi = _DUE_FROM, _DUE_UNTIL
+        # Due first, then most-bought, then most recent. A few dozen entries: one comprehension and a
+        # C sort, filtering only while taking the top.
+        ranked = sorted(
+            [
+                (mean > 0.0 and lo * mean <= now - last <= hi * mean, count, last, k)
+                for k, (count, last, mean, _) in hist.items()
+            ],
+            reverse=True,
+        )
+        picked: list[str] = []
+        for r in ranked:
+            k = r[3]
+            if k not in taken and k not in excl:
+                picked.append(k)
+                if len(picked) >= n:
+                    break
+        return picked
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, int]:

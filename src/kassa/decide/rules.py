@@ -107,7 +107,11 @@ def eligible(
         or (offer.product_id is not None and offer.product_id in facts.product_keys)
     ):
         return "in_order"
-    if rules.max_per_customer is not None and customer_id is not None and ledger is not None:
-        if ledger.count(customer_id, offer.id, rules.cap_window_seconds, now) >= rules.max_per_customer:
-            return "frequency_cap"
+    if (
+        rules.max_per_customer is not None
+        and customer_id is not None
+        and ledger is not None
+        and ledger.count(customer_id, offer.id, rules.cap_window_seconds, now) >= rules.max_per_customer
+    ):
+        return "frequency_cap"
     return None

@@ -9,6 +9,7 @@ or the default if nothing happened, and the joined examples go to the learner. L
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,9 +149,7 @@ class RewardJoiner:
             return
         ids = self._by_customer.get(pending.customer_id)
         if ids is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 ids.remove(pending.decision_id)
-            except ValueError:
-                pass
             if not ids:
                 del self._by_customer[pending.customer_id]

@@ -57,6 +57,7 @@ class OpenLoopResult:
     connection_errors: int
     timeouts: int  # request timeout, or still outstanding when the drain timeout ran out
     callback_errors: int  # on_response raised
+    first_callback_error: str | None
     status_counts: dict[int, int]
     latency_ms: dict[str, float]  # p50/p90/p99/p999/max/mean over responses of any status
     achieved_rate: float  # responses per second over the send window
@@ -96,6 +97,7 @@ class OpenLoopResult:
             "connection_errors": self.connection_errors,
             "timeouts": self.timeouts,
             "callback_errors": self.callback_errors,
+            "first_callback_error": self.first_callback_error,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "latency_ms": self.latency_ms,
             "achieved_rate": round(self.achieved_rate, 2),
@@ -162,6 +164,7 @@ async def run_open_loop(
     all_done = asyncio.get_running_loop().create_future()
     perf = time.perf_counter
     finished = False  # after the drain, late callbacks must not touch the result arrays
+    callback_failures: list[str] = []
 
     def make_callback(i: int) -> Callable[[int, bytes, BaseException | None], None]:
         def callback(code: int, body: bytes, exc: BaseException | None) -> None:
@@ -174,8 +177,10 @@ async def run_open_loop(
                 if on_response is not None:
                     try:
                         on_response(i, code, body)
-                    except Exception:
+                    except Exception as cb_exc:
                         counters["callback_errors"] += 1
+                        if not callback_failures:
+                            callback_failures.append(f"request {i}: {cb_exc!r}")
             else:
                 status[i] = TIMEOUT if isinstance(exc, RequestTimeout) else CONN_ERROR
             counters["remaining"] -= 1
@@ -252,6 +257,7 @@ async def run_open_loop(
         connection_errors=int((status == CONN_ERROR).sum()),
         timeouts=int((status == TIMEOUT).sum()),
         callback_errors=counters["callback_errors"],
+        first_callback_error=callback_failures[0] if callback_failures else None,
         status_counts=status_counts,
         latency_ms=latency_ms,
         achieved_rate=completed / span if span > 0 else 0.0,
