@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import random
@@ -205,6 +206,10 @@ class Phase:
     server_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
     events: EventStats = field(default_factory=EventStats)
     first_error: str | None = None
+    server_cpu: float | None = None  # server process CPU seconds over the phase (all threads)
+
+    def server_cpu_us_per_request(self) -> float | None:
+        return None if self.server_cpu is None or not self.result.sent else self.server_cpu / self.result.sent * 1e6
 
     def server_pct(self, q: float) -> float:
         took = self.server_ms[~np.isnan(self.server_ms)]
@@ -269,7 +274,29 @@ async def run_phase(
     return Phase(result, took, stats, phase_errors[0] if phase_errors else None)
 
 
+async def settle(events_pool: ConnectionPool | None, pause: float, limit: float = 15.0) -> None:
+    """Wait for every posted event batch to be answered (at most ``limit`` s), then ``pause`` s."""
+    deadline = time.monotonic() + limit
+    while events_pool is not None and (events_pool.busy or events_pool.queued) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(pause)
+
+
 # --------------------------------------------------------------------------- server
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time of every thread of ``pid`` (Linux schedstat: exact, unlike tick-sampled utime)."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread may exit while we read
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        return None
+    return total / 1e9
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -277,15 +304,15 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int]]:
-    """Yield ``(host, port)`` of a ready Kassa: ``--url``, or a subprocess on a generated catalog."""
+async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int, int | None]]:
+    """Yield ``(host, port, pid)`` of a ready Kassa: ``--url`` (pid None), or a subprocess we start."""
     if args.url:
         parts = urlsplit(args.url)
         if parts.scheme != "http":
             raise SystemExit("--url must be http://host:port (the load client speaks plain HTTP/1.1)")
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         await wait_ready(host, port, None, args.ready_timeout)
-        yield host, port
+        yield host, port, None
         return
 
     with tempfile.TemporaryDirectory(prefix="kassa-bench-") as tmp:
@@ -316,7 +343,7 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
                 except RuntimeError as exc:
                     sys.stderr.write(f"{exc}\n--- server output ---\n{log_path.read_text(errors='replace')}\n")
                     raise SystemExit(1) from None
-                yield "127.0.0.1", port
+                yield "127.0.0.1", port, proc.pid
             finally:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -375,7 +402,7 @@ def _r(x: float, nd: int = 3) -> float | None:
 async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     workload = Workload(args.seed, args.customers, args.accept_rate)
     n_per_phase = int(args.rate * max(args.duration, args.warmup) * 1.2) + 100  # Poisson can overshoot
-    async with kassa_server(args) as (host, port):
+    async with kassa_server(args) as (host, port, pid):
         pool = await ConnectionPool(host, port, args.connections, max_size=4 * args.connections).start()
         events_pool = None if args.no_events else await ConnectionPool(host, port, args.event_connections).start()
         try:
@@ -384,15 +411,25 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 bodies = workload.decision_bodies(n_per_phase, "warmup")
                 for path in ("/v1/decisions", "/_bench/noop"):
                     phase = await run_phase(pool, events_pool, workload, bodies, path, args, args.warmup)
+                    await settle(events_pool, args.settle)
                     if phase.result.ok == 0:
                         raise SystemExit(f"warm-up: no successful response from {path}: {phase.first_error}")
             repeats = []
             for rep in range(args.repeats):
                 bodies = workload.decision_bodies(n_per_phase, f"r{rep}")
                 log(f"repeat {rep + 1}/{args.repeats}: decisions")
+                cpu0 = process_cpu_seconds(pid)
                 dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
+                # Let the events and the learning they trigger finish, so neither spills into the
+                # no-op phase (its latency and CPU) and the decision phase is charged for them.
+                await settle(events_pool, args.settle)
+                cpu1 = process_cpu_seconds(pid)
                 log(f"repeat {rep + 1}/{args.repeats}: no-op")
                 noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
+                cpu2 = process_cpu_seconds(pid)
+                await asyncio.sleep(args.settle)
+                dec.server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+                noop.server_cpu = None if cpu1 is None or cpu2 is None else cpu2 - cpu1
                 repeats.append(summarize_repeat(dec, noop))
                 for name, ph in (("decisions", dec), ("noop", noop)):
                     if ph.first_error:
@@ -401,8 +438,6 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                         log(f"  {name}: could not read a response: {ph.result.first_callback_error}")
                 if dec.events.first_error:
                     log(f"  first events error: {dec.events.first_error}")
-            # Let the last event batches land before the server goes away.
-            await asyncio.sleep(0.2)
         finally:
             await pool.close()
             if events_pool is not None:
@@ -435,6 +470,8 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "valid": all(r["valid"] for r in repeats),
         "generator_lag_p99_ms": med("generator_lag_p99_ms"),
         "client_cpu_us_per_request": med("client_cpu_us_per_request"),
+        "server_cpu_us_per_decision": med("server_cpu_us_per_decision"),
+        "server_cpu_us_per_noop": med("server_cpu_us_per_noop"),
         "machine": machine_info(),
         "python": platform.python_version(),
         "versions": versions(),
@@ -463,6 +500,9 @@ def summarize_repeat(dec: Phase, noop: Phase) -> dict[str, Any]:
         "event_errors": dec.events.errors,
         "events_sent": dec.events.sent,
         "valid": d.valid and n.valid,
+        # Includes the event posts and background learning a decision brings along.
+        "server_cpu_us_per_decision": _r(dec.server_cpu_us_per_request() or math.nan, 1),
+        "server_cpu_us_per_noop": _r(noop.server_cpu_us_per_request() or math.nan, 1),
         "generator_lag_p99_ms": _r(max(d.lag_p99_ms, n.lag_p99_ms)),
         "client_cpu_us_per_request": _r(d.client_cpu_us_per_request, 1),
         "decisions": d.summary(),
@@ -489,7 +529,9 @@ def render_table(res: dict[str, Any]) -> Any:
     table.caption = (
         f"p99 ratio to no-op {fmt(res['p99_ratio_to_noop'])}; errors {res['errors']} "
         f"(+{res['event_errors']} event); generator lag p99 {fmt(res['generator_lag_p99_ms'])} ms; "
-        f"{'valid' if res['valid'] else 'INVALID: generator fell behind'}"
+        f"{'valid' if res['valid'] else 'INVALID: generator fell behind'}; server CPU per request "
+        f"{fmt(res['server_cpu_us_per_decision'])} µs decision (with its events), "
+        f"{fmt(res['server_cpu_us_per_noop'])} µs no-op"
     )
     return table
 
@@ -530,7 +572,9 @@ the response's `took_ms`. Medians of {res["repeats"]} repeats:
 
 Decision p99 / no-op p99: **{fmt(res["p99_ratio_to_noop"])}**. Errors: {res["errors"]} (events:
 {res["event_errors"]}). Generator send-lag p99: {fmt(res["generator_lag_p99_ms"])} ms
-({"valid run" if res["valid"] else "**invalid run: the generator fell behind**"}).
+({"valid run" if res["valid"] else "**invalid run: the generator fell behind**"}). Server CPU per request
+(all threads, including the events and background learning a decision brings along):
+{fmt(res["server_cpu_us_per_decision"])} µs per decision, {fmt(res["server_cpu_us_per_noop"])} µs per no-op.
 
 | repeat | client p50 | client p99 | server p50 | server p99 | no-op p99 | errors | valid |
 |---:|---:|---:|---:|---:|---:|---:|:---:|
@@ -573,6 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections for the load")
     p.add_argument("--event-connections", type=int, default=8)
     p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
+    p.add_argument("--settle", type=float, default=1.0, help="idle seconds between phases")
     p.add_argument("--max-lag-ms", type=float, default=1.0, help="generator send-lag p99 above this: invalid")
     p.add_argument("--ready-timeout", type=float, default=20.0)
     p.add_argument("--json", action="store_true", help="end the output with one JSON object")

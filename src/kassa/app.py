@@ -41,7 +41,7 @@ class Kassa:
         self.db = make_engine(data / "kassa.db")
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:
-            self.catalog.load_file(settings.catalog_file)
+            self.catalog.load_file(settings.catalog_file, stamp_dir=data)
         self.keys = KeyStore(self.db)
         for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
                           ("secret", settings.secret_key)):

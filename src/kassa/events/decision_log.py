@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -209,6 +208,8 @@ def read_decisions(
 ) -> pa.Table:
     """Logged decisions under ``root`` ordered by time, optionally for one placement and in
     ``[since, until)`` (unix seconds). Columns are ``SCHEMA``; empty table when nothing is logged."""
+    import duckdb  # imported here: DuckDB is only needed offline, not at server start
+
     base = Path(root) / "decisions"
     if not any(base.glob("date=*/*.parquet")):
         return SCHEMA.empty_table()

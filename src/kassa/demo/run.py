@@ -1,0 +1,165 @@
+"""`run_demo`: the ``kassa demo`` command end to end.
+
+Owns the demo's lifecycle: build the seeded store and world, write the catalog (with the static
+control ranked by the world's ground truth) into a data folder, start a real Kassa server on a thread
+with the demo keys, drive the simulated checkouts through it over HTTP, show progress (a Rich live
+panel, or a plain line on stderr when headless), then print the summary, a curl to try, the ``--json``
+line, and keep the API up on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.live import Live
+
+from kassa.app import Kassa
+from kassa.config import load_settings
+from kassa.demo.driver import Driver
+from kassa.demo.simulator import DEFAULT_SHARES, SLICES, World, decision_request_body
+from kassa.demo.stats import Scoreboard
+from kassa.demo.store import POLICY, DemoStore
+from kassa.demo.view import curl_example, live_panel, progress_line, summary_table
+from kassa.server import BackgroundServer
+
+PUBLISHABLE_KEY = "demo-publishable"
+ADMIN_KEY = "demo-admin"
+HOST = "127.0.0.1"
+LAST_WINDOW = 5_000  # the headline comparison: checkouts among the last 5,000 of the run
+LIVE_WINDOW = 2_000
+PROGRESS_EVERY_S = 5.0
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    # The learner logs every snapshot at INFO: once a second here, which would tear the live panel.
+    names = ("kassa", "uvicorn", "uvicorn.error")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _curl_body(world: World) -> dict[str, Any]:
+    # A buyer the policy should have an opinion about: skincare, on a phone.
+    sample = world.checkouts(200, stream="curl")
+    pick = next((c for c in sample if "skincare" in c.categories and c.device == "mobile"), sample[0])
+    return decision_request_body(pick, POLICY)
+
+
+def run_demo(
+    headless: bool,
+    checkouts: int,
+    seed: int,
+    json_out: bool,
+    port: int,
+    data_dir: str | None,
+    keep_serving: bool,
+    *,
+    workers: int = 3,
+    shares: Sequence[float] = DEFAULT_SHARES,
+) -> dict[str, Any]:
+    """Run the demo; returns the summary (the object ``--json`` prints)."""
+    if checkouts < 1:
+        raise SystemExit("--checkouts must be at least 1")
+    human = Console(stderr=json_out)  # with --json, stdout carries only the JSON line
+    tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kassa-demo-", ignore_cleanup_errors=True)
+    path = Path(data_dir or tmp.name)  # type: ignore[union-attr]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_logs():
+            return _run(headless, checkouts, seed, json_out, port, path, keep_serving, workers, shares, human)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Path, keep_serving: bool,
+         workers: int, shares: Sequence[float], human: Console) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    store = DemoStore.build(seed)
+    world = World(store, seed)
+    static_order = world.best_static_order()
+    catalog_file = path / "demo-catalog.json"
+    catalog_file.write_bytes(msgspec.json.encode(store.catalog(static_order)))
+    # A per-run prefix keeps order and event ids unique when a --data-dir is reused.
+    run_id = f"r{int(time.time()):x}-"
+    plan = world.checkouts(n, shares, run_id=run_id)
+
+    settings = load_settings(None, **{
+        "data_dir": str(path), "catalog_file": str(catalog_file), "log_level": "warning",
+        "admin_key": ADMIN_KEY, "publishable_key": PUBLISHABLE_KEY,
+        "server.host": HOST, "server.port": port,
+        # Publish models often so the serving side follows the learner within seconds.
+        "learn.snapshot_every_seconds": 1.0, "learn.snapshot_min_learns": 50,
+    })
+    kassa = Kassa(settings, seed=seed)
+    try:
+        server = BackgroundServer(settings, kassa).start()
+    except RuntimeError:
+        raise SystemExit(f"could not start the demo server on {HOST}:{port}; is the port in use? "
+                         "Pick another with --port.") from None
+    url = server.url
+    if not headless:
+        human.print(f"[bold]Kassa demo[/]: {len(store.products)} products, {len(store.offers)} offers, "
+                    f"{n:,} checkouts; API on {url} (set up in {time.perf_counter() - t0:.1f} s)")
+    share_of = dict(zip(SLICES, shares, strict=True))
+    try:
+        board = Scoreboard(plan, window=LIVE_WINDOW)
+        driver = Driver(world, plan, board, HOST, port, PUBLISHABLE_KEY, workers=workers).start()
+        try:
+            if headless:
+                next_line = time.monotonic() + PROGRESS_EVERY_S
+                while driver.alive():
+                    driver.join(0.2)
+                    if time.monotonic() >= next_line:
+                        print(progress_line(board), file=sys.stderr, flush=True)
+                        next_line += PROGRESS_EVERY_S
+            else:
+                with Live(live_panel(board, url, seed, share_of), console=human, refresh_per_second=4) as live:
+                    while driver.alive():
+                        driver.join(0.25)
+                        live.update(live_panel(board, url, seed, share_of))
+        except KeyboardInterrupt:
+            driver.stop.set()
+            driver.join()
+            human.print("[yellow]interrupted: summarising the checkouts done so far[/]")
+        board.finished_at = time.monotonic()
+        if driver.error is not None:
+            raise SystemExit(f"demo failed: {driver.error}")
+
+        result = board.result(seed, LAST_WINDOW)
+        result["requests"] = driver.requests
+        result["learned_examples"] = kassa.learning.learned
+        result["static_order"] = static_order
+        if not json_out or not headless:
+            human.print(summary_table(result))
+        if keep_serving or not headless:
+            human.print("\nTry it (the model keeps serving what it learned):")
+            human.print(curl_example(url, PUBLISHABLE_KEY, _curl_body(world)), markup=False, highlight=False)
+            human.print(f"Admin views: curl -s {url}/v1/placements -H 'Authorization: Bearer {ADMIN_KEY}'",
+                        markup=False, highlight=False)
+        if json_out:
+            print(json.dumps(result), flush=True)
+        if keep_serving:
+            human.print(f"\nServing on {url} until Ctrl-C.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while server.thread.is_alive():
+                    time.sleep(0.5)
+        return result
+    finally:
+        server.stop()
