@@ -163,6 +163,17 @@ def test_popular_top_matches_brute_force() -> None:
     assert keys_of(r.retrieve([], None, ts, 0, 0, 25, 25)) == expected
 
 
+def test_popularity_score_is_decayed_order_count() -> None:
+    r = retriever(half_life_days=10.0)
+    for i in range(4):
+        r.observe_order(order(["A", "B"]), None, T0 + i)
+    r.observe_order(order(["B"]), None, T0 + 10 * DAY)
+    assert r.popularity("missing") == 0.0
+    assert math.isclose(r.popularity("A"), 4 * 0.5, rel_tol=1e-4)  # one half-life old
+    assert math.isclose(r.popularity("B"), 4 * 0.5 + 1, rel_tol=1e-4)
+    assert math.isclose(r.popularity("B", now=T0 + 20 * DAY), (4 * 0.5 + 1) / 2, rel_tol=1e-4)
+
+
 def test_dedupe_across_sources_and_source_order() -> None:
     r = retriever()
     ts = T0
@@ -257,7 +268,7 @@ def test_memory_caps_hold_after_many_orders() -> None:
     assert stats["pairs"] <= 2 * 20 * stats["products"]
     assert stats["customers"] <= 2_000
     assert max(len(h) for h in r._hist.values()) <= 10
-    assert stats["history_entries"] <= 2_000 * 10
+    assert stats["history_entries"] == sum(len(h) for h in r._hist.values()) <= 2_000 * 10
     assert len(r._pop_top) == 50
     # The hottest product co-occurs with thousands of others: its list was pruned, not unbounded.
     assert 20 <= len(r._nb["p0"]) <= 40

@@ -59,6 +59,10 @@ _DUE_UNTIL = 3.0
 _by_weight = itemgetter(1)
 
 
+def _history_order(item: tuple[str, list[float]]) -> tuple[float, float]:
+    return item[1][0], item[1][1]  # (count, last purchase)
+
+
 class _Keyed(Protocol):
     @property
     def sku(self) -> str | None: ...
@@ -120,6 +124,7 @@ class ProductRetriever:
         self.refresh_seconds = refresh_seconds
         self._tau = half_life_days * 86_400.0 / math.log(2.0)
         self._t0: float | None = None  # reference time of the stored scale; set by the first order
+        self._t_latest = -math.inf  # latest order time seen
 
         # product -> {neighbour: scaled weight}
         self._nb: dict[str, dict[str, float]] = {}
@@ -134,8 +139,10 @@ class ProductRetriever:
         self._names: list[str] = []
         self._acc = np.zeros(1024)
 
-        # customer -> {product: [count, last_ts, mean_interval, n_intervals]}; dict order = LRU
+        # customer -> {product: [count, last_ts, mean_interval, n_intervals]}. Outer dict order is
+        # least-recently-seen customer first; each inner dict is kept most-bought, most-recent first.
         self._hist: dict[str, dict[str, list[float]]] = {}
+        self._n_hist = 0  # entries across all customers
 
         # Popularity: scaled weights of every product, plus an exact incremental top-K. Scaled
         # weights only grow, so the true top-K is always inside (last top-K) + (products whose
@@ -211,6 +218,8 @@ class ProductRetriever:
         """Scaled weight of one unit observed at ``ts``, renormalising first if the scale got large."""
         if self._t0 is None:
             self._t0 = ts
+        if ts > self._t_latest:
+            self._t_latest = ts
         x = (ts - self._t0) / self._tau
         if x > _RENORM_EXPONENT:
             self._renormalise(ts)
@@ -254,18 +263,14 @@ class ProductRetriever:
         if hist is None:
             hist = {}
             if len(hist_all) >= self.max_customers:
-                del hist_all[next(iter(hist_all))]
-        hist_all[customer_id] = hist
-        cap = self.history_per_customer
+                self._n_hist -= len(hist_all.pop(next(iter(hist_all))))
+        before = len(hist)
+        changed = False
         for k in keys:
             e = hist.get(k)
             if e is None:
-                if len(hist) >= cap:
-                    # Forget the least-bought, then least-recent product: repeat purchases are
-                    # the signal history exists for.
-                    victim = min(hist, key=lambda p: (hist[p][0], hist[p][1]))
-                    del hist[victim]
                 hist[k] = [1.0, ts, 0.0, 0.0]
+                changed = True
                 continue
             count, last, mean, n = e
             if abs(ts - last) < _SAME_OCCASION_SECONDS:
@@ -278,6 +283,15 @@ class ProductRetriever:
                 e[3] = n
             # An older, out-of-order purchase still counts, but its interval is unknown.
             e[0] = count + 1.0
+            changed = True
+        if changed:
+            # Keep each history sorted most-bought, then most-recent first: the read path then only
+            # scans the (leading) repeat-bought entries for due ones and takes the rest in order,
+            # and the cap drops the least-bought, least-recent products: repeat purchases are the
+            # signal history exists for.
+            hist = dict(sorted(hist.items(), key=_history_order, reverse=True)[: self.history_per_customer])
+            self._n_hist += len(hist) - before
+        hist_all[customer_id] = hist
 
     # ------------------------------------------------------------------ read path
     def retrieve(
@@ -323,35 +337,46 @@ class ProductRetriever:
         excl: Collection[str] = exclude if not exclude or isinstance(exclude, set | frozenset) else set(exclude)
         mono = time.monotonic()
 
+        # The loops below run once per candidate (~50 per call), so they avoid len() and bound methods
+        # lookups: they are a measurable share of the call.
+        append = out.append
+        take = taken.add
+        room = max_candidates
+
         if co_purchase > 0 and self._nb:
-            n = min(co_purchase, max_candidates)
+            need = min(co_purchase, room)
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
             names = self._names
             for i in self._ranked_neighbours(seeds, mono):
                 k = names[i]
-                if k not in taken and k not in excl:
-                    out.append((k, "co_purchase"))
-                    taken.add(k)
-                    if len(out) >= n:
-                        break
+                if k in taken or k in excl:
+                    continue
+                append((k, "co_purchase"))
+                take(k)
+                need -= 1
+                if not need:
+                    break
+            room = max_candidates - len(out)
 
-        if history > 0 and customer_id is not None and len(out) < max_candidates:
+        if history > 0 and customer_id is not None and room > 0:
             hist = self._hist.get(customer_id)
             if hist:
-                n = min(history, max_candidates - len(out))
-                for k in self._history_rank(hist, taken, excl, now, n):
-                    out.append((k, "history"))
-                    taken.add(k)
+                for k in self._history_rank(hist, taken, excl, now, min(history, room)):
+                    append((k, "history"))
+                    take(k)
+                room = max_candidates - len(out)
 
-        if popular > 0 and len(out) < max_candidates:
+        if popular > 0 and room > 0:
             if self._pop_pending and mono - self._pop_built >= self.refresh_seconds:
                 self._rebuild_popular()
-            stop = len(out) + min(popular, max_candidates - len(out))
+            need = min(popular, room)
             for k in self._pop_top:
-                if k not in taken and k not in excl:
-                    out.append((k, "popular"))
-                    if len(out) >= stop:
-                        break
+                if k in taken or k in excl:
+                    continue
+                append((k, "popular"))
+                need -= 1
+                if not need:
+                    break
         return out
 
     def _neighbours(self, key: str, mono: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -396,30 +421,47 @@ class ProductRetriever:
         acc[all_ids] = 0.0
         # A shared neighbour appears once per list with the same summed value; the caller's
         # `taken` check drops the repeats.
-        return all_ids[np.argsort(-summed, kind="stable")].tolist()
+        return all_ids[(-summed).argsort()].tolist()
 
     @staticmethod
     def _history_rank(
         hist: dict[str, list[float]], taken: set[str], excl: Collection[str], now: float, n: int
     ) -> list[str]:
+        """Up to ``n`` history products: due ones first, then the rest, each most-bought first."""
         lo, hi = _DUE_FROM, _DUE_UNTIL
-        # Due first, then most-bought, then most recent. A few dozen entries: one comprehension and a
-        # C sort, filtering only while taking the top.
-        ranked = sorted(
-            [
-                (mean > 0.0 and lo * mean <= now - last <= hi * mean, count, last, k)
-                for k, (count, last, mean, _) in hist.items()
-            ],
-            reverse=True,
-        )
-        picked: list[str] = []
-        for r in ranked:
-            k = r[3]
-            if k not in taken and k not in excl:
-                picked.append(k)
-                if len(picked) >= n:
-                    break
+        due: list[str] = []
+        for k, (count, last, mean, _) in hist.items():
+            if count < 2.0:
+                break  # sorted by count: no more repeat-bought products
+            if mean > 0.0 and lo * mean <= now - last <= hi * mean and k not in taken and k not in excl:
+                due.append(k)
+                if len(due) >= n:
+                    return due
+        picked = due
+        skip = set(due)
+        for k in hist:
+            if k in taken or k in excl or k in skip:
+                continue
+            picked.append(k)
+            if len(picked) >= n:
+                break
         return picked
+
+    def popularity(self, key: str, now: float | None = None) -> float:
+        """Time-decayed number of orders containing ``key`` (0.0 if never seen).
+
+        Parameters
+        ----------
+        key
+            Product key.
+        now
+            Time to decay to, unix seconds; defaults to the latest order seen.
+        """
+        w = self._pop.get(key)
+        if w is None or self._t0 is None:
+            return 0.0
+        at = self._t_latest if now is None else now
+        return w * math.exp(-(at - self._t0) / self._tau)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, int]:
@@ -435,7 +477,7 @@ class ProductRetriever:
             "products": len(self._pop),
             "pairs": self._n_pairs,
             "customers": len(self._hist),
-            "history_entries": sum(len(h) for h in self._hist.values()),
+            "history_entries": self._n_hist,
             "orders": self._orders,
         }
 

@@ -1,0 +1,256 @@
+"""Feature definitions in the vocabulary feature-store users know (Feast's): `Entity`, `FeatureView`,
+`Field`, sources and TTLs. Definitions are written in YAML/JSON or Python and validated here.
+
+Three kinds of view:
+
+- ``batch``: rows from a Parquet/CSV file (``source.path``), materialized into the online store;
+- ``stream``: windowed aggregates computed from Kassa's event log (``source.events`` plus an ``agg`` per
+  field: count, sum, mean, min, max, last, last_n_distinct over a window such as 10m, 1h, 24h, 7d, 30d);
+- ``request``: computed from the decision request by a named pure function (see `features.request`);
+- ``push``: written only through the injection API (a customer's proprietary signals).
+
+Example (YAML)::
+
+    entities:
+      - {name: customer, join_key: customer_id}
+    views:
+      - name: customer_orders
+        kind: stream
+        entity: customer
+        source: {events: [order]}
+        ttl: 30d
+        fields:
+          - {name: orders_30d, dtype: int, agg: count, window: 30d, default: 0}
+          - {name: spend_7d, dtype: float, agg: sum, of: order.total, window: 7d, default: 0.0}
+          - {name: last_categories, dtype: list[str], agg: last_n_distinct, of: order.items.category, n: 5,
+             window: 365d}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct, field
+
+Dtype = Literal["int", "float", "str", "bool", "list[str]", "list[float]", "list[int]"]
+ViewKind = Literal["batch", "stream", "request", "push"]
+AggFunction = Literal["count", "sum", "mean", "min", "max", "last", "last_n_distinct"]
+ENTITY_KINDS = ("customer", "product", "offer", "session", "order")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d|w)$")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
+_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"10m"`` -> 600.0 seconds; numbers are seconds already."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 10m, 1h, 24h, 7d, 30d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+Name = msgspec.Meta(pattern=_NAME)
+
+
+class Entity(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    join_key: str
+    description: str = ""
+
+
+class Field(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    dtype: Dtype
+    default: Any = None
+    max_length: int = 256  # strings: characters; lists: items
+    description: str = ""
+    # stream views only:
+    agg: AggFunction | None = None
+    of: str | None = None  # event path of the aggregated value: value, order.total, order.items.category, ...
+    window: str | None = None  # e.g. 1h, 7d
+    n: int = 5  # last_n_distinct
+
+    @property
+    def window_seconds(self) -> float:
+        return parse_duration(self.window) if self.window else 0.0
+
+
+class Source(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Where a view's values come from: a file for batch views, event types for stream views."""
+
+    # batch views
+    path: str | None = None  # Parquet or CSV file, or a glob of them
+    timestamp_field: str = "event_timestamp"
+    # stream views
+    events: list[str] | None = None  # order, impression, click, accept, dismiss, conversion, refund
+    allowed_lateness: str = "10m"  # events older than the watermark minus this are dropped (and counted)
+
+
+class FeatureView(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    kind: ViewKind
+    entity: str
+    fields: list[Field]
+    ttl: str | None = None  # values older than this are stale: served as defaults
+    source: Source | None = None
+    function: str | None = None  # request views: the request feature function's name
+    freshness_target: str = "1m"
+    description: str = ""
+    online: bool = True
+    offline: bool = True
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return parse_duration(self.ttl) if self.ttl else None
+
+    def field(self, name: str) -> Field | None:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        return None
+
+    def schema_hash(self) -> str:
+        """Changes whenever the stored encoding of this view's values would change."""
+        shape = [(f.name, f.dtype) for f in self.fields]
+        return hashlib.sha256(msgspec.json.encode([self.name, shape])).hexdigest()[:12]
+
+
+class FeatureRepo(Struct, forbid_unknown_fields=True):
+    entities: list[Entity] = field(default_factory=list)
+    views: list[FeatureView] = field(default_factory=list)
+
+    def view(self, name: str) -> FeatureView | None:
+        for v in self.views:
+            if v.name == name:
+                return v
+        return None
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be applied; the message names the view and field."""
+
+
+def validate(repo: FeatureRepo) -> None:
+    names = re.compile(_NAME)
+    entities = {e.name for e in repo.entities}
+    seen_views: set[str] = set()
+    for e in repo.entities:
+        if e.name not in ENTITY_KINDS:
+            raise DefinitionError(f"entity {e.name!r}: must be one of {', '.join(ENTITY_KINDS)}")
+    for view in repo.views:
+        where = f"view {view.name!r}"
+        if not names.match(view.name):
+            raise DefinitionError(f"{where}: name must match {_NAME}")
+        if view.name in seen_views:
+            raise DefinitionError(f"{where}: defined twice")
+        seen_views.add(view.name)
+        if view.entity not in entities:
+            raise DefinitionError(f"{where}: unknown entity {view.entity!r}")
+        if not view.fields:
+            raise DefinitionError(f"{where}: has no fields")
+        for text in (view.ttl, view.freshness_target):
+            if text:
+                try:
+                    parse_duration(text)
+                except ValueError as exc:
+                    raise DefinitionError(f"{where}: {exc}") from None
+        seen_fields: set[str] = set()
+        for f in view.fields:
+            fw = f"{where} field {f.name!r}"
+            if not names.match(f.name):
+                raise DefinitionError(f"{fw}: name must match {_NAME}")
+            if f.name in seen_fields:
+                raise DefinitionError(f"{fw}: defined twice")
+            seen_fields.add(f.name)
+            if f.default is not None:
+                try:
+                    check_value(f, f.default)
+                except ValueError as exc:
+                    raise DefinitionError(f"{fw}: default {exc}") from None
+            if view.kind == "stream":
+                if f.agg is None or f.window is None:
+                    raise DefinitionError(f"{fw}: stream fields need `agg` and `window`")
+                try:
+                    parse_duration(f.window)
+                except ValueError as exc:
+                    raise DefinitionError(f"{fw}: {exc}") from None
+                if f.agg != "count" and not f.of:
+                    raise DefinitionError(f"{fw}: `{f.agg}` needs `of` (the event value to aggregate)")
+            elif f.agg is not None:
+                raise DefinitionError(f"{fw}: `agg` is only for stream views")
+        if view.kind == "stream" and (view.source is None or not view.source.events):
+            raise DefinitionError(f"{where}: stream views need `source: {{events: [...]}}`")
+        if view.kind == "batch" and (view.source is None or not view.source.path):
+            raise DefinitionError(f"{where}: batch views need `source: {{path: ...}}`")
+        if view.kind == "request" and not view.function:
+            raise DefinitionError(f"{where}: request views need `function`")
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,)}
+
+
+def check_value(f: Field, value: Any) -> Any:
+    """Validate (and normalise) one value against its field; raises ValueError naming the problem."""
+    if value is None:
+        return None
+    dtype = f.dtype
+    if dtype.startswith("list["):
+        inner = dtype[5:-1]
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {inner}, got {type(value).__name__}")
+        if len(value) > f.max_length:
+            raise ValueError(f"list of {len(value)} items exceeds max_length {f.max_length}")
+        return [_scalar(inner, v, f.max_length) for v in value]
+    return _scalar(dtype, value, f.max_length)
+
+
+def _scalar(dtype: str, value: Any, max_length: int) -> Any:
+    kinds = _SCALARS[dtype]
+    if isinstance(value, bool) and dtype != "bool":
+        raise ValueError(f"expected {dtype}, got bool")
+    if not isinstance(value, kinds):
+        raise ValueError(f"expected {dtype}, got {type(value).__name__}")
+    if dtype == "float":
+        return float(value)
+    if dtype == "str" and isinstance(value, str) and len(value) > max_length:
+        raise ValueError(f"string of {len(value)} characters exceeds max_length {max_length}")
+    return value
+
+
+def load_repo(path: str | Path) -> FeatureRepo:
+    """Read definitions from YAML/JSON, or from a Python file defining ``repo = FeatureRepo(...)``
+    (or module-level `Entity` / `FeatureView` objects)."""
+    path = Path(path)
+    if path.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(f"kassa_features_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise DefinitionError(f"{path}: cannot import")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        repo = getattr(module, "repo", None)
+        if not isinstance(repo, FeatureRepo):
+            values = vars(module).values()
+            repo = FeatureRepo(
+                entities=[v for v in values if isinstance(v, Entity)],
+                views=[v for v in values if isinstance(v, FeatureView)],
+            )
+    else:
+        import yaml
+
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+            repo = msgspec.convert(tree, FeatureRepo)
+        except yaml.YAMLError as exc:
+            raise DefinitionError(f"{path}: not valid YAML/JSON: {exc}") from None
+        except msgspec.ValidationError as exc:
+            raise DefinitionError(f"{path}: {exc}") from None
+    validate(repo)
+    return repo
