@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from kassa.config import Settings, load_settings
+from kassa.features.cli import features_app
 
 app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(features_app, name="features")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -33,6 +33,13 @@ class LearnSettings(Struct, forbid_unknown_fields=True):
     keep_snapshots: int = 5
 
 
+class FeatureSettings(Struct, forbid_unknown_fields=True):
+    online_store: Literal["memory", "redis"] = "memory"  # memory: in-process, snapshotted under data_dir
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "kassa"  # namespaces every Redis key, so several deployments can share one server
+    definitions_file: str | None = None  # feature definitions (YAML/JSON/Python) applied at start
+
+
 class Settings(Struct, forbid_unknown_fields=True):
     data_dir: str = ".kassa"
     catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
@@ -43,6 +50,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     auth: bool = True
     server: ServerSettings = field(default_factory=ServerSettings)
     learn: LearnSettings = field(default_factory=LearnSettings)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
 

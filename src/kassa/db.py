@@ -38,6 +38,26 @@ api_keys_table = Table(
     Column("revoked_at", Float, nullable=True),
 )
 
+# The feature registry: the definitions last applied, one JSON body per entity / view. ``schema_hash``
+# is what the stored values' encoding depends on, so backends can notice a change without parsing bodies.
+feature_entities_table = Table(
+    "feature_entities",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("schema_hash", String(64), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+feature_views_table = Table(
+    "feature_views",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("body", Text, nullable=False),
+    Column("schema_hash", String(64), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
 
 def make_engine(url_or_path: str | Path) -> Engine:
     """An engine for a database URL, or a SQLite file path (created, WAL mode)."""

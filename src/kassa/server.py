@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -25,6 +26,10 @@ def _config(settings: Settings, app: Any) -> uvicorn.Config:
 
 def run_server(settings: Settings) -> None:
     from kassa.api.app import create_app
+
+    # Background threads (event-log writer, decision-log flusher) run Python too; a short switch
+    # interval bounds how long one of them can keep the GIL from the request loop (default 5 ms).
+    sys.setswitchinterval(0.0005)
     from kassa.app import Kassa
 
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ class Driver:
         port: int,
         key: str,
         workers: int = 3,
-        chunk: int = 8,
+        chunk: int = 16,
     ) -> None:
         self.world = world
         self.checkouts = checkouts
@@ -62,8 +62,10 @@ class Driver:
         return any(t.is_alive() for t in self._threads)
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the workers to finish, or at most ``timeout`` seconds in total."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> Sequence[Checkout]:
         with self._lock:

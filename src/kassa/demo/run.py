@@ -70,7 +70,7 @@ def run_demo(
     data_dir: str | None,
     keep_serving: bool,
     *,
-    workers: int = 3,
+    workers: int = 2,
     shares: Sequence[float] = DEFAULT_SHARES,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary (the object ``--json`` prints)."""
@@ -126,6 +126,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
                 next_line = time.monotonic() + PROGRESS_EVERY_S
                 while driver.alive():
                     driver.join(0.2)
+                    board.sample()
                     if time.monotonic() >= next_line:
                         print(progress_line(board), file=sys.stderr, flush=True)
                         next_line += PROGRESS_EVERY_S
@@ -133,6 +134,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
                 with Live(live_panel(board, url, seed, share_of), console=human, refresh_per_second=4) as live:
                     while driver.alive():
                         driver.join(0.25)
+                        board.sample()
                         live.update(live_panel(board, url, seed, share_of))
         except KeyboardInterrupt:
             driver.stop.set()

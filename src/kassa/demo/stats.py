@@ -81,13 +81,19 @@ class Scoreboard:
     def elapsed(self) -> float:
         return (self.finished_at or time.monotonic()) - self.started
 
-    def decisions_per_s(self) -> float:
-        """Throughput over the last few seconds (the live view), from ~4 samples a second."""
+    def sample(self) -> None:
+        """Note the progress now; the driving loop calls this a few times a second."""
         now = time.monotonic()
         with self._lock:
             self._throughput.append((now, self.done))
             while len(self._throughput) > 2 and now - self._throughput[0][0] > 5.0:
                 self._throughput.popleft()
+
+    def decisions_per_s(self) -> float:
+        """Throughput over the last few seconds of samples."""
+        with self._lock:
+            if len(self._throughput) < 2:
+                return 0.0
             (t0, d0), (t1, d1) = self._throughput[0], self._throughput[-1]
         return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
 

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from kassa import schemas
 
@@ -26,6 +27,16 @@ RANDOM = "order_confirmation_random"
 STATIC = "order_confirmation_static"
 PLACEMENTS = (POLICY, RANDOM, STATIC)
 SLOTS = 3
+
+# The learned placement's policy. squarecb is Kassa's default learner, but its pmf is a distribution
+# for ONE slot: the engine fills slots 2 and 3 by renormalising what is left of it, and squarecb leaves
+# only its thin exploration tail there, so those slots come out nearly uniform (about every decision
+# "explored", and no better than the best static list). Softmax scores renormalise into a proper
+# ranking (Plackett-Luce), so every slot follows the model. Switch back to "squarecb" once the engine
+# fills later slots greedily (see the demo's report); gamma_scale is then the knob.
+LEARNED_POLICY: Literal["squarecb", "softmax"] = "softmax"
+SOFTMAX_LAMBDA = 30.0  # costs are in accepts (0..1): 30 separates a 0.15 offer from a 0.02 one ~50:1
+GAMMA_SCALE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,18 +230,16 @@ class DemoStore:
         listed = list(self.offer_ids)
         if sorted(static_order) != sorted(listed):
             raise ValueError("static_order must rank exactly the listed offers")
-        common = dict(slots=SLOTS, retrieval=_retrieval(), reward=_reward(), latency_budget_ms=50.0)
+        common: dict[str, Any] = dict(slots=SLOTS, retrieval=_retrieval(), reward=_reward(), latency_budget_ms=50.0)
         return [
             schemas.Placement(
-                id=POLICY, offers=listed, policy="squarecb",
-                # Exploit sooner than the default 10: twenty-odd candidates and a few accepts per
-                # hundred shown make the default keep too much mass on offers it already knows are poor.
-                gamma_scale=GAMMA_SCALE, min_learned_decisions=100, **common,  # type: ignore[arg-type]
+                id=POLICY, offers=listed, policy=LEARNED_POLICY, softmax_lambda=SOFTMAX_LAMBDA,
+                gamma_scale=GAMMA_SCALE, min_learned_decisions=100, **common,
             ),
-            schemas.Placement(id=RANDOM, offers=listed, policy="uniform", **common),  # type: ignore[arg-type]
+            schemas.Placement(id=RANDOM, offers=listed, policy="uniform", **common),
             schemas.Placement(
                 id=STATIC, offers=list(static_order), policy="baseline", baseline="listed", exploration=0.0,
-                **common,  # type: ignore[arg-type]
+                **common,
             ),
         ]
 
@@ -238,5 +247,3 @@ class DemoStore:
         return schemas.CatalogFile(offers=[*self.offers, *self.product_offers()],
                                    placements=self.placements(static_order))
 
-
-GAMMA_SCALE = 10.0

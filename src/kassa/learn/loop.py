@@ -94,7 +94,7 @@ class LearningLoop:
         log.info("published %s (%d examples learned)", version, learner.learned)
         return model
 
-    async def run(self, interval: float = 0.05, slice_size: int = 64) -> None:
+    async def run(self, interval: float = 0.05, slice_size: int = 16) -> None:
         """Background task: learn in slices of ``slice_size`` decisions, yielding in between."""
         while True:
             await asyncio.sleep(interval)

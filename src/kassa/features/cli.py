@@ -1,0 +1,310 @@
+"""``kassa features``: apply definitions, materialize batch views, read the online store, check freshness
+and build point-in-time training sets. The commands only parse options and print; the work is done by
+`FeatureRegistry`, `materialize`, `OfflineStore` and the configured online store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kassa.config import Settings, load_settings
+from kassa.features.definitions import DefinitionError, FeatureRepo, load_repo, parse_duration
+
+if TYPE_CHECKING:  # the modules themselves load on use, so `kassa --help` stays quick
+    from kassa.features.offline import OfflineStore
+    from kassa.features.registry import FeatureRegistry
+
+features_app = typer.Typer(
+    help="Feature store: apply definitions, materialize, inspect values, build training sets.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]{message}[/]", highlight=False)
+    raise typer.Exit(1)
+
+
+def _registry(settings: Settings) -> FeatureRegistry:
+    from kassa.db import make_engine
+    from kassa.features.registry import FeatureRegistry
+
+    return FeatureRegistry(make_engine(settings.data_path / "kassa.db"))
+
+
+def _applied(settings: Settings) -> FeatureRepo:
+    repo = _registry(settings).load()
+    if not repo.views:
+        _fail("no feature definitions are applied yet: run `kassa features apply FILE` first")
+    return repo
+
+
+def _offline(settings: Settings) -> OfflineStore:
+    from kassa.features.offline import OfflineStore
+
+    return OfflineStore(settings.data_path / "offline")
+
+
+def _epoch(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    from kassa.features.offline import to_epoch
+
+    try:
+        return to_epoch(text)
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO-8601 time: {text!r}", param_hint=option) from None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+@features_app.command("apply")
+def apply(
+    file: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
+        help="Definitions (YAML, JSON or Python); default: features.definitions_file.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    allow_destructive: Annotated[bool, typer.Option(
+        help="Allow removing views and retyping fields (their stored values are orphaned).")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Validate definitions, show what would change, and store them in the registry."""
+    from kassa.features.registry import DestructiveChangeError
+
+    settings = load_settings(config, data_dir=data_dir)
+    path = file or (Path(settings.features.definitions_file) if settings.features.definitions_file else None)
+    if path is None:
+        raise typer.BadParameter("give a definitions file (or set features.definitions_file)", param_hint="FILE")
+    try:
+        repo = load_repo(path)
+    except (DefinitionError, OSError) as exc:
+        _fail(f"invalid definitions: {exc}")
+    registry = _registry(settings)
+    diff = registry.plan(repo)
+    table = Table("kind", "name", "change", "detail", title=f"feature definitions: {path}")
+    styles = {"add": "green", "change": "yellow", "remove": "red", "unchanged": "dim"}
+    for kind, name, change, detail in diff.rows():
+        table.add_row(kind, name, f"[{styles[change]}]{change}[/]", detail)
+    out.print(table)
+    if not diff.has_changes:
+        console.print("nothing to apply")
+        return
+    if diff.destructive and not allow_destructive:
+        _fail("refusing a destructive change: " + "; ".join(diff.destructive)
+              + ". Re-run with --allow-destructive to apply it.")
+    if not yes and not typer.confirm("Apply these changes?"):
+        raise typer.Exit(1)
+    try:
+        registry.apply(repo, allow_destructive=allow_destructive)
+    except DestructiveChangeError as exc:  # someone applied in between
+        _fail(str(exc))
+    console.print("[green]applied[/]")
+
+
+@features_app.command("materialize")
+def materialize_cmd(
+    view: Annotated[Optional[str], typer.Option(help="Only this batch view (default: all).")] = None,  # noqa: UP045
+    start: Annotated[Optional[str], typer.Option(help="ISO time; rows at or after it (default: all).")] = None,  # noqa: UP045
+    end: Annotated[Optional[str], typer.Option(help="ISO time; rows before it (default: now).")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Load the newest value per entity key of batch views into the online store (and log them offline)."""
+    from kassa.features.materialize import MaterializeError, MaterializeResult, batch_views, materialize
+    from kassa.features.online.factory import close_online_store, open_online_store
+
+    settings = load_settings(config, data_dir=data_dir)
+    start_s, end_s = _epoch(start, "--start"), _epoch(end, "--end")
+    repo = _applied(settings)
+    try:
+        views = batch_views(repo, view)
+    except MaterializeError as exc:
+        _fail(str(exc))
+    if not views:
+        _fail("no batch views to materialize")
+    offline = _offline(settings)
+
+    async def run() -> list[MaterializeResult]:
+        store = open_online_store(settings)
+        results: list[MaterializeResult] = []
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=json_out) as bar:
+                for v in views:
+                    task = bar.add_task(v.name, total=None)
+
+                    def step(done: int, total: int, task: Any = task) -> None:
+                        bar.update(task, completed=done, total=total)
+
+                    results.append(await materialize(repo, v, store, offline, start_s, end_s, step))
+        finally:
+            await close_online_store(store, settings)
+        return results
+
+    try:
+        results = asyncio.run(run())
+    except MaterializeError as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps({"views": [{"view": r.view, "rows": r.rows, "online_written": r.online_written,
+                                     "offline_written": r.offline_written, "seconds": round(r.seconds, 3)}
+                                    for r in results]}))
+        return
+    table = Table("view", "keys", "online", "offline", "seconds")
+    for r in results:
+        table.add_row(r.view, str(r.rows), str(r.online_written), str(r.offline_written), f"{r.seconds:.2f}")
+    out.print(table)
+
+
+@features_app.command("get")
+def get(
+    view: Annotated[str, typer.Argument(help="Feature view.")],
+    key: Annotated[str, typer.Argument(help="Entity key, e.g. a customer id.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print a view's values for one entity key from the online store, with their age."""
+    from kassa.features.online.factory import open_online_store
+
+    settings = load_settings(config, data_dir=data_dir)
+    v = _applied(settings).view(view)
+    if v is None:
+        _fail(f"unknown view {view!r}")
+
+    async def read() -> Any:
+        store = open_online_store(settings)
+        try:
+            rows = await store.read([(v.entity, key)], [v])
+        finally:
+            await store.close()  # read-only: nothing to snapshot
+        row = rows[0] if rows else None
+        return row.get(v.name) if row else None
+
+    found = asyncio.run(read())
+    now = time.time()
+    result: dict[str, Any] = {"view": v.name, "entity": v.entity, "key": key, "found": found is not None}
+    if found is not None:
+        result |= {"ts": found.ts, "age_seconds": round(now - found.ts, 3), "values": found.values}
+    if json_out:
+        print(json.dumps(result, default=str))
+    elif found is None:
+        console.print(f"no values of {v.name!r} for {v.entity} {key!r} (missing or expired: defaults are served)")
+    else:
+        table = Table("field", "value", title=f"{v.name} / {v.entity} {key}  (event time {_iso(found.ts)}, "
+                                              f"age {_age(now - found.ts)})")
+        for f in v.fields:
+            table.add_row(f.name, json.dumps(found.values.get(f.name), default=str))
+        out.print(table)
+    if found is None:
+        raise typer.Exit(1)
+
+
+@features_app.command("freshness")
+def freshness(config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+    """Age of each view's newest value against its freshness target (from the offline log, which holds
+    every materialized and pushed value)."""
+    settings = load_settings(config, data_dir=data_dir)
+    repo = _applied(settings)
+    offline = _offline(settings)
+    now = time.time()
+    views: list[dict[str, Any]] = []
+    for v in repo.views:
+        if v.kind == "request":  # computed per request: always fresh, nothing stored
+            continue
+        newest = offline.newest(v.name)
+        target = parse_duration(v.freshness_target)
+        age = None if newest is None else now - newest
+        views.append({"view": v.name, "kind": v.kind, "newest_ts": newest,
+                      "age_seconds": None if age is None else round(age, 3), "target_seconds": target,
+                      "fresh": None if age is None else age <= target})
+    if json_out:
+        print(json.dumps({"views": views, "stale": sum(1 for r in views if r["fresh"] is False),
+                          "empty": sum(1 for r in views if r["fresh"] is None)}))
+        return
+    table = Table("view", "kind", "newest value", "age", "target", "status")
+    for r in views:
+        status = ("[dim]no data[/]" if r["fresh"] is None else "[green]fresh[/]" if r["fresh"] else "[red]stale[/]")
+        table.add_row(r["view"], r["kind"], "-" if r["newest_ts"] is None else _iso(r["newest_ts"]),
+                      "-" if r["age_seconds"] is None else _age(r["age_seconds"]), _age(r["target_seconds"]), status)
+    out.print(table)
+
+
+@features_app.command("training-set")
+def training_set(
+    features: Annotated[list[str], typer.Option(
+        "--features", help="view:field[,view:field...] (view:* for every field); repeatable.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Parquet file to write.")],
+    entities: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Parquet/CSV of entity rows: join key(s) and a timestamp column.")] = None,
+    timestamp_field: Annotated[str, typer.Option(help="Timestamp column of the entity rows.")] = "event_timestamp",
+    from_decisions: Annotated[bool, typer.Option(
+        "--from-decisions", help="Use the decision log's decisions as the entity rows.")] = False,
+    placement: Annotated[Optional[str], typer.Option(help="With --from-decisions: one placement.")] = None,  # noqa: UP045
+    since: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, inclusive.")] = None,  # noqa: UP045
+    until: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, exclusive.")] = None,  # noqa: UP045
+    full_names: Annotated[bool, typer.Option(help="Name feature columns view__field.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Join entity rows with every feature's value as of each row's time (never a later one)."""
+    import pyarrow.parquet as pq
+
+    from kassa.features.offline import entities_from_decisions, resolve_features
+
+    if (entities is None) == (not from_decisions):
+        raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
+    settings = load_settings(config, data_dir=data_dir)
+    repo = _applied(settings)
+    try:
+        wanted = resolve_features(repo, [ref for item in features for ref in item.split(",")])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--features") from None
+    if from_decisions:
+        rows: Any = entities_from_decisions(settings.data_path, placement, _epoch(since, "--since"),
+                                            _epoch(until, "--until"))
+        timestamp_field = "event_timestamp"
+    else:
+        rows = entities
+        if rows is None or not rows.exists():
+            raise typer.BadParameter(f"no such file: {rows}", param_hint="--entities")
+    try:
+        table = _offline(settings).training_set(rows, wanted, entities=repo.entities,
+                                                timestamp_field=timestamp_field, full_names=full_names)
+    except ValueError as exc:
+        _fail(str(exc))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_file)
+    names = [f"{v.name}:{f}" for v, fields in wanted for f in fields]
+    if json_out:
+        print(json.dumps({"rows": table.num_rows, "columns": table.num_columns, "features": names,
+                          "out": str(out_file)}))
+    else:
+        console.print(f"wrote {table.num_rows} rows × {len(names)} features to {out_file}")

@@ -1,0 +1,397 @@
+"""The offline feature store: every value Kassa wrote online, kept as date-partitioned Parquet, and
+point-in-time-correct training sets built from it.
+
+This module owns ``<root>/<view>/date=YYYY-MM-DD/part-*.parquet`` (``root`` is ``<data_dir>/offline``):
+columns ``entity_key``, ``event_timestamp``, ``created_timestamp`` (UTC microsecond timestamps) and one
+column per field of the view, partitioned by the UTC date of ``event_timestamp``. Materialization and
+the injection API append to it; `OfflineStore.training_set` joins a list of (entity key, timestamp)
+rows with the value each feature had *as of* each timestamp (DuckDB ``ASOF LEFT JOIN``), never a later
+one, and a value older than the view's TTL counts as missing (the field's default), as it would have
+been when serving. `entities_from_decisions` turns the decision log into such rows, so a training set
+can be made from exactly what Kassa served.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from kassa.features.definitions import Entity, FeatureRepo, FeatureView
+from kassa.features.online.base import WriteItem
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "str": pa.string(),
+    "bool": pa.bool_(),
+    "list[str]": pa.list_(pa.string()),
+    "list[float]": pa.list_(pa.float64()),
+    "list[int]": pa.list_(pa.int64()),
+}
+KEY_COLUMNS = ("entity_key", "event_timestamp", "created_timestamp")
+
+Timestamp = float | int | datetime | str
+
+
+def to_epoch(value: Timestamp) -> float:
+    """Unix seconds from seconds, a datetime or an ISO-8601 string (naive means UTC)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip())
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _utc_date(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+
+
+def view_schema(view: FeatureView) -> pa.Schema:
+    """The Arrow schema of ``view``'s offline files."""
+    return pa.schema(
+        [pa.field("entity_key", pa.string(), nullable=False), pa.field("event_timestamp", TIMESTAMP, nullable=False),
+         pa.field("created_timestamp", TIMESTAMP, nullable=False)]
+        + [pa.field(f.name, ARROW_TYPES[f.dtype]) for f in view.fields]
+    )
+
+
+def timestamp_micros(column: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """A timestamp-like column as int64 UTC microseconds: Arrow timestamps/dates (naive means UTC),
+    numbers (unix seconds) or ISO-8601 strings."""
+    t = column.type
+    if pa.types.is_timestamp(t):
+        return column.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64())
+    if pa.types.is_date(t):
+        return column.cast(pa.timestamp("us")).cast(pa.int64())
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return pc.round(pc.multiply(column.cast(pa.float64()), 1e6)).cast(pa.int64())
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            return column.cast(TIMESTAMP).cast(pa.int64())
+        except pa.ArrowInvalid:  # strings without a zone: UTC by convention
+            return column.cast(pa.timestamp("us")).cast(pa.int64())
+    raise ValueError(f"cannot read timestamps from a column of type {t}")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class OfflineStore:
+    """Date-partitioned Parquet per view under ``root``; read and joined with DuckDB."""
+
+    def __init__(self, root: str | Path, clock: Any = time.time) -> None:
+        self.root = Path(root)
+        self.clock = clock
+
+    def _files(self, view: str) -> list[Path]:
+        return sorted((self.root / view).glob("date=*/*.parquet"))
+
+    def _scan(self, view: str) -> str:
+        glob = str(self.root / view / "*" / "*.parquet").replace("'", "''")
+        # union_by_name: files written before a field was added simply lack its column (NULL there).
+        return (f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}, "
+                "union_by_name = true)")
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def append(self, view: FeatureView, rows: pa.Table | Iterable[WriteItem]) -> int:
+        """Log values of ``view``: an Arrow table with ``entity_key``, ``event_timestamp`` (unix seconds or
+        a timestamp) and field columns (``created_timestamp`` optional, default now), or `WriteItem`s as
+        written to the online store. Returns rows written. One file per UTC date touched, each made
+        visible atomically, so batch the calls: every call writes at least one file."""
+        table = rows if isinstance(rows, pa.Table) else self._items_table(view, rows)
+        if table.num_rows == 0:
+            return 0
+        table = self._conform(view, table)
+        micros = table.column("event_timestamp").cast(pa.int64())
+        day = 86_400 * 1_000_000
+        days = pc.divide(micros, day)  # integer division: micros are never negative for real events
+        unique_days = pc.unique(days).to_pylist()
+        for d in unique_days:
+            part = table.filter(pc.equal(days, d)) if len(unique_days) > 1 else table
+            self._write_file(view.name, _utc_date(d * 86_400), part)
+        return table.num_rows
+
+    def _items_table(self, view: FeatureView, items: Iterable[WriteItem]) -> pa.Table:
+        items = list(items)
+        columns: dict[str, Any] = {
+            "entity_key": [i.key for i in items],
+            "event_timestamp": pa.array([i.ts for i in items], pa.float64()),
+        }
+        for f in view.fields:
+            columns[f.name] = pa.array([i.values.get(f.name) for i in items], ARROW_TYPES[f.dtype])
+        return pa.table(columns)
+
+    def _conform(self, view: FeatureView, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        names = set(table.column_names)
+        for needed in ("entity_key", "event_timestamp"):
+            if needed not in names:
+                raise ValueError(f"view {view.name!r}: offline rows need a {needed!r} column")
+        created = (timestamp_micros(table.column("created_timestamp")) if "created_timestamp" in names
+                   else pa.array([int(self.clock() * 1e6)] * n, pa.int64()))
+        columns = [
+            table.column("entity_key").cast(pa.string()),
+            timestamp_micros(table.column("event_timestamp")).cast(TIMESTAMP),
+            created.cast(TIMESTAMP),
+        ]
+        for f in view.fields:
+            typ = ARROW_TYPES[f.dtype]
+            columns.append(table.column(f.name).cast(typ) if f.name in names else pa.nulls(n, typ))
+        return pa.Table.from_arrays(columns, schema=view_schema(view))
+
+    def _write_file(self, view: str, date: str, table: pa.Table) -> Path:
+        part_dir = self.root / view / f"date={date}"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        path = part_dir / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}.parquet"
+        # Readers glob *.parquet: write under a name they skip, then rename, so nobody reads half a file.
+        tmp = part_dir / f".{path.name}.tmp"
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def read(self, view: FeatureView, start: Timestamp | None = None, end: Timestamp | None = None) -> pa.Table:
+        """Every logged row of ``view`` with ``start <= event_timestamp < end``, oldest first, in the
+        view's current schema (fields added since a file was written are null there)."""
+        import duckdb  # offline only: keep DuckDB out of server start-up
+
+        if not self._files(view.name):
+            return view_schema(view).empty_table()
+        where, params = self._time_filter(start, end)
+        sql = (f"SELECT * EXCLUDE (date) FROM {self._scan(view.name)}"
+               + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY event_timestamp, entity_key")
+        with duckdb.connect() as con:
+            table = con.sql(sql, params=params).to_arrow_table()
+        return self._conform(view, table)
+
+    @staticmethod
+    def _time_filter(start: Timestamp | None, end: Timestamp | None) -> tuple[list[str], list[object]]:
+        where: list[str] = []
+        params: list[object] = []
+        if start is not None:
+            s = to_epoch(start)
+            # The partition predicate lets DuckDB skip whole days without opening their files.
+            where += ["date >= CAST(? AS DATE)", "epoch_us(event_timestamp) >= ?"]
+            params += [_utc_date(s), round(s * 1e6)]
+        if end is not None:
+            e = to_epoch(end)
+            where += ["date <= CAST(? AS DATE)", "epoch_us(event_timestamp) < ?"]
+            params += [_utc_date(e), round(e * 1e6)]
+        return where, params
+
+    def newest(self, view: str) -> float | None:
+        """Event time (unix seconds) of the newest logged value of ``view``; None when there is none."""
+        import duckdb
+
+        files = self._files(view)
+        if not files:
+            return None
+        # Files are partitioned by event date, so the newest value is in the newest date's files.
+        newest_dir = max(f.parent for f in files)
+        glob = str(newest_dir / "*.parquet").replace("'", "''")
+        with duckdb.connect() as con:
+            row = con.execute(f"SELECT max(epoch_us(event_timestamp)) FROM read_parquet('{glob}')").fetchone()
+        return None if row is None or row[0] is None else row[0] / 1e6
+
+    # -- training sets ---------------------------------------------------------------------------------
+
+    def training_set(
+        self,
+        entity_rows: pa.Table | Sequence[Mapping[str, Any]] | str | Path,
+        features: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        entities: Iterable[Entity] = (),
+        timestamp_field: str = "event_timestamp",
+        full_names: bool = False,
+    ) -> pa.Table:
+        """``entity_rows`` with one column per requested feature holding its value as of each row's
+        ``timestamp_field``.
+
+        ``entity_rows`` is an Arrow table, a list of dicts or a Parquet/CSV path; it needs the join key
+        of each view's entity (from ``entities``; ``<entity>_id`` otherwise, e.g. ``customer_id``) and
+        the timestamp. For every row and view the newest logged value with ``event_timestamp <=`` the
+        row's timestamp is taken; when there is none, or it is older than the view's TTL, the field's
+        default is used. Feature columns are named by field (``view__field`` with ``full_names``).
+        Rows keep their order and all their columns.
+        """
+        import duckdb
+
+        table = load_entity_rows(entity_rows)
+        if timestamp_field not in table.column_names:
+            raise ValueError(f"entity rows have no timestamp column {timestamp_field!r}")
+        join_keys = {e.name: e.join_key for e in entities}
+        out_names: list[str] = []
+        for view, fields in features:
+            key = join_keys.get(view.entity, f"{view.entity}_id")
+            if key not in table.column_names:
+                raise ValueError(f"view {view.name!r}: entity rows have no join key column {key!r} "
+                                 f"(entity {view.entity!r})")
+            for name in fields:
+                if view.field(name) is None:
+                    raise ValueError(f"view {view.name!r} has no field {name!r}")
+                out_names.append(f"{view.name}__{name}" if full_names else name)
+        clashes = {n for n in out_names if out_names.count(n) > 1 or n in table.column_names}
+        if clashes:
+            raise ValueError(f"feature column names clash: {', '.join(sorted(clashes))} (use full names)")
+
+        ts = timestamp_micros(table.column(timestamp_field))
+        left: dict[str, Any] = {"__row": pa.array(range(table.num_rows), pa.int64()), "__ts": ts}
+        keys: dict[str, str] = {}  # join key column -> its __k alias in the left table
+        for view, _ in features:
+            key = join_keys.get(view.entity, f"{view.entity}_id")
+            if key not in keys:
+                keys[key] = f"__k{len(keys)}"
+                left[keys[key]] = table.column(key).cast(pa.string())
+        left_table = pa.table(left)
+        valid = pc.drop_null(ts)
+        lo, hi = (pc.min(valid).as_py(), pc.max(valid).as_py()) if len(valid) else (0, 0)
+
+        selects: list[str] = []
+        joins: list[str] = []
+        params: list[object] = []
+        out_fields: list[tuple[str, FeatureView, str]] = []
+        con = duckdb.connect()
+        try:
+            con.register("__entities", left_table)
+            for i, (view, fields) in enumerate(features):
+                alias = f"f{i}"
+                sub, sub_params = self._asof_source(con, view, fields, lo, hi)
+                params += sub_params
+                kcol = keys[join_keys.get(view.entity, f"{view.entity}_id")]
+                joins.append(f"ASOF LEFT JOIN ({sub}) AS {alias} "
+                             f"ON e.{kcol} = {alias}.entity_key AND {alias}.__ts <= e.__ts")
+                ttl = view.ttl_seconds
+                for name in fields:
+                    value = f"{alias}.{_quote(name)}"
+                    if ttl is not None:
+                        # The ASOF match is the newest value at or before the row's time; if even that one
+                        # is older than the TTL the serving path would have ignored it.
+                        value = f"CASE WHEN {alias}.__ts >= e.__ts - {round(ttl * 1e6)} THEN {value} END"
+                    col = f"__out{len(out_fields)}"
+                    selects.append(f"{value} AS {col}")
+                    out_fields.append((col, view, name))
+            sql = (f"SELECT {', '.join(selects) or 'e.__row'} FROM __entities AS e {' '.join(joins)} "
+                   "ORDER BY e.__row")
+            joined = con.sql(sql, params=params).to_arrow_table() if features else None
+        finally:
+            con.close()
+
+        for (col, view, name), out_name in zip(out_fields, out_names, strict=True):
+            assert joined is not None
+            f = view.field(name)
+            assert f is not None
+            typ = ARROW_TYPES[f.dtype]
+            values = joined.column(col).cast(typ)
+            if f.default is not None:
+                values = pc.fill_null(values, pa.scalar(f.default, typ))
+            table = table.append_column(pa.field(out_name, typ), values)
+        return table
+
+    def _asof_source(self, con: Any, view: FeatureView, fields: Sequence[str], lo_us: int,
+                     hi_us: int) -> tuple[str, list[object]]:
+        """SQL for ``view``'s logged values (one per key and event time) and its parameters."""
+        casts = ", ".join(f"CAST(NULL AS {_duck_type(view, n)}) AS {_quote(n)}" for n in fields)
+        if not self._files(view.name):
+            return f"SELECT NULL::VARCHAR AS entity_key, NULL::BIGINT AS __ts, {casts} WHERE false", []
+        scan = self._scan(view.name)
+        present = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+        cols = ", ".join(_quote(n) if n in present else f"CAST(NULL AS {_duck_type(view, n)}) AS {_quote(n)}"
+                         for n in fields)
+        ttl = view.ttl_seconds
+        # Only the days that can match: up to the newest row time, and back to the oldest minus the TTL.
+        first_day = _utc_date((lo_us / 1e6) - ttl) if ttl is not None else None
+        where = ["date <= CAST(? AS DATE)"]
+        params: list[object] = [_utc_date(hi_us / 1e6)]
+        if first_day is not None:
+            where.append("date >= CAST(? AS DATE)")
+            params.append(first_day)
+        # The same value logged twice (a re-run materialization): keep the latest write only, so the
+        # ASOF match is deterministic.
+        sql = (f"SELECT entity_key, epoch_us(event_timestamp) AS __ts, {cols} FROM {scan} "
+               f"WHERE {' AND '.join(where)} "
+               "QUALIFY row_number() OVER (PARTITION BY entity_key, event_timestamp "
+               "ORDER BY created_timestamp DESC) = 1")
+        return sql, params
+
+
+_DUCK_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN",
+               "list[str]": "VARCHAR[]", "list[float]": "DOUBLE[]", "list[int]": "BIGINT[]"}
+
+
+def _duck_type(view: FeatureView, name: str) -> str:
+    f = view.field(name)
+    assert f is not None
+    return _DUCK_TYPES[f.dtype]
+
+
+def load_entity_rows(rows: pa.Table | Sequence[Mapping[str, Any]] | str | Path) -> pa.Table:
+    """Entity rows for `OfflineStore.training_set` from a table, a list of dicts or a Parquet/CSV file."""
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, (str, Path)):
+        path = Path(rows)
+        if path.suffix.lower() == ".csv":
+            return pacsv.read_csv(path)
+        return pq.read_table(path)
+    return pa.Table.from_pylist([dict(r) for r in rows])
+
+
+def resolve_features(repo: FeatureRepo, refs: Iterable[str]) -> list[tuple[FeatureView, list[str]]]:
+    """``["view:field", "view:*", ...]`` as (view, fields) pairs in first-mention order."""
+    chosen: dict[str, tuple[FeatureView, list[str]]] = {}
+    for ref in refs:
+        ref = ref.strip()
+        if not ref:
+            continue
+        name, _, field_name = ref.partition(":")
+        view = repo.view(name)
+        if view is None:
+            raise ValueError(f"unknown feature view {name!r} (in {ref!r})")
+        _, fields = chosen.setdefault(name, (view, []))
+        wanted = [f.name for f in view.fields] if field_name in ("", "*") else [field_name]
+        for w in wanted:
+            if view.field(w) is None:
+                raise ValueError(f"view {name!r} has no field {w!r}")
+            if w not in fields:
+                fields.append(w)
+    return list(chosen.values())
+
+
+def entities_from_decisions(
+    root: str | Path,
+    placement: str | None = None,
+    since: Timestamp | None = None,
+    until: Timestamp | None = None,
+) -> pa.Table:
+    """Entity rows from the decision log under ``root`` (the data dir): every logged decision's columns
+    (``customer_id``, ``features_json`` — the exact features served —, ``chosen``, probabilities, ...)
+    plus ``event_timestamp``, the decision time, for `OfflineStore.training_set`."""
+    from kassa.events.decision_log import read_decisions
+
+    table = read_decisions(Path(root), placement=placement,
+                           since=None if since is None else to_epoch(since),
+                           until=None if until is None else to_epoch(until))
+    return table.append_column(pa.field("event_timestamp", TIMESTAMP),
+                               timestamp_micros(table.column("ts")).cast(TIMESTAMP))

@@ -1,0 +1,41 @@
+"""Choosing the online store from the settings: the embedded in-process store (restored from, and saved
+to, ``<data_dir>/online.snapshot``) or Redis. Commands that run outside the server (``kassa features
+materialize|get``) open the store here so they see and leave the same data the server does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from kassa.config import Settings
+from kassa.features.online.base import OnlineStore
+
+SNAPSHOT_FILE = "online.snapshot"
+
+
+def snapshot_path(settings: Settings) -> Path:
+    return settings.data_path / SNAPSHOT_FILE
+
+
+def open_online_store(settings: Settings) -> OnlineStore:
+    """The configured online store: Redis when ``features.online_store`` is ``redis``, otherwise the
+    embedded store with the rows of its last snapshot."""
+    fs = settings.features
+    if fs.online_store == "redis":
+        from kassa.features.online.redis import RedisOnlineStore  # redis-py only when Redis is configured
+
+        return RedisOnlineStore(fs.redis_url, fs.key_prefix)
+    from kassa.features.online.memory import InMemoryOnlineStore
+
+    store = InMemoryOnlineStore()
+    store.restore(snapshot_path(settings))
+    return cast(OnlineStore, store)
+
+
+async def close_online_store(store: OnlineStore, settings: Settings) -> None:
+    """Save the embedded store's rows to its snapshot (a remote store keeps its own), then close it."""
+    snapshot: Any = getattr(store, "snapshot", None)
+    if snapshot is not None:
+        snapshot(snapshot_path(settings))
+    await store.close()

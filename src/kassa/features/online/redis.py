@@ -1,0 +1,486 @@
+"""The production online store: Redis (or Redis Cluster) through async redis-py with the hiredis parser.
+
+Owns `RedisOnlineStore` (the `features.online.base.OnlineStore` protocol), its key layout and write
+script, and `OfferFeatureCache`, the serving process's in-memory copy of offer/product rows.
+
+Key layout (`row_key`): ONE hash per entity row, ``{prefix}:{entity}:{<key>}``, e.g.
+``kassa:customer:{c-123}``. The braces are a Redis Cluster hash tag: only ``c-123`` is hashed, so every
+key ever derived for one entity key lands on the same slot (and node) and can be read or scripted together.
+Hash field = view name; hash value = the `codec` blob ``msgpack([ts, schema_hash, [values in field order]])``.
+A value written under another schema hash (the view was redefined) is ignored on read and counted as stale.
+
+TTL, twice: each write ``PEXPIREAT``\\s the hash to the event time plus the view's ttl, never shortening an
+expiry a longer-lived view set (``GT``) and never expiring a hash that holds a view without ttl; a read
+also checks each view's own ttl, because the hash lives as long as its longest-lived view.
+
+Writes are newer-wins, decided inside Redis by `_WRITE_LUA` (it reads the stored event time at its fixed
+offset in the blob), so concurrent writers cannot resurrect old values. A read of any number of rows is
+one round trip: one pipelined ``HMGET`` per key of the views asked for (``HGETALL`` when none are given),
+sent on one pooled connection without redis-py's `Pipeline` bookkeeping, which costs as much as the
+round trip on a local Redis. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
+
+Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|keys`` on
+``{prefix}:changes`` in one script call; `OfferFeatureCache` applies those messages and also polls the
+version key, so a missed message (a reconnect, a crashed publisher) heals within ``check_every`` seconds.
+Requires Redis >= 7.0 (``PEXPIREAT ... GT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from itertools import islice
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from kassa.features.definitions import FeatureView
+from kassa.features.online.base import EntityKey, Row, WriteItem
+from kassa.features.online.codec import CodecCache, StoreStats, ViewCodec
+
+try:  # hiredis packs commands in C; redis-py's asyncio connection would pack them in Python
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is a declared dependency
+    _pack_command = None
+
+log = logging.getLogger(__name__)
+
+NOTIFY_ENTITIES = ("offer", "product")  # entities the serving processes cache, so writes announce them
+MAX_NOTIFY_KEYS = 1_000  # a change message names at most this many keys; more means "reload everything"
+
+# KEYS[1] row hash; ARGV: view, blob, ts, expire_at_ms (0: the view has no ttl). Returns 1 written, 0 older.
+_WRITE_LUA = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local ots
+  if string.sub(old, 1, 2) == '\\147\\203' then
+    ots = struct.unpack('>d', old, 3)
+  else
+    ots = cmsgpack.unpack(old)[1]
+  end
+  if ots > tonumber(ARGV[3]) then return 0 end
+end
+local pttl = redis.call('PTTL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local at = tonumber(ARGV[4])
+if at == 0 then
+  if pttl >= 0 then redis.call('PERSIST', KEYS[1]) end
+elseif pttl == -2 then
+  redis.call('PEXPIREAT', KEYS[1], at)
+else
+  redis.call('PEXPIREAT', KEYS[1], at, 'GT')
+end
+return 1
+"""
+
+# KEYS[1] version key; ARGV: channel, entity, msgpack list of keys ('' = everything). Returns the version.
+_NOTIFY_LUA = """
+local v = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. '|' .. v .. '|' .. ARGV[3])
+return v
+"""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_keys = msgspec.msgpack.Decoder(list[str]).decode
+
+
+def row_key(entity: str, key: str, prefix: str = "kassa") -> str:
+    """``{prefix}:{entity}:{<key>}``: the entity key inside ``{}`` is the cluster hash tag."""
+    return f"{prefix}:{entity}:{{{key}}}"
+
+
+def version_key(entity: str, prefix: str = "kassa") -> str:
+    return f"{prefix}:version:{entity}"
+
+
+def changes_channel(prefix: str = "kassa") -> str:
+    return f"{prefix}:changes"
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class RedisOnlineStore:
+    """Entity rows in Redis hashes; see the module docstring for the layout.
+
+    ``views`` are the definitions reads without an explicit view list decode with (writes and reads
+    with views register theirs too); ``client_kwargs`` go to ``redis.asyncio.Redis.from_url`` (or
+    ``RedisCluster.from_url``), e.g. ``max_connections``, ``socket_timeout``.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "kassa",
+        cluster: bool = False,
+        *,
+        views: Iterable[FeatureView] = (),
+        clock: Callable[[], float] = time.time,
+        notify_entities: Iterable[str] = NOTIFY_ENTITIES,
+        chunk_size: int = 1_000,
+        **client_kwargs: Any,
+    ) -> None:
+        self.prefix = prefix
+        self.cluster = cluster
+        self.channel = changes_channel(prefix)
+        self.chunk_size = chunk_size
+        self.notify_entities = frozenset(notify_entities)
+        self.stats = StoreStats()
+        self._clock = clock
+        self._codecs = CodecCache()
+        for view in views:
+            self._codecs.get(view)
+        self._row_prefix = f"{prefix}:"
+        self._redis: Redis | None = None
+        self.client: Redis | RedisCluster
+        if cluster:
+            self.client = RedisCluster.from_url(url, **client_kwargs)
+        else:
+            self.client = self._redis = Redis.from_url(url, **client_kwargs)
+        self._write_sha = _sha1(_WRITE_LUA)
+        self._notify_sha = _sha1(_NOTIFY_LUA)
+
+    def row_key(self, entity: str, key: str) -> str:
+        return f"{self._row_prefix}{entity}:{{{key}}}"
+
+    def version_key(self, entity: str) -> str:
+        return version_key(entity, self.prefix)
+
+    def register(self, view: FeatureView) -> ViewCodec:
+        """Make ``view`` known, so reads without an explicit view list can decode it."""
+        return self._codecs.get(view)
+
+    # -- the OnlineStore protocol
+
+    async def read(self, keys: Sequence[EntityKey], views: Sequence[FeatureView] | None = None) -> list[Row | None]:
+        """Rows in ``keys`` order, in one round trip; a row is None when nothing current is stored for it
+        (missing, expired, or only values of another schema). Without ``views``, every view of the row
+        that this store has a definition for."""
+        if not keys:
+            return []
+        if views is None:
+            replies = await self._execute([(b"HGETALL", self.row_key(entity, key)) for entity, key in keys])
+            now = self._clock()
+            return [self._decode_all(reply, now) for reply in replies]
+        by_entity: dict[str, list[ViewCodec]] = {}
+        for view in views:
+            by_entity.setdefault(view.entity, []).append(self._codecs.get(view))
+        fields = {entity: [c.field for c in codecs] for entity, codecs in by_entity.items()}
+        commands = [(b"HMGET", self.row_key(entity, key), *fields[entity]) for entity, key in keys if entity in fields]
+        replies = iter(await self._execute(commands))
+        now = self._clock()
+        stats = self.stats
+        out: list[Row | None] = []
+        for entity, _ in keys:
+            codecs = by_entity.get(entity)
+            if codecs is None:
+                out.append(None)
+                continue
+            row: Row | None = None
+            for codec, blob in zip(codecs, next(replies), strict=True):
+                if blob is not None:
+                    values = codec.decode(blob, now, stats)
+                    if values is not None:
+                        if row is None:
+                            row = {}
+                        row[codec.name] = values
+            out.append(row)
+        return out
+
+    def _decode_all(self, reply: Any, now: float) -> Row | None:
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        row: Row = {}
+        for field, blob in pairs:
+            name = field.decode() if isinstance(field, bytes) else field
+            codec = self._codecs.by_name(name)
+            if codec is None:
+                self.stats.unknown_view += 1
+                continue
+            values = codec.decode(blob, now, self.stats)
+            if values is not None:
+                row[name] = values
+        return row or None
+
+    async def write(self, view: FeatureView, key: str, values: dict[str, Any], ts: float) -> None:
+        codec = self._codecs.get(view)
+        (written,) = await self._run_scripts([self._write_command(codec, view.entity, key, values, ts)])
+        if not written:
+            self.stats.older_ignored += 1
+        if view.entity in self.notify_entities:
+            await self._notify(view.entity, [key])
+
+    async def write_many(self, view: FeatureView, items: Iterable[WriteItem]) -> int:
+        """Bulk write, ``chunk_size`` rows per pipeline; returns the rows stored (older ones are skipped)."""
+        codec = self._codecs.get(view)
+        entity = view.entity
+        command = self._write_command
+        written = 0
+        for chunk in _chunks(items, self.chunk_size):
+            replies = await self._run_scripts([command(codec, entity, key, values, ts) for key, values, ts in chunk])
+            stored = sum(replies)
+            written += stored
+            self.stats.older_ignored += len(replies) - stored
+            if entity in self.notify_entities:
+                await self._notify(entity, [item[0] for item in chunk])
+        return written
+
+    async def delete(self, entity: str, key: str) -> None:
+        await self.client.delete(self.row_key(entity, key))
+        if entity in self.notify_entities:
+            await self._notify(entity, [key])
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # -- beyond the protocol: versions, scans, clean-up
+
+    async def version(self, entity: str) -> int:
+        """The change counter of ``entity`` (0 before its first announced write)."""
+        value = await self.client.get(self.version_key(entity))
+        return int(value) if value is not None else 0
+
+    async def scan_keys(self, entity: str, count: int = 1_000) -> AsyncIterator[str]:
+        """Every entity key with a row stored (SCAN: no blocking, duplicates possible while keys change)."""
+        head = f"{self._row_prefix}{entity}:{{"
+        async for raw in self.client.scan_iter(match=_glob_escape(head) + "*", count=count):
+            name = raw.decode() if isinstance(raw, bytes) else raw
+            if name.endswith("}"):
+                yield name[len(head) : -1]
+
+    async def clear(self) -> int:
+        """Delete every key under this store's prefix (tests, benchmarks); returns how many."""
+        deleted = 0
+        batch: list[Any] = []
+        async for raw in self.client.scan_iter(match=_glob_escape(self._row_prefix) + "*", count=1_000):
+            batch.append(raw)
+            if len(batch) >= 1_000:
+                deleted += await self._unlink(batch)
+                batch = []
+        if batch:
+            deleted += await self._unlink(batch)
+        return deleted
+
+    async def _unlink(self, keys: list[Any]) -> int:
+        if self.cluster:  # keys of a batch live on many slots; one UNLINK per key, pipelined per node
+            replies = await self._execute([(b"UNLINK", k) for k in keys])
+            return sum(r for r in replies if isinstance(r, int))
+        return int(await self.client.unlink(*keys))
+
+    # -- commands
+
+    def _write_command(self, codec: ViewCodec, entity: str, key: str, values: dict[str, Any], ts: float) -> tuple:
+        ts = float(ts)
+        return (b"EVALSHA", self._write_sha, 1, self.row_key(entity, key), codec.field,
+                codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts))
+
+    async def _notify(self, entity: str, keys: list[str]) -> None:
+        blob = _encode(keys) if len(keys) <= MAX_NOTIFY_KEYS else b""
+        await self._run_scripts([(b"EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel,
+                                  entity, blob)])
+
+    async def _run_scripts(self, commands: list[tuple]) -> list[Any]:
+        """Run EVALSHA commands; a server that lost its script cache gets the scripts again and the whole
+        batch is re-sent, which is safe: writes are newer-wins with equal times replacing (idempotent)."""
+        replies = await self._execute(commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self.client.script_load(_WRITE_LUA)
+            await self.client.script_load(_NOTIFY_LUA)
+            replies = await self._execute(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _execute(self, commands: list[tuple]) -> list[Any]:
+        """Send ``commands`` in one round trip (per node on a cluster); error replies come back as
+        exceptions in their place."""
+        if not commands:
+            return []
+        if self._redis is None:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        pool = self._redis.connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            try:
+                if _pack_command is not None:
+                    packed: Any = b"".join([_pack_command(c) for c in commands])
+                else:  # pragma: no cover
+                    packed = conn.pack_commands(commands)
+                await conn.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:  # the reply was read whole; the stream is still in step
+                        replies.append(exc)
+                return replies
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                # A pooled connection the server closed (restart, idle timeout): retry once on a fresh one.
+                await conn.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                # Cancelled (a latency budget) or failed mid-stream: unread replies would desync the next
+                # user of this connection, so it is closed, never returned as is.
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+class OfferFeatureCache:
+    """Offer (or product) rows held in the serving process: `get` never does I/O.
+
+    `start` subscribes to the store's change channel, then loads every row of ``entity``. Change messages
+    re-read just the keys they name; a message whose version is not the next one expected (one was
+    missed) or that names no keys triggers a full reload, and so does a version key that moved without a
+    message, checked every ``check_every`` seconds.
+    """
+
+    def __init__(
+        self,
+        store: RedisOnlineStore,
+        entity: str = "offer",
+        views: Sequence[FeatureView] | None = None,
+        check_every: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.entity = entity
+        self.views = [v for v in views if v.entity == entity] if views is not None else None
+        self.check_every = check_every
+        self.version = -1  # the store version the cached rows reflect
+        self.reloads = 0
+        self.updates = 0
+        self._clock = clock
+        self._rows: dict[str, Row] = {}
+        self._ttl: dict[str, float] = {}
+        for view in self.views or ():
+            if view.ttl_seconds is not None:
+                self._ttl[view.name] = view.ttl_seconds
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, key: str) -> Row | None:
+        row = self._rows.get(key)
+        if row is None or not self._ttl:
+            return row
+        # Values were fresh when loaded; one may have aged past its ttl while cached since.
+        now = self._clock()
+        ttl = self._ttl
+        if all(now - vv.ts <= ttl.get(name, now) for name, vv in row.items()):
+            return row
+        fresh = {name: vv for name, vv in row.items() if name not in ttl or now - vv.ts <= ttl[name]}
+        return fresh or None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    async def start(self) -> None:
+        self._pubsub = self.store.client.pubsub()
+        await self._pubsub.subscribe(self.store.channel)  # before loading, so no change falls in between
+        await self.reload()
+        self._task = asyncio.create_task(self._run(), name=f"kassa-{self.entity}-feature-cache")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+    async def reload(self) -> int:
+        """Load every row of the entity; returns the rows held."""
+        # The version is read first: a write that lands during the scan bumps it past this one, so its
+        # message (or the next version check) is applied after the reload, never lost under it.
+        version = await self.store.version(self.entity)
+        keys = [key async for key in self.store.scan_keys(self.entity)]
+        rows: dict[str, Row] = {}
+        for chunk in _chunks(dict.fromkeys(keys), 500):
+            for key, row in zip(chunk, await self.store.read([(self.entity, k) for k in chunk], self.views),
+                                strict=True):
+                if row is not None:
+                    rows[key] = row
+        self._rows = rows
+        self.version = version
+        self.reloads += 1
+        return len(rows)
+
+    async def _apply(self, keys: list[str]) -> None:
+        rows = await self.store.read([(self.entity, k) for k in keys], self.views)
+        for key, row in zip(keys, rows, strict=True):
+            if row is None:
+                self._rows.pop(key, None)
+            else:
+                self._rows[key] = row
+        self.updates += 1
+
+    async def _on_message(self, data: bytes) -> None:
+        entity, version_text, blob = data.split(b"|", 2)
+        if entity.decode() != self.entity:
+            return
+        version = int(version_text)
+        if version <= self.version:  # already covered by a reload that read the version after it
+            return
+        if version != self.version + 1 or not blob:
+            await self.reload()
+            return
+        await self._apply(_decode_keys(blob))
+        self.version = version
+
+    async def _run(self) -> None:
+        assert self._pubsub is not None
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self.check_every
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    await self.reload()  # messages may have been lost with the connection
+                    failures = 0
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=max(0.0, next_check - loop.time())
+                )
+                if message is not None and message.get("type") == "message":
+                    await self._on_message(message["data"])
+                if loop.time() >= next_check:
+                    next_check = loop.time() + self.check_every
+                    if await self.store.version(self.entity) != self.version:
+                        await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                log.warning("%s feature cache: refresh failed (attempt %d); serving cached rows",
+                            self.entity, failures, exc_info=failures == 1)
+                await asyncio.sleep(min(self.check_every, 0.1 * 2 ** min(failures, 6)))
