@@ -109,3 +109,35 @@ def decision_body(placement: str = "order_confirmation", customer: str | None = 
         body["customer"] = {"id": customer}
     body.update(kw)
     return body
+
+
+# -- Redis: a real server (tests/services.py finds or starts one), never a mock or fakeredis
+
+from collections.abc import AsyncIterator  # noqa: E402  (appended section: kept beside its fixtures)
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from kassa.features.online.redis import RedisOnlineStore
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    from tests.services import ensure_redis
+
+    return ensure_redis()
+
+
+@pytest.fixture
+async def redis_store(redis_url: str, anyio_backend: str) -> AsyncIterator[RedisOnlineStore]:
+    """A `RedisOnlineStore` on a fresh random key prefix, for ``@pytest.mark.anyio`` tests (the async client
+    must live on the test's event loop); afterwards its keys are deleted (SCAN prefix*) and the client closed."""
+    import secrets
+
+    from kassa.features.online.redis import RedisOnlineStore
+
+    store = RedisOnlineStore(redis_url, prefix=f"kassa-test-{secrets.token_hex(6)}")
+    try:
+        yield store
+    finally:
+        await store.clear()
+        await store.close()

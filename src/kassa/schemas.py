@@ -200,3 +200,29 @@ def encode(obj: Any) -> bytes:
 
 
 _encoder = msgspec.json.Encoder()
+
+
+# --------------------------------------------------------------------------- feature injection
+class FeatureWrite(Struct, forbid_unknown_fields=True):
+    """Body of ``PUT /v1/features/{view}/{entity_key}``: values of the view's fields."""
+
+    values: dict[str, Any]
+    timestamp: float | None = None  # event time (unix seconds); defaults to receive time
+
+
+class FeatureRow(Struct, forbid_unknown_fields=True):
+    key: Id
+    values: dict[str, Any]
+    timestamp: float | None = None
+
+
+class FeaturePush(Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/features/push``: many rows of one view, validated all-or-nothing."""
+
+    view: Id
+    rows: Annotated[list[FeatureRow], Meta(min_length=1, max_length=1000)]
+
+
+class FeatureAck(Struct):
+    view: str
+    written: int

@@ -173,7 +173,8 @@ class DecisionEngine:
             if model is not None and model.meta.get("rewarded_decisions", 0) >= placement.min_learned_decisions:
                 try:
                     pmf = model.pmf(shared, action_lines)
-                    policy, version = PmfPolicy(pmf), model.version
+                    later = "renormalise" if placement.policy == "softmax" else "greedy"
+                    policy, version = PmfPolicy(pmf, later), model.version
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)
                     fallback = True

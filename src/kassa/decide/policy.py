@@ -27,10 +27,19 @@ class Policy(Protocol):
 
 
 class PmfPolicy:
-    """A fixed distribution over candidates (a learner's pmf); later slots renormalise the rest."""
+    """A learner's distribution over candidates, for the first slot and, derived from it, the rest.
 
-    def __init__(self, pmf: Sequence[float]) -> None:
+    ``later="renormalise"`` (softmax): later slots rescale the remaining mass, i.e. Plackett-Luce.
+    ``later="greedy"`` (squareCB, ε-greedy): these put almost all mass on one greedy action and spread
+    a thin exploration tail; rescaling the tail would make slots 2+ nearly uniform. Instead each later
+    slot keeps the remaining actions' own probabilities and gives the mass of the removed ones to the
+    best remaining action, so later slots exploit and explore like the first.
+    """
+
+    def __init__(self, pmf: Sequence[float], later: str = "renormalise") -> None:
         self.pmf = pmf
+        self.later = later
+        self.n = len(pmf)
 
     def scores(self) -> Sequence[float]:
         return self.pmf
@@ -41,6 +50,10 @@ class PmfPolicy:
         total = sum(weights)
         if total <= 0:
             return [1.0 / len(remaining)] * len(remaining)
+        if self.later == "greedy" and len(remaining) < self.n:
+            best = max(range(len(weights)), key=weights.__getitem__)
+            weights[best] += 1.0 - total
+            return weights
         return [w / total for w in weights]
 
 

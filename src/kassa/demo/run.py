@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import sys
 import tempfile
 import time
@@ -55,10 +56,21 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def _curl_body(world: World) -> dict[str, Any]:
-    # A buyer the policy should have an opinion about: skincare, on a phone.
-    sample = world.checkouts(200, stream="curl")
-    pick = next((c for c in sample if "skincare" in c.categories and c.device == "mobile"), sample[0])
+    # A small order from a buyer the policy should have an opinion about: skincare, on a phone.
+    sample = world.checkouts(500, stream="curl")
+    pick = next((c for c in sample if "skincare" in c.categories and c.device == "mobile" and len(c.items) <= 2
+                 and c.customer_id is not None), sample[0])
     return decision_request_body(pick, POLICY)
+
+
+def _check_port(port: int) -> None:
+    # Fail before building anything: a taken port would otherwise surface as a server start timeout.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            raise SystemExit(f"cannot serve the demo on {HOST}:{port} ({exc.strerror}); pick another --port") from None
 
 
 def run_demo(
@@ -76,14 +88,20 @@ def run_demo(
     """Run the demo; returns the summary (the object ``--json`` prints)."""
     if checkouts < 1:
         raise SystemExit("--checkouts must be at least 1")
+    _check_port(port)
     human = Console(stderr=json_out)  # with --json, stdout carries only the JSON line
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kassa-demo-", ignore_cleanup_errors=True)
     path = Path(data_dir or tmp.name)  # type: ignore[union-attr]
     path.mkdir(parents=True, exist_ok=True)
+    # Shoppers and server share this process's GIL: a short switch interval (as `kassa serve` sets)
+    # stops one thread from sitting on it for the default 5 ms while another has a response ready.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
     try:
         with _quiet_logs():
             return _run(headless, checkouts, seed, json_out, port, path, keep_serving, workers, shares, human)
     finally:
+        sys.setswitchinterval(switch)
         if tmp is not None:
             tmp.cleanup()
 
@@ -120,6 +138,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
     share_of = dict(zip(SLICES, shares, strict=True))
     try:
         board = Scoreboard(plan, window=LIVE_WINDOW)
+        interrupted = False
         driver = Driver(world, plan, board, HOST, port, PUBLISHABLE_KEY, workers=workers).start()
         try:
             if headless:
@@ -139,6 +158,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         except KeyboardInterrupt:
             driver.stop.set()
             driver.join()
+            interrupted = True
             human.print("[yellow]interrupted: summarising the checkouts done so far[/]")
         board.finished_at = time.monotonic()
         if driver.error is not None:
@@ -151,13 +171,16 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         if not json_out or not headless:
             human.print(summary_table(result))
         if keep_serving or not headless:
-            human.print("\nTry it (the model keeps serving what it learned):")
-            human.print(curl_example(url, PUBLISHABLE_KEY, _curl_body(world)), markup=False, highlight=False)
-            human.print(f"Admin views: curl -s {url}/v1/placements -H 'Authorization: Bearer {ADMIN_KEY}'",
-                        markup=False, highlight=False)
+            human.print("\nTry it while the demo serves (the model keeps what it learned):" if keep_serving
+                        else "\nTry it against a serving demo (drop --exit):")
+            # soft_wrap: the terminal may wrap the long JSON, but a copy-paste stays one command.
+            human.print(curl_example(url, PUBLISHABLE_KEY, _curl_body(world)), markup=False, highlight=False,
+                        soft_wrap=True)
+            human.print(f"Placements and models (admin key): curl -s {url}/v1/placements "
+                        f"-H 'Authorization: Bearer {ADMIN_KEY}'", markup=False, highlight=False, soft_wrap=True)
         if json_out:
             print(json.dumps(result), flush=True)
-        if keep_serving:
+        if keep_serving and not interrupted:  # a Ctrl-C during the run means "stop", not "serve"
             human.print(f"\nServing on {url} until Ctrl-C.")
             with contextlib.suppress(KeyboardInterrupt):
                 while server.thread.is_alive():

@@ -94,6 +94,9 @@ class Persona:
 
 @dataclass(frozen=True, slots=True)
 class Checkout:
+    """One simulated order. There is no simulated hour: Kassa takes the hour from its own clock in the
+    buyer's timezone (sent with the request), so time of day is not part of the ground truth."""
+
     index: int
     order_id: str
     customer_id: str | None  # None: guest checkout

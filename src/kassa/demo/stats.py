@@ -52,6 +52,8 @@ class Scoreboard:
         self._recent_client: deque[float] = deque(maxlen=window)
         self._throughput: deque[tuple[float, int]] = deque(maxlen=64)
         self.done = 0
+        self._slice_done = dict.fromkeys(SLICES, 0)  # running totals: the live view reads these 4x/s
+        self._slice_accepts = dict.fromkeys(SLICES, 0)
         self.explored = 0
         self.fallbacks = 0
         self.model_version = "-"
@@ -69,6 +71,8 @@ class Scoreboard:
             self.server_ms[c.slice].append(server_ms)
             self.client_ms[c.slice].append(client_ms)
             self.done += 1
+            self._slice_done[c.slice] += 1
+            self._slice_accepts[c.slice] += accepts
             self.fallbacks += fallback
             self._recent.append((c.slice, accepts, explored))
             if c.slice == "policy":
@@ -105,6 +109,10 @@ class Scoreboard:
             rewards = [a for sl, a, _ in recent if sl == s]
             out[s] = SliceRates(len(rewards), sum(rewards), sum(rewards) / len(rewards) if rewards else None, None)
         return out
+
+    def overall_rates(self) -> dict[str, float | None]:
+        with self._lock:
+            return {s: self._slice_accepts[s] / n if (n := self._slice_done[s]) else None for s in SLICES}
 
     def window_explored(self) -> float | None:
         with self._lock:

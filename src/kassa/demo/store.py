@@ -4,7 +4,7 @@ This module owns the catalog side of the demo: a few hundred products over twelv
 ``kind: product`` offer whose ``value`` is its margin), about twenty hand-written non-product offers
 with rendering content and eligibility rules, and the three placements the traffic is split over:
 
-* ``order_confirmation``: the learned policy (squarecb) over the listed offers plus product retrieval;
+* ``order_confirmation``: the learned policy over the listed offers plus product retrieval;
 * ``order_confirmation_random``: the same candidates, shown uniformly at random (control);
 * ``order_confirmation_static``: the same candidates in one fixed order, the best static ranking the
   simulator's ground truth allows (control; the order is passed in, see `simulator.World`).
@@ -28,13 +28,10 @@ STATIC = "order_confirmation_static"
 PLACEMENTS = (POLICY, RANDOM, STATIC)
 SLOTS = 3
 
-# The learned placement's policy. squarecb is Kassa's default learner, but its pmf is a distribution
-# for ONE slot: the engine fills slots 2 and 3 by renormalising what is left of it, and squarecb leaves
-# only its thin exploration tail there, so those slots come out nearly uniform (about every decision
-# "explored", and no better than the best static list). Softmax scores renormalise into a proper
-# ranking (Plackett-Luce), so every slot follows the model. Switch back to "squarecb" once the engine
-# fills later slots greedily (see the demo's report); gamma_scale is then the knob.
-LEARNED_POLICY: Literal["squarecb", "softmax"] = "softmax"
+# The learned placement's policy: squareCB, Kassa's default. Its pmf is a distribution for one slot;
+# `PmfPolicy` fills later slots greedily from the remaining candidates with the same exploration tail
+# (renormalising the tail alone would make slots 2 and 3 nearly uniform). Softmax also works here.
+LEARNED_POLICY: Literal["squarecb", "softmax"] = "squarecb"
 SOFTMAX_LAMBDA = 30.0  # costs are in accepts (0..1): 30 separates a 0.15 offer from a 0.02 one ~50:1
 GAMMA_SCALE = 10.0
 

@@ -40,17 +40,17 @@ def live_panel(board: Scoreboard, url: str, seed: int, shares: dict[str, float])
     lat = Text.assemble(("latency  ", "bold"), f"server p50 {s50:.2f} ms  p99 {s99:.2f} ms   ",
                         f"client p50 {c50:.2f} ms  p99 {c99:.2f} ms")
 
-    window, overall = board.window_rates(), board.rates()
+    window, overall = board.window_rates(), board.overall_rates()
     table = Table(title=f"accepts per checkout (last {board.window:,} checkouts · whole run)",
                   title_justify="left", expand=False)
     table.add_column("slice")
     table.add_column("share", justify="right")
     table.add_column("window", justify="right")
     table.add_column("overall", justify="right")
-    table.add_column("vs policy", justify="right")
+    table.add_column("policy ×", justify="right")
     for s in SLICES:
         pol = window["policy"].rate
-        table.add_row(_LABEL[s], f"{shares[s]:.0%}", _rate(window[s].rate), _rate(overall[s].rate),
+        table.add_row(_LABEL[s], f"{shares[s]:.0%}", _rate(window[s].rate), _rate(overall[s]),
                       "" if s == "policy" else _lift(ratio(pol, window[s].rate)))
     explored = board.window_explored()
     model = Text.assemble(("model serving  ", "bold"), board.model_version, "   explored ",
@@ -70,25 +70,27 @@ def progress_line(board: Scoreboard) -> str:
 def summary_table(result: dict[str, Any]) -> Table:
     last = result["last_window"]
     table = Table(title=f"Kassa demo: {result['checkouts']:,} checkouts in {result['seconds']:.1f} s "
-                        f"({result['decisions_per_s']:,.0f} decisions/s), seed {result['seed']}",
+                        f"({result['decisions_per_s']:,.0f} decisions/s), seed {result['seed']}\n"
+                        f"accepts per checkout over the last {last:,} checkouts; expected: the true mean"
+                        " of what was shown; overall: the whole run",
                   title_justify="left")
     table.add_column("slice")
     table.add_column("placement")
-    table.add_column(f"checkouts (last {last:,})", justify="right")
-    table.add_column(f"accepts/checkout (last {last:,})", justify="right")
-    table.add_column("true expected", justify="right")
-    table.add_column("whole run", justify="right")
+    table.add_column("n", justify="right")
+    table.add_column("rate", justify="right")
+    table.add_column("expected", justify="right")
+    table.add_column("overall", justify="right")
     rows = (("policy", "policy_reward_rate", "policy_expected_rate"),
             ("random", "random_reward_rate", "random_expected_rate"),
             ("static", "best_static_reward_rate", "best_static_expected_rate"))
     for s, key, expected in rows:
-        table.add_row(_LABEL[s], SLICE_PLACEMENT[s], f"{result['slice_checkouts'][s]:,}", _rate(result[key]),
+        table.add_row(s, SLICE_PLACEMENT[s], f"{result['slice_checkouts'][s]:,}", _rate(result[key]),
                       _rate(result[expected]), _rate(result[f"{key}_overall"]))
     table.caption = (
-        f"lift vs random {_lift(result['lift_vs_random'])} · lift vs best static {_lift(result['lift_vs_static'])}"
-        f" · server p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms"
-        f" · client p50 {result['client_p50_ms']:.2f} ms p99 {result['client_p99_ms']:.2f} ms"
-        f" · model {result['model_version']} · explored {result['explored_share']:.0%}"
+        f"policy lift: {_lift(result['lift_vs_random'])} vs random, {_lift(result['lift_vs_static'])} vs best static"
+        f"\nserver p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms · "
+        f"client p50 {result['client_p50_ms']:.2f} ms p99 {result['client_p99_ms']:.2f} ms"
+        f"\nmodel {result['model_version']} · explored {result['explored_share']:.0%} of policy decisions"
     )
     table.caption_justify = "left"
     return table

@@ -217,8 +217,9 @@ def get(
     elif found is None:
         console.print(f"no values of {v.name!r} for {v.entity} {key!r} (missing or expired: defaults are served)")
     else:
-        table = Table("field", "value", title=f"{v.name} / {v.entity} {key}  (event time {_iso(found.ts)}, "
-                                              f"age {_age(now - found.ts)})")
+        console.print(f"{v.name} for {v.entity} {key!r}: event time {_iso(found.ts)}, age {_age(now - found.ts)}",
+                      highlight=False)
+        table = Table("field", "value")
         for f in v.fields:
             table.add_row(f.name, json.dumps(found.values.get(f.name), default=str))
         out.print(table)

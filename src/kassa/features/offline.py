@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,21 +79,25 @@ def timestamp_micros(column: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray | pa
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         return pc.round(pc.multiply(column.cast(pa.float64()), 1e6)).cast(pa.int64())
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        try:
-            return column.cast(TIMESTAMP).cast(pa.int64())
-        except pa.ArrowInvalid:  # strings without a zone: UTC by convention
-            return column.cast(pa.timestamp("us")).cast(pa.int64())
+        for typ in (TIMESTAMP, pa.timestamp("us")):  # with a zone; without one (UTC by convention)
+            try:
+                return column.cast(typ).cast(pa.int64())
+            except pa.ArrowInvalid:
+                pass
+        # Mixed forms in one column: parse each value.
+        return pa.array([None if s is None else round(to_epoch(s) * 1e6) for s in column.to_pylist()], pa.int64())
     raise ValueError(f"cannot read timestamps from a column of type {t}")
 
 
-def _quote(name: str) -> str:
+def quote_ident(name: str) -> str:
+    """``name`` as a DuckDB identifier (column names come from user files)."""
     return '"' + name.replace('"', '""') + '"'
 
 
 class OfflineStore:
     """Date-partitioned Parquet per view under ``root``; read and joined with DuckDB."""
 
-    def __init__(self, root: str | Path, clock: Any = time.time) -> None:
+    def __init__(self, root: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.root = Path(root)
         self.clock = clock
 
@@ -143,7 +147,7 @@ class OfflineStore:
             if needed not in names:
                 raise ValueError(f"view {view.name!r}: offline rows need a {needed!r} column")
         created = (timestamp_micros(table.column("created_timestamp")) if "created_timestamp" in names
-                   else pa.array([int(self.clock() * 1e6)] * n, pa.int64()))
+                   else pa.repeat(pa.scalar(round(self.clock() * 1e6), pa.int64()), n))
         columns = [
             table.column("entity_key").cast(pa.string()),
             timestamp_micros(table.column("event_timestamp")).cast(TIMESTAMP),
@@ -242,9 +246,13 @@ class OfflineStore:
         if timestamp_field not in table.column_names:
             raise ValueError(f"entity rows have no timestamp column {timestamp_field!r}")
         join_keys = {e.name: e.join_key for e in entities}
+
+        def key_of(view: FeatureView) -> str:
+            return join_keys.get(view.entity, f"{view.entity}_id")
+
         out_names: list[str] = []
         for view, fields in features:
-            key = join_keys.get(view.entity, f"{view.entity}_id")
+            key = key_of(view)
             if key not in table.column_names:
                 raise ValueError(f"view {view.name!r}: entity rows have no join key column {key!r} "
                                  f"(entity {view.entity!r})")
@@ -255,12 +263,14 @@ class OfflineStore:
         clashes = {n for n in out_names if out_names.count(n) > 1 or n in table.column_names}
         if clashes:
             raise ValueError(f"feature column names clash: {', '.join(sorted(clashes))} (use full names)")
+        if not features:
+            return table
 
         ts = timestamp_micros(table.column(timestamp_field))
         left: dict[str, Any] = {"__row": pa.array(range(table.num_rows), pa.int64()), "__ts": ts}
         keys: dict[str, str] = {}  # join key column -> its __k alias in the left table
         for view, _ in features:
-            key = join_keys.get(view.entity, f"{view.entity}_id")
+            key = key_of(view)
             if key not in keys:
                 keys[key] = f"__k{len(keys)}"
                 left[keys[key]] = table.column(key).cast(pa.string())
@@ -279,12 +289,12 @@ class OfflineStore:
                 alias = f"f{i}"
                 sub, sub_params = self._asof_source(con, view, fields, lo, hi)
                 params += sub_params
-                kcol = keys[join_keys.get(view.entity, f"{view.entity}_id")]
+                kcol = keys[key_of(view)]
                 joins.append(f"ASOF LEFT JOIN ({sub}) AS {alias} "
                              f"ON e.{kcol} = {alias}.entity_key AND {alias}.__ts <= e.__ts")
                 ttl = view.ttl_seconds
                 for name in fields:
-                    value = f"{alias}.{_quote(name)}"
+                    value = f"{alias}.{quote_ident(name)}"
                     if ttl is not None:
                         # The ASOF match is the newest value at or before the row's time; if even that one
                         # is older than the TTL the serving path would have ignored it.
@@ -292,14 +302,12 @@ class OfflineStore:
                     col = f"__out{len(out_fields)}"
                     selects.append(f"{value} AS {col}")
                     out_fields.append((col, view, name))
-            sql = (f"SELECT {', '.join(selects) or 'e.__row'} FROM __entities AS e {' '.join(joins)} "
-                   "ORDER BY e.__row")
-            joined = con.sql(sql, params=params).to_arrow_table() if features else None
+            sql = f"SELECT {', '.join(selects)} FROM __entities AS e {' '.join(joins)} ORDER BY e.__row"
+            joined = con.sql(sql, params=params).to_arrow_table()
         finally:
             con.close()
 
         for (col, view, name), out_name in zip(out_fields, out_names, strict=True):
-            assert joined is not None
             f = view.field(name)
             assert f is not None
             typ = ARROW_TYPES[f.dtype]
@@ -312,12 +320,12 @@ class OfflineStore:
     def _asof_source(self, con: Any, view: FeatureView, fields: Sequence[str], lo_us: int,
                      hi_us: int) -> tuple[str, list[object]]:
         """SQL for ``view``'s logged values (one per key and event time) and its parameters."""
-        casts = ", ".join(f"CAST(NULL AS {_duck_type(view, n)}) AS {_quote(n)}" for n in fields)
+        casts = ", ".join(f"CAST(NULL AS {_duck_type(view, n)}) AS {quote_ident(n)}" for n in fields)
         if not self._files(view.name):
             return f"SELECT NULL::VARCHAR AS entity_key, NULL::BIGINT AS __ts, {casts} WHERE false", []
         scan = self._scan(view.name)
         present = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
-        cols = ", ".join(_quote(n) if n in present else f"CAST(NULL AS {_duck_type(view, n)}) AS {_quote(n)}"
+        cols = ", ".join(quote_ident(n) if n in present else f"CAST(NULL AS {_duck_type(view, n)}) AS {quote_ident(n)}"
                          for n in fields)
         ttl = view.ttl_seconds
         # Only the days that can match: up to the newest row time, and back to the oldest minus the TTL.

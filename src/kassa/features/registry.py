@@ -95,7 +95,8 @@ class Diff(Struct):
 
 
 class DestructiveChangeError(ValueError):
-    """Applying would remove a view or retype a field; pass ``allow_destructive=True`` to do it anyway."""
+    """Applying would remove a view, retype a field or move a view to another entity; pass
+    ``allow_destructive=True`` to do it anyway."""
 
 
 def _entity_hash(entity: Entity) -> str:

@@ -226,6 +226,8 @@ def event_time(event: schemas.Event, received_at: float | None = None) -> float:
 # Bucket operations; a bucket is a flat list, each op owns a slot range.
 _EVCOUNT, _NUM, _CNT, _LAST, _LND = range(5)
 _AGGS_NUMERIC = ("sum", "mean", "min", "max")
+# Initial slots: event count | count, sum, min, max | value count | (stamp, value) | {value: stamp}
+_SLOTS: dict[int, list[Any]] = {_EVCOUNT: [0], _NUM: [0, 0, INF, -INF], _CNT: [0], _LAST: [None], _LND: [None]}
 
 
 @dataclass(slots=True)
@@ -236,12 +238,17 @@ class _FieldPlan:
     n: int
     coerce: Callable[[Any], Any]
     empty: Any  # value of an empty window
+    read: Callable[[_FieldPlan, list[list[Any]]], Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.read = _READERS[self.agg]
 
 
 @dataclass(slots=True)
 class _SeriesPlan:
     window: float
     width: float
+    limit: int = 0  # prune when a row holds this many buckets
     ops: list[tuple[int, int, int, int]] = field(default_factory=list)  # (op, path index, slot, cap)
     template: list[Any] = field(default_factory=list)
     fields: list[_FieldPlan] = field(default_factory=list)
@@ -265,14 +272,14 @@ def _coercer(f: Field, agg: str, kind: str | None) -> Callable[[Any], Any]:
     dt = f.dtype
     where = f"field {f.name!r}"
     if agg == "last_n_distinct":
-        want = "list[str]" if kind in ("str", "list") else ("list[float]", "list[int]")
-        if dt != want and dt not in want:
-            raise DefinitionError(f"{where}: last_n_distinct of {f.of!r} needs dtype {want}")
-        if dt == "list[str]":
-            return lambda v: [s[: f.max_length] for s in v]
-        if dt == "list[int]":
+        if kind == "num" and dt == "list[int]":
             return lambda v: [round(x) for x in v]
-        return lambda v: [float(x) for x in v]
+        if kind == "num" and dt == "list[float]":
+            return lambda v: [float(x) for x in v]
+        if kind != "num" and dt == "list[str]":
+            return lambda v: [s[: f.max_length] for s in v]
+        want = "list[float] or list[int]" if kind == "num" else "list[str]"
+        raise DefinitionError(f"{where}: last_n_distinct of {f.of!r} needs dtype {want}")
     if agg == "last" and kind in ("str", "list"):
         if dt != "str":
             raise DefinitionError(f"{where}: last of {f.of!r} needs dtype str")
@@ -335,7 +342,7 @@ def _plan(index: int, view: FeatureView, resolution: int) -> _ViewPlan:
         n = min(f.n, f.max_length)
         if skey not in stats:
             off = len(sp.template)
-            sp.template.extend({_EVCOUNT: [0], _NUM: [0, 0, INF, -INF], _CNT: [0]}.get(op, [None]))
+            sp.template.extend(_SLOTS[op])
             stats[skey] = (off, len(sp.ops))
             sp.ops.append((op, pi, off, n))
             (sp.lnd_slots if op == _LND else sp.last_slots if op == _LAST else []).append(off)
@@ -354,6 +361,9 @@ def _plan(index: int, view: FeatureView, resolution: int) -> _ViewPlan:
         except ValueError as exc:
             raise DefinitionError(f"{fw}: default {exc}") from None
         sp.fields.append(_FieldPlan(f.name, f.agg, off, n, coerce, empty))
+    for sp in series.values():
+        # Live and not-yet-prunable buckets: R + lateness / w + 1; half a window of slack amortises pruning.
+        sp.limit = resolution + math.ceil(lateness / sp.width) + 2 + resolution // 2
     return _ViewPlan(
         index=index,
         view=view,
@@ -368,18 +378,13 @@ def _plan(index: int, view: FeatureView, resolution: int) -> _ViewPlan:
 
 # -------------------------------------------------------------------------------------------- state
 class _Row:
-    __slots__ = ("buckets", "due", "emitted_empty", "mink", "newest")
+    __slots__ = ("buckets", "due", "emitted_empty", "newest")
 
     def __init__(self, n_series: int) -> None:
         self.buckets: list[dict[int, list[Any]]] = [{} for _ in range(n_series)]
-        self.mink: list[float] = [INF] * n_series  # smallest bucket index present (prune trigger)
         self.newest = -INF  # newest event time applied
         self.due = INF  # stream time at which its values next change without new events
         self.emitted_empty = False
-
-
-def _floor(x: float) -> int:
-    return math.floor(x)
 
 
 class StreamAggregator:
@@ -443,7 +448,8 @@ class StreamAggregator:
         if self.max_future_skew is not None and received_at is not None and ts > received_at + self.max_future_skew:
             ts = received_at
             self.clamped += 1
-        self._remember(eid, ts)
+        self._ids.append((ts, eid))
+        self._id_set.add(eid)
         self.processed += 1
         self._ordinal += 1
         ordinal = self._ordinal
@@ -463,12 +469,11 @@ class StreamAggregator:
             self.late_dropped += 1
         if ts > stream_time:
             self.stream_time = ts
+        self._forget_ids()
         return n
 
-    def _remember(self, eid: str, ts: float) -> None:
+    def _forget_ids(self) -> None:
         ids, idset = self._ids, self._id_set
-        ids.append((ts, eid))
-        idset.add(eid)
         # An id older than every watermark need not be remembered: a copy of it would be late anyway.
         horizon = self.stream_time - self._max_lateness
         while ids and (ids[0][0] < horizon or len(ids) > self.dedupe_capacity):
@@ -482,22 +487,19 @@ class StreamAggregator:
         if ts > row.newest:
             row.newest = ts
         row.emitted_empty = False
-        res = self.resolution
-        for si, sp in enumerate(vp.series):
+        floor = math.floor
+        for sp, buckets in zip(vp.series, row.buckets, strict=True):
             width = sp.width
-            buckets = row.buckets[si]
-            cutoff = _floor(wm / width) - res
-            if row.mink[si] <= cutoff:
-                # Buckets at or below the cutoff are outside every window readable from now on.
-                for k in [k for k in buckets if k <= cutoff]:
-                    del buckets[k]
-                row.mink[si] = min(buckets, default=INF)
-            k = _floor(ts / width)
+            k = floor(ts / width)
             b = buckets.get(k)
             if b is None:
+                if len(buckets) >= sp.limit and wm > -INF:
+                    # Buckets at or below the cutoff are outside every window readable from now on.
+                    # Pruning only when the row has grown past its bound keeps it amortised O(1).
+                    cutoff = floor(wm / width) - self.resolution
+                    for old in [j for j in buckets if j <= cutoff]:
+                        del buckets[old]
                 b = buckets[k] = sp.template.copy()
-                if k < row.mink[si]:
-                    row.mink[si] = k
             for op, pi, off, cap in sp.ops:
                 if op == _EVCOUNT:
                     b[off] += 1
@@ -542,16 +544,16 @@ class StreamAggregator:
     # ------------------------------------------------------------------ reads
     def _compute(self, vp: _ViewPlan, row: _Row | None, t: float) -> tuple[dict[str, Any], float, bool]:
         """Values as of ``t``; the next time they change without new events; whether any bucket is live."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict.fromkeys(vp.field_order)  # definition order, filled per series
         due = INF
         live_any = False
         res = self.resolution
         for si, sp in enumerate(vp.series):
             width = sp.width
-            kt = _floor(t / width)
+            kt = math.floor(t / width) if t > -INF else 0
             lo = kt - res + 1
             live: list[list[Any]] = []
-            if row is not None:
+            if row is not None and t > -INF:
                 mink = INF
                 for k, b in row.buckets[si].items():
                     if lo <= k <= kt:
@@ -563,8 +565,8 @@ class StreamAggregator:
                     # The oldest live bucket leaves the window when floor(t / w) reaches mink + R.
                     due = min(due, (mink + res) * width)
             for fp in sp.fields:
-                out[fp.name] = _read(fp, live)
-        return {name: out[name] for name in vp.field_order}, due, live_any
+                out[fp.name] = fp.read(fp, live)
+        return out, due, live_any
 
     def values_as_of(self, view: str | FeatureView, key: str, t: float) -> dict[str, Any]:
         """Field values of one row as of time ``t`` (``t`` >= the view's watermark)."""
@@ -636,6 +638,9 @@ class StreamAggregator:
         return values, ts
 
     def _schedule(self, vi: int, key: str, row: _Row, due: float) -> None:
+        if due <= self.stream_time:
+            # Float rounding at a bucket edge: look again once stream time has moved on.
+            due = math.nextafter(self.stream_time, INF)
         if due != row.due:
             row.due = due
             if due < INF:
@@ -644,9 +649,17 @@ class StreamAggregator:
     def _prunable(self, vp: _ViewPlan, row: _Row) -> bool:
         wm = self.stream_time - vp.lateness
         for sp, buckets in zip(vp.series, row.buckets, strict=True):
-            if buckets and max(buckets) > _floor(wm / sp.width) - self.resolution:
+            if buckets and max(buckets) > math.floor(wm / sp.width) - self.resolution:
                 return False
         return True
+
+    def mark_changed(self, view: str, key: str) -> None:
+        """Have the next `drain_changed` include this row, and `emit` write it even if already empty."""
+        vp = self._by_name[view]
+        row = self._rows[vp.index].get(key)
+        if row is not None:
+            row.emitted_empty = False
+            self._changed[(vp.index, key)] = None
 
     def all_keys(self) -> list[tuple[str, str]]:
         return [(p.view.name, key) for p in self._plans for key in self._rows[p.index]]
@@ -694,7 +707,6 @@ class StreamAggregator:
                 sp = vp.series[si]
                 lnd, last = set(sp.lnd_slots), set(sp.last_slots)
                 row.buckets[si] = {int(k): _load_bucket(b, lnd, last) for k, b in buckets}
-                row.mink[si] = min(row.buckets[si], default=INF)
             self._rows[vp.index][key] = row
             # The store already holds these values; only schedule the row's next expiry.
             _, due, live = self._compute(vp, row, self.stream_time)
@@ -704,29 +716,57 @@ class StreamAggregator:
             self._schedule(vp.index, key, row, due)
 
 
-def _read(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off, agg = fp.off, fp.agg
-    if agg == "count":
+# Readers of one field over the live buckets of its window (one function per aggregate: this runs for
+# every field of every written row). A single live bucket, the common case for sparse keys, skips loops.
+def _read_count(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    c = live[0][off] if len(live) == 1 else sum(b[off] for b in live)
+    return fp.coerce(c) if c else fp.empty
+
+
+def _read_sum(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    if not live:
+        return fp.empty
+    if len(live) == 1:
+        return fp.coerce(live[0][off + 1])
+    return fp.coerce(math.fsum(b[off + 1] for b in live if b[off]))
+
+
+def _read_mean(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    if len(live) == 1:
+        c, total = live[0][off], live[0][off + 1]
+    else:
         c = sum(b[off] for b in live)
-        return fp.coerce(c) if c else fp.empty
-    if agg == "sum":
-        return fp.coerce(math.fsum(b[off + 1] for b in live if b[off])) if live else fp.empty
-    if agg == "mean":
-        c = sum(b[off] for b in live)
-        return fp.coerce(math.fsum(b[off + 1] for b in live if b[off]) / c) if c else fp.empty
-    if agg == "min":
-        m = min((b[off + 2] for b in live if b[off]), default=None)
-        return fp.empty if m is None else fp.coerce(m)
-    if agg == "max":
-        m = max((b[off + 3] for b in live if b[off]), default=None)
-        return fp.empty if m is None else fp.coerce(m)
-    if agg == "last":
-        best = None
-        for b in live:
-            cur = b[off]
-            if cur is not None and (best is None or cur[0] > best[0]):
-                best = cur
-        return fp.empty if best is None else fp.coerce(best[1])
+        total = math.fsum(b[off + 1] for b in live if b[off])
+    return fp.coerce(total / c) if c else fp.empty
+
+
+def _read_min(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    m = min((b[off + 2] for b in live if b[off]), default=None)
+    return fp.empty if m is None else fp.coerce(m)
+
+
+def _read_max(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    m = max((b[off + 3] for b in live if b[off]), default=None)
+    return fp.empty if m is None else fp.coerce(m)
+
+
+def _read_last(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
+    best = None
+    for b in live:
+        cur = b[off]
+        if cur is not None and (best is None or cur[0] > best[0]):
+            best = cur
+    return fp.empty if best is None else fp.coerce(best[1])
+
+
+def _read_lnd(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+    off = fp.off
     merged: dict[Any, tuple[float, int, int]] = {}
     for b in live:
         d = b[off]
@@ -738,6 +778,17 @@ def _read(fp: _FieldPlan, live: list[list[Any]]) -> Any:
     if not merged:
         return fp.empty
     return fp.coerce(sorted(merged, key=merged.__getitem__, reverse=True)[: fp.n])
+
+
+_READERS: dict[str, Callable[[_FieldPlan, list[list[Any]]], Any]] = {
+    "count": _read_count,
+    "sum": _read_sum,
+    "mean": _read_mean,
+    "min": _read_min,
+    "max": _read_max,
+    "last": _read_last,
+    "last_n_distinct": _read_lnd,
+}
 
 
 def _dump_bucket(b: list[Any], lnd: set[int], last: set[int]) -> list[Any]:
@@ -865,12 +916,20 @@ class StreamProcessor:
         # each write, so the last write of a row always carries its latest state.
         async with self._lock:
             n = 0
-            for name, key in agg.drain_changed():
+            changed = agg.drain_changed()
+            for i, (name, key) in enumerate(changed):
                 out = agg.emit(name, key)
                 if out is None:
                     continue
                 values, ts = out
-                await self.store.write(self.views[name], key, values, ts)
+                try:
+                    await self.store.write(self.views[name], key, values, ts)
+                except BaseException:
+                    # Keep the unwritten rows pending so the next flush writes them.
+                    for rest in changed[i:]:
+                        agg.mark_changed(*rest)
+                    self.writes += n
+                    raise
                 if ts > self._newest_written.get(name, -INF):
                     self._newest_written[name] = ts
                 n += 1
@@ -879,10 +938,8 @@ class StreamProcessor:
 
     async def resync(self) -> int:
         """Write every row again (after the online store lost its data)."""
-        agg = self.aggregator
-        for vi_key in agg.all_keys():
-            view, key = vi_key
-            agg._changed[(agg._by_name[view].index, key)] = None
+        for view, key in self.aggregator.all_keys():
+            self.aggregator.mark_changed(view, key)
         return await self._flush()
 
     # ------------------------------------------------------------------ tailing the log
@@ -929,9 +986,10 @@ class StreamProcessor:
                 try:
                     await self.catch_up()
                 except Exception:
-                    # A store or log hiccup must not kill the worker; the position is not advanced past
-                    # events whose batch failed before `seq` moved.
+                    # A store or log hiccup must not kill the worker. The failed batch is read again; its
+                    # events are already in the state (and skipped as duplicates), its rows still pending.
                     log.exception("stream processor: batch failed; retrying")
+                    self._caught_up = True  # back off for one poll interval
                 if self._caught_up:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), poll_interval)

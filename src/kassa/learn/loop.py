@@ -19,6 +19,7 @@ from kassa.learn.rewards import RewardJoiner
 from kassa.learn.vw import OnlineLearner, VWModel
 
 log = logging.getLogger("kassa.learn")
+LEARNED_POLICIES = ("squarecb", "epsilon", "softmax")
 
 
 class LearningLoop:
@@ -62,7 +63,11 @@ class LearningLoop:
         """Learn every decision whose reward wait has ended (up to ``limit`` decisions)."""
         now = self.clock() if now is None else now
         examples = self.joiner.expire(now, limit)
+        placements = self.catalog.snapshot.placements
         for ex in examples:
+            view = placements.get(ex.placement)
+            if view is None or view.placement.policy not in LEARNED_POLICIES:
+                continue  # baseline and uniform placements serve no model; their log stays for training
             learner = self.learner(ex.placement)
             if learner is None:
                 continue

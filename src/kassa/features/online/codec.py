@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
+from msgspec.structs import astuple
 
 from kassa.features.definitions import FeatureView, Field, check_value
 from kassa.features.online.base import ViewValues
@@ -61,10 +62,17 @@ def _field_type(f: Field) -> Any:
     return scalar | None
 
 
+def _default(f: Field) -> Any:
+    if isinstance(f.default, (list, dict)):  # each row gets its own copy of a mutable default
+        value = f.default
+        return msgspec.field(default_factory=lambda: list(value) if isinstance(value, list) else dict(value))
+    return f.default
+
+
 class ViewCodec:
     """Encodes and decodes one view's values; built once per view definition and reused."""
 
-    __slots__ = ("_defaults", "_names_set", "_type", "field", "name", "names", "schema_hash", "ttl", "view")
+    __slots__ = ("_names_set", "_struct", "field", "name", "names", "schema_hash", "ttl", "view")
 
     def __init__(self, view: FeatureView) -> None:
         self.view = view
@@ -72,24 +80,31 @@ class ViewCodec:
         self.field = view.name.encode()  # the Redis hash field
         self.names: tuple[str, ...] = tuple(f.name for f in view.fields)
         self._names_set = frozenset(self.names)
-        self._defaults = tuple(f.default for f in view.fields)
         self.schema_hash = view.schema_hash()
         self.ttl = view.ttl_seconds
-        self._type: Any = tuple[tuple(_field_type(f) for f in view.fields)]  # type: ignore[misc]
+        # A Struct per view: msgspec caches its type analysis on the class, so validating, ordering and
+        # defaulting a row is one C call (~2 us for 20 fields; a `tuple[...]` type would be re-analysed
+        # on every call, ~50x slower).
+        self._struct: Any = msgspec.defstruct(
+            f"_{view.name}_values", [(f.name, _field_type(f), _default(f)) for f in view.fields],
+            forbid_unknown_fields=True,
+        )
 
     def values_list(self, values: dict[str, Any]) -> list[Any]:
         """Validate ``values`` and put them in field order; missing fields take the field's default."""
-        if not values.keys() <= self._names_set:
-            unknown = sorted(set(values) - self._names_set)
-            raise ValueError(f"view {self.name!r}: unknown field(s) {', '.join(map(repr, unknown))}")
-        ordered = [values.get(n, d) for n, d in zip(self.names, self._defaults, strict=True)]
+        return list(self._values(values))
+
+    def _values(self, values: dict[str, Any]) -> tuple[Any, ...]:
         try:
-            return list(msgspec.convert(ordered, self._type))
+            return astuple(msgspec.convert(values, self._struct))
         except msgspec.ValidationError:
             # Re-check field by field only on failure, for a message that names the field.
-            for f, v in zip(self.view.fields, ordered, strict=True):
+            if not values.keys() <= self._names_set:
+                unknown = sorted(map(str, set(values) - self._names_set))
+                raise ValueError(f"view {self.name!r}: unknown field(s) {', '.join(map(repr, unknown))}") from None
+            for f in self.view.fields:
                 try:
-                    check_value(f, v)
+                    check_value(f, values.get(f.name))
                 except ValueError as exc:
                     raise ValueError(f"view {self.name!r} field {f.name!r}: {exc}") from None
             raise
@@ -98,7 +113,7 @@ class ViewCodec:
         ts = float(ts)
         if not math.isfinite(ts):
             raise ValueError(f"view {self.name!r}: event time must be a finite number, got {ts!r}")
-        return _encode((ts, self.schema_hash, self.values_list(values)))
+        return _encode((ts, self.schema_hash, self._values(values)))
 
     def decode(self, blob: bytes, now: float, stats: StoreStats) -> ViewValues | None:
         """The stored values, or None (and counted) when written under another schema or expired."""

@@ -6,7 +6,6 @@ materialize|get``) open the store here so they see and leave the same data the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
 
 from kassa.config import Settings
 from kassa.features.online.base import OnlineStore
@@ -30,12 +29,13 @@ def open_online_store(settings: Settings) -> OnlineStore:
 
     store = InMemoryOnlineStore()
     store.restore(snapshot_path(settings))
-    return cast(OnlineStore, store)
+    return store
 
 
 async def close_online_store(store: OnlineStore, settings: Settings) -> None:
     """Save the embedded store's rows to its snapshot (a remote store keeps its own), then close it."""
-    snapshot: Any = getattr(store, "snapshot", None)
-    if snapshot is not None:
-        snapshot(snapshot_path(settings))
+    from kassa.features.online.memory import InMemoryOnlineStore
+
+    if isinstance(store, InMemoryOnlineStore):
+        store.snapshot(snapshot_path(settings))
     await store.close()

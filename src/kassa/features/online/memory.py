@@ -10,7 +10,8 @@ columns, ``entity -> view -> key -> blob``, where a blob is the view's values en
 `features.online.codec` (msgpack, field order, no field names; the same bytes the Redis backend stores).
 Compared with ``{key: {view: {feature: value}}}`` this drops a dict per row (~200 B) and a Python object
 per value (24-60 B, against 1-9 B encoded); a row is assembled from the entity's few columns on read,
-and decoding one view costs about a microsecond. TTLs are checked on read, like the Redis backend.
+and decoding one view costs about a microsecond. TTLs are checked on read, like the Redis backend
+(`purge_expired` gives back the memory of expired values, as Redis expiring a row does).
 
 Snapshots (`snapshot` / `restore`, used at stop and start) are one msgpack file holding the columns as
 they are, written to a temp file, fsynced and renamed into place, so a crash leaves the previous file.
@@ -72,7 +73,7 @@ class InMemoryOnlineStore:
         self._codecs = CodecCache()
         self._names: dict[str, tuple[str, ...]] = {}  # schema hash -> field names (legacy `get`, snapshots)
         self._rows = 0  # distinct (entity, key) pairs, kept current so len() stays O(1)
-        self._clock = clock
+        self.clock = clock
         self.stats = StoreStats()
         for view in views:
             self.register(view)
@@ -88,7 +89,7 @@ class InMemoryOnlineStore:
     async def read(self, keys: Sequence[EntityKey], views: Sequence[FeatureView] | None = None) -> list[Row | None]:
         """Rows in ``keys`` order; a row is None when nothing current is stored for it (missing, expired,
         or only values of another schema)."""
-        now = self._clock()
+        now = self.clock()
         if views is None:
             return [self._read_all(entity, key, now) for entity, key in keys]
         codecs = [self.register(v) for v in views]
@@ -162,6 +163,25 @@ class InMemoryOnlineStore:
     async def close(self) -> None:
         """Nothing to release: whoever owns the store decides when to `snapshot` it."""
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Drop values past their view's ttl, the embedded counterpart of Redis expiring a row (reads skip
+        them anyway; this gives the memory back). Returns how many values were dropped."""
+        now = self.clock() if now is None else now
+        dropped = 0
+        for columns in self._data.values():
+            for name, col in columns.items():
+                codec = self._codecs.by_name(name)
+                if codec is None or codec.ttl is None:
+                    continue
+                cutoff = now - codec.ttl
+                stale = [key for key, blob in col.items() if blob_ts(blob) < cutoff]
+                for key in stale:
+                    del col[key]
+                dropped += len(stale)
+        if dropped:
+            self._rows = _count_rows(self._data)
+        return dropped
+
     def _store(self, entity: str, view: str, key: str, blob: bytes, ts: float, force: bool = False) -> bool:
         columns = self._data.get(entity)
         if columns is None:
@@ -205,7 +225,7 @@ class InMemoryOnlineStore:
 
     def put(self, entity: str, key: str, view: str, values: dict[str, Any], ts: float | None = None) -> None:
         """Replace a view's values unconditionally (the legacy semantics; `write` is newer-wins)."""
-        ts = self._clock() if ts is None else ts
+        ts = self.clock() if ts is None else ts
         self._store(entity, view, key, encode_untyped(values, ts), ts, force=True)
 
     def event_time(self, entity: str, key: str, view: str) -> float | None:

@@ -1,0 +1,74 @@
+"""`FeatureService`: the feature views a process serves, and the injection path for proprietary signals.
+
+Writes are validated against the view's fields before anything is stored: an unknown field, a wrong
+type or an oversized value is refused with the field named, and nothing of that request is written.
+Accepted rows go to the online store and, when the view keeps an offline history, to the offline store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kassa import errors, schemas
+from kassa.features.definitions import FeatureRepo, FeatureView, check_value
+from kassa.features.online.base import OnlineStore, WriteItem
+
+INJECTABLE = ("push", "batch")
+
+
+class FeatureService:
+    def __init__(self, repo: FeatureRepo, store: OnlineStore, offline: Any | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.repo = repo
+        self.store = store
+        self.offline = offline
+        self.clock = clock
+        self.views = {v.name: v for v in repo.views}
+
+    def injectable_view(self, name: str) -> FeatureView:
+        view = self.views.get(name)
+        if view is None:
+            raise errors.NotFound(f"unknown feature view {name!r}", "view")
+        if view.kind not in INJECTABLE:
+            raise errors.Invalid(f"view {name!r} is a {view.kind} view; only push and batch views take writes",
+                                 "view")
+        return view
+
+    def validate(self, view: FeatureView, values: dict[str, Any], where: str = "values") -> dict[str, Any]:
+        """The values normalised to the view's dtypes; raises `Invalid` naming the first bad field."""
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            f = view.field(name)
+            if f is None:
+                raise errors.Invalid(f"view {view.name!r} has no field {name!r}", f"{where}.{name}")
+            try:
+                out[name] = check_value(f, value)
+            except ValueError as exc:
+                raise errors.Invalid(f"{view.name}.{name}: {exc}", f"{where}.{name}") from None
+        if not out:
+            raise errors.Invalid("no values given", where)
+        return out
+
+    async def put(self, view_name: str, key: str, body: schemas.FeatureWrite) -> schemas.FeatureAck:
+        view = self.injectable_view(view_name)
+        values = self.validate(view, body.values)
+        ts = body.timestamp if body.timestamp is not None else self.clock()
+        await self.store.write(view, key, values, ts)
+        if self.offline is not None and view.offline:
+            self.offline.append(view, [WriteItem(key, values, ts)])
+        return schemas.FeatureAck(view.name, 1)
+
+    async def push(self, body: schemas.FeaturePush) -> schemas.FeatureAck:
+        view = self.injectable_view(body.view)
+        now = self.clock()
+        items = [
+            WriteItem(row.key, self.validate(view, row.values, f"rows[{i}].values"),
+                      row.timestamp if row.timestamp is not None else now)
+            for i, row in enumerate(body.rows)
+        ]
+        written = await self.store.write_many(view, items)
+        if self.offline is not None and view.offline:
+            self.offline.append(view, items)
+        return schemas.FeatureAck(view.name, written)

@@ -1,0 +1,121 @@
+"""`kassa demo`: a small headless run end to end over real HTTP, and the honesty of its controls."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from kassa import schemas
+from kassa.demo.run import run_demo
+from kassa.demo.simulator import SLICES, World, decision_request, order_event, outcome_events
+from kassa.demo.store import PLACEMENTS, POLICY, SLOTS, STATIC, DemoStore
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(DemoStore.build(5), 5)
+
+
+@pytest.fixture(scope="module")
+def best_order(world: World) -> list[str]:
+    return world.best_static_order()
+
+
+def test_small_headless_run_reports_sane_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 best_order: list[str]) -> None:
+    n = 1_500
+    result = run_demo(headless=True, checkouts=n, seed=5, json_out=True, port=free_port(),
+                      data_dir=str(tmp_path / "demo"), keep_serving=False)
+
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # --json: the last stdout line
+    assert printed == result
+    for key in ("checkouts", "policy_reward_rate", "random_reward_rate", "best_static_reward_rate",
+                "policy_reward_rate_overall", "random_reward_rate_overall", "best_static_reward_rate_overall",
+                "lift_vs_random", "lift_vs_static", "p50_ms", "p99_ms", "client_p50_ms", "client_p99_ms",
+                "decisions_per_s", "seconds", "model_version", "seed"):
+        assert key in result, key
+    assert result["checkouts"] == n and result["seed"] == 5
+    assert sum(result["slice_checkouts"].values()) == n  # fewer than 5,000: the window is the whole run
+    assert all(result["slice_checkouts"][s] > 0 for s in SLICES)
+    for key in ("policy_reward_rate", "random_reward_rate", "best_static_reward_rate",
+                "policy_expected_rate", "random_expected_rate", "best_static_expected_rate"):
+        assert 0.0 <= result[key] <= SLOTS, key
+    assert result["p99_ms"] >= result["p50_ms"] > 0
+    assert result["client_p99_ms"] >= result["client_p50_ms"] > 0
+    assert result["decisions_per_s"] > 0 and result["seconds"] > 0
+    assert isinstance(result["model_version"], str) and result["model_version"]
+    assert result["learned_examples"] > 0  # rewards were joined within the wait and learned
+
+    # The run's catalog gives the static control the ground truth's best order.
+    catalog = msgspec.json.decode((tmp_path / "demo" / "demo-catalog.json").read_bytes(),
+                                  type=schemas.CatalogFile)
+    static = next(p for p in catalog.placements if p.id == STATIC)
+    assert static.offers == result["static_order"] == best_order
+
+
+def test_static_control_lists_offers_in_the_ground_truths_best_order(world: World, best_order: list[str]) -> None:
+    order = best_order
+    placements = {p.id: p for p in world.store.placements(order)}
+    assert set(placements) == set(PLACEMENTS)
+    static = placements[STATIC]
+    assert static.offers == order
+    assert (static.policy, static.baseline, static.exploration) == ("baseline", "listed", 0.0)
+    # Same candidate sources for every slice: listed offers plus the same product retrieval.
+    for p in placements.values():
+        assert sorted(p.offers or ()) == sorted(world.store.offer_ids)
+        assert p.retrieval == placements[POLICY].retrieval and p.slots == SLOTS
+
+    # Best on fresh shoppers too: no single move of one offer, and no simpler ranking, earns more.
+    ids = world.store.offer_ids
+    p, ok = world.static_matrices(world.checkouts(4_000, stream="test-holdout"))
+    idx = [ids.index(o) for o in order]
+    best = world.static_value(idx, p, ok)
+    tolerance = 0.01 * best  # a holdout sample may disagree on near-ties
+    for j in range(len(idx)):
+        for k in range(len(idx)):
+            moved = idx.copy()
+            moved.insert(k, moved.pop(j))
+            assert world.static_value(moved, p, ok) <= best + tolerance
+    by_value = sorted(range(len(ids)), key=lambda j: -world.offers[ids[j]].value)
+    assert world.static_value(by_value, p, ok) < best
+
+
+def test_shoppers_are_deterministic_and_the_truth_depends_on_context(world: World) -> None:
+    a, b = world.checkouts(2_000), world.checkouts(2_000)
+    assert [(c.customer_id, c.total, c.slice, c.draws) for c in a] == [(c.customer_id, c.total, c.slice, c.draws)
+                                                                      for c in b]
+    shares = {s: sum(c.slice == s for c in a) / len(a) for s in SLICES}
+    assert 0.75 < shares["policy"] < 0.85 and 0.07 < shares["random"] < 0.13
+    assert any(c.prior_orders >= 2 for c in a)  # repeat buyers exist
+    assert all(1 <= len(c.items) <= 4 for c in a)
+
+    def mean_p(offer: str, who: list) -> float:
+        return sum(world.p_accept(c, offer) for c in who) / len(who)
+
+    skincare = [c for c in a if "skincare" in c.categories]
+    others = [c for c in a if not c.categories & {"skincare", "makeup"}]
+    assert mean_p("sub-serum", skincare) > 5 * mean_p("sub-serum", others)
+    mobile = [c for c in a if c.device == "mobile"]
+    desktop = [c for c in a if c.device == "desktop"]
+    assert mean_p("partner-app", mobile) > 5 * mean_p("partner-app", desktop)
+    assert all(0.0 <= world.p_accept(c, o) <= 1.0 for c in a[:200] for o in world.offers)
+
+
+def test_wire_payloads_validate_against_the_schemas(world: World) -> None:
+    c = next(c for c in world.checkouts(100) if c.customer_id is not None)
+    req = decision_request(c, POLICY)
+    assert req.order is not None and req.order.total == c.total and req.customer is not None
+    events = [order_event(c), *outcome_events("d1", ["sub-serum", "partner-app"], [True, False])]
+    batch = msgspec.convert({"events": events}, schemas.EventBatch)
+    assert [e.type for e in batch.events] == ["order", "impression", "accept", "impression"]
+    assert len({e.event_id for e in batch.events}) == len(batch.events)
