@@ -266,10 +266,11 @@ on {m["cpu"]} ({m["cores"]} cores), Python {v["python"]}, Redis {v["redis_server
 redis-py {v["redis-py"]} + hiredis {v["hiredis"]} ({res["parser"]}), {v["event_loop"]}; load average
 {res["load_avg_1m"]} at the end of the run; {res["date"]}.
 
-A decision's read is one `RedisOnlineStore.read` of a customer row (40 features in 3 views) and a session
-row ({res["features_per_decision_read"]} features, one round trip). It is timed against a raw redis-py
-`HGETALL` of one 20-field hash, and a 50-customer batch read against a raw pipelined `HGETALL` x 50;
-same client, interleaved pairs, medians of {res["repeats"]} repeats (target: P99 ratio <= {res["target_ratio"]}).
+A decision's read is one `RedisOnlineStore.read` of a customer row (40 features in 3 views) plus a
+session row: {res["features_per_decision_read"]} features, one round trip. It is timed against a raw
+redis-py `HGETALL` of one 20-field hash, and a 50-customer batch read against a raw pipelined `HGETALL`
+x 50; same client, interleaved pairs, medians of {res["repeats"]} repeats (target: P99 ratio <=
+{res["target_ratio"]}).
 
 | | P50 (ms) | P99 (ms) | P99 ratio |
 |---|---:|---:|---:|

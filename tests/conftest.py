@@ -48,6 +48,28 @@ placements:
     retrieval: {co_purchase: 10, history: 5, popular: 10, max_candidates: 20}
 """
 
+FEATURES = """
+entities:
+  - {name: customer, join_key: customer_id}
+  - {name: session, join_key: session_id}
+views:
+  - name: customer_signals
+    kind: push
+    entity: customer
+    ttl: 30d
+    fields:
+      - {name: ltv, dtype: float, default: 0.0}
+      - {name: segment, dtype: str, default: unknown, max_length: 32}
+      - {name: vip, dtype: bool, default: false}
+      - {name: interests, dtype: "list[str]", max_length: 5}
+  - name: session_signals
+    kind: push
+    entity: session
+    ttl: 1h
+    fields:
+      - {name: pages_viewed, dtype: int, default: 0}
+"""
+
 
 class Clock:
     """A settable clock so reward windows and caps can be tested without sleeping."""
@@ -70,10 +92,18 @@ def catalog_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, catalog_file: Path) -> Settings:
+def features_file(tmp_path: Path) -> Path:
+    path = tmp_path / "features.yaml"
+    path.write_text(FEATURES)
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, catalog_file: Path, features_file: Path) -> Settings:
     return load_settings(
         None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file), admin_key=ADMIN,
-        publishable_key=PUB, secret_key=SECRET, **{"server.max_body_bytes": 4096},
+        publishable_key=PUB, secret_key=SECRET,
+        **{"server.max_body_bytes": 4096, "features.definitions_file": str(features_file)},
     )
 
 

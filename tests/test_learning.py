@@ -146,17 +146,17 @@ def test_model_swap_during_a_request_does_not_mix_versions(client, kassa, clock)
     """A swap that lands while a decision awaits the feature store must not leak into that response."""
     old = _train_one_snapshot(client, kassa, clock)
     body = decision_body(limit=3)
-    real_get = kassa.store.get
+    real_read = kassa.store.read
     swapped = []
 
-    async def get_and_swap(entity, key):
-        row = await real_get(entity, key)
+    async def read_and_swap(keys, views=None):
+        rows = await real_read(keys, views)
         if not swapped:
             swapped.append(_train_one_snapshot_sync(kassa))
         await asyncio.sleep(0)
-        return row
+        return rows
 
-    kassa.store.get = get_and_swap  # type: ignore[method-assign]
+    kassa.store.read = read_and_swap  # type: ignore[method-assign]
     d = client.post("/v1/decisions", json=body).json()
     assert swapped and kassa.models.get("order_confirmation").version == swapped[0].version
     # the response came wholly from the model it started with: its version and its scores
@@ -166,6 +166,7 @@ def test_model_swap_during_a_request_does_not_mix_versions(client, kassa, clock)
 
     req = msgspec.convert(body, schemas.DecisionRequest)
     feats = request_features(req, clock(), "UTC", None)
+    feats.update({"customer_signals.ltv": 0.0, "customer_signals.segment": "unknown"})  # the view defaults
     snap = kassa.catalog.snapshot
     kept = [o for o in snap.placements["order_confirmation"].static_offers]
     from kassa.decide.rules import OrderFacts, eligible
@@ -262,11 +263,11 @@ def test_past_the_budget_the_answer_is_the_fallback_ranking(client, kassa):
 
 
 def test_a_failing_feature_store_degrades_to_the_fallback_not_an_error(client, kassa):
-    async def broken(entity, key):
+    async def broken(keys, views=None):
         raise ConnectionError("store down")
 
-    kassa.store.get = broken  # type: ignore[method-assign]
+    kassa.store.read = broken  # type: ignore[method-assign]
     r = client.post("/v1/decisions", json=decision_body())
     assert r.status_code == 200 and r.json()["fallback"] is True and r.json()["offers"]
-    # guests need no store read and are unaffected
+    # guests without a session need no store read and are unaffected
     assert client.post("/v1/decisions", json=decision_body(customer=None)).json()["fallback"] is False

@@ -21,8 +21,13 @@ from kassa.decide.rules import FrequencyLedger
 from kassa.events.decision_log import DecisionLogWriter
 from kassa.events.ingest import EventIngest
 from kassa.events.log import SqliteEventLog
+from kassa.features.definitions import load_repo
+from kassa.features.offline import OfflineStore
+from kassa.features.online.factory import close_online_store, open_online_store
 from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
+from kassa.features.registry import FeatureRegistry
+from kassa.features.service import FeatureService
 from kassa.keys import KeyStore
 from kassa.learn.loop import LearningLoop
 from kassa.learn.models import ModelStore
@@ -48,8 +53,15 @@ class Kassa:
             if key:
                 self.keys.add(key, kind, f"{kind} (from settings)")  # type: ignore[arg-type]
         self.metrics = Metrics()
-        self.store = InMemoryOnlineStore()
-        self.profiles = CustomerProfiles(self.store)
+        self.registry = FeatureRegistry(self.db)
+        if settings.features.definitions_file:
+            self.registry.apply(load_repo(settings.features.definitions_file))
+        self.repo = self.registry.load()
+        self.store = open_online_store(settings, self.repo.views, clock)
+        # The built-in customer profile is process-local state rebuilt from the event log at start.
+        self.profiles = CustomerProfiles(InMemoryOnlineStore())
+        self.offline = OfflineStore(data / "offline")
+        self.features = FeatureService(self.repo, self.store, self.offline, clock)
         self.retriever = ProductRetriever()
         self.ledger = FrequencyLedger()
         self.models = ModelStore()
@@ -58,10 +70,11 @@ class Kassa:
         self.event_log = SqliteEventLog(data / "events.db")
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock)
         self.engine = DecisionEngine(
-            self.catalog, self.store, self.retriever, self.ledger, self.models, self.joiner, self.decision_log,
-            settings.store_timezone,
+            self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models, self.joiner,
+            self.decision_log, settings.store_timezone,
             IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
-            seed=seed, clock=clock, observe=self.metrics.observe_decision,
+            seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
+            on_default=self.metrics.observe_feature_default,
         )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
                                   on_event=self._count_event)
@@ -100,4 +113,5 @@ class Kassa:
         self.learning.snapshot_due(force=True)
         self.decision_log.close()
         self.event_log.close()
+        await close_online_store(self.store, self.settings)
         self.db.dispose()

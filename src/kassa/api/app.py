@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from kassa import errors
-from kassa.api import catalog, decisions, events, system
+from kassa.api import catalog, decisions, events, features, system
 from kassa.api.common import problem_response
 from kassa.app import Kassa
 
@@ -32,6 +32,8 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
         Route("/v1/placements/{placement_id}", catalog.get_placement, methods=["GET"]),
         Route("/v1/placements/{placement_id}", catalog.put_placement, methods=["PUT"]),
         Route("/v1/models", catalog.list_models, methods=["GET"]),
+        Route("/v1/features/push", features.push_features, methods=["POST"]),
+        Route("/v1/features/{view}/{entity_key}", features.put_feature_row, methods=["PUT"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),

@@ -9,6 +9,7 @@ to the reward joiner with the exact learner lines it was made from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -25,8 +26,9 @@ from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformP
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
-from kassa.features.online.memory import OnlineStore
-from kassa.features.profile import VIEW as PROFILE_VIEW
+from kassa.features.definitions import FeatureRepo, FeatureView
+from kassa.features.online.base import OnlineStore
+from kassa.features.profile import CustomerProfiles
 from kassa.features.request import request_features
 from kassa.learn.featurize import shared_line
 from kassa.learn.models import ModelStore
@@ -69,6 +71,7 @@ class DecisionEngine:
         self,
         catalog: Catalog,
         store: OnlineStore,
+        profiles: CustomerProfiles,
         retriever: ProductRetriever,
         ledger: FrequencyLedger,
         models: ModelStore,
@@ -79,9 +82,17 @@ class DecisionEngine:
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
         observe: Callable[[str, bool, float], None] | None = None,
+        repo: FeatureRepo | None = None,
+        on_default: Callable[[str], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
+        self.profiles = profiles
+        self.repo = repo or FeatureRepo()
+        self.on_default = on_default
+        self._views: dict[str, tuple[schemas.Placement, list[FeatureView]]] = {}
+        # A remote store gets the remaining latency budget as a timeout; the in-process one needs none.
+        self.remote_store = not hasattr(store, "snapshot")
         self.retriever = retriever
         self.ledger = ledger
         self.models = models
@@ -116,16 +127,44 @@ class DecisionEngine:
         customer_id = req.customer.id if req.customer is not None else None
         fallback = False
 
-        # -- features
-        profile: dict[str, Any] | None = None
-        if customer_id is not None:
-            try:
-                row = await self.store.get("customer", customer_id)
-                profile = row.get(PROFILE_VIEW) if row else None
-            except Exception:  # a store outage degrades to no entity features
-                log.exception("online store read failed")
-                fallback = True
+        # -- features: request-time, the buyer's profile, and the placement's online feature views
+        profile = self.profiles.get(customer_id) if customer_id is not None else None
         features = request_features(req, now, placement.timezone or self.tz, profile)
+        views = self._feature_views(placement)
+        if views:
+            keys: list[tuple[str, str]] = []
+            if customer_id is not None:
+                keys.append(("customer", customer_id))
+            if req.session_id is not None:
+                keys.append(("session", req.session_id))
+            rows: list[Any] = [None] * len(keys)
+            if keys:
+                try:
+                    if self.remote_store:
+                        remaining = budget - (time.perf_counter() - t0)
+                        rows = await asyncio.wait_for(self.store.read(keys, views), max(remaining, 0.001))
+                    else:
+                        rows = await self.store.read(keys, views)
+                except Exception:  # an outage or a timeout degrades to the declared defaults
+                    log.warning("online store read failed; serving feature defaults", exc_info=True)
+                    fallback = True
+            by_entity = {entity: row for (entity, _), row in zip(keys, rows, strict=True)}
+            on_default = self.on_default
+            for fv in views:
+                row = by_entity.get(fv.entity)
+                stored = row.get(fv.name) if row else None
+                if stored is None:
+                    if on_default is not None:
+                        on_default(fv.name)
+                    for f in fv.fields:
+                        if f.default is not None:
+                            features[f"{fv.name}.{f.name}"] = f.default
+                else:
+                    values = stored.values
+                    for f in fv.fields:
+                        value = values.get(f.name, f.default)
+                        if value is not None:
+                            features[f"{fv.name}.{f.name}"] = value
 
         # -- candidates
         offers = snap.offers
@@ -222,6 +261,20 @@ class DecisionEngine:
         if self.observe is not None:
             self.observe(placement.id, fallback, took_ms / 1000.0)
         return response
+
+    def _feature_views(self, placement: schemas.Placement) -> list[FeatureView]:
+        """The buyer-side views a placement reads (its `features` list, else every customer/session
+        view), resolved once per placement version."""
+        cached = self._views.get(placement.id)
+        if cached is not None and cached[0] is placement:
+            return cached[1]
+        candidates = [v for v in self.repo.views if v.online and v.entity in ("customer", "session")
+                      and v.kind != "request"]
+        if placement.features is not None:
+            wanted = set(placement.features)
+            candidates = [v for v in candidates if v.name in wanted]
+        self._views[placement.id] = (placement, candidates)
+        return candidates
 
     def _baseline_scores(self, placement: schemas.Placement, kept: list[str], offers: dict) -> list[float]:
         if placement.baseline == "listed":

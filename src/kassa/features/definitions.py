@@ -218,7 +218,7 @@ def _scalar(dtype: str, value: Any, max_length: int) -> Any:
         raise ValueError(f"expected {dtype}, got bool")
     if not isinstance(value, kinds):
         raise ValueError(f"expected {dtype}, got {type(value).__name__}")
-    if dtype == "float":
+    if dtype == "float" and isinstance(value, (int, float)):
         return float(value)
     if dtype == "str" and isinstance(value, str) and len(value) > max_length:
         raise ValueError(f"string of {len(value)} characters exceeds max_length {max_length}")

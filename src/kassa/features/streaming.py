@@ -42,8 +42,8 @@ whole buckets ending with the one that contains ``t``. Consequently:
   floating-point sums (exact up to rounding; exact for integers);
 - ``last`` / ``last_n_distinct`` order values by event time, ties broken by processing order (and by
   position within an order's item list); ``last_n_distinct`` lists the most recent first;
-- the result does not depend on arrival order: out-of-order and late events are exact as long as they
-  are not older than the view's watermark, ``max event time seen − source.allowed_lateness``; older ones
+- apart from that tie-break the result does not depend on arrival order: out-of-order and late events
+  are exact as long as they are not older than the view's watermark, ``max event time seen − source.allowed_lateness``; older ones
   are dropped and counted (``late_dropped``);
 - a repeated ``event_id`` is applied once while its first copy is remembered: ids are kept until their
   event time falls behind every view's watermark (a later copy would be dropped as late anyway) or
@@ -53,9 +53,10 @@ whole buckets ending with the one that contains ``t``. Consequently:
 buckets are pruned, so earlier ``t`` raises ``ValueError``). Rows written to the online store hold the
 values as of the *stream time* — the newest event time seen (advanced to the clock while the log is idle)
 — and their ``ts`` is the newest event time of that row. As stream time passes, a row whose oldest
-in-window bucket leaves a window is written again (at most R times per window while it is active), so
+in-window bucket leaves a window is written again (at most once per bucket per window), so
 ``orders_10m`` decays to 0 without new events; a row with nothing left in any window is dropped from
-memory. State per row is at most ``R + 1 + lateness / w`` buckets per window.
+memory. State per row is bounded per window by ``1.5 R + lateness / w + 3`` buckets (R live ones, the
+ones a late event may still reach, and slack that keeps pruning amortised O(1) per bucket).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ class _SeriesPlan:
     window: float
     width: float
     limit: int = 0  # prune when a row holds this many buckets
+    reach: int = 0  # buckets the lateness spans (+1 for float rounding at the edges)
     ops: list[tuple[int, int, int, int]] = field(default_factory=list)  # (op, path index, slot, cap)
     template: list[Any] = field(default_factory=list)
     fields: list[_FieldPlan] = field(default_factory=list)
@@ -363,7 +365,8 @@ def _plan(index: int, view: FeatureView, resolution: int) -> _ViewPlan:
         sp.fields.append(_FieldPlan(f.name, f.agg, off, n, coerce, empty))
     for sp in series.values():
         # Live and not-yet-prunable buckets: R + lateness / w + 1; half a window of slack amortises pruning.
-        sp.limit = resolution + math.ceil(lateness / sp.width) + 2 + resolution // 2
+        sp.reach = math.ceil(lateness / sp.width) + 1
+        sp.limit = resolution + sp.reach + 1 + resolution // 2
     return _ViewPlan(
         index=index,
         view=view,
@@ -555,11 +558,18 @@ class StreamAggregator:
             live: list[list[Any]] = []
             if row is not None and t > -INF:
                 mink = INF
-                for k, b in row.buckets[si].items():
-                    if lo <= k <= kt:
-                        live.append(b)
-                        if k < mink:
-                            mink = k
+                stop = lo - sp.reach
+                # Newest-created first. A bucket created after another can be older than it by at most
+                # the lateness (it would have been dropped otherwise), so once a bucket lies more than
+                # that before the window, every bucket created earlier lies before it too.
+                for k, b in reversed(row.buckets[si].items()):
+                    if k >= lo:
+                        if k <= kt:
+                            live.append(b)
+                            if k < mink:
+                                mink = k
+                    elif k < stop:
+                        break
                 if live:
                     live_any = True
                     # The oldest live bucket leaves the window when floor(t / w) reaches mink + R.
@@ -827,7 +837,14 @@ class StreamProcessor:
     The checkpoint file holds the log position *and* the aggregator state taken at that position: a
     30-day window cannot be rebuilt from a position alone without replaying 30 days of log. On restart
     the state is restored and the tail resumes after the saved position; a missing, unreadable or stale
-    checkpoint (views changed) rebuilds everything from the start of the log.
+    checkpoint (views changed) rebuilds everything from the start of the log. Events `apply` took beyond
+    the saved position are in the saved state *and* its remembered ids, so the replay does not count
+    them twice.
+
+    Rows are written with `OnlineStore.write`, one per changed row per batch, values computed right
+    before each write under a lock, so concurrent `apply` and `run` never leave an older value last.
+    The store must accept a write whose ``ts`` equals the stored one: a late event or a window expiring
+    changes a row's values without changing its newest event time.
     """
 
     def __init__(

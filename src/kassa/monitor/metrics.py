@@ -20,6 +20,10 @@ class Metrics:
         self.learned = Counter("kassa_learned_examples", "Examples learned", ["placement"], registry=r)
         self.pending = Gauge("kassa_pending_decisions", "Decisions waiting for their reward window", registry=r)
         self.model_swaps = Gauge("kassa_model_swaps", "Model snapshots published", registry=r)
+        self.feature_defaults = Counter(
+            "kassa_feature_defaults", "Feature views served as defaults (missing or stale)", ["view"], registry=r
+        )
+        self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
 
     def observe_decision(self, placement: str, fallback: bool, seconds: float) -> None:
@@ -32,6 +36,12 @@ class Metrics:
             )
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def observe_feature_default(self, view: str) -> None:
+        child = self._default_children.get(view)
+        if child is None:
+            child = self._default_children[view] = self.feature_defaults.labels(view)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,9 +5,12 @@ materialize|get``) open the store here so they see and leave the same data the s
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kassa.config import Settings
+from kassa.features.definitions import FeatureView
 from kassa.features.online.base import OnlineStore
 
 SNAPSHOT_FILE = "online.snapshot"
@@ -17,17 +20,18 @@ def snapshot_path(settings: Settings) -> Path:
     return settings.data_path / SNAPSHOT_FILE
 
 
-def open_online_store(settings: Settings) -> OnlineStore:
+def open_online_store(settings: Settings, views: Sequence[FeatureView] = (),
+                      clock: Callable[[], float] = time.time) -> OnlineStore:
     """The configured online store: Redis when ``features.online_store`` is ``redis``, otherwise the
     embedded store with the rows of its last snapshot."""
     fs = settings.features
     if fs.online_store == "redis":
         from kassa.features.online.redis import RedisOnlineStore  # redis-py only when Redis is configured
 
-        return RedisOnlineStore(fs.redis_url, fs.key_prefix)
+        return RedisOnlineStore(fs.redis_url, fs.key_prefix, views=views, clock=clock)
     from kassa.features.online.memory import InMemoryOnlineStore
 
-    store = InMemoryOnlineStore()
+    store = InMemoryOnlineStore(views, clock=clock)
     store.restore(snapshot_path(settings))
     return store
 

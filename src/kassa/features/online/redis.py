@@ -241,7 +241,8 @@ class RedisOnlineStore:
 
     async def write_many(self, view: FeatureView, items: Iterable[WriteItem]) -> int:
         """Bulk write: ``chunk_size`` rows per pipeline, two pipelines in flight so encoding the next chunk
-        overlaps Redis executing this one; returns the rows stored (rows older than stored ones are skipped)."""
+        overlaps Redis executing this one; returns the rows stored (rows older than stored ones are skipped).
+        A row that fails validation raises `ValueError`; chunks sent before it stay written."""
         codec = self._codecs.get(view)
         entity = view.entity
         notify = entity in self.notify_entities
@@ -281,8 +282,10 @@ class RedisOnlineStore:
                 done, inflight = await asyncio.wait(inflight)
                 collect(done)
         finally:
-            for task in inflight:  # an error (or cancellation) here stops the chunks still in flight
-                task.cancel()
+            if inflight:  # an error (or cancellation) stops the chunks still in flight
+                for task in inflight:
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
         return written
 
     async def delete(self, entity: str, key: str) -> None:

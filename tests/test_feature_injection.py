@@ -1,0 +1,77 @@
+"""The feature injection API (a customer's proprietary signals) and how decisions read those views."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kassa.events.decision_log import read_decisions
+from tests.conftest import ADMIN, SECRET, decision_body
+from tests.test_api import assert_problem
+
+SECRET_H = {"Authorization": f"Bearer {SECRET}"}
+
+
+def test_put_then_decide_uses_the_injected_values(client, kassa, clock):
+    r = client.put("/v1/features/customer_signals/c-1",
+                   json={"values": {"ltv": 512.5, "segment": "gold", "vip": True, "interests": ["yoga", "tea"]}},
+                   headers=SECRET_H)
+    assert r.status_code == 200 and r.json() == {"view": "customer_signals", "written": 1}
+    client.put("/v1/features/session_signals/s-9", json={"values": {"pages_viewed": 7}}, headers=SECRET_H)
+    d = client.post("/v1/decisions", json=decision_body(session_id="s-9")).json()
+    kassa.decision_log.flush()
+    row = next(r for r in read_decisions(kassa.settings.data_path).to_pylist() if r["decision_id"] == d["decision_id"])
+    feats = msgspec.json.decode(row["features_json"])
+    assert feats["customer_signals.ltv"] == 512.5 and feats["customer_signals.segment"] == "gold"
+    assert feats["customer_signals.vip"] is True and feats["customer_signals.interests"] == "yoga|tea"
+    assert feats["session_signals.pages_viewed"] == 7
+
+
+def test_missing_and_stale_views_fall_back_to_defaults_and_are_counted(client, kassa, clock):
+    client.put("/v1/features/session_signals/s-old", json={"values": {"pages_viewed": 3}}, headers=SECRET_H)
+    clock.advance(2 * 3600)  # past the session view's 1h ttl
+    d = client.post("/v1/decisions", json=decision_body(customer="c-new", session_id="s-old")).json()
+    kassa.decision_log.flush()
+    row = next(r for r in read_decisions(kassa.settings.data_path).to_pylist() if r["decision_id"] == d["decision_id"])
+    feats = msgspec.json.decode(row["features_json"])
+    assert feats["customer_signals.ltv"] == 0.0 and feats["customer_signals.segment"] == "unknown"
+    assert feats["session_signals.pages_viewed"] == 0
+    metrics = client.get("/metrics").text
+    assert 'kassa_feature_defaults_total{view="customer_signals"} 1.0' in metrics
+    assert 'kassa_feature_defaults_total{view="session_signals"} 1.0' in metrics
+
+
+def test_batched_push_writes_every_row(client, kassa):
+    rows = [{"key": f"c-{i}", "values": {"ltv": float(i), "segment": "s"}} for i in range(20)]
+    r = client.post("/v1/features/push", json={"view": "customer_signals", "rows": rows}, headers=SECRET_H)
+    assert r.json() == {"view": "customer_signals", "written": 20}
+    got = client.portal.call(kassa.store.read, [("customer", "c-7")], kassa.repo.views)
+    assert got[0]["customer_signals"].values["ltv"] == 7.0
+
+
+def test_bad_feature_writes_are_refused_naming_the_field_and_write_nothing(client, kassa):
+    url = "/v1/features/customer_signals/c-bad"
+    assert_problem(client.put(url, json={"values": {"ltv": "lots"}}, headers=SECRET_H), 422, "values.ltv")
+    assert_problem(client.put(url, json={"values": {"shoe_size": 42}}, headers=SECRET_H), 422, "values.shoe_size")
+    assert_problem(client.put(url, json={"values": {"segment": "x" * 33}}, headers=SECRET_H), 422, "values.segment")
+    assert_problem(client.put(url, json={"values": {"interests": ["a"] * 6}}, headers=SECRET_H), 422,
+                   "values.interests")
+    assert_problem(client.put(url, json={"values": {"vip": 1}}, headers=SECRET_H), 422, "values.vip")
+    assert_problem(client.put(url, json={"values": {}}, headers=SECRET_H), 422, "values")
+    assert_problem(client.put(url, content=b"{nope", headers=SECRET_H), 400)
+    assert_problem(client.put("/v1/features/nope/c-1", json={"values": {"x": 1}}, headers=SECRET_H), 404, "view")
+    # a push with one bad row writes none of its rows
+    rows = [{"key": "ok-1", "values": {"ltv": 1.0}}, {"key": "ok-2", "values": {"ltv": "bad"}}]
+    r = client.post("/v1/features/push", json={"view": "customer_signals", "rows": rows}, headers=SECRET_H)
+    assert_problem(r, 422, "rows[1].values.ltv")
+    got = client.portal.call(kassa.store.read, [("customer", "ok-1"), ("customer", "c-bad")], kassa.repo.views)
+    assert got == [None, None]
+    # too large
+    big = {"view": "customer_signals", "rows": [{"key": f"k{i}", "values": {"segment": "s" * 30}} for i in range(200)]}
+    assert_problem(client.post("/v1/features/push", json=big, headers=SECRET_H), 413)
+
+
+def test_feature_writes_need_a_secret_key(client):
+    body = {"values": {"ltv": 1.0}}
+    assert_problem(client.put("/v1/features/customer_signals/c-1", json=body), 403, "Authorization")
+    assert client.put("/v1/features/customer_signals/c-1", json=body,
+                      headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
