@@ -43,8 +43,8 @@ whole buckets ending with the one that contains ``t``. Consequently:
 - ``last`` / ``last_n_distinct`` order values by event time, ties broken by processing order (and by
   position within an order's item list); ``last_n_distinct`` lists the most recent first;
 - apart from that tie-break the result does not depend on arrival order: out-of-order and late events
-  are exact as long as they are not older than the view's watermark, ``max event time seen − source.allowed_lateness``; older ones
-  are dropped and counted (``late_dropped``);
+  are exact as long as they are not older than the view's watermark, ``max event time seen −
+  source.allowed_lateness``; older ones are dropped and counted (``late_dropped``);
 - a repeated ``event_id`` is applied once while its first copy is remembered: ids are kept until their
   event time falls behind every view's watermark (a later copy would be dropped as late anyway) or
   ``dedupe_capacity`` newer ids push them out.
@@ -239,7 +239,9 @@ class _FieldPlan:
     n: int
     coerce: Callable[[Any], Any]
     empty: Any  # value of an empty window
-    read: Callable[[_FieldPlan, list[list[Any]]], Any] = field(init=False)
+    read: Callable[[_FieldPlan, list[list[Any]], dict[int, tuple[int, float, float, float]]], Any] = field(
+        init=False
+    )
 
     def __post_init__(self) -> None:
         self.read = _READERS[self.agg]
@@ -256,6 +258,11 @@ class _SeriesPlan:
     fields: list[_FieldPlan] = field(default_factory=list)
     lnd_slots: list[int] = field(default_factory=list)
     last_slots: list[int] = field(default_factory=list)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether its readers need the live buckets newest first."""
+        return bool(self.lnd_slots or self.last_slots)
 
 
 @dataclass(slots=True)
@@ -557,7 +564,7 @@ class StreamAggregator:
             lo = kt - res + 1
             live: list[list[Any]] = []
             if row is not None and t > -INF:
-                mink = INF
+                found: list[tuple[int, list[Any]]] = []
                 stop = lo - sp.reach
                 # Newest-created first. A bucket created after another can be older than it by at most
                 # the lateness (it would have been dropped otherwise), so once a bucket lies more than
@@ -565,17 +572,29 @@ class StreamAggregator:
                 for k, b in reversed(row.buckets[si].items()):
                     if k >= lo:
                         if k <= kt:
-                            live.append(b)
-                            if k < mink:
-                                mink = k
+                            found.append((k, b))
                     elif k < stop:
                         break
-                if live:
+                if len(found) == 1:
                     live_any = True
-                    # The oldest live bucket leaves the window when floor(t / w) reaches mink + R.
-                    due = min(due, (mink + res) * width)
+                    live = [found[0][1]]
+                    oldest = found[0][0]
+                elif found:
+                    live_any = True
+                    if sp.ordered:
+                        # Newest bucket first (creation order nearly is that already, so the sort is
+                        # cheap): `last` and `last_n_distinct` stop early on it.
+                        found.sort(key=_first, reverse=True)
+                        oldest = found[-1][0]
+                    else:
+                        oldest = min(found, key=_first)[0]
+                    live = [b for _, b in found]
+                if live:
+                    # The oldest live bucket leaves the window when floor(t / w) reaches its index + R.
+                    due = min(due, (oldest + res) * width)
+            stats: dict[int, tuple[int, float, float, float]] = {}
             for fp in sp.fields:
-                out[fp.name] = fp.read(fp, live)
+                out[fp.name] = fp.read(fp, live, stats)
         return out, due, live_any
 
     def values_as_of(self, view: str | FeatureView, key: str, t: float) -> dict[str, Any]:
@@ -726,71 +745,91 @@ class StreamAggregator:
             self._schedule(vp.index, key, row, due)
 
 
-# Readers of one field over the live buckets of its window (one function per aggregate: this runs for
-# every field of every written row). A single live bucket, the common case for sparse keys, skips loops.
-def _read_count(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+# Readers of one field over the live buckets of its window, newest bucket first (one function per
+# aggregate: this runs for every field of every written row). Fields of one numeric statistic share one
+# pass over the buckets through ``stats``.
+Stats = dict[int, tuple[int, float, float, float]]
+
+
+def _first(kb: tuple[int, list[Any]]) -> int:
+    return kb[0]
+
+
+def _num(off: int, live: list[list[Any]], stats: Stats) -> tuple[int, float, float, float]:
+    st = stats.get(off)
+    if st is None:
+        if len(live) == 1:
+            b = live[0]
+            st = (b[off], b[off + 1], b[off + 2], b[off + 3])
+        else:
+            c, parts, lo, hi = 0, [], INF, -INF
+            for b in live:
+                n = b[off]
+                if n:
+                    c += n
+                    parts.append(b[off + 1])
+                    if b[off + 2] < lo:
+                        lo = b[off + 2]
+                    if b[off + 3] > hi:
+                        hi = b[off + 3]
+            st = (c, math.fsum(parts), lo, hi)
+        stats[off] = st
+    return st
+
+
+def _read_count(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
     off = fp.off
     c = live[0][off] if len(live) == 1 else sum(b[off] for b in live)
     return fp.coerce(c) if c else fp.empty
 
 
-def _read_sum(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off = fp.off
-    if not live:
-        return fp.empty
-    if len(live) == 1:
-        return fp.coerce(live[0][off + 1])
-    return fp.coerce(math.fsum(b[off + 1] for b in live if b[off]))
+def _read_sum(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    return fp.coerce(_num(fp.off, live, stats)[1]) if live else fp.empty
 
 
-def _read_mean(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off = fp.off
-    if len(live) == 1:
-        c, total = live[0][off], live[0][off + 1]
-    else:
-        c = sum(b[off] for b in live)
-        total = math.fsum(b[off + 1] for b in live if b[off])
+def _read_mean(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    c, total, _, _ = _num(fp.off, live, stats)
     return fp.coerce(total / c) if c else fp.empty
 
 
-def _read_min(fp: _FieldPlan, live: list[list[Any]]) -> Any:
+def _read_min(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    c, _, lo, _ = _num(fp.off, live, stats)
+    return fp.coerce(lo) if c else fp.empty
+
+
+def _read_max(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    c, _, _, hi = _num(fp.off, live, stats)
+    return fp.coerce(hi) if c else fp.empty
+
+
+def _read_last(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    # Bucket k only holds times in [k w, (k + 1) w): the newest bucket with a value has the latest one.
     off = fp.off
-    m = min((b[off + 2] for b in live if b[off]), default=None)
-    return fp.empty if m is None else fp.coerce(m)
-
-
-def _read_max(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off = fp.off
-    m = max((b[off + 3] for b in live if b[off]), default=None)
-    return fp.empty if m is None else fp.coerce(m)
-
-
-def _read_last(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off = fp.off
-    best = None
     for b in live:
         cur = b[off]
-        if cur is not None and (best is None or cur[0] > best[0]):
-            best = cur
-    return fp.empty if best is None else fp.coerce(best[1])
+        if cur is not None:
+            return fp.coerce(cur[1])
+    return fp.empty
 
 
-def _read_lnd(fp: _FieldPlan, live: list[list[Any]]) -> Any:
-    off = fp.off
+def _read_lnd(fp: _FieldPlan, live: list[list[Any]], stats: Stats) -> Any:
+    off, n = fp.off, fp.n
     merged: dict[Any, tuple[float, int, int]] = {}
     for b in live:
         d = b[off]
         if d:
+            if len(merged) >= n:
+                break  # an older bucket can only add values older than the n already found
             for x, stamp in d.items():
                 prev = merged.get(x)
                 if prev is None or stamp > prev:
                     merged[x] = stamp
     if not merged:
         return fp.empty
-    return fp.coerce(sorted(merged, key=merged.__getitem__, reverse=True)[: fp.n])
+    return fp.coerce(sorted(merged, key=merged.__getitem__, reverse=True)[:n])
 
 
-_READERS: dict[str, Callable[[_FieldPlan, list[list[Any]]], Any]] = {
+_READERS: dict[str, Callable[[_FieldPlan, list[list[Any]], Stats], Any]] = {
     "count": _read_count,
     "sum": _read_sum,
     "mean": _read_mean,
