@@ -271,3 +271,23 @@ def test_a_failing_feature_store_degrades_to_the_fallback_not_an_error(client, k
     assert r.status_code == 200 and r.json()["fallback"] is True and r.json()["offers"]
     # guests without a session need no store read and are unaffected
     assert client.post("/v1/decisions", json=decision_body(customer=None)).json()["fallback"] is False
+
+
+@pytest.mark.parametrize("policy", [PmfPolicy([0.6, 0.25, 0.1, 0.05], "greedy"), PmfPolicy([0.6, 0.25, 0.1, 0.05]),
+                                    GreedyEpsilonPolicy([1, 4, 2, 3], 0.3)])
+def test_later_slots_follow_the_stated_conditional_distribution(policy):
+    """Given slot 1, slot 2's empirical frequencies match `slot_pmf` of the remaining candidates."""
+    rng = random.Random(5)
+    first, counts, n = 0, [0] * 4, 0
+    while n < 20_000:
+        r = fill_slots(policy, 4, 2, rng)
+        if r.chosen[0] != first:
+            continue
+        n += 1
+        counts[r.chosen[1]] += 1
+        remaining = [1, 2, 3]
+        assert r.probabilities[1] == pytest.approx(policy.slot_pmf(remaining)[remaining.index(r.chosen[1])])
+    expected = policy.slot_pmf([1, 2, 3])
+    assert sum(expected) == pytest.approx(1.0)
+    for j, i in enumerate([1, 2, 3]):
+        assert counts[i] / n == pytest.approx(expected[j], abs=0.015)

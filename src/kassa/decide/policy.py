@@ -24,6 +24,17 @@ class Ranking:
 class Policy(Protocol):
     def scores(self) -> Sequence[float]: ...
     def slot_pmf(self, remaining: list[int]) -> list[float]: ...
+    def sample(self, chosen: set[int], u: float) -> tuple[int, float, int]:
+        """Draw the next slot given the ``chosen`` ones and a uniform ``u``: (pick, its probability,
+        that slot's greedy pick). Must agree with `slot_pmf` (tests check both)."""
+        ...
+
+
+def _first_free(order: Sequence[int], chosen: set[int]) -> int:
+    for i in order:
+        if i not in chosen:
+            return i
+    raise ValueError("no candidate left")
 
 
 class PmfPolicy:
@@ -40,6 +51,7 @@ class PmfPolicy:
         self.pmf = pmf
         self.later = later
         self.n = len(pmf)
+        self.order = sorted(range(self.n), key=pmf.__getitem__, reverse=True)
 
     def scores(self) -> Sequence[float]:
         return self.pmf
@@ -56,6 +68,29 @@ class PmfPolicy:
             return weights
         return [w / total for w in weights]
 
+    def sample(self, chosen: set[int], u: float) -> tuple[int, float, int]:
+        pmf = self.pmf
+        greedy = _first_free(self.order, chosen)
+        total = 1.0 - sum(pmf[i] for i in chosen) if chosen else sum(pmf)
+        if total <= 1e-12:  # nothing left with mass: uniform over the rest
+            free = [i for i in range(self.n) if i not in chosen]
+            pick = free[min(int(u * len(free)), len(free) - 1)]
+            return pick, 1.0 / len(free), greedy
+        renorm = not chosen or self.later != "greedy"
+        scale = 1.0 / total if renorm else 1.0
+        extra = 0.0 if renorm else 1.0 - total  # mass of placed candidates, given to the greedy one
+        acc = 0.0
+        last = greedy
+        for i in range(self.n):
+            if i in chosen:
+                continue
+            w = pmf[i] * scale + (extra if i == greedy else 0.0)
+            acc += w
+            last = i
+            if u < acc:
+                return i, w, greedy
+        return last, pmf[last] * scale + (extra if last == greedy else 0.0), greedy
+
 
 class GreedyEpsilonPolicy:
     """Best remaining candidate by a fixed score with probability 1-ε, else uniform (the baseline)."""
@@ -63,6 +98,8 @@ class GreedyEpsilonPolicy:
     def __init__(self, scores: Sequence[float], epsilon: float) -> None:
         self._scores = scores
         self.epsilon = min(max(epsilon, 0.0), 1.0)
+        # Stable: ties keep candidate order, so the greedy pick is the first of the best.
+        self.order = sorted(range(len(scores)), key=lambda i: -scores[i])
 
     def scores(self) -> Sequence[float]:
         return self._scores
@@ -75,9 +112,20 @@ class GreedyEpsilonPolicy:
         probs[best] += 1.0 - self.epsilon
         return probs
 
+    def sample(self, chosen: set[int], u: float) -> tuple[int, float, int]:
+        greedy = _first_free(self.order, chosen)
+        n_free = len(self._scores) - len(chosen)
+        share = self.epsilon / n_free
+        if u < 1.0 - self.epsilon:
+            return greedy, 1.0 - self.epsilon + share, greedy
+        j = min(int((u - (1.0 - self.epsilon)) / self.epsilon * n_free), n_free - 1) if self.epsilon else 0
+        pick = [i for i in range(len(self._scores)) if i not in chosen][j]
+        return pick, share + (1.0 - self.epsilon if pick == greedy else 0.0), greedy
+
 
 class UniformPolicy:
     def __init__(self, n: int) -> None:
+        self.n = n
         self._scores = [1.0 / n] * n if n else []
 
     def scores(self) -> Sequence[float]:
@@ -86,30 +134,26 @@ class UniformPolicy:
     def slot_pmf(self, remaining: list[int]) -> list[float]:
         return [1.0 / len(remaining)] * len(remaining)
 
+    def sample(self, chosen: set[int], u: float) -> tuple[int, float, int]:
+        free = [i for i in range(self.n) if i not in chosen]
+        pick = free[min(int(u * len(free)), len(free) - 1)]
+        return pick, 1.0 / len(free), pick  # uniform has no greedy choice: never "explored"
+
 
 def fill_slots(policy: Policy, n_candidates: int, slots: int, rng: random.Random | None = None) -> Ranking:
     """Sample up to ``slots`` distinct candidates; each slot's probability is conditional on the ones
     before it (sampling without replacement)."""
     rand = (rng or random).random
-    remaining = list(range(n_candidates))
     scores = policy.scores()
     chosen: list[int] = []
+    chosen_set: set[int] = set()
     probs: list[float] = []
     explored = False
     for _ in range(min(slots, n_candidates)):
-        pmf = policy.slot_pmf(remaining)
-        u = rand()
-        acc = 0.0
-        pick = len(pmf) - 1
-        for j, p in enumerate(pmf):
-            acc += p
-            if u < acc:
-                pick = j
-                break
-        greedy = max(range(len(pmf)), key=pmf.__getitem__)
-        if pmf[pick] < pmf[greedy]:
+        pick, prob, greedy = policy.sample(chosen_set, rand())
+        if pick != greedy:
             explored = True
-        chosen.append(remaining[pick])
-        probs.append(pmf[pick])
-        del remaining[pick]
+        chosen.append(pick)
+        chosen_set.add(pick)
+        probs.append(prob)
     return Ranking(chosen, probs, [float(scores[i]) for i in chosen], explored)

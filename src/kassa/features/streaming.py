@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import heapq
 import logging
@@ -70,7 +71,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -695,16 +696,11 @@ class StreamAggregator:
 
     # ------------------------------------------------------------------ persistence
     def dump(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: rows, remembered ids, stream time, counters."""
-        rows = []
-        for vp in self._plans:
-            lnd = [set(sp.lnd_slots) for sp in vp.series]
-            last = [set(sp.last_slots) for sp in vp.series]
-            for key, row in self._rows[vp.index].items():
-                series = []
-                for si, buckets in enumerate(row.buckets):
-                    series.append([[k, _dump_bucket(b, lnd[si], last[si])] for k, b in buckets.items()])
-                rows.append([vp.view.name, key, row.newest, series])
+        """Everything needed to resume exactly: rows, remembered ids, stream time, counters.
+
+        The result shares the live state (no copy, so a checkpoint costs one msgpack encode of it):
+        encode it before the next update.
+        """
         return {
             "fingerprint": self.fingerprint(),
             "stream_time": self.stream_time,
@@ -712,7 +708,8 @@ class StreamAggregator:
             "counters": [self.processed, self.duplicates, self.late_dropped, self.clamped],
             "late_by_view": self.late_dropped_by_view,
             "ids": list(self._ids),
-            "rows": rows,
+            "rows": [[vp.view.name, key, row.newest, row.buckets]
+                     for vp in self._plans for key, row in self._rows[vp.index].items()],
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -734,8 +731,7 @@ class StreamAggregator:
             row.newest = float(newest)
             for si, buckets in enumerate(series):
                 sp = vp.series[si]
-                lnd, last = set(sp.lnd_slots), set(sp.last_slots)
-                row.buckets[si] = {int(k): _load_bucket(b, lnd, last) for k, b in buckets}
+                row.buckets[si] = {int(k): _load_bucket(b, sp.lnd_slots, sp.last_slots) for k, b in buckets.items()}
             self._rows[vp.index][key] = row
             # The store already holds these values; only schedule the row's next expiry.
             _, due, live = self._compute(vp, row, self.stream_time)
@@ -840,28 +836,16 @@ _READERS: dict[str, Callable[[_FieldPlan, list[list[Any]], Stats], Any]] = {
 }
 
 
-def _dump_bucket(b: list[Any], lnd: set[int], last: set[int]) -> list[Any]:
-    out = list(b)
+def _load_bucket(b: list[Any], lnd: list[int], last: list[int]) -> list[Any]:
+    # msgpack has no tuples; stamps must be tuples again to compare with new ones.
     for off in last:
-        if out[off] is not None:
-            (ts, o, i), v = out[off]
-            out[off] = [ts, o, i, v]
+        if b[off] is not None:
+            stamp, v = b[off]
+            b[off] = (tuple(stamp), v)
     for off in lnd:
-        if out[off] is not None:
-            out[off] = [[x, ts, o, i] for x, (ts, o, i) in out[off].items()]
-    return out
-
-
-def _load_bucket(b: list[Any], lnd: set[int], last: set[int]) -> list[Any]:
-    out = list(b)
-    for off in last:
-        if out[off] is not None:
-            ts, o, i, v = out[off]
-            out[off] = ((ts, o, i), v)
-    for off in lnd:
-        if out[off] is not None:
-            out[off] = {x: (ts, o, i) for x, ts, o, i in out[off]}
-    return out
+        if b[off] is not None:
+            b[off] = {x: tuple(stamp) for x, stamp in b[off].items()}
+    return b
 
 
 # -------------------------------------------------------------------------------------------- processor
@@ -878,7 +862,8 @@ class StreamProcessor:
     the state is restored and the tail resumes after the saved position; a missing, unreadable or stale
     checkpoint (views changed) rebuilds everything from the start of the log. Events `apply` took beyond
     the saved position are in the saved state *and* its remembered ids, so the replay does not count
-    them twice.
+    them twice. A checkpoint encodes the whole state on the event loop (~15 µs per row: 0.3 s for 20k
+    rows), which is why it is taken once a minute by default, not per batch.
 
     Rows are written with `OnlineStore.write`, one per changed row per batch, values computed right
     before each write under a lock, so concurrent `apply` and `run` never leave an older value last.
@@ -894,7 +879,7 @@ class StreamProcessor:
         clock: Callable[[], float] = time.time,
         *,
         checkpoint_path: str | Path | None = None,
-        checkpoint_interval: float = 10.0,
+        checkpoint_interval: float = 60.0,
         batch_size: int = 1000,
         resolution: int = DEFAULT_RESOLUTION,
         max_future_skew: float | None = 300.0,
@@ -1072,8 +1057,11 @@ class StreamProcessor:
         if path is None or not path.exists():
             return False
         try:
-            saved = msgspec.msgpack.decode(path.read_bytes())
-            self.aggregator.load(saved["state"])
+            # Millions of small containers: without the collector scanning them over and over as they
+            # are created this is several times faster.
+            with _gc_paused():
+                saved = msgspec.msgpack.decode(path.read_bytes())
+                self.aggregator.load(saved["state"])
         except Exception as exc:
             log.warning("stream checkpoint %s not usable (%s); rebuilding from the start of the log", path, exc)
             self.aggregator = StreamAggregator(
@@ -1086,6 +1074,17 @@ class StreamProcessor:
         self.seq = int(saved["seq"])
         self.consumed = int(saved["consumed"])
         return True
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
