@@ -62,6 +62,14 @@ views:
       - {name: segment, dtype: str, default: unknown, max_length: 32}
       - {name: vip, dtype: bool, default: false}
       - {name: interests, dtype: "list[str]", max_length: 5}
+  - name: customer_activity
+    kind: stream
+    entity: customer
+    source: {events: [order]}
+    ttl: 30d
+    fields:
+      - {name: orders_1h, dtype: int, agg: count, window: 1h, default: 0}
+      - {name: spend_7d, dtype: float, agg: sum, of: order.total, window: 7d, default: 0.0}
   - name: session_signals
     kind: push
     entity: session

@@ -75,3 +75,16 @@ def test_feature_writes_need_a_secret_key(client):
     assert_problem(client.put("/v1/features/customer_signals/c-1", json=body), 403, "Authorization")
     assert client.put("/v1/features/customer_signals/c-1", json=body,
                       headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+def test_an_order_event_is_in_the_buyers_stream_features_before_the_ack_returns(client, kassa, clock):
+    from tests.conftest import order
+
+    ev = {"event_id": "o-1", "type": "order", "customer": {"id": "c-raw"}, "order": {**order(total=42.0),
+                                                                                    "created_at": clock()}}
+    assert client.post("/v1/events", json={"events": [ev]}).json()["accepted"] == 1
+    d = client.post("/v1/decisions", json=decision_body(customer="c-raw")).json()
+    kassa.decision_log.flush()
+    row = next(r for r in read_decisions(kassa.settings.data_path).to_pylist() if r["decision_id"] == d["decision_id"])
+    feats = msgspec.json.decode(row["features_json"])
+    assert feats["customer_activity.orders_1h"] == 1 and feats["customer_activity.spend_7d"] == 42.0

@@ -166,7 +166,8 @@ def test_model_swap_during_a_request_does_not_mix_versions(client, kassa, clock)
 
     req = msgspec.convert(body, schemas.DecisionRequest)
     feats = request_features(req, clock(), "UTC", None)
-    feats.update({"customer_signals.ltv": 0.0, "customer_signals.segment": "unknown"})  # the view defaults
+    feats.update({"customer_signals.ltv": 0.0, "customer_signals.segment": "unknown",  # the view defaults
+                  "customer_activity.orders_1h": 0, "customer_activity.spend_7d": 0.0})
     snap = kassa.catalog.snapshot
     kept = [o for o in snap.placements["order_confirmation"].static_offers]
     from kassa.decide.rules import OrderFacts, eligible

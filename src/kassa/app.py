@@ -28,6 +28,7 @@ from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
+from kassa.features.streaming import StreamProcessor
 from kassa.keys import KeyStore
 from kassa.learn.loop import LearningLoop
 from kassa.learn.models import ModelStore
@@ -76,8 +77,13 @@ class Kassa:
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default,
         )
+        stream_views = [v for v in self.repo.views if v.kind == "stream"]
+        self.stream = (
+            StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
+            if stream_views else None
+        )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
-                                  on_event=self._count_event)
+                                  on_event=self._count_event, stream=self.stream)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0
@@ -100,6 +106,10 @@ class Kassa:
     async def start(self) -> None:
         self.warm_up()
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        if self.stream is not None:
+            # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
+            # rows as their windows empty; fresh events also arrive through `apply` at once.
+            self._tasks.append(asyncio.create_task(self.stream.run(), name="kassa-stream"))
         self.started_at = time.time()
         self.ready = True
 
@@ -110,6 +120,9 @@ class Kassa:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.stream is not None:
+            self.stream.stop()
+            await self.stream.save_checkpoint()
         self.learning.snapshot_due(force=True)
         self.decision_log.close()
         self.event_log.close()

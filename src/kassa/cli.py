@@ -65,6 +65,58 @@ def demo(
              data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving)
 
 
+@app.command()
+def stream(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    poll: Annotated[float, typer.Option(help="Seconds between polls of the event log.")] = 0.05,
+) -> None:
+    """Run the streaming-feature worker: tail the event log into the online store (Ctrl-C to stop).
+
+    `kassa serve` already does this in-process; run it separately when the online store is Redis and
+    the server should not carry the aggregation work.
+    """
+    import asyncio
+
+    from rich.live import Live
+
+    from kassa.db import make_engine
+    from kassa.events.log import SqliteEventLog
+    from kassa.features.online.factory import close_online_store, open_online_store
+    from kassa.features.registry import FeatureRegistry
+    from kassa.features.streaming import StreamProcessor
+
+    settings = _settings(config, data_dir=data_dir)
+    repo = FeatureRegistry(make_engine(settings.data_path / "kassa.db")).load()
+    views = [v for v in repo.views if v.kind == "stream"]
+    if not views:
+        console.print("[red]no stream views applied[/]; run `kassa features apply FILE` first")
+        raise typer.Exit(1)
+
+    async def main() -> None:
+        store = open_online_store(settings, repo.views)
+        log = SqliteEventLog(settings.data_path / "events.db")
+        proc = StreamProcessor(views, store, log, checkpoint_path=settings.data_path / "stream.checkpoint")
+        task = asyncio.create_task(proc.run(poll))
+        try:
+            with Live(console=console, refresh_per_second=2) as live:
+                while not task.done():
+                    live.update(f"processed {proc.processed:,}  lag {proc.lag_events:,} events / "
+                                f"{proc.lag_seconds:.1f} s  late dropped {proc.late_dropped:,}  writes {proc.writes:,}")
+                    await asyncio.sleep(0.5)
+        finally:
+            proc.stop()
+            await proc.save_checkpoint()
+            task.cancel()
+            log.close()
+            await close_online_store(store, settings)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
 @keys_app.command("create")
 def keys_create(
     kind: Annotated[str, typer.Argument(help="publishable | secret | admin")],

@@ -15,6 +15,7 @@ from kassa.catalog import Catalog
 from kassa.decide.retrieval import ProductRetriever
 from kassa.events.log import EventLog
 from kassa.features.profile import CustomerProfiles
+from kassa.features.streaming import StreamProcessor
 from kassa.learn.rewards import RewardJoiner
 
 log = logging.getLogger("kassa.events")
@@ -30,7 +31,9 @@ class EventIngest:
         retriever: ProductRetriever,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[schemas.Event], None] | None = None,
+        stream: StreamProcessor | None = None,
     ) -> None:
+        self.stream = stream
         self.log = event_log
         self.catalog = catalog
         self.joiner = joiner
@@ -54,6 +57,10 @@ class EventIngest:
         result = await self.log.append(batch.events, self.clock())
         for event in result.new:
             self.apply(event)
+        if self.stream is not None:
+            # Read-after-write: streaming features see the events before the ack returns.
+            for event in result.new:
+                await self.stream.apply(event)
         return schemas.EventAck(len(result.new), result.duplicates)
 
     def apply(self, event: schemas.Event, learn: bool = True) -> None:
