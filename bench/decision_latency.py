@@ -40,13 +40,13 @@ import msgspec
 import numpy as np
 import yaml
 
+from benchdocs import DOCS, write_section
 from kassa.loadtest import ConnectionPool, OpenLoopResult, run_open_loop
 
 PLACEMENT = "order_confirmation"
 ADMIN_KEY = "bench-admin"
 PUB_KEY = "bench-pub"
 HEADERS = f"Authorization: Bearer {PUB_KEY}\r\nContent-Type: application/json\r\n".encode()
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench:decision_latency:start -->", "<!-- bench:decision_latency:end -->"
 
 KINDS = ["partner", "subscription", "warranty", "discount", "product"]
@@ -583,22 +583,7 @@ Decision p99 / no-op p99: **{fmt(res["p99_ratio_to_noop"])}**. Errors: {res["err
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
-    section = docs_section(res)
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = (
-            "# Benchmarks\n\nFigures produced by the scripts in `bench/`; each section is rewritten by its "
-            "script's `--write-docs` flag.\n"
-        )
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(docs_section(res), START, END, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from benchdocs import DOCS, write_section
 from kassa.features.definitions import FeatureView, Field
 from kassa.features.online.base import WriteItem
 from kassa.features.online.redis import RedisOnlineStore
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench:feature_reads:start -->", "<!-- bench:feature_reads:end -->"
 TARGET_RATIO = 1.5
 BATCH = 50
@@ -283,18 +283,7 @@ x 50; same client, interleaved pairs, medians of {res["repeats"]} repeats (targe
 
 
 def write_docs(section: str, start: str = START, end: str = END, path: Path = DOCS) -> None:
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = ("# Benchmarks\n\nFigures produced by the scripts in `bench/`; each section is rewritten by its "
-                "script's `--write-docs` flag.\n")
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(section, start, end, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

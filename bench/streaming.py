@@ -41,13 +41,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from benchdocs import DOCS, write_section
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import FeatureView, Field, Source
 from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.streaming import StreamAggregator, StreamProcessor
 from kassa.schemas import Customer, Event, Order, OrderItem
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench:streaming:start -->", "<!-- bench:streaming:end -->"
 THROUGHPUT_TARGET = 5_000.0
 FRESHNESS_TARGET_MS = 1_000.0
@@ -426,21 +426,7 @@ read-after-write does not wait for the poll.
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
-    section = docs_section(res)
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = (
-            "# Benchmarks\n\nFigures produced by the scripts in `bench/`; each section is rewritten by its "
-            "script's `--write-docs` flag.\n"
-        )
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(docs_section(res), START, END, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,6 +6,7 @@ The API and the CLI call these services; nothing else wires them together.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import time
@@ -105,6 +106,12 @@ class Kassa:
 
     async def start(self) -> None:
         self.warm_up()
+        # Everything loaded so far lives for the whole process: move it out of the cyclic GC's reach,
+        # and collect the young generation less often. With the default thresholds a full collection
+        # walked every catalog, model and profile object and stalled requests by 100+ ms under load.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
