@@ -88,3 +88,40 @@ def test_an_order_event_is_in_the_buyers_stream_features_before_the_ack_returns(
     row = next(r for r in read_decisions(kassa.settings.data_path).to_pylist() if r["decision_id"] == d["decision_id"])
     feats = msgspec.json.decode(row["features_json"])
     assert feats["customer_activity.orders_1h"] == 1 and feats["customer_activity.spend_7d"] == 42.0
+
+
+def test_offer_stream_features_reach_the_learner_lines(tmp_path, settings, clock):
+    """Accepts of an offer update its offer-entity view in memory; the next decision's learner line for
+    that offer carries the bucketed values (namespace g), without a per-request store read."""
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from tests.conftest import FEATURES, PUB
+
+    extra = """
+  - name: offer_performance
+    kind: stream
+    entity: offer
+    source: {events: [impression, accept]}
+    ttl: 1d
+    fields:
+      - {name: accepts_1h, dtype: int, agg: sum, of: type=accept, window: 1h, default: 0}
+      - {name: accept_rate_1h, dtype: float, agg: mean, of: type=accept, window: 1h, default: 0.0}
+"""
+    path = tmp_path / "features-offers.yaml"
+    path.write_text(FEATURES.replace("views:\n", "views:\n" + extra.lstrip("\n"), 1)
+                    .replace("entities:\n", "entities:\n  - {name: offer, join_key: offer_id}\n", 1))
+    settings = msgspec.structs.replace(
+        settings, features=msgspec.structs.replace(settings.features, definitions_file=str(path)))
+    kassa = Kassa(settings, clock=clock, seed=3)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+        d = client.post("/v1/decisions", json=decision_body(candidates=["discount"], limit=1)).json()
+        events = [{"event_id": f"e{i}", "type": t, "decision_id": d["decision_id"], "offer_id": "discount",
+                   "timestamp": clock()} for i, t in enumerate(["impression", "accept"])]
+        assert client.post("/v1/events", json={"events": events}).json()["accepted"] == 2
+        d2 = client.post("/v1/decisions", json=decision_body(candidates=["discount"], limit=1)).json()
+        pending = kassa.joiner._pending[d2["decision_id"]]
+        assert " |g " in pending.actions[0]
+        assert "offer_performance.accepts_1h=b1" in pending.actions[0]
+        assert "offer_performance.accept_rate_1h=b5" in pending.actions[0]  # 0.5 -> log2(1 + 50)

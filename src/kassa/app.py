@@ -6,8 +6,8 @@ The API and the CLI call these services; nothing else wires them together.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from kassa.events.decision_log import DecisionLogWriter
 from kassa.events.ingest import EventIngest
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo
+from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
 from kassa.features.online.factory import close_online_store, open_online_store
 from kassa.features.online.memory import InMemoryOnlineStore
@@ -71,12 +72,24 @@ class Kassa:
         self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds)
         self.event_log = SqliteEventLog(data / "events.db")
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock)
+        self.offer_cache = None
+        offer_views = [v for v in self.repo.views if v.entity == "offer" and v.online]
+        offer_source = None
+        if offer_views:
+            if isinstance(self.store, InMemoryOnlineStore):
+                mem = self.store
+                offer_source = OfferFeatureSource(offer_views, lambda key: mem.read_now("offer", key))
+            else:
+                from kassa.features.online.redis import OfferFeatureCache
+
+                self.offer_cache = OfferFeatureCache(self.store, "offer", offer_views)  # type: ignore[arg-type]
+                offer_source = OfferFeatureSource(offer_views, self.offer_cache.get)
         self.engine = DecisionEngine(
             self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models, self.joiner,
             self.decision_log, settings.store_timezone,
             IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
-            on_default=self.metrics.observe_feature_default,
+            on_default=self.metrics.observe_feature_default, offer_features=offer_source,
         )
         stream_views = [v for v in self.repo.views if v.kind == "stream"]
         self.stream = (
@@ -106,6 +119,8 @@ class Kassa:
 
     async def start(self) -> None:
         self.warm_up()
+        if self.offer_cache is not None:
+            await self.offer_cache.start()
         # Everything loaded so far lives for the whole process: move it out of the cyclic GC's reach,
         # and collect the young generation less often. With the default thresholds a full collection
         # walked every catalog, model and profile object and stalled requests by 100+ ms under load.
@@ -133,5 +148,7 @@ class Kassa:
         self.learning.snapshot_due(force=True)
         self.decision_log.close()
         self.event_log.close()
+        if self.offer_cache is not None:
+            await self.offer_cache.close()
         await close_online_store(self.store, self.settings)
         self.db.dispose()

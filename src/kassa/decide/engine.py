@@ -27,6 +27,7 @@ from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
 from kassa.features.definitions import FeatureRepo, FeatureView
+from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.online.base import OnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.request import request_features
@@ -84,7 +85,9 @@ class DecisionEngine:
         observe: Callable[[str, bool, float], None] | None = None,
         repo: FeatureRepo | None = None,
         on_default: Callable[[str], None] | None = None,
+        offer_features: OfferFeatureSource | None = None,
     ) -> None:
+        self.offer_features = offer_features if offer_features else None
         self.catalog = catalog
         self.store = store
         self.profiles = profiles
@@ -197,7 +200,12 @@ class DecisionEngine:
         # -- policy
         slots = req.limit or placement.slots
         shared = shared_line(features)
-        action_lines = [snap.action_lines[o] for o in kept]
+        lines = snap.action_lines
+        offer_src = self.offer_features
+        if offer_src is not None:
+            action_lines = [lines[o] + offer_src.suffix(o) for o in kept]
+        else:
+            action_lines = [lines[o] for o in kept]
         version = "baseline"
         policy: Policy
         if not kept:
@@ -245,7 +253,7 @@ class DecisionEngine:
         if chosen:
             self.joiner.register(PendingDecision(
                 decision_id, placement.id, now, now + placement.reward.wait_seconds, shared, chosen,
-                [snap.action_lines[o] for o in chosen], ranking.probabilities, customer_id,
+                [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
                 [offers[o].product_id or offers[o].sku for o in chosen],
             ))
         if self.decision_log is not None:

@@ -66,6 +66,7 @@ import contextlib
 import gc
 import hashlib
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -1087,9 +1088,13 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_TMP_IDS = itertools.count()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A unique temp name: a shutdown save may overlap the tail task's last periodic save.
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

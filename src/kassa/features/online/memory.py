@@ -204,6 +204,10 @@ class InMemoryOnlineStore:
     async def get(self, entity: str, key: str) -> LegacyRow | None:
         return self.get_now(entity, key)
 
+    def read_now(self, entity: str, key: str) -> Row | None:
+        """One row, synchronously, with every view's ttl honoured (for in-process callers)."""
+        return self._read_all(entity, key, self.clock())
+
     def get_now(self, entity: str, key: str) -> LegacyRow | None:
         """``{view: {feature: value}}`` for every view stored for the key; no ttl check (as before)."""
         columns = self._data.get(entity)
