@@ -149,7 +149,7 @@ def decision_body(placement: str = "order_confirmation", customer: str | None = 
     return body
 
 
-# -- Redis: a real server (tests/services.py finds or starts one), never a mock or fakeredis
+# -- Redis: the real server (tests/services.py finds, starts or installs one); no stand-ins
 
 from collections.abc import AsyncIterator  # noqa: E402  (appended section: kept beside its fixtures)
 from typing import TYPE_CHECKING  # noqa: E402
