@@ -15,12 +15,15 @@ VIEW = "customer_profile"
 class CustomerProfiles:
     def __init__(self, store: InMemoryOnlineStore) -> None:
         self.store = store
-        self._seen_orders: set[tuple[str, str]] = set()
+        # Recent (customer, order) pairs, bounded: the same order may arrive by webhook and by event.
+        self._seen_orders: dict[tuple[str, str], None] = {}
 
     def observe_order(self, order: schemas.Order, customer_id: str, ts: float) -> None:
         if (customer_id, order.id) in self._seen_orders:  # the same order via webhook and event
             return
-        self._seen_orders.add((customer_id, order.id))
+        self._seen_orders[(customer_id, order.id)] = None
+        if len(self._seen_orders) > 200_000:
+            self._seen_orders.pop(next(iter(self._seen_orders)))
         row = self.store.get_now("customer", customer_id) or {}
         prof = dict(row.get(VIEW, {}))
         prof["orders_count"] = int(prof.get("orders_count", 0)) + 1
