@@ -27,8 +27,13 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/benchmarks.md (~15 min)
 	$(BIN)/python bench/decision_latency.py --write-docs
+	$(BIN)/python bench/demo_learning.py --write-docs
+	$(BIN)/python bench/startup.py --write-docs
+	$(BIN)/python bench/feature_reads.py --write-docs
+	$(BIN)/python bench/materialize.py --write-docs
+	$(BIN)/python bench/streaming.py --write-docs
 
 serve: $(BIN)/.installed
 	$(BIN)/kassa serve --catalog examples/catalog.yaml
