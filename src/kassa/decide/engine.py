@@ -233,7 +233,8 @@ class DecisionEngine:
             # Scoring itself ran past the budget: answer, but say so, and serve the cheap order.
             fallback = True
             version = "fallback"
-            ranking = fill_slots(GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), len(kept), slots)
+            policy = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0)  # logged as what was served
+            ranking = fill_slots(policy, len(kept), slots, self.rng)
 
         chosen = [kept[i] for i in ranking.chosen]
         out = [
