@@ -62,7 +62,7 @@ class Kassa:
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
         # The built-in customer profile is process-local state rebuilt from the event log at start.
-        self.profiles = CustomerProfiles(InMemoryOnlineStore())
+        self.profiles = CustomerProfiles()
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock)
         self.retriever = ProductRetriever()

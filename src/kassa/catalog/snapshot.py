@@ -27,7 +27,6 @@ class CatalogSnapshot:
     placements: dict[str, PlacementView]
     action_lines: dict[str, str]
     product_offer: dict[str, str]  # product key (product_id or sku) -> offer id, product offers only
-    product_offers: tuple[str, ...] = field(default=())
     unconstrained: frozenset[str] = field(default=frozenset())  # active offers no rule can exclude
 
     @classmethod
@@ -75,6 +74,5 @@ class CatalogSnapshot:
             placements=views,
             action_lines=lines,
             product_offer=product_offer,
-            product_offers=tuple(sorted(set(product_offer.values()))),
             unconstrained=unconstrained,
         )

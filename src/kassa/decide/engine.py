@@ -29,6 +29,7 @@ from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.online.base import OnlineStore
+from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.request import request_features
 from kassa.learn.featurize import shared_line
@@ -95,7 +96,7 @@ class DecisionEngine:
         self.on_default = on_default
         self._views: dict[str, tuple[schemas.Placement, list[FeatureView]]] = {}
         # A remote store gets the remaining latency budget as a timeout; the in-process one needs none.
-        self.remote_store = not hasattr(store, "snapshot")
+        self.remote_store = not isinstance(store, InMemoryOnlineStore)
         self.retriever = retriever
         self.ledger = ledger
         self.models = models
@@ -212,7 +213,7 @@ class DecisionEngine:
             policy = UniformPolicy(0)
         elif fallback or time.perf_counter() - t0 > budget:
             fallback = True
-            policy, version = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), "fallback"
+            policy, version = _by_value(kept, offers), "fallback"
         elif placement.policy == "uniform":
             policy, version = UniformPolicy(len(kept)), "uniform"
         else:
@@ -225,7 +226,7 @@ class DecisionEngine:
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)
                     fallback = True
-                    policy, version = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0), "fallback"
+                    policy, version = _by_value(kept, offers), "fallback"
             if policy is None:
                 policy = GreedyEpsilonPolicy(self._baseline_scores(placement, kept, offers), placement.exploration)
         ranking = fill_slots(policy, len(kept), slots, self.rng)
@@ -233,7 +234,7 @@ class DecisionEngine:
             # Scoring itself ran past the budget: answer, but say so, and serve the cheap order.
             fallback = True
             version = "fallback"
-            policy = GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0)  # logged as what was served
+            policy = _by_value(kept, offers)  # logged as what was served
             ranking = fill_slots(policy, len(kept), slots, self.rng)
 
         chosen = [kept[i] for i in ranking.chosen]
@@ -293,6 +294,11 @@ class DecisionEngine:
         if placement.baseline == "popularity":
             return [self.retriever.popularity(offers[o].product_id or offers[o].sku or o) for o in kept]
         return [offers[o].value for o in kept]
+
+
+def _by_value(kept: list[str], offers: dict[str, schemas.Offer]) -> GreedyEpsilonPolicy:
+    """The fallback ranking: eligible offers by value, no exploration."""
+    return GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0)
 
 
 def _slot1_probs(policy: Policy, n: int) -> list[float]:

@@ -74,7 +74,7 @@ class EventIngest:
             if customer_id is not None:
                 self.profiles.observe_order(order, customer_id, ts)
             self.retriever.observe_order(order, customer_id, ts)
-        if self.on_event is not None:
+        if learn and self.on_event is not None:  # a replayed event was counted when it was accepted
             self.on_event(event)
 
     def replay(self, batch_size: int = 5000) -> int:

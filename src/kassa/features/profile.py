@@ -1,20 +1,18 @@
 """Customer profiles built from the order stream: the buyer-side entity row a decision reads.
 
-View ``customer_profile``: orders_count, spend_total, last_order_ts, last_order_id, recent_categories
-(the last five distinct categories bought). The streaming-feature engine generalises this.
+Per customer, in process memory (rebuilt from the event log at start): orders_count, spend_total,
+last_order_ts, last_order_id, recent_categories (the last five distinct categories bought). Feature
+views (streaming, pushed, materialized) generalise this.
 """
 
 from __future__ import annotations
 
 from kassa import schemas
-from kassa.features.online.memory import InMemoryOnlineStore
-
-VIEW = "customer_profile"
 
 
 class CustomerProfiles:
-    def __init__(self, store: InMemoryOnlineStore) -> None:
-        self.store = store
+    def __init__(self) -> None:
+        self._profiles: dict[str, dict] = {}
         # Recent (customer, order) pairs, bounded: the same order may arrive by webhook and by event.
         self._seen_orders: dict[tuple[str, str], None] = {}
 
@@ -24,8 +22,7 @@ class CustomerProfiles:
         self._seen_orders[(customer_id, order.id)] = None
         if len(self._seen_orders) > 200_000:
             self._seen_orders.pop(next(iter(self._seen_orders)))
-        row = self.store.get_now("customer", customer_id) or {}
-        prof = dict(row.get(VIEW, {}))
+        prof = dict(self._profiles.get(customer_id, {}))
         prof["orders_count"] = int(prof.get("orders_count", 0)) + 1
         prof["spend_total"] = float(prof.get("spend_total", 0.0)) + order.total
         prof["last_order_ts"] = max(ts, float(prof.get("last_order_ts", 0.0)))
@@ -37,8 +34,7 @@ class CustomerProfiles:
                     recent.remove(item.category)
                 recent.insert(0, item.category)
         prof["recent_categories"] = recent[:5]
-        self.store.put("customer", customer_id, VIEW, prof, ts)
+        self._profiles[customer_id] = prof
 
     def get(self, customer_id: str) -> dict | None:
-        row = self.store.get_now("customer", customer_id)
-        return row.get(VIEW) if row else None
+        return self._profiles.get(customer_id)

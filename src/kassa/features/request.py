@@ -6,7 +6,6 @@ They are computed once per decision, logged with it, and handed to the policy as
 from __future__ import annotations
 
 import math
-import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -97,6 +96,3 @@ def request_features(
         f["orders_b"] = "0"
     return f
 
-
-def now() -> float:
-    return time.time()

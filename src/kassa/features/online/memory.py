@@ -1,9 +1,8 @@
 """The embedded online store: entity rows in process memory, snapshotted to a local file.
 
 Owns `InMemoryOnlineStore`, which implements `features.online.base.OnlineStore` (``read``, ``write``,
-``write_many``, ``delete``, ``close``) and, until its callers (`features.profile`, `decide.engine`)
-migrate, the older dict API beside it: ``get``, ``get_now``, ``put``, ``event_time``, ``snapshot``,
-``restore`` (the `LegacyOnlineStore` protocol, still exported as ``OnlineStore`` here).
+``write_many``, ``delete``, ``close``), plus ``snapshot``/``restore`` and, for older callers, the
+untyped dict API (``get``, ``get_now``, ``put``, ``event_time``: the `LegacyOnlineStore` protocol).
 
 Layout. The target is 1,000,000 customers x 20 features in at most 1 GiB RSS, so values are stored in
 columns, ``entity -> view -> key -> blob``, where a blob is the view's values encoded by
@@ -56,9 +55,6 @@ class LegacyOnlineStore(Protocol):
     def put(self, entity: str, key: str, view: str, values: dict[str, Any], ts: float | None = None) -> None: ...
     def snapshot(self, path: Path) -> int: ...
     def restore(self, path: Path) -> int: ...
-
-
-OnlineStore = LegacyOnlineStore  # the old name, imported by `decide.engine` and `features.online`
 
 
 class _Snapshot(msgspec.Struct):
