@@ -11,6 +11,9 @@ This module owns the world the demo measures Kassa against:
   dependency is visible to Kassa's learner through a context feature crossed with an offer feature;
 * `World.best_static_order`: the fixed ranking of the listed offers with the highest expected accepts
   over the shopper population, computed from that ground truth (the static control's order);
+* concept drift on request (``World(..., drift_at=N)``): from checkout ``N`` on, buyers accept offers
+  by `DRIFTED_APPEAL` instead of `APPEAL` (the shoppers themselves do not change, only what they take),
+  so the best offer changes for several large segments. Off by default;
 * the wire payloads of one checkout: its order event, its decision request, its outcome events.
 
 Kassa never sees `p_accept`; it only sees the events the simulated buyers produce.
@@ -165,6 +168,26 @@ APPEAL: dict[str, tuple[float, tuple[Rule, ...]]] = {
     "disc-beauty-bundle": (0.004, (_when(_bought("makeup"), 0.13),)),
     "disc-activewear": (0.005, (_when(_bought("apparel", "shoes", "fitness"), 0.08),)),
 }
+# What buyers accept after the drift (`World(drift_at=...)`): the same shoppers a season and a competitor
+# later. Most phone buyers already have the app (its promotion ran out); a rival launched a cheaper serum
+# subscription, so skincare buyers now take the beauty bundle and the magazine instead; January puts the
+# fitness app in front of every mobile buyer; carriers raised prices, so free shipping matters up to 80;
+# first-order discounts lost their pull while the relaunched Plus membership wins regulars over. Offers
+# not named keep their appeal. The best offer changes for mobile, skincare, first-time and regular
+# buyers, while the best achievable rate stays about where it was (a shift of taste, not of demand).
+DRIFTED_APPEAL: dict[str, tuple[float, tuple[Rule, ...]]] = {
+    **APPEAL,
+    "partner-app": (0.008, (_when(lambda c: c.device == "mobile", 0.015),
+                            _when(lambda c: c.device == "tablet", 0.01))),
+    "sub-serum": (0.004, (_when(_bought("skincare"), 0.04), _when(_bought("makeup"), 0.02))),
+    "disc-beauty-bundle": (0.004, (_when(_bought("makeup"), 0.13), _when(_bought("skincare"), 0.14))),
+    "partner-magazine": (0.012, (_when(_bought("skincare", "makeup", "haircare"), 0.10),)),
+    "partner-fitness-app": (0.004, (_when(_bought("fitness"), 0.13),
+                                    _when(lambda c: c.device == "mobile", 0.11))),
+    "disc-free-ship": (0.01, (_when(lambda c: c.total < 80.0, 0.10),)),
+    "disc-next-10": (0.025, (_when(lambda c: c.prior_orders == 0, 0.02),)),
+    "sub-plus": (0.006, (_when(lambda c: c.prior_orders >= 2, 0.16),)),
+}
 # Cross-sell products: a product that complements the basket sells; one like it sells a little.
 PRODUCT_BASE = 0.004
 PRODUCT_COMPLEMENT = 0.07
@@ -175,12 +198,15 @@ P_MAX = 0.95
 class World:
     """The demo's ground truth and shopper generator for one seed."""
 
-    def __init__(self, store: DemoStore, seed: int) -> None:
+    def __init__(self, store: DemoStore, seed: int, drift_at: int | None = None) -> None:
         missing = set(store.offer_ids) ^ set(APPEAL)
         if missing:
             raise ValueError(f"ground truth and catalog disagree on offers: {sorted(missing)}")
+        if drift_at is not None and drift_at < 0:
+            raise ValueError(f"drift_at must be a checkout index >= 0, got {drift_at}")
         self.store = store
         self.seed = seed
+        self.drift_at = drift_at
         rng = random.Random(f"kassa-demo-world:{seed}")
         self.offers = {o.id: o for o in (*store.offers, *store.product_offers())}
         self.product_by_offer = {p.offer_id: p for p in store.products}
@@ -199,9 +225,18 @@ class World:
         self._personas: dict[int, Persona] = {}
 
     # ------------------------------------------------------------------ truth
-    def p_accept(self, c: Checkout, offer_id: str) -> float:
-        """True probability that the buyer of ``c`` accepts ``offer_id`` if shown it."""
-        spec = APPEAL.get(offer_id)
+    def drifted(self, c: Checkout) -> bool:
+        """Whether ``c`` comes after the injected drift (never without ``drift_at``)."""
+        return self.drift_at is not None and c.index >= self.drift_at
+
+    def p_accept(self, c: Checkout, offer_id: str, drifted: bool | None = None) -> float:
+        """True probability that the buyer of ``c`` accepts ``offer_id`` if shown it.
+
+        ``drifted`` forces the truth before (False) or after (True) the drift; by default it follows
+        the checkout's index and ``drift_at``.
+        """
+        after = self.drifted(c) if drifted is None else drifted
+        spec = (DRIFTED_APPEAL if after else APPEAL).get(offer_id)
         if spec is not None:
             base, rules = spec
             p = base + sum(rule(c) for rule in rules)
@@ -293,8 +328,10 @@ class World:
         return out
 
     # ------------------------------------------------------------------ the best static ranking
-    def static_matrices(self, checkouts: Sequence[Checkout]) -> tuple[np.ndarray, np.ndarray]:
-        """(true acceptance, eligibility) of every listed offer (rows) for every checkout (columns)."""
+    def static_matrices(self, checkouts: Sequence[Checkout],
+                        drifted: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(true acceptance, eligibility) of every listed offer (rows) for every checkout (columns);
+        ``drifted`` as in `p_accept`."""
         ids = self.store.offer_ids
         # float32 and an int8 running count: the local search evaluates ~1,000 orders, keep each ~1 ms.
         p = np.zeros((len(ids), len(checkouts)), dtype=np.float32)
@@ -305,7 +342,7 @@ class World:
             # The engine's own rules decide eligibility, so the control is judged on what it may show.
             facts = OrderFacts.of(decision_request(c, placement))
             for row, offer in enumerate(offers):
-                p[row, col] = self.p_accept(c, offer.id)
+                p[row, col] = self.p_accept(c, offer.id, drifted)
                 # Frequency caps need the show history: assume a static list shows a capped offer every
                 # time it may (true for offers it ranks high), so a buyer's later orders lose it.
                 cap = offer.eligibility.max_per_customer
@@ -321,14 +358,15 @@ class World:
         take = okp & (np.cumsum(okp, axis=0, dtype=np.int8) <= slots)
         return float((p[idx] * take).sum() / max(1, p.shape[1]))
 
-    def best_static_order(self, sample: int = 10_000) -> list[str]:
+    def best_static_order(self, sample: int = 10_000, drifted: bool = False) -> list[str]:
         """The listed offers in the order a fixed list earns the most expected accepts.
 
         Starts from the mean acceptance where eligible and moves single offers while any move helps:
-        local search over the exact expectation on a shopper sample drawn like the real traffic.
+        local search over the exact expectation on a shopper sample drawn like the real traffic. The
+        truth is the one before any drift (what a merchant would have set up), unless ``drifted``.
         """
         ids = self.store.offer_ids
-        p, ok = self.static_matrices(self.checkouts(sample, stream="population"))
+        p, ok = self.static_matrices(self.checkouts(sample, stream="population"), drifted)
         mean = (p * ok).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
         order = sorted(range(len(ids)), key=lambda j: (-mean[j], ids[j]))
         best = self.static_value(order, p, ok)
