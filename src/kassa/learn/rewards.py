@@ -31,6 +31,8 @@ class PendingDecision:
     product_keys: list[str | None] = field(default_factory=list)  # per shown offer, for order attribution
     rewards: dict[str, float] | None = None
     outcomes: int = 0
+    version: str = ""  # the model version that served it (canary guardrails compare versions)
+    email_sha256: str | None = None  # a guest buyer's identity for order attribution (no customer id)
 
 
 @dataclass(slots=True)
@@ -43,6 +45,7 @@ class JoinedExample:
     reward: float
     probability: float
     slot: int
+    version: str = ""
 
 
 class RewardJoiner:
@@ -51,6 +54,7 @@ class RewardJoiner:
         self._pending: dict[str, PendingDecision] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._by_customer: dict[str, list[str]] = {}
+        self._by_email: dict[str, list[str]] = {}  # decisions of buyers known only by e-mail SHA-256
         self.matched_events = 0
         self.late_events = 0
         self.closed = 0
@@ -64,6 +68,8 @@ class RewardJoiner:
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))
         if pending.customer_id is not None:
             self._by_customer.setdefault(pending.customer_id, []).append(pending.decision_id)
+        elif pending.email_sha256 is not None:
+            self._by_email.setdefault(pending.email_sha256, []).append(pending.decision_id)
 
     def _credit(self, pending: PendingDecision, offer_id: str, kind: str, value: float | None) -> bool:
         definition = self._definition(pending.placement)
@@ -95,20 +101,35 @@ class RewardJoiner:
         return credited
 
     def _attribute_order(self, event: schemas.Event) -> int:
-        assert event.order is not None
-        customer = (event.customer.id if event.customer else None) or event.order.customer_id
-        if customer is None:
+        order = event.order
+        assert order is not None
+        customer = (event.customer.id if event.customer else None) or order.customer_id
+        # A guest's order (platform webhooks often carry no customer id) matches decisions made for the
+        # same e-mail SHA-256; a known customer matches by id first, then by e-mail.
+        email = event.customer.email_sha256 if event.customer else None
+        ids: list[str] = []
+        if customer is not None:
+            ids = self._by_customer.get(customer, [])
+        if email is not None and email in self._by_email:
+            ids = ids + self._by_email[email] if ids else self._by_email[email]
+        if not ids:
             return 0
         bought: dict[str, float] = {}
-        for item in event.order.items:
+        for item in order.items:
             amount = item.price * item.qty
             bought[item.sku] = amount
             if item.product_id:
                 bought[item.product_id] = amount
+        # An order placed before the decision (the one that led to the confirmation page, whose webhook
+        # often arrives late) is not its conversion. No upper bound: the decision is still open, so the
+        # order came inside its window as far as Kassa's clock goes, whatever the platform's clock says.
+        created = order.created_at
         credited = 0
-        for decision_id in self._by_customer.get(customer, ()):
+        for decision_id in ids:
             pending = self._pending.get(decision_id)
             if pending is None:
+                continue
+            if created is not None and created < pending.ts:
                 continue
             for offer_id, key in zip(pending.offers, pending.product_keys, strict=False):
                 if key is not None and key in bought:
@@ -140,16 +161,20 @@ class RewardJoiner:
                         reward = min(reward, cap)
                 out.append(
                     JoinedExample(pending.placement, decision_id, pending.shared, pending.actions[slot],
-                                  offer_id, reward, pending.probabilities[slot], slot)
+                                  offer_id, reward, pending.probabilities[slot], slot, pending.version)
                 )
         return out
 
     def _forget_customer(self, pending: PendingDecision) -> None:
-        if pending.customer_id is None:
+        if pending.customer_id is not None:
+            index, key = self._by_customer, pending.customer_id
+        elif pending.email_sha256 is not None:
+            index, key = self._by_email, pending.email_sha256
+        else:
             return
-        ids = self._by_customer.get(pending.customer_id)
+        ids = index.get(key)
         if ids is not None:
             with contextlib.suppress(ValueError):
                 ids.remove(pending.decision_id)
             if not ids:
-                del self._by_customer[pending.customer_id]
+                del index[key]

@@ -1,0 +1,211 @@
+"""`HttpClient`: the one synchronous HTTP client every connector talks to its platform through.
+
+Owns the platform-agnostic parts of API access: JSON requests on one pooled ``httpx.Client``, waiting out
+HTTP 429 (``Retry-After`` as seconds or an HTTP date), retrying 5xx and connection failures with
+exponential backoff, and turning refusals into the integration errors (``AuthError`` carrying the
+platform's own body text on 401/403, ``PayloadError`` on a page that is not JSON). ``sleep`` and ``clock``
+are injectable so tests of throttling run instantly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from kassa.integrations.base import AuthError, IntegrationError, PayloadError, RateLimited, Unreachable
+
+_BODY_EXCERPT = 500  # characters of a platform error body kept in exception messages
+
+
+class HttpStatusError(IntegrationError):
+    """A non-retryable HTTP error other than 401/403 (e.g. 404, 400, 422), with the platform's body text."""
+
+    def __init__(self, message: str, status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class JsonResponse:
+    status: int
+    headers: httpx.Headers
+    data: Any
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); ``None`` if absent/invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def body_excerpt(response: httpx.Response) -> str:
+    """The platform's error text: ``code: message`` from a JSON error body, else the body itself (trimmed)."""
+    text = response.text.strip()
+    try:
+        data = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        message, code = data.get("message"), data.get("code")
+        if isinstance(message, str) and message:
+            text = f"{code}: {message}" if isinstance(code, str) and code else message
+        elif data.get("errors"):
+            errors = data["errors"]
+            text = errors if isinstance(errors, str) else json.dumps(errors)
+    return text[:_BODY_EXCERPT] + ("…" if len(text) > _BODY_EXCERPT else "")
+
+
+class HttpClient:
+    """JSON over HTTPS with the platform's throttling honoured.
+
+    ``max_retries`` bounds the retries of one request (429, 5xx and connection errors together);
+    ``max_wait`` bounds a single ``Retry-After`` wait: a platform asking for longer gets ``RateLimited``
+    rather than a silently stuck sync.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        auth: tuple[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_wait: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+        on_wait: Callable[[float, str], None] | None = None,
+        platform: str = "platform",
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.sleep = sleep
+        self.clock = clock
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_wait = max_wait
+        self.on_wait = on_wait
+        self.platform = platform
+        self.waited_seconds = 0.0  # total time spent waiting on throttles/backoff (reported by sync)
+        self.requests = 0
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Accept": "application/json", "User-Agent": "kassa-integrations", **(headers or {})},
+            timeout=timeout,
+            auth=auth,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait(self, seconds: float, reason: str) -> None:
+        """Sleep through the injectable ``sleep``, counted and reported (connectors use it for their own throttles)."""
+        if seconds <= 0:
+            return
+        self.waited_seconds += seconds
+        if self.on_wait is not None:
+            self.on_wait(seconds, reason)
+        self.sleep(seconds)
+
+    def get(self, path: str, params: Mapping[str, Any] | None = None,
+            headers: Mapping[str, str] | None = None) -> JsonResponse:
+        return self.request("GET", path, params=params, headers=headers)
+
+    def post(self, path: str, json_body: Any = None, params: Mapping[str, Any] | None = None,
+             headers: Mapping[str, str] | None = None) -> JsonResponse:
+        return self.request("POST", path, params=params, json_body=json_body, headers=headers)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonResponse:
+        attempt = 0
+        while True:
+            self.requests += 1
+            try:
+                response = self._client.request(method, path, params=params, json=json_body, headers=headers)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise Unreachable(f"{self.platform} unreachable at {self.base_url}: {exc!r}") from exc
+                self.wait(self._backoff(attempt), f"connection error: {type(exc).__name__}")
+                attempt += 1
+                continue
+            status = response.status_code
+            if status == 429:
+                retry_after = parse_retry_after(response.headers.get("retry-after"), self.clock())
+                if attempt >= self.max_retries or (retry_after is not None and retry_after > self.max_wait):
+                    raise RateLimited(
+                        f"{self.platform} rate limit (HTTP 429) on {method} {path}: {body_excerpt(response)}",
+                        retry_after,
+                    )
+                self.wait(retry_after if retry_after is not None else self._backoff(attempt), "HTTP 429")
+                attempt += 1
+                continue
+            if status >= 500:
+                if attempt >= self.max_retries:
+                    raise Unreachable(
+                        f"{self.platform} HTTP {status} on {method} {path} after {attempt + 1} tries: "
+                        f"{body_excerpt(response)}"
+                    )
+                # A 503 may say when to come back; otherwise back off exponentially.
+                hint = parse_retry_after(response.headers.get("retry-after"), self.clock())
+                self.wait(min(hint, self.max_wait) if hint is not None else self._backoff(attempt), f"HTTP {status}")
+                attempt += 1
+                continue
+            if status in (401, 403):
+                raise AuthError(f"{self.platform} HTTP {status}: {body_excerpt(response)}", status)
+            if status >= 400:
+                raise HttpStatusError(
+                    f"{self.platform} HTTP {status} on {method} {path}: {body_excerpt(response)}",
+                    status,
+                    response.text,
+                )
+            return JsonResponse(status, response.headers, self._decode(response, method, path))
+
+    def _backoff(self, attempt: int) -> float:
+        return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+    def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
+        if not response.content:
+            return None
+        try:
+            return json.loads(response.content)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PayloadError(
+                f"{self.platform} returned a malformed page on {method} {path} (HTTP {response.status_code}): "
+                f"{exc}; body starts {response.text[:120]!r}"
+            ) from None

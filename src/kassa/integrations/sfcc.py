@@ -1,0 +1,734 @@
+"""Salesforce B2C Commerce (SFCC) connector.
+
+Owns: SCAPI access with SLAS tokens (private client, ``client_credentials`` guest token from
+``/shopper/auth/v1/organizations/{org}/oauth2/token``, refreshed before expiry and once more on a 401); the
+catalog crawl (Shopper Search ``productSearch`` paged by ``offset``/``limit``, hydrated through Shopper
+Products ``getProducts`` 24 ids at a time, category names from ``getCategory``); Shopper Orders
+``getOrder``; the polling safety net ``poll_orders(since)`` over OCAPI Shop ``order_search`` (B2C Commerce
+has no outbound webhooks); the audit; and verification of the Kassa cartridge hook's deliveries.
+
+Also owns the **Kassa webhook signature** that platforms without a native signed webhook use (SFCC's
+cartridge hook, SAP Commerce's webhook interceptor — ``sap.py`` imports it from here):
+``X-Kassa-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>``. Several ``v1=``
+entries may be sent while a secret is being rotated; one match is enough. ``t`` bounds replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import httpx
+
+from kassa.integrations.base import (
+    AuditCheck,
+    AuthError,
+    IntegrationError,
+    Order,
+    OrderLine,
+    PayloadError,
+    Product,
+    ReplayError,
+    SignatureError,
+    Unreachable,
+    WebhookDelivery,
+    clip_id,
+    country_code,
+    currency_code,
+    email_sha256,
+    parse_time,
+    to_decimal,
+)
+from kassa.integrations.config import ConfigError, register
+from kassa.integrations.http import HttpClient, HttpStatusError, body_excerpt, parse_retry_after
+
+SIGNATURE_HEADER = "x-kassa-signature"
+TOPIC_HEADER = "x-kassa-topic"
+ORDER_TOPICS = frozenset({"order.created"})
+_GET_PRODUCTS_MAX_IDS = 24  # Shopper Products getProducts accepts at most 24 ids
+_SEARCH_MAX_LIMIT = 200
+AM_TOKEN_URL = "https://account.demandware.com/dwsso/oauth2/access_token"
+
+
+# --------------------------------------------------------------------------- Kassa webhook signature
+def kassa_signature(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Kassa-Signature`` value a sender attaches (what the cartridge / interceptor compute)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_kassa_signature(headers: Mapping[str, str], raw_body: bytes, secret: str | None,
+                           window: float, now: float) -> datetime:
+    """Check ``X-Kassa-Signature`` on the raw bytes; return the signed send time.
+
+    Raises SignatureError (missing/malformed header, no secret configured, no matching ``v1``) before
+    ReplayError (``t`` further than ``window`` seconds from ``now``), so unsigned junk is never a 409.
+    """
+    if not secret:
+        raise SignatureError("no webhook_secret is configured, so no delivery can be verified")
+    value = headers.get(SIGNATURE_HEADER)
+    if not value:
+        raise SignatureError(f"missing {SIGNATURE_HEADER} header")
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in value.split(","):
+        key, sep, item = part.strip().partition("=")
+        if not sep:
+            continue
+        if key == "t":
+            try:
+                timestamp = int(item)
+            except ValueError:
+                raise SignatureError(f"{SIGNATURE_HEADER}: t={item[:20]!r} is not unix seconds") from None
+        elif key == "v1":
+            candidates.append(item.strip().lower())
+    if timestamp is None or not candidates:
+        raise SignatureError(f"{SIGNATURE_HEADER} must be 't=<unix seconds>,v1=<hex hmac>'")
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + raw_body, hashlib.sha256).hexdigest()
+    # Compare against every candidate (no early exit) so timing does not reveal which one matched.
+    matched = False
+    for candidate in candidates:
+        matched |= hmac.compare_digest(candidate.encode(), expected.encode())
+    if not matched:
+        raise SignatureError("webhook signature does not match the body (wrong secret or modified body)")
+    age = now - timestamp
+    if abs(age) > window:
+        raise ReplayError(f"signed at t={timestamp}, {age:.0f} s from now: outside the {window:.0f} s replay window")
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def body_delivery_id(raw_body: bytes) -> str:
+    """Dedupe id of a delivery with no signed id of its own: the SHA-256 of the signed body."""
+    return "sha256:" + hashlib.sha256(raw_body).hexdigest()[:48]
+
+
+# --------------------------------------------------------------------------- OAuth2 client credentials
+def client_credentials_token(
+    http: HttpClient,
+    url: str,
+    form: Mapping[str, str],
+    client_id: str,
+    client_secret: str,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """POST a form to an OAuth2 token endpoint with HTTP Basic client auth; the JSON answer.
+
+    ``HttpClient`` speaks JSON bodies only, so token endpoints (form-encoded by RFC 6749) get this small
+    loop, which still waits out 429 ``Retry-After`` and 5xx through ``http.wait`` (the injectable sleep).
+    """
+    def backoff(attempt: int) -> float:
+        return float(min(http.max_backoff, http.backoff * (2**attempt)))
+
+    attempt = 0
+    with httpx.Client(timeout=timeout, transport=transport) as client:
+        while True:
+            http.requests += 1
+            try:
+                response = client.post(url, data=dict(form), auth=(client_id, client_secret),
+                                       headers={"Accept": "application/json"})
+            except httpx.TransportError as exc:
+                if attempt >= http.max_retries:
+                    raise Unreachable(f"{http.platform} token endpoint {url} unreachable: {exc!r}") from exc
+                http.wait(backoff(attempt), f"token endpoint: {type(exc).__name__}")
+                attempt += 1
+                continue
+            status = response.status_code
+            if status == 429 or status >= 500:
+                if attempt >= http.max_retries:
+                    raise Unreachable(f"{http.platform} token endpoint HTTP {status}: {body_excerpt(response)}")
+                retry_after = parse_retry_after(response.headers.get("retry-after"), http.clock())
+                http.wait(retry_after if retry_after is not None else backoff(attempt), f"token HTTP {status}")
+                attempt += 1
+                continue
+            if status >= 400:
+                # 400 invalid_client / 401 unauthorized: the credentials are what is wrong.
+                raise AuthError(f"{http.platform} token endpoint HTTP {status}: {body_excerpt(response)}", status)
+            try:
+                data = response.json()
+            except ValueError:
+                raise PayloadError(f"{http.platform} token endpoint returned non-JSON: {response.text[:120]!r}") \
+                    from None
+            if not isinstance(data, dict) or not data.get("access_token"):
+                raise PayloadError(f"{http.platform} token endpoint answer has no access_token")
+            return data
+
+
+class _Token:
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self.expires_at = 0.0
+
+
+# --------------------------------------------------------------------------- connector
+@register("sfcc")
+class SfccConnector:
+    """Salesforce B2C Commerce via SCAPI (SLAS private client) and, for order polling, OCAPI.
+
+    Options (``cfg``): ``short_code`` (SCAPI host ``<short_code>.api.commercecloud.salesforce.com``) or
+    ``base_url``; ``organization_id`` (``f_ecom_…``); ``site_id``; ``client_id`` / ``client_secret`` (SLAS
+    private client); ``catalog_refine`` (default ``cgid=root``); ``page_size`` (search ``limit``, ≤ 200);
+    ``currency`` (fallback when a product has none); ``product_url`` (template with ``{id}``, used when
+    SCAPI returns no ``slugUrl``); ``ocapi`` (``base_url`` of the instance, ``version`` such as ``23_2``,
+    ``client_id``, ``client_secret``, ``token_url``) for ``poll_orders``; ``webhook_secret`` and
+    ``replay_window_seconds`` for the cartridge hook's deliveries.
+    """
+
+    platform = "sfcc"
+    snippet_steps: ClassVar[list[str]] = [
+        "In your custom cartridge (e.g. int_kassa) add cartridge/controllers/Order.js with "
+        "server.append('Confirm', …) putting the order (orderNo, currency, total, items, ship country) "
+        "into res.viewData.",
+        "Add cartridge/templates/default/kassa/snippet.isml rendering the snippet tag from that data and "
+        "include it from checkout/confirmation/confirmation.isml (or append it via a template decorator).",
+        "Put int_kassa before app_storefront_base in the site's cartridge path (Business Manager > "
+        "Administration > Sites > Manage Sites > Settings).",
+    ]
+    webhook_steps: ClassVar[list[str]] = [
+        "B2C Commerce has no outbound webhooks: deploy the int_kassa cartridge hook "
+        "(dw.order.hooks / CheckoutServices-PlaceOrder append) posting the order with X-Kassa-Signature.",
+        "Create the HTTP service `kassa.webhook` (Administration > Operations > Services) pointing at "
+        "https://<kassa>/v1/webhooks/sfcc and the site preference kassaWebhookSecret.",
+        "Keep `poll_orders` (OCAPI order_search) scheduled as the safety net for missed deliveries.",
+    ]
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        on_wait: Callable[[float, str], None] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.cfg = dict(cfg)
+        self.sleep = sleep
+        self.clock = clock
+        self.on_wait = on_wait
+        self.transport = transport
+        self.secret = self.cfg.get("webhook_secret") or None
+        self.replay_window = float(self.cfg.get("replay_window_seconds") or 300.0)
+        self.page_size = int(self.cfg.get("page_size") or _SEARCH_MAX_LIMIT)
+        if not 1 <= self.page_size <= _SEARCH_MAX_LIMIT:
+            raise ConfigError(f"sfcc.page_size must be between 1 and {_SEARCH_MAX_LIMIT}, got {self.page_size}")
+        self.fallback_currency = self.cfg.get("currency")
+        self.skipped: list[str] = []  # products the crawl could not turn into offers, with the reason
+        self.total_hint: int | None = None
+        self._http: HttpClient | None = None
+        self._ocapi_http: HttpClient | None = None
+        self._slas = _Token()
+        self._am = _Token()
+        self._category_paths: dict[str, tuple[str, ...]] = {}
+
+    # ------------------------------------------------------------------ config and HTTP
+    def _need(self, key: str) -> str:
+        value = self.cfg.get(key)
+        if not value:
+            raise ConfigError(f"sfcc.{key} is required to call the B2C Commerce API")
+        return str(value)
+
+    @property
+    def base_url(self) -> str:
+        if self.cfg.get("base_url"):
+            return str(self.cfg["base_url"]).rstrip("/")
+        return f"https://{self._need('short_code')}.api.commercecloud.salesforce.com"
+
+    @property
+    def org(self) -> str:
+        return quote(self._need("organization_id"), safe="")
+
+    @property
+    def site(self) -> str:
+        return self._need("site_id")
+
+    @property
+    def http(self) -> HttpClient:
+        if self._http is None:
+            self._http = self._client(self.base_url)
+        return self._http
+
+    def _client(self, base_url: str) -> HttpClient:
+        return HttpClient(
+            base_url, {}, timeout=float(self.cfg.get("timeout", 30.0)), max_retries=int(self.cfg.get("max_retries", 5)),
+            sleep=self.sleep, clock=self.clock, on_wait=self.on_wait, transport=self.transport, platform="sfcc",
+        )
+
+    def close(self) -> None:
+        for client in (self._http, self._ocapi_http):
+            if client is not None:
+                client.close()
+        self._http = self._ocapi_http = None
+
+    def _slas_token(self, force: bool = False) -> str:
+        if force or self._slas.value is None or self.clock() >= self._slas.expires_at:
+            data = client_credentials_token(
+                self.http,
+                f"{self.base_url}/shopper/auth/v1/organizations/{self.org}/oauth2/token",
+                {"grant_type": "client_credentials", "channel_id": self.site},
+                self._need("client_id"), self._need("client_secret"),
+                transport=self.transport,
+            )
+            self._slas.value = str(data["access_token"])
+            # Refresh a minute early: a token that expires mid-crawl costs a 401 round trip.
+            self._slas.expires_at = self.clock() + max(60.0, float(data.get("expires_in") or 1800) - 60.0)
+        assert self._slas.value is not None
+        return self._slas.value
+
+    def _scapi_get(self, path: str, params: Mapping[str, Any]) -> Any:
+        """GET with the SLAS bearer token; a 401 refreshes the token once (it may have been revoked)."""
+        token = self._slas_token()
+        try:
+            return self.http.get(path, params, headers={"Authorization": f"Bearer {token}"}).data
+        except AuthError as exc:
+            if exc.status != 401:
+                raise
+        token = self._slas_token(force=True)
+        return self.http.get(path, params, headers={"Authorization": f"Bearer {token}"}).data
+
+    # ------------------------------------------------------------------ webhooks
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> WebhookDelivery:
+        h = {k.lower(): v for k, v in headers.items()}
+        sent = verify_kassa_signature(h, raw_body, self.secret, self.replay_window, self.clock())
+        topic = (h.get(TOPIC_HEADER) or "order.created").strip()
+        return WebhookDelivery(body_delivery_id(raw_body), topic, sent, raw_body)
+
+    def is_order_topic(self, topic: str) -> bool:
+        return topic in ORDER_TOPICS
+
+    # ------------------------------------------------------------------ parsing
+    def parse_order(self, payload: dict[str, Any]) -> Order:
+        """An order in the SCAPI shape (``getOrder``, the cartridge hook) or OCAPI's snake_case shape."""
+        if not isinstance(payload, dict):
+            raise PayloadError(f"expected a JSON object for a B2C Commerce order, got {type(payload).__name__}")
+        order = payload.get("order") if isinstance(payload.get("order"), dict) else payload
+        assert isinstance(order, dict)
+        if "order_no" in order and "orderNo" not in order:
+            order = ocapi_to_scapi(order)
+        order_no = clip_id(order.get("orderNo"))
+        if order_no is None:
+            raise PayloadError("B2C Commerce order has no `orderNo`", "orderNo")
+        if order.get("creationDate") is None:
+            raise PayloadError(f"order {order_no} has no `creationDate`", "creationDate")
+        if order.get("orderTotal") is None:
+            raise PayloadError(f"order {order_no} has no `orderTotal` (not yet calculated?)", "orderTotal")
+        total = to_decimal(order.get("orderTotal"), "orderTotal")
+        subtotal = to_decimal(order["productSubTotal"], "productSubTotal") \
+            if order.get("productSubTotal") is not None else total
+        items = order.get("productItems") or []
+        if not isinstance(items, list):
+            raise PayloadError("`productItems` must be a list", "productItems")
+        lines = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise PayloadError(f"productItems[{i}] must be an object", f"productItems[{i}]")
+            sku = clip_id(item.get("productId"))
+            if sku is None:
+                raise PayloadError(f"productItems[{i}] has no productId", f"productItems[{i}].productId")
+            qty = int(to_decimal(item.get("quantity", 1), f"productItems[{i}].quantity"))
+            if item.get("basePrice") is not None:
+                unit = to_decimal(item["basePrice"], f"productItems[{i}].basePrice")
+            else:
+                # `price` is the line total (basePrice × quantity) in SCAPI and OCAPI.
+                line_total = to_decimal(item.get("price", 0), f"productItems[{i}].price")
+                unit = (line_total / qty).quantize(Decimal("0.01")) if qty else line_total
+            category = item.get("primaryCategoryId") or item.get("c_primaryCategoryId")
+            lines.append(OrderLine(sku, clip_id(item.get("masterProductId")) or sku,
+                                   str(category) if category else None, qty, unit))
+        info = order.get("customerInfo") if isinstance(order.get("customerInfo"), dict) else {}
+        assert isinstance(info, dict)
+        ship_country = None
+        shipments = order.get("shipments")
+        if isinstance(shipments, list) and shipments and isinstance(shipments[0], dict):
+            address = shipments[0].get("shippingAddress")
+            if isinstance(address, dict):
+                ship_country = country_code(address.get("countryCode"))
+        return Order(
+            platform=self.platform,
+            order_id=order_no,
+            order_number=order_no,
+            # customerNo exists for registered shoppers only; a guest's customerId changes per session.
+            customer_id=clip_id(info.get("customerNo")),
+            email_sha256=email_sha256(info.get("email")),
+            created_at=parse_time(order.get("creationDate"), "creationDate"),
+            currency=currency_code(order.get("currency"), None, "currency"),
+            subtotal=subtotal,
+            total=total,
+            ship_country=ship_country,
+            lines=tuple(lines),
+        )
+
+    def parse_product(self, payload: dict[str, Any]) -> Product:
+        """A product from Shopper Products ``getProduct(s)``."""
+        if not isinstance(payload, dict):
+            raise PayloadError(f"expected a JSON object for a B2C Commerce product, got {type(payload).__name__}")
+        pid = clip_id(payload.get("id"))
+        if pid is None:
+            raise PayloadError("B2C Commerce product has no `id`", "id")
+        price = payload.get("price")
+        if price is None:
+            price = payload.get("priceMax")
+        if price is None:
+            raise PayloadError(f"product {pid} has no price in this site's price books", "price")
+        currency = currency_code(payload.get("currency"), self.fallback_currency, "currency")
+        stock: int | None = None
+        inventory = payload.get("inventory")
+        if isinstance(inventory, dict):
+            if inventory.get("orderable") is False:
+                stock = 0
+            elif inventory.get("ats") is not None:
+                stock = max(0, int(to_decimal(inventory["ats"], "inventory.ats")))
+        master = payload.get("master") if isinstance(payload.get("master"), dict) else {}
+        assert isinstance(master, dict)
+        category_id = payload.get("primaryCategoryId")
+        url = payload.get("slugUrl")
+        if not url and self.cfg.get("product_url"):
+            url = str(self.cfg["product_url"]).format(id=pid)
+        return Product(
+            sku=pid,
+            product_id=clip_id(master.get("masterId")) or pid,
+            title=str(payload.get("name") or pid),
+            price=to_decimal(price, "price"),
+            currency=currency,
+            category_path=self._category_paths.get(str(category_id), (str(category_id),)) if category_id else (),
+            stock=stock,
+            image_url=_image_link(payload.get("imageGroups")),
+            url=str(url) if url else None,
+            updated_at=None,  # Shopper APIs expose no modification time
+        )
+
+    # ------------------------------------------------------------------ catalog
+    def _category_path(self, category_id: str) -> tuple[str, ...]:
+        if category_id not in self._category_paths:
+            try:
+                data = self._scapi_get(
+                    f"/product/shopper-products/v1/organizations/{self.org}/categories/{quote(category_id, safe='')}",
+                    {"siteId": self.site, "levels": 0},
+                )
+            except HttpStatusError:
+                data = None  # offline/unknown category: keep its id as the path
+            except AuthError as exc:
+                if exc.status != 403:
+                    raise
+                data = None  # the client lacks sfcc.shopper-categories: ids instead of names
+            path: list[str] = []
+            if isinstance(data, dict):
+                for node in data.get("parentCategoryTree") or []:
+                    if isinstance(node, dict) and node.get("id") not in (None, "root"):
+                        path.append(str(node.get("name") or node["id"]))
+                name = str(data.get("name") or category_id)
+                if not path or path[-1] != name:
+                    path.append(name)
+            self._category_paths[category_id] = tuple(path) or (category_id,)
+        return self._category_paths[category_id]
+
+    def _search_page(self, offset: int) -> tuple[list[str], int]:
+        data = self._scapi_get(
+            f"/search/shopper-search/v1/organizations/{self.org}/product-search",
+            {"siteId": self.site, "refine": self.cfg.get("catalog_refine", "cgid=root"), "offset": offset,
+             "limit": self.page_size},
+        )
+        if not isinstance(data, dict):
+            raise PayloadError(f"productSearch returned {type(data).__name__}, not a search result")
+        hits = data.get("hits") or []
+        total = data.get("total")
+        if not isinstance(hits, list) or not isinstance(total, int) or isinstance(total, bool):
+            raise PayloadError("productSearch answer lacks a `hits` list or an integer `total`", "hits")
+        ids: list[str] = []
+        for hit in hits:
+            if not isinstance(hit, dict) or not hit.get("productId"):
+                raise PayloadError("productSearch hit without `productId`", "hits.productId")
+            ids.append(str(hit["productId"]))
+        return ids, total
+
+    def get_products(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Shopper Products ``getProducts`` in batches of 24 ids, with availability, images and prices."""
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), _GET_PRODUCTS_MAX_IDS):
+            batch = ids[start:start + _GET_PRODUCTS_MAX_IDS]
+            data = self._scapi_get(
+                f"/product/shopper-products/v1/organizations/{self.org}/products",
+                {"ids": ",".join(batch), "siteId": self.site, "expand": "availability,images,prices"},
+            )
+            items = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise PayloadError("getProducts answer lacks a `data` list of products", "data")
+            out.extend(items)
+        return out
+
+    def iter_products(self, cursor: str | None = None) -> Iterator[tuple[list[Product], str | None]]:
+        """Pages of the site catalog; the cursor is the search ``offset`` after the page.
+
+        The Shopper APIs expose no modification time, so every sync is a full crawl; the cursor makes it
+        resumable after a kill, and the last page's cursor is ``None`` (the next sync starts over). Products
+        without a price are skipped and listed in ``skipped``.
+        """
+        try:
+            offset = int(cursor) if cursor else 0
+        except ValueError:
+            raise PayloadError(f"not a B2C Commerce catalog cursor: {cursor!r} (expected a search offset)") from None
+        while True:
+            ids, total = self._search_page(offset)
+            if not ids:
+                return
+            products = []
+            for raw in self.get_products(ids):
+                category = raw.get("primaryCategoryId")
+                if category:
+                    self._category_path(str(category))
+                try:
+                    products.append(self.parse_product(raw))
+                except PayloadError as exc:
+                    self.skipped.append(f"{raw.get('id')}: {exc}")
+            offset += len(ids)
+            if offset >= total:
+                # No incremental API: a finished crawl leaves no cursor, so the next sync crawls afresh.
+                yield products, None
+                return
+            yield products, str(offset)
+
+    def count_products(self, cursor: str | None = None) -> int | None:
+        """Products a crawl from ``cursor`` will read (a progress hint; ``None`` if unknown)."""
+        try:
+            _, total = self._search_page(0)
+            self.total_hint = max(0, total - (int(cursor) if cursor else 0))
+        except (IntegrationError, ValueError):
+            self.total_hint = None
+        return self.total_hint
+
+    def get_order(self, order_id: str) -> Order:
+        """Shopper Orders ``getOrder`` (a SLAS guest token reads only orders of its own shopper)."""
+        data = self._scapi_get(
+            f"/checkout/shopper-orders/v1/organizations/{self.org}/orders/{quote(order_id, safe='')}",
+            {"siteId": self.site},
+        )
+        if not isinstance(data, dict):
+            raise PayloadError(f"getOrder {order_id} did not return an order object")
+        return self.parse_order(data)
+
+    # ------------------------------------------------------------------ polling safety net (OCAPI)
+    def _ocapi(self) -> tuple[HttpClient, dict[str, Any]]:
+        ocapi = self.cfg.get("ocapi")
+        if not isinstance(ocapi, dict) or not ocapi.get("base_url"):
+            raise ConfigError("sfcc.ocapi (base_url, version, client_id, client_secret) is required to poll orders")
+        if self._ocapi_http is None:
+            self._ocapi_http = self._client(str(ocapi["base_url"]).rstrip("/"))
+        return self._ocapi_http, ocapi
+
+    def _am_token(self, ocapi: dict[str, Any], http: HttpClient) -> str:
+        if self._am.value is None or self.clock() >= self._am.expires_at:
+            data = client_credentials_token(
+                http, str(ocapi.get("token_url") or AM_TOKEN_URL), {"grant_type": "client_credentials"},
+                str(ocapi.get("client_id") or ""), str(ocapi.get("client_secret") or ""), transport=self.transport,
+            )
+            self._am.value = str(data["access_token"])
+            self._am.expires_at = self.clock() + max(60.0, float(data.get("expires_in") or 1799) - 60.0)
+        assert self._am.value is not None
+        return self._am.value
+
+    def _order_search(self, since: str | None, start: int, count: int) -> tuple[list[dict[str, Any]], int]:
+        http, ocapi = self._ocapi()
+        version = str(ocapi.get("version") or "23_2")
+        query: dict[str, Any] = {"match_all_query": {}}
+        if since:
+            query = {"filtered_query": {"query": query, "filter": {"range_filter": {
+                "field": "creation_date", "from": since, "from_inclusive": True}}}}
+        body = {
+            "query": query,
+            "select": "(**)",
+            "sorts": [{"field": "creation_date", "sort_order": "asc"}, {"field": "order_no", "sort_order": "asc"}],
+            "start": start,
+            "count": count,
+        }
+        headers = {"Authorization": f"Bearer {self._am_token(ocapi, http)}",
+                   "x-dw-client-id": str(ocapi.get("client_id") or "")}
+        data = http.post(f"/s/{quote(self.site, safe='')}/dw/shop/v{version}/order_search", body,
+                         headers=headers).data
+        if not isinstance(data, dict) or not isinstance(data.get("total"), int):
+            raise PayloadError("order_search answer lacks an integer `total`", "total")
+        hits = data.get("hits") or []
+        orders = [h.get("data") for h in hits if isinstance(h, dict)]
+        if len(orders) != len(hits) or not all(isinstance(o, dict) for o in orders):
+            raise PayloadError("order_search hit without an order in `data`", "hits.data")
+        return orders, data["total"]  # type: ignore[return-value]
+
+    def poll_orders(self, since: datetime | str | None = None) -> Iterator[tuple[list[Order], str | None]]:
+        """Orders created at/after ``since`` (or the cursor of a previous page), oldest first.
+
+        The safety net for missed cartridge deliveries: run it on a schedule and feed the orders through the
+        same ingest (the event id ``sfcc:order:<orderNo>`` dedupes those the webhook already delivered).
+        Paging is keyset on ``(creation_date, order_no)`` — the cursor is ``"<creation_date>|<order_no>"`` —
+        because order search answers at most its first 1,000 hits of a query.
+        """
+        if isinstance(since, datetime):
+            after: tuple[str, str] | None = (since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "")
+        elif since:
+            ts, _, last_no = since.partition("|")
+            after = (ts, last_no)
+        else:
+            after = None
+        count = self.page_size
+        start = 0
+        while True:
+            raw, total = self._order_search(after[0] if after else None, start, count)
+            fresh = [o for o in raw if after is None or (str(o.get("creation_date")), str(o.get("order_no"))) > after]
+            if not fresh:
+                if len(raw) < count or start + len(raw) >= total:
+                    return
+                start += len(raw)  # a page full of orders sharing the cursor's second: step over them
+                continue
+            start = 0
+            orders = [self.parse_order(o) for o in fresh]
+            last = fresh[-1]
+            after = (str(last.get("creation_date")), str(last.get("order_no")))
+            yield orders, f"{after[0]}|{after[1]}"
+            if len(raw) < count or len(raw) >= total:
+                return
+
+    # ------------------------------------------------------------------ audit
+    def audit(self) -> list[AuditCheck]:
+        checks: list[AuditCheck] = []
+        first_ids: list[str] = []
+
+        def run(capability: str, fn: Callable[[], AuditCheck | str]) -> None:
+            try:
+                result = fn()
+                checks.append(result if isinstance(result, AuditCheck) else AuditCheck(capability, "ok", result))
+            except AuthError as exc:
+                checks.append(AuditCheck(capability, "missing_scope", _scapi_message(exc)))
+            except (Unreachable, httpx.HTTPError) as exc:
+                checks.append(AuditCheck(capability, "unreachable", str(exc)))
+            except ConfigError as exc:
+                checks.append(AuditCheck(capability, "missing_scope", str(exc)))
+            except HttpStatusError as exc:
+                checks.append(AuditCheck(capability, "unsupported" if exc.status == 404 else "unreachable", str(exc)))
+            except IntegrationError as exc:
+                checks.append(AuditCheck(capability, "unreachable", str(exc)))
+
+        def products() -> str:
+            ids, total = self._search_page(0)
+            first_ids.extend(ids[:1])
+            refine = self.cfg.get("catalog_refine", "cgid=root")
+            return f"{total} products searchable on site {self.site} (refine {refine})"
+
+        def orders() -> AuditCheck | str:
+            if not isinstance(self.cfg.get("ocapi"), dict):
+                return AuditCheck("read_orders", "missing_scope",
+                                  "SLAS guest tokens read only their own shopper's orders (Shopper Orders "
+                                  "getOrder); configure `ocapi` with an order_search permission for back-office "
+                                  "order reads and polling")
+            raw, total = self._order_search(None, 0, 1)
+            if not raw:
+                return "orders readable through OCAPI order_search (no orders yet)"
+            oldest = parse_time(raw[0].get("creation_date"), "creation_date")
+            return f"{total} orders readable back to {oldest.date().isoformat()} (OCAPI order_search)"
+
+        def webhooks() -> AuditCheck:
+            detail = ("B2C Commerce has no outbound order webhooks; Kassa receives orders from the int_kassa "
+                      "cartridge hook (X-Kassa-Signature) and polls OCAPI order_search as the safety net")
+            if not self.secret:
+                detail += "; no webhook_secret is configured yet"
+            return AuditCheck("order_webhooks", "unsupported", detail)
+
+        def inventory() -> str:
+            if not first_ids:
+                return "no product to probe availability with"
+            raw = self.get_products(first_ids)
+            inv = raw[0].get("inventory") if raw else None
+            if not isinstance(inv, dict):
+                raise HttpStatusError(f"product {first_ids[0]} has no inventory record for site {self.site}", 404)
+            return f"availability readable (product {first_ids[0]}: ats {inv.get('ats')})"
+
+        def customers() -> AuditCheck:
+            return AuditCheck("customer_data", "unsupported",
+                              "SLAS client-credentials tokens are guest shoppers: no customer records; orders carry "
+                              "customerNo for registered shoppers and the e-mail (stored as SHA-256 only)")
+
+        run("read_products", products)
+        run("read_orders", orders)
+        run("order_webhooks", webhooks)
+        run("inventory", inventory)
+        run("customer_data", customers)
+        return checks
+
+
+# --------------------------------------------------------------------------- helpers
+_OCAPI_KEYS = {
+    "order_no": "orderNo", "creation_date": "creationDate", "currency": "currency",
+    "product_sub_total": "productSubTotal", "order_total": "orderTotal",
+}
+
+
+def ocapi_to_scapi(order: dict[str, Any]) -> dict[str, Any]:
+    """The fields Kassa reads, renamed from OCAPI's snake_case order document to SCAPI's camelCase."""
+    out: dict[str, Any] = {new: order[old] for old, new in _OCAPI_KEYS.items() if old in order}
+    info = order.get("customer_info")
+    if isinstance(info, dict):
+        out["customerInfo"] = {"customerNo": info.get("customer_no"), "customerId": info.get("customer_id"),
+                               "email": info.get("email")}
+    items = order.get("product_items")
+    if isinstance(items, list):
+        out["productItems"] = [
+            {"productId": i.get("product_id"), "quantity": i.get("quantity"), "price": i.get("price"),
+             "basePrice": i.get("base_price"), "masterProductId": i.get("master_product_id"),
+             "c_primaryCategoryId": i.get("c_primaryCategoryId")}
+            if isinstance(i, dict) else i
+            for i in items
+        ]
+    elif "product_items" in order:
+        out["productItems"] = items
+    shipments = order.get("shipments")
+    if isinstance(shipments, list):
+        out["shipments"] = [
+            {"shippingAddress": {"countryCode": (s.get("shipping_address") or {}).get("country_code")}}
+            if isinstance(s, dict) else s
+            for s in shipments
+        ]
+    return out
+
+
+def _image_link(groups: Any) -> str | None:
+    if not isinstance(groups, list):
+        return None
+    ordered = sorted((g for g in groups if isinstance(g, dict)), key=lambda g: g.get("viewType") != "large")
+    for group in ordered:
+        for image in group.get("images") or []:
+            if isinstance(image, dict) and (image.get("disBaseLink") or image.get("link")):
+                return str(image.get("disBaseLink") or image.get("link"))
+    return None
+
+
+def _scapi_message(exc: AuthError) -> str:
+    """SCAPI's problem ``title: detail``, OCAPI's ``fault`` or SLAS's ``message``, not the raw JSON."""
+    body = re.sub(r"^sfcc (?:token endpoint )?HTTP \d+(?: on \S+ \S+)?: ", "", str(exc))
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return f"HTTP {exc.status}: {body}"
+    if isinstance(data, dict) and isinstance(data.get("fault"), dict):
+        data = data["fault"]
+    if isinstance(data, dict):
+        keys = ("title", "detail", "type", "message", "error", "error_description")
+        parts = [str(data[k]) for k in keys if data.get(k) and not str(data[k]).startswith("http")]
+        if parts:
+            return f"HTTP {exc.status}: " + ": ".join(parts)
+    return str(exc)
+
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "SfccConnector",
+    "body_delivery_id",
+    "client_credentials_token",
+    "kassa_signature",
+    "ocapi_to_scapi",
+    "verify_kassa_signature",
+]

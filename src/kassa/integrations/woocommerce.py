@@ -1,0 +1,392 @@
+"""WooCommerce connector: ``order.created`` webhooks and the ``/wp-json/wc/v3`` REST API.
+
+Owns everything WooCommerce-specific:
+
+- Webhooks: ``X-WC-Webhook-Signature`` is the base64 HMAC-SHA256 of the raw body keyed with the
+  webhook's secret; topic in ``X-WC-Webhook-Topic``; delivery id in ``X-WC-Webhook-Delivery-ID``. No
+  signed timestamp, so replays are stopped by deduplication. The unsigned ``webhook_id=<n>`` ping
+  WooCommerce sends when a webhook is saved is acknowledged (it carries no data).
+- REST API: consumer key/secret as HTTP Basic auth (WooCommerce accepts that only over HTTPS; hosts that
+  strip the ``Authorization`` header can use ``query_string_auth: true``), ``page``/``per_page`` paging
+  with ``X-WP-TotalPages``, ``modified_after`` for incremental catalog runs.
+- Audit: a probe per capability; WooCommerce keys have read/write permissions rather than scopes, and
+  its own error codes (``woocommerce_rest_cannot_view``) tell a missing permission from bad credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from kassa.integrations.base import (
+    AuditCheck,
+    AuthError,
+    IntegrationError,
+    Order,
+    OrderLine,
+    PayloadError,
+    Product,
+    SignatureError,
+    WebhookDelivery,
+    clip_id,
+    country_code,
+    currency_code,
+    email_sha256,
+    parse_time,
+    to_decimal,
+)
+from kassa.integrations.config import ConfigError, register
+from kassa.integrations.http import HttpClient, HttpStatusError
+
+API_PREFIX = "/wp-json/wc/v3"
+ORDER_TOPICS = frozenset({"order.created"})
+_PING = re.compile(rb"^webhook_id=\d+$")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+SNIPPET_STEPS = [
+    "Add a small plugin (or a snippet in your theme's functions.php) hooked on `woocommerce_thankyou` "
+    "(it receives the order id): load the order with wc_get_order($order_id).",
+    "Print Kassa's snippet script with your publishable key and the order context: order id, currency, total, "
+    "line items (SKU, product id, category, qty, price) and shipping country.",
+    "The snippet POSTs to `/v1/decisions`, renders the offers on the Order received page and sends "
+    "impression/accept events to `/v1/events`; allow your shop's origin on the publishable key.",
+]
+WEBHOOK_STEPS = [
+    "WooCommerce > Settings > Advanced > Webhooks > Add webhook: topic `Order created`, delivery URL "
+    "https://<kassa-host>/v1/webhooks/woocommerce, API version WP REST API Integration v3, and a secret.",
+    "Give Kassa the same secret: KASSA_INTEGRATIONS__WOOCOMMERCE__WEBHOOK_SECRET=<secret>.",
+]
+
+
+@register("woocommerce")
+class WooCommerceConnector:
+    """WooCommerce REST client and webhook verifier.
+
+    cfg keys: ``url`` (the store's base URL), ``consumer_key``, ``consumer_secret``, ``per_page`` (≤ 100),
+    ``currency`` (skips the store-currency lookup), ``query_string_auth``, ``webhook_secret``,
+    ``timeout``, ``max_retries``, ``allow_insecure_http`` (plain HTTP to a non-local host; WooCommerce
+    itself refuses Basic auth there, so only for proxies that terminate TLS).
+    """
+
+    platform = "woocommerce"
+    snippet_steps = SNIPPET_STEPS
+    webhook_steps = WEBHOOK_STEPS
+
+    def __init__(self, cfg: Mapping[str, Any], *, sleep: Callable[[float], None] = time.sleep,
+                 transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = dict(cfg)
+        secret = self.cfg.get("webhook_secret")
+        self._secret = str(secret).encode() if secret else None
+        self.per_page = max(1, min(100, int(self.cfg.get("per_page") or 100)))
+        self._sleep = sleep
+        self._transport = transport
+        self._clock = clock
+        self._http: HttpClient | None = None
+        self._currency: str | None = self.cfg.get("currency") or None
+        self._query_auth: dict[str, str] = {}
+        self.total_hint: int | None = None  # products the current sync run will see (X-WP-Total)
+        self.skipped: list[str] = []
+
+    # ------------------------------------------------------------------ HTTP plumbing
+    @property
+    def http(self) -> HttpClient:
+        if self._http is None:
+            url = str(self.cfg.get("url") or "")
+            key, secret = self.cfg.get("consumer_key"), self.cfg.get("consumer_secret")
+            if not url:
+                raise ConfigError("woocommerce: set `url` (https://your-store.example) in the integration config")
+            if not key or not secret:
+                raise ConfigError("woocommerce: set `consumer_key` and `consumer_secret` (WooCommerce > Settings > "
+                                  "Advanced > REST API) in the integration config")
+            parts = urlsplit(url)
+            if parts.scheme != "https" and parts.hostname not in _LOOPBACK and not self.cfg.get("allow_insecure_http"):
+                raise ConfigError(f"woocommerce: {url} is not HTTPS; WooCommerce accepts consumer keys over Basic "
+                                  "auth only on HTTPS")
+            self._query_auth = {"consumer_key": str(key), "consumer_secret": str(secret)} \
+                if self.cfg.get("query_string_auth") else {}
+            self._http = HttpClient(
+                url.rstrip("/") + API_PREFIX, timeout=float(self.cfg.get("timeout") or 30),
+                max_retries=int(self.cfg.get("max_retries") or 5), sleep=self._sleep, clock=self._clock,
+                auth=None if self._query_auth else (str(key), str(secret)), transport=self._transport,
+                platform="woocommerce",
+            )
+        return self._http
+
+    def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[Any, httpx.Headers]:
+        http = self.http
+        response = http.get(path, {**(params or {}), **self._query_auth})
+        return response.data, response.headers
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+
+    @property
+    def currency(self) -> str:
+        """The store currency (products carry none): ``currency`` from the config, else asked once."""
+        if self._currency is None:
+            data, _ = self._get("/data/currencies/current")
+            self._currency = currency_code(data.get("code") if isinstance(data, dict) else None, field="currency")
+        return self._currency
+
+    # ------------------------------------------------------------------ webhooks
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> WebhookDelivery:
+        signature = headers.get("x-wc-webhook-signature")
+        if not signature and _PING.match(raw_body.strip()):
+            # Sent unsigned when a webhook is saved; it holds nothing and is never written.
+            return WebhookDelivery(None, "ping", None, raw_body)
+        if self._secret is None:
+            raise SignatureError("woocommerce webhook_secret is not configured")
+        if not signature:
+            raise SignatureError("missing X-WC-Webhook-Signature header")
+        expected = base64.b64encode(hmac.new(self._secret, raw_body, hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, signature.strip().encode("utf-8", "replace")):
+            raise SignatureError("X-WC-Webhook-Signature does not match the body (wrong secret or altered body)")
+        return WebhookDelivery(headers.get("x-wc-webhook-delivery-id") or None,
+                               headers.get("x-wc-webhook-topic", ""), None, raw_body)
+
+    def is_order_topic(self, topic: str) -> bool:
+        return topic in ORDER_TOPICS
+
+    # ------------------------------------------------------------------ parsing
+    def parse_order(self, payload: dict[str, Any]) -> Order:
+        """An order from the ``order.created`` webhook body (identical to ``GET /orders/{id}``)."""
+        if not isinstance(payload, dict):
+            raise PayloadError("a WooCommerce order must be a JSON object")
+        try:
+            order_id = clip_id(payload.get("id"))
+            if order_id is None:
+                raise PayloadError("woocommerce order has no `id`", "id")
+            raw_lines = payload.get("line_items")
+            if not isinstance(raw_lines, list):
+                raise PayloadError("woocommerce order `line_items` must be a list", "line_items")
+            parsed = [self._parse_line(item, i) for i, item in enumerate(raw_lines)]
+            lines = tuple(line for line, _ in parsed)
+            subtotal = sum((line_subtotal for _, line_subtotal in parsed), Decimal(0))
+            billing = payload.get("billing") if isinstance(payload.get("billing"), dict) else {}
+            shipping = payload.get("shipping") if isinstance(payload.get("shipping"), dict) else {}
+            assert isinstance(billing, dict) and isinstance(shipping, dict)
+            customer = payload.get("customer_id")
+            # Guests have customer_id 0.
+            customer_id = clip_id(customer) if customer not in (None, 0, "0", "") else None
+            created = payload.get("date_created_gmt") or payload.get("date_created")
+            number = payload.get("number")
+            return Order(
+                platform="woocommerce",
+                order_id=order_id,
+                order_number=str(number) if number not in (None, "") else None,
+                customer_id=customer_id,
+                email_sha256=email_sha256(billing.get("email") if isinstance(billing.get("email"), str) else None),
+                created_at=parse_time(created, "date_created_gmt"),
+                currency=currency_code(payload.get("currency"), field="currency"),
+                subtotal=subtotal,
+                total=to_decimal(payload.get("total"), "total"),
+                ship_country=country_code(shipping.get("country")) or country_code(billing.get("country")),
+                lines=lines,
+            )
+        except PayloadError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PayloadError(f"malformed WooCommerce order: {exc}") from None
+
+    @staticmethod
+    def _parse_line(item: Any, i: int) -> tuple[OrderLine, Decimal]:
+        where = f"line_items[{i}]"
+        if not isinstance(item, dict):
+            raise PayloadError(f"{where} must be an object", where)
+        product_id = clip_id(item.get("product_id")) if item.get("product_id") not in (None, 0) else None
+        variation = item.get("variation_id")
+        sku = clip_id(item.get("sku")) or (clip_id(variation) if variation not in (None, 0) else None) or product_id
+        if sku is None:
+            raise PayloadError(f"{where} has no sku or product_id", f"{where}.sku")
+        quantity = item.get("quantity", 1)
+        if isinstance(quantity, bool) or not isinstance(quantity, int):
+            raise PayloadError(f"{where}.quantity must be an integer, got {quantity!r}", f"{where}.quantity")
+        subtotal = to_decimal(item.get("subtotal", "0") or "0", f"{where}.subtotal")
+        price = item.get("price")
+        unit = to_decimal(price, f"{where}.price") if price not in (None, "") else (
+            (subtotal / quantity) if quantity else Decimal(0))
+        return OrderLine(sku=sku, product_id=product_id, category=None, qty=quantity,
+                         unit_price=unit.quantize(Decimal("0.0001")).normalize()), subtotal
+
+    def parse_product(self, payload: dict[str, Any]) -> Product:
+        """A product from ``GET /products`` (variable products: the parent, priced at its lowest variation)."""
+        if not isinstance(payload, dict):
+            raise PayloadError("a WooCommerce product must be a JSON object")
+        try:
+            product_id = clip_id(payload.get("id"))
+            if product_id is None:
+                raise PayloadError("woocommerce product has no `id`", "id")
+            sku = clip_id(payload.get("sku")) or product_id
+            categories = payload.get("categories") or []
+            path = tuple(str(c["name"]) for c in categories[:1] if isinstance(c, dict) and c.get("name"))
+            images = payload.get("images") or []
+            image = images[0].get("src") if images and isinstance(images[0], dict) else None
+            if payload.get("manage_stock") and payload.get("stock_quantity") is not None:
+                stock: int | None = int(payload["stock_quantity"])
+            elif payload.get("stock_status") == "outofstock":
+                stock = 0
+            else:
+                stock = None
+            raw_price = payload.get("price")
+            if raw_price in (None, ""):
+                raw_price = payload.get("regular_price") or "0"
+            modified = payload.get("date_modified_gmt") or payload.get("date_modified")
+            return Product(
+                sku=sku,
+                product_id=product_id,
+                title=str(payload.get("name") or sku),
+                price=to_decimal(raw_price, "price"),
+                currency=self.currency,
+                category_path=path,
+                stock=stock,
+                image_url=image if isinstance(image, str) else None,
+                url=payload.get("permalink") or None,
+                updated_at=parse_time(modified, "date_modified_gmt") if modified else None,
+                active=payload.get("status", "publish") == "publish",
+            )
+        except (PayloadError, IntegrationError):
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise PayloadError(f"malformed WooCommerce product: {exc}") from None
+
+    # ------------------------------------------------------------------ catalog
+    def iter_products(self, cursor: str | None = None) -> Iterator[tuple[list[Product], str | None]]:
+        """Products by id, ``per_page`` at a time; the cursor is ``{"page", "since", "high"}`` as JSON.
+
+        Ordering by id keeps pages stable while the run goes on (new products land on later pages). At the
+        end the cursor becomes ``{"since": newest date_modified_gmt}``; the next run asks for
+        ``modified_after`` one second before it, so a product saved in that same second is not missed.
+        """
+        state = _decode_cursor(cursor)
+        page = int(state.get("page") or 1)
+        since, high = state.get("since"), state.get("high") or state.get("since")
+        params: dict[str, Any] = {"per_page": self.per_page, "orderby": "id", "order": "asc"}
+        if since:
+            start = parse_time(since) - timedelta(seconds=1)
+            params.update(modified_after=start.strftime("%Y-%m-%dT%H:%M:%S"), dates_are_gmt="true")
+        while True:
+            data, headers = self._get("/products", {**params, "page": page})
+            if not isinstance(data, list):
+                raise PayloadError(f"woocommerce products page {page} is not a JSON list")
+            try:
+                total_pages = int(headers.get("x-wp-totalpages") or 0)
+            except ValueError:
+                raise PayloadError(f"woocommerce X-WP-TotalPages is not a number: "
+                                   f"{headers.get('x-wp-totalpages')!r}") from None
+            if headers.get("x-wp-total", "").isdigit():
+                self.total_hint = int(headers["x-wp-total"])
+            products: list[Product] = []
+            for item in data:
+                try:
+                    product = self.parse_product(item)
+                except PayloadError as exc:
+                    self.skipped.append(f"{item.get('id', '?') if isinstance(item, dict) else '?'}: {exc}")
+                    continue
+                products.append(product)
+                if product.updated_at is not None:
+                    stamp = product.updated_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                    high = max(high or stamp, stamp)
+            last = not data or page >= total_pages
+            next_cursor: str | None
+            if last:
+                next_cursor = _encode_cursor({"since": high}) if high else None
+            else:
+                next_cursor = _encode_cursor({"page": page + 1, "since": since, "high": high})
+            yield products, next_cursor
+            if last:
+                return
+            page += 1
+
+    # ------------------------------------------------------------------ orders
+    def get_order(self, order_id: str) -> Order:
+        try:
+            data, _ = self._get(f"/orders/{order_id}")
+        except HttpStatusError as exc:
+            if exc.status == 404:
+                raise IntegrationError(f"woocommerce: order {order_id} not found: {exc.body[:200]}") from None
+            raise
+        return self.parse_order(data)
+
+    # ------------------------------------------------------------------ audit
+    def audit(self) -> list[AuditCheck]:
+        checks: list[AuditCheck] = []
+        sample: list[Any] = []
+        try:
+            sample, _ = self._get("/products", {"per_page": 20})
+            checks.append(AuditCheck("read_products", "ok", f"products readable ({len(sample)} sampled)"))
+        except Exception as exc:
+            checks.append(_failed("read_products", exc))
+        try:
+            oldest, headers = self._get("/orders", {"per_page": 1, "orderby": "date", "order": "asc"})
+            if oldest and isinstance(oldest[0], dict):
+                first = oldest[0].get("date_created_gmt") or oldest[0].get("date_created")
+                detail = f"orders readable back to {str(first)[:10]} ({headers.get('x-wp-total', '?')} in all)"
+            else:
+                detail = "orders readable (none placed yet)"
+            checks.append(AuditCheck("read_orders", "ok", detail))
+        except Exception as exc:
+            checks.append(_failed("read_orders", exc))
+        try:
+            hooks, _ = self._get("/webhooks", {"per_page": 100})
+            ours = [h for h in hooks if isinstance(h, dict) and h.get("topic") == "order.created"]
+            active = [h for h in ours if h.get("status") == "active"]
+            if active:
+                detail = "order.created delivered to " + ", ".join(str(h.get("delivery_url")) for h in active)
+            elif ours:
+                detail = f"order.created webhook exists but is {ours[0].get('status')} (re-activate it)"
+            else:
+                detail = "no order.created webhook yet (see the webhook steps)"
+            checks.append(AuditCheck("order_webhooks", "ok", detail))
+        except Exception as exc:
+            checks.append(_failed("order_webhooks", exc))
+        if checks[0].status == "ok":
+            managed = sum(1 for p in sample if isinstance(p, dict) and p.get("manage_stock"))
+            checks.append(AuditCheck("inventory", "ok", f"stock readable on products ({managed} of {len(sample)} "
+                                                        "sampled manage stock)"))
+        else:
+            checks.append(AuditCheck("inventory", checks[0].status, checks[0].detail))
+        try:
+            self._get("/customers", {"per_page": 1})
+            checks.append(AuditCheck("customer_data", "ok", "customer records readable; Kassa stores only the "
+                                                            "billing e-mail SHA-256"))
+        except Exception as exc:
+            checks.append(_failed("customer_data", exc))
+        return checks
+
+
+def _failed(capability: str, exc: Exception) -> AuditCheck:
+    text = str(exc)
+    if isinstance(exc, AuthError) and ("cannot_view" in text or "cannot_list" in text or "cannot_read" in text
+                                       or exc.status == 403):
+        return AuditCheck(capability, "missing_scope", text)
+    if isinstance(exc, HttpStatusError) and exc.status == 404:
+        return AuditCheck(capability, "unsupported", text)
+    return AuditCheck(capability, "unreachable", text)
+
+
+def _encode_cursor(state: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in state.items() if v is not None}, separators=(",", ":"), sort_keys=True)
+
+
+def _decode_cursor(cursor: str | None) -> dict[str, Any]:
+    if not cursor:
+        return {}
+    try:
+        state = json.loads(cursor)
+    except ValueError:
+        raise ConfigError(f"woocommerce: unreadable sync cursor {cursor[:80]!r}; run the sync with --reset") from None
+    if not isinstance(state, dict):
+        raise ConfigError("woocommerce: sync cursor must be a JSON object; run the sync with --reset")
+    return state

@@ -1,0 +1,137 @@
+"""Late order webhooks credit the decision that showed the bought product (the reward the learner gets)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from kassa import schemas
+from kassa.api.app import create_app
+from kassa.app import Kassa
+from kassa.learn.rewards import JoinedExample, PendingDecision, RewardJoiner
+from tests.conftest import PUB, decision_body, order
+from tests.integrations.conftest import SHOPIFY_SECRET, fixture
+from tests.integrations.fakes.base import sign_b64
+
+CUSTOMER = "115310627314723954"  # the customer of the recorded Shopify order
+
+
+@pytest.fixture
+def joined(kassa: Kassa, monkeypatch: pytest.MonkeyPatch) -> list[JoinedExample]:
+    """Every example the joiner closes, whoever closes it (the background learning loop or the test)."""
+    closed: list[JoinedExample] = []
+    expire = kassa.joiner.expire
+
+    def recording(now: float, limit: int = 10_000) -> list[JoinedExample]:
+        out = expire(now, limit)
+        closed.extend(out)
+        return out
+
+    monkeypatch.setattr(kassa.joiner, "expire", recording)
+    return closed
+
+
+@pytest.fixture
+def app_client(kassa: Kassa) -> Iterator[TestClient]:
+    with TestClient(create_app(kassa)) as c:
+        yield c
+
+
+def decide(client: TestClient, customer: str = CUSTOMER) -> dict[str, Any]:
+    body = decision_body(customer=customer, order=order(80, "US", ("electronics",), order_id="5001"),
+                         candidates=["serum-upsell", "discount"], limit=2)
+    response = client.post("/v1/decisions", json=body, headers={"Authorization": f"Bearer {PUB}"})
+    assert response.status_code == 200, response.text
+    decision = response.json()
+    assert "serum-upsell" in [o["offer_id"] for o in decision["offers"]]
+    return decision
+
+
+def webhook(client: TestClient, created: float, order_id: int = 5002, customer: str = CUSTOMER) -> dict[str, Any]:
+    payload = fixture("shopify", "orders_create.json") | {
+        "id": order_id, "created_at": datetime.fromtimestamp(created, UTC).isoformat(),
+        "customer": {"id": customer}, "total_price": "19.00", "subtotal_price": "19.00",
+        "line_items": [{"id": 1, "product_id": "p-1", "variant_id": 77, "sku": "SERUM-C", "quantity": 1,
+                        "price": "19.00"}],
+    }
+    body = json.dumps(payload).encode()
+    response = client.post("/v1/webhooks/shopify", content=body,
+                           headers={"X-Shopify-Hmac-Sha256": sign_b64(SHOPIFY_SECRET, body),
+                                    "X-Shopify-Topic": "orders/create", "X-Shopify-Webhook-Id": f"w-{order_id}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def rewards_of(joined: list[JoinedExample], decision_id: str) -> dict[str, float]:
+    return {e.offer_id: e.reward for e in joined if e.decision_id == decision_id}
+
+
+def close_all(kassa: Kassa, clock: Any) -> None:
+    clock.advance(61)  # past the placement's reward.wait_seconds (60)
+    kassa.learning.step()
+
+
+def test_a_webhook_arriving_after_the_decision_credits_its_conversion(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(40)  # the buyer comes back and buys the offered serum; the webhook lands 40 s later
+    assert webhook(app_client, created=clock() - 15) == {"accepted": 1, "duplicates": 0}
+    assert kassa.joiner.matched_events == 1
+    close_all(kassa, clock)
+    rewards = rewards_of(joined, decision["decision_id"])
+    assert rewards["serum-upsell"] == 19.0  # conversion weighted by value (placement: conversion: value)
+    assert rewards.get("discount", 0.0) == 0.0
+
+
+def test_a_redelivered_webhook_credits_only_once(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(10)
+    webhook(app_client, created=clock())
+    assert webhook(app_client, created=clock()) == {"accepted": 0, "duplicates": 1}
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 19.0
+
+
+def test_the_order_placed_before_the_decision_is_not_its_conversion(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(20)
+    webhook(app_client, created=clock() - 30)  # placed 10 s before the confirmation page asked
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 0.0
+
+
+def test_another_buyers_order_credits_nothing(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(5)
+    webhook(app_client, created=clock(), customer="someone-else")
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 0.0
+
+
+def test_a_webhook_after_the_window_closed_is_too_late(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    close_all(kassa, clock)
+    webhook(app_client, created=clock())
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 0.0
+
+
+def test_a_guest_order_matches_a_decision_by_email_sha256():
+    email = hashlib.sha256(b"guest@example.com").hexdigest()
+    definition = schemas.RewardDefinition(weights={"conversion": "value"}, wait_seconds=60)
+    joiner = RewardJoiner(lambda _p: definition)
+    joiner.register(PendingDecision("d1", "p", 100.0, 160.0, "s", ["serum"], [" |o id=serum"], [1.0], None,
+                                    ["SERUM-C"], email_sha256=email))
+    guest_order = schemas.Order(id="o-9", created_at=130.0, items=[schemas.OrderItem(sku="SERUM-C", price=19.0)])
+    other = schemas.Event("e0", "order", customer=schemas.Customer(email_sha256="0" * 64), order=guest_order)
+    assert joiner.observe(other) == 0
+    event = schemas.Event("e1", "order", customer=schemas.Customer(email_sha256=email), order=guest_order)
+    assert joiner.observe(event) == 1
+    [example] = joiner.expire(160.0)
+    assert example.reward == 19.0 and len(joiner) == 0
+    assert joiner.observe(schemas.Event("e2", "order", customer=schemas.Customer(email_sha256=email),
+                                        order=guest_order)) == 0  # closed and forgotten

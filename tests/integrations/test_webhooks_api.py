@@ -1,0 +1,231 @@
+"""POST /v1/webhooks/{platform} through the real app: verify, dedupe, ingest — and nothing written when refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from kassa import schemas
+from kassa.api.app import create_app
+from kassa.app import Kassa
+from kassa.config import load_settings
+from kassa.integrations.config import webhook_settings
+from tests.integrations.conftest import SHOPIFY_SECRET, WOO_SECRET, fixture
+from tests.integrations.fakes.base import sign_b64
+
+SHOPIFY_ORDER_ID = "820982911946154508"
+
+
+@pytest.fixture
+def hooks(kassa: Kassa) -> Iterator[TestClient]:
+    """A client with no API key: webhooks authenticate by signature."""
+    with TestClient(create_app(kassa)) as c:
+        yield c
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def shopify_body(created: float, **changes: Any) -> bytes:
+    payload = fixture("shopify", "orders_create.json") | {"created_at": _iso(created)} | changes
+    return json.dumps(payload).encode()
+
+
+def shopify_headers(body: bytes, secret: str = SHOPIFY_SECRET, delivery: str = "d-1",
+                    topic: str = "orders/create") -> dict[str, str]:
+    return {"X-Shopify-Hmac-Sha256": sign_b64(secret, body), "X-Shopify-Topic": topic,
+            "X-Shopify-Webhook-Id": delivery, "X-Shopify-Shop-Domain": "fake.myshopify.com",
+            "Content-Type": "application/json"}
+
+
+def woo_body(created: float) -> bytes:
+    payload = fixture("woocommerce", "order_created.json") | {"date_created_gmt": _iso(created)[:-1]}
+    return json.dumps(payload).encode()
+
+
+def woo_headers(body: bytes, secret: str = WOO_SECRET, delivery: str = "w-1") -> dict[str, str]:
+    return {"X-WC-Webhook-Signature": sign_b64(secret, body), "X-WC-Webhook-Topic": "order.created",
+            "X-WC-Webhook-Delivery-ID": delivery, "X-WC-Webhook-Resource": "order", "X-WC-Webhook-Event": "created"}
+
+
+def stored(kassa: Kassa) -> list[schemas.Event]:
+    return [event for _, event in kassa.event_log.read(0, 100)]
+
+
+def assert_problem(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status and problem["detail"]
+    if field is not None:
+        assert problem.get("field") == field
+    return problem
+
+
+# ----------------------------------------------------------------------------- accepted
+def test_a_signed_shopify_order_is_stored_as_one_canonical_order_event(hooks, kassa, clock):
+    body = shopify_body(clock())
+    response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body))
+    assert response.status_code == 200 and response.json() == {"accepted": 1, "duplicates": 0}
+    [event] = stored(kassa)
+    assert event.event_id == f"shopify:order:{SHOPIFY_ORDER_ID}" and event.type == "order"
+    assert event.customer is not None and event.customer.id == "115310627314723954"
+    assert event.customer.email_sha256 == hashlib.sha256(b"jon@example.com").hexdigest()
+    assert event.order is not None and event.order.platform == "shopify" and event.order.total == 403.0
+    assert b"jon@example.com" not in kassa.event_log.path.read_bytes()  # never the raw address
+
+
+def test_the_order_updates_the_buyers_profile_and_stream_features(hooks, kassa, clock):
+    body = shopify_body(clock())
+    assert hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).status_code == 200
+    profile = kassa.profiles.get("115310627314723954")
+    assert profile is not None and profile["orders_count"] == 1 and profile["spend_total"] == 403.0
+    row = kassa.store.get_now("customer", "115310627314723954")  # type: ignore[union-attr]
+    assert row is not None and row["customer_activity"]["orders_1h"] == 1
+
+
+def test_line_categories_missing_from_the_platform_are_taken_from_the_synced_offer(hooks, kassa, clock):
+    kassa.catalog.put_offer(schemas.Offer(id="ipod", kind="product", title="iPod", sku="IPOD2008PINK",
+                                          product_id="999", category="electronics"))
+    body = shopify_body(clock())
+    hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body))
+    [event] = stored(kassa)
+    assert event.order is not None and event.order.items[0].category == "electronics"
+
+
+def test_a_signed_woocommerce_order_is_stored(hooks, kassa, clock):
+    body = woo_body(clock())
+    response = hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
+    assert response.json() == {"accepted": 1, "duplicates": 0}
+    [event] = stored(kassa)
+    assert event.event_id == "woocommerce:order:727" and event.order is not None
+    assert event.order.created_at == clock()
+
+
+# ----------------------------------------------------------------------------- duplicates
+def test_a_replayed_delivery_is_counted_once(hooks, kassa, clock):
+    body = shopify_body(clock())
+    headers = shopify_headers(body)
+    assert hooks.post("/v1/webhooks/shopify", content=body, headers=headers).json()["accepted"] == 1
+    again = hooks.post("/v1/webhooks/shopify", content=body, headers=headers)
+    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1}
+    assert len(stored(kassa)) == 1
+    assert kassa.profiles.get("115310627314723954")["orders_count"] == 1  # type: ignore[index]
+
+
+def test_the_same_order_under_a_new_delivery_id_is_still_a_duplicate(hooks, kassa, clock):
+    # Delivery-id headers are outside the HMAC: a replayed body with a fresh id must not count twice.
+    body = shopify_body(clock())
+    hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-1"))
+    again = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-2"))
+    assert again.json() == {"accepted": 0, "duplicates": 1} and len(stored(kassa)) == 1
+
+
+def test_a_replayed_woocommerce_delivery_is_counted_once(hooks, kassa, clock):
+    body = woo_body(clock())
+    hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
+    again = hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
+    assert again.json() == {"accepted": 0, "duplicates": 1} and len(stored(kassa)) == 1
+
+
+def test_the_dedupe_survives_a_restart(settings, clock):
+    body = shopify_body(clock())
+    for expected in ({"accepted": 1, "duplicates": 0}, {"accepted": 0, "duplicates": 1}):
+        with TestClient(create_app(Kassa(settings, clock=clock))) as c:
+            assert c.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).json() == expected
+
+
+# ----------------------------------------------------------------------------- refused: nothing written
+@pytest.mark.parametrize("case", ["one_byte", "wrong_secret", "missing_header", "empty_header"])
+def test_bad_signatures_are_401_and_nothing_is_written(hooks, kassa, clock, case):
+    body = shopify_body(clock())
+    headers = shopify_headers(body, "wrong-secret" if case == "wrong_secret" else SHOPIFY_SECRET)
+    if case == "one_byte":
+        body = body.replace(b'"403.00"', b'"403.01"')
+    if case == "missing_header":
+        del headers["X-Shopify-Hmac-Sha256"]
+    if case == "empty_header":
+        headers["X-Shopify-Hmac-Sha256"] = ""
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=headers), 401, "signature")
+    assert kassa.event_log.count() == 0 and kassa.profiles.get("115310627314723954") is None
+
+
+@pytest.mark.parametrize("case", ["one_byte", "wrong_secret", "missing_header"])
+def test_bad_woocommerce_signatures_are_401_and_nothing_is_written(hooks, kassa, clock, case):
+    body = woo_body(clock())
+    headers = woo_headers(body, "wrong" if case == "wrong_secret" else WOO_SECRET)
+    if case == "one_byte":
+        body = body.replace(b'"29.35"', b'"29.36"')
+    if case == "missing_header":
+        del headers["X-WC-Webhook-Signature"]
+    assert_problem(hooks.post("/v1/webhooks/woocommerce", content=body, headers=headers), 401, "signature")
+    assert kassa.event_log.count() == 0
+
+
+def test_an_unknown_platform_is_404(hooks, kassa):
+    problem = assert_problem(hooks.post("/v1/webhooks/bigcommerce", content=b"{}"), 404, "platform")
+    assert "unknown platform" in problem["detail"]
+
+
+def test_a_platform_without_a_secret_is_404_saying_how_to_configure_it(settings, clock):
+    import msgspec
+
+    bare = msgspec.structs.replace(settings, integrations={})
+    with TestClient(create_app(Kassa(bare, clock=clock))) as c:
+        body = shopify_body(clock())
+        problem = assert_problem(c.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 404)
+    assert "KASSA_INTEGRATIONS__SHOPIFY__WEBHOOK_SECRET" in problem["detail"]
+
+
+def test_signed_but_malformed_json_is_400(hooks, kassa):
+    body = b'{"id": 1, "line_items": ['
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 400)
+    assert kassa.event_log.count() == 0
+
+
+def test_signed_json_that_is_not_an_object_is_422(hooks, kassa):
+    body = b"[1, 2]"
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 422)
+    assert kassa.event_log.count() == 0
+
+
+def test_a_signed_order_with_a_bad_field_is_422_naming_it(hooks, kassa, clock):
+    body = shopify_body(clock(), line_items=[{"sku": "A", "quantity": "many", "price": "1.00"}])
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 422,
+                   "line_items[0].quantity")
+    assert kassa.event_log.count() == 0
+
+
+def test_a_body_over_the_limit_is_413(hooks, kassa):
+    body = b"x" * 1_100_000
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 413)
+    assert kassa.event_log.count() == 0
+
+
+# ----------------------------------------------------------------------------- acknowledged, not orders
+def test_another_topic_is_acknowledged_and_not_written(hooks, kassa, clock):
+    body = shopify_body(clock())
+    response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/updated"))
+    assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 1} and kassa.event_log.count() == 0
+
+
+def test_the_woocommerce_ping_is_acknowledged_and_not_written(hooks, kassa):
+    response = hooks.post("/v1/webhooks/woocommerce", content=b"webhook_id=12",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200 and response.json()["ignored"] == 1 and kassa.event_log.count() == 0
+
+
+def test_the_webhook_secret_can_come_from_the_environment(monkeypatch, tmp_path):
+    # An all-digit secret with a leading zero would be turned into a number by the YAML-typed env loader.
+    monkeypatch.setenv("KASSA_INTEGRATIONS__WOOCOMMERCE__WEBHOOK_SECRET", "0123")
+    monkeypatch.setenv("KASSA_INTEGRATIONS__WOOCOMMERCE__REPLAY_WINDOW_SECONDS", "60")
+    settings = load_settings(None, data_dir=str(tmp_path))
+    cfg = webhook_settings("woocommerce", settings.integrations)
+    assert cfg.webhook_secret == "0123" and cfg.replay_window_seconds == 60.0
