@@ -55,13 +55,23 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
     if not enabled:
         return None
     header = request.headers.get("authorization")
-    if not header or not header.startswith("Bearer "):
+    field = "Authorization"
+    if not header and "key" in request.query_params:
+        # `?key=` lets the browser snippet send CORS-simple requests (no preflight, one round trip;
+        # sendBeacon cannot set headers at all). Only publishable keys, which are public anyway.
+        field = "key"
+        info = keys.lookup(request.query_params["key"])
+        if info is not None and info.kind != "publishable":
+            raise errors.Forbidden("only a publishable key may travel in the URL; send a "
+                                   f"{info.kind} key in the Authorization header", field)
+    elif not header or not header.startswith("Bearer "):
         raise errors.Unauthorized("send `Authorization: Bearer <key>`", "Authorization")
-    info = keys.lookup(header[7:].strip())
+    else:
+        info = keys.lookup(header[7:].strip())
     if info is None:
-        raise errors.Unauthorized("unknown or revoked API key", "Authorization")
+        raise errors.Unauthorized("unknown or revoked API key", field)
     if not info.allows(needed):
-        raise errors.Forbidden(f"a {info.kind} key cannot do this; it needs a {needed} key", "Authorization")
+        raise errors.Forbidden(f"a {info.kind} key cannot do this; it needs a {needed} key", field)
     if info.kind == "publishable" and info.origins:
         origin = request.headers.get("origin")
         if origin is not None and origin not in info.origins:

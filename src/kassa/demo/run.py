@@ -24,6 +24,8 @@ import msgspec
 from rich.console import Console
 from rich.live import Live
 
+from kassa.api.demo_page import PATH as DEMO_PAGE
+from kassa.api.demo_page import add_demo_page
 from kassa.app import Kassa
 from kassa.config import load_settings
 from kassa.demo.driver import Driver
@@ -39,6 +41,7 @@ HOST = "127.0.0.1"
 LAST_WINDOW = 5_000  # the headline comparison: checkouts among the last 5,000 of the run
 LIVE_WINDOW = 2_000
 PROGRESS_EVERY_S = 5.0
+DEMO_PAGE_TIMEOUT_MS = 400  # the shoppers keep this server busy; the snippet's default is 150 ms
 
 
 @contextlib.contextmanager
@@ -127,7 +130,10 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
     })
     kassa = Kassa(settings, seed=seed)
     try:
-        server = BackgroundServer(settings, kassa).start()
+        server = BackgroundServer(settings, kassa)
+        add_demo_page(server.app, PUBLISHABLE_KEY, [decision_request_body(c, POLICY) for c in world.checkouts(
+            100, stream="page")], {p.sku: p.name for p in store.products}, timeout_ms=DEMO_PAGE_TIMEOUT_MS)
+        server.start()
     except RuntimeError:
         raise SystemExit(f"could not start the demo server on {HOST}:{port}; is the port in use? "
                          "Pick another with --port.") from None
@@ -135,6 +141,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
     if not headless:
         human.print(f"[bold]Kassa demo[/]: {len(store.products)} products, {len(store.offers)} offers, "
                     f"{n:,} checkouts; API on {url} (set up in {time.perf_counter() - t0:.1f} s)")
+        human.print(f"Confirmation page with the snippet: {url}{DEMO_PAGE}", markup=False, highlight=False)
     share_of = dict(zip(SLICES, shares, strict=True))
     try:
         board = Scoreboard(plan, window=LIVE_WINDOW)
@@ -164,6 +171,11 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         if driver.error is not None:
             raise SystemExit(f"demo failed: {driver.error}")
 
+        # Let the last decisions' reward windows close, so every outcome of the run is learned and counted.
+        drain_until = time.monotonic() + max(v.placement.reward.wait_seconds
+                                             for v in kassa.catalog.snapshot.placements.values()) + 1.0
+        while len(kassa.joiner) and time.monotonic() < drain_until and not interrupted:
+            time.sleep(0.05)
         result = board.result(seed, LAST_WINDOW)
         result["requests"] = driver.requests
         result["learned_examples"] = kassa.learning.learned
@@ -181,7 +193,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         if json_out:
             print(json.dumps(result), flush=True)
         if keep_serving and not interrupted:  # a Ctrl-C during the run means "stop", not "serve"
-            human.print(f"\nServing on {url} until Ctrl-C.")
+            human.print(f"\nServing on {url} until Ctrl-C; the confirmation page is {url}{DEMO_PAGE}", soft_wrap=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while server.thread.is_alive():
                     time.sleep(0.5)

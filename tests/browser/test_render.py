@@ -1,0 +1,303 @@
+"""Rendering in a real browser: both layouts, shadow-root isolation from hostile page CSS, text-only
+content, keyboard use, one global, no cookies, the data- attribute form and the demo page."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.browser.conftest import ORDER, KassaUnderTest, LoadPage, PageRun, show
+
+FAST = {"timeout": 5000, "batchMs": 50}  # generous: the CPU is shared; the default is tested elsewhere
+
+OFFERS_JS = """() => {
+  const host = document.querySelector('kassa-offers');
+  if (!host) return null;
+  const r = host.shadowRoot;
+  const box = r.querySelector('.box');
+  return {
+    layout: host.getAttribute('data-layout'),
+    parent: host.parentElement.id || host.parentElement.tagName,
+    role: box.getAttribute('role'), modal: box.getAttribute('aria-modal'),
+    label: r.getElementById(box.getAttribute('aria-labelledby')).textContent,
+    offers: [...r.querySelectorAll('.offer')].map((li) => ({
+      id: li.dataset.offer,
+      headline: li.querySelector('.headline').textContent,
+      tag: li.querySelector('.headline').tagName,
+      cta: li.querySelector('.cta').textContent,
+      img: li.querySelector('img') && {loading: li.querySelector('img').loading, alt: li.querySelector('img').alt},
+    })),
+  };
+}"""
+
+STYLE_JS = """() => {
+  const r = document.querySelector('kassa-offers').shadowRoot;
+  const pick = (el) => {
+    const s = getComputedStyle(el);
+    return {display: s.display, visibility: s.visibility, opacity: s.opacity, color: s.color,
+            background: s.backgroundColor, font: s.fontSize + ' ' + s.fontWeight + ' ' + s.fontFamily,
+            // layout sizes, not getBoundingClientRect: the opening animation scales the dialog
+            padding: s.padding, radius: s.borderRadius, w: el.offsetWidth, h: el.offsetHeight};
+  };
+  return {title: pick(r.querySelector('.title')), offer: pick(r.querySelector('.offer')),
+          cta: pick(r.querySelector('.cta')), close: pick(r.querySelector('.close')),
+          box: pick(r.querySelector('.box'))};
+}"""
+
+# the unreachable image of the third offer is removed on error; sizes are compared after that
+IMAGES_SETTLED = "document.querySelector('kassa-offers').shadowRoot.querySelectorAll('img').length === 1"
+
+# Everything hostile except hiding the store's own container (#offers): no script could undo that.
+HOSTILE_CSS = """<style>
+* { all: unset !important; }
+html { font-size: 3px !important; }
+kassa-offers, section, ul, li, button, p, div:not(#offers), h2, img, a {
+  display: none !important; visibility: hidden !important; opacity: 0 !important; color: red !important;
+  font: 2px/1 cursive !important; background: lime !important; padding: 40px !important; }
+kassa-offers { position: absolute !important; left: -9999px !important; z-index: -1 !important; }
+button:focus { outline: 9px solid red !important; }
+</style>"""
+
+
+DIALOG_FOCUSED = "document.querySelector('kassa-offers')?.shadowRoot.activeElement?.className === 'box'"
+
+
+def focused(run: PageRun) -> str:
+    """What has focus: ``shadow:<class>:<text>`` inside the snippet, else the page element's id."""
+    return run.page.evaluate("""() => {
+      const host = document.querySelector('kassa-offers');
+      const a = host && host.shadowRoot.activeElement;
+      if (a) return 'shadow:' + a.className + ':' + (a.className === 'box' ? '' : a.textContent);
+      return document.activeElement ? document.activeElement.id || document.activeElement.tagName : '';
+    }""")
+
+
+def test_overlay_renders_offers_in_a_modal_dialog(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    result = show(run, layout="overlay")
+    assert result["shown"] == 3 and result["decision_id"]
+    got = run.page.evaluate(OFFERS_JS)
+    assert got["layout"] == "overlay" and got["parent"] == "BODY"
+    assert got["role"] == "dialog" and got["modal"] == "true" and got["label"] == "You might also like"
+    assert [o["id"] for o in got["offers"]] == ["serum-sub", "warranty", "thanks10"]
+    assert got["offers"][0] == {"id": "serum-sub", "headline": "Never run out: serum every 6 weeks", "tag": "P",
+                                "cta": "Subscribe", "img": {"loading": "lazy", "alt": "Serum bottle"}}
+    assert got["offers"][1]["tag"] == "A"  # content.url makes the headline a link (click events)
+    run.page.wait_for_timeout(300)
+    # the unreachable image is removed instead of showing a broken icon
+    assert run.page.evaluate(OFFERS_JS)["offers"][2]["img"] is None
+    run.page.wait_for_function(DIALOG_FOCUSED)  # focus moves into the dialog once it is painted
+    dialog = run.page.locator("kassa-offers .box")
+    assert dialog.is_visible()
+    box = dialog.bounding_box()
+    assert box and box["width"] > 300 and box["height"] > 200
+    # the dialog is on top of the page at its centre
+    on_top = run.page.evaluate("([x, y]) => document.elementFromPoint(x, y).tagName",
+                               [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+    assert on_top == "KASSA-OFFERS"
+    assert run.errors == []
+
+
+def test_inline_renders_into_the_target_without_a_dialog(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    before = run.page.evaluate("document.getElementById('offers').getBoundingClientRect().height")
+    assert before == 0  # the target reserves no space before offers arrive
+    result = show(run, layout="inline", target="#offers")
+    assert result["shown"] == 3
+    got = run.page.evaluate(OFFERS_JS)
+    assert got["layout"] == "inline" and got["parent"] == "offers"
+    assert got["role"] == "region" and got["modal"] is None
+    assert run.page.evaluate("document.querySelector('kassa-offers').shadowRoot.querySelector('.overlay')") is None
+    assert run.page.locator("kassa-offers .offer").count() == 3
+    assert run.page.evaluate("document.getElementById('offers').getBoundingClientRect().height") > 150
+    assert focused(run) == "BODY"  # inline never steals focus
+    assert run.errors == []
+
+
+def test_inline_with_a_missing_target_shows_nothing(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    html = run.page.evaluate("document.body.innerHTML")
+    result = show(run, layout="inline", target="#nowhere")
+    assert result["shown"] == 0
+    assert run.page.evaluate("document.body.innerHTML") == html
+    assert run.snippet_console("debug")  # said why, at debug level only
+    assert run.snippet_console("error") == [] and run.snippet_console("warning") == []
+
+
+def test_hostile_page_css_does_not_reach_the_offers(open_shop_page: LoadPage, page: PageRun) -> None:
+    styles: dict[str, dict[str, Any]] = {}
+    for name, head in (("clean", ""), ("hostile", HOSTILE_CSS)):
+        run = open_shop_page(head=head, init=FAST)
+        assert show(run, layout="overlay")["shown"] == 3
+        run.page.wait_for_function(IMAGES_SETTLED)
+        styles[name] = run.page.evaluate(STYLE_JS)
+        run.page.keyboard.press("Escape")
+    clean, hostile = styles["clean"], styles["hostile"]
+    assert hostile == clean  # every computed style and size, element by element
+    assert clean["cta"]["display"] == "block" and clean["cta"]["visibility"] == "visible"
+    assert clean["cta"]["background"] == "rgb(31, 35, 40)" and clean["cta"]["color"] == "rgb(255, 255, 255)"
+    assert clean["title"]["font"].startswith("16.95px 650")  # 1.13em of the 15px default, not the page's 3px rem
+    assert clean["box"]["w"] == 520
+
+    # inline: sizes follow the store's column, but styles must not
+    for name, head in (("clean", ""), ("hostile", HOSTILE_CSS)):
+        run = open_shop_page(head=head, init=FAST)
+        assert show(run, layout="inline", target="#offers")["shown"] == 3
+        run.page.wait_for_function(IMAGES_SETTLED)
+        styles[name] = run.page.evaluate(STYLE_JS)
+        assert run.page.locator("kassa-offers .cta").first.is_visible()
+    for part in ("title", "offer", "cta", "close"):
+        for prop in ("display", "visibility", "opacity", "color", "background", "font", "padding", "radius"):
+            assert styles["hostile"][part][prop] == styles["clean"][part][prop], (part, prop)
+    assert page.errors == []
+
+
+def test_offer_content_is_rendered_as_text_never_html(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    assert show(run, placement="hostile", layout="inline", target="#offers")["shown"] == 1
+    got = run.page.evaluate("""() => {
+      const r = document.querySelector('kassa-offers').shadowRoot;
+      return {headline: r.querySelector('.headline').textContent, tag: r.querySelector('.headline').tagName,
+              body: r.querySelector('.body').textContent, cta: r.querySelector('.cta').textContent,
+              elements: [...r.querySelectorAll('.offer *')].map((e) => e.tagName),
+              pwned: window.__pwned === undefined ? null : window.__pwned};
+    }""")
+    run.page.wait_for_timeout(200)
+    assert got["headline"] == '<img src=x onerror="window.__pwned=1"><b>bold</b>'
+    assert got["body"] == "<script>window.__pwned=2</script>" and got["cta"] == "<i>Click</i>"
+    assert got["tag"] == "P"  # the javascript: url is not made a link
+    assert got["elements"] == ["DIV", "P", "P", "BUTTON"]  # no <img> (javascript: src), no markup from content
+    run.page.locator("kassa-offers .cta").click()
+    assert run.page.evaluate("window.__pwned === undefined")
+
+
+def test_keyboard_only_accept_in_the_overlay(open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
+    run = open_shop_page(init={**FAST, "consent": True})
+    run.page.focus("#page-button")
+    result = show(run, layout="overlay")
+    run.page.wait_for_function(DIALOG_FOCUSED)
+    run.page.keyboard.press("Tab")
+    assert focused(run) == "shadow:cta:Subscribe"
+    run.page.keyboard.press("Enter")
+    assert focused(run) == "shadow:cta:Added \u2713"  # still focused, now marked as accepted
+    assert run.page.evaluate(
+        "document.querySelector('kassa-offers').shadowRoot.querySelector('.cta').getAttribute('aria-disabled')"
+    ) == "true"
+    # Tab cycles inside the dialog: 5 focusable controls (3 buttons, 1 link, close), never the page
+    seen = set()
+    for _ in range(7):
+        run.page.keyboard.press("Tab")
+        seen.add(focused(run))
+    assert all(s.startswith("shadow:") for s in seen) and len(seen) == 5
+    run.page.keyboard.press("Shift+Tab")
+    assert focused(run).startswith("shadow:")
+    # Escape closes it and focus returns where it was
+    run.page.keyboard.press("Escape")
+    assert run.page.locator("kassa-offers").count() == 0
+    assert focused(run) == "page-button"
+    events = kassa_server.wait_for_events(result["decision_id"], 6)
+    kinds = sorted((e.type, e.offer_id) for e in events)
+    assert kinds == [("accept", "serum-sub"), ("dismiss", "thanks10"), ("dismiss", "warranty"),
+                     ("impression", "serum-sub"), ("impression", "thanks10"), ("impression", "warranty")]
+
+
+def test_keyboard_only_accept_inline_and_close_button(open_shop_page: LoadPage,
+                                                      kassa_server: KassaUnderTest) -> None:
+    run = open_shop_page(init={**FAST, "consent": True})
+    result = show(run, layout="inline", target="#offers")
+    run.page.keyboard.press("Tab")  # the first focusable thing on this page is the first offer's button
+    assert focused(run) == "shadow:cta:Subscribe"
+    run.page.keyboard.press("Space")
+    run.page.keyboard.press("Tab")
+    run.page.keyboard.press("Tab")
+    assert focused(run) == "shadow:cta:Add cover"
+    run.page.keyboard.press("Tab")
+    run.page.keyboard.press("Enter")  # the discount: reveals its code
+    code = run.page.locator("kassa-offers .code")
+    assert code.is_visible() and code.text_content() == "THANKS10"
+    events = kassa_server.wait_for_events(result["decision_id"], 5)
+    assert sorted(e.type for e in events) == ["accept", "accept", "impression", "impression", "impression"]
+
+
+def test_accept_fires_the_callback_and_a_dom_event(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    run.page.evaluate("""() => { window.__got = [];
+      Kassa.init({onAccept: (d) => window.__got.push(['cb', d.offer_id])});
+      window.addEventListener('kassa:accept', (e) => window.__got.push(['event', e.detail.offer_id])); }""")
+    show(run, layout="overlay")
+    run.page.locator("kassa-offers .cta").nth(1).click()
+    assert run.page.evaluate("window.__got") == [["cb", "warranty"], ["event", "warranty"]]
+
+
+def test_one_global_no_cookies_and_nothing_before_show(page: PageRun, shop: Any,
+                                                       kassa_server: KassaUnderTest) -> None:
+    url = shop.add('<!doctype html><html><head><link rel="icon" href="data:,"></head><body>'
+                   '<div id="offers"></div></body></html>')
+    page.page.goto(url)
+    before = page.page.evaluate("Object.getOwnPropertyNames(window)")
+    page.page.add_script_tag(url=f"{kassa_server.url}/v1/snippet.js")
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("(k) => Kassa.init({key: k, timeout: 5000, batchMs: 50, consent: true})", kassa_server.key)
+    page.page.wait_for_timeout(200)
+    # loading and init do nothing visible and call nothing
+    assert page.page.locator("kassa-offers").count() == 0
+    assert [r["path"] for r in kassa_server.faults.responses] == ["/v1/snippet.js"]
+    assert show(page, layout="inline", target="#offers")["shown"] == 3
+    page.page.locator("kassa-offers .cta").first.click()
+    page.page.wait_for_timeout(300)
+    after = page.page.evaluate("Object.getOwnPropertyNames(window)")
+    assert sorted(set(after) - set(before)) == ["Kassa"]
+    assert page.page.evaluate("document.cookie") == ""
+    assert page.page.context.cookies() == []
+
+
+def test_data_attribute_form_reads_the_order_from_a_json_script_tag(
+        open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
+    data = json.dumps({"order": ORDER, "customer": {"id": "c-9"}})
+    attrs = (f'data-key="{kassa_server.key}" data-layout="inline" data-target="#offers" '
+             'data-order="#kassa-order" data-timeout="5000"')
+    run = open_shop_page(body=f'<script type="application/json" id="kassa-order">{data}</script>',
+                         script_attrs=attrs)
+    run.page.wait_for_selector("kassa-offers .offer")
+    assert run.page.locator("kassa-offers .offer").count() == 3
+    sent = json.loads(kassa_server.faults.requests("/v1/decisions", "POST")[0]["body"])
+    assert sent["order"] == ORDER and sent["customer"] == {"id": "c-9"}
+    assert sent["placement"] == "order_confirmation" and sent["context"]["device"] == "desktop"
+
+
+def test_data_attribute_form_reads_a_ga4_purchase_from_the_data_layer(
+        open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
+    layer = """<script>window.dataLayer = [{event: 'page_view'},
+      {event: 'purchase', ecommerce: {transaction_id: 'T-9', value: 72.5, currency: 'usd',
+        items: [{item_id: 'SERUM-C', item_name: 'Serum', item_category: 'skincare', price: 36.25, quantity: 2}]}}];
+    </script>"""
+    attrs = f'data-key="{kassa_server.key}" data-layout="overlay" data-timeout="5000"'
+    run = open_shop_page(head=layer, script_attrs=attrs)
+    run.page.wait_for_selector("kassa-offers .offer")
+    sent = json.loads(kassa_server.faults.requests("/v1/decisions", "POST")[0]["body"])
+    assert sent["order"] == {"id": "T-9", "total": 72.5, "currency": "USD",
+                             "items": [{"sku": "SERUM-C", "category": "skincare", "qty": 2, "price": 36.25}]}
+
+
+def test_demo_page_shows_offers_with_the_pinned_snippet(page: PageRun, kassa_server: KassaUnderTest) -> None:
+    for layout in ("overlay", "inline"):
+        page.page.goto(f"{kassa_server.url}/demo/confirmation?layout={layout}&n=0")
+        page.page.wait_for_selector("kassa-offers .offer")
+        assert page.page.locator("kassa-offers").get_attribute("data-layout") == layout
+        assert page.page.locator("kassa-offers .offer").count() == 3
+    assert page.errors == []
+
+
+def test_css_custom_properties_theme_the_offers(open_shop_page: LoadPage) -> None:
+    theme = """<style>:root { --kassa-accent: rgb(176, 100, 58); --kassa-font-size: 17px; }
+    kassa-offers { --kassa-radius: 4px; }</style>"""
+    run = open_shop_page(head=theme, init={**FAST, "title": "Before you go"})
+    show(run, layout="inline", target="#offers", placement="hostile")
+    got = run.page.evaluate("""() => {
+      const r = document.querySelector('kassa-offers').shadowRoot;
+      const cta = getComputedStyle(r.querySelector('.cta'));
+      return {bg: cta.backgroundColor, box: getComputedStyle(r.querySelector('.box')).fontSize,
+              radius: getComputedStyle(r.querySelector('.box')).borderRadius,
+              title: r.querySelector('.title').textContent};
+    }""")
+    assert got == {"bg": "rgb(176, 100, 58)", "box": "17px", "radius": "4px", "title": "Before you go"}
