@@ -24,12 +24,30 @@ def _config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
+def raise_open_file_limit() -> int | None:
+    """Raise the soft open-file limit to the hard one: every idle keep-alive browser holds a socket, and
+    the default soft limit (often 1,024) would refuse connections long before the CPU is busy."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d to %d", soft, hard)
+    return soft
+
+
 def run_server(settings: Settings) -> None:
     from kassa.api.app import create_app
 
     # Background threads (event-log writer, decision-log flusher) run Python too; a short switch
     # interval bounds how long one of them can keep the GIL from the request loop (default 5 ms).
     sys.setswitchinterval(0.0005)
+    raise_open_file_limit()
     from kassa.app import Kassa
 
     t0 = time.perf_counter()

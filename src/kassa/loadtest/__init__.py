@@ -1,8 +1,14 @@
-"""Load generation for Kassa's benchmarks.
+"""Load generation: `kassa loadtest`, its profiles, report and capacity plan, and the benchmarks' client.
 
-Owns the low-overhead HTTP/1.1 keep-alive client (:mod:`kassa.loadtest.client`) and the open-loop
-runner that measures latency from each request's *intended* send time, so a stalling server cannot
-hide its stalls by slowing the generator down (:mod:`kassa.loadtest.openloop`).
+Modules: :mod:`~kassa.loadtest.client` (a low-overhead HTTP/1.1 keep-alive pool),
+:mod:`~kassa.loadtest.openloop` (the single-process open-loop runner the benchmarks use),
+:mod:`~kassa.loadtest.schedule` (fixed/Poisson arrival times with a ramp), :mod:`~kassa.loadtest.profiles`
+(YAML scale profiles), :mod:`~kassa.loadtest.mix` (the request mix and its bytes), :mod:`~kassa.loadtest.idle`
+(idle keep-alive connections), :mod:`~kassa.loadtest.worker` (one generator process),
+:mod:`~kassa.loadtest.runner` (several processes, validity and the SLO verdict), :mod:`~kassa.loadtest.hist`
+(HDR histograms), :mod:`~kassa.loadtest.report` (the HTML report), :mod:`~kassa.loadtest.plan` (capacity
+plan) and :mod:`~kassa.loadtest.cli` (the commands). Every latency is timed from the request's *intended*
+send time, so a stalling server cannot hide its stalls by slowing the generator down.
 """
 
 from kassa.loadtest.client import ConnectionPool, ProtocolError, RequestTimeout

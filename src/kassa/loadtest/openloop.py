@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kassa.loadtest.client import ConnectionPool, RequestTimeout
+from kassa.loadtest.schedule import arrival_offsets as schedule_offsets
 
 MakeRequest = Callable[[int], tuple[str, str, bytes]]
 OnResponse = Callable[[int, int, bytes], None]
@@ -115,22 +116,8 @@ class OpenLoopResult:
 def arrival_offsets(
     rate: float, duration: float, schedule: Literal["fixed", "poisson"] = "fixed", seed: int = 0
 ) -> np.ndarray:
-    """Intended send times in seconds from the start, all ``< duration``."""
-    if rate <= 0 or duration <= 0:
-        return np.empty(0)
-    if schedule == "fixed":
-        return np.arange(math.ceil(rate * duration - 1e-9), dtype=np.float64) / rate
-    if schedule == "poisson":
-        rng = np.random.default_rng(seed)
-        # Draw comfortably more gaps than needed, then cut at the duration.
-        n = int(rate * duration + 6 * math.sqrt(rate * duration) + 16)
-        offsets = np.cumsum(rng.exponential(1.0 / rate, n))
-        while offsets[-1] < duration:
-            more = offsets[-1] + np.cumsum(rng.exponential(1.0 / rate, n))
-            offsets = np.concatenate([offsets, more])
-        offsets = offsets - offsets[0]  # first request at t0, like the fixed schedule
-        return offsets[offsets < duration]
-    raise ValueError(f"unknown schedule {schedule!r}")
+    """Intended send times in seconds from the start, all ``< duration`` (see :mod:`kassa.loadtest.schedule`)."""
+    return schedule_offsets(rate, duration, schedule, seed)
 
 
 async def run_open_loop(

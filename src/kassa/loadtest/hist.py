@@ -1,0 +1,81 @@
+"""HDR histograms of latency, in microseconds, from 1 µs to one hour at 3 significant digits.
+
+Owns the helpers around ``hdrh``: building a histogram from an array of latencies (recorded as
+value/count pairs, so a million samples cost a few thousand calls), the summary percentiles the
+report and the JSON quote, and the percentile curve (the classic HDR "percentile distribution",
+denser towards the tail). HDR reports the highest value equivalent to a bucket, so a reported
+percentile is never below the true one: rounding errs on the pessimistic side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+LOWEST_US = 1
+HIGHEST_US = 3_600_000_000
+DIGITS = 3
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
+
+
+def from_seconds(values: np.ndarray, hist: HdrHistogram | None = None) -> HdrHistogram:
+    """Record ``values`` (seconds; NaNs skipped) into ``hist`` (a new one by default)."""
+    hist = hist if hist is not None else new_histogram()
+    v = values[~np.isnan(values)]
+    if v.size:
+        us = np.clip(np.ceil(v * 1e6), LOWEST_US, HIGHEST_US).astype(np.int64)
+        uniq, counts = np.unique(us, return_counts=True)
+        for value, count in zip(uniq.tolist(), counts.tolist(), strict=True):
+            hist.record_value(value, count)
+    return hist
+
+
+def summary_ms(hist: HdrHistogram, exact_max_s: float | None = None) -> dict[str, float | None]:
+    """p50/p90/p99/p999/max/mean in milliseconds (``None`` when nothing was recorded)."""
+    if hist.get_total_count() == 0:
+        return {**{k: None for k in PERCENTILES}, "max": None, "mean": None}
+    out: dict[str, float | None] = {k: round(hist.get_value_at_percentile(q) / 1e3, 3) for k, q in PERCENTILES.items()}
+    out["max"] = round(exact_max_s * 1e3, 3) if exact_max_s is not None else round(hist.get_max_value() / 1e3, 3)
+    out["mean"] = round(hist.get_mean_value() / 1e3, 3)
+    return out
+
+
+def percentile_curve(hist: HdrHistogram, ticks_per_half_distance: int = 4) -> list[list[float]]:
+    """``[[percentile, ms], ...]`` from 0 to 100, denser towards the tail (for the report's curve)."""
+    if hist.get_total_count() == 0:
+        return []
+    points: list[list[float]] = []
+    for it in hist.get_percentile_iterator(ticks_per_half_distance):
+        pct = float(it.percentile_level_iterated_to)
+        points.append([round(pct, 6), round(it.value_iterated_to / 1e3, 3)])
+        if pct >= 100.0:
+            break
+    if not points or points[-1][0] < 100.0:
+        points.append([100.0, round(hist.get_max_value() / 1e3, 3)])
+    return points
+
+
+def exact_percentiles_ms(values_s: np.ndarray, qs: tuple[float, ...] = (50.0, 99.0)) -> list[float | None]:
+    """Exact percentiles of a small sample (the per-second timeline), in ms."""
+    v = values_s[~np.isnan(values_s)]
+    if not v.size:
+        return [None for _ in qs]
+    return [round(float(x) * 1e3, 3) for x in np.percentile(v, qs)]
+
+
+def merge(hists: list[HdrHistogram]) -> HdrHistogram:
+    total = new_histogram()
+    for h in hists:
+        total.add(h)
+    return total
+
+
+def finite_or_none(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)

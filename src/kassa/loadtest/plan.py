@@ -1,0 +1,135 @@
+"""Capacity plan: the highest rate one node serves within the SLO, and the nodes a profile's peak needs.
+
+Owns :func:`plan_capacity`. It runs short open-loop steps with the profile's mix, payloads and idle
+connections, multiplying the rate by ``factor`` after each step that PASSes, until a step FAILs; then
+it bisects between the last PASS and the first FAIL ``refine`` times. The node count is
+
+    nodes = ceil(peak rate / (highest passing rate x (1 - headroom))) + spare nodes
+
+with ``headroom`` and ``spare_nodes`` from the profile's ``capacity`` section. A step that comes out
+*invalid* (the generator could not keep the rate on this machine) stops the search: the highest
+passing rate is then only a lower bound on the node's capacity, and the plan says so — it never counts
+the generator's limit as the server's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from kassa.loadtest.runner import RunConfig, run_loadtest
+
+
+def _step_record(rate: float, result: dict[str, Any]) -> dict[str, Any]:
+    s = result["summary"]
+    return {
+        "rate": round(rate, 2), "verdict": s["verdict"], "valid": s["valid"], "p50_ms": s["p50_ms"],
+        "p99_ms": s["p99_ms"], "p999_ms": s["p999_ms"], "error_rate": s["error_rate"],
+        "achieved_rate": s["achieved_rate"], "reason": s["verdict_reason"],
+        "lag_p99_ms": s["generator"]["send_lag_ms"]["p99_ms"],
+    }
+
+
+def nodes_needed(peak_rate: float, max_rate: float, headroom: float, spare: int) -> int:
+    """Nodes for ``peak_rate`` when each runs at most ``(1 - headroom)`` of ``max_rate``, plus spares."""
+    per_node = max_rate * (1.0 - headroom)
+    return math.ceil(peak_rate / per_node - 1e-9) + spare
+
+
+def plan_capacity(
+    base: RunConfig,
+    *,
+    start_rate: float | None = None,
+    step_seconds: float = 15.0,
+    ramp_seconds: float = 3.0,
+    factor: float = 1.5,
+    max_rate: float | None = None,
+    max_steps: int = 14,
+    refine: int = 2,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    run: Callable[[RunConfig], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Step the rate up to the highest one that meets the SLO, then size the fleet for the profile's peak."""
+    if factor <= 1.0:
+        raise ValueError("factor must be above 1")
+    profile = base.profile
+    peak = profile.peak_rate()
+    runner = run or (lambda cfg: run_loadtest(cfg))
+    rate = start_rate or max(1.0, min(peak, 50.0))
+    steps: list[dict[str, Any]] = []
+    best: float | None = None
+    first_fail: float | None = None
+    stopped = ""
+
+    def step(r: float) -> dict[str, Any]:
+        cfg = dataclasses.replace(base, rate=r, duration=step_seconds, ramp=ramp_seconds)
+        rec = _step_record(r, runner(cfg))
+        steps.append(rec)
+        if on_step is not None:
+            on_step(rec)
+        return rec
+
+    for _ in range(max_steps):
+        rec = step(rate)
+        if not rec["valid"]:
+            stopped = f"the generator could not keep {rate:,.0f}/s on this machine ({rec['reason']})"
+            break
+        if rec["verdict"] != "PASS":
+            first_fail = rate
+            break
+        best = rate
+        if max_rate is not None and rate >= max_rate:
+            stopped = f"reached --max-rate {max_rate:g}/s while still meeting the SLO"
+            break
+        rate = rate * factor if max_rate is None else min(rate * factor, max_rate)
+    else:
+        stopped = f"still meeting the SLO after {max_steps} steps"
+
+    if first_fail is not None and best is not None:
+        lo, hi = best, first_fail
+        for _ in range(refine):
+            mid = (lo + hi) / 2.0
+            rec = step(mid)
+            if not rec["valid"]:
+                stopped = f"the generator could not keep {mid:,.0f}/s on this machine"
+                break
+            if rec["verdict"] == "PASS":
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+
+    cap = profile.capacity
+    out: dict[str, Any] = {
+        "profile": profile.name,
+        "url": base.url,
+        "peak_rate": round(peak, 2),
+        "rate_derivation": profile.rate_derivation(),
+        "slo": {"p99_ms": profile.slo.p99_ms, "error_rate": profile.slo.error_rate},
+        "max_rate": round(best, 2) if best is not None else None,
+        "exact": not stopped,
+        "note": stopped or (f"highest passing rate {best:,.1f}/s; first failing {first_fail:,.1f}/s"
+                            if best is not None and first_fail is not None else ""),
+        "headroom": cap.headroom,
+        "spare_nodes": cap.spare_nodes,
+        "steps": steps,
+    }
+    if best is None:
+        out.update(nodes=None, per_node_rate=None,
+                   summary=f"no step met the SLO (the first, at {steps[0]['rate']:,.1f}/s: {steps[0]['reason']})")
+        return out
+    per_node = best * (1.0 - cap.headroom)
+    nodes = nodes_needed(peak, best, cap.headroom, cap.spare_nodes)
+    bound = "" if not stopped else " at least (a lower bound: " + stopped + ")"
+    out.update(
+        per_node_rate=round(per_node, 2),
+        nodes=nodes,
+        summary=(
+            f"one node meets the SLO up to{bound} {best:,.1f} requests/s; planned at {1 - cap.headroom:.0%} of that "
+            f"({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs {nodes - cap.spare_nodes} node(s) "
+            f"+ {cap.spare_nodes} spare = {nodes}"
+        ),
+    )
+    return out

@@ -1,0 +1,225 @@
+"""The report file, the `--json` contract of `kassa loadtest`, and the capacity plan.
+
+The report is rendered from a real short run against a Kassa server in this process and parsed back:
+the three charts must carry series drawn from the embedded data. The CLI is run as a subprocess, the
+way a user or a CI job runs it. The plan's search is checked with a scripted step runner, so its
+arithmetic (stepping, bisection, node count, stopping at the generator's limit) is pinned exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kassa.config import load_settings
+from kassa.loadtest.plan import nodes_needed, plan_capacity
+from kassa.loadtest.profiles import parse_profile
+from kassa.loadtest.report import DATA_ID, read_report_data, render_report
+from kassa.loadtest.runner import RunConfig, run_loadtest
+from kassa.server import BackgroundServer
+from tests.conftest import CATALOG, PUB
+
+REQUIRED = ("asked_rate", "achieved_rate", "p50_ms", "p99_ms", "p999_ms", "max_ms", "errors", "valid", "verdict")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("loadtest-report")
+    (root / "catalog.yaml").write_text(CATALOG)
+    settings = load_settings(None, data_dir=str(root / "data"), catalog_file=str(root / "catalog.yaml"),
+                             publishable_key=PUB, admin_key="admin-key",
+                             **{"server.port": _free_port(), "server.bench_endpoints": True})
+    server = BackgroundServer(settings).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+class _Svg(HTMLParser):
+    """Collects each chart's series (name -> drawn path data) and the data script's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.charts: dict[str, dict[str, str]] = {}
+        self.current: str | None = None
+        self.verdict: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "svg" and (a.get("id") or "").startswith("chart-"):
+            self.current = a["id"]
+            self.charts[self.current or ""] = {}
+        elif self.current and "series" in (a.get("class") or "").split():
+            self.charts[self.current][a.get("data-name") or ""] = a.get("d") or "bars"
+        elif tag == "section" and a.get("id") == "verdict":
+            self.verdict = a.get("data-verdict")
+
+
+def test_report_renders_charts_from_its_embedded_data(server_url: str, tmp_path: Path) -> None:
+    profile = parse_profile({"name": "report test", "traffic": {"rate": 80}, "ramp_seconds": 1,
+                             "duration_seconds": 2, "mix": {"decision": 1, "noop": 1}}, "<test>")
+    result = run_loadtest(RunConfig(url=server_url, profile=profile, key=PUB))
+    path = tmp_path / "report.html"
+    from kassa.loadtest.report import write_report
+
+    write_report(result, path)
+    text = path.read_text()
+    assert "<script src" not in text and "http://" not in text.replace(server_url, "")  # nothing fetched
+    data = read_report_data(text)
+    s = data["summary"]
+    assert s["p99_ms"] == result["summary"]["p99_ms"] and s["verdict"] == result["summary"]["verdict"]
+    assert "raw" not in data  # per-request arrays stay out of the file
+    tl = data["timeline"]
+    assert len(tl["t"]) == 3 and sum(tl["asked"]) == s["requests"] + sum(tl["asked"][:1])
+    assert any(v is not None for v in tl["p99_ms"])
+    assert {"all", "decision", "noop"} <= set(data["curves"]) and data["curves"]["all"][-1][0] == 100.0
+
+    parser = _Svg()
+    parser.feed(text)
+    assert set(parser.charts) == {"chart-latency", "chart-percentiles", "chart-throughput"}
+    assert {"p50", "p99", "max"} <= set(parser.charts["chart-latency"])
+    assert parser.charts["chart-latency"]["p99"].startswith("M")
+    assert {"all", "decision", "noop"} <= set(parser.charts["chart-percentiles"])
+    assert parser.charts["chart-percentiles"]["all"].count("L") >= 5
+    assert {"answered 2xx", "asked (schedule)", "errors"} <= set(parser.charts["chart-throughput"])
+    assert parser.verdict == s["verdict"]
+    assert f'id="{DATA_ID}"' in text
+
+
+def test_report_of_an_invalid_failing_run_says_so() -> None:
+    s = {"profile": "p", "profile_source": "", "url": "http://x", "asked_rate": 10.0, "achieved_rate": 9.0,
+         "duration_s": 1.0, "ramp_s": 0.0, "schedule": "fixed", "requests": 10, "p50_ms": 1.0, "p90_ms": 2.0,
+         "p99_ms": 3.0, "p999_ms": 4.0, "max_ms": 5.0, "mean_ms": 1.0, "errors": 1, "error_rate": 0.1,
+         "errors_by_kind": {"http_500": 1}, "first_errors": {"decision http 500": "<boom> & </script>"},
+         "valid": False, "invalid_reasons": ["the generator fell behind"], "verdict": "FAIL",
+         "verdict_reason": "run invalid: the generator fell behind", "warnings": ["w <b>"],
+         "slo": {"p99_ms": 200.0, "error_rate": 0.001, "p50_ms": None, "p999_ms": None, "max_ms": None,
+                 "min_throughput_ratio": 0.95},
+         "mix": {"decision": 1.0}, "by_type": {}, "rate_derivation": "--rate 10",
+         "server": {"took_ms": {"p50": None, "p99": None, "max": None}, "metrics": {"available": False}},
+         "generator": {"workers": 1, "lag_limit_ms": 10.0, "cpu_us_per_request": None, "cpu_util_per_worker": [],
+                       "max_outstanding": 0, "fd_limit": {"soft": 1, "hard": 1},
+                       "send_lag_ms": {"p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}},
+         "idle_connections": {"asked": 0, "opened_at_start": 0, "seconds_to_open": 0, "held_at_end": 0,
+                              "min_held": 0, "failed": {}, "closed_by_server": 0, "reopened": 0,
+                              "refresh_requests": 0, "refresh_failed": 0},
+         "started_at": "now", "machine": {"cpu": "c", "cores": 2, "platform": "p", "python": "3", "loadavg_1m": 1}}
+    result = {"summary": s, "timeline": {"t": [0], "asked": [10], "answered": [9], "errors": [1], "p50_ms": [1.0],
+                                         "p99_ms": [float("nan")], "max_ms": [None], "lag_p99_ms": [0.1]},
+              "curves": {"all": [[0.0, 1.0], [100.0, 5.0]]}}
+    text = render_report(result)
+    assert 'data-verdict="FAIL"' in text and "Run invalid." in text
+    assert "<boom>" not in text and "&lt;boom&gt;" in text  # error bodies are escaped
+    data = read_report_data(text)  # a "</script>" inside the data cannot end the block early
+    assert data["summary"]["first_errors"]["decision http 500"] == "<boom> & </script>"
+    assert data["timeline"]["p99_ms"] == [None]  # NaN is not JSON
+
+
+def _kassa(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KASSA_PUBLISHABLE_KEY": PUB}
+    return subprocess.run([sys.executable, "-m", "kassa", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_json_contract_and_exit_code(server_url: str) -> None:
+    out = _kassa("loadtest", "--url", server_url, "--rate", "40", "--duration", "1", "--json")
+    last = out.stdout.strip().splitlines()[-1]
+    s = json.loads(last)
+    assert all(k in s for k in REQUIRED), sorted(s)
+    assert s["asked_rate"] == 40.0 and s["verdict"] in ("PASS", "FAIL") and isinstance(s["valid"], bool)
+    assert s["errors"] == 0 and s["by_type"]["decision"]["requests"] == 40
+    expected_rc = 0 if s["verdict"] == "PASS" else (3 if not s["valid"] else 1)
+    assert out.returncode == expected_rc, out.stderr
+    assert "decision" in out.stderr  # the summary table goes to stderr, the JSON alone to stdout
+
+
+def test_cli_input_errors_exit_2_with_a_message(server_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: x\ntraffic: {rate: 10}\nmix: {decisons: 1}\n")
+    out = _kassa("loadtest", "--url", server_url, "--profile", str(bad))
+    assert out.returncode == 2 and "mix.decisons: unknown field (did you mean `decision`?)" in out.stderr
+    out = _kassa("loadtest", "--url", "https://example.com", "--rate", "1", "--duration", "1")
+    assert out.returncode == 2 and "http://host:port" in out.stderr
+    out = _kassa("loadtest", "--rate", "1", "--duration", "1")
+    assert out.returncode == 2 and "--url is required" in out.stderr
+    out = _kassa("loadtest", "--url", server_url)
+    assert out.returncode == 2 and "--profile" in out.stderr
+
+
+def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"
+                    "slo: {p99_ms: 1000, min_throughput_ratio: 0.5}\ncapacity: {headroom: 0.5, spare_nodes: 1}\n")
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--url", server_url, "--start-rate", "20",
+                 "--step-seconds", "1", "--factor", "4", "--max-rate", "80", "--refine", "0", "--json",
+                 "--max-lag-ms", "1000")
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [st["rate"] for st in plan["steps"]] == [20.0, 80.0], out.stderr
+    if all(st["verdict"] == "PASS" for st in plan["steps"]):
+        # 300/s at 50 % of 80/s: 8 nodes, plus the spare; a lower bound, because --max-rate stopped it.
+        assert plan["max_rate"] == 80.0 and plan["nodes"] == 9 and plan["exact"] is False
+        assert "--max-rate" in plan["note"] and out.returncode == 0
+
+
+def _scripted(capacity: float, generator_limit: float = math.inf) -> Any:
+    """A step runner for a node that meets the SLO up to ``capacity`` and a generator that stops at a limit."""
+    def run(cfg: RunConfig) -> dict[str, Any]:
+        rate = cfg.steady_rate
+        valid = rate <= generator_limit
+        ok = rate <= capacity
+        return {"summary": {
+            "verdict": "PASS" if ok and valid else "FAIL", "valid": valid, "p50_ms": 1.0,
+            "p99_ms": 10.0 if ok else 500.0, "p999_ms": 20.0, "error_rate": 0.0, "achieved_rate": rate,
+            "verdict_reason": "ok" if ok else "P99 500 ms > 200 ms", "generator": {"send_lag_ms": {"p99_ms": 0.1}}}}
+    return run
+
+
+def _base(rate: float = 1000.0) -> RunConfig:
+    profile = parse_profile({"name": "p", "traffic": {"rate": rate}, "capacity": {"headroom": 0.3,
+                                                                                  "spare_nodes": 1}}, "<test>")
+    return RunConfig(url="http://127.0.0.1:1", profile=profile)
+
+
+def test_plan_steps_up_then_bisects_and_sizes_the_fleet() -> None:
+    seen: list[float] = []
+    plan = plan_capacity(_base(1000.0), start_rate=50, factor=2, refine=3, run=_scripted(capacity=300.0),
+                         on_step=lambda rec: seen.append(rec["rate"]))
+    assert seen == [50, 100, 200, 400, 300, 350, 325]
+    assert plan["max_rate"] == 300.0 and plan["exact"] is True
+    assert plan["nodes"] == math.ceil(1000 / (300 * 0.7)) + 1 == 6
+    assert plan["per_node_rate"] == 210.0 and "needs 5 node(s) + 1 spare = 6" in plan["summary"]
+
+
+def test_plan_stops_at_the_generator_limit_and_calls_it_a_lower_bound() -> None:
+    plan = plan_capacity(_base(1000.0), start_rate=100, factor=2, run=_scripted(capacity=10_000, generator_limit=500))
+    assert [st["rate"] for st in plan["steps"]] == [100, 200, 400, 800]
+    assert plan["max_rate"] == 400.0 and plan["exact"] is False
+    assert "generator could not keep" in plan["note"] and "lower bound" in plan["summary"]
+
+
+def test_plan_when_nothing_passes() -> None:
+    plan = plan_capacity(_base(), start_rate=50, run=_scripted(capacity=10))
+    assert plan["nodes"] is None and plan["max_rate"] is None and "no step met the SLO" in plan["summary"]
+
+
+def test_nodes_needed() -> None:
+    assert nodes_needed(418.0, 600.0, 0.3, 1) == 2
+    assert nodes_needed(420.0, 600.0, 0.3, 0) == 1  # exactly at 70 %: one is enough
+    assert nodes_needed(5000.0, 400.0, 0.3, 1) == 19
