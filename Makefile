@@ -27,13 +27,21 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/benchmarks.md (~15 min)
+bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/benchmarks.md (~60 min)
 	$(BIN)/python bench/decision_latency.py --write-docs
 	$(BIN)/python bench/demo_learning.py --write-docs
 	$(BIN)/python bench/startup.py --write-docs
 	$(BIN)/python bench/feature_reads.py --write-docs
 	$(BIN)/python bench/materialize.py --write-docs
 	$(BIN)/python bench/streaming.py --write-docs
+	$(BIN)/python bench/learning.py --write-docs
+	$(BIN)/python bench/retrain.py --write-docs
+	$(BIN)/python bench/model_swap.py --write-docs
+	$(BIN)/python bench/ope.py --write-docs
+	$(BIN)/python bench/webhooks.py --write-docs
+	$(BIN)/python bench/catalog_sync.py --write-docs
+	$(BIN)/python bench/snippet_paint.py --write-docs
+	$(BIN)/python bench/loadtest_suite.py --write-docs
 
 serve: $(BIN)/.installed
 	$(BIN)/kassa serve --catalog examples/catalog.yaml

@@ -199,3 +199,18 @@ def test_health_ready_metrics_openapi(client):
     for path in ("/v1/decisions", "/v1/events", "/v1/offers/{offer_id}", "/v1/placements/{placement_id}"):
         assert path in spec["paths"]
     assert "DecisionRequest" in spec["components"]["schemas"]
+
+
+def test_openapi_documents_every_route(client):
+    spec = client.get("/openapi.json").json()
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    served = set()
+    for route in client.app.routes:
+        path = getattr(route, "path", "")
+        if path.startswith(("/_bench", "/demo")) or path == "/openapi.json":
+            continue
+        for method in getattr(route, "methods", None) or ():
+            if method not in ("HEAD", "OPTIONS"):
+                served.add((path, method.lower()))
+    assert served - documented == set(), "routes missing from /openapi.json"
+    assert documented - served == set(), "documented routes that do not exist"

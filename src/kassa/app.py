@@ -34,7 +34,10 @@ from kassa.features.streaming import StreamProcessor
 from kassa.keys import KeyStore
 from kassa.learn.loop import LearningLoop
 from kassa.learn.models import ModelStore
+from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.rewards import RewardJoiner
+from kassa.learn.shadow import ShadowScorer
+from kassa.monitor.drift import DriftWatch
 from kassa.monitor.metrics import Metrics
 
 log = logging.getLogger("kassa")
@@ -69,9 +72,16 @@ class Kassa:
         self.ledger = FrequencyLedger()
         self.models = ModelStore()
         self.joiner = RewardJoiner(self._reward_definition)
-        self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds)
+        self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
+        self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
+                                              on_written=self.drift.observe_records)
         self.event_log = SqliteEventLog(data / "events.db")
-        self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock)
+        self.model_registry = ModelRegistry(self.db, data / "models", clock)
+        self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
+        self.shadow = ShadowScorer(self.shadow_log, seed=seed)
+        self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
+                                     registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
+                                     drift=self.drift)
         self.offer_cache = None
         offer_views = [v for v in self.repo.views if v.entity == "offer" and v.online]
         offer_source = None
@@ -90,6 +100,7 @@ class Kassa:
             IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
+            on_served=self.learning.guard.served, shadow=self.shadow,
         )
         stream_views = [v for v in self.repo.views if v.kind == "stream"]
         self.stream = (
@@ -105,6 +116,11 @@ class Kassa:
     def _reward_definition(self, placement_id: str) -> schemas.RewardDefinition | None:
         view = self.catalog.snapshot.placements.get(placement_id)
         return view.placement.reward if view else None
+
+    def schema_hash(self, placement_id: str) -> str | None:
+        """The feature-schema hash a model of ``placement_id`` must have to serve it now."""
+        view = self.catalog.snapshot.placements.get(placement_id)
+        return feature_schema_hash(view.placement, self.repo) if view is not None else None
 
     def _count_event(self, event: schemas.Event) -> None:
         self.metrics.events.labels(event.type).inc()
@@ -147,6 +163,8 @@ class Kassa:
             await self.stream.save_checkpoint()
         self.learning.snapshot_due(force=True)
         self.decision_log.close()
+        self.shadow_log.close()
+        self.drift.close()
         self.event_log.close()
         if self.offer_cache is not None:
             await self.offer_cache.close()

@@ -12,11 +12,20 @@ from rich.table import Table
 
 from kassa.config import Settings, load_settings
 from kassa.features.cli import features_app
+from kassa.integrations.cli import integrations_app
+from kassa.learn.cli import drift_command, evaluate_command, models_app, train_command
+from kassa.loadtest.cli import loadtest_app
 
 app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(features_app, name="features")
+app.add_typer(integrations_app, name="integrations")
+app.add_typer(models_app, name="models")
+app.add_typer(loadtest_app, name="loadtest")
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("drift")(drift_command)
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045

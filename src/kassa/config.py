@@ -25,12 +25,33 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     bench_endpoints: bool = False  # POST /_bench/noop: a do-nothing endpoint for latency baselines
 
 
+class CanarySettings(Struct, forbid_unknown_fields=True):
+    """Guardrails that roll a canary back automatically (see kassa.learn.canary)."""
+
+    window_decisions: int = 5_000
+    min_decisions: int = 300
+    min_rewards: int = 200
+    max_reward_drop: float = 0.10  # relative drop of the top-slot reward rate vs production...
+    z: float = 2.33  # ...that is also significant at this one-sided z
+    max_error_rate_increase: float = 0.01
+    max_p99_ratio: float = 1.5
+    p99_slack_ms: float = 2.0
+
+
 class LearnSettings(Struct, forbid_unknown_fields=True):
     snapshot_every_seconds: float = 10.0  # how often the online learner publishes a model snapshot
     snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
     learning_rate: float = 0.5
     vw_extra_args: str = ""
     keep_snapshots: int = 5
+    # Continuous learning: each snapshot is registered; with auto_publish it becomes production at once
+    # (Personalizer's model export), without it it waits as a candidate for evaluate + promote.
+    auto_publish: bool = True
+    registry_poll_seconds: float = 1.0  # serving processes pick up registry changes this often
+    keep_online_artifacts: int = 20  # archived online snapshots whose artifacts are kept
+    canary: CanarySettings = field(default_factory=CanarySettings)
+    drift_check_seconds: float = 60.0  # 0 disables the periodic drift check
+    drift_webhook_url: str | None = None  # POSTed a JSON alert when drift is detected
 
 
 class FeatureSettings(Struct, forbid_unknown_fields=True):
@@ -53,6 +74,9 @@ class Settings(Struct, forbid_unknown_fields=True):
     features: FeatureSettings = field(default_factory=FeatureSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
+    # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
+    # `replay_window_seconds`, ... read by POST /v1/webhooks/{platform}; see kassa.integrations.config.
+    integrations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def data_path(self) -> Path:

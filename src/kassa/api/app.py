@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from kassa import errors
-from kassa.api import catalog, decisions, events, features, system
+from kassa.api import catalog, decisions, events, features, models, snippet, system, webhooks
 from kassa.api.common import problem_response
+from kassa.api.cors import CorsMiddleware
 from kassa.app import Kassa
 
 log = logging.getLogger("kassa.api")
@@ -31,16 +33,23 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
         Route("/v1/placements", catalog.list_placements, methods=["GET"]),
         Route("/v1/placements/{placement_id}", catalog.get_placement, methods=["GET"]),
         Route("/v1/placements/{placement_id}", catalog.put_placement, methods=["PUT"]),
-        Route("/v1/models", catalog.list_models, methods=["GET"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{version}", models.get_model, methods=["GET"]),
+        Route("/v1/models/{version}/stage", models.change_stage, methods=["POST"]),
+        Route("/v1/placements/{placement_id}/rollback", models.rollback, methods=["POST"]),
         Route("/v1/features/push", features.push_features, methods=["POST"]),
         Route("/v1/features/{view}/{entity_key}", features.put_feature_row, methods=["PUT"]),
+        Route("/v1/webhooks/{platform}", webhooks.post_webhook, methods=["POST"]),
+        Route("/v1/webhooks/{platform}", webhooks.webhook_challenge, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
         Route("/openapi.json", system.openapi, methods=["GET"]),
+        Route("/v1/snippet.js", snippet.get_snippet, methods=["GET"]),
     ]
     if kassa.settings.server.bench_endpoints:
         routes.append(Route("/_bench/noop", system.noop, methods=["POST"]))
+        routes.append(Route("/_bench/stall", system.stall, methods=["POST"]))
 
     async def kassa_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.KassaError)
@@ -76,6 +85,7 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
         routes=routes,
         exception_handlers={errors.KassaError: kassa_error, HTTPException: http_error, Exception: unexpected},
         lifespan=lifespan,
+        middleware=[Middleware(CorsMiddleware, kassa=kassa)],
     )
     app.state.kassa = kassa
     return app

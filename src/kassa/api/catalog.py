@@ -87,19 +87,3 @@ async def put_placement(request: Request) -> Response:
     except KeyError as exc:
         raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
     return json_response(msgspec.to_builtins(placement), 201 if created else 200)
-
-
-async def list_models(request: Request) -> Response:
-    kassa = _kassa(request)
-    out = []
-    for placement_id in kassa.catalog.snapshot.placements:
-        model = kassa.models.get(placement_id)
-        learner = kassa.learning.learners.get(placement_id)
-        out.append({
-            "placement": placement_id,
-            "serving": model.version if model else None,
-            "learned_examples": learner.learned if learner else (model.meta.get("learned", 0) if model else 0),
-            "rewarded_decisions": learner.rewarded_decisions if learner else
-            (model.meta.get("rewarded_decisions", 0) if model else 0),
-        })
-    return json_response({"models": out})

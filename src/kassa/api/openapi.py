@@ -33,11 +33,16 @@ _PROBLEMS = {
 
 @lru_cache(maxsize=1)
 def openapi_document() -> bytes:
+    from kassa.api.models import Rollback, StageChange
+
     types = [schemas.DecisionRequest, schemas.DecisionResponse, schemas.EventBatch, schemas.EventAck,
-             schemas.Offer, schemas.Placement, schemas.Problem]
+             schemas.Offer, schemas.Placement, schemas.Problem, schemas.FeaturePush, schemas.FeatureWrite,
+             schemas.FeatureAck, StageChange, Rollback]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    # The snippet sends its publishable key as ?key= (a CORS-simple request, and sendBeacon has no headers).
+    browser: list[dict[str, list[str]]] = [{"bearer": []}, {"queryKey": []}]
 
     def op(summary: str, body: str | None = None, ok: dict | None = None, key: str = "publishable") -> dict:
         out: dict[str, Any] = {"summary": summary, "security": bearer, "x-kassa-key": key,
@@ -48,16 +53,30 @@ def openapi_document() -> bytes:
 
     offer_id = [{"name": "offer_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     placement_id = [{"name": "placement_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    version = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                "example": "order_confirmation@12"}]
+
+    def q(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "Kassa", "version": __version__,
                  "description": "Real-time decisions for checkout and the order-confirmation page."},
         "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           "queryKey": {"type": "apiKey", "in": "query", "name": "key",
+                                                        "description": "publishable keys only"}}},
         "paths": {
-            "/v1/decisions": {"post": op("Rank offers for a placement", c + "DecisionRequest",
-                                         _ok(c + "DecisionResponse"))},
-            "/v1/events": {"post": op("Record outcome and order events", c + "EventBatch", _ok(c + "EventAck"))},
+            "/v1/decisions": {"post": {**op("Rank offers for a placement", c + "DecisionRequest",
+                                            _ok(c + "DecisionResponse")), "security": browser}},
+            "/v1/events": {"post": {**op("Record outcome and order events", c + "EventBatch", _ok(c + "EventAck")),
+                                    "security": browser}},
+            "/v1/features/push": {"post": op("Push feature rows of one view (proprietary signals)",
+                                             c + "FeaturePush", _ok(c + "FeatureAck"), key="secret")},
+            "/v1/features/{view}/{entity_key}": {"put": {
+                **op("Write one entity's row of a push view", c + "FeatureWrite", _ok(c + "FeatureAck"), key="secret"),
+                "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                               for n in ("view", "entity_key")]}},
             "/v1/offers": {"get": op("List offers", key="admin")},
             "/v1/offers/{offer_id}": {
                 "get": {**op("Get an offer", ok=_ok(c + "Offer"), key="admin"), "parameters": offer_id},
@@ -72,7 +91,32 @@ def openapi_document() -> bytes:
                 "put": {**op("Create or replace a placement", c + "Placement", _ok(c + "Placement"), key="admin"),
                         "parameters": placement_id},
             },
-            "/v1/models": {"get": op("Models serving each placement", key="admin")},
+            "/v1/models": {"get": {**op("Serving sets and registered model versions", key="admin"),
+                                   "parameters": [q("placement"), q("stage")]}},
+            "/v1/models/{version}": {"get": {**op("A model version with its stage history", key="admin"),
+                                             "parameters": version}},
+            "/v1/models/{version}/stage": {"post": {
+                **op("Move a version to a stage (production needs a passing evaluation or force)",
+                     c + "StageChange", key="admin"), "parameters": version}},
+            "/v1/placements/{placement_id}/rollback": {"post": {
+                **op("Archive production and restore the previous production version", c + "Rollback",
+                     key="admin"), "parameters": placement_id}},
+            "/v1/webhooks/{platform}": {"post": {
+                "summary": "Signed order webhook from a commerce platform (authenticated by its signature)",
+                "parameters": [{"name": "platform", "in": "path", "required": True,
+                                "schema": {"enum": ["shopify", "woocommerce", "magento", "sfcc", "sap"]}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {**_ok(c + "EventAck"), **_PROBLEMS}},
+                "get": {"summary": "Adobe I/O Events URL check: echoes ?challenge= (magento only)",
+                        "parameters": [{"name": "platform", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}, q("challenge")],
+                        "responses": {**_ok(None), **_PROBLEMS}}},
+            "/v1/snippet.js": {"get": {
+                "summary": "The confirmation-page script (?v=<version> is cached immutable; X-Kassa-SRI "
+                           "carries its integrity hash)",
+                "parameters": [q("v")],
+                "responses": {"200": {"description": "JavaScript", "content": {"text/javascript": {}}},
+                              "304": {"description": "Not modified"}, "404": _PROBLEMS["404"]}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": _ok(None)}},
             "/readyz": {
                 "get": {"summary": "Readiness", "responses": {**_ok(None), "503": {"description": "Starting"}}}

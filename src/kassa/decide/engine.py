@@ -25,7 +25,7 @@ from kassa.catalog import Catalog
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
-from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.online.base import OnlineStore
@@ -35,6 +35,7 @@ from kassa.features.request import request_features
 from kassa.learn.featurize import shared_line
 from kassa.learn.models import ModelStore
 from kassa.learn.rewards import PendingDecision, RewardJoiner
+from kassa.learn.shadow import ShadowRequest, ShadowScorer
 
 log = logging.getLogger("kassa.decide")
 _LEARNED = ("squarecb", "epsilon", "softmax")
@@ -87,7 +88,11 @@ class DecisionEngine:
         repo: FeatureRepo | None = None,
         on_default: Callable[[str], None] | None = None,
         offer_features: OfferFeatureSource | None = None,
+        on_served: Callable[[str, str, float, bool], None] | None = None,
+        shadow: ShadowScorer | None = None,
     ) -> None:
+        self.on_served = on_served
+        self.shadow = shadow
         self.offer_features = offer_features if offer_features else None
         self.catalog = catalog
         self.store = store
@@ -126,7 +131,11 @@ class DecisionEngine:
         placement = view.placement
         # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
         # change what this decision is scored with.
-        model = self.models.get(placement.id) if placement.policy in _LEARNED else None
+        serving = self.models.serving(placement.id) if placement.policy in _LEARNED else None
+        model = None
+        if serving is not None:
+            unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
+            model = serving.pick(unit)
         budget = placement.latency_budget_ms / 1000.0
         customer_id = req.customer.id if req.customer is not None else None
         fallback = False
@@ -208,6 +217,7 @@ class DecisionEngine:
         else:
             action_lines = [lines[o] for o in kept]
         version = "baseline"
+        model_failed = False
         policy: Policy
         if not kept:
             policy = UniformPolicy(0)
@@ -225,7 +235,7 @@ class DecisionEngine:
                     policy, version = PmfPolicy(pmf, later), model.version
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)
-                    fallback = True
+                    fallback = model_failed = True
                     policy, version = _by_value(kept, offers), "fallback"
             if policy is None:
                 policy = GreedyEpsilonPolicy(self._baseline_scores(placement, kept, offers), placement.exploration)
@@ -256,12 +266,22 @@ class DecisionEngine:
             self.joiner.register(PendingDecision(
                 decision_id, placement.id, now, now + placement.reward.wait_seconds, shared, chosen,
                 [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
-                [offers[o].product_id or offers[o].sku for o in chosen],
+                [offers[o].product_id or offers[o].sku for o in chosen], version=version,
+                email_sha256=req.customer.email_sha256 if req.customer is not None else None,
             ))
+        if serving is not None:
+            if serving.canary is not None and self.on_served is not None and model is not None:
+                # Guardrails compare the canary with production: both sides report the version that was
+                # meant to serve (a failed score counts against that version, not against "fallback").
+                self.on_served(placement.id, model.version, took_ms, model_failed)
+            if serving.shadow is not None and self.shadow is not None and kept:
+                self.shadow.submit(ShadowRequest(decision_id, now, placement.id, serving.shadow, shared,
+                                                 action_lines, kept, features, customer_id, req.request_id,
+                                                 len(ranking.chosen)))
         if self.decision_log is not None:
             self.decision_log.append(DecisionRecord(
                 decision_id=decision_id, ts=now, placement=placement.id, model_version=version,
-                request_id=req.request_id, customer_id=customer_id, features=_loggable(features),
+                request_id=req.request_id, customer_id=customer_id, features=loggable_features(features),
                 candidates=kept, probabilities=_slot1_probs(policy, len(kept)), chosen=chosen,
                 chosen_probabilities=ranking.probabilities, explored=ranking.explored, fallback=fallback,
                 took_ms=took_ms,
@@ -303,8 +323,3 @@ def _by_value(kept: list[str], offers: dict[str, schemas.Offer]) -> GreedyEpsilo
 
 def _slot1_probs(policy: Policy, n: int) -> list[float]:
     return policy.slot_pmf(list(range(n))) if n else []
-
-
-def _loggable(features: dict[str, Any]) -> dict[str, Any]:
-    # Lists (categories) are logged as a joined string so the feature column stays scalar.
-    return {k: ("|".join(map(str, v)) if isinstance(v, list) else v) for k, v in features.items()}

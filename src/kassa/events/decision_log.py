@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pyarrow as pa
@@ -68,6 +69,11 @@ SCHEMA = pa.schema(
 _json = msgspec.json.Encoder()
 
 
+def loggable_features(features: dict[str, Any]) -> dict[str, Any]:
+    """Features as logged: lists (categories) become one joined string so each column stays scalar."""
+    return {k: ("|".join(map(str, v)) if isinstance(v, list) else v) for k, v in features.items()}
+
+
 def records_to_table(records: Iterable[DecisionRecord]) -> pa.Table:
     """Decision records as an Arrow table with ``SCHEMA`` (features as a JSON string)."""
     rows = list(records)
@@ -102,7 +108,9 @@ class DecisionLogWriter:
     wakes the flusher early so a burst produces several moderate files instead of one huge one.
     """
 
-    def __init__(self, root: Path, flush_seconds: float = 1.0, max_buffer: int = 5000) -> None:
+    def __init__(self, root: Path, flush_seconds: float = 1.0, max_buffer: int = 5000,
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+        self.on_written = on_written  # called on the writer's thread with each batch written (drift)
         self.root = Path(root)
         self.dir = self.root / "decisions"
         self.flush_seconds = flush_seconds
@@ -151,6 +159,11 @@ class DecisionLogWriter:
                     failed_dates.add(date)
                 else:
                     done += len(recs)
+                    if self.on_written is not None:
+                        try:
+                            self.on_written(recs)
+                        except Exception:
+                            log.exception("decision log: on_written callback failed")
             if failed_dates:
                 # Back in front of anything appended meanwhile, in append order, for the next try.
                 failed = [r for r in batch if _utc_date(r.ts) in failed_dates]

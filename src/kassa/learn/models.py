@@ -1,43 +1,165 @@
-"""`ModelStore`: the model each placement serves right now.
+"""`ModelStore`: the models each placement serves right now, and `ModelSync`, which keeps them equal to
+the registry's production, canary and shadow versions.
 
-Publishing is one dict assignment of an immutable `VWModel`; a decision reads the reference once, so
-a swap while requests are in flight never mixes versions inside one response.
+A placement's serving set (production, canary with its share, shadow) is one immutable object replaced by
+a single dict assignment; a decision reads it once, so a swap while requests are in flight never mixes
+versions inside one response. Loading a version verifies its checksum and feature-schema hash first; a
+version that fails is refused (logged, counted, remembered) and the previous set keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from kassa.learn.vw import VWModel, latest_snapshot, version_name
+from kassa.learn.registry import ArtifactError, ModelRegistry, ModelVersion, Serving
+from kassa.learn.vw import VWModel
 
 log = logging.getLogger("kassa.learn")
 
 
+@dataclass(frozen=True, slots=True)
+class ServingSet:
+    production: VWModel | None = None
+    canary: VWModel | None = None
+    canary_share: float = 0.0
+    shadow: VWModel | None = None
+
+    def pick(self, unit: str | None) -> VWModel | None:
+        """The model that serves this request: the canary for a stable ``canary_share`` of units
+        (customers, else sessions), production for everyone else and for anonymous requests."""
+        if self.canary is not None and unit is not None and in_canary(unit, self.canary_share):
+            return self.canary
+        return self.production
+
+
+def in_canary(unit: str, share: float) -> bool:
+    # crc32 is stable across processes and restarts (Python's hash() is salted per process).
+    return (zlib.crc32(unit.encode()) & 0xFFFFFFFF) < share * 4294967296.0
+
+
 class ModelStore:
     def __init__(self) -> None:
-        self._serving: dict[str, VWModel] = {}
+        self._serving: dict[str, ServingSet] = {}
         self.swaps = 0
 
     def get(self, placement_id: str) -> VWModel | None:
+        s = self._serving.get(placement_id)
+        return s.production if s is not None else None
+
+    def serving(self, placement_id: str) -> ServingSet | None:
         return self._serving.get(placement_id)
 
     def publish(self, placement_id: str, model: VWModel) -> None:
-        self._serving[placement_id] = model
+        """Replace the production model, keeping the placement's canary and shadow."""
+        current = self._serving.get(placement_id) or ServingSet()
+        self._serving[placement_id] = replace(current, production=model)
+        self.swaps += 1
+
+    def publish_set(self, placement_id: str, serving: ServingSet) -> None:
+        self._serving[placement_id] = serving
         self.swaps += 1
 
     def versions(self) -> dict[str, str]:
-        return {p: m.version for p, m in self._serving.items()}
+        return {p: s.production.version for p, s in self._serving.items() if s.production is not None}
 
-    def load_latest(self, model_dir: Path, placement_id: str) -> VWModel | None:
-        latest = latest_snapshot(model_dir / placement_id)
-        if latest is None:
+
+class ModelSync:
+    """Loads the registry's serving versions into a `ModelStore` (at start and on every poll).
+
+    ``expected_schema(placement)`` gives the feature-schema hash the placement has now; ``None`` skips the
+    check (a placement that no longer exists)."""
+
+    def __init__(self, registry: ModelRegistry, store: ModelStore,
+                 expected_schema: Callable[[str], str | None],
+                 on_refused: Callable[[ModelVersion, str], None] | None = None, keep_recent: int = 4) -> None:
+        self.registry = registry
+        self.store = store
+        self.expected_schema = expected_schema
+        self.on_refused = on_refused
+        self._loaded: dict[str, VWModel] = {}  # version -> loaded model, shared by sets
+        # Recently served models stay loaded a while, so a rollback swaps back without loading anything.
+        self._recent: OrderedDict[str, VWModel] = OrderedDict()
+        self.keep_recent = keep_recent
+        self._keys: dict[str, tuple] = {}
+        self.refused: dict[str, str] = {}  # version -> why
+        self._lock = threading.Lock()  # the learning task and API calls may poll at the same time
+
+    def sync(self) -> list[str]:
+        """Bring every placement's serving set up to date; returns the placements that changed."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> list[str]:
+        changed = []
+        wanted = self.registry.serving()
+        for placement, serving in wanted.items():
+            if self._keys.get(placement) == serving.key:
+                continue
+            if self._apply(placement, serving):
+                changed.append(placement)
+        live = {m.version for s in wanted.values() for m in (s.production, s.canary, s.shadow) if m is not None}
+        for version in list(self._loaded):
+            if version not in live:
+                self._recent[version] = self._loaded.pop(version)
+        for version in live:
+            self._recent.pop(version, None)
+        while len(self._recent) > self.keep_recent:
+            self._recent.popitem(last=False)
+        return changed
+
+    def _load(self, mv: ModelVersion | None) -> VWModel | None:
+        if mv is None:
             return None
-        seq, path, meta = latest
+        model = self._loaded.get(mv.version) or self._recent.pop(mv.version, None)
+        if model is not None:
+            self._loaded[mv.version] = model
+            return model
+        why = self.refused.get(mv.version)
+        if why is not None:
+            raise ArtifactError(why)
         try:
-            model = VWModel(path, version_name(placement_id, seq), meta)
-        except Exception:
-            log.exception("could not load model snapshot %s; serving the baseline", path)
-            return None
-        self.publish(placement_id, model)
+            path = self.registry.verify(mv, self.expected_schema(mv.placement))
+            model = VWModel(path, mv.version, mv.metrics)
+        except Exception as exc:
+            why = exc.detail if isinstance(exc, ArtifactError) else f"{mv.version}: could not load: {exc}"
+            self.refused[mv.version] = why
+            log.error("refused model %s: %s; the previous version keeps serving", mv.version, why)
+            if self.on_refused is not None:
+                self.on_refused(mv, why)
+            raise ArtifactError(why) from None
+        self._loaded[mv.version] = model
         return model
+
+    def _apply(self, placement: str, serving: Serving) -> bool:
+        current = self.store.serving(placement) or ServingSet()
+        parts: dict[str, VWModel | None] = {}
+        for stage in ("production", "canary", "shadow"):
+            mv = getattr(serving, stage)
+            try:
+                parts[stage] = self._load(mv)
+            except ArtifactError:
+                parts[stage] = getattr(current, stage)  # keep what serves now
+        share = serving.canary.canary_share or 0.0 if serving.canary is not None and parts["canary"] else 0.0
+        new = ServingSet(parts["production"], parts["canary"] if share > 0 else None, share, parts["shadow"])
+        self._keys[placement] = serving.key
+        if new == current:
+            return False
+        self.store.publish_set(placement, new)
+        log.info("serving %s: production=%s canary=%s (%.0f%%) shadow=%s", placement,
+                 _v(new.production), _v(new.canary), share * 100, _v(new.shadow))
+        return True
+
+    def adopt(self, model: VWModel) -> None:
+        """Remember a model this process loaded itself (the online learner's snapshot) so the next
+        poll does not load the same version a second time."""
+        with self._lock:
+            self._loaded[model.version] = model
+
+
+def _v(model: VWModel | None) -> str | None:
+    return model.version if model is not None else None

@@ -84,6 +84,17 @@ class OnlineLearner:
         self.learned_since_snapshot = 0
         self.reward_sum = 0.0
 
+    def restart_from(self, path: Path, meta: dict | None = None) -> None:
+        """Continue from another model's weights (a promoted or restored version) with this
+        learner's settings; counters follow that model's metadata."""
+        workspace = vowpalwabbit.Workspace(f"{self.args} -i {path}", enable_logging=False)
+        old, self.workspace = self.workspace, workspace
+        old.finish()
+        meta = meta or {}
+        self.learned = int(meta.get("learned", self.learned))
+        self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
+        self.learned_since_snapshot = 0
+
     def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
         # VW minimises cost; rewards are negated. Probabilities are floored to keep weights bounded.
         p = probability if probability > 1e-4 else 1e-4

@@ -1,0 +1,225 @@
+"""Model swaps under load: 100 production swaps during an open-loop run at 200 decisions/s.
+
+Starts ``kassa serve`` on a generated 50-offer catalog with two registered models of its placement, then
+runs `kassa loadtest` (decisions only, fixed schedule) twice per repeat: once untouched, once while a
+thread swaps the production model 100 times over the admin API (promote the other version with
+``force``; the previous one is archived, then brought back as a candidate for the next swap). Every swap
+is loaded and published by the server itself, exactly as a promotion in production would be. Reports the
+medians of the client P99 and the error counts of both, their ratio, and how many swaps succeeded.
+
+Target (issue 4): zero failed requests and no P99 change beyond noise during 100 swaps under 200
+decisions/s.
+
+    python bench/model_swap.py --repeats 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from benchdocs import write_section
+from decision_latency import PLACEMENT, make_catalog
+from kassa import schemas
+from kassa.db import make_engine
+from kassa.features.definitions import FeatureRepo
+from kassa.learn.registry import ModelRegistry, feature_schema_hash
+from kassa.learn.vw import OnlineLearner
+
+START = "<!-- bench:model-swap:start -->"
+END = "<!-- bench:model-swap:end -->"
+ADMIN, PUB = "bench-admin", "bench-publishable"
+KASSA = [sys.executable, "-m", "kassa"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def register_models(data: Path, catalog: dict, count: int) -> list[str]:
+    """``count`` versions (two trained models, registered alternately): every swap loads a version the
+    server has never loaded, as a fresh snapshot or a promotion would."""
+    placement = schemas.Placement(**{k: v for k, v in catalog["placements"][0].items() if k != "reward"})
+    registry = ModelRegistry(make_engine(data / "kassa.db"), data / "models")
+    schema = feature_schema_hash(placement, FeatureRepo())
+    paths = []
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        learner = OnlineLearner(placement, data / f"train-{seed}")
+        for _ in range(3000):
+            offer = rng.choice(catalog["offers"])
+            learner.learn(f"shared |c country={rng.choice('ABCD')}", f" |o id={offer['id']}",
+                          float(rng.random() < 0.1 * seed), 0.02)
+        path, _ = learner.snapshot()
+        paths.append((path, learner.args))
+    versions = []
+    for i in range(count):
+        path, largs = paths[i % 2]
+        mv = registry.register(placement.id, path, schema_hash=schema, learner_args=largs, source="batch",
+                               metrics={"rewarded_decisions": 100_000, "learned": 3000})
+        versions.append(mv.version)
+    registry.promote(versions[0], "production", reason="bench start")
+    return versions
+
+
+def post(url: str, body: dict) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def swapper(base: str, versions: list[str], swaps: int, seconds: float, result: dict) -> None:
+    ok = 0
+    gap = seconds / swaps
+    t0 = time.perf_counter()
+    for i, version in enumerate(versions[:swaps]):
+        delay = t0 + (i + 0.5) * gap - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if post(f"{base}/v1/models/{version}/stage", {"stage": "production", "force": True, "reason": "bench"}) == 200:
+            ok += 1
+    result["swaps"] = ok
+
+
+def delayed_swapper(base: str, versions: list[str], swaps: int, seconds: float, result: dict) -> None:
+    time.sleep(2.5)  # the generator ramps for 2 s first; the swaps span the measured window
+    swapper(base, versions, swaps, seconds, result)
+
+
+def loadtest(base: str, profile: Path, rate: float, duration: float) -> dict:
+    cmd = [*KASSA, "loadtest", "--url", base, "--profile", str(profile), "--rate", str(rate), "--duration",
+           str(duration), "--json", "--key", PUB]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise SystemExit(f"loadtest printed no JSON (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--duration", type=float, default=50.0)
+    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    runs: dict[str, list[dict]] = {"steady": [], "swapping": []}
+    swaps_done: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="kassa-swap-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        catalog = make_catalog(50)
+        cat_file = Path(tmp) / "catalog.json"
+        cat_file.write_text(json.dumps(catalog))
+        versions = register_models(data, catalog, 1 + args.swaps * args.repeats)
+        fresh = iter(versions[1:])
+        profile = Path(tmp) / "profile.yaml"
+        profile.write_text(yaml.safe_dump({
+            "name": "decisions only", "traffic": {"rate": args.rate}, "ramp_seconds": 2,
+            "duration_seconds": args.duration, "schedule": "fixed",
+            "mix": {"decision": 1.0, "impression": 0, "click": 0, "accept": 0, "webhook": 0, "feature_push": 0},
+            "payload": {"placement": PLACEMENT}, "connections": {"idle": 0, "active": 16},
+            "slo": {"p99_ms": 200, "error_rate": 0.001},
+        }))
+        port = free_port()
+        env = {**os.environ, "KASSA_ADMIN_KEY": ADMIN, "KASSA_PUBLISHABLE_KEY": PUB, "KASSA_LOG_LEVEL": "warning",
+               "KASSA_LEARN__AUTO_PUBLISH": "false"}
+        server = subprocess.Popen([*KASSA, "serve", "--data-dir", str(data), "--catalog", str(cat_file), "--port",
+                                   str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"{base}/readyz", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            for rep in range(args.repeats):
+                for phase in (("steady", "swapping") if rep % 2 == 0 else ("swapping", "steady")):
+                    result: dict = {}
+                    thread = None
+                    if phase == "swapping":
+                        batch = [next(fresh) for _ in range(args.swaps)]
+                        thread = threading.Thread(target=delayed_swapper, args=(
+                            base, batch, args.swaps, args.duration - 1.0, result), daemon=True)
+                        thread.start()
+                    summary = loadtest(base, profile, args.rate, args.duration)
+                    if thread is not None:
+                        thread.join()
+                        swaps_done.append(result.get("swaps", 0))
+                    runs[phase].append(summary)
+                    print(f"{phase:>9}: p99 {summary['p99_ms']:.2f} ms, errors {summary['errors']}, "
+                          f"valid {summary['valid']}" + (f", swaps {swaps_done[-1]}" if thread else ""),
+                          file=sys.stderr)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    def med(phase: str, key: str) -> float:
+        return statistics.median(float(r[key]) for r in runs[phase])
+
+    figures = {
+        "rate": args.rate, "duration_s": args.duration, "repeats": args.repeats,
+        "steady_p99_ms": round(med("steady", "p99_ms"), 3), "swapping_p99_ms": round(med("swapping", "p99_ms"), 3),
+        "steady_p50_ms": round(med("steady", "p50_ms"), 3), "swapping_p50_ms": round(med("swapping", "p50_ms"), 3),
+        "steady_errors": sum(int(r["errors"]) for r in runs["steady"]),
+        "swapping_errors": sum(int(r["errors"]) for r in runs["swapping"]),
+        "swaps_per_run": swaps_done, "valid_runs": sum(bool(r["valid"]) for p in runs.values() for r in p),
+        "runs": sum(len(p) for p in runs.values()),
+    }
+    figures["p99_ratio_swapping_to_steady"] = round(figures["swapping_p99_ms"] / figures["steady_p99_ms"], 3)
+    if args.write_docs:
+        write_docs(figures)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for k, v in figures.items():
+            print(f"{k:>30}: {v}")
+
+
+def write_docs(f: dict) -> None:
+    text = f"""{START}
+## Model swaps under load (`bench/model_swap.py`)
+
+`kassa serve` (embedded, 50 offers, squareCB placement with two registered models) under an open-loop,
+decisions-only load of {f['rate']:g}/s for {f['duration_s']:g} s, measured by `kassa loadtest`; in the
+"swapping" runs the production model is swapped {f['swaps_per_run']} times over the admin API during the
+window, each to a version the server has not loaded before. Medians of {f['repeats']} runs each
+(alternating order); {platform.machine()}, {os.cpu_count()} vCPU, Python {platform.python_version()};
+{f['valid_runs']} of {f['runs']} runs valid (generator kept its schedule).
+Measured {dt.date.today().isoformat()}.
+
+| | P50 ms | P99 ms | errors |
+|---|---:|---:|---:|
+| steady | {f['steady_p50_ms']} | {f['steady_p99_ms']} | {f['steady_errors']} |
+| 100 swaps during the run | {f['swapping_p50_ms']} | {f['swapping_p99_ms']} | {f['swapping_errors']} |
+| ratio | | {f['p99_ratio_swapping_to_steady']} | |
+{END}"""
+    write_section(text, START, END)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""`kassa models list|show|promote|rollback`, `kassa train`, `kassa evaluate`, `kassa drift`.
+
+These run beside a live server on the same data directory: they read the decision and event logs and
+write only to the model registry, which serving processes poll.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kassa import schemas
+from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.config import Settings, load_settings
+from kassa.db import make_engine
+from kassa.features.definitions import FeatureRepo, parse_duration
+from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
+
+models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+@dataclass
+class OfflineContext:
+    settings: Settings
+    catalog: Catalog
+    repo: FeatureRepo
+    registry: ModelRegistry
+
+    def placement(self, placement_id: str) -> schemas.Placement:
+        view = self.catalog.snapshot.placements.get(placement_id)
+        if view is None:
+            known = ", ".join(sorted(self.catalog.snapshot.placements)) or "none"
+            raise typer.BadParameter(f"unknown placement {placement_id!r} (known: {known})", param_hint="--placement")
+        return view.placement
+
+    def schema_hash(self, placement_id: str) -> str:
+        return feature_schema_hash(self.placement(placement_id), self.repo)
+
+
+def context(config: Path | None, data_dir: str | None) -> OfflineContext:
+    from kassa.features.registry import FeatureRegistry
+
+    settings = load_settings(config, data_dir=data_dir)
+    data = settings.data_path
+    if not (data / "kassa.db").exists():
+        raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
+                                 "--data-dir)", param_hint="--data-dir")
+    db = make_engine(data / "kassa.db")
+    catalog = Catalog(SqlCatalogStore(db))
+    repo = FeatureRegistry(db).load()
+    return OfflineContext(settings, catalog, repo, ModelRegistry(db, data / "models"))
+
+
+def parse_time(text: str | None, now: float) -> float | None:
+    """``2026-11-01``, ``2026-11-01T12:00``, a unix time, or a duration ago (``7d``, ``12h``)."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not a time: {text!r} (use 2026-11-01, 2026-11-01T12:00, a unix time, "
+                                 "or a duration ago like 7d)") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- models
+@models_app.command("list")
+def models_list(
+    placement: Annotated[Optional[str], typer.Option(help="Only this placement.")] = None,  # noqa: UP045
+    stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None,  # noqa: UP045
+    limit: Annotated[int, typer.Option(help="At most this many versions.")] = 50,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Model versions, newest first, with their stage."""
+    if stage is not None and stage not in STAGES:
+        raise typer.BadParameter(f"stage must be one of {', '.join(STAGES)}", param_hint="--stage")
+    ctx = context(config, data_dir)
+    versions = ctx.registry.versions(placement, [stage] if stage else None, limit=limit)
+    if json_out:
+        _print_json({"versions": [v.to_dict() for v in versions]})
+        return
+    table = Table("stage", "source", "rows", "created", "evaluation")
+    table.add_column("version", no_wrap=True)
+    table.add_column("parent", no_wrap=True)
+    for v in versions:
+        ev = v.metrics.get("evaluation")
+        verdict = ("[green]passed[/]" if ev.get("passed") else "[red]failed[/]") if isinstance(ev, dict) else "-"
+        stage_text = v.stage + (f" {v.canary_share:.0%}" if v.stage == "canary" and v.canary_share else "")
+        table.add_row(stage_text, v.source, f"{v.rows:,}", _fmt_time(v.created_at), verdict, v.version,
+                      v.parent or "-")
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(version: str, config: ConfigOpt = None, data_dir: DataDirOpt = None,
+                json_out: JsonOpt = False) -> None:
+    """One version: metadata, metrics, lineage and stage history."""
+    ctx = context(config, data_dir)
+    mv = ctx.registry.get(version)
+    history = ctx.registry.history(version=version)
+    if json_out:
+        _print_json({**mv.to_dict(), "history": [h.to_dict() for h in history]})
+        return
+    table = Table(show_header=False)
+    for key, value in mv.to_dict().items():
+        if key == "metrics":
+            value = json.dumps(value, indent=1, default=str)
+        elif key in ("created_at", "stage_changed_at", "train_since", "train_until"):
+            value = _fmt_time(value)
+        table.add_row(key, str(value))
+    out.print(table)
+    hist = Table("at", "from", "to", "by", "reason", title="stage history")
+    for h in history:
+        hist.add_row(_fmt_time(h.at), h.from_stage or "-", h.to_stage, h.actor, h.reason)
+    out.print(hist)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str,
+    to: Annotated[str, typer.Option("--to", help="shadow | canary | production | candidate | archived")],
+    share: Annotated[Optional[float], typer.Option(help="Canary traffic share, e.g. 0.1.")] = None,  # noqa: UP045
+    reason: Annotated[Optional[str], typer.Option(help="Recorded in the stage history.")] = None,  # noqa: UP045
+    force: Annotated[bool, typer.Option(help="Promote to production without a passing evaluation.")] = False,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Move a version to a stage. Production needs a passing `kassa evaluate` (or --force)."""
+    from kassa.learn.registry import StageError
+    from kassa.learn.rollout import promote_version
+
+    if to not in STAGES:
+        raise typer.BadParameter(f"must be one of {', '.join(STAGES)}", param_hint="--to")
+    ctx = context(config, data_dir)
+    try:
+        mv = promote_version(ctx.registry, version, to, share=share, reason=reason, force=force)
+    except StageError as exc:
+        console.print(f"[red]refused:[/] {exc.detail}")
+        raise typer.Exit(1) from None
+    if json_out:
+        _print_json(mv.to_dict())
+    else:
+        console.print(f"[green]{mv.version}[/] is now {mv.stage}"
+                      + (f" ({mv.canary_share:.0%} of traffic)" if mv.stage == "canary" else "")
+                      + "; serving processes pick it up within seconds")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    placement: Annotated[str, typer.Option(help="The placement whose production model to roll back.")],
+    reason: Annotated[str, typer.Option(help="Recorded in the stage history.")] = "manual rollback",
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Archive the production version and restore the one before it."""
+    from kassa.learn.registry import StageError
+
+    ctx = context(config, data_dir)
+    ctx.placement(placement)
+    try:
+        mv = ctx.registry.rollback(placement, reason)
+    except StageError as exc:
+        console.print(f"[red]refused:[/] {exc.detail}")
+        raise typer.Exit(1) from None
+    if json_out:
+        _print_json(mv.to_dict())
+    else:
+        console.print(f"rolled back: [green]{mv.version}[/] serves {placement} again")
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+class _Stages:
+    """A progress callback ``(stage, done, total)`` showing one bar per stage."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage[:16], total=max(total, 1))
+        self.bar.update(self.tasks[stage], completed=done, total=max(total, 1))
+
+
+def train_command(
+    placement: Annotated[str, typer.Option(help="The placement to retrain.")],
+    since: Annotated[Optional[str], typer.Option(help="Start: date, unix time or duration ago (7d).")] = None,  # noqa: UP045
+    until: Annotated[Optional[str], typer.Option(help="End (exclusive); default now.")] = None,  # noqa: UP045
+    every: Annotated[Optional[str], typer.Option(help="Retrain on this schedule (e.g. 1h) until stopped.")] = None,  # noqa: UP045
+    passes: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    holdout: Annotated[float, typer.Option(help="Leave out this newest share of the window for "
+                                                "`kassa evaluate` (e.g. 0.2).")] = 0.0,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Default: learn.learning_rate.")] = None,  # noqa: UP045
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
+    from kassa.learn.train import train_placement
+
+    interval = parse_duration(every) if every else None
+    if not 0.0 <= holdout < 1.0:
+        raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout")
+    while True:
+        ctx = context(config, data_dir)
+        pl = ctx.placement(placement)
+        now = time.time()
+        start, end = parse_time(since, now), parse_time(until, now)
+        with _progress() as bar:
+            progress = _Stages(bar)
+            result = train_placement(
+                ctx.settings.data_path, ctx.registry, ctx.catalog.snapshot, pl, ctx.schema_hash(placement),
+                start, end, learning_rate if learning_rate is not None else ctx.settings.learn.learning_rate,
+                ctx.settings.learn.vw_extra_args, passes, progress, holdout)
+        if result.version is None:
+            console.print(f"[yellow]nothing to train on[/]: {result.decisions} closed decisions "
+                          f"({result.pending} still inside their reward window) for {placement}")
+        else:
+            console.print(f"registered [green]{result.version.version}[/] as candidate: {result.decisions:,} "
+                          f"decisions, {result.examples:,} examples, mean reward {result.mean_reward:.4f}, "
+                          f"{result.seconds:.1f} s. Next: `kassa evaluate --placement {placement} "
+                          f"--candidate {result.version.version}`")
+        if json_out:
+            _print_json(result.to_dict())
+        if interval is None:
+            if result.version is None:
+                raise typer.Exit(1)
+            return
+        console.print(f"next run in {every}")
+        time.sleep(interval)
+
+
+def version_label(mv: ModelVersion | None) -> str:
+    return mv.version if mv is not None else "-"
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def evaluate_command(
+    placement: Annotated[str, typer.Option(help="The placement whose logs to evaluate on.")],
+    candidate: Annotated[str, typer.Option(help="The version to evaluate (e.g. order_confirmation@13).")],
+    baseline: Annotated[str, typer.Option(help="'production', 'none' or a version.")] = "production",
+    since: Annotated[Optional[str], typer.Option(help="Start of the held-out window (default: the end of "  # noqa: UP045
+                                                      "the candidate's training range, else all).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="End of the window (exclusive; default now).")] = None,  # noqa: UP045
+    estimator: Annotated[str, typer.Option(help="Estimator the gate compares: ips | snips | dr.")] = "snips",
+    level: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    margin: Annotated[float, typer.Option(help="The candidate's lower bound must beat production by this.")] = 0.0,
+    rule: Annotated[str, typer.Option(help="lcb_beats_estimate | lcb_beats_ucb")] = "lcb_beats_estimate",
+    max_weight: Annotated[Optional[float], typer.Option(help="Clip importance weights at this value.")] = None,  # noqa: UP045
+    report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,  # noqa: UP045
+    png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
+    promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
+    uniform-random and the logged policy; records the gate's verdict on the candidate."""
+    from kassa.learn import ope, ope_report
+    from kassa.learn.dataset import load_logged
+    from kassa.learn.evaluate import evaluate_models
+    from kassa.learn.registry import StageError
+    from kassa.learn.rollout import promote_version
+
+    if estimator not in ope.ESTIMATORS:
+        raise typer.BadParameter(f"must be one of {', '.join(ope.ESTIMATORS)}", param_hint="--estimator")
+    if rule not in ("lcb_beats_estimate", "lcb_beats_ucb"):
+        raise typer.BadParameter("must be lcb_beats_estimate or lcb_beats_ucb", param_hint="--rule")
+    t0 = time.perf_counter()
+    ctx = context(config, data_dir)
+    pl = ctx.placement(placement)
+    cand = ctx.registry.get(candidate)
+    if cand.placement != placement:
+        raise typer.BadParameter(f"{candidate} serves {cand.placement}, not {placement}", param_hint="--candidate")
+    base = None
+    if baseline == "production":
+        found = ctx.registry.versions(placement, ["production"], limit=1)
+        base = found[0] if found and found[0].version != cand.version else None
+    elif baseline != "none":
+        base = ctx.registry.get(baseline)
+    schema = ctx.schema_hash(placement)
+    for mv in (cand, base):
+        if mv is not None:
+            ctx.registry.verify(mv, schema)
+    now = time.time()
+    start = parse_time(since, now)
+    if start is None and cand.source == "batch" and cand.train_until is not None:
+        start = cand.train_until
+    end = parse_time(until, now)
+    snap = ctx.catalog.snapshot
+
+    def product_key(offer_id: str) -> str | None:
+        offer = snap.offers.get(offer_id)
+        return (offer.product_id or offer.sku) if offer is not None else None
+
+    with _progress() as bar:
+        progress = _Stages(bar)
+        data = load_logged(ctx.settings.data_path, pl, product_key, start, end,
+                           lambda i, n: progress("join rewards", i, n))
+        if len(data) == 0:
+            console.print(f"[red]no closed decisions to evaluate on[/] for {placement} in the window "
+                          f"{_fmt_time(start)} .. {_fmt_time(end)} ({data.pending} still pending)")
+            raise typer.Exit(1)
+        evaluation, verdict = evaluate_models(
+            data, snap, (cand.version, ctx.registry.path(cand)),
+            (base.version, ctx.registry.path(base)) if base else None,
+            estimator, level, margin, rule, max_weight, workers, progress)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
+    title = f"{cand.version} vs {base.version if base else 'no production'} on {len(data):,} decisions"
+    out.print(ope_report.estimates_table(evaluation, title=title, gate=verdict))
+    if verdict is None:
+        console.print("[yellow]no production version to compare with[/]: the gate was not applied")
+    record = {"passed": bool(verdict.passed) if verdict else False,
+              "reason": verdict.reason if verdict else "no production version to compare with",
+              "estimator": estimator, "baseline": base.version if base else None, "rows": len(data),
+              "since": start, "until": end, "at": now,
+              "candidate_estimate": evaluation.estimate(cand.version, estimator).to_dict(),
+              "baseline_estimate": evaluation.estimate(base.version, estimator).to_dict() if base else None}
+    ctx.registry.update_metrics(cand.version, {"evaluation": record})
+    if report is not None:
+        ope_report.write_html(evaluation, report, title=title, gate=verdict)
+        console.print(f"report: {report}")
+    if png is not None:
+        ope_report.write_png(evaluation, png, title=title, gate=verdict)
+        console.print(f"plot: {png}")
+    promoted = None
+    if promote:
+        if verdict is not None and verdict.passed:
+            try:
+                promoted = promote_version(ctx.registry, cand.version, "production", reason="kassa evaluate --promote")
+                console.print(f"[green]{cand.version} promoted to production[/]")
+            except StageError as exc:
+                console.print(f"[red]promotion refused:[/] {exc.detail}")
+        else:
+            console.print(f"[red]not promoted:[/] {record['reason']}")
+    if json_out:
+        _print_json({"candidate": cand.version, "baseline": base.version if base else None, "rows": len(data),
+                     "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
+                     "promoted": promoted is not None, "evaluation": evaluation.to_dict()})
+
+
+# ---------------------------------------------------------------------------------------------- drift
+def drift_command(
+    placement: Annotated[str, typer.Option(help="The placement to check.")],
+    since: Annotated[str, typer.Option(help="Start of the live window (date, unix time or duration ago).")] = "1h",
+    until: Annotated[Optional[str], typer.Option(help="End of the live window (default now).")] = None,  # noqa: UP045
+    reference_since: Annotated[Optional[str], typer.Option(help="Start of the reference window (default: the "  # noqa: UP045
+                                                                "production model's training range, else the "
+                                                                "same length just before the live window).")] = None,
+    reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
+    last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
+                                                     "the N before them (overrides the time windows).")] = None,
+    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
+    from kassa.events.decision_log import read_decisions
+    from kassa.learn.dataset import load_logged
+    from kassa.monitor.drift import compare, window_from_decisions
+
+    ctx = context(config, data_dir)
+    pl = ctx.placement(placement)
+    now = time.time()
+    live_start = parse_time(since, now)
+    live_end = parse_time(until, now) or now
+    assert live_start is not None
+    if live_start >= live_end:
+        raise typer.BadParameter("the live window is empty (since >= until)", param_hint="--since")
+    ref_start, ref_end = parse_time(reference_since, now), parse_time(reference_until, now)
+    source = "given"
+    if ref_start is None and ref_end is None:
+        prod = ctx.registry.versions(placement, ["production"], limit=1)
+        if prod and prod[0].train_since is not None and prod[0].train_until is not None:
+            ref_start, ref_end = prod[0].train_since, prod[0].train_until
+            source = f"training range of {prod[0].version}"
+        else:
+            ref_start, ref_end, source = live_start - (live_end - live_start), live_start, "the window before"
+    root = ctx.settings.data_path
+    if last is not None:
+        if last < 100:
+            raise typer.BadParameter("use at least 100 decisions per window", param_hint="--last")
+        ts = read_decisions(root, placement).column("ts").to_pylist()
+        if len(ts) < 2 * last:
+            raise typer.BadParameter(f"only {len(ts):,} decisions are logged for {placement}; --last needs "
+                                     f"{2 * last:,}", param_hint="--last")
+        ref_start, ref_end = ts[-2 * last], ts[-last]
+        live_start, live_end = ts[-last], ts[-1] + 1e-6
+        source = f"the {last:,} decisions before"
+    snap = ctx.catalog.snapshot
+
+    def product_key(offer_id: str) -> str | None:
+        offer = snap.offers.get(offer_id)
+        return (offer.product_id or offer.sku) if offer is not None else None
+
+    windows = []
+    for start, end in ((ref_start, ref_end), (live_start, live_end)):
+        logged = load_logged(root, pl, product_key, start, end)
+        rewards = {d: list(zip(c, r, strict=True)) for d, c, r in zip(logged.decision_ids, logged.chosen,
+                                                                          logged.rewards, strict=True)}
+        windows.append(window_from_decisions(read_decisions(root, placement, start, end), rewards))
+    report = compare(windows[0], windows[1], placement, now)
+    min_samples = windows[0].config.min_samples
+    if 0 < min(report.reference_n, report.live_n) < min_samples:
+        console.print(f"[yellow]note[/]: a window has fewer than {min_samples} decisions, so only reward "
+                      "rates are compared (feature and score drift need more data)")
+    if report.reference_n == 0 or report.live_n == 0:
+        console.print(f"[yellow]not enough data[/]: reference {report.reference_n:,} decisions "
+                      f"({_fmt_time(ref_start)} .. {_fmt_time(ref_end)}, {source}), live {report.live_n:,} "
+                      f"({_fmt_time(live_start)} .. {_fmt_time(live_end)})")
+    else:
+        console.print(f"reference: {_fmt_time(ref_start)} .. {_fmt_time(ref_end)} ({source}); "
+                      f"live: {_fmt_time(live_start)} .. {_fmt_time(live_end)}")
+        out.print(report.table(), markup=False, highlight=False)
+    if json_out:
+        _print_json({**report.to_dict(), "reference_window": [ref_start, ref_end],
+                     "live_window": [live_start, live_end],
+                     "reference_source": source})
+    if fail_on_alert and report.alerts:
+        raise typer.Exit(2)

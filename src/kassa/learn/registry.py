@@ -1,0 +1,464 @@
+"""`ModelRegistry`: every model version a placement has had, its artifact, its stage and its history.
+
+A version is an immutable artifact (a Vowpal Wabbit model file, checksummed with SHA-256) plus what it
+was made from: the placement it serves, the feature-schema hash it expects, the learner settings, the
+training data range and row count, metrics and its parent version. Metadata lives in the SQL database
+(SQLite embedded); artifacts in ``<data_dir>/models/artifacts/<placement>/``.
+
+Stages move ``candidate`` -> ``shadow`` -> ``canary`` (with a traffic share) -> ``production`` ->
+``archived``. Each placement has at most one production, one canary and one shadow version; promoting a
+version into an occupied stage moves the occupant on (a replaced production is archived, a replaced
+canary or shadow goes back to candidate). Every stage change is recorded with its reason in
+``model_stage_events``, which is also how ``rollback`` finds the production version before the current
+one. Loading verifies the checksum and the schema hash and refuses a version that fails either, so the
+caller keeps serving what it had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from kassa import errors, schemas
+from kassa.db import metadata
+from kassa.features.definitions import FeatureRepo
+
+Stage = Literal["candidate", "shadow", "canary", "production", "archived"]
+STAGES: tuple[Stage, ...] = ("candidate", "shadow", "canary", "production", "archived")
+# Which moves are allowed. Anything can be archived; archived versions come back only as candidates
+# (rollback is the one path from archived straight to production, and it says so in the history).
+_ALLOWED: dict[str, set[str]] = {
+    "candidate": {"shadow", "canary", "production", "archived"},
+    "shadow": {"candidate", "canary", "production", "archived"},
+    "canary": {"candidate", "production", "archived"},
+    "production": {"archived"},
+    "archived": {"candidate"},
+}
+_SINGLE = ("production", "canary", "shadow")
+# Bumped whenever featurize.py changes how features become learner tokens: older artifacts then no
+# longer match and are refused instead of silently scoring garbage.
+FEATURIZER_VERSION = "1"
+
+model_versions_table = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("version", sa.String(160), primary_key=True),
+    sa.Column("placement", sa.String(128), nullable=False, index=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("canary_share", sa.Float, nullable=True),
+    sa.Column("artifact", sa.Text, nullable=False),  # path relative to the artifacts folder
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.Integer, nullable=False),
+    sa.Column("schema_hash", sa.String(64), nullable=False),
+    sa.Column("learner_args", sa.Text, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # online | batch | import
+    sa.Column("parent", sa.String(160), nullable=True),
+    sa.Column("train_since", sa.Float, nullable=True),
+    sa.Column("train_until", sa.Float, nullable=True),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),  # JSON object
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("stage_changed_at", sa.Float, nullable=False),
+    sa.Column("artifact_deleted", sa.Boolean, nullable=False, default=False),
+)
+
+model_stage_events_table = sa.Table(
+    "model_stage_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("version", sa.String(160), nullable=False, index=True),
+    sa.Column("placement", sa.String(128), nullable=False, index=True),
+    sa.Column("from_stage", sa.String(16), nullable=True),
+    sa.Column("to_stage", sa.String(16), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+)
+
+
+class ArtifactError(errors.KassaError):
+    status, title, slug = 409, "Model artifact refused", "artifact-refused"
+
+
+class StageError(errors.KassaError):
+    status, title, slug = 409, "Stage change refused", "stage-refused"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    version: str
+    placement: str
+    seq: int
+    stage: Stage
+    canary_share: float | None
+    artifact: str
+    sha256: str
+    size_bytes: int
+    schema_hash: str
+    learner_args: str
+    source: str
+    parent: str | None
+    train_since: float | None
+    train_until: float | None
+    rows: int
+    metrics: dict[str, Any]
+    created_at: float
+    stage_changed_at: float
+    artifact_deleted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "placement": self.placement, "stage": self.stage,
+            "canary_share": self.canary_share, "sha256": self.sha256, "size_bytes": self.size_bytes,
+            "schema_hash": self.schema_hash, "learner_args": self.learner_args, "source": self.source,
+            "parent": self.parent, "train_since": self.train_since, "train_until": self.train_until,
+            "rows": self.rows, "metrics": self.metrics, "created_at": self.created_at,
+            "stage_changed_at": self.stage_changed_at, "artifact_deleted": self.artifact_deleted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StageEvent:
+    version: str
+    placement: str
+    from_stage: str | None
+    to_stage: str
+    at: float
+    reason: str
+    actor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "from": self.from_stage, "to": self.to_stage, "at": self.at,
+                "reason": self.reason, "actor": self.actor}
+
+
+@dataclass(slots=True)
+class Serving:
+    """The versions a placement serves: production, an optional canary with its share, an optional shadow."""
+
+    production: ModelVersion | None = None
+    canary: ModelVersion | None = None
+    shadow: ModelVersion | None = None
+    key: tuple = field(default=())  # changes whenever any of the above (or the canary share) changes
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def placement_views(placement: schemas.Placement, repo: FeatureRepo | None) -> list[Any]:
+    """The feature views whose values reach a placement's learner (same selection as the engine)."""
+    if repo is None:
+        return []
+    views = [v for v in repo.views if v.online and v.entity in ("customer", "session") and v.kind != "request"]
+    if placement.features is not None:
+        wanted = set(placement.features)
+        views = [v for v in views if v.name in wanted]
+    views += [v for v in repo.views if v.online and v.entity == "offer"]
+    return views
+
+
+def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) -> str:
+    """What a model for ``placement`` expects of its inputs: the featurizer, the learner's namespaces and
+    interactions, and the schema of every feature view it reads. Learning rate and exploration are not
+    part of it: a model trained with other settings still reads the same features."""
+    body = {
+        "featurizer": FEATURIZER_VERSION,
+        "namespaces": "c,o,f,g;-q co;-b 20",
+        "views": sorted((v.name, v.schema_hash()) for v in placement_views(placement, repo)),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class ModelRegistry:
+    def __init__(self, engine: Engine, models_dir: Path, clock: Any = time.time) -> None:
+        self.engine = engine
+        self.artifacts = Path(models_dir) / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._lock = threading.Lock()
+        metadata.create_all(engine, tables=[model_versions_table, model_stage_events_table])
+
+    # ------------------------------------------------------------------ reads
+    def get(self, version: str) -> ModelVersion:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(model_versions_table).where(
+                model_versions_table.c.version == version)).first()
+        if row is None:
+            raise errors.NotFound(f"unknown model version {version!r}", "version")
+        return _row(row)
+
+    def versions(self, placement: str | None = None, stages: Iterable[str] | None = None,
+             limit: int | None = None) -> list[ModelVersion]:
+        t = model_versions_table
+        stmt = sa.select(t).order_by(t.c.placement, t.c.seq.desc())
+        if placement is not None:
+            stmt = stmt.where(t.c.placement == placement)
+        if stages is not None:
+            stmt = stmt.where(t.c.stage.in_(list(stages)))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(stmt)]
+
+    def serving(self) -> dict[str, Serving]:
+        """Production, canary and shadow of every placement, in one query (the watcher's poll)."""
+        out: dict[str, Serving] = {}
+        for mv in self.versions(stages=_SINGLE):
+            s = out.setdefault(mv.placement, Serving())
+            setattr(s, mv.stage, mv)
+        for s in out.values():
+            s.key = tuple((m.version, m.canary_share) if m else None for m in (s.production, s.canary, s.shadow))
+        return out
+
+    def history(self, placement: str | None = None, version: str | None = None,
+                limit: int = 50) -> list[StageEvent]:
+        t = model_stage_events_table
+        stmt = sa.select(t).order_by(t.c.id.desc()).limit(limit)
+        if placement is not None:
+            stmt = stmt.where(t.c.placement == placement)
+        if version is not None:
+            stmt = stmt.where(t.c.version == version)
+        with self.engine.connect() as conn:
+            return [StageEvent(r.version, r.placement, r.from_stage, r.to_stage, r.at, r.reason, r.actor)
+                    for r in conn.execute(stmt)]
+
+    def path(self, mv: ModelVersion) -> Path:
+        return self.artifacts / mv.artifact
+
+    # ------------------------------------------------------------------ writes
+    def register(
+        self,
+        placement: str,
+        artifact: Path,
+        *,
+        schema_hash: str,
+        learner_args: str,
+        source: str,
+        stage: Stage = "candidate",
+        parent: str | None = None,
+        train_since: float | None = None,
+        train_until: float | None = None,
+        rows: int = 0,
+        metrics: dict[str, Any] | None = None,
+        reason: str = "registered",
+        actor: str = "kassa",
+        link: bool = False,
+    ) -> ModelVersion:
+        """Store ``artifact`` as a new version of ``placement`` (copied, or hard-linked when ``link``;
+        the source file is left alone) and put it in ``stage``."""
+        folder = self.artifacts / placement
+        folder.mkdir(parents=True, exist_ok=True)
+        # Two writers may pick the same next number (the learner's thread and an API call here, or
+        # `kassa train` in another process): the primary key refuses the second, which then retries.
+        for attempt in range(5):
+            try:
+                with self._lock:
+                    return self._register(placement, artifact, schema_hash, learner_args, source, stage, parent,
+                                          train_since, train_until, rows, metrics, reason, actor, link)
+            except sa.exc.IntegrityError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _register(self, placement: str, artifact: Path, schema_hash: str, learner_args: str, source: str,
+                  stage: Stage, parent: str | None, train_since: float | None, train_until: float | None,
+                  rows: int, metrics: dict[str, Any] | None, reason: str, actor: str, link: bool) -> ModelVersion:
+        now = self.clock()
+        # The file gets a name no other writer can pick, so a writer that loses the race for the version
+        # number can never have replaced the winner's artifact; it deletes its own file and retries.
+        token = secrets.token_hex(4)
+        dest: Path | None = None
+        try:
+            with self.engine.begin() as conn:
+                t = model_versions_table
+                seq = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0)).where(
+                    t.c.placement == placement)).scalar_one()) + 1
+                version = f"{placement}@{seq}"
+                rel = f"{placement}/{seq:08d}-{token}.vw"
+                dest = self.artifacts / rel
+                self._store_file(artifact, dest, link)
+                self._insert(conn, t, version, placement, seq, rel, dest, schema_hash, learner_args, source, parent,
+                             train_since, train_until, rows, metrics, now)
+                self._event(conn, version, placement, None, "candidate", reason, actor, now)
+                if stage != "candidate":
+                    self._move(conn, self._get(conn, version), stage, None, reason, actor, now)
+        except BaseException:
+            if dest is not None:
+                dest.unlink(missing_ok=True)
+            raise
+        return self.get(version)
+
+    @staticmethod
+    def _store_file(artifact: Path, dest: Path, link: bool) -> None:
+        tmp = dest.with_suffix(".tmp")
+        if link:
+            try:
+                os.link(artifact, tmp)
+            except OSError:
+                shutil.copyfile(artifact, tmp)
+        else:
+            shutil.copyfile(artifact, tmp)
+        os.replace(tmp, dest)
+
+    def _insert(self, conn: sa.Connection, t: sa.Table, version: str, placement: str, seq: int, rel: str, dest: Path,
+                schema_hash: str, learner_args: str, source: str, parent: str | None, train_since: float | None,
+                train_until: float | None, rows: int, metrics: dict[str, Any] | None, now: float) -> None:
+        digest = sha256_file(dest)
+        conn.execute(sa.insert(t).values(
+            version=version, placement=placement, seq=seq, stage="candidate", canary_share=None,
+            artifact=rel, sha256=digest, size_bytes=dest.stat().st_size, schema_hash=schema_hash,
+            learner_args=learner_args, source=source, parent=parent, train_since=train_since,
+            train_until=train_until, rows=rows, metrics=json.dumps(metrics or {}), created_at=now,
+            stage_changed_at=now, artifact_deleted=False,
+        ))
+
+    def promote(self, version: str, stage: Stage, *, share: float | None = None, reason: str = "",
+                actor: str = "cli") -> ModelVersion:
+        """Move ``version`` to ``stage``, moving any occupant of a single-holder stage on."""
+        if stage not in STAGES:
+            raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
+        if stage == "canary":
+            if share is None or not 0.0 < share < 1.0:
+                raise StageError("a canary needs a traffic share between 0 and 1 (exclusive)", "share")
+        elif share is not None:
+            raise StageError("only a canary takes a traffic share", "share")
+        now = self.clock()
+        with self._lock, self.engine.begin() as conn:
+            mv = self._get(conn, version)
+            if mv.stage == stage and stage != "canary":
+                raise StageError(f"{version} is already {stage}", "stage")
+            if stage not in _ALLOWED[mv.stage] and not (mv.stage == stage == "canary"):
+                raise StageError(f"{version} is {mv.stage}; it cannot move to {stage} "
+                                 f"(allowed: {', '.join(sorted(_ALLOWED[mv.stage])) or 'none'})", "stage")
+            if stage in ("shadow", "canary", "production") and mv.artifact_deleted:
+                raise StageError(f"{version}'s artifact was pruned; it cannot serve again", "version")
+            self._move(conn, mv, stage, share, reason or f"promoted to {stage}", actor, now)
+        return self.get(version)
+
+    def rollback(self, placement: str, reason: str = "rollback", actor: str = "cli") -> ModelVersion:
+        """Archive the current production version and restore the production version before it."""
+        now = self.clock()
+        with self._lock, self.engine.begin() as conn:
+            current = self._current(conn, placement, "production")
+            if current is None:
+                raise StageError(f"placement {placement!r} has no production model to roll back", "placement")
+            t = model_stage_events_table
+            previous = None
+            rows = conn.execute(sa.select(t.c.version).where(
+                (t.c.placement == placement) & (t.c.to_stage == "production") & (t.c.version != current.version)
+            ).order_by(t.c.id.desc()))
+            for (candidate_version,) in rows:
+                mv = self._get(conn, candidate_version)
+                if not mv.artifact_deleted and mv.stage != "production":
+                    previous = mv
+                    break
+            if previous is None:
+                raise StageError(f"{placement!r} has no earlier production version with an artifact to "
+                                 "restore", "placement")
+            self._set_stage(conn, current, "archived", None, f"rolled back: {reason}", actor, now)
+            self._set_stage(conn, previous, "production", None, f"restored by rollback: {reason}", actor, now)
+        return self.get(previous.version)
+
+    def update_metrics(self, version: str, metrics: dict[str, Any]) -> ModelVersion:
+        """Merge ``metrics`` into a version's metrics (evaluation results are recorded this way)."""
+        with self.engine.begin() as conn:
+            mv = self._get(conn, version)
+            merged = {**mv.metrics, **metrics}
+            conn.execute(sa.update(model_versions_table).where(model_versions_table.c.version == version)
+                         .values(metrics=json.dumps(merged)))
+        return self.get(version)
+
+    def prune(self, placement: str, keep: int = 20) -> int:
+        """Delete the artifacts of archived/candidate online snapshots beyond the newest ``keep``; their
+        metadata stays. Batch-trained versions and anything serving are never pruned."""
+        t = model_versions_table
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(t.c.version, t.c.artifact).where(
+                (t.c.placement == placement) & (t.c.source == "online") & t.c.stage.in_(["archived", "candidate"])
+                & (t.c.artifact_deleted == sa.false())
+            ).order_by(t.c.seq.desc()).offset(keep)).all()
+            for version, rel in rows:
+                (self.artifacts / rel).unlink(missing_ok=True)
+                conn.execute(sa.update(t).where(t.c.version == version).values(artifact_deleted=True))
+        return len(rows)
+
+    # ------------------------------------------------------------------ loading
+    def verify(self, mv: ModelVersion, expected_schema: str | None) -> Path:
+        """The artifact's path after checking it exists, matches its checksum and the schema expected;
+        raises `ArtifactError` saying which check failed."""
+        path = self.path(mv)
+        if mv.artifact_deleted or not path.exists():
+            raise ArtifactError(f"{mv.version}: artifact {path} is missing")
+        digest = sha256_file(path)
+        if digest != mv.sha256:
+            raise ArtifactError(f"{mv.version}: artifact checksum {digest[:12]}… does not match the registered "
+                                f"{mv.sha256[:12]}… (corrupt or replaced file)")
+        if expected_schema is not None and mv.schema_hash != expected_schema:
+            raise ArtifactError(f"{mv.version}: expects feature schema {mv.schema_hash[:12]}… but the placement "
+                                f"now has {expected_schema[:12]}…; retrain it on the current features")
+        return path
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, conn: sa.Connection, version: str) -> ModelVersion:
+        row = conn.execute(sa.select(model_versions_table).where(
+            model_versions_table.c.version == version)).first()
+        if row is None:
+            raise errors.NotFound(f"unknown model version {version!r}", "version")
+        return _row(row)
+
+    def _current(self, conn: sa.Connection, placement: str, stage: str) -> ModelVersion | None:
+        t = model_versions_table
+        row = conn.execute(sa.select(t).where((t.c.placement == placement) & (t.c.stage == stage))).first()
+        return _row(row) if row is not None else None
+
+    def _move(self, conn: sa.Connection, mv: ModelVersion, stage: str, share: float | None, reason: str,
+              actor: str, now: float) -> None:
+        if stage in _SINGLE:
+            occupant = self._current(conn, mv.placement, stage)
+            if occupant is not None and occupant.version != mv.version:
+                to = "archived" if stage == "production" else "candidate"
+                self._set_stage(conn, occupant, to, None, f"replaced by {mv.version}", actor, now)
+        self._set_stage(conn, mv, stage, share, reason, actor, now)
+
+    def _set_stage(self, conn: sa.Connection, mv: ModelVersion, stage: str, share: float | None, reason: str,
+                   actor: str, now: float) -> None:
+        conn.execute(sa.update(model_versions_table).where(model_versions_table.c.version == mv.version).values(
+            stage=stage, canary_share=share if stage == "canary" else None, stage_changed_at=now))
+        self._event(conn, mv.version, mv.placement, mv.stage if mv.stage != stage else None, stage, reason,
+                    actor, now)
+
+    @staticmethod
+    def _event(conn: sa.Connection, version: str, placement: str, from_stage: str | None, to_stage: str,
+               reason: str, actor: str, now: float) -> None:
+        conn.execute(sa.insert(model_stage_events_table).values(
+            version=version, placement=placement, from_stage=from_stage, to_stage=to_stage, at=now,
+            reason=reason, actor=actor))
+
+
+def _row(r: Any) -> ModelVersion:
+    return ModelVersion(
+        version=r.version, placement=r.placement, seq=r.seq, stage=r.stage, canary_share=r.canary_share,
+        artifact=r.artifact, sha256=r.sha256, size_bytes=r.size_bytes, schema_hash=r.schema_hash,
+        learner_args=r.learner_args, source=r.source, parent=r.parent, train_since=r.train_since,
+        train_until=r.train_until, rows=r.rows, metrics=json.loads(r.metrics), created_at=r.created_at,
+        stage_changed_at=r.stage_changed_at, artifact_deleted=bool(r.artifact_deleted),
+    )

@@ -1,0 +1,94 @@
+"""`kassa train`, `kassa evaluate`, `kassa models …` and `kassa drift` on a data dir a live server wrote."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from kassa.cli import app
+from tests.conftest import decision_body, order
+
+runner = CliRunner()
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def logged(client, kassa, clock) -> str:
+    """A data dir with 400 closed decisions: buyers accept the warranty far more than anything else."""
+    rng = random.Random(7)
+    for i in range(400):
+        d = client.post("/v1/decisions", json=decision_body(customer=f"c{i}", limit=1, order=order())).json()
+        offer = d["offers"][0]["offer_id"]
+        if rng.random() < (0.6 if offer == "warranty" else 0.05):
+            client.post("/v1/events", json={"events": [{"event_id": f"e{i}", "type": "accept",
+                                                       "decision_id": d["decision_id"], "offer_id": offer}]})
+        clock.advance(1)
+    clock.advance(120)
+    kassa.decision_log.flush()
+    return str(kassa.settings.data_path)
+
+
+def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
+    trained = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--holdout", "0.25",
+                                        "--data-dir", logged, "--json"]))
+    version = trained["version"]
+    # 400 decisions one second apart; the last 60 are still inside their 60 s reward window when the data
+    # ends (the test clock runs ahead of the wall clock), so 340 are closed: 255 trained on, 85 held out.
+    assert trained["decisions"] == 255 and version.startswith("order_confirmation@")
+    result = _json(runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
+                                       "--baseline", "none", "--data-dir", logged, "--json"]))
+    assert result["rows"] == 85  # the held-out quarter only
+    policies = result["evaluation"]["policies"]
+    assert {version, "uniform_random", "logged"} <= set(policies)
+    assert result["gate"]["passed"] is False and "no production" in result["gate"]["reason"]
+    refused = runner.invoke(app, ["models", "promote", version, "--to", "production", "--data-dir", logged])
+    assert refused.exit_code == 1 and "failed the promotion gate" in refused.output
+    forced = _json(runner.invoke(app, ["models", "promote", version, "--to", "production", "--force",
+                                       "--data-dir", logged, "--json"]))
+    assert forced["stage"] == "production"
+    listed = _json(runner.invoke(app, ["models", "list", "--data-dir", logged, "--json"]))
+    assert [v["version"] for v in listed["versions"] if v["stage"] == "production"] == [version]
+    shown = _json(runner.invoke(app, ["models", "show", version, "--data-dir", logged, "--json"]))
+    assert shown["history"][0]["to"] == "production" and "forced" in shown["history"][0]["reason"]
+    # The server's online learner had published production snapshots before; rollback restores the last one.
+    restored = _json(runner.invoke(app, ["models", "rollback", "--placement", "order_confirmation",
+                                         "--reason", "test", "--data-dir", logged, "--json"]))
+    assert restored["source"] == "online" and restored["stage"] == "production"
+    assert _json(runner.invoke(app, ["models", "show", version, "--data-dir", logged, "--json"]))["stage"] == "archived"
+    small = runner.invoke(app, ["drift", "--placement", "order_confirmation", "--last", "150", "--data-dir", logged,
+                                "--json"])
+    drift = _json(small)
+    assert drift["reference_n"] == 150 and drift["live_n"] == 150
+    assert {r["kind"] for r in drift["rows"]} <= {"reward_rate", "offer_rate"}
+    assert "fewer than 500 decisions" in " ".join(small.output.split())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--placement", "nope"], "unknown placement"),
+    (["train", "--placement", "order_confirmation", "--holdout", "1.5"], "must be in [0, 1)"),
+    (["train", "--placement", "order_confirmation", "--since", "yesterday-ish"], "not a time"),
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@99"],
+     "unknown model version"),
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "x", "--estimator", "magic"],
+     "must be one of"),
+    (["models", "promote", "order_confirmation@1", "--to", "live"], "must be one of"),
+    (["models", "list", "--stage", "live"], "stage must be one of"),
+    (["drift", "--placement", "order_confirmation", "--last", "10"], "at least 100"),
+])
+def test_cli_refuses_bad_input_clearly(logged, args, message):
+    result = runner.invoke(app, [*args, "--data-dir", logged])
+    assert result.exit_code != 0
+    text = " ".join((result.output + str(result.exception or "")).split())
+    assert message in text, text
+
+
+def test_cli_without_data_says_where_it_looked(tmp_path):
+    result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())
