@@ -8,6 +8,7 @@ CLI: the version must carry a passing `kassa evaluate` result, unless ``force`` 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 import msgspec
@@ -74,8 +75,9 @@ async def get_model(request: Request) -> Response:
 async def change_stage(request: Request) -> Response:
     kassa = _kassa(request)
     body = decode(await read_body(request, kassa.settings.server.max_body_bytes), StageChange)
-    mv = promote_version(kassa.model_registry, request.path_params["version"], body.stage, share=body.share,
-                         reason=body.reason, force=body.force, actor="api")
+    # Registry writes commit with fsync: off the event loop, like the loading that follows.
+    mv = await asyncio.to_thread(promote_version, kassa.model_registry, request.path_params["version"], body.stage,
+                                 share=body.share, reason=body.reason, force=body.force, actor="api")
     await kassa.learning.poll_async()
     return json_response(mv.to_dict())
 
@@ -87,6 +89,7 @@ async def rollback(request: Request) -> Response:
     placement = request.path_params["placement_id"]
     if placement not in kassa.catalog.snapshot.placements:
         raise StageError(f"unknown placement {placement!r}", "placement")
-    mv = kassa.model_registry.rollback(placement, reason or "rollback requested over HTTP", actor="api")
+    mv = await asyncio.to_thread(kassa.model_registry.rollback, placement, reason or "rollback requested over HTTP",
+                                 actor="api")
     await kassa.learning.poll_async()
     return json_response(mv.to_dict())
