@@ -11,10 +11,11 @@ import pytest
 
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.config import CanarySettings
 from kassa.db import make_engine
 from kassa.events.decision_log import read_decisions
 from kassa.learn import ope
-from kassa.learn.canary import CanaryGuard, GuardrailSettings
+from kassa.learn.canary import CanaryGuard
 from kassa.learn.dataset import LoggedDecisions
 from kassa.learn.evaluate import evaluate_models
 from kassa.learn.models import ModelStore, ModelSync, in_canary
@@ -143,7 +144,7 @@ def test_canary_split_is_stable_and_close_to_its_share():
 
 
 def test_guardrail_breaches_each_rule_and_not_on_equal_versions():
-    s = GuardrailSettings(window_decisions=2000, min_decisions=100, min_rewards=100)
+    s = CanarySettings(window_decisions=2000, min_decisions=100, min_rewards=100)
     rng = random.Random(1)
 
     def fill(guard: CanaryGuard, version: str, rate: float, ms: float = 1.0, err: float = 0.0) -> None:

@@ -83,7 +83,7 @@ class Kassa:
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
                                      drift=self.drift)
         self.offer_cache = None
-        offer_views = [v for v in self.repo.views if v.entity == "offer" and v.online]
+        offer_views = self.repo.offer_views()
         offer_source = None
         if offer_views:
             if isinstance(self.store, InMemoryOnlineStore):

@@ -298,11 +298,7 @@ class DecisionEngine:
         cached = self._views.get(placement.id)
         if cached is not None and cached[0] is placement:
             return cached[1]
-        candidates = [v for v in self.repo.views if v.online and v.entity in ("customer", "session")
-                      and v.kind != "request"]
-        if placement.features is not None:
-            wanted = set(placement.features)
-            candidates = [v for v in candidates if v.name in wanted]
+        candidates = self.repo.buyer_views(placement.features)
         self._views[placement.id] = (placement, candidates)
         return candidates
 

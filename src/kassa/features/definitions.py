@@ -133,6 +133,20 @@ class FeatureRepo(Struct, forbid_unknown_fields=True):
                 return v
         return None
 
+    def buyer_views(self, names: list[str] | None = None) -> list[FeatureView]:
+        """The online customer/session views a placement reads: those ``names`` (a placement's
+        ``features`` list), else all of them. The decision engine and the model schema hash both use
+        this, so what a model was trained on and what serving reads cannot drift apart."""
+        views = [v for v in self.views if v.online and v.entity in ("customer", "session") and v.kind != "request"]
+        if names is not None:
+            wanted = set(names)
+            views = [v for v in views if v.name in wanted]
+        return views
+
+    def offer_views(self) -> list[FeatureView]:
+        """The online views of the offer entity (bucketed into the learner's action lines)."""
+        return [v for v in self.views if v.online and v.entity == "offer"]
+
 
 class DefinitionError(ValueError):
     """A definition that cannot be applied; the message names the view and field."""

@@ -22,19 +22,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from kassa.config import CanarySettings
+
 log = logging.getLogger("kassa.learn")
-
-
-@dataclass(frozen=True, slots=True)
-class GuardrailSettings:
-    window_decisions: int = 5_000
-    min_decisions: int = 300
-    min_rewards: int = 200
-    max_reward_drop: float = 0.10
-    z: float = 2.33
-    max_error_rate_increase: float = 0.01
-    max_p99_ratio: float = 1.5
-    p99_slack_ms: float = 2.0
 
 
 @dataclass(slots=True)
@@ -68,8 +58,8 @@ def _mean_var(values: deque) -> tuple[float, float]:
 
 
 class CanaryGuard:
-    def __init__(self, settings: GuardrailSettings | None = None) -> None:
-        self.settings = settings or GuardrailSettings()
+    def __init__(self, settings: CanarySettings | None = None) -> None:
+        self.settings = settings or CanarySettings()
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def _window(self, placement: str, version: str) -> _Window:
@@ -94,14 +84,6 @@ class CanaryGuard:
     def forget(self, placement: str, keep: set[str]) -> None:
         for key in [k for k in self._windows if k[0] == placement and k[1] not in keep]:
             del self._windows[key]
-
-    def stats(self, placement: str, version: str) -> dict[str, float]:
-        w = self._windows.get((placement, version))
-        if w is None:
-            return {"decisions": 0}
-        reward, _ = _mean_var(w.rewards)
-        return {"decisions": len(w.latencies), "rewards": len(w.rewards), "reward_rate": reward,
-                "error_rate": sum(w.errors) / len(w.errors) if w.errors else 0.0, "p99_ms": _p99(w.latencies)}
 
     def check(self, placement: str, production: str, canary: str) -> Breach | None:
         """The first guardrail the canary breaches against production, or None."""

@@ -23,7 +23,7 @@ from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
 from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo, parse_duration
-from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
+from kassa.learn.registry import STAGES, ModelRegistry, feature_schema_hash
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -262,9 +262,6 @@ def train_command(
         console.print(f"next run in {every}")
         time.sleep(interval)
 
-
-def version_label(mv: ModelVersion | None) -> str:
-    return mv.version if mv is not None else "-"
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

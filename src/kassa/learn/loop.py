@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
-from kassa.learn.canary import Breach, CanaryGuard, GuardrailSettings
+from kassa.learn.canary import Breach, CanaryGuard
 from kassa.learn.models import ModelStore, ModelSync
 from kassa.learn.registry import ModelRegistry, Stage
 from kassa.learn.rewards import RewardJoiner
@@ -58,10 +58,7 @@ class LearningLoop:
         self.schema_hash = schema_hash or (lambda _p: None)
         self.shadow = shadow
         self.sync = ModelSync(registry, models, self.schema_hash) if registry is not None else None
-        c = settings.canary
-        self.guard = CanaryGuard(GuardrailSettings(
-            c.window_decisions, c.min_decisions, c.min_rewards, c.max_reward_drop, c.z,
-            c.max_error_rate_increase, c.max_p99_ratio, c.p99_slack_ms))
+        self.guard = CanaryGuard(settings.canary)
         self.learners: dict[str, OnlineLearner] = {}
         self._last_snapshot: dict[str, float] = {}
         self._published: dict[str, str] = {}  # placement -> last version the learner registered

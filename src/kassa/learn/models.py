@@ -76,11 +76,10 @@ class ModelSync:
 
     def __init__(self, registry: ModelRegistry, store: ModelStore,
                  expected_schema: Callable[[str], str | None],
-                 on_refused: Callable[[ModelVersion, str], None] | None = None, keep_recent: int = 4) -> None:
+                 keep_recent: int = 4) -> None:
         self.registry = registry
         self.store = store
         self.expected_schema = expected_schema
-        self.on_refused = on_refused
         self._loaded: dict[str, VWModel] = {}  # version -> loaded model, shared by sets
         # Recently served models stay loaded a while, so a rollback swaps back without loading anything.
         self._recent: OrderedDict[str, VWModel] = OrderedDict()
@@ -129,8 +128,6 @@ class ModelSync:
             why = exc.detail if isinstance(exc, ArtifactError) else f"{mv.version}: could not load: {exc}"
             self.refused[mv.version] = why
             log.error("refused model %s: %s; the previous version keeps serving", mv.version, why)
-            if self.on_refused is not None:
-                self.on_refused(mv, why)
             raise ArtifactError(why) from None
         self._loaded[mv.version] = model
         return model

@@ -164,15 +164,10 @@ def sha256_file(path: Path) -> str:
 
 
 def placement_views(placement: schemas.Placement, repo: FeatureRepo | None) -> list[Any]:
-    """The feature views whose values reach a placement's learner (same selection as the engine)."""
+    """The feature views whose values reach a placement's learner."""
     if repo is None:
         return []
-    views = [v for v in repo.views if v.online and v.entity in ("customer", "session") and v.kind != "request"]
-    if placement.features is not None:
-        wanted = set(placement.features)
-        views = [v for v in views if v.name in wanted]
-    views += [v for v in repo.views if v.online and v.entity == "offer"]
-    return views
+    return repo.buyer_views(placement.features) + repo.offer_views()
 
 
 def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) -> str:
