@@ -225,10 +225,47 @@ def test_a_promoted_batch_model_is_what_the_online_learner_continues(client, kas
     promote_version(kassa.model_registry, mv.version, "production", force=True)
     kassa.learning.poll()
     assert kassa.models.get("order_confirmation").version == mv.version
-    assert learner.learned == 300  # restarted from the promoted model's weights and counters
-    learner.learn("shared |c x", " |o id=warranty", 1.0, 0.5)
+    assert learner.learned != 300  # the restart waits for the learner's next snapshot (no VW load at the swap)
+    before = kassa.learning.learned
+    # Decisions rewarded meanwhile are learned now and again after the restart, on the promoted weights.
+    for i in range(4):
+        d = client.post("/v1/decisions", json=decision_body(customer=f"r{i}")).json()
+        client.post("/v1/events", json={"events": [{"event_id": f"r{i}", "type": "accept",
+                                                   "decision_id": d["decision_id"],
+                                                   "offer_id": d["offers"][0]["offer_id"]}]})
+    clock.advance(61)
+    kassa.learning.step()
+    learned = kassa.learning.learned - before  # (the app's own learning task may have taken some)
+    assert learned >= 4
     snap = kassa.learning.publish("order_confirmation", learner)
     assert kassa.model_registry.get(snap.version).parent == mv.version
+    kassa.learning.learn_backlog(10_000)  # what was learned since the promotion, learned again on its weights
+    assert learner.learned == 300 + learned and learner.rewarded_decisions == 300 + 4
+    # Its own snapshot serving next (auto-published) is no reason to restart again.
+    kassa.learning.poll()
+    assert kassa.models.get("order_confirmation").version == snap.version
+    assert not kassa.learning.restart_pending("order_confirmation")
+
+
+def test_a_burst_of_swaps_restarts_the_learner_once(client, kassa, clock, tmp_path, monkeypatch):
+    learner = kassa.learning.learner("order_confirmation")
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    restarts = []
+    original = learner.restart_from
+    monkeypatch.setattr(learner, "restart_from", lambda path, meta=None: (restarts.append(path), original(path, meta)))
+    versions = [kassa.model_registry.register(
+        "order_confirmation", _model_file(tmp_path, f"m{i}", placement=placement),
+        schema_hash=kassa.schema_hash("order_confirmation"), learner_args=learner.args, source="batch",
+        metrics={"learned": 100 + i, "rewarded_decisions": 100 + i}) for i in range(5)]
+    for mv in versions:
+        promote_version(kassa.model_registry, mv.version, "production", force=True)
+        kassa.learning.poll()
+        assert kassa.models.get("order_confirmation").version == mv.version
+    assert restarts == []
+    clock.advance(kassa.settings.learn.snapshot_every_seconds + 1)
+    kassa.learning.snapshot_due()
+    assert restarts == [kassa.model_registry.path(versions[-1])] and learner.learned == 104
+    assert kassa.models.get("order_confirmation").version == versions[-1].version  # nothing new to publish
 
 
 def test_shadow_model_scores_without_changing_answers_and_is_logged(client, kassa, tmp_path):

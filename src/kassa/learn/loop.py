@@ -7,7 +7,10 @@ the registry says should serve (a promotion or rollback made by the CLI or anoth
 
 Lineage: the online learner continues the production model. When production changes to a version the
 learner did not publish itself (a batch-trained model was promoted, or a rollback), the learner restarts
-from that version's weights, so its next snapshot descends from what actually serves.
+from that version's weights before its next snapshot, so that snapshot descends from what actually serves.
+The restart is deferred to the snapshot (on the worker thread) rather than done at the swap: reloading a
+VW workspace holds the GIL for several milliseconds, and a burst of swaps then costs one reload, not one
+each. Examples learned meanwhile are kept and learned again on top of the new weights, so none is lost.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from pathlib import Path
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
 from kassa.learn.canary import Breach, CanaryGuard
+from kassa.learn.linear import ServingModel, load_serving
 from kassa.learn.models import ModelStore, ModelSync
 from kassa.learn.registry import ModelRegistry, Stage
 from kassa.learn.rewards import RewardJoiner
 from kassa.learn.shadow import ShadowScorer
-from kassa.learn.vw import OnlineLearner, VWModel, latest_snapshot
+from kassa.learn.vw import OnlineLearner, latest_snapshot
 from kassa.monitor.drift import DriftWatch
 
 log = logging.getLogger("kassa.learn")
 LEARNED_POLICIES = ("squarecb", "epsilon", "softmax")
+_MAX_REPLAY = 100_000  # a learner restarts early rather than keep more examples to learn again
 
 
 class LearningLoop:
@@ -63,6 +68,11 @@ class LearningLoop:
         self._last_snapshot: dict[str, float] = {}
         self._published: dict[str, str] = {}  # placement -> last version the learner registered
         self._production: dict[str, str | None] = {}  # placement -> production version last seen
+        # placement -> the production model the learner must restart from before its next snapshot, and the
+        # examples learned since that change (learned again after the restart)
+        self._pending_base: dict[str, ServingModel] = {}
+        self._replay: dict[str, list[tuple[str, str, float, float, bool]]] = {}
+        self._backlog: dict[str, list[tuple[str, str, float, float, bool]]] = {}  # to learn again, in slices
         self._last_poll = 0.0
         self.learned = 0
         self.rollbacks: list[Breach] = []
@@ -80,7 +90,9 @@ class LearningLoop:
             self._last_snapshot[placement_id] = self.clock()
             production = self.models.get(placement_id)
             if production is not None and self.registry is not None:
-                self._continue_from(placement_id, production)  # continue what serves, not an old checkpoint
+                # continue what serves, not an old checkpoint (at once: there is nothing to learn again yet)
+                self._continue_from(placement_id, production)
+                self.catch_up(placement_id)
         return learner
 
     def load_models(self) -> None:
@@ -132,18 +144,74 @@ class LearningLoop:
                     self.drift.rebase(placement_id)  # a promoted or restored model: judge it afresh
         return changed
 
-    def _continue_from(self, placement_id: str, model: VWModel) -> None:
+    def _continue_from(self, placement_id: str, model: ServingModel) -> None:
+        """Production of ``placement_id`` is now ``model``: the learner restarts from it at its next snapshot
+        (`catch_up`), unless ``model`` is what the learner published itself."""
         learner = self.learners.get(placement_id)
-        if learner is None or model.version == self._published.get(placement_id):
+        if learner is None:
             return
+        if model.version == self._published.get(placement_id):
+            self._pending_base.pop(placement_id, None)
+            self._replay.pop(placement_id, None)
+            return
+        if placement_id not in self._pending_base:
+            self._replay[placement_id] = []
+        self._pending_base[placement_id] = model
+
+    def restart_pending(self, placement_id: str) -> bool:
+        return placement_id in self._pending_base
+
+    def catch_up(self, placement_id: str) -> bool:
+        """Restart a learner whose production changed from the new production's weights; what it learned
+        since the change is learned again on top, in slices by `step`. Returns whether it restarted."""
+        model = self._pending_base.pop(placement_id, None)
+        replay = self._replay.pop(placement_id, [])
+        learner = self.learners.get(placement_id)
+        if model is None or learner is None:
+            return False
         try:
             learner.restart_from(model.path, model.meta)
         except Exception:
             log.exception("the online learner of %s could not continue from %s; it keeps its own weights",
                           placement_id, model.version)
-            return
+            return False
+        # Still waiting from an earlier restart: those were never learned on these weights either.
+        backlog = self._backlog.pop(placement_id, []) + replay
+        if len(backlog) > _MAX_REPLAY:
+            log.warning("online learner of %s: %d examples learned before %s will not be learned again on it "
+                        "(production changes faster than they can be replayed)", placement_id,
+                        len(backlog) - _MAX_REPLAY, model.version)
+            backlog = backlog[-_MAX_REPLAY:]
+        if backlog:
+            self._backlog[placement_id] = backlog
         self._published[placement_id] = model.version
-        log.info("online learner of %s continues from %s", placement_id, model.version)
+        log.info("online learner of %s continues from %s (%d examples to learn again)", placement_id,
+                 model.version, len(replay))
+        return True
+
+    def learn_backlog(self, limit: int) -> int:
+        """Learn up to ``limit`` examples waiting to be learned again after a restart (`catch_up`). The run
+        loop does one slice per tick, so replaying never crowds out requests (~320 examples/s)."""
+        done = 0
+        for placement_id in list(self._backlog):
+            backlog = self._backlog[placement_id]
+            learner = self.learners.get(placement_id)
+            take = min(limit - done, len(backlog))
+            if learner is not None:
+                for shared, action, reward, probability, top in backlog[:take]:
+                    learner.learn(shared, action, reward, probability)
+                    if top:
+                        learner.rewarded_decisions += 1
+                    replay = self._replay.get(placement_id)
+                    if replay is not None:  # production changed again meanwhile: these count for it too
+                        replay.append((shared, action, reward, probability, top))
+            del backlog[:take]
+            if not backlog or learner is None:
+                del self._backlog[placement_id]
+            done += take
+            if done >= limit:
+                break
+        return done
 
     def step(self, now: float | None = None, limit: int = 10_000) -> int:
         """Learn every decision whose reward wait has ended (up to ``limit`` decisions)."""
@@ -163,6 +231,11 @@ class LearningLoop:
             learner.learn(ex.shared, ex.action, ex.reward, ex.probability)
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
+            replay = self._replay.get(ex.placement)
+            if replay is not None:
+                replay.append((ex.shared, ex.action, ex.reward, ex.probability, ex.slot == 0))
+                if len(replay) >= _MAX_REPLAY:
+                    self.catch_up(ex.placement)  # rather than keep more: one VW load on the event loop
         if examples and self.drift is not None:
             self.drift.observe_joined(examples)
         self.learned += len(examples)
@@ -173,20 +246,24 @@ class LearningLoop:
         now = self.clock() if now is None else now
         published = []
         for placement_id, learner in self.learners.items():
+            due = now - self._last_snapshot.get(placement_id, 0.0) >= self.settings.snapshot_every_seconds
+            if placement_id in self._pending_base and (due or force):
+                self.catch_up(placement_id)
             if learner.learned_since_snapshot == 0:
                 continue
-            due = now - self._last_snapshot.get(placement_id, 0.0) >= self.settings.snapshot_every_seconds
             if force or (due and learner.learned_since_snapshot >= self.settings.snapshot_min_learns):
                 self.publish(placement_id, learner)
                 published.append(placement_id)
         return published
 
-    def publish(self, placement_id: str, learner: OnlineLearner) -> VWModel:
+    def publish(self, placement_id: str, learner: OnlineLearner) -> ServingModel:
+        if placement_id in self._pending_base:
+            self.catch_up(placement_id)
         path, own_version = learner.snapshot(self.settings.keep_snapshots)
         meta = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions}
         self._last_snapshot[placement_id] = self.clock()
         if self.registry is None or self.sync is None:
-            model = VWModel(path, own_version, meta)
+            model = load_serving(path, own_version, meta)
             self.models.publish(placement_id, model)
             return model
         stage: Stage = "production" if self.settings.auto_publish else "candidate"
@@ -196,7 +273,7 @@ class LearningLoop:
             metrics=meta, reason="online learner snapshot", actor="learner", link=True,
         )
         self._published[placement_id] = mv.version
-        model = VWModel(self.registry.path(mv), mv.version, meta)
+        model = load_serving(self.registry.path(mv), mv.version, meta, mv.sha256)
         self.sync.adopt(model)
         if stage == "production":
             self.models.publish(placement_id, model)
@@ -251,6 +328,8 @@ class LearningLoop:
 
     def _light_tick(self, now: float, slice_size: int) -> None:
         now = self.clock() if now is None else now
+        if self._backlog:
+            self.learn_backlog(slice_size)
         if self.shadow is not None:
             self.shadow.drain(slice_size * 4)
         every = self.settings.drift_check_seconds

@@ -16,20 +16,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from kassa.learn.linear import ServingModel, load_serving
 from kassa.learn.registry import ArtifactError, ModelRegistry, ModelVersion, Serving
-from kassa.learn.vw import VWModel
 
 log = logging.getLogger("kassa.learn")
 
 
 @dataclass(frozen=True, slots=True)
 class ServingSet:
-    production: VWModel | None = None
-    canary: VWModel | None = None
+    production: ServingModel | None = None
+    canary: ServingModel | None = None
     canary_share: float = 0.0
-    shadow: VWModel | None = None
+    shadow: ServingModel | None = None
 
-    def pick(self, unit: str | None) -> VWModel | None:
+    def pick(self, unit: str | None) -> ServingModel | None:
         """The model that serves this request: the canary for a stable ``canary_share`` of units
         (customers, else sessions), production for everyone else and for anonymous requests."""
         if self.canary is not None and unit is not None and in_canary(unit, self.canary_share):
@@ -47,14 +47,14 @@ class ModelStore:
         self._serving: dict[str, ServingSet] = {}
         self.swaps = 0
 
-    def get(self, placement_id: str) -> VWModel | None:
+    def get(self, placement_id: str) -> ServingModel | None:
         s = self._serving.get(placement_id)
         return s.production if s is not None else None
 
     def serving(self, placement_id: str) -> ServingSet | None:
         return self._serving.get(placement_id)
 
-    def publish(self, placement_id: str, model: VWModel) -> None:
+    def publish(self, placement_id: str, model: ServingModel) -> None:
         """Replace the production model, keeping the placement's canary and shadow."""
         current = self._serving.get(placement_id) or ServingSet()
         self._serving[placement_id] = replace(current, production=model)
@@ -80,9 +80,9 @@ class ModelSync:
         self.registry = registry
         self.store = store
         self.expected_schema = expected_schema
-        self._loaded: dict[str, VWModel] = {}  # version -> loaded model, shared by sets
+        self._loaded: dict[str, ServingModel] = {}  # version -> loaded model, shared by sets
         # Recently served models stay loaded a while, so a rollback swaps back without loading anything.
-        self._recent: OrderedDict[str, VWModel] = OrderedDict()
+        self._recent: OrderedDict[str, ServingModel] = OrderedDict()
         self.keep_recent = keep_recent
         self._keys: dict[str, tuple] = {}
         self.refused: dict[str, str] = {}  # version -> why
@@ -111,7 +111,7 @@ class ModelSync:
             self._recent.popitem(last=False)
         return changed
 
-    def _load(self, mv: ModelVersion | None) -> VWModel | None:
+    def _load(self, mv: ModelVersion | None) -> ServingModel | None:
         if mv is None:
             return None
         model = self._loaded.get(mv.version) or self._recent.pop(mv.version, None)
@@ -123,7 +123,7 @@ class ModelSync:
             raise ArtifactError(why)
         try:
             path = self.registry.verify(mv, self.expected_schema(mv.placement))
-            model = VWModel(path, mv.version, mv.metrics)
+            model = load_serving(path, mv.version, mv.metrics, mv.sha256)
         except Exception as exc:
             why = exc.detail if isinstance(exc, ArtifactError) else f"{mv.version}: could not load: {exc}"
             self.refused[mv.version] = why
@@ -134,7 +134,7 @@ class ModelSync:
 
     def _apply(self, placement: str, serving: Serving) -> bool:
         current = self.store.serving(placement) or ServingSet()
-        parts: dict[str, VWModel | None] = {}
+        parts: dict[str, ServingModel | None] = {}
         for stage in ("production", "canary", "shadow"):
             mv = getattr(serving, stage)
             try:
@@ -151,12 +151,12 @@ class ModelSync:
                  _v(new.production), _v(new.canary), share * 100, _v(new.shadow))
         return True
 
-    def adopt(self, model: VWModel) -> None:
+    def adopt(self, model: ServingModel) -> None:
         """Remember a model this process loaded itself (the online learner's snapshot) so the next
         poll does not load the same version a second time."""
         with self._lock:
             self._loaded[model.version] = model
 
 
-def _v(model: VWModel | None) -> str | None:
+def _v(model: ServingModel | None) -> str | None:
     return model.version if model is not None else None

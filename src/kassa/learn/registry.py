@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -34,6 +35,9 @@ from sqlalchemy import Engine
 from kassa import errors, schemas
 from kassa.db import metadata
 from kassa.features.definitions import FeatureRepo
+from kassa.learn.linear import UnsupportedModel, export, sidecar_path
+
+log = logging.getLogger("kassa.learn")
 
 Stage = Literal["candidate", "shadow", "canary", "production", "archived"]
 STAGES: tuple[Stage, ...] = ("candidate", "shadow", "canary", "production", "archived")
@@ -299,20 +303,36 @@ class ModelRegistry:
         except BaseException:
             if dest is not None:
                 dest.unlink(missing_ok=True)
+                sidecar_path(dest).unlink(missing_ok=True)
             raise
         return self.get(version)
 
     @staticmethod
     def _store_file(artifact: Path, dest: Path, link: bool) -> None:
-        tmp = dest.with_suffix(".tmp")
-        if link:
-            try:
-                os.link(artifact, tmp)
-            except OSError:
-                shutil.copyfile(artifact, tmp)
+        def store(src: Path, to: Path) -> None:
+            tmp = to.with_name(to.name + ".tmp")
+            if link:
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, to)
+
+        store(artifact, dest)
+        # The serving copy (linear.py): the learner writes one beside its snapshot; otherwise export it now,
+        # so the first load of this version does not have to. Loading re-checks it against the artifact.
+        sidecar = sidecar_path(artifact)
+        if sidecar.exists():
+            store(sidecar, sidecar_path(dest))
         else:
-            shutil.copyfile(artifact, tmp)
-        os.replace(tmp, dest)
+            try:
+                export(dest)
+            except UnsupportedModel as why:
+                log.info("%s will be served by VW itself: %s", dest.name, why)
+            except Exception as exc:  # an unreadable file is refused when it is loaded, with the reason
+                log.warning("could not export %s for serving: %s", dest.name, exc)
 
     def _insert(self, conn: sa.Connection, t: sa.Table, version: str, placement: str, seq: int, rel: str, dest: Path,
                 schema_hash: str, learner_args: str, source: str, parent: str | None, train_since: float | None,
@@ -393,6 +413,7 @@ class ModelRegistry:
             ).order_by(t.c.seq.desc()).offset(keep)).all()
             for version, rel in rows:
                 (self.artifacts / rel).unlink(missing_ok=True)
+                sidecar_path(self.artifacts / rel).unlink(missing_ok=True)
                 conn.execute(sa.update(t).where(t.c.version == version).values(artifact_deleted=True))
         return len(rows)
 

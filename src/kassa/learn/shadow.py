@@ -19,7 +19,7 @@ from typing import Any
 
 from kassa.decide.policy import PmfPolicy, fill_slots
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
-from kassa.learn.vw import VWModel
+from kassa.learn.linear import ServingModel
 
 log = logging.getLogger("kassa.learn")
 
@@ -29,7 +29,7 @@ class ShadowRequest:
     decision_id: str
     ts: float
     placement: str
-    model: VWModel
+    model: ServingModel
     shared: str
     action_lines: list[str]
     candidates: list[str]

@@ -9,6 +9,7 @@ default) VW updates only the chosen action's regressor, so the other actions add
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -17,6 +18,9 @@ from pathlib import Path
 import vowpalwabbit
 
 from kassa import schemas
+from kassa.learn.linear import UnsupportedModel, export_live, model_counter, sidecar_path
+
+log = logging.getLogger("kassa.learn")
 
 _LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
 _MAX_CACHED = 50_000
@@ -33,7 +37,8 @@ def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str
 
 
 class VWModel:
-    """A loaded model snapshot used for prediction only. Immutable once published."""
+    """A model snapshot loaded into VW for prediction only (offline evaluation, and serving models whose
+    settings `kassa.learn.linear.LinearModel` does not cover). Immutable once published."""
 
     def __init__(self, path: Path, version: str, meta: dict | None = None) -> None:
         self.path = path
@@ -81,6 +86,8 @@ class OnlineLearner:
         if latest and not init:
             self.learned = self.rewarded_decisions = 0  # settings changed: start a fresh model
         self.workspace = vowpalwabbit.Workspace(self.args + init, enable_logging=False)
+        # VW's squarecb example counter (sets its exploration); the serving copy needs it.
+        self.counter = model_counter(latest[1]) if init and latest else 0
         self.learned_since_snapshot = 0
         self.reward_sum = 0.0
 
@@ -90,6 +97,7 @@ class OnlineLearner:
         workspace = vowpalwabbit.Workspace(f"{self.args} -i {path}", enable_logging=False)
         old, self.workspace = self.workspace, workspace
         old.finish()
+        self.counter = model_counter(path)
         meta = meta or {}
         self.learned = int(meta.get("learned", self.learned))
         self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
@@ -103,6 +111,7 @@ class OnlineLearner:
             self.workspace.learn(ex)
         finally:
             self.workspace.finish_example(ex)
+        self.counter += 1
         self.learned += 1
         self.learned_since_snapshot += 1
         self.reward_sum += reward
@@ -113,6 +122,10 @@ class OnlineLearner:
         tmp = path.with_suffix(".tmp")
         self.workspace.save(str(tmp))
         os.replace(tmp, path)
+        try:  # the serving copy, from the weights in memory (no second load)
+            export_live(self.workspace, self.counter, path)
+        except UnsupportedModel as why:
+            log.info("%s is served by VW itself: %s", path.name, why)
         meta = {"seq": self.seq, "args": self.args, "learned": self.learned,
                 "rewarded_decisions": self.rewarded_decisions, "created_at": time.time()}
         path.with_suffix(".json").write_text(json.dumps(meta))
@@ -120,6 +133,7 @@ class OnlineLearner:
         for old in sorted(self.dir.glob("*.vw"))[:-keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+            sidecar_path(old).unlink(missing_ok=True)
         return path, version_name(self.placement_id, self.seq)
 
 

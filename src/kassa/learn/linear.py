@@ -1,0 +1,551 @@
+"""`LinearModel`: serve a Vowpal Wabbit contextual-bandit model from its exported weights, scored with numpy.
+
+Why (ADR 0005): loading a VW workspace takes ~2 ms and freeing one ~1-3 ms, all in C++ holding the GIL, so
+every model swap stalled the event loop even when the load ran on a worker thread. The models Kassa trains
+(``--cb_explore_adf`` with squarecb, epsilon-greedy or softmax exploration, quadratic interactions) are
+linear in hashed features, so serving needs only the weights, VW's feature hashing and the exploration
+rule. A swap then reads one small file and fills a dense ``float32`` array (~0.1 ms for 20k weights); the
+probabilities equal VW's own to float rounding (``tests/test_linear.py`` checks them against VW).
+
+Learning, batch training and evaluation keep using VW itself; only the serving copy changes.
+
+Each registered VW artifact ``X.vw`` gets a sidecar ``X.lin``: a magic line, a JSON header (bits,
+interactions, exploration settings, VW's example counter, SHA-256 of the weights and of the VW file it
+came from) and the non-zero weights as ``uint32`` indices and ``float32`` values. A sidecar that is
+missing, corrupt or from another file is rebuilt from the (checksummed) VW artifact; a model whose
+settings this scorer does not cover (e.g. ``--elim``, cubic interactions, ``--hash all``) is served by
+VW as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import struct
+import threading
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import numpy as np
+import vowpalwabbit
+
+log = logging.getLogger("kassa.learn")
+
+MAGIC = b"KASSA-LINEAR 1\n"
+SUFFIX = ".lin"
+FNV_PRIME = 16777619  # VW's interaction hashing: index = (FNV_PRIME * first) ^ second
+CONSTANT = 11650396  # VW's constant-feature hash
+_I64 = np.int64  # hashes are < 2**32 and FNV_PRIME < 2**25, so the crossed index fits in int64
+_MAX_CACHED = 50_000
+
+
+class ServingModel(Protocol):
+    """What the decision engine, the shadow scorer and the model store need from a loaded model."""
+
+    path: Path
+    version: str
+    meta: dict
+
+    def pmf(self, shared: str, action_lines: list[str]) -> list[float]: ...
+
+
+class UnsupportedModel(Exception):
+    """The VW settings include something `LinearModel` does not reproduce; serve with VW."""
+
+
+class SidecarError(Exception):
+    """The sidecar is missing, corrupt or belongs to another artifact."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinearSpec:
+    bits: int
+    quadratic: tuple[tuple[str, str], ...]
+    constant: bool
+    policy: str  # squarecb | epsilon | softmax
+    gamma_scale: float = 10.0
+    gamma_exponent: float = 0.5
+    counter: int = 0  # squarecb: examples learned, which sets gamma
+    epsilon: float = 0.05
+    lam: float = 1.0
+
+
+# Options that change nothing at prediction time (training settings, I/O), and the options the spec reads.
+_IGNORED = {
+    "cb_adf", "cb_explore_adf", "csoaa_rank", "no_stdin", "quiet", "testonly", "initial_regressor",
+    "readable_model", "final_regressor", "learning_rate", "power_t", "initial_t", "decay_learning_rate",
+    "l2", "adaptive", "normalized", "invariant", "sgd", "no_predict", "random_seed", "passes", "holdout_off",
+    "holdout_period", "holdout_after", "cache_file", "kill_cache", "data", "predictions", "save_resume",
+    "preserve_performance_counters", "hash_seed_checked",
+}
+_READ = {"bit_precision", "quadratic", "noconstant", "squarecb", "gamma_scale", "gamma_exponent", "epsilon",
+         "softmax", "lambda", "cb_type", "csoaa_ldf"}
+
+
+def spec_from_args(arguments: str, counter: int | None) -> LinearSpec:
+    """The scorer settings for a model with these VW arguments (as ``Workspace.get_arguments()`` gives
+    them); raises `UnsupportedModel` for anything it would not reproduce exactly."""
+    opts: dict[str, list[str]] = {}
+    name: str | None = None
+    for tok in shlex.split(arguments):
+        if tok.startswith("--"):
+            name = tok[2:]
+            opts.setdefault(name, [])
+        elif name is not None:
+            opts[name].append(tok)
+    unknown = sorted(set(opts) - _IGNORED - _READ)
+    if unknown:
+        raise UnsupportedModel(f"options the linear scorer does not reproduce: {', '.join(unknown)}")
+    if opts.get("cb_type", ["mtr"]) != ["mtr"] or opts.get("csoaa_ldf", ["multiline"]) != ["multiline"]:
+        raise UnsupportedModel("only cb_type mtr with csoaa_ldf multiline is reproduced")
+    pairs = []
+    for q in opts.get("quadratic", []):
+        if len(q) != 2 or q[0] == q[1] or ":" in q:
+            raise UnsupportedModel(f"interaction {q!r} (only two different namespaces are reproduced)")
+        pairs.append((q[0], q[1]))
+
+    def one(key: str, default: float) -> float:
+        values = opts.get(key) or [str(default)]
+        return float(values[-1])
+
+    bits = int(one("bit_precision", 18))
+    if "squarecb" in opts:
+        if counter is None:
+            raise UnsupportedModel("squarecb model without its example counter")
+        policy = "squarecb"
+    elif "softmax" in opts:
+        if one("epsilon", 0.0) != 0.0:
+            raise UnsupportedModel("softmax with an epsilon floor")
+        policy = "softmax"
+    else:
+        policy = "epsilon"
+    return LinearSpec(
+        bits=bits, quadratic=tuple(pairs), constant="noconstant" not in opts, policy=policy,
+        gamma_scale=one("gamma_scale", 10.0), gamma_exponent=one("gamma_exponent", 0.5),
+        counter=int(counter or 0) if policy == "squarecb" else 0,
+        epsilon=one("epsilon", 0.05 if policy == "epsilon" else 0.0),
+        lam=abs(one("lambda", 1.0)),
+    )
+
+
+# --------------------------------------------------------------------------- sidecar files
+
+def sidecar_path(vw_path: Path) -> Path:
+    return Path(vw_path).with_suffix(SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sidecar(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarray, source_sha256: str) -> Path:
+    index = np.ascontiguousarray(index, dtype="<u4")
+    weight = np.ascontiguousarray(weight, dtype="<f4")
+    payload = index.tobytes() + weight.tobytes()
+    header = asdict(spec) | {"n": int(index.size), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                             "source_sha256": source_sha256}
+    head = json.dumps(header, sort_keys=True).encode()
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(MAGIC + struct.pack("<I", len(head)) + head + payload)
+    os.replace(tmp, out)
+    return out
+
+
+def read_sidecar(path: Path, source_sha256: str | None = None) -> tuple[LinearSpec, np.ndarray, np.ndarray]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SidecarError(f"{path} is missing") from None
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise SidecarError(f"{path} is not a Kassa linear model")
+    (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start:start + hlen])
+        n = int(header.pop("n"))
+        payload_sha = header.pop("payload_sha256")
+        source_sha = header.pop("source_sha256")
+        header["quadratic"] = tuple(tuple(p) for p in header["quadratic"])
+        spec = LinearSpec(**header)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SidecarError(f"{path}: unreadable header ({exc})") from None
+    payload = memoryview(data)[start + hlen:]
+    if len(payload) != 8 * n or hashlib.sha256(payload).hexdigest() != payload_sha:
+        raise SidecarError(f"{path}: weights do not match their checksum (corrupt file)")
+    if source_sha256 is not None and source_sha != source_sha256:
+        raise SidecarError(f"{path} was exported from another artifact")
+    index = np.frombuffer(payload, dtype="<u4", count=n)
+    weight = np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n)
+    return spec, index, weight
+
+
+_COUNTER = re.compile(rb"storing example counter:\s*=\s*(\d+)")
+_weights_decoder = msgspec.json.Decoder(dict[str, list[dict[str, float]]])
+
+
+def _weights(ws: vowpalwabbit.Workspace) -> tuple[np.ndarray, np.ndarray]:
+    rows = _weights_decoder.decode(ws.json_weights()).get("weights", [])
+    index = np.fromiter((r["index"] for r in rows), dtype=np.uint32, count=len(rows))
+    weight = np.fromiter((r["value"] for r in rows), dtype=np.float32, count=len(rows))
+    return index, weight
+
+
+def export(vw_path: Path, out: Path | None = None) -> Path:
+    """Write the sidecar of a VW model file (loads it once with VW). Raises `UnsupportedModel`."""
+    vw_path = Path(vw_path)
+    out = out or sidecar_path(vw_path)
+    dump = out.with_name(out.name + ".readable.tmp")
+    ws = vowpalwabbit.Workspace(f"--quiet -t -i {vw_path} --readable_model {dump}", enable_logging=False)
+    try:
+        arguments = ws.get_arguments()
+        index, weight = _weights(ws)
+    finally:
+        ws.finish()
+    try:
+        m = _COUNTER.search(dump.read_bytes())
+    finally:
+        dump.unlink(missing_ok=True)
+    spec = spec_from_args(arguments, int(m.group(1)) if m else None)
+    return write_sidecar(out, spec, index, weight, _sha256(vw_path))
+
+
+def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path) -> Path:
+    """The sidecar of ``vw_path``, just saved from the live workspace ``ws``, without loading it again."""
+    spec = spec_from_args(ws.get_arguments(), counter)
+    index, weight = _weights(ws)
+    return write_sidecar(sidecar_path(vw_path), spec, index, weight, _sha256(vw_path))
+
+
+def model_counter(vw_path: Path) -> int:
+    """VW's squarecb example counter stored in a model file (0 for other policies)."""
+    try:
+        return read_sidecar(sidecar_path(vw_path), _sha256(vw_path))[0].counter
+    except SidecarError:
+        pass
+    dump = Path(vw_path).with_name(Path(vw_path).name + ".counter.tmp")
+    ws = vowpalwabbit.Workspace(f"--quiet -t -i {vw_path} --readable_model {dump}", enable_logging=False)
+    ws.finish()
+    try:
+        m = _COUNTER.search(dump.read_bytes())
+    finally:
+        dump.unlink(missing_ok=True)
+    return int(m.group(1)) if m else 0
+
+
+# --------------------------------------------------------------------------- feature hashing
+
+_EMPTY = (np.zeros(0, _I64), np.zeros(0, np.float32))
+
+
+class _Features:
+    """One line's hashed features: per namespace index, and all together (for the linear terms)."""
+
+    __slots__ = ("by_ns", "h", "v")
+
+    def __init__(self, parsed: dict[str, tuple[list[int], np.ndarray]]) -> None:
+        self.by_ns = {k: (np.array(h, dtype=_I64), v) for k, (h, v) in parsed.items()}
+        if self.by_ns:
+            self.h = np.concatenate([h for h, _ in self.by_ns.values()])
+            self.v = np.concatenate([v for _, v in self.by_ns.values()])
+        else:
+            self.h, self.v = _EMPTY
+
+
+class _Batch:
+    """The features of one candidate list, concatenated, with each row's action number."""
+
+    __slots__ = ("h", "k", "ns", "owner", "v")
+
+    def __init__(self, actions: list[_Features]) -> None:
+        self.k = len(actions)
+        self.h, self.v, self.owner = _concat([(a.h, a.v) for a in actions])
+        keys = {k for a in actions for k in a.by_ns}
+        self.ns = {k: _concat([a.by_ns.get(k, _EMPTY) for a in actions]) for k in keys}
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lens = [h.size for h, _ in parts]
+    return (np.concatenate([h for h, _ in parts]) if parts else _EMPTY[0],
+            np.concatenate([v for _, v in parts]) if parts else _EMPTY[1],
+            np.repeat(np.arange(len(parts)), lens))
+
+
+class Hashing:
+    """VW's feature hashing for models of one bit width, with caches shared by every model of that width
+    (so a swap starts warm). VW masks feature hashes to the weight table's bits before crossing them, so
+    the hashes come from a small VW workspace of the same width: VW's own murmur3 and all-digits rule."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.ws = vowpalwabbit.Workspace(f"--quiet -b {bits}", enable_logging=False)
+        self.ns: dict[str, int] = {}
+        self.tokens: dict[int, dict[str, tuple[int, float]]] = {}
+        self.actions: dict[str, _Features] = {}
+        self.batches: dict[tuple[str, ...], _Batch] = {}
+
+    def ns_hash(self, name: str) -> int:
+        h = self.ns.get(name)
+        if h is None:
+            h = self.ns[name] = 0 if name == " " else int(self.ws.hash_space(name))
+        return h
+
+    def _token(self, cache: dict[str, tuple[int, float]], ns_hash: int, tok: str) -> tuple[int, float]:
+        name, sep, value = tok.partition(":")
+        hv = (int(self.ws.hash_feature(name, ns_hash)), float(np.float32(value)) if sep else 1.0)
+        if len(cache) >= 200_000:
+            cache.clear()
+        cache[tok] = hv
+        return hv
+
+    def parse(self, line: str) -> dict[str, tuple[list[int], np.ndarray]]:
+        """A VW text line's features by namespace index (the namespace's first letter): hashes and values,
+        as VW computes them. The label part before the first ``|`` is ignored."""
+        out: dict[str, tuple[list[int], np.ndarray]] = {}
+        for seg in line.split("|")[1:]:
+            if not seg or seg[0] in " \t":
+                ns, toks = " ", seg.split()
+            else:
+                toks = seg.split()
+                ns = toks.pop(0)
+                if ":" in ns:
+                    raise ValueError(f"namespace weights ({ns!r}) are not supported")
+            if not toks:
+                continue
+            nsh = self.ns_hash(ns)
+            cache = self.tokens.get(nsh)
+            if cache is None:
+                cache = self.tokens[nsh] = {}
+            get, miss = cache.get, self._token
+            pairs = [get(t) or miss(cache, nsh, t) for t in toks]
+            hs = [p[0] for p in pairs]
+            vs = np.array([p[1] for p in pairs], dtype=np.float32)
+            if ns[0] in out:
+                h0, v0 = out[ns[0]]
+                hs, vs = h0 + hs, np.concatenate([v0, vs])
+            out[ns[0]] = (hs, vs)
+        return out
+
+    def batch(self, action_lines: list[str]) -> _Batch:
+        key = tuple(action_lines)
+        b = self.batches.get(key)
+        if b is None:
+            if len(self.batches) >= 4096:
+                self.batches.clear()
+            b = self.batches[key] = _Batch([self._action(line) for line in action_lines])
+        return b
+
+    def _action(self, line: str) -> _Features:
+        f = self.actions.get(line)
+        if f is None:
+            if len(self.actions) >= _MAX_CACHED:
+                self.actions.clear()
+            f = self.actions[line] = _Features(self.parse(line))
+        return f
+
+
+_hashing: dict[int, Hashing] = {}
+_hashing_lock = threading.Lock()
+
+
+def hashing(bits: int) -> Hashing:
+    h = _hashing.get(bits)
+    if h is None:
+        with _hashing_lock:
+            h = _hashing.get(bits)
+            if h is None:
+                h = _hashing[bits] = Hashing(bits)
+    return h
+
+
+# --------------------------------------------------------------------------- the model
+
+_free_tables: dict[int, list[np.ndarray]] = {}
+_MAX_FREE_TABLES = 4
+
+
+def _take_table(bits: int) -> np.ndarray:
+    """A zeroed dense weight table. Retired models' tables are reused: zeroing a fresh 4 MB table (at
+    ``-b 20``) costs ~0.2 ms holding the GIL, and clearing a used one at its non-zero entries costs ~N."""
+    free = _free_tables.get(bits)
+    if free:
+        try:
+            return free.pop()
+        except IndexError:
+            pass
+    return np.zeros(1 << bits, dtype=np.float32)
+
+
+def _give_table(bits: int, table: np.ndarray, touched: np.ndarray) -> None:
+    free = _free_tables.setdefault(bits, [])
+    if len(free) < _MAX_FREE_TABLES:
+        table[touched] = 0.0
+        free.append(table)
+
+
+class LinearModel:
+    """A published model for prediction only; immutable once loaded."""
+
+    def __init__(self, path: Path, version: str, meta: dict | None, spec: LinearSpec, index: np.ndarray,
+                 weight: np.ndarray) -> None:
+        self.path = Path(path)
+        self.version = version
+        self.meta = meta or {}
+        self.spec = spec
+        size = 1 << spec.bits
+        self.mask = size - 1
+        touched = index.astype(np.intp) & (size - 1)
+        w = _take_table(spec.bits)
+        w[touched] = weight
+        self.w = w
+        weakref.finalize(self, _give_table, spec.bits, w, touched)
+        self._const = float(w[CONSTANT & (size - 1)]) if spec.constant else 0.0
+        self._hashing = hashing(spec.bits)
+        # Per candidate list: per-action linear terms, and one cached row per (interaction, shared token).
+        self._rows: dict[_Batch, dict] = {}
+        # shared namespace -> [(action namespace, whether the action namespace comes first in the pair)]
+        self._first: dict[str, list[tuple[tuple[str, str, bool], str, bool]]] = {}
+        for x, y in spec.quadratic:
+            self._first.setdefault(x, []).append(((x, y, False), y, False))
+            self._first.setdefault(y, []).append(((x, y, True), x, True))
+
+    @classmethod
+    def open(cls, vw_path: Path, version: str, meta: dict | None = None,
+             source_sha256: str | None = None) -> LinearModel:
+        spec, index, weight = read_sidecar(sidecar_path(vw_path), source_sha256)
+        return cls(vw_path, version, meta, spec, index, weight)
+
+    def scores(self, shared: str, action_lines: list[str]) -> np.ndarray:
+        """VW's cost estimate for each action (lower is better)."""
+        b = self._hashing.batch(action_lines)
+        rows = self._rows.get(b)
+        if rows is None:
+            if len(self._rows) >= 256:
+                self._rows.clear()
+            rows = self._rows[b] = self._batch_rows(b)
+        out = rows[None][0].copy()  # per-action linear terms and the constant
+        w, mask = self.w, self.mask
+        base = 0.0
+        sh = self._hashing.parse(shared)
+        for ns, (hs, vs) in sh.items():
+            base += float(np.dot(w.take(np.array(hs, dtype=_I64) & mask), vs))
+            for key, other, crossed in self._first.get(ns, ()):  # shared x action: a cached row per token
+                cache = rows.get(key)
+                if cache is not None:
+                    out += np.dot(vs, self._cross_rows(cache, b, other, hs, crossed))
+        for x, y in self.spec.quadratic:
+            self._rare_terms(b, sh, x, y, out)
+        if base:
+            out += base
+        return out.astype(np.float32)
+
+    def _batch_rows(self, b: _Batch) -> dict:
+        w, mask = self.w, self.mask
+        lin = np.bincount(b.owner, w.take(b.h & mask) * b.v, minlength=b.k) + self._const
+        rows: dict = {None: (lin,)}
+        for x, y in self.spec.quadratic:
+            if y in b.ns and b.ns[y][0].size:
+                rows[(x, y, False)] = {}
+            if x in b.ns and b.ns[x][0].size:
+                rows[(x, y, True)] = {}
+        return rows
+
+    def _cross_rows(self, cache: dict, b: _Batch, y: str, hs: list[int], crossed: bool) -> np.ndarray:
+        """Rows ``r_h[a] = sum_j v_aj * w[(FNV * h) ^ h_aj]`` over the batch's actions, for each shared hash
+        ``h`` (``crossed``: the action namespace comes first, ``(FNV * h_aj) ^ h``)."""
+        missing = [h for h in hs if h not in cache]
+        if missing:
+            yh, yv, owner = b.ns[y]
+            m = np.array(missing, dtype=_I64)
+            if crossed:
+                idx = ((yh * FNV_PRIME)[None, :] ^ m[:, None]) & self.mask
+            else:
+                idx = ((m * FNV_PRIME)[:, None] ^ yh) & self.mask
+            g = self.w.take(idx) * yv
+            k = b.k
+            for i, h in enumerate(missing):
+                cache[h] = np.bincount(owner, g[i], minlength=k)
+            if len(cache) > 20_000:
+                cache.clear()
+                return self._cross_rows(cache, b, y, hs, crossed)
+        return np.array([cache[h] for h in hs])
+
+    def _rare_terms(self, b: _Batch, sh: dict, x: str, y: str, out: np.ndarray) -> None:
+        """Interactions not covered by the cached rows: both namespaces in the shared example, or both in
+        the actions (Kassa's own lines have neither)."""
+        w, mask, fnv = self.w, self.mask, FNV_PRIME
+        if x in sh and y in sh:
+            xh, xv = np.array(sh[x][0], dtype=_I64), sh[x][1]
+            yh, yv = np.array(sh[y][0], dtype=_I64), sh[y][1]
+            out += float(xv @ w.take(((xh * fnv)[:, None] ^ yh) & mask) @ yv)
+        ax, ay = b.ns.get(x), b.ns.get(y)
+        if ax is not None and ay is not None and ax[0].size and ay[0].size:
+            for a in np.intersect1d(ax[2], ay[2]):
+                xh, xv = ax[0][ax[2] == a], ax[1][ax[2] == a]
+                yh, yv = ay[0][ay[2] == a], ay[1][ay[2] == a]
+                out[a] += float(xv @ w.take(((xh * fnv)[:, None] ^ yh) & mask) @ yv)
+
+    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
+        """The policy's probability for each action, in the order given (VW's exploration rule)."""
+        return explore(self.spec, self.scores(shared, action_lines))
+
+
+def explore(spec: LinearSpec, scores: np.ndarray) -> list[float]:
+    """VW's exploration rule on the scores (in double precision; VW's float32 differs by ~1e-7)."""
+    s = scores.tolist()
+    k = len(s)
+    if k == 0:
+        return []
+    lo = min(s)
+    best = s.index(lo)  # the first of equal minima, as VW's ranking by (score, action) does
+    if spec.policy == "squarecb":
+        gamma = float(np.float32(spec.gamma_scale) * np.float32(float(spec.counter) ** spec.gamma_exponent))
+        p = [1.0 / (k + gamma * (x - lo)) for x in s]
+        p[best] = 0.0
+        p[best] = 1.0 - sum(p)
+    elif spec.policy == "softmax":
+        lam = spec.lam
+        e = [math.exp(-lam * (x - lo)) for x in s]
+        total = sum(e)
+        p = [x / total for x in e]
+    else:
+        eps = spec.epsilon
+        tied = s.count(lo)
+        p = [eps / k + ((1.0 - eps) / tied if x == lo else 0.0) for x in s]
+    return p
+
+
+# --------------------------------------------------------------------------- loading for serving
+
+def load_serving(vw_path: Path, version: str, meta: dict | None = None,
+                 source_sha256: str | None = None) -> ServingModel:
+    """The serving copy of a (verified) VW artifact: its `LinearModel`, exporting the sidecar first when it
+    is missing or stale (one VW load, logged); VW itself when the settings are not covered."""
+    try:
+        return LinearModel.open(vw_path, version, meta, source_sha256)
+    except SidecarError as why:
+        log.info("rebuilding the linear model of %s: %s", version, why)
+    try:
+        export(vw_path)
+        return LinearModel.open(vw_path, version, meta, source_sha256)
+    except UnsupportedModel as why:
+        log.warning("serving %s with Vowpal Wabbit itself (%s); swaps of it pause requests for a few ms",
+                    version, why)
+    from kassa.learn.vw import VWModel
+
+    return VWModel(Path(vw_path), version, meta)
+
+
+def describe(model: Any) -> str:
+    return "linear" if isinstance(model, LinearModel) else "vw"
