@@ -295,9 +295,10 @@ def write_docs(f: dict, tag: str = "") -> None:
                "promotion it continues from the promoted version at its next snapshot (one VW reload per "
                "snapshot interval, then the examples learned meanwhile are learned again)" if f["learner"] else
                "off (reward windows longer than the run): the serving swap alone")
+    flags = f"--via {f['via']}" + (" --no-learner" if not f["learner"] else "") + (f" --tag {tag}" if tag else "")
     cadence = f"one swap every {f['duration_s'] / max(f['swaps_per_run'] or [1]):.1f} s"
     text = f"""{start}
-## Model swaps under load (`bench/model_swap.py --via {f['via']}{' --no-learner' if not f['learner'] else ''}`{' --tag ' + tag if tag else ''}: {cadence})
+## Model swaps under load (`bench/model_swap.py {flags}`: {cadence})
 
 `kassa serve` (embedded, 50 offers, squareCB placement with two registered models) under an open-loop,
 decisions-only load of {f['rate']:g}/s for {f['duration_s']:g} s, measured by `kassa loadtest`. In the

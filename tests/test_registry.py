@@ -247,7 +247,7 @@ def test_a_promoted_batch_model_is_what_the_online_learner_continues(client, kas
     assert not kassa.learning.restart_pending("order_confirmation")
 
 
-def test_a_burst_of_swaps_restarts_the_learner_once(client, kassa, clock, tmp_path, monkeypatch):
+def test_a_burst_of_swaps_restarts_the_learner_once(kassa, clock, tmp_path, monkeypatch):
     learner = kassa.learning.learner("order_confirmation")
     placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
     restarts = []
@@ -266,6 +266,31 @@ def test_a_burst_of_swaps_restarts_the_learner_once(client, kassa, clock, tmp_pa
     kassa.learning.snapshot_due()
     assert restarts == [kassa.model_registry.path(versions[-1])] and learner.learned == 104
     assert kassa.models.get("order_confirmation").version == versions[-1].version  # nothing new to publish
+
+
+def test_relearning_survives_a_second_promotion_and_is_bounded(kassa, clock, tmp_path, monkeypatch):
+    import kassa.learn.loop as loop_module
+
+    loop = kassa.learning
+    learner = loop.learner("order_confirmation")
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    a, b = (kassa.model_registry.register(
+        "order_confirmation", _model_file(tmp_path, name, placement=placement),
+        schema_hash=kassa.schema_hash("order_confirmation"), learner_args=learner.args, source="batch",
+        metrics={"learned": 50, "rewarded_decisions": 50}) for name in ("a", "b"))
+    example = ("shared |c country=US", " |o id=warranty", 1.0, 0.5, True)
+    promote_version(kassa.model_registry, a.version, "production", force=True)
+    loop.poll()
+    loop._replay["order_confirmation"].extend([example] * 6)  # as `step` records what it learns meanwhile
+    assert loop.catch_up("order_confirmation") and loop.learn_backlog(2) == 2  # 4 still waiting
+    promote_version(kassa.model_registry, b.version, "production", force=True)
+    loop.poll()
+    loop._replay["order_confirmation"].extend([example] * 3)
+    monkeypatch.setattr(loop_module, "_MAX_REPLAY", 5)
+    assert loop.catch_up("order_confirmation")
+    # The 4 never learned on b's weights plus the 3 learned since, capped at the newest 5.
+    assert loop.learn_backlog(100) == 5
+    assert learner.learned == 50 + 5 and learner.rewarded_decisions == 50 + 5
 
 
 def test_shadow_model_scores_without_changing_answers_and_is_logged(client, kassa, tmp_path):

@@ -142,7 +142,7 @@ def sidecar_path(vw_path: Path) -> Path:
     return Path(vw_path).with_suffix(SUFFIX)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -218,20 +218,20 @@ def export(vw_path: Path, out: Path | None = None) -> Path:
     finally:
         dump.unlink(missing_ok=True)
     spec = spec_from_args(arguments, int(m.group(1)) if m else None)
-    return write_sidecar(out, spec, index, weight, _sha256(vw_path))
+    return write_sidecar(out, spec, index, weight, sha256_file(vw_path))
 
 
 def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path) -> Path:
     """The sidecar of ``vw_path``, just saved from the live workspace ``ws``, without loading it again."""
     spec = spec_from_args(ws.get_arguments(), counter)
     index, weight = _weights(ws)
-    return write_sidecar(sidecar_path(vw_path), spec, index, weight, _sha256(vw_path))
+    return write_sidecar(sidecar_path(vw_path), spec, index, weight, sha256_file(vw_path))
 
 
 def model_counter(vw_path: Path) -> int:
     """VW's squarecb example counter stored in a model file (0 for other policies)."""
     try:
-        return read_sidecar(sidecar_path(vw_path), _sha256(vw_path))[0].counter
+        return read_sidecar(sidecar_path(vw_path), sha256_file(vw_path))[0].counter
     except SidecarError:
         pass
     dump = Path(vw_path).with_name(Path(vw_path).name + ".counter.tmp")

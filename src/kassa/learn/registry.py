@@ -35,7 +35,7 @@ from sqlalchemy import Engine
 from kassa import errors, schemas
 from kassa.db import metadata
 from kassa.features.definitions import FeatureRepo
-from kassa.learn.linear import UnsupportedModel, export, sidecar_path
+from kassa.learn.linear import UnsupportedModel, export, sha256_file, sidecar_path
 
 log = logging.getLogger("kassa.learn")
 
@@ -158,13 +158,6 @@ class Serving:
     shadow: ModelVersion | None = None
     key: tuple = field(default=())  # changes whenever any of the above (or the canary share) changes
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def placement_views(placement: schemas.Placement, repo: FeatureRepo | None) -> list[Any]:
