@@ -201,13 +201,18 @@ def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_p
     assert kassa.models.serving("order_confirmation").canary is None
 
 
-def test_continuous_learning_registers_snapshots_as_production(client, kassa, clock):
-    for i in range(10):
-        d = client.post("/v1/decisions", json=decision_body(customer=f"c{i}")).json()
-        client.post("/v1/events", json={"events": [{"event_id": f"e{i}", "type": "accept",
+def _accepted_decisions(client, clock, prefix: str, n: int) -> None:
+    """``n`` decisions whose top offer is accepted, with their reward windows over."""
+    for i in range(n):
+        d = client.post("/v1/decisions", json=decision_body(customer=f"{prefix}{i}")).json()
+        client.post("/v1/events", json={"events": [{"event_id": f"{prefix}{i}", "type": "accept",
                                                    "decision_id": d["decision_id"],
                                                    "offer_id": d["offers"][0]["offer_id"]}]})
     clock.advance(61)
+
+
+def test_continuous_learning_registers_snapshots_as_production(client, kassa, clock):
+    _accepted_decisions(client, clock, "c", 10)
     kassa.learning.step()
     kassa.learning.snapshot_due(force=True)
     prod = kassa.model_registry.versions("order_confirmation", ["production"])
@@ -228,12 +233,7 @@ def test_a_promoted_batch_model_is_what_the_online_learner_continues(client, kas
     assert learner.learned != 300  # the restart waits for the learner's next snapshot (no VW load at the swap)
     before = kassa.learning.learned
     # Decisions rewarded meanwhile are learned now and again after the restart, on the promoted weights.
-    for i in range(4):
-        d = client.post("/v1/decisions", json=decision_body(customer=f"r{i}")).json()
-        client.post("/v1/events", json={"events": [{"event_id": f"r{i}", "type": "accept",
-                                                   "decision_id": d["decision_id"],
-                                                   "offer_id": d["offers"][0]["offer_id"]}]})
-    clock.advance(61)
+    _accepted_decisions(client, clock, "r", 4)
     kassa.learning.step()
     learned = kassa.learning.learned - before  # (the app's own learning task may have taken some)
     assert learned >= 4
