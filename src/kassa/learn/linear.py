@@ -246,40 +246,29 @@ def model_counter(vw_path: Path) -> int:
 
 # --------------------------------------------------------------------------- feature hashing
 
-_EMPTY = (np.zeros(0, _I64), np.zeros(0, np.float32))
+class _Table:
+    """One namespace's features of every action line seen, one padded row per action (hash 0, value 0 in
+    the padding, which adds nothing), so a candidate list's features are one fancy-index away."""
 
+    __slots__ = ("h", "v", "width")
 
-class _Features:
-    """One line's hashed features: per namespace index, and all together (for the linear terms)."""
+    def __init__(self) -> None:
+        self.width = 1
+        self.h = np.zeros((64, 1), dtype=_I64)
+        self.v = np.zeros((64, 1), dtype=np.float32)
 
-    __slots__ = ("by_ns", "h", "v")
-
-    def __init__(self, parsed: dict[str, tuple[list[int], np.ndarray]]) -> None:
-        self.by_ns = {k: (np.array(h, dtype=_I64), v) for k, (h, v) in parsed.items()}
-        if self.by_ns:
-            self.h = np.concatenate([h for h, _ in self.by_ns.values()])
-            self.v = np.concatenate([v for _, v in self.by_ns.values()])
-        else:
-            self.h, self.v = _EMPTY
-
-
-class _Batch:
-    """The features of one candidate list, concatenated, with each row's action number."""
-
-    __slots__ = ("h", "k", "ns", "owner", "v")
-
-    def __init__(self, actions: list[_Features]) -> None:
-        self.k = len(actions)
-        self.h, self.v, self.owner = _concat([(a.h, a.v) for a in actions])
-        keys = {k for a in actions for k in a.by_ns}
-        self.ns = {k: _concat([a.by_ns.get(k, _EMPTY) for a in actions]) for k in keys}
-
-
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lens = [h.size for h, _ in parts]
-    return (np.concatenate([h for h, _ in parts]) if parts else _EMPTY[0],
-            np.concatenate([v for _, v in parts]) if parts else _EMPTY[1],
-            np.repeat(np.arange(len(parts)), lens))
+    def put(self, row: int, hs: list[int], vs: np.ndarray) -> None:
+        n = len(hs)
+        if row >= self.h.shape[0] or n > self.width:
+            rows = max(self.h.shape[0] * (2 if row >= self.h.shape[0] else 1), row + 1)
+            width = max(self.width, n)
+            h = np.zeros((rows, width), dtype=_I64)
+            v = np.zeros((rows, width), dtype=np.float32)
+            h[:self.h.shape[0], :self.width] = self.h
+            v[:self.v.shape[0], :self.width] = self.v
+            self.h, self.v, self.width = h, v, width
+        self.h[row, :n] = hs
+        self.v[row, :n] = vs
 
 
 class Hashing:
@@ -291,9 +280,11 @@ class Hashing:
         self.bits = bits
         self.ws = vowpalwabbit.Workspace(f"--quiet -b {bits}", enable_logging=False)
         self.ns: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.tokens: dict[int, dict[str, tuple[int, float]]] = {}
-        self.actions: dict[str, _Features] = {}
-        self.batches: dict[tuple[str, ...], _Batch] = {}
+        self.action_ids: dict[str, int] = {}  # action line -> its row in the tables
+        self.tables: dict[str, _Table] = {}  # namespace index -> features of every action seen
+        self.generation = 0  # bumped when the tables start afresh
 
     def ns_hash(self, name: str) -> int:
         h = self.ns.get(name)
@@ -337,22 +328,25 @@ class Hashing:
             out[ns[0]] = (hs, vs)
         return out
 
-    def batch(self, action_lines: list[str]) -> _Batch:
-        key = tuple(action_lines)
-        b = self.batches.get(key)
-        if b is None:
-            if len(self.batches) >= 4096:
-                self.batches.clear()
-            b = self.batches[key] = _Batch([self._action(line) for line in action_lines])
-        return b
-
-    def _action(self, line: str) -> _Features:
-        f = self.actions.get(line)
-        if f is None:
-            if len(self.actions) >= _MAX_CACHED:
-                self.actions.clear()
-            f = self.actions[line] = _Features(self.parse(line))
-        return f
+    def rows(self, action_lines: list[str]) -> np.ndarray:
+        """The table rows of these action lines (parsed and added the first time a line is seen)."""
+        ids = self.action_ids
+        try:
+            return np.array([ids[line] for line in action_lines], dtype=np.intp)
+        except KeyError:
+            pass
+        with self._lock:
+            for line in action_lines:
+                if line not in ids:
+                    if len(ids) >= _MAX_CACHED:  # a catalog that churns: start the tables afresh
+                        ids.clear()
+                        self.tables.clear()
+                        self.generation += 1
+                    row = len(ids)
+                    for ns, (hs, vs) in self.parse(line).items():
+                        self.tables.setdefault(ns, _Table()).put(row, hs, vs)
+                    ids[line] = row
+            return np.array([ids[line] for line in action_lines], dtype=np.intp)
 
 
 _hashing: dict[int, Hashing] = {}
@@ -412,13 +406,8 @@ class LinearModel:
         weakref.finalize(self, _give_table, spec.bits, w, touched)
         self._const = float(w[CONSTANT & (size - 1)]) if spec.constant else 0.0
         self._hashing = hashing(spec.bits)
-        # Per candidate list: per-action linear terms, and one cached row per (interaction, shared token).
-        self._rows: dict[_Batch, dict] = {}
-        # shared namespace -> [(action namespace, whether the action namespace comes first in the pair)]
-        self._first: dict[str, list[tuple[tuple[str, str, bool], str, bool]]] = {}
-        for x, y in spec.quadratic:
-            self._first.setdefault(x, []).append(((x, y, False), y, False))
-            self._first.setdefault(y, []).append(((x, y, True), x, True))
+        self._lin = np.zeros(0, dtype=np.float64)  # per action row, see _linear
+        self._lin_generation = -1
 
     @classmethod
     def open(cls, vw_path: Path, version: str, meta: dict | None = None,
@@ -428,73 +417,49 @@ class LinearModel:
 
     def scores(self, shared: str, action_lines: list[str]) -> np.ndarray:
         """VW's cost estimate for each action (lower is better)."""
-        b = self._hashing.batch(action_lines)
-        rows = self._rows.get(b)
-        if rows is None:
-            if len(self._rows) >= 256:
-                self._rows.clear()
-            rows = self._rows[b] = self._batch_rows(b)
-        out = rows[None][0].copy()  # per-action linear terms and the constant
-        w, mask = self.w, self.mask
-        base = 0.0
-        sh = self._hashing.parse(shared)
-        for ns, (hs, vs) in sh.items():
-            base += float(np.dot(w.take(np.array(hs, dtype=_I64) & mask), vs))
-            for key, other, crossed in self._first.get(ns, ()):  # shared x action: a cached row per token
-                cache = rows.get(key)
-                if cache is not None:
-                    out += np.dot(vs, self._cross_rows(cache, b, other, hs, crossed))
-        for x, y in self.spec.quadratic:
-            self._rare_terms(b, sh, x, y, out)
-        if base:
-            out += base
-        return out.astype(np.float32)
-
-    def _batch_rows(self, b: _Batch) -> dict:
-        w, mask = self.w, self.mask
-        lin = np.bincount(b.owner, w.take(b.h & mask) * b.v, minlength=b.k) + self._const
-        rows: dict = {None: (lin,)}
-        for x, y in self.spec.quadratic:
-            if y in b.ns and b.ns[y][0].size:
-                rows[(x, y, False)] = {}
-            if x in b.ns and b.ns[x][0].size:
-                rows[(x, y, True)] = {}
-        return rows
-
-    def _cross_rows(self, cache: dict, b: _Batch, y: str, hs: list[int], crossed: bool) -> np.ndarray:
-        """Rows ``r_h[a] = sum_j v_aj * w[(FNV * h) ^ h_aj]`` over the batch's actions, for each shared hash
-        ``h`` (``crossed``: the action namespace comes first, ``(FNV * h_aj) ^ h``)."""
-        missing = [h for h in hs if h not in cache]
-        if missing:
-            yh, yv, owner = b.ns[y]
-            m = np.array(missing, dtype=_I64)
-            if crossed:
-                idx = ((yh * FNV_PRIME)[None, :] ^ m[:, None]) & self.mask
-            else:
-                idx = ((m * FNV_PRIME)[:, None] ^ yh) & self.mask
-            g = self.w.take(idx) * yv
-            k = b.k
-            for i, h in enumerate(missing):
-                cache[h] = np.bincount(owner, g[i], minlength=k)
-            if len(cache) > 20_000:
-                cache.clear()
-                return self._cross_rows(cache, b, y, hs, crossed)
-        return np.array([cache[h] for h in hs])
-
-    def _rare_terms(self, b: _Batch, sh: dict, x: str, y: str, out: np.ndarray) -> None:
-        """Interactions not covered by the cached rows: both namespaces in the shared example, or both in
-        the actions (Kassa's own lines have neither)."""
+        hashing_ = self._hashing
+        ids = hashing_.rows(action_lines)
         w, mask, fnv = self.w, self.mask, FNV_PRIME
-        if x in sh and y in sh:
-            xh, xv = np.array(sh[x][0], dtype=_I64), sh[x][1]
-            yh, yv = np.array(sh[y][0], dtype=_I64), sh[y][1]
-            out += float(xv @ w.take(((xh * fnv)[:, None] ^ yh) & mask) @ yv)
-        ax, ay = b.ns.get(x), b.ns.get(y)
-        if ax is not None and ay is not None and ax[0].size and ay[0].size:
-            for a in np.intersect1d(ax[2], ay[2]):
-                xh, xv = ax[0][ax[2] == a], ax[1][ax[2] == a]
-                yh, yv = ay[0][ay[2] == a], ay[1][ay[2] == a]
-                out[a] += float(xv @ w.take(((xh * fnv)[:, None] ^ yh) & mask) @ yv)
+        out = self._linear(hashing_)[ids]  # every action feature, linearly
+        base = self._const
+        sh = {}
+        for ns, (hs, vs) in hashing_.parse(shared).items():
+            ha = np.array(hs, dtype=_I64)
+            sh[ns] = (ha, vs)
+            base += float(w.take(ha & mask) @ vs)
+        tables = hashing_.tables
+        for x, y in self.spec.quadratic:
+            tx, ty = tables.get(x), tables.get(y)
+            sx, sy = sh.get(x), sh.get(y)
+            ax = (tx.h[ids], tx.v[ids]) if tx is not None else None
+            ay = (ty.h[ids], ty.v[ids]) if ty is not None else None
+            if sx is not None and ay is not None:  # shared x action: (tokens, actions x features)
+                yh, yv = ay
+                g = w.take(((sx[0] * fnv)[:, None] ^ yh.reshape(1, -1)) & mask)
+                out += ((sx[1] @ g).reshape(yh.shape) * yv).sum(axis=1)
+            if ax is not None and sy is not None:  # action x shared
+                g = w.take(((ax[0] * fnv)[:, :, None] ^ sy[0][None, None]) & mask)
+                out += ((g @ sy[1]) * ax[1]).sum(axis=1)
+            if sx is not None and sy is not None:
+                base += float(sx[1] @ w.take(((sx[0] * fnv)[:, None] ^ sy[0]) & mask) @ sy[1])
+            if ax is not None and ay is not None:  # both in the action lines
+                g = w.take(((ax[0] * fnv)[:, :, None] ^ ay[0][:, None, :]) & mask)
+                out += ((g @ ay[1][:, :, None])[:, :, 0] * ax[1]).sum(axis=1)
+        return (out + base).astype(np.float32)
+
+    def _linear(self, hashing_: Hashing) -> np.ndarray:
+        """Each known action line's linear terms under this model, extended as new lines appear."""
+        n, generation = len(hashing_.action_ids), hashing_.generation
+        lin = self._lin
+        if lin.size < n or self._lin_generation != generation:
+            start = lin.size if self._lin_generation == generation else 0
+            part = np.zeros(n - start, dtype=np.float64)
+            for t in list(hashing_.tables.values()):
+                h, v = t.h[start:n], t.v[start:n]
+                part += (self.w.take(h & self.mask) * v).sum(axis=1)
+            lin = self._lin = np.concatenate([lin[:start], part]) if start else part
+            self._lin_generation = generation
+        return lin
 
     def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
         """The policy's probability for each action, in the order given (VW's exploration rule)."""
