@@ -223,3 +223,25 @@ def test_live_export_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModel):
         export_live(ws, n, path)
     ws.finish()
+
+
+def test_action_tables_grow_and_reset_without_changing_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Action lines of different widths, more than the tables' first capacity, and a reset when the
+    process has seen too many distinct lines: the probabilities stay VW's."""
+    import kassa.learn.linear as linear
+
+    path = tmp_path / "m.vw"
+    train("--squarecb -q co -b 18", path, n=600)[0].finish()
+    export(path)
+    model, vw = LinearModel.open(path, "m"), VWModel(path, "m")
+    rng = random.Random(5)
+    lines = [f" |o id=w{i} " + " ".join(f"t{j}=x{i % (j + 2)}" for j in range(i % 9)) + f" |f p:{i % 7 + 1}"
+             for i in range(150)]
+    hashing_ = model._hashing
+    monkeypatch.setattr(linear, "_MAX_CACHED", len(hashing_.action_ids) + 100)
+    for trial in range(60):
+        shared = context(rng)
+        cands = rng.sample(lines, rng.randint(1, 40))
+        a, b = np.array(model.pmf(shared, cands)), np.array(vw.pmf(shared, cands))
+        assert np.abs(a - b).max() < 2e-6, trial
+    assert hashing_.generation >= 1  # the tables started afresh at least once on the way

@@ -257,18 +257,22 @@ class _Table:
         self.h = np.zeros((64, 1), dtype=_I64)
         self.v = np.zeros((64, 1), dtype=np.float32)
 
-    def put(self, row: int, hs: list[int], vs: np.ndarray) -> None:
-        n = len(hs)
-        if row >= self.h.shape[0] or n > self.width:
-            rows = max(self.h.shape[0] * (2 if row >= self.h.shape[0] else 1), row + 1)
-            width = max(self.width, n)
+    def reserve(self, rows: int, width: int = 0) -> None:
+        """Room for ``rows`` actions of up to ``width`` features (rows of actions without this namespace
+        stay padding)."""
+        if rows > self.h.shape[0] or width > self.width:
+            rows = max(rows, self.h.shape[0] * 2) if rows > self.h.shape[0] else self.h.shape[0]
+            width = max(self.width, width)
             h = np.zeros((rows, width), dtype=_I64)
             v = np.zeros((rows, width), dtype=np.float32)
             h[:self.h.shape[0], :self.width] = self.h
             v[:self.v.shape[0], :self.width] = self.v
             self.h, self.v, self.width = h, v, width
-        self.h[row, :n] = hs
-        self.v[row, :n] = vs
+
+    def put(self, row: int, hs: list[int], vs: np.ndarray) -> None:
+        self.reserve(row + 1, len(hs))
+        self.h[row, :len(hs)] = hs
+        self.v[row, :len(hs)] = vs
 
 
 class Hashing:
@@ -336,16 +340,19 @@ class Hashing:
         except KeyError:
             pass
         with self._lock:
-            for line in action_lines:
-                if line not in ids:
-                    if len(ids) >= _MAX_CACHED:  # a catalog that churns: start the tables afresh
-                        ids.clear()
-                        self.tables.clear()
-                        self.generation += 1
-                    row = len(ids)
-                    for ns, (hs, vs) in self.parse(line).items():
-                        self.tables.setdefault(ns, _Table()).put(row, hs, vs)
-                    ids[line] = row
+            new = [line for line in dict.fromkeys(action_lines) if line not in ids]
+            if len(ids) + len(new) > _MAX_CACHED:  # a catalog that churns: start the tables afresh
+                ids.clear()
+                self.tables.clear()
+                self.generation += 1
+                new = list(dict.fromkeys(action_lines))
+            for line in new:
+                row = len(ids)
+                for ns, (hs, vs) in self.parse(line).items():
+                    self.tables.setdefault(ns, _Table()).put(row, hs, vs)
+                ids[line] = row
+            for table in self.tables.values():  # every table covers every row, so one index fits all
+                table.reserve(len(ids))
             return np.array([ids[line] for line in action_lines], dtype=np.intp)
 
 
