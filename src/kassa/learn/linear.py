@@ -31,7 +31,7 @@ import threading
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -202,22 +202,32 @@ def _weights(ws: vowpalwabbit.Workspace) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
+def _dumping(vw_path: Path, dump: Path) -> vowpalwabbit.Workspace:
+    """``vw_path`` loaded for prediction, writing its readable model to ``dump`` when finished: the only
+    place VW shows squareCB's example counter."""
+    return vowpalwabbit.Workspace(f"--quiet -t -i {vw_path} --readable_model {dump}", enable_logging=False)
+
+
+def _dumped_counter(dump: Path) -> int | None:
+    try:
+        m = _COUNTER.search(dump.read_bytes())
+    finally:
+        dump.unlink(missing_ok=True)
+    return int(m.group(1)) if m else None
+
+
 def export(vw_path: Path, out: Path | None = None) -> Path:
     """Write the sidecar of a VW model file (loads it once with VW). Raises `UnsupportedModel`."""
     vw_path = Path(vw_path)
     out = out or sidecar_path(vw_path)
     dump = out.with_name(out.name + ".readable.tmp")
-    ws = vowpalwabbit.Workspace(f"--quiet -t -i {vw_path} --readable_model {dump}", enable_logging=False)
+    ws = _dumping(vw_path, dump)
     try:
         arguments = ws.get_arguments()
         index, weight = _weights(ws)
     finally:
         ws.finish()
-    try:
-        m = _COUNTER.search(dump.read_bytes())
-    finally:
-        dump.unlink(missing_ok=True)
-    spec = spec_from_args(arguments, int(m.group(1)) if m else None)
+    spec = spec_from_args(arguments, _dumped_counter(dump))
     return write_sidecar(out, spec, index, weight, sha256_file(vw_path))
 
 
@@ -235,13 +245,8 @@ def model_counter(vw_path: Path) -> int:
     except SidecarError:
         pass
     dump = Path(vw_path).with_name(Path(vw_path).name + ".counter.tmp")
-    ws = vowpalwabbit.Workspace(f"--quiet -t -i {vw_path} --readable_model {dump}", enable_logging=False)
-    ws.finish()
-    try:
-        m = _COUNTER.search(dump.read_bytes())
-    finally:
-        dump.unlink(missing_ok=True)
-    return int(m.group(1)) if m else 0
+    _dumping(Path(vw_path), dump).finish()
+    return _dumped_counter(dump) or 0
 
 
 # --------------------------------------------------------------------------- feature hashing
@@ -517,7 +522,3 @@ def load_serving(vw_path: Path, version: str, meta: dict | None = None,
     from kassa.learn.vw import VWModel
 
     return VWModel(Path(vw_path), version, meta)
-
-
-def describe(model: Any) -> str:
-    return "linear" if isinstance(model, LinearModel) else "vw"

@@ -163,7 +163,7 @@ class LearningLoop:
 
     def catch_up(self, placement_id: str) -> bool:
         """Restart a learner whose production changed from the new production's weights; what it learned
-        since the change is learned again on top, in slices by `step`. Returns whether it restarted."""
+        since the change is learned again on top, in slices by `learn_backlog`. Returns whether it restarted."""
         model = self._pending_base.pop(placement_id, None)
         replay = self._replay.pop(placement_id, [])
         learner = self.learners.get(placement_id)
@@ -186,7 +186,7 @@ class LearningLoop:
             self._backlog[placement_id] = backlog
         self._published[placement_id] = model.version
         log.info("online learner of %s continues from %s (%d examples to learn again)", placement_id,
-                 model.version, len(replay))
+                 model.version, len(backlog))
         return True
 
     def learn_backlog(self, limit: int) -> int:
@@ -198,13 +198,13 @@ class LearningLoop:
             learner = self.learners.get(placement_id)
             take = min(limit - done, len(backlog))
             if learner is not None:
+                replay = self._replay.get(placement_id)  # production changed again meanwhile: these count too
                 for shared, action, reward, probability, top in backlog[:take]:
                     learner.learn(shared, action, reward, probability)
                     if top:
                         learner.rewarded_decisions += 1
-                    replay = self._replay.get(placement_id)
-                    if replay is not None:  # production changed again meanwhile: these count for it too
-                        replay.append((shared, action, reward, probability, top))
+                if replay is not None:
+                    replay.extend(backlog[:take])
             del backlog[:take]
             if not backlog or learner is None:
                 del self._backlog[placement_id]

@@ -159,7 +159,6 @@ class Serving:
     key: tuple = field(default=())  # changes whenever any of the above (or the canary share) changes
 
 
-
 def placement_views(placement: schemas.Placement, repo: FeatureRepo | None) -> list[Any]:
     """The feature views whose values reach a placement's learner."""
     if repo is None:
