@@ -26,6 +26,7 @@ test: $(BIN)/.installed  ## the whole test suite
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/benchmarks.md (~60 min)
 	$(BIN)/python bench/decision_latency.py --write-docs

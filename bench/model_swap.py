@@ -43,10 +43,12 @@ from decision_latency import PLACEMENT, make_catalog
 from kassa import schemas
 from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo
-from kassa.learn.linear import LinearModel, load_serving
+from kassa.learn.online.learner import OnlineLearner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.rollout import promote_version
-from kassa.learn.vw import OnlineLearner, VWModel
+from kassa.learn.serving.linear import LinearModel
+from kassa.learn.serving.loader import load_serving
+from kassa.learn.serving.vw import VWModel
 
 START = "<!-- bench:model-swap:start -->"
 END = "<!-- bench:model-swap:end -->"

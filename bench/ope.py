@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kassa.learn import ope, ope_report
+from kassa.learn.offline import ope, ope_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdocs import write_section

@@ -45,11 +45,11 @@ from kassa.demo.store import POLICY, DemoStore
 from kassa.events.decision_log import DecisionRecord, loggable_features, records_to_table
 from kassa.events.log import SqliteEventLog
 from kassa.features.request import request_features
-from kassa.learn import ope
-from kassa.learn.dataset import load_logged
-from kassa.learn.evaluate import evaluate_models
+from kassa.learn.offline import ope
+from kassa.learn.offline.dataset import load_logged
+from kassa.learn.offline.evaluate import evaluate_models
+from kassa.learn.offline.train import train_placement
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
-from kassa.learn.train import train_placement
 
 START = "<!-- bench:retrain:start -->"
 END = "<!-- bench:retrain:end -->"

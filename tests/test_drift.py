@@ -21,7 +21,7 @@ from kassa import errors
 from kassa.demo.simulator import APPEAL, DRIFTED_APPEAL, World
 from kassa.demo.store import DemoStore
 from kassa.events.decision_log import DecisionRecord, loggable_features, records_to_table
-from kassa.learn.rewards import JoinedExample
+from kassa.events.join import JoinedExample
 from kassa.monitor.drift import (
     ALERT_MESSAGE,
     AlertHook,

@@ -12,7 +12,8 @@ import pytest
 from kassa import schemas
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, UniformPolicy, fill_slots
 from kassa.events.decision_log import read_decisions
-from kassa.learn.rewards import PendingDecision, RewardJoiner
+from kassa.events.join import PendingDecision
+from kassa.learn.online.rewards import RewardJoiner
 from tests.conftest import decision_body, order
 
 
@@ -161,8 +162,8 @@ def test_model_swap_during_a_request_does_not_mix_versions(client, kassa, clock)
     assert swapped and kassa.models.get("order_confirmation").version == swapped[0].version
     # the response came wholly from the model it started with: its version and its scores
     assert d["model_version"] == old.version
+    from kassa.features.featurize import shared_line
     from kassa.features.request import request_features
-    from kassa.learn.featurize import shared_line
 
     req = msgspec.convert(body, schemas.DecisionRequest)
     feats = request_features(req, clock(), "UTC", None)

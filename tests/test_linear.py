@@ -1,4 +1,4 @@
-"""The numpy serving copy of a VW model (`kassa.learn.linear`) gives VW's own probabilities."""
+"""The numpy serving copy of a VW model (`kassa.learn.serving`) gives VW's own probabilities."""
 
 from __future__ import annotations
 
@@ -11,20 +11,21 @@ import vowpalwabbit
 
 from kassa import schemas
 from kassa.db import make_engine
-from kassa.learn.linear import (
-    LinearModel,
+from kassa.learn.online.learner import OnlineLearner, vw_args
+from kassa.learn.registry import ModelRegistry
+from kassa.learn.serving.hashing import hashing
+from kassa.learn.serving.linear import LinearModel
+from kassa.learn.serving.loader import load_serving
+from kassa.learn.serving.sidecar import (
     SidecarError,
     UnsupportedModel,
     export,
     export_live,
-    hashing,
-    load_serving,
     read_sidecar,
     sidecar_path,
     spec_from_args,
 )
-from kassa.learn.registry import ModelRegistry
-from kassa.learn.vw import OnlineLearner, VWModel, vw_args
+from kassa.learn.serving.vw import VWModel
 
 LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
 N_OFFERS = 30
@@ -228,7 +229,7 @@ def test_live_export_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
 def test_action_tables_grow_and_reset_without_changing_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Action lines of different widths, more than the tables' first capacity, and a reset when the
     process has seen too many distinct lines: the probabilities stay VW's."""
-    import kassa.learn.linear as linear
+    import kassa.learn.serving.hashing as hashing_module
 
     path = tmp_path / "m.vw"
     train("--squarecb -q co -b 18", path, n=600)[0].finish()
@@ -238,7 +239,7 @@ def test_action_tables_grow_and_reset_without_changing_scores(tmp_path: Path, mo
     lines = [f" |o id=w{i} " + " ".join(f"t{j}=x{i % (j + 2)}" for j in range(i % 9)) + f" |f p:{i % 7 + 1}"
              for i in range(150)]
     hashing_ = model._hashing
-    monkeypatch.setattr(linear, "_MAX_CACHED", len(hashing_.action_ids) + 100)
+    monkeypatch.setattr(hashing_module, "_MAX_CACHED", len(hashing_.action_ids) + 100)
     for trial in range(60):
         shared = context(rng)
         cands = rng.sample(lines, rng.randint(1, 40))

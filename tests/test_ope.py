@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kassa.learn import ope, ope_report
-from kassa.learn.ope import Estimate, MeanRewardModel, OPEInputError
+from kassa.learn.offline import ope, ope_report
+from kassa.learn.offline.ope import Estimate, MeanRewardModel, OPEInputError
 
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
 

@@ -14,15 +14,16 @@ from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import CanarySettings
 from kassa.db import make_engine
 from kassa.events.decision_log import read_decisions
-from kassa.learn import ope
 from kassa.learn.canary import CanaryGuard
-from kassa.learn.dataset import LoggedDecisions
-from kassa.learn.evaluate import evaluate_models
-from kassa.learn.models import ModelStore, ModelSync, in_canary
+from kassa.learn.offline import ope
+from kassa.learn.offline.dataset import LoggedDecisions
+from kassa.learn.offline.evaluate import evaluate_models
+from kassa.learn.offline.train import train_placement
+from kassa.learn.online.learner import OnlineLearner
 from kassa.learn.registry import ModelRegistry, StageError, feature_schema_hash
 from kassa.learn.rollout import gate_status, promote_version
-from kassa.learn.train import train_placement
-from kassa.learn.vw import OnlineLearner
+from kassa.learn.serving.store import ModelStore, in_canary
+from kassa.learn.sync import ModelSync
 from tests.conftest import ADMIN, decision_body, order
 
 PLACEMENT = schemas.Placement(id="p", slots=1, offers=["a", "b", "c", "d"], policy="epsilon", exploration=0.0,
@@ -269,7 +270,7 @@ def test_a_burst_of_swaps_restarts_the_learner_once(kassa, clock, tmp_path, monk
 
 
 def test_relearning_survives_a_second_promotion_and_is_bounded(kassa, clock, tmp_path, monkeypatch):
-    import kassa.learn.loop as loop_module
+    import kassa.learn.online.loop as loop_module
 
     loop = kassa.learning
     learner = loop.learner("order_confirmation")
@@ -387,7 +388,7 @@ def test_batch_retraining_learns_from_logged_decisions_and_joined_rewards(client
     assert result.version.rows == 120 and result.version.train_since is not None
     assert result.mean_reward > 0
     path = kassa.model_registry.verify(result.version, kassa.schema_hash("order_confirmation"))
-    from kassa.learn.vw import VWModel
+    from kassa.learn.serving.vw import VWModel
 
     model = VWModel(path, "t")
     lines = kassa.catalog.snapshot.action_lines

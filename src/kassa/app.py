@@ -20,7 +20,6 @@ from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.events.decision_log import DecisionLogWriter
-from kassa.events.ingest import EventIngest
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo
 from kassa.features.offer_features import OfferFeatureSource
@@ -31,11 +30,12 @@ from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
 from kassa.features.streaming import StreamProcessor
+from kassa.ingest import EventIngest
 from kassa.keys import KeyStore
-from kassa.learn.loop import LearningLoop
-from kassa.learn.models import ModelStore
+from kassa.learn.online.loop import LearningLoop
+from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
-from kassa.learn.rewards import RewardJoiner
+from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift import DriftWatch
 from kassa.monitor.metrics import Metrics

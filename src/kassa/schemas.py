@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from kassa import policies
+
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 ShortStr = Annotated[str, Meta(max_length=256)]
 Money = Annotated[float, Meta(ge=0, le=1e9)]
@@ -166,7 +168,7 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     offers: list[str] | None = None  # explicit offer ids; None = every active offer of `kinds`
     kinds: list[OfferKind] | None = None
     retrieval: Retrieval | None = None  # set for product cross-sell placements
-    policy: Literal["squarecb", "epsilon", "softmax", "baseline", "uniform"] = "squarecb"
+    policy: str = "squarecb"  # a name in the policy table (`kassa.policies`), checked in __post_init__
     exploration: float = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
     gamma_scale: float = 10.0  # squarecb: higher exploits sooner
     softmax_lambda: float = 10.0  # softmax: higher exploits more
@@ -176,6 +178,10 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     latency_budget_ms: float = 50.0
     timezone: str = "UTC"
     features: list[str] | None = None  # feature views to read for this placement (None = all)
+
+    def __post_init__(self) -> None:
+        if self.policy not in policies.names():
+            raise ValueError(f"unknown policy {self.policy!r} (known: {', '.join(policies.names())})")
 
 
 class CatalogFile(Struct, forbid_unknown_fields=True):

@@ -14,7 +14,8 @@ from starlette.testclient import TestClient
 from kassa import schemas
 from kassa.api.app import create_app
 from kassa.app import Kassa
-from kassa.learn.rewards import JoinedExample, PendingDecision, RewardJoiner
+from kassa.events.join import JoinedExample, PendingDecision
+from kassa.learn.online.rewards import RewardJoiner
 from tests.conftest import PUB, decision_body, order
 from tests.integrations.conftest import SHOPIFY_SECRET, fixture
 from tests.integrations.fakes.base import sign_b64

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from kassa import __version__, schemas
+from kassa import __version__, policies, schemas
 
 
 def _body(ref: str) -> dict[str, Any]:
@@ -39,6 +39,7 @@ def openapi_document() -> bytes:
              schemas.Offer, schemas.Placement, schemas.Problem, schemas.FeaturePush, schemas.FeatureWrite,
              schemas.FeatureAck, StageChange, Rollback]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    components["Placement"]["properties"]["policy"]["enum"] = policies.names()  # the policy table's rows
     c = "#/components/schemas/"
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     # The snippet sends its publishable key as ?key= (a CORS-simple request, and sendBeacon has no headers).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kassa import schemas
-from kassa.learn.featurize import action_line
+from kassa.features.featurize import action_line
 
 
 @dataclass(frozen=True, slots=True)

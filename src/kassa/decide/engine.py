@@ -20,25 +20,24 @@ from typing import Any
 
 import msgspec
 
-from kassa import errors, schemas
+from kassa import errors, policies, schemas
 from kassa.catalog import Catalog
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
+from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
+from kassa.events.join import PendingDecision
 from kassa.features.definitions import FeatureRepo, FeatureView
+from kassa.features.featurize import shared_line
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.online.base import OnlineStore
 from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.request import request_features
-from kassa.learn.featurize import shared_line
-from kassa.learn.models import ModelStore
-from kassa.learn.rewards import PendingDecision, RewardJoiner
-from kassa.learn.shadow import ShadowRequest, ShadowScorer
+from kassa.learn.serving.store import ModelStore
 
 log = logging.getLogger("kassa.decide")
-_LEARNED = ("squarecb", "epsilon", "softmax")
 
 
 class IdempotencyCache:
@@ -78,7 +77,7 @@ class DecisionEngine:
         retriever: ProductRetriever,
         ledger: FrequencyLedger,
         models: ModelStore,
-        joiner: RewardJoiner,
+        joiner: RewardSink,
         decision_log: DecisionLogWriter | None,
         store_timezone: str = "UTC",
         idempotency: IdempotencyCache | None = None,
@@ -89,7 +88,7 @@ class DecisionEngine:
         on_default: Callable[[str], None] | None = None,
         offer_features: OfferFeatureSource | None = None,
         on_served: Callable[[str, str, float, bool], None] | None = None,
-        shadow: ShadowScorer | None = None,
+        shadow: ShadowSink | None = None,
     ) -> None:
         self.on_served = on_served
         self.shadow = shadow
@@ -131,7 +130,7 @@ class DecisionEngine:
         placement = view.placement
         # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
         # change what this decision is scored with.
-        serving = self.models.serving(placement.id) if placement.policy in _LEARNED else None
+        serving = self.models.serving(placement.id) if policies.learns(placement.policy) else None
         model = None
         if serving is not None:
             unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
@@ -224,15 +223,15 @@ class DecisionEngine:
         elif fallback or time.perf_counter() - t0 > budget:
             fallback = True
             policy, version = _by_value(kept, offers), "fallback"
-        elif placement.policy == "uniform":
+        elif placement.policy == "uniform":  # `kassa.policies.Uniform`: random slots, no model
             policy, version = UniformPolicy(len(kept)), "uniform"
         else:
             policy = None  # type: ignore[assignment]
             if model is not None and model.meta.get("rewarded_decisions", 0) >= placement.min_learned_decisions:
                 try:
                     pmf = model.pmf(shared, action_lines)
-                    later = "renormalise" if placement.policy == "softmax" else "greedy"
-                    policy, version = PmfPolicy(pmf, later), model.version
+                    policy = PmfPolicy(pmf, policies.get(placement.policy).later_slots)
+                    version = model.version
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)
                     fallback = model_failed = True

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kassa.features.definitions import FeatureView
+from kassa.features.featurize import tokens
 from kassa.features.online.base import Row
-from kassa.learn.featurize import tokens
 
 
 def bucket(value: Any) -> Any:

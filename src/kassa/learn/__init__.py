@@ -1,1 +1,3 @@
-"""Learning: featurization for the learner, policies, the online learner, the reward joiner."""
+"""Learning, by lifecycle: `serving` (what scores a decision), `online` (reward joiner, learner, loop), `offline`
+(datasets, training, off-policy evaluation); the registry, rollout, canary guard, shadow scorer and registry
+sync sit beside them. See docs/architecture.md."""

@@ -229,7 +229,7 @@ def train_command(
     config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
-    from kassa.learn.train import train_placement
+    from kassa.learn.offline.train import train_placement
 
     interval = parse_duration(every) if every else None
     if not 0.0 <= holdout < 1.0:
@@ -285,9 +285,9 @@ def evaluate_command(
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
     uniform-random and the logged policy; records the gate's verdict on the candidate."""
-    from kassa.learn import ope, ope_report
-    from kassa.learn.dataset import load_logged
-    from kassa.learn.evaluate import evaluate_models
+    from kassa.learn.offline import ope, ope_report
+    from kassa.learn.offline.dataset import load_logged
+    from kassa.learn.offline.evaluate import evaluate_models
     from kassa.learn.registry import StageError
     from kassa.learn.rollout import promote_version
 
@@ -384,7 +384,7 @@ def drift_command(
 ) -> None:
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
     from kassa.events.decision_log import read_decisions
-    from kassa.learn.dataset import load_logged
+    from kassa.learn.offline.dataset import load_logged
     from kassa.monitor.drift import compare, window_from_decisions
 
     ctx = context(config, data_dir)

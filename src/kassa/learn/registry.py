@@ -35,7 +35,7 @@ from sqlalchemy import Engine
 from kassa import errors, schemas
 from kassa.db import metadata
 from kassa.features.definitions import FeatureRepo
-from kassa.learn.linear import UnsupportedModel, export, sha256_file, sidecar_path
+from kassa.learn.serving.sidecar import UnsupportedModel, export, sha256_file, sidecar_path
 
 log = logging.getLogger("kassa.learn")
 

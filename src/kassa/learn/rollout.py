@@ -1,7 +1,7 @@
 """Stage changes with the promotion gate, shared by the CLI and the HTTP API.
 
 A version reaches production only when its last `kassa evaluate` passed the gate (its lower confidence
-bound beat production's estimate, see kassa.learn.ope) or when the operator forces it; a forced
+bound beat production's estimate, see kassa.learn.offline.ope) or when the operator forces it; a forced
 promotion says so in the stage history. Shadow, canary, candidate and archived need no gate.
 """
 

@@ -14,29 +14,12 @@ from __future__ import annotations
 import collections
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
 
 from kassa.decide.policy import PmfPolicy, fill_slots
+from kassa.decide.sinks import ShadowRequest
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
-from kassa.learn.linear import ServingModel
 
 log = logging.getLogger("kassa.learn")
-
-
-@dataclass(slots=True)
-class ShadowRequest:
-    decision_id: str
-    ts: float
-    placement: str
-    model: ServingModel
-    shared: str
-    action_lines: list[str]
-    candidates: list[str]
-    features: dict[str, Any]
-    customer_id: str | None
-    request_id: str | None
-    slots: int
 
 
 class ShadowScorer:

@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from kassa.events.decision_log import DecisionRecord
-    from kassa.learn.rewards import JoinedExample
+    from kassa.events.join import JoinedExample
 
 log = logging.getLogger("kassa.drift")
 

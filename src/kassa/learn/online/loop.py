@@ -21,19 +21,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kassa import policies
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
 from kassa.learn.canary import Breach, CanaryGuard
-from kassa.learn.linear import ServingModel, load_serving
-from kassa.learn.models import ModelStore, ModelSync
+from kassa.learn.online.learner import OnlineLearner, latest_snapshot
+from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, Stage
-from kassa.learn.rewards import RewardJoiner
+from kassa.learn.serving.loader import ServingModel, load_serving
+from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
-from kassa.learn.vw import OnlineLearner, latest_snapshot
+from kassa.learn.sync import ModelSync
 from kassa.monitor.drift import DriftWatch
 
 log = logging.getLogger("kassa.learn")
-LEARNED_POLICIES = ("squarecb", "epsilon", "softmax")
 _MAX_REPLAY = 100_000  # a learner restarts early rather than keep more examples to learn again
 
 
@@ -106,7 +107,7 @@ class LearningLoop:
             latest = latest_snapshot(self.model_dir / placement_id)
             if latest is not None:
                 _, path, meta = latest
-                from kassa.learn.vw import vw_args
+                from kassa.learn.online.learner import vw_args
 
                 self.registry.register(
                     placement_id, path, schema_hash=self.schema_hash(placement_id) or "",
@@ -223,7 +224,7 @@ class LearningLoop:
             if ex.slot == 0 and ex.version:
                 guard.rewarded(ex.placement, ex.version, ex.reward)
             view = placements.get(ex.placement)
-            if view is None or view.placement.policy not in LEARNED_POLICIES:
+            if view is None or not policies.learns(view.placement.policy):
                 continue  # baseline and uniform placements serve no model; their log stays for training
             learner = self.learner(ex.placement)
             if learner is None:

@@ -3,7 +3,7 @@
 The unit is a decision's top slot: its logged offer, the logging policy's probability of it and its
 joined reward. Each evaluated model re-scores the logged context over the logged candidates (the same
 learner lines the live decision built, rebuilt from the log) and gives the probability it would have
-put on the logged offer; the estimators in `kassa.learn.ope` turn those into IPS, SNIPS and DR values
+put on the logged offer; the estimators in `kassa.learn.offline.ope` turn those into IPS, SNIPS and DR values
 with intervals. Re-scoring is the expensive part (one VW predict per row and model), so rows are split
 across worker processes forked after the data is loaded (nothing is pickled but index ranges).
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from kassa.catalog import CatalogSnapshot
-from kassa.learn import ope
-from kassa.learn.dataset import LoggedDecisions, logged_shared_line
-from kassa.learn.vw import VWModel
+from kassa.learn.offline import ope
+from kassa.learn.offline.dataset import LoggedDecisions, logged_shared_line
+from kassa.learn.serving.vw import VWModel
 
 # Set in the parent right before forking; the workers read it instead of receiving pickled rows.
 _WORK: dict[str, Any] = {}

@@ -1,8 +1,7 @@
-"""Vowpal Wabbit contextual bandits: the serving model (predict only) and the online learner.
+"""`OnlineLearner`: one placement's Vowpal Wabbit contextual bandit, learning joined examples and writing
+numbered snapshots (each with its numpy-serving sidecar, exported from the live weights).
 
-Serving parses only the shared context line per request; each offer's action example is parsed once per
-model and cached, which cuts a 50-action predict from ~400 µs (parse everything) to ~60 µs. Learning
-uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
+Learning uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
 default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost.
 """
 
@@ -17,56 +16,20 @@ from pathlib import Path
 
 import vowpalwabbit
 
-from kassa import schemas
-from kassa.learn.linear import UnsupportedModel, export_live, model_counter, sidecar_path
+from kassa import policies, schemas
+from kassa.learn.serving.sidecar import UnsupportedModel, export_live, model_counter, sidecar_path
 
 log = logging.getLogger("kassa.learn")
 
 _LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
-_MAX_CACHED = 50_000
 
 
 def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str = "") -> str:
-    if placement.policy == "epsilon":
-        explore = f"--epsilon {placement.exploration}"
-    elif placement.policy == "softmax":
-        explore = f"--softmax --lambda {placement.softmax_lambda}"
-    else:  # squarecb is the default learner; baseline/uniform placements still learn for later use
-        explore = f"--squarecb --gamma_scale {placement.gamma_scale}"
+    """The VW arguments of a placement's learner: its policy's exploration (`kassa.policies`); placements
+    whose policy does not learn get squareCB's, Kassa's default, so a model is ready when they switch."""
+    policy = policies.get(placement.policy)
+    explore = (policy if policy.learns else policies.get("squarecb")).vw_exploration(placement)
     return f"--cb_explore_adf {explore} -q co -l {learning_rate} -b 20 --quiet {extra}".strip()
-
-
-class VWModel:
-    """A model snapshot loaded into VW for prediction only (offline evaluation, and serving models whose
-    settings `kassa.learn.linear.LinearModel` does not cover). Immutable once published."""
-
-    def __init__(self, path: Path, version: str, meta: dict | None = None) -> None:
-        self.path = path
-        self.version = version
-        self.meta = meta or {}
-        self.workspace = vowpalwabbit.Workspace(f"--quiet -i {path}", enable_logging=False)
-        self._examples: dict[str, vowpalwabbit.Example] = {}
-
-    def _action(self, line: str) -> vowpalwabbit.Example:
-        ex = self._examples.get(line)
-        if ex is None:
-            if len(self._examples) >= _MAX_CACHED:
-                self._examples.clear()
-            parsed = self.workspace.parse(line, _LT)
-            ex = parsed[0] if isinstance(parsed, list) else parsed
-            self._examples[line] = ex
-        return ex
-
-    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
-        """The policy's probability for each action, in the order given."""
-        ws = self.workspace
-        parsed = ws.parse(shared, _LT)
-        shared_ex = parsed[0] if isinstance(parsed, list) else parsed
-        try:
-            probs = ws.predict([shared_ex, *[self._action(line) for line in action_lines]])
-        finally:
-            ws.finish_example([shared_ex])
-        return list(probs)
 
 
 class OnlineLearner:

@@ -12,40 +12,9 @@ from __future__ import annotations
 import contextlib
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kassa import schemas
-
-
-@dataclass(slots=True)
-class PendingDecision:
-    decision_id: str
-    placement: str
-    ts: float
-    deadline: float
-    shared: str  # learner context line
-    offers: list[str]  # shown offer ids, slot order
-    actions: list[str]  # learner action line of each shown offer
-    probabilities: list[float]  # each slot's probability
-    customer_id: str | None = None
-    product_keys: list[str | None] = field(default_factory=list)  # per shown offer, for order attribution
-    rewards: dict[str, float] | None = None
-    outcomes: int = 0
-    version: str = ""  # the model version that served it (canary guardrails compare versions)
-    email_sha256: str | None = None  # a guest buyer's identity for order attribution (no customer id)
-
-
-@dataclass(slots=True)
-class JoinedExample:
-    placement: str
-    decision_id: str
-    shared: str
-    action: str
-    offer_id: str
-    reward: float
-    probability: float
-    slot: int
-    version: str = ""
+from kassa.events.join import JoinedExample, PendingDecision
 
 
 class RewardJoiner:

@@ -16,7 +16,7 @@ from kassa.decide.retrieval import ProductRetriever
 from kassa.events.log import EventLog
 from kassa.features.profile import CustomerProfiles
 from kassa.features.streaming import StreamProcessor
-from kassa.learn.rewards import RewardJoiner
+from kassa.learn.online.rewards import RewardJoiner
 
 log = logging.getLogger("kassa.events")
 

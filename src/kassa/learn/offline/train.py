@@ -24,9 +24,9 @@ import vowpalwabbit
 
 from kassa import schemas
 from kassa.catalog import CatalogSnapshot
-from kassa.learn.dataset import LoggedDecisions, load_logged, shared_tokens
+from kassa.learn.offline.dataset import LoggedDecisions, load_logged, shared_tokens
+from kassa.learn.online.learner import vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
-from kassa.learn.vw import vw_args
 
 log = logging.getLogger("kassa.learn")
 

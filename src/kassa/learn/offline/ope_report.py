@@ -1,4 +1,4 @@
-"""Reports of an off-policy evaluation (`kassa.learn.ope.Evaluation`): a plain-text table, a self-contained
+"""Reports of an off-policy evaluation (`kassa.learn.offline.ope.Evaluation`): a plain-text table, a self-contained
 HTML page and a PNG plot.
 
 The table is a Rich ``Table`` (one row per policy and estimator: estimate, interval, standard error,
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kassa.learn.ope import LOGGED, ON_POLICY, UNIFORM, Estimate, Evaluation, GateResult
+from kassa.learn.offline.ope import LOGGED, ON_POLICY, UNIFORM, Estimate, Evaluation, GateResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -29,8 +29,9 @@ import numpy as np
 
 from kassa import schemas
 from kassa.events.decision_log import read_decisions
-from kassa.learn.featurize import tokens
-from kassa.learn.rewards import PendingDecision, RewardJoiner
+from kassa.events.join import PendingDecision
+from kassa.features.featurize import tokens
+from kassa.learn.online.rewards import RewardJoiner
 
 
 @dataclass(slots=True)

@@ -1,0 +1,39 @@
+"""The reward join's records: a decision awaiting its outcomes (`PendingDecision`, registered by the decision
+engine) and one slot's learning example once its reward is known (`JoinedExample`, for the learner, the
+canary guard and drift monitors). Plain data, below everything that produces or consumes it; the joiner
+itself is `kassa.learn.online.rewards.RewardJoiner`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class PendingDecision:
+    decision_id: str
+    placement: str
+    ts: float
+    deadline: float
+    shared: str  # learner context line
+    offers: list[str]  # shown offer ids, slot order
+    actions: list[str]  # learner action line of each shown offer
+    probabilities: list[float]  # each slot's probability
+    customer_id: str | None = None
+    product_keys: list[str | None] = field(default_factory=list)  # per shown offer, for order attribution
+    rewards: dict[str, float] | None = None
+    outcomes: int = 0
+    version: str = ""  # the model version that served it (canary guardrails compare versions)
+    email_sha256: str | None = None  # a guest buyer's identity for order attribution (no customer id)
+
+
+@dataclass(slots=True)
+class JoinedExample:
+    placement: str
+    decision_id: str
+    shared: str
+    action: str
+    offer_id: str
+    reward: float
+    probability: float
+    slot: int
+    version: str = ""

@@ -1,0 +1,1 @@
+"""Batch learning: logged-decision datasets, training, off-policy estimators, `kassa evaluate` and its reports."""
