@@ -37,7 +37,7 @@ from kassa.learn.models import ModelStore
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.rewards import RewardJoiner
 from kassa.learn.shadow import ShadowScorer
-from kassa.monitor.drift import DriftWatch
+from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import Metrics
 
 log = logging.getLogger("kassa")

@@ -30,7 +30,7 @@ from kassa.learn.registry import ModelRegistry, Stage
 from kassa.learn.rewards import RewardJoiner
 from kassa.learn.shadow import ShadowScorer
 from kassa.learn.vw import OnlineLearner, latest_snapshot
-from kassa.monitor.drift import DriftWatch
+from kassa.monitor.drift.watch import DriftWatch
 
 log = logging.getLogger("kassa.learn")
 LEARNED_POLICIES = ("squarecb", "epsilon", "softmax")
