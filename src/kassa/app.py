@@ -30,7 +30,7 @@ from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
-from kassa.features.streaming import StreamProcessor
+from kassa.features.streaming.processor import StreamProcessor
 from kassa.keys import KeyStore
 from kassa.learn.loop import LearningLoop
 from kassa.learn.models import ModelStore
