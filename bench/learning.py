@@ -70,7 +70,7 @@ from kassa.app import Kassa
 from kassa.config import load_settings
 from kassa.demo.simulator import SLICE_PLACEMENT, World, decision_request, order_event, outcome_events
 from kassa.demo.store import POLICY, DemoStore
-from kassa.monitor.drift import DriftMonitor
+from kassa.monitor.drift.monitor import DriftMonitor
 
 START, END = "<!-- bench:learning:start -->", "<!-- bench:learning:end -->"
 PRE_WINDOW = 5_000

@@ -45,7 +45,8 @@ from benchdocs import DOCS, write_section
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import FeatureView, Field, Source
 from kassa.features.online.memory import InMemoryOnlineStore
-from kassa.features.streaming import StreamAggregator, StreamProcessor
+from kassa.features.streaming.aggregator import StreamAggregator
+from kassa.features.streaming.processor import StreamProcessor
 from kassa.schemas import Customer, Event, Order, OrderItem
 
 START, END = "<!-- bench:streaming:start -->", "<!-- bench:streaming:end -->"

@@ -22,27 +22,23 @@ from kassa.demo.simulator import APPEAL, DRIFTED_APPEAL, World
 from kassa.demo.store import DemoStore
 from kassa.events.decision_log import DecisionRecord, loggable_features, records_to_table
 from kassa.events.join import JoinedExample
-from kassa.monitor.drift import (
-    ALERT_MESSAGE,
-    AlertHook,
-    DriftConfig,
-    DriftMetrics,
-    DriftMonitor,
-    RateCusum,
-    Window,
+from kassa.monitor.drift.alerts import ALERT_MESSAGE, AlertHook
+from kassa.monitor.drift.config import DriftConfig
+from kassa.monitor.drift.cusum import RateCusum, cusum_threshold
+from kassa.monitor.drift.metrics import DriftMetrics
+from kassa.monitor.drift.monitor import DriftMonitor
+from kassa.monitor.drift.offline import compare, window_from_decisions
+from kassa.monitor.drift.statistics import (
     align_categories,
     binned_psi,
     categorical_psi,
     chi2_sf,
-    compare,
-    cusum_threshold,
-    decision_action,
     kolmogorov_sf,
     ks_2samp,
     psi,
     psi_p_value,
-    window_from_decisions,
 )
+from kassa.monitor.drift.window import Window, decision_action
 
 
 # --------------------------------------------------------------------------- statistics, by hand

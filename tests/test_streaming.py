@@ -18,7 +18,9 @@ from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import DefinitionError, FeatureView, Field, Source, check_value, parse_duration
 from kassa.features.online.base import ViewValues
 from kassa.features.online.memory import InMemoryOnlineStore
-from kassa.features.streaming import StreamAggregator, StreamProcessor, extract_keys
+from kassa.features.streaming.aggregator import StreamAggregator
+from kassa.features.streaming.keys import extract_keys
+from kassa.features.streaming.processor import StreamProcessor
 from kassa.schemas import Customer, Event, Order, OrderItem
 
 T0 = 1_699_999_200.0  # a whole number of hours, so "aligned" times are multiples of every width

@@ -29,7 +29,7 @@ from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
-from kassa.features.streaming import StreamProcessor
+from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
 from kassa.keys import KeyStore
 from kassa.learn.online.loop import LearningLoop
@@ -37,7 +37,7 @@ from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
-from kassa.monitor.drift import DriftWatch
+from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import Metrics
 
 log = logging.getLogger("kassa")

@@ -93,7 +93,7 @@ def stream(
     from kassa.events.log import SqliteEventLog
     from kassa.features.online.factory import close_online_store, open_online_store
     from kassa.features.registry import FeatureRegistry
-    from kassa.features.streaming import StreamProcessor
+    from kassa.features.streaming.processor import StreamProcessor
 
     settings = _settings(config, data_dir=data_dir)
     repo = FeatureRegistry(make_engine(settings.data_path / "kassa.db")).load()

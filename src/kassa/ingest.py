@@ -15,7 +15,7 @@ from kassa.catalog import Catalog
 from kassa.decide.retrieval import ProductRetriever
 from kassa.events.log import EventLog
 from kassa.features.profile import CustomerProfiles
-from kassa.features.streaming import StreamProcessor
+from kassa.features.streaming.processor import StreamProcessor
 from kassa.learn.online.rewards import RewardJoiner
 
 log = logging.getLogger("kassa.events")

@@ -385,7 +385,7 @@ def drift_command(
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
     from kassa.events.decision_log import read_decisions
     from kassa.learn.offline.dataset import load_logged
-    from kassa.monitor.drift import compare, window_from_decisions
+    from kassa.monitor.drift.offline import compare, window_from_decisions
 
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)

@@ -32,7 +32,7 @@ from kassa.learn.serving.loader import ServingModel, load_serving
 from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.learn.sync import ModelSync
-from kassa.monitor.drift import DriftWatch
+from kassa.monitor.drift.watch import DriftWatch
 
 log = logging.getLogger("kassa.learn")
 _MAX_REPLAY = 100_000  # a learner restarts early rather than keep more examples to learn again

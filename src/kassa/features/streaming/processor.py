@@ -1,0 +1,281 @@
+"""The stream processor (`StreamProcessor`): the worker that tails the durable event log, applies events to
+a `StreamAggregator`, writes the changed rows to the online store and checkpoints its position and state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+
+from kassa import schemas
+from kassa.events.log import EventLog
+from kassa.features.definitions import FeatureView
+from kassa.features.online.base import OnlineStore
+from kassa.features.streaming.aggregator import DEFAULT_RESOLUTION, StreamAggregator
+from kassa.features.streaming.keys import event_time
+
+log = logging.getLogger("kassa.streaming")
+
+INF = math.inf
+
+
+class StreamProcessor:
+    """Applies events to a `StreamAggregator` and keeps the online store in step with it.
+
+    Two ways in: `run` tails the durable event log from a checkpoint (the ``kassa stream`` worker and the
+    embedded background task), and `apply` takes one event right after the server appended it, so a
+    decision 50 ms after an order already sees it. Both may run together: the log tail skips events
+    `apply` already took (by ``event_id``).
+
+    The checkpoint file holds the log position *and* the aggregator state taken at that position: a
+    30-day window cannot be rebuilt from a position alone without replaying 30 days of log. On restart
+    the state is restored and the tail resumes after the saved position; a missing, unreadable or stale
+    checkpoint (views changed) rebuilds everything from the start of the log. Events `apply` took beyond
+    the saved position are in the saved state *and* its remembered ids, so the replay does not count
+    them twice. A checkpoint encodes the whole state on the event loop (~15 µs per row: 0.3 s for 20k
+    rows), which is why it is taken once a minute by default, not per batch.
+
+    Rows are written with `OnlineStore.write`, one per changed row per batch, values computed right
+    before each write under a lock, so concurrent `apply` and `run` never leave an older value last.
+    The store must accept a write whose ``ts`` equals the stored one: a late event or a window expiring
+    changes a row's values without changing its newest event time.
+    """
+
+    def __init__(
+        self,
+        views: Iterable[FeatureView],
+        store: OnlineStore,
+        event_log: EventLog | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        checkpoint_path: str | Path | None = None,
+        checkpoint_interval: float = 60.0,
+        batch_size: int = 1000,
+        resolution: int = DEFAULT_RESOLUTION,
+        max_future_skew: float | None = 300.0,
+        dedupe_capacity: int = 100_000,
+        advance_when_idle: bool = True,
+    ) -> None:
+        self.aggregator = StreamAggregator(
+            views, resolution=resolution, max_future_skew=max_future_skew, dedupe_capacity=dedupe_capacity
+        )
+        self.views = {v.name: v for v in self.aggregator.views}
+        self.store = store
+        self.log = event_log
+        self.clock = clock
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.checkpoint_interval = checkpoint_interval
+        self.batch_size = batch_size
+        self.advance_when_idle = advance_when_idle
+        self.seq = 0  # last log position applied
+        self.consumed = 0  # log rows read so far (for lag_events without a max-seq query)
+        self.lag_events = 0
+        self.writes = 0
+        self.last_event_time: float | None = None
+        self._caught_up = False
+        self._newest_written: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._last_checkpoint = 0.0
+        self.restored = self._restore()
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def processed(self) -> int:
+        return self.aggregator.processed
+
+    @property
+    def late_dropped(self) -> int:
+        return self.aggregator.late_dropped
+
+    @property
+    def duplicates(self) -> int:
+        return self.aggregator.duplicates
+
+    @property
+    def lag_seconds(self) -> float:
+        """Clock minus the event time of the last processed event; 0 when caught up with the log."""
+        if self.last_event_time is None or (self._caught_up and self.lag_events == 0):
+            return 0.0
+        return max(0.0, self.clock() - self.last_event_time)
+
+    @property
+    def freshness(self) -> dict[str, float | None]:
+        """Per view: age of its newest written value (clock minus that value's event time)."""
+        now = self.clock()
+        return {name: (now - ts if (ts := self._newest_written.get(name)) is not None else None)
+                for name in self.views}
+
+    # ------------------------------------------------------------------ applying events
+    async def process(self, events: Iterable[schemas.Event], received_at: float | None = None) -> int:
+        """Apply a batch and write each changed row once; returns the number of rows written."""
+        now = self.clock() if received_at is None else received_at
+        update = self.aggregator.update
+        for ev in events:
+            update(ev, now)
+            self.last_event_time = event_time(ev, now)
+        self.aggregator.expire()
+        return await self._flush()
+
+    async def apply(self, event: schemas.Event) -> int:
+        """The embedded path: apply one just-appended event and write its rows before returning."""
+        return await self.process((event,))
+
+    async def _flush(self) -> int:
+        agg = self.aggregator
+        # Serialised so two flushes never interleave writes of one row; values are computed right before
+        # each write, so the last write of a row always carries its latest state.
+        async with self._lock:
+            n = 0
+            changed = agg.drain_changed()
+            for i, (name, key) in enumerate(changed):
+                out = agg.emit(name, key)
+                if out is None:
+                    continue
+                values, ts = out
+                try:
+                    await self.store.write(self.views[name], key, values, ts)
+                except BaseException:
+                    # Keep the unwritten rows pending so the next flush writes them.
+                    for rest in changed[i:]:
+                        agg.mark_changed(*rest)
+                    self.writes += n
+                    raise
+                if ts > self._newest_written.get(name, -INF):
+                    self._newest_written[name] = ts
+                n += 1
+            self.writes += n
+            return n
+
+    async def resync(self) -> int:
+        """Write every row again (after the online store lost its data)."""
+        for view, key in self.aggregator.all_keys():
+            self.aggregator.mark_changed(view, key)
+        return await self._flush()
+
+    # ------------------------------------------------------------------ tailing the log
+    async def catch_up(self, max_batches: int | None = None) -> int:
+        """Read and apply log events until none are left (or ``max_batches``); returns events read."""
+        if self.log is None:
+            raise RuntimeError("no event log to tail")
+        total, batches = 0, 0
+        while max_batches is None or batches < max_batches:
+            rows = await asyncio.to_thread(self.log.read, self.seq, self.batch_size)
+            batches += 1
+            if not rows:
+                self._caught_up, self.lag_events = True, 0
+                if self.advance_when_idle:
+                    # Nothing is pending, so nothing older than now minus the lateness can still come.
+                    self.aggregator.expire(self.clock())
+                    await self._flush()
+                break
+            await self.process([ev for _, ev in rows])
+            self.seq = rows[-1][0]
+            self.consumed += len(rows)
+            total += len(rows)
+            full = len(rows) == self.batch_size
+            self._caught_up = not full
+            self.lag_events = await asyncio.to_thread(self._lag) if full else 0
+            if self.checkpoint_path is not None and self.clock() - self._last_checkpoint >= self.checkpoint_interval:
+                await self.save_checkpoint()
+            if not full:
+                break
+        return total
+
+    def _lag(self) -> int:
+        assert self.log is not None
+        max_seq = getattr(self.log, "max_seq", None)
+        if callable(max_seq):
+            return max(0, int(max_seq()) - self.seq)
+        return max(0, self.log.count() - self.consumed)
+
+    async def run(self, poll_interval: float = 0.05) -> None:
+        """Tail the log until `stop` (or cancellation); saves a checkpoint on the way out."""
+        self._stop.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self.catch_up()
+                except Exception:
+                    # A store or log hiccup must not kill the worker. The failed batch is read again; its
+                    # events are already in the state (and skipped as duplicates), its rows still pending.
+                    log.exception("stream processor: batch failed; retrying")
+                    self._caught_up = True  # back off for one poll interval
+                if self._caught_up:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), poll_interval)
+        finally:
+            if self.checkpoint_path is not None:
+                await self.save_checkpoint()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ checkpoints
+    async def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        # Encode on the loop (the state must not change underneath), write the file off it.
+        payload = msgspec.msgpack.encode(
+            {"seq": self.seq, "consumed": self.consumed, "state": self.aggregator.dump()}
+        )
+        await asyncio.to_thread(_atomic_write, self.checkpoint_path, payload)
+        self._last_checkpoint = self.clock()
+
+    def _restore(self) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        try:
+            # Millions of small containers: without the collector scanning them over and over as they
+            # are created this is several times faster.
+            with _gc_paused():
+                saved = msgspec.msgpack.decode(path.read_bytes())
+                self.aggregator.load(saved["state"])
+        except Exception as exc:
+            log.warning("stream checkpoint %s not usable (%s); rebuilding from the start of the log", path, exc)
+            self.aggregator = StreamAggregator(
+                self.aggregator.views,
+                resolution=self.aggregator.resolution,
+                max_future_skew=self.aggregator.max_future_skew,
+                dedupe_capacity=self.aggregator.dedupe_capacity,
+            )
+            return False
+        self.seq = int(saved["seq"])
+        self.consumed = int(saved["consumed"])
+        return True
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_TMP_IDS = itertools.count()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temp name: a shutdown save may overlap the tail task's last periodic save.
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
