@@ -89,6 +89,9 @@ class Source(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # batch views
     path: str | None = None  # Parquet or CSV file, or a glob of them
     timestamp_field: str = "event_timestamp"
+    # When each row was written: breaks ties on event time (the later write wins) and lets training sets
+    # ignore versions written after their entity time. Unset: a `created_timestamp` column if there is one.
+    created_timestamp_field: str | None = None
     # stream views
     events: list[str] | None = None  # order, impression, click, accept, dismiss, conversion, refund
     allowed_lateness: str = "10m"  # events older than the watermark minus this are dropped (and counted)
