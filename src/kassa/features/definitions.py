@@ -3,7 +3,8 @@
 
 Three kinds of view:
 
-- ``batch``: rows from a Parquet/CSV file (``source.path``), materialized into the online store;
+- ``batch``: rows from a Parquet/CSV file (``source.path``), materialized into the online store (newest row
+  per key); training sets read the file's full history;
 - ``stream``: windowed aggregates computed from Kassa's event log (``source.events`` plus an ``agg`` per
   field: count, sum, mean, min, max, last, last_n_distinct over a window such as 10m, 1h, 24h, 7d, 30d);
 - ``request``: computed from the decision request by a named pure function (see `features.request`);
