@@ -27,9 +27,11 @@ CUSTOMER = Entity(name="customer", join_key="customer_id")
 PRODUCT = Entity(name="product", join_key="product_id")
 
 
-def stats_view(ttl: str | None = None, path: str = "unused.parquet", **kw: object) -> FeatureView:
+def stats_view(ttl: str | None = None, path: str | None = None, **kw: object) -> FeatureView:
+    """A push view (values in the offline log) or, given a source ``path``, a batch view."""
     base: dict[str, object] = dict(
-        name="customer_stats", kind="batch", entity="customer", ttl=ttl, source=Source(path=path),
+        name="customer_stats", kind="batch" if path else "push", entity="customer", ttl=ttl,
+        source=Source(path=path) if path else None,
         fields=[Field(name="orders", dtype="int", default=0), Field(name="segment", dtype="str", default="new"),
                 Field(name="tags", dtype="list[str]", default=[])],
     )
@@ -200,9 +202,10 @@ def test_materialize_takes_the_latest_row_per_key_in_the_range(tmp_path: Path, o
     assert rows[0] is not None and rows[0]["customer_stats"].values == {"orders": 2, "segment": "b", "tags": ["y"]}
     assert rows[0]["customer_stats"].ts == T0 + 50
     assert rows[1] is None
-    assert rows[2] is not None and rows[2]["customer_stats"].values == {"orders": 0, "segment": "new", "tags": []}
+    # Nulls in the source stay null (serving leaves them out); defaults are for missing or stale rows.
+    assert rows[2] is not None and rows[2]["customer_stats"].values == {"orders": None, "segment": None, "tags": None}
     logged = offline.read(view).to_pylist()
-    assert [(r["entity_key"], r["orders"]) for r in logged] == [("c3", 0), ("c1", 2)]
+    assert [(r["entity_key"], r["orders"]) for r in logged] == [("c3", None), ("c1", 2)]
 
 
 def test_materialize_reads_csv_with_iso_timestamps(tmp_path: Path, offline: OfflineStore) -> None:
@@ -317,8 +320,8 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
                             "customer_stats:orders,customer_stats:segment", "--out", str(out), "--json", *data])
     assert r.exit_code == 0, r.output
     assert last_json(r.output)["rows"] == 3
-    # Only the materialized (latest-in-range) values were logged: before c1's was made, the default.
-    assert pq.read_table(out).column("orders").to_pylist() == [0, 4, 2]
+    # The source's full history, not only the materialized (newest) values: at now-400 c1 had 1 order.
+    assert pq.read_table(out).column("orders").to_pylist() == [1, 4, 2]
 
     r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
                             "--out", str(out), "--json", *data])

@@ -135,7 +135,9 @@ def materialize_cmd(
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Load the newest value per entity key of batch views into the online store (and log them offline)."""
+    """Load the newest value per entity key of batch views into the online store (and log them offline).
+
+    Training sets do not need this: they read batch sources' full history."""
     from kassa.features.materialize import MaterializeError, MaterializeResult, batch_views, materialize
     from kassa.features.online.factory import close_online_store, open_online_store
 
@@ -271,11 +273,19 @@ def training_set(
     since: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, inclusive.")] = None,  # noqa: UP045
     until: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, exclusive.")] = None,  # noqa: UP045
     full_names: Annotated[bool, typer.Option(help="Name feature columns view__field.")] = False,
+    no_defaults: Annotated[bool, typer.Option(
+        "--no-defaults", help="Leave missing and stale values null instead of the fields' defaults.")] = False,
+    filter_by_created_timestamp: Annotated[bool, typer.Option(
+        "--filter-by-created-timestamp",
+        help="Ignore versions created after each row's time (no leakage through late corrections).")] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Join entity rows with every feature's value as of each row's time (never a later one)."""
+    """Join entity rows with every feature's value as of each row's time (never a later one).
+
+    Batch views are read from their source's full history (no materialize needed); push and stream
+    views from the offline log."""
     import pyarrow.parquet as pq
 
     from kassa.features.offline import entities_from_decisions, resolve_features
@@ -298,7 +308,9 @@ def training_set(
             raise typer.BadParameter(f"no such file: {rows}", param_hint="--entities")
     try:
         table = _offline(settings).training_set(rows, wanted, entities=repo.entities,
-                                                timestamp_field=timestamp_field, full_names=full_names)
+                                                timestamp_field=timestamp_field, full_names=full_names,
+                                                defaults=not no_defaults,
+                                                filter_by_created_timestamp=filter_by_created_timestamp)
     except ValueError as exc:
         _fail(str(exc))
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +318,7 @@ def training_set(
     names = [f"{v.name}:{f}" for v, fields in wanted for f in fields]
     if json_out:
         print(json.dumps({"rows": table.num_rows, "columns": table.num_columns, "features": names,
-                          "out": str(out_file)}))
+                          "out": str(out_file), "defaults": not no_defaults,
+                          "filter_by_created_timestamp": filter_by_created_timestamp}))
     else:
         console.print(f"wrote {table.num_rows} rows × {len(names)} features to {out_file}")

@@ -3,7 +3,8 @@
 
 Three kinds of view:
 
-- ``batch``: rows from a Parquet/CSV file (``source.path``), materialized into the online store;
+- ``batch``: rows from a Parquet/CSV file (``source.path``), materialized into the online store (newest row
+  per key); training sets read the file's full history;
 - ``stream``: windowed aggregates computed from Kassa's event log (``source.events`` plus an ``agg`` per
   field: count, sum, mean, min, max, last, last_n_distinct over a window such as 10m, 1h, 24h, 7d, 30d);
 - ``request``: computed from the decision request by a named pure function (see `features.request`);
@@ -89,6 +90,9 @@ class Source(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # batch views
     path: str | None = None  # Parquet or CSV file, or a glob of them
     timestamp_field: str = "event_timestamp"
+    # When each row was written: breaks ties on event time (the later write wins) and lets training sets
+    # ignore versions written after their entity time. Unset: a `created_timestamp` column if there is one.
+    created_timestamp_field: str | None = None
     # stream views
     events: list[str] | None = None  # order, impression, click, accept, dismiss, conversion, refund
     allowed_lateness: str = "10m"  # events older than the watermark minus this are dropped (and counted)

@@ -1,11 +1,14 @@
 """Materialization: load a batch view's newest values from its source file into the online store.
 
-`materialize` reads the view's ``source.path`` (Parquet or CSV file, or a glob) with DuckDB, keeps the
-newest row per entity key whose ``source.timestamp_field`` lies in ``[start, end)``, checks every field
-column against its dtype, then writes the rows to the online store (``write_many``, in chunks) and logs
-them to the offline store. Selection and validation are columnar (DuckDB, Arrow); Python objects are made
-only for the online write, a chunk at a time. Validation covers the whole selection before anything is
-written, so a bad source changes nothing.
+`materialize` reads the view's ``source.path`` (Parquet or CSV file, or a glob; see `batch_source`) with
+DuckDB, keeps the newest row per entity key whose ``source.timestamp_field`` lies in ``[start, end)``
+(of rows sharing that time, the one created last), checks every field column against its dtype, then
+writes the rows to the online store (``write_many``, in chunks) and logs them to the offline store.
+Selection and validation are columnar (DuckDB, Arrow); Python objects are made only for the online
+write, a chunk at a time. Validation covers the whole selection before anything is written, so a bad
+source changes nothing. Null source values are written as nulls, not as the field's default (serving
+defaults only a missing or stale row). Training sets do not depend on materialization: they read batch
+sources' full history.
 """
 
 from __future__ import annotations
@@ -15,20 +18,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from kassa.features.definitions import FeatureRepo, FeatureView, Field
-from kassa.features.offline import ARROW_TYPES, TIMESTAMP, OfflineStore, Timestamp, quote_ident, to_epoch
+from kassa.features.batch_source import SourceError, check_column, describe, quote_ident
+from kassa.features.definitions import FeatureRepo, FeatureView
+from kassa.features.offline import TIMESTAMP, OfflineStore, Timestamp, to_epoch
 from kassa.features.online.base import OnlineStore, WriteItem
 
 Progress = Callable[[int, int], None]  # (rows written so far, rows to write)
 
 
-class MaterializeError(ValueError):
-    """The source cannot be materialized; the message names the view and, where it applies, the field."""
+# The source cannot be materialized; the message names the view and, where it applies, the field.
+MaterializeError = SourceError
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,27 +40,6 @@ class MaterializeResult:
     online_written: int
     offline_written: int
     seconds: float
-
-
-def _source_scan(path: str) -> str:
-    quoted = path.replace("'", "''")
-    if path.lower().endswith((".csv", ".csv.gz", ".tsv")):
-        return f"read_csv('{quoted}', auto_detect = true, union_by_name = true)"
-    return f"read_parquet('{quoted}', union_by_name = true)"
-
-
-def _micros_expr(column: str, duck_type: str) -> str:
-    """SQL turning the source's timestamp column into UTC microseconds (naive timestamps are UTC)."""
-    t = duck_type.upper()
-    c = quote_ident(column)
-    if t.startswith("TIMESTAMP WITH TIME ZONE") or t == "TIMESTAMPTZ":
-        return f"epoch_us({c})"
-    if t.startswith("TIMESTAMP") or t == "DATE":
-        return f"epoch_us(CAST({c} AS TIMESTAMP))"
-    if t in ("VARCHAR", "TEXT", "STRING"):
-        return f"epoch_us(CAST({c} AS TIMESTAMPTZ))"
-    # Numbers are unix seconds.
-    return f"CAST(round(CAST({c} AS DOUBLE) * 1e6) AS BIGINT)"
 
 
 async def materialize(
@@ -118,122 +99,41 @@ async def materialize(
 
 def select_latest(repo: FeatureRepo, view: FeatureView, start: float | None, end: float) -> pa.Table:
     """The newest source row per entity key with ``start <= ts < end`` (unix seconds), validated:
-    columns ``entity_key``, ``__ts`` (UTC timestamp) and one per field in the field's Arrow type, nulls
-    replaced by the field's default."""
+    columns ``entity_key``, ``__ts`` (UTC timestamp) and one per field in the field's Arrow type. Rows
+    sharing the newest event time are told apart by their created timestamp (the later write wins).
+    Null values stay null: serving applies a field's default only to a missing or stale row."""
     import duckdb  # offline only: keep DuckDB out of server start-up
 
     v = view
     if v.kind != "batch" or v.source is None or not v.source.path:
         raise MaterializeError(f"view {v.name!r}: only batch views (with source.path) can be materialized")
-    entity = next((e for e in repo.entities if e.name == v.entity), None)
-    join_key = entity.join_key if entity else f"{v.entity}_id"
-    ts_field = v.source.timestamp_field
-    path = v.source.path
-    scan = _source_scan(path)
-
     con = duckdb.connect()
     try:
-        try:
-            described = con.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()
-        except duckdb.Error as exc:
-            raise MaterializeError(f"view {v.name!r}: cannot read source {path!r}: {exc}") from None
-        types = {row[0]: str(row[1]) for row in described}
-        for column, what in ((join_key, f"join key of entity {v.entity!r}"), (ts_field, "source.timestamp_field")):
-            if column not in types:
-                raise MaterializeError(f"view {v.name!r}: source {path!r} has no column {column!r} ({what})")
-        for f in v.fields:
-            if f.name not in types:
-                raise MaterializeError(f"view {v.name!r} field {f.name!r}: source {path!r} has no such column")
-        ts_us = _micros_expr(ts_field, types[ts_field])
+        src = describe(con, v, repo.entities)
+        key = quote_ident(src.join_key)
         # Order by the raw column when it sorts like time (strings do not), and write the expression out
         # rather than computing it in a subquery: that made DuckDB several times slower here.
-        order = quote_ident(ts_field) if types[ts_field].upper() not in ("VARCHAR", "TEXT", "STRING") else ts_us
-        where = [f"{quote_ident(join_key)} IS NOT NULL", f"{ts_us} < ?"]
+        order = ", ".join(filter(None, [f"{src.ts_order} DESC", src.created_order]))
+        where = [f"{key} IS NOT NULL", f"{src.ts_us} < ?"]
         params: list[object] = [round(end * 1e6)]
         if start is not None:
-            where.append(f"{ts_us} >= ?")
+            where.append(f"{src.ts_us} >= ?")
             params.append(round(start * 1e6))
         fields = ", ".join(quote_ident(f.name) for f in v.fields)
-        sql = (f"SELECT CAST({quote_ident(join_key)} AS VARCHAR) AS entity_key, {ts_us} AS __ts, {fields} "
-               f"FROM {scan} WHERE {' AND '.join(where)} "
-               f"QUALIFY row_number() OVER (PARTITION BY {quote_ident(join_key)} ORDER BY {order} DESC) = 1")
+        sql = (f"SELECT CAST({key} AS VARCHAR) AS entity_key, {src.ts_us} AS __ts, {fields} "
+               f"FROM {src.scan} WHERE {' AND '.join(where)} "
+               f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1")
         try:
             table = con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as exc:
-            raise MaterializeError(f"view {v.name!r}: reading source {path!r} failed: {exc}") from None
+            raise MaterializeError(f"view {v.name!r}: reading source {src.path!r} failed: {exc}") from None
     finally:
         con.close()
 
     keys = table.column("entity_key")
     columns = [check_column(v, f, table.column(f.name), keys) for f in v.fields]
-    # A missing source value is served as the field's default; filling it here keeps the online row and
-    # the offline log the same as what serving and training sets would make of a null.
-    columns = [c if f.default is None else pc.fill_null(c, pa.scalar(f.default, c.type))
-               for f, c in zip(v.fields, columns, strict=True)]
     return pa.table([keys, table.column("__ts").cast(TIMESTAMP), *columns],
                     names=["entity_key", "__ts", *(f.name for f in v.fields)])
-
-
-def check_column(view: FeatureView, f: Field, column: pa.ChunkedArray, keys: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``column`` as ``f``'s Arrow type, or `MaterializeError` naming the view, the field and, for a bad
-    value, the first entity key holding one. The columnar equivalent of ``check_value``."""
-    where = f"view {view.name!r} field {f.name!r}"
-    dtype = f.dtype
-    t = column.type
-    if dtype.startswith("list["):
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-            raise MaterializeError(f"{where}: expected {dtype}, source column has type {_shown(t)}")
-        inner = dtype[5:-1]
-        _check_max(where, pc.list_value_length(column), f.max_length, keys, "list of {} items exceeds max_length {}")
-        items = pc.list_flatten(column)
-        # Problems inside lists are found on the flattened items and traced back to their row's key.
-        item_keys = keys.take(pc.list_parent_indices(column))
-        _check_values(where, inner, items, f.max_length, item_keys, f"{dtype}, source column has type {_shown(t)}")
-    else:
-        _check_values(where, dtype, column, f.max_length, keys, f"{dtype}, source column has type {_shown(t)}")
-    try:
-        return column.cast(ARROW_TYPES[dtype])
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. a uint64 beyond int64
-        raise MaterializeError(f"{where}: cannot convert to {dtype}: {exc}") from None
-
-
-def _shown(t: pa.DataType) -> str:
-    # Arrow prints a list's child name (DuckDB calls it "l"): noise in an error message.
-    return f"list<{_shown(t.value_type)}>" if pa.types.is_list(t) or pa.types.is_large_list(t) else str(t)
-
-
-def _check_values(where: str, dtype: str, values: Any, max_length: int, keys: Any, mismatch: str) -> None:
-    t = values.type
-    if pa.types.is_dictionary(t):
-        values = values.cast(t.value_type)
-        t = t.value_type
-    ok = {
-        # A pandas int column with missing values arrives as float64: accepted when every value is whole.
-        "int": pa.types.is_integer(t) or pa.types.is_floating(t),
-        "float": pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t),
-        "str": pa.types.is_string(t) or pa.types.is_large_string(t),
-        "bool": pa.types.is_boolean(t),
-    }[dtype] or pa.types.is_null(t)
-    if not ok:
-        raise MaterializeError(f"{where}: expected {mismatch}")
-    if dtype == "int" and pa.types.is_floating(t):
-        fractional = pc.fill_null(pc.not_equal(values, pc.floor(values)), False)
-        if pc.any(fractional).as_py():
-            raise MaterializeError(f"{where}: expected int, found a fractional value "
-                                   f"(entity key {_first(keys, fractional)!r})")
-    if dtype == "str" and not pa.types.is_null(t):
-        _check_max(where, pc.utf8_length(values), max_length, keys, "string of {} characters exceeds max_length {}")
-
-
-def _check_max(where: str, lengths: Any, limit: int, keys: Any, message: str) -> None:
-    longest = pc.max(lengths).as_py()
-    if longest is not None and longest > limit:
-        too_long = pc.fill_null(pc.greater(lengths, limit), False)
-        raise MaterializeError(f"{where}: {message.format(longest, limit)} (entity key {_first(keys, too_long)!r})")
-
-
-def _first(keys: Any, mask: Any) -> Any:
-    return keys.filter(mask)[0].as_py()
 
 
 def batch_views(repo: FeatureRepo, name: str | None = None) -> list[FeatureView]:

@@ -1,14 +1,17 @@
 """The offline feature store: every value Kassa wrote online, kept as date-partitioned Parquet, and
-point-in-time-correct training sets built from it.
+point-in-time-correct training sets built from it and from batch views' sources.
 
 This module owns ``<root>/<view>/date=YYYY-MM-DD/part-*.parquet`` (``root`` is ``<data_dir>/offline``):
 columns ``entity_key``, ``event_timestamp``, ``created_timestamp`` (UTC microsecond timestamps) and one
 column per field of the view, partitioned by the UTC date of ``event_timestamp``. Materialization and
-the injection API append to it; `OfflineStore.training_set` joins a list of (entity key, timestamp)
+the injection API append to it. `OfflineStore.training_set` joins a list of (entity key, timestamp)
 rows with the value each feature had *as of* each timestamp (DuckDB ``ASOF LEFT JOIN``), never a later
-one, and a value older than the view's TTL counts as missing (the field's default), as it would have
-been when serving. `entities_from_decisions` turns the decision log into such rows, so a training set
-can be made from exactly what Kassa served.
+one: a batch view's values come from its source's full history (``source.path``, see `batch_source`),
+so no materialization is needed; push and stream views' from this log. Versions sharing an event time
+are ordered by ``created_timestamp``; optionally versions created after a row's time are ignored. A value
+older than the view's TTL counts as missing (the field's default, or null), as it would have been when
+serving. `entities_from_decisions` turns the decision log into such rows, so a training set can be made
+from exactly what Kassa served.
 """
 
 from __future__ import annotations
@@ -26,19 +29,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from kassa.features.batch_source import ARROW_TYPES, check_column, describe, quote_ident
 from kassa.features.definitions import Entity, FeatureRepo, FeatureView
 from kassa.features.online.base import WriteItem
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-ARROW_TYPES: dict[str, pa.DataType] = {
-    "int": pa.int64(),
-    "float": pa.float64(),
-    "str": pa.string(),
-    "bool": pa.bool_(),
-    "list[str]": pa.list_(pa.string()),
-    "list[float]": pa.list_(pa.float64()),
-    "list[int]": pa.list_(pa.int64()),
-}
 KEY_COLUMNS = ("entity_key", "event_timestamp", "created_timestamp")
 
 Timestamp = float | int | datetime | str
@@ -87,11 +82,6 @@ def timestamp_micros(column: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray | pa
         # Mixed forms in one column: parse each value.
         return pa.array([None if s is None else round(to_epoch(s) * 1e6) for s in column.to_pylist()], pa.int64())
     raise ValueError(f"cannot read timestamps from a column of type {t}")
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as a DuckDB identifier (column names come from user files)."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 class OfflineStore:
@@ -229,22 +219,31 @@ class OfflineStore:
         entities: Iterable[Entity] = (),
         timestamp_field: str = "event_timestamp",
         full_names: bool = False,
+        defaults: bool = True,
+        filter_by_created_timestamp: bool = False,
     ) -> pa.Table:
         """``entity_rows`` with one column per requested feature holding its value as of each row's
         ``timestamp_field``.
 
         ``entity_rows`` is an Arrow table, a list of dicts or a Parquet/CSV path; it needs the join key
         of each view's entity (from ``entities``; ``<entity>_id`` otherwise, e.g. ``customer_id``) and
-        the timestamp. For every row and view the newest logged value with ``event_timestamp <=`` the
-        row's timestamp is taken; when there is none, or it is older than the view's TTL, the field's
-        default is used. Feature columns are named by field (``view__field`` with ``full_names``).
-        Rows keep their order and all their columns.
+        the timestamp. A batch view's values come from its source's full history (``source.path``), any
+        other view's from this store's log. For every row and view the newest version with
+        ``event_timestamp <=`` the row's timestamp is taken (of versions sharing an event time, the one
+        created last); with ``filter_by_created_timestamp`` only versions created at or before the row's
+        timestamp count, so a late correction cannot leak into an earlier row. When there is no such
+        version, or it is older than the view's TTL, the field's default is used (null with
+        ``defaults=False``). A null in a batch source stays null; a null in the log (a field a push did
+        not give, or added since) counts as missing. Feature columns are named by field
+        (``view__field`` with ``full_names``). Rows keep their order and all their columns: one output
+        row per input row, duplicates included.
         """
         import duckdb
 
         table = load_entity_rows(entity_rows)
         if timestamp_field not in table.column_names:
             raise ValueError(f"entity rows have no timestamp column {timestamp_field!r}")
+        entities = list(entities)
         join_keys = {e.name: e.join_key for e in entities}
 
         def key_of(view: FeatureView) -> str:
@@ -281,67 +280,114 @@ class OfflineStore:
         selects: list[str] = []
         joins: list[str] = []
         params: list[object] = []
-        out_fields: list[tuple[str, FeatureView, str]] = []
+        out_fields: list[tuple[str, int, FeatureView, str]] = []  # (column, view index, view, field)
         con = duckdb.connect()
         try:
             con.register("__entities", left_table)
             for i, (view, fields) in enumerate(features):
                 alias = f"f{i}"
-                sub, sub_params = self._asof_source(con, view, fields, lo, hi)
+                sub, sub_params = self._history(con, view, fields, entities, lo, hi, filter_by_created_timestamp)
                 params += sub_params
                 kcol = keys[key_of(view)]
                 joins.append(f"ASOF LEFT JOIN ({sub}) AS {alias} "
-                             f"ON e.{kcol} = {alias}.entity_key AND {alias}.__ts <= e.__ts")
-                ttl = view.ttl_seconds
+                             f"ON e.{kcol} = {alias}.entity_key AND {alias}.__at <= e.__ts")
+                # A version counts when there is one and, if the view has a TTL, it is no older than the
+                # TTL at the row's time (exactly the TTL still counts, as when serving); if even the newest
+                # one is too old, the serving path would have ignored it.
+                fresh = f"{alias}.__ts IS NOT NULL"
+                if view.ttl_seconds is not None:
+                    fresh += f" AND {alias}.__ts >= e.__ts - {round(view.ttl_seconds * 1e6)}"
+                selects.append(f"({fresh}) AS __ok{i}")
                 for name in fields:
-                    value = f"{alias}.{quote_ident(name)}"
-                    if ttl is not None:
-                        # The ASOF match is the newest value at or before the row's time; if even that one
-                        # is older than the TTL the serving path would have ignored it.
-                        value = f"CASE WHEN {alias}.__ts >= e.__ts - {round(ttl * 1e6)} THEN {value} END"
                     col = f"__out{len(out_fields)}"
-                    selects.append(f"{value} AS {col}")
-                    out_fields.append((col, view, name))
+                    selects.append(f"{alias}.{quote_ident(name)} AS {col}")
+                    out_fields.append((col, i, view, name))
             sql = f"SELECT {', '.join(selects)} FROM __entities AS e {' '.join(joins)} ORDER BY e.__row"
-            joined = con.sql(sql, params=params).to_arrow_table()
+            try:
+                joined = con.sql(sql, params=params).to_arrow_table()
+            except duckdb.Error as exc:
+                raise ValueError(f"training set join failed: {exc}") from None
         finally:
             con.close()
 
-        for (col, view, name), out_name in zip(out_fields, out_names, strict=True):
+        for (col, i, view, name), out_name in zip(out_fields, out_names, strict=True):
             f = view.field(name)
             assert f is not None
             typ = ARROW_TYPES[f.dtype]
-            values = joined.column(col).cast(typ)
-            if f.default is not None:
-                values = pc.fill_null(values, pa.scalar(f.default, typ))
-            table = table.append_column(pa.field(out_name, typ), values)
+            values = joined.column(col)
+            if view.kind == "batch":  # a user's file: check it as materialization would
+                values = check_column(view, f, values, table.column(key_of(view)).cast(pa.string()))
+            else:
+                values = values.cast(typ)
+            ok = joined.column(f"__ok{i}")
+            if view.kind != "batch":  # the log cannot tell a value not given from a null
+                ok = pc.and_(ok, pc.is_valid(values))
+            missing = pa.scalar(f.default if defaults else None, typ)
+            table = table.append_column(pa.field(out_name, typ), pc.if_else(ok, values, missing))
         return table
 
-    def _asof_source(self, con: Any, view: FeatureView, fields: Sequence[str], lo_us: int,
-                     hi_us: int) -> tuple[str, list[object]]:
-        """SQL for ``view``'s logged values (one per key and event time) and its parameters."""
-        casts = ", ".join(f"CAST(NULL AS {_duck_type(view, n)}) AS {quote_ident(n)}" for n in fields)
+    def _history(self, con: Any, view: FeatureView, fields: Sequence[str], entities: Iterable[Entity], lo_us: int,
+                 hi_us: int, filter_by_created: bool) -> tuple[str, list[object]]:
+        """SQL for the versions of ``view`` an ASOF join can match, and its parameters: columns
+        ``entity_key``, ``__at`` (the time from which the version is the answer), ``__ts`` (its event
+        time, for the TTL) and the fields.
+
+        Without ``filter_by_created`` that is one row per key and event time, the last created (``__at``
+        is the event time). With it, a version is known from ``max(event, created)``; each row carries
+        the newest version (by event time, then created time) known by its ``__at``, computed by a window
+        over the key's versions in ``__at`` order, so the ASOF match on ``__at`` finds it."""
+        rows, params = self._versions(con, view, fields, entities, lo_us, hi_us)
+        names = [quote_ident(n) for n in fields]
+        if not filter_by_created:
+            return (f"SELECT entity_key, __ts AS __at, __ts, {', '.join(names)} FROM ({rows}) "
+                    "QUALIFY row_number() OVER (PARTITION BY entity_key, __ts "
+                    "ORDER BY __created DESC NULLS LAST) = 1"), params
+        at = "greatest(__ts, coalesce(__created, __ts))"
+        packed = ", ".join(["__ts := __ts", *(f"v{j} := {n}" for j, n in enumerate(names))])
+        best = (f"arg_max(struct_pack({packed}), struct_pack(t := __ts, c := coalesce(__created, -1))) "
+                f"OVER (PARTITION BY entity_key ORDER BY {at} RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)")
+        cols = ", ".join(f"__best.v{j} AS {n}" for j, n in enumerate(names))
+        return (f"SELECT entity_key, __at, __best.__ts AS __ts, {cols} FROM "
+                f"(SELECT entity_key, {at} AS __at, {best} AS __best FROM ({rows})) "
+                "QUALIFY row_number() OVER (PARTITION BY entity_key, __at) = 1"), params
+
+    def _versions(self, con: Any, view: FeatureView, fields: Sequence[str], entities: Iterable[Entity], lo_us: int,
+                  hi_us: int) -> tuple[str, list[object]]:
+        """SQL for every stored version of ``view`` that can match rows timed ``lo_us..hi_us``: columns
+        ``entity_key``, ``__ts``, ``__created`` (UTC microseconds; created may be null) and the fields.
+        A batch view's come from its source, any other's from the log."""
+        ttl = view.ttl_seconds
+        # Only what can match: up to the newest row time, and back to the oldest minus the TTL (anything
+        # older would be stale for every row).
+        first_us = lo_us - round(ttl * 1e6) if ttl is not None else None
+        if view.kind == "batch":
+            src = describe(con, view, entities)
+            key = quote_ident(src.join_key)
+            created = src.created_us or "CAST(NULL AS BIGINT)"
+            where = [f"{key} IS NOT NULL", f"{src.ts_us} <= ?"]
+            params: list[object] = [hi_us]
+            if first_us is not None:
+                where.append(f"{src.ts_us} >= ?")
+                params.append(first_us)
+            cols = ", ".join(quote_ident(n) for n in fields)
+            return (f"SELECT CAST({key} AS VARCHAR) AS entity_key, {src.ts_us} AS __ts, {created} AS __created, "
+                    f"{cols} FROM {src.scan} WHERE {' AND '.join(where)}"), params
         if not self._files(view.name):
-            return f"SELECT NULL::VARCHAR AS entity_key, NULL::BIGINT AS __ts, {casts} WHERE false", []
+            casts = ", ".join(f"CAST(NULL AS {_duck_type(view, n)}) AS {quote_ident(n)}" for n in fields)
+            return (f"SELECT NULL::VARCHAR AS entity_key, NULL::BIGINT AS __ts, NULL::BIGINT AS __created, {casts} "
+                    "WHERE false"), []
         scan = self._scan(view.name)
         present = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
         cols = ", ".join(quote_ident(n) if n in present else f"CAST(NULL AS {_duck_type(view, n)}) AS {quote_ident(n)}"
                          for n in fields)
-        ttl = view.ttl_seconds
-        # Only the days that can match: up to the newest row time, and back to the oldest minus the TTL.
-        first_day = _utc_date((lo_us / 1e6) - ttl) if ttl is not None else None
+        # The partition predicate lets DuckDB skip whole days without opening their files.
         where = ["date <= CAST(? AS DATE)"]
-        params: list[object] = [_utc_date(hi_us / 1e6)]
-        if first_day is not None:
+        params = [_utc_date(hi_us / 1e6)]
+        if first_us is not None:
             where.append("date >= CAST(? AS DATE)")
-            params.append(first_day)
-        # The same value logged twice (a re-run materialization): keep the latest write only, so the
-        # ASOF match is deterministic.
-        sql = (f"SELECT entity_key, epoch_us(event_timestamp) AS __ts, {cols} FROM {scan} "
-               f"WHERE {' AND '.join(where)} "
-               "QUALIFY row_number() OVER (PARTITION BY entity_key, event_timestamp "
-               "ORDER BY created_timestamp DESC) = 1")
-        return sql, params
+            params.append(_utc_date(first_us / 1e6))
+        return (f"SELECT entity_key, epoch_us(event_timestamp) AS __ts, epoch_us(created_timestamp) AS __created, "
+                f"{cols} FROM {scan} WHERE {' AND '.join(where)}"), params
 
 
 _DUCK_TYPES = {"int": "BIGINT", "float": "DOUBLE", "str": "VARCHAR", "bool": "BOOLEAN",
