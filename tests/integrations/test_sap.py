@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from kassa.integrations import connector_for
+from kassa.integrations.auth import kassa_signature
 from kassa.integrations.base import AuthError, PayloadError, RateLimited, ReplayError, SignatureError
 from kassa.integrations.http import HttpStatusError
 from kassa.integrations.sap import SapConnector
-from kassa.integrations.sfcc import kassa_signature
 from tests.integrations.fakes.sap import SITE, SapFake, load_fixture, make_products
 
 SECRET = "whsec-sap-test"

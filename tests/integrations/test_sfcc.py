@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from kassa.integrations import connector_for
+from kassa.integrations.auth import kassa_signature, verify_kassa_signature
 from kassa.integrations.base import AuthError, PayloadError, RateLimited, ReplayError, SignatureError
 from kassa.integrations.http import HttpStatusError
-from kassa.integrations.sfcc import SfccConnector, kassa_signature, verify_kassa_signature
+from kassa.integrations.sfcc import SfccConnector
 from tests.integrations.fakes.sfcc import ORG, SITE, SfccFake, load_fixture, make_catalog, ocapi_order
 
 SECRET = "whsec-sfcc-test"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -156,6 +157,47 @@ def clip_id(x: Any) -> str | None:
         return None
     text = str(x).strip()
     return text[:_MAX_ID] if text else None
+
+
+def object_payload(payload: Any, what: str) -> dict[str, Any]:
+    """``payload`` when it is a JSON object; else a PayloadError naming ``what`` (``"a Shopify order"``)."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"expected a JSON object for {what}, got {type(payload).__name__}")
+    return payload
+
+
+def required_id(payload: Mapping[str, Any], key: str, what: str) -> str:
+    """The platform id under ``key`` (see ``clip_id``); a PayloadError naming the field when it is missing."""
+    value = clip_id(payload.get(key))
+    if value is None:
+        raise PayloadError(f"{what} has no `{key}`", key)
+    return value
+
+
+def required_list(payload: Mapping[str, Any], key: str, what: str) -> list[Any]:
+    """The JSON list under ``key``; a PayloadError naming the field when it is missing or not a list."""
+    value = payload.get(key)
+    if not isinstance(value, list):
+        raise PayloadError(f"{what} `{key}` must be a list", key)
+    return value
+
+
+def int_quantity(value: Any, field: str) -> int:
+    """A line quantity that must already be a JSON integer (``2``, not ``"2"`` or ``2.0``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(f"{field} must be an integer, got {value!r}", field)
+    return value
+
+
+@contextmanager
+def malformed(what: str, *also: type[Exception]) -> Iterator[None]:
+    """Turn the TypeError / ValueError / AttributeError (and ``also``) of reading an odd payload into a
+    PayloadError ``malformed <what>: …`` (HTTP 422) instead of a crash."""
+    caught: tuple[type[Exception], ...] = (TypeError, ValueError, AttributeError, *also)
+    try:
+        yield
+    except caught as exc:
+        raise PayloadError(f"malformed {what}: {exc}") from None
 
 
 def _require_id(value: str | None, name: str) -> None:

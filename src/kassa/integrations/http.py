@@ -59,7 +59,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def body_excerpt(response: httpx.Response) -> str:
     """The platform's error text: ``code: message`` from a JSON error body, else the body itself (trimmed)."""
-    text = response.text.strip()
+    return text_excerpt(response.text)
+
+
+def text_excerpt(body: str) -> str:
+    """``body_excerpt`` of an error body already read (``HttpStatusError.body``)."""
+    text = body.strip()
     try:
         data = json.loads(text) if text.startswith("{") else None
     except ValueError:
@@ -141,8 +146,10 @@ class HttpClient:
         return self.request("GET", path, params=params, headers=headers)
 
     def post(self, path: str, json_body: Any = None, params: Mapping[str, Any] | None = None,
-             headers: Mapping[str, str] | None = None) -> JsonResponse:
-        return self.request("POST", path, params=params, json_body=json_body, headers=headers)
+             headers: Mapping[str, str] | None = None, *, form: Mapping[str, str] | None = None,
+             auth: tuple[str, str] | None = None, label: str | None = None) -> JsonResponse:
+        return self.request("POST", path, params=params, json_body=json_body, headers=headers, form=form, auth=auth,
+                            label=label)
 
     def request(
         self,
@@ -152,15 +159,26 @@ class HttpClient:
         params: Mapping[str, Any] | None = None,
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        label: str | None = None,
     ) -> JsonResponse:
+        """One request, retried as the class says. ``path`` may be an absolute URL (e.g. an OAuth token
+        endpoint on another host); ``form`` sends a form-encoded body instead of JSON; ``auth`` is HTTP Basic
+        for this request only; ``label`` names the endpoint in error messages (``sfcc token endpoint HTTP
+        401: …``)."""
+        name = f"{self.platform} {label}" if label else self.platform
+        where = path if "://" in path else self.base_url
         attempt = 0
         while True:
             self.requests += 1
             try:
-                response = self._client.request(method, path, params=params, json=json_body, headers=headers)
+                response = self._client.request(method, path, params=params, json=json_body, headers=headers,
+                                                data=dict(form) if form is not None else None,
+                                                auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
-                    raise Unreachable(f"{self.platform} unreachable at {self.base_url}: {exc!r}") from exc
+                    raise Unreachable(f"{name} unreachable at {where}: {exc!r}") from exc
                 self.wait(self._backoff(attempt), f"connection error: {type(exc).__name__}")
                 attempt += 1
                 continue
@@ -169,7 +187,7 @@ class HttpClient:
                 retry_after = parse_retry_after(response.headers.get("retry-after"), self.clock())
                 if attempt >= self.max_retries or (retry_after is not None and retry_after > self.max_wait):
                     raise RateLimited(
-                        f"{self.platform} rate limit (HTTP 429) on {method} {path}: {body_excerpt(response)}",
+                        f"{name} rate limit (HTTP 429) on {method} {path}: {body_excerpt(response)}",
                         retry_after,
                     )
                 self.wait(retry_after if retry_after is not None else self._backoff(attempt), "HTTP 429")
@@ -178,7 +196,7 @@ class HttpClient:
             if status >= 500:
                 if attempt >= self.max_retries:
                     raise Unreachable(
-                        f"{self.platform} HTTP {status} on {method} {path} after {attempt + 1} tries: "
+                        f"{name} HTTP {status} on {method} {path} after {attempt + 1} tries: "
                         f"{body_excerpt(response)}"
                     )
                 # A 503 may say when to come back; otherwise back off exponentially.
@@ -187,10 +205,10 @@ class HttpClient:
                 attempt += 1
                 continue
             if status in (401, 403):
-                raise AuthError(f"{self.platform} HTTP {status}: {body_excerpt(response)}", status)
+                raise AuthError(f"{name} HTTP {status}: {body_excerpt(response)}", status)
             if status >= 400:
                 raise HttpStatusError(
-                    f"{self.platform} HTTP {status} on {method} {path}: {body_excerpt(response)}",
+                    f"{name} HTTP {status} on {method} {path}: {body_excerpt(response)}",
                     status,
                     response.text,
                 )

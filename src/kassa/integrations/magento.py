@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import httpx
@@ -47,10 +47,13 @@ from kassa.integrations.base import (
     country_code,
     currency_code,
     email_sha256,
+    object_payload,
     parse_time,
+    required_id,
     to_decimal,
 )
 from kassa.integrations.config import ConfigError, register
+from kassa.integrations.connector import ConnectorOptions, HttpConnector, SetupMissing
 from kassa.integrations.http import HttpClient, HttpStatusError
 
 ORDER_EVENT = "com.adobe.commerce.observer.sales_order_place_after"
@@ -158,7 +161,7 @@ def fetch_adobe_public_key(path: str, host: str = ADOBE_KEY_HOST, timeout: float
 
 # --------------------------------------------------------------------------- connector
 @register("magento")
-class MagentoConnector:
+class MagentoConnector(HttpConnector):
     """Adobe Commerce / Magento 2 (REST ``V1`` API, Adobe I/O Events order events).
 
     Adobe signs events with its own RSA keys, so webhooks need no shared secret: they are enabled by
@@ -175,6 +178,9 @@ class MagentoConnector:
     """
 
     platform = "magento"
+    order_topics = frozenset({ORDER_EVENT})
+    api_name = "Magento API"
+    config_error_status = "unreachable"
     snippet_steps: ClassVar[list[str]] = [
         "Create a module (e.g. Kassa_Snippet) with view/frontend/layout/checkout_onepage_success.xml adding a "
         "block to the `content` container, template Kassa_Snippet::snippet.phtml.",
@@ -193,75 +199,34 @@ class MagentoConnector:
     WEBHOOK_IDENTITY_SETTING = "adobe_client_id"
     WEBHOOK_CHALLENGE = True
 
-    def __init__(
-        self,
-        cfg: Mapping[str, Any],
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-        fetch_public_key: PublicKeyFetcher | None = None,
-        on_wait: Callable[[float, str], None] | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.cfg = dict(cfg)
-        self.sleep = sleep
-        self.clock = clock
-        self.on_wait = on_wait
-        self.transport = transport
-        self.replay_window = float(self.cfg.get("replay_window_seconds") or 300.0)
+    def __init__(self, cfg: Mapping[str, Any], *, fetch_public_key: PublicKeyFetcher | None = None,
+                 **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(cfg, **options)
         self.client_id = self.cfg.get("adobe_client_id") or None
         key_host = str(self.cfg.get("adobe_key_host") or ADOBE_KEY_HOST)
         self._fetch_pem: PublicKeyFetcher = fetch_public_key or (lambda path: fetch_adobe_public_key(path, key_host))
         self._keys: dict[str, rsa.RSAPublicKey] = {}
         self._keys_lock = threading.Lock()
         self.currency = currency_code(self.cfg.get("currency"), "USD", "currency")
-        self.page_size = int(self.cfg.get("page_size") or 100)
-        if not 1 <= self.page_size <= 1000:
-            raise ConfigError(f"magento.page_size must be between 1 and 1000, got {self.page_size}")
-        self.total_hint: int | None = None  # products the current sync run will see (for progress bars)
-        self._http: HttpClient | None = None
+        self.page_size = self._page_size(100, 1000)
         self._categories: dict[str, tuple[str, ...]] | None = None
 
     # ------------------------------------------------------------------ API plumbing
     @property
     def base_url(self) -> str:
-        url = self.cfg.get("base_url")
-        if not url:
-            raise ConfigError("magento.base_url is required to call the Magento API")
-        return str(url).rstrip("/")
+        return self._need("base_url").rstrip("/")
 
     @property
     def rest_prefix(self) -> str:
         store = self.cfg.get("store_code")
         return f"/rest/{store}/V1" if store else "/rest/V1"
 
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            headers: dict[str, str] = {}
-            oauth = self.cfg.get("oauth")
-            token = self.cfg.get("access_token")
-            if not oauth and not token:
-                raise ConfigError("magento needs `access_token` (integration token) or `oauth` credentials")
-            if token and not oauth:
-                headers["Authorization"] = f"Bearer {token}"
-            self._http = HttpClient(
-                self.base_url,
-                headers,
-                timeout=float(self.cfg.get("timeout", 30.0)),
-                max_retries=int(self.cfg.get("max_retries", 5)),
-                sleep=self.sleep,
-                clock=self.clock,
-                on_wait=self.on_wait,
-                transport=self.transport,
-                platform="magento",
-            )
-        return self._http
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+    def _open_http(self) -> HttpClient:
+        oauth = self.cfg.get("oauth")
+        token = self.cfg.get("access_token")
+        if not oauth and not token:
+            raise ConfigError("magento needs `access_token` (integration token) or `oauth` credentials")
+        return self._new_http(self.base_url, {"Authorization": f"Bearer {token}"} if token and not oauth else {})
 
     def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         full = self.rest_prefix + path
@@ -369,14 +334,10 @@ class MagentoConnector:
             )
         return WebhookDelivery(event_id, topic, sent, raw_body)
 
-    def is_order_topic(self, topic: str) -> bool:
-        return topic == ORDER_EVENT
-
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """A Magento order from ``GET /V1/orders/{id}``, a search page item, or an I/O Events CloudEvent."""
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for a Magento order, got {type(payload).__name__}")
+        payload = object_payload(payload, "a Magento order")
         order = payload
         if "specversion" in payload or ("data" in payload and "type" in payload):
             data = payload.get("data")
@@ -435,11 +396,8 @@ class MagentoConnector:
         )
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for a Magento product, got {type(payload).__name__}")
-        sku = clip_id(payload.get("sku"))
-        if sku is None:
-            raise PayloadError("Magento product has no `sku`", "sku")
+        payload = object_payload(payload, "a Magento product")
+        sku = required_id(payload, "sku", "Magento product")
         product_id = clip_id(payload.get("id")) or sku
         custom = _custom_attributes(payload)
         ext = payload.get("extension_attributes") if isinstance(payload.get("extension_attributes"), dict) else {}
@@ -605,23 +563,6 @@ class MagentoConnector:
 
     # ------------------------------------------------------------------ audit
     def audit(self) -> list[AuditCheck]:
-        checks: list[AuditCheck] = []
-
-        def probe(capability: str, fn: Callable[[], str], resource: str) -> None:
-            try:
-                checks.append(AuditCheck(capability, "ok", fn()))
-            except _NotSubscribed as exc:
-                checks.append(AuditCheck(capability, "missing_scope", str(exc)))
-            except AuthError as exc:
-                checks.append(
-                    AuditCheck(capability, "missing_scope", f"{_magento_message(exc, resource)} (grant {resource})"))
-            except Unreachable as exc:
-                checks.append(AuditCheck(capability, "unreachable", str(exc)))
-            except HttpStatusError as exc:
-                checks.append(AuditCheck(capability, "unsupported" if exc.status == 404 else "unreachable", str(exc)))
-            except (IntegrationError, httpx.HTTPError) as exc:
-                checks.append(AuditCheck(capability, "unreachable", str(exc)))
-
         def products() -> str:
             _, total = _search_page(self._get("/products", {"searchCriteria[pageSize]": 1}), "GET /V1/products")
             return f"{total} products readable"
@@ -645,7 +586,7 @@ class MagentoConnector:
             elif isinstance(subs, dict):
                 names = list(subs)
             if ORDER_SUBSCRIPTION not in names:
-                raise _NotSubscribed(
+                raise SetupMissing(
                     f"Adobe I/O Events is installed but {ORDER_SUBSCRIPTION} is not subscribed; run "
                     f"`bin/magento events:subscribe {ORDER_SUBSCRIPTION}`"
                 )
@@ -662,21 +603,31 @@ class MagentoConnector:
             _, total = _search_page(page, "GET /V1/customers/search")
             return f"full customer records readable ({total} customers); orders alone give email hashes"
 
-        probe("read_products", products, "Magento_Catalog::products")
-        probe("read_orders", orders, "Magento_Sales::sales")
-        probe("order_webhooks", webhooks, "Magento_AdobeCommerceEventsClient::event_list")
-        if checks[-1].status == "unsupported":
-            checks[-1].detail = (
-                "Adobe I/O Events for Adobe Commerce is not installed (no /V1/eventing API); install it to "
-                f"receive {ORDER_EVENT} — " + checks[-1].detail
-            )
-        probe("inventory", inventory, "Magento_CatalogInventory::cataloginventory")
-        probe("customer_data", customers, "Magento_Customer::customer")
+        checks = self._run_audit({"read_products": products, "read_orders": orders, "order_webhooks": webhooks,
+                                  "inventory": inventory, "customer_data": customers})
+        for check in checks:
+            if check.capability == "order_webhooks" and check.status == "unsupported":
+                check.detail = (
+                    "Adobe I/O Events for Adobe Commerce is not installed (no /V1/eventing API); install it to "
+                    f"receive {ORDER_EVENT} — " + check.detail
+                )
         return checks
 
+    def _refusal_detail(self, exc: AuthError | SetupMissing, capability: str) -> str:
+        if isinstance(exc, SetupMissing):
+            return str(exc)
+        resource = _ACL_RESOURCES[capability]
+        return f"{_magento_message(exc, resource)} (grant {resource})"
 
-class _NotSubscribed(Exception):
-    pass
+
+# The ACL resource each audit probe needs, named when Magento refuses it.
+_ACL_RESOURCES = {
+    "read_products": "Magento_Catalog::products",
+    "read_orders": "Magento_Sales::sales",
+    "order_webhooks": "Magento_AdobeCommerceEventsClient::event_list",
+    "inventory": "Magento_CatalogInventory::cataloginventory",
+    "customer_data": "Magento_Customer::customer",
+}
 
 
 # --------------------------------------------------------------------------- helpers

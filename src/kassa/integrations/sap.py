@@ -6,7 +6,7 @@ then incremental through the ``products/expressupdate`` feed since the crawl sta
 orders (``/products/{code}``, ``/users/{userId}/orders/{code}`` or the trusted-client ``/orders/{code}``);
 Integration API webhook deliveries of the order-placed event (``webhookservices`` with an ``ItemCreatedEvent``
 on an Order integration object, sent with CloudEvents ``ce-*`` headers and signed by a small extension with
-the Kassa signature of ``sfcc.py``); and the audit.
+the Kassa signature of ``auth.py``); and the audit.
 
 SAP's webhook destinations authenticate with Basic or OAuth only and sign nothing, so the body signature
 comes from a ``ClientHttpRequestInterceptor`` on the outbound REST template (docs/integrations/sap.md);
@@ -18,14 +18,12 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import quote
 
-import httpx
-
+from kassa.integrations.auth import BearerToken, get_with_bearer, verify_kassa_delivery
 from kassa.integrations.base import (
     AuditCheck,
     AuthError,
@@ -34,32 +32,27 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
-    Unreachable,
     WebhookDelivery,
     clip_id,
     country_code,
     currency_code,
     email_sha256,
+    object_payload,
     parse_time,
+    required_id,
     to_decimal,
 )
-from kassa.integrations.config import ConfigError, register
+from kassa.integrations.config import register
+from kassa.integrations.connector import ConnectorOptions, HttpConnector, SetupMissing
 from kassa.integrations.http import HttpClient, HttpStatusError
-from kassa.integrations.sfcc import body_delivery_id, client_credentials_token, verify_kassa_signature
 
 _CE_TYPE = re.compile(r"^sap\.cx\.commerce\.(?P<io>[^.]+)\.(?P<op>Created|Updated|Deleted|Unknown)\.v\d+$")
 _ODATA_DATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
 _PROBE = "kassa-audit-probe"  # a code that does not exist: "not found" proves access, 401/403 disproves it
 
 
-class _Token:
-    def __init__(self) -> None:
-        self.value: str | None = None
-        self.expires_at = 0.0
-
-
 @register("sap")
-class SapConnector:
+class SapConnector(HttpConnector):
     """SAP Commerce Cloud via OCC v2 and Integration API webhooks.
 
     Options (``cfg``): ``base_url`` (the API host), ``base_site_id`` (e.g. ``electronics``), ``client_id`` /
@@ -74,6 +67,7 @@ class SapConnector:
     """
 
     platform = "sap"
+    api_name = "SAP Commerce API"
     snippet_steps: ClassVar[list[str]] = [
         "Spartacus: add a CMS component (e.g. KassaOffersComponent) to the order confirmation page "
         "(OrderConfirmationPageTemplate, slot BodyContent) and map it with provideConfig({cmsComponents: …}) "
@@ -89,38 +83,13 @@ class SapConnector:
         "Deploy the kassawebhooks extension's interceptor, which adds X-Kassa-Signature with the shared secret.",
     ]
 
-    def __init__(
-        self,
-        cfg: Mapping[str, Any],
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-        on_wait: Callable[[float, str], None] | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.cfg = dict(cfg)
-        self.sleep = sleep
-        self.clock = clock
-        self.on_wait = on_wait
-        self.transport = transport
-        self.secret = self.cfg.get("webhook_secret") or None
-        self.replay_window = float(self.cfg.get("replay_window_seconds") or 300.0)
-        self.page_size = int(self.cfg.get("page_size") or 100)
-        if not 1 <= self.page_size <= 1000:
-            raise ConfigError(f"sap.page_size must be between 1 and 1000, got {self.page_size}")
+    def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(cfg, **options)
+        self.page_size = self._page_size(100, 1000)
         self.integration_object = str(self.cfg.get("integration_object") or "KassaOrder")
-        self.skipped: list[str] = []
-        self.total_hint: int | None = None
-        self._http: HttpClient | None = None
-        self._token = _Token()
+        self._token = BearerToken(lifetime=3600.0)
 
     # ------------------------------------------------------------------ config and HTTP
-    def _need(self, key: str) -> str:
-        value = self.cfg.get(key)
-        if not value:
-            raise ConfigError(f"sap.{key} is required to call the SAP Commerce API")
-        return str(value)
-
     @property
     def base_url(self) -> str:
         return self._need("base_url").rstrip("/")
@@ -130,32 +99,13 @@ class SapConnector:
         prefix = str(self.cfg.get("occ_prefix") or "/occ/v2").rstrip("/")
         return f"{prefix}/{quote(self._need('base_site_id'), safe='')}"
 
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            self._http = HttpClient(
-                self.base_url, {}, timeout=float(self.cfg.get("timeout", 30.0)),
-                max_retries=int(self.cfg.get("max_retries", 5)), sleep=self.sleep, clock=self.clock,
-                on_wait=self.on_wait, transport=self.transport, platform="sap",
-            )
-        return self._http
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+    def _open_http(self) -> HttpClient:
+        return self._new_http(self.base_url)
 
     def _bearer(self, force: bool = False) -> str:
-        if force or self._token.value is None or self.clock() >= self._token.expires_at:
-            path = str(self.cfg.get("token_path") or "/authorizationserver/oauth/token")
-            data = client_credentials_token(
-                self.http, self.base_url + path, {"grant_type": "client_credentials"},
-                self._need("client_id"), self._need("client_secret"), transport=self.transport,
-            )
-            self._token.value = str(data["access_token"])
-            self._token.expires_at = self.clock() + max(60.0, float(data.get("expires_in") or 3600) - 60.0)
-        assert self._token.value is not None
-        return self._token.value
+        path = str(self.cfg.get("token_path") or "/authorizationserver/oauth/token")
+        return self._token.get(self.http, self.base_url + path, {"grant_type": "client_credentials"},
+                               self._need("client_id"), self._need("client_secret"), force=force)
 
     def _params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"fields": "FULL"}
@@ -167,21 +117,11 @@ class SapConnector:
 
     def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET under the OCC site prefix with the bearer token; a 401 fetches a new token once."""
-        for attempt in range(2):
-            headers = {"Authorization": f"Bearer {self._bearer(force=attempt == 1)}"}
-            try:
-                return self.http.get(self.occ + path, self._params(params), headers=headers).data
-            except AuthError as exc:
-                if attempt == 1 or exc.status != 401:
-                    raise
-        raise AssertionError("unreachable")
+        return get_with_bearer(self.http, self.occ + path, self._params(params), self._bearer)
 
     # ------------------------------------------------------------------ webhooks
     def verify(self, headers: Mapping[str, str], raw_body: bytes) -> WebhookDelivery:
-        h = {k.lower(): v for k, v in headers.items()}
-        sent = verify_kassa_signature(h, raw_body, self.secret, self.replay_window, self.clock())
-        topic = (h.get("ce-type") or "order.created").strip()
-        return WebhookDelivery(body_delivery_id(raw_body), topic, sent, raw_body)
+        return verify_kassa_delivery(headers, raw_body, self.secret, self.replay_window, self.clock(), "ce-type")
 
     def is_order_topic(self, topic: str) -> bool:
         """``sap.cx.commerce.<IO>.Created.v1`` (or ``.Updated.`` from an ``ItemSavedEvent`` webhook) of the
@@ -194,13 +134,10 @@ class SapConnector:
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """An OCC order (``fields=FULL``) or the integration-object payload of the Kassa order webhook."""
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for an SAP Commerce order, got {type(payload).__name__}")
+        payload = object_payload(payload, "an SAP Commerce order")
         order = payload.get("d") if isinstance(payload.get("d"), dict) else payload  # OData v2 envelope
         assert isinstance(order, dict)
-        code = clip_id(order.get("code"))
-        if code is None:
-            raise PayloadError("SAP Commerce order has no `code`", "code")
+        code = required_id(order, "code", "SAP Commerce order")
         created_raw = order.get("created", order.get("date"))
         if created_raw is None:
             raise PayloadError(f"order {code} has no `created`/`date`", "created")
@@ -256,11 +193,8 @@ class SapConnector:
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         """An OCC product (``fields=FULL``)."""
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for an SAP Commerce product, got {type(payload).__name__}")
-        code = clip_id(payload.get("code"))
-        if code is None:
-            raise PayloadError("SAP Commerce product has no `code`", "code")
+        payload = object_payload(payload, "an SAP Commerce product")
+        code = required_id(payload, "code", "SAP Commerce product")
         price_raw = payload.get("price")
         if not isinstance(price_raw, dict) or price_raw.get("value") is None:
             raise PayloadError(f"product {code} has no price for this site and currency", "price")
@@ -313,15 +247,6 @@ class SapConnector:
             raise PayloadError("products/search page has a product that is not an object", "products")
         return products, total_pages
 
-    def _parse_all(self, raws: list[dict[str, Any]]) -> list[Product]:
-        out = []
-        for raw in raws:
-            try:
-                out.append(self.parse_product(raw))
-            except PayloadError as exc:
-                self.skipped.append(f"{raw.get('code')}: {exc}")
-        return out
-
     def iter_products(self, cursor: str | None = None) -> Iterator[tuple[list[Product], str | None]]:
         """A full crawl, then increments.
 
@@ -346,7 +271,7 @@ class SapConnector:
                 raws, total_pages = self._search(page)
                 page += 1
                 done = page >= total_pages or not raws
-                yield self._parse_all(raws), (f"since:{started}" if done else f"page:{page}@{started}")
+                yield self._parse_products(raws, "code"), (f"since:{started}" if done else f"page:{page}@{started}")
                 if done:
                     return
         codes = self._express_update(started)
@@ -361,7 +286,7 @@ class SapConnector:
                     self.skipped.append(f"{code}: {exc}")  # deleted or unapproved since it was queued
             offset += len(batch)
             finished = offset >= len(codes)
-            yield self._parse_all([r for r in raws if isinstance(r, dict)]), (
+            yield self._parse_products([r for r in raws if isinstance(r, dict)], "code"), (
                 f"since:{now}" if finished else f"since:{started}#{offset}")
 
     def _express_update(self, since: str) -> list[str]:
@@ -413,22 +338,7 @@ class SapConnector:
 
     # ------------------------------------------------------------------ audit
     def audit(self) -> list[AuditCheck]:
-        checks: list[AuditCheck] = []
         first: list[dict[str, Any]] = []
-
-        def run(capability: str, fn: Callable[[], AuditCheck | str]) -> None:
-            try:
-                result = fn()
-                checks.append(result if isinstance(result, AuditCheck) else AuditCheck(capability, "ok", result))
-            except AuthError as exc:
-                checks.append(AuditCheck(capability, "missing_scope", _occ_message(str(exc), exc.status)))
-            except ConfigError as exc:
-                checks.append(AuditCheck(capability, "missing_scope", str(exc)))
-            except HttpStatusError as exc:
-                checks.append(AuditCheck(capability, "unsupported" if exc.status == 404 else "unreachable",
-                                         _occ_message(str(exc), exc.status)))
-            except (Unreachable, httpx.HTTPError, IntegrationError) as exc:
-                checks.append(AuditCheck(capability, "unreachable", str(exc)))
 
         def probe_missing(path: str, found: str, what: str) -> str:
             try:
@@ -496,12 +406,14 @@ class SapConnector:
                 "users",
             )
 
-        run("read_products", products)
-        run("read_orders", orders)
-        run("order_webhooks", webhooks)
-        run("inventory", inventory)
-        run("customer_data", customers)
-        return checks
+        return self._run_audit({"read_products": products, "read_orders": orders, "order_webhooks": webhooks,
+                                "inventory": inventory, "customer_data": customers})
+
+    def _refusal_detail(self, exc: AuthError | SetupMissing, capability: str) -> str:
+        return _occ_message(str(exc), exc.status) if isinstance(exc, AuthError) else str(exc)
+
+    def _failure_detail(self, exc: HttpStatusError) -> str:
+        return _occ_message(str(exc), exc.status)
 
 
 # --------------------------------------------------------------------------- helpers

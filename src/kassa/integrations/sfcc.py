@@ -5,29 +5,21 @@ Owns: SCAPI access with SLAS tokens (private client, ``client_credentials`` gues
 catalog crawl (Shopper Search ``productSearch`` paged by ``offset``/``limit``, hydrated through Shopper
 Products ``getProducts`` 24 ids at a time, category names from ``getCategory``); Shopper Orders
 ``getOrder``; the polling safety net ``poll_orders(since)`` over OCAPI Shop ``order_search`` (B2C Commerce
-has no outbound webhooks); the audit; and verification of the Kassa cartridge hook's deliveries.
-
-Also owns the **Kassa webhook signature** that platforms without a native signed webhook use (SFCC's
-cartridge hook, SAP Commerce's webhook interceptor — ``sap.py`` imports it from here):
-``X-Kassa-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>``. Several ``v1=``
-entries may be sent while a secret is being rotated; one match is enough. ``t`` bounds replays.
+has no outbound webhooks); the audit; and verification of the Kassa cartridge hook's deliveries, signed
+with the Kassa webhook signature of ``auth.py`` (``X-Kassa-Signature``, topic in ``X-Kassa-Topic``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import quote
 
-import httpx
-
+from kassa.integrations.auth import BearerToken, get_with_bearer, verify_kassa_delivery
 from kassa.integrations.base import (
     AuditCheck,
     AuthError,
@@ -36,142 +28,29 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
-    ReplayError,
-    SignatureError,
-    Unreachable,
     WebhookDelivery,
     clip_id,
     country_code,
     currency_code,
     email_sha256,
+    object_payload,
     parse_time,
+    required_id,
     to_decimal,
 )
 from kassa.integrations.config import ConfigError, register
-from kassa.integrations.http import HttpClient, HttpStatusError, body_excerpt, parse_retry_after
+from kassa.integrations.connector import ConnectorOptions, HttpConnector, SetupMissing
+from kassa.integrations.http import HttpClient, HttpStatusError
 
-SIGNATURE_HEADER = "x-kassa-signature"
 TOPIC_HEADER = "x-kassa-topic"
-ORDER_TOPICS = frozenset({"order.created"})
 _GET_PRODUCTS_MAX_IDS = 24  # Shopper Products getProducts accepts at most 24 ids
 _SEARCH_MAX_LIMIT = 200
 AM_TOKEN_URL = "https://account.demandware.com/dwsso/oauth2/access_token"
 
 
-# --------------------------------------------------------------------------- Kassa webhook signature
-def kassa_signature(secret: str, body: bytes, timestamp: int) -> str:
-    """The ``X-Kassa-Signature`` value a sender attaches (what the cartridge / interceptor compute)."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify_kassa_signature(headers: Mapping[str, str], raw_body: bytes, secret: str | None,
-                           window: float, now: float) -> datetime:
-    """Check ``X-Kassa-Signature`` on the raw bytes; return the signed send time.
-
-    Raises SignatureError (missing/malformed header, no secret configured, no matching ``v1``) before
-    ReplayError (``t`` further than ``window`` seconds from ``now``), so unsigned junk is never a 409.
-    """
-    if not secret:
-        raise SignatureError("no webhook_secret is configured, so no delivery can be verified")
-    value = headers.get(SIGNATURE_HEADER)
-    if not value:
-        raise SignatureError(f"missing {SIGNATURE_HEADER} header")
-    timestamp: int | None = None
-    candidates: list[str] = []
-    for part in value.split(","):
-        key, sep, item = part.strip().partition("=")
-        if not sep:
-            continue
-        if key == "t":
-            try:
-                timestamp = int(item)
-            except ValueError:
-                raise SignatureError(f"{SIGNATURE_HEADER}: t={item[:20]!r} is not unix seconds") from None
-        elif key == "v1":
-            candidates.append(item.strip().lower())
-    if timestamp is None or not candidates:
-        raise SignatureError(f"{SIGNATURE_HEADER} must be 't=<unix seconds>,v1=<hex hmac>'")
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + raw_body, hashlib.sha256).hexdigest()
-    # Compare against every candidate (no early exit) so timing does not reveal which one matched.
-    matched = False
-    for candidate in candidates:
-        matched |= hmac.compare_digest(candidate.encode(), expected.encode())
-    if not matched:
-        raise SignatureError("webhook signature does not match the body (wrong secret or modified body)")
-    age = now - timestamp
-    if abs(age) > window:
-        raise ReplayError(f"signed at t={timestamp}, {age:.0f} s from now: outside the {window:.0f} s replay window")
-    return datetime.fromtimestamp(timestamp, UTC)
-
-
-def body_delivery_id(raw_body: bytes) -> str:
-    """Dedupe id of a delivery with no signed id of its own: the SHA-256 of the signed body."""
-    return "sha256:" + hashlib.sha256(raw_body).hexdigest()[:48]
-
-
-# --------------------------------------------------------------------------- OAuth2 client credentials
-def client_credentials_token(
-    http: HttpClient,
-    url: str,
-    form: Mapping[str, str],
-    client_id: str,
-    client_secret: str,
-    *,
-    transport: httpx.BaseTransport | None = None,
-    timeout: float = 30.0,
-) -> dict[str, Any]:
-    """POST a form to an OAuth2 token endpoint with HTTP Basic client auth; the JSON answer.
-
-    ``HttpClient`` speaks JSON bodies only, so token endpoints (form-encoded by RFC 6749) get this small
-    loop, which still waits out 429 ``Retry-After`` and 5xx through ``http.wait`` (the injectable sleep).
-    """
-    def backoff(attempt: int) -> float:
-        return float(min(http.max_backoff, http.backoff * (2**attempt)))
-
-    attempt = 0
-    with httpx.Client(timeout=timeout, transport=transport) as client:
-        while True:
-            http.requests += 1
-            try:
-                response = client.post(url, data=dict(form), auth=(client_id, client_secret),
-                                       headers={"Accept": "application/json"})
-            except httpx.TransportError as exc:
-                if attempt >= http.max_retries:
-                    raise Unreachable(f"{http.platform} token endpoint {url} unreachable: {exc!r}") from exc
-                http.wait(backoff(attempt), f"token endpoint: {type(exc).__name__}")
-                attempt += 1
-                continue
-            status = response.status_code
-            if status == 429 or status >= 500:
-                if attempt >= http.max_retries:
-                    raise Unreachable(f"{http.platform} token endpoint HTTP {status}: {body_excerpt(response)}")
-                retry_after = parse_retry_after(response.headers.get("retry-after"), http.clock())
-                http.wait(retry_after if retry_after is not None else backoff(attempt), f"token HTTP {status}")
-                attempt += 1
-                continue
-            if status >= 400:
-                # 400 invalid_client / 401 unauthorized: the credentials are what is wrong.
-                raise AuthError(f"{http.platform} token endpoint HTTP {status}: {body_excerpt(response)}", status)
-            try:
-                data = response.json()
-            except ValueError:
-                raise PayloadError(f"{http.platform} token endpoint returned non-JSON: {response.text[:120]!r}") \
-                    from None
-            if not isinstance(data, dict) or not data.get("access_token"):
-                raise PayloadError(f"{http.platform} token endpoint answer has no access_token")
-            return data
-
-
-class _Token:
-    def __init__(self) -> None:
-        self.value: str | None = None
-        self.expires_at = 0.0
-
-
 # --------------------------------------------------------------------------- connector
 @register("sfcc")
-class SfccConnector:
+class SfccConnector(HttpConnector):
     """Salesforce B2C Commerce via SCAPI (SLAS private client) and, for order polling, OCAPI.
 
     Options (``cfg``): ``short_code`` (SCAPI host ``<short_code>.api.commercecloud.salesforce.com``) or
@@ -184,6 +63,8 @@ class SfccConnector:
     """
 
     platform = "sfcc"
+    order_topics = frozenset({"order.created"})
+    api_name = "B2C Commerce API"
     snippet_steps: ClassVar[list[str]] = [
         "In your custom cartridge (e.g. int_kassa) add cartridge/controllers/Order.js with "
         "server.append('Confirm', …) putting the order (orderNo, currency, total, items, ship country) "
@@ -201,41 +82,16 @@ class SfccConnector:
         "Keep `poll_orders` (OCAPI order_search) scheduled as the safety net for missed deliveries.",
     ]
 
-    def __init__(
-        self,
-        cfg: Mapping[str, Any],
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-        on_wait: Callable[[float, str], None] | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.cfg = dict(cfg)
-        self.sleep = sleep
-        self.clock = clock
-        self.on_wait = on_wait
-        self.transport = transport
-        self.secret = self.cfg.get("webhook_secret") or None
-        self.replay_window = float(self.cfg.get("replay_window_seconds") or 300.0)
-        self.page_size = int(self.cfg.get("page_size") or _SEARCH_MAX_LIMIT)
-        if not 1 <= self.page_size <= _SEARCH_MAX_LIMIT:
-            raise ConfigError(f"sfcc.page_size must be between 1 and {_SEARCH_MAX_LIMIT}, got {self.page_size}")
+    def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(cfg, **options)
+        self.page_size = self._page_size(_SEARCH_MAX_LIMIT, _SEARCH_MAX_LIMIT)
         self.fallback_currency = self.cfg.get("currency")
-        self.skipped: list[str] = []  # products the crawl could not turn into offers, with the reason
-        self.total_hint: int | None = None
-        self._http: HttpClient | None = None
         self._ocapi_http: HttpClient | None = None
-        self._slas = _Token()
-        self._am = _Token()
+        self._slas = BearerToken(lifetime=1800.0)
+        self._am = BearerToken(lifetime=1799.0)
         self._category_paths: dict[str, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ config and HTTP
-    def _need(self, key: str) -> str:
-        value = self.cfg.get(key)
-        if not value:
-            raise ConfigError(f"sfcc.{key} is required to call the B2C Commerce API")
-        return str(value)
-
     @property
     def base_url(self) -> str:
         if self.cfg.get("base_url"):
@@ -250,72 +106,38 @@ class SfccConnector:
     def site(self) -> str:
         return self._need("site_id")
 
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            self._http = self._client(self.base_url)
-        return self._http
-
-    def _client(self, base_url: str) -> HttpClient:
-        return HttpClient(
-            base_url, {}, timeout=float(self.cfg.get("timeout", 30.0)), max_retries=int(self.cfg.get("max_retries", 5)),
-            sleep=self.sleep, clock=self.clock, on_wait=self.on_wait, transport=self.transport, platform="sfcc",
-        )
+    def _open_http(self) -> HttpClient:
+        return self._new_http(self.base_url)
 
     def close(self) -> None:
-        for client in (self._http, self._ocapi_http):
-            if client is not None:
-                client.close()
-        self._http = self._ocapi_http = None
+        super().close()
+        self._ocapi_http = None
 
     def _slas_token(self, force: bool = False) -> str:
-        if force or self._slas.value is None or self.clock() >= self._slas.expires_at:
-            data = client_credentials_token(
-                self.http,
-                f"{self.base_url}/shopper/auth/v1/organizations/{self.org}/oauth2/token",
-                {"grant_type": "client_credentials", "channel_id": self.site},
-                self._need("client_id"), self._need("client_secret"),
-                transport=self.transport,
-            )
-            self._slas.value = str(data["access_token"])
-            # Refresh a minute early: a token that expires mid-crawl costs a 401 round trip.
-            self._slas.expires_at = self.clock() + max(60.0, float(data.get("expires_in") or 1800) - 60.0)
-        assert self._slas.value is not None
-        return self._slas.value
+        return self._slas.get(
+            self.http,
+            f"{self.base_url}/shopper/auth/v1/organizations/{self.org}/oauth2/token",
+            {"grant_type": "client_credentials", "channel_id": self.site},
+            self._need("client_id"), self._need("client_secret"), force=force,
+        )
 
     def _scapi_get(self, path: str, params: Mapping[str, Any]) -> Any:
         """GET with the SLAS bearer token; a 401 refreshes the token once (it may have been revoked)."""
-        token = self._slas_token()
-        try:
-            return self.http.get(path, params, headers={"Authorization": f"Bearer {token}"}).data
-        except AuthError as exc:
-            if exc.status != 401:
-                raise
-        token = self._slas_token(force=True)
-        return self.http.get(path, params, headers={"Authorization": f"Bearer {token}"}).data
+        return get_with_bearer(self.http, path, params, self._slas_token)
 
     # ------------------------------------------------------------------ webhooks
     def verify(self, headers: Mapping[str, str], raw_body: bytes) -> WebhookDelivery:
-        h = {k.lower(): v for k, v in headers.items()}
-        sent = verify_kassa_signature(h, raw_body, self.secret, self.replay_window, self.clock())
-        topic = (h.get(TOPIC_HEADER) or "order.created").strip()
-        return WebhookDelivery(body_delivery_id(raw_body), topic, sent, raw_body)
-
-    def is_order_topic(self, topic: str) -> bool:
-        return topic in ORDER_TOPICS
+        return verify_kassa_delivery(headers, raw_body, self.secret, self.replay_window, self.clock(), TOPIC_HEADER)
 
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """An order in the SCAPI shape (``getOrder``, the cartridge hook) or OCAPI's snake_case shape."""
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for a B2C Commerce order, got {type(payload).__name__}")
+        payload = object_payload(payload, "a B2C Commerce order")
         order = payload.get("order") if isinstance(payload.get("order"), dict) else payload
         assert isinstance(order, dict)
         if "order_no" in order and "orderNo" not in order:
             order = ocapi_to_scapi(order)
-        order_no = clip_id(order.get("orderNo"))
-        if order_no is None:
-            raise PayloadError("B2C Commerce order has no `orderNo`", "orderNo")
+        order_no = required_id(order, "orderNo", "B2C Commerce order")
         if order.get("creationDate") is None:
             raise PayloadError(f"order {order_no} has no `creationDate`", "creationDate")
         if order.get("orderTotal") is None:
@@ -368,11 +190,8 @@ class SfccConnector:
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         """A product from Shopper Products ``getProduct(s)``."""
-        if not isinstance(payload, dict):
-            raise PayloadError(f"expected a JSON object for a B2C Commerce product, got {type(payload).__name__}")
-        pid = clip_id(payload.get("id"))
-        if pid is None:
-            raise PayloadError("B2C Commerce product has no `id`", "id")
+        payload = object_payload(payload, "a B2C Commerce product")
+        pid = required_id(payload, "id", "B2C Commerce product")
         price = payload.get("price")
         if price is None:
             price = payload.get("priceMax")
@@ -479,15 +298,12 @@ class SfccConnector:
             ids, total = self._search_page(offset)
             if not ids:
                 return
-            products = []
-            for raw in self.get_products(ids):
+            raws = self.get_products(ids)
+            for raw in raws:
                 category = raw.get("primaryCategoryId")
                 if category:
                     self._category_path(str(category))
-                try:
-                    products.append(self.parse_product(raw))
-                except PayloadError as exc:
-                    self.skipped.append(f"{raw.get('id')}: {exc}")
+            products = self._parse_products(raws)
             offset += len(ids)
             if offset >= total:
                 # No incremental API: a finished crawl leaves no cursor, so the next sync crawls afresh.
@@ -520,19 +336,12 @@ class SfccConnector:
         if not isinstance(ocapi, dict) or not ocapi.get("base_url"):
             raise ConfigError("sfcc.ocapi (base_url, version, client_id, client_secret) is required to poll orders")
         if self._ocapi_http is None:
-            self._ocapi_http = self._client(str(ocapi["base_url"]).rstrip("/"))
+            self._ocapi_http = self._new_http(str(ocapi["base_url"]).rstrip("/"))
         return self._ocapi_http, ocapi
 
     def _am_token(self, ocapi: dict[str, Any], http: HttpClient) -> str:
-        if self._am.value is None or self.clock() >= self._am.expires_at:
-            data = client_credentials_token(
-                http, str(ocapi.get("token_url") or AM_TOKEN_URL), {"grant_type": "client_credentials"},
-                str(ocapi.get("client_id") or ""), str(ocapi.get("client_secret") or ""), transport=self.transport,
-            )
-            self._am.value = str(data["access_token"])
-            self._am.expires_at = self.clock() + max(60.0, float(data.get("expires_in") or 1799) - 60.0)
-        assert self._am.value is not None
-        return self._am.value
+        return self._am.get(http, str(ocapi.get("token_url") or AM_TOKEN_URL), {"grant_type": "client_credentials"},
+                            str(ocapi.get("client_id") or ""), str(ocapi.get("client_secret") or ""))
 
     def _order_search(self, since: str | None, start: int, count: int) -> tuple[list[dict[str, Any]], int]:
         http, ocapi = self._ocapi()
@@ -595,23 +404,7 @@ class SfccConnector:
 
     # ------------------------------------------------------------------ audit
     def audit(self) -> list[AuditCheck]:
-        checks: list[AuditCheck] = []
         first_ids: list[str] = []
-
-        def run(capability: str, fn: Callable[[], AuditCheck | str]) -> None:
-            try:
-                result = fn()
-                checks.append(result if isinstance(result, AuditCheck) else AuditCheck(capability, "ok", result))
-            except AuthError as exc:
-                checks.append(AuditCheck(capability, "missing_scope", _scapi_message(exc)))
-            except (Unreachable, httpx.HTTPError) as exc:
-                checks.append(AuditCheck(capability, "unreachable", str(exc)))
-            except ConfigError as exc:
-                checks.append(AuditCheck(capability, "missing_scope", str(exc)))
-            except HttpStatusError as exc:
-                checks.append(AuditCheck(capability, "unsupported" if exc.status == 404 else "unreachable", str(exc)))
-            except IntegrationError as exc:
-                checks.append(AuditCheck(capability, "unreachable", str(exc)))
 
         def products() -> str:
             ids, total = self._search_page(0)
@@ -652,12 +445,11 @@ class SfccConnector:
                               "SLAS client-credentials tokens are guest shoppers: no customer records; orders carry "
                               "customerNo for registered shoppers and the e-mail (stored as SHA-256 only)")
 
-        run("read_products", products)
-        run("read_orders", orders)
-        run("order_webhooks", webhooks)
-        run("inventory", inventory)
-        run("customer_data", customers)
-        return checks
+        return self._run_audit({"read_products": products, "read_orders": orders, "order_webhooks": webhooks,
+                                "inventory": inventory, "customer_data": customers})
+
+    def _refusal_detail(self, exc: AuthError | SetupMissing, capability: str) -> str:
+        return _scapi_message(exc) if isinstance(exc, AuthError) else str(exc)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -723,12 +515,4 @@ def _scapi_message(exc: AuthError) -> str:
     return str(exc)
 
 
-__all__ = [
-    "SIGNATURE_HEADER",
-    "SfccConnector",
-    "body_delivery_id",
-    "client_credentials_token",
-    "kassa_signature",
-    "ocapi_to_scapi",
-    "verify_kassa_signature",
-]
+__all__ = ["SfccConnector", "ocapi_to_scapi"]

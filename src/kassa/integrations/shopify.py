@@ -17,18 +17,12 @@ Owns everything Shopify-specific:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Unpack
 
-import httpx
-
+from kassa.integrations.auth import verify_body_hmac
 from kassa.integrations.base import (
     AuditCheck,
     AuthError,
@@ -39,20 +33,24 @@ from kassa.integrations.base import (
     PayloadError,
     Product,
     RateLimited,
-    SignatureError,
     WebhookDelivery,
     clip_id,
     country_code,
     currency_code,
     email_sha256,
+    int_quantity,
+    malformed,
+    object_payload,
     parse_time,
+    required_id,
+    required_list,
     to_decimal,
 )
 from kassa.integrations.config import ConfigError, register
+from kassa.integrations.connector import ConnectorOptions, HttpConnector, decode_cursor, encode_cursor, newest_update
 from kassa.integrations.http import HttpClient
 
 API_VERSION = "2025-07"
-ORDER_TOPICS = frozenset({"orders/create"})
 
 PRODUCTS_QUERY = """
 query KassaProducts($first: Int!, $after: String, $query: String) {
@@ -176,7 +174,7 @@ def _error_codes(errors: Any) -> set[str]:
 
 
 @register("shopify")
-class ShopifyConnector:
+class ShopifyConnector(HttpConnector):
     """Shopify Admin API client and webhook verifier.
 
     cfg keys: ``shop`` (``name.myshopify.com`` or a full base URL), ``access_token`` (Admin API token,
@@ -185,61 +183,42 @@ class ShopifyConnector:
     """
 
     platform = "shopify"
+    order_topics = frozenset({"orders/create"})
     snippet_steps = SNIPPET_STEPS
     webhook_steps = WEBHOOK_STEPS
 
-    def __init__(self, cfg: Mapping[str, Any], *, sleep: Callable[[float], None] = time.sleep,
-                 transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.cfg = dict(cfg)
-        secret = self.cfg.get("webhook_secret")
-        self._secret = str(secret).encode() if secret else None
+    def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(cfg, **options)
         self.api_version = str(self.cfg.get("api_version") or API_VERSION)
         self.page_size = max(1, min(250, int(self.cfg.get("page_size") or 100)))
         self.max_throttle_retries = int(self.cfg.get("max_throttle_retries") or 10)
-        self._sleep = sleep
-        self._transport = transport
-        self._clock = clock
-        self._http: HttpClient | None = None
         # Last seen bucket state (extensions.cost.throttleStatus) and when it was seen.
         self._available: float | None = None
         self._restore_rate = 50.0
         self._maximum: float | None = None
         self._seen_at = 0.0
         self._last_cost = 0.0
-        self.skipped: list[str] = []  # products that could not be parsed (reported by sync)
-        self.total_hint: int | None = None  # products the current sync run will see (for progress bars)
 
     # ------------------------------------------------------------------ HTTP plumbing
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            shop = self.cfg.get("shop")
-            token = self.cfg.get("access_token")
-            if not shop:
-                raise ConfigError("shopify: set `shop` (your-store.myshopify.com) in the integration config")
-            if not token:
-                raise ConfigError("shopify: set `access_token` (Admin API access token) in the integration config")
-            base = str(shop) if "://" in str(shop) else f"https://{shop}"
-            self._http = HttpClient(
-                base, {"X-Shopify-Access-Token": str(token), "Content-Type": "application/json"},
-                timeout=float(self.cfg.get("timeout") or 30), max_retries=int(self.cfg.get("max_retries") or 5),
-                sleep=self._sleep, clock=self._clock, transport=self._transport, platform="shopify",
-            )
-        return self._http
+    def _open_http(self) -> HttpClient:
+        shop = self.cfg.get("shop")
+        token = self.cfg.get("access_token")
+        if not shop:
+            raise ConfigError("shopify: set `shop` (your-store.myshopify.com) in the integration config")
+        if not token:
+            raise ConfigError("shopify: set `access_token` (Admin API access token) in the integration config")
+        base = str(shop) if "://" in str(shop) else f"https://{shop}"
+        return self._new_http(base, {"X-Shopify-Access-Token": str(token), "Content-Type": "application/json"})
 
     @property
     def graphql_path(self) -> str:
         return f"/admin/api/{self.api_version}/graphql.json"
 
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-
     def _wait_for_bucket(self) -> None:
         """Wait until the cost bucket, refilled since it was last seen, holds the last request's cost."""
         if self._available is None or self._last_cost <= 0:
             return
-        now = self._clock()
+        now = self.clock()
         available = self._available + self._restore_rate * max(0.0, now - self._seen_at)
         if self._maximum is not None:
             available = min(available, self._maximum)
@@ -258,7 +237,7 @@ class ShopifyConnector:
                 self._restore_rate = float(status.get("restoreRate") or self._restore_rate) or 1.0
                 if status.get("maximumAvailable") is not None:
                     self._maximum = float(status["maximumAvailable"])
-                self._seen_at = self._clock()
+                self._seen_at = self.clock()
             except (KeyError, TypeError, ValueError):
                 pass
         if self._available is None:
@@ -293,14 +272,7 @@ class ShopifyConnector:
 
     # ------------------------------------------------------------------ webhooks
     def verify(self, headers: Mapping[str, str], raw_body: bytes) -> WebhookDelivery:
-        if self._secret is None:
-            raise SignatureError("shopify webhook_secret is not configured")
-        signature = headers.get("x-shopify-hmac-sha256")
-        if not signature:
-            raise SignatureError("missing X-Shopify-Hmac-Sha256 header")
-        expected = base64.b64encode(hmac.new(self._secret, raw_body, hashlib.sha256).digest())
-        if not hmac.compare_digest(expected, signature.strip().encode("utf-8", "replace")):
-            raise SignatureError("X-Shopify-Hmac-Sha256 does not match the body (wrong secret or altered body)")
+        verify_body_hmac(headers, raw_body, self.secret, "X-Shopify-Hmac-Sha256", self.platform)
         triggered = headers.get("x-shopify-triggered-at")
         timestamp = None
         if triggered:
@@ -311,21 +283,13 @@ class ShopifyConnector:
         return WebhookDelivery(headers.get("x-shopify-webhook-id") or None, headers.get("x-shopify-topic", ""),
                                timestamp, raw_body)
 
-    def is_order_topic(self, topic: str) -> bool:
-        return topic in ORDER_TOPICS
-
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """An order from the ``orders/create`` webhook body (the REST order representation)."""
-        if not isinstance(payload, dict):
-            raise PayloadError("a Shopify order must be a JSON object")
-        try:
-            order_id = clip_id(payload.get("id"))
-            if order_id is None:
-                raise PayloadError("shopify order has no `id`", "id")
-            raw_lines = payload.get("line_items")
-            if not isinstance(raw_lines, list):
-                raise PayloadError("shopify order `line_items` must be a list", "line_items")
+        payload = object_payload(payload, "a Shopify order")
+        with malformed("Shopify order"):
+            order_id = required_id(payload, "id", "shopify order")
+            raw_lines = required_list(payload, "line_items", "shopify order")
             lines = tuple(self._parse_line(item, i) for i, item in enumerate(raw_lines))
             raw_customer, raw_shipping = payload.get("customer"), payload.get("shipping_address")
             customer: dict[str, Any] = raw_customer if isinstance(raw_customer, dict) else {}
@@ -350,10 +314,6 @@ class ShopifyConnector:
                 ship_country=country_code(shipping.get("country_code")),
                 lines=lines,
             )
-        except PayloadError:
-            raise
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise PayloadError(f"malformed Shopify order: {exc}") from None
 
     @staticmethod
     def _parse_line(item: Any, i: int) -> OrderLine:
@@ -366,23 +326,19 @@ class ShopifyConnector:
             f"line-{item.get('id')}" if item.get("id") is not None else None)
         if sku is None:
             raise PayloadError(f"{where} has no sku, variant_id or id", f"{where}.sku")
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, bool) or not isinstance(quantity, int):
-            raise PayloadError(f"{where}.quantity must be an integer, got {quantity!r}", f"{where}.quantity")
         category = item.get("product_type")
         return OrderLine(
             sku=sku,
             product_id=clip_id(item.get("product_id")),
             category=str(category) if category else None,
-            qty=quantity,
+            qty=int_quantity(item.get("quantity", 1), f"{where}.quantity"),
             unit_price=to_decimal(item.get("price"), f"{where}.price"),
         )
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         """A product from a GraphQL ``Product`` node (its first variant gives SKU and price)."""
-        if not isinstance(payload, dict):
-            raise PayloadError("a Shopify product must be a JSON object")
-        try:
+        payload = object_payload(payload, "a Shopify product")
+        with malformed("Shopify product", IndexError):
             product_id = _legacy_id(payload)
             if product_id is None:
                 raise PayloadError("shopify product has no `id`", "id")
@@ -415,10 +371,6 @@ class ShopifyConnector:
                 updated_at=parse_time(updated, "updatedAt") if updated else None,
                 active=payload.get("status", "ACTIVE") == "ACTIVE",
             )
-        except PayloadError:
-            raise
-        except (TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise PayloadError(f"malformed Shopify product: {exc}") from None
 
     # ------------------------------------------------------------------ catalog
     def iter_products(self, cursor: str | None = None) -> Iterator[tuple[list[Product], str | None]]:
@@ -428,7 +380,7 @@ class ShopifyConnector:
         at the end of a run the returned cursor becomes ``{"since": newest updatedAt}`` so the next run
         only asks for products changed since.
         """
-        state = _decode_cursor(cursor)
+        state = decode_cursor(cursor, self.platform)
         since, after, high = state.get("since"), state.get("after"), state.get("high") or state.get("since")
         search = f"updated_at:>='{since}'" if since else None
         while True:
@@ -438,26 +390,17 @@ class ShopifyConnector:
             page_info = _dig(connection, "pageInfo")
             if not isinstance(nodes, list) or not isinstance(page_info, dict):
                 raise PayloadError("shopify products page lacks `nodes` or `pageInfo`")
-            products: list[Product] = []
-            for node in nodes:
-                try:
-                    product = self.parse_product(node)
-                except PayloadError as exc:
-                    self.skipped.append(f"{_dig(node, 'id') or '?'}: {exc}")
-                    continue
-                products.append(product)
-                if product.updated_at is not None:
-                    stamp = product.updated_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-                    high = max(high or stamp, stamp)
+            products = self._parse_products(nodes)
+            high = newest_update(products, high)
             has_next = bool(page_info.get("hasNextPage"))
             end = page_info.get("endCursor")
             if has_next and not end:
                 raise PayloadError("shopify products page says hasNextPage but has no endCursor")
             next_cursor: str | None
             if has_next:
-                next_cursor = _encode_cursor({"after": end, "since": since, "high": high})
+                next_cursor = encode_cursor({"after": end, "since": since, "high": high})
             else:
-                next_cursor = _encode_cursor({"since": high}) if high else None
+                next_cursor = encode_cursor({"since": high}) if high else None
             yield products, next_cursor
             if not has_next:
                 return
@@ -465,7 +408,7 @@ class ShopifyConnector:
 
     def count_products(self, cursor: str | None = None) -> int | None:
         """How many products a run from ``cursor`` will see in all (a progress-bar hint; None if unknown)."""
-        since = _decode_cursor(cursor).get("since")
+        since = decode_cursor(cursor, self.platform).get("since")
         try:
             data = self.graphql(COUNT_QUERY, {"query": f"updated_at:>='{since}'" if since else None})
         except IntegrationError:
@@ -562,19 +505,3 @@ def _graphql_order_to_rest(node: Mapping[str, Any]) -> dict[str, Any]:
         "shipping_address": {"country_code": _dig(node, "shippingAddress", "countryCodeV2")},
         "line_items": lines,
     }
-
-
-def _encode_cursor(state: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in state.items() if v is not None}, separators=(",", ":"), sort_keys=True)
-
-
-def _decode_cursor(cursor: str | None) -> dict[str, Any]:
-    if not cursor:
-        return {}
-    try:
-        state = json.loads(cursor)
-    except ValueError:
-        raise ConfigError(f"shopify: unreadable sync cursor {cursor[:80]!r}; run the sync with --reset") from None
-    if not isinstance(state, dict):
-        raise ConfigError("shopify: sync cursor must be a JSON object; run the sync with --reset")
-    return state

@@ -104,8 +104,7 @@ def sync_catalog(
     report = SyncReport(connector.platform, resumed=bool(cursor) and not state.get("complete", False))
     written_before = report.previously_written = int(state.get("products", 0)) if report.resumed else 0
     skipped_before = len(getattr(connector, "skipped", []))
-    http = getattr(connector, "_http", None)
-    waited_before = http.waited_seconds if http is not None else 0.0
+    waited_before = _waited(connector)
     count = getattr(connector, "count_products", None)
     if on_page is not None and callable(count):
         count(cursor)  # sets connector.total_hint for the progress bar
@@ -118,8 +117,7 @@ def sync_catalog(
         cursor = next_cursor
         complete = _is_final(next_cursor, connector)
         cursor_file.save(cursor, complete, written_before + report.products)
-        http = getattr(connector, "_http", None)
-        report.waited_seconds = round((http.waited_seconds if http is not None else 0.0) - waited_before, 3)
+        report.waited_seconds = round(_waited(connector) - waited_before, 3)
         if on_page is not None:
             on_page(report, getattr(connector, "total_hint", None))
         if max_pages is not None and report.pages >= max_pages and not complete:
@@ -129,8 +127,7 @@ def sync_catalog(
         cursor_file.save(cursor, True, written_before + report.products)
     skipped = list(getattr(connector, "skipped", []))[skipped_before:]
     report.skipped, report.skipped_examples = len(skipped), skipped[:5]
-    http = getattr(connector, "_http", None)
-    report.waited_seconds = round((http.waited_seconds if http is not None else 0.0) - waited_before, 3)
+    report.waited_seconds = round(_waited(connector) - waited_before, 3)
     report.complete = complete
     report.cursor = cursor
     report.seconds = round(time.perf_counter() - started, 3)
@@ -148,3 +145,8 @@ def _is_final(cursor: str | None, connector: Connector) -> bool:
     except ValueError:
         return False
     return isinstance(state, dict) and set(state) <= {"since"}
+
+
+def _waited(connector: Connector) -> float:
+    """Seconds the connector has spent waiting on rate limits (``HttpConnector.waited_seconds``; 0 if untracked)."""
+    return float(getattr(connector, "waited_seconds", 0.0))

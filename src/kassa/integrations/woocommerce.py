@@ -15,20 +15,16 @@ Owns everything WooCommerce-specific:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import re
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import urlsplit
 
 import httpx
 
+from kassa.integrations.auth import verify_body_hmac
 from kassa.integrations.base import (
     AuditCheck,
     AuthError,
@@ -37,20 +33,24 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
-    SignatureError,
     WebhookDelivery,
     clip_id,
     country_code,
     currency_code,
     email_sha256,
+    int_quantity,
+    malformed,
+    object_payload,
     parse_time,
+    required_id,
+    required_list,
     to_decimal,
 )
 from kassa.integrations.config import ConfigError, register
+from kassa.integrations.connector import ConnectorOptions, HttpConnector, decode_cursor, encode_cursor, newest_update
 from kassa.integrations.http import HttpClient, HttpStatusError
 
 API_PREFIX = "/wp-json/wc/v3"
-ORDER_TOPICS = frozenset({"order.created"})
 _PING = re.compile(rb"^webhook_id=\d+$")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -70,7 +70,7 @@ WEBHOOK_STEPS = [
 
 
 @register("woocommerce")
-class WooCommerceConnector:
+class WooCommerceConnector(HttpConnector):
     """WooCommerce REST client and webhook verifier.
 
     cfg keys: ``url`` (the store's base URL), ``consumer_key``, ``consumer_secret``, ``per_page`` (≤ 100),
@@ -80,57 +80,38 @@ class WooCommerceConnector:
     """
 
     platform = "woocommerce"
+    order_topics = frozenset({"order.created"})
     snippet_steps = SNIPPET_STEPS
     webhook_steps = WEBHOOK_STEPS
 
-    def __init__(self, cfg: Mapping[str, Any], *, sleep: Callable[[float], None] = time.sleep,
-                 transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.cfg = dict(cfg)
-        secret = self.cfg.get("webhook_secret")
-        self._secret = str(secret).encode() if secret else None
+    def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(cfg, **options)
         self.per_page = max(1, min(100, int(self.cfg.get("per_page") or 100)))
-        self._sleep = sleep
-        self._transport = transport
-        self._clock = clock
-        self._http: HttpClient | None = None
         self._currency: str | None = self.cfg.get("currency") or None
         self._query_auth: dict[str, str] = {}
-        self.total_hint: int | None = None  # products the current sync run will see (X-WP-Total)
-        self.skipped: list[str] = []
 
     # ------------------------------------------------------------------ HTTP plumbing
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            url = str(self.cfg.get("url") or "")
-            key, secret = self.cfg.get("consumer_key"), self.cfg.get("consumer_secret")
-            if not url:
-                raise ConfigError("woocommerce: set `url` (https://your-store.example) in the integration config")
-            if not key or not secret:
-                raise ConfigError("woocommerce: set `consumer_key` and `consumer_secret` (WooCommerce > Settings > "
-                                  "Advanced > REST API) in the integration config")
-            parts = urlsplit(url)
-            if parts.scheme != "https" and parts.hostname not in _LOOPBACK and not self.cfg.get("allow_insecure_http"):
-                raise ConfigError(f"woocommerce: {url} is not HTTPS; WooCommerce accepts consumer keys over Basic "
-                                  "auth only on HTTPS")
-            self._query_auth = {"consumer_key": str(key), "consumer_secret": str(secret)} \
-                if self.cfg.get("query_string_auth") else {}
-            self._http = HttpClient(
-                url.rstrip("/") + API_PREFIX, timeout=float(self.cfg.get("timeout") or 30),
-                max_retries=int(self.cfg.get("max_retries") or 5), sleep=self._sleep, clock=self._clock,
-                auth=None if self._query_auth else (str(key), str(secret)), transport=self._transport,
-                platform="woocommerce",
-            )
-        return self._http
+    def _open_http(self) -> HttpClient:
+        url = str(self.cfg.get("url") or "")
+        key, secret = self.cfg.get("consumer_key"), self.cfg.get("consumer_secret")
+        if not url:
+            raise ConfigError("woocommerce: set `url` (https://your-store.example) in the integration config")
+        if not key or not secret:
+            raise ConfigError("woocommerce: set `consumer_key` and `consumer_secret` (WooCommerce > Settings > "
+                              "Advanced > REST API) in the integration config")
+        parts = urlsplit(url)
+        if parts.scheme != "https" and parts.hostname not in _LOOPBACK and not self.cfg.get("allow_insecure_http"):
+            raise ConfigError(f"woocommerce: {url} is not HTTPS; WooCommerce accepts consumer keys over Basic "
+                              "auth only on HTTPS")
+        self._query_auth = {"consumer_key": str(key), "consumer_secret": str(secret)} \
+            if self.cfg.get("query_string_auth") else {}
+        return self._new_http(url.rstrip("/") + API_PREFIX,
+                              auth=None if self._query_auth else (str(key), str(secret)))
 
     def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[Any, httpx.Headers]:
         http = self.http
         response = http.get(path, {**(params or {}), **self._query_auth})
         return response.data, response.headers
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
 
     @property
     def currency(self) -> str:
@@ -146,31 +127,17 @@ class WooCommerceConnector:
         if not signature and _PING.match(raw_body.strip()):
             # Sent unsigned when a webhook is saved; it holds nothing and is never written.
             return WebhookDelivery(None, "ping", None, raw_body)
-        if self._secret is None:
-            raise SignatureError("woocommerce webhook_secret is not configured")
-        if not signature:
-            raise SignatureError("missing X-WC-Webhook-Signature header")
-        expected = base64.b64encode(hmac.new(self._secret, raw_body, hashlib.sha256).digest())
-        if not hmac.compare_digest(expected, signature.strip().encode("utf-8", "replace")):
-            raise SignatureError("X-WC-Webhook-Signature does not match the body (wrong secret or altered body)")
+        verify_body_hmac(headers, raw_body, self.secret, "X-WC-Webhook-Signature", self.platform)
         return WebhookDelivery(headers.get("x-wc-webhook-delivery-id") or None,
                                headers.get("x-wc-webhook-topic", ""), None, raw_body)
-
-    def is_order_topic(self, topic: str) -> bool:
-        return topic in ORDER_TOPICS
 
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """An order from the ``order.created`` webhook body (identical to ``GET /orders/{id}``)."""
-        if not isinstance(payload, dict):
-            raise PayloadError("a WooCommerce order must be a JSON object")
-        try:
-            order_id = clip_id(payload.get("id"))
-            if order_id is None:
-                raise PayloadError("woocommerce order has no `id`", "id")
-            raw_lines = payload.get("line_items")
-            if not isinstance(raw_lines, list):
-                raise PayloadError("woocommerce order `line_items` must be a list", "line_items")
+        payload = object_payload(payload, "a WooCommerce order")
+        with malformed("WooCommerce order"):
+            order_id = required_id(payload, "id", "woocommerce order")
+            raw_lines = required_list(payload, "line_items", "woocommerce order")
             parsed = [self._parse_line(item, i) for i, item in enumerate(raw_lines)]
             lines = tuple(line for line, _ in parsed)
             subtotal = sum((line_subtotal for _, line_subtotal in parsed), Decimal(0))
@@ -195,10 +162,6 @@ class WooCommerceConnector:
                 ship_country=country_code(shipping.get("country")) or country_code(billing.get("country")),
                 lines=lines,
             )
-        except PayloadError:
-            raise
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise PayloadError(f"malformed WooCommerce order: {exc}") from None
 
     @staticmethod
     def _parse_line(item: Any, i: int) -> tuple[OrderLine, Decimal]:
@@ -210,9 +173,7 @@ class WooCommerceConnector:
         sku = clip_id(item.get("sku")) or (clip_id(variation) if variation not in (None, 0) else None) or product_id
         if sku is None:
             raise PayloadError(f"{where} has no sku or product_id", f"{where}.sku")
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, bool) or not isinstance(quantity, int):
-            raise PayloadError(f"{where}.quantity must be an integer, got {quantity!r}", f"{where}.quantity")
+        quantity = int_quantity(item.get("quantity", 1), f"{where}.quantity")
         subtotal = to_decimal(item.get("subtotal", "0") or "0", f"{where}.subtotal")
         price = item.get("price")
         unit = to_decimal(price, f"{where}.price") if price not in (None, "") else (
@@ -222,12 +183,9 @@ class WooCommerceConnector:
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         """A product from ``GET /products`` (variable products: the parent, priced at its lowest variation)."""
-        if not isinstance(payload, dict):
-            raise PayloadError("a WooCommerce product must be a JSON object")
-        try:
-            product_id = clip_id(payload.get("id"))
-            if product_id is None:
-                raise PayloadError("woocommerce product has no `id`", "id")
+        payload = object_payload(payload, "a WooCommerce product")
+        with malformed("WooCommerce product", KeyError):
+            product_id = required_id(payload, "id", "woocommerce product")
             sku = clip_id(payload.get("sku")) or product_id
             categories = payload.get("categories") or []
             path = tuple(str(c["name"]) for c in categories[:1] if isinstance(c, dict) and c.get("name"))
@@ -256,10 +214,6 @@ class WooCommerceConnector:
                 updated_at=parse_time(modified, "date_modified_gmt") if modified else None,
                 active=payload.get("status", "publish") == "publish",
             )
-        except (PayloadError, IntegrationError):
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise PayloadError(f"malformed WooCommerce product: {exc}") from None
 
     # ------------------------------------------------------------------ catalog
     def iter_products(self, cursor: str | None = None) -> Iterator[tuple[list[Product], str | None]]:
@@ -269,7 +223,7 @@ class WooCommerceConnector:
         end the cursor becomes ``{"since": newest date_modified_gmt}``; the next run asks for
         ``modified_after`` one second before it, so a product saved in that same second is not missed.
         """
-        state = _decode_cursor(cursor)
+        state = decode_cursor(cursor, self.platform)
         page = int(state.get("page") or 1)
         since, high = state.get("since"), state.get("high") or state.get("since")
         params: dict[str, Any] = {"per_page": self.per_page, "orderby": "id", "order": "asc"}
@@ -287,23 +241,14 @@ class WooCommerceConnector:
                                    f"{headers.get('x-wp-totalpages')!r}") from None
             if headers.get("x-wp-total", "").isdigit():
                 self.total_hint = int(headers["x-wp-total"])
-            products: list[Product] = []
-            for item in data:
-                try:
-                    product = self.parse_product(item)
-                except PayloadError as exc:
-                    self.skipped.append(f"{item.get('id', '?') if isinstance(item, dict) else '?'}: {exc}")
-                    continue
-                products.append(product)
-                if product.updated_at is not None:
-                    stamp = product.updated_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-                    high = max(high or stamp, stamp)
+            products = self._parse_products(data)
+            high = newest_update(products, high)
             last = not data or page >= total_pages
             next_cursor: str | None
             if last:
-                next_cursor = _encode_cursor({"since": high}) if high else None
+                next_cursor = encode_cursor({"since": high}) if high else None
             else:
-                next_cursor = _encode_cursor({"page": page + 1, "since": since, "high": high})
+                next_cursor = encode_cursor({"page": page + 1, "since": since, "high": high})
             yield products, next_cursor
             if last:
                 return
@@ -374,19 +319,3 @@ def _failed(capability: str, exc: Exception) -> AuditCheck:
     if isinstance(exc, HttpStatusError) and exc.status == 404:
         return AuditCheck(capability, "unsupported", text)
     return AuditCheck(capability, "unreachable", text)
-
-
-def _encode_cursor(state: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in state.items() if v is not None}, separators=(",", ":"), sort_keys=True)
-
-
-def _decode_cursor(cursor: str | None) -> dict[str, Any]:
-    if not cursor:
-        return {}
-    try:
-        state = json.loads(cursor)
-    except ValueError:
-        raise ConfigError(f"woocommerce: unreadable sync cursor {cursor[:80]!r}; run the sync with --reset") from None
-    if not isinstance(state, dict):
-        raise ConfigError("woocommerce: sync cursor must be a JSON object; run the sync with --reset")
-    return state
