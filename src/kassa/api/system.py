@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -34,8 +35,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     kassa: Kassa = request.app.state.kassa
-    kassa.metrics.pending.set(len(kassa.joiner))
-    kassa.metrics.model_swaps.set(kassa.models.swaps)
+    await asyncio.to_thread(kassa.refresh_freshness)
     return Response(kassa.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
