@@ -29,7 +29,8 @@ models_app = typer.Typer(help="The model registry: versions, stages, promotion a
 console = Console(stderr=True)
 out = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
@@ -101,7 +102,7 @@ def models_list(
     placement: Annotated[Optional[str], typer.Option(help="Only this placement.")] = None,  # noqa: UP045
     stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None,  # noqa: UP045
     limit: Annotated[int, typer.Option(help="At most this many versions.")] = 50,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Model versions, newest first, with their stage."""
     if stage is not None and stage not in STAGES:
@@ -124,7 +125,7 @@ def models_list(
 
 
 @models_app.command("show")
-def models_show(version: str, config: ConfigOpt = None, data_dir: DataDirOpt = None,
+def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt = None,
                 json_out: JsonOpt = False) -> None:
     """One version: metadata, metrics, lineage and stage history."""
     ctx = context(config, data_dir)
@@ -154,7 +155,7 @@ def models_promote(
     share: Annotated[Optional[float], typer.Option(help="Canary traffic share, e.g. 0.1.")] = None,  # noqa: UP045
     reason: Annotated[Optional[str], typer.Option(help="Recorded in the stage history.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option(help="Promote to production without a passing evaluation.")] = False,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Move a version to a stage. Production needs a passing `kassa evaluate` (or --force)."""
     from kassa.learn.registry import StageError
@@ -180,7 +181,7 @@ def models_promote(
 def models_rollback(
     placement: Annotated[str, typer.Option(help="The placement whose production model to roll back.")],
     reason: Annotated[str, typer.Option(help="Recorded in the stage history.")] = "manual rollback",
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Archive the production version and restore the one before it."""
     from kassa.learn.registry import StageError
@@ -226,7 +227,7 @@ def train_command(
     holdout: Annotated[float, typer.Option(help="Leave out this newest share of the window for "
                                                 "`kassa evaluate` (e.g. 0.2).")] = 0.0,
     learning_rate: Annotated[Optional[float], typer.Option(help="Default: learn.learning_rate.")] = None,  # noqa: UP045
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
     from kassa.learn.offline.train import train_placement
@@ -281,7 +282,7 @@ def evaluate_command(
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
     uniform-random and the logged policy; records the gate's verdict on the candidate."""
@@ -380,7 +381,7 @@ def drift_command(
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
                                                      "the N before them (overrides the time windows).")] = None,
     fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
     from kassa.events.decision_log import read_decisions
