@@ -19,7 +19,7 @@ from kassa.db import make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
-from kassa.events.decision_log import DecisionLogWriter
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, find_decision
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
@@ -126,6 +126,16 @@ class Kassa:
         """The feature-schema hash a model of ``placement_id`` must have to serve it now."""
         view = self.catalog.snapshot.placements.get(placement_id)
         return feature_schema_hash(view.placement, self.repo) if view is not None else None
+
+    async def find_decision(self, decision_id: str) -> DecisionRecord | None:
+        """A decision this process served, from the decision log: still in the writer's memory (it flushes
+        every ``decision_log_flush_seconds``) or in its Parquet files (read on a worker thread)."""
+        found = self.decision_log.find_unwritten(decision_id)
+        if found is not None:
+            return found
+        found = await asyncio.to_thread(find_decision, self.settings.data_path, decision_id)
+        # Written meanwhile (between the two looks): it is in the files now, or still in memory.
+        return found if found is not None else self.decision_log.find_unwritten(decision_id)
 
     def _count_event(self, event: schemas.Event) -> None:
         self.metrics.observe_event(event.type, event.offer_id)
