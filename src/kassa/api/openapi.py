@@ -130,7 +130,8 @@ def openapi_document() -> bytes:
                               "304": {"description": "Not modified"}, "404": _PROBLEMS["404"]}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": _ok(None)}},
             "/readyz": {
-                "get": {"summary": "Readiness", "responses": {**_ok(None), "503": {"description": "Starting"}}}
+                "get": {"summary": "Readiness", "responses": {
+                    **_ok(None), "503": {"description": "Starting, or no placements yet (the body says why)"}}}
             },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _ok(None)}},
         },

@@ -25,6 +25,11 @@ async def readyz(request: Request) -> Response:
     kassa: Kassa = request.app.state.kassa
     if not kassa.ready:
         return json_response({"status": "starting"}, 503)
+    if not kassa.catalog.snapshot.placements:
+        # Every decision would be a 404: a load balancer must not send traffic here yet.
+        return json_response({"status": "not ready", "offers": len(kassa.catalog.snapshot.offers), "placements": 0,
+                              "reason": "no placements: load a catalog (--catalog FILE or catalog_file in the "
+                                        "settings) or PUT /v1/placements/{id} with an admin key"}, 503)
     return json_response({
         "status": "ready",
         "offers": len(kassa.catalog.snapshot.offers),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -97,6 +98,29 @@ def _print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
+def models_table(versions: list[Any]) -> Table:
+    """Model versions as a table that fits 80 columns: the version is never wrapped, a parent of the same
+    placement is shown by its number (``@11``), times are UTC without the year, no vertical rules."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    table.add_column("version", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("source")
+    table.add_column("rows", justify="right")
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("eval")
+    table.add_column("parent", no_wrap=True)
+    for v in versions:
+        ev = v.metrics.get("evaluation")
+        verdict = ("[green]pass[/]" if ev.get("passed") else "[red]fail[/]") if isinstance(ev, dict) else "-"
+        stage_text = v.stage + (f" {v.canary_share:.0%}" if v.stage == "canary" and v.canary_share else "")
+        parent = v.parent or "-"
+        if parent.startswith(f"{v.placement}@"):
+            parent = parent[len(v.placement):]
+        created = datetime.fromtimestamp(v.created_at, UTC).strftime("%m-%d %H:%M") if v.created_at else "-"
+        table.add_row(v.version, stage_text, v.source, f"{v.rows:,}", created, verdict, parent)
+    return table
+
+
 @models_app.command("list")
 def models_list(
     placement: Annotated[Optional[str], typer.Option(help="Only this placement.")] = None,  # noqa: UP045
@@ -112,16 +136,7 @@ def models_list(
     if json_out:
         _print_json({"versions": [v.to_dict() for v in versions]})
         return
-    table = Table("stage", "source", "rows", "created", "evaluation")
-    table.add_column("version", no_wrap=True)
-    table.add_column("parent", no_wrap=True)
-    for v in versions:
-        ev = v.metrics.get("evaluation")
-        verdict = ("[green]passed[/]" if ev.get("passed") else "[red]failed[/]") if isinstance(ev, dict) else "-"
-        stage_text = v.stage + (f" {v.canary_share:.0%}" if v.stage == "canary" and v.canary_share else "")
-        table.add_row(stage_text, v.source, f"{v.rows:,}", _fmt_time(v.created_at), verdict, v.version,
-                      v.parent or "-")
-    out.print(table)
+    out.print(models_table(versions))
 
 
 @models_app.command("show")
@@ -201,7 +216,7 @@ def models_rollback(
 
 # ---------------------------------------------------------------------------------------------- train
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
 
 
@@ -214,7 +229,8 @@ class _Stages:
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage[:16], total=max(total, 1))
+            # The whole label: the bars line up on their own (one grid for all tasks).
+            self.tasks[stage] = self.bar.add_task(stage, total=max(total, 1))
         self.bar.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
