@@ -91,7 +91,7 @@ def cursor_products(path: Path) -> int:
 
 
 def run_sync(config: Path, data: Path, kill_at: int | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "kassa", "integrations", "sync", "shopify", "--config", str(config),
+    cmd = [sys.executable, "-m", "kassa", "integrations", "sync", "shopify", "--credentials", str(config),
            "--data-dir", str(data), "--json"]
     cursor = data / "integrations" / "shopify.cursor.json"
     t0 = time.perf_counter()

@@ -332,7 +332,7 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
         with log_path.open("wb") as log:
             # Output goes to a file, not a pipe nobody reads: a full pipe would stall the server.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kassa", "serve", "--config", str(cfg_path), "--port", str(port)],
+                [sys.executable, "-m", "kassa", "serve", "--settings", str(cfg_path), "--port", str(port)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

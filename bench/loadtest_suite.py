@@ -71,7 +71,8 @@ def kassa_serve(backend: str, redis_url: str, log: Any) -> Iterator[tuple[str, i
         # The server inherits this process's (raised) open-file limit: 10,000 idle connections need it.
         raise_fd_limit(65_536)
         with log_path.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "kassa", "serve", "--config", str(cfg), "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "kassa", "serve", "--settings", str(cfg),
+                                     "--port", str(port)],
                                     env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
                 deadline = time.monotonic() + 60

@@ -120,12 +120,12 @@ def post(url: str, body: dict) -> int:
 
 
 def server_swaps(base: str) -> int:
-    """The server's own count of serving-set changes (``kassa_model_swaps``)."""
+    """The server's own count of serving-set changes (``kassa_model_swaps_total``)."""
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("kassa_model_swaps "):
+            if line.startswith("kassa_model_swaps_total "):
                 return int(float(line.split()[1]))
-    raise SystemExit("the server's /metrics has no kassa_model_swaps")
+    raise SystemExit("the server's /metrics has no kassa_model_swaps_total")
 
 
 def swapper(base: str, versions: list[str], swaps: int, seconds: float, result: dict, via: str,

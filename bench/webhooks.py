@@ -113,7 +113,8 @@ async def server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int, int 
                "KASSA_INTEGRATIONS__SHOPIFY__WEBHOOK_SECRET": SECRET}
         log_path = root / "server.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "kassa", "serve", "--config", str(cfg), "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "kassa", "serve", "--settings", str(cfg),
+                                     "--port", str(port)],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 try:

@@ -6,6 +6,9 @@ test process exits); otherwise, as root, one installed with apt-get first. When 
 calling test fails with a message that says how to provide Redis: a missing service is never a skip, so
 a CI run without Redis cannot pass by testing nothing (``CI=true`` included).
 
+`ensure_promtool` returns the path of Prometheus's ``promtool``: from PATH, else (as root) installed with
+apt-get (Debian's ``prometheus`` package), else the test fails saying how to get it.
+
 `ensure_redis_cluster` does the same for a Redis Cluster: ``REDIS_CLUSTER_URL``, else a one-node cluster
 (``--cluster-enabled yes`` owning all 16384 slots) started from the same ``redis-server``.
 """
@@ -53,6 +56,22 @@ def ensure_redis_cluster() -> str:
     _started["cluster"] = _start(server, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                  setup=_own_all_slots)
     return _started["cluster"]
+
+
+def ensure_promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None and _is_root() and shutil.which("apt-get"):
+        _apt_install("prometheus", fail=_no_promtool)
+        tool = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
+    if tool is None:
+        _no_promtool("it is not on PATH" + ("" if _is_root() else " (and not root, so it was not installed)"))
+    return tool
+
+
+def _no_promtool(reason: str) -> NoReturn:
+    ci = " CI=true: a missing tool fails the run." if os.environ.get("CI", "").lower() == "true" else ""
+    pytest.fail(f"promtool is required to check deploy/prometheus/alerts.yml: {reason}. Install Debian's "
+                f"`prometheus` package (`apt-get install prometheus`).{ci}", pytrace=False)
 
 
 def _own_all_slots(url: str) -> None:
@@ -141,7 +160,7 @@ def _stop(proc: subprocess.Popen[bytes], workdir: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _apt_install(package: str) -> None:
+def _apt_install(package: str, fail: Callable[[str], NoReturn] | None = None) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
     if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
@@ -149,7 +168,8 @@ def _apt_install(package: str) -> None:
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
         result = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
         if result.returncode != 0:
-            _unavailable(f"`apt-get install {package}` failed: {result.stderr.decode(errors='replace')[-2000:]}")
+            stderr = result.stderr.decode(errors="replace")[-2000:]
+            (fail or _unavailable)(f"`apt-get install {package}` failed: {stderr}")
 
 
 def _is_root() -> bool:

@@ -1,3 +1,3 @@
 """Kassa: a real-time decision engine for checkout and the order-confirmation page."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -19,9 +19,9 @@ from kassa.db import make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
-from kassa.events.decision_log import DecisionLogWriter
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, find_decision
 from kassa.events.log import SqliteEventLog
-from kassa.features.definitions import load_repo
+from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
 from kassa.features.online.factory import close_online_store, open_online_store
@@ -38,7 +38,7 @@ from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
-from kassa.monitor.metrics import Metrics
+from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
 
 log = logging.getLogger("kassa")
 
@@ -81,7 +81,8 @@ class Kassa:
         self.shadow = ShadowScorer(self.shadow_log, seed=seed)
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
-                                     drift=self.drift)
+                                     drift=self.drift, on_learned=self.metrics.observe_learned,
+                                     on_joined=self.metrics.observe_joined)
         self.offer_cache = None
         offer_views = self.repo.offer_views()
         offer_source = None
@@ -100,8 +101,12 @@ class Kassa:
             IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
-            on_served=self.learning.guard.served, shadow=self.shadow,
+            on_served=self.learning.guard.served, shadow=self.shadow, on_shown=self.metrics.observe_shown,
         )
+        self.metrics.known_offers = lambda: self.catalog.snapshot.offers
+        self.metrics.live = self.live_state
+        self._freshness: list[FeatureFreshness] = []
+        self._freshness_at = float("-inf")
         stream_views = [v for v in self.repo.views if v.kind == "stream"]
         self.stream = (
             StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
@@ -122,8 +127,56 @@ class Kassa:
         view = self.catalog.snapshot.placements.get(placement_id)
         return feature_schema_hash(view.placement, self.repo) if view is not None else None
 
+    async def find_decision(self, decision_id: str) -> DecisionRecord | None:
+        """A decision this process served, from the decision log: still in the writer's memory (it flushes
+        every ``decision_log_flush_seconds``) or in its Parquet files (read on a worker thread)."""
+        found = self.decision_log.find_unwritten(decision_id)
+        if found is not None:
+            return found
+        found = await asyncio.to_thread(find_decision, self.settings.data_path, decision_id)
+        # Written meanwhile (between the two looks): it is in the files now, or still in memory.
+        return found if found is not None else self.decision_log.find_unwritten(decision_id)
+
     def _count_event(self, event: schemas.Event) -> None:
-        self.metrics.events.labels(event.type).inc()
+        self.metrics.observe_event(event.type, event.offer_id)
+
+    def live_state(self) -> LiveState:
+        """What `/metrics` reads from the services at scrape time."""
+        serving: list[tuple[str, str, str]] = []
+        for placement_id in sorted(self.catalog.snapshot.placements):
+            s = self.models.serving(placement_id)
+            if s is None:
+                continue
+            for stage, model in (("production", s.production), ("canary", s.canary), ("shadow", s.shadow)):
+                if model is not None:
+                    serving.append((placement_id, stage, model.version))
+        rollbacks: dict[str, int] = {}
+        for breach in self.learning.rollbacks:
+            rollbacks[breach.placement] = rollbacks.get(breach.placement, 0) + 1
+        return LiveState(model_swaps=self.models.swaps, pending_decisions=len(self.joiner),
+                         join_lag_seconds=self.joiner.join_lag(self.clock()), serving=serving,
+                         canary_rollbacks=rollbacks, freshness=self._freshness)
+
+    def refresh_freshness(self, max_age: float = 15.0) -> None:
+        """Recompute each stored view's age from the offline log (which holds every materialized, pushed
+        and written value, also those of other processes) at most every ``max_age`` seconds. Blocking
+        (DuckDB reads): `/metrics` calls it on a worker thread."""
+        now = time.time()
+        if now - self._freshness_at < max_age:
+            return
+        self._freshness_at = now
+        rows = []
+        for view in self.repo.views:
+            if view.kind == "request":  # computed per request: always fresh, nothing stored
+                continue
+            try:
+                newest = self.offline.newest(view.name)
+            except Exception:  # a half-written file must not fail the scrape
+                log.exception("feature freshness of %s could not be read", view.name)
+                newest = None
+            rows.append(FeatureFreshness(view.name, None if newest is None else max(0.0, now - newest),
+                                         parse_duration(view.freshness_target)))
+        self._freshness = rows
 
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""

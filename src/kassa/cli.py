@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from kassa.config import Settings, load_settings
 from kassa.features.cli import features_app
@@ -16,7 +17,30 @@ from kassa.integrations.cli import integrations_app
 from kassa.learn.cli import drift_command, evaluate_command, models_app, train_command
 from kassa.loadtest.cli import loadtest_app
 
-app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False)
+
+def rewrite_aliases(args: list[str]) -> list[str]:
+    """The old option names, accepted but no longer shown: ``--config``/``-c`` was Kassa's settings file
+    everywhere except under ``integrations``, where it named the platform credentials (now ``--credentials``;
+    Kassa's settings are ``--settings`` in every command)."""
+    credentials = bool(args) and args[0] == "integrations"
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "-c"):
+            arg = ("--credentials" if credentials else "--settings") + eq + value
+        out.append(arg)
+    return out
+
+
+class _KassaGroup(TyperGroup):
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
+        return super().parse_args(ctx, rewrite_aliases(args))
+
+
+app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False,
+                  cls=_KassaGroup)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(features_app, name="features")
@@ -28,7 +52,8 @@ app.command("evaluate")(evaluate_command)
 app.command("drift")(drift_command)
 console = Console(stderr=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
 
 
@@ -36,9 +61,59 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     return load_settings(config, **overrides)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from kassa import __version__
+
+        print(f"kassa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Kassa: real-time decisions for checkout."""
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="The project folder (created if missing).")],
+    force: Annotated[bool, typer.Option(help="Overwrite files that are already there.")] = False,
+) -> None:
+    """Scaffold a project: settings with generated keys, a catalog and feature definitions."""
+    from kassa.project import ProjectExists, init_project
+
+    try:
+        project = init_project(folder, force=force)
+    except ProjectExists as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(1) from None
+    for path in project.files:
+        console.print(f"wrote {path}", highlight=False)
+    console.print("keys (also in kassa.yaml, which is git-ignored):", highlight=False)
+    for kind, key in project.keys.items():
+        console.print(f"  {kind:<12} {key}", highlight=False)
+    console.print(f"next: cd {folder} && kassa serve --settings kassa.yaml", highlight=False)
+
+
+@app.command()
+def snippet(
+    base_url: Annotated[str, typer.Option(help="Kassa's public URL, for the tag.")] = "https://kassa.example.com",
+    out: Annotated[Optional[Path], typer.Option(help="Also write the built script here (self-hosting).")] = None,  # noqa: UP045
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print the confirmation-page <script> tag with its SRI integrity (and sizes)."""
+    from kassa.snippet.build import main as build_main
+
+    argv = ["--base-url", base_url] + (["--out", str(out)] if out else []) + (["--json"] if json_out else [])
+    raise typer.Exit(build_main(argv))
+
+
 @app.command()
 def serve(
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
@@ -76,7 +151,7 @@ def demo(
 
 @app.command()
 def stream(
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     poll: Annotated[float, typer.Option(help="Seconds between polls of the event log.")] = 0.05,
 ) -> None:
@@ -131,7 +206,7 @@ def keys_create(
     kind: Annotated[str, typer.Argument(help="publishable | secret | admin")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     origin: Annotated[Optional[list[str]], typer.Option(help="Allowed origin (publishable keys).")] = None,  # noqa: UP045
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Create a key and print it once (only its hash is stored)."""
@@ -148,7 +223,7 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     """List keys (hash prefix, kind, name, origins)."""
     from kassa.db import make_engine
     from kassa.keys import KeyStore
@@ -161,7 +236,7 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     """Revoke a key (give the key itself)."""
     from kassa.db import make_engine
     from kassa.keys import KeyStore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,35 @@ def raise_open_file_limit() -> int | None:
     return soft
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts: a busy port is the first thing said (and
+    the only thing), not an error after the start-up log claimed to be serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot serve on {host}:{port}: {exc.strerror or exc}; stop what holds the port or "
+                         "choose another with --port (or server.port in the settings)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def start_up_hints(kassa: Any) -> list[str]:
+    """What a bare start is missing, said once in the log rather than as a wall of 401s and empty answers."""
+    hints = []
+    if kassa.settings.auth and not any(not k["revoked"] for k in kassa.keys.list()):
+        hints.append("no API keys: every request will be refused (401). Create one with `kassa keys create "
+                     "secret` (and `admin`, `publishable`), set secret_key/admin_key/publishable_key in the settings, "
+                     "or start from `kassa init DIR`")
+    if not kassa.catalog.snapshot.placements:
+        hints.append("no placements: /readyz answers 503 until there is one. Load a catalog with --catalog FILE "
+                     "(or catalog_file in the settings), or PUT /v1/placements/{id} with an admin key")
+    return hints
+
+
 def run_server(settings: Settings) -> None:
     from kassa.api.app import create_app
 
@@ -50,12 +80,15 @@ def run_server(settings: Settings) -> None:
     raise_open_file_limit()
     from kassa.app import Kassa
 
+    sock = bind(settings.server.host, settings.server.port)
     t0 = time.perf_counter()
     kassa = Kassa(settings)
     app = create_app(kassa)
+    for hint in start_up_hints(kassa):
+        log.warning(hint)
     log.info("Kassa built in %.0f ms; serving on http://%s:%d", (time.perf_counter() - t0) * 1000,
              settings.server.host, settings.server.port)
-    uvicorn.Server(_config(settings, app)).run()
+    uvicorn.Server(_config(settings, app)).run(sockets=[sock])
 
 
 class BackgroundServer:

@@ -51,6 +51,11 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise errors.from_decode_error(exc) from None
 
 
+def _a(kind: str) -> str:
+    """The key kind with its article: "a secret", "an admin"."""
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
 def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool = True) -> KeyInfo | None:
     if not enabled:
         return None
@@ -62,8 +67,8 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
         field = "key"
         info = keys.lookup(request.query_params["key"])
         if info is not None and info.kind != "publishable":
-            raise errors.Forbidden("only a publishable key may travel in the URL; send a "
-                                   f"{info.kind} key in the Authorization header", field)
+            raise errors.Forbidden("only a publishable key may travel in the URL; send "
+                                   f"{_a(info.kind)} key in the Authorization header", field)
     elif not header or not header.startswith("Bearer "):
         raise errors.Unauthorized("send `Authorization: Bearer <key>`", "Authorization")
     else:
@@ -71,7 +76,7 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
     if info is None:
         raise errors.Unauthorized("unknown or revoked API key", field)
     if not info.allows(needed):
-        raise errors.Forbidden(f"a {info.kind} key cannot do this; it needs a {needed} key", field)
+        raise errors.Forbidden(f"{_a(info.kind)} key cannot do this; it needs {_a(needed)} key", field)
     if info.kind == "publishable" and info.origins:
         origin = request.headers.get("origin")
         if origin is not None and origin not in info.origins:

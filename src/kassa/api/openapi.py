@@ -33,11 +33,13 @@ _PROBLEMS = {
 
 @lru_cache(maxsize=1)
 def openapi_document() -> bytes:
+    from kassa.api.features import FeatureValues
     from kassa.api.models import Rollback, StageChange
+    from kassa.events.decision_log import DecisionRecord
 
     types = [schemas.DecisionRequest, schemas.DecisionResponse, schemas.EventBatch, schemas.EventAck,
              schemas.Offer, schemas.Placement, schemas.Problem, schemas.FeaturePush, schemas.FeatureWrite,
-             schemas.FeatureAck, StageChange, Rollback]
+             schemas.FeatureAck, StageChange, Rollback, FeatureValues, DecisionRecord]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     components["Placement"]["properties"]["policy"]["enum"] = policies.names()  # the policy table's rows
     c = "#/components/schemas/"
@@ -57,6 +59,9 @@ def openapi_document() -> bytes:
     version = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
                 "example": "order_confirmation@12"}]
 
+    feature_row = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                   for n in ("view", "entity_key")]
+
     def q(name: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
     doc = {
@@ -70,14 +75,19 @@ def openapi_document() -> bytes:
         "paths": {
             "/v1/decisions": {"post": {**op("Rank offers for a placement", c + "DecisionRequest",
                                             _ok(c + "DecisionResponse")), "security": browser}},
+            "/v1/decisions/{decision_id}": {"get": {
+                **op("A served decision as logged: features, candidates, probabilities, shown offers",
+                     ok=_ok(c + "DecisionRecord"), key="secret"),
+                "parameters": [{"name": "decision_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
             "/v1/events": {"post": {**op("Record outcome and order events", c + "EventBatch", _ok(c + "EventAck")),
                                     "security": browser}},
             "/v1/features/push": {"post": op("Push feature rows of one view (proprietary signals)",
                                              c + "FeaturePush", _ok(c + "FeatureAck"), key="secret")},
-            "/v1/features/{view}/{entity_key}": {"put": {
-                **op("Write one entity's row of a push view", c + "FeatureWrite", _ok(c + "FeatureAck"), key="secret"),
-                "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                               for n in ("view", "entity_key")]}},
+            "/v1/features/{view}/{entity_key}": {
+                "put": {**op("Write one entity's row of a push view", c + "FeatureWrite", _ok(c + "FeatureAck"),
+                             key="secret"), "parameters": feature_row},
+                "get": {**op("Read one entity's newest values of a stored view", ok=_ok(c + "FeatureValues"),
+                             key="secret"), "parameters": feature_row}},
             "/v1/offers": {"get": op("List offers", key="admin")},
             "/v1/offers/{offer_id}": {
                 "get": {**op("Get an offer", ok=_ok(c + "Offer"), key="admin"), "parameters": offer_id},
@@ -120,7 +130,8 @@ def openapi_document() -> bytes:
                               "304": {"description": "Not modified"}, "404": _PROBLEMS["404"]}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": _ok(None)}},
             "/readyz": {
-                "get": {"summary": "Readiness", "responses": {**_ok(None), "503": {"description": "Starting"}}}
+                "get": {"summary": "Readiness", "responses": {
+                    **_ok(None), "503": {"description": "Starting, or no placements yet (the body says why)"}}}
             },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _ok(None)}},
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -24,6 +25,11 @@ async def readyz(request: Request) -> Response:
     kassa: Kassa = request.app.state.kassa
     if not kassa.ready:
         return json_response({"status": "starting"}, 503)
+    if not kassa.catalog.snapshot.placements:
+        # Every decision would be a 404: a load balancer must not send traffic here yet.
+        return json_response({"status": "not ready", "offers": len(kassa.catalog.snapshot.offers), "placements": 0,
+                              "reason": "no placements: load a catalog (--catalog FILE or catalog_file in the "
+                                        "settings) or PUT /v1/placements/{id} with an admin key"}, 503)
     return json_response({
         "status": "ready",
         "offers": len(kassa.catalog.snapshot.offers),
@@ -34,8 +40,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     kassa: Kassa = request.app.state.kassa
-    kassa.metrics.pending.set(len(kassa.joiner))
-    kassa.metrics.model_swaps.set(kassa.models.swaps)
+    await asyncio.to_thread(kassa.refresh_freshness)
     return Response(kassa.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -89,8 +89,10 @@ class DecisionEngine:
         offer_features: OfferFeatureSource | None = None,
         on_served: Callable[[str, str, float, bool], None] | None = None,
         shadow: ShadowSink | None = None,
+        on_shown: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.on_served = on_served
+        self.on_shown = on_shown  # (placement, offer ids shown): per-offer impression metrics
         self.shadow = shadow
         self.offer_features = offer_features if offer_features else None
         self.catalog = catalog
@@ -289,6 +291,8 @@ class DecisionEngine:
             self.idempotency.put(req.request_id, fingerprint, response, now)
         if self.observe is not None:
             self.observe(placement.id, fallback, took_ms / 1000.0)
+        if self.on_shown is not None and chosen:
+            self.on_shown(placement.id, chosen)
         return response
 
     def _feature_views(self, placement: schemas.Placement) -> list[FeatureView]:

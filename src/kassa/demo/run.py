@@ -36,7 +36,22 @@ from kassa.demo.view import curl_example, live_panel, progress_line, summary_tab
 from kassa.server import BackgroundServer
 
 PUBLISHABLE_KEY = "demo-publishable"
+SECRET_KEY = "demo-secret"
 ADMIN_KEY = "demo-admin"
+WEBHOOK_SECRET = "demo-webhook-secret"  # signs Shopify order webhooks (`kassa loadtest` sends some)
+# A push view like the one `kassa loadtest` profiles write (payload.feature_push); the demo's shoppers never
+# write it, so decisions read its default until a load test does.
+DEMO_FEATURES = """\
+entities:
+  - {name: customer, join_key: customer_id}
+views:
+  - name: customer_signals
+    kind: push
+    entity: customer
+    ttl: 30d
+    fields:
+      - {name: segment, dtype: str, default: unknown, max_length: 32}
+"""
 HOST = "127.0.0.1"
 LAST_WINDOW = 5_000  # the headline comparison: checkouts among the last 5,000 of the run
 LIVE_WINDOW = 2_000
@@ -64,6 +79,17 @@ def _curl_body(world: World) -> dict[str, Any]:
     pick = next((c for c in sample if "skincare" in c.categories and c.device == "mobile" and len(c.items) <= 2
                  and c.customer_id is not None), sample[0])
     return decision_request_body(pick, POLICY)
+
+
+def keys_line() -> str:
+    return (f"Keys of this demo: publishable {PUBLISHABLE_KEY} (browser), secret {SECRET_KEY} (server side: "
+            f"events, features, decision lookups), admin {ADMIN_KEY}; Shopify webhook secret {WEBHOOK_SECRET}")
+
+
+def loadtest_command(url: str, profile: str = "black-friday-peak", rate: float = 100, duration: float = 20) -> str:
+    """One `kassa loadtest` command that runs against this demo as it is (every key and secret it needs)."""
+    return (f"kassa loadtest --url {url} --profile {profile} --rate {rate:g} --duration {duration:g} "
+            f"--key {PUBLISHABLE_KEY} --secret-key {SECRET_KEY} --webhook-secret {WEBHOOK_SECRET}")
 
 
 def _check_port(port: int) -> None:
@@ -117,14 +143,17 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
     static_order = world.best_static_order()
     catalog_file = path / "demo-catalog.json"
     catalog_file.write_bytes(msgspec.json.encode(store.catalog(static_order)))
+    features_file = path / "demo-features.yaml"
+    features_file.write_text(DEMO_FEATURES)
     # A per-run prefix keeps order and event ids unique when a --data-dir is reused.
     run_id = f"r{int(time.time()):x}-"
     plan = world.checkouts(n, shares, run_id=run_id)
 
     settings = load_settings(None, **{
         "data_dir": str(path), "catalog_file": str(catalog_file), "log_level": "warning",
-        "admin_key": ADMIN_KEY, "publishable_key": PUBLISHABLE_KEY,
-        "server.host": HOST, "server.port": port,
+        "admin_key": ADMIN_KEY, "publishable_key": PUBLISHABLE_KEY, "secret_key": SECRET_KEY,
+        "server.host": HOST, "server.port": port, "features.definitions_file": str(features_file),
+        "integrations": {"shopify": {"webhook_secret": WEBHOOK_SECRET}},
         # Publish models often so the serving side follows the learner within seconds.
         "learn.snapshot_every_seconds": 1.0, "learn.snapshot_min_learns": 50,
     })
@@ -142,19 +171,23 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         human.print(f"[bold]Kassa demo[/]: {len(store.products)} products, {len(store.offers)} offers, "
                     f"{n:,} checkouts; API on {url} (set up in {time.perf_counter() - t0:.1f} s)")
         human.print(f"Confirmation page with the snippet: {url}{DEMO_PAGE}", markup=False, highlight=False)
+        human.print(keys_line(), markup=False, highlight=False, soft_wrap=True)
     share_of = dict(zip(SLICES, shares, strict=True))
     try:
         board = Scoreboard(plan, window=LIVE_WINDOW)
         interrupted = False
         driver = Driver(world, plan, board, HOST, port, PUBLISHABLE_KEY, workers=workers).start()
         try:
-            if headless:
+            if headless or not human.is_terminal:
+                # Redirected output: a live panel would print nothing until the end; a line every few
+                # seconds, flushed, shows the run is moving (and reads well in a log file).
                 next_line = time.monotonic() + PROGRESS_EVERY_S
                 while driver.alive():
                     driver.join(0.2)
                     board.sample()
                     if time.monotonic() >= next_line:
-                        print(progress_line(board), file=sys.stderr, flush=True)
+                        print(progress_line(board), file=sys.stderr if headless or json_out else sys.stdout,
+                              flush=True)
                         next_line += PROGRESS_EVERY_S
             else:
                 with Live(live_panel(board, url, seed, share_of), console=human, refresh_per_second=4) as live:
@@ -190,6 +223,10 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
                         soft_wrap=True)
             human.print(f"Placements and models (admin key): curl -s {url}/v1/placements "
                         f"-H 'Authorization: Bearer {ADMIN_KEY}'", markup=False, highlight=False, soft_wrap=True)
+            human.print(keys_line(), markup=False, highlight=False, soft_wrap=True)
+            human.print("Load-test it (decisions, events, feature pushes and signed order webhooks):",
+                        markup=False, highlight=False)
+            human.print(loadtest_command(url), markup=False, highlight=False, soft_wrap=True)
         if json_out:
             print(json.dumps(result), flush=True)
         if keep_serving and not interrupted:  # a Ctrl-C during the run means "stop", not "serve"

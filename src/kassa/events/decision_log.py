@@ -121,6 +121,7 @@ class DecisionLogWriter:
         # deque.append/popleft are atomic under the GIL: no lock on the hot path, and a record
         # appended while a flush runs is never swept into a batch that was already taken.
         self._buffer: collections.deque[DecisionRecord] = collections.deque()
+        self._writing: list[DecisionRecord] = []  # the batch a flush took, until it is in its files
         self._flush_lock = threading.Lock()  # serialises the thread's flush and explicit flush()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -132,6 +133,14 @@ class DecisionLogWriter:
     def pending(self) -> int:
         """Records appended but not yet written."""
         return len(self._buffer)
+
+    def find_unwritten(self, decision_id: str) -> DecisionRecord | None:
+        """A record still in memory (appended, or taken by a flush that has not finished), newest first."""
+        for records in (list(self._buffer), list(self._writing)):  # list(): one atomic copy under the GIL
+            for rec in reversed(records):
+                if rec.decision_id == decision_id:
+                    return rec
+        return None
 
     def append(self, record: DecisionRecord) -> None:
         self._buffer.append(record)
@@ -145,6 +154,7 @@ class DecisionLogWriter:
             if n == 0:
                 return 0
             batch = [self._buffer.popleft() for _ in range(n)]
+            self._writing = batch
             by_date: dict[str, list[DecisionRecord]] = {}
             for rec in batch:
                 by_date.setdefault(_utc_date(rec.ts), []).append(rec)
@@ -169,6 +179,7 @@ class DecisionLogWriter:
                 failed = [r for r in batch if _utc_date(r.ts) in failed_dates]
                 self._buffer.extendleft(reversed(failed))
             self.written += done
+            self._writing = []
             return done
 
     def _write_file(self, date: str, records: list[DecisionRecord]) -> Path:
@@ -211,6 +222,29 @@ class DecisionLogWriter:
         self.flush()
         if self._buffer:
             log.error("decision log closed with %d unwritten records", len(self._buffer))
+
+
+def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
+    """One logged decision by id, searching the newest date partitions first (ids carry no date, so a
+    decision from long ago costs a scan of every partition; DuckDB reads only the ``decision_id`` column
+    until it finds it). ``None`` when it is not in the files."""
+    import duckdb
+
+    base = Path(root) / "decisions"
+    dates = sorted((d for d in base.glob("date=*") if d.is_dir()), reverse=True)
+    cols = ", ".join(f'"{name}"' for name in SCHEMA.names)
+    with duckdb.connect() as con:
+        for date_dir in dates:
+            if not any(date_dir.glob("*.parquet")):
+                continue
+            glob = str(date_dir / "*.parquet").replace("'", "''")
+            table = con.sql(f"SELECT {cols} FROM read_parquet('{glob}') WHERE decision_id = ? LIMIT 1",
+                            params=[decision_id]).to_arrow_table()
+            if table.num_rows:
+                row = table.to_pylist()[0]
+                features = msgspec.json.decode(row.pop("features_json"))
+                return msgspec.convert({**row, "features": features}, DecisionRecord)
+    return None
 
 
 def read_decisions(

@@ -31,7 +31,8 @@ features_app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
@@ -90,7 +91,7 @@ def apply(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
     allow_destructive: Annotated[bool, typer.Option(
         help="Allow removing views and retyping fields (their stored values are orphaned).")] = False,
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Validate definitions, show what would change, and store them in the registry."""
@@ -131,7 +132,7 @@ def materialize_cmd(
     view: Annotated[Optional[str], typer.Option(help="Only this batch view (default: all).")] = None,  # noqa: UP045
     start: Annotated[Optional[str], typer.Option(help="ISO time; rows at or after it (default: all).")] = None,  # noqa: UP045
     end: Annotated[Optional[str], typer.Option(help="ISO time; rows before it (default: now).")] = None,  # noqa: UP045
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -188,7 +189,7 @@ def materialize_cmd(
 def get(
     view: Annotated[str, typer.Argument(help="Feature view.")],
     key: Annotated[str, typer.Argument(help="Entity key, e.g. a customer id.")],
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -230,7 +231,7 @@ def get(
 
 
 @features_app.command("freshness")
-def freshness(config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def freshness(config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
     """Age of each view's newest value against its freshness target (from the offline log, which holds
     every materialized and pushed value)."""
     settings = load_settings(config, data_dir=data_dir)
@@ -278,7 +279,7 @@ def training_set(
     filter_by_created_timestamp: Annotated[bool, typer.Option(
         "--filter-by-created-timestamp",
         help="Ignore versions created after each row's time (no leakage through late corrections).")] = False,
-    config: ConfigOpt = None,
+    config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from kassa import errors, schemas
 from kassa.features.definitions import FeatureRepo, FeatureView, check_value
-from kassa.features.online.base import OnlineStore, WriteItem
+from kassa.features.online.base import OnlineStore, ViewValues, WriteItem
 
 INJECTABLE = ("push", "batch")
 
@@ -50,6 +50,21 @@ class FeatureService:
         if not out:
             raise errors.Invalid("no values given", where)
         return out
+
+    async def get(self, view_name: str, key: str) -> tuple[FeatureView, ViewValues]:
+        """A stored view's newest values for one entity key (404 when the view is unknown, computed per
+        request, or has no live values for the key: a decision then serves the defaults)."""
+        view = self.repo.view(view_name)
+        if view is None:
+            raise errors.NotFound(f"no feature view {view_name!r}", "view")
+        if view.kind == "request":
+            raise errors.NotFound(f"view {view_name!r} is computed per request; nothing is stored", "view")
+        rows = await self.store.read([(view.entity, key)], [view])
+        found = rows[0].get(view.name) if rows and rows[0] else None
+        if found is None:
+            raise errors.NotFound(f"no values of {view_name!r} for {view.entity} {key!r} (missing or expired: "
+                                  "decisions serve the defaults)", "entity_key")
+        return view, found
 
     async def put(self, view_name: str, key: str, body: schemas.FeatureWrite) -> schemas.FeatureAck:
         view = self.injectable_view(view_name)

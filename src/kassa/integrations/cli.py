@@ -33,9 +33,10 @@ integrations_app = typer.Typer(help="Commerce platform connectors: API audit and
 console = Console(stderr=True)
 
 PlatformArg = Annotated[str, typer.Argument(help="shopify | woocommerce | magento | sfcc | sap")]
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Integration config (YAML) with the credentials.")]
+ConfigOpt = Annotated[Path, typer.Option(
+    "--credentials", help="Integration config (YAML) with the platform's credentials and options.")]
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
-    "--settings", help="Kassa settings file (default: $KASSA_CONFIG).")]
+    "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 

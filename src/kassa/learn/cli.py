@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,7 +30,8 @@ models_app = typer.Typer(help="The model registry: versions, stages, promotion a
 console = Console(stderr=True)
 out = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.")]  # noqa: UP045
+SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
@@ -96,12 +98,35 @@ def _print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
+def models_table(versions: list[Any]) -> Table:
+    """Model versions as a table that fits 80 columns: the version is never wrapped, a parent of the same
+    placement is shown by its number (``@11``), times are UTC without the year, no vertical rules."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    table.add_column("version", no_wrap=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("source")
+    table.add_column("rows", justify="right")
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("eval")
+    table.add_column("parent", no_wrap=True)
+    for v in versions:
+        ev = v.metrics.get("evaluation")
+        verdict = ("[green]pass[/]" if ev.get("passed") else "[red]fail[/]") if isinstance(ev, dict) else "-"
+        stage_text = v.stage + (f" {v.canary_share:.0%}" if v.stage == "canary" and v.canary_share else "")
+        parent = v.parent or "-"
+        if parent.startswith(f"{v.placement}@"):
+            parent = parent[len(v.placement):]
+        created = datetime.fromtimestamp(v.created_at, UTC).strftime("%m-%d %H:%M") if v.created_at else "-"
+        table.add_row(v.version, stage_text, v.source, f"{v.rows:,}", created, verdict, parent)
+    return table
+
+
 @models_app.command("list")
 def models_list(
     placement: Annotated[Optional[str], typer.Option(help="Only this placement.")] = None,  # noqa: UP045
     stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None,  # noqa: UP045
     limit: Annotated[int, typer.Option(help="At most this many versions.")] = 50,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Model versions, newest first, with their stage."""
     if stage is not None and stage not in STAGES:
@@ -111,20 +136,11 @@ def models_list(
     if json_out:
         _print_json({"versions": [v.to_dict() for v in versions]})
         return
-    table = Table("stage", "source", "rows", "created", "evaluation")
-    table.add_column("version", no_wrap=True)
-    table.add_column("parent", no_wrap=True)
-    for v in versions:
-        ev = v.metrics.get("evaluation")
-        verdict = ("[green]passed[/]" if ev.get("passed") else "[red]failed[/]") if isinstance(ev, dict) else "-"
-        stage_text = v.stage + (f" {v.canary_share:.0%}" if v.stage == "canary" and v.canary_share else "")
-        table.add_row(stage_text, v.source, f"{v.rows:,}", _fmt_time(v.created_at), verdict, v.version,
-                      v.parent or "-")
-    out.print(table)
+    out.print(models_table(versions))
 
 
 @models_app.command("show")
-def models_show(version: str, config: ConfigOpt = None, data_dir: DataDirOpt = None,
+def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt = None,
                 json_out: JsonOpt = False) -> None:
     """One version: metadata, metrics, lineage and stage history."""
     ctx = context(config, data_dir)
@@ -154,7 +170,7 @@ def models_promote(
     share: Annotated[Optional[float], typer.Option(help="Canary traffic share, e.g. 0.1.")] = None,  # noqa: UP045
     reason: Annotated[Optional[str], typer.Option(help="Recorded in the stage history.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option(help="Promote to production without a passing evaluation.")] = False,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Move a version to a stage. Production needs a passing `kassa evaluate` (or --force)."""
     from kassa.learn.registry import StageError
@@ -180,7 +196,7 @@ def models_promote(
 def models_rollback(
     placement: Annotated[str, typer.Option(help="The placement whose production model to roll back.")],
     reason: Annotated[str, typer.Option(help="Recorded in the stage history.")] = "manual rollback",
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Archive the production version and restore the one before it."""
     from kassa.learn.registry import StageError
@@ -200,7 +216,7 @@ def models_rollback(
 
 # ---------------------------------------------------------------------------------------------- train
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
 
 
@@ -213,7 +229,8 @@ class _Stages:
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage[:16], total=max(total, 1))
+            # The whole label: the bars line up on their own (one grid for all tasks).
+            self.tasks[stage] = self.bar.add_task(stage, total=max(total, 1))
         self.bar.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
@@ -226,7 +243,7 @@ def train_command(
     holdout: Annotated[float, typer.Option(help="Leave out this newest share of the window for "
                                                 "`kassa evaluate` (e.g. 0.2).")] = 0.0,
     learning_rate: Annotated[Optional[float], typer.Option(help="Default: learn.learning_rate.")] = None,  # noqa: UP045
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
     from kassa.learn.offline.train import train_placement
@@ -281,7 +298,7 @@ def evaluate_command(
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
     uniform-random and the logged policy; records the gate's verdict on the candidate."""
@@ -380,7 +397,7 @@ def drift_command(
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
                                                      "the N before them (overrides the time windows).")] = None,
     fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
+    config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
     from kassa.events.decision_log import read_decisions

@@ -239,16 +239,19 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
     host, port, base_path = parse_url(cfg.url)
     profile = cfg.profile
     fractions = profile.mix.fractions()
+    missing = []  # every missing secret at once, not one per attempt
     if "feature_push" in fractions and not cfg.secret_key:
-        raise LoadTestError(
+        missing.append(
             f"the mix sends feature pushes ({fractions['feature_push']:.1%} of requests), which need a secret key: "
             f"pass --secret-key (or set KASSA_SECRET_KEY), or drop them with --mix feature_push=0"
         )
     if "webhook" in fractions and not cfg.webhook_secret:
-        raise LoadTestError(
+        missing.append(
             f"the mix sends order webhooks ({fractions['webhook']:.1%} of requests), which are signed: pass "
             f"--webhook-secret (the platform's shared secret configured in Kassa), or --mix webhook=0"
         )
+    if missing:
+        raise LoadTestError("; and ".join(missing))
     base_url = cfg.url.rstrip("/")
     try:
         _get(base_url + "/healthz", 5.0)

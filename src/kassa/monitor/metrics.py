@@ -1,15 +1,99 @@
-"""Prometheus metrics of one Kassa process, in a registry of its own (no hidden globals)."""
+"""Prometheus metrics of one Kassa process, in a registry of its own (no hidden globals).
+
+Two kinds of series. Counters and histograms the services update as things happen (decisions, events,
+learned examples, per-offer impressions, accepts and joined reward). And a `LiveState` read once per
+scrape from the services themselves (model swaps, the serving versions, pending decisions, reward-join
+lag, canary rollbacks, feature freshness): what a service already counts is not counted twice.
+
+Per-offer series carry only offer ids of the catalog (anything else is counted as ``other``), so an event
+naming made-up offers cannot grow the label set. The ``*_created`` series prometheus_client adds to every
+counter and histogram are dropped by this registry alone (`_NoCreatedRegistry`): nothing global is changed
+for other registries in the process.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kassa.events.join import JoinedExample
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+OTHER_OFFER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureFreshness:
+    view: str
+    age_seconds: float | None  # None: no value logged yet
+    target_seconds: float
+
+
+@dataclass(slots=True)
+class LiveState:
+    """What the services know at scrape time; `Kassa.live_state` builds it."""
+
+    model_swaps: int = 0
+    pending_decisions: int = 0
+    join_lag_seconds: float = 0.0
+    serving: list[tuple[str, str, str]] = field(default_factory=list)  # (placement, stage, version)
+    canary_rollbacks: dict[str, int] = field(default_factory=dict)  # placement -> rollbacks
+    freshness: list[FeatureFreshness] = field(default_factory=list)
+
+
+class _NoCreatedRegistry(CollectorRegistry):
+    """A registry whose exposition leaves out the ``*_created`` samples (one per counter and histogram
+    child: they double the series count and no dashboard or alert of Kassa reads them)."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class _LiveCollector(Collector):
+    def __init__(self, source: Callable[[], LiveState | None]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        state = self.source()
+        if state is None:
+            return []
+        swaps = CounterMetricFamily("kassa_model_swaps", "Serving-set changes (publishes, promotions, rollbacks)")
+        swaps.add_metric([], state.model_swaps)
+        pending = GaugeMetricFamily("kassa_pending_decisions", "Decisions waiting for their reward window")
+        pending.add_metric([], state.pending_decisions)
+        lag = GaugeMetricFamily("kassa_reward_join_lag_seconds",
+                                "How long the oldest decision whose reward window has ended waits to be joined")
+        lag.add_metric([], state.join_lag_seconds)
+        serving = GaugeMetricFamily("kassa_serving_model_info", "The model version serving each placement "
+                                    "(1 per placement and stage)", labels=["placement", "stage", "version"])
+        for placement, stage, version in state.serving:
+            serving.add_metric([placement, stage, version], 1)
+        rollbacks = CounterMetricFamily("kassa_canary_rollbacks", "Canaries rolled back by a guardrail",
+                                        labels=["placement"])
+        for placement, n in sorted(state.canary_rollbacks.items()):
+            rollbacks.add_metric([placement], n)
+        age = GaugeMetricFamily("kassa_feature_age_seconds", "Age of a feature view's newest value "
+                                "(views with no value yet are left out)", labels=["view"])
+        target = GaugeMetricFamily("kassa_feature_freshness_target_seconds", "A feature view's freshness target",
+                                   labels=["view"])
+        for f in state.freshness:
+            target.add_metric([f.view], f.target_seconds)
+            if f.age_seconds is not None:
+                age.add_metric([f.view], f.age_seconds)
+        return [swaps, pending, lag, serving, rollbacks, age, target]
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = r = _NoCreatedRegistry()
         self.decisions = Counter("kassa_decisions", "Decisions served", ["placement", "fallback"], registry=r)
         self.decision_seconds = Histogram(
             "kassa_decision_seconds", "Server-side decision time", ["placement"], buckets=_BUCKETS, registry=r
@@ -17,14 +101,26 @@ class Metrics:
         self.events = Counter("kassa_events", "Events accepted", ["type"], registry=r)
         self.duplicates = Counter("kassa_event_duplicates", "Duplicate events ignored", registry=r)
         self.errors = Counter("kassa_http_errors", "Problem responses", ["status"], registry=r)
-        self.learned = Counter("kassa_learned_examples", "Examples learned", ["placement"], registry=r)
-        self.pending = Gauge("kassa_pending_decisions", "Decisions waiting for their reward window", registry=r)
-        self.model_swaps = Gauge("kassa_model_swaps", "Model snapshots published", registry=r)
+        self.learned = Counter("kassa_learned_examples", "Examples learned by the online learner", ["placement"],
+                               registry=r)
         self.feature_defaults = Counter(
             "kassa_feature_defaults", "Feature views served as defaults (missing or stale)", ["view"], registry=r
         )
+        self.impressions = Counter("kassa_offer_impressions", "Offers shown in a decision", ["placement", "offer"],
+                                   registry=r)
+        self.accepts = Counter("kassa_offer_accepts", "Accept events per offer", ["offer"], registry=r)
+        self.joined = Counter("kassa_offer_joined", "Shown offers whose reward window closed (joined examples)",
+                              ["placement", "offer"], registry=r)
+        # A gauge, not a counter: a refund's reward weight may be negative.
+        self.reward = Gauge("kassa_offer_reward", "Sum of joined reward per shown offer", ["placement", "offer"],
+                            registry=r)
+        # The catalog's offer ids, read per observation (`Kassa` points it at the live snapshot).
+        self.known_offers: Callable[[], Container[str]] = lambda: ()
+        self.live: Callable[[], LiveState | None] = lambda: None
+        r.register(_LiveCollector(lambda: self.live()))
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
+        self._shown: dict[tuple[str, str], Counter] = {}
 
     def observe_decision(self, placement: str, fallback: bool, seconds: float) -> None:
         # Label lookups cost more than the increment: keep the children per (placement, fallback).
@@ -37,11 +133,38 @@ class Metrics:
         pair[0].inc()
         pair[1].observe(seconds)
 
+    def observe_shown(self, placement: str, offers: Sequence[str]) -> None:
+        """The offers of one decision (engine ids, always catalog offers)."""
+        shown = self._shown
+        for offer in offers:
+            child = shown.get((placement, offer))
+            if child is None:
+                child = shown[(placement, offer)] = self.impressions.labels(placement, offer)
+            child.inc()
+
+    def observe_event(self, event_type: str, offer_id: str | None) -> None:
+        self.events.labels(event_type).inc()
+        if event_type == "accept" and offer_id is not None:
+            self.accepts.labels(self._offer_label(offer_id)).inc()
+
+    def observe_learned(self, placement: str, n: int) -> None:
+        self.learned.labels(placement).inc(n)
+
+    def observe_joined(self, examples: Sequence[JoinedExample]) -> None:
+        for ex in examples:
+            offer = self._offer_label(ex.offer_id)
+            self.joined.labels(ex.placement, offer).inc()
+            if ex.reward:
+                self.reward.labels(ex.placement, offer).inc(ex.reward)
+
     def observe_feature_default(self, view: str) -> None:
         child = self._default_children.get(view)
         if child is None:
             child = self._default_children[view] = self.feature_defaults.labels(view)
         child.inc()
+
+    def _offer_label(self, offer_id: str) -> str:
+        return offer_id if offer_id in self.known_offers() else OTHER_OFFER
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

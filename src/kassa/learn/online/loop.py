@@ -24,6 +24,7 @@ from pathlib import Path
 from kassa import policies
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
+from kassa.events.join import JoinedExample
 from kassa.learn.canary import Breach, CanaryGuard
 from kassa.learn.online.learner import OnlineLearner, latest_snapshot
 from kassa.learn.online.rewards import RewardJoiner
@@ -51,8 +52,14 @@ class LearningLoop:
         schema_hash: Callable[[str], str | None] | None = None,
         shadow: ShadowScorer | None = None,
         drift: DriftWatch | None = None,
+        on_learned: Callable[[str, int], None] | None = None,
+        on_joined: Callable[[list[JoinedExample]], None] | None = None,
     ) -> None:
         self.drift = drift
+        # Metrics hooks: examples learned per placement (once each: relearning after a restart is not
+        # counted again), and every joined example (learned or not) with its reward.
+        self.on_learned = on_learned
+        self.on_joined = on_joined
         self._last_drift_check = clock()
         self.catalog = catalog
         self.joiner = joiner
@@ -220,6 +227,7 @@ class LearningLoop:
         examples = self.joiner.expire(now, limit)
         placements = self.catalog.snapshot.placements
         guard = self.guard
+        learned: dict[str, int] = {}
         for ex in examples:
             if ex.slot == 0 and ex.version:
                 guard.rewarded(ex.placement, ex.version, ex.reward)
@@ -230,6 +238,7 @@ class LearningLoop:
             if learner is None:
                 continue
             learner.learn(ex.shared, ex.action, ex.reward, ex.probability)
+            learned[ex.placement] = learned.get(ex.placement, 0) + 1
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
             replay = self._replay.get(ex.placement)
@@ -239,6 +248,11 @@ class LearningLoop:
                     self.catch_up(ex.placement)  # rather than keep more: one VW load on the event loop
         if examples and self.drift is not None:
             self.drift.observe_joined(examples)
+        if examples and self.on_joined is not None:
+            self.on_joined(examples)
+        if self.on_learned is not None:
+            for placement_id, n in learned.items():
+                self.on_learned(placement_id, n)
         self.learned += len(examples)
         return len(examples)
 

@@ -32,6 +32,10 @@ class RewardJoiner:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def join_lag(self, now: float) -> float:
+        """Seconds the oldest decision whose wait has ended has been waiting to be closed (0 when none)."""
+        return max(0.0, now - self._deadlines[0][0]) if self._deadlines else 0.0
+
     def register(self, pending: PendingDecision) -> None:
         self._pending[pending.decision_id] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))

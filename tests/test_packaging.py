@@ -1,0 +1,137 @@
+"""What a new adopter runs first: the wheel installed in a clean venv, ``kassa --version``, ``kassa
+snippet``, ``kassa init`` (a folder the server starts from), the LICENSE, and the old option names."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+import kassa
+from kassa.cli import app, rewrite_aliases
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_version_is_one_number_everywhere() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"kassa {kassa.__version__}"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'version = "{kassa.__version__}"' in pyproject
+    assert f"## {kassa.__version__} - " in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_license_is_the_apache_2_text() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_snippet_command_prints_the_tag_with_sri() -> None:
+    from kassa.snippet.build import built
+
+    result = CliRunner().invoke(app, ["snippet", "--base-url", "https://shop.example", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output.strip().splitlines()[-1])
+    s = built()
+    assert info["integrity"] == s.integrity and info["integrity"].startswith("sha384-")
+    assert info["script_tag"] == (f'<script async src="https://shop.example/v1/snippet.js?v={s.version}" '
+                                  f'integrity="{s.integrity}" crossorigin="anonymous"></script>')
+    plain = CliRunner().invoke(app, ["snippet"])
+    assert plain.exit_code == 0 and s.integrity in plain.output and "<script" in plain.output
+
+
+def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+
+    folder = tmp_path / "shop"
+    result = CliRunner().invoke(app, ["init", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "kassa serve --settings kassa.yaml" in result.output
+    assert oct((folder / "kassa.yaml").stat().st_mode & 0o777) == "0o600"  # it holds the keys
+    cfg = yaml.safe_load((folder / "kassa.yaml").read_text())
+    assert cfg["admin_key"] in result.output and cfg["admin_key"].startswith("ka_")
+    assert len({cfg["admin_key"], cfg["secret_key"], cfg["publishable_key"]}) == 3
+
+    monkeypatch.chdir(folder)  # paths in kassa.yaml are relative to the project folder
+    k = Kassa(load_settings("kassa.yaml"))
+    with TestClient(create_app(k)) as client:
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["placements"] == 1 and ready["offers"] == 4
+        body = {"placement": "order_confirmation", "customer": {"id": "c-1"},
+                "order": {"id": "1", "currency": "USD", "total": 120.0, "ship_country": "US",
+                          "items": [{"sku": "TV", "category": "electronics", "qty": 1, "price": 120.0}]}}
+        r = client.post("/v1/decisions", json=body, headers={"Authorization": f"Bearer {cfg['secret_key']}"})
+        assert r.status_code == 200, r.text and r.json()["offers"]
+        r = client.get("/v1/offers", headers={"Authorization": f"Bearer {cfg['admin_key']}"})
+        assert r.status_code == 200
+        assert {v.name for v in k.repo.views} == {"customer_signals", "customer_activity"}
+
+    again = CliRunner().invoke(app, ["init", str(folder)])
+    assert again.exit_code == 1 and "already has" in again.output  # nothing overwritten without --force
+
+
+def test_old_config_option_is_a_hidden_alias() -> None:
+    assert rewrite_aliases(["serve", "--config", "k.yaml"]) == ["serve", "--settings", "k.yaml"]
+    assert rewrite_aliases(["models", "list", "-c=k.yaml"]) == ["models", "list", "--settings=k.yaml"]
+    assert rewrite_aliases(["integrations", "sync", "shopify", "--config", "s.yaml"]) == [
+        "integrations", "sync", "shopify", "--credentials", "s.yaml"]
+    assert rewrite_aliases(["serve", "--", "--config"]) == ["serve", "--", "--config"]
+    helps = [CliRunner().invoke(app, [*cmd, "--help"]).output for cmd in (["serve"], ["models", "list"])]
+    assert all("--settings" in h and "--config" not in h for h in helps)
+    missing = CliRunner().invoke(app, ["keys", "list", "--config", "/no/such/settings.yaml"])
+    assert missing.exit_code != 0 and "/no/such/settings.yaml" in str(missing.exception or missing.output)
+
+
+def test_wheel_installs_in_a_clean_venv_and_runs_the_demo(tmp_path: Path) -> None:
+    """Builds the wheel, installs it (dependencies from the package index) into a fresh venv, and runs the
+    installed ``kassa`` outside the source tree. About 30-90 s, most of it pip."""
+    import shutil
+
+    # Build from a copy of what the wheel is made of: building in place would leave build/ and an
+    # egg-info in the source tree (which a PYTHONPATH=src pip would then take for an installed kassa).
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KASSA_CONFIG")}
+    dist = tmp_path / "dist"
+    run = {"capture_output": True, "text": True, "env": env}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)],
+                           timeout=300, **run)  # type: ignore[call-overload]
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheels = list(dist.glob("kassa-*.whl"))
+    assert len(wheels) == 1 and f"kassa-{kassa.__version__}-" in wheels[0].name
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])], timeout=600,
+                         **run)  # type: ignore[call-overload]
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    exe = str(venv / "bin" / "kassa")
+    version = subprocess.run([exe, "--version"], cwd=tmp_path, timeout=60, **run)  # type: ignore[call-overload]
+    assert version.returncode == 0 and version.stdout.strip() == f"kassa {kassa.__version__}", version.stderr
+    demo = subprocess.run([exe, "demo", "--headless", "--checkouts", "300", "--json", "--port", str(_free_port()),
+                           "--data-dir", str(tmp_path / "demo")], cwd=tmp_path, timeout=300,
+                          **run)  # type: ignore[call-overload]
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    result = json.loads(demo.stdout.strip().splitlines()[-1])
+    assert result["checkouts"] == 300 and result["p50_ms"] > 0
+    import_path = subprocess.run([str(venv / "bin" / "python"), "-c", "import kassa; print(kassa.__file__)"],
+                                 cwd=tmp_path, timeout=60, **run)  # type: ignore[call-overload]
+    assert str(venv) in import_path.stdout  # the installed package ran, not the source tree
