@@ -87,8 +87,49 @@ def test_rollback_restores_the_previous_production_version(registry, tmp_path):
     assert restored.version == v1.version and restored.stage == "production"
     assert registry.get(v2.version).stage == "archived"
     assert "rolled back: bad numbers" in registry.history(version=v2.version)[0].reason
-    registry.rollback("p")  # back to v2: it was production before v1's restore
+    with pytest.raises(StageError, match="no earlier production version"):
+        registry.rollback("p")  # never back to v2: it was rolled back (issue 17: no ping-pong)
+    assert registry.get(v1.version).stage == "production"
+
+
+def test_rollback_undoes_the_release_not_the_learners_last_snapshot(registry, tmp_path):
+    good = _register(registry, tmp_path, "good", stage="production")
+    bad = _register(registry, tmp_path, "bad", parent=good.version)
+    promote_version(registry, bad.version, "production", force=True)  # a bad model forced by hand
+    snap = _register(registry, tmp_path, "snap", stage="production", parent=bad.version, source="online",
+                     actor="learner", auto=True)  # the learner's snapshot on top of it
+    assert snap.stage == "production"
+    restored = registry.rollback("p", "conversion dropped")
+    assert restored.version == good.version  # not the forced bad model under the snapshot
+    assert registry.rolled_back_ancestor(snap.version) == snap.version
+    assert registry.rolled_back_ancestor(bad.version) == bad.version
+    # The learner's next snapshot descends from the bad lineage: it stays a candidate.
+    late = _register(registry, tmp_path, "late", stage="production", parent=snap.version, source="online",
+                     actor="learner", auto=True)
+    assert late.stage == "candidate" and registry.get(good.version).stage == "production"
+    child = _register(registry, tmp_path, "child", stage="production", parent=good.version, source="online",
+                      actor="learner", auto=True)
+    assert child.stage == "production"
+    # A second rollback never restores the bad model or a descendant of it: nothing before `good` is clean,
+    # so it undoes the child snapshot alone.
+    assert registry.rollback("p").version == good.version
+    # Promoted by hand, a rolled-back version and its descendants may auto-publish again.
+    registry.promote(late.version, "production", reason="checked by hand")
+    again = _register(registry, tmp_path, "again", stage="production", parent=late.version, source="online",
+                      actor="learner", auto=True)
+    assert again.stage == "production"
+
+
+def test_consecutive_rollbacks_walk_back_past_the_bad_lineage(registry, tmp_path):
+    v1 = _register(registry, tmp_path, "1", stage="production")
+    v2 = _register(registry, tmp_path, "2", parent=v1.version, stage="production", actor="learner", auto=True)
+    bad = _register(registry, tmp_path, "bad")
+    promote_version(registry, bad.version, "production", force=True)
+    registry.rollback("p", "first")  # the forced release is undone: v2 serves
     assert registry.get(v2.version).stage == "production"
+    registry.rollback("p", "second")  # v2's release (a restore) is undone: v1, never `bad`
+    assert registry.get(v1.version).stage == "production"
+    assert registry.get(bad.version).stage == "archived"
 
 
 def test_rollback_without_an_earlier_version_is_refused(registry, tmp_path):
