@@ -194,22 +194,64 @@ def test_guardrail_breaches_each_rule_and_not_on_equal_versions():
             guard.served("p", version, ms * rng.uniform(0.8, 1.2), rng.random() < err)
             guard.rewarded("p", version, 1.0 if rng.random() < rate else 0.0)
 
-    same = CanaryGuard(s)
+    def guard() -> CanaryGuard:
+        g = CanaryGuard(s)
+        g.track("p", "prod", "can")
+        return g
+
+    same = guard()
     fill(same, "prod", 0.2)
     fill(same, "can", 0.2)
-    assert same.check("p", "prod", "can") is None
-    worse = CanaryGuard(s)
+    assert same.check("p") is None
+    worse = guard()
     fill(worse, "prod", 0.2)
     fill(worse, "can", 0.1)
-    assert "reward rate" in worse.check("p", "prod", "can").reason
-    errors = CanaryGuard(s)
+    assert "reward rate" in worse.check("p").reason
+    errors = guard()
     fill(errors, "prod", 0.2)
     fill(errors, "can", 0.2, err=0.05)
-    assert "error rate" in errors.check("p", "prod", "can").reason
-    slow = CanaryGuard(s)
+    assert "error rate" in errors.check("p").reason
+    slow = guard()
     fill(slow, "prod", 0.2, ms=1.0)
     fill(slow, "can", 0.2, ms=10.0)
-    assert "P99 latency" in slow.check("p", "prod", "can").reason
+    assert "P99 latency" in slow.check("p").reason
+
+
+def test_guardrail_comparison_outlives_production_snapshots_and_takes_late_rewards():
+    g = CanaryGuard(CanarySettings(min_rewards=50))
+    g.track("p", "p@1", "p@9")
+    for i in range(60):
+        g.served("p", "p@9", 1.0, False)
+        g.served("p", f"p@{1 + i // 20}", 1.0, False)  # production is re-published twice meanwhile
+    g.track("p", "p@2", "p@9")
+    g.track("p", "p@3", "p@9")
+    for i in range(60):  # rewards arrive after their (long) wait, for decisions of versions since replaced
+        g.rewarded("p", f"p@{1 + i // 20}", 1.0 if i % 3 else 0.0)
+        g.rewarded("p", "p@9", 0.0)
+    comp = g.comparison("p")
+    assert comp is not None and len(comp.production_arm.rewards) == 60 and len(comp.canary_arm.rewards) == 60
+    assert g.check("p").guardrail == "reward"
+    g.track("p", "p@3", None)  # the canary stops: its comparison closes
+    assert g.comparison("p") is None
+
+
+def test_latency_guardrail_decides_within_a_few_slow_decisions():
+    g = CanaryGuard(CanarySettings())
+    g.track("p", "prod", "can")
+    rng = random.Random(3)
+    for _ in range(100):
+        g.served("p", "prod", rng.uniform(0.5, 2.0), False)
+    slow = 0
+    while g.check("p") is None:
+        g.served("p", "can", rng.uniform(5.0, 20.0) * 10, False)
+        slow += 1
+    assert slow <= 5
+    quick = CanaryGuard(CanarySettings())
+    quick.track("p", "prod", "can")
+    for _ in range(5000):  # an A/A canary is never flagged, however often it is checked
+        quick.served("p", "prod", rng.uniform(0.5, 2.0), False)
+        quick.served("p", "can", rng.uniform(0.5, 2.0), False)
+        assert quick.check("p") is None
 
 
 def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_path):
@@ -229,6 +271,7 @@ def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_p
         versions.add(client.post("/v1/decisions", json=decision_body(customer=f"c-{i}")).json()["model_version"])
     assert {"order_confirmation@1", "order_confirmation@2"} <= versions  # both serve, split by customer
     guard = learning.guard
+    assert guard.comparison("order_confirmation").canary == "order_confirmation@2"
     rng = random.Random(2)
     for _ in range(600):  # the canary converts at half production's rate
         guard.served("order_confirmation", "order_confirmation@1", 1.0, False)
