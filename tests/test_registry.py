@@ -378,6 +378,29 @@ def test_relearning_survives_a_second_promotion_and_is_bounded(kassa, clock, tmp
     assert learner.learned == 50 + 5 and learner.rewarded_decisions == 50 + 5
 
 
+def test_a_rollback_before_the_learners_restart_cancels_the_restart(client, kassa, clock, tmp_path):
+    loop = kassa.learning
+    learner = loop.learner("order_confirmation")
+    _accepted_decisions(client, clock, "a", 6)
+    loop.step()
+    own = loop.publish("order_confirmation", learner)  # the learner's snapshot serves
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    bad = kassa.model_registry.register("order_confirmation", _model_file(tmp_path, "bad", placement=placement),
+                                        schema_hash=kassa.schema_hash("order_confirmation"), learner_args=learner.args,
+                                        source="batch", metrics={"learned": 9, "rewarded_decisions": 9})
+    promote_version(kassa.model_registry, bad.version, "production", force=True)
+    loop.poll()
+    assert loop.restart_pending("order_confirmation")  # it would continue from the forced model...
+    assert kassa.model_registry.rollback("order_confirmation", "bad").version == own.version
+    loop.poll()
+    assert not loop.restart_pending("order_confirmation")  # ...but the rollback came first: it never does
+    _accepted_decisions(client, clock, "b", 3)
+    loop.step()
+    snap = loop.publish("order_confirmation", learner)
+    assert kassa.model_registry.get(snap.version).parent == own.version
+    assert kassa.models.get("order_confirmation").version == snap.version
+
+
 def test_shadow_model_scores_without_changing_answers_and_is_logged(client, kassa, tmp_path):
     reg = kassa.model_registry
     mv = reg.register("order_confirmation", _model_file(tmp_path, "s"), schema_hash=kassa.schema_hash(
