@@ -354,7 +354,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--docs-from", type=Path, help="rewrite the docs section from a saved --json output "
+                    "(its last line) instead of measuring")
     args = ap.parse_args()
+    if args.docs_from is not None:
+        write_docs(json.loads(args.docs_from.read_text().splitlines()[-1]))
+        return
     logging.basicConfig(level=logging.ERROR)
     t0 = time.perf_counter()
     figures = run_all(args.repeats)
@@ -380,6 +385,7 @@ def write_docs(f: dict[str, Any]) -> None:
         f"{len(r['served_after_rollback'])} | {len(r['not_descended_from_restored'])} | "
         f"{len(r['bad_lineage_after_second'])} |" for r in m)
     lat = f["latency_runs"]
+    aa = "; ".join(f"{k.removeprefix('aa_')} {v}" for k, v in f["aa_decisions"].items())
     text = f"""{START}
 ## Rollout safety under continuous learning (`bench/rollout.py`)
 
@@ -398,9 +404,10 @@ number of production versions that served during each run):
 {rows}
 
 A/A canary (a copy of production) in the same three settings for reward wait + 120 s:
-**{f['aa_rollbacks']} of {f['aa_runs']} runs rolled back** (decisions per run: {f['aa_decisions']}).
+**{f['aa_rollbacks']} of {f['aa_runs']} runs rolled back** (decisions per run, warm-up included: {aa}).
 
-Latency: a canary 10x production's P99 at 200 decisions/s and 50% share was rolled back after
+Latency: a canary 10x production's P99 (its scorer sleeps 9x the P99 production showed in a 3 s warm-up)
+at 200 decisions/s and 50% share was rolled back after
 **{f['latency_rollback_s']} s** (median; runs {[r['seconds'] for r in lat]} s; production P99
 {[r['production_p99_ms'] for r in lat]} ms, canary P99 {[r['canary_p99_ms'] for r in lat]} ms).
 
