@@ -21,7 +21,9 @@ Scenarios (``--json`` prints one object with these keys):
   the last 30 s is at least 80% of the level before the bad model; then a second rollback, which must
   restore neither the bad model nor a descendant of it.
 - ``latency_rollback_s``: a canary 10x slower than production's P99 (its scorer sleeps 9x production's
-  measured P99 on every call) at 50% share and 200 decisions/s; seconds of test clock to its rollback.
+  P99 on every call, that P99 measured in a warm-up and taken as at least the issue's 2.4 ms, since a 10x
+  ratio on a sub-millisecond P99 stays within the default 2 ms slack) at 50% share and 200 decisions/s;
+  seconds of test clock to its rollback.
 
     python bench/rollout.py --repeats 3 --json [--write-docs]
 """
@@ -61,6 +63,7 @@ START = "<!-- bench:rollout:start -->"
 END = "<!-- bench:rollout:end -->"
 PLACEMENT = "checkout"
 ACCEPT = {"good": 0.30, "meh": 0.08, "bad": 0.04, "worse": 0.03}
+P99_FLOOR_MS = 2.4  # production's server-side P99 in issue 17's latency report
 REWARD_RUNS = ((20.0, 600.0), (100.0, 30.0), (200.0, 1.0))  # (decisions/s, reward wait s)
 
 
@@ -240,7 +243,9 @@ async def latency_run(root: Path, rate: float = 200.0, seed: int = 1, horizon: f
         sim.canary(copy)
         model = sim.kassa.learning.sync._loaded[copy] if sim.kassa.learning.sync else None
         assert model is not None
-        slow = Slow(model, 9 * p99 / 1000.0)  # production's time + 9x its P99: 10x production's P99
+        # production's time + 9x its P99: 10x production's P99, taking that P99 as at least the issue's 2.4 ms
+        # (below ~2 ms the default 2 ms slack rightly forgives a 10x ratio: 10x of 0.15 ms is no breach)
+        slow = Slow(model, 9 * max(p99, P99_FLOOR_MS) / 1000.0)
         sim.kassa.learning.sync._loaded[copy] = slow  # type: ignore[union-attr]
         serving = sim.kassa.models.serving(PLACEMENT)
         sim.kassa.models.publish_set(PLACEMENT, replace(serving, canary=slow))
@@ -406,8 +411,9 @@ number of production versions that served during each run):
 A/A canary (a copy of production) in the same three settings for reward wait + 120 s:
 **{f['aa_rollbacks']} of {f['aa_runs']} runs rolled back** (decisions per run, warm-up included: {aa}).
 
-Latency: a canary 10x production's P99 (its scorer sleeps 9x the P99 production showed in a 3 s warm-up)
-at 200 decisions/s and 50% share was rolled back after
+Latency: a canary 10x production's P99 (its scorer sleeps 9x the P99 production showed in a 3 s warm-up,
+taken as at least issue 17's 2.4 ms: 10x a sub-millisecond P99 is within the default 2 ms slack) at 200
+decisions/s and 50% share was rolled back after
 **{f['latency_rollback_s']} s** (median; runs {[r['seconds'] for r in lat]} s; production P99
 {[r['production_p99_ms'] for r in lat]} ms, canary P99 {[r['canary_p99_ms'] for r in lat]} ms).
 

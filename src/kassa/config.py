@@ -37,7 +37,7 @@ class CanarySettings(Struct, forbid_unknown_fields=True):
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 2.0
     min_latency_decisions: int = 100  # production decisions behind its P99 before latency/errors are tested
-    latency_breach_share: float = 0.05  # the latency SPRT's alternative: this share over the allowed P99
+    latency_breach_share: float = 0.10  # the latency SPRT's alternative: this share over the allowed P99
 
 
 class LearnSettings(Struct, forbid_unknown_fields=True):

@@ -16,7 +16,7 @@ evidence is clear:
 
 - latency: a canary decision "breaches" when it took longer than production's P99 times ``max_p99_ratio``
   plus ``p99_slack_ms``. A healthy canary breaches at most 1% of the time (the P99 definition); Wald's
-  SPRT of breach share 1% against ``latency_breach_share`` rolls back when the likelihood ratio reaches
+  SPRT of breach share 1% against ``latency_breach_share`` (10%) rolls back when the likelihood ratio reaches
   1/alpha. A canary 10x slower breaches on every decision, so a handful of decisions settle it, once
   production has ``min_latency_decisions`` for its P99;
 - error rate: the same SPRT on the share of canary decisions whose model failed to score, against

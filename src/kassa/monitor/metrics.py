@@ -33,7 +33,7 @@ class Metrics:
             "kassa_guardrail_evaluations", "Canary guardrail checks by outcome (pass, latency, error_rate, reward)",
             ["placement", "outcome"], registry=r,
         )
-        self.guardrail_rollbacks = Counter(
+        self.rollbacks = Counter(
             "kassa_rollbacks", "Production or canary rollbacks by reason (latency, error_rate, reward, manual)",
             ["placement", "reason"], registry=r,
         )

@@ -173,7 +173,7 @@ class LearningLoop:
             return
         last = self.registry.history(version=version, limit=1)  # one indexed query, on a rare change
         if last and last[0].to_stage == "production" and last[0].reason.startswith("restored by rollback"):
-            self.metrics.guardrail_rollbacks.labels(placement_id, "manual").inc()
+            self.metrics.rollbacks.labels(placement_id, "manual").inc()
 
     def _continue_from(self, placement_id: str, model: ServingModel) -> None:
         """Production of ``placement_id`` is now ``model``: the learner restarts from it at its next snapshot
@@ -338,7 +338,7 @@ class LearningLoop:
             registry.promote(breach.version, "archived", reason=f"guardrail: {breach.reason}", actor="guardrail",
                              rolled_back=True)
             if metrics is not None:
-                metrics.guardrail_rollbacks.labels(breach.placement, breach.guardrail).inc()
+                metrics.rollbacks.labels(breach.placement, breach.guardrail).inc()
 
         def evaluated(placement_id: str, outcome: str) -> None:
             if metrics is not None:
