@@ -38,6 +38,7 @@ bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/
 	$(BIN)/python bench/learning.py --write-docs
 	$(BIN)/python bench/retrain.py --write-docs
 	$(BIN)/python bench/model_swap.py --write-docs
+	$(BIN)/python bench/rollout.py --write-docs
 	$(BIN)/python bench/ope.py --write-docs
 	$(BIN)/python bench/webhooks.py --write-docs
 	$(BIN)/python bench/catalog_sync.py --write-docs

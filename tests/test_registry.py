@@ -87,8 +87,49 @@ def test_rollback_restores_the_previous_production_version(registry, tmp_path):
     assert restored.version == v1.version and restored.stage == "production"
     assert registry.get(v2.version).stage == "archived"
     assert "rolled back: bad numbers" in registry.history(version=v2.version)[0].reason
-    registry.rollback("p")  # back to v2: it was production before v1's restore
+    with pytest.raises(StageError, match="no earlier production version"):
+        registry.rollback("p")  # never back to v2: it was rolled back (issue 17: no ping-pong)
+    assert registry.get(v1.version).stage == "production"
+
+
+def test_rollback_undoes_the_release_not_the_learners_last_snapshot(registry, tmp_path):
+    good = _register(registry, tmp_path, "good", stage="production")
+    bad = _register(registry, tmp_path, "bad", parent=good.version)
+    promote_version(registry, bad.version, "production", force=True)  # a bad model forced by hand
+    snap = _register(registry, tmp_path, "snap", stage="production", parent=bad.version, source="online",
+                     actor="learner", auto=True)  # the learner's snapshot on top of it
+    assert snap.stage == "production"
+    restored = registry.rollback("p", "conversion dropped")
+    assert restored.version == good.version  # not the forced bad model under the snapshot
+    assert registry.rolled_back_ancestor(snap.version) == snap.version
+    assert registry.rolled_back_ancestor(bad.version) == bad.version
+    # The learner's next snapshot descends from the bad lineage: it stays a candidate.
+    late = _register(registry, tmp_path, "late", stage="production", parent=snap.version, source="online",
+                     actor="learner", auto=True)
+    assert late.stage == "candidate" and registry.get(good.version).stage == "production"
+    child = _register(registry, tmp_path, "child", stage="production", parent=good.version, source="online",
+                      actor="learner", auto=True)
+    assert child.stage == "production"
+    # A second rollback never restores the bad model or a descendant of it: nothing before `good` is clean,
+    # so it undoes the child snapshot alone.
+    assert registry.rollback("p").version == good.version
+    # Promoted by hand, a rolled-back version and its descendants may auto-publish again.
+    registry.promote(late.version, "production", reason="checked by hand")
+    again = _register(registry, tmp_path, "again", stage="production", parent=late.version, source="online",
+                      actor="learner", auto=True)
+    assert again.stage == "production"
+
+
+def test_consecutive_rollbacks_walk_back_past_the_bad_lineage(registry, tmp_path):
+    v1 = _register(registry, tmp_path, "1", stage="production")
+    v2 = _register(registry, tmp_path, "2", parent=v1.version, stage="production", actor="learner", auto=True)
+    bad = _register(registry, tmp_path, "bad")
+    promote_version(registry, bad.version, "production", force=True)
+    registry.rollback("p", "first")  # the forced release is undone: v2 serves
     assert registry.get(v2.version).stage == "production"
+    registry.rollback("p", "second")  # v2's release (a restore) is undone: v1, never `bad`
+    assert registry.get(v1.version).stage == "production"
+    assert registry.get(bad.version).stage == "archived"
 
 
 def test_rollback_without_an_earlier_version_is_refused(registry, tmp_path):
@@ -153,22 +194,64 @@ def test_guardrail_breaches_each_rule_and_not_on_equal_versions():
             guard.served("p", version, ms * rng.uniform(0.8, 1.2), rng.random() < err)
             guard.rewarded("p", version, 1.0 if rng.random() < rate else 0.0)
 
-    same = CanaryGuard(s)
+    def guard() -> CanaryGuard:
+        g = CanaryGuard(s)
+        g.track("p", "prod", "can")
+        return g
+
+    same = guard()
     fill(same, "prod", 0.2)
     fill(same, "can", 0.2)
-    assert same.check("p", "prod", "can") is None
-    worse = CanaryGuard(s)
+    assert same.check("p") is None
+    worse = guard()
     fill(worse, "prod", 0.2)
     fill(worse, "can", 0.1)
-    assert "reward rate" in worse.check("p", "prod", "can").reason
-    errors = CanaryGuard(s)
+    assert "reward rate" in worse.check("p").reason
+    errors = guard()
     fill(errors, "prod", 0.2)
     fill(errors, "can", 0.2, err=0.05)
-    assert "error rate" in errors.check("p", "prod", "can").reason
-    slow = CanaryGuard(s)
+    assert "error rate" in errors.check("p").reason
+    slow = guard()
     fill(slow, "prod", 0.2, ms=1.0)
     fill(slow, "can", 0.2, ms=10.0)
-    assert "P99 latency" in slow.check("p", "prod", "can").reason
+    assert "P99 latency" in slow.check("p").reason
+
+
+def test_guardrail_comparison_outlives_production_snapshots_and_takes_late_rewards():
+    g = CanaryGuard(CanarySettings(min_rewards=50))
+    g.track("p", "p@1", "p@9")
+    for i in range(60):
+        g.served("p", "p@9", 1.0, False)
+        g.served("p", f"p@{1 + i // 20}", 1.0, False)  # production is re-published twice meanwhile
+    g.track("p", "p@2", "p@9")
+    g.track("p", "p@3", "p@9")
+    for i in range(60):  # rewards arrive after their (long) wait, for decisions of versions since replaced
+        g.rewarded("p", f"p@{1 + i // 20}", 1.0 if i % 3 else 0.0)
+        g.rewarded("p", "p@9", 0.0)
+    comp = g.comparison("p")
+    assert comp is not None and len(comp.production_arm.rewards) == 60 and len(comp.canary_arm.rewards) == 60
+    assert g.check("p").guardrail == "reward"
+    g.track("p", "p@3", None)  # the canary stops: its comparison closes
+    assert g.comparison("p") is None
+
+
+def test_latency_guardrail_decides_within_a_few_slow_decisions():
+    g = CanaryGuard(CanarySettings())
+    g.track("p", "prod", "can")
+    rng = random.Random(3)
+    for _ in range(100):
+        g.served("p", "prod", rng.uniform(0.5, 2.0), False)
+    slow = 0
+    while g.check("p") is None:
+        g.served("p", "can", rng.uniform(5.0, 20.0) * 10, False)
+        slow += 1
+    assert slow <= 5
+    quick = CanaryGuard(CanarySettings())
+    quick.track("p", "prod", "can")
+    for _ in range(5000):  # an A/A canary is never flagged, however often it is checked
+        quick.served("p", "prod", rng.uniform(0.5, 2.0), False)
+        quick.served("p", "can", rng.uniform(0.5, 2.0), False)
+        assert quick.check("p") is None
 
 
 def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_path):
@@ -188,6 +271,7 @@ def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_p
         versions.add(client.post("/v1/decisions", json=decision_body(customer=f"c-{i}")).json()["model_version"])
     assert {"order_confirmation@1", "order_confirmation@2"} <= versions  # both serve, split by customer
     guard = learning.guard
+    assert guard.comparison("order_confirmation").canary == "order_confirmation@2"
     rng = random.Random(2)
     for _ in range(600):  # the canary converts at half production's rate
         guard.served("order_confirmation", "order_confirmation@1", 1.0, False)
@@ -292,6 +376,29 @@ def test_relearning_survives_a_second_promotion_and_is_bounded(kassa, clock, tmp
     # The 4 never learned on b's weights plus the 3 learned since, capped at the newest 5.
     assert loop.learn_backlog(100) == 5
     assert learner.learned == 50 + 5 and learner.rewarded_decisions == 50 + 5
+
+
+def test_a_rollback_before_the_learners_restart_cancels_the_restart(client, kassa, clock, tmp_path):
+    loop = kassa.learning
+    learner = loop.learner("order_confirmation")
+    _accepted_decisions(client, clock, "a", 6)
+    loop.step()
+    own = loop.publish("order_confirmation", learner)  # the learner's snapshot serves
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    bad = kassa.model_registry.register("order_confirmation", _model_file(tmp_path, "bad", placement=placement),
+                                        schema_hash=kassa.schema_hash("order_confirmation"), learner_args=learner.args,
+                                        source="batch", metrics={"learned": 9, "rewarded_decisions": 9})
+    promote_version(kassa.model_registry, bad.version, "production", force=True)
+    loop.poll()
+    assert loop.restart_pending("order_confirmation")  # it would continue from the forced model...
+    assert kassa.model_registry.rollback("order_confirmation", "bad").version == own.version
+    loop.poll()
+    assert not loop.restart_pending("order_confirmation")  # ...but the rollback came first: it never does
+    _accepted_decisions(client, clock, "b", 3)
+    loop.step()
+    snap = loop.publish("order_confirmation", learner)
+    assert kassa.model_registry.get(snap.version).parent == own.version
+    assert kassa.models.get("order_confirmation").version == snap.version
 
 
 def test_shadow_model_scores_without_changing_answers_and_is_logged(client, kassa, tmp_path):

@@ -78,10 +78,12 @@ class Kassa:
         self.event_log = SqliteEventLog(data / "events.db")
         self.model_registry = ModelRegistry(self.db, data / "models", clock)
         self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
-        self.shadow = ShadowScorer(self.shadow_log, seed=seed)
+        self.shadow = ShadowScorer(self.shadow_log, seed=seed,
+                                   on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
-                                     drift=self.drift, on_learned=self.metrics.observe_learned,
+                                     drift=self.drift, metrics=self.metrics,
+                                     on_learned=self.metrics.observe_learned,
                                      on_joined=self.metrics.observe_joined)
         self.offer_cache = None
         offer_views = self.repo.offer_views()

@@ -29,13 +29,15 @@ class CanarySettings(Struct, forbid_unknown_fields=True):
     """Guardrails that roll a canary back automatically (see kassa.learn.canary)."""
 
     window_decisions: int = 5_000
-    min_decisions: int = 300
-    min_rewards: int = 200
+    min_decisions: int = 300  # unused since issue 17 (the tests are sequential); kept so configs still load
+    min_rewards: int = 200  # per arm, before the reward test looks
     max_reward_drop: float = 0.10  # relative drop of the top-slot reward rate vs production...
-    z: float = 2.33  # ...that is also significant at this one-sided z
+    z: float = 2.33  # ...that is also significant: every sequential test runs at alpha = P(N(0,1) > z)
     max_error_rate_increase: float = 0.01
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 2.0
+    min_latency_decisions: int = 100  # production decisions behind its P99 before latency/errors are tested
+    latency_breach_share: float = 0.10  # the latency SPRT's alternative: this share over the allowed P99
 
 
 class LearnSettings(Struct, forbid_unknown_fields=True):

@@ -198,7 +198,9 @@ def models_rollback(
     reason: Annotated[str, typer.Option(help="Recorded in the stage history.")] = "manual rollback",
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
-    """Archive the production version and restore the one before it."""
+    """Undo the production release (the version someone put in production and the learner's snapshots on
+    top of it): restore the last version that served before it and does not descend from it. Neither the
+    release nor anything descended from it is auto-published again unless promoted by hand."""
     from kassa.learn.registry import StageError
 
     ctx = context(config, data_dir)

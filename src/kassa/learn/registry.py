@@ -9,9 +9,15 @@ Stages move ``candidate`` -> ``shadow`` -> ``canary`` (with a traffic share) -> 
 ``archived``. Each placement has at most one production, one canary and one shadow version; promoting a
 version into an occupied stage moves the occupant on (a replaced production is archived, a replaced
 canary or shadow goes back to candidate). Every stage change is recorded with its reason in
-``model_stage_events``, which is also how ``rollback`` finds the production version before the current
-one. Loading verifies the checksum and the schema hash and refuses a version that fails either, so the
-caller keeps serving what it had.
+``model_stage_events``. Loading verifies the checksum and the schema hash and refuses a version that fails
+either, so the caller keeps serving what it had.
+
+Rollback (issue 17) undoes a *release*: the current production together with the chain of snapshots the
+online learner auto-published on top of it, back to the version someone put in production (a promotion,
+a forced model, an earlier rollback's restore). It restores the last version that served before that
+release and does not descend from it, and records the verdict in ``model_verdicts``. A version rolled
+back, and everything descended from it, is never auto-published again (``register(..., auto=True)``
+keeps it a candidate) until someone promotes it, or a descendant, by hand.
 """
 
 from __future__ import annotations
@@ -91,6 +97,22 @@ model_stage_events_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("actor", sa.String(64), nullable=False),
 )
+
+
+# The lineage verdicts: "rolled_back" taints a version and its descendants for auto-publishing; a later
+# "promoted" (a production promotion by hand, or a rollback's restore) on a version clears it from there down.
+model_verdicts_table = sa.Table(
+    "model_verdicts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("version", sa.String(160), nullable=False, index=True),
+    sa.Column("placement", sa.String(128), nullable=False, index=True),
+    sa.Column("verdict", sa.String(16), nullable=False),  # rolled_back | promoted
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+)
+LEARNER = "learner"  # the actor of the online learner's own registrations and auto-publishes
 
 
 class ArtifactError(errors.KassaError):
@@ -185,7 +207,7 @@ class ModelRegistry:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self._lock = threading.Lock()
-        metadata.create_all(engine, tables=[model_versions_table, model_stage_events_table])
+        metadata.create_all(engine, tables=[model_versions_table, model_stage_events_table, model_verdicts_table])
 
     # ------------------------------------------------------------------ reads
     def get(self, version: str) -> ModelVersion:
@@ -252,9 +274,12 @@ class ModelRegistry:
         reason: str = "registered",
         actor: str = "kassa",
         link: bool = False,
+        auto: bool = False,
     ) -> ModelVersion:
         """Store ``artifact`` as a new version of ``placement`` (copied, or hard-linked when ``link``;
-        the source file is left alone) and put it in ``stage``."""
+        the source file is left alone) and put it in ``stage``. With ``auto`` (the learner's auto-publish)
+        a version that descends from a rolled-back one stays a candidate instead; the check and the
+        registration are one transaction, so a rollback committed a moment earlier is always seen."""
         folder = self.artifacts / placement
         folder.mkdir(parents=True, exist_ok=True)
         # Two writers may pick the same next number (the learner's thread and an API call here, or
@@ -263,7 +288,7 @@ class ModelRegistry:
             try:
                 with self._lock:
                     return self._register(placement, artifact, schema_hash, learner_args, source, stage, parent,
-                                          train_since, train_until, rows, metrics, reason, actor, link)
+                                          train_since, train_until, rows, metrics, reason, actor, link, auto)
             except sa.exc.IntegrityError:
                 if attempt == 4:
                     raise
@@ -272,7 +297,8 @@ class ModelRegistry:
 
     def _register(self, placement: str, artifact: Path, schema_hash: str, learner_args: str, source: str,
                   stage: Stage, parent: str | None, train_since: float | None, train_until: float | None,
-                  rows: int, metrics: dict[str, Any] | None, reason: str, actor: str, link: bool) -> ModelVersion:
+                  rows: int, metrics: dict[str, Any] | None, reason: str, actor: str, link: bool,
+                  auto: bool = False) -> ModelVersion:
         now = self.clock()
         # The file gets a name no other writer can pick, so a writer that loses the race for the version
         # number can never have replaced the winner's artifact; it deletes its own file and retries.
@@ -290,6 +316,12 @@ class ModelRegistry:
                 self._insert(conn, t, version, placement, seq, rel, dest, schema_hash, learner_args, source, parent,
                              train_since, train_until, rows, metrics, now)
                 self._event(conn, version, placement, None, "candidate", reason, actor, now)
+                if auto and stage == "production" and parent is not None:
+                    tainted = self._rolled_back_ancestor(conn, placement, parent)
+                    if tainted is not None:
+                        log.warning("%s stays a candidate: it descends from %s, which was rolled back",
+                                    version, tainted)
+                        stage = "candidate"
                 if stage != "candidate":
                     self._move(conn, self._get(conn, version), stage, None, reason, actor, now)
         except BaseException:
@@ -339,8 +371,10 @@ class ModelRegistry:
         ))
 
     def promote(self, version: str, stage: Stage, *, share: float | None = None, reason: str = "",
-                actor: str = "cli") -> ModelVersion:
-        """Move ``version`` to ``stage``, moving any occupant of a single-holder stage on."""
+                actor: str = "cli", rolled_back: bool = False) -> ModelVersion:
+        """Move ``version`` to ``stage``, moving any occupant of a single-holder stage on. A production
+        promotion by anyone but the learner clears rollback verdicts from ``version`` down; ``rolled_back``
+        (a guardrail archiving a canary) records one."""
         if stage not in STAGES:
             raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
         if stage == "canary":
@@ -359,31 +393,57 @@ class ModelRegistry:
             if stage in ("shadow", "canary", "production") and mv.artifact_deleted:
                 raise StageError(f"{version}'s artifact was pruned; it cannot serve again", "version")
             self._move(conn, mv, stage, share, reason or f"promoted to {stage}", actor, now)
+            if stage == "production" and actor != LEARNER:
+                self._verdict(conn, mv, "promoted", reason or "promoted to production", actor, now)
+            if rolled_back:
+                self._verdict(conn, mv, "rolled_back", reason or "rolled back", actor, now)
         return self.get(version)
 
     def rollback(self, placement: str, reason: str = "rollback", actor: str = "cli") -> ModelVersion:
-        """Archive the current production version and restore the production version before it."""
+        """Undo the current production release and restore what served before it.
+
+        The release is the current production plus the learner snapshots auto-published on top of it,
+        back to its root: the first version up the parent chain that someone (not the learner's
+        auto-publish) put in production. The restored version is the last one that served production
+        before the root did, does not descend from the root and is not itself tainted by an earlier
+        rollback; with no such version (a placement that only ever served its learner's snapshots) it is
+        the last one before the current production on the same terms. The root and the current version
+        are recorded as rolled back, so neither they nor their descendants are auto-published again."""
         now = self.clock()
         with self._lock, self.engine.begin() as conn:
             current = self._current(conn, placement, "production")
             if current is None:
                 raise StageError(f"placement {placement!r} has no production model to roll back", "placement")
-            t = model_stage_events_table
-            previous = None
-            rows = conn.execute(sa.select(t.c.version).where(
-                (t.c.placement == placement) & (t.c.to_stage == "production") & (t.c.version != current.version)
-            ).order_by(t.c.id.desc()))
-            for (candidate_version,) in rows:
-                mv = self._get(conn, candidate_version)
-                if not mv.artifact_deleted and mv.stage != "production":
-                    previous = mv
-                    break
-            if previous is None:
+            lineage = _Lineage.load(conn, placement)
+            root = lineage.release_root(current.version)
+            target = lineage.restore_target(root)
+            if target is None and root != current.version:
+                target = lineage.restore_target(current.version)
+            if target is None:
                 raise StageError(f"{placement!r} has no earlier production version with an artifact to "
-                                 "restore", "placement")
-            self._set_stage(conn, current, "archived", None, f"rolled back: {reason}", actor, now)
-            self._set_stage(conn, previous, "production", None, f"restored by rollback: {reason}", actor, now)
+                                 "restore that does not descend from the one rolled back", "placement")
+            previous = self._get(conn, target)
+            why = f"rolled back: {reason}"
+            for bad in dict.fromkeys((root, current.version)):
+                self._verdict(conn, self._get(conn, bad), "rolled_back", why, actor, now)
+            self._set_stage(conn, current, "archived", None, why, actor, now)
+            note = f" (the release of {root})" if root != current.version else ""
+            self._set_stage(conn, previous, "production", None,
+                            f"restored by rollback of {current.version}{note}: {reason}", actor, now)
+            self._verdict(conn, previous, "promoted", f"restored by rollback: {reason}", actor, now)
         return self.get(previous.version)
+
+    def rolled_back_ancestor(self, version: str) -> str | None:
+        """The rolled-back version ``version`` descends from (or is), unless a hand promotion cleared it."""
+        with self.engine.connect() as conn:
+            mv = self._get(conn, version)
+            return self._rolled_back_ancestor(conn, mv.placement, version)
+
+    def descends_from(self, version: str, ancestor: str) -> bool:
+        """Whether ``ancestor`` is ``version`` or one of its parents, grandparents, ..."""
+        with self.engine.connect() as conn:
+            lineage = _Lineage.load(conn, self._get(conn, version).placement)
+        return lineage.descends(version, ancestor)
 
     def update_metrics(self, version: str, metrics: dict[str, Any]) -> ModelVersion:
         """Merge ``metrics`` into a version's metrics (evaluation results are recorded this way)."""
@@ -426,6 +486,27 @@ class ModelRegistry:
         return path
 
     # ------------------------------------------------------------------ internals
+    def _verdict(self, conn: sa.Connection, mv: ModelVersion, verdict: str, reason: str, actor: str,
+                 now: float) -> None:
+        conn.execute(sa.insert(model_verdicts_table).values(version=mv.version, placement=mv.placement,
+                                                            verdict=verdict, at=now, reason=reason, actor=actor))
+
+    def _rolled_back_ancestor(self, conn: sa.Connection, placement: str, version: str) -> str | None:
+        t = model_verdicts_table
+        rows = conn.execute(sa.select(t.c.version, t.c.verdict).where(t.c.placement == placement)
+                            .order_by(t.c.id)).all()
+        if not rows:
+            return None  # the usual case: one small indexed query per snapshot
+        latest = {v: verdict for v, verdict in rows}  # each version's newest verdict
+        lineage = _Lineage.load(conn, placement)
+        for ancestor in lineage.ancestors(version):
+            verdict = latest.get(ancestor)
+            if verdict == "rolled_back":
+                return ancestor
+            if verdict == "promoted":
+                return None
+        return None
+
     def _get(self, conn: sa.Connection, version: str) -> ModelVersion:
         row = conn.execute(sa.select(model_versions_table).where(
             model_versions_table.c.version == version)).first()
@@ -460,6 +541,80 @@ class ModelRegistry:
         conn.execute(sa.insert(model_stage_events_table).values(
             version=version, placement=placement, from_stage=from_stage, to_stage=to_stage, at=now,
             reason=reason, actor=actor))
+
+
+@dataclass(slots=True)
+class _Lineage:
+    """A placement's parent links, production history and verdicts, read once for a rollback."""
+
+    parent: dict[str, str | None]
+    artifact_deleted: dict[str, bool]
+    productions: list[tuple[str, str]]  # (version, actor) of every move into production, oldest first
+    verdicts: dict[str, str]  # version -> newest verdict
+
+    @classmethod
+    def load(cls, conn: sa.Connection, placement: str) -> _Lineage:
+        v, e, d = model_versions_table, model_stage_events_table, model_verdicts_table
+        rows = conn.execute(sa.select(v.c.version, v.c.parent, v.c.artifact_deleted).where(v.c.placement == placement))
+        parent, deleted = {}, {}
+        for version, par, gone in rows:
+            parent[version], deleted[version] = par, bool(gone)
+        productions = [(r.version, r.actor) for r in conn.execute(
+            sa.select(e.c.version, e.c.actor).where((e.c.placement == placement) & (e.c.to_stage == "production"))
+            .order_by(e.c.id))]
+        verdicts = {r.version: r.verdict for r in conn.execute(
+            sa.select(d.c.version, d.c.verdict).where(d.c.placement == placement).order_by(d.c.id))}
+        return cls(parent, deleted, productions, verdicts)
+
+    def ancestors(self, version: str) -> Iterable[str]:
+        """``version``, its parent, its grandparent, ... (a cycle, which registration cannot make, stops)."""
+        seen: set[str] = set()
+        node: str | None = version
+        while node is not None and node not in seen:
+            seen.add(node)
+            yield node
+            node = self.parent.get(node)
+
+    def descends(self, version: str, ancestor: str) -> bool:
+        return ancestor in self.ancestors(version)
+
+    def _last_production_actor(self, version: str) -> str | None:
+        actor = None
+        for v, a in self.productions:
+            if v == version:
+                actor = a
+        return actor
+
+    def release_root(self, version: str) -> str:
+        """Walk up from ``version`` while each step was auto-published by the learner on top of a parent
+        that served production; the version where that stops is the release's root."""
+        served = {v for v, _ in self.productions}
+        node = version
+        while self._last_production_actor(node) == LEARNER:
+            parent = self.parent.get(node)
+            if parent is None or parent not in served:
+                break
+            node = parent
+        return node
+
+    def tainted(self, version: str) -> bool:
+        for ancestor in self.ancestors(version):
+            verdict = self.verdicts.get(ancestor)
+            if verdict is not None:
+                return verdict == "rolled_back"
+        return False
+
+    def restore_target(self, bad: str) -> str | None:
+        """The last version that served production before ``bad`` last started to, is not ``bad`` nor
+        descended from it, is not tainted by an earlier rollback, and still has its artifact."""
+        last_start = max((i for i, (v, _) in enumerate(self.productions) if v == bad), default=None)
+        if last_start is None:
+            return None
+        for version, _ in reversed(self.productions[:last_start]):
+            if (version != bad and not self.descends(version, bad) and not self.tainted(version)
+                    and not self.artifact_deleted.get(version, True)):
+                return version
+        return None
 
 
 def _row(r: Any) -> ModelVersion:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+from collections.abc import Callable
 
 from kassa.decide.policy import PmfPolicy, fill_slots
 from kassa.decide.sinks import ShadowRequest
@@ -23,8 +24,10 @@ log = logging.getLogger("kassa.learn")
 
 
 class ShadowScorer:
-    def __init__(self, writer: DecisionLogWriter, max_queue: int = 20_000, seed: int | None = None) -> None:
+    def __init__(self, writer: DecisionLogWriter, max_queue: int = 20_000, seed: int | None = None,
+                 on_drop: Callable[[str], None] | None = None) -> None:
         self.writer = writer
+        self.on_drop = on_drop  # hears the placement of each dropped request (the Prometheus counter)
         self._queue: collections.deque[ShadowRequest] = collections.deque()
         self.max_queue = max_queue
         self.rng = random.Random(seed)
@@ -35,6 +38,8 @@ class ShadowScorer:
     def submit(self, request: ShadowRequest) -> None:
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop(request.placement)
             return
         self._queue.append(request)
 

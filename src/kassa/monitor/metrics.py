@@ -118,6 +118,24 @@ class Metrics:
         self.known_offers: Callable[[], Container[str]] = lambda: ()
         self.live: Callable[[], LiveState | None] = lambda: None
         r.register(_LiveCollector(lambda: self.live()))
+        # Rollout safety (issue 17): what the shadow queue dropped, every guardrail check and its outcome
+        # (pass, or the guardrail breached), rollbacks by reason (a guardrail, or manual), learner restarts.
+        self.shadow_dropped = Counter(
+            "kassa_shadow_dropped", "Shadow requests dropped because the shadow queue was full", ["placement"],
+            registry=r,
+        )
+        self.guardrail_evaluations = Counter(
+            "kassa_guardrail_evaluations", "Canary guardrail checks by outcome (pass, latency, error_rate, reward)",
+            ["placement", "outcome"], registry=r,
+        )
+        self.rollbacks = Counter(
+            "kassa_rollbacks", "Production or canary rollbacks by reason (latency, error_rate, reward, manual)",
+            ["placement", "reason"], registry=r,
+        )
+        self.learner_restarts = Counter(
+            "kassa_learner_restarts", "Online learner restarts from a version it did not publish (promotion, "
+            "rollback)", ["placement"], registry=r,
+        )
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
         self._shown: dict[tuple[str, str], Counter] = {}

@@ -5,12 +5,23 @@ event loop between them, so learning never holds a decision up for long. Each ro
 queued shadow requests, enforces canary guardrails and, every ``registry_poll_seconds``, loads whatever
 the registry says should serve (a promotion or rollback made by the CLI or another process).
 
-Lineage: the online learner continues the production model. When production changes to a version the
-learner did not publish itself (a batch-trained model was promoted, or a rollback), the learner restarts
-from that version's weights before its next snapshot, so that snapshot descends from what actually serves.
-The restart is deferred to the snapshot (on the worker thread) rather than done at the swap: reloading a
-VW workspace holds the GIL for several milliseconds, and a burst of swaps then costs one reload, not one
-each. Examples learned meanwhile are kept and learned again on top of the new weights, so none is lost.
+Lineage: the online learner continues the production model. Whenever production changes to a version
+other than the learner's own last snapshot (a batch-trained model was promoted, or a rollback), the learner
+restarts from that version's weights before its next snapshot, so that snapshot descends from what actually
+serves; a pending restart is replaced, never kept, so a rollback is obeyed even when it lands before the
+restart from the version it undid (issue 17). The restart is deferred to the snapshot (on the worker
+thread) rather than done at the swap: reloading a VW workspace holds the GIL for several milliseconds, and
+a burst of swaps then costs one reload, not one each. What the new weights have not seen is learned again
+on top of them, a slice per tick: for a snapshot of this learner, every example learned after that
+snapshot was taken (from a bounded history, ``_HISTORY``), so a restored version also learns what was
+learned on the lineage rolled back; for any other model, what was learned since the change.
+
+Auto-publishing goes through ``ModelRegistry.register(auto=True)``, which keeps a snapshot descending
+from a rolled-back version a candidate: a snapshot taken in the instant between a rollback's commit and
+this process noticing it never serves.
+
+Canary guardrails (`CanaryGuard`) follow the serving set: the comparison opens with the canary and stays
+open across the learner's production snapshots, which keep publishing meanwhile (ADR 0004).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,9 +46,12 @@ from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.learn.sync import ModelSync
 from kassa.monitor.drift.watch import DriftWatch
+from kassa.monitor.metrics import Metrics
 
 log = logging.getLogger("kassa.learn")
 _MAX_REPLAY = 100_000  # a learner restarts early rather than keep more examples to learn again
+_HISTORY = 50_000  # examples remembered per placement with when they were learned (for restores)
+Example = tuple[str, str, float, float, bool]  # shared, action, reward, probability, top slot
 
 
 class LearningLoop:
@@ -54,8 +69,10 @@ class LearningLoop:
         drift: DriftWatch | None = None,
         on_learned: Callable[[str, int], None] | None = None,
         on_joined: Callable[[list[JoinedExample]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.drift = drift
+        self.metrics = metrics
         # Metrics hooks: examples learned per placement (once each: relearning after a restart is not
         # counted again), and every joined example (learned or not) with its reward.
         self.on_learned = on_learned
@@ -79,8 +96,10 @@ class LearningLoop:
         # placement -> the production model the learner must restart from before its next snapshot, and the
         # examples learned since that change (learned again after the restart)
         self._pending_base: dict[str, ServingModel] = {}
-        self._replay: dict[str, list[tuple[str, str, float, float, bool]]] = {}
-        self._backlog: dict[str, list[tuple[str, str, float, float, bool]]] = {}  # to learn again, in slices
+        self._replay: dict[str, list[Example]] = {}
+        self._backlog: dict[str, list[Example]] = {}  # to learn again, in slices
+        self._history: dict[str, deque[tuple[float, Example]]] = {}  # what was learned when (bounded)
+        self.restarts = 0
         self._last_poll = 0.0
         self.learned = 0
         self.rollbacks: list[Breach] = []
@@ -144,13 +163,24 @@ class LearningLoop:
             version = production.version if production is not None else None
             before = self._production.get(placement_id)
             self._production[placement_id] = version
-            keep = {m.version for m in (serving.production, serving.canary) if m is not None} if serving else set()
-            self.guard.forget(placement_id, keep)
-            if production is not None and version != before and version != self._published.get(placement_id):
+            canary = serving.canary.version if serving is not None and serving.canary is not None else None
+            self.guard.track(placement_id, version, canary)
+            if production is not None and version != before:
+                # Also when production returns to the learner's own last snapshot (a rollback): that clears
+                # a restart still pending from the version rolled back.
                 self._continue_from(placement_id, production)
-                if self.drift is not None and before is not None:
+                if version is not None and version != self._published.get(placement_id) and before is not None:
+                    self._count_manual_rollback(placement_id, version)
+                if self.drift is not None and before is not None and version != self._published.get(placement_id):
                     self.drift.rebase(placement_id)  # a promoted or restored model: judge it afresh
         return changed
+
+    def _count_manual_rollback(self, placement_id: str, version: str) -> None:
+        if self.metrics is None or self.registry is None:
+            return
+        last = self.registry.history(version=version, limit=1)  # one indexed query, on a rare change
+        if last and last[0].to_stage == "production" and last[0].reason.startswith("restored by rollback"):
+            self.metrics.rollbacks.labels(placement_id, "manual").inc()
 
     def _continue_from(self, placement_id: str, model: ServingModel) -> None:
         """Production of ``placement_id`` is now ``model``: the learner restarts from it at its next snapshot
@@ -185,6 +215,12 @@ class LearningLoop:
             return False
         # Still waiting from an earlier restart: those were never learned on these weights either.
         backlog = self._backlog.pop(placement_id, []) + replay
+        since = model.meta.get("snapshot_at") if model.meta else None
+        history = self._history.get(placement_id)
+        if isinstance(since, (int, float)) and history is not None:
+            # A snapshot of this learner (restored by a rollback, say): everything learned after it was taken
+            # is missing from its weights, whichever lineage learned it meanwhile.
+            backlog = [ex for at, ex in history if at > since]
         if len(backlog) > _MAX_REPLAY:
             log.warning("online learner of %s: %d examples learned before %s will not be learned again on it "
                         "(production changes faster than they can be replayed)", placement_id,
@@ -193,6 +229,9 @@ class LearningLoop:
         if backlog:
             self._backlog[placement_id] = backlog
         self._published[placement_id] = model.version
+        self.restarts += 1
+        if self.metrics is not None:
+            self.metrics.learner_restarts.labels(placement_id).inc()
         log.info("online learner of %s continues from %s (%d examples to learn again)", placement_id,
                  model.version, len(backlog))
         return True
@@ -241,9 +280,14 @@ class LearningLoop:
             learned[ex.placement] = learned.get(ex.placement, 0) + 1
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
+            example = (ex.shared, ex.action, ex.reward, ex.probability, ex.slot == 0)
+            history = self._history.get(ex.placement)
+            if history is None:
+                history = self._history[ex.placement] = deque(maxlen=_HISTORY)
+            history.append((now, example))
             replay = self._replay.get(ex.placement)
             if replay is not None:
-                replay.append((ex.shared, ex.action, ex.reward, ex.probability, ex.slot == 0))
+                replay.append(example)
                 if len(replay) >= _MAX_REPLAY:
                     self.catch_up(ex.placement)  # rather than keep more: one VW load on the event loop
         if examples and self.drift is not None:
@@ -275,8 +319,9 @@ class LearningLoop:
         if placement_id in self._pending_base:
             self.catch_up(placement_id)
         path, own_version = learner.snapshot(self.settings.keep_snapshots)
-        meta = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions}
-        self._last_snapshot[placement_id] = self.clock()
+        now = self.clock()
+        meta = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions, "snapshot_at": now}
+        self._last_snapshot[placement_id] = now
         if self.registry is None or self.sync is None:
             model = load_serving(path, own_version, meta)
             self.models.publish(placement_id, model)
@@ -285,11 +330,12 @@ class LearningLoop:
         mv = self.registry.register(
             placement_id, path, schema_hash=self.schema_hash(placement_id) or "", learner_args=learner.args,
             source="online", stage=stage, parent=self._published.get(placement_id), rows=learner.learned,
-            metrics=meta, reason="online learner snapshot", actor="learner", link=True,
+            metrics=meta, reason="online learner snapshot", actor="learner", link=True, auto=True,
         )
         self._published[placement_id] = mv.version
         model = load_serving(self.registry.path(mv), mv.version, meta, mv.sha256)
         self.sync.adopt(model)
+        stage = mv.stage  # a snapshot descending from a rolled-back version stays a candidate
         if stage == "production":
             self.models.publish(placement_id, model)
             self._production[placement_id] = mv.version
@@ -300,19 +346,19 @@ class LearningLoop:
     def enforce_guardrails(self) -> list[Breach]:
         if self.registry is None:
             return []
-        pairs = {}
-        for placement_id in self.catalog.snapshot.placements:
-            s = self.models.serving(placement_id)
-            if s is not None and s.canary is not None:
-                pairs[placement_id] = (s.production.version if s.production else None, s.canary.version)
-        if not pairs:
-            return []
-        registry = self.registry
+        registry, metrics = self.registry, self.metrics
 
         def rollback(breach: Breach) -> None:
-            registry.promote(breach.version, "archived", reason=f"guardrail: {breach.reason}", actor="guardrail")
+            registry.promote(breach.version, "archived", reason=f"guardrail: {breach.reason}", actor="guardrail",
+                             rolled_back=True)
+            if metrics is not None:
+                metrics.rollbacks.labels(breach.placement, breach.guardrail).inc()
 
-        breaches = self.guard.enforce(pairs, rollback)
+        def evaluated(placement_id: str, outcome: str) -> None:
+            if metrics is not None:
+                metrics.guardrail_evaluations.labels(placement_id, outcome).inc()
+
+        breaches = self.guard.enforce(rollback, evaluated)
         if breaches:
             self.rollbacks.extend(breaches)
             self.poll()
