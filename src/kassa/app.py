@@ -67,7 +67,8 @@ class Kassa:
         # The built-in customer profile is process-local state rebuilt from the event log at start.
         self.profiles = CustomerProfiles()
         self.offline = OfflineStore(data / "offline")
-        self.features = FeatureService(self.repo, self.store, self.offline, clock)
+        self.features = FeatureService(self.repo, self.store, self.offline, clock,
+                                       timestamp_window=settings.server.timestamp_window_seconds)
         self.retriever = ProductRetriever()
         self.ledger = FrequencyLedger()
         self.models = ModelStore()
@@ -108,7 +109,8 @@ class Kassa:
             if stream_views else None
         )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
-                                  on_event=self._count_event, stream=self.stream)
+                                  on_event=self._count_event, stream=self.stream,
+                                  timestamp_window=settings.server.timestamp_window_seconds)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0

@@ -23,6 +23,9 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     idempotency_max_entries: int = 100_000
     cors_origins: list[str] = []
     bench_endpoints: bool = False  # POST /_bench/noop: a do-nothing endpoint for latency baselines
+    # Event, order and feature timestamps sent through the API further than this from now (either way)
+    # are refused naming the field: 0, -1e12 or 1e300 would otherwise break windows, joins and Parquet.
+    timestamp_window_seconds: float = 7 * 86_400.0
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):
@@ -114,6 +117,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
                 node = node.setdefault(part, {})
             node[leaf] = value
     try:
-        return msgspec.convert(tree, Settings, strict=False)
+        settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SystemExit(f"invalid configuration: {exc}") from None
+    from kassa.features.request import timezone_error
+
+    problem = timezone_error(settings.store_timezone)
+    if problem is not None:
+        raise SystemExit(f"invalid configuration: store_timezone: {problem}")
+    return settings

@@ -18,6 +18,26 @@ from sqlalchemy import Engine, delete, insert, select, update
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
 from kassa.db import offers_table, placements_table
+from kassa.features.request import timezone_error
+
+
+def check_placement(placement: schemas.Placement) -> None:
+    """Checks a placement's wire type cannot express; raises `ValueError` naming the field.
+
+    The time zone must exist in the tz database now: a placement stored with ``"Europe"`` made every
+    decision on it fail. (Reading stays safe for rows stored before this check: `zone` falls back.)
+    """
+    problem = timezone_error(placement.timezone)
+    if problem is not None:
+        raise InvalidField(problem, "timezone")
+
+
+class InvalidField(ValueError):
+    """A catalog value refused at write time; ``field`` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CatalogStore(Protocol):
@@ -99,7 +119,11 @@ def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.Cat
     except msgspec.DecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     known = {o.id for o in catalog.offers}
-    for placement in catalog.placements:
+    for i, placement in enumerate(catalog.placements):
+        try:
+            check_placement(placement)
+        except InvalidField as exc:
+            raise ValueError(f"{path}: placements[{i}].{exc.field}: {exc}") from None
         for offer_id in placement.offers or ():
             if offer_id not in known:
                 raise ValueError(f"{path}: placement {placement.id!r} lists unknown offer {offer_id!r}")
@@ -148,6 +172,7 @@ class Catalog:
         return deleted
 
     def put_placement(self, placement: schemas.Placement) -> bool:
+        check_placement(placement)
         unknown = [o for o in placement.offers or () if o not in self.snapshot.offers]
         if unknown:
             raise KeyError(unknown[0])

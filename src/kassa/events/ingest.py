@@ -32,8 +32,10 @@ class EventIngest:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[schemas.Event], None] | None = None,
         stream: StreamProcessor | None = None,
+        timestamp_window: float = 7 * 86_400.0,
     ) -> None:
         self.stream = stream
+        self.timestamp_window = timestamp_window
         self.log = event_log
         self.catalog = catalog
         self.joiner = joiner
@@ -42,9 +44,23 @@ class EventIngest:
         self.clock = clock
         self.on_event = on_event
 
-    def validate(self, batch: schemas.EventBatch) -> None:
+    def validate(self, batch: schemas.EventBatch, bound_times: bool = True) -> None:
+        """Refuse the whole batch, naming the field, before anything of it is appended.
+
+        ``bound_times``: event and order timestamps must lie within `timestamp_window` of now. Signed
+        platform webhooks skip it (a refund may carry an order placed months ago; the connector has
+        already parsed the time into a real date).
+        """
         offers = self.catalog.snapshot.offers
+        now = self.clock()
+        low, high = now - self.timestamp_window, now + self.timestamp_window
         for i, event in enumerate(batch.events):
+            if bound_times:
+                if event.timestamp is not None and not low <= event.timestamp <= high:
+                    raise errors.Invalid(self._out_of_window(event.timestamp), f"events[{i}].timestamp")
+                created = event.order.created_at if event.order is not None else None
+                if created is not None and not low <= created <= high:
+                    raise errors.Invalid(self._out_of_window(created), f"events[{i}].order.created_at")
             if event.offer_id is not None and event.offer_id not in offers:
                 raise errors.Invalid(f"unknown offer {event.offer_id!r}", f"events[{i}].offer_id")
             if event.type == "order" and event.order is None:
@@ -52,8 +68,12 @@ class EventIngest:
             if event.type in ("accept", "click", "dismiss", "impression") and event.decision_id is None:
                 raise errors.Invalid(f"a {event.type} event needs a `decision_id`", f"events[{i}].decision_id")
 
-    async def ingest(self, batch: schemas.EventBatch) -> schemas.EventAck:
-        self.validate(batch)
+    def _out_of_window(self, ts: float) -> str:
+        return (f"timestamp {ts!r} is more than {self.timestamp_window:.0f} s from now; send unix seconds "
+                "(server.timestamp_window_seconds sets the window)")
+
+    async def ingest(self, batch: schemas.EventBatch, bound_times: bool = True) -> schemas.EventAck:
+        self.validate(batch, bound_times)
         result = await self.log.append(batch.events, self.clock())
         for event in result.new:
             self.apply(event)

@@ -9,7 +9,7 @@ import math
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from kassa import schemas
 
@@ -29,11 +29,27 @@ def count_bucket(n: int) -> str:
     return str(n) if n < 4 else ("4-6" if n < 7 else "7+")
 
 
+def timezone_error(name: str) -> str | None:
+    """Why ``name`` is not a time zone of the tz database, or None when it is one."""
+    try:
+        ZoneInfo(name)
+    except Exception as exc:  # any error, see `zone`
+        return f"{name[:64]!r} is not a time zone of the tz database ({type(exc).__name__})"
+    return None
+
+
 @lru_cache(maxsize=256)
 def zone(name: str) -> ZoneInfo:
+    """The zone named ``name``, or UTC when it is not one.
+
+    Any exception counts as "not a zone": besides `ZoneInfoNotFoundError` and `ValueError`, a key
+    that names a directory of the tz database (``"Europe"``) raises `IsADirectoryError`, an
+    over-long one `OSError` (name too long), a malformed file other errors. A request-supplied
+    ``context.timezone`` reaches this, so it must never raise.
+    """
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except Exception:
         return ZoneInfo("UTC")
 
 
