@@ -209,3 +209,20 @@ def test_the_spec_lists_201_for_puts_that_create(client):
     for path in ("/v1/offers/{offer_id}", "/v1/placements/{placement_id}"):
         assert {"200", "201"} <= set(paths[path]["put"]["responses"]), path
 
+
+
+# --------------------------------------------------------------------------- unknown decisions
+def test_events_for_unknown_or_expired_decisions_are_counted_in_the_ack_and_a_metric(client, clock):
+    d = client.post("/v1/decisions", json=decision_body()).json()
+    offer_id = d["offers"][0]["offer_id"]
+    events = [{"event_id": "u-1", "type": "click", "decision_id": d["decision_id"], "offer_id": offer_id},
+              {"event_id": "u-2", "type": "click", "decision_id": "never-made", "offer_id": offer_id}]
+    ack = client.post("/v1/events", json={"events": events}).json()
+    assert ack == {"accepted": 2, "duplicates": 0, "unknown_decisions": 1}
+    # a duplicate is not counted again
+    assert client.post("/v1/events", json={"events": events[1:]}).json()["unknown_decisions"] == 0
+    clock.advance(3600)  # past the placement's 60 s reward window: the decision closes
+    client.app.state.kassa.learning.step()
+    late = {"event_id": "u-3", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}
+    assert client.post("/v1/events", json={"events": [late]}).json()["unknown_decisions"] == 1
+    assert "kassa_event_unknown_decisions_total 2.0" in client.get("/metrics").text

@@ -109,6 +109,9 @@ class EventBatch(Struct, forbid_unknown_fields=True):
 class EventAck(Struct):
     accepted: int
     duplicates: int
+    # Accepted outcome events whose `decision_id` this process does not hold open: unknown, or past its
+    # reward window (or made before a restart). They are stored, but no reward will join them.
+    unknown_decisions: int = 0
 
 
 # --------------------------------------------------------------------------- catalog

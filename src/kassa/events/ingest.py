@@ -75,13 +75,15 @@ class EventIngest:
     async def ingest(self, batch: schemas.EventBatch, bound_times: bool = True) -> schemas.EventAck:
         self.validate(batch, bound_times)
         result = await self.log.append(batch.events, self.clock())
+        unknown = sum(1 for e in result.new
+                      if e.decision_id is not None and e.type != "order" and not self.joiner.is_open(e.decision_id))
         for event in result.new:
             self.apply(event)
         if self.stream is not None:
             # Read-after-write: streaming features see the events before the ack returns.
             for event in result.new:
                 await self.stream.apply(event)
-        return schemas.EventAck(len(result.new), result.duplicates)
+        return schemas.EventAck(len(result.new), result.duplicates, unknown)
 
     def apply(self, event: schemas.Event, learn: bool = True) -> None:
         """Apply one stored event. ``learn=False`` when replaying: old decisions are gone."""

@@ -63,6 +63,10 @@ class RewardJoiner:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def is_open(self, decision_id: str) -> bool:
+        """Whether ``decision_id`` is a decision still waiting for its reward here."""
+        return decision_id in self._pending
+
     def register(self, pending: PendingDecision) -> None:
         self._pending[pending.decision_id] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))

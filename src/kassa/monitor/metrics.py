@@ -16,6 +16,11 @@ class Metrics:
         )
         self.events = Counter("kassa_events", "Events accepted", ["type"], registry=r)
         self.duplicates = Counter("kassa_event_duplicates", "Duplicate events ignored", registry=r)
+        self.unknown_decisions = Counter(
+            "kassa_event_unknown_decisions",
+            "Accepted outcome events whose decision id is unknown or past its reward window (no reward joins)",
+            registry=r,
+        )
         self.errors = Counter("kassa_http_errors", "Problem responses", ["status"], registry=r)
         self.learned = Counter("kassa_learned_examples", "Examples learned", ["placement"], registry=r)
         self.pending = Gauge("kassa_pending_decisions", "Decisions waiting for their reward window", registry=r)
