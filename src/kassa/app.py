@@ -111,6 +111,13 @@ class Kassa:
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
                                   on_event=self._count_event, stream=self.stream,
                                   timestamp_window=settings.server.timestamp_window_seconds)
+        breaker = getattr(self.store, "breaker", None)
+        if breaker is not None:
+            self.metrics.watch_breaker(breaker, "redis")
+        if self.stream is not None:
+            stream = self.stream
+            self.metrics.stream_backlog.set_function(lambda: stream.pending_rows)
+            self.metrics.stream_lag_events.set_function(lambda: stream.lag_events)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0

@@ -62,6 +62,9 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "kassa"  # namespaces every Redis key, so several deployments can share one server
     definitions_file: str | None = None  # feature definitions (YAML/JSON/Python) applied at start
+    # Circuit breaker in front of Redis: open after this many consecutive failures, probe again after...
+    breaker_failures: int = 3
+    breaker_reset_seconds: float = 1.0
 
 
 class Settings(Struct, forbid_unknown_fields=True):

@@ -2,6 +2,11 @@
 
 Applying an event feeds the reward joiner (outcomes), the buyer's profile and product retrieval
 (orders). Nothing is applied before the append is durable, and duplicates are applied once.
+
+The ack depends on the append only. The streaming-feature update after it is best effort: when the
+online store is down the aggregator keeps the changed rows pending and the stream's log tail writes them
+once it is back (`StreamProcessor.pending_rows`, ``kassa_stream_backlog_rows``). Failing the request
+there would have the client resend an event that is already stored.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from kassa import errors, schemas
 from kassa.catalog import Catalog
 from kassa.decide.retrieval import ProductRetriever
+from kassa.degraded import RateLimitedWarning
 from kassa.events.log import EventLog
 from kassa.features.profile import CustomerProfiles
 from kassa.features.streaming import StreamProcessor
@@ -43,6 +49,8 @@ class EventIngest:
         self.retriever = retriever
         self.clock = clock
         self.on_event = on_event
+        self.stream_failures = 0
+        self._warn_stream = RateLimitedWarning(log, "streaming features")
 
     def validate(self, batch: schemas.EventBatch, bound_times: bool = True) -> None:
         """Refuse the whole batch, naming the field, before anything of it is appended.
@@ -80,9 +88,14 @@ class EventIngest:
         for event in result.new:
             self.apply(event)
         if self.stream is not None:
-            # Read-after-write: streaming features see the events before the ack returns.
+            # Read-after-write: streaming features see the events before the ack returns, when they can.
             for event in result.new:
-                await self.stream.apply(event)
+                try:
+                    await self.stream.apply(event)
+                except Exception as exc:
+                    self.stream_failures += 1
+                    self._warn_stream("online store write failed after the durable append; the event is "
+                                      "acknowledged and its rows are written from the log tail", exc)
         return schemas.EventAck(len(result.new), result.duplicates, unknown)
 
     def apply(self, event: schemas.Event, learn: bool = True) -> None:

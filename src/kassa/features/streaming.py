@@ -80,6 +80,7 @@ from typing import Any
 import msgspec
 
 from kassa import schemas
+from kassa.degraded import RateLimitedWarning
 from kassa.events.log import EventLog
 from kassa.features.definitions import DefinitionError, FeatureView, Field, check_value, parse_duration
 from kassa.features.online.base import OnlineStore
@@ -635,6 +636,11 @@ class StreamAggregator:
             n += 1
         return n
 
+    @property
+    def pending(self) -> int:
+        """Rows changed and not yet written (a backlog while the online store is down)."""
+        return len(self._changed)
+
     def drain_changed(self) -> list[tuple[str, str]]:
         """The (view, key) rows changed since the last drain, in first-change order."""
         changed, self._changed = self._changed, {}
@@ -908,6 +914,7 @@ class StreamProcessor:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._last_checkpoint = 0.0
+        self._warn = RateLimitedWarning(log, "stream processor")
         self.restored = self._restore()
 
     # ------------------------------------------------------------------ metrics
@@ -922,6 +929,11 @@ class StreamProcessor:
     @property
     def duplicates(self) -> int:
         return self.aggregator.duplicates
+
+    @property
+    def pending_rows(self) -> int:
+        """Changed rows not yet written to the online store (grows while it is down)."""
+        return self.aggregator.pending
 
     @property
     def lag_seconds(self) -> float:
@@ -998,6 +1010,7 @@ class StreamProcessor:
                 if self.advance_when_idle:
                     # Nothing is pending, so nothing older than now minus the lateness can still come.
                     self.aggregator.expire(self.clock())
+                if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
                     await self._flush()
                 break
             await self.process([ev for _, ev in rows])
@@ -1027,10 +1040,10 @@ class StreamProcessor:
             while not self._stop.is_set():
                 try:
                     await self.catch_up()
-                except Exception:
+                except Exception as exc:
                     # A store or log hiccup must not kill the worker. The failed batch is read again; its
                     # events are already in the state (and skipped as duplicates), its rows still pending.
-                    log.exception("stream processor: batch failed; retrying")
+                    self._warn("batch failed; retrying from the log", exc)
                     self._caught_up = True  # back off for one poll interval
                 if self._caught_up:
                     with contextlib.suppress(TimeoutError):

@@ -28,7 +28,8 @@ def open_online_store(settings: Settings, views: Sequence[FeatureView] = (),
     if fs.online_store == "redis":
         from kassa.features.online.redis import RedisOnlineStore  # redis-py only when Redis is configured
 
-        return RedisOnlineStore(fs.redis_url, fs.key_prefix, views=views, clock=clock)
+        return RedisOnlineStore(fs.redis_url, fs.key_prefix, views=views, clock=clock,
+                                breaker_failures=fs.breaker_failures, breaker_reset_seconds=fs.breaker_reset_seconds)
     from kassa.features.online.memory import InMemoryOnlineStore
 
     store = InMemoryOnlineStore(views, clock=clock)
