@@ -49,9 +49,10 @@ class RateLimitedWarning:
         self._last = now
         reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
         more = f" ({held} similar in the last {self.interval:.0f} s not logged)" if held else ""
-        # A traceback only with the first line: after that it is the same one again.
-        self.logger.warning("%s: %s%s%s", self.name, message, reason, more,
-                            exc_info=exc if exc is not None and self.written == 0 else None)
+        # A traceback only with the first line (after that it is the same one again), and none for an
+        # open circuit: that is the breaker working, not a new failure.
+        trace = exc is not None and self.written == 0 and not isinstance(exc, CircuitOpen)
+        self.logger.warning("%s: %s%s%s", self.name, message, reason, more, exc_info=exc if trace else None)
         self.written += 1
         return True
 
