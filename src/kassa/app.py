@@ -31,7 +31,7 @@ from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
 from kassa.features.streaming import StreamProcessor
-from kassa.keys import KeyStore
+from kassa.keys import KeyStore, RateLimiter
 from kassa.learn.loop import LearningLoop
 from kassa.learn.models import ModelStore
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
@@ -56,8 +56,10 @@ class Kassa:
         self.keys = KeyStore(self.db)
         for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
                           ("secret", settings.secret_key)):
-            if key:
-                self.keys.add(key, kind, f"{kind} (from settings)")  # type: ignore[arg-type]
+            if key:  # a revoked one stays revoked: refused, with a warning naming the setting
+                self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
+                              setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
+        self.keys.limiter = RateLimiter(settings.server.rate_limits)
         self.metrics = Metrics()
         self.registry = FeatureRegistry(self.db)
         if settings.features.definitions_file:
@@ -153,12 +155,24 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        self._tasks.append(asyncio.create_task(self._watch_keys(), name="kassa-keys"))
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
             self._tasks.append(asyncio.create_task(self.stream.run(), name="kassa-stream"))
         self.started_at = time.time()
         self.ready = True
+
+    async def _watch_keys(self) -> None:
+        """Pick up keys created or revoked by another process (`kassa keys`, another worker) within ~1 s."""
+        interval = self.settings.server.key_poll_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await asyncio.to_thread(self.keys.changed):
+                    log.info("API keys reloaded: %d active", len(self.keys))
+            except Exception as exc:  # the metadata DB is briefly locked or away: keep the keys we have
+                log.warning("API key check failed: %s", exc)
 
     async def stop(self) -> None:
         self.ready = False

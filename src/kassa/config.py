@@ -26,6 +26,11 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     # Event, order and feature timestamps sent through the API further than this from now (either way)
     # are refused naming the field: 0, -1e12 or 1e300 would otherwise break windows, joins and Parquet.
     timestamp_window_seconds: float = 7 * 86_400.0
+    # Requests per second allowed to ONE key of each kind (a token bucket per key, burst 2 s of it); over
+    # it: 429 with Retry-After. 0 = unlimited. A publishable key carries a whole shop's browser traffic.
+    rate_limits: dict[str, float] = field(
+        default_factory=lambda: {"publishable": 5_000.0, "secret": 1_000.0, "admin": 100.0})
+    key_poll_seconds: float = 0.25  # how often a server checks for keys created or revoked elsewhere
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):

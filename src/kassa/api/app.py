@@ -64,7 +64,7 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
     async def kassa_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.KassaError)
         kassa.metrics.errors.labels(str(exc.status)).inc()
-        return problem_response(exc, request.url.path)
+        return problem_response(exc, request.url.path, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

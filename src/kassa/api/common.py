@@ -153,6 +153,11 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
         origin = request.headers.get("origin")
         if origin is not None and origin not in info.origins:
             raise errors.Forbidden(f"origin {origin!r} is not allowed for this key", "Origin")
+    if keys.limiter is not None:
+        wait = keys.limiter.retry_after(info)
+        if wait:
+            raise errors.TooManyRequests(f"this {info.kind} key is over its rate limit; retry in {wait} s",
+                                         field, {"Retry-After": str(wait)})
     return info
 
 

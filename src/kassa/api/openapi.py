@@ -32,7 +32,8 @@ _PROBLEMS = {
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
     for code, desc in [(400, "Malformed JSON"), (401, "Missing or unknown key"), (403, "Key not allowed"),
-                       (404, "Unknown id"), (409, "Conflict"), (413, "Body too large"), (422, "Invalid field")]
+                       (404, "Unknown id"), (409, "Conflict"), (413, "Body too large"), (422, "Invalid field"),
+                       (429, "The key is over its rate limit (see Retry-After)")]
 }
 
 
