@@ -39,6 +39,7 @@ from kassa.learn.rewards import RewardJoiner
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift import DriftWatch
 from kassa.monitor.metrics import Metrics
+from kassa.startup import check_data_dir
 
 log = logging.getLogger("kassa")
 
@@ -49,6 +50,7 @@ class Kassa:
         self.clock = clock
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
+        check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
         self.db = make_engine(data / "kassa.db")
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:

@@ -151,7 +151,8 @@ class Catalog:
         raw = Path(path).read_bytes()
         stamp = stamp_dir / "catalog_file.sha256" if stamp_dir is not None else None
         digest = hashlib.sha256(raw).hexdigest()
-        if stamp is not None and stamp.exists() and stamp.read_text() == digest:
+        # Compared as bytes: a damaged stamp (not even text) just means "load the file again".
+        if stamp is not None and stamp.exists() and stamp.read_bytes().strip() == digest.encode():
             return 0
         catalog = read_catalog_file(path, raw)
         self.store.put_many(catalog.offers, catalog.placements)

@@ -33,7 +33,17 @@ def open_online_store(settings: Settings, views: Sequence[FeatureView] = (),
     from kassa.features.online.memory import InMemoryOnlineStore
 
     store = InMemoryOnlineStore(views, clock=clock)
-    store.restore(snapshot_path(settings))
+    path = snapshot_path(settings)
+    try:
+        store.restore(path)
+    except Exception as exc:  # any decode error: the file is not a snapshot Kassa wrote
+        from kassa.startup import DamagedDataDir
+
+        raise DamagedDataDir(
+            path, f"cannot be read as an online-store snapshot ({type(exc).__name__}: {str(exc)[:200]})",
+            f"delete {path.name} (and stream.checkpoint) to start with an empty online store: stream views "
+            "are rebuilt from the event log, push views need their signals pushed again, batch views a "
+            "`kassa features materialize`") from None
     return store
 
 
