@@ -226,3 +226,20 @@ def test_events_for_unknown_or_expired_decisions_are_counted_in_the_ack_and_a_me
     late = {"event_id": "u-3", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}
     assert client.post("/v1/events", json={"events": [late]}).json()["unknown_decisions"] == 1
     assert "kassa_event_unknown_decisions_total 2.0" in client.get("/metrics").text
+
+
+def test_a_stored_placement_an_older_version_accepted_loads_with_the_default_and_a_warning(kassa, caplog):
+    from sqlalchemy import update
+
+    from kassa.catalog import SqlCatalogStore
+    from kassa.db import placements_table
+
+    with kassa.db.begin() as conn:
+        conn.execute(update(placements_table).where(placements_table.c.id == "cross_sell").values(
+            body='{"id": "cross_sell", "slots": 2, "latency_budget_ms": -1, "exploration": 5, "reward": '
+                 '{"wait_seconds": -1}}'))
+    _, placements = SqlCatalogStore(kassa.db).load()
+    stored = next(p for p in placements if p.id == "cross_sell")
+    assert stored.latency_budget_ms == 50.0 and stored.exploration == 0.1 and stored.reward.wait_seconds == 600.0
+    assert stored.slots == 2
+    assert sum("out of range" in r.getMessage() for r in caplog.records) == 3

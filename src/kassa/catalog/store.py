@@ -7,9 +7,11 @@ reference assignment, so a decision in flight keeps the snapshot it started with
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 import yaml
@@ -19,6 +21,10 @@ from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
 from kassa.db import offers_table, placements_table
 from kassa.features.request import timezone_error
+
+log = logging.getLogger("kassa.catalog")
+T = TypeVar("T")
+_AT_PATH = re.compile(r" - at `\$(.*)`$")
 
 
 def check_placement(placement: schemas.Placement) -> None:
@@ -57,11 +63,11 @@ class SqlCatalogStore:
     def load(self) -> tuple[list[schemas.Offer], list[schemas.Placement]]:
         with self.engine.connect() as conn:
             offers = [
-                msgspec.json.decode(row.body, type=schemas.Offer)
+                _stored(row.body, schemas.Offer)
                 for row in conn.execute(select(offers_table.c.body).order_by(offers_table.c.id))
             ]
             placements = [
-                msgspec.json.decode(row.body, type=schemas.Placement)
+                _stored(row.body, schemas.Placement)
                 for row in conn.execute(select(placements_table.c.body).order_by(placements_table.c.id))
             ]
         return offers, placements
@@ -100,6 +106,31 @@ class SqlCatalogStore:
                 rows = [{"id": item.id, "body": msgspec.json.encode(item).decode(), "updated_at": now}
                         for item in items]
                 conn.execute(insert(table), rows)
+
+
+def _stored(body: str | bytes, kind: type[T]) -> T:
+    """A stored row, decoded. A value an older version accepted and the wire type now refuses (a negative
+    budget, an exploration of 5) falls back to its default, with a warning, rather than stopping the start."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        tree = msgspec.json.decode(body)
+        for _ in range(20):
+            m = _AT_PATH.search(str(exc))
+            parts = m.group(1).lstrip(".").split(".") if m else []
+            node = tree
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not parts or not isinstance(node, dict) or parts[-1] not in node:
+                raise
+            log.warning("stored %s %r: %s is out of range (%s); using its default until it is written again",
+                        kind.__name__, tree.get("id"), ".".join(parts), str(exc).split(" - at ")[0])
+            del node[parts[-1]]
+            try:
+                return msgspec.convert(tree, kind)
+            except msgspec.ValidationError as again:
+                exc = again
+        raise
 
 
 def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.CatalogFile:
