@@ -19,6 +19,7 @@ from kassa.db import make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
+from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter
 from kassa.events.ingest import EventIngest
 from kassa.events.log import SqliteEventLog
@@ -141,10 +142,14 @@ class Kassa:
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
-        replayed = self.events.replay()
+        after = 0
+        if isinstance(self.event_log, SqliteEventLog):
+            after = replay_state.load(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(),
+                                      self.profiles, self.retriever)
+        replayed = self.events.replay(after=after)
         self.learning.load_models()
-        log.info("replayed %d events, loaded models %s in %.0f ms", replayed, self.models.versions(),
-                 (time.perf_counter() - t0) * 1000)
+        log.info("restored the state at log position %d, replayed %d order events after it, loaded models %s "
+                 "in %.0f ms", after, replayed, self.models.versions(), (time.perf_counter() - t0) * 1000)
 
     async def start(self) -> None:
         self.warm_up()
@@ -190,6 +195,9 @@ class Kassa:
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()
+        # Single process: every event up to the log's end has been applied here, so the state is as of it.
+        replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
+                          self.retriever)
         self.event_log.close()
         if self.offer_cache is not None:
             await self.offer_cache.close()

@@ -112,15 +112,17 @@ class EventIngest:
         if learn and self.on_event is not None:  # a replayed event was counted when it was accepted
             self.on_event(event)
 
-    def replay(self, batch_size: int = 5000) -> int:
-        """Rebuild in-memory state (profiles, retrieval) from the durable log at start."""
-        after, n = 0, 0
+    def replay(self, batch_size: int = 5000, after: int = 0) -> int:
+        """Rebuild in-memory state (profiles, retrieval) from the durable log at start: the order events
+        after ``after`` (the position of a saved `kassa.events.replay_state`); returns how many."""
+        n = 0
+        read_type = getattr(self.log, "read_type", None)
         while True:
-            rows = self.log.read(after, batch_size)
+            rows = read_type("order", after, batch_size) if read_type else self.log.read(after, batch_size)
             if not rows:
                 return n
             for seq, event in rows:
                 if event.type == "order":
                     self.apply(event, learn=False)
+                    n += 1
                 after = seq
-                n += 1

@@ -38,3 +38,11 @@ class CustomerProfiles:
 
     def get(self, customer_id: str) -> dict | None:
         return self._profiles.get(customer_id)
+
+    def dump(self) -> dict:
+        """The whole state, for `kassa.events.replay_state` (shares the live objects: encode it at once)."""
+        return {"profiles": self._profiles, "seen": list(self._seen_orders)}
+
+    def load(self, state: dict) -> None:
+        self._profiles = state["profiles"]
+        self._seen_orders = {(c, o): None for c, o in state["seen"]}
