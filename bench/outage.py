@@ -285,15 +285,29 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "log_while_down": {"bytes": down_log, "lines": down_lines},
         "log_total_lines": lines_end,
         "generator_behind": bool(dec.generator_behind),
+        "generator_lag_p99_ms": round(dec.lag_p99_ms, 2),
         "server_log_tail": server_log[-1500:] if args.verbose else None,
         "server_log_while_down": down_text if args.verbose else None,
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median P99 while down, carrying every run's headline numbers (never one lucky run)."""
+    ordered = sorted(runs, key=lambda r: r["decisions"]["down"]["p99_ms"] or float("inf"))
+    res = dict(ordered[len(ordered) // 2])
+    res["repeats"] = [{
+        "down_p99_ms": r["decisions"]["down"]["p99_ms"], "up_p99_ms": r["decisions"]["up"]["p99_ms"],
+        "noop_p99_ms": r["noop_baseline"]["p99_ms"], "recovery_s": r["recovery_s"],
+        "log_lines_while_down": r["log_while_down"]["lines"], "generator_lag_p99_ms": r["generator_lag_p99_ms"],
+        "5xx": sum(p["5xx"] for k in ("decisions", "events") for p in r[k].values()),
+    } for r in runs]
+    return res
+
+
 def verdict(res: dict[str, Any], args: argparse.Namespace) -> dict[str, bool]:
-    d, e = res["decisions"], res["events"]
+    d = res["decisions"]
     return {
-        "no_5xx": all(p["5xx"] == 0 for p in (*d.values(), *e.values())),
+        "no_5xx": all(r["5xx"] == 0 for r in res["repeats"]),  # in every run, not only the median one
         "p99_down_ok": d["down"]["p99_ms"] is not None and d["down"]["p99_ms"] <= args.p99_target_ms,
         "recovered_in_time": res["recovery_s"] <= args.recovery_limit,
         "log_bounded": res["log_while_down"]["lines"] <= args.max_log_lines,
@@ -318,6 +332,9 @@ def render_table(res: dict[str, Any]) -> Any:
 def docs_section(res: dict[str, Any]) -> str:
     d, e, c = res["decisions"], res["events"], res["config"]
     v = res["verdict"]
+    reps = "\n".join(f"| {i + 1} | {r['up_p99_ms']} | {r['down_p99_ms']} | {r['noop_p99_ms']} | {r['recovery_s']} | "
+                     f"{r['log_lines_while_down']} | {r['5xx']} | {r['generator_lag_p99_ms']} |"
+                     for i, r in enumerate(res["repeats"]))
     rows = "\n".join(
         f"| {kind} | {phase} | {p['requests']:,} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | {p['5xx']} | "
         f"{p['other_errors']} | {'' if kind == 'events' else format(p['fallback_share'] or 0, '.1%')} |"
@@ -335,11 +352,19 @@ No-op baseline at the same rate: P50 {res['noop_baseline']['p50_ms']} ms, P99 {r
 |---|---|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
-Recovery (restart → last fallback decision): **{res['recovery_s']} s**. Server log while Redis was down:
-{res['log_while_down']['lines']} lines, {res['log_while_down']['bytes']:,} bytes (issue 15 before the breaker:
-4,001 warnings with tracebacks, 12.9 MB, P99 104 ms). Targets: 0 5xx {'✔' if v['no_5xx'] else '✘'}, P99 while
-down ≤ 20 ms {'✔' if v['p99_down_ok'] else '✘'}, recovery ≤ 5 s {'✔' if v['recovered_in_time'] else '✘'},
-bounded log {'✔' if v['log_bounded'] else '✘'}.
+All {len(res['repeats'])} runs (the table is the median one by P99 while down):
+
+| run | P99 up ms | P99 down ms | no-op P99 ms | recovery s | log lines while down | 5xx | generator lag P99 ms |
+|---:|---:|---:|---:|---:|---:|---:|---:|
+{reps}
+
+Recovery (restart → decisions fall back no more than before the kill): **{res['recovery_s']} s**.
+Server log while Redis was down: {res['log_while_down']['lines']} lines,
+{res['log_while_down']['bytes']:,} bytes (issue 15, before the breaker: 4,001 warnings with tracebacks,
+12.9 MB, P99 104 ms). Targets: 0 5xx {'✔' if v['no_5xx'] else '✘'}, P99 while down
+≤ 20 ms {'✔' if v['p99_down_ok'] else '✘'}, recovery ≤ 5 s {'✔' if v['recovered_in_time'] else '✘'},
+bounded log {'✔' if v['log_bounded'] else '✘'}. The load generator shares the 2 cores with the server: a send lag
+P99 above 1 ms (last column) means some requests left late, and latency is counted from the intended time.
 
 `python bench/outage.py --rate {c['rate']:.0f} --event-rate {c['event_rate']:.0f} --down {c['down_s']:.0f} --write-docs`
 {END}"""
@@ -363,7 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=30.0)
     p.add_argument("--p99-target-ms", type=float, default=20.0)
     p.add_argument("--recovery-limit", type=float, default=5.0)
-    p.add_argument("--max-log-lines", type=int, default=50, help="server log lines while down counted as bounded")
+    p.add_argument("--max-log-lines", type=int, default=200,
+                   help="server log lines while down counted as bounded (before: 4,001 warnings with tracebacks)")
+    p.add_argument("--repeats", type=int, default=3, help="whole runs (fresh server and Redis each); medians")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object")
     p.add_argument("--write-docs", action="store_true", help=f"rewrite the section in {DOCS.name}")
     p.add_argument("--verbose", action="store_true", help="include the server log's tail in the JSON")
@@ -382,9 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        res = asyncio.run(bench(args, log))
+        runner = asyncio.run
     else:
-        res = uvloop.run(bench(args, log))
+        runner = uvloop.run
+    runs = []
+    for r in range(args.repeats):
+        log(f"repeat {r + 1} of {args.repeats}")
+        runs.append(runner(bench(args, log)))
+    res = median_run(runs)
     res["verdict"] = verdict(res, args)
     console.print(render_table(res))
     console.print(res["verdict"], f"recovery {res['recovery_s']} s", res["log_while_down"])

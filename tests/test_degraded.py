@@ -56,6 +56,21 @@ def test_the_breaker_opens_after_consecutive_failures_and_one_probe_closes_it():
                        ("half-open", "closed")]
 
 
+def test_available_says_whether_a_call_would_go_ahead_without_taking_the_probe():
+    clock = FakeClock()
+    b = CircuitBreaker("dep", failures=1, reset_seconds=1.0, clock=clock)
+    assert b.available()
+    b.allow()
+    b.failure()
+    assert not b.available()
+    clock.t = 1.0
+    assert b.available() and b.available()  # asking does not use the probe up
+    b.allow()
+    assert not b.available()  # the probe is out
+    b.success()
+    assert b.available()
+
+
 def test_a_probe_that_never_reports_back_does_not_keep_the_breaker_open_forever():
     clock = FakeClock()
     b = CircuitBreaker("dep", failures=1, reset_seconds=1.0, clock=clock)

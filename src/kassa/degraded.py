@@ -74,6 +74,19 @@ class CircuitBreaker:
         self.rejected = 0
         self._trial_at: float | None = None  # when the half-open probe went out (None: none outstanding)
 
+    def available(self) -> bool:
+        """Whether a call now would go ahead (closed, or a probe is due), without taking the probe.
+
+        Lets a hot path fall back without raising: an exception per request (with asyncio's task and
+        traceback cycles) fed the cyclic GC enough to add ~15 ms to the outage P99.
+        """
+        if self.state == "closed":
+            return True
+        now = self.clock()
+        if self.state == "open":
+            return now >= self.opened_at + self.reset_seconds
+        return self._trial_at is None or now - self._trial_at > self.reset_seconds
+
     def allow(self) -> None:
         """Return when the call may go ahead; raise `CircuitOpen` when it must fall back at once."""
         if self.state == "closed":

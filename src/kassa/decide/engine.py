@@ -25,7 +25,7 @@ from kassa.catalog import Catalog
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
-from kassa.degraded import RateLimitedWarning
+from kassa.degraded import CircuitBreaker, RateLimitedWarning
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.offer_features import OfferFeatureSource
@@ -117,6 +117,7 @@ class DecisionEngine:
         self._fp_encoder = msgspec.json.Encoder()
         # One line per 10 s while the store is down, not a traceback per decision (issue 15: 12.9 MB in 10 s).
         self._warn_store = RateLimitedWarning(log, "online store")
+        self._breaker: CircuitBreaker | None = getattr(store, "breaker", None)
 
     async def decide(self, req: schemas.DecisionRequest) -> schemas.DecisionResponse:
         t0 = time.perf_counter()
@@ -154,7 +155,12 @@ class DecisionEngine:
             if req.session_id is not None:
                 keys.append(("session", req.session_id))
             rows: list[Any] = [None] * len(keys)
-            if keys:
+            if keys and self._breaker is not None and not self._breaker.available():
+                # The store's circuit is open: fall back without an exception or a task per request.
+                self._breaker.rejected += 1
+                self._warn_store("circuit open; serving feature defaults (fallback)")
+                fallback = True
+            elif keys:
                 try:
                     if self.remote_store:
                         remaining = budget - (time.perf_counter() - t0)
