@@ -69,7 +69,8 @@ class Kassa:
             self.registry.apply(load_repo(settings.features.definitions_file))
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
-        # The built-in customer profile is process-local state rebuilt from the event log at start.
+        # The built-in customer profile is process-local state rebuilt from the event log at start (from the
+        # `replay.state` saved at the last clean stop, plus the events after it).
         self.profiles = CustomerProfiles()
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock,

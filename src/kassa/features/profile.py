@@ -1,8 +1,8 @@
 """Customer profiles built from the order stream: the buyer-side entity row a decision reads.
 
-Per customer, in process memory (rebuilt from the event log at start): orders_count, spend_total,
-last_order_ts, last_order_id, recent_categories (the last five distinct categories bought). Feature
-views (streaming, pushed, materialized) generalise this.
+Per customer, in process memory (rebuilt from the event log at start, via `kassa.events.replay_state`):
+orders_count, spend_total, last_order_ts, last_order_id, recent_categories (the last five distinct
+categories bought). Feature views (streaming, pushed, materialized) generalise this.
 """
 
 from __future__ import annotations
