@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench serve clean
+.PHONY: demo test lint bench serve clean schemathesis
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) (3.11+) is required" >&2; exit 1; }
@@ -21,6 +21,11 @@ test: $(BIN)/.installed  ## the whole test suite
 	@# DuckDB's bindings print nanobind "leaked function" noise at interpreter exit; drop it so the
 	@# suite's own summary is the last thing printed (pipefail keeps pytest's exit code).
 	$(BIN)/pytest 2>&1 | grep -vE '^(nanobind: | - leaked |  - leaked | - \.\.\. skipped remainder|See https://nanobind)'; \
+		test $${PIPESTATUS[0]} -eq 0
+
+schemathesis: $(BIN)/.installed  ## the full Schemathesis run: every operation, each key kind, >= 10,000 requests (~2 min)
+	SCHEMATHESIS_MAX_EXAMPLES=150 SCHEMATHESIS_MIN_REQUESTS=10000 $(BIN)/pytest tests/test_schemathesis.py 2>&1 \
+		| grep -vE '^(nanobind: | - leaked |  - leaked | - \.\.\. skipped remainder|See https://nanobind)'; \
 		test $${PIPESTATUS[0]} -eq 0
 
 lint: $(BIN)/.installed
@@ -44,6 +49,7 @@ bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/
 	$(BIN)/python bench/catalog_sync.py --write-docs
 	$(BIN)/python bench/snippet_paint.py --write-docs
 	$(BIN)/python bench/loadtest_suite.py --write-docs
+	$(BIN)/python bench/outage.py --write-docs
 
 serve: $(BIN)/.installed
 	$(BIN)/kassa serve --catalog examples/catalog.yaml

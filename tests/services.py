@@ -183,3 +183,34 @@ def _unavailable(reason: str) -> NoReturn:
             "or point REDIS_URL at one.")
     ci = " CI=true: a missing service fails the run." if os.environ.get("CI", "").lower() == "true" else ""
     pytest.fail(f"Redis is required by these tests: {reason}. {hint}{ci}", pytrace=False)
+
+
+class ThrowawayRedis:
+    """A `redis-server` of a test's own on a free port, for outages: `kill` SIGKILLs it (only it, by its
+    pid; never the shared server), `start` brings it back on the same port, empty."""
+
+    def __init__(self) -> None:
+        self.server = _redis_server([])
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.workdir = tempfile.mkdtemp(prefix="kassa-redis-outage-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ThrowawayRedis:
+        self.proc = subprocess.Popen(
+            [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        atexit.register(self.kill)
+        deadline = time.monotonic() + 10.0
+        while not _answers(self.url):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                _unavailable(f"a throwaway redis-server on port {self.port} did not answer PING")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL: no goodbye to connected clients
+            self.proc.wait()

@@ -130,8 +130,10 @@ def test_events_are_deduplicated_on_event_id(client):
     events = [{"event_id": "e-1", "type": "impression", "decision_id": d["decision_id"], "offer_id": offer_id},
               {"event_id": "e-2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id},
               {"event_id": "e-2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}]
-    assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 2, "duplicates": 1}
-    assert client.post("/v1/events", json={"events": events[:2]}).json() == {"accepted": 0, "duplicates": 2}
+    assert client.post("/v1/events", json={"events": events}).json() == \
+        {"accepted": 2, "duplicates": 1, "unknown_decisions": 0}
+    assert client.post("/v1/events", json={"events": events[:2]}).json() == \
+        {"accepted": 0, "duplicates": 2, "unknown_decisions": 0}
 
 
 def test_bad_events_are_rejected_whole(client, kassa):
@@ -152,7 +154,8 @@ def test_acknowledged_event_survives_a_restart(settings, clock):
     with TestClient(create_app(first), headers={"Authorization": f"Bearer {PUB}"}) as c:
         ev = {"event_id": "order-1", "type": "order", "customer": {"id": "c-restart"},
               "order": order(order_id="A-1", categories=("skincare",))}
-        assert c.post("/v1/events", json={"events": [ev]}).json() == {"accepted": 1, "duplicates": 0}
+        assert c.post("/v1/events", json={"events": [ev]}).json() == \
+            {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     second = Kassa(settings, clock=clock)
     with TestClient(create_app(second), headers={"Authorization": f"Bearer {PUB}"}) as c:
         assert second.event_log.count() == 1
@@ -161,7 +164,8 @@ def test_acknowledged_event_survives_a_restart(settings, clock):
         # ...and the same event is still a duplicate
         ev = {"event_id": "order-1", "type": "order", "customer": {"id": "c-restart"},
               "order": order(order_id="A-1")}
-        assert c.post("/v1/events", json={"events": [ev]}).json() == {"accepted": 0, "duplicates": 1}
+        assert c.post("/v1/events", json={"events": [ev]}).json() == \
+            {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
 
 
 def test_offer_and_placement_management(client):

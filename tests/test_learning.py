@@ -256,7 +256,7 @@ def _server_loop(server):
 
 def test_past_the_budget_the_answer_is_the_fallback_ranking(client, kassa):
     placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
-    kassa.catalog.put_placement(msgspec.structs.replace(placement, latency_budget_ms=0.0))
+    kassa.catalog.put_placement(msgspec.structs.replace(placement, latency_budget_ms=1e-6))  # 1 ns: always past
     d = client.post("/v1/decisions", json=decision_body(order=order(80, "US", ("electronics",)), limit=3)).json()
     assert d["fallback"] is True and d["model_version"] == "fallback"
     # the fallback ranking: eligible offers by value, deterministic

@@ -189,7 +189,8 @@ def test_allowed_origin_gets_cors_headers_on_decisions_and_events(anon, bound):
     ev = {"events": [{"event_id": "cors-1", "type": "impression", "decision_id": d["decision_id"],
                       "offer_id": d["offers"][0]["offer_id"]}]}
     r = anon.post("/v1/events", json=ev, headers=h)
-    assert r.json() == {"accepted": 1, "duplicates": 0} and r.headers["access-control-allow-origin"] == SHOP
+    assert r.json() == \
+        {"accepted": 1, "duplicates": 0, "unknown_decisions": 0} and r.headers["access-control-allow-origin"] == SHOP
     # even a validation error is readable by the page that made it
     r = anon.post("/v1/decisions", json={"placement": 5}, headers=h)
     assert r.status_code == 422 and r.headers["access-control-allow-origin"] == SHOP
@@ -243,7 +244,7 @@ def test_publishable_key_in_the_url_as_text_plain(anon, bound):
     ev = json.dumps({"events": [{"event_id": "url-1", "type": "accept", "decision_id": d["decision_id"],
                                  "offer_id": d["offers"][0]["offer_id"]}]})
     r = anon.post(f"/v1/events?key={bound}", content=ev, headers={"Content-Type": "text/plain;charset=UTF-8"})
-    assert r.json() == {"accepted": 1, "duplicates": 0}
+    assert r.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
 
 
 @pytest.mark.parametrize("key", [SECRET, ADMIN])

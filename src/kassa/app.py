@@ -19,6 +19,7 @@ from kassa.db import make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
+from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, find_decision
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
@@ -31,7 +32,7 @@ from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
 from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
-from kassa.keys import KeyStore
+from kassa.keys import KeyStore, RateLimiter
 from kassa.learn.online.loop import LearningLoop
 from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
@@ -39,6 +40,7 @@ from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
+from kassa.startup import check_data_dir
 
 log = logging.getLogger("kassa")
 
@@ -49,6 +51,7 @@ class Kassa:
         self.clock = clock
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
+        check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
         self.db = make_engine(data / "kassa.db")
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:
@@ -56,18 +59,22 @@ class Kassa:
         self.keys = KeyStore(self.db)
         for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
                           ("secret", settings.secret_key)):
-            if key:
-                self.keys.add(key, kind, f"{kind} (from settings)")  # type: ignore[arg-type]
+            if key:  # a revoked one stays revoked: refused, with a warning naming the setting
+                self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
+                              setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
+        self.keys.limiter = RateLimiter(settings.server.rate_limits)
         self.metrics = Metrics()
         self.registry = FeatureRegistry(self.db)
         if settings.features.definitions_file:
             self.registry.apply(load_repo(settings.features.definitions_file))
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
-        # The built-in customer profile is process-local state rebuilt from the event log at start.
+        # The built-in customer profile is process-local state rebuilt from the event log at start (from the
+        # `replay.state` saved at the last clean stop, plus the events after it).
         self.profiles = CustomerProfiles()
         self.offline = OfflineStore(data / "offline")
-        self.features = FeatureService(self.repo, self.store, self.offline, clock)
+        self.features = FeatureService(self.repo, self.store, self.offline, clock,
+                                       timestamp_window=settings.server.timestamp_window_seconds)
         self.retriever = ProductRetriever()
         self.ledger = FrequencyLedger()
         self.models = ModelStore()
@@ -115,7 +122,15 @@ class Kassa:
             if stream_views else None
         )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
-                                  on_event=self._count_event, stream=self.stream)
+                                  on_event=self._count_event, stream=self.stream,
+                                  timestamp_window=settings.server.timestamp_window_seconds)
+        breaker = getattr(self.store, "breaker", None)
+        if breaker is not None:
+            self.metrics.watch_breaker(breaker, "redis")
+        if self.stream is not None:
+            stream = self.stream
+            self.metrics.stream_backlog.set_function(lambda: stream.pending_rows)
+            self.metrics.stream_lag_events.set_function(lambda: stream.lag_events)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0
@@ -183,10 +198,14 @@ class Kassa:
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
-        replayed = self.events.replay()
+        after = 0
+        if isinstance(self.event_log, SqliteEventLog):
+            after = replay_state.load(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(),
+                                      self.profiles, self.retriever)
+        replayed = self.events.replay(after=after)
         self.learning.load_models()
-        log.info("replayed %d events, loaded models %s in %.0f ms", replayed, self.models.versions(),
-                 (time.perf_counter() - t0) * 1000)
+        log.info("restored the state at log position %d, replayed %d order events after it, loaded models %s "
+                 "in %.0f ms", after, replayed, self.models.versions(), (time.perf_counter() - t0) * 1000)
 
     async def start(self) -> None:
         self.warm_up()
@@ -199,12 +218,24 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        self._tasks.append(asyncio.create_task(self._watch_keys(), name="kassa-keys"))
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
             self._tasks.append(asyncio.create_task(self.stream.run(), name="kassa-stream"))
         self.started_at = time.time()
         self.ready = True
+
+    async def _watch_keys(self) -> None:
+        """Pick up keys created or revoked by another process (`kassa keys`, another worker) within ~1 s."""
+        interval = self.settings.server.key_poll_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await asyncio.to_thread(self.keys.changed):
+                    log.info("API keys reloaded: %d active", len(self.keys))
+            except Exception as exc:  # the metadata DB is briefly locked or away: keep the keys we have
+                log.warning("API key check failed: %s", exc)
 
     async def stop(self) -> None:
         self.ready = False
@@ -220,6 +251,9 @@ class Kassa:
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()
+        # Single process: every event up to the log's end has been applied here, so the state is as of it.
+        replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
+                          self.retriever)
         self.event_log.close()
         if self.offer_cache is not None:
             await self.offer_cache.close()

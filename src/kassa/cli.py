@@ -229,21 +229,27 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     from kassa.keys import KeyStore
 
     settings = _settings(config, data_dir=data_dir)
-    table = Table("hash", "kind", "name", "origins", "revoked")
+    table = Table("id", "kind", "name", "origins", "revoked")
     for k in KeyStore(make_engine(settings.data_path / "kassa.db")).list():
-        table.add_row(k["hash"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
+        table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
 
 
 @keys_app.command("revoke")
 def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Revoke a key (give the key itself)."""
+    """Revoke a key: give its id from `kassa keys list`, or the key itself. Running servers stop
+    accepting it within a second, and a restart does not bring it back."""
     from kassa.db import make_engine
-    from kassa.keys import KeyStore
+    from kassa.keys import AmbiguousKeyId, KeyStore
 
     settings = _settings(config, data_dir=data_dir)
-    if not KeyStore(make_engine(settings.data_path / "kassa.db")).revoke(key):
-        console.print("[red]no such key[/]")
+    try:
+        revoked = KeyStore(make_engine(settings.data_path / "kassa.db")).revoke(key)
+    except AmbiguousKeyId as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    if not revoked:
+        console.print("[red]no such key[/] (give the id `kassa keys list` prints, or the key)")
         raise typer.Exit(1)
     console.print("revoked")
 

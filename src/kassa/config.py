@@ -23,6 +23,14 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     idempotency_max_entries: int = 100_000
     cors_origins: list[str] = []
     bench_endpoints: bool = False  # POST /_bench/noop: a do-nothing endpoint for latency baselines
+    # Event, order and feature timestamps sent through the API further than this from now (either way)
+    # are refused naming the field: 0, -1e12 or 1e300 would otherwise break windows, joins and Parquet.
+    timestamp_window_seconds: float = 7 * 86_400.0
+    # Requests per second allowed to ONE key of each kind (a token bucket per key, burst 2 s of it); over
+    # it: 429 with Retry-After. 0 = unlimited. A publishable key carries a whole shop's browser traffic.
+    rate_limits: dict[str, float] = field(
+        default_factory=lambda: {"publishable": 5_000.0, "secret": 1_000.0, "admin": 100.0})
+    key_poll_seconds: float = 0.25  # how often a server checks for keys created or revoked elsewhere
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):
@@ -61,6 +69,9 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "kassa"  # namespaces every Redis key, so several deployments can share one server
     definitions_file: str | None = None  # feature definitions (YAML/JSON/Python) applied at start
+    # Circuit breaker in front of Redis: open after this many consecutive failures, probe again after...
+    breaker_failures: int = 3
+    breaker_reset_seconds: float = 1.0
 
 
 class Settings(Struct, forbid_unknown_fields=True):
@@ -116,6 +127,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
                 node = node.setdefault(part, {})
             node[leaf] = value
     try:
-        return msgspec.convert(tree, Settings, strict=False)
+        settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SystemExit(f"invalid configuration: {exc}") from None
+    from kassa.timezones import timezone_error
+
+    problem = timezone_error(settings.store_timezone)
+    if problem is not None:
+        raise SystemExit(f"invalid configuration: store_timezone: {problem}")
+    return settings

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, Text, create_engine, event
+from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, Text, create_engine, event
 
 metadata = MetaData()
 
@@ -36,6 +36,15 @@ api_keys_table = Table(
     Column("origins", Text, nullable=False),  # JSON list; empty = any origin
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
+)
+
+# Change counters: a writer bumps its row in the same transaction as the change, so every process
+# notices the change by polling one primary-key row (cheap) instead of re-reading the whole table.
+change_versions_table = Table(
+    "change_versions",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
 )
 
 # The feature registry: the definitions last applied, one JSON body per entity / view. ``schema_hash``

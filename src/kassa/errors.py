@@ -14,10 +14,11 @@ class KassaError(Exception):
     title = "Internal error"
     slug = "internal"
 
-    def __init__(self, detail: str, field: str | None = None) -> None:
+    def __init__(self, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.field = field
+        self.headers = headers
 
 
 class BadRequest(KassaError):
@@ -46,6 +47,10 @@ class PayloadTooLarge(KassaError):
 
 class Invalid(KassaError):
     status, title, slug = 422, "Invalid field", "invalid"
+
+
+class TooManyRequests(KassaError):
+    status, title, slug = 429, "Rate limit exceeded", "rate-limited"
 
 
 class Unavailable(KassaError):

@@ -2,6 +2,11 @@
 
 Applying an event feeds the reward joiner (outcomes), the buyer's profile and product retrieval
 (orders). Nothing is applied before the append is durable, and duplicates are applied once.
+
+The ack depends on the append only. The streaming-feature update after it is best effort: when the
+online store is down the aggregator keeps the changed rows pending and the stream's log tail writes them
+once it is back (`StreamProcessor.pending_rows`, ``kassa_stream_backlog_rows``). Failing the request
+there would have the client resend an event that is already stored.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from kassa import errors, schemas
 from kassa.catalog import Catalog
 from kassa.decide.retrieval import ProductRetriever
+from kassa.degraded import RateLimitedWarning
 from kassa.events.log import EventLog
 from kassa.features.profile import CustomerProfiles
 from kassa.features.streaming.processor import StreamProcessor
@@ -32,8 +38,10 @@ class EventIngest:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[schemas.Event], None] | None = None,
         stream: StreamProcessor | None = None,
+        timestamp_window: float = 7 * 86_400.0,
     ) -> None:
         self.stream = stream
+        self.timestamp_window = timestamp_window
         self.log = event_log
         self.catalog = catalog
         self.joiner = joiner
@@ -41,10 +49,26 @@ class EventIngest:
         self.retriever = retriever
         self.clock = clock
         self.on_event = on_event
+        self.stream_failures = 0
+        self._warn_stream = RateLimitedWarning(log, "streaming features")
 
-    def validate(self, batch: schemas.EventBatch) -> None:
+    def validate(self, batch: schemas.EventBatch, bound_times: bool = True) -> None:
+        """Refuse the whole batch, naming the field, before anything of it is appended.
+
+        ``bound_times``: event and order timestamps must lie within `timestamp_window` of now. Signed
+        platform webhooks skip it (a refund may carry an order placed months ago; the connector has
+        already parsed the time into a real date).
+        """
         offers = self.catalog.snapshot.offers
+        now = self.clock()
+        low, high = now - self.timestamp_window, now + self.timestamp_window
         for i, event in enumerate(batch.events):
+            if bound_times:
+                if event.timestamp is not None and not low <= event.timestamp <= high:
+                    raise errors.Invalid(self._out_of_window(event.timestamp), f"events[{i}].timestamp")
+                created = event.order.created_at if event.order is not None else None
+                if created is not None and not low <= created <= high:
+                    raise errors.Invalid(self._out_of_window(created), f"events[{i}].order.created_at")
             if event.offer_id is not None and event.offer_id not in offers:
                 raise errors.Invalid(f"unknown offer {event.offer_id!r}", f"events[{i}].offer_id")
             if event.type == "order" and event.order is None:
@@ -52,16 +76,27 @@ class EventIngest:
             if event.type in ("accept", "click", "dismiss", "impression") and event.decision_id is None:
                 raise errors.Invalid(f"a {event.type} event needs a `decision_id`", f"events[{i}].decision_id")
 
-    async def ingest(self, batch: schemas.EventBatch) -> schemas.EventAck:
-        self.validate(batch)
+    def _out_of_window(self, ts: float) -> str:
+        return (f"timestamp {ts!r} is more than {self.timestamp_window:.0f} s from now; send unix seconds "
+                "(server.timestamp_window_seconds sets the window)")
+
+    async def ingest(self, batch: schemas.EventBatch, bound_times: bool = True) -> schemas.EventAck:
+        self.validate(batch, bound_times)
         result = await self.log.append(batch.events, self.clock())
+        unknown = sum(1 for e in result.new
+                      if e.decision_id is not None and e.type != "order" and not self.joiner.is_open(e.decision_id))
         for event in result.new:
             self.apply(event)
         if self.stream is not None:
-            # Read-after-write: streaming features see the events before the ack returns.
+            # Read-after-write: streaming features see the events before the ack returns, when they can.
             for event in result.new:
-                await self.stream.apply(event)
-        return schemas.EventAck(len(result.new), result.duplicates)
+                try:
+                    await self.stream.apply(event)
+                except Exception as exc:
+                    self.stream_failures += 1
+                    self._warn_stream("online store write failed after the durable append; the event is "
+                                      "acknowledged and its rows are written from the log tail", exc)
+        return schemas.EventAck(len(result.new), result.duplicates, unknown)
 
     def apply(self, event: schemas.Event, learn: bool = True) -> None:
         """Apply one stored event. ``learn=False`` when replaying: old decisions are gone."""
@@ -77,15 +112,17 @@ class EventIngest:
         if learn and self.on_event is not None:  # a replayed event was counted when it was accepted
             self.on_event(event)
 
-    def replay(self, batch_size: int = 5000) -> int:
-        """Rebuild in-memory state (profiles, retrieval) from the durable log at start."""
-        after, n = 0, 0
+    def replay(self, batch_size: int = 5000, after: int = 0) -> int:
+        """Rebuild in-memory state (profiles, retrieval) from the durable log at start: the order events
+        after ``after`` (the position of a saved `kassa.events.replay_state`); returns how many."""
+        n = 0
+        read_type = getattr(self.log, "read_type", None)
         while True:
-            rows = self.log.read(after, batch_size)
+            rows = read_type("order", after, batch_size) if read_type else self.log.read(after, batch_size)
             if not rows:
                 return n
             for seq, event in rows:
                 if event.type == "order":
                     self.apply(event, learn=False)
+                    n += 1
                 after = seq
-                n += 1

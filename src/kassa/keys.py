@@ -1,22 +1,43 @@
 """API keys: publishable (browser: decisions and events, bound to origins), secret (servers: feature
-pushes, webhooks) and admin (catalog, placements, models). Only SHA-256 hashes are stored."""
+pushes, webhooks) and admin (catalog, placements, models). Only SHA-256 hashes are stored.
+
+Changes reach running processes through a counter: `create`, `add` and `revoke` bump the ``api_keys`` row
+of ``change_versions`` in the same transaction, and every server polls that one row (`changed`, every
+0.25 s by default: one primary-key read) and reloads its in-memory map when it moved. A key created or
+revoked with ``kassa keys`` therefore works, or stops working, in every process within a second.
+
+A revoked key stays revoked. A bootstrap key from the settings (``KASSA_ADMIN_KEY`` ...) that was revoked
+is not brought back at start: it is refused, with a warning naming the setting (see docs/security.md).
+
+Each key has its own token bucket (`RateLimiter`): ``server.rate_limits`` gives requests per second by key
+kind, with a burst of twice that; a request over it is refused with 429 and ``Retry-After``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import Engine, insert, select, update
 
-from kassa.db import api_keys_table
+from kassa.db import api_keys_table, change_versions_table
+
+log = logging.getLogger("kassa.keys")
 
 KeyKind = Literal["publishable", "secret", "admin"]
 _RANK = {"publishable": 0, "secret": 1, "admin": 2}
 _PREFIX = {"publishable": "kp_", "secret": "ks_", "admin": "ka_"}
+ID_LENGTH = 12  # the hash prefix `kassa keys list` prints and `kassa keys revoke` takes
+_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+_VERSION = "api_keys"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +45,14 @@ class KeyInfo:
     kind: KeyKind
     name: str
     origins: tuple[str, ...]
+    digest: str = ""
 
     def allows(self, needed: KeyKind) -> bool:
         return _RANK[self.kind] >= _RANK[needed]
+
+
+class AmbiguousKeyId(ValueError):
+    """A hash prefix that matches more than one key."""
 
 
 def hash_key(key: str) -> str:
@@ -39,31 +65,67 @@ class KeyStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._cache: dict[str, KeyInfo] = {}
+        self.version = -1
+        self.limiter: RateLimiter | None = None  # set by the server; the CLI needs none
         self.reload()
+
+    def _read_version(self, conn) -> int:
+        row = conn.execute(select(change_versions_table.c.version)
+                           .where(change_versions_table.c.name == _VERSION)).first()
+        return int(row[0]) if row else 0
+
+    def _bump(self, conn) -> None:
+        if conn.execute(update(change_versions_table).where(change_versions_table.c.name == _VERSION)
+                        .values(version=change_versions_table.c.version + 1)).rowcount == 0:
+            conn.execute(insert(change_versions_table).values(name=_VERSION, version=1))
 
     def reload(self) -> None:
         with self.engine.connect() as conn:
+            version = self._read_version(conn)
             rows = conn.execute(select(api_keys_table).where(api_keys_table.c.revoked_at.is_(None)))
             self._cache = {
-                r.key_hash: KeyInfo(r.kind, r.name, tuple(json.loads(r.origins))) for r in rows
+                r.key_hash: KeyInfo(r.kind, r.name, tuple(json.loads(r.origins)), r.key_hash) for r in rows
             }
+        self.version = version
 
-    def add(self, key: str, kind: KeyKind, name: str, origins: list[str] | None = None) -> None:
+    def changed(self) -> bool:
+        """Reload when another process (or the CLI) changed the keys since the last load; True if it did."""
+        with self.engine.connect() as conn:
+            version = self._read_version(conn)
+        if version == self.version:
+            return False
+        self.reload()
+        return True
+
+    def add(self, key: str, kind: KeyKind, name: str, origins: list[str] | None = None,
+            setting: str | None = None) -> bool:
+        """Store ``key`` unless it is there already; False when it is there and revoked (it stays so).
+
+        ``setting`` names where a bootstrap key came from, for the warning when it was revoked.
+        """
         digest = hash_key(key)
         if digest in self._cache:
-            return
+            return True
         with self.engine.begin() as conn:
-            exists = conn.execute(
-                select(api_keys_table.c.key_hash).where(api_keys_table.c.key_hash == digest)
+            row = conn.execute(
+                select(api_keys_table.c.revoked_at).where(api_keys_table.c.key_hash == digest)
             ).first()
-            if exists:
-                conn.execute(update(api_keys_table).where(api_keys_table.c.key_hash == digest)
-                             .values(revoked_at=None, kind=kind))
-            else:
-                conn.execute(insert(api_keys_table).values(
-                    key_hash=digest, kind=kind, name=name, origins=json.dumps(origins or []),
-                    created_at=time.time(), revoked_at=None))
+            if row is not None:
+                revoked_at = row[0]
+                if revoked_at is not None:
+                    where = setting or "the key"
+                    log.warning("%s holds a key revoked on %s (id %s): it is refused. Remove it from the "
+                                "settings; create a new one with `kassa keys create %s`.", where,
+                                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(revoked_at)),
+                                digest[:ID_LENGTH], kind)
+                    return False
+                return True
+            conn.execute(insert(api_keys_table).values(
+                key_hash=digest, kind=kind, name=name, origins=json.dumps(origins or []),
+                created_at=time.time(), revoked_at=None))
+            self._bump(conn)
         self.reload()
+        return True
 
     def create(self, kind: KeyKind, name: str, origins: list[str] | None = None) -> str:
         """Make a new random key; the plaintext is returned once and never stored."""
@@ -71,21 +133,78 @@ class KeyStore:
         self.add(key, kind, name, origins)
         return key
 
-    def revoke(self, key_or_hash: str) -> bool:
-        digest = key_or_hash if len(key_or_hash) == 64 and key_or_hash in self._cache else hash_key(key_or_hash)
+    def resolve(self, key_or_id: str) -> str | None:
+        """The stored hash for a key, its full hash, or the id (hash prefix) `list` prints; None if unknown.
+
+        Raises `AmbiguousKeyId` when a prefix matches several keys.
+        """
+        if _HEX.match(key_or_id):
+            with self.engine.connect() as conn:
+                matches = [r[0] for r in conn.execute(
+                    select(api_keys_table.c.key_hash).where(api_keys_table.c.key_hash.startswith(key_or_id)))]
+            if len(matches) > 1:
+                raise AmbiguousKeyId(f"{key_or_id!r} matches {len(matches)} keys; give more of the id")
+            if matches:
+                return matches[0]
+        digest = hash_key(key_or_id)
+        with self.engine.connect() as conn:
+            found = conn.execute(select(api_keys_table.c.key_hash).where(api_keys_table.c.key_hash == digest)).first()
+        return digest if found else None
+
+    def revoke(self, key_or_id: str) -> bool:
+        """Revoke a key given as itself, its hash, or its id from `list`; False when there is no such key."""
+        digest = self.resolve(key_or_id)
+        if digest is None:
+            return False
         with self.engine.begin() as conn:
             n = conn.execute(update(api_keys_table).where(api_keys_table.c.key_hash == digest)
+                             .where(api_keys_table.c.revoked_at.is_(None))
                              .values(revoked_at=time.time())).rowcount
+            self._bump(conn)
         self.reload()
-        return bool(n)
+        return bool(n) or digest not in self._cache
 
     def list(self) -> list[dict]:
         with self.engine.connect() as conn:
             return [
-                {"hash": r.key_hash[:12], "kind": r.kind, "name": r.name, "origins": json.loads(r.origins),
+                {"id": r.key_hash[:ID_LENGTH], "kind": r.kind, "name": r.name, "origins": json.loads(r.origins),
                  "revoked": r.revoked_at is not None}
                 for r in conn.execute(select(api_keys_table).order_by(api_keys_table.c.created_at))
             ]
 
     def lookup(self, key: str) -> KeyInfo | None:
         return self._cache.get(hash_key(key))
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class RateLimiter:
+    """One token bucket per key: ``rates[kind]`` requests per second (0: unlimited), burst ``2 × rate``."""
+
+    def __init__(self, rates: Mapping[str, float], clock: Callable[[], float] = time.monotonic,
+                 burst_seconds: float = 2.0) -> None:
+        self.rates = dict(rates)
+        self.clock = clock
+        self.burst_seconds = burst_seconds
+        self._buckets: dict[str, list[float]] = {}  # digest -> [tokens, last refill time]
+
+    def retry_after(self, info: KeyInfo) -> int:
+        """0 when the request may go ahead (a token is taken), else whole seconds until one is free."""
+        rate = self.rates.get(info.kind, 0.0)
+        if rate <= 0:
+            return 0
+        now = self.clock()
+        capacity = rate * self.burst_seconds
+        bucket = self._buckets.get(info.digest)
+        if bucket is None:
+            if len(self._buckets) > 100_000:  # keys come from the DB, but stay bounded whatever happens
+                self._buckets.clear()
+            bucket = self._buckets[info.digest] = [capacity, now]
+        tokens = min(capacity, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return 0
+        bucket[0] = tokens
+        return max(1, math.ceil((1.0 - tokens) / rate))

@@ -18,6 +18,12 @@ ShortStr = Annotated[str, Meta(max_length=256)]
 Money = Annotated[float, Meta(ge=0, le=1e9)]
 Qty = Annotated[int, Meta(ge=0, le=100_000)]
 FeatureValue = float | int | str | bool | None
+Probability = Annotated[float, Meta(ge=0, le=1)]
+NonNegative = Annotated[float, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+# Time zone names are checked against the tz database where placements are written
+# (kassa.catalog.store.check_placement); the wire type bounds only the length.
+TimeZone = Annotated[str, Meta(min_length=1, max_length=64)]
 
 OfferKind = Literal["product", "partner", "subscription", "warranty", "discount"]
 EventType = Literal["impression", "click", "accept", "dismiss", "conversion", "order", "refund"]
@@ -105,6 +111,9 @@ class EventBatch(Struct, forbid_unknown_fields=True):
 class EventAck(Struct):
     accepted: int
     duplicates: int
+    # Accepted outcome events whose `decision_id` this process does not hold open: unknown, or past its
+    # reward window (or made before a restart). They are stored, but no reward will join them.
+    unknown_decisions: int = 0
 
 
 # --------------------------------------------------------------------------- catalog
@@ -113,15 +122,15 @@ class Eligibility(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     countries: list[str] | None = None  # ship country allow-list
     exclude_countries: list[str] | None = None
-    min_order_total: float | None = None
-    max_order_total: float | None = None
+    min_order_total: NonNegative | None = None
+    max_order_total: NonNegative | None = None
     require_categories: list[str] | None = None  # at least one item in one of these
     exclude_categories: list[str] | None = None  # no item in any of these
     exclude_if_in_order: bool = True  # drop when the offer's sku/product is already in the order
     starts_at: float | None = None  # unix seconds
     ends_at: float | None = None
-    max_per_customer: int | None = None  # frequency cap: times shown to one customer...
-    cap_window_seconds: float = 86_400.0  # ...within this window
+    max_per_customer: Count | None = None  # frequency cap: times shown to one customer...
+    cap_window_seconds: NonNegative = 86_400.0  # ...within this window
 
 
 class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -133,7 +142,7 @@ class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
     sku: Id | None = None  # for product offers: the product it sells
     product_id: Id | None = None
     category: ShortStr | None = None
-    stock: int | None = None  # None: not stock-tracked
+    stock: Count | None = None  # None: not stock-tracked
     features: dict[str, FeatureValue] = {}
     eligibility: Eligibility = field(default_factory=Eligibility)
     active: bool = True
@@ -142,10 +151,10 @@ class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
 class Retrieval(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """How product cross-sell candidates are retrieved for a placement (0 disables a source)."""
 
-    co_purchase: int = 20
-    history: int = 10
-    popular: int = 20
-    max_candidates: int = 50
+    co_purchase: Count = 20
+    history: Count = 10
+    popular: Count = 20
+    max_candidates: Count = 50
 
 
 class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -157,9 +166,9 @@ class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
     weights: dict[str, float | Literal["value"]] = field(
         default_factory=lambda: {"click": 0.1, "accept": 1.0, "dismiss": 0.0}
     )
-    wait_seconds: float = 600.0
+    wait_seconds: NonNegative = 600.0
     default: float = 0.0
-    cap: float | None = None  # clip a single reward (order values can be huge)
+    cap: NonNegative | None = None  # clip a single reward (order values can be huge)
 
 
 class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -169,14 +178,14 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     kinds: list[OfferKind] | None = None
     retrieval: Retrieval | None = None  # set for product cross-sell placements
     policy: str = "squarecb"  # a name in the policy table (`kassa.policies`), checked in __post_init__
-    exploration: float = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
-    gamma_scale: float = 10.0  # squarecb: higher exploits sooner
-    softmax_lambda: float = 10.0  # softmax: higher exploits more
+    exploration: Probability = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
+    gamma_scale: NonNegative = 10.0  # squarecb: higher exploits sooner
+    softmax_lambda: NonNegative = 10.0  # softmax: higher exploits more
     baseline: Literal["value", "popularity", "listed"] = "value"
-    min_learned_decisions: int = 200  # cold start: baseline until this many rewarded decisions
+    min_learned_decisions: Count = 200  # cold start: baseline until this many rewarded decisions
     reward: RewardDefinition = field(default_factory=RewardDefinition)
-    latency_budget_ms: float = 50.0
-    timezone: str = "UTC"
+    latency_budget_ms: Annotated[float, Meta(gt=0, le=60_000)] = 50.0
+    timezone: TimeZone = "UTC"
     features: list[str] | None = None  # feature views to read for this placement (None = all)
 
     def __post_init__(self) -> None:

@@ -544,13 +544,13 @@ def test_webhook_endpoint_accepts_stores_and_dedupes_signed_order_event(
     headers = adobe_headers(keys, body) | {"content-type": "application/json"}
     first = client.post("/v1/webhooks/magento", content=body, headers=headers)
     assert first.status_code == 200, first.text
-    assert first.json() == {"accepted": 1, "duplicates": 0}
+    assert first.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     stored = [e for _, e in kassa.event_log.read()]
     assert [e.event_id for e in stored] == ["magento:order:4"]
     assert stored[0].order is not None and stored[0].order.platform == "magento"
     assert stored[0].order.items[0].sku == "24-WG085" and stored[0].order.ship_country == "AT"
     replay = client.post("/v1/webhooks/magento", content=body, headers=headers)
-    assert replay.status_code == 200 and replay.json() == {"accepted": 0, "duplicates": 1}
+    assert replay.status_code == 200 and replay.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert kassa.event_log.count() == 1
     assert [r.path for r in key_host.requests] == [KEY1_PATH]  # fetched once from the (fake) Adobe host
 

@@ -381,13 +381,13 @@ def test_webhook_endpoint_accepts_stores_and_dedupes_order_placed(sap_app: Any) 
     client, kassa = sap_app
     first = client.post("/v1/webhooks/sap", content=WEBHOOK_BODY, headers=delivery_headers(WEBHOOK_BODY, time.time()))
     assert first.status_code == 200, first.text
-    assert first.json() == {"accepted": 1, "duplicates": 0}
+    assert first.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     events = [e for _, e in kassa.event_log.read()]
     assert [e.event_id for e in events] == ["sap:order:00002004"]
     assert events[0].order is not None and events[0].order.total == pytest.approx(53.4)
     assert events[0].customer is not None and events[0].customer.id is None  # guest: e-mail hash only
     again = client.post("/v1/webhooks/sap", content=WEBHOOK_BODY, headers=delivery_headers(WEBHOOK_BODY, time.time()))
-    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1}
+    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     updated = delivery_headers(WEBHOOK_BODY, time.time(), ce_type="sap.cx.commerce.KassaOrder.Updated.v1")
     assert client.post("/v1/webhooks/sap", content=WEBHOOK_BODY, headers=updated).json()["duplicates"] == 1
     deleted = delivery_headers(WEBHOOK_BODY, time.time(), ce_type="sap.cx.commerce.KassaOrder.Deleted.v1")

@@ -427,13 +427,13 @@ def test_webhook_endpoint_accepts_stores_and_dedupes_cartridge_delivery(sfcc_app
     headers = signed(CARTRIDGE_BODY, t=time.time())
     first = client.post("/v1/webhooks/sfcc", content=CARTRIDGE_BODY, headers=headers)
     assert first.status_code == 200, first.text
-    assert first.json() == {"accepted": 1, "duplicates": 0}
+    assert first.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     events = [e for _, e in kassa.event_log.read()]
     assert [e.event_id for e in events] == ["sfcc:order:00001604"]
     assert events[0].order is not None and events[0].order.currency == "GBP"
     assert events[0].order.items[0].category == "womens-clothing-tops"
     again = client.post("/v1/webhooks/sfcc", content=CARTRIDGE_BODY, headers=signed(CARTRIDGE_BODY, t=time.time()))
-    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1}
+    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert kassa.event_log.count() == 1
 
 

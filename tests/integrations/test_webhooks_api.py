@@ -73,7 +73,7 @@ def assert_problem(response: Any, status: int, field: str | None = None) -> dict
 def test_a_signed_shopify_order_is_stored_as_one_canonical_order_event(hooks, kassa, clock):
     body = shopify_body(clock())
     response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body))
-    assert response.status_code == 200 and response.json() == {"accepted": 1, "duplicates": 0}
+    assert response.status_code == 200 and response.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     [event] = stored(kassa)
     assert event.event_id == f"shopify:order:{SHOPIFY_ORDER_ID}" and event.type == "order"
     assert event.customer is not None and event.customer.id == "115310627314723954"
@@ -103,7 +103,7 @@ def test_line_categories_missing_from_the_platform_are_taken_from_the_synced_off
 def test_a_signed_woocommerce_order_is_stored(hooks, kassa, clock):
     body = woo_body(clock())
     response = hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
-    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert response.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     [event] = stored(kassa)
     assert event.event_id == "woocommerce:order:727" and event.order is not None
     assert event.order.created_at == clock()
@@ -115,7 +115,7 @@ def test_a_replayed_delivery_is_counted_once(hooks, kassa, clock):
     headers = shopify_headers(body)
     assert hooks.post("/v1/webhooks/shopify", content=body, headers=headers).json()["accepted"] == 1
     again = hooks.post("/v1/webhooks/shopify", content=body, headers=headers)
-    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1}
+    assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert len(stored(kassa)) == 1
     assert kassa.profiles.get("115310627314723954")["orders_count"] == 1  # type: ignore[index]
 
@@ -125,19 +125,21 @@ def test_the_same_order_under_a_new_delivery_id_is_still_a_duplicate(hooks, kass
     body = shopify_body(clock())
     hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-1"))
     again = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-2"))
-    assert again.json() == {"accepted": 0, "duplicates": 1} and len(stored(kassa)) == 1
+    assert again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0} and len(stored(kassa)) == 1
 
 
 def test_a_replayed_woocommerce_delivery_is_counted_once(hooks, kassa, clock):
     body = woo_body(clock())
     hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
     again = hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body))
-    assert again.json() == {"accepted": 0, "duplicates": 1} and len(stored(kassa)) == 1
+    assert again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0} and len(stored(kassa)) == 1
 
 
 def test_the_dedupe_survives_a_restart(settings, clock):
     body = shopify_body(clock())
-    for expected in ({"accepted": 1, "duplicates": 0}, {"accepted": 0, "duplicates": 1}):
+    for expected in (
+            {"accepted": 1, "duplicates": 0, "unknown_decisions": 0},
+            {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}):
         with TestClient(create_app(Kassa(settings, clock=clock))) as c:
             assert c.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).json() == expected
 

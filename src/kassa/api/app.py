@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from kassa import errors
 from kassa.api import catalog, decisions, events, features, models, snippet, system, webhooks
@@ -20,6 +20,16 @@ from kassa.api.cors import CorsMiddleware
 from kassa.app import Kassa
 
 log = logging.getLogger("kassa.api")
+
+
+def _allowed(request: Request) -> str:
+    """RFC 9110's `Allow` for a 405: the methods of every route on this path. Starlette's own header
+    names only the first route's, and each method here is a route of its own."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
@@ -56,7 +66,7 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
     async def kassa_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.KassaError)
         kassa.metrics.errors.labels(str(exc.status)).inc()
-        return problem_response(exc, request.url.path)
+        return problem_response(exc, request.url.path, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -66,7 +76,8 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
             err = errors.KassaError(f"{request.method} is not allowed on {request.url.path}")
             err.status, err.title, err.slug = 405, "Method not allowed", "method-not-allowed"
         kassa.metrics.errors.labels(str(err.status)).inc()
-        return problem_response(err, request.url.path)
+        headers = {"Allow": _allowed(request)} if exc.status_code == 405 else None
+        return problem_response(err, request.url.path, headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)

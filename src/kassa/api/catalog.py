@@ -9,6 +9,7 @@ from starlette.responses import Response
 from kassa import errors, schemas
 from kassa.api.common import authorize, decode, json_response, read_body
 from kassa.app import Kassa
+from kassa.catalog.store import InvalidField
 
 
 def _kassa(request: Request) -> Kassa:
@@ -86,4 +87,6 @@ async def put_placement(request: Request) -> Response:
         created = kassa.catalog.put_placement(placement)
     except KeyError as exc:
         raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
+    except InvalidField as exc:
+        raise errors.Invalid(str(exc), exc.field) from None
     return json_response(msgspec.to_builtins(placement), 201 if created else 200)

@@ -18,4 +18,6 @@ async def post_events(request: Request) -> Response:
     ack = await kassa.events.ingest(batch)
     if ack.duplicates:
         kassa.metrics.duplicates.inc(ack.duplicates)
+    if ack.unknown_decisions:
+        kassa.metrics.unknown_decisions.inc(ack.unknown_decisions)
     return json_response(ack)

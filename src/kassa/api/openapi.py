@@ -21,13 +21,19 @@ def _ok(ref: str | None, status: str = "200", desc: str = "OK") -> dict[str, Any
     return {status: resp}
 
 
+def _created(ref: str) -> dict[str, Any]:
+    """PUT answers 200 when it replaced and 201 when it created."""
+    return {**_ok(ref, "200", "Replaced"), **_ok(ref, "201", "Created")}
+
+
 _PROBLEMS = {
     str(code): {
         "description": desc,
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
     for code, desc in [(400, "Malformed JSON"), (401, "Missing or unknown key"), (403, "Key not allowed"),
-                       (404, "Unknown id"), (409, "Conflict"), (413, "Body too large"), (422, "Invalid field")]
+                       (404, "Unknown id"), (409, "Conflict"), (413, "Body too large"), (422, "Invalid field"),
+                       (429, "The key is over its rate limit (see Retry-After)")]
 }
 
 
@@ -91,7 +97,7 @@ def openapi_document() -> bytes:
             "/v1/offers": {"get": op("List offers", key="admin")},
             "/v1/offers/{offer_id}": {
                 "get": {**op("Get an offer", ok=_ok(c + "Offer"), key="admin"), "parameters": offer_id},
-                "put": {**op("Create or replace an offer", c + "Offer", _ok(c + "Offer"), key="admin"),
+                "put": {**op("Create or replace an offer", c + "Offer", _created(c + "Offer"), key="admin"),
                         "parameters": offer_id},
                 "delete": {**op("Delete an offer", ok=_ok(None, "204", "Deleted"), key="admin"),
                            "parameters": offer_id},
@@ -99,7 +105,8 @@ def openapi_document() -> bytes:
             "/v1/placements": {"get": op("List placements", key="admin")},
             "/v1/placements/{placement_id}": {
                 "get": {**op("Get a placement", key="admin"), "parameters": placement_id},
-                "put": {**op("Create or replace a placement", c + "Placement", _ok(c + "Placement"), key="admin"),
+                "put": {**op("Create or replace a placement", c + "Placement", _created(c + "Placement"),
+                             key="admin"),
                         "parameters": placement_id},
             },
             "/v1/models": {"get": {**op("Serving sets and registered model versions", key="admin"),

@@ -46,7 +46,7 @@ async def post_webhook(request: Request) -> Response:
         raise errors.Invalid(str(exc), exc.field) from None
     if result.event is None:
         return Response(_IGNORED, media_type="application/json")
-    ack = await kassa.events.ingest(schemas.EventBatch([result.event]))
+    ack = await kassa.events.ingest(schemas.EventBatch([result.event]), bound_times=False)
     if ack.duplicates:
         kassa.metrics.duplicates.inc(ack.duplicates)
     return json_response(ack)

@@ -7,9 +7,11 @@ reference assignment, so a decision in flight keeps the snapshot it started with
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 import yaml
@@ -18,6 +20,30 @@ from sqlalchemy import Engine, delete, insert, select, update
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
 from kassa.db import offers_table, placements_table
+from kassa.timezones import timezone_error
+
+log = logging.getLogger("kassa.catalog")
+T = TypeVar("T")
+_AT_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+def check_placement(placement: schemas.Placement) -> None:
+    """Checks a placement's wire type cannot express; raises `ValueError` naming the field.
+
+    The time zone must exist in the tz database now: a placement stored with ``"Europe"`` made every
+    decision on it fail. (Reading stays safe for rows stored before this check: `zone` falls back.)
+    """
+    problem = timezone_error(placement.timezone)
+    if problem is not None:
+        raise InvalidField(problem, "timezone")
+
+
+class InvalidField(ValueError):
+    """A catalog value refused at write time; ``field`` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CatalogStore(Protocol):
@@ -37,11 +63,11 @@ class SqlCatalogStore:
     def load(self) -> tuple[list[schemas.Offer], list[schemas.Placement]]:
         with self.engine.connect() as conn:
             offers = [
-                msgspec.json.decode(row.body, type=schemas.Offer)
+                _stored(row.body, schemas.Offer)
                 for row in conn.execute(select(offers_table.c.body).order_by(offers_table.c.id))
             ]
             placements = [
-                msgspec.json.decode(row.body, type=schemas.Placement)
+                _stored(row.body, schemas.Placement)
                 for row in conn.execute(select(placements_table.c.body).order_by(placements_table.c.id))
             ]
         return offers, placements
@@ -82,6 +108,31 @@ class SqlCatalogStore:
                 conn.execute(insert(table), rows)
 
 
+def _stored(body: str | bytes, kind: type[T]) -> T:
+    """A stored row, decoded. A value an older version accepted and the wire type now refuses (a negative
+    budget, an exploration of 5) falls back to its default, with a warning, rather than stopping the start."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        tree = msgspec.json.decode(body)
+        for _ in range(20):
+            m = _AT_PATH.search(str(exc))
+            parts = m.group(1).lstrip(".").split(".") if m else []
+            node = tree
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not parts or not isinstance(node, dict) or parts[-1] not in node:
+                raise
+            log.warning("stored %s %r: %s is out of range (%s); using its default until it is written again",
+                        kind.__name__, tree.get("id"), ".".join(parts), str(exc).split(" - at ")[0])
+            del node[parts[-1]]
+            try:
+                return msgspec.convert(tree, kind)
+            except msgspec.ValidationError as again:
+                exc = again
+        raise
+
+
 def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.CatalogFile:
     """Parse a YAML or JSON catalog file, with a message naming the failing field."""
     raw = Path(path).read_bytes() if raw is None else raw
@@ -99,7 +150,11 @@ def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.Cat
     except msgspec.DecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     known = {o.id for o in catalog.offers}
-    for placement in catalog.placements:
+    for i, placement in enumerate(catalog.placements):
+        try:
+            check_placement(placement)
+        except InvalidField as exc:
+            raise ValueError(f"{path}: placements[{i}].{exc.field}: {exc}") from None
         for offer_id in placement.offers or ():
             if offer_id not in known:
                 raise ValueError(f"{path}: placement {placement.id!r} lists unknown offer {offer_id!r}")
@@ -127,7 +182,8 @@ class Catalog:
         raw = Path(path).read_bytes()
         stamp = stamp_dir / "catalog_file.sha256" if stamp_dir is not None else None
         digest = hashlib.sha256(raw).hexdigest()
-        if stamp is not None and stamp.exists() and stamp.read_text() == digest:
+        # Compared as bytes: a damaged stamp (not even text) just means "load the file again".
+        if stamp is not None and stamp.exists() and stamp.read_bytes().strip() == digest.encode():
             return 0
         catalog = read_catalog_file(path, raw)
         self.store.put_many(catalog.offers, catalog.placements)
@@ -148,6 +204,7 @@ class Catalog:
         return deleted
 
     def put_placement(self, placement: schemas.Placement) -> bool:
+        check_placement(placement)
         unknown = [o for o in placement.offers or () if o not in self.snapshot.offers]
         if unknown:
             raise KeyError(unknown[0])

@@ -26,6 +26,7 @@ from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformP
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
+from kassa.degraded import CircuitBreaker, RateLimitedWarning
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
 from kassa.events.join import PendingDecision
 from kassa.features.definitions import FeatureRepo, FeatureView
@@ -115,6 +116,9 @@ class DecisionEngine:
         self.clock = clock
         self.observe = observe
         self._fp_encoder = msgspec.json.Encoder()
+        # One line per 10 s while the store is down, not a traceback per decision (issue 15: 12.9 MB in 10 s).
+        self._warn_store = RateLimitedWarning(log, "online store")
+        self._breaker: CircuitBreaker | None = getattr(store, "breaker", None)
 
     async def decide(self, req: schemas.DecisionRequest) -> schemas.DecisionResponse:
         t0 = time.perf_counter()
@@ -152,15 +156,20 @@ class DecisionEngine:
             if req.session_id is not None:
                 keys.append(("session", req.session_id))
             rows: list[Any] = [None] * len(keys)
-            if keys:
+            if keys and self._breaker is not None and not self._breaker.available():
+                # The store's circuit is open: fall back without an exception or a task per request.
+                self._breaker.rejected += 1
+                self._warn_store("circuit open; serving feature defaults (fallback)")
+                fallback = True
+            elif keys:
                 try:
                     if self.remote_store:
                         remaining = budget - (time.perf_counter() - t0)
                         rows = await asyncio.wait_for(self.store.read(keys, views), max(remaining, 0.001))
                     else:
                         rows = await self.store.read(keys, views)
-                except Exception:  # an outage or a timeout degrades to the declared defaults
-                    log.warning("online store read failed; serving feature defaults", exc_info=True)
+                except Exception as exc:  # an outage or a timeout degrades to the declared defaults
+                    self._warn_store("read failed; serving feature defaults (fallback)", exc)
                     fallback = True
             by_entity = {entity: row for (entity, _), row in zip(keys, rows, strict=True)}
             on_default = self.on_default

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Collection, Sequence
 from operator import itemgetter
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -292,6 +292,23 @@ class ProductRetriever:
             hist = dict(sorted(hist.items(), key=_history_order, reverse=True)[: self.history_per_customer])
             self._n_hist += len(hist) - before
         hist_all[customer_id] = hist
+
+    # ------------------------------------------------------------------ state
+    def dump(self) -> dict[str, Any]:
+        """The learned state, for `kassa.events.replay_state` (shares the live objects: encode it at once).
+        Read-side caches are left out: `load` rebuilds them lazily."""
+        return {"t0": self._t0, "t_latest": self._t_latest, "nb": self._nb, "n_pairs": self._n_pairs,
+                "hist": self._hist, "n_hist": self._n_hist, "pop": self._pop, "orders": self._orders}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._t0, self._t_latest = state["t0"], state["t_latest"]
+        self._nb, self._n_pairs = state["nb"], state["n_pairs"]
+        self._hist, self._n_hist = state["hist"], state["n_hist"]
+        self._pop, self._orders = state["pop"], state["orders"]
+        self._nb_top, self._nb_dirty = {}, set(self._nb)
+        self._pop_pool = set(self._pop)
+        if self._pop:
+            self._rebuild_popular()
 
     # ------------------------------------------------------------------ read path
     def retrieve(

@@ -217,6 +217,19 @@ class SqliteEventLog(EventLog):
         with self._engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(events_table)).scalar_one())
 
+    def max_seq(self) -> int:
+        """The position of the newest event (0 when empty): one index lookup."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.max(events_table.c.seq))).scalar_one() or 0)
+
+    def read_type(self, event_type: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, schemas.Event]]:
+        """Like `read`, only events of ``event_type`` (what a start-up replay needs: orders)."""
+        t = events_table
+        stmt = (sa.select(t.c.seq, t.c.body).where(t.c.seq > after_seq).where(t.c.type == event_type)
+                .order_by(t.c.seq).limit(limit))
+        with self._engine.connect() as conn:
+            return [(seq, self._decoder.decode(body)) for seq, body in conn.execute(stmt)]
+
     def close(self) -> None:
         """Commit every append already accepted, stop the writer and release the file."""
         with self._lock:

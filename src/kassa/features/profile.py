@@ -1,8 +1,8 @@
 """Customer profiles built from the order stream: the buyer-side entity row a decision reads.
 
-Per customer, in process memory (rebuilt from the event log at start): orders_count, spend_total,
-last_order_ts, last_order_id, recent_categories (the last five distinct categories bought). Feature
-views (streaming, pushed, materialized) generalise this.
+Per customer, in process memory (rebuilt from the event log at start, via `kassa.events.replay_state`):
+orders_count, spend_total, last_order_ts, last_order_id, recent_categories (the last five distinct
+categories bought). Feature views (streaming, pushed, materialized) generalise this.
 """
 
 from __future__ import annotations
@@ -38,3 +38,11 @@ class CustomerProfiles:
 
     def get(self, customer_id: str) -> dict | None:
         return self._profiles.get(customer_id)
+
+    def dump(self) -> dict:
+        """The whole state, for `kassa.events.replay_state` (shares the live objects: encode it at once)."""
+        return {"profiles": self._profiles, "seen": list(self._seen_orders)}
+
+    def load(self, state: dict) -> None:
+        self._profiles = state["profiles"]
+        self._seen_orders = {(c, o): None for c, o in state["seen"]}

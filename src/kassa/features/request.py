@@ -9,7 +9,7 @@ import math
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from kassa import schemas
 
@@ -31,9 +31,16 @@ def count_bucket(n: int) -> str:
 
 @lru_cache(maxsize=256)
 def zone(name: str) -> ZoneInfo:
+    """The zone named ``name``, or UTC when it is not one.
+
+    Any exception counts as "not a zone": besides `ZoneInfoNotFoundError` and `ValueError`, a key
+    that names a directory of the tz database (``"Europe"``) raises `IsADirectoryError`, an
+    over-long one `OSError` (name too long), a malformed file other errors. A request-supplied
+    ``context.timezone`` reaches this, so it must never raise.
+    """
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except Exception:
         return ZoneInfo("UTC")
 
 

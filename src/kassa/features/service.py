@@ -1,7 +1,9 @@
 """`FeatureService`: the feature views a process serves, and the injection path for proprietary signals.
 
 Writes are validated against the view's fields before anything is stored: an unknown field, a wrong
-type or an oversized value is refused with the field named, and nothing of that request is written.
+type, an oversized value, an entity key over 128 characters or a timestamp outside the window around
+now (which the offline store's Parquet cannot hold) is refused with the field named, and nothing of
+that request is written, online or offline.
 Accepted rows go to the online store and, when the view keeps an offline history, to the offline store.
 """
 
@@ -16,12 +18,14 @@ from kassa.features.definitions import FeatureRepo, FeatureView, check_value
 from kassa.features.online.base import OnlineStore, ViewValues, WriteItem
 
 INJECTABLE = ("push", "batch")
+MAX_KEY = 128  # the body's `Id` limit, also for keys in the path
 
 
 class FeatureService:
     def __init__(self, repo: FeatureRepo, store: OnlineStore, offline: Any | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, timestamp_window: float = 7 * 86_400.0) -> None:
         self.repo = repo
+        self.timestamp_window = timestamp_window
         self.store = store
         self.offline = offline
         self.clock = clock
@@ -66,10 +70,21 @@ class FeatureService:
                                   "decisions serve the defaults)", "entity_key")
         return view, found
 
+    def timestamp(self, ts: float | None, now: float, where: str) -> float:
+        """The write's event time: ``ts`` when within the window around ``now``, else `Invalid`."""
+        if ts is None:
+            return now
+        if not now - self.timestamp_window <= ts <= now + self.timestamp_window:
+            raise errors.Invalid(f"timestamp {ts!r} is more than {self.timestamp_window:.0f} s from now; send unix "
+                                 "seconds (server.timestamp_window_seconds sets the window)", where)
+        return ts
+
     async def put(self, view_name: str, key: str, body: schemas.FeatureWrite) -> schemas.FeatureAck:
         view = self.injectable_view(view_name)
+        if not 1 <= len(key) <= MAX_KEY:
+            raise errors.Invalid(f"an entity key is 1 to {MAX_KEY} characters, got {len(key)}", "entity_key")
         values = self.validate(view, body.values)
-        ts = body.timestamp if body.timestamp is not None else self.clock()
+        ts = self.timestamp(body.timestamp, self.clock(), "timestamp")
         await self.store.write(view, key, values, ts)
         if self.offline is not None and view.offline:
             self.offline.append(view, [WriteItem(key, values, ts)])
@@ -80,7 +95,7 @@ class FeatureService:
         now = self.clock()
         items = [
             WriteItem(row.key, self.validate(view, row.values, f"rows[{i}].values"),
-                      row.timestamp if row.timestamp is not None else now)
+                      self.timestamp(row.timestamp, now, f"rows[{i}].timestamp"))
             for i, row in enumerate(body.rows)
         ]
         written = await self.store.write_many(view, items)

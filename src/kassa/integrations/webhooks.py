@@ -88,6 +88,10 @@ class WebhookReceiver:
             payload = msgspec.json.decode(delivery.body)
         except msgspec.DecodeError as exc:
             raise MalformedBody(f"webhook body is not valid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:  # a signed body can still hold bytes that are not UTF-8
+            raise MalformedBody(f"webhook body is not valid UTF-8 (byte {exc.start})") from None
+        except RecursionError:
+            raise MalformedBody("webhook body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise PayloadError(f"webhook body must be a JSON object, got {type(payload).__name__}")
         order = self._with_categories(connector.parse_order(payload))

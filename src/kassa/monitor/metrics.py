@@ -13,6 +13,7 @@ for other registries in the process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,6 +24,10 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from kassa.events.join import JoinedExample
+
+from kassa.degraded import CircuitBreaker
+
+_log = logging.getLogger("kassa.degraded")
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 OTHER_OFFER = "other"
@@ -100,6 +105,11 @@ class Metrics:
         )
         self.events = Counter("kassa_events", "Events accepted", ["type"], registry=r)
         self.duplicates = Counter("kassa_event_duplicates", "Duplicate events ignored", registry=r)
+        self.unknown_decisions = Counter(
+            "kassa_event_unknown_decisions",
+            "Accepted outcome events whose decision id is unknown or past its reward window (no reward joins)",
+            registry=r,
+        )
         self.errors = Counter("kassa_http_errors", "Problem responses", ["status"], registry=r)
         self.learned = Counter("kassa_learned_examples", "Examples learned by the online learner", ["placement"],
                                registry=r)
@@ -135,6 +145,22 @@ class Metrics:
         self.learner_restarts = Counter(
             "kassa_learner_restarts", "Online learner restarts from a version it did not publish (promotion, "
             "rollback)", ["placement"], registry=r,
+        )
+        self.stream_backlog = Gauge(
+            "kassa_stream_backlog_rows",
+            "Streaming-feature rows changed by acknowledged events and not yet written to the online store",
+            registry=r,
+        )
+        self.stream_lag_events = Gauge(
+            "kassa_stream_lag_events", "Event-log rows the streaming-feature tail has not read yet", registry=r
+        )
+        self.circuit_open = Gauge(
+            "kassa_circuit_open", "1 while a dependency's circuit breaker is open or half-open", ["dependency"],
+            registry=r,
+        )
+        self.circuit_rejected = Counter(
+            "kassa_circuit_rejected", "Calls failed fast because the dependency's breaker was open", ["dependency"],
+            registry=r,
         )
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
@@ -183,6 +209,26 @@ class Metrics:
 
     def _offer_label(self, offer_id: str) -> str:
         return offer_id if offer_id in self.known_offers() else OTHER_OFFER
+
+    def watch_breaker(self, breaker: CircuitBreaker, dependency: str) -> None:
+        """Export a breaker's state, and log each change of it (one line, not one per request)."""
+        gauge = self.circuit_open.labels(dependency)
+        gauge.set(0)
+        self.circuit_rejected.labels(dependency)
+        total = self.circuit_rejected.labels(dependency)
+        seen = [0]
+
+        def changed(old: str, new: str) -> None:
+            gauge.set(0 if new == "closed" else 1)
+            total.inc(breaker.rejected - seen[0])
+            seen[0] = breaker.rejected
+            if new == "open" and old == "closed":
+                _log.warning("%s: circuit open after %d failures; failing fast, probing every %.1f s",
+                             dependency, breaker.consecutive, breaker.reset_seconds)
+            elif new == "closed":
+                _log.warning("%s: circuit closed; the dependency answers again", dependency)
+
+        breaker.on_change = changed
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

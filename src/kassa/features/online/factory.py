@@ -28,11 +28,22 @@ def open_online_store(settings: Settings, views: Sequence[FeatureView] = (),
     if fs.online_store == "redis":
         from kassa.features.online.redis import RedisOnlineStore  # redis-py only when Redis is configured
 
-        return RedisOnlineStore(fs.redis_url, fs.key_prefix, views=views, clock=clock)
+        return RedisOnlineStore(fs.redis_url, fs.key_prefix, views=views, clock=clock,
+                                breaker_failures=fs.breaker_failures, breaker_reset_seconds=fs.breaker_reset_seconds)
     from kassa.features.online.memory import InMemoryOnlineStore
 
     store = InMemoryOnlineStore(views, clock=clock)
-    store.restore(snapshot_path(settings))
+    path = snapshot_path(settings)
+    try:
+        store.restore(path)
+    except Exception as exc:  # any decode error: the file is not a snapshot Kassa wrote
+        from kassa.startup import DamagedDataDir
+
+        raise DamagedDataDir(
+            path, f"cannot be read as an online-store snapshot ({type(exc).__name__}: {str(exc)[:200]})",
+            f"delete {path.name} (and stream.checkpoint) to start with an empty online store: stream views "
+            "are rebuilt from the event log, push views need their signals pushed again, batch views a "
+            "`kassa features materialize`") from None
     return store
 
 

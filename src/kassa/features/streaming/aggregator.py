@@ -300,6 +300,11 @@ class StreamAggregator:
             n += 1
         return n
 
+    @property
+    def pending(self) -> int:
+        """Rows changed and not yet written (a backlog while the online store is down)."""
+        return len(self._changed)
+
     def drain_changed(self) -> list[tuple[str, str]]:
         """The (view, key) rows changed since the last drain, in first-change order."""
         changed, self._changed = self._changed, {}

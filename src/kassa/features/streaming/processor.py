@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 
 from kassa import schemas
+from kassa.degraded import RateLimitedWarning
 from kassa.events.log import EventLog
 from kassa.features.definitions import FeatureView
 from kassa.features.online.base import OnlineStore
@@ -87,6 +88,7 @@ class StreamProcessor:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._last_checkpoint = 0.0
+        self._warn = RateLimitedWarning(log, "stream processor")
         self.restored = self._restore()
 
     # ------------------------------------------------------------------ metrics
@@ -101,6 +103,11 @@ class StreamProcessor:
     @property
     def duplicates(self) -> int:
         return self.aggregator.duplicates
+
+    @property
+    def pending_rows(self) -> int:
+        """Changed rows not yet written to the online store (grows while it is down)."""
+        return self.aggregator.pending
 
     @property
     def lag_seconds(self) -> float:
@@ -177,6 +184,7 @@ class StreamProcessor:
                 if self.advance_when_idle:
                     # Nothing is pending, so nothing older than now minus the lateness can still come.
                     self.aggregator.expire(self.clock())
+                if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
                     await self._flush()
                 break
             await self.process([ev for _, ev in rows])
@@ -206,10 +214,10 @@ class StreamProcessor:
             while not self._stop.is_set():
                 try:
                     await self.catch_up()
-                except Exception:
+                except Exception as exc:
                     # A store or log hiccup must not kill the worker. The failed batch is read again; its
                     # events are already in the state (and skipped as duplicates), its rows still pending.
-                    log.exception("stream processor: batch failed; retrying")
+                    self._warn("batch failed; retrying from the log", exc)
                     self._caught_up = True  # back off for one poll interval
                 if self._caught_up:
                     with contextlib.suppress(TimeoutError):

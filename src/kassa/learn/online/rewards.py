@@ -36,6 +36,10 @@ class RewardJoiner:
         """Seconds the oldest decision whose wait has ended has been waiting to be closed (0 when none)."""
         return max(0.0, now - self._deadlines[0][0]) if self._deadlines else 0.0
 
+    def is_open(self, decision_id: str) -> bool:
+        """Whether ``decision_id`` is a decision still waiting for its reward here."""
+        return decision_id in self._pending
+
     def register(self, pending: PendingDecision) -> None:
         self._pending[pending.decision_id] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))

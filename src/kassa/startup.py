@@ -1,0 +1,74 @@
+"""Start-up checks of the data directory: a damaged file stops the start with a message naming it.
+
+Without these a damaged data dir either started "ready" and wrong (a ``kassa.db`` truncated to 0 bytes
+became a fresh empty database, and the catalog file's checksum stamp said the catalog was already
+loaded, so every decision was a 404) or died in a ~500-line traceback that never named the file.
+
+`check_data_dir` runs before anything opens the files. SQLite files get a header check (cheap whatever
+their size: one ``PRAGMA schema_version``); the metadata DB, which is small, also a ``quick_check``.
+The online-store snapshot is checked where it is decoded (`kassa.features.online.factory`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from kassa.config import Settings
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class DamagedDataDir(SystemExit):
+    """A file of the data dir that Kassa cannot use; the message says which and what to do."""
+
+    def __init__(self, path: Path, problem: str, remedy: str) -> None:
+        super().__init__(f"cannot start: {path} {problem}.\n  What to do: {remedy}")
+        self.path = path
+
+
+def _sqlite_problem(path: Path, full_check: bool) -> str | None:
+    """Why ``path`` is not a usable SQLite database, or None."""
+    with path.open("rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if head != SQLITE_HEADER:
+        return f"is not an SQLite database (it starts with {head[:16]!r})"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+            if full_check:
+                result = [row[0] for row in conn.execute("PRAGMA quick_check")]
+                if result != ["ok"]:
+                    return f"fails SQLite's integrity check ({'; '.join(result[:3])})"
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return f"is a damaged SQLite database ({exc})"
+    return None
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Raise `DamagedDataDir` for the first file of ``settings.data_dir`` that cannot be used."""
+    data = settings.data_path
+    meta = data / "kassa.db"
+    restore = (f"restore {meta.name} from a backup, or move {data} away to start with an empty data dir "
+               "(the catalog file, if configured, is loaded again; keys must be created again)")
+    if meta.exists():
+        if meta.stat().st_size == 0:
+            # SQLite would treat it as a new database: an empty catalog that says it is ready.
+            raise DamagedDataDir(meta, "is empty (0 bytes): the metadata DB (catalog, placements, keys, "
+                                       "model registry) was truncated", restore)
+        problem = _sqlite_problem(meta, full_check=True)
+        if problem:
+            raise DamagedDataDir(meta, problem, restore)
+    elif (data / "catalog_file.sha256").exists():
+        # A fresh metadata DB must load the catalog file whatever the stamp of the old one says.
+        (data / "catalog_file.sha256").unlink()
+    events = data / "events.db"
+    if events.exists() and events.stat().st_size > 0:
+        problem = _sqlite_problem(events, full_check=False)  # may be large: the header check only
+        if problem:
+            raise DamagedDataDir(events, problem, f"restore {events.name} from a backup; without it the "
+                                 "acknowledged events since the backup are lost (move it away to start "
+                                 "with an empty event log)")

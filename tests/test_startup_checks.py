@@ -1,0 +1,86 @@
+"""A damaged data dir (issue 15): the start stops with a message naming the file and what to do, and an
+empty or unreadable metadata DB is never "ready"; a damaged cache file (the catalog stamp) just heals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from starlette.testclient import TestClient
+
+from kassa.api.app import create_app
+from kassa.app import Kassa
+from kassa.startup import DamagedDataDir
+
+
+def first_run(settings, clock) -> None:
+    kassa = Kassa(settings, clock=clock)
+    with TestClient(create_app(kassa)):
+        pass  # start and stop: every file of the data dir written once
+
+
+def assert_names(exc: pytest.ExceptionInfo, name: str) -> None:
+    message = str(exc.value)
+    assert name in message and "What to do" in message, message
+    assert len(message.splitlines()) <= 3  # a message, not a traceback
+
+
+def test_a_metadata_db_truncated_to_zero_bytes_stops_the_start(settings, clock):
+    first_run(settings, clock)
+    (settings.data_path / "kassa.db").write_bytes(b"")
+    with pytest.raises(DamagedDataDir) as exc:
+        Kassa(settings, clock=clock)
+    assert_names(exc, "kassa.db")
+    assert "0 bytes" in str(exc.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "half"])
+def test_a_garbage_or_truncated_metadata_db_stops_the_start_naming_it(settings, clock, damage):
+    first_run(settings, clock)
+    db = settings.data_path / "kassa.db"
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    if damage == "garbage":
+        db.write_bytes(os.urandom(8192))
+    else:
+        raw = db.read_bytes()
+        db.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DamagedDataDir) as exc:
+        Kassa(settings, clock=clock)
+    assert_names(exc, "kassa.db")
+
+
+def test_a_garbage_event_log_stops_the_start_naming_it(settings, clock):
+    first_run(settings, clock)
+    events = settings.data_path / "events.db"
+    for suffix in ("-wal", "-shm"):
+        events.with_name(events.name + suffix).unlink(missing_ok=True)
+    events.write_bytes(b"\x00garbage" * 1000)
+    with pytest.raises(DamagedDataDir) as exc:
+        Kassa(settings, clock=clock)
+    assert_names(exc, "events.db")
+
+
+def test_a_garbage_online_snapshot_stops_the_start_naming_it(settings, clock):
+    first_run(settings, clock)
+    (settings.data_path / "online.snapshot").write_bytes(b"\x07")  # msgpack for the int 7
+    with pytest.raises(DamagedDataDir) as exc:
+        Kassa(settings, clock=clock)
+    assert_names(exc, "online.snapshot")
+
+
+def test_a_garbage_catalog_stamp_just_reloads_the_catalog_file(settings, clock):
+    first_run(settings, clock)
+    (settings.data_path / "catalog_file.sha256").write_bytes(b"\xff\xfe\x00garbage")
+    kassa = Kassa(settings, clock=clock)
+    assert len(kassa.catalog.snapshot.offers) == 11
+
+
+def test_a_new_metadata_db_loads_the_catalog_file_whatever_the_old_stamp_says(settings, clock):
+    first_run(settings, clock)
+    for name in ("kassa.db", "kassa.db-wal", "kassa.db-shm"):
+        (settings.data_path / name).unlink(missing_ok=True)
+    kassa = Kassa(settings, clock=clock)
+    assert len(kassa.catalog.snapshot.offers) == 11
+    with TestClient(create_app(kassa)) as c:
+        assert c.get("/readyz").json()["offers"] == 11
