@@ -15,8 +15,9 @@ from starlette.testclient import TestClient
 from kassa.api.app import create_app
 from kassa.app import Kassa
 from kassa.config import load_settings
-from kassa.features.request import request_features, timezone_error, zone
+from kassa.features.request import request_features, zone
 from kassa.schemas import DecisionRequest
+from kassa.timezones import timezone_error
 from tests.conftest import ADMIN, SECRET, decision_body, order
 from tests.test_api import assert_problem
 
