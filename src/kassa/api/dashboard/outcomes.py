@@ -124,6 +124,34 @@ class Outcomes:
         finally:
             con.close()
 
+    def throughput(self, since: float, points: int = 30, now: float | None = None
+                   ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
+        """Decisions since ``since`` in time buckets, from the log as written (no flush: this runs on every
+        overview refresh): (bucket seconds, [(bucket start, decisions/s, fallback share, P50 ms, P99 ms)])."""
+        import duckdb
+
+        now = time.time() if now is None else now
+        if not any(self.decisions_dir.glob("date=*/*.parquet")):
+            return 60.0, []
+        glob = str(self.decisions_dir / "*" / "*.parquet").replace("'", "''")
+        source = (f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}) "
+                  "WHERE date >= CAST(? AS DATE) AND ts >= ?")
+        day = time.strftime("%Y-%m-%d", time.gmtime(since))
+        con = duckdb.connect()
+        try:
+            first = con.execute(f"SELECT min(ts) FROM {source}", [day, since]).fetchone()
+            if first is None or first[0] is None:
+                return 60.0, []
+            bucket = next((b for b in _BUCKETS if b >= (now - first[0]) / points), _BUCKETS[-1])
+            rows = con.execute(
+                f"SELECT floor(ts / {bucket}) * {bucket} AS t, count(*), avg(CAST(fallback AS DOUBLE)), "
+                f"quantile_cont(took_ms, 0.5), quantile_cont(took_ms, 0.99) FROM {source} GROUP BY t ORDER BY t",
+                [day, since]).fetchall()
+        finally:
+            con.close()
+        return bucket, [(float(t), n / bucket, float(fb or 0.0), float(p50), float(p99))
+                        for t, n, fb, p50, p99 in rows]
+
     def _events_for(self, decision_ids: Iterable[str] | None, since: float | None = None
                     ) -> dict[str, list[tuple[float, schemas.Event]]]:
         t = events_table

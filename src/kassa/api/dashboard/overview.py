@@ -20,8 +20,25 @@ from kassa.learn.rollout import gate_status
 if TYPE_CHECKING:
     from kassa.api.dashboard import Dashboard
 
+THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
 _SEVERITY = {"ok": "good", "warning": "warn", "alert": "bad"}
+
+
+def _throughput_charts(bucket: float, series: list[tuple[float, float, float, float, float]]) -> str:
+    """Decisions/s and server decision time over the last hour, from the decision log."""
+    counted = {t: (r, fb) for t, r, fb, _, _ in series}
+    # a bucket without decisions is a zero, not a gap the line would bridge
+    starts = [series[0][0] + i * bucket for i in range(int((time.time() - series[0][0]) // bucket) + 1)] \
+        if series else []
+    rate = {"decisions/s": [(t, counted.get(t, (0.0, 0.0))[0]) for t in starts],
+            "fallback share": [(t, fb) for t, _, fb, _, _ in series if fb]}
+    latency = {"P50": [(t, p50) for t, _, _, p50, _ in series], "P99": [(t, p99) for t, _, _, _, p99 in series]}
+    return ('<section class="charts">'
+            + line_chart(rate, f"Decisions per second, last hour ({bucket:g} s buckets)", "decision log",
+                         width=560)
+            + line_chart(latency, "Decision time (ms, server side)", "decision log", width=560)
+            + "</section>")
 
 
 def _drift_badge(dash: Dashboard, placement: str) -> Markup:
@@ -46,6 +63,7 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
         card("Decisions served", f"{traffic.decisions:,}", f"since {when(kassa.started_at or dash.started)}",
              "kpi-total"),
     ])
+    bucket, series = await asyncio.to_thread(dash.outcomes.throughput, time.time() - THROUGHPUT_SECONDS)
     rows = []
     for placement_id in kassa.catalog.snapshot.placements:
         t = traffic.placements.get(placement_id)
@@ -59,9 +77,8 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
                      production or "baseline", canary, _drift_badge(dash, placement_id)))
     errors_rows = sorted(traffic.problems.items())
     body = (f'<section class="cards">{cards}</section>'
-            f'<section>{line_chart({"decisions/s": traffic.rate_series[-120:]}, "Decisions per second", width=1000)}'
-            "</section>"
-            "<h2>Placements</h2>"
+            + _throughput_charts(bucket, series)
+            + "<h2>Placements</h2>"
             + table(["placement", "decisions", "P50", "P99", "fallback", "production", "canary", "drift"], rows,
                     "no placements in the catalog")
             + "<h2>Problem responses</h2>"

@@ -3,9 +3,10 @@
 Nothing here is counted twice: decisions, their latency histogram, fallbacks and problem responses are
 the samples ``/metrics`` exposes. A counter gives totals, not a rate, so `RateMeter` keeps the totals it
 saw at each dashboard read (the overview refreshes every few seconds) and turns the last minute of them
-into decisions per second; until it has two reads it falls back to the average since the process
-started. Quantiles come from the histogram buckets, interpolated inside a bucket the way PromQL's
-``histogram_quantile`` does, so they are as coarse as the buckets (0.5 ms at the low end).
+into decisions per second; until it has two reads it uses the average since the process started. (The
+overview's charts over time come from the decision log instead.) Quantiles come from the histogram
+buckets, interpolated inside a bucket the way PromQL's ``histogram_quantile`` does, so they are as
+coarse as the buckets (0.5 ms at the low end).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class Traffic:
     placements: dict[str, PlacementTraffic]
     buckets: dict[float, float]
     per_second: float
-    rate_series: list[tuple[float, float]]  # (unix time, decisions/s) for the sparkline
 
     @property
     def fallback_share(self) -> float:
@@ -96,7 +96,7 @@ class RateMeter:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
-    def add(self, now: float, total: int, started_at: float) -> tuple[float, list[tuple[float, float]]]:
+    def add(self, now: float, total: int, started_at: float) -> float:
         with self._lock:
             samples = self._samples
             if not samples and started_at:
@@ -111,10 +111,7 @@ class RateMeter:
                     break
                 base = (t, n)
             dt = now - base[0]
-            rate = (total - base[1]) / dt if dt > 0 else 0.0
-            series = [((t0 + t1) / 2, (n1 - n0) / (t1 - t0))
-                      for (t0, n0), (t1, n1) in zip(samples, list(samples)[1:], strict=False) if t1 > t0]
-        return rate, series
+            return (total - base[1]) / dt if dt > 0 else 0.0
 
 
 def read_traffic(registry: CollectorRegistry, meter: RateMeter, started_at: float,
@@ -140,6 +137,5 @@ def read_traffic(registry: CollectorRegistry, meter: RateMeter, started_at: floa
         for bound, count in p.buckets.items():
             buckets[bound] = buckets.get(bound, 0.0) + count
     decisions = sum(p.decisions for p in placements.values())
-    rate, series = meter.add(now, decisions, started_at)
-    return Traffic(decisions, sum(p.fallbacks for p in placements.values()), problems, placements, buckets,
-                   rate, series)
+    rate = meter.add(now, decisions, started_at)
+    return Traffic(decisions, sum(p.fallbacks for p in placements.values()), problems, placements, buckets, rate)
