@@ -220,7 +220,9 @@ def test_placement_page_shows_reward_by_version_and_offer_and_the_learning_curve
         assert offer in by_offer
     rows = dpage.locator("[data-testid=reward-by-version] tbody tr")
     assert rows.count() >= 1
-    assert "learned" in dpage.inner_text("[data-testid=canary]") or dpage.locator("[data-testid=canary]").count()
+    serving = dash.kassa.models.serving("order_confirmation")
+    assert serving is not None and serving.production is not None  # the learner published a snapshot
+    assert serving.production.version in dpage.inner_text("[data-testid=canary]")
     assert dpage.locator("svg.chart[aria-label^='Reward per decision'] polyline, "
                          "svg.chart[aria-label^='Reward per decision'] circle").count() >= 1
     assert dash.kassa.model_registry.versions("order_confirmation")  # the learner registered snapshots
