@@ -19,7 +19,7 @@ from kassa.api.dashboard.render import badge, h, link, num, page, table, url, wh
 from kassa.api.dashboard.session import Session
 
 if TYPE_CHECKING:
-    from kassa.api.dashboard import Dashboard
+    from kassa.api.dashboard.state import Dashboard
 
 _MAX_ID = 128
 

@@ -20,12 +20,13 @@ from starlette.responses import RedirectResponse, Response
 from kassa import errors, schemas
 from kassa.api.common import decode
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
-from kassa.api.dashboard.session import Session, clear_cookie, set_cookie
+from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
+from kassa.api.dashboard.state import read_form
 from kassa.db import api_keys_table
 from kassa.keys import KeyKind
 
 if TYPE_CHECKING:
-    from kassa.api.dashboard import Dashboard
+    from kassa.api.dashboard.state import Dashboard
 
 _pretty = msgspec.json.Encoder(order="sorted")
 
@@ -61,9 +62,6 @@ def login_form(dash: Dashboard) -> Callable[[Request], Awaitable[Response]]:
 
 
 def login(dash: Dashboard) -> Callable[[Request], Awaitable[Response]]:
-    from kassa.api.dashboard import read_form
-    from kassa.api.dashboard.session import own_origin
-
     async def endpoint(request: Request) -> Response:
         origin = request.headers.get("origin")
         if origin is not None and origin != own_origin(request):

@@ -18,7 +18,7 @@ from kassa.learn.registry import ModelVersion
 from kassa.learn.rollout import gate_status
 
 if TYPE_CHECKING:
-    from kassa.api.dashboard import Dashboard
+    from kassa.api.dashboard.state import Dashboard
 
 THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
