@@ -116,10 +116,10 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
     learned = [(mv.created_at, float(mv.rows)) for mv in versions if mv.source == "online"]
     body = (intro
             + '<h2>Reward by model version</h2><div data-testid="reward-by-version">'
-            + table(["model version", "closed decisions", "open", "reward / decision", "revenue / 1,000"],
+            + table(["model version", "closed decisions", "open", "reward / decision", "revenue / 1,000 decisions"],
                     version_rows, "no decisions logged in the last day") + "</div>"
             + '<h2>Reward by offer</h2><div data-testid="reward-by-offer">'
-            + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000"], offer_rows,
+            + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"], offer_rows,
                     "no impressions logged in the last day") + "</div>"
             + bar_chart([(o, t.reward_rate or 0.0) for o, t in by_offer[:12]], "Reward per impression")
             + "<h2>Learning curve</h2>"
