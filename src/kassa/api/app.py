@@ -15,8 +15,11 @@ from starlette.routing import Match, Route
 
 from kassa import errors
 from kassa.api import catalog, decisions, events, features, models, snippet, system, webhooks
+from kassa.api.assets import get_asset
 from kassa.api.common import problem_response
 from kassa.api.cors import CorsMiddleware
+from kassa.api.dashboard import routes as dashboard_routes
+from kassa.api.docs_page import docs
 from kassa.app import Kassa
 
 log = logging.getLogger("kassa.api")
@@ -58,6 +61,9 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
         Route("/metrics", system.metrics, methods=["GET"]),
         Route("/openapi.json", system.openapi, methods=["GET"]),
         Route("/v1/snippet.js", snippet.get_snippet, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Route("/assets/{name:path}", get_asset, methods=["GET"]),
+        *dashboard_routes(kassa),
     ]
     if kassa.settings.server.bench_endpoints:
         routes.append(Route("/_bench/noop", system.noop, methods=["POST"]))

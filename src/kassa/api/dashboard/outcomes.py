@@ -1,0 +1,277 @@
+"""Decisions joined with their outcome events, read back from the two logs for the dashboard.
+
+The decision log (Parquet, one record per decision) says what was shown, by which model version, with
+which probabilities; the event log (SQLite) holds every accepted outcome event with its ``decision_id``.
+This module joins them the way `RewardJoiner` does for learning: an event counts for a shown offer when
+it arrives inside the placement's wait window, weighted by the placement's reward definition, each
+offer's reward capped, and a shown offer with no outcome gets the default. Two simplifications, both
+said on the page: the reward definition is today's (not the one in force when the decision was made),
+and an ``order`` event without a ``decision_id`` (attributed by customer in the joiner) is not counted.
+
+Reads are bounded (``since`` and ``max_decisions``) and run on a worker thread (the caller's job): the
+dashboard reads the logs, it never slows the hot path. The decision log writer is flushed first, so a
+decision served a moment ago can be looked up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from kassa import schemas
+from kassa.app import Kassa
+from kassa.events.log import events_table
+
+_event_decoder = msgspec.json.Decoder(schemas.Event)
+_features_decoder = msgspec.json.Decoder(dict[str, Any])
+# learning-curve bucket widths (seconds): about `buckets` points whether the log holds a minute or a day
+_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0)
+
+
+ALL_VERSIONS = "all versions"
+
+
+@dataclass(slots=True)
+class Tally:
+    decisions: int = 0  # closed decisions (or impressions, per offer)
+    reward: float = 0.0
+    revenue: float = 0.0
+    open: int = 0  # still inside their wait window: not counted in the rates yet
+
+    @property
+    def reward_rate(self) -> float | None:
+        return self.reward / self.decisions if self.decisions else None
+
+    @property
+    def revenue_per_1000(self) -> float | None:
+        return 1000 * self.revenue / self.decisions if self.decisions else None
+
+
+@dataclass(slots=True)
+class PlacementOutcomes:
+    placement: str
+    by_version: dict[str, Tally] = field(default_factory=dict)
+    by_offer: dict[str, Tally] = field(default_factory=dict)
+    # reward per closed decision in time buckets, per model version: {version: [(bucket start, rate, n)]}
+    curve: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    bucket_seconds: float = 60.0
+
+
+@dataclass(slots=True)
+class OfferOutcome:
+    offer_id: str
+    slot: int
+    probability: float
+    reward: float
+    revenue: float
+
+
+@dataclass(slots=True)
+class DecisionDetail:
+    record: dict[str, Any]
+    features: dict[str, Any]
+    candidates: list[tuple[str, float]]  # (offer id, policy probability)
+    events: list[tuple[float, schemas.Event, bool]]  # (received at, event, inside the window)
+    shown: list[OfferOutcome]
+    closes_at: float
+    closed: bool
+    reward: float
+
+
+def _weights(definition: schemas.RewardDefinition | None) -> schemas.RewardDefinition:
+    return definition if definition is not None else schemas.RewardDefinition()
+
+
+def _credit(definition: schemas.RewardDefinition, event: schemas.Event, offer_value: float) -> tuple[float, float]:
+    """(reward, revenue) one event adds to the offer it names."""
+    weight = definition.weights.get(event.type)
+    reward = 0.0
+    if weight is not None:
+        reward = (event.value or 0.0) if weight == "value" else float(weight)
+    revenue = event.value if event.value is not None else (offer_value if event.type == "accept" else 0.0)
+    return reward, revenue
+
+
+class Outcomes:
+    """Reads of one Kassa process's decision and event logs."""
+
+    def __init__(self, kassa: Kassa) -> None:
+        self.kassa = kassa
+        self.decisions_dir = Path(kassa.decision_log.root) / "decisions"
+        # NullPool: no connection stays open on the event log between dashboard reads.
+        self._events = sa.create_engine(f"sqlite:///{kassa.event_log.path}", poolclass=NullPool)
+
+    # ------------------------------------------------------------------ raw reads
+    def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int) -> list[tuple]:
+        import duckdb  # as in read_decisions: only the offline side and the dashboard need it
+
+        self.kassa.decision_log.flush()
+        if not any(self.decisions_dir.glob("date=*/*.parquet")):
+            return []
+        glob = str(self.decisions_dir / "*" / "*.parquet").replace("'", "''")
+        sql = (f"SELECT {columns} FROM read_parquet('{glob}', hive_partitioning = true, "
+               f"hive_types = {{'date': DATE}}) WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}")
+        con = duckdb.connect()
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+
+    def throughput(self, since: float, points: int = 30, now: float | None = None
+                   ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
+        """Decisions since ``since`` in time buckets, from the log as written (no flush: this runs on every
+        overview refresh): (bucket seconds, [(bucket start, decisions/s, fallback share, P50 ms, P99 ms)])."""
+        import duckdb
+
+        now = time.time() if now is None else now
+        if not any(self.decisions_dir.glob("date=*/*.parquet")):
+            return 60.0, []
+        glob = str(self.decisions_dir / "*" / "*.parquet").replace("'", "''")
+        source = (f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}) "
+                  "WHERE date >= CAST(? AS DATE) AND ts >= ?")
+        day = time.strftime("%Y-%m-%d", time.gmtime(since))
+        con = duckdb.connect()
+        try:
+            first = con.execute(f"SELECT min(ts) FROM {source}", [day, since]).fetchone()
+            if first is None or first[0] is None:
+                return 60.0, []
+            bucket = next((b for b in _BUCKETS if b >= (now - first[0]) / points), _BUCKETS[-1])
+            rows = con.execute(
+                f"SELECT floor(ts / {bucket}) * {bucket} AS t, count(*), avg(CAST(fallback AS DOUBLE)), "
+                f"quantile_cont(took_ms, 0.5), quantile_cont(took_ms, 0.99) FROM {source} GROUP BY t ORDER BY t",
+                [day, since]).fetchall()
+        finally:
+            con.close()
+        return bucket, [(float(t), n / bucket, float(fb or 0.0), float(p50), float(p99))
+                        for t, n, fb, p50, p99 in rows]
+
+    def _events_for(self, decision_ids: Iterable[str] | None, since: float | None = None
+                    ) -> dict[str, list[tuple[float, schemas.Event]]]:
+        t = events_table
+        stmt = sa.select(t.c.decision_id, t.c.received_at, t.c.body).where(t.c.decision_id.is_not(None))
+        if decision_ids is not None:
+            stmt = stmt.where(t.c.decision_id.in_(list(decision_ids)))
+        if since is not None:
+            stmt = stmt.where(t.c.received_at >= since)
+        out: dict[str, list[tuple[float, schemas.Event]]] = {}
+        with self._events.connect() as conn:
+            for decision_id, received_at, body in conn.execute(stmt.order_by(t.c.seq)):
+                out.setdefault(decision_id, []).append((float(received_at), _event_decoder.decode(body)))
+        return out
+
+    # ------------------------------------------------------------------ per placement
+    def placements(self, since: float, max_decisions: int = 100_000, buckets: int = 20,
+                   now: float | None = None) -> dict[str, PlacementOutcomes]:
+        """Reward and revenue by model version, by offer and over time, for decisions since ``since``."""
+        now = time.time() if now is None else now
+        rows = self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen",
+                                     max_decisions)
+        # events of these decisions only arrive after the oldest of them: no older event is read
+        events = self._events_for(None, min((r[1] for r in rows), default=now))
+        snapshot = self.kassa.catalog.snapshot
+        span = max(now - min((r[1] for r in rows), default=now), 1.0)
+        bucket_seconds = next((b for b in _BUCKETS if b >= span / buckets), _BUCKETS[-1])
+        out: dict[str, PlacementOutcomes] = {}
+        curves: dict[tuple[str, str, float], list[float]] = {}
+        for decision_id, ts, placement, version, chosen in rows:
+            po = out.get(placement)
+            if po is None:
+                po = out[placement] = PlacementOutcomes(placement, bucket_seconds=bucket_seconds)
+            view = snapshot.placements.get(placement)
+            definition = _weights(view.placement.reward if view else None)
+            by_version = po.by_version.setdefault(version, Tally())
+            if now < ts + definition.wait_seconds:
+                by_version.open += 1
+                for offer_id in chosen or ():
+                    po.by_offer.setdefault(offer_id, Tally()).open += 1
+                continue
+            per_offer = self._offer_rewards(definition, ts, chosen or [], events.get(decision_id, []))
+            reward = sum(r for r, _ in per_offer.values())
+            revenue = sum(v for _, v in per_offer.values())
+            by_version.decisions += 1
+            by_version.reward += reward
+            by_version.revenue += revenue
+            for offer_id, (r, v) in per_offer.items():
+                t = po.by_offer.setdefault(offer_id, Tally())
+                t.decisions += 1
+                t.reward += r
+                t.revenue += v
+            bucket = ts - ts % bucket_seconds
+            acc = curves.setdefault((placement, version, bucket), [0.0, 0.0])
+            acc[0] += reward
+            acc[1] += 1
+        overall: dict[tuple[str, float], list[float]] = {}
+        for (placement, version, bucket), (reward, n) in sorted(curves.items()):
+            out[placement].curve.setdefault(version, []).append((bucket, reward / n, int(n)))
+            acc = overall.setdefault((placement, bucket), [0.0, 0.0])
+            acc[0] += reward
+            acc[1] += n
+        for (placement, bucket), (reward, n) in sorted(overall.items()):
+            if len(out[placement].curve) > 1:
+                out[placement].curve.setdefault(ALL_VERSIONS, []).append((bucket, reward / n, int(n)))
+        return out
+
+    def _offer_rewards(self, definition: schemas.RewardDefinition, ts: float, chosen: list[str],
+                       events: list[tuple[float, schemas.Event]]) -> dict[str, tuple[float, float]]:
+        offers = self.kassa.catalog.snapshot.offers
+        deadline = ts + definition.wait_seconds
+        got: dict[str, list[float]] = {}
+        for received_at, event in events:
+            if received_at > deadline or event.offer_id not in chosen:
+                continue
+            offer = offers.get(event.offer_id) if event.offer_id else None
+            reward, revenue = _credit(definition, event, offer.value if offer else 0.0)
+            acc = got.setdefault(event.offer_id or "", [0.0, 0.0])
+            acc[0] += reward
+            acc[1] += revenue
+        out: dict[str, tuple[float, float]] = {}
+        for offer_id in chosen:
+            if offer_id in got:
+                reward, revenue = got[offer_id]
+                if definition.cap is not None:
+                    reward = min(reward, definition.cap)
+                out[offer_id] = (reward, revenue)
+            else:
+                out[offer_id] = (definition.default, 0.0)
+        return out
+
+    # ------------------------------------------------------------------ one decision
+    def decision(self, decision_id: str, now: float | None = None) -> DecisionDetail | None:
+        """One logged decision with its outcome events and joined reward; None when it is not logged."""
+        now = time.time() if now is None else now
+        columns = ("decision_id, ts, placement, model_version, request_id, customer_id, features_json, "
+                   "candidates, probabilities, chosen, chosen_probabilities, explored, fallback, took_ms")
+        rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1)
+        if not rows:
+            return None
+        names = [c.strip() for c in columns.split(",")]
+        record = dict(zip(names, rows[0], strict=True))
+        view = self.kassa.catalog.snapshot.placements.get(record["placement"])
+        definition = _weights(view.placement.reward if view else None)
+        events = self._events_for([decision_id]).get(decision_id, [])
+        chosen: list[str] = list(record["chosen"] or [])
+        per_offer = self._offer_rewards(definition, record["ts"], chosen, events)
+        closes_at = record["ts"] + definition.wait_seconds
+        shown = [OfferOutcome(offer_id, slot + 1, p, *per_offer[offer_id])
+                 for slot, (offer_id, p) in enumerate(zip(chosen, record["chosen_probabilities"] or [],
+                                                          strict=False))]
+        return DecisionDetail(
+            record=record,
+            features=_features_decoder.decode(record.pop("features_json") or "{}"),
+            candidates=list(zip(record["candidates"] or [], record["probabilities"] or [], strict=False)),
+            events=[(at, ev, at <= closes_at) for at, ev in events],
+            shown=shown, closes_at=closes_at, closed=now >= closes_at,
+            reward=sum(o.reward for o in shown),
+        )
+
+    def recent(self, limit: int = 20) -> list[tuple[str, float, str, str, list[str]]]:
+        """The newest decisions: (id, ts, placement, model version, shown offers)."""
+        rows = self._query_decisions("TRUE", [], "decision_id, ts, placement, model_version, chosen", limit)
+        return [(r[0], r[1], r[2], r[3], list(r[4] or [])) for r in rows]

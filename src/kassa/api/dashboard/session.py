@@ -1,0 +1,147 @@
+"""Who may use the dashboard: an admin key, entered once on the login form or sent as a header.
+
+- **Login form → session cookie.** ``POST /dashboard/login`` checks the admin key and sets
+  ``kassa_session``: a random token, ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no other
+  site's page sends it), ``Path=/dashboard``, ``Secure`` behind HTTPS. The server keeps only the
+  token's SHA-256, the key's hash and a CSRF token; sessions live in this process (a restart logs
+  everyone out) and expire after ``SESSION_SECONDS`` or as soon as the key behind them is revoked.
+- **CSRF.** Every mutating request of a cookie session must carry the session's CSRF token (hidden
+  form field ``csrf`` or header ``X-CSRF-Token``) and, when the browser sends one, an ``Origin`` equal
+  to the dashboard's own. SameSite=Strict already stops cross-site posts in current browsers; the token
+  is the check that does not depend on the browser.
+- **Header.** ``Authorization: Bearer <admin key>`` works on every dashboard URL without a session
+  (scripts, curl); a browser never attaches it on its own, so it needs no CSRF token.
+
+With ``auth: false`` in the settings (local development only) the dashboard opens without a key but
+still issues a session, so the CSRF check is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kassa import errors
+from kassa.app import Kassa
+from kassa.db import api_keys_table
+from kassa.keys import hash_key
+
+COOKIE = "kassa_session"
+SESSION_SECONDS = 8 * 3600.0
+MAX_SESSIONS = 1000  # oldest dropped first: a flood of logins cannot grow the map without bound
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    key_hash: str | None  # None: a header-authenticated request or auth disabled
+    csrf: str
+    expires_at: float
+    via_header: bool = False
+
+
+class LoginRequired(Exception):
+    """No valid session or admin key: the page handler answers with the login form (or 401)."""
+
+
+class SessionStore:
+    def __init__(self, kassa: Kassa) -> None:
+        self.kassa = kassa
+        self._sessions: dict[str, Session] = {}  # sha256(token) -> session
+        self._lock = threading.Lock()
+
+    def _admin_hash(self, key: str) -> str | None:
+        info = self.kassa.keys.lookup(key)
+        return hash_key(key) if info is not None and info.allows("admin") else None
+
+    def login(self, key: str, now: float | None = None) -> tuple[str, Session] | None:
+        """A new session for a valid admin key: (cookie token, session); None for any other key."""
+        now = time.time() if now is None else now
+        key_hash = self._admin_hash(key) if self.kassa.settings.auth else None
+        if self.kassa.settings.auth and key_hash is None:
+            return None
+        token = secrets.token_urlsafe(32)
+        session = Session(key_hash, secrets.token_urlsafe(32), now + SESSION_SECONDS)
+        with self._lock:
+            if len(self._sessions) >= MAX_SESSIONS:
+                oldest = min(self._sessions, key=lambda k: self._sessions[k].expires_at)
+                del self._sessions[oldest]
+            self._sessions[_digest(token)] = session
+        return token, session
+
+    def logout(self, request: Request) -> None:
+        token = request.cookies.get(COOKIE)
+        if token:
+            with self._lock:
+                self._sessions.pop(_digest(token), None)
+
+    def _key_active(self, key_hash: str) -> bool:
+        """True while the key behind a session is not revoked (one indexed SQLite read per page)."""
+        t = api_keys_table
+        with self.kassa.db.connect() as conn:
+            row = conn.execute(sa.select(t.c.revoked_at, t.c.kind).where(t.c.key_hash == key_hash)).first()
+        return row is not None and row.revoked_at is None and row.kind == "admin"
+
+    def current(self, request: Request, now: float | None = None) -> Session:
+        """The request's session (cookie) or header key; raises `LoginRequired` without either."""
+        now = time.time() if now is None else now
+        header = request.headers.get("authorization")
+        if header:
+            if not header.startswith("Bearer "):
+                raise errors.Unauthorized("send `Authorization: Bearer <admin key>`", "Authorization")
+            key_hash = self._admin_hash(header[7:].strip())
+            if key_hash is None:
+                raise errors.Unauthorized("unknown, revoked or non-admin key", "Authorization")
+            return Session(key_hash, "", now + SESSION_SECONDS, via_header=True)
+        token = request.cookies.get(COOKIE)
+        if token:
+            digest = _digest(token)
+            with self._lock:
+                session = self._sessions.get(digest)
+                if session is not None and (session.expires_at <= now or (
+                        session.key_hash is not None and not self._key_active(session.key_hash))):
+                    del self._sessions[digest]
+                    session = None
+            if session is not None:
+                return session
+        if not self.kassa.settings.auth:
+            made = self.login("", now)
+            assert made is not None
+            request.state.new_session_token = made[0]
+            return made[1]
+        raise LoginRequired
+
+    def check_csrf(self, request: Request, session: Session, form_token: str | None) -> None:
+        """Refuse a mutating cookie-session request without the session's CSRF token or from another origin."""
+        if session.via_header:
+            return
+        origin = request.headers.get("origin")
+        if origin is not None and origin != own_origin(request):
+            raise errors.Forbidden(f"cross-origin request from {origin!r} refused", "Origin")
+        sent = form_token or request.headers.get("x-csrf-token") or ""
+        if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+            raise errors.Forbidden("missing or wrong CSRF token; reload the page and try again", "csrf")
+
+
+def own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
+
+
+def set_cookie(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(COOKIE, token, max_age=int(SESSION_SECONDS), path="/dashboard", httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https")
+
+
+def clear_cookie(response: Response) -> None:
+    response.delete_cookie(COOKIE, path="/dashboard", httponly=True, samesite="strict")
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

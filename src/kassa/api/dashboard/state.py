@@ -1,0 +1,76 @@
+"""The dashboard's per-process state (`Dashboard`) and the guard every page handler runs behind.
+
+`Dashboard.guard` turns a page handler into a Starlette endpoint: it finds the session (cookie) or the
+admin key (header), parses the form and checks the CSRF token on every POST, and renders errors as an
+HTML page rather than problem+json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs, quote
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from kassa import errors
+from kassa.api.common import read_body
+from kassa.api.dashboard.outcomes import Outcomes
+from kassa.api.dashboard.render import h, page
+from kassa.api.dashboard.session import LoginRequired, Session, SessionStore, set_cookie
+from kassa.api.dashboard.traffic import RateMeter
+from kassa.app import Kassa
+
+MAX_FORM_BYTES = 256 * 1024
+
+Handler = Callable[["Dashboard", Request, Session, dict[str, str]], Awaitable[Response]]
+
+
+class Dashboard:
+    """The dashboard's state in one process: sessions, the rate meter, the log reader."""
+
+    def __init__(self, kassa: Kassa) -> None:
+        self.kassa = kassa
+        self.sessions = SessionStore(kassa)
+        self.meter = RateMeter()
+        self.outcomes = Outcomes(kassa)
+        self.started = time.time()
+
+    def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                session = self.sessions.current(request)
+                form: dict[str, str] = {}
+                if request.method == "POST":
+                    form = await read_form(request)
+                    self.sessions.check_csrf(request, session, form.get("csrf"))
+                response = await handler(self, request, session, form)
+            except LoginRequired:
+                if request.method == "GET":
+                    return RedirectResponse(f"/dashboard/login?next={quote(request.url.path)}", status_code=303)
+                return error_page(errors.Unauthorized("log in first: your session is missing or expired"))
+            except errors.KassaError as exc:
+                return error_page(exc)
+            token = getattr(request.state, "new_session_token", None)
+            if token:
+                set_cookie(response, request, token)
+            return response
+
+        return endpoint
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body as a dict (last value wins), bounded."""
+    body = await read_body(request, MAX_FORM_BYTES)
+    ctype = request.headers.get("content-type", "")
+    if body and not ctype.startswith("application/x-www-form-urlencoded"):
+        raise errors.BadRequest("the dashboard accepts form posts only (application/x-www-form-urlencoded)")
+    parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {k: v[-1] for k, v in parsed.items()}
+
+
+def error_page(exc: errors.KassaError) -> Response:
+    body = f'<p class="error" data-testid="error">{h(exc.detail or exc.title)}</p>' \
+           '<p><a href="/dashboard">Back to the dashboard</a></p>'
+    return page(exc.title, body, status=exc.status, logged_in=False)
