@@ -173,7 +173,7 @@ def test_the_session_cookie_is_httponly_and_samesite_strict(dpage: Any, dash: Da
 def test_a_post_without_the_csrf_token_is_refused(dpage: Any, dash: Dash) -> None:
     victim = dash.kassa.keys.create("publishable", "csrf-target", ["https://shop.example"])
     login(dpage, dash, path="/dashboard/keys")
-    prefix = next(k["hash"] for k in dash.kassa.keys.list() if k["name"] == "csrf-target")
+    prefix = next(k["id"] for k in dash.kassa.keys.list() if k["name"] == "csrf-target")
     # the session cookie travels with these requests, the CSRF token does not (or is wrong)
     for form in ({}, {"csrf": "forged"}):
         r = dpage.request.post(f"{dash.url}/dashboard/keys/{prefix}/revoke", form=form, max_redirects=0)

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, get_args
 
 import msgspec
-import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -22,8 +21,7 @@ from kassa.api.common import decode
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
-from kassa.db import api_keys_table
-from kassa.keys import KeyKind
+from kassa.keys import AmbiguousKeyId, KeyKind
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
@@ -184,12 +182,13 @@ _KINDS: tuple[str, ...] = get_args(KeyKind)
 def _full_hash(dash: Dashboard, prefix: str) -> str:
     if not (8 <= len(prefix) <= 64) or any(c not in "0123456789abcdef" for c in prefix):
         raise errors.Invalid("a key is named by the hex prefix of its hash", "key_hash")
-    t = api_keys_table
-    with dash.kassa.db.connect() as conn:
-        found = [r.key_hash for r in conn.execute(sa.select(t.c.key_hash).where(t.c.key_hash.startswith(prefix)))]
-    if len(found) != 1:
+    try:
+        digest = dash.kassa.keys.resolve(prefix)
+    except AmbiguousKeyId:
+        digest = None
+    if digest is None:
         raise errors.NotFound(f"no single key has a hash starting {prefix!r}", "key_hash")
-    return found[0]
+    return digest
 
 
 async def keys(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
@@ -205,16 +204,16 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
                    f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
     rows = []
     for k in kassa.keys.list():
-        action = url("/dashboard/keys", k["hash"], "revoke")
+        action = url("/dashboard/keys", k["id"], "revoke")
         revoke = Markup("—") if k["revoked"] else Markup(
             f'<form method="post" action="{action}" data-confirm="Revoke key {h(k["name"])}?">'
             f'{csrf_field(session.csrf)}<button type="submit" class="danger">Revoke</button></form>')
         state = badge("revoked", "bad") if k["revoked"] else badge("active", "good")
-        rows.append((Markup(f"<code>{h(k['hash'])}</code>"), k["kind"], k["name"],
+        rows.append((Markup(f"<code>{h(k['id'])}</code>"), k["kind"], k["name"],
                      " ".join(k["origins"]) or "—", state, revoke))
     options = "".join(f'<option value="{h(k)}">{h(k)}</option>' for k in _KINDS)
     body = (created + '<div data-testid="keys">'
-            + table(["hash", "kind", "name", "origins", "state", ""], rows, "no keys") + "</div>"
+            + table(["id", "kind", "name", "origins", "state", ""], rows, "no keys") + "</div>"
             + '<h2>New key</h2><form method="post" action="/dashboard/keys" class="inline">'
             + csrf_field(session.csrf)
             + f'<label>Kind <select name="kind">{options}</select></label>'
