@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     store = DemoStore.build(args.seed)
     world = World(store, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         catalog = Path(tmp) / "catalog.json"
         catalog.write_bytes(msgspec.json.encode(store.catalog(world.best_static_order())))
         settings = load_settings(None, data_dir=str(Path(tmp) / "data"), catalog_file=str(catalog),

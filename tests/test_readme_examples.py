@@ -1,5 +1,6 @@
-"""Docs that run: every `curl` example of README.md, parsed from the README and run as written (bash, curl)
-against a live `kassa serve` with the demo's keys, on the examples catalog and on the demo's own catalog.
+"""Docs that run: every `curl` example of README.md (and its Python client example), parsed from the README
+and run as written (bash, curl) against a live `kassa serve` with the demo's keys, on the examples catalog
+and on the demo's own catalog.
 
 Each ```sh block that calls curl runs in order, in one scratch folder (a block may read a file an earlier
 one wrote), with the README's address swapped for the test server's. Every HTTP answer must be a 2xx.
@@ -13,9 +14,11 @@ README shows must also be exactly what the server answered for that offer.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +162,15 @@ def test_every_readme_curl_example_runs_as_written(server: LiveKassa, tmp_path: 
                 for offer_id, content in _shown_contents(shown):
                     if offer_id in served:  # the baseline explores: another offer may win a slot
                         assert served[offer_id] == content, f"{where}: {offer_id} content {served[offer_id]}"
+
+
+def test_every_readme_python_example_runs_as_written(server: LiveKassa, tmp_path: Path) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
+    assert blocks, "the README's client example is gone"
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block.replace(README_URL, server.url)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=os.environ)
+        assert done.returncode == 0, f"README python example failed:\n{block}\n{done.stderr[-3000:]}"
 
 
 def test_shapes_are_compared_by_keys_types_and_integers() -> None:
