@@ -6,7 +6,7 @@ import re
 
 import msgspec
 
-_AT = re.compile(r" - at `\$(.*)`$")
+_AT = re.compile(r" - at (?:`key` in )?`\$(.*)`$")  # a bad dict key names its dict
 
 
 class KassaError(Exception):

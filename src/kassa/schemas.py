@@ -17,6 +17,8 @@ Id = Annotated[str, Meta(min_length=1, max_length=128)]
 ShortStr = Annotated[str, Meta(max_length=256)]
 Money = Annotated[float, Meta(ge=0, le=1e9)]
 Qty = Annotated[int, Meta(ge=0, le=100_000)]
+Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
+LocaleTag = Annotated[str, Meta(pattern="^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]  # nl, nl-NL, zh-Hant-TW
 FeatureValue = float | int | str | bool | None
 Probability = Annotated[float, Meta(ge=0, le=1)]
 NonNegative = Annotated[float, Meta(ge=0)]
@@ -146,6 +148,12 @@ class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
     features: dict[str, FeatureValue] = {}
     eligibility: Eligibility = field(default_factory=Eligibility)
     active: bool = True
+    # Localised content (`kassa.catalog.content`): fields per locale over `content`, the price per currency
+    # (the order's, else the first listed; `{price}` in a text field is formatted for the buyer's locale),
+    # and a disclosure label shown with the offer ("Sponsored").
+    content_by_locale: dict[LocaleTag, dict[str, Any]] = {}
+    prices: dict[Currency, Money] = {}
+    disclosure: ShortStr | None = None
 
 
 class Retrieval(Struct, forbid_unknown_fields=True, omit_defaults=True):

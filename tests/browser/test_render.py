@@ -171,6 +171,23 @@ def test_offer_content_is_rendered_as_text_never_html(open_shop_page: LoadPage) 
     assert run.page.evaluate("window.__pwned === undefined")
 
 
+def test_a_dutch_order_in_euros_shows_dutch_text_euro_prices_and_the_sponsored_label(
+        open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    euro_order = {**ORDER, "currency": "EUR", "ship_country": "NL"}
+    assert show(run, placement="sponsored", layout="inline", target="#offers", order=euro_order,
+                context={"locale": "nl-NL"})["shown"] == 1
+    got = run.page.evaluate("""() => {
+      const li = document.querySelector('kassa-offers').shadowRoot.querySelector('.offer');
+      return {label: li.querySelector('.disclosure').textContent, headline: li.querySelector('.headline').textContent,
+              cta: li.querySelector('.cta').textContent,
+              order: [...li.querySelectorAll('.text > *')].map((e) => e.className)};
+    }""")
+    assert got == {"label": "Gesponsord", "headline": "3 gratis nummers", "cta": "Toevoegen voor €\u00a09,49",
+                   "order": ["disclosure", "headline"]}  # the label comes first, above the headline
+    assert run.errors == []
+
+
 def test_keyboard_only_accept_in_the_overlay(open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
     run = open_shop_page(init={**FAST, "consent": True})
     run.page.focus("#page-button")

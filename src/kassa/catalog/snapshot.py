@@ -1,15 +1,17 @@
 """`CatalogSnapshot`: an immutable, precomputed view of offers and placements for the hot path.
 
 Everything a decision needs from the catalog is a dict lookup here: offers by id and by product, each
-placement's static candidate list and baseline order, and each offer's learner line (built once when the
-offer changes, never per request).
+placement's static candidate list and baseline order, each offer's learner line (built once when the
+offer changes, never per request), and the localised content of offers that have it (`content.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kassa import schemas
+from kassa.catalog.content import OfferContent, localised
 from kassa.features.featurize import action_line
 
 
@@ -28,6 +30,14 @@ class CatalogSnapshot:
     action_lines: dict[str, str]
     product_offer: dict[str, str]  # product key (product_id or sku) -> offer id, product offers only
     unconstrained: frozenset[str] = field(default=frozenset())  # active offers no rule can exclude
+    contents: dict[str, OfferContent] = field(default_factory=dict)  # offers whose content is the buyer's
+
+    def content(self, offer_id: str, locale: str | None, currency: str | None) -> dict[str, Any]:
+        """What the page renders of an offer for this buyer (`kassa.catalog.content`); cached per pair."""
+        localised_content = self.contents.get(offer_id)
+        if localised_content is None:
+            return self.offers[offer_id].content
+        return localised_content.resolve(locale, currency)
 
     @classmethod
     def build(
@@ -38,13 +48,18 @@ class CatalogSnapshot:
     ) -> CatalogSnapshot:
         by_id = {o.id: o for o in offers}
         lines: dict[str, str] = {}
+        contents: dict[str, OfferContent] = {}
         for offer in offers:
-            # Reuse the previous line when the offer did not change: a PUT of one offer among 10,000
-            # then costs one line, not 10,000.
-            if previous is not None and previous.offers.get(offer.id) == offer:
-                lines[offer.id] = previous.action_lines[offer.id]
+            # Reuse the previous line (and formatted content) when the offer did not change: a PUT of one
+            # offer among 10,000 then costs one line, not 10,000.
+            unchanged = previous is not None and previous.offers.get(offer.id) == offer
+            if unchanged:
+                lines[offer.id] = previous.action_lines[offer.id]  # type: ignore[union-attr]
             else:
                 lines[offer.id] = action_line(offer)
+            if localised(offer):
+                kept = previous.contents.get(offer.id) if unchanged else None  # type: ignore[union-attr]
+                contents[offer.id] = kept if kept is not None else OfferContent(offer)
         product_offer: dict[str, str] = {}
         for offer in offers:
             if offer.kind == "product" and offer.active:
@@ -75,4 +90,5 @@ class CatalogSnapshot:
             action_lines=lines,
             product_offer=product_offer,
             unconstrained=unconstrained,
+            contents=contents,
         )

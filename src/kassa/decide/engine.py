@@ -258,8 +258,12 @@ class DecisionEngine:
             ranking = fill_slots(policy, len(kept), slots, self.rng)
 
         chosen = [kept[i] for i in ranking.chosen]
+        # Content for this buyer: the locale's variant and the price in the order's currency (cached per pair).
+        locale = req.context.locale if req.context is not None else None
+        currency = req.order.currency if req.order is not None else None
+        content = snap.content
         out = [
-            schemas.OfferOut(offer_id, rank + 1, round(score, 6), round(prob, 6), offers[offer_id].content)
+            schemas.OfferOut(offer_id, rank + 1, round(score, 6), round(prob, 6), content(offer_id, locale, currency))
             for rank, (offer_id, score, prob) in enumerate(
                 zip(chosen, ranking.scores, ranking.probabilities, strict=True))
         ]

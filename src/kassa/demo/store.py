@@ -118,21 +118,47 @@ def _products(seed: int) -> tuple[Product, ...]:
     return tuple(out)
 
 
+# Fixed demo exchange rates from the store's dollars; prices end in .99 as a merchandiser would set them.
+_RATES = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "CAD": 1.37}
+# Cross-sell wording per language; `{price}` is the price in the order's currency, formatted for the locale.
+_COMPLETE = {
+    "nl": ("Maak je bestelling compleet: {name}", "Toevoegen voor {price}"),
+    "de": ("Vervollständige deine Bestellung: {name}", "Für {price} hinzufügen"),
+    "fr": ("Complétez votre commande : {name}", "Ajouter pour {price}"),
+}
+# Partner offers say that they are paid placements, in the buyer's language where the demo has it.
+_SPONSORED = {"nl": "Gesponsord", "de": "Gesponsert", "fr": "Sponsorisé"}
+
+
+def _prices(usd: float) -> dict[str, float]:
+    return {code: usd if code == "USD" else max(0.99, round(usd * rate) - 0.01) for code, rate in _RATES.items()}
+
+
 def _product_offer(p: Product) -> schemas.Offer:
     return schemas.Offer(
         id=p.offer_id, kind="product", title=p.name, value=p.value, sku=p.sku, product_id=p.product_id,
         category=p.category,
-        content={"headline": f"Complete your order: {p.name}", "cta": f"Add for ${p.price:.2f}",
-                 "image_url": _image(p.sku), "price": p.price},
+        content={"headline": f"Complete your order: {p.name}", "cta": "Add for {price}",
+                 "image_url": _image(p.sku)},
+        content_by_locale={lang: {"headline": headline.format(name=p.name), "cta": cta}
+                           for lang, (headline, cta) in _COMPLETE.items()},
+        prices=_prices(p.price),
         features={"price_tier": "low" if p.price < 30 else "mid" if p.price < 120 else "high"},
     )
 
 
 def _offer(id: str, kind: schemas.OfferKind, title: str, value: float, category: str, headline: str,
-           cta: str, **eligibility: object) -> schemas.Offer:
+           cta: str, nl: tuple[str, str] | None = None, **eligibility: object) -> schemas.Offer:
+    """A listed offer; ``nl`` is its Dutch (headline, cta); partner offers carry a "Sponsored" label."""
+    by_locale: dict[str, dict[str, str]] = {}
+    if kind == "partner":
+        by_locale = {lang: {"disclosure": label} for lang, label in _SPONSORED.items()}
+    if nl is not None:
+        by_locale["nl"] = {**by_locale.get("nl", {}), "headline": nl[0], "cta": nl[1]}
     return schemas.Offer(
         id=id, kind=kind, title=title, value=value, category=category,
         content={"headline": headline, "cta": cta, "image_url": _image(id)},
+        content_by_locale=by_locale, disclosure="Sponsored" if kind == "partner" else None,
         eligibility=schemas.Eligibility(**eligibility),  # type: ignore[arg-type]
     )
 
@@ -144,19 +170,24 @@ def _non_product_offers() -> tuple[schemas.Offer, ...]:
     # Values are the store's take per accept (commission, margin of the plan, expected order value).
     return (
         _offer("sub-serum", "subscription", "Serum refills, save 15%", 18.0, "skincare",
-               "Never run out: vitamin C serum every 6 weeks, 15% off", "Subscribe"),
+               "Never run out: vitamin C serum every 6 weeks, 15% off", "Subscribe",
+               nl=("Nooit meer zonder: elke 6 weken vitamine C-serum, 15% korting", "Abonneren")),
         _offer("sub-coffee", "subscription", "Coffee club", 9.0, "kitchen",
-               "Fresh beans every month, the first bag is free", "Join the club"),
+               "Fresh beans every month, the first bag is free", "Join the club",
+               nl=("Elke maand verse bonen, de eerste zak is gratis", "Word lid")),
         _offer("sub-petfood", "subscription", "Pet food autoship", 11.0, "pet",
-               "Their favourite food, delivered before it runs out", "Start autoship"),
+               "Their favourite food, delivered before it runs out", "Start autoship",
+               nl=("Hun favoriete voer, bezorgd voordat het op is", "Start automatisch bezorgen")),
         _offer("sub-haircare", "subscription", "Shampoo refills", 8.0, "haircare",
                "Shampoo and conditioner refills, 10% off every time", "Subscribe"),
         _offer("sub-plus", "subscription", "Kassa Plus membership", 15.0, "membership",
-               "Free shipping all year for regulars", "Try Plus free"),
+               "Free shipping all year for regulars", "Try Plus free",
+               nl=("Het hele jaar gratis verzending voor vaste klanten", "Probeer Plus gratis")),
         _offer("sub-streaming", "subscription", "3 months of streaming", 4.0, "media",
                "Three months of music streaming, on us", "Claim"),
         _offer("war-electronics-2y", "warranty", "2-year electronics protection", 25.0, "electronics",
                "Protect your new device for 2 years", "Add protection",
+               nl=("Bescherm je nieuwe apparaat 2 jaar lang", "Bescherming toevoegen"),
                require_categories=["electronics"], min_order_total=100.0),
         _offer("war-phone-accident", "warranty", "Accidental damage cover", 8.0, "phone_accessories",
                "Drops and spills covered for 12 months", "Add cover",
@@ -165,7 +196,8 @@ def _non_product_offers() -> tuple[schemas.Offer, ...]:
                "Two years of repairs or replacement", "Add cover",
                require_categories=["kitchen", "home"], min_order_total=80.0),
         _offer("partner-app", "partner", "Get the app", 3.0, "app",
-               "Track this order in the app and get 15% off the next one", "Install"),
+               "Track this order in the app and get 15% off the next one", "Install",
+               nl=("Volg deze bestelling in de app en krijg 15% korting op de volgende", "Installeren")),
         _offer("partner-magazine", "partner", "3 free magazine issues", 2.5, "media",
                "Three free issues of Glow Magazine", "Claim", countries=["US", "CA"]),
         _offer("partner-paylater-de", "partner", "Ratenkauf", 5.0, "finance",
@@ -175,18 +207,23 @@ def _non_product_offers() -> tuple[schemas.Offer, ...]:
         _offer("partner-cinema-fr", "partner", "Pass cinéma", 4.0, "media",
                "Deux places de cinéma offertes", "J'en profite"),
         _offer("partner-fitness-app", "partner", "Fitness app trial", 4.0, "fitness",
-               "Two months of guided workouts, free", "Start training"),
+               "Two months of guided workouts, free", "Start training",
+               nl=("Twee maanden begeleide trainingen, gratis", "Begin met trainen")),
         _offer("partner-kids-club", "partner", "Kids club", 3.0, "toys",
                "Join the kids club: a surprise gift on their birthday", "Join"),
         _offer("partner-charity", "partner", "Round up for trees", 1.0, "charity",
-               "Round up your order and plant a tree", "Plant a tree"),
+               "Round up your order and plant a tree", "Plant a tree",
+               nl=("Rond je bestelling af en plant een boom", "Plant een boom")),
         _offer("disc-next-10", "discount", "10% off your next order", 4.0, "loyalty",
                "Thanks! Here is 10% off your next order", "Get my code",
+               nl=("Bedankt! Hier is 10% korting op je volgende bestelling", "Geef mijn code"),
                max_per_customer=3, cap_window_seconds=_WEEK),
         _offer("disc-free-ship", "discount", "Free shipping next time", 3.0, "shipping",
-               "Free shipping on your next order, no minimum", "Save it"),
+               "Free shipping on your next order, no minimum", "Save it",
+               nl=("Gratis verzending op je volgende bestelling, zonder minimum", "Bewaren")),
         _offer("disc-vip", "discount", "VIP 20% off", 6.0, "loyalty",
-               "You're a regular: 20% off everything this week", "Unlock"),
+               "You're a regular: 20% off everything this week", "Unlock",
+               nl=("Je bent een vaste klant: deze week 20% korting op alles", "Ontgrendelen")),
         _offer("disc-beauty-bundle", "discount", "Beauty bundle deal", 5.0, "makeup",
                "Any 3 makeup items for the price of 2", "Shop the deal"),
         _offer("disc-activewear", "discount", "20% off activewear", 5.0, "apparel",

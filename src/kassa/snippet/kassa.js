@@ -228,6 +228,7 @@
 .headline{display:block;margin:0;font-weight:600;color:inherit;text-decoration:none;overflow-wrap:anywhere}
 a.headline:hover{text-decoration:underline}
 .body{margin:2px 0 0;font-size:.92em;color:var(--kassa-muted,#59636e)}
+.disclosure{margin:0 0 2px;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
 .code{display:inline-block;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
 .cta{flex:none;min-height:40px;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;white-space:nowrap;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
 .cta:hover{filter:brightness(1.15)}
@@ -355,6 +356,8 @@ a.headline:hover{text-decoration:underline}
         }
       });
     }
+    // a paid placement says so above its headline ("Sponsored", localised by the server)
+    if (c.disclosure) text.append(el('p', 'disclosure', c.disclosure));
     text.append(head);
     if (c.body || c.description) text.append(el('p', 'body', c.body || c.description));
     let code = null;
