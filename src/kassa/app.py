@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.changes import ChangeFeed
 from kassa.config import Settings
-from kassa.db import make_engine
+from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
@@ -32,6 +33,7 @@ from kassa.features.service import FeatureService
 from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
 from kassa.keys import KeyStore
+from kassa.learn.artifacts import artifact_store
 from kassa.learn.online.loop import LearningLoop
 from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
@@ -49,7 +51,10 @@ class Kassa:
         self.clock = clock
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
-        self.db = make_engine(data / "kassa.db")
+        self.db = make_engine(settings.metadata_url)  # migrated to the newest schema (Alembic)
+        # Primed before anything loads, so a change committed by another process meanwhile is not missed.
+        self.changes = ChangeFeed(self.db, settings.metadata.poll_seconds, settings.metadata.recheck_seconds)
+        self.changes.prime()
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:
             self.catalog.load_file(settings.catalog_file, stamp_dir=data)
@@ -76,7 +81,7 @@ class Kassa:
         self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
                                               on_written=self.drift.observe_records)
         self.event_log = SqliteEventLog(data / "events.db")
-        self.model_registry = ModelRegistry(self.db, data / "models", clock)
+        self.model_registry = ModelRegistry(self.db, data / "models", clock, store=artifact_store(settings, self.db))
         self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
         self.shadow = ShadowScorer(self.shadow_log, seed=seed,
                                    on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
@@ -116,9 +121,31 @@ class Kassa:
         )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
                                   on_event=self._count_event, stream=self.stream)
+        # Changes made by any process (this one included) reach this one within a second (kassa.changes).
+        self.changes.on(CATALOG, self.catalog.reload)
+        self.changes.on(KEYS, self.keys.reload)
+        self.changes.on(FEATURES, self.reload_features)
+        self.changes.on(MODELS, self.learning.poll_soon)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0
+
+    def reload_features(self) -> None:
+        """Serve the feature definitions applied elsewhere (`kassa features apply`, another process): views
+        read and written through the API and the buyer views of decisions. An online store, stream processor
+        or offer-feature source opened for the old definitions keeps them until a restart (logged)."""
+        repo = self.registry.load()
+        if repo == self.repo:
+            return
+        before = {v.name for v in self.repo.views}
+        self.repo = repo
+        self.features.repo, self.features.views = repo, {v.name: v for v in repo.views}
+        self.engine.repo = repo
+        added = sorted({v.name for v in repo.views} - before)
+        log.info("feature definitions reloaded: %d views%s", len(repo.views),
+                 f" (new: {', '.join(added)})" if added else "")
+        if any(v.kind == "stream" or v.entity == "offer" for v in repo.views if v.name in added):
+            log.warning("new stream or offer views take effect in this process after a restart")
 
     def _reward_definition(self, placement_id: str) -> schemas.RewardDefinition | None:
         view = self.catalog.snapshot.placements.get(placement_id)
@@ -199,6 +226,7 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        self._tasks.append(asyncio.create_task(self.changes.run(), name="kassa-changes"))
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
@@ -213,6 +241,7 @@ class Kassa:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.changes.stop()
         if self.stream is not None:
             self.stream.stop()
             await self.stream.save_checkpoint()

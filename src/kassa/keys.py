@@ -1,5 +1,8 @@
 """API keys: publishable (browser: decisions and events, bound to origins), secret (servers: feature
-pushes, webhooks) and admin (catalog, placements, models). Only SHA-256 hashes are stored."""
+pushes, webhooks) and admin (catalog, placements, models). Only SHA-256 hashes are stored.
+
+A create or revoke bumps the ``api_keys`` change counter in its transaction (`kassa.db.bump`); every other
+process reloads its map within a second (kassa.changes.ChangeFeed, wired in app.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Literal
 
 from sqlalchemy import Engine, insert, select, update
 
-from kassa.db import api_keys_table
+from kassa.db import KEYS, api_keys_table, bump
 
 KeyKind = Literal["publishable", "secret", "admin"]
 _RANK = {"publishable": 0, "secret": 1, "admin": 2}
@@ -59,10 +62,12 @@ class KeyStore:
             if exists:
                 conn.execute(update(api_keys_table).where(api_keys_table.c.key_hash == digest)
                              .values(revoked_at=None, kind=kind))
+                bump(conn, KEYS)
             else:
                 conn.execute(insert(api_keys_table).values(
                     key_hash=digest, kind=kind, name=name, origins=json.dumps(origins or []),
                     created_at=time.time(), revoked_at=None))
+                bump(conn, KEYS)
         self.reload()
 
     def create(self, kind: KeyKind, name: str, origins: list[str] | None = None) -> str:
@@ -76,6 +81,7 @@ class KeyStore:
         with self.engine.begin() as conn:
             n = conn.execute(update(api_keys_table).where(api_keys_table.c.key_hash == digest)
                              .values(revoked_at=time.time())).rowcount
+            bump(conn, KEYS)
         self.reload()
         return bool(n)
 

@@ -1,7 +1,9 @@
 """Durable catalog storage behind a small protocol, and `Catalog`, which owns the live snapshot.
 
 Writes go to the store first, then a new immutable `CatalogSnapshot` replaces the old one with a single
-reference assignment, so a decision in flight keeps the snapshot it started with.
+reference assignment, so a decision in flight keeps the snapshot it started with. Every SQL write bumps the
+``catalog`` change counter in its transaction (`kassa.db.bump`); other processes then call `Catalog.reload`
+(kassa.changes.ChangeFeed, wired in app.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.db import offers_table, placements_table
+from kassa.db import CATALOG, bump, offers_table, placements_table
 
 
 class CatalogStore(Protocol):
@@ -57,20 +59,24 @@ class SqlCatalogStore:
 
     def put_offer(self, offer: schemas.Offer) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return self._upsert(conn, offers_table, offer.id, msgspec.json.encode(offer))
 
     def delete_offer(self, offer_id: str) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return bool(conn.execute(delete(offers_table).where(offers_table.c.id == offer_id)).rowcount)
 
     def put_placement(self, placement: schemas.Placement) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return self._upsert(conn, placements_table, placement.id, msgspec.json.encode(placement))
 
     def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None:
         """Upsert many rows in one transaction: delete the ids, then one multi-row insert per table."""
         now = time.time()
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             for table, items in ((offers_table, offers), (placements_table, placements)):
                 if not items:
                     continue
@@ -118,6 +124,10 @@ class Catalog:
         offers, placements = self.store.load()
         self.snapshot = CatalogSnapshot.build(offers, placements, previous=self.snapshot)
 
+    def reload(self) -> None:
+        """Rebuild the snapshot from the store: another process changed the catalog (blocking: SQL)."""
+        self._rebuild()
+
     def load_file(self, path: str | Path, stamp_dir: Path | None = None) -> int:
         """Upsert a catalog file's offers and placements; returns how many were loaded.
 
@@ -164,4 +174,4 @@ class Catalog:
 def sqlite_catalog(data_dir: Path) -> Catalog:
     from kassa.db import make_engine
 
-    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))
+    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))  # the embedded default's file
