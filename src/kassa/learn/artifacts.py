@@ -8,9 +8,10 @@ exists without its artifact, and PostgreSQL is already the one thing every produ
 
 Measured (bench/artifact_store.py, this 2-core machine, medians of 20, new connection each, write then
 read): a 90 KB demo model takes 6.0 / 6.8 ms as PostgreSQL bytea, 6.7 / 7.2 ms as a large object, 3.5 /
-3.8 ms in the JetStream object store and 0.55 / 0.03 ms in a local folder; the 8 MB figures and the choice
-are in docs/adr/0006-meta-13a-metadata-on-postgresql.md. Either way it is off the request path (the model
-sync loads on a worker thread) and a few ms per snapshot every 10 s.
+3.8 ms in the JetStream object store and 0.55 / 0.03 ms in a local folder; an 8 MB one 98 / 96 ms bytea,
+171 / 106 ms large object, 63 / 564 ms JetStream. The choice (bytea) is argued in
+docs/adr/0006-meta-13a-metadata-on-postgresql.md. It is off the request path (the model sync loads on a
+worker thread) and a few ms per snapshot every 10 s.
 """
 
 from __future__ import annotations
