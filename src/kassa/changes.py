@@ -10,7 +10,7 @@ its map, the model sync its serving sets, the feature service its definitions):
   re-read every ``metadata.recheck_seconds`` and whenever the listener reconnects, so a notification sent
   while the connection was down is never lost, only late.
 - SQLite: the feed reads the counters every ``metadata.poll_seconds`` (0.25 s: one primary-key table of
-  four rows, ~0.1 ms a read here).
+  four rows: a check is 0.06 ms median here; 0.32 ms on PostgreSQL).
 
 Reading counters rather than trusting notification payloads keeps one code path for both databases and
 makes a burst of changes one reload. A handler that fails (the database went away mid-reload) leaves its
