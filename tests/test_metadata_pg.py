@@ -6,6 +6,7 @@ throwaway one) in a database of its own; the outage test stops and starts a thro
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import threading
 import time
@@ -64,9 +65,9 @@ def _model_columns() -> dict[str, set[str]]:
 # ------------------------------------------------------------------ migrations
 def test_migrations_build_the_whole_schema_on_an_empty_postgres_database_and_rerun_as_a_no_op(pg_url):
     engine = make_engine(pg_url)
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     assert _columns(engine) == _model_columns()  # the migrations and the Core tables agree, column by column
-    assert migrate(engine) == "0002"  # idempotent: already at head
+    assert migrate(engine) == "0003"  # idempotent: already at head
     with engine.connect() as conn:
         topics = dict(conn.execute(sa.text("SELECT name, version FROM change_versions")).all())
         triggers = conn.execute(sa.text("SELECT tgname FROM pg_trigger WHERE tgname = 'kassa_change_notify'")).all()
@@ -101,6 +102,23 @@ def test_a_data_dir_made_before_alembic_is_adopted_with_its_data(tmp_path):
     assert "warranty" in Catalog(SqlCatalogStore(engine)).snapshot.offers
     assert KeyStore(engine).lookup("old-admin-key") is not None
     assert migrate(engine) == head_revision()
+
+
+def test_a_catalog_stamp_in_an_old_data_dir_is_adopted_so_api_changes_survive_the_upgrade(tmp_path, catalog_file):
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sa.create_engine(f"sqlite:///{data / 'kassa.db'}")
+    metadata.create_all(old, tables=[metadata.tables[t] for t in LEGACY])
+    changed = schemas.Offer(id="discount", kind="discount", title="Changed over the API", value=9)
+    with old.begin() as conn:  # the file was loaded once (its stamp below), then an offer was changed
+        conn.execute(sa.insert(offers_table).values(id="discount", body=msgspec.json.encode(changed).decode(),
+                                                    updated_at=2.0))
+    old.dispose()
+    (data / "catalog_file.sha256").write_text(hashlib.sha256(catalog_file.read_bytes()).hexdigest())
+    catalog = Catalog(SqlCatalogStore(make_engine(data / "kassa.db")))
+    assert catalog.load_file(catalog_file, stamp_dir=data) == 0
+    assert catalog.snapshot.offers["discount"].title == "Changed over the API"
+    assert catalog.store.file_stamp() is not None  # from now on the stamp lives in the database
 
 
 # ------------------------------------------------------------------ round trips
@@ -232,6 +250,24 @@ def test_an_offer_change_and_a_key_revocation_through_one_process_are_in_force_i
             assert max(offer_lag) < 1.0 and max(key_lag) < 1.0 and max(placement_lag) < 1.0
     finally:
         drop()
+
+
+def test_a_process_started_later_with_a_new_data_dir_does_not_revert_api_changes_to_the_catalog_file(
+        pg_url, tmp_path, catalog_file, features_file):
+    one = Kassa(_settings(tmp_path, "one", pg_url, catalog_file, features_file), seed=1)
+    with TestClient(create_app(one), headers={"Authorization": f"Bearer {ADMIN}"}) as a:
+        body = a.get("/v1/offers/discount").json()
+        body["value"] = 99
+        assert a.put("/v1/offers/discount", json=body).status_code == 200
+    later = Kassa(_settings(tmp_path, "later", pg_url, catalog_file, features_file), seed=2)
+    assert later.catalog.snapshot.offers["discount"].value == 99
+    # A changed file is applied once, by whoever starts first.
+    catalog_file.write_text(catalog_file.read_text().replace("title: Magazine", "title: Magazine v2"))
+    third = Kassa(_settings(tmp_path, "third", pg_url, catalog_file, features_file), seed=3)
+    assert third.catalog.snapshot.offers["partner-us"].title == "Magazine v2"
+    assert third.catalog.snapshot.offers["discount"].value == 4  # the file's value: it was applied again
+    for k in (one, later, third):
+        k.db.dispose()
 
 
 def test_applied_feature_definitions_and_a_promoted_model_reach_the_other_process_within_1s(

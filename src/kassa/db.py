@@ -92,6 +92,16 @@ model_artifacts_table = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# What a file last applied to this database was (its SHA-256): the catalog file is upserted once per
+# content, whichever process starts first (migration 0003).
+applied_files_table = Table(
+    "applied_files",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
 # The feature registry: the definitions last applied, one JSON body per entity / view. ``schema_hash``
 # is what the stored values' encoding depends on, so backends can notice a change without parsing bodies.
 feature_entities_table = Table(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.db import CATALOG, bump, offers_table, placements_table
+from kassa.db import CATALOG, applied_files_table, bump, offers_table, placements_table
 
 
 class CatalogStore(Protocol):
@@ -27,7 +27,12 @@ class CatalogStore(Protocol):
     def put_offer(self, offer: schemas.Offer) -> bool: ...  # True when created
     def delete_offer(self, offer_id: str) -> bool: ...
     def put_placement(self, placement: schemas.Placement) -> bool: ...
-    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None: ...
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement],
+                 file_stamp: str | None = None) -> None: ...
+    def file_stamp(self) -> str | None: ...  # the SHA-256 of the catalog file last applied, if any
+
+
+_CATALOG_FILE = "catalog_file"
 
 
 class SqlCatalogStore:
@@ -72,11 +77,22 @@ class SqlCatalogStore:
             bump(conn, CATALOG)
             return self._upsert(conn, placements_table, placement.id, msgspec.json.encode(placement))
 
-    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None:
-        """Upsert many rows in one transaction: delete the ids, then one multi-row insert per table."""
+    def file_stamp(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(applied_files_table.c.sha256).where(
+                applied_files_table.c.name == _CATALOG_FILE)).scalar()
+
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement],
+                 file_stamp: str | None = None) -> None:
+        """Upsert many rows in one transaction: delete the ids, then one multi-row insert per table; with
+        ``file_stamp``, record it as the catalog file applied (same transaction)."""
         now = time.time()
         with self.engine.begin() as conn:
             bump(conn, CATALOG)
+            if file_stamp is not None:
+                t = applied_files_table
+                conn.execute(delete(t).where(t.c.name == _CATALOG_FILE))
+                conn.execute(insert(t).values(name=_CATALOG_FILE, sha256=file_stamp, applied_at=now))
             for table, items in ((offers_table, offers), (placements_table, placements)):
                 if not items:
                     continue
@@ -131,19 +147,26 @@ class Catalog:
     def load_file(self, path: str | Path, stamp_dir: Path | None = None) -> int:
         """Upsert a catalog file's offers and placements; returns how many were loaded.
 
-        With ``stamp_dir``, a file whose bytes are unchanged since the last load is skipped: a restart
-        then reads the catalog from the store instead of re-parsing a large YAML file.
+        With ``stamp_dir`` (the data dir), a file whose bytes were already applied to this metadata store
+        is skipped: a restart, or another process on the same PostgreSQL, reads the catalog from the store
+        instead of re-parsing the file and reverting offers changed over the API since. The stamp lives in
+        the store (``applied_files``); a data dir's older ``catalog_file.sha256`` is adopted once when the
+        store holds a catalog but no stamp yet.
         """
         raw = Path(path).read_bytes()
-        stamp = stamp_dir / "catalog_file.sha256" if stamp_dir is not None else None
         digest = hashlib.sha256(raw).hexdigest()
-        if stamp is not None and stamp.exists() and stamp.read_text() == digest:
-            return 0
+        if stamp_dir is not None:
+            applied = self.store.file_stamp()
+            legacy = stamp_dir / "catalog_file.sha256"
+            if applied is None and legacy.exists() and legacy.read_text() == digest and (
+                    self.snapshot.offers or self.snapshot.placements):
+                self.store.put_many([], [], file_stamp=digest)  # adopt the data dir's stamp
+                applied = digest
+            if applied == digest:
+                return 0
         catalog = read_catalog_file(path, raw)
-        self.store.put_many(catalog.offers, catalog.placements)
+        self.store.put_many(catalog.offers, catalog.placements, file_stamp=digest if stamp_dir is not None else None)
         self._rebuild()
-        if stamp is not None:
-            stamp.write_text(digest)
         return len(catalog.offers) + len(catalog.placements)
 
     def put_offer(self, offer: schemas.Offer) -> bool:
