@@ -7,7 +7,10 @@ throwaway one) in a database of its own; the outage test stops and starts a thro
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -80,6 +83,21 @@ def test_migrations_build_the_same_schema_on_sqlite(tmp_path):
     engine = make_engine(tmp_path / "kassa.db")
     assert current_revision(engine) == head_revision()
     assert _columns(engine) == _model_columns()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_processes_starting_together_migrate_one_database_once_without_errors(backend, pg_server, tmp_path):
+    url, drop = fresh_database(pg_server) if backend == "postgresql" else (str(tmp_path / "kassa.db"), lambda: None)
+    try:
+        code = f"from kassa.db import make_engine, current_revision; print(current_revision(make_engine({url!r})))"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env) for _ in range(4)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [err.decode()[-500:] for _, err in results]
+        assert {out.decode().strip() for out, _ in results} == {head_revision()}
+    finally:
+        drop()
 
 
 def test_a_data_dir_made_before_alembic_is_adopted_with_its_data(tmp_path):
