@@ -11,18 +11,27 @@ apt-get (Debian's ``prometheus`` package), else the test fails saying how to get
 
 `ensure_redis_cluster` does the same for a Redis Cluster: ``REDIS_CLUSTER_URL``, else a one-node cluster
 (``--cluster-enabled yes`` owning all 16384 slots) started from the same ``redis-server``.
+
+`ensure_postgres` returns a SQLAlchemy URL of a PostgreSQL server the tests may create databases on:
+``POSTGRES_URL`` or ``postgresql+psycopg://postgres@127.0.0.1:5432/test`` when it answers, else a
+throwaway `PostgresServer` (``initdb`` + ``pg_ctl`` from PATH or /usr/lib/postgresql/*/bin, run as the
+``postgres`` user when we are root; Debian's ``postgresql`` package installed with apt-get as root when
+missing). `fresh_database` makes a uniquely named database on it (dropped by the caller's cleanup).
+`PostgresServer` is also what outage tests stop and start: never the shared server.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -214,3 +223,113 @@ class ThrowawayRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # SIGKILL: no goodbye to connected clients
             self.proc.wait()
+
+
+# ------------------------------------------------------------------ PostgreSQL
+PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def ensure_postgres() -> str:
+    if "postgres" in _started:
+        return _started["postgres"]
+    tried = []
+    for url in (os.environ.get("POSTGRES_URL"), PG_DEFAULT_URL):
+        if url and url not in tried:
+            tried.append(url)
+            if _pg_answers(url):
+                return url
+    server = PostgresServer()
+    server.start()
+    atexit.register(server.destroy)
+    _started["postgres"] = server.url
+    return server.url
+
+
+def fresh_database(server_url: str, prefix: str = "kassa_test") -> tuple[str, Callable[[], None]]:
+    """A new empty database on ``server_url``'s server: (its URL, a function that drops it)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
+
+
+def _pg_answers(url: str) -> bool:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
+                                       None)
+    if found is None and _is_root() and shutil.which("apt-get"):
+        _apt_install("postgresql", fail=_no_postgres)
+        found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                                       reverse=True)), None)
+    if found is None:
+        _no_postgres(f"`{name}` is not on PATH nor in /usr/lib/postgresql/*/bin"
+                     + ("" if _is_root() else " (and not root, so it was not installed)"))
+    return found
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on a free port (trust auth, no fsync): start, stop (fast), start again."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.dir = tempfile.mkdtemp(prefix="kassa-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._initialised = False
+
+    def _run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        args = list(cmd)
+        if _is_root():  # initdb and postgres refuse to run as root
+            shutil.chown(self.dir, "postgres")
+            args = ["runuser", "-u", "postgres", "--", *args]
+        return subprocess.run(args, capture_output=True, timeout=timeout)
+
+    def start(self) -> None:
+        if not self._initialised:
+            result = self._run(_pg_bin("initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+            if result.returncode != 0:
+                _no_postgres(f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}")
+            self._initialised = True
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} -c fsync=off"
+        result = self._run(_pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"),
+                           "-w", "-t", "30", "start")
+        if result.returncode != 0 or not _pg_answers(self.url):
+            with contextlib.suppress(OSError), open(os.path.join(self.dir, "log"), errors="replace") as f:
+                log = f.read()[-2000:]
+            _no_postgres(f"pg_ctl start failed: {result.stderr.decode(errors='replace')[-1000:]} {log}")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _no_postgres(reason: str) -> NoReturn:
+    ci = " CI=true: a missing service fails the run." if os.environ.get("CI", "").lower() == "true" else ""
+    pytest.fail(f"PostgreSQL is required by these tests: {reason}. Start one (e.g. `docker run -e "
+                f"POSTGRES_HOST_AUTH_METHOD=trust -p 5432:5432 postgres:16` or `apt-get install postgresql`) and "
+                f"point POSTGRES_URL at it.{ci}", pytrace=False)

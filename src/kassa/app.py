@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.changes import ChangeFeed
 from kassa.config import Settings
-from kassa.db import make_engine
+from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
 from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
@@ -33,6 +34,7 @@ from kassa.features.service import FeatureService
 from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
 from kassa.keys import KeyStore, RateLimiter
+from kassa.learn.artifacts import artifact_store
 from kassa.learn.online.loop import LearningLoop
 from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
@@ -52,7 +54,10 @@ class Kassa:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
-        self.db = make_engine(data / "kassa.db")
+        self.db = make_engine(settings.metadata_url)  # migrated to the newest schema (Alembic)
+        # Primed before anything loads, so a change committed by another process meanwhile is not missed.
+        self.changes = ChangeFeed(self.db, settings.metadata.poll_seconds, settings.metadata.recheck_seconds)
+        self.changes.prime()
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:
             self.catalog.load_file(settings.catalog_file, stamp_dir=data)
@@ -83,7 +88,7 @@ class Kassa:
         self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
                                               on_written=self.drift.observe_records)
         self.event_log = SqliteEventLog(data / "events.db")
-        self.model_registry = ModelRegistry(self.db, data / "models", clock)
+        self.model_registry = ModelRegistry(self.db, data / "models", clock, store=artifact_store(settings, self.db))
         self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
         self.shadow = ShadowScorer(self.shadow_log, seed=seed,
                                    on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
@@ -131,9 +136,31 @@ class Kassa:
             stream = self.stream
             self.metrics.stream_backlog.set_function(lambda: stream.pending_rows)
             self.metrics.stream_lag_events.set_function(lambda: stream.lag_events)
+        # Changes made by any process (this one included) reach this one within a second (kassa.changes).
+        self.changes.on(CATALOG, self.catalog.reload)
+        self.changes.on(KEYS, self.keys.reload)
+        self.changes.on(FEATURES, self.reload_features)
+        self.changes.on(MODELS, self.learning.poll_soon)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0
+
+    def reload_features(self) -> None:
+        """Serve the feature definitions applied elsewhere (`kassa features apply`, another process): views
+        read and written through the API and the buyer views of decisions. An online store, stream processor
+        or offer-feature source opened for the old definitions keeps them until a restart (logged)."""
+        repo = self.registry.load()
+        if repo == self.repo:
+            return
+        before = {v.name for v in self.repo.views}
+        self.repo = repo
+        self.features.repo, self.features.views = repo, {v.name: v for v in repo.views}
+        self.engine.repo = repo
+        added = sorted({v.name for v in repo.views} - before)
+        log.info("feature definitions reloaded: %d views%s", len(repo.views),
+                 f" (new: {', '.join(added)})" if added else "")
+        if any(v.kind == "stream" or v.entity == "offer" for v in repo.views if v.name in added):
+            log.warning("new stream or offer views take effect in this process after a restart")
 
     def _reward_definition(self, placement_id: str) -> schemas.RewardDefinition | None:
         view = self.catalog.snapshot.placements.get(placement_id)
@@ -218,24 +245,13 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
-        self._tasks.append(asyncio.create_task(self._watch_keys(), name="kassa-keys"))
+        self._tasks.append(asyncio.create_task(self.changes.run(), name="kassa-changes"))
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
             self._tasks.append(asyncio.create_task(self.stream.run(), name="kassa-stream"))
         self.started_at = time.time()
         self.ready = True
-
-    async def _watch_keys(self) -> None:
-        """Pick up keys created or revoked by another process (`kassa keys`, another worker) within ~1 s."""
-        interval = self.settings.server.key_poll_seconds
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if await asyncio.to_thread(self.keys.changed):
-                    log.info("API keys reloaded: %d active", len(self.keys))
-            except Exception as exc:  # the metadata DB is briefly locked or away: keep the keys we have
-                log.warning("API key check failed: %s", exc)
 
     async def stop(self) -> None:
         self.ready = False
@@ -244,6 +260,7 @@ class Kassa:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.changes.stop()
         if self.stream is not None:
             self.stream.stop()
             await self.stream.save_checkpoint()

@@ -171,7 +171,7 @@ def stream(
     from kassa.features.streaming.processor import StreamProcessor
 
     settings = _settings(config, data_dir=data_dir)
-    repo = FeatureRegistry(make_engine(settings.data_path / "kassa.db")).load()
+    repo = FeatureRegistry(make_engine(settings.metadata_url)).load()
     views = [v for v in repo.views if v.kind == "stream"]
     if not views:
         console.print("[red]no stream views applied[/]; run `kassa features apply FILE` first")
@@ -216,7 +216,7 @@ def keys_create(
     from kassa.keys import KeyStore
 
     settings = _settings(config, data_dir=data_dir)
-    store = KeyStore(make_engine(settings.data_path / "kassa.db"))
+    store = KeyStore(make_engine(settings.metadata_url))
     key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]
     console.print(f"[green]created {kind} key[/] (shown once, store it now):")
     print(key)
@@ -230,7 +230,7 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
 
     settings = _settings(config, data_dir=data_dir)
     table = Table("id", "kind", "name", "origins", "revoked")
-    for k in KeyStore(make_engine(settings.data_path / "kassa.db")).list():
+    for k in KeyStore(make_engine(settings.metadata_url)).list():
         table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
 
@@ -244,7 +244,7 @@ def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = Non
 
     settings = _settings(config, data_dir=data_dir)
     try:
-        revoked = KeyStore(make_engine(settings.data_path / "kassa.db")).revoke(key)
+        revoked = KeyStore(make_engine(settings.metadata_url)).revoke(key)
     except AmbiguousKeyId as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None

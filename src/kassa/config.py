@@ -30,7 +30,6 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     # it: 429 with Retry-After. 0 = unlimited. A publishable key carries a whole shop's browser traffic.
     rate_limits: dict[str, float] = field(
         default_factory=lambda: {"publishable": 5_000.0, "secret": 1_000.0, "admin": 100.0})
-    key_poll_seconds: float = 0.25  # how often a server checks for keys created or revoked elsewhere
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):
@@ -74,6 +73,20 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     breaker_reset_seconds: float = 1.0
 
 
+class MetadataSettings(Struct, forbid_unknown_fields=True):
+    """Where catalog, keys and the feature and model registries live, and how changes reach processes."""
+
+    # None: SQLite at <data_dir>/kassa.db (embedded). Production: postgresql+psycopg://user@host:5432/kassa
+    url: str | None = None
+    # Model files: "local" (<data_dir>/models/artifacts), "database" (rows in the metadata database, read by
+    # every process; ADR 0007), "auto" = database on PostgreSQL, local on SQLite.
+    artifacts: Literal["auto", "local", "database"] = "auto"
+    poll_seconds: float = 0.25  # SQLite: how often the change counters are read (one tiny query)
+    # PostgreSQL: changes arrive by LISTEN/NOTIFY; the counters are also re-read this often, and at once
+    # after the listening connection comes back, so a notification missed while it was away is not lost.
+    recheck_seconds: float = 5.0
+
+
 class Settings(Struct, forbid_unknown_fields=True):
     data_dir: str = ".kassa"
     catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
@@ -85,6 +98,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     server: ServerSettings = field(default_factory=ServerSettings)
     learn: LearnSettings = field(default_factory=LearnSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
+    metadata: MetadataSettings = field(default_factory=MetadataSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
@@ -94,6 +108,16 @@ class Settings(Struct, forbid_unknown_fields=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def metadata_url(self) -> str:
+        """The metadata database: ``metadata.url``, else the SQLite file in the data dir."""
+        return self.metadata.url or str(self.data_path / "kassa.db")
+
+    @property
+    def artifacts_in_database(self) -> bool:
+        mode = self.metadata.artifacts
+        return mode == "database" or (mode == "auto" and self.metadata_url.startswith("postgresql"))
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:

@@ -1,13 +1,45 @@
-"""SQL metadata database (catalog, placements, API keys): SQLite embedded, PostgreSQL in production.
+"""SQL metadata database (catalog, placements, API keys, feature and model registries, change counters):
+SQLite embedded, PostgreSQL in production (``metadata.url``).
 
 SQLAlchemy 2 Core only. Nothing here is on the decision hot path: the services keep in-memory copies.
+The schema is owned by the Alembic migrations in ``kassa/migrations`` (`migrate`), not by ``create_all``:
+`make_engine` brings a database to the newest revision before anything reads it. The tables below mirror
+those migrations for the queries; ``tests/test_metadata_pg.py`` checks that the two agree.
+
+`bump` is the one way a writer says "this topic changed": it increments the topic's row of
+``change_versions`` in the writer's own transaction. On PostgreSQL a trigger (migration 0002) turns that
+row change into ``NOTIFY kassa_changes`` at commit; on SQLite every process polls the few rows. Either
+way `kassa.changes.ChangeFeed` sees it and reloads that topic (catalog, keys, features, models).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, Text, create_engine, event
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    text,
+    update,
+)
+
+log = logging.getLogger("kassa.db")
 
 metadata = MetaData()
 
@@ -47,6 +79,29 @@ change_versions_table = Table(
     Column("version", Integer, nullable=False),
 )
 
+# Model artifacts (and their serving sidecars) by registry-relative name, when ``metadata.artifacts`` puts
+# them in the database (kassa.learn.artifacts; ADR 0007). The registry tables themselves are in
+# kassa/learn/registry.py.
+model_artifacts_table = Table(
+    "model_artifacts",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# What a file last applied to this database was (its SHA-256): the catalog file is upserted once per
+# content, whichever process starts first (migration 0003).
+applied_files_table = Table(
+    "applied_files",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
 # The feature registry: the definitions last applied, one JSON body per entity / view. ``schema_hash``
 # is what the stored values' encoding depends on, so backends can notice a change without parsing bodies.
 feature_entities_table = Table(
@@ -68,13 +123,35 @@ feature_views_table = Table(
 )
 
 
-def make_engine(url_or_path: str | Path) -> Engine:
-    """An engine for a database URL, or a SQLite file path (created, WAL mode)."""
+# The topics of `bump`: what a process reloads when its counter moves.
+CATALOG = "catalog"  # offers, placements, a catalog file or platform sync
+KEYS = "api_keys"  # a key created or revoked
+FEATURES = "features"  # feature definitions applied
+MODELS = "models"  # a model version registered, promoted, rolled back
+TOPICS = (CATALOG, KEYS, FEATURES, MODELS)
+
+
+def bump(conn: Connection, topic: str) -> None:
+    """Record, inside the caller's transaction, that ``topic`` changed (see the module docstring)."""
+    t = change_versions_table
+    if conn.execute(update(t).where(t.c.name == topic).values(version=t.c.version + 1)).rowcount == 0:
+        conn.execute(insert(t).values(name=topic, version=1))
+
+
+def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
+    """An engine for a database URL, or a SQLite file path (created, WAL mode), migrated to the newest
+    schema revision (`migrate`) unless ``migrate_schema`` is False."""
     url = str(url_or_path)
     if "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{url}"
-    engine = create_engine(url, future=True)
+    if url.startswith("postgresql"):
+        # pre_ping: after a PostgreSQL restart a pooled connection is dead; the next checkout notices and
+        # reconnects instead of failing the caller's first query. connect_timeout bounds a dead server.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4, pool_timeout=5,
+                               connect_args={"connect_timeout": 3})
+    else:
+        engine = create_engine(url)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -85,5 +162,76 @@ def make_engine(url_or_path: str | Path) -> Engine:
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
 
-    metadata.create_all(engine)
+    if migrate_schema:
+        migrate(engine)
     return engine
+
+
+# ------------------------------------------------------------------ migrations
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_head: list[str] = []  # the newest revision, read from the scripts once per process
+_guard = threading.Lock()
+_PG_LOCK = 0x6B61737361  # pg_advisory_xact_lock key ("kassa"): one migrator at a time per database
+
+
+def head_revision() -> str:
+    if not _head:
+        from alembic.script import ScriptDirectory
+
+        _head.append(ScriptDirectory(str(_MIGRATIONS)).get_current_head() or "")
+    return _head[0]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None: never migrated, maybe made by an older Kassa's create_all)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the database to the newest revision (``alembic upgrade head``); idempotent, safe when several
+    processes start at once (a PostgreSQL advisory lock, a lock file beside a SQLite database).
+
+    A database an older Kassa made with ``create_all`` has no ``alembic_version``: revision 0001 creates
+    only the tables it lacks, so the upgrade adopts it (stamps 0001) and carries on to head. Returns the
+    revision the database was at before (``"none"`` for a fresh or pre-Alembic one)."""
+    head = head_revision()
+    before = current_revision(engine)  # the usual start: one small read, already at head
+    if before == head:
+        return before
+    with _guard, _migration_lock(engine):
+        before = current_revision(engine)
+        if before != head:
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            log.info("metadata database migrated from %s to %s", before or "none", head)
+    return before or "none"
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per SQLite file there anyway
+        yield
+        return
+    with open(f"{database}.migrate.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,9 +1,9 @@
 """API keys: publishable (browser: decisions and events, bound to origins), secret (servers: feature
 pushes, webhooks) and admin (catalog, placements, models). Only SHA-256 hashes are stored.
 
-Changes reach running processes through a counter: `create`, `add` and `revoke` bump the ``api_keys`` row
-of ``change_versions`` in the same transaction, and every server polls that one row (`changed`, every
-0.25 s by default: one primary-key read) and reloads its in-memory map when it moved. A key created or
+Changes reach running processes through the change feed: `create`, `add` and `revoke` bump the ``api_keys``
+change counter in the same transaction (`kassa.db.bump`), and every process reloads its in-memory map when it
+moved (`kassa.changes.ChangeFeed`: LISTEN/NOTIFY on PostgreSQL, a polled counter on SQLite). A key created or
 revoked with ``kassa keys`` therefore works, or stops working, in every process within a second.
 
 A revoked key stays revoked. A bootstrap key from the settings (``KASSA_ADMIN_KEY`` ...) that was revoked
@@ -28,7 +28,7 @@ from typing import Literal
 
 from sqlalchemy import Engine, insert, select, update
 
-from kassa.db import api_keys_table, change_versions_table
+from kassa.db import KEYS, api_keys_table, bump
 
 log = logging.getLogger("kassa.keys")
 
@@ -37,7 +37,6 @@ _RANK = {"publishable": 0, "secret": 1, "admin": 2}
 _PREFIX = {"publishable": "kp_", "secret": "ks_", "admin": "ka_"}
 ID_LENGTH = 12  # the hash prefix `kassa keys list` prints and `kassa keys revoke` takes
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
-_VERSION = "api_keys"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,37 +64,15 @@ class KeyStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._cache: dict[str, KeyInfo] = {}
-        self.version = -1
         self.limiter: RateLimiter | None = None  # set by the server; the CLI needs none
         self.reload()
 
-    def _read_version(self, conn) -> int:
-        row = conn.execute(select(change_versions_table.c.version)
-                           .where(change_versions_table.c.name == _VERSION)).first()
-        return int(row[0]) if row else 0
-
-    def _bump(self, conn) -> None:
-        if conn.execute(update(change_versions_table).where(change_versions_table.c.name == _VERSION)
-                        .values(version=change_versions_table.c.version + 1)).rowcount == 0:
-            conn.execute(insert(change_versions_table).values(name=_VERSION, version=1))
-
     def reload(self) -> None:
         with self.engine.connect() as conn:
-            version = self._read_version(conn)
             rows = conn.execute(select(api_keys_table).where(api_keys_table.c.revoked_at.is_(None)))
             self._cache = {
                 r.key_hash: KeyInfo(r.kind, r.name, tuple(json.loads(r.origins)), r.key_hash) for r in rows
             }
-        self.version = version
-
-    def changed(self) -> bool:
-        """Reload when another process (or the CLI) changed the keys since the last load; True if it did."""
-        with self.engine.connect() as conn:
-            version = self._read_version(conn)
-        if version == self.version:
-            return False
-        self.reload()
-        return True
 
     def add(self, key: str, kind: KeyKind, name: str, origins: list[str] | None = None,
             setting: str | None = None) -> bool:
@@ -123,7 +100,7 @@ class KeyStore:
             conn.execute(insert(api_keys_table).values(
                 key_hash=digest, kind=kind, name=name, origins=json.dumps(origins or []),
                 created_at=time.time(), revoked_at=None))
-            self._bump(conn)
+            bump(conn, KEYS)
         self.reload()
         return True
 
@@ -160,7 +137,7 @@ class KeyStore:
             n = conn.execute(update(api_keys_table).where(api_keys_table.c.key_hash == digest)
                              .where(api_keys_table.c.revoked_at.is_(None))
                              .values(revoked_at=time.time())).rowcount
-            self._bump(conn)
+            bump(conn, KEYS)
         self.reload()
         return bool(n) or digest not in self._cache
 

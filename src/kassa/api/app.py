@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -85,6 +86,16 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
         headers = {"Allow": _allowed(request)} if exc.status_code == 405 else None
         return problem_response(err, request.url.path, headers)
 
+    async def metadata_unavailable(request: Request, exc: Exception) -> Response:
+        # The metadata database (PostgreSQL) is down or restarting: an admin write or registry read cannot
+        # be done now, and says so; decisions and events never reach here (they are served from memory).
+        log.warning("metadata database unavailable on %s: %s", request.url.path, exc)
+        err = errors.Unavailable("the metadata database is unavailable; retry shortly")
+        kassa.metrics.errors.labels(str(err.status)).inc()
+        response = problem_response(err, request.url.path)
+        response.headers["Retry-After"] = "1"
+        return response
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
         return problem_response(errors.KassaError("unexpected server error; see the server log"),
@@ -102,7 +113,8 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
 
     app = Starlette(
         routes=routes,
-        exception_handlers={errors.KassaError: kassa_error, HTTPException: http_error, Exception: unexpected},
+        exception_handlers={errors.KassaError: kassa_error, HTTPException: http_error,
+                            OperationalError: metadata_unavailable, Exception: unexpected},
         lifespan=lifespan,
         middleware=[Middleware(CorsMiddleware, kassa=kassa)],
     )

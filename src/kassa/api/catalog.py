@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,7 +42,7 @@ async def put_offer(request: Request) -> Response:
     offer = decode(body, schemas.Offer)
     if offer.id != offer_id:
         raise errors.Invalid(f"body id {offer.id!r} does not match the path id {offer_id!r}", "id")
-    created = kassa.catalog.put_offer(offer)
+    created = await asyncio.to_thread(kassa.catalog.put_offer, offer)  # SQL: PostgreSQL may be slow or away
     return json_response(offer, 201 if created else 200)
 
 
@@ -52,7 +54,7 @@ async def delete_offer(request: Request) -> Response:
     if users:
         raise errors.Conflict(f"offer {offer_id!r} is listed by placement(s) {users}; remove it there first",
                               "offer_id")
-    if not kassa.catalog.delete_offer(offer_id):
+    if not await asyncio.to_thread(kassa.catalog.delete_offer, offer_id):
         raise errors.NotFound(f"unknown offer {offer_id!r}", "offer_id")
     return Response(status_code=204)
 
@@ -84,7 +86,7 @@ async def put_placement(request: Request) -> Response:
     if placement.id != placement_id:
         raise errors.Invalid(f"body id {placement.id!r} does not match the path id {placement_id!r}", "id")
     try:
-        created = kassa.catalog.put_placement(placement)
+        created = await asyncio.to_thread(kassa.catalog.put_placement, placement)
     except KeyError as exc:
         raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
     except InvalidField as exc:

@@ -1,7 +1,9 @@
 """Durable catalog storage behind a small protocol, and `Catalog`, which owns the live snapshot.
 
 Writes go to the store first, then a new immutable `CatalogSnapshot` replaces the old one with a single
-reference assignment, so a decision in flight keeps the snapshot it started with.
+reference assignment, so a decision in flight keeps the snapshot it started with. Every SQL write bumps the
+``catalog`` change counter in its transaction (`kassa.db.bump`); other processes then call `Catalog.reload`
+(kassa.changes.ChangeFeed, wired in app.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.db import offers_table, placements_table
+from kassa.db import CATALOG, applied_files_table, bump, offers_table, placements_table
 from kassa.timezones import timezone_error
 
 log = logging.getLogger("kassa.catalog")
@@ -51,7 +53,12 @@ class CatalogStore(Protocol):
     def put_offer(self, offer: schemas.Offer) -> bool: ...  # True when created
     def delete_offer(self, offer_id: str) -> bool: ...
     def put_placement(self, placement: schemas.Placement) -> bool: ...
-    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None: ...
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement],
+                 file_stamp: str | None = None) -> None: ...
+    def file_stamp(self) -> str | None: ...  # the SHA-256 of the catalog file last applied, if any
+
+
+_CATALOG_FILE = "catalog_file"
 
 
 class SqlCatalogStore:
@@ -83,20 +90,35 @@ class SqlCatalogStore:
 
     def put_offer(self, offer: schemas.Offer) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return self._upsert(conn, offers_table, offer.id, msgspec.json.encode(offer))
 
     def delete_offer(self, offer_id: str) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return bool(conn.execute(delete(offers_table).where(offers_table.c.id == offer_id)).rowcount)
 
     def put_placement(self, placement: schemas.Placement) -> bool:
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
             return self._upsert(conn, placements_table, placement.id, msgspec.json.encode(placement))
 
-    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement]) -> None:
-        """Upsert many rows in one transaction: delete the ids, then one multi-row insert per table."""
+    def file_stamp(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(applied_files_table.c.sha256).where(
+                applied_files_table.c.name == _CATALOG_FILE)).scalar()
+
+    def put_many(self, offers: list[schemas.Offer], placements: list[schemas.Placement],
+                 file_stamp: str | None = None) -> None:
+        """Upsert many rows in one transaction: delete the ids, then one multi-row insert per table; with
+        ``file_stamp``, record it as the catalog file applied (same transaction)."""
         now = time.time()
         with self.engine.begin() as conn:
+            bump(conn, CATALOG)
+            if file_stamp is not None:
+                t = applied_files_table
+                conn.execute(delete(t).where(t.c.name == _CATALOG_FILE))
+                conn.execute(insert(t).values(name=_CATALOG_FILE, sha256=file_stamp, applied_at=now))
             for table, items in ((offers_table, offers), (placements_table, placements)):
                 if not items:
                     continue
@@ -173,23 +195,33 @@ class Catalog:
         offers, placements = self.store.load()
         self.snapshot = CatalogSnapshot.build(offers, placements, previous=self.snapshot)
 
+    def reload(self) -> None:
+        """Rebuild the snapshot from the store: another process changed the catalog (blocking: SQL)."""
+        self._rebuild()
+
     def load_file(self, path: str | Path, stamp_dir: Path | None = None) -> int:
         """Upsert a catalog file's offers and placements; returns how many were loaded.
 
-        With ``stamp_dir``, a file whose bytes are unchanged since the last load is skipped: a restart
-        then reads the catalog from the store instead of re-parsing a large YAML file.
+        With ``stamp_dir`` (the data dir), a file whose bytes were already applied to this metadata store
+        is skipped: a restart, or another process on the same PostgreSQL, reads the catalog from the store
+        instead of re-parsing the file and reverting offers changed over the API since. The stamp lives in
+        the store (``applied_files``); a data dir's older ``catalog_file.sha256`` is adopted once when the
+        store holds a catalog but no stamp yet.
         """
         raw = Path(path).read_bytes()
-        stamp = stamp_dir / "catalog_file.sha256" if stamp_dir is not None else None
         digest = hashlib.sha256(raw).hexdigest()
-        # Compared as bytes: a damaged stamp (not even text) just means "load the file again".
-        if stamp is not None and stamp.exists() and stamp.read_bytes().strip() == digest.encode():
-            return 0
+        if stamp_dir is not None:
+            applied = self.store.file_stamp()
+            legacy = stamp_dir / "catalog_file.sha256"
+            if applied is None and legacy.exists() and legacy.read_bytes().strip() == digest.encode() and (
+                    self.snapshot.offers or self.snapshot.placements):
+                self.store.put_many([], [], file_stamp=digest)  # adopt the data dir's stamp
+                applied = digest
+            if applied == digest:
+                return 0
         catalog = read_catalog_file(path, raw)
-        self.store.put_many(catalog.offers, catalog.placements)
+        self.store.put_many(catalog.offers, catalog.placements, file_stamp=digest if stamp_dir is not None else None)
         self._rebuild()
-        if stamp is not None:
-            stamp.write_text(digest)
         return len(catalog.offers) + len(catalog.placements)
 
     def put_offer(self, offer: schemas.Offer) -> bool:
@@ -221,4 +253,4 @@ class Catalog:
 def sqlite_catalog(data_dir: Path) -> Catalog:
     from kassa.db import make_engine
 
-    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))
+    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))  # the embedded default's file

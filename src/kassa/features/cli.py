@@ -46,7 +46,7 @@ def _registry(settings: Settings) -> FeatureRegistry:
     from kassa.db import make_engine
     from kassa.features.registry import FeatureRegistry
 
-    return FeatureRegistry(make_engine(settings.data_path / "kassa.db"))
+    return FeatureRegistry(make_engine(settings.metadata_url))
 
 
 def _applied(settings: Settings) -> FeatureRepo:

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Struct, field
 from sqlalchemy import Engine, Table, delete, insert, select, update
 
-from kassa.db import feature_entities_table, feature_views_table
+from kassa.db import FEATURES, bump, feature_entities_table, feature_views_table
 from kassa.features.definitions import Entity, FeatureRepo, FeatureView, validate
 
 _encode = msgspec.json.Encoder()
@@ -208,4 +208,5 @@ class FeatureRegistry:
                 lambda n: (_encode.encode(entities[n]).decode(), _entity_hash(entities[n])))
             put(feature_views_table, diff.added_views, changed_views, diff.removed_views,
                 lambda n: (_encode.encode(views[n]).decode(), views[n].schema_hash()))
+            bump(conn, FEATURES)  # every process reloads the applied definitions (kassa.changes)
         return diff

@@ -113,7 +113,7 @@ def sync(
     connector, options = _open(platform, config, settings)
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
-    store = SqlCatalogStore(make_engine(data / "kassa.db"))
+    store = SqlCatalogStore(make_engine(settings.metadata_url))
     prefix = str(options.get("offer_id_prefix") or "")
     first = True
     try:

@@ -24,6 +24,7 @@ from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
 from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo, parse_duration
+from kassa.learn.artifacts import artifact_store
 from kassa.learn.registry import STAGES, ModelRegistry, feature_schema_hash
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
@@ -59,13 +60,14 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
 
     settings = load_settings(config, data_dir=data_dir)
     data = settings.data_path
-    if not (data / "kassa.db").exists():
+    if settings.metadata.url is None and not (data / "kassa.db").exists():
         raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
                                  "--data-dir)", param_hint="--data-dir")
-    db = make_engine(data / "kassa.db")
+    db = make_engine(settings.metadata_url)
     catalog = Catalog(SqlCatalogStore(db))
     repo = FeatureRegistry(db).load()
-    return OfflineContext(settings, catalog, repo, ModelRegistry(db, data / "models"))
+    return OfflineContext(settings, catalog, repo,
+                          ModelRegistry(db, data / "models", store=artifact_store(settings, db)))
 
 
 def parse_time(text: str | None, now: float) -> float | None:

@@ -3,7 +3,10 @@
 A version is an immutable artifact (a Vowpal Wabbit model file, checksummed with SHA-256) plus what it
 was made from: the placement it serves, the feature-schema hash it expects, the learner settings, the
 training data range and row count, metrics and its parent version. Metadata lives in the SQL database
-(SQLite embedded); artifacts in ``<data_dir>/models/artifacts/<placement>/``.
+(SQLite embedded, PostgreSQL in production); artifacts in ``<data_dir>/models/artifacts/<placement>/``, and,
+with a shared `ArtifactStore` (kassa.learn.artifacts), also in the metadata database, from which a process
+that lacks a file fetches it. Every write that changes what serves bumps the ``models`` change counter
+(`kassa.db.bump`) in its transaction, so every process's model sync runs within a second.
 
 Stages move ``candidate`` -> ``shadow`` -> ``canary`` (with a traffic share) -> ``production`` ->
 ``archived``. Each placement has at most one production, one canary and one shadow version; promoting a
@@ -39,8 +42,9 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from kassa import errors, schemas
-from kassa.db import metadata
+from kassa.db import MODELS, bump, metadata
 from kassa.features.definitions import FeatureRepo
+from kassa.learn.artifacts import ArtifactStore, LocalArtifacts
 from kassa.learn.serving.sidecar import UnsupportedModel, export, sha256_file, sidecar_path
 
 log = logging.getLogger("kassa.learn")
@@ -201,13 +205,15 @@ def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) 
 
 
 class ModelRegistry:
-    def __init__(self, engine: Engine, models_dir: Path, clock: Any = time.time) -> None:
+    def __init__(self, engine: Engine, models_dir: Path, clock: Any = time.time,
+                 store: ArtifactStore | None = None) -> None:
+        # The tables come from the migrations (kassa.db.make_engine), like every other metadata table.
         self.engine = engine
         self.artifacts = Path(models_dir) / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        self.store: ArtifactStore = store or LocalArtifacts()
         self._lock = threading.Lock()
-        metadata.create_all(engine, tables=[model_versions_table, model_stage_events_table, model_verdicts_table])
 
     # ------------------------------------------------------------------ reads
     def get(self, version: str) -> ModelVersion:
@@ -254,7 +260,14 @@ class ModelRegistry:
                     for r in conn.execute(stmt)]
 
     def path(self, mv: ModelVersion) -> Path:
-        return self.artifacts / mv.artifact
+        """The artifact's local path; a version another process registered is fetched from the shared
+        store first (with its serving sidecar), once."""
+        path = self.artifacts / mv.artifact
+        if not path.exists() and not mv.artifact_deleted and self.store.shared:
+            sidecar = sidecar_path(path)
+            self.store.fetch(str(sidecar.relative_to(self.artifacts)), sidecar)
+            self.store.fetch(mv.artifact, path)  # last: the artifact's presence means the pair is complete
+        return path
 
     # ------------------------------------------------------------------ writes
     def register(
@@ -313,6 +326,10 @@ class ModelRegistry:
                 rel = f"{placement}/{seq:08d}-{token}.vw"
                 dest = self.artifacts / rel
                 self._store_file(artifact, dest, link)
+                if self.store.shared:
+                    self.store.put(conn, rel, dest)
+                    if sidecar_path(dest).exists():
+                        self.store.put(conn, str(sidecar_path(dest).relative_to(self.artifacts)), sidecar_path(dest))
                 self._insert(conn, t, version, placement, seq, rel, dest, schema_hash, learner_args, source, parent,
                              train_since, train_until, rows, metrics, now)
                 self._event(conn, version, placement, None, "candidate", reason, actor, now)
@@ -324,6 +341,7 @@ class ModelRegistry:
                         stage = "candidate"
                 if stage != "candidate":
                     self._move(conn, self._get(conn, version), stage, None, reason, actor, now)
+                bump(conn, MODELS)
         except BaseException:
             if dest is not None:
                 dest.unlink(missing_ok=True)
@@ -397,6 +415,7 @@ class ModelRegistry:
                 self._verdict(conn, mv, "promoted", reason or "promoted to production", actor, now)
             if rolled_back:
                 self._verdict(conn, mv, "rolled_back", reason or "rolled back", actor, now)
+            bump(conn, MODELS)
         return self.get(version)
 
     def rollback(self, placement: str, reason: str = "rollback", actor: str = "cli") -> ModelVersion:
@@ -431,6 +450,7 @@ class ModelRegistry:
             self._set_stage(conn, previous, "production", None,
                             f"restored by rollback of {current.version}{note}: {reason}", actor, now)
             self._verdict(conn, previous, "promoted", f"restored by rollback: {reason}", actor, now)
+            bump(conn, MODELS)
         return self.get(previous.version)
 
     def rolled_back_ancestor(self, version: str) -> str | None:
@@ -467,6 +487,7 @@ class ModelRegistry:
                 (self.artifacts / rel).unlink(missing_ok=True)
                 sidecar_path(self.artifacts / rel).unlink(missing_ok=True)
                 conn.execute(sa.update(t).where(t.c.version == version).values(artifact_deleted=True))
+                self.store.delete(conn, [rel, str(sidecar_path(self.artifacts / rel).relative_to(self.artifacts))])
         return len(rows)
 
     # ------------------------------------------------------------------ loading

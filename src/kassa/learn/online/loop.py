@@ -143,6 +143,10 @@ class LearningLoop:
                     reason="registered the online learner's snapshot found at start")
         self.poll()
 
+    def poll_soon(self) -> None:
+        """Make the next tick poll the registry (the ``models`` change counter moved; any thread)."""
+        self._last_poll = float("-inf")
+
     def poll(self) -> list[str]:
         """Load registry changes into the serving store; restart learners whose production changed."""
         if self.sync is None:

@@ -1,0 +1,385 @@
+"""Metadata on PostgreSQL (issue 13): migrations, round trips, changes reaching other processes, an outage.
+
+Every test talks to a real PostgreSQL (tests/services.py: the shared server when it answers, else a
+throwaway one) in a database of its own; the outage test stops and starts a throwaway server it owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+import kassa.learn.registry  # noqa: F401  (its tables join kassa.db.metadata)
+from kassa import schemas
+from kassa.api.app import create_app
+from kassa.app import Kassa
+from kassa.catalog import Catalog, SqlCatalogStore
+from kassa.changes import ChangeFeed
+from kassa.config import Settings, load_settings
+from kassa.db import api_keys_table, current_revision, head_revision, make_engine, metadata, migrate, offers_table
+from kassa.features.definitions import load_repo
+from kassa.features.registry import FeatureRegistry
+from kassa.keys import KeyStore, hash_key
+from kassa.learn.artifacts import DatabaseArtifacts
+from kassa.learn.online.learner import OnlineLearner
+from kassa.learn.registry import ModelRegistry
+from tests.conftest import ADMIN, FEATURES, PUB, SECRET, decision_body
+from tests.services import PostgresServer, ensure_postgres, fresh_database
+
+# The tables Kassa 0.2.0 made with create_all (before Alembic): what an existing data dir holds.
+LEGACY = ("offers", "placements", "api_keys", "feature_entities", "feature_views", "model_versions",
+          "model_stage_events", "model_verdicts")
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> str:
+    return ensure_postgres()
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    url, drop = fresh_database(pg_server)
+    yield url
+    drop()
+
+
+def _columns(engine: sa.Engine) -> dict[str, set[str]]:
+    inspector = sa.inspect(engine)
+    return {t: {c["name"] for c in inspector.get_columns(t)} for t in inspector.get_table_names()
+            if t != "alembic_version"}
+
+
+def _model_columns() -> dict[str, set[str]]:
+    return {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
+
+
+# ------------------------------------------------------------------ migrations
+def test_migrations_build_the_whole_schema_on_an_empty_postgres_database_and_rerun_as_a_no_op(pg_url):
+    engine = make_engine(pg_url)
+    assert current_revision(engine) == head_revision() == "0003"
+    assert _columns(engine) == _model_columns()  # the migrations and the Core tables agree, column by column
+    assert migrate(engine) == "0003"  # idempotent: already at head
+    with engine.connect() as conn:
+        topics = dict(conn.execute(sa.text("SELECT name, version FROM change_versions")).all())
+        triggers = conn.execute(sa.text("SELECT tgname FROM pg_trigger WHERE tgname = 'kassa_change_notify'")).all()
+    assert topics == {"catalog": 0, "api_keys": 0, "features": 0, "models": 0}
+    assert len(triggers) == 1
+    engine.dispose()
+
+
+def test_migrations_build_the_same_schema_on_sqlite(tmp_path):
+    engine = make_engine(tmp_path / "kassa.db")
+    assert current_revision(engine) == head_revision()
+    assert _columns(engine) == _model_columns()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_processes_starting_together_migrate_one_database_once_without_errors(backend, pg_server, tmp_path):
+    url, drop = fresh_database(pg_server) if backend == "postgresql" else (str(tmp_path / "kassa.db"), lambda: None)
+    try:
+        code = f"from kassa.db import make_engine, current_revision; print(current_revision(make_engine({url!r})))"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env) for _ in range(4)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [err.decode()[-500:] for _, err in results]
+        assert {out.decode().strip() for out, _ in results} == {head_revision()}
+    finally:
+        drop()
+
+
+def test_a_data_dir_made_before_alembic_is_adopted_with_its_data(tmp_path):
+    # What Kassa 0.2.0 left behind: create_all's tables (one newer table still missing), no alembic_version.
+    path = tmp_path / "data" / "kassa.db"
+    path.parent.mkdir()
+    old = sa.create_engine(f"sqlite:///{path}")
+    metadata.create_all(old, tables=[metadata.tables[t] for t in LEGACY if t != "model_verdicts"])
+    with old.begin() as conn:  # rows as 0.2.0 wrote them (today's writers would bump a counter it lacks)
+        offer = schemas.Offer(id="warranty", kind="warranty", title="Warranty", value=12)
+        conn.execute(sa.insert(offers_table).values(id="warranty", body=msgspec.json.encode(offer).decode(),
+                                                    updated_at=1.0))
+        conn.execute(sa.insert(api_keys_table).values(key_hash=hash_key("old-admin-key"), kind="admin",
+                                                      name="from 0.2.0", origins="[]", created_at=1.0))
+    old.dispose()
+
+    engine = make_engine(path)
+    assert current_revision(engine) == head_revision()
+    assert _columns(engine) == _model_columns()  # model_verdicts and the 0002 tables added
+    assert "warranty" in Catalog(SqlCatalogStore(engine)).snapshot.offers
+    assert KeyStore(engine).lookup("old-admin-key") is not None
+    assert migrate(engine) == head_revision()
+
+
+def test_a_catalog_stamp_in_an_old_data_dir_is_adopted_so_api_changes_survive_the_upgrade(tmp_path, catalog_file):
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sa.create_engine(f"sqlite:///{data / 'kassa.db'}")
+    metadata.create_all(old, tables=[metadata.tables[t] for t in LEGACY])
+    changed = schemas.Offer(id="discount", kind="discount", title="Changed over the API", value=9)
+    with old.begin() as conn:  # the file was loaded once (its stamp below), then an offer was changed
+        conn.execute(sa.insert(offers_table).values(id="discount", body=msgspec.json.encode(changed).decode(),
+                                                    updated_at=2.0))
+    old.dispose()
+    (data / "catalog_file.sha256").write_text(hashlib.sha256(catalog_file.read_bytes()).hexdigest())
+    catalog = Catalog(SqlCatalogStore(make_engine(data / "kassa.db")))
+    assert catalog.load_file(catalog_file, stamp_dir=data) == 0
+    assert catalog.snapshot.offers["discount"].title == "Changed over the API"
+    assert catalog.store.file_stamp() is not None  # from now on the stamp lives in the database
+
+
+# ------------------------------------------------------------------ round trips
+def test_catalog_keys_features_and_models_round_trip_on_postgres(pg_url, tmp_path, catalog_file, features_file):
+    engine = make_engine(pg_url)
+    catalog = Catalog(SqlCatalogStore(engine))
+    assert catalog.load_file(catalog_file) == 13
+    offer = catalog.snapshot.offers["discount"]
+    assert catalog.put_offer(schemas.Offer(id="new", kind="discount", title="New", value=1.5)) is True
+    assert catalog.delete_offer("discount") is True
+    again = Catalog(SqlCatalogStore(engine)).snapshot
+    assert "new" in again.offers and "discount" not in again.offers
+    assert again.offers["warranty"] == catalog.snapshot.offers["warranty"]
+    assert again.placements.keys() == catalog.snapshot.placements.keys()
+    assert offer.title == "10% off"
+
+    keys = KeyStore(engine)
+    key = keys.create("secret", "server", ["https://shop.example"])
+    info = KeyStore(engine).lookup(key)
+    assert info is not None and info.kind == "secret" and info.origins == ("https://shop.example",)
+    assert keys.revoke(key) and KeyStore(engine).lookup(key) is None
+
+    features = FeatureRegistry(engine)
+    repo = load_repo(features_file)
+    assert features.apply(repo).has_changes
+    loaded = FeatureRegistry(engine).load()  # in name order
+    assert {v.name: v for v in loaded.views} == {v.name: v for v in repo.views}
+    assert {e.name: e for e in loaded.entities} == {e.name: e for e in repo.entities}
+
+    # The model registry with artifacts in the database: a second registry (another process, its own data
+    # dir) fetches the artifact on first use and verifies it.
+    artifact = tmp_path / "model.vw"
+    artifact.write_bytes(b"not really a VW model, but bytes with a checksum" * 100)
+    writer = ModelRegistry(engine, tmp_path / "a" / "models", store=DatabaseArtifacts(engine))
+    v1 = writer.register("order_confirmation", artifact, schema_hash="h", learner_args="--cb_explore_adf",
+                         source="batch", stage="production")
+    v2 = writer.register("order_confirmation", artifact, schema_hash="h", learner_args="--cb_explore_adf",
+                         source="batch", parent=v1.version)
+    writer.promote(v2.version, "production", reason="better")
+    reader = ModelRegistry(engine, tmp_path / "b" / "models", store=DatabaseArtifacts(engine))
+    serving = reader.serving()["order_confirmation"]
+    assert serving.production is not None and serving.production.version == v2.version
+    assert not (reader.artifacts / serving.production.artifact).exists()  # not fetched yet
+    path = reader.verify(serving.production, "h")
+    assert path.read_bytes() == artifact.read_bytes() and path.is_relative_to(tmp_path / "b")
+    restored = reader.rollback("order_confirmation", reason="test")
+    assert restored.version == v1.version
+    assert [e.to_stage for e in writer.history(version=v2.version)][:2] == ["archived", "production"]
+    engine.dispose()
+
+
+def test_every_metadata_write_bumps_its_topic_once_per_transaction(pg_url, catalog_file, features_file, tmp_path):
+    engine = make_engine(pg_url)
+    feed = ChangeFeed(engine)
+    feed.prime()
+    catalog = Catalog(SqlCatalogStore(engine))
+    catalog.load_file(catalog_file)
+    KeyStore(engine).create("admin", "ops")
+    FeatureRegistry(engine).apply(load_repo(features_file))
+    artifact = tmp_path / "m.vw"
+    artifact.write_bytes(b"x" * 100)
+    ModelRegistry(engine, tmp_path / "models").register("order_confirmation", artifact, schema_hash="h",
+                                                        learner_args="", source="batch")
+    seen: list[str] = []
+    for topic in ("catalog", "api_keys", "features", "models"):
+        feed.on(topic, lambda t=topic: seen.append(t))
+    assert sorted(feed.check()) == ["api_keys", "catalog", "features", "models"]
+    assert sorted(seen) == ["api_keys", "catalog", "features", "models"]
+    assert feed.check() == []  # nothing moved since
+    engine.dispose()
+
+
+# ------------------------------------------------------------------ two processes, one metadata database
+def _settings(tmp_path: Path, name: str, url: str, catalog_file: Path, features_file: Path) -> Settings:
+    return load_settings(
+        None, data_dir=str(tmp_path / name), catalog_file=str(catalog_file), admin_key=ADMIN,
+        publishable_key=PUB, secret_key=SECRET,
+        **{"features.definitions_file": str(features_file), "metadata.url": url},
+    )
+
+
+def _until(check, timeout: float = 3.0) -> float:
+    """Seconds until ``check()`` is true (fails the test after ``timeout``)."""
+    t0 = time.perf_counter()
+    while not check():
+        if time.perf_counter() - t0 > timeout:
+            pytest.fail(f"not seen within {timeout} s")
+        time.sleep(0.005)
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_an_offer_change_and_a_key_revocation_through_one_process_are_in_force_in_another_within_1s(
+        backend, pg_server, tmp_path, catalog_file, features_file):
+    if backend == "postgresql":
+        url, drop = fresh_database(pg_server)
+    else:
+        url, drop = str(tmp_path / "shared" / "kassa.db"), lambda: None
+    try:
+        one = Kassa(_settings(tmp_path, "one", url, catalog_file, features_file), seed=1)
+        two = Kassa(_settings(tmp_path, "two", url, catalog_file, features_file), seed=2)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        with TestClient(create_app(one), headers=admin) as a, TestClient(create_app(two), headers=admin) as b:
+            assert b.get("/v1/offers/discount").json()["value"] == 4
+            offer_lag, key_lag, placement_lag = [], [], []
+            for i in range(5):
+                body = a.get("/v1/offers/discount").json()
+                body["value"] = 10 + i
+                assert a.put("/v1/offers/discount", json=body).status_code == 200
+                offer_lag.append(_until(lambda v=10 + i: b.get("/v1/offers/discount").json()["value"] == v))
+
+                key = one.keys.create("publishable", f"shop-{i}")  # what `kassa keys create` does elsewhere
+                headers = {"Authorization": f"Bearer {key}"}
+                _until(lambda h=headers: b.post("/v1/decisions", json=decision_body(), headers=h).status_code == 200)
+                one.keys.revoke(key)
+                key_lag.append(_until(
+                    lambda h=headers: b.post("/v1/decisions", json=decision_body(), headers=h).status_code == 401))
+
+                placement = a.get("/v1/placements/order_confirmation").json()["placement"]
+                placement["slots"] = 1 + i % 3
+                assert a.put("/v1/placements/order_confirmation", json=placement).status_code == 200
+                placement_lag.append(_until(
+                    lambda s=placement["slots"]: two.catalog.snapshot.placements["order_confirmation"]
+                    .placement.slots == s))
+            print(f"\n{backend}: offer change seen by the other process after "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in offer_lag)} ms; key revocation "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in key_lag)} ms; placement "
+                  f"{', '.join(f'{x * 1000:.0f}' for x in placement_lag)} ms")
+            assert max(offer_lag) < 1.0 and max(key_lag) < 1.0 and max(placement_lag) < 1.0
+    finally:
+        drop()
+
+
+def test_a_process_started_later_with_a_new_data_dir_does_not_revert_api_changes_to_the_catalog_file(
+        pg_url, tmp_path, catalog_file, features_file):
+    one = Kassa(_settings(tmp_path, "one", pg_url, catalog_file, features_file), seed=1)
+    with TestClient(create_app(one), headers={"Authorization": f"Bearer {ADMIN}"}) as a:
+        body = a.get("/v1/offers/discount").json()
+        body["value"] = 99
+        assert a.put("/v1/offers/discount", json=body).status_code == 200
+    later = Kassa(_settings(tmp_path, "later", pg_url, catalog_file, features_file), seed=2)
+    assert later.catalog.snapshot.offers["discount"].value == 99
+    # A changed file is applied once, by whoever starts first.
+    catalog_file.write_text(catalog_file.read_text().replace("title: Magazine", "title: Magazine v2"))
+    third = Kassa(_settings(tmp_path, "third", pg_url, catalog_file, features_file), seed=3)
+    assert third.catalog.snapshot.offers["partner-us"].title == "Magazine v2"
+    assert third.catalog.snapshot.offers["discount"].value == 4  # the file's value: it was applied again
+    for k in (one, later, third):
+        k.db.dispose()
+
+
+def test_applied_feature_definitions_and_a_promoted_model_reach_the_other_process_within_1s(
+        pg_url, tmp_path, catalog_file, features_file):
+    one = Kassa(_settings(tmp_path, "one", pg_url, catalog_file, features_file), seed=1)
+    two = Kassa(_settings(tmp_path, "two", pg_url, catalog_file, features_file), seed=2)
+    with TestClient(create_app(one)), TestClient(create_app(two)):
+        extra = FEATURES + """
+  - name: loyalty
+    kind: push
+    entity: customer
+    ttl: 30d
+    fields:
+      - {name: tier, dtype: str, default: none, max_length: 16}
+"""
+        path = tmp_path / "features2.yaml"
+        path.write_text(extra)
+        one.registry.apply(load_repo(path))
+        lag = _until(lambda: "loyalty" in two.features.views)
+        print(f"\nfeature definitions applied through one seen by the other after {lag * 1000:.0f} ms")
+        assert lag < 1.0
+
+        # A model registered and promoted through one serves in the other (artifact fetched from PostgreSQL).
+        placement = one.catalog.snapshot.placements["order_confirmation"].placement
+        learner = OnlineLearner(placement, tmp_path / "learner")
+        for i in range(200):
+            learner.learn("shared |c country=US", f" |o id={'ab'[i % 2]}", float(i % 2), 0.5)
+        path, _ = learner.snapshot()
+        mv = one.model_registry.register("order_confirmation", path, schema_hash=one.schema_hash(placement.id) or "",
+                                         learner_args=learner.args, source="batch")
+        one.model_registry.promote(mv.version, "production", reason="test")
+
+        def serving_in_two() -> bool:
+            s = two.models.serving("order_confirmation")
+            return s is not None and s.production is not None and s.production.version == mv.version
+
+        lag = _until(serving_in_two)
+        print(f"model promoted through one serving in the other after {lag * 1000:.0f} ms")
+        assert lag < 1.0
+        assert (tmp_path / "two" / "models" / "artifacts" / mv.artifact).exists()
+
+
+# ------------------------------------------------------------------ PostgreSQL restarted under load
+def test_postgres_restarted_under_load_serving_continues_from_caches_with_zero_5xx(tmp_path, catalog_file,
+                                                                                    features_file):
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        app = Kassa(_settings(tmp_path, "one", url, catalog_file, features_file), seed=1)
+        statuses: dict[int, int] = {}
+        stop = threading.Event()
+        with TestClient(create_app(app), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            def load() -> None:
+                while not stop.is_set():
+                    response = client.post("/v1/decisions", json=decision_body())
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    if response.status_code != 200 or not response.json()["offers"]:
+                        continue
+                    decision = response.json()
+                    events = {"events": [{"event_id": f"e-{time.perf_counter_ns()}", "type": "impression",
+                                          "decision_id": decision["decision_id"],
+                                          "offer_id": decision["offers"][0]["offer_id"]}]}
+                    response = client.post("/v1/events", json=events)
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    assert response.status_code == 200, response.text
+
+            worker = threading.Thread(target=load)
+            worker.start()
+            time.sleep(1.0)
+            server.stop("fast")
+            down = dict(statuses)
+            time.sleep(1.5)  # the feed's checks and the registry poll fail meanwhile; requests must not
+            # An admin write cannot be stored now: it says so (503 problem+json, Retry-After), not 500.
+            refused = client.put("/v1/offers/discount", headers={"Authorization": f"Bearer {ADMIN}"},
+                                 json={"id": "discount", "kind": "discount", "title": "Later", "value": 4})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            time.sleep(1.0)
+            during = {k: v - down.get(k, 0) for k, v in statuses.items()}
+            server.start()
+            # After the restart the listener reconnects and a change made elsewhere still arrives.
+            other = make_engine(url)
+            Catalog(SqlCatalogStore(other)).put_offer(schemas.Offer(id="after-restart", kind="partner",
+                                                                    title="Back", value=1.0))
+            lag = _until(lambda: "after-restart" in app.catalog.snapshot.offers, timeout=15.0)
+            time.sleep(0.5)
+            stop.set()
+            worker.join()
+            other.dispose()
+        print(f"\nserving requests by status: {statuses} (while PostgreSQL was down: {during}); a change after the "
+              f"restart reached the process {lag:.2f} s after it was committed")
+        assert not any(status >= 500 for status in statuses)
+        assert during.get(200, 0) > 20  # served while PostgreSQL was down
+    finally:
+        server.destroy()
+        shutil.rmtree(tmp_path, ignore_errors=True)
