@@ -307,6 +307,7 @@ def test_applied_feature_definitions_and_a_promoted_model_reach_the_other_proces
         lag = _until(lambda: "loyalty" in two.features.views)
         print(f"\nfeature definitions applied through one seen by the other after {lag * 1000:.0f} ms")
         assert lag < 1.0
+        _until(lambda: "loyalty" in one.features.views)  # one hears its own change through the feed too
 
         # A model registered and promoted through one serves in the other (artifact fetched from PostgreSQL).
         placement = one.catalog.snapshot.placements["order_confirmation"].placement
