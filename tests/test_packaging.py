@@ -118,6 +118,14 @@ def test_wheel_installs_in_a_clean_venv_and_runs_the_demo(tmp_path: Path) -> Non
     assert built.returncode == 0, built.stderr[-3000:]
     wheels = list(dist.glob("kassa-*.whl"))
     assert len(wheels) == 1 and f"kassa-{kassa.__version__}-" in wheels[0].name
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheels[0]).namelist())
+    for packaged in ("kassa/api/static/dashboard.css", "kassa/api/static/dashboard.js",
+                     "kassa/api/static/vendor/swagger-ui/swagger-ui-bundle.js", "kassa/snippet/kassa.js",
+                     "kassa/migrations/script.py.mako"):
+        assert packaged in names, f"{packaged} is missing from the wheel"
+    assert any(n.startswith("kassa/migrations/versions/0001") for n in names)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])], timeout=600,
