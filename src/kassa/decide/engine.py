@@ -26,7 +26,7 @@ from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformP
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
-from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
+from kassa.events.decision_log import DecisionRecord, DecisionSink, loggable_features
 from kassa.events.join import PendingDecision
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.featurize import shared_line
@@ -78,7 +78,7 @@ class DecisionEngine:
         ledger: FrequencyLedger,
         models: ModelStore,
         joiner: RewardSink,
-        decision_log: DecisionLogWriter | None,
+        decision_log: DecisionSink | None,
         store_timezone: str = "UTC",
         idempotency: IdempotencyCache | None = None,
         seed: int | None = None,

@@ -100,6 +100,9 @@ class Metrics:
         )
         self.events = Counter("kassa_events", "Events accepted", ["type"], registry=r)
         self.duplicates = Counter("kassa_event_duplicates", "Duplicate events ignored", registry=r)
+        # Events and decision records acknowledged from the local spool and not yet in JetStream (0 embedded).
+        self.spool_depth = Gauge("kassa_event_spool_depth", "Messages in the local spool awaiting JetStream",
+                                 registry=r)
         self.errors = Counter("kassa_http_errors", "Problem responses", ["status"], registry=r)
         self.learned = Counter("kassa_learned_examples", "Examples learned by the online learner", ["placement"],
                                registry=r)

@@ -1,0 +1,45 @@
+"""Choose the event-log backend from ``settings.events``: the embedded SQLite log, or JetStream with its spool.
+
+``backend: sqlite`` (the default) keeps everything as it was: ``<data_dir>/events.db`` and Parquet decision
+files written in-process. ``backend: jetstream`` connects one `JetStreamBus` per process (it spools locally
+under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kassa.config import Settings
+from kassa.events.decision_log import DecisionRecord
+from kassa.events.jetstream import BusConfig, DecisionPublisher, JetStreamBus, JetStreamEventLog
+from kassa.events.log import EventLog, SqliteEventLog
+
+
+def bus_config(settings: Settings, name: str = "kassa") -> BusConfig:
+    ev = settings.events
+    return BusConfig(url=ev.nats_url, prefix=ev.prefix,
+                     spool_dir=Path(ev.spool_dir) if ev.spool_dir else settings.data_path / "spool",
+                     dedupe_window_seconds=ev.dedupe_window_seconds, replicas=ev.replicas,
+                     retention_seconds=ev.retention_seconds, ack_timeout_seconds=ev.ack_timeout_seconds, name=name)
+
+
+def open_bus(settings: Settings, name: str = "kassa") -> JetStreamBus | None:
+    """The process's JetStream bus, or None for the embedded SQLite backend."""
+    if settings.events.backend != "jetstream":
+        return None
+    return JetStreamBus(bus_config(settings, name))
+
+
+def open_event_log(settings: Settings, bus: JetStreamBus | None = None) -> EventLog:
+    """The event log of ``settings``; on JetStream it uses ``bus`` (or opens one it then owns)."""
+    if settings.events.backend != "jetstream":
+        return SqliteEventLog(settings.data_path / "events.db")
+    if bus is None:
+        return JetStreamEventLog.connect(bus_config(settings))
+    return JetStreamEventLog(bus)
+
+
+def open_decision_publisher(bus: JetStreamBus,
+                            on_written: Callable[[list[DecisionRecord]], None] | None = None) -> DecisionPublisher:
+    return DecisionPublisher(bus, on_written=on_written)
