@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import statistics
@@ -61,10 +62,8 @@ async def _cleanup(cfg: BusConfig) -> None:
     nc = await nats.connect(cfg.url)
     js = nc.jetstream()
     for name in (cfg.events_stream, cfg.decisions_stream):
-        try:
+        with contextlib.suppress(Exception):  # best effort
             await js.delete_stream(name)
-        except Exception:  # noqa: S110 - best effort
-            pass
     await nc.close()
 
 

@@ -312,3 +312,49 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_the_server_on_the_jetstream_backend_acks_events_and_publishes_decision_records(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import ADMIN, CATALOG, PUB, SECRET, decision_body
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    prefix = "t" + uuid.uuid4().hex[:10]
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog), admin_key=ADMIN,
+                             publishable_key=PUB, secret_key=SECRET,
+                             **{"events.backend": "jetstream", "events.nats_url": ensure_nats(),
+                                "events.prefix": prefix})
+    kassa = Kassa(settings, seed=7)
+    cfg = kassa.bus.cfg if kassa.bus is not None else None
+    assert cfg is not None and isinstance(kassa.event_log, JetStreamEventLog)
+    try:
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            d = client.post("/v1/decisions", json=decision_body()).json()
+            offer_id = d["offers"][0]["offer_id"]
+            events = [{"event_id": "e1", "type": "impression", "decision_id": d["decision_id"], "offer_id": offer_id},
+                      {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id},
+                      {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}]
+            assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 2, "duplicates": 1}
+            assert client.post("/v1/events", json={"events": events[:2]}).json() == {"accepted": 0, "duplicates": 2}
+            kassa.decision_log.flush()
+            assert "kassa_event_spool_depth 0.0" in client.get("/metrics").text
+        reader = JetStreamEventLog.connect(dataclasses.replace(cfg, spool_dir=tmp_path / "reader-spool"))
+        try:
+            assert [ev.event_id for _, ev in reader.read(0, 10)] == ["e1", "e2"]
+        finally:
+            reader.close()
+
+        async def decisions_in_stream() -> int:
+            nc = await nats.connect(cfg.url)
+            info = await nc.jetstream().stream_info(cfg.decisions_stream)
+            await nc.close()
+            return int(info.state.messages)
+
+        assert asyncio.run(decisions_in_stream()) == 1
+    finally:
+        _delete_streams(cfg)
