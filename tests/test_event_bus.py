@@ -358,3 +358,33 @@ def test_the_server_on_the_jetstream_backend_acks_events_and_publishes_decision_
         assert asyncio.run(decisions_in_stream()) == 1
     finally:
         _delete_streams(cfg)
+
+
+def test_the_server_starts_and_acks_events_into_the_spool_while_nats_is_down(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import ADMIN, CATALOG, PUB, SECRET, decision_body
+
+    server = start_nats()
+    server.kill()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog), admin_key=ADMIN,
+                             publishable_key=PUB, secret_key=SECRET,
+                             **{"events.backend": "jetstream", "events.nats_url": server.url,
+                                "events.prefix": "t" + uuid.uuid4().hex[:10]})
+    kassa = Kassa(settings, seed=7)
+    try:
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            d = client.post("/v1/decisions", json=decision_body())
+            assert d.status_code == 200
+            event = {"event_id": "down-1", "type": "impression", "decision_id": d.json()["decision_id"],
+                     "offer_id": d.json()["offers"][0]["offer_id"]}
+            assert client.post("/v1/events", json={"events": [event]}).json() == {"accepted": 1, "duplicates": 0}
+            kassa.decision_log.flush()
+            assert "kassa_event_spool_depth 2.0" in client.get("/metrics").text  # the event and the decision
+    finally:
+        server.stop()

@@ -211,6 +211,7 @@ class JetStreamBus:
         self._unsettled: dict[int, asyncio.Future[None]] = {}
         self._spool_queue: list[tuple[list[tuple[str, str, bytes]], asyncio.Future[list[bool]]]] = []
         self._spool_flushing = False
+        self._drain_failing = False  # NATS answers but JetStream refuses the replay (e.g. no JetStream)
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event  # set while publishing directly; created on the bus loop
         self._tasks: list[asyncio.Task[Any]] = []
@@ -322,7 +323,8 @@ class JetStreamBus:
         self._unsettled[ticket] = settled
         try:
             while True:
-                if self._spooling and self.connected and self.spool_depth <= _CATCH_UP_ROWS:
+                if (self._spooling and self.connected and not self._drain_failing
+                        and self.spool_depth <= _CATCH_UP_ROWS):
                     # Replaying the last few spooled rows: wait for it rather than add to the spool, or under
                     # sustained load the replay never catches up with the rows spooled behind it.
                     with contextlib.suppress(TimeoutError):
@@ -458,10 +460,13 @@ class JetStreamBus:
         while not self._closed:
             if self._spooling and self.connected:
                 try:
-                    if await self._drain_once():
+                    more = await self._drain_once()
+                    self._drain_failing = False
+                    if more:
                         backoff = 0.05
                         continue
                 except PublishFailed as exc:
+                    self._drain_failing = True  # appends spool at once instead of waiting for this replay
                     log.debug("spool replay failed (%s); retrying in %.2f s", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -542,8 +547,11 @@ class JetStreamEventLog(EventLog):
 
     async def _read(self, after_seq: int, limit: int) -> list[tuple[int, schemas.Event]]:
         js = self.bus.js
-        if js is None:
-            raise PublishFailed("not connected")
+        if js is None or not self.bus.connected:
+            # A serving process must start and ack (into the spool) while NATS is away: a read then finds
+            # nothing yet, and a tailing reader (the stream processor) asks again from the same position.
+            log.warning("event log read while NATS is unreachable: nothing read after seq %d", after_seq)
+            return []
         last = await self._state("last_seq")
         if after_seq >= last or limit <= 0:
             return []
