@@ -388,3 +388,31 @@ def test_the_server_starts_and_acks_events_into_the_spool_while_nats_is_down(tmp
             assert "kassa_event_spool_depth 2.0" in client.get("/metrics").text  # the event and the decision
     finally:
         server.stop()
+
+
+def test_the_stream_processor_tails_jetstream_and_resumes_from_its_checkpoint_once(cfg: BusConfig,
+                                                                                 tmp_path: Path) -> None:
+    from kassa.features.streaming.processor import StreamProcessor
+    from tests.test_streaming import CUSTOMER, T0, make_store, order_event, stored
+
+    log = JetStreamEventLog.connect(cfg)
+    store = make_store()
+    checkpoint = tmp_path / "stream.checkpoint"
+
+    async def run(n_new: int, first: int) -> StreamProcessor:
+        await log.append([order_event(f"o{i}", T0 + i, customer="c1") for i in range(first, first + n_new)], T0)
+        proc = StreamProcessor([CUSTOMER], store, log, clock=lambda: T0 + 100, checkpoint_path=checkpoint,
+                               batch_size=7)
+        await proc.catch_up()
+        await proc.save_checkpoint()
+        return proc
+
+    try:
+        first = asyncio.run(run(20, 0))
+        assert (first.processed, first.seq) == (20, 20)
+        second = asyncio.run(run(5, 20))  # a restart: state and position from the checkpoint, only new events
+        assert second.restored and (second.processed, second.duplicates, second.seq) == (25, 0, 25)
+        row = asyncio.run(stored(store, CUSTOMER, "c1"))
+        assert row is not None and row["orders_1h"] == 25
+    finally:
+        log.close()
