@@ -416,3 +416,35 @@ def test_the_stream_processor_tails_jetstream_and_resumes_from_its_checkpoint_on
         assert row is not None and row["orders_1h"] == 25
     finally:
         log.close()
+
+
+def test_the_decision_log_writer_runner_writes_what_serving_processes_publish(cfg: BusConfig,
+                                                                             tmp_path: Path) -> None:
+    from kassa.config import load_settings
+    from kassa.events.factory import open_bus, open_decision_publisher, run_decision_log_writer
+
+    settings = load_settings(None, data_dir=str(tmp_path / "writer"),
+                             **{"events.backend": "jetstream", "events.nats_url": cfg.url, "events.prefix": cfg.prefix})
+    bus = open_bus(settings)
+    assert bus is not None
+    publisher = open_decision_publisher(bus)
+    try:
+        for i in range(3):
+            publisher.append(_record(i, 1_780_000_000.0))
+        publisher.flush()
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_decision_log_writer(settings, stop))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(read_decisions(settings.data_path)) < 3:
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+
+        asyncio.run(go())
+        assert sorted(read_decisions(settings.data_path).column("decision_id").to_pylist()) == [
+            "dec-0", "dec-1", "dec-2"]
+    finally:
+        publisher.close()
+        bus.close()

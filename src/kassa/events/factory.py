@@ -2,15 +2,25 @@
 
 ``backend: sqlite`` (the default) keeps everything as it was: ``<data_dir>/events.db`` and Parquet decision
 files written in-process. ``backend: jetstream`` connects one `JetStreamBus` per process (it spools locally
-under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason).
+under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason). The runners at the
+end start the durable consumers of the other roles (decision-log writer, reward joiner/learner).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kassa import schemas
 from kassa.config import Settings
+from kassa.events.consumers import (
+    DecisionLogConsumer,
+    EventConsumer,
+    FilePositionStore,
+    PositionStore,
+    run_consumer,
+)
 from kassa.events.decision_log import DecisionRecord
 from kassa.events.jetstream import BusConfig, DecisionPublisher, JetStreamBus, JetStreamEventLog
 from kassa.events.log import EventLog, SqliteEventLog
@@ -43,3 +53,25 @@ def open_event_log(settings: Settings, bus: JetStreamBus | None = None) -> Event
 def open_decision_publisher(bus: JetStreamBus,
                             on_written: Callable[[list[DecisionRecord]], None] | None = None) -> DecisionPublisher:
     return DecisionPublisher(bus, on_written=on_written)
+
+
+# ---------------------------------------------------------------------------------------------- consumer runners
+async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
+                                  on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+    """The decision-log writer role: decision records from JetStream to ``<data_dir>/decisions`` Parquet, until
+    ``stop``. One per deployment (more would split the records between them, each exactly once)."""
+    consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
+                                   on_written=on_written)
+    await run_consumer(consumer, stop)
+
+
+def event_consumer(settings: Settings, durable: str,
+                   apply: Callable[[list[tuple[int, schemas.Event]]], Awaitable[None]],
+                   position: PositionStore | None = None) -> EventConsumer:
+    """A durable events consumer (``kassa learn``: ``durable="learner"``, ``apply`` feeds the reward joiner).
+
+    ``position`` defaults to ``<data_dir>/<durable>.position``; keep it beside the effect's state (Redis for the
+    joiner) to close the crash window between the effect and the position. Run it with `run_consumer`."""
+    if position is None:
+        position = FilePositionStore(settings.data_path / f"{durable}.position")
+    return EventConsumer(bus_config(settings, f"kassa-{durable}"), durable, apply, position)
