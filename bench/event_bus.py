@@ -24,7 +24,8 @@ from pathlib import Path
 import nats
 
 from kassa import schemas
-from kassa.events.jetstream import BusConfig, JetStreamEventLog
+from kassa.events.jetstream import BusConfig
+from kassa.events.jetstream_log import JetStreamEventLog
 
 
 def _cpu() -> float:

@@ -17,7 +17,8 @@ import pytest
 from kassa import schemas
 from kassa.events.consumers import DecisionLogConsumer, EventConsumer, FilePositionStore, run_consumer
 from kassa.events.decision_log import DecisionRecord, read_decisions
-from kassa.events.jetstream import BusConfig, DecisionPublisher, JetStreamBus, JetStreamEventLog
+from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
 from tests.services import NatsServer, ensure_nats, start_nats
 
 

@@ -22,7 +22,8 @@ from kassa.events.consumers import (
     run_consumer,
 )
 from kassa.events.decision_log import DecisionRecord
-from kassa.events.jetstream import BusConfig, DecisionPublisher, JetStreamBus, JetStreamEventLog
+from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
 from kassa.events.log import EventLog, SqliteEventLog
 
 
