@@ -9,6 +9,11 @@ a CI run without Redis cannot pass by testing nothing (``CI=true`` included).
 `ensure_promtool` returns the path of Prometheus's ``promtool``: from PATH, else (as root) installed with
 apt-get (Debian's ``prometheus`` package), else the test fails saying how to get it.
 
+`ensure_nats` returns the URL of a NATS server with JetStream: ``NATS_URL`` or ``nats://127.0.0.1:4222`` when it
+answers with JetStream enabled; otherwise a throwaway ``nats-server -js`` from PATH (or /usr/sbin), installed
+with apt-get (Debian's ``nats-server``) as root if missing. `start_nats` always starts a throwaway one (for outage
+tests that kill and restart it on the same port and store directory) and returns a `NatsServer` handle.
+
 `ensure_redis_cluster` does the same for a Redis Cluster: ``REDIS_CLUSTER_URL``, else a one-node cluster
 (``--cluster-enabled yes`` owning all 16384 slots) started from the same ``redis-server``.
 
@@ -39,6 +44,7 @@ import pytest
 import redis
 
 DEFAULT_URL = "redis://127.0.0.1:6379"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 _started: dict[str, str] = {}  # kind -> URL of a server this process started, reused by later calls
 
 
@@ -65,6 +71,101 @@ def ensure_redis_cluster() -> str:
     _started["cluster"] = _start(server, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                  setup=_own_all_slots)
     return _started["cluster"]
+
+
+def ensure_nats() -> str:
+    if "nats" in _started:
+        return _started["nats"]
+    tried = []
+    for url in (os.environ.get("NATS_URL"), DEFAULT_NATS_URL):
+        if url and url not in tried:
+            tried.append(url)
+            if _jetstream_answers(url):
+                return url
+    server = start_nats(tried)
+    atexit.register(server.stop)
+    _started["nats"] = server.url
+    return server.url
+
+
+class NatsServer:
+    """A throwaway ``nats-server -js`` on a fixed port and store directory, killable and restartable."""
+
+    def __init__(self, binary: str, port: int, store: str) -> None:
+        self.binary, self.port, self.store = binary, port, store
+        self.url = f"nats://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = os.path.join(self.store, "nats.log")
+        self.proc = subprocess.Popen(
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store, "-l", log],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if _jetstream_answers(self.url):
+                return
+            time.sleep(0.05)
+        last = ""
+        with contextlib.suppress(OSError), open(log, errors="replace") as f:
+            last = f.read()[-2000:]
+        self.kill()
+        _nats_unavailable(f"{self.binary} did not start with JetStream on port {self.port}; its log: {last}")
+
+    def kill(self) -> None:
+        """SIGKILL: the outage a test simulates (no graceful shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+def start_nats(tried: list[str] | None = None) -> NatsServer:
+    """A new throwaway JetStream server on a free port (the caller stops it)."""
+    binary = shutil.which("nats-server") or ("/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server")
+                                             else None)
+    if binary is None and _is_root() and shutil.which("apt-get"):
+        _apt_install("nats-server", fail=_nats_unavailable)
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if binary is None:
+        where = f"no NATS with JetStream answers at {', '.join(tried)} and " if tried else ""
+        _nats_unavailable(f"{where}`nats-server` is not on PATH"
+                          + ("" if _is_root() else " (and not root, so it was not installed)"))
+    server = NatsServer(binary, _free_port(), tempfile.mkdtemp(prefix="kassa-nats-"))
+    server.start()
+    return server
+
+
+def _jetstream_answers(url: str) -> bool:
+    """True when a NATS server at ``url`` answers the JetStream account-info request."""
+    import asyncio
+
+    import nats
+
+    async def probe() -> bool:
+        try:
+            nc = await nats.connect(url, connect_timeout=0.5, allow_reconnect=False, max_reconnect_attempts=0)
+        except Exception:
+            return False
+        try:
+            await nc.jetstream().account_info()
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(probe())
+
+
+def _nats_unavailable(reason: str) -> NoReturn:
+    ci = " CI=true: a missing service fails the run." if os.environ.get("CI", "").lower() == "true" else ""
+    pytest.fail(f"NATS with JetStream is required by these tests: {reason}. Start one (`nats-server -js`, "
+                f"`docker run -p 4222:4222 nats -js`) or point NATS_URL at one.{ci}", pytrace=False)
 
 
 def ensure_promtool() -> str:

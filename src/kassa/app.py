@@ -21,7 +21,8 @@ from kassa.decide.engine import DecisionEngine, IdempotencyCache
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.events import replay_state
-from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, find_decision
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
+from kassa.events.factory import open_bus, open_decision_publisher, open_event_log
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
@@ -85,9 +86,17 @@ class Kassa:
         self.models = ModelStore()
         self.joiner = RewardJoiner(self._reward_definition)
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
-        self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
-                                              on_written=self.drift.observe_records)
-        self.event_log = SqliteEventLog(data / "events.db")
+        # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
+        # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
+        self.bus = open_bus(settings)
+        self.decision_log: DecisionSink = (
+            DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
+                              on_written=self.drift.observe_records)
+            if self.bus is None else open_decision_publisher(self.bus, on_written=self.drift.observe_records))
+        self.event_log = open_event_log(settings, self.bus)
+        if self.bus is not None:
+            bus = self.bus
+            self.metrics.spool_depth.set_function(lambda: bus.spool_depth)
         self.model_registry = ModelRegistry(self.db, data / "models", clock, store=artifact_store(settings, self.db))
         self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
         self.shadow = ShadowScorer(self.shadow_log, seed=seed,
@@ -268,10 +277,13 @@ class Kassa:
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()
-        # Single process: every event up to the log's end has been applied here, so the state is as of it.
-        replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
-                          self.retriever)
+        if isinstance(self.event_log, SqliteEventLog):
+            # Single process: every event up to the log's end has been applied here, so the state is as of it.
+            replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
+                              self.retriever)
         self.event_log.close()
+        if self.bus is not None:
+            self.bus.close()
         if self.offer_cache is not None:
             await self.offer_cache.close()
         await close_online_store(self.store, self.settings)

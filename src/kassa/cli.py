@@ -165,7 +165,7 @@ def stream(
     from rich.live import Live
 
     from kassa.db import make_engine
-    from kassa.events.log import SqliteEventLog
+    from kassa.events.factory import open_event_log
     from kassa.features.online.factory import close_online_store, open_online_store
     from kassa.features.registry import FeatureRegistry
     from kassa.features.streaming.processor import StreamProcessor
@@ -179,7 +179,7 @@ def stream(
 
     async def main() -> None:
         store = open_online_store(settings, repo.views)
-        log = SqliteEventLog(settings.data_path / "events.db")
+        log = open_event_log(settings)
         proc = StreamProcessor(views, store, log, checkpoint_path=settings.data_path / "stream.checkpoint")
         task = asyncio.create_task(proc.run(poll))
         try:

@@ -87,6 +87,19 @@ class MetadataSettings(Struct, forbid_unknown_fields=True):
     recheck_seconds: float = 5.0
 
 
+class EventSettings(Struct, forbid_unknown_fields=True):
+    """Where events and decision records go (see kassa.events.jetstream and ADR 0008)."""
+
+    backend: Literal["sqlite", "jetstream"] = "sqlite"  # sqlite: <data_dir>/events.db, embedded
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "kassa"  # subjects <prefix>.events|decisions, streams <PREFIX>_EVENTS|_DECISIONS
+    dedupe_window_seconds: float = 7200.0  # JetStream duplicate_window: an event_id repeated within it is dropped
+    replicas: int = 1  # stream replicas (3 on a NATS cluster)
+    retention_seconds: float = 0.0  # stream max_age; 0 keeps everything
+    ack_timeout_seconds: float = 2.0  # a publish not acked within this is spooled
+    spool_dir: str | None = None  # default <data_dir>/spool
+
+
 class Settings(Struct, forbid_unknown_fields=True):
     data_dir: str = ".kassa"
     catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
@@ -99,6 +112,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     learn: LearnSettings = field(default_factory=LearnSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
+    events: EventSettings = field(default_factory=EventSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,

@@ -27,7 +27,7 @@ from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
 from kassa.degraded import CircuitBreaker, RateLimitedWarning
-from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
+from kassa.events.decision_log import DecisionRecord, DecisionSink, loggable_features
 from kassa.events.join import PendingDecision
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.featurize import shared_line
@@ -79,7 +79,7 @@ class DecisionEngine:
         ledger: FrequencyLedger,
         models: ModelStore,
         joiner: RewardSink,
-        decision_log: DecisionLogWriter | None,
+        decision_log: DecisionSink | None,
         store_timezone: str = "UTC",
         idempotency: IdempotencyCache | None = None,
         seed: int | None = None,

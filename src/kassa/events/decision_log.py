@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import pyarrow as pa
@@ -94,6 +94,23 @@ def records_to_table(records: Iterable[DecisionRecord]) -> pa.Table:
         "took_ms": [r.took_ms for r in rows],
     }
     return pa.table(columns, schema=SCHEMA)
+
+
+class DecisionSink(Protocol):
+    """Where the decide path sends its records: `DecisionLogWriter` (Parquet in-process, embedded) or
+    `kassa.events.jetstream.DecisionPublisher` (the decisions stream; a writer process makes the Parquet)."""
+
+    def append(self, record: DecisionRecord) -> None:
+        """Never blocks, never raises."""
+        ...
+
+    def find_unwritten(self, decision_id: str) -> DecisionRecord | None: ...
+
+    def flush(self) -> int:
+        """Write (or publish) everything buffered now; blocking."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _utc_date(ts: float) -> str:

@@ -110,6 +110,9 @@ class Metrics:
             "Accepted outcome events whose decision id is unknown or past its reward window (no reward joins)",
             registry=r,
         )
+        # Events and decision records acknowledged from the local spool and not yet in JetStream (0 embedded).
+        self.spool_depth = Gauge("kassa_event_spool_depth", "Messages in the local spool awaiting JetStream",
+                                 registry=r)
         self.errors = Counter("kassa_http_errors", "Problem responses", ["status"], registry=r)
         self.learned = Counter("kassa_learned_examples", "Examples learned by the online learner", ["placement"],
                                registry=r)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -27,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from kassa import schemas
 from kassa.app import Kassa
-from kassa.events.log import events_table
+from kassa.events.log import SqliteEventLog, events_table
 
 _event_decoder = msgspec.json.Decoder(schemas.Event)
 _features_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -104,9 +103,13 @@ class Outcomes:
 
     def __init__(self, kassa: Kassa) -> None:
         self.kassa = kassa
-        self.decisions_dir = Path(kassa.decision_log.root) / "decisions"
-        # NullPool: no connection stays open on the event log between dashboard reads.
-        self._events = sa.create_engine(f"sqlite:///{kassa.event_log.path}", poolclass=NullPool)
+        # The decision log this process's data dir holds (on JetStream, the writer role's; ADR 0008).
+        self.decisions_dir = kassa.settings.data_path / "decisions"
+        # NullPool: no connection stays open on the event log between dashboard reads. On JetStream there is no
+        # local event table: outcomes then show as none (the dashboard reads the embedded log only).
+        log = kassa.event_log
+        self._events = (sa.create_engine(f"sqlite:///{log.path}", poolclass=NullPool)
+                        if isinstance(log, SqliteEventLog) else None)
 
     # ------------------------------------------------------------------ raw reads
     def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int) -> list[tuple]:
@@ -161,6 +164,8 @@ class Outcomes:
         if since is not None:
             stmt = stmt.where(t.c.received_at >= since)
         out: dict[str, list[tuple[float, schemas.Event]]] = {}
+        if self._events is None:
+            return out
         with self._events.connect() as conn:
             for decision_id, received_at, body in conn.execute(stmt.order_by(t.c.seq)):
                 out.setdefault(decision_id, []).append((float(received_at), _event_decoder.decode(body)))

@@ -1,0 +1,294 @@
+"""Durable JetStream consumers: the reward joiner/learner, the streaming-feature processor, the decision-log writer.
+
+`DurableConsumer` pulls batches from a durable pull consumer in stream order, hands each batch to a handler,
+then acknowledges it (``AckPolicy.ALL``: one ack covers the batch). Exactly-once *effect* comes from a
+`PositionStore` the handler's effect and the position share: the last stream sequence applied.
+
+- On start the consumer is (re)created at ``position + 1``. Redelivery after a crash therefore resumes in
+  order right away, instead of waiting ``ack_wait`` while newer messages overtake the unacknowledged ones.
+- Messages at or below the position (applied, but the ack was lost in a crash) are acknowledged unapplied.
+- The position is saved after the handler and before the ack; the one window left (a crash between the
+  effect and the save) re-applies one batch. A position kept in the same store as the effect (one
+  transaction, or the effect's own checkpoint as `DecisionLogConsumer` and the stream processor do) closes it.
+
+Without a position store the durable consumer's ack floor is the position: at-least-once, in order.
+
+`DecisionLogConsumer` is the decision-log writer process: it writes each batch's records as Parquet files
+named ``part-<unixms>-s<first>-<last>.parquet`` under the usual date partitions (the same layout
+`read_decisions` reads), so the files themselves are its position: a batch redelivered after a crash skips
+every record already in a file covering its sequence. `EventConsumer` decodes events for a handler (the
+reward joiner in ``kassa learn``); `run_consumer` runs any of them until a stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import pyarrow.parquet as pq
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from kassa import schemas
+from kassa.events.decision_log import DecisionRecord, _utc_date, records_to_table
+from kassa.events.jetstream import BusConfig, close_connection, connect, ensure_streams
+
+log = logging.getLogger("kassa.bus")
+
+
+class PositionStore(Protocol):
+    def load(self) -> int:
+        """The last stream sequence whose effect is stored (0: none)."""
+        ...
+
+    def save(self, seq: int) -> None: ...
+
+
+class FilePositionStore:
+    """The position in a small file, replaced atomically and fsynced."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> int:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def save(self, seq: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(str(seq))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+
+class CallbackPosition:
+    """A position kept by the handler's own state (e.g. a checkpoint that also holds the state)."""
+
+    def __init__(self, load: Callable[[], int], save: Callable[[int], None] | None = None) -> None:
+        self._load, self._save = load, save
+
+    def load(self) -> int:
+        return self._load()
+
+    def save(self, seq: int) -> None:
+        if self._save is not None:
+            self._save(seq)
+
+
+Handler = Callable[[list[tuple[int, bytes]]], Awaitable[None]]
+
+
+class DurableConsumer:
+    """One durable pull consumer on the events or decisions stream; see the module doc."""
+
+    def __init__(self, cfg: BusConfig, kind: str, durable: str, handler: Handler,
+                 position: PositionStore | None = None, *, batch: int = 500, ack_wait: float = 30.0,
+                 fetch_timeout: float = 1.0) -> None:
+        if kind not in ("events", "decisions"):
+            raise ValueError("kind must be 'events' or 'decisions'")
+        self.cfg = cfg
+        self.stream = cfg.events_stream if kind == "events" else cfg.decisions_stream
+        self.subject = cfg.events_subject if kind == "events" else cfg.decisions_subject
+        self.durable = durable
+        self.handler = handler
+        self.position = position
+        self.batch = batch
+        self.ack_wait = ack_wait
+        self.fetch_timeout = fetch_timeout
+        self.applied = 0  # messages handed to the handler
+        self.skipped = 0  # redelivered messages at or below the position, acked unapplied
+        self.last_seq = 0
+        self._nc: NATS | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        self._nc = await connect(self.cfg, name=f"{self.cfg.name}-{self.durable}")
+        js = self._nc.jetstream()
+        await ensure_streams(js, self.cfg)
+        config = api.ConsumerConfig(durable_name=self.durable, ack_policy=api.AckPolicy.ALL, ack_wait=self.ack_wait,
+                                    max_ack_pending=max(self.batch * 2, 1000), filter_subject=self.subject)
+        if self.position is not None:
+            self.last_seq = await asyncio.to_thread(self.position.load)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_consumer(self.stream, self.durable)
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = self.last_seq + 1
+        self._sub = await js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=config)
+
+    async def run(self) -> None:
+        """Fetch, handle and acknowledge until `stop`; a failed batch is retried (nothing is acked)."""
+        if self._sub is None:
+            await self.start()
+        assert self._sub is not None
+        self._stop.clear()
+        while not self._stop.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                log.warning("consumer %s: fetch failed (%s); retrying", self.durable, exc)
+                await asyncio.sleep(self.cfg.reconnect_wait_seconds)
+                continue
+            if msgs:
+                await self._handle(msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        fresh = [(m.metadata.sequence.stream, m.data) for m in msgs if m.metadata.sequence.stream > self.last_seq]
+        self.skipped += len(msgs) - len(fresh)
+        while fresh:
+            try:
+                await self.handler(fresh)
+                break
+            except Exception:
+                log.exception("consumer %s: handler failed on %d messages; retrying", self.durable, len(fresh))
+                await asyncio.sleep(1.0)
+                if self._stop.is_set():
+                    return  # unacked: redelivered to the next run
+        if fresh:
+            self.last_seq = fresh[-1][0]
+            self.applied += len(fresh)
+            if self.position is not None:
+                await asyncio.to_thread(self.position.save, self.last_seq)
+        with contextlib.suppress(nats.errors.Error):
+            await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole batch
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await close_connection(self._nc)
+            self._nc = None
+            self._sub = None
+
+
+class EventConsumer(DurableConsumer):
+    """A durable consumer of events, decoded: ``apply`` gets ``(seq, Event)`` pairs in stream order."""
+
+    def __init__(self, cfg: BusConfig, durable: str,
+                 apply: Callable[[list[tuple[int, schemas.Event]]], Awaitable[None]],
+                 position: PositionStore | None = None, **kwargs: float) -> None:
+        decoder = msgspec.json.Decoder(schemas.Event)
+
+        async def handler(batch: list[tuple[int, bytes]]) -> None:
+            await apply([(seq, decoder.decode(data)) for seq, data in batch])
+
+        super().__init__(cfg, "events", durable, handler, position, **kwargs)  # type: ignore[arg-type]
+
+
+_PART = re.compile(r"part-\d+-s(\d+)-(\d+)\.parquet$")
+
+
+class DecisionLogConsumer(DurableConsumer):
+    """The decision-log writer: decision records from JetStream to date-partitioned Parquet, exactly once."""
+
+    def __init__(self, cfg: BusConfig, root: str | Path, durable: str = "decision-log", *, batch: int = 5000,
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None, **kwargs: float) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "decisions"
+        self.written = 0
+        self.files_written = 0
+        self.on_written = on_written
+        self._decoder = msgspec.json.Decoder(DecisionRecord)
+        self._ranges: dict[str, list[tuple[int, int]]] = {}  # date -> (first, last) of files past the position
+        super().__init__(cfg, "decisions", durable, self._write, CallbackPosition(self._load_position),
+                         batch=batch, **kwargs)
+
+    def _load_position(self) -> int:
+        """The highest sequence any file covers; ranges of files are kept to skip their records."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        top = 0
+        for path in self.dir.glob("date=*/part-*.parquet"):
+            m = _PART.search(path.name)
+            if m is None:
+                continue  # written by the embedded DecisionLogWriter: no sequence in its name
+            first, last = int(m.group(1)), int(m.group(2))
+            ranges.setdefault(path.parent.name.removeprefix("date="), []).append((first, last))
+            top = max(top, last)
+        self._ranges = ranges
+        # Resume from the lowest first-sequence among the newest files, so a batch cut short across dates is
+        # redelivered whole; `_write` then skips what is already in a file.
+        recent = [first for spans in ranges.values() for first, last in spans if last == top]
+        return (min(recent) - 1) if recent else top
+
+    def _already_written(self, date: str, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self._ranges.get(date, ()))
+
+    async def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        records = [(seq, self._decoder.decode(data)) for seq, data in batch]
+        by_date: dict[str, list[tuple[int, DecisionRecord]]] = {}
+        for seq, rec in records:
+            date = _utc_date(rec.ts)
+            if not self._already_written(date, seq):
+                by_date.setdefault(date, []).append((seq, rec))
+        first, last = batch[0][0], batch[-1][0]
+        for date, rows in by_date.items():
+            await asyncio.to_thread(self._write_file, date, first, last, [r for _, r in rows])
+            self._ranges.setdefault(date, []).append((first, last))
+            self.written += len(rows)
+            if self.on_written is not None:
+                try:
+                    self.on_written([r for _, r in rows])
+                except Exception:
+                    log.exception("decision log: on_written callback failed")
+
+    def _write_file(self, date: str, first: int, last: int, records: list[DecisionRecord]) -> Path:
+        part_dir = self.dir / f"date={date}"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        path = part_dir / f"part-{int(time.time() * 1000)}-s{first}-{last}.parquet"
+        tmp = part_dir / f".{path.name}.tmp"  # readers glob *.parquet: never a half-written file
+        try:
+            pq.write_table(records_to_table(records), tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(part_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself is the position: make it durable
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.files_written += 1
+        return path
+
+
+async def run_consumer(consumer: DurableConsumer, stop: asyncio.Event | None = None) -> None:
+    """Run ``consumer`` until ``stop`` is set (or the task is cancelled), then close its connection."""
+    await consumer.start()
+    task = asyncio.create_task(consumer.run(), name=f"kassa-consumer-{consumer.durable}")
+    try:
+        if stop is not None:
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+            consumer.stop()
+        await task  # raises what killed the consumer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await consumer.close()

@@ -1,0 +1,78 @@
+"""Choose the event-log backend from ``settings.events``: the embedded SQLite log, or JetStream with its spool.
+
+``backend: sqlite`` (the default) keeps everything as it was: ``<data_dir>/events.db`` and Parquet decision
+files written in-process. ``backend: jetstream`` connects one `JetStreamBus` per process (it spools locally
+under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason). The runners at the
+end start the durable consumers of the other roles (decision-log writer, reward joiner/learner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kassa import schemas
+from kassa.config import Settings
+from kassa.events.consumers import (
+    DecisionLogConsumer,
+    EventConsumer,
+    FilePositionStore,
+    PositionStore,
+    run_consumer,
+)
+from kassa.events.decision_log import DecisionRecord
+from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
+from kassa.events.log import EventLog, SqliteEventLog
+
+
+def bus_config(settings: Settings, name: str = "kassa") -> BusConfig:
+    ev = settings.events
+    return BusConfig(url=ev.nats_url, prefix=ev.prefix,
+                     spool_dir=Path(ev.spool_dir) if ev.spool_dir else settings.data_path / "spool",
+                     dedupe_window_seconds=ev.dedupe_window_seconds, replicas=ev.replicas,
+                     retention_seconds=ev.retention_seconds, ack_timeout_seconds=ev.ack_timeout_seconds, name=name)
+
+
+def open_bus(settings: Settings, name: str = "kassa") -> JetStreamBus | None:
+    """The process's JetStream bus, or None for the embedded SQLite backend."""
+    if settings.events.backend != "jetstream":
+        return None
+    return JetStreamBus(bus_config(settings, name))
+
+
+def open_event_log(settings: Settings, bus: JetStreamBus | None = None) -> EventLog:
+    """The event log of ``settings``; on JetStream it uses ``bus`` (or opens one it then owns)."""
+    if settings.events.backend != "jetstream":
+        return SqliteEventLog(settings.data_path / "events.db")
+    if bus is None:
+        return JetStreamEventLog.connect(bus_config(settings))
+    return JetStreamEventLog(bus)
+
+
+def open_decision_publisher(bus: JetStreamBus,
+                            on_written: Callable[[list[DecisionRecord]], None] | None = None) -> DecisionPublisher:
+    return DecisionPublisher(bus, on_written=on_written)
+
+
+# ---------------------------------------------------------------------------------------------- consumer runners
+async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
+                                  on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+    """The decision-log writer role: decision records from JetStream to ``<data_dir>/decisions`` Parquet, until
+    ``stop``. One per deployment (more would split the records between them, each exactly once)."""
+    consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
+                                   on_written=on_written)
+    await run_consumer(consumer, stop)
+
+
+def event_consumer(settings: Settings, durable: str,
+                   apply: Callable[[list[tuple[int, schemas.Event]]], Awaitable[None]],
+                   position: PositionStore | None = None) -> EventConsumer:
+    """A durable events consumer (``kassa learn``: ``durable="learner"``, ``apply`` feeds the reward joiner).
+
+    ``position`` defaults to ``<data_dir>/<durable>.position``; keep it beside the effect's state (Redis for the
+    joiner) to close the crash window between the effect and the position. Run it with `run_consumer`."""
+    if position is None:
+        position = FilePositionStore(settings.data_path / f"{durable}.position")
+    return EventConsumer(bus_config(settings, f"kassa-{durable}"), durable, apply, position)

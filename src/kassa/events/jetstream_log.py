@@ -1,0 +1,210 @@
+"""The two users of `JetStreamBus` in a serving process: the `EventLog` on JetStream and the decision publisher.
+
+`JetStreamEventLog`: ``append`` publishes each event with ``Nats-Msg-Id = event_id`` and returns once JetStream
+acked all of them (or the bus spooled them; see `kassa.events.jetstream`); duplicates are the ids JetStream or
+the spool already had. ``read``/``count``/``max_seq`` go through an ephemeral pull consumer positioned by
+stream sequence, the ``seq`` of the interface, so the stream processor and start-up replay work unchanged.
+
+`DecisionPublisher` is the serving side of the decision log: the hot path appends a record to a deque, a task
+on the bus loop publishes them every 20 ms with ``Nats-Msg-Id = decision_id`` (or spools them); the separate
+writer process (`kassa.events.consumers.DecisionLogConsumer`) writes the Parquet files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+from nats.js import JetStreamContext, api
+
+from kassa import schemas
+from kassa.events.decision_log import DecisionRecord
+from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed
+from kassa.events.log import AppendResult, EventLog
+
+log = logging.getLogger("kassa.bus")
+
+
+# ---------------------------------------------------------------------------------------------- events
+class JetStreamEventLog(EventLog):
+    """`EventLog` on JetStream: ``seq`` is the events stream's sequence."""
+
+    def __init__(self, bus: JetStreamBus, own_bus: bool = False) -> None:
+        self.bus = bus
+        self._own_bus = own_bus
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(schemas.Event)
+        self._subject = bus.cfg.events_subject
+        self._reader: JetStreamContext.PullSubscription | None = None
+        self._reader_next = 0  # stream sequence the reader delivers next
+
+    @classmethod
+    def connect(cls, cfg: BusConfig) -> JetStreamEventLog:
+        return cls(JetStreamBus(cfg), own_bus=True)
+
+    async def append(self, events: list[schemas.Event], received_at: float) -> AppendResult:
+        if not events:
+            return AppendResult()
+        stamped = [ev if ev.timestamp is not None else msgspec.structs.replace(ev, timestamp=received_at)
+                   for ev in events]
+        encode = self._encoder.encode
+        rows = [(self._subject, ev.event_id, encode(ev)) for ev in stamped]
+        fut = self.bus.thread.submit(self.bus.append_rows(rows))
+        added = await asyncio.shield(asyncio.wrap_future(fut))
+        result = AppendResult()
+        for ev, new in zip(stamped, added, strict=True):
+            if new:
+                result.new.append(ev)
+            else:
+                result.duplicates += 1
+        return result
+
+    # ------------------------------------------------------------------ reads (blocking; never on the bus loop)
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, schemas.Event]]:
+        return self.bus.thread.call(self._read(after_seq, limit), timeout=30)
+
+    def count(self) -> int:
+        return self.bus.thread.call(self._state("messages"), timeout=10)
+
+    def max_seq(self) -> int:
+        return self.bus.thread.call(self._state("last_seq"), timeout=10)
+
+    async def _state(self, field_name: str) -> int:
+        js = self.bus.js
+        if js is None:
+            raise PublishFailed("not connected")
+        info = await js.stream_info(self.bus.cfg.events_stream)
+        return int(getattr(info.state, field_name) or 0)
+
+    async def _read(self, after_seq: int, limit: int) -> list[tuple[int, schemas.Event]]:
+        js = self.bus.js
+        if js is None or not self.bus.connected:
+            # A serving process must start and ack (into the spool) while NATS is away: a read then finds
+            # nothing yet, and a tailing reader (the stream processor) asks again from the same position.
+            log.warning("event log read while NATS is unreachable: nothing read after seq %d", after_seq)
+            return []
+        last = await self._state("last_seq")
+        if after_seq >= last or limit <= 0:
+            return []
+        if self._reader is None or self._reader_next != after_seq + 1:
+            await self._close_reader()
+            cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1,
+                                     ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True)
+            self._reader = await js.pull_subscribe(self._subject, stream=self.bus.cfg.events_stream, config=cfg)
+            self._reader_next = after_seq + 1
+        want = min(limit, last - after_seq)
+        try:
+            msgs = await self._reader.fetch(want, timeout=5.0)
+        except (TimeoutError, nats.errors.TimeoutError):  # e.g. messages aged out between info and fetch
+            return []
+        decode = self._decoder.decode
+        out = [(msg.metadata.sequence.stream, decode(msg.data)) for msg in msgs]
+        if out:
+            self._reader_next = out[-1][0] + 1
+        return out
+
+    async def _close_reader(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.unsubscribe()
+            self._reader = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.bus.thread.call(self._close_reader(), timeout=5)
+        if self._own_bus:
+            self.bus.close()
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+class DecisionPublisher:
+    """The serving side of the decision log on JetStream: ``append`` never blocks and never raises.
+
+    It has the surface of `DecisionLogWriter` the engine and the app use (``append``, ``pending``,
+    ``find_unwritten``, ``flush``, ``close``); "written" here means acknowledged by JetStream or spooled.
+    """
+
+    def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02,
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+        self.bus = bus
+        self.flush_seconds = flush_seconds
+        self.on_written = on_written
+        self.written = 0
+        self.failed_flushes = 0
+        self._buffer: collections.deque[DecisionRecord] = collections.deque()
+        self._writing: list[DecisionRecord] = []
+        self._encoder = msgspec.json.Encoder()
+        self._stop = False
+        self._lock: asyncio.Lock | None = None  # created on the bus loop
+        self._task = bus.thread.submit(self._run())
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer) + len(self._writing)
+
+    def append(self, record: DecisionRecord) -> None:
+        self._buffer.append(record)
+
+    def find_unwritten(self, decision_id: str) -> DecisionRecord | None:
+        for records in (list(self._buffer), list(self._writing)):
+            for rec in reversed(records):
+                if rec.decision_id == decision_id:
+                    return rec
+        return None
+
+    async def _run(self) -> None:
+        while True:
+            stopping = self._stop
+            try:
+                await self._publish_buffered()
+            except Exception:
+                self.failed_flushes += 1
+                log.exception("decision records: publish and spool both failed; retrying")
+                await asyncio.sleep(0.5)
+            if stopping:
+                return
+            await asyncio.sleep(self.flush_seconds)
+
+    async def _publish_buffered(self) -> int:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one batch in flight: a flush waits for the pump's batch, then sends the rest
+            return await self._publish_locked()
+
+    async def _publish_locked(self) -> int:
+        n = len(self._buffer)
+        if n == 0:
+            return 0
+        batch = [self._buffer.popleft() for _ in range(n)]
+        self._writing = batch
+        subject, encode = self.bus.cfg.decisions_subject, self._encoder.encode
+        try:
+            await self.bus.append_rows([(subject, r.decision_id, encode(r)) for r in batch])
+        except BaseException:
+            self._buffer.extendleft(reversed(batch))  # in front again, in order, for the next try
+            self._writing = []
+            raise
+        self._writing = []
+        self.written += n
+        if self.on_written is not None:
+            try:
+                self.on_written(batch)
+            except Exception:
+                log.exception("decision records: on_written callback failed")
+        return n
+
+    def flush(self) -> int:
+        """Publish (or spool) every buffered record now, from a thread other than the bus loop."""
+        return self.bus.thread.call(self._publish_buffered(), timeout=60)
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(Exception):
+            self._task.result(timeout=30)
+        if self._buffer:
+            log.error("decision publisher closed with %d unpublished records", len(self._buffer))

@@ -1,0 +1,451 @@
+"""The JetStream event bus against a real nats-server: acks, dedupe, replay, the spool through an outage,
+durable consumers across restarts. Each test uses its own stream prefix and deletes its streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from kassa import schemas
+from kassa.events.consumers import DecisionLogConsumer, EventConsumer, FilePositionStore, run_consumer
+from kassa.events.decision_log import DecisionRecord, read_decisions
+from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
+from tests.services import NatsServer, ensure_nats, start_nats
+
+
+def _cfg(url: str, tmp_path: Path, **kw: float) -> BusConfig:
+    return BusConfig(url=url, prefix="t" + uuid.uuid4().hex[:10], spool_dir=tmp_path / "spool",
+                     reconnect_wait_seconds=0.1, **kw)  # type: ignore[arg-type]
+
+
+def _delete_streams(cfg: BusConfig) -> None:
+    async def go() -> None:
+        nc = await nats.connect(cfg.url, allow_reconnect=False, max_reconnect_attempts=0)
+        js = nc.jetstream()
+        for name in (cfg.events_stream, cfg.decisions_stream):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(name)
+        await nc.close()
+
+    with contextlib.suppress(Exception):
+        asyncio.run(go())
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Iterator[BusConfig]:
+    c = _cfg(ensure_nats(), tmp_path)
+    yield c
+    _delete_streams(c)
+
+
+@pytest.fixture
+def throwaway() -> Iterator[NatsServer]:
+    server = start_nats()
+    yield server
+    server.stop()
+
+
+def _events(prefix: str, n: int, key: str = "d1") -> list[schemas.Event]:
+    return [schemas.Event(event_id=f"{prefix}-{i}", type="click", decision_id=key) for i in range(n)]
+
+
+def _wait(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_append_is_acked_by_jetstream_and_duplicates_by_event_id_are_counted_once(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    other = JetStreamEventLog.connect(dataclasses.replace(cfg, spool_dir=cfg.spool_dir.parent / "other-spool"))
+    try:
+        async def go() -> None:
+            first = await log.append(_events("a", 10), 1000.0)
+            assert len(first.new) == 10 and first.duplicates == 0
+            assert all(ev.timestamp == 1000.0 for ev in first.new)  # stamped like the SQLite log
+            again = await log.append(_events("a", 3) + _events("b", 2), 1001.0)
+            assert len(again.new) == 2 and again.duplicates == 3
+            # Another serving process (its own connection and spool) is deduplicated by JetStream too.
+            cross = await other.append(_events("a", 5), 1002.0)
+            assert cross.duplicates == 5 and not cross.new
+
+        asyncio.run(go())
+        assert log.count() == 12 and log.max_seq() == 12
+        assert log.bus.spool_depth == 0 and not log.bus.spooling
+    finally:
+        other.close()
+        log.close()
+
+
+def test_read_replays_in_append_order_from_any_position(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    try:
+        async def go() -> None:
+            for b in range(5):
+                await log.append(_events(f"b{b}", 20), float(b))
+
+        asyncio.run(go())
+        seqs, ids = [], []
+        after = 0
+        while rows := log.read(after, 30):
+            seqs += [s for s, _ in rows]
+            ids += [ev.event_id for _, ev in rows]
+            after = rows[-1][0]
+        assert seqs == list(range(1, 101))
+        assert ids == [f"b{b}-{i}" for b in range(5) for i in range(20)]
+        assert [ev.event_id for _, ev in log.read(57, 3)] == ["b2-17", "b2-18", "b2-19"]  # a jump backwards
+        assert log.read(100) == []
+    finally:
+        log.close()
+
+
+def test_events_are_spooled_while_jetstream_is_down_and_replayed_in_order_with_none_lost(
+        throwaway: NatsServer, tmp_path: Path) -> None:
+    cfg = _cfg(throwaway.url, tmp_path, ack_timeout_seconds=0.5)
+    log = JetStreamEventLog.connect(cfg)
+    acked: list[str] = []
+    depth_seen: list[int] = []
+    recovered: list[float] = []
+
+    async def writer(key: str, stop: asyncio.Event) -> None:
+        i = 0
+        while not stop.is_set():
+            batch = [schemas.Event(event_id=f"{key}-{i + j}", type="click", decision_id=key) for j in range(5)]
+            result = await log.append(batch, time.time())
+            assert not result.duplicates
+            acked.extend(ev.event_id for ev in batch)
+            i += 5
+            await asyncio.sleep(0.002)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(writer(f"k{n}", stop)) for n in range(4)]
+        await asyncio.sleep(0.5)
+        throwaway.kill()  # JetStream gone mid-load
+        await asyncio.sleep(1.5)
+        depth_seen.append(log.bus.spool_depth)
+        await asyncio.to_thread(throwaway.start)  # same port, same store
+        t0 = time.monotonic()
+        while (log.bus.spooling or log.bus.spool_depth) and time.monotonic() - t0 < 15:
+            await asyncio.sleep(0.05)  # the writers keep going: the replay must catch up under load
+        recovered.append(time.monotonic() - t0)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(go())
+        assert depth_seen[0] > 0  # acknowledged from the spool while down
+        assert recovered[0] < 15  # back to publishing directly while the load went on
+        _wait(lambda: log.bus.spool_depth == 0 and not log.bus.spooling, 30)
+        rows, after = [], 0
+        while batch := log.read(after, 5000):
+            rows += batch
+            after = batch[-1][0]
+        stored = [ev.event_id for _, ev in rows]
+        assert len(stored) == len(set(stored))  # no event twice
+        assert sorted(stored) == sorted(acked)  # count-exact: every acknowledged event, nothing else
+        for key in ("k0", "k1", "k2", "k3"):  # order kept per key
+            nums = [int(e.split("-")[1]) for e in stored if e.startswith(key + "-")]
+            assert nums == sorted(nums)
+    finally:
+        log.close()
+
+
+def test_a_bus_started_while_nats_is_down_spools_and_delivers_once_it_starts(tmp_path: Path) -> None:
+    server = start_nats()
+    server.kill()
+    cfg = _cfg(server.url, tmp_path)
+    log = JetStreamEventLog.connect(cfg)
+    try:
+        result = asyncio.run(log.append(_events("early", 7), 5.0))
+        assert len(result.new) == 7 and log.bus.spool_depth == 7
+        again = asyncio.run(log.append(_events("early", 2), 5.0))  # a retry during the outage
+        assert again.duplicates == 2
+        server.start()
+        _wait(lambda: log.bus.spool_depth == 0 and not log.bus.spooling, 30)
+        assert [ev.event_id for _, ev in log.read(0, 100)] == [f"early-{i}" for i in range(7)]
+    finally:
+        log.close()
+        server.stop()
+
+
+def test_a_spool_left_by_a_dead_process_is_delivered_by_the_next_one(tmp_path: Path) -> None:
+    server = start_nats()
+    server.kill()
+    cfg = _cfg(server.url, tmp_path)
+    try:
+        first = JetStreamBus(cfg)
+        rows = [(cfg.events_subject, f"x-{i}", b'{"event_id":"x-%d","type":"click"}' % i) for i in range(3)]
+        assert first.thread.call(first.append_rows(rows)) == [True, True, True]
+        first.thread.stop()  # dies without draining: its spool file stays behind, unlocked once closed
+        first.spool.close()
+        server.start()
+        log = JetStreamEventLog.connect(cfg)
+        try:
+            _wait(lambda: log.bus.spool_depth == 0 and not log.bus.spooling, 30)
+            assert [ev.event_id for _, ev in log.read(0, 10)] == ["x-0", "x-1", "x-2"]
+        finally:
+            log.close()
+    finally:
+        server.stop()
+
+
+def test_event_consumer_resumes_after_restart_without_loss_or_double_processing(cfg: BusConfig,
+                                                                                tmp_path: Path) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    seen: list[str] = []
+    position = FilePositionStore(tmp_path / "learner.position")
+
+    async def apply(batch: list[tuple[int, schemas.Event]]) -> None:
+        seen.extend(ev.event_id for _, ev in batch)
+
+    async def consume_until(n: int, crash_before_ack: bool = False) -> None:
+        consumer = EventConsumer(cfg, "learner", apply, position, batch=100)  # type: ignore[arg-type]
+        if crash_before_ack:
+            async def lost_ack(msgs):  # type: ignore[no-untyped-def]
+                # The effect and the position are stored, then the process dies before acking.
+                fresh = [(m.metadata.sequence.stream, m.data) for m in msgs]
+                await consumer.handler(fresh)
+                position.save(fresh[-1][0])
+                consumer.stop()
+            consumer._handle = lost_ack  # type: ignore[method-assign]
+        await consumer.start()
+        task = asyncio.create_task(consumer.run())
+        deadline = time.monotonic() + 15
+        while len(seen) < n and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        consumer.stop()
+        await task
+        await consumer.close()
+
+    try:
+        asyncio.run(log.append(_events("c", 300), 1.0))
+        asyncio.run(consume_until(100))
+        first = len(seen)
+        assert 100 <= first <= 300
+        asyncio.run(log.append(_events("c2", 200), 2.0))
+        asyncio.run(consume_until(first + 100, crash_before_ack=True))
+        asyncio.run(consume_until(500))
+        expected = [f"c-{i}" for i in range(300)] + [f"c2-{i}" for i in range(200)]
+        assert seen == expected  # every event once, in order, across three runs
+    finally:
+        log.close()
+
+
+def _record(i: int, ts: float) -> DecisionRecord:
+    return DecisionRecord(decision_id=f"dec-{i}", ts=ts, placement="p", model_version="v1", request_id=None,
+                          customer_id=f"c{i}", features={"x": float(i)}, candidates=["a", "b"],
+                          probabilities=[0.5, 0.5], chosen=["a"], chosen_probabilities=[0.5], explored=False,
+                          fallback=False, took_ms=1.0)
+
+
+def test_decision_records_reach_the_parquet_log_exactly_once_across_writer_restarts(cfg: BusConfig,
+                                                                                     tmp_path: Path) -> None:
+    bus = JetStreamBus(cfg)
+    publisher = DecisionPublisher(bus)
+    root = tmp_path / "dlog"
+    day, next_day = 1_780_000_000.0, 1_780_086_400.0  # two date partitions in one batch
+    try:
+        for i in range(400):
+            publisher.append(_record(i, day if i % 2 else next_day))
+        publisher.flush()
+        assert publisher.written == 400 and publisher.pending == 0
+
+        async def write(expect: int = 0, stop_after_files: int | None = None) -> DecisionLogConsumer:
+            writer = DecisionLogConsumer(cfg, root, batch=150)
+            stop = asyncio.Event()
+            if stop_after_files is not None:
+                real = writer._write_file
+
+                def crash_after(*args):  # type: ignore[no-untyped-def]
+                    path = real(*args)
+                    if writer.files_written >= stop_after_files:
+                        raise _Killed("killed after a file, before the batch's ack")
+                    return path
+                writer._write_file = crash_after  # type: ignore[method-assign]
+            task = asyncio.create_task(run_consumer(writer, stop))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not task.done():
+                if stop_after_files is None and writer.written >= expect:
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            with pytest.raises(_Killed) if stop_after_files is not None else _nothing():
+                await task
+            return writer
+
+        asyncio.run(write(stop_after_files=1))  # one date's file of the first batch, then killed
+        assert len(read_decisions(root)) < 400
+        asyncio.run(write(expect=400 - len(read_decisions(root))))
+        table = read_decisions(root)
+        ids = table.column("decision_id").to_pylist()
+        assert len(ids) == 400 and len(set(ids)) == 400
+        for i in range(400, 450):  # a later writer run picks up only what is new
+            publisher.append(_record(i, day))
+        publisher.flush()
+        assert asyncio.run(write(expect=50)).written == 50
+        ids = read_decisions(root).column("decision_id").to_pylist()
+        assert len(ids) == 450 and len(set(ids)) == 450
+    finally:
+        publisher.close()
+        bus.close()
+
+
+class _Killed(BaseException):
+    """A crash: not an ``Exception``, so the consumer's retry loop does not catch it."""
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_the_server_on_the_jetstream_backend_acks_events_and_publishes_decision_records(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import ADMIN, CATALOG, PUB, SECRET, decision_body
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    prefix = "t" + uuid.uuid4().hex[:10]
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog), admin_key=ADMIN,
+                             publishable_key=PUB, secret_key=SECRET,
+                             **{"events.backend": "jetstream", "events.nats_url": ensure_nats(),
+                                "events.prefix": prefix})
+    kassa = Kassa(settings, seed=7)
+    cfg = kassa.bus.cfg if kassa.bus is not None else None
+    assert cfg is not None and isinstance(kassa.event_log, JetStreamEventLog)
+    try:
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            d = client.post("/v1/decisions", json=decision_body()).json()
+            offer_id = d["offers"][0]["offer_id"]
+            events = [{"event_id": "e1", "type": "impression", "decision_id": d["decision_id"], "offer_id": offer_id},
+                      {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id},
+                      {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}]
+            assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 2, "duplicates": 1}
+            assert client.post("/v1/events", json={"events": events[:2]}).json() == {"accepted": 0, "duplicates": 2}
+            kassa.decision_log.flush()
+            assert "kassa_event_spool_depth 0.0" in client.get("/metrics").text
+        reader = JetStreamEventLog.connect(dataclasses.replace(cfg, spool_dir=tmp_path / "reader-spool"))
+        try:
+            assert [ev.event_id for _, ev in reader.read(0, 10)] == ["e1", "e2"]
+        finally:
+            reader.close()
+
+        async def decisions_in_stream() -> int:
+            nc = await nats.connect(cfg.url)
+            info = await nc.jetstream().stream_info(cfg.decisions_stream)
+            await nc.close()
+            return int(info.state.messages)
+
+        assert asyncio.run(decisions_in_stream()) == 1
+    finally:
+        _delete_streams(cfg)
+
+
+def test_the_server_starts_and_acks_events_into_the_spool_while_nats_is_down(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import ADMIN, CATALOG, PUB, SECRET, decision_body
+
+    server = start_nats()
+    server.kill()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog), admin_key=ADMIN,
+                             publishable_key=PUB, secret_key=SECRET,
+                             **{"events.backend": "jetstream", "events.nats_url": server.url,
+                                "events.prefix": "t" + uuid.uuid4().hex[:10]})
+    kassa = Kassa(settings, seed=7)
+    try:
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            d = client.post("/v1/decisions", json=decision_body())
+            assert d.status_code == 200
+            event = {"event_id": "down-1", "type": "impression", "decision_id": d.json()["decision_id"],
+                     "offer_id": d.json()["offers"][0]["offer_id"]}
+            assert client.post("/v1/events", json={"events": [event]}).json() == {"accepted": 1, "duplicates": 0}
+            kassa.decision_log.flush()
+            assert "kassa_event_spool_depth 2.0" in client.get("/metrics").text  # the event and the decision
+    finally:
+        server.stop()
+
+
+def test_the_stream_processor_tails_jetstream_and_resumes_from_its_checkpoint_once(cfg: BusConfig,
+                                                                                 tmp_path: Path) -> None:
+    from kassa.features.streaming.processor import StreamProcessor
+    from tests.test_streaming import CUSTOMER, T0, make_store, order_event, stored
+
+    log = JetStreamEventLog.connect(cfg)
+    store = make_store()
+    checkpoint = tmp_path / "stream.checkpoint"
+
+    async def run(n_new: int, first: int) -> StreamProcessor:
+        await log.append([order_event(f"o{i}", T0 + i, customer="c1") for i in range(first, first + n_new)], T0)
+        proc = StreamProcessor([CUSTOMER], store, log, clock=lambda: T0 + 100, checkpoint_path=checkpoint,
+                               batch_size=7)
+        await proc.catch_up()
+        await proc.save_checkpoint()
+        return proc
+
+    try:
+        first = asyncio.run(run(20, 0))
+        assert (first.processed, first.seq) == (20, 20)
+        second = asyncio.run(run(5, 20))  # a restart: state and position from the checkpoint, only new events
+        assert second.restored and (second.processed, second.duplicates, second.seq) == (25, 0, 25)
+        row = asyncio.run(stored(store, CUSTOMER, "c1"))
+        assert row is not None and row["orders_1h"] == 25
+    finally:
+        log.close()
+
+
+def test_the_decision_log_writer_runner_writes_what_serving_processes_publish(cfg: BusConfig,
+                                                                             tmp_path: Path) -> None:
+    from kassa.config import load_settings
+    from kassa.events.factory import open_bus, open_decision_publisher, run_decision_log_writer
+
+    settings = load_settings(None, data_dir=str(tmp_path / "writer"),
+                             **{"events.backend": "jetstream", "events.nats_url": cfg.url, "events.prefix": cfg.prefix})
+    bus = open_bus(settings)
+    assert bus is not None
+    publisher = open_decision_publisher(bus)
+    try:
+        for i in range(3):
+            publisher.append(_record(i, 1_780_000_000.0))
+        publisher.flush()
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_decision_log_writer(settings, stop))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(read_decisions(settings.data_path)) < 3:
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+
+        asyncio.run(go())
+        assert sorted(read_decisions(settings.data_path).column("decision_id").to_pylist()) == [
+            "dec-0", "dec-1", "dec-2"]
+    finally:
+        publisher.close()
+        bus.close()
