@@ -340,8 +340,10 @@ def test_the_server_on_the_jetstream_backend_acks_events_and_publishes_decision_
             events = [{"event_id": "e1", "type": "impression", "decision_id": d["decision_id"], "offer_id": offer_id},
                       {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id},
                       {"event_id": "e2", "type": "accept", "decision_id": d["decision_id"], "offer_id": offer_id}]
-            assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 2, "duplicates": 1}
-            assert client.post("/v1/events", json={"events": events[:2]}).json() == {"accepted": 0, "duplicates": 2}
+            assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 2, "duplicates": 1,
+                                                                              "unknown_decisions": 0}
+            assert client.post("/v1/events", json={"events": events[:2]}).json() == {"accepted": 0, "duplicates": 2,
+                                                                                  "unknown_decisions": 0}
             kassa.decision_log.flush()
             assert "kassa_event_spool_depth 0.0" in client.get("/metrics").text
         reader = JetStreamEventLog.connect(dataclasses.replace(cfg, spool_dir=tmp_path / "reader-spool"))
@@ -384,7 +386,8 @@ def test_the_server_starts_and_acks_events_into_the_spool_while_nats_is_down(tmp
             assert d.status_code == 200
             event = {"event_id": "down-1", "type": "impression", "decision_id": d.json()["decision_id"],
                      "offer_id": d.json()["offers"][0]["offer_id"]}
-            assert client.post("/v1/events", json={"events": [event]}).json() == {"accepted": 1, "duplicates": 0}
+            assert client.post("/v1/events", json={"events": [event]}).json() == {"accepted": 1, "duplicates": 0,
+                                                                                "unknown_decisions": 0}
             kassa.decision_log.flush()
             assert "kassa_event_spool_depth 2.0" in client.get("/metrics").text  # the event and the decision
     finally:
