@@ -3,6 +3,7 @@ over after `kill -9`, and the embedded default still one process. Real processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -47,10 +48,8 @@ def _free_port() -> int:
 def _cpu(pid: int) -> float:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError):  # a thread may exit while we read
             total += int((task / "schedstat").read_text().split()[0])
-        except OSError:
-            pass
     return total / 1e9
 
 
@@ -194,7 +193,7 @@ def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_s
     # a worker killed is started again; the port keeps answering meanwhile
     os.kill(workers[0], signal.SIGKILL)
     _decide_and_answer(port, 20)
-    p.wait_log("serve.log", r"worker \d \(pid %d\) exited" % workers[0])
+    p.wait_log("serve.log", rf"worker \d \(pid {workers[0]}\) exited")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(_children(proc.pid)) < 3:
         time.sleep(0.1)

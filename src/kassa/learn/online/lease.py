@@ -7,7 +7,7 @@ it up on a clean stop so the standby need not wait for it to lapse.
 - `RedisLease`: ``SET key token NX PX ttl``; renewal and release are compare-and-set Lua scripts on the
   token, so a learner that stalled past its TTL can never extend or delete its successor's lease. A
   holder killed with ``kill -9`` stops renewing; its lease lapses after ``ttl`` and a standby polling every
-  ``ttl / 3`` takes it: takeover within ``ttl + ttl / 3`` (6.7 s at the default 5 s; measured 5.3-6.4 s in
+  ``ttl / 3`` takes it: takeover within ``ttl + ttl / 3`` (6.7 s at the default 5 s; measured 4.6 and 4.9 s in
   tests/test_roles.py).
 - `FileLease`: ``flock`` on ``<data_dir>/leases/<placement>.lock``, for learners sharing one machine (the
   embedded topology). The kernel releases the lock when the holder dies, so a standby takes over on its
