@@ -127,6 +127,9 @@ class LearnerRole:
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05) -> None:
         stop = stop or asyncio.Event()
+        if self._source is None and self.settings.roles.learner_input != "sqlite":
+            raise SystemExit("roles.learner_input: jetstream is provided by the event-bus backend and not wired in "
+                             "this build; use sqlite (docs/deploy.md)")
         self.kassa.warm_up()
         self.input = self._source or SqliteTailInput(self.settings.data_path, self.lookback(), self.settle,
                                                      self.clock)
