@@ -174,7 +174,7 @@ def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_s
     before = {w: _cpu(w) for w in workers}
     _decide_and_answer(port, 300)  # one connection per request: both workers accept some
     used = {w: _cpu(w) - before[w] for w in workers}
-    assert all(s > 0.05 for s in used.values()), used
+    assert all(s > 0.02 for s in used.values()), used  # each worker answered some
     # decisions served by both workers, events posted to whichever: joined and learned by the one learner
     # (300 decisions x 2 slots), and its snapshots serve on both workers
 
