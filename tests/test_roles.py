@@ -234,11 +234,11 @@ def test_standby_learner_takes_over_within_10_s_of_a_kill_9(project) -> None:  #
 def test_redis_lease_has_one_holder_and_lapses_when_not_renewed() -> None:
     client = redis.Redis.from_url(ensure_redis())
     key = f"kassa-test-{uuid.uuid4().hex[:8]}:learn:lease:p"
-    a, b = RedisLease(client, key, 0.3), RedisLease(client, key, 0.3)
+    a, b = RedisLease(client, key, 1.0), RedisLease(client, key, 30.0)
     try:
         assert a.acquire() and not b.acquire()
         assert a.renew() and not b.renew()
-        time.sleep(0.45)  # a stopped renewing: its lease lapses, b takes it, a can no longer renew or release it
+        time.sleep(1.5)  # a stopped renewing: its lease lapses, b takes it, a can no longer renew or release it
         assert b.acquire() and not a.renew()
         a.release()
         assert b.holder() == b.token
