@@ -50,6 +50,7 @@ bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/
 	$(BIN)/python bench/snippet_paint.py --write-docs
 	$(BIN)/python bench/loadtest_suite.py --write-docs
 	$(BIN)/python bench/outage.py --write-docs
+	$(BIN)/python bench/topology.py --workers 1,2 --write-docs
 
 serve: $(BIN)/.installed
 	$(BIN)/kassa serve --catalog examples/catalog.yaml

@@ -284,7 +284,8 @@ async def settle(events_pool: ConnectionPool | None, pause: float, limit: float 
 
 # --------------------------------------------------------------------------- server
 def process_cpu_seconds(pid: int | None) -> float | None:
-    """CPU time of every thread of ``pid`` (Linux schedstat: exact, unlike tick-sampled utime)."""
+    """CPU time of every thread of ``pid`` and of its child processes (HTTP workers, a learner child):
+    Linux schedstat, exact, unlike tick-sampled utime."""
     if pid is None:
         return None
     total = 0
@@ -292,6 +293,8 @@ def process_cpu_seconds(pid: int | None) -> float | None:
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):  # a thread may exit while we read
                 total += int((task / "schedstat").read_text().split()[0])
+                for child in (task / "children").read_text().split():
+                    total += int((process_cpu_seconds(int(child)) or 0.0) * 1e9)
     except OSError:
         return None
     return total / 1e9

@@ -11,6 +11,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from typing import Literal, cast
 
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
@@ -24,6 +25,7 @@ from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
 from kassa.events.factory import open_bus, open_decision_publisher, open_event_log
 from kassa.events.log import SqliteEventLog
+from kassa.events.records import DecisionRecordLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
@@ -36,6 +38,7 @@ from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
 from kassa.keys import KeyStore, RateLimiter
 from kassa.learn.artifacts import artifact_store
+from kassa.learn.online.handover import HandoverJoiner
 from kassa.learn.online.loop import LearningLoop
 from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
@@ -46,11 +49,16 @@ from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
 from kassa.startup import check_data_dir
 
 log = logging.getLogger("kassa")
+# "all": one process serves and learns (the embedded default). "serve": a stateless HTTP worker that hands
+# its decisions to the learner through the decision-record log. "learn": `kassa learn` (kassa.roles.learner).
+Role = Literal["all", "serve", "learn"]
 
 
 class Kassa:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, seed: int | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, seed: int | None = None,
+                 role: Role = "all") -> None:
         self.settings = settings
+        self.role = role
         self.clock = clock
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,9 @@ class Kassa:
         self.retriever = ProductRetriever()
         self.ledger = FrequencyLedger()
         self.models = ModelStore()
-        self.joiner = RewardJoiner(self._reward_definition)
+        self.joiner = (HandoverJoiner(self._reward_definition) if role == "learn"
+                       else RewardJoiner(self._reward_definition))
+        self.records = DecisionRecordLog(data / "decision_records.db") if role == "serve" else None
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
         # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
@@ -105,7 +115,9 @@ class Kassa:
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
                                      drift=self.drift, metrics=self.metrics,
                                      on_learned=self.metrics.observe_learned,
-                                     on_joined=self.metrics.observe_joined)
+                                     on_joined=self.metrics.observe_joined,
+                                     snapshot_meta=self.joiner.snapshot_meta
+                                     if isinstance(self.joiner, HandoverJoiner) else None)
         self.offer_cache = None
         offer_views = self.repo.offer_views()
         offer_source = None
@@ -119,8 +131,8 @@ class Kassa:
                 self.offer_cache = OfferFeatureCache(self.store, "offer", offer_views)  # type: ignore[arg-type]
                 offer_source = OfferFeatureSource(offer_views, self.offer_cache.get)
         self.engine = DecisionEngine(
-            self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models, self.joiner,
-            self.decision_log, settings.store_timezone,
+            self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models,
+            self.records if self.records is not None else self.joiner, self.decision_log, settings.store_timezone,
             IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
@@ -135,7 +147,9 @@ class Kassa:
             StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
             if stream_views else None
         )
-        self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
+        # A serving worker joins nothing itself: `kassa learn` reads the events from the log.
+        ingest_joiner = cast(RewardJoiner, self.records) if self.records is not None else self.joiner
+        self.events = EventIngest(self.event_log, self.catalog, ingest_joiner, self.profiles, self.retriever, clock,
                                   on_event=self._count_event, stream=self.stream,
                                   timestamp_window=settings.server.timestamp_window_seconds)
         breaker = getattr(self.store, "breaker", None)
@@ -149,8 +163,9 @@ class Kassa:
         self.changes.on(CATALOG, self.catalog.reload)
         self.changes.on(KEYS, self.keys.reload)
         self.changes.on(FEATURES, self.reload_features)
-        self.changes.on(MODELS, self.learning.poll_soon)
+        self.changes.on(MODELS, self._models_changed)
         self._tasks: list[asyncio.Task] = []
+        self._polled_at = 0.0
         self.ready = False
         self.started_at = 0.0
 
@@ -235,10 +250,10 @@ class Kassa:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
         after = 0
-        if isinstance(self.event_log, SqliteEventLog):
+        if self.role != "learn" and isinstance(self.event_log, SqliteEventLog):
             after = replay_state.load(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(),
                                       self.profiles, self.retriever)
-        replayed = self.events.replay(after=after)
+        replayed = self.events.replay(after=after) if self.role != "learn" else 0
         self.learning.load_models()
         log.info("restored the state at log position %d, replayed %d order events after it, loaded models %s "
                  "in %.0f ms", after, replayed, self.models.versions(), (time.perf_counter() - t0) * 1000)
@@ -253,14 +268,36 @@ class Kassa:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        if self.role == "all":
+            self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        elif self.role == "serve":
+            self._tasks.append(asyncio.create_task(self._follow_registry(), name="kassa-registry"))
         self._tasks.append(asyncio.create_task(self.changes.run(), name="kassa-changes"))
-        if self.stream is not None:
+        if self.stream is not None and self.role != "learn":
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
             self._tasks.append(asyncio.create_task(self.stream.run(), name="kassa-stream"))
         self.started_at = time.time()
         self.ready = True
+
+    def _models_changed(self) -> None:
+        """A model was registered, promoted or rolled back by some process: poll the registry now."""
+        self.learning.poll_soon()
+        self._polled_at = 0.0  # a serving worker's registry follower polls at its next tick
+
+    async def _follow_registry(self) -> None:
+        """A serving worker's share of the learning loop: load what the registry says should serve (the
+        learner's snapshots, promotions, rollbacks) and score queued shadow requests."""
+        while True:
+            await asyncio.sleep(min(0.05, self.settings.learn.registry_poll_seconds))
+            try:
+                if self.shadow is not None:
+                    self.shadow.drain(64)
+                if time.monotonic() - self._polled_at >= self.settings.learn.registry_poll_seconds:
+                    self._polled_at = time.monotonic()
+                    await self.learning.poll_async()
+            except Exception:
+                log.exception("registry poll failed")
 
     async def stop(self) -> None:
         self.ready = False
@@ -273,12 +310,16 @@ class Kassa:
         if self.stream is not None:
             self.stream.stop()
             await self.stream.save_checkpoint()
-        self.learning.snapshot_due(force=True)
+        if self.role == "all":  # `kassa learn` snapshots on its own stop, only while it holds the lease
+            self.learning.snapshot_due(force=True)
+        if self.records is not None:
+            self.records.close()
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()
-        if isinstance(self.event_log, SqliteEventLog):
+        if self.role == "all" and isinstance(self.event_log, SqliteEventLog):
             # Single process: every event up to the log's end has been applied here, so the state is as of it.
+            # (A serving worker saw only its share of the events, and a learner none: they save nothing.)
             replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
                               self.retriever)
         self.event_log.close()

@@ -118,9 +118,14 @@ def serve(
     catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="HTTP worker processes (default: roles.workers; 0 = one per core when the learner runs apart).")] = None,
+    learner: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Where the learner runs: inprocess | child | external (default: roles.learner).")] = None,
 ) -> None:
     """Run the decision API on the embedded default (nothing else to start)."""
-    overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog}
+    overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog, "roles.workers": workers,
+                                    "roles.learner": learner}
     if host is not None:
         overrides["server.host"] = host
     if port is not None:
@@ -147,6 +152,23 @@ def demo(
 
     run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
              data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving)
+
+
+@app.command()
+def learn(
+    config: SettingsOpt = None,
+    data_dir: DataDirOpt = None,
+    placement: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        help="Learn only this placement (repeatable; default: every placement).")] = None,
+) -> None:
+    """Run the reward joiner, the online learner and snapshot publishing (one active per placement).
+
+    Start two for a standby: the second waits on the lease (roles.lease: file or redis) and takes over
+    within roles.lease_ttl_seconds of the first one dying.
+    """
+    from kassa.roles.learner import run_learner
+
+    raise typer.Exit(run_learner(_settings(config, data_dir=data_dir), placement))
 
 
 @app.command()

@@ -100,6 +100,33 @@ class EventSettings(Struct, forbid_unknown_fields=True):
     spool_dir: str | None = None  # default <data_dir>/spool
 
 
+class RoleSettings(Struct, forbid_unknown_fields=True):
+    """Process roles (``kassa serve --workers N``, ``kassa learn``); see docs/deploy.md and ADR 0009."""
+
+    # HTTP worker processes of `kassa serve`: 0 = one per core when the learner runs apart (`learner` not
+    # "inprocess"), else 1 (an in-process learner sees only its own process's decisions).
+    workers: int = 0
+    # Where the learner runs under `kassa serve`: "inprocess" (today's task, the embedded default), "child"
+    # (serve starts `kassa learn` as a child process: still one command), "external" (`kassa learn` runs
+    # elsewhere, e.g. its own Deployment/unit, with a standby).
+    learner: Literal["inprocess", "child", "external"] = "inprocess"
+    # How the workers share the port: "shared" (one socket bound by the supervisor, inherited by every
+    # worker) or "reuseport" (a socket per worker with SO_REUSEPORT; the kernel balances). ADR 0009.
+    balance: Literal["shared", "reuseport"] = "shared"
+    # The lease that makes one `kassa learn` active per placement: "file" (flock under data_dir: one machine),
+    # "redis" (SET NX PX + renewal: any number of machines).
+    lease: Literal["file", "redis"] = "file"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    lease_prefix: str = "kassa"
+    lease_ttl_seconds: float = 5.0  # a dead learner's lease lapses after this; the standby takes over then
+    # What feeds `kassa learn`: "sqlite" tails the local logs (events.db + decision_records.db, one machine);
+    # "jetstream" is wired by the event-bus part (docs/deploy.md, "What the integrator wires").
+    learner_input: Literal["sqlite", "jetstream"] = "sqlite"
+    # Events are applied this long after they were stored, so a decision record written a moment after
+    # its first event is registered first; the learner closes decisions on the same delayed clock.
+    input_settle_seconds: float = 0.5
+
+
 class Settings(Struct, forbid_unknown_fields=True):
     data_dir: str = ".kassa"
     catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
@@ -113,6 +140,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     features: FeatureSettings = field(default_factory=FeatureSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     events: EventSettings = field(default_factory=EventSettings)
+    roles: RoleSettings = field(default_factory=RoleSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sys
 import threading
 import time
@@ -13,16 +12,15 @@ from typing import Any
 import uvicorn
 
 from kassa.config import Settings
+from kassa.roles.workers import Supervisor, bind, resolve_workers, uvicorn_config
+
+__all__ = ["BackgroundServer", "bind", "raise_open_file_limit", "run_server", "start_up_hints"]
 
 log = logging.getLogger("kassa")
 
 
 def _config(settings: Settings, app: Any) -> uvicorn.Config:
-    return uvicorn.Config(
-        app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
-        lifespan="on", access_log=False, log_level=settings.log_level, server_header=False,
-        date_header=False, timeout_keep_alive=30,
-    )
+    return uvicorn_config(settings, app)
 
 
 def raise_open_file_limit() -> int | None:
@@ -40,22 +38,6 @@ def raise_open_file_limit() -> int | None:
         except (ValueError, OSError):
             log.warning("could not raise the open-file limit from %d to %d", soft, hard)
     return soft
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything else starts: a busy port is the first thing said (and
-    the only thing), not an error after the start-up log claimed to be serving."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot serve on {host}:{port}: {exc.strerror or exc}; stop what holds the port or "
-                         "choose another with --port (or server.port in the settings)") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def start_up_hints(kassa: Any) -> list[str]:
@@ -78,6 +60,11 @@ def run_server(settings: Settings) -> None:
     # interval bounds how long one of them can keep the GIL from the request loop (default 5 ms).
     sys.setswitchinterval(0.0005)
     raise_open_file_limit()
+    workers, learner = resolve_workers(settings)
+    if workers > 1 or learner != "inprocess":
+        # Stateless workers (and the learner as a child, or elsewhere): `kassa.roles.workers`.
+        Supervisor(settings, workers, learner).run()
+        return
     from kassa.app import Kassa
 
     sock = bind(settings.server.host, settings.server.port)

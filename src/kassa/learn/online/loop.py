@@ -70,8 +70,10 @@ class LearningLoop:
         on_learned: Callable[[str, int], None] | None = None,
         on_joined: Callable[[list[JoinedExample]], None] | None = None,
         metrics: Metrics | None = None,
+        snapshot_meta: Callable[[str], dict[str, object]] | None = None,
     ) -> None:
         self.drift = drift
+        self.snapshot_meta = snapshot_meta  # extra metadata of each snapshot (`kassa learn`'s watermark)
         self.metrics = metrics
         # Metrics hooks: examples learned per placement (once each: relearning after a restart is not
         # counted again), and every joined example (learned or not) with its reward.
@@ -324,7 +326,10 @@ class LearningLoop:
             self.catch_up(placement_id)
         path, own_version = learner.snapshot(self.settings.keep_snapshots)
         now = self.clock()
-        meta = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions, "snapshot_at": now}
+        meta: dict[str, object] = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions,
+                                   "snapshot_at": now}
+        if self.snapshot_meta is not None:
+            meta.update(self.snapshot_meta(placement_id))
         self._last_snapshot[placement_id] = now
         if self.registry is None or self.sync is None:
             model = load_serving(path, own_version, meta)

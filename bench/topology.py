@@ -1,0 +1,279 @@
+"""The scale-out topology under open-loop load: N serving processes and the learner, every process counted.
+
+Owns the topology benchmark of issue 13: it starts ``kassa serve --workers N --learner child`` (a supervisor,
+N stateless HTTP workers on one port and `kassa learn` as a child: the whole topology on this machine) on
+the same generated catalog as `bench/decision_latency.py`, then for each ``--rates`` drives
+``POST /v1/decisions`` open-loop, posting every decision's events (impressions, ~10 % accepts) so the
+learner joins and learns, then the same load on ``POST /_bench/noop`` of the same server. Latency is timed
+from each request's intended send time; CPU is the sum over the supervisor, every worker and the learner
+(Linux schedstat of every thread). ``--workers 1,2`` also measures one worker, for the curve from one to
+two serving processes. ``--json`` ends with one JSON object holding ``ratio_1000``, ``ratio_2000``,
+``cpu_ratio`` and ``errors`` (of the largest worker count); ``--write-docs`` rewrites its section of
+docs/benchmarks.md.
+
+Backends: whatever the settings select (``--settings FILE`` is passed to the server). By default the
+embedded ones (SQLite event and decision-record logs); the production backends (Redis state, JetStream,
+PostgreSQL) are wired by their own parts of issue 13 and selected through the same file.
+
+    python bench/topology.py --workers 1,2 --rates 1000,2000 --duration 20 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchdocs import DOCS, write_section
+from decision_latency import (
+    ADMIN_KEY,
+    PUB_KEY,
+    Workload,
+    _free_port,
+    _r,
+    machine_info,
+    make_catalog,
+    process_cpu_seconds,
+    run_phase,
+    settle,
+    summarize_repeat,
+    versions,
+    wait_ready,
+)
+from kassa.loadtest import ConnectionPool
+
+START, END = "<!-- bench:topology:start -->", "<!-- bench:topology:end -->"
+
+
+@contextlib.asynccontextmanager
+async def topology(args: argparse.Namespace, workers: int) -> AsyncIterator[tuple[int, int, Path]]:
+    """Yield ``(port, supervisor pid, data dir)`` of a ready ``kassa serve --workers N --learner child``."""
+    with tempfile.TemporaryDirectory(prefix="kassa-topology-") as tmp:
+        root = Path(tmp)
+        catalog = root / "catalog.yaml"
+        catalog.write_text(yaml.safe_dump(make_catalog(args.offers), sort_keys=False))
+        cfg: dict[str, Any] = yaml.safe_load(Path(args.settings).read_text()) if args.settings else {}
+        cfg.update({"data_dir": str(root / "data"), "catalog_file": str(catalog)})
+        cfg_path = root / "kassa.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        port = _free_port()
+        env = {**os.environ, "KASSA_ADMIN_KEY": ADMIN_KEY, "KASSA_PUBLISHABLE_KEY": PUB_KEY,
+               "KASSA_SERVER__BENCH_ENDPOINTS": "true"}
+        log_path = root / "server.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kassa", "serve", "--settings", str(cfg_path), "--port", str(port),
+                 "--workers", str(workers), "--learner", "child"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+            try:
+                try:
+                    await wait_ready("127.0.0.1", port, proc, args.ready_timeout)
+                except RuntimeError as exc:
+                    sys.stderr.write(f"{exc}\n--- server output ---\n{log_path.read_text(errors='replace')}\n")
+                    raise SystemExit(1) from None
+                yield port, proc.pid, log_path
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+        if args.verbose:
+            sys.stderr.write(f"--- server output ---\n{log_path.read_text(errors='replace')}\n")
+
+
+def _learned(log_path: Path) -> int:
+    import re
+
+    found = re.findall(r"\((\d+) examples learned\)", log_path.read_text(errors="replace"))
+    return max((int(n) for n in found), default=0)
+
+
+async def measure(args: argparse.Namespace, workers: int, log: Any) -> dict[str, Any]:
+    workload = Workload(args.seed, args.customers, args.accept_rate)
+    out: dict[str, Any] = {"workers": workers, "rates": {}}
+    async with topology(args, workers) as (port, pid, log_path):
+        pool = await ConnectionPool("127.0.0.1", port, args.connections, max_size=4 * args.connections).start()
+        events_pool = await ConnectionPool("127.0.0.1", port, args.event_connections).start()
+        try:
+            for rate in args.rates:
+                args.rate = rate
+                n = int(rate * max(args.duration, args.warmup) * 1.2) + 100
+                if args.warmup > 0:
+                    log(f"{workers} worker(s), {rate:g}/s: warm-up {args.warmup:g} s")
+                    bodies = workload.decision_bodies(n, f"w{workers}-{rate:g}-warm")
+                    for path in ("/v1/decisions", "/_bench/noop"):
+                        await run_phase(pool, events_pool, workload, bodies, path, args, args.warmup)
+                        await settle(events_pool, args.settle)
+                bodies = workload.decision_bodies(n, f"w{workers}-{rate:g}")
+                log(f"{workers} worker(s), {rate:g}/s: decisions with their events, {args.duration:g} s")
+                cpu0 = process_cpu_seconds(pid)
+                dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
+                await settle(events_pool, args.settle)
+                cpu1 = process_cpu_seconds(pid)
+                log(f"{workers} worker(s), {rate:g}/s: no-op")
+                noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
+                cpu2 = process_cpu_seconds(pid)
+                await asyncio.sleep(args.settle)
+                dec.server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+                noop.server_cpu = None if cpu1 is None or cpu2 is None else cpu2 - cpu1
+                res = summarize_repeat(dec, noop)
+                res.pop("decisions", None)
+                res.pop("noop", None)
+                per_dec, per_noop = res["server_cpu_us_per_decision"], res["server_cpu_us_per_noop"]
+                res["cpu_ratio"] = _r(per_dec / per_noop) if per_dec and per_noop else None
+                for name, ph in (("decisions", dec), ("noop", noop)):
+                    if ph.first_error:
+                        log(f"  first {name} error: {ph.first_error}")
+                if dec.events.first_error:
+                    log(f"  first events error: {dec.events.first_error}")
+                out["rates"][f"{rate:g}"] = res
+                log(f"  p99 {res['client_p99_ms']} ms vs no-op {res['noop_client_p99_ms']} ms (ratio "
+                    f"{res['p99_ratio_to_noop']}); CPU {per_dec} vs {per_noop} µs; errors {res['errors']}"
+                    f"+{res['event_errors']}; {'valid' if res['valid'] else 'INVALID (generator behind)'}")
+        finally:
+            await pool.close()
+            await events_pool.close()
+        await asyncio.sleep(3.0)
+        out["learned"] = _learned(log_path)  # the learner's last snapshot: it learned under this load
+    return out
+
+
+async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    runs = [await measure(args, w, log) for w in args.workers]
+    top = runs[-1]["rates"]
+
+    def pick(rate: float, key: str) -> Any:
+        r = top.get(f"{rate:g}")
+        return None if r is None else r[key]
+
+    cpu_ratios = [r["cpu_ratio"] for r in top.values() if r["cpu_ratio"] is not None]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return {
+        "benchmark": "topology",
+        "workers": args.workers,
+        "rates": args.rates,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "offers": args.offers,
+        "settings": args.settings or "embedded (SQLite logs)",
+        "ratio_1000": pick(1000, "p99_ratio_to_noop"),
+        "ratio_2000": pick(2000, "p99_ratio_to_noop"),
+        "cpu_ratio": max(cpu_ratios) if cpu_ratios else None,
+        "errors": sum(r["errors"] + r["event_errors"] for run in runs for r in run["rates"].values()),
+        "valid": all(r["valid"] for run in runs for r in run["rates"].values()),
+        "load_average": [round(x, 2) for x in load],
+        "runs": runs,
+        "machine": machine_info(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def docs_section(res: dict[str, Any]) -> str:
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
+    m = res["machine"]
+    cmd = (f"python bench/topology.py --workers {','.join(map(str, res['workers']))} --rates "
+           f"{','.join(f'{r:g}' for r in res['rates'])} --duration {res['duration']:g} --warmup {res['warmup']:g}")
+    rows = []
+    for run in res["runs"]:
+        for rate, r in run["rates"].items():
+            rows.append(
+                f"| {run['workers']} | {rate} | {fmt(r['client_p50_ms'])} | {fmt(r['client_p99_ms'])} | "
+                f"{fmt(r['noop_client_p99_ms'])} | {fmt(r['p99_ratio_to_noop'])} | "
+                f"{fmt(r['server_cpu_us_per_decision'])} | {fmt(r['server_cpu_us_per_noop'])} | "
+                f"{fmt(r['cpu_ratio'])} | {r['errors']}+{r['event_errors']} | "
+                f"{fmt(r['generator_lag_p99_ms'])} | {'yes' if r['valid'] else 'no'} |")
+    table = "\n".join(rows)
+    learned = ", ".join(f"{run['workers']} worker(s): {run['learned']:,}" for run in res["runs"])
+    return f"""{START}
+## Topology: serving workers and the learner
+
+`{cmd}` on {m["cpu"]} ({m["cores"]} cores), Python {res["python"]}; generator and every process of the
+topology on the same machine; load average at the end {res["load_average"]}; {res["date"]}.
+
+`kassa serve --workers N --learner child`: a supervisor, N stateless HTTP workers on one port and `kassa
+learn` as a child process; backends: {res["settings"]}. Each decision is followed by its events; the learner
+joins and learns them (examples learned by the last snapshot: {learned}). CPU per request counts every
+process (supervisor, workers, learner). The no-op phase runs on the same server at the same rate.
+
+| workers | rate/s | p50 ms | p99 ms | no-op p99 ms | p99 ratio | CPU µs/decision | CPU µs/no-op | CPU ratio \
+| errors (+events) | gen. lag p99 ms | valid |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|
+{table}
+
+Summary (largest worker count): ratio at 1,000/s **{fmt(res["ratio_1000"])}** (target ≤ 3), at 2,000/s
+**{fmt(res["ratio_2000"])}** (target ≤ 5), CPU ratio **{fmt(res["cpu_ratio"])}** (target ≤ 2), errors
+{res["errors"]}; {"all phases valid" if res["valid"] else "**some phases invalid: the generator fell behind**"}.
+{END}"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="2", help="comma-separated worker counts to measure (default 2)")
+    p.add_argument("--rates", default="1000,2000", help="comma-separated decisions per second")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per measured phase")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per endpoint and rate")
+    p.add_argument("--settings", help="Kassa settings file for the server (backends); data_dir is replaced")
+    p.add_argument("--offers", type=int, default=50)
+    p.add_argument("--customers", type=int, default=5_000)
+    p.add_argument("--accept-rate", type=float, default=0.1)
+    p.add_argument("--schedule", choices=["fixed", "poisson"], default="fixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--event-connections", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--settle", type=float, default=1.0)
+    p.add_argument("--max-lag-ms", type=float, default=1.0, help="generator send-lag p99 above this: invalid")
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument("--json", action="store_true", help="end the output with one JSON object")
+    p.add_argument("--write-docs", action="store_true", help=f"rewrite the section in {DOCS.name}")
+    p.add_argument("--verbose", action="store_true", help="print the server's output at the end")
+    args = p.parse_args(argv)
+    args.workers = [int(w) for w in str(args.workers).split(",")]
+    args.rates = [float(r) for r in str(args.rates).split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        res = asyncio.run(bench(args, log))
+    else:
+        res = uvloop.run(bench(args, log))
+    if args.write_docs:
+        write_section(docs_section(res), START, END, DOCS)
+        log(f"wrote {DOCS}")
+    if args.json:
+        print(json.dumps(res, separators=(",", ":")), flush=True)
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

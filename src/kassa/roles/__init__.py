@@ -1,0 +1,1 @@
+"""Process roles: the `kassa serve` worker supervisor and the `kassa learn` process (ADR 0009)."""

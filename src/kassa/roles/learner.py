@@ -1,0 +1,189 @@
+"""`kassa learn`: the reward joiner, the online learner and snapshot publishing as a process of their own.
+
+Every learner reads the whole input (`kassa.learn.online.inputs.LearnerInput`: decision records and
+events) and joins every decision, so a standby's join state is as warm as the active one's. A lease per
+placement (`kassa.learn.online.lease`) says which learner learns and publishes it; the others keep what
+closes (`HandoverJoiner`) and try the lease every ``ttl / 3`` seconds. Taking a lease over: load the
+registry's newest production, read the watermark in its metadata, learn the kept examples above it, go on.
+A learner that fails to renew a lease it held exits (code 75) rather than learn on with two writers: its
+supervisor (systemd, Kubernetes, `kassa serve`) starts it again, as a standby.
+
+Decisions close on a clock ``settle_seconds`` behind the wall clock, the delay with which the input hands
+over events (`SqliteTailInput`), so an event stored just before a decision's deadline still counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from kassa.app import Kassa
+from kassa.config import Settings
+from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
+from kassa.learn.online.inputs import LearnerInput, SqliteTailInput
+from kassa.learn.online.lease import FileLease, Lease, RedisLease
+
+log = logging.getLogger("kassa.learn")
+LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: start me again (as a standby)
+_SLICE = 1000  # decisions closed per step; the learner process has no request to yield to but its own I/O
+
+
+class LeaseLost(RuntimeError):
+    pass
+
+
+def lease_factory(settings: Settings) -> Callable[[str], Lease]:
+    roles = settings.roles
+    if roles.lease == "redis":
+        import redis
+
+        client = redis.Redis.from_url(roles.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        return lambda placement: RedisLease(client, f"{roles.lease_prefix}:learn:lease:{placement}",
+                                            roles.lease_ttl_seconds)
+    return lambda placement: FileLease(settings.data_path / "leases" / f"learn-{placement}.lock")
+
+
+class LearnerRole:
+    def __init__(self, settings: Settings, placements: list[str] | None = None,
+                 source: LearnerInput | None = None, leases: Callable[[str], Lease] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.only = set(placements or [])
+        self.clock = clock
+        self.kassa = Kassa(settings, clock=clock, role="learn")
+        assert isinstance(self.kassa.joiner, HandoverJoiner)
+        self.joiner: HandoverJoiner = self.kassa.joiner
+        self.loop = self.kassa.learning
+        self.settle = settings.roles.input_settle_seconds
+        self._source = source
+        self.new_lease = leases or lease_factory(settings)
+        self.leases: dict[str, Lease] = {}
+        self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
+        self.took_over: dict[str, float] = {}  # placement -> when this learner became active
+        self.input: LearnerInput | None = None
+
+    def lookback(self) -> float:
+        """How far back a starting learner reads: the longest reward window, plus a margin."""
+        waits = [v.placement.reward.wait_seconds for v in self.kassa.catalog.snapshot.placements.values()]
+        return max(waits, default=600.0) + 60.0
+
+    def placements(self) -> list[str]:
+        names = sorted(self.kassa.catalog.snapshot.placements)
+        return [p for p in names if not self.only or p in self.only]
+
+    def _watermark(self, placement: str) -> Mark | None:
+        """The highest watermark among production and the newest snapshots: what was learned already."""
+        marks: list[Mark] = []
+        serving = self.kassa.models.serving(placement)
+        if serving is not None and serving.production is not None:
+            mark = watermark_of(serving.production.meta)
+            if mark is not None:
+                marks.append(mark)
+        for mv in self.kassa.model_registry.versions(placement, limit=5):
+            mark = watermark_of(mv.metrics)
+            if mark is not None:
+                marks.append(mark)
+        return max(marks) if marks else None
+
+    async def leases_round(self) -> None:
+        for placement in self.placements():
+            lease = self.leases.get(placement)
+            if lease is None:
+                lease = self.leases[placement] = self.new_lease(placement)
+            if placement in self.joiner.active:
+                if not await asyncio.to_thread(lease.renew):
+                    raise LeaseLost(f"lost the lease of {placement} ({lease.name})")
+            elif await asyncio.to_thread(lease.acquire):
+                await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
+                mark = self._watermark(placement)
+                kept = self.joiner.activate(placement, mark)
+                self.took_over[placement] = self.clock()
+                log.info("learner active for %s (lease %s; %d kept examples to learn, watermark %s)",
+                         placement, lease.name, kept, mark)
+
+    async def round(self) -> None:
+        assert self.input is not None
+        batch = await self.input.poll()
+        for pending in batch.decisions:
+            self.joiner.register(pending)
+        for event in batch.events:
+            self.joiner.observe(event)
+        await self.input.commit()
+        closed_by = self.clock() - self.settle
+        while True:
+            before = self.joiner.closed
+            self.loop.step(now=closed_by, limit=_SLICE)
+            if self.joiner.closed - before < _SLICE:
+                break
+            await asyncio.sleep(0)
+        if self.joiner.active:
+            await self.loop.tick_async(64)  # snapshots, guardrails, registry
+        elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
+            self.loop._last_poll = self.clock()
+            await self.loop.poll_async()
+
+    async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05) -> None:
+        stop = stop or asyncio.Event()
+        if self._source is None and self.settings.roles.learner_input != "sqlite":
+            raise SystemExit("roles.learner_input: jetstream is provided by the event-bus backend and not wired in "
+                             "this build; use sqlite (docs/deploy.md)")
+        self.kassa.warm_up()
+        self.input = self._source or SqliteTailInput(self.settings.data_path, self.lookback(), self.settle,
+                                                     self.clock)
+        last_lease = last_status = last_prune = 0.0
+        log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
+                 self.lookback())
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now - last_lease >= self.lease_every:
+                    last_lease = now
+                    await self.leases_round()
+                await self.round()
+                if now - last_status >= 10.0:
+                    last_status = now
+                    log.info("learner: active for %s; %d open decisions, %d closed, %d learned, %d skipped",
+                             sorted(self.joiner.active) or "none", len(self.joiner), self.joiner.closed,
+                             self.loop.learned, self.joiner.skipped)
+                if self.joiner.active and now - last_prune >= 60.0 and isinstance(self.input, SqliteTailInput):
+                    last_prune = now
+                    await asyncio.to_thread(self.input.records.prune, self.clock() - 2 * self.lookback())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            await self.close(lost=not stop.is_set())
+
+    async def close(self, lost: bool = False) -> None:
+        if self.joiner.active and not lost:
+            await asyncio.to_thread(self.loop.snapshot_due, None, True)  # then the successor starts from here
+        for lease in self.leases.values():
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(lease.release)
+        if self.input is not None:
+            self.input.close()
+        await self.kassa.stop()
+
+
+def run_learner(settings: Settings, placements: list[str] | None = None) -> int:
+    """`kassa learn` in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    import signal
+
+    import uvloop
+
+    async def main() -> int:
+        role = LearnerRole(settings, placements)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await role.run(stop)
+        except LeaseLost as exc:
+            log.error("%s: exiting so that I start again as a standby", exc)
+            return LEASE_LOST_EXIT
+        return 0
+
+    return uvloop.run(main())

@@ -1,0 +1,288 @@
+"""Process roles: `kassa serve --workers N` on one port, `kassa learn` with a lease and a standby that takes
+over after `kill -9`, and the embedded default still one process. Real processes, real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import yaml
+
+from kassa.config import load_settings
+from kassa.events.join import PendingDecision
+from kassa.learn.online.handover import HandoverJoiner
+from kassa.learn.online.lease import FileLease, RedisLease
+from kassa.roles.workers import resolve_workers
+from kassa.schemas import RewardDefinition
+from tests.services import ensure_redis
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+PUB, ADMIN = "roles-pub", "roles-admin"
+HEADERS = {"Authorization": f"Bearer {PUB}", "Content-Type": "application/json"}
+CATALOG = {
+    "offers": [{"id": f"o{k}", "kind": "partner", "title": f"Offer {k}", "value": 1 + k,
+                "content": {"headline": f"offer {k}"}} for k in range(6)],
+    "placements": [{"id": "checkout", "slots": 2, "offers": [f"o{k}" for k in range(6)], "policy": "squarecb",
+                    "reward": {"wait_seconds": 1, "weights": {"accept": 1.0}}}],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu(pid: int) -> float:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread may exit while we read
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+class Project:
+    def __init__(self, root: Path, **settings: object) -> None:
+        self.root = root
+        (root / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+        cfg = {"data_dir": str(root / "data"), "catalog_file": str(root / "catalog.yaml"), "admin_key": ADMIN,
+               "publishable_key": PUB, "learn": {"snapshot_every_seconds": 1, "snapshot_min_learns": 1}}
+        cfg.update(settings)
+        self.config = root / "kassa.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out = open(self.root / log, "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen([sys.executable, "-m", "kassa", *args, "--settings", str(self.config)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / name).read_text(errors="replace")
+
+    def wait_log(self, name: str, pattern: str, timeout: float = 30.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log(name)):
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in {name} after {timeout} s:\n{self.log(name)[-3000:]}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    projects: list[Project] = []
+
+    def make(**settings: object) -> Project:
+        p = Project(tmp_path, **settings)
+        projects.append(p)
+        return p
+
+    yield make  # type: ignore[misc]
+    for p in projects:
+        p.stop()
+
+
+def _wait_ready(port: int, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no ready server on {port}")
+
+
+def _decide_and_answer(port: int, n: int, accept_every: int = 3) -> list[str]:
+    """``n`` decisions, each on a fresh connection, with an accept of the first offer every ``accept_every``."""
+    ids = []
+    for i in range(n):
+        body = {"placement": "checkout", "customer": {"id": f"c{i % 50}"},
+                "order": {"id": f"ord-{uuid.uuid4().hex[:8]}", "currency": "USD", "total": 20.0, "items": []}}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/decisions", json=body, headers=HEADERS, timeout=10)
+        assert r.status_code == 200, r.text
+        dec = r.json()
+        ids.append(dec["decision_id"])
+        if dec["offers"] and i % accept_every == 0:
+            ev = {"events": [{"event_id": f"{dec['decision_id']}-a", "type": "accept",
+                              "decision_id": dec["decision_id"], "offer_id": dec["offers"][0]["offer_id"]}]}
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/events", json=ev, headers=HEADERS, timeout=10)
+            assert r.status_code == 200, r.text
+    return ids
+
+
+def test_embedded_default_is_one_process_that_learns_itself() -> None:
+    settings = load_settings(None)
+    assert resolve_workers(settings) == (1, "inprocess")
+    # more than one worker moves the learner to a child: each worker alone would learn a fraction
+    assert resolve_workers(load_settings(None, **{"roles.workers": 2})) == (2, "child")
+    assert resolve_workers(load_settings(None, **{"roles.learner": "external"}))[0] == (os.cpu_count() or 1)
+
+
+def test_default_serve_starts_no_other_process(project) -> None:  # type: ignore[no-untyped-def]
+    p = project()
+    port = _free_port()
+    proc = p.start("serve", "--port", str(port), log="serve.log")
+    _wait_ready(port)
+    assert _children(proc.pid) == []
+    _decide_and_answer(port, 3)
+
+
+def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]
+    p = project()
+    port = _free_port()
+    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "child", log="serve.log")
+    _wait_ready(port)
+    p.wait_log("serve.log", r"learner active for checkout")
+    kids = _children(proc.pid)
+    assert len(kids) == 3  # two workers and the learner
+    workers = [k for k in kids if "\x00learn\x00" not in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(workers) == 2
+    before = {w: _cpu(w) for w in workers}
+    _decide_and_answer(port, 300)  # one connection per request: both workers accept some
+    used = {w: _cpu(w) - before[w] for w in workers}
+    assert all(s > 0.02 for s in used.values()), used  # each worker answered some
+    # decisions served by both workers, events posted to whichever: joined and learned by the one learner
+    # (300 decisions x 2 slots), and its snapshots serve on both workers
+
+    def learned() -> int:
+        return max((int(n) for n in re.findall(r"\((\d+) examples learned\)", p.log("serve.log"))), default=0)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and learned() < 600:
+        time.sleep(0.2)
+    assert learned() >= 600, p.log("serve.log")[-3000:]
+    versions = {httpx.post(f"http://127.0.0.1:{port}/v1/decisions", headers=HEADERS, timeout=10,
+                           json={"placement": "checkout", "order": {"id": "x", "currency": "USD", "total": 1.0,
+                                                                     "items": []}}).json()["model_version"]
+                for _ in range(10)}
+    assert all("@" in v for v in versions), versions
+    # a worker killed is started again; the port keeps answering meanwhile
+    os.kill(workers[0], signal.SIGKILL)
+    _decide_and_answer(port, 20)
+    p.wait_log("serve.log", rf"worker \d \(pid {workers[0]}\) exited")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 3:
+        time.sleep(0.1)
+    assert len(_children(proc.pid)) == 3
+
+
+def test_standby_learner_takes_over_within_10_s_of_a_kill_9(project) -> None:  # type: ignore[no-untyped-def]
+    url = ensure_redis()
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    p = project(roles={"lease": "redis", "redis_url": url, "lease_prefix": prefix, "lease_ttl_seconds": 5.0})
+    port = _free_port()
+    p.start("serve", "--port", str(port), "--workers", "2", "--learner", "external", log="serve.log")
+    _wait_ready(port)
+    first = p.start("learn", log="learn-a.log")
+    p.wait_log("learn-a.log", r"learner active for checkout")
+    p.start("learn", log="learn-b.log")
+    p.wait_log("learn-b.log", r"started as standby")
+    _decide_and_answer(port, 60)
+    p.wait_log("learn-a.log", r"registered checkout@\d+ as production", timeout=20)
+    holder = redis.Redis.from_url(url).get(f"{prefix}:learn:lease:checkout")
+    assert holder is not None and f":{first.pid}:" in holder.decode()
+    _decide_and_answer(port, 60)  # decisions still open when the active learner dies
+    os.killpg(first.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    took_over = p.wait_log("learn-b.log", r"learner active for checkout", timeout=15)
+    assert took_over - killed <= 10.0, took_over - killed
+    print(f"takeover after kill -9: {took_over - killed:.2f} s;",
+          re.search(r"learner active for checkout \(.*", p.log("learn-b.log")).group(0))  # type: ignore[union-attr]
+    # the new active learner learns and publishes; serving picks its snapshots up
+    before = len(re.findall(r"registered checkout@", p.log("learn-b.log")))
+    _decide_and_answer(port, 30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(re.findall(r"registered checkout@", p.log("learn-b.log"))) <= before:
+        time.sleep(0.2)
+    assert len(re.findall(r"registered checkout@", p.log("learn-b.log"))) > before, p.log("learn-b.log")[-3000:]
+
+
+def test_redis_lease_has_one_holder_and_lapses_when_not_renewed() -> None:
+    client = redis.Redis.from_url(ensure_redis())
+    key = f"kassa-test-{uuid.uuid4().hex[:8]}:learn:lease:p"
+    a, b = RedisLease(client, key, 1.0), RedisLease(client, key, 30.0)
+    try:
+        assert a.acquire() and not b.acquire()
+        assert a.renew() and not b.renew()
+        time.sleep(1.5)  # a stopped renewing: its lease lapses, b takes it, a can no longer renew or release it
+        assert b.acquire() and not a.renew()
+        a.release()
+        assert b.holder() == b.token
+        b.release()
+        assert b.holder() is None
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_file_lease_is_exclusive_until_its_holder_releases(tmp_path: Path) -> None:
+    a, b = FileLease(tmp_path / "l.lock"), FileLease(tmp_path / "l.lock")
+    assert a.acquire() and not b.acquire()
+    a.release()
+    assert b.acquire()
+    b.release()
+
+
+def _pending(i: int) -> PendingDecision:
+    return PendingDecision(f"d{i:04d}", "p", float(i), float(i) + 10.0, "shared", ["o1", "o2"], ["a1", "a2"],
+                           [0.5, 0.5])
+
+
+def test_handover_learns_every_example_exactly_once_across_a_takeover() -> None:
+    """Active A and standby B read the same decisions; A snapshots at a watermark, learns some more, dies.
+    B takes over from the snapshot: the published lineage holds every example exactly once."""
+    definition = RewardDefinition()
+
+    def reward(_p: str) -> RewardDefinition:
+        return definition
+
+    a, b = HandoverJoiner(reward), HandoverJoiner(reward)
+    a.activate("p", None)
+    for i in range(100):
+        a.register(_pending(i))
+        b.register(_pending(i))
+    learned_a = [ex.decision_id for ex in a.expire(40.0)]  # deadlines 10..40: decisions 0..30
+    snapshot = a.snapshot_meta("p")["watermark"]
+    lost = [ex.decision_id for ex in a.expire(60.0)]  # learned after the snapshot: gone with A
+    assert lost and snapshot == [40.0, "d0030"]
+    assert b.expire(60.0) == []  # standby: kept, not learned
+    kept = b.activate("p", (40.0, "d0030"))
+    learned_b = [ex.decision_id for ex in b.expire(200.0)]
+    assert kept == 2 * 20  # decisions 31..50, two slots each
+    lineage = sorted(set(learned_a)) + sorted(set(learned_b))
+    assert lineage == [f"d{i:04d}" for i in range(100)]
+    assert len(learned_a) + len(learned_b) == 200 and b.skipped == 2 * 31
