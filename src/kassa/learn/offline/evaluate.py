@@ -51,7 +51,7 @@ def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.
         logged = data.chosen[i][0]
         if not cands or logged not in lines:
             continue
-        pmf = model.pmf(logged_shared_line(data.features[i]), [lines[c] for c in cands])
+        pmf = model.pmf(logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands])
         total = 0.0
         for c, p in zip(cands, pmf, strict=True):
             if c == logged:

@@ -67,6 +67,7 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
                     skipped += 1  # the offer left the catalog: its features are unknown now
                     continue
                 p = prob if prob > 1e-4 else 1e-4
+                action += data.action_suffix(i, offer_id)  # retrieval signals, as served
                 write(f"{shared}\n0:{-reward:.6g}:{p:.6g}{action}\n\n")
                 examples += 1
                 reward_sum += reward
