@@ -41,3 +41,19 @@ def test_retrieval_signals_reach_the_action_lines_and_the_decision_log(kassa: Ka
     rec = log.find_unwritten(res.decision_id)
     assert rec is not None and rec.candidate_signals is not None
     assert rec.candidate_signals[rec.candidates.index("cleanser")] in pending.actions[0]
+
+
+def test_rewards_reach_the_learner_with_a_typical_outcome_worth_about_one() -> None:
+    from kassa.learn.online.learner import RewardScale
+
+    fixed = RewardScale(schemas.RewardDefinition(weights={"accept": 2.0, "click": 0.2}))
+    assert fixed(2.0) == 1.0 and fixed(0.0) == 0.0
+    by_value = RewardScale(schemas.RewardDefinition(weights={"conversion": "value"}, cap=1000.0))
+    assert by_value(0.0) == 0.0  # before any outcome: unscaled
+    assert by_value(30.0) == 1.0  # the first outcome sets the mean
+    by_value(10.0)
+    assert by_value.scale == 20.0
+    restored = RewardScale.restore(schemas.RewardDefinition(weights={"conversion": "value"}), by_value.state())
+    assert restored.scale == 20.0
+    batch = RewardScale.of(schemas.RewardDefinition(weights={"conversion": "value"}), [[30.0, 0.0], [10.0]])
+    assert batch.scale == 20.0
