@@ -57,3 +57,16 @@ def test_rewards_reach_the_learner_with_a_typical_outcome_worth_about_one() -> N
     assert restored.scale == 20.0
     batch = RewardScale.of(schemas.RewardDefinition(weights={"conversion": "value"}), [[30.0, 0.0], [10.0]])
     assert batch.scale == 20.0
+
+
+def test_the_same_seed_serves_the_same_offers_to_the_same_requests(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def run(seed: int, name: str) -> list[list[tuple[str, float]]]:
+        kassa = Kassa(msgspec.structs.replace(settings, data_dir=str(tmp_path / name)), clock=Clock(), seed=seed)
+        out = []
+        for i in range(40):
+            res = _decide(kassa, decision_body(customer=f"c{i}"))
+            out.append([(o.offer_id, o.probability) for o in res.offers])
+        return out
+
+    assert run(3, "a") == run(3, "b")
+    assert run(3, "c") != run(4, "d")

@@ -118,6 +118,8 @@ def serve(
     catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="Seed the slot sampling and the shadow scorer: the same "  # noqa: UP045
+                                                     "requests against the same models get the same offers.")] = None,
 ) -> None:
     """Run the decision API on the embedded default (nothing else to start)."""
     overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog}
@@ -128,7 +130,7 @@ def serve(
     settings = _settings(config, **overrides)
     from kassa.server import run_server
 
-    run_server(settings)
+    run_server(settings, seed=seed)
 
 
 @app.command()
