@@ -4,12 +4,16 @@ learner on a known scale, evaluation refuses small samples, and runs are reprodu
 from __future__ import annotations
 
 import asyncio
+import random
 
 import msgspec
+import pytest
+from starlette.testclient import TestClient
 
 from kassa import schemas
+from kassa.api.app import create_app
 from kassa.app import Kassa
-from tests.conftest import Clock, decision_body
+from tests.conftest import PUB, Clock, decision_body, order
 
 
 def _orders(kassa: Kassa, clock: Clock) -> None:
@@ -70,3 +74,92 @@ def test_the_same_seed_serves_the_same_offers_to_the_same_requests(settings, tmp
 
     assert run(3, "a") == run(3, "b")
     assert run(3, "c") != run(4, "d")
+
+
+# ------------------------------------------------------------------ the publish guard
+class _Fixed:
+    """A scorer with a fixed pmf over every candidate list (first candidate gets ``p``)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
+        rest = (1.0 - self.p) / (len(action_lines) - 1)
+        return [self.p] + [rest] * (len(action_lines) - 1)
+
+
+def _guard_rows(guard, n: int, reward_of_first: float) -> None:  # type: ignore[no-untyped-def]
+    from kassa.events.join import JoinedExample
+
+    rng = random.Random(5)
+    for i in range(n):
+        shown = 0 if rng.random() < 0.5 else 1  # logged uniformly over two candidates
+        reward = reward_of_first if shown == 0 else 0.5
+        guard.observe(JoinedExample("p", f"d{i}", "shared |c x", "", "o", reward, 0.5, 0, "v",
+                                    [" |o a", " |o b"], shown))
+
+
+def test_the_publish_guard_holds_a_snapshot_worse_than_production_and_passes_a_better_one() -> None:
+    from kassa.learn.online.guard import PublishGuard
+
+    guard = PublishGuard(window=1000, min_ess=50)
+    _guard_rows(guard, 1000, reward_of_first=1.0)  # the first candidate is better
+    better = guard.check("p", _Fixed(0.9), _Fixed(0.1))
+    assert better.publish and better.value_new is not None and better.value_serving is not None
+    assert better.value_new > better.value_serving
+    worse = guard.check("p", _Fixed(0.1), _Fixed(0.9))
+    assert not worse.publish and worse.kind == "worse" and worse.reason.startswith("held: worse than production")
+    baseline = guard.check("p", _Fixed(0.9), None)  # the baseline is the logging policy: its mean is its value
+    assert baseline.publish and baseline.value_serving == pytest.approx(0.75, abs=0.05)
+
+
+def test_the_publish_guard_holds_below_the_minimum_ess_and_says_so() -> None:
+    from kassa.learn.online.guard import PublishGuard
+
+    guard = PublishGuard(window=1000, min_ess=50)
+    _guard_rows(guard, 20, reward_of_first=1.0)
+    v = guard.check("p", _Fixed(0.9), None)
+    assert not v.publish and v.kind == "ess" and "below the minimum 50" in v.reason
+
+
+def _learn_rounds(client, kassa: Kassa, clock: Clock, rounds: int = 6) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(1)
+    for round_ in range(rounds):
+        for i in range(150):
+            country = rng.choice(["US", "CA"])
+            d = client.post("/v1/decisions", json=decision_body(
+                customer=f"c{i}", order=order(20, country, ("toys",)), limit=1)).json()
+            top = d["offers"][0]["offer_id"]
+            if top == ("discount" if country == "US" else "partner-us") and rng.random() < 0.8:
+                client.post("/v1/events", json={"events": [{"event_id": f"{round_}-{i}", "type": "accept",
+                                                            "decision_id": d["decision_id"], "offer_id": top}]})
+        clock.advance(61)
+        kassa.learning.step()
+        kassa.learning.snapshot_due(force=True)
+
+
+def _guarded(settings, clock: Clock, min_ess: float) -> Kassa:  # type: ignore[no-untyped-def]
+    guard = msgspec.structs.replace(settings.learn.guard, enabled=True, min_ess=min_ess)
+    learn = msgspec.structs.replace(settings.learn, guard=guard)
+    return Kassa(msgspec.structs.replace(settings, learn=learn), clock=clock, seed=7)
+
+
+def test_continuous_learning_publishes_snapshots_that_beat_the_baseline(settings, clock) -> None:  # type: ignore[no-untyped-def]
+    kassa = _guarded(settings, clock, 20.0)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+        _learn_rounds(client, kassa, clock, rounds=10)
+        served = kassa.models.get("order_confirmation")
+        assert served is not None  # held while its ESS was below 20, published once it was not
+        assert served.meta["guard_value"] > 0.2, served.meta  # the value baseline's logged reward was ~0.011
+
+
+def test_a_held_snapshot_stays_a_candidate_with_its_reason_and_is_counted(settings, clock) -> None:  # type: ignore[no-untyped-def]
+    kassa = _guarded(settings, clock, 1e9)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+        _learn_rounds(client, kassa, clock, rounds=2)
+        assert kassa.models.get("order_confirmation") is None  # the baseline keeps serving
+        versions = kassa.model_registry.versions("order_confirmation")
+        assert versions and all(v.stage == "candidate" for v in versions)
+        assert "held: ESS" in kassa.model_registry.history(version=versions[0].version, limit=1)[0].reason
+        metrics = client.get("/metrics").text
+        assert 'kassa_snapshots_held_total{placement="order_confirmation",reason="ess"}' in metrics

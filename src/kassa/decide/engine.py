@@ -132,7 +132,8 @@ class DecisionEngine:
         placement = view.placement
         # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
         # change what this decision is scored with.
-        serving = self.models.serving(placement.id) if policies.learns(placement.policy) else None
+        learns = policies.learns(placement.policy)
+        serving = self.models.serving(placement.id) if learns else None
         model = None
         if serving is not None:
             unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
@@ -279,6 +280,7 @@ class DecisionEngine:
                 [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
                 [offers[o].product_id or offers[o].sku for o in chosen], version=version,
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
+                candidates=action_lines if learns else None, top_index=ranking.chosen[0],
             ))
         if serving is not None:
             if serving.canary is not None and self.on_served is not None and model is not None:

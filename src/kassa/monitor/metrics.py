@@ -136,6 +136,10 @@ class Metrics:
             "kassa_learner_restarts", "Online learner restarts from a version it did not publish (promotion, "
             "rollback)", ["placement"], registry=r,
         )
+        self.snapshots_held = Counter(
+            "kassa_snapshots_held", "Online snapshots not published because OPE on recent traffic found them "
+            "worse than what serves or had too small an ESS (issue 14)", ["placement", "reason"], registry=r,
+        )
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
         self._shown: dict[tuple[str, str], Counter] = {}
