@@ -163,3 +163,22 @@ def test_a_held_snapshot_stays_a_candidate_with_its_reason_and_is_counted(settin
         assert "held: ESS" in kassa.model_registry.history(version=versions[0].version, limit=1)[0].reason
         metrics = client.get("/metrics").text
         assert 'kassa_snapshots_held_total{placement="order_confirmation",reason="ess"}' in metrics
+
+
+# ------------------------------------------------------------------ honest small-sample evaluation
+def test_small_sample_intervals_stay_inside_the_reward_range_and_the_gate_refuses_them() -> None:
+    import numpy as np
+
+    from kassa.learn.offline import ope
+
+    rng = np.random.default_rng(0)
+    n = 60
+    reward = (rng.random(n) < 0.3).astype(float)
+    logged = np.full(n, 0.05)
+    target = np.where(rng.random(n) < 0.1, 1.0, 0.0)  # the candidate agrees with a handful of rows
+    ev = ope.evaluate_policies(reward, logged, {"cand": target, "prod": np.full(n, 0.05)},
+                               reward_range=(0.0, 1.0))
+    est = ev.estimate("cand", "ips")
+    assert 0.0 <= est.ci_low <= est.ci_high <= 1.0
+    verdict = ope.gate(est, ev.estimate("prod", "ips"), min_ess=100)
+    assert not verdict.passed and "below the minimum 100" in verdict.reason

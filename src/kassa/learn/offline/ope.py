@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -522,8 +522,12 @@ def evaluate_policies(
     max_weight: float | None = None,
     n_boot: int = 1000,
     seed: int | None = 0,
+    reward_range: tuple[float, float] | None = None,
 ) -> Evaluation:
     """Estimate several target policies on the same log in one pass.
+
+    ``reward_range`` (low, high): every policy's value lies in it, so intervals are clipped to it (issue 14:
+    a normal interval on ESS 5 read [-0.09, 1.75] for rewards in [0, 1]).
 
     ``targets`` maps a policy name (e.g. ``"candidate"``, ``"production"``) to its ``target_prob`` array.
     ``num_candidates`` (an int or one int per row: how many actions each decision chose among) adds
@@ -627,6 +631,13 @@ def evaluate_policies(
                 reps = sums[:, num] / (sums[:, den] if den >= 0 else n)
             policies[name].estimates[est_name] = _boot_estimate(est_name, value, reps, n, ess, level)
 
+    if reward_range is not None:
+        lo, hi = reward_range
+        for pe in policies.values():
+            for key, est in pe.estimates.items():
+                if est.defined:
+                    pe.estimates[key] = replace(est, ci_low=min(max(est.ci_low, lo), hi),
+                                                ci_high=max(min(est.ci_high, hi), lo))
     return Evaluation(n=n, level=level, method=method, max_weight=max_weight, estimators=wanted,
                       policies=policies, mean_reward=float(r.mean()))
 
