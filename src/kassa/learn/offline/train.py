@@ -24,6 +24,7 @@ import vowpalwabbit
 
 from kassa import schemas
 from kassa.catalog import CatalogSnapshot
+from kassa.features.featurize import slot_suffix
 from kassa.learn.offline.dataset import LoggedDecisions, load_logged, shared_tokens
 from kassa.learn.online.learner import RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
@@ -63,14 +64,14 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
         write = f.write
         for i in range(n):
             shared = "shared |c " + " ".join(shared_tokens(data.features[i]))
-            for offer_id, prob, reward in zip(data.chosen[i], data.chosen_probabilities[i], data.rewards[i],
-                                              strict=True):
+            for slot, (offer_id, prob, reward) in enumerate(zip(data.chosen[i], data.chosen_probabilities[i],
+                                                                data.rewards[i], strict=True)):
                 action = lines.get(offer_id)
                 if action is None:
                     skipped += 1  # the offer left the catalog: its features are unknown now
                     continue
                 p = prob if prob > 1e-4 else 1e-4
-                action += data.action_suffix(i, offer_id)  # retrieval signals, as served
+                action += data.action_suffix(i, offer_id) + slot_suffix(slot)  # as served; position (learning)
                 write(f"{shared}\n0:{-reward * inv:.6g}:{p:.6g}{action}\n\n")
                 examples += 1
                 reward_sum += reward

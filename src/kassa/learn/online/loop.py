@@ -37,6 +37,7 @@ from kassa import policies
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
 from kassa.events.join import JoinedExample
+from kassa.features.featurize import slot_suffix
 from kassa.learn.canary import Breach, CanaryGuard
 from kassa.learn.online.guard import PublishGuard, Verdict
 from kassa.learn.online.learner import OnlineLearner, latest_snapshot
@@ -282,11 +283,12 @@ class LearningLoop:
             learner = self.learner(ex.placement)
             if learner is None:
                 continue
-            learner.learn(ex.shared, ex.action, ex.reward, ex.probability)
+            action = ex.action + slot_suffix(ex.slot) if ex.slot else ex.action
+            learner.learn(ex.shared, action, ex.reward, ex.probability)
             learned[ex.placement] = learned.get(ex.placement, 0) + 1
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
-            example = (ex.shared, ex.action, ex.reward, ex.probability, ex.slot == 0)
+            example = (ex.shared, action, ex.reward, ex.probability, ex.slot == 0)
             history = self._history.get(ex.placement)
             if history is None:
                 history = self._history[ex.placement] = deque(maxlen=_HISTORY)
