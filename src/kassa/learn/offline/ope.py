@@ -751,7 +751,7 @@ def _uniform_slate_gram_pinv(m: int, slots: int) -> NDArray[np.float64]:
                 for a2 in range(m):
                     if a2 != a:
                         g[j * m + a, j2 * m + a2] = 1.0 / (m * (m - 1))
-    return np.linalg.pinv(g)
+    return np.asarray(np.linalg.pinv(g), dtype=np.float64)
 
 
 def pseudo_inverse(reward: ArrayLike, target_slates: ArrayLike, logged_slates: ArrayLike, n_candidates: int,
