@@ -33,7 +33,7 @@ example at once with the raw value as its cost (the issue's comparison). Cold st
 checkouts 1,000-2,000 against the best single offer over the same checkouts.
 
 ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
-``docs/benchmarks.md``. Medians over seeds with min-max spread.
+``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds with min-max spread.
 """
 
 from __future__ import annotations
@@ -521,9 +521,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--from-json", type=Path, help="re-render a saved --json output (with the same arguments)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    products, offers = asyncio.run(_main(args))
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
+        products, offers = saved["products"], saved["offers"]
+    else:
+        products, offers = asyncio.run(_main(args))
     summary = summarize(products, offers)
     if args.write_docs:
         write_section(section(products, offers, summary, args), START, END)
