@@ -33,7 +33,8 @@ example at once with the raw value as its cost (the issue's comparison). Cold st
 checkouts 1,000-2,000 against the best single offer over the same checkouts.
 
 ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
-``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds with min-max spread.
+``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds
+with min-max spread.
 """
 
 from __future__ import annotations
