@@ -3,7 +3,9 @@
 This module owns the in-memory signals that turn an order into a short list of candidate
 products: time-decayed co-purchase neighbours, each customer's replenishment history and a
 time-decayed popularity floor. It is fed from the order stream (:meth:`ProductRetriever.observe_order`)
-and read on the decision hot path (:meth:`ProductRetriever.retrieve`).
+and read on the decision hot path: :meth:`ProductRetriever.retrieve_scored` (what the engine uses since issue
+14) merges the sources by a retrieval score and tags every candidate with why it was retrieved
+(`kassa.decide.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
 
 Design notes
 ------------
