@@ -72,12 +72,15 @@ LEARN_EVERY_S = 0.05
 class _Http:
     """Kassa's HTTP API in this process, on a simulated clock; learning driven like its background task."""
 
+    guard = True  # the publish guard (``--no-guard`` turns it off, to see what it costs or saves)
+
     def __init__(self, catalog: dict[str, Any], seed: int, tmp: Path, rate: float) -> None:
         (tmp / "catalog.json").write_bytes(msgspec.json.encode(catalog))
         settings = load_settings(None, **{
             "data_dir": str(tmp / "data"), "catalog_file": str(tmp / "catalog.json"), "auth": False,
             "log_level": "warning", "decision_log_flush_seconds": 3600.0,
             "learn.snapshot_every_seconds": 1.0, "learn.snapshot_min_learns": 50,
+            "learn.guard.enabled": self.guard,
         })
         self.t0 = 1_800_000_000.0
         self.now = self.t0
@@ -520,11 +523,13 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=1_500)
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
+    ap.add_argument("--no-guard", action="store_true", help="turn the publish guard off")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", type=Path, help="re-render a saved --json output (with the same arguments)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    _Http.guard = not args.no_guard
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
         products, offers = saved["products"], saved["offers"]

@@ -3,8 +3,8 @@
 Stages: request + entity features -> candidates (placement offers, product retrieval) -> eligibility
 rules -> policy (learned model, or the baseline during cold start) -> slots. A stage that fails or a
 budget that runs out yields the fallback ranking (by retrieval score for retrieved products, else by offer
-value) with ``fallback: true``; a dependency failure never becomes an error for the page. The decision is then logged (off the hot path) and handed
-to the reward joiner with the exact learner lines it was made from.
+value) with ``fallback: true``; a dependency failure never becomes an error for the page. The decision is
+then logged (off the hot path) and handed to the reward joiner with the exact learner lines it was made from.
 """
 
 from __future__ import annotations

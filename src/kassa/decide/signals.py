@@ -29,11 +29,12 @@ POPULAR = 4
 
 # Merged score = W_HISTORY * history strength + W_CO * co-purchase share + W_POP * popularity share.
 W_HISTORY = 1.0
-W_CO = 0.6
+W_CO = 0.8
 W_POP = 0.25
-# History strength: count / (count + 1), scaled by how due the product is.
+# History strength: count / (count + 2) (one purchase 0.33, a habit approaches 1), scaled by how due it is.
 DUE_BOOST = 1.5  # within [0.75, 3] x the buyer's mean repeat interval
 LAPSED = 0.5  # past 3 x: the habit has likely lapsed
+EARLY = 0.5  # before 0.75 x: bought too recently to be wanted again now
 
 _GRID = 8  # numeric shares are quantised to eighths
 _CP = [""] + [f"cp:{i / _GRID:g}" for i in range(1, _GRID + 1)]
@@ -70,11 +71,13 @@ def history_strength(count: float, due: int) -> float:
     """How strongly the buyer's own history recommends a product (0 when never bought)."""
     if count <= 0:
         return 0.0
-    s = count / (count + 1.0)
+    s = count / (count + 2.0)
     if due in (1, 2):
         s *= DUE_BOOST
     elif due == 3:
         s *= LAPSED
+    elif due == 0:
+        s *= EARLY
     return s
 
 
