@@ -479,8 +479,12 @@ accepts (products) or expected value (offers) of what was shown. Medians (min-ma
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {prow}
 
-Learned vs best heuristic {_s(s['product_vs_best_heuristic'], 2) if products else 'n/a'}; vs its baseline
-{_s(s['product_vs_baseline'], 2) if products else 'n/a'}.
+Served vs best heuristic {_s(s['product_vs_best_heuristic'], 2) if products else 'n/a'}; vs its baseline
+{_s(s['product_vs_baseline'], 2) if products else 'n/a'}. "served" is what the learning placement showed;
+"learned share" the share of its decisions a learned snapshot served (the rest: the baseline, because the
+publish guard held every snapshot). Seeds where the share is 0 serve the baseline, so "vs baseline" there is
+two samplings of one policy. {sum(r['learned_share'] > 0.5 for r in products)} of {len(products)} seeds
+served a learned snapshot; the guard's last verdict of each run is in the `--json` output.
 
 **Offers** with value-weighted rewards and a drift half-way, last third of {args.offer_checkouts:,} checkouts
 (targets: >= 0.8 of the per-checkout oracle, >= 1.25x plain VW squareCB, spread <= 0.05; cold start: better
@@ -491,7 +495,8 @@ than the best single offer over checkouts 1,000-2,000):
 |---:|---:|---:|---:|---:|---:|---:|
 {orow}
 
-Kassa / oracle {_s(s['offer_vs_oracle']) if offers else 'n/a'} (spread {s.get('offer_spread', float('nan')):.3f}),
+Kassa / oracle {_s(s['offer_vs_oracle']) if offers else 'n/a'} (spread {s.get('offer_spread', float('nan')):.3f}; the
+issue's squareCB turned nearly greedy at a mean slot-1 probability of 0.98),
 Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold start
 {_s(s['offer_cold_ratio'], 2) if offers else 'n/a'}.
 {END}"""
