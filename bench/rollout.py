@@ -122,8 +122,10 @@ class Sim:
         self.root.mkdir(parents=True, exist_ok=True)
         cat = self.root / "catalog.yaml"
         cat.write_text(yaml.safe_dump(catalog(self.wait)))
+        # The publish guard (issue 14) is off: these scenarios measure the canary guardrails against a learner
+        # that publishes every snapshot.
         settings = load_settings(None, data_dir=str(self.root / "data"), catalog_file=str(cat), auth=False,
-                                 decision_log_flush_seconds=3600.0)
+                                 decision_log_flush_seconds=3600.0, **{"learn.guard.enabled": False})
         self.kassa = Kassa(settings, clock=self.clock, seed=self.seed)
         self.kassa.warm_up()
         self.rng = random.Random(self.seed)

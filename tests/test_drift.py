@@ -543,3 +543,25 @@ def test_drift_moves_the_best_offer_but_not_the_best_achievable_rate(store: Demo
 def test_simulator_rejects_a_negative_drift_point(store: DemoStore) -> None:
     with pytest.raises(ValueError, match="drift_at"):
         World(store, 3, drift_at=-1)
+
+
+def test_kassa_drift_windows_from_the_log_know_the_serving_version_so_learning_is_not_an_alert() -> None:
+    import pyarrow as pa
+
+    from kassa.events.decision_log import DecisionRecord, records_to_table
+    from kassa.monitor.drift.offline import compare, window_from_decisions
+
+    rng = random.Random(3)
+
+    def table(version: str, lo: float, hi: float) -> pa.Table:
+        return records_to_table([
+            DecisionRecord(f"{version}-{i}", 1.0 + i, "p", version, None, None, {"x": 1.0}, ["a", "b"],
+                           [p := rng.uniform(lo, hi), 1 - p], ["a"], [p], False, False, 1.0)
+            for i in range(1500)])
+
+    ref = window_from_decisions(table("p@1", 0.5, 0.6))
+    live = window_from_decisions(table("p@9", 0.9, 0.99))  # the model learned: far more confident
+    rows = [r for r in compare(ref, live).rows if r.feature == "score"]
+    assert rows and all(r.severity != "alert" and r.detail.get("model_changed") for r in rows)
+    same = window_from_decisions(table("p@1", 0.9, 0.99))  # the same model, inputs moved: an alert
+    assert any(r.severity == "alert" for r in compare(ref, same).rows if r.feature == "score")

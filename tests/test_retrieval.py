@@ -272,3 +272,44 @@ def test_memory_caps_hold_after_many_orders() -> None:
     assert len(r._pop_top) == 50
     # The hottest product co-occurs with thousands of others: its list was pruned, not unbounded.
     assert 20 <= len(r._nb["p0"]) <= 40
+
+
+# ------------------------------------------------------------------ issue 14: scored retrieval with signals
+def test_scored_retrieval_ranks_a_due_repeat_purchase_above_co_purchase_and_popularity() -> None:
+    r = retriever()
+    ts = T0
+    for i in range(30):  # "milk" every 7 days for this buyer; A and B bought together by everyone
+        ts = T0 + i * 7 * DAY
+        r.observe_order(order(["milk"], f"m{i}"), "c1", ts)
+        for j in range(5):
+            r.observe_order(order(["A", "B", f"n{j}"], f"x{i}-{j}"), f"other{j}", ts + 10 + j)
+    now = ts + 7 * DAY  # milk is due
+    got = r.retrieve_scored(["A"], "c1", now, 5, 5, 5, 10)
+    keys = [k for k, _, _ in got]
+    assert keys[0] == "milk"
+    assert keys.index("B") < min(keys.index(f"n{j}") for j in range(5) if f"n{j}" in keys)
+    scores = [s for _, s, _ in got]
+    assert scores == sorted(scores, reverse=True)
+    milk = dict((k, line) for k, _, line in got)["milk"]
+    assert "s_hi" in milk and "due=yes" in milk and "hc:" in milk
+    b = dict((k, line) for k, _, line in got)["B"]
+    assert b.startswith(" |r ") and "s_co" in b and "cp:1" in b and "rk=" in b
+
+
+def test_scored_retrieval_merges_sources_into_one_candidate() -> None:
+    r = retriever()
+    for i in range(10):
+        r.observe_order(order(["A", "B"], f"o{i}"), "c1", T0 + i * DAY)
+    got = r.retrieve_scored(["A"], "c1", T0 + 20 * DAY, 5, 5, 5, 10)
+    assert [k for k, _, _ in got].count("B") == 1
+    line = got[0][2]
+    assert got[0][0] == "B" and "s_co s_hi s_po" in line
+
+
+def test_scored_retrieval_respects_exclusions_and_the_cap() -> None:
+    r = retriever()
+    for i in range(50):
+        r.observe_order(order([f"p{i}", f"p{i + 1}", "A"], f"o{i}"), None, T0 + i)
+    got = r.retrieve_scored(["A"], None, T0 + 60, 20, 0, 20, 7, exclude={"p3"})
+    keys = [k for k, _, _ in got]
+    assert len(keys) == 7 and "A" not in keys and "p3" not in keys and len(set(keys)) == 7

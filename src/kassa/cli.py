@@ -122,6 +122,8 @@ def serve(
         help="HTTP worker processes (default: roles.workers; 0 = one per core when the learner runs apart).")] = None,
     learner: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Where the learner runs: inprocess | child | external (default: roles.learner).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed the slot sampling and the shadow scorer: the same "  # noqa: UP045
+                                                     "requests against the same models get the same offers.")] = None,
 ) -> None:
     """Run the decision API on the embedded default (nothing else to start)."""
     overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog, "roles.workers": workers,
@@ -133,7 +135,7 @@ def serve(
     settings = _settings(config, **overrides)
     from kassa.server import run_server
 
-    run_server(settings)
+    run_server(settings, seed=seed)
 
 
 @app.command()

@@ -47,6 +47,17 @@ class CanarySettings(Struct, forbid_unknown_fields=True):
     latency_breach_share: float = 0.10  # the latency SPRT's alternative: this share over the allowed P99
 
 
+class PublishGuardSettings(Struct, forbid_unknown_fields=True):
+    """Continuous learning publishes a snapshot only when OPE on recent traffic says it is not worse than what
+    serves (kassa.learn.online.guard, ADR 0010)."""
+
+    enabled: bool = True
+    window: int = 3_000  # recent top slots (with their candidates) the check replays
+    min_ess: float = 20.0  # below this effective sample size (of clipped weights) the snapshot is held
+    z: float = 1.0  # held when worse than what serves by more than z standard errors...
+    tolerance: float = 0.02  # ...and by more than this share of its value
+
+
 class LearnSettings(Struct, forbid_unknown_fields=True):
     snapshot_every_seconds: float = 10.0  # how often the online learner publishes a model snapshot
     snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
@@ -59,6 +70,7 @@ class LearnSettings(Struct, forbid_unknown_fields=True):
     registry_poll_seconds: float = 1.0  # serving processes pick up registry changes this often
     keep_online_artifacts: int = 20  # archived online snapshots whose artifacts are kept
     canary: CanarySettings = field(default_factory=CanarySettings)
+    guard: PublishGuardSettings = field(default_factory=PublishGuardSettings)
     drift_check_seconds: float = 60.0  # 0 disables the periodic drift check
     drift_webhook_url: str | None = None  # POSTed a JSON alert when drift is detected
 

@@ -189,7 +189,8 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     exploration: Probability = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
     gamma_scale: NonNegative = 10.0  # squarecb: higher exploits sooner
     softmax_lambda: NonNegative = 10.0  # softmax: higher exploits more
-    baseline: Literal["value", "popularity", "listed"] = "value"
+    # "value" ranks product placements (those with `retrieval`) by retrieval score, as "retrieval" does
+    baseline: Literal["value", "popularity", "listed", "retrieval"] = "value"
     min_learned_decisions: Count = 200  # cold start: baseline until this many rewarded decisions
     reward: RewardDefinition = field(default_factory=RewardDefinition)
     latency_budget_ms: Annotated[float, Meta(gt=0, le=60_000)] = 50.0

@@ -53,7 +53,7 @@ def start_up_hints(kassa: Any) -> list[str]:
     return hints
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, seed: int | None = None) -> None:
     from kassa.api.app import create_app
 
     # Background threads (event-log writer, decision-log flusher) run Python too; a short switch
@@ -69,7 +69,7 @@ def run_server(settings: Settings) -> None:
 
     sock = bind(settings.server.host, settings.server.port)
     t0 = time.perf_counter()
-    kassa = Kassa(settings)
+    kassa = Kassa(settings, seed=seed)
     app = create_app(kassa)
     for hint in start_up_hints(kassa):
         log.warning(hint)

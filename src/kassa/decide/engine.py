@@ -2,9 +2,9 @@
 
 Stages: request + entity features -> candidates (placement offers, product retrieval) -> eligibility
 rules -> policy (learned model, or the baseline during cold start) -> slots. A stage that fails or a
-budget that runs out yields the fallback ranking (by offer value) with ``fallback: true``; a dependency
-failure never becomes an error for the page. The decision is then logged (off the hot path) and handed
-to the reward joiner with the exact learner lines it was made from.
+budget that runs out yields the fallback ranking (by retrieval score for retrieved products, else by offer
+value) with ``fallback: true``; a dependency failure never becomes an error for the page. The decision is
+then logged (off the hot path) and handed to the reward joiner with the exact learner lines it was made from.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class DecisionEngine:
         placement = view.placement
         # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
         # change what this decision is scored with.
-        serving = self.models.serving(placement.id) if policies.learns(placement.policy) else None
+        learns = policies.learns(placement.policy)
+        serving = self.models.serving(placement.id) if learns else None
         model = None
         if serving is not None:
             unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
@@ -189,8 +190,9 @@ class DecisionEngine:
                         if value is not None:
                             features[f"{fv.name}.{f.name}"] = value
 
-        # -- candidates
+        # -- candidates (``retrieved``: offer id -> (retrieval score, its ``|r`` learner suffix))
         offers = snap.offers
+        retrieved: dict[str, tuple[float, str]] | None = None
         if req.candidates is not None:
             for i, offer_id in enumerate(req.candidates):
                 if offer_id not in offers:
@@ -202,14 +204,17 @@ class DecisionEngine:
             if retrieval is not None:
                 order_keys = [i.product_id or i.sku for i in req.order.items] if req.order is not None else []
                 seen = set(candidates)
-                for key, _source in self.retriever.retrieve(
+                retrieved = {}
+                product_offers = snap.product_offer
+                for key, r_score, r_suffix in self.retriever.retrieve_scored(
                     order_keys, customer_id, now, retrieval.co_purchase, retrieval.history,
                     retrieval.popular, retrieval.max_candidates,
                 ):
-                    product_offer = snap.product_offer.get(key)
+                    product_offer = product_offers.get(key)
                     if product_offer is not None and product_offer not in seen:
                         seen.add(product_offer)
                         candidates.append(product_offer)
+                        retrieved[product_offer] = (r_score, r_suffix)
 
         # -- eligibility
         facts = OrderFacts.of(req)
@@ -226,6 +231,11 @@ class DecisionEngine:
             action_lines = [lines[o] + offer_src.suffix(o) for o in kept]
         else:
             action_lines = [lines[o] for o in kept]
+        signal_lines: list[str] | None = None
+        if retrieved:
+            get = retrieved.get
+            signal_lines = [get(o, _NOT_RETRIEVED)[1] for o in kept]
+            action_lines = [a + r for a, r in zip(action_lines, signal_lines, strict=True)]
         version = "baseline"
         model_failed = False
         policy: Policy
@@ -233,7 +243,7 @@ class DecisionEngine:
             policy = UniformPolicy(0)
         elif fallback or time.perf_counter() - t0 > budget:
             fallback = True
-            policy, version = _by_value(kept, offers), "fallback"
+            policy, version = _cheap(kept, offers, retrieved), "fallback"
         elif placement.policy == "uniform":  # `kassa.policies.Uniform`: random slots, no model
             policy, version = UniformPolicy(len(kept)), "uniform"
         else:
@@ -246,15 +256,16 @@ class DecisionEngine:
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)
                     fallback = model_failed = True
-                    policy, version = _by_value(kept, offers), "fallback"
+                    policy, version = _cheap(kept, offers, retrieved), "fallback"
             if policy is None:
-                policy = GreedyEpsilonPolicy(self._baseline_scores(placement, kept, offers), placement.exploration)
+                policy = GreedyEpsilonPolicy(self._baseline_scores(placement, kept, offers, retrieved),
+                                             placement.exploration)
         ranking = fill_slots(policy, len(kept), slots, self.rng)
         if not fallback and time.perf_counter() - t0 > budget:
             # Scoring itself ran past the budget: answer, but say so, and serve the cheap order.
             fallback = True
             version = "fallback"
-            policy = _by_value(kept, offers)  # logged as what was served
+            policy = _cheap(kept, offers, retrieved)  # logged as what was served
             ranking = fill_slots(policy, len(kept), slots, self.rng)
 
         chosen = [kept[i] for i in ranking.chosen]
@@ -282,6 +293,7 @@ class DecisionEngine:
                 [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
                 [offers[o].product_id or offers[o].sku for o in chosen], version=version,
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
+                candidates=action_lines if learns else None, top_index=ranking.chosen[0],
             ))
         if serving is not None:
             if serving.canary is not None and self.on_served is not None and model is not None:
@@ -298,7 +310,7 @@ class DecisionEngine:
                 request_id=req.request_id, customer_id=customer_id, features=loggable_features(features),
                 candidates=kept, probabilities=_slot1_probs(policy, len(kept)), chosen=chosen,
                 chosen_probabilities=ranking.probabilities, explored=ranking.explored, fallback=fallback,
-                took_ms=took_ms,
+                took_ms=took_ms, candidate_signals=signal_lines,
             ))
         if req.request_id is not None:
             self.idempotency.put(req.request_id, fingerprint, response, now)
@@ -318,7 +330,12 @@ class DecisionEngine:
         self._views[placement.id] = (placement, candidates)
         return candidates
 
-    def _baseline_scores(self, placement: schemas.Placement, kept: list[str], offers: dict) -> list[float]:
+    def _baseline_scores(self, placement: schemas.Placement, kept: list[str], offers: dict,
+                         retrieved: dict[str, tuple[float, str]] | None = None) -> list[float]:
+        if retrieved and placement.baseline in ("value", "retrieval"):
+            # Product placements: the retrieval score (issue 14: value ranked cheap accessories first and
+            # lost to plain popularity); offers retrieval did not find keep value order below them.
+            return _retrieval_scores(kept, offers, retrieved)
         if placement.baseline == "listed":
             n = len(kept)
             order = {o: i for i, o in enumerate(placement.offers or ())}
@@ -328,9 +345,31 @@ class DecisionEngine:
         return [offers[o].value for o in kept]
 
 
+_NOT_RETRIEVED = (0.0, " |r s_none")
+
+
 def _by_value(kept: list[str], offers: dict[str, schemas.Offer]) -> GreedyEpsilonPolicy:
     """The fallback ranking: eligible offers by value, no exploration."""
     return GreedyEpsilonPolicy([offers[o].value for o in kept], 0.0)
+
+
+def _retrieval_scores(kept: list[str], offers: dict[str, schemas.Offer],
+                      retrieved: dict[str, tuple[float, str]]) -> list[float]:
+    """Retrieved candidates by retrieval score, above the rest (those by value, squashed into (-1, 0))."""
+    get = retrieved.get
+    out = []
+    for o in kept:
+        hit = get(o)
+        out.append(hit[0] if hit is not None else -1.0 / (1.0 + offers[o].value))
+    return out
+
+
+def _cheap(kept: list[str], offers: dict[str, schemas.Offer],
+           retrieved: dict[str, tuple[float, str]] | None) -> GreedyEpsilonPolicy:
+    """The fallback ranking, no exploration: by retrieval score when there is one, else by value."""
+    if retrieved:
+        return GreedyEpsilonPolicy(_retrieval_scores(kept, offers, retrieved), 0.0)
+    return _by_value(kept, offers)
 
 
 def _slot1_probs(policy: Policy, n: int) -> list[float]:

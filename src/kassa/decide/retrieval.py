@@ -3,7 +3,9 @@
 This module owns the in-memory signals that turn an order into a short list of candidate
 products: time-decayed co-purchase neighbours, each customer's replenishment history and a
 time-decayed popularity floor. It is fed from the order stream (:meth:`ProductRetriever.observe_order`)
-and read on the decision hot path (:meth:`ProductRetriever.retrieve`).
+and read on the decision hot path: :meth:`ProductRetriever.retrieve_scored` (what the engine uses since issue
+14) merges the sources by a retrieval score and tags every candidate with why it was retrieved
+(`kassa.decide.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
 
 Design notes
 ------------
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kassa import schemas
+from kassa.decide import signals
 
 SOURCES = ("co_purchase", "history", "popular")
 
@@ -55,8 +58,10 @@ _SAME_OCCASION_SECONDS = 3600.0
 # [_DUE_FROM, _DUE_UNTIL] x its mean repeat interval. Past _DUE_UNTIL the habit has likely lapsed.
 _DUE_FROM = 0.75
 _DUE_UNTIL = 3.0
+_RECENT_FACTOR = 10.0
 
 _by_weight = itemgetter(1)
+_by_score = itemgetter(0)
 
 
 def _history_order(item: tuple[str, list[float]]) -> tuple[float, float]:
@@ -123,6 +128,8 @@ class ProductRetriever:
         self.max_customers = max_customers
         self.refresh_seconds = refresh_seconds
         self._tau = half_life_days * 86_400.0 / math.log(2.0)
+        # "Recent" popularity decays ten times faster (3 days at the default 30-day half-life).
+        self._tau_recent = self._tau / _RECENT_FACTOR
         self._t0: float | None = None  # reference time of the stored scale; set by the first order
         self._t_latest = -math.inf  # latest order time seen
 
@@ -153,6 +160,10 @@ class ProductRetriever:
         self._pop_top: list[str] = []
         self._pop_built = -math.inf
         self._pop_pending = 0  # orders since the last rebuild
+        # Recent popularity on its own (faster) scale, and its running maximum (scaled weights only grow).
+        self._pop_recent: dict[str, float] = {}
+        self._pop_recent_max = 0.0
+        self._inc_recent = 1.0
 
         self._orders = 0
 
@@ -202,11 +213,19 @@ class ProductRetriever:
         pop = self._pop
         pool = self._pop_pool
         threshold = self._pop_threshold
+        recent = self._pop_recent
+        inc_r = self._inc_recent
+        top_r = self._pop_recent_max
         for k in keys:
             w = pop.get(k, 0.0) + inc
             pop[k] = w
             if w > threshold:
                 pool.add(k)
+            wr = recent.get(k, 0.0) + inc_r
+            recent[k] = wr
+            if wr > top_r:
+                top_r = wr
+        self._pop_recent_max = top_r
         self._pop_pending += 1
         if self._pop_pending >= _POPULAR_REFRESH_ORDERS or (time.monotonic() - self._pop_built >= self.refresh_seconds):
             self._rebuild_popular()
@@ -220,12 +239,13 @@ class ProductRetriever:
             self._t0 = ts
         if ts > self._t_latest:
             self._t_latest = ts
-        x = (ts - self._t0) / self._tau
+        x = (ts - self._t0) / self._tau_recent  # the faster scale grows first
         if x > _RENORM_EXPONENT:
             self._renormalise(ts)
             x = 0.0
         # Very old (replayed) events underflow to 0.0, which is their correct decayed weight.
-        return math.exp(max(x, -700.0))
+        self._inc_recent = math.exp(max(x, -700.0))
+        return math.exp(max(x / _RECENT_FACTOR, -700.0))
 
     def _renormalise(self, ts: float) -> None:
         assert self._t0 is not None
@@ -237,6 +257,10 @@ class ProductRetriever:
             self._pop[k] *= f
         if self._pop_threshold > 0:
             self._pop_threshold *= f
+        fr = math.exp(-(ts - self._t0) / self._tau_recent)
+        for k in self._pop_recent:
+            self._pop_recent[k] *= fr
+        self._pop_recent_max *= fr
         # Cached lists hold old-scale weights; rebuild them on next read.
         self._nb_top.clear()
         self._nb_dirty.clear()
@@ -364,7 +388,7 @@ class ProductRetriever:
             need = min(co_purchase, room)
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
             names = self._names
-            for i in self._ranked_neighbours(seeds, mono):
+            for i in self._ranked_neighbours(seeds, mono)[0]:
                 k = names[i]
                 if k in taken or k in excl:
                     continue
@@ -396,6 +420,109 @@ class ProductRetriever:
                     break
         return out
 
+    def retrieve_scored(
+        self,
+        order_product_keys: Sequence[str],
+        customer_id: str | None,
+        now: float,
+        co_purchase: int,
+        history: int,
+        popular: int,
+        max_candidates: int,
+        exclude: Collection[str] = (),
+    ) -> list[tuple[str, float, str]]:
+        """Candidates from every source merged by score, each with why it was retrieved.
+
+        Each source contributes up to its own quota (``co_purchase``, ``history``, ``popular``; 0 disables
+        it); a product found by several sources is one candidate carrying all of them. Candidates are
+        scored by `kassa.decide.signals.score` (history strength, co-purchase share of this order's
+        strongest neighbour, popularity share of the most popular product) and the best
+        ``max_candidates`` are returned.
+
+        Returns
+        -------
+        list of (product_key, retrieval score, learner suffix)
+            Highest score first. The suffix is the candidate's ``|r`` namespace
+            (`kassa.decide.signals.suffix`), to append to its action line.
+        """
+        if max_candidates <= 0:
+            return []
+        taken = set(order_product_keys)
+        excl: Collection[str] = exclude if not exclude or isinstance(exclude, set | frozenset) else set(exclude)
+        mono = time.monotonic()
+        found: dict[str, list[float]] = {}  # key -> [sources, co-purchase share]
+
+        if co_purchase > 0 and self._nb:
+            need = co_purchase
+            seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
+            names = self._names
+            ids, weights = self._ranked_neighbours(seeds, mono)
+            top = weights[0] if weights else 0.0
+            for i, w in zip(ids, weights, strict=True):
+                k = names[i]
+                if k in taken or k in excl or k in found:
+                    continue
+                found[k] = [signals.CO_PURCHASE, w / top if top > 0 else 0.0]
+                need -= 1
+                if not need:
+                    break
+
+        hist = self._hist.get(customer_id) if customer_id is not None else None
+        if history > 0 and hist:
+            for k in self._history_rank(hist, taken, excl, now, history):
+                e = found.get(k)
+                if e is None:
+                    found[k] = [signals.HISTORY, 0.0]
+                else:
+                    e[0] = int(e[0]) | signals.HISTORY
+
+        if popular > 0:
+            if self._pop_pending and mono - self._pop_built >= self.refresh_seconds:
+                self._rebuild_popular()
+            need = popular
+            for k in self._pop_top:
+                if k in taken or k in excl:
+                    continue
+                e = found.get(k)
+                if e is None:
+                    found[k] = [signals.POPULAR, 0.0]
+                else:
+                    e[0] = int(e[0]) | signals.POPULAR
+                need -= 1
+                if not need:
+                    break
+        if not found:
+            return []
+
+        pop, recent = self._pop, self._pop_recent
+        pop_top = pop[self._pop_top[0]] if self._pop_top else 0.0
+        pop_scale = 1.0 / pop_top if pop_top > 0 else 0.0
+        recent_scale = 1.0 / self._pop_recent_max if self._pop_recent_max > 0 else 0.0
+        hist_get = hist.get if hist else None
+        pop_get, recent_get = pop.get, recent.get
+        strength, merged = signals.history_strength, signals.score
+        due_class, key_of = signals.due_class, signals.quantise
+        w_co, w_pop = signals.W_CO, signals.W_POP
+        rows: list[tuple[float, str, tuple[int, ...]]] = []
+        append = rows.append
+        for k, (src, cp) in found.items():
+            pg = pop_get(k, 0.0) * pop_scale
+            pr = recent_get(k, 0.0) * recent_scale
+            e = hist_get(k) if hist_get is not None else None
+            if e is None:  # the common case, inlined: quantise() and score() without history
+                pgq = int(pg * 8.0 + 0.5)
+                prq = int(pr * 8.0 + 0.5)
+                append((w_co * cp + w_pop * pg, k,
+                        (int(src), int(cp * 8.0 + 0.5), 0, 0, -1, pgq if pgq < 8 else 8, prq if prq < 8 else 8)))
+                continue
+            count, last, mean = e[0], e[1], e[2]
+            due = due_class(now - last, mean) if mean > 0.0 else -1
+            append((merged(cp, strength(count, due), pg), k,
+                    key_of(int(src), cp, count, (now - last) / 86_400.0, due, pg, pr)))
+        rows.sort(key=_by_score, reverse=True)
+        line = signals.suffix
+        return [(k, s, line(q, rank)) for rank, (s, k, q) in enumerate(rows[:max_candidates])]
+
     def _neighbours(self, key: str, mono: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Top neighbours of ``key`` as (ids, weights) in descending weight order; None if unknown."""
         cached = self._nb_top.get(key)
@@ -421,13 +548,14 @@ class ProductRetriever:
                 self._acc = np.zeros(2 * len(self._acc))
         return i
 
-    def _ranked_neighbours(self, seeds: list[str], mono: float) -> list[int]:
-        """Ids of the seeds' neighbours by descending summed weight; may repeat an id, not yet filtered."""
+    def _ranked_neighbours(self, seeds: list[str], mono: float) -> tuple[list[int], list[float]]:
+        """Ids of the seeds' neighbours by descending summed weight, with those weights; may repeat an id,
+        not yet filtered."""
         lists = [nb for nb in (self._neighbours(s, mono) for s in seeds) if nb is not None]
         if not lists:
-            return []
+            return [], []
         if len(lists) == 1:
-            return lists[0][0].tolist()  # already ranked
+            return lists[0][0].tolist(), lists[0][1].tolist()  # already ranked
         # Sum through a dense accumulator (ids are unique within one list, so fancy += is exact),
         # read back, and zero it again for the next call.
         acc = self._acc
@@ -438,7 +566,8 @@ class ProductRetriever:
         acc[all_ids] = 0.0
         # A shared neighbour appears once per list with the same summed value; the caller's
         # `taken` check drops the repeats.
-        return all_ids[(-summed).argsort()].tolist()
+        order = (-summed).argsort()
+        return all_ids[order].tolist(), summed[order].tolist()
 
     @staticmethod
     def _history_rank(

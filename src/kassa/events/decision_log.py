@@ -45,6 +45,9 @@ class DecisionRecord(msgspec.Struct):
     explored: bool
     fallback: bool
     took_ms: float
+    # per candidate (same order), the retrieval signals appended to its learner line (`kassa.decide.signals`);
+    # None for placements without retrieval and for records written before issue 14
+    candidate_signals: list[str] | None = None
 
 
 SCHEMA = pa.schema(
@@ -63,6 +66,7 @@ SCHEMA = pa.schema(
         pa.field("explored", pa.bool_(), nullable=False),
         pa.field("fallback", pa.bool_(), nullable=False),
         pa.field("took_ms", pa.float64(), nullable=False),
+        pa.field("candidate_signals", pa.list_(pa.string())),
     ]
 )
 
@@ -92,6 +96,7 @@ def records_to_table(records: Iterable[DecisionRecord]) -> pa.Table:
         "explored": [r.explored for r in rows],
         "fallback": [r.fallback for r in rows],
         "took_ms": [r.took_ms for r in rows],
+        "candidate_signals": [r.candidate_signals for r in rows],
     }
     return pa.table(columns, schema=SCHEMA)
 
@@ -249,14 +254,13 @@ def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
 
     base = Path(root) / "decisions"
     dates = sorted((d for d in base.glob("date=*") if d.is_dir()), reverse=True)
-    cols = ", ".join(f'"{name}"' for name in SCHEMA.names)
     with duckdb.connect() as con:
         for date_dir in dates:
             if not any(date_dir.glob("*.parquet")):
                 continue
             glob = str(date_dir / "*.parquet").replace("'", "''")
-            table = con.sql(f"SELECT {cols} FROM read_parquet('{glob}') WHERE decision_id = ? LIMIT 1",
-                            params=[decision_id]).to_arrow_table()
+            table = con.sql(f"SELECT * FROM read_parquet('{glob}', union_by_name = true) WHERE decision_id = ? "
+                            "LIMIT 1", params=[decision_id]).to_arrow_table()
             if table.num_rows:
                 row = table.to_pylist()[0]
                 features = msgspec.json.decode(row.pop("features_json"))
@@ -291,15 +295,19 @@ def read_decisions(
         params += [_utc_date(until), until]
     cols = ", ".join(f'"{name}"' for name in SCHEMA.names)
     glob = str(base / "*" / "*.parquet").replace("'", "''")
-    sql = (
-        f"SELECT {cols} FROM read_parquet('{glob}', hive_partitioning = true, "
-        "hive_types = {'date': DATE})"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " ORDER BY ts, decision_id"
-    )
+    tail = (f"FROM read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}, "
+            "union_by_name = true)"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY ts, decision_id")
     con = duckdb.connect()
     try:
-        table = con.sql(sql, params=params).to_arrow_table()
+        try:
+            table = con.sql(f"SELECT {cols} {tail}", params=params).to_arrow_table()
+        except duckdb.BinderException:
+            # Only files written before a column was added (issue 14's candidate_signals): read it as null.
+            old = [n for n in SCHEMA.names if n != "candidate_signals"]
+            sel = ", ".join(f'"{n}"' for n in old) + ", NULL::VARCHAR[] AS candidate_signals"
+            table = con.sql(f"SELECT {sel} {tail}", params=params).to_arrow_table()
     finally:
         con.close()
     if table is None:  # only for statements without a result set; kept for the type checker

@@ -24,6 +24,9 @@ class PendingDecision:
     outcomes: int = 0
     version: str = ""  # the model version that served it (canary guardrails compare versions)
     email_sha256: str | None = None  # a guest buyer's identity for order attribution (no customer id)
+    # learning placements: every candidate's learner line and the index of slot 1's (the publish guard's OPE)
+    candidates: list[str] | None = None
+    top_index: int = -1
 
 
 @dataclass(slots=True)
@@ -37,3 +40,5 @@ class JoinedExample:
     probability: float
     slot: int
     version: str = ""
+    candidates: list[str] | None = None  # slot 0 only, when the decision carried them
+    top_index: int = -1

@@ -78,7 +78,26 @@ def action_line(offer: schemas.Offer) -> str:
     ``features`` go in namespace ``f``, learned linearly. Crossing those too multiplied predict cost by
     ~3 (30 context x 14 offer features x 50 offers per request) for little gain: ``c x id`` already
     gives every offer its own context weights."""
-    line = " |o " + " ".join(tokens(offer_features(offer)))
+    feats = offer_features(offer)
+    if offer.kind == "product":
+        # A product's id goes in its own namespace ``i``, learned linearly (a per-product bias), not crossed with
+        # the context: with 10,000 products crossing the id gave each product ~30 sparse weights that one
+        # accept inflated, and the model ranked by which products it had seen accepted rather than by why
+        # they were retrieved (issue 14's product world; bench/quality.py).
+        del feats["id"]
+        line = " |o " + " ".join(tokens(feats)) + " |i " + _token("id", offer.id)
+    else:
+        line = " |o " + " ".join(tokens(feats))
     if offer.features:
         line += " |f " + " ".join(tokens(offer.features))
     return line
+
+
+_SLOTS = [""] + [f" |s slot={k}" for k in range(1, 20)]
+
+
+def slot_suffix(slot: int) -> str:
+    """Appended to a shown offer's action line when it is *learned* from slot ``slot`` (0-based): a linear
+    per-position feature that absorbs position bias (slot 2 is seen less than slot 1), so an offer's learned
+    value is its slot-1 value. Decisions score every candidate as slot 1, i.e. with no slot feature."""
+    return _SLOTS[slot] if slot < len(_SLOTS) else f" |s slot={slot}"

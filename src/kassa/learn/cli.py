@@ -298,6 +298,8 @@ def evaluate_command(
     margin: Annotated[float, typer.Option(help="The candidate's lower bound must beat production by this.")] = 0.0,
     rule: Annotated[str, typer.Option(help="lcb_beats_estimate | lcb_beats_ucb")] = "lcb_beats_estimate",
     max_weight: Annotated[Optional[float], typer.Option(help="Clip importance weights at this value.")] = None,  # noqa: UP045
+    min_ess: Annotated[float, typer.Option(help="Refuse (gate fails) when the candidate's effective sample size "
+                                                "is below this.")] = 100.0,
     report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,  # noqa: UP045
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
@@ -354,14 +356,22 @@ def evaluate_command(
         evaluation, verdict = evaluate_models(
             data, snap, (cand.version, ctx.registry.path(cand)),
             (base.version, ctx.registry.path(base)) if base else None,
-            estimator, level, margin, rule, max_weight, workers, progress)  # type: ignore[arg-type]
+            estimator, level, margin, rule, max_weight, workers, progress, min_ess)  # type: ignore[arg-type]
     seconds = time.perf_counter() - t0
     title = f"{cand.version} vs {base.version if base else 'no production'} on {len(data):,} decisions"
     out.print(ope_report.estimates_table(evaluation, title=title, gate=verdict))
+    cand_est = evaluation.estimate(cand.version, estimator)
+    small = cand_est.ess < min_ess
+    if small:
+        console.print(f"[red]sample too small:[/] the candidate's {estimator} estimate rests on an effective sample "
+                      f"size of {cand_est.ess:.0f} (of {len(data):,} decisions), below the minimum {min_ess:.0f}; "
+                      "its estimate and interval are not a basis for promotion. Evaluate on more traffic.")
     if verdict is None:
         console.print("[yellow]no production version to compare with[/]: the gate was not applied")
     record = {"passed": bool(verdict.passed) if verdict else False,
-              "reason": verdict.reason if verdict else "no production version to compare with",
+              "reason": verdict.reason if verdict else "no production version to compare with" + (
+                  f"; effective sample size {cand_est.ess:.0f} below the minimum {min_ess:.0f}" if small else ""),
+              "min_ess": min_ess,
               "estimator": estimator, "baseline": base.version if base else None, "rows": len(data),
               "since": start, "until": end, "at": now,
               "candidate_estimate": evaluation.estimate(cand.version, estimator).to_dict(),

@@ -165,6 +165,10 @@ class Metrics:
             "kassa_circuit_rejected", "Calls failed fast because the dependency's breaker was open", ["dependency"],
             registry=r,
         )
+        self.snapshots_held = Counter(
+            "kassa_snapshots_held", "Online snapshots not published because OPE on recent traffic found them "
+            "worse than what serves or had too small an ESS (issue 14)", ["placement", "reason"], registry=r,
+        )
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
         self._shown: dict[tuple[str, str], Counter] = {}

@@ -48,11 +48,23 @@ class LoggedDecisions:
     chosen_probabilities: list[list[float]] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)  # per shown offer, slot order
     fallback: list[bool] = field(default_factory=list)
+    # per candidate, its retrieval signals suffix (`kassa.decide.signals`), or None when none were logged
+    signals: list[list[str] | None] = field(default_factory=list)
     pending: int = 0  # decisions left out because their reward window had not closed
     events_replayed: int = 0
 
     def __len__(self) -> int:
         return len(self.decision_ids)
+
+    def action_suffix(self, i: int, offer_id: str) -> str:
+        """Row ``i``'s logged retrieval signals of ``offer_id`` ("" when none were logged)."""
+        sig = self.signals[i] if i < len(self.signals) else None
+        if not sig:
+            return ""
+        try:
+            return sig[self.candidates[i].index(offer_id)]
+        except ValueError:
+            return ""
 
     def top_slot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reward, logged probability, number of candidates) of every row's first slot."""
@@ -69,7 +81,7 @@ class LoggedDecisions:
     def _slice(self, a: int, b: int) -> LoggedDecisions:
         out = LoggedDecisions(self.placement)
         for name in ("decision_ids", "ts", "model_versions", "customer_ids", "features", "candidates",
-                     "probabilities", "chosen", "chosen_probabilities", "rewards", "fallback"):
+                     "probabilities", "chosen", "chosen_probabilities", "rewards", "fallback", "signals"):
             setattr(out, name, getattr(self, name)[a:b])
         return out
 
@@ -122,7 +134,7 @@ def load_logged(
         return out
     cols = {name: table.column(name).to_pylist() for name in (
         "decision_id", "ts", "model_version", "customer_id", "features_json", "candidates", "probabilities",
-        "chosen", "chosen_probabilities", "fallback")}
+        "chosen", "chosen_probabilities", "fallback", "candidate_signals")}
     wait = placement.reward.wait_seconds
     first_ts, last_ts = cols["ts"][0], cols["ts"][-1]
     events = list(_events(Path(data_dir) / "events.db", first_ts - 1.0, last_ts + wait + 3600.0))
@@ -205,6 +217,7 @@ def load_logged(
         out.chosen_probabilities.append(probs)
         out.rewards.append(r)
         out.fallback.append(cols["fallback"][i])
+        out.signals.append(cols["candidate_signals"][i])
     if progress is not None:
         progress(n, n)
     return out

@@ -51,7 +51,7 @@ def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.
         logged = data.chosen[i][0]
         if not cands or logged not in lines:
             continue
-        pmf = model.pmf(logged_shared_line(data.features[i]), [lines[c] for c in cands])
+        pmf = model.pmf(logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands])
         total = 0.0
         for c, p in zip(cands, pmf, strict=True):
             if c == logged:
@@ -92,6 +92,11 @@ def score(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, q: dic
         _WORK.clear()
 
 
+# Below this ESS the gate refuses: a normal interval is not to be trusted on a handful of effective rows
+# (issue 14: the bar for a candidate was an estimate on ESS 5 with a 95 % interval of [-0.09, 1.75]).
+MIN_ESS = 100.0
+
+
 @dataclass(slots=True)
 class EvaluationRun:
     evaluation: ope.Evaluation
@@ -121,9 +126,11 @@ def evaluate_models(
     max_weight: float | None = None,
     workers: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    min_ess: float = MIN_ESS,
 ) -> tuple[ope.Evaluation, ope.GateResult | None]:
     """Estimates for the candidate, the baseline (production), uniform-random and the logged policy,
-    and the gate's verdict of candidate vs baseline."""
+    and the gate's verdict of candidate vs baseline. Intervals are clipped to the logged rewards' range
+    (with 0); the gate refuses a candidate whose ESS is below ``min_ess``."""
     reward, logged_prob, n_cands = data.top_slot()
     logged_actions = np.array([c[0] for c in data.chosen], dtype=object)
     q_model = ope.MeanRewardModel.fit(logged_actions, reward)
@@ -144,10 +151,11 @@ def evaluate_models(
                                        for cands in data.candidates])
     evaluation = ope.evaluate_policies(
         reward, logged_prob, targets, q_logged=q_logged, q_targets=q_targets, num_candidates=n_cands,
-        level=level, max_weight=max_weight)
+        level=level, max_weight=max_weight,
+        reward_range=(min(0.0, float(reward.min())), max(0.0, float(reward.max()))) if len(reward) else None)
     verdict = None
     if baseline is not None:
         verdict = ope.gate(evaluation.estimate(candidate[0], estimator), evaluation.estimate(baseline[0], estimator),
-                           margin, rule)
+                           margin, rule, min_ess=min_ess)
     return evaluation, verdict
 

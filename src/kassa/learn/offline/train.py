@@ -24,8 +24,9 @@ import vowpalwabbit
 
 from kassa import schemas
 from kassa.catalog import CatalogSnapshot
+from kassa.features.featurize import slot_suffix
 from kassa.learn.offline.dataset import LoggedDecisions, load_logged, shared_tokens
-from kassa.learn.online.learner import vw_args
+from kassa.learn.online.learner import RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
 
 log = logging.getLogger("kassa.learn")
@@ -50,9 +51,12 @@ class TrainResult:
 
 
 def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
-    """Write VW text examples for every shown slot; returns (examples, skipped offers, reward sum)."""
+                   progress: Callable[[int, int], None] | None = None,
+                   scale: float = 1.0) -> tuple[int, int, float]:
+    """Write VW text examples for every shown slot, rewards divided by ``scale`` (the placement's
+    `RewardScale`, as the online learner does); returns (examples, skipped offers, raw reward sum)."""
     lines = snap.action_lines
+    inv = 1.0 / scale
     examples = skipped = 0
     reward_sum = 0.0
     n = len(data)
@@ -60,14 +64,15 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
         write = f.write
         for i in range(n):
             shared = "shared |c " + " ".join(shared_tokens(data.features[i]))
-            for offer_id, prob, reward in zip(data.chosen[i], data.chosen_probabilities[i], data.rewards[i],
-                                              strict=True):
+            for slot, (offer_id, prob, reward) in enumerate(zip(data.chosen[i], data.chosen_probabilities[i],
+                                                                data.rewards[i], strict=True)):
                 action = lines.get(offer_id)
                 if action is None:
                     skipped += 1  # the offer left the catalog: its features are unknown now
                     continue
                 p = prob if prob > 1e-4 else 1e-4
-                write(f"{shared}\n0:{-reward:.6g}:{p:.6g}{action}\n\n")
+                action += data.action_suffix(i, offer_id) + slot_suffix(slot)  # as served; position (learning)
+                write(f"{shared}\n0:{-reward * inv:.6g}:{p:.6g}{action}\n\n")
                 examples += 1
                 reward_sum += reward
             if progress is not None and i % 10_000 == 0:
@@ -111,7 +116,8 @@ def train_placement(
     with tempfile.TemporaryDirectory(prefix="kassa-train-") as tmp:
         examples_path = Path(tmp) / "examples.vw"
         write_progress = (lambda i, n: progress("write examples", i, n)) if progress else None
-        examples, skipped, reward_sum = write_examples(data, snap, examples_path, write_progress)
+        scale = RewardScale.of(placement.reward, data.rewards)
+        examples, skipped, reward_sum = write_examples(data, snap, examples_path, write_progress, scale.scale)
         if examples == 0:
             return TrainResult(None, len(data), 0, skipped, data.pending, 0.0, None, time.perf_counter() - t0)
         if progress:
@@ -135,8 +141,9 @@ def train_placement(
             parent=production[0].version if production else None,
             train_since=since if since is not None else ts[0], train_until=until if until is not None else ts[-1],
             rows=len(data),
-            metrics={"holdout": holdout, "examples": examples, "mean_reward": mean_reward, "train_loss": loss,
-                     "rewarded_decisions": len(data), "learned": examples, "skipped_unknown_offers": skipped,
+            metrics={**scale.state(), "holdout": holdout, "examples": examples,
+                     "mean_reward": mean_reward, "train_loss": loss, "rewarded_decisions": len(data),
+                     "learned": examples, "skipped_unknown_offers": skipped,
                      "pending_decisions": data.pending},
             reason=f"batch retrain on {len(data)} decisions", actor="train",
         )

@@ -1,6 +1,11 @@
 """`OnlineLearner`: one placement's Vowpal Wabbit contextual bandit, learning joined examples and writing
 numbered snapshots (each with its numpy-serving sidecar, exported from the live weights).
 
+Rewards reach VW on a known scale (`RewardScale`, ADR 0010): divided by the largest fixed event weight, or
+for value-weighted rewards by the mean non-zero reward seen so far, so a typical outcome is worth about 1.
+Without it a value-weighted placement fed costs down to -30 and squareCB's gamma, which is tuned for costs
+in [-1, 0], turned the policy nearly greedy (issue 14: mean slot-1 probability 0.98).
+
 Learning uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
 default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost.
 """
@@ -32,6 +37,47 @@ def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str
     return f"--cb_explore_adf {explore} -q co -l {learning_rate} -b 20 --quiet {extra}".strip()
 
 
+class RewardScale:
+    """What a placement's rewards are divided by before VW sees them (see the module docstring).
+
+    Fixed weights only (accept 1, click 0.1): the largest weight, so a typical outcome is 1 as before.
+    With ``value`` weights: the mean absolute non-zero reward seen so far (1 until the first one), so a
+    typical outcome is again about 1 whatever the store's currency and basket size. The cap is not the
+    divisor: it clips outliers and is usually far above a typical reward (a cap of 50 made an accept worth
+    0.02 and squareCB explored most of the time).
+    """
+
+    def __init__(self, definition: schemas.RewardDefinition, mean: float = 0.0, n: int = 0) -> None:
+        numeric = [abs(w) for w in definition.weights.values() if w != "value"]
+        self.by_value = any(w == "value" for w in definition.weights.values())
+        self.fixed = 1.0 if self.by_value or not numeric or max(numeric) <= 0 else max(numeric)
+        self.mean = mean
+        self.n = n
+
+    @property
+    def scale(self) -> float:
+        return self.mean if self.by_value and self.n and self.mean > 0 else self.fixed
+
+    def __call__(self, reward: float) -> float:
+        if self.by_value and reward != 0.0:
+            self.n += 1
+            self.mean += (abs(reward) - self.mean) / self.n
+        return reward / self.scale
+
+    def state(self) -> dict[str, float]:
+        return {"reward_scale": self.scale, "reward_scale_mean": self.mean, "reward_scale_n": self.n}
+
+    @classmethod
+    def restore(cls, definition: schemas.RewardDefinition, meta: dict) -> RewardScale:
+        return cls(definition, float(meta.get("reward_scale_mean", 0.0)), int(meta.get("reward_scale_n", 0)))
+
+    @classmethod
+    def of(cls, definition: schemas.RewardDefinition, rewards: list[list[float]]) -> RewardScale:
+        """The scale batch training uses: the same rule over the logged rewards."""
+        nonzero = [abs(r) for rs in rewards for r in rs if r != 0.0]
+        return cls(definition, sum(nonzero) / len(nonzero) if nonzero else 0.0, len(nonzero))
+
+
 class OnlineLearner:
     """One placement's learner: learns joined examples and writes numbered snapshots."""
 
@@ -53,6 +99,8 @@ class OnlineLearner:
         self.counter = model_counter(latest[1]) if init and latest else 0
         self.learned_since_snapshot = 0
         self.reward_sum = 0.0
+        self.definition = placement.reward
+        self.scale = RewardScale.restore(placement.reward, latest[2] if init and latest else {})
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -64,12 +112,15 @@ class OnlineLearner:
         meta = meta or {}
         self.learned = int(meta.get("learned", self.learned))
         self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
+        if "reward_scale_n" in meta:
+            self.scale = RewardScale.restore(self.definition, meta)
         self.learned_since_snapshot = 0
 
     def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
-        # VW minimises cost; rewards are negated. Probabilities are floored to keep weights bounded.
+        # VW minimises cost; rewards are normalised, then negated. Probabilities are floored to keep weights
+        # bounded.
         p = probability if probability > 1e-4 else 1e-4
-        ex = self.workspace.parse([shared, f"0:{-reward:.6g}:{p:.6g}{action}"], _LT)
+        ex = self.workspace.parse([shared, f"0:{-self.scale(reward):.6g}:{p:.6g}{action}"], _LT)
         try:
             self.workspace.learn(ex)
         finally:
@@ -90,7 +141,7 @@ class OnlineLearner:
         except UnsupportedModel as why:
             log.info("%s is served by VW itself: %s", path.name, why)
         meta = {"seq": self.seq, "args": self.args, "learned": self.learned,
-                "rewarded_decisions": self.rewarded_decisions, "created_at": time.time()}
+                "rewarded_decisions": self.rewarded_decisions, "created_at": time.time(), **self.scale.state()}
         path.with_suffix(".json").write_text(json.dumps(meta))
         self.learned_since_snapshot = 0
         for old in sorted(self.dir.glob("*.vw"))[:-keep]:

@@ -37,7 +37,9 @@ from kassa import policies
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
 from kassa.events.join import JoinedExample
+from kassa.features.featurize import slot_suffix
 from kassa.learn.canary import Breach, CanaryGuard
+from kassa.learn.online.guard import PublishGuard, Verdict
 from kassa.learn.online.learner import OnlineLearner, latest_snapshot
 from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, Stage
@@ -91,6 +93,9 @@ class LearningLoop:
         self.shadow = shadow
         self.sync = ModelSync(registry, models, self.schema_hash) if registry is not None else None
         self.guard = CanaryGuard(settings.canary)
+        g = settings.guard
+        self.publish_guard = PublishGuard(g.window, g.min_ess, g.z, g.tolerance) if g.enabled else None
+        self.verdicts: dict[str, Verdict] = {}  # placement -> the publish guard's last verdict
         self.learners: dict[str, OnlineLearner] = {}
         self._last_snapshot: dict[str, float] = {}
         self._published: dict[str, str] = {}  # placement -> last version the learner registered
@@ -276,17 +281,20 @@ class LearningLoop:
         for ex in examples:
             if ex.slot == 0 and ex.version:
                 guard.rewarded(ex.placement, ex.version, ex.reward)
+            if ex.slot == 0 and self.publish_guard is not None:
+                self.publish_guard.observe(ex)
             view = placements.get(ex.placement)
             if view is None or not policies.learns(view.placement.policy):
                 continue  # baseline and uniform placements serve no model; their log stays for training
             learner = self.learner(ex.placement)
             if learner is None:
                 continue
-            learner.learn(ex.shared, ex.action, ex.reward, ex.probability)
+            action = ex.action + slot_suffix(ex.slot) if ex.slot else ex.action
+            learner.learn(ex.shared, action, ex.reward, ex.probability)
             learned[ex.placement] = learned.get(ex.placement, 0) + 1
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
-            example = (ex.shared, ex.action, ex.reward, ex.probability, ex.slot == 0)
+            example = (ex.shared, action, ex.reward, ex.probability, ex.slot == 0)
             history = self._history.get(ex.placement)
             if history is None:
                 history = self._history[ex.placement] = deque(maxlen=_HISTORY)
@@ -331,15 +339,19 @@ class LearningLoop:
         if self.snapshot_meta is not None:
             meta.update(self.snapshot_meta(placement_id))
         self._last_snapshot[placement_id] = now
+        verdict = self._guard(placement_id, path, own_version, meta)
+        reason = "online learner snapshot" + (f"; {verdict.reason}" if verdict is not None else "")
+        held = verdict is not None and not verdict.publish
         if self.registry is None or self.sync is None:
             model = load_serving(path, own_version, meta)
-            self.models.publish(placement_id, model)
+            if not held:
+                self.models.publish(placement_id, model)
             return model
-        stage: Stage = "production" if self.settings.auto_publish else "candidate"
+        stage: Stage = "production" if self.settings.auto_publish and not held else "candidate"
         mv = self.registry.register(
             placement_id, path, schema_hash=self.schema_hash(placement_id) or "", learner_args=learner.args,
             source="online", stage=stage, parent=self._published.get(placement_id), rows=learner.learned,
-            metrics=meta, reason="online learner snapshot", actor="learner", link=True, auto=True,
+            metrics=meta, reason=reason, actor="learner", link=True, auto=True,
         )
         self._published[placement_id] = mv.version
         model = load_serving(self.registry.path(mv), mv.version, meta, mv.sha256)
@@ -351,6 +363,25 @@ class LearningLoop:
         self.registry.prune(placement_id, self.settings.keep_online_artifacts)
         log.info("registered %s as %s (%d examples learned)", mv.version, stage, learner.learned)
         return model
+
+    def _guard(self, placement_id: str, path: Path, version: str, meta: dict) -> Verdict | None:
+        """The publish guard's verdict on a new snapshot (None: no guard, or nothing to judge it on yet)."""
+        g = self.publish_guard
+        if g is None or not self.settings.auto_publish or g.rows(placement_id) == 0:
+            return None
+        try:
+            candidate = load_serving(path, version, meta)
+            verdict = g.check(placement_id, candidate, self.models.get(placement_id))
+        except Exception:
+            log.exception("publish guard failed on %s; holding it", version)
+            verdict = Verdict(False, "held: the publish guard failed (see the log)", 0, 0.0, None, None, "error")
+        self.verdicts[placement_id] = verdict
+        meta.update(verdict.metrics())
+        if not verdict.publish:
+            log.warning("%s not published: %s", version, verdict.reason)
+            if self.metrics is not None:
+                self.metrics.snapshots_held.labels(placement_id, verdict.kind).inc()
+        return verdict
 
     def enforce_guardrails(self) -> list[Breach]:
         if self.registry is None:

@@ -138,7 +138,8 @@ class RewardJoiner:
                         reward = min(reward, cap)
                 out.append(
                     JoinedExample(pending.placement, decision_id, pending.shared, pending.actions[slot],
-                                  offer_id, reward, pending.probabilities[slot], slot, pending.version)
+                                  offer_id, reward, pending.probabilities[slot], slot, pending.version,
+                                  pending.candidates if slot == 0 else None, pending.top_index)
                 )
         return out
 

@@ -17,7 +17,7 @@ from kassa.monitor.drift.config import REWARD, Direction, DriftConfig, Severity
 from kassa.monitor.drift.distribution import distribution_rows
 from kassa.monitor.drift.report import DriftReport, DriftRow
 from kassa.monitor.drift.statistics import normal_cdf, welch_z
-from kassa.monitor.drift.window import Moments, Window, decision_score
+from kassa.monitor.drift.window import Moments, Window, decision_action, decision_score
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -73,8 +73,13 @@ def window_from_decisions(table: pa.Table, rewards: Mapping[str, Sequence[tuple[
     ids = table.column("decision_id").to_pylist()
     feats = table.column("features_json").to_pylist()
     probs = table.column("probabilities").to_pylist()
-    for decision_id, fj, pr in zip(ids, feats, probs, strict=True):
-        window.add_decision(_features_json.decode(fj), decision_score(pr))
+    cands = table.column("candidates").to_pylist()
+    versions = table.column("model_version").to_pylist()
+    for decision_id, fj, pr, cs, version in zip(ids, feats, probs, cands, versions, strict=True):
+        # With the serving version, as the live monitor records it: a model that learned between the two windows
+        # changes the score and first choice by design, and `distribution_rows` then only warns (issue 14:
+        # `kassa drift` alerted on `score` while the model was simply learning).
+        window.add_decision(_features_json.decode(fj), decision_score(pr), decision_action(cs, pr), version)
         if rewards is not None:
             outcome = rewards.get(decision_id)
             if outcome is not None:
