@@ -16,9 +16,8 @@ from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings
 from kassa.db import make_engine
-from kassa.decide.engine import DecisionEngine, IdempotencyCache
+from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
-from kassa.decide.rules import FrequencyLedger
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, find_decision
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
@@ -26,19 +25,18 @@ from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
 from kassa.features.online.factory import close_online_store, open_online_store
 from kassa.features.online.memory import InMemoryOnlineStore
-from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
 from kassa.features.streaming.processor import StreamProcessor
 from kassa.ingest import EventIngest
 from kassa.keys import KeyStore
 from kassa.learn.online.loop import LearningLoop
-from kassa.learn.online.rewards import RewardJoiner
 from kassa.learn.registry import ModelRegistry, feature_schema_hash
 from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
+from kassa.state import StateBackend
 
 log = logging.getLogger("kassa")
 
@@ -64,14 +62,15 @@ class Kassa:
             self.registry.apply(load_repo(settings.features.definitions_file))
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
-        # The built-in customer profile is process-local state rebuilt from the event log at start.
-        self.profiles = CustomerProfiles()
+        # Per-buyer / per-request state (`state.backend`): profiles, caps, idempotency, pending decisions.
+        self.state = StateBackend(settings, self._reward_definition, clock)
+        self.profiles = self.state.profiles
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock)
         self.retriever = ProductRetriever()
-        self.ledger = FrequencyLedger()
+        self.ledger = self.state.ledger
         self.models = ModelStore()
-        self.joiner = RewardJoiner(self._reward_definition)
+        self.joiner = self.state.joiner
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         self.decision_log = DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
                                               on_written=self.drift.observe_records)
@@ -100,10 +99,11 @@ class Kassa:
         self.engine = DecisionEngine(
             self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models, self.joiner,
             self.decision_log, settings.store_timezone,
-            IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
+            self.state.idempotency,
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
             on_served=self.learning.guard.served, shadow=self.shadow, on_shown=self.metrics.observe_shown,
+            state=self.state.decision_state, state_timeout=self.state.timeout,
         )
         self.metrics.known_offers = lambda: self.catalog.snapshot.offers
         self.metrics.live = self.live_state
@@ -115,7 +115,8 @@ class Kassa:
             if stream_views else None
         )
         self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
-                                  on_event=self._count_event, stream=self.stream)
+                                  on_event=self._count_event, stream=self.stream,
+                                  after_apply=self.state.after_apply)
         self._tasks: list[asyncio.Task] = []
         self.ready = False
         self.started_at = 0.0
@@ -183,10 +184,12 @@ class Kassa:
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
-        replayed = self.events.replay()
+        restored = self.state.restore()
+        with self.state.replaying():
+            replayed = self.events.replay()
         self.learning.load_models()
-        log.info("replayed %d events, loaded models %s in %.0f ms", replayed, self.models.versions(),
-                 (time.perf_counter() - t0) * 1000)
+        log.info("replayed %d events, restored %d pending decisions, loaded models %s in %.0f ms", replayed,
+                 restored, self.models.versions(), (time.perf_counter() - t0) * 1000)
 
     async def start(self) -> None:
         self.warm_up()
@@ -199,6 +202,7 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
+        self._tasks.extend(self.state.tasks())
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
@@ -217,6 +221,7 @@ class Kassa:
             self.stream.stop()
             await self.stream.save_checkpoint()
         self.learning.snapshot_due(force=True)
+        await self.state.close()
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kassa import errors, schemas
 from kassa.catalog import Catalog
@@ -32,7 +32,9 @@ class EventIngest:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[schemas.Event], None] | None = None,
         stream: StreamProcessor | None = None,
+        after_apply: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self.after_apply = after_apply  # shared state (kassa.state): awaited so the ack follows its writes
         self.stream = stream
         self.log = event_log
         self.catalog = catalog
@@ -57,6 +59,8 @@ class EventIngest:
         result = await self.log.append(batch.events, self.clock())
         for event in result.new:
             self.apply(event)
+        if self.after_apply is not None and result.new:
+            await self.after_apply()
         if self.stream is not None:
             # Read-after-write: streaming features see the events before the ack returns.
             for event in result.new:
