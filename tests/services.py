@@ -183,3 +183,38 @@ def _unavailable(reason: str) -> NoReturn:
             "or point REDIS_URL at one.")
     ci = " CI=true: a missing service fails the run." if os.environ.get("CI", "").lower() == "true" else ""
     pytest.fail(f"Redis is required by these tests: {reason}. {hint}{ci}", pytrace=False)
+
+
+class ThrowawayRedis:
+    """A `redis-server` of the test's own on a free port, for outage tests: `kill` it (SIGKILL) and `start` it
+    again on the same port. Never the shared server. Stopped when the test process exits."""
+
+    def __init__(self) -> None:
+        self.server = _redis_server([])
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.workdir = tempfile.mkdtemp(prefix="kassa-redis-outage-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.stop)
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10.0
+        while not _answers(self.url):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                _unavailable(f"a throwaway {self.server} on port {self.port} did not answer PING")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, self.workdir)

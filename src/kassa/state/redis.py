@@ -276,10 +276,8 @@ class RedisDecisionState:
             raw = replies[i]
             state.profile = _profile(raw) if raw else None
             times: dict[str, list[float]] = {}
-            flat = replies[i + 1]
-            for j in range(0, len(flat), 2):
-                offer = flat[j].split(b"|", 1)[0].decode()
-                times.setdefault(offer, []).append(float(flat[j + 1]))
+            for member, score in _pairs(replies[i + 1]):
+                times.setdefault(member.split(b"|", 1)[0].decode(), []).append(float(score))
             state.caps = ShownTimes(customer_id, times)
         return state
 
@@ -314,6 +312,15 @@ class RedisDecisionState:
         if reply == 0:
             return write.response
         return decode_response(reply[8:])  # another process answered this request_id first
+
+
+def _pairs(reply: list) -> list[tuple[Any, Any]]:
+    """``WITHSCORES`` / ``HGETALL`` replies as (member, value) pairs: flat under RESP2, nested under RESP3."""
+    if reply and isinstance(reply[0], list):
+        return [(m, v) for m, v in reply]
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return list(zip(reply[::2], reply[1::2], strict=True))
 
 
 def _profile(raw: bytes) -> dict:
@@ -504,7 +511,7 @@ class SharedRewardJoiner:
         forget: list[tuple] = []
         for decision_id, blob, flat in rows:
             p = _unpack_pending(blob)
-            rewards = {flat[j].decode(): float(flat[j + 1]) for j in range(0, len(flat), 2)}
+            rewards = {k.decode(): float(v) for k, v in _pairs(flat)}
             outcomes = int(rewards.pop("#n", 0))
             definition = self._definition(p.placement)
             default = definition.default if definition else 0.0
@@ -528,7 +535,8 @@ class SharedRewardJoiner:
         r = self.redis
         size, oldest = await r.run([("ZCARD", r.due_key), ("ZRANGE", r.due_key, 0, 0, "WITHSCORES")])
         self._size = int(size)
-        self._oldest = float(oldest[1]) if oldest else None
+        pairs = _pairs(oldest)
+        self._oldest = float(pairs[0][1]) if pairs else None
 
     async def run(self) -> None:
         """Apply queued work and close due decisions every ``interval`` seconds, for ever."""
