@@ -114,7 +114,8 @@ class Kassa:
             StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
             if stream_views else None
         )
-        self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles, self.retriever, clock,
+        self.events = EventIngest(self.event_log, self.catalog, self.joiner, self.profiles,
+                                  self.state.retrieval_input(self.retriever), clock,
                                   on_event=self._count_event, stream=self.stream,
                                   after_apply=self.state.after_apply)
         self._tasks: list[asyncio.Task] = []
@@ -202,7 +203,7 @@ class Kassa:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self._tasks.append(asyncio.create_task(self.learning.run(), name="kassa-learning"))
-        self._tasks.extend(self.state.tasks())
+        self._tasks.extend(await self.state.start())
         if self.stream is not None:
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.

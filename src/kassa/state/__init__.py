@@ -10,13 +10,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from kassa import schemas
 from kassa.config import Settings
+from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.decide.state import DecisionState, IdempotencyCache, LocalDecisionState, decode_response
 from kassa.features.profile import CustomerProfiles
 from kassa.learn.online.rewards import RewardJoiner
+
+if TYPE_CHECKING:  # the backends import their client libraries only when configured
+    from kassa.state.local import SqliteStateJournal
+    from kassa.state.redis import RedisState, SharedRewardJoiner
+    from kassa.state.retrieval import OrderFeed
 
 
 class StateBackend:
@@ -32,9 +39,10 @@ class StateBackend:
         self.ledger = FrequencyLedger()
         self.idempotency = IdempotencyCache(settings.server.idempotency_ttl_seconds,
                                             settings.server.idempotency_max_entries)
-        self.journal = None
-        self.redis = None
-        self.shared = None
+        self.journal: SqliteStateJournal | None = None
+        self.redis: RedisState | None = None
+        self.shared: SharedRewardJoiner | None = None
+        self.feed: OrderFeed | None = None
         self.decision_state: DecisionState
         if st.backend == "redis":
             from kassa.state.redis import RedisDecisionState, RedisProfiles, RedisState, SharedRewardJoiner
@@ -56,6 +64,16 @@ class StateBackend:
             self.decision_state = LocalDecisionState(self.idempotency, self.ledger, self.profiles, self.joiner,
                                                      self.journal)
 
+    def retrieval_input(self, retriever: ProductRetriever) -> ProductRetriever:
+        """What the ingest feeds orders to: the retriever itself (embedded: rebuilt from the event log at
+        start), or the shared order stream every process's retriever folds (Redis, see `state.retrieval`)."""
+        if self.redis is None:
+            return retriever
+        from kassa.state.retrieval import OrderFeed
+
+        self.feed = OrderFeed(self.redis, retriever)
+        return self.feed  # type: ignore[return-value]  # the observe_order surface the ingest uses
+
     @property
     def timeout(self) -> float:
         return self.settings.state.timeout_ms / 1000.0
@@ -71,6 +89,8 @@ class StateBackend:
         assert self.shared is not None
         with contextlib.suppress(StateUnavailable):  # kept queued and retried: the events are in the log
             await self.shared.flush()
+            if self.feed is not None:
+                await self.feed.flush()
 
     def restore(self) -> int:
         """Embedded: put back what the journal holds (pending decisions, idempotent responses, shows) and
@@ -93,20 +113,33 @@ class StateBackend:
             yield
             return
         self.shared.replaying = True
+        if self.feed is not None:
+            self.feed.replaying = True
         try:
             yield
         finally:
             self.shared.replaying = False
+            if self.feed is not None:
+                self.feed.replaying = False
 
-    def tasks(self) -> list[asyncio.Task]:
+    async def start(self) -> list[asyncio.Task]:
+        """Redis: rebuild retrieval from the shared order stream (before the process reports ready), then
+        the background tasks that apply queued writes, close due decisions and follow the stream."""
         if self.shared is None:
             return []
-        return [asyncio.create_task(self.shared.run(), name="kassa-shared-state")]
+        from kassa.state.redis import StateUnavailable
+
+        tasks = [asyncio.create_task(self.shared.run(), name="kassa-shared-state")]
+        if self.feed is not None:
+            with contextlib.suppress(StateUnavailable):  # Redis down at start: the feed catches up later
+                await self.feed.pull()
+            tasks.append(asyncio.create_task(self.feed.run(), name="kassa-retrieval-feed"))
+        return tasks
 
     async def close(self) -> None:
         if self.journal is not None:
             self.journal.close()
         if self.shared is not None and self.redis is not None:
             with contextlib.suppress(Exception):
-                await self.shared.flush()
+                await self._flush()
             await self.redis.close()

@@ -9,9 +9,10 @@ the (durable) event log at start, as before.
 
 What a ``kill -9`` can lose: the changes of the last ``flush_seconds`` (plus the commit in flight). WAL with
 ``synchronous=NORMAL`` survives the process dying (the pages are in the OS cache); a power loss can lose the
-last commits, like the event log. A synchronous commit per decision was the alternative: one transaction of
-2-3 statements costs ~40-60 µs on the event loop, measured on this 2-core machine, against ~1 µs for the
-append here.
+last commits, like the event log. A synchronous commit per decision was the alternative: measured on this
+2-core machine, one transaction of a decision's rows (pending record, three shows, idempotent response) took a
+median 26 µs but a P99 of 4.0 ms (WAL checkpoints land on the caller), against 3.7 µs per decision for the
+five appends here.
 
 Rows: ``pending`` (decision id -> msgpack `PendingDecision` with its rewards so far, deleted when closed),
 ``idem`` (request id -> fingerprint + response JSON, pruned after the idempotency TTL), ``shown`` (customer,

@@ -22,7 +22,8 @@ Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency 
 ZRANGE), `commit` ONE script call (idempotency SET NX, shows ZADD, pending record); both are bounded by
 ``state.timeout_ms`` and the request's remaining budget. A failure or timeout answers ``fallback: true``
 from defaults and opens a breaker for ``retry_seconds`` (1 s) during which requests do not wait on Redis
-at all; the next request after it tries again (recovery within ~1 s of Redis answering).
+at all; the next request after it tries again (recovery within ~1 s of Redis answering). A refused connection
+opens it at once, timeouts when three come in a row.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ class RedisState:
         self.commit_sha, self.profile_sha, self.claim_sha = list(self._scripts)
         self._down_until = 0.0
         self.failures = 0
+        self._timeouts = 0  # in a row
+        self.timeouts_to_open = 3
 
     # -- keys
     def idem_key(self, request_id: str) -> str:
@@ -185,10 +188,16 @@ class RedisState:
         return time.monotonic() >= self._down_until
 
     def failed(self, exc: BaseException) -> None:
+        """A refused or broken connection opens the breaker at once; timeouts only when ``timeouts_to_open``
+        come in a row (one slow reply on a busy host should cost one fallback, not a second of them)."""
+        self.failures += 1
+        if isinstance(exc, asyncio.TimeoutError | RedisTimeoutError):
+            self._timeouts += 1
+            if self._timeouts < self.timeouts_to_open:
+                return
         if self.available:
             log.warning("Redis state unavailable (%s: %s); serving without it for %.1f s", type(exc).__name__,
                         exc, self.retry_seconds)
-        self.failures += 1
         self._down_until = time.monotonic() + self.retry_seconds
 
     async def run(self, commands: list[tuple], timeout: float | None = None) -> list[Any]:
@@ -208,6 +217,7 @@ class RedisState:
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self.failed(exc)
             raise StateUnavailable(str(exc)) from exc
+        self._timeouts = 0
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
