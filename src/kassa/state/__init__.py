@@ -90,7 +90,7 @@ class StateBackend:
         with contextlib.suppress(StateUnavailable):  # kept queued and retried: the events are in the log
             await self.shared.flush()
             if self.feed is not None:
-                await self.feed.flush()
+                await self.feed.flush(pull=False)
 
     def restore(self) -> int:
         """Embedded: put back what the journal holds (pending decisions, idempotent responses, shows) and

@@ -348,8 +348,11 @@ class SharedRewardJoiner:
     loop's synchronous ``expire`` drains. `run` does both in the background."""
 
     def __init__(self, redis: RedisState, definition: Callable[[str], schemas.RewardDefinition | None],
-                 clock: Callable[[], float] = time.time, interval: float = 0.1) -> None:
+                 clock: Callable[[], float] = time.time, interval: float = 0.1, closes: bool = True) -> None:
         self.redis = redis
+        # Whether `run` closes due decisions here: every process by default (each decision is closed once, by
+        # whichever claims it first); a serving-only role leaves closing and learning to `kassa learn`.
+        self.closes = closes
         self._definition = definition
         self.clock = clock
         self.interval = interval
@@ -553,7 +556,8 @@ class SharedRewardJoiner:
         while True:
             try:
                 await self.flush()
-                await self.claim()
+                if self.closes:
+                    await self.claim()
                 await self.refresh_size()
             except asyncio.CancelledError:
                 raise

@@ -57,7 +57,9 @@ class OrderFeed:
         if keys:
             self._queue.append(_encode((keys, customer_id, ts)))
 
-    async def flush(self) -> None:
+    async def flush(self, pull: bool = True) -> None:
+        """Append the queued orders; then, when ``pull`` or when orders were appended (read-your-writes
+        before the ingest acknowledges them), apply the stream."""
         queue, self._queue = self._queue, []
         if queue:
             try:
@@ -66,7 +68,8 @@ class OrderFeed:
             except StateUnavailable:
                 self._queue[:0] = queue
                 raise
-        await self.pull()
+        if pull or queue:
+            await self.pull()
 
     async def pull(self) -> int:
         """Apply every order appended since the last pull (by any process); returns how many."""
