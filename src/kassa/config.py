@@ -74,6 +74,7 @@ class StateSettings(Struct, forbid_unknown_fields=True):
     timeout_ms: float = 20.0  # most a decision waits on each Redis round trip (also bounded by its budget)
     retry_seconds: float = 1.0  # after a failure, requests skip Redis (fallback) this long before trying again
     flush_ms: float = 20.0  # embedded: how often the journal commits (what a kill -9 can lose at most)
+    await_commit: bool = False  # redis: a decision waits for its write (strict request_id across processes)
 
 
 class Settings(Struct, forbid_unknown_fields=True):

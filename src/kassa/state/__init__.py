@@ -53,7 +53,7 @@ class StateBackend:
             self.shared = SharedRewardJoiner(self.redis, definition, clock)
             self.joiner: RewardJoiner = self.shared  # type: ignore[assignment]  # the same surface
             self.profiles: CustomerProfiles = RedisProfiles(self.shared)  # type: ignore[assignment]
-            self.decision_state = RedisDecisionState(self.redis)
+            self.decision_state = RedisDecisionState(self.redis, st.await_commit)
         else:
             from kassa.state.local import FILE, SqliteStateJournal
 
@@ -136,7 +136,15 @@ class StateBackend:
             tasks.append(asyncio.create_task(self.feed.run(), name="kassa-retrieval-feed"))
         return tasks
 
+    async def drain(self) -> None:
+        """Redis: wait for the decisions' queued writes (tests, shutdown)."""
+        from kassa.state.redis import RedisDecisionState
+
+        if isinstance(self.decision_state, RedisDecisionState):
+            await self.decision_state.drain()
+
     async def close(self) -> None:
+        await self.drain()
         if self.journal is not None:
             self.journal.close()
         if self.shared is not None and self.redis is not None:

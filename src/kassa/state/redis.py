@@ -37,14 +37,11 @@ from typing import Any
 
 import msgspec
 from hiredis import pack_command
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kassa import schemas
 from kassa.decide.state import BuyerState, DecisionWrite, ShownTimes, decode_response, encode_response
 from kassa.events.join import JoinedExample, PendingDecision
+from kassa.state.conn import PipelinedConnection
 
 log = logging.getLogger("kassa.state")
 
@@ -133,18 +130,20 @@ class StateUnavailable(Exception):
     """Redis did not answer (or the breaker is open)."""
 
 
+class StateError(Exception):
+    """Redis answered with an error (a bug or a misconfigured server, not an outage)."""
+
+
 class RedisState:
     """One Redis connection pool, the key layout and the scripts, shared by the classes below."""
 
     def __init__(self, url: str, prefix: str = "kassa:state", *, idempotency_ttl: float = 600.0,
-                 cap_window: float = 30 * 86_400.0, retry_seconds: float = 1.0, **client_kwargs: Any) -> None:
+                 cap_window: float = 30 * 86_400.0, retry_seconds: float = 1.0) -> None:
         self.prefix = prefix
         self.idempotency_ttl = idempotency_ttl
         self.cap_window = cap_window
         self.retry_seconds = retry_seconds
-        client_kwargs.setdefault("socket_connect_timeout", 0.25)
-        client_kwargs.setdefault("socket_timeout", 2.0)
-        self.client: Redis = Redis.from_url(url, **client_kwargs)
+        self.conn = PipelinedConnection(url)
         self._scripts = {_sha1(s): s for s in (_COMMIT_LUA, _PROFILE_LUA, _CLAIM_LUA)}
         self.commit_sha, self.profile_sha, self.claim_sha = list(self._scripts)
         self._down_until = 0.0
@@ -191,7 +190,7 @@ class RedisState:
         """A refused or broken connection opens the breaker at once; timeouts only when ``timeouts_to_open``
         come in a row (one slow reply on a busy host should cost one fallback, not a second of them)."""
         self.failures += 1
-        if isinstance(exc, asyncio.TimeoutError | RedisTimeoutError):
+        if isinstance(exc, TimeoutError):
             self._timeouts += 1
             if self._timeouts < self.timeouts_to_open:
                 return
@@ -206,58 +205,42 @@ class RedisState:
         if not self.available:
             raise StateUnavailable("breaker open")
         try:
-            if timeout is None:
-                replies = await self._execute(commands)
-            else:
-                replies = await asyncio.wait_for(self._execute(commands), timeout)
-            if any(isinstance(r, NoScriptError) for r in replies):
-                for script in self._scripts.values():
-                    await self.client.script_load(script)
-                replies = await self._execute(commands)
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+            if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
+                await self._execute([("SCRIPT", "LOAD", script) for script in self._scripts.values()])
+                replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+        except (TimeoutError, OSError) as exc:  # ConnectionLost is an OSError
             self.failed(exc)
             raise StateUnavailable(str(exc)) from exc
         self._timeouts = 0
         for reply in replies:
             if isinstance(reply, Exception):
-                raise reply
+                raise StateError(str(reply))
         return replies
 
     async def _execute(self, commands: list[tuple]) -> list[Any]:
-        # As `kassa.features.online.redis.RedisOnlineStore._execute`: one packed write on one pooled
-        # connection, without redis-py's Pipeline bookkeeping (which costs as much as a local round trip).
-        pool = self.client.connection_pool
-        for attempt in (1, 2):
-            conn = await pool.get_connection()
-            try:
-                await conn.send_packed_command(b"".join([pack_command(c) for c in commands]), check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                await conn.disconnect()  # cancelled mid-stream: never hand a desynced connection back
-                raise
-            finally:
-                await pool.release(conn)
-        raise AssertionError("unreachable")
+        return await self.conn.execute(b"".join([pack_command(c) for c in commands]), len(commands))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.conn.close()
 
 
 class RedisDecisionState:
-    """`DecisionState` on Redis: one round trip to read, one script call to write."""
+    """`DecisionState` on Redis: one round trip to read, one script call to write.
 
-    def __init__(self, redis: RedisState) -> None:
+    With ``await_commit`` (``state.await_commit``) the decision waits for its write: a request_id answered
+    concurrently by two processes then gets one decision. Without it (the default) writes are queued and sent
+    by one writer task, all writes queued meanwhile in one round trip (group commit), so a decision waits on
+    Redis once; the write reaches Redis within the same event-loop turn or the next, before a buyer's next
+    click can, and only a truly simultaneous duplicate request_id on two processes can get two decisions.
+    """
+
+    def __init__(self, redis: RedisState, await_commit: bool = False) -> None:
         self.redis = redis
+        self.await_commit = await_commit
+        self._queued: list[tuple] = []
+        self._writer: asyncio.Task | None = None
+        self.dropped = 0  # writes lost to an outage (their decisions were served, not registered)
 
     async def load(self, request_id: str | None, customer_id: str | None, now: float,
                    timeout: float) -> BuyerState:
@@ -315,6 +298,11 @@ class RedisDecisionState:
         command = ("EVALSHA", r.commit_sha, 5, idem, shown, pend, r.due_key, index,
                    idem_blob, int(r.idempotency_ttl * 1000), now, now - r.cap_window, int(r.cap_window * 1000),
                    pend_blob, deadline, p.decision_id if p is not None else "", expire_at, len(members), *members)
+        if not self.await_commit:
+            self._queued.append(command)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write())
+            return write.response
         try:
             (reply,) = await r.run([command], timeout)
         except StateUnavailable:
@@ -322,6 +310,22 @@ class RedisDecisionState:
         if reply == 0:
             return write.response
         return decode_response(reply[8:])  # another process answered this request_id first
+
+    async def _write(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                await self.redis.run(batch)
+            except StateUnavailable:
+                self.dropped += len(batch)
+            except Exception:
+                self.dropped += len(batch)
+                log.exception("state writes failed")
+
+    async def drain(self) -> None:
+        """Wait until every queued write was sent and answered."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
 
 def _pairs(reply: list) -> list[tuple[Any, Any]]:
