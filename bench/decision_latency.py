@@ -358,6 +358,14 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
                         proc.wait()
         if args.verbose:
             sys.stderr.write(f"--- server output ---\n{log_path.read_text(errors='replace')}\n")
+        if args.state == "redis":  # the run's keys (pending decisions live a day past their window)
+            import redis
+
+            client = redis.Redis.from_url(args.redis_url)
+            keys = list(client.scan_iter(match=f"{env['KASSA_STATE__KEY_PREFIX']}:*", count=1000))
+            for i in range(0, len(keys), 1000):
+                client.delete(*keys[i:i + 1000])
+            client.close()
 
 
 async def wait_ready(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:

@@ -84,7 +84,7 @@ def test_kill_9_keeps_the_pending_decision_and_the_request_id(tmp_path: Path) ->
         reward = None
         while time.monotonic() < deadline:
             metrics = httpx.get(f"{url}/metrics", headers=admin).text
-            reward = _metric(metrics, "kassa_offer_reward", f'{{placement="thanks",offer="{offer}"}}')
+            reward = _metric(metrics, "kassa_offer_reward", f'{{offer="{offer}",placement="thanks"}}')
             if reward is not None:
                 break
             time.sleep(0.2)

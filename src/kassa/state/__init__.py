@@ -22,7 +22,8 @@ from kassa.learn.online.rewards import RewardJoiner
 
 if TYPE_CHECKING:  # the backends import their client libraries only when configured
     from kassa.state.local import SqliteStateJournal
-    from kassa.state.redis import RedisState, SharedRewardJoiner
+    from kassa.state.redis import RedisState
+    from kassa.state.redis_join import SharedRewardJoiner
     from kassa.state.retrieval import OrderFeed
 
 
@@ -45,7 +46,8 @@ class StateBackend:
         self.feed: OrderFeed | None = None
         self.decision_state: DecisionState
         if st.backend == "redis":
-            from kassa.state.redis import RedisDecisionState, RedisProfiles, RedisState, SharedRewardJoiner
+            from kassa.state.redis import RedisDecisionState, RedisState
+            from kassa.state.redis_join import RedisProfiles, SharedRewardJoiner
 
             self.redis = RedisState(st.redis_url, st.key_prefix,
                                     idempotency_ttl=settings.server.idempotency_ttl_seconds,

@@ -41,6 +41,16 @@ class PipelinedConnection:
         self._waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
         self._connecting: asyncio.Lock | None = None
 
+    def send(self, packed: bytes, n: int) -> asyncio.Future | None:
+        """Write now (before the caller's next await) and return the future of the replies; None when not
+        connected (then use `execute`)."""
+        if self._writer is None or self._writer.is_closing():
+            return None
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting.append((fut, n, []))
+        self._writer.write(packed)
+        return fut
+
     async def execute(self, packed: bytes, n: int) -> list[Any]:
         """Send ``n`` packed commands; their ``n`` replies (error replies as `hiredis.ReplyError` values)."""
         if self._writer is None or self._writer.is_closing():
