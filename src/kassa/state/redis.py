@@ -20,8 +20,8 @@ Redis Cluster hash tags, though the scripts below assume one node (they derive k
 
 Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency GET, profile GET, shows
 ZRANGE) bounded by ``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
-(idempotency SET NX, shows ZADD, pending record), queued to a writer task that sends everything queued in
-one round trip (``state.await_commit: true`` makes the decision wait for it instead). All of it travels on
+(idempotency SET NX, shows ZADD, pending record) written to the socket before the response leaves, its reply
+read in the background (``state.await_commit: true`` makes the decision wait for it instead). All of it travels on
 one pipelined connection per process (`kassa.state.conn`). A failure or timeout answers ``fallback: true``
 from defaults and opens a breaker for ``retry_seconds`` (1 s) during which requests do not wait on Redis
 at all; the next request after it tries again (recovery within ~1 s of Redis answering). A refused connection
@@ -235,10 +235,11 @@ class RedisDecisionState:
     """`DecisionState` on Redis: one round trip to read, one script call to write.
 
     With ``await_commit`` (``state.await_commit``) the decision waits for its write: a request_id answered
-    concurrently by two processes then gets one decision. Without it (the default) writes are queued and sent
-    by one writer task, all writes queued meanwhile in one round trip (group commit), so a decision waits on
-    Redis once; the write reaches Redis within the same event-loop turn or the next, before a buyer's next
-    click can, and only a truly simultaneous duplicate request_id on two processes can get two decisions.
+    concurrently by two processes then gets one decision. Without it (the default) the write is put on the
+    socket before the decision returns and its reply is read in the background, so a decision waits on Redis
+    once, and anything the buyer does after seeing the response reaches Redis after the write; only a truly
+    simultaneous duplicate request_id on two processes can get two decisions. While disconnected, or when the
+    server lost its scripts, writes go through a writer task (`RedisState.run`: script reload, breaker).
     """
 
     def __init__(self, redis: RedisState, await_commit: bool = False) -> None:
