@@ -33,7 +33,9 @@ class StateBackend:
     backend (None on Redis)."""
 
     def __init__(self, settings: Settings, definition: Callable[[str], schemas.RewardDefinition | None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, closes: bool = True) -> None:
+        """``closes=False`` (Redis): this process never closes due decisions; a serving-only role leaves
+        closing and learning to the learner role."""
         st = settings.state
         self.settings = settings
         self.clock = clock
@@ -52,7 +54,7 @@ class StateBackend:
             self.redis = RedisState(st.redis_url, st.key_prefix,
                                     idempotency_ttl=settings.server.idempotency_ttl_seconds,
                                     cap_window=self.ledger.max_window, retry_seconds=st.retry_seconds)
-            self.shared = SharedRewardJoiner(self.redis, definition, clock)
+            self.shared = SharedRewardJoiner(self.redis, definition, clock, closes=closes)
             self.joiner: RewardJoiner = self.shared  # type: ignore[assignment]  # the same surface
             self.profiles: CustomerProfiles = RedisProfiles(self.shared)  # type: ignore[assignment]
             self.decision_state = RedisDecisionState(self.redis, st.await_commit)
