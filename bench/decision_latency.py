@@ -330,6 +330,10 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
             "KASSA_ADMIN_KEY": ADMIN_KEY,
             "KASSA_PUBLISHABLE_KEY": PUB_KEY,
             "KASSA_SERVER__BENCH_ENDPOINTS": "true",
+            # per-buyer / per-request state: embedded (default) or a Redis shared by every process
+            "KASSA_STATE__BACKEND": args.state,
+            "KASSA_STATE__REDIS_URL": args.redis_url,
+            "KASSA_STATE__KEY_PREFIX": f"kassa-bench-{os.getpid()}-{port}",
         }
         log_path = root / "server.log"
         with log_path.open("wb") as log:
@@ -357,6 +361,14 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
                         proc.wait()
         if args.verbose:
             sys.stderr.write(f"--- server output ---\n{log_path.read_text(errors='replace')}\n")
+        if args.state == "redis":  # the run's keys (pending decisions live a day past their window)
+            import redis
+
+            client = redis.Redis.from_url(args.redis_url)
+            keys = list(client.scan_iter(match=f"{env['KASSA_STATE__KEY_PREFIX']}:*", count=1000))
+            for i in range(0, len(keys), 1000):
+                client.delete(*keys[i:i + 1000])
+            client.close()
 
 
 async def wait_ready(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -608,6 +620,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=1.0, help="idle seconds between phases")
     p.add_argument("--max-lag-ms", type=float, default=1.0, help="generator send-lag p99 above this: invalid")
     p.add_argument("--ready-timeout", type=float, default=20.0)
+    p.add_argument("--state", choices=["embedded", "redis"], default="embedded",
+                   help="state.backend of the started server (profiles, caps, idempotency, pending decisions)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="state.redis_url with --state redis")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object")
     p.add_argument("--write-docs", action="store_true", help=f"rewrite the section in {DOCS.name}")
     p.add_argument("--verbose", action="store_true", help="print the server's output at the end")

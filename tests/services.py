@@ -297,7 +297,8 @@ def _unavailable(reason: str) -> NoReturn:
 
 class ThrowawayRedis:
     """A `redis-server` of a test's own on a free port, for outages: `kill` SIGKILLs it (only it, by its
-    pid; never the shared server), `start` brings it back on the same port, empty."""
+    pid; never the shared server), `start` brings it back on the same port, empty. It starts when made
+    (`start` on a running one does nothing) and is stopped when the test process exits."""
 
     def __init__(self) -> None:
         self.server = _redis_server([])
@@ -305,14 +306,17 @@ class ThrowawayRedis:
         self.url = f"redis://127.0.0.1:{self.port}"
         self.workdir = tempfile.mkdtemp(prefix="kassa-redis-outage-")
         self.proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.stop)
+        self.start()
 
     def start(self) -> ThrowawayRedis:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.proc = subprocess.Popen(
             [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        atexit.register(self.kill)
         deadline = time.monotonic() + 10.0
         while not _answers(self.url):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -324,6 +328,10 @@ class ThrowawayRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # SIGKILL: no goodbye to connected clients
             self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, self.workdir)
 
 
 # ------------------------------------------------------------------ PostgreSQL

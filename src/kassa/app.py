@@ -18,9 +18,8 @@ from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
 from kassa.config import Settings
 from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
-from kassa.decide.engine import DecisionEngine, IdempotencyCache
+from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
-from kassa.decide.rules import FrequencyLedger
 from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
 from kassa.events.factory import open_bus, open_decision_publisher, open_event_log
@@ -31,7 +30,6 @@ from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
 from kassa.features.online.factory import close_online_store, open_online_store
 from kassa.features.online.memory import InMemoryOnlineStore
-from kassa.features.profile import CustomerProfiles
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
 from kassa.features.streaming.processor import StreamProcessor
@@ -47,6 +45,7 @@ from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
 from kassa.startup import check_data_dir
+from kassa.state import StateBackend
 
 log = logging.getLogger("kassa")
 # "all": one process serves and learns (the embedded default). "serve": a stateless HTTP worker that hands
@@ -83,18 +82,19 @@ class Kassa:
             self.registry.apply(load_repo(settings.features.definitions_file))
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
-        # The built-in customer profile is process-local state rebuilt from the event log at start (from the
-        # `replay.state` saved at the last clean stop, plus the events after it).
-        self.profiles = CustomerProfiles()
+        # Per-buyer / per-request state (`state.backend`): profiles, caps, idempotency, pending decisions. A
+        # serving worker hands its decisions to `kassa learn` through the decision-record log (kassa.roles).
+        self.records = DecisionRecordLog(data / "decision_records.db") if role == "serve" else None
+        self.state = StateBackend(settings, self._reward_definition, clock, closes=role != "serve",
+                                  sink=self.records, learner=role == "learn")
+        self.profiles = self.state.profiles
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock,
                                        timestamp_window=settings.server.timestamp_window_seconds)
         self.retriever = ProductRetriever()
-        self.ledger = FrequencyLedger()
+        self.ledger = self.state.ledger
         self.models = ModelStore()
-        self.joiner = (HandoverJoiner(self._reward_definition) if role == "learn"
-                       else RewardJoiner(self._reward_definition))
-        self.records = DecisionRecordLog(data / "decision_records.db") if role == "serve" else None
+        self.joiner = self.state.joiner
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
         # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
@@ -131,12 +131,13 @@ class Kassa:
                 self.offer_cache = OfferFeatureCache(self.store, "offer", offer_views)  # type: ignore[arg-type]
                 offer_source = OfferFeatureSource(offer_views, self.offer_cache.get)
         self.engine = DecisionEngine(
-            self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models,
-            self.records if self.records is not None else self.joiner, self.decision_log, settings.store_timezone,
-            IdempotencyCache(settings.server.idempotency_ttl_seconds, settings.server.idempotency_max_entries),
+            self.catalog, self.store, self.profiles, self.retriever, self.ledger, self.models, self.joiner,
+            self.decision_log, settings.store_timezone,
+            self.state.idempotency,
             seed=seed, clock=clock, observe=self.metrics.observe_decision, repo=self.repo,
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
             on_served=self.learning.guard.served, shadow=self.shadow, on_shown=self.metrics.observe_shown,
+            state=self.state.decision_state, state_timeout=self.state.timeout,
         )
         self.metrics.known_offers = lambda: self.catalog.snapshot.offers
         self.metrics.live = self.live_state
@@ -149,9 +150,11 @@ class Kassa:
         )
         # A serving worker joins nothing itself: `kassa learn` reads the events from the log.
         ingest_joiner = cast(RewardJoiner, self.records) if self.records is not None else self.joiner
-        self.events = EventIngest(self.event_log, self.catalog, ingest_joiner, self.profiles, self.retriever, clock,
+        self.events = EventIngest(self.event_log, self.catalog, ingest_joiner, self.profiles,
+                                  self.state.retrieval_input(self.retriever), clock,
                                   on_event=self._count_event, stream=self.stream,
-                                  timestamp_window=settings.server.timestamp_window_seconds)
+                                  timestamp_window=settings.server.timestamp_window_seconds,
+                                  after_apply=self.state.after_apply)
         breaker = getattr(self.store, "breaker", None)
         if breaker is not None:
             self.metrics.watch_breaker(breaker, "redis")
@@ -249,14 +252,17 @@ class Kassa:
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
+        restored = self.state.restore()
         after = 0
         if self.role != "learn" and isinstance(self.event_log, SqliteEventLog):
             after = replay_state.load(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(),
                                       self.profiles, self.retriever)
-        replayed = self.events.replay(after=after) if self.role != "learn" else 0
+        with self.state.replaying():
+            replayed = self.events.replay(after=after) if self.role != "learn" else 0
         self.learning.load_models()
-        log.info("restored the state at log position %d, replayed %d order events after it, loaded models %s "
-                 "in %.0f ms", after, replayed, self.models.versions(), (time.perf_counter() - t0) * 1000)
+        log.info("restored the state at log position %d, replayed %d order events after it, restored %d pending "
+                 "decisions, loaded models %s in %.0f ms", after, replayed, restored, self.models.versions(),
+                 (time.perf_counter() - t0) * 1000)
 
     async def start(self) -> None:
         self.warm_up()
@@ -273,6 +279,7 @@ class Kassa:
         elif self.role == "serve":
             self._tasks.append(asyncio.create_task(self._follow_registry(), name="kassa-registry"))
         self._tasks.append(asyncio.create_task(self.changes.run(), name="kassa-changes"))
+        self._tasks.extend(await self.state.start())
         if self.stream is not None and self.role != "learn":
             # Tails the log from the checkpoint (catching up on anything missed while down) and rewrites
             # rows as their windows empty; fresh events also arrive through `apply` at once.
@@ -314,6 +321,7 @@ class Kassa:
             self.learning.snapshot_due(force=True)
         if self.records is not None:
             self.records.close()
+        await self.state.close()
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()

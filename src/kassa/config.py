@@ -141,6 +141,20 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     input_settle_seconds: float = 0.5
 
 
+class StateSettings(Struct, forbid_unknown_fields=True):
+    """Per-buyer / per-request state: profiles, frequency caps, idempotency, decisions awaiting their reward
+    (see kassa.state). embedded: in process, journaled to <data_dir>/state.db; redis: shared by every
+    process."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "kassa:state"  # namespaces every key, so several deployments can share one server
+    timeout_ms: float = 20.0  # most a decision waits on each Redis round trip (also bounded by its budget)
+    retry_seconds: float = 1.0  # after a failure, requests skip Redis (fallback) this long before trying again
+    flush_ms: float = 20.0  # embedded: how often the journal commits (what a kill -9 can lose at most)
+    await_commit: bool = False  # redis: a decision waits for its write (strict request_id across processes)
+
+
 class Settings(Struct, forbid_unknown_fields=True):
     data_dir: str = ".kassa"
     catalog_file: str | None = None  # YAML/JSON offers + placements loaded (upserted) at start
@@ -155,6 +169,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     events: EventSettings = field(default_factory=EventSettings)
     roles: RoleSettings = field(default_factory=RoleSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     decision_log_flush_seconds: float = 1.0
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,

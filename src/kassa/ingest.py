@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kassa import errors, schemas
 from kassa.catalog import Catalog
@@ -39,7 +39,9 @@ class EventIngest:
         on_event: Callable[[schemas.Event], None] | None = None,
         stream: StreamProcessor | None = None,
         timestamp_window: float = 7 * 86_400.0,
+        after_apply: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self.after_apply = after_apply  # shared state (kassa.state): awaited so the ack follows its writes
         self.stream = stream
         self.timestamp_window = timestamp_window
         self.log = event_log
@@ -87,6 +89,8 @@ class EventIngest:
                       if e.decision_id is not None and e.type != "order" and not self.joiner.is_open(e.decision_id))
         for event in result.new:
             self.apply(event)
+        if self.after_apply is not None and result.new:
+            await self.after_apply()
         if self.stream is not None:
             # Read-after-write: streaming features see the events before the ack returns, when they can.
             for event in result.new:

@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,13 @@ from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformP
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
+from kassa.decide.state import (
+    DecisionState,
+    DecisionWrite,
+    IdempotencyCache,
+    LocalDecisionState,
+    fingerprint,
+)
 from kassa.degraded import CircuitBreaker, RateLimitedWarning
 from kassa.events.decision_log import DecisionRecord, DecisionSink, loggable_features
 from kassa.events.join import PendingDecision
@@ -39,34 +45,6 @@ from kassa.features.request import request_features
 from kassa.learn.serving.store import ModelStore
 
 log = logging.getLogger("kassa.decide")
-
-
-class IdempotencyCache:
-    """request_id -> (fingerprint of the request, response); bounded LRU with a TTL."""
-
-    def __init__(self, ttl: float = 600.0, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._items: OrderedDict[str, tuple[float, int, schemas.DecisionResponse]] = OrderedDict()
-
-    def get(self, key: str, fingerprint: int, now: float) -> schemas.DecisionResponse | None:
-        hit = self._items.get(key)
-        if hit is None:
-            return None
-        ts, fp, response = hit
-        if now - ts > self.ttl:
-            del self._items[key]
-            return None
-        if fp != fingerprint:
-            raise errors.Conflict(
-                "request_id was already used for a different request; use a new request_id", "request_id"
-            )
-        return response
-
-    def put(self, key: str, fingerprint: int, response: schemas.DecisionResponse, now: float) -> None:
-        self._items[key] = (now, fingerprint, response)
-        if len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
 
 
 class DecisionEngine:
@@ -91,6 +69,8 @@ class DecisionEngine:
         on_served: Callable[[str, str, float, bool], None] | None = None,
         shadow: ShadowSink | None = None,
         on_shown: Callable[[str, list[str]], None] | None = None,
+        state: DecisionState | None = None,
+        state_timeout: float = 0.02,
     ) -> None:
         self.on_served = on_served
         self.on_shown = on_shown  # (placement, offer ids shown): per-offer impression metrics
@@ -111,6 +91,11 @@ class DecisionEngine:
         self.decision_log = decision_log
         self.tz = store_timezone
         self.idempotency = idempotency or IdempotencyCache()
+        # Per-buyer / per-request state: the in-process objects above (embedded), or a shared backend whose
+        # reads and writes are each one round trip bounded by `state_timeout` and the remaining budget.
+        self.state: DecisionState = state or LocalDecisionState(self.idempotency, ledger, profiles, joiner)
+        self._local_state = self.state if isinstance(self.state, LocalDecisionState) else None
+        self.state_timeout = state_timeout
         self.rng = random.Random(seed)
         self._ids = random.Random(os.urandom(16))  # decision ids: unique, not reproducible by seed
         self.clock = clock
@@ -123,10 +108,16 @@ class DecisionEngine:
     async def decide(self, req: schemas.DecisionRequest) -> schemas.DecisionResponse:
         t0 = time.perf_counter()
         now = self.clock()
-        fingerprint = 0
+        fp = 0
+        customer_id = req.customer.id if req.customer is not None else None
+        local = self._local_state
+        if local is not None:  # no await: the embedded state is in process
+            state = local.read(req.request_id, customer_id, now)
+        else:
+            state = await self.state.load(req.request_id, customer_id, now, self.state_timeout)
         if req.request_id is not None:
-            fingerprint = hash(self._fp_encoder.encode(req))
-            cached = self.idempotency.get(req.request_id, fingerprint, now)
+            fp = fingerprint(req)
+            cached = state.replay(fp)
             if cached is not None:
                 return cached
         snap = self.catalog.snapshot
@@ -143,11 +134,10 @@ class DecisionEngine:
             unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
             model = serving.pick(unit)
         budget = placement.latency_budget_ms / 1000.0
-        customer_id = req.customer.id if req.customer is not None else None
-        fallback = False
+        fallback = state.fallback  # the shared state was unreachable: defaults, and say so
 
         # -- features: request-time, the buyer's profile, and the placement's online feature views
-        profile = self.profiles.get(customer_id) if customer_id is not None else None
+        profile = state.profile
         features = request_features(req, now, placement.timezone or self.tz, profile)
         views = self._feature_views(placement)
         if views:
@@ -218,7 +208,7 @@ class DecisionEngine:
 
         # -- eligibility
         facts = OrderFacts.of(req)
-        ledger = self.ledger
+        ledger = state.caps
         free = snap.unconstrained
         kept = [o for o in candidates if o in free or eligible(offers[o], facts, now, customer_id, ledger) is None]
 
@@ -284,17 +274,27 @@ class DecisionEngine:
             decision_id, placement.id, version, out, ranking.explored, fallback, round(took_ms, 3)
         )
 
-        # -- bookkeeping (memory only; the Parquet write happens on the log's own thread)
-        if customer_id is not None and chosen:
-            ledger.record(customer_id, chosen, now)
+        # -- bookkeeping: the state write (memory, or one round trip to a shared backend); the Parquet write
+        # happens on the log's own thread
+        pending = None
         if chosen:
-            self.joiner.register(PendingDecision(
+            pending = PendingDecision(
                 decision_id, placement.id, now, now + placement.reward.wait_seconds, shared, chosen,
                 [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
                 [offers[o].product_id or offers[o].sku for o in chosen], version=version,
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
                 candidates=action_lines if learns else None, top_index=ranking.chosen[0],
-            ))
+            )
+        write = DecisionWrite(now, req.request_id, fp, response, customer_id, chosen, pending)
+        if local is not None:
+            local.write(write)
+        else:
+            remaining = max(budget - (time.perf_counter() - t0), 0.001)
+            stored = await self.state.commit(write, min(self.state_timeout, remaining))
+            if stored is None:  # not stored: answer anyway, flagged (a retry may get a new decision)
+                response = msgspec.structs.replace(response, fallback=True)
+            elif stored is not response:  # another process answered this request_id first
+                return stored
         if serving is not None:
             if serving.canary is not None and self.on_served is not None and model is not None:
                 # Guardrails compare the canary with production: both sides report the version that was
@@ -312,8 +312,6 @@ class DecisionEngine:
                 chosen_probabilities=ranking.probabilities, explored=ranking.explored, fallback=fallback,
                 took_ms=took_ms, candidate_signals=signal_lines,
             ))
-        if req.request_id is not None:
-            self.idempotency.put(req.request_id, fingerprint, response, now)
         if self.observe is not None:
             self.observe(placement.id, fallback, took_ms / 1000.0)
         if self.on_shown is not None and chosen:

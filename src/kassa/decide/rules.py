@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from kassa import schemas
 
@@ -34,6 +35,13 @@ class OrderFacts:
             if item.product_id:
                 keys.add(item.product_id)
         return cls(order.ship_country, order.total, cats, frozenset(keys))
+
+
+class CapCounts(Protocol):
+    """How often an offer was shown to a buyer inside a window: what frequency caps check (the ledger
+    below, or the buyer's show times a shared backend loaded with the request)."""
+
+    def count(self, customer_id: str, offer_id: str, window: float, now: float) -> int: ...
 
 
 class FrequencyLedger:
@@ -78,7 +86,7 @@ def eligible(
     facts: OrderFacts,
     now: float,
     customer_id: str | None,
-    ledger: FrequencyLedger | None,
+    ledger: CapCounts | None,
 ) -> str | None:
     """None when the offer may be shown, else the name of the first rule it fails."""
     if not offer.active:

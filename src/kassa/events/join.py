@@ -6,6 +6,7 @@ itself is `kassa.learn.online.rewards.RewardJoiner`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -42,3 +43,14 @@ class JoinedExample:
     version: str = ""
     candidates: list[str] | None = None  # slot 0 only, when the decision carried them
     top_index: int = -1
+
+
+class JoinJournal(Protocol):
+    """Told every change of the embedded joiner's pending decisions, so a restart restores them
+    (``kassa.state.local``); a shared backend keeps the join state itself (``kassa.state.redis``)."""
+
+    def registered(self, pending: PendingDecision) -> None: ...
+
+    def credited(self, pending: PendingDecision) -> None: ...
+
+    def closed(self, decision_id: str) -> None: ...

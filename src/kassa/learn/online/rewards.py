@@ -5,6 +5,8 @@ events carrying its ``decision_id`` add reward to the offer they name, weighted 
 definition; an ``order`` event for the same customer that buys a shown product counts as a conversion
 of that offer. When the wait time ends the decision is closed: every shown offer gets its summed reward,
 or the default if nothing happened, and the joined examples go to the learner. Late events are counted.
+With a `JoinJournal` every registration, credit and close is also journaled (embedded durability), and
+`restore` brings the pending decisions back after a restart.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import heapq
 from collections.abc import Callable
 
 from kassa import schemas
-from kassa.events.join import JoinedExample, PendingDecision
+from kassa.events.join import JoinedExample, JoinJournal, PendingDecision
 
 
 class RewardJoiner:
-    def __init__(self, definition: Callable[[str], schemas.RewardDefinition | None]) -> None:
+    def __init__(self, definition: Callable[[str], schemas.RewardDefinition | None],
+                 journal: JoinJournal | None = None) -> None:
         self._definition = definition
+        self.journal = journal
         self._pending: dict[str, PendingDecision] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._by_customer: dict[str, list[str]] = {}
@@ -40,7 +44,18 @@ class RewardJoiner:
         """Whether ``decision_id`` is a decision still waiting for its reward here."""
         return decision_id in self._pending
 
+    def restore(self, pending: list[PendingDecision]) -> None:
+        """Put back decisions that were pending when the process stopped (not journaled again)."""
+        journal, self.journal = self.journal, None
+        try:
+            for p in pending:
+                self.register(p)
+        finally:
+            self.journal = journal
+
     def register(self, pending: PendingDecision) -> None:
+        if self.journal is not None:
+            self.journal.registered(pending)
         self._pending[pending.decision_id] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))
         if pending.customer_id is not None:
@@ -60,6 +75,8 @@ class RewardJoiner:
             pending.rewards = {}
         pending.rewards[offer_id] = pending.rewards.get(offer_id, 0.0) + amount
         pending.outcomes += 1
+        if self.journal is not None:
+            self.journal.credited(pending)
         return True
 
     def observe(self, event: schemas.Event) -> int:
@@ -123,6 +140,8 @@ class RewardJoiner:
             if pending is None:
                 continue
             limit -= 1
+            if self.journal is not None:
+                self.journal.closed(decision_id)
             self._forget_customer(pending)
             definition = self._definition(pending.placement)
             default = definition.default if definition else 0.0
