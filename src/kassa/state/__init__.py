@@ -66,12 +66,18 @@ class StateBackend:
         else:
             from kassa.state.local import FILE, SqliteStateJournal
 
-            self.journal = SqliteStateJournal(settings.data_path / FILE, st.flush_ms / 1000.0,
-                                              settings.server.idempotency_ttl_seconds, self.ledger.max_window)
-            self.joiner = RewardJoiner(definition, self.journal)
+            if sink is None and not learner:
+                self.journal = SqliteStateJournal(settings.data_path / FILE, st.flush_ms / 1000.0,
+                                                  settings.server.idempotency_ttl_seconds, self.ledger.max_window)
+            if learner:
+                from kassa.learn.online.handover import HandoverJoiner
+
+                self.joiner = HandoverJoiner(definition)
+            else:
+                self.joiner = RewardJoiner(definition, self.journal)
             self.profiles = CustomerProfiles()
-            self.decision_state = LocalDecisionState(self.idempotency, self.ledger, self.profiles, self.joiner,
-                                                     self.journal)
+            self.decision_state = LocalDecisionState(self.idempotency, self.ledger, self.profiles,
+                                                     sink if sink is not None else self.joiner, self.journal)
 
     def retrieval_input(self, retriever: ProductRetriever) -> ProductRetriever:
         """What the ingest feeds orders to: the retriever itself (embedded: rebuilt from the event log at

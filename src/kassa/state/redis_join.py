@@ -63,6 +63,12 @@ class SharedRewardJoiner:
     def join_lag(self, now: float) -> float:
         return max(0.0, now - self._oldest) if self._oldest is not None else 0.0
 
+    def is_open(self, _decision_id: str) -> bool:
+        """Whether a decision still waits for its reward: the join state is in Redis and telling would cost a
+        round trip per event, so a shared joiner answers yes and the events ack counts no unknown decisions
+        (a documented limit of ``state.backend: redis``)."""
+        return True
+
     def register(self, pending: PendingDecision) -> None:
         self._registered.append(pending)
 
