@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,27 @@ def process_cpu_seconds(pid: int | None) -> float | None:
     return total / 1e9
 
 
+async def measure_pair(pool: ConnectionPool, events_pool: ConnectionPool | None, workload: Workload,
+                       bodies: list[bytes], args: argparse.Namespace, pid: int | None, label: str,
+                       log: Callable[[str], None]) -> tuple[Any, Any]:
+    """One phase of decisions (with their events), then one of no-ops at the same rate, each charged the
+    server CPU it used (``server_cpu``). Shared by this bench and ``bench/topology.py``."""
+    log(f"{label}: decisions")
+    cpu0 = process_cpu_seconds(pid)
+    dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
+    # Let the events and the learning they trigger finish, so neither spills into the no-op phase (its
+    # latency and CPU) and the decision phase is charged for them.
+    await settle(events_pool, args.settle)
+    cpu1 = process_cpu_seconds(pid)
+    log(f"{label}: no-op")
+    noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
+    cpu2 = process_cpu_seconds(pid)
+    await asyncio.sleep(args.settle)
+    dec.server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    noop.server_cpu = None if cpu1 is None or cpu2 is None else cpu2 - cpu1
+    return dec, noop
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -432,19 +453,8 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             repeats = []
             for rep in range(args.repeats):
                 bodies = workload.decision_bodies(n_per_phase, f"r{rep}")
-                log(f"repeat {rep + 1}/{args.repeats}: decisions")
-                cpu0 = process_cpu_seconds(pid)
-                dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
-                # Let the events and the learning they trigger finish, so neither spills into the
-                # no-op phase (its latency and CPU) and the decision phase is charged for them.
-                await settle(events_pool, args.settle)
-                cpu1 = process_cpu_seconds(pid)
-                log(f"repeat {rep + 1}/{args.repeats}: no-op")
-                noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
-                cpu2 = process_cpu_seconds(pid)
-                await asyncio.sleep(args.settle)
-                dec.server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-                noop.server_cpu = None if cpu1 is None or cpu2 is None else cpu2 - cpu1
+                dec, noop = await measure_pair(pool, events_pool, workload, bodies, args, pid,
+                                               f"repeat {rep + 1}/{args.repeats}", log)
                 repeats.append(summarize_repeat(dec, noop))
                 for name, ph in (("decisions", dec), ("noop", noop)):
                     if ph.first_error:

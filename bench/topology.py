@@ -47,7 +47,7 @@ from decision_latency import (
     _r,
     machine_info,
     make_catalog,
-    process_cpu_seconds,
+    measure_pair,
     run_phase,
     settle,
     summarize_repeat,
@@ -123,17 +123,8 @@ async def measure(args: argparse.Namespace, workers: int, log: Any) -> dict[str,
                         await run_phase(pool, events_pool, workload, bodies, path, args, args.warmup)
                         await settle(events_pool, args.settle)
                 bodies = workload.decision_bodies(n, f"w{workers}-{rate:g}")
-                log(f"{workers} worker(s), {rate:g}/s: decisions with their events, {args.duration:g} s")
-                cpu0 = process_cpu_seconds(pid)
-                dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
-                await settle(events_pool, args.settle)
-                cpu1 = process_cpu_seconds(pid)
-                log(f"{workers} worker(s), {rate:g}/s: no-op")
-                noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
-                cpu2 = process_cpu_seconds(pid)
-                await asyncio.sleep(args.settle)
-                dec.server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-                noop.server_cpu = None if cpu1 is None or cpu2 is None else cpu2 - cpu1
+                dec, noop = await measure_pair(pool, events_pool, workload, bodies, args, pid,
+                                               f"{workers} worker(s), {rate:g}/s, {args.duration:g} s each", log)
                 res = summarize_repeat(dec, noop)
                 res.pop("decisions", None)
                 res.pop("noop", None)
