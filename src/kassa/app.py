@@ -221,12 +221,9 @@ class Kassa:
             for stage, model in (("production", s.production), ("canary", s.canary), ("shadow", s.shadow)):
                 if model is not None:
                     serving.append((placement_id, stage, model.version))
-        rollbacks: dict[str, int] = {}
-        for breach in self.learning.rollbacks:
-            rollbacks[breach.placement] = rollbacks.get(breach.placement, 0) + 1
         return LiveState(model_swaps=self.models.swaps, pending_decisions=len(self.joiner),
                          join_lag_seconds=self.joiner.join_lag(self.clock()), serving=serving,
-                         canary_rollbacks=rollbacks, freshness=self._freshness)
+                         freshness=self._freshness)
 
     def refresh_freshness(self, max_age: float = 15.0) -> None:
         """Recompute each stored view's age from the offline log (which holds every materialized, pushed

@@ -3,7 +3,7 @@
 Two kinds of series. Counters and histograms the services update as things happen (decisions, events,
 learned examples, per-offer impressions, accepts and joined reward). And a `LiveState` read once per
 scrape from the services themselves (model swaps, the serving versions, pending decisions, reward-join
-lag, canary rollbacks, feature freshness): what a service already counts is not counted twice.
+lag, feature freshness): what a service already counts is not counted twice.
 
 Per-offer series carry only offer ids of the catalog (anything else is counted as ``other``), so an event
 naming made-up offers cannot grow the label set. The ``*_created`` series prometheus_client adds to every
@@ -48,7 +48,6 @@ class LiveState:
     pending_decisions: int = 0
     join_lag_seconds: float = 0.0
     serving: list[tuple[str, str, str]] = field(default_factory=list)  # (placement, stage, version)
-    canary_rollbacks: dict[str, int] = field(default_factory=dict)  # placement -> rollbacks
     freshness: list[FeatureFreshness] = field(default_factory=list)
 
 
@@ -81,10 +80,6 @@ class _LiveCollector(Collector):
                                     "(1 per placement and stage)", labels=["placement", "stage", "version"])
         for placement, stage, version in state.serving:
             serving.add_metric([placement, stage, version], 1)
-        rollbacks = CounterMetricFamily("kassa_canary_rollbacks", "Canaries rolled back by a guardrail",
-                                        labels=["placement"])
-        for placement, n in sorted(state.canary_rollbacks.items()):
-            rollbacks.add_metric([placement], n)
         age = GaugeMetricFamily("kassa_feature_age_seconds", "Age of a feature view's newest value "
                                 "(views with no value yet are left out)", labels=["view"])
         target = GaugeMetricFamily("kassa_feature_freshness_target_seconds", "A feature view's freshness target",
@@ -93,7 +88,7 @@ class _LiveCollector(Collector):
             target.add_metric([f.view], f.target_seconds)
             if f.age_seconds is not None:
                 age.add_metric([f.view], f.age_seconds)
-        return [swaps, pending, lag, serving, rollbacks, age, target]
+        return [swaps, pending, lag, serving, age, target]
 
 
 class Metrics:
