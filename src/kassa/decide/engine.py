@@ -100,7 +100,6 @@ class DecisionEngine:
         self._ids = random.Random(os.urandom(16))  # decision ids: unique, not reproducible by seed
         self.clock = clock
         self.observe = observe
-        self._fp_encoder = msgspec.json.Encoder()
         # One line per 10 s while the store is down, not a traceback per decision (issue 15: 12.9 MB in 10 s).
         self._warn_store = RateLimitedWarning(log, "online store")
         self._breaker: CircuitBreaker | None = getattr(store, "breaker", None)

@@ -67,6 +67,7 @@ class LinearModel:
         self._hashing = hashing(spec.bits)
         self._lin = np.zeros(0, dtype=np.float64)  # per action row, see _linear
         self._lin_generation = -1
+        self._explore = policies.get(spec.policy).explore  # looked up once per model, not per request
 
     @classmethod
     def open(cls, vw_path: Path, version: str, meta: dict | None = None,
@@ -122,10 +123,6 @@ class LinearModel:
 
     def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
         """The policy's probability for each action, in the order given (VW's exploration rule)."""
-        return explore(self.spec, self.scores(shared, action_lines))
+        s = self.scores(shared, action_lines).tolist()
+        return self._explore(s, self.spec) if s else []
 
-
-def explore(spec: LinearSpec, scores: np.ndarray) -> list[float]:
-    """The policy's exploration rule (VW's, in double precision; VW's float32 differs by ~1e-7)."""
-    s = scores.tolist()
-    return policies.get(spec.policy).explore(s, spec) if s else []
