@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kassa import schemas
+
 
 @dataclass(slots=True)
 class PendingDecision:
@@ -54,3 +56,23 @@ class JoinJournal(Protocol):
     def credited(self, pending: PendingDecision) -> None: ...
 
     def closed(self, decision_id: str) -> None: ...
+
+
+def order_buyer(event: schemas.Event) -> tuple[str | None, str | None]:
+    """Who placed an ``order`` event: (customer id, e-mail SHA-256). An order converts decisions made for the
+    same customer id and, for a guest (platform webhooks often carry no customer id), the same e-mail hash."""
+    order = event.order
+    customer = (event.customer.id if event.customer else None) or (order.customer_id if order else None)
+    return customer, event.customer.email_sha256 if event.customer else None
+
+
+def order_amounts(order: schemas.Order) -> dict[str, float]:
+    """Each bought product's amount (price x quantity), by SKU and by product id: what an order credits to
+    the decisions that showed those products."""
+    bought: dict[str, float] = {}
+    for item in order.items:
+        amount = item.price * item.qty
+        bought[item.sku] = amount
+        if item.product_id:
+            bought[item.product_id] = amount
+    return bought

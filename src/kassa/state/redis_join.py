@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from kassa import schemas
-from kassa.events.join import JoinedExample, PendingDecision
+from kassa.events.join import JoinedExample, PendingDecision, order_amounts, order_buyer
 from kassa.state.redis import (
     _JOIN_GRACE_SECONDS,
     _SEEN_ORDER_SECONDS,
@@ -186,19 +186,13 @@ class SharedRewardJoiner:
         r = self.redis
         order = e.order
         assert order is not None
-        customer = (e.customer.id if e.customer else None) or order.customer_id
-        email = e.customer.email_sha256 if e.customer else None
+        customer, email = order_buyer(e)
         ids: list[str] = []
         if customer is not None:
             ids += by_buyer.get(r.index_key(customer, None), [])
         if email is not None:
             ids += by_buyer.get(r.index_key(None, email), [])
-        bought: dict[str, float] = {}
-        for item in order.items:
-            amount = item.price * item.qty
-            bought[item.sku] = amount
-            if item.product_id:
-                bought[item.product_id] = amount
+        bought = order_amounts(order)
         n = 0
         for decision_id in dict.fromkeys(ids):
             p = pending.get(decision_id)

@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Callable
 
 from kassa import schemas
-from kassa.events.join import JoinedExample, JoinJournal, PendingDecision
+from kassa.events.join import JoinedExample, JoinJournal, PendingDecision, order_amounts, order_buyer
 
 
 class RewardJoiner:
@@ -97,10 +97,8 @@ class RewardJoiner:
     def _attribute_order(self, event: schemas.Event) -> int:
         order = event.order
         assert order is not None
-        customer = (event.customer.id if event.customer else None) or order.customer_id
-        # A guest's order (platform webhooks often carry no customer id) matches decisions made for the
-        # same e-mail SHA-256; a known customer matches by id first, then by e-mail.
-        email = event.customer.email_sha256 if event.customer else None
+        # A known customer matches by id first, then by e-mail; a guest by e-mail SHA-256 (`order_buyer`).
+        customer, email = order_buyer(event)
         ids: list[str] = []
         if customer is not None:
             ids = self._by_customer.get(customer, [])
@@ -108,12 +106,7 @@ class RewardJoiner:
             ids = ids + self._by_email[email] if ids else self._by_email[email]
         if not ids:
             return 0
-        bought: dict[str, float] = {}
-        for item in order.items:
-            amount = item.price * item.qty
-            bought[item.sku] = amount
-            if item.product_id:
-                bought[item.product_id] = amount
+        bought = order_amounts(order)
         # An order placed before the decision (the one that led to the confirmation page, whose webhook
         # often arrives late) is not its conversion. No upper bound: the decision is still open, so the
         # order came inside its window as far as Kassa's clock goes, whatever the platform's clock says.
