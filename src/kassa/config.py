@@ -82,6 +82,11 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "kassa"  # namespaces every Redis key, so several deployments can share one server
     definitions_file: str | None = None  # feature definitions (YAML/JSON/Python) applied at start
+    # Who computes the stream views: "inprocess" (every `kassa serve` process, rows written before the event
+    # request returns), "external" (only `kassa stream`), "auto": in process, except in a serving worker of
+    # `kassa serve --workers N` on the Redis online store, where `kassa stream` writes the shared rows (several
+    # aggregators writing one Redis row would each hold part of the counts).
+    streaming: Literal["auto", "inprocess", "external"] = "auto"
     # Circuit breaker in front of Redis: open after this many consecutive failures, probe again after...
     breaker_failures: int = 3
     breaker_reset_seconds: float = 1.0
