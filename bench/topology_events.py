@@ -274,8 +274,9 @@ class ProbeWatch:
                 found = await pipe.execute()
                 now = time.perf_counter()
                 for name, seen in zip(names, found, strict=True):
-                    if seen:
-                        self.latencies.append(now - self.pending.pop(name))
+                    acked = self.pending.pop(name, None) if seen else None
+                    if acked is not None:  # (None: given up on by `finish` meanwhile)
+                        self.latencies.append(now - acked)
             await asyncio.sleep(self.poll)
 
     async def finish(self, timeout: float) -> int:

@@ -189,28 +189,42 @@ class StreamProcessor:
         if self.log is None:
             raise RuntimeError("no event log to tail")
         total, batches = 0, 0
-        while max_batches is None or batches < max_batches:
-            rows = await asyncio.to_thread(self.log.read, self.seq, self.batch_size)
-            batches += 1
-            if not rows:
-                self._caught_up, self.lag_events = True, 0
-                if self.advance_when_idle:
-                    # Nothing is pending, so nothing older than now minus the lateness can still come.
-                    self.aggregator.expire(self.clock())
-                if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
-                    await self._flush()
-                break
-            await self.process([ev for _, ev in rows])
-            self.seq = rows[-1][0]
-            self.consumed += len(rows)
-            total += len(rows)
-            full = len(rows) == self.batch_size
-            self._caught_up = not full
-            self.lag_events = await asyncio.to_thread(self._lag) if full else 0
-            if self.checkpoint_path is not None and self.clock() - self._last_checkpoint >= self.checkpoint_interval:
-                await self.save_checkpoint()
-            if not full:
-                break
+        # While a full batch is processed the next one is already being read (the log's round trips and
+        # decoding overlap the aggregation): at most one read in flight, awaited before anything returns.
+        ahead: asyncio.Future[list[tuple[int, schemas.Event]]] | None = None
+        try:
+            while max_batches is None or batches < max_batches:
+                if ahead is not None:
+                    rows, ahead = await ahead, None
+                else:
+                    rows = await asyncio.to_thread(self.log.read, self.seq, self.batch_size)
+                batches += 1
+                if not rows:
+                    self._caught_up, self.lag_events = True, 0
+                    if self.advance_when_idle:
+                        # Nothing is pending, so nothing older than now minus the lateness can still come.
+                        self.aggregator.expire(self.clock())
+                    if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
+                        await self._flush()
+                    break
+                full = len(rows) == self.batch_size
+                if full and (max_batches is None or batches < max_batches):
+                    ahead = asyncio.ensure_future(asyncio.to_thread(self.log.read, rows[-1][0], self.batch_size))
+                await self.process([ev for _, ev in rows])
+                self.seq = rows[-1][0]
+                self.consumed += len(rows)
+                total += len(rows)
+                self._caught_up = not full
+                self.lag_events = await asyncio.to_thread(self._lag) if full else 0
+                if (self.checkpoint_path is not None
+                        and self.clock() - self._last_checkpoint >= self.checkpoint_interval):
+                    await self.save_checkpoint()
+                if not full:
+                    break
+        finally:
+            if ahead is not None:  # a failed batch: the read ahead is dropped (read again from `seq`)
+                with contextlib.suppress(BaseException):
+                    await ahead
         return total
 
     def _lag(self) -> int:
