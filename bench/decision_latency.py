@@ -802,6 +802,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", default="600,1000", help="with --backends: comma-separated decisions per second")
     p.add_argument("--runs", type=int, default=3, help="with --backends: rounds (medians over them)")
     p.add_argument("--target-ratio", type=float, default=1.3, help="with --backends: last / first p99 target")
+    p.add_argument("--docs-from", metavar="FILE",
+                   help="with --backends: write the docs section from a saved --json output, run nothing")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object")
     p.add_argument("--write-docs", action="store_true", help=f"rewrite the section in {DOCS.name}")
     p.add_argument("--verbose", action="store_true", help="print the server's output at the end")
@@ -829,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
         run: Callable[[Any], Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
         run = asyncio.run
+    if args.backends and args.docs_from:  # the JSON object is the last line of a --json run's output
+        write_section(compare_section(json.loads(Path(args.docs_from).read_text().strip().splitlines()[-1])),
+                      CMP_START, CMP_END, DOCS)
+        log(f"wrote {DOCS}")
+        return 0
     if args.backends:
         res = run(compare_backends(args, log))
         if args.write_docs:
