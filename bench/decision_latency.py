@@ -549,6 +549,12 @@ async def one_run(args: argparse.Namespace, log: Any, tag: str) -> dict[str, Any
     res.pop("decisions", None)
     res.pop("noop", None)
     res["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    res["first_error"] = dec.first_error or noop.first_error
+    res["first_event_error"] = dec.events.first_error
+    res["event_timeouts"] = dec.events.timeouts
+    for what in ("first_error", "first_event_error"):
+        if res[what]:
+            log(f"  {what.replace('_', ' ')}: {res[what]}")
     return res
 
 
@@ -638,6 +644,16 @@ def compare_section(res: dict[str, Any]) -> str:
         f"| {rate} | {backend} | {' / '.join(fmt(r['client_p99_ms']) for r in rs)} | "
         f"{' / '.join(fmt(r['noop_client_p99_ms']) for r in rs)} |"
         for rate, by_backend in res["per_run"].items() for backend, rs in by_backend.items())
+    invalid = sum(row[b]["valid_runs"] for row in res["summary"].values() for b in res["backends"]) == 0
+    caveat = ""
+    if res["errors"] or invalid:
+        caveat = (f" **These runs do not measure the backends:** {res['errors']:,} failed or timed-out requests "
+                  f"(decisions and event posts) and {'no' if invalid else 'not every'} run in which the generator "
+                  "kept its schedule; the server and the generator were starved of CPU.")
+    if not res["met"]:
+        verdict = "**Not met at every rate measured.**"
+    else:
+        verdict = "Under the target at every rate, but not conclusive." if caveat else "Met at every rate measured."
     return f"""{CMP_START}
 ## Decision latency: embedded vs Redis backends (issue 13)
 
@@ -658,7 +674,7 @@ alternate which goes first from one round to the next. Medians of {res["runs"]} 
 {chr(10).join(rows)}
 
 {other} p99 / {base} p99 (target ≤ {res["target_ratio"]:g}): {ratios}.
-{"Met at every rate measured." if res["met"] else "**Not met at every rate measured.**"}
+{verdict}{caveat}
 
 | rate/s | backend | p99 ms per run | no-op p99 ms per run |
 |---:|---|---|---|
