@@ -107,8 +107,11 @@ class LearnerRole:
     async def round(self) -> None:
         assert self.input is not None
         batch = await self.input.poll()
+        guard = self.loop.guard
         for pending in batch.decisions:
             self.joiner.register(pending)
+            if pending.served is not None:  # a canary served: its guardrails run here, not in the worker
+                guard.served(pending.placement, *pending.served)
         for event in batch.events:
             self.joiner.observe(event)
         await self.input.commit()
