@@ -189,6 +189,7 @@ def test_standby_on_jetstream_takes_over_a_kill_9_and_learns_every_example_exact
         tmp_path: Path, names: tuple[str, str, str, str]) -> None:
     nats_url, prefix, redis_url, key_prefix = names
     p = Project(tmp_path, **_settings_tree(tmp_path, nats_url, prefix, redis_url, key_prefix))
+    t_start = time.monotonic()
     try:
         port = _free_port()
         p.start("serve", "--port", str(port), "--workers", "2", "--learner", "external", log="serve.log")
@@ -197,6 +198,7 @@ def test_standby_on_jetstream_takes_over_a_kill_9_and_learns_every_example_exact
         p.wait_log("learn-a.log", r"learner active for checkout")
         p.start("learn", log="learn-b.log")
         p.wait_log("learn-b.log", r"started as standby")
+        t_ready = time.monotonic()
         slots: list[int] = []
         stop = threading.Event()
         failures: list[BaseException] = []
@@ -211,6 +213,7 @@ def test_standby_on_jetstream_takes_over_a_kill_9_and_learns_every_example_exact
                         failures.append(exc)
                         return
                     i += 1
+                    time.sleep(0.01)  # ~50-100 decisions/s: enough in flight, few enough to learn quickly
 
         driver = threading.Thread(target=stream, daemon=True)
         driver.start()
@@ -232,7 +235,9 @@ def test_standby_on_jetstream_takes_over_a_kill_9_and_learns_every_example_exact
         while time.monotonic() < deadline and max(_lineage(p.log("learn-b.log")), default=0) < expected:
             time.sleep(0.2)
         learned_b = _lineage(p.log("learn-b.log"))
-        print(f"takeover after kill -9: {took_over - killed:.2f} s; {len(slots)} decisions, {expected} examples;",
+        print(f"ready after {t_ready - t_start:.1f} s, killed at {killed - t_start:.1f} s, all learned at "
+              f"{time.monotonic() - t_start:.1f} s; takeover after kill -9: {took_over - killed:.2f} s;",
+              f"{len(slots)} decisions, {expected} examples;",
               f"A published {_lineage(p.log('learn-a.log'))[-1]},",
               re.search(r"learner active for checkout \(.*", p.log("learn-b.log")).group(0),  # type: ignore[union-attr]
               f"B's lineage {learned_b[-1] if learned_b else None}")

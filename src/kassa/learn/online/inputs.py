@@ -153,9 +153,10 @@ class _Tail:
         cfg.max_waiting = 8
         self.sub = await self.js.pull_subscribe(self.subject, stream=self.stream, config=cfg)
 
-    async def fetch(self, limit: int, timeout: float) -> tuple[list[Msg], bool]:
+    async def fetch(self, limit: int, timeout: float, drained: bool = True) -> tuple[list[Msg], bool]:
         """Up to ``limit`` messages in stream order, and whether the consumer had none left to deliver at the
-        time of the fetch (every message stored before it began is in this batch or an earlier one)."""
+        time of the fetch (every message stored before it began is in this batch or an earlier one; asked
+        of the server after an empty fetch only if ``drained``)."""
         if self.sub is None:
             await self.open()
         assert self.sub is not None
@@ -174,6 +175,8 @@ class _Tail:
         if fresh:
             self.last_seq = _delivery(fresh[-1])[0]
             return fresh, _delivery(fresh[-1])[2] == 0
+        if not drained:
+            return [], False
         # Nothing came: drained only if the server has nothing pending and nothing delivered that is still on
         # its way here (a fetch that timed out on a busy host leaves those for the next one).
         try:
@@ -246,7 +249,7 @@ class JetStreamInput:
             self._covered = began
         covered = self._covered
         if len(self._held) < limit:
-            for m in (await self._events.fetch(limit, self.fetch_timeout))[0]:
+            for m in (await self._events.fetch(limit, self.fetch_timeout, drained=False))[0]:
                 self._held.append((_delivery(m)[1], m.data))
         horizon = covered - self.settle
         held, decode_event, events = self._held, self._event_decoder.decode, batch.events
