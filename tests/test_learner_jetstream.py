@@ -30,7 +30,7 @@ from kassa.events.jetstream import BusConfig
 from kassa.events.join import JoinedExample, PendingDecision
 from kassa.learn.online.inputs import JetStreamInput
 from kassa.roles.learner import LearnerRole
-from tests.services import ensure_nats, ensure_redis
+from tests.services import ensure_nats, ensure_redis, start_nats
 from tests.test_roles import HEADERS, Project, _free_port, _wait_ready
 
 CATALOG = {
@@ -164,6 +164,46 @@ async def test_jetstream_input_hands_a_decision_over_before_an_event_stored_firs
         assert decisions == ["d1"] and events == [(1, "e1")]  # the event came once the decision had
     finally:
         await source.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_jetstream_input_rides_out_a_nats_restart_without_losing_or_repeating_a_message(
+        tmp_path: Path, anyio_backend: str) -> None:
+    server = await asyncio.to_thread(start_nats)  # it probes with asyncio.run: not on this loop
+    cfg = BusConfig(url=server.url, prefix="restart", join_records=True, reconnect_wait_seconds=0.1)
+    source = await JetStreamInput(cfg, lookback_seconds=60, settle_seconds=0.0).start()
+    assert source.nc is not None
+
+    async def publish(ids: range) -> None:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        now = time.time()
+        for i in ids:
+            pending = PendingDecision(f"d{i}", "checkout", now, now + 1, "s", ["o1"], ["a"], [1.0])
+            await js.publish(cfg.records_subject, msgspec.msgpack.encode(pending), headers={"Nats-Msg-Id": f"d{i}"})
+        await nc.close()
+
+    async def read_until(n: int, into: list[str], seconds: float = 15.0) -> None:
+        deadline = time.monotonic() + seconds
+        while len(into) < n and time.monotonic() < deadline:
+            into += [p.decision_id for p in (await source.poll()).decisions]
+            await asyncio.sleep(0.02)
+
+    try:
+        seen: list[str] = []
+        await publish(range(100))
+        await read_until(100, seen)
+        server.kill()
+        for _ in range(5):  # NATS away: polls answer empty, never raise
+            assert len(await source.poll()) == 0
+        await asyncio.to_thread(server.start)  # same store: the streams are back, the in-memory consumers are not
+        await publish(range(100, 150))
+        await read_until(150, seen)
+        assert seen == [f"d{i}" for i in range(150)]
+    finally:
+        await source.close()
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------- processes

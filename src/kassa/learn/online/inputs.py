@@ -35,6 +35,7 @@ from typing import Protocol
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -139,6 +140,8 @@ class _Tail:
         self.js, self.stream, self.subject, self.since = js, stream, subject, since
         self.last_seq = 0
         self.sub: JetStreamContext.PullSubscription | None = None
+        self.failing = False
+        self._checked_at = 0.0
 
     async def open(self) -> None:
         if self.last_seq:
@@ -157,32 +160,52 @@ class _Tail:
         """Up to ``limit`` messages in stream order, and whether the consumer had none left to deliver at the
         time of the fetch (every message stored before it began is in this batch or an earlier one; asked
         of the server after an empty fetch only if ``drained``)."""
-        if self.sub is None:
-            await self.open()
-        assert self.sub is not None
         try:
+            if self.sub is None:
+                await self.open()
+                assert self.sub is not None
+                if self.failing:
+                    log.info("learner input: %s consumer back after seq %d", self.stream, self.last_seq)
+                    self.failing = False
             msgs = await self.sub.fetch(limit, timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             msgs = []
-        except (nats.errors.Error, OSError) as exc:  # consumer gone, connection lost: start again after last_seq
-            log.warning("learner input: %s consumer failed (%s); re-creating it after seq %d", self.stream, exc,
-                        self.last_seq)
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
-            self.sub = None
+        except (nats.errors.Error, OSError) as exc:
+            # consumer gone, connection lost: start it again after last_seq (once the server answers)
+            if not self.failing:
+                log.warning("learner input: %s consumer failed (%s); re-creating it after seq %d", self.stream,
+                            exc, self.last_seq)
+                self.failing = True
+            if self.sub is not None:
+                with contextlib.suppress(Exception):
+                    await self.sub.unsubscribe()
+                self.sub = None
             return [], False
         fresh = [m for m in msgs if m.reply and _delivery(m)[0] > self.last_seq]  # a re-created consumer's repeats
         if fresh:
             self.last_seq = _delivery(fresh[-1])[0]
             return fresh, _delivery(fresh[-1])[2] == 0
-        if not drained:
+        # Nothing came. Ask the server about the consumer (for the decisions on every empty fetch, for the events
+        # once a second): it may be gone (NATS restarted: ephemeral consumers live in memory), and a fetch on
+        # a consumer that no longer exists only times out.
+        if not drained and time.monotonic() - self._checked_at < 1.0:
             return [], False
-        # Nothing came: drained only if the server has nothing pending and nothing delivered that is still on
-        # its way here (a fetch that timed out on a busy host leaves those for the next one).
+        self._checked_at = time.monotonic()
+        if self.sub is None:
+            return [], False
         try:
-            info = await self.sub.consumer_info()
+            info = await self.js.consumer_info(self.stream, self.sub._consumer, timeout=1.0)
+        except nats.js.errors.NotFoundError:
+            log.warning("learner input: %s consumer is gone (NATS restarted?); re-creating it after seq %d",
+                        self.stream, self.last_seq)
+            self.sub = None
+            return [], False
         except (nats.errors.Error, OSError, TimeoutError):
             return [], False
+        if not drained:
+            return [], False
+        # Drained only if the server has nothing pending and nothing delivered that is still on its way here
+        # (a fetch that timed out on a busy host leaves those for the next one).
         delivered = info.delivered.stream_seq if info.delivered is not None else 0
         return [], not info.num_pending and (delivered or 0) <= self.last_seq
 
@@ -227,7 +250,8 @@ class JetStreamInput:
         self.events_read = 0
 
     async def start(self) -> JetStreamInput:
-        self.nc = await connect(self.cfg, name=f"{self.cfg.name}-learner-input")
+        self.nc = await connect(self.cfg, name=f"{self.cfg.name}-learner-input", error_cb=self._on_error,
+                                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
         js = self.nc.jetstream()
         await ensure_streams(js, self.cfg)
         self._decisions = _Tail(js, self.cfg.records_stream, self.cfg.records_subject, self.since)
@@ -236,9 +260,21 @@ class JetStreamInput:
         await self._events.open()
         return self
 
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("learner input: NATS client error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("learner input: NATS disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("learner input: NATS reconnected")
+
     async def poll(self, limit: int = 5000) -> LearnerBatch:
         assert self._decisions is not None and self._events is not None, "start() first"
         batch = LearnerBatch()
+        if self.nc is None or not self.nc.is_connected:  # reconnecting: a request now only waits out its timeout
+            await asyncio.sleep(self.fetch_timeout)
+            return batch
         began = self.clock()
         msgs, drained = await self._decisions.fetch(limit, self.fetch_timeout)
         if msgs:
