@@ -223,3 +223,67 @@ def test_nodes_needed() -> None:
     assert nodes_needed(418.0, 600.0, 0.3, 1) == 2
     assert nodes_needed(420.0, 600.0, 0.3, 0) == 1  # exactly at 70 %: one is enough
     assert nodes_needed(5000.0, 400.0, 0.3, 1) == 19
+
+
+def _topology_json(p99_by_workers: dict[int, dict[float, float]], errors: int = 0) -> dict[str, Any]:
+    """The shape `bench/topology.py --json` ends with: per worker count, per rate, P99 and errors."""
+    return {"benchmark": "topology", "duration": 10.0, "date": "2026-12-06 17:00 UTC", "settings": "embedded",
+            "runs": [{"workers": w, "rates": {f"{rate:g}": {"client_p99_ms": p99, "errors": errors,
+                                                              "event_errors": 0, "valid": True}
+                                               for rate, p99 in rates.items()}}
+                     for w, rates in p99_by_workers.items()]}
+
+
+def test_plan_from_measured_figures_uses_the_highest_rate_within_the_slo_and_the_worker_curve(
+        tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: measured\ntraffic: {rate: 3000}\nslo: {p99_ms: 50}\n"
+                    "capacity: {headroom: 0.25, spare_nodes: 1}\n")
+    measured = tmp_path / "topology.json"
+    # One worker meets 50 ms at 1,000/s only; two meet it at 2,000/s but not 3,000/s.
+    measured.write_text("progress lines a bench prints first\n" + json.dumps(_topology_json(
+        {1: {1000: 12.0, 2000: 900.0}, 2: {1000: 6.0, 2000: 30.0, 3000: 400.0}})))
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(measured), "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert plan["source"] == "measured" and plan["workers"] == 2 and plan["max_rate"] == 2000.0
+    assert plan["exact"] is True  # 3,000/s was measured and failed
+    # 3,000/s at 75 % of 2,000/s per node: 2 nodes, plus the spare.
+    assert plan["per_node_rate"] == 1500.0 and plan["nodes"] == 3
+    assert [(c["workers"], c["max_rate"]) for c in plan["curve"]] == [(1, 1000.0), (2, 2000.0)]
+    assert [st["verdict"] for st in plan["steps"]] == ["PASS", "PASS", "FAIL"]
+
+    one = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(measured), "--measured-workers",
+                 "1", "--json")
+    plan1 = json.loads(one.stdout.strip().splitlines()[-1])
+    assert plan1["max_rate"] == 1000.0 and plan1["nodes"] == 4 + 1  # ceil(3000 / 750) + the spare
+
+
+def test_plan_from_measured_figures_says_when_it_is_only_a_lower_bound_or_when_nothing_passed(
+        tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: measured\ntraffic: {rate: 100}\nslo: {p99_ms: 50}\n")
+    allpass = tmp_path / "pass.json"
+    allpass.write_text(json.dumps(_topology_json({2: {1000: 5.0, 2000: 9.0}})))
+    plan = json.loads(_kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(allpass),
+                             "--json").stdout.strip().splitlines()[-1])
+    assert plan["max_rate"] == 2000.0 and plan["exact"] is False and "still met the SLO" in plan["note"]
+    errors = tmp_path / "errors.json"
+    errors.write_text(json.dumps(_topology_json({2: {1000: 5.0}}, errors=500)))  # 5 % of 10,000 failed
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(errors), "--json")
+    assert out.returncode != 0 and json.loads(out.stdout.strip().splitlines()[-1])["nodes"] is None
+
+
+def test_plan_refuses_a_file_that_is_not_a_topology_result_and_needs_url_or_measured(tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: measured\ntraffic: {rate: 100}\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"benchmark": "decision_latency"}')
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(bad))
+    assert out.returncode == 2 and "not a bench/topology.py --json result" in " ".join(out.stderr.split())
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("not json at all")
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(garbage))
+    assert out.returncode == 2 and "not JSON" in " ".join(out.stderr.split())
+    out = _kassa("loadtest", "plan", "--profile", str(prof))
+    assert out.returncode == 2 and "either --url" in " ".join(out.stderr.split())

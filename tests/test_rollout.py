@@ -79,3 +79,66 @@ def test_guardrail_checks_rollbacks_restarts_and_shadow_drops_are_in_metrics(tmp
     assert 'kassa_rollbacks_total{placement="checkout",reason="manual"} 1.0' in text
     assert 'kassa_learner_restarts_total{placement="checkout"}' in text
     assert 'kassa_shadow_dropped_total{placement="checkout"}' in text
+
+
+class _Records:
+    """A `LearnerInput` handing over decision records captured from a serving engine, once."""
+
+    def __init__(self, decisions: list) -> None:  # type: ignore[type-arg]
+        self.decisions = decisions
+
+    async def poll(self, limit: int = 5000):  # type: ignore[no-untyped-def]
+        from kassa.learn.online.inputs import LearnerBatch
+
+        batch, self.decisions = LearnerBatch(decisions=self.decisions), []
+        return batch
+
+    async def commit(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_learner_in_another_process_gets_the_canary_latencies_from_the_decision_records(tmp_path):
+    """With the learner apart (`kassa learn`), the guardrails run there: each record of a decision made while a
+    canary serves carries the version meant to serve, its latency and whether the model failed."""
+    from kassa.roles.learner import LearnerRole
+
+    async def scenario() -> None:
+        sim = rollout.Sim(tmp_path, 200.0, 1.0)
+        records: list = []  # type: ignore[type-arg]
+        register = sim.kassa.joiner.register
+
+        def capture(pending):  # type: ignore[no-untyped-def]
+            records.append(pending)
+            register(pending)
+
+        role = None
+        try:
+            sim.force(sim.train("good", "prod"))
+            canary = sim.train("bad", "canary")
+            sim.canary(canary)
+            sim.kassa.joiner.register = capture  # type: ignore[method-assign]
+            await sim.run(2.0)
+            served = [p.served for p in records]
+            assert served and all(s is not None for s in served)
+            by_canary = [s for s in served if s is not None and s[0] == canary]
+            assert 0 < len(by_canary) < len(served)  # a 50 % canary: both arms served
+            assert all(s is not None and s[1] > 0 and s[2] is False for s in served)
+
+            role = LearnerRole(sim.kassa.settings, source=_Records(records), clock=sim.clock)
+            role.input = role._source
+            await role.loop.poll_async()  # the serving set: the comparison opens, as in the learner's loop
+            await role.round()
+            comp = role.loop.guard.comparison(rollout.PLACEMENT)
+            assert comp is not None and comp.canary == canary
+            assert len(comp.canary_arm.latencies) == len(by_canary)
+            assert len(comp.production_arm.latencies) == len(served) - len(by_canary)
+        finally:
+            if role is not None:
+                role.kassa.decision_log.close()
+                role.kassa.event_log.close()
+            sim.close()
+
+    asyncio.run(scenario())

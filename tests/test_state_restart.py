@@ -23,7 +23,8 @@ CATALOG = {
         {"id": "magazine", "kind": "partner", "title": "Magazine", "value": 2},
     ],
     "placements": [{"id": "thanks", "slots": 1, "offers": ["discount", "magazine"],
-                    "reward": {"weights": {"accept": 1.0}, "wait_seconds": 4}}],
+                    # long enough that a restart on a loaded 2-core machine (5 s seen) ends inside the window
+                    "reward": {"weights": {"accept": 1.0}, "wait_seconds": 12}}],
 }
 
 
@@ -80,7 +81,7 @@ def test_kill_9_keeps_the_pending_decision_and_the_request_id(tmp_path: Path) ->
         assert again["decision_id"] == first["decision_id"] and again["offers"] == first["offers"]
         event = {"event_id": "e-1", "type": "accept", "decision_id": first["decision_id"], "offer_id": offer}
         assert httpx.post(f"{url}/v1/events", json={"events": [event]}, headers=pub).json()["accepted"] == 1
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         reward = None
         while time.monotonic() < deadline:
             metrics = httpx.get(f"{url}/metrics", headers=admin).text

@@ -22,9 +22,8 @@ from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
 from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
-from kassa.events.factory import open_bus, open_decision_publisher, open_event_log
+from kassa.events.factory import open_bus, open_decision_publisher, open_event_log, open_join_records
 from kassa.events.log import SqliteEventLog
-from kassa.events.records import DecisionRecordLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
@@ -82,9 +81,13 @@ class Kassa:
             self.registry.apply(load_repo(settings.features.definitions_file))
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
+        # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
+        # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
+        self.bus = open_bus(settings)
         # Per-buyer / per-request state (`state.backend`): profiles, caps, idempotency, pending decisions. A
-        # serving worker hands its decisions to `kassa learn` through the decision-record log (kassa.roles).
-        self.records = DecisionRecordLog(data / "decision_records.db") if role == "serve" else None
+        # serving worker hands its decisions to `kassa learn` through the decision-record log or, with
+        # `roles.learner_input: jetstream`, the join records stream (kassa.roles, kassa.events.factory).
+        self.records = open_join_records(settings, self.bus) if role == "serve" else None
         self.state = StateBackend(settings, self._reward_definition, clock, closes=role != "serve",
                                   sink=self.records, learner=role == "learn")
         self.profiles = self.state.profiles
@@ -96,9 +99,6 @@ class Kassa:
         self.models = ModelStore()
         self.joiner = self.state.joiner
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
-        # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
-        # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
-        self.bus = open_bus(settings)
         self.decision_log: DecisionSink = (
             DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,
                               on_written=self.drift.observe_records)

@@ -166,7 +166,9 @@ def learn(
     """Run the reward joiner, the online learner and snapshot publishing (one active per placement).
 
     Start two for a standby: the second waits on the lease (roles.lease: file or redis) and takes over
-    within roles.lease_ttl_seconds of the first one dying.
+    within roles.lease_ttl_seconds of the first one dying. Input (roles.learner_input): sqlite tails
+    events.db and decision_records.db of the data directory (one machine); jetstream reads the serving
+    processes' join records and events from NATS JetStream (events.backend: jetstream; any machine).
     """
     from kassa.roles.learner import run_learner
 

@@ -139,7 +139,8 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     lease_prefix: str = "kassa"
     lease_ttl_seconds: float = 5.0  # a dead learner's lease lapses after this; the standby takes over then
     # What feeds `kassa learn`: "sqlite" tails the local logs (events.db + decision_records.db, one machine);
-    # "jetstream" is wired by the event-bus part (docs/deploy.md, "What the integrator wires").
+    # "jetstream" reads the join records and events streams (needs events.backend: jetstream; serving
+    # workers then publish each decision's join record to <prefix>.records). docs/deploy.md.
     learner_input: Literal["sqlite", "jetstream"] = "sqlite"
     # Events are applied this long after they were stored, so a decision record written a moment after
     # its first event is registered first; the learner closes decisions on the same delayed clock.
@@ -235,4 +236,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     problem = timezone_error(settings.store_timezone)
     if problem is not None:
         raise SystemExit(f"invalid configuration: store_timezone: {problem}")
+    if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
+        raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
+                         "(the learner reads the decisions and events the serving processes publish there)")
     return settings

@@ -284,6 +284,8 @@ class DecisionEngine:
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
                 candidates=action_lines if learns else None, top_index=ranking.chosen[0],
             )
+            if serving is not None and serving.canary is not None and model is not None:
+                pending.served = (model.version, took_ms, model_failed)
         write = DecisionWrite(now, req.request_id, fp, response, customer_id, chosen, pending)
         if local is not None:
             local.write(write)

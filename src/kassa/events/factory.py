@@ -23,8 +23,9 @@ from kassa.events.consumers import (
 )
 from kassa.events.decision_log import DecisionRecord
 from kassa.events.jetstream import BusConfig, JetStreamBus
-from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
+from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog, JoinRecordPublisher
 from kassa.events.log import EventLog, SqliteEventLog
+from kassa.events.records import DecisionRecordLog
 
 
 def bus_config(settings: Settings, name: str = "kassa") -> BusConfig:
@@ -32,7 +33,8 @@ def bus_config(settings: Settings, name: str = "kassa") -> BusConfig:
     return BusConfig(url=ev.nats_url, prefix=ev.prefix,
                      spool_dir=Path(ev.spool_dir) if ev.spool_dir else settings.data_path / "spool",
                      dedupe_window_seconds=ev.dedupe_window_seconds, replicas=ev.replicas,
-                     retention_seconds=ev.retention_seconds, ack_timeout_seconds=ev.ack_timeout_seconds, name=name)
+                     retention_seconds=ev.retention_seconds, ack_timeout_seconds=ev.ack_timeout_seconds, name=name,
+                     join_records=settings.roles.learner_input == "jetstream")
 
 
 def open_bus(settings: Settings, name: str = "kassa") -> JetStreamBus | None:
@@ -54,6 +56,14 @@ def open_event_log(settings: Settings, bus: JetStreamBus | None = None) -> Event
 def open_decision_publisher(bus: JetStreamBus,
                             on_written: Callable[[list[DecisionRecord]], None] | None = None) -> DecisionPublisher:
     return DecisionPublisher(bus, on_written=on_written)
+
+
+def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecordPublisher | DecisionRecordLog:
+    """Where a serving worker hands its decisions to `kassa learn`: the join records stream when the learner
+    reads JetStream (``roles.learner_input: jetstream``), else ``<data_dir>/decision_records.db``."""
+    if bus is not None and settings.roles.learner_input == "jetstream":
+        return JoinRecordPublisher(bus)
+    return DecisionRecordLog(settings.data_path / "decision_records.db")
 
 
 # ---------------------------------------------------------------------------------------------- consumer runners

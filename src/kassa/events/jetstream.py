@@ -70,6 +70,9 @@ class BusConfig:
     ack_timeout_seconds: float = 2.0
     reconnect_wait_seconds: float = 0.5
     name: str = "kassa"
+    # The join records stream (<prefix>.records, <PREFIX>_RECORDS): each served decision's `PendingDecision`,
+    # what `kassa learn` joins events to (roles.learner_input: jetstream). Created only when asked for.
+    join_records: bool = False
 
     @property
     def events_subject(self) -> str:
@@ -80,12 +83,27 @@ class BusConfig:
         return f"{self.prefix}.decisions"
 
     @property
+    def records_subject(self) -> str:
+        return f"{self.prefix}.records"
+
+    @property
     def events_stream(self) -> str:
         return f"{_stream_token(self.prefix)}_EVENTS"
 
     @property
     def decisions_stream(self) -> str:
         return f"{_stream_token(self.prefix)}_DECISIONS"
+
+    @property
+    def records_stream(self) -> str:
+        return f"{_stream_token(self.prefix)}_RECORDS"
+
+    def streams(self) -> list[tuple[str, str]]:
+        """(stream, subject) of every stream this configuration uses."""
+        out = [(self.events_stream, self.events_subject), (self.decisions_stream, self.decisions_subject)]
+        if self.join_records:
+            out.append((self.records_stream, self.records_subject))
+        return out
 
 
 def _stream_token(prefix: str) -> str:
@@ -101,8 +119,8 @@ def stream_config(name: str, subject: str, cfg: BusConfig) -> api.StreamConfig:
 
 
 async def ensure_streams(js: JetStreamContext, cfg: BusConfig) -> None:
-    """Create (or bring to ``cfg``) the events and decisions streams."""
-    for name, subject in ((cfg.events_stream, cfg.events_subject), (cfg.decisions_stream, cfg.decisions_subject)):
+    """Create (or bring to ``cfg``) the events and decisions streams (and the join records stream if asked)."""
+    for name, subject in cfg.streams():
         sc = stream_config(name, subject, cfg)
         try:
             await js.add_stream(sc)

@@ -8,6 +8,10 @@ stream sequence, the ``seq`` of the interface, so the stream processor and start
 `DecisionPublisher` is the serving side of the decision log: the hot path appends a record to a deque, a task
 on the bus loop publishes them every 20 ms with ``Nats-Msg-Id = decision_id`` (or spools them); the separate
 writer process (`kassa.events.consumers.DecisionLogConsumer`) writes the Parquet files.
+
+`JoinRecordPublisher` is a serving worker's hand-over to `kassa learn` (``roles.learner_input: jetstream``):
+each decision's `PendingDecision` (the exact learner lines and probabilities the join needs, which the
+Parquet record does not carry) on the join records stream, read by `kassa.learn.online.inputs.JetStreamInput`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -26,9 +30,11 @@ from nats.js import api
 from kassa import schemas
 from kassa.events.decision_log import DecisionRecord
 from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed
+from kassa.events.join import PendingDecision
 from kassa.events.log import AppendResult, EventLog
 
 log = logging.getLogger("kassa.bus")
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -193,23 +199,18 @@ class _BatchReader:
 
 
 # ---------------------------------------------------------------------------------------------- decisions
-class DecisionPublisher:
-    """The serving side of the decision log on JetStream: ``append`` never blocks and never raises.
+class BufferedPublisher(Generic[R]):
+    """Rows appended on the hot path (one deque append), published by a task on the bus loop every
+    ``flush_seconds`` with ``Nats-Msg-Id`` (or spooled): never blocks, never raises. A subclass says how a
+    record becomes a row (`_row`) and what happens once a batch is stored (`_written`)."""
 
-    It has the surface of `DecisionLogWriter` the engine and the app use (``append``, ``pending``,
-    ``find_unwritten``, ``flush``, ``close``); "written" here means acknowledged by JetStream or spooled.
-    """
-
-    def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02,
-                 on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+    def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02) -> None:
         self.bus = bus
         self.flush_seconds = flush_seconds
-        self.on_written = on_written
         self.written = 0
         self.failed_flushes = 0
-        self._buffer: collections.deque[DecisionRecord] = collections.deque()
-        self._writing: list[DecisionRecord] = []
-        self._encoder = msgspec.json.Encoder()
+        self._buffer: collections.deque[R] = collections.deque()
+        self._writing: list[R] = []
         self._stop = False
         self._lock: asyncio.Lock | None = None  # created on the bus loop
         self._task = bus.thread.submit(self._run())
@@ -218,14 +219,10 @@ class DecisionPublisher:
     def pending(self) -> int:
         return len(self._buffer) + len(self._writing)
 
-    def append(self, record: DecisionRecord) -> None:
-        self._buffer.append(record)
+    def _row(self, record: R) -> tuple[str, str, bytes]:
+        raise NotImplementedError
 
-    def find_unwritten(self, decision_id: str) -> DecisionRecord | None:
-        for records in (list(self._buffer), list(self._writing)):
-            for rec in reversed(records):
-                if rec.decision_id == decision_id:
-                    return rec
+    def _written(self, batch: list[R]) -> None:
         return None
 
     async def _run(self) -> None:
@@ -235,7 +232,7 @@ class DecisionPublisher:
                 await self._publish_buffered()
             except Exception:
                 self.failed_flushes += 1
-                log.exception("decision records: publish and spool both failed; retrying")
+                log.exception("%s: publish and spool both failed; retrying", type(self).__name__)
                 await asyncio.sleep(0.5)
             if stopping:
                 return
@@ -253,20 +250,18 @@ class DecisionPublisher:
             return 0
         batch = [self._buffer.popleft() for _ in range(n)]
         self._writing = batch
-        subject, encode = self.bus.cfg.decisions_subject, self._encoder.encode
         try:
-            await self.bus.append_rows([(subject, r.decision_id, encode(r)) for r in batch])
+            await self.bus.append_rows([self._row(r) for r in batch])
         except BaseException:
             self._buffer.extendleft(reversed(batch))  # in front again, in order, for the next try
             self._writing = []
             raise
         self._writing = []
         self.written += n
-        if self.on_written is not None:
-            try:
-                self.on_written(batch)
-            except Exception:
-                log.exception("decision records: on_written callback failed")
+        try:
+            self._written(batch)
+        except Exception:
+            log.exception("%s: on_written callback failed", type(self).__name__)
         return n
 
     def flush(self) -> int:
@@ -278,4 +273,68 @@ class DecisionPublisher:
         with contextlib.suppress(Exception):
             self._task.result(timeout=30)
         if self._buffer:
-            log.error("decision publisher closed with %d unpublished records", len(self._buffer))
+            log.error("%s closed with %d unpublished records", type(self).__name__, len(self._buffer))
+
+
+class DecisionPublisher(BufferedPublisher[DecisionRecord]):
+    """The serving side of the decision log on JetStream: ``append`` never blocks and never raises.
+
+    It has the surface of `DecisionLogWriter` the engine and the app use (``append``, ``pending``,
+    ``find_unwritten``, ``flush``, ``close``); "written" here means acknowledged by JetStream or spooled.
+    """
+
+    def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02,
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+        self.on_written = on_written
+        self._encode = msgspec.json.Encoder().encode
+        self._subject = bus.cfg.decisions_subject
+        super().__init__(bus, flush_seconds)
+
+    def append(self, record: DecisionRecord) -> None:
+        self._buffer.append(record)
+
+    def find_unwritten(self, decision_id: str) -> DecisionRecord | None:
+        for records in (list(self._buffer), list(self._writing)):
+            for rec in reversed(records):
+                if rec.decision_id == decision_id:
+                    return rec
+        return None
+
+    def _row(self, record: DecisionRecord) -> tuple[str, str, bytes]:
+        return self._subject, record.decision_id, self._encode(record)
+
+    def _written(self, batch: list[DecisionRecord]) -> None:
+        if self.on_written is not None:
+            self.on_written(batch)
+
+
+class JoinRecordPublisher(BufferedPublisher[PendingDecision]):
+    """A serving worker's decisions for `kassa learn` on JetStream (``roles.learner_input: jetstream``).
+
+    The bus twin of `kassa.events.records.DecisionRecordLog`, with the same reward-sink surface: ``register``
+    queues the decision's `PendingDecision` (msgpack, ``Nats-Msg-Id = decision_id``) for the join records
+    stream; events are the learner's to join, so ``observe`` does nothing and every decision counts as open.
+    """
+
+    def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.01) -> None:
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._subject = bus.cfg.records_subject
+        super().__init__(bus, flush_seconds)
+
+    def register(self, pending: PendingDecision) -> None:
+        self._buffer.append(pending)
+
+    def observe(self, _event: object) -> int:
+        return 0
+
+    def is_open(self, _decision_id: str) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self.pending
+
+    def join_lag(self, _now: float) -> float:
+        return 0.0
+
+    def _row(self, record: PendingDecision) -> tuple[str, str, bytes]:
+        return self._subject, record.decision_id, self._encode(record)

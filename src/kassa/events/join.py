@@ -30,6 +30,9 @@ class PendingDecision:
     # learning placements: every candidate's learner line and the index of slot 1's (the publish guard's OPE)
     candidates: list[str] | None = None
     top_index: int = -1
+    # while a canary serves: (version meant to serve, took_ms, model failed), for the guardrails of a learner
+    # in another process (`kassa learn` reports it to its CanaryGuard as the in-process engine does directly)
+    served: tuple[str, float, bool] | None = None
 
 
 @dataclass(slots=True)

@@ -240,7 +240,13 @@ def _run_with_view(cfg: RunConfig, title: str) -> dict[str, Any]:
 @loadtest_app.command("plan")
 def plan(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile YAML file or built-in name.")],
-    url: Annotated[str, typer.Option("--url", help="Kassa base URL of ONE node, http://host:port.")],
+    url: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--url", help="Kassa base URL of ONE node, http://host:port (not with --measured).")] = None,
+    measured: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--measured", help="Plan from a saved `bench/topology.py --json` result instead of stepping a live node.",
+        exists=True, dir_okay=False)] = None,
+    measured_workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--measured-workers", min=1, help="Worker count of the --measured run to use (default: largest).")] = None,
     key: KeyOpt = None,
     secret_key: SecretOpt = None,
     webhook_secret: WebhookOpt = None,
@@ -259,10 +265,20 @@ def plan(
     max_lag_ms: LagOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Step the rate up to the highest that meets the profile's SLO, then the nodes its peak needs."""
+    """Step the rate up to the highest that meets the profile's SLO, then the nodes its peak needs.
+
+    With ``--measured FILE`` it runs nothing: the steps are the rates a topology benchmark measured.
+    """
     from kassa.loadtest.plan import plan_capacity
     from kassa.loadtest.runner import parse_url
 
+    if (url is None) == (measured is None):
+        err.print("[red]give either --url (step a live node) or --measured (a bench/topology.py --json file)[/]")
+        raise typer.Exit(EXIT_INPUT)
+    if measured is not None:
+        _plan_measured(profile, mix, measured, measured_workers, json_out)
+        return
+    assert url is not None
     try:
         parse_url(url)
         prof = _build_profile(profile, None, None, mix, None)
@@ -288,6 +304,44 @@ def plan(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_INPUT) from None
     err.print(table)
+    err.print(f"[bold]{result['summary']}[/]")
+    if json_out:
+        print(json.dumps(_json_safe(result), separators=(",", ":")), flush=True)
+    if result["nodes"] is None:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _plan_measured(profile: str, mix: list[str] | None, path: Path, workers: int | None, json_out: bool) -> None:
+    from kassa.loadtest.plan import plan_from_measured
+
+    try:
+        prof = _build_profile(profile, None, None, mix, None)
+        raw = path.read_text()
+        try:
+            lines = [ln for ln in raw.splitlines() if ln.strip().startswith("{")]
+            data = json.loads(lines[-1] if lines else raw)
+        except (json.JSONDecodeError, IndexError):
+            raise LoadTestError(f"{path}: not JSON (expected the last line of `bench/topology.py --json`)") from None
+        try:
+            result = plan_from_measured(prof, data, workers)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LoadTestError(f"{path}: {exc}") from None
+    except (ProfileError, LoadTestError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_INPUT) from None
+    table = Table("rate/s", "verdict", "p99 ms", "errors",
+                  title=f"capacity plan from measured figures ({path.name}, {result['workers']} worker(s)): "
+                  f"{prof.name} (peak {prof.peak_rate():,.1f} requests/s)", title_justify="left")
+    for st in result["steps"]:
+        colour = "green" if st["verdict"] == "PASS" else "red"
+        verdict = st["verdict"] if st["valid"] else "INVALID"
+        table.add_row(f"{st['rate']:,.1f}", f"[{colour}]{verdict}", f"{st['p99_ms'] or 0:,.2f}",
+                      f"{st['error_rate']:.3%}")
+    err.print(table)
+    for c in result["curve"]:
+        best = "none" if c["max_rate"] is None else f"{c['max_rate']:,.0f}/s"
+        err.print(f"{c['workers']} worker(s): highest measured rate within the SLO {best}"
+                  + (f" ({c['note']})" if c["note"] else ""))
     err.print(f"[bold]{result['summary']}[/]")
     if json_out:
         print(json.dumps(_json_safe(result), separators=(",", ":")), flush=True)

@@ -133,3 +133,76 @@ def plan_capacity(
         ),
     )
     return out
+
+
+def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | None = None) -> dict[str, Any]:
+    """Size the fleet from a saved `bench/topology.py --json` run instead of stepping a live node.
+
+    Every measured rate of one worker count becomes a step: PASS when its client P99 and its error rate
+    (decision and event errors over the decisions sent) meet the profile's SLO, INVALID when the generator
+    fell behind. The highest passing rate is exact only if a higher measured rate failed; otherwise it is a
+    lower bound and the plan says so. ``workers`` picks the worker count (default: the largest measured);
+    the answer also holds the highest passing rate of every worker count, the curve from 1 to N processes.
+    """
+    runs = measured.get("runs")
+    if measured.get("benchmark") != "topology" or not isinstance(runs, list) or not runs:
+        raise ValueError("not a bench/topology.py --json result (expected \"benchmark\": \"topology\" and runs)")
+    duration = float(measured.get("duration") or 0.0)
+    slo = profile.slo
+
+    def steps_of(run: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for rate_s, r in sorted(run["rates"].items(), key=lambda kv: float(kv[0])):
+            rate = float(rate_s)
+            sent = max(1.0, rate * duration)
+            errors = int(r.get("errors") or 0) + int(r.get("event_errors") or 0)
+            error_rate = errors / sent
+            p99 = r.get("client_p99_ms")
+            ok = p99 is not None and p99 <= slo.p99_ms and error_rate <= slo.error_rate
+            reason = (f"P99 {p99} ms {'<=' if p99 is not None and p99 <= slo.p99_ms else '>'} {slo.p99_ms:g} ms, "
+                      f"error rate {error_rate:.3%}")
+            out.append({"rate": rate, "verdict": "PASS" if ok else "FAIL", "valid": bool(r.get("valid", True)),
+                        "p99_ms": p99, "error_rate": round(error_rate, 6), "reason": reason})
+        return out
+
+    def best_of(steps: list[dict[str, Any]]) -> tuple[float | None, str]:
+        best: float | None = None
+        for st in steps:
+            if not st["valid"]:
+                return best, f"the generator fell behind at {st['rate']:,.0f}/s"
+            if st["verdict"] != "PASS":
+                return best, ""
+            best = st["rate"]
+        return best, (f"the highest measured rate ({steps[-1]['rate']:,.0f}/s) still met the SLO"
+                      if steps else "no measured rate")
+
+    by_workers = {int(run["workers"]): run for run in runs}
+    chosen = workers if workers is not None else max(by_workers)
+    if chosen not in by_workers:
+        raise ValueError(f"no run with {chosen} worker(s) in the file (measured: {sorted(by_workers)})")
+    curve = []
+    for w, run in sorted(by_workers.items()):
+        best, note = best_of(steps_of(run))
+        curve.append({"workers": w, "max_rate": best, "exact": not note, "note": note})
+    steps = steps_of(by_workers[chosen])
+    best, stopped = best_of(steps)
+    cap = profile.capacity
+    peak = profile.peak_rate()
+    out: dict[str, Any] = {
+        "profile": profile.name, "source": "measured", "workers": chosen, "peak_rate": round(peak, 2),
+        "slo": {"p99_ms": slo.p99_ms, "error_rate": slo.error_rate}, "max_rate": best, "exact": not stopped,
+        "note": stopped, "headroom": cap.headroom, "spare_nodes": cap.spare_nodes, "steps": steps, "curve": curve,
+        "measured_at": measured.get("date"), "settings": measured.get("settings"),
+    }
+    if best is None:
+        out.update(nodes=None, per_node_rate=None,
+                   summary=f"no measured rate met the SLO with {chosen} worker(s) ({steps[0]['reason']})")
+        return out
+    per_node = best * (1.0 - cap.headroom)
+    nodes = nodes_needed(peak, best, cap.headroom, cap.spare_nodes)
+    bound = "" if not stopped else " at least (a lower bound: " + stopped + ")"
+    out.update(per_node_rate=round(per_node, 2), nodes=nodes, summary=(
+        f"one node of {chosen} worker(s) met the SLO up to{bound} {best:,.1f} requests/s as measured; planned at "
+        f"{1 - cap.headroom:.0%} of that ({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs "
+        f"{nodes - cap.spare_nodes} node(s) + {cap.spare_nodes} spare = {nodes}"))
+    return out

@@ -9,7 +9,8 @@ A learner that fails to renew a lease it held exits (code 75) rather than learn 
 supervisor (systemd, Kubernetes, `kassa serve`) starts it again, as a standby.
 
 Decisions close on a clock ``settle_seconds`` behind the wall clock, the delay with which the input hands
-over events (`SqliteTailInput`), so an event stored just before a decision's deadline still counts.
+over events (`SqliteTailInput`, `JetStreamInput`), so an event stored just before a decision's deadline still
+counts.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections.abc import Callable
 
 from kassa.app import Kassa
 from kassa.config import Settings
+from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
-from kassa.learn.online.inputs import LearnerInput, SqliteTailInput
+from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
 from kassa.learn.online.lease import FileLease, Lease, RedisLease
 
 log = logging.getLogger("kassa.learn")
@@ -88,6 +90,16 @@ class LearnerRole:
                 marks.append(mark)
         return max(marks) if marks else None
 
+    async def open_input(self) -> LearnerInput:
+        """The input ``roles.learner_input`` names, reading back `lookback` seconds."""
+        if self.settings.roles.learner_input == "jetstream":
+            if self.settings.events.backend != "jetstream":
+                raise SystemExit("roles.learner_input: jetstream needs events.backend: jetstream (the serving "
+                                 "processes publish decisions and events there); docs/deploy.md")
+            return await JetStreamInput(bus_config(self.settings, "kassa-learn"), self.lookback(), self.settle,
+                                        self.clock).start()
+        return SqliteTailInput(self.settings.data_path, self.lookback(), self.settle, self.clock)
+
     async def leases_round(self) -> None:
         for placement in self.placements():
             lease = self.leases.get(placement)
@@ -107,8 +119,11 @@ class LearnerRole:
     async def round(self) -> None:
         assert self.input is not None
         batch = await self.input.poll()
+        guard = self.loop.guard
         for pending in batch.decisions:
             self.joiner.register(pending)
+            if pending.served is not None:  # a canary served: its guardrails run here, not in the worker
+                guard.served(pending.placement, *pending.served)
         for event in batch.events:
             self.joiner.observe(event)
         await self.input.commit()
@@ -127,12 +142,8 @@ class LearnerRole:
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05) -> None:
         stop = stop or asyncio.Event()
-        if self._source is None and self.settings.roles.learner_input != "sqlite":
-            raise SystemExit("roles.learner_input: jetstream is provided by the event-bus backend and not wired in "
-                             "this build; use sqlite (docs/deploy.md)")
         self.kassa.warm_up()
-        self.input = self._source or SqliteTailInput(self.settings.data_path, self.lookback(), self.settle,
-                                                     self.clock)
+        self.input = self._source or await self.open_input()
         last_lease = last_status = last_prune = 0.0
         log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
                  self.lookback())
@@ -163,7 +174,7 @@ class LearnerRole:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lease.release)
         if self.input is not None:
-            self.input.close()
+            await self.input.close()
         await self.kassa.stop()
 
 

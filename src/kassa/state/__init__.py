@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
@@ -17,7 +18,14 @@ from kassa.config import Settings
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.decide.sinks import RewardSink
-from kassa.decide.state import DecisionState, IdempotencyCache, LocalDecisionState, decode_response
+from kassa.decide.state import (
+    BuyerState,
+    DecisionState,
+    DecisionWrite,
+    IdempotencyCache,
+    LocalDecisionState,
+    decode_response,
+)
 from kassa.features.profile import CustomerProfiles
 from kassa.learn.online.rewards import RewardJoiner
 
@@ -40,7 +48,9 @@ class StateBackend:
         closing and learning to the learner role. Embedded roles (kassa.roles): a serving worker registers its
         decisions with ``sink`` (the decision-record log `kassa learn` tails) and ``learner`` builds the
         learner's hand-over joiner; only the single process (neither) journals to the data dir, which
-        several workers and a learner would otherwise write and restore at once."""
+        several workers and a learner would otherwise write and restore at once. On Redis too, `kassa learn`
+        keeps its join in memory, rebuilt from its input (`kassa.learn.online.inputs`), and a serving worker
+        hands its decisions to ``sink`` instead of the Redis join."""
         st = settings.state
         self.settings = settings
         self.clock = clock
@@ -52,7 +62,7 @@ class StateBackend:
         self.shared: SharedRewardJoiner | None = None
         self.feed: OrderFeed | None = None
         self.decision_state: DecisionState
-        if st.backend == "redis":
+        if st.backend == "redis" and not learner:
             from kassa.state.redis import RedisDecisionState, RedisState
             from kassa.state.redis_join import RedisProfiles, SharedRewardJoiner
 
@@ -63,6 +73,8 @@ class StateBackend:
             self.joiner: RewardJoiner = self.shared  # type: ignore[assignment]  # the same surface
             self.profiles: CustomerProfiles = RedisProfiles(self.shared)  # type: ignore[assignment]
             self.decision_state = RedisDecisionState(self.redis, st.await_commit)
+            if sink is not None:  # a serving worker: `kassa learn` joins its decisions, not Redis
+                self.decision_state = HandingOverDecisionState(self.decision_state, sink)
         else:
             from kassa.state.local import FILE, SqliteStateJournal
 
@@ -166,3 +178,26 @@ class StateBackend:
             with contextlib.suppress(Exception):
                 await self._flush()
             await self.redis.close()
+
+
+class HandingOverDecisionState:
+    """A serving worker's `DecisionState` on Redis when `kassa learn` does the join: profiles, caps and
+    idempotency stay shared on Redis; the pending decision goes to ``sink`` (the learner's input) instead of
+    the Redis join, which no process of this topology would close."""
+
+    def __init__(self, inner: DecisionState, sink: RewardSink) -> None:
+        self.inner = inner
+        self.sink = sink
+
+    async def load(self, request_id: str | None, customer_id: str | None, now: float,
+                   timeout: float) -> BuyerState:
+        return await self.inner.load(request_id, customer_id, now, timeout)
+
+    async def commit(self, write: DecisionWrite, timeout: float) -> schemas.DecisionResponse | None:
+        pending = write.pending
+        if pending is None:
+            return await self.inner.commit(write, timeout)
+        stored = await self.inner.commit(dataclasses.replace(write, pending=None), timeout)
+        if stored is None or stored is write.response:  # not another process's answer to this request_id
+            self.sink.register(pending)
+        return stored

@@ -12,23 +12,36 @@ so a restarted or newly active learner rebuilds every open decision from the log
 only ``settle_seconds`` after they were stored, because a decision's record is written on a thread of its
 serving process a few milliseconds after the answer, and an event can be faster than that.
 
-A JetStream backend (the event-bus part) implements the same two methods with two ordered consumers
-(decision records, events) started at ``now - lookback_seconds``; see docs/deploy.md.
+`JetStreamInput` is the production backend (``roles.learner_input: jetstream``): two ephemeral pull consumers
+(no acks, in memory on the server), one on the join records stream (each served decision's `PendingDecision`,
+published by the serving workers' `kassa.events.jetstream_log.JoinRecordPublisher`) and one on the events
+stream, both started at ``now - lookback_seconds``. It keeps the tail's rule with the stores' clock: an event
+is handed over once every decision stored up to ``settle_seconds`` after it has been (see `JetStreamInput`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
 
 from kassa import schemas
+from kassa.events.jetstream import BusConfig, close_connection, connect, ensure_streams
 from kassa.events.join import PendingDecision
 from kassa.events.log import SqliteEventLog
 from kassa.events.records import DecisionRecordLog
@@ -52,7 +65,10 @@ class LearnerInput(Protocol):
         """Everything handed over so far has been applied."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+log = logging.getLogger("kassa.learn")
 
 
 class SqliteTailInput:
@@ -101,6 +117,197 @@ class SqliteTailInput:
     async def commit(self) -> None:
         return None  # a tail keeps its cursor in memory; a restart goes back `lookback_seconds`
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.records.close()
         self._events.close()
+
+
+def _delivery(msg: Msg) -> tuple[int, float, int]:
+    """(stream sequence, stored at in unix seconds, messages left in the consumer) from the reply subject
+    ``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts ns>.<pending>[.<token>]``:
+    a split instead of nats-py's ``msg.metadata`` (dataclasses and a datetime per message)."""
+    t = msg.reply.split(".")
+    if len(t) == 9:
+        return int(t[5]), int(t[7]) / 1e9, int(t[8])
+    return int(t[7]), int(t[9]) / 1e9, int(t[10])
+
+
+class _Tail:
+    """One ephemeral pull consumer from a start time; re-created after its last sequence if it goes away
+    (NATS restarted, or the consumer was reaped while the learner stalled)."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, since: float) -> None:
+        self.js, self.stream, self.subject, self.since = js, stream, subject, since
+        self.last_seq = 0
+        self.sub: JetStreamContext.PullSubscription | None = None
+        self.failing = False
+        self._checked_at = 0.0
+
+    async def open(self) -> None:
+        if self.last_seq:
+            cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                     opt_start_seq=self.last_seq + 1)
+        else:
+            cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                     opt_start_time=datetime.fromtimestamp(self.since, UTC))
+        cfg.ack_policy = api.AckPolicy.NONE
+        cfg.inactive_threshold = 60.0
+        cfg.mem_storage = True
+        cfg.max_waiting = 8
+        self.sub = await self.js.pull_subscribe(self.subject, stream=self.stream, config=cfg)
+
+    async def fetch(self, limit: int, timeout: float, drained: bool = True) -> tuple[list[Msg], bool]:
+        """Up to ``limit`` messages in stream order, and whether the consumer had none left to deliver at the
+        time of the fetch (every message stored before it began is in this batch or an earlier one; asked
+        of the server after an empty fetch only if ``drained``)."""
+        try:
+            if self.sub is None:
+                await self.open()
+                assert self.sub is not None
+                if self.failing:
+                    log.info("learner input: %s consumer back after seq %d", self.stream, self.last_seq)
+                    self.failing = False
+            msgs = await self.sub.fetch(limit, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            msgs = []
+        except (nats.errors.Error, OSError) as exc:
+            # consumer gone, connection lost: start it again after last_seq (once the server answers)
+            if not self.failing:
+                log.warning("learner input: %s consumer failed (%s); re-creating it after seq %d", self.stream,
+                            exc, self.last_seq)
+                self.failing = True
+            if self.sub is not None:
+                with contextlib.suppress(Exception):
+                    await self.sub.unsubscribe()
+                self.sub = None
+            return [], False
+        fresh = [m for m in msgs if m.reply and _delivery(m)[0] > self.last_seq]  # a re-created consumer's repeats
+        if fresh:
+            self.last_seq = _delivery(fresh[-1])[0]
+            return fresh, _delivery(fresh[-1])[2] == 0
+        # Nothing came. Ask the server about the consumer (for the decisions on every empty fetch, for the events
+        # once a second): it may be gone (NATS restarted: ephemeral consumers live in memory), and a fetch on
+        # a consumer that no longer exists only times out.
+        if not drained and time.monotonic() - self._checked_at < 1.0:
+            return [], False
+        self._checked_at = time.monotonic()
+        if self.sub is None:
+            return [], False
+        try:
+            info = await self.js.consumer_info(self.stream, self.sub._consumer, timeout=1.0)
+        except nats.js.errors.NotFoundError:
+            log.warning("learner input: %s consumer is gone (NATS restarted?); re-creating it after seq %d",
+                        self.stream, self.last_seq)
+            self.sub = None
+            return [], False
+        except (nats.errors.Error, OSError, TimeoutError):
+            return [], False
+        if not drained:
+            return [], False
+        # Drained only if the server has nothing pending and nothing delivered that is still on its way here
+        # (a fetch that timed out on a busy host leaves those for the next one).
+        delivered = info.delivered.stream_seq if info.delivered is not None else 0
+        return [], not info.num_pending and (delivered or 0) <= self.last_seq
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            self.sub = None
+
+
+class JetStreamInput:
+    """`LearnerInput` over the join records and events streams (``roles.learner_input: jetstream``).
+
+    Order: each ``poll`` first fetches decisions until their consumer reports none left (the ``pending`` count
+    every message carries) or ``limit``, then events into a holding queue. An event leaves the queue once
+    every decision stored up to ``settle_seconds`` after it has been handed over: a decision's record is
+    published by its serving worker within ~10 ms of the answer, so it can be stored after an event that
+    answers it, but not ``settle_seconds`` after. "Handed over up to" is the start of a decisions fetch that
+    drained the consumer, else the stored time of the last decision read (catching up, bounded by
+    ``limit``). Times are JetStream's (the message's stored time) against this host's clock for "now"; keep
+    them in sync (NTP), well within ``settle_seconds``.
+
+    Messages are fetched in batches (``limit``) with one decode each; nothing is acknowledged (``commit`` is
+    a no-op): a restarted learner reads back ``lookback_seconds`` like the SQLite tail.
+    """
+
+    def __init__(self, cfg: BusConfig, lookback_seconds: float, settle_seconds: float = 0.5,
+                 clock: Callable[[], float] = time.time, fetch_timeout: float = 0.05) -> None:
+        self.cfg = cfg
+        self.settle = settle_seconds
+        self.clock = clock
+        self.since = clock() - lookback_seconds
+        self.fetch_timeout = fetch_timeout
+        self.nc: NATS | None = None
+        self._decisions: _Tail | None = None
+        self._events: _Tail | None = None
+        self._held: collections.deque[tuple[float, bytes]] = collections.deque()  # (stored at, body)
+        self._covered = 0.0  # every decision stored before this has been handed over
+        self._pending_decoder = msgspec.msgpack.Decoder(PendingDecision)
+        self._event_decoder = msgspec.json.Decoder(schemas.Event)
+        self.decisions_read = 0
+        self.events_read = 0
+
+    async def start(self) -> JetStreamInput:
+        self.nc = await connect(self.cfg, name=f"{self.cfg.name}-learner-input", error_cb=self._on_error,
+                                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.cfg)
+        self._decisions = _Tail(js, self.cfg.records_stream, self.cfg.records_subject, self.since)
+        self._events = _Tail(js, self.cfg.events_stream, self.cfg.events_subject, self.since)
+        await self._decisions.open()
+        await self._events.open()
+        return self
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("learner input: NATS client error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("learner input: NATS disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("learner input: NATS reconnected")
+
+    async def poll(self, limit: int = 5000) -> LearnerBatch:
+        assert self._decisions is not None and self._events is not None, "start() first"
+        batch = LearnerBatch()
+        if self.nc is None or not self.nc.is_connected:  # reconnecting: a request now only waits out its timeout
+            await asyncio.sleep(self.fetch_timeout)
+            return batch
+        began = self.clock()
+        msgs, drained = await self._decisions.fetch(limit, self.fetch_timeout)
+        if msgs:
+            decode = self._pending_decoder.decode
+            batch.decisions = [decode(m.data) for m in msgs]
+            self._covered = began if drained else max(self._covered, _delivery(msgs[-1])[1])
+        elif drained:
+            self._covered = began
+        covered = self._covered
+        if len(self._held) < limit:
+            for m in (await self._events.fetch(limit, self.fetch_timeout, drained=False))[0]:
+                self._held.append((_delivery(m)[1], m.data))
+        horizon = covered - self.settle
+        held, decode_event, events = self._held, self._event_decoder.decode, batch.events
+        while held and held[0][0] <= horizon and len(events) < limit:
+            events.append(decode_event(held.popleft()[1]))
+        self.decisions_read += len(batch.decisions)
+        self.events_read += len(events)
+        return batch
+
+    @property
+    def held(self) -> int:
+        """Events read but not handed over yet (settling)."""
+        return len(self._held)
+
+    async def commit(self) -> None:
+        return None  # ephemeral consumers without acks; a restart goes back `lookback_seconds`
+
+    async def close(self) -> None:
+        for tail in (self._decisions, self._events):
+            if tail is not None:
+                await tail.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await close_connection(self.nc)
+            self.nc = None
