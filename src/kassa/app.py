@@ -138,6 +138,7 @@ class Kassa:
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
             on_served=self.learning.guard.served, shadow=self.shadow, on_shown=self.metrics.observe_shown,
             state=self.state.decision_state, state_timeout=self.state.timeout,
+            keep_candidates=settings.learn.guard.enabled,
         )
         self.metrics.known_offers = lambda: self.catalog.snapshot.offers
         self.metrics.live = self.live_state

@@ -51,7 +51,10 @@ class PublishGuardSettings(Struct, forbid_unknown_fields=True):
     """Continuous learning publishes a snapshot only when OPE on recent traffic says it is not worse than what
     serves (kassa.learn.online.guard, ADR 0010). Off by default: with these settings it held every snapshot of
     `kassa demo --headless --checkouts 20000 --seed 1` (the demo then served its baseline only, 1.61x random and
-    1.11x the best static list, against 2.67x and 1.67x with the guard off; measured 2026-12-06)."""
+    1.11x the best static list, against 2.67x and 1.67x with the guard off; measured 2026-12-06).
+
+    Serving processes read ``enabled`` too: only then do their decisions carry every candidate's learner line
+    (what the guard replays), so a `kassa learn` elsewhere with the guard on needs it on for its workers."""
 
     enabled: bool = False
     window: int = 3_000  # recent top slots (with their candidates) the check replays
