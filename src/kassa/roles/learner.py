@@ -144,7 +144,7 @@ class LearnerRole:
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05, idle_interval: float = 0.25) -> None:
         """Rounds every ``interval`` seconds while the input has something, every ``idle_interval`` after one that
-        read nothing: an idle learner's rounds (a thread hop and two SQLite reads each) cost ~1 % of a core at
+        read nothing: an idle learner's rounds (two reads of its input each) cost ~1 % of a core at
         20 a second. Decisions close at most ``idle_interval`` later than their deadline, within the settle delay's
         order of magnitude."""
         stop = stop or asyncio.Event()
