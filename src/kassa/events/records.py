@@ -9,9 +9,9 @@ Cost on the hot path: ``append`` is one deque append. A daemon thread, woken by 
 flush, lets ``flush_seconds`` (20 ms) of records gather and writes them in one transaction (WAL,
 ``synchronous=NORMAL``: a process crash loses nothing that was flushed; a power loss can lose the last
 transaction); an idle worker's thread sleeps instead of waking every few milliseconds. Records are msgpack,
-~0.5 KB each (~4.5 KB with 50 candidate lines when the publish guard is on). Measured on the 2-core machine:
-~38 µs of CPU per record written alone with its 50 candidates, ~8 µs per record in batches of ten without
-them; at 500 decisions/s per worker a 5 ms period wrote batches of 2-3 (docs/adr/0009 addendum).
+~1 KB each on the bench catalog (~10 KB with its 50 candidate lines when the publish guard is on). Measured:
+~38 µs of CPU per 4.4 KB record written alone, ~8 µs per 0.5 KB record in batches of ten; at 500
+decisions/s per worker a 5 ms period wrote batches of 2-3 (docs/adr/0009 addendum).
 """
 
 from __future__ import annotations
