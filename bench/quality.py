@@ -505,13 +505,13 @@ Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold star
 async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     products, offers = [], []
     for seed in args.seeds:
-        if args.product_checkouts:
+        if args.product_checkouts and args.world in ("products", "both"):
             r = await product_run(seed, args.product_checkouts, args.products, args.customers, args.rate)
             products.append(r)
             print(f"products seed {seed}: learned {r['policy']:.4f} baseline {r['baseline']:.4f} best heuristic "
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
                   f"{r['seconds']} s", file=sys.stderr)
-        if args.offer_checkouts:
+        if args.offer_checkouts and args.world in ("offers", "both"):
             r = await offer_run(seed, args.offer_checkouts, args.rate)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
@@ -523,6 +523,7 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--world", choices=["offers", "products", "both"], default="both", help="which world to run")
     ap.add_argument("--product-checkouts", type=int, default=12_000)
     ap.add_argument("--offer-checkouts", type=int, default=12_000)
     ap.add_argument("--products", type=int, default=10_000)
