@@ -436,9 +436,9 @@ class ProductRetriever:
 
         Each source contributes up to its own quota (``co_purchase``, ``history``, ``popular``; 0 disables
         it); a product found by several sources is one candidate carrying all of them. Candidates are
-        scored by `kassa.decide.signals.score` (history strength, co-purchase share of this order's
-        strongest neighbour, popularity share of the most popular product) and the best
-        ``max_candidates`` are returned.
+        scored as `kassa.decide.signals.score` defines (co-purchase confidence with this order, log
+        co-purchases, history strength, popularity share; inlined here) and the best ``max_candidates`` are
+        returned, with learner suffixes built for those only.
 
         Returns
         -------
