@@ -84,7 +84,7 @@ def action_line(offer: schemas.Offer) -> str:
         # weights that one accept inflated, and even a linear per-product bias (namespace ``i``) is learned
         # from a handful of shows per product; the model ranked by which products it had seen accepted
         # rather than by why they were retrieved (issue 14's product world; bench/quality.py). What a product
-        # placement learns is carried by the retrieval signals (``|r``, `kassa.decide.signals`).
+        # placement learns is carried by the retrieval signals (``|r``, `kassa.decide.retrieval.signals`).
         del feats["id"]
         line = " |o " + " ".join(tokens(feats))
     else:

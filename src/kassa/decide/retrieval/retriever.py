@@ -5,7 +5,7 @@ products: time-decayed co-purchase neighbours, each customer's replenishment his
 time-decayed popularity floor. It is fed from the order stream (:meth:`ProductRetriever.observe_order`)
 and read on the decision hot path: :meth:`ProductRetriever.retrieve_scored` (what the engine uses since issue
 14) merges the sources by a retrieval score and tags every candidate with why it was retrieved
-(`kassa.decide.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
+(`kassa.decide.retrieval.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
 
 Design notes
 ------------
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kassa import schemas
-from kassa.decide import signals
+from kassa.decide.retrieval import signals
 
 SOURCES = ("co_purchase", "history", "popular")
 
@@ -436,7 +436,7 @@ class ProductRetriever:
 
         Each source contributes up to its own quota (``co_purchase``, ``history``, ``popular``; 0 disables
         it); a product found by several sources is one candidate carrying all of them. Candidates are
-        scored as `kassa.decide.signals.score` defines (co-purchase confidence with this order, log
+        scored as `kassa.decide.retrieval.signals.score` defines (co-purchase confidence with this order, log
         co-purchases, history strength, popularity share; inlined here) and the best ``max_candidates`` are
         returned, with learner suffixes built for those only.
 
@@ -444,7 +444,7 @@ class ProductRetriever:
         -------
         list of (product_key, retrieval score, learner suffix)
             Highest score first. The suffix is the candidate's ``|r`` namespace
-            (`kassa.decide.signals.suffix`), to append to its action line.
+            (`kassa.decide.retrieval.signals.suffix`), to append to its action line.
         """
         if max_candidates <= 0:
             return []
@@ -656,57 +656,3 @@ class ProductRetriever:
             "orders": self._orders,
         }
 
-
-def _bench() -> None:  # pragma: no cover - manual timing, run with `python -m kassa.decide.retrieval`
-    import itertools
-    import random
-
-    rng = random.Random(7)
-    n_products, n_orders, n_customers = 10_000, 100_000, 20_000
-    products = [f"p{i}" for i in range(n_products)]
-    # Zipf-ish popularity plus a fixed complement per product, so lists are realistic, not uniform.
-    cum = list(itertools.accumulate(1.0 / (i + 1) ** 0.8 for i in range(n_products)))
-    complement = {p: products[(i * 7919 + 13) % n_products] for i, p in enumerate(products)}
-    orders = []
-    for i in range(n_orders):
-        ks = rng.choices(products, cum_weights=cum, k=rng.randint(1, 4))
-        if rng.random() < 0.5:
-            ks.append(complement[ks[0]])
-        orders.append(schemas.Order(id=f"o{i}", items=[schemas.OrderItem(sku=k) for k in ks]))
-    buyers = [f"c{rng.randrange(n_customers)}" for _ in range(n_orders)]
-
-    r = ProductRetriever()
-    ts = 1.7e9
-    t0 = time.perf_counter()
-    for order, buyer in zip(orders, buyers, strict=True):
-        ts += 30.0
-        r.observe_order(order, buyer, ts)
-    dt = time.perf_counter() - t0
-    print(f"observe_order: {dt / n_orders * 1e6:.1f} µs/order; stats {r.stats()}")
-
-    queries = [(rng.choices(products, cum_weights=cum, k=3), f"c{rng.randrange(n_customers)}") for _ in range(20_000)]
-    for ks, c in queries:  # warm the neighbour caches, as steady state would
-        r.retrieve(ks, c, ts, 20, 10, 20, 50)
-    cases = {
-        "3 items, 20/10/20 of 50": (20, 10, 20, 50),
-        "3 items, co_purchase 20 only": (20, 0, 0, 20),
-        "1 item, 20/10/20 of 50": (20, 10, 20, 50),
-    }
-    clock = time.perf_counter_ns
-    for label, args in cases.items():
-        qs = [(ks[:1], c) for ks, c in queries] if label.startswith("1 item") else queries
-        # Per-call percentiles rather than a loop total: on a shared host a few preempted calls
-        # would otherwise dominate the mean.
-        samples = []
-        for ks, c in qs:
-            t = clock()
-            r.retrieve(ks, c, ts, *args)
-            samples.append(clock() - t)
-        samples.sort()
-        p50, p90, p99 = (samples[int(q * len(samples))] / 1000 for q in (0.5, 0.9, 0.99))
-        mean = sum(samples) / len(samples) / 1000
-        print(f"retrieve ({label}): p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  mean {mean:.1f} µs")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _bench()
