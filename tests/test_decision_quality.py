@@ -208,3 +208,18 @@ def test_pseudo_inverse_matches_the_simulators_ground_truth_for_another_slate_po
     assert est.ci_low <= truth <= est.ci_high
     # Slot 1 alone (what the top-slot estimators evaluate) misses the rest of the slate's value.
     assert truth - float(np.mean([rel[c, target[c, 0]] for c in ctx])) > 0.1
+
+
+
+def test_product_action_lines_carry_no_product_id_and_their_learner_clips_importance_weights(
+        kassa: Kassa, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kassa.features.featurize import action_line
+    from kassa.learn.online.learner import OnlineLearner
+
+    snap = kassa.catalog.snapshot
+    line = action_line(snap.offers["serum-upsell"])
+    assert "serum-upsell" not in line and " |i " not in line and "cat=skincare" in line
+    assert "id=warranty" in action_line(snap.offers["warranty"])  # other offers keep their id, crossed
+    products = OnlineLearner(snap.placements["cross_sell"].placement, tmp_path)
+    offers = OnlineLearner(snap.placements["order_confirmation"].placement, tmp_path)
+    assert products.min_probability == 0.05 and offers.min_probability == 1e-4

@@ -200,9 +200,12 @@ class DecisionEngine:
                 seen = set(candidates)
                 retrieved = {}
                 product_offers = snap.product_offer
+                limit = retrieval.max_candidates
+                if retrieval.policy_candidates:
+                    limit = min(limit, retrieval.policy_candidates)
                 for key, r_score, r_suffix in self.retriever.retrieve_scored(
                     order_keys, customer_id, now, retrieval.co_purchase, retrieval.history,
-                    retrieval.popular, retrieval.max_candidates,
+                    retrieval.popular, limit,
                 ):
                     product_offer = product_offers.get(key)
                     if product_offer is not None and product_offer not in seen:

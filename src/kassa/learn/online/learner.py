@@ -103,6 +103,11 @@ class OnlineLearner:
         self.reward_sum = 0.0
         self.definition = placement.reward
         self.scale = RewardScale.restore(placement.reward, latest[2] if init and latest else {})
+        # Importance weights are clipped at 20 for product placements, as the publish guard clips them: their
+        # logging policies spread exploration over tens of candidates (p ~ 0.005), and weights of 200 made the
+        # model chase single accepts (bench/quality.py's product world, seed 1: the learned policy served
+        # 0.88x its baseline, 0.94x with the clip).
+        self.min_probability = 0.05 if placement.retrieval is not None else 1e-4
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -120,8 +125,9 @@ class OnlineLearner:
 
     def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
         # VW minimises cost; rewards are normalised, then negated. Probabilities are floored to keep weights
-        # bounded.
-        p = probability if probability > 1e-4 else 1e-4
+        # bounded (`min_probability`).
+        floor = self.min_probability
+        p = probability if probability > floor else floor
         # pylibvw's own parse/learn/finish on the native examples: pyvw's `parse` wraps each line in a Python
         # `Example` (label-type lookups, attributes) that learning never reads; same model bytes
         # (tests/test_learning.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`.
