@@ -112,7 +112,9 @@ class LearnerRole:
         for event in batch.events:
             self.joiner.observe(event)
         await self.input.commit()
-        closed_by = self.clock() - self.settle
+        # Not past what the input has read: after a restart it is still reading back its look-back
+        # (tests/test_topology_faults.py: a learner killed twice learned 117 of 599 rewards without this).
+        closed_by = min(self.clock() - self.settle, self.input.caught_up_to)
         while True:
             before = self.joiner.closed
             self.loop.step(now=closed_by, limit=_SLICE)

@@ -52,6 +52,13 @@ class LearnerInput(Protocol):
         """Everything handed over so far has been applied."""
         ...
 
+    @property
+    def caught_up_to(self) -> float:
+        """Every event stored before this time (unix seconds) has been handed over. The learner closes no
+        decision past it: a tail still reading its backlog (a restarted learner goes back a minute and more)
+        would otherwise close decisions before it has read their outcomes, and learn them with no reward."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,6 +79,7 @@ class SqliteTailInput:
         self._event_seq = self._event_seq_before(since)
         self.decisions_read = 0
         self.events_read = 0
+        self._caught_up_to = since
 
     def _event_seq_before(self, ts: float) -> int:
         row = self._events.execute("SELECT max(seq) FROM events WHERE received_at < ?", (ts,)).fetchone()
@@ -80,17 +88,25 @@ class SqliteTailInput:
     def _poll(self, limit: int) -> LearnerBatch:
         batch = LearnerBatch()
         # Decisions first, up to now: an event read below was stored after `horizon`, before this read.
-        for seq, pending in self.records.read(self._decision_seq, limit):
+        horizon = self.clock() - self.settle
+        records = self.records.read(self._decision_seq, limit)
+        for seq, pending in records:
             batch.decisions.append(pending)
             self._decision_seq = seq
-        horizon = self.clock() - self.settle
+        if len(records) == limit:  # more decisions to read: no event of a decision not registered yet
+            horizon = min(horizon, records[-1][1].ts)
         rows = self._events.execute("SELECT seq, received_at, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (self._event_seq, limit)).fetchall()
+        caught_up = horizon
         for seq, received_at, body in rows:
             if received_at > horizon:  # stop at the first unsettled one: the cursor never skips an event
                 break
             batch.events.append(self._event_decoder.decode(body))
             self._event_seq = seq
+        else:
+            if len(rows) == limit:  # a full page, all settled: the backlog goes on past the last one read
+                caught_up = min(horizon, rows[-1][1])
+        self._caught_up_to = max(self._caught_up_to, caught_up)
         self.decisions_read += len(batch.decisions)
         self.events_read += len(batch.events)
         return batch
@@ -100,6 +116,10 @@ class SqliteTailInput:
 
     async def commit(self) -> None:
         return None  # a tail keeps its cursor in memory; a restart goes back `lookback_seconds`
+
+    @property
+    def caught_up_to(self) -> float:
+        return self._caught_up_to
 
     def close(self) -> None:
         self.records.close()
