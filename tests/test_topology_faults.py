@@ -207,28 +207,46 @@ def _wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyp
         time.sleep(0.1)
 
 
-def _assert_learned_exactly_what_was_recorded(p: Project, port: int, proc: subprocess.Popen[bytes]) -> dict:
-    """The learner's lineage (production snapshot metadata) learns every decision record once, with every
-    stored accept as its reward: nothing lost, nothing twice, across the kills."""
+def _accepts(data: Path) -> dict[str, float]:
+    """decision_id -> when its accept was stored (the event log's received_at)."""
+    with contextlib.closing(sqlite3.connect(data / "events.db")) as conn:
+        return {row[0][:-2]: row[1] for row in
+                conn.execute("SELECT event_id, received_at FROM events WHERE event_id LIKE '%-a'")}
+
+
+def _records(data: Path) -> list[PendingDecision]:
+    decoder = msgspec.msgpack.Decoder(PendingDecision)
+    with contextlib.closing(sqlite3.connect(data / "decision_records.db")) as conn:
+        return [decoder.decode(row[0]) for row in conn.execute("SELECT body FROM decision_records ORDER BY seq")]
+
+
+def _assert_learned_exactly_what_was_recorded(p: Project, port: int) -> dict:
+    """The learner's lineage (production snapshot metadata) learns every decision record exactly once, and
+    every accept stored inside its decision's reward window as its reward: nothing lost, nothing twice, across
+    the kills. An accept stored after the window (its POST queued for seconds on this loaded machine) is late
+    by definition; the learner may still count one stored within its closing slack (``input_settle_seconds``
+    plus a poll), so those bound the reward from above."""
     data = p.root / "data"
-    # Everything closes WAIT + settle after the last decision; the learner then snapshots within a second.
-    records = _decision_records(data)
-    assert len(records) == len(set(records))
-    accepts = {e[:-2] for e in _stored_events(data) if e.endswith("-a")}
-    want = {"decisions": len(records), "reward": float(sum(1 for d in records if d in accepts))}
+    records = _records(data)
+    assert len(records) == len({r.decision_id for r in records})
+    accepts = _accepts(data)
+    in_window = sum(1 for r in records if r.decision_id in accepts and accepts[r.decision_id] <= r.deadline)
+    in_slack = sum(1 for r in records if r.decision_id in accepts and accepts[r.decision_id] <= r.deadline + 1.0)
     got: dict[str, float] = {}
 
     def done() -> bool:
         got.update(_lineage(port))
-        return got["decisions"] >= want["decisions"]
+        return got["decisions"] >= len(records)
 
-    _wait_for(done, 20, f"the learner's lineage reaching {want}: {got}\n{p.log('serve.log')[-3000:]}")
+    # Everything closes WAIT + settle after the last decision; the learner then snapshots within a second.
+    _wait_for(done, 20, f"the learner's lineage reaching {len(records)} decisions: {got}\n"
+                        f"{p.log('serve.log')[-3000:]}")
     time.sleep(1.2)  # a late duplicate would show in the next snapshot (every second)
     got = _lineage(port)
-    assert got["decisions"] == want["decisions"], (got, want)
-    assert got["reward"] == want["reward"], (got, want)
-    assert got["examples"] == 2 * want["decisions"], (got, want)  # two slots each
-    return got
+    assert got["decisions"] == len(records), (got, len(records))
+    assert got["examples"] == 2 * len(records), (got, len(records))  # two slots each
+    assert in_window <= got["reward"] <= in_slack, (got, in_window, in_slack)
+    return {**got, "accepts_in_window": in_window, "accepts_late": len(records) - in_window}
 
 
 def test_kill_9_of_a_serving_worker_twice_loses_no_acked_event_nor_decision_nor_reward(project) -> None:  # type: ignore[no-untyped-def]
@@ -253,7 +271,7 @@ def test_kill_9_of_a_serving_worker_twice_loses_no_acked_event_nor_decision_nor_
     answered_before = len(load.answered)
     assert answered_before > 150, (answered_before, load.failed)
     # the workers' decision-log buffers are written at a graceful stop; the learner is checked first
-    got = _assert_learned_exactly_what_was_recorded(p, port, proc)
+    got = _assert_learned_exactly_what_was_recorded(p, port)
     records = set(_decision_records(data))
     safe = _safe(load, kills)
     unrecorded = [a.decision_id for a in safe if a.decision_id not in records]
@@ -290,7 +308,7 @@ def test_kill_9_of_the_learner_child_twice_learns_every_decision_once(project) -
     assert len(load.answered) > 150, (len(load.answered), load.failed)
     # (a learner's death does not stop serving; slow answers on this loaded machine may still time out)
     assert load.failed < len(load.answered) / 10, load.why
-    got = _assert_learned_exactly_what_was_recorded(p, port, proc)
+    got = _assert_learned_exactly_what_was_recorded(p, port)
     records = set(_decision_records(data))
     assert all(a.decision_id in records for a in load.answered.values())  # no worker died: every one recorded
     p.stop()
@@ -352,8 +370,7 @@ def test_kill_9_of_the_embedded_server_twice_keeps_acked_events_decisions_and_th
     restored = journals[-1]
     mine = [a for a in load.answered.values() if a.at > kills[-1][0] + 0.3 and a.decision_id not in restored]
     want_decisions = len(restored) + len(mine)
-    want_reward = sum((r.rewards or {}).get(r.offers[0], 0.0) for r in restored.values()) + sum(
-        1.0 for a in mine if f"{a.decision_id}-a" in acked)
+    restored_reward = sum((r.rewards or {}).get(r.offers[0], 0.0) for r in restored.values())
     text = ""
 
     def joined() -> bool:
@@ -365,13 +382,22 @@ def test_kill_9_of_the_embedded_server_twice_keeps_acked_events_decisions_and_th
         _wait_for(joined, WAIT + 10, f"{want_decisions} decisions joined by the restarted server")
     except AssertionError:
         raise AssertionError(f"want {want_decisions} decisions ({len(restored)} restored, {len(mine)} answered "
-                             f"since), reward {want_reward}; got "
-                             + "\n".join(ln for ln in text.splitlines() if "joined" in ln or "reward" in ln
-                                         or "pending" in ln)) from None
+                             "since); got " + "\n".join(ln for ln in text.splitlines() if "joined" in ln
+                                                        or "reward" in ln or "pending" in ln)) from None
     time.sleep(1.0)
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
     assert _metric_sum(text, "kassa_offer_joined_total") == 2 * want_decisions
-    assert _metric_sum(text, "kassa_offer_reward") == want_reward
+    # The reward: what the journal had credited, plus each later decision's accept if it was stored inside
+    # the reward window (an accept queued for seconds on this loaded machine is late by definition; one
+    # stored in the loop's closing slack may still count).
+    served_at = dict(zip(*read_decisions(data).select(["decision_id", "ts"]).to_pydict().values(), strict=True))
+    accepts = _accepts(data)
+    late = [accepts[a.decision_id] - served_at.get(a.decision_id, a.at) - WAIT for a in mine
+            if a.decision_id in accepts]
+    low = restored_reward + sum(1 for x in late if x <= 0)
+    high = restored_reward + sum(1 for x in late if x <= 0.5)
+    assert low <= _metric_sum(text, "kassa_offer_reward") <= high, (text, low, high)
+    want_reward = _metric_sum(text, "kassa_offer_reward")
     p.stop()
     _assert_events_and_decision_log(load, data, kills)
     print(f"embedded kills: {len(load.answered)} answered, {load.failed} failed, {len(acked)} acked events, "

@@ -147,9 +147,9 @@ class LearnerRole:
                 await self.round()
                 if now - last_status >= 10.0:
                     last_status = now
-                    log.info("learner: active for %s; %d open decisions, %d closed, %d learned, %d skipped",
-                             sorted(self.joiner.active) or "none", len(self.joiner), self.joiner.closed,
-                             self.loop.learned, self.joiner.skipped)
+                    log.info("learner: active for %s; %d open decisions, %d closed, %d learned, %d skipped, "
+                             "%d late events", sorted(self.joiner.active) or "none", len(self.joiner),
+                             self.joiner.closed, self.loop.learned, self.joiner.skipped, self.joiner.late_events)
                 if self.joiner.active and now - last_prune >= 60.0 and isinstance(self.input, SqliteTailInput):
                     last_prune = now
                     await asyncio.to_thread(self.input.records.prune, self.clock() - 2 * self.lookback())
