@@ -489,3 +489,135 @@ def test_jetstream_stopped_under_http_event_load_acks_spools_and_loses_nothing(p
     finally:
         p.stop()  # before NATS goes: a clean stop drains the bus
         nats_server.stop()  # its store directory (and so the streams) goes with it
+
+
+def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_decisions_and_rewards(
+        project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The production backends: per-buyer and join state in Redis, events and decision records on JetStream.
+    After each `kill -9`, Redis still holds every decision answered >= 1 s before it and still inside its window,
+    with its acknowledged accept credited; the restarted server joins exactly those plus its own; the streams
+    hold every acknowledged event and every such decision record."""
+    import asyncio
+
+    import nats
+    import redis
+
+    from kassa.config import load_settings
+    from kassa.events.factory import run_decision_log_writer
+    from tests.services import ensure_nats, ensure_redis
+
+    redis_url, nats_url = ensure_redis(), ensure_nats()
+    prefix = "t" + uuid.uuid4().hex[:10]
+    p = project(state={"backend": "redis", "redis_url": redis_url, "key_prefix": prefix},
+                events={"backend": "jetstream", "nats_url": nats_url, "prefix": prefix})
+    (p.root / "catalog.yaml").write_text(yaml.safe_dump(CATALOG_WAIT))
+    r = redis.Redis.from_url(redis_url)
+    cfg = BusConfig(url=nats_url, prefix=prefix, spool_dir=tmp_path / "reader-spool")
+
+    def joined_state() -> dict[str, dict[str, float]]:
+        """Open decisions in Redis -> their credited rewards by offer."""
+        ids = [m.decode() for m in r.zrange(f"{prefix}:join:due", 0, -1)]
+        out = {}
+        for decision_id in ids:
+            raw = r.hgetall(f"{prefix}:join:r:{decision_id}")
+            out[decision_id] = {k.decode(): float(v) for k, v in raw.items() if not k.startswith(b"#")}
+        return out
+
+    port = _free_port()
+    try:
+        proc = p.start("serve", "--port", str(port), log="serve.log")
+        _wait_ready(port)
+        load = OpenLoop(port).start()
+        kills: list[tuple[float, float]] = []
+        states: list[dict[str, dict[str, float]]] = []
+        try:
+            for _ in range(2):
+                time.sleep(2.5)
+                killed = time.time()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                states.append(joined_state())
+                proc = p.start("serve", "--port", str(port), log="serve.log")
+                _wait_ready(port)
+                kills.append((killed, time.time()))
+            time.sleep(1.5)
+        finally:
+            load.stop()
+        assert len(load.answered) > 100, (len(load.answered), load.failed, load.why)
+        acked = set(load.acked_events)
+        for (kill, _), state in zip(kills, states, strict=True):
+            at_risk = [a for a in load.answered.values() if kill - WAIT + 0.5 < a.at <= kill - 1.0]
+            assert at_risk
+            lost = [a.decision_id for a in at_risk if a.decision_id not in state]
+            assert not lost, f"{len(lost)} of {len(at_risk)} open decisions not in Redis after kill -9"
+            uncredited = [a.decision_id for a in at_risk if f"{a.decision_id}-a" in acked
+                          and state[a.decision_id].get(a.offers[0]) != 1.0]
+            assert not uncredited, f"{len(uncredited)} acked accepts not credited in Redis"
+        restored = states[-1]
+        mine = [a for a in load.answered.values() if a.at > kills[-1][0] + 0.3 and a.decision_id not in restored]
+        want_decisions = len(restored) + len(mine)
+        text = ""
+
+        def joined() -> bool:
+            nonlocal text
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
+            return _metric_sum(text, "kassa_offer_joined_total") >= 2 * want_decisions
+
+        _wait_for(joined, WAIT + 10, f"{want_decisions} decisions joined by the restarted server")
+        time.sleep(1.0)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
+        assert _metric_sum(text, "kassa_offer_joined_total") == 2 * want_decisions
+        assert r.zcard(f"{prefix}:join:due") == 0
+        p.stop()
+
+        # the streams: every acknowledged event once; every decision answered >= 1 s before a kill
+        reader = JetStreamEventLog.connect(cfg)
+        try:
+            stored: list[str] = []
+            after = 0
+            while rows := reader.read(after, 5000):
+                stored += [ev.event_id for _, ev in rows]
+                after = rows[-1][0]
+        finally:
+            reader.close()
+        assert len(stored) == len(set(stored)), "an event stored twice"
+        missing = acked - set(stored)
+        assert not missing, f"{len(missing)} acknowledged events lost"
+        writer = load_settings(None, data_dir=str(tmp_path / "writer"),
+                               **{"events.backend": "jetstream", "events.nats_url": nats_url, "events.prefix": prefix})
+
+        safe = _safe(load, kills)
+
+        async def write_log() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_decision_log_writer(writer, stop))
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(Exception):  # no file yet
+                    if {a.decision_id for a in safe} <= _logged_decisions(writer.data_path):
+                        break
+            stop.set()
+            await task
+
+        asyncio.run(write_log())
+        logged = _logged_decisions(writer.data_path)
+        lost_records = [a.decision_id for a in safe if a.decision_id not in logged]
+        assert not lost_records, f"{len(lost_records)} of {len(safe)} decisions missing from the decision stream"
+        print(f"redis+jetstream kills: {len(load.answered)} answered, {load.failed} failed, {len(acked)} acked "
+              f"events, {len(restored)} restored from Redis, {len(logged)} decision records")
+    finally:
+        p.stop()
+
+        async def drop_streams() -> None:
+            nc = await nats.connect(nats_url)
+            for name in (cfg.events_stream, cfg.decisions_stream):
+                with contextlib.suppress(Exception):
+                    await nc.jetstream().delete_stream(name)
+            await nc.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run(drop_streams())
+        for key in r.scan_iter(f"{prefix}:*", count=1000):
+            r.delete(key)
+        r.close()
