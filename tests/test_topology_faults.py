@@ -154,6 +154,19 @@ def _logged_decisions(data: Path) -> set[str]:
     return set(read_decisions(data).column("decision_id").to_pylist())
 
 
+def _served_at(root: Path) -> dict[str, float]:
+    """decision_id -> when the server made it (the decision log's ts; the client reads the answer later)."""
+    table = read_decisions(root).select(["decision_id", "ts"]).to_pydict()
+    return dict(zip(table["decision_id"], table["ts"], strict=True))
+
+
+def _open_at_kill(load: OpenLoop, kill: float, served_at: dict[str, float]) -> list[Answered]:
+    """Decisions answered at least 1 s before ``kill`` whose reward window was still open at it (by the server's
+    time of the decision, with 0.2 s to spare: a slow answer can be read long after the decision was made)."""
+    return [a for a in load.answered.values() if a.at <= kill - 1.0 and not a.fallback
+            and served_at.get(a.decision_id, a.at) + WAIT > kill + 0.2]
+
+
 def _safe(load: OpenLoop, kills: list[tuple[float, float]]) -> list[Answered]:
     """Decisions answered at least 1 s before every kill that followed them. A kill is (when the signal was
     sent, when the role was back): an answer the client read between the two may have left the killed process
@@ -324,12 +337,14 @@ def _journal(data: Path) -> dict[str, PendingDecision]:
         return {row[0]: decoder.decode(row[1]) for row in conn.execute("SELECT id, blob FROM pending")}
 
 
-def _served_here(port: int) -> int:
-    """Decisions this server process registered for learning (`kassa_decisions_total`, not fallback): counted
-    by the server, because a decision whose answer timed out on the client was still made."""
+def _served_here(port: int) -> tuple[int, int]:
+    """Decisions this server process made (`kassa_decisions_total`): (not fallback, all). Counted by the server,
+    because a decision whose answer timed out on the client was still made. A fallback decision (budget spent,
+    state slow) is registered for learning too unless its state write was dropped, so it may or may not join."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("kassa_decisions_total{") and 'fallback="false"' in line))
+    lines = [line for line in text.splitlines() if line.startswith("kassa_decisions_total{")]
+    normal = sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'fallback="false"' in line)
+    return int(normal), int(sum(float(line.rsplit(" ", 1)[1]) for line in lines))
 
 
 def _metric_sum(text: str, name: str) -> float:
@@ -365,9 +380,10 @@ def test_kill_9_of_the_embedded_server_twice_keeps_acked_events_decisions_and_th
         load.stop()
     assert len(load.answered) > 100, (len(load.answered), load.failed)
     acked = set(load.acked_events)
+    served_at = _served_at(data)
     for (kill, _), journal in zip(kills, journals, strict=True):
         # still open at the kill and answered >= 1 s before it: journaled, with its accept credited if acked
-        at_risk = [a for a in load.answered.values() if kill - WAIT + 0.5 < a.at <= kill - 1.0]
+        at_risk = _open_at_kill(load, kill, served_at)
         assert at_risk
         lost = [a.decision_id for a in at_risk if a.decision_id not in journal]
         assert not lost, f"{len(lost)} of {len(at_risk)} open decisions not in the state journal after kill -9"
@@ -380,7 +396,8 @@ def test_kill_9_of_the_embedded_server_twice_keeps_acked_events_decisions_and_th
     restored = journals[-1]
     mine = [a for a in load.answered.values() if a.at > kills[-1][0] + 0.3 and a.decision_id not in restored]
     time.sleep(0.5)  # (the load has stopped: nothing more is served)
-    want_decisions = len(restored) + _served_here(port)
+    normal, served = _served_here(port)
+    want_decisions, at_most = len(restored) + normal, len(restored) + served
     restored_reward = sum((r.rewards or {}).get(r.offers[0], 0.0) for r in restored.values())
     text = ""
 
@@ -397,11 +414,11 @@ def test_kill_9_of_the_embedded_server_twice_keeps_acked_events_decisions_and_th
                                                         or "reward" in ln or "pending" in ln)) from None
     time.sleep(1.0)
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
-    assert _metric_sum(text, "kassa_offer_joined_total") == 2 * want_decisions
+    assert 2 * want_decisions <= _metric_sum(text, "kassa_offer_joined_total") <= 2 * at_most
     # The reward: what the journal had credited, plus each later decision's accept if it was stored inside
     # the reward window (an accept queued for seconds on this loaded machine is late by definition; one
     # stored in the loop's closing slack may still count).
-    served_at = dict(zip(*read_decisions(data).select(["decision_id", "ts"]).to_pydict().values(), strict=True))
+    served_at = _served_at(data)
     accepts = _accepts(data)
     late = [accepts[a.decision_id] - served_at.get(a.decision_id, a.at) - WAIT for a in mine
             if a.decision_id in accepts]
@@ -503,11 +520,11 @@ def test_jetstream_stopped_under_http_event_load_acks_spools_and_loses_nothing(p
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "flaky under load (2 of 6 runs at load 13-21): decisions answered with fallback=false and >= 1 s before the "
-    "kill were missing from Redis's join:due (3 of 26 once), and once the restarted server joined 1 decision more "
-    "than Redis held right after the kill (that read race is fixed in the test). Suspected: RedisDecisionState."
-    "commit queues the write when the breaker is open or a send failed, answers before it reaches Redis and "
-    "counts a failed retry in `dropped`, which no metric exposes; not diagnosed by the deadline"))
+    "flaky at load average 13-26 (2 of the last 4 runs, 3 of 10 overall): the restarted server did not join every "
+    "decision Redis held after the kill plus every non-fallback decision it served itself within 13 s (95 and 105 "
+    "expected). Suspected, not diagnosed: RedisDecisionState.commit answers fallback=false, then a write queued "
+    "behind a timed-out round trip or an open breaker is dropped (counted only in its unexported `dropped`). "
+    "Events and decision records on JetStream were complete in every run"))
 def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_decisions_and_rewards(
         project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The production backends: per-buyer and join state in Redis, events and decision records on JetStream.
@@ -563,19 +580,10 @@ def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_d
             load.stop()
         assert len(load.answered) > 100, (len(load.answered), load.failed, load.why)
         acked = set(load.acked_events)
-        for (kill, _), state in zip(kills, states, strict=True):
-            # (a decision answered with `fallback: true`, Redis too slow for its budget, is not registered for
-            # learning: ADR 0011; counted and reported, not required)
-            at_risk = [a for a in load.answered.values() if kill - WAIT + 0.5 < a.at <= kill - 1.0 and not a.fallback]
-            assert at_risk
-            lost = [a.decision_id for a in at_risk if a.decision_id not in state]
-            assert not lost, f"{len(lost)} of {len(at_risk)} open decisions not in Redis after kill -9"
-            uncredited = [a.decision_id for a in at_risk if f"{a.decision_id}-a" in acked
-                          and state[a.decision_id].get(a.offers[0]) != 1.0]
-            assert not uncredited, f"{len(uncredited)} acked accepts not credited in Redis"
         restored = states[-1]
         time.sleep(0.5)  # (the load has stopped: nothing more is served)
-        want_decisions = len(restored) + _served_here(port)
+        normal, served = _served_here(port)
+        want_decisions, at_most = len(restored) + normal, len(restored) + served
         text = ""
 
         def joined() -> bool:
@@ -586,7 +594,8 @@ def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_d
         _wait_for(joined, WAIT + 10, f"{want_decisions} decisions joined by the restarted server")
         time.sleep(1.0)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=ADMIN_HEADERS, timeout=10).text
-        assert _metric_sum(text, "kassa_offer_joined_total") == 2 * want_decisions
+        assert 2 * want_decisions <= _metric_sum(text, "kassa_offer_joined_total") <= 2 * at_most, (
+            text, want_decisions, at_most)
         assert r.zcard(f"{prefix}:join:due") == 0
         p.stop()
 
@@ -622,6 +631,16 @@ def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_d
 
         asyncio.run(write_log())
         logged = _logged_decisions(writer.data_path)
+        for (kill, _), state in zip(kills, states, strict=True):
+            # (a decision answered with `fallback: true`, Redis too slow for its budget, is not registered for
+            # learning: ADR 0011; counted and reported, not required)
+            at_risk = _open_at_kill(load, kill, _served_at(writer.data_path))
+            assert at_risk
+            lost = [a.decision_id for a in at_risk if a.decision_id not in state]
+            assert not lost, f"{len(lost)} of {len(at_risk)} open decisions not in Redis after kill -9"
+            uncredited = [a.decision_id for a in at_risk if f"{a.decision_id}-a" in acked
+                          and state[a.decision_id].get(a.offers[0]) != 1.0]
+            assert not uncredited, f"{len(uncredited)} acked accepts not credited in Redis"
         lost_records = [a.decision_id for a in safe if a.decision_id not in logged]
         assert not lost_records, f"{len(lost_records)} of {len(safe)} decisions missing from the decision stream"
         fallbacks = sum(1 for a in load.answered.values() if a.fallback)
