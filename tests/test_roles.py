@@ -312,3 +312,31 @@ def test_which_process_computes_the_stream_views(tmp_path: Path, catalog_file: P
     finally:
         kassa.event_log.close()
         kassa.decision_log.close()
+
+
+def test_the_tail_input_says_how_far_it_has_read_so_no_decision_closes_before_its_events(tmp_path: Path) -> None:
+    """A restarted learner reads back a minute and more of events, a page at a time: it may close a decision
+    only once it has read every event stored before that decision's deadline (`LearnerInput.caught_up_to`)."""
+    import asyncio
+
+    from kassa import schemas
+    from kassa.events.log import SqliteEventLog
+    from kassa.learn.online.inputs import SqliteTailInput
+
+    now = 1_800_000_000.0
+    log = SqliteEventLog(tmp_path / "events.db")
+    for k, at in enumerate((now - 50, now - 10, now - 0.2)):
+        batch = [schemas.Event(event_id=f"e{k}-{i}", type="click", decision_id="d") for i in range(30)]
+        asyncio.run(log.append(batch, at))
+    log.close()
+    tail = SqliteTailInput(tmp_path, lookback_seconds=100, settle_seconds=0.5, clock=lambda: now)
+    try:
+        assert len(asyncio.run(tail.poll(limit=30)).events) == 30
+        assert tail.caught_up_to == now - 50  # a full page: more may follow, stored at that time
+        assert len(asyncio.run(tail.poll(limit=30)).events) == 30
+        assert tail.caught_up_to == now - 10
+        assert asyncio.run(tail.poll(limit=30)).events == []  # the rest is not settled yet
+        assert tail.caught_up_to == now - 0.5  # ...but everything stored before the settle horizon is read
+    finally:
+        asyncio.run(tail.close())
+

@@ -59,6 +59,9 @@ async def list_models(request: Request) -> Response:
                                                                   else 0),
             "rewarded_decisions": learner.rewarded_decisions if learner else
             (production.meta.get("rewarded_decisions", 0) if production else 0),
+            # the sum of the rewards learned in this lineage (raw values, every slot)
+            "reward_sum": learner.reward_sum if learner else (production.meta.get("reward_sum", 0.0) if production
+                                                              else 0.0),
         })
     versions = kassa.model_registry.versions(placement, [stage] if stage else None, limit=200)
     return json_response({"models": serving, "versions": [v.to_dict() for v in versions],

@@ -130,7 +130,7 @@ class DecisionLogWriter:
     wakes the flusher early so a burst produces several moderate files instead of one huge one.
     """
 
-    def __init__(self, root: Path, flush_seconds: float = 1.0, max_buffer: int = 5000,
+    def __init__(self, root: Path, flush_seconds: float = 0.5, max_buffer: int = 5000,
                  on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
         self.on_written = on_written  # called on the writer's thread with each batch written (drift)
         self.root = Path(root)
@@ -228,9 +228,13 @@ class DecisionLogWriter:
         return path
 
     def _run(self) -> None:
+        # Flushes start every ``flush_seconds`` (not ``flush_seconds`` after the last one ended), so a record
+        # waits at most one period plus one write: what a `kill -9` can lose (tests/test_topology_faults.py).
+        next_at = time.monotonic() + self.flush_seconds
         while not self._stop.is_set():
-            self._wake.wait(self.flush_seconds)
+            self._wake.wait(max(0.0, next_at - time.monotonic()))
             self._wake.clear()
+            next_at = time.monotonic() + self.flush_seconds
             try:
                 self.flush()
             except Exception:  # flush() already logs write errors; this is a last resort

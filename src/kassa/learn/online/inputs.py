@@ -65,6 +65,13 @@ class LearnerInput(Protocol):
         """Everything handed over so far has been applied."""
         ...
 
+    @property
+    def caught_up_to(self) -> float:
+        """Every event stored before this time (unix seconds) has been handed over. The learner closes no
+        decision past it: a tail still reading its backlog (a restarted learner goes back a minute and more)
+        would otherwise close decisions before it has read their outcomes, and learn them with no reward."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -88,6 +95,7 @@ class SqliteTailInput:
         self._event_seq = self._event_seq_before(since)
         self.decisions_read = 0
         self.events_read = 0
+        self._caught_up_to = since
 
     def _event_seq_before(self, ts: float) -> int:
         row = self._events.execute("SELECT max(seq) FROM events WHERE received_at < ?", (ts,)).fetchone()
@@ -96,17 +104,25 @@ class SqliteTailInput:
     def _poll(self, limit: int) -> LearnerBatch:
         batch = LearnerBatch()
         # Decisions first, up to now: an event read below was stored after `horizon`, before this read.
-        for seq, pending in self.records.read(self._decision_seq, limit):
+        horizon = self.clock() - self.settle
+        records = self.records.read(self._decision_seq, limit)
+        for seq, pending in records:
             batch.decisions.append(pending)
             self._decision_seq = seq
-        horizon = self.clock() - self.settle
+        if len(records) == limit:  # more decisions to read: no event of a decision not registered yet
+            horizon = min(horizon, records[-1][1].ts)
         rows = self._events.execute("SELECT seq, received_at, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (self._event_seq, limit)).fetchall()
+        caught_up = horizon
         for seq, received_at, body in rows:
             if received_at > horizon:  # stop at the first unsettled one: the cursor never skips an event
                 break
             batch.events.append(self._event_decoder.decode(body))
             self._event_seq = seq
+        else:
+            if len(rows) == limit:  # a full page, all settled: the backlog goes on past the last one read
+                caught_up = min(horizon, rows[-1][1])
+        self._caught_up_to = max(self._caught_up_to, caught_up)
         self.decisions_read += len(batch.decisions)
         self.events_read += len(batch.events)
         return batch
@@ -116,6 +132,10 @@ class SqliteTailInput:
 
     async def commit(self) -> None:
         return None  # a tail keeps its cursor in memory; a restart goes back `lookback_seconds`
+
+    @property
+    def caught_up_to(self) -> float:
+        return self._caught_up_to
 
     async def close(self) -> None:
         self.records.close()
@@ -244,6 +264,8 @@ class JetStreamInput:
         self._events: _Tail | None = None
         self._held: collections.deque[tuple[float, bytes]] = collections.deque()  # (stored at, body)
         self._covered = 0.0  # every decision stored before this has been handed over
+        self._events_to = self.since  # every event stored before this has been read (into the holding queue)
+        self._caught_up_to = self.since
         self._pending_decoder = msgspec.msgpack.Decoder(PendingDecision)
         self._event_decoder = msgspec.json.Decoder(schemas.Event)
         self.decisions_read = 0
@@ -285,15 +307,27 @@ class JetStreamInput:
             self._covered = began
         covered = self._covered
         if len(self._held) < limit:
-            for m in (await self._events.fetch(limit, self.fetch_timeout, drained=False))[0]:
+            ev_began = self.clock()
+            ev_msgs, ev_drained = await self._events.fetch(limit, self.fetch_timeout, drained=False)
+            for m in ev_msgs:
                 self._held.append((_delivery(m)[1], m.data))
+            if ev_msgs and not ev_drained:
+                self._events_to = max(self._events_to, self._held[-1][0])  # a backlog: read up to its last
+            elif self._events.sub is not None and not self._events.failing:
+                self._events_to = ev_began  # nothing (more) was waiting when the fetch began
         horizon = covered - self.settle
         held, decode_event, events = self._held, self._event_decoder.decode, batch.events
         while held and held[0][0] <= horizon and len(events) < limit:
             events.append(decode_event(held.popleft()[1]))
+        caught = min(horizon, self._events_to, held[0][0] if held else horizon)
+        self._caught_up_to = max(self._caught_up_to, caught)
         self.decisions_read += len(batch.decisions)
         self.events_read += len(events)
         return batch
+
+    @property
+    def caught_up_to(self) -> float:
+        return self._caught_up_to
 
     @property
     def held(self) -> int:

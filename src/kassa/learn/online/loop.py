@@ -145,8 +145,8 @@ class LearningLoop:
                 self.registry.register(
                     placement_id, path, schema_hash=self.schema_hash(placement_id) or "",
                     learner_args=meta.get("args", vw_args(view.placement)), source="online", stage="production",
-                    rows=int(meta.get("learned", 0)), metrics={k: meta[k] for k in ("learned", "rewarded_decisions")
-                                                              if k in meta},
+                    rows=int(meta.get("learned", 0)),
+                    metrics={k: meta[k] for k in ("learned", "rewarded_decisions", "reward_sum") if k in meta},
                     reason="registered the online learner's snapshot found at start")
         self.poll()
 
@@ -335,7 +335,7 @@ class LearningLoop:
         path, own_version = learner.snapshot(self.settings.keep_snapshots)
         now = self.clock()
         meta: dict[str, object] = {"learned": learner.learned, "rewarded_decisions": learner.rewarded_decisions,
-                                   "snapshot_at": now}
+                                   "reward_sum": learner.reward_sum, "snapshot_at": now}
         if self.snapshot_meta is not None:
             meta.update(self.snapshot_meta(placement_id))
         self._last_snapshot[placement_id] = now
