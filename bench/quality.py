@@ -32,7 +32,7 @@ expected value for that checkout under the truth of its time) and with plain Vow
 example at once with the raw value as its cost (the issue's comparison). Cold start: the policy over
 checkouts 1,000-2,000 against the best single offer over the same checkouts.
 
-``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
+``--world offers`` or ``--world products`` runs one world only. ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
 ``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds
 with min-max spread.
 """
@@ -505,13 +505,13 @@ Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold star
 async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     products, offers = [], []
     for seed in args.seeds:
-        if args.product_checkouts:
+        if args.product_checkouts and args.world in ("products", "both"):
             r = await product_run(seed, args.product_checkouts, args.products, args.customers, args.rate)
             products.append(r)
             print(f"products seed {seed}: learned {r['policy']:.4f} baseline {r['baseline']:.4f} best heuristic "
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
                   f"{r['seconds']} s", file=sys.stderr)
-        if args.offer_checkouts:
+        if args.offer_checkouts and args.world in ("offers", "both"):
             r = await offer_run(seed, args.offer_checkouts, args.rate)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
@@ -523,6 +523,8 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--world", choices=("offers", "products", "both"), default="both",
+                    help="run one world only (--write-docs needs both)")
     ap.add_argument("--product-checkouts", type=int, default=12_000)
     ap.add_argument("--offer-checkouts", type=int, default=12_000)
     ap.add_argument("--products", type=int, default=10_000)
@@ -542,6 +544,8 @@ def main() -> None:
         products, offers = asyncio.run(_main(args))
     summary = summarize(products, offers)
     if args.write_docs:
+        if args.world != "both" and args.from_json is None:
+            sys.exit("--write-docs renders both worlds: run with --world both")
         write_section(section(products, offers, summary, args), START, END)
     if args.json:
         print(json.dumps({"summary": summary, "products": products, "offers": offers}))
