@@ -7,7 +7,8 @@ Without it a value-weighted placement fed costs down to -30 and squareCB's gamma
 in [-1, 0], turned the policy nearly greedy (issue 14: mean slot-1 probability 0.98).
 
 Learning uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
-default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost.
+default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost. The
+label's probability is 1, so that update is a plain (not importance-weighted) regression (`OnlineLearner.learn`).
 """
 
 from __future__ import annotations
@@ -117,10 +118,15 @@ class OnlineLearner:
         self.learned_since_snapshot = 0
 
     def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
-        # VW minimises cost; rewards are normalised, then negated. Probabilities are floored to keep weights
-        # bounded.
-        p = probability if probability > 1e-4 else 1e-4
-        ex = self.workspace.parse([shared, f"0:{-self.scale(reward):.6g}:{p:.6g}{action}"], _LT)
+        """Learn one shown offer's outcome. VW minimises cost: rewards are normalised, then negated.
+
+        ``probability`` (what the offer was shown with) is not an importance weight here: the label carries 1,
+        so the chosen action's regressor learns its reward unweighted, as SquareCB's regression oracle
+        assumes (VW's ``--cb_type dm``, which ``--squarecb`` refuses; ``mtr`` with probability 1 is the same
+        update). Weighted by 1/p, one explored offer shown at p ~ 0.005 moved its estimate 200 times as far
+        as a chosen one, and the policy chased those jumps: ADR 0010's addendum on the offer world."""
+        del probability  # kept in the signature: callers pass what was logged
+        ex = self.workspace.parse([shared, f"0:{-self.scale(reward):.6g}:1{action}"], _LT)
         try:
             self.workspace.learn(ex)
         finally:
