@@ -32,8 +32,9 @@ expected value for that checkout under the truth of its time) and with plain Vow
 example at once with the raw value as its cost (the issue's comparison). Cold start: the policy over
 checkouts 1,000-2,000 against the best single offer over the same checkouts.
 
-``--world offers`` or ``--world products`` runs one world only. ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
-``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds
+``--world offers`` or ``--world products`` runs one world only. ``--json`` ends with one JSON object;
+``--write-docs`` rewrites this bench's section of ``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run
+instead of running). Medians over seeds
 with min-max spread.
 """
 
