@@ -30,7 +30,7 @@ log = logging.getLogger("kassa.learn")
 _LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
 
 
-def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str = "") -> str:
+def vw_args(placement: schemas.Placement, learning_rate: float = 0.1, extra: str = "") -> str:
     """The VW arguments of a placement's learner: its policy's exploration (`kassa.policies`); placements
     whose policy does not learn get squareCB's, Kassa's default, so a model is ready when they switch."""
     policy = policies.get(placement.policy)
@@ -82,7 +82,7 @@ class RewardScale:
 class OnlineLearner:
     """One placement's learner: learns joined examples and writes numbered snapshots."""
 
-    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.5,
+    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.1,
                  extra_args: str = "") -> None:
         self.placement_id = placement.id
         self.dir = model_dir / placement.id
