@@ -531,8 +531,7 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--world", choices=("offers", "products", "both"), default="both",
-                    help="run one world only (--write-docs needs both)")
+    ap.add_argument("--world", choices=["offers", "products", "both"], default="both", help="which world to run")
     ap.add_argument("--product-checkouts", type=int, default=12_000)
     ap.add_argument("--offer-checkouts", type=int, default=12_000)
     ap.add_argument("--products", type=int, default=10_000)
