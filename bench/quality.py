@@ -34,8 +34,9 @@ expected value for that checkout under the truth of its time) and with plain Vow
 example at once with the raw value as its cost (the issue's comparison). Cold start: the policy over
 checkouts 1,000-2,000 against the best single offer over the same checkouts.
 
-``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of
-``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run instead of running). Medians over seeds
+``--world offers`` or ``--world products`` runs one world only. ``--json`` ends with one JSON object;
+``--write-docs`` rewrites this bench's section of ``docs/benchmarks.md`` (``--from-json FILE`` renders a saved run
+instead of running). Medians over seeds
 with min-max spread.
 """
 
@@ -393,6 +394,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
     rng = random.Random(f"quality-offer-run:{seed}")
     policy, oracle, static = [], [], defaultdict(float)
     probs1 = []
+    learned = 0  # last third: decisions a learned snapshot served (not the baseline or the fallback)
     with tempfile.TemporaryDirectory(prefix="kassa-bench-quality-") as tmp:
         http = _Http(offer_catalog(world), seed, Path(tmp), rate)
         started = time.perf_counter()
@@ -415,6 +417,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
                         static[j] += world.ev(j, ctx)
                 if i >= n - n // 3:
                     probs1.append(off["probability"])
+                    learned += res["model_version"] not in ("baseline", "fallback")
                 if rng.random() < world.p(o, ctx):
                     await http.events([{"event_id": f"c{i}", "type": "conversion", "decision_id": res["decision_id"],
                                         "offer_id": off["offer_id"], "value": world.value[o]}])
@@ -429,7 +432,8 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
     best_static = max(static.values()) / 1000
     return {"seed": seed, "vs_oracle": pol / orc, "vw_vs_oracle": vwv / orc, "vs_plain_vw": pol / vwv,
             "cold_policy": cold_policy, "cold_best_static": best_static, "cold_ratio": cold_policy / best_static,
-            "mean_slot1_probability": statistics.fmean(probs1), "last_guard_verdict": verdict,
+            "mean_slot1_probability": statistics.fmean(probs1), "learned_share": learned / (n // 3),
+            "last_guard_verdict": verdict,
             "seconds": round(seconds, 1)}
 
 
@@ -446,7 +450,8 @@ def summarize(products: list[dict[str, Any]], offers: list[dict[str, Any]]) -> d
         out["product_never_below_baseline"] = all(r["vs_baseline"] >= 1.0 for r in products)
         out["product_target_1_2x_heuristic"] = out["product_vs_best_heuristic"][0] >= 1.2
     if offers:
-        for key in ("vs_oracle", "vw_vs_oracle", "vs_plain_vw", "cold_ratio", "mean_slot1_probability"):
+        for key in ("vs_oracle", "vw_vs_oracle", "vs_plain_vw", "cold_ratio", "mean_slot1_probability",
+                    "learned_share"):
             out[f"offer_{key}"] = spread([r[key] for r in offers])
         lo, hi = out["offer_vs_oracle"][1], out["offer_vs_oracle"][2]
         out["offer_spread"] = hi - lo
@@ -470,7 +475,8 @@ def section(products: list[dict[str, Any]], offers: list[dict[str, Any]], summar
         for r in products)
     orow = "\n".join(
         f"| {r['seed']} | **{r['vs_oracle']:.3f}** | {r['vw_vs_oracle']:.3f} | **{r['vs_plain_vw']:.2f}** | "
-        f"{r['cold_ratio']:.2f} | {r['mean_slot1_probability']:.3f} | {r['seconds']:.0f} |" for r in offers)
+        f"{r['cold_ratio']:.2f} | {r['mean_slot1_probability']:.3f} | {r.get('learned_share', float('nan')):.2f} "
+        f"| {r['seconds']:.0f} |" for r in offers)
     s = summary
     return f"""{START}
 ## Decision quality (`bench/quality.py`, issue 14)
@@ -501,14 +507,15 @@ served a learned snapshot; the guard's last verdict of each run is in the `--jso
 than the best single offer over checkouts 1,000-2,000):
 
 | seed | Kassa / oracle | plain VW / oracle | Kassa / plain VW | cold start vs best static \
-| mean slot-1 probability | s |
-|---:|---:|---:|---:|---:|---:|---:|
+| mean slot-1 probability | learned share | s |
+|---:|---:|---:|---:|---:|---:|---:|---:|
 {orow}
 
 Kassa / oracle {_s(s['offer_vs_oracle']) if offers else 'n/a'} (spread {s.get('offer_spread', float('nan')):.3f}; the
 issue's squareCB turned nearly greedy at a mean slot-1 probability of 0.98),
 Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold start
-{_s(s['offer_cold_ratio'], 2) if offers else 'n/a'}.
+{_s(s['offer_cold_ratio'], 2) if offers else 'n/a'}. "learned share": the share of the last third a learned
+snapshot served (the rest: the value baseline, while the publish guard holds every snapshot).
 {END}"""
 
 
@@ -525,7 +532,8 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
             r = await offer_run(seed, args.offer_checkouts, args.rate)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
-                  f"cold {r['cold_ratio']:.2f}, slot-1 p {r['mean_slot1_probability']:.3f}, {r['seconds']} s",
+                  f"cold {r['cold_ratio']:.2f}, slot-1 p {r['mean_slot1_probability']:.3f}, "
+                  f"learned share {r['learned_share']:.2f}, {r['seconds']} s",
                   file=sys.stderr)
     return products, offers
 
@@ -553,6 +561,8 @@ def main() -> None:
         products, offers = asyncio.run(_main(args))
     summary = summarize(products, offers)
     if args.write_docs:
+        if args.world != "both" and args.from_json is None:
+            sys.exit("--write-docs renders both worlds: run with --world both")
         write_section(section(products, offers, summary, args), START, END)
     if args.json:
         print(json.dumps({"summary": summary, "products": products, "offers": offers}))

@@ -259,7 +259,8 @@ def test_the_online_learner_learns_exactly_what_pyvw_parse_and_learn_would(tmp_p
         reward, p = float(rng.random() < 0.3), rng.uniform(0.05, 1.0)
         learner.learn(shared, act, reward, p)
         cost = -reward / learner.scale.scale  # fixed weights: the scale never changes
-        ex = reference.parse([shared, f"0:{cost:.6g}:{p:.6g}{act}"], vowpalwabbit.LabelType.CONTEXTUAL_BANDIT)
+        # unweighted: the label carries probability 1 whatever the offer was shown with (ADR 0010)
+        ex = reference.parse([shared, f"0:{cost:.6g}:1{act}"], vowpalwabbit.LabelType.CONTEXTUAL_BANDIT)
         reference.learn(ex)
         reference.finish_example(ex)
     learner.workspace.save(str(tmp_path / "fast.vw"))

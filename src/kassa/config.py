@@ -66,7 +66,7 @@ class PublishGuardSettings(Struct, forbid_unknown_fields=True):
 class LearnSettings(Struct, forbid_unknown_fields=True):
     snapshot_every_seconds: float = 10.0  # how often the online learner publishes a model snapshot
     snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
-    learning_rate: float = 0.5
+    learning_rate: float = 0.1  # VW -l; 0.5 before ADR 0010's addendum (offer world: noisier, no faster after a drift)
     vw_extra_args: str = ""
     keep_snapshots: int = 5
     # Continuous learning: each snapshot is registered; with auto_publish it becomes production at once

@@ -90,7 +90,7 @@ def train_placement(
     schema_hash: str,
     since: float | None = None,
     until: float | None = None,
-    learning_rate: float = 0.5,
+    learning_rate: float = 0.1,
     extra_args: str = "",
     passes: int = 1,
     progress: Callable[[str, int, int], None] | None = None,

@@ -7,7 +7,8 @@ Without it a value-weighted placement fed costs down to -30 and squareCB's gamma
 in [-1, 0], turned the policy nearly greedy (issue 14: mean slot-1 probability 0.98).
 
 Learning uses the two-line form (shared + the chosen action with its label): with ``cb_type mtr`` (squarecb's
-default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost.
+default) VW updates only the chosen action's regressor, so the other actions add nothing but parse cost. The
+label's probability is 1, so that update is a plain (not importance-weighted) regression (`OnlineLearner.learn`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _learn_multi = pylibvw.vw.learn_multi
 _finish_multi = pylibvw.vw._finish_example_multi_ex
 
 
-def vw_args(placement: schemas.Placement, learning_rate: float = 0.5, extra: str = "") -> str:
+def vw_args(placement: schemas.Placement, learning_rate: float = 0.1, extra: str = "") -> str:
     """The VW arguments of a placement's learner: its policy's exploration (`kassa.policies`); placements
     whose policy does not learn get squareCB's, Kassa's default, so a model is ready when they switch."""
     policy = policies.get(placement.policy)
@@ -83,7 +84,7 @@ class RewardScale:
 class OnlineLearner:
     """One placement's learner: learns joined examples and writes numbered snapshots."""
 
-    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.5,
+    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.1,
                  extra_args: str = "") -> None:
         self.placement_id = placement.id
         self.dir = model_dir / placement.id
@@ -106,11 +107,6 @@ class OnlineLearner:
         self.learned_since_snapshot = 0
         self.definition = placement.reward
         self.scale = RewardScale.restore(placement.reward, latest[2] if init and latest else {})
-        # Importance weights are clipped at 20 for product placements, as the publish guard clips them: their
-        # logging policies spread exploration over tens of candidates (p ~ 0.005), and weights of 200 made the
-        # model chase single accepts (bench/quality.py's product world, seed 1: the learned policy served
-        # 0.88x its baseline, 0.94x with the clip).
-        self.min_probability = 0.05 if placement.retrieval is not None else 1e-4
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -128,15 +124,21 @@ class OnlineLearner:
         self.learned_since_snapshot = 0
 
     def learn(self, shared: str, action: str, reward: float, probability: float) -> None:
-        # VW minimises cost; rewards are normalised, then negated. Probabilities are floored to keep weights
-        # bounded (`min_probability`).
-        floor = self.min_probability
-        p = probability if probability > floor else floor
-        # pylibvw's own parse/learn/finish on the native examples: pyvw's `parse` wraps each line in a Python
-        # `Example` (label-type lookups, attributes) that learning never reads; same model bytes
-        # (tests/test_learning.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`.
+        """Learn one shown offer's outcome. VW minimises cost: rewards are normalised, then negated.
+
+        ``probability`` (what the offer was shown with) is not an importance weight here: the label carries 1,
+        so the chosen action's regressor learns its reward unweighted, as SquareCB's regression oracle
+        assumes (VW's ``--cb_type dm``, which ``--squarecb`` refuses; ``mtr`` with probability 1 is the same
+        update). Weighted by 1/p, one explored offer shown at p ~ 0.005 moved its estimate 200 times as far
+        as a chosen one, and the policy chased those jumps: ADR 0010's addendum on the offer world. (This
+        also covers the product placements' earlier clip of weights at 20.)
+
+        pylibvw's own parse/learn/finish on the native examples: pyvw's `parse` wraps each line in a Python
+        `Example` (label-type lookups, attributes) that learning never reads; same model bytes
+        (tests/test_learning.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`."""
+        del probability  # kept in the signature: callers pass what was logged
         ws = self.workspace
-        ec = ws._parse(f"{shared}\n0:{-self.scale(reward):.6g}:{p:.6g}{action}")
+        ec = ws._parse(f"{shared}\n0:{-self.scale(reward):.6g}:1{action}")
         try:
             _learn_multi(ws, ec)
         finally:
