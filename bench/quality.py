@@ -75,7 +75,7 @@ LEARN_EVERY_S = 0.05
 class _Http:
     """Kassa's HTTP API in this process, on a simulated clock; learning driven like its background task."""
 
-    guard = True  # the publish guard (``--no-guard`` turns it off, to see what it costs or saves)
+    guard: bool | None = None  # the publish guard: None = the product's default (``--guard on|off`` overrides)
 
     def __init__(self, catalog: dict[str, Any], seed: int, tmp: Path, rate: float) -> None:
         (tmp / "catalog.json").write_bytes(msgspec.json.encode(catalog))
@@ -83,8 +83,9 @@ class _Http:
             "data_dir": str(tmp / "data"), "catalog_file": str(tmp / "catalog.json"), "auth": False,
             "log_level": "warning", "decision_log_flush_seconds": 3600.0,
             "learn.snapshot_every_seconds": 1.0, "learn.snapshot_min_learns": 50,
-            "learn.guard.enabled": self.guard,
+            **({} if self.guard is None else {"learn.guard.enabled": self.guard}),
         })
+        self.guard_on = settings.learn.guard.enabled
         self.t0 = 1_800_000_000.0
         self.now = self.t0
         self.kassa = Kassa(settings, clock=lambda: self.now, seed=seed)
@@ -301,6 +302,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
         finally:
             seconds = time.perf_counter() - started
             verdict = http.verdict("cross_sell")
+            guard_on = http.guard_on
             await http.close()
     m = n - half
     rates = {k: v / m for k, v in sums.items()}
@@ -309,7 +311,8 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
     return {"seed": seed, "policy": rates["policy"], "baseline": rates["baseline"], "heuristics": heur,
             "best_heuristic": best, "vs_best_heuristic": rates["policy"] / heur[best],
             "vs_baseline": rates["policy"] / rates["baseline"], "learned_share": learned_share / m,
-            "explored_share": explored / m, "last_guard_verdict": verdict, "seconds": round(seconds, 1)}
+            "explored_share": explored / m, "last_guard_verdict": verdict, "guard": guard_on,
+            "seconds": round(seconds, 1)}
 
 
 # ============================================================================================== offer world
@@ -424,6 +427,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
         finally:
             seconds = time.perf_counter() - started
             verdict = http.verdict("thanks")
+            guard_on = http.guard_on
             await http.close()
     vw = plain_vw(OfferWorld(seed), contexts, drift_at, seed)
     last = slice(n - n // 3, n)
@@ -433,7 +437,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
     return {"seed": seed, "vs_oracle": pol / orc, "vw_vs_oracle": vwv / orc, "vs_plain_vw": pol / vwv,
             "cold_policy": cold_policy, "cold_best_static": best_static, "cold_ratio": cold_policy / best_static,
             "mean_slot1_probability": statistics.fmean(probs1), "learned_share": learned / (n // 3),
-            "last_guard_verdict": verdict,
+            "last_guard_verdict": verdict, "guard": guard_on,
             "seconds": round(seconds, 1)}
 
 
@@ -461,6 +465,15 @@ def summarize(products: list[dict[str, Any]], offers: list[dict[str, Any]]) -> d
     return out
 
 
+def _guard(runs: list[dict[str, Any]]) -> str:
+    states = {r.get("guard") for r in runs}
+    if states == {False}:
+        return "off (the product's default)" if _Http.guard is None else "off"
+    if states == {True}:
+        return "on" + (" (the product's default)" if _Http.guard is None else " (`--guard on`)")
+    return "mixed"
+
+
 def _s(t: tuple[float, float, float], d: int = 3) -> str:
     return f"{t[0]:.{d}f} ({t[1]:.{d}f}-{t[2]:.{d}f})"
 
@@ -485,7 +498,8 @@ def section(products: list[dict[str, Any]], offers: list[dict[str, Any]], summar
 --offer-checkouts {args.offer_checkouts} --products {args.products}` on {platform.machine()}, Python
 {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (a shared 2-core machine).
 Through Kassa's HTTP API in process (ASGI transport, simulated clock); rates are the simulator's expected
-accepts (products) or expected value (offers) of what was shown. Medians (min-max) over seeds.
+accepts (products) or expected value (offers) of what was shown. Medians (min-max) over seeds. Publish guard
+(`learn.guard.enabled`): **{_guard(products + offers)}**.
 
 **Product cross-sell**, last half of {args.product_checkouts:,} checkouts, {args.products:,} products,
 {args.customers:,} buyers (target: >= 1.2x the best fixed heuristic, never below its own baseline):
@@ -497,9 +511,9 @@ accepts (products) or expected value (offers) of what was shown. Medians (min-ma
 
 Served vs best heuristic {_s(s['product_vs_best_heuristic'], 2) if products else 'n/a'}; vs its baseline
 {_s(s['product_vs_baseline'], 2) if products else 'n/a'}. "served" is what the learning placement showed;
-"learned share" the share of its decisions a learned snapshot served (the rest: the baseline, because the
-publish guard held every snapshot). Seeds where the share is 0 serve the baseline, so "vs baseline" there is
-two samplings of one policy. {sum(r['learned_share'] > 0.5 for r in products)} of {len(products)} seeds
+"learned share" the share of its decisions a learned snapshot served (the rest: the baseline, before the
+first snapshot or while the publish guard holds them). Seeds where the share is 0 serve the baseline, so
+"vs baseline" there is two samplings of one policy. {sum(r['learned_share'] > 0.5 for r in products)} of {len(products)} seeds
 served a learned snapshot; the guard's last verdict of each run is in the `--json` output.
 
 **Offers** with value-weighted rewards and a drift half-way, last third of {args.offer_checkouts:,} checkouts
@@ -515,7 +529,7 @@ Kassa / oracle {_s(s['offer_vs_oracle']) if offers else 'n/a'} (spread {s.get('o
 issue's squareCB turned nearly greedy at a mean slot-1 probability of 0.98),
 Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold start
 {_s(s['offer_cold_ratio'], 2) if offers else 'n/a'}. "learned share": the share of the last third a learned
-snapshot served (the rest: the value baseline, while the publish guard holds every snapshot).
+snapshot served (the rest: the value baseline, before the first snapshot or while the guard holds them).
 {END}"""
 
 
@@ -547,13 +561,13 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=1_500)
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
-    ap.add_argument("--no-guard", action="store_true", help="turn the publish guard off")
+    ap.add_argument("--guard", choices=["on", "off"], help="the publish guard (default: the product's default)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", type=Path, help="re-render a saved --json output (with the same arguments)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    _Http.guard = not args.no_guard
+    _Http.guard = None if args.guard is None else args.guard == "on"
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
         products, offers = saved["products"], saved["offers"]
