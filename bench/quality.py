@@ -513,8 +513,8 @@ Served vs best heuristic {_s(s['product_vs_best_heuristic'], 2) if products else
 {_s(s['product_vs_baseline'], 2) if products else 'n/a'}. "served" is what the learning placement showed;
 "learned share" the share of its decisions a learned snapshot served (the rest: the baseline, before the
 first snapshot or while the publish guard holds them). Seeds where the share is 0 serve the baseline, so
-"vs baseline" there is two samplings of one policy. {sum(r['learned_share'] > 0.5 for r in products)} of {len(products)} seeds
-served a learned snapshot; the guard's last verdict of each run is in the `--json` output.
+"vs baseline" there is two samplings of one policy. {sum(r['learned_share'] > 0.5 for r in products)} of
+{len(products)} seeds served a learned snapshot; the guard's last verdict of each run is in the `--json` output.
 
 **Offers** with value-weighted rewards and a drift half-way, last third of {args.offer_checkouts:,} checkouts
 (targets: >= 0.8 of the per-checkout oracle, >= 1.25x plain VW squareCB, spread <= 0.05; cold start: better
