@@ -286,6 +286,17 @@ def test_canary_is_rolled_back_on_a_guardrail_breach(client, kassa, clock, tmp_p
     assert kassa.models.serving("order_confirmation").canary is None
 
 
+def _only_this_test_drives_learning(client, kassa) -> None:  # type: ignore[no-untyped-def]
+    """Stop the app's own learning task: these tests step and poll the loop by hand, and the task (woken by the
+    registry's change notification) could restart the learner between two of their asserts."""
+    async def cancel() -> None:
+        for task in kassa._tasks:
+            if task.get_name() == "kassa-learning":
+                task.cancel()
+
+    client.portal.call(cancel)
+
+
 def _accepted_decisions(client, clock, prefix: str, n: int) -> None:
     """``n`` decisions whose top offer is accepted, with their reward windows over."""
     for i in range(n):
@@ -307,6 +318,7 @@ def test_continuous_learning_registers_snapshots_as_production(client, kassa, cl
 
 
 def test_a_promoted_batch_model_is_what_the_online_learner_continues(client, kassa, clock, tmp_path):
+    _only_this_test_drives_learning(client, kassa)
     learner = kassa.learning.learner("order_confirmation")
     placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
     mv = kassa.model_registry.register("order_confirmation", _model_file(tmp_path, "b", placement=placement),
@@ -379,6 +391,7 @@ def test_relearning_survives_a_second_promotion_and_is_bounded(kassa, clock, tmp
 
 
 def test_a_rollback_before_the_learners_restart_cancels_the_restart(client, kassa, clock, tmp_path):
+    _only_this_test_drives_learning(client, kassa)
     loop = kassa.learning
     learner = loop.learner("order_confirmation")
     _accepted_decisions(client, clock, "a", 6)
