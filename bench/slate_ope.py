@@ -211,7 +211,9 @@ def section(runs: list[dict[str, Any]], s: dict[str, Any], args: argparse.Namesp
 `python bench/slate_ope.py --seeds {' '.join(map(str, args.seeds))} --checkouts {args.checkouts}
 --warmup {args.warmup} --products {args.products} --max-candidates {args.max_candidates}` on
 {platform.machine()}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
-(a shared 2-core machine, load average {load}). The product world of `bench/quality.py` through Kassa's HTTP
+(a shared 2-core machine, load average {load} {'when rendered from saved runs' if args.from_json else 'at the end'};
+seeds may run as parallel processes whose `--json` outputs are merged, so "s" is wall time under load).
+The product world of `bench/quality.py` through Kassa's HTTP
 API in process; logging policy Kassa's `uniform` (3 slots without replacement from the retrieved
 candidates); target Kassa's `baseline` retrieval-score ranking with exploration 0 on the same checkouts,
 never shown. The product world has no position bias, so the bench multiplies acceptance by a slot
