@@ -21,7 +21,9 @@ by `kassa.learn.offline.dataset.load_logged` exactly as the online joiner joins 
 `kassa.learn.offline.ope.pseudo_inverse` with each row's own number of candidates, and, for comparison, the
 top-slot IPS estimate ``kassa evaluate`` computes (slot 1's reward only, the logged slot-1 probability),
 which misses the value of slots 2 and 3. The first ``--warmup`` checkouts only build order history (the
-retrieval needs it) and are not evaluated.
+retrieval needs it) and are not evaluated. PI's interval half-width goes as ``sqrt(candidates / decisions)``,
+so the defaults (retrieval ``max_candidates 12``, ~9 candidates, 45,000 decisions per seed) are what fits a
+shared machine; ``--max-candidates 150`` is the quality bench's retrieval (~76 candidates) and needs ~10^6.
 
 ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of ``docs/benchmarks.md``
 (``--from-json FILE`` renders a saved run). Medians over seeds with min-max spread.
@@ -274,11 +276,12 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    ap.add_argument("--checkouts", type=int, default=20_000, help="evaluated checkouts per seed")
+    ap.add_argument("--checkouts", type=int, default=45_000, help="evaluated checkouts per seed")
     ap.add_argument("--warmup", type=int, default=2_000, help="checkouts that only build order history")
     ap.add_argument("--products", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=1_500)
-    ap.add_argument("--max-candidates", type=int, default=150, help="retrieval's max_candidates")
+    ap.add_argument("--max-candidates", type=int, default=12,
+                    help="retrieval's max_candidates (the quality bench's 150 needs ~10^6 decisions for ±5 %%)")
     ap.add_argument("--examination", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
     ap.add_argument("--json", action="store_true")
