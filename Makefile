@@ -51,6 +51,9 @@ bench: $(BIN)/.installed  ## every benchmark; each rewrites its section of docs/
 	$(BIN)/python bench/loadtest_suite.py --write-docs
 	$(BIN)/python bench/outage.py --write-docs
 	$(BIN)/python bench/topology.py --workers 1,2 --write-docs
+	$(BIN)/python bench/topology_events.py --rates 10000,20000 --repeats 3 --write-docs
+	$(BIN)/python bench/decision_latency.py --backends embedded,redis --rates 600,1000 --runs 3 \
+		--features examples/features.yaml --write-docs
 
 serve: $(BIN)/.installed
 	$(BIN)/kassa serve --catalog examples/catalog.yaml

@@ -8,7 +8,14 @@ request's intended send time (no coordinated omission); the server-side figure i
 of each decision response. Medians across ``--repeats`` are reported; ``--json`` ends the output
 with one JSON object, ``--write-docs`` refreshes the section of ``docs/benchmarks.md``.
 
+``--backends embedded,redis`` compares the backends (issue 13: Redis P99 <= 1.3x embedded): for ``--runs``
+rounds, every ``--rates`` on a fresh server per backend (``--state``: embedded, or the shared state and the
+online store on Redis), the backends' order alternating; medians per rate and backend, each with its no-op
+baseline, and its own section of docs/benchmarks.md.
+
     python bench/decision_latency.py --rate 500 --duration 30 --repeats 3 --json
+    python bench/decision_latency.py --backends embedded,redis --rates 600,1000 --runs 3 \
+        --features examples/features.yaml --duration 20 --json --write-docs
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ ADMIN_KEY = "bench-admin"
 PUB_KEY = "bench-pub"
 HEADERS = f"Authorization: Bearer {PUB_KEY}\r\nContent-Type: application/json\r\n".encode()
 START, END = "<!-- bench:decision_latency:start -->", "<!-- bench:decision_latency:end -->"
+CMP_START, CMP_END = "<!-- bench:decision_backends:start -->", "<!-- bench:decision_backends:end -->"
+ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = ["partner", "subscription", "warranty", "discount", "product"]
 CATEGORIES = [f"cat-{k:02d}" for k in range(30)]
@@ -344,8 +353,17 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
         catalog_path = root / "catalog.yaml"
         catalog_path.write_text(yaml.safe_dump(make_catalog(args.offers), sort_keys=False))
         cfg_path = root / "kassa.yaml"
-        cfg_path.write_text(yaml.safe_dump({"data_dir": str(root / "data"), "catalog_file": str(catalog_path)}))
+        cfg: dict[str, Any] = {"data_dir": str(root / "data"), "catalog_file": str(catalog_path)}
+        features: dict[str, Any] = {}
+        if args.features:
+            features["definitions_file"] = str(Path(args.features).resolve())
         port = _free_port()
+        prefix = f"kassa-bench-{os.getpid()}-{port}"
+        if args.state == "redis":  # "redis" backends: the shared state and the online store both on Redis
+            features.update(online_store="redis", redis_url=args.redis_url, key_prefix=f"{prefix}-features")
+        if features:
+            cfg["features"] = features
+        cfg_path.write_text(yaml.safe_dump(cfg))
         env = {
             **os.environ,
             "KASSA_ADMIN_KEY": ADMIN_KEY,
@@ -354,7 +372,7 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
             # per-buyer / per-request state: embedded (default) or a Redis shared by every process
             "KASSA_STATE__BACKEND": args.state,
             "KASSA_STATE__REDIS_URL": args.redis_url,
-            "KASSA_STATE__KEY_PREFIX": f"kassa-bench-{os.getpid()}-{port}",
+            "KASSA_STATE__KEY_PREFIX": prefix,
         }
         log_path = root / "server.log"
         with log_path.open("wb") as log:
@@ -364,6 +382,7 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                cwd=ROOT,  # feature definitions name their sources relative to the repository
             )
             try:
                 try:
@@ -382,11 +401,12 @@ async def kassa_server(args: argparse.Namespace) -> AsyncIterator[tuple[str, int
                         proc.wait()
         if args.verbose:
             sys.stderr.write(f"--- server output ---\n{log_path.read_text(errors='replace')}\n")
-        if args.state == "redis":  # the run's keys (pending decisions live a day past their window)
+        if args.state == "redis":  # the run's keys (pending decisions live a day past their window), features too
             import redis
 
             client = redis.Redis.from_url(args.redis_url)
-            keys = list(client.scan_iter(match=f"{env['KASSA_STATE__KEY_PREFIX']}:*", count=1000))
+            keys = [k for pattern in (f"{prefix}:*", f"{prefix}-features:*")
+                    for k in client.scan_iter(match=pattern, count=1000)]
             for i in range(0, len(keys), 1000):
                 client.delete(*keys[i:i + 1000])
             client.close()
@@ -503,6 +523,166 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "per_repeat": repeats,
     }
+
+
+# --------------------------------------------------------------------------- backends compared
+async def one_run(args: argparse.Namespace, log: Any, tag: str) -> dict[str, Any]:
+    """A fresh server on ``args.state``: warm-up, then one measured decisions/no-op pair."""
+    workload = Workload(args.seed, args.customers, args.accept_rate)
+    n = int(args.rate * max(args.duration, args.warmup) * 1.2) + 100
+    async with kassa_server(args) as (host, port, pid):
+        pool = await ConnectionPool(host, port, args.connections, max_size=4 * args.connections).start()
+        events_pool = None if args.no_events else await ConnectionPool(host, port, args.event_connections).start()
+        try:
+            if args.warmup > 0:
+                bodies = workload.decision_bodies(n, f"{tag}-warm")
+                for path in ("/v1/decisions", "/_bench/noop"):
+                    await run_phase(pool, events_pool, workload, bodies, path, args, args.warmup)
+                    await settle(events_pool, args.settle)
+            bodies = workload.decision_bodies(n, tag)
+            dec, noop = await measure_pair(pool, events_pool, workload, bodies, args, pid, tag, log)
+        finally:
+            await pool.close()
+            if events_pool is not None:
+                await events_pool.close()
+    res = summarize_repeat(dec, noop)
+    res.pop("decisions", None)
+    res.pop("noop", None)
+    res["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    res["first_error"] = dec.first_error or noop.first_error
+    res["first_event_error"] = dec.events.first_error
+    res["event_timeouts"] = dec.events.timeouts
+    for what in ("first_error", "first_event_error"):
+        if res[what]:
+            log(f"  {what.replace('_', ' ')}: {res[what]}")
+    return res
+
+
+async def compare_backends(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """``--runs`` rounds; in each, every rate on every backend, a fresh server per run, the backends' order
+    alternating between rounds so neither always runs first. Medians per rate and backend."""
+    backends = list(args.backends)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {f"{r:g}": {b: [] for b in backends} for r in args.rates}
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    for k in range(args.runs):
+        order = backends if k % 2 == 0 else backends[::-1]
+        for rate in args.rates:
+            for backend in order:
+                args.rate, args.state = rate, backend
+                res = await one_run(args, log, f"run {k + 1}/{args.runs}, {rate:g}/s, {backend}")
+                runs[f"{rate:g}"][backend].append(res)
+                log(f"  {backend} {rate:g}/s: p99 {res['client_p99_ms']} ms, no-op p99 {res['noop_client_p99_ms']} "
+                    f"ms, errors {res['errors']}+{res['event_errors']}, load {res['load_average'][0]}")
+
+    def med(rs: list[dict[str, Any]], key: str) -> float | None:
+        vals = [r[key] for r in rs if r[key] is not None]
+        return _r(statistics.median(vals)) if vals else None
+
+    summary: dict[str, Any] = {}
+    base, other = backends[0], backends[-1]
+    for rate, by_backend in runs.items():
+        row: dict[str, Any] = {}
+        for backend, rs in by_backend.items():
+            row[backend] = {key: med(rs, key) for key in (
+                "client_p50_ms", "client_p99_ms", "server_p99_ms", "noop_client_p99_ms", "p99_ratio_to_noop",
+                "server_cpu_us_per_decision", "server_cpu_us_per_noop", "generator_lag_p99_ms")}
+            row[backend]["errors"] = sum(r["errors"] + r["event_errors"] for r in rs)
+            row[backend]["valid_runs"] = sum(1 for r in rs if r["valid"])
+        b99, o99 = row[base]["client_p99_ms"], row[other]["client_p99_ms"]
+        row["p99_ratio"] = _r(o99 / b99) if b99 and o99 else None  # of the medians
+        pairs = [o["client_p99_ms"] / b["client_p99_ms"] for b, o in zip(by_backend[base], by_backend[other],
+                                                                           strict=True)
+                 if b["client_p99_ms"] and o["client_p99_ms"]]
+        row["p99_ratio_per_run"] = [_r(x) for x in pairs]
+        summary[rate] = row
+    return {
+        "benchmark": "decision_backends",
+        "backends": backends,
+        "rates": args.rates,
+        "runs": args.runs,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "offers": args.offers,
+        "features": args.features,
+        "schedule": args.schedule,
+        "target_ratio": args.target_ratio,
+        "summary": summary,
+        "met": all(r["p99_ratio"] is not None and r["p99_ratio"] <= args.target_ratio for r in summary.values()),
+        "errors": sum(r[b]["errors"] for r in summary.values() for b in backends),
+        "per_run": runs,
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_info(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def compare_section(res: dict[str, Any]) -> str:
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
+    m = res["machine"]
+    base, other = res["backends"][0], res["backends"][-1]
+    cmd = (f"python bench/decision_latency.py --backends {','.join(res['backends'])} --rates "
+           f"{','.join(f'{r:g}' for r in res['rates'])} --runs {res['runs']} --duration {res['duration']:g} "
+           f"--warmup {res['warmup']:g} --features {res['features']}")
+    rows = []
+    for rate, row in res["summary"].items():
+        for backend in res["backends"]:
+            b = row[backend]
+            loads = ", ".join(f"{r['load_average'][0]:.1f}" for r in res["per_run"][rate][backend])
+            rows.append(f"| {rate} | {backend} | {fmt(b['client_p50_ms'])} | **{fmt(b['client_p99_ms'])}** | "
+                        f"{fmt(b['server_p99_ms'])} | {fmt(b['noop_client_p99_ms'])} | {fmt(b['p99_ratio_to_noop'])} | "
+                        f"{fmt(b['server_cpu_us_per_decision'])} | {b['errors']} | {b['valid_runs']}/{res['runs']} | "
+                        f"{loads} |")
+    ratios = "; ".join(
+        f"at {rate}/s **{fmt(row['p99_ratio'])}** (per run: {', '.join(fmt(x) for x in row['p99_ratio_per_run'])})"
+        for rate, row in res["summary"].items())
+    per_run = "\n".join(
+        f"| {rate} | {backend} | {' / '.join(fmt(r['client_p99_ms']) for r in rs)} | "
+        f"{' / '.join(fmt(r['noop_client_p99_ms']) for r in rs)} |"
+        for rate, by_backend in res["per_run"].items() for backend, rs in by_backend.items())
+    invalid = sum(row[b]["valid_runs"] for row in res["summary"].values() for b in res["backends"]) == 0
+    caveat = ""
+    if res["errors"] or invalid:
+        caveat = (f" **These runs do not measure the backends:** {res['errors']:,} failed or timed-out requests "
+                  f"(decisions and event posts) and {'no' if invalid else 'not every'} run in which the generator "
+                  "kept its schedule; the server and the generator were starved of CPU.")
+    if not res["met"]:
+        verdict = "**Not met at every rate measured.**"
+    else:
+        verdict = "Under the target at every rate, but not conclusive." if caveat else "Met at every rate measured."
+    return f"""{CMP_START}
+## Decision latency: embedded vs Redis backends (issue 13)
+
+`{cmd}` on {m["cpu"]} ({m["cores"]} cores), Python {res["python"]}; generator and server on the same
+machine, Redis on it too; load average {res["load_average_start"]} at the start, {res["load_average_end"]} at
+the end (the machine was shared with other sessions' test suites); {res["date"]}.
+
+One `kassa serve` process per run, started fresh: `{base}` (per-buyer state journaled in process, the in-memory
+online store) or `{other}` (`state.backend: redis` and `features.online_store: redis`, one local Redis), the
+feature definitions above applied (the decision reads the buyer's rows of the online store). Each run:
+warm-up {res["warmup"]:g} s, then `POST /v1/decisions` open-loop ({res["schedule"]} schedule) for {res["duration"]:g} s
+with every decision's events posted, then the no-op endpoint at the same rate for {res["duration"]:g} s. The backends
+alternate which goes first from one round to the next. Medians of {res["runs"]} runs:
+
+| rate/s | backend | p50 ms | p99 ms | server p99 ms | no-op p99 ms | p99 / no-op | CPU µs/decision | errors \
+| valid runs | load (1 min) per run |
+|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|---|
+{chr(10).join(rows)}
+
+{other} p99 / {base} p99 (target ≤ {res["target_ratio"]:g}): {ratios}.
+{verdict}{caveat}
+
+| rate/s | backend | p99 ms per run | no-op p99 ms per run |
+|---:|---|---|---|
+{per_run}
+
+A run is "valid" when the generator's send lag stayed within 1 ms at P99; on this shared machine most were not,
+so these are the figures of a busy VM, to be measured again on a quiet one.
+{CMP_END}"""
 
 
 def summarize_repeat(dec: Phase, noop: Phase) -> dict[str, Any]:
@@ -631,12 +811,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-lag-ms", type=float, default=1.0, help="generator send-lag p99 above this: invalid")
     p.add_argument("--ready-timeout", type=float, default=20.0)
     p.add_argument("--state", choices=["embedded", "redis"], default="embedded",
-                   help="state.backend of the started server (profiles, caps, idempotency, pending decisions)")
+                   help="backends of the started server: embedded, or redis (state.backend and the online store)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="state.redis_url with --state redis")
+    p.add_argument("--features", help="feature definitions the server applies (e.g. examples/features.yaml)")
+    p.add_argument("--backends", help="compare these backends (e.g. embedded,redis): fresh servers, interleaved")
+    p.add_argument("--rates", default="600,1000", help="with --backends: comma-separated decisions per second")
+    p.add_argument("--runs", type=int, default=3, help="with --backends: rounds (medians over them)")
+    p.add_argument("--target-ratio", type=float, default=1.3, help="with --backends: last / first p99 target")
+    p.add_argument("--docs-from", metavar="FILE",
+                   help="with --backends: write the docs section from a saved --json output, run nothing")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object")
     p.add_argument("--write-docs", action="store_true", help=f"rewrite the section in {DOCS.name}")
     p.add_argument("--verbose", action="store_true", help="print the server's output at the end")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.backends:
+        args.backends = args.backends.split(",")
+        if any(b not in ("embedded", "redis") for b in args.backends) or len(args.backends) != 2:
+            p.error("--backends takes two of embedded, redis")
+        args.rates = [float(r) for r in args.rates.split(",")]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,10 +843,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import uvloop
+
+        run: Callable[[Any], Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        res = asyncio.run(bench(args, log))
-    else:
-        res = uvloop.run(bench(args, log))
+        run = asyncio.run
+    if args.backends and args.docs_from:  # the JSON object is the last line of a --json run's output
+        write_section(compare_section(json.loads(Path(args.docs_from).read_text().strip().splitlines()[-1])),
+                      CMP_START, CMP_END, DOCS)
+        log(f"wrote {DOCS}")
+        return 0
+    if args.backends:
+        res = run(compare_backends(args, log))
+        if args.write_docs:
+            write_section(compare_section(res), CMP_START, CMP_END, DOCS)
+            log(f"wrote {DOCS}")
+        if args.json:
+            print(json.dumps(res, separators=(",", ":")), flush=True)
+        return 1 if res["errors"] else 0
+    res = run(bench(args, log))
     console.print(render_table(res))
     if args.write_docs:
         write_docs(res)

@@ -21,7 +21,9 @@ half of the stream the learned policy is compared with
   asked for the same checkouts, its answers scored but never shown;
 * fixed heuristics the bench computes from the orders it has sent (what the store itself knows): the
   buyer's most-bought products, their repeat purchases by due-ness, co-purchase counts with the basket,
-  global popularity, and a blend (due repeats, then co-purchase, then popular). The best of them is the bar.
+  global popularity, a blend (due repeats, then co-purchase, then popular), and co-purchase confidence (the
+  largest share, over the basket's products, of their orders that also held the candidate, smoothed: what
+  Kassa's retrieval score ranks by since issue 14). The best of them is the bar.
 
 **Offer world**: 40 offers with values 1-30 (high value accepted less), a context of device, country and
 basket category; acceptance is logistic in offer, device, country and category effects. Half-way, the
@@ -170,6 +172,9 @@ class ProductWorld:
         return 1.0 - q
 
 
+HEURISTICS = ("most_bought", "due_repeat", "co_purchase", "popular", "blend", "co_confidence")
+
+
 class StoreKnowledge:
     """What the store knows from its own orders: the fixed heuristics' inputs."""
 
@@ -217,12 +222,18 @@ class StoreKnowledge:
         due = sorted((p for p in h if h[p][0] >= 2 and h[p][2] > 0),
                      key=lambda p: abs((t - h[p][1]) / h[p][2] - 1.0))
         co: dict[int, int] = defaultdict(int)
+        conf: dict[int, float] = defaultdict(float)
         for b in basket:
+            share = 1.0 / (self.pop.get(b, 0) + 20.0)
             for q, n in self.co.get(b, {}).items():
                 co[q] += n
+                conf[q] = max(conf[q], n * share)
         cop = sorted(co, key=co.__getitem__, reverse=True)
+        # P(q | b) smoothed, the best over the basket (ties by count): what Kassa's retrieval score ranks by
+        # since its merge changed (issue 14), written here from the store's own orders so the bar stays honest.
+        confident = sorted(conf, key=lambda q: (conf[q], co[q]), reverse=True)
         return {"most_bought": fill(most), "due_repeat": fill(due + most), "co_purchase": fill(cop),
-                "popular": fill([]), "blend": fill(due[:2] + cop[:2] + most)}
+                "popular": fill([]), "blend": fill(due[:2] + cop[:2] + most), "co_confidence": fill(confident)}
 
 
 def product_catalog(world: ProductWorld) -> dict[str, Any]:
@@ -292,7 +303,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
             await http.close()
     m = n - half
     rates = {k: v / m for k, v in sums.items()}
-    heur = {k: rates[k] for k in ("most_bought", "due_repeat", "co_purchase", "popular", "blend")}
+    heur = {k: rates[k] for k in HEURISTICS}
     best = max(heur, key=heur.__getitem__)
     return {"seed": seed, "policy": rates["policy"], "baseline": rates["baseline"], "heuristics": heur,
             "best_heuristic": best, "vs_best_heuristic": rates["policy"] / heur[best],
@@ -453,8 +464,7 @@ def section(products: list[dict[str, Any]], offers: list[dict[str, Any]], summar
             args: argparse.Namespace) -> str:
     prow = "\n".join(
         f"| {r['seed']} | {r['policy']:.4f} | {r['baseline']:.4f} | "
-        + " | ".join(f"{r['heuristics'][k]:.4f}" for k in ("most_bought", "due_repeat", "co_purchase", "popular",
-                                                            "blend"))
+        + " | ".join(f"{r['heuristics'].get(k, float('nan')):.4f}" for k in HEURISTICS)
         + f" | **{r['vs_best_heuristic']:.2f}** | {r['vs_baseline']:.2f} | {r['learned_share']:.2f} "
         f"| {r['seconds']:.0f} |"
         for r in products)
@@ -474,9 +484,9 @@ accepts (products) or expected value (offers) of what was shown. Medians (min-ma
 **Product cross-sell**, last half of {args.product_checkouts:,} checkouts, {args.products:,} products,
 {args.customers:,} buyers (target: >= 1.2x the best fixed heuristic, never below its own baseline):
 
-| seed | served | its baseline | most bought | due repeat | co-purchase | popular | blend | vs best heuristic \
-| vs baseline | learned share | s |
-|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| seed | served | its baseline | most bought | due repeat | co-purchase | popular | blend | co-purchase confidence \
+| vs best heuristic | vs baseline | learned share | s |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {prow}
 
 Served vs best heuristic {_s(s['product_vs_best_heuristic'], 2) if products else 'n/a'}; vs its baseline
@@ -505,13 +515,13 @@ Kassa / plain VW {_s(s['offer_vs_plain_vw'], 2) if offers else 'n/a'}, cold star
 async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     products, offers = [], []
     for seed in args.seeds:
-        if args.product_checkouts:
+        if args.product_checkouts and args.world in ("products", "both"):
             r = await product_run(seed, args.product_checkouts, args.products, args.customers, args.rate)
             products.append(r)
             print(f"products seed {seed}: learned {r['policy']:.4f} baseline {r['baseline']:.4f} best heuristic "
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
                   f"{r['seconds']} s", file=sys.stderr)
-        if args.offer_checkouts:
+        if args.offer_checkouts and args.world in ("offers", "both"):
             r = await offer_run(seed, args.offer_checkouts, args.rate)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
@@ -523,6 +533,7 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--world", choices=["offers", "products", "both"], default="both", help="which world to run")
     ap.add_argument("--product-checkouts", type=int, default=12_000)
     ap.add_argument("--offer-checkouts", type=int, default=12_000)
     ap.add_argument("--products", type=int, default=10_000)

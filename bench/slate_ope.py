@@ -23,7 +23,8 @@ top-slot IPS estimate ``kassa evaluate`` computes (slot 1's reward only, the log
 which misses the value of slots 2 and 3. The first ``--warmup`` checkouts only build order history (the
 retrieval needs it) and are not evaluated. PI's interval half-width goes as ``sqrt(candidates / decisions)``,
 so the defaults (retrieval ``max_candidates 12``, ~9 candidates, 45,000 decisions per seed) are what fits a
-shared machine; ``--max-candidates 150`` is the quality bench's retrieval (~76 candidates) and needs ~10^6.
+shared machine; the quality bench's placement gives its policy up to 20 (``policy_candidates``), which takes
+~2x10^5 decisions per seed for ±5 % (measured at ``--max-candidates 30``, ~21 candidates).
 
 ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of ``docs/benchmarks.md``
 (``--from-json FILE`` renders a saved run). Medians over seeds with min-max spread.
@@ -241,10 +242,10 @@ PI's variance grows with the number of candidates: a uniform logger shows the ta
 once in `m` decisions, so the interval's half-width goes as `sqrt(m / rows)`. At these
 {s['mean_candidates'][0]:.0f} candidates a 95 % half-width of 5 % of the truth takes about
 {s['rows_for_5pct_halfwidth'][0]:,.0f} rows ({s['rows_for_5pct_halfwidth'][1]:,.0f} to
-{s['rows_for_5pct_halfwidth'][2]:,.0f}); with the quality bench's retrieval (up to 150 candidates)
-proportionally more. Hence the smaller `--max-candidates` here: the estimator is the same, the bench only has
-to fit the machine's time. Top-slot IPS's interval is no help either way: it is an interval around slot 1's
-value, not the slate's.
+{s['rows_for_5pct_halfwidth'][2]:,.0f}); with more candidates proportionally more (the quality bench's
+placement gives its policy up to 20). Hence the smaller `--max-candidates` here: the estimator is the same,
+the bench only has to fit the machine's time. Top-slot IPS's interval is no help either way: it is an
+interval around slot 1's value, not the slate's.
 {END}"""
 
 
@@ -281,7 +282,7 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=1_500)
     ap.add_argument("--max-candidates", type=int, default=12,
-                    help="retrieval's max_candidates (the quality bench's 150 needs ~10^6 decisions for ±5 %%)")
+                    help="retrieval's max_candidates (~20 candidates need ~2x10^5 decisions for ±5 %%)")
     ap.add_argument("--examination", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
     ap.add_argument("--json", action="store_true")

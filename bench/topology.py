@@ -11,11 +11,19 @@ two serving processes. ``--json`` ends with one JSON object holding ``ratio_1000
 ``cpu_ratio`` and ``errors`` (of the largest worker count); ``--write-docs`` rewrites its section of
 docs/benchmarks.md.
 
-Backends: whatever the settings select (``--settings FILE`` is passed to the server). By default the
-embedded ones (SQLite event and decision-record logs); the production backends (Redis state, JetStream,
-PostgreSQL) are wired by their own parts of issue 13 and selected through the same file.
+Events: one ``POST /v1/events`` per answered decision, holding that decision's impressions (one per shown
+offer) and, for ~10 % of decisions, an accept: what the confirmation-page snippet sends for one page view.
+
+Backends: ``--backends embedded`` (the default: SQLite event and decision-record logs, state in process) or
+``--backends production``: Redis state (``state.backend: redis``) and learner lease, PostgreSQL metadata (a
+fresh database on ``--postgres-url``'s server, dropped after the run) and the JetStream event bus (streams under
+a prefix of this run, deleted after it); the learner reads JetStream (``roles.learner_input: jetstream``) when
+this build accepts that setting, else its SQLite tail (which then sees the decision records but no events).
+Servers at ``--redis-url``, ``--postgres-url`` and ``--nats-url`` (127.0.0.1 by default). ``--settings FILE``
+is applied first; the backend settings and ``data_dir`` replace its values.
 
     python bench/topology.py --workers 1,2 --rates 1000,2000 --duration 20 --json
+    python bench/topology.py --backends production --workers 2 --rates 1000,2000 --json
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +68,81 @@ from kassa.loadtest import ConnectionPool
 START, END = "<!-- bench:topology:start -->", "<!-- bench:topology:end -->"
 
 
+def jetstream_learner_input() -> bool:
+    """Whether this build's `kassa learn` reads JetStream (the event-bus part adds `JetStreamInput`)."""
+    from kassa.learn.online import inputs
+
+    return hasattr(inputs, "JetStreamInput")
+
+
+@contextlib.contextmanager
+def production_backends(args: argparse.Namespace, tag: str) -> Iterator[dict[str, Any]]:
+    """The settings of the production backends for one run, on names of its own: a fresh PostgreSQL
+    database, a Redis key prefix and JetStream streams under a prefix; all removed afterwards."""
+    import psycopg
+    import redis
+    from sqlalchemy.engine import make_url
+
+    name = f"kassa_topology_{tag}"
+    admin = make_url(args.postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    prefix = f"kassa-topology-{tag}"
+    stream_prefix = f"ktopo{tag}".replace("_", "")
+    cfg: dict[str, Any] = {
+        "metadata": {"url": make_url(args.postgres_url).set(database=name).render_as_string(hide_password=False)},
+        "state": {"backend": "redis", "redis_url": args.redis_url, "key_prefix": f"{prefix}:state"},
+        "events": {"backend": "jetstream", "nats_url": args.nats_url, "prefix": stream_prefix},
+        "roles": {"lease": "redis", "redis_url": args.redis_url, "lease_prefix": prefix,
+                  "learner_input": "jetstream" if jetstream_learner_input() else "sqlite"},
+    }
+    try:
+        yield cfg
+    finally:
+        with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with contextlib.suppress(Exception):
+            client = redis.Redis.from_url(args.redis_url)
+            for pattern in (f"{prefix}:*",):
+                keys = list(client.scan_iter(match=pattern, count=1000))
+                for i in range(0, len(keys), 1000):
+                    client.delete(*keys[i:i + 1000])
+            client.close()
+        # on a thread of its own: this runs inside the bench's event loop
+        cleanup = threading.Thread(target=lambda: asyncio.run(_delete_streams(args.nats_url, stream_prefix.upper())))
+        cleanup.start()
+        cleanup.join(30)
+
+
+async def _delete_streams(url: str, prefix: str) -> None:
+    import nats
+
+    try:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception:
+        return
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name and info.config.name.startswith(prefix):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
 @contextlib.asynccontextmanager
 async def topology(args: argparse.Namespace, workers: int) -> AsyncIterator[tuple[int, int, Path]]:
     """Yield ``(port, supervisor pid, data dir)`` of a ready ``kassa serve --workers N --learner child``."""
-    with tempfile.TemporaryDirectory(prefix="kassa-topology-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kassa-topology-"))
         root = Path(tmp)
         catalog = root / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(make_catalog(args.offers), sort_keys=False))
         cfg: dict[str, Any] = yaml.safe_load(Path(args.settings).read_text()) if args.settings else {}
+        if args.backends == "production":
+            backends = stack.enter_context(production_backends(args, f"{os.getpid()}_{workers}"))
+            for section, values in backends.items():
+                cfg[section] = {**(cfg.get(section) or {}), **values}
         cfg.update({"data_dir": str(root / "data"), "catalog_file": str(catalog)})
         cfg_path = root / "kassa.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
@@ -164,7 +240,8 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "duration": args.duration,
         "warmup": args.warmup,
         "offers": args.offers,
-        "settings": args.settings or "embedded (SQLite logs)",
+        "backends": args.backends,
+        "settings": _describe_backends(args),
         "ratio_1000": pick(1000, "p99_ratio_to_noop"),
         "ratio_2000": pick(2000, "p99_ratio_to_noop"),
         "cpu_ratio": max(cpu_ratios) if cpu_ratios else None,
@@ -177,6 +254,15 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "versions": versions(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _describe_backends(args: argparse.Namespace) -> str:
+    if args.backends == "production":
+        learner = "JetStream" if jetstream_learner_input() else "its SQLite tail (no events: not wired in this build)"
+        text = f"production (Redis state and lease, PostgreSQL metadata, JetStream events; the learner reads {learner})"
+    else:
+        text = "embedded (SQLite logs)"
+    return f"{text}, settings {args.settings}" if args.settings else text
 
 
 def docs_section(res: dict[str, Any]) -> str:
@@ -225,7 +311,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", default="1000,2000", help="comma-separated decisions per second")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measured phase")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per endpoint and rate")
-    p.add_argument("--settings", help="Kassa settings file for the server (backends); data_dir is replaced")
+    p.add_argument("--settings", help="Kassa settings file for the server; data_dir and --backends replace values")
+    p.add_argument("--backends", choices=["embedded", "production"], default="embedded",
+                   help="embedded (SQLite logs, state in process) or production (Redis state and lease, PostgreSQL "
+                   "metadata, JetStream events)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                   help="a PostgreSQL server (any database on it): the run creates and drops a database of its own")
+    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     p.add_argument("--offers", type=int, default=50)
     p.add_argument("--customers", type=int, default=5_000)
     p.add_argument("--accept-rate", type=float, default=0.1)

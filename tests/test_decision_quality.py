@@ -259,3 +259,17 @@ def test_pseudo_inverse_takes_each_rows_own_number_of_candidates() -> None:
         ope.pseudo_inverse(reward, target, logged, np.full(n, 2))  # fewer candidates than slots
     with pytest.raises(ope.OPEInputError):
         ope.pseudo_inverse(reward[:10], np.full((10, 3), 7), logged[:10], np.full(10, 6))  # index >= count
+
+
+def test_product_action_lines_carry_no_product_id_and_their_learner_clips_importance_weights(
+        kassa: Kassa, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kassa.features.featurize import action_line
+    from kassa.learn.online.learner import OnlineLearner
+
+    snap = kassa.catalog.snapshot
+    line = action_line(snap.offers["serum-upsell"])
+    assert "serum-upsell" not in line and " |i " not in line and "cat=skincare" in line
+    assert "id=warranty" in action_line(snap.offers["warranty"])  # other offers keep their id, crossed
+    products = OnlineLearner(snap.placements["cross_sell"].placement, tmp_path)
+    offers = OnlineLearner(snap.placements["order_confirmation"].placement, tmp_path)
+    assert products.min_probability == 0.05 and offers.min_probability == 1e-4

@@ -246,3 +246,23 @@ def test_action_tables_grow_and_reset_without_changing_scores(tmp_path: Path, mo
         a, b = np.array(model.pmf(shared, cands)), np.array(vw.pmf(shared, cands))
         assert np.abs(a - b).max() < 2e-6, trial
     assert hashing_.generation >= 1  # the tables started afresh at least once on the way
+
+
+def test_the_online_learner_learns_exactly_what_pyvw_parse_and_learn_would(tmp_path: Path) -> None:
+    # OnlineLearner.learn skips pyvw's Python Example wrappers (CPU in `kassa learn`); the model must not change.
+    placement = schemas.Placement(id="p")
+    learner = OnlineLearner(placement, tmp_path / "online")
+    reference = vowpalwabbit.Workspace(learner.args, enable_logging=False)
+    rng = random.Random(3)
+    for i in range(400):
+        shared, act = context(rng), action(rng.randrange(N_OFFERS)) + (f" |s slot={i % 3}" if i % 3 else "")
+        reward, p = float(rng.random() < 0.3), rng.uniform(0.05, 1.0)
+        learner.learn(shared, act, reward, p)
+        cost = -reward / learner.scale.scale  # fixed weights: the scale never changes
+        ex = reference.parse([shared, f"0:{cost:.6g}:{p:.6g}{act}"], vowpalwabbit.LabelType.CONTEXTUAL_BANDIT)
+        reference.learn(ex)
+        reference.finish_example(ex)
+    learner.workspace.save(str(tmp_path / "fast.vw"))
+    reference.save(str(tmp_path / "pyvw.vw"))
+    reference.finish()
+    assert (tmp_path / "fast.vw").read_bytes() == (tmp_path / "pyvw.vw").read_bytes()

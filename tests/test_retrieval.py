@@ -293,7 +293,7 @@ def test_scored_retrieval_ranks_a_due_repeat_purchase_above_co_purchase_and_popu
     milk = dict((k, line) for k, _, line in got)["milk"]
     assert "s_hi" in milk and "due=yes" in milk and "hc:" in milk
     b = dict((k, line) for k, _, line in got)["B"]
-    assert b.startswith(" |r ") and "s_co" in b and "cp:1" in b and "rk=" in b
+    assert b.startswith(" |r ") and "s_co" in b and "cf:" in b and "lc:" in b and "rk=" in b
 
 
 def test_scored_retrieval_merges_sources_into_one_candidate() -> None:
@@ -313,3 +313,27 @@ def test_scored_retrieval_respects_exclusions_and_the_cap() -> None:
     got = r.retrieve_scored(["A"], None, T0 + 60, 20, 0, 20, 7, exclude={"p3"})
     keys = [k for k, _, _ in got]
     assert len(keys) == 7 and "A" not in keys and "p3" not in keys and len(set(keys)) == 7
+
+
+def test_scored_retrieval_ranks_a_rare_items_steady_complement_above_a_popular_items_occasional_one() -> None:
+    # A is in 200 orders, Y in 30 of them; R is in 10 orders, X in all of them. Summed co-purchases put Y first
+    # (30 against 10); the confidence P(neighbour | basket item) puts X first (10/30 against 30/220).
+    r = retriever()
+    for i in range(200):
+        r.observe_order(order(["A", "Y"] if i < 30 else ["A", f"n{i}"], f"a{i}"), None, T0 + i)
+    for i in range(10):
+        r.observe_order(order(["R", "X"], f"r{i}"), None, T0 + 300 + i)
+    got = r.retrieve_scored(["A", "R"], None, T0 + 400, 20, 0, 0, 5)
+    keys = [k for k, _, _ in got]
+    assert keys[:2] == ["X", "Y"]
+    x_line = got[0][2]
+    assert "cf:0.3" in x_line and "sc:" in x_line and "lc:" in x_line
+
+
+def test_scored_retrieval_builds_suffixes_only_for_the_candidates_it_returns() -> None:
+    r = retriever()
+    for i in range(40):
+        r.observe_order(order(["A", f"p{i}"], f"o{i}"), None, T0 + i)
+    few = r.retrieve_scored(["A"], None, T0 + 60, 40, 0, 0, 3)
+    many = r.retrieve_scored(["A"], None, T0 + 60, 40, 0, 0, 40)
+    assert len(few) == 3 and few == many[:3]  # the cut takes the best of the same merge

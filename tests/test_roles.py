@@ -286,3 +286,29 @@ def test_handover_learns_every_example_exactly_once_across_a_takeover() -> None:
     lineage = sorted(set(learned_a)) + sorted(set(learned_b))
     assert lineage == [f"d{i:04d}" for i in range(100)]
     assert len(learned_a) + len(learned_b) == 200 and b.skipped == 2 * 31
+
+
+@pytest.mark.parametrize(("role", "store", "mode", "computes"), [
+    ("serve", "redis", "auto", False),  # `kassa stream` writes the shared rows
+    ("serve", "memory", "auto", True),  # each worker's own store: it computes its views itself
+    ("all", "redis", "auto", True),
+    ("serve", "redis", "inprocess", True),
+    ("all", "memory", "external", False),
+])
+def test_which_process_computes_the_stream_views(tmp_path: Path, catalog_file: Path, features_file: Path,
+                                                 role: str, store: str, mode: str, computes: bool) -> None:
+    from kassa.app import Kassa
+
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    settings = load_settings(None, data_dir=str(tmp_path / "d"), catalog_file=str(catalog_file), **{
+        "features.definitions_file": str(features_file), "features.online_store": store,
+        "features.redis_url": ensure_redis() if store == "redis" else "redis://127.0.0.1:6379/0",
+        "features.key_prefix": prefix, "features.streaming": mode})
+    kassa = Kassa(settings, role=role)  # type: ignore[arg-type]
+    try:
+        assert any(v.kind == "stream" for v in kassa.repo.views)
+        assert (kassa.stream is not None) is computes
+        assert (kassa.events.stream is not None) is computes
+    finally:
+        kassa.event_log.close()
+        kassa.decision_log.close()

@@ -629,3 +629,50 @@ def test_run_tails_the_log_and_stops_cleanly(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         log.close()
+
+
+class _FailsOnce:
+    """A memory store whose ``nth`` bulk write raises once (an online-store hiccup mid-batch)."""
+
+    def __init__(self, inner: InMemoryOnlineStore, nth: int) -> None:
+        self.inner, self.nth, self.calls = inner, nth, 0
+
+    async def write(self, view: FeatureView, key: str, values: dict[str, Any], ts: float) -> None:
+        await self.inner.write(view, key, values, ts)
+
+    async def write_many(self, view: FeatureView, items: Iterable[Any]) -> int:
+        self.calls += 1
+        if self.calls == self.nth:
+            raise ConnectionError("store hiccup")
+        return await self.inner.write_many(view, items)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_batch_that_fails_while_the_next_is_read_ahead_is_read_again_and_counted_once(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    events = [order_event(f"e{i}", T0 + i * 11.0, customer=CUSTOMERS[i % 3]) for i in range(95)]
+
+    async def main() -> None:
+        await log.append(events, received_at=T0)
+        inner = make_store()
+        proc = StreamProcessor(VIEWS, _FailsOnce(inner, nth=3), log, clock=lambda: T0 + 2_000,  # type: ignore[arg-type]
+                               batch_size=10, advance_when_idle=False)
+        with pytest.raises(ConnectionError):
+            await proc.catch_up()  # fails in a later full batch, with the batch after it being read ahead
+        failed_at = proc.seq
+        assert 0 < failed_at < 95
+        assert await proc.catch_up() == 95 - failed_at  # from the failed batch on, nothing skipped
+        assert proc.processed == 95 and proc.lag_events == 0 and proc.pending_rows == 0
+        fresh = StreamProcessor(VIEWS, make_store(), log, clock=lambda: T0 + 2_000, batch_size=95,
+                                advance_when_idle=False)
+        await fresh.catch_up()
+        for v in VIEWS:
+            for key in all_keys(VIEWS, events)[v.name]:
+                assert await stored(inner, v, key) == fresh.aggregator.values(v.name, key), (v.name, key)
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()

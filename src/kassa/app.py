@@ -138,6 +138,7 @@ class Kassa:
             on_default=self.metrics.observe_feature_default, offer_features=offer_source,
             on_served=self.learning.guard.served, shadow=self.shadow, on_shown=self.metrics.observe_shown,
             state=self.state.decision_state, state_timeout=self.state.timeout,
+            keep_candidates=settings.learn.guard.enabled,
         )
         self.metrics.known_offers = lambda: self.catalog.snapshot.offers
         self.metrics.live = self.live_state
@@ -146,7 +147,7 @@ class Kassa:
         stream_views = [v for v in self.repo.views if v.kind == "stream"]
         self.stream = (
             StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
-            if stream_views else None
+            if stream_views and self.streams_in_process() else None
         )
         # A serving worker joins nothing itself: `kassa learn` reads the events from the log.
         ingest_joiner = cast(RewardJoiner, self.records) if self.records is not None else self.joiner
@@ -245,6 +246,13 @@ class Kassa:
             rows.append(FeatureFreshness(view.name, None if newest is None else max(0.0, now - newest),
                                          parse_duration(view.freshness_target)))
         self._freshness = rows
+
+    def streams_in_process(self) -> bool:
+        """Whether this process computes the stream views (``features.streaming``; `kassa stream` otherwise)."""
+        mode = self.settings.features.streaming
+        if mode == "auto":
+            return not (self.role == "serve" and not isinstance(self.store, InMemoryOnlineStore))
+        return mode == "inprocess"
 
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""

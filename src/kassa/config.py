@@ -51,7 +51,10 @@ class PublishGuardSettings(Struct, forbid_unknown_fields=True):
     """Continuous learning publishes a snapshot only when OPE on recent traffic says it is not worse than what
     serves (kassa.learn.online.guard, ADR 0010). Off by default: with these settings it held every snapshot of
     `kassa demo --headless --checkouts 20000 --seed 1` (the demo then served its baseline only, 1.61x random and
-    1.11x the best static list, against 2.67x and 1.67x with the guard off; measured 2026-12-06)."""
+    1.11x the best static list, against 2.67x and 1.67x with the guard off; measured 2026-12-06).
+
+    Serving processes read ``enabled`` too: only then do their decisions carry every candidate's learner line
+    (what the guard replays), so a `kassa learn` elsewhere with the guard on needs it on for its workers."""
 
     enabled: bool = False
     window: int = 3_000  # recent top slots (with their candidates) the check replays
@@ -82,6 +85,11 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "kassa"  # namespaces every Redis key, so several deployments can share one server
     definitions_file: str | None = None  # feature definitions (YAML/JSON/Python) applied at start
+    # Who computes the stream views: "inprocess" (every `kassa serve` process, rows written before the event
+    # request returns), "external" (only `kassa stream`), "auto": in process, except in a serving worker of
+    # `kassa serve --workers N` on the Redis online store, where `kassa stream` writes the shared rows (several
+    # aggregators writing one Redis row would each hold part of the counts).
+    streaming: Literal["auto", "inprocess", "external"] = "auto"
     # Circuit breaker in front of Redis: open after this many consecutive failures, probe again after...
     breaker_failures: int = 3
     breaker_reset_seconds: float = 1.0

@@ -162,7 +162,11 @@ class Retrieval(Struct, forbid_unknown_fields=True, omit_defaults=True):
     co_purchase: Count = 20
     history: Count = 10
     popular: Count = 20
-    max_candidates: Count = 50
+    max_candidates: Count = 50  # merged and scored
+    # The policy (a learned model, or the baseline with its exploration) chooses among the best this many by
+    # retrieval score (0: all of them). Exploration spread over 150 products explores ones that almost never
+    # convert: in bench/quality.py's product world the retrieval-score ranking lost 8 % to its ε over 150.
+    policy_candidates: Count = 20
 
 
 class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):

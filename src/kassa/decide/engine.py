@@ -71,7 +71,12 @@ class DecisionEngine:
         on_shown: Callable[[str, list[str]], None] | None = None,
         state: DecisionState | None = None,
         state_timeout: float = 0.02,
+        keep_candidates: bool = True,
     ) -> None:
+        # Whether a learning placement's pending decision carries every candidate's learner line: only the
+        # publish guard's OPE reads them (`learn.guard.enabled`). With 50 offers they are ~9 KB of the ~10 KB a
+        # decision record weighs, encoded by every worker and decoded by `kassa learn` (docs/adr/0009 addendum).
+        self.keep_candidates = keep_candidates
         self.on_served = on_served
         self.on_shown = on_shown  # (placement, offer ids shown): per-offer impression metrics
         self.shadow = shadow
@@ -195,9 +200,12 @@ class DecisionEngine:
                 seen = set(candidates)
                 retrieved = {}
                 product_offers = snap.product_offer
+                limit = retrieval.max_candidates
+                if retrieval.policy_candidates:
+                    limit = min(limit, retrieval.policy_candidates)
                 for key, r_score, r_suffix in self.retriever.retrieve_scored(
                     order_keys, customer_id, now, retrieval.co_purchase, retrieval.history,
-                    retrieval.popular, retrieval.max_candidates,
+                    retrieval.popular, limit,
                 ):
                     product_offer = product_offers.get(key)
                     if product_offer is not None and product_offer not in seen:
@@ -282,7 +290,8 @@ class DecisionEngine:
                 [action_lines[i] for i in ranking.chosen], ranking.probabilities, customer_id,
                 [offers[o].product_id or offers[o].sku for o in chosen], version=version,
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
-                candidates=action_lines if learns else None, top_index=ranking.chosen[0],
+                candidates=action_lines if learns and self.keep_candidates else None,
+                top_index=ranking.chosen[0],
             )
             if serving is not None and serving.canary is not None and model is not None:
                 pending.served = (model.version, took_ms, model_failed)

@@ -45,7 +45,7 @@ class DecisionRecord(msgspec.Struct):
     explored: bool
     fallback: bool
     took_ms: float
-    # per candidate (same order), the retrieval signals appended to its learner line (`kassa.decide.signals`);
+    # per candidate (same order), the retrieval signals appended to its learner line (`kassa.decide.retrieval.signals`);
     # None for placements without retrieval and for records written before issue 14
     candidate_signals: list[str] | None = None
 

@@ -80,12 +80,13 @@ def action_line(offer: schemas.Offer) -> str:
     gives every offer its own context weights."""
     feats = offer_features(offer)
     if offer.kind == "product":
-        # A product's id goes in its own namespace ``i``, learned linearly (a per-product bias), not crossed with
-        # the context: with 10,000 products crossing the id gave each product ~30 sparse weights that one
-        # accept inflated, and the model ranked by which products it had seen accepted rather than by why
-        # they were retrieved (issue 14's product world; bench/quality.py).
+        # No product id: with 10,000 products crossing the id with the context gave each product ~30 sparse
+        # weights that one accept inflated, and even a linear per-product bias (namespace ``i``) is learned
+        # from a handful of shows per product; the model ranked by which products it had seen accepted
+        # rather than by why they were retrieved (issue 14's product world; bench/quality.py). What a product
+        # placement learns is carried by the retrieval signals (``|r``, `kassa.decide.retrieval.signals`).
         del feats["id"]
-        line = " |o " + " ".join(tokens(feats)) + " |i " + _token("id", offer.id)
+        line = " |o " + " ".join(tokens(feats))
     else:
         line = " |o " + " ".join(tokens(feats))
     if offer.features:

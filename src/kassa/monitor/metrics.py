@@ -167,6 +167,9 @@ class Metrics:
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
         self._shown: dict[tuple[str, str], Counter] = {}
+        self._event_children: dict[str, Counter] = {}  # per event type, looked up once (~30 events/request)
+        self._joined: dict[tuple[str, str], Counter] = {}  # (placement, offer label)
+        self._reward: dict[tuple[str, str], Gauge] = {}
 
     def observe_decision(self, placement: str, fallback: bool, seconds: float) -> None:
         # Label lookups cost more than the increment: keep the children per (placement, fallback).
@@ -189,7 +192,10 @@ class Metrics:
             child.inc()
 
     def observe_event(self, event_type: str, offer_id: str | None) -> None:
-        self.events.labels(event_type).inc()
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self.events.labels(event_type)
+        child.inc()
         if event_type == "accept" and offer_id is not None:
             self.accepts.labels(self._offer_label(offer_id)).inc()
 
@@ -197,11 +203,21 @@ class Metrics:
         self.learned.labels(placement).inc(n)
 
     def observe_joined(self, examples: Sequence[JoinedExample]) -> None:
+        # Every example of a closed decision passes here (3 per decision in `kassa learn`): the children are
+        # kept per (placement, offer label), as `labels()` costs several times the increment.
+        known = self.known_offers()
+        joined, rewards = self._joined, self._reward
         for ex in examples:
-            offer = self._offer_label(ex.offer_id)
-            self.joined.labels(ex.placement, offer).inc()
+            key = (ex.placement, ex.offer_id if ex.offer_id in known else OTHER_OFFER)
+            child = joined.get(key)
+            if child is None:
+                child = joined[key] = self.joined.labels(*key)
+            child.inc()
             if ex.reward:
-                self.reward.labels(ex.placement, offer).inc(ex.reward)
+                gauge = rewards.get(key)
+                if gauge is None:
+                    gauge = rewards[key] = self.reward.labels(*key)
+                gauge.inc(ex.reward)
 
     def observe_feature_default(self, view: str) -> None:
         child = self._default_children.get(view)

@@ -21,7 +21,7 @@ from kassa import schemas
 from kassa.degraded import RateLimitedWarning
 from kassa.events.log import EventLog
 from kassa.features.definitions import FeatureView
-from kassa.features.online.base import OnlineStore
+from kassa.features.online.base import OnlineStore, WriteItem
 from kassa.features.streaming.aggregator import DEFAULT_RESOLUTION, StreamAggregator
 from kassa.features.streaming.keys import event_time
 
@@ -46,8 +46,9 @@ class StreamProcessor:
     them twice. A checkpoint encodes the whole state on the event loop (~15 µs per row: 0.3 s for 20k
     rows), which is why it is taken once a minute by default, not per batch.
 
-    Rows are written with `OnlineStore.write`, one per changed row per batch, values computed right
-    before each write under a lock, so concurrent `apply` and `run` never leave an older value last.
+    Rows are written once per changed row per batch, with `OnlineStore.write_many` per view (one pipelined
+    call on Redis) or `OnlineStore.write` for a lone row, values computed under a lock, so concurrent
+    `apply` and `run` never leave an older value last.
     The store must accept a write whose ``ts`` equals the stored one: a late event or a window expiring
     changes a row's values without changing its newest event time.
     """
@@ -140,27 +141,39 @@ class StreamProcessor:
 
     async def _flush(self) -> int:
         agg = self.aggregator
-        # Serialised so two flushes never interleave writes of one row; values are computed right before
-        # each write, so the last write of a row always carries its latest state.
+        # Serialised so two flushes never interleave writes of one row; values are computed under the lock,
+        # so the last write of a row always carries its latest state.
         async with self._lock:
-            n = 0
-            changed = agg.drain_changed()
-            for i, (name, key) in enumerate(changed):
+            by_view: dict[str, list[WriteItem]] = {}
+            for name, key in agg.drain_changed():
                 out = agg.emit(name, key)
-                if out is None:
-                    continue
-                values, ts = out
-                try:
-                    await self.store.write(self.views[name], key, values, ts)
-                except BaseException:
-                    # Keep the unwritten rows pending so the next flush writes them.
-                    for rest in changed[i:]:
-                        agg.mark_changed(*rest)
-                    self.writes += n
-                    raise
-                if ts > self._newest_written.get(name, -INF):
-                    self._newest_written[name] = ts
-                n += 1
+                if out is not None:
+                    by_view.setdefault(name, []).append(WriteItem(key, *out))
+            n = 0
+            written: set[str] = set()
+            try:
+                for name, items in by_view.items():
+                    view = self.views[name]
+                    if len(items) == 1:
+                        await self.store.write(view, *items[0])
+                    else:
+                        # One pipelined call per view and batch: a round trip per row held `kassa stream` on
+                        # Redis to a few thousand rows a second (bench/topology_events.py).
+                        await self.store.write_many(view, items)
+                    written.add(name)
+                    n += len(items)
+                    ts = max(item.ts for item in items)
+                    if ts > self._newest_written.get(name, -INF):
+                        self._newest_written[name] = ts
+            except BaseException:
+                # Keep the rows not known to be written pending so the next flush writes them (a row written
+                # twice is harmless: an equal event time is rewritten).
+                for name, items in by_view.items():
+                    if name not in written:
+                        for item in items:
+                            agg.mark_changed(name, item.key)
+                self.writes += n
+                raise
             self.writes += n
             return n
 
@@ -176,28 +189,42 @@ class StreamProcessor:
         if self.log is None:
             raise RuntimeError("no event log to tail")
         total, batches = 0, 0
-        while max_batches is None or batches < max_batches:
-            rows = await asyncio.to_thread(self.log.read, self.seq, self.batch_size)
-            batches += 1
-            if not rows:
-                self._caught_up, self.lag_events = True, 0
-                if self.advance_when_idle:
-                    # Nothing is pending, so nothing older than now minus the lateness can still come.
-                    self.aggregator.expire(self.clock())
-                if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
-                    await self._flush()
-                break
-            await self.process([ev for _, ev in rows])
-            self.seq = rows[-1][0]
-            self.consumed += len(rows)
-            total += len(rows)
-            full = len(rows) == self.batch_size
-            self._caught_up = not full
-            self.lag_events = await asyncio.to_thread(self._lag) if full else 0
-            if self.checkpoint_path is not None and self.clock() - self._last_checkpoint >= self.checkpoint_interval:
-                await self.save_checkpoint()
-            if not full:
-                break
+        # While a full batch is processed the next one is already being read (the log's round trips and
+        # decoding overlap the aggregation): at most one read in flight, awaited before anything returns.
+        ahead: asyncio.Future[list[tuple[int, schemas.Event]]] | None = None
+        try:
+            while max_batches is None or batches < max_batches:
+                if ahead is not None:
+                    rows, ahead = await ahead, None
+                else:
+                    rows = await asyncio.to_thread(self.log.read, self.seq, self.batch_size)
+                batches += 1
+                if not rows:
+                    self._caught_up, self.lag_events = True, 0
+                    if self.advance_when_idle:
+                        # Nothing is pending, so nothing older than now minus the lateness can still come.
+                        self.aggregator.expire(self.clock())
+                    if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
+                        await self._flush()
+                    break
+                full = len(rows) == self.batch_size
+                if full and (max_batches is None or batches < max_batches):
+                    ahead = asyncio.ensure_future(asyncio.to_thread(self.log.read, rows[-1][0], self.batch_size))
+                await self.process([ev for _, ev in rows])
+                self.seq = rows[-1][0]
+                self.consumed += len(rows)
+                total += len(rows)
+                self._caught_up = not full
+                self.lag_events = await asyncio.to_thread(self._lag) if full else 0
+                if (self.checkpoint_path is not None
+                        and self.clock() - self._last_checkpoint >= self.checkpoint_interval):
+                    await self.save_checkpoint()
+                if not full:
+                    break
+        finally:
+            if ahead is not None:  # a failed batch: the read ahead is dropped (read again from `seq`)
+                with contextlib.suppress(BaseException):
+                    await ahead
         return total
 
     def _lag(self) -> int:

@@ -48,7 +48,7 @@ class LoggedDecisions:
     chosen_probabilities: list[list[float]] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)  # per shown offer, slot order
     fallback: list[bool] = field(default_factory=list)
-    # per candidate, its retrieval signals suffix (`kassa.decide.signals`), or None when none were logged
+    # per candidate, its retrieval signals suffix (`kassa.decide.retrieval.signals`), or None when none were logged
     signals: list[list[str] | None] = field(default_factory=list)
     pending: int = 0  # decisions left out because their reward window had not closed
     events_replayed: int = 0

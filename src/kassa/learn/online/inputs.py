@@ -10,7 +10,7 @@ decision still inside its reward window (`kassa.learn.online.role`).
 one data directory. At start it goes back ``lookback_seconds`` (the longest reward window plus a margin),
 so a restarted or newly active learner rebuilds every open decision from the logs. Events are handed over
 only ``settle_seconds`` after they were stored, because a decision's record is written on a thread of its
-serving process a few milliseconds after the answer, and an event can be faster than that.
+serving process within a few tens of milliseconds of the answer, and an event can be faster than that.
 
 `JetStreamInput` is the production backend (``roles.learner_input: jetstream``): two ephemeral pull consumers
 (no acks, in memory on the server), one on the join records stream (each served decision's `PendingDecision`,

@@ -5,7 +5,7 @@ products: time-decayed co-purchase neighbours, each customer's replenishment his
 time-decayed popularity floor. It is fed from the order stream (:meth:`ProductRetriever.observe_order`)
 and read on the decision hot path: :meth:`ProductRetriever.retrieve_scored` (what the engine uses since issue
 14) merges the sources by a retrieval score and tags every candidate with why it was retrieved
-(`kassa.decide.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
+(`kassa.decide.retrieval.signals`); :meth:`ProductRetriever.retrieve` lists each source's picks in a fixed order.
 
 Design notes
 ------------
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kassa import schemas
-from kassa.decide import signals
+from kassa.decide.retrieval import signals
 
 SOURCES = ("co_purchase", "history", "popular")
 
@@ -145,6 +145,7 @@ class ProductRetriever:
         self._ids: dict[str, int] = {}
         self._names: list[str] = []
         self._acc = np.zeros(1024)
+        self._conf = np.zeros(1024)
 
         # customer -> {product: [count, last_ts, mean_interval, n_intervals]}. Outer dict order is
         # least-recently-seen customer first; each inner dict is kept most-bought, most-recent first.
@@ -435,34 +436,36 @@ class ProductRetriever:
 
         Each source contributes up to its own quota (``co_purchase``, ``history``, ``popular``; 0 disables
         it); a product found by several sources is one candidate carrying all of them. Candidates are
-        scored by `kassa.decide.signals.score` (history strength, co-purchase share of this order's
-        strongest neighbour, popularity share of the most popular product) and the best
-        ``max_candidates`` are returned.
+        scored as `kassa.decide.retrieval.signals.score` defines (co-purchase confidence with this order, log
+        co-purchases, history strength, popularity share; inlined here) and the best ``max_candidates`` are
+        returned, with learner suffixes built for those only.
 
         Returns
         -------
         list of (product_key, retrieval score, learner suffix)
             Highest score first. The suffix is the candidate's ``|r`` namespace
-            (`kassa.decide.signals.suffix`), to append to its action line.
+            (`kassa.decide.retrieval.signals.suffix`), to append to its action line.
         """
         if max_candidates <= 0:
             return []
         taken = set(order_product_keys)
         excl: Collection[str] = exclude if not exclude or isinstance(exclude, set | frozenset) else set(exclude)
         mono = time.monotonic()
-        found: dict[str, list[float]] = {}  # key -> [sources, co-purchase share]
+        # key -> [sources, co-purchase confidence with this order, co-purchases with it (decayed orders)]
+        found: dict[str, list[float]] = {}
 
+        unit = self._unit(now)
         if co_purchase > 0 and self._nb:
             need = co_purchase
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
             names = self._names
-            ids, weights = self._ranked_neighbours(seeds, mono)
-            top = weights[0] if weights else 0.0
-            for i, w in zip(ids, weights, strict=True):
+            ids, weights, confs = self._ranked_neighbours(seeds, mono, unit * signals.CONF_PRIOR)
+            inv_unit = 1.0 / unit
+            for i, w, cf in zip(ids, weights, confs, strict=True):
                 k = names[i]
                 if k in taken or k in excl or k in found:
                     continue
-                found[k] = [signals.CO_PURCHASE, w / top if top > 0 else 0.0]
+                found[k] = [signals.CO_PURCHASE, cf, w * inv_unit]
                 need -= 1
                 if not need:
                     break
@@ -472,7 +475,7 @@ class ProductRetriever:
             for k in self._history_rank(hist, taken, excl, now, history):
                 e = found.get(k)
                 if e is None:
-                    found[k] = [signals.HISTORY, 0.0]
+                    found[k] = [signals.HISTORY, 0.0, 0.0]
                 else:
                     e[0] = int(e[0]) | signals.HISTORY
 
@@ -485,7 +488,7 @@ class ProductRetriever:
                     continue
                 e = found.get(k)
                 if e is None:
-                    found[k] = [signals.POPULAR, 0.0]
+                    found[k] = [signals.POPULAR, 0.0, 0.0]
                 else:
                     e[0] = int(e[0]) | signals.POPULAR
                 need -= 1
@@ -500,28 +503,34 @@ class ProductRetriever:
         recent_scale = 1.0 / self._pop_recent_max if self._pop_recent_max > 0 else 0.0
         hist_get = hist.get if hist else None
         pop_get, recent_get = pop.get, recent.get
-        strength, merged = signals.history_strength, signals.score
-        due_class, key_of = signals.due_class, signals.quantise
-        w_co, w_pop = signals.W_CO, signals.W_POP
-        rows: list[tuple[float, str, tuple[int, ...]]] = []
+        strength, due_class = signals.history_strength, signals.due_class
+        w_lc, w_pop, log1p = signals.W_LOG_CO, signals.W_POP, math.log1p
+        # Score every candidate (the merge), then build learner suffixes for the ones returned only.
+        rows: list[tuple[float, str]] = []
         append = rows.append
-        for k, (src, cp) in found.items():
+        for k, (_, cf, co) in found.items():
+            sc = cf + w_pop * pop_get(k, 0.0) * pop_scale
+            if co > 0.0:
+                sc += w_lc * log1p(co)
+            e = hist_get(k) if hist_get is not None else None
+            if e is not None:
+                sc += strength(e[0], due_class(now - e[1], e[2]) if e[2] > 0.0 else -1)
+            append((sc, k))
+        rows.sort(key=_by_score, reverse=True)
+        key_of, line = signals.quantise, signals.suffix
+        out = []
+        for rank, (sc, k) in enumerate(rows[:max_candidates]):
+            src, cf, co = found[k]
             pg = pop_get(k, 0.0) * pop_scale
             pr = recent_get(k, 0.0) * recent_scale
             e = hist_get(k) if hist_get is not None else None
-            if e is None:  # the common case, inlined: quantise() and score() without history
-                pgq = int(pg * 8.0 + 0.5)
-                prq = int(pr * 8.0 + 0.5)
-                append((w_co * cp + w_pop * pg, k,
-                        (int(src), int(cp * 8.0 + 0.5), 0, 0, -1, pgq if pgq < 8 else 8, prq if prq < 8 else 8)))
-                continue
-            count, last, mean = e[0], e[1], e[2]
-            due = due_class(now - last, mean) if mean > 0.0 else -1
-            append((merged(cp, strength(count, due), pg), k,
-                    key_of(int(src), cp, count, (now - last) / 86_400.0, due, pg, pr)))
-        rows.sort(key=_by_score, reverse=True)
-        line = signals.suffix
-        return [(k, s, line(q, rank)) for rank, (s, k, q) in enumerate(rows[:max_candidates])]
+            if e is None:
+                q = key_of(int(src), cf, co, 0.0, 0.0, -1, pg, pr, sc)
+            else:
+                due = due_class(now - e[1], e[2]) if e[2] > 0.0 else -1
+                q = key_of(int(src), cf, co, e[0], (now - e[1]) / 86_400.0, due, pg, pr, sc)
+            out.append((k, sc, line(q, rank)))
+        return out
 
     def _neighbours(self, key: str, mono: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Top neighbours of ``key`` as (ids, weights) in descending weight order; None if unknown."""
@@ -548,26 +557,46 @@ class ProductRetriever:
                 self._acc = np.zeros(2 * len(self._acc))
         return i
 
-    def _ranked_neighbours(self, seeds: list[str], mono: float) -> tuple[list[int], list[float]]:
-        """Ids of the seeds' neighbours by descending summed weight, with those weights; may repeat an id,
-        not yet filtered."""
-        lists = [nb for nb in (self._neighbours(s, mono) for s in seeds) if nb is not None]
+    def _ranked_neighbours(self, seeds: list[str], mono: float, prior: float = 0.0
+                           ) -> tuple[list[int], list[float], list[float]]:
+        """Ids of the seeds' neighbours by descending summed weight, with those weights and each one's
+        co-purchase confidence (the largest over the seeds of weight / (the seed's popularity + ``prior``),
+        a smoothed P(neighbour | seed)); may repeat an id, not yet filtered."""
+        pop = self._pop
+        lists = []
+        for s in seeds:
+            nb = self._neighbours(s, mono)
+            if nb is not None:
+                lists.append((nb[0], nb[1], 1.0 / (pop.get(s, 0.0) + prior) if prior > 0 else 0.0))
         if not lists:
-            return [], []
+            return [], [], []
         if len(lists) == 1:
-            return lists[0][0].tolist(), lists[0][1].tolist()  # already ranked
+            ids, weights, inv = lists[0]
+            w = weights.tolist()
+            return ids.tolist(), w, (weights * inv).tolist()  # already ranked
         # Sum through a dense accumulator (ids are unique within one list, so fancy += is exact),
-        # read back, and zero it again for the next call.
-        acc = self._acc
-        for ids, weights in lists:
+        # read back, and zero it again for the next call; the confidences' maximum likewise.
+        acc, conf = self._acc, self._conf
+        if len(conf) < len(acc):
+            conf = self._conf = np.zeros(len(acc))
+        for ids, weights, inv in lists:
             acc[ids] += weights
-        all_ids = np.concatenate([ids for ids, _ in lists])
+            conf[ids] = np.maximum(conf[ids], weights * inv)
+        all_ids = np.concatenate([ids for ids, _, _ in lists])
         summed = acc[all_ids]
+        confs = conf[all_ids]
         acc[all_ids] = 0.0
+        conf[all_ids] = 0.0
         # A shared neighbour appears once per list with the same summed value; the caller's
         # `taken` check drops the repeats.
         order = (-summed).argsort()
-        return all_ids[order].tolist(), summed[order].tolist()
+        return all_ids[order].tolist(), summed[order].tolist(), confs[order].tolist()
+
+    def _unit(self, now: float) -> float:
+        """The stored (scaled) weight of one order placed at ``now``."""
+        if self._t0 is None:
+            return 1.0
+        return math.exp(min(max((now - self._t0) / self._tau, -700.0), 700.0))
 
     @staticmethod
     def _history_rank(
@@ -627,57 +656,3 @@ class ProductRetriever:
             "orders": self._orders,
         }
 
-
-def _bench() -> None:  # pragma: no cover - manual timing, run with `python -m kassa.decide.retrieval`
-    import itertools
-    import random
-
-    rng = random.Random(7)
-    n_products, n_orders, n_customers = 10_000, 100_000, 20_000
-    products = [f"p{i}" for i in range(n_products)]
-    # Zipf-ish popularity plus a fixed complement per product, so lists are realistic, not uniform.
-    cum = list(itertools.accumulate(1.0 / (i + 1) ** 0.8 for i in range(n_products)))
-    complement = {p: products[(i * 7919 + 13) % n_products] for i, p in enumerate(products)}
-    orders = []
-    for i in range(n_orders):
-        ks = rng.choices(products, cum_weights=cum, k=rng.randint(1, 4))
-        if rng.random() < 0.5:
-            ks.append(complement[ks[0]])
-        orders.append(schemas.Order(id=f"o{i}", items=[schemas.OrderItem(sku=k) for k in ks]))
-    buyers = [f"c{rng.randrange(n_customers)}" for _ in range(n_orders)]
-
-    r = ProductRetriever()
-    ts = 1.7e9
-    t0 = time.perf_counter()
-    for order, buyer in zip(orders, buyers, strict=True):
-        ts += 30.0
-        r.observe_order(order, buyer, ts)
-    dt = time.perf_counter() - t0
-    print(f"observe_order: {dt / n_orders * 1e6:.1f} µs/order; stats {r.stats()}")
-
-    queries = [(rng.choices(products, cum_weights=cum, k=3), f"c{rng.randrange(n_customers)}") for _ in range(20_000)]
-    for ks, c in queries:  # warm the neighbour caches, as steady state would
-        r.retrieve(ks, c, ts, 20, 10, 20, 50)
-    cases = {
-        "3 items, 20/10/20 of 50": (20, 10, 20, 50),
-        "3 items, co_purchase 20 only": (20, 0, 0, 20),
-        "1 item, 20/10/20 of 50": (20, 10, 20, 50),
-    }
-    clock = time.perf_counter_ns
-    for label, args in cases.items():
-        qs = [(ks[:1], c) for ks, c in queries] if label.startswith("1 item") else queries
-        # Per-call percentiles rather than a loop total: on a shared host a few preempted calls
-        # would otherwise dominate the mean.
-        samples = []
-        for ks, c in qs:
-            t = clock()
-            r.retrieve(ks, c, ts, *args)
-            samples.append(clock() - t)
-        samples.sort()
-        p50, p90, p99 = (samples[int(q * len(samples))] / 1000 for q in (0.5, 0.9, 0.99))
-        mean = sum(samples) / len(samples) / 1000
-        print(f"retrieve ({label}): p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  mean {mean:.1f} µs")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _bench()
