@@ -739,23 +739,45 @@ class MeanRewardModel:
 
 def _uniform_slate_gram_pinv(m: int, slots: int) -> NDArray[np.float64]:
     """Pseudo-inverse of Gamma = E[1_s 1_s^T] over (slot, item) indicators when slates of ``slots`` are drawn
-    uniformly without replacement from ``m`` items."""
-    d = slots * m
-    g = np.zeros((d, d))
-    for j in range(slots):
-        for a in range(m):
-            g[j * m + a, j * m + a] = 1.0 / m
-            for j2 in range(slots):
-                if j2 == j:
-                    continue
-                for a2 in range(m):
-                    if a2 != a:
-                        g[j * m + a, j2 * m + a2] = 1.0 / (m * (m - 1))
-    return np.asarray(np.linalg.pinv(g), dtype=np.float64)
+    uniformly without replacement from ``m`` items: the same item in the same slot 1/m, two different items
+    in two different slots 1/(m(m-1)), anything else 0. The reference `uniform_slate_weights` is checked
+    against (the estimator uses the closed form)."""
+    same_slot = np.eye(slots, dtype=bool)
+    same_item = np.eye(m, dtype=bool)
+    g = np.where(same_slot[:, None, :, None] & same_item[None, :, None, :], 1.0 / m, 0.0)
+    g += np.where(~same_slot[:, None, :, None] & ~same_item[None, :, None, :], 1.0 / (m * (m - 1)), 0.0)
+    pinv = np.asarray(np.linalg.pinv(g.reshape(slots * m, slots * m), hermitian=True), dtype=np.float64)
+    return pinv
 
 
-def pseudo_inverse(reward: ArrayLike, target_slates: ArrayLike, logged_slates: ArrayLike, n_candidates: int,
-                   level: float = 0.95, reward_range: tuple[float, float] | None = None) -> Estimate:
+def uniform_slate_weights(target_slates: NDArray[np.int64], logged_slates: NDArray[np.int64],
+                          n_candidates: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Each row's pseudo-inverse weight ``1_t^T Gamma^+ 1_s`` under uniform logging, in closed form.
+
+    Gamma lies in the algebra spanned by ``I_l x I_m``, ``I_l x J_m``, ``J_l x I_m`` and ``J_l x J_m`` (J all
+    ones), whose common eigenspaces are products of ``P = J/n`` and ``Q = I - J/n``. Its eigenvalues there
+    are ``1/(m-1)`` on ``Q x Q``, ``0`` on ``Q x P``, ``(m-l)/(m(m-1))`` on ``P x Q`` and ``l/m`` on ``P x P``,
+    so ``Gamma^+ = (m-1) Q x Q + m(m-1)/(m-l) P x Q + (m/l) P x P``. With ``d`` the slots where the logged
+    slate shows the target's item and ``a`` the (slot, slot') pairs with ``t_slot == s_slot'`` (``d``
+    included)::
+
+        w = (m - 1) (d - a/l) + m (m - 1) / (m - l) * (a - l^2/m) / l + 1
+
+    The same numbers as `_uniform_slate_gram_pinv` (``tests/test_decision_quality.py`` checks it), in O(l^2)
+    per row instead of a (l m)^2 pseudo-inverse per candidate count; ``E[w] = 1`` over logged slates.
+    """
+    slots = target_slates.shape[1]
+    m = n_candidates.astype(np.float64)
+    d = (target_slates == logged_slates).sum(axis=1)
+    a = (target_slates[:, :, None] == logged_slates[:, None, :]).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pq = np.where(m > slots, m * (m - 1.0) / (m - slots), 0.0)  # m == l: P x Q is Gamma's null space too
+    return (m - 1.0) * (d - a / slots) + pq * (a - slots**2 / m) / slots + 1.0
+
+
+def pseudo_inverse(reward: ArrayLike, target_slates: ArrayLike, logged_slates: ArrayLike,
+                   n_candidates: ArrayLike | int, level: float = 0.95,
+                   reward_range: tuple[float, float] | None = None) -> Estimate:
     """A slate policy's value by the pseudo-inverse estimator (Swaminathan et al., "Off-policy evaluation for
     slate recommendation", NeurIPS 2017): unbiased when a slate's reward is additive over its (slot, item)
     pairs, whatever the target, from logs of a policy that fills slots uniformly without replacement
@@ -765,22 +787,24 @@ def pseudo_inverse(reward: ArrayLike, target_slates: ArrayLike, logged_slates: A
 
     ``reward``: (n,) the whole slate's reward. ``target_slates`` / ``logged_slates``: (n, slots) candidate
     indices (0 .. ``n_candidates`` - 1) the deterministic target would show / the logging policy showed.
-    ``tests/test_decision_quality.py`` checks it against a simulator's ground truth.
+    ``n_candidates``: one number for every row, or (n,) each row's own (a retrieved candidate set varies per
+    decision; a logged row's count is ``len(candidates)``, and its logged slot-1 probability is 1 over it).
+    Gamma is the *joint* inclusion moment of the whole slate, not the per-slot conditional probabilities
+    the decision log records (1/m, 1/(m-1), 1/(m-2)): weighting each slot by those is not this estimator.
+    ``tests/test_decision_quality.py`` and ``bench/slate_ope.py`` check it against simulators' ground truth.
     """
     r = _array(reward, "reward")
     t = np.asarray(target_slates, dtype=np.int64)
     s_ = np.asarray(logged_slates, dtype=np.int64)
     if t.ndim != 2 or t.shape != s_.shape or t.shape[0] != r.shape[0]:
         raise OPEInputError("target_slates and logged_slates must be (n, slots) like reward (n,)", "target_slates")
-    slots = t.shape[1]
-    if n_candidates < slots or n_candidates < 2:
+    n, slots = t.shape
+    k = _num_candidates(n_candidates, n).astype(np.int64)
+    if n and ((k < slots) | (k < 2)).any():
         raise OPEInputError("n_candidates must be at least the number of slots and 2", "n_candidates")
-    if t.min() < 0 or s_.min() < 0 or max(t.max(), s_.max()) >= n_candidates:
+    if n and (t.min() < 0 or s_.min() < 0 or (t.max(axis=1) >= k).any() or (s_.max(axis=1) >= k).any()):
         raise OPEInputError("slate entries must be candidate indices below n_candidates", "target_slates")
-    g = _uniform_slate_gram_pinv(n_candidates, slots)
-    offsets = np.arange(slots) * n_candidates
-    ti, si = t + offsets, s_ + offsets  # (n, slots) flat (slot, item) indices
-    w = g[ti[:, :, None], si[:, None, :]].sum(axis=(1, 2))
+    w = uniform_slate_weights(t, s_, k)
     value, se = _mean_se(w * r)
     est = _normal("pseudo_inverse", value, se, r.shape[0], effective_sample_size(np.abs(w)), level)
     if reward_range is not None:
