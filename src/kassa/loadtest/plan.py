@@ -139,9 +139,11 @@ def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | No
     """Size the fleet from a saved `bench/topology.py --json` run instead of stepping a live node.
 
     Every measured rate of one worker count becomes a step: PASS when its client P99 and its error rate
-    (decision and event errors over the decisions sent) meet the profile's SLO, INVALID when the generator
-    fell behind. The highest passing rate is exact only if a higher measured rate failed; otherwise it is a
-    lower bound and the plan says so. ``workers`` picks the worker count (default: the largest measured);
+    (decision and event errors over the decisions sent) meet the profile's SLO. The highest passing rate is
+    exact only if a higher measured rate failed with the generator on schedule; otherwise it is a lower
+    bound and the plan says so (a step whose generator fell behind still passes if it met the SLO, since
+    latency counts from the intended send time; if it failed, the search stops there).
+    ``workers`` picks the worker count (default: the largest measured);
     the answer also holds the highest passing rate of every worker count, the curve from 1 to N processes.
     """
     runs = measured.get("runs")
@@ -166,15 +168,24 @@ def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | No
         return out
 
     def best_of(steps: list[dict[str, Any]]) -> tuple[float | None, str]:
+        # Latency is timed from each request's intended send time, so a step whose generator fell behind but
+        # still met the SLO is a pass (the server met it with the generator's lag added), yet the search can
+        # no longer be exact; a failing step with a lagging generator says nothing about the server.
         best: float | None = None
+        lagged: list[float] = []
         for st in steps:
             if not st["valid"]:
-                return best, f"the generator fell behind at {st['rate']:,.0f}/s"
-            if st["verdict"] != "PASS":
-                return best, ""
+                lagged.append(st["rate"])
+                if st["verdict"] != "PASS":
+                    return best, f"the generator fell behind at {st['rate']:,.0f}/s"
+            elif st["verdict"] != "PASS":
+                return best, ("" if not lagged else
+                              f"the generator fell behind at {', '.join(f'{r:,.0f}' for r in lagged)}/s")
             best = st["rate"]
-        return best, (f"the highest measured rate ({steps[-1]['rate']:,.0f}/s) still met the SLO"
-                      if steps else "no measured rate")
+        note = f"the highest measured rate ({steps[-1]['rate']:,.0f}/s) still met the SLO" if steps else "no rate"
+        if lagged:
+            note += f"; the generator fell behind at {', '.join(f'{r:,.0f}' for r in lagged)}/s"
+        return best, note
 
     by_workers = {int(run["workers"]): run for run in runs}
     chosen = workers if workers is not None else max(by_workers)
