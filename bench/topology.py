@@ -271,7 +271,8 @@ def docs_section(res: dict[str, Any]) -> str:
 
     m = res["machine"]
     cmd = (f"python bench/topology.py --workers {','.join(map(str, res['workers']))} --rates "
-           f"{','.join(f'{r:g}' for r in res['rates'])} --duration {res['duration']:g} --warmup {res['warmup']:g}")
+           f"{','.join(f'{r:g}' for r in res['rates'])} --duration {res['duration']:g} --warmup {res['warmup']:g}"
+           + (f" --backends {res['backends']}" if res.get("backends", "embedded") != "embedded" else ""))
     rows = []
     for run in res["runs"]:
         for rate, r in run["rates"].items():
