@@ -120,18 +120,19 @@ def plan_capacity(
         out.update(nodes=None, per_node_rate=None,
                    summary=f"no step met the SLO (the first, at {steps[0]['rate']:,.1f}/s: {steps[0]['reason']})")
         return out
+    return _sized(out, "one node meets", "", best, stopped, peak, cap)
+
+
+def _sized(out: dict[str, Any], who: str, how: str, best: float, stopped: str, peak: float, cap: Any
+           ) -> dict[str, Any]:
+    """``out`` with the fleet for ``peak`` when one node meets the SLO up to ``best``, and its summary."""
     per_node = best * (1.0 - cap.headroom)
     nodes = nodes_needed(peak, best, cap.headroom, cap.spare_nodes)
     bound = "" if not stopped else " at least (a lower bound: " + stopped + ")"
-    out.update(
-        per_node_rate=round(per_node, 2),
-        nodes=nodes,
-        summary=(
-            f"one node meets the SLO up to{bound} {best:,.1f} requests/s; planned at {1 - cap.headroom:.0%} of that "
-            f"({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs {nodes - cap.spare_nodes} node(s) "
-            f"+ {cap.spare_nodes} spare = {nodes}"
-        ),
-    )
+    out.update(per_node_rate=round(per_node, 2), nodes=nodes, summary=(
+        f"{who} the SLO up to{bound} {best:,.1f} requests/s{how}; planned at {1 - cap.headroom:.0%} of that "
+        f"({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs {nodes - cap.spare_nodes} node(s) "
+        f"+ {cap.spare_nodes} spare = {nodes}"))
     return out
 
 
@@ -209,11 +210,4 @@ def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | No
         out.update(nodes=None, per_node_rate=None,
                    summary=f"no measured rate met the SLO with {chosen} worker(s) ({steps[0]['reason']})")
         return out
-    per_node = best * (1.0 - cap.headroom)
-    nodes = nodes_needed(peak, best, cap.headroom, cap.spare_nodes)
-    bound = "" if not stopped else " at least (a lower bound: " + stopped + ")"
-    out.update(per_node_rate=round(per_node, 2), nodes=nodes, summary=(
-        f"one node of {chosen} worker(s) met the SLO up to{bound} {best:,.1f} requests/s as measured; planned at "
-        f"{1 - cap.headroom:.0%} of that ({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs "
-        f"{nodes - cap.spare_nodes} node(s) + {cap.spare_nodes} spare = {nodes}"))
-    return out
+    return _sized(out, f"one node of {chosen} worker(s) met", " as measured", best, stopped, peak, cap)
