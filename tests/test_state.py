@@ -282,3 +282,38 @@ async def test_redis_stopped_under_decision_load_answers_fallbacks_and_recovers(
 
 
 
+
+
+async def test_a_decision_answered_while_redis_is_away_is_written_once_it_is_back(
+        tmp_path: Path, catalog_file: Path, anyio_backend: str):
+    """The write of a served decision is retried while Redis is unavailable (for up to RETRY_SECONDS), not dropped
+    at the first failure: once Redis is back, its request_id answers with the same decision."""
+    from kassa.state.redis import RedisDecisionState
+
+    server = ThrowawayRedis()
+    kassa = None
+    try:
+        settings = _settings(tmp_path, "retry", catalog_file, **{"state.backend": "redis",
+                                                                "state.redis_url": server.url,
+                                                                "state.timeout_ms": 200})
+        kassa = Kassa(settings, seed=1)
+        warm = await kassa.engine.decide(_request(customer="c-0", request_id="warm-up"))
+        assert not warm.fallback
+        server.kill()
+        served = await kassa.engine.decide(_request(customer="c-1", request_id="while-away"))
+        state = kassa.state.decision_state
+        assert isinstance(state, RedisDecisionState)
+        await asyncio.sleep(0.5)  # the writer has failed at least once by now
+        assert state._queued and state.dropped == 0
+        server.start()
+        await asyncio.wait_for(kassa.state.drain(), 20.0)
+        assert state.dropped == 0 and not state._queued
+        again = await kassa.engine.decide(_request(customer="c-1", request_id="while-away"))
+        assert again.decision_id == served.decision_id and again.offers == served.offers
+    finally:
+        if kassa is not None:
+            await kassa.state.close()
+            kassa.decision_log.close()
+            kassa.shadow_log.close()
+            kassa.event_log.close()
+        server.stop()

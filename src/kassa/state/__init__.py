@@ -163,15 +163,18 @@ class StateBackend:
             tasks.append(asyncio.create_task(self.feed.run(), name="kassa-retrieval-feed"))
         return tasks
 
-    async def drain(self) -> None:
-        """Redis: wait for the decisions' queued writes (tests, shutdown)."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Redis: wait for the decisions' queued writes (tests; at shutdown at most ``timeout``)."""
         from kassa.state.redis import RedisDecisionState
 
-        if isinstance(self.decision_state, RedisDecisionState):
-            await self.decision_state.drain()
+        state = self.decision_state
+        if isinstance(state, HandingOverDecisionState):
+            state = state.inner
+        if isinstance(state, RedisDecisionState):
+            await state.drain(timeout)
 
     async def close(self) -> None:
-        await self.drain()
+        await self.drain(timeout=10.0)
         if self.journal is not None:
             self.journal.close()
         if self.shared is not None and self.redis is not None:

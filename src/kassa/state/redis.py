@@ -35,6 +35,7 @@ redis-py's asyncio pool it was 622-787 µs and 445-478 µs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -242,12 +243,17 @@ class RedisDecisionState:
     server lost its scripts, writes go through a writer task (`RedisState.run`: script reload, breaker).
     """
 
+    RETRY_SECONDS = 30.0  # how long queued writes are retried while Redis is unavailable
+    RETRY_PAUSE = 0.05
+    MAX_QUEUED = 200_000  # ~30 s at 6,000 decisions/s; beyond it the oldest are dropped
+
     def __init__(self, redis: RedisState, await_commit: bool = False) -> None:
         self.redis = redis
         self.await_commit = await_commit
         self._queued: list[tuple] = []
         self._writer: asyncio.Task | None = None
         self.dropped = 0  # writes lost to an outage (their decisions were served, not registered)
+        self._closing = False
         self._inflight: set[asyncio.Future] = set()  # written, reply not read yet
 
     async def load(self, request_id: str | None, customer_id: str | None, now: float,
@@ -340,23 +346,48 @@ class RedisDecisionState:
             self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
+        # A queued write belongs to a decision the buyer already has: keep retrying it while Redis is away
+        # (a timed-out round trip under load, a restart, the breaker's pause) for up to `RETRY_SECONDS`,
+        # rather than drop it at the first failure: a dropped write is a served decision that is never
+        # joined, a cap not counted and a request_id forgotten. Older than that, or past `MAX_QUEUED`, the
+        # oldest go, counted in `dropped`.
+        failing_since: float | None = None
         while self._queued:
             batch, self._queued = self._queued, []
             try:
                 await self.redis.run(batch)
-            except StateUnavailable:
-                self.dropped += len(batch)
+                failing_since = None
+            except StateUnavailable as exc:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                self._queued[:0] = batch  # in order, ahead of what queued meanwhile
+                over = max(0, len(self._queued) - self.MAX_QUEUED)
+                if now - failing_since > self.RETRY_SECONDS or self._closing:
+                    over = len(self._queued)
+                if over:
+                    self.dropped += over
+                    log.warning("dropped %d state writes of served decisions: Redis unavailable for %.0f s (%s)",
+                                over, now - failing_since, exc)
+                    del self._queued[:over]
+                    failing_since = None
+                await asyncio.sleep(self.RETRY_PAUSE)
             except Exception:
                 self.dropped += len(batch)
                 log.exception("state writes failed")
 
-    async def drain(self) -> None:
-        """Wait until every queued write was sent and answered."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every queued write was sent and answered; with ``timeout`` (a shutdown), at most that
+        long, then what is still queued is dropped (counted, logged)."""
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
             await asyncio.sleep(0)  # let their callbacks requeue what failed
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._closing = True  # the writer drops what it still holds at its next failure
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), left)
 
 
 def _pairs(reply: list) -> list[tuple[Any, Any]]:
