@@ -191,7 +191,7 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     retrieval: Retrieval | None = None  # set for product cross-sell placements
     policy: str = "squarecb"  # a name in the policy table (`kassa.policies`), checked in __post_init__
     exploration: Probability = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
-    gamma_scale: NonNegative = 10.0  # squarecb: higher exploits sooner
+    gamma_scale: NonNegative = 50.0  # squarecb: higher exploits sooner
     softmax_lambda: NonNegative = 10.0  # softmax: higher exploits more
     # "value" ranks product placements (those with `retrieval`) by retrieval score, as "retrieval" does
     baseline: Literal["value", "popularity", "listed", "retrieval"] = "value"
