@@ -26,7 +26,7 @@ from kassa import schemas
 from kassa.catalog import CatalogSnapshot
 from kassa.features.featurize import slot_suffix
 from kassa.learn.offline.dataset import LoggedDecisions, load_logged, shared_tokens
-from kassa.learn.online.learner import RewardScale, vw_args
+from kassa.learn.online.learner import DEFAULT_LEARNING_RATE, RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
 
 log = logging.getLogger("kassa.learn")
@@ -90,7 +90,7 @@ def train_placement(
     schema_hash: str,
     since: float | None = None,
     until: float | None = None,
-    learning_rate: float = 0.1,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
     extra_args: str = "",
     passes: int = 1,
     progress: Callable[[str, int, int], None] | None = None,

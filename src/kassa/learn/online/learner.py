@@ -28,11 +28,15 @@ from kassa.learn.serving.sidecar import UnsupportedModel, export_live, model_cou
 
 log = logging.getLogger("kassa.learn")
 
+# VW -l of every learner unless settings say otherwise (`learn.learning_rate` has the same default); 0.5 before
+# ADR 0010's offer-world addendum
+DEFAULT_LEARNING_RATE = 0.1
+
 _learn_multi = pylibvw.vw.learn_multi
 _finish_multi = pylibvw.vw._finish_example_multi_ex
 
 
-def vw_args(placement: schemas.Placement, learning_rate: float = 0.1, extra: str = "") -> str:
+def vw_args(placement: schemas.Placement, learning_rate: float = DEFAULT_LEARNING_RATE, extra: str = "") -> str:
     """The VW arguments of a placement's learner: its policy's exploration (`kassa.policies`); placements
     whose policy does not learn get squareCB's, Kassa's default, so a model is ready when they switch."""
     policy = policies.get(placement.policy)
@@ -84,7 +88,7 @@ class RewardScale:
 class OnlineLearner:
     """One placement's learner: learns joined examples and writes numbered snapshots."""
 
-    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = 0.1,
+    def __init__(self, placement: schemas.Placement, model_dir: Path, learning_rate: float = DEFAULT_LEARNING_RATE,
                  extra_args: str = "") -> None:
         self.placement_id = placement.id
         self.dir = model_dir / placement.id
@@ -135,7 +139,7 @@ class OnlineLearner:
 
         pylibvw's own parse/learn/finish on the native examples: pyvw's `parse` wraps each line in a Python
         `Example` (label-type lookups, attributes) that learning never reads; same model bytes
-        (tests/test_learning.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`."""
+        (tests/test_linear.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`."""
         del probability  # kept in the signature: callers pass what was logged
         ws = self.workspace
         ec = ws._parse(f"{shared}\n0:{-self.scale(reward):.6g}:1{action}")
