@@ -283,6 +283,11 @@ class DecisionEngine:
 
         # -- bookkeeping: the state write (memory, or one round trip to a shared backend); the Parquet write
         # happens on the log's own thread
+        # While a canary serves, guardrails compare it with production: both sides report the version that was
+        # meant to serve (a failed score counts against that version, not against "fallback"); in this process
+        # (`on_served`) and in the decision record, for a learner in another process.
+        served = ((model.version, took_ms, model_failed)
+                  if serving is not None and serving.canary is not None and model is not None else None)
         pending = None
         if chosen:
             pending = PendingDecision(
@@ -291,10 +296,8 @@ class DecisionEngine:
                 [offers[o].product_id or offers[o].sku for o in chosen], version=version,
                 email_sha256=req.customer.email_sha256 if req.customer is not None else None,
                 candidates=action_lines if learns and self.keep_candidates else None,
-                top_index=ranking.chosen[0],
+                top_index=ranking.chosen[0], served=served,
             )
-            if serving is not None and serving.canary is not None and model is not None:
-                pending.served = (model.version, took_ms, model_failed)
         write = DecisionWrite(now, req.request_id, fp, response, customer_id, chosen, pending)
         if local is not None:
             local.write(write)
@@ -306,10 +309,8 @@ class DecisionEngine:
             elif stored is not response:  # another process answered this request_id first
                 return stored
         if serving is not None:
-            if serving.canary is not None and self.on_served is not None and model is not None:
-                # Guardrails compare the canary with production: both sides report the version that was
-                # meant to serve (a failed score counts against that version, not against "fallback").
-                self.on_served(placement.id, model.version, took_ms, model_failed)
+            if served is not None and self.on_served is not None:
+                self.on_served(placement.id, *served)
             if serving.shadow is not None and self.shadow is not None and kept:
                 self.shadow.submit(ShadowRequest(decision_id, now, placement.id, serving.shadow, shared,
                                                  action_lines, kept, features, customer_id, req.request_id,
