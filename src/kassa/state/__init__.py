@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
@@ -18,14 +17,7 @@ from kassa.config import Settings
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.decide.sinks import RewardSink
-from kassa.decide.state import (
-    BuyerState,
-    DecisionState,
-    DecisionWrite,
-    IdempotencyCache,
-    LocalDecisionState,
-    decode_response,
-)
+from kassa.decide.state import DecisionState, IdempotencyCache, LocalDecisionState, decode_response
 from kassa.features.profile import CustomerProfiles
 from kassa.learn.online.rewards import RewardJoiner
 
@@ -72,9 +64,8 @@ class StateBackend:
             self.shared = SharedRewardJoiner(self.redis, definition, clock, closes=closes)
             self.joiner: RewardJoiner = self.shared  # type: ignore[assignment]  # the same surface
             self.profiles: CustomerProfiles = RedisProfiles(self.shared)  # type: ignore[assignment]
-            self.decision_state = RedisDecisionState(self.redis, st.await_commit)
-            if sink is not None:  # a serving worker: `kassa learn` joins its decisions, not Redis
-                self.decision_state = HandingOverDecisionState(self.decision_state, sink)
+            # a serving worker with a `sink`: `kassa learn` joins its decisions, not Redis
+            self.decision_state = RedisDecisionState(self.redis, st.await_commit, hand_over=sink)
         else:
             from kassa.state.local import FILE, SqliteStateJournal
 
@@ -167,11 +158,8 @@ class StateBackend:
         """Redis: wait for the decisions' queued writes (tests; at shutdown at most ``timeout``)."""
         from kassa.state.redis import RedisDecisionState
 
-        state = self.decision_state
-        if isinstance(state, HandingOverDecisionState):
-            state = state.inner
-        if isinstance(state, RedisDecisionState):
-            await state.drain(timeout)
+        if isinstance(self.decision_state, RedisDecisionState):
+            await self.decision_state.drain(timeout)
 
     async def close(self) -> None:
         await self.drain(timeout=10.0)
@@ -182,25 +170,3 @@ class StateBackend:
                 await self._flush()
             await self.redis.close()
 
-
-class HandingOverDecisionState:
-    """A serving worker's `DecisionState` on Redis when `kassa learn` does the join: profiles, caps and
-    idempotency stay shared on Redis; the pending decision goes to ``sink`` (the learner's input) instead of
-    the Redis join, which no process of this topology would close."""
-
-    def __init__(self, inner: DecisionState, sink: RewardSink) -> None:
-        self.inner = inner
-        self.sink = sink
-
-    async def load(self, request_id: str | None, customer_id: str | None, now: float,
-                   timeout: float) -> BuyerState:
-        return await self.inner.load(request_id, customer_id, now, timeout)
-
-    async def commit(self, write: DecisionWrite, timeout: float) -> schemas.DecisionResponse | None:
-        pending = write.pending
-        if pending is None:
-            return await self.inner.commit(write, timeout)
-        stored = await self.inner.commit(dataclasses.replace(write, pending=None), timeout)
-        if stored is None or stored is write.response:  # not another process's answer to this request_id
-            self.sink.register(pending)
-        return stored

@@ -46,6 +46,7 @@ import msgspec
 from hiredis import pack_command
 
 from kassa import schemas
+from kassa.decide.sinks import RewardSink
 from kassa.decide.state import BuyerState, DecisionWrite, ShownTimes, decode_response, encode_response
 from kassa.events.join import PendingDecision
 from kassa.state.conn import PipelinedConnection
@@ -247,9 +248,13 @@ class RedisDecisionState:
     RETRY_PAUSE = 0.05
     MAX_QUEUED = 200_000  # ~30 s at 6,000 decisions/s; beyond it the oldest are dropped
 
-    def __init__(self, redis: RedisState, await_commit: bool = False) -> None:
+    def __init__(self, redis: RedisState, await_commit: bool = False, hand_over: RewardSink | None = None) -> None:
         self.redis = redis
         self.await_commit = await_commit
+        # A serving worker whose decisions `kassa learn` joins (it reads them from its input): profiles, caps and
+        # idempotency stay shared here, the pending decision goes to ``hand_over`` instead of the Redis join,
+        # which no process of that topology closes.
+        self.hand_over = hand_over
         self._queued: list[tuple] = []
         self._writer: asyncio.Task | None = None
         self.dropped = 0  # writes lost to an outage (their decisions were served, not registered)
@@ -293,7 +298,7 @@ class RedisDecisionState:
         now = write.now
         idem = r.idem_key(write.request_id) if write.request_id is not None else ""
         shown = r.shown_key(write.customer_id) if write.customer_id is not None and write.shown else ""
-        p = write.pending
+        p = write.pending if self.hand_over is None else None  # the Redis join's record
         members: list[str] = []
         if shown:
             members = [f"{o}|{write.response.decision_id}" for o in write.shown]
@@ -323,14 +328,21 @@ class RedisDecisionState:
                 self._queued.append(command)
                 if self._writer is None or self._writer.done():
                     self._writer = asyncio.create_task(self._write())
+            self._hand_over(write)
             return write.response
         try:
             (reply,) = await r.run([command], timeout)
         except StateUnavailable:
+            self._hand_over(write)  # answered anyway (flagged): the learner still joins it
             return None
         if reply == 0:
+            self._hand_over(write)
             return write.response
         return decode_response(reply[8:])  # another process answered this request_id first
+
+    def _hand_over(self, write: DecisionWrite) -> None:
+        if self.hand_over is not None and write.pending is not None:
+            self.hand_over.register(write.pending)
 
     def _sent(self, command: tuple, fut: asyncio.Future) -> None:
         self._inflight.discard(fut)
