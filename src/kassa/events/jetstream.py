@@ -106,6 +106,16 @@ class BusConfig:
         return out
 
 
+def ack_delivery(reply: str) -> tuple[int, float, int]:
+    """(stream sequence, stored at in unix seconds, messages left in the consumer) of a delivered message, from
+    its reply subject ``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts ns>.
+    <pending>[.<token>]``: a split instead of nats-py's ``msg.metadata`` (dataclasses and a datetime per message)."""
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[5]), int(t[7]) / 1e9, int(t[8])
+    return int(t[7]), int(t[9]) / 1e9, int(t[10])
+
+
 def _stream_token(prefix: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in prefix).upper()
 

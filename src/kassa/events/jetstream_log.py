@@ -29,7 +29,7 @@ from nats.js import api
 
 from kassa import schemas
 from kassa.events.decision_log import DecisionRecord
-from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed
+from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed, ack_delivery
 from kassa.events.join import PendingDecision
 from kassa.events.log import AppendResult, EventLog
 
@@ -165,11 +165,7 @@ class _BatchReader:
         if not msg.data and msg.headers and msg.headers.get("Status"):
             done.set_result(None)  # 404 no messages / 408 expired: the batch ends short
             return
-        reply = msg.reply
-        tokens = reply.split(".")
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>... (9 tokens), or with domain and account (12+)
-        seq = int(tokens[5]) if len(tokens) == 9 else msg.metadata.sequence.stream
-        self._rows.append((seq, msg.data))
+        self._rows.append((ack_delivery(msg.reply)[0], msg.data))
         if len(self._rows) >= self._want:
             done.set_result(None)
 

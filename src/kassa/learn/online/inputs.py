@@ -41,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from kassa import schemas
-from kassa.events.jetstream import BusConfig, close_connection, connect, ensure_streams
+from kassa.events.jetstream import BusConfig, ack_delivery, close_connection, connect, ensure_streams
 from kassa.events.join import PendingDecision
 from kassa.events.log import SqliteEventLog
 from kassa.events.records import DecisionRecordLog
@@ -142,16 +142,6 @@ class SqliteTailInput:
         self._events.close()
 
 
-def _delivery(msg: Msg) -> tuple[int, float, int]:
-    """(stream sequence, stored at in unix seconds, messages left in the consumer) from the reply subject
-    ``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts ns>.<pending>[.<token>]``:
-    a split instead of nats-py's ``msg.metadata`` (dataclasses and a datetime per message)."""
-    t = msg.reply.split(".")
-    if len(t) == 9:
-        return int(t[5]), int(t[7]) / 1e9, int(t[8])
-    return int(t[7]), int(t[9]) / 1e9, int(t[10])
-
-
 class _Tail:
     """One ephemeral pull consumer from a start time; re-created after its last sequence if it goes away
     (NATS restarted, or the consumer was reaped while the learner stalled)."""
@@ -201,10 +191,12 @@ class _Tail:
                     await self.sub.unsubscribe()
                 self.sub = None
             return [], False
-        fresh = [m for m in msgs if m.reply and _delivery(m)[0] > self.last_seq]  # a re-created consumer's repeats
+        # a re-created consumer's repeats are left out
+        fresh = [m for m in msgs if m.reply and ack_delivery(m.reply)[0] > self.last_seq]
         if fresh:
-            self.last_seq = _delivery(fresh[-1])[0]
-            return fresh, _delivery(fresh[-1])[2] == 0
+            seq, _, pending = ack_delivery(fresh[-1].reply)
+            self.last_seq = seq
+            return fresh, pending == 0
         # Nothing came. Ask the server about the consumer (for the decisions on every empty fetch, for the events
         # once a second): it may be gone (NATS restarted: ephemeral consumers live in memory), and a fetch on
         # a consumer that no longer exists only times out.
@@ -302,7 +294,7 @@ class JetStreamInput:
         if msgs:
             decode = self._pending_decoder.decode
             batch.decisions = [decode(m.data) for m in msgs]
-            self._covered = began if drained else max(self._covered, _delivery(msgs[-1])[1])
+            self._covered = began if drained else max(self._covered, ack_delivery(msgs[-1].reply)[1])
         elif drained:
             self._covered = began
         covered = self._covered
@@ -310,7 +302,7 @@ class JetStreamInput:
             ev_began = self.clock()
             ev_msgs, ev_drained = await self._events.fetch(limit, self.fetch_timeout, drained=False)
             for m in ev_msgs:
-                self._held.append((_delivery(m)[1], m.data))
+                self._held.append((ack_delivery(m.reply)[1], m.data))
             if ev_msgs and not ev_drained:
                 self._events_to = max(self._events_to, self._held[-1][0])  # a backlog: read up to its last
             elif self._events.sub is not None and not self._events.failing:
