@@ -129,10 +129,10 @@ class SqliteEventLog(EventLog):
         self._write_conn: sqlite3.Connection | None = None  # opened and used by the writer thread only
         self._decoder = msgspec.json.Decoder(schemas.Event)
         # queue.Queue, not SimpleQueue: on CPython 3.11 ``SimpleQueue.get(timeout=t)`` with a small t can block
-        # until the next put (its lock was left released by an earlier put; after taking it on an empty queue the
-        # remaining timeout goes negative, which the lock reads as "wait forever"). Here that stalled the
-        # writer's gather loop, and with it every append awaiting its commit, whenever no further append came
-        # (one caller awaiting each append: bench/quality.py stalled in 3 of 12 single-seed product runs).
+        # until the next put (seen after a put/get pair: 3 of ~7,300 gets with t of 0-49 µs; queue.Queue 0 of
+        # 6,000; ADR 0010). Here that stalled the writer's gather loop, and with it every append awaiting its
+        # commit, whenever no further append came (one caller awaiting each append: bench/quality.py stalled in
+        # 3 of 12 single-seed product runs).
         self._queue: queue.Queue[_Pending | object] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
