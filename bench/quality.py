@@ -25,10 +25,10 @@ The earlier world (1,500 buyers, complements accepted at 0.2, staples as popular
 checkouts over 28 simulated days, too few for a repeat interval, and inverted that order (most bought 0.24,
 co-purchase 0.45, popular 0.35). With 300 buyers the 6,000-checkout stream gives each ~20 checkouts over 140
 days, and the bench's heuristics come out at most bought ~0.52-0.55, co-purchase ~0.25, popular ~0.16 (2.1x and
-1.6x). Upper bounds (offline replay through ``ProductRetriever``, greedy retrieval-score top 3 shown, seeds 1
-and 2): the per-checkout oracle (top 3 of all products by the true acceptance) ~0.93-0.95 expected accepts, the
-oracle over the 150 retrieved candidates ~0.93-0.95, over the policy's 20 ~0.91-0.93. On the last half of the
-stream the learned policy is compared with
+1.6x). Upper bounds (offline replay through ``ProductRetriever`` with the greedy retrieval-score top 3 shown,
+seeds 1-3): the per-checkout oracle (top 3 of all products by the true acceptance) 0.91-0.93 expected accepts,
+the oracle over the 150 retrieved candidates the same, over the policy's 20 (``policy_candidates``) 0.86-0.88;
+that greedy top 3 itself 0.55. On the last half of the stream the learned policy is compared with
 
 * its own baseline: a second placement with ``policy: baseline`` (Kassa's retrieval-score ranking, ε 0.1)
   asked for the same checkouts, its answers scored but never shown;
