@@ -30,6 +30,9 @@ seeds 1-3): the per-checkout oracle (top 3 of all products by the true acceptanc
 the oracle over the 150 retrieved candidates the same, over the policy's 20 (``policy_candidates``) 0.86-0.88;
 that greedy top 3 itself 0.55. On the last half of the stream the learned policy is compared with
 
+Products carry arbitrary category labels (``--product-categories``, default 50, ``c{i % 50}``) that the world
+never uses; the learner crosses them with the context like any offer feature (0: no categories).
+
 * its own baseline: a second placement with ``policy: baseline`` (Kassa's retrieval-score ranking, ε 0.1)
   asked for the same checkouts, its answers scored but never shown;
 * fixed heuristics the bench computes from the orders it has sent (what the store itself knows): the
@@ -273,9 +276,11 @@ class StoreKnowledge:
                 "popular": fill([]), "blend": fill(due[:2] + cop[:2] + most), "co_confidence": fill(confident)}
 
 
-def product_catalog(world: ProductWorld, wait_seconds: float = 2.0) -> dict[str, Any]:
+def product_catalog(world: ProductWorld, wait_seconds: float = 2.0, categories: int = 50) -> dict[str, Any]:
+    """The products and the two placements. ``categories``: each product's category is ``c{i % categories}``,
+    a label the world never uses (0: products carry none)."""
     offers = [{"id": name, "kind": "product", "title": name, "sku": name, "value": 5.0,
-               "category": f"c{i % 50}"} for i, name in enumerate(world.names)]
+               **({"category": f"c{i % categories}"} if categories else {})} for i, name in enumerate(world.names)]
     retrieval = {"co_purchase": 50, "history": 50, "popular": 50, "max_candidates": 150}
     reward = {"weights": {"accept": 1.0}, "wait_seconds": wait_seconds}
     return {"offers": offers, "placements": [
@@ -284,7 +289,8 @@ def product_catalog(world: ProductWorld, wait_seconds: float = 2.0) -> dict[str,
     ]}
 
 
-async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate: float) -> dict[str, Any]:
+async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate: float,
+                      categories: int = 50) -> dict[str, Any]:
     world = ProductWorld(seed, n_products, n_customers)
     know = StoreKnowledge()
     rng = random.Random(f"quality-product-run:{seed}")
@@ -298,7 +304,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
     with tempfile.TemporaryDirectory(prefix="kassa-bench-quality-") as tmp:
         # Kassa's clock is the world's (orders and decisions at simulated days), so its days since a purchase
         # and repeat intervals are the buyers'; the reward wait is the same 2 x ``rate`` checkouts as before.
-        http = _Http(product_catalog(world, 2.0 * rate * step), seed, Path(tmp), rate, step)
+        http = _Http(product_catalog(world, 2.0 * rate * step, categories), seed, Path(tmp), rate, step)
         started = time.perf_counter()
         try:
             for i in range(n):
@@ -580,7 +586,8 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
     products, offers = [], []
     for seed in args.seeds:
         if args.product_checkouts and args.world in ("products", "both"):
-            r = await product_run(seed, args.product_checkouts, args.products, args.customers, args.rate)
+            r = await product_run(seed, args.product_checkouts, args.products, args.customers, args.rate,
+                                  args.product_categories)
             products.append(r)
             print(f"products seed {seed}: learned {r['policy']:.4f} baseline {r['baseline']:.4f} best heuristic "
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
@@ -603,6 +610,8 @@ def main() -> None:
     ap.add_argument("--offer-checkouts", type=int, default=12_000)
     ap.add_argument("--products", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=300)
+    ap.add_argument("--product-categories", type=int, default=50,
+                    help="arbitrary category labels over the products (0: none); the world never uses them")
     ap.add_argument("--rate", type=float, default=100.0, help="simulated checkouts per second")
     ap.add_argument("--guard", choices=["on", "off"], help="the publish guard (default: the product's default)")
     ap.add_argument("--json", action="store_true")
