@@ -90,7 +90,7 @@ async def slate_run(seed: int, n: int, warmup: int, n_products: int, n_customers
         try:
             for i in range(warmup + n):
                 t_sim += DAY / per_day
-                http.advance(1.0 / rate)
+                http.advance()
                 c = rng.randrange(n_customers)
                 items = world.basket(c, t_sim)
                 order = {"id": f"o{i}", "customer_id": f"c{c}", "items": [{"sku": world.names[p]} for p in items]}

@@ -292,8 +292,27 @@ def test_scored_retrieval_ranks_a_due_repeat_purchase_above_co_purchase_and_popu
     assert scores == sorted(scores, reverse=True)
     milk = dict((k, line) for k, _, line in got)["milk"]
     assert "s_hi" in milk and "due=yes" in milk and "hc:" in milk
+    # how due, finer (7 days since over a 7-day mean: bucket [1, 1.25)), and crossed with the count (30: log2 4+)
+    assert "dr=4" in milk and "hd=4_4" in milk
     b = dict((k, line) for k, _, line in got)["B"]
     assert b.startswith(" |r ") and "s_co" in b and "cf:" in b and "lc:" in b and "rk=" in b
+
+
+def test_history_strength_peaks_when_a_habit_is_due() -> None:
+    from kassa.decide.retrieval import signals
+
+    week = 7 * DAY
+    due = signals.history_strength(10, week, week)
+    assert due > signals.history_strength(10, 0.5 * week, week) > signals.history_strength(10, 0.1 * week, week)
+    assert due > signals.history_strength(10, 1.5 * week, week) > signals.history_strength(10, 3 * week, week)
+    # lapsed (twice the interval or more) and bought once weigh W_ONCE of a habit; never bought, nothing
+    assert math.isclose(signals.history_strength(10, 3 * week, week), signals.W_ONCE * 10 / 12)
+    assert math.isclose(signals.history_strength(1, week, 0.0), signals.W_ONCE / 3)
+    assert signals.history_strength(0, week, week) == 0.0
+    # a due habit outranks the strongest co-purchase confidence (1.0): the buyer's own repeat purchases are what
+    # converts (issue 14's grocery replay: most-bought 0.21 against 0.0765 for co-purchase order)
+    assert signals.history_strength(2, week, week) > 1.0
+    assert [signals.ratio_bucket(r * week, week) for r in (0.1, 0.8, 1.0, 1.4, 2.5, 9)] == [0, 3, 4, 5, 7, 9]
 
 
 def test_scored_retrieval_merges_sources_into_one_candidate() -> None:

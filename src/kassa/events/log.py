@@ -128,7 +128,12 @@ class SqliteEventLog(EventLog):
         self._encoder = msgspec.json.Encoder()
         self._write_conn: sqlite3.Connection | None = None  # opened and used by the writer thread only
         self._decoder = msgspec.json.Decoder(schemas.Event)
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.11 ``SimpleQueue.get(timeout=t)`` with a small t can block
+        # until the next put (seen after a put/get pair: 3 of ~7,300 gets with t of 0-49 µs; queue.Queue 0 of
+        # 6,000; ADR 0010). Here that stalled the writer's gather loop, and with it every append awaiting its
+        # commit, whenever no further append came (one caller awaiting each append: bench/quality.py stalled in
+        # 3 of 12 single-seed product runs).
+        self._queue: queue.Queue[_Pending | object] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
         self._writer = threading.Thread(target=self._run, name="kassa-event-log-writer", daemon=True)

@@ -503,7 +503,7 @@ class ProductRetriever:
         recent_scale = 1.0 / self._pop_recent_max if self._pop_recent_max > 0 else 0.0
         hist_get = hist.get if hist else None
         pop_get, recent_get = pop.get, recent.get
-        strength, due_class = signals.history_strength, signals.due_class
+        strength, due_class, ratio_bucket = signals.history_strength, signals.due_class, signals.ratio_bucket
         w_lc, w_pop, log1p = signals.W_LOG_CO, signals.W_POP, math.log1p
         # Score every candidate (the merge), then build learner suffixes for the ones returned only.
         rows: list[tuple[float, str]] = []
@@ -514,7 +514,7 @@ class ProductRetriever:
                 sc += w_lc * log1p(co)
             e = hist_get(k) if hist_get is not None else None
             if e is not None:
-                sc += strength(e[0], due_class(now - e[1], e[2]) if e[2] > 0.0 else -1)
+                sc += strength(e[0], now - e[1], e[2])
             append((sc, k))
         rows.sort(key=_by_score, reverse=True)
         key_of, line = signals.quantise, signals.suffix
@@ -527,8 +527,8 @@ class ProductRetriever:
             if e is None:
                 q = key_of(int(src), cf, co, 0.0, 0.0, -1, pg, pr, sc)
             else:
-                due = due_class(now - e[1], e[2]) if e[2] > 0.0 else -1
-                q = key_of(int(src), cf, co, e[0], (now - e[1]) / 86_400.0, due, pg, pr, sc)
+                due, ratio = (due_class(now - e[1], e[2]), ratio_bucket(now - e[1], e[2])) if e[2] > 0.0 else (-1, -1)
+                q = key_of(int(src), cf, co, e[0], (now - e[1]) / 86_400.0, due, pg, pr, sc, ratio)
             out.append((k, sc, line(q, rank)))
         return out
 
