@@ -22,7 +22,7 @@ Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency 
 ZRANGE) bounded by ``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
 (idempotency SET NX, shows ZADD, pending record) written to the socket before the response leaves, its reply
 read in the background (``state.await_commit: true`` makes the decision wait for it instead). All of it travels on
-one pipelined connection per process (`kassa.state.conn`). A failure or timeout answers ``fallback: true``
+one pipelined connection per process (`kassa.redisconn`). A failure or timeout answers ``fallback: true``
 from defaults and opens a breaker for ``retry_seconds`` (1 s) during which requests do not wait on Redis
 at all; the next request after it tries again (recovery within ~1 s of Redis answering). A refused connection
 opens it at once, timeouts when three come in a row.
@@ -49,7 +49,7 @@ from kassa import schemas
 from kassa.decide.sinks import RewardSink
 from kassa.decide.state import BuyerState, DecisionWrite, ShownTimes, decode_response, encode_response
 from kassa.events.join import PendingDecision
-from kassa.state.conn import PipelinedConnection
+from kassa.redisconn import PipelinedConnection
 
 log = logging.getLogger("kassa.state")
 

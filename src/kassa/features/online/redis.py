@@ -15,12 +15,15 @@ also checks each view's own ttl, because the hash lives as long as its longest-l
 
 Writes are newer-wins, decided inside Redis by `_WRITE_LUA` (it reads the stored event time at its fixed
 offset in the blob), so concurrent writers cannot resurrect old values. A read of any number of rows is
-one round trip: one pipelined ``HMGET`` per key of the views asked for (``HGETALL`` when none are given),
-sent on one pooled connection without redis-py's `Pipeline` bookkeeping, which costs as much as the
-round trip on a local Redis. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
+one round trip: one pipelined ``HMGET`` per key of the views asked for (``HGETALL`` when none are given).
+On one node, reads and writes travel on the process's `kassa.redisconn.PipelinedConnection` (hiredis
+packing and parsing, one reader task), not redis-py's asyncio pool, whose checkout, release and per-reply
+reads cost ~200 µs of CPU per round trip (cProfile, docs/adr/0011); redis-py still serves pub/sub, scans
+and the other admin calls. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
 
 Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|keys`` on
-``{prefix}:changes`` in one script call; `OfferFeatureCache` applies those messages and also polls the
+``{prefix}:changes`` in one script call, pipelined behind the writes (one round trip for both);
+`OfferFeatureCache` applies those messages and also polls the
 version key, so a missed message (a reconnect, a crashed publisher) heals within ``check_every`` seconds.
 Requires Redis >= 7.0 (``PEXPIREAT ... GT``).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -43,7 +47,7 @@ from itertools import islice
 from typing import Any
 
 import msgspec
-from hiredis import pack_command  # packs in C; redis-py's asyncio connection packs in Python
+from hiredis import ReplyError, pack_command  # packs in C; redis-py's asyncio connection packs in Python
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
@@ -55,6 +59,7 @@ from kassa.degraded import CircuitBreaker
 from kassa.features.definitions import FeatureView
 from kassa.features.online.base import EntityKey, Row, WriteItem
 from kassa.features.online.codec import CodecCache, StoreStats, ViewCodec
+from kassa.redisconn import ConnectionLost, PipelinedConnection
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +172,13 @@ class RedisOnlineStore:
         for view in views:
             self._codecs.get(view)
         self._row_prefix = f"{prefix}:"
-        self._redis: Redis | None = None
         self.client: Redis | RedisCluster
+        self.conn: PipelinedConnection | None = None  # one node: reads and writes (see the module docstring)
         if cluster:
             self.client = RedisCluster.from_url(url, **client_kwargs)
         else:
-            self.client = self._redis = Redis.from_url(url, **client_kwargs)
+            self.client = Redis.from_url(url, **client_kwargs)
+            self.conn = PipelinedConnection(url)
         self._write_sha = _sha1(_WRITE_LUA)
         self._notify_sha = _sha1(_NOTIFY_LUA)
 
@@ -240,13 +246,13 @@ class RedisOnlineStore:
     async def write(self, view: FeatureView, key: str, values: dict[str, Any], ts: float) -> None:
         codec = self._codecs.get(view)
         ts = float(ts)
-        (written,) = await self._run_scripts([self._write_command(codec, [self.row_key(view.entity, key)],
-                                                                  [codec.encode(values, ts), repr(ts),
-                                                                   codec.expire_at_ms(ts)])])
+        commands = [self._write_command(codec, [self.row_key(view.entity, key)],
+                                        [codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts)])]
+        if view.entity in self.notify_entities:
+            commands.append(self._notify_command(view.entity, [key]))  # same round trip, run after the write
+        written = (await self._run_scripts(commands))[0]
         if not written:
             self.stats.older_ignored += 1
-        if view.entity in self.notify_entities:
-            await self._notify(view.entity, [key])
 
     async def write_many(self, view: FeatureView, items: Iterable[WriteItem]) -> int:
         """Bulk write: ``chunk_size`` rows per pipeline, two pipelines in flight so encoding the next chunk
@@ -259,11 +265,23 @@ class RedisOnlineStore:
         written = 0
         inflight: set[asyncio.Task[tuple[int, int]]] = set()
 
-        async def run(commands: list[tuple[Any, ...]], rows: int, keys: list[str]) -> tuple[int, int]:
-            stored = sum(await self._run_scripts(commands))
-            if notify:
-                await self._notify(entity, keys)
-            return stored, rows
+        def commands_of(chunk: list[WriteItem]) -> list[tuple[Any, ...]]:
+            commands = []
+            for part in _chunks(chunk, per_script):
+                keys: list[str] = []
+                args: list[Any] = []
+                for key, values, ts in part:
+                    ts = float(ts)
+                    keys.append(self.row_key(entity, key))
+                    args += (codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts))
+                commands.append(self._write_command(codec, keys, args))
+            if notify:  # pipelined behind the writes: one round trip, announced after they ran
+                commands.append(self._notify_command(entity, [item[0] for item in chunk]))
+            return commands
+
+        async def run(commands: list[tuple[Any, ...]], rows: int) -> tuple[int, int]:
+            replies = await self._run_scripts(commands)
+            return sum(replies[:-1] if notify else replies), rows
 
         def collect(done: Iterable[asyncio.Task[tuple[int, int]]]) -> None:
             nonlocal written
@@ -272,21 +290,21 @@ class RedisOnlineStore:
                 written += stored
                 self.stats.older_ignored += rows - stored
 
+        chunks = _chunks(items, self.chunk_size)
+        first = next(iter(chunks), None)
+        if first is None:
+            return 0
+        if len(first) < self.chunk_size:  # the only chunk (a stream batch): no task, no overlap to gain
+            stored, rows = await run(commands_of(first), len(first))
+            self.stats.older_ignored += rows - stored
+            return stored
         try:
-            for chunk in _chunks(items, self.chunk_size):
-                commands = []
-                for part in _chunks(chunk, per_script):
-                    keys: list[str] = []
-                    args: list[Any] = []
-                    for key, values, ts in part:
-                        ts = float(ts)
-                        keys.append(self.row_key(entity, key))
-                        args += (codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts))
-                    commands.append(self._write_command(codec, keys, args))
+            for chunk in itertools.chain((first,), chunks):
+                commands = commands_of(chunk)
                 if len(inflight) >= 2:
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     collect(done)
-                inflight.add(asyncio.create_task(run(commands, len(chunk), [item[0] for item in chunk])))
+                inflight.add(asyncio.create_task(run(commands, len(chunk))))
             if inflight:
                 done, inflight = await asyncio.wait(inflight)
                 collect(done)
@@ -303,6 +321,8 @@ class RedisOnlineStore:
             await self._notify(entity, [key])
 
     async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
         await self.client.aclose()
 
     # -- beyond the protocol: versions, scans, clean-up
@@ -346,10 +366,12 @@ class RedisOnlineStore:
         back exactly the double that was encoded."""
         return ("EVALSHA", self._write_sha, len(keys), *keys, codec.field, *args)
 
-    async def _notify(self, entity: str, keys: list[str]) -> None:
+    def _notify_command(self, entity: str, keys: list[str]) -> tuple[Any, ...]:
         blob = _encode(keys) if len(keys) <= MAX_NOTIFY_KEYS else b""
-        await self._run_scripts([("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel,
-                                  entity, blob)])
+        return ("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel, entity, blob)
+
+    async def _notify(self, entity: str, keys: list[str]) -> None:
+        await self._run_scripts([self._notify_command(entity, keys)])
 
     async def _run_scripts(self, commands: list[tuple]) -> list[Any]:
         """Run EVALSHA commands; a server that lost its script cache gets the scripts again and the whole
@@ -381,36 +403,27 @@ class RedisOnlineStore:
         return replies
 
     async def _send(self, commands: list[tuple]) -> list[Any]:
-        if self._redis is None:
+        conn = self.conn
+        if conn is None:  # a cluster: redis-py's cluster pipeline, one round trip per node
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
-        pool = self._redis.connection_pool
-        for attempt in (1, 2):
-            conn = await pool.get_connection()
-            try:
-                await conn.send_packed_command(b"".join([pack_command(c) for c in commands]), check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:  # the reply was read whole; the stream is still in step
-                        replies.append(exc)
-                return replies
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                # A pooled connection the server closed (restart, idle timeout): retry once on a fresh one.
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                # Cancelled (a latency budget) or failed mid-stream: unread replies would desync the next
-                # user of this connection, so it is closed, never returned as is.
-                await conn.disconnect()
-                raise
-            finally:
-                await pool.release(conn)
-        raise AssertionError("unreachable")
+        packed = b"".join([pack_command(c) for c in commands])
+        try:
+            replies = await conn.execute(packed, len(commands))
+        except ConnectionLost:
+            # The connection broke before or while this was sent (a restart, an idle timeout): once more on a
+            # fresh one. Safe to repeat: reads, and newer-wins writes with equal times replacing. A caller that
+            # gives up (its latency budget) just stops waiting: the replies are read and dropped, nothing desyncs.
+            replies = await conn.execute(packed, len(commands))
+        return [_error(r) if isinstance(r, ReplyError) else r for r in replies]
+
+
+def _error(reply: ReplyError) -> ResponseError:
+    """A hiredis error reply as the redis-py exception callers test for (`NoScriptError` for NOSCRIPT)."""
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
 def _glob_escape(text: str) -> str:

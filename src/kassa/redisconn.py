@@ -1,4 +1,5 @@
-"""`PipelinedConnection`: one Redis connection that every coroutine of a process pipelines on.
+"""`PipelinedConnection`: one Redis connection that every coroutine of a process pipelines on (the shared
+state, ``kassa.state.redis``, and the Redis online store's reads and writes, ``kassa.features.online.redis``).
 
 Why not redis-py's asyncio pool: measured with cProfile on this machine, a decision's two round trips through
 it (pool checkout and release, its observability hooks, one ``read_response`` per reply) cost ~200 µs of CPU
@@ -40,28 +41,37 @@ class PipelinedConnection:
         self._reader_task: asyncio.Task | None = None
         self._waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
         self._connecting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connection lives on
 
     def send(self, packed: bytes, n: int) -> asyncio.Future | None:
         """Write now (before the caller's next await) and return the future of the replies; None when not
         connected (then use `execute`)."""
-        if self._writer is None or self._writer.is_closing():
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.is_closing() or self._loop is not loop:
             return None
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future = loop.create_future()
         self._waiting.append((fut, n, []))
         self._writer.write(packed)
         return fut
 
     async def execute(self, packed: bytes, n: int) -> list[Any]:
         """Send ``n`` packed commands; their ``n`` replies (error replies as `hiredis.ReplyError` values)."""
-        if self._writer is None or self._writer.is_closing():
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.is_closing() or self._loop is not loop:
             await self._connect()
         assert self._writer is not None
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future = loop.create_future()
         self._waiting.append((fut, n, []))
         self._writer.write(packed)
         return await fut
 
     async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or a new event loop (a CLI command's second `asyncio.run`): what belonged to the
+            # old loop cannot be used from this one.
+            self._writer, self._reader_task, self._connecting, self._loop = None, None, None, loop
+            self._waiting = deque()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
