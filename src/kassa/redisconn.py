@@ -26,11 +26,16 @@ class ConnectionLost(ConnectionError):
     pass
 
 
+def speaks(url: str) -> bool:
+    """Whether this connection can reach ``url``: plain TCP ``redis://`` (no TLS, no unix socket)."""
+    return urlsplit(url).scheme in ("redis", "")
+
+
 class PipelinedConnection:
     def __init__(self, url: str, connect_timeout: float = 0.25) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", ""):
+        if not speaks(url):
             raise ValueError(f"state.redis_url must be redis://host:port/db, not {url!r}")
+        parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
         self.db = int(parts.path.strip("/") or 0)
@@ -42,6 +47,11 @@ class PipelinedConnection:
         self._waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
         self._connecting: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connection lives on
+
+    @property
+    def address(self) -> tuple[str, int, int, str | None]:
+        """Which server and database this connection reaches (as whom): two equal addresses are one Redis."""
+        return self.host, self.port, self.db, self.username
 
     def send(self, packed: bytes, n: int) -> asyncio.Future | None:
         """Write now (before the caller's next await) and return the future of the replies; None when not

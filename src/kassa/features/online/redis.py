@@ -59,7 +59,7 @@ from kassa.degraded import CircuitBreaker
 from kassa.features.definitions import FeatureView
 from kassa.features.online.base import EntityKey, Row, WriteItem
 from kassa.features.online.codec import CodecCache, StoreStats, ViewCodec
-from kassa.redisconn import ConnectionLost, PipelinedConnection
+from kassa.redisconn import ConnectionLost, PipelinedConnection, speaks
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class RedisOnlineStore:
         self.stats = StoreStats()
         self.clock = clock
         self._codecs = CodecCache()
+        # Per views list (identity; a placement's list is reused): its codecs and hash fields by entity.
+        self._plans: dict[int, tuple[Sequence[FeatureView], dict[str, list[ViewCodec]], dict[str, list[bytes]]]] = {}
         for view in views:
             self._codecs.get(view)
         self._row_prefix = f"{prefix}:"
@@ -178,7 +180,8 @@ class RedisOnlineStore:
             self.client = RedisCluster.from_url(url, **client_kwargs)
         else:
             self.client = Redis.from_url(url, **client_kwargs)
-            self.conn = PipelinedConnection(url)
+            if speaks(url) and not client_kwargs:  # else redis-py's pipeline (TLS, a unix socket, its options)
+                self.conn = PipelinedConnection(url)
         self._write_sha = _sha1(_WRITE_LUA)
         self._notify_sha = _sha1(_NOTIFY_LUA)
 
@@ -204,30 +207,25 @@ class RedisOnlineStore:
             replies = await self._execute([("HGETALL", self.row_key(entity, key)) for entity, key in keys])
             now = self.clock()
             return [self._decode_all(reply, now) for reply in replies]
-        by_entity: dict[str, list[ViewCodec]] = {}
-        for view in views:
-            by_entity.setdefault(view.entity, []).append(self._codecs.get(view))
-        fields = {entity: [c.field for c in codecs] for entity, codecs in by_entity.items()}
-        commands = [("HMGET", self.row_key(entity, key), *fields[entity]) for entity, key in keys if entity in fields]
-        hmget_replies = iter(await self._execute(commands))
-        now = self.clock()
-        stats = self.stats
-        out: list[Row | None] = []
-        for entity, _ in keys:
-            codecs = by_entity.get(entity)
-            if codecs is None:
-                out.append(None)
-                continue
-            row: Row | None = None
-            for codec, blob in zip(codecs, next(hmget_replies), strict=True):
-                if blob is not None:
-                    values = codec.decode(blob, now, stats)
-                    if values is not None:
-                        if row is None:
-                            row = {}
-                        row[codec.name] = values
-            out.append(row)
-        return out
+        plan = self.read_plan(keys, views)
+        return plan.decode(await self._execute(plan.commands))
+
+    def read_plan(self, keys: Sequence[EntityKey], views: Sequence[FeatureView]) -> RowsRead:
+        """The commands of a `read` of ``views`` for ``keys`` and how to decode their replies, for a caller
+        that sends them in a round trip of its own (the shared state's `load`, ``kassa.state.redis``)."""
+        cached = self._plans.get(id(views))
+        if cached is None or cached[0] is not views:
+            by_entity: dict[str, list[ViewCodec]] = {}
+            for view in views:
+                by_entity.setdefault(view.entity, []).append(self._codecs.get(view))
+            fields = {entity: [c.field for c in codecs] for entity, codecs in by_entity.items()}
+            if len(self._plans) > 64:
+                self._plans.clear()
+            cached = self._plans[id(views)] = (views, by_entity, fields)
+        _, by_entity, fields = cached
+        row_key = self.row_key
+        commands = [("HMGET", row_key(entity, key), *fields[entity]) for entity, key in keys if entity in fields]
+        return RowsRead(commands, [by_entity.get(entity) for entity, _ in keys], self.clock, self.stats)
 
     def _decode_all(self, reply: Any, now: float) -> Row | None:
         pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
@@ -404,7 +402,7 @@ class RedisOnlineStore:
 
     async def _send(self, commands: list[tuple]) -> list[Any]:
         conn = self.conn
-        if conn is None:  # a cluster: redis-py's cluster pipeline, one round trip per node
+        if conn is None:  # redis-py's pipeline: a cluster (one round trip per node), TLS, a unix socket
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
@@ -418,6 +416,40 @@ class RedisOnlineStore:
             # gives up (its latency budget) just stops waiting: the replies are read and dropped, nothing desyncs.
             replies = await conn.execute(packed, len(commands))
         return [_error(r) if isinstance(r, ReplyError) else r for r in replies]
+
+
+class RowsRead:
+    """One `RedisOnlineStore.read` of given views, split in two: ``commands`` (one ``HMGET`` per key of an
+    entity the views cover) and `decode`, which turns their replies into rows in key order."""
+
+    __slots__ = ("clock", "codecs", "commands", "stats")
+
+    def __init__(self, commands: list[tuple], codecs: list[list[ViewCodec] | None], clock: Callable[[], float],
+                 stats: StoreStats) -> None:
+        self.commands = commands
+        self.codecs = codecs
+        self.clock = clock
+        self.stats = stats
+
+    def decode(self, replies: Sequence[Any]) -> list[Row | None]:
+        hmget_replies = iter(replies)
+        now = self.clock()
+        stats = self.stats
+        out: list[Row | None] = []
+        for codecs in self.codecs:
+            if codecs is None:
+                out.append(None)
+                continue
+            row: Row | None = None
+            for codec, blob in zip(codecs, next(hmget_replies), strict=True):
+                if blob is not None:
+                    values = codec.decode(blob, now, stats)
+                    if values is not None:
+                        if row is None:
+                            row = {}
+                        row[codec.name] = values
+            out.append(row)
+        return out
 
 
 def _error(reply: ReplyError) -> ResponseError:
