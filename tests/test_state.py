@@ -183,6 +183,27 @@ async def test_feature_rows_are_read_with_the_state_when_the_online_store_is_on_
         k.event_log.close()
 
 
+async def test_a_call_cut_by_its_timeout_leaves_the_connection_in_step(redis_url, prefix):
+    """`PipelinedConnection.call` gives up at its timeout without a task or a reconnect: the late reply is
+    read and dropped, and the next call on the connection gets its own reply."""
+    from hiredis import pack_command
+
+    from kassa.redisconn import PipelinedConnection
+
+    conn = PipelinedConnection(redis_url)
+    try:
+        assert await conn.call(pack_command(("PING",)), 1, 1.0) == [b"PONG"]
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):  # BLPOP blocks this connection only, for 0.3 s
+            await conn.call(pack_command(("BLPOP", f"{prefix}:nothing", "0.3")), 1, 0.05)
+        assert time.monotonic() - started < 0.25
+        writer = conn._writer
+        assert await conn.call(pack_command(("ECHO", "mine")), 1, 2.0) == [b"mine"]
+        assert conn._writer is writer  # the same connection
+    finally:
+        await conn.close()
+
+
 async def test_retrieval_counts_from_orders_posted_to_one_process_serve_the_other(pair, tmp_path, catalog_file,
                                                                                    redis_url, prefix):
     a, b, clock = pair

@@ -64,6 +64,18 @@ class PipelinedConnection:
         self._writer.write(packed)
         return fut
 
+    async def call(self, packed: bytes, n: int, timeout: float) -> list[Any]:
+        """`execute` within ``timeout`` seconds (else `TimeoutError`), connected or not. Connected, the wait is a
+        timer on the replies' future: no task per call, as `asyncio.wait_for` of a coroutine would create."""
+        fut = self.send(packed, n)
+        if fut is None:
+            return await asyncio.wait_for(self.execute(packed, n), timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
     async def execute(self, packed: bytes, n: int) -> list[Any]:
         """Send ``n`` packed commands; their ``n`` replies (error replies as `hiredis.ReplyError` values)."""
         loop = asyncio.get_running_loop()
@@ -145,3 +157,8 @@ class PipelinedConnection:
             with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
                 await self._reader_task
             self._reader_task = None
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():  # its replies will be read and dropped
+        fut.set_exception(TimeoutError("no reply from Redis in time"))

@@ -215,11 +215,12 @@ class RedisState:
         and the batch re-sent. Raises `StateUnavailable` (and opens the breaker) on any failure."""
         if not self.available:
             raise StateUnavailable("breaker open")
+        packed = b"".join([pack_command(c) for c in commands])
         try:
-            replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+            replies = await self.conn.call(packed, len(commands), timeout or 5.0)
             if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
                 await self._execute([("SCRIPT", "LOAD", script) for script in self._scripts.values()])
-                replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+                replies = await self.conn.call(packed, len(commands), timeout or 5.0)
         except (TimeoutError, OSError) as exc:  # ConnectionLost is an OSError
             self.failed(exc)
             raise StateUnavailable(str(exc)) from exc
