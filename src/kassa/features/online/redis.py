@@ -21,10 +21,13 @@ packing and parsing, one reader task), not redis-py's asyncio pool, whose checko
 reads cost ~200 µs of CPU per round trip (cProfile, docs/adr/0011); redis-py still serves pub/sub, scans
 and the other admin calls. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
 
-Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|keys`` on
-``{prefix}:changes`` in one script call, pipelined behind the writes (one round trip for both);
-`OfferFeatureCache` applies those messages and also polls the
-version key, so a missed message (a reconnect, a crashed publisher) heals within ``check_every`` seconds.
+Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|change`` on
+``{prefix}:changes`` in one script call, pipelined behind the writes (one round trip for both). The change is
+msgpack: the written keys with the view and the blobs written (``[keys, view, blobs]``), or just the keys
+(``[keys...]``: a delete). `OfferFeatureCache` applies the blobs it is sent newer-wins, as the write script
+does, and re-reads only keys without them (a re-read per message was a round trip per event batch on every
+serving process); it also polls the version key, so a missed message (a reconnect, a crashed publisher)
+heals within ``check_every`` seconds.
 Requires Redis >= 7.0 (``PEXPIREAT ... GT``).
 
 Every round trip goes through one `CircuitBreaker` (`kassa.degraded`): after ``breaker_failures``
@@ -108,7 +111,7 @@ return v
 """
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_keys = msgspec.msgpack.Decoder(list[str]).decode
+_decode_change = msgspec.msgpack.Decoder().decode  # [key, ...] or [[key, ...], view, [blob, ...]]
 
 
 def row_key(entity: str, key: str, prefix: str = "kassa") -> str:
@@ -244,10 +247,11 @@ class RedisOnlineStore:
     async def write(self, view: FeatureView, key: str, values: dict[str, Any], ts: float) -> None:
         codec = self._codecs.get(view)
         ts = float(ts)
-        commands = [self._write_command(codec, [self.row_key(view.entity, key)],
-                                        [codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts)])]
-        if view.entity in self.notify_entities:
-            commands.append(self._notify_command(view.entity, [key]))  # same round trip, run after the write
+        blob = codec.encode(values, ts)
+        commands = [self._write_command(codec, [self.row_key(view.entity, key)], [blob, repr(ts),
+                                                                                  codec.expire_at_ms(ts)])]
+        if view.entity in self.notify_entities:  # same round trip, run after the write
+            commands.append(self._notify_command(view.entity, [key], view.name, [blob]))
         written = (await self._run_scripts(commands))[0]
         if not written:
             self.stats.older_ignored += 1
@@ -265,16 +269,19 @@ class RedisOnlineStore:
 
         def commands_of(chunk: list[WriteItem]) -> list[tuple[Any, ...]]:
             commands = []
+            blobs: list[bytes] = []
             for part in _chunks(chunk, per_script):
                 keys: list[str] = []
                 args: list[Any] = []
                 for key, values, ts in part:
                     ts = float(ts)
                     keys.append(self.row_key(entity, key))
-                    args += (codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts))
+                    blob = codec.encode(values, ts)
+                    blobs.append(blob)
+                    args += (blob, repr(ts), codec.expire_at_ms(ts))
                 commands.append(self._write_command(codec, keys, args))
             if notify:  # pipelined behind the writes: one round trip, announced after they ran
-                commands.append(self._notify_command(entity, [item[0] for item in chunk]))
+                commands.append(self._notify_command(entity, [item[0] for item in chunk], view.name, blobs))
             return commands
 
         async def run(commands: list[tuple[Any, ...]], rows: int) -> tuple[int, int]:
@@ -364,9 +371,12 @@ class RedisOnlineStore:
         back exactly the double that was encoded."""
         return ("EVALSHA", self._write_sha, len(keys), *keys, codec.field, *args)
 
-    def _notify_command(self, entity: str, keys: list[str]) -> tuple[Any, ...]:
-        blob = _encode(keys) if len(keys) <= MAX_NOTIFY_KEYS else b""
-        return ("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel, entity, blob)
+    def _notify_command(self, entity: str, keys: list[str], view: str | None = None,
+                        blobs: list[bytes] | None = None) -> tuple[Any, ...]:
+        change = b""
+        if len(keys) <= MAX_NOTIFY_KEYS:
+            change = _encode(keys) if view is None or blobs is None else _encode((keys, view, blobs))
+        return ("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel, entity, change)
 
     async def _notify(self, entity: str, keys: list[str]) -> None:
         await self._run_scripts([self._notify_command(entity, keys)])
@@ -489,7 +499,9 @@ class OfferFeatureCache:
         self.clock = clock
         self._rows: dict[str, Row] = {}
         self._ttl: dict[str, float] = {}
+        self._codecs: dict[str, ViewCodec] = {}  # the views held, to decode the values change messages carry
         for view in self.views or ():
+            self._codecs[view.name] = store.register(view)
             if view.ttl_seconds is not None:
                 self._ttl[view.name] = view.ttl_seconds
         self._pubsub: PubSub | None = None
@@ -553,6 +565,26 @@ class OfferFeatureCache:
                 self._rows[key] = row
         self.updates += 1
 
+    def _take(self, keys: list[str], view: str, blobs: list[bytes]) -> list[str]:
+        """Apply the values a change message carries, newer-wins per key as the write script decides; returns
+        the keys to read instead (a view this cache does not hold, values expired or of another schema)."""
+        codec = self._codecs.get(view) if self.views is not None else self.store._codecs.by_name(view)
+        if codec is None:
+            return [] if self.views is not None else keys
+        now = self.clock()
+        stats = self.store.stats
+        reread = []
+        for key, blob in zip(keys, blobs, strict=True):
+            values = codec.decode(blob, now, stats)
+            if values is None:
+                reread.append(key)
+                continue
+            row = self._rows.get(key)
+            held = row.get(view) if row is not None else None
+            if held is None or held.ts <= values.ts:
+                self._rows[key] = {**row, view: values} if row is not None else {view: values}
+        return reread
+
     async def _on_message(self, data: bytes) -> None:
         entity, version_text, blob = data.split(b"|", 2)
         if entity.decode() != self.entity:
@@ -563,7 +595,15 @@ class OfferFeatureCache:
         if version != self.version + 1 or not blob:
             await self.reload()
             return
-        await self._apply(_decode_keys(blob))
+        change = _decode_change(blob)
+        if change and isinstance(change[0], list):  # with the values written
+            reread = self._take(*change)
+            if reread:
+                await self._apply(reread)
+            else:
+                self.updates += 1
+        else:
+            await self._apply(change)
         self.version = version
 
     async def _run(self) -> None:
