@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY_ENTITIES = ("offer", "product")  # entities the serving processes cache, so writes announce them
 MAX_NOTIFY_KEYS = 1_000  # a change message names at most this many keys; more means "reload everything"
+INF = float("inf")
 
 # KEYS: row hashes; ARGV[1]: the view (hash field), then per key i: blob, ts, expire_at_ms (0: the view has no
 # ttl). Returns how many rows were written; the others held newer values. Many rows per call on one node
@@ -498,6 +499,7 @@ class OfferFeatureCache:
         self.updates = 0
         self.clock = clock
         self._rows: dict[str, Row] = {}
+        self._fresh_until: dict[str, float] = {}  # per row: until when every value in it is within its ttl
         self._ttl: dict[str, float] = {}
         self._codecs: dict[str, ViewCodec] = {}  # the views held, to decode the values change messages carry
         for view in self.views or ():
@@ -513,11 +515,17 @@ class OfferFeatureCache:
             return row
         # Values were fresh when loaded; one may have aged past its ttl while cached since.
         now = self.clock()
+        if now <= self._fresh_until.get(key, -INF):  # the common case, one comparison
+            return row
         ttl = self._ttl
         if all(now - vv.ts <= ttl.get(name, now) for name, vv in row.items()):
             return row
         fresh = {name: vv for name, vv in row.items() if name not in ttl or now - vv.ts <= ttl[name]}
         return fresh or None
+
+    def _until(self, row: Row) -> float:
+        ttl = self._ttl
+        return min((vv.ts + ttl[name] for name, vv in row.items() if name in ttl), default=INF)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -552,6 +560,7 @@ class OfferFeatureCache:
                 if row is not None:
                     rows[key] = row
         self._rows = rows
+        self._fresh_until = {key: self._until(row) for key, row in rows.items()}
         self.version = version
         self.reloads += 1
         return len(rows)
@@ -561,8 +570,10 @@ class OfferFeatureCache:
         for key, row in zip(keys, rows, strict=True):
             if row is None:
                 self._rows.pop(key, None)
+                self._fresh_until.pop(key, None)
             else:
                 self._rows[key] = row
+                self._fresh_until[key] = self._until(row)
         self.updates += 1
 
     def _take(self, keys: list[str], view: str, blobs: list[bytes]) -> list[str]:
@@ -582,7 +593,8 @@ class OfferFeatureCache:
             row = self._rows.get(key)
             held = row.get(view) if row is not None else None
             if held is None or held.ts <= values.ts:
-                self._rows[key] = {**row, view: values} if row is not None else {view: values}
+                row = self._rows[key] = {**row, view: values} if row is not None else {view: values}
+                self._fresh_until[key] = self._until(row)
         return reread
 
     async def _on_message(self, data: bytes) -> None:
