@@ -19,7 +19,8 @@ Redis Cluster hash tags, though the scripts below assume one node (they derive k
   due ids and returns each record with its rewards, so two learners never close a decision twice.
 
 Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency GET, profile GET, shows
-ZRANGE) bounded by ``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
+ZRANGE, and the decision's online-store ``HMGET``s when the store is on this Redis: ``features``) bounded by
+``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
 (idempotency SET NX, shows ZADD, pending record) written to the socket before the response leaves, its reply
 read in the background (``state.await_commit: true`` makes the decision wait for it instead). All of it travels on
 one pipelined connection per process (`kassa.redisconn`). A failure or timeout answers ``fallback: true``
