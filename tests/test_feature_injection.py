@@ -90,6 +90,20 @@ def test_an_order_event_is_in_the_buyers_stream_features_before_the_ack_returns(
     assert feats["customer_activity.orders_1h"] == 1 and feats["customer_activity.spend_7d"] == 42.0
 
 
+def test_an_event_batch_writes_each_changed_row_once(client, kassa, clock):
+    """The ingest hands the stream processor the whole batch: three orders of one buyer are one row write
+    (one pipelined round trip per view on Redis), carrying all three."""
+    from tests.conftest import order
+
+    evs = [{"event_id": f"ob-{i}", "type": "order", "customer": {"id": "c-batch"},
+            "order": {**order(total=10.0), "id": f"ord-b{i}", "created_at": clock()}} for i in range(3)]
+    written = kassa.stream.writes
+    assert client.post("/v1/events", json={"events": evs}).json()["accepted"] == 3
+    assert kassa.stream.writes - written == 1
+    got = client.portal.call(kassa.store.read, [("customer", "c-batch")], kassa.repo.views)
+    assert got[0]["customer_activity"].values == {"orders_1h": 3, "spend_7d": 30.0}
+
+
 def test_offer_stream_features_reach_the_learner_lines(tmp_path, settings, clock):
     """Accepts of an offer update its offer-entity view in memory; the next decision's learner line for
     that offer carries the bucketed values (namespace g), without a per-request store read."""

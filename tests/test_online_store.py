@@ -344,6 +344,7 @@ async def test_reading_many_rows_is_one_round_trip(counted_store: tuple[RedisOnl
 async def test_a_cancelled_read_does_not_desync_the_connection(redis_store: RedisOnlineStore) -> None:
     await redis_store.write_many(PROFILE, (WriteItem(f"c-{i}", {"orders": i}, NOW) for i in range(300)))
     keys = [("customer", f"c-{i}") for i in range(300)]
+    redis_store.breaker.failures = 10  # each cut read counts against the breaker; here only the stream matters
     for delay in (0.0, 0.0001, 0.0003, 0.001):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(redis_store.read(keys, [PROFILE]), delay)
@@ -376,6 +377,38 @@ async def test_offer_cache_picks_up_a_write_from_another_process_within_a_second
         assert len(cache) == 1_201
         assert cache.reloads == 1  # all of it arrived as change messages
         assert cache.version == await redis_store.version("offer")
+    finally:
+        await cache.close()
+        await writer.close()
+
+
+async def test_offer_cache_takes_written_values_from_the_message_newer_wins(
+    redis_store: RedisOnlineStore, redis_url: str
+) -> None:
+    """A change message carries the values written: the cache applies them without reading the keys back, and
+    keeps the newer of two values as the store does (a late write with an older event time loses in both)."""
+    reads: list[list[str]] = []
+
+    class Counting(OfferFeatureCache):
+        async def _apply(self, keys: list[str]) -> None:
+            reads.append(keys)
+            await super()._apply(keys)
+
+    cache = Counting(redis_store, views=[OFFER], check_every=60.0)
+    writer = RedisOnlineStore(redis_url, prefix=redis_store.prefix)
+    await cache.start()
+    try:
+        await writer.write(OFFER, "o-1", {"ctr": 0.5, "title": "New"}, NOW + 5)
+        await _poll(lambda: cache.get("o-1") is not None, timeout=1.0)
+        await writer.write_many(OFFER, [WriteItem("o-1", {"ctr": 0.1, "title": "Old"}, NOW + 1),
+                                        WriteItem("o-2", {"ctr": 0.2, "title": "Two"}, NOW)])
+        await _poll(lambda: cache.get("o-2") is not None, timeout=1.0)
+        assert cache.get("o-1") == {"offer_stats": ViewValues(NOW + 5, {"ctr": 0.5, "title": "New"})}
+        assert (await redis_store.read([("offer", "o-1")], [OFFER]))[0] == cache.get("o-1")
+        assert reads == [] and cache.updates == 2 and cache.version == await redis_store.version("offer")
+        await writer.delete("offer", "o-2")  # no values to carry: read back
+        await _poll(lambda: cache.get("o-2") is None, timeout=1.0)
+        assert reads == [["o-2"]]
     finally:
         await cache.close()
         await writer.close()

@@ -142,6 +142,68 @@ async def test_profiles_written_through_one_process_are_read_by_the_other(pair):
     assert state.profile["recent_categories"] == ["skincare"]
 
 
+@pytest.mark.parametrize("same_server", [True, False])
+async def test_feature_rows_are_read_with_the_state_when_the_online_store_is_on_its_redis(
+        tmp_path, catalog_file, features_file, redis_url, prefix, same_server):
+    """Both on one Redis: the decision's feature rows come in the state's round trip, on one shared connection.
+    The online store on another database: its own round trip. Either way the decision reads the same rows."""
+    clock = Clock()
+    store_url = redis_url if same_server else f"{redis_url.rstrip('/')}/1"
+    k = Kassa(_settings(tmp_path, "k", catalog_file, **{
+        "state.backend": "redis", "state.redis_url": redis_url, "state.key_prefix": prefix, "state.timeout_ms": 2000,
+        "features.definitions_file": str(features_file), "features.online_store": "redis",
+        "features.redis_url": store_url, "features.key_prefix": f"{prefix}:f"}), clock=clock, seed=1)
+    try:
+        signals = next(v for v in k.repo.views if v.name == "customer_signals")
+        await k.store.write(signals, "c-rows", {"ltv": 321.0, "segment": "gold"}, clock())
+        keys, views = [("customer", "c-rows"), ("session", "s-rows")], list(k.repo.buyer_views(None))
+        state = await k.state.decision_state.load(None, "c-rows", clock(), 2.0, (keys, views))
+        if same_server:
+            assert k.state.redis.conn is k.store.conn
+            assert state.rows == await k.store.read(keys, views)
+            assert state.rows[0]["customer_signals"].values["segment"] == "gold"
+        else:
+            assert k.state.redis.conn is not k.store.conn and state.rows is None
+        response = await k.engine.decide(_request(customer="c-rows", session_id="s-rows"))
+        assert not response.fallback
+        k.decision_log.flush()
+        from kassa.events.decision_log import read_decisions
+
+        row = next(r for r in read_decisions(k.settings.data_path).to_pylist()
+                   if r["decision_id"] == response.decision_id)
+        feats = msgspec.json.decode(row["features_json"])
+        assert feats["customer_signals.ltv"] == 321.0 and feats["customer_signals.segment"] == "gold"
+    finally:
+        if not same_server:
+            await k.store.clear()
+        await k.state.close()
+        await k.store.close()
+        k.decision_log.close()
+        k.shadow_log.close()
+        k.event_log.close()
+
+
+async def test_a_call_cut_by_its_timeout_leaves_the_connection_in_step(redis_url, prefix):
+    """`PipelinedConnection.call` gives up at its timeout without a task or a reconnect: the late reply is
+    read and dropped, and the next call on the connection gets its own reply."""
+    from hiredis import pack_command
+
+    from kassa.redisconn import PipelinedConnection
+
+    conn = PipelinedConnection(redis_url)
+    try:
+        assert await conn.call(pack_command(("PING",)), 1, 1.0) == [b"PONG"]
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):  # BLPOP blocks this connection only, for 0.3 s
+            await conn.call(pack_command(("BLPOP", f"{prefix}:nothing", "0.3")), 1, 0.05)
+        assert time.monotonic() - started < 0.25
+        writer = conn._writer
+        assert await conn.call(pack_command(("ECHO", "mine")), 1, 2.0) == [b"mine"]
+        assert conn._writer is writer  # the same connection
+    finally:
+        await conn.close()
+
+
 async def test_retrieval_counts_from_orders_posted_to_one_process_serve_the_other(pair, tmp_path, catalog_file,
                                                                                    redis_url, prefix):
     a, b, clock = pair

@@ -89,7 +89,7 @@ class Kassa:
         # `roles.learner_input: jetstream`, the join records stream (kassa.roles, kassa.events.factory).
         self.records = open_join_records(settings, self.bus) if role == "serve" else None
         self.state = StateBackend(settings, self._reward_definition, clock, closes=role != "serve",
-                                  sink=self.records, learner=role == "learn")
+                                  sink=self.records, learner=role == "learn", store=self.store)
         self.profiles = self.state.profiles
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock,

@@ -91,15 +91,16 @@ class EventIngest:
             self.apply(event)
         if self.after_apply is not None and result.new:
             await self.after_apply()
-        if self.stream is not None:
-            # Read-after-write: streaming features see the events before the ack returns, when they can.
-            for event in result.new:
-                try:
-                    await self.stream.apply(event)
-                except Exception as exc:
-                    self.stream_failures += 1
-                    self._warn_stream("online store write failed after the durable append; the event is "
-                                      "acknowledged and its rows are written from the log tail", exc)
+        if self.stream is not None and result.new:
+            # Read-after-write: streaming features see the events before the ack returns, when they can. The
+            # batch is applied at once: each changed row written once, one pipelined round trip per view on
+            # Redis (per event, a batch of 3 impressions cost 3 writes and 3 change messages in sequence).
+            try:
+                await self.stream.process(result.new)
+            except Exception as exc:
+                self.stream_failures += 1
+                self._warn_stream("online store write failed after the durable append; the events are "
+                                  "acknowledged and their rows are written from the log tail", exc)
         return schemas.EventAck(len(result.new), result.duplicates, unknown)
 
     def apply(self, event: schemas.Event, learn: bool = True) -> None:

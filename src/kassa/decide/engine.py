@@ -114,44 +114,51 @@ class DecisionEngine:
         now = self.clock()
         fp = 0
         customer_id = req.customer.id if req.customer is not None else None
+        # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
+        # change what this decision is scored with.
+        snap = self.catalog.snapshot
+        view = snap.placements.get(req.placement)
+        serving = model = None
+        views: list[FeatureView] = []
+        keys: list[tuple[str, str]] = []
+        if view is not None:
+            placement = view.placement
+            learns = policies.learns(placement.policy)
+            serving = self.models.serving(placement.id) if learns else None
+            if serving is not None:
+                unit = customer_id if customer_id is not None else req.session_id
+                model = serving.pick(unit)
+            views = self._feature_views(placement)
+            if views:
+                if customer_id is not None:
+                    keys.append(("customer", customer_id))
+                if req.session_id is not None:
+                    keys.append(("session", req.session_id))
         local = self._local_state
         if local is not None:  # no await: the embedded state is in process
             state = local.read(req.request_id, customer_id, now)
         else:
-            state = await self.state.load(req.request_id, customer_id, now, self.state_timeout)
+            # The feature rows too: a shared state on the online store's Redis reads them in its round trip.
+            wanted = (keys, views) if keys and (self._breaker is None or self._breaker.available()) else None
+            state = await self.state.load(req.request_id, customer_id, now, self.state_timeout, wanted)
         if req.request_id is not None:
             fp = fingerprint(req)
             cached = state.replay(fp)
             if cached is not None:
                 return cached
-        snap = self.catalog.snapshot
-        view = snap.placements.get(req.placement)
         if view is None:
             raise errors.NotFound(f"unknown placement {req.placement!r}", "placement")
-        placement = view.placement
-        # Pin the model with the catalog snapshot before any await: a swap landing mid-request must not
-        # change what this decision is scored with.
-        learns = policies.learns(placement.policy)
-        serving = self.models.serving(placement.id) if learns else None
-        model = None
-        if serving is not None:
-            unit = req.customer.id if req.customer is not None and req.customer.id is not None else req.session_id
-            model = serving.pick(unit)
         budget = placement.latency_budget_ms / 1000.0
         fallback = state.fallback  # the shared state was unreachable: defaults, and say so
 
         # -- features: request-time, the buyer's profile, and the placement's online feature views
         profile = state.profile
         features = request_features(req, now, placement.timezone or self.tz, profile)
-        views = self._feature_views(placement)
         if views:
-            keys: list[tuple[str, str]] = []
-            if customer_id is not None:
-                keys.append(("customer", customer_id))
-            if req.session_id is not None:
-                keys.append(("session", req.session_id))
             rows: list[Any] = [None] * len(keys)
-            if keys and self._breaker is not None and not self._breaker.available():
+            if state.rows is not None:  # read with the state
+                rows = state.rows
+            elif keys and self._breaker is not None and not self._breaker.available():
                 # The store's circuit is open: fall back without an exception or a task per request.
                 self._breaker.rejected += 1
                 self._warn_store("circuit open; serving feature defaults (fallback)")

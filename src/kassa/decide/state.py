@@ -29,7 +29,11 @@ from kassa import errors, schemas
 from kassa.decide.rules import CapCounts, FrequencyLedger
 from kassa.decide.sinks import RewardSink
 from kassa.events.join import PendingDecision
+from kassa.features.definitions import FeatureView
+from kassa.features.online.base import EntityKey, Row
 from kassa.features.profile import CustomerProfiles
+
+RowsWanted = tuple[list[EntityKey], list[FeatureView]]  # online-store keys, and the views to read of them
 
 _encoder = msgspec.json.Encoder()
 _response_decoder = msgspec.json.Decoder(schemas.DecisionResponse)
@@ -102,6 +106,7 @@ class BuyerState:
     profile: dict | None = None
     caps: CapCounts | None = None
     fallback: bool = False
+    rows: list[Row | None] | None = None  # the online-store rows asked for in `load`, when read with the state
 
     def replay(self, fp: int) -> schemas.DecisionResponse | None:
         """The cached response for a retry of the same request; 409 for a different one."""
@@ -130,8 +135,10 @@ class DecisionWrite:
 
 class DecisionState(Protocol):
     async def load(self, request_id: str | None, customer_id: str | None, now: float,
-                   timeout: float) -> BuyerState:
-        """Everything the decision reads, within ``timeout`` seconds (else ``fallback=True``)."""
+                   timeout: float, rows: RowsWanted | None = None) -> BuyerState:
+        """Everything the decision reads, within ``timeout`` seconds (else ``fallback=True``). ``rows``: the
+        online-store rows the decision reads next; a backend that can read them in the same round trip (the
+        store is on its server) returns them in ``BuyerState.rows``, otherwise it leaves that None."""
         ...
 
     async def commit(self, write: DecisionWrite, timeout: float) -> schemas.DecisionResponse | None:
@@ -162,7 +169,7 @@ class LocalDecisionState:
         self.journal = journal
 
     async def load(self, request_id: str | None, customer_id: str | None, now: float,
-                   timeout: float) -> BuyerState:
+                   timeout: float, rows: RowsWanted | None = None) -> BuyerState:
         return self.read(request_id, customer_id, now)
 
     def read(self, request_id: str | None, customer_id: str | None, now: float) -> BuyerState:

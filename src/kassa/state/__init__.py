@@ -18,6 +18,7 @@ from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger
 from kassa.decide.sinks import RewardSink
 from kassa.decide.state import DecisionState, IdempotencyCache, LocalDecisionState, decode_response
+from kassa.features.online.base import OnlineStore
 from kassa.features.profile import CustomerProfiles
 from kassa.learn.online.rewards import RewardJoiner
 
@@ -35,14 +36,16 @@ class StateBackend:
 
     def __init__(self, settings: Settings, definition: Callable[[str], schemas.RewardDefinition | None],
                  clock: Callable[[], float] = time.time, closes: bool = True, sink: RewardSink | None = None,
-                 learner: bool = False) -> None:
+                 learner: bool = False, store: OnlineStore | None = None) -> None:
         """``closes=False`` (Redis): this process never closes due decisions; a serving-only role leaves
         closing and learning to the learner role. Embedded roles (kassa.roles): a serving worker registers its
         decisions with ``sink`` (the decision-record log `kassa learn` tails) and ``learner`` builds the
         learner's hand-over joiner; only the single process (neither) journals to the data dir, which
         several workers and a learner would otherwise write and restore at once. On Redis too, `kassa learn`
         keeps its join in memory, rebuilt from its input (`kassa.learn.online.inputs`), and a serving worker
-        hands its decisions to ``sink`` instead of the Redis join."""
+        hands its decisions to ``sink`` instead of the Redis join. ``store``: the online store; on Redis, when
+        it is on the same server (one node), the state shares its connection and reads a decision's feature
+        rows in the state's round trip."""
         st = settings.state
         self.settings = settings
         self.clock = clock
@@ -55,17 +58,23 @@ class StateBackend:
         self.feed: OrderFeed | None = None
         self.decision_state: DecisionState
         if st.backend == "redis" and not learner:
+            from kassa.features.online.redis import RedisOnlineStore
+            from kassa.redisconn import PipelinedConnection
             from kassa.state.redis import RedisDecisionState, RedisState
             from kassa.state.redis_join import RedisProfiles, SharedRewardJoiner
 
+            features = store if isinstance(store, RedisOnlineStore) and store.conn is not None else None
+            if features is not None and features.conn.address != PipelinedConnection(st.redis_url).address:  # type: ignore[union-attr]
+                features = None  # on another server: the decision reads it in a round trip of its own
             self.redis = RedisState(st.redis_url, st.key_prefix,
                                     idempotency_ttl=settings.server.idempotency_ttl_seconds,
-                                    cap_window=self.ledger.max_window, retry_seconds=st.retry_seconds)
+                                    cap_window=self.ledger.max_window, retry_seconds=st.retry_seconds,
+                                    conn=features.conn if features is not None else None)
             self.shared = SharedRewardJoiner(self.redis, definition, clock, closes=closes)
             self.joiner: RewardJoiner = self.shared  # type: ignore[assignment]  # the same surface
             self.profiles: CustomerProfiles = RedisProfiles(self.shared)  # type: ignore[assignment]
             # a serving worker with a `sink`: `kassa learn` joins its decisions, not Redis
-            self.decision_state = RedisDecisionState(self.redis, st.await_commit, hand_over=sink)
+            self.decision_state = RedisDecisionState(self.redis, st.await_commit, hand_over=sink, features=features)
         else:
             from kassa.state.local import FILE, SqliteStateJournal
 

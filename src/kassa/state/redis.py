@@ -19,10 +19,11 @@ Redis Cluster hash tags, though the scripts below assume one node (they derive k
   due ids and returns each record with its rewards, so two learners never close a decision twice.
 
 Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency GET, profile GET, shows
-ZRANGE) bounded by ``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
+ZRANGE, and the decision's online-store ``HMGET``s when the store is on this Redis: ``features``) bounded by
+``state.timeout_ms`` and the request's remaining budget; `commit` is ONE script call
 (idempotency SET NX, shows ZADD, pending record) written to the socket before the response leaves, its reply
 read in the background (``state.await_commit: true`` makes the decision wait for it instead). All of it travels on
-one pipelined connection per process (`kassa.state.conn`). A failure or timeout answers ``fallback: true``
+one pipelined connection per process (`kassa.redisconn`). A failure or timeout answers ``fallback: true``
 from defaults and opens a breaker for ``retry_seconds`` (1 s) during which requests do not wait on Redis
 at all; the next request after it tries again (recovery within ~1 s of Redis answering). A refused connection
 opens it at once, timeouts when three come in a row.
@@ -47,9 +48,10 @@ from hiredis import pack_command
 
 from kassa import schemas
 from kassa.decide.sinks import RewardSink
-from kassa.decide.state import BuyerState, DecisionWrite, ShownTimes, decode_response, encode_response
+from kassa.decide.state import BuyerState, DecisionWrite, RowsWanted, ShownTimes, decode_response, encode_response
 from kassa.events.join import PendingDecision
-from kassa.state.conn import PipelinedConnection
+from kassa.features.online.redis import RedisOnlineStore
+from kassa.redisconn import PipelinedConnection
 
 log = logging.getLogger("kassa.state")
 
@@ -143,15 +145,17 @@ class StateError(Exception):
 
 
 class RedisState:
-    """One Redis connection pool, the key layout and the scripts, shared by the classes below."""
+    """One Redis connection, the key layout and the scripts, shared by the classes below."""
 
     def __init__(self, url: str, prefix: str = "kassa:state", *, idempotency_ttl: float = 600.0,
-                 cap_window: float = 30 * 86_400.0, retry_seconds: float = 1.0) -> None:
+                 cap_window: float = 30 * 86_400.0, retry_seconds: float = 1.0,
+                 conn: PipelinedConnection | None = None) -> None:
+        """``conn``: a connection to share (the online store's, when it is on this Redis); else its own."""
         self.prefix = prefix
         self.idempotency_ttl = idempotency_ttl
         self.cap_window = cap_window
         self.retry_seconds = retry_seconds
-        self.conn = PipelinedConnection(url)
+        self.conn = conn if conn is not None else PipelinedConnection(url)
         self._scripts = {_sha1(s): s for s in (_COMMIT_LUA, _PROFILE_LUA, _CLAIM_LUA)}
         self.commit_sha, self.profile_sha, self.claim_sha = list(self._scripts)
         self._down_until = 0.0
@@ -212,11 +216,12 @@ class RedisState:
         and the batch re-sent. Raises `StateUnavailable` (and opens the breaker) on any failure."""
         if not self.available:
             raise StateUnavailable("breaker open")
+        packed = b"".join([pack_command(c) for c in commands])
         try:
-            replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+            replies = await self.conn.call(packed, len(commands), timeout or 5.0)
             if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
                 await self._execute([("SCRIPT", "LOAD", script) for script in self._scripts.values()])
-                replies = await asyncio.wait_for(self._execute(commands), timeout or 5.0)
+                replies = await self.conn.call(packed, len(commands), timeout or 5.0)
         except (TimeoutError, OSError) as exc:  # ConnectionLost is an OSError
             self.failed(exc)
             raise StateUnavailable(str(exc)) from exc
@@ -248,9 +253,13 @@ class RedisDecisionState:
     RETRY_PAUSE = 0.05
     MAX_QUEUED = 200_000  # ~30 s at 6,000 decisions/s; beyond it the oldest are dropped
 
-    def __init__(self, redis: RedisState, await_commit: bool = False, hand_over: RewardSink | None = None) -> None:
+    def __init__(self, redis: RedisState, await_commit: bool = False, hand_over: RewardSink | None = None,
+                 features: RedisOnlineStore | None = None) -> None:
         self.redis = redis
         self.await_commit = await_commit
+        # The online store, when it lives on this Redis: `load` reads the decision's feature rows in its round
+        # trip (one round trip per decision's reads, not one for the state and one for the features).
+        self.features = features
         # A serving worker whose decisions `kassa learn` joins (it reads them from its input): profiles, caps and
         # idempotency stay shared here, the pending decision goes to ``hand_over`` instead of the Redis join,
         # which no process of that topology closes.
@@ -262,7 +271,7 @@ class RedisDecisionState:
         self._inflight: set[asyncio.Future] = set()  # written, reply not read yet
 
     async def load(self, request_id: str | None, customer_id: str | None, now: float,
-                   timeout: float) -> BuyerState:
+                   timeout: float, rows: RowsWanted | None = None) -> BuyerState:
         r = self.redis
         commands: list[tuple] = []
         if request_id is not None:
@@ -271,6 +280,11 @@ class RedisDecisionState:
             commands.append(("GET", r.profile_key(customer_id)))
             commands.append(("ZRANGE", r.shown_key(customer_id), now - r.cap_window, "+inf", "BYSCORE",
                              "WITHSCORES"))
+        n = len(commands)
+        plan = None
+        if rows is not None and self.features is not None:
+            plan = self.features.read_plan(*rows)
+            commands += plan.commands
         if not commands:
             return BuyerState()
         try:
@@ -278,6 +292,8 @@ class RedisDecisionState:
         except StateUnavailable:
             return BuyerState(fallback=True)
         state = BuyerState()
+        if plan is not None:
+            state.rows = plan.decode(replies[n:])
         i = 0
         if request_id is not None:
             blob = replies[0]

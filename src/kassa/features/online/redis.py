@@ -15,13 +15,19 @@ also checks each view's own ttl, because the hash lives as long as its longest-l
 
 Writes are newer-wins, decided inside Redis by `_WRITE_LUA` (it reads the stored event time at its fixed
 offset in the blob), so concurrent writers cannot resurrect old values. A read of any number of rows is
-one round trip: one pipelined ``HMGET`` per key of the views asked for (``HGETALL`` when none are given),
-sent on one pooled connection without redis-py's `Pipeline` bookkeeping, which costs as much as the
-round trip on a local Redis. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
+one round trip: one pipelined ``HMGET`` per key of the views asked for (``HGETALL`` when none are given).
+On one node, reads and writes travel on the process's `kassa.redisconn.PipelinedConnection` (hiredis
+packing and parsing, one reader task), not redis-py's asyncio pool, whose checkout, release and per-reply
+reads cost ~200 µs of CPU per round trip (cProfile, docs/adr/0011); redis-py still serves pub/sub, scans
+and the other admin calls. Cluster mode uses redis-py's cluster pipeline (one round trip per node).
 
-Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|keys`` on
-``{prefix}:changes`` in one script call; `OfferFeatureCache` applies those messages and also polls the
-version key, so a missed message (a reconnect, a crashed publisher) heals within ``check_every`` seconds.
+Offer/product writes bump ``{prefix}:version:{entity}`` and publish ``entity|version|change`` on
+``{prefix}:changes`` in one script call, pipelined behind the writes (one round trip for both). The change is
+msgpack: the written keys with the view and the blobs written (``[keys, view, blobs]``), or just the keys
+(``[keys...]``: a delete). `OfferFeatureCache` applies the blobs it is sent newer-wins, as the write script
+does, and re-reads only keys without them (a re-read per message was a round trip per event batch on every
+serving process); it also polls the version key, so a missed message (a reconnect, a crashed publisher)
+heals within ``check_every`` seconds.
 Requires Redis >= 7.0 (``PEXPIREAT ... GT``).
 
 Every round trip goes through one `CircuitBreaker` (`kassa.degraded`): after ``breaker_failures``
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -43,7 +50,7 @@ from itertools import islice
 from typing import Any
 
 import msgspec
-from hiredis import pack_command  # packs in C; redis-py's asyncio connection packs in Python
+from hiredis import ReplyError, pack_command  # packs in C; redis-py's asyncio connection packs in Python
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
@@ -55,11 +62,13 @@ from kassa.degraded import CircuitBreaker
 from kassa.features.definitions import FeatureView
 from kassa.features.online.base import EntityKey, Row, WriteItem
 from kassa.features.online.codec import CodecCache, StoreStats, ViewCodec
+from kassa.redisconn import ConnectionLost, PipelinedConnection, speaks
 
 log = logging.getLogger(__name__)
 
 NOTIFY_ENTITIES = ("offer", "product")  # entities the serving processes cache, so writes announce them
 MAX_NOTIFY_KEYS = 1_000  # a change message names at most this many keys; more means "reload everything"
+INF = float("inf")
 
 # KEYS: row hashes; ARGV[1]: the view (hash field), then per key i: blob, ts, expire_at_ms (0: the view has no
 # ttl). Returns how many rows were written; the others held newer values. Many rows per call on one node
@@ -103,7 +112,7 @@ return v
 """
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_keys = msgspec.msgpack.Decoder(list[str]).decode
+_decode_change = msgspec.msgpack.Decoder().decode  # [key, ...] or [[key, ...], view, [blob, ...]]
 
 
 def row_key(entity: str, key: str, prefix: str = "kassa") -> str:
@@ -164,15 +173,19 @@ class RedisOnlineStore:
         self.stats = StoreStats()
         self.clock = clock
         self._codecs = CodecCache()
+        # Per views list (identity; a placement's list is reused): its codecs and hash fields by entity.
+        self._plans: dict[int, tuple[Sequence[FeatureView], dict[str, list[ViewCodec]], dict[str, list[bytes]]]] = {}
         for view in views:
             self._codecs.get(view)
         self._row_prefix = f"{prefix}:"
-        self._redis: Redis | None = None
         self.client: Redis | RedisCluster
+        self.conn: PipelinedConnection | None = None  # one node: reads and writes (see the module docstring)
         if cluster:
             self.client = RedisCluster.from_url(url, **client_kwargs)
         else:
-            self.client = self._redis = Redis.from_url(url, **client_kwargs)
+            self.client = Redis.from_url(url, **client_kwargs)
+            if speaks(url) and not client_kwargs:  # else redis-py's pipeline (TLS, a unix socket, its options)
+                self.conn = PipelinedConnection(url)
         self._write_sha = _sha1(_WRITE_LUA)
         self._notify_sha = _sha1(_NOTIFY_LUA)
 
@@ -198,30 +211,25 @@ class RedisOnlineStore:
             replies = await self._execute([("HGETALL", self.row_key(entity, key)) for entity, key in keys])
             now = self.clock()
             return [self._decode_all(reply, now) for reply in replies]
-        by_entity: dict[str, list[ViewCodec]] = {}
-        for view in views:
-            by_entity.setdefault(view.entity, []).append(self._codecs.get(view))
-        fields = {entity: [c.field for c in codecs] for entity, codecs in by_entity.items()}
-        commands = [("HMGET", self.row_key(entity, key), *fields[entity]) for entity, key in keys if entity in fields]
-        hmget_replies = iter(await self._execute(commands))
-        now = self.clock()
-        stats = self.stats
-        out: list[Row | None] = []
-        for entity, _ in keys:
-            codecs = by_entity.get(entity)
-            if codecs is None:
-                out.append(None)
-                continue
-            row: Row | None = None
-            for codec, blob in zip(codecs, next(hmget_replies), strict=True):
-                if blob is not None:
-                    values = codec.decode(blob, now, stats)
-                    if values is not None:
-                        if row is None:
-                            row = {}
-                        row[codec.name] = values
-            out.append(row)
-        return out
+        plan = self.read_plan(keys, views)
+        return plan.decode(await self._execute(plan.commands))
+
+    def read_plan(self, keys: Sequence[EntityKey], views: Sequence[FeatureView]) -> RowsRead:
+        """The commands of a `read` of ``views`` for ``keys`` and how to decode their replies, for a caller
+        that sends them in a round trip of its own (the shared state's `load`, ``kassa.state.redis``)."""
+        cached = self._plans.get(id(views))
+        if cached is None or cached[0] is not views:
+            by_entity: dict[str, list[ViewCodec]] = {}
+            for view in views:
+                by_entity.setdefault(view.entity, []).append(self._codecs.get(view))
+            fields = {entity: [c.field for c in codecs] for entity, codecs in by_entity.items()}
+            if len(self._plans) > 64:
+                self._plans.clear()
+            cached = self._plans[id(views)] = (views, by_entity, fields)
+        _, by_entity, fields = cached
+        row_key = self.row_key
+        commands = [("HMGET", row_key(entity, key), *fields[entity]) for entity, key in keys if entity in fields]
+        return RowsRead(commands, [by_entity.get(entity) for entity, _ in keys], self.clock, self.stats)
 
     def _decode_all(self, reply: Any, now: float) -> Row | None:
         pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
@@ -240,13 +248,14 @@ class RedisOnlineStore:
     async def write(self, view: FeatureView, key: str, values: dict[str, Any], ts: float) -> None:
         codec = self._codecs.get(view)
         ts = float(ts)
-        (written,) = await self._run_scripts([self._write_command(codec, [self.row_key(view.entity, key)],
-                                                                  [codec.encode(values, ts), repr(ts),
-                                                                   codec.expire_at_ms(ts)])])
+        blob = codec.encode(values, ts)
+        commands = [self._write_command(codec, [self.row_key(view.entity, key)], [blob, repr(ts),
+                                                                                  codec.expire_at_ms(ts)])]
+        if view.entity in self.notify_entities:  # same round trip, run after the write
+            commands.append(self._notify_command(view.entity, [key], view.name, [blob]))
+        written = (await self._run_scripts(commands))[0]
         if not written:
             self.stats.older_ignored += 1
-        if view.entity in self.notify_entities:
-            await self._notify(view.entity, [key])
 
     async def write_many(self, view: FeatureView, items: Iterable[WriteItem]) -> int:
         """Bulk write: ``chunk_size`` rows per pipeline, two pipelines in flight so encoding the next chunk
@@ -259,11 +268,26 @@ class RedisOnlineStore:
         written = 0
         inflight: set[asyncio.Task[tuple[int, int]]] = set()
 
-        async def run(commands: list[tuple[Any, ...]], rows: int, keys: list[str]) -> tuple[int, int]:
-            stored = sum(await self._run_scripts(commands))
-            if notify:
-                await self._notify(entity, keys)
-            return stored, rows
+        def commands_of(chunk: list[WriteItem]) -> list[tuple[Any, ...]]:
+            commands = []
+            blobs: list[bytes] = []
+            for part in _chunks(chunk, per_script):
+                keys: list[str] = []
+                args: list[Any] = []
+                for key, values, ts in part:
+                    ts = float(ts)
+                    keys.append(self.row_key(entity, key))
+                    blob = codec.encode(values, ts)
+                    blobs.append(blob)
+                    args += (blob, repr(ts), codec.expire_at_ms(ts))
+                commands.append(self._write_command(codec, keys, args))
+            if notify:  # pipelined behind the writes: one round trip, announced after they ran
+                commands.append(self._notify_command(entity, [item[0] for item in chunk], view.name, blobs))
+            return commands
+
+        async def run(commands: list[tuple[Any, ...]], rows: int) -> tuple[int, int]:
+            replies = await self._run_scripts(commands)
+            return sum(replies[:-1] if notify else replies), rows
 
         def collect(done: Iterable[asyncio.Task[tuple[int, int]]]) -> None:
             nonlocal written
@@ -272,21 +296,21 @@ class RedisOnlineStore:
                 written += stored
                 self.stats.older_ignored += rows - stored
 
+        chunks = _chunks(items, self.chunk_size)
+        first = next(iter(chunks), None)
+        if first is None:
+            return 0
+        if len(first) < self.chunk_size:  # the only chunk (a stream batch): no task, no overlap to gain
+            stored, rows = await run(commands_of(first), len(first))
+            self.stats.older_ignored += rows - stored
+            return stored
         try:
-            for chunk in _chunks(items, self.chunk_size):
-                commands = []
-                for part in _chunks(chunk, per_script):
-                    keys: list[str] = []
-                    args: list[Any] = []
-                    for key, values, ts in part:
-                        ts = float(ts)
-                        keys.append(self.row_key(entity, key))
-                        args += (codec.encode(values, ts), repr(ts), codec.expire_at_ms(ts))
-                    commands.append(self._write_command(codec, keys, args))
+            for chunk in itertools.chain((first,), chunks):
+                commands = commands_of(chunk)
                 if len(inflight) >= 2:
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     collect(done)
-                inflight.add(asyncio.create_task(run(commands, len(chunk), [item[0] for item in chunk])))
+                inflight.add(asyncio.create_task(run(commands, len(chunk))))
             if inflight:
                 done, inflight = await asyncio.wait(inflight)
                 collect(done)
@@ -303,6 +327,8 @@ class RedisOnlineStore:
             await self._notify(entity, [key])
 
     async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
         await self.client.aclose()
 
     # -- beyond the protocol: versions, scans, clean-up
@@ -346,10 +372,15 @@ class RedisOnlineStore:
         back exactly the double that was encoded."""
         return ("EVALSHA", self._write_sha, len(keys), *keys, codec.field, *args)
 
+    def _notify_command(self, entity: str, keys: list[str], view: str | None = None,
+                        blobs: list[bytes] | None = None) -> tuple[Any, ...]:
+        change = b""
+        if len(keys) <= MAX_NOTIFY_KEYS:
+            change = _encode(keys) if view is None or blobs is None else _encode((keys, view, blobs))
+        return ("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel, entity, change)
+
     async def _notify(self, entity: str, keys: list[str]) -> None:
-        blob = _encode(keys) if len(keys) <= MAX_NOTIFY_KEYS else b""
-        await self._run_scripts([("EVALSHA", self._notify_sha, 1, self.version_key(entity), self.channel,
-                                  entity, blob)])
+        await self._run_scripts([self._notify_command(entity, keys)])
 
     async def _run_scripts(self, commands: list[tuple]) -> list[Any]:
         """Run EVALSHA commands; a server that lost its script cache gets the scripts again and the whole
@@ -381,36 +412,61 @@ class RedisOnlineStore:
         return replies
 
     async def _send(self, commands: list[tuple]) -> list[Any]:
-        if self._redis is None:
+        conn = self.conn
+        if conn is None:  # redis-py's pipeline: a cluster (one round trip per node), TLS, a unix socket
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
-        pool = self._redis.connection_pool
-        for attempt in (1, 2):
-            conn = await pool.get_connection()
-            try:
-                await conn.send_packed_command(b"".join([pack_command(c) for c in commands]), check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:  # the reply was read whole; the stream is still in step
-                        replies.append(exc)
-                return replies
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                # A pooled connection the server closed (restart, idle timeout): retry once on a fresh one.
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                # Cancelled (a latency budget) or failed mid-stream: unread replies would desync the next
-                # user of this connection, so it is closed, never returned as is.
-                await conn.disconnect()
-                raise
-            finally:
-                await pool.release(conn)
-        raise AssertionError("unreachable")
+        packed = b"".join([pack_command(c) for c in commands])
+        try:
+            replies = await conn.execute(packed, len(commands))
+        except ConnectionLost:
+            # The connection broke before or while this was sent (a restart, an idle timeout): once more on a
+            # fresh one. Safe to repeat: reads, and newer-wins writes with equal times replacing. A caller that
+            # gives up (its latency budget) just stops waiting: the replies are read and dropped, nothing desyncs.
+            replies = await conn.execute(packed, len(commands))
+        return [_error(r) if isinstance(r, ReplyError) else r for r in replies]
+
+
+class RowsRead:
+    """One `RedisOnlineStore.read` of given views, split in two: ``commands`` (one ``HMGET`` per key of an
+    entity the views cover) and `decode`, which turns their replies into rows in key order."""
+
+    __slots__ = ("clock", "codecs", "commands", "stats")
+
+    def __init__(self, commands: list[tuple], codecs: list[list[ViewCodec] | None], clock: Callable[[], float],
+                 stats: StoreStats) -> None:
+        self.commands = commands
+        self.codecs = codecs
+        self.clock = clock
+        self.stats = stats
+
+    def decode(self, replies: Sequence[Any]) -> list[Row | None]:
+        hmget_replies = iter(replies)
+        now = self.clock()
+        stats = self.stats
+        out: list[Row | None] = []
+        for codecs in self.codecs:
+            if codecs is None:
+                out.append(None)
+                continue
+            row: Row | None = None
+            for codec, blob in zip(codecs, next(hmget_replies), strict=True):
+                if blob is not None:
+                    values = codec.decode(blob, now, stats)
+                    if values is not None:
+                        if row is None:
+                            row = {}
+                        row[codec.name] = values
+            out.append(row)
+        return out
+
+
+def _error(reply: ReplyError) -> ResponseError:
+    """A hiredis error reply as the redis-py exception callers test for (`NoScriptError` for NOSCRIPT)."""
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
 def _glob_escape(text: str) -> str:
@@ -443,8 +499,11 @@ class OfferFeatureCache:
         self.updates = 0
         self.clock = clock
         self._rows: dict[str, Row] = {}
+        self._fresh_until: dict[str, float] = {}  # per row: until when every value in it is within its ttl
         self._ttl: dict[str, float] = {}
+        self._codecs: dict[str, ViewCodec] = {}  # the views held, to decode the values change messages carry
         for view in self.views or ():
+            self._codecs[view.name] = store.register(view)
             if view.ttl_seconds is not None:
                 self._ttl[view.name] = view.ttl_seconds
         self._pubsub: PubSub | None = None
@@ -456,11 +515,17 @@ class OfferFeatureCache:
             return row
         # Values were fresh when loaded; one may have aged past its ttl while cached since.
         now = self.clock()
+        if now <= self._fresh_until.get(key, -INF):  # the common case, one comparison
+            return row
         ttl = self._ttl
         if all(now - vv.ts <= ttl.get(name, now) for name, vv in row.items()):
             return row
         fresh = {name: vv for name, vv in row.items() if name not in ttl or now - vv.ts <= ttl[name]}
         return fresh or None
+
+    def _until(self, row: Row) -> float:
+        ttl = self._ttl
+        return min((vv.ts + ttl[name] for name, vv in row.items() if name in ttl), default=INF)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -495,6 +560,7 @@ class OfferFeatureCache:
                 if row is not None:
                     rows[key] = row
         self._rows = rows
+        self._fresh_until = {key: self._until(row) for key, row in rows.items()}
         self.version = version
         self.reloads += 1
         return len(rows)
@@ -504,9 +570,32 @@ class OfferFeatureCache:
         for key, row in zip(keys, rows, strict=True):
             if row is None:
                 self._rows.pop(key, None)
+                self._fresh_until.pop(key, None)
             else:
                 self._rows[key] = row
+                self._fresh_until[key] = self._until(row)
         self.updates += 1
+
+    def _take(self, keys: list[str], view: str, blobs: list[bytes]) -> list[str]:
+        """Apply the values a change message carries, newer-wins per key as the write script decides; returns
+        the keys to read instead (a view this cache does not hold, values expired or of another schema)."""
+        codec = self._codecs.get(view) if self.views is not None else self.store._codecs.by_name(view)
+        if codec is None:
+            return [] if self.views is not None else keys
+        now = self.clock()
+        stats = self.store.stats
+        reread = []
+        for key, blob in zip(keys, blobs, strict=True):
+            values = codec.decode(blob, now, stats)
+            if values is None:
+                reread.append(key)
+                continue
+            row = self._rows.get(key)
+            held = row.get(view) if row is not None else None
+            if held is None or held.ts <= values.ts:
+                row = self._rows[key] = {**row, view: values} if row is not None else {view: values}
+                self._fresh_until[key] = self._until(row)
+        return reread
 
     async def _on_message(self, data: bytes) -> None:
         entity, version_text, blob = data.split(b"|", 2)
@@ -518,7 +607,15 @@ class OfferFeatureCache:
         if version != self.version + 1 or not blob:
             await self.reload()
             return
-        await self._apply(_decode_keys(blob))
+        change = _decode_change(blob)
+        if change and isinstance(change[0], list):  # with the values written
+            reread = self._take(*change)
+            if reread:
+                await self._apply(reread)
+            else:
+                self.updates += 1
+        else:
+            await self._apply(change)
         self.version = version
 
     async def _run(self) -> None:

@@ -34,21 +34,21 @@ class StreamProcessor:
     """Applies events to a `StreamAggregator` and keeps the online store in step with it.
 
     Two ways in: `run` tails the durable event log from a checkpoint (the ``kassa stream`` worker and the
-    embedded background task), and `apply` takes one event right after the server appended it, so a
-    decision 50 ms after an order already sees it. Both may run together: the log tail skips events
-    `apply` already took (by ``event_id``).
+    embedded background task), and `process` takes the events of a batch right after the server appended
+    them, so a decision 50 ms after an order already sees it. Both may run together: the log tail skips
+    events `process` already took (by ``event_id``).
 
     The checkpoint file holds the log position *and* the aggregator state taken at that position: a
     30-day window cannot be rebuilt from a position alone without replaying 30 days of log. On restart
     the state is restored and the tail resumes after the saved position; a missing, unreadable or stale
-    checkpoint (views changed) rebuilds everything from the start of the log. Events `apply` took beyond
+    checkpoint (views changed) rebuilds everything from the start of the log. Events `process` took beyond
     the saved position are in the saved state *and* its remembered ids, so the replay does not count
     them twice. A checkpoint encodes the whole state on the event loop (~15 µs per row: 0.3 s for 20k
     rows), which is why it is taken once a minute by default, not per batch.
 
     Rows are written once per changed row per batch, with `OnlineStore.write_many` per view (one pipelined
     call on Redis) or `OnlineStore.write` for a lone row, values computed under a lock, so concurrent
-    `apply` and `run` never leave an older value last.
+    `process` and `run` never leave an older value last.
     The store must accept a write whose ``ts`` equals the stored one: a late event or a window expiring
     changes a row's values without changing its newest event time.
     """
@@ -136,7 +136,7 @@ class StreamProcessor:
         return await self._flush()
 
     async def apply(self, event: schemas.Event) -> int:
-        """The embedded path: apply one just-appended event and write its rows before returning."""
+        """Apply one event and write its rows before returning (tests; the ingest hands `process` its batch)."""
         return await self.process((event,))
 
     async def _flush(self) -> int:
@@ -204,7 +204,7 @@ class StreamProcessor:
                     if self.advance_when_idle:
                         # Nothing is pending, so nothing older than now minus the lateness can still come.
                         self.aggregator.expire(self.clock())
-                    if self.aggregator.pending:  # also rows an `apply` could not write (store was down)
+                    if self.aggregator.pending:  # also rows a `process` of the ingest could not write (store was down)
                         await self._flush()
                     break
                 full = len(rows) == self.batch_size

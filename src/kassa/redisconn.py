@@ -1,4 +1,5 @@
-"""`PipelinedConnection`: one Redis connection that every coroutine of a process pipelines on.
+"""`PipelinedConnection`: one Redis connection that every coroutine of a process pipelines on (the shared
+state, ``kassa.state.redis``, and the Redis online store's reads and writes, ``kassa.features.online.redis``).
 
 Why not redis-py's asyncio pool: measured with cProfile on this machine, a decision's two round trips through
 it (pool checkout and release, its observability hooks, one ``read_response`` per reply) cost ~200 µs of CPU
@@ -25,11 +26,16 @@ class ConnectionLost(ConnectionError):
     pass
 
 
+def speaks(url: str) -> bool:
+    """Whether this connection can reach ``url``: plain TCP ``redis://`` (no TLS, no unix socket)."""
+    return urlsplit(url).scheme in ("redis", "")
+
+
 class PipelinedConnection:
     def __init__(self, url: str, connect_timeout: float = 0.25) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", ""):
+        if not speaks(url):
             raise ValueError(f"state.redis_url must be redis://host:port/db, not {url!r}")
+        parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
         self.db = int(parts.path.strip("/") or 0)
@@ -40,28 +46,54 @@ class PipelinedConnection:
         self._reader_task: asyncio.Task | None = None
         self._waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
         self._connecting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connection lives on
+
+    @property
+    def address(self) -> tuple[str, int, int, str | None]:
+        """Which server and database this connection reaches (as whom): two equal addresses are one Redis."""
+        return self.host, self.port, self.db, self.username
 
     def send(self, packed: bytes, n: int) -> asyncio.Future | None:
         """Write now (before the caller's next await) and return the future of the replies; None when not
         connected (then use `execute`)."""
-        if self._writer is None or self._writer.is_closing():
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.is_closing() or self._loop is not loop:
             return None
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future = loop.create_future()
         self._waiting.append((fut, n, []))
         self._writer.write(packed)
         return fut
 
+    async def call(self, packed: bytes, n: int, timeout: float) -> list[Any]:
+        """`execute` within ``timeout`` seconds (else `TimeoutError`), connected or not. Connected, the wait is a
+        timer on the replies' future: no task per call, as `asyncio.wait_for` of a coroutine would create."""
+        fut = self.send(packed, n)
+        if fut is None:
+            return await asyncio.wait_for(self.execute(packed, n), timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
     async def execute(self, packed: bytes, n: int) -> list[Any]:
         """Send ``n`` packed commands; their ``n`` replies (error replies as `hiredis.ReplyError` values)."""
-        if self._writer is None or self._writer.is_closing():
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer.is_closing() or self._loop is not loop:
             await self._connect()
         assert self._writer is not None
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future = loop.create_future()
         self._waiting.append((fut, n, []))
         self._writer.write(packed)
         return await fut
 
     async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or a new event loop (a CLI command's second `asyncio.run`): what belonged to the
+            # old loop cannot be used from this one.
+            self._writer, self._reader_task, self._connecting, self._loop = None, None, None, loop
+            self._waiting = deque()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -125,3 +157,8 @@ class PipelinedConnection:
             with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
                 await self._reader_task
             self._reader_task = None
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():  # its replies will be read and dropped
+        fut.set_exception(TimeoutError("no reply from Redis in time"))
