@@ -4,6 +4,7 @@
 acked all of them (or the bus spooled them; see `kassa.events.jetstream`); duplicates are the ids JetStream or
 the spool already had. ``read``/``count``/``max_seq`` go through an ephemeral pull consumer positioned by
 stream sequence, the ``seq`` of the interface, so the stream processor and start-up replay work unchanged.
+``scan_since`` (the dashboard's outcome reads) positions one by stored time instead and reads in bounded batches.
 
 `DecisionPublisher` is the serving side of the decision log: the hot path appends a record to a deque, a task
 on the bus loop publishes them every 20 ms with ``Nats-Msg-Id = decision_id`` (or spools them); the separate
@@ -21,6 +22,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -107,10 +109,50 @@ class JetStreamEventLog(EventLog):
         if self._reader.broken:
             await self._close_reader()  # the next read opens a consumer at the position it asks for
         decode = self._decoder.decode
-        out = [(seq, decode(data)) for seq, data in batch]
+        out = [(seq, decode(data)) for seq, _, data in batch]
         if out:
             self._reader_next = out[-1][0] + 1
         return out
+
+    def scan_since(self, since: float, max_events: int, batch: int = 200) -> tuple[list[tuple[float, bytes]], bool]:
+        """(stored at, body) of the events JetStream stored at or after ``since`` (unix seconds), oldest first, up
+        to the stream's last message when the scan began; at most ``max_events`` of them. The flag is True when
+        that end was reached, False when the cap, a timeout or an unreachable NATS stopped the scan short.
+
+        For the dashboard (`kassa.api.dashboard.outcomes`): blocking, from a worker thread, never the bus loop.
+        An ephemeral consumer starts at the first message stored at or after ``since`` (``DeliverPolicy.
+        BY_START_TIME``: the server finds it, nothing before it is read) and is read ``batch`` messages per call
+        onto the bus loop, so publishes go on between batches; bodies are returned undecoded (decoding and
+        filtering are the caller's, on its own thread). The stored time is JetStream's, from each delivery's
+        reply subject (`ack_delivery`). Measured on the shared 2-core VM (load average ~4, 100,000 events):
+        1.8-3.6 s and 11-21 µs of client CPU per event; appends of 100 events made meanwhile took p50 7 ms
+        (5 ms alone) with 200-message batches, p50 17-21 ms and up to 100 ms with 2,000-message batches."""
+        opened = self.bus.thread.call(self._open_scan(since), timeout=15)
+        if opened is None:
+            return [], False
+        reader, last = opened
+        out: list[tuple[float, bytes]] = []
+        complete = False
+        try:
+            while len(out) < max_events:
+                rows = self.bus.thread.call(reader.fetch(min(batch, max_events - len(out)), timeout=5.0), timeout=30)
+                out.extend((at, data) for seq, at, data in rows if seq <= last)
+                if not rows or rows[-1][0] >= last:
+                    complete = not reader.broken
+                    break
+                if reader.broken:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                self.bus.thread.call(reader.close(), timeout=5)
+        return out, complete
+
+    async def _open_scan(self, since: float) -> tuple[_BatchReader, int] | None:
+        if self.bus.js is None or not self.bus.connected:
+            log.warning("event log scan while NATS is unreachable: nothing read")
+            return None
+        last = await self._state("last_seq")
+        return await _BatchReader.open(self.bus, start_time=since), last
 
     async def _close_reader(self) -> None:
         if self._reader is not None:
@@ -139,19 +181,25 @@ class _BatchReader:
         self.consumer = consumer
         self.inbox = inbox
         self.sub: Any = None
-        self._rows: list[tuple[int, bytes]] = []
+        self._rows: list[tuple[int, float, bytes]] = []  # (stream sequence, stored at, body)
         self._want = 0
         self._done: asyncio.Future[None] | None = None
         self.broken = False  # a fetch timed out: messages may still come for it, so the position is unknown
 
     @classmethod
-    async def open(cls, bus: JetStreamBus, start_seq: int) -> _BatchReader:
+    async def open(cls, bus: JetStreamBus, start_seq: int = 1, start_time: float | None = None) -> _BatchReader:
+        """A reader from stream sequence ``start_seq``, or from the first message stored at or after
+        ``start_time`` (unix seconds) when given."""
         js, nc = bus.js, bus.nc
         if js is None or nc is None:
             raise PublishFailed("not connected")
-        cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq,
-                                 ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
-                                 filter_subject=bus.cfg.events_subject)
+        position: dict[str, Any] = (
+            {"deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_seq}
+            if start_time is None else
+            {"deliver_policy": api.DeliverPolicy.BY_START_TIME,
+             "opt_start_time": datetime.fromtimestamp(start_time, UTC)})
+        cfg = api.ConsumerConfig(**position, ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0,
+                                 mem_storage=True, filter_subject=bus.cfg.events_subject)
         info = await js.add_consumer(bus.cfg.events_stream, config=cfg)
         assert info.name is not None
         reader = cls(bus, info.name, nc.new_inbox())
@@ -165,11 +213,12 @@ class _BatchReader:
         if not msg.data and msg.headers and msg.headers.get("Status"):
             done.set_result(None)  # 404 no messages / 408 expired: the batch ends short
             return
-        self._rows.append((ack_delivery(msg.reply)[0], msg.data))
+        seq, at, _ = ack_delivery(msg.reply)
+        self._rows.append((seq, at, msg.data))
         if len(self._rows) >= self._want:
             done.set_result(None)
 
-    async def fetch(self, want: int, timeout: float) -> list[tuple[int, bytes]]:
+    async def fetch(self, want: int, timeout: float) -> list[tuple[int, float, bytes]]:
         nc = self.bus.nc
         if nc is None:
             raise PublishFailed("not connected")
