@@ -53,6 +53,9 @@ def _detail(d: DecisionDetail) -> str:
                      "yes" if inside else "late (after the window)") for at, ev, inside in d.events],
                    "no outcome events for this decision")
     feats = table(["feature", "value"], sorted((k, v) for k, v in d.features.items()), "no features logged")
+    if d.events_cut_at is not None:
+        events += (f'<p class="error" data-testid="events-cut">Outcome events read only up to {when(d.events_cut_at)}'
+                   " (the JetStream read cap, or NATS did not answer): later events are not listed.</p>")
     return (f'<section data-testid="decision-detail"><h2>Decision {h(r["decision_id"])} {state}</h2>{facts}'
             f"<h2>Shown offers</h2>{shown}<h2>Outcome events</h2>{events}"
             f'<h2>Candidates</h2>{candidates}<h2>Features</h2><div data-testid="features">{feats}</div></section>')

@@ -1,7 +1,8 @@
 """Decisions joined with their outcome events, read back from the two logs for the dashboard.
 
 The decision log (Parquet, one record per decision) says what was shown, by which model version, with
-which probabilities; the event log (SQLite) holds every accepted outcome event with its ``decision_id``.
+which probabilities; the event log holds every accepted outcome event with its ``decision_id``: the embedded
+SQLite table (``events.backend: sqlite``) or the events stream on NATS JetStream (``events.backend: jetstream``).
 This module joins them the way `RewardJoiner` does for learning: an event counts for a shown offer when
 it arrives inside the placement's wait window, weighted by the placement's reward definition, each
 offer's reward capped, and a shown offer with no outcome gets the default. Two simplifications, both
@@ -11,6 +12,15 @@ and an ``order`` event without a ``decision_id`` (attributed by customer in the 
 Reads are bounded (``since`` and ``max_decisions``) and run on a worker thread (the caller's job): the
 dashboard reads the logs, it never slows the hot path. The decision log writer is flushed first, so a
 decision served a moment ago can be looked up.
+
+An event's time, against which the reward window is checked: on SQLite its ``received_at`` (when Kassa
+accepted it); on JetStream the time JetStream stored the message (read from each delivery's reply subject),
+which is the moment Kassa acknowledged it except for an event spooled while NATS was away, stored (and so
+dated) when the spool was replayed. The stream has no index by decision: `Outcomes` reads it from the first
+message stored at or after ``since`` (a consumer started by time, so nothing older is read) to its end and
+keeps the events of the decisions asked for. That scan reads at most ``max_events`` events (`MAX_EVENTS`):
+when it stops short, ``events_cut_at`` on the result says up to when events were read, and the page says so.
+A single decision's lookup reads from the decision's own time (less `_SKEW_SECONDS`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from sqlalchemy.pool import NullPool
 
 from kassa import schemas
 from kassa.app import Kassa
+from kassa.events.jetstream_log import JetStreamEventLog
 from kassa.events.log import SqliteEventLog, events_table
 
 _event_decoder = msgspec.json.Decoder(schemas.Event)
@@ -35,6 +46,12 @@ _BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1
 
 
 ALL_VERSIONS = "all versions"
+# At most this many events are read from the JetStream events stream for one page (`Outcomes.max_events`):
+# 100,000 took 1.8-3.6 s and 1.2-2.1 s of CPU on the shared 2-core VM (`JetStreamEventLog.scan_since`).
+MAX_EVENTS = 100_000
+# Events are read from this long before a decision's time: the decision's clock (the serving host's) and
+# the event's (JetStream's stored time, or the SQLite writer's) can differ a little.
+_SKEW_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -61,6 +78,9 @@ class PlacementOutcomes:
     # reward per closed decision in time buckets, per model version: {version: [(bucket start, rate, n)]}
     curve: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
     bucket_seconds: float = 60.0
+    # set when the event log was not read to its end (the JetStream read cap, or NATS unreachable): events
+    # stored after this time are not counted
+    events_cut_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +102,7 @@ class DecisionDetail:
     closes_at: float
     closed: bool
     reward: float
+    events_cut_at: float | None = None  # as in `PlacementOutcomes`
 
 
 def _weights(definition: schemas.RewardDefinition | None) -> schemas.RewardDefinition:
@@ -101,15 +122,17 @@ def _credit(definition: schemas.RewardDefinition, event: schemas.Event, offer_va
 class Outcomes:
     """Reads of one Kassa process's decision and event logs."""
 
-    def __init__(self, kassa: Kassa) -> None:
+    def __init__(self, kassa: Kassa, max_events: int | None = None) -> None:
         self.kassa = kassa
+        self.max_events = MAX_EVENTS if max_events is None else max_events
         # The decision log this process's data dir holds (on JetStream, the writer role's; ADR 0008).
         self.decisions_dir = kassa.settings.data_path / "decisions"
-        # NullPool: no connection stays open on the event log between dashboard reads. On JetStream there is no
-        # local event table: outcomes then show as none (the dashboard reads the embedded log only).
+        # NullPool: no connection stays open on the event log between dashboard reads. On JetStream the events
+        # stream is scanned through the process's bus (`JetStreamEventLog.scan_since`).
         log = kassa.event_log
         self._events = (sa.create_engine(f"sqlite:///{log.path}", poolclass=NullPool)
                         if isinstance(log, SqliteEventLog) else None)
+        self._stream = log if isinstance(log, JetStreamEventLog) else None
 
     # ------------------------------------------------------------------ raw reads
     def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int) -> list[tuple]:
@@ -156,7 +179,12 @@ class Outcomes:
                         for t, n, fb, p50, p99 in rows]
 
     def _events_for(self, decision_ids: Iterable[str] | None, since: float | None = None
-                    ) -> dict[str, list[tuple[float, schemas.Event]]]:
+                    ) -> tuple[dict[str, list[tuple[float, schemas.Event]]], float | None]:
+        """The outcome events (event time, event) of ``decision_ids`` (None: of every decision) at or after
+        ``since``, oldest first, by decision id; and, when the log was not read to its end, the time up to which
+        it was (see the module doc)."""
+        if self._stream is not None:
+            return self._stream_events_for(decision_ids, since)
         t = events_table
         stmt = sa.select(t.c.decision_id, t.c.received_at, t.c.body).where(t.c.decision_id.is_not(None))
         if decision_ids is not None:
@@ -165,11 +193,32 @@ class Outcomes:
             stmt = stmt.where(t.c.received_at >= since)
         out: dict[str, list[tuple[float, schemas.Event]]] = {}
         if self._events is None:
-            return out
+            return out, None
         with self._events.connect() as conn:
             for decision_id, received_at, body in conn.execute(stmt.order_by(t.c.seq)):
                 out.setdefault(decision_id, []).append((float(received_at), _event_decoder.decode(body)))
-        return out
+        return out, None
+
+    def _stream_events_for(self, decision_ids: Iterable[str] | None, since: float | None
+                           ) -> tuple[dict[str, list[tuple[float, schemas.Event]]], float | None]:
+        assert self._stream is not None
+        wanted = set(decision_ids) if decision_ids is not None else None
+        start = since if since is not None else 0.0
+        rows, complete = self._stream.scan_since(start, self.max_events)
+        # A few ids: skip the bodies that do not contain one (as msgspec encodes it) before decoding.
+        needles = ([msgspec.json.encode(d)[1:-1] for d in wanted] if wanted is not None and len(wanted) <= 8
+                   else None)
+        out: dict[str, list[tuple[float, schemas.Event]]] = {}
+        decode = _event_decoder.decode
+        for at, body in rows:
+            if needles is not None and not any(n in body for n in needles):
+                continue
+            event = decode(body)
+            if event.decision_id is None or (wanted is not None and event.decision_id not in wanted):
+                continue
+            out.setdefault(event.decision_id, []).append((at, event))
+        cut_at = None if complete else (rows[-1][0] if rows else start)
+        return out, cut_at
 
     # ------------------------------------------------------------------ per placement
     def placements(self, since: float, max_decisions: int = 100_000, buckets: int = 20,
@@ -179,7 +228,7 @@ class Outcomes:
         rows = self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen",
                                      max_decisions)
         # events of these decisions only arrive after the oldest of them: no older event is read
-        events = self._events_for(None, min((r[1] for r in rows), default=now))
+        events, cut_at = self._events_for(None, min(r[1] for r in rows) - _SKEW_SECONDS) if rows else ({}, None)
         snapshot = self.kassa.catalog.snapshot
         span = max(now - min((r[1] for r in rows), default=now), 1.0)
         bucket_seconds = next((b for b in _BUCKETS if b >= span / buckets), _BUCKETS[-1])
@@ -188,7 +237,8 @@ class Outcomes:
         for decision_id, ts, placement, version, chosen in rows:
             po = out.get(placement)
             if po is None:
-                po = out[placement] = PlacementOutcomes(placement, bucket_seconds=bucket_seconds)
+                po = out[placement] = PlacementOutcomes(placement, bucket_seconds=bucket_seconds,
+                                                        events_cut_at=cut_at)
             view = snapshot.placements.get(placement)
             definition = _weights(view.placement.reward if view else None)
             by_version = po.by_version.setdefault(version, Tally())
@@ -260,7 +310,9 @@ class Outcomes:
         record = dict(zip(names, rows[0], strict=True))
         view = self.kassa.catalog.snapshot.placements.get(record["placement"])
         definition = _weights(view.placement.reward if view else None)
-        events = self._events_for([decision_id]).get(decision_id, [])
+        # events of a decision arrive after it: none older is read (on JetStream, the scan starts there)
+        found, cut_at = self._events_for([decision_id], record["ts"] - _SKEW_SECONDS)
+        events = found.get(decision_id, [])
         chosen: list[str] = list(record["chosen"] or [])
         per_offer = self._offer_rewards(definition, record["ts"], chosen, events)
         closes_at = record["ts"] + definition.wait_seconds
@@ -273,7 +325,7 @@ class Outcomes:
             candidates=list(zip(record["candidates"] or [], record["probabilities"] or [], strict=False)),
             events=[(at, ev, at <= closes_at) for at, ev in events],
             shown=shown, closes_at=closes_at, closed=now >= closes_at,
-            reward=sum(o.reward for o in shown),
+            reward=sum(o.reward for o in shown), events_cut_at=cut_at,
         )
 
     def recent(self, limit: int = 20) -> list[tuple[str, float, str, str, list[str]]]:

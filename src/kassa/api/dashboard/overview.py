@@ -129,6 +129,7 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
             + '<p class="muted">Decisions of the last 24 hours (the newest 100,000), joined here with their '
             "events from the decision and event logs using today's reward definition; orders attributed by "
             "customer (no decision_id) are counted by the learner only.</p>"
+            + _events_cut(stats.events_cut_at if stats else None, dash.outcomes.max_events)
             + _canary(dash, placement_id)
             + "<h2>Evaluations and gate decisions</h2>" + _evaluations(versions)
             + "<h2>Stage history</h2>"
@@ -137,6 +138,15 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
                     "no stage changes yet")
             + "<h2>Drift</h2>" + _drift(dash, placement_id))
     return page(f"Placement {placement_id}", body, "/dashboard/placements", session.csrf)
+
+
+def _events_cut(cut_at: float | None, max_events: int) -> str:
+    """The note when the event log was not read to its end (JetStream: the read cap, or NATS unreachable)."""
+    if cut_at is None:
+        return ""
+    return (f'<p class="error" data-testid="events-cut">Outcome events read only up to {when(cut_at)} (at most '
+            f"{max_events:,} events are read from the JetStream events stream per page, or NATS did not answer): "
+            "rewards of decisions whose window ends after that are undercounted.</p>")
 
 
 def _canary(dash: Dashboard, placement_id: str) -> str:
