@@ -304,10 +304,14 @@ def evaluate_command(
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
+    slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
+                                             "pseudo-inverse estimator, on the decisions a uniform slate policy "
+                                             "logged (e.g. `policy: uniform`).")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
-    uniform-random and the logged policy; records the gate's verdict on the candidate."""
+    uniform-random and the logged policy; records the gate's verdict on the candidate. With --slate, the
+    pseudo-inverse estimate of the whole slate's reward instead (uniformly logged decisions only)."""
     from kassa.learn.offline import ope, ope_report
     from kassa.learn.offline.dataset import load_logged
     from kassa.learn.offline.evaluate import evaluate_models
@@ -318,6 +322,12 @@ def evaluate_command(
         raise typer.BadParameter(f"must be one of {', '.join(ope.ESTIMATORS)}", param_hint="--estimator")
     if rule not in ("lcb_beats_estimate", "lcb_beats_ucb"):
         raise typer.BadParameter("must be lcb_beats_estimate or lcb_beats_ucb", param_hint="--rule")
+    if slate:
+        for given, name in ((promote, "--promote"), (max_weight is not None, "--max-weight"),
+                            (report is not None, "--report"), (png is not None, "--png")):
+            if given:
+                raise typer.BadParameter(f"{name} applies to the top-slot evaluation, not to --slate",
+                                         param_hint="--slate")
     t0 = time.perf_counter()
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)
@@ -353,6 +363,10 @@ def evaluate_command(
             console.print(f"[red]no closed decisions to evaluate on[/] for {placement} in the window "
                           f"{_fmt_time(start)} .. {_fmt_time(end)} ({data.pending} still pending)")
             raise typer.Exit(1)
+        if slate:
+            _evaluate_slate(ctx, data, snap, cand, base, pl.slots, level, margin, rule, workers, progress, min_ess,
+                            start, end, now, t0, json_out)
+            return
         evaluation, verdict = evaluate_models(
             data, snap, (cand.version, ctx.registry.path(cand)),
             (base.version, ctx.registry.path(base)) if base else None,
@@ -397,6 +411,54 @@ def evaluate_command(
         _print_json({"candidate": cand.version, "baseline": base.version if base else None, "rows": len(data),
                      "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
                      "promoted": promoted is not None, "evaluation": evaluation.to_dict()})
+
+
+def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots: int, level: float, margin: float,
+                    rule: str, workers: int | None, progress: Any, min_ess: float, start: float | None,
+                    end: float | None, now: float, t0: float, json_out: bool) -> None:
+    """`kassa evaluate --slate`: PI of the whole slate on uniformly logged decisions (`evaluate_slates`)."""
+    from kassa.learn.offline import ope, ope_report
+    from kassa.learn.offline.evaluate import NoUniformRows, evaluate_slates
+
+    try:
+        result = evaluate_slates(data, snap, (cand.version, ctx.registry.path(cand)),
+                                 (base.version, ctx.registry.path(base)) if base else None, slots, level, margin,
+                                 rule, workers, progress, min_ess)  # type: ignore[arg-type]
+    except NoUniformRows as exc:
+        console.print(f"[red]no slate to evaluate:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    seconds = time.perf_counter() - t0
+    evaluation, verdict = result.evaluation, result.gate
+    title = (f"{cand.version} vs {base.version if base else 'no production'}: whole {slots}-slot slates on "
+             f"{evaluation.n:,} uniformly logged decisions")
+    out.print(ope_report.estimates_table(evaluation, title=title, gate=verdict))
+    skipped = {k: v for k, v in result.left_out.items() if v}
+    if skipped:
+        console.print(f"left out {sum(skipped.values()):,} of {result.considered:,} decisions: "
+                      + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in skipped.items()), highlight=False)
+    cand_est = evaluation.estimate(cand.version, "pseudo_inverse")
+    small = cand_est.ess < min_ess
+    if small:
+        console.print(f"[red]sample too small:[/] the candidate's slate estimate rests on an effective sample size "
+                      f"of {cand_est.ess:.0f} (of {evaluation.n:,} decisions), below the minimum {min_ess:.0f}; "
+                      "its estimate and interval are not a basis for promotion. Evaluate on more traffic.")
+    if verdict is None:
+        console.print("[yellow]no production version to compare with[/]: the gate was not applied")
+    record = {"passed": bool(verdict.passed) if verdict else False,
+              "reason": verdict.reason if verdict else "no production version to compare with" + (
+                  f"; effective sample size {cand_est.ess:.0f} below the minimum {min_ess:.0f}" if small else ""),
+              "min_ess": min_ess, "estimator": "pseudo_inverse", "slots": slots,
+              "baseline": base.version if base else None, "rows": evaluation.n, "left_out": result.left_out,
+              "since": start, "until": end, "at": now, "candidate_estimate": cand_est.to_dict(),
+              "baseline_estimate": evaluation.estimate(base.version, "pseudo_inverse").to_dict() if base else None,
+              "logged_estimate": evaluation.estimate(ope.LOGGED, ope.ON_POLICY).to_dict()}
+    # Kept apart from "evaluation", the top-slot record the promotion gate reads.
+    ctx.registry.update_metrics(cand.version, {"slate_evaluation": record})
+    if json_out:
+        _print_json({"candidate": cand.version, "baseline": base.version if base else None, "slots": slots,
+                     "rows": evaluation.n, "considered": result.considered, "left_out": result.left_out,
+                     "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
+                     "evaluation": evaluation.to_dict()})
 
 
 # ---------------------------------------------------------------------------------------------- drift

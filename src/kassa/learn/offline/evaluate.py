@@ -37,6 +37,15 @@ class Scored:
     q_target: np.ndarray  # reward model's expected value under the model (for DR)
 
 
+def _row_pmf(model: VWModel, data: LoggedDecisions, lines: dict[str, str], i: int) -> tuple[list[str], list[float]]:
+    """The model's probability for each of row ``i``'s logged candidates the catalog still describes (the
+    same learner lines the live decision built, rebuilt from the log), in the logged candidates' order."""
+    cands = [c for c in data.candidates[i] if c in lines]
+    if not cands:
+        return [], []
+    return cands, model.pmf(logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands])
+
+
 def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
     data: LoggedDecisions = _WORK["data"]
     lines: dict[str, str] = _WORK["lines"]
@@ -47,11 +56,12 @@ def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.
     target = np.zeros(n)
     q_target = np.zeros(n)
     for j, i in enumerate(range(start, end)):
-        cands = [c for c in data.candidates[i] if c in lines]
         logged = data.chosen[i][0]
-        if not cands or logged not in lines:
+        if logged not in lines:
             continue
-        pmf = model.pmf(logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands])
+        cands, pmf = _row_pmf(model, data, lines, i)
+        if not cands:
+            continue
         total = 0.0
         for c, p in zip(cands, pmf, strict=True):
             if c == logged:
@@ -159,3 +169,175 @@ def evaluate_models(
                            margin, rule, min_ess=min_ess)
     return evaluation, verdict
 
+
+
+# ---------------------------------------------------------------------------------------------- slates
+# `kassa evaluate --slate`: the whole slate's reward (every shown slot), by the pseudo-inverse estimator.
+
+class NoUniformRows(ValueError):
+    """No logged decision of the window qualifies for the pseudo-inverse estimator."""
+
+
+@dataclass(slots=True)
+class UniformSlates:
+    """The rows a uniform slate policy logged, as PI reads them: each row's logged slate as candidate indices,
+    its number of candidates and its whole slate's reward; and how many rows were left out, and why."""
+
+    rows: list[int]
+    logged: np.ndarray  # (n, slots) candidate indices
+    n_candidates: np.ndarray  # (n,)
+    reward: np.ndarray  # (n,) sum over the shown slots
+    left_out: dict[str, int]
+
+
+def uniform_slate_rows(data: LoggedDecisions, slots: int) -> UniformSlates:
+    """Rows whose ``slots`` shown offers a uniform slate policy drew: slot ``j``'s logged probability is
+    ``1/(m - j)`` with ``m`` the row's number of logged candidates (Kassa's ``policy: uniform``). Others are
+    left out and counted: a fallback answer, another number of shown offers, other probabilities (a learned
+    or baseline policy), a shown offer not among the candidates, fewer than 2 candidates."""
+    left = {"fallback": 0, "other_slot_count": 0, "not_uniform": 0, "shown_not_candidate": 0, "too_few_candidates": 0}
+    rows: list[int] = []
+    logged: list[list[int]] = []
+    m: list[int] = []
+    reward: list[float] = []
+    for i in range(len(data)):
+        cands, shown, probs = data.candidates[i], data.chosen[i], data.chosen_probabilities[i]
+        if data.fallback[i]:
+            left["fallback"] += 1
+            continue
+        if len(shown) != slots:
+            left["other_slot_count"] += 1
+            continue
+        k = len(cands)
+        if k < 2:
+            left["too_few_candidates"] += 1
+            continue
+        if any(abs(p * (k - j) - 1.0) > 1e-6 for j, p in enumerate(probs)):
+            left["not_uniform"] += 1
+            continue
+        pos = {c: j for j, c in enumerate(cands)}
+        if any(o not in pos for o in shown):
+            left["shown_not_candidate"] += 1
+            continue
+        rows.append(i)
+        logged.append([pos[o] for o in shown])
+        m.append(k)
+        reward.append(float(sum(data.rewards[i])))
+    return UniformSlates(rows, np.asarray(logged, dtype=np.int64).reshape(len(rows), slots),
+                         np.asarray(m, dtype=np.int64), np.asarray(reward, dtype=np.float64), left)
+
+
+def _slate_range(model_path: str, start: int, end: int) -> np.ndarray:
+    """The model's deterministic slate on rows ``_WORK["rows"][start:end]``: its ``slots`` most probable
+    candidates, most probable first (ties in logged-candidate order, like the live greedy order of
+    `kassa.decide.policy.PmfPolicy`), as indices into the row's logged candidates; -1 where the catalog no
+    longer describes enough of them."""
+    data: LoggedDecisions = _WORK["data"]
+    lines: dict[str, str] = _WORK["lines"]
+    rows: list[int] = _WORK["rows"]
+    slots: int = _WORK["slots"]
+    model = VWModel(Path(model_path), "eval")
+    out = np.full((end - start, slots), -1, dtype=np.int64)
+    for j, i in enumerate(rows[start:end]):
+        cands, pmf = _row_pmf(model, data, lines, i)
+        if len(cands) < slots:
+            continue
+        pos = {c: k for k, c in enumerate(data.candidates[i])}
+        order = sorted(range(len(cands)), key=pmf.__getitem__, reverse=True)[:slots]
+        out[j] = [pos[cands[k]] for k in order]
+    return out
+
+
+def slates(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, rows: list[int], slots: int,
+           workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """`_slate_range` over ``rows``, split across forked workers like `score`."""
+    n = len(rows)
+    workers = workers or min(os.cpu_count() or 1, 4)
+    _WORK.update(data=data, lines=snap.action_lines, rows=rows, slots=slots)
+    try:
+        if workers <= 1 or n < 20_000:
+            out = _slate_range(str(model_path), 0, n)
+            if progress:
+                progress(n, n)
+            return out
+        chunk = max(5_000, n // (workers * 8))
+        ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+        out = np.full((n, slots), -1, dtype=np.int64)
+        done = 0
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            futures = {pool.submit(_slate_range, str(model_path), a, b): (a, b) for a, b in ranges}
+            for fut in futures:
+                a, b = futures[fut]
+                out[a:b] = fut.result()
+                done += b - a
+                if progress:
+                    progress(done, n)
+        return out
+    finally:
+        _WORK.clear()
+
+
+@dataclass(slots=True)
+class SlateEvaluation:
+    evaluation: ope.Evaluation  # PI per model, the logged policy's observed mean slate reward
+    gate: ope.GateResult | None
+    slots: int
+    considered: int  # rows of the window
+    left_out: dict[str, int]  # rows not evaluated, by reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"slots": self.slots, "rows": self.evaluation.n, "considered": self.considered,
+                "left_out": dict(self.left_out), "evaluation": self.evaluation.to_dict(),
+                "gate": self.gate.to_dict() if self.gate else None}
+
+
+def evaluate_slates(
+    data: LoggedDecisions,
+    snap: CatalogSnapshot,
+    candidate: tuple[str, Path],
+    baseline: tuple[str, Path] | None,
+    slots: int,
+    level: float = 0.95,
+    margin: float = 0.0,
+    rule: ope.GateRule = "lcb_beats_estimate",
+    workers: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    min_ess: float = MIN_ESS,
+) -> SlateEvaluation:
+    """The pseudo-inverse estimate of each model's whole-slate reward (its greedy top-``slots`` ranking over
+    each row's logged candidates, no exploration) on the rows a uniform slate policy logged, next to the
+    logged policy's observed mean slate reward; the gate's verdict of candidate vs baseline on those
+    estimates (refused below ``min_ess``). Raises `NoUniformRows` when no row qualifies."""
+    found = uniform_slate_rows(data, slots)
+    if not found.rows:
+        reasons = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in found.left_out.items() if v)
+        raise NoUniformRows(
+            f"none of the {len(data):,} decisions was logged by a uniform slate policy showing {slots} offers "
+            f"({reasons}); the pseudo-inverse estimator needs uniformly logged slates (slot j's probability "
+            "1/(m - j) over m candidates), e.g. traffic of a placement with `policy: uniform`")
+    left = dict(found.left_out)
+    targets: dict[str, np.ndarray] = {}
+    for name, path in [candidate] + ([baseline] if baseline else []):
+        cb = (lambda i, n, name=name: progress(f"slates {name}", i, n)) if progress else None
+        targets[name] = slates(path, data, snap, found.rows, slots, workers, cb)
+    keep = np.ones(len(found.rows), dtype=bool)
+    for t in targets.values():
+        keep &= (t >= 0).all(axis=1)
+    left["unscorable"] = int((~keep).sum())  # the catalog no longer describes enough of the candidates
+    if not keep.any():
+        raise NoUniformRows(f"none of the {len(found.rows):,} uniformly logged decisions has {slots} candidates "
+                            "the catalog still describes; the model cannot rank them")
+    r = found.reward[keep]
+    reward_range = (min(0.0, float(r.min())), max(0.0, float(r.max())))
+    policies: dict[str, ope.PolicyEvaluation] = {}
+    for name, t in targets.items():
+        est = ope.pseudo_inverse(r, t[keep], found.logged[keep], found.n_candidates[keep], level, reward_range)
+        policies[name] = ope.PolicyEvaluation(name, {"pseudo_inverse": est})
+    policies[ope.LOGGED] = ope.PolicyEvaluation(ope.LOGGED, {ope.ON_POLICY: ope.on_policy(r, level=level)})
+    evaluation = ope.Evaluation(int(r.shape[0]), level, "normal", None, ("pseudo_inverse",), policies,
+                                float(r.mean()))
+    verdict = None
+    if baseline is not None:
+        verdict = ope.gate(evaluation.estimate(candidate[0], "pseudo_inverse"),
+                           evaluation.estimate(baseline[0], "pseudo_inverse"), margin, rule, min_ess=min_ess)
+    return SlateEvaluation(evaluation, verdict, slots, len(data), left)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 DATA_ID = "kassa-ope-data"
 SCHEMA = 1
 ESTIMATOR_TITLES = {"ips": "IPS", "snips": "Self-normalised IPS", "dr": "Doubly robust", ON_POLICY: "On-policy mean"}
-ESTIMATOR_SHORT = {"ips": "IPS", "snips": "SNIPS", "dr": "DR", ON_POLICY: "on-policy mean"}
+ESTIMATOR_SHORT = {"ips": "IPS", "snips": "SNIPS", "dr": "DR", "pseudo_inverse": "PI (slate)",
+                   ON_POLICY: "on-policy mean"}
 # Colour-blind-safe (Okabe–Ito) colours for target policies in order; the logged policy is always slate,
 # because it is the reference every other bar is read against.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
