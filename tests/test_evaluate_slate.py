@@ -85,6 +85,18 @@ def test_slate_estimate_covers_the_simulators_truth(client, kassa, clock):
     assert pi["ess"] >= 100 and "below the minimum" not in result["gate"]["reason"]
     shown = registry.get(version).metrics["slate_evaluation"]
     assert shown["estimator"] == "pseudo_inverse" and shown["rows"] == rows
+    # The min-ESS rule of the top-slot evaluation: below it, the estimate is flagged as no basis for promotion.
+    small = runner.invoke(app, ["evaluate", "--placement", PLACEMENT, "--candidate", version, "--baseline", "none",
+                                "--slate", "--min-ess", "5000", "--data-dir", data_dir, "--json"])
+    assert "sample too small" in " ".join(small.output.split())
+    assert "below the minimum 5000" in _json(small)["gate"]["reason"]
+    # Against another version the gate compares the two PI estimates (the same data trained twice: no better).
+    again = _json(runner.invoke(app, ["train", "--placement", PLACEMENT, "--holdout", "0.5", "--data-dir",
+                                      data_dir, "--json"]))["version"]
+    gated = _json(runner.invoke(app, ["evaluate", "--placement", PLACEMENT, "--candidate", again, "--baseline",
+                                      version, "--slate", "--data-dir", data_dir, "--json"]))
+    assert {again, version, "logged"} == set(gated["evaluation"]["policies"])
+    assert gated["gate"]["passed"] is False and "candidate lower bound" in gated["gate"]["reason"]
 
 
 def test_slate_refused_without_uniform_logging(tmp_path, settings, clock):
