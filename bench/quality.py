@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import hashlib
 import itertools
 import json
 import logging
@@ -306,6 +307,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
     learned_share = 0.0
     explored = 0
     t_sim = 0.0
+    served = hashlib.sha256()  # every offer the learning placement showed, in order: equal in two runs of a seed
     with tempfile.TemporaryDirectory(prefix="kassa-bench-quality-") as tmp:
         # Kassa's clock is the world's (orders and decisions at simulated days), so its days since a purchase
         # and repeat intervals are the buyers'; the reward wait is the same 2 x ``rate`` checkouts as before.
@@ -323,6 +325,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
                 body = {"placement": "cross_sell", "customer": {"id": f"c{c}"}, "order": order, "limit": 3}
                 res = await http.decide(body)
                 shown = [int(o["offer_id"][1:]) for o in res["offers"]]
+                served.update((" ".join(o["offer_id"] for o in res["offers"]) + "\n").encode())
                 basket = set(items)
                 probs = [world.p_accept(c, basket, p, t_sim) for p in shown]
                 if i >= half:  # scored before this checkout's accepts change the world
@@ -363,7 +366,7 @@ async def product_run(seed: int, n: int, n_products: int, n_customers: int, rate
             "best_heuristic": best, "vs_best_heuristic": rates["policy"] / heur[best],
             "vs_baseline": rates["policy"] / rates["baseline"], "learned_share": learned_share / m,
             "explored_share": explored / m, "last_guard_verdict": verdict, "guard": guard_on,
-            "seconds": round(seconds, 1)}
+            "served_sha256": served.hexdigest()[:16], "seconds": round(seconds, 1)}
 
 
 # ============================================================================================== offer world
@@ -449,6 +452,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
     policy, oracle, static = [], [], defaultdict(float)
     probs1 = []
     learned = 0  # last third: decisions a learned snapshot served (not the baseline or the fallback)
+    served = hashlib.sha256()
     with tempfile.TemporaryDirectory(prefix="kassa-bench-quality-") as tmp:
         http = _Http(offer_catalog(world), seed, Path(tmp), rate)
         started = time.perf_counter()
@@ -464,6 +468,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
                 res = await http.decide(body)
                 off = res["offers"][0]
                 o = int(off["offer_id"][1:])
+                served.update(f"{off['offer_id']}\n".encode())
                 policy.append(world.ev(o, ctx))
                 oracle.append(max(world.ev(j, ctx) for j in range(len(world.ids))))
                 if 1000 <= i < 2000:
@@ -489,7 +494,7 @@ async def offer_run(seed: int, n: int, rate: float) -> dict[str, Any]:
             "cold_policy": cold_policy, "cold_best_static": best_static, "cold_ratio": cold_policy / best_static,
             "mean_slot1_probability": statistics.fmean(probs1), "learned_share": learned / (n // 3),
             "last_guard_verdict": verdict, "guard": guard_on,
-            "seconds": round(seconds, 1)}
+            "served_sha256": served.hexdigest()[:16], "seconds": round(seconds, 1)}
 
 
 # ================================================================================================== report
@@ -596,13 +601,13 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
             products.append(r)
             print(f"products seed {seed}: learned {r['policy']:.4f} baseline {r['baseline']:.4f} best heuristic "
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
-                  f"{r['seconds']} s", file=sys.stderr)
+                  f"served {r['served_sha256']}, {r['seconds']} s", file=sys.stderr)
         if args.offer_checkouts and args.world in ("offers", "both"):
             r = await offer_run(seed, args.offer_checkouts, args.rate)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
                   f"cold {r['cold_ratio']:.2f}, slot-1 p {r['mean_slot1_probability']:.3f}, "
-                  f"learned share {r['learned_share']:.2f}, {r['seconds']} s",
+                  f"learned share {r['learned_share']:.2f}, served {r['served_sha256']}, {r['seconds']} s",
                   file=sys.stderr)
     return products, offers
 
