@@ -287,3 +287,25 @@ def test_product_action_lines_carry_no_product_id(
     line = action_line(snap.offers["serum-upsell"])
     assert "serum-upsell" not in line and " |i " not in line and "cat=skincare" in line
     assert "id=warranty" in action_line(snap.offers["warranty"])  # other offers keep their id, crossed
+
+
+def test_a_products_category_is_crossed_with_the_baskets_categories_only() -> None:
+    # ADR 0010: a product's category crossed (-q co) with every context feature cost the product learner ~6 %
+    # where categories carried no signal; it is linear in |k and crossed (-q bk) with the basket's categories.
+    from kassa.features.featurize import action_line, shared_line
+    from kassa.learn.offline.dataset import logged_shared_line
+    from kassa.learn.online.learner import vw_args
+
+    product = schemas.Offer(id="p1", kind="product", title="t", sku="p1", category="dairy", value=5.0)
+    line = action_line(product)
+    assert " |k cat=dairy" in line and "cat=" not in line.split(" |k ")[0]
+    partner = schemas.Offer(id="w", kind="partner", title="t", category="dairy", value=5.0)
+    assert " |k " not in action_line(partner) and "cat=dairy" in action_line(partner)  # crossed as before
+    features = {"hour": "9", "cat": ["bakery", "dairy"], "prev_cat": ["fruit"], "guest": False}
+    shared = shared_line(features)
+    assert shared.startswith("shared |c ") and shared.endswith(" |b cat=bakery cat=dairy prev_cat=fruit")
+    assert shared_line({"hour": "9"}) == "shared |c hour=9"  # no categories: no |b
+    # batch training and OPE rebuild the same line from the decision log (lists logged joined with "|")
+    assert logged_shared_line({"hour": "9", "cat": "bakery|dairy", "prev_cat": "fruit", "guest": False}) == shared
+    placement = schemas.Placement(id="x", retrieval=schemas.Retrieval())
+    assert " -q co -q bk --ignore_linear b " in f" {vw_args(placement)} "

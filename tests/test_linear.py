@@ -75,6 +75,8 @@ def max_difference(a: LinearModel, b: VWModel, trials: int = 150, seed: int = 7)
     "--squarecb -q co -l 5 -b 18",  # overshooting weights: scores outside the label range are not clipped
     "--squarecb -q oc -q cg -b 18",  # action namespace first; two interactions
     "--squarecb -q cd -q og -b 18",  # shared x shared and action x action
+    "--squarecb -q co -q dg -b 18",  # two shared x action crosses
+    "--squarecb -q co -q dg --ignore_linear d -b 18",  # Kassa's ``-q co -q bk --ignore_linear b``
     "--squarecb --noconstant -q co -b 16",
 ])
 def test_probabilities_equal_vw(tmp_path: Path, args: str) -> None:

@@ -356,3 +356,25 @@ def test_scored_retrieval_builds_suffixes_only_for_the_candidates_it_returns() -
     few = r.retrieve_scored(["A"], None, T0 + 60, 40, 0, 0, 3)
     many = r.retrieve_scored(["A"], None, T0 + 60, 40, 0, 0, 40)
     assert len(few) == 3 and few == many[:3]  # the cut takes the best of the same merge
+
+
+def test_cache_refresh_follows_the_given_clock_not_the_machines() -> None:
+    # Issue 14 (reproducible seeded runs): a cached neighbour list or popularity top list is rebuilt when the
+    # retriever's clock (Kassa's, simulated in the bench) says it is stale, however fast the machine runs.
+    now = [T0]
+    r = ProductRetriever(refresh_seconds=10.0, clock=lambda: now[0])
+    r.observe_order(order(["A", "B"], "o1"), None, T0)
+    assert keys_of(r.retrieve(["A"], None, T0, 5, 0, 5, 5)) == ["B"]  # first read builds the caches
+    for i in range(5):
+        r.observe_order(order(["A", "C"], f"c{i}"), None, T0 + i)
+    # the clock has not moved: the cached lists stay as built, whatever wall time passed
+    assert keys_of(r.retrieve(["A"], None, T0, 5, 0, 0, 5), "co_purchase") == ["B"]
+    assert keys_of(r.retrieve(["Z"], None, T0, 0, 0, 5, 5), "popular") == ["A", "B"]
+    now[0] = T0 + 10.0  # stale on the given clock: rebuilt
+    assert keys_of(r.retrieve(["A"], None, T0, 5, 0, 0, 5), "co_purchase") == ["C", "B"]
+    assert keys_of(r.retrieve(["Z"], None, T0, 0, 0, 5, 5), "popular") == ["A", "C", "B"]
+    for i in range(5):
+        r.observe_order(order(["A", "D"], f"d{i}"), None, T0 + 20 + i)
+    now[0] = T0  # a clock that steps back counts as stale too, rather than freezing the caches
+    assert keys_of(r.retrieve(["A"], None, T0, 5, 0, 0, 5), "co_purchase")[0] in ("C", "D")
+    assert "D" in keys_of(r.retrieve(["A"], None, T0, 5, 0, 0, 5), "co_purchase")

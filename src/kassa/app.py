@@ -94,7 +94,7 @@ class Kassa:
         self.offline = OfflineStore(data / "offline")
         self.features = FeatureService(self.repo, self.store, self.offline, clock,
                                        timestamp_window=settings.server.timestamp_window_seconds)
-        self.retriever = ProductRetriever()
+        self.retriever = ProductRetriever(clock=clock)  # cache refreshes on Kassa's clock: seeded runs repeat
         self.ledger = self.state.ledger
         self.models = ModelStore()
         self.joiner = self.state.joiner

@@ -63,7 +63,7 @@ _ALLOWED: dict[str, set[str]] = {
 _SINGLE = ("production", "canary", "shadow")
 # Bumped whenever featurize.py changes how features become learner tokens: older artifacts then no
 # longer match and are refused instead of silently scoring garbage.
-FEATURIZER_VERSION = "1"
+FEATURIZER_VERSION = "2"  # 2: a product's category in |k, the basket's categories in |b (-q bk)
 
 model_versions_table = sa.Table(
     "model_versions",
@@ -198,7 +198,7 @@ def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) 
     part of it: a model trained with other settings still reads the same features."""
     body = {
         "featurizer": FEATURIZER_VERSION,
-        "namespaces": "c,o,f,g;-q co;-b 20",
+        "namespaces": "c,o,f,g,b,k;-q co -q bk --ignore_linear b;-b 20",
         "views": sorted((v.name, v.schema_hash()) for v in placement_views(placement, repo)),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -19,8 +19,12 @@ Design notes
   least-recently-seen first past ``max_customers``.
 * The hot path never sorts the catalog. Neighbour lists and the popularity top list are cached
   sorted and rebuilt lazily at most once per ``refresh_seconds`` after they change (popularity
-  also every ``_POPULAR_REFRESH_ORDERS`` orders, on the write path). Cached neighbour lists are
-  small numpy arrays over dense product ids, so summing several items' lists is a few vector ops.
+  also every ``_POPULAR_REFRESH_ORDERS`` orders, on the write path). Their age is measured on the
+  ``clock`` the retriever is given (Kassa's clock, `kassa.app.Kassa`), not the machine's monotonic clock:
+  which list a decision reads then depends only on the stream and its timestamps, so a seeded run on a
+  simulated clock makes the same decisions every time (issue 14). A clock that steps back counts as stale.
+  Cached neighbour lists are small numpy arrays over dense product ids, so summing several items' lists is a
+  few vector ops.
 * Pure and single-threaded: no I/O, no locks. Callers that observe and retrieve from different
   threads must serialise access themselves.
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from operator import itemgetter
 from typing import Any, Protocol
 
@@ -101,6 +105,9 @@ class ProductRetriever:
     refresh_seconds
         Minimum age before a cached sorted list (a product's neighbours, the popularity top list)
         is rebuilt after it changed. 0 rebuilds on every read after a change (tests).
+    clock
+        Seconds; what ``refresh_seconds`` is measured on. Kassa passes its own clock (unix seconds, or a
+        simulated one), so cache refreshes follow the stream rather than the machine's speed.
 
     Notes
     -----
@@ -116,6 +123,7 @@ class ProductRetriever:
         *,
         max_customers: int = 1_000_000,
         refresh_seconds: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if neighbours_per_product < 1 or history_per_customer < 1 or popular_size < 1:
             raise ValueError("neighbours_per_product, history_per_customer and popular_size must be >= 1")
@@ -127,6 +135,7 @@ class ProductRetriever:
         self.half_life_days = half_life_days
         self.max_customers = max_customers
         self.refresh_seconds = refresh_seconds
+        self._clock = clock
         self._tau = half_life_days * 86_400.0 / math.log(2.0)
         # "Recent" popularity decays ten times faster (3 days at the default 30-day half-life).
         self._tau_recent = self._tau / _RECENT_FACTOR
@@ -136,7 +145,7 @@ class ProductRetriever:
         # product -> {neighbour: scaled weight}
         self._nb: dict[str, dict[str, float]] = {}
         self._n_pairs = 0
-        # Read-side cache, product -> (monotonic build time, top-N neighbour ids, their weights), in
+        # Read-side cache, product -> (build time on `clock`, top-N neighbour ids, their weights), in
         # descending weight order. Contiguous arrays rather than dicts: merging several seeds'
         # lists is the dominant retrieve() cost and is memory-bound, so numpy halves it.
         self._nb_top: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
@@ -156,7 +165,9 @@ class ProductRetriever:
         # weights only grow, so the true top-K is always inside (last top-K) + (products whose
         # weight passed the last K-th weight since); the pool holds exactly those.
         self._pop: dict[str, float] = {}
-        self._pop_pool: set[str] = set()
+        # The pool is a dict, not a set: equal weights then rank by first arrival, where a set's order (string
+        # hashes, salted per process) made one seeded stream retrieve other products in another run (issue 14).
+        self._pop_pool: dict[str, None] = {}
         self._pop_threshold = -1.0  # K-th weight at the last rebuild; -1 while fewer than K
         self._pop_top: list[str] = []
         self._pop_built = -math.inf
@@ -221,14 +232,14 @@ class ProductRetriever:
             w = pop.get(k, 0.0) + inc
             pop[k] = w
             if w > threshold:
-                pool.add(k)
+                pool[k] = None
             wr = recent.get(k, 0.0) + inc_r
             recent[k] = wr
             if wr > top_r:
                 top_r = wr
         self._pop_recent_max = top_r
         self._pop_pending += 1
-        if self._pop_pending >= _POPULAR_REFRESH_ORDERS or (time.monotonic() - self._pop_built >= self.refresh_seconds):
+        if self._pop_pending >= _POPULAR_REFRESH_ORDERS or self._stale(self._pop_built, self._clock()):
             self._rebuild_popular()
 
         if customer_id is not None:
@@ -276,9 +287,9 @@ class ProductRetriever:
         pop = self._pop
         top = heapq.nlargest(self.popular_size, self._pop_pool, key=pop.__getitem__)
         self._pop_top = top
-        self._pop_pool = set(top)
+        self._pop_pool = dict.fromkeys(top)
         self._pop_threshold = pop[top[-1]] if len(top) >= self.popular_size else -1.0
-        self._pop_built = time.monotonic()
+        self._pop_built = self._clock()
         self._pop_pending = 0
 
     def _observe_history(self, customer_id: str, keys: list[str], ts: float) -> None:
@@ -331,7 +342,7 @@ class ProductRetriever:
         self._hist, self._n_hist = state["hist"], state["n_hist"]
         self._pop, self._orders = state["pop"], state["orders"]
         self._nb_top, self._nb_dirty = {}, set(self._nb)
-        self._pop_pool = set(self._pop)
+        self._pop_pool = dict.fromkeys(self._pop)
         if self._pop:
             self._rebuild_popular()
 
@@ -377,7 +388,7 @@ class ProductRetriever:
         # copied, as callers may pass large sets (out-of-stock lists).
         taken = set(order_product_keys)
         excl: Collection[str] = exclude if not exclude or isinstance(exclude, set | frozenset) else set(exclude)
-        mono = time.monotonic()
+        at = self._clock()
 
         # The loops below run once per candidate (~50 per call), so they avoid len() and bound methods
         # lookups: they are a measurable share of the call.
@@ -389,7 +400,7 @@ class ProductRetriever:
             need = min(co_purchase, room)
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
             names = self._names
-            for i in self._ranked_neighbours(seeds, mono)[0]:
+            for i in self._ranked_neighbours(seeds, at)[0]:
                 k = names[i]
                 if k in taken or k in excl:
                     continue
@@ -409,7 +420,7 @@ class ProductRetriever:
                 room = max_candidates - len(out)
 
         if popular > 0 and room > 0:
-            if self._pop_pending and mono - self._pop_built >= self.refresh_seconds:
+            if self._pop_pending and self._stale(self._pop_built, at):
                 self._rebuild_popular()
             need = min(popular, room)
             for k in self._pop_top:
@@ -450,7 +461,7 @@ class ProductRetriever:
             return []
         taken = set(order_product_keys)
         excl: Collection[str] = exclude if not exclude or isinstance(exclude, set | frozenset) else set(exclude)
-        mono = time.monotonic()
+        at = self._clock()
         # key -> [sources, co-purchase confidence with this order, co-purchases with it (decayed orders)]
         found: dict[str, list[float]] = {}
 
@@ -459,7 +470,7 @@ class ProductRetriever:
             need = co_purchase
             seeds = list(dict.fromkeys(order_product_keys))[:_MAX_SEED_ITEMS]
             names = self._names
-            ids, weights, confs = self._ranked_neighbours(seeds, mono, unit * signals.CONF_PRIOR)
+            ids, weights, confs = self._ranked_neighbours(seeds, at, unit * signals.CONF_PRIOR)
             inv_unit = 1.0 / unit
             for i, w, cf in zip(ids, weights, confs, strict=True):
                 k = names[i]
@@ -480,7 +491,7 @@ class ProductRetriever:
                     e[0] = int(e[0]) | signals.HISTORY
 
         if popular > 0:
-            if self._pop_pending and mono - self._pop_built >= self.refresh_seconds:
+            if self._pop_pending and self._stale(self._pop_built, at):
                 self._rebuild_popular()
             need = popular
             for k in self._pop_top:
@@ -532,10 +543,10 @@ class ProductRetriever:
             out.append((k, sc, line(q, rank)))
         return out
 
-    def _neighbours(self, key: str, mono: float) -> tuple[np.ndarray, np.ndarray] | None:
+    def _neighbours(self, key: str, at: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Top neighbours of ``key`` as (ids, weights) in descending weight order; None if unknown."""
         cached = self._nb_top.get(key)
-        if cached is not None and (key not in self._nb_dirty or mono - cached[0] < self.refresh_seconds):
+        if cached is not None and (key not in self._nb_dirty or not self._stale(cached[0], at)):
             return cached[1], cached[2]
         nb = self._nb.get(key)
         if nb is None:
@@ -544,9 +555,13 @@ class ProductRetriever:
         top = sorted(nb.items(), key=_by_weight, reverse=True)[: self.neighbours_per_product]
         ids = np.fromiter((self._id(k) for k, _ in top), dtype=np.intp, count=len(top))
         weights = np.fromiter((w for _, w in top), dtype=np.float64, count=len(top))
-        self._nb_top[key] = (mono, ids, weights)
+        self._nb_top[key] = (at, ids, weights)
         self._nb_dirty.discard(key)
         return ids, weights
+
+    def _stale(self, built: float, now: float) -> bool:
+        """A cache built at ``built`` is due for a rebuild at ``now`` (also when the clock stepped back)."""
+        return now - built >= self.refresh_seconds or now < built
 
     def _id(self, key: str) -> int:
         i = self._ids.get(key)
@@ -557,7 +572,7 @@ class ProductRetriever:
                 self._acc = np.zeros(2 * len(self._acc))
         return i
 
-    def _ranked_neighbours(self, seeds: list[str], mono: float, prior: float = 0.0
+    def _ranked_neighbours(self, seeds: list[str], at: float, prior: float = 0.0
                            ) -> tuple[list[int], list[float], list[float]]:
         """Ids of the seeds' neighbours by descending summed weight, with those weights and each one's
         co-purchase confidence (the largest over the seeds of weight / (the seed's popularity + ``prior``),
@@ -565,7 +580,7 @@ class ProductRetriever:
         pop = self._pop
         lists = []
         for s in seeds:
-            nb = self._neighbours(s, mono)
+            nb = self._neighbours(s, at)
             if nb is not None:
                 lists.append((nb[0], nb[1], 1.0 / (pop.get(s, 0.0) + prior) if prior > 0 else 0.0))
         if not lists:

@@ -30,7 +30,7 @@ import numpy as np
 from kassa import schemas
 from kassa.events.decision_log import read_decisions
 from kassa.events.join import PendingDecision
-from kassa.features.featurize import tokens
+from kassa.features.featurize import shared_line, tokens
 from kassa.learn.online.rewards import RewardJoiner
 
 
@@ -86,15 +86,20 @@ class LoggedDecisions:
         return out
 
 
+def _restored(features: dict[str, Any]) -> dict[str, Any]:
+    """The log stores list features (categories) joined with ``|``; split back so the tokens equal the ones
+    the live decision used."""
+    return {k: (v.split("|") if isinstance(v, str) and "|" in v else v) for k, v in features.items()}
+
+
 def shared_tokens(features: dict[str, Any]) -> list[str]:
-    """Learner tokens of a logged feature vector. The log stores list features (categories) joined
-    with ``|``; they are split back so the tokens equal the ones the live decision used."""
-    restored = {k: (v.split("|") if isinstance(v, str) and "|" in v else v) for k, v in features.items()}
-    return tokens(restored)
+    """Learner tokens (namespace ``c``) of a logged feature vector."""
+    return tokens(_restored(features))
 
 
 def logged_shared_line(features: dict[str, Any]) -> str:
-    return "shared |c " + " ".join(shared_tokens(features))
+    """The shared line the live decision used (`kassa.features.featurize.shared_line`), from its logged features."""
+    return shared_line(_restored(features))
 
 
 def _events(path: Path, since: float, until: float) -> Iterator[tuple[float, schemas.Event]]:

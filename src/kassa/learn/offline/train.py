@@ -25,7 +25,7 @@ import vowpalwabbit
 from kassa import schemas
 from kassa.catalog import CatalogSnapshot
 from kassa.features.featurize import slot_suffix
-from kassa.learn.offline.dataset import LoggedDecisions, load_logged, shared_tokens
+from kassa.learn.offline.dataset import LoggedDecisions, load_logged, logged_shared_line
 from kassa.learn.online.learner import DEFAULT_LEARNING_RATE, RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
 
@@ -63,7 +63,7 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
     with open(path, "w", buffering=1 << 20) as f:
         write = f.write
         for i in range(n):
-            shared = "shared |c " + " ".join(shared_tokens(data.features[i]))
+            shared = logged_shared_line(data.features[i])
             for slot, (offer_id, prob, reward) in enumerate(zip(data.chosen[i], data.chosen_probabilities[i],
                                                                 data.rewards[i], strict=True)):
                 action = lines.get(offer_id)

@@ -41,7 +41,7 @@ def vw_args(placement: schemas.Placement, learning_rate: float = DEFAULT_LEARNIN
     whose policy does not learn get squareCB's, Kassa's default, so a model is ready when they switch."""
     policy = policies.get(placement.policy)
     explore = (policy if policy.learns else policies.get("squarecb")).vw_exploration(placement)
-    return f"--cb_explore_adf {explore} -q co -l {learning_rate} -b 20 --quiet {extra}".strip()
+    return f"--cb_explore_adf {explore} -q co -q bk --ignore_linear b -l {learning_rate} -b 20 --quiet {extra}".strip()
 
 
 class RewardScale:

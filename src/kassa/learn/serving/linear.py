@@ -83,10 +83,12 @@ class LinearModel:
         out = self._linear(hashing_)[ids]  # every action feature, linearly
         base = self._const
         sh = {}
+        ignored = self.spec.ignore_linear
         for ns, (hs, vs) in hashing_.parse(shared).items():
             ha = np.array(hs, dtype=I64)
             sh[ns] = (ha, vs)
-            base += float(w.take(ha & mask) @ vs)
+            if ns not in ignored:
+                base += float(w.take(ha & mask) @ vs)
         tables = hashing_.tables
         for x, y in self.spec.quadratic:
             tx, ty = tables.get(x), tables.get(y)
@@ -114,7 +116,10 @@ class LinearModel:
         if lin.size < n or self._lin_generation != generation:
             start = lin.size if self._lin_generation == generation else 0
             part = np.zeros(n - start, dtype=np.float64)
-            for t in list(hashing_.tables.values()):
+            ignored = self.spec.ignore_linear
+            for ns, t in list(hashing_.tables.items()):
+                if ns in ignored:
+                    continue
                 h, v = t.h[start:n], t.v[start:n]
                 part += (self.w.take(h & self.mask) * v).sum(axis=1)
             lin = self._lin = np.concatenate([lin[:start], part]) if start else part

@@ -44,6 +44,7 @@ class LinearSpec:
     counter: int = 0  # squarecb: examples learned, which sets gamma
     epsilon: float = 0.05
     lam: float = 1.0
+    ignore_linear: tuple[str, ...] = ()  # namespaces (first letters) with no linear terms (VW --ignore_linear)
 
 
 # Options that change nothing at prediction time (training settings, I/O), and the options the spec reads.
@@ -55,7 +56,7 @@ _IGNORED = {
     "preserve_performance_counters", "hash_seed_checked",
 }
 _READ = {"bit_precision", "quadratic", "noconstant", "gamma_scale", "gamma_exponent", "epsilon", "lambda", "cb_type",
-         "csoaa_ldf"}  # plus each policy's `vw_flag` (`kassa.policies`)
+         "csoaa_ldf", "ignore_linear"}  # plus each policy's `vw_flag` (`kassa.policies`)
 
 
 def spec_from_args(arguments: str, counter: int | None) -> LinearSpec:
@@ -80,6 +81,7 @@ def spec_from_args(arguments: str, counter: int | None) -> LinearSpec:
         if len(q) != 2 or q[0] == q[1] or ":" in q:
             raise UnsupportedModel(f"interaction {q!r} (only two different namespaces are reproduced)")
         pairs.append((q[0], q[1]))
+    ignored = tuple(sorted({c for arg in opts.get("ignore_linear", []) for c in arg}))
 
     def one(key: str, default: float) -> float:
         values = opts.get(key) or [str(default)]
@@ -92,7 +94,7 @@ def spec_from_args(arguments: str, counter: int | None) -> LinearSpec:
                 "epsilon": one("epsilon", 0.0), "lam": abs(one("lambda", 1.0))}
     settings.update(policy.scorer_settings(one, counter))
     return LinearSpec(bits=int(one("bit_precision", 18)), quadratic=tuple(pairs), constant="noconstant" not in opts,
-                      policy=policy.name, **settings)  # type: ignore[arg-type]
+                      policy=policy.name, ignore_linear=ignored, **settings)  # type: ignore[arg-type]
 
 
 
@@ -133,6 +135,7 @@ def read_sidecar(path: Path, source_sha256: str | None = None) -> tuple[LinearSp
         payload_sha = header.pop("payload_sha256")
         source_sha = header.pop("source_sha256")
         header["quadratic"] = tuple(tuple(p) for p in header["quadratic"])
+        header["ignore_linear"] = tuple(header.get("ignore_linear", ()))  # absent before it existed
         spec = LinearSpec(**header)
     except (ValueError, KeyError, TypeError) as exc:
         raise SidecarError(f"{path}: unreadable header ({exc})") from None
