@@ -286,6 +286,21 @@ def train_command(
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+def _gate_outcome(what: str, ess: float, n: int, min_ess: float, verdict: Any) -> dict[str, Any]:
+    """Say when the candidate's sample is too small or there was nothing to compare with, and the gate's
+    ``passed``/``reason`` for the candidate's metrics (top-slot and slate evaluation alike)."""
+    small = ess < min_ess
+    if small:
+        console.print(f"[red]sample too small:[/] the candidate's {what} rests on an effective sample size of "
+                      f"{ess:.0f} (of {n:,} decisions), below the minimum {min_ess:.0f}; its estimate and "
+                      "interval are not a basis for promotion. Evaluate on more traffic.")
+    if verdict is None:
+        console.print("[yellow]no production version to compare with[/]: the gate was not applied")
+    return {"passed": bool(verdict.passed) if verdict else False,
+            "reason": verdict.reason if verdict else "no production version to compare with" + (
+                f"; effective sample size {ess:.0f} below the minimum {min_ess:.0f}" if small else "")}
+
+
 def evaluate_command(
     placement: Annotated[str, typer.Option(help="The placement whose logs to evaluate on.")],
     candidate: Annotated[str, typer.Option(help="The version to evaluate (e.g. order_confirmation@13).")],
@@ -375,16 +390,7 @@ def evaluate_command(
     title = f"{cand.version} vs {base.version if base else 'no production'} on {len(data):,} decisions"
     out.print(ope_report.estimates_table(evaluation, title=title, gate=verdict))
     cand_est = evaluation.estimate(cand.version, estimator)
-    small = cand_est.ess < min_ess
-    if small:
-        console.print(f"[red]sample too small:[/] the candidate's {estimator} estimate rests on an effective sample "
-                      f"size of {cand_est.ess:.0f} (of {len(data):,} decisions), below the minimum {min_ess:.0f}; "
-                      "its estimate and interval are not a basis for promotion. Evaluate on more traffic.")
-    if verdict is None:
-        console.print("[yellow]no production version to compare with[/]: the gate was not applied")
-    record = {"passed": bool(verdict.passed) if verdict else False,
-              "reason": verdict.reason if verdict else "no production version to compare with" + (
-                  f"; effective sample size {cand_est.ess:.0f} below the minimum {min_ess:.0f}" if small else ""),
+    record = {**_gate_outcome(f"{estimator} estimate", cand_est.ess, len(data), min_ess, verdict),
               "min_ess": min_ess,
               "estimator": estimator, "baseline": base.version if base else None, "rows": len(data),
               "since": start, "until": end, "at": now,
@@ -437,16 +443,7 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
         console.print(f"left out {sum(skipped.values()):,} of {result.considered:,} decisions: "
                       + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in skipped.items()), highlight=False)
     cand_est = evaluation.estimate(cand.version, "pseudo_inverse")
-    small = cand_est.ess < min_ess
-    if small:
-        console.print(f"[red]sample too small:[/] the candidate's slate estimate rests on an effective sample size "
-                      f"of {cand_est.ess:.0f} (of {evaluation.n:,} decisions), below the minimum {min_ess:.0f}; "
-                      "its estimate and interval are not a basis for promotion. Evaluate on more traffic.")
-    if verdict is None:
-        console.print("[yellow]no production version to compare with[/]: the gate was not applied")
-    record = {"passed": bool(verdict.passed) if verdict else False,
-              "reason": verdict.reason if verdict else "no production version to compare with" + (
-                  f"; effective sample size {cand_est.ess:.0f} below the minimum {min_ess:.0f}" if small else ""),
+    record = {**_gate_outcome("slate estimate", cand_est.ess, evaluation.n, min_ess, verdict),
               "min_ess": min_ess, "estimator": "pseudo_inverse", "slots": slots,
               "baseline": base.version if base else None, "rows": evaluation.n, "left_out": result.left_out,
               "since": start, "until": end, "at": now, "candidate_estimate": cand_est.to_dict(),
