@@ -234,9 +234,9 @@ and {sum(r['no_overlap_rows'] for r in runs)} target slates outside the logged c
 
 PI relative error {_s([100 * x for x in s['pi_rel_error']], 1)} % (median, min to max; |error| median
 {100 * s['abs_pi_rel_error'][0]:.1f} %); {s['within_5pct']} of {len(runs)} seeds within 5 %, the interval
-covers the truth on {s['pi_covers']} of {len(runs)}. Top-slot IPS (what `kassa evaluate` estimates: slot 1's
-reward only) {_s([100 * x for x in s['top_ips_rel_error']], 1)} % off the slate's value: it evaluates the
-first slot and misses what slots 2 and 3 add.
+covers the truth on {s['pi_covers']} of {len(runs)}. Top-slot IPS (what `kassa evaluate` estimates without
+`--slate`: slot 1's reward only) {_s([100 * x for x in s['top_ips_rel_error']], 1)} % off the slate's value: it
+evaluates the first slot and misses what slots 2 and 3 add.
 
 PI's variance grows with the number of candidates: a uniform logger shows the target's item in a given slot
 once in `m` decisions, so the interval's half-width goes as `sqrt(m / rows)`. At these
