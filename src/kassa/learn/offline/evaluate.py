@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,32 +71,42 @@ def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.
     return target, q_target
 
 
+def _over_rows(fn: Callable[[str, int, int], Any], model_path: Path, n: int, workers: int,
+               progress: Callable[[int, int], None] | None) -> Iterator[tuple[int, int, Any]]:
+    """``fn(model_path, a, b)`` over rows ``[0, n)`` (the caller has filled `_WORK`): in this process below
+    20,000 rows or with one worker, else in chunks on forked workers. Yields ``(a, b, result)`` in row order
+    and reports progress as chunks finish."""
+    if workers <= 1 or n < 20_000:
+        result = fn(str(model_path), 0, n)
+        if progress:
+            progress(n, n)
+        yield 0, n, result
+        return
+    chunk = max(5_000, n // (workers * 8))
+    ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    done = 0
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        futures = {pool.submit(fn, str(model_path), a, b): (a, b) for a, b in ranges}
+        for fut in futures:
+            a, b = futures[fut]
+            result = fut.result()
+            done += b - a
+            if progress:
+                progress(done, n)
+            yield a, b, result
+
+
 def score(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, q: dict[str, float], q_default: float,
           workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Scored:
     n = len(data)
-    workers = workers or min(os.cpu_count() or 1, 4)
     _WORK.update(data=data, lines=snap.action_lines, q=q, q_default=q_default)
     try:
-        if workers <= 1 or n < 20_000:
-            target, q_target = _score_range(str(model_path), 0, n)
-            if progress:
-                progress(n, n)
-            return Scored(target, q_target)
-        chunk = max(5_000, n // (workers * 8))
-        ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
         target = np.zeros(n)
         q_target = np.zeros(n)
-        done = 0
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            futures = {pool.submit(_score_range, str(model_path), a, b): (a, b) for a, b in ranges}
-            for fut in futures:
-                a, b = futures[fut]
-                t, qt = fut.result()
-                target[a:b] = t
-                q_target[a:b] = qt
-                done += b - a
-                if progress:
-                    progress(done, n)
+        for a, b, (t, qt) in _over_rows(_score_range, model_path, n, workers or min(os.cpu_count() or 1, 4),
+                                        progress):
+            target[a:b] = t
+            q_target[a:b] = qt
         return Scored(target, q_target)
     finally:
         _WORK.clear()
@@ -252,26 +262,12 @@ def slates(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, rows:
            workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """`_slate_range` over ``rows``, split across forked workers like `score`."""
     n = len(rows)
-    workers = workers or min(os.cpu_count() or 1, 4)
     _WORK.update(data=data, lines=snap.action_lines, rows=rows, slots=slots)
     try:
-        if workers <= 1 or n < 20_000:
-            out = _slate_range(str(model_path), 0, n)
-            if progress:
-                progress(n, n)
-            return out
-        chunk = max(5_000, n // (workers * 8))
-        ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
         out = np.full((n, slots), -1, dtype=np.int64)
-        done = 0
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            futures = {pool.submit(_slate_range, str(model_path), a, b): (a, b) for a, b in ranges}
-            for fut in futures:
-                a, b = futures[fut]
-                out[a:b] = fut.result()
-                done += b - a
-                if progress:
-                    progress(done, n)
+        for a, b, part in _over_rows(_slate_range, model_path, n, workers or min(os.cpu_count() or 1, 4),
+                                     progress):
+            out[a:b] = part
         return out
     finally:
         _WORK.clear()
