@@ -31,15 +31,19 @@ def speaks(url: str) -> bool:
     return urlsplit(url).scheme in ("redis", "")
 
 
+def address(url: str) -> tuple[str, int, int, str | None]:
+    """Which server and database ``url`` reaches (as whom): two equal addresses are one Redis."""
+    parts = urlsplit(url)
+    return (parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.strip("/") or 0),
+            unquote(parts.username) if parts.username else None)
+
+
 class PipelinedConnection:
     def __init__(self, url: str, connect_timeout: float = 0.25) -> None:
         if not speaks(url):
             raise ValueError(f"state.redis_url must be redis://host:port/db, not {url!r}")
+        self.host, self.port, self.db, self.username = address(url)
         parts = urlsplit(url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.db = int(parts.path.strip("/") or 0)
-        self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
         self.connect_timeout = connect_timeout
         self._writer: asyncio.StreamWriter | None = None

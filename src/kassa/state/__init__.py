@@ -59,12 +59,12 @@ class StateBackend:
         self.decision_state: DecisionState
         if st.backend == "redis" and not learner:
             from kassa.features.online.redis import RedisOnlineStore
-            from kassa.redisconn import PipelinedConnection
+            from kassa.redisconn import address
             from kassa.state.redis import RedisDecisionState, RedisState
             from kassa.state.redis_join import RedisProfiles, SharedRewardJoiner
 
             features = store if isinstance(store, RedisOnlineStore) and store.conn is not None else None
-            if features is not None and features.conn.address != PipelinedConnection(st.redis_url).address:  # type: ignore[union-attr]
+            if features is not None and features.conn.address != address(st.redis_url):  # type: ignore[union-attr]
                 features = None  # on another server: the decision reads it in a round trip of its own
             self.redis = RedisState(st.redis_url, st.key_prefix,
                                     idempotency_ttl=settings.server.idempotency_ttl_seconds,
