@@ -120,7 +120,7 @@ def history_strength(count: float, since: float, mean: float) -> float:
     if mean <= 0.0:
         return s
     off = abs(since / mean - 1.0)
-    return s * (W_DUE * (1.0 - off) if off < 1.0 - W_ONCE / W_DUE else W_ONCE)
+    return s * max(W_DUE * (1.0 - off), W_ONCE)
 
 
 def score(conf: float, co: float, hist: float, pg: float) -> float:
