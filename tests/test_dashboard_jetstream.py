@@ -18,6 +18,7 @@ from kassa import schemas
 from kassa.api.app import create_app
 from kassa.api.dashboard import outcomes as outcomes_module
 from kassa.api.dashboard.outcomes import Outcomes
+from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
 from kassa.config import load_settings
 from kassa.events.decision_log import read_decisions
@@ -100,6 +101,10 @@ def test_outcomes_on_jetstream_join_the_events_stream_with_the_decision_log(
         assert stats.by_offer[offers[0]].reward >= 1.0
         open_now = outcomes.placements(before - 10, now=after)["order_confirmation"].by_version["baseline"]
         assert (open_now.decisions, open_now.open) == (0, 2)
+        # the pages' incremental read of the stream gives what a full read of it gives
+        full_read = Outcomes(kassa, max_events=1000, incremental=False)
+        for t in (after, closed_at):
+            assert full_read.placements(before - 10, now=t) == outcomes.placements(before - 10, now=t)
 
         # the read cap: the scan stops short, the result says up to when it read, the pages say so
         capped = Outcomes(kassa)
@@ -108,6 +113,8 @@ def test_outcomes_on_jetstream_join_the_events_stream_with_the_decision_log(
         assert short is not None and short.events_cut_at is not None
         assert [ev.event_id for _, ev, _ in short.events] == ["imp", "acc"] and short.reward == pytest.approx(1.0)
         assert capped.placements(before - 10, now=closed_at)["order_confirmation"].events_cut_at is not None
+        assert capped.placements(before - 10, now=closed_at) == Outcomes(kassa, incremental=False).placements(
+            before - 10, now=closed_at)
         admin = {"Authorization": f"Bearer {ADMIN}"}
         page = client.get("/dashboard/decisions", params={"id": did}, headers=admin)
         assert page.status_code == 200 and 'data-testid="events-cut"' in page.text and "<td>acc</td>" in page.text
@@ -134,6 +141,73 @@ def test_scan_since_starts_at_the_first_event_stored_at_or_after_the_time(tmp_pa
         rows, complete = log.scan_since(0.0, 4, batch=3)
         assert not complete and [decode(body).event_id for _, body in rows] == ["old-1", "old-2", "old-3", "new-1"]
         assert log.scan_since(time.time() + 60, 100) == ([], True)
+    finally:
+        log.close()
+        _delete_streams(cfg)
+
+
+Held = tuple[dict[str, list[tuple[float, str, str | None, float | None]]], float | None]
+
+
+def _full_read(log: JetStreamEventLog, since: float, max_events: int) -> Held:
+    """What `Outcomes` made of a full read of the stream (`scan_since`): events by decision id, and the cut."""
+    rows, complete = log.scan_since(since, max_events)
+    decode = msgspec.json.Decoder(schemas.Event).decode
+    out: dict[str, list[tuple[float, str, str | None, float | None]]] = {}
+    for at, body in rows:
+        ev = decode(body)
+        if ev.decision_id is not None:
+            out.setdefault(ev.decision_id, []).append((at, ev.type, ev.offer_id, ev.value))
+    return out, None if complete else (rows[-1][0] if rows else since)
+
+
+def _windowed(window: StreamEventWindow, since: float) -> Held:
+    with window.since(since) as (held, cut_at):
+        return ({d: [(at, o.type, o.offer_id, o.value) for at, o in events] for d, events in held.items()}, cut_at)
+
+
+def test_the_incremental_window_holds_what_a_full_read_of_the_stream_returns(tmp_path: Path) -> None:
+    cfg: BusConfig = _cfg(ensure_nats(), tmp_path)
+    log = JetStreamEventLog.connect(cfg)
+    n = 0
+
+    def append(decisions: list[str | None]) -> float:
+        """One event per entry (None: without a decision id), after a pause; the time before them."""
+        nonlocal n
+        time.sleep(0.05)
+        before = time.time()
+        time.sleep(0.05)
+        events = []
+        for i, d in enumerate(decisions):
+            n += 1
+            events.append(schemas.Event(event_id=f"e{n}", type=("impression", "accept", "order")[i % 3],
+                                        decision_id=d, offer_id=f"o{i % 2}" if d else None,
+                                        value=float(n) if i % 3 == 2 else None))
+        asyncio.run(log.append(events, time.time()))
+        return before
+
+    try:
+        t0 = append(["d1", "d1", None, "d2"])
+        t1 = append(["d2", "d3", "d1"])
+        window = StreamEventWindow(log, max_events=1000, refresh_seconds=0.0)
+        capped = StreamEventWindow(log, max_events=3, refresh_seconds=0.0)
+        assert _windowed(window, t0) == _full_read(log, t0, 1000) and window.read_events == 7
+        assert _windowed(capped, t0) == _full_read(log, t0, 3)
+        assert _windowed(capped, t0)[1] is not None  # cut: the cap holds the first 3 of the 7
+        t2 = append(["d3", None, "d4", "d1"])
+        for since in (t0, t1, t2, t2 + 60):  # the window moves on: older events dropped, only new ones read
+            assert _windowed(window, since) == _full_read(log, since, 1000), since
+            assert _windowed(capped, since) == _full_read(log, since, 3), since
+        assert window.read_events == 11  # each message read once
+        t3 = append(["d5"])
+        assert _windowed(window, t1) == _full_read(log, t1, 1000)  # back before its start: read afresh
+        assert _windowed(window, t3) == _full_read(log, t3, 1000)
+        assert _windowed(capped, t0) == _full_read(log, t0, 3)
+        # within refresh_seconds a view reuses the last read
+        slow = StreamEventWindow(log, max_events=1000, refresh_seconds=60.0)
+        held, cut_at = _windowed(slow, t0)
+        append(["d6"])
+        assert _windowed(slow, t0) == (held, cut_at) and "d6" not in held
     finally:
         log.close()
         _delete_streams(cfg)

@@ -26,15 +26,16 @@ A single decision's lookup reads from the decision's own time (less `_SKEW_SECON
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from kassa import schemas
+from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
 from kassa.events.jetstream_log import JetStreamEventLog
 from kassa.events.log import SqliteEventLog, events_table
@@ -109,7 +110,18 @@ def _weights(definition: schemas.RewardDefinition | None) -> schemas.RewardDefin
     return definition if definition is not None else schemas.RewardDefinition()
 
 
-def _credit(definition: schemas.RewardDefinition, event: schemas.Event, offer_value: float) -> tuple[float, float]:
+class Credited(Protocol):
+    """What the join reads of an outcome event: a `schemas.Event`, or the window's `stream_window.Outcome`."""
+
+    @property
+    def type(self) -> schemas.EventType: ...
+    @property
+    def offer_id(self) -> str | None: ...
+    @property
+    def value(self) -> float | None: ...
+
+
+def _credit(definition: schemas.RewardDefinition, event: Credited, offer_value: float) -> tuple[float, float]:
     """(reward, revenue) one event adds to the offer it names."""
     weight = definition.weights.get(event.type)
     reward = 0.0
@@ -122,7 +134,8 @@ def _credit(definition: schemas.RewardDefinition, event: schemas.Event, offer_va
 class Outcomes:
     """Reads of one Kassa process's decision and event logs."""
 
-    def __init__(self, kassa: Kassa, max_events: int | None = None) -> None:
+    def __init__(self, kassa: Kassa, max_events: int | None = None, incremental: bool = True,
+                 refresh_seconds: float = 2.0) -> None:
         self.kassa = kassa
         self.max_events = MAX_EVENTS if max_events is None else max_events
         # The decision log this process's data dir holds (on JetStream, the writer role's; ADR 0008).
@@ -133,6 +146,10 @@ class Outcomes:
         self._events = (sa.create_engine(f"sqlite:///{log.path}", poolclass=NullPool)
                         if isinstance(log, SqliteEventLog) else None)
         self._stream = log if isinstance(log, JetStreamEventLog) else None
+        # The placement pages' reads of the stream: incremental, each message read and decoded once (see
+        # `stream_window`); ``incremental=False`` reads the whole window on every view, as `decision` does.
+        self._window = (StreamEventWindow(self._stream, self.max_events, refresh_seconds)
+                        if self._stream is not None and incremental else None)
 
     # ------------------------------------------------------------------ raw reads
     def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int) -> list[tuple]:
@@ -227,8 +244,18 @@ class Outcomes:
         now = time.time() if now is None else now
         rows = self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen",
                                      max_decisions)
+        if not rows:
+            return {}
         # events of these decisions only arrive after the oldest of them: no older event is read
-        events, cut_at = self._events_for(None, min(r[1] for r in rows) - _SKEW_SECONDS) if rows else ({}, None)
+        events_since = min(r[1] for r in rows) - _SKEW_SECONDS
+        if self._window is not None:
+            with self._window.since(events_since) as (held, cut_at):
+                return self._tally(rows, held, cut_at, buckets, now)
+        events, cut_at = self._events_for(None, events_since)
+        return self._tally(rows, events, cut_at, buckets, now)
+
+    def _tally(self, rows: list[tuple], events: Mapping[str, Sequence[tuple[float, Credited]]],
+               cut_at: float | None, buckets: int, now: float) -> dict[str, PlacementOutcomes]:
         snapshot = self.kassa.catalog.snapshot
         span = max(now - min((r[1] for r in rows), default=now), 1.0)
         bucket_seconds = next((b for b in _BUCKETS if b >= span / buckets), _BUCKETS[-1])
@@ -274,7 +301,7 @@ class Outcomes:
         return out
 
     def _offer_rewards(self, definition: schemas.RewardDefinition, ts: float, chosen: list[str],
-                       events: list[tuple[float, schemas.Event]]) -> dict[str, tuple[float, float]]:
+                       events: Sequence[tuple[float, Credited]]) -> dict[str, tuple[float, float]]:
         offers = self.kassa.catalog.snapshot.offers
         deadline = ts + definition.wait_seconds
         got: dict[str, list[float]] = {}
