@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import time
 import uuid
 from collections.abc import Iterator
@@ -452,3 +453,54 @@ def test_the_decision_log_writer_runner_writes_what_serving_processes_publish(cf
     finally:
         publisher.close()
         bus.close()
+
+
+def test_a_bus_loop_that_dies_at_any_point_leaves_no_coroutine_never_awaited(tmp_path: Path) -> None:
+    """A process dying with its bus (the loop stopped without `close`, as in the dead-process test above) must not
+    leave a task whose coroutine never started: once dropped, it is finalized with the RuntimeWarning "coroutine
+    'Event.wait' was never awaited". The drain task used to make one each time it went back to waiting. The
+    test looks for such a task on the stopped loop rather than for the warning itself, which comes whenever the
+    bus is garbage collected (pytest's log capture keeps it alive past the test). NATS is unreachable here so
+    that no client connection dies with the loop too."""
+
+    async def wake_then_die(bus: JetStreamBus, yields: int) -> None:
+        bus._kick()
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        asyncio.get_running_loop().stop()
+
+    never_started: dict[int, list[str]] = {}
+    for yields in range(8):  # stop the loop a few iterations after waking the drain task
+        bus = JetStreamBus(_cfg("nats://127.0.0.1:1", tmp_path / str(yields)), connect_timeout=0.2)
+        try:
+            time.sleep(0.05)  # the drain task parked, waiting to be woken
+            bus.thread.submit(wake_then_die(bus, yields))
+            bus.thread._thread.join(timeout=5)
+            assert not bus.thread._thread.is_alive()
+            created = [repr(t.get_coro()) for t in asyncio.all_tasks(bus.thread.loop)
+                       if inspect.getcoroutinestate(t.get_coro()) == inspect.CORO_CREATED]  # type: ignore[arg-type]
+            if created:
+                never_started[yields] = created
+        finally:
+            bus.thread.loop.close()
+            bus.spool.close()
+    assert never_started == {}
+
+
+def test_run_consumer_cancelled_leaves_no_task_behind(cfg: BusConfig, tmp_path: Path) -> None:
+    """Cancelling `run_consumer` (a role shutting down) ends the task waiting on its stop event too, instead of
+    leaving it pending on the loop (and, on a loop that is then dropped, never awaited)."""
+    async def apply(batch: list[tuple[int, schemas.Event]]) -> None:
+        return None
+
+    async def go() -> set[str]:
+        consumer = EventConsumer(cfg, "cancelled", apply, FilePositionStore(tmp_path / "p"), fetch_timeout=0.2)
+        runner = asyncio.create_task(run_consumer(consumer, asyncio.Event()))
+        await asyncio.sleep(0.5)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await asyncio.sleep(0)
+        return {repr(t.get_coro()) for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(go()) == set()

@@ -278,17 +278,18 @@ async def run_consumer(consumer: DurableConsumer, stop: asyncio.Event | None = N
     """Run ``consumer`` until ``stop`` is set (or the task is cancelled), then close its connection."""
     await consumer.start()
     task = asyncio.create_task(consumer.run(), name=f"kassa-consumer-{consumer.durable}")
+    # The stop watcher ends with the runner on every path (cancelled too): left pending, it outlives the runner
+    # and, on a loop dropped before it ran, is finalized as "coroutine 'Event.wait' was never awaited".
+    stopper = asyncio.create_task(stop.wait()) if stop is not None else None
     try:
-        if stop is not None:
-            stopper = asyncio.create_task(stop.wait())
+        if stopper is not None:
             await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
             consumer.stop()
         await task  # raises what killed the consumer
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (stopper, task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         await consumer.close()

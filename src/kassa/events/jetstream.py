@@ -493,8 +493,11 @@ class JetStreamBus:
                     backoff = min(backoff * 2, 2.0)
                     continue
             self._wake.clear()
+            # Not wait_for(wake.wait()): that makes a task per wait, and one the loop stops before it starts
+            # (a process dying with its bus) is finalized as "coroutine 'Event.wait' was never awaited".
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
 
     async def _drain_once(self) -> bool:
         """Publish the spool head in order; True while there is more to do."""
