@@ -50,6 +50,7 @@ import numpy as np
 from benchdocs import write_section
 from kassa.learn.offline import ope
 from kassa.learn.offline.dataset import load_logged
+from kassa.learn.offline.evaluate import uniform_slate_rows
 from quality import DAY, ProductWorld, _Http, product_catalog, spread
 
 START, END = "<!-- bench:slate_ope:start -->", "<!-- bench:slate_ope:end -->"
@@ -131,32 +132,34 @@ async def slate_run(seed: int, n: int, warmup: int, n_products: int, n_customers
 def evaluate(seed: int, data: Any, truth: dict[str, float], target_ids: dict[str, list[str]],
              logged_value: list[float], decide_seconds: float) -> dict[str, Any]:
     """PI and top-slot IPS from the logged rows against the simulator's truth on the same rows."""
+    # The rows `kassa evaluate --slate` reads (`uniform_slate_rows`): slot j's logged probability must be
+    # 1/(m - j), since PI's weights assume a uniform logger over the logged candidates. A row where it is not
+    # would mean the candidates the log names are not what was sampled from: it is left out and counted.
+    found = uniform_slate_rows(data, 3)
+    at = {i: n for n, i in enumerate(found.rows)}
     rows = [i for i, d in enumerate(data.decision_ids) if d in truth and len(data.chosen[i]) == 3]
     fallback = sum(data.fallback[i] for i in rows)  # answered by the fallback ranking, not the logger
     rows = [i for i in rows if not data.fallback[i]]
     missing = 0  # target slates with an offer outside the logged candidates (no overlap: PI cannot see them)
-    # PI's weights assume a uniform logger over the logged candidates: slot j's logged probability must be
-    # 1/(m - j). A row where it is not would mean the candidates the log names are not what was sampled from.
     not_uniform = 0
-    t_idx, s_idx, m, reward, truths, top_reward, top_logged = [], [], [], [], [], [], []
+    keep, t_idx, truths, top_reward, top_logged = [], [], [], [], []
     for i in rows:
-        cands = data.candidates[i]
-        pos = {o: k for k, o in enumerate(cands)}
+        pos = {o: k for k, o in enumerate(data.candidates[i])}
         tgt = target_ids[data.decision_ids[i]]
         if len(tgt) != 3 or any(o not in pos for o in tgt):
             missing += 1
             continue
-        not_uniform += any(abs(p * (len(cands) - j) - 1.0) > 1e-6
-                           for j, p in enumerate(data.chosen_probabilities[i]))
+        if i not in at:
+            not_uniform += 1
+            continue
+        keep.append(at[i])
         t_idx.append([pos[o] for o in tgt])
-        s_idx.append([pos[o] for o in data.chosen[i]])
-        m.append(len(cands))
-        reward.append(sum(data.rewards[i]))
         truths.append(truth[data.decision_ids[i]])
         top_reward.append(data.rewards[i][0])
         top_logged.append(data.chosen_probabilities[i][0])
-    r = np.asarray(reward)
-    t, s, k = np.asarray(t_idx), np.asarray(s_idx), np.asarray(m)
+    sel = np.asarray(keep, dtype=np.int64)
+    r, s, k = found.reward[sel], found.logged[sel], found.n_candidates[sel]
+    t = np.asarray(t_idx)
     true_value = float(np.mean(truths))
     t0 = time.perf_counter()
     pi = ope.pseudo_inverse(r, t, s, k, reward_range=(0.0, 3.0))
