@@ -20,7 +20,9 @@ dated) when the spool was replayed. The stream has no index by decision: `Outcom
 message stored at or after ``since`` (a consumer started by time, so nothing older is read) to its end and
 keeps the events of the decisions asked for. That scan reads at most ``max_events`` events (`MAX_EVENTS`):
 when it stops short, ``events_cut_at`` on the result says up to when events were read, and the page says so.
-A single decision's lookup reads from the decision's own time (less `_SKEW_SECONDS`).
+The placement pages (`placements`) do not scan it again on every view: `stream_window.StreamEventWindow` holds
+what the last view read and reads only the messages stored since (the same events as a full scan). A single
+decision's lookup scans from the decision's own time (less `_SKEW_SECONDS`).
 """
 
 from __future__ import annotations
