@@ -21,6 +21,11 @@ One difference, while NATS is unreachable: a full read finds nothing, the window
 
 Reads within ``refresh_seconds`` of the last one reuse it (the placement page's numbers may then be that many
 seconds old). Views serialize on a lock: the caller holds it while it uses the returned mapping.
+
+Cost, measured on the shared 2-core VM (bench/dashboard_outcomes.py, ~95,000 events, 20,000 decisions, 500 new
+events per view, load average 12-17): 1.4-1.6 s of process CPU per placement view with a full read, 0.15-0.29 s
+incremental, of which ~0.1 s is the decision log's side (DuckDB and the tally, untouched here). Memory: ~51 MB
+for 100,000 held events each of a different decision (tracemalloc), less when decisions have several events.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from kassa import schemas
 from kassa.events.jetstream_log import JetStreamEventLog
 
 
-class Outcome(msgspec.Struct, frozen=True):
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """The fields of an outcome event the reward join reads (`outcomes._credit`); the rest is not decoded."""
 
     type: schemas.EventType
