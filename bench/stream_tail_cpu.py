@@ -33,16 +33,13 @@ from typing import Any
 
 import msgspec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from topology_events import EventMix  # noqa: E402
-
-from kassa import schemas  # noqa: E402
-from kassa.events.jetstream import BusConfig, JetStreamBus  # noqa: E402
-from kassa.events.jetstream_log import JetStreamEventLog  # noqa: E402
-from kassa.features.definitions import load_repo  # noqa: E402
-from kassa.features.online.redis import RedisOnlineStore  # noqa: E402
-from kassa.features.streaming.processor import StreamProcessor  # noqa: E402
+from kassa import schemas
+from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream_log import JetStreamEventLog
+from kassa.features.definitions import load_repo
+from kassa.features.online.redis import RedisOnlineStore
+from kassa.features.streaming.processor import StreamProcessor
+from topology_events import EventMix
 
 ROOT = Path(__file__).resolve().parent.parent
 
