@@ -42,6 +42,8 @@ from kassa.features.streaming.processor import StreamProcessor
 from topology_events import EventMix
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_PAUSES: list[float] = []  # seconds the loop spent in each checkpoint save (encode on the loop, or fork)
+MAIN_THREAD_CPU: list[float] = []  # of each tail: the event loop's thread (aggregate, write); the rest reads
 
 
 def publish(log: JetStreamEventLog, n: int, seed: int) -> None:
@@ -73,21 +75,51 @@ def read_all(log: JetStreamEventLog, batch: int) -> int:
         total += len(rows)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its reaped children (forked checkpoint writers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed(fn: Any) -> Any:
+    def timed(*a: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*a)
+        if asyncio.iscoroutine(out):
+            async def wait() -> Any:
+                res = await out
+                CHECKPOINT_PAUSES.append(time.perf_counter() - t0)
+                return res
+            return wait()
+        CHECKPOINT_PAUSES.append(time.perf_counter() - t0)
+        return out
+    return timed
+
+
 def tail_all(log: JetStreamEventLog, views: list[Any], redis_url: str, prefix: str, batch: int,
-             freeze: bool) -> int:
+             freeze: bool, checkpoint: Path | None, checkpoint_every: float) -> int:
     async def go() -> int:
+        t0 = time.thread_time()
         store = RedisOnlineStore(redis_url, prefix, views=views)
         try:
-            proc = StreamProcessor(views, store, log, batch_size=batch)
-            if freeze:  # what `kassa stream` does (`StreamProcessor.run(freeze_heap=True)`)
+            proc = StreamProcessor(views, store, log, batch_size=batch, checkpoint_path=checkpoint,
+                                   checkpoint_interval=checkpoint_every)
+            if freeze:  # what `kassa stream` does (`StreamProcessor.run(own_process=True)`)
                 from kassa.features.streaming.processor import HeapFreezer
 
                 proc.heap = HeapFreezer()
+                proc.fork_checkpoints = True
+            for name in ("save_checkpoint", "_checkpoint_in_child"):  # the loop's pause per checkpoint
+                if hasattr(proc, name):
+                    setattr(proc, name, _timed(getattr(proc, name)))
             total = 0
             while True:
                 n = await proc.catch_up()
                 total += n
                 if n == 0:
+                    MAIN_THREAD_CPU.append(time.thread_time() - t0)
+                    if getattr(proc, "_child", None) is not None:
+                        proc._reap_child(True)  # its CPU then counts (children's times)
                     return total
         finally:
             if freeze:
@@ -109,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint-every", type=float, default=0.0, help="seconds between checkpoints (0: none)")
     p.add_argument("--no-freeze-heap", dest="freeze_heap", action="store_false",
                    help="tail without `HeapFreezer` (before it existed)")
     p.add_argument("--publish-only", action="store_true", help="publish, print the prefix, keep the stream")
@@ -132,15 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for ph in results:
                 loads.append(os.getloadavg()[0])
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0 = _cpu(), time.perf_counter()
                 if ph == "read":
                     n = read_all(log, args.batch)
                 else:
-                    n = tail_all(log, views, args.redis_url, f"{prefix}r{r}", args.batch, args.freeze_heap)
-                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                    ckpt = Path(f"/tmp/{prefix}-r{r}.checkpoint") if args.checkpoint_every else None
+                    n = tail_all(log, views, args.redis_url, f"{prefix}r{r}", args.batch, args.freeze_heap, ckpt,
+                                 args.checkpoint_every or 60.0)
+                    if ckpt is not None:
+                        ckpt.unlink(missing_ok=True)
+                cpu, wall = _cpu() - c0, time.perf_counter() - w0
                 assert n == args.events, (ph, n)
                 results[ph].append(cpu / n * 1e6)
-                print(f"{ph} #{r + 1}: {cpu / n * 1e6:.1f} µs CPU/event, {n / wall:,.0f} events/s wall, "
+                if CHECKPOINT_PAUSES:
+                    print(f"  {len(CHECKPOINT_PAUSES)} checkpoints, loop paused max "
+                          f"{max(CHECKPOINT_PAUSES) * 1e3:.1f} ms, median "
+                          f"{statistics.median(CHECKPOINT_PAUSES) * 1e3:.1f} ms", file=sys.stderr)
+                    CHECKPOINT_PAUSES.clear()
+                main = f" (event loop thread {MAIN_THREAD_CPU[-1] / n * 1e6:.1f})" if ph == "tail" else ""
+                print(f"{ph} #{r + 1}: {cpu / n * 1e6:.1f} µs CPU/event{main}, {n / wall:,.0f} events/s wall, "
                       f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     finally:
         async def drop() -> None:

@@ -11,9 +11,11 @@ import itertools
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 
@@ -90,7 +92,9 @@ class StreamProcessor:
         self._stop = asyncio.Event()
         self._last_checkpoint = 0.0
         self.lag_check_interval = 1.0
-        self.heap: HeapFreezer | None = None  # set by `run(freeze_heap=True)`
+        self.heap: HeapFreezer | None = None  # set by `run(own_process=True)`
+        self.fork_checkpoints = False  # set by `run(own_process=True)`: `_checkpoint_in_child`
+        self._child: int | None = None  # pid of a checkpoint child still writing
         self._lag_checked_at = -INF
         self._warn = RateLimitedWarning(log, "stream processor")
         self.restored = self._restore()
@@ -231,7 +235,10 @@ class StreamProcessor:
                     self.lag_events = max(0, self.lag_events - len(rows))
                 if (self.checkpoint_path is not None
                         and self.clock() - self._last_checkpoint >= self.checkpoint_interval):
-                    await self.save_checkpoint()
+                    if self.fork_checkpoints:
+                        self._checkpoint_in_child()
+                    else:
+                        await self.save_checkpoint()
                 if not full:
                     break
         finally:
@@ -247,7 +254,7 @@ class StreamProcessor:
             return max(0, int(max_seq()) - self.seq)
         return max(0, self.log.count() - self.consumed)
 
-    async def run(self, poll_interval: float = 0.05, *, freeze_heap: bool = False) -> None:
+    async def run(self, poll_interval: float = 0.05, *, own_process: bool = False) -> None:
         """Tail the log until `stop` (or cancellation); saves a checkpoint on the way out.
 
         A read starts at most every ``poll_interval`` seconds while events flow (at once when the last batches
@@ -255,12 +262,16 @@ class StreamProcessor:
         sleep after each batch: at 20,000 events/s a 1,000-event batch takes ~25 ms, and sleeping a whole
         interval after it left events waiting up to 75 ms before anyone looked (bench/topology_events.py).
 
-        ``freeze_heap``: the process runs nothing else (``kassa stream``), so the state may be kept out of the
-        cyclic collector's walks (`HeapFreezer`); never in a serving process, whose heap is not ours to manage.
+        ``own_process``: the process runs nothing else (``kassa stream``), so the worker may manage it: the
+        state is kept out of the cyclic collector's walks (`HeapFreezer`) and periodic checkpoints are saved
+        by a forked child (`_checkpoint_in_child`). Never in a serving process: its heap and its forks are
+        not the worker's to manage.
         """
         self._stop.clear()
-        if freeze_heap and self.heap is None:
-            self.heap = HeapFreezer()
+        if own_process:
+            self.fork_checkpoints = hasattr(os, "fork")
+            if self.heap is None:
+                self.heap = HeapFreezer()
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
@@ -277,7 +288,7 @@ class StreamProcessor:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), wait)
         finally:
-            if freeze_heap and self.heap is not None:
+            if own_process and self.heap is not None:
                 self.heap.close()
                 self.heap = None
             if self.checkpoint_path is not None:
@@ -290,12 +301,48 @@ class StreamProcessor:
     async def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
             return
+        if self._child is not None:  # a forked save still writing would replace this newer file when done
+            await asyncio.to_thread(self._reap_child, True)
         # Encode on the loop (the state must not change underneath), write the file off it.
         payload = msgspec.msgpack.encode(
             {"seq": self.seq, "consumed": self.consumed, "state": self.aggregator.dump()}
         )
         await asyncio.to_thread(_atomic_write, self.checkpoint_path, payload)
         self._last_checkpoint = self.clock()
+
+    def _checkpoint_in_child(self) -> None:
+        """Save a checkpoint from a forked copy of this process, so the loop does not stop while it is encoded.
+
+        Encoding the state on the loop took ~107 ms of CPU for 20,000 customer rows of the example views
+        (0.2-0.3 s of wall time on the busy 2-core VM), once a minute: every event arriving meanwhile waited,
+        a freshness P99 miss whenever it fell inside a measured window. ``fork`` copies the process (page
+        tables only; pages are shared until written) at one instant between batches, so the child sees the
+        state and position of exactly that instant, encodes and writes them while the parent goes on, and
+        exits. The child touches nothing the parent's threads use (no loop, no logging, no sockets): it
+        encodes, writes the file and leaves with ``os._exit``. One child at a time; a save due while one is
+        still writing waits for the next batch.
+        """
+        assert self.checkpoint_path is not None
+        if self._child is not None and not self._reap_child(False):
+            return
+        seq, consumed, aggregator, path = self.seq, self.consumed, self.aggregator, self.checkpoint_path
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (coverage does not follow it)
+            _write_checkpoint_and_exit(path, seq, consumed, aggregator)
+        self._child = pid
+        self._last_checkpoint = self.clock()
+
+    def _reap_child(self, block: bool) -> bool:
+        """Whether the checkpoint child has exited (reaped; a failure is warned about)."""
+        assert self._child is not None
+        pid, status = os.waitpid(self._child, 0 if block else os.WNOHANG)
+        if pid == 0:
+            return False
+        self._child = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            self._warn("checkpoint not saved", RuntimeError(f"the checkpoint child exited with {code}"))
+        return True
 
     def _restore(self) -> bool:
         path = self.checkpoint_path
@@ -370,6 +417,18 @@ def _gc_paused() -> Iterator[None]:
 
 
 _TMP_IDS = itertools.count()
+
+
+def _write_checkpoint_and_exit(path: Path, seq: int, consumed: int, aggregator: StreamAggregator) -> NoReturn:
+    """The forked checkpoint child: encode, write, exit; never returns into the parent's code."""
+    code = 1
+    try:
+        gc.disable()  # a collection would touch (and so copy) every page of the parent's heap
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the worker's process group is not ours
+        _atomic_write(path, msgspec.msgpack.encode({"seq": seq, "consumed": consumed, "state": aggregator.dump()}))
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
