@@ -381,11 +381,12 @@ class HeapFreezer:
     After each batch everything alive is frozen (`gc.freeze`, O(1)), so collections see only what the next
     batch allocates. The state holds no reference cycles: a pruned row or bucket is freed by reference
     counting, frozen or not. What a freeze can hold back is cyclic garbage made of objects that were alive
-    when it happened (an exception and its traceback, a future): a full collection every ``full_every``
-    seconds returns it (one stall of that size per interval instead of one every few seconds).
+    when it happened (an exception and its traceback, a future): measured, 8 objects after 400 batches of
+    JetStream reads and Redis writes. A full collection every ``full_every`` seconds returns them (one stall
+    an hour, 285 ms for 245,000 objects on the busy VM, instead of one every few seconds).
     """
 
-    def __init__(self, full_every: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, full_every: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.full_every = full_every
         self.clock = clock
         self.full_collections = 0
