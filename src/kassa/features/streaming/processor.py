@@ -136,8 +136,10 @@ class StreamProcessor:
         """Apply a batch and write each changed row once; returns the number of rows written."""
         now = self.clock() if received_at is None else received_at
         update = self.aggregator.update
+        ev = None
         for ev in events:
             update(ev, now)
+        if ev is not None:
             self.last_event_time = event_time(ev, now)
         self.aggregator.expire()
         return await self._flush()
