@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -271,7 +272,9 @@ class StreamProcessor:
         """
         self._stop.clear()
         if own_process:
-            self.fork_checkpoints = hasattr(os, "fork")
+            # Linux: a forked copy of a threaded process may only run code that takes no lock another
+            # thread could hold (what the child does); macOS's system libraries do not promise even that.
+            self.fork_checkpoints = sys.platform.startswith("linux")
             if self.heap is None:
                 self.heap = HeapFreezer()
         try:
