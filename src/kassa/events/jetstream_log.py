@@ -237,7 +237,8 @@ class _BatchReader:
 
     async def close(self) -> None:
         if self.sub is not None:
-            _routes(self.bus.nc).pop(self.sub._id, None)
+            if self.bus.nc is not None:
+                _routes(self.bus.nc).pop(self.sub._id, None)
             await self.sub.unsubscribe()
         js = self.bus.js
         if js is not None:
@@ -254,9 +255,10 @@ def _routes(nc: Any) -> dict[int, Route]:
 
     nats-py hands each message to a coroutine that parses its headers into a dict in Python (every event
     carries ``Nats-Msg-Id``), builds a `Msg`, queues it and wakes the subscription's task, which awaits the
-    callback: ~6 µs of CPU per event, a fifth of what ``kassa stream`` spent per event. A reader needs only the
-    reply subject and the body. Wraps the client's private ``_process_msg`` (nats-py 2.x: its parser calls
-    ``self.nc._process_msg``); every other subscription goes through it unchanged."""
+    callback. A reader needs only the reply subject and the body: reading the topology bench's events took 12
+    µs of CPU per event that way and 7.5 µs routed (bench/stream_tail_cpu.py, load average 9-11). Wraps the
+    client's private ``_process_msg`` (nats-py is pinned, 2.16: its parser calls ``self.nc._process_msg``;
+    tests/test_event_bus.py reads through it); every other subscription goes through it unchanged."""
     routes: dict[int, Route] | None = getattr(nc, "_kassa_routes", None)
     if routes is None:
         routes = {}
