@@ -415,7 +415,7 @@ async def bench(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         rs = [r for r in results if r["target_events_per_s"] == rate]
 
         def med(key: str, rs: list[dict[str, Any]] = rs) -> float | None:
-            vals = [r[key] for r in rs if r[key] is not None]
+            vals = [r[key] for r in rs if r.get(key) is not None]
             return _r(statistics.median(vals)) if vals else None
 
         by_rate[f"{rate:g}"] = {key: med(key) for key in (

@@ -603,14 +603,15 @@ def test_checkpoint_resume_after_restart(tmp_path: Path) -> None:
         log.close()
 
 
-def test_run_tails_the_log_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_process", [False, True])
+def test_run_tails_the_log_and_stops_cleanly(tmp_path: Path, own_process: bool) -> None:
     log = SqliteEventLog(tmp_path / "events.db")
     ckpt = tmp_path / "ckpt"
     store = make_store()
 
     async def main() -> None:
         proc = StreamProcessor(VIEWS, store, log, checkpoint_path=ckpt)
-        task = asyncio.create_task(proc.run(poll_interval=0.01))
+        task = asyncio.create_task(proc.run(poll_interval=0.01, own_process=own_process))
         import time
 
         await log.append([order_event("live", time.time(), customer="c5")], received_at=time.time())
@@ -624,6 +625,39 @@ def test_run_tails_the_log_and_stops_cleanly(tmp_path: Path) -> None:
         await asyncio.wait_for(task, 5)
         assert ckpt.exists()
         assert StreamProcessor(VIEWS, make_store(), log, checkpoint_path=ckpt).seq == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+
+
+def test_a_checkpoint_saved_by_a_forked_child_restores_the_state_of_the_instant_it_was_taken(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    ckpt = tmp_path / "ckpt"
+    events = [order_event(f"e{i}", T0 + i * 13.0, customer=CUSTOMERS[i % 3]) for i in range(40)]
+
+    async def main() -> None:
+        await log.append(events, received_at=T0)
+        proc = StreamProcessor(VIEWS, make_store(), log, clock=lambda: T0 + 1_000, checkpoint_path=ckpt,
+                               batch_size=10, checkpoint_interval=0.0, advance_when_idle=False)
+        proc.fork_checkpoints = True
+        assert await proc.catch_up(max_batches=1) == 10
+        assert proc._child is not None  # forked, not saved on the loop
+        assert await proc.catch_up(max_batches=2) == 20  # the parent goes on while the child writes
+        proc._reap_child(block=True)  # the save due after batch 2 or 3 was skipped while the first child wrote
+        restored = StreamProcessor(VIEWS, make_store(), log, clock=lambda: T0 + 1_000, checkpoint_path=ckpt,
+                                   batch_size=10, advance_when_idle=False)
+        assert restored.restored and restored.seq in (10, 20, 30)
+        at = restored.seq
+        same = StreamProcessor(VIEWS, make_store(), log, clock=lambda: T0 + 1_000, batch_size=10,
+                               advance_when_idle=False)
+        await same.catch_up(max_batches=at // 10)
+        assert restored.processed == same.processed == at
+        assert restored.aggregator.stream_time == same.aggregator.stream_time
+        for v in VIEWS:
+            for key in all_keys(VIEWS, events[:at])[v.name]:
+                assert restored.aggregator.values(v.name, key) == same.aggregator.values(v.name, key)
 
     try:
         asyncio.run(main())

@@ -207,7 +207,7 @@ def stream(
         store = open_online_store(settings, repo.views)
         log = open_event_log(settings)
         proc = StreamProcessor(views, store, log, checkpoint_path=settings.data_path / "stream.checkpoint")
-        task = asyncio.create_task(proc.run(poll))
+        task = asyncio.create_task(proc.run(poll, own_process=True))
         try:
             with Live(console=console, refresh_per_second=2) as live:
                 while not task.done():
