@@ -524,7 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-every", type=int, default=10, help="every N-th request carries a probe order")
     p.add_argument("--probe-poll", type=float, default=0.005, help="seconds between Redis polls for probes")
     p.add_argument("--probe-timeout", type=float, default=30.0, help="wait this long for the last probes")
-    p.add_argument("--stream-poll", type=float, default=0.05, help="kassa stream --poll")
+    p.add_argument("--stream-poll", type=float, default=0.02, help="kassa stream --poll")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--settle", type=float, default=2.0)

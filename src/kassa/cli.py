@@ -179,7 +179,9 @@ def learn(
 def stream(
     config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
-    poll: Annotated[float, typer.Option(help="Seconds between polls of the event log.")] = 0.05,
+    poll: Annotated[float, typer.Option(
+        help="Seconds between the starts of two reads of the event log (0.02: freshness P99 ~90-110 ms at "
+             "10,000 events/s where 0.05 gave 87-2,583 ms; each read costs ~0.5 ms).")] = 0.02,
 ) -> None:
     """Run the streaming-feature worker: tail the event log into the online store (Ctrl-C to stop).
 
