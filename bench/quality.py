@@ -55,7 +55,9 @@ stricter window 1,000-2,000). By default each seed is its own world and stream, 
 world is with what Kassa chose; ``--stream-seed S`` keeps world S and its stream (contexts, buyers, and each
 checkout's uniform draw deciding a conversion) for every seed, so the spread is Kassa's own (the issue's "four
 runs of the same stream"). ``bench/offer_reference.py`` runs a well-specified Thompson-sampling learner on the
-same worlds as a reference.
+same worlds as a reference. ``--offer-context device,country,cat`` sets the placement's ``context_features`` to the
+three features the world's acceptance depends on (plain VW's features); by default Kassa's learner sees every
+context feature it derives (the product's default), most of which carry nothing here (ADR 0010).
 
 A seed is reproducible: two runs of one seed serve the same offers (each run reports ``served_sha256``, a hash
 of every offer the learning placement showed, in order; the retriever's caches refresh on Kassa's clock, and the
@@ -567,6 +569,11 @@ def _guard(runs: list[dict[str, Any]]) -> str:
     return "mixed"
 
 
+def _context_arg(args: argparse.Namespace) -> str:
+    ctx = getattr(args, "offer_context", None)
+    return "" if ctx is None else f" --offer-context {','.join(ctx)}"
+
+
 def _s(t: tuple[float, float, float], d: int = 3) -> str:
     return f"{t[0]:.{d}f} ({t[1]:.{d}f}-{t[2]:.{d}f})"
 
@@ -589,7 +596,7 @@ def section(products: list[dict[str, Any]], offers: list[dict[str, Any]], summar
 ## Decision quality (`bench/quality.py`, issue 14)
 
 `python bench/quality.py --seeds {' '.join(map(str, args.seeds))} --product-checkouts {args.product_checkouts}
---offer-checkouts {args.offer_checkouts} --products {args.products}` on {platform.machine()}, Python
+--offer-checkouts {args.offer_checkouts} --products {args.products}{_context_arg(args)}` on {platform.machine()}, Python
 {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (a shared 2-core machine).
 Through Kassa's HTTP API in process (ASGI transport, simulated clock); rates are the simulator's expected
 accepts (products) or expected value (offers) of what was shown. Medians (min-max) over seeds. Publish guard
