@@ -55,7 +55,9 @@ stricter window 1,000-2,000). By default each seed is its own world and stream, 
 world is with what Kassa chose; ``--stream-seed S`` keeps world S and its stream (contexts, buyers, and each
 checkout's uniform draw deciding a conversion) for every seed, so the spread is Kassa's own (the issue's "four
 runs of the same stream"). ``bench/offer_reference.py`` runs a well-specified Thompson-sampling learner on the
-same worlds as a reference.
+same worlds as a reference. ``--offer-context device,country,cat`` sets the placement's ``context_features`` to the
+three features the world's acceptance depends on (plain VW's features); by default Kassa's learner sees every
+context feature it derives (the product's default), most of which carry nothing here (ADR 0010).
 
 A seed is reproducible: two runs of one seed serve the same offers (each run reports ``served_sha256``, a hash
 of every offer the learning placement showed, in order; the retriever's caches refresh on Kassa's clock, and the
@@ -416,11 +418,15 @@ class OfferWorld:
         return self.p(o, ctx) * self.value[o]
 
 
-def offer_catalog(world: OfferWorld) -> dict[str, Any]:
+def offer_catalog(world: OfferWorld, context: list[str] | None = None) -> dict[str, Any]:
+    """``context``: the placement's ``context_features`` (None: the product's default, every feature)."""
     offers = [{"id": oid, "kind": "partner", "title": oid, "value": v} for oid, v in zip(world.ids, world.value,
                                                                                         strict=True)]
-    return {"offers": offers, "placements": [{"id": "thanks", "slots": 1, "offers": world.ids,
-                                              "reward": {"weights": {"conversion": "value"}, "wait_seconds": 2.0}}]}
+    placement: dict[str, Any] = {"id": "thanks", "slots": 1, "offers": world.ids,
+                                 "reward": {"weights": {"conversion": "value"}, "wait_seconds": 2.0}}
+    if context is not None:
+        placement["context_features"] = context
+    return {"offers": offers, "placements": [placement]}
 
 
 def plain_vw(world: OfferWorld, contexts: list[tuple[str, str, str]], drift_at: int, seed: int) -> list[float]:
@@ -455,11 +461,13 @@ def plain_vw(world: OfferWorld, contexts: list[tuple[str, str, str]], drift_at: 
     return out
 
 
-async def offer_run(seed: int, n: int, rate: float, stream: int | None = None) -> dict[str, Any]:
+async def offer_run(seed: int, n: int, rate: float, stream: int | None = None,
+                    context: list[str] | None = None) -> dict[str, Any]:
     """One run of the offer world. ``seed`` seeds Kassa's sampling; ``stream`` (default: the same) the world and
     its checkout stream: the offers, each checkout's context and buyer, and each checkout's uniform draw that
     decides whether the offer shown converts (common random numbers: the same buyer converts on the same offer
-    in every run). Runs with one ``stream`` and different seeds differ only by what Kassa chose."""
+    in every run). Runs with one ``stream`` and different seeds differ only by what Kassa chose. ``context``: the
+    placement's ``context_features`` (``--offer-context``)."""
     stream = seed if stream is None else stream
     drift_at = n // 2
     world = OfferWorld(stream)
@@ -471,7 +479,7 @@ async def offer_run(seed: int, n: int, rate: float, stream: int | None = None) -
     learned = 0  # last third: decisions a learned snapshot served (not the baseline or the fallback)
     served = hashlib.sha256()
     with tempfile.TemporaryDirectory(prefix="kassa-bench-quality-") as tmp:
-        http = _Http(offer_catalog(world), seed, Path(tmp), rate)
+        http = _Http(offer_catalog(world, context), seed, Path(tmp), rate)
         started = time.perf_counter()
         try:
             for i, ctx in enumerate(contexts):
@@ -561,6 +569,11 @@ def _guard(runs: list[dict[str, Any]]) -> str:
     return "mixed"
 
 
+def _context_arg(args: argparse.Namespace) -> str:
+    ctx = getattr(args, "offer_context", None)
+    return "" if ctx is None else f" --offer-context {','.join(ctx)}"
+
+
 def _s(t: tuple[float, float, float], d: int = 3) -> str:
     return f"{t[0]:.{d}f} ({t[1]:.{d}f}-{t[2]:.{d}f})"
 
@@ -583,7 +596,7 @@ def section(products: list[dict[str, Any]], offers: list[dict[str, Any]], summar
 ## Decision quality (`bench/quality.py`, issue 14)
 
 `python bench/quality.py --seeds {' '.join(map(str, args.seeds))} --product-checkouts {args.product_checkouts}
---offer-checkouts {args.offer_checkouts} --products {args.products}` on {platform.machine()}, Python
+--offer-checkouts {args.offer_checkouts} --products {args.products}{_context_arg(args)}` on {platform.machine()}, Python
 {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (a shared 2-core machine).
 Through Kassa's HTTP API in process (ASGI transport, simulated clock); rates are the simulator's expected
 accepts (products) or expected value (offers) of what was shown. Medians (min-max) over seeds. Publish guard
@@ -639,7 +652,7 @@ async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
                   f"{r['best_heuristic']} {r['heuristics'][r['best_heuristic']]:.4f} -> {r['vs_best_heuristic']:.2f}x, "
                   f"served {r['served_sha256']}, {r['seconds']} s", file=sys.stderr)
         if args.offer_checkouts and args.world in ("offers", "both"):
-            r = await offer_run(seed, args.offer_checkouts, args.rate, args.stream_seed)
+            r = await offer_run(seed, args.offer_checkouts, args.rate, args.stream_seed, args.offer_context)
             offers.append(r)
             print(f"offers seed {seed}: {r['vs_oracle']:.3f} of oracle, plain VW {r['vw_vs_oracle']:.3f}, "
                   f"cold {r['cold_ratio']:.2f} / after 2,000 {r['after_2000_ratio']:.2f}, "
@@ -663,6 +676,9 @@ def main() -> None:
     ap.add_argument("--stream-seed", type=int,
                     help="offers: one world and checkout stream for every seed, so --seeds vary only Kassa's sampling "
                          "(the spread is then reproducibility, as the issue measured it: runs of the same stream)")
+    ap.add_argument("--offer-context", type=lambda s: [f for f in s.split(",") if f],
+                    help="offers: the placement's context_features, comma-separated (default: every feature, the "
+                         "product's default; 'device,country,cat' = what the world's acceptance depends on)")
     ap.add_argument("--guard", choices=["on", "off"], help="the publish guard (default: the product's default)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")

@@ -309,3 +309,35 @@ def test_a_products_category_is_crossed_with_the_baskets_categories_only() -> No
     assert logged_shared_line({"hour": "9", "cat": "bakery|dairy", "prev_cat": "fruit", "guest": False}) == shared
     placement = schemas.Placement(id="x", retrieval=schemas.Retrieval())
     assert " -q co -q bk --ignore_linear b " in f" {vw_args(placement)} "
+
+
+def test_a_placements_context_features_are_all_its_learner_sees_and_its_log_records(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import CATALOG
+
+    path = tmp_path / "narrow.yaml"
+    path.write_text(CATALOG.replace("    min_learned_decisions: 5\n",
+                                    "    min_learned_decisions: 5\n    context_features: [device, country]\n", 1))
+    kassa = Kassa(msgspec.structs.replace(settings, catalog_file=str(path)), clock=Clock(), seed=1)
+    res = _decide(kassa, decision_body())
+    pending = kassa.joiner._pending[res.decision_id]
+    assert pending.shared.split() == ["shared", "|c", "country=US", "device=mobile"]
+    log = kassa.decision_log
+    assert log is not None
+    rec = log.find_unwritten(res.decision_id)
+    assert rec is not None and set(rec.features) == {"country", "device"}
+    # Unset (the default): every request feature, e.g. the basket's category and the hour
+    res = _decide(kassa, decision_body(placement="cross_sell", order={"id": "q1", "items": [
+        {"sku": "SERUM-C", "product_id": "p-1", "category": "beauty"}]}))
+    rec = log.find_unwritten(res.decision_id)
+    assert rec is not None and {"cat", "hour", "device"} <= set(rec.features)
+
+
+def test_a_models_schema_hash_names_the_context_features_only_when_a_placement_narrows_them() -> None:
+    from kassa.learn.registry import feature_schema_hash
+
+    every = schemas.Placement(id="p")
+    assert feature_schema_hash(every, None) == feature_schema_hash(schemas.Placement(id="p", slots=1), None)
+    narrow = schemas.Placement(id="p", context_features=["device", "country"])
+    assert feature_schema_hash(narrow, None) != feature_schema_hash(every, None)
+    assert feature_schema_hash(narrow, None) == feature_schema_hash(
+        schemas.Placement(id="p", context_features=["country", "device"]), None)

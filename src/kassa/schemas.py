@@ -200,6 +200,10 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     latency_budget_ms: Annotated[float, Meta(gt=0, le=60_000)] = 50.0
     timezone: TimeZone = "UTC"
     features: list[str] | None = None  # feature views to read for this placement (None = all)
+    # The context features the placement's learner sees and its decisions log (request features such as
+    # "device", "country", "cat", and feature-view fields as "view.field"); None = every one. Features that do
+    # not move acceptance still get a weight per offer each: ADR 0010's offer-world addendum (late night).
+    context_features: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in policies.names():

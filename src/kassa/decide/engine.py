@@ -191,6 +191,10 @@ class DecisionEngine:
                         if value is not None:
                             features[f"{fv.name}.{f.name}"] = value
 
+        keep = placement.context_features
+        if keep is not None:  # the placement's learner sees (and its log records) only these
+            features = {k: v for k, v in features.items() if k in keep}
+
         # -- candidates (``retrieved``: offer id -> (retrieval score, its ``|r`` learner suffix))
         offers = snap.offers
         retrieved: dict[str, tuple[float, str]] | None = None

@@ -201,6 +201,8 @@ def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) 
         "namespaces": "c,o,f,g,b,k;-q co -q bk --ignore_linear b;-b 20",
         "views": sorted((v.name, v.schema_hash()) for v in placement_views(placement, repo)),
     }
+    if placement.context_features is not None:  # absent when unset: the hashes of existing models stand
+        body["context_features"] = sorted(placement.context_features)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
