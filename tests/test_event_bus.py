@@ -88,6 +88,44 @@ def test_append_is_acked_by_jetstream_and_duplicates_by_event_id_are_counted_onc
         log.close()
 
 
+def test_appends_of_one_loop_pass_share_one_bus_hand_over_and_each_gets_its_own_rows(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    calls: list[int] = []
+    append_rows = log.bus.append_rows
+
+    async def counted(rows):  # type: ignore[no-untyped-def]
+        calls.append(len(rows))
+        return await append_rows(rows)
+
+    log.bus.append_rows = counted  # type: ignore[method-assign]
+    try:
+        async def go() -> None:
+            # Three POSTs in one pass of the loop, the third repeating an event of the first (a client retry).
+            results = await asyncio.gather(log.append(_events("a", 3), 1000.0), log.append(_events("b", 2), 1000.0),
+                                           log.append(_events("a", 1) + _events("c", 1), 1000.0))
+            assert [len(r.new) for r in results] == [3, 2, 1] and [r.duplicates for r in results] == [0, 0, 1]
+            assert [ev.event_id for ev in results[2].new] == ["c-0"]
+            assert calls == [7]
+            alone = await log.append(_events("d", 2), 1001.0)  # a later pass: its own hand-over
+            assert len(alone.new) == 2 and calls == [7, 2]
+
+        asyncio.run(go())
+        assert [ev.event_id for _, ev in log.read(0, 100)] == ["a-0", "a-1", "a-2", "b-0", "b-1", "c-0", "d-0", "d-1"]
+    finally:
+        log.close()
+
+
+def test_an_append_after_the_bus_closed_fails_instead_of_hanging(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    log.close()
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(log.append(_events("a", 1), 1000.0), 5)
+
+    asyncio.run(go())
+
+
 def test_read_replays_in_append_order_from_any_position(cfg: BusConfig) -> None:
     log = JetStreamEventLog.connect(cfg)
     try:
