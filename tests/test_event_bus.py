@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
+from nats.js import api
 
 from kassa import schemas
 from kassa.events.consumers import DecisionLogConsumer, EventConsumer, FilePositionStore, run_consumer
 from kassa.events.decision_log import DecisionRecord, read_decisions
-from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream import BusConfig, JetStreamBus, take_queued_first
 from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
 from tests.services import NatsServer, ensure_nats, start_nats
 
@@ -124,6 +126,35 @@ def test_an_append_after_the_bus_closed_fails_instead_of_hanging(cfg: BusConfig)
             await asyncio.wait_for(log.append(_events("a", 1), 1000.0), 5)
 
     asyncio.run(go())
+
+
+def test_a_pull_fetch_taking_queued_messages_first_gets_what_nats_py_gets(cfg: BusConfig) -> None:
+    async def go() -> list[list[list[bytes]]]:
+        nc = await nats.connect(cfg.url)
+        js = nc.jetstream()
+        stream, subject = cfg.events_stream, cfg.events_subject
+        await js.add_stream(name=stream, subjects=[subject])
+        for i in range(250):
+            await js.publish(subject, b"m%d" % i)
+        out = []
+        for fast in (False, True):
+            consumer = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, mem_storage=True)
+            psub = await js.pull_subscribe(subject, stream=stream, config=consumer)
+            if fast:
+                take_queued_first(psub._sub)
+            batches = [[m.data for m in await psub.fetch(n, timeout=2)] for n in (100, 1, 120, 100)]
+            with pytest.raises(nats.errors.TimeoutError):  # nothing left: times out as nats-py does
+                await psub.fetch(10, timeout=0.3)
+            assert psub._sub._pending_size == 0
+            await psub.unsubscribe()
+            out.append(batches)
+        await nc.close()
+        return out
+
+    slow, fast = asyncio.run(go())
+    assert fast == slow
+    assert [m for batch in fast for m in batch] == [b"m%d" % i for i in range(250)]
+    assert [len(b) for b in fast] == [100, 1, 120, 29]
 
 
 def test_read_replays_in_append_order_from_any_position(cfg: BusConfig) -> None:
