@@ -320,6 +320,35 @@ def _record(i: int, ts: float) -> DecisionRecord:
                           fallback=False, took_ms=1.0)
 
 
+def test_an_idle_decision_publisher_sleeps_until_a_record_comes_and_then_publishes_it(cfg: BusConfig) -> None:
+    bus = JetStreamBus(cfg)
+    publisher = DecisionPublisher(bus, flush_seconds=0.01)
+    rounds = 0
+    publish_buffered = publisher._publish_buffered
+
+    async def counted() -> int:
+        nonlocal rounds
+        rounds += 1
+        return await publish_buffered()
+
+    publisher._publish_buffered = counted  # type: ignore[method-assign]
+    try:
+        _wait(lambda: publisher._idle)
+        before = rounds
+        time.sleep(0.5)  # ticking every 10 ms would be ~50 rounds
+        assert rounds == before and publisher._idle
+        for round_ in range(3):  # each idle spell ends with the next append
+            publisher.append(_record(round_, 1_780_000_000.0))
+            _wait(lambda r=round_: publisher.written == r + 1, timeout=5)  # type: ignore[misc]
+            _wait(lambda: publisher._idle)
+        assert publisher.pending == 0
+    finally:
+        started = time.monotonic()
+        publisher.close()  # an idle publisher stops at once
+        assert time.monotonic() - started < 2
+        bus.close()
+
+
 def test_decision_records_reach_the_parquet_log_exactly_once_across_writer_restarts(cfg: BusConfig,
                                                                                      tmp_path: Path) -> None:
     bus = JetStreamBus(cfg)
