@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
+from nats.js import api
 
 from kassa import schemas
 from kassa.events.consumers import DecisionLogConsumer, EventConsumer, FilePositionStore, run_consumer
 from kassa.events.decision_log import DecisionRecord, read_decisions
-from kassa.events.jetstream import BusConfig, JetStreamBus
+from kassa.events.jetstream import BusConfig, JetStreamBus, take_queued_first
 from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
 from tests.services import NatsServer, ensure_nats, start_nats
 
@@ -87,6 +89,73 @@ def test_append_is_acked_by_jetstream_and_duplicates_by_event_id_are_counted_onc
     finally:
         other.close()
         log.close()
+
+
+def test_appends_of_one_loop_pass_share_one_bus_hand_over_and_each_gets_its_own_rows(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    calls: list[int] = []
+    append_rows = log.bus.append_rows
+
+    async def counted(rows):  # type: ignore[no-untyped-def]
+        calls.append(len(rows))
+        return await append_rows(rows)
+
+    log.bus.append_rows = counted  # type: ignore[method-assign]
+    try:
+        async def go() -> None:
+            # Three POSTs in one pass of the loop, the third repeating an event of the first (a client retry).
+            results = await asyncio.gather(log.append(_events("a", 3), 1000.0), log.append(_events("b", 2), 1000.0),
+                                           log.append(_events("a", 1) + _events("c", 1), 1000.0))
+            assert [len(r.new) for r in results] == [3, 2, 1] and [r.duplicates for r in results] == [0, 0, 1]
+            assert [ev.event_id for ev in results[2].new] == ["c-0"]
+            assert calls == [7]
+            alone = await log.append(_events("d", 2), 1001.0)  # a later pass: its own hand-over
+            assert len(alone.new) == 2 and calls == [7, 2]
+
+        asyncio.run(go())
+        assert [ev.event_id for _, ev in log.read(0, 100)] == ["a-0", "a-1", "a-2", "b-0", "b-1", "c-0", "d-0", "d-1"]
+    finally:
+        log.close()
+
+
+def test_an_append_after_the_bus_closed_fails_instead_of_hanging(cfg: BusConfig) -> None:
+    log = JetStreamEventLog.connect(cfg)
+    log.close()
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(log.append(_events("a", 1), 1000.0), 5)
+
+    asyncio.run(go())
+
+
+def test_a_pull_fetch_taking_queued_messages_first_gets_what_nats_py_gets(cfg: BusConfig) -> None:
+    async def go() -> list[list[list[bytes]]]:
+        nc = await nats.connect(cfg.url)
+        js = nc.jetstream()
+        stream, subject = cfg.events_stream, cfg.events_subject
+        await js.add_stream(name=stream, subjects=[subject])
+        for i in range(250):
+            await js.publish(subject, b"m%d" % i)
+        out = []
+        for fast in (False, True):
+            consumer = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, mem_storage=True)
+            psub = await js.pull_subscribe(subject, stream=stream, config=consumer)
+            if fast:
+                take_queued_first(psub._sub)
+            batches = [[m.data for m in await psub.fetch(n, timeout=2)] for n in (100, 1, 120, 100)]
+            with pytest.raises(nats.errors.TimeoutError):  # nothing left: times out as nats-py does
+                await psub.fetch(10, timeout=0.3)
+            assert psub._sub._pending_size == 0
+            await psub.unsubscribe()
+            out.append(batches)
+        await nc.close()
+        return out
+
+    slow, fast = asyncio.run(go())
+    assert fast == slow
+    assert [m for batch in fast for m in batch] == [b"m%d" % i for i in range(250)]
+    assert [len(b) for b in fast] == [100, 1, 120, 29]
 
 
 def test_read_replays_in_append_order_from_any_position(cfg: BusConfig) -> None:
@@ -250,6 +319,35 @@ def _record(i: int, ts: float) -> DecisionRecord:
                           customer_id=f"c{i}", features={"x": float(i)}, candidates=["a", "b"],
                           probabilities=[0.5, 0.5], chosen=["a"], chosen_probabilities=[0.5], explored=False,
                           fallback=False, took_ms=1.0)
+
+
+def test_an_idle_decision_publisher_sleeps_until_a_record_comes_and_then_publishes_it(cfg: BusConfig) -> None:
+    bus = JetStreamBus(cfg)
+    publisher = DecisionPublisher(bus, flush_seconds=0.01)
+    rounds = 0
+    publish_buffered = publisher._publish_buffered
+
+    async def counted() -> int:
+        nonlocal rounds
+        rounds += 1
+        return await publish_buffered()
+
+    publisher._publish_buffered = counted  # type: ignore[method-assign]
+    try:
+        _wait(lambda: publisher._idle)
+        before = rounds
+        time.sleep(0.5)  # ticking every 10 ms would be ~50 rounds
+        assert rounds == before and publisher._idle
+        for round_ in range(3):  # each idle spell ends with the next append
+            publisher.append(_record(round_, 1_780_000_000.0))
+            _wait(lambda r=round_: publisher.written == r + 1, timeout=5)  # type: ignore[misc]
+            _wait(lambda: publisher._idle)
+        assert publisher.pending == 0
+    finally:
+        started = time.monotonic()
+        publisher.close()  # an idle publisher stops at once
+        assert time.monotonic() - started < 2
+        bus.close()
 
 
 def test_decision_records_reach_the_parquet_log_exactly_once_across_writer_restarts(cfg: BusConfig,

@@ -149,6 +149,29 @@ async def connect(cfg: BusConfig, timeout: float = 2.0, name: str | None = None,
     return nc
 
 
+def take_queued_first(sub: Any) -> None:
+    """Make ``sub.next_msg`` hand over a message already queued on the subscription without a task, a
+    ``wait_for`` and a uuid4 task name each (nats-py's ``next_msg``); an empty queue (or ``timeout <= 0``,
+    where nats-py times out even with a message there) still goes the nats-py way.
+
+    For a pull subscription read with nats-py's ``fetch``: it awaits ``next_msg`` once per message of the
+    batch, though the read loop has usually queued the whole batch already. `JetStreamInput` polled every
+    50 ms under 1,000 decisions/s (a join record and 3 events each): 57 µs of CPU per decision instead of
+    103 (medians of 5 alternating 10 s runs, load average 15-18 on the shared 2-core VM)."""
+    slow = sub.next_msg
+    queue: asyncio.Queue[Msg] = sub._pending_queue
+
+    async def next_msg(timeout: float | None = 1.0) -> Msg:
+        if queue.empty() or (timeout is not None and timeout <= 0) or sub._cb or sub._conn.is_closed:
+            return await slow(timeout)
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    sub.next_msg = next_msg
+
+
 async def close_connection(nc: NATS) -> None:
     """Flush what was published (acks included) and close. Not ``drain()``: with a pull subscription open it
     waits out its whole drain timeout (30 s by default) for fetch requests that never complete."""

@@ -41,7 +41,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from kassa import schemas
-from kassa.events.jetstream import BusConfig, ack_delivery, close_connection, connect, ensure_streams
+from kassa.events.jetstream import (
+    BusConfig,
+    ack_delivery,
+    close_connection,
+    connect,
+    ensure_streams,
+    take_queued_first,
+)
 from kassa.events.join import PendingDecision
 from kassa.events.log import SqliteEventLog
 from kassa.events.records import DecisionRecordLog
@@ -165,6 +172,7 @@ class _Tail:
         cfg.mem_storage = True
         cfg.max_waiting = 8
         self.sub = await self.js.pull_subscribe(self.subject, stream=self.stream, config=cfg)
+        take_queued_first(self.sub._sub)  # `fetch` takes what is already here without a task per message
 
     async def fetch(self, limit: int, timeout: float, drained: bool = True) -> tuple[list[Msg], bool]:
         """Up to ``limit`` messages in stream order, and whether the consumer had none left to deliver at the
