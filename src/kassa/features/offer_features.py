@@ -50,15 +50,23 @@ class OfferFeatureSource:
 
     def lines(self, offer_ids: Sequence[str], base: Mapping[str, str]) -> list[str]:
         """The action lines of ``offer_ids``: each one's catalog line in ``base`` with its ``|g`` namespace."""
-        line = self.line
-        return [line(o, base[o]) for o in offer_ids]
+        get_row, cache = self.get_row, self._lines
+        out = []
+        for offer_id in offer_ids:  # one loop, no call per offer but the row's: it runs for every candidate
+            row = get_row(offer_id)
+            line = base[offer_id]
+            cached = cache.get(offer_id)
+            if cached is not None and cached[0] is row and cached[1] is line:
+                out.append(cached[3])
+            else:
+                out.append(self._build(offer_id, row, line, cached))
+        return out
 
     def line(self, offer_id: str, base: str) -> str:
         """The offer's action line: ``base`` (its catalog line) with its ``|g`` namespace appended."""
-        row = self.get_row(offer_id)
-        cached = self._lines.get(offer_id)
-        if cached is not None and cached[0] is row and cached[1] is base:
-            return cached[3]
+        return self.lines((offer_id,), {offer_id: base})[0]
+
+    def _build(self, offer_id: str, row: Row | None, base: str, cached: tuple[Row | None, str, str, str] | None) -> str:
         suffix = self._suffix(row)
         # No bucket moved: the same string as before, whose hash the scorer's caches already know.
         line = cached[3] if cached is not None and cached[1] is base and cached[2] == suffix else base + suffix
