@@ -98,21 +98,30 @@ class InMemoryOnlineStore:
         candidate of every decision), answering from the decoded row until the key is written or one of
         its values nears its ttl. The rows returned are shared: callers must not modify them. Meant for
         entities with few keys; the cache starts afresh past ``_ROW_CACHE_MAX`` keys."""
+        many = self.rows_reader(entity)
+        return lambda key: many((key,))[0]
+
+    def rows_reader(self, entity: str) -> Callable[[Sequence[str]], list[Row | None]]:
+        """`row_reader` for many keys at once (a decision's candidates: one clock read, one call)."""
         cache = self._row_caches.setdefault(entity, {})
         read_all, clock, until = self._read_all, self.clock, self._until
 
-        def get(key: str) -> Row | None:
+        def get_many(keys: Sequence[str]) -> list[Row | None]:
             now = clock()
-            hit = cache.get(key)
-            if hit is not None and hit[1] <= now <= hit[2]:
-                return hit[0]
-            row = read_all(entity, key, now)
-            if len(cache) >= _ROW_CACHE_MAX:
-                cache.clear()
-            cache[key] = (row, now, until(row))
-            return row
+            out: list[Row | None] = []
+            for key in keys:
+                hit = cache.get(key)
+                if hit is not None and hit[1] <= now <= hit[2]:
+                    out.append(hit[0])
+                    continue
+                row = read_all(entity, key, now)
+                if len(cache) >= _ROW_CACHE_MAX:
+                    cache.clear()
+                cache[key] = (row, now, until(row))
+                out.append(row)
+            return out
 
-        return get
+        return get_many
 
     def _until(self, row: Row | None) -> float:
         """Until when every value of ``row`` is surely within its ttl. A millisecond short of ``ts + ttl``,
