@@ -139,3 +139,35 @@ def test_offer_stream_features_reach_the_learner_lines(tmp_path, settings, clock
         assert " |g " in pending.actions[0]
         assert "offer_performance.accepts_1h=b1" in pending.actions[0]
         assert "offer_performance.accept_rate_1h=b5" in pending.actions[0]  # 0.5 -> log2(1 + 50)
+        # Every later event is in the very next decision's line (the offer's line is cached between changes).
+        for n, bucket in ((2, "b1"), (3, "b2")):  # accepts: 2 -> log2(1 + 2) = 1.6, 3 -> 2; the rate stays 0.5
+            events = [{"event_id": f"e{n}-{i}", "type": t, "decision_id": d["decision_id"], "offer_id": "discount",
+                       "timestamp": clock()} for i, t in enumerate(["impression", "accept"])]
+            assert client.post("/v1/events", json={"events": events}).json()["accepted"] == 2
+            d2 = client.post("/v1/decisions", json=decision_body(candidates=["discount"], limit=1)).json()
+            line = kassa.joiner._pending[d2["decision_id"]].actions[0]
+            assert f"offer_performance.accepts_1h={bucket}" in line, line
+            assert "offer_performance.accept_rate_1h=b5" in line, line
+
+
+def test_offer_lines_follow_a_row_that_changes_without_a_newer_event_time() -> None:
+    """A stream row is rewritten with the same event time when a window empties or a late event lands: the
+    next line must carry the new values (a cache keyed by event times kept the old line)."""
+    from kassa.features.definitions import FeatureView, Field
+    from kassa.features.offer_features import OfferFeatureSource
+    from kassa.features.online.base import ViewValues
+
+    view = FeatureView(name="perf", kind="push", entity="offer", ttl="1d", fields=[Field("accepts", "int")])
+    rows = {"o-1": {"perf": ViewValues(100.0, {"accepts": 3})}}
+    source = OfferFeatureSource([view], rows.get)
+    base = " |o id=o-1"
+    first = source.line("o-1", base)
+    assert first == " |o id=o-1 |g perf.accepts=b2"
+    assert source.line("o-1", base) is first
+    rows["o-1"] = {"perf": ViewValues(100.0, {"accepts": 0})}  # the hour passed: same event time, new value
+    assert source.line("o-1", base) == " |o id=o-1 |g perf.accepts=0"
+    rows["o-1"] = {"perf": ViewValues(100.0, {"accepts": 0})}  # rewritten, same bucket: the same line object
+    again = source.line("o-1", base)
+    assert again == " |o id=o-1 |g perf.accepts=0" and source.line("o-1", base) is again
+    del rows["o-1"]
+    assert source.lines(["o-1"], {"o-1": base}) == [base]

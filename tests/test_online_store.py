@@ -524,3 +524,51 @@ def test_memory_values_are_stored_compactly() -> None:
     asyncio.run(store.write_many(PROFILE, items))
     blobs: Any = store._data["customer"]["customer_profile"]
     assert all(type(b) is bytes and len(b) < 40 for b in blobs.values())  # field names are not repeated per row
+
+
+# -- the embedded store's row reader (decoded rows kept between writes; issue 13)
+
+
+async def test_row_reader_serves_each_write_on_the_next_read_and_honours_the_ttl() -> None:
+    t = [NOW]
+    store = InMemoryOnlineStore([OFFER], clock=lambda: t[0])
+    get = store.row_reader("offer")
+    assert get("o-1") is None
+    await store.write(OFFER, "o-1", {"ctr": 0.1, "title": "a"}, NOW)
+    first = get("o-1")
+    assert first == {"offer_stats": ViewValues(NOW, {"ctr": 0.1, "title": "a"})}
+    assert get("o-1") is first  # nothing written since: the same decoded row
+    await store.write(OFFER, "o-1", {"ctr": 0.2, "title": "a"}, NOW)  # equal event time, new values
+    assert get("o-1") == {"offer_stats": ViewValues(NOW, {"ctr": 0.2, "title": "a"})}
+    await store.write_many(OFFER, [WriteItem("o-1", {"ctr": 0.3, "title": "b"}, NOW + 1)])
+    newest = {"offer_stats": ViewValues(NOW + 1, {"ctr": 0.3, "title": "b"})}
+    assert get("o-1") == store.read_now("offer", "o-1") == newest
+    t[0] = NOW + 1 + 86_400.0  # exactly at the ttl: still served, as `read` serves it
+    assert get("o-1") == store.read_now("offer", "o-1") is not None
+    t[0] = NOW + 1 + 86_400.0 + 1e-3
+    assert get("o-1") is None and store.read_now("offer", "o-1") is None
+    t[0] = NOW
+    await store.delete("offer", "o-1")
+    assert get("o-1") is None
+
+
+async def test_row_reader_forgets_rows_on_restore_purge_and_a_changed_view(tmp_path: Path) -> None:
+    t = [NOW]
+    store = InMemoryOnlineStore([OFFER], clock=lambda: t[0])
+    get = store.row_reader("offer")
+    await store.write(OFFER, "o-1", {"ctr": 0.1}, NOW)
+    assert get("o-1") is not None
+    other = InMemoryOnlineStore([OFFER])
+    await other.write(OFFER, "o-1", {"ctr": 0.9}, NOW + 5)
+    other.snapshot(tmp_path / "s.msgpack")
+    store.restore(tmp_path / "s.msgpack")
+    assert get("o-1") == {"offer_stats": ViewValues(NOW + 5, {"ctr": 0.9, "title": None})}
+    # A new definition of the view (another schema) decodes the stored values no more.
+    changed = FeatureView(name="offer_stats", kind="push", entity="offer", ttl="1d", fields=[Field("ctr", "float")])
+    store.register(changed)
+    assert get("o-1") is None
+    store.register(OFFER)
+    assert get("o-1") is not None
+    t[0] = NOW + 5 + 2 * 86_400.0
+    assert store.purge_expired() == 1
+    assert get("o-1") is None

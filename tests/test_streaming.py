@@ -710,3 +710,44 @@ def test_a_batch_that_fails_while_the_next_is_read_ahead_is_read_again_and_count
         asyncio.run(main())
     finally:
         log.close()
+
+
+def test_the_tail_steps_over_the_ingests_own_events_and_still_reads_every_other_writers(tmp_path: Path) -> None:
+    """A serving process hands `process` the positions of the events it appended; its log tail then skips
+    them instead of reading each again as a duplicate, but reads what another writer appended between
+    them, and ends in the state of a processor that read the whole log."""
+    log = SqliteEventLog(tmp_path / "events.db")
+    events = [order_event(f"e{i}", T0 + i * 7.0, customer=CUSTOMERS[i % 3], total=float(i)) for i in range(9)]
+    read_back: list[int] = []
+
+    def counting_read(after_seq: int = 0, limit: int = 1000) -> list[tuple[int, Event]]:
+        rows = SqliteEventLog.read(log, after_seq, limit)
+        read_back.extend(seq for seq, _ in rows)
+        return rows
+
+    async def main() -> None:
+        store = make_store()
+        proc = StreamProcessor(VIEWS, store, log, clock=lambda: T0 + 100)
+        log.read = counting_read  # type: ignore[method-assign]
+        mine = await log.append(events[0:3], received_at=T0)
+        assert mine.seqs == [1, 2, 3]
+        await proc.process(mine.new, seqs=mine.seqs)
+        await proc.catch_up()
+        assert proc.seq == 3 and read_back == []  # nothing read again
+        other = await log.append(events[3:5], received_at=T0)  # another process's events: only in the log
+        mine = await log.append(events[5:9], received_at=T0)
+        await proc.process(mine.new, seqs=mine.seqs)
+        await proc.catch_up()
+        assert proc.seq == 9 and read_back[:2] == other.seqs == [4, 5]
+        assert proc.aggregator.processed == 9
+
+        reference = StreamProcessor(VIEWS, make_store(), log, clock=lambda: T0 + 100)
+        await reference.catch_up()
+        for key in CUSTOMERS:
+            assert await stored(store, CUSTOMER, key) == await stored(reference.store, CUSTOMER, key)  # type: ignore[arg-type]
+            assert proc.aggregator.values(CUSTOMER, key) == reference.aggregator.values(CUSTOMER, key)
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()

@@ -123,8 +123,8 @@ class Kassa:
         offer_source = None
         if offer_views:
             if isinstance(self.store, InMemoryOnlineStore):
-                mem = self.store
-                offer_source = OfferFeatureSource(offer_views, lambda key: mem.read_now("offer", key))
+                offer_source = OfferFeatureSource(offer_views, self.store.row_reader("offer"),
+                                                  self.store.rows_reader("offer"))
             else:
                 from kassa.features.online.redis import OfferFeatureCache
 

@@ -96,7 +96,7 @@ class EventIngest:
             # batch is applied at once: each changed row written once, one pipelined round trip per view on
             # Redis (per event, a batch of 3 impressions cost 3 writes and 3 change messages in sequence).
             try:
-                await self.stream.process(result.new)
+                await self.stream.process(result.new, seqs=result.seqs)
             except Exception as exc:
                 self.stream_failures += 1
                 self._warn_stream("online store write failed after the durable append; the events are "

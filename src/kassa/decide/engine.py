@@ -235,10 +235,7 @@ class DecisionEngine:
         shared = shared_line(features)
         lines = snap.action_lines
         offer_src = self.offer_features
-        if offer_src is not None:
-            action_lines = [lines[o] + offer_src.suffix(o) for o in kept]
-        else:
-            action_lines = [lines[o] for o in kept]
+        action_lines = offer_src.lines(kept, lines) if offer_src is not None else [lines[o] for o in kept]
         signal_lines: list[str] | None = None
         if retrieved:
             get = retrieved.get

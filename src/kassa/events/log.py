@@ -57,6 +57,7 @@ _MAX_GROUP_EVENTS = 20_000
 class AppendResult:
     new: list[schemas.Event] = field(default_factory=list)
     duplicates: int = 0
+    seqs: list[int] | None = None  # the log positions of ``new``, when the log knows them (SQLite)
 
 
 class EventLog(Protocol):
@@ -208,7 +209,8 @@ class SqliteEventLog(EventLog):
         cur.execute("BEGIN IMMEDIATE")
         try:
             for item in group:
-                result = AppendResult()
+                seqs: list[int] = []
+                result = AppendResult(seqs=seqs)
                 for ev in item.events:
                     # Look before inserting: an ignored INSERT would still consume an AUTOINCREMENT seq.
                     if cur.execute(_EXISTS, (ev.event_id,)).fetchone() is not None:
@@ -218,6 +220,7 @@ class SqliteEventLog(EventLog):
                         ev = msgspec.structs.replace(ev, timestamp=item.received_at)
                     cur.execute(_INSERT, (ev.event_id, ev.type, ev.decision_id, item.received_at, encode(ev)))
                     result.new.append(ev)
+                    seqs.append(cur.lastrowid or 0)  # never 0 after an INSERT into a rowid table
                 results.append(result)
             cur.execute("COMMIT")
         except BaseException:

@@ -4,12 +4,18 @@ Rows come from the serving process's memory (the embedded store, or Redis's `Off
 fresh by pub/sub), never from a per-request round trip. Values are bucketed into learner tokens in
 namespace ``g`` (log2 buckets for numbers), so an offer's action line changes only when a bucket moves and
 the serving model's parsed-example cache stays warm.
+
+Each offer's full action line is kept with the row object it was built from and rebuilt only when the source
+hands back another row (both sources replace a row on every change and return the same object otherwise):
+a decision's 50 candidates then cost 50 lookups and no string building (issue 13). Comparing the rows'
+event times instead, as before, kept serving an old line when a stream row changed without a newer event
+time (a window emptying, a late event).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kassa.features.definitions import FeatureView
@@ -33,23 +39,52 @@ def bucket(value: Any) -> Any:
 
 
 class OfferFeatureSource:
-    def __init__(self, views: Sequence[FeatureView], get_row: Callable[[str], Row | None]) -> None:
+    def __init__(self, views: Sequence[FeatureView], get_row: Callable[[str], Row | None],
+                 get_rows: Callable[[Sequence[str]], list[Row | None]] | None = None) -> None:
         self.views = [v for v in views if v.entity == "offer" and v.online]
         self.get_row = get_row
-        self._cache: dict[str, tuple[tuple[Any, ...], str]] = {}
+        self.get_rows = get_rows  # many rows in one call, when the source has that
+        # offer id -> (the row, the base line, its suffix, the action line built from them)
+        self._lines: dict[str, tuple[Row | None, str, str, str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.views)
 
+    def lines(self, offer_ids: Sequence[str], base: Mapping[str, str]) -> list[str]:
+        """The action lines of ``offer_ids``: each one's catalog line in ``base`` with its ``|g`` namespace."""
+        cache = self._lines
+        get_rows, get_row = self.get_rows, self.get_row
+        rows = get_rows(offer_ids) if get_rows is not None else [get_row(o) for o in offer_ids]
+        out = []
+        for offer_id, row in zip(offer_ids, rows, strict=True):  # one loop and no call per candidate
+            line = base[offer_id]
+            cached = cache.get(offer_id)
+            if cached is not None and cached[0] is row and cached[1] is line:
+                out.append(cached[3])
+            else:
+                out.append(self._build(offer_id, row, line, cached))
+        return out
+
+    def line(self, offer_id: str, base: str) -> str:
+        """The offer's action line: ``base`` (its catalog line) with its ``|g`` namespace appended."""
+        return self.lines((offer_id,), {offer_id: base})[0]
+
+    def _build(self, offer_id: str, row: Row | None, base: str, cached: tuple[Row | None, str, str, str] | None) -> str:
+        suffix = self._suffix(row)
+        # No bucket moved: the same string as before, whose hash the scorer's caches already know.
+        line = cached[3] if cached is not None and cached[1] is base and cached[2] == suffix else base + suffix
+        if len(self._lines) >= 100_000:  # offer ids are a catalog's; bound it anyway
+            self._lines.clear()
+        self._lines[offer_id] = (row, base, suffix, line)
+        return line
+
     def suffix(self, offer_id: str) -> str:
         """The offer's ``|g`` namespace for the learner line ("" when nothing is stored)."""
-        row = self.get_row(offer_id)
+        return self._suffix(self.get_row(offer_id))
+
+    def _suffix(self, row: Row | None) -> str:
         if not row:
             return ""
-        stamp = tuple((name, vv.ts) for name, vv in row.items())
-        cached = self._cache.get(offer_id)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
         feats: dict[str, Any] = {}
         for view in self.views:
             stored = row.get(view.name)
@@ -57,6 +92,4 @@ class OfferFeatureSource:
                 continue
             for name, value in stored.values.items():
                 feats[f"{view.name}.{name}"] = bucket(value)
-        line = (" |g " + " ".join(tokens(feats))) if feats else ""
-        self._cache[offer_id] = (stamp, line)
-        return line
+        return (" |g " + " ".join(tokens(feats))) if feats else ""
