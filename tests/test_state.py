@@ -231,6 +231,34 @@ async def test_retrieval_counts_from_orders_posted_to_one_process_serve_the_othe
         c.event_log.close()
 
 
+async def test_a_single_process_on_redis_state_stops_cleanly_and_restarts_without_double_counts(
+        tmp_path: Path, catalog_file: Path, redis_url: str, prefix: str, anyio_backend: str):
+    """`kassa serve` (one process) on `state.backend: redis` once raised AttributeError in stop() (the profile
+    file written at a clean stop asked Redis's profiles for a dump) and skipped closing the logs and stores."""
+    from kassa.events import replay_state
+
+    clock = Clock()
+    settings = _settings(tmp_path, "single", catalog_file, **{"state.backend": "redis", "state.redis_url": redis_url,
+                                                               "state.key_prefix": prefix, "state.timeout_ms": 2000})
+    first = Kassa(settings, clock=clock, seed=1)
+    first.warm_up()
+    basket = order(order_id="5005", categories=("skincare", "skincare"), skus=("SERUM-C", "CLEANSER"))
+    basket["items"][0]["product_id"], basket["items"][1]["product_id"] = "p-1", "p-2"
+    await first.events.ingest(_events({"event_id": "s1", "type": "order", "customer": {"id": "c-s"}, "order": basket,
+                                       "timestamp": clock()}))
+    counts = first.retriever.stats()
+    assert counts["orders"] == 1
+    await first.stop()  # raised before
+    assert not (settings.data_path / replay_state.FILE).exists()
+    second = Kassa(settings, clock=clock, seed=2)
+    try:
+        second.warm_up()
+        assert await second.state.feed.pull() == 1  # the order comes back once, from Redis's feed
+        assert second.retriever.stats() == counts
+    finally:
+        await second.stop()
+
+
 async def test_embedded_restart_keeps_pending_decisions_and_idempotency(tmp_path: Path, catalog_file: Path,
                                                                           anyio_backend: str):
     clock = Clock()
