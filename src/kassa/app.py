@@ -255,18 +255,17 @@ class Kassa:
         return mode == "inprocess"
 
     def _replay_state_kept(self) -> bool:
-        """Whether the profiles and retrieval counts rebuilt from the SQLite event log are saved at a clean stop
+        """Whether the profiles and retrieval counts rebuilt from the (SQLite) event log are saved at a clean stop
         and restored at start. Not on `state.backend: redis`: Redis holds the profiles and its order feed
         rebuilds the retrieval counts, so a restored file would count those orders twice."""
-        return (self.role != "learn" and isinstance(self.event_log, SqliteEventLog)
-                and self.state.shared is None)
+        return self.role != "learn" and self.state.shared is None
 
     def warm_up(self) -> None:
         """Synchronous start-up work: replay the event log, load the latest model snapshots."""
         t0 = time.perf_counter()
         restored = self.state.restore()
         after = 0
-        if self._replay_state_kept():
+        if self._replay_state_kept() and isinstance(self.event_log, SqliteEventLog):
             after = replay_state.load(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(),
                                       self.profiles, self.retriever)
         with self.state.replaying():
@@ -337,7 +336,7 @@ class Kassa:
         self.decision_log.close()
         self.shadow_log.close()
         self.drift.close()
-        if self.role == "all" and self._replay_state_kept():
+        if self.role == "all" and self._replay_state_kept() and isinstance(self.event_log, SqliteEventLog):
             # Single process: every event up to the log's end has been applied here, so the state is as of it.
             # (A serving worker saw only its share of the events, and a learner none: they save nothing.)
             replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
