@@ -204,6 +204,59 @@ async def test_a_call_cut_by_its_timeout_leaves_the_connection_in_step(redis_url
         await conn.close()
 
 
+async def test_a_connection_killed_by_redis_fails_its_waiting_calls_and_the_next_call_reconnects(redis_url, prefix):
+    """Replies are read in the connection's protocol callback: a connection the server drops fails the calls
+    still waiting on it with `ConnectionLost` (no caller hangs to its timeout), and the next call connects
+    anew."""
+    await _killed_and_reconnected(redis_url, prefix)
+
+
+def test_the_pipelined_connection_runs_on_uvloop(redis_url, prefix):
+    """`kassa serve` runs on uvloop, whose transports are not `asyncio.Transport` instances: the same calls,
+    timeout and reconnect there."""
+    import uvloop
+    from hiredis import pack_command
+
+    from kassa.redisconn import PipelinedConnection
+
+    async def in_step() -> None:
+        conn = PipelinedConnection(redis_url)
+        try:
+            assert await conn.call(pack_command(("ECHO", "uv")), 1, 2.0) == [b"uv"]
+            with pytest.raises(TimeoutError):
+                await conn.call(pack_command(("BLPOP", f"{prefix}:nothing", "0.2")), 1, 0.05)
+            assert await conn.call(pack_command(("ECHO", "mine")), 1, 2.0) == [b"mine"]
+        finally:
+            await conn.close()
+
+    uvloop.run(in_step())
+    uvloop.run(_killed_and_reconnected(redis_url, prefix))
+
+
+async def _killed_and_reconnected(redis_url: str, prefix: str) -> None:
+    from hiredis import pack_command
+
+    from kassa.redisconn import ConnectionLost, PipelinedConnection
+
+    conn = PipelinedConnection(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        [client_id] = await conn.call(pack_command(("CLIENT", "ID")), 1, 1.0)
+        blocked = asyncio.ensure_future(conn.call(pack_command(("BLPOP", f"{prefix}:nothing", "5")), 1, 10.0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        assert admin.client_kill_filter(_id=client_id) == 1
+        with pytest.raises(ConnectionLost):
+            await blocked
+        assert time.monotonic() - started < 1.0
+        assert await conn.call(pack_command(("ECHO", "again")), 1, 2.0) == [b"again"]
+        [new_id] = await conn.call(pack_command(("CLIENT", "ID")), 1, 1.0)
+        assert new_id != client_id
+    finally:
+        await conn.close()
+        admin.close()
+
+
 async def test_retrieval_counts_from_orders_posted_to_one_process_serve_the_other(pair, tmp_path, catalog_file,
                                                                                    redis_url, prefix):
     a, b, clock = pair

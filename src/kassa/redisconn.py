@@ -4,8 +4,9 @@ state, ``kassa.state.redis``, and the Redis online store's reads and writes, ``k
 Why not redis-py's asyncio pool: measured with cProfile on this machine, a decision's two round trips through
 it (pool checkout and release, its observability hooks, one ``read_response`` per reply) cost ~200 µs of CPU
 each, and a round trip cancelled by the latency budget had to close its connection (its unread reply would
-desync the next user). Here a batch of commands is packed by hiredis and written at once; one reader task
-parses replies with ``hiredis.Reader`` and hands each batch its replies in order (FIFO: Redis answers one
+desync the next user). Here a batch of commands is packed by hiredis and written at once; the connection's
+protocol parses replies with ``hiredis.Reader`` as they arrive (in the transport's callback, no reader task
+between the socket and the caller) and hands each batch its replies in order (FIFO: Redis answers one
 connection in order). A caller that gives up (timeout) just stops waiting: its replies are still read and
 dropped, so nothing desyncs and nothing reconnects. Concurrent callers share the connection, so their
 commands travel together (natural pipelining).
@@ -14,9 +15,8 @@ commands travel together (natural pipelining).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -46,8 +46,8 @@ class PipelinedConnection:
         parts = urlsplit(url)
         self.password = unquote(parts.password) if parts.password else None
         self.connect_timeout = connect_timeout
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._writer: asyncio.Transport | None = None
+        self._protocol: _Replies | None = None
         self._waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
         self._connecting: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the connection lives on
@@ -96,15 +96,15 @@ class PipelinedConnection:
         if self._loop is not loop:
             # First use, or a new event loop (a CLI command's second `asyncio.run`): what belonged to the
             # old loop cannot be used from this one.
-            self._writer, self._reader_task, self._connecting, self._loop = None, None, None, loop
+            self._writer, self._protocol, self._connecting, self._loop = None, None, None, loop
             self._waiting = deque()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._writer is not None and not self._writer.is_closing():
                 return
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                                    self.connect_timeout)
+            writer, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _Replies(self), self.host, self.port), self.connect_timeout)
             hello: list[tuple] = []
             if self.password is not None:
                 hello.append(("AUTH", self.password) if self.username is None
@@ -112,7 +112,7 @@ class PipelinedConnection:
             if self.db:
                 hello.append(("SELECT", self.db))
             self._writer = writer
-            self._reader_task = asyncio.create_task(self._read(reader, writer), name="kassa-state-redis-reader")
+            self._protocol = protocol
             if hello:
                 replies = await asyncio.wait_for(
                     self.execute(b"".join(hiredis.pack_command(c) for c in hello), len(hello)), self.connect_timeout)
@@ -121,46 +121,65 @@ class PipelinedConnection:
                         writer.close()
                         raise ConnectionLost(f"Redis refused the connection setup: {r}")
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = hiredis.Reader()
-        waiting = self._waiting
-        error: BaseException = ConnectionLost("Redis closed the connection")
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while True:
-                    reply = parser.gets()
-                    if reply is False:
-                        break
-                    fut, n, replies = waiting[0]
-                    replies.append(reply)
-                    if len(replies) == n:
-                        waiting.popleft()
-                        if not fut.done():  # a caller that timed out is gone; its replies are dropped
-                            fut.set_result(replies)
-        except (OSError, hiredis.ProtocolError) as exc:
-            error = ConnectionLost(str(exc))
-        except asyncio.CancelledError:
-            error = ConnectionLost("closed")
-            raise
-        finally:
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            while waiting:
-                fut, _, _ = waiting.popleft()
-                if not fut.done():
-                    fut.set_exception(error)
-
     async def close(self) -> None:
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
-                await self._reader_task
-            self._reader_task = None
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and self._loop is asyncio.get_running_loop():
+            protocol.close()
+            await protocol.closed  # its waiting calls failed with ConnectionLost("closed")
+
+
+class _Replies(asyncio.Protocol):
+    """Reads the connection's replies in the transport's callback and hands each batch its replies there: a
+    waiting caller resumes in the event loop's next iteration, not one later behind a reader task's wake-up
+    (under load every iteration runs other requests' work first; ADR 0011)."""
+
+    def __init__(self, conn: PipelinedConnection) -> None:
+        self.conn = conn
+        self.waiting = conn._waiting
+        self.parser = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.error: BaseException = ConnectionLost("Redis closed the connection")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        parser, waiting = self.parser, self.waiting
+        try:
+            parser.feed(data)
+            while True:
+                reply = parser.gets()
+                if reply is False:
+                    break
+                fut, n, replies = waiting[0]
+                replies.append(reply)
+                if len(replies) == n:
+                    waiting.popleft()
+                    if not fut.done():  # a caller that timed out is gone; its replies are dropped
+                        fut.set_result(replies)
+        except (hiredis.ProtocolError, IndexError) as exc:  # IndexError: a reply nobody asked for
+            self.error = ConnectionLost(str(exc))
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if str(self.error) == "Redis closed the connection":
+                self.error = ConnectionLost("closed")
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionLost(str(exc)) if exc is not None else self.error
+        conn = self.conn
+        if conn._writer is self.transport:
+            conn._writer = None
+        waiting = self.waiting
+        while waiting:
+            fut, _, _ = waiting.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 def _expire(fut: asyncio.Future) -> None:
