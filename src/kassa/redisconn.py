@@ -159,13 +159,12 @@ class _Replies(asyncio.Protocol):
                     if not fut.done():  # a caller that timed out is gone; its replies are dropped
                         fut.set_result(replies)
         except (hiredis.ProtocolError, IndexError) as exc:  # IndexError: a reply nobody asked for
-            self.error = ConnectionLost(str(exc))
-            self.close()
+            self.close(ConnectionLost(str(exc)))
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the transport; its waiting calls fail with ``error`` (default: closed by us)."""
         if self.transport is not None and not self.transport.is_closing():
-            if str(self.error) == "Redis closed the connection":
-                self.error = ConnectionLost("closed")
+            self.error = error if error is not None else ConnectionLost("closed")
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -78,11 +78,8 @@ class OfferFeatureSource:
         self._lines[offer_id] = (row, base, suffix, line)
         return line
 
-    def suffix(self, offer_id: str) -> str:
-        """The offer's ``|g`` namespace for the learner line ("" when nothing is stored)."""
-        return self._suffix(self.get_row(offer_id))
-
     def _suffix(self, row: Row | None) -> str:
+        """The ``|g`` namespace of an offer's stored ``row`` for its learner line ("" when nothing is stored)."""
         if not row:
             return ""
         feats: dict[str, Any] = {}

@@ -138,14 +138,6 @@ class InMemoryOnlineStore:
         for cache in self._row_caches.values():  # emptied in place: each `row_reader` holds its own
             cache.clear()
 
-    def _ttls(self, row: Row | None) -> list[tuple[float, float]]:
-        out = []
-        for name, vv in (row or {}).items():
-            codec = self._codecs.by_name(name)
-            if codec is not None and codec.ttl is not None:
-                out.append((vv.ts, codec.ttl))
-        return out
-
     # -- the OnlineStore protocol
 
     async def read(self, keys: Sequence[EntityKey], views: Sequence[FeatureView] | None = None) -> list[Row | None]:
