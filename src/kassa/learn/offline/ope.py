@@ -4,7 +4,9 @@ Owns the estimators over logged contextual-bandit data — inverse propensity sc
 IPS (SNIPS) and doubly robust (DR) — with their confidence intervals (normal approximation or a seeded
 multinomial bootstrap) and the effective sample size of the importance weights, the batch entry point
 `evaluate_policies` (candidate, baseline, uniform-random and the logged policy in one call), a
-model-server-free reward model for DR (`MeanRewardModel`), and the promotion `gate`.
+model-server-free reward model for DR (`MeanRewardModel`), the slate estimators for uniformly logged slates
+(`pseudo_inverse` on the whole slate's reward, `slot_ips` on each slot's own, with its cross-fitted reward
+model `cross_fit_slot_model`), and the promotion `gate`.
 
 Everything is a pure function of numpy arrays, one value per logged decision (slot):
 
