@@ -26,8 +26,15 @@ so the defaults (retrieval ``max_candidates 12``, ~9 candidates, 45,000 decision
 shared machine; the quality bench's placement gives its policy up to 20 (``policy_candidates``), which takes
 ~2x10^5 decisions per seed for ±5 % (measured at ``--max-candidates 30``, ~21 candidates).
 
+**Variance reduction** (`variants`): every candidate estimator on the same rows, each with its interval and
+whether it covers the truth: PI with its weight as a control variate, self-normalised PI, doubly robust PI
+(additive reward model cross-fitted on 2 folds), and the per-slot estimators `kassa evaluate --slate` reports
+beside PI (`ope.slot_ips`, plain and doubly robust), which read each slot's own reward.
+
 ``--json`` ends with one JSON object; ``--write-docs`` rewrites this bench's section of ``docs/benchmarks.md``
-(``--from-json FILE`` renders a saved run). Medians over seeds with min-max spread.
+(``--from-json FILE`` renders a saved run). ``--save-rows DIR`` pickles each seed's logged rows and truth, and
+``--from-rows FILE...`` re-evaluates them without re-running the world (seconds instead of ~8 minutes a seed).
+Medians over seeds with min-max spread.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import asyncio
 import json
 import logging
 import os
+import pickle
 import platform
 import random
 import sys
@@ -56,6 +64,12 @@ from quality import DAY, ProductWorld, _Http, product_catalog, spread
 START, END = "<!-- bench:slate_ope:start -->", "<!-- bench:slate_ope:end -->"
 QUALITY_END = "<!-- bench:quality:end -->"
 LOG, TARGET = "cross_sell_log", "cross_sell_target"
+# Every estimator `evaluate` reports (its `variants`), PI first; `slot_dr` is what `kassa evaluate --slate`
+# reports beside PI.
+ESTIMATORS = ("pi", "pi_cv", "pi_sn", "pi_dr", "pi_dr_rank", "slot_ips", "slot_dr")
+LABELS = {"pi": "PI", "pi_cv": "PI, control variate", "pi_sn": "PI, self-normalised (wPI)",
+          "pi_dr": "PI, doubly robust (signals)", "pi_dr_rank": "PI, doubly robust (rank)",
+          "slot_ips": "per-slot IPS", "slot_dr": "per-slot DR (signals)"}
 
 
 def slate_catalog(world: ProductWorld, max_candidates: int) -> dict[str, Any]:
@@ -77,7 +91,7 @@ def slate_catalog(world: ProductWorld, max_candidates: int) -> dict[str, Any]:
 
 
 async def slate_run(seed: int, n: int, warmup: int, n_products: int, n_customers: int, rate: float,
-                    exam: list[float], max_candidates: int) -> dict[str, Any]:
+                    exam: list[float], max_candidates: int, save_rows: Path | None = None) -> dict[str, Any]:
     world = ProductWorld(seed, n_products, n_customers)
     rng = random.Random(f"slate-ope-run:{seed}")
     per_day = n_customers / 7.0
@@ -126,6 +140,9 @@ async def slate_run(seed: int, n: int, warmup: int, n_products: int, n_customers
             data = load_logged(Path(tmp) / "data", placement, lambda oid: oid, until=http.now + 3600.0)
         finally:
             await http.close()
+    if save_rows is not None:  # what `evaluate` reads, to re-evaluate the same logged rows (`--from-rows`)
+        with open(save_rows / f"slate_ope_rows_{seed}.pkl", "wb") as f:
+            pickle.dump((seed, data, truth, target_ids, logged_value, decide_seconds), f)
     return evaluate(seed, data, truth, target_ids, logged_value, decide_seconds)
 
 
@@ -167,7 +184,7 @@ def evaluate(seed: int, data: Any, truth: dict[str, float], target_ids: dict[str
     # What `kassa evaluate` estimates: slot 1 only, with slot 1's logged probability.
     top_target = (t[:, 0] == s[:, 0]).astype(float)
     top = ope.ips(np.asarray(top_reward), np.asarray(top_logged), top_target)
-    return {
+    out: dict[str, Any] = {
         "seed": seed, "rows": int(r.shape[0]), "no_overlap_rows": missing, "not_uniform_rows": not_uniform,
         "fallback_rows": fallback,
         "truth": true_value,
@@ -179,6 +196,51 @@ def evaluate(seed: int, data: Any, truth: dict[str, float], target_ids: dict[str
         "mean_candidates": float(k.mean()), "min_candidates": int(k.min()), "max_candidates": int(k.max()),
         "pending": data.pending, "seconds": round(decide_seconds, 1), "pi_seconds": round(pi_seconds, 3),
     }
+    # The variance-reduced candidates, on the same rows (`variants`).
+    rows_sel = [found.rows[j] for j in keep]
+    for name, est in variants(data, rows_sel, r, t, s, k).items():
+        out[name] = est.value
+        out[f"{name}_ci"] = [est.ci_low, est.ci_high]
+        out[f"{name}_rel_error"] = (est.value - true_value) / true_value
+        out[f"{name}_covers"] = est.ci_low <= true_value <= est.ci_high
+    return out
+
+
+def variants(data: Any, rows: list[int], r: np.ndarray, t: np.ndarray, s: np.ndarray,
+             k: np.ndarray) -> dict[str, ope.Estimate]:
+    """PI's variance-reduction candidates on the rows PI reads. On the whole slate's reward, under PI's own
+    assumption: the weight as a control variate (``E[w] = 1``: ``mean(w r) - c (mean(w) - 1)``, ``c = Cov(w r,
+    w) / Var(w)``, ``pi_cv``), self-normalised PI (``Σ w r / Σ w``, ``pi_sn``), and doubly robust PI (``mean(g(t)
+    + w (r - g(s)))``) with an additive reward model cross-fitted on 2 folds, keyed by each candidate's logged
+    retrieval signals (``pi_dr``; the suffix carries its merged score and rank bucket) or by its rank among the
+    logged candidates (``pi_dr_rank``). On each slot's own reward (`ope.slot_ips`, which assumes a slot's reward
+    depends on its own item alone): ``slot_ips`` and its doubly robust form with the signals model
+    (``slot_dr``, what `kassa evaluate --slate` reports)."""
+    rs = np.asarray([data.rewards[i] for i in rows], dtype=np.float64)  # (n, 3) each slot's reward
+    sig = [data.signals[i] or [""] * len(data.candidates[i]) for i in rows]
+    sig_l = np.asarray([[sg[c] for c in row] for sg, row in zip(sig, s, strict=True)])
+    sig_t = np.asarray([[sg[c] for c in row] for sg, row in zip(sig, t, strict=True)])
+    g_t, g_l = ope.cross_fit_slot_model(rs, sig_l, sig_t)
+    rk_t, rk_l = ope.cross_fit_slot_model(rs, s, t)
+    w = ope.uniform_slate_weights(t, s, k)
+    wr = w * r
+    dw = w - w.mean()
+    c = float(np.dot(wr - wr.mean(), dw) / np.dot(dw, dw))
+    sn = float(wr.sum() / w.sum())
+    sn_se = float(np.sqrt(np.sum((w * (r - sn)) ** 2)) / w.sum())
+    return {
+        "pi_cv": _normal("pi_cv", wr - c * (w - 1.0)),
+        "pi_sn": ope.Estimate("pi_sn", sn, sn - 1.96 * sn_se, sn + 1.96 * sn_se, sn_se, r.shape[0], 0.0),
+        "pi_dr": _normal("pi_dr", g_t.sum(axis=1) + w * (r - g_l.sum(axis=1))),
+        "pi_dr_rank": _normal("pi_dr_rank", rk_t.sum(axis=1) + w * (r - rk_l.sum(axis=1))),
+        "slot_ips": ope.slot_ips(rs, t, s, k, reward_range=(0.0, 3.0)),
+        "slot_dr": ope.slot_ips(rs, t, s, k, reward_range=(0.0, 3.0), g_target=g_t, g_logged=g_l),
+    }
+
+
+def _normal(name: str, terms: np.ndarray) -> ope.Estimate:
+    mean, se = float(terms.mean()), float(terms.std(ddof=1) / np.sqrt(terms.shape[0]))
+    return ope.Estimate(name, mean, mean - 1.96 * se, mean + 1.96 * se, se, int(terms.shape[0]), 0.0)
 
 
 def rows_for_5pct(r: dict[str, Any]) -> float:
@@ -197,7 +259,22 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["pi_covers"] = sum(r["pi_covers"] for r in runs)
     out["within_5pct"] = sum(abs(r["pi_rel_error"]) <= 0.05 for r in runs)
     out["target_median_within_5pct"] = abs(out["pi_rel_error"][0]) <= 0.05
+    # Every estimator on the same rows (`variants`): errors, interval half-width over the truth, coverage.
+    out["estimators"] = {
+        name: {"rel_error": spread([r[f"{name}_rel_error"] for r in runs]),
+               "abs_rel_error": spread([abs(r[f"{name}_rel_error"]) for r in runs]),
+               "half_width": spread([half_width(r, name) for r in runs]),
+               "rows_for_5pct_halfwidth": spread([r["rows"] * (half_width(r, name) / 0.05) ** 2 for r in runs]),
+               "covers": sum(r[f"{name}_covers"] for r in runs),
+               "within_5pct": sum(abs(r[f"{name}_rel_error"]) <= 0.05 for r in runs)}
+        for name in ESTIMATORS if all(f"{name}_rel_error" in r for r in runs)}
     return out
+
+
+def half_width(r: dict[str, Any], name: str) -> float:
+    """An estimator's 95 % half-width as a share of the truth."""
+    lo, hi = r[f"{name}_ci"]
+    return float((hi - lo) / 2.0 / r["truth"])
 
 
 def _s(t: list[float] | tuple[float, float, float], d: int = 3) -> str:
@@ -211,14 +288,16 @@ def section(runs: list[dict[str, Any]], s: dict[str, Any], args: argparse.Namesp
         f"{r['top_ips']:.4f} | {100 * r['top_ips_rel_error']:+.1f} % | {r['logging_value']:.4f} | {r['seconds']:.0f} |"
         for r in runs)
     exam = ", ".join(f"{e:g}" for e in args.examination)
+    saved = args.from_json is not None or bool(args.from_rows)
     return f"""{START}
 ## Slate OPE on the product world (`bench/slate_ope.py`, issue 14)
 
-`python bench/slate_ope.py --seeds {' '.join(map(str, args.seeds))} --checkouts {args.checkouts}
+`python bench/slate_ope.py --seeds {' '.join(str(r['seed']) for r in runs)} --checkouts {args.checkouts}
 --warmup {args.warmup} --products {args.products} --max-candidates {args.max_candidates}` on
 {platform.machine()}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
-(a shared 2-core machine, load average {load} {'when rendered from saved runs' if args.from_json else 'at the end'};
-seeds may run as parallel processes whose `--json` outputs are merged, so "s" is wall time under load).
+(a shared 2-core machine, load average {load} {'when rendered from saved runs' if saved else 'at the end'};
+seeds may run as parallel processes whose `--json` outputs are merged, or whose `--save-rows` are evaluated
+together with `--from-rows`, so "s" is wall time under load).
 The product world of `bench/quality.py` through Kassa's HTTP
 API in process; logging policy Kassa's `uniform` (3 slots without replacement from the retrieved
 candidates); target Kassa's `baseline` retrieval-score ranking with exploration 0 on the same checkouts,
@@ -249,7 +328,58 @@ once in `m` decisions, so the interval's half-width goes as `sqrt(m / rows)`. At
 placement gives its policy up to 20). Hence the smaller `--max-candidates` here: the estimator is the same,
 the bench only has to fit the machine's time. Top-slot IPS's interval is no help either way: it is an
 interval around slot 1's value, not the slate's.
+{compare(runs, s)}
 {END}"""
+
+
+def compare(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
+    """Every estimator on the same rows: its error per seed, its half-width, coverage and rows for ±5 %."""
+    ests = s.get("estimators", {})
+    if not ests:
+        return ""
+    head = " | ".join(f"seed {r['seed']}" for r in runs)
+    lines = []
+    for name, e in ests.items():
+        errs = " | ".join(f"{100 * r[f'{name}_rel_error']:+.1f} %" for r in runs)
+        lines.append(f"| {LABELS.get(name, name)} | {errs} | {100 * e['abs_rel_error'][0]:.1f} % | "
+                     f"{e['within_5pct']} / {len(runs)} | {100 * e['half_width'][0]:.1f} % | "
+                     f"{e['covers']} / {len(runs)} | {e['rows_for_5pct_halfwidth'][0]:,.0f} |")
+    rows = "\n".join(lines)
+    return f"""
+**Variance reduction, every estimator on the same rows** (`variants` in the bench: errors against the truth per
+seed; median |error|; seeds within 5 %; median 95 % half-width as a share of the truth; seeds whose interval
+covers the truth; rows a half-width of 5 % would take). The PI variants use the whole slate's reward under PI's
+assumption: the weight as a control variate (`E[w] = 1`), self-normalised PI, doubly robust PI with an additive
+model cross-fitted on 2 folds by each candidate's logged retrieval signals or its rank. The per-slot ones
+(`ope.slot_ips`) use each slot's own reward and assume it depends on that slot's item alone.
+
+| estimator | {head} | median abs error | within 5 % | half-width | covers | rows for ±5 % |
+|---|{'---:|' * len(runs)}---:|---:|---:|---:|---:|
+{rows}
+
+{verdict(ests, len(runs))}
+"""
+
+
+def verdict(ests: dict[str, Any], n: int) -> str:
+    """Which estimator is the better one, and by how much, from the numbers above."""
+    if "slot_dr" not in ests or "pi" not in ests:
+        return ""
+    pi, dr = ests["pi"], ests["slot_dr"]
+    best_pi = min((e["half_width"][0], LABELS[k]) for k, e in ests.items() if k.startswith("pi_"))
+    return (f"The per-slot DR estimate (what `kassa evaluate --slate` reports beside PI) is the better one: a "
+            f"median half-width of {100 * dr['half_width'][0]:.1f} % of the truth against PI's "
+            f"{100 * pi['half_width'][0]:.1f} % "
+            f"({dr['half_width'][0] / pi['half_width'][0]:.2f}x, about {dr['rows_for_5pct_halfwidth'][0]:,.0f} rows "
+            f"for ±5 % instead of {pi['rows_for_5pct_halfwidth'][0]:,.0f}), median |error| "
+            f"{100 * dr['abs_rel_error'][0]:.1f} % against {100 * pi['abs_rel_error'][0]:.1f} %, within 5 % on "
+            f"{dr['within_5pct']} of {n} seeds against {pi['within_5pct']}; its interval covers the truth on "
+            f"{dr['covers']} of {n} (PI's on {pi['covers']}). The variants on the whole slate's reward barely help "
+            f"(at best {100 * best_pi[0]:.1f} %, {best_pi[1]}): with accepts this rare PI's variance is the "
+            "Bernoulli noise of every slot multiplied by the weight, which neither a control variate nor a reward "
+            "model removes; reading each slot's own reward leaves the other slots' noise out, at the price of "
+            "assuming a slot's reward depends on its own item alone (true in this world), so PI stays the gate's "
+            "estimator.")
 
 
 def write_docs(sec: str) -> None:
@@ -268,12 +398,14 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     for seed in args.seeds:
         r = await slate_run(seed, args.checkouts, args.warmup, args.products, args.customers, args.rate,
-                            args.examination, args.max_candidates)
+                            args.examination, args.max_candidates, args.save_rows)
         runs.append(r)
         print(f"seed {seed}: truth {r['truth']:.4f} PI {r['pi']:.4f} [{r['pi_ci'][0]:.4f}, {r['pi_ci'][1]:.4f}] "
               f"({100 * r['pi_rel_error']:+.1f} %, ESS {r['pi_ess']:.0f}) top-slot IPS {r['top_ips']:.4f} "
               f"({100 * r['top_ips_rel_error']:+.1f} %), {r['rows']} rows, {r['mean_candidates']:.0f} candidates, "
-              f"{r['seconds']} s", file=sys.stderr)
+              f"{r['seconds']} s; " + ", ".join(
+                  f"{n} {100 * r[f'{n}_rel_error']:+.1f} % ±{100 * half_width(r, n):.1f} %" for n in ESTIMATORS[1:]),
+              file=sys.stderr)
     return runs
 
 
@@ -291,10 +423,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", type=Path)
+    ap.add_argument("--save-rows", type=Path, help="directory to pickle each seed's logged rows and truth into")
+    ap.add_argument("--from-rows", type=Path, nargs="+",
+                    help="re-evaluate pickled rows (--save-rows) instead of running")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.from_json is not None:
         runs = json.loads(args.from_json.read_text().strip().splitlines()[-1])["runs"]
+    elif args.from_rows:
+        runs = []
+        for path in args.from_rows:
+            with open(path, "rb") as f:
+                runs.append(evaluate(*pickle.load(f)))  # the bench's own files
     else:
         runs = asyncio.run(_main(args))
     summary = summarize(runs)

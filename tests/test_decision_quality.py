@@ -341,3 +341,74 @@ def test_a_models_schema_hash_names_the_context_features_only_when_a_placement_n
     assert feature_schema_hash(narrow, None) != feature_schema_hash(every, None)
     assert feature_schema_hash(narrow, None) == feature_schema_hash(
         schemas.Placement(id="p", context_features=["country", "device"]), None)
+
+
+def _uniform_slate_reps(reps: int, n: int, seed: int):
+    """``reps`` independent uniformly logged slate logs (3 slots of 8 offers, 4 contexts, position bias, each
+    slot's accept drawn from its own offer) and a fixed target ranking: (per rep: reward, slot rewards,
+    target, logged, context, truth)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k, slots = 8, 3
+    rel = rng.uniform(0.05, 0.6, (4, k))
+    pos = np.array([1.0, 0.6, 0.35])
+    ranking = np.argsort(-(rel + rng.normal(0, 0.08, rel.shape)), axis=1)[:, :slots]
+    out = []
+    for _ in range(reps):
+        ctx = rng.integers(0, 4, n)
+        logged = np.argsort(rng.random((n, k)), axis=1)[:, :slots]
+        slot_reward = (rng.random((n, slots)) < rel[ctx[:, None], logged] * pos).astype(float)
+        target = ranking[ctx]
+        truth = float((rel[ctx[:, None], target] * pos).sum(axis=1).mean())
+        out.append((slot_reward.sum(axis=1), slot_reward, target, logged, ctx, truth))
+    return out
+
+
+def test_slot_estimator_is_unbiased_and_narrower_than_pseudo_inverse_under_uniform_logging() -> None:
+    """Over 200 independent logs of 2,000 uniformly logged slates: the per-slot estimate, plain and doubly
+    robust (a cross-fitted per-slot model by offer and context), averages to the truth within 1 %, its 95 %
+    interval covers the truth in about 95 % of logs, and it is narrower than PI's on the same rows."""
+    import numpy as np
+
+    from kassa.learn.offline import ope
+
+    errors: dict[str, list[float]] = {"pi": [], "slot_ips": [], "slot_dr": []}
+    covers = {name: 0 for name in errors}
+    width = {name: 0.0 for name in errors}
+    reps = _uniform_slate_reps(200, 2_000, seed=7)
+    for reward, slot_reward, target, logged, ctx, truth in reps:
+        keys = ctx[:, None] * 100
+        g_t, g_l = ope.cross_fit_slot_model(slot_reward, keys + logged, keys + target)
+        for est in (ope.pseudo_inverse(reward, target, logged, 8),
+                    ope.slot_ips(slot_reward, target, logged, 8),
+                    ope.slot_ips(slot_reward, target, logged, 8, g_target=g_t, g_logged=g_l)):
+            name = "pi" if est.name == "pseudo_inverse" else est.name
+            errors[name].append((est.value - truth) / truth)
+            covers[name] += est.ci_low <= truth <= est.ci_high
+            width[name] += (est.ci_high - est.ci_low) / len(reps)
+    for name in ("slot_ips", "slot_dr"):
+        assert abs(np.mean(errors[name])) < 0.01, (name, np.mean(errors[name]))
+        assert 0.9 <= covers[name] / len(reps) <= 0.99, (name, covers[name])
+        assert width[name] < 0.85 * width["pi"], (name, width)
+    assert width["slot_dr"] < width["slot_ips"]
+
+
+def test_slot_estimator_needs_each_slots_reward_to_come_from_its_own_item() -> None:
+    """A reward the log credits to slot 1 whatever earned it (the slate's total is still additive): PI stays
+    unbiased, the per-slot estimate does not, as its docstring warns."""
+    import numpy as np
+
+    from kassa.learn.offline import ope
+
+    (reward, slot_reward, target, logged, _, truth), = _uniform_slate_reps(1, 60_000, seed=9)
+    pooled = np.zeros_like(slot_reward)
+    pooled[:, 0] = slot_reward.sum(axis=1)
+    pi = ope.pseudo_inverse(reward, target, logged, 8)
+    slot = ope.slot_ips(pooled, target, logged, 8)
+    assert pi.ci_low <= truth <= pi.ci_high
+    assert not slot.ci_low <= truth <= slot.ci_high and abs(slot.value - truth) / truth > 0.1, (slot, truth)
+    with pytest.raises(ope.OPEInputError):
+        ope.slot_ips(slot_reward, target, logged, 8, g_target=np.zeros_like(slot_reward))  # g_logged missing
+    with pytest.raises(ope.OPEInputError):
+        ope.slot_ips(slot_reward[:, :2], target, logged, 8)  # one reward per slot

@@ -320,13 +320,15 @@ def evaluate_command(
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
     slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
-                                             "pseudo-inverse estimator, on the decisions a uniform slate policy "
-                                             "logged (e.g. `policy: uniform`).")] = False,
+                                             "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
+                                             "one, on the decisions a uniform slate policy logged (e.g. "
+                                             "`policy: uniform`).")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
     uniform-random and the logged policy; records the gate's verdict on the candidate. With --slate, the
-    pseudo-inverse estimate of the whole slate's reward instead (uniformly logged decisions only)."""
+    pseudo-inverse and per-slot DR estimates of the whole slate's reward instead (uniformly logged decisions
+    only; the gate reads PI)."""
     from kassa.learn.offline import ope, ope_report
     from kassa.learn.offline.dataset import load_logged
     from kassa.learn.offline.evaluate import evaluate_models
@@ -422,7 +424,8 @@ def evaluate_command(
 def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots: int, level: float, margin: float,
                     rule: str, workers: int | None, progress: Any, min_ess: float, start: float | None,
                     end: float | None, now: float, t0: float, json_out: bool) -> None:
-    """`kassa evaluate --slate`: PI of the whole slate on uniformly logged decisions (`evaluate_slates`)."""
+    """`kassa evaluate --slate`: PI of the whole slate on uniformly logged decisions, beside the per-slot DR
+    estimate (`evaluate_slates`); the gate reads PI."""
     from kassa.learn.offline import ope, ope_report
     from kassa.learn.offline.evaluate import NoUniformRows, evaluate_slates
 
@@ -448,7 +451,10 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
               "baseline": base.version if base else None, "rows": evaluation.n, "left_out": result.left_out,
               "since": start, "until": end, "at": now, "candidate_estimate": cand_est.to_dict(),
               "baseline_estimate": evaluation.estimate(base.version, "pseudo_inverse").to_dict() if base else None,
-              "logged_estimate": evaluation.estimate(ope.LOGGED, ope.ON_POLICY).to_dict()}
+              "logged_estimate": evaluation.estimate(ope.LOGGED, ope.ON_POLICY).to_dict(),
+              # The per-slot DR estimate beside PI (narrower; assumes a slot's reward depends on its own offer).
+              "candidate_slot_estimate": evaluation.estimate(cand.version, "slot_dr").to_dict(),
+              "baseline_slot_estimate": evaluation.estimate(base.version, "slot_dr").to_dict() if base else None}
     # Kept apart from "evaluation", the top-slot record the promotion gate reads.
     ctx.registry.update_metrics(cand.version, {"slate_evaluation": record})
     if json_out:

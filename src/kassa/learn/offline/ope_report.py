@@ -35,8 +35,11 @@ if TYPE_CHECKING:
 
 DATA_ID = "kassa-ope-data"
 SCHEMA = 1
-ESTIMATOR_TITLES = {"ips": "IPS", "snips": "Self-normalised IPS", "dr": "Doubly robust", ON_POLICY: "On-policy mean"}
+ESTIMATOR_TITLES = {"ips": "IPS", "snips": "Self-normalised IPS", "dr": "Doubly robust", ON_POLICY: "On-policy mean",
+                    "pseudo_inverse": "Pseudo-inverse (slate)", "slot_dr": "Per-slot doubly robust (slate)",
+                    "slot_ips": "Per-slot IPS (slate)"}
 ESTIMATOR_SHORT = {"ips": "IPS", "snips": "SNIPS", "dr": "DR", "pseudo_inverse": "PI (slate)",
+                   "slot_dr": "slot DR (slate)", "slot_ips": "slot IPS (slate)",
                    ON_POLICY: "on-policy mean"}
 # Colour-blind-safe (Okabe–Ito) colours for target policies in order; the logged policy is always slate,
 # because it is the reference every other bar is read against.
