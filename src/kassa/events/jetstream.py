@@ -1,7 +1,11 @@
 """The production event bus: events and decision records on NATS JetStream, a local spool while it is away.
 
-`JetStreamBus` owns one NATS connection on a thread of its own (an asyncio loop beside the server's), the
-two streams and the spool. Both record kinds go through `JetStreamBus.append_rows`:
+`JetStreamBus` owns one NATS connection, the streams and the spool, on one asyncio loop (`BusLoop`): in a
+serving worker (`kassa serve --workers N`) the server's own loop (`AdoptedLoop`), so a request hands the bus its
+rows without waking another thread; everywhere else (`kassa learn`, the one-process server, CLI tools) a loop on
+a thread of its own beside the caller's (`LoopThread`). Code on the bus's loop awaits it; code on other threads
+hands it coroutines (``submit``, or the blocking ``call``, which raises on the bus's loop itself instead of
+waiting for itself). Both record kinds go through `JetStreamBus.append_rows`:
 
 - while JetStream answers, rows are published in order with ``Nats-Msg-Id`` (the ``event_id`` or the
   ``decision_id``) and async acks, and the call returns only once every row has its publish ack, that is
