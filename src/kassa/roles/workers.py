@@ -2,7 +2,8 @@
 
 The supervisor binds the port first (a busy port is the first and only thing said), then forks the
 workers. Each worker builds its own `Kassa(role="serve")` after the fork (nothing with threads or sockets
-of its own exists in the supervisor at fork time) and serves either the inherited listening socket
+of its own exists in the supervisor at fork time), with its JetStream bus on the server's own loop rather
+than a thread of its own (ADR 0009, addendum of 2026-12-07), and serves either the inherited listening socket
 (``balance="shared"``, the default) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads
 new connections across workers by a hash of the 4-tuple). ADR 0009 has the measurement behind the
 default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT stop every child
