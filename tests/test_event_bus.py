@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+import uvloop
 from nats.js import api
 
 from kassa import schemas
@@ -551,6 +553,47 @@ def test_the_decision_log_writer_runner_writes_what_serving_processes_publish(cf
     finally:
         publisher.close()
         bus.close()
+
+
+def test_a_bus_on_an_adopted_loop_takes_appends_on_it_and_refuses_blocking_calls_from_it(cfg: BusConfig) -> None:
+    """A serving worker's bus (`kassa.roles.workers`): built on the server's loop before it runs, no thread of its
+    own; appends and wake-ups go to it without a cross-thread hand-over, a blocking call from the loop raises
+    instead of waiting for itself, one from another thread still waits for the loop, and it closes awaited."""
+    bus_threads = sum(t.name == "kassa-bus" for t in threading.enumerate())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        loop = runner.get_loop()
+        bus = JetStreamBus(cfg, loop=loop)  # connects by running the loop until it has: nobody runs it yet
+        assert bus.thread.loop is loop and bus.connected
+        assert sum(t.name == "kassa-bus" for t in threading.enumerate()) == bus_threads
+        log = JetStreamEventLog(bus)
+        publisher = DecisionPublisher(bus, flush_seconds=0.01)
+        submitted: list[object] = []
+        submit = bus.thread.submit
+        bus.thread.submit = lambda coro: (submitted.append(coro), submit(coro))[1]  # type: ignore[method-assign]
+
+        async def go() -> None:
+            assert bus.thread.here()
+            results = await asyncio.gather(log.append(_events("a", 3), 1000.0), log.append(_events("b", 2), 1000.0))
+            assert [len(r.new) for r in results] == [3, 2]
+            while not publisher._idle:
+                await asyncio.sleep(0.01)
+            publisher.append(_record(0, 1_780_000_000.0))  # wakes the idle task on this loop
+            while publisher.written < 1:
+                await asyncio.sleep(0.01)
+            with pytest.raises(RuntimeError, match="await it instead"):
+                bus.thread.call(asyncio.sleep(0))  # it would wait for the loop it blocks
+            for close in (log.close, publisher.close, bus.close):
+                with pytest.raises(RuntimeError, match="await aclose"):
+                    close()
+            assert await asyncio.to_thread(log.count) == 5  # a reader thread waits for this loop as before
+            publisher.append(_record(1, 1_780_000_000.0))
+            await publisher.aclose()  # publishes what is buffered
+            assert publisher.written == 2 and publisher.pending == 0
+            await log.aclose()
+            await bus.aclose()
+
+        runner.run(asyncio.wait_for(go(), 30))
+        assert len(submitted) == 1  # the reader thread's request; none for the appends or the wake-up
 
 
 def test_a_bus_loop_that_dies_at_any_point_leaves_no_coroutine_never_awaited(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from kassa.events.join import JoinedExample, PendingDecision
 from kassa.learn.online.inputs import JetStreamInput
 from kassa.roles.learner import LearnerRole
 from tests.services import ensure_nats, ensure_redis, start_nats
-from tests.test_roles import HEADERS, Project, _free_port, _wait_ready
+from tests.test_roles import HEADERS, SRC, Project, _free_port, _wait_ready
 
 CATALOG = {
     "offers": [{"id": f"o{k}", "kind": "partner", "title": f"Offer {k}", "value": 1 + k,
@@ -286,3 +288,91 @@ def test_standby_on_jetstream_takes_over_a_kill_9_and_learns_every_example_exact
         assert max(_lineage(p.log("learn-b.log"))) == expected
     finally:
         p.stop()
+
+
+# A serving worker (`_serve_worker`, as `kassa serve --workers N` forks it) with a probe thread: once ready, it
+# serves decisions and events over HTTP, then looks at the bus from inside the worker and stops it with SIGTERM.
+_WORKER_PROBE = r'''
+import asyncio, json, os, signal, sys, threading, uuid
+import httpx
+import kassa.api.app as api_app
+from kassa.config import load_settings
+from kassa.roles.workers import _serve_worker
+
+settings = load_settings(sys.argv[1])
+base = f"http://127.0.0.1:{settings.server.port}"
+headers = {"Authorization": "Bearer roles-pub"}
+built = {}
+create_app = api_app.create_app
+api_app.create_app = lambda kassa: built.setdefault("app", create_app(kassa))
+
+def probe():
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        while True:
+            try:
+                if client.get("/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        decisions = events = 0
+        for i in range(20):
+            r = client.post("/v1/decisions", json={"placement": "checkout", "customer": {"id": f"c{i}"}})
+            assert r.status_code == 200, r.text
+            dec = r.json()
+            decisions += 1
+            evs = [{"event_id": f"{dec['decision_id']}-{o['offer_id']}", "type": "impression",
+                    "decision_id": dec["decision_id"], "offer_id": o["offer_id"]} for o in dec["offers"]]
+            assert client.post("/v1/events", json={"events": evs}).status_code == 200
+            events += len(evs)
+    kassa = built["app"].state.kassa
+    bus = kassa.bus.thread
+
+    async def on_the_loop():
+        try:
+            bus.call(asyncio.sleep(0), timeout=2)
+            refused = None
+        except RuntimeError as exc:
+            refused = str(exc)
+        return threading.current_thread() is threading.main_thread(), refused
+
+    serves_on_main, refused = asyncio.run_coroutine_threadsafe(on_the_loop(), bus.loop).result(10)
+    print(json.dumps({"threads": [t.name for t in threading.enumerate()], "bus_on_server_loop": serves_on_main,
+                      "refused": refused, "count_from_a_thread": kassa.event_log.count(),
+                      "decisions": decisions, "events": events}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=probe, daemon=True).start()
+_serve_worker(settings, None, 0)
+'''
+
+
+def test_a_serving_worker_runs_its_bus_on_the_server_loop_and_drains_it_on_sigterm(
+        tmp_path: Path, names: tuple[str, str, str, str]) -> None:
+    nats_url, prefix, redis_url, key_prefix = names
+    tree = {**_settings_tree(tmp_path, nats_url, prefix, redis_url, key_prefix), "data_dir": str(tmp_path / "data"),
+            "server": {"port": _free_port()}}
+    (tmp_path / "kassa.yaml").write_text(yaml.safe_dump(tree))
+    (tmp_path / "probe.py").write_text(_WORKER_PROBE)
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "kassa.yaml")], env=env,
+                          capture_output=True, timeout=90)
+    out = proc.stdout.decode()
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, out, proc.stderr.decode()[-3000:])
+    seen = msgspec.json.decode(out.strip().splitlines()[-1])
+    assert seen["bus_on_server_loop"] and "kassa-bus" not in seen["threads"], seen
+    assert seen["refused"] and "await it instead" in seen["refused"]  # raised, not deadlocked
+    assert seen["count_from_a_thread"] == seen["events"] > 0  # a reader thread still reaches the bus
+
+    async def stored() -> dict[str, int]:
+        nc = await nats.connect(nats_url)
+        try:
+            cfg = BusConfig(prefix=prefix, join_records=True)
+            return {name: (await nc.jetstream().stream_info(name)).state.messages for name, _ in cfg.streams()}
+        finally:
+            await nc.close()
+
+    # what the worker acknowledged (the events) or buffered (decisions, join records) reached JetStream by its stop
+    counts = asyncio.run(stored())
+    cfg = BusConfig(prefix=prefix, join_records=True)
+    assert counts == {cfg.events_stream: seen["events"], cfg.decisions_stream: seen["decisions"],
+                      cfg.records_stream: seen["decisions"]}, counts

@@ -11,7 +11,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
@@ -54,7 +54,9 @@ Role = Literal["all", "serve", "learn"]
 
 class Kassa:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, seed: int | None = None,
-                 role: Role = "all") -> None:
+                 role: Role = "all", bus_loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``bus_loop``: the loop the JetStream bus lives on, the server's own, not running yet (a serving
+        worker's, `kassa.roles.workers`); None puts the bus on a thread of its own."""
         self.settings = settings
         self.role = role
         self.clock = clock
@@ -83,7 +85,7 @@ class Kassa:
         self.store = open_online_store(settings, self.repo.views, clock)
         # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
         # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
-        self.bus = open_bus(settings)
+        self.bus = open_bus(settings, loop=bus_loop)
         # Per-buyer / per-request state (`state.backend`): profiles, caps, idempotency, pending decisions. A
         # serving worker hands its decisions to `kassa learn` through the decision-record log or, with
         # `roles.learner_input: jetstream`, the join records stream (kassa.roles, kassa.events.factory).
@@ -275,8 +277,15 @@ class Kassa:
                  "decisions, loaded models %s in %.0f ms", after, replayed, restored, self.models.versions(),
                  (time.perf_counter() - t0) * 1000)
 
+    def _bus_here(self) -> bool:
+        """Whether the JetStream bus lives on the running loop: its blocking calls would wait for themselves."""
+        return self.bus is not None and self.bus.thread.here()
+
     async def start(self) -> None:
-        self.warm_up()
+        if self._bus_here():
+            await asyncio.to_thread(self.warm_up)  # its event-log replay reads through the bus on this loop
+        else:
+            self.warm_up()
         if self.offer_cache is not None:
             await self.offer_cache.start()
         # Everything loaded so far lives for the whole process: move it out of the cyclic GC's reach,
@@ -331,9 +340,9 @@ class Kassa:
         if self.role == "all":  # `kassa learn` snapshots on its own stop, only while it holds the lease
             self.learning.snapshot_due(force=True)
         if self.records is not None:
-            self.records.close()
+            await self._close(self.records)
         await self.state.close()
-        self.decision_log.close()
+        await self._close(self.decision_log)
         self.shadow_log.close()
         self.drift.close()
         if self.role == "all" and self._replay_state_kept() and isinstance(self.event_log, SqliteEventLog):
@@ -341,10 +350,19 @@ class Kassa:
             # (A serving worker saw only its share of the events, and a learner none: they save nothing.)
             replay_state.save(self.settings.data_path / replay_state.FILE, self.event_log.max_seq(), self.profiles,
                               self.retriever)
-        self.event_log.close()
+        await self._close(self.event_log)
         if self.bus is not None:
-            self.bus.close()
+            await self.bus.aclose()
         if self.offer_cache is not None:
             await self.offer_cache.close()
         await close_online_store(self.store, self.settings)
         self.db.dispose()
+
+    async def _close(self, service: Any) -> None:
+        """Close a service, awaiting the JetStream ones (``aclose``): with the bus on this loop a blocking close
+        would wait for the loop it blocks; elsewhere their ``aclose`` is their blocking ``close``."""
+        aclose = getattr(service, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            service.close()

@@ -37,11 +37,13 @@ def bus_config(settings: Settings, name: str = "kassa") -> BusConfig:
                      join_records=settings.roles.learner_input == "jetstream")
 
 
-def open_bus(settings: Settings, name: str = "kassa") -> JetStreamBus | None:
-    """The process's JetStream bus, or None for the embedded SQLite backend."""
+def open_bus(settings: Settings, name: str = "kassa", loop: asyncio.AbstractEventLoop | None = None
+             ) -> JetStreamBus | None:
+    """The process's JetStream bus, or None for the embedded SQLite backend; on ``loop`` when given (a serving
+    worker's server loop, not running yet), else on a thread of its own."""
     if settings.events.backend != "jetstream":
         return None
-    return JetStreamBus(bus_config(settings, name))
+    return JetStreamBus(bus_config(settings, name), loop=loop)
 
 
 def open_event_log(settings: Settings, bus: JetStreamBus | None = None) -> EventLog:

@@ -1,7 +1,11 @@
 """The production event bus: events and decision records on NATS JetStream, a local spool while it is away.
 
-`JetStreamBus` owns one NATS connection on a thread of its own (an asyncio loop beside the server's), the
-two streams and the spool. Both record kinds go through `JetStreamBus.append_rows`:
+`JetStreamBus` owns one NATS connection, the streams and the spool, on one asyncio loop (`BusLoop`): in a
+serving worker (`kassa serve --workers N`) the server's own loop (`AdoptedLoop`), so a request hands the bus its
+rows without waking another thread; everywhere else (`kassa learn`, the one-process server, CLI tools) a loop on
+a thread of its own beside the caller's (`LoopThread`). Code on the bus's loop awaits it; code on other threads
+hands it coroutines (``submit``, or the blocking ``call``, which raises on the bus's loop itself instead of
+waiting for itself). Both record kinds go through `JetStreamBus.append_rows`:
 
 - while JetStream answers, rows are published in order with ``Nats-Msg-Id`` (the ``event_id`` or the
   ``decision_id``) and async acks, and the call returns only once every row has its publish ack, that is
@@ -180,7 +184,30 @@ async def close_connection(nc: NATS) -> None:
     await nc.close()
 
 
-class LoopThread:
+class BusLoop:
+    """The loop `JetStreamBus` and its users run on, and how other code hands it work.
+
+    ``submit`` schedules a coroutine from any thread; ``call`` waits for one from a thread that is not the
+    loop's own (from the loop itself it raises: it would wait for the loop it blocks); ``here`` says whether
+    the caller already runs on the loop, where it awaits the bus directly instead."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def here(self) -> bool:
+        """Whether the caller runs on this loop (then it awaits, never ``call``s)."""
+        return asyncio._get_running_loop() is self.loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class LoopThread(BusLoop):
     """An asyncio loop on a daemon thread, for clients that must not share the server's loop."""
 
     def __init__(self, name: str) -> None:
@@ -192,11 +219,9 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if threading.current_thread() is self._thread:
+            coro.close()
             raise RuntimeError("blocking call from the bus thread itself")
         return self.submit(coro).result(timeout)
 
@@ -205,6 +230,31 @@ class LoopThread:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+class AdoptedLoop(BusLoop):
+    """A loop the bus lives on but does not run: a serving worker's server loop (`kassa.roles.workers`), so
+    the requests hand rows to the bus without waking a thread of its own (no GIL hand-over per hand-over).
+
+    The thread that adopts it is the loop's: a ``call`` from it runs the coroutine to completion while the
+    loop is not running yet (the bus's start, built before the server runs) and raises while it runs; from
+    any other thread (an ``asyncio.to_thread`` reader) it waits as with `LoopThread`. ``stop`` leaves the
+    loop to its owner."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._owner = threading.current_thread()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.current_thread() is self._owner:
+            if self.loop.is_running() or self.loop.is_closed():
+                coro.close()
+                raise RuntimeError("blocking call to the JetStream bus from the loop it runs on: await it instead")
+            return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        return None
 
 
 class _Ack(msgspec.Struct):
@@ -235,9 +285,11 @@ class PublishFailed(Exception):
 class JetStreamBus:
     """Publishes rows to JetStream with acks, spooling them locally while it cannot; see the module doc."""
 
-    def __init__(self, cfg: BusConfig, connect_timeout: float = 2.0) -> None:
+    def __init__(self, cfg: BusConfig, connect_timeout: float = 2.0,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """On ``loop`` when given (`AdoptedLoop`: built before that loop runs), else on a thread of its own."""
         self.cfg = cfg
-        self.thread = LoopThread("kassa-bus")
+        self.thread: BusLoop = LoopThread("kassa-bus") if loop is None else AdoptedLoop(loop)
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.spool = Spool.claim(cfg.spool_dir)
@@ -332,8 +384,25 @@ class JetStreamBus:
         """Flush what is queued for the spool, give the spool ``drain_timeout`` s to reach JetStream, stop."""
         if self._closed:
             return
+        if self.thread.here():
+            raise RuntimeError("JetStreamBus.close() on the loop the bus runs on: await aclose() instead")
         with contextlib.suppress(Exception):
             self.thread.call(self._close(drain_timeout), timeout=drain_timeout + 10)
+        self._release()
+
+    async def aclose(self, drain_timeout: float = 5.0) -> None:
+        """`close` for a caller on any loop: awaited where the bus lives on the caller's loop (a serving
+        worker's `Kassa.stop`), else the blocking `close`, as before."""
+        if not self.thread.here():
+            self.close(drain_timeout)
+            return
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._close(drain_timeout), drain_timeout + 10)
+        self._release()
+
+    def _release(self) -> None:
         self.thread.stop()
         self.spool.close()
         for orphan in self._orphans:

@@ -55,6 +55,7 @@ class JetStreamEventLog(EventLog):
         self._reader_next = 0  # stream sequence the reader delivers next
         # appends of the running pass of each caller loop, not yet handed to the bus (`_gather`)
         self._groups: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        self._sending: set[asyncio.Task[list[bool]]] = set()  # groups appending on the caller's (the bus's) loop
 
     @classmethod
     def connect(cls, cfg: BusConfig) -> JetStreamEventLog:
@@ -80,12 +81,14 @@ class JetStreamEventLog(EventLog):
         """Per row, False when a duplicate; resolved once the rows are stored (acked or spooled).
 
         Appends made in one pass of the caller's loop (the events POSTs of one pass of a serving worker's loop)
-        go to the bus as one ``append_rows``, in call order: one hand-over to the bus thread and one back per
-        group instead of per append. Each hand-over wakes the other thread, which then waits for the GIL
-        (futex calls are most of a serving worker's syscalls under load). The caller's future is
-        its own, so a cancelled request leaves the group's publish running (as the shielded future did).
-        Measured: the two workers' bus threads took 23 % of the topology's CPU (~180 µs per decision with its
-        events POST; per-thread schedstat, bench/topology.py --backends production, 1,000/s)."""
+        go to the bus as one ``append_rows``, in call order. When the bus lives on the caller's loop (a serving
+        worker's, `kassa.events.jetstream.AdoptedLoop`) the group is a task on that loop; else it is one
+        hand-over to the bus thread and one back per group instead of per append, each waking the other thread,
+        which then waits for the GIL. The caller's future is its own, so a cancelled request leaves the group's
+        publish running (as the shielded future did). Measured: the two workers' bus threads took 23 % of the
+        topology's CPU (~180 µs per decision with its events POST; per-thread schedstat, bench/topology.py
+        --backends production, 1,000/s); on the server's loop there is no bus thread (ADR 0009, 2026-12-07: CPU
+        per decision median 1,130 -> 1,008 µs in 11 alternating pairs)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[bool]] = loop.create_future()
         group = self._groups.get(loop)
@@ -99,6 +102,16 @@ class JetStreamEventLog(EventLog):
         group = self._groups.pop(loop, [])
         flat = [row for rows, _ in group for row in rows]
         coro = self.bus.append_rows(flat)
+        if loop is self.bus.thread.loop:  # no hand-over: the bus lives on this loop
+            task = loop.create_task(coro)
+            self._sending.add(task)
+
+            def settle_here(t: asyncio.Task[list[bool]]) -> None:
+                self._sending.discard(t)
+                _settle_group(group, t)
+
+            task.add_done_callback(settle_here)
+            return
         try:
             done = self.bus.thread.submit(coro)
         except Exception as exc:  # the bus loop is closed: fail the appends as a direct submit would
@@ -217,13 +230,25 @@ class JetStreamEventLog(EventLog):
             self._reader = None
 
     def close(self) -> None:
+        if self.bus.thread.here():
+            raise RuntimeError("JetStreamEventLog.close() on the loop its bus runs on: await aclose() instead")
         with contextlib.suppress(Exception):
             self.bus.thread.call(self._close_reader(), timeout=5)
         if self._own_bus:
             self.bus.close()
 
+    async def aclose(self) -> None:
+        """`close` for a caller on the bus's loop (a serving worker's `Kassa.stop`); elsewhere the blocking one."""
+        if not self.bus.thread.here():
+            self.close()
+            return
+        await self._close_reader()
+        if self._own_bus:
+            await self.bus.aclose()
 
-def _settle_group(group: list[_Pending], done: concurrent.futures.Future[list[bool]]) -> None:
+
+def _settle_group(group: list[_Pending],
+                  done: asyncio.Future[list[bool]] | concurrent.futures.Future[list[bool]]) -> None:
     """Hand each append of a group its slice of the group's result (or the group's exception)."""
     exc = None if done.cancelled() else done.exception()
     added = done.result() if exc is None and not done.cancelled() else []
@@ -363,7 +388,8 @@ class BufferedPublisher(Generic[R]):
     records gather, as before): ticking every 10-20 ms while idle cost each serving worker's bus thread
     ~12 ms of CPU a second with its two publishers, and `kassa learn`'s, whose decision publisher never
     publishes, ~7 ms a second (idle topology, per-thread /proc stat). Under load the buffer is never empty at
-    a tick, so the hot path only reads a flag; the wake-up (a cross-thread call) happens once per idle spell."""
+    a tick, so the hot path only reads a flag; the wake-up happens once per idle spell (a cross-thread call
+    unless the bus lives on the appending loop, as a serving worker's does)."""
 
     def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02) -> None:
         self.bus = bus
@@ -419,6 +445,9 @@ class BufferedPublisher(Generic[R]):
         """After an append or on close: wake the task if it sleeps for want of records."""
         if self._idle:
             self._idle = False
+            if self.bus.thread.here():
+                self._set_wake()
+                return
             with contextlib.suppress(RuntimeError):  # the bus loop is closed: nothing left to wake
                 self.bus.thread.loop.call_soon_threadsafe(self._set_wake)
 
@@ -457,10 +486,26 @@ class BufferedPublisher(Generic[R]):
         return self.bus.thread.call(self._publish_buffered(), timeout=60)
 
     def close(self) -> None:
+        if self.bus.thread.here():
+            raise RuntimeError(f"{type(self).__name__}.close() on the loop its bus runs on: await aclose() instead")
         self._stop = True
         self._appended()
         with contextlib.suppress(Exception):
             self._task.result(timeout=30)
+        self._check_closed()
+
+    async def aclose(self) -> None:
+        """`close` for a caller on the bus's loop (a serving worker's `Kassa.stop`): awaits the task's last
+        publish; elsewhere the blocking `close`."""
+        if not self.bus.thread.here():
+            self.close()
+            return
+        self._stop = True
+        self._appended()
+        await asyncio.wait([asyncio.wrap_future(self._task)], timeout=30)
+        self._check_closed()
+
+    def _check_closed(self) -> None:
         if self._buffer:
             log.error("%s closed with %d unpublished records", type(self).__name__, len(self._buffer))
 

@@ -2,7 +2,8 @@
 
 The supervisor binds the port first (a busy port is the first and only thing said), then forks the
 workers. Each worker builds its own `Kassa(role="serve")` after the fork (nothing with threads or sockets
-of its own exists in the supervisor at fork time) and serves either the inherited listening socket
+of its own exists in the supervisor at fork time), with its JetStream bus on the server's own loop rather
+than a thread of its own (ADR 0009, addendum of 2026-12-07), and serves either the inherited listening socket
 (``balance="shared"``, the default) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads
 new connections across workers by a hash of the 4-tuple). ADR 0009 has the measurement behind the
 default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT stop every child
@@ -14,6 +15,7 @@ when it dies), so `kassa serve` stays one command with the learner off the reque
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,6 +31,7 @@ from typing import Any
 
 import msgspec
 import uvicorn
+import uvloop
 
 from kassa.config import Settings
 
@@ -83,13 +86,17 @@ def _serve_worker(settings: Settings, sock: socket.socket | None, index: int, bu
     sys.setswitchinterval(0.0005)
     if sock is None:  # SO_REUSEPORT: a listening socket of this worker's own
         sock = bind(settings.server.host, settings.server.port, reuseport=True)
-    kassa = Kassa(settings, role="serve")
-    if built_fd is not None:  # the supervisor starts the others once this one created the databases
-        os.write(built_fd, b"1")
-        os.close(built_fd)
-    app = create_app(kassa)
-    log.info("worker %d (pid %d) serving", index, os.getpid())
-    uvicorn.Server(uvicorn_config(settings, app)).run(sockets=[sock])
+    # `uvicorn.Server.run` (an `asyncio.Runner` on the configured loop around `serve`), with the loop made
+    # first: the JetStream bus is built on it, so requests hand it their events and decisions without a
+    # thread of its own in between (ADR 0009). Signals are still `serve`'s to catch.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # uvicorn_config's loop="uvloop"
+        kassa = Kassa(settings, role="serve", bus_loop=runner.get_loop())
+        if built_fd is not None:  # the supervisor starts the others once this one created the databases
+            os.write(built_fd, b"1")
+            os.close(built_fd)
+        app = create_app(kassa)
+        log.info("worker %d (pid %d) serving", index, os.getpid())
+        runner.run(uvicorn.Server(uvicorn_config(settings, app)).serve(sockets=[sock]))
 
 
 class Supervisor:

@@ -64,6 +64,7 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
              "kpi-total"),
     ])
     bucket, series = await asyncio.to_thread(dash.outcomes.throughput, time.time() - THROUGHPUT_SECONDS)
+    logged = await asyncio.to_thread(kassa.event_log.count)  # blocking (on JetStream a request to the bus)
     rows = []
     for placement_id in kassa.catalog.snapshot.placements:
         t = traffic.placements.get(placement_id)
@@ -85,7 +86,7 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
             + table(["HTTP status", "responses"], [(s, num(n)) for s, n in errors_rows], "none")
             + f'<p class="muted">Learning: {num(kassa.learning.learned)} joined examples this process; '
             f'{num(len(kassa.joiner))} decisions waiting for their reward window; '
-            f'{num(kassa.event_log.count())} events logged.</p>')
+            f'{num(logged)} events logged.</p>')
     return page("Overview", body, "/dashboard", session.csrf, refresh=5)
 
 
