@@ -430,6 +430,23 @@ async def wait_ready(host: str, port: int, proc: subprocess.Popen[bytes] | None,
     raise RuntimeError(f"kassa not ready on {host}:{port} after {timeout:.0f} s (last: {last})")
 
 
+async def wait_workers(log_path: Path, workers: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Until every worker of `kassa serve --workers N` has started (uvicorn's "Application startup complete" in
+    the server's log, once per worker). `/readyz` answers as soon as the first worker does; a generator that
+    opens its keep-alive connections then puts all of them on that worker (with either `roles.balance`), and
+    the phase measures one worker with the other idle."""
+    deadline = time.monotonic() + timeout
+    started = 0
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"kassa serve exited with code {proc.returncode} before its workers started")
+        started = log_path.read_text(errors="replace").count("Application startup complete")
+        if started >= workers:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{started} of {workers} workers started after {timeout:.0f} s (see {log_path})")
+
+
 # --------------------------------------------------------------------------- main
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()

@@ -62,6 +62,7 @@ from decision_latency import (
     summarize_repeat,
     versions,
     wait_ready,
+    wait_workers,
 )
 from kassa.loadtest import ConnectionPool
 
@@ -159,6 +160,7 @@ async def topology(args: argparse.Namespace, workers: int) -> AsyncIterator[tupl
             try:
                 try:
                     await wait_ready("127.0.0.1", port, proc, args.ready_timeout)
+                    await wait_workers(log_path, workers, proc, args.ready_timeout)
                 except RuntimeError as exc:
                     sys.stderr.write(f"{exc}\n--- server output ---\n{log_path.read_text(errors='replace')}\n")
                     raise SystemExit(1) from None

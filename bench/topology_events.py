@@ -64,6 +64,7 @@ from decision_latency import (
     process_cpu_seconds,
     versions,
     wait_ready,
+    wait_workers,
 )
 from kassa.loadtest import ConnectionPool, run_open_loop
 
@@ -173,6 +174,7 @@ async def topology(args: argparse.Namespace) -> AsyncIterator[Topology]:
                 procs.append((serve, signal.SIGTERM))
                 try:
                     await wait_ready("127.0.0.1", port, serve, args.ready_timeout)
+                    await wait_workers(logs["serve"], args.workers, serve, args.ready_timeout)
                 except RuntimeError as exc:
                     raise SystemExit(f"{exc}\n{logs['serve'].read_text(errors='replace')[-3000:]}") from None
                 # After serve applied the feature definitions to the metadata database it shares.

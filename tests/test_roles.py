@@ -200,6 +200,70 @@ def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_s
     assert len(_children(proc.pid)) == 3
 
 
+@pytest.mark.parametrize("balance", ["shared", "reuseport"])
+def test_both_ways_of_sharing_the_port_serve_a_burst_of_keep_alive_connections_on_both_workers(
+        project, balance: str) -> None:  # type: ignore[no-untyped-def]
+    """64 keep-alive connections opened at once (as a client's pool does) all answer. With ``reuseport`` (the
+    default on Linux, `uses_reuseport`) each worker has a socket of its own and both hold some of the burst;
+    with ``shared`` they accept on the supervisor's, and one may take all of it."""
+    import asyncio
+
+    from kassa.roles.workers import uses_reuseport
+
+    assert uses_reuseport(load_settings(None)) == sys.platform.startswith("linux")
+    p = project(roles={"balance": balance})
+    port = _free_port()
+    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "external", log="serve.log")
+    _wait_ready(port)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+
+    def listening() -> int:  # sockets in LISTEN state on the port (one per worker with reuseport)
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        return sum(1 for f in rows if int(f[1].split(":")[1], 16) == port and f[3] == "0A")
+
+    deadline = time.monotonic() + 30  # the first worker answers /readyz before the second one has started
+    while p.log("serve.log").count("Application startup complete") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert listening() == (2 if balance == "reuseport" else 1)
+
+    def inodes(pid: int) -> set[str]:  # the sockets a worker holds open
+        out = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    out.add(target[8:-1])
+        return out
+
+    async def burst() -> dict[int, int]:
+        conns = await asyncio.gather(*[asyncio.open_connection("127.0.0.1", port) for _ in range(64)])
+        try:
+            for _, w in conns:
+                w.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            answers = await asyncio.gather(*[r.readuntil(b"\r\n") for r, _ in conns])
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+            # which worker holds each connection: the server end's socket inode in /proc/net/tcp, by local port
+            ours = {w.get_extra_info("sockname")[1] for _, w in conns}
+            server_inodes = set()
+            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+                f = line.split()
+                local, remote = int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)
+                if local == port and remote in ours:
+                    server_inodes.add(f[9])
+            return {pid: len(inodes(pid) & server_inodes) for pid in workers}
+        finally:
+            for _, w in conns:
+                w.close()
+
+    held = asyncio.run(burst())
+    assert sum(held.values()) == 64, held
+    print(f"{balance}: connections per worker {sorted(held.values(), reverse=True)}")
+    if balance == "reuseport":  # the kernel's hash: all 64 on one socket has odds of 2 in 2^64
+        assert min(held.values()) > 0, held
+    # (shared: libuv accepts every queued connection in one go, so one worker may take the whole burst: seen)
+
+
 def test_standby_learner_takes_over_within_10_s_of_a_kill_9(project) -> None:  # type: ignore[no-untyped-def]
     url = ensure_redis()
     prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"

@@ -133,8 +133,9 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     # elsewhere, e.g. its own Deployment/unit, with a standby).
     learner: Literal["inprocess", "child", "external"] = "inprocess"
     # How the workers share the port: "shared" (one socket bound by the supervisor, inherited by every
-    # worker) or "reuseport" (a socket per worker with SO_REUSEPORT; the kernel balances). ADR 0009.
-    balance: Literal["shared", "reuseport"] = "shared"
+    # worker), "reuseport" (a socket per worker with SO_REUSEPORT; the kernel balances) or "auto" (reuseport on
+    # Linux, where the kernel spreads connections by hash, shared elsewhere). ADR 0009.
+    balance: Literal["auto", "shared", "reuseport"] = "auto"
     # The lease that makes one `kassa learn` active per placement: "file" (flock under data_dir: one machine),
     # "redis" (SET NX PX + renewal: any number of machines).
     lease: Literal["file", "redis"] = "file"

@@ -4,9 +4,9 @@ The supervisor binds the port first (a busy port is the first and only thing sai
 workers. Each worker builds its own `Kassa(role="serve")` after the fork (nothing with threads or sockets
 of its own exists in the supervisor at fork time), with its JetStream bus on the server's own loop rather
 than a thread of its own (ADR 0009, addendum of 2026-12-07), and serves either the inherited listening socket
-(``balance="shared"``, the default) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads
-new connections across workers by a hash of the 4-tuple). ADR 0009 has the measurement behind the
-default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT stop every child
+(``balance="shared"``) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads new connections
+across workers by a hash of the 4-tuple; ``balance="auto"``, the default, on Linux). ADR 0009 has the
+measurements behind the default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT stop every child
 gracefully (SIGTERM, then SIGKILL after ``grace`` seconds).
 
 With ``roles.learner = "child"`` the supervisor also runs `kassa learn` as a child process (restarted
@@ -62,6 +62,15 @@ def bind(host: str, port: int, reuseport: bool = False) -> socket.socket:
                          "choose another with --port (or server.port in the settings)") from None
     sock.set_inheritable(True)
     return sock
+
+
+def uses_reuseport(settings: Settings) -> bool:
+    """Whether each worker binds its own ``SO_REUSEPORT`` socket. "auto" picks it on Linux: on a shared socket
+    libuv accepts every queued connection in one go, so whichever worker wakes first takes a burst of new
+    keep-alive connections (60-80 % of 64 to one worker when idle, all of them in some loaded runs), while
+    Linux hashes connections across reuseport sockets (53-59 %); ADR 0009's 2026-12-07 addendum."""
+    balance = settings.roles.balance
+    return balance == "reuseport" or (balance == "auto" and sys.platform.startswith("linux"))
 
 
 def resolve_workers(settings: Settings) -> tuple[int, str]:
@@ -140,7 +149,7 @@ class Supervisor:
         self._stopping = True
 
     def run(self) -> None:
-        reuseport = self.settings.roles.balance == "reuseport"
+        reuseport = uses_reuseport(self.settings)
         # With SO_REUSEPORT the supervisor still binds (not listens): the port is checked and held.
         sock = bind(self.settings.server.host, self.settings.server.port, reuseport=reuseport)
         if not reuseport:
