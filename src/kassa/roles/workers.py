@@ -6,8 +6,8 @@ of its own exists in the supervisor at fork time), with its JetStream bus on the
 than a thread of its own (ADR 0009, addendum of 2026-12-07), and serves either the inherited listening socket
 (``balance="shared"``) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads new connections
 across workers by a hash of the 4-tuple; ``balance="auto"``, the default, on Linux). ADR 0009 has the
-measurements behind the default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT stop every child
-gracefully (SIGTERM, then SIGKILL after ``grace`` seconds).
+measurements behind the default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT
+stop every child gracefully (SIGTERM, then SIGKILL after ``grace`` seconds).
 
 With ``roles.learner = "child"`` the supervisor also runs `kassa learn` as a child process (restarted
 when it dies), so `kassa serve` stays one command with the learner off the request path.
