@@ -58,6 +58,10 @@ runs of the same stream"). ``bench/offer_reference.py`` runs a well-specified Th
 same worlds as a reference. ``--offer-context device,country,cat`` sets the placement's ``context_features`` to the
 three features the world's acceptance depends on (plain VW's features); by default Kassa's learner sees every
 context feature it derives (the product's default), most of which carry nothing here (ADR 0010).
+``--vw-explore=ARGS`` replaces every learning placement's VW exploration arguments (e.g.
+``--vw-explore="--regcbopt --cb_min_cost -3 --cb_max_cost 0"``) through a policy row registered for the run, served
+by VW itself; ADR 0010's addendum of 2026-12-07 measured RegCB, RegCB-opt, cover, RND and squareCB with
+elimination this way.
 
 A seed is reproducible: two runs of one seed serve the same offers (each run reports ``served_sha256``, a hash
 of every offer the learning placement showed, in order; the retriever's caches refresh on Kassa's clock, and the
@@ -93,6 +97,7 @@ import httpx
 import msgspec
 
 from benchdocs import write_section
+from kassa import policies
 from kassa.api.app import create_app
 from kassa.app import Kassa
 from kassa.config import load_settings
@@ -106,6 +111,7 @@ class _Http:
     """Kassa's HTTP API in this process, on a simulated clock; learning driven like its background task."""
 
     guard: bool | None = None  # the publish guard: None = the product's default (``--guard on|off`` overrides)
+    policy: str | None = None  # every learning placement's policy (``--vw-explore`` registers one; None: catalog's)
 
     def __init__(self, catalog: dict[str, Any], seed: int, tmp: Path, rate: float, step_s: float | None = None) -> None:
         """``rate`` checkouts per bench second; ``step_s`` the seconds Kassa's clock moves per checkout (default
@@ -116,6 +122,8 @@ class _Http:
         # gave 0.63 and 0.49 of the oracle with 2-3 fallbacks per run). The bench's decisions never fall back.
         for placement in catalog["placements"]:
             placement.setdefault("latency_budget_ms", 60_000.0)
+            if self.policy is not None and policies.learns(placement.get("policy", "squarecb")):
+                placement["policy"] = self.policy
         (tmp / "catalog.json").write_bytes(msgspec.json.encode(catalog))
         self.step_s = 1.0 / rate if step_s is None else step_s
         scale = self.step_s * rate  # Kassa seconds per bench second
@@ -641,6 +649,28 @@ the first snapshot or while the guard holds them).
 {END}"""
 
 
+def explore_policy(explore: str) -> str:
+    """Register a policy row whose VW exploration is ``explore`` (e.g. ``--regcbopt --mellowness 0.1``), for
+    measuring VW's other exploration algorithms on these worlds. VW serves its models (``numpy_scorer`` False:
+    the numpy scorer reproduces squareCB, ε-greedy and softmax only); the learner, its reward scale and its
+    two-line learning form are Kassa's as they are (``kassa.learn.online.learner``)."""
+    flags = [t[2:] for t in explore.split() if t.startswith("--")]
+    if not flags:
+        raise SystemExit(f"--vw-explore {explore!r}: no VW option")
+
+    class BenchExplore(policies.PlacementPolicy):
+        name = "bench-explore"
+        vw_flag = flags[0]
+        numpy_scorer = False
+
+        def vw_exploration(self, placement: Any) -> str:
+            return explore
+
+    policies.unregister(BenchExplore.name)
+    policies.register(BenchExplore)
+    return BenchExplore.name
+
+
 async def _main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     products, offers = [], []
     for seed in args.seeds:
@@ -680,12 +710,17 @@ def main() -> None:
                     help="offers: the placement's context_features, comma-separated (default: every feature, the "
                          "product's default; 'device,country,cat' = what the world's acceptance depends on)")
     ap.add_argument("--guard", choices=["on", "off"], help="the publish guard (default: the product's default)")
+    ap.add_argument("--vw-explore", metavar="ARGS",
+                    help="VW's exploration arguments for every learning placement instead of its policy's "
+                         "(e.g. '--regcbopt --mellowness 0.1'); VW serves such models (ADR 0010)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", type=Path, help="re-render a saved --json output (with the same arguments)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     _Http.guard = None if args.guard is None else args.guard == "on"
+    if args.vw_explore:
+        _Http.policy = explore_policy(args.vw_explore)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
         products, offers = saved["products"], saved["offers"]
