@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import uvloop
 from nats.js import api
@@ -22,7 +23,7 @@ from nats.js import api
 from kassa import schemas
 from kassa.events.consumers import DecisionLogConsumer, EventConsumer, FilePositionStore, run_consumer
 from kassa.events.decision_log import DecisionRecord, read_decisions
-from kassa.events.jetstream import BusConfig, JetStreamBus, take_queued_first
+from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed, _AckBatch, take_queued_first
 from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog
 from tests.services import NatsServer, ensure_nats, start_nats
 
@@ -233,6 +234,54 @@ def test_events_are_spooled_while_jetstream_is_down_and_replayed_in_order_with_n
             assert nums == sorted(nums)
     finally:
         log.close()
+
+
+def test_publish_acks_skip_nats_py_per_message_path_and_keep_their_meaning_across_a_nats_restart(
+        throwaway: NatsServer, tmp_path: Path) -> None:
+    """The bus's ack subscription is routed (`kassa.events.nats_routes`): no ack reaches nats-py's `Msg` queue, and
+    acks, duplicates, 503 no-responders and error bodies mean what they meant, before and after a restart."""
+    cfg = _cfg(throwaway.url, tmp_path, ack_timeout_seconds=0.5)
+    bus = JetStreamBus(cfg)
+
+    def publish(*ids: str, subject: str = cfg.events_subject) -> list[bool]:
+        acks = bus.thread.call(bus._publish([(subject, i, b"{}") for i in ids]), timeout=10)
+        return [ack.duplicate for ack in acks]
+
+    def routed_only() -> bool:
+        sub = bus._ack_sub
+        return sub._received == 0 and sub._pending_queue.empty() and sub._id in bus.nc._kassa_routes  # type: ignore[union-attr]
+
+    try:
+        _wait(lambda: bus.connected and not bus.spooling)
+        assert publish("r-0", "r-1", "r-2") == [False, False, False]
+        assert publish("r-1", "r-3") == [True, False]  # duplicates reported per row
+        with pytest.raises(PublishFailed, match="NoStreamResponseError"):
+            publish("x", subject=cfg.prefix + ".nowhere")  # no stream: the server's 503 status
+        sub = bus._ack_sub
+        assert routed_only()
+
+        throwaway.kill()
+        _wait(lambda: not bus.connected)
+        with pytest.raises(PublishFailed):
+            publish("r-4")
+        throwaway.start()  # same port, same store: nats-py resubscribes with the same subscription id
+        _wait(lambda: bus.connected and not bus.spooling)
+        assert publish("r-3", "r-4") == [True, False]
+        with pytest.raises(PublishFailed, match="NoStreamResponseError"):
+            publish("y", subject=cfg.prefix + ".nowhere")
+        assert bus._ack_sub is sub and routed_only()
+
+        async def error_body() -> BaseException | None:  # an API error in the ack body fails its batch
+            batch = _AckBatch(2, asyncio.get_running_loop().create_future())
+            bus._ack_waiting[10**9] = (batch, 0)
+            bus._on_ack(f"{bus._ack_prefix}.{10**9}".encode(), b"", b'{"error":{"code":500,"err_code":10077}}',
+                        None)
+            return batch.future.exception()
+
+        assert isinstance(bus.thread.call(error_body(), timeout=5), nats.js.errors.APIError)
+        assert bus._ack_waiting == {}
+    finally:
+        bus.close()
 
 
 def test_a_bus_started_while_nats_is_down_spools_and_delivers_once_it_starts(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import msgspec
-from nats.aio.msg import Msg
 from nats.js import api
 
 from kassa import schemas
@@ -35,6 +34,7 @@ from kassa.events.decision_log import DecisionRecord
 from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed, ack_delivery
 from kassa.events.join import PendingDecision
 from kassa.events.log import AppendResult, EventLog
+from kassa.events.nats_routes import subscribe_routed, unsubscribe_routed
 
 log = logging.getLogger("kassa.bus")
 R = TypeVar("R")
@@ -271,6 +271,7 @@ class _BatchReader:
     Not nats-py's ``PullSubscription.fetch``: it awaits ``next_msg`` (a ``wait_for`` on the queue) per message
     and parses each reply subject into a ``Metadata``; reading a stream that way took ~45 µs of CPU per event
     and held `kassa stream` on JetStream to ~3,700 events/s on the busy 2-core VM (bench/topology_events.py).
+    Its deliveries are routed (`kassa.events.nats_routes`): no `Msg`, queue or task per message either.
     """
 
     def __init__(self, bus: JetStreamBus, consumer: str, inbox: str) -> None:
@@ -300,11 +301,10 @@ class _BatchReader:
         info = await js.add_consumer(bus.cfg.events_stream, config=cfg)
         assert info.name is not None
         reader = cls(bus, info.name, nc.new_inbox())
-        reader.sub = await nc.subscribe(reader.inbox, cb=_unrouted)
-        _routes(nc)[reader.sub._id] = reader._on_delivery
+        reader.sub = await subscribe_routed(nc, reader.inbox, reader._on_delivery)
         return reader
 
-    def _on_delivery(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+    def _on_delivery(self, _subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         done = self._done
         if done is None or done.done():
             return  # a late message of an abandoned fetch: read again from its position by the caller
@@ -334,48 +334,11 @@ class _BatchReader:
 
     async def close(self) -> None:
         if self.sub is not None:
-            if self.bus.nc is not None:
-                _routes(self.bus.nc).pop(self.sub._id, None)
-            await self.sub.unsubscribe()
+            await unsubscribe_routed(self.bus.nc, self.sub)
         js = self.bus.js
         if js is not None:
             with contextlib.suppress(Exception):
                 await js.delete_consumer(self.bus.cfg.events_stream, self.consumer)
-
-
-Route = Callable[[bytes, bytes, "bytes | None"], None]
-
-
-def _routes(nc: Any) -> dict[int, Route]:
-    """Subscription ids of ``nc`` whose messages go straight from nats-py's protocol parser to a plain callback
-    ``(reply subject, body, raw headers)``, installed on first use.
-
-    nats-py hands each message to a coroutine that parses its headers into a dict in Python (every event
-    carries ``Nats-Msg-Id``), builds a `Msg`, queues it and wakes the subscription's task, which awaits the
-    callback. A reader needs only the reply subject and the body: reading the topology bench's events took 12
-    µs of CPU per event that way and 7.5 µs routed (bench/stream_tail_cpu.py, load average 9-11). Wraps the
-    client's private ``_process_msg`` (nats-py is pinned, 2.16: its parser calls ``self.nc._process_msg``;
-    tests/test_event_bus.py reads through it); every other subscription goes through it unchanged."""
-    routes: dict[int, Route] | None = getattr(nc, "_kassa_routes", None)
-    if routes is None:
-        routes = {}
-        process_msg = nc._process_msg
-        table = routes
-
-        async def route_or_process(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-            route = table.get(sid)
-            if route is None:
-                await process_msg(sid, subject, reply, data, headers)
-            else:
-                route(reply, data, headers)
-
-        nc._process_msg = route_or_process
-        nc._kassa_routes = routes
-    return routes
-
-
-async def _unrouted(msg: Msg) -> None:
-    """The callback nats-py holds for a routed subscription; it sees no message (they go to the route)."""
 
 
 # ---------------------------------------------------------------------------------------------- decisions
