@@ -694,3 +694,38 @@ def test_run_consumer_cancelled_leaves_no_task_behind(cfg: BusConfig, tmp_path: 
         return {repr(t.get_coro()) for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
     assert asyncio.run(go()) == set()
+
+
+def test_a_spool_replay_batch_lets_the_loop_serve_between_its_rows_and_keeps_their_order(cfg: BusConfig) -> None:
+    """On a serving worker's loop a replay of the spool (`_drain_once`) publishes in batches of 1,000 rows; it
+    yields to the loop every `_DRAIN_YIELD_EVERY` rows instead of holding requests for the whole batch (~4.5 ms
+    measured), and its rows still reach the stream in order with one ack each."""
+    from kassa.events import jetstream
+
+    assert 0 < jetstream._DRAIN_YIELD_EVERY < jetstream._DRAIN_BATCH
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        bus = JetStreamBus(cfg, loop=runner.get_loop())
+
+        async def go() -> tuple[int, list[int]]:
+            ticks = 0
+            publishing = True
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while publishing:
+                    await asyncio.sleep(0)
+                    ticks += 1
+
+            rows = [(cfg.events_subject, f"replay-{i}", b"{}") for i in range(300)]
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            ticks = 0
+            acks = await bus._publish(rows, yield_every=100)
+            publishing = False
+            await task
+            await bus.aclose()
+            return ticks, [a.seq for a in acks]
+
+        ticks, seqs = runner.run(asyncio.wait_for(go(), 30))
+    assert ticks >= 2, ticks  # the loop ran other tasks at least at rows 100 and 200
+    assert seqs == sorted(seqs) and len(set(seqs)) == 300  # in order, each stored once
