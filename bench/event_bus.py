@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -41,22 +42,22 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def _load(log: JetStreamEventLog, seconds: float, batch: int, concurrency: int) -> dict[str, float]:
+async def _timed(append: Callable[[int, int], Awaitable[int]], seconds: float, batch: int,
+                 concurrency: int) -> dict[str, float]:
+    """``concurrency`` writers calling ``append(writer, first_index)`` (it returns how many were acked) for
+    ``seconds``: throughput, append latency and this process's CPU per acknowledged event."""
     latencies: list[float] = []
     acked = 0
-    run = uuid.uuid4().hex[:8]
 
     async def worker(w: int) -> None:
         nonlocal acked
         i = 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            events = [schemas.Event(event_id=f"{run}-{w}-{i + j}", type="click", decision_id=f"d{w}-{i}",
-                                    offer_id="o1") for j in range(batch)]
             t0 = time.perf_counter()
-            result = await log.append(events, time.time())
+            n = await append(w, i)
             latencies.append(time.perf_counter() - t0)
-            acked += len(result.new)
+            acked += n
             i += batch
 
     cpu0, t0 = _cpu(), time.perf_counter()
@@ -67,33 +68,27 @@ async def _load(log: JetStreamEventLog, seconds: float, batch: int, concurrency:
             "append_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "cpu_us_per_event": cpu / acked * 1e6}
 
 
+async def _load(log: JetStreamEventLog, seconds: float, batch: int, concurrency: int) -> dict[str, float]:
+    run = uuid.uuid4().hex[:8]
+
+    async def append(w: int, i: int) -> int:
+        events = [schemas.Event(event_id=f"{run}-{w}-{i + j}", type="click", decision_id=f"d{w}-{i}",
+                                offer_id="o1") for j in range(batch)]
+        return len((await log.append(events, time.time())).new)
+
+    return await _timed(append, seconds, batch, concurrency)
+
+
 async def _load_bus(bus: JetStreamBus, seconds: float, batch: int, concurrency: int) -> dict[str, float]:
     """`_load` on the bus's own loop with rows encoded beforehand: the bus's publish and ack path alone."""
-    latencies: list[float] = []
-    acked = 0
     run = uuid.uuid4().hex[:8]
     subject = bus.cfg.events_subject
     body = msgspec.json.encode(schemas.Event(event_id="x" * 16, type="click", decision_id="d1", offer_id="o1"))
 
-    async def worker(w: int) -> None:
-        nonlocal acked
-        i = 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            rows = [(subject, f"{run}-{w}-{i + j}", body) for j in range(batch)]
-            t0 = time.perf_counter()
-            added = await bus.append_rows(rows)
-            latencies.append(time.perf_counter() - t0)
-            acked += sum(added)
-            i += batch
+    async def append(w: int, i: int) -> int:
+        return sum(await bus.append_rows([(subject, f"{run}-{w}-{i + j}", body) for j in range(batch)]))
 
-    cpu0, t0 = _cpu(), time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-    latencies.sort()
-    return {"events": acked, "events_per_s": acked / wall, "append_p50_ms": statistics.median(latencies) * 1000,
-            "append_p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "cpu_us_per_event": cpu / acked * 1e6,
-            "spooled": bus.spooled_total}
+    return {**await _timed(append, seconds, batch, concurrency), "spooled": bus.spooled_total}
 
 
 def _bus_only(cfg: BusConfig, seconds: float, batch: int, concurrency: int) -> dict[str, float]:
