@@ -777,9 +777,9 @@ def uniform_slate_weights(target_slates: NDArray[np.int64], logged_slates: NDArr
     return (m - 1.0) * (d - a / slots) + pq * (a - slots**2 / m) / slots + 1.0
 
 
-def _slate_inputs(reward: ArrayLike, target_slates: ArrayLike, logged_slates: ArrayLike,
-                  n_candidates: ArrayLike | int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Checked slate inputs: (reward, each row's pseudo-inverse weight)."""
+def _slate_inputs(reward: ArrayLike, target_slates: ArrayLike, logged_slates: ArrayLike, n_candidates: ArrayLike | int
+                  ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Checked slate inputs: (reward, target slates, logged slates, each row's candidate count)."""
     r = _array(reward, "reward")
     t = np.asarray(target_slates, dtype=np.int64)
     s_ = np.asarray(logged_slates, dtype=np.int64)
@@ -791,7 +791,7 @@ def _slate_inputs(reward: ArrayLike, target_slates: ArrayLike, logged_slates: Ar
         raise OPEInputError("n_candidates must be at least the number of slots and 2", "n_candidates")
     if n and (t.min() < 0 or s_.min() < 0 or (t.max(axis=1) >= k).any() or (s_.max(axis=1) >= k).any()):
         raise OPEInputError("slate entries must be candidate indices below n_candidates", "target_slates")
-    return r, uniform_slate_weights(t, s_, k)
+    return r, t, s_, k
 
 
 def _clamped(est: Estimate, reward_range: tuple[float, float] | None) -> Estimate:
@@ -819,7 +819,8 @@ def pseudo_inverse(reward: ArrayLike, target_slates: ArrayLike, logged_slates: A
     the decision log records (1/m, 1/(m-1), 1/(m-2)): weighting each slot by those is not this estimator.
     ``tests/test_decision_quality.py`` and ``bench/slate_ope.py`` check it against simulators' ground truth.
     """
-    r, w = _slate_inputs(reward, target_slates, logged_slates, n_candidates)
+    r, t, s_, k = _slate_inputs(reward, target_slates, logged_slates, n_candidates)
+    w = uniform_slate_weights(t, s_, k)
     value, se = _mean_se(w * r)
     est = _normal("pseudo_inverse", value, se, r.shape[0], effective_sample_size(np.abs(w)), level)
     return _clamped(est, reward_range)
@@ -846,13 +847,10 @@ def slot_ips(slot_reward: ArrayLike, target_slates: ArrayLike, logged_slates: Ar
     of the Kish effective sample size of the slot's weights (about ``n / m``: rows showing the target's item).
     """
     rs = np.asarray(slot_reward, dtype=np.float64)
-    t = np.asarray(target_slates, dtype=np.int64)
-    s_ = np.asarray(logged_slates, dtype=np.int64)
-    if rs.ndim != 2 or rs.shape != t.shape:
+    if rs.ndim != 2 or rs.shape != np.shape(target_slates):
         raise OPEInputError("slot_reward must be (n, slots) like target_slates", "slot_reward")
     _check_finite(rs.ravel(), "slot_reward")
-    r, _ = _slate_inputs(rs.sum(axis=1), t, s_, n_candidates)
-    k = _num_candidates(n_candidates, r.shape[0])
+    r, t, s_, k = _slate_inputs(rs.sum(axis=1), target_slates, logged_slates, n_candidates)
     w = k[:, None] * (t == s_)
     if (g_target is None) != (g_logged is None):
         raise OPEInputError("g_target and g_logged go together", "g_target")
