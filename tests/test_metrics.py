@@ -143,3 +143,42 @@ def test_alert_rules_pass_promtool_and_read_only_exposed_metrics(client, kassa, 
     for alert in ("KassaDecisionSLOBurnFast", "KassaFallbackShareHigh", "KassaRewardJoinLag", "KassaDrift",
                   "KassaCanaryRolledBack"):
         assert f"alert: {alert}" in rules.read_text()
+
+
+def _families(text: str) -> set[str]:
+    """Every series family `/metrics` declares (``# TYPE`` lines: also those with no sample yet), under the names
+    a scrape shows (counters with their ``_total``)."""
+    out = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            out.add(f"{name}_total" if kind == "counter" and not name.endswith("_total") else name)
+    return out
+
+
+def test_every_exported_series_is_documented_and_every_documented_series_is_exported(client, kassa, clock):
+    """docs/metrics.md (and docs/drift.md for the drift series) list what `/metrics` exposes, both ways: a new
+    series without a row, or a row whose series is gone, fails here."""
+    _train(client, kassa, clock)
+    exported = _families(client.get("/metrics").text)
+    docs = (ROOT / "docs/metrics.md").read_text()
+    drift_docs = (ROOT / "docs/drift.md").read_text()
+    documented = set(re.findall(r"^\| `(kassa_[a-z_]+)`", docs, re.M))
+    drift_documented = set(re.findall(r"`(kassa_drift_[a-z_]+)`", drift_docs))
+    undocumented = sorted(n for n in exported
+                          if n not in (drift_documented if n.startswith("kassa_drift_") else documented))
+    assert not undocumented, f"series missing from docs/metrics.md or docs/drift.md: {undocumented}"
+    stale = sorted((documented | drift_documented) - exported)
+    assert not stale, f"documented series /metrics does not expose: {stale}"
+    assert {"kassa_state_writes_dropped_total", "kassa_event_spool_depth", "kassa_circuit_open"} <= exported
+
+
+def test_dropped_state_writes_are_exported_as_a_counter():
+    m = Metrics()
+    assert _sample(m.render().decode(), "kassa_state_writes_dropped_total") == 0
+    dropped = [0]
+    m.dropped_state_writes = lambda: dropped[0]
+    dropped[0] = 7
+    text = m.render().decode()
+    assert "# TYPE kassa_state_writes_dropped_total counter" in text
+    assert _sample(text, "kassa_state_writes_dropped_total") == 7

@@ -98,6 +98,8 @@ class Kassa:
                                        timestamp_window=settings.server.timestamp_window_seconds)
         self.retriever = ProductRetriever(clock=clock)  # cache refreshes on Kassa's clock: seeded runs repeat
         self.ledger = self.state.ledger
+        decision_state = self.state.decision_state
+        self.metrics.dropped_state_writes = lambda: getattr(decision_state, "dropped", 0)
         self.models = ModelStore()
         self.joiner = self.state.joiner
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)

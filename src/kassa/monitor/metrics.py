@@ -91,6 +91,18 @@ class _LiveCollector(Collector):
         return [swaps, pending, lag, serving, age, target]
 
 
+class _CounterCollector(Collector):
+    """A counter whose value another component keeps (read at each scrape)."""
+
+    def __init__(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        self.name, self.documentation, self.value = name, documentation, value
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric([], self.value())
+        return [family]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = _NoCreatedRegistry()
@@ -126,6 +138,12 @@ class Metrics:
         self.known_offers: Callable[[], Container[str]] = lambda: ()
         self.live: Callable[[], LiveState | None] = lambda: None
         r.register(_LiveCollector(lambda: self.live()))
+        # State writes of served decisions given up after the state backend stayed unavailable past its retry
+        # window (`RedisDecisionState.dropped`; 0 on the embedded backend, which writes locally).
+        self.dropped_state_writes: Callable[[], int] = lambda: 0
+        r.register(_CounterCollector("kassa_state_writes_dropped", "State writes of served decisions (idempotency, "
+                                     "frequency caps, profiles, reward join) given up while the state backend "
+                                     "was unavailable", lambda: self.dropped_state_writes()))
         # Rollout safety (issue 17): what the shadow queue dropped, every guardrail check and its outcome
         # (pass, or the guardrail breached), rollbacks by reason (a guardrail, or manual), learner restarts.
         self.shadow_dropped = Counter(
