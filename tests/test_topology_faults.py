@@ -527,15 +527,6 @@ def test_jetstream_stopped_under_http_event_load_acks_spools_and_loses_nothing(p
         nats_server.stop()  # its store directory (and so the streams) goes with it
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky at load average 13-26: in 2 of 13 runs the restarted server did not join, within 13 s, every decision "
-    "Redis held after the kill plus every non-fallback decision it served itself (95 and 105 expected); 2 more "
-    "runs xfailed uninspected, 5 passed, the rest failed on test bugs since fixed. Suspected, not diagnosed: "
-    "RedisDecisionState.commit answers fallback=false, then a write queued behind a timed-out round trip or an "
-    "open breaker is dropped (counted only in its unexported `dropped`). Since then such writes are retried for "
-    "30 s instead (tests/test_state.py::test_a_decision_answered_while_redis_is_away_is_written_once_it_is_back); "
-    "it passed in the 3 runs after that, too few to drop the mark. "
-    "Events and decision records on JetStream were complete in every run"))
 def test_kill_9_of_kassa_serve_on_redis_and_jetstream_twice_keeps_acked_events_decisions_and_rewards(
         project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The production backends: per-buyer and join state in Redis, events and decision records on JetStream.
