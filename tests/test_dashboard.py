@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import msgspec
@@ -10,10 +11,11 @@ from starlette.testclient import TestClient
 
 from kassa.api.app import create_app
 from kassa.api.dashboard.outcomes import Outcomes
+from kassa.api.dashboard.overview import redact_url
 from kassa.api.dashboard.traffic import bucket_quantile
 from kassa.app import Kassa
 from kassa.config import Settings
-from tests.conftest import PUB, Clock, decision_body, order
+from tests.conftest import ADMIN, PUB, Clock, decision_body, order
 
 
 def test_quantiles_interpolate_inside_a_bucket_like_histogram_quantile() -> None:
@@ -104,3 +106,62 @@ def test_with_auth_off_the_dashboard_opens_without_a_key_and_posts_still_need_th
                    follow_redirects=False)
         assert r.status_code == 303
         assert kassa.catalog.snapshot.offers["discount"].title == "12% off"
+
+
+def test_the_overview_shows_this_process_backends_and_their_state(kassa: Kassa) -> None:
+    """The System table: what each component runs on here, where, and its state (embedded backends)."""
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        page = c.get("/dashboard")
+    assert page.status_code == 200
+    rows = _system(page.text)
+    assert rows["Events and decision records"][0] == "SQLite (embedded)"
+    assert rows["Events and decision records"][1].endswith("events.db")
+    assert rows["Per-buyer state"][0] == "embedded"
+    assert rows["Online feature store"][0] == "in process"
+    assert rows["Metadata (catalog, keys, registries)"][0] == "sqlite"
+    assert "every 0.25 s" in rows["Metadata (catalog, keys, registries)"][3]
+    assert rows["Learner"][0] == "in this process"
+    assert rows["This process"][0] == f"pid {os.getpid()}" and "ready" in rows["This process"][2]
+
+
+def test_backend_urls_on_the_dashboard_hide_passwords() -> None:
+    assert redact_url("redis://:s3cret@cache.internal:6380/2") == "redis://:***@cache.internal:6380/2"
+    assert redact_url("nats://app:s3cret@nats:4222") == "nats://app:***@nats:4222"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://u:s3cret@[::1]:6379/0") == "redis://u:***@[::1]:6379/0"
+
+
+def _system(page: str) -> dict[str, list[str]]:
+    system = page[page.index("<h2>System</h2>"):page.index("<h2>Problem responses</h2>")]
+    return {cells[0]: cells[1:] for cells in (re.findall(r"<td>(.*?)</td>", row)
+                                              for row in re.findall(r"<tr>(.*?)</tr>", system, re.S)) if cells}
+
+
+def test_the_overview_shows_redis_state_and_online_store_and_their_availability(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from kassa.config import load_settings
+    from tests.conftest import CATALOG
+    from tests.services import ensure_redis
+
+    url = ensure_redis()
+    prefix = "t" + uuid.uuid4().hex[:10]
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog), admin_key=ADMIN,
+                             **{"state.backend": "redis", "state.redis_url": url, "state.key_prefix": prefix,
+                                "features.online_store": "redis", "features.redis_url": url,
+                                "features.key_prefix": prefix + "f"})
+    k = Kassa(settings, seed=7)
+    with TestClient(create_app(k), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        rows = _system(c.get("/dashboard").text)
+        assert rows["Per-buyer state"][:2] == ["Redis", url]
+        assert "available" in rows["Per-buyer state"][2] and "0 writes" in rows["Per-buyer state"][3]
+        assert rows["Online feature store"][0] == "Redis" and "available" in rows["Online feature store"][2]
+        k.state.redis._down_until = float("inf")  # type: ignore[union-attr]  # as after a failed round trip
+        k.store.breaker.state = "open"  # type: ignore[attr-defined]
+        rows = _system(c.get("/dashboard").text)
+        assert "unavailable: fallback" in rows["Per-buyer state"][2]
+        assert "circuit open" in rows["Online feature store"][2]
+        k.state.redis._down_until = 0.0  # type: ignore[union-attr]
+        k.store.breaker.state = "closed"  # type: ignore[attr-defined]

@@ -211,3 +211,14 @@ def test_the_incremental_window_holds_what_a_full_read_of_the_stream_returns(tmp
     finally:
         log.close()
         _delete_streams(cfg)
+
+
+def test_the_overview_shows_the_jetstream_bus_connected_with_its_prefix_and_spool(kassa: Kassa) -> None:
+    from tests.test_dashboard import _system
+
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as client:
+        rows = _system(client.get("/dashboard").text)
+    events = rows["Events and decision records"]
+    assert events[:2] == ["NATS JetStream", kassa.settings.events.nats_url]
+    assert "connected" in events[2]
+    assert f"prefix {kassa.settings.events.prefix}; 0 acknowledged and waiting in the local spool" == events[3]

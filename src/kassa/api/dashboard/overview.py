@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +21,7 @@ from kassa.learn.rollout import gate_status
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
+    from kassa.app import Kassa
 
 THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
@@ -46,6 +49,78 @@ def _drift_badge(dash: Dashboard, placement: str) -> Markup:
     if report is None:
         return badge("not checked yet", "muted")
     return badge(report.severity, _SEVERITY.get(report.severity, ""))
+
+
+def redact_url(raw: str) -> str:
+    """A backend URL without its password (``redis://:***@host:6379/0``), for pages an operator may share."""
+    try:
+        parts = urlsplit(raw)
+        if parts.password is None:
+            return raw
+        user = parts.username or ""
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # IPv6
+        port = f":{parts.port}" if parts.port is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:
+        return "(unparsable URL)"
+
+
+def _breaker_badge(breaker: Any) -> Markup:
+    state = getattr(breaker, "state", "closed")
+    return badge("available" if state == "closed" else f"circuit {state}", "good" if state == "closed" else "bad")
+
+
+def system_rows(kassa: Kassa) -> list[tuple[Any, ...]]:
+    """This process's backends and their state, from what it holds (no round trip): component, backend, where,
+    status, detail. What a process on another host sees may differ; each serving worker answers for itself."""
+    st = kassa.settings
+    rows: list[tuple[Any, ...]] = []
+    bus = kassa.bus
+    if bus is not None:
+        depth = bus.spool_depth
+        if bus.spooling or depth:
+            status = badge("spooling", "warn")
+        else:
+            status = badge("connected", "good") if bus.connected else badge("disconnected", "bad")
+        rows.append(("Events and decision records", "NATS JetStream", redact_url(st.events.nats_url), status,
+                     f"prefix {st.events.prefix}; {depth:,} acknowledged and waiting in the local spool"))
+    else:
+        rows.append(("Events and decision records", "SQLite (embedded)", str(st.data_path / "events.db"),
+                     badge("local", "good"), "decision log: Parquet under the data directory"))
+    redis = kassa.state.redis
+    if redis is not None:
+        dropped = getattr(kassa.state.decision_state, "dropped", 0)
+        rows.append(("Per-buyer state", "Redis", redact_url(st.state.redis_url),
+                     badge("available", "good") if redis.available else badge("unavailable: fallback", "bad"),
+                     f"key prefix {st.state.key_prefix}; {dropped:,} writes of served decisions given up"))
+    else:
+        rows.append(("Per-buyer state", "embedded", str(st.data_path / "state.db"), badge("local", "good"),
+                     "profiles, caps, idempotency and open decisions journaled locally"))
+    breaker = getattr(kassa.store, "breaker", None)
+    if st.features.online_store == "redis":
+        rows.append(("Online feature store", "Redis", redact_url(st.features.redis_url), _breaker_badge(breaker),
+                     f"key prefix {st.features.key_prefix}; streaming views: {st.features.streaming}"))
+    else:
+        rows.append(("Online feature store", "in process", str(st.data_path), badge("local", "good"),
+                     "snapshotted under the data directory"))
+    engine, feed = kassa.db, kassa.changes
+    if feed.listens:  # PostgreSQL: LISTEN/NOTIFY, counters re-read every recheck_seconds
+        status = badge("listening", "good") if feed.listening else badge("not listening: re-reading", "warn")
+    else:
+        status = badge("local", "good")
+    rows.append(("Metadata (catalog, keys, registries)", engine.dialect.name,
+                 engine.url.render_as_string(hide_password=True), status,
+                 f"changes: {feed.checks:,} checks, {feed.failures:,} failed, every {feed.interval:g} s"
+                 + (" and on NOTIFY" if feed.listens else "")))
+    learner = {"inprocess": "in this process", "child": "a child process of the supervisor",
+               "external": "a separate `kassa learn`"}.get(st.roles.learner, st.roles.learner)
+    does = {"all": "serves and learns", "serve": "serves only", "learn": "learns only"}.get(kassa.role, kassa.role)
+    rows.append(("Learner", learner, f"lease: {st.roles.lease}", badge(f"this process {does}", ""),
+                 f"{kassa.learning.learned:,} examples learned by this process"))
+    rows.append(("This process", f"pid {os.getpid()}", str(st.data_path), badge("ready" if kassa.ready else
+                 "starting", "good" if kassa.ready else "warn"), f"up since {when(kassa.started_at or None)}"))
+    return rows
 
 
 async def overview(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
@@ -82,6 +157,8 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
             + "<h2>Placements</h2>"
             + table(["placement", "decisions", "P50", "P99", "fallback", "production", "canary", "drift"], rows,
                     "no placements in the catalog")
+            + "<h2>System</h2>"
+            + table(["component", "backend", "where", "status", "detail"], system_rows(kassa))
             + "<h2>Problem responses</h2>"
             + table(["HTTP status", "responses"], [(s, num(n)) for s, n in errors_rows], "none")
             + f'<p class="muted">Learning: {num(kassa.learning.learned)} joined examples this process; '
