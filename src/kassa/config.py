@@ -142,6 +142,10 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     lease_prefix: str = "kassa"
     lease_ttl_seconds: float = 5.0  # a dead learner's lease lapses after this; the standby takes over then
+    # `kassa learn` (also as `--learner child`) lowers its CPU priority by this much (os.nice) at start, so that
+    # serving workers on the same cores win the CPU when it is short; the learner keeps what they leave, which
+    # at 1,000 decisions/s on 2 cores is plenty (ADR 0009). 0 leaves it alone.
+    learner_nice: int = 10
     # What feeds `kassa learn`: "sqlite" tails the local logs (events.db + decision_records.db, one machine);
     # "jetstream" reads the join records and events streams (needs events.backend: jetstream; serving
     # workers then publish each decision's join record to <prefix>.records). docs/deploy.md.

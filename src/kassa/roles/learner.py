@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -205,4 +206,18 @@ def run_learner(settings: Settings, placements: list[str] | None = None) -> int:
             return LEASE_LOST_EXIT
         return 0
 
+    lower_priority(settings.roles.learner_nice)
     return uvloop.run(main())
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by ``nice`` (`roles.learner_nice`): a learner beside serving workers
+    should not take a core from a request. Raising priority is not attempted (it needs privileges)."""
+    if nice <= 0:
+        return
+    try:
+        now = os.nice(nice)
+    except OSError as exc:  # e.g. a seccomp profile that refuses it: run at the priority given
+        log.warning("could not lower the learner's priority by %d: %s", nice, exc)
+        return
+    log.info("learner running at niceness %d (roles.learner_nice)", now)
