@@ -105,6 +105,37 @@ def test_an_unknown_store_timezone_stops_the_start(tmp_path):
         load_settings(None, data_dir=str(tmp_path), store_timezone="Europe")
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (": : :\n\t-", r"config file .*bad\.yaml is not valid YAML"),
+    (b"\xff\xfe\x00", r"cannot read config file .*bad\.yaml"),
+    (None, r"cannot read config file .*bad\.yaml: Is a directory"),
+])
+def test_a_settings_file_kassa_cannot_read_stops_with_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        load_settings(path, data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("port", [-1, 65_536, 99_999])
+def test_a_port_out_of_range_is_a_configuration_error(tmp_path, port):
+    # was an OverflowError traceback from bind()
+    with pytest.raises(SystemExit, match=r"server\.port"):
+        load_settings(None, data_dir=str(tmp_path), **{"server.port": port})
+
+
+def test_an_environment_value_that_is_not_yaml_is_taken_as_the_string_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("KASSA_SECRET_KEY", "[not-yaml")
+    monkeypatch.setenv("KASSA_ADMIN_KEY", "{also: not")
+    settings = load_settings(None, data_dir=str(tmp_path))
+    assert (settings.secret_key, settings.admin_key) == ("[not-yaml", "{also: not")
+
+
 # --------------------------------------------------------------------------- admin ranges
 @pytest.mark.parametrize(("patch", "field"), [
     ({"latency_budget_ms": -1}, "latency_budget_ms"),

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
-from msgspec import Struct, field
+from msgspec import Meta, Struct, field
 
 
 class ServerSettings(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, Meta(ge=0, le=65_535)] = 8000  # 0: any free port
     max_body_bytes: int = 65_536
     idempotency_ttl_seconds: float = 600.0
     idempotency_max_entries: int = 100_000
@@ -210,7 +210,10 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
-    node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:  # not YAML (a key like `[abc`, a value with a stray `: `): the string as given
+        node[path[-1]] = value
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -222,6 +225,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise SystemExit(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+            raise SystemExit(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise SystemExit(f"config file {path} must hold a mapping")
         tree.update(loaded)
