@@ -100,6 +100,39 @@ def test_a_catalog_file_with_an_unknown_timezone_names_the_field(tmp_path):
         read_catalog_file(path)
 
 
+def test_a_placement_listing_an_offer_twice_is_refused_at_write_time(client):
+    # was accepted, and every decision then showed `discount` in two or three slots of one slate
+    placement = {"id": "dup", "offers": ["discount", "warranty", "discount", "discount"]}
+    r = client.put("/v1/placements/dup", json=placement, headers=ADMIN_H)
+    assert_problem(r, 422, "offers")
+    assert "'discount'" in r.json()["detail"] and "warranty" not in r.json()["detail"]
+    assert client.get("/v1/placements/dup", headers=ADMIN_H).status_code == 404
+
+
+def test_a_catalog_file_listing_an_offer_twice_names_the_placement_and_field(tmp_path):
+    from kassa.catalog.store import read_catalog_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("offers: [{id: a, kind: discount, title: A}]\nplacements: [{id: p, offers: [a, a]}]\n")
+    with pytest.raises(ValueError, match=r"placements\[0\]\.offers: offers lists 'a' more than once"):
+        read_catalog_file(path)
+
+
+def test_a_stored_placement_listing_an_offer_twice_shows_it_once(kassa, client):
+    from sqlalchemy import update
+
+    from kassa.db import placements_table
+
+    with kassa.db.begin() as conn:  # a row written before duplicates were refused
+        conn.execute(update(placements_table).where(placements_table.c.id == "cross_sell").values(
+            body='{"id": "cross_sell", "slots": 3, "offers": ["discount", "discount", "discount"]}'))
+    kassa.catalog.reload()
+    assert kassa.catalog.snapshot.placements["cross_sell"].static_offers == ("discount",)
+    shown = [o["offer_id"] for o in client.post("/v1/decisions", json=decision_body(placement="cross_sell")).json()
+             ["offers"]]
+    assert shown == ["discount"]
+
+
 def test_an_unknown_store_timezone_stops_the_start(tmp_path):
     with pytest.raises(SystemExit, match="store_timezone"):
         load_settings(None, data_dir=str(tmp_path), store_timezone="Europe")
