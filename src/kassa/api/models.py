@@ -15,9 +15,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kassa import errors
 from kassa.api.common import authorize, decode, json_response, read_body
 from kassa.app import Kassa
-from kassa.learn.registry import StageError
+from kassa.learn.registry import STAGES, StageError
 from kassa.learn.rollout import promote_version
 
 
@@ -42,6 +43,8 @@ async def list_models(request: Request) -> Response:
     kassa = _kassa(request)
     placement = request.query_params.get("placement")
     stage = request.query_params.get("stage")
+    if stage is not None and stage not in STAGES:  # was ignored: `?stage=prod` listed every version
+        raise errors.Invalid(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
     serving = []
     for placement_id in kassa.catalog.snapshot.placements:
         if placement is not None and placement_id != placement:
