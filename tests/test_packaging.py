@@ -86,6 +86,17 @@ def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatc
     assert again.exit_code == 1 and "already has" in again.output  # nothing overwritten without --force
 
 
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_init_where_a_folder_cannot_be_is_one_line_not_a_traceback(tmp_path: Path, where: str) -> None:
+    (tmp_path / "taken").write_text("x")
+    folder = tmp_path / "taken" if where == "a-file" else tmp_path / "taken" / "shop"
+    result = CliRunner().invoke(app, ["init", str(folder)])
+    # was a FileExistsError / NotADirectoryError traceback
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"cannot write the project to {folder}" in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
 def test_old_config_option_is_a_hidden_alias() -> None:
     assert rewrite_aliases(["serve", "--config", "k.yaml"]) == ["serve", "--settings", "k.yaml"]
     assert rewrite_aliases(["models", "list", "-c=k.yaml"]) == ["models", "list", "--settings=k.yaml"]

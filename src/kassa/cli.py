@@ -83,11 +83,11 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite files that are already there.")] = False,
 ) -> None:
     """Scaffold a project: settings with generated keys, a catalog and feature definitions."""
-    from kassa.project import ProjectExists, init_project
+    from kassa.project import ProjectError, init_project
 
     try:
         project = init_project(folder, force=force)
-    except ProjectExists as exc:
+    except ProjectError as exc:
         console.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(1) from None
     for path in project.files:
