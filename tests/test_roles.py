@@ -407,3 +407,15 @@ def test_the_tail_input_says_how_far_it_has_read_so_no_decision_closes_before_it
     finally:
         asyncio.run(tail.close())
 
+
+
+def test_a_learner_for_a_placement_not_in_the_catalog_says_so(settings, caplog: pytest.LogCaptureFixture) -> None:
+    # `kassa learn --placement order_confirmaton` idled with "active for none" every 10 s and no word why
+    from kassa.roles.learner import LearnerRole
+
+    with caplog.at_level("WARNING", logger="kassa"):
+        role = LearnerRole(settings, ["order_confirmaton", "order_confirmation"])
+    warned = [r.getMessage() for r in caplog.records if "not in the catalog" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("--placement order_confirmaton: not in the catalog (known: ")
+    assert "order_confirmation" in warned[0].split("known: ")[1]
+    assert role.placements() == ["order_confirmation"]
