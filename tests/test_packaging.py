@@ -97,6 +97,16 @@ def test_init_where_a_folder_cannot_be_is_one_line_not_a_traceback(tmp_path: Pat
     assert "Traceback" not in result.output
 
 
+def test_a_cli_command_prints_no_alembic_plugin_lines(tmp_path: Path) -> None:
+    # every command that opened the metadata DB printed 7 "INFO alembic.runtime.plugins: setup plugin" lines first
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for _ in range(2):  # the first run migrates a new data dir, the second finds it at head
+        run = subprocess.run([sys.executable, "-m", "kassa", "keys", "list", "--data-dir", str(tmp_path / "d")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "alembic.runtime.plugins" not in run.stderr and "setup plugin" not in run.stderr, run.stderr
+
+
 def test_old_config_option_is_a_hidden_alias() -> None:
     assert rewrite_aliases(["serve", "--config", "k.yaml"]) == ["serve", "--settings", "k.yaml"]
     assert rewrite_aliases(["models", "list", "-c=k.yaml"]) == ["models", "list", "--settings=k.yaml"]

@@ -40,6 +40,9 @@ from sqlalchemy import (
 )
 
 log = logging.getLogger("kassa.db")
+# Alembic 1.16+ logs seven "setup plugin ..." lines at INFO when its script module is first imported: in front
+# of every CLI command's output (`kassa keys list`), under the root logger's INFO. Its migration lines stay.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 metadata = MetaData()
 
