@@ -180,6 +180,11 @@ def test_an_environment_value_that_is_not_yaml_is_taken_as_the_string_given(tmp_
     ({"retrieval": {"co_purchase": -1}}, "retrieval.co_purchase"),
     ({"min_learned_decisions": -3}, "min_learned_decisions"),
     ({"gamma_scale": -1}, "gamma_scale"),
+    # beyond what VW's 32-bit floats hold: the learner could not be built, or its weights became NaN
+    ({"gamma_scale": 1e39}, "gamma_scale"),
+    ({"softmax_lambda": 1e308}, "softmax_lambda"),
+    ({"reward": {"default": 1e308}}, "reward.default"),
+    ({"reward": {"weights": {"click": 1e308}}}, "reward.weights[...]"),
 ])
 def test_out_of_range_placement_values_are_422_naming_the_field(client, patch, field):
     placement = {"id": "bad", "offers": ["discount"], **patch}
