@@ -52,6 +52,33 @@ def test_deeply_nested_bodies_are_400_not_a_recursion_error(settings, kassa, pat
         assert "nested deeper" in r.json()["detail"]
 
 
+def test_a_client_that_disconnects_mid_body_gets_a_4xx_and_no_logged_traceback(client, caplog):
+    """A tab closed during an upload (Content-Length 10, 2 bytes sent, then gone) raised starlette's
+    ClientDisconnect: "unhandled error" with two tracebacks in the server log, and a 500."""
+    import asyncio
+
+    app = client.app
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/events", "raw_path": b"/v1/events", "query_string": b"",
+             "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 1234),
+             "headers": [(b"host", b"testserver"), (b"authorization", b"Bearer test-publishable-key"),
+                         (b"content-type", b"application/json"), (b"content-length", b"10")]}
+    messages = iter([{"type": "http.request", "body": b"{}", "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_moderate_nesting_and_brackets_inside_strings_are_fine(client):
     content = {"a": [[[[{"b": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]]]]}
     offer = {"id": "nested-ok", "kind": "partner", "title": "]]]]" * 20, "content": content}
