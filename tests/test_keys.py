@@ -79,6 +79,34 @@ def test_keys_revoke_on_the_command_line_takes_the_listed_id(tmp_path):
     assert runner.invoke(cli, ["keys", "revoke", "0123456789ab", "--data-dir", data]).exit_code == 1
 
 
+@pytest.mark.parametrize(("given", "stored"), [
+    ("https://shop.example.com", "https://shop.example.com"),
+    ("https://shop.example.com/", "https://shop.example.com"),
+    ("HTTPS://Shop.Example.com:8443", "https://shop.example.com:8443"),
+    ("http://localhost:3000", "http://localhost:3000"),
+])
+def test_key_origins_are_stored_as_browsers_send_them(kassa, client, given, stored):
+    key = kassa.keys.create("publishable", "shop", [given])
+    assert list(kassa.keys.lookup(key).origins) == [stored]
+    r = client.post("/v1/decisions", json=decision_body(),
+                    headers={"Authorization": f"Bearer {key}", "Origin": stored})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("bad", ["shop.example.com", "https://shop.example.com/checkout", "not a url", "https://",
+                                 "*"])
+def test_an_origin_no_browser_sends_is_refused_when_the_key_is_created(kassa, tmp_path, bad):
+    # was stored as given: the key then refused every request from the store with 403 "origin not allowed"
+    from kassa.keys import InvalidOrigin
+
+    with pytest.raises(InvalidOrigin, match="scheme://host"):
+        kassa.keys.create("publishable", "shop", [bad])
+    data = str(tmp_path / "d")
+    result = CliRunner().invoke(cli, ["keys", "create", "publishable", "--origin", bad, "--data-dir", data])
+    assert result.exit_code == 2 and "scheme://host" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
 def test_an_id_prefix_that_matches_several_keys_is_refused(kassa):
     from sqlalchemy import insert
 

@@ -241,8 +241,12 @@ def keys_create(
     if kind not in ("publishable", "secret", "admin"):
         raise typer.BadParameter("kind must be publishable, secret or admin", param_hint="KIND")
     from kassa.db import make_engine
-    from kassa.keys import KeyStore
+    from kassa.keys import InvalidOrigin, KeyStore, browser_origins
 
+    try:
+        browser_origins(origin or [])  # before any file is made
+    except InvalidOrigin as exc:
+        raise typer.BadParameter(str(exc), param_hint="--origin") from None
     settings = _settings(config, data_dir=data_dir)
     store = KeyStore(make_engine(settings.metadata_url))
     key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]

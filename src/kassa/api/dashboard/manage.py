@@ -21,7 +21,7 @@ from kassa.api.common import decode
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
-from kassa.keys import AmbiguousKeyId, KeyKind
+from kassa.keys import AmbiguousKeyId, InvalidOrigin, KeyKind
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
@@ -199,7 +199,10 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
         origins = [o.strip() for o in form.get("origins", "").split() if o.strip()]
         if kind not in _KINDS or not name or len(name) > 100:
             raise errors.Invalid("choose a kind and give the key a name (up to 100 characters)", "name")
-        plaintext = kassa.keys.create(kind, name, origins)  # type: ignore[arg-type]
+        try:
+            plaintext = kassa.keys.create(kind, name, origins)  # type: ignore[arg-type]
+        except InvalidOrigin as exc:
+            raise errors.Invalid(str(exc), "origins") from None
         created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
                    f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
     rows = []
