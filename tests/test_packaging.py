@@ -107,6 +107,15 @@ def test_a_cli_command_prints_no_alembic_plugin_lines(tmp_path: Path) -> None:
         assert "alembic.runtime.plugins" not in run.stderr and "setup plugin" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("args", [["keys", "list"], ["keys", "create", "admin"], ["stream"]])
+def test_a_data_dir_that_is_a_file_is_one_line_in_every_command(tmp_path: Path, args: list[str]) -> None:
+    # the metadata DB's folder could not be made: a FileExistsError traceback in each command
+    (tmp_path / "taken").write_text("x")
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path / "taken")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot use {tmp_path / 'taken'} as the data dir" in str(result.exception.code)
+
+
 def test_old_config_option_is_a_hidden_alias() -> None:
     assert rewrite_aliases(["serve", "--config", "k.yaml"]) == ["serve", "--settings", "k.yaml"]
     assert rewrite_aliases(["models", "list", "-c=k.yaml"]) == ["models", "list", "--settings=k.yaml"]
