@@ -165,3 +165,20 @@ def test_the_overview_shows_redis_state_and_online_store_and_their_availability(
         assert "circuit open" in rows["Online feature store"][2]
         k.state.redis._down_until = 0.0  # type: ignore[union-attr]
         k.store.breaker.state = "closed"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"timezone": "Europe"}, "not a time zone"),  # InvalidField escaped the editor: HTTP 500
+    ({"offers": ["discount", "discount"]}, "more than once"),
+    ({"offers": ["no-such-offer"]}, "unknown offer"),
+])
+def test_the_placement_editor_shows_what_the_catalog_refuses(kassa: Kassa, change: dict, said: str) -> None:
+    from tests.conftest import ADMIN
+
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    doc = msgspec.json.encode(msgspec.structs.replace(placement, **change)).decode()
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.post("/dashboard/placements/order_confirmation/edit", data={"document": doc}, follow_redirects=False)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html"), r.text[:300]
+    assert said in r.text
+    assert kassa.catalog.snapshot.placements["order_confirmation"].placement == placement  # nothing changed

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from kassa import errors, schemas
+from kassa.api.catalog import store_placement
 from kassa.api.common import decode
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
@@ -164,10 +165,7 @@ async def edit_placement(dash: Dashboard, request: Request, session: Session, fo
         edited = decode(document.encode(), schemas.Placement)
         if edited.id != placement_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match {placement_id!r}", "id")
-        try:
-            kassa.catalog.put_placement(edited)
-        except KeyError as exc:
-            raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
+        store_placement(kassa.catalog, edited)
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/placements",
                     session.csrf, status=exc.status)
