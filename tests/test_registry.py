@@ -585,6 +585,32 @@ def test_models_api_filters_by_stage_and_refuses_an_unknown_stage(client, kassa,
     assert next(p for p in spec if p["name"] == "stage")["schema"]["enum"] == list(STAGES)
 
 
+def test_models_api_reads_the_registry_off_the_serving_loop(client, kassa, tmp_path, monkeypatch):
+    """Registry reads are SQL: on PostgreSQL a slow or unreachable database stalled every decision while
+    GET /v1/models or /v1/models/{version} waited on the event loop (the dashboard already read it off it)."""
+    import asyncio
+
+    reg = kassa.model_registry
+    reg.register("order_confirmation", _model_file(tmp_path, "1"), schema_hash=kassa.schema_hash("order_confirmation"),
+                 learner_args="x", source="batch")
+    on_loop: list[str] = []
+    for name in ("versions", "get", "history"):
+        real = getattr(reg, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            except RuntimeError:  # a worker thread: no loop runs here
+                pass
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(reg, name, spy)
+    assert client.get("/v1/models", headers=_admin()).json()["versions"][0]["version"] == "order_confirmation@1"
+    assert client.get("/v1/models/order_confirmation@1", headers=_admin()).status_code == 200
+    assert on_loop == []
+
+
 def test_models_api_needs_an_admin_key(client):
     from tests.conftest import PUB
 

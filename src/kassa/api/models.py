@@ -66,15 +66,17 @@ async def list_models(request: Request) -> Response:
             "reward_sum": learner.reward_sum if learner else (production.meta.get("reward_sum", 0.0) if production
                                                               else 0.0),
         })
-    versions = kassa.model_registry.versions(placement, [stage] if stage else None, limit=200)
+    # Registry reads are SQL (PostgreSQL may be slow or away): off the serving loop, like every other SQL here
+    versions = await asyncio.to_thread(kassa.model_registry.versions, placement, [stage] if stage else None, 200)
     return json_response({"models": serving, "versions": [v.to_dict() for v in versions],
                           "refused": kassa.learning.sync.refused if kassa.learning.sync else {}})
 
 
 async def get_model(request: Request) -> Response:
     kassa = _kassa(request)
-    mv = kassa.model_registry.get(request.path_params["version"])
-    history = kassa.model_registry.history(version=mv.version)
+    registry = kassa.model_registry
+    mv = await asyncio.to_thread(registry.get, request.path_params["version"])
+    history = await asyncio.to_thread(lambda: registry.history(version=mv.version))
     return json_response({**mv.to_dict(), "history": [h.to_dict() for h in history]})
 
 

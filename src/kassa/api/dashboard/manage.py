@@ -9,6 +9,7 @@ key's plaintext is shown once, on the page that created it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, get_args
 
@@ -130,7 +131,7 @@ async def edit_offer(dash: Dashboard, request: Request, session: Session, form: 
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/offers",
                     session.csrf, status=exc.status)
-    kassa.catalog.put_offer(edited)
+    await asyncio.to_thread(kassa.catalog.put_offer, edited)  # SQL: off the serving loop
     return RedirectResponse(url("/dashboard/offers", offer_id, saved="1").replace("&amp;", "&"), status_code=303)
 
 
@@ -165,7 +166,7 @@ async def edit_placement(dash: Dashboard, request: Request, session: Session, fo
         edited = decode(document.encode(), schemas.Placement)
         if edited.id != placement_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match {placement_id!r}", "id")
-        store_placement(kassa.catalog, edited)
+        await asyncio.to_thread(store_placement, kassa.catalog, edited)  # SQL: off the serving loop
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/placements",
                     session.csrf, status=exc.status)
