@@ -54,6 +54,17 @@ def test_snippet_command_prints_the_tag_with_sri() -> None:
     assert plain.exit_code == 0 and s.integrity in plain.output and "<script" in plain.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--base-url", "notaurl"], "--base-url must be Kassa's public http(s):// URL"),  # was a broken tag
+    (["--base-url", "javascript:alert(1)"], "--base-url must be Kassa's public http(s):// URL"),
+    (["--out", "{dir}"], "cannot write the snippet to"),  # was an IsADirectoryError traceback
+])
+def test_snippet_refuses_a_base_url_or_out_path_it_cannot_use(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["snippet", *[a.format(dir=tmp_path) for a in args]])
+    assert result.exit_code == 2 and "<script" not in result.output, result.output
+    assert message in " ".join(result.output.split())
+
+
 def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kassa.api.app import create_app
     from kassa.app import Kassa
