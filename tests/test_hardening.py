@@ -182,6 +182,16 @@ def test_a_settings_file_kassa_cannot_read_stops_with_one_line_naming_it(tmp_pat
         load_settings(path, data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(("setting", "value"), [
+    ("server.max_body_bytes", -1),  # every request, even an empty body, was a 413
+    ("server.timestamp_window_seconds", 0),  # every event timestamp was refused
+    ("server.idempotency_ttl_seconds", -1),
+])
+def test_server_settings_out_of_range_are_configuration_errors(tmp_path, setting, value):
+    with pytest.raises(SystemExit, match=setting.split(".")[1]):
+        load_settings(None, data_dir=str(tmp_path), **{setting: value})
+
+
 @pytest.mark.parametrize("port", [-1, 65_536, 99_999])
 def test_a_port_out_of_range_is_a_configuration_error(tmp_path, port):
     # was an OverflowError traceback from bind()

@@ -147,3 +147,22 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(tmp_path, catalog_f
         assert int(r.headers["retry-after"]) >= 1
         ok = c.post("/v1/decisions", json=decision_body(), headers={"Authorization": f"Bearer {other}"})
         assert ok.status_code == 200
+
+
+def test_setting_one_kinds_rate_limit_keeps_the_others_defaults(tmp_path, monkeypatch):
+    # `rate_limits: {admin: 10}` (or KASSA_SERVER__RATE_LIMITS__ADMIN) replaced the whole dict: publishable
+    # and secret keys became unlimited
+    monkeypatch.setenv("KASSA_SERVER__RATE_LIMITS__ADMIN", "10")
+    limits = load_settings(None, data_dir=str(tmp_path)).server.rate_limits
+    assert (limits.publishable, limits.secret, limits.admin) == (5_000.0, 1_000.0, 10.0)
+    kassa = Kassa(load_settings(None, data_dir=str(tmp_path / "d"), **{"server.rate_limits": {"secret": 3}}))
+    assert kassa.keys.limiter.rates == {"publishable": 5_000.0, "secret": 3.0, "admin": 100.0}
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"publishabel": 100}, "unknown field `publishabel`"),  # a misspelt kind was ignored: no limit at all
+    ({"publishable": -5}, ">= 0"),
+])
+def test_a_rate_limit_that_cannot_apply_is_a_configuration_error(tmp_path, limits, message):
+    with pytest.raises(SystemExit, match=message):
+        load_settings(None, data_dir=str(tmp_path), **{"server.rate_limits": limits})

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
+import msgspec
+
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
@@ -84,7 +86,7 @@ class Kassa:
             if key:  # a revoked one stays revoked: refused, with a warning naming the setting
                 self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
                               setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
-        self.keys.limiter = RateLimiter(settings.server.rate_limits)
+        self.keys.limiter = RateLimiter(msgspec.structs.asdict(settings.server.rate_limits))
         self.metrics = Metrics()
         self.registry = FeatureRegistry(self.db)
         if settings.features.definitions_file:
