@@ -110,6 +110,22 @@ def test_keys_401_and_403(client, kassa):
                        headers={"Authorization": f"Bearer {SECRET}"}).status_code == 200
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(client, scheme):
+    # RFC 9110 §11.1: `bearer <key>` (as some HTTP clients and proxies send it) was a 401
+    auth = {"Authorization": f"{scheme} {ADMIN}"}
+    assert client.get("/v1/offers", headers=auth).status_code == 200
+    assert client.get("/dashboard", headers=auth, follow_redirects=False).status_code == 200
+    assert client.post("/v1/decisions", json=decision_body(), headers={"Authorization": f"{scheme} {SECRET}"}
+                       ).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", "Token abc"])
+def test_other_schemes_and_no_token_are_401_saying_what_to_send(client, header):
+    body = assert_problem(client.get("/v1/offers", headers={"Authorization": header}), 401, "Authorization")
+    assert body["detail"] == "send `Authorization: Bearer <key>`"
+
+
 def test_keys_are_stored_hashed(kassa):
     from sqlalchemy import text
 

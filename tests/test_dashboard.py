@@ -165,3 +165,52 @@ def test_the_overview_shows_redis_state_and_online_store_and_their_availability(
         assert "circuit open" in rows["Online feature store"][2]
         k.state.redis._down_until = 0.0  # type: ignore[union-attr]
         k.store.breaker.state = "closed"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"timezone": "Europe"}, "not a time zone"),  # InvalidField escaped the editor: HTTP 500
+    ({"offers": ["discount", "discount"]}, "more than once"),
+    ({"offers": ["no-such-offer"]}, "unknown offer"),
+])
+def test_the_placement_editor_shows_what_the_catalog_refuses(kassa: Kassa, change: dict, said: str) -> None:
+    from tests.conftest import ADMIN
+
+    placement = kassa.catalog.snapshot.placements["order_confirmation"].placement
+    doc = msgspec.json.encode(msgspec.structs.replace(placement, **change)).decode()
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.post("/dashboard/placements/order_confirmation/edit", data={"document": doc}, follow_redirects=False)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html"), r.text[:300]
+    assert said in r.text
+    assert kassa.catalog.snapshot.placements["order_confirmation"].placement == placement  # nothing changed
+
+
+def test_the_editors_write_the_catalog_off_the_serving_loop(kassa: Kassa, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catalog writes are SQL (PostgreSQL may be slow or away); the API made them off the loop, the dashboard's
+    editors on it, stalling every decision meanwhile."""
+    import asyncio
+
+    from tests.conftest import ADMIN
+
+    on_loop: list[str] = []
+    for name in ("put_offer", "put_placement"):
+        real = getattr(kassa.catalog, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            except RuntimeError:
+                pass
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kassa.catalog, name, spy)
+    offer = msgspec.structs.replace(kassa.catalog.snapshot.offers["discount"], title="12% off")
+    placement = msgspec.structs.replace(kassa.catalog.snapshot.placements["order_confirmation"].placement, slots=2)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        for path, doc in (("/dashboard/offers/discount", offer),
+                          ("/dashboard/placements/order_confirmation/edit", placement)):
+            r = c.post(path, data={"document": msgspec.json.encode(doc).decode()}, follow_redirects=False)
+            assert r.status_code == 303, r.text[:300]
+    assert kassa.catalog.snapshot.offers["discount"].title == "12% off"
+    assert kassa.catalog.snapshot.placements["order_confirmation"].placement.slots == 2
+    assert on_loop == []

@@ -119,3 +119,18 @@ def test_wire_payloads_validate_against_the_schemas(world: World) -> None:
     batch = msgspec.convert({"events": events}, schemas.EventBatch)
     assert [e.type for e in batch.events] == ["order", "impression", "accept", "impression"]
     assert len({e.event_id for e in batch.events}) == len(batch.events)
+
+
+@pytest.mark.parametrize(("port", "data_dir", "message"), [
+    (70_000, None, "cannot serve the demo on 127.0.0.1:70000 (ports are 0-65535)"),  # was OverflowError
+    (0, "file", "as the demo's --data-dir"),  # was FileExistsError
+])
+def test_a_bad_port_or_data_dir_is_one_line_before_anything_runs(tmp_path: Path, port: int, data_dir: str | None,
+                                                                 message: str) -> None:
+
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        run_demo(headless=True, checkouts=10, seed=1, json_out=False, port=port,
+                 data_dir=str(taken) if data_dir else None, keep_serving=False)
+    assert message in str(exc.value) and len(str(exc.value).splitlines()) == 1

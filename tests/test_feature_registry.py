@@ -114,6 +114,28 @@ def test_invalid_definitions_are_rejected_before_anything_is_stored(registry: Fe
     assert registry.load().views == []
 
 
+@pytest.mark.parametrize(("kw", "message"), [
+    # past ~292 million years the Redis online store's PEXPIREAT failed every write of the view
+    ({"ttl": "99999999999999d"}, "ttl: '99999999999999d' is longer than 100 years"),
+    ({"freshness_target": "9999999w"}, "freshness_target: '9999999w' is longer than 100 years"),
+    ({"ttl": "0s"}, "keeps no value"),  # accepted, and every write was gone at once (404, defaults)
+    ({"ttl": "soon"}, "ttl: not a duration"),
+])
+def test_durations_a_view_cannot_use_are_rejected(registry: FeatureRegistry, kw: dict, message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        registry.apply(repo(view(**kw)))
+    assert registry.load().views == []
+
+
+def test_a_stream_window_longer_than_100_years_is_rejected(registry: FeatureRegistry) -> None:
+    field = Field(name="orders", dtype="int", agg="count", window="99999999999d", default=0)
+    stream = view("activity", field, kind="stream", source=Source(events=["order"]))
+    with pytest.raises(DefinitionError, match="window: '99999999999d' is longer than 100 years"):
+        registry.apply(repo(stream))
+    assert registry.apply(repo(view("activity", Field(name="orders", dtype="int", agg="count", window="36500d",
+                                                     default=0), kind="stream", source=Source(events=["order"]))))
+
+
 def test_applied_at_and_schema_hash_are_recorded(registry: FeatureRegistry) -> None:
     from sqlalchemy import select
 

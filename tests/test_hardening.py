@@ -52,6 +52,33 @@ def test_deeply_nested_bodies_are_400_not_a_recursion_error(settings, kassa, pat
         assert "nested deeper" in r.json()["detail"]
 
 
+def test_a_client_that_disconnects_mid_body_gets_a_4xx_and_no_logged_traceback(client, caplog):
+    """A tab closed during an upload (Content-Length 10, 2 bytes sent, then gone) raised starlette's
+    ClientDisconnect: "unhandled error" with two tracebacks in the server log, and a 500."""
+    import asyncio
+
+    app = client.app
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/events", "raw_path": b"/v1/events", "query_string": b"",
+             "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 1234),
+             "headers": [(b"host", b"testserver"), (b"authorization", b"Bearer test-publishable-key"),
+                         (b"content-type", b"application/json"), (b"content-length", b"10")]}
+    messages = iter([{"type": "http.request", "body": b"{}", "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_moderate_nesting_and_brackets_inside_strings_are_fine(client):
     content = {"a": [[[[{"b": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]]]]}
     offer = {"id": "nested-ok", "kind": "partner", "title": "]]]]" * 20, "content": content}
@@ -100,9 +127,83 @@ def test_a_catalog_file_with_an_unknown_timezone_names_the_field(tmp_path):
         read_catalog_file(path)
 
 
+def test_a_placement_listing_an_offer_twice_is_refused_at_write_time(client):
+    # was accepted, and every decision then showed `discount` in two or three slots of one slate
+    placement = {"id": "dup", "offers": ["discount", "warranty", "discount", "discount"]}
+    r = client.put("/v1/placements/dup", json=placement, headers=ADMIN_H)
+    assert_problem(r, 422, "offers")
+    assert "'discount'" in r.json()["detail"] and "warranty" not in r.json()["detail"]
+    assert client.get("/v1/placements/dup", headers=ADMIN_H).status_code == 404
+
+
+def test_a_catalog_file_listing_an_offer_twice_names_the_placement_and_field(tmp_path):
+    from kassa.catalog.store import read_catalog_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("offers: [{id: a, kind: discount, title: A}]\nplacements: [{id: p, offers: [a, a]}]\n")
+    with pytest.raises(ValueError, match=r"placements\[0\]\.offers: offers lists 'a' more than once"):
+        read_catalog_file(path)
+
+
+def test_a_stored_placement_listing_an_offer_twice_shows_it_once(kassa, client):
+    from sqlalchemy import update
+
+    from kassa.db import placements_table
+
+    with kassa.db.begin() as conn:  # a row written before duplicates were refused
+        conn.execute(update(placements_table).where(placements_table.c.id == "cross_sell").values(
+            body='{"id": "cross_sell", "slots": 3, "offers": ["discount", "discount", "discount"]}'))
+    kassa.catalog.reload()
+    assert kassa.catalog.snapshot.placements["cross_sell"].static_offers == ("discount",)
+    shown = [o["offer_id"] for o in client.post("/v1/decisions", json=decision_body(placement="cross_sell")).json()
+             ["offers"]]
+    assert shown == ["discount"]
+
+
 def test_an_unknown_store_timezone_stops_the_start(tmp_path):
     with pytest.raises(SystemExit, match="store_timezone"):
         load_settings(None, data_dir=str(tmp_path), store_timezone="Europe")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (": : :\n\t-", r"config file .*bad\.yaml is not valid YAML"),
+    (b"\xff\xfe\x00", r"cannot read config file .*bad\.yaml"),
+    (None, r"cannot read config file .*bad\.yaml: Is a directory"),
+])
+def test_a_settings_file_kassa_cannot_read_stops_with_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        load_settings(path, data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("server.max_body_bytes", -1),  # every request, even an empty body, was a 413
+    ("server.timestamp_window_seconds", 0),  # every event timestamp was refused
+    ("server.idempotency_ttl_seconds", -1),
+])
+def test_server_settings_out_of_range_are_configuration_errors(tmp_path, setting, value):
+    with pytest.raises(SystemExit, match=setting.split(".")[1]):
+        load_settings(None, data_dir=str(tmp_path), **{setting: value})
+
+
+@pytest.mark.parametrize("port", [-1, 65_536, 99_999])
+def test_a_port_out_of_range_is_a_configuration_error(tmp_path, port):
+    # was an OverflowError traceback from bind()
+    with pytest.raises(SystemExit, match=r"server\.port"):
+        load_settings(None, data_dir=str(tmp_path), **{"server.port": port})
+
+
+def test_an_environment_value_that_is_not_yaml_is_taken_as_the_string_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("KASSA_SECRET_KEY", "[not-yaml")
+    monkeypatch.setenv("KASSA_ADMIN_KEY", "{also: not")
+    settings = load_settings(None, data_dir=str(tmp_path))
+    assert (settings.secret_key, settings.admin_key) == ("[not-yaml", "{also: not")
 
 
 # --------------------------------------------------------------------------- admin ranges
@@ -116,6 +217,11 @@ def test_an_unknown_store_timezone_stops_the_start(tmp_path):
     ({"retrieval": {"co_purchase": -1}}, "retrieval.co_purchase"),
     ({"min_learned_decisions": -3}, "min_learned_decisions"),
     ({"gamma_scale": -1}, "gamma_scale"),
+    # beyond what VW's 32-bit floats hold: the learner could not be built, or its weights became NaN
+    ({"gamma_scale": 1e39}, "gamma_scale"),
+    ({"softmax_lambda": 1e308}, "softmax_lambda"),
+    ({"reward": {"default": 1e308}}, "reward.default"),
+    ({"reward": {"weights": {"click": 1e308}}}, "reward.weights[...]"),
 ])
 def test_out_of_range_placement_values_are_422_naming_the_field(client, patch, field):
     placement = {"id": "bad", "offers": ["discount"], **patch}

@@ -79,6 +79,34 @@ def test_keys_revoke_on_the_command_line_takes_the_listed_id(tmp_path):
     assert runner.invoke(cli, ["keys", "revoke", "0123456789ab", "--data-dir", data]).exit_code == 1
 
 
+@pytest.mark.parametrize(("given", "stored"), [
+    ("https://shop.example.com", "https://shop.example.com"),
+    ("https://shop.example.com/", "https://shop.example.com"),
+    ("HTTPS://Shop.Example.com:8443", "https://shop.example.com:8443"),
+    ("http://localhost:3000", "http://localhost:3000"),
+])
+def test_key_origins_are_stored_as_browsers_send_them(kassa, client, given, stored):
+    key = kassa.keys.create("publishable", "shop", [given])
+    assert list(kassa.keys.lookup(key).origins) == [stored]
+    r = client.post("/v1/decisions", json=decision_body(),
+                    headers={"Authorization": f"Bearer {key}", "Origin": stored})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("bad", ["shop.example.com", "https://shop.example.com/checkout", "not a url", "https://",
+                                 "*"])
+def test_an_origin_no_browser_sends_is_refused_when_the_key_is_created(kassa, tmp_path, bad):
+    # was stored as given: the key then refused every request from the store with 403 "origin not allowed"
+    from kassa.keys import InvalidOrigin
+
+    with pytest.raises(InvalidOrigin, match="scheme://host"):
+        kassa.keys.create("publishable", "shop", [bad])
+    data = str(tmp_path / "d")
+    result = CliRunner().invoke(cli, ["keys", "create", "publishable", "--origin", bad, "--data-dir", data])
+    assert result.exit_code == 2 and "scheme://host" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
 def test_an_id_prefix_that_matches_several_keys_is_refused(kassa):
     from sqlalchemy import insert
 
@@ -119,3 +147,22 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(tmp_path, catalog_f
         assert int(r.headers["retry-after"]) >= 1
         ok = c.post("/v1/decisions", json=decision_body(), headers={"Authorization": f"Bearer {other}"})
         assert ok.status_code == 200
+
+
+def test_setting_one_kinds_rate_limit_keeps_the_others_defaults(tmp_path, monkeypatch):
+    # `rate_limits: {admin: 10}` (or KASSA_SERVER__RATE_LIMITS__ADMIN) replaced the whole dict: publishable
+    # and secret keys became unlimited
+    monkeypatch.setenv("KASSA_SERVER__RATE_LIMITS__ADMIN", "10")
+    limits = load_settings(None, data_dir=str(tmp_path)).server.rate_limits
+    assert (limits.publishable, limits.secret, limits.admin) == (5_000.0, 1_000.0, 10.0)
+    kassa = Kassa(load_settings(None, data_dir=str(tmp_path / "d"), **{"server.rate_limits": {"secret": 3}}))
+    assert kassa.keys.limiter.rates == {"publishable": 5_000.0, "secret": 3.0, "admin": 100.0}
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"publishabel": 100}, "unknown field `publishabel`"),  # a misspelt kind was ignored: no limit at all
+    ({"publishable": -5}, ">= 0"),
+])
+def test_a_rate_limit_that_cannot_apply_is_a_configuration_error(tmp_path, limits, message):
+    with pytest.raises(SystemExit, match=message):
+        load_settings(None, data_dir=str(tmp_path), **{"server.rate_limits": limits})

@@ -14,7 +14,7 @@ from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, UniformPolicy, f
 from kassa.events.decision_log import read_decisions
 from kassa.events.join import PendingDecision
 from kassa.learn.online.rewards import RewardJoiner
-from tests.conftest import decision_body, order
+from tests.conftest import ADMIN, decision_body, order
 
 
 @pytest.mark.parametrize("policy", [PmfPolicy([0.5, 0.2, 0.2, 0.1]), GreedyEpsilonPolicy([4, 3, 2, 1], 0.2),
@@ -130,6 +130,33 @@ def test_learned_policy_prefers_what_buyers_accept(client, kassa, clock):
             assert d["model_version"].startswith("order_confirmation@")
             wins[country] += d["offers"][0]["offer_id"] == ("discount" if country == "US" else "partner-us")
     assert wins["US"] >= 80 and wins["CA"] >= 80, wins
+
+
+def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa, clock, caplog):
+    """A learner whose weights are NaN (a reward beyond VW's 32-bit floats) cannot be exported. Its failure
+    stopped every later placement's snapshot and the guardrails and registry poll of each 50 ms tick, and was
+    logged again on every tick; now the others publish and it is tried again at the snapshot cadence."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for placement in ("broken", "fine"):
+        body = {"id": placement, "slots": 1, "offers": ["discount", "warranty"], "min_learned_decisions": 5,
+                "reward": {"weights": {"accept": 1.0}, "wait_seconds": 60}}
+        assert client.put(f"/v1/placements/{placement}", json=body, headers=admin).status_code == 201
+        for i in range(6):
+            d = client.post("/v1/decisions", json=decision_body(placement=placement, customer=f"{placement}{i}")).json()
+            client.post("/v1/events", json={"events": [{"event_id": f"{placement}-{i}", "type": "accept",
+                                                        "decision_id": d["decision_id"],
+                                                        "offer_id": d["offers"][0]["offer_id"]}]})
+    clock.advance(61)
+    kassa.learning.learner("broken")  # first in the learners' order
+    for ex in kassa.joiner.expire(kassa.clock(), 1000):
+        # a reward VW reads as -inf (its fixed weight scale is 1): the broken learner's weights become NaN
+        kassa.learning.learner(ex.placement).learn(ex.shared, ex.action,
+                                                   1e308 if ex.placement == "broken" else ex.reward, 1.0)
+    with caplog.at_level("ERROR", logger="kassa.learn"):
+        assert kassa.learning.snapshot_due(force=True) == ["fine"]
+        assert kassa.learning.snapshot_due(clock()) == []  # not tried again on the next tick
+    assert sum("snapshot of broken failed" in r.getMessage() for r in caplog.records) == 1
+    assert kassa.models.get("fine").version == "fine@1" and kassa.models.get("broken") is None
 
 
 def _train_one_snapshot(client, kassa, clock, n=10):

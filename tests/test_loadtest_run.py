@@ -163,6 +163,13 @@ def test_an_unreachable_server_is_a_clear_error() -> None:
         run_loadtest(RunConfig(url=f"http://127.0.0.1:{_free_port()}", profile=_profile(10.0, 1.0, {"noop": 1})))
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:70000", "http://127.0.0.1:port", "http://127.0.0.1:-1"])
+def test_a_url_with_a_bad_port_is_a_clear_error(url: str) -> None:
+    # urlsplit's ValueError ("Port out of range 0-65535") was a traceback
+    with pytest.raises(LoadTestError, match="port must be a number in 0-65535"):
+        run_loadtest(RunConfig(url=url, profile=_profile(10.0, 1.0, {"noop": 1})))
+
+
 def test_stall_hook_validates_its_input(server_url: str) -> None:
     for query in ("seconds=abc", "seconds=100", "seconds=-1", "seconds=nan"):
         req = urllib.request.Request(f"{server_url}/_bench/stall?{query}", data=b"", method="POST")

@@ -54,6 +54,17 @@ def test_snippet_command_prints_the_tag_with_sri() -> None:
     assert plain.exit_code == 0 and s.integrity in plain.output and "<script" in plain.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--base-url", "notaurl"], "--base-url must be Kassa's public http(s):// URL"),  # was a broken tag
+    (["--base-url", "javascript:alert(1)"], "--base-url must be Kassa's public http(s):// URL"),
+    (["--out", "{dir}"], "cannot write the snippet to"),  # was an IsADirectoryError traceback
+])
+def test_snippet_refuses_a_base_url_or_out_path_it_cannot_use(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["snippet", *[a.format(dir=tmp_path) for a in args]])
+    assert result.exit_code == 2 and "<script" not in result.output, result.output
+    assert message in " ".join(result.output.split())
+
+
 def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kassa.api.app import create_app
     from kassa.app import Kassa
@@ -84,6 +95,36 @@ def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatc
 
     again = CliRunner().invoke(app, ["init", str(folder)])
     assert again.exit_code == 1 and "already has" in again.output  # nothing overwritten without --force
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_init_where_a_folder_cannot_be_is_one_line_not_a_traceback(tmp_path: Path, where: str) -> None:
+    (tmp_path / "taken").write_text("x")
+    folder = tmp_path / "taken" if where == "a-file" else tmp_path / "taken" / "shop"
+    result = CliRunner().invoke(app, ["init", str(folder)])
+    # was a FileExistsError / NotADirectoryError traceback
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"cannot write the project to {folder}" in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_cli_command_prints_no_alembic_plugin_lines(tmp_path: Path) -> None:
+    # every command that opened the metadata DB printed 7 "INFO alembic.runtime.plugins: setup plugin" lines first
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for _ in range(2):  # the first run migrates a new data dir, the second finds it at head
+        run = subprocess.run([sys.executable, "-m", "kassa", "keys", "list", "--data-dir", str(tmp_path / "d")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "alembic.runtime.plugins" not in run.stderr and "setup plugin" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("args", [["keys", "list"], ["keys", "create", "admin"], ["stream"]])
+def test_a_data_dir_that_is_a_file_is_one_line_in_every_command(tmp_path: Path, args: list[str]) -> None:
+    # the metadata DB's folder could not be made: a FileExistsError traceback in each command
+    (tmp_path / "taken").write_text("x")
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path / "taken")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot use {tmp_path / 'taken'} as the data dir" in str(result.exception.code)
 
 
 def test_old_config_option_is_a_hidden_alias() -> None:

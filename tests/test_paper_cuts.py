@@ -67,6 +67,15 @@ def test_key_kind_errors_use_the_right_article(client) -> None:
     assert "a secret key cannot do this; it needs an admin key" in body["detail"]
 
 
+@pytest.mark.parametrize(("kind", "said"), [("impression", "an impression"), ("accept", "an accept"),
+                                            ("click", "a click"), ("dismiss", "a dismiss")])
+def test_event_type_errors_use_the_right_article(client, kind: str, said: str) -> None:
+    # was "a impression event needs a `decision_id`"
+    body = assert_problem(client.post("/v1/events", json={"events": [{"event_id": "e", "type": kind}]}), 422,
+                          "events[0].decision_id")
+    assert body["detail"] == f"{said} event needs a `decision_id`"
+
+
 def _version(seq: int, stage: str = "archived") -> ModelVersion:
     return ModelVersion(
         version=f"order_confirmation@{seq}", placement="order_confirmation", seq=seq, stage=stage,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from kassa.learn.offline.dataset import LoggedDecisions
 from kassa.learn.offline.evaluate import evaluate_models
 from kassa.learn.offline.train import train_placement
 from kassa.learn.online.learner import OnlineLearner
-from kassa.learn.registry import ModelRegistry, StageError, feature_schema_hash
+from kassa.learn.registry import STAGES, ModelRegistry, StageError, feature_schema_hash
 from kassa.learn.rollout import gate_status, promote_version
 from kassa.learn.serving.store import ModelStore, in_canary
 from kassa.learn.sync import ModelSync
@@ -569,6 +569,46 @@ def test_models_api_refuses_bad_input_clearly(client, path, body, status, field)
     assert r.headers["content-type"].startswith("application/problem+json")
     if field:
         assert r.json()["field"] == field
+
+
+def test_models_api_filters_by_stage_and_refuses_an_unknown_stage(client, kassa, tmp_path):
+    reg = kassa.model_registry
+    reg.register("order_confirmation", _model_file(tmp_path, "1"), schema_hash=kassa.schema_hash("order_confirmation"),
+                 learner_args="x", source="batch")
+    r = client.get("/v1/models", params={"stage": "candidate"}, headers=_admin())
+    assert [v["version"] for v in r.json()["versions"]] == ["order_confirmation@1"]
+    assert client.get("/v1/models", params={"stage": "production"}, headers=_admin()).json()["versions"] == []
+    # `prod` was ignored and every version listed, as if it matched
+    r = client.get("/v1/models", params={"stage": "prod"}, headers=_admin())
+    assert r.status_code == 422 and r.json()["field"] == "stage" and "production" in r.json()["detail"]
+    spec = client.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["parameters"]
+    assert next(p for p in spec if p["name"] == "stage")["schema"]["enum"] == list(STAGES)
+
+
+def test_models_api_reads_the_registry_off_the_serving_loop(client, kassa, tmp_path, monkeypatch):
+    """Registry reads are SQL: on PostgreSQL a slow or unreachable database stalled every decision while
+    GET /v1/models or /v1/models/{version} waited on the event loop (the dashboard already read it off it)."""
+    import asyncio
+
+    reg = kassa.model_registry
+    reg.register("order_confirmation", _model_file(tmp_path, "1"), schema_hash=kassa.schema_hash("order_confirmation"),
+                 learner_args="x", source="batch")
+    on_loop: list[str] = []
+    for name in ("versions", "get", "history"):
+        real = getattr(reg, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            except RuntimeError:  # a worker thread: no loop runs here
+                pass
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(reg, name, spy)
+    assert client.get("/v1/models", headers=_admin()).json()["versions"][0]["version"] == "order_confirmation@1"
+    assert client.get("/v1/models/order_confirmation@1", headers=_admin()).status_code == 200
+    assert on_loop == []
 
 
 def test_models_api_needs_an_admin_key(client):

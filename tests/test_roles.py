@@ -161,6 +161,17 @@ def test_default_serve_starts_no_other_process(project) -> None:  # type: ignore
     _decide_and_answer(port, 3)
 
 
+def test_workers_that_cannot_start_stop_the_supervisor_with_their_message(project) -> None:  # type: ignore[no-untyped-def]
+    """A missing catalog file made every worker exit at start, and the supervisor started them again every
+    second, for ever, without the worker's message (a SystemExit's text was dropped with its exit status)."""
+    p = project(catalog_file="/no/such/catalog.yaml")
+    proc = p.start("serve", "--port", str(_free_port()), "--workers", "2", "--learner", "child", log="serve.log")
+    assert proc.wait(60) == 1
+    out = p.log("serve.log")
+    assert "cannot start: catalog file (--catalog / catalog_file) /no/such/catalog.yaml" in out, out
+    assert "the first worker exited while starting" in out and "starting it again" not in out, out
+
+
 def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]
     p = project()
     port = _free_port()
@@ -407,3 +418,15 @@ def test_the_tail_input_says_how_far_it_has_read_so_no_decision_closes_before_it
     finally:
         asyncio.run(tail.close())
 
+
+
+def test_a_learner_for_a_placement_not_in_the_catalog_says_so(settings, caplog: pytest.LogCaptureFixture) -> None:
+    # `kassa learn --placement order_confirmaton` idled with "active for none" every 10 s and no word why
+    from kassa.roles.learner import LearnerRole
+
+    with caplog.at_level("WARNING", logger="kassa"):
+        role = LearnerRole(settings, ["order_confirmaton", "order_confirmation"])
+    warned = [r.getMessage() for r in caplog.records if "not in the catalog" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("--placement order_confirmaton: not in the catalog (known: ")
+    assert "order_confirmation" in warned[0].split("known: ")[1]
+    assert role.placements() == ["order_confirmation"]

@@ -84,3 +84,38 @@ def test_a_new_metadata_db_loads_the_catalog_file_whatever_the_old_stamp_says(se
     assert len(kassa.catalog.snapshot.offers) == 11
     with TestClient(create_app(kassa)) as c:
         assert c.get("/readyz").json()["offers"] == 11
+
+
+@pytest.mark.parametrize(("setting", "content", "message"), [
+    ("catalog_file", None, "No such file or directory"),
+    ("catalog_file", "offers: [\n  - id: x\n", "not valid YAML"),
+    ("catalog_file", "offers: [{id: x, kind: nope, title: t}]\n", "Invalid enum value 'nope'"),
+    ("catalog_file", "dir", "Is a directory"),
+    ("features.definitions_file", None, "No such file or directory"),
+    ("features.definitions_file", "entities: [\n", "not valid YAML"),
+])
+def test_a_missing_or_invalid_catalog_or_definitions_file_stops_the_start_naming_it(
+        settings, clock, tmp_path, setting, content, message):
+    # were tracebacks of FileNotFoundError, ValueError or IsADirectoryError from `kassa serve`
+    path = tmp_path / "given.yaml"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    if setting == "catalog_file":
+        settings.catalog_file = str(path)
+    else:
+        settings.features.definitions_file = str(path)
+    with pytest.raises(SystemExit) as exc:
+        Kassa(settings, clock=clock)
+    text = str(exc.value)
+    assert text.startswith("cannot start: ") and str(path) in text and setting in text and message in text, text
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_a_data_dir_that_is_a_file_stops_the_start_naming_it(settings, clock, tmp_path, where):
+    (tmp_path / "taken").write_text("x")
+    settings.data_dir = str(tmp_path / "taken") if where == "file" else str(tmp_path / "taken" / "data")
+    with pytest.raises(DamagedDataDir) as exc:
+        Kassa(settings, clock=clock)
+    assert_names(exc, settings.data_dir)

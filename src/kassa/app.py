@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
+import msgspec
+
 from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
@@ -43,7 +45,7 @@ from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
-from kassa.startup import check_data_dir
+from kassa.startup import DamagedDataDir, UnusableStartFile, check_data_dir
 from kassa.state import StateBackend
 
 log = logging.getLogger("kassa")
@@ -61,7 +63,11 @@ class Kassa:
         self.role = role
         self.clock = clock
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, or a parent Kassa may not write
+            raise DamagedDataDir(data, f"cannot be used as the data dir ({exc.strerror or exc})",
+                                 "point data_dir (--data-dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
         self.db = make_engine(settings.metadata_url)  # migrated to the newest schema (Alembic)
         # Primed before anything loads, so a change committed by another process meanwhile is not missed.
@@ -69,18 +75,27 @@ class Kassa:
         self.changes.prime()
         self.catalog = Catalog(SqlCatalogStore(self.db))
         if settings.catalog_file:
-            self.catalog.load_file(settings.catalog_file, stamp_dir=data)
+            try:
+                self.catalog.load_file(settings.catalog_file, stamp_dir=data)
+            except (OSError, ValueError) as exc:
+                raise UnusableStartFile("catalog file", "--catalog / catalog_file", settings.catalog_file,
+                                        exc) from None
         self.keys = KeyStore(self.db)
         for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
                           ("secret", settings.secret_key)):
             if key:  # a revoked one stays revoked: refused, with a warning naming the setting
                 self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
                               setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
-        self.keys.limiter = RateLimiter(settings.server.rate_limits)
+        self.keys.limiter = RateLimiter(msgspec.structs.asdict(settings.server.rate_limits))
         self.metrics = Metrics()
         self.registry = FeatureRegistry(self.db)
         if settings.features.definitions_file:
-            self.registry.apply(load_repo(settings.features.definitions_file))
+            try:
+                definitions = load_repo(settings.features.definitions_file)
+            except (OSError, ValueError) as exc:
+                raise UnusableStartFile("feature definitions file", "features.definitions_file",
+                                        settings.features.definitions_file, exc) from None
+            self.registry.apply(definitions)
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
         # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;

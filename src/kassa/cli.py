@@ -83,11 +83,11 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite files that are already there.")] = False,
 ) -> None:
     """Scaffold a project: settings with generated keys, a catalog and feature definitions."""
-    from kassa.project import ProjectExists, init_project
+    from kassa.project import ProjectError, init_project
 
     try:
         project = init_project(folder, force=force)
-    except ProjectExists as exc:
+    except ProjectError as exc:
         console.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(1) from None
     for path in project.files:
@@ -241,8 +241,12 @@ def keys_create(
     if kind not in ("publishable", "secret", "admin"):
         raise typer.BadParameter("kind must be publishable, secret or admin", param_hint="KIND")
     from kassa.db import make_engine
-    from kassa.keys import KeyStore
+    from kassa.keys import InvalidOrigin, KeyStore, browser_origins
 
+    try:
+        browser_origins(origin or [])  # before any file is made
+    except InvalidOrigin as exc:
+        raise typer.BadParameter(str(exc), param_hint="--origin") from None
     settings = _settings(config, data_dir=data_dir)
     store = KeyStore(make_engine(settings.metadata_url))
     key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]

@@ -8,28 +8,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
-from msgspec import Struct, field
+from msgspec import Meta, Struct, field
+
+
+class RateLimits(Struct, forbid_unknown_fields=True):
+    """Requests per second allowed to ONE key of each kind (a token bucket per key, burst 2 s of it); over it:
+    429 with Retry-After. 0 = unlimited. A publishable key carries a whole shop's browser traffic.
+
+    A struct, not a dict: ``rate_limits: {admin: 10}`` (or ``KASSA_SERVER__RATE_LIMITS__ADMIN=10``) replaced
+    the whole dict and left publishable and secret keys unlimited, and a misspelt kind was ignored."""
+
+    publishable: Annotated[float, Meta(ge=0)] = 5_000.0
+    secret: Annotated[float, Meta(ge=0)] = 1_000.0
+    admin: Annotated[float, Meta(ge=0)] = 100.0
 
 
 class ServerSettings(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 65_536
-    idempotency_ttl_seconds: float = 600.0
-    idempotency_max_entries: int = 100_000
+    port: Annotated[int, Meta(ge=0, le=65_535)] = 8000  # 0: any free port
+    max_body_bytes: Annotated[int, Meta(ge=1)] = 65_536  # -1 refused every request, even an empty body (413)
+    idempotency_ttl_seconds: Annotated[float, Meta(ge=0)] = 600.0
+    idempotency_max_entries: Annotated[int, Meta(ge=0)] = 100_000
     cors_origins: list[str] = []
     bench_endpoints: bool = False  # POST /_bench/noop: a do-nothing endpoint for latency baselines
     # Event, order and feature timestamps sent through the API further than this from now (either way)
     # are refused naming the field: 0, -1e12 or 1e300 would otherwise break windows, joins and Parquet.
-    timestamp_window_seconds: float = 7 * 86_400.0
-    # Requests per second allowed to ONE key of each kind (a token bucket per key, burst 2 s of it); over
-    # it: 429 with Retry-After. 0 = unlimited. A publishable key carries a whole shop's browser traffic.
-    rate_limits: dict[str, float] = field(
-        default_factory=lambda: {"publishable": 5_000.0, "secret": 1_000.0, "admin": 100.0})
+    timestamp_window_seconds: Annotated[float, Meta(gt=0)] = 7 * 86_400.0
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):
@@ -210,7 +219,10 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
-    node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:  # not YAML (a key like `[abc`, a value with a stray `: `): the string as given
+        node[path[-1]] = value
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -222,6 +234,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise SystemExit(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+            raise SystemExit(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise SystemExit(f"config file {path} must hold a mapping")
         tree.update(loaded)

@@ -40,6 +40,9 @@ from sqlalchemy import (
 )
 
 log = logging.getLogger("kassa.db")
+# Alembic 1.16+ logs seven "setup plugin ..." lines at INFO when its script module is first imported: in front
+# of every CLI command's output (`kassa keys list`), under the root logger's INFO. Its migration lines stay.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 metadata = MetaData()
 
@@ -143,7 +146,11 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
     schema revision (`migrate`) unless ``migrate_schema`` is False."""
     url = str(url_or_path)
     if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the data dir should be: every CLI command was a traceback
+            raise SystemExit(f"cannot use {Path(url).parent} as the data dir ({exc.strerror or exc}); point "
+                             "--data-dir (data_dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         url = f"sqlite:///{url}"
     if url.startswith("postgresql"):
         # pre_ping: after a PostgreSQL restart a pooled connection is dead; the next checkout notices and

@@ -76,7 +76,9 @@ class EventIngest:
             if event.type == "order" and event.order is None:
                 raise errors.Invalid("an order event needs an `order`", f"events[{i}].order")
             if event.type in ("accept", "click", "dismiss", "impression") and event.decision_id is None:
-                raise errors.Invalid(f"a {event.type} event needs a `decision_id`", f"events[{i}].decision_id")
+                article = "an" if event.type in ("accept", "impression") else "a"
+                raise errors.Invalid(f"{article} {event.type} event needs a `decision_id`",
+                                     f"events[{i}].decision_id")
 
     def _out_of_window(self, ts: float) -> str:
         return (f"timestamp {ts!r} is more than {self.timestamp_window:.0f} s from now; send unix seconds "

@@ -50,6 +50,29 @@ class KeyInfo:
         return _RANK[self.kind] >= _RANK[needed]
 
 
+# What a browser sends as `Origin`: scheme://host[:port], lower case, no path and no trailing slash.
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@]+$")
+
+
+class InvalidOrigin(ValueError):
+    """An origin a browser's ``Origin`` header can never equal."""
+
+
+def browser_origins(origins: list[str]) -> list[str]:
+    """``origins`` as browsers send them (``HTTPS://Shop.example.com/`` -> ``https://shop.example.com``);
+    raises `InvalidOrigin` for one that names no scheme and host. ``shop.example.com`` (no scheme) or a path
+    used to be stored as given, and the key then refused every request from the store (403)."""
+    out = []
+    for raw in origins:
+        origin = raw.strip().lower()
+        origin = origin[:-1] if origin.endswith("/") else origin
+        if not _ORIGIN.match(origin):
+            raise InvalidOrigin(f"origin {raw!r} is not scheme://host[:port] as browsers send it "
+                                "(e.g. https://shop.example.com)")
+        out.append(origin)
+    return out
+
+
 class AmbiguousKeyId(ValueError):
     """A hash prefix that matches more than one key."""
 
@@ -105,7 +128,8 @@ class KeyStore:
         return True
 
     def create(self, kind: KeyKind, name: str, origins: list[str] | None = None) -> str:
-        """Make a new random key; the plaintext is returned once and never stored."""
+        """Make a new random key; the plaintext is returned once and never stored. Raises `InvalidOrigin`."""
+        origins = browser_origins(origins or [])
         key = _PREFIX[kind] + secrets.token_urlsafe(24)
         self.add(key, kind, name, origins)
         return key

@@ -132,7 +132,11 @@ class Project:
         return self.folder / SETTINGS_FILE
 
 
-class ProjectExists(Exception):
+class ProjectError(Exception):
+    """`init_project` cannot write the project; the message says why."""
+
+
+class ProjectExists(ProjectError):
     """A file `init_project` would write is already there."""
 
 
@@ -154,12 +158,18 @@ def init_project(folder: str | os.PathLike[str], force: bool = False) -> Project
         taken = [name for name in contents if (root / name).exists()]
         if taken:
             raise ProjectExists(f"{root} already has {', '.join(taken)} (use --force to overwrite)")
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ProjectError(f"cannot write the project to {root}: it is a file, not a folder")
     written = []
-    for name, text in contents.items():
-        path = root / name
-        path.write_text(text, encoding="utf-8")
-        if name == SETTINGS_FILE:
-            path.chmod(0o600)  # it holds the keys
-        written.append(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for name, text in contents.items():
+            path = root / name
+            path.write_text(text, encoding="utf-8")
+            if name == SETTINGS_FILE:
+                path.chmod(0o600)  # it holds the keys
+            written.append(path)
+    except OSError as exc:  # a file where the folder should be, a parent Kassa may not write, a full disk
+        where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(root) else ""
+        raise ProjectError(f"cannot write the project to {root}: {where}{exc.strerror or exc}") from None
     return Project(root, written, keys)

@@ -16,6 +16,7 @@ from kassa import policies
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 ShortStr = Annotated[str, Meta(max_length=256)]
 Money = Annotated[float, Meta(ge=0, le=1e9)]
+Amount = Annotated[float, Meta(ge=-1e9, le=1e9)]  # a signed value: an event's, a reward weight
 Qty = Annotated[int, Meta(ge=0, le=100_000)]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
 LocaleTag = Annotated[str, Meta(pattern="^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]  # nl, nl-NL, zh-Hant-TW
@@ -100,7 +101,7 @@ class Event(Struct, forbid_unknown_fields=True, omit_defaults=True):
     type: EventType
     decision_id: Id | None = None
     offer_id: Id | None = None
-    value: Annotated[float, Meta(ge=-1e9, le=1e9)] | None = None
+    value: Amount | None = None
     timestamp: float | None = None  # unix seconds; defaults to receive time
     customer: Customer | None = None
     order: Order | None = None
@@ -175,11 +176,13 @@ class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
     ``conversion`` and ``order`` may use the event's value instead of a fixed weight (``"value"``).
     """
 
-    weights: dict[str, float | Literal["value"]] = field(
+    # Weights and the default are bounded like an event's value: 1e308 became inf in VW's 32-bit floats and
+    # every snapshot of the placement failed to export (its weights were NaN), blocking the others' as well.
+    weights: dict[str, Amount | Literal["value"]] = field(
         default_factory=lambda: {"click": 0.1, "accept": 1.0, "dismiss": 0.0}
     )
     wait_seconds: NonNegative = 600.0
-    default: float = 0.0
+    default: Amount = 0.0
     cap: NonNegative | None = None  # clip a single reward (order values can be huge)
 
 
@@ -191,8 +194,9 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     retrieval: Retrieval | None = None  # set for product cross-sell placements
     policy: str = "squarecb"  # a name in the policy table (`kassa.policies`), checked in __post_init__
     exploration: Probability = 0.1  # epsilon for "epsilon" and for the baseline's own exploration
-    gamma_scale: NonNegative = 50.0  # squarecb: higher exploits sooner
-    softmax_lambda: NonNegative = 10.0  # softmax: higher exploits more
+    # Bounded: VW reads them as 32-bit floats, and one it cannot (1e39) stopped the placement's learner
+    gamma_scale: Annotated[float, Meta(ge=0, le=1e6)] = 50.0  # squarecb: higher exploits sooner
+    softmax_lambda: Annotated[float, Meta(ge=0, le=1e6)] = 10.0  # softmax: higher exploits more
     # "value" ranks product placements (those with `retrieval`) by retrieval score, as "retrieval" does
     baseline: Literal["value", "popularity", "listed", "retrieval"] = "value"
     min_learned_decisions: Count = 200  # cold start: baseline until this many rewarded decisions

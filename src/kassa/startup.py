@@ -27,6 +27,18 @@ class DamagedDataDir(SystemExit):
         self.path = path
 
 
+class UnusableStartFile(SystemExit):
+    """A file the settings name (``catalog_file``, ``features.definitions_file``) that is missing, unreadable
+    or invalid: one line naming it and the setting, not the loader's traceback."""
+
+    def __init__(self, what: str, setting: str, path: str | Path, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            problem = f"{path}: {exc.strerror or exc}"
+        else:  # the loaders' messages already start with the path
+            problem = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+        super().__init__(f"cannot start: {what} ({setting}) {problem}")
+
+
 def _sqlite_problem(path: Path, full_check: bool) -> str | None:
     """Why ``path`` is not a usable SQLite database, or None."""
     with path.open("rb") as f:

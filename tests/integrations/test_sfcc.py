@@ -181,12 +181,22 @@ def test_parse_order_derives_unit_price_from_line_total_without_base_price() -> 
     (lambda o: o.update(productItems="none"), "productItems"),
     (lambda o: o.update(currency="usd dollars"), "currency"),
     (lambda o: o["productItems"][0].pop("productId"), "productId"),
+    # a line total past 1e18 made quantizing the unit price raise InvalidOperation: HTTP 500 on the webhook
+    (lambda o: [o["productItems"][0].pop("basePrice"), o["productItems"][0].update(price=1e308)], "below 1e18"),
 ])
 def test_parse_order_rejects_malformed_orders(mutate: Any, message: str) -> None:
     order = load_fixture("order.json")
     mutate(order)
     with pytest.raises(PayloadError, match=message):
         connector().parse_order(order)
+
+
+@pytest.mark.parametrize("email", [0, 1.5, True, [], {"a": 1}, "  "])
+def test_an_email_that_is_no_address_string_is_no_email(email: Any) -> None:
+    # `"email": 0` or `[]` in a signed delivery was an AttributeError in email_sha256: HTTP 500
+    order = load_fixture("order.json")
+    order["customerInfo"]["email"] = email
+    assert connector().parse_order(order).email_sha256 is None
 
 
 def test_parse_product_maps_shopper_product(fake: SfccFake) -> None:

@@ -173,6 +173,23 @@ def test_a_bad_integration_config_is_a_clear_error(tmp_path, text, message):
         load_integration_settings("shopify", path)
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.mkdir(), "Is a directory"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00"), "cannot read integration config file"),
+])
+def test_an_integration_config_that_cannot_be_read_is_a_clear_error(tmp_path, make, message):
+    # a directory given to --credentials was an IsADirectoryError traceback
+    from kassa.integrations.config import ConfigError, load_integration_settings
+
+    path = tmp_path / "cfg.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=message):
+        load_integration_settings("shopify", path)
+    result = CliRunner().invoke(app, ["integrations", "audit", "shopify", "--credentials", str(path)])
+    assert result.exit_code != 0 and not isinstance(result.exception, OSError | UnicodeDecodeError)
+    assert "cannot read integration config file" in " ".join(result.output.split()), result.output
+
+
 def test_config_layers_env_references_and_defaults(tmp_path, monkeypatch):
     from kassa.integrations.config import load_integration_settings
 

@@ -205,6 +205,16 @@ def test_a_signed_order_with_a_bad_field_is_422_naming_it(hooks, kassa, clock):
     assert kassa.event_log.count() == 0
 
 
+def test_a_signed_woocommerce_line_price_past_any_amount_is_422_not_500(hooks, kassa, clock):
+    payload = json.loads(woo_body(clock()))
+    payload["line_items"][0]["price"] = 1e308
+    body = json.dumps(payload).encode()
+    problem = assert_problem(hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body)), 422,
+                             "line_items[0].price")
+    assert "below 1e18" in problem["detail"]
+    assert kassa.event_log.count() == 0
+
+
 def test_a_body_over_the_limit_is_413(hooks, kassa):
     body = b"x" * 1_100_000
     assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 413)

@@ -44,6 +44,10 @@ def test_order_created_payload_becomes_the_canonical_order():
     (lambda p: p.update(line_items={"a": 1}), "line_items"),
     (lambda p: p["line_items"][0].update(quantity=1.5), "line_items[0].quantity"),
     (lambda p: p.update(total="lots"), "total"),
+    # past 1e18, quantizing the unit price raised InvalidOperation: HTTP 500 on the webhook
+    (lambda p: p["line_items"][0].update(price=1e308), "line_items[0].price"),
+    (lambda p: p["line_items"][0].update(price="9" * 40), "line_items[0].price"),
+    (lambda p: p["line_items"][0].update(price=None, subtotal=-1e30), "line_items[0].subtotal"),
     (lambda p: p.pop("date_created_gmt") and p.pop("date_created"), "date_created_gmt"),
 ])
 def test_a_malformed_order_is_refused_naming_the_field(mutate, field):

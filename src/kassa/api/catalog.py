@@ -11,7 +11,7 @@ from starlette.responses import Response
 from kassa import errors, schemas
 from kassa.api.common import authorize, decode, json_response, read_body
 from kassa.app import Kassa
-from kassa.catalog.store import InvalidField
+from kassa.catalog.store import Catalog, InvalidField
 
 
 def _kassa(request: Request) -> Kassa:
@@ -78,6 +78,17 @@ async def get_placement(request: Request) -> Response:
     })
 
 
+def store_placement(catalog: Catalog, placement: schemas.Placement) -> bool:
+    """Write a placement (True when created); what the catalog refuses is a 422 naming the field. Shared by
+    the API and the dashboard's editor, which let `InvalidField` (a bad time zone) escape as a 500."""
+    try:
+        return catalog.put_placement(placement)
+    except KeyError as exc:
+        raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
+    except InvalidField as exc:
+        raise errors.Invalid(str(exc), exc.field) from None
+
+
 async def put_placement(request: Request) -> Response:
     kassa = _kassa(request)
     placement_id = request.path_params["placement_id"]
@@ -85,10 +96,5 @@ async def put_placement(request: Request) -> Response:
     placement = decode(body, schemas.Placement)
     if placement.id != placement_id:
         raise errors.Invalid(f"body id {placement.id!r} does not match the path id {placement_id!r}", "id")
-    try:
-        created = await asyncio.to_thread(kassa.catalog.put_placement, placement)
-    except KeyError as exc:
-        raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
-    except InvalidField as exc:
-        raise errors.Invalid(str(exc), exc.field) from None
+    created = await asyncio.to_thread(store_placement, kassa.catalog, placement)
     return json_response(msgspec.to_builtins(placement), 201 if created else 200)

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from kassa import errors
@@ -102,11 +102,14 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise errors.PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise errors.PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise errors.PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # a buyer's tab closed mid-upload: a 4xx nobody reads, not a logged traceback
+        raise errors.BadRequest(f"the client disconnected after {total} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -140,6 +143,13 @@ def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
 
 
+def bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, None for another scheme or no token. The
+    scheme is case-insensitive (RFC 9110 §11.1): ``bearer <key>`` was a 401."""
+    scheme, _, token = header.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool = True) -> KeyInfo | None:
     if not enabled:
         return None
@@ -153,10 +163,10 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
         if info is not None and info.kind != "publishable":
             raise errors.Forbidden("only a publishable key may travel in the URL; send "
                                    f"{_a(info.kind)} key in the Authorization header", field)
-    elif not header or not header.startswith("Bearer "):
+    elif not header or (token := bearer(header)) is None:
         raise errors.Unauthorized("send `Authorization: Bearer <key>`", "Authorization")
     else:
-        info = keys.lookup(header[7:].strip())
+        info = keys.lookup(token)
     if info is None:
         raise errors.Unauthorized("unknown or revoked API key", field)
     if not info.allows(needed):

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kassa import errors
-from kassa.api.common import problem_response
+from kassa.api.common import bearer, problem_response
 from kassa.app import Kassa
 from kassa.keys import KeyInfo
 
@@ -119,8 +119,9 @@ class CorsMiddleware:
 
     def _key(self, scope: Scope, headers: dict[bytes, bytes]) -> KeyInfo | None:
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth.startswith("Bearer "):
-            return self.kassa.keys.lookup(auth[7:].strip())
+        token = bearer(auth) if auth else None
+        if token is not None:
+            return self.kassa.keys.lookup(token)
         if auth:
             return None
         keys = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key")

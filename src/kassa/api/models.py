@@ -15,9 +15,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kassa import errors
 from kassa.api.common import authorize, decode, json_response, read_body
 from kassa.app import Kassa
-from kassa.learn.registry import StageError
+from kassa.learn.registry import STAGES, StageError
 from kassa.learn.rollout import promote_version
 
 
@@ -42,6 +43,8 @@ async def list_models(request: Request) -> Response:
     kassa = _kassa(request)
     placement = request.query_params.get("placement")
     stage = request.query_params.get("stage")
+    if stage is not None and stage not in STAGES:  # was ignored: `?stage=prod` listed every version
+        raise errors.Invalid(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
     serving = []
     for placement_id in kassa.catalog.snapshot.placements:
         if placement is not None and placement_id != placement:
@@ -63,15 +66,17 @@ async def list_models(request: Request) -> Response:
             "reward_sum": learner.reward_sum if learner else (production.meta.get("reward_sum", 0.0) if production
                                                               else 0.0),
         })
-    versions = kassa.model_registry.versions(placement, [stage] if stage else None, limit=200)
+    # Registry reads are SQL (PostgreSQL may be slow or away): off the serving loop, like every other SQL here
+    versions = await asyncio.to_thread(kassa.model_registry.versions, placement, [stage] if stage else None, 200)
     return json_response({"models": serving, "versions": [v.to_dict() for v in versions],
                           "refused": kassa.learning.sync.refused if kassa.learning.sync else {}})
 
 
 async def get_model(request: Request) -> Response:
     kassa = _kassa(request)
-    mv = kassa.model_registry.get(request.path_params["version"])
-    history = kassa.model_registry.history(version=mv.version)
+    registry = kassa.model_registry
+    mv = await asyncio.to_thread(registry.get, request.path_params["version"])
+    history = await asyncio.to_thread(lambda: registry.history(version=mv.version))
     return json_response({**mv.to_dict(), "history": [h.to_dict() for h in history]})
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from kassa import __version__, policies, schemas
+from kassa.learn.registry import STAGES
 
 
 def _body(ref: str) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def openapi_document() -> bytes:
                         "parameters": placement_id},
             },
             "/v1/models": {"get": {**op("Serving sets and registered model versions", key="admin"),
-                                   "parameters": [q("placement"), q("stage")]}},
+                                   "parameters": [q("placement"), {**q("stage"), "schema": {"enum": list(STAGES)}}]}},
             "/v1/models/{version}": {"get": {**op("A model version with its stage history", key="admin"),
                                              "parameters": version}},
             "/v1/models/{version}/stage": {"post": {

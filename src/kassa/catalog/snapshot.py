@@ -69,7 +69,8 @@ class CatalogSnapshot:
         views: dict[str, PlacementView] = {}
         for p in placements:
             if p.offers is not None:
-                static = [i for i in p.offers if i in by_id and by_id[i].active]
+                # once each: a row stored before duplicates were refused would show one offer in several slots
+                static = [i for i in dict.fromkeys(p.offers) if i in by_id and by_id[i].active]
             elif p.kinds is not None:
                 static = [o.id for o in offers if o.active and o.kind in p.kinds]
             elif p.retrieval is not None:

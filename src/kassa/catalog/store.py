@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -34,10 +35,16 @@ def check_placement(placement: schemas.Placement) -> None:
 
     The time zone must exist in the tz database now: a placement stored with ``"Europe"`` made every
     decision on it fail. (Reading stays safe for rows stored before this check: `zone` falls back.)
+    Listed offers must be distinct: ``[a, a, a]`` showed offer a in three slots of one slate (rows stored
+    before this check are read once each, `CatalogSnapshot.build`).
     """
     problem = timezone_error(placement.timezone)
     if problem is not None:
         raise InvalidField(problem, "timezone")
+    listed = placement.offers or []
+    if len(set(listed)) < len(listed):  # the slate would show the same offer in several slots
+        twice = sorted(o for o, n in Counter(listed).items() if n > 1)
+        raise InvalidField(f"offers lists {', '.join(map(repr, twice))} more than once", "offers")
 
 
 class InvalidField(ValueError):

@@ -98,8 +98,9 @@ def _check_port(port: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
-        except OSError as exc:
-            raise SystemExit(f"cannot serve the demo on {HOST}:{port} ({exc.strerror}); pick another --port") from None
+        except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535 (was a traceback)
+            reason = getattr(exc, "strerror", None) or "ports are 0-65535"
+            raise SystemExit(f"cannot serve the demo on {HOST}:{port} ({reason}); pick another --port") from None
 
 
 def run_demo(
@@ -121,7 +122,10 @@ def run_demo(
     human = Console(stderr=json_out)  # with --json, stdout carries only the JSON line
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kassa-demo-", ignore_cleanup_errors=True)
     path = Path(data_dir or tmp.name)  # type: ignore[union-attr]
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, or under one (was a FileExistsError traceback)
+        raise SystemExit(f"cannot use {path} as the demo's --data-dir: {exc.strerror or exc}") from None
     # Shoppers and server share this process's GIL: a short switch interval (as `kassa serve` sets)
     # stops one thread from sitting on it for the default 5 ms while another has a response ready.
     switch = sys.getswitchinterval()

@@ -58,6 +58,19 @@ def parse_duration(text: str | float | int) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+# The longest ttl, window or freshness target a definition may give: a ttl of 99999999999999d put the Redis
+# online store's expiry past what PEXPIREAT takes, so every write of the view failed and the stream processor
+# retried the same batch from the log without end.
+MAX_DURATION_SECONDS = 36_500 * 86_400.0  # 100 years
+
+
+def _bounded_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than 100 years (36500d)")
+    return seconds
+
+
 Name = msgspec.Meta(pattern=_NAME)
 
 
@@ -174,12 +187,15 @@ def validate(repo: FeatureRepo) -> None:
             raise DefinitionError(f"{where}: unknown entity {view.entity!r}")
         if not view.fields:
             raise DefinitionError(f"{where}: has no fields")
-        for text in (view.ttl, view.freshness_target):
+        for label, text in (("ttl", view.ttl), ("freshness_target", view.freshness_target)):
             if text:
                 try:
-                    parse_duration(text)
+                    seconds = _bounded_duration(text)
                 except ValueError as exc:
-                    raise DefinitionError(f"{where}: {exc}") from None
+                    raise DefinitionError(f"{where}: {label}: {exc}") from None
+                if label == "ttl" and seconds <= 0:  # every value would be stale the moment it is written
+                    raise DefinitionError(f"{where}: ttl {text!r} keeps no value; leave ttl out for values "
+                                          "that never go stale")
         seen_fields: set[str] = set()
         for f in view.fields:
             fw = f"{where} field {f.name!r}"
@@ -197,9 +213,9 @@ def validate(repo: FeatureRepo) -> None:
                 if f.agg is None or f.window is None:
                     raise DefinitionError(f"{fw}: stream fields need `agg` and `window`")
                 try:
-                    parse_duration(f.window)
+                    _bounded_duration(f.window)
                 except ValueError as exc:
-                    raise DefinitionError(f"{fw}: {exc}") from None
+                    raise DefinitionError(f"{fw}: window: {exc}") from None
                 if f.agg != "count" and not f.of:
                     raise DefinitionError(f"{fw}: `{f.agg}` needs `of` (the event value to aggregate)")
             elif f.agg is not None:

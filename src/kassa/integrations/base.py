@@ -29,6 +29,7 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _MAX_ID = 128  # schemas.Id bounds
 _MAX_LINES = 500  # schemas.Order.items bound
 _MAX_MONEY = Decimal("1e9")
+_MAX_DECIMAL = Decimal("1e18")  # any amount or quantity a platform sends: 18 digits + 4 decimals fit the context
 
 
 # --------------------------------------------------------------------------- errors
@@ -77,9 +78,10 @@ class Unreachable(IntegrationError):
 
 
 # --------------------------------------------------------------------------- helpers
-def email_sha256(raw: str | None) -> str | None:
-    """SHA-256 hex of the trimmed, lower-cased address; ``None`` for a missing or blank one."""
-    if raw is None:
+def email_sha256(raw: object) -> str | None:
+    """SHA-256 hex of the trimmed, lower-cased address; ``None`` for a missing or blank one, or for a value
+    that is no string (a signed payload's ``"email": 0`` or ``[]`` was an AttributeError: HTTP 500)."""
+    if not isinstance(raw, str):
         return None
     normalized = raw.strip().lower()
     if not normalized:
@@ -104,6 +106,8 @@ def to_decimal(x: Any, field: str | None = None) -> Decimal:
         raise PayloadError(f"expected a decimal amount, got {type(x).__name__}", field)
     if not value.is_finite():
         raise PayloadError(f"expected a finite amount, got {x!r}", field)
+    if abs(value) >= _MAX_DECIMAL:  # past this, quantizing a price to cents raises InvalidOperation (a 500)
+        raise PayloadError(f"expected an amount below 1e18, got {value:.3E}", field)
     return value
 
 

@@ -174,6 +174,9 @@ def load_integration_settings(
             tree = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"integration config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text: was a traceback
+            raise ConfigError(f"cannot read integration config file {path}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"integration config file {path} is not valid YAML: {exc}") from None
         merged.update(_section(tree, platform, str(path)))

@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kassa import schemas
+from kassa import errors, schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
 from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo, parse_duration
 from kassa.learn.artifacts import artifact_store
-from kassa.learn.registry import STAGES, ModelRegistry, feature_schema_hash
+from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -50,6 +50,14 @@ class OfflineContext:
             known = ", ".join(sorted(self.catalog.snapshot.placements)) or "none"
             raise typer.BadParameter(f"unknown placement {placement_id!r} (known: {known})", param_hint="--placement")
         return view.placement
+
+    def version(self, version: str, param_hint: str) -> ModelVersion:
+        """A registered version; an unknown one is a usage error naming the option (was a NotFound traceback)."""
+        try:
+            return self.registry.get(version)
+        except errors.NotFound:
+            raise typer.BadParameter(f"unknown model version {version!r} (`kassa models list` shows them)",
+                                     param_hint=param_hint) from None
 
     def schema_hash(self, placement_id: str) -> str:
         return feature_schema_hash(self.placement(placement_id), self.repo)
@@ -146,7 +154,7 @@ def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt =
                 json_out: JsonOpt = False) -> None:
     """One version: metadata, metrics, lineage and stage history."""
     ctx = context(config, data_dir)
-    mv = ctx.registry.get(version)
+    mv = ctx.version(version, "VERSION")
     history = ctx.registry.history(version=version)
     if json_out:
         _print_json({**mv.to_dict(), "history": [h.to_dict() for h in history]})
@@ -181,6 +189,7 @@ def models_promote(
     if to not in STAGES:
         raise typer.BadParameter(f"must be one of {', '.join(STAGES)}", param_hint="--to")
     ctx = context(config, data_dir)
+    ctx.version(version, "VERSION")
     try:
         mv = promote_version(ctx.registry, version, to, share=share, reason=reason, force=force)
     except StageError as exc:
@@ -348,7 +357,7 @@ def evaluate_command(
     t0 = time.perf_counter()
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)
-    cand = ctx.registry.get(candidate)
+    cand = ctx.version(candidate, "--candidate")
     if cand.placement != placement:
         raise typer.BadParameter(f"{candidate} serves {cand.placement}, not {placement}", param_hint="--candidate")
     base = None
@@ -356,7 +365,7 @@ def evaluate_command(
         found = ctx.registry.versions(placement, ["production"], limit=1)
         base = found[0] if found and found[0].version != cand.version else None
     elif baseline != "none":
-        base = ctx.registry.get(baseline)
+        base = ctx.version(baseline, "--baseline")
     schema = ctx.schema_hash(placement)
     for mv in (cand, base):
         if mv is not None:

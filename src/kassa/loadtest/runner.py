@@ -98,7 +98,11 @@ def parse_url(url: str) -> tuple[str, int, str]:
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise LoadTestError(f"--url must be http://host:port (plain HTTP/1.1; put TLS in front of it), got {url!r}")
-    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+    try:
+        port = parts.port or 80
+    except ValueError:  # urlsplit's "Port out of range 0-65535" / "could not be cast" (was a traceback)
+        raise LoadTestError(f"--url {url!r}: the port must be a number in 0-65535") from None
+    return parts.hostname, port, parts.path.rstrip("/")
 
 
 def _mp_context() -> Any:

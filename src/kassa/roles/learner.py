@@ -57,6 +57,10 @@ class LearnerRole:
         self.only = set(placements or [])
         self.clock = clock
         self.kassa = Kassa(settings, clock=clock, role="learn")
+        unknown = sorted(self.only - set(self.kassa.catalog.snapshot.placements))
+        if unknown:  # a typo idled silently ("active for none" every 10 s); a placement may still be created
+            log.warning("--placement %s: not in the catalog (known: %s); this learner waits until it is created",
+                        ", ".join(unknown), ", ".join(sorted(self.kassa.catalog.snapshot.placements)) or "none")
         assert isinstance(self.kassa.joiner, HandoverJoiner)
         self.joiner: HandoverJoiner = self.kassa.joiner
         self.loop = self.kassa.learning

@@ -126,6 +126,8 @@ class Supervisor:
             try:
                 _serve_worker(self.settings, sock, index, built_fd)
             except SystemExit as exc:
+                if isinstance(exc.code, str):  # "cannot start: …": said, not lost with the exit status
+                    print(exc.code, file=sys.stderr, flush=True)
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -164,9 +166,16 @@ class Supervisor:
         self._fork(0, None if reuseport else sock, write_fd)
         os.close(write_fd)
         ready = select.select([read_fd], [], [], 120.0)[0]
-        if not ready or not os.read(read_fd, 1):
-            log.error("the first worker did not start; see its log above")
+        died = bool(ready) and not os.read(read_fd, 1)  # the pipe closed without the byte: it exited
         os.close(read_fd)
+        if died:
+            # A start-up error (a missing catalog file, a data dir that is a file) does not heal: restarting
+            # workers every second forever only repeated it. Stop, with the worker's message above.
+            self._shutdown()
+            sock.close()
+            raise SystemExit("the first worker exited while starting; see its message above")
+        if not ready:
+            log.error("the first worker did not start within 120 s; see its log above")
         if self.learner == "child":
             self._start_learner()
         for i in range(1, self.workers):

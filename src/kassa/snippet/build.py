@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 SIZE_BUDGET_GZIP = 10 * 1024  # issue 6: the served script is at most 10 KB gzipped
 
@@ -99,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-url", default="https://kassa.example.com", help="Kassa's public URL, for the tag")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    base = urlsplit(args.base_url)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        # `notaurl` or `javascript:…` made a tag whose src no browser loads as Kassa's script
+        print(f"--base-url must be Kassa's public http(s):// URL, got {args.base_url!r}", file=sys.stderr)
+        return 2
     snippet = built()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(snippet.body)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_bytes(snippet.body)
+        except OSError as exc:  # a directory, or a folder Kassa may not write: was a traceback
+            print(f"cannot write the snippet to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     info = {
         "version": snippet.version, "integrity": snippet.integrity, "bytes": len(snippet.body),
         "gzip_bytes": len(snippet.gzipped), "source_bytes": snippet.source_bytes,

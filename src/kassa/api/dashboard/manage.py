@@ -9,6 +9,7 @@ key's plaintext is shown once, on the page that created it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, get_args
 
@@ -17,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from kassa import errors, schemas
+from kassa.api.catalog import store_placement
 from kassa.api.common import decode
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
-from kassa.keys import AmbiguousKeyId, KeyKind
+from kassa.keys import AmbiguousKeyId, InvalidOrigin, KeyKind
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
@@ -129,7 +131,7 @@ async def edit_offer(dash: Dashboard, request: Request, session: Session, form: 
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/offers",
                     session.csrf, status=exc.status)
-    kassa.catalog.put_offer(edited)
+    await asyncio.to_thread(kassa.catalog.put_offer, edited)  # SQL: off the serving loop
     return RedirectResponse(url("/dashboard/offers", offer_id, saved="1").replace("&amp;", "&"), status_code=303)
 
 
@@ -164,10 +166,7 @@ async def edit_placement(dash: Dashboard, request: Request, session: Session, fo
         edited = decode(document.encode(), schemas.Placement)
         if edited.id != placement_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match {placement_id!r}", "id")
-        try:
-            kassa.catalog.put_placement(edited)
-        except KeyError as exc:
-            raise errors.Invalid(f"unknown offer {exc.args[0]!r}", "offers") from None
+        await asyncio.to_thread(store_placement, kassa.catalog, edited)  # SQL: off the serving loop
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/placements",
                     session.csrf, status=exc.status)
@@ -199,7 +198,10 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
         origins = [o.strip() for o in form.get("origins", "").split() if o.strip()]
         if kind not in _KINDS or not name or len(name) > 100:
             raise errors.Invalid("choose a kind and give the key a name (up to 100 characters)", "name")
-        plaintext = kassa.keys.create(kind, name, origins)  # type: ignore[arg-type]
+        try:
+            plaintext = kassa.keys.create(kind, name, origins)  # type: ignore[arg-type]
+        except InvalidOrigin as exc:
+            raise errors.Invalid(str(exc), "origins") from None
         created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
                    f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
     rows = []

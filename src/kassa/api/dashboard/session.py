@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors
+from kassa.api.common import bearer
 from kassa.app import Kassa
 from kassa.db import api_keys_table
 from kassa.keys import hash_key
@@ -94,9 +95,10 @@ class SessionStore:
         now = time.time() if now is None else now
         header = request.headers.get("authorization")
         if header:
-            if not header.startswith("Bearer "):
+            token = bearer(header)
+            if token is None:
                 raise errors.Unauthorized("send `Authorization: Bearer <admin key>`", "Authorization")
-            key_hash = self._admin_hash(header[7:].strip())
+            key_hash = self._admin_hash(token)
             if key_hash is None:
                 raise errors.Unauthorized("unknown, revoked or non-admin key", "Authorization")
             return Session(key_hash, "", now + SESSION_SECONDS, via_header=True)

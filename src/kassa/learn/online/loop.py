@@ -325,7 +325,15 @@ class LearningLoop:
             if learner.learned_since_snapshot == 0:
                 continue
             if force or (due and learner.learned_since_snapshot >= self.settings.snapshot_min_learns):
-                self.publish(placement_id, learner)
+                try:
+                    self.publish(placement_id, learner)
+                except Exception:
+                    # One placement's failure (a model whose weights cannot be exported) must not stop the
+                    # others' snapshots, nor the guardrails and registry poll after this in `tick`; it is
+                    # tried again at the snapshot cadence, not on every 50 ms tick (which flooded the log).
+                    self._last_snapshot[placement_id] = now
+                    log.exception("snapshot of %s failed; what it served before keeps serving", placement_id)
+                    continue
                 published.append(placement_id)
         return published
 
