@@ -132,10 +132,25 @@ def test_learned_policy_prefers_what_buyers_accept(client, kassa, clock):
     assert wins["US"] >= 80 and wins["CA"] >= 80, wins
 
 
+def _stop_background_learning(kassa) -> None:
+    """Cancel the app's learning task (it runs on the test client's loop, another thread), so that only the test
+    expires, learns and snapshots: a tick of it between `clock.advance` and the test's own call would take them."""
+    import time as _time
+
+    tasks = [t for t in kassa._tasks if t.get_name() == "kassa-learning"]
+    for t in tasks:
+        t.get_loop().call_soon_threadsafe(t.cancel)
+    deadline = _time.monotonic() + 5
+    while not all(t.done() for t in tasks) and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    assert tasks and all(t.done() for t in tasks)
+
+
 def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa, clock, caplog):
     """A learner whose weights are NaN (a reward beyond VW's 32-bit floats) cannot be exported. Its failure
     stopped every later placement's snapshot and the guardrails and registry poll of each 50 ms tick, and was
     logged again on every tick; now the others publish and it is tried again at the snapshot cadence."""
+    _stop_background_learning(kassa)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     for placement in ("broken", "fine"):
         body = {"id": placement, "slots": 1, "offers": ["discount", "warranty"], "min_learned_decisions": 5,
@@ -157,6 +172,35 @@ def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa
         assert kassa.learning.snapshot_due(clock()) == []  # not tried again on the next tick
     assert sum("snapshot of broken failed" in r.getMessage() for r in caplog.records) == 1
     assert kassa.models.get("fine").version == "fine@1" and kassa.models.get("broken") is None
+
+
+def test_an_example_a_learner_raises_on_is_skipped_and_the_batch_others_are_learned(client, kassa, clock, caplog):
+    """The joiner has already expired a batch when `step` learns it: an exception from one example's learner used to
+    end the step and lose every later example of the batch, for every placement."""
+    _stop_background_learning(kassa)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for placement in ("broken", "fine"):
+        body = {"id": placement, "slots": 1, "offers": ["discount", "warranty"], "min_learned_decisions": 5,
+                "reward": {"weights": {"accept": 1.0}, "wait_seconds": 60}}
+        assert client.put(f"/v1/placements/{placement}", json=body, headers=admin).status_code == 201
+        for i in range(4):
+            d = client.post("/v1/decisions", json=decision_body(placement=placement, customer=f"{placement}{i}")).json()
+            client.post("/v1/events", json={"events": [{"event_id": f"{placement}-{i}", "type": "accept",
+                                                        "decision_id": d["decision_id"],
+                                                        "offer_id": d["offers"][0]["offer_id"]}]})
+    broken = kassa.learning.learner("broken")
+    fine = kassa.learning.learner("fine")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated learner failure")
+
+    broken.learn = fail  # type: ignore[method-assign]
+    clock.advance(61)
+    with caplog.at_level("ERROR", logger="kassa.learn"):
+        assert kassa.learning.step() == 8
+    assert fine.rewarded_decisions == 4  # all of "fine", whatever the batch's order
+    assert kassa.learning.failed_examples == 4
+    assert sum("learning an example of broken failed" in r.getMessage() for r in caplog.records) == 1
 
 
 def _train_one_snapshot(client, kassa, clock, n=10):

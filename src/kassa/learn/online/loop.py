@@ -109,6 +109,8 @@ class LearningLoop:
         self.restarts = 0
         self._last_poll = 0.0
         self.learned = 0
+        self.failed_examples = 0  # examples a learner raised on, skipped (logged once a minute per placement)
+        self._failure_logged_at: dict[str, float] = {}
         self.rollbacks: list[Breach] = []
         self.on_learn: Callable[[str, int], None] | None = None
 
@@ -290,7 +292,15 @@ class LearningLoop:
             if learner is None:
                 continue
             action = ex.action + slot_suffix(ex.slot) if ex.slot else ex.action
-            learner.learn(ex.shared, action, ex.reward, ex.probability)
+            try:
+                learner.learn(ex.shared, action, ex.reward, ex.probability)
+            except Exception:  # one bad example (or learner) must not cost the batch's others: they are expired
+                self.failed_examples += 1
+                if now - self._failure_logged_at.get(ex.placement, float("-inf")) >= 60.0:
+                    self._failure_logged_at[ex.placement] = now
+                    log.exception("learning an example of %s failed; it is skipped (%d skipped so far)",
+                                  ex.placement, self.failed_examples)
+                continue
             learned[ex.placement] = learned.get(ex.placement, 0) + 1
             if ex.slot == 0:
                 learner.rewarded_decisions += 1
