@@ -186,6 +186,9 @@ def test_a_settings_file_kassa_cannot_read_stops_with_one_line_naming_it(tmp_pat
     ("server.max_body_bytes", -1),  # every request, even an empty body, was a 413
     ("server.timestamp_window_seconds", 0),  # every event timestamp was refused
     ("server.idempotency_ttl_seconds", -1),
+    ("roles.workers", -3),  # was accepted and served with one worker, silently
+    ("roles.learner_nice", -5),  # raising priority needs privileges: refused rather than tried
+    ("roles.learner_nice", 20),
 ])
 def test_server_settings_out_of_range_are_configuration_errors(tmp_path, setting, value):
     with pytest.raises(SystemExit, match=setting.split(".")[1]):

@@ -136,7 +136,7 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
 
     # HTTP worker processes of `kassa serve`: 0 = one per core when the learner runs apart (`learner` not
     # "inprocess"), else 1 (an in-process learner sees only its own process's decisions).
-    workers: int = 0
+    workers: Annotated[int, Meta(ge=0, le=1024)] = 0
     # Where the learner runs under `kassa serve`: "inprocess" (today's task, the embedded default), "child"
     # (serve starts `kassa learn` as a child process: still one command), "external" (`kassa learn` runs
     # elsewhere, e.g. its own Deployment/unit, with a standby).
@@ -154,7 +154,7 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     # `kassa learn` (also as `--learner child`) lowers its CPU priority by this much (os.nice) at start, so that
     # serving workers on the same cores win the CPU when it is short; the learner keeps what they leave, which
     # at 1,000 decisions/s on 2 cores is plenty (ADR 0009). 0 leaves it alone.
-    learner_nice: int = 10
+    learner_nice: Annotated[int, Meta(ge=0, le=19)] = 10
     # What feeds `kassa learn`: "sqlite" tails the local logs (events.db + decision_records.db, one machine);
     # "jetstream" reads the join records and events streams (needs events.backend: jetstream; serving
     # workers then publish each decision's join record to <prefix>.records). docs/deploy.md.

@@ -107,6 +107,15 @@ def test_verify_without_a_configured_secret_is_refused():
         ShopifyConnector({}).verify(_headers(body), body)
 
 
+@pytest.mark.parametrize("secret", [" ", "  \t\n"])
+def test_a_blank_webhook_secret_is_a_configuration_error(secret):
+    from kassa.integrations.config import IntegrationSettings
+
+    with pytest.raises(ConfigError, match=r"shopify\.webhook_secret is blank"):
+        IntegrationSettings.from_mapping("shopify", {"webhook_secret": secret})
+    assert IntegrationSettings.from_mapping("shopify", {"webhook_secret": ""}).webhook_secret is None  # unset
+
+
 # ----------------------------------------------------------------------------- catalog paging
 def test_products_page_by_cursor_and_the_last_cursor_is_incremental(shopify_fake, shopify_cfg):
     conn = ShopifyConnector(shopify_cfg)

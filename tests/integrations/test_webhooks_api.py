@@ -186,6 +186,20 @@ def test_a_platform_without_a_secret_is_404_saying_how_to_configure_it(settings,
     assert "KASSA_INTEGRATIONS__SHOPIFY__WEBHOOK_SECRET" in problem["detail"]
 
 
+@pytest.mark.parametrize(("section", "says"), [
+    ({"webhook_secret": "   "}, "shopify.webhook_secret is blank"),
+    ({"webhook_secret": SHOPIFY_SECRET, "replay_window_seconds": -5}, "replay_window_seconds must be positive"),
+])
+def test_a_misconfigured_platform_is_404_naming_the_setting_not_a_500(settings, clock, section, says):
+    import msgspec
+
+    bad = msgspec.structs.replace(settings, integrations={"shopify": section})
+    with TestClient(create_app(Kassa(bad, clock=clock))) as c:
+        body = shopify_body(clock())
+        problem = assert_problem(c.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 404)
+    assert "misconfigured" in problem["detail"] and says in problem["detail"]
+
+
 def test_signed_but_malformed_json_is_400(hooks, kassa):
     body = b'{"id": 1, "line_items": ['
     assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 400)

@@ -123,6 +123,9 @@ class IntegrationSettings:
             raise ConfigError(f"{platform}.replay_window_seconds must be a number, got {window!r}") from None
         if window <= 0:
             raise ConfigError(f"{platform}.replay_window_seconds must be positive, got {window}")
+        if secret not in (None, "") and not str(secret).strip():
+            # a blank secret is a misconfiguration (a template left empty, a stray space), not a key anyone holds
+            raise ConfigError(f"{platform}.webhook_secret is blank (only whitespace): set the platform's secret")
         return cls(platform, options, None if secret in (None, "") else str(secret), window)
 
 

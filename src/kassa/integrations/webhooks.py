@@ -20,7 +20,7 @@ import msgspec
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
 from kassa.integrations.base import Connector, IntegrationError, Order, PayloadError
-from kassa.integrations.config import connector_for, factory_for, webhook_settings
+from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
 
@@ -53,7 +53,10 @@ class WebhookReceiver:
         connector = self._connectors.get(platform)
         if connector is None:
             factory = factory_for(platform)  # UnknownPlatform before any settings are read
-            cfg = webhook_settings(platform, self._integrations)
+            try:
+                cfg = webhook_settings(platform, self._integrations)
+            except ConfigError as exc:  # a blank secret, a bad replay window: nothing can be verified
+                raise NotConfigured(f"webhooks from {platform} are misconfigured: {exc}") from None
             # Platforms that sign with their own key pair (Adobe I/O Events) need no shared secret; they
             # count as configured once their identity setting is present.
             identity = getattr(factory, "WEBHOOK_IDENTITY_SETTING", None)
