@@ -291,6 +291,21 @@ async def settle(events_pool: ConnectionPool | None, pause: float, limit: float 
     await asyncio.sleep(pause)
 
 
+async def settle_cpu(pid: int | None, at_least: float = 3.0, quiet: float = 0.15, limit: float = 30.0) -> float:
+    """Wait ``at_least`` s (the bench catalog's 2 s reward window and the learner's settle), then until the
+    server's processes use under ``quiet`` of a core over half a second (their idle background is a few %), at
+    most ``limit`` s; returns the seconds waited."""
+    started = time.monotonic()
+    await asyncio.sleep(at_least)
+    while pid is not None and time.monotonic() - started < limit:
+        before = process_cpu_seconds(pid)
+        await asyncio.sleep(0.5)
+        after = process_cpu_seconds(pid)
+        if before is None or after is None or (after - before) / 0.5 < quiet:
+            break
+    return time.monotonic() - started
+
+
 # --------------------------------------------------------------------------- server
 def process_cpu_seconds(pid: int | None) -> float | None:
     """CPU time of every thread of ``pid`` and of its child processes (HTTP workers, a learner child):
@@ -318,8 +333,10 @@ async def measure_pair(pool: ConnectionPool, events_pool: ConnectionPool | None,
     cpu0 = process_cpu_seconds(pid)
     dec = await run_phase(pool, events_pool, workload, bodies, "/v1/decisions", args, args.duration)
     # Let the events and the learning they trigger finish, so neither spills into the no-op phase (its
-    # latency and CPU) and the decision phase is charged for them.
+    # latency and CPU) and the decision phase is charged for them: the last decisions close a reward window
+    # after the phase, and a learner at a lower priority (`roles.learner_nice`) may be behind by then.
     await settle(events_pool, args.settle)
+    await settle_cpu(pid)
     cpu1 = process_cpu_seconds(pid)
     log(f"{label}: no-op")
     noop = await run_phase(pool, None, workload, bodies, "/_bench/noop", args, args.duration)
