@@ -35,7 +35,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,6 +141,21 @@ def run(seed: int, n: int, refit: int, prior_var: float, half_life: float | None
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def report(runs_of: Callable[[int], dict[str, float]], seeds: list[int], settings: dict[str, Any],
+           as_json: bool) -> None:
+    """Run each seed, print its share of the oracle as it finishes, then the summary (one JSON object with
+    ``--json``). Shared with `bench/offer_vw_ucb.py`."""
+    runs = []
+    for seed in seeds:
+        r = runs_of(seed)
+        runs.append(r)
+        print(f"seed {seed}: {r['vs_oracle']:.3f} of the oracle ({r['seconds']} s)", file=sys.stderr)
+    shares = [r["vs_oracle"] for r in runs]
+    out = {"vs_oracle_median": statistics.median(shares), "vs_oracle_min": min(shares),
+           "vs_oracle_max": max(shares), "spread": max(shares) - min(shares), **settings, "runs": runs}
+    print(json.dumps(out) if as_json else out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -154,18 +171,11 @@ def main() -> None:
     ap.add_argument("--gamma-scale", type=float, default=50.0, help="squarecb")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    runs = []
-    for seed in args.seeds:
-        r = run(seed, args.checkouts, args.refit, args.prior_var, args.half_life, args.explore, args.scale,
-                args.bonus, args.epsilon, args.gamma_scale)
-        runs.append(r)
-        print(f"seed {seed}: {r['vs_oracle']:.3f} of the oracle ({r['seconds']} s)", file=sys.stderr)
-    shares = [r["vs_oracle"] for r in runs]
-    out = {"vs_oracle_median": statistics.median(shares), "vs_oracle_min": min(shares), "vs_oracle_max": max(shares),
-           "spread": max(shares) - min(shares), "half_life": args.half_life, "checkouts": args.checkouts,
-           "explore": args.explore, "scale": args.scale, "bonus": args.bonus, "epsilon": args.epsilon,
-           "gamma_scale": args.gamma_scale, "runs": runs}
-    print(json.dumps(out) if args.json else out)
+    report(lambda seed: run(seed, args.checkouts, args.refit, args.prior_var, args.half_life, args.explore,
+                            args.scale, args.bonus, args.epsilon, args.gamma_scale),
+           args.seeds, {"half_life": args.half_life, "checkouts": args.checkouts, "explore": args.explore,
+                        "scale": args.scale, "bonus": args.bonus, "epsilon": args.epsilon,
+                        "gamma_scale": args.gamma_scale}, args.json)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ worlds, contexts and drift as `bench/quality.py` (``OfferWorld(seed)``); its own
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import vowpalwabbit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offer_reference import report
 from quality import OfferWorld
 
 
@@ -88,17 +87,11 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=0.1, help="VW -l (Kassa's default 0.1)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    runs = []
-    for seed in args.seeds:
-        r = run(seed, args.checkouts, args.explore, args.alpha, args.epsilon, args.gamma_scale, args.learning_rate)
-        runs.append(r)
-        print(f"seed {seed}: {r['vs_oracle']:.3f} of the oracle ({r['seconds']} s)", file=sys.stderr)
-    shares = [r["vs_oracle"] for r in runs]
-    out = {"vs_oracle_median": statistics.median(shares), "vs_oracle_min": min(shares),
-           "vs_oracle_max": max(shares), "spread": max(shares) - min(shares), "explore": args.explore,
-           "alpha": args.alpha, "epsilon": args.epsilon, "gamma_scale": args.gamma_scale,
-           "learning_rate": args.learning_rate, "checkouts": args.checkouts, "runs": runs}
-    print(json.dumps(out) if args.json else out)
+    report(lambda seed: run(seed, args.checkouts, args.explore, args.alpha, args.epsilon, args.gamma_scale,
+                            args.learning_rate),
+           args.seeds, {"explore": args.explore, "alpha": args.alpha, "epsilon": args.epsilon,
+                        "gamma_scale": args.gamma_scale, "learning_rate": args.learning_rate,
+                        "checkouts": args.checkouts}, args.json)
 
 
 if __name__ == "__main__":

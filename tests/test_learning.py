@@ -146,21 +146,26 @@ def _stop_background_learning(kassa) -> None:
     assert tasks and all(t.done() for t in tasks)
 
 
-def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa, clock, caplog):
-    """A learner whose weights are NaN (a reward beyond VW's 32-bit floats) cannot be exported. Its failure
-    stopped every later placement's snapshot and the guardrails and registry poll of each 50 ms tick, and was
-    logged again on every tick; now the others publish and it is tried again at the snapshot cadence."""
+def _broken_and_fine(client, kassa, n: int) -> None:
+    """Placements "broken" and "fine" with ``n`` accepted decisions each, the app's own learning task stopped."""
     _stop_background_learning(kassa)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     for placement in ("broken", "fine"):
         body = {"id": placement, "slots": 1, "offers": ["discount", "warranty"], "min_learned_decisions": 5,
                 "reward": {"weights": {"accept": 1.0}, "wait_seconds": 60}}
         assert client.put(f"/v1/placements/{placement}", json=body, headers=admin).status_code == 201
-        for i in range(6):
+        for i in range(n):
             d = client.post("/v1/decisions", json=decision_body(placement=placement, customer=f"{placement}{i}")).json()
             client.post("/v1/events", json={"events": [{"event_id": f"{placement}-{i}", "type": "accept",
                                                         "decision_id": d["decision_id"],
                                                         "offer_id": d["offers"][0]["offer_id"]}]})
+
+
+def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa, clock, caplog):
+    """A learner whose weights are NaN (a reward beyond VW's 32-bit floats) cannot be exported. Its failure
+    stopped every later placement's snapshot and the guardrails and registry poll of each 50 ms tick, and was
+    logged again on every tick; now the others publish and it is tried again at the snapshot cadence."""
+    _broken_and_fine(client, kassa, 6)
     clock.advance(61)
     kassa.learning.learner("broken")  # first in the learners' order
     for ex in kassa.joiner.expire(kassa.clock(), 1000):
@@ -177,17 +182,7 @@ def test_a_placement_whose_snapshot_fails_does_not_stop_the_others(client, kassa
 def test_an_example_a_learner_raises_on_is_skipped_and_the_batch_others_are_learned(client, kassa, clock, caplog):
     """The joiner has already expired a batch when `step` learns it: an exception from one example's learner used to
     end the step and lose every later example of the batch, for every placement."""
-    _stop_background_learning(kassa)
-    admin = {"Authorization": f"Bearer {ADMIN}"}
-    for placement in ("broken", "fine"):
-        body = {"id": placement, "slots": 1, "offers": ["discount", "warranty"], "min_learned_decisions": 5,
-                "reward": {"weights": {"accept": 1.0}, "wait_seconds": 60}}
-        assert client.put(f"/v1/placements/{placement}", json=body, headers=admin).status_code == 201
-        for i in range(4):
-            d = client.post("/v1/decisions", json=decision_body(placement=placement, customer=f"{placement}{i}")).json()
-            client.post("/v1/events", json={"events": [{"event_id": f"{placement}-{i}", "type": "accept",
-                                                        "decision_id": d["decision_id"],
-                                                        "offer_id": d["offers"][0]["offer_id"]}]})
+    _broken_and_fine(client, kassa, 4)
     broken = kassa.learning.learner("broken")
     fine = kassa.learning.learner("fine")
 
