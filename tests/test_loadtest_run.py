@@ -148,8 +148,20 @@ def test_the_mix_sends_beacons_for_real_decisions_and_matches_server_counters(se
 
 
 def test_preflight_names_the_missing_key(server_url: str) -> None:
-    with pytest.raises(LoadTestError, match="--key"):
+    with pytest.raises(LoadTestError, match="--key") as err:
         run_loadtest(RunConfig(url=server_url, profile=_profile(10.0, 1.0, {"decision": 1}), key="wrong"))
+    # the server's problem detail, whole, not its JSON body cut mid-string
+    assert "the server said: " in str(err.value) and '{"type"' not in str(err.value)
+
+
+def test_preflight_quotes_what_the_server_said() -> None:
+    from kassa.loadtest.runner import _said
+
+    assert _said('{"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": "unknown API key"}') \
+        == "unknown API key"
+    assert _said('{"title": "Not Found", "status": 404}') == "Not Found"
+    assert _said("x" * 300) == "x" * 240 + "…"
+    assert _said('{"detail": "cut mid-str') == '{"detail": "cut mid-str'
 
 
 def test_feature_pushes_need_a_secret_key(server_url: str) -> None:

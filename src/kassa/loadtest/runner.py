@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import math
 import multiprocessing as mp
 import os
@@ -213,6 +214,16 @@ def machine_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the run
+def _said(body: str, limit: int = 240) -> str:
+    """What a pre-flight answer said: a problem body's ``detail`` (or ``title``), else the body, cut with an
+    ellipsis (it was cut mid-JSON)."""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+        if isinstance(doc, dict) and (doc.get("detail") or doc.get("title")):
+            return str(doc.get("detail") or doc.get("title"))
+    return body if len(body) <= limit else body[:limit] + "…"
+
+
 def _preflight_problems(preflight: dict[str, Any], cfg: RunConfig) -> list[str]:
     hints = {
         401: "the server wants a valid key: pass --key (publishable) / --secret-key (feature pushes)",
@@ -222,7 +233,7 @@ def _preflight_problems(preflight: dict[str, Any], cfg: RunConfig) -> list[str]:
     for kind, res in preflight.items():
         st = res["status"]
         if st in (401, 403):
-            problems.append(f"{kind}: HTTP {st}: {hints[st]} ({res['body'][:160]})")
+            problems.append(f"{kind}: HTTP {st}: {hints[st]} (the server said: {_said(res['body'])})")
         elif st == 404 or st == 405:
             hint = {
                 "noop": "start the server with server.bench_endpoints: true (KASSA_SERVER__BENCH_ENDPOINTS=true)",
@@ -232,9 +243,9 @@ def _preflight_problems(preflight: dict[str, Any], cfg: RunConfig) -> list[str]:
                                 f"mix.feature_push to 0",
                 "decision": f"unknown placement {cfg.profile.payload.placement!r}? set payload.placement",
             }.get(kind, "the endpoint is missing")
-            problems.append(f"{kind}: HTTP {st}: {hint} ({res['body'][:160]})")
+            problems.append(f"{kind}: HTTP {st}: {hint} (the server said: {_said(res['body'])})")
         elif st == 0:
-            problems.append(f"{kind}: no response: {res['body'][:200]}")
+            problems.append(f"{kind}: no response: {_said(res['body'])}")
     return problems
 
 

@@ -213,12 +213,12 @@ class _Worker:
                 with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                     self.factory.on_decision(warm_uid - k, body)
             if k == 0:
-                out["decision"] = {"status": status, "body": body[:400].decode(errors="replace")}
+                out["decision"] = {"status": status, "body": body[:4000].decode(errors="replace")}
         for code in codes:
             if code == DECISION:
                 continue
             status, body = await self._one(self.build(code, warm_uid - 500 - code, 0))
-            out[REQUEST_TYPES[code]] = {"status": status, "body": body[:400].decode(errors="replace")}
+            out[REQUEST_TYPES[code]] = {"status": status, "body": body[:4000].decode(errors="replace")}
         return out
 
     # ------------------------------------------------------------------ the measured run
