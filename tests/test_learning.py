@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import msgspec
 import pytest
@@ -135,14 +136,12 @@ def test_learned_policy_prefers_what_buyers_accept(client, kassa, clock):
 def _stop_background_learning(kassa) -> None:
     """Cancel the app's learning task (it runs on the test client's loop, another thread), so that only the test
     expires, learns and snapshots: a tick of it between `clock.advance` and the test's own call would take them."""
-    import time as _time
-
     tasks = [t for t in kassa._tasks if t.get_name() == "kassa-learning"]
     for t in tasks:
         t.get_loop().call_soon_threadsafe(t.cancel)
-    deadline = _time.monotonic() + 5
-    while not all(t.done() for t in tasks) and _time.monotonic() < deadline:
-        _time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while not all(t.done() for t in tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert tasks and all(t.done() for t in tasks)
 
 

@@ -9,6 +9,11 @@ import msgspec
 _AT = re.compile(r" - at (?:`key` in )?`\$(.*)`$")  # a bad dict key names its dict
 
 
+def with_article(word: str) -> str:
+    """``word`` with its indefinite article, for messages: "a secret", "an admin", "an impression"."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 class KassaError(Exception):
     status = 500
     title = "Internal error"

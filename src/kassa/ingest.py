@@ -76,8 +76,7 @@ class EventIngest:
             if event.type == "order" and event.order is None:
                 raise errors.Invalid("an order event needs an `order`", f"events[{i}].order")
             if event.type in ("accept", "click", "dismiss", "impression") and event.decision_id is None:
-                article = "an" if event.type in ("accept", "impression") else "a"
-                raise errors.Invalid(f"{article} {event.type} event needs a `decision_id`",
+                raise errors.Invalid(f"{errors.with_article(event.type)} event needs a `decision_id`",
                                      f"events[{i}].decision_id")
 
     def _out_of_window(self, ts: float) -> str:

@@ -138,16 +138,13 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise errors.BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
 
 
-def _a(kind: str) -> str:
-    """The key kind with its article: "a secret", "an admin"."""
-    return ("an " if kind[:1] in "aeiou" else "a ") + kind
-
-
 def bearer(header: str) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, None for another scheme or no token. The
     scheme is case-insensitive (RFC 9110 §11.1): ``bearer <key>`` was a 401."""
     scheme, _, token = header.partition(" ")
-    return (token.strip() or None) if scheme.lower() == "bearer" else None
+    if scheme != "Bearer" and scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool = True) -> KeyInfo | None:
@@ -162,7 +159,7 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
         info = keys.lookup(request.query_params["key"])
         if info is not None and info.kind != "publishable":
             raise errors.Forbidden("only a publishable key may travel in the URL; send "
-                                   f"{_a(info.kind)} key in the Authorization header", field)
+                                   f"{errors.with_article(info.kind)} key in the Authorization header", field)
     elif not header or (token := bearer(header)) is None:
         raise errors.Unauthorized("send `Authorization: Bearer <key>`", "Authorization")
     else:
@@ -170,7 +167,8 @@ def authorize(request: Request, keys: KeyStore, needed: KeyKind, enabled: bool =
     if info is None:
         raise errors.Unauthorized("unknown or revoked API key", field)
     if not info.allows(needed):
-        raise errors.Forbidden(f"{_a(info.kind)} key cannot do this; it needs {_a(needed)} key", field)
+        a = errors.with_article
+        raise errors.Forbidden(f"{a(info.kind)} key cannot do this; it needs {a(needed)} key", field)
     if info.kind == "publishable" and info.origins:
         origin = request.headers.get("origin")
         if origin is not None and origin not in info.origins:

@@ -41,9 +41,8 @@ def check_placement(placement: schemas.Placement) -> None:
     problem = timezone_error(placement.timezone)
     if problem is not None:
         raise InvalidField(problem, "timezone")
-    listed = placement.offers or []
-    if len(set(listed)) < len(listed):  # the slate would show the same offer in several slots
-        twice = sorted(o for o, n in Counter(listed).items() if n > 1)
+    twice = sorted(o for o, n in Counter(placement.offers or ()).items() if n > 1)
+    if twice:  # the slate would show the same offer in several slots
         raise InvalidField(f"offers lists {', '.join(map(repr, twice))} more than once", "offers")
 
 

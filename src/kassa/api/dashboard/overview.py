@@ -90,15 +90,15 @@ def system_rows(kassa: Kassa) -> list[tuple[Any, ...]]:
                      badge("local", "good"), "decision log: Parquet under the data directory"))
     redis = kassa.state.redis
     if redis is not None:
-        dropped = getattr(kassa.state.decision_state, "dropped", 0)
+        dropped = kassa.metrics.dropped_state_writes()
         rows.append(("Per-buyer state", "Redis", redact_url(st.state.redis_url),
                      badge("available", "good") if redis.available else badge("unavailable: fallback", "bad"),
                      f"key prefix {st.state.key_prefix}; {dropped:,} writes of served decisions given up"))
     else:
         rows.append(("Per-buyer state", "embedded", str(st.data_path / "state.db"), badge("local", "good"),
                      "profiles, caps, idempotency and open decisions journaled locally"))
-    breaker = getattr(kassa.store, "breaker", None)
     if st.features.online_store == "redis":
+        breaker = getattr(kassa.store, "breaker", None)
         rows.append(("Online feature store", "Redis", redact_url(st.features.redis_url), _breaker_badge(breaker),
                      f"key prefix {st.features.key_prefix}; streaming views: {st.features.streaming}"))
     else:
