@@ -58,6 +58,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` has exited (gone, or a zombie its parent has not reaped yet): its file descriptors closed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive {timeout} s after SIGKILL")
+
+
 class Project:
     def __init__(self, root: Path, **settings: object) -> None:
         self.root = root
@@ -204,8 +218,11 @@ def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_s
                                                                      "items": []}}).json()["model_version"]
                 for _ in range(10)}
     assert all("@" in v for v in versions), versions
-    # a worker killed is started again; the port keeps answering meanwhile
+    # a worker killed is started again; the port keeps answering meanwhile. Requests sent while it was still
+    # dying may be reset (connections queued on its own SO_REUSEPORT socket die with it, docs/deploy.md): the
+    # claim is about the port once the worker is gone, so wait for its exit (its sockets closed) first
     os.kill(workers[0], signal.SIGKILL)
+    _wait_dead(workers[0])
     _decide_and_answer(port, 20)
     p.wait_log("serve.log", rf"worker \d \(pid {workers[0]}\) exited")
     deadline = time.monotonic() + 10
