@@ -63,6 +63,9 @@ context feature it derives (the product's default), most of which carry nothing 
 by VW itself; ADR 0010's addendum of 2026-12-07 measured RegCB, RegCB-opt, cover, RND and squareCB with
 elimination this way.
 
+``--policy ucb`` runs every learning placement with another row of the policy table, and ``--placement-option
+KEY=VALUE`` (repeatable, VALUE as JSON) sets a placement field on them (e.g. ``--placement-option ucb_alpha=0.1``).
+
 A seed is reproducible: two runs of one seed serve the same offers (each run reports ``served_sha256``, a hash
 of every offer the learning placement showed, in order; the retriever's caches refresh on Kassa's clock, and the
 bench's placements have a 60 s latency budget so that no decision falls back on a slow machine).
@@ -91,7 +94,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -112,6 +115,7 @@ class _Http:
 
     guard: bool | None = None  # the publish guard: None = the product's default (``--guard on|off`` overrides)
     policy: str | None = None  # every learning placement's policy (``--vw-explore`` registers one; None: catalog's)
+    options: ClassVar[dict[str, Any]] = {}  # set on every learning placement (``--placement-option KEY=VALUE``)
 
     def __init__(self, catalog: dict[str, Any], seed: int, tmp: Path, rate: float, step_s: float | None = None) -> None:
         """``rate`` checkouts per bench second; ``step_s`` the seconds Kassa's clock moves per checkout (default
@@ -122,8 +126,10 @@ class _Http:
         # gave 0.63 and 0.49 of the oracle with 2-3 fallbacks per run). The bench's decisions never fall back.
         for placement in catalog["placements"]:
             placement.setdefault("latency_budget_ms", 60_000.0)
-            if self.policy is not None and policies.learns(placement.get("policy", "squarecb")):
-                placement["policy"] = self.policy
+            if policies.learns(placement.get("policy", "squarecb")):
+                if self.policy is not None:
+                    placement["policy"] = self.policy
+                placement.update(self.options)
         (tmp / "catalog.json").write_bytes(msgspec.json.encode(catalog))
         self.step_s = 1.0 / rate if step_s is None else step_s
         scale = self.step_s * rate  # Kassa seconds per bench second
@@ -713,6 +719,9 @@ def main() -> None:
     ap.add_argument("--vw-explore", metavar="ARGS",
                     help="VW's exploration arguments for every learning placement instead of its policy's "
                          "(e.g. '--regcbopt --mellowness 0.1'); VW serves such models (ADR 0010)")
+    ap.add_argument("--policy", help="every learning placement's policy (e.g. 'ucb'; default: the catalog's squarecb)")
+    ap.add_argument("--placement-option", metavar="KEY=VALUE", action="append", default=[],
+                    help="a placement setting for every learning placement, VALUE as JSON (e.g. ucb_alpha=0.5)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--from-json", type=Path, help="re-render a saved --json output (with the same arguments)")
@@ -721,6 +730,14 @@ def main() -> None:
     _Http.guard = None if args.guard is None else args.guard == "on"
     if args.vw_explore:
         _Http.policy = explore_policy(args.vw_explore)
+    elif args.policy:
+        policies.get(args.policy)  # an unknown name fails here, not in every run's catalog
+        _Http.policy = args.policy
+    for option in args.placement_option:
+        key, sep, value = option.partition("=")
+        if not sep:
+            sys.exit(f"--placement-option {option!r}: expected KEY=VALUE")
+        _Http.options[key] = json.loads(value)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
         products, offers = saved["products"], saved["offers"]

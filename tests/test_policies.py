@@ -42,15 +42,17 @@ def cover() -> Iterator[None]:
 
 def test_every_built_in_policy_has_one_row_saying_what_it_does():
     rows = {name: policies.get(name) for name in policies.names()}
-    assert set(rows) == {"squarecb", "epsilon", "softmax", "baseline", "uniform"}
-    assert {n for n, p in rows.items() if p.learns} == {"squarecb", "epsilon", "softmax"}
-    assert {n for n, p in rows.items() if p.numpy_scorer} == {"squarecb", "epsilon", "softmax"}
+    assert set(rows) == {"squarecb", "epsilon", "softmax", "ucb", "baseline", "uniform"}
+    assert {n for n, p in rows.items() if p.learns} == {"squarecb", "epsilon", "softmax", "ucb"}
+    assert {n for n, p in rows.items() if p.numpy_scorer} == {"squarecb", "epsilon", "softmax", "ucb"}
+    assert {n for n, p in rows.items() if p.uses_counts} == {"ucb"}
     assert rows["softmax"].later_slots == "renormalise" and rows["squarecb"].later_slots == "greedy"
 
 
 def test_the_learner_arguments_come_from_the_placements_policy():
     assert "--softmax --lambda 4.0" in vw_args(schemas.Placement(id="p", policy="softmax", softmax_lambda=4.0))
     assert "--epsilon 0.2" in vw_args(schemas.Placement(id="p", policy="epsilon", exploration=0.2))
+    assert "--epsilon 0.05" in vw_args(schemas.Placement(id="p", policy="ucb", ucb_epsilon=0.05))
     # a placement that does not learn still trains squareCB's model, ready for when it switches
     assert "--squarecb" in vw_args(schemas.Placement(id="p", policy="uniform"))
 

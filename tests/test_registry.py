@@ -514,6 +514,22 @@ def test_batch_retraining_learns_from_logged_decisions_and_joined_rewards(client
     lines = kassa.catalog.snapshot.action_lines
     pmf = model.pmf("shared |c country=US", [lines["warranty"], lines["discount"]])
     assert pmf[0] > pmf[1]
+    # a UCB placement's batch model carries its counts (one per shown slot learned), as the online learner's does
+    import msgspec
+
+    from kassa.learn.serving.loader import load_serving
+    from kassa.learn.serving.sidecar import read_sidecar_counts, sidecar_path
+
+    ucb = msgspec.structs.replace(view.placement, policy="ucb", ucb_alpha=0.5)
+    again = train_placement(kassa.settings.data_path, kassa.model_registry, kassa.catalog.snapshot, ucb,
+                            kassa.schema_hash("order_confirmation"))
+    assert again.version is not None and "--epsilon 0.02" in again.version.learner_args
+    path = kassa.model_registry.verify(again.version, kassa.schema_hash("order_confirmation"))
+    spec, _, _, counts = read_sidecar_counts(sidecar_path(path))
+    assert spec.policy == "ucb" and spec.alpha == 0.5 and counts is not None and counts[0].size > 0
+    served = load_serving(path, again.version.version)
+    assert served.pmf("shared |c country=US", [lines["warranty"], lines["discount"]]) != pytest.approx([0.5, 0.5])
+    assert getattr(served, "n", None) is not None
 
 
 def test_schema_hash_changes_with_the_placements_features(kassa):

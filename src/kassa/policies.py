@@ -40,6 +40,8 @@ class PlacementPolicy:
     ``vw_flag``: the VW option that names this exploration in a model's arguments; the policy without one
     is what a model with none of the flags is read as.
     ``numpy_scorer``: `kassa.learn.serving.linear.LinearModel` reproduces `explore`; False means VW serves.
+    ``uses_counts``: the learner keeps per-weight counts of what it learned and exports them with the weights
+    (`kassa.learn.serving.bonus`); the scorer adds an uncertainty bonus from them before `explore`.
     """
 
     name: ClassVar[str]
@@ -47,6 +49,7 @@ class PlacementPolicy:
     later_slots: ClassVar[LaterSlots] = "greedy"
     vw_flag: ClassVar[str | None] = None
     numpy_scorer: ClassVar[bool] = True
+    uses_counts: ClassVar[bool] = False
 
     def vw_exploration(self, placement: Any) -> str:
         """The exploration part of the VW arguments for a placement (a `kassa.schemas.Placement`)."""
@@ -99,7 +102,7 @@ def from_vw_options(opts: Mapping[str, list[str]]) -> PlacementPolicy:
     """The policy whose exploration a model's VW options name (the one without a flag when none does)."""
     default = None
     for policy in _TABLE.values():
-        if not policy.learns:
+        if not policy.learns or policy.uses_counts:  # marked by its sidecar's counts, not by VW's options
             continue
         if policy.vw_flag is None:
             default = default or policy
@@ -187,6 +190,31 @@ class Softmax(PlacementPolicy):
         e = [math.exp(-spec.lam * (x - lo)) for x in scores]
         total = sum(e)
         return [x / total for x in e]
+
+
+@register
+class UCB(PlacementPolicy):
+    """Optimism under uncertainty (ADR 0010): each offer's estimate plus ``ucb_alpha`` x its uncertainty
+    bonus, ``sqrt(sum over its hashed weights of x^2 / (1 + n))`` with ``n`` the sum of ``x^2`` that weight
+    has learned, then ε-greedy on that with ``ucb_epsilon`` (so every candidate keeps a logged propensity
+    for off-policy evaluation). VW learns the same regression as for ε-greedy (``--epsilon``, which is all
+    its arguments show); the learner keeps the counts and exports them in the model's sidecar with the
+    bonus weight, which is what marks a model as UCB (a sidecar rebuilt from the VW file alone serves as
+    ε-greedy)."""
+
+    name = "ucb"
+    vw_flag = None  # its models' VW arguments are ε-greedy's; `from_vw_options` keeps reading them as that
+    uses_counts = True
+
+    def vw_exploration(self, placement: Any) -> str:
+        return f"--epsilon {placement.ucb_epsilon}"
+
+    def scorer_settings(self, opt: OptionReader, counter: int | None) -> dict[str, float]:
+        return {"epsilon": opt("epsilon", 0.05)}
+
+    def explore(self, scores: Sequence[float], spec: Any) -> list[float]:
+        """ε-greedy on the optimistic costs (the scorer has subtracted the bonus already)."""
+        return EpsilonGreedy.explore(self, scores, spec)  # type: ignore[arg-type]
 
 
 @register

@@ -197,6 +197,11 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # Bounded: VW reads them as 32-bit floats, and one it cannot (1e39) stopped the placement's learner
     gamma_scale: Annotated[float, Meta(ge=0, le=1e6)] = 50.0  # squarecb: higher exploits sooner
     softmax_lambda: Annotated[float, Meta(ge=0, le=1e6)] = 10.0  # softmax: higher exploits more
+    # ucb: the uncertainty bonus's weight (on rewards normalised to about 1, `RewardScale`) and the uniform
+    # floor that keeps a propensity for every candidate (ADR 0010's UCB addendum measured both)
+    ucb_alpha: Annotated[float, Meta(ge=0, le=1e6)] = 0.1
+    ucb_epsilon: Probability = 0.02
+    ucb_half_life: Count = 0  # ucb: learned examples after which a count weighs half (0: never forgotten)
     # "value" ranks product placements (those with `retrieval`) by retrieval score, as "retrieval" does
     baseline: Literal["value", "popularity", "listed", "retrieval"] = "value"
     min_learned_decisions: Count = 200  # cold start: baseline until this many rewarded decisions

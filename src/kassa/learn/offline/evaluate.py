@@ -4,8 +4,10 @@ The unit is a decision's top slot: its logged offer, the logging policy's probab
 joined reward. Each evaluated model re-scores the logged context over the logged candidates (the same
 learner lines the live decision built, rebuilt from the log) and gives the probability it would have
 put on the logged offer; the estimators in `kassa.learn.offline.ope` turn those into IPS, SNIPS and DR values
-with intervals. Re-scoring is the expensive part (one VW predict per row and model), so rows are split
-across worker processes forked after the data is loaded (nothing is pickled but index ranges).
+with intervals. Each model scores as it would serve (`kassa.learn.serving.loader.load_serving`: the numpy
+scorer, with a UCB model's bonus, or VW itself). Re-scoring is the expensive part (one predict per row and
+model), so rows are split across worker processes forked after the data is loaded (nothing is pickled but
+index ranges).
 
 Held-out by default: when the candidate records its training range, only decisions after it count.
 """
@@ -25,7 +27,7 @@ import numpy as np
 from kassa.catalog import CatalogSnapshot
 from kassa.learn.offline import ope
 from kassa.learn.offline.dataset import LoggedDecisions, logged_shared_line
-from kassa.learn.serving.vw import VWModel
+from kassa.learn.serving.loader import ServingModel, load_serving
 
 # Set in the parent right before forking; the workers read it instead of receiving pickled rows.
 _WORK: dict[str, Any] = {}
@@ -37,7 +39,8 @@ class Scored:
     q_target: np.ndarray  # reward model's expected value under the model (for DR)
 
 
-def _row_pmf(model: VWModel, data: LoggedDecisions, lines: dict[str, str], i: int) -> tuple[list[str], list[float]]:
+def _row_pmf(model: ServingModel, data: LoggedDecisions, lines: dict[str, str],
+             i: int) -> tuple[list[str], list[float]]:
     """The model's probability for each of row ``i``'s logged candidates the catalog still describes (the
     same learner lines the live decision built, rebuilt from the log), in the logged candidates' order."""
     cands = [c for c in data.candidates[i] if c in lines]
@@ -51,7 +54,7 @@ def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.
     lines: dict[str, str] = _WORK["lines"]
     q: dict[str, float] = _WORK["q"]
     q_default: float = _WORK["q_default"]
-    model = VWModel(Path(model_path), "eval")
+    model = load_serving(Path(model_path), "eval")  # what would serve it (a UCB model's bonus included)
     n = end - start
     target = np.zeros(n)
     q_target = np.zeros(n)
@@ -259,7 +262,7 @@ def _slate_range(model_path: str, start: int, end: int) -> np.ndarray:
     lines: dict[str, str] = _WORK["lines"]
     rows: list[int] = _WORK["rows"]
     slots: int = _WORK["slots"]
-    model = VWModel(Path(model_path), "eval")
+    model = load_serving(Path(model_path), "eval")  # what would serve it (a UCB model's bonus included)
     out = np.full((end - start, slots), -1, dtype=np.int64)
     for j, i in enumerate(rows[start:end]):
         cands, pmf = _row_pmf(model, data, lines, i)

@@ -22,12 +22,14 @@ from typing import Any
 
 import vowpalwabbit
 
-from kassa import schemas
+from kassa import policies, schemas
 from kassa.catalog import CatalogSnapshot
 from kassa.features.featurize import slot_suffix
 from kassa.learn.offline.dataset import LoggedDecisions, load_logged, logged_shared_line
 from kassa.learn.online.learner import DEFAULT_LEARNING_RATE, RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
+from kassa.learn.serving.bonus import WeightCounts
+from kassa.learn.serving.sidecar import LinearSpec, export_ucb, spec_from_args
 
 log = logging.getLogger("kassa.learn")
 
@@ -52,9 +54,10 @@ class TrainResult:
 
 def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
                    progress: Callable[[int, int], None] | None = None,
-                   scale: float = 1.0) -> tuple[int, int, float]:
+                   scale: float = 1.0, counts: tuple[WeightCounts, LinearSpec] | None = None) -> tuple[int, int, float]:
     """Write VW text examples for every shown slot, rewards divided by ``scale`` (the placement's
-    `RewardScale`, as the online learner does); returns (examples, skipped offers, raw reward sum)."""
+    `RewardScale`, as the online learner does); returns (examples, skipped offers, raw reward sum). With
+    ``counts`` (a UCB placement), each example is also counted there, as the online learner counts it."""
     lines = snap.action_lines
     inv = 1.0 / scale
     examples = skipped = 0
@@ -73,6 +76,8 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
                 p = prob if prob > 1e-4 else 1e-4
                 action += data.action_suffix(i, offer_id) + slot_suffix(slot)  # as served; position (learning)
                 write(f"{shared}\n0:{-reward * inv:.6g}:{p:.6g}{action}\n\n")
+                if counts is not None:
+                    counts[0].add(counts[1], shared, action)
                 examples += 1
                 reward_sum += reward
             if progress is not None and i % 10_000 == 0:
@@ -80,6 +85,19 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
     if progress is not None:
         progress(n, n)
     return examples, skipped, reward_sum
+
+
+def _ucb_counts(placement: schemas.Placement, args: str) -> tuple[WeightCounts, LinearSpec] | None:
+    """Empty counts for a UCB placement's examples (`kassa.policies.UCB`), with the scorer settings of its VW
+    arguments (read from a workspace: the arguments' short options are VW's to expand)."""
+    if not policies.get(placement.policy).uses_counts:
+        return None
+    ws = vowpalwabbit.Workspace(args, enable_logging=False)
+    try:
+        spec = spec_from_args(ws.get_arguments(), 0)
+    finally:
+        ws.finish()
+    return WeightCounts(spec.bits, half_life=float(placement.ucb_half_life)), spec
 
 
 def train_placement(
@@ -117,7 +135,9 @@ def train_placement(
         examples_path = Path(tmp) / "examples.vw"
         write_progress = (lambda i, n: progress("write examples", i, n)) if progress else None
         scale = RewardScale.of(placement.reward, data.rewards)
-        examples, skipped, reward_sum = write_examples(data, snap, examples_path, write_progress, scale.scale)
+        counts = _ucb_counts(placement, args)
+        examples, skipped, reward_sum = write_examples(data, snap, examples_path, write_progress, scale.scale,
+                                                       counts)
         if examples == 0:
             return TrainResult(None, len(data), 0, skipped, data.pending, 0.0, None, time.perf_counter() - t0)
         if progress:
@@ -131,6 +151,8 @@ def train_placement(
             loss = ws.get_sum_loss() / weighted if weighted else None
         finally:
             ws.finish()  # writes -f
+        if counts is not None:  # the sidecar with the counts, beside the file the registry stores
+            export_ucb(model_path, placement.ucb_alpha, counts[0].nonzero())
         if progress:
             progress("learn", examples, examples)
         production = registry.versions(placement.id, ["production"], limit=1)

@@ -24,7 +24,16 @@ import pylibvw
 import vowpalwabbit
 
 from kassa import policies, schemas
-from kassa.learn.serving.sidecar import UnsupportedModel, export_live, model_counter, sidecar_path
+from kassa.learn.serving.bonus import WeightCounts
+from kassa.learn.serving.sidecar import (
+    SidecarError,
+    UnsupportedModel,
+    export_live,
+    model_counter,
+    read_sidecar_counts,
+    sidecar_path,
+    spec_from_args,
+)
 
 log = logging.getLogger("kassa.learn")
 
@@ -101,7 +110,11 @@ class OnlineLearner:
         # the lineage's sum of learned rewards (raw, before the reward scale): with `rewarded_decisions`, what
         # an operator (or a fault test) compares with the logs to see every reward joined once
         self.reward_sum = float(latest[2].get("reward_sum", 0.0)) if latest else 0.0
-        init = f" -i {latest[1]}" if latest and latest[2].get("args") == self.args else ""
+        self.ucb_alpha = placement.ucb_alpha if policies.get(placement.policy).uses_counts else None
+        # the same VW arguments and the same kind of model (a UCB model's counts come with its weights)
+        same = latest is not None and latest[2].get("args") == self.args and \
+            latest[2].get("ucb", False) == (self.ucb_alpha is not None)
+        init = f" -i {latest[1]}" if latest and same else ""
         if latest and not init:
             self.learned = self.rewarded_decisions = 0  # settings changed: start a fresh model
             self.reward_sum = 0.0
@@ -111,6 +124,11 @@ class OnlineLearner:
         self.learned_since_snapshot = 0
         self.definition = placement.reward
         self.scale = RewardScale.restore(placement.reward, latest[2] if init and latest else {})
+        self.counts: WeightCounts | None = None
+        if self.ucb_alpha is not None:
+            self.spec = spec_from_args(self.workspace.get_arguments(), 0)
+            self.half_life = float(placement.ucb_half_life)
+            self.counts = _counts_of(latest[1] if init and latest else None, self.spec.bits, self.half_life)
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -119,6 +137,8 @@ class OnlineLearner:
         old, self.workspace = self.workspace, workspace
         old.finish()
         self.counter = model_counter(path)
+        if self.counts is not None:
+            self.counts = _counts_of(Path(path), self.spec.bits, self.half_life)
         meta = meta or {}
         self.learned = int(meta.get("learned", self.learned))
         self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
@@ -147,6 +167,8 @@ class OnlineLearner:
             _learn_multi(ws, ec)
         finally:
             _finish_multi(ws, ec)
+        if self.counts is not None:
+            self.counts.add(self.spec, shared, action)
         self.counter += 1
         self.learned += 1
         self.learned_since_snapshot += 1
@@ -159,12 +181,14 @@ class OnlineLearner:
         self.workspace.save(str(tmp))
         os.replace(tmp, path)
         try:  # the serving copy, from the weights in memory (no second load)
-            export_live(self.workspace, self.counter, path)
+            ucb = (self.ucb_alpha, self.counts.nonzero()) if self.counts is not None and \
+                self.ucb_alpha is not None else None
+            export_live(self.workspace, self.counter, path, ucb)
         except UnsupportedModel as why:
             log.info("%s is served by VW itself: %s", path.name, why)
         meta = {"seq": self.seq, "args": self.args, "learned": self.learned,
                 "rewarded_decisions": self.rewarded_decisions, "reward_sum": self.reward_sum, "created_at": time.time(),
-                **self.scale.state()}
+                "ucb": self.counts is not None, **self.scale.state()}
         path.with_suffix(".json").write_text(json.dumps(meta))
         self.learned_since_snapshot = 0
         for old in sorted(self.dir.glob("*.vw"))[:-keep]:
@@ -172,6 +196,21 @@ class OnlineLearner:
             old.with_suffix(".json").unlink(missing_ok=True)
             sidecar_path(old).unlink(missing_ok=True)
         return path, version_name(self.placement_id, self.seq)
+
+
+def _counts_of(model: Path | None, bits: int, half_life: float) -> WeightCounts:
+    """A UCB learner's counts, continued from ``model``'s sidecar when it has them (else from zero, logged)."""
+    if model is None:
+        return WeightCounts(bits, half_life=half_life)
+    try:
+        counts = read_sidecar_counts(sidecar_path(model))[3]
+    except SidecarError as why:
+        counts = None
+        log.warning("UCB counts of %s unreadable (%s): counting again from zero", model.name, why)
+    else:
+        if counts is None:
+            log.warning("%s has no UCB counts (not a UCB model): counting from zero", model.name)
+    return WeightCounts(bits, counts, half_life)
 
 
 def version_name(placement_id: str, seq: int) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from kassa import policies
 from kassa.learn.serving.hashing import CONSTANT, FNV_PRIME, I64, Hashing, hashing
-from kassa.learn.serving.sidecar import LinearSpec, read_sidecar, sidecar_path
+from kassa.learn.serving.sidecar import Counts, LinearSpec, read_sidecar_counts, sidecar_path
 
 _free_tables: dict[int, list[np.ndarray]] = {}
 _MAX_FREE_TABLES = 4
@@ -51,7 +51,7 @@ class LinearModel:
     """A published model for prediction only; immutable once loaded."""
 
     def __init__(self, path: Path, version: str, meta: dict | None, spec: LinearSpec, index: np.ndarray,
-                 weight: np.ndarray) -> None:
+                 weight: np.ndarray, counts: Counts | None = None) -> None:
         self.path = Path(path)
         self.version = version
         self.meta = meta or {}
@@ -68,12 +68,19 @@ class LinearModel:
         self._lin = np.zeros(0, dtype=np.float64)  # per action row, see _linear
         self._lin_generation = -1
         self._explore = policies.get(spec.policy).explore  # looked up once per model, not per request
+        self.n: np.ndarray | None = None  # ucb: per-weight counts (`kassa.learn.serving.bonus`)
+        if counts is not None:
+            counted = counts[0].astype(np.intp) & (size - 1)
+            n = _take_table(spec.bits)
+            n[counted] = counts[1]
+            self.n = n
+            weakref.finalize(self, _give_table, spec.bits, n, counted)
 
     @classmethod
     def open(cls, vw_path: Path, version: str, meta: dict | None = None,
              source_sha256: str | None = None) -> LinearModel:
-        spec, index, weight = read_sidecar(sidecar_path(vw_path), source_sha256)
-        return cls(vw_path, version, meta, spec, index, weight)
+        spec, index, weight, counts = read_sidecar_counts(sidecar_path(vw_path), source_sha256)
+        return cls(vw_path, version, meta, spec, index, weight, counts)
 
     def scores(self, shared: str, action_lines: list[str]) -> np.ndarray:
         """VW's cost estimate for each action (lower is better)."""
@@ -126,8 +133,44 @@ class LinearModel:
             self._lin_generation = generation
         return lin
 
+    def bonus(self, shared: str, action_lines: list[str]) -> np.ndarray:
+        """UCB's uncertainty bonus for each action, ``sqrt(sum x^2 / (1 + n))`` over its action-dependent terms
+        (`kassa.learn.serving.bonus`, which counts the same terms when learning); zeros without counts."""
+        n = self.n
+        if n is None:
+            return np.zeros(len(action_lines))
+        hashing_ = self._hashing
+        ids = hashing_.rows(action_lines)
+        mask, fnv = self.mask, FNV_PRIME
+        out = np.zeros(len(ids))
+        tables = hashing_.tables
+        ignored = self.spec.ignore_linear
+        for ns, t in list(tables.items()):
+            if ns not in ignored:
+                out += (np.square(t.v[ids]) / (1.0 + n.take(t.h[ids] & mask))).sum(axis=1)
+        sh = {ns: (np.array(hs, dtype=I64), np.square(vs)) for ns, (hs, vs) in hashing_.parse(shared).items()}
+        for x, y in self.spec.quadratic:
+            tx, ty = tables.get(x), tables.get(y)
+            sx, sy = sh.get(x), sh.get(y)
+            ax = (tx.h[ids], np.square(tx.v[ids])) if tx is not None else None
+            ay = (ty.h[ids], np.square(ty.v[ids])) if ty is not None else None
+            if sx is not None and ay is not None:  # shared x action
+                yh, yv = ay
+                u = 1.0 / (1.0 + n.take(((sx[0] * fnv)[:, None] ^ yh.reshape(1, -1)) & mask))
+                out += ((sx[1] @ u).reshape(yh.shape) * yv).sum(axis=1)
+            if ax is not None and sy is not None:  # action x shared
+                u = 1.0 / (1.0 + n.take(((ax[0] * fnv)[:, :, None] ^ sy[0][None, None]) & mask))
+                out += ((u @ sy[1]) * ax[1]).sum(axis=1)
+            if ax is not None and ay is not None:  # both in the action lines
+                u = 1.0 / (1.0 + n.take(((ax[0] * fnv)[:, :, None] ^ ay[0][:, None, :]) & mask))
+                out += ((u @ ay[1][:, :, None])[:, :, 0] * ax[1]).sum(axis=1)
+        return np.sqrt(out)
+
     def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
-        """The policy's probability for each action, in the order given (VW's exploration rule)."""
-        s = self.scores(shared, action_lines).tolist()
-        return self._explore(s, self.spec) if s else []
+        """The policy's probability for each action, in the order given (VW's exploration rule; for UCB, on the
+        costs less ``alpha`` x the uncertainty bonus)."""
+        s = self.scores(shared, action_lines)
+        if self.n is not None:
+            s = s - self.spec.alpha * self.bonus(shared, action_lines)
+        return self._explore(s.tolist(), self.spec) if len(s) else []
 

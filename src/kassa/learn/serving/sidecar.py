@@ -2,7 +2,8 @@
 
 Each registered VW artifact ``X.vw`` gets a sidecar ``X.lin``: a magic line, a JSON header (bits,
 interactions, exploration settings, VW's example counter, SHA-256 of the weights and of the VW file it
-came from) and the non-zero weights as ``uint32`` indices and ``float32`` values. This module owns the
+came from) and the non-zero weights as ``uint32`` indices and ``float32`` values, then, for a UCB model, its
+per-weight counts the same way (``counts_n`` of them; `kassa.learn.serving.bonus`). This module owns the
 format: the settings read back from a model's VW arguments (`LinearSpec`), writing and verifying the file,
 and exporting it from a VW model file or from the learner's live workspace (the only place VW loads here).
 """
@@ -15,7 +16,7 @@ import os
 import re
 import shlex
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -45,6 +46,7 @@ class LinearSpec:
     epsilon: float = 0.05
     lam: float = 1.0
     ignore_linear: tuple[str, ...] = ()  # namespaces (first letters) with no linear terms (VW --ignore_linear)
+    alpha: float = 0.0  # ucb: the uncertainty bonus's weight (the counts travel in the sidecar's payload)
 
 
 # Options that change nothing at prediction time (training settings, I/O), and the options the spec reads.
@@ -107,12 +109,22 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_sidecar(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarray, source_sha256: str) -> Path:
+Counts = tuple[np.ndarray, np.ndarray]  # a UCB model's non-zero per-weight counts: uint32 indices, float32 sums
+
+
+def write_sidecar(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarray, source_sha256: str,
+                  counts: Counts | None = None) -> Path:
     index = np.ascontiguousarray(index, dtype="<u4")
     weight = np.ascontiguousarray(weight, dtype="<f4")
     payload = index.tobytes() + weight.tobytes()
+    m = 0
+    if counts is not None:
+        cindex = np.ascontiguousarray(counts[0], dtype="<u4")
+        cvalue = np.ascontiguousarray(counts[1], dtype="<f4")
+        m = int(cindex.size)
+        payload += cindex.tobytes() + cvalue.tobytes()
     header = asdict(spec) | {"n": int(index.size), "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                             "source_sha256": source_sha256}
+                             "source_sha256": source_sha256, "counts_n": m}
     head = json.dumps(header, sort_keys=True).encode()
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(MAGIC + struct.pack("<I", len(head)) + head + payload)
@@ -121,6 +133,13 @@ def write_sidecar(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.nda
 
 
 def read_sidecar(path: Path, source_sha256: str | None = None) -> tuple[LinearSpec, np.ndarray, np.ndarray]:
+    """The spec and the non-zero weights (indices, values) of a sidecar; `SidecarError` if it does not check."""
+    return read_sidecar_counts(path, source_sha256)[:3]
+
+
+def read_sidecar_counts(path: Path, source_sha256: str | None = None
+                        ) -> tuple[LinearSpec, np.ndarray, np.ndarray, Counts | None]:
+    """`read_sidecar` and the model's per-weight counts (None for a model without them)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -132,6 +151,7 @@ def read_sidecar(path: Path, source_sha256: str | None = None) -> tuple[LinearSp
     try:
         header = json.loads(data[start:start + hlen])
         n = int(header.pop("n"))
+        m = int(header.pop("counts_n", 0))  # absent before UCB models existed
         payload_sha = header.pop("payload_sha256")
         source_sha = header.pop("source_sha256")
         header["quadratic"] = tuple(tuple(p) for p in header["quadratic"])
@@ -140,13 +160,19 @@ def read_sidecar(path: Path, source_sha256: str | None = None) -> tuple[LinearSp
     except (ValueError, KeyError, TypeError) as exc:
         raise SidecarError(f"{path}: unreadable header ({exc})") from None
     payload = memoryview(data)[start + hlen:]
-    if len(payload) != 8 * n or hashlib.sha256(payload).hexdigest() != payload_sha:
+    if len(payload) != 8 * (n + m) or hashlib.sha256(payload).hexdigest() != payload_sha:
         raise SidecarError(f"{path}: weights do not match their checksum (corrupt file)")
     if source_sha256 is not None and source_sha != source_sha256:
         raise SidecarError(f"{path} was exported from another artifact")
     index = np.frombuffer(payload, dtype="<u4", count=n)
     weight = np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n)
-    return spec, index, weight
+    counts = None
+    if m:
+        counts = (np.frombuffer(payload, dtype="<u4", count=m, offset=8 * n),
+                  np.frombuffer(payload, dtype="<f4", count=m, offset=8 * n + 4 * m))
+    elif spec.alpha:
+        counts = (np.zeros(0, dtype="<u4"), np.zeros(0, dtype="<f4"))  # a UCB model that has learned nothing yet
+    return spec, index, weight, counts
 
 
 _COUNTER = re.compile(rb"storing example counter:\s*=\s*(\d+)")
@@ -189,11 +215,37 @@ def export(vw_path: Path, out: Path | None = None) -> Path:
     return write_sidecar(out, spec, index, weight, sha256_file(vw_path))
 
 
-def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path) -> Path:
-    """The sidecar of ``vw_path``, just saved from the live workspace ``ws``, without loading it again."""
+def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path, ucb: tuple[float, Counts] | None = None,
+                out: Path | None = None) -> Path:
+    """The sidecar of ``vw_path``, just saved from the live workspace ``ws``, without loading it again. ``ucb``
+    (the bonus weight and the counts) makes it a UCB model's (`kassa.policies.UCB`)."""
     spec = spec_from_args(ws.get_arguments(), counter)
-    index, weight = _weights(ws)
-    return write_sidecar(sidecar_path(vw_path), spec, index, weight, sha256_file(vw_path))
+    return _write_ucb(out or sidecar_path(vw_path), spec, *_weights(ws), sha256_file(vw_path), ucb)
+
+
+def _write_ucb(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarray, source_sha256: str,
+               ucb: tuple[float, Counts] | None) -> Path:
+    if ucb is None:
+        return write_sidecar(out, spec, index, weight, source_sha256)
+    if spec.policy != "epsilon":
+        raise UnsupportedModel(f"a UCB model's VW arguments read as {spec.policy!r}, not ε-greedy")
+    alpha, counts = ucb
+    # alpha 0 would read back as "no counts": a tiny weight keeps the model marked as UCB
+    spec = replace(spec, policy="ucb", alpha=float(alpha) or 1e-30)
+    return write_sidecar(out, spec, index, weight, source_sha256, counts)
+
+
+def export_ucb(vw_path: Path, alpha: float, counts: Counts, out: Path | None = None) -> Path:
+    """The sidecar of a UCB model file (batch training: VW wrote the file, Kassa counted the examples)."""
+    vw_path = Path(vw_path)
+    ws = vowpalwabbit.Workspace(f"--quiet -t -i {vw_path}", enable_logging=False)
+    try:
+        arguments = ws.get_arguments()
+        index, weight = _weights(ws)
+    finally:
+        ws.finish()
+    spec = spec_from_args(arguments, None)
+    return _write_ucb(out or sidecar_path(vw_path), spec, index, weight, sha256_file(vw_path), (alpha, counts))
 
 
 def model_counter(vw_path: Path) -> int:

@@ -1,0 +1,137 @@
+"""The UCB policy (`kassa.policies.UCB`): counts learned beside the weights, travelling in the sidecar, and a
+bonus at serving equal to the sum over the same terms the learner counted."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import vowpalwabbit
+
+from kassa import policies, schemas
+from kassa.learn.online.learner import OnlineLearner
+from kassa.learn.serving.bonus import WeightCounts, example_terms
+from kassa.learn.serving.linear import LinearModel
+from kassa.learn.serving.sidecar import export, export_live, read_sidecar_counts, sidecar_path, spec_from_args
+from tests.test_linear import N_OFFERS, action, context
+
+LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
+
+
+def _reference_bonus(model: LinearModel, counts: np.ndarray, shared: str, lines: list[str]) -> np.ndarray:
+    out = []
+    for line in lines:
+        idx, val = example_terms(model._hashing, model.spec, shared, line)
+        out.append(np.sqrt((val / (1.0 + counts[idx])).sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("interactions", [
+    "-q co",  # shared x action (Kassa's offers)
+    "-q oc -q cg",  # action namespace first; two interactions
+    "-q og -q cd",  # action x action and shared x shared (left out: the same for every action)
+    "-q co -q dg --ignore_linear d",  # Kassa's ``-q co -q bk --ignore_linear b`` shape
+    "-q co --ignore_linear o",  # an action namespace without linear terms
+])
+def test_the_served_bonus_is_the_sum_over_what_was_learned(tmp_path: Path, interactions: str) -> None:
+    ws = vowpalwabbit.Workspace(f"--cb_explore_adf --epsilon 0.05 {interactions} -b 18 --quiet", enable_logging=False)
+    spec = spec_from_args(ws.get_arguments(), 0)
+    counts = WeightCounts(spec.bits)
+    rng = random.Random(5)
+    for _ in range(300):
+        shared, act = context(rng), action(rng.randrange(N_OFFERS // 2))  # half the offers never learned
+        ex = ws.parse([shared, f"0:{-float(rng.random() < 0.2)}:1{act}"], LT)
+        ws.learn(ex)
+        ws.finish_example(ex)
+        counts.add(spec, shared, act)
+    path = tmp_path / "m.vw"
+    ws.save(str(path))
+    export_live(ws, 0, path, (0.7, counts.nonzero()))
+    ws.finish()
+    model = LinearModel.open(path, "u1")
+    assert model.spec.policy == "ucb" and model.spec.alpha == pytest.approx(0.7)
+    for _ in range(20):
+        shared = context(rng)
+        lines = [action(i) for i in rng.sample(range(N_OFFERS), 12)]
+        bonus = model.bonus(shared, lines)
+        np.testing.assert_allclose(bonus, _reference_bonus(model, counts.n, shared, lines), rtol=1e-5)
+        # ε-greedy on the optimistic costs
+        optimistic = model.scores(shared, lines) - 0.7 * bonus
+        best = int(np.argmin(optimistic))
+        pmf = model.pmf(shared, lines)
+        assert pmf[best] == pytest.approx(0.95 + 0.05 / 12, abs=1e-6)
+        assert sum(pmf) == pytest.approx(1.0)
+        assert min(pmf) == pytest.approx(0.05 / 12, abs=1e-6)
+    # offers never learned carry the larger bonus, in any context
+    shared = context(rng)
+    learned = model.bonus(shared, [action(i) for i in range(N_OFFERS // 2)])
+    unseen = model.bonus(shared, [action(i) for i in range(N_OFFERS // 2, N_OFFERS)])
+    assert unseen.min() > learned.max()
+
+
+def test_the_online_learner_keeps_its_counts_across_a_restart_and_a_rebuilt_sidecar_serves_as_epsilon(
+        tmp_path: Path) -> None:
+    placement = schemas.Placement(id="p", policy="ucb", ucb_alpha=0.4, ucb_epsilon=0.1)
+    learner = OnlineLearner(placement, tmp_path / "online")
+    assert "--epsilon 0.1" in learner.args and learner.counts is not None
+    rng = random.Random(2)
+    for _ in range(200):
+        learner.learn(context(rng), action(rng.randrange(5)), float(rng.random() < 0.3), 0.5)
+    path, version = learner.snapshot()
+    spec, _, _, counts = read_sidecar_counts(sidecar_path(path))
+    assert spec.policy == "ucb" and spec.alpha == pytest.approx(0.4) and spec.epsilon == pytest.approx(0.1)
+    assert counts is not None and counts[0].size > 0
+    np.testing.assert_allclose(WeightCounts(spec.bits, counts).n, learner.counts.n, rtol=1e-6)
+    # a fresh model: every estimate equal, so the bonus alone ranks, and the five learned offers come last
+    model = LinearModel.open(path, version)
+    shared = context(rng)
+    lines = [action(i) for i in range(10)]
+    order = np.argsort(model.bonus(shared, lines))
+    assert set(order[:5].tolist()) == set(range(5))
+    # a restart continues the counts with the weights
+    again = OnlineLearner(placement, tmp_path / "online")
+    assert again.counts is not None
+    np.testing.assert_array_equal(again.counts.n, learner.counts.n.astype(np.float32).astype(np.float64))
+    again.learn(context(rng), action(7), 1.0, 0.5)
+    assert again.counts.n.sum() > learner.counts.n.sum()
+    # the same VW arguments under ε-greedy are another kind of model: not continued as if it had counts
+    eps = OnlineLearner(schemas.Placement(id="p", policy="epsilon", exploration=0.1), tmp_path / "online")
+    assert eps.counts is None and eps.learned == 0
+    # a sidecar rebuilt from the VW file alone has no counts: it serves as plain ε-greedy, and says so
+    rebuilt = export(path, tmp_path / "rebuilt.lin")
+    assert read_sidecar_counts(rebuilt)[0].policy == "epsilon" and read_sidecar_counts(rebuilt)[3] is None
+
+
+def test_ucb_is_a_placement_policy_with_bounded_settings_and_never_read_from_vw_options() -> None:
+    decode = msgspec.json.Decoder(schemas.Placement).decode
+    p = decode(b'{"id": "p", "policy": "ucb", "ucb_alpha": 0.2, "ucb_epsilon": 0.05}')
+    assert p.ucb_alpha == 0.2 and policies.get(p.policy).uses_counts
+    for bad in (b'{"id": "p", "ucb_alpha": -1}', b'{"id": "p", "ucb_epsilon": 1.5}', b'{"id": "p", "ucb_alpha": "x"}'):
+        with pytest.raises(msgspec.ValidationError):
+            decode(bad)
+    # models are marked UCB by their counts; their VW arguments read as ε-greedy
+    assert policies.from_vw_options({"cb_explore_adf": [], "epsilon": ["0.02"]}).name == "epsilon"
+
+
+def test_counts_with_a_half_life_weigh_an_example_half_after_that_many_more() -> None:
+    ws = vowpalwabbit.Workspace("--cb_explore_adf --epsilon 0.05 -q co -b 18 --quiet", enable_logging=False)
+    spec = spec_from_args(ws.get_arguments(), 0)
+    ws.finish()
+    rng = random.Random(9)
+    shared, first = context(rng), action(0)
+    forgetting, keeping = WeightCounts(spec.bits, half_life=10), WeightCounts(spec.bits)
+    for counts in (forgetting, keeping):
+        counts.add(spec, shared, first)
+    idx = example_terms(forgetting._hashing, spec, shared, first)[0]
+    own = idx[np.isin(idx, example_terms(forgetting._hashing, spec, shared, action(1))[0], invert=True)]
+    np.testing.assert_allclose(forgetting.n[own], keeping.n[own])
+    for _ in range(10):  # other offers only: the first offer's own weights are not added to again
+        for counts in (forgetting, keeping):
+            counts.add(spec, shared, action(1))
+    np.testing.assert_allclose(forgetting.n[own], 0.5 * keeping.n[own], rtol=1e-9)
+    # what is exported is the decayed count, and a restart from it goes on from there
+    again = WeightCounts(spec.bits, forgetting.nonzero(), half_life=10)
+    np.testing.assert_allclose(again.n, forgetting.n, rtol=1e-6)
