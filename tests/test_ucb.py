@@ -16,6 +16,7 @@ from kassa.learn.online.learner import OnlineLearner
 from kassa.learn.serving.bonus import WeightCounts, example_terms
 from kassa.learn.serving.linear import LinearModel
 from kassa.learn.serving.sidecar import export, export_live, read_sidecar_counts, sidecar_path, spec_from_args
+from tests.conftest import ADMIN, decision_body
 from tests.test_linear import N_OFFERS, action, context
 
 LT = vowpalwabbit.LabelType.CONTEXTUAL_BANDIT
@@ -135,3 +136,30 @@ def test_counts_with_a_half_life_weigh_an_example_half_after_that_many_more() ->
     # what is exported is the decayed count, and a restart from it goes on from there
     again = WeightCounts(spec.bits, forgetting.nonzero(), half_life=10)
     np.testing.assert_allclose(again.n, forgetting.n, rtol=1e-6)
+
+
+def test_a_ucb_placement_learns_and_serves_through_the_api(client, kassa, clock) -> None:  # type: ignore[no-untyped-def]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    placement = client.get("/v1/placements/order_confirmation", headers=admin).json()["placement"]
+    bad = client.put("/v1/placements/order_confirmation", json={**placement, "policy": "ucb", "ucb_alpha": -1},
+                     headers=admin)
+    assert bad.status_code == 422 and "ucb_alpha" in bad.text, bad.text
+    r = client.put("/v1/placements/order_confirmation", json={**placement, "policy": "ucb", "ucb_alpha": 0.5,
+                                                              "ucb_epsilon": 0.1}, headers=admin)
+    assert r.status_code in (200, 201), r.text
+    for i in range(10):
+        d = client.post("/v1/decisions", json=decision_body(customer=f"u{i}")).json()
+        client.post("/v1/events", json={"events": [{"event_id": f"u{i}", "type": "accept",
+                                                    "decision_id": d["decision_id"],
+                                                    "offer_id": d["offers"][0]["offer_id"]}]})
+    clock.advance(61)
+    assert kassa.learning.step() > 0
+    learner = kassa.learning.learner("order_confirmation")
+    assert learner is not None and learner.counts is not None and learner.counts.n.sum() > 0
+    kassa.learning.snapshot_due(force=True)
+    served = kassa.models.get("order_confirmation")
+    assert isinstance(served, LinearModel) and served.n is not None and served.spec.alpha == 0.5
+    d = client.post("/v1/decisions", json=decision_body(customer="after")).json()
+    assert d["model_version"] == "order_confirmation@1"
+    top = d["offers"][0]["probability"]
+    assert 0.9 <= top <= 1.0, d  # 1 - ε + ε/k for the optimistic best
