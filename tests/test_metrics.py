@@ -182,3 +182,29 @@ def test_dropped_state_writes_are_exported_as_a_counter():
     text = m.render().decode()
     assert "# TYPE kassa_state_writes_dropped_total counter" in text
     assert _sample(text, "kassa_state_writes_dropped_total") == 7
+
+
+def test_a_metrics_token_closes_the_endpoint_to_requests_without_it(settings, clock) -> None:  # type: ignore[no-untyped-def]
+    import msgspec
+    import pytest
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+
+    token = "m" * 24
+    guarded = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server, metrics_token=token))
+    with TestClient(create_app(Kassa(guarded, clock=clock, seed=7))) as c:
+        for headers, why in (({}, "needs `Authorization: Bearer"), ({"Authorization": f"Bearer {token}x"}, "wrong"),
+                             ({"Authorization": f"Basic {token}"}, "needs"),
+                             ({"Authorization": f"Bearer {SECRET}"}, "wrong")):  # an API key is not the token
+            r = c.get("/metrics", headers=headers)
+            assert r.status_code == 401 and why in r.json()["detail"], (headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["field"] == "Authorization"
+        r = c.get("/metrics", headers={"Authorization": f"bearer {token}"})
+        assert r.status_code == 200 and "kassa_decisions_total" in r.text
+        assert c.get("/healthz").status_code == 200  # probes stay open
+    for bad in ("short", " " + "m" * 24, "m" * 12 + " " + "m" * 12, "   "):
+        with pytest.raises(SystemExit, match=r"server\.metrics_token: use at least 16 characters"):
+            load_settings(None, **{"server.metrics_token": bad})

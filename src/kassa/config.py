@@ -39,6 +39,10 @@ class ServerSettings(Struct, forbid_unknown_fields=True):
     # are refused naming the field: 0, -1e12 or 1e300 would otherwise break windows, joins and Parquet.
     timestamp_window_seconds: Annotated[float, Meta(gt=0)] = 7 * 86_400.0
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # GET /metrics answers only `Authorization: Bearer <token>` when set (Prometheus' `authorization`
+    # credentials); unset, it answers anyone who reaches it (docs/security.md). Best from the environment:
+    # KASSA_SERVER__METRICS_TOKEN.
+    metrics_token: str | None = None
 
 
 class CanarySettings(Struct, forbid_unknown_fields=True):
@@ -261,6 +265,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     problem = timezone_error(settings.store_timezone)
     if problem is not None:
         raise SystemExit(f"invalid configuration: store_timezone: {problem}")
+    token = settings.server.metrics_token
+    if token is not None and (len(token.strip()) < 16 or token != token.strip() or " " in token):
+        raise SystemExit("invalid configuration: server.metrics_token: use at least 16 characters without spaces "
+                         "(e.g. `openssl rand -hex 24`), or leave it unset for an open /metrics")
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")

@@ -141,7 +141,11 @@ def openapi_document() -> bytes:
                 "get": {"summary": "Readiness", "responses": {
                     **_ok(None), "503": {"description": "Starting, or no placements yet (the body says why)"}}}
             },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _ok(None)}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics",
+                "description": "No key; with `server.metrics_token` set, only `Authorization: Bearer <that token>`.",
+                "responses": {**_ok(None), "401": {
+                    **_PROBLEMS["401"], "description": "Missing or wrong metrics token (server.metrics_token set)"}}}},
         },
     }
     return msgspec.json.encode(doc)

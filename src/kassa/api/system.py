@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import time
 
@@ -10,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors
-from kassa.api.common import json_response
+from kassa.api.common import bearer, json_response
 from kassa.api.openapi import openapi_document
 from kassa.app import Kassa
 
@@ -40,6 +41,14 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     kassa: Kassa = request.app.state.kassa
+    token = kassa.settings.server.metrics_token
+    if token is not None:
+        header = request.headers.get("authorization")
+        sent = bearer(header) if header else None
+        if sent is None:
+            raise errors.Unauthorized("/metrics needs `Authorization: Bearer <server.metrics_token>`", "Authorization")
+        if not hmac.compare_digest(sent.encode(), token.encode()):
+            raise errors.Unauthorized("wrong metrics token", "Authorization")
     await asyncio.to_thread(kassa.refresh_freshness)
     return Response(kassa.metrics.render(), media_type="text/plain; version=0.0.4")
 
