@@ -341,7 +341,8 @@ def test_a_failing_feature_store_degrades_to_the_fallback_not_an_error(client, k
 
 
 @pytest.mark.parametrize("policy", [PmfPolicy([0.6, 0.25, 0.1, 0.05], "greedy"), PmfPolicy([0.6, 0.25, 0.1, 0.05]),
-                                    GreedyEpsilonPolicy([1, 4, 2, 3], 0.3)])
+                                    GreedyEpsilonPolicy([1, 4, 2, 3], 0.3),
+                                    PmfPolicy([0.7, 0.1, 0.1, 0.1], "greedy", costs=[0.0, 3.0, 1.0, 2.0])])
 def test_later_slots_follow_the_stated_conditional_distribution(policy):
     """Given slot 1, slot 2's empirical frequencies match `slot_pmf` of the remaining candidates."""
     rng = random.Random(5)
@@ -358,3 +359,17 @@ def test_later_slots_follow_the_stated_conditional_distribution(policy):
     assert sum(expected) == pytest.approx(1.0)
     for j, i in enumerate([1, 2, 3]):
         assert counts[i] / n == pytest.approx(expected[j], abs=0.015)
+
+
+def test_where_an_epsilon_greedy_pmf_ties_later_slots_go_to_the_next_best_by_cost_not_the_first_listed():
+    pmf = [0.025, 0.025, 0.9, 0.025, 0.025]  # ε-greedy (and UCB): every action but the best at ε/k
+    costs = [0.5, 0.4, 0.1, 0.2, 0.3]
+    ranked = PmfPolicy(pmf, "greedy", costs)
+    assert ranked.order == [2, 3, 4, 1, 0]
+    assert PmfPolicy(pmf, "greedy").order == [2, 0, 1, 3, 4]  # what slots 2+ followed before: listing order
+    # slot 2 given slot 1 = the best: the removed mass goes to the next best by cost, in sampling and in its pmf
+    remaining = [0, 1, 3, 4]
+    assert ranked.slot_pmf(remaining) == pytest.approx([0.025, 0.025, 0.925, 0.025])
+    assert ranked.sample({2}, 0.5)[2] == 3
+    greedy_slates = [fill_slots(ranked, 5, 3, random.Random(s)).chosen for s in range(200)]
+    assert sum(c == [2, 3, 4] for c in greedy_slates) > 150  # ~0.9 x 0.925 x 0.95 of them

@@ -63,6 +63,7 @@ def test_the_served_bonus_is_the_sum_over_what_was_learned(tmp_path: Path, inter
         optimistic = model.scores(shared, lines) - 0.7 * bonus
         best = int(np.argmin(optimistic))
         pmf = model.pmf(shared, lines)
+        assert model.ranked(shared, lines) == (pmf, optimistic.tolist())  # the costs later slots follow
         assert pmf[best] == pytest.approx(0.95 + 0.05 / 12, abs=1e-6)
         assert sum(pmf) == pytest.approx(1.0)
         assert min(pmf) == pytest.approx(0.05 / 12, abs=1e-6)

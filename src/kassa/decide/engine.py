@@ -21,7 +21,7 @@ import msgspec
 
 from kassa import errors, policies, schemas
 from kassa.catalog import Catalog
-from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, Policy, UniformPolicy, fill_slots
+from kassa.decide.policy import GreedyEpsilonPolicy, Policy, UniformPolicy, fill_slots, pmf_policy
 from kassa.decide.retrieval import ProductRetriever
 from kassa.decide.rules import FrequencyLedger, OrderFacts, eligible
 from kassa.decide.sinks import RewardSink, ShadowRequest, ShadowSink
@@ -255,8 +255,7 @@ class DecisionEngine:
             policy = None  # type: ignore[assignment]
             if model is not None and model.meta.get("rewarded_decisions", 0) >= placement.min_learned_decisions:
                 try:
-                    pmf = model.pmf(shared, action_lines)
-                    policy = PmfPolicy(pmf, policies.get(placement.policy).later_slots)
+                    policy = pmf_policy(model, shared, action_lines, policies.get(placement.policy).later_slots)
                     version = model.version
                 except Exception:
                     log.exception("model %s failed to score; serving the fallback", model.version)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(slots=True)
@@ -45,13 +45,22 @@ class PmfPolicy:
     a thin exploration tail; rescaling the tail would make slots 2+ nearly uniform. Instead each later
     slot keeps the remaining actions' own probabilities and gives the mass of the removed ones to the
     best remaining action, so later slots exploit and explore like the first.
+
+    ``costs`` (the model's estimates the pmf came from, lower is better) order the actions the pmf ties:
+    ε-greedy and UCB give every action but the best the same ε/k, and without them slots 2+ went to the
+    first-listed candidates, not the next best.
     """
 
-    def __init__(self, pmf: Sequence[float], later: str = "renormalise") -> None:
+    def __init__(self, pmf: Sequence[float], later: str = "renormalise",
+                 costs: Sequence[float] | None = None) -> None:
         self.pmf = pmf
         self.later = later
         self.n = len(pmf)
-        self.order = sorted(range(self.n), key=pmf.__getitem__, reverse=True)
+        if costs is None:
+            self.order = sorted(range(self.n), key=pmf.__getitem__, reverse=True)
+        else:
+            self.order = sorted(range(self.n), key=lambda i: (-pmf[i], costs[i]))
+        self._rank = {a: r for r, a in enumerate(self.order)}
 
     def scores(self) -> Sequence[float]:
         return self.pmf
@@ -63,7 +72,8 @@ class PmfPolicy:
         if total <= 0:
             return [1.0 / len(remaining)] * len(remaining)
         if self.later == "greedy" and len(remaining) < self.n:
-            best = max(range(len(weights)), key=weights.__getitem__)
+            rank = self._rank  # the greedy pick of `sample`: the first remaining action in `order`
+            best = min(range(len(remaining)), key=lambda j: rank[remaining[j]])
             weights[best] += 1.0 - total
             return weights
         return [w / total for w in weights]
@@ -90,6 +100,16 @@ class PmfPolicy:
             if u < acc:
                 return i, w, greedy
         return last, pmf[last] * scale + (extra if last == greedy else 0.0), greedy
+
+
+def pmf_policy(model: Any, shared: str, action_lines: list[str], later: str) -> PmfPolicy:
+    """A served model's `PmfPolicy` over these candidates, its ties ordered by the model's costs when it gives
+    them (`kassa.learn.serving.linear.LinearModel.ranked`; VW itself gives probabilities only)."""
+    ranked = getattr(model, "ranked", None)
+    if ranked is not None:
+        pmf, costs = ranked(shared, action_lines)
+        return PmfPolicy(pmf, later, costs)
+    return PmfPolicy(model.pmf(shared, action_lines), later)
 
 
 class GreedyEpsilonPolicy:

@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from kassa.decide.policy import PmfPolicy, fill_slots
+from kassa.decide.policy import fill_slots, pmf_policy
 from kassa.decide.sinks import ShadowRequest
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
 
@@ -53,16 +53,16 @@ class ShadowScorer:
             req = queue.popleft()
             n += 1
             try:
-                pmf = req.model.pmf(req.shared, req.action_lines)
+                policy = pmf_policy(req.model, req.shared, req.action_lines, "greedy")
             except Exception:
                 self.failed += 1
                 log.exception("shadow model %s failed to score", req.model.version)
                 continue
-            ranking = fill_slots(PmfPolicy(pmf, "greedy"), len(pmf), req.slots, self.rng)
+            ranking = fill_slots(policy, policy.n, req.slots, self.rng)
             self.writer.append(DecisionRecord(
                 decision_id=req.decision_id, ts=req.ts, placement=req.placement, model_version=req.model.version,
                 request_id=req.request_id, customer_id=req.customer_id, features=loggable_features(req.features),
-                candidates=req.candidates, probabilities=[float(p) for p in pmf],
+                candidates=req.candidates, probabilities=[float(p) for p in policy.pmf],
                 chosen=[req.candidates[i] for i in ranking.chosen], chosen_probabilities=ranking.probabilities,
                 explored=ranking.explored, fallback=False, took_ms=0.0,
             ))

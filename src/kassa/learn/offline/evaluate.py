@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kassa.catalog import CatalogSnapshot
+from kassa.decide.policy import pmf_policy
 from kassa.learn.offline import ope
 from kassa.learn.offline.dataset import LoggedDecisions, logged_shared_line
 from kassa.learn.serving.loader import ServingModel, load_serving
@@ -39,14 +40,18 @@ class Scored:
     q_target: np.ndarray  # reward model's expected value under the model (for DR)
 
 
-def _row_pmf(model: ServingModel, data: LoggedDecisions, lines: dict[str, str],
-             i: int) -> tuple[list[str], list[float]]:
-    """The model's probability for each of row ``i``'s logged candidates the catalog still describes (the
+def _row_lines(data: LoggedDecisions, lines: dict[str, str], i: int) -> tuple[list[str], str, list[str]]:
+    """Row ``i``'s logged candidates the catalog still describes, its shared line and their action lines (the
     same learner lines the live decision built, rebuilt from the log), in the logged candidates' order."""
     cands = [c for c in data.candidates[i] if c in lines]
-    if not cands:
-        return [], []
-    return cands, model.pmf(logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands])
+    return cands, logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands]
+
+
+def _row_pmf(model: ServingModel, data: LoggedDecisions, lines: dict[str, str],
+             i: int) -> tuple[list[str], list[float]]:
+    """The model's probability for each of `_row_lines`' candidates."""
+    cands, shared, action_lines = _row_lines(data, lines, i)
+    return (cands, model.pmf(shared, action_lines)) if cands else ([], [])
 
 
 def _score_range(model_path: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,9 +260,9 @@ def slot_keys(data: LoggedDecisions, rows: list[int], slates: np.ndarray) -> np.
 
 def _slate_range(model_path: str, start: int, end: int) -> np.ndarray:
     """The model's deterministic slate on rows ``_WORK["rows"][start:end]``: its ``slots`` most probable
-    candidates, most probable first (ties in logged-candidate order, like the live greedy order of
-    `kassa.decide.policy.PmfPolicy`), as indices into the row's logged candidates; -1 where the catalog no
-    longer describes enough of them."""
+    candidates, most probable first (ties by the model's costs, else in logged-candidate order: the live
+    greedy order of `kassa.decide.policy.PmfPolicy`), as indices into the row's logged candidates; -1 where the
+    catalog no longer describes enough of them."""
     data: LoggedDecisions = _WORK["data"]
     lines: dict[str, str] = _WORK["lines"]
     rows: list[int] = _WORK["rows"]
@@ -265,11 +270,11 @@ def _slate_range(model_path: str, start: int, end: int) -> np.ndarray:
     model = load_serving(Path(model_path), "eval")  # what would serve it (a UCB model's bonus included)
     out = np.full((end - start, slots), -1, dtype=np.int64)
     for j, i in enumerate(rows[start:end]):
-        cands, pmf = _row_pmf(model, data, lines, i)
+        cands, shared, action_lines = _row_lines(data, lines, i)
         if len(cands) < slots:
             continue
         pos = {c: k for k, c in enumerate(data.candidates[i])}
-        order = sorted(range(len(cands)), key=pmf.__getitem__, reverse=True)[:slots]
+        order = pmf_policy(model, shared, action_lines, "greedy").order[:slots]
         out[j] = [pos[cands[k]] for k in order]
     return out
 

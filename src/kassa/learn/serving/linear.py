@@ -166,11 +166,17 @@ class LinearModel:
                 out += ((u @ ay[1][:, :, None])[:, :, 0] * ax[1]).sum(axis=1)
         return np.sqrt(out)
 
-    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
-        """The policy's probability for each action, in the order given (VW's exploration rule; for UCB, on the
-        costs less ``alpha`` x the uncertainty bonus)."""
+    def ranked(self, shared: str, action_lines: list[str]) -> tuple[list[float], list[float]]:
+        """`pmf` and the costs it came from (for UCB, the optimistic ones): where the pmf ties (ε-greedy gives
+        every action but the best ε/k), later slots follow the costs (`kassa.decide.policy.PmfPolicy`)."""
         s = self.scores(shared, action_lines)
         if self.n is not None:
             s = s - self.spec.alpha * self.bonus(shared, action_lines)
-        return self._explore(s.tolist(), self.spec) if len(s) else []
+        costs = s.tolist()
+        return (self._explore(costs, self.spec) if costs else []), costs
+
+    def pmf(self, shared: str, action_lines: list[str]) -> list[float]:
+        """The policy's probability for each action, in the order given (VW's exploration rule; for UCB, on the
+        costs less ``alpha`` x the uncertainty bonus)."""
+        return self.ranked(shared, action_lines)[0]
 
