@@ -412,3 +412,23 @@ def test_slot_estimator_needs_each_slots_reward_to_come_from_its_own_item() -> N
         ope.slot_ips(slot_reward, target, logged, 8, g_target=np.zeros_like(slot_reward))  # g_logged missing
     with pytest.raises(ope.OPEInputError):
         ope.slot_ips(slot_reward[:, :2], target, logged, 8)  # one reward per slot
+
+
+def test_context_features_name_only_features_kassa_derives_or_feature_view_fields() -> None:
+    from kassa.features.request import request_features
+
+    # every name request_features can give, with every optional part of a request and a profile present
+    req = msgspec.convert({"placement": "p", "customer": {"id": "c1"},
+                           "order": {"id": "o1", "platform": "shopify", "currency": "EUR", "total": 50.0,
+                                     "ship_country": "FR", "items": [{"sku": "s", "category": "tea", "price": 5.0}]},
+                           "context": {"device": "mobile", "locale": "fr-FR"}}, schemas.DecisionRequest)
+    profile = {"orders_count": 3, "spend_total": 120.0, "last_order_ts": 1.0e9, "recent_categories": ["tea"]}
+    seen = set(request_features(req, 1.7e9, profile=profile)) | set(request_features(req, 1.7e9))
+    assert seen == set(schemas.REQUEST_FEATURES)
+    schemas.Placement(id="p", context_features=["device", "country", "signals.ltv"])  # view fields: not checked here
+    with pytest.raises(ValueError, match=r"context_features: unknown feature 'devce'; the request features are "
+                                         r"total, .*'view\.field'"):
+        schemas.Placement(id="p", context_features=["devce"])
+    # decoding a placement (what the API answers 422 with)
+    with pytest.raises(msgspec.ValidationError, match="unknown feature 'Device'"):
+        msgspec.json.decode(b'{"id": "p", "context_features": ["Device"]}', type=schemas.Placement)

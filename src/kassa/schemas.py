@@ -186,6 +186,14 @@ class RewardDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
     cap: NonNegative | None = None  # clip a single reward (order values can be huge)
 
 
+# Every context feature `kassa.features.request.request_features` derives from a request and the buyer's profile
+# (tests/test_decision_quality.py checks the two agree): what a placement's `context_features` may name besides
+# feature-view fields ("view.field").
+REQUEST_FEATURES = ("total", "total_b", "items_b", "qty_b", "currency", "country", "platform", "cat", "max_price_b",
+                    "device", "lang", "hour", "daypart", "dow", "weekend", "guest", "first_order", "orders_b",
+                    "spend_b", "recency_b", "prev_cat")
+
+
 class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: Id
     slots: Annotated[int, Meta(ge=1, le=20)] = 3
@@ -217,6 +225,10 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     def __post_init__(self) -> None:
         if self.policy not in policies.names():
             raise ValueError(f"unknown policy {self.policy!r} (known: {', '.join(policies.names())})")
+        for name in self.context_features or ():
+            if "." not in name and name not in REQUEST_FEATURES:  # a typo here left the learner blind, silently
+                raise ValueError(f"context_features: unknown feature {name!r}; the request features are "
+                                 f"{', '.join(REQUEST_FEATURES)}, and a feature view's fields are 'view.field'")
 
 
 class CatalogFile(Struct, forbid_unknown_fields=True):
