@@ -164,3 +164,19 @@ def test_a_ucb_placement_learns_and_serves_through_the_api(client, kassa, clock)
     assert d["model_version"] == "order_confirmation@1"
     top = d["offers"][0]["probability"]
     assert 0.9 <= top <= 1.0, d  # 1 - ε + ε/k for the optimistic best
+
+
+def test_a_ucb_learner_whose_snapshot_lost_its_sidecar_counts_again_from_zero_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    placement = schemas.Placement(id="p", policy="ucb")
+    learner = OnlineLearner(placement, tmp_path / "online")
+    rng = random.Random(4)
+    for _ in range(50):
+        learner.learn(context(rng), action(rng.randrange(5)), 1.0, 0.5)
+    path, _ = learner.snapshot()
+    sidecar_path(path).unlink()
+    with caplog.at_level("WARNING", logger="kassa.learn"):
+        again = OnlineLearner(placement, tmp_path / "online")
+    assert again.counts is not None and not again.counts.n.any()
+    assert again.learned == 50  # the weights continue; only the counts start over
+    assert "UCB counts of 00000001.vw unreadable" in caplog.text and "counting again from zero" in caplog.text
