@@ -180,3 +180,35 @@ def test_a_ucb_learner_whose_snapshot_lost_its_sidecar_counts_again_from_zero_an
     assert again.counts is not None and not again.counts.n.any()
     assert again.learned == 50  # the weights continue; only the counts start over
     assert "UCB counts of 00000001.vw unreadable" in caplog.text and "counting again from zero" in caplog.text
+
+
+def test_the_bonus_stays_the_sum_over_learned_terms_while_action_tables_grow_and_reset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The action lines' own terms are cached per table row (`LinearModel._action_bonus`): rows added later and
+    a reset of the tables (too many distinct lines) must not change a bonus."""
+    import kassa.learn.serving.hashing as hashing_module
+
+    ws = vowpalwabbit.Workspace("--cb_explore_adf --epsilon 0.05 -q co -q og -b 18 --quiet", enable_logging=False)
+    spec = spec_from_args(ws.get_arguments(), 0)
+    counts = WeightCounts(spec.bits)
+    rng = random.Random(8)
+    lines = [f" |o id=w{i} " + " ".join(f"t{j}=x{i % (j + 2)}" for j in range(i % 9)) + f" |g p:{i % 7 + 1}"
+             for i in range(150)]
+    for _ in range(200):
+        shared, act = context(rng), rng.choice(lines[:60])
+        ex = ws.parse([shared, f"0:-1:1{act}"], LT)
+        ws.learn(ex)
+        ws.finish_example(ex)
+        counts.add(spec, shared, act)
+    path = tmp_path / "m.vw"
+    ws.save(str(path))
+    export_live(ws, 0, path, (1.0, counts.nonzero()))
+    ws.finish()
+    model = LinearModel.open(path, "m")
+    monkeypatch.setattr(hashing_module, "_MAX_CACHED", len(model._hashing.action_ids) + 100)
+    for trial in range(60):
+        shared = context(rng)
+        cands = rng.sample(lines, rng.randint(1, 40))
+        np.testing.assert_allclose(model.bonus(shared, cands), _reference_bonus(model, counts.n, shared, cands),
+                                   rtol=1e-5, err_msg=str(trial))
+    assert model._hashing.generation >= 1

@@ -69,6 +69,8 @@ class LinearModel:
         self._lin_generation = -1
         self._explore = policies.get(spec.policy).explore  # looked up once per model, not per request
         self.n: np.ndarray | None = None  # ucb: per-weight counts (`kassa.learn.serving.bonus`)
+        self._bonus_cache = np.zeros(0, dtype=np.float64)  # per action row, see _action_bonus
+        self._bonus_generation = -1
         if counts is not None:
             counted = counts[0].astype(np.intp) & (size - 1)
             n = _take_table(spec.bits)
@@ -142,29 +144,42 @@ class LinearModel:
         hashing_ = self._hashing
         ids = hashing_.rows(action_lines)
         mask, fnv = self.mask, FNV_PRIME
-        out = np.zeros(len(ids))
+        out = self._action_bonus(hashing_, n)[ids]  # the action lines' own terms, cached per line
         tables = hashing_.tables
-        ignored = self.spec.ignore_linear
-        for ns, t in list(tables.items()):
-            if ns not in ignored:
-                out += (np.square(t.v[ids]) / (1.0 + n.take(t.h[ids] & mask))).sum(axis=1)
         sh = {ns: (np.array(hs, dtype=I64), np.square(vs)) for ns, (hs, vs) in hashing_.parse(shared).items()}
         for x, y in self.spec.quadratic:
-            tx, ty = tables.get(x), tables.get(y)
             sx, sy = sh.get(x), sh.get(y)
-            ax = (tx.h[ids], np.square(tx.v[ids])) if tx is not None else None
-            ay = (ty.h[ids], np.square(ty.v[ids])) if ty is not None else None
-            if sx is not None and ay is not None:  # shared x action
-                yh, yv = ay
+            if sx is not None and (ty := tables.get(y)) is not None:  # shared x action
+                yh, yv = ty.h[ids], np.square(ty.v[ids])
                 u = 1.0 / (1.0 + n.take(((sx[0] * fnv)[:, None] ^ yh.reshape(1, -1)) & mask))
                 out += ((sx[1] @ u).reshape(yh.shape) * yv).sum(axis=1)
-            if ax is not None and sy is not None:  # action x shared
-                u = 1.0 / (1.0 + n.take(((ax[0] * fnv)[:, :, None] ^ sy[0][None, None]) & mask))
-                out += ((u @ sy[1]) * ax[1]).sum(axis=1)
-            if ax is not None and ay is not None:  # both in the action lines
-                u = 1.0 / (1.0 + n.take(((ax[0] * fnv)[:, :, None] ^ ay[0][:, None, :]) & mask))
-                out += ((u @ ay[1][:, :, None])[:, :, 0] * ax[1]).sum(axis=1)
+            if sy is not None and (tx := tables.get(x)) is not None:  # action x shared
+                u = 1.0 / (1.0 + n.take(((tx.h[ids] * fnv)[:, :, None] ^ sy[0][None, None]) & mask))
+                out += ((u @ sy[1]) * np.square(tx.v[ids])).sum(axis=1)
         return np.sqrt(out)
+
+    def _action_bonus(self, hashing_: Hashing, n: np.ndarray) -> np.ndarray:
+        """Each known action line's squared bonus from its own terms (linear, and action x action crosses),
+        which no request changes; extended as new lines appear, like `_linear`."""
+        count, generation = len(hashing_.action_ids), hashing_.generation
+        cached = self._bonus_cache
+        if cached.size >= count and self._bonus_generation == generation:
+            return cached
+        start = cached.size if self._bonus_generation == generation else 0
+        rows = np.arange(start, count)
+        part = np.zeros(count - start, dtype=np.float64)
+        mask, fnv, tables = self.mask, FNV_PRIME, dict(hashing_.tables)
+        for ns, t in tables.items():
+            if ns not in self.spec.ignore_linear:
+                part += (np.square(t.v[rows]) / (1.0 + n.take(t.h[rows] & mask))).sum(axis=1)
+        for x, y in self.spec.quadratic:
+            tx, ty = tables.get(x), tables.get(y)
+            if tx is not None and ty is not None:
+                u = 1.0 / (1.0 + n.take(((tx.h[rows] * fnv)[:, :, None] ^ ty.h[rows][:, None, :]) & mask))
+                part += ((u @ np.square(ty.v[rows])[:, :, None])[:, :, 0] * np.square(tx.v[rows])).sum(axis=1)
+        self._bonus_cache = np.concatenate([cached[:start], part]) if start else part
+        self._bonus_generation = generation
+        return self._bonus_cache
 
     def ranked(self, shared: str, action_lines: list[str]) -> tuple[list[float], list[float]]:
         """`pmf` and the costs it came from (for UCB, the optimistic ones): where the pmf ties (ε-greedy gives
