@@ -58,9 +58,10 @@ class PmfPolicy:
         self.n = len(pmf)
         if costs is None:
             self.order = sorted(range(self.n), key=pmf.__getitem__, reverse=True)
-        else:
-            self.order = sorted(range(self.n), key=lambda i: (-pmf[i], costs[i]))
-        self._rank = {a: r for r, a in enumerate(self.order)}
+        else:  # by cost, then (stably) by probability: two sorts on C-level keys, no tuple per action
+            self.order = sorted(range(self.n), key=costs.__getitem__)
+            self.order.sort(key=pmf.__getitem__, reverse=True)
+        self._rank: dict[int, int] | None = None  # action -> place in `order`, built when `slot_pmf` needs it
 
     def scores(self) -> Sequence[float]:
         return self.pmf
@@ -73,6 +74,8 @@ class PmfPolicy:
             return [1.0 / len(remaining)] * len(remaining)
         if self.later == "greedy" and len(remaining) < self.n:
             rank = self._rank  # the greedy pick of `sample`: the first remaining action in `order`
+            if rank is None:
+                rank = self._rank = {a: r for r, a in enumerate(self.order)}
             best = min(range(len(remaining)), key=lambda j: rank[remaining[j]])
             weights[best] += 1.0 - total
             return weights

@@ -181,8 +181,7 @@ class OnlineLearner:
         self.workspace.save(str(tmp))
         os.replace(tmp, path)
         try:  # the serving copy, from the weights in memory (no second load)
-            ucb = (self.ucb_alpha, self.counts.nonzero()) if self.counts is not None and \
-                self.ucb_alpha is not None else None
+            ucb = None if self.counts is None or self.ucb_alpha is None else (self.ucb_alpha, self.counts.nonzero())
             export_live(self.workspace, self.counter, path, ucb)
         except UnsupportedModel as why:
             log.info("%s is served by VW itself: %s", path.name, why)

@@ -215,12 +215,12 @@ def export(vw_path: Path, out: Path | None = None) -> Path:
     return write_sidecar(out, spec, index, weight, sha256_file(vw_path))
 
 
-def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path, ucb: tuple[float, Counts] | None = None,
-                out: Path | None = None) -> Path:
+def export_live(ws: vowpalwabbit.Workspace, counter: int, vw_path: Path,
+                ucb: tuple[float, Counts] | None = None) -> Path:
     """The sidecar of ``vw_path``, just saved from the live workspace ``ws``, without loading it again. ``ucb``
     (the bonus weight and the counts) makes it a UCB model's (`kassa.policies.UCB`)."""
     spec = spec_from_args(ws.get_arguments(), counter)
-    return _write_ucb(out or sidecar_path(vw_path), spec, *_weights(ws), sha256_file(vw_path), ucb)
+    return _write_ucb(sidecar_path(vw_path), spec, *_weights(ws), sha256_file(vw_path), ucb)
 
 
 def _write_ucb(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarray, source_sha256: str,
