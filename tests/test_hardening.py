@@ -353,3 +353,11 @@ def test_a_stored_placement_an_older_version_accepted_loads_with_the_default_and
     assert stored.latency_budget_ms == 50.0 and stored.exploration == 0.1 and stored.reward.wait_seconds == 600.0
     assert stored.slots == 2
     assert sum("out of range" in r.getMessage() for r in caplog.records) == 3
+    # a field the whole-row check refuses (a context feature Kassa no longer derives) falls back the same way
+    with kassa.db.begin() as conn:
+        conn.execute(update(placements_table).where(placements_table.c.id == "cross_sell").values(
+            body='{"id": "cross_sell", "slots": 2, "context_features": ["device", "gone"]}'))
+    stored = next(p for p in SqlCatalogStore(kassa.db).load()[1] if p.id == "cross_sell")
+    assert stored.context_features is None and stored.slots == 2
+    assert any("context_features is out of range" in r.getMessage() and "'gone'" in r.getMessage()
+               for r in caplog.records)

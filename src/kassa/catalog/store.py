@@ -28,6 +28,7 @@ from kassa.timezones import timezone_error
 log = logging.getLogger("kassa.catalog")
 T = TypeVar("T")
 _AT_PATH = re.compile(r" - at `\$(.*)`$")
+_OWN_FIELD = re.compile(r"^(\w+): ")
 
 
 def check_placement(placement: schemas.Placement) -> None:
@@ -146,6 +147,8 @@ def _stored(body: str | bytes, kind: type[T]) -> T:
         for _ in range(20):
             m = _AT_PATH.search(str(exc))
             parts = m.group(1).lstrip(".").split(".") if m else []
+            if not parts and (own := _OWN_FIELD.match(str(exc))) and own.group(1) in tree:
+                parts = [own.group(1)]  # a check of the whole row (`__post_init__`) that names its field first
             node = tree
             for part in parts[:-1]:
                 node = node.get(part) if isinstance(node, dict) else None
