@@ -731,13 +731,19 @@ def main() -> None:
     if args.vw_explore:
         _Http.policy = explore_policy(args.vw_explore)
     elif args.policy:
-        policies.get(args.policy)  # an unknown name fails here, not in every run's catalog
+        try:
+            policies.get(args.policy)  # an unknown name fails here, not in every run's catalog
+        except ValueError as exc:
+            sys.exit(f"--policy: {exc}")
         _Http.policy = args.policy
     for option in args.placement_option:
         key, sep, value = option.partition("=")
         if not sep:
             sys.exit(f"--placement-option {option!r}: expected KEY=VALUE")
-        _Http.options[key] = json.loads(value)
+        try:
+            _Http.options[key] = json.loads(value)
+        except ValueError:
+            sys.exit(f"--placement-option {option!r}: VALUE must be JSON (a number, true/false, or a quoted string)")
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text().strip().splitlines()[-1])
         products, offers = saved["products"], saved["offers"]
