@@ -30,10 +30,10 @@ from quality import OfferWorld
 
 
 def run(seed: int, n: int, explore: str, alpha: float, epsilon: float, gamma_scale: float,
-        learning_rate: float) -> dict[str, float]:
+        learning_rate: float, vw_args: str = "") -> dict[str, float]:
     world = OfferWorld(seed)
     contexts = [world.context() for _ in range(n)]  # then drifts from this rng state, as in quality.py
-    ws = vowpalwabbit.Workspace(f"-q ca -l {learning_rate} -b 20 --quiet", enable_logging=False)
+    ws = vowpalwabbit.Workspace(f"-q ca -l {learning_rate} -b 20 --quiet {vw_args}", enable_logging=False)
     pick = random.Random(f"offer-vw-ucb:{seed}")
     draw = random.Random(f"offer-reference:{seed}")
     k = len(world.ids)
@@ -85,12 +85,13 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=0.02, help="ucb: share of uniformly random picks")
     ap.add_argument("--gamma-scale", type=float, default=50.0, help="squarecb (Kassa's default 50)")
     ap.add_argument("--learning-rate", type=float, default=0.1, help="VW -l (Kassa's default 0.1)")
+    ap.add_argument("--vw-args", default="", help="more VW arguments for the regression (e.g. '--power_t 0')")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report(lambda seed: run(seed, args.checkouts, args.explore, args.alpha, args.epsilon, args.gamma_scale,
-                            args.learning_rate),
+                            args.learning_rate, args.vw_args),
            args.seeds, {"explore": args.explore, "alpha": args.alpha, "epsilon": args.epsilon,
-                        "gamma_scale": args.gamma_scale, "learning_rate": args.learning_rate,
+                        "gamma_scale": args.gamma_scale, "learning_rate": args.learning_rate, "vw_args": args.vw_args,
                         "checkouts": args.checkouts}, args.json)
 
 
