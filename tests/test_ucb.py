@@ -30,6 +30,25 @@ def _reference_bonus(model: LinearModel, counts: np.ndarray, shared: str, lines:
     return np.array(out)
 
 
+def _trained(tmp_path: Path, interactions: str, examples: list[tuple[str, str, float]],
+             alpha: float) -> tuple[LinearModel, WeightCounts]:
+    """A VW ε-greedy model learned on ``examples`` (shared line, action line, cost), with the counts the online
+    learner would keep, exported and opened as a UCB model."""
+    ws = vowpalwabbit.Workspace(f"--cb_explore_adf --epsilon 0.05 {interactions} -b 18 --quiet", enable_logging=False)
+    spec = spec_from_args(ws.get_arguments(), 0)
+    counts = WeightCounts(spec.bits)
+    for shared, act, cost in examples:
+        ex = ws.parse([shared, f"0:{cost}:1{act}"], LT)
+        ws.learn(ex)
+        ws.finish_example(ex)
+        counts.add(spec, shared, act)
+    path = tmp_path / "m.vw"
+    ws.save(str(path))
+    export_live(ws, 0, path, (alpha, counts.nonzero()))
+    ws.finish()
+    return LinearModel.open(path, "u1"), counts
+
+
 @pytest.mark.parametrize("interactions", [
     "-q co",  # shared x action (Kassa's offers)
     "-q oc -q cg",  # action namespace first; two interactions
@@ -38,21 +57,10 @@ def _reference_bonus(model: LinearModel, counts: np.ndarray, shared: str, lines:
     "-q co --ignore_linear o",  # an action namespace without linear terms
 ])
 def test_the_served_bonus_is_the_sum_over_what_was_learned(tmp_path: Path, interactions: str) -> None:
-    ws = vowpalwabbit.Workspace(f"--cb_explore_adf --epsilon 0.05 {interactions} -b 18 --quiet", enable_logging=False)
-    spec = spec_from_args(ws.get_arguments(), 0)
-    counts = WeightCounts(spec.bits)
     rng = random.Random(5)
-    for _ in range(300):
-        shared, act = context(rng), action(rng.randrange(N_OFFERS // 2))  # half the offers never learned
-        ex = ws.parse([shared, f"0:{-float(rng.random() < 0.2)}:1{act}"], LT)
-        ws.learn(ex)
-        ws.finish_example(ex)
-        counts.add(spec, shared, act)
-    path = tmp_path / "m.vw"
-    ws.save(str(path))
-    export_live(ws, 0, path, (0.7, counts.nonzero()))
-    ws.finish()
-    model = LinearModel.open(path, "u1")
+    examples = [(context(rng), action(rng.randrange(N_OFFERS // 2)), -float(rng.random() < 0.2))  # half never learned
+                for _ in range(300)]
+    model, counts = _trained(tmp_path, interactions, examples, 0.7)
     assert model.spec.policy == "ucb" and model.spec.alpha == pytest.approx(0.7)
     for _ in range(20):
         shared = context(rng)
@@ -188,23 +196,11 @@ def test_the_bonus_stays_the_sum_over_learned_terms_while_action_tables_grow_and
     a reset of the tables (too many distinct lines) must not change a bonus."""
     import kassa.learn.serving.hashing as hashing_module
 
-    ws = vowpalwabbit.Workspace("--cb_explore_adf --epsilon 0.05 -q co -q og -b 18 --quiet", enable_logging=False)
-    spec = spec_from_args(ws.get_arguments(), 0)
-    counts = WeightCounts(spec.bits)
     rng = random.Random(8)
     lines = [f" |o id=w{i} " + " ".join(f"t{j}=x{i % (j + 2)}" for j in range(i % 9)) + f" |g p:{i % 7 + 1}"
              for i in range(150)]
-    for _ in range(200):
-        shared, act = context(rng), rng.choice(lines[:60])
-        ex = ws.parse([shared, f"0:-1:1{act}"], LT)
-        ws.learn(ex)
-        ws.finish_example(ex)
-        counts.add(spec, shared, act)
-    path = tmp_path / "m.vw"
-    ws.save(str(path))
-    export_live(ws, 0, path, (1.0, counts.nonzero()))
-    ws.finish()
-    model = LinearModel.open(path, "m")
+    examples = [(context(rng), rng.choice(lines[:60]), -1.0) for _ in range(200)]
+    model, counts = _trained(tmp_path, "-q co -q og", examples, 1.0)
     monkeypatch.setattr(hashing_module, "_MAX_CACHED", len(model._hashing.action_ids) + 100)
     for trial in range(60):
         shared = context(rng)
