@@ -7,7 +7,7 @@ linear in hashed features, so serving needs only the weights, VW's feature hashi
 rule. A swap then reads one small file and fills a dense ``float32`` array (~0.1 ms for 20k weights); the
 probabilities equal VW's own to float rounding (``tests/test_linear.py`` checks them against VW).
 
-Learning, batch training and evaluation keep using VW itself; only the serving copy changes.
+Learning and batch training keep using VW itself; serving and `kassa evaluate` use this copy.
 
 The weights come from the ``.lin`` sidecar (`kassa.learn.serving.sidecar`), the hashes from
 `kassa.learn.serving.hashing`, and the exploration rule from the placement's policy (`kassa.policies`).

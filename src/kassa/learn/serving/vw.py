@@ -1,6 +1,6 @@
 """`VWModel`: a model snapshot loaded into Vowpal Wabbit for prediction only.
 
-Offline evaluation scores with it, and it serves the models whose settings the numpy scorer does not cover.
+It serves (and `kassa evaluate` scores) the models whose settings the numpy scorer does not cover.
 Each request parses only the shared context line; each offer's action example is parsed once per model and
 cached, which cuts a 50-action predict from ~400 µs (parse everything) to ~60 µs.
 """
@@ -16,7 +16,7 @@ _MAX_CACHED = 50_000
 
 
 class VWModel:
-    """A model snapshot loaded into VW for prediction only (offline evaluation, and serving models whose
+    """A model snapshot loaded into VW for prediction only (serving and evaluating models whose
     settings `kassa.learn.serving.linear.LinearModel` does not cover). Immutable once published."""
 
     def __init__(self, path: Path, version: str, meta: dict | None = None) -> None:
