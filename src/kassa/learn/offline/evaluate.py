@@ -90,6 +90,7 @@ def _over_rows(fn: Callable[[str, int, int], Any], model_path: Path, n: int, wor
             progress(n, n)
         yield 0, n, result
         return
+    load_serving(Path(model_path), "eval")  # exports a missing sidecar here, not in every worker at once
     chunk = max(5_000, n // (workers * 8))
     ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
     done = 0
