@@ -44,7 +44,7 @@ def test_small_headless_run_reports_sane_numbers(tmp_path: Path, capsys: pytest.
                 "lift_vs_random", "lift_vs_static", "p50_ms", "p99_ms", "client_p50_ms", "client_p99_ms",
                 "decisions_per_s", "seconds", "model_version", "seed"):
         assert key in result, key
-    assert result["checkouts"] == n and result["seed"] == 5
+    assert result["checkouts"] == n and result["seed"] == 5 and result["policy"] == "squarecb"
     assert sum(result["slice_checkouts"].values()) == n  # fewer than 5,000: the window is the whole run
     assert all(result["slice_checkouts"][s] > 0 for s in SLICES)
     for key in ("policy_reward_rate", "random_reward_rate", "best_static_reward_rate",
@@ -134,3 +134,17 @@ def test_a_bad_port_or_data_dir_is_one_line_before_anything_runs(tmp_path: Path,
         run_demo(headless=True, checkouts=10, seed=1, json_out=False, port=port,
                  data_dir=str(taken) if data_dir else None, keep_serving=False)
     assert message in str(exc.value) and len(str(exc.value).splitlines()) == 1
+
+
+def test_another_learning_policy_serves_the_policy_slice_and_a_non_learning_one_is_refused(
+        tmp_path: Path) -> None:
+    result = run_demo(headless=True, checkouts=600, seed=3, json_out=False, port=free_port(),
+                      data_dir=str(tmp_path / "demo"), keep_serving=False, policy="ucb")
+    catalog = msgspec.json.decode((tmp_path / "demo" / "demo-catalog.json").read_bytes(), type=schemas.CatalogFile)
+    assert next(p for p in catalog.placements if p.id == POLICY).policy == "ucb" and result["policy"] == "ucb"
+    assert result["learned_examples"] > 0
+    for bad in ("uniform", "nope"):
+        with pytest.raises(SystemExit, match="the demo's policy slice needs a learning policy "
+                                             r"\(squarecb, epsilon, softmax, ucb\)"):
+            run_demo(headless=True, checkouts=10, seed=1, json_out=False, port=free_port(), data_dir=None,
+                     keep_serving=False, policy=bad)

@@ -148,12 +148,14 @@ def demo(
     data_dir: Annotated[Optional[str], typer.Option(help="Demo data folder (default: a fresh temp dir).")] = None,  # noqa: UP045
     keep_serving: Annotated[Optional[bool], typer.Option(  # noqa: UP045
         "--keep-serving/--exit", help="Leave the API up for curl when done (default: yes unless headless).")] = None,
+    policy: Annotated[str, typer.Option(
+        help="The policy slice's learning policy: squarecb (default), epsilon, softmax or ucb.")] = "squarecb",
 ) -> None:
     """Simulated store + shoppers: watch Kassa decide, log and learn, with control slices."""
     from kassa.demo.run import run_demo
 
     run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
-             data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving)
+             data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving, policy=policy)
 
 
 @app.command()

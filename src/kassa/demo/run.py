@@ -24,6 +24,7 @@ import msgspec
 from rich.console import Console
 from rich.live import Live
 
+from kassa import policies
 from kassa.api.demo_page import PATH as DEMO_PAGE
 from kassa.api.demo_page import add_demo_page
 from kassa.app import Kassa
@@ -31,7 +32,7 @@ from kassa.config import load_settings
 from kassa.demo.driver import Driver
 from kassa.demo.simulator import DEFAULT_SHARES, SLICES, World, decision_request_body
 from kassa.demo.stats import Scoreboard
-from kassa.demo.store import POLICY, DemoStore
+from kassa.demo.store import LEARNED_POLICY, POLICY, DemoStore
 from kassa.demo.view import curl_example, live_panel, progress_line, summary_table
 from kassa.server import BackgroundServer
 
@@ -114,10 +115,14 @@ def run_demo(
     *,
     workers: int = 2,
     shares: Sequence[float] = DEFAULT_SHARES,
+    policy: str = LEARNED_POLICY,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary (the object ``--json`` prints)."""
     if checkouts < 1:
         raise SystemExit("--checkouts must be at least 1")
+    if not policies.learns(policy):
+        learning = ", ".join(n for n in policies.names() if policies.learns(n))
+        raise SystemExit(f"--policy {policy!r}: the demo's policy slice needs a learning policy ({learning})")
     _check_port(port)
     human = Console(stderr=json_out)  # with --json, stdout carries only the JSON line
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kassa-demo-", ignore_cleanup_errors=True)
@@ -132,7 +137,8 @@ def run_demo(
     sys.setswitchinterval(0.0005)
     try:
         with _quiet_logs():
-            return _run(headless, checkouts, seed, json_out, port, path, keep_serving, workers, shares, human)
+            return _run(headless, checkouts, seed, json_out, port, path, keep_serving, workers, shares, human,
+                        policy)
     finally:
         sys.setswitchinterval(switch)
         if tmp is not None:
@@ -140,13 +146,13 @@ def run_demo(
 
 
 def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Path, keep_serving: bool,
-         workers: int, shares: Sequence[float], human: Console) -> dict[str, Any]:
+         workers: int, shares: Sequence[float], human: Console, policy: str = LEARNED_POLICY) -> dict[str, Any]:
     t0 = time.perf_counter()
     store = DemoStore.build(seed)
     world = World(store, seed)
     static_order = world.best_static_order()
     catalog_file = path / "demo-catalog.json"
-    catalog_file.write_bytes(msgspec.json.encode(store.catalog(static_order)))
+    catalog_file.write_bytes(msgspec.json.encode(store.catalog(static_order, policy)))
     features_file = path / "demo-features.yaml"
     features_file.write_text(DEMO_FEATURES)
     # A per-run prefix keeps order and event ids unique when a --data-dir is reused.
@@ -217,6 +223,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         result["requests"] = driver.requests
         result["learned_examples"] = kassa.learning.learned
         result["static_order"] = static_order
+        result["policy"] = policy
         if not json_out or not headless:
             human.print(summary_table(result))
         if keep_serving or not headless:

@@ -18,7 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from kassa import schemas
 
@@ -31,7 +31,7 @@ SLOTS = 3
 # The learned placement's policy: squareCB, Kassa's default. Its pmf is a distribution for one slot;
 # `PmfPolicy` fills later slots greedily from the remaining candidates with the same exploration tail
 # (renormalising the tail alone would make slots 2 and 3 nearly uniform). Softmax also works here.
-LEARNED_POLICY: Literal["squarecb", "softmax"] = "squarecb"
+LEARNED_POLICY = "squarecb"  # the policy slice's default (`kassa demo --policy` picks another learning policy)
 SOFTMAX_LAMBDA = 30.0  # costs are in accepts (0..1): 30 separates a 0.15 offer from a 0.02 one ~50:1
 GAMMA_SCALE = 10.0
 
@@ -259,15 +259,16 @@ class DemoStore:
     def product_offers(self) -> list[schemas.Offer]:
         return [_product_offer(p) for p in self.products]
 
-    def placements(self, static_order: Sequence[str]) -> list[schemas.Placement]:
-        """The policy placement and its two controls; ``static_order`` ranks the listed offers."""
+    def placements(self, static_order: Sequence[str], policy: str = LEARNED_POLICY) -> list[schemas.Placement]:
+        """The policy placement (its learner's ``policy``) and its two controls; ``static_order`` ranks the
+        listed offers."""
         listed = list(self.offer_ids)
         if sorted(static_order) != sorted(listed):
             raise ValueError("static_order must rank exactly the listed offers")
         common: dict[str, Any] = dict(slots=SLOTS, retrieval=_retrieval(), reward=_reward(), latency_budget_ms=50.0)
         return [
             schemas.Placement(
-                id=POLICY, offers=listed, policy=LEARNED_POLICY, softmax_lambda=SOFTMAX_LAMBDA,
+                id=POLICY, offers=listed, policy=policy, softmax_lambda=SOFTMAX_LAMBDA,
                 gamma_scale=GAMMA_SCALE, min_learned_decisions=100, **common,
             ),
             schemas.Placement(id=RANDOM, offers=listed, policy="uniform", **common),
@@ -277,7 +278,7 @@ class DemoStore:
             ),
         ]
 
-    def catalog(self, static_order: Sequence[str]) -> schemas.CatalogFile:
+    def catalog(self, static_order: Sequence[str], policy: str = LEARNED_POLICY) -> schemas.CatalogFile:
         return schemas.CatalogFile(offers=[*self.offers, *self.product_offers()],
-                                   placements=self.placements(static_order))
+                                   placements=self.placements(static_order, policy))
 
