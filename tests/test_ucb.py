@@ -36,12 +36,12 @@ def _trained(tmp_path: Path, interactions: str, examples: list[tuple[str, str, f
     learner would keep, exported and opened as a UCB model."""
     ws = vowpalwabbit.Workspace(f"--cb_explore_adf --epsilon 0.05 {interactions} -b 18 --quiet", enable_logging=False)
     spec = spec_from_args(ws.get_arguments(), 0)
-    counts = WeightCounts(spec.bits)
+    counts = WeightCounts(spec)
     for shared, act, cost in examples:
         ex = ws.parse([shared, f"0:{cost}:1{act}"], LT)
         ws.learn(ex)
         ws.finish_example(ex)
-        counts.add(spec, shared, act)
+        counts.add(shared, act)
     path = tmp_path / "m.vw"
     ws.save(str(path))
     export_live(ws, 0, path, (alpha, counts.nonzero()))
@@ -94,7 +94,7 @@ def test_the_online_learner_keeps_its_counts_across_a_restart_and_a_rebuilt_side
     spec, _, _, counts = read_sidecar_counts(sidecar_path(path))
     assert spec.policy == "ucb" and spec.alpha == pytest.approx(0.4) and spec.epsilon == pytest.approx(0.1)
     assert counts is not None and counts[0].size > 0
-    np.testing.assert_allclose(WeightCounts(spec.bits, counts).n, learner.counts.n, rtol=1e-6)
+    np.testing.assert_allclose(WeightCounts(spec, counts).n, learner.counts.n, rtol=1e-6)
     # a fresh model: every estimate equal, so the bonus alone ranks, and the five learned offers come last
     model = LinearModel.open(path, version)
     shared = context(rng)
@@ -132,18 +132,18 @@ def test_counts_with_a_half_life_weigh_an_example_half_after_that_many_more() ->
     ws.finish()
     rng = random.Random(9)
     shared, first = context(rng), action(0)
-    forgetting, keeping = WeightCounts(spec.bits, half_life=10), WeightCounts(spec.bits)
+    forgetting, keeping = WeightCounts(spec, half_life=10), WeightCounts(spec)
     for counts in (forgetting, keeping):
-        counts.add(spec, shared, first)
+        counts.add(shared, first)
     idx = example_terms(forgetting._hashing, spec, shared, first)[0]
     own = idx[np.isin(idx, example_terms(forgetting._hashing, spec, shared, action(1))[0], invert=True)]
     np.testing.assert_allclose(forgetting.n[own], keeping.n[own])
     for _ in range(10):  # other offers only: the first offer's own weights are not added to again
         for counts in (forgetting, keeping):
-            counts.add(spec, shared, action(1))
+            counts.add(shared, action(1))
     np.testing.assert_allclose(forgetting.n[own], 0.5 * keeping.n[own], rtol=1e-9)
     # what is exported is the decayed count, and a restart from it goes on from there
-    again = WeightCounts(spec.bits, forgetting.nonzero(), half_life=10)
+    again = WeightCounts(spec, forgetting.nonzero(), half_life=10)
     np.testing.assert_allclose(again.n, forgetting.n, rtol=1e-6)
 
 

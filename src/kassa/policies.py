@@ -98,6 +98,11 @@ def learns(name: str) -> bool:
     return policy is not None and policy.learns
 
 
+def uses_counts(name: str) -> bool:
+    policy = _TABLE.get(name)
+    return policy is not None and policy.uses_counts
+
+
 def from_vw_options(opts: Mapping[str, list[str]]) -> PlacementPolicy:
     """The policy whose exploration a model's VW options name (the one without a flag when none does)."""
     default = None
@@ -193,13 +198,14 @@ class Softmax(PlacementPolicy):
 
 
 @register
-class UCB(PlacementPolicy):
+class UCB(EpsilonGreedy):
     """Optimism under uncertainty (ADR 0010): each offer's estimate plus ``ucb_alpha`` x its uncertainty
     bonus, ``sqrt(sum over its hashed weights of x^2 / (1 + n))`` with ``n`` the sum of ``x^2`` that weight
     has learned, then ε-greedy on that with ``ucb_epsilon`` (so every candidate keeps a logged propensity
-    for off-policy evaluation). VW learns the same regression as for ε-greedy (``--epsilon``, which is all
-    its arguments show); the learner keeps the counts and exports them in the model's sidecar with the
-    bonus weight, which is what marks a model as UCB (a sidecar rebuilt from the VW file alone serves as
+    for off-policy evaluation): `explore` and `scorer_settings` are ε-greedy's, applied to the optimistic
+    costs (the scorer subtracts the bonus first). VW learns the same regression as for ε-greedy
+    (``--epsilon``, which is all its arguments show); the learner keeps the counts and exports them in the
+    model's sidecar, whose policy then says ``ucb`` (a sidecar rebuilt from the VW file alone serves as
     ε-greedy)."""
 
     name = "ucb"
@@ -208,13 +214,6 @@ class UCB(PlacementPolicy):
 
     def vw_exploration(self, placement: Any) -> str:
         return f"--epsilon {placement.ucb_epsilon}"
-
-    def scorer_settings(self, opt: OptionReader, counter: int | None) -> dict[str, float]:
-        return {"epsilon": opt("epsilon", 0.05)}
-
-    def explore(self, scores: Sequence[float], spec: Any) -> list[float]:
-        """ε-greedy on the optimistic costs (the scorer has subtracted the bonus already)."""
-        return EpsilonGreedy.explore(self, scores, spec)  # type: ignore[arg-type]
 
 
 @register

@@ -29,7 +29,7 @@ from kassa.learn.offline.dataset import LoggedDecisions, load_logged, logged_sha
 from kassa.learn.online.learner import DEFAULT_LEARNING_RATE, RewardScale, vw_args
 from kassa.learn.registry import ModelRegistry, ModelVersion
 from kassa.learn.serving.bonus import WeightCounts
-from kassa.learn.serving.sidecar import LinearSpec, export_ucb, spec_from_args
+from kassa.learn.serving.sidecar import export_ucb, spec_from_args
 
 log = logging.getLogger("kassa.learn")
 
@@ -54,7 +54,7 @@ class TrainResult:
 
 def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
                    progress: Callable[[int, int], None] | None = None,
-                   scale: float = 1.0, counts: tuple[WeightCounts, LinearSpec] | None = None) -> tuple[int, int, float]:
+                   scale: float = 1.0, counts: WeightCounts | None = None) -> tuple[int, int, float]:
     """Write VW text examples for every shown slot, rewards divided by ``scale`` (the placement's
     `RewardScale`, as the online learner does); returns (examples, skipped offers, raw reward sum). With
     ``counts`` (a UCB placement), each example is also counted there, as the online learner counts it."""
@@ -77,7 +77,7 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
                 action += data.action_suffix(i, offer_id) + slot_suffix(slot)  # as served; position (learning)
                 write(f"{shared}\n0:{-reward * inv:.6g}:{p:.6g}{action}\n\n")
                 if counts is not None:
-                    counts[0].add(counts[1], shared, action)
+                    counts.add(shared, action)
                 examples += 1
                 reward_sum += reward
             if progress is not None and i % 10_000 == 0:
@@ -87,17 +87,17 @@ def write_examples(data: LoggedDecisions, snap: CatalogSnapshot, path: Path,
     return examples, skipped, reward_sum
 
 
-def _ucb_counts(placement: schemas.Placement, args: str) -> tuple[WeightCounts, LinearSpec] | None:
-    """Empty counts for a UCB placement's examples (`kassa.policies.UCB`), with the scorer settings of its VW
+def _ucb_counts(placement: schemas.Placement, args: str) -> WeightCounts | None:
+    """Empty counts for a UCB placement's examples (`kassa.policies.UCB`), over the scorer settings of its VW
     arguments (read from a workspace: the arguments' short options are VW's to expand)."""
-    if not policies.get(placement.policy).uses_counts:
+    if not policies.uses_counts(placement.policy):
         return None
     ws = vowpalwabbit.Workspace(args, enable_logging=False)
     try:
         spec = spec_from_args(ws.get_arguments(), 0)
     finally:
         ws.finish()
-    return WeightCounts(spec.bits, half_life=float(placement.ucb_half_life)), spec
+    return WeightCounts(spec, half_life=float(placement.ucb_half_life))
 
 
 def train_placement(
@@ -152,7 +152,7 @@ def train_placement(
         finally:
             ws.finish()  # writes -f
         if counts is not None:  # the sidecar with the counts, beside the file the registry stores
-            export_ucb(model_path, placement.ucb_alpha, counts[0].nonzero())
+            export_ucb(model_path, placement.ucb_alpha, counts.nonzero())
         if progress:
             progress("learn", examples, examples)
         production = registry.versions(placement.id, ["production"], limit=1)

@@ -26,6 +26,7 @@ import vowpalwabbit
 from kassa import policies, schemas
 from kassa.learn.serving.bonus import WeightCounts
 from kassa.learn.serving.sidecar import (
+    LinearSpec,
     SidecarError,
     UnsupportedModel,
     export_live,
@@ -110,7 +111,7 @@ class OnlineLearner:
         # the lineage's sum of learned rewards (raw, before the reward scale): with `rewarded_decisions`, what
         # an operator (or a fault test) compares with the logs to see every reward joined once
         self.reward_sum = float(latest[2].get("reward_sum", 0.0)) if latest else 0.0
-        self.ucb_alpha = placement.ucb_alpha if policies.get(placement.policy).uses_counts else None
+        self.ucb_alpha = placement.ucb_alpha if policies.uses_counts(placement.policy) else None
         # the same VW arguments and the same kind of model (a UCB model's counts come with its weights)
         same = latest is not None and latest[2].get("args") == self.args and \
             latest[2].get("ucb", False) == (self.ucb_alpha is not None)
@@ -126,9 +127,8 @@ class OnlineLearner:
         self.scale = RewardScale.restore(placement.reward, latest[2] if init and latest else {})
         self.counts: WeightCounts | None = None
         if self.ucb_alpha is not None:
-            self.spec = spec_from_args(self.workspace.get_arguments(), 0)
-            self.half_life = float(placement.ucb_half_life)
-            self.counts = _counts_of(latest[1] if init and latest else None, self.spec.bits, self.half_life)
+            spec = spec_from_args(self.workspace.get_arguments(), 0)
+            self.counts = _counts_of(latest[1] if init and latest else None, spec, float(placement.ucb_half_life))
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -138,7 +138,7 @@ class OnlineLearner:
         old.finish()
         self.counter = model_counter(path)
         if self.counts is not None:
-            self.counts = _counts_of(Path(path), self.spec.bits, self.half_life)
+            self.counts = _counts_of(Path(path), self.counts.spec, self.counts.half_life)
         meta = meta or {}
         self.learned = int(meta.get("learned", self.learned))
         self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
@@ -168,7 +168,7 @@ class OnlineLearner:
         finally:
             _finish_multi(ws, ec)
         if self.counts is not None:
-            self.counts.add(self.spec, shared, action)
+            self.counts.add(shared, action)
         self.counter += 1
         self.learned += 1
         self.learned_since_snapshot += 1
@@ -197,10 +197,10 @@ class OnlineLearner:
         return path, version_name(self.placement_id, self.seq)
 
 
-def _counts_of(model: Path | None, bits: int, half_life: float) -> WeightCounts:
+def _counts_of(model: Path | None, spec: LinearSpec, half_life: float) -> WeightCounts:
     """A UCB learner's counts, continued from ``model``'s sidecar when it has them (else from zero, logged)."""
     if model is None:
-        return WeightCounts(bits, half_life=half_life)
+        return WeightCounts(spec, half_life=half_life)
     try:
         counts = read_sidecar_counts(sidecar_path(model))[3]
     except SidecarError as why:
@@ -209,7 +209,7 @@ def _counts_of(model: Path | None, bits: int, half_life: float) -> WeightCounts:
     else:
         if counts is None:
             log.warning("%s has no UCB counts (not a UCB model): counting from zero", model.name)
-    return WeightCounts(bits, counts, half_life)
+    return WeightCounts(spec, counts, half_life)
 
 
 def version_name(placement_id: str, seq: int) -> str:

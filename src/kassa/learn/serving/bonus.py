@@ -49,26 +49,27 @@ class WeightCounts:
     ``half_life`` (in learned examples) older examples count for less, so the bonus grows back for what has not
     been learned lately (after a drift, the offers the policy stopped showing are tried again)."""
 
-    def __init__(self, spec_bits: int, counts: Counts | None = None, half_life: float = 0.0) -> None:
-        self.bits = spec_bits
-        self._stored = np.zeros(1 << spec_bits, dtype=np.float64)  # the counts are _stored x _scale
+    def __init__(self, spec: LinearSpec, counts: Counts | None = None, half_life: float = 0.0) -> None:
+        self.spec = spec  # the model's hashing width and interactions, which say what a term is
+        self._stored = np.zeros(1 << spec.bits, dtype=np.float64)  # the counts are _stored x _scale
         self._scale = 1.0
+        self.half_life = half_life
         self._decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
-        self._hashing = hashing(spec_bits)
+        self._hashing = hashing(spec.bits)
         if counts is not None and counts[0].size:
-            self._stored[counts[0].astype(np.intp) & ((1 << spec_bits) - 1)] = counts[1]
+            self._stored[counts[0].astype(np.intp) & ((1 << spec.bits) - 1)] = counts[1]
 
     @property
     def n(self) -> np.ndarray:
         return self._stored * self._scale
 
-    def add(self, spec: LinearSpec, shared: str, action: str) -> None:
-        if self._decay < 1.0:  # every count decays by one step: the new example's weigh more instead
+    def add(self, shared: str, action: str) -> None:
+        if self._decay < 1.0:  # every count decays by one step (kept as one scale: the new terms weigh more)
             self._scale *= self._decay
             if self._scale < 1e-100:
                 self._stored *= self._scale
                 self._scale = 1.0
-        idx, val = example_terms(self._hashing, spec, shared, action)
+        idx, val = example_terms(self._hashing, self.spec, shared, action)
         np.add.at(self._stored, idx, val / self._scale)
 
     def nonzero(self) -> Counts:

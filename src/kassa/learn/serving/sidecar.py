@@ -170,8 +170,8 @@ def read_sidecar_counts(path: Path, source_sha256: str | None = None
     if m:
         counts = (np.frombuffer(payload, dtype="<u4", count=m, offset=8 * n),
                   np.frombuffer(payload, dtype="<f4", count=m, offset=8 * n + 4 * m))
-    elif spec.alpha:
-        counts = (np.zeros(0, dtype="<u4"), np.zeros(0, dtype="<f4"))  # a UCB model that has learned nothing yet
+    elif policies.uses_counts(spec.policy):  # a UCB model that has learned nothing yet
+        counts = (np.zeros(0, dtype="<u4"), np.zeros(0, dtype="<f4"))
     return spec, index, weight, counts
 
 
@@ -230,8 +230,7 @@ def _write_ucb(out: Path, spec: LinearSpec, index: np.ndarray, weight: np.ndarra
     if spec.policy != "epsilon":
         raise UnsupportedModel(f"a UCB model's VW arguments read as {spec.policy!r}, not ε-greedy")
     alpha, counts = ucb
-    # alpha 0 would read back as "no counts": a tiny weight keeps the model marked as UCB
-    spec = replace(spec, policy="ucb", alpha=float(alpha) or 1e-30)
+    spec = replace(spec, policy="ucb", alpha=float(alpha))
     return write_sidecar(out, spec, index, weight, source_sha256, counts)
 
 
