@@ -253,11 +253,6 @@ class Catalog:
         self._rebuild()
         return created
 
-    def adjust_stock(self, offer_id: str, stock: int | None) -> None:
-        offer = self.snapshot.offers.get(offer_id)
-        if offer is not None:
-            self.put_offer(msgspec.structs.replace(offer, stock=stock))
-
 
 def sqlite_catalog(data_dir: Path) -> Catalog:
     from kassa.db import make_engine
