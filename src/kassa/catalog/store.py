@@ -252,9 +252,3 @@ class Catalog:
         created = self.store.put_placement(placement)
         self._rebuild()
         return created
-
-
-def sqlite_catalog(data_dir: Path) -> Catalog:
-    from kassa.db import make_engine
-
-    return Catalog(SqlCatalogStore(make_engine(data_dir / "kassa.db")))  # the embedded default's file

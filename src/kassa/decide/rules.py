@@ -77,9 +77,6 @@ class FrequencyLedger:
         since = now - window
         return sum(1 for t in times if t >= since)
 
-    def shown_to(self, customer_id: str) -> dict[str, deque[float]] | None:
-        return self._shown.get(customer_id)
-
 
 def eligible(
     offer: schemas.Offer,

@@ -9,16 +9,12 @@ end start the durable consumers of the other roles (decision-log writer, reward 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-from kassa import schemas
 from kassa.config import Settings
 from kassa.events.consumers import (
     DecisionLogConsumer,
-    EventConsumer,
-    FilePositionStore,
-    PositionStore,
     run_consumer,
 )
 from kassa.events.decision_log import DecisionRecord
@@ -76,15 +72,3 @@ async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
                                    on_written=on_written)
     await run_consumer(consumer, stop)
-
-
-def event_consumer(settings: Settings, durable: str,
-                   apply: Callable[[list[tuple[int, schemas.Event]]], Awaitable[None]],
-                   position: PositionStore | None = None) -> EventConsumer:
-    """A durable events consumer (``kassa learn``: ``durable="learner"``, ``apply`` feeds the reward joiner).
-
-    ``position`` defaults to ``<data_dir>/<durable>.position``; keep it beside the effect's state (Redis for the
-    joiner) to close the crash window between the effect and the position. Run it with `run_consumer`."""
-    if position is None:
-        position = FilePositionStore(settings.data_path / f"{durable}.position")
-    return EventConsumer(bus_config(settings, f"kassa-{durable}"), durable, apply, position)

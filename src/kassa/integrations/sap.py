@@ -322,9 +322,6 @@ class SapConnector(HttpConnector):
             self.total_hint = None
         return self.total_hint
 
-    def get_product(self, code: str) -> Product:
-        return self.parse_product(self._get(f"/products/{quote(code, safe='')}"))
-
     def get_order(self, order_id: str) -> Order:
         """``<userId>/<code>`` reads ``/users/{userId}/orders/{code}``; a bare code uses the trusted-client
         ``/orders/{code}`` (code or guid)."""

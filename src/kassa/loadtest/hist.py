@@ -9,9 +9,6 @@ percentile is never below the true one: rounding errs on the pessimistic side.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
@@ -75,7 +72,3 @@ def merge(hists: list[HdrHistogram]) -> HdrHistogram:
     for h in hists:
         total.add(h)
     return total
-
-
-def finite_or_none(x: Any) -> float | None:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)

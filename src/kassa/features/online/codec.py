@@ -90,10 +90,6 @@ class ViewCodec:
             forbid_unknown_fields=True,
         )
 
-    def values_list(self, values: dict[str, Any]) -> list[Any]:
-        """Validate ``values`` and put them in field order; missing fields take the field's default."""
-        return list(self._values(values))
-
     def _values(self, values: dict[str, Any]) -> tuple[Any, ...]:
         try:
             return astuple(msgspec.convert(values, self._struct))

@@ -30,7 +30,7 @@ import numpy as np
 from kassa import schemas
 from kassa.events.decision_log import read_decisions
 from kassa.events.join import PendingDecision
-from kassa.features.featurize import shared_line, tokens
+from kassa.features.featurize import shared_line
 from kassa.learn.online.rewards import RewardJoiner
 
 
@@ -90,11 +90,6 @@ def _restored(features: dict[str, Any]) -> dict[str, Any]:
     """The log stores list features (categories) joined with ``|``; split back so the tokens equal the ones
     the live decision used."""
     return {k: (v.split("|") if isinstance(v, str) and "|" in v else v) for k, v in features.items()}
-
-
-def shared_tokens(features: dict[str, Any]) -> list[str]:
-    """Learner tokens (namespace ``c``) of a logged feature vector."""
-    return tokens(_restored(features))
 
 
 def logged_shared_line(features: dict[str, Any]) -> str:
