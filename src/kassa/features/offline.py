@@ -34,7 +34,6 @@ from kassa.features.definitions import Entity, FeatureRepo, FeatureView
 from kassa.features.online.base import WriteItem
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-KEY_COLUMNS = ("entity_key", "event_timestamp", "created_timestamp")
 
 Timestamp = float | int | datetime | str
 

@@ -126,23 +126,6 @@ def score(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, q: dic
 MIN_ESS = 100.0
 
 
-@dataclass(slots=True)
-class EvaluationRun:
-    evaluation: ope.Evaluation
-    gate: ope.GateResult | None
-    rows: int
-    since: float | None
-    until: float | None
-    seconds: float
-    candidate: str
-    baseline: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"candidate": self.candidate, "baseline": self.baseline, "rows": self.rows, "since": self.since,
-                "until": self.until, "seconds": round(self.seconds, 2), "evaluation": self.evaluation.to_dict(),
-                "gate": self.gate.to_dict() if self.gate else None}
-
-
 def evaluate_models(
     data: LoggedDecisions,
     snap: CatalogSnapshot,

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from kassa.monitor.drift.config import SEVERITY_RANK, Severity
 
-FEATURE_KINDS = ("psi", "psi_binned", "ks")
 PREDICTION_KINDS = ("score_psi", "score_ks", "action_psi")
 REWARD_KINDS = ("reward_rate", "offer_rate")
 
