@@ -100,6 +100,28 @@ def test_partitions_by_utc_date_and_filters(tmp_path: Path) -> None:
     assert ids(placement="thank_you", since=DAY1 + 1) == ["d2", "d4"]
 
 
+@pytest.mark.parametrize("missing", [("candidate_signals", "candidate_offer_features"), ("candidate_offer_features",)])
+def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path: Path, missing: tuple[str, ...]) -> None:
+    # A data dir from before issue 14 (neither column), or from before the offer-feature column only.
+    old = decision_log.records_to_table([rec(1, DAY1)]).drop_columns(list(missing))
+    part = tmp_path / "decisions" / "date=2024-03-01"
+    part.mkdir(parents=True)
+    pq.write_table(old, part / "part-old.parquet")
+    table = read_decisions(tmp_path)
+    assert table.schema == SCHEMA and table.column("decision_id").to_pylist() == ["d1"]
+    for name in missing:
+        assert table.column(name).to_pylist() == [None]
+    found = decision_log.find_decision(tmp_path, "d1")
+    assert found is not None and found.candidate_offer_features is None and found.candidates == ["o1", "o2", "o3"]
+    # A newer file beside it: both read, the old one's missing columns as null.
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    writer.append(rec(2, DAY1 + 1, candidate_signals=["a", "b", "c"], candidate_offer_features=[" |g x=b1", "", ""]))
+    writer.close()
+    table = read_decisions(tmp_path)
+    assert table.column("candidate_offer_features").to_pylist() == [None, [" |g x=b1", "", ""]]
+    assert table.column("candidate_signals").to_pylist()[1] == ["a", "b", "c"]
+
+
 def test_read_without_files_returns_empty_table_with_schema(tmp_path: Path) -> None:
     table = read_decisions(tmp_path)
     assert table.num_rows == 0 and table.schema == SCHEMA

@@ -148,6 +148,25 @@ def test_offer_stream_features_reach_the_learner_lines(tmp_path, settings, clock
             line = kassa.joiner._pending[d2["decision_id"]].actions[0]
             assert f"offer_performance.accepts_1h={bucket}" in line, line
             assert "offer_performance.accept_rate_1h=b5" in line, line
+        live = {d2["decision_id"]: line}
+        assert kassa.decision_log is not None
+        rec = kassa.decision_log.find_unwritten(d2["decision_id"])
+        assert rec is not None and rec.candidate_offer_features is not None
+        assert rec.candidate_offer_features[rec.candidates.index("discount")] == " |g " + line.split(" |g ", 1)[1]
+        kassa.decision_log.flush()
+        snap = kassa.catalog.snapshot
+    # Batch training and evaluation rebuild the line the decision scored from the logged decision (issue 14:
+    # before, they saw the offer's catalog line only, so a model that had learned its |g weights was
+    # trained and judged on lines it was never served with).
+    from kassa.learn.offline.dataset import load_logged
+
+    data = load_logged(settings.data_path, snap.placements["order_confirmation"].placement, lambda o: o,
+                       until=clock() + 86_400.0)
+    i = data.decision_ids.index(d2["decision_id"])
+    assert snap.action_lines["discount"] + data.action_suffix(i, "discount") == live[d2["decision_id"]]
+    first = data.decision_ids.index(d["decision_id"])  # before any event: the offer had no stored row
+    assert data.offer_features[first] == [""]
+    assert data.action_suffix(first, "discount") == ""
 
 
 def test_offer_lines_follow_a_row_that_changes_without_a_newer_event_time() -> None:

@@ -235,7 +235,12 @@ class DecisionEngine:
         shared = shared_line(features)
         lines = snap.action_lines
         offer_src = self.offer_features
-        action_lines = offer_src.lines(kept, lines) if offer_src is not None else [lines[o] for o in kept]
+        view_lines: list[str] | None = None
+        if offer_src is not None:
+            view_lines = []
+            action_lines = offer_src.lines(kept, lines, view_lines)
+        else:
+            action_lines = [lines[o] for o in kept]
         signal_lines: list[str] | None = None
         if retrieved:
             get = retrieved.get
@@ -328,7 +333,7 @@ class DecisionEngine:
                 request_id=req.request_id, customer_id=customer_id, features=loggable_features(features),
                 candidates=kept, probabilities=_slot1_probs(policy, len(kept)), chosen=chosen,
                 chosen_probabilities=ranking.probabilities, explored=ranking.explored, fallback=fallback,
-                took_ms=took_ms, candidate_signals=signal_lines,
+                took_ms=took_ms, candidate_signals=signal_lines, candidate_offer_features=view_lines,
             ))
         if self.observe is not None:
             self.observe(placement.id, fallback, took_ms / 1000.0)

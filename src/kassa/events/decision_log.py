@@ -48,6 +48,9 @@ class DecisionRecord(msgspec.Struct):
     # per candidate (same order), the retrieval signals appended to its learner line (`kassa.decide.retrieval.signals`);
     # None for placements without retrieval and for records written before issue 14
     candidate_signals: list[str] | None = None
+    # per candidate (same order), the offer feature views' namespace appended to its catalog line before the
+    # retrieval signals (`kassa.features.offer_features`, "" where nothing was stored); None without offer views
+    candidate_offer_features: list[str] | None = None
 
 
 SCHEMA = pa.schema(
@@ -67,8 +70,12 @@ SCHEMA = pa.schema(
         pa.field("fallback", pa.bool_(), nullable=False),
         pa.field("took_ms", pa.float64(), nullable=False),
         pa.field("candidate_signals", pa.list_(pa.string())),
+        pa.field("candidate_offer_features", pa.list_(pa.string())),
     ]
 )
+
+# Columns added after the first files were written (issue 14), all lists of strings: older files read them as null.
+LATER_COLUMNS = ("candidate_signals", "candidate_offer_features")
 
 _json = msgspec.json.Encoder()
 
@@ -97,6 +104,7 @@ def records_to_table(records: Iterable[DecisionRecord]) -> pa.Table:
         "fallback": [r.fallback for r in rows],
         "took_ms": [r.took_ms for r in rows],
         "candidate_signals": [r.candidate_signals for r in rows],
+        "candidate_offer_features": [r.candidate_offer_features for r in rows],
     }
     return pa.table(columns, schema=SCHEMA)
 
@@ -308,9 +316,12 @@ def read_decisions(
         try:
             table = con.sql(f"SELECT {cols} {tail}", params=params).to_arrow_table()
         except duckdb.BinderException:
-            # Only files written before a column was added (issue 14's candidate_signals): read it as null.
-            old = [n for n in SCHEMA.names if n != "candidate_signals"]
-            sel = ", ".join(f'"{n}"' for n in old) + ", NULL::VARCHAR[] AS candidate_signals"
+            # Only files written before a column was added (`LATER_COLUMNS`): read it as null.
+            have = {row[0] for row in con.sql(
+                f"DESCRIBE SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+            ).fetchall()}
+            sel = ", ".join(f'"{n}"' if n in have or n not in LATER_COLUMNS else f'NULL::VARCHAR[] AS "{n}"'
+                            for n in SCHEMA.names)
             table = con.sql(f"SELECT {sel} {tail}", params=params).to_arrow_table()
     finally:
         con.close()

@@ -50,8 +50,11 @@ class OfferFeatureSource:
     def __bool__(self) -> bool:
         return bool(self.views)
 
-    def lines(self, offer_ids: Sequence[str], base: Mapping[str, str]) -> list[str]:
-        """The action lines of ``offer_ids``: each one's catalog line in ``base`` with its ``|g`` namespace."""
+    def lines(self, offer_ids: Sequence[str], base: Mapping[str, str],
+              suffixes: list[str] | None = None) -> list[str]:
+        """The action lines of ``offer_ids``: each one's catalog line in ``base`` with its ``|g`` namespace.
+        ``suffixes``, when given, receives each one's ``|g`` namespace ("" when nothing is stored): what the
+        decision log records, so batch training and evaluation rebuild the lines the decision scored."""
         cache = self._lines
         get_rows, get_row = self.get_rows, self.get_row
         rows = get_rows(offer_ids) if get_rows is not None else [get_row(o) for o in offer_ids]
@@ -59,24 +62,29 @@ class OfferFeatureSource:
         for offer_id, row in zip(offer_ids, rows, strict=True):  # one loop and no call per candidate
             line = base[offer_id]
             cached = cache.get(offer_id)
-            if cached is not None and cached[0] is row and cached[1] is line:
-                out.append(cached[3])
-            else:
-                out.append(self._build(offer_id, row, line, cached))
+            if cached is None or cached[0] is not row or cached[1] is not line:
+                self._build(offer_id, row, line, cached)
+                cached = cache[offer_id]
+            out.append(cached[3])
+            if suffixes is not None:
+                suffixes.append(cached[2])
         return out
 
     def line(self, offer_id: str, base: str) -> str:
         """The offer's action line: ``base`` (its catalog line) with its ``|g`` namespace appended."""
         return self.lines((offer_id,), {offer_id: base})[0]
 
-    def _build(self, offer_id: str, row: Row | None, base: str, cached: tuple[Row | None, str, str, str] | None) -> str:
+    def _build(self, offer_id: str, row: Row | None, base: str,
+               cached: tuple[Row | None, str, str, str] | None) -> None:
         suffix = self._suffix(row)
-        # No bucket moved: the same string as before, whose hash the scorer's caches already know.
-        line = cached[3] if cached is not None and cached[1] is base and cached[2] == suffix else base + suffix
+        # No bucket moved: the same strings as before, whose hashes the scorer's caches already know.
+        if cached is not None and cached[1] is base and cached[2] == suffix:
+            suffix, line = cached[2], cached[3]
+        else:
+            line = base + suffix
         if len(self._lines) >= 100_000:  # offer ids are a catalog's; bound it anyway
             self._lines.clear()
         self._lines[offer_id] = (row, base, suffix, line)
-        return line
 
     def _suffix(self, row: Row | None) -> str:
         """The ``|g`` namespace of an offer's stored ``row`` for its learner line ("" when nothing is stored)."""

@@ -50,6 +50,8 @@ class LoggedDecisions:
     fallback: list[bool] = field(default_factory=list)
     # per candidate, its retrieval signals suffix (`kassa.decide.retrieval.signals`), or None when none were logged
     signals: list[list[str] | None] = field(default_factory=list)
+    # per candidate, its offer feature views' suffix (`kassa.features.offer_features`), or None when none were logged
+    offer_features: list[list[str] | None] = field(default_factory=list)
     pending: int = 0  # decisions left out because their reward window had not closed
     events_replayed: int = 0
 
@@ -57,14 +59,17 @@ class LoggedDecisions:
         return len(self.decision_ids)
 
     def action_suffix(self, i: int, offer_id: str) -> str:
-        """Row ``i``'s logged retrieval signals of ``offer_id`` ("" when none were logged)."""
+        """What row ``i``'s decision appended to ``offer_id``'s catalog line: its offer feature views' namespace,
+        then its retrieval signals, as logged ("" for what was not logged), so the line is the one it scored."""
         sig = self.signals[i] if i < len(self.signals) else None
-        if not sig:
+        views = self.offer_features[i] if i < len(self.offer_features) else None
+        if not sig and not views:
             return ""
         try:
-            return sig[self.candidates[i].index(offer_id)]
+            k = self.candidates[i].index(offer_id)
         except ValueError:
             return ""
+        return (views[k] if views else "") + (sig[k] if sig else "")
 
     def top_slot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reward, logged probability, number of candidates) of every row's first slot."""
@@ -81,7 +86,8 @@ class LoggedDecisions:
     def _slice(self, a: int, b: int) -> LoggedDecisions:
         out = LoggedDecisions(self.placement)
         for name in ("decision_ids", "ts", "model_versions", "customer_ids", "features", "candidates",
-                     "probabilities", "chosen", "chosen_probabilities", "rewards", "fallback", "signals"):
+                     "probabilities", "chosen", "chosen_probabilities", "rewards", "fallback", "signals",
+                     "offer_features"):
             setattr(out, name, getattr(self, name)[a:b])
         return out
 
@@ -134,7 +140,7 @@ def load_logged(
         return out
     cols = {name: table.column(name).to_pylist() for name in (
         "decision_id", "ts", "model_version", "customer_id", "features_json", "candidates", "probabilities",
-        "chosen", "chosen_probabilities", "fallback", "candidate_signals")}
+        "chosen", "chosen_probabilities", "fallback", "candidate_signals", "candidate_offer_features")}
     wait = placement.reward.wait_seconds
     first_ts, last_ts = cols["ts"][0], cols["ts"][-1]
     events = list(_events(Path(data_dir) / "events.db", first_ts - 1.0, last_ts + wait + 3600.0))
@@ -218,6 +224,7 @@ def load_logged(
         out.rewards.append(r)
         out.fallback.append(cols["fallback"][i])
         out.signals.append(cols["candidate_signals"][i])
+        out.offer_features.append(cols["candidate_offer_features"][i])
     if progress is not None:
         progress(n, n)
     return out
