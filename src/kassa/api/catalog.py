@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors, schemas
-from kassa.api.common import authorize, decode, json_response, read_body
+from kassa.api.common import authorize, decode, json_response, no_nul, read_body
 from kassa.app import Kassa
 from kassa.catalog.store import Catalog, InvalidField
 
@@ -37,7 +37,7 @@ async def get_offer(request: Request) -> Response:
 
 async def put_offer(request: Request) -> Response:
     kassa = _kassa(request)
-    offer_id = request.path_params["offer_id"]
+    offer_id = no_nul(request.path_params["offer_id"], "offer_id")
     body = await read_body(request, kassa.settings.server.max_body_bytes)
     offer = decode(body, schemas.Offer)
     if offer.id != offer_id:
@@ -48,7 +48,7 @@ async def put_offer(request: Request) -> Response:
 
 async def delete_offer(request: Request) -> Response:
     kassa = _kassa(request)
-    offer_id = request.path_params["offer_id"]
+    offer_id = no_nul(request.path_params["offer_id"], "offer_id")
     users = [p.placement.id for p in kassa.catalog.snapshot.placements.values()
              if offer_id in (p.placement.offers or ())]
     if users:
@@ -91,7 +91,7 @@ def store_placement(catalog: Catalog, placement: schemas.Placement) -> bool:
 
 async def put_placement(request: Request) -> Response:
     kassa = _kassa(request)
-    placement_id = request.path_params["placement_id"]
+    placement_id = no_nul(request.path_params["placement_id"], "placement_id")
     body = await read_body(request, kassa.settings.server.max_body_bytes)
     placement = decode(body, schemas.Placement)
     if placement.id != placement_id:
