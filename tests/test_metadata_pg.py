@@ -405,4 +405,10 @@ def test_a_nul_character_in_an_admin_path_or_reason_is_422_naming_it_not_a_500(
             assert response.json()["field"] == field
         assert "a\x00b" not in one.catalog.snapshot.offers
         assert a.get("/v1/offers/discount").status_code == 200  # the database is still fine
+        # the dashboard's editors (the header's admin key stands in for a session and its CSRF token)
+        offer_doc = msgspec.json.encode(offer).decode()
+        assert a.post("/dashboard/offers/a%00b", data={"document": offer_doc}).status_code == 422
+        refused = a.post("/dashboard/keys", data={"kind": "publishable", "name": "shop\x00"})
+        assert refused.status_code == 422 and "no NUL" in refused.text
+        assert all(k["name"] != "shop\x00" for k in one.keys.list())
     one.db.dispose()
