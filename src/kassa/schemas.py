@@ -20,7 +20,12 @@ Amount = Annotated[float, Meta(ge=-1e9, le=1e9)]  # a signed value: an event's, 
 Qty = Annotated[int, Meta(ge=0, le=100_000)]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
 LocaleTag = Annotated[str, Meta(pattern="^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]  # nl, nl-NL, zh-Hant-TW
-FeatureValue = float | int | str | bool | None
+# A number the learner takes as a feature value: VW reads it as a 32-bit float and squares it (its adaptive
+# update, the UCB bonus). An offer's `features` or a feature view's value of 1e30 left VW's weight for it
+# infinite, and UCB's probabilities for that buyer summed to 0.02 (NaN scores); 1e15 squared still fits.
+FEATURE_VALUE_MAX = 1e15
+FeatureValue = (Annotated[float, Meta(ge=-FEATURE_VALUE_MAX, le=FEATURE_VALUE_MAX)]
+                | Annotated[int, Meta(ge=-int(FEATURE_VALUE_MAX), le=int(FEATURE_VALUE_MAX))] | str | bool | None)
 Probability = Annotated[float, Meta(ge=0, le=1)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]

@@ -38,6 +38,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct, field
 
+from kassa.schemas import FEATURE_VALUE_MAX
+
 Dtype = Literal["int", "float", "str", "bool", "list[str]", "list[float]", "list[int]"]
 ViewKind = Literal["batch", "stream", "request", "push"]
 AggFunction = Literal["count", "sum", "mean", "min", "max", "last", "last_n_distinct"]
@@ -252,6 +254,8 @@ def _scalar(dtype: str, value: Any, max_length: int) -> Any:
         raise ValueError(f"expected {dtype}, got bool")
     if not isinstance(value, kinds):
         raise ValueError(f"expected {dtype}, got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not -FEATURE_VALUE_MAX <= value <= FEATURE_VALUE_MAX:  # also NaN
+        raise ValueError(f"{value!r} is outside ±{FEATURE_VALUE_MAX:.0e}, what the learner can take")
     if dtype == "float" and isinstance(value, (int, float)):
         return float(value)
     if dtype == "str" and isinstance(value, str) and len(value) > max_length:
