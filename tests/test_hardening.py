@@ -383,3 +383,19 @@ def test_a_stored_offer_feature_an_older_version_accepted_falls_back_instead_of_
     stored = next(p for p in placements if p.id == "cross_sell")
     assert stored.slots == 2 and stored.reward.weights["click"] == 0.1
     assert sum("out of range" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_lower_case_eligibility_countries_match_the_upper_case_ship_country(client):
+    # `countries: [us]` was stored as written and matched no order (never shown); `exclude_countries` excluded nothing
+    offer = {"id": "lc", "kind": "partner", "title": "LC", "value": 50,
+             "eligibility": {"countries": ["us", " ca"], "exclude_countries": ["nl"]}}
+    stored = client.put("/v1/offers/lc", json=offer, headers=ADMIN_H).json()
+    assert stored["eligibility"] == {"countries": ["US", "CA"], "exclude_countries": ["NL"]}
+    assert client.put("/v1/placements/lcp", json={"id": "lcp", "offers": ["lc"], "slots": 1},
+                      headers=ADMIN_H).status_code == 201
+
+    def shown(country: str) -> list[str]:
+        body = {"placement": "lcp", "order": {**order(country=country), "id": f"o-{country}"}}
+        return [o["offer_id"] for o in client.post("/v1/decisions", json=body).json()["offers"]]
+
+    assert shown("US") == ["lc"] and shown("CA") == ["lc"] and shown("NL") == [] and shown("DE") == []

@@ -140,6 +140,14 @@ class Eligibility(Struct, forbid_unknown_fields=True, omit_defaults=True):
     max_per_customer: Count | None = None  # frequency cap: times shown to one customer...
     cap_window_seconds: NonNegative = 86_400.0  # ...within this window
 
+    def __post_init__(self) -> None:
+        # An order's ship_country is upper-case (its wire type says so): `countries: [us]` matched no order, so
+        # the offer was never shown, and `exclude_countries: [us]` excluded nothing. Kept upper-case.
+        for name in ("countries", "exclude_countries"):
+            codes = getattr(self, name)
+            if codes is not None and any(c != c.strip().upper() for c in codes):
+                setattr(self, name, [c.strip().upper() for c in codes])
+
 
 class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: Id
