@@ -399,3 +399,20 @@ def test_lower_case_eligibility_countries_match_the_upper_case_ship_country(clie
         return [o["offer_id"] for o in client.post("/v1/decisions", json=body).json()["offers"]]
 
     assert shown("US") == ["lc"] and shown("CA") == ["lc"] and shown("NL") == [] and shown("DE") == []
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"features": ["customer_signal"]}, "features[0]"),  # a typo of customer_signals
+    ({"context_features": ["device", "customer_signals.lvt"]}, "context_features[1]"),
+    ({"context_features": ["nope.ltv"]}, "context_features[0]"),
+    # a view the placement does not read
+    ({"features": ["customer_activity"], "context_features": ["customer_signals.ltv"]}, "context_features[0]"),
+])
+def test_a_placement_naming_a_feature_the_definitions_lack_is_422_naming_it(client, patch, field):
+    # was stored and read as nothing: the placement's learner went without the feature, silently
+    placement = {"id": "feat", "offers": ["discount"], **patch}
+    assert_problem(client.put("/v1/placements/feat", json=placement, headers=ADMIN_H), 422, field)
+    assert client.get("/v1/placements/feat", headers=ADMIN_H).status_code == 404
+    ok = {"id": "feat", "offers": ["discount"], "features": ["customer_signals"],
+          "context_features": ["device", "customer_signals.ltv"]}
+    assert client.put("/v1/placements/feat", json=ok, headers=ADMIN_H).status_code == 201

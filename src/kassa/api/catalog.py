@@ -12,6 +12,7 @@ from kassa import errors, schemas
 from kassa.api.common import authorize, decode, json_response, no_nul, read_body
 from kassa.app import Kassa
 from kassa.catalog.store import Catalog, InvalidField
+from kassa.features.definitions import FeatureRepo
 
 
 def _kassa(request: Request) -> Kassa:
@@ -78,9 +79,13 @@ async def get_placement(request: Request) -> Response:
     })
 
 
-def store_placement(catalog: Catalog, placement: schemas.Placement) -> bool:
-    """Write a placement (True when created); what the catalog refuses is a 422 naming the field. Shared by
-    the API and the dashboard's editor, which let `InvalidField` (a bad time zone) escape as a 500."""
+def store_placement(catalog: Catalog, placement: schemas.Placement, repo: FeatureRepo | None = None) -> bool:
+    """Write a placement (True when created); what the catalog refuses is a 422 naming the field, and so is a
+    feature view or ``view.field`` that ``repo`` does not define. Shared by the API and the dashboard's editor,
+    which let `InvalidField` (a bad time zone) escape as a 500."""
+    problem = repo.placement_problem(placement.features, placement.context_features) if repo is not None else None
+    if problem is not None:
+        raise errors.Invalid(*problem)
     try:
         return catalog.put_placement(placement)
     except KeyError as exc:
@@ -96,5 +101,5 @@ async def put_placement(request: Request) -> Response:
     placement = decode(body, schemas.Placement)
     if placement.id != placement_id:
         raise errors.Invalid(f"body id {placement.id!r} does not match the path id {placement_id!r}", "id")
-    created = await asyncio.to_thread(store_placement, kassa.catalog, placement)
+    created = await asyncio.to_thread(store_placement, kassa.catalog, placement, kassa.repo)
     return json_response(msgspec.to_builtins(placement), 201 if created else 200)

@@ -166,7 +166,7 @@ async def edit_placement(dash: Dashboard, request: Request, session: Session, fo
         edited = decode(document.encode(), schemas.Placement)
         if edited.id != placement_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match {placement_id!r}", "id")
-        await asyncio.to_thread(store_placement, kassa.catalog, edited)  # SQL: off the serving loop
+        await asyncio.to_thread(store_placement, kassa.catalog, edited, kassa.repo)  # SQL: off the serving loop
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/placements",
                     session.csrf, status=exc.status)
