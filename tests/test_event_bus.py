@@ -729,3 +729,24 @@ def test_a_spool_replay_batch_lets_the_loop_serve_between_its_rows_and_keeps_the
         ticks, seqs = runner.run(asyncio.wait_for(go(), 30))
     assert ticks >= 2, ticks  # the loop ran other tasks at least at rows 100 and 200
     assert seqs == sorted(seqs) and len(set(seqs)) == 300  # in order, each stored once
+
+
+def test_event_ids_that_differ_only_in_what_a_nats_header_cannot_carry_are_not_duplicates(cfg: BusConfig) -> None:
+    # nats-py strips a header value and turns CR/LF into spaces: " e1 " and "e1\n" were acked as duplicates of
+    # "e1" (dropped; the SQLite log keeps each), and a blank id had no dedupe at all (each retry was stored)
+    log = JetStreamEventLog.connect(cfg)
+    try:
+        def event(event_id: str) -> schemas.Event:
+            return schemas.Event(event_id=event_id, type="click", decision_id="d1")
+
+        async def go() -> None:
+            ids = ["e1", " e1 ", "e1\n", "a\rb", "a\nb", "a b", " ", "\t", "=?ZTE="]
+            first = await log.append([event(i) for i in ids], 1000.0)
+            assert [e.event_id for e in first.new] == ids and first.duplicates == 0
+            again = await log.append([event(i) for i in ids], 1001.0)  # a client's retry: every one a duplicate
+            assert not again.new and again.duplicates == len(ids)
+
+        asyncio.run(go())
+        assert log.count() == 9
+    finally:
+        log.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from kassa.events.decision_log import read_decisions
 from tests.conftest import ADMIN, SECRET, decision_body
@@ -68,6 +69,17 @@ def test_bad_feature_writes_are_refused_naming_the_field_and_write_nothing(clien
     # too large
     big = {"view": "customer_signals", "rows": [{"key": f"k{i}", "values": {"segment": "s" * 30}} for i in range(200)]}
     assert_problem(client.post("/v1/features/push", json=big, headers=SECRET_H), 413)
+
+
+@pytest.mark.parametrize("value", [1e30, -1e16, 10**20, 1e308])
+def test_a_feature_value_the_learner_cannot_take_is_422_and_writes_nothing(client, kassa, value):
+    # was stored: VW's weight for it became infinite, and UCB's probabilities for the buyer summed to 0.02
+    r = client.put("/v1/features/customer_signals/c-huge", json={"values": {"ltv": value}}, headers=SECRET_H)
+    assert "outside" in assert_problem(r, 422, "values.ltv")["detail"]
+    got = client.portal.call(kassa.store.read, [("customer", "c-huge")], kassa.repo.views)
+    assert got == [None]
+    ok = client.put("/v1/features/customer_signals/c-huge", json={"values": {"ltv": 1e15}}, headers=SECRET_H)
+    assert ok.status_code == 200
 
 
 def test_feature_writes_need_a_secret_key(client):

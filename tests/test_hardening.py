@@ -236,6 +236,9 @@ def test_out_of_range_placement_values_are_422_naming_the_field(client, patch, f
     ({"eligibility": {"cap_window_seconds": -1}}, "eligibility.cap_window_seconds"),
     ({"eligibility": {"max_per_customer": -1}}, "eligibility.max_per_customer"),
     ({"value": -1}, "value"),
+    # a feature value VW cannot square in 32 bits: its weight became infinite (see schemas.FEATURE_VALUE_MAX)
+    ({"features": {"size": 1e30}}, "features[...]"),
+    ({"features": {"size": -(10**20)}}, "features[...]"),
 ])
 def test_out_of_range_offer_values_are_422_naming_the_field(client, patch, field):
     offer = {"id": "bad", "kind": "partner", "title": "Bad", **patch}
@@ -361,3 +364,55 @@ def test_a_stored_placement_an_older_version_accepted_loads_with_the_default_and
     assert stored.context_features is None and stored.slots == 2
     assert any("context_features is out of range" in r.getMessage() and "'gone'" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_stored_offer_feature_an_older_version_accepted_falls_back_instead_of_stopping_the_start(kassa, caplog):
+    # a value inside a dict (`features[...]`, `reward.weights[...]`): the path named no key, and the start failed
+    from sqlalchemy import update
+
+    from kassa.catalog import SqlCatalogStore
+    from kassa.db import offers_table, placements_table
+
+    with kassa.db.begin() as conn:
+        conn.execute(update(offers_table).where(offers_table.c.id == "discount").values(
+            body='{"id": "discount", "kind": "discount", "title": "D", "value": 4, "features": {"size": 1e30}}'))
+        conn.execute(update(placements_table).where(placements_table.c.id == "cross_sell").values(
+            body='{"id": "cross_sell", "slots": 2, "reward": {"weights": {"click": 1e308}}}'))
+    offers, placements = SqlCatalogStore(kassa.db).load()
+    assert next(o for o in offers if o.id == "discount").features == {}
+    stored = next(p for p in placements if p.id == "cross_sell")
+    assert stored.slots == 2 and stored.reward.weights["click"] == 0.1
+    assert sum("out of range" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_lower_case_eligibility_countries_match_the_upper_case_ship_country(client):
+    # `countries: [us]` was stored as written and matched no order (never shown); `exclude_countries` excluded nothing
+    offer = {"id": "lc", "kind": "partner", "title": "LC", "value": 50,
+             "eligibility": {"countries": ["us", " ca"], "exclude_countries": ["nl"]}}
+    stored = client.put("/v1/offers/lc", json=offer, headers=ADMIN_H).json()
+    assert stored["eligibility"] == {"countries": ["US", "CA"], "exclude_countries": ["NL"]}
+    assert client.put("/v1/placements/lcp", json={"id": "lcp", "offers": ["lc"], "slots": 1},
+                      headers=ADMIN_H).status_code == 201
+
+    def shown(country: str) -> list[str]:
+        body = {"placement": "lcp", "order": {**order(country=country), "id": f"o-{country}"}}
+        return [o["offer_id"] for o in client.post("/v1/decisions", json=body).json()["offers"]]
+
+    assert shown("US") == ["lc"] and shown("CA") == ["lc"] and shown("NL") == [] and shown("DE") == []
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"features": ["customer_signal"]}, "features[0]"),  # a typo of customer_signals
+    ({"context_features": ["device", "customer_signals.lvt"]}, "context_features[1]"),
+    ({"context_features": ["nope.ltv"]}, "context_features[0]"),
+    # a view the placement does not read
+    ({"features": ["customer_activity"], "context_features": ["customer_signals.ltv"]}, "context_features[0]"),
+])
+def test_a_placement_naming_a_feature_the_definitions_lack_is_422_naming_it(client, patch, field):
+    # was stored and read as nothing: the placement's learner went without the feature, silently
+    placement = {"id": "feat", "offers": ["discount"], **patch}
+    assert_problem(client.put("/v1/placements/feat", json=placement, headers=ADMIN_H), 422, field)
+    assert client.get("/v1/placements/feat", headers=ADMIN_H).status_code == 404
+    ok = {"id": "feat", "offers": ["discount"], "features": ["customer_signals"],
+          "context_features": ["device", "customer_signals.ltv"]}
+    assert client.put("/v1/placements/feat", json=ok, headers=ADMIN_H).status_code == 201

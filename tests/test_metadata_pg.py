@@ -384,3 +384,31 @@ def test_postgres_restarted_under_load_serving_continues_from_caches_with_zero_5
     finally:
         server.destroy()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_nul_character_in_an_admin_path_or_reason_is_422_naming_it_not_a_500(
+        pg_url, tmp_path, catalog_file, features_file):
+    # PostgreSQL text cannot hold NUL: `%00` in an offer, placement or model path was a psycopg DataError (a 500)
+    one = Kassa(_settings(tmp_path, "one", pg_url, catalog_file, features_file), seed=1)
+    with TestClient(create_app(one), headers={"Authorization": f"Bearer {ADMIN}"}) as a:
+        offer = {"id": "a\x00b", "kind": "partner", "title": "NUL"}
+        for response, field in [
+            (a.put("/v1/offers/a%00b", json=offer), "offer_id"),
+            (a.delete("/v1/offers/a%00b"), "offer_id"),
+            (a.put("/v1/placements/p%00", json={"id": "p\x00", "offers": ["discount"]}), "placement_id"),
+            (a.get("/v1/models", params={"placement": "p\x00"}), "placement"),
+            (a.get("/v1/models/v%00"), "version"),
+            (a.post("/v1/models/v%00/stage", json={"stage": "production"}), "version"),
+            (a.post("/v1/placements/order_confirmation/rollback", json={"reason": "a\x00b"}), "reason"),
+        ]:
+            assert response.status_code == 422, response.text
+            assert response.json()["field"] == field
+        assert "a\x00b" not in one.catalog.snapshot.offers
+        assert a.get("/v1/offers/discount").status_code == 200  # the database is still fine
+        # the dashboard's editors (the header's admin key stands in for a session and its CSRF token)
+        offer_doc = msgspec.json.encode(offer).decode()
+        assert a.post("/dashboard/offers/a%00b", data={"document": offer_doc}).status_code == 422
+        refused = a.post("/dashboard/keys", data={"kind": "publishable", "name": "shop\x00"})
+        assert refused.status_code == 422 and "no NUL" in refused.text
+        assert all(k["name"] != "shop\x00" for k in one.keys.list())
+    one.db.dispose()

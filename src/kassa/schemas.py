@@ -20,7 +20,12 @@ Amount = Annotated[float, Meta(ge=-1e9, le=1e9)]  # a signed value: an event's, 
 Qty = Annotated[int, Meta(ge=0, le=100_000)]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
 LocaleTag = Annotated[str, Meta(pattern="^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]  # nl, nl-NL, zh-Hant-TW
-FeatureValue = float | int | str | bool | None
+# A number the learner takes as a feature value: VW reads it as a 32-bit float and squares it (its adaptive
+# update, the UCB bonus). An offer's `features` or a feature view's value of 1e30 left VW's weight for it
+# infinite, and UCB's probabilities for that buyer summed to 0.02 (NaN scores); 1e15 squared still fits.
+FEATURE_VALUE_MAX = 1e15
+FeatureValue = (Annotated[float, Meta(ge=-FEATURE_VALUE_MAX, le=FEATURE_VALUE_MAX)]
+                | Annotated[int, Meta(ge=-int(FEATURE_VALUE_MAX), le=int(FEATURE_VALUE_MAX))] | str | bool | None)
 Probability = Annotated[float, Meta(ge=0, le=1)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
@@ -134,6 +139,14 @@ class Eligibility(Struct, forbid_unknown_fields=True, omit_defaults=True):
     ends_at: float | None = None
     max_per_customer: Count | None = None  # frequency cap: times shown to one customer...
     cap_window_seconds: NonNegative = 86_400.0  # ...within this window
+
+    def __post_init__(self) -> None:
+        # An order's ship_country is upper-case (its wire type says so): `countries: [us]` matched no order, so
+        # the offer was never shown, and `exclude_countries: [us]` excluded nothing. Kept upper-case.
+        for name in ("countries", "exclude_countries"):
+            codes = getattr(self, name)
+            if codes is not None and any(c != c.strip().upper() for c in codes):
+                setattr(self, name, [c.strip().upper() for c in codes])
 
 
 class Offer(Struct, forbid_unknown_fields=True, omit_defaults=True):

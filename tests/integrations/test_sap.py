@@ -168,6 +168,16 @@ def test_parse_order_rejects_malformed_orders(mutate: Any, message: str) -> None
         connector().parse_order(order)
 
 
+@pytest.mark.parametrize("created", ["/Date(253402300800000)/", "/Date(-99999999999999999)/",
+                                     "/Date(99999999999999999999)/", "/Date(" + "9" * 5000 + ")/"])
+def test_an_odata_date_out_of_range_is_a_payload_error_naming_created(created: str) -> None:
+    # was a ValueError (year 10000 is out of range) or an OSError from fromtimestamp: a 500 on the webhook
+    order = load_fixture("order.json") | {"created": created}
+    with pytest.raises(PayloadError, match="out of range") as refused:
+        connector().parse_order(order)
+    assert refused.value.field == "created"
+
+
 def test_parse_product_maps_occ_product(fake: SapFake) -> None:
     product = connector(fake, media_url="https://media.example", storefront_url="https://shop.example").parse_product(
         load_fixture("product.json"))

@@ -229,6 +229,20 @@ def test_a_signed_woocommerce_line_price_past_any_amount_is_422_not_500(hooks, k
     assert kassa.event_log.count() == 0
 
 
+@pytest.mark.parametrize("created", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_signed_order_time_that_leaves_the_datetime_range_in_utc_is_422_not_500(hooks, kassa, created):
+    # fromisoformat reads them; converting to UTC raised OverflowError, which no handler turned into a 4xx
+    body = shopify_body(0, created_at=created)
+    assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 422, "created_at")
+    assert kassa.event_log.count() == 0
+
+
+def test_an_unsigned_triggered_at_header_out_of_range_is_ignored(hooks, kassa, clock):
+    body = shopify_body(clock())
+    headers = shopify_headers(body) | {"X-Shopify-Triggered-At": "0001-01-01T00:00:00+01:00"}
+    assert hooks.post("/v1/webhooks/shopify", content=body, headers=headers).json()["accepted"] == 1
+
+
 def test_a_body_over_the_limit_is_413(hooks, kassa):
     body = b"x" * 1_100_000
     assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 413)

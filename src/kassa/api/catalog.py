@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors, schemas
-from kassa.api.common import authorize, decode, json_response, read_body
+from kassa.api.common import authorize, decode, json_response, no_nul, read_body
 from kassa.app import Kassa
 from kassa.catalog.store import Catalog, InvalidField
+from kassa.features.definitions import FeatureRepo
 
 
 def _kassa(request: Request) -> Kassa:
@@ -37,7 +38,7 @@ async def get_offer(request: Request) -> Response:
 
 async def put_offer(request: Request) -> Response:
     kassa = _kassa(request)
-    offer_id = request.path_params["offer_id"]
+    offer_id = no_nul(request.path_params["offer_id"], "offer_id")
     body = await read_body(request, kassa.settings.server.max_body_bytes)
     offer = decode(body, schemas.Offer)
     if offer.id != offer_id:
@@ -48,7 +49,7 @@ async def put_offer(request: Request) -> Response:
 
 async def delete_offer(request: Request) -> Response:
     kassa = _kassa(request)
-    offer_id = request.path_params["offer_id"]
+    offer_id = no_nul(request.path_params["offer_id"], "offer_id")
     users = [p.placement.id for p in kassa.catalog.snapshot.placements.values()
              if offer_id in (p.placement.offers or ())]
     if users:
@@ -78,9 +79,13 @@ async def get_placement(request: Request) -> Response:
     })
 
 
-def store_placement(catalog: Catalog, placement: schemas.Placement) -> bool:
-    """Write a placement (True when created); what the catalog refuses is a 422 naming the field. Shared by
-    the API and the dashboard's editor, which let `InvalidField` (a bad time zone) escape as a 500."""
+def store_placement(catalog: Catalog, placement: schemas.Placement, repo: FeatureRepo | None = None) -> bool:
+    """Write a placement (True when created); what the catalog refuses is a 422 naming the field, and so is a
+    feature view or ``view.field`` that ``repo`` does not define. Shared by the API and the dashboard's editor,
+    which let `InvalidField` (a bad time zone) escape as a 500."""
+    problem = repo.placement_problem(placement.features, placement.context_features) if repo is not None else None
+    if problem is not None:
+        raise errors.Invalid(*problem)
     try:
         return catalog.put_placement(placement)
     except KeyError as exc:
@@ -91,10 +96,10 @@ def store_placement(catalog: Catalog, placement: schemas.Placement) -> bool:
 
 async def put_placement(request: Request) -> Response:
     kassa = _kassa(request)
-    placement_id = request.path_params["placement_id"]
+    placement_id = no_nul(request.path_params["placement_id"], "placement_id")
     body = await read_body(request, kassa.settings.server.max_body_bytes)
     placement = decode(body, schemas.Placement)
     if placement.id != placement_id:
         raise errors.Invalid(f"body id {placement.id!r} does not match the path id {placement_id!r}", "id")
-    created = await asyncio.to_thread(store_placement, kassa.catalog, placement)
+    created = await asyncio.to_thread(store_placement, kassa.catalog, placement, kassa.repo)
     return json_response(msgspec.to_builtins(placement), 201 if created else 200)

@@ -138,6 +138,15 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise errors.BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
 
 
+def no_nul(value: str, field: str) -> str:
+    """``value`` unless it holds a NUL character: a name looked up in or written to the metadata database
+    (catalog ids, model versions, reasons) must not, as PostgreSQL text cannot hold one (``%00`` in a path
+    was a psycopg `DataError`, a 500). Decisions and events never reach SQL and need no such check."""
+    if "\x00" in value:
+        raise errors.Invalid(f"{field} must not contain NUL (U+0000) characters", field)
+    return value
+
+
 def bearer(header: str) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, None for another scheme or no token. The
     scheme is case-insensitive (RFC 9110 §11.1): ``bearer <key>`` was a 401."""

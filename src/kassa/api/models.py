@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors
-from kassa.api.common import authorize, decode, json_response, read_body
+from kassa.api.common import authorize, decode, json_response, no_nul, read_body
 from kassa.app import Kassa
 from kassa.learn.registry import STAGES, StageError
 from kassa.learn.rollout import promote_version
@@ -42,6 +42,8 @@ def _kassa(request: Request) -> Kassa:
 async def list_models(request: Request) -> Response:
     kassa = _kassa(request)
     placement = request.query_params.get("placement")
+    if placement is not None:
+        no_nul(placement, "placement")
     stage = request.query_params.get("stage")
     if stage is not None and stage not in STAGES:  # was ignored: `?stage=prod` listed every version
         raise errors.Invalid(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
@@ -75,16 +77,19 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     kassa = _kassa(request)
     registry = kassa.model_registry
-    mv = await asyncio.to_thread(registry.get, request.path_params["version"])
+    mv = await asyncio.to_thread(registry.get, no_nul(request.path_params["version"], "version"))
     history = await asyncio.to_thread(lambda: registry.history(version=mv.version))
     return json_response({**mv.to_dict(), "history": [h.to_dict() for h in history]})
 
 
 async def change_stage(request: Request) -> Response:
     kassa = _kassa(request)
+    version = no_nul(request.path_params["version"], "version")
     body = decode(await read_body(request, kassa.settings.server.max_body_bytes), StageChange)
+    if body.reason is not None:
+        no_nul(body.reason, "reason")
     # Registry writes commit with fsync: off the event loop, like the loading that follows.
-    mv = await asyncio.to_thread(promote_version, kassa.model_registry, request.path_params["version"], body.stage,
+    mv = await asyncio.to_thread(promote_version, kassa.model_registry, version, body.stage,
                                  share=body.share, reason=body.reason, force=body.force, actor="api")
     await kassa.learning.poll_async()
     return json_response(mv.to_dict())
@@ -94,6 +99,8 @@ async def rollback(request: Request) -> Response:
     kassa = _kassa(request)
     body = await read_body(request, kassa.settings.server.max_body_bytes)
     reason = decode(body, Rollback).reason if body else None
+    if reason is not None:
+        no_nul(reason, "reason")
     placement = request.path_params["placement_id"]
     if placement not in kassa.catalog.snapshot.placements:
         raise StageError(f"unknown placement {placement!r}", "placement")

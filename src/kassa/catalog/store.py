@@ -149,6 +149,10 @@ def _stored(body: str | bytes, kind: type[T]) -> T:
             parts = m.group(1).lstrip(".").split(".") if m else []
             if not parts and (own := _OWN_FIELD.match(str(exc))) and own.group(1) in tree:
                 parts = [own.group(1)]  # a check of the whole row (`__post_init__`) that names its field first
+            for j, part in enumerate(parts):
+                if "[" in part:  # in a dict's values or a list's items (`features[...]`): the field holding them
+                    parts = [*parts[:j], part[:part.index("[")]]
+                    break
             node = tree
             for part in parts[:-1]:
                 node = node.get(part) if isinstance(node, dict) else None

@@ -38,6 +38,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct, field
 
+from kassa.schemas import FEATURE_VALUE_MAX
+
 Dtype = Literal["int", "float", "str", "bool", "list[str]", "list[float]", "list[int]"]
 ViewKind = Literal["batch", "stream", "request", "push"]
 AggFunction = Literal["count", "sum", "mean", "min", "max", "last", "last_n_distinct"]
@@ -160,6 +162,30 @@ class FeatureRepo(Struct, forbid_unknown_fields=True):
             views = [v for v in views if v.name in wanted]
         return views
 
+    def placement_problem(self, features: list[str] | None,
+                          context_features: list[str] | None) -> tuple[str, str] | None:
+        """What a placement's ``features`` / ``context_features`` name that these definitions do not have, as
+        (message, field); None when all is known. An unknown view or ``view.field`` was stored and read as
+        nothing: the placement's learner went without it, silently."""
+        known = {v.name: v for v in self.buyer_views()}
+        for i, name in enumerate(features or ()):
+            if name not in known:
+                return (f"unknown feature view {name!r}; the customer/session views are "
+                        f"{', '.join(sorted(known)) or 'none'}", f"features[{i}]")
+        readable = {n: known[n] for n in features} if features is not None else known
+        for i, name in enumerate(context_features or ()):
+            view_name, dot, field_name = name.partition(".")
+            if not dot:
+                continue  # a request feature: the wire type checks those
+            view = readable.get(view_name)
+            if view is None:
+                where = "in this placement's `features`" if view_name in known else "defined"
+                return f"context feature {name!r}: no view {view_name!r} {where}", f"context_features[{i}]"
+            if view.field(field_name) is None:
+                return f"context feature {name!r}: view {view_name!r} has no field {field_name!r}", \
+                    f"context_features[{i}]"
+        return None
+
     def offer_views(self) -> list[FeatureView]:
         """The online views of the offer entity (bucketed into the learner's action lines)."""
         return [v for v in self.views if v.online and v.entity == "offer"]
@@ -252,6 +278,8 @@ def _scalar(dtype: str, value: Any, max_length: int) -> Any:
         raise ValueError(f"expected {dtype}, got bool")
     if not isinstance(value, kinds):
         raise ValueError(f"expected {dtype}, got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not -FEATURE_VALUE_MAX <= value <= FEATURE_VALUE_MAX:  # also NaN
+        raise ValueError(f"{value!r} is outside ±{FEATURE_VALUE_MAX:.0e}, what the learner can take")
     if dtype == "float" and isinstance(value, (int, float)):
         return float(value)
     if dtype == "str" and isinstance(value, str) and len(value) > max_length:

@@ -132,7 +132,10 @@ def parse_time(x: Any, field: str | None = None) -> datetime:
         raise PayloadError(f"expected a time, got {x!r}", field)
     if dt.tzinfo is None:
         return dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before datetime.min in UTC: was a 500 on a signed webhook
+        raise PayloadError(f"time out of range: {x!r}", field) from None
 
 
 def currency_code(x: Any, default: str | None = None, field: str | None = None) -> str:

@@ -426,8 +426,12 @@ def _sap_time(value: Any, field: str) -> datetime:
     """OCC's ``2025-01-03T14:07:21+0000``, OData v2's ``/Date(1735913241000)/`` or ISO 8601."""
     if isinstance(value, str):
         m = _ODATA_DATE.match(value.strip())
-        if m:
-            return datetime.fromtimestamp(int(m.group(1)) / 1000, UTC)
+        if m:  # parse_time refuses a time out of datetime's range (was a ValueError or OSError: a 500)
+            try:
+                seconds = int(m.group(1)) / 1000
+            except (ValueError, OverflowError):  # past int's digit limit, or a float
+                raise PayloadError(f"timestamp out of range: {value!r}", field) from None
+            return parse_time(seconds, field)
         text = value.strip()
         if re.search(r"[+-]\d{4}$", text):
             text = text[:-2] + ":" + text[-2:]  # +0000 -> +00:00 for fromisoformat

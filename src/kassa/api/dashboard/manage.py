@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 
 from kassa import errors, schemas
 from kassa.api.catalog import store_placement
-from kassa.api.common import decode
+from kassa.api.common import decode, no_nul
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
@@ -113,7 +113,7 @@ async def offers(dash: Dashboard, request: Request, session: Session, form: dict
 
 async def edit_offer(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
     kassa = dash.kassa
-    offer_id = request.path_params["offer_id"]
+    offer_id = no_nul(request.path_params["offer_id"], "offer_id")  # a new offer's id goes to SQL as it is
     offer = kassa.catalog.snapshot.offers.get(offer_id)
     if offer is None and request.method == "GET":
         raise errors.NotFound(f"unknown offer {offer_id!r}")
@@ -166,7 +166,7 @@ async def edit_placement(dash: Dashboard, request: Request, session: Session, fo
         edited = decode(document.encode(), schemas.Placement)
         if edited.id != placement_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match {placement_id!r}", "id")
-        await asyncio.to_thread(store_placement, kassa.catalog, edited)  # SQL: off the serving loop
+        await asyncio.to_thread(store_placement, kassa.catalog, edited, kassa.repo)  # SQL: off the serving loop
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/placements",
                     session.csrf, status=exc.status)
@@ -196,8 +196,8 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
     if request.method == "POST":
         kind, name = form.get("kind", ""), form.get("name", "").strip()
         origins = [o.strip() for o in form.get("origins", "").split() if o.strip()]
-        if kind not in _KINDS or not name or len(name) > 100:
-            raise errors.Invalid("choose a kind and give the key a name (up to 100 characters)", "name")
+        if kind not in _KINDS or not name or len(name) > 100 or "\x00" in name:  # PostgreSQL text holds no NUL
+            raise errors.Invalid("choose a kind and give the key a name (up to 100 characters, no NUL)", "name")
         try:
             # SQL: off the serving loop, as the catalog editors
             plaintext = await asyncio.to_thread(kassa.keys.create, kind, name, origins)  # type: ignore[arg-type]
