@@ -214,3 +214,24 @@ def test_the_editors_write_the_catalog_off_the_serving_loop(kassa: Kassa, monkey
     assert kassa.catalog.snapshot.offers["discount"].title == "12% off"
     assert kassa.catalog.snapshot.placements["order_confirmation"].placement.slots == 2
     assert on_loop == []
+
+
+def test_a_refused_new_key_keeps_what_the_operator_typed_and_says_why(kassa: Kassa) -> None:
+    """A bad origin or an empty name used to answer with a bare error page: no form, no navigation, input lost."""
+    before = len(kassa.keys.list())
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.post("/dashboard/keys", data={"kind": "publishable", "name": "shop widget",
+                                            "origins": "shop.example/path"})
+        assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+        assert 'data-testid="key-error"' in r.text and "shop.example/path" in r.text
+        assert 'name="name" required maxlength="100" value="shop widget"' in r.text
+        assert 'name="origins" value="shop.example/path"' in r.text
+        assert '<option value="publishable" selected>' in r.text
+        assert 'href="/dashboard/keys" class="active"' in r.text  # still the keys page, with its navigation
+        blank = c.post("/dashboard/keys", data={"kind": "secret", "name": "   "})
+        assert blank.status_code == 422 and 'data-testid="key-error"' in blank.text
+        assert len(kassa.keys.list()) == before  # nothing was created
+        ok = c.post("/dashboard/keys", data={"kind": "secret", "name": "batch job"})
+        assert ok.status_code == 200 and 'data-testid="new-key"' in ok.text
+        assert 'value="batch job"' not in ok.text  # the form is emptied once the key exists
+    assert len(kassa.keys.list()) == before + 1
