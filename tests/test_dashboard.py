@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from kassa.api.app import create_app
 from kassa.api.dashboard.outcomes import Outcomes
-from kassa.api.dashboard.overview import redact_url
+from kassa.api.dashboard.overview import redact_url, throughput_series
 from kassa.api.dashboard.traffic import bucket_quantile
 from kassa.app import Kassa
 from kassa.config import Settings
@@ -235,3 +235,14 @@ def test_a_refused_new_key_keeps_what_the_operator_typed_and_says_why(kassa: Kas
         assert ok.status_code == 200 and 'data-testid="new-key"' in ok.text
         assert 'value="batch job"' not in ok.text  # the form is emptied once the key exists
     assert len(kassa.keys.list()) == before + 1
+
+
+def test_the_overview_plots_fallbacks_per_second_on_the_decisions_per_second_axis() -> None:
+    """The decisions/s chart drew the fallback *share* (0..1) on its decisions/s axis, so 50 % fallbacks at
+    200 decisions/s showed as a line at 0.5, flat on the floor; and only buckets with fallbacks had a point."""
+    series = [(1000.0, 200.0, 0.5, 0.3, 1.2), (1010.0, 100.0, 0.0, 0.3, 1.1), (1030.0, 40.0, 0.25, 0.4, 1.5)]
+    rate, latency = throughput_series(10.0, series, now=1035.0)
+    assert set(rate) == {"decisions/s", "fallbacks/s"}
+    assert rate["decisions/s"] == [(1000.0, 200.0), (1010.0, 100.0), (1020.0, 0.0), (1030.0, 40.0)]
+    assert rate["fallbacks/s"] == [(1000.0, 100.0), (1010.0, 0.0), (1020.0, 0.0), (1030.0, 10.0)]
+    assert latency["P99"] == [(1000.0, 1.2), (1010.0, 1.1), (1030.0, 1.5)]

@@ -28,15 +28,22 @@ WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover t
 _SEVERITY = {"ok": "good", "warning": "warn", "alert": "bad"}
 
 
-def _throughput_charts(bucket: float, series: list[tuple[float, float, float, float, float]]) -> str:
-    """Decisions/s and server decision time over the last hour, from the decision log."""
+def throughput_series(bucket: float, series: list[tuple[float, float, float, float, float]], now: float
+                      ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
+    """The overview's two charts as lines: decisions/s and fallbacks/s (one axis, one unit), P50 and P99 ms."""
     counted = {t: (r, fb) for t, r, fb, _, _ in series}
     # a bucket without decisions is a zero, not a gap the line would bridge
-    starts = [series[0][0] + i * bucket for i in range(int((time.time() - series[0][0]) // bucket) + 1)] \
-        if series else []
-    rate = {"decisions/s": [(t, counted.get(t, (0.0, 0.0))[0]) for t in starts],
-            "fallback share": [(t, fb) for t, _, fb, _, _ in series if fb]}
+    starts = [series[0][0] + i * bucket for i in range(int((now - series[0][0]) // bucket) + 1)] if series else []
+    rates = [(t, counted.get(t, (0.0, 0.0))) for t in starts]
+    # fallbacks as a rate, not a share: a share (0..1) on the decisions/s axis is a flat line at the bottom
+    rate = {"decisions/s": [(t, r) for t, (r, _) in rates], "fallbacks/s": [(t, r * fb) for t, (r, fb) in rates]}
     latency = {"P50": [(t, p50) for t, _, _, p50, _ in series], "P99": [(t, p99) for t, _, _, _, p99 in series]}
+    return rate, latency
+
+
+def _throughput_charts(bucket: float, series: list[tuple[float, float, float, float, float]]) -> str:
+    """Decisions/s and server decision time over the last hour, from the decision log."""
+    rate, latency = throughput_series(bucket, series, time.time())
     return ('<section class="charts">'
             + line_chart(rate, f"Decisions per second, last hour ({bucket:g} s buckets)", "decision log",
                          width=560)
