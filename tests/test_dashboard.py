@@ -10,8 +10,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from kassa.api.app import create_app
-from kassa.api.dashboard.outcomes import Outcomes
-from kassa.api.dashboard.overview import redact_url, throughput_series
+from kassa.api.dashboard.outcomes import Outcomes, Tally
+from kassa.api.dashboard.overview import most_shown, redact_url, throughput_series
 from kassa.api.dashboard.traffic import bucket_quantile
 from kassa.app import Kassa
 from kassa.config import Settings
@@ -246,3 +246,12 @@ def test_the_overview_plots_fallbacks_per_second_on_the_decisions_per_second_axi
     assert rate["decisions/s"] == [(1000.0, 200.0), (1010.0, 100.0), (1020.0, 0.0), (1030.0, 40.0)]
     assert rate["fallbacks/s"] == [(1000.0, 100.0), (1010.0, 0.0), (1020.0, 0.0), (1030.0, 10.0)]
     assert latency["P99"] == [(1000.0, 1.2), (1010.0, 1.1), (1030.0, 1.5)]
+
+
+def test_reward_by_offer_ranks_offers_by_impressions_not_by_a_noisy_rate() -> None:
+    """Ranked by reward per impression, an offer shown once and accepted once (1.000) led the table and the
+    chart of a demo run, above offers with hundreds of impressions."""
+    by_offer = {"lucky-once": Tally(decisions=1, reward=1.0), "workhorse": Tally(decisions=400, reward=80.0),
+                "steady": Tally(decisions=250, reward=75.0), "tie-b": Tally(decisions=5, reward=1.0),
+                "tie-a": Tally(decisions=5, reward=1.0), "unseen": Tally(open=3)}
+    assert [o for o, _ in most_shown(by_offer)] == ["workhorse", "steady", "tie-a", "tie-b", "lucky-once", "unseen"]

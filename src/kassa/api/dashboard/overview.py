@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from kassa import errors
 from kassa.api.dashboard.charts import bar_chart, line_chart
+from kassa.api.dashboard.outcomes import Tally
 from kassa.api.dashboard.render import Markup, badge, card, h, link, ms, num, page, pct, table, url, when
 from kassa.api.dashboard.session import Session
 from kassa.api.dashboard.traffic import read_traffic
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
+CHART_OFFERS = 12  # the placement page charts the reward of this many of the most-shown offers
 _SEVERITY = {"ok": "good", "warning": "warn", "alert": "bad"}
 
 
@@ -193,7 +195,7 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
     by_version = sorted((stats.by_version if stats else {}).items())
     version_rows = [(v, num(t.decisions), num(t.open), num(t.reward_rate), num(t.revenue_per_1000, 2))
                     for v, t in by_version]
-    by_offer = sorted((stats.by_offer if stats else {}).items(), key=lambda kv: -(kv[1].reward_rate or 0))
+    by_offer = most_shown(stats.by_offer if stats else {})
     offer_rows = [(o, num(t.decisions), num(t.open), num(t.reward_rate), num(t.revenue_per_1000, 2))
                   for o, t in by_offer]
     curve = {v: [(x, y) for x, y, _ in pts] for v, pts in (stats.curve if stats else {}).items()}
@@ -206,7 +208,8 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
             + '<h2>Reward by offer</h2><div data-testid="reward-by-offer">'
             + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"], offer_rows,
                     "no impressions logged in the last day") + "</div>"
-            + bar_chart([(o, t.reward_rate or 0.0) for o, t in by_offer[:12]], "Reward per impression")
+            + bar_chart(sorted(((o, t.reward_rate or 0.0) for o, t in by_offer[:CHART_OFFERS]), key=lambda b: -b[1]),
+                        f"Reward per impression, the {min(CHART_OFFERS, len(by_offer))} most-shown offers")
             + "<h2>Learning curve</h2>"
             + line_chart(curve, f"Reward per decision, {bucket} s buckets", "by serving model version", width=1000)
             + line_chart({"examples learned": learned}, "Examples learned by the online learner",
@@ -223,6 +226,13 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
                     "no stage changes yet")
             + "<h2>Drift</h2>" + _drift(dash, placement_id))
     return page(f"Placement {placement_id}", body, "/dashboard/placements", session.csrf)
+
+
+def most_shown(by_offer: dict[str, Tally]) -> list[tuple[str, Tally]]:
+    """Offers by impressions, most first (ties: higher reward first, then id). Ranked by reward per impression,
+    an offer shown once and accepted once (1.000) topped the table and the chart over offers with hundreds of
+    impressions: noise in first place."""
+    return sorted(by_offer.items(), key=lambda kv: (-kv[1].decisions, -(kv[1].reward_rate or 0.0), kv[0]))
 
 
 def _events_cut(cut_at: float | None, max_events: int) -> str:
