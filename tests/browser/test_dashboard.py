@@ -296,3 +296,23 @@ def test_features_page_lists_views_with_their_freshness(dpage: Any, dash: Dash) 
     login(dpage, dash, path="/dashboard/features")
     assert dpage.locator("main table").count() == 1
     assert not dpage.errors, dpage.errors
+
+
+def test_on_a_phone_the_pages_fit_the_screen_and_every_link_is_reachable(dpage: Any, dash: Dash) -> None:
+    """At 390 px the header's navigation ran off the right edge (Offers, Features, Keys and Log out only by
+    scrolling the whole page sideways) and tables squeezed their columns to a letter or two each."""
+    dpage.set_viewport_size({"width": 390, "height": 800})
+    login(dpage, dash)
+    for path in ("/dashboard", "/dashboard/placements/order_confirmation", "/dashboard/decisions",
+                 "/dashboard/keys", "/dashboard/offers"):
+        dpage.goto(dash.url + path)
+        width, client = dpage.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width <= client, (path, width, client)
+        for box in [el.bounding_box() for el in dpage.locator("header nav a, header .logout button").all()]:
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= client, (path, box)
+    dpage.goto(dash.url + "/dashboard")
+    # the System table scrolls inside itself instead: its columns keep a readable width
+    narrowest = dpage.evaluate("Math.min(...[...document.querySelectorAll('main table')[1].querySelectorAll('th')]"
+                               ".map(th => th.getBoundingClientRect().width))")
+    assert narrowest >= 60, narrowest
+    assert not dpage.errors, dpage.errors
