@@ -316,3 +316,16 @@ def test_on_a_phone_the_pages_fit_the_screen_and_every_link_is_reachable(dpage: 
                                ".map(th => th.getBoundingClientRect().width))")
     assert narrowest >= 60, narrowest
     assert not dpage.errors, dpage.errors
+
+
+def test_every_form_field_has_a_label(dpage: Any, dash: Dash) -> None:
+    """The offer and placement editors' JSON textarea had no label: a screen reader announced "edit text"."""
+    unlabelled = ("[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
+                  ".filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.outerHTML)")
+    login(dpage, dash)
+    for path in ("/dashboard/offers/serum-sub", "/dashboard/placements/order_confirmation/edit", "/dashboard/keys",
+                 "/dashboard/decisions"):
+        dpage.goto(dash.url + path)
+        assert dpage.evaluate(unlabelled) == [], path
+    dpage.goto(dash.url + "/dashboard/offers/serum-sub")
+    assert '"serum-sub"' in dpage.get_by_label("JSON document").input_value()

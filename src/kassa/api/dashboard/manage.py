@@ -97,7 +97,8 @@ def _editor(action: str, document: str, csrf: str, message: str = "", ok: bool =
     note = (f'<p class="{"ok" if ok else "error"}" data-testid="{"saved" if ok else "edit-error"}">{h(message)}</p>'
             if message else "")
     return (f'{note}<form method="post" action="{action}" class="editor">{csrf_field(csrf)}'
-            f'<textarea name="document" rows="24" spellcheck="false" data-json>{h(document)}</textarea>'
+            '<label for="document">JSON document</label>'
+            f'<textarea id="document" name="document" rows="24" spellcheck="false" data-json>{h(document)}</textarea>'
             '<div><button type="submit">Save</button></div></form>')
 
 
