@@ -255,3 +255,17 @@ def test_reward_by_offer_ranks_offers_by_impressions_not_by_a_noisy_rate() -> No
                 "steady": Tally(decisions=250, reward=75.0), "tie-b": Tally(decisions=5, reward=1.0),
                 "tie-a": Tally(decisions=5, reward=1.0), "unseen": Tally(open=3)}
     assert [o for o, _ in most_shown(by_offer)] == ["workhorse", "steady", "tie-a", "tie-b", "lucky-once", "unseen"]
+
+
+def test_an_error_page_keeps_the_navigation_for_a_logged_in_operator(kassa: Kassa) -> None:
+    """A stale link (an unknown placement or offer) answered with a page without the navigation nor Log out."""
+    key = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        assert _login(c, key) == 303
+        for path in ("/dashboard/placements/gone", "/dashboard/offers/gone"):
+            r = c.get(path)
+            assert r.status_code == 404 and 'data-testid="error"' in r.text
+            assert '<a href="/dashboard/keys">Keys</a>' in r.text and 'action="/dashboard/logout"' in r.text
+        c.cookies.clear()
+        r = c.post("/dashboard/keys", data={"kind": "secret", "name": "x"})
+        assert r.status_code == 401 and '<a href="/dashboard/keys">' not in r.text  # logged out: no navigation
