@@ -269,3 +269,11 @@ def test_an_error_page_keeps_the_navigation_for_a_logged_in_operator(kassa: Kass
         c.cookies.clear()
         r = c.post("/dashboard/keys", data={"kind": "secret", "name": "x"})
         assert r.status_code == 401 and '<a href="/dashboard/keys">' not in r.text  # logged out: no navigation
+
+
+def test_a_placement_without_decisions_says_so_plainly(kassa: Kassa) -> None:
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.get("/dashboard/placements/order_confirmation")
+    assert r.status_code == 200
+    assert "Reward per impression: no data yet" in r.text and "the 0 most-shown" not in r.text
+    assert "no impressions logged in the last day" in r.text

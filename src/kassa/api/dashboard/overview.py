@@ -209,7 +209,8 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
             + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"], offer_rows,
                     "no impressions logged in the last day") + "</div>"
             + bar_chart(sorted(((o, t.reward_rate or 0.0) for o, t in by_offer[:CHART_OFFERS]), key=lambda b: -b[1]),
-                        f"Reward per impression, the {min(CHART_OFFERS, len(by_offer))} most-shown offers")
+                        f"Reward per impression, the {min(CHART_OFFERS, len(by_offer))} most-shown offers"
+                        if by_offer else "Reward per impression")
             + "<h2>Learning curve</h2>"
             + line_chart(curve, f"Reward per decision, {bucket} s buckets", "by serving model version", width=1000)
             + line_chart({"examples learned": learned}, "Examples learned by the online learner",
