@@ -277,3 +277,20 @@ def test_a_placement_without_decisions_says_so_plainly(kassa: Kassa) -> None:
     assert r.status_code == 200
     assert "Reward per impression: no data yet" in r.text and "the 0 most-shown" not in r.text
     assert "no impressions logged in the last day" in r.text
+
+
+def test_logging_in_from_a_link_lands_on_the_page_it_asked_for_with_its_query(kassa: Kassa) -> None:
+    """A shared link to one decision went through the login and landed on the empty explorer (query dropped)."""
+    key = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        r = c.get("/dashboard/decisions?id=abc123&x=1", follow_redirects=False)
+        assert r.status_code == 303
+        form = c.get(r.headers["location"])
+        assert 'name="next" value="/dashboard/decisions?id=abc123&amp;x=1"' in form.text
+        r = c.post("/dashboard/login", data={"key": key, "next": "/dashboard/decisions?id=abc123&x=1"},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/decisions?id=abc123&x=1"
+        assert c.get("/dashboard/placements", follow_redirects=False).status_code == 200
+        c.cookies.clear()
+        r = c.get("/dashboard/placements", follow_redirects=False)
+        assert r.headers["location"] == "/dashboard/login?next=/dashboard/placements"

@@ -49,7 +49,9 @@ class Dashboard:
                 response = await handler(self, request, session, form)
             except LoginRequired:
                 if request.method == "GET":
-                    return RedirectResponse(f"/dashboard/login?next={quote(request.url.path)}", status_code=303)
+                    # the query too: a link to one decision (/dashboard/decisions?id=...) lands on it after login
+                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    return RedirectResponse(f"/dashboard/login?next={quote(target, safe='/')}", status_code=303)
                 return error_page(errors.Unauthorized("log in first: your session is missing or expired"))
             except errors.KassaError as exc:
                 return error_page(exc, session)
