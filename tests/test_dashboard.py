@@ -294,3 +294,23 @@ def test_logging_in_from_a_link_lands_on_the_page_it_asked_for_with_its_query(ka
         c.cookies.clear()
         r = c.get("/dashboard/placements", follow_redirects=False)
         assert r.headers["location"] == "/dashboard/login?next=/dashboard/placements"
+
+
+def test_decisions_per_second_count_only_the_part_of_a_bucket_inside_the_window_and_elapsed(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The newest bucket is still filling and the oldest starts before the window: counted over their full
+    width, every overview ended on a dip towards zero (and started on one)."""
+    aligned = clock.t - clock.t % 60
+    clock.t = aligned + 30.0
+    for i in range(10):  # 10 decisions from 30 s into a minute
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"a{i}")).status_code == 200
+        clock.advance(1.0)
+    since = aligned + 25.0  # the window opens 25 s into that minute: 35 s of it are inside
+    clock.t = aligned + 1200.0 + 10.0  # 20 minutes later, 10 s into the newest minute
+    for i in range(20):  # 20 decisions in those 10 s: 2 per second
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"b{i}")).status_code == 200
+    kassa.decision_log.flush()
+    bucket, series = Outcomes(kassa).throughput(since, now=clock())
+    assert bucket == 60.0
+    assert series[0][:2] == (aligned, pytest.approx(10 / 35))  # was 10 / 60
+    assert series[-1][:2] == (aligned + 1200.0, pytest.approx(2.0))  # was 20 / 60
