@@ -314,3 +314,23 @@ def test_decisions_per_second_count_only_the_part_of_a_bucket_inside_the_window_
     assert bucket == 60.0
     assert series[0][:2] == (aligned, pytest.approx(10 / 35))  # was 10 / 60
     assert series[-1][:2] == (aligned + 1200.0, pytest.approx(2.0))  # was 20 / 60
+
+
+def test_the_drift_section_colours_warnings_lists_the_worst_first_and_keeps_tiny_p_values(kassa: Kassa) -> None:
+    """A "warn" row or report rendered as a grey badge (the map had "warning"), rows came in check order with
+    the warnings somewhere in the middle, and p = 1.75e-33 printed as 0.000."""
+    from kassa.monitor.drift.report import DriftReport, DriftRow
+
+    rows = [DriftRow("cat", "psi", 0.005, 0.928, "ok", 2000, 1982),
+            DriftRow("score", "score_ks", 0.128, 1.75e-33, "warn", 2000, 1982),
+            DriftRow("reward", "reward_rate", 0.16, None, "ok", 1820, 2439)]
+    kassa.drift.last_reports["order_confirmation"] = DriftReport("order_confirmation", 1_800_000_000.0, 2000, 1982,
+                                                                 rows)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        page = c.get("/dashboard/placements/order_confirmation").text
+        overview = c.get("/dashboard").text
+    drift = page[page.index("<h2>Drift</h2>"):]
+    assert '<span class="badge warn">warn</span>' in drift and '<span class="badge warn">warn</span>' in overview
+    cells = re.findall(r"<tr><td>(.*?)</td>", drift)
+    assert cells == ["score", "cat", "reward"]
+    assert "<td>1.75e-33</td>" in drift

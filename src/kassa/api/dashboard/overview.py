@@ -19,6 +19,7 @@ from kassa.api.dashboard.session import Session
 from kassa.api.dashboard.traffic import read_traffic
 from kassa.learn.registry import ModelVersion
 from kassa.learn.rollout import gate_status
+from kassa.monitor.drift.config import SEVERITY_RANK
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
 CHART_OFFERS = 12  # the placement page charts the reward of this many of the most-shown offers
-_SEVERITY = {"ok": "good", "warning": "warn", "alert": "bad"}
+_SEVERITY = {"ok": "good", "warn": "warn", "alert": "bad"}  # the badge class of each drift severity
 
 
 def throughput_series(bucket: float, series: list[tuple[float, float, float, float, float]], now: float
@@ -297,8 +298,10 @@ def _drift(dash: Dashboard, placement_id: str) -> str:
     every = dash.kassa.settings.learn.drift_check_seconds
     if report is None:
         return f'<p class="muted" data-testid="drift">Not checked yet (the check runs every {h(every)} s).</p>'
-    rows = [(r.feature, r.kind, num(r.statistic), num(r.p_value), badge(r.severity, _SEVERITY.get(r.severity, "")),
-             num(r.reference_n), num(r.live_n)) for r in report.rows]
+    # worst first, as `kassa drift` prints them; a p-value in significant digits (7e-9 is not 0.000)
+    ordered = sorted(report.rows, key=lambda r: (-SEVERITY_RANK.get(r.severity, 0), r.group, r.kind, r.feature))
+    rows = [(r.feature, r.kind, num(r.statistic), "—" if r.p_value is None else f"{r.p_value:.3g}",
+             badge(r.severity, _SEVERITY.get(r.severity, "")), num(r.reference_n), num(r.live_n)) for r in ordered]
     return (f'<p data-testid="drift">Checked {h(when(report.checked_at))}: {_drift_badge(dash, placement_id)} '
             f"({h(report.reference_n)} reference vs {h(report.live_n)} live decisions)</p>"
             + table(["feature", "statistic", "value", "p", "severity", "reference n", "live n"], rows))
