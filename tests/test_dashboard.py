@@ -11,8 +11,8 @@ from starlette.testclient import TestClient
 
 from kassa.api.app import create_app
 from kassa.api.dashboard.outcomes import Outcomes, Tally
-from kassa.api.dashboard.overview import most_shown, redact_url, throughput_series
-from kassa.api.dashboard.traffic import bucket_quantile
+from kassa.api.dashboard.overview import most_shown, rate_span, redact_url, throughput_series
+from kassa.api.dashboard.traffic import RateMeter, bucket_quantile
 from kassa.app import Kassa
 from kassa.config import Settings
 from tests.conftest import ADMIN, PUB, Clock, decision_body, order
@@ -334,3 +334,18 @@ def test_the_drift_section_colours_warnings_lists_the_worst_first_and_keeps_tiny
     cells = re.findall(r"<tr><td>(.*?)</td>", drift)
     assert cells == ["score", "cat", "reward"]
     assert "<td>1.75e-33</td>" in drift
+
+
+def test_the_decisions_per_second_card_says_what_span_its_rate_covers() -> None:
+    """With sparse reads the rate is an average over the gap since the last read (or since start), but the card
+    always said "last minute": an hour after a burst it showed the burst's average as this minute's rate."""
+    meter = RateMeter()
+    assert meter.read(1030.0, 3000, started_at=1000.0) == (100.0, 30.0)  # the first read: since start
+    assert meter.read(1060.0, 6000, started_at=1000.0) == (pytest.approx(100.0), 60.0)
+    rate, over = meter.read(4660.0, 6000, started_at=1000.0)  # an hour without a read, and no decisions
+    assert (rate, over) == (0.0, 3600.0)
+    assert rate_span(30.0) == "last minute" and rate_span(3600.0) == "average over the last 60 min"
+    assert rate_span(3 * 3600.0) == "average over the last 3.0 h"
+    late = RateMeter()
+    rate, over = late.read(1000.0 + 7200.0, 720_000, started_at=1000.0)  # a first visit two hours after start
+    assert rate == 100.0 and rate_span(over) == "average over the last 2.0 h"

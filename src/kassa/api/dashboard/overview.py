@@ -54,6 +54,17 @@ def _throughput_charts(bucket: float, series: list[tuple[float, float, float, fl
             + "</section>")
 
 
+def rate_span(seconds: float) -> str:
+    """What the decisions/s card averages over: a minute between frequent reads, longer on a first or rare
+    visit (it said "last minute" after an hour without a read, over a rate that had long gone to zero)."""
+    if seconds <= 90:
+        return "last minute"
+    if seconds < 5400:
+        return f"average over the last {seconds / 60:.0f} min"
+    return f"average over the last {seconds / 3600:.1f} h"
+
+
+
 def _drift_badge(dash: Dashboard, placement: str) -> Markup:
     report = dash.kassa.drift.last_reports.get(placement)
     if report is None:
@@ -137,7 +148,7 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
     kassa = dash.kassa
     traffic = read_traffic(kassa.metrics.registry, dash.meter, kassa.started_at or dash.started)
     cards = "".join([
-        card("Decisions / s", f"{traffic.per_second:,.1f}", "last minute", "kpi-rate"),
+        card("Decisions / s", f"{traffic.per_second:,.1f}", rate_span(traffic.per_second_over), "kpi-rate"),
         card("P50 decision time", ms(traffic.quantile(0.5)), "server side", "kpi-p50"),
         card("P99 decision time", ms(traffic.quantile(0.99)), "server side", "kpi-p99"),
         card("Fallback share", pct(traffic.fallback_share), f"{traffic.fallbacks:,} of {traffic.decisions:,}",
