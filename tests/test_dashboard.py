@@ -349,3 +349,12 @@ def test_the_decisions_per_second_card_says_what_span_its_rate_covers() -> None:
     late = RateMeter()
     rate, over = late.read(1000.0 + 7200.0, 720_000, started_at=1000.0)  # a first visit two hours after start
     assert rate == 100.0 and rate_span(over) == "average over the last 2.0 h"
+
+
+def test_time_charts_say_their_clock_is_utc() -> None:
+    """Every time on the dashboard says UTC except the charts' axes, easy to read as local time."""
+    from kassa.api.dashboard.charts import line_chart
+
+    svg = line_chart({"a": [(1_800_000_000.0, 1.0), (1_800_003_600.0, 2.0)]}, "t")
+    ticks = re.findall(r'text-anchor="(?:start|middle|end)">(\d\d:\d\d:\d\d[^<]*)</text>', svg)
+    assert ticks == ["08:00:00", "08:20:00", "08:40:00", "09:00:00 UTC"]

@@ -93,7 +93,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_label
     for i, anchor in enumerate(("start", "middle", "middle", "end")):
         x = x0 + (x1 - x0) * i / 3
         parts.append(f'<text x="{sx(x):.1f}" y="{top + ph + 16}" font-size="11" fill="#6b7280" '
-                     f'text-anchor="{anchor}">{_clock(x)}</text>')
+                     f'text-anchor="{anchor}">{_clock(x)}{" UTC" if i == 3 else ""}</text>')
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#9ca3af"/>')
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
