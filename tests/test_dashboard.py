@@ -358,3 +358,17 @@ def test_time_charts_say_their_clock_is_utc() -> None:
     svg = line_chart({"a": [(1_800_000_000.0, 1.0), (1_800_003_600.0, 2.0)]}, "t")
     ticks = re.findall(r'text-anchor="(?:start|middle|end)">(\d\d:\d\d:\d\d[^<]*)</text>', svg)
     assert ticks == ["08:00:00", "08:20:00", "08:40:00", "09:00:00 UTC"]
+
+
+def test_a_chart_with_more_lines_than_colours_still_tells_them_apart() -> None:
+    """A learning curve after 8 model versions: its 9th line ("all versions") had the 1st line's colour and style."""
+    from kassa.api.dashboard.charts import line_chart
+
+    series = {f"v{i}": [(1_800_000_000.0, float(i)), (1_800_000_060.0, float(i) + 1)] for i in range(10)}
+    svg = line_chart(series, "t")
+    lines = re.findall(r'<polyline points="[^"]*" fill="none" stroke="([^"]+)" stroke-width="2"'
+                       r'(?: stroke-dasharray="([^"]+)")?/>', svg)
+    assert len(lines) == 10 and len(set(lines)) == 10, lines
+    legend = re.findall(r'(?:<rect|<line)[^>]*(?:fill|stroke)="(#[0-9a-f]{6})"[^>]*?(?: stroke-dasharray="([^"]+)")?/>'
+                        r'<text[^>]*>(v\d)</text>', svg)
+    assert {(c, d) for c, d, _ in legend} == set(lines)  # each legend swatch drawn as its line
