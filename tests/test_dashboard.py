@@ -372,3 +372,16 @@ def test_a_chart_with_more_lines_than_colours_still_tells_them_apart() -> None:
     legend = re.findall(r'(?:<rect|<line)[^>]*(?:fill|stroke)="(#[0-9a-f]{6})"[^>]*?(?: stroke-dasharray="([^"]+)")?/>'
                         r'<text[^>]*>(v\d)</text>', svg)
     assert {(c, d) for c, d, _ in legend} == set(lines)  # each legend swatch drawn as its line
+
+
+def test_a_drift_check_that_compared_nothing_is_not_shown_as_ok(kassa: Kassa) -> None:
+    """A check with 0 reference decisions has no rows, and its severity defaults to "ok": a green badge on the
+    overview and the placement for a check that compared nothing."""
+    from kassa.monitor.drift.report import DriftReport
+
+    kassa.drift.last_reports["order_confirmation"] = DriftReport("order_confirmation", 1_800_000_000.0, 0, 240, [])
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        for path in ("/dashboard", "/dashboard/placements/order_confirmation"):
+            text = c.get(path).text
+            assert '<span class="badge muted">nothing to compare yet</span>' in text, path
+            assert '<span class="badge good">ok</span>' not in text, path

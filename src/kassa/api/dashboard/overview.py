@@ -69,6 +69,8 @@ def _drift_badge(dash: Dashboard, placement: str) -> Markup:
     report = dash.kassa.drift.last_reports.get(placement)
     if report is None:
         return badge("not checked yet", "muted")
+    if not report.rows:  # nothing was compared (no reference yet): "ok" would claim a check that did not happen
+        return badge("nothing to compare yet", "muted")
     return badge(report.severity, _SEVERITY.get(report.severity, ""))
 
 
