@@ -10,9 +10,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from kassa.api.app import create_app
-from kassa.api.dashboard.outcomes import Outcomes
-from kassa.api.dashboard.overview import redact_url
-from kassa.api.dashboard.traffic import bucket_quantile
+from kassa.api.dashboard.outcomes import Outcomes, Tally
+from kassa.api.dashboard.overview import most_shown, rate_span, redact_url, throughput_series
+from kassa.api.dashboard.traffic import RateMeter, bucket_quantile
 from kassa.app import Kassa
 from kassa.config import Settings
 from tests.conftest import ADMIN, PUB, Clock, decision_body, order
@@ -214,3 +214,174 @@ def test_the_editors_write_the_catalog_off_the_serving_loop(kassa: Kassa, monkey
     assert kassa.catalog.snapshot.offers["discount"].title == "12% off"
     assert kassa.catalog.snapshot.placements["order_confirmation"].placement.slots == 2
     assert on_loop == []
+
+
+def test_a_refused_new_key_keeps_what_the_operator_typed_and_says_why(kassa: Kassa) -> None:
+    """A bad origin or an empty name used to answer with a bare error page: no form, no navigation, input lost."""
+    before = len(kassa.keys.list())
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.post("/dashboard/keys", data={"kind": "publishable", "name": "shop widget",
+                                            "origins": "shop.example/path"})
+        assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+        assert 'data-testid="key-error"' in r.text and "shop.example/path" in r.text
+        assert 'name="name" required maxlength="100" value="shop widget"' in r.text
+        assert 'name="origins" value="shop.example/path"' in r.text
+        assert '<option value="publishable" selected>' in r.text
+        assert 'href="/dashboard/keys" class="active"' in r.text  # still the keys page, with its navigation
+        blank = c.post("/dashboard/keys", data={"kind": "secret", "name": "   "})
+        assert blank.status_code == 422 and 'data-testid="key-error"' in blank.text
+        assert len(kassa.keys.list()) == before  # nothing was created
+        ok = c.post("/dashboard/keys", data={"kind": "secret", "name": "batch job"})
+        assert ok.status_code == 200 and 'data-testid="new-key"' in ok.text
+        assert 'value="batch job"' not in ok.text  # the form is emptied once the key exists
+    assert len(kassa.keys.list()) == before + 1
+
+
+def test_the_overview_plots_fallbacks_per_second_on_the_decisions_per_second_axis() -> None:
+    """The decisions/s chart drew the fallback *share* (0..1) on its decisions/s axis, so 50 % fallbacks at
+    200 decisions/s showed as a line at 0.5, flat on the floor; and only buckets with fallbacks had a point."""
+    series = [(1000.0, 200.0, 0.5, 0.3, 1.2), (1010.0, 100.0, 0.0, 0.3, 1.1), (1030.0, 40.0, 0.25, 0.4, 1.5)]
+    rate, latency = throughput_series(10.0, series, now=1035.0)
+    assert set(rate) == {"decisions/s", "fallbacks/s"}
+    assert rate["decisions/s"] == [(1000.0, 200.0), (1010.0, 100.0), (1020.0, 0.0), (1030.0, 40.0)]
+    assert rate["fallbacks/s"] == [(1000.0, 100.0), (1010.0, 0.0), (1020.0, 0.0), (1030.0, 10.0)]
+    assert latency["P99"] == [(1000.0, 1.2), (1010.0, 1.1), (1030.0, 1.5)]
+
+
+def test_reward_by_offer_ranks_offers_by_impressions_not_by_a_noisy_rate() -> None:
+    """Ranked by reward per impression, an offer shown once and accepted once (1.000) led the table and the
+    chart of a demo run, above offers with hundreds of impressions."""
+    by_offer = {"lucky-once": Tally(decisions=1, reward=1.0), "workhorse": Tally(decisions=400, reward=80.0),
+                "steady": Tally(decisions=250, reward=75.0), "tie-b": Tally(decisions=5, reward=1.0),
+                "tie-a": Tally(decisions=5, reward=1.0), "unseen": Tally(open=3)}
+    assert [o for o, _ in most_shown(by_offer)] == ["workhorse", "steady", "tie-a", "tie-b", "lucky-once", "unseen"]
+
+
+def test_an_error_page_keeps_the_navigation_for_a_logged_in_operator(kassa: Kassa) -> None:
+    """A stale link (an unknown placement or offer) answered with a page without the navigation nor Log out."""
+    key = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        assert _login(c, key) == 303
+        for path in ("/dashboard/placements/gone", "/dashboard/offers/gone"):
+            r = c.get(path)
+            assert r.status_code == 404 and 'data-testid="error"' in r.text
+            assert '<a href="/dashboard/keys">Keys</a>' in r.text and 'action="/dashboard/logout"' in r.text
+        c.cookies.clear()
+        r = c.post("/dashboard/keys", data={"kind": "secret", "name": "x"})
+        assert r.status_code == 401 and '<a href="/dashboard/keys">' not in r.text  # logged out: no navigation
+
+
+def test_a_placement_without_decisions_says_so_plainly(kassa: Kassa) -> None:
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.get("/dashboard/placements/order_confirmation")
+    assert r.status_code == 200
+    assert "Reward per impression: no data yet" in r.text and "the 0 most-shown" not in r.text
+    assert "no impressions logged in the last day" in r.text
+
+
+def test_logging_in_from_a_link_lands_on_the_page_it_asked_for_with_its_query(kassa: Kassa) -> None:
+    """A shared link to one decision went through the login and landed on the empty explorer (query dropped)."""
+    key = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        r = c.get("/dashboard/decisions?id=abc123&x=1", follow_redirects=False)
+        assert r.status_code == 303
+        form = c.get(r.headers["location"])
+        assert 'name="next" value="/dashboard/decisions?id=abc123&amp;x=1"' in form.text
+        r = c.post("/dashboard/login", data={"key": key, "next": "/dashboard/decisions?id=abc123&x=1"},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/decisions?id=abc123&x=1"
+        assert c.get("/dashboard/placements", follow_redirects=False).status_code == 200
+        c.cookies.clear()
+        r = c.get("/dashboard/placements", follow_redirects=False)
+        assert r.headers["location"] == "/dashboard/login?next=/dashboard/placements"
+
+
+def test_decisions_per_second_count_only_the_part_of_a_bucket_inside_the_window_and_elapsed(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The newest bucket is still filling and the oldest starts before the window: counted over their full
+    width, every overview ended on a dip towards zero (and started on one)."""
+    aligned = clock.t - clock.t % 60
+    clock.t = aligned + 30.0
+    for i in range(10):  # 10 decisions from 30 s into a minute
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"a{i}")).status_code == 200
+        clock.advance(1.0)
+    since = aligned + 25.0  # the window opens 25 s into that minute: 35 s of it are inside
+    clock.t = aligned + 1200.0 + 10.0  # 20 minutes later, 10 s into the newest minute
+    for i in range(20):  # 20 decisions in those 10 s: 2 per second
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"b{i}")).status_code == 200
+    kassa.decision_log.flush()
+    bucket, series = Outcomes(kassa).throughput(since, now=clock())
+    assert bucket == 60.0
+    assert series[0][:2] == (aligned, pytest.approx(10 / 35))  # was 10 / 60
+    assert series[-1][:2] == (aligned + 1200.0, pytest.approx(2.0))  # was 20 / 60
+
+
+def test_the_drift_section_colours_warnings_lists_the_worst_first_and_keeps_tiny_p_values(kassa: Kassa) -> None:
+    """A "warn" row or report rendered as a grey badge (the map had "warning"), rows came in check order with
+    the warnings somewhere in the middle, and p = 1.75e-33 printed as 0.000."""
+    from kassa.monitor.drift.report import DriftReport, DriftRow
+
+    rows = [DriftRow("cat", "psi", 0.005, 0.928, "ok", 2000, 1982),
+            DriftRow("score", "score_ks", 0.128, 1.75e-33, "warn", 2000, 1982),
+            DriftRow("reward", "reward_rate", 0.16, None, "ok", 1820, 2439)]
+    kassa.drift.last_reports["order_confirmation"] = DriftReport("order_confirmation", 1_800_000_000.0, 2000, 1982,
+                                                                 rows)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        page = c.get("/dashboard/placements/order_confirmation").text
+        overview = c.get("/dashboard").text
+    drift = page[page.index("<h2>Drift</h2>"):]
+    assert '<span class="badge warn">warn</span>' in drift and '<span class="badge warn">warn</span>' in overview
+    cells = re.findall(r"<tr><td>(.*?)</td>", drift)
+    assert cells == ["score", "cat", "reward"]
+    assert "<td>1.75e-33</td>" in drift
+
+
+def test_the_decisions_per_second_card_says_what_span_its_rate_covers() -> None:
+    """With sparse reads the rate is an average over the gap since the last read (or since start), but the card
+    always said "last minute": an hour after a burst it showed the burst's average as this minute's rate."""
+    meter = RateMeter()
+    assert meter.read(1030.0, 3000, started_at=1000.0) == (100.0, 30.0)  # the first read: since start
+    assert meter.read(1060.0, 6000, started_at=1000.0) == (pytest.approx(100.0), 60.0)
+    rate, over = meter.read(4660.0, 6000, started_at=1000.0)  # an hour without a read, and no decisions
+    assert (rate, over) == (0.0, 3600.0)
+    assert rate_span(30.0) == "last minute" and rate_span(3600.0) == "average over the last 60 min"
+    assert rate_span(3 * 3600.0) == "average over the last 3.0 h"
+    late = RateMeter()
+    rate, over = late.read(1000.0 + 7200.0, 720_000, started_at=1000.0)  # a first visit two hours after start
+    assert rate == 100.0 and rate_span(over) == "average over the last 2.0 h"
+
+
+def test_time_charts_say_their_clock_is_utc() -> None:
+    """Every time on the dashboard says UTC except the charts' axes, easy to read as local time."""
+    from kassa.api.dashboard.charts import line_chart
+
+    svg = line_chart({"a": [(1_800_000_000.0, 1.0), (1_800_003_600.0, 2.0)]}, "t")
+    ticks = re.findall(r'text-anchor="(?:start|middle|end)">(\d\d:\d\d:\d\d[^<]*)</text>', svg)
+    assert ticks == ["08:00:00", "08:20:00", "08:40:00", "09:00:00 UTC"]
+
+
+def test_a_chart_with_more_lines_than_colours_still_tells_them_apart() -> None:
+    """A learning curve after 8 model versions: its 9th line ("all versions") had the 1st line's colour and style."""
+    from kassa.api.dashboard.charts import line_chart
+
+    series = {f"v{i}": [(1_800_000_000.0, float(i)), (1_800_000_060.0, float(i) + 1)] for i in range(10)}
+    svg = line_chart(series, "t")
+    lines = re.findall(r'<polyline points="[^"]*" fill="none" stroke="([^"]+)" stroke-width="2"'
+                       r'(?: stroke-dasharray="([^"]+)")?/>', svg)
+    assert len(lines) == 10 and len(set(lines)) == 10, lines
+    legend = re.findall(r'(?:<rect|<line)[^>]*(?:fill|stroke)="(#[0-9a-f]{6})"[^>]*?(?: stroke-dasharray="([^"]+)")?/>'
+                        r'<text[^>]*>(v\d)</text>', svg)
+    assert {(c, d) for c, d, _ in legend} == set(lines)  # each legend swatch drawn as its line
+
+
+def test_a_drift_check_that_compared_nothing_is_not_shown_as_ok(kassa: Kassa) -> None:
+    """A check with 0 reference decisions has no rows, and its severity defaults to "ok": a green badge on the
+    overview and the placement for a check that compared nothing."""
+    from kassa.monitor.drift.report import DriftReport
+
+    kassa.drift.last_reports["order_confirmation"] = DriftReport("order_confirmation", 1_800_000_000.0, 0, 240, [])
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        for path in ("/dashboard", "/dashboard/placements/order_confirmation"):
+            text = c.get(path).text
+            assert '<span class="badge muted">nothing to compare yet</span>' in text, path
+            assert '<span class="badge good">ok</span>' not in text, path

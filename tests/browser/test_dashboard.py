@@ -296,3 +296,61 @@ def test_features_page_lists_views_with_their_freshness(dpage: Any, dash: Dash) 
     login(dpage, dash, path="/dashboard/features")
     assert dpage.locator("main table").count() == 1
     assert not dpage.errors, dpage.errors
+
+
+def test_on_a_phone_the_pages_fit_the_screen_and_every_link_is_reachable(dpage: Any, dash: Dash) -> None:
+    """At 390 px the header's navigation ran off the right edge (Offers, Features, Keys and Log out only by
+    scrolling the whole page sideways) and tables squeezed their columns to a letter or two each."""
+    dpage.set_viewport_size({"width": 390, "height": 800})
+    login(dpage, dash)
+    for path in ("/dashboard", "/dashboard/placements/order_confirmation", "/dashboard/decisions",
+                 "/dashboard/keys", "/dashboard/offers"):
+        dpage.goto(dash.url + path)
+        width, client = dpage.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width <= client, (path, width, client)
+        for box in [el.bounding_box() for el in dpage.locator("header nav a, header .logout button").all()]:
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= client, (path, box)
+    dpage.goto(dash.url + "/dashboard")
+    # the System table scrolls inside itself instead: its columns keep a readable width
+    narrowest = dpage.evaluate("Math.min(...[...document.querySelectorAll('main table')[1].querySelectorAll('th')]"
+                               ".map(th => th.getBoundingClientRect().width))")
+    assert narrowest >= 60, narrowest
+    assert not dpage.errors, dpage.errors
+
+
+def test_every_form_field_has_a_label(dpage: Any, dash: Dash) -> None:
+    """The offer and placement editors' JSON textarea had no label: a screen reader announced "edit text"."""
+    unlabelled = ("[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
+                  ".filter(el => !el.labels.length && !el.getAttribute('aria-label')).map(el => el.outerHTML)")
+    login(dpage, dash)
+    for path in ("/dashboard/offers/serum-sub", "/dashboard/placements/order_confirmation/edit", "/dashboard/keys",
+                 "/dashboard/decisions"):
+        dpage.goto(dash.url + path)
+        assert dpage.evaluate(unlabelled) == [], path
+    dpage.goto(dash.url + "/dashboard/offers/serum-sub")
+    assert '"serum-sub"' in dpage.get_by_label("JSON document").input_value()
+
+
+CONTRAST_JS = """() => {
+  const rgb = s => s.match(/[0-9.]+/g).map(Number);
+  const lum = c => { const [r, g, b] = c.slice(0, 3).map(v => { v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const background = el => { for (; el; el = el.parentElement) { const c = rgb(getComputedStyle(el).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c; } return [255, 255, 255]; };
+  return [...document.querySelectorAll('main .muted, main .badge, .card .label, .card .note')]
+    .filter(el => el.textContent.trim()).map(el => {
+      const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(background(el))].sort((x, y) => y - x);
+      return [el.className, el.textContent.trim().slice(0, 30), Math.round(100 * (a + 0.05) / (b + 0.05)) / 100]; });
+}"""
+
+
+def test_muted_text_and_badges_meet_wcag_aa_contrast(dpage: Any, dash: Dash) -> None:
+    """Muted notes and badges (#6b7280 on the #f3f4f6 page) were 4.4:1, under the 4.5:1 AA needs for small text."""
+    login(dpage, dash)
+    for path in ("/dashboard", "/dashboard/placements/order_confirmation", "/dashboard/offers", "/dashboard/keys"):
+        dpage.goto(dash.url + path)
+        checked = dpage.evaluate(CONTRAST_JS)
+        assert checked, path
+        low = [c for c in checked if c[2] < 4.5]
+        assert not low, (path, low)

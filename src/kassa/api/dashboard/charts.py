@@ -12,6 +12,14 @@ from datetime import UTC, datetime
 from html import escape
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04")
+# past the palette, lines repeat its colours with a dash pattern: a placement's learning curve has a line per
+# model version, and its 9th ("all versions" after 8 versions) was drawn exactly like the 1st
+DASHES = ("", "7 4", "2 3", "9 3 2 3")
+
+
+def series_style(i: int) -> tuple[str, str]:
+    """(colour, stroke-dasharray) of the i-th line: distinct for the first len(PALETTE) * len(DASHES) lines."""
+    return PALETTE[i % len(PALETTE)], DASHES[(i // len(PALETTE)) % len(DASHES)]
 
 
 def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
@@ -93,20 +101,22 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_label
     for i, anchor in enumerate(("start", "middle", "middle", "end")):
         x = x0 + (x1 - x0) * i / 3
         parts.append(f'<text x="{sx(x):.1f}" y="{top + ph + 16}" font-size="11" fill="#6b7280" '
-                     f'text-anchor="{anchor}">{_clock(x)}</text>')
+                     f'text-anchor="{anchor}">{_clock(x)}{" UTC" if i == 3 else ""}</text>')
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#9ca3af"/>')
     for i, (name, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+        color, dash = series_style(i)
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
         pts = sorted(pts)
         if len(pts) == 1:
             parts.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
         elif pts:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dashed}/>')
         lx, row = legend[i]
         ly = top + ph + 22 + 14 * row
-        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{lx + 14}" y="{ly + 9}" font-size="11" fill="#374151">{escape(name)}</text>')
+        swatch = (f'<line x1="{lx}" x2="{lx + 11}" y1="{ly + 5}" y2="{ly + 5}" stroke="{color}" stroke-width="3"'
+                  f'{dashed}/>' if dash else f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>')
+        parts.append(f'{swatch}<text x="{lx + 14}" y="{ly + 9}" font-size="11" fill="#374151">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

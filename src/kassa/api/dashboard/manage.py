@@ -97,7 +97,8 @@ def _editor(action: str, document: str, csrf: str, message: str = "", ok: bool =
     note = (f'<p class="{"ok" if ok else "error"}" data-testid="{"saved" if ok else "edit-error"}">{h(message)}</p>'
             if message else "")
     return (f'{note}<form method="post" action="{action}" class="editor">{csrf_field(csrf)}'
-            f'<textarea name="document" rows="24" spellcheck="false" data-json>{h(document)}</textarea>'
+            '<label for="document">JSON document</label>'
+            f'<textarea id="document" name="document" rows="24" spellcheck="false" data-json>{h(document)}</textarea>'
             '<div><button type="submit">Save</button></div></form>')
 
 
@@ -193,18 +194,27 @@ def _full_hash(dash: Dashboard, prefix: str) -> str:
 async def keys(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
     kassa = dash.kassa
     created = ""
+    status = 200
+    kind, name, origins_text = "", "", ""
     if request.method == "POST":
-        kind, name = form.get("kind", ""), form.get("name", "").strip()
-        origins = [o.strip() for o in form.get("origins", "").split() if o.strip()]
-        if kind not in _KINDS or not name or len(name) > 100 or "\x00" in name:  # PostgreSQL text holds no NUL
-            raise errors.Invalid("choose a kind and give the key a name (up to 100 characters, no NUL)", "name")
+        kind, name, origins_text = form.get("kind", ""), form.get("name", "").strip(), form.get("origins", "")
+        origins = [o.strip() for o in origins_text.split() if o.strip()]
         try:
-            # SQL: off the serving loop, as the catalog editors
-            plaintext = await asyncio.to_thread(kassa.keys.create, kind, name, origins)  # type: ignore[arg-type]
-        except InvalidOrigin as exc:
-            raise errors.Invalid(str(exc), "origins") from None
-        created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
-                   f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+            if kind not in _KINDS or not name or len(name) > 100 or "\x00" in name:  # PostgreSQL text holds no NUL
+                raise errors.Invalid("choose a kind and give the key a name (up to 100 characters, no NUL)", "name")
+            try:
+                # SQL: off the serving loop, as the catalog editors
+                plaintext = await asyncio.to_thread(kassa.keys.create, kind, name, origins)  # type: ignore[arg-type]
+            except InvalidOrigin as exc:
+                raise errors.Invalid(str(exc), "origins") from None
+        except errors.KassaError as exc:
+            # the form below comes back as the operator filled it, with what is wrong above it
+            created = f'<p class="error" data-testid="key-error">{h(_problem(exc))}</p>'
+            status = exc.status
+        else:
+            created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
+                       f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+            kind, name, origins_text = "", "", ""
     rows = []
     for k in await asyncio.to_thread(kassa.keys.list):
         action = url("/dashboard/keys", k["id"], "revoke")
@@ -214,16 +224,17 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
         state = badge("revoked", "bad") if k["revoked"] else badge("active", "good")
         rows.append((Markup(f"<code>{h(k['id'])}</code>"), k["kind"], k["name"],
                      " ".join(k["origins"]) or "—", state, revoke))
-    options = "".join(f'<option value="{h(k)}">{h(k)}</option>' for k in _KINDS)
+    options = "".join(f'<option value="{h(k)}"{" selected" if k == kind else ""}>{h(k)}</option>' for k in _KINDS)
     body = (created + '<div data-testid="keys">'
             + table(["id", "kind", "name", "origins", "state", ""], rows, "no keys") + "</div>"
             + '<h2>New key</h2><form method="post" action="/dashboard/keys" class="inline">'
             + csrf_field(session.csrf)
             + f'<label>Kind <select name="kind">{options}</select></label>'
-            '<label>Name <input name="name" required maxlength="100"></label>'
-            '<label>Origins <input name="origins" placeholder="https://shop.example (publishable keys)"></label>'
+            f'<label>Name <input name="name" required maxlength="100" value="{h(name)}"></label>'
+            f'<label>Origins <input name="origins" value="{h(origins_text)}" '
+            'placeholder="https://shop.example (publishable keys)"></label>'
             '<button type="submit">Create</button></form>')
-    return page("API keys", body, "/dashboard/keys", session.csrf)
+    return page("API keys", body, "/dashboard/keys", session.csrf, status=status)
 
 
 async def revoke_key(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:

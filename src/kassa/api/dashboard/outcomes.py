@@ -194,8 +194,10 @@ class Outcomes:
                 [day, since]).fetchall()
         finally:
             con.close()
-        return bucket, [(float(t), n / bucket, float(fb or 0.0), float(p50), float(p99))
-                        for t, n, fb, p50, p99 in rows]
+        # a rate over the part of the bucket that has happened (and is inside the window): the newest bucket
+        # is still filling, and n / bucket made every refresh end on a dip towards zero
+        return bucket, [(float(t), n / max(min(t + bucket, now) - max(t, since), min(bucket, 1.0)),
+                         float(fb or 0.0), float(p50), float(p99)) for t, n, fb, p50, p99 in rows]
 
     def _events_for(self, decision_ids: Iterable[str] | None, since: float | None = None
                     ) -> tuple[dict[str, list[tuple[float, schemas.Event]]], float | None]:

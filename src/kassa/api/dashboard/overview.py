@@ -13,11 +13,13 @@ from starlette.responses import Response
 
 from kassa import errors
 from kassa.api.dashboard.charts import bar_chart, line_chart
+from kassa.api.dashboard.outcomes import Tally
 from kassa.api.dashboard.render import Markup, badge, card, h, link, ms, num, page, pct, table, url, when
 from kassa.api.dashboard.session import Session
 from kassa.api.dashboard.traffic import read_traffic
 from kassa.learn.registry import ModelVersion
 from kassa.learn.rollout import gate_status
+from kassa.monitor.drift.config import SEVERITY_RANK
 
 if TYPE_CHECKING:
     from kassa.api.dashboard.state import Dashboard
@@ -25,18 +27,26 @@ if TYPE_CHECKING:
 
 THROUGHPUT_SECONDS = 3600.0  # the overview's charts cover the last hour of the decision log
 WINDOW_SECONDS = 24 * 3600.0  # the reward tables and the learning curve cover the last day of decisions
-_SEVERITY = {"ok": "good", "warning": "warn", "alert": "bad"}
+CHART_OFFERS = 12  # the placement page charts the reward of this many of the most-shown offers
+_SEVERITY = {"ok": "good", "warn": "warn", "alert": "bad"}  # the badge class of each drift severity
+
+
+def throughput_series(bucket: float, series: list[tuple[float, float, float, float, float]], now: float
+                      ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, float]]]]:
+    """The overview's two charts as lines: decisions/s and fallbacks/s (one axis, one unit), P50 and P99 ms."""
+    counted = {t: (r, fb) for t, r, fb, _, _ in series}
+    # a bucket without decisions is a zero, not a gap the line would bridge
+    starts = [series[0][0] + i * bucket for i in range(int((now - series[0][0]) // bucket) + 1)] if series else []
+    rates = [(t, counted.get(t, (0.0, 0.0))) for t in starts]
+    # fallbacks as a rate, not a share: a share (0..1) on the decisions/s axis is a flat line at the bottom
+    rate = {"decisions/s": [(t, r) for t, (r, _) in rates], "fallbacks/s": [(t, r * fb) for t, (r, fb) in rates]}
+    latency = {"P50": [(t, p50) for t, _, _, p50, _ in series], "P99": [(t, p99) for t, _, _, _, p99 in series]}
+    return rate, latency
 
 
 def _throughput_charts(bucket: float, series: list[tuple[float, float, float, float, float]]) -> str:
     """Decisions/s and server decision time over the last hour, from the decision log."""
-    counted = {t: (r, fb) for t, r, fb, _, _ in series}
-    # a bucket without decisions is a zero, not a gap the line would bridge
-    starts = [series[0][0] + i * bucket for i in range(int((time.time() - series[0][0]) // bucket) + 1)] \
-        if series else []
-    rate = {"decisions/s": [(t, counted.get(t, (0.0, 0.0))[0]) for t in starts],
-            "fallback share": [(t, fb) for t, _, fb, _, _ in series if fb]}
-    latency = {"P50": [(t, p50) for t, _, _, p50, _ in series], "P99": [(t, p99) for t, _, _, _, p99 in series]}
+    rate, latency = throughput_series(bucket, series, time.time())
     return ('<section class="charts">'
             + line_chart(rate, f"Decisions per second, last hour ({bucket:g} s buckets)", "decision log",
                          width=560)
@@ -44,10 +54,23 @@ def _throughput_charts(bucket: float, series: list[tuple[float, float, float, fl
             + "</section>")
 
 
+def rate_span(seconds: float) -> str:
+    """What the decisions/s card averages over: a minute between frequent reads, longer on a first or rare
+    visit (it said "last minute" after an hour without a read, over a rate that had long gone to zero)."""
+    if seconds <= 90:
+        return "last minute"
+    if seconds < 5400:
+        return f"average over the last {seconds / 60:.0f} min"
+    return f"average over the last {seconds / 3600:.1f} h"
+
+
+
 def _drift_badge(dash: Dashboard, placement: str) -> Markup:
     report = dash.kassa.drift.last_reports.get(placement)
     if report is None:
         return badge("not checked yet", "muted")
+    if not report.rows:  # nothing was compared (no reference yet): "ok" would claim a check that did not happen
+        return badge("nothing to compare yet", "muted")
     return badge(report.severity, _SEVERITY.get(report.severity, ""))
 
 
@@ -127,7 +150,7 @@ async def overview(dash: Dashboard, request: Request, session: Session, form: di
     kassa = dash.kassa
     traffic = read_traffic(kassa.metrics.registry, dash.meter, kassa.started_at or dash.started)
     cards = "".join([
-        card("Decisions / s", f"{traffic.per_second:,.1f}", "last minute", "kpi-rate"),
+        card("Decisions / s", f"{traffic.per_second:,.1f}", rate_span(traffic.per_second_over), "kpi-rate"),
         card("P50 decision time", ms(traffic.quantile(0.5)), "server side", "kpi-p50"),
         card("P99 decision time", ms(traffic.quantile(0.99)), "server side", "kpi-p99"),
         card("Fallback share", pct(traffic.fallback_share), f"{traffic.fallbacks:,} of {traffic.decisions:,}",
@@ -186,7 +209,7 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
     by_version = sorted((stats.by_version if stats else {}).items())
     version_rows = [(v, num(t.decisions), num(t.open), num(t.reward_rate), num(t.revenue_per_1000, 2))
                     for v, t in by_version]
-    by_offer = sorted((stats.by_offer if stats else {}).items(), key=lambda kv: -(kv[1].reward_rate or 0))
+    by_offer = most_shown(stats.by_offer if stats else {})
     offer_rows = [(o, num(t.decisions), num(t.open), num(t.reward_rate), num(t.revenue_per_1000, 2))
                   for o, t in by_offer]
     curve = {v: [(x, y) for x, y, _ in pts] for v, pts in (stats.curve if stats else {}).items()}
@@ -199,7 +222,9 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
             + '<h2>Reward by offer</h2><div data-testid="reward-by-offer">'
             + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"], offer_rows,
                     "no impressions logged in the last day") + "</div>"
-            + bar_chart([(o, t.reward_rate or 0.0) for o, t in by_offer[:12]], "Reward per impression")
+            + bar_chart(sorted(((o, t.reward_rate or 0.0) for o, t in by_offer[:CHART_OFFERS]), key=lambda b: -b[1]),
+                        f"Reward per impression, the {min(CHART_OFFERS, len(by_offer))} most-shown offers"
+                        if by_offer else "Reward per impression")
             + "<h2>Learning curve</h2>"
             + line_chart(curve, f"Reward per decision, {bucket} s buckets", "by serving model version", width=1000)
             + line_chart({"examples learned": learned}, "Examples learned by the online learner",
@@ -216,6 +241,13 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
                     "no stage changes yet")
             + "<h2>Drift</h2>" + _drift(dash, placement_id))
     return page(f"Placement {placement_id}", body, "/dashboard/placements", session.csrf)
+
+
+def most_shown(by_offer: dict[str, Tally]) -> list[tuple[str, Tally]]:
+    """Offers by impressions, most first (ties: higher reward first, then id). Ranked by reward per impression,
+    an offer shown once and accepted once (1.000) topped the table and the chart over offers with hundreds of
+    impressions: noise in first place."""
+    return sorted(by_offer.items(), key=lambda kv: (-kv[1].decisions, -(kv[1].reward_rate or 0.0), kv[0]))
 
 
 def _events_cut(cut_at: float | None, max_events: int) -> str:
@@ -279,8 +311,10 @@ def _drift(dash: Dashboard, placement_id: str) -> str:
     every = dash.kassa.settings.learn.drift_check_seconds
     if report is None:
         return f'<p class="muted" data-testid="drift">Not checked yet (the check runs every {h(every)} s).</p>'
-    rows = [(r.feature, r.kind, num(r.statistic), num(r.p_value), badge(r.severity, _SEVERITY.get(r.severity, "")),
-             num(r.reference_n), num(r.live_n)) for r in report.rows]
+    # worst first, as `kassa drift` prints them; a p-value in significant digits (7e-9 is not 0.000)
+    ordered = sorted(report.rows, key=lambda r: (-SEVERITY_RANK.get(r.severity, 0), r.group, r.kind, r.feature))
+    rows = [(r.feature, r.kind, num(r.statistic), "—" if r.p_value is None else f"{r.p_value:.3g}",
+             badge(r.severity, _SEVERITY.get(r.severity, "")), num(r.reference_n), num(r.live_n)) for r in ordered]
     return (f'<p data-testid="drift">Checked {h(when(report.checked_at))}: {_drift_badge(dash, placement_id)} '
             f"({h(report.reference_n)} reference vs {h(report.live_n)} live decisions)</p>"
             + table(["feature", "statistic", "value", "p", "severity", "reference n", "live n"], rows))

@@ -39,6 +39,7 @@ class Dashboard:
 
     def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            session: Session | None = None
             try:
                 session = self.sessions.current(request)
                 form: dict[str, str] = {}
@@ -48,10 +49,12 @@ class Dashboard:
                 response = await handler(self, request, session, form)
             except LoginRequired:
                 if request.method == "GET":
-                    return RedirectResponse(f"/dashboard/login?next={quote(request.url.path)}", status_code=303)
+                    # the query too: a link to one decision (/dashboard/decisions?id=...) lands on it after login
+                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    return RedirectResponse(f"/dashboard/login?next={quote(target, safe='/')}", status_code=303)
                 return error_page(errors.Unauthorized("log in first: your session is missing or expired"))
             except errors.KassaError as exc:
-                return error_page(exc)
+                return error_page(exc, session)
             token = getattr(request.state, "new_session_token", None)
             if token:
                 set_cookie(response, request, token)
@@ -70,7 +73,9 @@ async def read_form(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in parsed.items()}
 
 
-def error_page(exc: errors.KassaError) -> Response:
+def error_page(exc: errors.KassaError, session: Session | None = None) -> Response:
+    """The error as a page; a logged-in operator keeps the navigation (a wrong link is one click from right)."""
     body = f'<p class="error" data-testid="error">{h(exc.detail or exc.title)}</p>' \
            '<p><a href="/dashboard">Back to the dashboard</a></p>'
-    return page(exc.title, body, status=exc.status, logged_in=False)
+    return page(exc.title, body, csrf=session.csrf if session else "", status=exc.status,
+                logged_in=session is not None)

@@ -45,6 +45,7 @@ class Traffic:
     placements: dict[str, PlacementTraffic]
     buckets: dict[float, float]
     per_second: float
+    per_second_over: float = 0.0  # the seconds `per_second` averages over (the last minute, or more)
 
     @property
     def fallback_share(self) -> float:
@@ -97,6 +98,10 @@ class RateMeter:
         self._lock = threading.Lock()
 
     def add(self, now: float, total: int, started_at: float) -> float:
+        return self.read(now, total, started_at)[0]
+
+    def read(self, now: float, total: int, started_at: float) -> tuple[float, float]:
+        """(decisions per second, the seconds that rate is over): the window, or longer when reads are sparse."""
         with self._lock:
             samples = self._samples
             if not samples and started_at:
@@ -111,7 +116,7 @@ class RateMeter:
                     break
                 base = (t, n)
             dt = now - base[0]
-            return (total - base[1]) / dt if dt > 0 else 0.0
+            return ((total - base[1]) / dt if dt > 0 else 0.0), max(dt, 0.0)
 
 
 def read_traffic(registry: CollectorRegistry, meter: RateMeter, started_at: float,
@@ -137,5 +142,6 @@ def read_traffic(registry: CollectorRegistry, meter: RateMeter, started_at: floa
         for bound, count in p.buckets.items():
             buckets[bound] = buckets.get(bound, 0.0) + count
     decisions = sum(p.decisions for p in placements.values())
-    rate = meter.add(now, decisions, started_at)
-    return Traffic(decisions, sum(p.fallbacks for p in placements.values()), problems, placements, buckets, rate)
+    rate, over = meter.read(now, decisions, started_at)
+    return Traffic(decisions, sum(p.fallbacks for p in placements.values()), problems, placements, buckets, rate,
+                   over)
