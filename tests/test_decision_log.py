@@ -228,3 +228,17 @@ def test_many_flushes_produce_distinct_files(tmp_path: Path) -> None:
     files = parquet_files(tmp_path)
     assert len(files) == 5 == writer.files_written
     assert read_decisions(tmp_path).num_rows == 5
+
+
+def test_a_record_keeps_a_feature_value_beyond_what_writes_accept(tmp_path: Path) -> None:
+    # Pushed features are bounded (±1e15) on write, batch sources are not: a served decision whose features
+    # hold such a value still decodes from the bus (msgpack) and reads back from the files.
+    import msgspec
+
+    big = rec(1, DAY1, features={"ltv": 1e30, "n": 10**18})
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(big), type=DecisionRecord).features == big.features
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    writer.append(big)
+    writer.close()
+    found = decision_log.find_decision(tmp_path, "d1")
+    assert found is not None and found.features == {"ltv": 1e30, "n": 10**18}

@@ -26,6 +26,9 @@ LocaleTag = Annotated[str, Meta(pattern="^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"
 FEATURE_VALUE_MAX = 1e15
 FeatureValue = (Annotated[float, Meta(ge=-FEATURE_VALUE_MAX, le=FEATURE_VALUE_MAX)]
                 | Annotated[int, Meta(ge=-int(FEATURE_VALUE_MAX), le=int(FEATURE_VALUE_MAX))] | str | bool | None)
+# A feature value as served or stored (a decision record, a stored view's row read back): not bounded on reading,
+# so a record is never refused for a value that came from elsewhere (a batch source is not checked on write).
+StoredValue = float | int | str | bool | None
 Probability = Annotated[float, Meta(ge=0, le=1)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]

@@ -19,7 +19,7 @@ class FeatureValues(msgspec.Struct):
     key: str
     ts: float  # event time of the values (unix seconds)
     age_seconds: float
-    values: dict[str, schemas.FeatureValue]
+    values: dict[str, schemas.StoredValue]
 
 
 async def get_feature_row(request: Request) -> Response:

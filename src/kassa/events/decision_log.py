@@ -25,7 +25,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kassa.schemas import FeatureValue
+from kassa.schemas import StoredValue
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DecisionRecord(msgspec.Struct):
     model_version: str
     request_id: str | None
     customer_id: str | None
-    features: dict[str, FeatureValue]  # the exact feature vector the policy scored
+    features: dict[str, StoredValue]  # the exact feature vector the policy scored
     candidates: list[str]  # offer ids scored, in order
     probabilities: list[float]  # the policy's probability for each candidate, same order
     chosen: list[str]  # offer ids shown, in rank order
