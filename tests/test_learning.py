@@ -373,3 +373,24 @@ def test_where_an_epsilon_greedy_pmf_ties_later_slots_go_to_the_next_best_by_cos
     assert ranked.sample({2}, 0.5)[2] == 3
     greedy_slates = [fill_slots(ranked, 5, 3, random.Random(s)).chosen for s in range(200)]
     assert sum(c == [2, 3, 4] for c in greedy_slates) > 150  # ~0.9 x 0.925 x 0.95 of them
+
+
+def test_numeric_features_past_the_write_bound_never_reach_the_learner() -> None:
+    # Feature writes refuse magnitudes past ±1e15, batch sources are not checked: a served value of 1e30 would
+    # leave VW's weight for it infinite (and every score NaN), so such values are left out like NaN and 0.
+    import math
+
+    import vowpalwabbit
+
+    from kassa.features.featurize import shared_line, tokens
+
+    assert tokens({"ltv": 1e30, "n": -(10**18), "nan": float("nan"), "inf": float("inf"), "zero": 0,
+                   "spend": 1e15, "items": -3}) == ["spend:1e+15", "items:-3"]
+    ws = vowpalwabbit.Workspace("--cb_explore_adf -q co --quiet", enable_logging=False)
+    try:
+        line = shared_line({"ltv": 1e30, "device": "mobile"})
+        ws.learn(f"{line}\n0:-1:0.5 |o id=a\n |o id=b")
+        pmf = ws.predict(f"{line}\n |o id=a\n |o id=b")
+        assert all(math.isfinite(p) for p in pmf) and abs(sum(pmf) - 1.0) < 1e-6
+    finally:
+        ws.finish()

@@ -24,6 +24,8 @@ def clean(token: str) -> str:
     return token.translate(_CLEAN)
 
 
+_MAX = schemas.FEATURE_VALUE_MAX
+
 _TOKENS: dict[tuple[str, str], str] = {}
 
 
@@ -51,7 +53,9 @@ def tokens(features: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, (list, tuple, set, frozenset)):
             out.extend(_token(name, str(v)) for v in value)
         elif isinstance(value, (int, float)):
-            if math.isfinite(value) and value != 0:
+            # Left out: 0 (VW's default), NaN, and magnitudes past what a feature write accepts
+            # (`schemas.FEATURE_VALUE_MAX`; a batch source is not checked), whose square left VW's weight infinite.
+            if value != 0 and -_MAX <= value <= _MAX:
                 out.append(f"{clean(name)}:{float(value):.6g}")
         else:
             out.append(f"{clean(name)}={clean(str(value))}")
