@@ -269,3 +269,19 @@ def test_the_webhook_secret_can_come_from_the_environment(monkeypatch, tmp_path)
     settings = load_settings(None, data_dir=str(tmp_path))
     cfg = webhook_settings("woocommerce", settings.integrations)
     assert cfg.webhook_secret == "0123" and cfg.replay_window_seconds == 60.0
+
+
+def test_two_long_order_ids_sharing_their_start_are_two_orders(hooks, kassa, clock):
+    # `shopify:order:<id>` past the 128-character id bound was cut, so orders whose ids shared their first
+    # ~114 characters were one event id and the second was dropped as a duplicate.
+    ids = ["7" * 120 + "1", "7" * 120 + "2"]
+    for n, order_id in enumerate(ids):
+        body = shopify_body(clock(), id=order_id)
+        response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery=f"d-{n}"))
+        assert response.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}, response.text
+    events = stored(kassa)
+    assert [e.order.id for e in events if e.order is not None] == ids
+    assert len({e.event_id for e in events}) == 2 and all(len(e.event_id) <= 128 for e in events)
+    body = shopify_body(clock(), id=ids[1])  # the same long order again: still one order
+    again = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-9"))
+    assert again.json()["duplicates"] == 1
