@@ -576,7 +576,7 @@ def test_models_api_lists_promotes_and_rolls_back(client, kassa, tmp_path):
     ("/v1/models/x/stage", {"stage": "live"}, 422, "stage"),
     ("/v1/models/x/stage", {"stage": "shadow", "extra": 1}, 422, None),
     ("/v1/models/x/stage", "{not json", 400, None),
-    ("/v1/placements/nope/rollback", {}, 409, "placement"),
+    ("/v1/placements/nope/rollback", {}, 404, "placement"),  # as every unknown placement (README)
 ])
 def test_models_api_refuses_bad_input_clearly(client, path, body, status, field):
     kw = {"content": body} if isinstance(body, str) else {"json": body}

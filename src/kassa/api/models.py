@@ -18,7 +18,7 @@ from starlette.responses import Response
 from kassa import errors
 from kassa.api.common import authorize, decode, json_response, no_nul, read_body
 from kassa.app import Kassa
-from kassa.learn.registry import STAGES, StageError
+from kassa.learn.registry import STAGES
 from kassa.learn.rollout import promote_version
 
 
@@ -103,7 +103,7 @@ async def rollback(request: Request) -> Response:
         no_nul(reason, "reason")
     placement = request.path_params["placement_id"]
     if placement not in kassa.catalog.snapshot.placements:
-        raise StageError(f"unknown placement {placement!r}", "placement")
+        raise errors.NotFound(f"unknown placement {placement!r}", "placement")
     mv = await asyncio.to_thread(kassa.model_registry.rollback, placement, reason or "rollback requested over HTTP",
                                  actor="api")
     await kassa.learning.poll_async()
