@@ -7,6 +7,7 @@ upper-cased field path joined with ``__``: ``KASSA_SERVER__PORT=9000``, ``KASSA_
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -219,6 +220,25 @@ class Settings(Struct, forbid_unknown_fields=True):
         return mode == "database" or (mode == "auto" and self.metadata_url.startswith("postgresql"))
 
 
+def _error_source(message: str, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> str:
+    """Where the value a validation error points at came from: a command-line option, an environment variable
+    or the settings file (`` in FILE``), so the message names what to edit."""
+    at = re.search(r"at `\$((?:\.\w+)*)", message)
+    keys = at.group(1).split(".")[1:] if at else []
+    unknown = re.match(r"Object contains unknown field `(\w+)`", message)
+    if unknown:
+        keys.append(unknown.group(1))
+    for key, value in overrides.items():
+        if value is not None and keys and keys[: len(key.split("."))] == key.split("."):
+            return f" (command-line option for {key})"
+    env = {name.upper(): name for name in os.environ}
+    for depth in range(len(keys), 0, -1):
+        name = env.get("KASSA_" + "__".join(keys[:depth]).upper())
+        if name is not None:
+            return f" (environment variable {name})"
+    return f" in {path}" if path else ""
+
+
 def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
     node = tree
     for part in path[:-1]:
@@ -259,7 +279,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SystemExit(f"invalid configuration: {exc}") from None
+        raise SystemExit(f"invalid configuration{_error_source(str(exc), path, overrides)}: {exc}") from None
     from kassa.timezones import timezone_error
 
     problem = timezone_error(settings.store_timezone)

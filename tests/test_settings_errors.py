@@ -1,0 +1,48 @@
+"""A settings error names where the bad value came from: the file, the environment variable or the option."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kassa.config import load_settings
+
+
+def _error(monkeypatch: pytest.MonkeyPatch, path: Path | None, env: dict[str, str] | None = None,
+           **overrides: object) -> str:
+    for name in [n for n in os.environ if n.startswith("KASSA_")]:
+        monkeypatch.delenv(name)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        load_settings(path, **overrides)
+    return str(exc.value)
+
+
+def test_a_bad_value_in_the_file_names_the_file_and_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kassa.yaml"
+    path.write_text("server:\n  port: notanint\n")
+    message = _error(monkeypatch, path)
+    assert message.startswith(f"invalid configuration in {path}: ")
+    assert "$.server.port" in message
+
+
+def test_an_unknown_top_level_field_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kassa.yaml"
+    path.write_text("srever:\n  port: 1\n")
+    assert _error(monkeypatch, path) == f"invalid configuration in {path}: Object contains unknown field `srever`"
+
+
+def test_a_bad_environment_variable_is_named_not_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kassa.yaml"
+    path.write_text("server:\n  host: 127.0.0.1\n")
+    message = _error(monkeypatch, path, {"KASSA_SERVER__PORT": "abc"})
+    assert message.startswith("invalid configuration (environment variable KASSA_SERVER__PORT): ")
+    assert str(path) not in message
+
+
+def test_a_bad_option_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _error(monkeypatch, None, **{"server.port": 99999})
+    assert message.startswith("invalid configuration (command-line option for server.port): ")
