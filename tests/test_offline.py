@@ -342,3 +342,19 @@ def test_cli_apply_reports_invalid_definitions(tmp_path: Path) -> None:
                     "views: [{name: v, kind: batch, entity: shopper, fields: [{name: x, dtype: int}]}]\n")
     r = CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 1 and "unknown entity 'shopper'" in r.output
+
+
+def test_cli_times_read_as_kassa_train_reads_them() -> None:
+    """`kassa features training-set --from-decisions --since 7d` was "not an ISO-8601 time" while
+    `kassa train|evaluate|drift --since 7d` took it."""
+    import typer
+
+    from kassa.features.cli import _epoch
+
+    assert _epoch("2026-11-01", "--since") == 1_793_491_200.0
+    assert _epoch("2026-11-01T12:00:00+01:00", "--since") == 1_793_491_200.0 + 11 * 3600
+    assert _epoch("1793491200", "--since") == 1_793_491_200.0
+    assert abs(_epoch("7d", "--since") - (time.time() - 7 * 86_400)) < 5  # type: ignore[operator]
+    assert _epoch(None, "--since") is None
+    with pytest.raises(typer.BadParameter, match="duration ago like 7d"):
+        _epoch("7x", "--since")

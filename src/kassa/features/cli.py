@@ -63,14 +63,24 @@ def _offline(settings: Settings) -> OfflineStore:
 
 
 def _epoch(text: str | None, option: str) -> float | None:
+    """An ISO-8601 time, a unix time or a duration ago (``7d``), as `kassa train|evaluate|drift` read them."""
     if text is None:
         return None
     from kassa.features.offline import to_epoch
 
     try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
         return to_epoch(text)
     except ValueError:
-        raise typer.BadParameter(f"not an ISO-8601 time: {text!r}", param_hint=option) from None
+        raise typer.BadParameter(f"not a time: {text!r} (use 2026-11-01, 2026-11-01T12:00, a unix time, "
+                                 "or a duration ago like 7d)", param_hint=option) from None
 
 
 def _age(seconds: float) -> str:
@@ -130,8 +140,10 @@ def apply(
 @features_app.command("materialize")
 def materialize_cmd(
     view: Annotated[Optional[str], typer.Option(help="Only this batch view (default: all).")] = None,  # noqa: UP045
-    start: Annotated[Optional[str], typer.Option(help="ISO time; rows at or after it (default: all).")] = None,  # noqa: UP045
-    end: Annotated[Optional[str], typer.Option(help="ISO time; rows before it (default: now).")] = None,  # noqa: UP045
+    start: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="ISO time, unix time or duration ago (7d); rows at or after it (default: all).")] = None,
+    end: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="ISO time, unix time or duration ago; rows before it (default: now).")] = None,
     config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
@@ -271,8 +283,10 @@ def training_set(
     from_decisions: Annotated[bool, typer.Option(
         "--from-decisions", help="Use the decision log's decisions as the entity rows.")] = False,
     placement: Annotated[Optional[str], typer.Option(help="With --from-decisions: one placement.")] = None,  # noqa: UP045
-    since: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, inclusive.")] = None,  # noqa: UP045
-    until: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, exclusive.")] = None,  # noqa: UP045
+    since: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --from-decisions: ISO time, unix time or duration ago (7d); inclusive.")] = None,
+    until: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --from-decisions: ISO time, unix time or duration ago; exclusive.")] = None,
     full_names: Annotated[bool, typer.Option(help="Name feature columns view__field.")] = False,
     no_defaults: Annotated[bool, typer.Option(
         "--no-defaults", help="Leave missing and stale values null instead of the fields' defaults.")] = False,
