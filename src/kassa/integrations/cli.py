@@ -176,4 +176,5 @@ def _summary(report: Any) -> None:
         console.print(f"[yellow]{report.skipped} products skipped[/] (could not be parsed), e.g.:")
         for example in report.skipped_examples:
             console.print(f"  {example}")
-    console.print("A running `kassa serve` loads the synced offers at its next start.")
+    console.print("Running `kassa serve` processes on this catalog database serve the synced offers within a "
+                  "second (no restart).")
