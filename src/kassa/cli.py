@@ -61,6 +61,16 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     return load_settings(config, **overrides)
 
 
+def _existing(settings: Settings) -> Settings:
+    """``settings`` when they name existing Kassa data: a read (`keys list`, `keys revoke`) of a mistyped
+    --data-dir made a fresh empty database there and listed no keys, as if the store had none."""
+    data = settings.data_path
+    if settings.metadata.url is None and not (data / "kassa.db").exists():
+        raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
+                                 "uses; `kassa keys create` or `kassa serve` makes it)", param_hint="--data-dir")
+    return settings
+
+
 def _print_version(value: bool) -> None:
     if value:
         from kassa import __version__
@@ -262,8 +272,9 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     from kassa.db import make_engine
     from kassa.keys import KeyStore
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _existing(_settings(config, data_dir=data_dir))
     table = Table("id", "kind", "name", "origins", "revoked")
+    table.columns[3].overflow = "fold"  # an origin cut to "https://shop.exa…" does not say which it is
     for k in KeyStore(make_engine(settings.metadata_url)).list():
         table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
@@ -276,7 +287,7 @@ def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = Non
     from kassa.db import make_engine
     from kassa.keys import AmbiguousKeyId, KeyStore
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _existing(_settings(config, data_dir=data_dir))
     try:
         revoked = KeyStore(make_engine(settings.metadata_url)).revoke(key)
     except AmbiguousKeyId as exc:
