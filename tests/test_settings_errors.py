@@ -46,3 +46,29 @@ def test_a_bad_environment_variable_is_named_not_the_file(tmp_path: Path, monkey
 def test_a_bad_option_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     message = _error(monkeypatch, None, **{"server.port": 99999})
     assert message.startswith("invalid configuration (command-line option for server.port): ")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    # were tracebacks at the first connection (redis-py's ValueError, or int() of the host)
+    ({"KASSA_FEATURES__ONLINE_STORE": "redis", "KASSA_FEATURES__REDIS_URL": "localhost:6379"},
+     "features.redis_url: 'localhost:6379' is not a Redis URL"),
+    ({"KASSA_STATE__BACKEND": "redis", "KASSA_STATE__REDIS_URL": "notaurl"},
+     "state.redis_url: 'notaurl' is not a Redis URL"),
+    ({"KASSA_STATE__BACKEND": "redis", "KASSA_STATE__REDIS_URL": "rediss://h:6379/0"},
+     "state.redis_url: 'rediss://h:6379/0': this connection speaks plain TCP only"),
+    ({"KASSA_ROLES__REDIS_URL": "redis://h:abc/0"}, "roles.redis_url: 'redis://h:abc/0': the port is not a number"),
+    ({"KASSA_FEATURES__REDIS_URL": "redis://h:6379/x"}, "the database after the last / must be a number"),
+])
+def test_a_redis_url_kassa_cannot_use_is_refused_naming_the_setting(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+    error = _error(monkeypatch, None, env)
+    assert error.startswith("invalid configuration (environment variable KASSA_") and message in error, error
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://:secret@db:6380", "rediss://h:6379/1",
+                                 "unix:///run/redis.sock"])
+def test_usable_redis_urls_load(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    for name in [n for n in os.environ if n.startswith("KASSA_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KASSA_FEATURES__REDIS_URL", url)
+    assert load_settings(None).features.redis_url == url

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -220,6 +221,26 @@ class Settings(Struct, forbid_unknown_fields=True):
         return mode == "database" or (mode == "auto" and self.metadata_url.startswith("postgresql"))
 
 
+def _redis_url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``url`` is not a Redis URL Kassa can connect to, or None (it was a traceback at the first use)."""
+    parts = urlsplit(url)
+    example = "redis://host:6379/0"
+    if parts.scheme not in schemes:
+        if parts.scheme in ("rediss", "unix"):
+            return f"{url!r}: this connection speaks plain TCP only (no TLS, no unix socket): use {example}"
+        return f"{url!r} is not a Redis URL (use {' or '.join(s + '://' for s in schemes)}, e.g. {example})"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{url!r} names no socket path (unix:///path/to/redis.sock)"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return f"{url!r}: the port is not a number (e.g. {example})"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"{url!r}: the database after the last / must be a number (e.g. {example})"
+    return None
+
+
 def _error_source(message: str, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> str:
     """Where the value a validation error points at came from: a command-line option, an environment variable
     or the settings file (`` in FILE``), so the message names what to edit."""
@@ -289,6 +310,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
         raise SystemExit("invalid configuration: server.metrics_token: use at least 16 characters without spaces "
                          "(e.g. `openssl rand -hex 24`), or leave it unset for an open /metrics")
+    for name, url, schemes in (("features.redis_url", settings.features.redis_url, ("redis", "rediss", "unix")),
+                               ("roles.redis_url", settings.roles.redis_url, ("redis", "rediss", "unix")),
+                               # the per-buyer state speaks plain TCP itself (kassa.redisconn)
+                               ("state.redis_url", settings.state.redis_url,
+                                ("redis",) if settings.state.backend == "redis" else ("redis", "rediss", "unix"))):
+        problem = _redis_url_problem(url, schemes)
+        if problem is not None:
+            raise SystemExit(f"invalid configuration{_error_source(f'at `$.{name}`', path, overrides)}: "
+                             f"{name}: {problem}")
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")
