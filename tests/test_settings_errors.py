@@ -72,3 +72,15 @@ def test_usable_redis_urls_load(monkeypatch: pytest.MonkeyPatch, url: str) -> No
         monkeypatch.delenv(name)
     monkeypatch.setenv("KASSA_FEATURES__REDIS_URL", url)
     assert load_settings(None).features.redis_url == url
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    # 0 s between change-feed reads kept an idle server at ~90 % of a core; a negative poll the same
+    ("KASSA_METADATA__POLL_SECONDS", "0"), ("KASSA_LEARN__REGISTRY_POLL_SECONDS", "-1"),
+    ("KASSA_DECISION_LOG_FLUSH_SECONDS", "0"), ("KASSA_STATE__FLUSH_MS", "0"), ("KASSA_ROLES__LEASE_TTL_SECONDS", "0"),
+    ("KASSA_LEARN__SNAPSHOT_EVERY_SECONDS", "-1"), ("KASSA_FEATURES__BREAKER_FAILURES", "0"),
+    ("KASSA_LEARN__LEARNING_RATE", "0"),
+])
+def test_an_interval_or_count_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    error = _error(monkeypatch, None, {name: value})
+    assert error.startswith(f"invalid configuration (environment variable {name}): Expected "), error
