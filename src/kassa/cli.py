@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -34,8 +35,21 @@ def rewrite_aliases(args: list[str]) -> list[str]:
     return out
 
 
+def one_line_summaries(group: Any) -> None:
+    """Give every command under ``group`` its docstring's first paragraph on one line as its summary in the
+    command lists: Typer's rich help keeps that paragraph's line breaks there ("against production,"
+    then "uniform-random and ..." on the next line, mid-sentence), though not on the command's own page."""
+    for command in getattr(group, "commands", {}).values():
+        if command.short_help is None and command.help:
+            first = inspect.cleandoc(command.help).split("\n\n")[0]
+            if "\n" in first:
+                command.short_help = " ".join(first.split())
+        one_line_summaries(command)
+
+
 class _KassaGroup(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
+        one_line_summaries(self)
         return super().parse_args(ctx, rewrite_aliases(args))
 
 
@@ -54,7 +68,8 @@ console = Console(stderr=True)
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
@@ -125,9 +140,10 @@ def snippet(
 def serve(
     config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
-    catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
-    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
-    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,  # noqa: UP045
+    catalog: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Offers/placements YAML to load at start (default: catalog_file of the settings).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default: server.host, 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default: server.port, 8000).")] = None,  # noqa: UP045
     workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="HTTP worker processes (default: roles.workers; 0 = one per core when the learner runs apart).")] = None,
     learner: Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -281,7 +297,10 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id as `kassa keys list` prints it, or the key itself.")],
+    config: SettingsOpt = None, data_dir: DataDirOpt = None,
+) -> None:
     """Revoke a key: give its id from `kassa keys list`, or the key itself. Running servers stop
     accepting it within a second, and a restart does not bring it back."""
     from kassa.db import make_engine

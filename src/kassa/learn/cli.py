@@ -33,7 +33,8 @@ out = Console()
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
@@ -149,8 +150,11 @@ def models_list(
     out.print(models_table(versions))
 
 
+VersionArg = Annotated[str, typer.Argument(help="A model version, placement@N (`kassa models list` shows them).")]
+
+
 @models_app.command("show")
-def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt = None,
+def models_show(version: VersionArg, config: SettingsOpt = None, data_dir: DataDirOpt = None,
                 json_out: JsonOpt = False) -> None:
     """One version: metadata, metrics, lineage and stage history."""
     ctx = context(config, data_dir)
@@ -175,7 +179,7 @@ def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt =
 
 @models_app.command("promote")
 def models_promote(
-    version: str,
+    version: VersionArg,
     to: Annotated[str, typer.Option("--to", help="shadow | canary | production | candidate | archived")],
     share: Annotated[Optional[float], typer.Option(help="Canary traffic share, e.g. 0.1.")] = None,  # noqa: UP045
     reason: Annotated[Optional[str], typer.Option(help="Recorded in the stage history.")] = None,  # noqa: UP045
