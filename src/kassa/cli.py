@@ -80,7 +80,8 @@ def _existing(settings: Settings) -> Settings:
     """``settings`` when they name existing Kassa data: a read (`keys list`, `keys revoke`) of a mistyped
     --data-dir made a fresh empty database there and listed no keys, as if the store had none."""
     data = settings.data_path
-    if settings.metadata.url is None and not (data / "kassa.db").exists():
+    # (a data dir that is a file is left to the one-line "cannot use ... as the data dir" of opening it)
+    if settings.metadata.url is None and not data.is_file() and not (data / "kassa.db").exists():
         raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
                                  "uses; `kassa keys create` or `kassa serve` makes it)", param_hint="--data-dir")
     return settings
