@@ -80,6 +80,9 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
      "must be one of"),
     (["models", "promote", "order_confirmation@1", "--to", "live"], "must be one of"),
     (["models", "list", "--stage", "live"], "stage must be one of"),
+    # a mistyped placement was an empty table
+    (["models", "list", "--placement", "order_confirmaton"],
+     "Invalid value for --placement: unknown placement 'order_confirmaton' (known: cross_sell, order_confirmation)"),
     (["drift", "--placement", "order_confirmation", "--last", "10"], "at least 100"),
     # unknown versions were NotFound tracebacks (this table once accepted the exception's text)
     (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--baseline", "nope"],

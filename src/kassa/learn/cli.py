@@ -144,6 +144,8 @@ def models_list(
         raise typer.BadParameter(f"stage must be one of {', '.join(STAGES)}", param_hint="--stage")
     ctx = context(config, data_dir)
     versions = ctx.registry.versions(placement, [stage] if stage else None, limit=limit)
+    if placement is not None and not versions and not ctx.registry.versions(placement, None, limit=1):
+        ctx.placement(placement)  # a mistyped placement printed an empty table: name the known ones
     if json_out:
         _print_json({"versions": [v.to_dict() for v in versions]})
         return
