@@ -358,3 +358,17 @@ def test_cli_times_read_as_kassa_train_reads_them() -> None:
     assert _epoch(None, "--since") is None
     with pytest.raises(typer.BadParameter, match="duration ago like 7d"):
         _epoch("7x", "--since")
+
+
+def test_cli_apply_without_an_answer_says_to_pass_yes(tmp_path: Path) -> None:
+    # with stdin closed (CI, a pipe) the question ended in a bare "Aborted."
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: push, entity: customer, fields: [{name: x, dtype: int, default: 0}]}]\n")
+    data = ["--data-dir", str(tmp_path / "d")]
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="")
+    assert r.exit_code == 1 and "pass --yes (-y) to apply without asking" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="n\n")
+    assert r.exit_code == 1 and "not applied" in r.output
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="y\n")
+    assert r.exit_code == 0 and "applied" in r.output

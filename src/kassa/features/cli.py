@@ -129,8 +129,13 @@ def apply(
     if diff.destructive and not allow_destructive:
         _fail("refusing a destructive change: " + "; ".join(diff.destructive)
               + ". Re-run with --allow-destructive to apply it.")
-    if not yes and not typer.confirm("Apply these changes?"):
-        raise typer.Exit(1)
+    if not yes:
+        try:
+            confirmed = typer.confirm("Apply these changes?")
+        except typer.Abort:  # no answer (stdin closed, as in CI or a pipe): was a bare "Aborted."
+            _fail("\nnot applied: no answer to the question; pass --yes (-y) to apply without asking")
+        if not confirmed:
+            _fail("not applied")
     try:
         registry.apply(repo, allow_destructive=allow_destructive)
     except DestructiveChangeError as exc:  # someone applied in between
