@@ -74,6 +74,9 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
     (["train", "--placement", "nope"], "unknown placement"),
     (["train", "--placement", "order_confirmation", "--holdout", "1.5"], "must be in [0, 1)"),
     (["train", "--placement", "order_confirmation", "--since", "yesterday-ish"], "not a time"),
+    # was a ValueError traceback
+    (["train", "--placement", "order_confirmation", "--every", "soon"], "Invalid value for --every: not a duration"),
+    (["train", "--placement", "order_confirmation", "--every", "0s"], "must be a positive duration"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@99"],
      "unknown model version"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "x", "--estimator", "magic"],

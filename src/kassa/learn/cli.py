@@ -267,7 +267,12 @@ def train_command(
     """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
     from kassa.learn.offline.train import train_placement
 
-    interval = parse_duration(every) if every else None
+    try:
+        interval = parse_duration(every) if every else None
+    except ValueError as exc:  # was a ValueError traceback
+        raise typer.BadParameter(str(exc), param_hint="--every") from None
+    if interval is not None and interval <= 0:
+        raise typer.BadParameter("must be a positive duration, e.g. 1h", param_hint="--every")
     if not 0.0 <= holdout < 1.0:
         raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout")
     while True:
@@ -295,8 +300,12 @@ def train_command(
             if result.version is None:
                 raise typer.Exit(1)
             return
-        console.print(f"next run in {every}")
-        time.sleep(interval)
+        console.print(f"next run in {every} (Ctrl-C to stop)")
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            console.print("stopped")
+            return
 
 
 
