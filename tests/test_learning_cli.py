@@ -82,6 +82,11 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
     (["evaluate", "--placement", "order_confirmation", "--candidate", "x", "--estimator", "magic"],
      "must be one of"),
     (["models", "promote", "order_confirmation@1", "--to", "live"], "must be one of"),
+    # were OPEInputError tracebacks after the scoring
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--level", "1.5"],
+     "Invalid value for --level: must be between 0 and 1"),
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--max-weight", "-1"],
+     "Invalid value for --max-weight: must be a positive number"),
     (["models", "list", "--stage", "live"], "stage must be one of"),
     # a mistyped placement was an empty table
     (["models", "list", "--placement", "order_confirmaton"],

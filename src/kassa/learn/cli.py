@@ -363,6 +363,13 @@ def evaluate_command(
         raise typer.BadParameter(f"must be one of {', '.join(ope.ESTIMATORS)}", param_hint="--estimator")
     if rule not in ("lcb_beats_estimate", "lcb_beats_ucb"):
         raise typer.BadParameter("must be lcb_beats_estimate or lcb_beats_ucb", param_hint="--rule")
+    # checked here, before any data is read: these were OPEInputError tracebacks after the scoring
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"must be between 0 and 1 (e.g. 0.95), got {level:g}", param_hint="--level")
+    if max_weight is not None and not max_weight > 0:
+        raise typer.BadParameter(f"must be a positive number, got {max_weight:g}", param_hint="--max-weight")
+    if not min_ess >= 0:
+        raise typer.BadParameter(f"must be at least 0, got {min_ess:g}", param_hint="--min-ess")
     if slate:
         for given, name in ((promote, "--promote"), (max_weight is not None, "--max-weight"),
                             (report is not None, "--report"), (png is not None, "--png")):
