@@ -77,6 +77,8 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
     # was a ValueError traceback
     (["train", "--placement", "order_confirmation", "--every", "soon"], "Invalid value for --every: not a duration"),
     (["train", "--placement", "order_confirmation", "--every", "0s"], "must be a positive duration"),
+    (["train", "--placement", "order_confirmation", "--learning-rate", "-1"], "Invalid value for --learning-rate"),
+    (["train", "--placement", "order_confirmation", "--passes", "0"], "Invalid value for '--passes'"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@99"],
      "unknown model version"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "x", "--estimator", "magic"],

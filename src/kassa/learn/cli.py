@@ -258,7 +258,7 @@ def train_command(
     since: Annotated[Optional[str], typer.Option(help="Start: date, unix time or duration ago (7d).")] = None,  # noqa: UP045
     until: Annotated[Optional[str], typer.Option(help="End (exclusive); default now.")] = None,  # noqa: UP045
     every: Annotated[Optional[str], typer.Option(help="Retrain on this schedule (e.g. 1h) until stopped.")] = None,  # noqa: UP045
-    passes: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    passes: Annotated[int, typer.Option(help="Passes over the data.", min=1)] = 1,
     holdout: Annotated[float, typer.Option(help="Leave out this newest share of the window for "
                                                 "`kassa evaluate` (e.g. 0.2).")] = 0.0,
     learning_rate: Annotated[Optional[float], typer.Option(help="Default: learn.learning_rate.")] = None,  # noqa: UP045
@@ -273,6 +273,8 @@ def train_command(
         raise typer.BadParameter(str(exc), param_hint="--every") from None
     if interval is not None and interval <= 0:
         raise typer.BadParameter("must be a positive duration, e.g. 1h", param_hint="--every")
+    if learning_rate is not None and not learning_rate > 0:  # a negative rate trained and registered a candidate
+        raise typer.BadParameter(f"must be a positive number, got {learning_rate:g}", param_hint="--learning-rate")
     if not 0.0 <= holdout < 1.0:
         raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout")
     while True:
