@@ -372,3 +372,23 @@ def test_cli_apply_without_an_answer_says_to_pass_yes(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "not applied" in r.output
     r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="y\n")
     assert r.exit_code == 0 and "applied" in r.output
+
+
+def test_cli_says_which_redis_it_could_not_reach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa features get|materialize` on an unreachable Redis online store were ConnectionRefusedError tracebacks
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: push, entity: customer, fields: [{name: x, dtype: int, default: 0}]}]\n")
+    data = ["--data-dir", str(tmp_path / "d")]
+    assert CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    monkeypatch.setenv("KASSA_FEATURES__ONLINE_STORE", "redis")
+    monkeypatch.setenv("KASSA_FEATURES__REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    r = CliRunner().invoke(app, ["features", "get", "v", "c-1", *data])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"cannot reach the Redis online store at redis://127.0.0.1:{port}/0 (features.redis_url)" in text, text

@@ -84,6 +84,23 @@ def _epoch(text: str | None, option: str) -> float | None:
                                  "or a duration ago like 7d)", param_hint=option) from None
 
 
+def _on_store(settings: Settings, work: Any) -> Any:
+    """``asyncio.run(work)``; a Redis online store that cannot be reached is one line naming it and its setting
+    (it was a ConnectionRefusedError traceback)."""
+    if settings.features.online_store != "redis":
+        return asyncio.run(work)
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from kassa.degraded import CircuitOpen
+
+    try:
+        return asyncio.run(work)
+    except (OSError, RedisConnectionError, RedisTimeoutError, CircuitOpen) as exc:
+        _fail(f"cannot reach the Redis online store at {settings.features.redis_url} (features.redis_url): "
+              f"{getattr(exc, 'strerror', None) or exc}")
+
+
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
         if abs(seconds) >= size:
@@ -189,7 +206,7 @@ def materialize_cmd(
         return results
 
     try:
-        results = asyncio.run(run())
+        results = _on_store(settings, run())
     except MaterializeError as exc:
         _fail(str(exc))
     if json_out:
@@ -228,7 +245,7 @@ def get(
         row = rows[0] if rows else None
         return row.get(v.name) if row else None
 
-    found = asyncio.run(read())
+    found = _on_store(settings, read())
     now = time.time()
     result: dict[str, Any] = {"view": v.name, "entity": v.entity, "key": key, "found": found is not None}
     if found is not None:
