@@ -73,7 +73,10 @@ def audit(platform: PlatformArg, config: ConfigOpt, settings_file: SettingsOpt =
     settings = load_settings(settings_file)
     connector, _ = _open(platform, config, settings)
     try:
-        report = run_audit(connector)
+        # Each capability is a request, retried with backoff when the platform does not answer (~17 s against a
+        # host that refuses): say what is going on meanwhile (on stderr; nothing when not a terminal).
+        with console.status(f"probing {platform}'s API: products, orders, webhooks, inventory, customers…"):
+            report = run_audit(connector)
     finally:
         _close(connector)
     Console(stderr=json_out).print(render(report))
