@@ -154,3 +154,50 @@ def test_redis_killed_decisions_fall_back_fast_events_are_acked_and_all_heals(
             assert time.monotonic() - t_back < 5.0, "the stream backlog was not written within 5 s"
             time.sleep(0.05)
     raw.close()
+
+
+OFFER_VIEWS = """
+entities:
+  - {name: customer, join_key: customer_id}
+  - {name: offer, join_key: offer_id}
+views:
+  - name: offer_performance
+    kind: stream
+    entity: offer
+    source: {events: [impression, accept]}
+    ttl: 1d
+    fields:
+      - {name: impressions_1h, dtype: int, agg: sum, of: type=impression, window: 1h, default: 0}
+"""
+
+
+def test_redis_down_at_start_with_offer_views_starts_serves_and_heals(tmp_path, catalog_file, outage_redis, caplog):
+    # The offer feature cache subscribed and loaded at start without a guard: a Redis down when the server
+    # started was "Application startup failed" and a traceback, against "never fails the page".
+    defs = tmp_path / "features.yaml"
+    defs.write_text(OFFER_VIEWS)
+    prefix = f"kassa-test-{secrets.token_hex(4)}"
+    settings = load_settings(None, data_dir=str(tmp_path / "d"), catalog_file=str(catalog_file),
+                             publishable_key=PUB, **{
+                                 "features.definitions_file": str(defs), "features.online_store": "redis",
+                                 "features.redis_url": outage_redis.url, "features.key_prefix": prefix})
+    outage_redis.kill()
+    kassa = Kassa(settings)
+    assert kassa.offer_cache is not None
+    caplog.set_level(logging.WARNING)
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as c:
+        assert c.get("/readyz").status_code == 200
+        d = c.post("/v1/decisions", json=decision_body(customer="c-down"))
+        assert d.status_code == 200 and d.json()["offers"]
+        assert any("Redis unreachable at start" in r.getMessage() for r in caplog.records)
+        outage_redis.start()
+        raw = redis.Redis.from_url(outage_redis.url)
+        t0 = time.monotonic()
+        while not kassa.offer_cache._subscribed:  # the cache subscribed and loaded once Redis answered
+            assert time.monotonic() - t0 < 10.0, "the offer feature cache did not recover"
+            time.sleep(0.05)
+        assert raw.pubsub_numsub(kassa.store.channel)[0][1] >= 1  # type: ignore[attr-defined]
+        while c.post("/v1/decisions", json=decision_body(customer="c-down")).json()["fallback"]:
+            assert time.monotonic() - t0 < 10.0, "decisions did not recover"
+            time.sleep(0.05)
+        raw.close()

@@ -166,3 +166,23 @@ def test_setting_one_kinds_rate_limit_keeps_the_others_defaults(tmp_path, monkey
 def test_a_rate_limit_that_cannot_apply_is_a_configuration_error(tmp_path, limits, message):
     with pytest.raises(SystemExit, match=message):
         load_settings(None, data_dir=str(tmp_path), **{"server.rate_limits": limits})
+
+
+def test_keys_list_and_revoke_refuse_a_data_dir_without_kassa_data(tmp_path):
+    # a mistyped --data-dir made a fresh database there and `keys list` showed an empty table
+    missing = tmp_path / "typo"
+    for args in (["keys", "list"], ["keys", "revoke", "abc"]):
+        r = CliRunner().invoke(cli, [*args, "--data-dir", str(missing)])
+        assert r.exit_code == 2 and "no Kassa data in" in " ".join(r.output.split()), r.output
+    assert not missing.exists()
+
+
+def test_keys_list_shows_a_long_origin_whole_on_a_narrow_console(tmp_path):
+    data = str(tmp_path / "data")
+    origin = "https://checkout.a-rather-long-shop-name.example.com"
+    r = CliRunner().invoke(cli, ["keys", "create", "publishable", "--origin", origin, "--data-dir", data])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["keys", "list", "--data-dir", data], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    cells = "".join(line.split("│")[4].strip() for line in r.output.splitlines() if line.count("│") == 6)
+    assert origin in cells, r.output

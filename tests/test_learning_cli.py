@@ -74,12 +74,25 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
     (["train", "--placement", "nope"], "unknown placement"),
     (["train", "--placement", "order_confirmation", "--holdout", "1.5"], "must be in [0, 1)"),
     (["train", "--placement", "order_confirmation", "--since", "yesterday-ish"], "not a time"),
+    # was a ValueError traceback
+    (["train", "--placement", "order_confirmation", "--every", "soon"], "Invalid value for --every: not a duration"),
+    (["train", "--placement", "order_confirmation", "--every", "0s"], "must be a positive duration"),
+    (["train", "--placement", "order_confirmation", "--learning-rate", "-1"], "Invalid value for --learning-rate"),
+    (["train", "--placement", "order_confirmation", "--passes", "0"], "Invalid value for '--passes'"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@99"],
      "unknown model version"),
     (["evaluate", "--placement", "order_confirmation", "--candidate", "x", "--estimator", "magic"],
      "must be one of"),
     (["models", "promote", "order_confirmation@1", "--to", "live"], "must be one of"),
+    # were OPEInputError tracebacks after the scoring
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--level", "1.5"],
+     "Invalid value for --level: must be between 0 and 1"),
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--max-weight", "-1"],
+     "Invalid value for --max-weight: must be a positive number"),
     (["models", "list", "--stage", "live"], "stage must be one of"),
+    # a mistyped placement was an empty table
+    (["models", "list", "--placement", "order_confirmaton"],
+     "Invalid value for --placement: unknown placement 'order_confirmaton' (known: cross_sell, order_confirmation)"),
     (["drift", "--placement", "order_confirmation", "--last", "10"], "at least 100"),
     # unknown versions were NotFound tracebacks (this table once accepted the exception's text)
     (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--baseline", "nope"],

@@ -212,6 +212,8 @@ def test_plan_stops_at_the_generator_limit_and_calls_it_a_lower_bound() -> None:
     assert [st["rate"] for st in plan["steps"]] == [100, 200, 400, 800]
     assert plan["max_rate"] == 400.0 and plan["exact"] is False
     assert "generator could not keep" in plan["note"] and "lower bound" in plan["summary"]
+    # the figure follows "up to at least", the reason comes after it
+    assert plan["summary"].startswith("one node meets the SLO up to at least 400.0 requests/s (a lower bound: ")
 
 
 def test_plan_when_nothing_passes() -> None:

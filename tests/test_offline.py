@@ -342,3 +342,53 @@ def test_cli_apply_reports_invalid_definitions(tmp_path: Path) -> None:
                     "views: [{name: v, kind: batch, entity: shopper, fields: [{name: x, dtype: int}]}]\n")
     r = CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 1 and "unknown entity 'shopper'" in r.output
+
+
+def test_cli_times_read_as_kassa_train_reads_them() -> None:
+    """`kassa features training-set --from-decisions --since 7d` was "not an ISO-8601 time" while
+    `kassa train|evaluate|drift --since 7d` took it."""
+    import typer
+
+    from kassa.features.cli import _epoch
+
+    assert _epoch("2026-11-01", "--since") == 1_793_491_200.0
+    assert _epoch("2026-11-01T12:00:00+01:00", "--since") == 1_793_491_200.0 + 11 * 3600
+    assert _epoch("1793491200", "--since") == 1_793_491_200.0
+    assert abs(_epoch("7d", "--since") - (time.time() - 7 * 86_400)) < 5  # type: ignore[operator]
+    assert _epoch(None, "--since") is None
+    with pytest.raises(typer.BadParameter, match="duration ago like 7d"):
+        _epoch("7x", "--since")
+
+
+def test_cli_apply_without_an_answer_says_to_pass_yes(tmp_path: Path) -> None:
+    # with stdin closed (CI, a pipe) the question ended in a bare "Aborted."
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: push, entity: customer, fields: [{name: x, dtype: int, default: 0}]}]\n")
+    data = ["--data-dir", str(tmp_path / "d")]
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="")
+    assert r.exit_code == 1 and "pass --yes (-y) to apply without asking" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="n\n")
+    assert r.exit_code == 1 and "not applied" in r.output
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), *data], input="y\n")
+    assert r.exit_code == 0 and "applied" in r.output
+
+
+def test_cli_says_which_redis_it_could_not_reach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa features get|materialize` on an unreachable Redis online store were ConnectionRefusedError tracebacks
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: push, entity: customer, fields: [{name: x, dtype: int, default: 0}]}]\n")
+    data = ["--data-dir", str(tmp_path / "d")]
+    assert CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    monkeypatch.setenv("KASSA_FEATURES__ONLINE_STORE", "redis")
+    monkeypatch.setenv("KASSA_FEATURES__REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    r = CliRunner().invoke(app, ["features", "get", "v", "c-1", *data])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"cannot reach the Redis online store at redis://127.0.0.1:{port}/0 (features.redis_url)" in text, text

@@ -480,3 +480,13 @@ def test_png_report_is_written(evaluation: ope.Evaluation, tmp_path: Path) -> No
 def test_read_report_data_rejects_a_page_without_data() -> None:
     with pytest.raises(ValueError, match="kassa-ope-data"):
         ope_report.read_report_data("<html><body>nothing</body></html>")
+
+
+def test_text_table_at_80_columns_keeps_versions_apart() -> None:
+    """On a default 80-column console (a pipe, CI) two versions of one placement were both cut to
+    "order_confi…"; their names fold onto a second line instead."""
+    ev = ope.evaluate_policies(R, LP, {"order_confirmation@4": TP, "order_confirmation@3": TP})
+    text = ope_report.render_text(ev, width=80)
+    assert "…" not in text.split("\n", 3)[3]  # no cell is cut (the title line aside)
+    joined = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    assert "order_confirmation@4" in joined and "order_confirmation@3" in joined

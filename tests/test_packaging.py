@@ -112,7 +112,9 @@ def test_a_cli_command_prints_no_alembic_plugin_lines(tmp_path: Path) -> None:
     # every command that opened the metadata DB printed 7 "INFO alembic.runtime.plugins: setup plugin" lines first
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for _ in range(2):  # the first run migrates a new data dir, the second finds it at head
-        run = subprocess.run([sys.executable, "-m", "kassa", "keys", "list", "--data-dir", str(tmp_path / "d")],
+        # (`keys create`: `keys list` refuses a data dir without Kassa data)
+        run = subprocess.run([sys.executable, "-m", "kassa", "keys", "create", "admin",
+                              "--data-dir", str(tmp_path / "d")],
                              capture_output=True, text=True, env=env, timeout=120)
         assert run.returncode == 0, run.stderr
         assert "alembic.runtime.plugins" not in run.stderr and "setup plugin" not in run.stderr, run.stderr

@@ -121,3 +121,25 @@ def test_the_demo_shows_its_keys_a_loadtest_command_and_progress_when_redirected
     assert "secret demo-secret" in text and "admin demo-admin" in text
     assert "kassa loadtest --url http://127.0.0.1:" in text
     assert "--secret-key demo-secret --webhook-secret demo-webhook-secret" in text
+
+
+def test_command_lists_show_each_summary_as_one_sentence_not_broken_mid_line() -> None:
+    # Typer's rich help kept the docstring's line breaks in the command lists: `kassa --help` showed
+    # "candidate against production," and then "uniform-random and the logged policy" on a row of its own.
+    import typer
+    from typer.testing import CliRunner
+
+    from kassa.cli import app, one_line_summaries
+
+    root = typer.main.get_command(app)
+    one_line_summaries(root)
+    commands = {name: cmd for name, cmd in root.commands.items()}  # type: ignore[attr-defined]
+    assert commands["evaluate"].short_help.startswith("Off-policy evaluation (IPS, SNIPS, DR with intervals) of a "
+                                                       "candidate against production, uniform-random and")
+    for group in ("keys", "models", "features"):
+        for cmd in commands[group].commands.values():
+            assert "\n" not in (cmd.short_help or ""), (group, cmd.name)
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "250"}).output
+    assert "candidate against production, uniform-random and the logged policy" in out
+    out = CliRunner().invoke(app, ["keys", "--help"], env={"COLUMNS": "250"}).output
+    assert "Running servers stop accepting it within a second" in out

@@ -119,3 +119,16 @@ def test_a_data_dir_that_is_a_file_stops_the_start_naming_it(settings, clock, tm
     with pytest.raises(DamagedDataDir) as exc:
         Kassa(settings, clock=clock)
     assert_names(exc, settings.data_dir)
+
+
+def test_a_missing_relative_catalog_file_says_where_it_was_looked_for(settings, clock, tmp_path, monkeypatch):
+    # `kassa serve --settings shop/kassa.yaml` run from outside shop/ looked for catalog.yaml in the current
+    # directory and said only "No such file or directory"
+    (tmp_path / "here" / "shop").mkdir(parents=True)
+    (tmp_path / "here" / "shop" / "catalog.yaml").write_text("offers: []\n")
+    monkeypatch.chdir(tmp_path / "here")
+    settings.catalog_file = "catalog.yaml"
+    with pytest.raises(SystemExit) as exc:
+        Kassa(settings, clock=clock)
+    assert str(exc.value).endswith("catalog.yaml: No such file or directory (relative paths are read from the "
+                                   f"current directory, {tmp_path / 'here'})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -34,8 +35,21 @@ def rewrite_aliases(args: list[str]) -> list[str]:
     return out
 
 
+def one_line_summaries(group: Any) -> None:
+    """Give every command under ``group`` its docstring's first paragraph on one line as its summary in the
+    command lists: Typer's rich help keeps that paragraph's line breaks there ("against production,"
+    then "uniform-random and ..." on the next line, mid-sentence), though not on the command's own page."""
+    for command in getattr(group, "commands", {}).values():
+        if command.short_help is None and command.help:
+            first = inspect.cleandoc(command.help).split("\n\n")[0]
+            if "\n" in first:
+                command.short_help = " ".join(first.split())
+        one_line_summaries(command)
+
+
 class _KassaGroup(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
+        one_line_summaries(self)
         return super().parse_args(ctx, rewrite_aliases(args))
 
 
@@ -54,11 +68,23 @@ console = Console(stderr=True)
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
     return load_settings(config, **overrides)
+
+
+def _existing(settings: Settings) -> Settings:
+    """``settings`` when they name existing Kassa data: a read (`keys list`, `keys revoke`) of a mistyped
+    --data-dir made a fresh empty database there and listed no keys, as if the store had none."""
+    data = settings.data_path
+    # (a data dir that is a file is left to the one-line "cannot use ... as the data dir" of opening it)
+    if settings.metadata.url is None and not data.is_file() and not (data / "kassa.db").exists():
+        raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
+                                 "uses; `kassa keys create` or `kassa serve` makes it)", param_hint="--data-dir")
+    return settings
 
 
 def _print_version(value: bool) -> None:
@@ -115,9 +141,10 @@ def snippet(
 def serve(
     config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
-    catalog: Annotated[Optional[str], typer.Option(help="Offers/placements YAML to load at start.")] = None,  # noqa: UP045
-    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,  # noqa: UP045
-    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,  # noqa: UP045
+    catalog: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Offers/placements YAML to load at start (default: catalog_file of the settings).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default: server.host, 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default: server.port, 8000).")] = None,  # noqa: UP045
     workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="HTTP worker processes (default: roles.workers; 0 = one per core when the learner runs apart).")] = None,
     learner: Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -262,21 +289,25 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     from kassa.db import make_engine
     from kassa.keys import KeyStore
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _existing(_settings(config, data_dir=data_dir))
     table = Table("id", "kind", "name", "origins", "revoked")
+    table.columns[3].overflow = "fold"  # an origin cut to "https://shop.exa…" does not say which it is
     for k in KeyStore(make_engine(settings.metadata_url)).list():
         table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: str, config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id as `kassa keys list` prints it, or the key itself.")],
+    config: SettingsOpt = None, data_dir: DataDirOpt = None,
+) -> None:
     """Revoke a key: give its id from `kassa keys list`, or the key itself. Running servers stop
     accepting it within a second, and a restart does not bring it back."""
     from kassa.db import make_engine
     from kassa.keys import AmbiguousKeyId, KeyStore
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _existing(_settings(config, data_dir=data_dir))
     try:
         revoked = KeyStore(make_engine(settings.metadata_url)).revoke(key)
     except AmbiguousKeyId as exc:

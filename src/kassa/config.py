@@ -7,8 +7,10 @@ upper-cased field path joined with ``__``: ``KASSA_SERVER__PORT=9000``, ``KASSA_
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -77,19 +79,22 @@ class PublishGuardSettings(Struct, forbid_unknown_fields=True):
 
 
 class LearnSettings(Struct, forbid_unknown_fields=True):
-    snapshot_every_seconds: float = 10.0  # how often the online learner publishes a model snapshot
-    snapshot_min_learns: int = 50  # ...when at least this many examples were learned since the last
-    learning_rate: float = 0.1  # VW -l; 0.5 before ADR 0010's addendum (offer world: noisier, no faster after a drift)
+    # how often the online learner publishes a model snapshot
+    snapshot_every_seconds: Annotated[float, Meta(ge=0)] = 10.0
+    # ...when at least this many examples were learned since the last
+    snapshot_min_learns: Annotated[int, Meta(ge=0)] = 50
+    # VW -l; 0.5 before ADR 0010's addendum (offer world: noisier, no faster after a drift)
+    learning_rate: Annotated[float, Meta(gt=0)] = 0.1
     vw_extra_args: str = ""
     keep_snapshots: int = 5
     # Continuous learning: each snapshot is registered; with auto_publish it becomes production at once
     # (Personalizer's model export), without it it waits as a candidate for evaluate + promote.
     auto_publish: bool = True
-    registry_poll_seconds: float = 1.0  # serving processes pick up registry changes this often
+    registry_poll_seconds: Annotated[float, Meta(gt=0)] = 1.0  # serving processes pick up registry changes this often
     keep_online_artifacts: int = 20  # archived online snapshots whose artifacts are kept
     canary: CanarySettings = field(default_factory=CanarySettings)
     guard: PublishGuardSettings = field(default_factory=PublishGuardSettings)
-    drift_check_seconds: float = 60.0  # 0 disables the periodic drift check
+    drift_check_seconds: Annotated[float, Meta(ge=0)] = 60.0  # 0 disables the periodic drift check
     drift_webhook_url: str | None = None  # POSTed a JSON alert when drift is detected
 
 
@@ -104,8 +109,8 @@ class FeatureSettings(Struct, forbid_unknown_fields=True):
     # aggregators writing one Redis row would each hold part of the counts).
     streaming: Literal["auto", "inprocess", "external"] = "auto"
     # Circuit breaker in front of Redis: open after this many consecutive failures, probe again after...
-    breaker_failures: int = 3
-    breaker_reset_seconds: float = 1.0
+    breaker_failures: Annotated[int, Meta(ge=1)] = 3
+    breaker_reset_seconds: Annotated[float, Meta(ge=0)] = 1.0
 
 
 class MetadataSettings(Struct, forbid_unknown_fields=True):
@@ -116,10 +121,10 @@ class MetadataSettings(Struct, forbid_unknown_fields=True):
     # Model files: "local" (<data_dir>/models/artifacts), "database" (rows in the metadata database, read by
     # every process; ADR 0007), "auto" = database on PostgreSQL, local on SQLite.
     artifacts: Literal["auto", "local", "database"] = "auto"
-    poll_seconds: float = 0.25  # SQLite: how often the change counters are read (one tiny query)
+    poll_seconds: Annotated[float, Meta(gt=0)] = 0.25  # SQLite: how often the change counters are read (one tiny query)
     # PostgreSQL: changes arrive by LISTEN/NOTIFY; the counters are also re-read this often, and at once
     # after the listening connection comes back, so a notification missed while it was away is not lost.
-    recheck_seconds: float = 5.0
+    recheck_seconds: Annotated[float, Meta(gt=0)] = 5.0
 
 
 class EventSettings(Struct, forbid_unknown_fields=True):
@@ -154,7 +159,8 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     lease: Literal["file", "redis"] = "file"
     redis_url: str = "redis://127.0.0.1:6379/0"
     lease_prefix: str = "kassa"
-    lease_ttl_seconds: float = 5.0  # a dead learner's lease lapses after this; the standby takes over then
+    # a dead learner's lease lapses after this; the standby takes over then
+    lease_ttl_seconds: Annotated[float, Meta(gt=0)] = 5.0
     # `kassa learn` (also as `--learner child`) lowers its CPU priority by this much (os.nice) at start, so that
     # serving workers on the same cores win the CPU when it is short; the learner keeps what they leave, which
     # at 1,000 decisions/s on 2 cores is plenty (ADR 0009). 0 leaves it alone.
@@ -176,9 +182,11 @@ class StateSettings(Struct, forbid_unknown_fields=True):
     backend: Literal["embedded", "redis"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "kassa:state"  # namespaces every key, so several deployments can share one server
-    timeout_ms: float = 20.0  # most a decision waits on each Redis round trip (also bounded by its budget)
+    # most a decision waits on each Redis round trip (also bounded by its budget)
+    timeout_ms: Annotated[float, Meta(gt=0)] = 20.0
     retry_seconds: float = 1.0  # after a failure, requests skip Redis (fallback) this long before trying again
-    flush_ms: float = 20.0  # embedded: how often the journal commits (what a kill -9 can lose at most)
+    # embedded: how often the journal commits (what a kill -9 can lose at most)
+    flush_ms: Annotated[float, Meta(gt=0)] = 20.0
     await_commit: bool = False  # redis: a decision waits for its write (strict request_id across processes)
 
 
@@ -198,7 +206,7 @@ class Settings(Struct, forbid_unknown_fields=True):
     roles: RoleSettings = field(default_factory=RoleSettings)
     state: StateSettings = field(default_factory=StateSettings)
     # Parquet flush period: a kill -9 loses at most the decisions of one period plus one write (~0.1 s)
-    decision_log_flush_seconds: float = 0.5
+    decision_log_flush_seconds: Annotated[float, Meta(gt=0)] = 0.5
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
     # `replay_window_seconds`, ... read by POST /v1/webhooks/{platform}; see kassa.integrations.config.
@@ -217,6 +225,45 @@ class Settings(Struct, forbid_unknown_fields=True):
     def artifacts_in_database(self) -> bool:
         mode = self.metadata.artifacts
         return mode == "database" or (mode == "auto" and self.metadata_url.startswith("postgresql"))
+
+
+def _redis_url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``url`` is not a Redis URL Kassa can connect to, or None (it was a traceback at the first use)."""
+    parts = urlsplit(url)
+    example = "redis://host:6379/0"
+    if parts.scheme not in schemes:
+        if parts.scheme in ("rediss", "unix"):
+            return f"{url!r}: this connection speaks plain TCP only (no TLS, no unix socket): use {example}"
+        return f"{url!r} is not a Redis URL (use {' or '.join(s + '://' for s in schemes)}, e.g. {example})"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{url!r} names no socket path (unix:///path/to/redis.sock)"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return f"{url!r}: the port is not a number (e.g. {example})"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"{url!r}: the database after the last / must be a number (e.g. {example})"
+    return None
+
+
+def _error_source(message: str, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> str:
+    """Where the value a validation error points at came from: a command-line option, an environment variable
+    or the settings file (`` in FILE``), so the message names what to edit."""
+    at = re.search(r"at `\$((?:\.\w+)*)", message)
+    keys = at.group(1).split(".")[1:] if at else []
+    unknown = re.match(r"Object contains unknown field `(\w+)`", message)
+    if unknown:
+        keys.append(unknown.group(1))
+    for key, value in overrides.items():
+        if value is not None and keys and keys[: len(key.split("."))] == key.split("."):
+            return f" (command-line option for {key})"
+    env = {name.upper(): name for name in os.environ}
+    for depth in range(len(keys), 0, -1):
+        name = env.get("KASSA_" + "__".join(keys[:depth]).upper())
+        if name is not None:
+            return f" (environment variable {name})"
+    return f" in {path}" if path else ""
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
@@ -259,7 +306,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SystemExit(f"invalid configuration: {exc}") from None
+        raise SystemExit(f"invalid configuration{_error_source(str(exc), path, overrides)}: {exc}") from None
     from kassa.timezones import timezone_error
 
     problem = timezone_error(settings.store_timezone)
@@ -269,6 +316,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
         raise SystemExit("invalid configuration: server.metrics_token: use at least 16 characters without spaces "
                          "(e.g. `openssl rand -hex 24`), or leave it unset for an open /metrics")
+    for name, url, schemes in (("features.redis_url", settings.features.redis_url, ("redis", "rediss", "unix")),
+                               ("roles.redis_url", settings.roles.redis_url, ("redis", "rediss", "unix")),
+                               # the per-buyer state speaks plain TCP itself (kassa.redisconn)
+                               ("state.redis_url", settings.state.redis_url,
+                                ("redis",) if settings.state.backend == "redis" else ("redis", "rediss", "unix"))):
+        problem = _redis_url_problem(url, schemes)
+        if problem is not None:
+            raise SystemExit(f"invalid configuration{_error_source(f'at `$.{name}`', path, overrides)}: "
+                             f"{name}: {problem}")
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")

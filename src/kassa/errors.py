@@ -34,6 +34,13 @@ class Unauthorized(KassaError):
     status, title, slug = 401, "Missing or invalid API key", "unauthorized"
 
 
+class InvalidSignature(Unauthorized):
+    """A webhook whose signature does not verify: webhooks carry no API key, so the title says signature (the
+    problem type stays ``unauthorized``)."""
+
+    title = "Missing or invalid webhook signature"
+
+
 class Forbidden(KassaError):
     status, title, slug = 403, "API key not allowed here", "forbidden"
 

@@ -34,6 +34,9 @@ class UnusableStartFile(SystemExit):
     def __init__(self, what: str, setting: str, path: str | Path, exc: Exception) -> None:
         if isinstance(exc, OSError):
             problem = f"{path}: {exc.strerror or exc}"
+            if isinstance(exc, FileNotFoundError) and not Path(path).is_absolute():
+                # `kassa serve --settings shop/kassa.yaml` from outside shop/ reads catalog.yaml from here.
+                problem += f" (relative paths are read from the current directory, {Path.cwd()})"
         else:  # the loaders' messages already start with the path
             problem = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
         super().__init__(f"cannot start: {what} ({setting}) {problem}")

@@ -203,3 +203,26 @@ def test_config_layers_env_references_and_defaults(tmp_path, monkeypatch):
     assert cfg.options == {"access_token": "shpat_from_env", "shop": "x.myshopify.com"}  # the file wins
     assert cfg.webhook_secret == "from-kassa-settings" and cfg.replay_window_seconds == 300.0
     assert cfg.as_dict()["webhook_secret"] == "from-kassa-settings"
+
+
+def test_a_running_server_serves_offers_the_cli_synced_within_a_second(tmp_path, shopify_fake, kassa, client):
+    """The CLI said (and the docs) that a running `kassa serve` loads synced offers at its next start; the
+    catalog's change feed brings them in within a second, and the CLI says so now."""
+    import time
+
+    from tests.conftest import ADMIN
+
+    config = tmp_path / "shopify.yaml"
+    config.write_text(yaml.safe_dump({"shop": shopify_fake.url, "access_token": "shpat_test"}))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    before = {o["id"] for o in client.get("/v1/offers", headers=admin).json()["offers"]}
+    result = CliRunner().invoke(app, ["integrations", "sync", "shopify", "--credentials", str(config),
+                                      "--data-dir", kassa.settings.data_dir])
+    assert result.exit_code == 0, result.output
+    assert "within a second" in result.output and "next start" not in result.output
+    t0 = time.monotonic()
+    while client.get("/readyz").json()["offers"] < len(before) + 7:  # the serving snapshot's count
+        assert time.monotonic() - t0 < 1.5, "the synced offers did not reach the running server"
+        time.sleep(0.02)
+    after = {o["id"] for o in client.get("/v1/offers", headers=admin).json()["offers"]}
+    assert len(after - before) == 7

@@ -37,7 +37,7 @@ async def post_webhook(request: Request) -> Response:
     except NotConfigured as exc:
         raise errors.NotFound(str(exc), "platform") from None
     except SignatureError as exc:
-        raise errors.Unauthorized(str(exc), "signature") from None
+        raise errors.InvalidSignature(str(exc), "signature") from None
     except ReplayError as exc:
         raise errors.Conflict(str(exc), "timestamp") from None
     except MalformedBody as exc:

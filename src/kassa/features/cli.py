@@ -33,7 +33,8 @@ out = Console()
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
@@ -63,14 +64,41 @@ def _offline(settings: Settings) -> OfflineStore:
 
 
 def _epoch(text: str | None, option: str) -> float | None:
+    """An ISO-8601 time, a unix time or a duration ago (``7d``), as `kassa train|evaluate|drift` read them."""
     if text is None:
         return None
     from kassa.features.offline import to_epoch
 
     try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
         return to_epoch(text)
     except ValueError:
-        raise typer.BadParameter(f"not an ISO-8601 time: {text!r}", param_hint=option) from None
+        raise typer.BadParameter(f"not a time: {text!r} (use 2026-11-01, 2026-11-01T12:00, a unix time, "
+                                 "or a duration ago like 7d)", param_hint=option) from None
+
+
+def _on_store(settings: Settings, work: Any) -> Any:
+    """``asyncio.run(work)``; a Redis online store that cannot be reached is one line naming it and its setting
+    (it was a ConnectionRefusedError traceback)."""
+    if settings.features.online_store != "redis":
+        return asyncio.run(work)
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from kassa.degraded import CircuitOpen
+
+    try:
+        return asyncio.run(work)
+    except (OSError, RedisConnectionError, RedisTimeoutError, CircuitOpen) as exc:
+        _fail(f"cannot reach the Redis online store at {settings.features.redis_url} (features.redis_url): "
+              f"{getattr(exc, 'strerror', None) or exc}")
 
 
 def _age(seconds: float) -> str:
@@ -118,8 +146,13 @@ def apply(
     if diff.destructive and not allow_destructive:
         _fail("refusing a destructive change: " + "; ".join(diff.destructive)
               + ". Re-run with --allow-destructive to apply it.")
-    if not yes and not typer.confirm("Apply these changes?"):
-        raise typer.Exit(1)
+    if not yes:
+        try:
+            confirmed = typer.confirm("Apply these changes?")
+        except typer.Abort:  # no answer (stdin closed, as in CI or a pipe): was a bare "Aborted."
+            _fail("\nnot applied: no answer to the question; pass --yes (-y) to apply without asking")
+        if not confirmed:
+            _fail("not applied")
     try:
         registry.apply(repo, allow_destructive=allow_destructive)
     except DestructiveChangeError as exc:  # someone applied in between
@@ -130,8 +163,10 @@ def apply(
 @features_app.command("materialize")
 def materialize_cmd(
     view: Annotated[Optional[str], typer.Option(help="Only this batch view (default: all).")] = None,  # noqa: UP045
-    start: Annotated[Optional[str], typer.Option(help="ISO time; rows at or after it (default: all).")] = None,  # noqa: UP045
-    end: Annotated[Optional[str], typer.Option(help="ISO time; rows before it (default: now).")] = None,  # noqa: UP045
+    start: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="ISO time, unix time or duration ago (7d); rows at or after it (default: all).")] = None,
+    end: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="ISO time, unix time or duration ago; rows before it (default: now).")] = None,
     config: SettingsOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
@@ -171,7 +206,7 @@ def materialize_cmd(
         return results
 
     try:
-        results = asyncio.run(run())
+        results = _on_store(settings, run())
     except MaterializeError as exc:
         _fail(str(exc))
     if json_out:
@@ -210,7 +245,7 @@ def get(
         row = rows[0] if rows else None
         return row.get(v.name) if row else None
 
-    found = asyncio.run(read())
+    found = _on_store(settings, read())
     now = time.time()
     result: dict[str, Any] = {"view": v.name, "entity": v.entity, "key": key, "found": found is not None}
     if found is not None:
@@ -271,8 +306,10 @@ def training_set(
     from_decisions: Annotated[bool, typer.Option(
         "--from-decisions", help="Use the decision log's decisions as the entity rows.")] = False,
     placement: Annotated[Optional[str], typer.Option(help="With --from-decisions: one placement.")] = None,  # noqa: UP045
-    since: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, inclusive.")] = None,  # noqa: UP045
-    until: Annotated[Optional[str], typer.Option(help="With --from-decisions: ISO time, exclusive.")] = None,  # noqa: UP045
+    since: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --from-decisions: ISO time, unix time or duration ago (7d); inclusive.")] = None,
+    until: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="With --from-decisions: ISO time, unix time or duration ago; exclusive.")] = None,
     full_names: Annotated[bool, typer.Option(help="Name feature columns view__field.")] = False,
     no_defaults: Annotated[bool, typer.Option(
         "--no-defaults", help="Leave missing and stale values null instead of the fields' defaults.")] = False,

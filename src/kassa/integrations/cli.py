@@ -37,7 +37,8 @@ ConfigOpt = Annotated[Path, typer.Option(
     "--credentials", help="Integration config (YAML) with the platform's credentials and options.")]
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
@@ -72,7 +73,10 @@ def audit(platform: PlatformArg, config: ConfigOpt, settings_file: SettingsOpt =
     settings = load_settings(settings_file)
     connector, _ = _open(platform, config, settings)
     try:
-        report = run_audit(connector)
+        # Each capability is a request, retried with backoff when the platform does not answer (~17 s against a
+        # host that refuses): say what is going on meanwhile (on stderr; nothing when not a terminal).
+        with console.status(f"probing {platform}'s API: products, orders, webhooks, inventory, customers…"):
+            report = run_audit(connector)
     finally:
         _close(connector)
     Console(stderr=json_out).print(render(report))
@@ -176,4 +180,5 @@ def _summary(report: Any) -> None:
         console.print(f"[yellow]{report.skipped} products skipped[/] (could not be parsed), e.g.:")
         for example in report.skipped_examples:
             console.print(f"  {example}")
-    console.print("A running `kassa serve` loads the synced offers at its next start.")
+    console.print("Running `kassa serve` processes on this catalog database serve the synced offers within a "
+                  "second (no restart).")

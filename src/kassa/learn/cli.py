@@ -33,7 +33,8 @@ out = Console()
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where Kassa keeps its files.")]  # noqa: UP045
+DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
@@ -143,14 +144,19 @@ def models_list(
         raise typer.BadParameter(f"stage must be one of {', '.join(STAGES)}", param_hint="--stage")
     ctx = context(config, data_dir)
     versions = ctx.registry.versions(placement, [stage] if stage else None, limit=limit)
+    if placement is not None and not versions and not ctx.registry.versions(placement, None, limit=1):
+        ctx.placement(placement)  # a mistyped placement printed an empty table: name the known ones
     if json_out:
         _print_json({"versions": [v.to_dict() for v in versions]})
         return
     out.print(models_table(versions))
 
 
+VersionArg = Annotated[str, typer.Argument(help="A model version, placement@N (`kassa models list` shows them).")]
+
+
 @models_app.command("show")
-def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt = None,
+def models_show(version: VersionArg, config: SettingsOpt = None, data_dir: DataDirOpt = None,
                 json_out: JsonOpt = False) -> None:
     """One version: metadata, metrics, lineage and stage history."""
     ctx = context(config, data_dir)
@@ -175,7 +181,7 @@ def models_show(version: str, config: SettingsOpt = None, data_dir: DataDirOpt =
 
 @models_app.command("promote")
 def models_promote(
-    version: str,
+    version: VersionArg,
     to: Annotated[str, typer.Option("--to", help="shadow | canary | production | candidate | archived")],
     share: Annotated[Optional[float], typer.Option(help="Canary traffic share, e.g. 0.1.")] = None,  # noqa: UP045
     reason: Annotated[Optional[str], typer.Option(help="Recorded in the stage history.")] = None,  # noqa: UP045
@@ -252,7 +258,7 @@ def train_command(
     since: Annotated[Optional[str], typer.Option(help="Start: date, unix time or duration ago (7d).")] = None,  # noqa: UP045
     until: Annotated[Optional[str], typer.Option(help="End (exclusive); default now.")] = None,  # noqa: UP045
     every: Annotated[Optional[str], typer.Option(help="Retrain on this schedule (e.g. 1h) until stopped.")] = None,  # noqa: UP045
-    passes: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    passes: Annotated[int, typer.Option(help="Passes over the data.", min=1)] = 1,
     holdout: Annotated[float, typer.Option(help="Leave out this newest share of the window for "
                                                 "`kassa evaluate` (e.g. 0.2).")] = 0.0,
     learning_rate: Annotated[Optional[float], typer.Option(help="Default: learn.learning_rate.")] = None,  # noqa: UP045
@@ -261,7 +267,14 @@ def train_command(
     """Retrain a placement's learner from logged decisions and joined rewards; registers a candidate."""
     from kassa.learn.offline.train import train_placement
 
-    interval = parse_duration(every) if every else None
+    try:
+        interval = parse_duration(every) if every else None
+    except ValueError as exc:  # was a ValueError traceback
+        raise typer.BadParameter(str(exc), param_hint="--every") from None
+    if interval is not None and interval <= 0:
+        raise typer.BadParameter("must be a positive duration, e.g. 1h", param_hint="--every")
+    if learning_rate is not None and not learning_rate > 0:  # a negative rate trained and registered a candidate
+        raise typer.BadParameter(f"must be a positive number, got {learning_rate:g}", param_hint="--learning-rate")
     if not 0.0 <= holdout < 1.0:
         raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout")
     while True:
@@ -289,8 +302,12 @@ def train_command(
             if result.version is None:
                 raise typer.Exit(1)
             return
-        console.print(f"next run in {every}")
-        time.sleep(interval)
+        console.print(f"next run in {every} (Ctrl-C to stop)")
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            console.print("stopped")
+            return
 
 
 
@@ -348,6 +365,13 @@ def evaluate_command(
         raise typer.BadParameter(f"must be one of {', '.join(ope.ESTIMATORS)}", param_hint="--estimator")
     if rule not in ("lcb_beats_estimate", "lcb_beats_ucb"):
         raise typer.BadParameter("must be lcb_beats_estimate or lcb_beats_ucb", param_hint="--rule")
+    # checked here, before any data is read: these were OPEInputError tracebacks after the scoring
+    if not 0.0 < level < 1.0:
+        raise typer.BadParameter(f"must be between 0 and 1 (e.g. 0.95), got {level:g}", param_hint="--level")
+    if max_weight is not None and not max_weight > 0:
+        raise typer.BadParameter(f"must be a positive number, got {max_weight:g}", param_hint="--max-weight")
+    if not min_ess >= 0:
+        raise typer.BadParameter(f"must be at least 0, got {min_ess:g}", param_hint="--min-ess")
     if slate:
         for given, name in ((promote, "--promote"), (max_weight is not None, "--max-weight"),
                             (report is not None, "--report"), (png is not None, "--png")):

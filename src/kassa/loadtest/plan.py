@@ -128,9 +128,11 @@ def _sized(out: dict[str, Any], who: str, how: str, best: float, stopped: str, p
     """``out`` with the fleet for ``peak`` when one node meets the SLO up to ``best``, and its summary."""
     per_node = best * (1.0 - cap.headroom)
     nodes = nodes_needed(peak, best, cap.headroom, cap.spare_nodes)
-    bound = "" if not stopped else " at least (a lower bound: " + stopped + ")"
+    # The rate right after "up to", the reason after it: "up to at least (a lower bound: the generator could
+    # not keep 400/s ...)) 200.0 requests/s" hid the figure behind the reason.
+    at_least, bound = (" at least", f" (a lower bound: {stopped})") if stopped else ("", "")
     out.update(per_node_rate=round(per_node, 2), nodes=nodes, summary=(
-        f"{who} the SLO up to{bound} {best:,.1f} requests/s{how}; planned at {1 - cap.headroom:.0%} of that "
+        f"{who} the SLO up to{at_least} {best:,.1f} requests/s{how}{bound}; planned at {1 - cap.headroom:.0%} of that "
         f"({per_node:,.1f}/s), the peak of {peak:,.1f} requests/s needs {nodes - cap.spare_nodes} node(s) "
         f"+ {cap.spare_nodes} spare = {nodes}"))
     return out

@@ -507,6 +507,7 @@ class OfferFeatureCache:
             if view.ttl_seconds is not None:
                 self._ttl[view.name] = view.ttl_seconds
         self._pubsub: PubSub | None = None
+        self._subscribed = False
         self._task: asyncio.Task[None] | None = None
 
     def get(self, key: str) -> Row | None:
@@ -531,10 +532,22 @@ class OfferFeatureCache:
         return len(self._rows)
 
     async def start(self) -> None:
+        """Subscribe and load; with Redis unreachable the server still starts (the page never fails on Redis):
+        until it answers, decisions read no cached rows (the offer views' defaults) and `_run` keeps trying.
+        It was a start-up traceback ("Application startup failed")."""
         self._pubsub = self.store.client.pubsub()
+        try:
+            await self._subscribe_and_load()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.warning("%s feature cache: Redis unreachable at start (%s); the %s views serve their defaults "
+                        "until it answers", self.entity, exc, self.entity)
+        self._task = asyncio.create_task(self._run(), name=f"kassa-{self.entity}-feature-cache")
+
+    async def _subscribe_and_load(self) -> None:
+        assert self._pubsub is not None
         await self._pubsub.subscribe(self.store.channel)  # before loading, so no change falls in between
         await self.reload()
-        self._task = asyncio.create_task(self._run(), name=f"kassa-{self.entity}-feature-cache")
+        self._subscribed = True
 
     async def close(self) -> None:
         if self._task is not None:
@@ -625,7 +638,11 @@ class OfferFeatureCache:
         failures = 0
         while True:
             try:
-                if failures:
+                if not self._subscribed:  # Redis was unreachable when the server started
+                    await self._subscribe_and_load()
+                    log.info("%s feature cache: Redis answers; %d rows loaded", self.entity, len(self._rows))
+                    failures = 0
+                elif failures:
                     await self.reload()  # messages may have been lost with the connection
                     failures = 0
                 message = await self._pubsub.get_message(
