@@ -202,6 +202,7 @@ def test_a_metrics_token_closes_the_endpoint_to_requests_without_it(settings, cl
             r = c.get("/metrics", headers=headers)
             assert r.status_code == 401 and why in r.json()["detail"], (headers, r.text)
             assert r.headers["www-authenticate"] == "Bearer" and r.json()["field"] == "Authorization"
+            assert r.json()["title"] == "Missing or invalid metrics token"  # a token, not an API key
         r = c.get("/metrics", headers={"Authorization": f"bearer {token}"})
         assert r.status_code == 200 and "kassa_decisions_total" in r.text
         assert c.get("/healthz").status_code == 200  # probes stay open

@@ -186,3 +186,26 @@ def test_wheel_installs_in_a_clean_venv_and_runs_the_demo(tmp_path: Path) -> Non
     import_path = subprocess.run([str(venv / "bin" / "python"), "-c", "import kassa; print(kassa.__file__)"],
                                  cwd=tmp_path, timeout=60, **run)  # type: ignore[call-overload]
     assert str(venv) in import_path.stdout  # the installed package ran, not the source tree
+
+
+def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) -> None:
+    # Redirected, the Live status left its last frame unterminated: the log read "... writes 0stopped".
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
+    data = str(tmp_path / "d")
+    applied = subprocess.run([sys.executable, "-m", "kassa", "features", "apply", "examples/features.yaml", "--yes",
+                              "--data-dir", data], capture_output=True, text=True, env=env, timeout=120,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert applied.returncode == 0, applied.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "kassa", "stream", "--data-dir", data],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(7.5)  # a line every 5 s
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    lines = err.splitlines()  # the CLI's console is stderr
+    assert lines and lines[0].startswith("processed 0  lag 0 events") and lines[0].endswith("writes 0"), (out, err)
+    assert lines[-1] == "stopped", (out, err)

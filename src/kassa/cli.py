@@ -239,12 +239,20 @@ def stream(
         log = open_event_log(settings)
         proc = StreamProcessor(views, store, log, checkpoint_path=settings.data_path / "stream.checkpoint")
         task = asyncio.create_task(proc.run(poll, own_process=True))
+        def status() -> str:
+            return (f"processed {proc.processed:,}  lag {proc.lag_events:,} events / {proc.lag_seconds:.1f} s  "
+                    f"late dropped {proc.late_dropped:,}  writes {proc.writes:,}")
+
         try:
-            with Live(console=console, refresh_per_second=2) as live:
+            if console.is_terminal:
+                with Live(console=console, refresh_per_second=2) as live:
+                    while not task.done():
+                        live.update(status())
+                        await asyncio.sleep(0.5)
+            else:  # a log file or a pipe: one line every 5 s (a Live display leaves its last frame unterminated)
                 while not task.done():
-                    live.update(f"processed {proc.processed:,}  lag {proc.lag_events:,} events / "
-                                f"{proc.lag_seconds:.1f} s  late dropped {proc.late_dropped:,}  writes {proc.writes:,}")
-                    await asyncio.sleep(0.5)
+                    await asyncio.wait({task}, timeout=5.0)
+                    console.print(status())
         finally:
             proc.stop()
             await proc.save_checkpoint()

@@ -41,6 +41,12 @@ class InvalidSignature(Unauthorized):
     title = "Missing or invalid webhook signature"
 
 
+class InvalidMetricsToken(Unauthorized):
+    """``GET /metrics`` without the ``server.metrics_token`` it is guarded by (a token, not an API key)."""
+
+    title = "Missing or invalid metrics token"
+
+
 class Forbidden(KassaError):
     status, title, slug = 403, "API key not allowed here", "forbidden"
 

@@ -46,9 +46,10 @@ async def metrics(request: Request) -> Response:
         header = request.headers.get("authorization")
         sent = bearer(header) if header else None
         if sent is None:
-            raise errors.Unauthorized("/metrics needs `Authorization: Bearer <server.metrics_token>`", "Authorization")
+            raise errors.InvalidMetricsToken("/metrics needs `Authorization: Bearer <server.metrics_token>`",
+                                             "Authorization")
         if not hmac.compare_digest(sent.encode(), token.encode()):
-            raise errors.Unauthorized("wrong metrics token", "Authorization")
+            raise errors.InvalidMetricsToken("wrong metrics token", "Authorization")
     await asyncio.to_thread(kassa.refresh_freshness)
     return Response(kassa.metrics.render(), media_type="text/plain; version=0.0.4")
 
