@@ -153,6 +153,8 @@ def test_the_cli_reports_a_refusal_and_exits_1(tmp_path, woo_fake):
                                       "--data-dir", str(tmp_path), "--json"])
     assert result.exit_code == 1
     assert "Consumer key is invalid" in json.loads(result.stdout.strip().splitlines()[-1])["error"]
+    # nothing was written: the message does not speak of a committed page's cursor
+    assert "this run wrote nothing" in result.output and "committed page" not in result.output
 
 
 # ----------------------------------------------------------------------------- the integration config file

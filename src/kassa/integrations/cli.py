@@ -148,7 +148,10 @@ def _sync_once(platform: str, connector: Connector, store: Any, data: Path, rese
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"{platform} products", total=None, note="")
 
+        committed = [0]  # pages written by this run (the except below has no report)
+
         def on_page(report: SyncReport, total: int | None) -> None:
+            committed[0] = report.pages
             note = f"{report.pages} pages"
             if report.waited_seconds:
                 note += f", waited {report.waited_seconds:.1f}s on rate limits"
@@ -160,8 +163,11 @@ def _sync_once(platform: str, connector: Connector, store: Any, data: Path, rese
                                 max_pages=max_pages)
         except IntegrationError as exc:
             progress.stop()
-            console.print(f"[red]{platform} sync stopped:[/] {exc}\n(the cursor of the last committed page is "
-                          "saved; run the same command again to resume)")
+            kept = (f"the {committed[0]} page(s) this run wrote are kept with their cursor; run the same command "
+                    "again to resume" if committed[0] else
+                    "this run wrote nothing; run the same command again (a sync killed earlier resumes where it "
+                    "stopped)")
+            console.print(f"[red]{platform} sync stopped:[/] {exc}\n({kept})")
             if json_out:
                 print(json.dumps({"platform": platform, "error": str(exc), "complete": False}))
             raise typer.Exit(1) from None
