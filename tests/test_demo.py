@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def best_order(world: World) -> list[str]:
 
 
 def test_small_headless_run_reports_sane_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 best_order: list[str]) -> None:
+                                                 caplog: pytest.LogCaptureFixture, best_order: list[str]) -> None:
+    caplog.set_level(logging.INFO)  # as `kassa` runs: the root logger at INFO
     n = 1_500
     result = run_demo(headless=True, checkouts=n, seed=5, json_out=True, port=free_port(),
                       data_dir=str(tmp_path / "demo"), keep_serving=False)
@@ -55,6 +57,8 @@ def test_small_headless_run_reports_sane_numbers(tmp_path: Path, capsys: pytest.
     assert result["decisions_per_s"] > 0 and result["seconds"] > 0
     assert isinstance(result["model_version"], str) and result["model_version"]
     assert result["learned_examples"] > 0  # rewards were joined within the wait and learned
+    # Creating the demo's fresh database printed five alembic lines before anything else (a first impression)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("alembic")]
 
     # The run's catalog gives the static control the ground truth's best order.
     catalog = msgspec.json.decode((tmp_path / "demo" / "demo-catalog.json").read_bytes(),

@@ -62,8 +62,9 @@ DEMO_PAGE_TIMEOUT_MS = 400  # the shoppers keep this server busy; the snippet's 
 
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
-    # The learner logs every snapshot at INFO: once a second here, which would tear the live panel.
-    names = ("kassa", "uvicorn", "uvicorn.error")
+    # The learner logs every snapshot at INFO: once a second here, which would tear the live panel. Alembic's
+    # five lines of creating the demo's new database say nothing to someone trying Kassa.
+    names = ("kassa", "uvicorn", "uvicorn.error", "alembic")
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.WARNING)
