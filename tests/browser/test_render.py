@@ -318,3 +318,23 @@ def test_css_custom_properties_theme_the_offers(open_shop_page: LoadPage) -> Non
               title: r.querySelector('.title').textContent};
     }""")
     assert got == {"bg": "rgb(176, 100, 58)", "box": "17px", "radius": "4px", "title": "Before you go"}
+
+
+def test_a_strict_style_src_policy_does_not_unstyle_the_offers(open_shop_page: LoadPage,
+                                                                 kassa_server: KassaUnderTest) -> None:
+    # A store whose CSP allows Kassa in script-src and connect-src (the documented checklist) but no
+    # inline styles: a <style> element in the shadow root would be blocked and the overlay unstyled.
+    csp = (f"""<meta http-equiv="Content-Security-Policy" content="default-src 'self'; """
+           f"""script-src 'unsafe-inline' {kassa_server.url}; connect-src {kassa_server.url}; """
+           f"""img-src data: http:; style-src 'self'">""")
+    run = open_shop_page(head=csp, init=FAST)
+    assert show(run, layout="overlay")["shown"] == 3
+    got = run.page.evaluate("""() => {
+      const host = document.querySelector('kassa-offers');
+      const r = host.shadowRoot;
+      return {host: getComputedStyle(host).position, overlay: getComputedStyle(r.querySelector('.overlay')).position,
+              cta: getComputedStyle(r.querySelector('.cta')).backgroundColor};
+    }""")
+    assert got == {"host": "fixed", "overlay": "fixed", "cta": "rgb(31, 35, 40)"}
+    assert [t for kind, t in run.console if "Content Security Policy" in t] == []
+    assert run.errors == []

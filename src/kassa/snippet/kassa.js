@@ -244,6 +244,23 @@ a.headline:hover{text-decoration:underline}
 @media (prefers-reduced-motion:reduce){.overlay .box{animation:none}}
 `;
 
+  // A constructed stylesheet, shared by every block: a store CSP without 'unsafe-inline' in
+  // style-src blocks a <style> element (even in a shadow root) but not adoptedStyleSheets.
+  let sheet = null;
+  const styleRoot = (root) => {
+    try {
+      if (!sheet) {
+        const made = new CSSStyleSheet();
+        made.replaceSync(CSS);
+        sheet = made;
+      }
+      root.adoptedStyleSheets = [sheet];
+    } catch (_) {
+      // an older browser: an inline <style>, which a strict CSP may block
+      root.append(el('style', null, CSS));
+    }
+  };
+
   const el = (tag, cls, text) => {
     const e = d.createElement(tag);
     if (cls) e.className = cls;
@@ -422,7 +439,7 @@ a.headline:hover{text-decoration:underline}
     const list = el('ul', 'offers');
     list.append(...items);
     box.append(title, list, shut);
-    root.append(el('style', null, CSS));
+    styleRoot(root);
     Object.assign(view, {host, root, box});
 
     if (layout === 'overlay') {
