@@ -41,7 +41,10 @@ def test_the_timeout_is_configurable(open_shop_page: LoadPage, kassa_server: Kas
     kassa_server.faults.delay_s = 0.4
     run = open_shop_page(init={"timeout": 5000})
     assert show(run, layout="overlay")["shown"] == 3
+    # focus moves into the dialog after its first paint; Escape closes it from there
+    run.page.wait_for_function("document.querySelector('kassa-offers')?.shadowRoot.activeElement")
     run.page.keyboard.press("Escape")
+    assert run.page.locator("kassa-offers").count() == 0
     assert show(run, layout="overlay", timeout=100)["reason"] == "timeout"
 
 

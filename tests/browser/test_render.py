@@ -114,11 +114,13 @@ def test_inline_renders_into_the_target_without_a_dialog(open_shop_page: LoadPag
     assert run.errors == []
 
 
-def test_inline_with_a_missing_target_shows_nothing(open_shop_page: LoadPage) -> None:
+def test_inline_with_a_missing_target_shows_nothing(open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
     run = open_shop_page(init=FAST)
     html = run.page.evaluate("document.body.innerHTML")
     result = show(run, layout="inline", target="#nowhere")
-    assert result["shown"] == 0
+    # the reason names the mistake (it said "no offers"), and no decision is made that cannot be shown
+    assert result == {"shown": 0, "decision_id": None, "reason": "inline target not found: #nowhere"}
+    assert kassa_server.faults.requests("/v1/decisions", "POST") == []
     assert run.page.evaluate("document.body.innerHTML") == html
     assert run.snippet_console("debug")  # said why, at debug level only
     assert run.snippet_console("error") == [] and run.snippet_console("warning") == []
@@ -338,3 +340,23 @@ def test_a_strict_style_src_policy_does_not_unstyle_the_offers(open_shop_page: L
     assert got == {"host": "fixed", "overlay": "fixed", "cta": "rgb(31, 35, 40)"}
     assert [t for kind, t in run.console if "Content Security Policy" in t] == []
     assert run.errors == []
+
+
+def test_a_second_show_for_the_same_place_is_refused_until_the_first_is_closed(
+        open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
+    # e.g. React StrictMode running an effect twice, or the data- form plus a Kassa.show() call:
+    # two overlays stacked, each pulling focus back from the other (a "Maximum call stack" page error).
+    run = open_shop_page(init=FAST)
+    for layout in ("overlay", "inline"):
+        kassa_server.faults.reset()
+        results = run.page.evaluate("""(o) => Promise.all([Kassa.show(o), Kassa.show(o)])""",
+                                    {"order": ORDER, "layout": layout, "target": "#offers"})
+        assert sorted(r["shown"] for r in results) == [0, 3]
+        assert [r["reason"] for r in results if not r["shown"]] == ["already showing offers"]
+        assert run.page.locator("kassa-offers").count() == 1
+        assert len(kassa_server.faults.requests("/v1/decisions", "POST")) == 1  # no decision that can't show
+        run.page.wait_for_timeout(300)
+        assert run.errors == []
+        run.page.evaluate("Kassa.close()")
+        assert show(run, layout=layout, target="#offers")["shown"] == 3  # closed: the place is free again
+        run.page.evaluate("Kassa.close()")

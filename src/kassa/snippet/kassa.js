@@ -182,6 +182,21 @@
       return Promise.resolve(nothing('unsupported browser'));
     }
     const layout = opts.layout === 'inline' || (!opts.layout && cfg.layout === 'inline') ? 'inline' : 'overlay';
+    // Where the block goes is settled before asking: no decision is made that could not be shown.
+    const where = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
+    if (!where) {
+      const why = `inline target not found: ${opts.target || cfg.target}`;
+      debug(why);
+      return Promise.resolve(nothing(why));
+    }
+    // One block per place (the overlay, or one inline target) until it is closed: a second show
+    // (an effect run twice, the data- form plus a call) would stack two dialogs fighting for focus.
+    const slot = layout === 'inline' ? where : 'overlay';
+    if (pending.has(slot) || views.some((v) => v.slot === slot && v.host.isConnected)) {
+      debug('already showing offers', layout === 'inline' ? 'in that target' : 'in an overlay');
+      return Promise.resolve(nothing('already showing offers'));
+    }
+    pending.add(slot);
     const body = pick(opts, ['order', 'customer', 'session_id', 'request_id', 'limit', 'candidates']);
     body.placement = opts.placement || cfg.placement;
     body.context = context(opts.context);
@@ -201,11 +216,17 @@
         // chunk and this callback: the check keeps "nothing after the timeout" exact.
         if (ctrl.signal.aborted) return nothing('timeout');
         clearTimeout(clock);
-        const shown = render(decision, layout, opts);
+        pending.delete(slot);
+        if (!where.isConnected) {
+          debug('inline target left the page:', opts.target || cfg.target);
+          return {shown: 0, decision_id: decision.decision_id, reason: 'inline target not found'};
+        }
+        const shown = render(decision, layout, opts, where, slot);
         return {shown, decision_id: decision.decision_id, reason: shown ? null : 'no offers'};
       })
       .catch((err) => {
         clearTimeout(clock);
+        pending.delete(slot);
         const reason = ctrl.signal.aborted ? 'timeout' : String((err && err.message) || err);
         debug('no offers shown:', reason);
         return nothing(reason);
@@ -289,6 +310,8 @@ a.headline:hover{text-decoration:underline}
   };
 
   const views = [];
+  const pending = new Set();
+  let refocusing = false;
 
   const seen = (view, id) => {
     if (view.closed || view.seen.has(id)) return;
@@ -408,16 +431,11 @@ a.headline:hover{text-decoration:underline}
     }
   };
 
-  const render = (decision, layout, opts) => {
+  const render = (decision, layout, opts, target, slot) => {
     const offers = decision && Array.isArray(decision.offers) ? decision.offers : [];
     if (!offers.length) return 0;
-    const target = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
-    if (!target) {
-      debug('inline target not found:', opts.target || cfg.target);
-      return 0;
-    }
     const view = {
-      decisionId: decision.decision_id, opts, seen: new Set(), accepted: new Set(), clicked: new Set(),
+      decisionId: decision.decision_id, opts, slot, seen: new Set(), accepted: new Set(), clicked: new Set(),
       items: [], cleanup: [], closed: false, io: null, restore: null,
     };
     const items = offers.map((o, i) => card(view, o, i)).filter(Boolean);
@@ -460,7 +478,16 @@ a.headline:hover{text-decoration:underline}
         }
       }));
       // Focus that leaves the dialog (a click on the page, a screen reader's jump) is brought back.
-      const keepFocus = guard((e) => e.target !== host && !view.closed && box.focus({preventScroll: true}));
+      // (not re-entered: a page's own focus trap would otherwise bounce focus until the stack overflows)
+      const keepFocus = guard((e) => {
+        if (e.target === host || view.closed || refocusing) return;
+        refocusing = true;
+        try {
+          box.focus({preventScroll: true});
+        } finally {
+          refocusing = false;
+        }
+      });
       d.addEventListener('focusin', keepFocus);
       view.cleanup.push(() => d.removeEventListener('focusin', keepFocus));
       view.restore = d.activeElement;
