@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from tests.browser.conftest import ORDER, KassaUnderTest, LoadPage, PageRun, show
 
 FAST = {"timeout": 5000, "batchMs": 50}  # generous: the CPU is shared; the default is tested elsewhere
@@ -360,3 +362,31 @@ def test_a_second_show_for_the_same_place_is_refused_until_the_first_is_closed(
         run.page.evaluate("Kassa.close()")
         assert show(run, layout=layout, target="#offers")["shown"] == 3  # closed: the place is free again
         run.page.evaluate("Kassa.close()")
+
+
+OVERFLOW_JS = """() => {
+  const r = document.querySelector('kassa-offers').shadowRoot;
+  const box = r.querySelector('.box').getBoundingClientRect();
+  const out = [...r.querySelectorAll('.box *')].filter((e) => e.scrollWidth > e.clientWidth + 1)
+    .map((e) => `${e.className}: ${e.scrollWidth} > ${e.clientWidth}`);
+  for (const e of r.querySelectorAll('.cta, .headline, .body, .code')) {
+    const b = e.getBoundingClientRect();
+    if (b.left < box.left - 1 || b.right > box.right + 1) out.push(`${e.className} outside the box`);
+  }
+  return out;
+}"""
+
+
+@pytest.mark.parametrize("where", ["narrow-inline", "phone-overlay", "desktop-overlay"])
+def test_long_words_and_labels_stay_inside_the_block(open_shop_page: LoadPage, where: str) -> None:
+    # A German offer: a 77-letter word, a long button label and a long code. They pushed the grid
+    # wider than the block, so buttons were cut off (unreachable) in a narrow column and on a phone.
+    head = "<style>#offers { width: 280px; }</style>" if where == "narrow-inline" else ""
+    run = open_shop_page(head=head, init=FAST)
+    if where == "phone-overlay":
+        run.page.set_viewport_size({"width": 360, "height": 740})
+    layout = "inline" if where == "narrow-inline" else "overlay"
+    assert show(run, layout=layout, target="#offers", placement="long")["shown"] == 2
+    run.page.locator("kassa-offers [data-offer=long] .cta").click()  # reveals the code
+    assert run.page.locator("kassa-offers .code").is_visible()
+    assert run.page.evaluate(OVERFLOW_JS) == []

@@ -241,17 +241,17 @@
 [hidden]{display:none!important}
 .box{position:relative;margin:var(--kassa-margin,16px 0);padding:20px;text-align:left;color:var(--kassa-text,#1f2328);background:var(--kassa-bg,#fff);border:1px solid var(--kassa-border,#e3e6ea);border-radius:var(--kassa-radius,14px);font:400 var(--kassa-font-size,15px)/1.45 var(--kassa-font,system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif);-webkit-font-smoothing:antialiased}
 .box:focus{outline:none}
-.title{margin:0 40px 14px 0;font-size:1.13em;font-weight:650;line-height:1.3;letter-spacing:-.005em}
-.offers{list-style:none;margin:0;padding:0;display:grid;gap:10px}
-.offer{display:flex;align-items:center;gap:14px;padding:12px;background:var(--kassa-card,#f7f8fa);border:1px solid var(--kassa-card-border,#eceef1);border-radius:calc(var(--kassa-radius,14px) - 4px)}
+.title{margin:0 40px 14px 0;font-size:1.13em;overflow-wrap:anywhere;font-weight:650;line-height:1.3;letter-spacing:-.005em}
+.offers{list-style:none;margin:0;padding:0;display:grid;grid-template-columns:minmax(0,1fr);gap:10px}
+.offer{display:flex;flex-wrap:wrap;align-items:center;gap:14px;padding:12px;background:var(--kassa-card,#f7f8fa);border:1px solid var(--kassa-card-border,#eceef1);border-radius:calc(var(--kassa-radius,14px) - 4px)}
 .img{flex:none;width:64px;height:64px;border-radius:8px;object-fit:cover;background:#e9ecef}
-.text{flex:1;min-width:0}
+.text{flex:1 1 8em;min-width:0}
 .headline{display:block;margin:0;font-weight:600;color:inherit;text-decoration:none;overflow-wrap:anywhere}
 a.headline:hover{text-decoration:underline}
-.body{margin:2px 0 0;font-size:.92em;color:var(--kassa-muted,#59636e)}
-.disclosure{margin:0 0 2px;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
-.code{display:inline-block;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
-.cta{flex:none;min-height:40px;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;white-space:nowrap;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
+.body{margin:2px 0 0;overflow-wrap:anywhere;font-size:.92em;color:var(--kassa-muted,#59636e)}
+.disclosure{margin:0 0 2px;overflow-wrap:anywhere;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
+.code{display:inline-block;max-width:100%;overflow-wrap:anywhere;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
+.cta{flex:none;max-width:100%;min-height:40px;margin-inline-start:auto;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;overflow-wrap:anywhere;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
 .cta:hover{filter:brightness(1.15)}
 .cta[aria-disabled=true]{color:var(--kassa-done-text,#fff);background:var(--kassa-done,#1a7f37);cursor:default;filter:none}
 .close{position:absolute;top:10px;right:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
@@ -261,7 +261,7 @@ a.headline:hover{text-decoration:underline}
 .backdrop{position:absolute;inset:0;background:var(--kassa-backdrop,rgba(17,24,39,.5))}
 .overlay .box{width:100%;max-width:var(--kassa-width,520px);max-height:calc(100vh - 32px);margin:0;overflow:auto;overscroll-behavior:contain;box-shadow:0 24px 64px rgba(17,24,39,.3);animation:kassa-in .16s ease-out}
 @keyframes kassa-in{from{transform:translateY(10px) scale(.985)}}
-@media (max-width:520px){.overlay{align-items:flex-end;padding:0}.overlay .box{max-width:none;border-radius:var(--kassa-radius,14px) var(--kassa-radius,14px) 0 0}.offer{flex-wrap:wrap}.cta{width:100%}}
+@media (max-width:520px){.overlay{align-items:flex-end;padding:0}.overlay .box{max-width:none;border-radius:var(--kassa-radius,14px) var(--kassa-radius,14px) 0 0}.cta{width:100%}}
 @media (prefers-reduced-motion:reduce){.overlay .box{animation:none}}
 `;
 
