@@ -390,3 +390,33 @@ def test_long_words_and_labels_stay_inside_the_block(open_shop_page: LoadPage, w
     run.page.locator("kassa-offers [data-offer=long] .cta").click()  # reveals the code
     assert run.page.locator("kassa-offers .code").is_visible()
     assert run.page.evaluate(OVERFLOW_JS) == []
+
+
+def test_a_right_to_left_page_mirrors_the_block_and_isolates_offer_text(page: PageRun, shop: Any,
+                                                                        kassa_server: KassaUnderTest) -> None:
+    # An Arabic store page: the title belongs on the right, the close button on the left (it was
+    # pinned right, over the title's side), and English offer text keeps its own direction ("15% off
+    # every delivery" was reordered to "off every delivery 15%").
+    from tests.browser.conftest import shop_page
+
+    html = shop_page(kassa_server.url).replace('<html lang="en">', '<html lang="ar" dir="rtl">')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+    assert show(page, layout="overlay", title="قد يعجبك أيضاً")["shown"] == 3
+    got = page.page.evaluate("""() => {
+      const r = document.querySelector('kassa-offers').shadowRoot;
+      const rect = (s) => r.querySelector(s).getBoundingClientRect();
+      const box = rect('.box'), close = rect('.close');
+      const title = r.querySelector('.title');
+      const range = document.createRange(); range.selectNodeContents(title);
+      const text = range.getBoundingClientRect();
+      const body = r.querySelector('.body');
+      return {close_on_left: close.left - box.left < box.right - close.right,
+              title_on_right: box.right - text.right < text.left - box.left,
+              title_rtl: title.matches(':dir(rtl)'), english_body_ltr: body.matches(':dir(ltr)'),
+              english_headline_ltr: r.querySelector('.headline').matches(':dir(ltr)')};
+    }""")
+    assert got == {"close_on_left": True, "title_on_right": True, "title_rtl": True,
+                   "english_body_ltr": True, "english_headline_ltr": True}
+    assert page.errors == []

@@ -239,9 +239,9 @@
 :host([data-layout=overlay]){position:fixed!important;inset:0!important;z-index:var(--kassa-z,2147483000)!important}
 *,*::before,*::after{box-sizing:border-box}
 [hidden]{display:none!important}
-.box{position:relative;margin:var(--kassa-margin,16px 0);padding:20px;text-align:left;color:var(--kassa-text,#1f2328);background:var(--kassa-bg,#fff);border:1px solid var(--kassa-border,#e3e6ea);border-radius:var(--kassa-radius,14px);font:400 var(--kassa-font-size,15px)/1.45 var(--kassa-font,system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif);-webkit-font-smoothing:antialiased}
+.box{position:relative;margin:var(--kassa-margin,16px 0);padding:20px;text-align:start;color:var(--kassa-text,#1f2328);background:var(--kassa-bg,#fff);border:1px solid var(--kassa-border,#e3e6ea);border-radius:var(--kassa-radius,14px);font:400 var(--kassa-font-size,15px)/1.45 var(--kassa-font,system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif);-webkit-font-smoothing:antialiased}
 .box:focus{outline:none}
-.title{margin:0 40px 14px 0;font-size:1.13em;overflow-wrap:anywhere;font-weight:650;line-height:1.3;letter-spacing:-.005em}
+.title{margin:0 0 14px;margin-inline-end:40px;font-size:1.13em;overflow-wrap:anywhere;font-weight:650;line-height:1.3;letter-spacing:-.005em}
 .offers{list-style:none;margin:0;padding:0;display:grid;grid-template-columns:minmax(0,1fr);gap:10px}
 .offer{display:flex;flex-wrap:wrap;align-items:center;gap:14px;padding:12px;background:var(--kassa-card,#f7f8fa);border:1px solid var(--kassa-card-border,#eceef1);border-radius:calc(var(--kassa-radius,14px) - 4px)}
 .img{flex:none;width:64px;height:64px;border-radius:8px;object-fit:cover;background:#e9ecef}
@@ -254,7 +254,7 @@ a.headline:hover{text-decoration:underline}
 .cta{flex:none;max-width:100%;min-height:40px;margin-inline-start:auto;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;overflow-wrap:anywhere;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
 .cta:hover{filter:brightness(1.15)}
 .cta[aria-disabled=true]{color:var(--kassa-done-text,#fff);background:var(--kassa-done,#1a7f37);cursor:default;filter:none}
-.close{position:absolute;top:10px;right:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
+.close{position:absolute;top:10px;inset-inline-end:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
 .close:hover{background:rgba(127,127,127,.14)}
 :focus-visible{outline:2px solid var(--kassa-focus,#0969da);outline-offset:2px}
 .overlay{position:fixed;inset:0;display:flex;align-items:center;justify-content:center;padding:16px}
@@ -287,6 +287,11 @@ a.headline:hover{text-decoration:underline}
     if (cls) e.className = cls;
     // textContent only: offer content is data, never markup
     if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  };
+
+  const auto = (e) => {
+    e.dir = 'auto';
     return e;
   };
 
@@ -382,7 +387,8 @@ a.headline:hover{text-decoration:underline}
     }
     const text = el('div', 'text');
     const url = safeUrl(c.url, false);
-    const head = el(url ? 'a' : 'p', 'headline', headline);
+    // dir=auto: offer text keeps its own direction on a page of the other one (English on Arabic)
+    const head = auto(el(url ? 'a' : 'p', 'headline', headline));
     head.id = `kassa-h${i}`;
     if (url) {
       head.href = url;
@@ -397,9 +403,9 @@ a.headline:hover{text-decoration:underline}
       });
     }
     // a paid placement says so above its headline ("Sponsored", localised by the server)
-    if (c.disclosure) text.append(el('p', 'disclosure', c.disclosure));
+    if (c.disclosure) text.append(auto(el('p', 'disclosure', c.disclosure)));
     text.append(head);
-    if (c.body || c.description) text.append(el('p', 'body', c.body || c.description));
+    if (c.body || c.description) text.append(auto(el('p', 'body', c.body || c.description)));
     let code = null;
     if (c.code) {
       code = el('p', 'code', c.code);
@@ -407,7 +413,7 @@ a.headline:hover{text-decoration:underline}
       code.setAttribute('aria-live', 'polite');
       text.append(code);
     }
-    const button = el('button', 'cta', c.cta || cfg.labels.cta);
+    const button = auto(el('button', 'cta', c.cta || cfg.labels.cta));
     button.type = 'button';
     button.setAttribute('aria-describedby', head.id);
     button.setAttribute('part', 'cta');
