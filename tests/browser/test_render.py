@@ -420,3 +420,26 @@ def test_a_right_to_left_page_mirrors_the_block_and_isolates_offer_text(page: Pa
     assert got == {"close_on_left": True, "title_on_right": True, "title_rtl": True,
                    "english_body_ltr": True, "english_headline_ltr": True}
     assert page.errors == []
+
+
+def test_buttons_keep_a_visible_edge_in_forced_colors_mode(browser: Any, shop: Any,
+                                                           kassa_server: KassaUnderTest) -> None:
+    # Windows High Contrast drops background colours: borderless pill buttons became bare text,
+    # indistinguishable from the headlines next to them.
+    from tests.browser.conftest import shop_page
+
+    context = browser.new_context(forced_colors="active", viewport={"width": 1280, "height": 800})
+    try:
+        pg = context.new_page()
+        pg.goto(shop.add(shop_page(kassa_server.url)))
+        pg.wait_for_function("window.Kassa && Kassa.version")
+        pg.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+        assert pg.evaluate("(o) => Kassa.show(o)", {"order": ORDER, "layout": "overlay"})["shown"] == 3
+        edges = pg.evaluate("""() => [...document.querySelector('kassa-offers').shadowRoot.querySelectorAll('.cta')]
+          .map((b) => { const s = getComputedStyle(b);
+                        return [s.borderTopStyle, parseFloat(s.borderTopWidth) >= 1, s.borderTopColor]; })""")
+        assert len(edges) == 3
+        for style, wide, color in edges:
+            assert style == "solid" and wide and color not in ("transparent", "rgba(0, 0, 0, 0)")
+    finally:
+        context.close()

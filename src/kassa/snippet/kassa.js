@@ -251,7 +251,7 @@ a.headline:hover{text-decoration:underline}
 .body{margin:2px 0 0;overflow-wrap:anywhere;font-size:.92em;color:var(--kassa-muted,#59636e)}
 .disclosure{margin:0 0 2px;overflow-wrap:anywhere;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
 .code{display:inline-block;max-width:100%;overflow-wrap:anywhere;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
-.cta{flex:none;max-width:100%;min-height:40px;margin-inline-start:auto;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;overflow-wrap:anywhere;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
+.cta{flex:none;max-width:100%;min-height:40px;margin-inline-start:auto;padding:8px 17px;font:inherit;font-size:.93em;font-weight:600;overflow-wrap:anywhere;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:1px solid transparent;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
 .cta:hover{filter:brightness(1.15)}
 .cta[aria-disabled=true]{color:var(--kassa-done-text,#fff);background:var(--kassa-done,#1a7f37);cursor:default;filter:none}
 .close{position:absolute;top:10px;inset-inline-end:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
