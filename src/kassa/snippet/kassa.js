@@ -173,28 +173,26 @@
   });
 
   const nothing = (reason) => ({shown: 0, decision_id: null, reason});
+  // a call that cannot even start says why, at the level every other reason is logged at
+  const refuse = (reason) => {
+    debug('no offers shown:', reason);
+    return Promise.resolve(nothing(reason));
+  };
 
   const show = (opts) => {
     opts = opts || {};
     mark('kassa:show');
-    if (!cfg.key) return Promise.resolve(nothing('call Kassa.init({key}) first'));
-    if (!w.fetch || !w.AbortController || !Element.prototype.attachShadow) {
-      return Promise.resolve(nothing('unsupported browser'));
-    }
+    if (!cfg.key) return refuse('call Kassa.init({key}) first');
+    if (!w.fetch || !w.AbortController || !Element.prototype.attachShadow) return refuse('unsupported browser');
     const layout = opts.layout === 'inline' || (!opts.layout && cfg.layout === 'inline') ? 'inline' : 'overlay';
     // Where the block goes is settled before asking: no decision is made that could not be shown.
     const where = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
-    if (!where) {
-      const why = `inline target not found: ${opts.target || cfg.target}`;
-      debug(why);
-      return Promise.resolve(nothing(why));
-    }
+    if (!where) return refuse(`inline target not found: ${opts.target || cfg.target || '(no target given)'}`);
     // One block per place (the overlay, or one inline target) until it is closed: a second show
     // (an effect run twice, the data- form plus a call) would stack two dialogs fighting for focus.
     const slot = layout === 'inline' ? where : 'overlay';
     if (pending.has(slot) || views.some((v) => v.slot === slot && v.host.isConnected)) {
-      debug('already showing offers', layout === 'inline' ? 'in that target' : 'in an overlay');
-      return Promise.resolve(nothing('already showing offers'));
+      return refuse('already showing offers');
     }
     pending.add(slot);
     const body = pick(opts, ['order', 'customer', 'session_id', 'request_id', 'limit', 'candidates']);
@@ -560,6 +558,10 @@ a.headline:hover{text-decoration:underline}
   const fromAttributes = () => {
     if (!script || !script.hasAttribute('data-key')) return;
     const a = (n) => script.getAttribute(`data-${n}`) || undefined;
+    if (!a('key')) {
+      debug('data-key is empty: no offers will be shown');
+      return;
+    }
     const given = a('consent');
     init({
       key: a('key'), endpoint: a('endpoint'), placement: a('placement'), layout: a('layout'), target: a('target'),
