@@ -443,3 +443,34 @@ def test_buttons_keep_a_visible_edge_in_forced_colors_mode(browser: Any, shop: A
             assert style == "solid" and wide and color not in ("transparent", "rgba(0, 0, 0, 0)")
     finally:
         context.close()
+
+
+def test_closing_the_inline_block_by_keyboard_keeps_the_place_in_the_page(page: PageRun, shop: Any,
+                                                                          kassa_server: KassaUnderTest) -> None:
+    # The close button took focus with it: focus fell to <body> and the next Tab restarted at the top.
+    from tests.browser.conftest import shop_page
+
+    html = shop_page(kassa_url=kassa_server.url).replace(
+        '<div id="offers"></div>', '<a id="before" href="#b">before</a><div id="offers"></div>'
+                                   '<a id="after" href="#a">after</a>')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+    assert show(page, layout="inline", target="#offers")["shown"] == 3
+    page.page.locator("kassa-offers .close").focus()
+    page.page.keyboard.press("Enter")
+    assert page.page.locator("kassa-offers").count() == 0
+    assert focused(page) == "offers"
+    page.page.keyboard.press("Tab")
+    assert focused(page) == "after"
+    page.page.keyboard.press("Shift+Tab")  # the target itself is not a tab stop (tabindex=-1)
+    assert focused(page) == "before"
+
+
+def test_closing_the_inline_block_by_mouse_moves_no_focus(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    assert show(run, layout="inline", target="#offers")["shown"] == 3
+    run.page.evaluate("document.getElementById('page-button').focus()")
+    run.page.evaluate("Kassa.close()")
+    assert focused(run) == "page-button"
+    assert run.page.evaluate("document.getElementById('offers').hasAttribute('tabindex')") is False

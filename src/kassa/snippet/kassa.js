@@ -339,7 +339,14 @@ a.headline:hover{text-decoration:underline}
     view.closed = true;
     if (view.io) view.io.disconnect();
     view.cleanup.forEach((fn) => fn());
+    // An inline block closed from the keyboard hands focus to its target, so the next Tab goes on
+    // from here instead of from the top of the page (focus would fall to <body>).
+    const spot = view.slot !== 'overlay' && d.activeElement === view.host ? view.host.parentElement : null;
     view.host.remove();
+    if (spot) {
+      if (!spot.hasAttribute('tabindex')) spot.tabIndex = -1;
+      spot.focus({preventScroll: true});
+    }
     const back = view.restore;
     if (back && back.isConnected && back.focus) back.focus({preventScroll: true});
     views.splice(views.indexOf(view), 1);
