@@ -474,3 +474,20 @@ def test_closing_the_inline_block_by_mouse_moves_no_focus(open_shop_page: LoadPa
     run.page.evaluate("Kassa.close()")
     assert focused(run) == "page-button"
     assert run.page.evaluate("document.getElementById('offers').hasAttribute('tabindex')") is False
+
+
+@pytest.mark.parametrize("layout", ["overlay", "inline"])
+def test_a_show_queued_in_the_head_waits_for_the_body(page: PageRun, shop: Any, kassa_server: KassaUnderTest,
+                                                      layout: str) -> None:
+    # A blocking tag in <head> runs the queued show before <body> (and the inline target) exist.
+    cmds = json.dumps([["init", {"key": kassa_server.key, **FAST}],
+                       ["show", {"order": ORDER, "layout": layout, "target": "#offers"}]])
+    html = (f'<!doctype html><html><head><link rel="icon" href="data:,">'
+            f'<script>window.Kassa = window.Kassa || {{q: []}}; Kassa.q.push(...{cmds});</script>'
+            f'<script src="{kassa_server.url}/v1/snippet.js"></script></head>'
+            f'<body><h1>Thanks</h1><div id="offers"></div></body></html>')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_selector("kassa-offers .offer")
+    assert page.page.locator("kassa-offers").get_attribute("data-layout") == layout
+    assert page.page.locator("kassa-offers .offer").count() == 3
+    assert page.errors == []

@@ -187,6 +187,10 @@
     const layout = opts.layout === 'inline' || (!opts.layout && cfg.layout === 'inline') ? 'inline' : 'overlay';
     // Where the block goes is settled before asking: no decision is made that could not be shown.
     const where = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
+    // Called from <head> (a blocking tag, a queued show): the body and the target are not parsed yet.
+    if (!where && d.readyState === 'loading') {
+      return new Promise((done) => d.addEventListener('DOMContentLoaded', () => done(api.show(opts)), {once: true}));
+    }
     if (!where) return refuse(`inline target not found: ${opts.target || cfg.target || '(no target given)'}`);
     // One block per place (the overlay, or one inline target) until it is closed: a second show
     // (an effect run twice, the data- form plus a call) would stack two dialogs fighting for focus.
