@@ -68,6 +68,11 @@ CATALOG: dict[str, Any] = {
          "prices": {"USD": 9.99, "EUR": 9.49},
          "content_by_locale": {"nl": {"headline": "3 gratis nummers", "cta": "Toevoegen voor {price}",
                                       "disclosure": "Gesponsord"}}},
+        {"id": "long", "kind": "discount", "title": "Long German text", "value": 1,
+         "content": {"headline": "Versandkostenfreie Lieferung für alle Bestellungen der nächsten zwölf Monate",
+                     "body": "Donaudampfschifffahrtsgesellschaftskapitänsmützenabonnementverlängerungsformular",
+                     "cta": "Jetzt kostenlos hinzufügen und dabei sparen",
+                     "code": "WINTERSCHLUSSVERKAUF-2026-VERSANDKOSTENFREI"}},
     ],
     "placements": [
         {"id": "order_confirmation", "slots": 3, "offers": ["serum-sub", "warranty", "thanks10"],
@@ -77,6 +82,8 @@ CATALOG: dict[str, Any] = {
          "latency_budget_ms": 10000},
         {"id": "sponsored", "slots": 1, "offers": ["sponsored"], "policy": "baseline", "exploration": 0.0,
          "latency_budget_ms": 10000},
+        {"id": "long", "slots": 2, "offers": ["long", "serum-sub"], "policy": "baseline", "baseline": "value",
+         "exploration": 0.0, "latency_budget_ms": 10000},
     ],
 }
 

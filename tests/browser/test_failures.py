@@ -41,7 +41,10 @@ def test_the_timeout_is_configurable(open_shop_page: LoadPage, kassa_server: Kas
     kassa_server.faults.delay_s = 0.4
     run = open_shop_page(init={"timeout": 5000})
     assert show(run, layout="overlay")["shown"] == 3
+    # focus moves into the dialog after its first paint; Escape closes it from there
+    run.page.wait_for_function("document.querySelector('kassa-offers')?.shadowRoot.activeElement")
     run.page.keyboard.press("Escape")
+    assert run.page.locator("kassa-offers").count() == 0
     assert show(run, layout="overlay", timeout=100)["reason"] == "timeout"
 
 
@@ -99,3 +102,31 @@ def test_calls_before_init_or_with_garbage_do_not_throw(page: PageRun, shop: obj
     page.page.wait_for_timeout(200)
     assert page.errors == []
     assert [r["path"] for r in kassa_server.faults.responses] == ["/v1/snippet.js"]
+
+
+@pytest.mark.parametrize(("attrs", "says"), [
+    ('data-key="" data-order="#o"', "data-key is empty"),
+    ('data-key="{key}" data-order="#o" data-layout="inline"', "inline target not found: (no target given)"),
+])
+def test_a_misconfigured_data_form_says_why_at_debug_level(page: PageRun, shop: object, kassa_server: KassaUnderTest,
+                                                           attrs: str, says: str) -> None:
+    # An empty data-key was silent even at the Verbose level: show() returned its reason to nobody.
+    order = '<script type="application/json" id="o">{"order": {"id": "1", "total": 5, "items": []}}</script>'
+    url = shop.add(f'<!doctype html><html><head><link rel="icon" href="data:,"></head><body>{order}'  # type: ignore[attr-defined]
+                   f'<script async src="{kassa_server.url}/v1/snippet.js" '
+                   f'{attrs.format(key=kassa_server.key)}></script></body></html>')
+    page.page.goto(url)
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.wait_for_timeout(300)
+    assert any(says in m for m in page.snippet_console("debug")), page.console
+    assert page.snippet_console("error") == [] and page.snippet_console("warning") == []
+    assert kassa_server.faults.requests("/v1/decisions", "POST") == []
+
+
+def test_show_before_init_says_why_at_debug_level(page: PageRun, shop: object, kassa_server: KassaUnderTest) -> None:
+    url = shop.add(f'<!doctype html><html><head><link rel="icon" href="data:,">'  # type: ignore[attr-defined]
+                   f'<script async src="{kassa_server.url}/v1/snippet.js"></script></head><body></body></html>')
+    page.page.goto(url)
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("Kassa.show({layout: 'overlay'})")
+    assert any("call Kassa.init({key}) first" in m for m in page.snippet_console("debug"))

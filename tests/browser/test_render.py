@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from tests.browser.conftest import ORDER, KassaUnderTest, LoadPage, PageRun, show
 
 FAST = {"timeout": 5000, "batchMs": 50}  # generous: the CPU is shared; the default is tested elsewhere
@@ -114,11 +116,13 @@ def test_inline_renders_into_the_target_without_a_dialog(open_shop_page: LoadPag
     assert run.errors == []
 
 
-def test_inline_with_a_missing_target_shows_nothing(open_shop_page: LoadPage) -> None:
+def test_inline_with_a_missing_target_shows_nothing(open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
     run = open_shop_page(init=FAST)
     html = run.page.evaluate("document.body.innerHTML")
     result = show(run, layout="inline", target="#nowhere")
-    assert result["shown"] == 0
+    # the reason names the mistake (it said "no offers"), and no decision is made that cannot be shown
+    assert result == {"shown": 0, "decision_id": None, "reason": "inline target not found: #nowhere"}
+    assert kassa_server.faults.requests("/v1/decisions", "POST") == []
     assert run.page.evaluate("document.body.innerHTML") == html
     assert run.snippet_console("debug")  # said why, at debug level only
     assert run.snippet_console("error") == [] and run.snippet_console("warning") == []
@@ -318,3 +322,172 @@ def test_css_custom_properties_theme_the_offers(open_shop_page: LoadPage) -> Non
               title: r.querySelector('.title').textContent};
     }""")
     assert got == {"bg": "rgb(176, 100, 58)", "box": "17px", "radius": "4px", "title": "Before you go"}
+
+
+def test_a_strict_style_src_policy_does_not_unstyle_the_offers(open_shop_page: LoadPage,
+                                                                 kassa_server: KassaUnderTest) -> None:
+    # A store whose CSP allows Kassa in script-src and connect-src (the documented checklist) but no
+    # inline styles: a <style> element in the shadow root would be blocked and the overlay unstyled.
+    csp = (f"""<meta http-equiv="Content-Security-Policy" content="default-src 'self'; """
+           f"""script-src 'unsafe-inline' {kassa_server.url}; connect-src {kassa_server.url}; """
+           f"""img-src data: http:; style-src 'self'">""")
+    run = open_shop_page(head=csp, init=FAST)
+    assert show(run, layout="overlay")["shown"] == 3
+    got = run.page.evaluate("""() => {
+      const host = document.querySelector('kassa-offers');
+      const r = host.shadowRoot;
+      return {host: getComputedStyle(host).position, overlay: getComputedStyle(r.querySelector('.overlay')).position,
+              cta: getComputedStyle(r.querySelector('.cta')).backgroundColor};
+    }""")
+    assert got == {"host": "fixed", "overlay": "fixed", "cta": "rgb(31, 35, 40)"}
+    assert [t for kind, t in run.console if "Content Security Policy" in t] == []
+    assert run.errors == []
+
+
+def test_a_second_show_for_the_same_place_is_refused_until_the_first_is_closed(
+        open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
+    # e.g. React StrictMode running an effect twice, or the data- form plus a Kassa.show() call:
+    # two overlays stacked, each pulling focus back from the other (a "Maximum call stack" page error).
+    run = open_shop_page(init=FAST)
+    for layout in ("overlay", "inline"):
+        kassa_server.faults.reset()
+        results = run.page.evaluate("""(o) => Promise.all([Kassa.show(o), Kassa.show(o)])""",
+                                    {"order": ORDER, "layout": layout, "target": "#offers"})
+        assert sorted(r["shown"] for r in results) == [0, 3]
+        assert [r["reason"] for r in results if not r["shown"]] == ["already showing offers"]
+        assert run.page.locator("kassa-offers").count() == 1
+        assert len(kassa_server.faults.requests("/v1/decisions", "POST")) == 1  # no decision that can't show
+        run.page.wait_for_timeout(300)
+        assert run.errors == []
+        run.page.evaluate("Kassa.close()")
+        assert show(run, layout=layout, target="#offers")["shown"] == 3  # closed: the place is free again
+        run.page.evaluate("Kassa.close()")
+
+
+OVERFLOW_JS = """() => {
+  const r = document.querySelector('kassa-offers').shadowRoot;
+  const box = r.querySelector('.box').getBoundingClientRect();
+  const out = [...r.querySelectorAll('.box *')].filter((e) => e.scrollWidth > e.clientWidth + 1)
+    .map((e) => `${e.className}: ${e.scrollWidth} > ${e.clientWidth}`);
+  for (const e of r.querySelectorAll('.cta, .headline, .body, .code')) {
+    const b = e.getBoundingClientRect();
+    if (b.left < box.left - 1 || b.right > box.right + 1) out.push(`${e.className} outside the box`);
+  }
+  return out;
+}"""
+
+
+@pytest.mark.parametrize("where", ["narrow-inline", "phone-overlay", "desktop-overlay"])
+def test_long_words_and_labels_stay_inside_the_block(open_shop_page: LoadPage, where: str) -> None:
+    # A German offer: a 77-letter word, a long button label and a long code. They pushed the grid
+    # wider than the block, so buttons were cut off (unreachable) in a narrow column and on a phone.
+    head = "<style>#offers { width: 280px; }</style>" if where == "narrow-inline" else ""
+    run = open_shop_page(head=head, init=FAST)
+    if where == "phone-overlay":
+        run.page.set_viewport_size({"width": 360, "height": 740})
+    layout = "inline" if where == "narrow-inline" else "overlay"
+    assert show(run, layout=layout, target="#offers", placement="long")["shown"] == 2
+    run.page.locator("kassa-offers [data-offer=long] .cta").click()  # reveals the code
+    assert run.page.locator("kassa-offers .code").is_visible()
+    assert run.page.evaluate(OVERFLOW_JS) == []
+
+
+def test_a_right_to_left_page_mirrors_the_block_and_isolates_offer_text(page: PageRun, shop: Any,
+                                                                        kassa_server: KassaUnderTest) -> None:
+    # An Arabic store page: the title belongs on the right, the close button on the left (it was
+    # pinned right, over the title's side), and English offer text keeps its own direction ("15% off
+    # every delivery" was reordered to "off every delivery 15%").
+    from tests.browser.conftest import shop_page
+
+    html = shop_page(kassa_server.url).replace('<html lang="en">', '<html lang="ar" dir="rtl">')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+    assert show(page, layout="overlay", title="قد يعجبك أيضاً")["shown"] == 3
+    got = page.page.evaluate("""() => {
+      const r = document.querySelector('kassa-offers').shadowRoot;
+      const rect = (s) => r.querySelector(s).getBoundingClientRect();
+      const box = rect('.box'), close = rect('.close');
+      const title = r.querySelector('.title');
+      const range = document.createRange(); range.selectNodeContents(title);
+      const text = range.getBoundingClientRect();
+      const body = r.querySelector('.body');
+      return {close_on_left: close.left - box.left < box.right - close.right,
+              title_on_right: box.right - text.right < text.left - box.left,
+              title_rtl: title.matches(':dir(rtl)'), english_body_ltr: body.matches(':dir(ltr)'),
+              english_headline_ltr: r.querySelector('.headline').matches(':dir(ltr)')};
+    }""")
+    assert got == {"close_on_left": True, "title_on_right": True, "title_rtl": True,
+                   "english_body_ltr": True, "english_headline_ltr": True}
+    assert page.errors == []
+
+
+def test_buttons_keep_a_visible_edge_in_forced_colors_mode(browser: Any, shop: Any,
+                                                           kassa_server: KassaUnderTest) -> None:
+    # Windows High Contrast drops background colours: borderless pill buttons became bare text,
+    # indistinguishable from the headlines next to them.
+    from tests.browser.conftest import shop_page
+
+    context = browser.new_context(forced_colors="active", viewport={"width": 1280, "height": 800})
+    try:
+        pg = context.new_page()
+        pg.goto(shop.add(shop_page(kassa_server.url)))
+        pg.wait_for_function("window.Kassa && Kassa.version")
+        pg.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+        assert pg.evaluate("(o) => Kassa.show(o)", {"order": ORDER, "layout": "overlay"})["shown"] == 3
+        edges = pg.evaluate("""() => [...document.querySelector('kassa-offers').shadowRoot.querySelectorAll('.cta')]
+          .map((b) => { const s = getComputedStyle(b);
+                        return [s.borderTopStyle, parseFloat(s.borderTopWidth) >= 1, s.borderTopColor]; })""")
+        assert len(edges) == 3
+        for style, wide, color in edges:
+            assert style == "solid" and wide and color not in ("transparent", "rgba(0, 0, 0, 0)")
+    finally:
+        context.close()
+
+
+def test_closing_the_inline_block_by_keyboard_keeps_the_place_in_the_page(page: PageRun, shop: Any,
+                                                                          kassa_server: KassaUnderTest) -> None:
+    # The close button took focus with it: focus fell to <body> and the next Tab restarted at the top.
+    from tests.browser.conftest import shop_page
+
+    html = shop_page(kassa_url=kassa_server.url).replace(
+        '<div id="offers"></div>', '<a id="before" href="#b">before</a><div id="offers"></div>'
+                                   '<a id="after" href="#a">after</a>')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    page.page.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+    assert show(page, layout="inline", target="#offers")["shown"] == 3
+    page.page.locator("kassa-offers .close").focus()
+    page.page.keyboard.press("Enter")
+    assert page.page.locator("kassa-offers").count() == 0
+    assert focused(page) == "offers"
+    page.page.keyboard.press("Tab")
+    assert focused(page) == "after"
+    page.page.keyboard.press("Shift+Tab")  # the target itself is not a tab stop (tabindex=-1)
+    assert focused(page) == "before"
+
+
+def test_closing_the_inline_block_by_mouse_moves_no_focus(open_shop_page: LoadPage) -> None:
+    run = open_shop_page(init=FAST)
+    assert show(run, layout="inline", target="#offers")["shown"] == 3
+    run.page.evaluate("document.getElementById('page-button').focus()")
+    run.page.evaluate("Kassa.close()")
+    assert focused(run) == "page-button"
+    assert run.page.evaluate("document.getElementById('offers').hasAttribute('tabindex')") is False
+
+
+@pytest.mark.parametrize("layout", ["overlay", "inline"])
+def test_a_show_queued_in_the_head_waits_for_the_body(page: PageRun, shop: Any, kassa_server: KassaUnderTest,
+                                                      layout: str) -> None:
+    # A blocking tag in <head> runs the queued show before <body> (and the inline target) exist.
+    cmds = json.dumps([["init", {"key": kassa_server.key, **FAST}],
+                       ["show", {"order": ORDER, "layout": layout, "target": "#offers"}]])
+    html = (f'<!doctype html><html><head><link rel="icon" href="data:,">'
+            f'<script>window.Kassa = window.Kassa || {{q: []}}; Kassa.q.push(...{cmds});</script>'
+            f'<script src="{kassa_server.url}/v1/snippet.js"></script></head>'
+            f'<body><h1>Thanks</h1><div id="offers"></div></body></html>')
+    page.page.goto(shop.add(html))
+    page.page.wait_for_selector("kassa-offers .offer")
+    assert page.page.locator("kassa-offers").get_attribute("data-layout") == layout
+    assert page.page.locator("kassa-offers .offer").count() == 3
+    assert page.errors == []

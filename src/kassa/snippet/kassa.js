@@ -173,15 +173,32 @@
   });
 
   const nothing = (reason) => ({shown: 0, decision_id: null, reason});
+  // a call that cannot even start says why, at the level every other reason is logged at
+  const refuse = (reason) => {
+    debug('no offers shown:', reason);
+    return Promise.resolve(nothing(reason));
+  };
 
   const show = (opts) => {
     opts = opts || {};
     mark('kassa:show');
-    if (!cfg.key) return Promise.resolve(nothing('call Kassa.init({key}) first'));
-    if (!w.fetch || !w.AbortController || !Element.prototype.attachShadow) {
-      return Promise.resolve(nothing('unsupported browser'));
-    }
+    if (!cfg.key) return refuse('call Kassa.init({key}) first');
+    if (!w.fetch || !w.AbortController || !Element.prototype.attachShadow) return refuse('unsupported browser');
     const layout = opts.layout === 'inline' || (!opts.layout && cfg.layout === 'inline') ? 'inline' : 'overlay';
+    // Where the block goes is settled before asking: no decision is made that could not be shown.
+    const where = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
+    // Called from <head> (a blocking tag, a queued show): the body and the target are not parsed yet.
+    if (!where && d.readyState === 'loading') {
+      return new Promise((done) => d.addEventListener('DOMContentLoaded', () => done(api.show(opts)), {once: true}));
+    }
+    if (!where) return refuse(`inline target not found: ${opts.target || cfg.target || '(no target given)'}`);
+    // One block per place (the overlay, or one inline target) until it is closed: a second show
+    // (an effect run twice, the data- form plus a call) would stack two dialogs fighting for focus.
+    const slot = layout === 'inline' ? where : 'overlay';
+    if (pending.has(slot) || views.some((v) => v.slot === slot && v.host.isConnected)) {
+      return refuse('already showing offers');
+    }
+    pending.add(slot);
     const body = pick(opts, ['order', 'customer', 'session_id', 'request_id', 'limit', 'candidates']);
     body.placement = opts.placement || cfg.placement;
     body.context = context(opts.context);
@@ -201,11 +218,17 @@
         // chunk and this callback: the check keeps "nothing after the timeout" exact.
         if (ctrl.signal.aborted) return nothing('timeout');
         clearTimeout(clock);
-        const shown = render(decision, layout, opts);
+        pending.delete(slot);
+        if (!where.isConnected) {
+          debug('inline target left the page:', opts.target || cfg.target);
+          return {shown: 0, decision_id: decision.decision_id, reason: 'inline target not found'};
+        }
+        const shown = render(decision, layout, opts, where, slot);
         return {shown, decision_id: decision.decision_id, reason: shown ? null : 'no offers'};
       })
       .catch((err) => {
         clearTimeout(clock);
+        pending.delete(slot);
         const reason = ctrl.signal.aborted ? 'timeout' : String((err && err.message) || err);
         debug('no offers shown:', reason);
         return nothing(reason);
@@ -218,37 +241,59 @@
 :host([data-layout=overlay]){position:fixed!important;inset:0!important;z-index:var(--kassa-z,2147483000)!important}
 *,*::before,*::after{box-sizing:border-box}
 [hidden]{display:none!important}
-.box{position:relative;margin:var(--kassa-margin,16px 0);padding:20px;text-align:left;color:var(--kassa-text,#1f2328);background:var(--kassa-bg,#fff);border:1px solid var(--kassa-border,#e3e6ea);border-radius:var(--kassa-radius,14px);font:400 var(--kassa-font-size,15px)/1.45 var(--kassa-font,system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif);-webkit-font-smoothing:antialiased}
+.box{position:relative;margin:var(--kassa-margin,16px 0);padding:20px;text-align:start;color:var(--kassa-text,#1f2328);background:var(--kassa-bg,#fff);border:1px solid var(--kassa-border,#e3e6ea);border-radius:var(--kassa-radius,14px);font:400 var(--kassa-font-size,15px)/1.45 var(--kassa-font,system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif);-webkit-font-smoothing:antialiased}
 .box:focus{outline:none}
-.title{margin:0 40px 14px 0;font-size:1.13em;font-weight:650;line-height:1.3;letter-spacing:-.005em}
-.offers{list-style:none;margin:0;padding:0;display:grid;gap:10px}
-.offer{display:flex;align-items:center;gap:14px;padding:12px;background:var(--kassa-card,#f7f8fa);border:1px solid var(--kassa-card-border,#eceef1);border-radius:calc(var(--kassa-radius,14px) - 4px)}
+.title{margin:0 0 14px;margin-inline-end:40px;font-size:1.13em;overflow-wrap:anywhere;font-weight:650;line-height:1.3;letter-spacing:-.005em}
+.offers{list-style:none;margin:0;padding:0;display:grid;grid-template-columns:minmax(0,1fr);gap:10px}
+.offer{display:flex;flex-wrap:wrap;align-items:center;gap:14px;padding:12px;background:var(--kassa-card,#f7f8fa);border:1px solid var(--kassa-card-border,#eceef1);border-radius:calc(var(--kassa-radius,14px) - 4px)}
 .img{flex:none;width:64px;height:64px;border-radius:8px;object-fit:cover;background:#e9ecef}
-.text{flex:1;min-width:0}
+.text{flex:1 1 8em;min-width:0}
 .headline{display:block;margin:0;font-weight:600;color:inherit;text-decoration:none;overflow-wrap:anywhere}
 a.headline:hover{text-decoration:underline}
-.body{margin:2px 0 0;font-size:.92em;color:var(--kassa-muted,#59636e)}
-.disclosure{margin:0 0 2px;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
-.code{display:inline-block;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
-.cta{flex:none;min-height:40px;padding:9px 18px;font:inherit;font-size:.93em;font-weight:600;white-space:nowrap;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:0;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
+.body{margin:2px 0 0;overflow-wrap:anywhere;font-size:.92em;color:var(--kassa-muted,#59636e)}
+.disclosure{margin:0 0 2px;overflow-wrap:anywhere;font-size:.75em;font-weight:600;letter-spacing:.04em;text-transform:uppercase;color:var(--kassa-muted,#59636e)}
+.code{display:inline-block;max-width:100%;overflow-wrap:anywhere;margin:6px 0 0;padding:2px 8px;font:600 .95em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;letter-spacing:.06em;border:1px dashed currentColor;border-radius:6px}
+.cta{flex:none;max-width:100%;min-height:40px;margin-inline-start:auto;padding:8px 17px;font:inherit;font-size:.93em;font-weight:600;overflow-wrap:anywhere;color:var(--kassa-accent-text,#fff);background:var(--kassa-accent,#1f2328);border:1px solid transparent;border-radius:var(--kassa-button-radius,999px);cursor:pointer}
 .cta:hover{filter:brightness(1.15)}
 .cta[aria-disabled=true]{color:var(--kassa-done-text,#fff);background:var(--kassa-done,#1a7f37);cursor:default;filter:none}
-.close{position:absolute;top:10px;right:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
+.close{position:absolute;top:10px;inset-inline-end:10px;display:grid;place-items:center;width:36px;height:36px;padding:0;font:400 26px/1 system-ui,sans-serif;color:var(--kassa-muted,#59636e);background:transparent;border:0;border-radius:50%;cursor:pointer}
 .close:hover{background:rgba(127,127,127,.14)}
 :focus-visible{outline:2px solid var(--kassa-focus,#0969da);outline-offset:2px}
 .overlay{position:fixed;inset:0;display:flex;align-items:center;justify-content:center;padding:16px}
 .backdrop{position:absolute;inset:0;background:var(--kassa-backdrop,rgba(17,24,39,.5))}
 .overlay .box{width:100%;max-width:var(--kassa-width,520px);max-height:calc(100vh - 32px);margin:0;overflow:auto;overscroll-behavior:contain;box-shadow:0 24px 64px rgba(17,24,39,.3);animation:kassa-in .16s ease-out}
 @keyframes kassa-in{from{transform:translateY(10px) scale(.985)}}
-@media (max-width:520px){.overlay{align-items:flex-end;padding:0}.overlay .box{max-width:none;border-radius:var(--kassa-radius,14px) var(--kassa-radius,14px) 0 0}.offer{flex-wrap:wrap}.cta{width:100%}}
+@media (max-width:520px){.overlay{align-items:flex-end;padding:0}.overlay .box{max-width:none;border-radius:var(--kassa-radius,14px) var(--kassa-radius,14px) 0 0}.cta{width:100%}}
 @media (prefers-reduced-motion:reduce){.overlay .box{animation:none}}
 `;
+
+  // A constructed stylesheet, shared by every block: a store CSP without 'unsafe-inline' in
+  // style-src blocks a <style> element (even in a shadow root) but not adoptedStyleSheets.
+  let sheet = null;
+  const styleRoot = (root) => {
+    try {
+      if (!sheet) {
+        const made = new CSSStyleSheet();
+        made.replaceSync(CSS);
+        sheet = made;
+      }
+      root.adoptedStyleSheets = [sheet];
+    } catch (_) {
+      // an older browser: an inline <style>, which a strict CSP may block
+      root.append(el('style', null, CSS));
+    }
+  };
 
   const el = (tag, cls, text) => {
     const e = d.createElement(tag);
     if (cls) e.className = cls;
     // textContent only: offer content is data, never markup
     if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  };
+
+  const auto = (e) => {
+    e.dir = 'auto';
     return e;
   };
 
@@ -272,6 +317,8 @@ a.headline:hover{text-decoration:underline}
   };
 
   const views = [];
+  const pending = new Set();
+  let refocusing = false;
 
   const seen = (view, id) => {
     if (view.closed || view.seen.has(id)) return;
@@ -296,7 +343,14 @@ a.headline:hover{text-decoration:underline}
     view.closed = true;
     if (view.io) view.io.disconnect();
     view.cleanup.forEach((fn) => fn());
+    // An inline block closed from the keyboard hands focus to its target, so the next Tab goes on
+    // from here instead of from the top of the page (focus would fall to <body>).
+    const spot = view.slot !== 'overlay' && d.activeElement === view.host ? view.host.parentElement : null;
     view.host.remove();
+    if (spot) {
+      if (!spot.hasAttribute('tabindex')) spot.tabIndex = -1;
+      spot.focus({preventScroll: true});
+    }
     const back = view.restore;
     if (back && back.isConnected && back.focus) back.focus({preventScroll: true});
     views.splice(views.indexOf(view), 1);
@@ -342,7 +396,8 @@ a.headline:hover{text-decoration:underline}
     }
     const text = el('div', 'text');
     const url = safeUrl(c.url, false);
-    const head = el(url ? 'a' : 'p', 'headline', headline);
+    // dir=auto: offer text keeps its own direction on a page of the other one (English on Arabic)
+    const head = auto(el(url ? 'a' : 'p', 'headline', headline));
     head.id = `kassa-h${i}`;
     if (url) {
       head.href = url;
@@ -357,9 +412,9 @@ a.headline:hover{text-decoration:underline}
       });
     }
     // a paid placement says so above its headline ("Sponsored", localised by the server)
-    if (c.disclosure) text.append(el('p', 'disclosure', c.disclosure));
+    if (c.disclosure) text.append(auto(el('p', 'disclosure', c.disclosure)));
     text.append(head);
-    if (c.body || c.description) text.append(el('p', 'body', c.body || c.description));
+    if (c.body || c.description) text.append(auto(el('p', 'body', c.body || c.description)));
     let code = null;
     if (c.code) {
       code = el('p', 'code', c.code);
@@ -367,7 +422,7 @@ a.headline:hover{text-decoration:underline}
       code.setAttribute('aria-live', 'polite');
       text.append(code);
     }
-    const button = el('button', 'cta', c.cta || cfg.labels.cta);
+    const button = auto(el('button', 'cta', c.cta || cfg.labels.cta));
     button.type = 'button';
     button.setAttribute('aria-describedby', head.id);
     button.setAttribute('part', 'cta');
@@ -391,16 +446,11 @@ a.headline:hover{text-decoration:underline}
     }
   };
 
-  const render = (decision, layout, opts) => {
+  const render = (decision, layout, opts, target, slot) => {
     const offers = decision && Array.isArray(decision.offers) ? decision.offers : [];
     if (!offers.length) return 0;
-    const target = layout === 'inline' ? resolveTarget(opts.target || cfg.target) : d.body;
-    if (!target) {
-      debug('inline target not found:', opts.target || cfg.target);
-      return 0;
-    }
     const view = {
-      decisionId: decision.decision_id, opts, seen: new Set(), accepted: new Set(), clicked: new Set(),
+      decisionId: decision.decision_id, opts, slot, seen: new Set(), accepted: new Set(), clicked: new Set(),
       items: [], cleanup: [], closed: false, io: null, restore: null,
     };
     const items = offers.map((o, i) => card(view, o, i)).filter(Boolean);
@@ -422,7 +472,7 @@ a.headline:hover{text-decoration:underline}
     const list = el('ul', 'offers');
     list.append(...items);
     box.append(title, list, shut);
-    root.append(el('style', null, CSS));
+    styleRoot(root);
     Object.assign(view, {host, root, box});
 
     if (layout === 'overlay') {
@@ -443,7 +493,16 @@ a.headline:hover{text-decoration:underline}
         }
       }));
       // Focus that leaves the dialog (a click on the page, a screen reader's jump) is brought back.
-      const keepFocus = guard((e) => e.target !== host && !view.closed && box.focus({preventScroll: true}));
+      // (not re-entered: a page's own focus trap would otherwise bounce focus until the stack overflows)
+      const keepFocus = guard((e) => {
+        if (e.target === host || view.closed || refocusing) return;
+        refocusing = true;
+        try {
+          box.focus({preventScroll: true});
+        } finally {
+          refocusing = false;
+        }
+      });
       d.addEventListener('focusin', keepFocus);
       view.cleanup.push(() => d.removeEventListener('focusin', keepFocus));
       view.restore = d.activeElement;
@@ -510,6 +569,10 @@ a.headline:hover{text-decoration:underline}
   const fromAttributes = () => {
     if (!script || !script.hasAttribute('data-key')) return;
     const a = (n) => script.getAttribute(`data-${n}`) || undefined;
+    if (!a('key')) {
+      debug('data-key is empty: no offers will be shown');
+      return;
+    }
     const given = a('consent');
     init({
       key: a('key'), endpoint: a('endpoint'), placement: a('placement'), layout: a('layout'), target: a('target'),
