@@ -376,3 +376,29 @@ def test_a_serving_worker_runs_its_bus_on_the_server_loop_and_drains_it_on_sigte
     cfg = BusConfig(prefix=prefix, join_records=True)
     assert counts == {cfg.events_stream: seen["events"], cfg.decisions_stream: seen["decisions"],
                       cfg.records_stream: seen["decisions"]}, counts
+
+
+def test_kassa_learn_started_while_nats_is_down_waits_for_it_and_takes_the_lease_once_it_answers(
+        tmp_path: Path, names: tuple[str, str, str, str]) -> None:
+    # It exited with a 70-line traceback (NoServersError) and its supervisor restarted it every ~4 s: a crash
+    # loop for as long as NATS was away.
+    _, prefix, redis_url, key_prefix = names
+    server = start_nats()
+    try:
+        server.kill()
+        p = Project(tmp_path, **_settings_tree(tmp_path, server.url, prefix, redis_url, key_prefix))
+        learner = p.start("learn", log="learn.log")
+        try:
+            p.wait_log("learn.log", r"learner input: JetStream at .* unreachable", timeout=20)
+            time.sleep(3.0)
+            assert learner.poll() is None, p.log("learn.log")[-3000:]
+            assert "Traceback" not in p.log("learn.log")
+            assert redis.Redis.from_url(redis_url).get(f"{prefix}:learn:lease:checkout") is None  # no lease held
+            server.start()
+            p.wait_log("learn.log", r"learner active for checkout", timeout=20)
+            learner.send_signal(signal.SIGTERM)
+            assert learner.wait(20) == 0
+        finally:
+            p.stop()
+    finally:
+        server.kill()

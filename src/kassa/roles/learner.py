@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from kassa.app import Kassa
 from kassa.config import Settings
+from kassa.degraded import RateLimitedWarning
 from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
 from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
@@ -95,14 +96,33 @@ class LearnerRole:
                 marks.append(mark)
         return max(marks) if marks else None
 
-    async def open_input(self) -> LearnerInput:
-        """The input ``roles.learner_input`` names, reading back `lookback` seconds."""
+    async def open_input(self, stop: asyncio.Event | None = None, retry_seconds: float = 1.0) -> LearnerInput | None:
+        """The input ``roles.learner_input`` names, reading back `lookback` seconds. JetStream unreachable: wait
+        for it (a line every 10 s, holding no lease, so a learner that reaches it takes over) until ``stop``
+        (then None); it exited with a traceback, restarted by its supervisor every few seconds."""
         if self.settings.roles.learner_input == "jetstream":
             if self.settings.events.backend != "jetstream":
                 raise SystemExit("roles.learner_input: jetstream needs events.backend: jetstream (the serving "
                                  "processes publish decisions and events there); docs/deploy.md")
-            return await JetStreamInput(bus_config(self.settings, "kassa-learn"), self.lookback(), self.settle,
-                                        self.clock).start()
+            import nats.errors
+
+            cfg = bus_config(self.settings, "kassa-learn")
+            warn = RateLimitedWarning(log, "learner input")
+            while True:
+                source = JetStreamInput(cfg, self.lookback(), self.settle, self.clock)
+                try:
+                    return await source.start()
+                except (OSError, TimeoutError, nats.errors.Error) as exc:
+                    await source.close()
+                    warn(f"JetStream at {cfg.url} unreachable ({type(exc).__name__}: {exc}); waiting for it, "
+                         "holding no lease")
+                if stop is None:
+                    await asyncio.sleep(retry_seconds)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_seconds)
+                    if stop.is_set():
+                        return None
         return SqliteTailInput(self.settings.data_path, self.lookback(), self.settle, self.clock)
 
     async def leases_round(self) -> None:
@@ -156,7 +176,10 @@ class LearnerRole:
         order of magnitude."""
         stop = stop or asyncio.Event()
         self.kassa.warm_up()
-        self.input = self._source or await self.open_input()
+        self.input = self._source or await self.open_input(stop)
+        if self.input is None:  # stopped while waiting for its input
+            await self.kassa.stop()
+            return
         last_lease = last_status = last_prune = 0.0
         log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
                  self.lookback())
