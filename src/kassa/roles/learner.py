@@ -68,6 +68,7 @@ class LearnerRole:
         self.settle = settings.roles.input_settle_seconds
         self._source = source
         self.new_lease = leases or lease_factory(settings)
+        self._lease_warn = RateLimitedWarning(log, "learner lease")
         self.leases: dict[str, Lease] = {}
         self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
         self.took_over: dict[str, float] = {}  # placement -> when this learner became active
@@ -131,9 +132,21 @@ class LearnerRole:
             if lease is None:
                 lease = self.leases[placement] = self.new_lease(placement)
             if placement in self.joiner.active:
-                if not await asyncio.to_thread(lease.renew):
+                try:
+                    renewed = await asyncio.to_thread(lease.renew)
+                except Exception as exc:  # Redis away or too slow: the lease can no longer be shown to be ours
+                    raise LeaseLost(f"could not renew the lease of {placement} ({lease.name}; "
+                                    f"{type(exc).__name__}: {exc})") from exc
+                if not renewed:
                     raise LeaseLost(f"lost the lease of {placement} ({lease.name})")
-            elif await asyncio.to_thread(lease.acquire):
+                continue
+            try:
+                acquired = await asyncio.to_thread(lease.acquire)
+            except Exception as exc:  # stay a standby (it raised and exited 1: a crash loop while Redis was away)
+                self._lease_warn(f"could not take the lease of {placement} ({lease.name}; {type(exc).__name__}: "
+                                 f"{exc}); standby until it answers")
+                continue
+            if acquired:
                 await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
                 mark = self._watermark(placement)
                 kept = self.joiner.activate(placement, mark)
