@@ -203,7 +203,7 @@ def test_redis_down_at_start_with_offer_views_starts_serves_and_heals(tmp_path, 
         raw.close()
 
 
-def test_redis_state_down_logs_a_few_lines_not_one_traceback_per_joiner_step(tmp_path, catalog_file, outage_redis,
+def test_redis_state_down_logs_a_few_lines_and_exports_its_breaker(tmp_path, catalog_file, outage_redis,
                                                                                 caplog):
     # With state.backend redis and Redis down, the shared reward joiner (a step every 0.1 s) logged a WARNING
     # with a full traceback per step, and the breaker a line each time it reopened (every retry_seconds):
@@ -223,8 +223,11 @@ def test_redis_state_down_logs_a_few_lines_not_one_traceback_per_joiner_step(tmp
         lines = [r for r in caplog.records if r.name == "kassa.state" and r.levelno >= logging.WARNING]
         assert 1 <= len(lines) <= 4, [r.getMessage() for r in lines]
         assert sum(r.exc_info is not None for r in lines) <= 1
+        # the state backend's breaker is exported (the `redis` one is the online store's, not used here)
+        assert 'kassa_circuit_open{dependency="redis_state"} 1.0' in c.get("/metrics").text
         outage_redis.start()
         t_back = time.monotonic()
         while c.post("/v1/decisions", json=decision_body(customer="c-down")).json()["fallback"]:
             assert time.monotonic() - t_back < 5.0, "decisions did not recover within 5 s"
             time.sleep(0.05)
+        assert 'kassa_circuit_open{dependency="redis_state"} 0.0' in c.get("/metrics").text

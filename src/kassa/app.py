@@ -178,6 +178,12 @@ class Kassa:
         breaker = getattr(self.store, "breaker", None)
         if breaker is not None:
             self.metrics.watch_breaker(breaker, "redis")
+        redis_state = self.state.redis
+        if redis_state is not None:
+            # With state and online store on one Redis a decision reads both in one round trip through the state
+            # backend, so the store's breaker above never sees an outage: this one is what opens (read at scrape).
+            self.metrics.circuit_open.labels("redis_state").set_function(lambda: 0.0 if redis_state.available
+                                                                         else 1.0)
         if self.stream is not None:
             stream = self.stream
             self.metrics.stream_backlog.set_function(lambda: stream.pending_rows)
