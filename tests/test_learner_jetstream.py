@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import yaml
 from kassa import schemas
 from kassa.app import Kassa
 from kassa.config import load_settings
-from kassa.events.jetstream import BusConfig
+from kassa.events.jetstream import BusConfig, ensure_streams
 from kassa.events.join import JoinedExample, PendingDecision
 from kassa.learn.online.inputs import JetStreamInput
 from kassa.roles.learner import LearnerRole
@@ -439,3 +440,45 @@ def test_kassa_learn_started_while_nats_is_down_waits_for_it_and_takes_the_lease
             p.stop()
     finally:
         server.kill()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_jetstream_input_reads_a_stream_created_again_after_nats_lost_its_store(
+        tmp_path: Path, anyio_backend: str) -> None:
+    # It re-created its consumer after the last sequence it had read (5), on a new stream numbered from 1: the
+    # first 5 records published after the wipe were never read.
+    server = await asyncio.to_thread(start_nats)
+    cfg = BusConfig(url=server.url, prefix="wiped", join_records=True, reconnect_wait_seconds=0.1)
+    source = await JetStreamInput(cfg, lookback_seconds=60, settle_seconds=0.1).start()
+    assert source.nc is not None
+
+    async def publish(ids: list[str]) -> None:
+        js = source.nc.jetstream()  # type: ignore[union-attr]
+        for d in ids:
+            pending = PendingDecision(d, "checkout", time.time(), time.time() + 60, "s", ["o1"], ["a"], [1.0])
+            await js.publish(cfg.records_subject, msgspec.msgpack.encode(pending))
+
+    async def read(n: int) -> list[str]:
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            got += [p.decision_id for p in (await source.poll()).decisions]
+        return got
+
+    try:
+        await publish([f"a{i}" for i in range(5)])
+        assert await read(5) == [f"a{i}" for i in range(5)]
+        await asyncio.to_thread(server.kill)
+        shutil.rmtree(Path(server.store) / "jetstream")
+        await asyncio.to_thread(server.start)
+        deadline = time.monotonic() + 10
+        while not source.nc.is_connected:
+            assert time.monotonic() < deadline, "no reconnect"
+            await asyncio.sleep(0.05)
+        await ensure_streams(source.nc.jetstream(), cfg)  # as the serving workers' bus does
+        await publish([f"b{i}" for i in range(3)])
+        assert await read(3) == [f"b{i}" for i in range(3)]
+    finally:
+        await source.close()
+        await asyncio.to_thread(server.stop)

@@ -163,6 +163,13 @@ class _Tail:
 
     async def open(self) -> None:
         if self.last_seq:
+            last = (await self.js.stream_info(self.stream)).state.last_seq
+            if last < self.last_seq:  # after last_seq it would skip the new stream's first last_seq messages
+                log.warning("learner input: %s ends at seq %d, before the %d read here: it was created again (NATS "
+                            "lost its store?); reading it from its start", self.stream, last, self.last_seq)
+                self.last_seq = 0
+                self.since = 0.0
+        if self.last_seq:
             cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                      opt_start_seq=self.last_seq + 1)
         else:
