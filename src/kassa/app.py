@@ -22,6 +22,7 @@ from kassa.config import Settings
 from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
 from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
+from kassa.degraded import RateLimitedWarning
 from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
 from kassa.events.factory import open_bus, open_decision_publisher, open_event_log, open_join_records
@@ -195,6 +196,7 @@ class Kassa:
         self.changes.on(MODELS, self._models_changed)
         self._tasks: list[asyncio.Task] = []
         self._polled_at = 0.0
+        self._registry_warn = RateLimitedWarning(log, "model registry")
         self.ready = False
         self.started_at = 0.0
 
@@ -346,8 +348,8 @@ class Kassa:
                 if time.monotonic() - self._polled_at >= self.settings.learn.registry_poll_seconds:
                     self._polled_at = time.monotonic()
                     await self.learning.poll_async()
-            except Exception:
-                log.exception("registry poll failed")
+            except Exception as exc:  # the metadata database away: one line per 10 s, not a traceback per poll
+                self._registry_warn("poll failed (serving the models loaded); retrying", exc)
 
     async def stop(self) -> None:
         self.ready = False
