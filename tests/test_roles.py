@@ -473,3 +473,27 @@ def test_a_learner_whose_lease_redis_dies_exits_75_quietly_and_its_successor_wai
         p.wait_log("learn-b.log", r"learner active for checkout", timeout=20)
     finally:
         server.kill()
+
+
+def test_an_active_learner_rides_out_its_metadata_postgres_going_away(project) -> None:  # type: ignore[no-untyped-def]
+    # Its registry poll (every round) raised OperationalError: exit 1 with a traceback, and every restart
+    # exited again at start while PostgreSQL was down.
+    from tests.services import PostgresServer, fresh_database
+
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        p = project(metadata={"url": url})
+        learner = p.start("learn", log="learn.log")
+        p.wait_log("learn.log", r"learner active for checkout", timeout=40)
+        server.stop("immediate")
+        p.wait_log("learn.log", r"learner metadata: .* failed", timeout=15)
+        time.sleep(3.0)
+        assert learner.poll() is None, p.log("learn.log")[-3000:]
+        assert "Traceback" not in p.log("learn.log")
+        server.start()
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(30) == 0, p.log("learn.log")[-3000:]
+    finally:
+        server.destroy()

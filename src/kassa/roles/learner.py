@@ -22,6 +22,8 @@ import os
 import time
 from collections.abc import Callable
 
+import sqlalchemy.exc
+
 from kassa.app import Kassa
 from kassa.config import Settings
 from kassa.degraded import RateLimitedWarning
@@ -69,6 +71,7 @@ class LearnerRole:
         self._source = source
         self.new_lease = leases or lease_factory(settings)
         self._lease_warn = RateLimitedWarning(log, "learner lease")
+        self._db_warn = RateLimitedWarning(log, "learner metadata")
         self.leases: dict[str, Lease] = {}
         self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
         self.took_over: dict[str, float] = {}  # placement -> when this learner became active
@@ -175,11 +178,18 @@ class LearnerRole:
             if self.joiner.closed - before < _SLICE:
                 break
             await asyncio.sleep(0)
-        if self.joiner.active:
-            await self.loop.tick_async(64)  # snapshots, guardrails, registry
-        elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
-            self.loop._last_poll = self.clock()
-            await self.loop.poll_async()
+        try:
+            if self.joiner.active:
+                await self.loop.tick_async(64)  # snapshots, guardrails, registry
+            elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
+                self.loop._last_poll = self.clock()
+                await self.loop.poll_async()
+        except sqlalchemy.exc.DBAPIError as exc:
+            # The metadata database away: keep learning in memory and try again at the next round. It exited
+            # with a traceback, and its restarts exited again at start until the database was back.
+            first = str(exc.orig or exc).splitlines()[0]
+            self._db_warn(f"snapshot or registry poll failed ({type(exc).__name__}: {first}); learning on in memory "
+                          "and retrying")
         return len(batch)
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05, idle_interval: float = 0.25) -> None:
