@@ -201,3 +201,33 @@ def test_redis_down_at_start_with_offer_views_starts_serves_and_heals(tmp_path, 
             assert time.monotonic() - t0 < 10.0, "decisions did not recover"
             time.sleep(0.05)
         raw.close()
+
+
+def test_redis_state_down_logs_a_few_lines_and_exports_its_breaker(tmp_path, catalog_file, outage_redis,
+                                                                                caplog):
+    # With state.backend redis and Redis down, the shared reward joiner (a step every 0.1 s) logged a WARNING
+    # with a full traceback per step, and the breaker a line each time it reopened (every retry_seconds):
+    # 371 joiner tracebacks and 38 breaker lines in 20 s from two workers (5,862 log lines).
+    settings = load_settings(None, data_dir=str(tmp_path / "d"), catalog_file=str(catalog_file),
+                             publishable_key=PUB, **{"state.backend": "redis", "state.redis_url": outage_redis.url,
+                                                     "state.key_prefix": f"kassa-test-{secrets.token_hex(4)}"})
+    outage_redis.kill()
+    kassa = Kassa(settings)
+    caplog.set_level(logging.WARNING, logger="kassa.state")
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as c:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            d = c.post("/v1/decisions", json=decision_body(customer="c-down"))
+            assert d.status_code == 200 and d.json()["fallback"] is True
+            time.sleep(0.05)
+        lines = [r for r in caplog.records if r.name == "kassa.state" and r.levelno >= logging.WARNING]
+        assert 1 <= len(lines) <= 4, [r.getMessage() for r in lines]
+        assert sum(r.exc_info is not None for r in lines) <= 1
+        # the state backend's breaker is exported (the `redis` one is the online store's, not used here)
+        assert 'kassa_circuit_open{dependency="redis_state"} 1.0' in c.get("/metrics").text
+        outage_redis.start()
+        t_back = time.monotonic()
+        while c.post("/v1/decisions", json=decision_body(customer="c-down")).json()["fallback"]:
+            assert time.monotonic() - t_back < 5.0, "decisions did not recover within 5 s"
+            time.sleep(0.05)
+        assert 'kassa_circuit_open{dependency="redis_state"} 0.0' in c.get("/metrics").text

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import shutil
 import threading
 import time
 import uuid
@@ -297,6 +298,28 @@ def test_a_bus_started_while_nats_is_down_spools_and_delivers_once_it_starts(tmp
         server.start()
         _wait(lambda: log.bus.spool_depth == 0 and not log.bus.spooling, 30)
         assert [ev.event_id for _, ev in log.read(0, 100)] == [f"early-{i}" for i in range(7)]
+    finally:
+        log.close()
+        server.stop()
+
+
+def test_nats_restarted_with_its_store_wiped_gets_the_streams_again_and_every_spooled_event(tmp_path: Path) -> None:
+    # The streams went with the store: every replay of the spool was refused (no responders) for ever, logged
+    # at DEBUG, while events kept being acknowledged into the spool.
+    server = start_nats()
+    cfg = _cfg(server.url, tmp_path, ack_timeout_seconds=0.5)
+    log = JetStreamEventLog.connect(cfg)
+    try:
+        assert len(asyncio.run(log.append(_events("before", 3), 5.0)).new) == 3
+        server.kill()
+        shutil.rmtree(Path(server.store) / "jetstream")  # the streams and their messages
+        result = asyncio.run(log.append(_events("during", 5), 5.0))
+        assert len(result.new) == 5 and log.bus.spool_depth == 5
+        server.start()
+        _wait(lambda: log.bus.spool_depth == 0 and not log.bus.spooling, 20)
+        assert [ev.event_id for _, ev in log.read(0, 100)] == [f"during-{i}" for i in range(5)]
+        assert len(asyncio.run(log.append(_events("after", 2), 5.0)).new) == 2
+        assert log.bus.spool_depth == 0
     finally:
         log.close()
         server.stop()

@@ -7,6 +7,7 @@ throwaway one) in a database of its own; the outage test stops and starts a thro
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -412,3 +413,26 @@ def test_a_nul_character_in_an_admin_path_or_reason_is_422_naming_it_not_a_500(
         assert refused.status_code == 422 and "no NUL" in refused.text
         assert all(k["name"] != "shop\x00" for k in one.keys.list())
     one.db.dispose()
+
+
+def test_a_serving_worker_with_postgres_down_logs_its_registry_poll_once_per_10_s_not_a_traceback_a_second(
+        tmp_path, catalog_file, features_file, caplog):
+    # `kassa serve --workers N`: each worker polls the registry every second; with PostgreSQL down each poll
+    # logged ERROR with a ~120-line traceback (2,200 lines in a 9 s outage from two workers).
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        app = Kassa(_settings(tmp_path, "w", url, catalog_file, features_file), role="serve")
+        caplog.set_level(logging.WARNING, logger="kassa")
+        with TestClient(create_app(app), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            server.stop("immediate")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.5:
+                assert client.post("/v1/decisions", json=decision_body()).status_code == 200
+                time.sleep(0.05)
+            polls = [r for r in caplog.records if "registry" in r.getMessage()]
+            assert 1 <= len(polls) <= 2, [r.getMessage()[:200] for r in polls]
+            assert sum(r.exc_info is not None for r in polls) <= 1
+    finally:
+        server.destroy()

@@ -447,3 +447,53 @@ def test_a_learner_for_a_placement_not_in_the_catalog_says_so(settings, caplog: 
     assert len(warned) == 1 and warned[0].startswith("--placement order_confirmaton: not in the catalog (known: ")
     assert "order_confirmation" in warned[0].split("known: ")[1]
     assert role.placements() == ["order_confirmation"]
+
+
+def test_a_learner_whose_lease_redis_dies_exits_75_quietly_and_its_successor_waits_as_standby(project) -> None:  # type: ignore[no-untyped-def]
+    # A renew that raised (Redis killed or stopped) escaped as a traceback and exit 1, and the restarted learner's
+    # acquire raised again: a crash loop, each with a ~200-line traceback, for as long as Redis was away.
+    from tests.services import ThrowawayRedis
+
+    server = ThrowawayRedis().start()
+    try:
+        p = project(roles={"lease": "redis", "redis_url": server.url, "lease_ttl_seconds": 3.0})
+        first = p.start("learn", log="learn-a.log")
+        p.wait_log("learn-a.log", r"learner active for checkout")
+        server.kill()
+        assert first.wait(15) == 75, p.log("learn-a.log")[-3000:]
+        assert "Traceback" not in p.log("learn-a.log"), p.log("learn-a.log")[-3000:]
+        assert re.search(r"could not renew the lease of checkout .*exiting so that I start again as a standby",
+                         p.log("learn-a.log"))
+        second = p.start("learn", log="learn-b.log")
+        p.wait_log("learn-b.log", r"could not take the lease of checkout", timeout=20)
+        time.sleep(2.0)
+        assert second.poll() is None, p.log("learn-b.log")[-3000:]
+        assert "Traceback" not in p.log("learn-b.log")
+        server.start()
+        p.wait_log("learn-b.log", r"learner active for checkout", timeout=20)
+    finally:
+        server.kill()
+
+
+def test_an_active_learner_rides_out_its_metadata_postgres_going_away(project) -> None:  # type: ignore[no-untyped-def]
+    # Its registry poll (every round) raised OperationalError: exit 1 with a traceback, and every restart
+    # exited again at start while PostgreSQL was down.
+    from tests.services import PostgresServer, fresh_database
+
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        p = project(metadata={"url": url})
+        learner = p.start("learn", log="learn.log")
+        p.wait_log("learn.log", r"learner active for checkout", timeout=40)
+        server.stop("immediate")
+        p.wait_log("learn.log", r"learner metadata: .* failed", timeout=15)
+        time.sleep(3.0)
+        assert learner.poll() is None, p.log("learn.log")[-3000:]
+        assert "Traceback" not in p.log("learn.log")
+        server.start()
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(30) == 0, p.log("learn.log")[-3000:]
+    finally:
+        server.destroy()

@@ -22,6 +22,7 @@ from kassa.config import Settings
 from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
 from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
+from kassa.degraded import RateLimitedWarning
 from kassa.events import replay_state
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
 from kassa.events.factory import open_bus, open_decision_publisher, open_event_log, open_join_records
@@ -178,6 +179,12 @@ class Kassa:
         breaker = getattr(self.store, "breaker", None)
         if breaker is not None:
             self.metrics.watch_breaker(breaker, "redis")
+        redis_state = self.state.redis
+        if redis_state is not None:
+            # With state and online store on one Redis a decision reads both in one round trip through the state
+            # backend, so the store's breaker above never sees an outage: this one is what opens (read at scrape).
+            self.metrics.circuit_open.labels("redis_state").set_function(lambda: 0.0 if redis_state.available
+                                                                         else 1.0)
         if self.stream is not None:
             stream = self.stream
             self.metrics.stream_backlog.set_function(lambda: stream.pending_rows)
@@ -189,6 +196,7 @@ class Kassa:
         self.changes.on(MODELS, self._models_changed)
         self._tasks: list[asyncio.Task] = []
         self._polled_at = 0.0
+        self._registry_warn = RateLimitedWarning(log, "model registry")
         self.ready = False
         self.started_at = 0.0
 
@@ -340,8 +348,8 @@ class Kassa:
                 if time.monotonic() - self._polled_at >= self.settings.learn.registry_poll_seconds:
                     self._polled_at = time.monotonic()
                     await self.learning.poll_async()
-            except Exception:
-                log.exception("registry poll failed")
+            except Exception as exc:  # the metadata database away: one line per 10 s, not a traceback per poll
+                self._registry_warn("poll failed (serving the models loaded); retrying", exc)
 
     async def stop(self) -> None:
         self.ready = False

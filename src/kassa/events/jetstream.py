@@ -56,6 +56,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from kassa.degraded import RateLimitedWarning
 from kassa.events.nats_routes import subscribe_routed
 from kassa.events.spool import Spool, SpoolRow
 
@@ -330,6 +331,7 @@ class JetStreamBus:
         self._spool_queue: list[tuple[list[tuple[str, str, bytes]], asyncio.Future[list[bool]]]] = []
         self._spool_flushing = False
         self._drain_failing = False  # NATS answers but JetStream refuses the replay (e.g. no JetStream)
+        self._replay_warn = RateLimitedWarning(log, "JetStream")
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event  # set while publishing directly; created on the bus loop
         self._tasks: list[asyncio.Task[Any]] = []
@@ -618,7 +620,10 @@ class JetStreamBus:
                         continue
                 except PublishFailed as exc:
                     self._drain_failing = True  # appends spool at once instead of waiting for this replay
-                    log.debug("spool replay failed (%s); retrying in %.2f s", exc, backoff)
+                    self._replay_warn(f"spool replay failed ({exc}); {self.spool_depth:,} acknowledged messages "
+                                      "wait in the spool; retrying")
+                    if isinstance(exc.__cause__, nats.js.errors.NoStreamResponseError):
+                        await self._recreate_streams()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
@@ -628,6 +633,19 @@ class JetStreamBus:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._wake.wait()
+
+    async def _recreate_streams(self) -> None:
+        """No stream takes our subjects (NATS restarted with its store wiped, or a stream deleted): create them
+        again, as at start. The replay failed for ever without this, every event acknowledged from the spool."""
+        if self.js is None:
+            return
+        try:
+            await ensure_streams(self.js, self.cfg)
+        except Exception as exc:
+            log.debug("creating the streams again failed: %s", exc)
+            return
+        log.warning("JetStream had no stream for the %s.* subjects (NATS restarted without its store?); created "
+                    "them again", self.cfg.prefix)
 
     async def _drain_once(self) -> bool:
         """Publish the spool head in order; True while there is more to do."""

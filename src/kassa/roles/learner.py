@@ -22,8 +22,11 @@ import os
 import time
 from collections.abc import Callable
 
+import sqlalchemy.exc
+
 from kassa.app import Kassa
 from kassa.config import Settings
+from kassa.degraded import RateLimitedWarning
 from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
 from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
@@ -67,6 +70,8 @@ class LearnerRole:
         self.settle = settings.roles.input_settle_seconds
         self._source = source
         self.new_lease = leases or lease_factory(settings)
+        self._lease_warn = RateLimitedWarning(log, "learner lease")
+        self._db_warn = RateLimitedWarning(log, "learner metadata")
         self.leases: dict[str, Lease] = {}
         self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
         self.took_over: dict[str, float] = {}  # placement -> when this learner became active
@@ -95,14 +100,33 @@ class LearnerRole:
                 marks.append(mark)
         return max(marks) if marks else None
 
-    async def open_input(self) -> LearnerInput:
-        """The input ``roles.learner_input`` names, reading back `lookback` seconds."""
+    async def open_input(self, stop: asyncio.Event | None = None, retry_seconds: float = 1.0) -> LearnerInput | None:
+        """The input ``roles.learner_input`` names, reading back `lookback` seconds. JetStream unreachable: wait
+        for it (a line every 10 s, holding no lease, so a learner that reaches it takes over) until ``stop``
+        (then None); it exited with a traceback, restarted by its supervisor every few seconds."""
         if self.settings.roles.learner_input == "jetstream":
             if self.settings.events.backend != "jetstream":
                 raise SystemExit("roles.learner_input: jetstream needs events.backend: jetstream (the serving "
                                  "processes publish decisions and events there); docs/deploy.md")
-            return await JetStreamInput(bus_config(self.settings, "kassa-learn"), self.lookback(), self.settle,
-                                        self.clock).start()
+            import nats.errors
+
+            cfg = bus_config(self.settings, "kassa-learn")
+            warn = RateLimitedWarning(log, "learner input")
+            while True:
+                source = JetStreamInput(cfg, self.lookback(), self.settle, self.clock)
+                try:
+                    return await source.start()
+                except (OSError, TimeoutError, nats.errors.Error) as exc:
+                    await source.close()
+                    warn(f"JetStream at {cfg.url} unreachable ({type(exc).__name__}: {exc}); waiting for it, "
+                         "holding no lease")
+                if stop is None:
+                    await asyncio.sleep(retry_seconds)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_seconds)
+                    if stop.is_set():
+                        return None
         return SqliteTailInput(self.settings.data_path, self.lookback(), self.settle, self.clock)
 
     async def leases_round(self) -> None:
@@ -111,9 +135,21 @@ class LearnerRole:
             if lease is None:
                 lease = self.leases[placement] = self.new_lease(placement)
             if placement in self.joiner.active:
-                if not await asyncio.to_thread(lease.renew):
+                try:
+                    renewed = await asyncio.to_thread(lease.renew)
+                except Exception as exc:  # Redis away or too slow: the lease can no longer be shown to be ours
+                    raise LeaseLost(f"could not renew the lease of {placement} ({lease.name}; "
+                                    f"{type(exc).__name__}: {exc})") from exc
+                if not renewed:
                     raise LeaseLost(f"lost the lease of {placement} ({lease.name})")
-            elif await asyncio.to_thread(lease.acquire):
+                continue
+            try:
+                acquired = await asyncio.to_thread(lease.acquire)
+            except Exception as exc:  # stay a standby (it raised and exited 1: a crash loop while Redis was away)
+                self._lease_warn(f"could not take the lease of {placement} ({lease.name}; {type(exc).__name__}: "
+                                 f"{exc}); standby until it answers")
+                continue
+            if acquired:
                 await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
                 mark = self._watermark(placement)
                 kept = self.joiner.activate(placement, mark)
@@ -142,11 +178,18 @@ class LearnerRole:
             if self.joiner.closed - before < _SLICE:
                 break
             await asyncio.sleep(0)
-        if self.joiner.active:
-            await self.loop.tick_async(64)  # snapshots, guardrails, registry
-        elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
-            self.loop._last_poll = self.clock()
-            await self.loop.poll_async()
+        try:
+            if self.joiner.active:
+                await self.loop.tick_async(64)  # snapshots, guardrails, registry
+            elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
+                self.loop._last_poll = self.clock()
+                await self.loop.poll_async()
+        except sqlalchemy.exc.DBAPIError as exc:
+            # The metadata database away: keep learning in memory and try again at the next round. It exited
+            # with a traceback, and its restarts exited again at start until the database was back.
+            first = str(exc.orig or exc).splitlines()[0]
+            self._db_warn(f"snapshot or registry poll failed ({type(exc).__name__}: {first}); learning on in memory "
+                          "and retrying")
         return len(batch)
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05, idle_interval: float = 0.25) -> None:
@@ -156,7 +199,10 @@ class LearnerRole:
         order of magnitude."""
         stop = stop or asyncio.Event()
         self.kassa.warm_up()
-        self.input = self._source or await self.open_input()
+        self.input = self._source or await self.open_input(stop)
+        if self.input is None:  # stopped while waiting for its input
+            await self.kassa.stop()
+            return
         last_lease = last_status = last_prune = 0.0
         log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
                  self.lookback())

@@ -49,6 +49,7 @@ from hiredis import pack_command
 from kassa import schemas
 from kassa.decide.sinks import RewardSink
 from kassa.decide.state import BuyerState, DecisionWrite, RowsWanted, ShownTimes, decode_response, encode_response
+from kassa.degraded import RateLimitedWarning
 from kassa.events.join import PendingDecision
 from kassa.features.online.redis import RedisOnlineStore
 from kassa.redisconn import PipelinedConnection
@@ -162,6 +163,7 @@ class RedisState:
         self.failures = 0
         self._timeouts = 0  # in a row
         self.timeouts_to_open = 3
+        self._warn = RateLimitedWarning(log, "Redis state")
 
     # -- keys
     def idem_key(self, request_id: str) -> str:
@@ -207,8 +209,9 @@ class RedisState:
             if self._timeouts < self.timeouts_to_open:
                 return
         if self.available:
-            log.warning("Redis state unavailable (%s: %s); serving without it for %.1f s", type(exc).__name__,
-                        exc, self.retry_seconds)
+            # One line per 10 s (with the count held back), not one per reopening (every retry_seconds)
+            self._warn(f"unavailable ({type(exc).__name__}: {exc}); serving without it for {self.retry_seconds:.1f} s "
+                       "at a time")
         self._down_until = time.monotonic() + self.retry_seconds
 
     async def run(self, commands: list[tuple], timeout: float | None = None) -> list[Any]:

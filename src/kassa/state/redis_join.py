@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from kassa import schemas
+from kassa.degraded import RateLimitedWarning
 from kassa.events.join import JoinedExample, PendingDecision, order_amounts, order_buyer
 from kassa.state.redis import (
     _JOIN_GRACE_SECONDS,
@@ -55,6 +56,8 @@ class SharedRewardJoiner:
         self.late_events = 0
         self.closed = 0
         self.closed_with_outcome = 0
+        # a step every `interval` (0.1 s): one line per 10 s while it fails, a traceback only with the first
+        self._warn = RateLimitedWarning(log, "shared reward joiner")
 
     # -- the RewardJoiner surface
     def __len__(self) -> int:
@@ -249,8 +252,10 @@ class SharedRewardJoiner:
                 await self.refresh_size()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("shared reward joiner step failed; retrying", exc_info=True)
+            except StateUnavailable as exc:  # the breaker has said so (rate-limited): no traceback per step
+                self._warn(f"step skipped while Redis is unavailable ({exc}); retrying")
+            except Exception as exc:
+                self._warn("step failed; retrying", exc)
             await asyncio.sleep(self.interval)
 
 

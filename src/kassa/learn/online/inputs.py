@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -162,6 +163,13 @@ class _Tail:
 
     async def open(self) -> None:
         if self.last_seq:
+            last = (await self.js.stream_info(self.stream)).state.last_seq
+            if last < self.last_seq:  # after last_seq it would skip the new stream's first last_seq messages
+                log.warning("learner input: %s ends at seq %d, before the %d read here: it was created again (NATS "
+                            "lost its store?); reading it from its start", self.stream, last, self.last_seq)
+                self.last_seq = 0
+                self.since = 0.0
+        if self.last_seq:
             cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                      opt_start_seq=self.last_seq + 1)
         else:
@@ -266,6 +274,7 @@ class JetStreamInput:
         self._covered = 0.0  # every decision stored before this has been handed over
         self._events_to = self.since  # every event stored before this has been read (into the holding queue)
         self._caught_up_to = self.since
+        self._late: list[tuple[float, float]] = []  # (deadline, handed over once caught up to) of late records
         self._pending_decoder = msgspec.msgpack.Decoder(PendingDecision)
         self._event_decoder = msgspec.json.Decoder(schemas.Event)
         self.decisions_read = 0
@@ -302,7 +311,14 @@ class JetStreamInput:
         if msgs:
             decode = self._pending_decoder.decode
             batch.decisions = [decode(m.data) for m in msgs]
-            self._covered = began if drained else max(self._covered, ack_delivery(msgs[-1].reply)[1])
+            last_stored = ack_delivery(msgs[-1].reply)[1]
+            self._covered = began if drained else max(self._covered, last_stored)
+            settle = self.settle
+            if min(p.deadline for p in batch.decisions) < last_stored + settle:  # rare: replayed from a spool
+                for m, p in zip(msgs, batch.decisions, strict=True):
+                    stored = ack_delivery(m.reply)[1]
+                    if p.deadline < stored + settle:
+                        self._late.append((p.deadline, stored + settle))
         elif drained:
             self._covered = began
         covered = self._covered
@@ -327,7 +343,16 @@ class JetStreamInput:
 
     @property
     def caught_up_to(self) -> float:
-        return self._caught_up_to
+        """Also held just below the deadline of a record stored too late for it (a serving worker's spool
+        replayed after a NATS outage) until the events stored up to ``settle`` after the record have been
+        handed over: they were replayed with it, and were each closed past before (every event of every
+        decision made during an outage counted late, its reward lost)."""
+        caught = self._caught_up_to
+        if self._late:
+            self._late = [(deadline, ready) for deadline, ready in self._late if ready > caught]
+            if self._late:
+                return min(caught, math.nextafter(min(d for d, _ in self._late), -math.inf))
+        return caught
 
     @property
     def held(self) -> int:
