@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -140,18 +141,27 @@ async def test_a_decision_made_by_one_server_and_answered_on_the_other_is_learne
             await k.stop()
 
 
+@contextlib.asynccontextmanager
+async def _input(names: tuple[str, str, str, str]) -> AsyncIterator[tuple[BusConfig, JetStreamInput, Any]]:
+    """A started `JetStreamInput` on this test's streams (join records on, 0.3 s settle) and a JetStream
+    context to publish with; closed after."""
+    nats_url, prefix, _, _ = names
+    cfg = BusConfig(url=nats_url, prefix=prefix, join_records=True)
+    source = await JetStreamInput(cfg, lookback_seconds=60, settle_seconds=0.3).start()
+    assert source.nc is not None
+    try:
+        yield cfg, source, source.nc.jetstream()
+    finally:
+        await source.close()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_jetstream_input_hands_a_decision_over_before_an_event_stored_first(
         tmp_path: Path, names: tuple[str, str, str, str], anyio_backend: str) -> None:
     """The event is stored before its decision's record (a slow serving worker): it waits in the input
     until the record is in, then comes after it."""
-    nats_url, prefix, _, _ = names
-    cfg = BusConfig(url=nats_url, prefix=prefix, join_records=True)
-    source = await JetStreamInput(cfg, lookback_seconds=60, settle_seconds=0.3).start()
-    assert source.nc is not None
-    try:
-        js = source.nc.jetstream()
+    async with _input(names) as (cfg, source, js):
         event = schemas.Event(event_id="e1", type="accept", decision_id="d1", offer_id="o1", timestamp=time.time())
         await js.publish(cfg.events_subject, msgspec.json.encode(event))
         await asyncio.sleep(0.1)
@@ -165,8 +175,6 @@ async def test_jetstream_input_hands_a_decision_over_before_an_event_stored_firs
             decisions += [p.decision_id for p in batch.decisions]
             events += [(len(decisions), e.event_id) for e in batch.events]
         assert decisions == ["d1"] and events == [(1, "e1")]  # the event came once the decision had
-    finally:
-        await source.close()
 
 
 @pytest.mark.anyio
@@ -177,12 +185,7 @@ async def test_a_record_stored_after_its_deadline_does_not_close_before_the_even
     decision's deadline: `caught_up_to` (what the learner closes by) stays below that deadline until the events
     stored with the record are handed over. It did not: 1,144 of 1,144 events of the decisions made during a
     10 s NATS outage were late, their rewards lost."""
-    nats_url, prefix, _, _ = names
-    cfg = BusConfig(url=nats_url, prefix=prefix, join_records=True)
-    source = await JetStreamInput(cfg, lookback_seconds=60, settle_seconds=0.3).start()
-    assert source.nc is not None
-    try:
-        js = source.nc.jetstream()
+    async with _input(names) as (cfg, source, js):
         now = time.time()
         pending = PendingDecision("d-late", "checkout", now - 10, now - 5, "s", ["o1"], ["a"], [1.0])
         await js.publish(cfg.records_subject, msgspec.msgpack.encode(pending))
@@ -202,8 +205,6 @@ async def test_a_record_stored_after_its_deadline_does_not_close_before_the_even
         while source.caught_up_to < pending.deadline:  # and it is not held for ever
             assert time.monotonic() < deadline, "caught_up_to stayed held"
             await source.poll()
-    finally:
-        await source.close()
 
 
 @pytest.mark.anyio
