@@ -176,6 +176,7 @@ def test_offer_stream_features_reach_the_learner_lines(tmp_path, settings, clock
                        until=clock() + 86_400.0)
     i = data.decision_ids.index(d2["decision_id"])
     assert snap.action_lines["discount"] + data.action_suffix(i, "discount") == live[d2["decision_id"]]
+    assert data.action_suffixes(i) == [data.action_suffix(i, c) for c in data.candidates[i]]  # a whole row at once
     first = data.decision_ids.index(d["decision_id"])  # before any event: the offer had no stored row
     assert data.offer_features[first] == [""]
     assert data.action_suffix(first, "discount") == ""

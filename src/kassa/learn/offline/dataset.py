@@ -58,11 +58,14 @@ class LoggedDecisions:
     def __len__(self) -> int:
         return len(self.decision_ids)
 
+    def _logged(self, i: int) -> tuple[list[str] | None, list[str] | None]:
+        return (self.offer_features[i] if i < len(self.offer_features) else None,
+                self.signals[i] if i < len(self.signals) else None)
+
     def action_suffix(self, i: int, offer_id: str) -> str:
         """What row ``i``'s decision appended to ``offer_id``'s catalog line: its offer feature views' namespace,
         then its retrieval signals, as logged ("" for what was not logged), so the line is the one it scored."""
-        sig = self.signals[i] if i < len(self.signals) else None
-        views = self.offer_features[i] if i < len(self.offer_features) else None
+        views, sig = self._logged(i)
         if not sig and not views:
             return ""
         try:
@@ -70,6 +73,14 @@ class LoggedDecisions:
         except ValueError:
             return ""
         return (views[k] if views else "") + (sig[k] if sig else "")
+
+    def action_suffixes(self, i: int) -> list[str] | None:
+        """`action_suffix` of each of row ``i``'s logged candidates, in their order (None when nothing was
+        logged): one pass for a whole row instead of a search per candidate."""
+        views, sig = self._logged(i)
+        if views and sig:
+            return [v + r for v, r in zip(views, sig, strict=True)]
+        return views or sig or None
 
     def top_slot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reward, logged probability, number of candidates) of every row's first slot."""

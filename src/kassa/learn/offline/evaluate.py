@@ -43,8 +43,12 @@ class Scored:
 def _row_lines(data: LoggedDecisions, lines: dict[str, str], i: int) -> tuple[list[str], str, list[str]]:
     """Row ``i``'s logged candidates the catalog still describes, its shared line and their action lines (the
     same learner lines the live decision built, rebuilt from the log), in the logged candidates' order."""
-    cands = [c for c in data.candidates[i] if c in lines]
-    return cands, logged_shared_line(data.features[i]), [lines[c] + data.action_suffix(i, c) for c in cands]
+    suffixes = data.action_suffixes(i)
+    if suffixes is None:
+        cands = [c for c in data.candidates[i] if c in lines]
+        return cands, logged_shared_line(data.features[i]), [lines[c] for c in cands]
+    kept = [(c, suffix) for c, suffix in zip(data.candidates[i], suffixes, strict=True) if c in lines]
+    return [c for c, _ in kept], logged_shared_line(data.features[i]), [lines[c] + suffix for c, suffix in kept]
 
 
 def _row_pmf(model: ServingModel, data: LoggedDecisions, lines: dict[str, str],
