@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from kassa.api.app import create_app
 from kassa.api.demo_page import add_demo_page, confirmation_page
 from kassa.app import Kassa
+from kassa.keys import RateLimiter
 from kassa.snippet.build import SIZE_BUDGET_GZIP, build, built, minify
 from tests.conftest import ADMIN, PUB, SECRET, decision_body
 from tests.test_api import assert_problem
@@ -196,15 +197,56 @@ def test_allowed_origin_gets_cors_headers_on_decisions_and_events(anon, bound):
     assert r.status_code == 422 and r.headers["access-control-allow-origin"] == SHOP
 
 
-def test_disallowed_origin_gets_403_and_no_cors_headers(kassa, anon, bound):
+def test_disallowed_origin_gets_a_403_it_can_read_and_nothing_is_stored(kassa, anon, bound):
     for path, body in (("/v1/decisions", decision_body()),
                        ("/v1/events", {"events": [{"event_id": "x-1", "type": "order", "order": {"id": "o"}}]})):
         for auth in ({"Authorization": f"Bearer {bound}"}, {}):
             url = path if auth else f"{path}?key={bound}"
             r = anon.post(url, json=body, headers={**auth, "Origin": EVIL})
-            assert_problem(r, 403, "Origin")
-            assert not any(h.startswith("access-control-") for h in r.headers)
+            assert "not allowed for this key" in assert_problem(r, 403, "Origin")["detail"]
+            # readable, so the page's console can say why instead of "Failed to fetch"
+            assert r.headers["access-control-allow-origin"] == EVIL and r.headers["vary"] == "Origin"
     assert kassa.event_log.count() == 0
+
+
+def _revoked(kassa: Kassa, key: str) -> None:
+    kassa.keys.revoke(key)
+
+
+def _limited(kassa: Kassa, key: str) -> None:
+    kassa.keys.limiter = RateLimiter({"publishable": 0.5})  # a burst of one call
+
+
+def _raising(kassa: Kassa, key: str) -> None:
+    async def fail(req: object) -> object:
+        raise RuntimeError("injected")
+    kassa.engine.decide = fail  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "field", "setup"), [
+    ("/v1/decisions?key=nope", decision_body(), 401, "key", None),
+    ("/v1/events?key={bound}", {"events": []}, 401, "key", _revoked),
+    ("/v1/decisions", decision_body(), 401, "Authorization", None),
+    (f"/v1/decisions?key={SECRET}", decision_body(), 403, "key", None),
+    ("/v1/decisions?key={bound}", decision_body("no_such_placement"), 404, "placement", None),
+    ("/v1/decisions?key={bound}", {"placement": "x" * 70_000}, 413, None, None),
+    ("/v1/events?key={bound}", {"events": [{"type": "nope"}]}, 422, None, None),
+    ("/v1/decisions?key={bound}", decision_body(), 429, "key", _limited),
+    ("/v1/decisions?key={bound}", decision_body(), 500, None, _raising),
+])
+def test_errors_on_the_browser_routes_carry_the_cors_headers(kassa, bound, caplog, path, body, status, field, setup):
+    # Without them the browser hides the problem and the snippet can only say "Failed to fetch".
+    if setup is not None:
+        setup(kassa, bound)
+    with TestClient(create_app(kassa), raise_server_exceptions=False) as client:
+        if status == 429:
+            client.post(path.format(bound=bound), json=body, headers={"Origin": SHOP})
+        r = client.post(path.format(bound=bound), content=json.dumps(body), headers={"Origin": SHOP})
+    assert_problem(r, status, field)
+    assert r.headers["access-control-allow-origin"] == SHOP and r.headers["vary"] == "Origin"
+    if status == 500:  # logged once, by the handler that answered
+        assert [rec.message for rec in caplog.records if rec.name == "kassa.api"] == \
+            ["unhandled error on /v1/decisions"]
 
 
 def test_unbound_publishable_key_echoes_any_origin(anon):
@@ -217,9 +259,12 @@ def test_requests_without_origin_get_no_cors_headers(anon, bound):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_secret_and_admin_keys_never_get_cors_headers(anon):
+def test_secret_and_admin_keys_never_get_cors_headers_on_success(anon):
     for key in (SECRET, ADMIN):
         r = anon.post("/v1/decisions", json=decision_body(), headers={"Authorization": f"Bearer {key}", "Origin": SHOP})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        ev = {"events": [{"event_id": f"s-{key}", "type": "order", "order": {"id": "o"}}]}
+        r = anon.post("/v1/events", json=ev, headers={"Authorization": f"Bearer {key}", "Origin": SHOP})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 

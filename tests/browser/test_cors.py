@@ -18,17 +18,32 @@ FETCH_WITH_HEADER = """async ([url, key, body]) => {
 }"""
 
 
-def test_a_disallowed_origin_gets_no_offers(open_shop_page: LoadPage, elsewhere: ShopServer,
-                                            kassa_server: KassaUnderTest) -> None:
+def test_a_disallowed_origin_gets_no_offers_and_the_console_says_why(
+        open_shop_page: LoadPage, elsewhere: ShopServer, kassa_server: KassaUnderTest) -> None:
     run = open_shop_page(origin=elsewhere, init={"timeout": 5000})
     html = run.page.evaluate("document.body.innerHTML")
     result = show(run, layout="overlay")
-    assert result["shown"] == 0 and "fetch" in result["reason"].lower()  # the browser withheld the answer
+    # the refusal is readable (it was "Failed to fetch": no CORS headers, so the browser hid it)
+    assert result == {"shown": 0, "decision_id": None, "reason": "decision failed: HTTP 403"}
     [call] = kassa_server.faults.requests("/v1/decisions", "POST")
     assert call["origin"] == elsewhere.origin
-    assert call["status"] == 403 and call["allow_origin"] is None  # the server refused, without CORS headers
+    assert call["status"] == 403 and call["allow_origin"] == elsewhere.origin
+    assert run.snippet_console("warning") == [f"[kassa] decision failed: HTTP 403: origin '{elsewhere.origin}' "
+                                              "is not allowed for this key (Origin)"]
     assert run.page.evaluate("document.body.innerHTML") == html
     assert run.errors == []
+
+
+def test_an_unknown_or_revoked_key_is_named_in_the_console(open_shop_page: LoadPage,
+                                                           kassa_server: KassaUnderTest) -> None:
+    revoked = kassa_server.kassa.keys.create("publishable", "revoked", ["https://revoked.example"])
+    kassa_server.kassa.keys.revoke(revoked)
+    for key in ("kp_typo", revoked):
+        run = open_shop_page(init={"key": key, "timeout": 5000})
+        run.console.clear()
+        assert show(run, layout="inline", target="#offers")["reason"] == "decision failed: HTTP 401"
+        assert run.snippet_console("warning") == ["[kassa] decision failed: HTTP 401: unknown or revoked API key (key)"]
+        assert run.page.locator("kassa-offers").count() == 0 and run.errors == []
 
 
 def test_preflighted_calls_work_from_the_keys_origin_only(open_shop_page: LoadPage, elsewhere: ShopServer,

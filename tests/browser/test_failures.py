@@ -1,5 +1,6 @@
 """Never harm the page: a slow decision, a 500, a network failure or no offers leave the page exactly as it
-was (same DOM, no layout shift, no page error, nothing above console.debug)."""
+was (same DOM, no layout shift, no page error, nothing above console.debug but the API's own refusals, one
+console.warn each)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from tests.browser.conftest import KassaUnderTest, LoadPage, PageRun, show
 BODY_JS = "document.body.innerHTML"
 
 
-def assert_untouched(run: PageRun, html_before: str) -> None:
+def assert_untouched(run: PageRun, html_before: str, warned: list[str] | None = None) -> None:
     assert run.page.locator("kassa-offers").count() == 0
     assert run.page.evaluate(BODY_JS) == html_before
     assert run.page.evaluate("window.__cls") == 0  # zero layout shift
     assert run.errors == []
-    assert run.snippet_console("error") == [] and run.snippet_console("warning") == []
+    assert run.snippet_console("error") == [] and run.snippet_console("warning") == (warned or [])
     assert run.snippet_console("log") == [] and run.snippet_console("info") == []
 
 
@@ -57,7 +58,7 @@ def test_a_server_error_leaves_the_page_intact(open_shop_page: LoadPage, kassa_s
     result = show(run, layout=layout, target="#offers")
     assert result["shown"] == 0 and result["reason"] == "decision failed: HTTP 500"
     run.page.wait_for_timeout(200)
-    assert_untouched(run, html)
+    assert_untouched(run, html, ["[kassa] decision failed: HTTP 500: injected failure"])
 
 
 def test_a_network_failure_leaves_the_page_intact(open_shop_page: LoadPage, kassa_server: KassaUnderTest) -> None:
@@ -84,7 +85,9 @@ def test_a_bad_request_is_swallowed(open_shop_page: LoadPage) -> None:
     html = run.page.evaluate(BODY_JS)
     result = show(run, layout="overlay", order={"id": "x", "currency": "dollars"})  # 422 from the server
     assert result["shown"] == 0 and result["reason"] == "decision failed: HTTP 422"
-    assert_untouched(run, html)
+    [warning] = run.snippet_console("warning")  # the API's message, for the store's developer
+    assert warning.startswith("[kassa] decision failed: HTTP 422: ") and "currency" in warning
+    assert_untouched(run, html, [warning])
 
 
 def test_calls_before_init_or_with_garbage_do_not_throw(page: PageRun, shop: object,

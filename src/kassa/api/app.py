@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -114,9 +115,11 @@ def create_app(kassa: Kassa, manage_lifecycle: bool = True) -> Starlette:
     app = Starlette(
         routes=routes,
         exception_handlers={errors.KassaError: kassa_error, HTTPException: http_error,
-                            OperationalError: metadata_unavailable, Exception: unexpected},
+                            OperationalError: metadata_unavailable},
         lifespan=lifespan,
-        middleware=[Middleware(CorsMiddleware, kassa=kassa)],
+        # The 500 handler sits inside CorsMiddleware, so the snippet's page can read a 500 too: Starlette
+        # puts the handler of `Exception` in its outermost middleware, which answered without CORS headers.
+        middleware=[Middleware(CorsMiddleware, kassa=kassa), Middleware(ServerErrorMiddleware, handler=unexpected)],
     )
     app.state.kassa = kassa
     return app

@@ -3,16 +3,20 @@ key's allowed origins.
 
 Which origins a publishable key allows: the origins it was created with
 (``kassa keys create publishable --origin …``); a key bound to none allows ``server.cors_origins`` when
-that list is set, else any origin. Secret and admin keys never get CORS headers, so a browser can never
-read what they return.
+that list is set, else any origin. Secret and admin keys get CORS headers on errors only, so a browser can
+never read what they return.
 
 - A request without an ``Origin`` header (servers, curl) passes straight through: on the decision hot
   path the only cost is one scan of the header list.
 - A preflight (``OPTIONS`` + ``Access-Control-Request-Method``) carries no key, so it is answered for an
   origin that at least one publishable key allows, for ``POST`` with at most ``Authorization`` and
   ``Content-Type``; anything else gets a 403 problem and no CORS headers.
-- An actual call from an origin its key does not allow gets a 403 problem and no CORS headers; an
-  allowed one goes through with ``Access-Control-Allow-Origin`` echoing the origin and ``Vary: Origin``.
+- An actual call from an origin its key does not allow gets a 403 problem; an allowed one goes through
+  with ``Access-Control-Allow-Origin`` echoing the origin and ``Vary: Origin``.
+- Every error on these two paths (the 403 above, an unknown or revoked key's 401, a 404, 413, 422, 429
+  or 5xx) carries those two headers whatever the key, so the page can read the problem: without them the
+  browser hides it and the snippet could only say "Failed to fetch". An error holds nothing but its own
+  message; nothing was decided or stored. A success is readable only by the key's origins.
 
 The key comes from ``Authorization: Bearer`` or, for publishable keys only, ``?key=`` (what the
 snippet uses: a text/plain POST with the key in the URL is a CORS-simple request, so the browser sends
@@ -68,23 +72,19 @@ class CorsMiddleware:
         if path not in CORS_PATHS:
             await self.app(scope, receive, send)
             return
+        extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         info = self._key(scope, headers)
         if info is None or info.kind != "publishable":
-            # Unknown key: the route answers 401. Secret/admin key: it works, but a browser cannot read it.
-            await self.app(scope, receive, send)
+            # Unknown key: the route answers 401, readable. Secret/admin key: it works, but a browser can
+            # read only its errors.
+            await self.app(scope, receive, _with_headers(send, extra, errors_only=True))
             return
         allowed = info.origins or tuple(self.kassa.settings.server.cors_origins)
         if allowed and origin not in allowed and _ANY not in allowed:
-            await self._refuse(scope, receive, send, f"origin {origin!r} is not allowed for this key", "Origin")
+            await self._refuse(scope, receive, _with_headers(send, extra, errors_only=True),
+                               f"origin {origin!r} is not allowed for this key", "Origin")
             return
-        extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
-
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
+        await self.app(scope, receive, _with_headers(send, extra, errors_only=False))
 
     async def _preflight(self, scope: Scope, receive: Receive, send: Send, origin: str, path: str,
                          headers: dict[bytes, bytes]) -> None:
@@ -143,3 +143,14 @@ class CorsMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, detail: str, field: str | None) -> None:
         self.kassa.metrics.errors.labels("403").inc()
         await problem_response(errors.Forbidden(detail, field), scope["path"])(scope, receive, send)
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]], errors_only: bool) -> Send:
+    """``send`` adding ``extra`` to the response's headers (only to an error response when ``errors_only``)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and (not errors_only or message["status"] >= 400):
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending

@@ -6,7 +6,8 @@
 // - one global, `Kassa`; no cookies; nothing happens until `show()`;
 // - everything is rendered as text inside a shadow root; nothing from the API is parsed as HTML;
 // - a decision slower than `timeout` (150 ms) shows nothing and leaves no trace in the DOM;
-// - every error is swallowed and logged with console.debug only;
+// - every error is swallowed and logged with console.debug only, but an API error (an HTTP 4xx/5xx)
+//   is a console.warn with the API's message: the store's developer has something to fix;
 // - outcome events are sent only with consent, batched, each with its own event_id.
 (() => {
   'use strict';
@@ -19,13 +20,16 @@
   const TAG = 'kassa-offers';
   const MAX_QUEUE = 200;
 
-  const debug = (...args) => {
+  const log = (level, args) => {
     try {
-      console.debug('[kassa]', ...args);
+      console[level]('[kassa]', ...args);
     } catch (_) {
       // a page that replaced console must not break us either
     }
   };
+  const debug = (...args) => log('debug', args);
+  // for what the store's developer must fix (the API refused the call): debug is hidden by default
+  const warn = (...args) => log('warn', args);
   const guard = (fn) => (...args) => {
     try {
       return fn(...args);
@@ -210,8 +214,16 @@
       cache: 'no-store', priority: 'high',
     })
       .then((r) => {
-        if (!r.ok) throw new Error(`decision failed: HTTP ${r.status}`);
-        return r.json();
+        if (r.ok) return r.json();
+        const failed = `decision failed: HTTP ${r.status}`;
+        // The API's problem says why (an unknown key, a refused origin, a bad order): say it where the
+        // developer looks, unless the call already timed out.
+        return r.json().catch(() => 0).then((p) => {
+          p = p || {};
+          const field = p.field ? ` (${p.field})` : '';
+          if (!ctrl.signal.aborted) warn(`${failed}: ${p.detail || p.title || r.statusText}${field}`);
+          throw new Error(failed);
+        });
       })
       .then((decision) => {
         // The abort also stops a body still downloading, but a timer can fire between the last
