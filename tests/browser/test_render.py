@@ -491,3 +491,31 @@ def test_a_show_queued_in_the_head_waits_for_the_body(page: PageRun, shop: Any, 
     assert page.page.locator("kassa-offers").get_attribute("data-layout") == layout
     assert page.page.locator("kassa-offers .offer").count() == 3
     assert page.errors == []
+
+
+@pytest.mark.parametrize(("html_lang", "sent"), [
+    (' lang="nl-NL"', "nl-NL"),  # the page's language wins over the browser's
+    ("", "de-DE"),  # no lang: the browser's
+    (' lang="{{ locale }}"', "de-DE"),  # a template placeholder is not a language
+])
+def test_the_pages_html_lang_picks_the_offers_language_before_the_browsers(
+        browser: Any, shop: Any, kassa_server: KassaUnderTest, html_lang: str, sent: str) -> None:
+    # A Dutch store page in a German browser showed German offers next to Dutch text: the store chose
+    # the page's language, the buyer's browser only says what they usually read.
+    from tests.browser.conftest import shop_page
+
+    context = browser.new_context(locale="de-DE")
+    try:
+        pg = context.new_page()
+        pg.goto(shop.add(shop_page(kassa_server.url).replace(' lang="en"', html_lang)))
+        pg.wait_for_function("window.Kassa && Kassa.version")
+        pg.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+        kassa_server.faults.reset()
+        assert pg.evaluate("(o) => Kassa.show(o)", {"order": {**ORDER, "currency": "EUR"}, "placement": "sponsored",
+                                                    "layout": "inline", "target": "#offers"})["shown"] == 1
+        [call] = kassa_server.faults.requests("/v1/decisions", "POST")
+        assert json.loads(call["body"])["context"]["locale"] == sent
+        headline = pg.locator("kassa-offers .headline").text_content()
+        assert headline == ("3 gratis nummers" if sent == "nl-NL" else "3 free issues, on us")
+    finally:
+        context.close()

@@ -143,7 +143,10 @@
     try {
       const coarse = w.matchMedia && w.matchMedia('(pointer: coarse)').matches;
       c.device = coarse ? (Math.min(screen.width, screen.height) >= 600 ? 'tablet' : 'mobile') : 'desktop';
-      c.locale = navigator.language;
+      // The page's language first (the store chose it; the offers should match the page around them),
+      // then the browser's. A lang that is not a language tag (a template's placeholder) is skipped.
+      const lang = d.documentElement.lang.trim();
+      c.locale = /^[a-z]{2,8}([-_][a-z0-9]{1,8})*$/i.test(lang) ? lang : navigator.language;
       // No automatic context.timezone: the first Intl.DateTimeFormat() of a page costs 10-20 ms of
       // main thread before the request can leave. Stores that know it pass it; else the placement's.
     } catch (_) {
