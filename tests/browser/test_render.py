@@ -519,3 +519,12 @@ def test_the_pages_html_lang_picks_the_offers_language_before_the_browsers(
         assert headline == ("3 gratis nummers" if sent == "nl-NL" else "3 free issues, on us")
     finally:
         context.close()
+
+
+def test_the_overlay_fits_the_dynamic_viewport_height(open_shop_page: LoadPage) -> None:
+    # 100vh is the tallest viewport: on a phone whose URL bar is showing, the sheet's bottom hid under it.
+    run = open_shop_page(init=FAST)
+    assert show(run, layout="overlay")["shown"] == 3
+    max_height = run.page.evaluate("""() => [...document.querySelector('kassa-offers').shadowRoot.adoptedStyleSheets[0]
+      .cssRules].find((r) => r.selectorText === '.overlay .box').style.maxHeight""")
+    assert max_height == "calc(100dvh - 32px)"  # a browser without dvh keeps the 100vh before it

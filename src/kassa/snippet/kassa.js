@@ -276,7 +276,7 @@ a.headline:hover{text-decoration:underline}
 :focus-visible{outline:2px solid var(--kassa-focus,#0969da);outline-offset:2px}
 .overlay{position:fixed;inset:0;display:flex;align-items:center;justify-content:center;padding:16px}
 .backdrop{position:absolute;inset:0;background:var(--kassa-backdrop,rgba(17,24,39,.5))}
-.overlay .box{width:100%;max-width:var(--kassa-width,520px);max-height:calc(100vh - 32px);margin:0;overflow:auto;overscroll-behavior:contain;box-shadow:0 24px 64px rgba(17,24,39,.3);animation:kassa-in .16s ease-out}
+.overlay .box{width:100%;max-width:var(--kassa-width,520px);max-height:calc(100vh - 32px);max-height:calc(100dvh - 32px);margin:0;overflow:auto;overscroll-behavior:contain;box-shadow:0 24px 64px rgba(17,24,39,.3);animation:kassa-in .16s ease-out}
 @keyframes kassa-in{from{transform:translateY(10px) scale(.985)}}
 @media (max-width:520px){.overlay{align-items:flex-end;padding:0}.overlay .box{max-width:none;border-radius:var(--kassa-radius,14px) var(--kassa-radius,14px) 0 0}.cta{width:100%}}
 @media (prefers-reduced-motion:reduce){.overlay .box{animation:none}}
