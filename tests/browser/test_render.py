@@ -4,6 +4,7 @@ content, keyboard use, one global, no cookies, the data- attribute form and the 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -519,6 +520,74 @@ def test_the_pages_html_lang_picks_the_offers_language_before_the_browsers(
         assert headline == ("3 gratis nummers" if sent == "nl-NL" else "3 free issues, on us")
     finally:
         context.close()
+
+
+SCROLL_STATE_JS = """() => {
+  const inline = (e) => e.hasAttribute('style') ? [...e.style].map((p) => [p, e.style.getPropertyValue(p),
+    e.style.getPropertyPriority(p)]).sort() : null;
+  const thanks = document.getElementById('thanks').getBoundingClientRect();
+  return {y: Math.round(scrollY), scrollbar: innerWidth - document.documentElement.clientWidth,
+          top: thanks.top, width: thanks.width,
+          html: inline(document.documentElement), body: inline(document.body)};
+}"""
+
+
+@pytest.fixture(scope="module")
+def classic_scrollbars(browser: Any, chromium: str) -> Iterator[Any]:
+    """Chromium with scrollbars that take room, as on Windows and Linux desktops (Playwright hides them)."""
+    b = browser.browser_type.launch(executable_path=chromium, args=["--disable-gpu", "--no-first-run"],
+                                    ignore_default_args=["--hide-scrollbars"])
+    yield b
+    b.close()
+
+
+@pytest.mark.parametrize(("styled", "style", "removed_by"), [
+    ("documentElement", "overflow-y: scroll; color: rgb(0, 0, 0)", "close"),  # <html> scrolls the viewport
+    ("body", "overflow-x: hidden !important", "close"),  # <body>'s overflow goes to the viewport
+    (None, None, "page"),  # a single-page app removing the dialog: the lock must not outlive it
+])
+def test_the_overlay_locks_the_page_scroll_and_restores_it_exactly(
+        classic_scrollbars: Any, shop: Any, kassa_server: KassaUnderTest, styled: str | None, style: str | None,
+        removed_by: str) -> None:
+    # The page behind the dialog scrolled under the wheel; the page's own inline overflow must come back as it was.
+    from tests.browser.conftest import shop_page
+
+    context = classic_scrollbars.new_context(viewport={"width": 1280, "height": 800})
+    run = PageRun(context.new_page(), [], [])
+    run.page.on("pageerror", lambda exc: run.errors.append(str(exc)))
+    run.page.goto(shop.add(shop_page(kassa_server.url, body="<div style='height: 3000px'></div>")))
+    run.page.wait_for_function("window.Kassa && Kassa.version")
+    run.page.evaluate("(o) => Kassa.init(o)", {"key": kassa_server.key, **FAST})
+    try:
+        _lock_and_restore(run, styled, style, removed_by)
+    finally:
+        context.close()
+
+
+def _lock_and_restore(run: PageRun, styled: str | None, style: str | None, removed_by: str) -> None:
+    if styled:
+        run.page.evaluate(f"document.{styled}.setAttribute('style', {style!r})")
+    run.page.evaluate("scrollTo(0, 400)")
+    before = run.page.evaluate(SCROLL_STATE_JS)
+    assert before["y"] == 400 and before["scrollbar"] == 15  # a scrollbar that takes room
+    assert show(run, layout="overlay")["shown"] == 3
+    run.page.wait_for_function(DIALOG_FOCUSED)  # the lock comes with the focus, after the first paint
+    run.page.mouse.move(20, 20)  # over the backdrop
+    run.page.mouse.wheel(0, 600)
+    run.page.wait_for_timeout(300)
+    during = run.page.evaluate(SCROLL_STATE_JS)
+    # the page did not scroll, and nothing behind moved or widened (the scrollbar's space is kept)
+    assert (during["y"], during["top"], during["width"]) == (400, before["top"], before["width"])
+    if removed_by == "close":
+        run.page.keyboard.press("Escape")
+    else:
+        run.page.evaluate("document.querySelector('kassa-offers').remove()")
+        run.page.wait_for_timeout(50)
+    assert run.page.locator("kassa-offers").count() == 0
+    assert run.page.evaluate(SCROLL_STATE_JS) == before
+    run.page.mouse.wheel(0, 600)
+    run.page.wait_for_function("scrollY > 400")
+    assert run.errors == []
 
 
 def test_the_overlay_fits_the_dynamic_viewport_height(open_shop_page: LoadPage) -> None:

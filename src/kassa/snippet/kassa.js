@@ -331,6 +331,33 @@ a.headline:hover{text-decoration:underline}
     return t.nodeType === 1 ? t : null;
   };
 
+  // While the overlay is open the page behind it does not scroll. The function returned puts back
+  // exactly what was there: each inline property's value and priority, and no style attribute where
+  // there was none.
+  const lockScroll = () => {
+    const html = d.documentElement;
+    const css = getComputedStyle(html);
+    // The viewport scrolls by <html>'s overflow, or by <body>'s when <html>'s is visible: locking the
+    // other one would make it a scroll container (its margins stop collapsing: the page moves).
+    const e = css.overflowX === 'visible' && css.overflowY === 'visible' ? d.body : html;
+    const set = [['overflow-x', 'hidden', e], ['overflow-y', 'hidden', e]];
+    // a classic scrollbar keeps its space: without it the page would widen (and shift) behind the backdrop
+    if (w.innerWidth > html.clientWidth) set.push(['scrollbar-gutter', 'stable', html]);
+    const undo = [];
+    for (const el of new Set(set.map((x) => x[2]))) {
+      const had = el.hasAttribute('style');
+      undo.unshift(() => had || el.style.length || el.removeAttribute('style'));
+    }
+    for (const [p, value, el] of set) {
+      const s = el.style;
+      const v = s.getPropertyValue(p);
+      const prio = s.getPropertyPriority(p);
+      undo.unshift(() => (v ? s.setProperty(p, v, prio) : s.removeProperty(p)));
+      s.setProperty(p, value, 'important');
+    }
+    return () => undo.forEach((f) => f());
+  };
+
   const views = [];
   const pending = new Set();
   let refocusing = false;
@@ -522,6 +549,10 @@ a.headline:hover{text-decoration:underline}
       view.cleanup.push(() => d.removeEventListener('focusin', keepFocus));
       view.restore = d.activeElement;
       d.body.append(host);
+      // Removed by the page (not closed): the scroll lock must not outlive it.
+      const gone = new MutationObserver(guard(() => host.isConnected || close(view)));
+      gone.observe(d.body, {childList: true});
+      view.cleanup.push(() => gone.disconnect());
     } else {
       box.setAttribute('role', 'region');
       root.append(box);
@@ -540,7 +571,12 @@ a.headline:hover{text-decoration:underline}
     observe(view);
     // Focus moves in once the dialog is on screen: focusing now would force a synchronous style
     // and layout pass before the first paint (about 8 ms on a busy phone-class CPU).
-    afterPaint(() => layout === 'overlay' && !view.closed && box.focus({preventScroll: true}));
+    // The scroll lock too: it reads the page's layout.
+    afterPaint(() => {
+      if (layout !== 'overlay' || view.closed) return;
+      view.cleanup.push(lockScroll());
+      box.focus({preventScroll: true});
+    });
     return items.length;
   };
 
