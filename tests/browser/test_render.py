@@ -597,3 +597,30 @@ def test_the_overlay_fits_the_dynamic_viewport_height(open_shop_page: LoadPage) 
     max_height = run.page.evaluate("""() => [...document.querySelector('kassa-offers').shadowRoot.adoptedStyleSheets[0]
       .cssRules].find((r) => r.selectorText === '.overlay .box').style.maxHeight""")
     assert max_height == "calc(100dvh - 32px)"  # a browser without dvh keeps the 100vh before it
+
+
+@pytest.mark.parametrize("first", ["data-form", "plain"])
+def test_a_second_snippet_tag_says_once_that_it_is_ignored(page: PageRun, shop: Any, kassa_server: KassaUnderTest,
+                                                           first: str) -> None:
+    # A theme and an app both adding the tag: the second one's data- attributes were dropped without a
+    # word (with a plain first tag, the page showed no offers at all and said nothing).
+    order = f'<script type="application/json" id="o">{json.dumps({"order": ORDER})}</script>'
+    src = f"{kassa_server.url}/v1/snippet.js"
+    data_form = f'data-key="{kassa_server.key}" data-order="#o" data-layout="inline" data-timeout="5000"'
+    # blocking tags, so the first one runs first (async copies run in the order they arrive)
+    first_tag = f'<script src="{src}" {data_form} data-target="#offers"></script>' if first == "data-form" \
+        else f'<script src="{src}"></script>'
+    page.page.goto(shop.add(
+        f'<!doctype html><html lang="en"><head><link rel="icon" href="data:,"></head><body>{order}'
+        f'<div id="offers"></div><div id="other"></div>{first_tag}'
+        f'<script src="{src}" {data_form} data-placement="sponsored" data-target="#other"></script>'
+        f'</body></html>'))
+    page.page.wait_for_function("window.Kassa && Kassa.version")
+    if first == "data-form":
+        page.page.wait_for_selector("#offers kassa-offers .offer")
+    page.page.wait_for_timeout(300)
+    [warning] = page.snippet_console("warning")
+    assert "second snippet tag is ignored" in warning and "Kassa.show({placement, layout, target})" in warning
+    assert page.page.locator("#other kassa-offers").count() == 0
+    assert len(kassa_server.faults.requests("/v1/decisions", "POST")) == (1 if first == "data-form" else 0)
+    assert page.errors == []

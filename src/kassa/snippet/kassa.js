@@ -14,9 +14,21 @@
   const w = window;
   const d = document;
   const prior = w.Kassa;
-  // Loaded twice (two tags, or a platform that injects it again): the first copy stays in charge.
-  if (prior && prior.version) return;
   const script = d.currentScript;
+  // Loaded twice (two tags, or a platform that injects it again): the first copy stays in charge. The
+  // settings are one page-wide set (one key, one consent), so a second tag's data- form is not run:
+  // it says so once, instead of a placement that silently never shows.
+  if (prior && prior.version) {
+    try {
+      if (script && script.hasAttribute('data-key')) {
+        console.warn('[kassa] this second snippet tag is ignored, data- attributes and all: keep one tag per ' +
+          'page; show another placement with Kassa.show({placement, layout, target})', script);
+      }
+    } catch (_) {
+      // a page that replaced console
+    }
+    return;
+  }
   const TAG = 'kassa-offers';
   const MAX_QUEUE = 200;
 
