@@ -7,7 +7,7 @@
 // - everything is rendered as text inside a shadow root; nothing from the API is parsed as HTML;
 // - a decision slower than `timeout` (150 ms) shows nothing and leaves no trace in the DOM;
 // - every error is swallowed and logged with console.debug only, but an API error (an HTTP 4xx/5xx)
-//   is a console.warn with the API's message: the store's developer has something to fix;
+//   or an ignored second tag is a console.warn: the store's developer has something to fix;
 // - outcome events are sent only with consent, batched, each with its own event_id.
 (() => {
   'use strict';
