@@ -401,6 +401,28 @@ def test_lower_case_eligibility_countries_match_the_upper_case_ship_country(clie
     assert shown("US") == ["lc"] and shown("CA") == ["lc"] and shown("NL") == [] and shown("DE") == []
 
 
+@pytest.mark.parametrize(("eligibility", "field", "bad"), [
+    ({"countries": ["us", "USA"]}, "eligibility.countries[1]", "'USA'"),
+    ({"countries": ["U1"]}, "eligibility.countries[0]", "'U1'"),
+    ({"exclude_countries": ["DEU"]}, "eligibility.exclude_countries[0]", "'DEU'"),
+])
+def test_an_eligibility_country_that_is_not_two_letters_is_422_naming_it(client, eligibility, field, bad):
+    # `countries: [USA]` was stored and matched no order (a ship_country is two letters): never shown, silently
+    offer = {"id": "cc", "kind": "partner", "title": "CC", "eligibility": eligibility}
+    body = assert_problem(client.put("/v1/offers/cc", json=offer, headers=ADMIN_H), 422, field)
+    assert bad in body["detail"] and "ISO 3166-1 alpha-2" in body["detail"]
+    assert client.get("/v1/offers/cc", headers=ADMIN_H).status_code == 404
+
+
+def test_a_catalog_file_with_a_three_letter_country_names_the_offer_field_and_value(tmp_path):
+    from kassa.catalog.store import read_catalog_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("offers: [{id: a, kind: discount, title: A, eligibility: {countries: [US, usa]}}]\n")
+    with pytest.raises(ValueError, match=r"offers\[0\]\.eligibility\.countries\[1\]: 'USA' is not an ISO 3166-1"):
+        read_catalog_file(path)
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     ({"features": ["customer_signal"]}, "features[0]"),  # a typo of customer_signals
     ({"context_features": ["device", "customer_signals.lvt"]}, "context_features[1]"),
