@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,29 @@ def test_the_cli_reports_a_refusal_and_exits_1(tmp_path, woo_fake):
     assert "Consumer key is invalid" in json.loads(result.stdout.strip().splitlines()[-1])["error"]
     # nothing was written: the message does not speak of a committed page's cursor
     assert "this run wrote nothing" in result.output and "committed page" not in result.output
+
+
+def test_the_cli_shows_each_retry_of_a_host_that_refuses_and_takes_retries_and_timeout(tmp_path):
+    # a closed port was retried for ~16 s per request (31 s for a sync) with nothing on screen
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: connections are refused
+    config = tmp_path / "woo.yaml"
+    config.write_text(yaml.safe_dump({"url": f"http://127.0.0.1:{port}", "consumer_key": "ck", "consumer_secret": "x"}))
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["integrations", "sync", "woocommerce", "--credentials", str(config),
+                                      "--data-dir", str(tmp_path), "--retries", "1", "--timeout", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and time.monotonic() - started < 5, text
+    assert text.count("woocommerce GET /products: try 1/2 failed (ConnectError: ") == 1, text
+    assert "Connection refused); retrying in 0.5 s" in text and "try 2/2" not in text
+    assert "woocommerce sync stopped: woocommerce unreachable" in text
+    audit = CliRunner().invoke(app, ["integrations", "audit", "woocommerce", "--credentials", str(config),
+                                     "--retries", "0"])
+    assert audit.exit_code == 1 and "retrying" not in audit.output and "unreachable" in audit.output
+    refused = CliRunner().invoke(app, ["integrations", "sync", "woocommerce", "--credentials", str(config),
+                                       "--retries", "-1"])
+    assert refused.exit_code == 2 and "--retries" in refused.output
 
 
 # ----------------------------------------------------------------------------- the integration config file
