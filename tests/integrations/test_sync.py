@@ -182,6 +182,26 @@ def test_the_cli_shows_each_retry_of_a_host_that_refuses_and_takes_retries_and_t
     assert refused.exit_code == 2 and "--retries" in refused.output
 
 
+def test_a_sync_of_a_host_that_refuses_retries_its_first_request_once(tmp_path):
+    # the progress bar's product count was asked first, retried to the end and shrugged off, then the first
+    # page was retried all over again: 31 s for one refusal at the default 5 retries
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "shop.yaml"
+    config.write_text(yaml.safe_dump({"shop": f"127.0.0.1:{port}", "access_token": "shpat_x"}))
+    result = CliRunner().invoke(app, ["integrations", "sync", "shopify", "--credentials", str(config),
+                                      "--data-dir", str(tmp_path), "--retries", "1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and text.count("try 1/2 failed") == 1, text
+
+
+def test_the_progress_total_is_asked_once_the_first_page_is_in(tmp_path, store, shopify_cfg):
+    totals: list[int | None] = []
+    report = sync_catalog(ShopifyConnector(shopify_cfg), store, tmp_path, on_page=lambda r, total: totals.append(total))
+    assert report.products == 7 and totals == [7, 7, 7]  # 3 pages of 3, each with the whole run's count
+
+
 # ----------------------------------------------------------------------------- the integration config file
 @pytest.mark.parametrize(("text", "message"), [
     ("shopify: [unclosed", "not valid YAML"),
