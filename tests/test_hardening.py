@@ -414,6 +414,19 @@ def test_an_eligibility_country_that_is_not_two_letters_is_422_naming_it(client,
     assert client.get("/v1/offers/cc", headers=ADMIN_H).status_code == 404
 
 
+def test_a_decision_with_a_ship_country_that_is_not_two_letters_is_422_quoting_it(client):
+    # was "Expected `str` matching regex '^[A-Z]{2}$'": the field, but not what was wrong with it
+    body = assert_problem(client.post("/v1/decisions", json=decision_body(order={**order(), "ship_country": "USA"})),
+                          422, "order.ship_country")
+    assert body["detail"] == "Expected `str` matching regex '^[A-Z]{2}$', got 'USA'"
+    offer = {"id": "px", "kind": "partner", "title": "P", "prices": {"usd": 5}}  # a bad key: no value to quote
+    body = assert_problem(client.put("/v1/offers/px", json=offer, headers=ADMIN_H), 422, "prices")
+    assert "got" not in body["detail"]
+    raw = {**decision_body(), "customer": {"email_sha256": "buyer@example.com"}}  # a raw address: not echoed
+    body = assert_problem(client.post("/v1/decisions", json=raw), 422, "customer.email_sha256")
+    assert "example.com" not in body["detail"]
+
+
 def test_a_catalog_file_with_a_three_letter_country_names_the_offer_field_and_value(tmp_path):
     from kassa.catalog.store import read_catalog_file
 
