@@ -14,6 +14,7 @@ from kassa import schemas
 from kassa.demo.run import run_demo
 from kassa.demo.simulator import SLICES, World, decision_request, order_event, outcome_events
 from kassa.demo.store import PLACEMENTS, POLICY, SLOTS, STATIC, DemoStore
+from kassa.learn.cli import context
 
 
 def free_port() -> int:
@@ -55,7 +56,9 @@ def test_small_headless_run_reports_sane_numbers(tmp_path: Path, capsys: pytest.
     assert result["p99_ms"] >= result["p50_ms"] > 0
     assert result["client_p99_ms"] >= result["client_p50_ms"] > 0
     assert result["decisions_per_s"] > 0 and result["seconds"] > 0
-    assert isinstance(result["model_version"], str) and result["model_version"]
+    # The placement's production version at the end (it was the last decision's: older, or "baseline")
+    production = context(None, str(tmp_path / "demo")).registry.serving()[POLICY].production
+    assert production is not None and result["model_version"] == production.version
     assert result["learned_examples"] > 0  # rewards were joined within the wait and learned
     # Creating the demo's fresh database printed five alembic lines before anything else (a first impression)
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("alembic")]

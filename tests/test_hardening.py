@@ -401,6 +401,41 @@ def test_lower_case_eligibility_countries_match_the_upper_case_ship_country(clie
     assert shown("US") == ["lc"] and shown("CA") == ["lc"] and shown("NL") == [] and shown("DE") == []
 
 
+@pytest.mark.parametrize(("eligibility", "field", "bad"), [
+    ({"countries": ["us", "USA"]}, "eligibility.countries[1]", "'USA'"),
+    ({"countries": ["U1"]}, "eligibility.countries[0]", "'U1'"),
+    ({"exclude_countries": ["DEU"]}, "eligibility.exclude_countries[0]", "'DEU'"),
+])
+def test_an_eligibility_country_that_is_not_two_letters_is_422_naming_it(client, eligibility, field, bad):
+    # `countries: [USA]` was stored and matched no order (a ship_country is two letters): never shown, silently
+    offer = {"id": "cc", "kind": "partner", "title": "CC", "eligibility": eligibility}
+    body = assert_problem(client.put("/v1/offers/cc", json=offer, headers=ADMIN_H), 422, field)
+    assert bad in body["detail"] and "ISO 3166-1 alpha-2" in body["detail"]
+    assert client.get("/v1/offers/cc", headers=ADMIN_H).status_code == 404
+
+
+def test_a_decision_with_a_ship_country_that_is_not_two_letters_is_422_quoting_it(client):
+    # was "Expected `str` matching regex '^[A-Z]{2}$'": the field, but not what was wrong with it
+    body = assert_problem(client.post("/v1/decisions", json=decision_body(order={**order(), "ship_country": "USA"})),
+                          422, "order.ship_country")
+    assert body["detail"] == "Expected `str` matching regex '^[A-Z]{2}$', got 'USA'"
+    offer = {"id": "px", "kind": "partner", "title": "P", "prices": {"usd": 5}}  # a bad key: no value to quote
+    body = assert_problem(client.put("/v1/offers/px", json=offer, headers=ADMIN_H), 422, "prices")
+    assert "got" not in body["detail"]
+    raw = {**decision_body(), "customer": {"email_sha256": "buyer@example.com"}}  # a raw address: not echoed
+    body = assert_problem(client.post("/v1/decisions", json=raw), 422, "customer.email_sha256")
+    assert "example.com" not in body["detail"]
+
+
+def test_a_catalog_file_with_a_three_letter_country_names_the_offer_field_and_value(tmp_path):
+    from kassa.catalog.store import read_catalog_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("offers: [{id: a, kind: discount, title: A, eligibility: {countries: [US, usa]}}]\n")
+    with pytest.raises(ValueError, match=r"offers\[0\]\.eligibility\.countries\[1\]: 'USA' is not an ISO 3166-1"):
+        read_catalog_file(path)
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     ({"features": ["customer_signal"]}, "features[0]"),  # a typo of customer_signals
     ({"context_features": ["device", "customer_signals.lvt"]}, "context_features[1]"),

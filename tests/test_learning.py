@@ -8,13 +8,16 @@ import threading
 import time
 
 import msgspec
+import numpy as np
 import pytest
 
 from kassa import schemas
 from kassa.decide.policy import GreedyEpsilonPolicy, PmfPolicy, UniformPolicy, fill_slots
 from kassa.events.decision_log import read_decisions
 from kassa.events.join import PendingDecision
+from kassa.learn.online.learner import OnlineLearner
 from kassa.learn.online.rewards import RewardJoiner
+from kassa.learn.serving.loader import load_serving
 from tests.conftest import ADMIN, decision_body, order
 
 
@@ -375,6 +378,30 @@ def test_where_an_epsilon_greedy_pmf_ties_later_slots_go_to_the_next_best_by_cos
     assert sum(c == [2, 3, 4] for c in greedy_slates) > 150  # ~0.9 x 0.925 x 0.95 of them
 
 
+def test_a_number_far_outside_what_the_learner_saw_does_not_take_over_the_scores(tmp_path) -> None:
+    # Amounts in cents learned from at 1,000-20,000, then scored at 1e9: linear in the raw number, the scores
+    # reached ~3e3 (0.3 in range) and the pmf put 1.0 on one offer for every buyer, the wrong one on desktop.
+    from kassa.features.featurize import action_line, shared_line, tokens
+
+    offers = [schemas.Offer(id=f"o{i}", kind="partner", title=f"O{i}") for i in range(4)]
+    actions = [action_line(o) for o in offers]
+    accept = {"mobile": [0.30, 0.10, 0.05, 0.05], "desktop": [0.05, 0.10, 0.30, 0.05]}
+    rng = random.Random(0)
+    learner = OnlineLearner(schemas.Placement(id="p", slots=1), tmp_path)
+    for _ in range(1000):  # logged uniformly
+        device, k = rng.choice(list(accept)), rng.randrange(4)
+        learner.learn(shared_line({"device": device, "amount": rng.randint(1_000, 20_000)}), actions[k],
+                      float(rng.random() < accept[device][k]), 0.25)
+    model = load_serving(*learner.snapshot(), {"rewarded_decisions": 1000})
+    for device, best in (("mobile", 0), ("desktop", 2)):
+        shared = shared_line({"device": device, "amount": 10**9})
+        assert np.abs(model.scores(shared, actions)).max() < 2
+        assert np.argmax(model.pmf(shared, actions)) == best
+    # past ±100 a number is log-compressed, continuously (the same at the bound and just past it)
+    assert tokens({"cents": 1e9, "refund": -1e3, "n": 100, "m": 100.001, "rate": 0.25}) == [
+        "cents:1711.81", "refund:-330.259", "n:100", "m:100.001", "rate:0.25"]
+
+
 def test_numeric_features_past_the_write_bound_never_reach_the_learner() -> None:
     # Feature writes refuse magnitudes past ±1e15, batch sources are not checked: a served value of 1e30 would
     # leave VW's weight for it infinite (and every score NaN), so such values are left out like NaN and 0.
@@ -385,7 +412,7 @@ def test_numeric_features_past_the_write_bound_never_reach_the_learner() -> None
     from kassa.features.featurize import shared_line, tokens
 
     assert tokens({"ltv": 1e30, "n": -(10**18), "nan": float("nan"), "inf": float("inf"), "zero": 0,
-                   "spend": 1e15, "items": -3}) == ["spend:1e+15", "items:-3"]
+                   "spend": 1e15, "items": -3}) == ["spend:3093.36", "items:-3"]  # log-compressed past ±100
     ws = vowpalwabbit.Workspace("--cb_explore_adf -q co --quiet", enable_logging=False)
     try:
         line = shared_line({"ltv": 1e30, "device": "mobile"})

@@ -70,6 +70,18 @@ def test_train_evaluate_promote_rollback_and_drift_from_the_cli(logged, kassa):
     assert "fewer than 500 decisions" in " ".join(small.output.split())
 
 
+def test_evaluate_says_a_too_small_sample_once(logged, kassa):
+    # the gate's caption, a "sample too small" line and "not promoted" each said it: three times with --promote
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--holdout", "0.25",
+                                        "--data-dir", logged, "--json"]))["version"]
+    for baseline in ("production", "none"):
+        result = runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
+                                     "--baseline", baseline, "--min-ess", "5000", "--promote", "--data-dir", logged])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 0 and text.count("below the minimum 5000") == 1, text
+        assert "not promoted" in text
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--placement", "nope"], "unknown placement"),
     (["train", "--placement", "order_confirmation", "--holdout", "1.5"], "must be in [0, 1)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import msgspec
 
@@ -75,8 +76,28 @@ class Unavailable(KassaError):
     status, title, slug = 503, "Service unavailable", "unavailable"
 
 
-def from_decode_error(exc: msgspec.DecodeError) -> KassaError:
-    """Map a msgspec error to 422 (valid JSON, wrong fields) or 400 (not JSON), with the field path."""
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _value_at(body: bytes, path: str) -> Any:
+    """The value at a msgspec error path (``.order.ship_country``, ``.offers[1].id``) of a JSON body; raises
+    `LookupError` when the path does not lead to one (a dict key holding a dot, say)."""
+    node: Any = msgspec.json.decode(body)
+    end = 0
+    for m in _STEP.finditer(path):
+        if m.start() != end:
+            raise LookupError(path)
+        end = m.end()
+        node = node[m.group(1)] if m.group(1) is not None else node[int(m.group(2))]
+    if end != len(path):
+        raise LookupError(path)
+    return node
+
+
+def from_decode_error(exc: msgspec.DecodeError, body: bytes | None = None) -> KassaError:
+    """Map a msgspec error to 422 (valid JSON, wrong fields) or 400 (not JSON), with the field path. A value
+    refused by a pattern is quoted from ``body`` (msgspec names only the regex: a ship country `USA` was
+    "Expected `str` matching regex '^[A-Z]{2}$'")."""
     message = str(exc)
     if isinstance(exc, msgspec.ValidationError):
         m = _AT.search(message)
@@ -84,5 +105,14 @@ def from_decode_error(exc: msgspec.DecodeError) -> KassaError:
         if m:
             field = m.group(1).lstrip(".") or None
             message = message[: m.start()]
+            # not an e-mail hash field: what fails its pattern is likely the raw address, never echoed
+            if body is not None and "matching regex" in message and "`key` in" not in m.group(0) \
+                    and "email" not in m.group(1):
+                try:
+                    got = repr(_value_at(body, m.group(1)))
+                except (LookupError, TypeError, ValueError, msgspec.DecodeError):
+                    got = None
+                if got is not None:
+                    message += f", got {got if len(got) <= 60 else got[:57] + '...'}"
         return Invalid(message, field)
     return BadRequest(f"malformed JSON: {message}")

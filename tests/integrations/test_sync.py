@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,49 @@ def test_the_cli_reports_a_refusal_and_exits_1(tmp_path, woo_fake):
     assert "Consumer key is invalid" in json.loads(result.stdout.strip().splitlines()[-1])["error"]
     # nothing was written: the message does not speak of a committed page's cursor
     assert "this run wrote nothing" in result.output and "committed page" not in result.output
+
+
+def test_the_cli_shows_each_retry_of_a_host_that_refuses_and_takes_retries_and_timeout(tmp_path):
+    # a closed port was retried for ~16 s per request (31 s for a sync) with nothing on screen
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: connections are refused
+    config = tmp_path / "woo.yaml"
+    config.write_text(yaml.safe_dump({"url": f"http://127.0.0.1:{port}", "consumer_key": "ck", "consumer_secret": "x"}))
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["integrations", "sync", "woocommerce", "--credentials", str(config),
+                                      "--data-dir", str(tmp_path), "--retries", "1", "--timeout", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and time.monotonic() - started < 5, text
+    assert text.count("woocommerce GET /products: try 1/2 failed (ConnectError: ") == 1, text
+    assert "Connection refused); retrying in 0.5 s" in text and "try 2/2" not in text
+    assert "woocommerce sync stopped: woocommerce unreachable" in text
+    audit = CliRunner().invoke(app, ["integrations", "audit", "woocommerce", "--credentials", str(config),
+                                     "--retries", "0"])
+    assert audit.exit_code == 1 and "retrying" not in audit.output and "unreachable" in audit.output
+    refused = CliRunner().invoke(app, ["integrations", "sync", "woocommerce", "--credentials", str(config),
+                                       "--retries", "-1"])
+    assert refused.exit_code == 2 and "--retries" in refused.output
+
+
+def test_a_sync_of_a_host_that_refuses_retries_its_first_request_once(tmp_path):
+    # the progress bar's product count was asked first, retried to the end and shrugged off, then the first
+    # page was retried all over again: 31 s for one refusal at the default 5 retries
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "shop.yaml"
+    config.write_text(yaml.safe_dump({"shop": f"127.0.0.1:{port}", "access_token": "shpat_x"}))
+    result = CliRunner().invoke(app, ["integrations", "sync", "shopify", "--credentials", str(config),
+                                      "--data-dir", str(tmp_path), "--retries", "1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and text.count("try 1/2 failed") == 1, text
+
+
+def test_the_progress_total_is_asked_once_the_first_page_is_in(tmp_path, store, shopify_cfg):
+    totals: list[int | None] = []
+    report = sync_catalog(ShopifyConnector(shopify_cfg), store, tmp_path, on_page=lambda r, total: totals.append(total))
+    assert report.products == 7 and totals == [7, 7, 7]  # 3 pages of 3, each with the whole run's count
 
 
 # ----------------------------------------------------------------------------- the integration config file

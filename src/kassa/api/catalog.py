@@ -43,8 +43,17 @@ async def put_offer(request: Request) -> Response:
     offer = decode(body, schemas.Offer)
     if offer.id != offer_id:
         raise errors.Invalid(f"body id {offer.id!r} does not match the path id {offer_id!r}", "id")
-    created = await asyncio.to_thread(kassa.catalog.put_offer, offer)  # SQL: PostgreSQL may be slow or away
+    created = await asyncio.to_thread(store_offer, kassa.catalog, offer)  # SQL: PostgreSQL may be slow or away
     return json_response(offer, 201 if created else 200)
+
+
+def store_offer(catalog: Catalog, offer: schemas.Offer) -> bool:
+    """Write an offer (True when created); what the catalog refuses (a country code that is not two letters) is
+    a 422 naming the field. Shared by the API and the dashboard's editor."""
+    try:
+        return catalog.put_offer(offer)
+    except InvalidField as exc:
+        raise errors.Invalid(str(exc), exc.field) from None
 
 
 async def delete_offer(request: Request) -> Response:

@@ -125,11 +125,11 @@ def decode(body: bytes, kind: type[T]) -> T:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         if "got `float`" not in str(exc):
-            raise errors.from_decode_error(exc) from None
+            raise errors.from_decode_error(exc, body) from None
         try:  # an integral float for an int field (`"limit": 6.0`): accept it as the integer it is
             return decoder.decode(integral_floats_as_ints(body))
         except msgspec.DecodeError as again:
-            raise errors.from_decode_error(again) from None
+            raise errors.from_decode_error(again, body) from None
     except msgspec.DecodeError as exc:
         raise errors.from_decode_error(exc) from None
     except UnicodeDecodeError as exc:

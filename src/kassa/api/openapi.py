@@ -49,6 +49,8 @@ def openapi_document() -> bytes:
              schemas.FeatureAck, StageChange, Rollback, FeatureValues, DecisionRecord]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     components["Placement"]["properties"]["policy"]["enum"] = policies.names()  # the policy table's rows
+    for name in ("countries", "exclude_countries"):  # refused on write (catalog.store.check_offer), not on read
+        components["Eligibility"]["properties"][name]["anyOf"][0]["items"]["pattern"] = r"^\s*[A-Za-z]{2}\s*$"
     c = "#/components/schemas/"
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     # The snippet sends its publishable key as ?key= (a CORS-simple request, and sendBeacon has no headers).

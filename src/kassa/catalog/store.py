@@ -29,6 +29,7 @@ log = logging.getLogger("kassa.catalog")
 T = TypeVar("T")
 _AT_PATH = re.compile(r" - at `\$(.*)`$")
 _OWN_FIELD = re.compile(r"^(\w+): ")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")  # ISO 3166-1 alpha-2, as an order's ship_country (after upper-casing)
 
 
 def check_placement(placement: schemas.Placement) -> None:
@@ -45,6 +46,21 @@ def check_placement(placement: schemas.Placement) -> None:
     twice = sorted(o for o, n in Counter(placement.offers or ()).items() if n > 1)
     if twice:  # the slate would show the same offer in several slots
         raise InvalidField(f"offers lists {', '.join(map(repr, twice))} more than once", "offers")
+
+
+def check_offer(offer: schemas.Offer) -> None:
+    """Checks an offer's wire type cannot express; raises `InvalidField` naming the field.
+
+    Eligibility country codes must be ISO 3166-1 alpha-2 (two letters; `Eligibility` upper-cases them): an
+    order's ship_country is, so ``countries: [USA]`` matched no order and the offer was never shown, and
+    ``exclude_countries: [DEU]`` excluded nothing. (Reading stays as it was for rows stored before this check:
+    such a code still matches nothing.)
+    """
+    for name in ("countries", "exclude_countries"):
+        for i, code in enumerate(getattr(offer.eligibility, name) or ()):
+            if not _COUNTRY.match(code):
+                raise InvalidField(f"{code!r} is not an ISO 3166-1 alpha-2 country code (two letters, such as US)",
+                                   f"eligibility.{name}[{i}]")
 
 
 class InvalidField(ValueError):
@@ -185,6 +201,11 @@ def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.Cat
     except msgspec.DecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     known = {o.id for o in catalog.offers}
+    for i, offer in enumerate(catalog.offers):
+        try:
+            check_offer(offer)
+        except InvalidField as exc:
+            raise ValueError(f"{path}: offers[{i}].{exc.field}: {exc}") from None
     for i, placement in enumerate(catalog.placements):
         try:
             check_placement(placement)
@@ -238,6 +259,7 @@ class Catalog:
         return len(catalog.offers) + len(catalog.placements)
 
     def put_offer(self, offer: schemas.Offer) -> bool:
+        check_offer(offer)
         created = self.store.put_offer(offer)
         self._rebuild()
         return created

@@ -220,11 +220,18 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
                                              for v in kassa.catalog.snapshot.placements.values()) + 1.0
         while len(kassa.joiner) and time.monotonic() < drain_until and not interrupted:
             time.sleep(0.05)
+        if not keep_serving:  # its stop takes the learner's last snapshot, the version the run leaves serving
+            server.stop()
         result = board.result(seed, LAST_WINDOW)
         result["requests"] = driver.requests
         result["learned_examples"] = kassa.learning.learned
         result["static_order"] = static_order
         result["policy"] = policy
+        # The policy slice's production version in the registry now (as `kassa models list` shows it): the
+        # scoreboard's is the last decision's, which predates the snapshots learned from the drained rewards
+        # (and the last one, on stop) and is "baseline" or "fallback" when that one decision was.
+        production = kassa.model_registry.versions(POLICY, stages=("production",), limit=1)
+        result["model_version"] = production[0].version if production else "baseline"
         if not json_out or not headless:
             human.print(summary_table(result))
         if keep_serving or not headless:

@@ -138,7 +138,8 @@ class Scoreboard:
         return out
 
     def result(self, seed: int, last: int = 5_000) -> dict[str, Any]:
-        """The demo's JSON summary (the ``--json`` line)."""
+        """The demo's JSON summary (the ``--json`` line) but for what the run adds: the production model
+        version at the end, the learned examples and the policy (`kassa.demo.run`)."""
         start = max(0, self.total - last)
         tail, whole = self.rates(start), self.rates(0)
         seconds = self.elapsed()
@@ -172,6 +173,5 @@ class Scoreboard:
             "seconds": r(seconds, 2),
             "explored_share": r(self.explored / max(1, len(self.server_ms["policy"])), 4),
             "fallbacks": self.fallbacks,
-            "model_version": self.model_version,
             "seed": seed,
         }

@@ -90,7 +90,7 @@ def summary_table(result: dict[str, Any]) -> Table:
         f"policy lift: {_lift(result['lift_vs_random'])} vs random, {_lift(result['lift_vs_static'])} vs best static"
         f"\nserver p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms · "
         f"client p50 {result['client_p50_ms']:.2f} ms p99 {result['client_p99_ms']:.2f} ms"
-        f"\nmodel {result['model_version']} · explored {result['explored_share']:.0%} of policy decisions"
+        f"\nproduction model {result['model_version']} · explored {result['explored_share']:.0%} of policy decisions"
     )
     table.caption_justify = "left"
     return table

@@ -7,6 +7,14 @@ of the basket and of the buyer's recent orders, which the shared example repeats
 crossed with every context feature cost the product learner ~6 % where the categories carried no signal). Strings become
 one-hot ``name=value`` tokens, numbers ``name:value``, ``True`` a bare ``name``; ``None``/``False`` are
 dropped. VW's separators (space, ``|``, ``:``) are replaced in names and values.
+
+A number past ±100 reaches the learner log-compressed (`learner_value`): the model is linear in it, so a
+value far outside what it learned from (an amount in cents, a timestamp, an outlier order) moved every
+score by its multiple. Measured (a squareCB learner on amounts of 1,000-20,000 cents, three seeds): scored
+at 1e9 the scores reached 3.9e3 (0.3 in range) and the pmf put 1.0 on the same offer for every buyer; over
+72 out-of-range probes of three value ranges the right offer led 40 times raw and 62 times compressed, the
+largest score 2.8e13 raw and 88 compressed. Decisions, batch training and evaluation all build their lines
+here, so the compression is the same everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +33,19 @@ def clean(token: str) -> str:
 
 
 _MAX = schemas.FEATURE_VALUE_MAX
+LINEAR_BOUND = 100.0
+
+
+def learner_value(x: float) -> float:
+    """The value the learner sees for the number ``x``: ``x`` itself within ±`LINEAR_BOUND` (counts, rates,
+    Kassa's log order total, most prices in major units), beyond it ``sign(x)·B·(1 + ln(|x|/B))``: continuous
+    and with the same slope at ±B, then growing with the logarithm (1e3 -> 330, 1e9 -> 1,712, the ±1e15 bound
+    -> 3,093). Ratios stay ordered, so the learner can still use the number; a value 1,000 times the ones it
+    learned from weighs about 3 times as much, not 1,000."""
+    if -LINEAR_BOUND <= x <= LINEAR_BOUND:
+        return x
+    return math.copysign(LINEAR_BOUND * (1.0 + math.log(abs(x) / LINEAR_BOUND)), x)
+
 
 _TOKENS: dict[tuple[str, str], str] = {}
 
@@ -56,7 +77,7 @@ def tokens(features: Mapping[str, Any]) -> list[str]:
             # Left out: 0 (VW's default), NaN, and magnitudes past what a feature write accepts
             # (`schemas.FEATURE_VALUE_MAX`; a batch source is not checked), whose square left VW's weight infinite.
             if value != 0 and -_MAX <= value <= _MAX:
-                out.append(f"{clean(name)}:{float(value):.6g}")
+                out.append(f"{clean(name)}:{learner_value(float(value)):.6g}")
         else:
             out.append(f"{clean(name)}={clean(str(value))}")
     return out

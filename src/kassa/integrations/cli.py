@@ -11,12 +11,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from kassa.config import Settings, load_settings
 from kassa.integrations.base import Connector, IntegrationError
@@ -40,18 +42,37 @@ SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
 DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+RetriesOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--retries", min=0, help="Retries of a request the platform does not answer (backoff 0.5 s, doubling); "
+                             "default: max_retries of the integration config, else 5.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
+    "--timeout", min=0.001, help="Seconds to wait for each answer; default: timeout of the integration config, "
+                                 "else 30.")]
 
 
-def _open(platform: str, config: Path, settings: Settings) -> tuple[Connector, dict[str, Any]]:
+def _open(platform: str, config: Path, settings: Settings, retries: int | None = None,
+          timeout: float | None = None) -> tuple[Connector, dict[str, Any]]:
     # One INFO line per page request would bury the progress bar; failures are reported by Kassa itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         factory_for(platform)  # an unknown platform is the first thing to say
         cfg = load_integration_settings(platform, config, settings.integrations)
-        return connector_for(platform, cfg), cfg.options
+        for key, value in (("max_retries", retries), ("timeout", timeout)):
+            if value is not None:
+                cfg.options[key] = value
+        return connector_for(platform, cfg, on_retry=_say_retry(platform)), cfg.options
     except (ConfigError, UnknownPlatform) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
+
+
+def _say_retry(platform: str) -> Callable[[float, str], None]:
+    """Each retry on stderr: a host that does not answer was retried for ~16 s per request, silently."""
+
+    def say(seconds: float, reason: str) -> None:
+        console.print(Text.assemble((f"{platform} ", "yellow"), f"{reason}; retrying in {seconds:.1f} s"))
+
+    return say
 
 
 def _close(connector: Connector) -> None:
@@ -62,7 +83,7 @@ def _close(connector: Connector) -> None:
 
 @integrations_app.command()
 def audit(platform: PlatformArg, config: ConfigOpt, settings_file: SettingsOpt = None,
-          json_out: JsonOpt = False) -> None:
+          json_out: JsonOpt = False, retries: RetriesOpt = None, timeout: TimeoutOpt = None) -> None:
     """Probe what the configured credentials can reach, per capability.
 
     OK / missing scope / unreachable with the platform's own error, how far back orders are readable, and
@@ -71,7 +92,7 @@ def audit(platform: PlatformArg, config: ConfigOpt, settings_file: SettingsOpt =
     from kassa.integrations.audit import render, run_audit
 
     settings = load_settings(settings_file)
-    connector, _ = _open(platform, config, settings)
+    connector, _ = _open(platform, config, settings, retries, timeout)
     try:
         # Each capability is a request, retried with backoff when the platform does not answer (~17 s against a
         # host that refuses): say what is going on meanwhile (on stderr; nothing when not a terminal).
@@ -96,6 +117,8 @@ def sync(
         help="Run again at this interval (e.g. 30m, 1h) until interrupted.")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="Forget the saved cursor: a full sync.")] = False,
     json_out: JsonOpt = False,
+    retries: RetriesOpt = None,
+    timeout: TimeoutOpt = None,
     max_pages: Annotated[Optional[int], typer.Option(hidden=True)] = None,  # noqa: UP045
 ) -> None:
     """Pull the platform's products into the offer catalog.
@@ -114,7 +137,7 @@ def sync(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--every") from None
     settings = load_settings(settings_file, data_dir=data_dir)
-    connector, options = _open(platform, config, settings)
+    connector, options = _open(platform, config, settings, retries, timeout)
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
     store = SqlCatalogStore(make_engine(settings.metadata_url))

@@ -1,7 +1,8 @@
 """`HttpConnector`: the base class of the platform connectors, owning what every one of them sets up.
 
 Owns the parts the five platform modules used to write each for itself: the options a connector takes
-(``sleep`` and ``clock``, injectable so throttling tests run instantly; ``on_wait`` to report each wait;
+(``sleep`` and ``clock``, injectable so throttling tests run instantly; ``on_wait`` to report each wait,
+``on_retry`` each wait before a retry;
 ``transport`` for tests), the webhook settings (``webhook_secret``, ``replay_window_seconds``), the
 ``HttpClient`` opened on first use from ``timeout`` / ``max_retries`` (so a connector built from webhook
 settings alone never asks for API credentials), ``close``, the sync bookkeeping (``skipped``,
@@ -43,6 +44,7 @@ class ConnectorOptions(TypedDict, total=False):
     sleep: Callable[[float], None]
     clock: Callable[[], float]
     on_wait: Callable[[float, str], None] | None
+    on_retry: Callable[[float, str], None] | None  # a failed request about to be retried (`HttpClient`)
     transport: httpx.BaseTransport | None
 
 
@@ -71,12 +73,14 @@ class HttpConnector(ABC):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         on_wait: Callable[[float, str], None] | None = None,
+        on_retry: Callable[[float, str], None] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.cfg = dict(cfg)
         self.sleep = sleep
         self.clock = clock
         self.on_wait = on_wait
+        self.on_retry = on_retry
         self.transport = transport
         secret = self.cfg.get("webhook_secret")
         self.secret: str | None = str(secret) if secret else None
@@ -112,12 +116,12 @@ class HttpConnector(ABC):
 
     def _new_http(self, base_url: str, headers: Mapping[str, str] | None = None, *,
                   auth: tuple[str, str] | None = None) -> HttpClient:
-        """An ``HttpClient`` with this connector's timeout, retries, clock, sleep and wait reporting."""
+        """An ``HttpClient`` with this connector's timeout, retries, clock, sleep and wait and retry reporting."""
         timeout, retries = self.cfg.get("timeout"), self.cfg.get("max_retries")
         client = HttpClient(
             base_url, headers, timeout=30.0 if timeout in (None, "") else float(timeout),
             max_retries=5 if retries in (None, "") else int(retries), sleep=self.sleep, clock=self.clock,
-            on_wait=self.on_wait, transport=self.transport, auth=auth, platform=self.platform,
+            on_wait=self.on_wait, on_retry=self.on_retry, transport=self.transport, auth=auth, platform=self.platform,
         )
         self._clients.append(client)
         return client

@@ -84,7 +84,9 @@ class HttpClient:
 
     ``max_retries`` bounds the retries of one request (429, 5xx and connection errors together);
     ``max_wait`` bounds a single ``Retry-After`` wait: a platform asking for longer gets ``RateLimited``
-    rather than a silently stuck sync.
+    rather than a silently stuck sync. ``on_retry(seconds, reason)`` hears of each wait before a retry, the
+    reason naming the request, the try that failed of how many, and why (``kassa integrations`` prints it:
+    against a host that refuses, the default 5 retries wait 15.5 s in all, and they were silent).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class HttpClient:
         max_wait: float = 300.0,
         transport: httpx.BaseTransport | None = None,
         on_wait: Callable[[float, str], None] | None = None,
+        on_retry: Callable[[float, str], None] | None = None,
         platform: str = "platform",
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -112,6 +115,7 @@ class HttpClient:
         self.max_backoff = max_backoff
         self.max_wait = max_wait
         self.on_wait = on_wait
+        self.on_retry = on_retry
         self.platform = platform
         self.waited_seconds = 0.0  # total time spent waiting on throttles/backoff (reported by sync)
         self.requests = 0
@@ -141,6 +145,14 @@ class HttpClient:
             self.on_wait(seconds, reason)
         self.sleep(seconds)
 
+    def retry_wait(self, seconds: float, tries: tuple[int, int], what: str, why: str) -> None:
+        """Wait before trying ``what`` again: ``tries`` is (the try that failed, how many there may be);
+        ``on_retry`` hears of it first, then the wait is counted and reported like any other."""
+        reason = f"{what}: try {tries[0]}/{tries[1]} failed ({why})"
+        if self.on_retry is not None:
+            self.on_retry(seconds, reason)
+        self.wait(seconds, reason)
+
     def get(self, path: str, params: Mapping[str, Any] | None = None,
             headers: Mapping[str, str] | None = None) -> JsonResponse:
         return self.request("GET", path, params=params, headers=headers)
@@ -169,6 +181,7 @@ class HttpClient:
         401: …``)."""
         name = f"{self.platform} {label}" if label else self.platform
         where = path if "://" in path else self.base_url
+        what, tries = f"{method} {label or path}", self.max_retries + 1
         attempt = 0
         while True:
             self.requests += 1
@@ -179,7 +192,8 @@ class HttpClient:
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise Unreachable(f"{name} unreachable at {where}: {exc!r}") from exc
-                self.wait(self._backoff(attempt), f"connection error: {type(exc).__name__}")
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.retry_wait(self._backoff(attempt), (attempt + 1, tries), what, why)
                 attempt += 1
                 continue
             status = response.status_code
@@ -190,7 +204,8 @@ class HttpClient:
                         f"{name} rate limit (HTTP 429) on {method} {path}: {body_excerpt(response)}",
                         retry_after,
                     )
-                self.wait(retry_after if retry_after is not None else self._backoff(attempt), "HTTP 429")
+                self.retry_wait(retry_after if retry_after is not None else self._backoff(attempt),
+                                (attempt + 1, tries), what, "HTTP 429")
                 attempt += 1
                 continue
             if status >= 500:
@@ -201,7 +216,8 @@ class HttpClient:
                     )
                 # A 503 may say when to come back; otherwise back off exponentially.
                 hint = parse_retry_after(response.headers.get("retry-after"), self.clock())
-                self.wait(min(hint, self.max_wait) if hint is not None else self._backoff(attempt), f"HTTP {status}")
+                self.retry_wait(min(hint, self.max_wait) if hint is not None else self._backoff(attempt),
+                                (attempt + 1, tries), what, f"HTTP {status}")
                 attempt += 1
                 continue
             if status in (401, 403):

@@ -246,7 +246,7 @@ class ShopifyConnector(HttpConnector):
 
     def graphql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run one GraphQL query, honouring the cost bucket; returns ``data``."""
-        for _attempt in range(self.max_throttle_retries + 1):
+        for attempt in range(self.max_throttle_retries + 1):
             self._wait_for_bucket()
             response = self.http.post(self.graphql_path, {"query": query, "variables": dict(variables or {})})
             body = response.data
@@ -257,7 +257,10 @@ class ShopifyConnector(HttpConnector):
             if errors:
                 codes = _error_codes(errors)
                 if "THROTTLED" in codes:
-                    self.http.wait(max(wait, 0.05), "Shopify THROTTLED")
+                    if attempt == self.max_throttle_retries:
+                        break  # no retry left to wait for
+                    self.http.retry_wait(max(wait, 0.05), (attempt + 1, self.max_throttle_retries + 1),
+                                         "GraphQL query", "Shopify THROTTLED")
                     continue
                 message = f"shopify: {_error_messages(errors)}"
                 if "ACCESS_DENIED" in codes:

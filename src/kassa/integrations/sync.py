@@ -105,11 +105,16 @@ def sync_catalog(
     written_before = report.previously_written = int(state.get("products", 0)) if report.resumed else 0
     skipped_before = len(getattr(connector, "skipped", []))
     waited_before = _waited(connector)
-    count = getattr(connector, "count_products", None)
-    if on_page is not None and callable(count):
-        count(cursor)  # sets connector.total_hint for the progress bar
+    count: Callable[[str | None], int | None] | None = getattr(connector, "count_products", None)
+    # The progress bar's total (connector.total_hint) is asked once the first page is in: asked first, a host
+    # that cannot be reached had the hint's request retried to the end (and shrugged off: only a hint) before
+    # the page's was, twice the wait (31 s) for the same refusal.
+    hint, start = count if on_page is not None and callable(count) else None, cursor
     complete = False
     for products, next_cursor in connector.iter_products(cursor):
+        if hint is not None:
+            hint(start)  # sets connector.total_hint for the progress bar
+            hint = None
         if products:
             store.put_many([product_offer(p, offer_id_prefix) for p in products], [])
         report.products += len(products)

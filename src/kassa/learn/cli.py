@@ -314,9 +314,10 @@ def train_command(
 # ---------------------------------------------------------------------------------------------- evaluate
 def _gate_outcome(what: str, ess: float, n: int, min_ess: float, verdict: Any) -> dict[str, Any]:
     """Say when the candidate's sample is too small or there was nothing to compare with, and the gate's
-    ``passed``/``reason`` for the candidate's metrics (top-slot and slate evaluation alike)."""
+    ``passed``/``reason`` for the candidate's metrics (top-slot and slate evaluation alike). A gate that ran
+    has said it under the table already (its verdict names the effective sample size): not said twice."""
     small = ess < min_ess
-    if small:
+    if small and verdict is None:
         console.print(f"[red]sample too small:[/] the candidate's {what} rests on an effective sample size of "
                       f"{ess:.0f} (of {n:,} decisions), below the minimum {min_ess:.0f}; its estimate and "
                       "interval are not a basis for promotion. Evaluate on more traffic.")
@@ -446,8 +447,9 @@ def evaluate_command(
                 console.print(f"[green]{cand.version} promoted to production[/]")
             except StageError as exc:
                 console.print(f"[red]promotion refused:[/] {exc.detail}")
-        else:
-            console.print(f"[red]not promoted:[/] {record['reason']}")
+        else:  # why is said above: the gate's verdict under the table, or that there was none
+            console.print("[red]not promoted:[/] " + ("the gate blocked it" if verdict is not None
+                                                       else "no gate verdict"))
     if json_out:
         _print_json({"candidate": cand.version, "baseline": base.version if base else None, "rows": len(data),
                      "pending": data.pending, "seconds": round(seconds, 2), "gate": record,

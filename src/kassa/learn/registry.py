@@ -64,6 +64,9 @@ _SINGLE = ("production", "canary", "shadow")
 # Bumped whenever featurize.py changes how features become learner tokens: older artifacts then no
 # longer match and are refused instead of silently scoring garbage.
 FEATURIZER_VERSION = "2"  # 2: a product's category in |k, the basket's categories in |b (-q bk)
+# (Not bumped for the log compression of numbers past ±100, `featurize.learner_value`: values within it are
+# unchanged, and a model that learned from larger ones keeps its other weights and relearns those; refusing
+# every stored model over it would put every placement back on its baseline.)
 
 model_versions_table = sa.Table(
     "model_versions",

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from kassa import errors, schemas
-from kassa.api.catalog import store_placement
+from kassa.api.catalog import store_offer, store_placement
 from kassa.api.common import decode, no_nul
 from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
@@ -129,10 +129,10 @@ async def edit_offer(dash: Dashboard, request: Request, session: Session, form: 
         edited = decode(document.encode(), schemas.Offer)
         if edited.id != offer_id:
             raise errors.Invalid(f"the document's id {edited.id!r} does not match this offer ({offer_id!r})", "id")
+        await asyncio.to_thread(store_offer, kassa.catalog, edited)  # SQL: off the serving loop
     except errors.KassaError as exc:
         return page(title, _editor(action, document, session.csrf, _problem(exc)), "/dashboard/offers",
                     session.csrf, status=exc.status)
-    await asyncio.to_thread(kassa.catalog.put_offer, edited)  # SQL: off the serving loop
     return RedirectResponse(url("/dashboard/offers", offer_id, saved="1").replace("&amp;", "&"), status_code=303)
 
 
