@@ -385,3 +385,47 @@ def test_a_drift_check_that_compared_nothing_is_not_shown_as_ok(kassa: Kassa) ->
             text = c.get(path).text
             assert '<span class="badge muted">nothing to compare yet</span>' in text, path
             assert '<span class="badge good">ok</span>' not in text, path
+
+
+def _serve(client: TestClient, kassa: Kassa, clock: Clock, n: int, tag: str) -> None:
+    """``n`` decisions a second apart, each flushed to a file of its own (as the writer does at low traffic)."""
+    for i in range(n):
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"{tag}{i}")).status_code == 200
+        kassa.decision_log.flush()
+        clock.advance(1)
+
+
+def test_each_view_reads_only_the_decision_log_files_written_since_the_last(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The log is a file per flush (up to two a second): every view used to read every file of it."""
+    outcomes = Outcomes(kassa)
+    window = outcomes.decision_window
+    assert window is not None
+    _serve(client, kassa, clock, 3, "a")
+    since = clock() - 10
+    first = outcomes.placements(since, now=clock() + 120)
+    assert window.files_read == 3
+    _serve(client, kassa, clock, 2, "b")
+    again = outcomes.placements(since, now=clock() + 120)
+    assert window.files_read == 5  # the two new files only
+    assert again == Outcomes(kassa, incremental=False).placements(since, now=clock() + 120)
+    assert again["order_confirmation"].by_version["baseline"].decisions == 5
+    assert first["order_confirmation"].by_version["baseline"].decisions == 3
+    assert outcomes.recent(4) == Outcomes(kassa, incremental=False).recent(4)
+    assert outcomes.throughput(since, now=clock()) == Outcomes(kassa, incremental=False).throughput(since, now=clock())
+    newest = outcomes.recent(1)[0][0]
+    detail = outcomes.decision(newest)
+    assert detail is not None and detail.record["decision_id"] == newest
+    assert window.files_read == 5
+
+
+def test_the_reward_tables_read_only_the_last_days_of_the_decision_log(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """Partitions older than the window are not opened (a year of small files was read on every view)."""
+    _serve(client, kassa, clock, 2, "a")
+    old = kassa.settings.data_path / "decisions" / "date=2020-01-01"
+    old.mkdir(parents=True)
+    (old / "part-1577836800000-1.parquet").write_bytes(b"not parquet: reading it would fail the page")
+    for incremental in (True, False):
+        stats = Outcomes(kassa, incremental=incremental).placements(clock() - 3600, now=clock() + 120)
+        assert stats["order_confirmation"].by_version["baseline"].decisions == 2
