@@ -429,3 +429,27 @@ def test_the_reward_tables_read_only_the_last_days_of_the_decision_log(
     for incremental in (True, False):
         stats = Outcomes(kassa, incremental=incremental).placements(clock() - 3600, now=clock() + 120)
         assert stats["order_confirmation"].by_version["baseline"].decisions == 2
+
+
+def test_the_offers_table_is_paged_with_a_count_and_links_that_keep_the_query(kassa: Kassa) -> None:
+    """A catalog of hundreds of offers was one table of hundreds of rows."""
+    base = kassa.catalog.snapshot.offers["discount"]
+    extra = 120 - len(kassa.catalog.snapshot.offers)
+    for i in range(extra):
+        kassa.catalog.put_offer(msgspec.structs.replace(base, id=f"zz-{i:03d}"))
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.get("/dashboard/offers", params={"sort": "id", "page": "2"})
+        assert r.status_code == 200
+        body = r.text[r.text.index("<tbody>"):r.text.index("</tbody>")]
+        assert body.count("<tr>") == 50
+        pager = re.search(r'<p class="pager muted" data-testid="pager-page">(.*?)</p>', r.text)
+        assert pager is not None and pager.group(1).startswith("offers 51\u2013100 of 120")
+        assert 'rel="prev" href="?sort=id&amp;page=1"' in pager.group(1)
+        assert 'rel="next" href="?sort=id&amp;page=3"' in pager.group(1)
+        last = c.get("/dashboard/offers", params={"page": "99"})
+        assert "offers 101\u2013120 of 120" in last.text and 'rel="next"' not in last.text
+        bad = c.get("/dashboard/offers", params={"page": "two"})
+        assert bad.status_code == 422 and "page is a page number (1, 2, ...), not &#x27;two&#x27;" in bad.text
+        placement = c.get("/dashboard/placements/order_confirmation", params={"offers": "0"})
+        assert placement.status_code == 422 and "offers is a page number" in placement.text
+        assert 'data-testid="pager-offers">0 offers<' in c.get("/dashboard/placements/order_confirmation").text

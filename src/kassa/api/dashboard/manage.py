@@ -20,7 +20,7 @@ from starlette.responses import RedirectResponse, Response
 from kassa import errors, schemas
 from kassa.api.catalog import store_placement
 from kassa.api.common import decode, no_nul
-from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
+from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, paged, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
 from kassa.keys import AmbiguousKeyId, InvalidOrigin, KeyKind
@@ -108,7 +108,8 @@ async def offers(dash: Dashboard, request: Request, session: Session, form: dict
              badge("active", "good") if o.active else badge("inactive", "muted"),
              num(o.stock) if o.stock is not None else "—")
             for o in sorted(snapshot.offers.values(), key=lambda o: o.id)]
-    body = table(["offer", "kind", "title", "value", "state", "stock"], rows, "no offers in the catalog")
+    shown, pager = paged(rows, request.query_params, "page", "offers")
+    body = table(["offer", "kind", "title", "value", "state", "stock"], shown, "no offers in the catalog") + pager
     return page("Offers", body, "/dashboard/offers", session.csrf)
 
 
