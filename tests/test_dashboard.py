@@ -232,6 +232,7 @@ def test_a_refused_new_key_keeps_what_the_operator_typed_and_says_why(kassa: Kas
         assert blank.status_code == 422 and 'data-testid="key-error"' in blank.text
         assert len(kassa.keys.list()) == before  # nothing was created
         ok = c.post("/dashboard/keys", data={"kind": "secret", "name": "batch job"})
+        # a header request (a script) has no session to hold the secret for a redirect: it gets the page
         assert ok.status_code == 200 and 'data-testid="new-key"' in ok.text
         assert 'value="batch job"' not in ok.text  # the form is emptied once the key exists
     assert len(kassa.keys.list()) == before + 1
@@ -453,3 +454,36 @@ def test_the_offers_table_is_paged_with_a_count_and_links_that_keep_the_query(ka
         placement = c.get("/dashboard/placements/order_confirmation", params={"offers": "0"})
         assert placement.status_code == 422 and "offers is a page number" in placement.text
         assert 'data-testid="pager-offers">0 offers<' in c.get("/dashboard/placements/order_confirmation").text
+
+
+def test_a_new_key_is_post_redirect_get_with_its_secret_held_server_side_once(kassa: Kassa) -> None:
+    """Reloading the page the form posted to created a second key."""
+    admin = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        assert _login(c, admin) == 303
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/dashboard/keys").text)
+        assert token is not None
+        before = len(kassa.keys.list())
+        r = c.post("/dashboard/keys", data={"kind": "secret", "name": "nightly", "csrf": token.group(1)},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/keys"
+        shown = c.get("/dashboard/keys")
+        secret = re.search(r'data-testid="new-key">.*?<code>([^<]+)</code>', shown.text)
+        assert secret is not None and kassa.keys.lookup(secret.group(1)) is not None
+        again = c.get("/dashboard/keys")
+        assert 'data-testid="new-key"' not in again.text and secret.group(1) not in again.text
+        assert len(kassa.keys.list()) == before + 1
+
+
+def test_an_unclaimed_flash_expires_and_flashes_stay_bounded(kassa: Kassa) -> None:
+    from kassa.api.dashboard.session import FLASH_SECONDS, MAX_SESSIONS, Session, SessionStore
+
+    store = SessionStore(kassa)
+    one = Session(None, "csrf-1", 0.0)
+    assert store.flash(one, "secret", now=100.0)
+    assert store.take_flash(one, now=100.0 + FLASH_SECONDS) is None  # expired
+    assert not store.flash(Session(None, "", 0.0, via_header=True), "x")  # no session to hold it
+    for i in range(MAX_SESSIONS + 50):
+        store.flash(Session(None, f"c{i}", 0.0), i, now=200.0)
+    assert len(store._flashes) == MAX_SESSIONS
+    assert store.take_flash(Session(None, f"c{MAX_SESSIONS + 49}", 0.0), now=201.0) == MAX_SESSIONS + 49

@@ -4,7 +4,8 @@ Edits go through the same services and wire types as the JSON API: an offer or a
 as its JSON document, decoded with ``schemas.Offer`` / ``schemas.Placement`` (so the dashboard accepts
 exactly what ``PUT /v1/offers/{id}`` accepts) and saved with the catalog, which rebuilds the snapshot
 the hot path reads. Keys are listed by hash prefix (plaintext is never stored) and revoked by it; a new
-key's plaintext is shown once, on the page that created it.
+key's plaintext is shown once: the form's post redirects to the keys page (reloading it does not create a
+second key) and the session's flash (`SessionStore.flash`) holds the plaintext for that one page view.
 """
 
 from __future__ import annotations
@@ -192,6 +193,11 @@ def _full_hash(dash: Dashboard, prefix: str) -> str:
     return digest
 
 
+def _new_key(kind: str, name: str, plaintext: str) -> str:
+    return (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
+            f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+
+
 async def keys(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
     kassa = dash.kassa
     created = ""
@@ -213,9 +219,14 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
             created = f'<p class="error" data-testid="key-error">{h(_problem(exc))}</p>'
             status = exc.status
         else:
-            created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
-                       f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+            if dash.sessions.flash(session, (kind, name, plaintext)):
+                return RedirectResponse("/dashboard/keys", status_code=303)  # POST-redirect-GET
+            created = _new_key(kind, name, plaintext)  # a script's header request: no session to hold it
             kind, name, origins_text = "", "", ""
+    else:
+        flashed = dash.sessions.take_flash(session)
+        if flashed is not None:
+            created = _new_key(*flashed)
     rows = []
     for k in await asyncio.to_thread(kassa.keys.list):
         action = url("/dashboard/keys", k["id"], "revoke")

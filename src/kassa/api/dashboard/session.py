@@ -12,6 +12,11 @@
 - **Header.** ``Authorization: Bearer <admin key>`` works on every dashboard URL without a session
   (scripts, curl); a browser never attaches it on its own, so it needs no CSRF token.
 
+A **flash** is a message for the next page of one session, held here, read once: a key created from the form
+answers with a redirect (POST-redirect-GET, so reloading the page does not post the form again) and its
+plaintext waits server-side for the keys page to show it once, never in a URL. It expires after
+``FLASH_SECONDS`` if that page is not loaded, and with its session.
+
 With ``auth: false`` in the settings (local development only) the dashboard opens without a key but
 still issues a session, so the CSRF check is the same.
 """
@@ -24,6 +29,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from starlette.requests import Request
@@ -38,6 +44,7 @@ from kassa.keys import hash_key
 COOKIE = "kassa_session"
 SESSION_SECONDS = 8 * 3600.0
 MAX_SESSIONS = 1000  # oldest dropped first: a flood of logins cannot grow the map without bound
+FLASH_SECONDS = 300.0  # an unclaimed flash (a new key's plaintext) is dropped after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,7 @@ class SessionStore:
     def __init__(self, kassa: Kassa) -> None:
         self.kassa = kassa
         self._sessions: dict[str, Session] = {}  # sha256(token) -> session
+        self._flashes: dict[str, tuple[float, Any]] = {}  # session's csrf token -> (expires at, message)
         self._lock = threading.Lock()
 
     def _admin_hash(self, key: str) -> str | None:
@@ -73,7 +81,7 @@ class SessionStore:
         with self._lock:
             if len(self._sessions) >= MAX_SESSIONS:
                 oldest = min(self._sessions, key=lambda k: self._sessions[k].expires_at)
-                del self._sessions[oldest]
+                self._flashes.pop(self._sessions.pop(oldest).csrf, None)
             self._sessions[_digest(token)] = session
         return token, session
 
@@ -81,7 +89,31 @@ class SessionStore:
         token = request.cookies.get(COOKIE)
         if token:
             with self._lock:
-                self._sessions.pop(_digest(token), None)
+                session = self._sessions.pop(_digest(token), None)
+                if session is not None:
+                    self._flashes.pop(session.csrf, None)
+
+    def flash(self, session: Session, message: Any, now: float | None = None) -> bool:
+        """Hold ``message`` for this session's next `take_flash` (replacing an unread one); False for a header
+        request, which has no session to hold it."""
+        if session.via_header:
+            return False
+        now = time.time() if now is None else now
+        with self._lock:
+            for k in [k for k, (expires_at, _) in self._flashes.items() if expires_at <= now]:
+                del self._flashes[k]
+            self._flashes.pop(session.csrf, None)
+            self._flashes[session.csrf] = (now + FLASH_SECONDS, message)
+            while len(self._flashes) > MAX_SESSIONS:  # one per session at most; never more than sessions
+                del self._flashes[next(iter(self._flashes))]
+        return True
+
+    def take_flash(self, session: Session, now: float | None = None) -> Any:
+        """This session's flash, once (None when there is none or it expired)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            held = self._flashes.pop(session.csrf, None) if session.csrf else None
+        return held[1] if held is not None and held[0] > now else None
 
     def _key_active(self, key_hash: str) -> bool:
         """True while the key behind a session is not revoked (one indexed SQLite read per page)."""
@@ -110,6 +142,7 @@ class SessionStore:
                 if session is not None and (session.expires_at <= now or (
                         session.key_hash is not None and not self._key_active(session.key_hash))):
                     del self._sessions[digest]
+                    self._flashes.pop(session.csrf, None)
                     session = None
             if session is not None:
                 return session
