@@ -487,3 +487,34 @@ def test_an_unclaimed_flash_expires_and_flashes_stay_bounded(kassa: Kassa) -> No
         store.flash(Session(None, f"c{i}", 0.0), i, now=200.0)
     assert len(store._flashes) == MAX_SESSIONS
     assert store.take_flash(Session(None, f"c{MAX_SESSIONS + 49}", 0.0), now=201.0) == MAX_SESSIONS + 49
+
+
+def test_wrong_login_keys_are_throttled_per_client_address_with_a_429_page(kassa: Kassa) -> None:
+    """Wrong keys were checked at full speed, without limit."""
+    admin = kassa.keys.create("admin", "operator")
+    app = create_app(kassa)
+    with TestClient(app, client=("203.0.113.7", 40000)) as c:
+        for _ in range(10):  # session.LOGIN_BURST
+            assert _login(c, "ka_wrong") == 401
+        r = c.post("/dashboard/login", data={"key": admin, "next": "/dashboard"}, follow_redirects=False)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.headers["content-type"].startswith("text/html") and 'data-testid="login-error"' in r.text
+        assert f"Too many login attempts from 203.0.113.7: try again in {r.headers['retry-after']} s." in r.text
+        assert "kassa_session" not in r.headers.get("set-cookie", "")  # the right key is not even checked
+        other = TestClient(app, client=("203.0.113.8", 40000))  # another address is not held back
+        for _ in range(30):  # and good logins do not use up its allowance
+            assert _login(other, admin) == 303
+
+
+def test_the_login_throttle_refills_and_tracks_a_bounded_number_of_addresses() -> None:
+    from kassa.api.dashboard.session import LoginThrottle
+
+    clock = Clock(0.0)
+    throttle = LoginThrottle(burst=2, per_minute=6.0, max_clients=100, clock=clock)
+    assert throttle.attempt("a") == 0 and throttle.attempt("a") == 0
+    assert throttle.attempt("a") == 10  # one attempt every 10 s
+    clock.advance(10)
+    assert throttle.attempt("a") == 0
+    for i in range(1000):
+        throttle.attempt(f"10.0.{i // 256}.{i % 256}")
+    assert len(throttle._buckets) <= 100

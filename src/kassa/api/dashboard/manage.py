@@ -72,9 +72,16 @@ def login(dash: Dashboard) -> Callable[[Request], Awaitable[Response]]:
         except errors.KassaError as exc:
             return _login_page("/dashboard", exc.detail, exc.status)
         next_path = _safe_next(form.get("next"))
+        client = request.client.host if request.client else ""
+        wait = dash.sessions.throttle.attempt(client)
+        if wait:
+            refused = _login_page(next_path, f"Too many login attempts from {client}: try again in {wait} s.", 429)
+            refused.headers["Retry-After"] = str(wait)
+            return refused
         made = dash.sessions.login(form.get("key", "").strip())
         if made is None:
             return _login_page(next_path, "That is not a valid admin key.", 401)
+        dash.sessions.throttle.succeeded(client)
         response = RedirectResponse(next_path, status_code=303)
         set_cookie(response, request, made[0])
         return response

@@ -12,6 +12,13 @@
 - **Header.** ``Authorization: Bearer <admin key>`` works on every dashboard URL without a session
   (scripts, curl); a browser never attaches it on its own, so it needs no CSRF token.
 
+**Login throttle.** Wrong keys on the login form are limited per client address (`LoginThrottle`): a burst of
+``LOGIN_BURST`` attempts, then one every ``60 / LOGIN_PER_MINUTE`` s; over it the form answers 429 with
+``Retry-After`` without checking the key. A successful login gives its attempt back. The address is the
+connection's (uvicorn takes ``X-Forwarded-For`` only from ``FORWARDED_ALLOW_IPS``, the local host by default). At most
+``MAX_CLIENTS`` addresses are tracked: past that, the ones whose allowance has refilled are forgotten first, then
+the least recently seen.
+
 A **flash** is a message for the next page of one session, held here, read once: a key created from the form
 answers with a redirect (POST-redirect-GET, so reloading the page does not post the form again) and its
 plaintext waits server-side for the keys page to show it once, never in a URL. It expires after
@@ -23,11 +30,14 @@ still issues a session, so the CSRF check is the same.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +54,9 @@ from kassa.keys import hash_key
 COOKIE = "kassa_session"
 SESSION_SECONDS = 8 * 3600.0
 MAX_SESSIONS = 1000  # oldest dropped first: a flood of logins cannot grow the map without bound
+LOGIN_BURST = 10  # wrong keys a client may try at once on the login form
+LOGIN_PER_MINUTE = 10.0  # then this many a minute
+MAX_CLIENTS = 10_000  # addresses the login throttle tracks (~100 bytes each)
 FLASH_SECONDS = 300.0  # an unclaimed flash (a new key's plaintext) is dropped after this long
 
 
@@ -59,9 +72,55 @@ class LoginRequired(Exception):
     """No valid session or admin key: the page handler answers with the login form (or 401)."""
 
 
+class LoginThrottle:
+    """A token bucket per client address for login attempts: ``burst`` at once, ``per_minute`` after that."""
+
+    def __init__(self, burst: int = LOGIN_BURST, per_minute: float = LOGIN_PER_MINUTE,
+                 max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(burst)
+        self.rate = per_minute / 60.0
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: collections.OrderedDict[str, list[float]] = collections.OrderedDict()  # [tokens, at]
+        self._lock = threading.Lock()
+
+    def attempt(self, client: str) -> int:
+        """0 when ``client`` may try a key now (an attempt is taken), else whole seconds until it may."""
+        now = self.clock()
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                if len(self._buckets) >= self.max_clients:
+                    self._forget(now)
+                bucket = self._buckets[client] = [self.burst, now]
+            self._buckets.move_to_end(client)
+            tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+            if tokens >= 1.0:
+                bucket[0] = tokens - 1.0
+                return 0
+            bucket[0] = tokens
+            return max(1, math.ceil((1.0 - tokens) / self.rate))
+
+    def succeeded(self, client: str) -> None:
+        """Give back the attempt of a login that worked: only wrong keys count."""
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is not None:
+                bucket[0] = min(self.burst, bucket[0] + 1.0)
+
+    def _forget(self, now: float) -> None:
+        full = [c for c, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]
+        for c in full:
+            del self._buckets[c]
+        while len(self._buckets) >= self.max_clients:
+            self._buckets.popitem(last=False)  # least recently seen
+
+
 class SessionStore:
     def __init__(self, kassa: Kassa) -> None:
         self.kassa = kassa
+        self.throttle = LoginThrottle()
         self._sessions: dict[str, Session] = {}  # sha256(token) -> session
         self._flashes: dict[str, tuple[float, Any]] = {}  # session's csrf token -> (expires at, message)
         self._lock = threading.Lock()
