@@ -518,3 +518,17 @@ def test_the_login_throttle_refills_and_tracks_a_bounded_number_of_addresses() -
     for i in range(1000):
         throttle.attempt(f"10.0.{i // 256}.{i % 256}")
     assert len(throttle._buckets) <= 100
+
+
+def test_the_decision_window_keeps_the_newest_rows_and_does_not_read_dropped_files_again(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    from kassa.api.dashboard.decision_window import DecisionLogWindow
+
+    window = DecisionLogWindow(kassa.settings.data_path / "decisions", max_rows=2)
+    _serve(client, kassa, clock, 3, "a")
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    _serve(client, kassa, clock, 1, "b")
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    assert window.files_read == 4 and window.rows(clock() - 3 * 24 * 3600, clock()) is None
