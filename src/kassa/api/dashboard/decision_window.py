@@ -16,7 +16,8 @@ first: the writer's spool replays are the only such files). A file gone from the
 operator or retention) is dropped; a ``since`` before the window's first partition is not served
 (`rows` returns None, the caller queries the log).
 
-Reads serialize on a lock; the returned list is the caller's.
+Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
+of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
 """
 
 from __future__ import annotations
