@@ -532,3 +532,18 @@ def test_the_decision_window_keeps_the_newest_rows_and_does_not_read_dropped_fil
     held = window.rows(clock() - 60, clock())
     assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
     assert window.files_read == 4 and window.rows(clock() - 3 * 24 * 3600, clock()) is None
+
+
+def test_the_first_read_of_a_busy_day_stops_at_the_rows_the_pages_can_show(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The first read took every file of the day (up to ~172,800, millions of rows), then dropped most."""
+    from kassa.api.dashboard.decision_window import DecisionLogWindow
+
+    _serve(client, kassa, clock, 5, "a")
+    window = DecisionLogWindow(kassa.settings.data_path / "decisions", max_rows=2, first_chunk=1)
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    assert window.files_read == 3  # chunks of 1 then 2 files, newest first: the two oldest never read
+    _serve(client, kassa, clock, 1, "b")
+    again = window.rows(clock() - 60, clock())
+    assert again is not None and [r.ts for r in again] == [clock() - 1, clock() - 2]

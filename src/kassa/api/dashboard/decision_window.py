@@ -10,11 +10,12 @@ partitions from ``span_seconds`` ago on, and on each read lists those partitions
 not seen. A view then costs the files written since the last one, not the whole day.
 
 It holds what the query would return, by the same rules: rows with ``ts >= since``, newest first, at most
-``max_rows`` (files are dropped oldest first past that, as the query's ``ORDER BY ts DESC LIMIT`` drops the oldest
-rows; a file is dated by the time in its name, so a file holding rows older than a later file's can be dropped
-first: the writer's spool replays are the only such files). A file gone from the directory (removed by an
-operator or retention) is dropped; a ``since`` before the window's first partition is not served
-(`rows` returns None, the caller queries the log).
+``max_rows``, as the query's ``ORDER BY ts DESC LIMIT`` keeps the newest rows. New files are read newest first and
+no further once ``max_rows`` rows are read (a busy day's first read stops there), held files are dropped oldest
+first past it, and older files are skipped from then on. A file is dated by the time in its name, so a file
+holding rows older than a later file's can go first: the writer's spool replays are the only such files. A file
+gone from the directory (removed by an operator or retention) is dropped; a ``since`` before the window's first
+partition is not served (`rows` returns None, the caller queries the log).
 
 Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
 of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
@@ -30,8 +31,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
-# files per DuckDB query when many are new (the first read of a day of small files): bounds the SQL text
-_CHUNK = 2000
+# files per DuckDB query when many are new (the first read of a day): the first chunk is small and each next one
+# twice the last, up to `_MAX_CHUNK` (bounds the SQL text), so a busy day's big files stop the read near ``max_rows``
+_FIRST_CHUNK = 64
+_MAX_CHUNK = 2000
 
 
 class DecisionRow(NamedTuple):
@@ -63,8 +66,10 @@ def _date(ts: float) -> str:
 class DecisionLogWindow:
     """The rows of the decision log's files in the date partitions from ``span_seconds`` before ``now`` on."""
 
-    def __init__(self, directory: Path, span_seconds: float = 24 * 3600.0, max_rows: int = 100_000) -> None:
+    def __init__(self, directory: Path, span_seconds: float = 24 * 3600.0, max_rows: int = 100_000,
+                 first_chunk: int = _FIRST_CHUNK) -> None:
         self.directory = directory
+        self.first_chunk = first_chunk
         self.span_seconds = span_seconds
         self.max_rows = max_rows
         self.files_read = 0  # Parquet files read so far (each once, unless dropped and needed again)
@@ -133,15 +138,23 @@ class DecisionLogWindow:
         gone = [p for p in self._files if p not in listed]
         for path in gone:
             self._held -= len(self._files.pop(path))
-        new = sorted((p for p in listed if p not in self._files), key=listed.__getitem__)
-        for i in range(0, len(new), _CHUNK):
-            self._read(new[i:i + _CHUNK])
+        # newest first, and no further once ``max_rows`` are held: a busy day's first read (up to ~172,800 files,
+        # millions of rows) stops at what the pages can show instead of reading it all and dropping most
+        new = sorted((p for p in listed if p not in self._files), key=listed.__getitem__, reverse=True)
+        i, chunk, read = 0, self.first_chunk, 0
+        while i < len(new) and read < self.max_rows:
+            read += self._read(new[i:i + chunk])
+            i += chunk
+            chunk = min(2 * chunk, _MAX_CHUNK)
+        if i < len(new):  # left unread: older than what is held, and skipped from now on
+            self._floor = max(self._floor, listed[new[i]]) if self._floor is not None else listed[new[i]]
         if gone or new:
             self._newest = None
         if self._held > self.max_rows:
             self._evict(listed)
 
-    def _read(self, paths: list[str]) -> None:
+    def _read(self, paths: list[str]) -> int:
+        """Read and hold ``paths``; the number of rows they hold."""
         import duckdb  # as in outcomes: only the offline side and the dashboard need it
 
         files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
@@ -162,6 +175,7 @@ class DecisionLogWindow:
             self._files[path] = rows
             self._held += len(rows)
         self.files_read += len(paths)
+        return len(found)
 
     def _evict(self, listed: dict[str, tuple[int, int, str]]) -> None:
         """Drop the oldest files while the rest still hold ``max_rows``; later listings skip them."""
