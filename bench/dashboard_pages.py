@@ -2,10 +2,11 @@
 
 Writes ``--decisions`` decision records over the last 20 hours straight to the Parquet decision log, ``--per-file``
 to a file (the writer flushes every 0.5 s, so a quiet store writes a file per decision or two), an accept event for
-about half of them, and a catalog of ``--offers`` offers all in one placement; then serves it on a port of its own
-and times each page ``--rounds`` times with the admin key in the header (server side, as httpx sees it), and with
-``--browser`` in Debian's Chromium (Playwright) after logging in: a navigation to ``load``, and the last one's
-response start / end / DOMContentLoaded / load from the Navigation Timing entry. The first view after start reads
+about half of them (with ``--impressions``, an impression per shown offer too), and a catalog of ``--offers``
+offers all in one placement; then serves it on a port of its own and times each page ``--rounds`` times with
+the admin key in the header (server side, as httpx sees it), and with ``--browser`` in Debian's Chromium
+(Playwright) after logging in: a navigation to ``load``, and the last one's response start / end /
+DOMContentLoaded / load from the Navigation Timing entry. The first view after start reads
 the whole day of files (`DecisionLogWindow`); later views read only the files written since.
 
     PYTHONPATH=src python bench/dashboard_pages.py --decisions 30000 --offers 300 --per-file 3 --browser
@@ -37,7 +38,7 @@ PAGES = ("/dashboard", "/dashboard/placements", "/dashboard/placements/p", "/das
          "/dashboard/offers/offer-001", "/dashboard/keys")
 
 
-def _fill(kassa: Kassa, offers: list[str], n: int, per_file: int, now: float) -> int:
+def _fill(kassa: Kassa, offers: list[str], n: int, per_file: int, now: float, impressions: bool) -> int:
     rng = random.Random(1)
     writer = DecisionLogWriter(kassa.settings.data_path)
     events = []
@@ -51,11 +52,16 @@ def _fill(kassa: Kassa, offers: list[str], n: int, per_file: int, now: float) ->
             chosen_probabilities=[0.3, 0.3, 0.3], explored=False, fallback=False, took_ms=1.0 + rng.random()))
         if per_file and (i + 1) % per_file == 0:
             writer.flush()
+        if impressions:
+            events += [schemas.Event(event_id=uuid.uuid4().hex, type="impression", decision_id=f"d-{i}", offer_id=o)
+                       for o in chosen]
         if rng.random() < 0.5:
             events.append(schemas.Event(event_id=uuid.uuid4().hex, type="accept", decision_id=f"d-{i}",
                                         offer_id=chosen[0]))
     writer.close()
-    asyncio.run(kassa.event_log.append(events, now - 3600))
+    for i in range(0, len(events), 5000):
+        asyncio.run(kassa.event_log.append(events[i:i + 5000], now - 3600))
+    print(f"{len(events):,} events", flush=True)
     return len(list((kassa.settings.data_path / "decisions").rglob("*.parquet")))
 
 
@@ -88,6 +94,7 @@ def main() -> None:
     ap.add_argument("--offers", type=int, default=300)
     ap.add_argument("--per-file", type=int, default=3, help="decisions per Parquet file (0: one file)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--impressions", action="store_true", help="an impression event per shown offer too")
     ap.add_argument("--browser", action="store_true", help="also time the pages in Chromium")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="benchdashpages-"))
@@ -102,7 +109,7 @@ def main() -> None:
                              **{"server.port": port, "server.host": "127.0.0.1"})
     kassa = Kassa(settings, seed=7)
     t0 = time.perf_counter()
-    files = _fill(kassa, offers, args.decisions, args.per_file, time.time())
+    files = _fill(kassa, offers, args.decisions, args.per_file, time.time(), args.impressions)
     print(f"{args.decisions:,} decisions in {files:,} files, {args.offers} offers, filled in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     server = BackgroundServer(settings, kassa).start()
