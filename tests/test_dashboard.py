@@ -232,6 +232,7 @@ def test_a_refused_new_key_keeps_what_the_operator_typed_and_says_why(kassa: Kas
         assert blank.status_code == 422 and 'data-testid="key-error"' in blank.text
         assert len(kassa.keys.list()) == before  # nothing was created
         ok = c.post("/dashboard/keys", data={"kind": "secret", "name": "batch job"})
+        # a header request (a script) has no session to hold the secret for a redirect: it gets the page
         assert ok.status_code == 200 and 'data-testid="new-key"' in ok.text
         assert 'value="batch job"' not in ok.text  # the form is emptied once the key exists
     assert len(kassa.keys.list()) == before + 1
@@ -385,3 +386,194 @@ def test_a_drift_check_that_compared_nothing_is_not_shown_as_ok(kassa: Kassa) ->
             text = c.get(path).text
             assert '<span class="badge muted">nothing to compare yet</span>' in text, path
             assert '<span class="badge good">ok</span>' not in text, path
+
+
+def _serve(client: TestClient, kassa: Kassa, clock: Clock, n: int, tag: str) -> None:
+    """``n`` decisions a second apart, each flushed to a file of its own (as the writer does at low traffic)."""
+    for i in range(n):
+        assert client.post("/v1/decisions", json=decision_body(request_id=f"{tag}{i}")).status_code == 200
+        kassa.decision_log.flush()
+        clock.advance(1)
+
+
+def test_each_view_reads_only_the_decision_log_files_written_since_the_last(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The log is a file per flush (up to two a second): every view used to read every file of it."""
+    outcomes = Outcomes(kassa)
+    window = outcomes.decision_window
+    assert window is not None
+    _serve(client, kassa, clock, 3, "a")
+    since = clock() - 10
+    first = outcomes.placements(since, now=clock() + 120)
+    assert window.files_read == 3
+    _serve(client, kassa, clock, 2, "b")
+    again = outcomes.placements(since, now=clock() + 120)
+    assert window.files_read == 5  # the two new files only
+    assert again == Outcomes(kassa, incremental=False).placements(since, now=clock() + 120)
+    assert again["order_confirmation"].by_version["baseline"].decisions == 5
+    assert first["order_confirmation"].by_version["baseline"].decisions == 3
+    assert outcomes.recent(4) == Outcomes(kassa, incremental=False).recent(4)
+    assert outcomes.throughput(since, now=clock()) == Outcomes(kassa, incremental=False).throughput(since, now=clock())
+    newest = outcomes.recent(1)[0][0]
+    detail = outcomes.decision(newest)
+    assert detail is not None and detail.record["decision_id"] == newest
+    assert window.files_read == 5
+
+
+def test_the_reward_tables_read_only_the_last_days_of_the_decision_log(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """Partitions older than the window are not opened (a year of small files was read on every view)."""
+    _serve(client, kassa, clock, 2, "a")
+    old = kassa.settings.data_path / "decisions" / "date=2020-01-01"
+    old.mkdir(parents=True)
+    (old / "part-1577836800000-1.parquet").write_bytes(b"not parquet: reading it would fail the page")
+    for incremental in (True, False):
+        stats = Outcomes(kassa, incremental=incremental).placements(clock() - 3600, now=clock() + 120)
+        assert stats["order_confirmation"].by_version["baseline"].decisions == 2
+
+
+def test_the_offers_table_is_paged_with_a_count_and_links_that_keep_the_query(kassa: Kassa) -> None:
+    """A catalog of hundreds of offers was one table of hundreds of rows."""
+    base = kassa.catalog.snapshot.offers["discount"]
+    extra = 120 - len(kassa.catalog.snapshot.offers)
+    for i in range(extra):
+        kassa.catalog.put_offer(msgspec.structs.replace(base, id=f"zz-{i:03d}"))
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+        r = c.get("/dashboard/offers", params={"sort": "id", "page": "2"})
+        assert r.status_code == 200
+        body = r.text[r.text.index("<tbody>"):r.text.index("</tbody>")]
+        assert body.count("<tr>") == 50
+        pager = re.search(r'<p class="pager muted" data-testid="pager-page">(.*?)</p>', r.text)
+        assert pager is not None and pager.group(1).startswith("offers 51\u2013100 of 120")
+        assert 'rel="prev" href="?sort=id&amp;page=1"' in pager.group(1)
+        assert 'rel="next" href="?sort=id&amp;page=3"' in pager.group(1)
+        last = c.get("/dashboard/offers", params={"page": "99"})
+        assert "offers 101\u2013120 of 120" in last.text and 'rel="next"' not in last.text
+        bad = c.get("/dashboard/offers", params={"page": "two"})
+        assert bad.status_code == 422 and "page is a page number (1, 2, ...), not &#x27;two&#x27;" in bad.text
+        placement = c.get("/dashboard/placements/order_confirmation", params={"offers": "0"})
+        assert placement.status_code == 422 and "offers is a page number" in placement.text
+        assert 'data-testid="pager-offers">0 offers<' in c.get("/dashboard/placements/order_confirmation").text
+
+
+def test_a_new_key_is_post_redirect_get_with_its_secret_held_server_side_once(kassa: Kassa) -> None:
+    """Reloading the page the form posted to created a second key."""
+    admin = kassa.keys.create("admin", "operator")
+    with TestClient(create_app(kassa)) as c:
+        assert _login(c, admin) == 303
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/dashboard/keys").text)
+        assert token is not None
+        before = len(kassa.keys.list())
+        r = c.post("/dashboard/keys", data={"kind": "secret", "name": "nightly", "csrf": token.group(1)},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard/keys"
+        shown = c.get("/dashboard/keys")
+        secret = re.search(r'data-testid="new-key">.*?<code>([^<]+)</code>', shown.text)
+        assert secret is not None and kassa.keys.lookup(secret.group(1)) is not None
+        again = c.get("/dashboard/keys")
+        assert 'data-testid="new-key"' not in again.text and secret.group(1) not in again.text
+        assert len(kassa.keys.list()) == before + 1
+
+
+def test_an_unclaimed_flash_expires_and_flashes_stay_bounded(kassa: Kassa) -> None:
+    from kassa.api.dashboard.session import FLASH_SECONDS, MAX_SESSIONS, Session, SessionStore
+
+    store = SessionStore(kassa)
+    one = Session(None, "csrf-1", 0.0)
+    assert store.flash(one, "secret", now=100.0)
+    assert store.take_flash(one, now=100.0 + FLASH_SECONDS) is None  # expired
+    assert not store.flash(Session(None, "", 0.0, via_header=True), "x")  # no session to hold it
+    for i in range(MAX_SESSIONS + 50):
+        store.flash(Session(None, f"c{i}", 0.0), i, now=200.0)
+    assert len(store._flashes) == MAX_SESSIONS
+    assert store.take_flash(Session(None, f"c{MAX_SESSIONS + 49}", 0.0), now=201.0) == MAX_SESSIONS + 49
+
+
+def test_wrong_login_keys_are_throttled_per_client_address_with_a_429_page(kassa: Kassa) -> None:
+    """Wrong keys were checked at full speed, without limit."""
+    admin = kassa.keys.create("admin", "operator")
+    app = create_app(kassa)
+    with TestClient(app, client=("203.0.113.7", 40000)) as c:
+        for _ in range(10):  # session.LOGIN_BURST
+            assert _login(c, "ka_wrong") == 401
+        r = c.post("/dashboard/login", data={"key": admin, "next": "/dashboard"}, follow_redirects=False)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.headers["content-type"].startswith("text/html") and 'data-testid="login-error"' in r.text
+        assert f"Too many login attempts from 203.0.113.7: try again in {r.headers['retry-after']} s." in r.text
+        assert "kassa_session" not in r.headers.get("set-cookie", "")  # the right key is not even checked
+        other = TestClient(app, client=("203.0.113.8", 40000))  # another address is not held back
+        for _ in range(30):  # and good logins do not use up its allowance
+            assert _login(other, admin) == 303
+
+
+def test_the_login_throttle_refills_and_tracks_a_bounded_number_of_addresses() -> None:
+    from kassa.api.dashboard.session import LoginThrottle
+
+    clock = Clock(0.0)
+    throttle = LoginThrottle(burst=2, per_minute=6.0, max_clients=100, clock=clock)
+    assert throttle.attempt("a") == 0 and throttle.attempt("a") == 0
+    assert throttle.attempt("a") == 10  # one attempt every 10 s
+    clock.advance(10)
+    assert throttle.attempt("a") == 0
+    for i in range(1000):
+        throttle.attempt(f"10.0.{i // 256}.{i % 256}")
+    assert len(throttle._buckets) <= 100
+
+
+def test_the_decision_window_keeps_the_newest_rows_and_does_not_read_dropped_files_again(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    from kassa.api.dashboard.decision_window import DecisionLogWindow
+
+    window = DecisionLogWindow(kassa.settings.data_path / "decisions", max_rows=2)
+    _serve(client, kassa, clock, 3, "a")
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    _serve(client, kassa, clock, 1, "b")
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    assert window.files_read == 4 and window.rows(clock() - 3 * 24 * 3600, clock()) is None
+
+
+def test_the_first_read_of_a_busy_day_stops_at_the_rows_the_pages_can_show(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """The first read took every file of the day (up to ~172,800, millions of rows), then dropped most."""
+    from kassa.api.dashboard.decision_window import DecisionLogWindow
+
+    _serve(client, kassa, clock, 5, "a")
+    window = DecisionLogWindow(kassa.settings.data_path / "decisions", max_rows=2, first_chunk=1)
+    held = window.rows(clock() - 60, clock())
+    assert held is not None and [r.ts for r in held] == [clock() - 1, clock() - 2]
+    assert window.files_read == 3  # chunks of 1 then 2 files, newest first: the two oldest never read
+    _serve(client, kassa, clock, 1, "b")
+    again = window.rows(clock() - 60, clock())
+    assert again is not None and [r.ts for r in again] == [clock() - 1, clock() - 2]
+
+
+def test_each_view_reads_only_the_events_logged_since_the_last_on_sqlite(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """Every placement view read and decoded every event of the day (~250 ms at 105,000 events)."""
+    _serve(client, kassa, clock, 3, "a")
+    outcomes = Outcomes(kassa)
+    window = outcomes._sqlite_window
+    assert window is not None
+    ids = [r[0] for r in outcomes.recent(3)]
+
+    def accept(decision_id: str, n: int) -> None:
+        offer = outcomes.decision(decision_id).shown[0].offer_id  # type: ignore[union-attr]
+        events = [{"event_id": f"{decision_id}-{n}", "type": "accept", "decision_id": decision_id, "offer_id": offer}]
+        assert client.post("/v1/events", json={"events": events}).status_code == 200
+
+    accept(ids[0], 1)
+    since = clock() - 60
+    first = outcomes.placements(since, now=clock() + 120)
+    assert window.read_events == 1
+    accept(ids[1], 2)
+    accept(ids[2], 3)
+    again = outcomes.placements(since, now=clock() + 120)
+    assert window.read_events == 3  # the two new events only
+    assert again == Outcomes(kassa, incremental=False).placements(since, now=clock() + 120)
+    assert first != again and again["order_confirmation"].by_version["baseline"].reward == pytest.approx(3.0)
+    small = Outcomes(kassa)  # past its cap the window lets go and views read in full, as before
+    assert small._sqlite_window is not None
+    small._sqlite_window.max_events = 2
+    assert small.placements(since, now=clock() + 120) == again and small._sqlite_window.full_reads

@@ -282,6 +282,25 @@ def test_revoking_a_key_refuses_it_on_the_api(dpage: Any, dash: Dash) -> None:
     shot(dpage, dash, "keys")
 
 
+def test_reloading_after_creating_a_key_creates_no_second_key_and_shows_the_secret_once(
+        dpage: Any, dash: Dash) -> None:
+    """The form posted to the page that showed the key: a reload posted it again and made a second key."""
+    login(dpage, dash, path="/dashboard/keys")
+    before = len(dash.kassa.keys.list())
+    dpage.select_option("select[name=kind]", "secret")
+    dpage.fill("input[name=name]", "reload-check")
+    dpage.click("form.inline button")
+    dpage.wait_for_load_state()
+    secret = dpage.inner_text("[data-testid=new-key] code")
+    assert dpage.url == dash.url + "/dashboard/keys"  # redirected, and the secret is not in the URL
+    assert dash.kassa.keys.lookup(secret) is not None
+    dpage.reload()
+    dpage.wait_for_load_state()
+    assert len(dash.kassa.keys.list()) == before + 1
+    assert dpage.locator("[data-testid=new-key]").count() == 0  # shown once
+    assert secret not in dpage.content()
+
+
 def test_hostile_offer_text_is_shown_as_text_never_run(dpage: Any, dash: Dash) -> None:
     login(dpage, dash, path="/dashboard/offers")
     assert HOSTILE in dpage.inner_text("table")

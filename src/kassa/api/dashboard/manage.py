@@ -4,7 +4,8 @@ Edits go through the same services and wire types as the JSON API: an offer or a
 as its JSON document, decoded with ``schemas.Offer`` / ``schemas.Placement`` (so the dashboard accepts
 exactly what ``PUT /v1/offers/{id}`` accepts) and saved with the catalog, which rebuilds the snapshot
 the hot path reads. Keys are listed by hash prefix (plaintext is never stored) and revoked by it; a new
-key's plaintext is shown once, on the page that created it.
+key's plaintext is shown once: the form's post redirects to the keys page (reloading it does not create a
+second key) and the session's flash (`SessionStore.flash`) holds the plaintext for that one page view.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.responses import RedirectResponse, Response
 from kassa import errors, schemas
 from kassa.api.catalog import store_offer, store_placement
 from kassa.api.common import decode, no_nul
-from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, table, url
+from kassa.api.dashboard.render import Markup, badge, csrf_field, h, link, num, page, paged, table, url
 from kassa.api.dashboard.session import Session, clear_cookie, own_origin, set_cookie
 from kassa.api.dashboard.state import read_form
 from kassa.keys import AmbiguousKeyId, InvalidOrigin, KeyKind
@@ -71,9 +72,16 @@ def login(dash: Dashboard) -> Callable[[Request], Awaitable[Response]]:
         except errors.KassaError as exc:
             return _login_page("/dashboard", exc.detail, exc.status)
         next_path = _safe_next(form.get("next"))
+        client = request.client.host if request.client else ""
+        wait = dash.sessions.throttle.attempt(client)
+        if wait:
+            refused = _login_page(next_path, f"Too many login attempts from {client}: try again in {wait} s.", 429)
+            refused.headers["Retry-After"] = str(wait)
+            return refused
         made = dash.sessions.login(form.get("key", "").strip())
         if made is None:
             return _login_page(next_path, "That is not a valid admin key.", 401)
+        dash.sessions.throttle.succeeded(client)
         response = RedirectResponse(next_path, status_code=303)
         set_cookie(response, request, made[0])
         return response
@@ -108,7 +116,8 @@ async def offers(dash: Dashboard, request: Request, session: Session, form: dict
              badge("active", "good") if o.active else badge("inactive", "muted"),
              num(o.stock) if o.stock is not None else "—")
             for o in sorted(snapshot.offers.values(), key=lambda o: o.id)]
-    body = table(["offer", "kind", "title", "value", "state", "stock"], rows, "no offers in the catalog")
+    shown, pager = paged(rows, request.query_params, "page", "offers")
+    body = table(["offer", "kind", "title", "value", "state", "stock"], shown, "no offers in the catalog") + pager
     return page("Offers", body, "/dashboard/offers", session.csrf)
 
 
@@ -191,6 +200,11 @@ def _full_hash(dash: Dashboard, prefix: str) -> str:
     return digest
 
 
+def _new_key(kind: str, name: str, plaintext: str) -> str:
+    return (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
+            f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+
+
 async def keys(dash: Dashboard, request: Request, session: Session, form: dict[str, str]) -> Response:
     kassa = dash.kassa
     created = ""
@@ -212,9 +226,14 @@ async def keys(dash: Dashboard, request: Request, session: Session, form: dict[s
             created = f'<p class="error" data-testid="key-error">{h(_problem(exc))}</p>'
             status = exc.status
         else:
-            created = (f'<p class="ok" data-testid="new-key">New {h(kind)} key <b>{h(name)}</b>: '
-                       f"<code>{h(plaintext)}</code> — copy it now, it is not shown again.</p>")
+            if dash.sessions.flash(session, (kind, name, plaintext)):
+                return RedirectResponse("/dashboard/keys", status_code=303)  # POST-redirect-GET
+            created = _new_key(kind, name, plaintext)  # a script's header request: no session to hold it
             kind, name, origins_text = "", "", ""
+    else:
+        flashed = dash.sessions.take_flash(session)
+        if flashed is not None:
+            created = _new_key(*flashed)
     rows = []
     for k in await asyncio.to_thread(kassa.keys.list):
         action = url("/dashboard/keys", k["id"], "revoke")

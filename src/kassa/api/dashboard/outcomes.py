@@ -11,7 +11,9 @@ and an ``order`` event without a ``decision_id`` (attributed by customer in the 
 
 Reads are bounded (``since`` and ``max_decisions``) and run on a worker thread (the caller's job): the
 dashboard reads the logs, it never slows the hot path. The decision log writer is flushed first, so a
-decision served a moment ago can be looked up.
+decision served a moment ago can be looked up. The decision log's last day comes from
+`decision_window.DecisionLogWindow` (each Parquet file read once); a query of the log itself opens only the date
+partitions from ``since`` on.
 
 An event's time, against which the reward window is checked: on SQLite its ``received_at`` (when Kassa
 accepted it); on JetStream the time JetStream stored the message (read from each delivery's reply subject),
@@ -27,6 +29,7 @@ decision's lookup scans from the decision's own time (less `_SKEW_SECONDS`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +40,8 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from kassa import schemas
+from kassa.api.dashboard.decision_window import DecisionLogWindow, DecisionRow
+from kassa.api.dashboard.event_window import SqliteEventWindow
 from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
 from kassa.events.jetstream_log import JetStreamEventLog
@@ -49,9 +54,15 @@ _BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1
 
 
 ALL_VERSIONS = "all versions"
+# The placement pages' decisions: the newest this many of the last `DECISION_WINDOW_SECONDS` (the page says so).
+MAX_DECISIONS = 100_000
+DECISION_WINDOW_SECONDS = 24 * 3600.0
 # At most this many events are read from the JetStream events stream for one page (`Outcomes.max_events`):
 # 100,000 took 1.8-3.6 s and 1.2-2.1 s of CPU on the shared 2-core VM (`JetStreamEventLog.scan_since`).
 MAX_EVENTS = 100_000
+# The SQLite log's window (`event_window`) holds at most this many events, ~0.28 KB each (tracemalloc: 29 MB for
+# 105,000); past it the placement pages read the log in full on every view, as before.
+SQLITE_WINDOW_EVENTS = 200_000
 # Events are read from this long before a decision's time: the decision's clock (the serving host's) and
 # the event's (JetStream's stored time, or the SQLite writer's) can differ a little.
 _SKEW_SECONDS = 5.0
@@ -152,17 +163,51 @@ class Outcomes:
         # `stream_window`); ``incremental=False`` reads the whole window on every view, as `decision` does.
         self._window = (StreamEventWindow(self._stream, self.max_events, refresh_seconds)
                         if self._stream is not None and incremental else None)
+        # On SQLite, the same: the rows added since the last view (`event_window`).
+        self._sqlite_window = (SqliteEventWindow(self._events, SQLITE_WINDOW_EVENTS)
+                               if self._events is not None and incremental else None)
+        # The decision log's last day, each file read once (see `decision_window`); ``incremental=False`` queries
+        # the whole log on every view.
+        self.decision_window = (DecisionLogWindow(self.decisions_dir, DECISION_WINDOW_SECONDS, MAX_DECISIONS)
+                                if incremental else None)
 
     # ------------------------------------------------------------------ raw reads
-    def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int) -> list[tuple]:
+    def _decisions_since(self, since: float, limit: int, now: float) -> list[tuple]:
+        """(decision_id, ts, placement, model_version, chosen, ...) of the newest ``limit`` decisions at or after
+        ``since``, newest first: from the window when it covers ``since``, else from the log."""
+        window = self.decision_window
+        if window is not None and limit <= window.max_rows:
+            self.kassa.decision_log.flush()
+            held = window.rows(since, now)
+            if held is not None:
+                return held[:limit]  # type: ignore[return-value]
+        return self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen", limit,
+                                     from_day=_day(since))
+
+    def _source(self, from_day: str | None = None, path: str | None = None) -> str | None:
+        """The log as a DuckDB table: its partitions from ``from_day`` on (all: None), or one of its files; None when
+        there is nothing to read. Partitions are listed here: DuckDB opens the first file of a glob to bind the query
+        even when a filter on ``date`` then prunes it, and a parameter in that filter pruned nothing."""
+        if path is not None:
+            globs = [path]
+        else:
+            globs = [str(d / "*.parquet") for d in sorted(self.decisions_dir.glob("date=*"))
+                     if (from_day is None or d.name[5:] >= from_day) and any(d.glob("*.parquet"))]
+            if not globs:
+                return None
+        files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
+        return f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'date': DATE}})"
+
+    def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int,
+                         path: str | None = None, from_day: str | None = None) -> list[tuple]:
+        """A query of the log (its partitions from ``from_day`` on), or of one of its files (``path``)."""
         import duckdb  # as in read_decisions: only the offline side and the dashboard need it
 
         self.kassa.decision_log.flush()
-        if not any(self.decisions_dir.glob("date=*/*.parquet")):
+        source = self._source(from_day, path)
+        if source is None:
             return []
-        glob = str(self.decisions_dir / "*" / "*.parquet").replace("'", "''")
-        sql = (f"SELECT {columns} FROM read_parquet('{glob}', hive_partitioning = true, "
-               f"hive_types = {{'date': DATE}}) WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}")
+        sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}"
         con = duckdb.connect()
         try:
             return con.execute(sql, params).fetchall()
@@ -176,22 +221,24 @@ class Outcomes:
         import duckdb
 
         now = time.time() if now is None else now
-        if not any(self.decisions_dir.glob("date=*/*.parquet")):
+        window = self.decision_window
+        held = window.rows(since, now) if window is not None else None
+        if held is not None and len(held) < window.max_rows:  # type: ignore[union-attr]  # else: maybe cut short
+            return _throughput(held, since, points, now)
+        table = self._source(_day(since))
+        if table is None:
             return 60.0, []
-        glob = str(self.decisions_dir / "*" / "*.parquet").replace("'", "''")
-        source = (f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}) "
-                  "WHERE date >= CAST(? AS DATE) AND ts >= ?")
-        day = time.strftime("%Y-%m-%d", time.gmtime(since))
+        source = f"{table} WHERE ts >= ?"
         con = duckdb.connect()
         try:
-            first = con.execute(f"SELECT min(ts) FROM {source}", [day, since]).fetchone()
+            first = con.execute(f"SELECT min(ts) FROM {source}", [since]).fetchone()
             if first is None or first[0] is None:
                 return 60.0, []
             bucket = next((b for b in _BUCKETS if b >= (now - first[0]) / points), _BUCKETS[-1])
             rows = con.execute(
                 f"SELECT floor(ts / {bucket}) * {bucket} AS t, count(*), avg(CAST(fallback AS DOUBLE)), "
                 f"quantile_cont(took_ms, 0.5), quantile_cont(took_ms, 0.99) FROM {source} GROUP BY t ORDER BY t",
-                [day, since]).fetchall()
+                [since]).fetchall()
         finally:
             con.close()
         # a rate over the part of the bucket that has happened (and is inside the window): the newest bucket
@@ -246,8 +293,7 @@ class Outcomes:
                    now: float | None = None) -> dict[str, PlacementOutcomes]:
         """Reward and revenue by model version, by offer and over time, for decisions since ``since``."""
         now = time.time() if now is None else now
-        rows = self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen",
-                                     max_decisions)
+        rows = self._decisions_since(since, max_decisions, now)
         if not rows:
             return {}
         # events of these decisions only arrive after the oldest of them: no older event is read
@@ -255,6 +301,10 @@ class Outcomes:
         if self._window is not None:
             with self._window.since(events_since) as (held, cut_at):
                 return self._tally(rows, held, cut_at, buckets, now)
+        if self._sqlite_window is not None:
+            with self._sqlite_window.since(events_since) as by_decision:
+                if by_decision is not None:
+                    return self._tally(rows, by_decision, None, buckets, now)
         events, cut_at = self._events_for(None, events_since)
         return self._tally(rows, events, cut_at, buckets, now)
 
@@ -265,30 +315,46 @@ class Outcomes:
         bucket_seconds = next((b for b in _BUCKETS if b >= span / buckets), _BUCKETS[-1])
         out: dict[str, PlacementOutcomes] = {}
         curves: dict[tuple[str, str, float], list[float]] = {}
-        for decision_id, ts, placement, version, chosen in rows:
-            po = out.get(placement)
-            if po is None:
-                po = out[placement] = PlacementOutcomes(placement, bucket_seconds=bucket_seconds,
-                                                        events_cut_at=cut_at)
-            view = snapshot.placements.get(placement)
-            definition = _weights(view.placement.reward if view else None)
-            by_version = po.by_version.setdefault(version, Tally())
+        # per placement (PlacementOutcomes, reward definition): looked up once, not per row (30,000 rows: 150 ms
+        # of tally went half to per-row lookups and to Tally() objects made for setdefault and thrown away)
+        placements: dict[str, tuple[PlacementOutcomes, schemas.RewardDefinition]] = {}
+        no_events: list[tuple[float, Credited]] = []
+        for row in rows:
+            decision_id, ts, placement, version, chosen = row[0], row[1], row[2], row[3], row[4]
+            known = placements.get(placement)
+            if known is None:
+                view = snapshot.placements.get(placement)
+                known = placements[placement] = (
+                    out.setdefault(placement, PlacementOutcomes(placement, bucket_seconds=bucket_seconds,
+                                                                events_cut_at=cut_at)),
+                    _weights(view.placement.reward if view else None))
+            po, definition = known
+            by_version = po.by_version.get(version)
+            if by_version is None:
+                by_version = po.by_version[version] = Tally()
+            by_offer = po.by_offer
             if now < ts + definition.wait_seconds:
                 by_version.open += 1
                 for offer_id in chosen or ():
-                    po.by_offer.setdefault(offer_id, Tally()).open += 1
+                    t = by_offer.get(offer_id)
+                    if t is None:
+                        t = by_offer[offer_id] = Tally()
+                    t.open += 1
                 continue
-            per_offer = self._offer_rewards(definition, ts, chosen or [], events.get(decision_id, []))
-            reward = sum(r for r, _ in per_offer.values())
-            revenue = sum(v for _, v in per_offer.values())
-            by_version.decisions += 1
-            by_version.reward += reward
-            by_version.revenue += revenue
+            per_offer = self._offer_rewards(definition, ts, chosen or [], events.get(decision_id, no_events))
+            reward = revenue = 0.0
             for offer_id, (r, v) in per_offer.items():
-                t = po.by_offer.setdefault(offer_id, Tally())
+                reward += r
+                revenue += v
+                t = by_offer.get(offer_id)
+                if t is None:
+                    t = by_offer[offer_id] = Tally()
                 t.decisions += 1
                 t.reward += r
                 t.revenue += v
+            by_version.decisions += 1
+            by_version.reward += reward
+            by_version.revenue += revenue
             bucket = ts - ts % bucket_seconds
             acc = curves.setdefault((placement, version, bucket), [0.0, 0.0])
             acc[0] += reward
@@ -334,7 +400,14 @@ class Outcomes:
         now = time.time() if now is None else now
         columns = ("decision_id, ts, placement, model_version, request_id, customer_id, features_json, "
                    "candidates, probabilities, chosen, chosen_probabilities, explored, fallback, took_ms")
-        rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1)
+        rows: list[tuple] = []
+        if self.decision_window is not None:  # a decision of the last day: read only its file
+            self.kassa.decision_log.flush()
+            path = self.decision_window.file_of(decision_id, self.kassa.clock())
+            if path is not None:
+                rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1, path)
+        if not rows:
+            rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1)
         if not rows:
             return None
         names = [c.strip() for c in columns.split(",")]
@@ -361,5 +434,38 @@ class Outcomes:
 
     def recent(self, limit: int = 20) -> list[tuple[str, float, str, str, list[str]]]:
         """The newest decisions: (id, ts, placement, model version, shown offers)."""
+        window = self.decision_window
+        if window is not None:
+            now = self.kassa.clock()
+            self.kassa.decision_log.flush()
+            held = window.rows(now - window.span_seconds, now)
+            if held is not None and len(held) >= limit:  # the newest of the log: anything not held is older
+                return [(r.decision_id, r.ts, r.placement, r.model_version, list(r.chosen)) for r in held[:limit]]
         rows = self._query_decisions("TRUE", [], "decision_id, ts, placement, model_version, chosen", limit)
         return [(r[0], r[1], r[2], r[3], list(r[4] or [])) for r in rows]
+
+
+def _day(ts: float) -> str:
+    """The decision log's date partition of a time (`decision_log._utc_date`)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def _throughput(rows: list[DecisionRow], since: float, points: int, now: float
+                ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
+    """`Outcomes.throughput` over held rows (newest first): the same buckets and numbers as its query."""
+    import numpy as np
+
+    if not rows:
+        return 60.0, []
+    bucket = next((b for b in _BUCKETS if b >= (now - rows[-1].ts) / points), _BUCKETS[-1])
+    groups: dict[float, list[DecisionRow]] = {}
+    for r in reversed(rows):
+        groups.setdefault(math.floor(r.ts / bucket) * bucket, []).append(r)
+    out = []
+    for t, group in sorted(groups.items()):
+        took = np.fromiter((r.took_ms for r in group), float, len(group))
+        p50, p99 = np.quantile(took, [0.5, 0.99])  # linear interpolation, as DuckDB's quantile_cont
+        n = len(group)
+        out.append((float(t), n / max(min(t + bucket, now) - max(t, since), min(bucket, 1.0)),
+                    sum(r.fallback for r in group) / n, float(p50), float(p99)))
+    return bucket, out

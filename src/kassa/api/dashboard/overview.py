@@ -14,7 +14,7 @@ from starlette.responses import Response
 from kassa import errors
 from kassa.api.dashboard.charts import bar_chart, line_chart
 from kassa.api.dashboard.outcomes import Tally
-from kassa.api.dashboard.render import Markup, badge, card, h, link, ms, num, page, pct, table, url, when
+from kassa.api.dashboard.render import Markup, badge, card, h, link, ms, num, page, paged, pct, table, url, when
 from kassa.api.dashboard.session import Session
 from kassa.api.dashboard.traffic import read_traffic
 from kassa.learn.registry import ModelVersion
@@ -212,6 +212,7 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
     by_offer = most_shown(stats.by_offer if stats else {})
     offer_rows = [(o, num(t.decisions), num(t.open), num(t.reward_rate), num(t.revenue_per_1000, 2))
                   for o, t in by_offer]
+    offer_rows_shown, offer_pager = paged(offer_rows, request.query_params, "offers", "offers")
     curve = {v: [(x, y) for x, y, _ in pts] for v, pts in (stats.curve if stats else {}).items()}
     bucket = int(stats.bucket_seconds) if stats else 60
     learned = [(mv.created_at, float(mv.rows)) for mv in versions if mv.source == "online"]
@@ -220,8 +221,8 @@ async def placement(dash: Dashboard, request: Request, session: Session, form: d
             + table(["model version", "closed decisions", "open", "reward / decision", "revenue / 1,000 decisions"],
                     version_rows, "no decisions logged in the last day") + "</div>"
             + '<h2>Reward by offer</h2><div data-testid="reward-by-offer">'
-            + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"], offer_rows,
-                    "no impressions logged in the last day") + "</div>"
+            + table(["offer", "impressions", "open", "reward / impression", "revenue / 1,000 impressions"],
+                    offer_rows_shown, "no impressions logged in the last day") + offer_pager + "</div>"
             + bar_chart(sorted(((o, t.reward_rate or 0.0) for o, t in by_offer[:CHART_OFFERS]), key=lambda b: -b[1]),
                         f"Reward per impression, the {min(CHART_OFFERS, len(by_offer))} most-shown offers"
                         if by_offer else "Reward per impression")

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from html import escape
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
+from starlette.datastructures import QueryParams
 from starlette.responses import HTMLResponse
+
+from kassa import errors
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -81,6 +84,34 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "n
         body = f'<tr><td colspan="{len(headers)}" class="muted">{h(empty)}</td></tr>'
     head = "".join(f"<th>{h(x)}</th>" for x in headers)
     return f'<table class="{h(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+PAGE_SIZE = 50  # rows per page of a long table (offers): a catalog of hundreds stays one screenful per page
+T = TypeVar("T")
+
+
+def paged(rows: Sequence[T], query: QueryParams, param: str = "page", noun: str = "rows",
+          size: int = PAGE_SIZE) -> tuple[Sequence[T], str]:
+    """One page of ``rows`` (``?<param>=N``, from 1) and the pager to put under its table: which rows of how many,
+    and previous / next links that keep the page's other query parameters. A page past the last shows the last;
+    a page that is not a whole number from 1 is refused (422)."""
+    raw = query.get(param, "1")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise errors.Invalid(f"{param} is a page number (1, 2, ...), not {raw[:20]!r}", param)
+    pages = max(1, -(-len(rows) // size))
+    n = min(int(raw), pages)
+    start = (n - 1) * size
+    shown = rows[start:start + size]
+    keep = [(k, v) for k, v in query.multi_items() if k != param]
+
+    def to(target: int) -> str:  # a relative URL: this page's path, its query with only the page changed
+        return h("?" + urlencode([*keep, (param, str(target))]))
+
+    count = (f"{h(noun)} {start + 1:,}\u2013{start + len(shown):,} of {len(rows):,}" if pages > 1
+             else f"{len(rows):,} {h(noun)}")
+    prev = f' <a rel="prev" href="{to(n - 1)}">Previous</a>' if n > 1 else ""
+    nxt = f' <a rel="next" href="{to(n + 1)}">Next</a>' if n < pages else ""
+    return shown, f'<p class="pager muted" data-testid="pager-{h(param)}">{count}{prev}{nxt}</p>'
 
 
 def card(label: str, value: str, note: str = "", test_id: str = "") -> str:

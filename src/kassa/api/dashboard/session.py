@@ -12,18 +12,34 @@
 - **Header.** ``Authorization: Bearer <admin key>`` works on every dashboard URL without a session
   (scripts, curl); a browser never attaches it on its own, so it needs no CSRF token.
 
+**Login throttle.** Wrong keys on the login form are limited per client address (`LoginThrottle`): a burst of
+``LOGIN_BURST`` attempts, then one every ``60 / LOGIN_PER_MINUTE`` s; over it the form answers 429 with
+``Retry-After`` without checking the key. A successful login gives its attempt back. The address is the
+connection's (uvicorn takes ``X-Forwarded-For`` only from ``FORWARDED_ALLOW_IPS``, the local host by default). At most
+``MAX_CLIENTS`` addresses are tracked: past that, the ones whose allowance has refilled are forgotten first, then
+the least recently seen.
+
+A **flash** is a message for the next page of one session, held here, read once: a key created from the form
+answers with a redirect (POST-redirect-GET, so reloading the page does not post the form again) and its
+plaintext waits server-side for the keys page to show it once, never in a URL. It expires after
+``FLASH_SECONDS`` if that page is not loaded, and with its session.
+
 With ``auth: false`` in the settings (local development only) the dashboard opens without a key but
 still issues a session, so the CSRF check is the same.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from starlette.requests import Request
@@ -38,6 +54,10 @@ from kassa.keys import hash_key
 COOKIE = "kassa_session"
 SESSION_SECONDS = 8 * 3600.0
 MAX_SESSIONS = 1000  # oldest dropped first: a flood of logins cannot grow the map without bound
+LOGIN_BURST = 10  # wrong keys a client may try at once on the login form
+LOGIN_PER_MINUTE = 10.0  # then this many a minute
+MAX_CLIENTS = 10_000  # addresses the login throttle tracks (~100 bytes each)
+FLASH_SECONDS = 300.0  # an unclaimed flash (a new key's plaintext) is dropped after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +72,57 @@ class LoginRequired(Exception):
     """No valid session or admin key: the page handler answers with the login form (or 401)."""
 
 
+class LoginThrottle:
+    """A token bucket per client address for login attempts: ``burst`` at once, ``per_minute`` after that."""
+
+    def __init__(self, burst: int = LOGIN_BURST, per_minute: float = LOGIN_PER_MINUTE,
+                 max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(burst)
+        self.rate = per_minute / 60.0
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: collections.OrderedDict[str, list[float]] = collections.OrderedDict()  # [tokens, at]
+        self._lock = threading.Lock()
+
+    def attempt(self, client: str) -> int:
+        """0 when ``client`` may try a key now (an attempt is taken), else whole seconds until it may."""
+        now = self.clock()
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                if len(self._buckets) >= self.max_clients:
+                    self._forget(now)
+                bucket = self._buckets[client] = [self.burst, now]
+            self._buckets.move_to_end(client)
+            tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+            if tokens >= 1.0:
+                bucket[0] = tokens - 1.0
+                return 0
+            bucket[0] = tokens
+            return max(1, math.ceil((1.0 - tokens) / self.rate))
+
+    def succeeded(self, client: str) -> None:
+        """Give back the attempt of a login that worked: only wrong keys count."""
+        with self._lock:
+            bucket = self._buckets.get(client)
+            if bucket is not None:
+                bucket[0] = min(self.burst, bucket[0] + 1.0)
+
+    def _forget(self, now: float) -> None:
+        full = [c for c, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]
+        for c in full:
+            del self._buckets[c]
+        while len(self._buckets) >= self.max_clients:
+            self._buckets.popitem(last=False)  # least recently seen
+
+
 class SessionStore:
     def __init__(self, kassa: Kassa) -> None:
         self.kassa = kassa
+        self.throttle = LoginThrottle()
         self._sessions: dict[str, Session] = {}  # sha256(token) -> session
+        self._flashes: dict[str, tuple[float, Any]] = {}  # session's csrf token -> (expires at, message)
         self._lock = threading.Lock()
 
     def _admin_hash(self, key: str) -> str | None:
@@ -73,7 +140,7 @@ class SessionStore:
         with self._lock:
             if len(self._sessions) >= MAX_SESSIONS:
                 oldest = min(self._sessions, key=lambda k: self._sessions[k].expires_at)
-                del self._sessions[oldest]
+                self._flashes.pop(self._sessions.pop(oldest).csrf, None)
             self._sessions[_digest(token)] = session
         return token, session
 
@@ -81,7 +148,31 @@ class SessionStore:
         token = request.cookies.get(COOKIE)
         if token:
             with self._lock:
-                self._sessions.pop(_digest(token), None)
+                session = self._sessions.pop(_digest(token), None)
+                if session is not None:
+                    self._flashes.pop(session.csrf, None)
+
+    def flash(self, session: Session, message: Any, now: float | None = None) -> bool:
+        """Hold ``message`` for this session's next `take_flash` (replacing an unread one); False for a header
+        request, which has no session to hold it."""
+        if session.via_header:
+            return False
+        now = time.time() if now is None else now
+        with self._lock:
+            for k in [k for k, (expires_at, _) in self._flashes.items() if expires_at <= now]:
+                del self._flashes[k]
+            self._flashes.pop(session.csrf, None)
+            self._flashes[session.csrf] = (now + FLASH_SECONDS, message)
+            while len(self._flashes) > MAX_SESSIONS:  # one per session at most; never more than sessions
+                del self._flashes[next(iter(self._flashes))]
+        return True
+
+    def take_flash(self, session: Session, now: float | None = None) -> Any:
+        """This session's flash, once (None when there is none or it expired)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            held = self._flashes.pop(session.csrf, None) if session.csrf else None
+        return held[1] if held is not None and held[0] > now else None
 
     def _key_active(self, key_hash: str) -> bool:
         """True while the key behind a session is not revoked (one indexed SQLite read per page)."""
@@ -110,6 +201,7 @@ class SessionStore:
                 if session is not None and (session.expires_at <= now or (
                         session.key_hash is not None and not self._key_active(session.key_hash))):
                     del self._sessions[digest]
+                    self._flashes.pop(session.csrf, None)
                     session = None
             if session is not None:
                 return session
