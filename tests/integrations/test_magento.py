@@ -323,6 +323,19 @@ def test_iter_products_pages_through_many_products_sharing_one_updated_at(fake: 
     assert skus == [f"SKU-{i:06d}" for i in range(1, 41)]
 
 
+def test_an_unmappable_product_is_skipped_and_reported_not_a_stuck_sync(fake: MagentoFake, tmp_path: Any) -> None:
+    from kassa.catalog.store import SqlCatalogStore
+    from kassa.db import make_engine
+    from kassa.integrations.sync import sync_catalog
+
+    fake.products = make_products(10)
+    fake.products[3]["price"] = 2_500_000_000  # past Kassa's 1e9 money bound (an IDR or VND store)
+    result = sync_catalog(connector(fake, page_size=3), SqlCatalogStore(make_engine(tmp_path / "kassa.db")),
+                          tmp_path)
+    assert (result.complete, result.products, result.skipped) == (True, 9, 1)
+    assert "SKU-000004" in result.skipped_examples[0] and "1e9" in result.skipped_examples[0]
+
+
 def test_iter_products_rejects_a_cursor_it_did_not_write(fake: MagentoFake) -> None:
     with pytest.raises(PayloadError, match="cursor"):
         next(connector(fake).iter_products("page-2"))
