@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from kassa import schemas
 from kassa.api.app import create_app
 from kassa.app import Kassa
-from kassa.events.join import JoinedExample, PendingDecision
+from kassa.events.join import JoinedExample, PendingDecision, order_amounts
 from kassa.learn.online.rewards import RewardJoiner
 from tests.conftest import PUB, decision_body, order
 from tests.integrations.conftest import SHOPIFY_SECRET, fixture
@@ -54,12 +54,16 @@ def decide(client: TestClient, customer: str = CUSTOMER) -> dict[str, Any]:
     return decision
 
 
-def webhook(client: TestClient, created: float, order_id: int = 5002, customer: str = CUSTOMER) -> dict[str, Any]:
+SERUM_LINE = {"id": 1, "product_id": "p-1", "variant_id": 77, "sku": "SERUM-C", "quantity": 1, "price": "19.00"}
+
+
+def webhook(client: TestClient, created: float, order_id: int = 5002, customer: str = CUSTOMER,
+            lines: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    lines = lines or [SERUM_LINE]
+    total = f"{sum(float(line['price']) * line['quantity'] for line in lines):.2f}"
     payload = fixture("shopify", "orders_create.json") | {
         "id": order_id, "created_at": datetime.fromtimestamp(created, UTC).isoformat(),
-        "customer": {"id": customer}, "total_price": "19.00", "subtotal_price": "19.00",
-        "line_items": [{"id": 1, "product_id": "p-1", "variant_id": 77, "sku": "SERUM-C", "quantity": 1,
-                        "price": "19.00"}],
+        "customer": {"id": customer}, "total_price": total, "subtotal_price": total, "line_items": lines,
     }
     body = json.dumps(payload).encode()
     response = client.post("/v1/webhooks/shopify", content=body,
@@ -87,6 +91,23 @@ def test_a_webhook_arriving_after_the_decision_credits_its_conversion(app_client
     rewards = rewards_of(joined, decision["decision_id"])
     assert rewards["serum-upsell"] == 19.0  # conversion weighted by value (placement: conversion: value)
     assert rewards.get("discount", 0.0) == 0.0
+
+
+def test_every_line_of_the_shown_product_is_credited_not_only_the_last(app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(10)
+    other_size = SERUM_LINE | {"id": 2, "variant_id": 78, "sku": "SERUM-C-50ML", "price": "25.00"}
+    same_variant_again = SERUM_LINE | {"id": 3, "price": "4.00"}  # e.g. a line with other properties
+    webhook(app_client, created=clock(), lines=[SERUM_LINE, other_size, same_variant_again])
+    close_all(kassa, clock)
+    # the offer is product p-1 (SKU SERUM-C): 19 + 25 + 4, under the placement's cap of 50
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 48.0
+
+
+def test_a_line_whose_product_id_is_its_sku_counts_once():
+    # SAP Commerce and SKU-less WooCommerce lines carry the same key as SKU and product id
+    item = schemas.OrderItem(sku="2053367", product_id="2053367", qty=3, price=15.3)
+    assert order_amounts(schemas.Order(id="o-1", items=[item])) == {"2053367": pytest.approx(45.9)}
 
 
 def test_a_redelivered_webhook_credits_only_once(app_client, kassa, clock, joined):

@@ -71,11 +71,11 @@ def order_buyer(event: schemas.Event) -> tuple[str | None, str | None]:
 
 def order_amounts(order: schemas.Order) -> dict[str, float]:
     """Each bought product's amount (price x quantity), by SKU and by product id: what an order credits to
-    the decisions that showed those products."""
+    the decisions that showed those products. Lines sharing a key add up: two sizes of one product (one
+    product id) or one SKU on two lines was credited only its last line's amount."""
     bought: dict[str, float] = {}
     for item in order.items:
         amount = item.price * item.qty
-        bought[item.sku] = amount
-        if item.product_id:
-            bought[item.product_id] = amount
+        for key in {item.sku, item.product_id or item.sku}:  # a line whose product id is its SKU counts once
+            bought[key] = bought.get(key, 0.0) + amount
     return bought
