@@ -191,6 +191,8 @@ def test_a_platform_without_a_secret_is_404_saying_how_to_configure_it(settings,
 @pytest.mark.parametrize(("section", "says"), [
     ({"webhook_secret": "   "}, "shopify.webhook_secret is blank"),
     ({"webhook_secret": SHOPIFY_SECRET, "replay_window_seconds": -5}, "replay_window_seconds must be positive"),
+    ({"webhook_secret": SHOPIFY_SECRET, "max_body_bytes": "2MB"}, "max_body_bytes must be a whole number"),
+    ({"webhook_secret": SHOPIFY_SECRET, "max_body_bytes": -1}, "max_body_bytes must be a whole number"),
 ])
 def test_a_misconfigured_platform_is_404_naming_the_setting_not_a_500(settings, clock, section, says):
     import msgspec
@@ -249,6 +251,16 @@ def test_a_body_over_the_limit_is_413(hooks, kassa):
     body = b"x" * 1_100_000
     assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 413)
     assert kassa.event_log.count() == 0
+
+
+def test_a_platforms_max_body_bytes_raises_its_limit(settings, clock):
+    import msgspec
+
+    roomy = msgspec.structs.replace(settings, integrations={
+        "shopify": {"webhook_secret": SHOPIFY_SECRET, "max_body_bytes": "2097152"}})  # quoted in YAML
+    with TestClient(create_app(Kassa(roomy, clock=clock))) as c:
+        body = b"x" * 1_100_000
+        assert_problem(c.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 400)  # read
 
 
 # ----------------------------------------------------------------------------- acknowledged, not orders

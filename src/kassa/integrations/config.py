@@ -123,6 +123,12 @@ class IntegrationSettings:
             raise ConfigError(f"{platform}.replay_window_seconds must be a number, got {window!r}") from None
         if window <= 0:
             raise ConfigError(f"{platform}.replay_window_seconds must be positive, got {window}")
+        limit = values.get("max_body_bytes")
+        if isinstance(limit, str) and limit.strip().isdigit():  # a quoted "2097152" in YAML
+            limit = options["max_body_bytes"] = int(limit)
+        if limit is not None and not (type(limit) is int and limit > 0):
+            # it bounds every delivery: "2MB" or [1] was a 500 on each one, -1 or 2.5 a 413 on each one
+            raise ConfigError(f"{platform}.max_body_bytes must be a whole number of bytes above 0, got {limit!r}")
         if secret not in (None, "") and not str(secret).strip():
             # a blank secret is a misconfiguration (a template left empty, a stray space), not a key anyone holds
             raise ConfigError(f"{platform}.webhook_secret is blank (only whitespace): set the platform's secret")

@@ -48,6 +48,7 @@ class WebhookReceiver:
         self._integrations = integrations
         self._snapshot = snapshot
         self._connectors: dict[str, Connector] = {}
+        self._limits: dict[str, int] = {}
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -70,6 +71,7 @@ class WebhookReceiver:
                     f"{setting} in Kassa's settings)"
                 )
             connector = self._connectors[platform] = connector_for(platform, cfg)
+            self._limits[platform] = cfg.options.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES
         return connector
 
     def challenge_supported(self, platform: str) -> bool:
@@ -77,8 +79,10 @@ class WebhookReceiver:
         return bool(getattr(factory_for(platform), "WEBHOOK_CHALLENGE", False))
 
     def max_body_bytes(self, platform: str) -> int:
-        value = (self._integrations.get(platform) or {}).get("max_body_bytes")
-        return int(value) if value else DEFAULT_MAX_BODY_BYTES
+        """The platform's ``max_body_bytes``, checked with its other webhook settings (so before any body is
+        read, an unknown or unconfigured platform raises as ``connector`` does)."""
+        self.connector(platform)
+        return self._limits[platform]
 
     def receive(self, platform: str, headers: Mapping[str, str], raw_body: bytes) -> WebhookResult:
         """Verify and parse; raises SignatureError, ReplayError, PayloadError, NotConfigured, UnknownPlatform."""
