@@ -70,6 +70,8 @@ def test_woocommerce_permissions_and_order_reach(woo_fake, woo_cfg):
     woo_fake.orders["10"] = {"id": 10, "date_created_gmt": "2025-01-01T08:00:00"}
     woo_fake.denied = {"customers"}
     woo_fake.webhooks = [{"id": 3, "topic": "order.created", "status": "active",
+                          "delivery_url": "https://kassa.example/v1/webhooks/woocommerce"},
+                         {"id": 4, "topic": "order.updated", "status": "disabled",
                           "delivery_url": "https://kassa.example/v1/webhooks/woocommerce"}]
     report = run_audit(WooCommerceConnector(woo_cfg))
     got = statuses(report.checks)
@@ -78,7 +80,8 @@ def test_woocommerce_permissions_and_order_reach(woo_fake, woo_cfg):
     found = details(report.checks)
     assert "back to 2023-07-01" in found["read_orders"]
     assert "Sorry, you cannot list resources" in found["customer_data"]
-    assert "kassa.example" in found["order_webhooks"]
+    assert "order.created delivered to https://kassa.example" in found["order_webhooks"]
+    assert "order.updated webhook exists but is disabled" in found["order_webhooks"]
 
 
 def test_woocommerce_bad_keys_are_unreachable_with_the_platform_error(woo_cfg):

@@ -45,14 +45,14 @@ def shopify_headers(body: bytes, secret: str = SHOPIFY_SECRET, delivery: str = "
             "Content-Type": "application/json"}
 
 
-def woo_body(created: float) -> bytes:
-    payload = fixture("woocommerce", "order_created.json") | {"date_created_gmt": _iso(created)[:-1]}
+def woo_body(created: float, status: str = "processing") -> bytes:
+    payload = fixture("woocommerce", "order_created.json") | {"date_created_gmt": _iso(created)[:-1], "status": status}
     return json.dumps(payload).encode()
 
 
-def woo_headers(body: bytes, secret: str = WOO_SECRET, delivery: str = "w-1") -> dict[str, str]:
-    return {"X-WC-Webhook-Signature": sign_b64(secret, body), "X-WC-Webhook-Topic": "order.created",
-            "X-WC-Webhook-Delivery-ID": delivery, "X-WC-Webhook-Resource": "order", "X-WC-Webhook-Event": "created"}
+def woo_headers(body: bytes, secret: str = WOO_SECRET, delivery: str = "w-1", event: str = "created") -> dict[str, str]:
+    return {"X-WC-Webhook-Signature": sign_b64(secret, body), "X-WC-Webhook-Topic": f"order.{event}",
+            "X-WC-Webhook-Delivery-ID": delivery, "X-WC-Webhook-Resource": "order", "X-WC-Webhook-Event": event}
 
 
 def stored(kassa: Kassa) -> list[schemas.Event]:
@@ -268,6 +268,29 @@ def test_another_topic_is_acknowledged_and_not_written(hooks, kassa, clock):
     body = shopify_body(clock())
     response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/updated"))
     assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 1} and kassa.event_log.count() == 0
+
+
+def test_a_woocommerce_order_counts_once_it_is_placed_not_when_created_as_a_draft(hooks, kassa, clock):
+    # The Checkout block creates a `checkout-draft` order (order.created) when the buyer opens the checkout;
+    # an off-site payment leaves it `pending` until the buyer returns; the update that places it follows.
+    ignored = {"accepted": 0, "duplicates": 0, "ignored": 1}
+    for status, event, delivery in (("checkout-draft", "created", "w-1"), ("pending", "updated", "w-2"),
+                                    ("failed", "updated", "w-3")):
+        body = woo_body(clock(), status)
+        response = hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body, delivery=delivery,
+                                                                                          event=event))
+        assert response.json() == ignored, status
+    assert kassa.event_log.count() == 0
+    placed = woo_body(clock(), "processing")
+    paid = woo_headers(placed, delivery="w-4", event="updated")
+    assert hooks.post("/v1/webhooks/woocommerce", content=placed, headers=paid).json() == {
+        "accepted": 1, "duplicates": 0, "unknown_decisions": 0}
+    completed = woo_body(clock(), "completed")  # later updates of the placed order change nothing
+    shipped = woo_headers(completed, delivery="w-5", event="updated")
+    again = hooks.post("/v1/webhooks/woocommerce", content=completed, headers=shipped)
+    assert again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
+    [stored_event] = stored(kassa)
+    assert stored_event.event_id == "woocommerce:order:727"
 
 
 def test_the_woocommerce_ping_is_acknowledged_and_not_written(hooks, kassa):

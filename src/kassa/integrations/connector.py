@@ -161,6 +161,12 @@ class HttpConnector(ABC):
     def is_order_topic(self, topic: str) -> bool:
         return topic in self.order_topics
 
+    def is_placed(self, payload: Mapping[str, Any]) -> bool:
+        """Whether a verified order-topic payload is a placed order. Platforms that send an order before it is
+        placed (WooCommerce: a checkout draft, an unpaid order) say no, and the delivery is acknowledged and
+        ignored; the placed order arrives later under the same id."""
+        return True
+
     def _parse_products(self, raws: Iterable[Any], id_key: str = "id") -> list[Product]:
         """The products of one API page; one that cannot be parsed is listed in ``skipped`` with its
         ``id_key`` value instead of failing the page."""

@@ -2,7 +2,8 @@
 
 Owns the platform-independent steps between the raw HTTP body and ``EventIngest``: pick the connector
 (built once per platform from Kassa's ``integrations`` settings), verify the signature on the raw bytes,
-skip topics that are not "order placed", parse into the canonical ``Order``, fill in line categories the
+skip topics that are not "order placed" (and orders the platform sent before they were placed), parse
+into the canonical ``Order``, fill in line categories the
 platform left out from the offer catalog, and name the event ``{platform}:order:{order_id}`` so the
 durable event log deduplicates re-deliveries (the order id sits inside the signed body; delivery-id
 headers are not signed). It never writes anything itself: the caller ingests the event.
@@ -101,6 +102,9 @@ class WebhookReceiver:
             raise MalformedBody("webhook body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise PayloadError(f"webhook body must be a JSON object, got {type(payload).__name__}")
+        is_placed = getattr(connector, "is_placed", None)
+        if is_placed is not None and not is_placed(payload):
+            return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         order = self._with_categories(connector.parse_order(payload))
         event = order.to_event(f"{platform}:order:{order.order_id}")
         return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order)

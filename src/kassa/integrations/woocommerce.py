@@ -1,10 +1,14 @@
-"""WooCommerce connector: ``order.created`` webhooks and the ``/wp-json/wc/v3`` REST API.
+"""WooCommerce connector: ``order.created`` / ``order.updated`` webhooks and the ``/wp-json/wc/v3`` REST API.
 
 Owns everything WooCommerce-specific:
 
 - Webhooks: ``X-WC-Webhook-Signature`` is the base64 HMAC-SHA256 of the raw body keyed with the
   webhook's secret; topic in ``X-WC-Webhook-Topic``; delivery id in ``X-WC-Webhook-Delivery-ID``. No
-  signed timestamp, so replays are stopped by deduplication. The unsigned ``webhook_id=<n>`` ping
+  signed timestamp, so replays are stopped by deduplication. ``order.created`` fires before an order is
+  placed (the Checkout block's ``checkout-draft`` when a buyer opens the checkout; ``pending`` until an
+  off-site payment returns; ``failed``), so only ``processing``, ``on-hold`` and ``completed`` orders count,
+  and ``order.updated`` is an order topic too: the update that places the order brings it (once: the
+  event id is the order id). The unsigned ``webhook_id=<n>`` ping
   WooCommerce sends when a webhook is saved is acknowledged (it carries no data).
 - REST API: consumer key/secret as HTTP Basic auth (WooCommerce accepts that only over HTTPS; hosts that
   strip the ``Authorization`` header can use ``query_string_auth: true``), ``page``/``per_page`` paging
@@ -53,6 +57,7 @@ from kassa.integrations.http import HttpClient, HttpStatusError
 API_PREFIX = "/wp-json/wc/v3"
 _PING = re.compile(rb"^webhook_id=\d+$")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PLACED_STATUSES = frozenset({"processing", "on-hold", "completed"})
 
 SNIPPET_STEPS = [
     "Add a small plugin (or a snippet in your theme's functions.php) hooked on `woocommerce_thankyou` "
@@ -63,9 +68,10 @@ SNIPPET_STEPS = [
     "impression/accept events to `/v1/events`; allow your shop's origin on the publishable key.",
 ]
 WEBHOOK_STEPS = [
+    "Give Kassa the webhook secret you will use: KASSA_INTEGRATIONS__WOOCOMMERCE__WEBHOOK_SECRET=<secret>.",
     "WooCommerce > Settings > Advanced > Webhooks > Add webhook: topic `Order created`, delivery URL "
-    "https://<kassa-host>/v1/webhooks/woocommerce, API version WP REST API Integration v3, and a secret.",
-    "Give Kassa the same secret: KASSA_INTEGRATIONS__WOOCOMMERCE__WEBHOOK_SECRET=<secret>.",
+    "https://<kassa-host>/v1/webhooks/woocommerce, API version WP REST API Integration v3, and that secret; "
+    "then a second one, the same but topic `Order updated` (an order unpaid when created is placed by an update).",
 ]
 
 
@@ -80,7 +86,7 @@ class WooCommerceConnector(HttpConnector):
     """
 
     platform = "woocommerce"
-    order_topics = frozenset({"order.created"})
+    order_topics = frozenset({"order.created", "order.updated"})
     snippet_steps = SNIPPET_STEPS
     webhook_steps = WEBHOOK_STEPS
 
@@ -131,9 +137,15 @@ class WooCommerceConnector(HttpConnector):
         return WebhookDelivery(headers.get("x-wc-webhook-delivery-id") or None,
                                headers.get("x-wc-webhook-topic", ""), None, raw_body)
 
+    def is_placed(self, payload: Mapping[str, Any]) -> bool:
+        """A placed order: ``processing`` (paid), ``on-hold`` (awaiting a bank transfer) or ``completed``. A
+        draft, pending, failed or cancelled order is not (one without a status is taken as placed)."""
+        status = payload.get("status")
+        return status is None or (isinstance(status, str) and status in PLACED_STATUSES)
+
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:
-        """An order from the ``order.created`` webhook body (identical to ``GET /orders/{id}``)."""
+        """An order from an ``order.created`` / ``order.updated`` webhook body (as ``GET /orders/{id}``)."""
         payload = object_payload(payload, "a WooCommerce order")
         with malformed("WooCommerce order"):
             order_id = required_id(payload, "id", "woocommerce order")
@@ -285,15 +297,17 @@ class WooCommerceConnector(HttpConnector):
             checks.append(_failed("read_orders", exc))
         try:
             hooks, _ = self._get("/webhooks", {"per_page": 100})
-            ours = [h for h in hooks if isinstance(h, dict) and h.get("topic") == "order.created"]
-            active = [h for h in ours if h.get("status") == "active"]
-            if active:
-                detail = "order.created delivered to " + ", ".join(str(h.get("delivery_url")) for h in active)
-            elif ours:
-                detail = f"order.created webhook exists but is {ours[0].get('status')} (re-activate it)"
-            else:
-                detail = "no order.created webhook yet (see the webhook steps)"
-            checks.append(AuditCheck("order_webhooks", "ok", detail))
+            found = []
+            for topic in sorted(self.order_topics):  # order.created, and order.updated for orders paid later
+                ours = [h for h in hooks if isinstance(h, dict) and h.get("topic") == topic]
+                active = [h for h in ours if h.get("status") == "active"]
+                if active:
+                    found.append(f"{topic} delivered to " + ", ".join(str(h.get("delivery_url")) for h in active))
+                elif ours:
+                    found.append(f"{topic} webhook exists but is {ours[0].get('status')} (re-activate it)")
+                else:
+                    found.append(f"no {topic} webhook yet (see the webhook steps)")
+            checks.append(AuditCheck("order_webhooks", "ok", "; ".join(found)))
         except Exception as exc:
             checks.append(_failed("order_webhooks", exc))
         if checks[0].status == "ok":
