@@ -148,6 +148,29 @@ def test_the_cli_explains_a_bad_config(tmp_path):
     assert result.exit_code == 2 and "not a duration" in result.output
 
 
+@pytest.mark.parametrize(("platform", "options", "says"), [
+    ("shopify", "shop: x.myshopify.com\n  access_token: t\n  page_size: many",
+     "shopify.page_size must be a whole number between 1 and 250, got 'many'"),
+    ("shopify", "shop: x.myshopify.com\n  access_token: t\n  timeout: soon", "shopify.timeout must be a number"),
+    ("woocommerce", "url: https://x.example\n  consumer_key: k\n  consumer_secret: s\n  per_page: lots",
+     "woocommerce.per_page must be a whole number between 1 and 100"),
+    ("woocommerce", "url: https://x.example\n  consumer_key: k\n  consumer_secret: s\n  currency: euros",
+     "woocommerce.currency: not an ISO 4217 currency code"),
+    ("sap", "base_url: https://x.example\n  base_site_id: e\n  client_id: a\n  client_secret: b\n  page_size: x",
+     "sap.page_size must be a whole number"),
+    ("magento", "base_url: https://x.example\n  access_token: t\n  currency: dollars",
+     "magento.currency: not an ISO 4217 currency code"),
+])
+def test_an_option_that_is_not_a_usable_value_is_exit_2_naming_it(tmp_path, platform, options, says):
+    # these were ValueError / PayloadError tracebacks with exit 1, read as "the platform refused"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{platform}:\n  {options}\n")
+    result = CliRunner().invoke(app, ["integrations", "sync", platform, "--credentials", str(config),
+                                      "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split())
+
+
 def test_the_cli_reports_a_refusal_and_exits_1(tmp_path, woo_fake):
     config = tmp_path / "woo.yaml"
     config.write_text(yaml.safe_dump({"url": woo_fake.url, "consumer_key": "ck_bad", "consumer_secret": "x"}))

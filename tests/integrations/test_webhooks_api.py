@@ -193,6 +193,7 @@ def test_a_platform_without_a_secret_is_404_saying_how_to_configure_it(settings,
     ({"webhook_secret": SHOPIFY_SECRET, "replay_window_seconds": -5}, "replay_window_seconds must be positive"),
     ({"webhook_secret": SHOPIFY_SECRET, "max_body_bytes": "2MB"}, "max_body_bytes must be a whole number"),
     ({"webhook_secret": SHOPIFY_SECRET, "max_body_bytes": -1}, "max_body_bytes must be a whole number"),
+    ({"webhook_secret": SHOPIFY_SECRET, "page_size": "many"}, "shopify.page_size must be a whole number"),
 ])
 def test_a_misconfigured_platform_is_404_naming_the_setting_not_a_500(settings, clock, section, says):
     import msgspec

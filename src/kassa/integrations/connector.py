@@ -85,6 +85,9 @@ class HttpConnector(ABC):
         secret = self.cfg.get("webhook_secret")
         self.secret: str | None = str(secret) if secret else None
         self.replay_window = float(self.cfg.get("replay_window_seconds") or DEFAULT_REPLAY_WINDOW_SECONDS)
+        # Checked here, not when the first request opens the client: a bad value is a configuration error.
+        self.timeout: float = self._number("timeout", 30.0, 0.001, 3600, whole=False)
+        self.max_retries: int = self._number("max_retries", 5, 0, 100)
         self.skipped: list[str] = []  # products that could not be parsed, with the reason (reported by sync)
         self.total_hint: int | None = None  # products the current sync run will see (for progress bars)
         self._http: HttpClient | None = None
@@ -97,10 +100,23 @@ class HttpConnector(ABC):
             raise ConfigError(f"{self.platform}.{key} is required to call the {self.api_name}")
         return str(value)
 
-    def _page_size(self, default: int, maximum: int) -> int:
-        size = int(self.cfg.get("page_size") or default)
-        if not 1 <= size <= maximum:
-            raise ConfigError(f"{self.platform}.page_size must be between 1 and {maximum}, got {size}")
+    def _number(self, key: str, default: float, low: float, high: float, *, whole: bool = True) -> Any:
+        """The numeric option ``key`` (``default`` when unset), a ConfigError naming it when it is not a number in
+        ``[low, high]``: ``page_size: many`` or ``timeout: soon`` was a ValueError traceback, not exit 2."""
+        value = self.cfg.get(key)
+        if value in (None, ""):
+            return default
+        try:
+            number = (int(str(value).strip()) if whole else float(value)) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not low <= number <= high:
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{self.platform}.{key} must be {kind} between {low:g} and {high:g}, got {value!r}")
+        return number
+
+    def _page_size(self, default: int, maximum: int, key: str = "page_size") -> int:
+        size: int = self._number(key, default, 1, maximum)
         return size
 
     @property
@@ -117,10 +133,8 @@ class HttpConnector(ABC):
     def _new_http(self, base_url: str, headers: Mapping[str, str] | None = None, *,
                   auth: tuple[str, str] | None = None) -> HttpClient:
         """An ``HttpClient`` with this connector's timeout, retries, clock, sleep and wait and retry reporting."""
-        timeout, retries = self.cfg.get("timeout"), self.cfg.get("max_retries")
         client = HttpClient(
-            base_url, headers, timeout=30.0 if timeout in (None, "") else float(timeout),
-            max_retries=5 if retries in (None, "") else int(retries), sleep=self.sleep, clock=self.clock,
+            base_url, headers, timeout=self.timeout, max_retries=self.max_retries, sleep=self.sleep, clock=self.clock,
             on_wait=self.on_wait, on_retry=self.on_retry, transport=self.transport, auth=auth, platform=self.platform,
         )
         self._clients.append(client)

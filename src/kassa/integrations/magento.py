@@ -207,7 +207,10 @@ class MagentoConnector(HttpConnector):
         self._fetch_pem: PublicKeyFetcher = fetch_public_key or (lambda path: fetch_adobe_public_key(path, key_host))
         self._keys: dict[str, rsa.RSAPublicKey] = {}
         self._keys_lock = threading.Lock()
-        self.currency = currency_code(self.cfg.get("currency"), "USD", "currency")
+        try:
+            self.currency = currency_code(self.cfg.get("currency"), "USD", "currency")
+        except PayloadError as exc:
+            raise ConfigError(f"magento.currency: {exc}") from None
         self.page_size = self._page_size(100, 1000)
         self._categories: dict[str, tuple[str, ...]] | None = None
 

@@ -190,8 +190,8 @@ class ShopifyConnector(HttpConnector):
     def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
         super().__init__(cfg, **options)
         self.api_version = str(self.cfg.get("api_version") or API_VERSION)
-        self.page_size = max(1, min(250, int(self.cfg.get("page_size") or 100)))
-        self.max_throttle_retries = int(self.cfg.get("max_throttle_retries") or 10)
+        self.page_size = self._page_size(100, 250)
+        self.max_throttle_retries: int = self._number("max_throttle_retries", 10, 0, 1000)
         # Last seen bucket state (extensions.cost.throttleStatus) and when it was seen.
         self._available: float | None = None
         self._restore_rate = 50.0

@@ -71,7 +71,10 @@ class WebhookReceiver:
                     f"KASSA_INTEGRATIONS__{platform.upper()}__{setting.upper()} (or integrations.{platform}."
                     f"{setting} in Kassa's settings)"
                 )
-            connector = self._connectors[platform] = connector_for(platform, cfg)
+            try:
+                connector = self._connectors[platform] = connector_for(platform, cfg)
+            except ConfigError as exc:  # an option the connector checks (a page_size that is no number)
+                raise NotConfigured(f"webhooks from {platform} are misconfigured: {exc}") from None
             self._limits[platform] = cfg.options.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES
         return connector
 

@@ -92,8 +92,11 @@ class WooCommerceConnector(HttpConnector):
 
     def __init__(self, cfg: Mapping[str, Any], **options: Unpack[ConnectorOptions]) -> None:
         super().__init__(cfg, **options)
-        self.per_page = max(1, min(100, int(self.cfg.get("per_page") or 100)))
-        self._currency: str | None = self.cfg.get("currency") or None
+        self.per_page = self._page_size(100, 100, "per_page")
+        try:
+            self._currency: str | None = currency_code(self.cfg["currency"]) if self.cfg.get("currency") else None
+        except PayloadError as exc:
+            raise ConfigError(f"woocommerce.currency: {exc}") from None
         self._query_auth: dict[str, str] = {}
 
     # ------------------------------------------------------------------ HTTP plumbing
