@@ -129,6 +129,14 @@ def test_parse_order_unwraps_io_events_cloudevent() -> None:
     assert order.total == Decimal("52.5000")
 
 
+@pytest.mark.parametrize(("is_guest", "customer_id"), [("0", "12"), (0, "12"), (False, "12"), ("1", None), (1, None)])
+def test_an_io_events_order_of_a_registered_customer_keeps_its_customer_id(is_guest: Any, customer_id: Any) -> None:
+    # I/O Events payloads carry the order model's data as strings: "0" is a registered customer, not a guest
+    event = load_fixture("order_event.json")
+    event["data"]["value"] |= {"customer_is_guest": is_guest, "customer_id": "12"}
+    assert connector().parse_order(event).customer_id == customer_id
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda o: o.pop("grand_total"), "grand_total"),
     (lambda o: o.pop("created_at"), "created_at"),

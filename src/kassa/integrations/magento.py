@@ -382,8 +382,7 @@ class MagentoConnector(HttpConnector):
                 qty=int(qty),
                 unit_price=to_decimal(item.get("price", 0), f"items[{i}].price"),
             ))
-        guest = bool(order.get("customer_is_guest"))
-        customer_id = None if guest else clip_id(order.get("customer_id"))
+        customer_id = None if _flag(order.get("customer_is_guest")) else clip_id(order.get("customer_id"))
         return Order(
             platform=self.platform,
             order_id=order_id,
@@ -696,6 +695,14 @@ def _key_of(product: dict[str, Any]) -> tuple[str, int]:
             f"Magento product {product.get('sku')!r} lacks the integer `id` / string `updated_at` paging needs", "id"
         )
     return updated, pid
+
+
+def _flag(value: Any) -> bool:
+    """A Magento yes/no field: ``true``/``1`` from the REST API, but ``"1"``/``"0"`` in an I/O Events payload,
+    whose values are the order model's data as loaded from the database (strings): ``bool("0")`` is true."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
 
 
 def _custom_attributes(payload: dict[str, Any]) -> dict[str, Any]:
