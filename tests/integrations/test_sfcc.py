@@ -362,6 +362,16 @@ def test_poll_orders_pages_keyset_and_resumes(fake: SfccFake) -> None:
     assert since == ["00000006", "00000007"]
 
 
+def test_poll_orders_leaves_out_failed_orders_and_steps_past_them(fake: SfccFake) -> None:
+    # order search also returns orders whose payment failed (OrderMgr.failOrder): never placed, never will be
+    fake.ocapi_orders = [ocapi_order(f"{i:08d}", f"2025-01-0{i}T10:00:00.000Z") for i in range(1, 5)]
+    fake.ocapi_orders[1]["status"] = "failed"
+    fake.ocapi_orders[3]["status"] = "failed"
+    pages = list(connector(fake, page_size=2).poll_orders())
+    assert [o.order_id for page, _ in pages for o in page] == ["00000001", "00000003"]
+    assert pages[-1][1] == "2025-01-04T10:00:00.000Z|00000004"  # the next poll starts after the failed one
+
+
 def test_poll_orders_steps_over_more_same_second_orders_than_a_page(fake: SfccFake) -> None:
     fake.ocapi_orders = [ocapi_order(f"{i:08d}", "2025-01-05T10:00:00.000Z") for i in range(1, 8)]
     ids = [o.order_id for page, _ in connector(fake, page_size=3).poll_orders() for o in page]

@@ -369,6 +369,13 @@ class SfccConnector(HttpConnector):
             raise PayloadError("order_search hit without an order in `data`", "hits.data")
         return orders, data["total"]  # type: ignore[return-value]
 
+    def is_placed(self, payload: Mapping[str, Any]) -> bool:
+        """Not a ``failed`` order: one whose payment or placement failed (``OrderMgr.failOrder``) was never
+        placed and never will be (FAILED is final). Order search returns those too."""
+        order = payload.get("order") if isinstance(payload.get("order"), dict) else payload
+        status = order.get("status") if isinstance(order, Mapping) else None
+        return not (isinstance(status, str) and status.strip().lower() == "failed")
+
     def poll_orders(self, since: datetime | str | None = None) -> Iterator[tuple[list[Order], str | None]]:
         """Orders created at/after ``since`` (or the cursor of a previous page), oldest first.
 
@@ -395,7 +402,7 @@ class SfccConnector(HttpConnector):
                 start += len(raw)  # a page full of orders sharing the cursor's second: step over them
                 continue
             start = 0
-            orders = [self.parse_order(o) for o in fresh]
+            orders = [self.parse_order(o) for o in fresh if self.is_placed(o)]
             last = fresh[-1]
             after = (str(last.get("creation_date")), str(last.get("order_no")))
             yield orders, f"{after[0]}|{after[1]}"
