@@ -592,6 +592,15 @@ def test_webhook_endpoint_refuses_bad_signature_and_writes_nothing(
     assert kassa.event_log.count() == 0
 
 
+def test_a_batch_delivery_is_refused_saying_to_choose_single_webhook_delivery(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    client, kassa, _ = magento_app
+    body = b"[" + _live_event() + b"]"  # the registration's Batch delivery style
+    response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+    assert response.status_code == 422 and "delivery to Webhook" in response.json()["detail"]
+    assert kassa.event_log.count() == 0
+
+
 def test_webhook_endpoint_answers_adobes_url_challenge_and_writes_nothing(magento_app: Any) -> None:
     client, kassa, _ = magento_app
     ok = client.get("/v1/webhooks/magento", params={"challenge": "f4c3-91"})

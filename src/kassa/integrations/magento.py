@@ -640,6 +640,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"webhook body is not JSON: {exc}") from None
+    if isinstance(data, list):  # the registration's "Batch" delivery style: several events in one request
+        raise PayloadError("Adobe I/O Events batch deliveries are not read: set the event registration's delivery "
+                           "to Webhook (one event per request)")
     if not isinstance(data, dict):
         raise PayloadError("webhook body must be a JSON object")
     return data
