@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -269,6 +270,16 @@ def test_another_topic_is_acknowledged_and_not_written(hooks, kassa, clock):
     body = shopify_body(clock())
     response = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/updated"))
     assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 1} and kassa.event_log.count() == 0
+
+
+def test_a_subscription_to_another_topic_is_said_once_in_the_log(hooks, clock, caplog):
+    # Shopify shows such deliveries as succeeding while no order ever arrives: the log says why, once per topic
+    body = shopify_body(clock())
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        for _ in range(3):
+            hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/paid"))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "'orders/paid' is acknowledged and ignored: Kassa reads orders/create" in line
 
 
 def test_a_woocommerce_order_counts_once_it_is_placed_not_when_created_as_a_draft(hooks, kassa, clock):

@@ -12,6 +12,7 @@ headers are not signed). It never writes anything itself: the caller ingests the
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ from kassa.integrations.base import Connector, IntegrationError, Order, PayloadE
 from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
+_MAX_TOPICS_WARNED = 100  # a sender cycling through made-up topics cannot grow the set without bound
+
+log = logging.getLogger(__name__)
 
 
 class NotConfigured(IntegrationError):
@@ -50,6 +54,7 @@ class WebhookReceiver:
         self._snapshot = snapshot
         self._connectors: dict[str, Connector] = {}
         self._limits: dict[str, int] = {}
+        self._warned_topics: set[tuple[str, str]] = set()
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -94,6 +99,8 @@ class WebhookReceiver:
         delivery = connector.verify(headers, raw_body)
         is_order_topic = getattr(connector, "is_order_topic", None)
         if delivery.topic == "ping" or (is_order_topic is not None and not is_order_topic(delivery.topic)):
+            if delivery.topic != "ping":
+                self._warn_topic(platform, delivery.topic, connector)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         try:
             payload = msgspec.json.decode(delivery.body)
@@ -111,6 +118,17 @@ class WebhookReceiver:
         order = self._with_categories(connector.parse_order(payload))
         event = order.to_event(f"{platform}:order:{order.order_id}")
         return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order)
+
+    def _warn_topic(self, platform: str, topic: str, connector: Connector) -> None:
+        # A subscription to the wrong topic (Shopify orders/paid for orders/create) is answered 200 and writes
+        # nothing, so the platform shows deliveries succeeding while no order ever arrives: say it once per topic.
+        key = (platform, topic[:100])
+        if key in self._warned_topics or len(self._warned_topics) >= _MAX_TOPICS_WARNED:
+            return
+        self._warned_topics.add(key)
+        reads = ", ".join(sorted(getattr(connector, "order_topics", ()))) or "its order topics"
+        log.warning("%s webhook topic %r is acknowledged and ignored: Kassa reads %s (check the subscription's "
+                    "topic); further deliveries of this topic are ignored without a word", platform, key[1], reads)
 
     def _with_categories(self, order: Order) -> Order:
         # Shopify line items (and WooCommerce's) carry no category, but eligibility rules, retrieval and
