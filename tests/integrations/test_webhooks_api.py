@@ -282,6 +282,17 @@ def test_a_subscription_to_another_topic_is_said_once_in_the_log(hooks, clock, c
     assert "'orders/paid' is acknowledged and ignored: Kassa reads orders/create" in line
 
 
+def test_an_order_not_placed_yet_is_said_once_in_the_log(hooks, clock, caplog):
+    # a store that subscribed only `Order created` never sees such an order counted: the log says what is needed
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        for delivery in ("w-1", "w-2"):
+            body = woo_body(clock(), "pending")
+            hooks.post("/v1/webhooks/woocommerce", content=body, headers=woo_headers(body, delivery=delivery))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "woocommerce order '727' (status 'pending') is not placed yet" in line
+    assert "docs/integrations/woocommerce.md" in line
+
+
 def test_a_woocommerce_order_counts_once_it_is_placed_not_when_created_as_a_draft(hooks, kassa, clock):
     # The Checkout block creates a `checkout-draft` order (order.created) when the buyer opens the checkout;
     # an off-site payment leaves it `pending` until the buyer returns; the update that places it follows.

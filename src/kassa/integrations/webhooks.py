@@ -55,6 +55,7 @@ class WebhookReceiver:
         self._connectors: dict[str, Connector] = {}
         self._limits: dict[str, int] = {}
         self._warned_topics: set[tuple[str, str]] = set()
+        self._warned_unplaced: set[str] = set()
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -114,6 +115,13 @@ class WebhookReceiver:
             raise PayloadError(f"webhook body must be a JSON object, got {type(payload).__name__}")
         is_placed = getattr(connector, "is_placed", None)
         if is_placed is not None and not is_placed(payload):
+            if platform not in self._warned_unplaced:
+                # Once per process: the order is counted only if a later delivery (WooCommerce: order.updated)
+                # brings it placed, which needs that subscription too.
+                self._warned_unplaced.add(platform)
+                log.warning("%s order %r (status %r) is not placed yet: acknowledged and ignored until a later "
+                            "delivery brings it placed; see docs/integrations/%s.md for the subscriptions that need",
+                            platform, str(payload.get("id"))[:64], str(payload.get("status"))[:32], platform)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         order = self._with_categories(connector.parse_order(payload))
         event = order.to_event(f"{platform}:order:{order.order_id}")
