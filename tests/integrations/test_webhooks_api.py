@@ -316,6 +316,22 @@ def test_a_woocommerce_order_counts_once_it_is_placed_not_when_created_as_a_draf
     assert stored_event.event_id == "woocommerce:order:727"
 
 
+def test_a_shopify_test_notification_is_acknowledged_not_stored_and_said_once(hooks, kassa, clock, caplog):
+    # "Send test notification" in the admin (and a test-mode order) carries `"test": true` and a sample order
+    # with real-looking ids: it was stored as an order, a conversion and a purchase in the buyer's features.
+    with caplog.at_level(logging.INFO, logger="kassa.integrations.webhooks"):
+        for delivery in ("d-1", "d-2"):
+            body = shopify_body(clock(), test=True)
+            response = hooks.post("/v1/webhooks/shopify", content=body,
+                                  headers=shopify_headers(body, delivery=delivery))
+            assert response.status_code == 200 and response.json() == {"accepted": 0, "duplicates": 0, "ignored": 1}
+    assert kassa.event_log.count() == 0 and kassa.profiles.get("115310627314723954") is None
+    [line] = [r for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert line.levelno == logging.INFO and "shopify test notification" in line.getMessage()
+    body = shopify_body(clock(), test=False)  # a real order still counts
+    assert hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).json()["accepted"] == 1
+
+
 def test_the_woocommerce_ping_is_acknowledged_and_not_written(hooks, kassa):
     response = hooks.post("/v1/webhooks/woocommerce", content=b"webhook_id=12",
                           headers={"Content-Type": "application/x-www-form-urlencoded"})

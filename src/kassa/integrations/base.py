@@ -386,7 +386,9 @@ class Connector(Protocol):
 
     Optional extras the CLI reads with ``getattr``: ``snippet_steps: list[str]`` (how to install the
     confirmation-page snippet on this platform) and ``webhook_steps: list[str]`` (how to subscribe Kassa's
-    webhook endpoint), both shown by ``kassa integrations audit``.
+    webhook endpoint), both shown by ``kassa integrations audit``. ``WebhookReceiver`` reads three more on a
+    verified delivery, each answered 200 ``ignored`` when it says no: ``is_order_topic(topic)``,
+    ``is_test(payload)`` (a test notification or test-mode order) and ``is_placed(payload)``.
     """
 
     platform: str

@@ -3,7 +3,8 @@
 Owns everything Shopify-specific:
 
 - Webhooks: HMAC-SHA256 of the raw body keyed with the app's client secret, base64, in
-  ``X-Shopify-Hmac-Sha256``; topic in ``X-Shopify-Topic``; delivery id in ``X-Shopify-Webhook-Id``. Shopify
+  ``X-Shopify-Hmac-Sha256``; topic in ``X-Shopify-Topic``; delivery id in ``X-Shopify-Webhook-Id``. A test
+  order (``"test": true``: the admin's test notification, or test mode) is acknowledged and not counted. Shopify
   signs no timestamp (``X-Shopify-Triggered-At`` is outside the HMAC and stays the same across its retries),
   so replays are stopped by deduplication, not by a time window.
 - Catalog: the GraphQL Admin ``products`` connection (REST product endpoints are legacy), sorted by
@@ -285,6 +286,12 @@ class ShopifyConnector(HttpConnector):
                 timestamp = None  # informational only: it is not covered by the signature
         return WebhookDelivery(headers.get("x-shopify-webhook-id") or None, headers.get("x-shopify-topic", ""),
                                timestamp, raw_body)
+
+    @staticmethod
+    def is_test(payload: Mapping[str, Any]) -> bool:
+        """``"test": true``: the sample order of the admin's *Send test notification*, or an order placed in
+        test mode (Bogus Gateway, a payment provider's test mode); neither is a sale."""
+        return payload.get("test") is True
 
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:

@@ -2,7 +2,8 @@
 
 Owns the platform-independent steps between the raw HTTP body and ``EventIngest``: pick the connector
 (built once per platform from Kassa's ``integrations`` settings), verify the signature on the raw bytes,
-skip topics that are not "order placed" (and orders the platform sent before they were placed), parse
+skip topics that are not "order placed" (and orders the platform sent before they were placed, and the
+platform's test notifications), parse
 into the canonical ``Order``, fill in line categories the
 platform left out from the offer catalog, and name the event ``{platform}:order:{order_id}`` so the
 durable event log deduplicates re-deliveries (the order id sits inside the signed body; delivery-id
@@ -56,6 +57,7 @@ class WebhookReceiver:
         self._limits: dict[str, int] = {}
         self._warned_topics: set[tuple[str, str]] = set()
         self._warned_unplaced: set[str] = set()
+        self._said_test: set[str] = set()
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -113,6 +115,14 @@ class WebhookReceiver:
             raise MalformedBody("webhook body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise PayloadError(f"webhook body must be a JSON object, got {type(payload).__name__}")
+        is_test = getattr(connector, "is_test", None)
+        if is_test is not None and is_test(payload):
+            if platform not in self._said_test:
+                # Once per process: the admin's "send test notification" proves the subscription works.
+                self._said_test.add(platform)
+                log.info("%s test notification (order %r) received and verified: acknowledged and ignored, "
+                         "test orders are not counted", platform, str(payload.get("id"))[:64])
+            return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         is_placed = getattr(connector, "is_placed", None)
         if is_placed is not None and not is_placed(payload):
             if platform not in self._warned_unplaced:
