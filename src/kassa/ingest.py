@@ -59,7 +59,8 @@ class EventIngest:
 
         ``bound_times``: event and order timestamps must lie within `timestamp_window` of now. Signed
         platform webhooks skip it (a refund may carry an order placed months ago; the connector has
-        already parsed the time into a real date).
+        already parsed the time into a real date, and ``WebhookReceiver`` keeps one past its clock-skew
+        allowance as the time it arrived).
         """
         offers = self.catalog.snapshot.offers
         now = self.clock()

@@ -243,6 +243,26 @@ def test_a_signed_order_time_that_leaves_the_datetime_range_in_utc_is_422_not_50
     assert kassa.event_log.count() == 0
 
 
+def test_a_signed_order_time_past_the_clock_skew_allowance_is_kept_as_the_time_it_arrived(hooks, kassa, clock,
+                                                                                           caplog):
+    # A 2999 created_at was stored as is and stuck in the buyer's last_order_ts (a max) for good; a 422 would
+    # have the platform retry the order until it drops it, so the order is kept at the time it arrived.
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        body = shopify_body(0, created_at="2999-01-01T00:00:00Z")
+        assert hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).json()["accepted"] == 1
+    [event] = stored(kassa)
+    assert event.order is not None and event.order.created_at == clock() and event.timestamp == clock()
+    profile = kassa.profiles.get("115310627314723954")
+    assert profile is not None and profile["last_order_ts"] == clock()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "created_at 2999-01-01T00:00:00+00:00" in line and "clock skew" in line
+    within = clock() + 3_600  # a store clock an hour ahead is within the allowance: kept as sent
+    body = shopify_body(within, id=1)
+    assert hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-2")).json()[
+        "accepted"] == 1
+    assert stored(kassa)[1].order.created_at == within  # type: ignore[union-attr]
+
+
 def test_an_unsigned_triggered_at_header_out_of_range_is_ignored(hooks, kassa, clock):
     body = shopify_body(clock())
     headers = shopify_headers(body) | {"X-Shopify-Triggered-At": "0001-01-01T00:00:00+01:00"}

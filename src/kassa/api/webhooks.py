@@ -18,7 +18,7 @@ _IGNORED = b'{"accepted":0,"duplicates":0,"ignored":1}'
 def _receiver(request: Request, kassa: Kassa) -> WebhookReceiver:
     receiver: WebhookReceiver | None = getattr(request.app.state, "webhook_receiver", None)
     if receiver is None:
-        receiver = WebhookReceiver(kassa.settings.integrations, lambda: kassa.catalog.snapshot)
+        receiver = WebhookReceiver(kassa.settings.integrations, lambda: kassa.catalog.snapshot, kassa.clock)
         request.app.state.webhook_receiver = receiver
     return receiver
 

@@ -3,19 +3,22 @@
 Owns the platform-independent steps between the raw HTTP body and ``EventIngest``: pick the connector
 (built once per platform from Kassa's ``integrations`` settings), verify the signature on the raw bytes,
 skip topics that are not "order placed" (and orders the platform sent before they were placed, and the
-platform's test notifications), parse
-into the canonical ``Order``, fill in line categories the
-platform left out from the offer catalog, and name the event ``{platform}:order:{order_id}`` so the
-durable event log deduplicates re-deliveries (the order id sits inside the signed body; delivery-id
-headers are not signed). It never writes anything itself: the caller ingests the event.
+platform's test notifications), parse into the canonical ``Order``, keep an order time beyond now +
+``MAX_CLOCK_SKEW`` as the time it arrived (a 2999 ``created_at`` stuck in the buyer's ``last_order_ts`` for
+good, and a 422 would have the platform retry the order until it drops it), fill in line categories the
+platform left out from the offer catalog, and name the event ``{platform}:order:{order_id}`` so the durable
+event log deduplicates re-deliveries (the order id sits inside the signed body; delivery-id headers are not
+signed). It never writes anything itself: the caller ingests the event.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -26,6 +29,7 @@ from kassa.integrations.base import Connector, IntegrationError, Order, PayloadE
 from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
+MAX_CLOCK_SKEW = 86_400.0  # seconds a store's clock may run ahead of Kassa's before an order time is not believed
 _MAX_TOPICS_WARNED = 100  # a sender cycling through made-up topics cannot grow the set without bound
 
 log = logging.getLogger(__name__)
@@ -50,14 +54,17 @@ class WebhookResult:
 
 class WebhookReceiver:
     def __init__(self, integrations: Mapping[str, Mapping[str, Any]],
-                 snapshot: Callable[[], CatalogSnapshot] | None = None) -> None:
+                 snapshot: Callable[[], CatalogSnapshot] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._integrations = integrations
+        self._clock = clock
         self._snapshot = snapshot
         self._connectors: dict[str, Connector] = {}
         self._limits: dict[str, int] = {}
         self._warned_topics: set[tuple[str, str]] = set()
         self._warned_unplaced: set[str] = set()
         self._said_test: set[str] = set()
+        self._warned_future: set[str] = set()
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -133,7 +140,7 @@ class WebhookReceiver:
                             "delivery brings it placed; see docs/integrations/%s.md for the subscriptions that need",
                             platform, str(payload.get("id"))[:64], str(payload.get("status"))[:32], platform)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
-        order = self._with_categories(connector.parse_order(payload))
+        order = self._with_categories(self._believable_time(connector.parse_order(payload)))
         event = order.to_event(f"{platform}:order:{order.order_id}")
         return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order)
 
@@ -147,6 +154,17 @@ class WebhookReceiver:
         reads = ", ".join(sorted(getattr(connector, "order_topics", ()))) or "its order topics"
         log.warning("%s webhook topic %r is acknowledged and ignored: Kassa reads %s (check the subscription's "
                     "topic); further deliveries of this topic are ignored without a word", platform, key[1], reads)
+
+    def _believable_time(self, order: Order) -> Order:
+        now = self._clock()
+        if order.created_at.timestamp() <= now + MAX_CLOCK_SKEW:
+            return order
+        if order.platform not in self._warned_future:  # once per platform: a store clock that is off stays off
+            self._warned_future.add(order.platform)
+            log.warning("%s order %r has created_at %s, more than the %.0f s clock skew allowed ahead of now: kept "
+                        "as placed when it arrived (further such orders are kept alike without a word)",
+                        order.platform, order.order_id[:64], order.created_at.isoformat(), MAX_CLOCK_SKEW)
+        return dataclasses.replace(order, created_at=datetime.fromtimestamp(now, UTC))
 
     def _with_categories(self, order: Order) -> Order:
         # Shopify line items (and WooCommerce's) carry no category, but eligibility rules, retrieval and
