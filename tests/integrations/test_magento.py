@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -573,7 +575,37 @@ def test_webhook_endpoint_accepts_stores_and_dedupes_signed_order_event(
     replay = client.post("/v1/webhooks/magento", content=body, headers=headers)
     assert replay.status_code == 200 and replay.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert kassa.event_log.count() == 1
-    assert [r.path for r in key_host.requests] == [KEY1_PATH]  # fetched once from the (fake) Adobe host
+    # both keys the delivery names fetched once each from the (fake) Adobe host, off the event loop
+    assert sorted(r.path for r in key_host.requests) == [KEY1_PATH, KEY2_PATH]
+
+
+def test_the_first_public_key_fetch_does_not_hold_up_other_requests(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # The fetch was a blocking httpx.get inside the async handler: every request of the server waited for it.
+    client, _, key_host = magento_app
+    key_host.delay = 0.3
+    body = _live_event()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        webhook = pool.submit(client.post, "/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        time.sleep(0.1)  # the webhook is waiting for its keys (0.3 s each)
+        assert client.get("/healthz").status_code == 200
+        health_done = time.perf_counter() - started
+        assert webhook.result().json()["accepted"] == 1
+    assert health_done < 0.45, f"/healthz waited {health_done:.2f} s for the key fetch"
+    assert sorted(r.path for r in key_host.requests) == [KEY1_PATH, KEY2_PATH]
+
+
+def test_a_public_key_adobe_does_not_serve_is_refused_without_a_fetch_per_delivery(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    client, kassa, key_host = magento_app
+    key_host.keys.clear()  # both paths answer 404
+    body = _live_event()
+    for _ in range(3):
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 401 and "could not fetch public key" in response.json()["detail"]
+    assert sorted(r.path for r in key_host.requests) == [KEY1_PATH, KEY2_PATH]  # tried again after a minute
+    assert kassa.event_log.count() == 0
 
 
 def test_webhook_endpoint_refuses_bad_signature_and_writes_nothing(

@@ -31,7 +31,7 @@ async def post_webhook(request: Request) -> Response:
         connector_limit = receiver.max_body_bytes(platform)
         body = await read_body(request, connector_limit)
         # Starlette's header names are already lower-case, as Connector.verify expects.
-        result = receiver.receive(platform, request.headers, body)
+        result = await receiver.receive_async(platform, request.headers, body)
     except UnknownPlatform as exc:
         raise errors.NotFound(str(exc), "platform") from None
     except NotConfigured as exc:

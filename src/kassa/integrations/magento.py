@@ -5,7 +5,8 @@ integration access token as Bearer or OAuth 1.0a request signing (HMAC-SHA256, s
 RFC 5849 built here); keyset paging of the catalog by ``(updated_at, entity_id)`` through ``searchCriteria``
 filter groups; Adobe I/O Events deliveries of ``com.adobe.commerce.observer.sales_order_place_after``
 (CloudEvents signed with RSA-SHA256 by Adobe, two signatures, public keys fetched from Adobe's static host
-through an injectable fetcher and cached); and the API-access audit.
+through an injectable fetcher with a 5 s timeout, once per key, and cached; ``verify_needs_io`` /
+``prefetch`` let the receiver fetch them off the event loop); and the API-access audit.
 
 Magento returns the last page again when ``currentPage`` runs past the end, so paging never trusts "an
 empty page means done": it stops on ``total_count``.
@@ -14,6 +15,7 @@ empty page means done": it stops on ``total_count``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -61,6 +63,7 @@ ORDER_SUBSCRIPTION = "observer.sales_order_place_after"  # the name `bin/magento
 ADOBE_KEY_HOST = "https://static.adobeioevents.com"
 _KEY_PATH = re.compile(r"^/[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*\.pem$")
 _KEY_CACHE_MAX = 64
+_KEY_RETRY_SECONDS = 60.0  # a key path that could not be fetched is refused without a fetch this long
 
 PublicKeyFetcher = Callable[[str], str]
 
@@ -207,6 +210,8 @@ class MagentoConnector(HttpConnector):
         self._fetch_pem: PublicKeyFetcher = fetch_public_key or (lambda path: fetch_adobe_public_key(path, key_host))
         self._keys: dict[str, rsa.RSAPublicKey] = {}
         self._keys_lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # one fetch at a time: deliveries arriving meanwhile wait for it
+        self._failed_keys: dict[str, tuple[float, str]] = {}  # path -> (monotonic time to try again, why)
         try:
             self.currency = currency_code(self.cfg.get("currency"), "USD", "currency")
         except PayloadError as exc:
@@ -258,17 +263,58 @@ class MagentoConnector(HttpConnector):
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ webhooks
+    def _unfetched_key_paths(self, headers: Mapping[str, str]) -> list[str]:
+        """The signed key paths of a delivery that are neither cached nor refused within the last minute."""
+        h = {k.lower(): v for k, v in headers.items()}
+        paths = [path.strip() for n in (1, 2)
+                 if h.get(f"x-adobe-digital-signature-{n}") and (path := h.get(f"x-adobe-public-key{n}-path"))]
+        now = time.monotonic()
+        with self._keys_lock:
+            return [p for p in paths if _KEY_PATH.match(p) and ".." not in p and p not in self._keys
+                    and self._failed_keys.get(p, (0.0, ""))[0] <= now]
+
+    def verify_needs_io(self, headers: Mapping[str, str]) -> bool:
+        """Whether ``verify`` would fetch a public key: the caller then runs ``prefetch`` off the event loop
+        (a fetch blocks for up to its timeout)."""
+        return bool(self._unfetched_key_paths(headers))
+
+    def prefetch(self, headers: Mapping[str, str]) -> None:
+        """Fetch and cache both public keys a delivery names (Adobe always sends two), so a later ``verify``
+        of it, or of any delivery signed with them, needs no network; a key that cannot be had is refused
+        without a fetch for a minute (``verify`` says why)."""
+        for path in self._unfetched_key_paths(headers):
+            with contextlib.suppress(SignatureError):  # verify says why the delivery is refused
+                self._public_key(path)
+
     def _public_key(self, path: str) -> rsa.RSAPublicKey:
         with self._keys_lock:
             key = self._keys.get(path)
+            failed = self._failed_keys.get(path)
         if key is not None:
             return key
         if not _KEY_PATH.match(path) or ".." in path:
             raise SignatureError(f"refusing public key path {path[:100]!r}: not an Adobe key file path")
-        try:
-            pem = self._fetch_pem(path)
-        except IntegrationError as exc:
-            raise SignatureError(f"could not fetch public key {path}: {exc}") from exc
+        if failed is not None and failed[0] > time.monotonic():
+            raise SignatureError(failed[1])
+        with self._fetch_lock:
+            with self._keys_lock:
+                key = self._keys.get(path)
+            if key is not None:  # fetched by the delivery this one waited for
+                return key
+            try:
+                try:
+                    pem = self._fetch_pem(path)
+                except IntegrationError as exc:
+                    raise SignatureError(f"could not fetch public key {path}: {exc}") from exc
+                return self._load_key(path, pem)
+            except SignatureError as exc:
+                with self._keys_lock:
+                    if len(self._failed_keys) >= _KEY_CACHE_MAX:
+                        self._failed_keys.pop(next(iter(self._failed_keys)))
+                    self._failed_keys[path] = (time.monotonic() + _KEY_RETRY_SECONDS, str(exc))
+                raise
+
+    def _load_key(self, path: str, pem: str | bytes) -> rsa.RSAPublicKey:
         try:
             loaded = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
         except (ValueError, TypeError) as exc:

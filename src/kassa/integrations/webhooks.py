@@ -13,6 +13,7 @@ signed). It never writes anything itself: the caller ingests the event.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -102,6 +103,16 @@ class WebhookReceiver:
         read, an unknown or unconfigured platform raises as ``connector`` does)."""
         self.connector(platform)
         return self._limits[platform]
+
+    async def receive_async(self, platform: str, headers: Mapping[str, str], raw_body: bytes) -> WebhookResult:
+        """``receive`` for a handler on the event loop: what the connector must fetch to verify a delivery
+        (Magento's Adobe public keys, once each, up to a 5 s timeout) is fetched in a worker thread, so the
+        server answers other requests meanwhile; everything else runs inline (no thread hop per delivery)."""
+        connector = self.connector(platform)
+        needs_io = getattr(connector, "verify_needs_io", None)
+        if needs_io is not None and needs_io(headers):
+            await asyncio.to_thread(connector.prefetch, headers)  # type: ignore[attr-defined]
+        return self.receive(platform, headers, raw_body)
 
     def receive(self, platform: str, headers: Mapping[str, str], raw_body: bytes) -> WebhookResult:
         """Verify and parse; raises SignatureError, ReplayError, PayloadError, NotConfigured, UnknownPlatform."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,11 @@ class AdobeKeyHostFake(FakeServer):
     def __init__(self, keys: dict[str, str]) -> None:
         super().__init__()
         self.keys = keys
+        self.delay = 0.0  # seconds each key takes to arrive (a slow CDN)
 
     def handle(self, request: FakeRequest) -> FakeResponse:
+        if self.delay:
+            time.sleep(self.delay)
         pem = self.keys.get(request.path)
         if pem is None:
             return FakeResponse(404, b"<Error><Code>NoSuchKey</Code></Error>", {"Content-Type": "application/xml"})
