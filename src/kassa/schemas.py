@@ -127,6 +127,17 @@ class EventAck(Struct):
     unknown_decisions: int = 0
 
 
+class WebhookAck(Struct):
+    """The 200 of ``POST /v1/webhooks/{platform}``: an ``EventAck`` for an order, or ``ignored: 1`` (and no
+    ``unknown_decisions``) for a verified delivery that is no order to count: another topic, an order not
+    placed yet, a test notification, a ping."""
+
+    accepted: int
+    duplicates: int
+    unknown_decisions: int | msgspec.UnsetType = msgspec.UNSET
+    ignored: int | msgspec.UnsetType = msgspec.UNSET
+
+
 # --------------------------------------------------------------------------- catalog
 class Eligibility(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Rules an offer must pass to be shown. Every field is optional; unset means no constraint."""

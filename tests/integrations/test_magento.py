@@ -633,6 +633,15 @@ def test_a_batch_delivery_is_refused_saying_to_choose_single_webhook_delivery(
     assert kassa.event_log.count() == 0
 
 
+def test_a_signed_body_that_is_not_json_is_400_as_on_every_platform(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    client, kassa, _ = magento_app
+    for body in (b'{"type": "com.adobe', b"\xff\xfe"):
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 400 and "not JSON" in response.json()["detail"], response.text
+    assert kassa.event_log.count() == 0
+
+
 def test_webhook_endpoint_answers_adobes_url_challenge_and_writes_nothing(magento_app: Any) -> None:
     client, kassa, _ = magento_app
     ok = client.get("/v1/webhooks/magento", params={"challenge": "f4c3-91"})

@@ -358,6 +358,19 @@ def test_the_woocommerce_ping_is_acknowledged_and_not_written(hooks, kassa):
     assert response.status_code == 200 and response.json()["ignored"] == 1 and kassa.event_log.count() == 0
 
 
+def test_every_key_of_the_200_bodies_is_in_the_openapi_spec(hooks, kassa, clock):
+    spec = hooks.get("/openapi.json").json()
+    ok = spec["paths"]["/v1/webhooks/{platform}"]["post"]["responses"]["200"]["content"]["application/json"]
+    documented = spec["components"]["schemas"][ok["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+    body = shopify_body(clock())
+    stored_order = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)).json()
+    other_topic = hooks.post("/v1/webhooks/shopify", content=body,
+                             headers=shopify_headers(body, topic="orders/updated")).json()
+    assert other_topic["ignored"] == 1
+    for answer in (stored_order, other_topic):
+        assert set(answer) <= set(documented), f"undocumented: {set(answer) - set(documented)}"
+
+
 def test_the_webhook_secret_can_come_from_the_environment(monkeypatch, tmp_path):
     # An all-digit secret with a leading zero would be turned into a number by the YAML-typed env loader.
     monkeypatch.setenv("KASSA_INTEGRATIONS__WOOCOMMERCE__WEBHOOK_SECRET", "0123")

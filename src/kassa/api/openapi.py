@@ -45,8 +45,8 @@ def openapi_document() -> bytes:
     from kassa.events.decision_log import DecisionRecord
 
     types = [schemas.DecisionRequest, schemas.DecisionResponse, schemas.EventBatch, schemas.EventAck,
-             schemas.Offer, schemas.Placement, schemas.Problem, schemas.FeaturePush, schemas.FeatureWrite,
-             schemas.FeatureAck, StageChange, Rollback, FeatureValues, DecisionRecord]
+             schemas.WebhookAck, schemas.Offer, schemas.Placement, schemas.Problem, schemas.FeaturePush,
+             schemas.FeatureWrite, schemas.FeatureAck, StageChange, Rollback, FeatureValues, DecisionRecord]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     components["Placement"]["properties"]["policy"]["enum"] = policies.names()  # the policy table's rows
     for name in ("countries", "exclude_countries"):  # refused on write (catalog.store.check_offer), not on read
@@ -127,7 +127,7 @@ def openapi_document() -> bytes:
                 "parameters": [{"name": "platform", "in": "path", "required": True,
                                 "schema": {"enum": ["shopify", "woocommerce", "magento", "sfcc", "sap"]}}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-                "responses": {**_ok(c + "EventAck"), **_PROBLEMS}},
+                "responses": {**_ok(c + "WebhookAck"), **_PROBLEMS}},
                 "get": {"summary": "Adobe I/O Events URL check: echoes ?challenge= (magento only)",
                         "parameters": [{"name": "platform", "in": "path", "required": True,
                                         "schema": {"type": "string"}}, q("challenge")],

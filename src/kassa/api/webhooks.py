@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from kassa import errors, schemas
 from kassa.api.common import json_response, read_body
 from kassa.app import Kassa
-from kassa.integrations.base import PayloadError, ReplayError, SignatureError
+from kassa.integrations.base import MalformedBody, PayloadError, ReplayError, SignatureError
 from kassa.integrations.config import UnknownPlatform
-from kassa.integrations.webhooks import MalformedBody, NotConfigured, WebhookReceiver
+from kassa.integrations.webhooks import NotConfigured, WebhookReceiver
 
-_IGNORED = b'{"accepted":0,"duplicates":0,"ignored":1}'
+_IGNORED = msgspec.json.encode(schemas.WebhookAck(accepted=0, duplicates=0, ignored=1))
 
 
 def _receiver(request: Request, kassa: Kassa) -> WebhookReceiver:

@@ -53,6 +53,10 @@ class PayloadError(IntegrationError):
         self.field = field
 
 
+class MalformedBody(PayloadError):
+    """A verified webhook body that is not JSON (HTTP 400, unlike a JSON payload with bad fields: 422)."""
+
+
 class AuthError(IntegrationError):
     """The platform refused the credentials; the message carries the platform's own error text."""
 

@@ -37,6 +37,7 @@ from kassa.integrations.base import (
     AuditCheck,
     AuthError,
     IntegrationError,
+    MalformedBody,
     Order,
     OrderLine,
     PayloadError,
@@ -684,8 +685,8 @@ _ACL_RESOURCES = {
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PayloadError(f"webhook body is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # 400 as on every platform: a bad field is the 422
+        raise MalformedBody(f"webhook body is not JSON: {exc}") from None
     if isinstance(data, list):  # the registration's "Batch" delivery style: several events in one request
         raise PayloadError("Adobe I/O Events batch deliveries are not read: set the event registration's delivery "
                            "to Webhook (one event per request)")

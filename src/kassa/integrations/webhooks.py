@@ -26,7 +26,7 @@ import msgspec
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.integrations.base import Connector, IntegrationError, Order, PayloadError
+from kassa.integrations.base import Connector, IntegrationError, MalformedBody, Order, PayloadError
 from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 
 class NotConfigured(IntegrationError):
     """Kassa has no webhook secret for this platform, so it cannot verify anything from it."""
-
-
-class MalformedBody(PayloadError):
-    """The verified body is not JSON (HTTP 400, unlike a JSON payload with bad fields: 422)."""
 
 
 @dataclass(slots=True)
