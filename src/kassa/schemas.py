@@ -136,6 +136,7 @@ class WebhookAck(Struct):
     duplicates: int
     unknown_decisions: int | msgspec.UnsetType = msgspec.UNSET
     ignored: int | msgspec.UnsetType = msgspec.UNSET
+    lines_dropped: int | msgspec.UnsetType = msgspec.UNSET  # an order past 500 lines: how many were left out
 
 
 # --------------------------------------------------------------------------- catalog

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -102,6 +103,27 @@ def test_every_line_of_the_shown_product_is_credited_not_only_the_last(app_clien
     close_all(kassa, clock)
     # the offer is product p-1 (SKU SERUM-C): 19 + 25 + 4, under the placement's cap of 50
     assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 48.0
+
+
+def test_an_order_past_500_lines_is_stored_with_500_keeping_the_offered_products_lines(
+        app_client, kassa, clock, joined, caplog):
+    # It was a 422, which Shopify retries and counts towards deleting the subscription. The lines dropped are
+    # the last ones that are no offered product: what attribution needs is kept.
+    decision = decide(app_client)
+    clock.advance(10)
+    filler = [SERUM_LINE | {"id": 100 + i, "product_id": f"x-{i}", "variant_id": 1000 + i, "sku": f"FILLER-{i}",
+                            "price": "1.00"} for i in range(600)]
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        answer = webhook(app_client, created=clock(), lines=[*filler, SERUM_LINE])
+    assert answer == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "lines_dropped": 101}
+    [event] = [e for _, e in kassa.event_log.read()]
+    assert event.order is not None and len(event.order.items) == 500 and event.order.total == 619.0
+    skus = [item.sku for item in event.order.items]
+    assert skus[:499] == [f"FILLER-{i}" for i in range(499)] and skus[-1] == "SERUM-C"  # the order's own order
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "shopify order '5002' has 601 lines" in line and "101" in line
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 19.0
 
 
 def test_a_line_whose_product_id_is_its_sku_counts_once():

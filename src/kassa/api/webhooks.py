@@ -50,6 +50,9 @@ async def post_webhook(request: Request) -> Response:
     ack = await kassa.events.ingest(schemas.EventBatch([result.event]), bound_times=False)
     if ack.duplicates:
         kassa.metrics.duplicates.inc(ack.duplicates)
+    if result.lines_dropped:
+        return json_response(schemas.WebhookAck(ack.accepted, ack.duplicates, ack.unknown_decisions,
+                                                lines_dropped=result.lines_dropped))
     return json_response(ack)
 
 

@@ -26,7 +26,7 @@ import msgspec
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.integrations.base import Connector, IntegrationError, MalformedBody, Order, PayloadError
+from kassa.integrations.base import MAX_ORDER_LINES, Connector, IntegrationError, MalformedBody, Order, PayloadError
 from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
@@ -47,6 +47,7 @@ class WebhookResult:
     delivery_id: str | None
     event: schemas.Event | None  # None: a verified delivery that is not an order (ping, other topic)
     order: Order | None = None
+    lines_dropped: int = 0  # lines of an order past MAX_ORDER_LINES left out of its event
 
 
 class WebhookReceiver:
@@ -147,9 +148,10 @@ class WebhookReceiver:
                             "delivery brings it placed; see docs/integrations/%s.md for the subscriptions that need",
                             platform, str(payload.get("id"))[:64], str(payload.get("status"))[:32], platform)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
-        order = self._with_categories(self._believable_time(connector.parse_order(payload)))
+        order, dropped = self._within_line_bound(self._believable_time(connector.parse_order(payload)))
+        order = self._with_categories(order)
         event = order.to_event(f"{platform}:order:{order.order_id}")
-        return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order)
+        return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order, dropped)
 
     def _warn_topic(self, platform: str, topic: str, connector: Connector) -> None:
         # A subscription to the wrong topic (Shopify orders/paid for orders/create) is answered 200 and writes
@@ -172,6 +174,27 @@ class WebhookReceiver:
                         "as placed when it arrived (further such orders are kept alike without a word)",
                         order.platform, order.order_id[:64], order.created_at.isoformat(), MAX_CLOCK_SKEW)
         return dataclasses.replace(order, created_at=datetime.fromtimestamp(now, UTC))
+
+    def _within_line_bound(self, order: Order) -> tuple[Order, int]:
+        # A 4xx for a long order is retried by the platform until it gives up (Shopify then deletes the
+        # subscription), so the order is kept with MAX_ORDER_LINES lines: every line of an offered product
+        # first (attribution credits only those), then the order's first other lines; its total is kept whole.
+        if len(order.lines) <= MAX_ORDER_LINES:
+            return order, 0
+        offered = self._snapshot().product_offer if self._snapshot is not None else {}
+        kept = {i for i, line in enumerate(order.lines)
+                if line.sku in offered or (line.product_id is not None and line.product_id in offered)}
+        kept = set(sorted(kept)[:MAX_ORDER_LINES])
+        for i in range(len(order.lines)):
+            if len(kept) >= MAX_ORDER_LINES:
+                break
+            kept.add(i)
+        lines = tuple(line for i, line in enumerate(order.lines) if i in kept)
+        dropped = len(order.lines) - len(lines)
+        log.warning("%s order %r has %d lines, more than the %d an order event holds: stored with the lines of "
+                    "offered products and the first others, %d lines left out (the order's total is kept)",
+                    order.platform, order.order_id[:64], len(order.lines), MAX_ORDER_LINES, dropped)
+        return dataclasses.replace(order, lines=lines), dropped
 
     def _with_categories(self, order: Order) -> Order:
         # Shopify line items (and WooCommerce's) carry no category, but eligibility rules, retrieval and
