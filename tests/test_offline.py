@@ -344,6 +344,16 @@ def test_cli_apply_reports_invalid_definitions(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "unknown entity 'shopper'" in r.output
 
 
+def test_cli_apply_reports_a_stream_path_typo(tmp_path: Path) -> None:
+    defs = tmp_path / "bad.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: stream, entity: customer, source: {events: [order]}, fields: "
+                    "[{name: x, dtype: float, agg: sum, of: order.totl, window: 7d}]}]\n")
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output  # was a DefinitionError traceback
+    assert "invalid definitions: view 'v' field 'x': unknown event path 'order.totl'" in " ".join(r.output.split())
+
+
 def test_cli_times_read_as_kassa_train_reads_them() -> None:
     """`kassa features training-set --from-decisions --since 7d` was "not an ISO-8601 time" while
     `kassa train|evaluate|drift --since 7d` took it."""

@@ -134,7 +134,10 @@ def apply(
     except (DefinitionError, OSError) as exc:
         _fail(f"invalid definitions: {exc}")
     registry = _registry(settings)
-    diff = registry.plan(repo)
+    try:
+        diff = registry.plan(repo)  # also plans the stream views as the stream processor will
+    except DefinitionError as exc:
+        _fail(f"invalid definitions: {exc}")
     table = Table("kind", "name", "change", "detail", title=f"feature definitions: {path}")
     styles = {"add": "green", "change": "yellow", "remove": "red", "unchanged": "dim"}
     for kind, name, change, detail in diff.rows():
