@@ -107,6 +107,30 @@ def test_cli_refuses_bad_input_clearly(logged, args, message):
     assert message in text, text
 
 
+def test_cli_refuses_an_empty_window_and_a_baseline_it_cannot_compare(logged, kassa):
+    registry = kassa.model_registry
+    v = registry.versions("order_confirmation", limit=1)[0].version
+    mv = registry.get(v)
+    other = registry.register("cross_sell", registry.path(mv), schema_hash=mv.schema_hash,
+                              learner_args=mv.learner_args, source="batch").version
+    evaluate = ["evaluate", "--placement", "order_confirmation", "--candidate", v]
+    for args, message in [
+        # both selected no decision and said only "nothing to train on" / "no closed decisions to evaluate on"
+        (["train", "--placement", "order_confirmation", "--since", "1h", "--until", "2h"],
+         "Invalid value for --since: the window is empty: it starts at"),
+        ([*evaluate, "--since", "2026-12-08", "--until", "2026-12-01"],
+         "the window is empty: it starts at 2026-12-08 00:00:00 and ends at 2026-12-01 00:00:00"),
+        # the baseline's rows were merged into the candidate's: one policy in the table, no comparison
+        ([*evaluate, "--baseline", v], f"Invalid value for --baseline: {v} is the candidate itself"),
+        # another placement's model was scored on this placement's log without a word
+        ([*evaluate, "--baseline", other], f"Invalid value for --baseline: {other} serves cross_sell, not "
+                                            "order_confirmation"),
+    ]:
+        result = runner.invoke(app, [*args, "--data-dir", logged])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert message in " ".join(result.output.replace("│", " ").split()), (args, result.output)
+
+
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())

@@ -100,6 +100,14 @@ def parse_time(text: str | None, now: float) -> float | None:
     return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
+def check_window(start: float | None, end: float | None, start_hint: str = "--since") -> None:
+    """Refuse a window that ends before it starts: it selected no decision, and the command said only that
+    there was nothing to train or evaluate on (or, for the training set, wrote an empty file)."""
+    if start is not None and end is not None and start >= end:
+        raise typer.BadParameter(f"the window is empty: it starts at {_fmt_time(start)} and ends at "
+                                 f"{_fmt_time(end)} (UTC)", param_hint=start_hint)
+
+
 def _fmt_time(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
@@ -282,6 +290,7 @@ def train_command(
         pl = ctx.placement(placement)
         now = time.time()
         start, end = parse_time(since, now), parse_time(until, now)
+        check_window(start, end)
         with _progress() as bar:
             progress = _Stages(bar)
             result = train_placement(
@@ -390,15 +399,24 @@ def evaluate_command(
         base = found[0] if found and found[0].version != cand.version else None
     elif baseline != "none":
         base = ctx.version(baseline, "--baseline")
+        if base.version == cand.version:  # its rows were merged into the candidate's: one row, no comparison
+            raise typer.BadParameter(f"{baseline} is the candidate itself; give another version, 'production' "
+                                     "or 'none'", param_hint="--baseline")
+        if base.placement != placement:
+            raise typer.BadParameter(f"{baseline} serves {base.placement}, not {placement}",
+                                     param_hint="--baseline")
     schema = ctx.schema_hash(placement)
     for mv in (cand, base):
         if mv is not None:
             ctx.registry.verify(mv, schema)
     now = time.time()
     start = parse_time(since, now)
-    if start is None and cand.source == "batch" and cand.train_until is not None:
+    default_start = start is None and cand.source == "batch" and cand.train_until is not None
+    if default_start:
         start = cand.train_until
     end = parse_time(until, now)
+    check_window(start, end, "--until (the window starts where the candidate's training ended)" if default_start
+                 else "--since")
     snap = ctx.catalog.snapshot
 
     def product_key(offer_id: str) -> str | None:
