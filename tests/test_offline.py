@@ -323,10 +323,19 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     # The source's full history, not only the materialized (newest) values: at now-400 c1 had 1 order.
     assert pq.read_table(out).column("orders").to_pylist() == [1, 4, 2]
 
+    # No decision logged (in the window): said so; it wrote an empty file and "wrote 0 rows", exit 0.
+    out.unlink()
     r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
-                            "--out", str(out), "--json", *data])
-    assert r.exit_code == 0, r.output
-    assert last_json(r.output)["rows"] == 0
+                            "--out", str(out), "--since", "2026-11-01", "--json", *data])
+    assert r.exit_code == 1 and not out.exists(), r.output
+    assert "no logged decisions from 2026-11-01T00:00:00+00:00 in " in " ".join(r.output.split())
+    r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
+                            "--out", str(out), "--since", "1h", "--until", "2h", *data])
+    assert r.exit_code == 2 and "the window is empty" in r.output, r.output
+    # Decision filters with an entity file were ignored: every row of the file was joined.
+    r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features",
+                            "customer_stats:*", "--out", str(out), "--placement", "order_confirmation", *data])
+    assert r.exit_code == 2 and "goes with --from-decisions" in " ".join(r.output.replace("│", " ").split())
 
     # Retyping a field is refused without --allow-destructive, and nothing changes.
     defs.write_text(DEFINITIONS.format(source=source, segment_type="int", segment_default=0))

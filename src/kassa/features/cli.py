@@ -333,6 +333,11 @@ def training_set(
 
     if (entities is None) == (not from_decisions):
         raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
+    if not from_decisions:  # they were ignored: every row of the file was joined
+        for given, name in ((placement, "--placement"), (since, "--since"), (until, "--until")):
+            if given is not None:
+                raise typer.BadParameter("selects decisions of the decision log: it goes with --from-decisions, "
+                                         "not with --entities", param_hint=name)
     settings = load_settings(config, data_dir=data_dir)
     repo = _applied(settings)
     try:
@@ -340,8 +345,16 @@ def training_set(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--features") from None
     if from_decisions:
-        rows: Any = entities_from_decisions(settings.data_path, placement, _epoch(since, "--since"),
-                                            _epoch(until, "--until"))
+        start, end = _epoch(since, "--since"), _epoch(until, "--until")
+        if start is not None and end is not None and start >= end:
+            raise typer.BadParameter(f"the window is empty: it starts at {_iso(start)} and ends at {_iso(end)}",
+                                     param_hint="--since")
+        rows: Any = entities_from_decisions(settings.data_path, placement, start, end)
+        if rows.num_rows == 0:  # an empty Parquet file was written, and the command said "wrote 0 rows"
+            window = (f" from {_iso(start)}" if start is not None else "") + (
+                f" until {_iso(end)}" if end is not None else "")
+            _fail(f"no logged decisions{f' of {placement}' if placement else ''}{window} in "
+                  f"{settings.data_path / 'decisions'}: no training set written")
         timestamp_field = "event_timestamp"
     else:
         rows = entities
