@@ -131,6 +131,22 @@ def test_cli_refuses_an_empty_window_and_a_baseline_it_cannot_compare(logged, ka
         assert message in " ".join(result.output.replace("│", " ").split()), (args, result.output)
 
 
+def test_cli_names_a_damaged_decision_log_file(client, kassa):
+    client.post("/v1/decisions", json=decision_body(customer="c1", limit=1, order=order()))
+    kassa.decision_log.flush()
+    data = str(kassa.settings.data_path)
+    good = sorted(kassa.settings.data_path.glob("decisions/date=*/*.parquet"))[0]
+    bad = good.with_name("part-0-damaged.parquet")
+    bad.write_bytes(good.read_bytes()[:100])  # e.g. a copy cut short by a full disk
+    for args in (["train", "--placement", "order_confirmation"],  # `kassa evaluate` reads it the same way
+                 ["drift", "--placement", "order_confirmation", "--last", "100"]):
+        result = runner.invoke(app, [*args, "--data-dir", data])
+        # was DuckDB's InvalidInputException traceback
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        text = " ".join(result.output.split())
+        assert "unreadable decision log: cannot read the decision log in" in text and bad.name in text, text
+
+
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())

@@ -336,6 +336,14 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features",
                             "customer_stats:*", "--out", str(out), "--placement", "order_confirmation", *data])
     assert r.exit_code == 2 and "goes with --from-decisions" in " ".join(r.output.replace("│", " ").split())
+    # A damaged decision-log file is named (was DuckDB's InvalidInputException traceback).
+    damaged = tmp_path / "data" / "decisions" / "date=2026-11-01" / "part-0.parquet"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"")
+    r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
+                            "--out", str(out), *data])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "part-0.parquet" in r.output and "move it out of the folder" in " ".join(r.output.split())
 
     # Retyping a field is refused without --allow-destructive, and nothing changes.
     defs.write_text(DEFINITIONS.format(source=source, segment_type="int", segment_default=0))

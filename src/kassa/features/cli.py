@@ -329,6 +329,7 @@ def training_set(
     views from the offline log."""
     import pyarrow.parquet as pq
 
+    from kassa.events.decision_log import UnreadableDecisionLog
     from kassa.features.offline import entities_from_decisions, resolve_features
 
     if (entities is None) == (not from_decisions):
@@ -349,7 +350,10 @@ def training_set(
         if start is not None and end is not None and start >= end:
             raise typer.BadParameter(f"the window is empty: it starts at {_iso(start)} and ends at {_iso(end)}",
                                      param_hint="--since")
-        rows: Any = entities_from_decisions(settings.data_path, placement, start, end)
+        try:
+            rows: Any = entities_from_decisions(settings.data_path, placement, start, end)
+        except UnreadableDecisionLog as exc:  # was a DuckDB traceback
+            _fail(str(exc))
         if rows.num_rows == 0:  # an empty Parquet file was written, and the command said "wrote 0 rows"
             window = (f" from {_iso(start)}" if start is not None else "") + (
                 f" until {_iso(end)}" if end is not None else "")

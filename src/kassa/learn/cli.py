@@ -6,8 +6,10 @@ write only to the model registry, which serving processes poll.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -114,6 +117,22 @@ def _fmt_time(ts: float | None) -> str:
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
+
+
+def reads_the_decision_log(command: Callable[..., None]) -> Callable[..., None]:
+    """A command that reads the decision log says which file it cannot read and exits 1 (an empty or damaged
+    Parquet file in it was a DuckDB traceback in `kassa train`, `kassa evaluate` and `kassa drift`)."""
+    from kassa.events.decision_log import UnreadableDecisionLog
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except UnreadableDecisionLog as exc:
+            console.print(f"[red]unreadable decision log:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -261,6 +280,7 @@ class _Stages:
         self.bar.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
+@reads_the_decision_log
 def train_command(
     placement: Annotated[str, typer.Option(help="The placement to retrain.")],
     since: Annotated[Optional[str], typer.Option(help="Start: date, unix time or duration ago (7d).")] = None,  # noqa: UP045
@@ -336,6 +356,7 @@ def _gate_outcome(what: str, ess: float, n: int, min_ess: float, verdict: Any) -
                 f"; effective sample size {ess:.0f} below the minimum {min_ess:.0f}" if small else "")}
 
 
+@reads_the_decision_log
 def evaluate_command(
     placement: Annotated[str, typer.Option(help="The placement whose logs to evaluate on.")],
     candidate: Annotated[str, typer.Option(help="The version to evaluate (e.g. order_confirmation@13).")],
@@ -516,6 +537,7 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
 
 
 # ---------------------------------------------------------------------------------------------- drift
+@reads_the_decision_log
 def drift_command(
     placement: Annotated[str, typer.Option(help="The placement to check.")],
     since: Annotated[str, typer.Option(help="Start of the live window (date, unix time or duration ago).")] = "1h",
