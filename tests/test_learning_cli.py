@@ -147,6 +147,16 @@ def test_cli_names_a_damaged_decision_log_file(client, kassa):
         assert "unreadable decision log: cannot read the decision log in" in text and bad.name in text, text
 
 
+@pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])
+def test_drift_refuses_last_with_a_time_window(tmp_path, window):
+    # the time windows were ignored without a word (refused before any data is read)
+    result = runner.invoke(app, ["drift", "--placement", "order_confirmation", "--last", "150", window, "2h",
+                                 "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (f"Invalid value for {window}: --last picks both windows by count; give either --last or the time "
+            "windows") in " ".join(result.output.replace("│", " ").split())
+
+
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())

@@ -540,14 +540,15 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
 @reads_the_decision_log
 def drift_command(
     placement: Annotated[str, typer.Option(help="The placement to check.")],
-    since: Annotated[str, typer.Option(help="Start of the live window (date, unix time or duration ago).")] = "1h",
+    since: Annotated[Optional[str], typer.Option(help="Start of the live window (date, unix time or duration ago; "  # noqa: UP045
+                                                      "default 1h).")] = None,
     until: Annotated[Optional[str], typer.Option(help="End of the live window (default now).")] = None,  # noqa: UP045
     reference_since: Annotated[Optional[str], typer.Option(help="Start of the reference window (default: the "  # noqa: UP045
                                                                 "production model's training range, else the "
                                                                 "same length just before the live window).")] = None,
     reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
-                                                     "the N before them (overrides the time windows).")] = None,
+                                                     "the N before them (instead of the time windows).")] = None,
     fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
@@ -556,10 +557,16 @@ def drift_command(
     from kassa.learn.offline.dataset import load_logged
     from kassa.monitor.drift.offline import compare, window_from_decisions
 
+    if last is not None:  # the windows were ignored without a word
+        for given, name in ((since, "--since"), (until, "--until"), (reference_since, "--reference-since"),
+                            (reference_until, "--reference-until")):
+            if given is not None:
+                raise typer.BadParameter("--last picks both windows by count; give either --last or the time "
+                                         "windows", param_hint=name)
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)
     now = time.time()
-    live_start = parse_time(since, now)
+    live_start = parse_time(since or "1h", now)
     live_end = parse_time(until, now) or now
     assert live_start is not None
     if live_start >= live_end:
@@ -604,7 +611,9 @@ def drift_command(
     if report.reference_n == 0 or report.live_n == 0:
         console.print(f"[yellow]not enough data[/]: reference {report.reference_n:,} decisions "
                       f"({_fmt_time(ref_start)} .. {_fmt_time(ref_end)}, {source}), live {report.live_n:,} "
-                      f"({_fmt_time(live_start)} .. {_fmt_time(live_end)})")
+                      f"({_fmt_time(live_start)} .. {_fmt_time(live_end)})"
+                      + ("; --last N compares the newest N logged decisions with the N before them" if last is None
+                         else ""))
     else:
         console.print(f"reference: {_fmt_time(ref_start)} .. {_fmt_time(ref_end)} ({source}); "
                       f"live: {_fmt_time(live_start)} .. {_fmt_time(live_end)}")
