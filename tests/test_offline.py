@@ -419,3 +419,33 @@ def test_cli_says_which_redis_it_could_not_reach(tmp_path: Path, monkeypatch: py
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert f"cannot reach the Redis online store at redis://127.0.0.1:{port}/0 (features.redis_url)" in text, text
+
+
+def test_materialize_refuses_while_a_server_serves_the_embedded_store(tmp_path: Path, catalog_file: Path) -> None:
+    """The embedded online store lives in the server's memory: materialize beside it reported its rows written,
+    the server never served them and overwrote online.snapshot with its own rows when it stopped."""
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import PUB
+
+    source = write_source(tmp_path / "stats.parquet", [
+        {"customer_id": "c1", "event_timestamp": time.time() - 60, "orders": 3, "segment": "vip"}])
+    defs = tmp_path / "features.yaml"
+    defs.write_text(DEFINITIONS.format(source=source, segment_type="str", segment_default="new"))
+    data = ["--data-dir", str(tmp_path / "data")]
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file),
+                             publishable_key=PUB, **{"features.definitions_file": str(defs)})
+    runner = CliRunner()
+    with TestClient(create_app(Kassa(settings))):
+        r = runner.invoke(app, ["features", "materialize", *data])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        assert "a running Kassa server holds the embedded online store" in " ".join(r.output.split())
+        r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data])
+        assert "this reads online.snapshot as it saved it when it last stopped" in " ".join(r.output.split())
+    r = runner.invoke(app, ["features", "materialize", "--json", *data])  # stopped: the file is the store
+    assert r.exit_code == 0 and last_json(r.output)["views"][0]["online_written"] == 1, r.output
+    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", "--json", *data])
+    assert last_json(r.output)["values"]["orders"] == 3 and "running Kassa server" not in r.output

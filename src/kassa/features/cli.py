@@ -178,11 +178,16 @@ def materialize_cmd(
 
     Training sets do not need this: they read batch sources' full history."""
     from kassa.features.materialize import MaterializeError, MaterializeResult, batch_views, materialize
-    from kassa.features.online.factory import close_online_store, open_online_store
+    from kassa.features.online.factory import close_online_store, embedded_store_served, open_online_store
 
     settings = load_settings(config, data_dir=data_dir)
     start_s, end_s = _epoch(start, "--start"), _epoch(end, "--end")
     repo = _applied(settings)
+    if embedded_store_served(settings):  # its rows were reported written, never served, then overwritten
+        _fail(f"a running Kassa server holds the embedded online store of {settings.data_path} in its memory: "
+              "rows materialized here would not reach it, and it overwrites online.snapshot when it stops. Stop "
+              "it and materialize then, or use the Redis online store (features.online_store: redis), which "
+              "both share")
     try:
         views = batch_views(repo, view)
     except MaterializeError as exc:
@@ -232,7 +237,7 @@ def get(
     json_out: JsonOpt = False,
 ) -> None:
     """Print a view's values for one entity key from the online store, with their age."""
-    from kassa.features.online.factory import open_online_store
+    from kassa.features.online.factory import SNAPSHOT_FILE, embedded_store_served, open_online_store
 
     settings = load_settings(config, data_dir=data_dir)
     v = _applied(settings).view(view)
@@ -249,6 +254,10 @@ def get(
         return row.get(v.name) if row else None
 
     found = _on_store(settings, read())
+    if embedded_store_served(settings):  # "defaults are served" was said of values the server did serve
+        console.print(f"[yellow]note[/]: a running Kassa server holds this data dir's embedded online store; "
+                      f"this reads {SNAPSHOT_FILE} as it saved it when it last stopped. Its current values: "
+                      f"GET /v1/features/{v.name}/{{key}} with a secret key", highlight=False)
     now = time.time()
     result: dict[str, Any] = {"view": v.name, "entity": v.entity, "key": key, "found": found is not None}
     if found is not None:
