@@ -157,6 +157,26 @@ def test_drift_refuses_last_with_a_time_window(tmp_path, window):
             "windows") in " ".join(result.output.replace("│", " ").split())
 
 
+def test_evaluate_on_one_decision_says_so_and_how_to_get_more(client, kassa, clock):
+    for i in range(2):  # the second decision closes the first one's reward window, and stays pending itself
+        client.post("/v1/decisions", json=decision_body(customer=f"c{i}", limit=1, order=order()))
+        clock.advance(120)
+    kassa.decision_log.flush()
+    data = ["--data-dir", str(kassa.settings.data_path)]
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--json", *data]))["version"]
+    evaluate = ["evaluate", "--placement", "order_confirmation", "--candidate", version, "--baseline", "none"]
+    result = runner.invoke(app, [*evaluate, "--since", "2020-01-01", *data])
+    # was OPEInputError's traceback: "need at least 2 logged rows to estimate a confidence interval"
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    text = " ".join(result.output.split())
+    assert "only 1 closed decision to evaluate on for order_confirmation in the window 2020-01-01 00:00:00 .. now" \
+        in text and "an interval needs at least 2" in text
+    result = runner.invoke(app, [*evaluate, *data])  # the default window: after the candidate's training
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the window starts where the candidate's training ended: train with " \
+        "--holdout 0.2" in text
+
+
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())

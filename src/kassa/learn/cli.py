@@ -448,9 +448,13 @@ def evaluate_command(
         progress = _Stages(bar)
         data = load_logged(ctx.settings.data_path, pl, product_key, start, end,
                            lambda i, n: progress("join rewards", i, n))
-        if len(data) == 0:
-            console.print(f"[red]no closed decisions to evaluate on[/] for {placement} in the window "
-                          f"{_fmt_time(start)} .. {_fmt_time(end)} ({data.pending} still pending)")
+        if len(data) < 2:  # one row was an OPEInputError traceback ("need at least 2 logged rows")
+            hint = ("; the window starts where the candidate's training ended: train with --holdout 0.2 to keep "
+                    "decisions for it, or pass --since" if default_start else "")
+            what = "no closed decisions" if len(data) == 0 else "only 1 closed decision"
+            console.print(f"[red]{what} to evaluate on[/] for {placement} in the window {_fmt_time(start)} .. "
+                          f"{_fmt_time(end) if end else 'now'} "
+                          f"({data.pending} still pending; an interval needs at least 2){hint}", highlight=False)
             raise typer.Exit(1)
         if slate:
             _evaluate_slate(ctx, data, snap, cand, base, pl.slots, level, margin, rule, workers, progress, min_ess,
