@@ -173,6 +173,8 @@ def test_evaluate_on_one_decision_says_so_and_how_to_get_more(client, kassa, clo
         in text and "an interval needs at least 2" in text
     result = runner.invoke(app, [*evaluate, *data])  # the default window: after the candidate's training
     text = " ".join(result.output.split())
+    # not the decision it was trained on: train_until was that decision's own time, and the window includes it
+    assert "no closed decisions to evaluate on" in text and "(1 still pending;" in text, text
     assert result.exit_code == 1 and "the window starts where the candidate's training ended: train with " \
         "--holdout 0.2" in text
 
