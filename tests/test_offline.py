@@ -292,6 +292,12 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     assert r.exit_code == 0, r.output
     assert "customer_stats" in r.output and "add" in r.output
 
+    # a mistyped view named no alternative
+    r = runner.invoke(app, ["features", "get", "customer_stat", "c1", *data])
+    assert r.exit_code == 1 and "unknown view 'customer_stat' (known: customer_stats)" in r.output, r.output
+    r = runner.invoke(app, ["features", "materialize", "--view", "customer_stat", *data])
+    assert r.exit_code == 1 and "unknown view 'customer_stat' (batch views: customer_stats)" in r.output, r.output
+
     r = runner.invoke(app, ["features", "materialize", "--json", *data])
     assert r.exit_code == 0, r.output
     assert last_json(r.output)["views"][0] | {"seconds": 0} == {

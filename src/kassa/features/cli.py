@@ -240,9 +240,10 @@ def get(
     from kassa.features.online.factory import SNAPSHOT_FILE, embedded_store_served, open_online_store
 
     settings = load_settings(config, data_dir=data_dir)
-    v = _applied(settings).view(view)
-    if v is None:
-        _fail(f"unknown view {view!r}")
+    repo = _applied(settings)
+    v = repo.view(view)
+    if v is None:  # a typo was "unknown view" with nothing to pick from
+        _fail(f"unknown view {view!r} (known: {', '.join(x.name for x in repo.views)})")
 
     async def read() -> Any:
         store = open_online_store(settings)
