@@ -98,6 +98,7 @@ class Kassa:
         if settings.features.definitions_file:
             try:
                 definitions = load_repo(settings.features.definitions_file)
+                self.registry.plan(definitions)  # what only the stream processor checked (a traceback there)
             except (OSError, ValueError) as exc:
                 raise UnusableStartFile("feature definitions file", "features.definitions_file",
                                         settings.features.definitions_file, exc) from None
