@@ -242,3 +242,17 @@ def test_a_record_keeps_a_feature_value_beyond_what_writes_accept(tmp_path: Path
     writer.close()
     found = decision_log.find_decision(tmp_path, "d1")
     assert found is not None and found.features == {"ltv": 1e30, "n": 10**18}
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_a_damaged_file_is_named_with_what_to_do(tmp_path: Path, damage: str) -> None:
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    writer.append(rec(1, DAY1))
+    writer.close()
+    good = parquet_files(tmp_path)[0]
+    bad = good.with_name("part-0-damaged.parquet")
+    bad.write_bytes(b"" if damage == "empty" else good.read_bytes()[:100])
+    # was DuckDB's InvalidInputException traceback out of `kassa train`, `kassa evaluate` and `kassa drift`
+    with pytest.raises(decision_log.UnreadableDecisionLog, match="move it out of the folder") as info:
+        read_decisions(tmp_path)
+    assert str(bad) in str(info.value)

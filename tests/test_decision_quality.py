@@ -203,6 +203,29 @@ def test_small_sample_intervals_stay_inside_the_reward_range_and_the_gate_refuse
     assert not verdict.passed and "below the minimum 100" in verdict.reason
 
 
+def test_an_estimate_outside_the_reward_range_is_clamped_into_its_interval() -> None:
+    """IPS with large weights on accepted rows, and DR with a reward model that overshoots, estimate values no
+    policy can have; the estimate was left outside its clipped interval (DR -0.0005 beside [0.0000, 0.0889])."""
+    import numpy as np
+
+    from kassa.learn.offline import ope
+
+    n = 50
+    logged = np.r_[np.full(10, 0.1), np.full(n - 10, 0.2)]
+    target = np.r_[np.ones(10), np.zeros(n - 10)]  # weight 10 on the first ten rows, 0 elsewhere
+    for reward, q_logged, name, raw_value, clamped in (
+            (np.r_[np.ones(10), np.zeros(n - 10)], np.zeros(n), "ips", 2.0, 1.0),  # 10 * 10 / 50
+            (np.zeros(n), np.full(n, 0.9), "dr", 0.1 - 1.8, 0.0)):  # 0.1 + 10 * 10 * (0 - 0.9) / 50
+        kw = {"q_logged": q_logged, "q_targets": {"cand": np.full(n, 0.1)}}
+        raw = ope.evaluate_policies(reward, logged, {"cand": target}, **kw)
+        assert raw.estimate("cand", name).value == pytest.approx(raw_value)
+        ev = ope.evaluate_policies(reward, logged, {"cand": target}, reward_range=(0.0, 1.0), **kw)
+        for est_name in ("ips", "snips", "dr"):
+            est = ev.estimate("cand", est_name)
+            assert 0.0 <= est.ci_low <= est.value <= est.ci_high <= 1.0, (est_name, est)
+        assert ev.estimate("cand", name).value == clamped
+
+
 # ------------------------------------------------------------------ slates
 def test_pseudo_inverse_matches_the_simulators_ground_truth_for_another_slate_policy() -> None:
     """Uniform logging of 3 slots out of 8 offers, a slot-additive reward with position bias (slot 2 is seen

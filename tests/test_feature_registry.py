@@ -146,3 +146,19 @@ def test_applied_at_and_schema_hash_are_recorded(registry: FeatureRegistry) -> N
         row = conn.execute(select(feature_views_table)).one()
     assert row.schema_hash == view().schema_hash()
     assert row.applied_at == 1_700_000_000.0
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    # both were applied, and then `kassa serve` (or the view's values) failed: a traceback at start for the
+    # path, a view at its defaults for ever for the event type
+    ({"of": "order.totl"}, "field 'spend': unknown event path 'order.totl'"),
+    ({"events": ["ordr"]}, "unknown event type 'ordr' in source.events \\(known: impression, click"),
+])
+def test_a_stream_view_with_a_typo_is_rejected_at_apply(registry: FeatureRegistry, kw: dict, message: str) -> None:
+    field = Field(name="spend", dtype="float", agg="sum", of=kw.get("of", "order.total"), window="7d", default=0.0)
+    stream = view("activity", field, kind="stream", source=Source(events=kw.get("events", ["order"])))
+    with pytest.raises(DefinitionError, match=message):
+        registry.plan(repo(stream))
+    with pytest.raises(DefinitionError, match=message):
+        registry.apply(repo(stream))
+    assert registry.load().views == []

@@ -119,6 +119,78 @@ def test_cli_refuses_bad_input_clearly(logged, args, message):
     assert message in text, text
 
 
+def test_cli_refuses_an_empty_window_and_a_baseline_it_cannot_compare(logged, kassa):
+    registry = kassa.model_registry
+    v = registry.versions("order_confirmation", limit=1)[0].version
+    mv = registry.get(v)
+    other = registry.register("cross_sell", registry.path(mv), schema_hash=mv.schema_hash,
+                              learner_args=mv.learner_args, source="batch").version
+    evaluate = ["evaluate", "--placement", "order_confirmation", "--candidate", v]
+    for args, message in [
+        # both selected no decision and said only "nothing to train on" / "no closed decisions to evaluate on"
+        (["train", "--placement", "order_confirmation", "--since", "1h", "--until", "2h"],
+         "Invalid value for --since: the window is empty: it starts at"),
+        ([*evaluate, "--since", "2026-12-08", "--until", "2026-12-01"],
+         "the window is empty: it starts at 2026-12-08 00:00:00 and ends at 2026-12-01 00:00:00"),
+        # the baseline's rows were merged into the candidate's: one policy in the table, no comparison
+        ([*evaluate, "--baseline", v], f"Invalid value for --baseline: {v} is the candidate itself"),
+        # another placement's model was scored on this placement's log without a word
+        ([*evaluate, "--baseline", other], f"Invalid value for --baseline: {other} serves cross_sell, not "
+                                            "order_confirmation"),
+    ]:
+        result = runner.invoke(app, [*args, "--data-dir", logged])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert message in " ".join(result.output.replace("│", " ").split()), (args, result.output)
+
+
+def test_cli_names_a_damaged_decision_log_file(client, kassa):
+    client.post("/v1/decisions", json=decision_body(customer="c1", limit=1, order=order()))
+    kassa.decision_log.flush()
+    data = str(kassa.settings.data_path)
+    good = sorted(kassa.settings.data_path.glob("decisions/date=*/*.parquet"))[0]
+    bad = good.with_name("part-0-damaged.parquet")
+    bad.write_bytes(good.read_bytes()[:100])  # e.g. a copy cut short by a full disk
+    for args in (["train", "--placement", "order_confirmation"],  # `kassa evaluate` reads it the same way
+                 ["drift", "--placement", "order_confirmation", "--last", "100"]):
+        result = runner.invoke(app, [*args, "--data-dir", data])
+        # was DuckDB's InvalidInputException traceback
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        text = " ".join(result.output.split())
+        assert "unreadable decision log: cannot read the decision log in" in text and bad.name in text, text
+
+
+@pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])
+def test_drift_refuses_last_with_a_time_window(tmp_path, window):
+    # the time windows were ignored without a word (refused before any data is read)
+    result = runner.invoke(app, ["drift", "--placement", "order_confirmation", "--last", "150", window, "2h",
+                                 "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (f"Invalid value for {window}: --last picks both windows by count; give either --last or the time "
+            "windows") in " ".join(result.output.replace("│", " ").split())
+
+
+def test_evaluate_on_one_decision_says_so_and_how_to_get_more(client, kassa, clock):
+    for i in range(2):  # the second decision closes the first one's reward window, and stays pending itself
+        client.post("/v1/decisions", json=decision_body(customer=f"c{i}", limit=1, order=order()))
+        clock.advance(120)
+    kassa.decision_log.flush()
+    data = ["--data-dir", str(kassa.settings.data_path)]
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--json", *data]))["version"]
+    evaluate = ["evaluate", "--placement", "order_confirmation", "--candidate", version, "--baseline", "none"]
+    result = runner.invoke(app, [*evaluate, "--since", "2020-01-01", *data])
+    # was OPEInputError's traceback: "need at least 2 logged rows to estimate a confidence interval"
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    text = " ".join(result.output.split())
+    assert "only 1 closed decision to evaluate on for order_confirmation in the window 2020-01-01 00:00:00 .. now" \
+        in text and "an interval needs at least 2" in text
+    result = runner.invoke(app, [*evaluate, *data])  # the default window: after the candidate's training
+    text = " ".join(result.output.split())
+    # not the decision it was trained on: train_until was that decision's own time, and the window includes it
+    assert "no closed decisions to evaluate on" in text and "(1 still pending;" in text, text
+    assert result.exit_code == 1 and "the window starts where the candidate's training ended: train with " \
+        "--holdout 0.2" in text
+
+
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())

@@ -292,6 +292,12 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     assert r.exit_code == 0, r.output
     assert "customer_stats" in r.output and "add" in r.output
 
+    # a mistyped view named no alternative
+    r = runner.invoke(app, ["features", "get", "customer_stat", "c1", *data])
+    assert r.exit_code == 1 and "unknown view 'customer_stat' (known: customer_stats)" in r.output, r.output
+    r = runner.invoke(app, ["features", "materialize", "--view", "customer_stat", *data])
+    assert r.exit_code == 1 and "unknown view 'customer_stat' (batch views: customer_stats)" in r.output, r.output
+
     r = runner.invoke(app, ["features", "materialize", "--json", *data])
     assert r.exit_code == 0, r.output
     assert last_json(r.output)["views"][0] | {"seconds": 0} == {
@@ -323,10 +329,27 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     # The source's full history, not only the materialized (newest) values: at now-400 c1 had 1 order.
     assert pq.read_table(out).column("orders").to_pylist() == [1, 4, 2]
 
+    # No decision logged (in the window): said so; it wrote an empty file and "wrote 0 rows", exit 0.
+    out.unlink()
     r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
-                            "--out", str(out), "--json", *data])
-    assert r.exit_code == 0, r.output
-    assert last_json(r.output)["rows"] == 0
+                            "--out", str(out), "--since", "2026-11-01", "--json", *data])
+    assert r.exit_code == 1 and not out.exists(), r.output
+    assert "no logged decisions from 2026-11-01T00:00:00+00:00 in " in " ".join(r.output.split())
+    r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
+                            "--out", str(out), "--since", "1h", "--until", "2h", *data])
+    assert r.exit_code == 2 and "the window is empty" in r.output, r.output
+    # Decision filters with an entity file were ignored: every row of the file was joined.
+    r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features",
+                            "customer_stats:*", "--out", str(out), "--placement", "order_confirmation", *data])
+    assert r.exit_code == 2 and "goes with --from-decisions" in " ".join(r.output.replace("│", " ").split())
+    # A damaged decision-log file is named (was DuckDB's InvalidInputException traceback).
+    damaged = tmp_path / "data" / "decisions" / "date=2026-11-01" / "part-0.parquet"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"")
+    r = runner.invoke(app, ["features", "training-set", "--from-decisions", "--features", "customer_stats:*",
+                            "--out", str(out), *data])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "part-0.parquet" in r.output and "move it out of the folder" in " ".join(r.output.split())
 
     # Retyping a field is refused without --allow-destructive, and nothing changes.
     defs.write_text(DEFINITIONS.format(source=source, segment_type="int", segment_default=0))
@@ -342,6 +365,16 @@ def test_cli_apply_reports_invalid_definitions(tmp_path: Path) -> None:
                     "views: [{name: v, kind: batch, entity: shopper, fields: [{name: x, dtype: int}]}]\n")
     r = CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 1 and "unknown entity 'shopper'" in r.output
+
+
+def test_cli_apply_reports_a_stream_path_typo(tmp_path: Path) -> None:
+    defs = tmp_path / "bad.yaml"
+    defs.write_text("entities: [{name: customer, join_key: customer_id}]\n"
+                    "views: [{name: v, kind: stream, entity: customer, source: {events: [order]}, fields: "
+                    "[{name: x, dtype: float, agg: sum, of: order.totl, window: 7d}]}]\n")
+    r = CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output  # was a DefinitionError traceback
+    assert "invalid definitions: view 'v' field 'x': unknown event path 'order.totl'" in " ".join(r.output.split())
 
 
 def test_cli_times_read_as_kassa_train_reads_them() -> None:
@@ -392,3 +425,33 @@ def test_cli_says_which_redis_it_could_not_reach(tmp_path: Path, monkeypatch: py
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert f"cannot reach the Redis online store at redis://127.0.0.1:{port}/0 (features.redis_url)" in text, text
+
+
+def test_materialize_refuses_while_a_server_serves_the_embedded_store(tmp_path: Path, catalog_file: Path) -> None:
+    """The embedded online store lives in the server's memory: materialize beside it reported its rows written,
+    the server never served them and overwrote online.snapshot with its own rows when it stopped."""
+    from starlette.testclient import TestClient
+
+    from kassa.api.app import create_app
+    from kassa.app import Kassa
+    from kassa.config import load_settings
+    from tests.conftest import PUB
+
+    source = write_source(tmp_path / "stats.parquet", [
+        {"customer_id": "c1", "event_timestamp": time.time() - 60, "orders": 3, "segment": "vip"}])
+    defs = tmp_path / "features.yaml"
+    defs.write_text(DEFINITIONS.format(source=source, segment_type="str", segment_default="new"))
+    data = ["--data-dir", str(tmp_path / "data")]
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file),
+                             publishable_key=PUB, **{"features.definitions_file": str(defs)})
+    runner = CliRunner()
+    with TestClient(create_app(Kassa(settings))):
+        r = runner.invoke(app, ["features", "materialize", *data])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        assert "a running Kassa server holds the embedded online store" in " ".join(r.output.split())
+        r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data])
+        assert "this reads online.snapshot as it saved it when it last stopped" in " ".join(r.output.split())
+    r = runner.invoke(app, ["features", "materialize", "--json", *data])  # stopped: the file is the store
+    assert r.exit_code == 0 and last_json(r.output)["views"][0]["online_written"] == 1, r.output
+    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", "--json", *data])
+    assert last_json(r.output)["values"]["orders"] == 3 and "running Kassa server" not in r.output

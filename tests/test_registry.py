@@ -487,6 +487,16 @@ def test_production_promotion_needs_a_passing_evaluation_unless_forced(registry,
     registry.update_metrics(v2.version, {"evaluation": {"passed": True, "reason": "lcb 0.3 beats 0.2"}})
     assert promote_version(registry, v2.version, "production").stage == "production"
 
+    # A production version (an online snapshot, never evaluated) and an archived one: neither is a gate
+    # question. Both said "failed the promotion gate" or "has no evaluation", and --force then met the stage rule.
+    v3 = _register(registry, tmp_path, "3", source="online")
+    registry.promote(v3.version, "production", actor="learner")
+    with pytest.raises(StageError, match="p@3 is already production"):
+        promote_version(registry, v3.version, "production")
+    for force in (False, True):
+        with pytest.raises(StageError, match="p@1 is archived; it cannot move to production \\(allowed: candidate\\)"):
+            promote_version(registry, v1.version, "production", force=force)
+
 
 # ------------------------------------------------------------------------------------------ train
 def test_batch_retraining_learns_from_logged_decisions_and_joined_rewards(client, kassa, clock):

@@ -93,6 +93,10 @@ def test_a_new_metadata_db_loads_the_catalog_file_whatever_the_old_stamp_says(se
     ("catalog_file", "dir", "Is a directory"),
     ("features.definitions_file", None, "No such file or directory"),
     ("features.definitions_file", "entities: [\n", "not valid YAML"),
+    # a stream path the stream processor cannot read: its DefinitionError traceback
+    ("features.definitions_file", "entities: [{name: customer, join_key: customer_id}]\nviews: [{name: v, kind: "
+     "stream, entity: customer, source: {events: [order]}, fields: [{name: x, dtype: float, agg: sum, of: "
+     "order.totl, window: 7d}]}]\n", "view 'v' field 'x': unknown event path 'order.totl'"),
 ])
 def test_a_missing_or_invalid_catalog_or_definitions_file_stops_the_start_naming_it(
         settings, clock, tmp_path, setting, content, message):

@@ -30,7 +30,12 @@ from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
 from kassa.features.offline import OfflineStore
-from kassa.features.online.factory import close_online_store, open_online_store
+from kassa.features.online.factory import (
+    close_online_store,
+    hold_embedded_store,
+    open_online_store,
+    release_embedded_store,
+)
 from kassa.features.online.memory import InMemoryOnlineStore
 from kassa.features.registry import FeatureRegistry
 from kassa.features.service import FeatureService
@@ -93,12 +98,14 @@ class Kassa:
         if settings.features.definitions_file:
             try:
                 definitions = load_repo(settings.features.definitions_file)
+                self.registry.plan(definitions)  # what only the stream processor checked (a traceback there)
             except (OSError, ValueError) as exc:
                 raise UnusableStartFile("feature definitions file", "features.definitions_file",
                                         settings.features.definitions_file, exc) from None
             self.registry.apply(definitions)
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
+        self._store_hold = hold_embedded_store(settings)  # `kassa features materialize` refuses while held
         # events.backend: sqlite (embedded: events.db + Parquet written here) or jetstream (streams + local spool;
         # the decision-log writer is a separate consumer, kassa.events.consumers.DecisionLogConsumer).
         self.bus = open_bus(settings, loop=bus_loop)
@@ -381,6 +388,8 @@ class Kassa:
         if self.offer_cache is not None:
             await self.offer_cache.close()
         await close_online_store(self.store, self.settings)
+        release_embedded_store(self._store_hold)
+        self._store_hold = None
         self.db.dispose()
 
     async def _close(self, service: Any) -> None:

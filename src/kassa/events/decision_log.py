@@ -280,6 +280,19 @@ def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
     return None
 
 
+class UnreadableDecisionLog(ValueError):
+    """A file of the decision log that is not readable Parquet. Kassa writes each file whole and renames it into
+    place, so such a file was cut short or changed by something else (a full disk during a copy, an editor, a
+    sync tool); the message names it and says to move it aside."""
+
+
+def _unreadable(base: Path, exc: Exception) -> UnreadableDecisionLog:
+    return UnreadableDecisionLog(
+        f"cannot read the decision log in {base}: {str(exc).removeprefix('Invalid Input Error: ')}. Kassa writes "
+        "each file whole, so this one was damaged outside Kassa: move it out of the folder (its decisions are "
+        "then left out) and run again")
+
+
 def read_decisions(
     root: Path,
     placement: str | None = None,
@@ -287,7 +300,8 @@ def read_decisions(
     until: float | None = None,
 ) -> pa.Table:
     """Logged decisions under ``root`` ordered by time, optionally for one placement and in
-    ``[since, until)`` (unix seconds). Columns are ``SCHEMA``; empty table when nothing is logged."""
+    ``[since, until)`` (unix seconds). Columns are ``SCHEMA``; empty table when nothing is logged.
+    `UnreadableDecisionLog` names a file that is not readable Parquet."""
     import duckdb  # imported here: DuckDB is only needed offline, not at server start
 
     base = Path(root) / "decisions"
@@ -315,6 +329,8 @@ def read_decisions(
     try:
         try:
             table = con.sql(f"SELECT {cols} {tail}", params=params).to_arrow_table()
+        except (duckdb.InvalidInputException, duckdb.IOException) as exc:  # a traceback in train/evaluate/drift
+            raise _unreadable(base, exc) from None
         except duckdb.BinderException:
             # Only files written before a column was added (`LATER_COLUMNS`): read it as null.
             have = {row[0] for row in con.sql(

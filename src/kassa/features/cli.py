@@ -134,7 +134,10 @@ def apply(
     except (DefinitionError, OSError) as exc:
         _fail(f"invalid definitions: {exc}")
     registry = _registry(settings)
-    diff = registry.plan(repo)
+    try:
+        diff = registry.plan(repo)  # also plans the stream views as the stream processor will
+    except DefinitionError as exc:
+        _fail(f"invalid definitions: {exc}")
     table = Table("kind", "name", "change", "detail", title=f"feature definitions: {path}")
     styles = {"add": "green", "change": "yellow", "remove": "red", "unchanged": "dim"}
     for kind, name, change, detail in diff.rows():
@@ -175,11 +178,16 @@ def materialize_cmd(
 
     Training sets do not need this: they read batch sources' full history."""
     from kassa.features.materialize import MaterializeError, MaterializeResult, batch_views, materialize
-    from kassa.features.online.factory import close_online_store, open_online_store
+    from kassa.features.online.factory import close_online_store, embedded_store_served, open_online_store
 
     settings = load_settings(config, data_dir=data_dir)
     start_s, end_s = _epoch(start, "--start"), _epoch(end, "--end")
     repo = _applied(settings)
+    if embedded_store_served(settings):  # its rows were reported written, never served, then overwritten
+        _fail(f"a running Kassa server holds the embedded online store of {settings.data_path} in its memory: "
+              "rows materialized here would not reach it, and it overwrites online.snapshot when it stops. Stop "
+              "it and materialize then, or use the Redis online store (features.online_store: redis), which "
+              "both share")
     try:
         views = batch_views(repo, view)
     except MaterializeError as exc:
@@ -229,12 +237,13 @@ def get(
     json_out: JsonOpt = False,
 ) -> None:
     """Print a view's values for one entity key from the online store, with their age."""
-    from kassa.features.online.factory import open_online_store
+    from kassa.features.online.factory import SNAPSHOT_FILE, embedded_store_served, open_online_store
 
     settings = load_settings(config, data_dir=data_dir)
-    v = _applied(settings).view(view)
-    if v is None:
-        _fail(f"unknown view {view!r}")
+    repo = _applied(settings)
+    v = repo.view(view)
+    if v is None:  # a typo was "unknown view" with nothing to pick from
+        _fail(f"unknown view {view!r} (known: {', '.join(x.name for x in repo.views)})")
 
     async def read() -> Any:
         store = open_online_store(settings)
@@ -246,6 +255,10 @@ def get(
         return row.get(v.name) if row else None
 
     found = _on_store(settings, read())
+    if embedded_store_served(settings):  # "defaults are served" was said of values the server did serve
+        console.print(f"[yellow]note[/]: a running Kassa server holds this data dir's embedded online store; "
+                      f"this reads {SNAPSHOT_FILE} as it saved it when it last stopped. Its current values: "
+                      f"GET /v1/features/{v.name}/{{key}} with a secret key", highlight=False)
     now = time.time()
     result: dict[str, Any] = {"view": v.name, "entity": v.entity, "key": key, "found": found is not None}
     if found is not None:
@@ -326,10 +339,16 @@ def training_set(
     views from the offline log."""
     import pyarrow.parquet as pq
 
+    from kassa.events.decision_log import UnreadableDecisionLog
     from kassa.features.offline import entities_from_decisions, resolve_features
 
     if (entities is None) == (not from_decisions):
         raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
+    if not from_decisions:  # they were ignored: every row of the file was joined
+        for given, name in ((placement, "--placement"), (since, "--since"), (until, "--until")):
+            if given is not None:
+                raise typer.BadParameter("selects decisions of the decision log: it goes with --from-decisions, "
+                                         "not with --entities", param_hint=name)
     settings = load_settings(config, data_dir=data_dir)
     repo = _applied(settings)
     try:
@@ -337,8 +356,19 @@ def training_set(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--features") from None
     if from_decisions:
-        rows: Any = entities_from_decisions(settings.data_path, placement, _epoch(since, "--since"),
-                                            _epoch(until, "--until"))
+        start, end = _epoch(since, "--since"), _epoch(until, "--until")
+        if start is not None and end is not None and start >= end:
+            raise typer.BadParameter(f"the window is empty: it starts at {_iso(start)} and ends at {_iso(end)}",
+                                     param_hint="--since")
+        try:
+            rows: Any = entities_from_decisions(settings.data_path, placement, start, end)
+        except UnreadableDecisionLog as exc:  # was a DuckDB traceback
+            _fail(str(exc))
+        if rows.num_rows == 0:  # an empty Parquet file was written, and the command said "wrote 0 rows"
+            window = (f" from {_iso(start)}" if start is not None else "") + (
+                f" until {_iso(end)}" if end is not None else "")
+            _fail(f"no logged decisions{f' of {placement}' if placement else ''}{window} in "
+                  f"{settings.data_path / 'decisions'}: no training set written")
         timestamp_field = "event_timestamp"
     else:
         rows = entities

@@ -142,8 +142,9 @@ def batch_views(repo: FeatureRepo, name: str | None = None) -> list[FeatureView]
     if name is None:
         return [v for v in repo.views if v.kind == "batch"]
     v = repo.view(name)
-    if v is None:
-        raise MaterializeError(f"unknown view {name!r}")
+    if v is None:  # a typo was "unknown view" with nothing to pick from
+        known = ", ".join(x.name for x in repo.views if x.kind == "batch") or "none"
+        raise MaterializeError(f"unknown view {name!r} (batch views: {known})")
     if v.kind != "batch":
         raise MaterializeError(f"view {name!r} is a {v.kind} view; only batch views are materialized")
     return [v]

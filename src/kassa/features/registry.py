@@ -19,6 +19,8 @@ from sqlalchemy import Engine, Table, delete, insert, select, update
 
 from kassa.db import FEATURES, bump, feature_entities_table, feature_views_table
 from kassa.features.definitions import Entity, FeatureRepo, FeatureView, validate
+from kassa.features.streaming.aggregator import DEFAULT_RESOLUTION
+from kassa.features.streaming.plan import plan_view
 
 _encode = msgspec.json.Encoder()
 
@@ -144,8 +146,12 @@ class FeatureRegistry:
         return FeatureRepo(entities=entities, views=views)
 
     def plan(self, repo: FeatureRepo) -> Diff:
-        """What applying ``repo`` would change; validates it first (`DefinitionError`)."""
+        """What applying ``repo`` would change; validates it first (`DefinitionError`), stream views as the
+        stream processor will plan them: an unknown event path or type passed here and then stopped
+        `kassa serve` at start with a traceback."""
         validate(repo)
+        for i, view in enumerate(v for v in repo.views if v.kind == "stream"):
+            plan_view(i, view, DEFAULT_RESOLUTION)
         return self._diff(self.load(), repo)
 
     @staticmethod

@@ -6,8 +6,10 @@ write only to the model registry, which serving processes poll.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -100,12 +103,36 @@ def parse_time(text: str | None, now: float) -> float | None:
     return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
+def check_window(start: float | None, end: float | None, start_hint: str = "--since") -> None:
+    """Refuse a window that ends before it starts: it selected no decision, and the command said only that
+    there was nothing to train or evaluate on (or, for the training set, wrote an empty file)."""
+    if start is not None and end is not None and start >= end:
+        raise typer.BadParameter(f"the window is empty: it starts at {_fmt_time(start)} and ends at "
+                                 f"{_fmt_time(end)} (UTC)", param_hint=start_hint)
+
+
 def _fmt_time(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
+
+
+def reads_the_decision_log(command: Callable[..., None]) -> Callable[..., None]:
+    """A command that reads the decision log says which file it cannot read and exits 1 (an empty or damaged
+    Parquet file in it was a DuckDB traceback in `kassa train`, `kassa evaluate` and `kassa drift`)."""
+    from kassa.events.decision_log import UnreadableDecisionLog
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except UnreadableDecisionLog as exc:
+            console.print(f"[red]unreadable decision log:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -253,6 +280,7 @@ class _Stages:
         self.bar.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
+@reads_the_decision_log
 def train_command(
     placement: Annotated[str, typer.Option(help="The placement to retrain.")],
     since: Annotated[Optional[str], typer.Option(help="Start: date, unix time or duration ago (7d).")] = None,  # noqa: UP045
@@ -282,6 +310,7 @@ def train_command(
         pl = ctx.placement(placement)
         now = time.time()
         start, end = parse_time(since, now), parse_time(until, now)
+        check_window(start, end)
         with _progress() as bar:
             progress = _Stages(bar)
             result = train_placement(
@@ -328,6 +357,7 @@ def _gate_outcome(what: str, ess: float, n: int, min_ess: float, verdict: Any) -
                 f"; effective sample size {ess:.0f} below the minimum {min_ess:.0f}" if small else "")}
 
 
+@reads_the_decision_log
 def evaluate_command(
     placement: Annotated[str, typer.Option(help="The placement whose logs to evaluate on.")],
     candidate: Annotated[str, typer.Option(help="The version to evaluate (e.g. order_confirmation@13).")],
@@ -391,15 +421,24 @@ def evaluate_command(
         base = found[0] if found and found[0].version != cand.version else None
     elif baseline != "none":
         base = ctx.version(baseline, "--baseline")
+        if base.version == cand.version:  # its rows were merged into the candidate's: one row, no comparison
+            raise typer.BadParameter(f"{baseline} is the candidate itself; give another version, 'production' "
+                                     "or 'none'", param_hint="--baseline")
+        if base.placement != placement:
+            raise typer.BadParameter(f"{baseline} serves {base.placement}, not {placement}",
+                                     param_hint="--baseline")
     schema = ctx.schema_hash(placement)
     for mv in (cand, base):
         if mv is not None:
             ctx.registry.verify(mv, schema)
     now = time.time()
     start = parse_time(since, now)
-    if start is None and cand.source == "batch" and cand.train_until is not None:
+    default_start = start is None and cand.source == "batch" and cand.train_until is not None
+    if default_start:
         start = cand.train_until
     end = parse_time(until, now)
+    check_window(start, end, "--until (the window starts where the candidate's training ended)" if default_start
+                 else "--since")
     snap = ctx.catalog.snapshot
 
     def product_key(offer_id: str) -> str | None:
@@ -410,9 +449,13 @@ def evaluate_command(
         progress = _Stages(bar)
         data = load_logged(ctx.settings.data_path, pl, product_key, start, end,
                            lambda i, n: progress("join rewards", i, n))
-        if len(data) == 0:
-            console.print(f"[red]no closed decisions to evaluate on[/] for {placement} in the window "
-                          f"{_fmt_time(start)} .. {_fmt_time(end)} ({data.pending} still pending)")
+        if len(data) < 2:  # one row was an OPEInputError traceback ("need at least 2 logged rows")
+            hint = ("; the window starts where the candidate's training ended: train with --holdout 0.2 to keep "
+                    "decisions for it, or pass --since" if default_start else "")
+            what = "no closed decisions" if len(data) == 0 else "only 1 closed decision"
+            console.print(f"[red]{what} to evaluate on[/] for {placement} in the window {_fmt_time(start)} .. "
+                          f"{_fmt_time(end) if end else 'now'} "
+                          f"({data.pending} still pending; an interval needs at least 2){hint}", highlight=False)
             raise typer.Exit(1)
         if slate:
             _evaluate_slate(ctx, data, snap, cand, base, pl.slots, level, margin, rule, workers, progress, min_ess,
@@ -500,16 +543,18 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
 
 
 # ---------------------------------------------------------------------------------------------- drift
+@reads_the_decision_log
 def drift_command(
     placement: Annotated[str, typer.Option(help="The placement to check.")],
-    since: Annotated[str, typer.Option(help="Start of the live window (date, unix time or duration ago).")] = "1h",
+    since: Annotated[Optional[str], typer.Option(help="Start of the live window (date, unix time or duration ago; "  # noqa: UP045
+                                                      "default 1h).")] = None,
     until: Annotated[Optional[str], typer.Option(help="End of the live window (default now).")] = None,  # noqa: UP045
     reference_since: Annotated[Optional[str], typer.Option(help="Start of the reference window (default: the "  # noqa: UP045
                                                                 "production model's training range, else the "
                                                                 "same length just before the live window).")] = None,
     reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
-                                                     "the N before them (overrides the time windows).")] = None,
+                                                     "the N before them (instead of the time windows).")] = None,
     fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
@@ -518,10 +563,16 @@ def drift_command(
     from kassa.learn.offline.dataset import load_logged
     from kassa.monitor.drift.offline import compare, window_from_decisions
 
+    if last is not None:  # the windows were ignored without a word
+        for given, name in ((since, "--since"), (until, "--until"), (reference_since, "--reference-since"),
+                            (reference_until, "--reference-until")):
+            if given is not None:
+                raise typer.BadParameter("--last picks both windows by count; give either --last or the time "
+                                         "windows", param_hint=name)
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)
     now = time.time()
-    live_start = parse_time(since, now)
+    live_start = parse_time(since or "1h", now)
     live_end = parse_time(until, now) or now
     assert live_start is not None
     if live_start >= live_end:
@@ -566,7 +617,9 @@ def drift_command(
     if report.reference_n == 0 or report.live_n == 0:
         console.print(f"[yellow]not enough data[/]: reference {report.reference_n:,} decisions "
                       f"({_fmt_time(ref_start)} .. {_fmt_time(ref_end)}, {source}), live {report.live_n:,} "
-                      f"({_fmt_time(live_start)} .. {_fmt_time(live_end)})")
+                      f"({_fmt_time(live_start)} .. {_fmt_time(live_end)})"
+                      + ("; --last N compares the newest N logged decisions with the N before them" if last is None
+                         else ""))
     else:
         console.print(f"reference: {_fmt_time(ref_start)} .. {_fmt_time(ref_end)} ({source}); "
                       f"live: {_fmt_time(live_start)} .. {_fmt_time(live_end)}")

@@ -209,6 +209,16 @@ def feature_schema_hash(placement: schemas.Placement, repo: FeatureRepo | None) 
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def check_move(mv: ModelVersion, stage: str) -> None:
+    """Refuse (`StageError`) a stage change the lifecycle does not allow: to the stage it is in (a canary may
+    change its share), or out of a stage that does not lead there."""
+    if mv.stage == stage and stage != "canary":
+        raise StageError(f"{mv.version} is already {stage}", "stage")
+    if stage not in _ALLOWED[mv.stage] and not (mv.stage == stage == "canary"):
+        raise StageError(f"{mv.version} is {mv.stage}; it cannot move to {stage} "
+                         f"(allowed: {', '.join(sorted(_ALLOWED[mv.stage])) or 'none'})", "stage")
+
+
 class ModelRegistry:
     def __init__(self, engine: Engine, models_dir: Path, clock: Any = time.time,
                  store: ArtifactStore | None = None) -> None:
@@ -408,11 +418,7 @@ class ModelRegistry:
         now = self.clock()
         with self._lock, self.engine.begin() as conn:
             mv = self._get(conn, version)
-            if mv.stage == stage and stage != "canary":
-                raise StageError(f"{version} is already {stage}", "stage")
-            if stage not in _ALLOWED[mv.stage] and not (mv.stage == stage == "canary"):
-                raise StageError(f"{version} is {mv.stage}; it cannot move to {stage} "
-                                 f"(allowed: {', '.join(sorted(_ALLOWED[mv.stage])) or 'none'})", "stage")
+            check_move(mv, stage)
             if stage in ("shadow", "canary", "production") and mv.artifact_deleted:
                 raise StageError(f"{version}'s artifact was pruned; it cannot serve again", "version")
             self._move(conn, mv, stage, share, reason or f"promoted to {stage}", actor, now)

@@ -7,7 +7,7 @@ promotion says so in the stage history. Shadow, canary, candidate and archived n
 
 from __future__ import annotations
 
-from kassa.learn.registry import ModelRegistry, ModelVersion, Stage, StageError
+from kassa.learn.registry import ModelRegistry, ModelVersion, Stage, StageError, check_move
 
 
 def gate_status(mv: ModelVersion) -> tuple[bool, str]:
@@ -26,6 +26,9 @@ def promote_version(registry: ModelRegistry, version: str, stage: Stage, *, shar
     mv = registry.get(version)
     note = reason or f"promoted to {stage}"
     if stage == "production":
+        # First whether it may move at all: the production version itself, or an archived one, was refused
+        # as "failed the promotion gate", and --force then met the stage rule.
+        check_move(mv, stage)
         passed, why = gate_status(mv)
         if not passed and not force:
             raise StageError(why, "stage")

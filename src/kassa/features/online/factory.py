@@ -5,6 +5,7 @@ materialize|get``) open the store here so they see and leave the same data the s
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,10 +15,53 @@ from kassa.features.definitions import FeatureView
 from kassa.features.online.base import OnlineStore
 
 SNAPSHOT_FILE = "online.snapshot"
+# Held (shared flock) by every process serving from the embedded store of a data dir, for its life: the store
+# lives in that process's memory, and it writes the snapshot when it stops. `kassa features materialize` run
+# beside it reported its rows written, yet the server never saw them and overwrote them at its stop.
+IN_USE_FILE = "online.snapshot.lock"
 
 
 def snapshot_path(settings: Settings) -> Path:
     return settings.data_path / SNAPSHOT_FILE
+
+
+def hold_embedded_store(settings: Settings) -> int | None:
+    """Mark the embedded store of ``settings``' data dir as served by this process (a shared flock, released
+    by `release_embedded_store` or when the process dies). ``None`` for Redis, or where flock is missing."""
+    if settings.features.online_store == "redis":
+        return None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no marker, as before
+        return None
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.data_path / IN_USE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def release_embedded_store(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock
+
+
+def embedded_store_served(settings: Settings) -> bool:
+    """Whether a running process serves the embedded online store of ``settings``' data dir."""
+    path = settings.data_path / IN_USE_FILE
+    if settings.features.online_store == "redis" or not path.exists():
+        return False
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def open_online_store(settings: Settings, views: Sequence[FeatureView] = (),

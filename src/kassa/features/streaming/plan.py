@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from kassa import schemas
 from kassa.features.definitions import DefinitionError, FeatureView, Field, check_value, parse_duration
 from kassa.features.streaming.fields import FieldPlan
 from kassa.features.streaming.keys import KEY_EXTRACTORS
 from kassa.features.streaming.paths import Items, PathFn, compile_path
+
+EVENT_TYPES: tuple[str, ...] = get_args(schemas.EventType)
 
 INF = math.inf
 
@@ -91,6 +93,10 @@ def plan_view(index: int, view: FeatureView, resolution: int) -> ViewPlan:
                               f"{', '.join(KEY_EXTRACTORS)}")
     if view.source is None or not view.source.events:
         raise DefinitionError(f"{where}: stream views need `source: {{events: [...]}}`")
+    unknown = [e for e in view.source.events if e not in EVENT_TYPES]
+    if unknown:  # a typo ('ordr') matched no event, so the view stayed at its defaults for ever
+        raise DefinitionError(f"{where}: unknown event type {unknown[0]!r} in source.events (known: "
+                              f"{', '.join(EVENT_TYPES)})")
     lateness = parse_duration(view.source.allowed_lateness)
     path_index: dict[str, int] = {}
     paths: list[PathFn] = []

@@ -13,6 +13,7 @@ calls. The trained file is registered as a ``candidate`` with its data range, ro
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -161,7 +162,10 @@ def train_placement(
         mv = registry.register(
             placement.id, model_path, schema_hash=schema_hash, learner_args=args, source="batch",
             parent=production[0].version if production else None,
-            train_since=since if since is not None else ts[0], train_until=until if until is not None else ts[-1],
+            # train_until is exclusive, as `--until` is: just after the last decision trained on. Its own time
+            # put that decision into `kassa evaluate`'s default window (from train_until on), scored as unseen.
+            train_since=since if since is not None else ts[0],
+            train_until=until if until is not None else math.nextafter(ts[-1], math.inf),
             rows=len(data),
             metrics={**scale.state(), "holdout": holdout, "examples": examples,
                      "mean_reward": mean_reward, "train_loss": loss, "rewarded_decisions": len(data),
