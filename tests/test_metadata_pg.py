@@ -235,7 +235,7 @@ def test_an_offer_change_and_a_key_revocation_through_one_process_are_in_force_i
     if backend == "postgresql":
         url, drop = fresh_database(pg_server)
     else:
-        url, drop = str(tmp_path / "shared" / "kassa.db"), lambda: None
+        url, drop = f"sqlite:///{tmp_path / 'shared' / 'kassa.db'}", lambda: None  # its folder is made
     try:
         one = Kassa(_settings(tmp_path, "one", url, catalog_file, features_file), seed=1)
         two = Kassa(_settings(tmp_path, "two", url, catalog_file, features_file), seed=2)

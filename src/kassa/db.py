@@ -38,6 +38,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger("kassa.db")
 # Alembic 1.16+ logs seven "setup plugin ..." lines at INFO when its script module is first imported: in front
@@ -146,12 +147,15 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
     schema revision (`migrate`) unless ``migrate_schema`` is False."""
     url = str(url_or_path)
     if "://" not in url:
-        try:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file where the data dir should be: every CLI command was a traceback
-            raise SystemExit(f"cannot use {Path(url).parent} as the data dir ({exc.strerror or exc}); point "
-                             "--data-dir (data_dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         url = f"sqlite:///{url}"
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:":  # a file: its folder is made (a data dir, or metadata.url's)
+        folder = Path(database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the data dir should be: every CLI command was a traceback
+            raise SystemExit(f"cannot use {folder} as the data dir ({exc.strerror or exc}); point "
+                             "--data-dir (data_dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
     if url.startswith("postgresql"):
         # pre_ping: after a PostgreSQL restart a pooled connection is dead; the next checkout notices and
         # reconnects instead of failing the caller's first query. connect_timeout bounds a dead server.
