@@ -436,3 +436,33 @@ def test_a_serving_worker_with_postgres_down_logs_its_registry_poll_once_per_10_
             assert sum(r.exc_info is not None for r in polls) <= 1
     finally:
         server.destroy()
+
+
+def test_a_hung_postgres_is_a_timeout_within_the_answer_bound_and_the_engine_reconnects_after_it(tmp_path):
+    # SIGSTOPped (connections open, nothing answers): every query waited for as long as it lasted, and `kassa
+    # learn` stalled without a line (its status every 10 s stopped too) until SIGCONT.
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        engine = make_engine(url, answer_timeout=0.5)
+        with engine.connect() as held:
+            assert held.execute(sa.text("SELECT 1")).scalar() == 1
+            server.pause()
+            t0 = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError, match=r"no answer from PostgreSQL within 0.5 s"):
+                held.execute(sa.text("SELECT 1"))
+            waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError), engine.connect():  # a new connection: connect_timeout
+            pass
+        reconnect = time.monotonic() - t0
+        server.resume()
+        with engine.connect() as conn:  # the closed connection was discarded, not handed out again
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        print(f"\nhung PostgreSQL: a query on an open connection failed after {waited:.2f} s, a new connection "
+              f"after {reconnect:.2f} s")
+        assert waited < 2.0 and reconnect < 6.0
+        engine.dispose()
+    finally:
+        server.destroy()

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -39,6 +40,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("kassa.db")
 # Alembic 1.16+ logs seven "setup plugin ..." lines at INFO when its script module is first imported: in front
@@ -142,9 +146,41 @@ def bump(conn: Connection, topic: str) -> None:
         conn.execute(insert(t).values(name=topic, version=1))
 
 
-def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
+# Most a PostgreSQL connection waits for one answer (a statement, a fetch, a commit, the pool's pre-ping) before it
+# is closed and the caller gets an OperationalError: a server that accepts TCP but never answers (SIGSTOPped,
+# swapped out, a hung storage) stalled the learner for as long as it lasted, without a word (its status line every
+# 10 s stopped too). Nothing here is on the hot path and every metadata statement is small: ~1 ms typical, 40 ms
+# for the whole schema's migrations on an empty database; a concurrent migrator is waited for under the same bound.
+ANSWER_TIMEOUT_SECONDS = 10.0
+
+
+def _answering_connection_class(limit: float) -> type[psycopg.Connection[Any]]:
+    """A psycopg ``Connection`` whose waits for the server end after ``limit`` seconds (psycopg's own waits have
+    none): the connection, in an unknown state, is closed, so SQLAlchemy discards it and the next checkout connects
+    afresh (``connect_timeout`` bounds that)."""
+    import psycopg
+    from psycopg.connection import _WAIT_INTERVAL
+    from psycopg.errors import _WaitTimeout
+
+    class AnsweringConnection(psycopg.Connection[Any]):
+        def wait(self, gen: Any, interval: float = _WAIT_INTERVAL, timeout: float | None = None) -> Any:
+            if timeout is not None:  # the caller's own bound (notifies): its business
+                return super().wait(gen, interval, timeout)
+            try:
+                return super().wait(gen, interval, limit)
+            except _WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError(f"no answer from PostgreSQL within {limit:g} s (a hung or stopped "
+                                               "server); the connection was closed") from None
+
+    return AnsweringConnection
+
+
+def make_engine(url_or_path: str | Path, migrate_schema: bool = True,
+                answer_timeout: float = ANSWER_TIMEOUT_SECONDS) -> Engine:
     """An engine for a database URL, or a SQLite file path (created, WAL mode), migrated to the newest
-    schema revision (`migrate`) unless ``migrate_schema`` is False."""
+    schema revision (`migrate`) unless ``migrate_schema`` is False. On PostgreSQL no wait for the server lasts
+    longer than ``answer_timeout`` seconds (`ANSWER_TIMEOUT_SECONDS`)."""
     url = str(url_or_path)
     if "://" not in url:
         url = f"sqlite:///{url}"
@@ -161,6 +197,13 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
         # reconnects instead of failing the caller's first query. connect_timeout bounds a dead server.
         engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4, pool_timeout=5,
                                connect_args={"connect_timeout": 3})
+        if engine.dialect.driver == "psycopg":
+            connection_class = _answering_connection_class(answer_timeout)
+
+            @event.listens_for(engine, "do_connect")
+            def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+                return connection_class.connect(*cargs, **cparams)
+
     else:
         engine = create_engine(url)
     if engine.dialect.name == "sqlite":
