@@ -466,3 +466,35 @@ def test_a_hung_postgres_is_a_timeout_within_the_answer_bound_and_the_engine_rec
         engine.dispose()
     finally:
         server.destroy()
+
+
+def test_processes_starting_at_one_moment_on_a_new_database_all_start(pg_server, tmp_path, catalog_file,
+                                                                      features_file):
+    # Pods and learners that waited for PostgreSQL start when it does: each read "no such key", then inserted
+    # it, and all but one exited with an IntegrityError (api_keys_pkey) in 7 of 8 such starts of three.
+    for trial in range(2):
+        url, drop = fresh_database(pg_server)
+        settings = [_settings(tmp_path, f"{trial}-{n}", url, catalog_file, features_file) for n in range(3)]
+        barrier = threading.Barrier(len(settings))
+        built: list[Kassa] = []
+        failed: list[BaseException] = []
+
+        def start(s: Settings, barrier: threading.Barrier, built: list[Kassa], failed: list[BaseException]) -> None:
+            barrier.wait()
+            try:
+                built.append(Kassa(s))
+            except Exception as exc:
+                failed.append(exc)
+
+        threads = [threading.Thread(target=start, args=(s, barrier, built, failed)) for s in settings]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            assert not failed, failed
+            assert len(built) == 3 and all(k.keys.list() for k in built)
+        finally:
+            for kassa in built:
+                kassa.db.dispose()
+            drop()

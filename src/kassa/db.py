@@ -273,6 +273,27 @@ def migrate(engine: Engine) -> str:
 
 
 @contextlib.contextmanager
+def start_writes_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time writes what its settings bring at start (the catalog file, the bootstrap keys, the
+    feature definitions). Each of those reads, then inserts: processes that started at the same moment (every pod
+    and learner once a PostgreSQL they waited for is up, `wait_for_database`) both inserted the same key and one
+    exited with an IntegrityError. PostgreSQL: a session advisory lock; SQLite: the migration lock file."""
+    if engine.dialect.name != "postgresql":
+        with _migration_lock(engine):
+            yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK + 1})
+        conn.commit()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the database went away meanwhile: the session lock went with it
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK + 1})
+                conn.commit()
+
+
+@contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
