@@ -416,12 +416,16 @@ class PostgresServer:
             args = ["runuser", "-u", "postgres", "--", *args]
         return subprocess.run(args, capture_output=True, timeout=timeout)
 
-    def start(self) -> None:
+    def init(self) -> None:
+        """``initdb`` (the slow part of the first `start`), without starting the server."""
         if not self._initialised:
             result = self._run(_pg_bin("initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
             if result.returncode != 0:
                 _no_postgres(f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}")
             self._initialised = True
+
+    def start(self) -> None:
+        self.init()
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} -c fsync=off"
         result = self._run(_pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"),
                            "-w", "-t", "30", "start")

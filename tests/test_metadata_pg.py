@@ -29,7 +29,16 @@ from kassa.app import Kassa
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
 from kassa.config import Settings, load_settings
-from kassa.db import api_keys_table, current_revision, head_revision, make_engine, metadata, migrate, offers_table
+from kassa.db import (
+    api_keys_table,
+    current_revision,
+    head_revision,
+    make_engine,
+    metadata,
+    migrate,
+    offers_table,
+    wait_for_database,
+)
 from kassa.features.definitions import load_repo
 from kassa.features.registry import FeatureRegistry
 from kassa.keys import KeyStore, hash_key
@@ -466,6 +475,51 @@ def test_a_hung_postgres_is_a_timeout_within_the_answer_bound_and_the_engine_rec
         engine.dispose()
     finally:
         server.destroy()
+
+
+def test_waiting_for_a_metadata_database_not_created_yet_names_it_without_its_password_then_migrates_it(
+        pg_server, caplog):
+    # what `kassa serve|learn|stream` do at start (tests/test_roles.py runs them against a server not started yet)
+    import psycopg
+
+    name = f"kassa_wait_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    url = sa.engine.make_url(pg_server).set(database=name, password="s3cret")
+    admin = sa.engine.make_url(pg_server).set(drivername="postgresql").render_as_string(hide_password=False)
+    shown = url.render_as_string(hide_password=True)
+
+    def create_later() -> None:
+        time.sleep(0.3)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    caplog.set_level(logging.INFO, logger="kassa.db")
+    creator = threading.Thread(target=create_later)
+    creator.start()
+    try:
+        t0 = time.monotonic()
+        assert wait_for_database(url.render_as_string(hide_password=False))
+        waited = time.monotonic() - t0
+        creator.join()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith(f"metadata database {shown}: unreachable (") and f'"{name}" does not exist' in line
+                   and "waiting for it, next try in 1 s" in line for line in lines), lines
+        assert not any("s3cret" in line for line in lines)
+        assert any(f"metadata database {shown} answered after" in line for line in lines), lines
+        assert 0.9 < waited < 3.0
+        engine = make_engine(url.render_as_string(hide_password=False), migrate_schema=False)
+        assert current_revision(engine) == head_revision()  # migrated by the wait
+        engine.dispose()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_waiting_for_a_metadata_database_ends_when_told_to_stop():
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert not wait_for_database("postgresql+psycopg://kassa@127.0.0.1:9/kassa", stop)
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_processes_starting_at_one_moment_on_a_new_database_all_start(pg_server, tmp_path, catalog_file,

@@ -222,13 +222,15 @@ def stream(
 
     from rich.live import Live
 
-    from kassa.db import make_engine
+    from kassa.db import make_engine, wait_for_database
     from kassa.events.factory import open_event_log
     from kassa.features.online.factory import close_online_store, open_online_store
     from kassa.features.registry import FeatureRegistry
     from kassa.features.streaming.processor import StreamProcessor
 
     settings = _existing(_settings(config, data_dir=data_dir))
+    if not wait_for_database(settings.metadata_url):  # PostgreSQL not up yet: a line per 10 s, not a traceback
+        raise typer.Exit(130)
     repo = FeatureRegistry(make_engine(settings.metadata_url)).load()
     views = [v for v in repo.views if v.kind == "stream"]
     if not views:

@@ -221,6 +221,47 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True,
     return engine
 
 
+def wait_for_database(url: str, stop: threading.Event | None = None, first_delay: float = 1.0,
+                      max_delay: float = 10.0) -> bool:
+    """Open and migrate the metadata database at ``url``, waiting while PostgreSQL cannot be reached (down, not
+    answering, the database not created yet): a WARNING naming the database and the reason, at most one per 10 s,
+    and tries after 1, 2, 4, 8 s, then every ``max_delay``. True once it answers; False when ``stop`` was set (or
+    Ctrl-C) meanwhile. `kassa serve`, `kassa learn` and `kassa stream` call it before building anything: they
+    exited with a ~60-line traceback, and under a supervisor were restarted into it until the database was back.
+    A SQLite file returns at once: what is wrong with a local file does not heal by waiting (`make_engine` says
+    it)."""
+    if not url.startswith("postgresql"):
+        return True
+    import time
+
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from kassa.degraded import RateLimitedWarning
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    warn = RateLimitedWarning(log, f"metadata database {shown}")
+    stop = stop or threading.Event()
+    delay, started, failed = first_delay, time.monotonic(), False
+    while True:
+        try:
+            engine = make_engine(url)
+        except (OperationalError, InterfaceError) as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            warn(f"unreachable ({reason}); waiting for it, next try in {delay:g} s")
+            failed = True
+        else:
+            engine.dispose()
+            if failed:
+                log.info("metadata database %s answered after %.0f s", shown, time.monotonic() - started)
+            return True
+        try:
+            if stop.wait(delay):
+                return False
+        except KeyboardInterrupt:
+            return False
+        delay = min(delay * 2, max_delay)
+
+
 # ------------------------------------------------------------------ migrations
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _head: list[str] = []  # the newest revision, read from the scripts once per process
