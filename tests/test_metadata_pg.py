@@ -375,6 +375,7 @@ def test_postgres_restarted_under_load_serving_continues_from_caches_with_zero_5
                                  json={"id": "discount", "kind": "discount", "title": "Later", "value": 4})
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
             assert refused.headers["content-type"].startswith("application/problem+json")
+            assert client.get("/readyz").status_code == 200  # on purpose: docs/deploy.md
             time.sleep(1.0)
             during = {k: v - down.get(k, 0) for k, v in statuses.items()}
             server.start()
