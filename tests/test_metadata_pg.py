@@ -448,6 +448,42 @@ def test_a_serving_worker_with_postgres_down_logs_its_registry_poll_once_per_10_
         server.destroy()
 
 
+def test_the_in_process_learner_with_postgres_down_warns_once_and_learns_on_not_a_traceback_a_second(
+        tmp_path, catalog_file, features_file, caplog, clock):
+    # `kassa serve` (learner in process) on PostgreSQL: while it was down every registry poll (one a second) and
+    # every snapshot logged an ERROR with a traceback ("learning step failed", "snapshot of ... failed").
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        settings = load_settings(None, data_dir=str(tmp_path / "d"), catalog_file=str(catalog_file),
+                                 publishable_key=PUB, **{
+                                     "features.definitions_file": str(features_file), "metadata.url": url,
+                                     "learn.snapshot_every_seconds": 1, "learn.snapshot_min_learns": 1,
+                                     "learn.guard.enabled": False})
+        kassa = Kassa(settings, clock=clock)
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            for i in range(5):
+                decision = client.post("/v1/decisions", json=decision_body(customer=f"c-{i}")).json()
+                event = {"event_id": f"a-{i}", "type": "accept", "decision_id": decision["decision_id"],
+                         "offer_id": decision["offers"][0]["offer_id"]}
+                assert client.post("/v1/events", json={"events": [event]}).status_code == 200
+            server.stop("immediate")
+            caplog.set_level(logging.WARNING, logger="kassa")
+            clock.advance(61)  # the rewards' window closes: examples to learn, a snapshot due, the registry polled
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3.0:
+                clock.advance(1.5)
+                time.sleep(0.25)
+            assert kassa.learning.learned >= 5
+            lines = [r for r in caplog.records if r.name.startswith("kassa.learn")]
+            assert not [r for r in lines if r.levelno >= logging.ERROR], [r.getMessage()[:200] for r in lines]
+            warned = [r.getMessage() for r in lines if r.getMessage().startswith("learner metadata: ")]
+            assert len(warned) == 1 and "learning on in memory and retrying" in warned[0], warned
+            assert all(r.exc_info is None for r in lines)
+    finally:
+        server.destroy()
+
 def test_a_hung_postgres_is_a_timeout_within_the_answer_bound_and_the_engine_reconnects_after_it(tmp_path):
     # SIGSTOPped (connections open, nothing answers): every query waited for as long as it lasted, and `kassa
     # learn` stalled without a line (its status every 10 s stopped too) until SIGCONT.
