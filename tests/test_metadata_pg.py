@@ -585,6 +585,9 @@ def test_processes_starting_at_one_moment_on_a_new_database_all_start(pg_server,
         try:
             assert not failed, failed
             assert len(built) == 3 and all(k.keys.list() for k in built)
+            # the file applied by whichever came first: the others skipped it and kept the empty catalog they read
+            # before it (a learner "standby for -" with no placement, for good)
+            assert all(set(k.catalog.snapshot.placements) == {"order_confirmation", "cross_sell"} for k in built)
         finally:
             for kassa in built:
                 kassa.db.dispose()
