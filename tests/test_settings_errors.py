@@ -108,8 +108,10 @@ def test_a_metadata_url_that_is_not_a_url_is_refused_naming_the_file_and_an_exam
     # nats-py read a bare word as a host on port 4222: a bus that spooled everything, "no servers available"
     ({"KASSA_EVENTS__NATS_URL": "notaurl"}, "events.nats_url: 'notaurl' is not a NATS URL (nats://"),
     ({"KASSA_EVENTS__NATS_URL": "nats://h:abc"}, "events.nats_url: 'nats://h:abc': the port is not a number"),
+    # a traceback once the data dir and its database were made
+    ({"KASSA_LEARN__DRIFT_WEBHOOK_URL": "notaurl"}, "learn.drift_webhook_url: 'notaurl' is not an http:// or https://"),
 ])
-def test_a_metadata_or_nats_url_kassa_cannot_use_is_refused_naming_the_setting(
+def test_a_metadata_nats_or_webhook_url_kassa_cannot_use_is_refused_naming_the_setting(
         monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
     error = _error(monkeypatch, None, env)
     assert error.startswith("invalid configuration (environment variable KASSA_") and message in error, error
@@ -121,10 +123,11 @@ def test_a_metadata_or_nats_url_kassa_cannot_use_is_refused_naming_the_setting(
     ("KASSA_METADATA__URL", "postgresql+psycopg:///kassa?host=/run/postgresql"),
     ("KASSA_METADATA__URL", "sqlite:////var/lib/kassa/kassa.db"),
     ("KASSA_EVENTS__NATS_URL", "nats://127.0.0.1:4222"), ("KASSA_EVENTS__NATS_URL", "tls://user:pw@nats:4222"),
+    ("KASSA_LEARN__DRIFT_WEBHOOK_URL", "https://hooks.example.com/kassa-drift"),
 ])
-def test_usable_metadata_and_nats_urls_load(monkeypatch: pytest.MonkeyPatch, name: str, url: str) -> None:
+def test_usable_metadata_nats_and_webhook_urls_load(monkeypatch: pytest.MonkeyPatch, name: str, url: str) -> None:
     for env in [n for n in os.environ if n.startswith("KASSA_")]:
         monkeypatch.delenv(env)
     monkeypatch.setenv(name, url)
     settings = load_settings(None)
-    assert url in (settings.metadata.url, settings.events.nats_url)
+    assert url in (settings.metadata.url, settings.events.nats_url, settings.learn.drift_webhook_url)

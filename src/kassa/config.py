@@ -372,6 +372,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     if settings.metadata.url is not None:
         _refuse_url("metadata.url", _metadata_url_problem(settings.metadata.url), path, overrides)
     _refuse_url("events.nats_url", _nats_url_problem(settings.events.nats_url), path, overrides)
+    hook = settings.learn.drift_webhook_url
+    if hook is not None and (urlsplit(hook).scheme not in ("http", "https") or not urlsplit(hook).hostname):
+        # was refused only once the data dir and its database were made, with a traceback
+        _refuse_url("learn.drift_webhook_url", f"{hook!r} is not an http:// or https:// URL (e.g. "
+                    "https://hooks.example.com/kassa-drift)", path, overrides)
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")
