@@ -32,6 +32,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -406,6 +407,7 @@ class PostgresServer:
         self.data = os.path.join(self.dir, "data")
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         self._initialised = False
+        self._paused: list[int] = []
 
     def _run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
         args = list(cmd)
@@ -414,12 +416,16 @@ class PostgresServer:
             args = ["runuser", "-u", "postgres", "--", *args]
         return subprocess.run(args, capture_output=True, timeout=timeout)
 
-    def start(self) -> None:
+    def init(self) -> None:
+        """``initdb`` (the slow part of the first `start`), without starting the server."""
         if not self._initialised:
             result = self._run(_pg_bin("initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
             if result.returncode != 0:
                 _no_postgres(f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}")
             self._initialised = True
+
+    def start(self) -> None:
+        self.init()
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} -c fsync=off"
         result = self._run(_pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"),
                            "-w", "-t", "30", "start")
@@ -431,7 +437,28 @@ class PostgresServer:
     def stop(self, mode: str = "fast") -> None:
         self._run(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
 
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: connections stay open (the kernel still acks) but nothing answers,
+        a hung server; `resume` sends SIGCONT."""
+        self._paused = self.pids()
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._paused = []
+
     def destroy(self) -> None:
+        self.resume()
         with contextlib.suppress(Exception):
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -137,6 +137,7 @@ def test_redis_killed_decisions_fall_back_fast_events_are_acked_and_all_heals(
         assert kassa.store.breaker.state in ("open", "half-open")  # type: ignore[attr-defined]
         metrics = c.get("/metrics").text
         assert 'kassa_circuit_open{dependency="redis"} 1.0' in metrics
+        assert c.get("/readyz").status_code == 200  # on purpose: docs/deploy.md, "When a dependency is down"
         assert kassa.stream is not None and kassa.stream.pending_rows > 0
         assert "kassa_stream_backlog_rows" in metrics
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -29,7 +29,16 @@ from kassa.app import Kassa
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
 from kassa.config import Settings, load_settings
-from kassa.db import api_keys_table, current_revision, head_revision, make_engine, metadata, migrate, offers_table
+from kassa.db import (
+    api_keys_table,
+    current_revision,
+    head_revision,
+    make_engine,
+    metadata,
+    migrate,
+    offers_table,
+    wait_for_database,
+)
 from kassa.features.definitions import load_repo
 from kassa.features.registry import FeatureRegistry
 from kassa.keys import KeyStore, hash_key
@@ -235,7 +244,7 @@ def test_an_offer_change_and_a_key_revocation_through_one_process_are_in_force_i
     if backend == "postgresql":
         url, drop = fresh_database(pg_server)
     else:
-        url, drop = str(tmp_path / "shared" / "kassa.db"), lambda: None
+        url, drop = f"sqlite:///{tmp_path / 'shared' / 'kassa.db'}", lambda: None  # its folder is made
     try:
         one = Kassa(_settings(tmp_path, "one", url, catalog_file, features_file), seed=1)
         two = Kassa(_settings(tmp_path, "two", url, catalog_file, features_file), seed=2)
@@ -366,6 +375,7 @@ def test_postgres_restarted_under_load_serving_continues_from_caches_with_zero_5
                                  json={"id": "discount", "kind": "discount", "title": "Later", "value": 4})
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
             assert refused.headers["content-type"].startswith("application/problem+json")
+            assert client.get("/readyz").status_code == 200  # on purpose: docs/deploy.md
             time.sleep(1.0)
             during = {k: v - down.get(k, 0) for k, v in statuses.items()}
             server.start()
@@ -436,3 +446,149 @@ def test_a_serving_worker_with_postgres_down_logs_its_registry_poll_once_per_10_
             assert sum(r.exc_info is not None for r in polls) <= 1
     finally:
         server.destroy()
+
+
+def test_the_in_process_learner_with_postgres_down_warns_once_and_learns_on_not_a_traceback_a_second(
+        tmp_path, catalog_file, features_file, caplog, clock):
+    # `kassa serve` (learner in process) on PostgreSQL: while it was down every registry poll (one a second) and
+    # every snapshot logged an ERROR with a traceback ("learning step failed", "snapshot of ... failed").
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        settings = load_settings(None, data_dir=str(tmp_path / "d"), catalog_file=str(catalog_file),
+                                 publishable_key=PUB, **{
+                                     "features.definitions_file": str(features_file), "metadata.url": url,
+                                     "learn.snapshot_every_seconds": 1, "learn.snapshot_min_learns": 1,
+                                     "learn.guard.enabled": False})
+        kassa = Kassa(settings, clock=clock)
+        with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+            for i in range(5):
+                decision = client.post("/v1/decisions", json=decision_body(customer=f"c-{i}")).json()
+                event = {"event_id": f"a-{i}", "type": "accept", "decision_id": decision["decision_id"],
+                         "offer_id": decision["offers"][0]["offer_id"]}
+                assert client.post("/v1/events", json={"events": [event]}).status_code == 200
+            server.stop("immediate")
+            caplog.set_level(logging.WARNING, logger="kassa")
+            clock.advance(61)  # the rewards' window closes: examples to learn, a snapshot due, the registry polled
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3.0:
+                clock.advance(1.5)
+                time.sleep(0.25)
+            assert kassa.learning.learned >= 5
+            lines = [r for r in caplog.records if r.name.startswith("kassa.learn")]
+            assert not [r for r in lines if r.levelno >= logging.ERROR], [r.getMessage()[:200] for r in lines]
+            warned = [r.getMessage() for r in lines if r.getMessage().startswith("learner metadata: ")]
+            assert len(warned) == 1 and "learning on in memory and retrying" in warned[0], warned
+            assert all(r.exc_info is None for r in lines)
+    finally:
+        server.destroy()
+
+def test_a_hung_postgres_is_a_timeout_within_the_answer_bound_and_the_engine_reconnects_after_it(tmp_path):
+    # SIGSTOPped (connections open, nothing answers): every query waited for as long as it lasted, and `kassa
+    # learn` stalled without a line (its status every 10 s stopped too) until SIGCONT.
+    server = PostgresServer()
+    server.start()
+    try:
+        url, _ = fresh_database(server.url)
+        engine = make_engine(url, answer_timeout=0.5)
+        with engine.connect() as held:
+            assert held.execute(sa.text("SELECT 1")).scalar() == 1
+            server.pause()
+            t0 = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError, match=r"no answer from PostgreSQL within 0.5 s"):
+                held.execute(sa.text("SELECT 1"))
+            waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError), engine.connect():  # a new connection: connect_timeout
+            pass
+        reconnect = time.monotonic() - t0
+        server.resume()
+        with engine.connect() as conn:  # the closed connection was discarded, not handed out again
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        print(f"\nhung PostgreSQL: a query on an open connection failed after {waited:.2f} s, a new connection "
+              f"after {reconnect:.2f} s")
+        assert waited < 2.0 and reconnect < 6.0
+        engine.dispose()
+    finally:
+        server.destroy()
+
+
+def test_waiting_for_a_metadata_database_not_created_yet_names_it_without_its_password_then_migrates_it(
+        pg_server, caplog):
+    # what `kassa serve|learn|stream` do at start (tests/test_roles.py runs them against a server not started yet)
+    import psycopg
+
+    name = f"kassa_wait_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    url = sa.engine.make_url(pg_server).set(database=name, password="s3cret")
+    admin = sa.engine.make_url(pg_server).set(drivername="postgresql").render_as_string(hide_password=False)
+    shown = url.render_as_string(hide_password=True)
+
+    def create_later() -> None:
+        time.sleep(0.3)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    caplog.set_level(logging.INFO, logger="kassa.db")
+    creator = threading.Thread(target=create_later)
+    creator.start()
+    try:
+        t0 = time.monotonic()
+        assert wait_for_database(url.render_as_string(hide_password=False))
+        waited = time.monotonic() - t0
+        creator.join()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith(f"metadata database {shown}: unreachable (") and f'"{name}" does not exist' in line
+                   and "waiting for it, next try in 1 s" in line for line in lines), lines
+        assert not any("s3cret" in line for line in lines)
+        assert any(f"metadata database {shown} answered after" in line for line in lines), lines
+        assert 0.9 < waited < 3.0
+        engine = make_engine(url.render_as_string(hide_password=False), migrate_schema=False)
+        assert current_revision(engine) == head_revision()  # migrated by the wait
+        engine.dispose()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_waiting_for_a_metadata_database_ends_when_told_to_stop():
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert not wait_for_database("postgresql+psycopg://kassa@127.0.0.1:9/kassa", stop)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_processes_starting_at_one_moment_on_a_new_database_all_start(pg_server, tmp_path, catalog_file,
+                                                                      features_file):
+    # Pods and learners that waited for PostgreSQL start when it does: each read "no such key", then inserted
+    # it, and all but one exited with an IntegrityError (api_keys_pkey) in 7 of 8 such starts of three.
+    for trial in range(2):
+        url, drop = fresh_database(pg_server)
+        settings = [_settings(tmp_path, f"{trial}-{n}", url, catalog_file, features_file) for n in range(3)]
+        barrier = threading.Barrier(len(settings))
+        built: list[Kassa] = []
+        failed: list[BaseException] = []
+
+        def start(s: Settings, barrier: threading.Barrier, built: list[Kassa], failed: list[BaseException]) -> None:
+            barrier.wait()
+            try:
+                built.append(Kassa(s))
+            except Exception as exc:
+                failed.append(exc)
+
+        threads = [threading.Thread(target=start, args=(s, barrier, built, failed)) for s in settings]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            assert not failed, failed
+            assert len(built) == 3 and all(k.keys.list() for k in built)
+            # the file applied by whichever came first: the others skipped it and kept the empty catalog they read
+            # before it (a learner "standby for -" with no placement, for good)
+            assert all(set(k.catalog.snapshot.placements) == {"order_confirmation", "cross_sell"} for k in built)
+        finally:
+            for kassa in built:
+                kassa.db.dispose()
+            drop()

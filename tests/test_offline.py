@@ -285,8 +285,9 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     defs = tmp_path / "features.yaml"
     defs.write_text(DEFINITIONS.format(source=source, segment_type="str", segment_default="new"))
 
-    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data])
-    assert r.exit_code == 1 and "apply" in r.output
+    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data])  # no data dir yet: not made
+    assert r.exit_code == 2 and "kassa features apply" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "data").exists()
 
     r = runner.invoke(app, ["features", "apply", str(defs), "--yes", *data])
     assert r.exit_code == 0, r.output

@@ -475,6 +475,45 @@ def test_a_learner_whose_lease_redis_dies_exits_75_quietly_and_its_successor_wai
         server.kill()
 
 
+def test_learn_and_serve_started_before_their_metadata_postgres_wait_for_it_then_start(project) -> None:  # type: ignore[no-untyped-def]
+    # Both exited at start with a ~60-line OperationalError traceback (the migrations run first), and under a
+    # supervisor were restarted into it until PostgreSQL was up.
+    from tests.services import PostgresServer
+
+    server = PostgresServer()  # its port chosen, nothing listening yet
+    try:
+        port = _free_port()
+        p = project(metadata={"url": server.url})
+        learner = p.start("learn", log="learn.log")
+        serving = p.start("serve", "--port", str(port), log="serve.log")
+        server.init()  # while they start
+        shown = re.escape(f"metadata database {server.url}: unreachable (connection failed: ")
+        for name in ("learn.log", "serve.log"):
+            p.wait_log(name, shown + r".*Connection refused\); waiting for it, next try in 1 s", timeout=30)
+        time.sleep(1.5)  # a retry or two
+        assert learner.poll() is None and serving.poll() is None
+        server.start()
+        t0 = time.monotonic()
+        p.wait_log("learn.log", r"learner active for checkout", timeout=40)
+        _wait_ready(port)
+        print(f"\nPostgreSQL up: learner active and serve ready {time.monotonic() - t0:.1f} s later")
+        for name in ("learn.log", "serve.log"):
+            assert "Traceback" not in p.log(name) and re.search(r"metadata database .* answered after", p.log(name))
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(30) == 0, p.log("learn.log")[-3000:]
+    finally:
+        server.destroy()
+
+
+def test_a_learner_waiting_for_its_metadata_database_stops_at_once_on_sigterm(project) -> None:  # type: ignore[no-untyped-def]
+    p = project(metadata={"url": f"postgresql+psycopg://kassa@127.0.0.1:{_free_port()}/kassa"})
+    learner = p.start("learn", log="learn.log")
+    p.wait_log("learn.log", r"metadata database .*: unreachable", timeout=30)
+    learner.send_signal(signal.SIGTERM)
+    assert learner.wait(10) == 0, p.log("learn.log")[-3000:]
+    assert "Traceback" not in p.log("learn.log")
+
+
 def test_an_active_learner_rides_out_its_metadata_postgres_going_away(project) -> None:  # type: ignore[no-untyped-def]
     # Its registry poll (every round) raised OperationalError: exit 1 with a traceback, and every restart
     # exited again at start while PostgreSQL was down.

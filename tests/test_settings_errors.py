@@ -84,3 +84,50 @@ def test_usable_redis_urls_load(monkeypatch: pytest.MonkeyPatch, url: str) -> No
 def test_an_interval_or_count_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     error = _error(monkeypatch, None, {name: value})
     assert error.startswith(f"invalid configuration (environment variable {name}): Expected "), error
+
+
+def test_a_metadata_url_that_is_not_a_url_is_refused_naming_the_file_and_an_example(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # was taken as a SQLite file called `notaurl` in the current directory: an empty catalog, not a word
+    path = tmp_path / "kassa.yaml"
+    path.write_text("metadata:\n  url: notaurl\n")
+    monkeypatch.chdir(tmp_path)
+    message = _error(monkeypatch, path)
+    assert message.startswith(f"invalid configuration in {path}: metadata.url: 'notaurl' is not a database URL "
+                              "(e.g. postgresql+psycopg://"), message
+    assert not (tmp_path / "notaurl").exists()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"KASSA_METADATA__URL": "/var/lib/kassa/meta.db"}, "metadata.url: '/var/lib/kassa/meta.db' is not a database URL"),
+    ({"KASSA_METADATA__URL": "mysql://k@db/kassa"}, "the metadata database is SQLite or PostgreSQL"),
+    ({"KASSA_METADATA__URL": "postgresql+psycopg2://k@db/kassa"}, "with psycopg 3: use postgresql+psycopg://"),
+    ({"KASSA_METADATA__URL": "postgresql+psycopg://k@db:abc/kassa"}, "metadata.url: 'postgresql+psycopg://k@db:abc/"
+                                                                     "kassa': the port is not a number"),
+    ({"KASSA_METADATA__URL": "sqlite://"}, "is an in-memory database"),
+    # nats-py read a bare word as a host on port 4222: a bus that spooled everything, "no servers available"
+    ({"KASSA_EVENTS__NATS_URL": "notaurl"}, "events.nats_url: 'notaurl' is not a NATS URL (nats://"),
+    ({"KASSA_EVENTS__NATS_URL": "nats://h:abc"}, "events.nats_url: 'nats://h:abc': the port is not a number"),
+    # a traceback once the data dir and its database were made
+    ({"KASSA_LEARN__DRIFT_WEBHOOK_URL": "notaurl"}, "learn.drift_webhook_url: 'notaurl' is not an http:// or https://"),
+])
+def test_a_metadata_nats_or_webhook_url_kassa_cannot_use_is_refused_naming_the_setting(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+    error = _error(monkeypatch, None, env)
+    assert error.startswith("invalid configuration (environment variable KASSA_") and message in error, error
+
+
+@pytest.mark.parametrize(("name", "url"), [
+    ("KASSA_METADATA__URL", "postgresql+psycopg://kassa:secret@db:5432/kassa"),
+    ("KASSA_METADATA__URL", "postgresql://kassa@db/kassa"),  # SQLAlchemy 2.1's default PostgreSQL driver: psycopg
+    ("KASSA_METADATA__URL", "postgresql+psycopg:///kassa?host=/run/postgresql"),
+    ("KASSA_METADATA__URL", "sqlite:////var/lib/kassa/kassa.db"),
+    ("KASSA_EVENTS__NATS_URL", "nats://127.0.0.1:4222"), ("KASSA_EVENTS__NATS_URL", "tls://user:pw@nats:4222"),
+    ("KASSA_LEARN__DRIFT_WEBHOOK_URL", "https://hooks.example.com/kassa-drift"),
+])
+def test_usable_metadata_nats_and_webhook_urls_load(monkeypatch: pytest.MonkeyPatch, name: str, url: str) -> None:
+    for env in [n for n in os.environ if n.startswith("KASSA_")]:
+        monkeypatch.delenv(env)
+    monkeypatch.setenv(name, url)
+    settings = load_settings(None)
+    assert url in (settings.metadata.url, settings.events.nats_url, settings.learn.drift_webhook_url)

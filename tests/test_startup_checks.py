@@ -136,3 +136,24 @@ def test_a_missing_relative_catalog_file_says_where_it_was_looked_for(settings, 
         Kassa(settings, clock=clock)
     assert str(exc.value).endswith("catalog.yaml: No such file or directory (relative paths are read from the "
                                    f"current directory, {tmp_path / 'here'})")
+
+
+@pytest.mark.parametrize("args", [
+    # these made the mistyped data dir and a fresh empty database in it, then said nothing was applied
+    ["features", "get", "customer", "c1"], ["features", "freshness"], ["features", "materialize"],
+    ["features", "training-set", "--features", "customer:*", "--out", "{tmp}/set.parquet", "--from-decisions"],
+    ["stream"],
+    # and these already refused it (kept so)
+    ["models", "list"], ["models", "show", "checkout@1"], ["drift", "--placement", "checkout"],
+    ["evaluate", "--placement", "checkout", "--candidate", "checkout@1"], ["keys", "list"],
+])
+def test_a_read_only_command_refuses_a_data_dir_without_kassa_data_and_creates_nothing(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    typo = tmp_path / "typo"
+    result = CliRunner().invoke(app, [*(a.replace("{tmp}", str(tmp_path)) for a in args), "--data-dir", str(typo)])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and f"no Kassa data in {typo}" in text, (text, result.exception)
+    assert not typo.exists()

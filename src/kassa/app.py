@@ -19,7 +19,7 @@ from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
 from kassa.config import Settings
-from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine
+from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine, start_writes_lock
 from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
 from kassa.degraded import RateLimitedWarning
@@ -80,29 +80,12 @@ class Kassa:
         self.changes = ChangeFeed(self.db, settings.metadata.poll_seconds, settings.metadata.recheck_seconds)
         self.changes.prime()
         self.catalog = Catalog(SqlCatalogStore(self.db))
-        if settings.catalog_file:
-            try:
-                self.catalog.load_file(settings.catalog_file, stamp_dir=data)
-            except (OSError, ValueError) as exc:
-                raise UnusableStartFile("catalog file", "--catalog / catalog_file", settings.catalog_file,
-                                        exc) from None
         self.keys = KeyStore(self.db)
-        for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
-                          ("secret", settings.secret_key)):
-            if key:  # a revoked one stays revoked: refused, with a warning naming the setting
-                self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
-                              setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
+        self.registry = FeatureRegistry(self.db)
+        with start_writes_lock(self.db):  # pods and learners that waited for one database start at one moment
+            self._write_start_files(settings)
         self.keys.limiter = RateLimiter(msgspec.structs.asdict(settings.server.rate_limits))
         self.metrics = Metrics()
-        self.registry = FeatureRegistry(self.db)
-        if settings.features.definitions_file:
-            try:
-                definitions = load_repo(settings.features.definitions_file)
-                self.registry.plan(definitions)  # what only the stream processor checked (a traceback there)
-            except (OSError, ValueError) as exc:
-                raise UnusableStartFile("feature definitions file", "features.definitions_file",
-                                        settings.features.definitions_file, exc) from None
-            self.registry.apply(definitions)
         self.repo = self.registry.load()
         self.store = open_online_store(settings, self.repo.views, clock)
         self._store_hold = hold_embedded_store(settings)  # `kassa features materialize` refuses while held
@@ -223,6 +206,28 @@ class Kassa:
                  f" (new: {', '.join(added)})" if added else "")
         if any(v.kind == "stream" or v.entity == "offer" for v in repo.views if v.name in added):
             log.warning("new stream or offer views take effect in this process after a restart")
+
+    def _write_start_files(self, settings: Settings) -> None:
+        """Store what the settings bring: the catalog file, the bootstrap keys, the feature definitions."""
+        if settings.catalog_file:
+            try:
+                self.catalog.load_file(settings.catalog_file, stamp_dir=settings.data_path)
+            except (OSError, ValueError) as exc:
+                raise UnusableStartFile("catalog file", "--catalog / catalog_file", settings.catalog_file,
+                                        exc) from None
+        for kind, key in (("admin", settings.admin_key), ("publishable", settings.publishable_key),
+                          ("secret", settings.secret_key)):
+            if key:  # a revoked one stays revoked: refused, with a warning naming the setting
+                self.keys.add(key, kind, f"{kind} (from settings)",  # type: ignore[arg-type]
+                              setting=f"{kind}_key (KASSA_{kind.upper()}_KEY)")
+        if settings.features.definitions_file:
+            try:
+                definitions = load_repo(settings.features.definitions_file)
+                self.registry.plan(definitions)  # what only the stream processor checked (a traceback there)
+            except (OSError, ValueError) as exc:
+                raise UnusableStartFile("feature definitions file", "features.definitions_file",
+                                        settings.features.definitions_file, exc) from None
+            self.registry.apply(definitions)
 
     def _reward_definition(self, placement_id: str) -> schemas.RewardDefinition | None:
         view = self.catalog.snapshot.placements.get(placement_id)

@@ -79,9 +79,10 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 def _existing(settings: Settings) -> Settings:
     """``settings`` when they name existing Kassa data: a read (`keys list`, `keys revoke`) of a mistyped
     --data-dir made a fresh empty database there and listed no keys, as if the store had none."""
-    data = settings.data_path
-    # (a data dir that is a file is left to the one-line "cannot use ... as the data dir" of opening it)
-    if settings.metadata.url is None and not data.is_file() and not (data / "kassa.db").exists():
+    from kassa.startup import missing_data
+
+    data = missing_data(settings)
+    if data is not None:
         raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
                                  "uses; `kassa keys create` or `kassa serve` makes it)", param_hint="--data-dir")
     return settings
@@ -221,13 +222,15 @@ def stream(
 
     from rich.live import Live
 
-    from kassa.db import make_engine
+    from kassa.db import make_engine, wait_for_database
     from kassa.events.factory import open_event_log
     from kassa.features.online.factory import close_online_store, open_online_store
     from kassa.features.registry import FeatureRegistry
     from kassa.features.streaming.processor import StreamProcessor
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _existing(_settings(config, data_dir=data_dir))
+    if not wait_for_database(settings.metadata_url):  # PostgreSQL not up yet: a line per 10 s, not a traceback
+        raise typer.Exit(130)
     repo = FeatureRegistry(make_engine(settings.metadata_url)).load()
     views = [v for v in repo.views if v.kind == "stream"]
     if not views:

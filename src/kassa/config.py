@@ -247,6 +247,47 @@ def _redis_url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     return None
 
 
+def _metadata_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a metadata database URL Kassa can open, or None. A bare string (``notaurl``, a path) was
+    taken as a SQLite file named that in the current directory: a fresh empty catalog that said nothing."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "postgresql+psycopg://kassa@db:5432/kassa, or sqlite:////var/lib/kassa/kassa.db"
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ArgumentError:
+        return f"{url!r} is not a database URL (e.g. {example}; leave it unset for <data_dir>/kassa.db)"
+    except ValueError:
+        return f"{url!r}: the port is not a number (e.g. {example})"
+    backend, driver = parsed.get_backend_name(), parsed.drivername.partition("+")[2]
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            return (f"{url!r} is an in-memory database, empty at every start and seen by no other process: name a "
+                    "file (sqlite:////var/lib/kassa/kassa.db) or leave metadata.url unset")
+        return None
+    if backend == "postgresql":
+        if driver not in ("", "psycopg"):
+            return f"{url!r}: Kassa connects to PostgreSQL with psycopg 3: use postgresql+psycopg://..."
+        return None
+    return f"{url!r}: the metadata database is SQLite or PostgreSQL (e.g. {example})"
+
+
+def _nats_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a NATS server URL, or None. nats-py takes a bare ``notaurl`` for a host of that name on
+    port 4222, so a typo was a bus that spooled every event and said only 'no servers available'."""
+    parts = urlsplit(url)
+    example = "nats://host:4222"
+    if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+        return f"{url!r} is not a NATS URL (nats://, tls://, ws:// or wss://, e.g. {example})"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return f"{url!r}: the port is not a number (e.g. {example})"
+    return None
+
+
 def _error_source(message: str, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> str:
     """Where the value a validation error points at came from: a command-line option, an environment variable
     or the settings file (`` in FILE``), so the message names what to edit."""
@@ -274,6 +315,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
         node[path[-1]] = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:  # not YAML (a key like `[abc`, a value with a stray `: `): the string as given
         node[path[-1]] = value
+
+
+def _refuse_url(name: str, problem: str | None, path: str | os.PathLike[str] | None,
+                overrides: dict[str, Any]) -> None:
+    if problem is not None:
+        raise SystemExit(f"invalid configuration{_error_source(f'at `$.{name}`', path, overrides)}: {name}: {problem}")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -321,10 +368,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
                                # the per-buyer state speaks plain TCP itself (kassa.redisconn)
                                ("state.redis_url", settings.state.redis_url,
                                 ("redis",) if settings.state.backend == "redis" else ("redis", "rediss", "unix"))):
-        problem = _redis_url_problem(url, schemes)
-        if problem is not None:
-            raise SystemExit(f"invalid configuration{_error_source(f'at `$.{name}`', path, overrides)}: "
-                             f"{name}: {problem}")
+        _refuse_url(name, _redis_url_problem(url, schemes), path, overrides)
+    if settings.metadata.url is not None:
+        _refuse_url("metadata.url", _metadata_url_problem(settings.metadata.url), path, overrides)
+    _refuse_url("events.nats_url", _nats_url_problem(settings.events.nats_url), path, overrides)
+    hook = settings.learn.drift_webhook_url
+    if hook is not None and (urlsplit(hook).scheme not in ("http", "https") or not urlsplit(hook).hostname):
+        # was refused only once the data dir and its database were made, with a traceback
+        _refuse_url("learn.drift_webhook_url", f"{hook!r} is not an http:// or https:// URL (e.g. "
+                    "https://hooks.example.com/kassa-drift)", path, overrides)
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -38,6 +39,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("kassa.db")
 # Alembic 1.16+ logs seven "setup plugin ..." lines at INFO when its script module is first imported: in front
@@ -141,22 +146,64 @@ def bump(conn: Connection, topic: str) -> None:
         conn.execute(insert(t).values(name=topic, version=1))
 
 
-def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
+# Most a PostgreSQL connection waits for one answer (a statement, a fetch, a commit, the pool's pre-ping) before it
+# is closed and the caller gets an OperationalError: a server that accepts TCP but never answers (SIGSTOPped,
+# swapped out, a hung storage) stalled the learner for as long as it lasted, without a word (its status line every
+# 10 s stopped too). Nothing here is on the hot path and every metadata statement is small: ~1 ms typical, 40 ms
+# for the whole schema's migrations on an empty database; a concurrent migrator is waited for under the same bound.
+ANSWER_TIMEOUT_SECONDS = 10.0
+
+
+def _answering_connection_class(limit: float) -> type[psycopg.Connection[Any]]:
+    """A psycopg ``Connection`` whose waits for the server end after ``limit`` seconds (psycopg's own waits have
+    none): the connection, in an unknown state, is closed, so SQLAlchemy discards it and the next checkout connects
+    afresh (``connect_timeout`` bounds that)."""
+    import psycopg
+    from psycopg.connection import _WAIT_INTERVAL
+    from psycopg.errors import _WaitTimeout
+
+    class AnsweringConnection(psycopg.Connection[Any]):
+        def wait(self, gen: Any, interval: float = _WAIT_INTERVAL, timeout: float | None = None) -> Any:
+            if timeout is not None:  # the caller's own bound (notifies): its business
+                return super().wait(gen, interval, timeout)
+            try:
+                return super().wait(gen, interval, limit)
+            except _WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError(f"no answer from PostgreSQL within {limit:g} s (a hung or stopped "
+                                               "server); the connection was closed") from None
+
+    return AnsweringConnection
+
+
+def make_engine(url_or_path: str | Path, migrate_schema: bool = True,
+                answer_timeout: float = ANSWER_TIMEOUT_SECONDS) -> Engine:
     """An engine for a database URL, or a SQLite file path (created, WAL mode), migrated to the newest
-    schema revision (`migrate`) unless ``migrate_schema`` is False."""
+    schema revision (`migrate`) unless ``migrate_schema`` is False. On PostgreSQL no wait for the server lasts
+    longer than ``answer_timeout`` seconds (`ANSWER_TIMEOUT_SECONDS`)."""
     url = str(url_or_path)
     if "://" not in url:
-        try:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file where the data dir should be: every CLI command was a traceback
-            raise SystemExit(f"cannot use {Path(url).parent} as the data dir ({exc.strerror or exc}); point "
-                             "--data-dir (data_dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         url = f"sqlite:///{url}"
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:":  # a file: its folder is made (a data dir, or metadata.url's)
+        folder = Path(database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the data dir should be: every CLI command was a traceback
+            raise SystemExit(f"cannot use {folder} as the data dir ({exc.strerror or exc}); point "
+                             "--data-dir (data_dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
     if url.startswith("postgresql"):
         # pre_ping: after a PostgreSQL restart a pooled connection is dead; the next checkout notices and
         # reconnects instead of failing the caller's first query. connect_timeout bounds a dead server.
         engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4, pool_timeout=5,
                                connect_args={"connect_timeout": 3})
+        if engine.dialect.driver == "psycopg":
+            connection_class = _answering_connection_class(answer_timeout)
+
+            @event.listens_for(engine, "do_connect")
+            def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+                return connection_class.connect(*cargs, **cparams)
+
     else:
         engine = create_engine(url)
     if engine.dialect.name == "sqlite":
@@ -172,6 +219,47 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True) -> Engine:
     if migrate_schema:
         migrate(engine)
     return engine
+
+
+def wait_for_database(url: str, stop: threading.Event | None = None, first_delay: float = 1.0,
+                      max_delay: float = 10.0) -> bool:
+    """Open and migrate the metadata database at ``url``, waiting while PostgreSQL cannot be reached (down, not
+    answering, the database not created yet): a WARNING naming the database and the reason, at most one per 10 s,
+    and tries after 1, 2, 4, 8 s, then every ``max_delay``. True once it answers; False when ``stop`` was set (or
+    Ctrl-C) meanwhile. `kassa serve`, `kassa learn` and `kassa stream` call it before building anything: they
+    exited with a ~60-line traceback, and under a supervisor were restarted into it until the database was back.
+    A SQLite file returns at once: what is wrong with a local file does not heal by waiting (`make_engine` says
+    it)."""
+    if not url.startswith("postgresql"):
+        return True
+    import time
+
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from kassa.degraded import RateLimitedWarning
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    warn = RateLimitedWarning(log, f"metadata database {shown}")
+    stop = stop or threading.Event()
+    delay, started, failed = first_delay, time.monotonic(), False
+    while True:
+        try:
+            engine = make_engine(url)
+        except (OperationalError, InterfaceError) as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            warn(f"unreachable ({reason}); waiting for it, next try in {delay:g} s")
+            failed = True
+        else:
+            engine.dispose()
+            if failed:
+                log.info("metadata database %s answered after %.0f s", shown, time.monotonic() - started)
+            return True
+        try:
+            if stop.wait(delay):
+                return False
+        except KeyboardInterrupt:
+            return False
+        delay = min(delay * 2, max_delay)
 
 
 # ------------------------------------------------------------------ migrations
@@ -223,6 +311,27 @@ def migrate(engine: Engine) -> str:
                 command.upgrade(cfg, "head")
             log.info("metadata database migrated from %s to %s", before or "none", head)
     return before or "none"
+
+
+@contextlib.contextmanager
+def start_writes_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time writes what its settings bring at start (the catalog file, the bootstrap keys, the
+    feature definitions). Each of those reads, then inserts: processes that started at the same moment (every pod
+    and learner once a PostgreSQL they waited for is up, `wait_for_database`) both inserted the same key and one
+    exited with an IntegrityError. PostgreSQL: a session advisory lock; SQLite: the migration lock file."""
+    if engine.dialect.name != "postgresql":
+        with _migration_lock(engine):
+            yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK + 1})
+        conn.commit()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the database went away meanwhile: the session lock went with it
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK + 1})
+                conn.commit()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from kassa.config import Settings
+from kassa.db import wait_for_database
 from kassa.roles.workers import Supervisor, bind, resolve_workers, uvicorn_config
 
 __all__ = ["BackgroundServer", "bind", "raise_open_file_limit", "run_server", "start_up_hints"]
@@ -68,6 +69,8 @@ def run_server(settings: Settings, seed: int | None = None) -> None:
     from kassa.app import Kassa
 
     sock = bind(settings.server.host, settings.server.port)
+    if not wait_for_database(settings.metadata_url):  # not serving (so not ready) meanwhile; docs/deploy.md
+        raise SystemExit(130)  # Ctrl-C while waiting
     t0 = time.perf_counter()
     kassa = Kassa(settings, seed=seed)
     app = create_app(kassa)

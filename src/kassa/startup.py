@@ -1,4 +1,5 @@
-"""Start-up checks of the data directory: a damaged file stops the start with a message naming it.
+"""Start-up checks of the data directory: a damaged file stops the start with a message naming it, and a
+command that only reads Kassa's data refuses a data dir that holds none (`missing_data`).
 
 Without these a damaged data dir either started "ready" and wrong (a ``kassa.db`` truncated to 0 bytes
 became a fresh empty database, and the catalog file's checksum stamp said the catalog was already
@@ -40,6 +41,17 @@ class UnusableStartFile(SystemExit):
         else:  # the loaders' messages already start with the path
             problem = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
         super().__init__(f"cannot start: {what} ({setting}) {problem}")
+
+
+def missing_data(settings: Settings) -> Path | None:
+    """The data dir, when the metadata is the SQLite file in it and that file does not exist: what a command
+    that only reads (`kassa models list`, `kassa features get`, `kassa stream`) must refuse rather than make a
+    fresh empty database in a mistyped --data-dir and answer as if the store had nothing. A data dir that is a
+    file is left to the one-line "cannot use ... as the data dir" of opening it."""
+    data = settings.data_path
+    if settings.metadata.url is None and not data.is_file() and not (data / "kassa.db").exists():
+        return data
+    return None
 
 
 def _sqlite_problem(path: Path, full_check: bool) -> str | None:

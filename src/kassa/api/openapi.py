@@ -140,8 +140,14 @@ def openapi_document() -> bytes:
                               "304": {"description": "Not modified"}, "404": _PROBLEMS["404"]}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": _ok(None)}},
             "/readyz": {
-                "get": {"summary": "Readiness", "responses": {
-                    **_ok(None), "503": {"description": "Starting, or no placements yet (the body says why)"}}}
+                "get": {"summary": "Readiness",
+                        "description": "200 once the process has loaded its catalog, models and state and the catalog "
+                                       "has a placement. Redis, NATS and PostgreSQL are not checked: during their "
+                                       "outages decisions are still answered (fallbacks without Redis, events "
+                                       "spooled, catalog and models from memory), so every pod stays ready; "
+                                       "docs/deploy.md, \"When a dependency is down\".",
+                        "responses": {**_ok(None), "503": {
+                            "description": "Starting, or no placements yet (the body says why)"}}}
             },
             "/metrics": {"get": {
                 "summary": "Prometheus metrics",

@@ -252,6 +252,9 @@ class Catalog:
                 self.store.put_many([], [], file_stamp=digest)  # adopt the data dir's stamp
                 applied = digest
             if applied == digest:
+                # Applied by another process, maybe after this snapshot was read (processes starting at once):
+                # read what it stored, or this one serves, or learns, an empty catalog.
+                self._rebuild()
                 return 0
         catalog = read_catalog_file(path, raw)
         self.store.put_many(catalog.offers, catalog.placements, file_stamp=digest if stamp_dir is not None else None)

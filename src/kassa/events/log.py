@@ -125,7 +125,15 @@ class SqliteEventLog(EventLog):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._engine: Engine = sa.create_engine(f"sqlite:///{self.path}")
         sa.event.listen(self._engine, "connect", _set_pragmas)
-        metadata.create_all(self._engine)
+        for attempt in range(3):
+            try:
+                metadata.create_all(self._engine)
+                break
+            except sa.exc.OperationalError as exc:
+                # Another process (`kassa learn` beside `kassa serve`, both started the moment their metadata
+                # database came up) created a table between the check and the CREATE: check again.
+                if "already exists" not in str(exc) or attempt == 2:
+                    raise
         self._encoder = msgspec.json.Encoder()
         self._write_conn: sqlite3.Connection | None = None  # opened and used by the writer thread only
         self._decoder = msgspec.json.Decoder(schemas.Event)

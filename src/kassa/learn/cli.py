@@ -29,6 +29,7 @@ from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo, parse_duration
 from kassa.learn.artifacts import artifact_store
 from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
+from kassa.startup import missing_data
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -72,7 +73,7 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
 
     settings = load_settings(config, data_dir=data_dir)
     data = settings.data_path
-    if settings.metadata.url is None and not (data / "kassa.db").exists():
+    if missing_data(settings) is not None:
         raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
                                  "--data-dir)", param_hint="--data-dir")
     db = make_engine(settings.metadata_url)

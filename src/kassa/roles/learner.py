@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ import sqlalchemy.exc
 
 from kassa.app import Kassa
 from kassa.config import Settings
+from kassa.db import wait_for_database
 from kassa.degraded import RateLimitedWarning
 from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
@@ -244,11 +246,19 @@ def run_learner(settings: Settings, placements: list[str] | None = None) -> int:
     import uvloop
 
     async def main() -> int:
-        role = LearnerRole(settings, placements)
-        stop = asyncio.Event()
+        stop, halt = asyncio.Event(), threading.Event()  # halt: the same signal, for the start-up wait's thread
         loop = asyncio.get_running_loop()
+        def on_signal() -> None:
+            stop.set()
+            halt.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
+        # The metadata database unreachable at start: wait for it (a line per 10 s) rather than exit with a
+        # traceback, as the learner already waits for JetStream (`open_input`) and for the database later on.
+        if not await asyncio.to_thread(wait_for_database, settings.metadata_url, halt):
+            return 0
+        role = LearnerRole(settings, placements)
         try:
             await role.run(stop)
         except LeaseLost as exc:

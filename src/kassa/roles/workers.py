@@ -34,6 +34,7 @@ import uvicorn
 import uvloop
 
 from kassa.config import Settings
+from kassa.db import wait_for_database
 
 log = logging.getLogger("kassa")
 
@@ -156,6 +157,11 @@ class Supervisor:
         sock = bind(self.settings.server.host, self.settings.server.port, reuseport=reuseport)
         if not reuseport:
             sock.listen(2048)
+        # Before any worker forks (they would each exit on it, and the supervisor after the first): the metadata
+        # database unreachable is waited for, a line per 10 s; SIGTERM meanwhile ends the process as usual.
+        if not wait_for_database(self.settings.metadata_url):
+            sock.close()
+            raise SystemExit(130)  # Ctrl-C while waiting
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         log.info("serving on http://%s:%d with %d worker(s), learner %s", self.settings.server.host,

@@ -33,9 +33,12 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+import sqlalchemy.exc
+
 from kassa import policies
 from kassa.catalog import Catalog
 from kassa.config import LearnSettings
+from kassa.degraded import RateLimitedWarning
 from kassa.events.join import JoinedExample
 from kassa.features.featurize import slot_suffix
 from kassa.learn.canary import Breach, CanaryGuard
@@ -108,6 +111,7 @@ class LearningLoop:
         self._history: dict[str, deque[tuple[float, Example]]] = {}  # what was learned when (bounded)
         self.restarts = 0
         self._last_poll = 0.0
+        self._db_warn = RateLimitedWarning(log, "learner metadata")
         self.learned = 0
         self.failed_examples = 0  # examples a learner raised on, skipped (logged once a minute per placement)
         self._failure_logged_at: dict[str, float] = {}
@@ -337,6 +341,10 @@ class LearningLoop:
             if force or (due and learner.learned_since_snapshot >= self.settings.snapshot_min_learns):
                 try:
                     self.publish(placement_id, learner)
+                except sqlalchemy.exc.DBAPIError as exc:  # the metadata database away: see `_metadata_away`
+                    self._last_snapshot[placement_id] = now
+                    self._metadata_away(f"snapshot of {placement_id}", exc)
+                    continue
                 except Exception:
                     # One placement's failure (a model whose weights cannot be exported) must not stop the
                     # others' snapshots, nor the guardrails and registry poll after this in `tick`; it is
@@ -466,5 +474,14 @@ class LearningLoop:
                 while self.shadow is not None and self.shadow.drain(slice_size) >= slice_size:
                     await asyncio.sleep(0)
                 await self.tick_async(slice_size)
+            except sqlalchemy.exc.DBAPIError as exc:
+                self._metadata_away("registry poll", exc)
             except Exception:
                 log.exception("learning step failed")
+
+    def _metadata_away(self, what: str, exc: sqlalchemy.exc.DBAPIError) -> None:
+        """The metadata database down or hung: a WARNING per 10 s, and learning goes on in memory (the next snapshot
+        and poll try again). `kassa serve`'s in-process learner logged an ERROR with a traceback for every poll (one
+        a second) and every snapshot while PostgreSQL was away; `kassa learn` says the same in its own words."""
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        self._db_warn(f"{what} failed ({type(exc).__name__}: {first}); learning on in memory and retrying")
