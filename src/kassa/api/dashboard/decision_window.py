@@ -14,8 +14,11 @@ It holds what the query would return, by the same rules: rows with ``ts >= since
 no further once ``max_rows`` rows are read (a busy day's first read stops there), held files are dropped oldest
 first past it, and older files are skipped from then on. A file is dated by the time in its name, so a file
 holding rows older than a later file's can go first: the writer's spool replays are the only such files. A file
-gone from the directory (removed by an operator or retention) is dropped; a ``since`` before the window's first
-partition is not served (`rows` returns None, the caller queries the log).
+gone from the directory (removed by an operator, retention or compaction) is dropped; a ``since`` before the
+window's first partition is not served (`rows` returns None, the caller queries the log). The files are listed by
+the log's reader rule (`kassa.events.decision_log.decision_files`): once an hour's merged file is in place its small
+files are not listed, so they are dropped and the merged file read, each decision held once; a merged file is dated
+by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``.
 
 Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
 of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
@@ -30,7 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+from kassa.events.decision_log import decision_files
+
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+_MERGED = re.compile(r"part-\d+-c(\d+)[-.]")
 # files per DuckDB query when many are new (the first read of a day): the first chunk is small and each next one
 # twice the last, up to `_MAX_CHUNK` (bounds the SQL text), so a busy day's big files stop the read near ``max_rows``
 _FIRST_CHUNK = 64
@@ -50,9 +56,13 @@ class DecisionRow(NamedTuple):
 
 
 def _file_key(name: str) -> tuple[int, int, str]:
-    """A file's place in time: the write time (unix ms) and sequence the writer puts in its name."""
+    """A file's place in time: the write time (unix ms) and sequence the writer puts in its name (a compacted
+    hour's file: the hour's end)."""
     m = _PART.search(name)
-    return (int(m.group(1)), int(m.group(2)), name) if m else (0, 0, name)
+    if m:
+        return int(m.group(1)), int(m.group(2)), name
+    m = _MERGED.search(name)
+    return (int(m.group(1)), 0, name) if m else (0, 0, name)
 
 
 def _file_key_of_path(path: str) -> tuple[int, int, str]:
@@ -125,12 +135,10 @@ class DecisionLogWindow:
         except FileNotFoundError:
             return out
         for partition in partitions:
-            with os.scandir(partition.path) as files:
-                for f in files:
-                    if f.name.endswith(".parquet") and not f.name.startswith("."):  # not a writer's temp file
-                        key = _file_key(f.name)
-                        if self._floor is None or key > self._floor:
-                            out[f.path] = key
+            for path in decision_files(partition.path):  # not a temp file, nor a small file a merged one covers
+                key = _file_key(os.path.basename(path))
+                if self._floor is None or key > self._floor:
+                    out[path] = key
         return out
 
     def _update(self, first_date: str) -> None:
