@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 
 from kassa.api.dashboard.decision_window import DecisionLogWindow
 from kassa.cli import app
-from kassa.events.compaction import HOUR_MS, CompactionBusy, compact_decision_log
+from kassa.config import Settings
+from kassa.events.compaction import HOUR_MS, CompactionBusy, LogCompactor, compact_decision_log
 from kassa.events.consumers import _PART
 from kassa.events.decision_log import SCHEMA, decision_files, find_decision, read_decisions, read_log, records_to_table
 from tests.test_decision_log import rec
@@ -179,3 +181,43 @@ def test_kassa_log_compact(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "not a time: 'noon'" in bad.output
     empty = runner.invoke(app, ["log", "compact", "--data-dir", str(tmp_path / "nothing")])
     assert empty.exit_code == 2 and "no decision log in" in empty.output
+
+
+def test_the_compactor_merges_closed_hours_in_a_child_and_leaves_a_busy_directory(tmp_path: Path) -> None:
+    an_hour(tmp_path)
+    expected = ids(tmp_path)
+    fd = os.open(tmp_path / "decisions" / ".compact.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process compacting: the child leaves it, and says nothing
+    try:
+        busy = LogCompactor([tmp_path / "decisions", tmp_path / "shadow" / "decisions"])
+        busy.run_once()
+    finally:
+        os.close(fd)
+    assert (busy.runs, busy.merges) == (1, 1) and len(names(tmp_path)) == 6
+    compactor = LogCompactor([tmp_path / "decisions"], first_after=0.0).start()
+    try:
+        deadline = time.monotonic() + 20
+        while compactor.runs < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        compactor.close()
+    assert ids(tmp_path) == expected and len(names(tmp_path)) == 2  # both hours: closed long ago
+    again = LogCompactor([tmp_path / "decisions"])
+    again.run_once()
+    assert again.merges == 0  # nothing to do: no child started
+
+
+def test_the_process_that_learns_runs_a_compactor_and_a_serving_worker_does_not(settings: Settings) -> None:
+    import asyncio
+
+    from kassa.app import Kassa
+
+    for role, runs in (("all", True), ("serve", False)):
+        kassa = Kassa(settings, role=role)  # type: ignore[arg-type]
+        try:
+            assert (kassa.compactor is not None) is runs, role
+            if kassa.compactor is not None:
+                assert kassa.compactor.directories == [settings.data_path / "decisions",
+                                                       settings.data_path / "shadow" / "decisions"]
+        finally:
+            asyncio.run(kassa.stop())

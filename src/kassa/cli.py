@@ -339,7 +339,8 @@ def log_compact(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Merge each closed hour's small decision-log files (one per flush) into one file, the shadow log's too.
-    Safe while Kassa runs; one compaction per directory at a time."""
+    Safe while Kassa runs; one compaction per directory at a time (`kassa serve` and the writer role also run it
+    every few minutes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from kassa.events.compaction import CompactionBusy, compact_decision_log
