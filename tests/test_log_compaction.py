@@ -221,3 +221,24 @@ def test_the_process_that_learns_runs_a_compactor_and_a_serving_worker_does_not(
                                                        settings.data_path / "shadow" / "decisions"]
         finally:
             asyncio.run(kassa.stop())
+
+
+def test_the_dashboard_window_lists_again_when_a_listed_file_is_merged_before_it_is_read(tmp_path: Path) -> None:
+    files = an_hour(tmp_path)
+    expected = ids(tmp_path)
+
+    class Racing(DecisionLogWindow):
+        """Compaction runs between the window's listing and its read of the files."""
+        raced = False
+
+        def _listing(self, first_date: str) -> dict[str, tuple[int, int, str]]:
+            listed = super()._listing(first_date)
+            if not self.raced:
+                self.raced = True
+                compact_decision_log(tmp_path / "decisions", before=(HOUR + HOUR_MS) / 1000)
+            return listed
+
+    window = Racing(tmp_path / "decisions", span_seconds=86400.0, first_chunk=2)
+    rows = window.rows(HOUR / 1000 - 3600, HOUR / 1000 + 7200) or []
+    assert not any(f.exists() for f in files)
+    assert sorted(r.decision_id for r in rows) == expected and len(rows) == 16

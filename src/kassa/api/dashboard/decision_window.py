@@ -18,7 +18,8 @@ gone from the directory (removed by an operator, retention or compaction) is dro
 window's first partition is not served (`rows` returns None, the caller queries the log). The files are listed by
 the log's reader rule (`kassa.events.decision_log.decision_files`): once an hour's merged file is in place its small
 files are not listed, so they are dropped and the merged file read, each decision held once; a merged file is dated
-by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``.
+by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``. A listed
+file removed before it is read (merged meanwhile) makes the read list again; what was read is kept.
 
 Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
 of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
@@ -33,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from kassa.events.decision_log import decision_files
+from kassa.events.decision_log import decision_files, read_log
 
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 _MERGED = re.compile(r"part-\d+-c(\d+)[-.]")
@@ -97,7 +98,7 @@ class DecisionLogWindow:
         if _date(since) < first_date:
             return None
         with self._lock:
-            self._update(first_date)
+            read_log(lambda: self._update(first_date))  # again when compaction removed a listed file
             newest = self._newest
             if newest is None:
                 # ties (one clock tick) newest written first: the files newest first, each file's rows reversed
@@ -120,7 +121,8 @@ class DecisionLogWindow:
         """The file holding a decision, when the window holds it (after reading what is new): the explorer reads
         that one file rather than the whole log."""
         with self._lock:
-            self._update(_date(now - self.span_seconds))
+            first_date = _date(now - self.span_seconds)
+            read_log(lambda: self._update(first_date))
             for path, rows in self._files.items():
                 if any(r.decision_id == decision_id for r in rows):
                     return path
@@ -149,6 +151,8 @@ class DecisionLogWindow:
         # newest first, and no further once ``max_rows`` are held: a busy day's first read (up to ~172,800 files,
         # millions of rows) stops at what the pages can show instead of reading it all and dropping most
         new = sorted((p for p in listed if p not in self._files), key=listed.__getitem__, reverse=True)
+        if gone or new:  # (before reading: a read that fails part way keeps what it read, and is listed again)
+            self._newest = None
         i, chunk, read = 0, self.first_chunk, 0
         while i < len(new) and read < self.max_rows:
             read += self._read(new[i:i + chunk])
@@ -156,8 +160,6 @@ class DecisionLogWindow:
             chunk = min(2 * chunk, _MAX_CHUNK)
         if i < len(new):  # left unread: older than what is held, and skipped from now on
             self._floor = max(self._floor, listed[new[i]]) if self._floor is not None else listed[new[i]]
-        if gone or new:
-            self._newest = None
         if self._held > self.max_rows:
             self._evict(listed)
 
