@@ -24,6 +24,7 @@ from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
 from kassa.degraded import RateLimitedWarning
 from kassa.events import replay_state
+from kassa.events.compaction import LogCompactor
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
 from kassa.events.factory import open_bus, open_decision_publisher, open_event_log, open_join_records
 from kassa.events.log import SqliteEventLog
@@ -119,6 +120,10 @@ class Kassa:
             self.metrics.spool_depth.set_function(lambda: bus.spool_depth)
         self.model_registry = ModelRegistry(self.db, data / "models", clock, store=artifact_store(settings, self.db))
         self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
+        # Each closed hour's small decision-log files merged into one, in a niced child of the process that learns,
+        # never of a serving worker (`kassa.events.compaction`); a flock keeps it to one process per directory.
+        self.compactor = (LogCompactor([data / "decisions", data / "shadow" / "decisions"]).start()
+                          if role != "serve" else None)
         self.shadow = ShadowScorer(self.shadow_log, seed=seed,
                                    on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
@@ -381,6 +386,8 @@ class Kassa:
         await self.state.close()
         await self._close(self.decision_log)
         self.shadow_log.close()
+        if self.compactor is not None:
+            await asyncio.to_thread(self.compactor.close)  # kills a merge running: the next one finishes it
         self.drift.close()
         if self.role == "all" and self._replay_state_kept() and isinstance(self.event_log, SqliteEventLog):
             # Single process: every event up to the log's end has been applied here, so the state is as of it.

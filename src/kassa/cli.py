@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -57,6 +58,8 @@ app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_he
                   cls=_KassaGroup)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+log_app = typer.Typer(help="Maintain the decision log.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
 app.add_typer(features_app, name="features")
 app.add_typer(integrations_app, name="integrations")
 app.add_typer(models_app, name="models")
@@ -328,6 +331,54 @@ def keys_revoke(
         console.print("[red]no such key[/] (give the id `kassa keys list` prints, or the key)")
         raise typer.Exit(1)
     console.print("revoked")
+
+
+@log_app.command("compact")
+def log_compact(
+    before: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Only hours ending at or before this time: ISO (UTC unless it says), a unix time or a duration ago "
+             "like 2h (default and latest: 10 minutes ago).")] = None,
+    config: SettingsOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Merge each closed hour's small decision-log files (one per flush) into one file, the shadow log's too.
+    Safe while Kassa runs; one compaction per directory at a time (`kassa serve` and the writer role also run it
+    every few minutes)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from kassa.events.compaction import CompactionBusy, compact_decision_log
+    from kassa.learn.cli import parse_time
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        cutoff = parse_time(before, time.time())
+    except typer.BadParameter as exc:
+        exc.param_hint = "--before"
+        raise
+    data = settings.data_path
+    if not (data / "decisions").is_dir():
+        raise typer.BadParameter(f"no decision log in {data} (give the --data-dir or --settings that `kassa serve` "
+                                 "uses)", param_hint="--data-dir")
+    for directory in (data / "decisions", data / "shadow" / "decisions"):
+        if not directory.is_dir():
+            continue
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task(f"{directory}: hours", total=None)
+
+            def advance(done: int, total: int, task: TaskID = task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            try:
+                result = compact_decision_log(directory, cutoff, progress=advance)
+            except CompactionBusy as exc:
+                console.print(f"[red]{exc}[/] (try again when it is done)", highlight=False)
+                raise typer.Exit(1) from None
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--before") from None
+        console.print(f"{directory}: {result.files:,} files merged into {result.hours:,} "
+                      f"({result.rows:,} decisions), {result.removed:,} removed, in {result.seconds:.1f} s",
+                      highlight=False)
 
 
 def main() -> None:

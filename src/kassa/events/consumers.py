@@ -196,7 +196,8 @@ class EventConsumer(DurableConsumer):
         super().__init__(cfg, "events", durable, handler, position, **kwargs)  # type: ignore[arg-type]
 
 
-_PART = re.compile(r"part-\d+-s(\d+)-(\d+)\.parquet$")
+# a compacted hour's file (`kassa.events.compaction`) keeps the lowest first and highest last sequence it merged
+_PART = re.compile(r"part-\d+-(?:c\d+-)?s(\d+)-(\d+)\.parquet$")
 
 
 class DecisionLogConsumer(DurableConsumer):

@@ -7,6 +7,12 @@ every candidate with its policy probability, and the probability of each shown o
 
 The hot path only appends to an in-memory deque; a daemon thread does all file I/O, so neither the
 event loop nor a request ever waits for the disk.
+
+A closed hour's small files are merged into one ``part-<start ms>-c<end ms>[-s<first>-<last>].parquet``
+(`kassa.events.compaction`), which covers every small file whose name's write time is in ``[start, end)``.
+Until those are removed, both are in the directory: every reader lists the files with `decision_files`, which
+leaves out the small files a merged file covers, and reads again when a listed file was removed meanwhile
+(`read_log`), so a read sees every decision once.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import pyarrow as pa
@@ -28,6 +35,7 @@ import pyarrow.parquet as pq
 from kassa.schemas import StoredValue
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class DecisionRecord(msgspec.Struct):
@@ -258,6 +266,74 @@ class DecisionLogWriter:
             log.error("decision log closed with %d unwritten records", len(self._buffer))
 
 
+# ------------------------------------------------------------------ the files and the reader rule
+# part-<unixms>-<seq> (DecisionLogWriter), part-<unixms>-s<first>-<last> (the JetStream writer),
+# part-<start ms>-c<end ms>[-s<first>-<last>] (a compacted hour)
+_NAME = re.compile(r"^part-(\d+)-(?:c(\d+)(?:-s\d+-\d+)?|s\d+-\d+|\d+)\.parquet$")
+
+
+def file_span(name: str) -> tuple[int, int | None] | None:
+    """``(write ms, None)`` for a small file, ``(start ms, end ms)`` for a compacted one, None for any other name."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
+
+
+def decision_files(partition: Path | str) -> list[str]:
+    """The Parquet files of one date partition a reader reads: a small file covered by a compacted file (its write
+    time in the compacted file's span) is left out, its rows being in the compacted file. Sorted by name."""
+    names: list[str] = []
+    spans: list[tuple[int, int]] = []
+    try:
+        with os.scandir(partition) as entries:
+            for e in entries:
+                if e.name.endswith(".parquet") and not e.name.startswith("."):  # not a writer's temp file
+                    names.append(e.name)
+                    span = file_span(e.name)
+                    if span is not None and span[1] is not None:
+                        spans.append((span[0], span[1]))
+    except FileNotFoundError:
+        return []
+    if spans:
+        def covered(name: str) -> bool:
+            span = file_span(name)
+            return span is not None and span[1] is None and any(a <= span[0] < b for a, b in spans)
+        names = [n for n in names if not covered(n)]
+    base = os.fspath(partition)
+    return [os.path.join(base, n) for n in sorted(names)]
+
+
+def log_files(directory: Path, from_date: str | None = None) -> list[str]:
+    """`decision_files` of every date partition of ``directory`` (``<root>/decisions``), from ``from_date`` on."""
+    try:
+        parts = sorted(e.path for e in os.scandir(directory) if e.is_dir() and e.name.startswith("date=")
+                       and (from_date is None or e.name[5:] >= from_date))
+    except FileNotFoundError:
+        return []
+    return [f for part in parts for f in decision_files(part)]
+
+
+def parquet_list(files: list[str]) -> str:
+    """``files`` as a DuckDB list literal for ``read_parquet``."""
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def read_log(read: Callable[[], _T], attempts: int = 5) -> _T:
+    """``read()`` (which lists the files, then reads them), again when a file it listed was removed before DuckDB
+    opened it: compaction removes the small files it merged, and a new listing has the merged file instead."""
+    import duckdb
+
+    for attempt in range(attempts):
+        try:
+            return read()
+        except duckdb.IOException as exc:
+            gone = "No such file" in str(exc) or "No files found" in str(exc)
+            if attempt == attempts - 1 or not gone:
+                raise
+    raise AssertionError("unreachable")
+
+
 def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
     """One logged decision by id, searching the newest date partitions first (ids carry no date, so a
     decision from long ago costs a scan of every partition; DuckDB reads only the ``decision_id`` column
@@ -268,12 +344,14 @@ def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
     dates = sorted((d for d in base.glob("date=*") if d.is_dir()), reverse=True)
     with duckdb.connect() as con:
         for date_dir in dates:
-            if not any(date_dir.glob("*.parquet")):
-                continue
-            glob = str(date_dir / "*.parquet").replace("'", "''")
-            table = con.sql(f"SELECT * FROM read_parquet('{glob}', union_by_name = true) WHERE decision_id = ? "
-                            "LIMIT 1", params=[decision_id]).to_arrow_table()
-            if table.num_rows:
+            def find(date_dir: Path = date_dir) -> pa.Table | None:
+                files = decision_files(date_dir)
+                if not files:
+                    return None
+                return con.sql(f"SELECT * FROM read_parquet({parquet_list(files)}, union_by_name = true) "
+                               "WHERE decision_id = ? LIMIT 1", params=[decision_id]).to_arrow_table()
+            table = read_log(find)
+            if table is not None and table.num_rows:
                 row = table.to_pylist()[0]
                 features = msgspec.json.decode(row.pop("features_json"))
                 return msgspec.convert({**row, "features": features}, DecisionRecord)
@@ -305,8 +383,6 @@ def read_decisions(
     import duckdb  # imported here: DuckDB is only needed offline, not at server start
 
     base = Path(root) / "decisions"
-    if not any(base.glob("date=*/*.parquet")):
-        return SCHEMA.empty_table()
     where: list[str] = []
     params: list[object] = []
     if placement is not None:
@@ -320,27 +396,32 @@ def read_decisions(
         where += ["date <= CAST(? AS DATE)", "ts < ?"]
         params += [_utc_date(until), until]
     cols = ", ".join(f'"{name}"' for name in SCHEMA.names)
-    glob = str(base / "*" / "*.parquet").replace("'", "''")
-    tail = (f"FROM read_parquet('{glob}', hive_partitioning = true, hive_types = {{'date': DATE}}, "
-            "union_by_name = true)"
-            + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY ts, decision_id")
-    con = duckdb.connect()
-    try:
+
+    def read() -> pa.Table | None:
+        # the files listed here, not a glob: a small file a compacted one covers is left out (`decision_files`)
+        files = log_files(base, _utc_date(since) if since is not None else None)
+        if not files:
+            return None
+        source = (f"read_parquet({parquet_list(files)}, hive_partitioning = true, hive_types = {{'date': DATE}}, "
+                  "union_by_name = true)")
+        tail = (f"FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY ts, decision_id")
+        con = duckdb.connect()
         try:
-            table = con.sql(f"SELECT {cols} {tail}", params=params).to_arrow_table()
-        except (duckdb.InvalidInputException, duckdb.IOException) as exc:  # a traceback in train/evaluate/drift
-            raise _unreadable(base, exc) from None
-        except duckdb.BinderException:
-            # Only files written before a column was added (`LATER_COLUMNS`): read it as null.
-            have = {row[0] for row in con.sql(
-                f"DESCRIBE SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
-            ).fetchall()}
-            sel = ", ".join(f'"{n}"' if n in have or n not in LATER_COLUMNS else f'NULL::VARCHAR[] AS "{n}"'
-                            for n in SCHEMA.names)
-            table = con.sql(f"SELECT {sel} {tail}", params=params).to_arrow_table()
-    finally:
-        con.close()
-    if table is None:  # only for statements without a result set; kept for the type checker
+            try:
+                return con.sql(f"SELECT {cols} {tail}", params=params).to_arrow_table()
+            except duckdb.BinderException:
+                # Only files written before a column was added (`LATER_COLUMNS`): read it as null.
+                have = {row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+                sel = ", ".join(f'"{n}"' if n in have or n not in LATER_COLUMNS else f'NULL::VARCHAR[] AS "{n}"'
+                                for n in SCHEMA.names)
+                return con.sql(f"SELECT {sel} {tail}", params=params).to_arrow_table()
+        finally:
+            con.close()
+
+    try:
+        table = read_log(read)
+    except (duckdb.InvalidInputException, duckdb.IOException) as exc:  # a traceback in train/evaluate/drift
+        raise _unreadable(base, exc) from None
+    if table is None:  # nothing logged
         return SCHEMA.empty_table()
     return table.cast(SCHEMA)

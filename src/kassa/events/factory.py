@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kassa.config import Settings
+from kassa.events.compaction import LogCompactor
 from kassa.events.consumers import (
     DecisionLogConsumer,
     run_consumer,
@@ -71,4 +72,9 @@ async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None
     ``stop``. One per deployment (more would split the records between them, each exactly once)."""
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
                                    on_written=on_written)
-    await run_consumer(consumer, stop)
+    # this role owns the directory: it also merges each closed hour's small files (`kassa.events.compaction`)
+    compactor = LogCompactor([settings.data_path / "decisions"]).start()
+    try:
+        await run_consumer(consumer, stop)
+    finally:
+        await asyncio.to_thread(compactor.close)

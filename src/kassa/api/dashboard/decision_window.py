@@ -14,8 +14,12 @@ It holds what the query would return, by the same rules: rows with ``ts >= since
 no further once ``max_rows`` rows are read (a busy day's first read stops there), held files are dropped oldest
 first past it, and older files are skipped from then on. A file is dated by the time in its name, so a file
 holding rows older than a later file's can go first: the writer's spool replays are the only such files. A file
-gone from the directory (removed by an operator or retention) is dropped; a ``since`` before the window's first
-partition is not served (`rows` returns None, the caller queries the log).
+gone from the directory (removed by an operator, retention or compaction) is dropped; a ``since`` before the
+window's first partition is not served (`rows` returns None, the caller queries the log). The files are listed by
+the log's reader rule (`kassa.events.decision_log.decision_files`): once an hour's merged file is in place its small
+files are not listed, so they are dropped and the merged file read, each decision held once; a merged file is dated
+by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``. A listed
+file removed before it is read (merged meanwhile) makes the read list again; what was read is kept.
 
 Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
 of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
@@ -30,7 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+from kassa.events.decision_log import decision_files, read_log
+
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+_MERGED = re.compile(r"part-\d+-c(\d+)[-.]")
 # files per DuckDB query when many are new (the first read of a day): the first chunk is small and each next one
 # twice the last, up to `_MAX_CHUNK` (bounds the SQL text), so a busy day's big files stop the read near ``max_rows``
 _FIRST_CHUNK = 64
@@ -50,9 +57,13 @@ class DecisionRow(NamedTuple):
 
 
 def _file_key(name: str) -> tuple[int, int, str]:
-    """A file's place in time: the write time (unix ms) and sequence the writer puts in its name."""
+    """A file's place in time: the write time (unix ms) and sequence the writer puts in its name (a compacted
+    hour's file: the hour's end)."""
     m = _PART.search(name)
-    return (int(m.group(1)), int(m.group(2)), name) if m else (0, 0, name)
+    if m:
+        return int(m.group(1)), int(m.group(2)), name
+    m = _MERGED.search(name)
+    return (int(m.group(1)), 0, name) if m else (0, 0, name)
 
 
 def _file_key_of_path(path: str) -> tuple[int, int, str]:
@@ -87,7 +98,7 @@ class DecisionLogWindow:
         if _date(since) < first_date:
             return None
         with self._lock:
-            self._update(first_date)
+            read_log(lambda: self._update(first_date))  # again when compaction removed a listed file
             newest = self._newest
             if newest is None:
                 # ties (one clock tick) newest written first: the files newest first, each file's rows reversed
@@ -110,7 +121,8 @@ class DecisionLogWindow:
         """The file holding a decision, when the window holds it (after reading what is new): the explorer reads
         that one file rather than the whole log."""
         with self._lock:
-            self._update(_date(now - self.span_seconds))
+            first_date = _date(now - self.span_seconds)
+            read_log(lambda: self._update(first_date))
             for path, rows in self._files.items():
                 if any(r.decision_id == decision_id for r in rows):
                     return path
@@ -125,12 +137,10 @@ class DecisionLogWindow:
         except FileNotFoundError:
             return out
         for partition in partitions:
-            with os.scandir(partition.path) as files:
-                for f in files:
-                    if f.name.endswith(".parquet") and not f.name.startswith("."):  # not a writer's temp file
-                        key = _file_key(f.name)
-                        if self._floor is None or key > self._floor:
-                            out[f.path] = key
+            for path in decision_files(partition.path):  # not a temp file, nor a small file a merged one covers
+                key = _file_key(os.path.basename(path))
+                if self._floor is None or key > self._floor:
+                    out[path] = key
         return out
 
     def _update(self, first_date: str) -> None:
@@ -141,6 +151,8 @@ class DecisionLogWindow:
         # newest first, and no further once ``max_rows`` are held: a busy day's first read (up to ~172,800 files,
         # millions of rows) stops at what the pages can show instead of reading it all and dropping most
         new = sorted((p for p in listed if p not in self._files), key=listed.__getitem__, reverse=True)
+        if gone or new:  # (before reading: a read that fails part way keeps what it read, and is listed again)
+            self._newest = None
         i, chunk, read = 0, self.first_chunk, 0
         while i < len(new) and read < self.max_rows:
             read += self._read(new[i:i + chunk])
@@ -148,8 +160,6 @@ class DecisionLogWindow:
             chunk = min(2 * chunk, _MAX_CHUNK)
         if i < len(new):  # left unread: older than what is held, and skipped from now on
             self._floor = max(self._floor, listed[new[i]]) if self._floor is not None else listed[new[i]]
-        if gone or new:
-            self._newest = None
         if self._held > self.max_rows:
             self._evict(listed)
 

@@ -30,6 +30,7 @@ decision's lookup scans from the decision's own time (less `_SKEW_SECONDS`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from kassa.api.dashboard.decision_window import DecisionLogWindow, DecisionRow
 from kassa.api.dashboard.event_window import SqliteEventWindow
 from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
+from kassa.events.decision_log import log_files, parquet_list, read_log
 from kassa.events.jetstream_log import JetStreamEventLog
 from kassa.events.log import SqliteEventLog, events_table
 
@@ -191,12 +193,11 @@ class Outcomes:
         if path is not None:
             globs = [path]
         else:
-            globs = [str(d / "*.parquet") for d in sorted(self.decisions_dir.glob("date=*"))
-                     if (from_day is None or d.name[5:] >= from_day) and any(d.glob("*.parquet"))]
+            # the files, not a glob: a small file a compacted hour's file covers is left out (`decision_files`)
+            globs = log_files(self.decisions_dir, from_day)
             if not globs:
                 return None
-        files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
-        return f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'date': DATE}})"
+        return f"read_parquet({parquet_list(globs)}, hive_partitioning = true, hive_types = {{'date': DATE}})"
 
     def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int,
                          path: str | None = None, from_day: str | None = None) -> list[tuple]:
@@ -204,15 +205,21 @@ class Outcomes:
         import duckdb  # as in read_decisions: only the offline side and the dashboard need it
 
         self.kassa.decision_log.flush()
-        source = self._source(from_day, path)
-        if source is None:
-            return []
-        sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}"
-        con = duckdb.connect()
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
+
+        def query() -> list[tuple]:
+            if path is not None and not os.path.exists(path):  # merged by compaction: the caller reads the log
+                return []
+            source = self._source(from_day, path)
+            if source is None:
+                return []
+            sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}"
+            con = duckdb.connect()
+            try:
+                return con.execute(sql, params).fetchall()
+            finally:
+                con.close()
+
+        return read_log(query)
 
     def throughput(self, since: float, points: int = 30, now: float | None = None
                    ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
@@ -225,22 +232,26 @@ class Outcomes:
         held = window.rows(since, now) if window is not None else None
         if held is not None and len(held) < window.max_rows:  # type: ignore[union-attr]  # else: maybe cut short
             return _throughput(held, since, points, now)
-        table = self._source(_day(since))
-        if table is None:
-            return 60.0, []
-        source = f"{table} WHERE ts >= ?"
-        con = duckdb.connect()
-        try:
-            first = con.execute(f"SELECT min(ts) FROM {source}", [since]).fetchone()
-            if first is None or first[0] is None:
+
+        def query() -> tuple[float, list[tuple]]:
+            table = self._source(_day(since))
+            if table is None:
                 return 60.0, []
-            bucket = next((b for b in _BUCKETS if b >= (now - first[0]) / points), _BUCKETS[-1])
-            rows = con.execute(
-                f"SELECT floor(ts / {bucket}) * {bucket} AS t, count(*), avg(CAST(fallback AS DOUBLE)), "
-                f"quantile_cont(took_ms, 0.5), quantile_cont(took_ms, 0.99) FROM {source} GROUP BY t ORDER BY t",
-                [since]).fetchall()
-        finally:
-            con.close()
+            source = f"{table} WHERE ts >= ?"
+            con = duckdb.connect()
+            try:
+                first = con.execute(f"SELECT min(ts) FROM {source}", [since]).fetchone()
+                if first is None or first[0] is None:
+                    return 60.0, []
+                bucket = next((b for b in _BUCKETS if b >= (now - first[0]) / points), _BUCKETS[-1])
+                return bucket, con.execute(
+                    f"SELECT floor(ts / {bucket}) * {bucket} AS t, count(*), avg(CAST(fallback AS DOUBLE)), "
+                    f"quantile_cont(took_ms, 0.5), quantile_cont(took_ms, 0.99) FROM {source} GROUP BY t ORDER BY t",
+                    [since]).fetchall()
+            finally:
+                con.close()
+
+        bucket, rows = read_log(query)
         # a rate over the part of the bucket that has happened (and is inside the window): the newest bucket
         # is still filling, and n / bucket made every refresh end on a dip towards zero
         return bucket, [(float(t), n / max(min(t + bucket, now) - max(t, since), min(bucket, 1.0)),
