@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -173,6 +174,27 @@ def test_feature_pushes_need_a_secret_key(server_url: str) -> None:
 def test_an_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(LoadTestError, match="cannot reach"):
         run_loadtest(RunConfig(url=f"http://127.0.0.1:{_free_port()}", profile=_profile(10.0, 1.0, {"noop": 1})))
+
+
+def test_a_url_of_a_service_that_does_not_speak_http_is_a_clear_error() -> None:
+    # A NATS-like server: it greets every connection with its INFO line. http.client's BadStatusLine was a
+    # traceback with exit code 1.
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def greet() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(b'INFO {"server_id":"x","version":"2.9.10"}\r\n')
+                conn.recv(1024)
+
+        thread = threading.Thread(target=greet, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        with pytest.raises(LoadTestError, match=r"does not answer HTTP \(BadStatusLine.*is --url the port Kassa"):
+            run_loadtest(RunConfig(url=url, profile=_profile(10.0, 1.0, {"noop": 1})))
+        thread.join(5)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:70000", "http://127.0.0.1:port", "http://127.0.0.1:-1"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
 import json
 import math
 import multiprocessing as mp
@@ -144,7 +145,7 @@ def _get(url: str, timeout: float) -> tuple[int, str]:
 def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[tuple[str, str], float] | None:
     try:
         status, text = _get(base_url + "/metrics", timeout)
-    except (URLError, OSError, ValueError):
+    except (URLError, OSError, ValueError, http.client.HTTPException):
         return None
     return parse_prometheus(text) if status == 200 else None
 
@@ -275,6 +276,10 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
             raise LoadTestError(f"cannot reach {base_url}: {exc.reason}") from None
     except OSError as exc:
         raise LoadTestError(f"cannot reach {base_url}: {exc}") from None
+    except http.client.HTTPException as exc:  # another protocol on that port (NATS's INFO line was a traceback)
+        said = _said(str(exc).strip(), 80)
+        raise LoadTestError(f"{base_url} does not answer HTTP ({type(exc).__name__}: {said}); is --url the port "
+                            f"Kassa serves on?") from None
 
     rate, duration, ramp = cfg.steady_rate, cfg.steady_duration, cfg.ramp_seconds
     workers = cfg.workers or auto_workers(rate)
