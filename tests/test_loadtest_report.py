@@ -163,6 +163,19 @@ def test_cli_input_errors_exit_2_with_a_message(server_url: str, tmp_path: Path)
     assert out.returncode == 2 and "--profile" in out.stderr
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--max-lag-ms"])
+def test_a_timeout_or_lag_limit_of_zero_or_less_is_refused(option: str) -> None:
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    runner = CliRunner()
+    for value in ("0", "-1"):
+        for args in (["--rate", "1", "--duration", "1"], ["plan", "--profile", "black-friday-peak"]):
+            out = runner.invoke(app, ["loadtest", *args, "--url", "http://127.0.0.1:1", option, value])
+            assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output, out.output
+
+
 def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"

@@ -53,9 +53,12 @@ IdleOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--idle", min=0, help="Idle keep-alive connections to hold (default: the profile's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="End the output with one JSON object.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the schedule and the payloads.")]
-TimeoutOpt = Annotated[float, typer.Option(help="Per-request timeout, seconds.")]
+# Above 0: a timeout of 0 never timed out and -1 gave up on requests at random; a lag limit <= 0 made every run
+# invalid.
+TimeoutOpt = Annotated[float, typer.Option(min=0.001, help="Per-request timeout, seconds.")]
 LagOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
-    "--max-lag-ms", help="Generator send-lag P99 above this makes the run invalid (default: 5% of the SLO P99).")]
+    "--max-lag-ms", min=0.001,
+    help="Generator send-lag P99 above this makes the run invalid (default: 5% of the SLO P99).")]
 
 
 def _apply_mix(profile: Profile, overrides: list[str] | None) -> Profile:
