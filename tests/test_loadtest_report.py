@@ -176,6 +176,24 @@ def test_a_timeout_or_lag_limit_of_zero_or_less_is_refused(option: str) -> None:
             assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output, out.output
 
 
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    runner = CliRunner()
+    # The URL is unreachable: the --report error coming first shows nothing was run (it was a traceback after it).
+    for report, said in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "r.html", "cannot create its folder")):
+        out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",
+                                  "--report", str(report)])
+        assert out.exit_code == 2 and f"--report {report}: {said}" in " ".join(out.output.split()), out.output
+    nested = tmp_path / "new" / "folder" / "r.html"  # a missing folder is made, as before
+    out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",
+                              "--report", str(nested)])
+    assert out.exit_code == 2 and "cannot reach" in out.output and nested.parent.is_dir(), out.output
+
+
 def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"

@@ -108,6 +108,19 @@ def _build_profile(profile: str | None, rate: float | None, duration: float | No
     return prof
 
 
+def _check_report_path(path: Path) -> None:
+    """Refuse a ``--report`` that cannot be written before the run starts: after it, the run was lost to a
+    traceback (``IsADirectoryError``) and exit code 1, which reads as a FAIL."""
+    if path.is_dir():
+        raise LoadTestError(f"--report {path}: is a folder; give a file name, e.g. {path / 'report.html'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoadTestError(f"--report {path}: cannot create its folder {path.parent}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LoadTestError(f"--report {path}: not writable")
+
+
 class _View:
     """The live terminal view: a time bar and the figures of the last few seconds."""
 
@@ -204,6 +217,8 @@ def loadtest(
         from kassa.loadtest.runner import parse_url
 
         parse_url(url)
+        if report is not None:
+            _check_report_path(report)
         result = _run_with_view(cfg, f"{prof.name} @ {cfg.steady_rate:,.0f}/s")
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
