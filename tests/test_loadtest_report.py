@@ -25,7 +25,7 @@ from kassa.config import load_settings
 from kassa.loadtest.plan import nodes_needed, plan_capacity
 from kassa.loadtest.profiles import parse_profile
 from kassa.loadtest.report import DATA_ID, read_report_data, render_report
-from kassa.loadtest.runner import RunConfig, run_loadtest
+from kassa.loadtest.runner import LoadTestError, RunConfig, run_loadtest
 from kassa.server import BackgroundServer
 from tests.conftest import CATALOG, PUB
 
@@ -198,14 +198,14 @@ def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"
                     "slo: {p99_ms: 1000, min_throughput_ratio: 0.5}\ncapacity: {headroom: 0.5, spare_nodes: 1}\n")
-    out = _kassa("loadtest", "plan", "--profile", str(prof), "--url", server_url, "--start-rate", "20",
-                 "--step-seconds", "1", "--factor", "4", "--max-rate", "80", "--refine", "0", "--json",
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--url", server_url, "--start-rate", "100",
+                 "--step-seconds", "1", "--factor", "3", "--max-rate", "300", "--refine", "0", "--json",
                  "--max-lag-ms", "1000")
     plan = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [st["rate"] for st in plan["steps"]] == [20.0, 80.0], out.stderr
+    assert [st["rate"] for st in plan["steps"]] == [100.0, 300.0], out.stderr
     if all(st["verdict"] == "PASS" for st in plan["steps"]):
-        # 300/s at 50 % of 80/s: 8 nodes, plus the spare; a lower bound, because --max-rate stopped it.
-        assert plan["max_rate"] == 80.0 and plan["nodes"] == 9 and plan["exact"] is False
+        # 300/s at 50 % of 300/s: 2 nodes, plus the spare; a lower bound, because --max-rate stopped it.
+        assert plan["max_rate"] == 300.0 and plan["nodes"] == 3 and plan["exact"] is False
         assert "--max-rate" in plan["note"] and out.returncode == 0
 
 
@@ -245,6 +245,16 @@ def test_plan_stops_at_the_generator_limit_and_calls_it_a_lower_bound() -> None:
     assert "generator could not keep" in plan["note"] and "lower bound" in plan["summary"]
     # the figure follows "up to at least", the reason comes after it
     assert plan["summary"].startswith("one node meets the SLO up to at least 400.0 requests/s (a lower bound: ")
+
+
+def test_plan_refuses_steps_too_short_for_the_slo_percentile() -> None:
+    # 20 requests a step: every step would be invalid (too few latencies for a P99), read as the generator's limit.
+    with pytest.raises(LoadTestError, match=r"first step measures 20 requests .* a P99 needs at least 100"):
+        plan_capacity(_base(), start_rate=20, step_seconds=1, run=_scripted(capacity=1000))
+    profile = parse_profile({"name": "p", "traffic": {"rate": 500}, "slo": {"p999_ms": 500}}, "<test>")
+    with pytest.raises(LoadTestError, match=r"P99.9 needs at least 1,000"):
+        plan_capacity(RunConfig(url="http://127.0.0.1:1", profile=profile), start_rate=50, step_seconds=15,
+                      run=_scripted(capacity=1000))
 
 
 def test_plan_when_nothing_passes() -> None:

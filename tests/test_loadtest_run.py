@@ -125,6 +125,32 @@ def test_a_cpu_starved_generator_is_flagged_invalid(server_url: str) -> None:
     assert s["generator"]["send_lag_ms"]["max_ms"] >= 450.0
 
 
+def test_a_run_with_too_few_latencies_for_a_p99_is_invalid_not_a_pass(server_url: str) -> None:
+    # 30 latencies: their maximum sits near the server's P97, and it PASSed as the P99.
+    res = run_loadtest(RunConfig(url=server_url, profile=_profile(30.0, 1.0, {"noop": 1})))
+    s = res["summary"]
+    assert s["requests"] == 30 and not s["valid"] and s["verdict"] == "FAIL"
+    assert s["invalid_reasons"][-1] == ("only 30 latencies in the measured window; a P99 needs at least 100 (run "
+                                        "longer with --duration, or at a higher rate)")
+    from kassa.loadtest.report import render_report
+
+    page = render_report(res)
+    assert "a P99 needs at least 100" in page and "describe the generator" not in page
+
+
+def test_a_p99_from_a_thin_sample_is_a_warning() -> None:
+    from kassa.loadtest.profiles import Slo
+    from kassa.loadtest.runner import _too_few_latencies
+
+    assert _too_few_latencies(507, Slo()) == (
+        [], ["the P99 rests on the 5 slowest of 507 latencies; 1,000 or more give a stable P99 (run longer)"])
+    assert _too_few_latencies(1000, Slo()) == ([], [])
+    invalid, warnings = _too_few_latencies(5000, Slo(p999_ms=100.0))
+    assert invalid == [] and warnings == [
+        "the P99.9 rests on the 5 slowest of 5,000 latencies; 10,000 or more give a stable P99.9 (run longer)"]
+    assert "a P99.9 needs at least 1,000" in _too_few_latencies(999, Slo(p999_ms=100.0))[0][0]
+
+
 def test_the_mix_sends_beacons_for_real_decisions_and_matches_server_counters(server_url: str) -> None:
     mix = {"decision": 1.0, "impression": 0.9, "click": 0.2, "accept": 0.1, "feature_push": 0.2}
     profile = _profile(60.0, 2.0, mix, payload={"feature_push": {"view": "customer_signals",

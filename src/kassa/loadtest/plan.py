@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kassa.loadtest.runner import RunConfig, run_loadtest
+from kassa.loadtest.runner import LoadTestError, RunConfig, min_latencies, run_loadtest
 
 
 def _step_record(rate: float, result: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +58,13 @@ def plan_capacity(
     peak = profile.peak_rate()
     runner = run or (lambda cfg: run_loadtest(cfg))
     rate = start_rate or max(1.0, min(peak, 50.0))
+    # Every step measures at least as many requests as the first; too few would make each step invalid, which
+    # the search reads as the generator's limit.
+    name, need = max(min_latencies(profile.slo).items(), key=lambda kv: kv[1])
+    if rate * step_seconds < need:
+        raise LoadTestError(f"the first step measures {rate * step_seconds:,.0f} requests ({rate:g}/s for "
+                            f"{step_seconds:g} s) and a {name} needs at least {need:,}: raise --start-rate or "
+                            f"--step-seconds")
     steps: list[dict[str, Any]] = []
     best: float | None = None
     first_fail: float | None = None

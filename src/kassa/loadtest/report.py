@@ -315,8 +315,11 @@ def render_report(result: dict[str, Any]) -> str:
     ]
     kpi_html = "".join(f'<div class="kpi"><div class="k">{_esc(k)}</div><div class="v">{_esc(v)}</div>'
                        f'<div class="s">{_esc(sub)}</div></div>' for k, v, sub in kpis)
-    invalid = "".join(f'<div class="invalid"><b>Run invalid.</b> {_esc(r)} — the latencies above describe the '
-                      f'generator, not the server; rerun with more --workers or on a less loaded machine.</div>'
+    # A sample too small for the SLO's percentile says what to do itself; the generator's advice does not fit it.
+    invalid = "".join(f'<div class="invalid"><b>Run invalid.</b> {_esc(r)}'
+                      + ("" if "latencies in the measured window" in r else
+                         " — the latencies above describe the generator, not the server; rerun with more --workers "
+                         "or on a less loaded machine.") + "</div>"
                       for r in s["invalid_reasons"])
     by_type = _table(
         ["request type", "requests", "errors", "P50", "P90", "P99", "P99.9", "max"],

@@ -8,8 +8,10 @@ schedule) and the SLO verdict.
 A run is **invalid** — its latencies describe the generator, not the server — when the generator did
 not send every scheduled request, when its send lag (actual minus intended send time) has a p99 above
 the limit (default: 5 % of the SLO's P99 target, at least 1 ms) or a p99.9 above ten times it, or when
-a generator process could not open the idle connections the profile asks for (its own file limit).
-An invalid run's verdict is FAIL with the reasons; it is never reported as a PASS.
+a generator process could not open the idle connections the profile asks for (its own file limit), or
+when the measured window holds too few latencies for the SLO's percentile (100 for a P99: the slowest of
+fewer is a lower percentile of the server's, :func:`min_latencies`). An invalid run's verdict is FAIL
+with the reasons; it is never reported as a PASS.
 
 The verdict is **PASS** only when the run is valid and the steady window (after the ramp) meets every
 SLO target: P99 (and P50/P99.9/max when the profile sets them) of all requests, the error rate, the
@@ -500,6 +502,9 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         invalid.append(f"the generator stalled: send lag p99.9 {lag['p999_ms']:.2f} ms > 10 x limit {limit:g} ms")
     if idle_stats["capped_by_generator"]:
         invalid.append(f"the generator could not open the idle connections asked for: {warnings[0]}")
+    invalid_samples, thin = _too_few_latencies(int(lat_steady.size), profile.slo)
+    invalid += invalid_samples
+    warnings += thin
     saturated = [i for i, u in enumerate(generator["cpu_util_per_worker"]) if u is not None and u > 0.9]
     if saturated:
         warnings.append(f"generator process(es) {saturated} used > 90% of a core: add --workers if the lag limit "
@@ -586,6 +591,28 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
     }
     raw = {k: cat[k] for k in ("type", "intended", "send_lag", "latency", "status")}  # numpy; not in the report
     return {"summary": summary, "timeline": _timeline(cat, ramp + duration, rate, ramp), "curves": curves, "raw": raw}
+
+
+def min_latencies(slo: Any) -> dict[str, int]:
+    """Latencies the measured window needs for each percentile target of ``slo`` to be one: a P99 of fewer than
+    100 is the maximum of the sample, which sits near its P90 (10 latencies), not the server's P99."""
+    targets = {"P99": 99.0} | ({"P99.9": 99.9} if slo.p999_ms is not None else {})
+    return {name: math.ceil(100.0 / (100.0 - q) - 1e-9) for name, q in targets.items()}
+
+
+def _too_few_latencies(n: int, slo: Any) -> tuple[list[str], list[str]]:
+    """(invalid reasons, warnings) about the size of the sample behind the SLO's percentile targets."""
+    invalid, warnings = [], []
+    for name, need in min_latencies(slo).items():
+        q = 100.0 - 100.0 / need
+        if n < need:
+            invalid.append(f"only {n:,} latencies in the measured window; a {name} needs at least {need:,} (run "
+                           f"longer with --duration, or at a higher rate)")
+        elif n < 10 * need:
+            slower = n - math.ceil(q / 100.0 * n - 1e-9)
+            warnings.append(f"the {name} rests on the {slower:,} slowest of {n:,} latencies; {10 * need:,} or more "
+                            f"give a stable {name} (run longer)")
+    return invalid, warnings
 
 
 def _merge_idle(end: list[dict[str, Any]], start: list[dict[str, Any]], asked: int,
