@@ -257,6 +257,21 @@ def test_plan_refuses_steps_too_short_for_the_slo_percentile() -> None:
                       run=_scripted(capacity=1000))
 
 
+def test_plan_stops_at_a_ctrl_c_instead_of_reading_the_cut_step_as_the_generator_limit() -> None:
+    from kassa.loadtest.runner import RunInterrupted
+
+    scripted = _scripted(capacity=10_000)
+
+    def run(cfg: RunConfig) -> dict[str, Any]:
+        res = scripted(cfg)
+        if cfg.steady_rate > 150:  # the third step is cut short: invalid, as the generator's limit would be
+            res["summary"].update(interrupted=True, valid=False, verdict="FAIL")
+        return res
+
+    with pytest.raises(RunInterrupted, match=r"during the step at 200.0/s after 2 complete step\(s\)"):
+        plan_capacity(_base(), start_rate=50, factor=2, run=run)
+
+
 def test_plan_when_nothing_passes() -> None:
     plan = plan_capacity(_base(), start_rate=50, run=_scripted(capacity=10))
     assert plan["nodes"] is None and plan["max_rate"] is None and "no step met the SLO" in plan["summary"]

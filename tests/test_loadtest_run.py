@@ -151,6 +151,35 @@ def test_a_p99_from_a_thin_sample_is_a_warning() -> None:
     assert "a P99.9 needs at least 1,000" in _too_few_latencies(999, Slo(p999_ms=100.0))[0][0]
 
 
+def _ctrl_c_at(seconds: float) -> Any:
+    """A live view whose Ctrl-C lands ``seconds`` into the run (the KeyboardInterrupt where the CLI gets it)."""
+    def on_progress(snap: dict[str, Any]) -> None:
+        if snap.get("phase") == "running" and snap["t"] >= seconds:
+            raise KeyboardInterrupt
+    return on_progress
+
+
+def test_ctrl_c_mid_run_keeps_the_requests_sent_so_far_as_an_interrupted_run(server_url: str) -> None:
+    # Ctrl-C was exit 130 with nothing printed and no report: every figure of the run so far was lost.
+    res = run_loadtest(RunConfig(url=server_url, profile=_profile(200.0, 5.0, {"noop": 1})),
+                       on_progress=_ctrl_c_at(1.0))
+    s = res["summary"]
+    assert s["interrupted"] and not s["valid"] and s["verdict"] == "FAIL"
+    assert s["invalid_reasons"][0] == f"interrupted (Ctrl-C) {s['duration_s']:.1f} s into the 5 s measured window"
+    assert 1.0 <= s["duration_s"] < 5.0
+    # Only what was scheduled before the stop, each request sent and answered: the unsent rest is no error.
+    assert abs(s["requests"] - 200 * s["duration_s"]) <= 2 and s["errors"] == 0 and s["p99_ms"] is not None
+    assert s["generator"]["send_lag_ms"]["p99_ms"] is not None and sum(res["timeline"]["asked"]) == s["requests"]
+
+
+def test_ctrl_c_during_the_ramp_says_nothing_was_measured(server_url: str) -> None:
+    from kassa.loadtest.runner import RunInterrupted
+
+    with pytest.raises(RunInterrupted, match=r"during the 5 s ramp: nothing was measured"):
+        run_loadtest(RunConfig(url=server_url, profile=_profile(100.0, 1.0, {"noop": 1}, ramp_seconds=5)),
+                     on_progress=_ctrl_c_at(0.5))
+
+
 def test_the_mix_sends_beacons_for_real_decisions_and_matches_server_counters(server_url: str) -> None:
     mix = {"decision": 1.0, "impression": 0.9, "click": 0.2, "accept": 0.1, "feature_push": 0.2}
     profile = _profile(60.0, 2.0, mix, payload={"feature_push": {"view": "customer_signals",

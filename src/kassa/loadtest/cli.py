@@ -3,7 +3,8 @@
 Owns the Typer sub-app: options, the live Rich view on stderr while the generator runs, the summary
 table, ``--report`` (HTML) and ``--json`` (one JSON object, last on stdout). Exit codes: 0 PASS,
 1 FAIL (the server missed the SLO), 2 bad input (profile, URL, rejected pre-flight), 3 the run was
-invalid (the generator fell behind; the verdict is FAIL and says so).
+invalid (the generator fell behind; the verdict is FAIL and says so), 130 Ctrl-C (the requests sent until
+then are summarised and reported, as an invalid run).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kassa.loadtest.profiles import REQUEST_TYPES, Profile, ProfileError, default_profile, load_profile
-from kassa.loadtest.runner import LoadTestError, RunConfig
+from kassa.loadtest.runner import LoadTestError, RunConfig, RunInterrupted
 
 loadtest_app = typer.Typer(
     help="Open-loop load tests against a Kassa deployment, with an honest report and a capacity plan.",
@@ -31,7 +32,7 @@ loadtest_app = typer.Typer(
 )
 err = Console(stderr=True)
 
-EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INVALID = 0, 1, 2, 3
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Kassa base URL, http://host:port.")]  # noqa: UP045
 ProfileOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -220,6 +221,9 @@ def loadtest(
         if report is not None:
             _check_report_path(report)
         result = _run_with_view(cfg, f"{prof.name} @ {cfg.steady_rate:,.0f}/s")
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        err.print(f"[yellow]{exc or 'interrupted before the measured window: nothing was measured'}[/]; no report")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_INPUT) from None
@@ -235,6 +239,8 @@ def loadtest(
         err.print(f"report: {write_report(result, report)}")
     if json_out:
         print(json.dumps(_json_safe(s), separators=(",", ":")), flush=True)
+    if s["interrupted"]:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if not s["valid"]:
         raise typer.Exit(EXIT_INVALID)
     if s["verdict"] != "PASS":
@@ -318,6 +324,9 @@ def plan(
         result = plan_capacity(base, start_rate=start_rate, step_seconds=step_seconds, factor=factor,
                                max_rate=max_rate, refine=refine, on_step=on_step,
                                run=lambda cfg: _run_with_view(cfg, f"step {cfg.steady_rate:,.0f}/s"))
+    except (RunInterrupted, KeyboardInterrupt) as exc:  # the steps done so far were each printed as they ended
+        err.print(f"[yellow]{exc or 'interrupted'}[/]; no plan")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_INPUT) from None

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kassa.loadtest.runner import LoadTestError, RunConfig, min_latencies, run_loadtest
+from kassa.loadtest.runner import LoadTestError, RunConfig, RunInterrupted, min_latencies, run_loadtest
 
 
 def _step_record(rate: float, result: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +72,10 @@ def plan_capacity(
 
     def step(r: float) -> dict[str, Any]:
         cfg = dataclasses.replace(base, rate=r, duration=step_seconds, ramp=ramp_seconds)
-        rec = _step_record(r, runner(cfg))
+        result = runner(cfg)
+        if result["summary"].get("interrupted"):  # Ctrl-C: a cut step is no measure of the node (nor the generator)
+            raise RunInterrupted(f"interrupted during the step at {r:,.1f}/s after {len(steps)} complete step(s)")
+        rec = _step_record(r, result)
         steps.append(rec)
         if on_step is not None:
             on_step(rec)

@@ -23,6 +23,7 @@ request with an HTTP response of any status, and a timed-out request at the time
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -53,6 +54,10 @@ PER_WORKER_RATE = 4000.0  # requests/s one generator process is given before ano
 
 class LoadTestError(RuntimeError):
     """The load test could not run (bad URL, unreachable server, rejected pre-flight request)."""
+
+
+class RunInterrupted(LoadTestError):
+    """Ctrl-C before anything of the measured window was sent: there is nothing to report."""
 
 
 @dataclass
@@ -327,7 +332,15 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
         for c in conns:
             c.send(("start", t0_wall))
         live = _Live(workers, rate, ramp + duration, on_progress)
-        results = _gather(conns, "result", ramp + duration + cfg.timeout + 60.0, live.update, phase="running")
+        got: dict[int, dict[str, Any]] = {}
+        try:
+            results = _gather(conns, "result", ramp + duration + cfg.timeout + 60.0, live.update, phase="running",
+                              got=got)
+        except KeyboardInterrupt:  # Ctrl-C: the workers (which ignore SIGINT) stop sending and report what they have
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.send(("stop", None))
+            results = _gather(conns, "result", cfg.timeout + 30.0, None, phase="stopping after Ctrl-C", got=got)
         metrics_after = scrape_metrics(base_url) if cfg.scrape_metrics else None
     finally:
         for c in conns:
@@ -339,19 +352,41 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
                 proc.terminate()
                 proc.join(timeout=5)
     machine["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    interrupted = ""
+    stops = [r["stopped_at"] for r in results if r.get("stopped_at") is not None]
+    if stops:
+        cut = ramp + math.floor((min(stops) - ramp) * 100) / 100  # whole hundredths of a second measured
+        if cut <= ramp:
+            raise RunInterrupted(f"interrupted {min(stops):.1f} s in, during the {ramp:g} s ramp: nothing was "
+                                 f"measured")
+        interrupted = f"interrupted (Ctrl-C) {cut - ramp:.1f} s into the {duration:g} s measured window"
+        results = [_cut(r, cut) for r in results]
+        cfg = dataclasses.replace(cfg, duration=cut - ramp)
     return summarize(
         cfg, results, ready, metrics_delta(metrics_before, metrics_after),
         meta={"started_at": started_at.strftime("%Y-%m-%d %H:%M:%S UTC"), "machine": machine, "workers": workers,
               "fd_limit": {"soft": soft, "hard": hard}, "tag": tag},
+        interrupted=interrupted,
     )
 
 
+def _cut(result: dict[str, Any], cut: float) -> dict[str, Any]:
+    """A worker's result without the requests scheduled from ``cut`` on (the workers stop a moment apart)."""
+    keep = result["intended"] < cut
+    out = {**result, **{k: result[k][keep] for k in ("uid", "type", "intended", "send_lag", "latency", "done",
+                                                      "status", "took_ms")}}
+    out["sent"] = out["scheduled"] = int(keep.sum())
+    return out
+
+
 def _gather(conns: list[Connection], kind: str, timeout: float,
-            on_progress: Callable[[dict[str, Any]], None] | None, phase: str) -> list[dict[str, Any]]:
-    """Wait for one ``kind`` message from every worker, passing progress messages on."""
-    got: dict[int, dict[str, Any]] = {}
+            on_progress: Callable[[dict[str, Any]], None] | None, phase: str,
+            got: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Wait for one ``kind`` message from every worker, passing progress messages on. ``got`` keeps the
+    answers across calls (those that came before a Ctrl-C are not asked for again)."""
+    got = {} if got is None else got
     deadline = time.monotonic() + timeout
-    pending = list(conns)
+    pending = [c for i, c in enumerate(conns) if i not in got]
     while len(got) < len(conns):
         left = deadline - time.monotonic()
         if left <= 0:
@@ -421,7 +456,7 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 
 
 def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[str, Any]],
-              server_metrics: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+              server_metrics: dict[str, Any], meta: dict[str, Any], interrupted: str = "") -> dict[str, Any]:
     """Turn the workers' raw arrays into the result: summary figures, verdict, timeline and curves."""
     profile = cfg.profile
     rate, duration, ramp = cfg.steady_rate, cfg.steady_duration, cfg.ramp_seconds
@@ -491,7 +526,7 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
     warnings = sorted({w for r in results for w in r["warnings"]})
 
     # -- validity
-    invalid = []
+    invalid = [interrupted] if interrupted else []
     limit = cfg.lag_limit_ms
     if sent < scheduled:
         invalid.append(f"the generator sent {sent:,} of {scheduled:,} scheduled requests")
@@ -576,6 +611,7 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         "errors_by_kind": errors_by_kind,
         "first_errors": {k: v for r in results for k, v in r["first_errors"].items()},
         "valid": valid,
+        "interrupted": bool(interrupted),
         "invalid_reasons": invalid,
         "verdict": verdict,
         "verdict_reason": reason,
