@@ -252,6 +252,33 @@ def test_a_url_of_a_service_that_does_not_speak_http_is_a_clear_error() -> None:
         thread.join(5)
 
 
+def test_a_url_of_another_http_service_is_a_clear_error() -> None:
+    # Some other web server (a 404 for every path): the pre-flight said "unknown placement 'order_confirmation'?
+    # set payload.placement (the server said: )".
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        with pytest.raises(LoadTestError, match=r"is not a Kassa server: GET /healthz answered 404"):
+            run_loadtest(RunConfig(url=url, profile=_profile(100.0, 1.0, {"decision": 1}), key=PUB))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:70000", "http://127.0.0.1:port", "http://127.0.0.1:-1"])
 def test_a_url_with_a_bad_port_is_a_clear_error(url: str) -> None:
     # urlsplit's ValueError ("Port out of range 0-65535") was a traceback

@@ -279,8 +279,12 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
     try:
         _get(base_url + "/healthz", 5.0)
     except URLError as exc:
-        if getattr(exc, "code", None) is None:  # an HTTPError (any status) means the server answered
+        code = getattr(exc, "code", None)
+        if code is None:  # an HTTPError (any status) means the server answered
             raise LoadTestError(f"cannot reach {base_url}: {exc.reason}") from None
+        if code in (404, 405):  # every Kassa answers it; the pre-flight blamed the placement or the webhook
+            raise LoadTestError(f"{base_url} is not a Kassa server: GET /healthz answered {code} (another service "
+                                f"on that port, or a path prefix missing from --url?)") from None
     except OSError as exc:
         raise LoadTestError(f"cannot reach {base_url}: {exc}") from None
     except http.client.HTTPException as exc:  # another protocol on that port (NATS's INFO line was a traceback)
