@@ -151,6 +151,16 @@ def test_a_p99_from_a_thin_sample_is_a_warning() -> None:
     assert "a P99.9 needs at least 1,000" in _too_few_latencies(999, Slo(p999_ms=100.0))[0][0]
 
 
+def test_throughput_is_judged_against_what_the_poisson_schedule_asked(server_url: str) -> None:
+    # Seed 0 schedules 175 requests in 2 s at 100/s: a server answering all of them was 87.5 % of "the asked
+    # 100/s", a FAIL (every 2 s step of `kassa loadtest plan` at 100/s failed so).
+    profile = _profile(100.0, 2.0, {"noop": 1}, schedule="poisson")
+    s = run_loadtest(RunConfig(url=server_url, profile=profile, max_lag_ms=1000.0))["summary"]
+    assert s["verdict"] == "PASS" and "throughput 87.5/s = 100.0% of the 87.5/s scheduled" in s["verdict_reason"], \
+        s["verdict_reason"]
+    assert s["requests"] == 175 and s["scheduled_rate"] == 87.5 and s["errors"] == 0
+
+
 def _ctrl_c_at(seconds: float) -> Any:
     """A live view whose Ctrl-C lands ``seconds`` into the run (the KeyboardInterrupt where the CLI gets it)."""
     def on_progress(snap: dict[str, Any]) -> None:

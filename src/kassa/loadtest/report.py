@@ -366,7 +366,7 @@ def render_report(result: dict[str, Any]) -> str:
         ("mix (share of requests)", ", ".join(f"{k} {v:.1%}" for k, v in s["mix"].items())),
         ("window", f"{s['ramp_s']:g} s ramp + {s['duration_s']:g} s measured"),
         ("SLO", f"P99 ≤ {_fmt_ms(slo['p99_ms'])}, errors ≤ {slo['error_rate']:.2%}, throughput ≥ "
-                f"{slo['min_throughput_ratio']:.0%} of asked"
+                f"{slo['min_throughput_ratio']:.0%} of scheduled"
                 + "".join(f", {k.replace('_ms', '').upper()} ≤ {_fmt_ms(slo[k])}"
                           for k in ("p50_ms", "p999_ms", "max_ms") if slo.get(k))),
     ]
