@@ -252,9 +252,12 @@ def test_plan_refuses_steps_too_short_for_the_slo_percentile() -> None:
     with pytest.raises(LoadTestError, match=r"first step measures 20 requests .* a P99 needs at least 100"):
         plan_capacity(_base(), start_rate=20, step_seconds=1, run=_scripted(capacity=1000))
     profile = parse_profile({"name": "p", "traffic": {"rate": 500}, "slo": {"p999_ms": 500}}, "<test>")
+    base = RunConfig(url="http://127.0.0.1:1", profile=profile)
     with pytest.raises(LoadTestError, match=r"P99.9 needs at least 1,000"):
-        plan_capacity(RunConfig(url="http://127.0.0.1:1", profile=profile), start_rate=50, step_seconds=15,
-                      run=_scripted(capacity=1000))
+        plan_capacity(base, start_rate=50, step_seconds=15, run=_scripted(capacity=1000))
+    # The default first rate (50/s) rises to what a 15 s step needs for a P99.9: 1,000 / 15 s.
+    plan = plan_capacity(base, step_seconds=15, run=_scripted(capacity=1000), max_steps=1)
+    assert plan["steps"][0]["rate"] == round(1000 / 15, 2)
 
 
 def test_plan_stops_at_a_ctrl_c_instead_of_reading_the_cut_step_as_the_generator_limit() -> None:

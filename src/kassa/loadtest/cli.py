@@ -275,7 +275,9 @@ def plan(
     secret_key: SecretOpt = None,
     webhook_secret: WebhookOpt = None,
     start_rate: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        "--start-rate", min=0.001, help="First step's rate (default: min(peak, 50)/s).")] = None,
+        "--start-rate", min=0.001,
+        help="First step's rate (default: min(peak, 50)/s, or the rate whose step holds the latencies a P99 (P99.9) "
+             "needs).")] = None,
     step_seconds: Annotated[float, typer.Option("--step-seconds", min=1, help="Measured seconds per step.")] = 15.0,
     factor: Annotated[float, typer.Option("--factor", min=1.05, help="Rate multiplier between steps.")] = 1.5,
     max_rate: Annotated[Optional[float], typer.Option(  # noqa: UP045

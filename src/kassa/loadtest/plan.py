@@ -57,11 +57,12 @@ def plan_capacity(
     profile = base.profile
     peak = profile.peak_rate()
     runner = run or (lambda cfg: run_loadtest(cfg))
-    rate = start_rate or max(1.0, min(peak, 50.0))
     # Every step measures at least as many requests as the first; too few would make each step invalid, which
-    # the search reads as the generator's limit.
+    # the search reads as the generator's limit. The default first rate rises to that (a P99.9 target at 50/s
+    # for 15 s: 750 of the 1,000 latencies it needs).
     name, need = max(min_latencies(profile.slo).items(), key=lambda kv: kv[1])
-    if rate * step_seconds < need:
+    rate = start_rate or max(1.0, min(peak, 50.0), need / step_seconds)
+    if rate * step_seconds < need - 1e-9:
         raise LoadTestError(f"the first step measures {rate * step_seconds:,.0f} requests ({rate:g}/s for "
                             f"{step_seconds:g} s) and a {name} needs at least {need:,}: raise --start-rate or "
                             f"--step-seconds")
