@@ -349,6 +349,7 @@ def render_report(result: dict[str, Any]) -> str:
         ("CPU per request sent", f"{_fmt_num(g['cpu_us_per_request'])} µs"),
         ("CPU use per process", ", ".join(f"{u:.0%}" for u in g["cpu_util_per_worker"] if u is not None)),
         ("peak requests in flight or queued", f"{g['max_outstanding']:,}"),
+        ("connections that failed to open", f"{g.get('pool_connect_errors', 0):,}"),
         ("open-file limit (soft / hard)", f"{g['fd_limit']['soft']:,} / {g['fd_limit']['hard']:,}"),
     ]
     idle_rows = [
