@@ -345,6 +345,25 @@ def test_plan_from_measured_figures_says_when_it_is_only_a_lower_bound_or_when_n
     assert out.returncode != 0 and json.loads(out.stdout.strip().splitlines()[-1])["nodes"] is None
 
 
+@pytest.mark.parametrize(("change", "said"), [
+    ({"duration": None}, '"duration" (the seconds measured at each rate) must be a number above 0, got None'),
+    ({"duration": 0}, '"duration" (the seconds measured at each rate) must be a number above 0, got 0'),
+    ({"runs": [{"workers": 1}]}, 'runs[0]: expected {"workers": N, "rates": {RATE: {...}}}'),
+    ({"runs": [{"workers": 1, "rates": {"500": {"client_p99_ms": "fast"}}}]},
+     "runs[0].rates.500.client_p99_ms: expected a number of ms, got 'fast'"),
+])
+def test_plan_from_measured_figures_names_what_is_missing_or_wrong(change: dict[str, Any], said: str) -> None:
+    # No duration made 3 errors at 500/s an error rate of 300 %; the others were "'rates'" and a TypeError.
+    from kassa.loadtest.plan import plan_from_measured
+
+    measured = {"benchmark": "topology", "duration": 10,
+                "runs": [{"workers": 1, "rates": {"500": {"client_p99_ms": 50, "errors": 3}}}], **change}
+    profile = parse_profile({"name": "p", "traffic": {"rate": 618}}, "<test>")
+    with pytest.raises(ValueError) as err:
+        plan_from_measured(profile, {k: v for k, v in measured.items() if v is not None})
+    assert str(err.value) == said
+
+
 def test_plan_refuses_a_file_that_is_not_a_topology_result_and_needs_url_or_measured(tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: measured\ntraffic: {rate: 100}\n")

@@ -163,7 +163,19 @@ def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | No
     runs = measured.get("runs")
     if measured.get("benchmark") != "topology" or not isinstance(runs, list) or not runs:
         raise ValueError("not a bench/topology.py --json result (expected \"benchmark\": \"topology\" and runs)")
-    duration = float(measured.get("duration") or 0.0)
+    # The error rate is over rate x duration: without a duration, 3 errors at 500/s were 3 over "1", 300 %.
+    duration = measured.get("duration")
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not duration > 0:
+        raise ValueError(f"\"duration\" (the seconds measured at each rate) must be a number above 0, got "
+                         f"{duration!r}")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("workers"), int) or not isinstance(run.get("rates"),
+                                                                                                  dict):
+            raise ValueError(f"runs[{i}]: expected {{\"workers\": N, \"rates\": {{RATE: {{...}}}}}}")
+        for rate_s, r in run["rates"].items():
+            p99 = r.get("client_p99_ms") if isinstance(r, dict) else None
+            if p99 is not None and (isinstance(p99, bool) or not isinstance(p99, int | float)):
+                raise ValueError(f"runs[{i}].rates.{rate_s}.client_p99_ms: expected a number of ms, got {p99!r}")
     slo = profile.slo
 
     def steps_of(run: dict[str, Any]) -> list[dict[str, Any]]:
