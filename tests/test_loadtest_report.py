@@ -194,6 +194,22 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(tmp_path
     assert out.exit_code == 2 and "cannot reach" in out.output and nested.parent.is_dir(), out.output
 
 
+def test_ctrl_c_before_the_run_says_nothing_was_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the generator opens its connections: the message was "; no report" (a KeyboardInterrupt's
+    # text is empty, and the exception itself is true).
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kassa.loadtest.runner.run_loadtest", interrupted)
+    out = CliRunner().invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1"])
+    assert out.exit_code == 130
+    assert "interrupted before the measured window: nothing was measured; no report" in " ".join(out.output.split())
+
+
 def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"

@@ -222,7 +222,8 @@ def loadtest(
             _check_report_path(report)
         result = _run_with_view(cfg, f"{prof.name} @ {cfg.steady_rate:,.0f}/s")
     except (RunInterrupted, KeyboardInterrupt) as exc:
-        err.print(f"[yellow]{exc or 'interrupted before the measured window: nothing was measured'}[/]; no report")
+        said = str(exc) or "interrupted before the measured window: nothing was measured"  # a bare Ctrl-C has no text
+        err.print(f"[yellow]{said}[/]; no report")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
@@ -327,7 +328,7 @@ def plan(
                                max_rate=max_rate, refine=refine, on_step=on_step,
                                run=lambda cfg: _run_with_view(cfg, f"step {cfg.steady_rate:,.0f}/s"))
     except (RunInterrupted, KeyboardInterrupt) as exc:  # the steps done so far were each printed as they ended
-        err.print(f"[yellow]{exc or 'interrupted'}[/]; no plan")
+        err.print(f"[yellow]{str(exc) or 'interrupted before the first step ended'}[/]; no plan")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
