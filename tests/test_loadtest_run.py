@@ -154,10 +154,11 @@ def test_a_p99_from_a_thin_sample_is_a_warning() -> None:
 def test_throughput_is_judged_against_what_the_poisson_schedule_asked(server_url: str) -> None:
     # Seed 0 schedules 175 requests in 2 s at 100/s: a server answering all of them was 87.5 % of "the asked
     # 100/s", a FAIL (every 2 s step of `kassa loadtest plan` at 100/s failed so).
-    profile = _profile(100.0, 2.0, {"noop": 1}, schedule="poisson")
+    # Latency and errors are not what this pins: targets a loaded 2-core machine meets.
+    profile = _profile(100.0, 2.0, {"noop": 1}, schedule="poisson", slo={"p99_ms": 5000, "error_rate": 0.05})
     s = run_loadtest(RunConfig(url=server_url, profile=profile, max_lag_ms=1000.0))["summary"]
-    assert s["verdict"] == "PASS" and "throughput 87.5/s = 100.0% of the 87.5/s scheduled" in s["verdict_reason"], \
-        s["verdict_reason"]
+    # (the last answers may land just after the window: "throughput 87.0/s = 99.4% of the 87.5/s scheduled")
+    assert s["verdict"] == "PASS" and "% of the 87.5/s scheduled" in s["verdict_reason"], s["verdict_reason"]
     assert s["requests"] == 175 and s["scheduled_rate"] == 87.5 and s["errors"] == 0
 
 
