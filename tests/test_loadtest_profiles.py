@@ -117,3 +117,17 @@ def test_ramped_poisson_schedule_is_seeded_and_has_the_right_count() -> None:
     steady = int((a >= 10).sum())
     assert abs(steady - 500 * 20) < 5 * math.sqrt(500 * 20)
     assert a[0] == 0.0 and np.all(np.diff(a) >= 0) and a[-1] < 30
+
+
+def test_the_readme_quick_start_is_the_one_in_docs_loadtest() -> None:
+    # The README's copy left out `ulimit -n 20000`: a server at a default limit of 1,024 open files cannot hold
+    # black-friday-peak's 10,000 idle browsers, and the run FAILs on the server's limit, not its latency.
+    root = Path(__file__).resolve().parents[1]
+
+    def quick_start(path: Path) -> str:
+        text = path.read_text()
+        start = text.index("```sh", text.index("## Prove the latency yourself"))
+        return text[start : text.index("```", start + 5)]
+
+    assert quick_start(root / "README.md") == quick_start(root / "docs" / "loadtest.md")
+    assert "ulimit -n 20000; kassa serve" in quick_start(root / "README.md")

@@ -25,7 +25,7 @@ from kassa.config import load_settings
 from kassa.loadtest.plan import nodes_needed, plan_capacity
 from kassa.loadtest.profiles import parse_profile
 from kassa.loadtest.report import DATA_ID, read_report_data, render_report
-from kassa.loadtest.runner import RunConfig, run_loadtest
+from kassa.loadtest.runner import LoadTestError, RunConfig, run_loadtest
 from kassa.server import BackgroundServer
 from tests.conftest import CATALOG, PUB
 
@@ -163,18 +163,65 @@ def test_cli_input_errors_exit_2_with_a_message(server_url: str, tmp_path: Path)
     assert out.returncode == 2 and "--profile" in out.stderr
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--max-lag-ms"])
+def test_a_timeout_or_lag_limit_of_zero_or_less_is_refused(option: str) -> None:
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    runner = CliRunner()
+    for value in ("0", "-1"):
+        for args in (["--rate", "1", "--duration", "1"], ["plan", "--profile", "black-friday-peak"]):
+            out = runner.invoke(app, ["loadtest", *args, "--url", "http://127.0.0.1:1", option, value])
+            assert out.exit_code == 2 and f"Invalid value for '{option}'" in out.output, out.output
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    runner = CliRunner()
+    # The URL is unreachable: the --report error coming first shows nothing was run (it was a traceback after it).
+    for report, said in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "r.html", "cannot create its folder")):
+        out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",
+                                  "--report", str(report)])
+        assert out.exit_code == 2 and f"--report {report}: {said}" in " ".join(out.output.split()), out.output
+    nested = tmp_path / "new" / "folder" / "r.html"  # a missing folder is made, as before
+    out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",
+                              "--report", str(nested)])
+    assert out.exit_code == 2 and "cannot reach" in out.output and nested.parent.is_dir(), out.output
+
+
+def test_ctrl_c_before_the_run_says_nothing_was_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the generator opens its connections: the message was "; no report" (a KeyboardInterrupt's
+    # text is empty, and the exception itself is true).
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kassa.loadtest.runner.run_loadtest", interrupted)
+    out = CliRunner().invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1"])
+    assert out.exit_code == 130
+    assert "interrupted before the measured window: nothing was measured; no report" in " ".join(out.output.split())
+
+
 def test_plan_subcommand_runs_steps(server_url: str, tmp_path: Path) -> None:
     prof = tmp_path / "p.yaml"
     prof.write_text("name: noop floor\ntraffic: {rate: 300}\nmix: {noop: 1}\nschedule: fixed\n"
                     "slo: {p99_ms: 1000, min_throughput_ratio: 0.5}\ncapacity: {headroom: 0.5, spare_nodes: 1}\n")
-    out = _kassa("loadtest", "plan", "--profile", str(prof), "--url", server_url, "--start-rate", "20",
-                 "--step-seconds", "1", "--factor", "4", "--max-rate", "80", "--refine", "0", "--json",
+    out = _kassa("loadtest", "plan", "--profile", str(prof), "--url", server_url, "--start-rate", "100",
+                 "--step-seconds", "1", "--factor", "3", "--max-rate", "300", "--refine", "0", "--json",
                  "--max-lag-ms", "1000")
     plan = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [st["rate"] for st in plan["steps"]] == [20.0, 80.0], out.stderr
+    assert [st["rate"] for st in plan["steps"]] == [100.0, 300.0], out.stderr
     if all(st["verdict"] == "PASS" for st in plan["steps"]):
-        # 300/s at 50 % of 80/s: 8 nodes, plus the spare; a lower bound, because --max-rate stopped it.
-        assert plan["max_rate"] == 80.0 and plan["nodes"] == 9 and plan["exact"] is False
+        # 300/s at 50 % of 300/s: 2 nodes, plus the spare; a lower bound, because --max-rate stopped it.
+        assert plan["max_rate"] == 300.0 and plan["nodes"] == 3 and plan["exact"] is False
         assert "--max-rate" in plan["note"] and out.returncode == 0
 
 
@@ -214,6 +261,34 @@ def test_plan_stops_at_the_generator_limit_and_calls_it_a_lower_bound() -> None:
     assert "generator could not keep" in plan["note"] and "lower bound" in plan["summary"]
     # the figure follows "up to at least", the reason comes after it
     assert plan["summary"].startswith("one node meets the SLO up to at least 400.0 requests/s (a lower bound: ")
+
+
+def test_plan_refuses_steps_too_short_for_the_slo_percentile() -> None:
+    # 20 requests a step: every step would be invalid (too few latencies for a P99), read as the generator's limit.
+    with pytest.raises(LoadTestError, match=r"first step measures 20 requests .* a P99 needs at least 100"):
+        plan_capacity(_base(), start_rate=20, step_seconds=1, run=_scripted(capacity=1000))
+    profile = parse_profile({"name": "p", "traffic": {"rate": 500}, "slo": {"p999_ms": 500}}, "<test>")
+    base = RunConfig(url="http://127.0.0.1:1", profile=profile)
+    with pytest.raises(LoadTestError, match=r"P99.9 needs at least 1,000"):
+        plan_capacity(base, start_rate=50, step_seconds=15, run=_scripted(capacity=1000))
+    # The default first rate (50/s) rises to what a 15 s step needs for a P99.9: 1,000 / 15 s.
+    plan = plan_capacity(base, step_seconds=15, run=_scripted(capacity=1000), max_steps=1)
+    assert plan["steps"][0]["rate"] == round(1000 / 15, 2)
+
+
+def test_plan_stops_at_a_ctrl_c_instead_of_reading_the_cut_step_as_the_generator_limit() -> None:
+    from kassa.loadtest.runner import RunInterrupted
+
+    scripted = _scripted(capacity=10_000)
+
+    def run(cfg: RunConfig) -> dict[str, Any]:
+        res = scripted(cfg)
+        if cfg.steady_rate > 150:  # the third step is cut short: invalid, as the generator's limit would be
+            res["summary"].update(interrupted=True, valid=False, verdict="FAIL")
+        return res
+
+    with pytest.raises(RunInterrupted, match=r"during the step at 200.0/s after 2 complete step\(s\)"):
+        plan_capacity(_base(), start_rate=50, factor=2, run=run)
 
 
 def test_plan_when_nothing_passes() -> None:
@@ -284,6 +359,25 @@ def test_plan_from_measured_figures_says_when_it_is_only_a_lower_bound_or_when_n
     errors.write_text(json.dumps(_topology_json({2: {1000: 5.0}}, errors=500)))  # 5 % of 10,000 failed
     out = _kassa("loadtest", "plan", "--profile", str(prof), "--measured", str(errors), "--json")
     assert out.returncode != 0 and json.loads(out.stdout.strip().splitlines()[-1])["nodes"] is None
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"duration": None}, '"duration" (the seconds measured at each rate) must be a number above 0, got None'),
+    ({"duration": 0}, '"duration" (the seconds measured at each rate) must be a number above 0, got 0'),
+    ({"runs": [{"workers": 1}]}, 'runs[0]: expected {"workers": N, "rates": {RATE: {...}}}'),
+    ({"runs": [{"workers": 1, "rates": {"500": {"client_p99_ms": "fast"}}}]},
+     "runs[0].rates.500.client_p99_ms: expected a number of ms, got 'fast'"),
+])
+def test_plan_from_measured_figures_names_what_is_missing_or_wrong(change: dict[str, Any], said: str) -> None:
+    # No duration made 3 errors at 500/s an error rate of 300 %; the others were "'rates'" and a TypeError.
+    from kassa.loadtest.plan import plan_from_measured
+
+    measured = {"benchmark": "topology", "duration": 10,
+                "runs": [{"workers": 1, "rates": {"500": {"client_p99_ms": 50, "errors": 3}}}], **change}
+    profile = parse_profile({"name": "p", "traffic": {"rate": 618}}, "<test>")
+    with pytest.raises(ValueError) as err:
+        plan_from_measured(profile, {k: v for k, v in measured.items() if v is not None})
+    assert str(err.value) == said
 
 
 def test_plan_refuses_a_file_that_is_not_a_topology_result_and_needs_url_or_measured(tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from kassa.loadtest import ConnectionPool, arrival_offsets, run_open_loop
+from kassa.loadtest.client import RequestTimeout
 
 RATE = 200.0  # requests/s: one every 5 ms
 DURATION = 1.0
@@ -140,3 +142,27 @@ def test_poisson_schedule_is_seeded_and_has_the_right_rate() -> None:
     assert abs(len(a) - 10_000) < 5 * np.sqrt(10_000)
     assert a[0] == 0.0 and a[-1] < 10.0 and np.all(np.diff(a) >= 0)
     assert len(arrival_offsets(200.0, 1.0)) == 200
+
+
+def test_a_request_queued_while_no_connection_opens_says_why_it_timed_out() -> None:
+    # A server that went away: every request timed out "while queued", and the report's first error said no
+    # more, while the pool's reconnects were being refused.
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with ConnectionPool("127.0.0.1", port, size=1) as pool:
+            server.close()
+            await server.wait_closed()
+            for writer in accepted:
+                writer.close()
+            await asyncio.sleep(0.1)
+            with pytest.raises(RequestTimeout, match=r"while queued \(no connection to 127.0.0.1:\d+ could be "
+                                                     r"opened: ConnectionRefusedError"):
+                await pool.request("GET", "/x", timeout=0.5)
+
+    asyncio.run(main())

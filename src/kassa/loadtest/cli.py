@@ -3,7 +3,8 @@
 Owns the Typer sub-app: options, the live Rich view on stderr while the generator runs, the summary
 table, ``--report`` (HTML) and ``--json`` (one JSON object, last on stdout). Exit codes: 0 PASS,
 1 FAIL (the server missed the SLO), 2 bad input (profile, URL, rejected pre-flight), 3 the run was
-invalid (the generator fell behind; the verdict is FAIL and says so).
+invalid (the generator fell behind; the verdict is FAIL and says so), 130 Ctrl-C (the requests sent until
+then are summarised and reported, as an invalid run).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kassa.loadtest.profiles import REQUEST_TYPES, Profile, ProfileError, default_profile, load_profile
-from kassa.loadtest.runner import LoadTestError, RunConfig
+from kassa.loadtest.runner import LoadTestError, RunConfig, RunInterrupted
 
 loadtest_app = typer.Typer(
     help="Open-loop load tests against a Kassa deployment, with an honest report and a capacity plan.",
@@ -31,7 +32,7 @@ loadtest_app = typer.Typer(
 )
 err = Console(stderr=True)
 
-EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INVALID = 0, 1, 2, 3
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help="Kassa base URL, http://host:port.")]  # noqa: UP045
 ProfileOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -53,9 +54,12 @@ IdleOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--idle", min=0, help="Idle keep-alive connections to hold (default: the profile's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="End the output with one JSON object.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the schedule and the payloads.")]
-TimeoutOpt = Annotated[float, typer.Option(help="Per-request timeout, seconds.")]
+# Above 0: a timeout of 0 never timed out and -1 gave up on requests at random; a lag limit <= 0 made every run
+# invalid.
+TimeoutOpt = Annotated[float, typer.Option(min=0.001, help="Per-request timeout, seconds.")]
 LagOpt = Annotated[Optional[float], typer.Option(  # noqa: UP045
-    "--max-lag-ms", help="Generator send-lag P99 above this makes the run invalid (default: 5% of the SLO P99).")]
+    "--max-lag-ms", min=0.001,
+    help="Generator send-lag P99 above this makes the run invalid (default: 5% of the SLO P99).")]
 
 
 def _apply_mix(profile: Profile, overrides: list[str] | None) -> Profile:
@@ -103,6 +107,19 @@ def _build_profile(profile: str | None, rate: float | None, duration: float | No
             raise ProfileError(f"--schedule must be fixed or poisson, got {schedule!r}")
         prof = msgspec.structs.replace(prof, schedule=schedule)
     return prof
+
+
+def _check_report_path(path: Path) -> None:
+    """Refuse a ``--report`` that cannot be written before the run starts: after it, the run was lost to a
+    traceback (``IsADirectoryError``) and exit code 1, which reads as a FAIL."""
+    if path.is_dir():
+        raise LoadTestError(f"--report {path}: is a folder; give a file name, e.g. {path / 'report.html'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoadTestError(f"--report {path}: cannot create its folder {path.parent}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LoadTestError(f"--report {path}: not writable")
 
 
 class _View:
@@ -201,7 +218,13 @@ def loadtest(
         from kassa.loadtest.runner import parse_url
 
         parse_url(url)
+        if report is not None:
+            _check_report_path(report)
         result = _run_with_view(cfg, f"{prof.name} @ {cfg.steady_rate:,.0f}/s")
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        said = str(exc) or "interrupted before the measured window: nothing was measured"  # a bare Ctrl-C has no text
+        err.print(f"[yellow]{said}[/]; no report")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_INPUT) from None
@@ -217,6 +240,8 @@ def loadtest(
         err.print(f"report: {write_report(result, report)}")
     if json_out:
         print(json.dumps(_json_safe(s), separators=(",", ":")), flush=True)
+    if s["interrupted"]:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if not s["valid"]:
         raise typer.Exit(EXIT_INVALID)
     if s["verdict"] != "PASS":
@@ -251,7 +276,9 @@ def plan(
     secret_key: SecretOpt = None,
     webhook_secret: WebhookOpt = None,
     start_rate: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        "--start-rate", min=0.001, help="First step's rate (default: min(peak, 50)/s).")] = None,
+        "--start-rate", min=0.001,
+        help="First step's rate (default: min(peak, 50)/s, or the rate whose step holds the latencies a P99 (P99.9) "
+             "needs).")] = None,
     step_seconds: Annotated[float, typer.Option("--step-seconds", min=1, help="Measured seconds per step.")] = 15.0,
     factor: Annotated[float, typer.Option("--factor", min=1.05, help="Rate multiplier between steps.")] = 1.5,
     max_rate: Annotated[Optional[float], typer.Option(  # noqa: UP045
@@ -300,6 +327,9 @@ def plan(
         result = plan_capacity(base, start_rate=start_rate, step_seconds=step_seconds, factor=factor,
                                max_rate=max_rate, refine=refine, on_step=on_step,
                                run=lambda cfg: _run_with_view(cfg, f"step {cfg.steady_rate:,.0f}/s"))
+    except (RunInterrupted, KeyboardInterrupt) as exc:  # the steps done so far were each printed as they ended
+        err.print(f"[yellow]{str(exc) or 'interrupted before the first step ended'}[/]; no plan")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except (ProfileError, LoadTestError) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_INPUT) from None

@@ -430,8 +430,12 @@ class ConnectionPool:
                 expired = [p for p in queue if p.deadline <= now]
                 if expired:
                     self._queue = deque(p for p in queue if p.deadline > now)
+                    why = "request timed out while queued"
+                    if not self._conns and self.last_connect_error is not None:  # the server is down, not slow
+                        why += (f" (no connection to {self.host}:{self.port} could be opened: "
+                                f"{self.last_connect_error!r})")
                     for p in expired:
-                        _Conn._deliver(p, 0, b"", RequestTimeout("request timed out while queued"))
+                        _Conn._deliver(p, 0, b"", RequestTimeout(why))
             for conn in list(self._conns):
                 cur = conn.current
                 if cur is not None and cur.deadline <= now:

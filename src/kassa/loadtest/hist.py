@@ -9,6 +9,8 @@ percentile is never below the true one: rounding errs on the pessimistic side.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
@@ -34,11 +36,22 @@ def from_seconds(values: np.ndarray, hist: HdrHistogram | None = None) -> HdrHis
     return hist
 
 
+def value_at_percentile(hist: HdrHistogram, q: float) -> int:
+    """The ``q`` percentile by nearest rank, ``ceil(q/100 x n)``-th smallest (µs, highest equivalent value).
+
+    hdrh rounds the rank to the nearest count instead, one below whenever ``q/100 x n`` has a fraction under
+    a half: the P99.9 of 507 latencies was the second slowest, below the slowest its rank names.
+    """
+    n = hist.get_total_count()
+    rank = max(1, math.ceil(q / 100.0 * n - 1e-9))
+    return int(hist.get_value_at_percentile(100.0 * rank / n))  # hdrh's int(rank + 0.5) is the rank itself
+
+
 def summary_ms(hist: HdrHistogram, exact_max_s: float | None = None) -> dict[str, float | None]:
     """p50/p90/p99/p999/max/mean in milliseconds (``None`` when nothing was recorded)."""
     if hist.get_total_count() == 0:
         return {**{k: None for k in PERCENTILES}, "max": None, "mean": None}
-    out: dict[str, float | None] = {k: round(hist.get_value_at_percentile(q) / 1e3, 3) for k, q in PERCENTILES.items()}
+    out: dict[str, float | None] = {k: round(value_at_percentile(hist, q) / 1e3, 3) for k, q in PERCENTILES.items()}
     out["max"] = round(exact_max_s * 1e3, 3) if exact_max_s is not None else round(hist.get_max_value() / 1e3, 3)
     out["mean"] = round(hist.get_mean_value() / 1e3, 3)
     return out

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kassa.loadtest.runner import RunConfig, run_loadtest
+from kassa.loadtest.runner import LoadTestError, RunConfig, RunInterrupted, min_latencies, run_loadtest
 
 
 def _step_record(rate: float, result: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +57,15 @@ def plan_capacity(
     profile = base.profile
     peak = profile.peak_rate()
     runner = run or (lambda cfg: run_loadtest(cfg))
-    rate = start_rate or max(1.0, min(peak, 50.0))
+    # Every step measures at least as many requests as the first; too few would make each step invalid, which
+    # the search reads as the generator's limit. The default first rate rises to that (a P99.9 target at 50/s
+    # for 15 s: 750 of the 1,000 latencies it needs).
+    name, need = max(min_latencies(profile.slo).items(), key=lambda kv: kv[1])
+    rate = start_rate or max(1.0, min(peak, 50.0), need / step_seconds)
+    if rate * step_seconds < need - 1e-9:
+        raise LoadTestError(f"the first step measures {rate * step_seconds:,.0f} requests ({rate:g}/s for "
+                            f"{step_seconds:g} s) and a {name} needs at least {need:,}: raise --start-rate or "
+                            f"--step-seconds")
     steps: list[dict[str, Any]] = []
     best: float | None = None
     first_fail: float | None = None
@@ -65,7 +73,10 @@ def plan_capacity(
 
     def step(r: float) -> dict[str, Any]:
         cfg = dataclasses.replace(base, rate=r, duration=step_seconds, ramp=ramp_seconds)
-        rec = _step_record(r, runner(cfg))
+        result = runner(cfg)
+        if result["summary"].get("interrupted"):  # Ctrl-C: a cut step is no measure of the node (nor the generator)
+            raise RunInterrupted(f"interrupted during the step at {r:,.1f}/s after {len(steps)} complete step(s)")
+        rec = _step_record(r, result)
         steps.append(rec)
         if on_step is not None:
             on_step(rec)
@@ -152,7 +163,19 @@ def plan_from_measured(profile: Any, measured: dict[str, Any], workers: int | No
     runs = measured.get("runs")
     if measured.get("benchmark") != "topology" or not isinstance(runs, list) or not runs:
         raise ValueError("not a bench/topology.py --json result (expected \"benchmark\": \"topology\" and runs)")
-    duration = float(measured.get("duration") or 0.0)
+    # The error rate is over rate x duration: without a duration, 3 errors at 500/s were 3 over "1", 300 %.
+    duration = measured.get("duration")
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not duration > 0:
+        raise ValueError(f"\"duration\" (the seconds measured at each rate) must be a number above 0, got "
+                         f"{duration!r}")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("workers"), int) or not isinstance(run.get("rates"),
+                                                                                                  dict):
+            raise ValueError(f"runs[{i}]: expected {{\"workers\": N, \"rates\": {{RATE: {{...}}}}}}")
+        for rate_s, r in run["rates"].items():
+            p99 = r.get("client_p99_ms") if isinstance(r, dict) else None
+            if p99 is not None and (isinstance(p99, bool) or not isinstance(p99, int | float)):
+                raise ValueError(f"runs[{i}].rates.{rate_s}.client_p99_ms: expected a number of ms, got {p99!r}")
     slo = profile.slo
 
     def steps_of(run: dict[str, Any]) -> list[dict[str, Any]]:

@@ -109,7 +109,7 @@ class Slo(Struct, forbid_unknown_fields=True):
     p50_ms: Positive | None = None
     p999_ms: Positive | None = None
     max_ms: Positive | None = None
-    min_throughput_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.95  # achieved / asked
+    min_throughput_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.95  # 2xx answers / requests scheduled in the window
 
 
 class Capacity(Struct, forbid_unknown_fields=True):

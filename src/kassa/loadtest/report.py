@@ -315,8 +315,11 @@ def render_report(result: dict[str, Any]) -> str:
     ]
     kpi_html = "".join(f'<div class="kpi"><div class="k">{_esc(k)}</div><div class="v">{_esc(v)}</div>'
                        f'<div class="s">{_esc(sub)}</div></div>' for k, v, sub in kpis)
-    invalid = "".join(f'<div class="invalid"><b>Run invalid.</b> {_esc(r)} — the latencies above describe the '
-                      f'generator, not the server; rerun with more --workers or on a less loaded machine.</div>'
+    # A sample too small for the SLO's percentile says what to do itself; the generator's advice does not fit it.
+    invalid = "".join(f'<div class="invalid"><b>Run invalid.</b> {_esc(r)}'
+                      + ("" if "latencies in the measured window" in r else
+                         " — the latencies above describe the generator, not the server; rerun with more --workers "
+                         "or on a less loaded machine.") + "</div>"
                       for r in s["invalid_reasons"])
     by_type = _table(
         ["request type", "requests", "errors", "P50", "P90", "P99", "P99.9", "max"],
@@ -346,6 +349,7 @@ def render_report(result: dict[str, Any]) -> str:
         ("CPU per request sent", f"{_fmt_num(g['cpu_us_per_request'])} µs"),
         ("CPU use per process", ", ".join(f"{u:.0%}" for u in g["cpu_util_per_worker"] if u is not None)),
         ("peak requests in flight or queued", f"{g['max_outstanding']:,}"),
+        ("connections that failed to open", f"{g.get('pool_connect_errors', 0):,}"),
         ("open-file limit (soft / hard)", f"{g['fd_limit']['soft']:,} / {g['fd_limit']['hard']:,}"),
     ]
     idle_rows = [
@@ -363,7 +367,7 @@ def render_report(result: dict[str, Any]) -> str:
         ("mix (share of requests)", ", ".join(f"{k} {v:.1%}" for k, v in s["mix"].items())),
         ("window", f"{s['ramp_s']:g} s ramp + {s['duration_s']:g} s measured"),
         ("SLO", f"P99 ≤ {_fmt_ms(slo['p99_ms'])}, errors ≤ {slo['error_rate']:.2%}, throughput ≥ "
-                f"{slo['min_throughput_ratio']:.0%} of asked"
+                f"{slo['min_throughput_ratio']:.0%} of scheduled"
                 + "".join(f", {k.replace('_ms', '').upper()} ≤ {_fmt_ms(slo[k])}"
                           for k in ("p50_ms", "p999_ms", "max_ms") if slo.get(k))),
     ]

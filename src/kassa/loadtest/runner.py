@@ -8,8 +8,10 @@ schedule) and the SLO verdict.
 A run is **invalid** — its latencies describe the generator, not the server — when the generator did
 not send every scheduled request, when its send lag (actual minus intended send time) has a p99 above
 the limit (default: 5 % of the SLO's P99 target, at least 1 ms) or a p99.9 above ten times it, or when
-a generator process could not open the idle connections the profile asks for (its own file limit).
-An invalid run's verdict is FAIL with the reasons; it is never reported as a PASS.
+a generator process could not open the idle connections the profile asks for (its own file limit), or
+when the measured window holds too few latencies for the SLO's percentile (100 for a P99: the slowest of
+fewer is a lower percentile of the server's, :func:`min_latencies`). An invalid run's verdict is FAIL
+with the reasons; it is never reported as a PASS.
 
 The verdict is **PASS** only when the run is valid and the steady window (after the ramp) meets every
 SLO target: P99 (and P50/P99.9/max when the profile sets them) of all requests, the error rate, the
@@ -21,7 +23,9 @@ request with an HTTP response of any status, and a timed-out request at the time
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import http.client
 import json
 import math
 import multiprocessing as mp
@@ -50,6 +54,10 @@ PER_WORKER_RATE = 4000.0  # requests/s one generator process is given before ano
 
 class LoadTestError(RuntimeError):
     """The load test could not run (bad URL, unreachable server, rejected pre-flight request)."""
+
+
+class RunInterrupted(LoadTestError):
+    """Ctrl-C before anything of the measured window was sent: there is nothing to report."""
 
 
 @dataclass
@@ -144,7 +152,7 @@ def _get(url: str, timeout: float) -> tuple[int, str]:
 def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[tuple[str, str], float] | None:
     try:
         status, text = _get(base_url + "/metrics", timeout)
-    except (URLError, OSError, ValueError):
+    except (URLError, OSError, ValueError, http.client.HTTPException):
         return None
     return parse_prometheus(text) if status == 200 else None
 
@@ -271,10 +279,18 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
     try:
         _get(base_url + "/healthz", 5.0)
     except URLError as exc:
-        if getattr(exc, "code", None) is None:  # an HTTPError (any status) means the server answered
+        code = getattr(exc, "code", None)
+        if code is None:  # an HTTPError (any status) means the server answered
             raise LoadTestError(f"cannot reach {base_url}: {exc.reason}") from None
+        if code in (404, 405):  # every Kassa answers it; the pre-flight blamed the placement or the webhook
+            raise LoadTestError(f"{base_url} is not a Kassa server: GET /healthz answered {code} (another service "
+                                f"on that port, or a path prefix missing from --url?)") from None
     except OSError as exc:
         raise LoadTestError(f"cannot reach {base_url}: {exc}") from None
+    except http.client.HTTPException as exc:  # another protocol on that port (NATS's INFO line was a traceback)
+        said = _said(str(exc).strip(), 80)
+        raise LoadTestError(f"{base_url} does not answer HTTP ({type(exc).__name__}: {said}); is --url the port "
+                            f"Kassa serves on?") from None
 
     rate, duration, ramp = cfg.steady_rate, cfg.steady_duration, cfg.ramp_seconds
     workers = cfg.workers or auto_workers(rate)
@@ -320,7 +336,15 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
         for c in conns:
             c.send(("start", t0_wall))
         live = _Live(workers, rate, ramp + duration, on_progress)
-        results = _gather(conns, "result", ramp + duration + cfg.timeout + 60.0, live.update, phase="running")
+        got: dict[int, dict[str, Any]] = {}
+        try:
+            results = _gather(conns, "result", ramp + duration + cfg.timeout + 60.0, live.update, phase="running",
+                              got=got)
+        except KeyboardInterrupt:  # Ctrl-C: the workers (which ignore SIGINT) stop sending and report what they have
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.send(("stop", None))
+            results = _gather(conns, "result", cfg.timeout + 30.0, None, phase="stopping after Ctrl-C", got=got)
         metrics_after = scrape_metrics(base_url) if cfg.scrape_metrics else None
     finally:
         for c in conns:
@@ -332,19 +356,41 @@ def run_loadtest(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] |
                 proc.terminate()
                 proc.join(timeout=5)
     machine["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    interrupted = ""
+    stops = [r["stopped_at"] for r in results if r.get("stopped_at") is not None]
+    if stops:
+        cut = ramp + math.floor((min(stops) - ramp) * 100) / 100  # whole hundredths of a second measured
+        if cut <= ramp:
+            raise RunInterrupted(f"interrupted {min(stops):.1f} s in, during the {ramp:g} s ramp: nothing was "
+                                 f"measured")
+        interrupted = f"interrupted (Ctrl-C) {cut - ramp:.1f} s into the {duration:g} s measured window"
+        results = [_cut(r, cut) for r in results]
+        cfg = dataclasses.replace(cfg, duration=cut - ramp)
     return summarize(
         cfg, results, ready, metrics_delta(metrics_before, metrics_after),
         meta={"started_at": started_at.strftime("%Y-%m-%d %H:%M:%S UTC"), "machine": machine, "workers": workers,
               "fd_limit": {"soft": soft, "hard": hard}, "tag": tag},
+        interrupted=interrupted,
     )
 
 
+def _cut(result: dict[str, Any], cut: float) -> dict[str, Any]:
+    """A worker's result without the requests scheduled from ``cut`` on (the workers stop a moment apart)."""
+    keep = result["intended"] < cut
+    out = {**result, **{k: result[k][keep] for k in ("uid", "type", "intended", "send_lag", "latency", "done",
+                                                      "status", "took_ms")}}
+    out["sent"] = out["scheduled"] = int(keep.sum())
+    return out
+
+
 def _gather(conns: list[Connection], kind: str, timeout: float,
-            on_progress: Callable[[dict[str, Any]], None] | None, phase: str) -> list[dict[str, Any]]:
-    """Wait for one ``kind`` message from every worker, passing progress messages on."""
-    got: dict[int, dict[str, Any]] = {}
+            on_progress: Callable[[dict[str, Any]], None] | None, phase: str,
+            got: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Wait for one ``kind`` message from every worker, passing progress messages on. ``got`` keeps the
+    answers across calls (those that came before a Ctrl-C are not asked for again)."""
+    got = {} if got is None else got
     deadline = time.monotonic() + timeout
-    pending = list(conns)
+    pending = [c for i, c in enumerate(conns) if i not in got]
     while len(got) < len(conns):
         left = deadline - time.monotonic()
         if left <= 0:
@@ -414,7 +460,7 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 
 
 def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[str, Any]],
-              server_metrics: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+              server_metrics: dict[str, Any], meta: dict[str, Any], interrupted: str = "") -> dict[str, Any]:
     """Turn the workers' raw arrays into the result: summary figures, verdict, timeline and curves."""
     profile = cfg.profile
     rate, duration, ramp = cfg.steady_rate, cfg.steady_duration, cfg.ramp_seconds
@@ -484,7 +530,7 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
     warnings = sorted({w for r in results for w in r["warnings"]})
 
     # -- validity
-    invalid = []
+    invalid = [interrupted] if interrupted else []
     limit = cfg.lag_limit_ms
     if sent < scheduled:
         invalid.append(f"the generator sent {sent:,} of {scheduled:,} scheduled requests")
@@ -495,6 +541,9 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         invalid.append(f"the generator stalled: send lag p99.9 {lag['p999_ms']:.2f} ms > 10 x limit {limit:g} ms")
     if idle_stats["capped_by_generator"]:
         invalid.append(f"the generator could not open the idle connections asked for: {warnings[0]}")
+    invalid_samples, thin = _too_few_latencies(int(lat_steady.size), profile.slo)
+    invalid += invalid_samples
+    warnings += thin
     saturated = [i for i, u in enumerate(generator["cpu_util_per_worker"]) if u is not None and u > 0.9]
     if saturated:
         warnings.append(f"generator process(es) {saturated} used > 90% of a core: add --workers if the lag limit "
@@ -525,12 +574,15 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
                      + ", ".join(f"{k} {v:,}" for k, v in errors_by_kind.items()) + ")")
     else:
         passes.append(f"error rate {error_rate:.3%} <= {slo.error_rate:.3%}")
-    ratio = achieved / rate if rate else 0.0
+    # Against what the schedule asked in the window, not rate x duration: a Poisson schedule's count varies (the
+    # default seed asks 175 requests in 2 s at 100/s), which failed a server that answered every one.
+    scheduled_rate = n_steady / duration
+    ratio = achieved / scheduled_rate if n_steady else 0.0
     if ratio < slo.min_throughput_ratio:
-        fails.append(f"throughput {achieved:,.1f}/s is {ratio:.1%} of the asked {rate:,.1f}/s "
+        fails.append(f"throughput {achieved:,.1f}/s is {ratio:.1%} of the {scheduled_rate:,.1f}/s scheduled "
                      f"(< {slo.min_throughput_ratio:.0%})")
     else:
-        passes.append(f"throughput {achieved:,.1f}/s = {ratio:.1%} of asked")
+        passes.append(f"throughput {achieved:,.1f}/s = {ratio:.1%} of the {scheduled_rate:,.1f}/s scheduled")
     asked_idle = idle_stats["asked"]
     if asked_idle and not idle_stats["capped_by_generator"] and idle_stats["min_held"] < 0.99 * asked_idle:
         fails.append(f"held only {idle_stats['min_held']:,} of {asked_idle:,} idle connections "
@@ -551,6 +603,7 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         "asked_rate": _r(rate, 2),
         "achieved_rate": _r(achieved, 2),
         "sent_rate": _r(int((steady & ~np.isnan(send_lag)).sum()) / duration, 2),
+        "scheduled_rate": _r(scheduled_rate, 2),
         "duration_s": duration,
         "ramp_s": ramp,
         "schedule": profile.schedule,
@@ -566,6 +619,7 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         "errors_by_kind": errors_by_kind,
         "first_errors": {k: v for r in results for k, v in r["first_errors"].items()},
         "valid": valid,
+        "interrupted": bool(interrupted),
         "invalid_reasons": invalid,
         "verdict": verdict,
         "verdict_reason": reason,
@@ -581,6 +635,28 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
     }
     raw = {k: cat[k] for k in ("type", "intended", "send_lag", "latency", "status")}  # numpy; not in the report
     return {"summary": summary, "timeline": _timeline(cat, ramp + duration, rate, ramp), "curves": curves, "raw": raw}
+
+
+def min_latencies(slo: Any) -> dict[str, int]:
+    """Latencies the measured window needs for each percentile target of ``slo`` to be one: a P99 of fewer than
+    100 is the maximum of the sample, which sits near its P90 (10 latencies), not the server's P99."""
+    targets = {"P99": 99.0} | ({"P99.9": 99.9} if slo.p999_ms is not None else {})
+    return {name: math.ceil(100.0 / (100.0 - q) - 1e-9) for name, q in targets.items()}
+
+
+def _too_few_latencies(n: int, slo: Any) -> tuple[list[str], list[str]]:
+    """(invalid reasons, warnings) about the size of the sample behind the SLO's percentile targets."""
+    invalid, warnings = [], []
+    for name, need in min_latencies(slo).items():
+        q = 100.0 - 100.0 / need
+        if n < need:
+            invalid.append(f"only {n:,} latencies in the measured window; a {name} needs at least {need:,} (run "
+                           f"longer with --duration, or at a higher rate)")
+        elif n < 10 * need:
+            slower = n - math.ceil(q / 100.0 * n - 1e-9)
+            warnings.append(f"the {name} rests on the {slower:,} slowest of {n:,} latencies; {10 * need:,} or more "
+                            f"give a stable {name} (run longer)")
+    return invalid, warnings
 
 
 def _merge_idle(end: list[dict[str, Any]], start: list[dict[str, Any]], asked: int,

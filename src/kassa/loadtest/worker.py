@@ -7,7 +7,10 @@ parent over a ``Pipe``: the worker opens its pool and idle connections, sends on
 type as a pre-flight check and a few warm-up decisions (which also seed the decisions later beacons
 refer to), answers ``("ready", i, info)``, waits for ``("start", t0_wall)``, runs, streams
 ``("progress", i, {...})`` twice a second, and ends with ``("result", i, {...})`` — raw per-request
-arrays the parent turns into histograms — or ``("error", i, traceback)``.
+arrays the parent turns into histograms — or ``("error", i, traceback)``. A ``("stop", None)`` during the
+run (the parent's Ctrl-C) ends the send loop early: the result then holds the requests sent so far and
+``stopped_at``. Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+parent, not each worker, decides what an interrupted run keeps.
 
 Send loop: request ``j`` is handed to the pool at its intended time whether or not earlier requests
 have come back (a stalled server makes concurrency grow, never pauses the schedule). Latency runs
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import gc
 import resource
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -98,6 +102,7 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
 
 def worker_process(spec: WorkerSpec, conn: Connection) -> None:
     """``multiprocessing`` target: run the worker, report any failure to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run (module docstring)
     try:
         try:
             import uvloop
@@ -117,6 +122,7 @@ class _Worker:
         self.spec = spec
         self.conn = conn
         self.warnings: list[str] = []
+        self.stop_requested = False
 
     async def main(self) -> None:
         spec = self.spec
@@ -169,10 +175,18 @@ class _Worker:
         # heap (thousands of idle connections): collect now, keep what exists out of later collections.
         gc.collect()
         gc.freeze()
+
+        def on_message() -> None:
+            with contextlib.suppress(EOFError, OSError):
+                if self.conn.recv()[0] == "stop":
+                    self.stop_requested = True
+
+        loop.add_reader(self.conn.fileno(), on_message)
         try:
             result = await self.run(msg[1], idle)
             result["idle"] = idle.stats()
         finally:
+            loop.remove_reader(self.conn.fileno())
             await idle.close()
             await pool.close()
             gc.unfreeze()
@@ -282,7 +296,7 @@ class _Worker:
             delay = t0 - perf()
             if delay > 0:
                 await asyncio.sleep(delay)
-        while sent < n:
+        while sent < n and not self.stop_requested:
             now = perf() - t0
             if stall_at is not None and now >= stall_at:
                 stall_at = None
@@ -302,11 +316,19 @@ class _Worker:
                     while perf() < end:
                         pass
                 now = perf() - t0
-            if sent < n:
+            if sent < n and not self.stop_requested:
                 # Never ask for less than a tick: uvloop truncates sub-millisecond timers to zero,
                 # which would turn this loop into a busy-wait that steals the server's CPU.
                 await asyncio.sleep(max(_TICK, offsets[sent] - (perf() - t0) - _EARLY))
         last_send = perf()
+        stopped_at = last_send - t0 if sent < n else None
+        if sent < n:  # stopped early: the requests never sent are no part of the run
+            n = sent
+            offsets, types, uids = offsets[:n], types[:n], uids[:n]
+            send_t, done_t, status, took = send_t[:n], done_t[:n], status[:n], took[:n]
+            counters["remaining"] -= len(self.offsets) - n
+            if counters["remaining"] <= 0 and not all_done.done():
+                all_done.set_result(None)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(all_done), spec.drain_timeout)
         finished = True
@@ -333,6 +355,7 @@ class _Worker:
             "took_ms": took,
             "sent": sent,
             "scheduled": n,
+            "stopped_at": stopped_at,
             "send_seconds": last_send - t0,
             "wall_seconds": end_t - t0,
             "cpu_seconds": cpu,
