@@ -420,6 +420,22 @@ def test_each_view_reads_only_the_decision_log_files_written_since_the_last(
     assert window.files_read == 5
 
 
+
+def test_the_explorer_looks_an_id_up_in_its_own_days_partition_only(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """An unknown id was looked for in the whole log (every partition of its history)."""
+    outcomes = Outcomes(kassa)
+    _serve(client, kassa, clock, 1, "a")
+    known = outcomes.recent(1)[0][0]
+    old = kassa.settings.data_path / "decisions" / "date=2026-01-01"  # a file no lookup should open
+    old.mkdir()
+    (old / "part-1-1.parquet").write_bytes(b"not parquet")
+    for reader in (outcomes, Outcomes(kassa, incremental=False)):
+        detail = reader.decision(known)
+        assert detail is not None and detail.record["decision_id"] == known
+        assert reader.decision(known[:8] + "0" * 16) is None
+        assert reader.decision("f" * 24) is None  # the random form: the last `decision_lookup_days` only
+
 def test_the_reward_tables_read_only_the_last_days_of_the_decision_log(
         client: TestClient, kassa: Kassa, clock: Clock) -> None:
     """Partitions older than the window are not opened (a year of small files was read on every view)."""

@@ -111,7 +111,7 @@ def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path: Path,
     assert table.schema == SCHEMA and table.column("decision_id").to_pylist() == ["d1"]
     for name in missing:
         assert table.column(name).to_pylist() == [None]
-    found = decision_log.find_decision(tmp_path, "d1")
+    found = decision_log.find_decision(tmp_path, "d1", now=DAY1)
     assert found is not None and found.candidate_offer_features is None and found.candidates == ["o1", "o2", "o3"]
     # A newer file beside it: both read, the old one's missing columns as null.
     writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
@@ -240,7 +240,7 @@ def test_a_record_keeps_a_feature_value_beyond_what_writes_accept(tmp_path: Path
     writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
     writer.append(big)
     writer.close()
-    found = decision_log.find_decision(tmp_path, "d1")
+    found = decision_log.find_decision(tmp_path, "d1", now=DAY1)
     assert found is not None and found.features == {"ltv": 1e30, "n": 10**18}
 
 
@@ -256,3 +256,59 @@ def test_a_damaged_file_is_named_with_what_to_do(tmp_path: Path, damage: str) ->
     with pytest.raises(decision_log.UnreadableDecisionLog, match="move it out of the folder") as info:
         read_decisions(tmp_path)
     assert str(bad) in str(info.value)
+
+
+# ------------------------------------------------------------------ lookups by id
+NOW = datetime(2027, 1, 15, 12, 0, tzinfo=UTC).timestamp()
+
+
+def _new_id(ts: float, rest: int = 0xABC) -> str:
+    """An id as `kassa.decide.engine` makes it: the second, then 64 random bits."""
+    return f"{int(ts):08x}{rest:016x}"
+
+
+def _damaged_partition(root: Path, ts: float) -> None:
+    """A partition whose only file is not Parquet: any lookup that opens it raises."""
+    part = root / "decisions" / f"date={decision_log._utc_date(ts)}"
+    part.mkdir(parents=True)
+    (part / "part-1-1.parquet").write_bytes(b"not parquet")
+
+
+def test_a_lookup_reads_only_the_partitions_of_the_ids_time(tmp_path: Path) -> None:
+    # Ids carry no date before this: an unknown id read every partition of the log's history, newest first.
+    _damaged_partition(tmp_path, NOW - 100 * 86400)
+    _damaged_partition(tmp_path, NOW - 2 * 86400)
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    made = NOW - 5 * 86400
+    writer.append(rec(1, made, decision_id=_new_id(made)))
+    writer.append(rec(2, NOW, decision_id=_new_id(NOW)))
+    writer.close()
+    assert decision_log.decision_id_time(_new_id(made)) == int(made)
+    found = decision_log.find_decision(tmp_path, _new_id(made), now=NOW)
+    assert found is not None and found.ts == made
+    assert decision_log.find_decision(tmp_path, _new_id(NOW, 0xDEF), now=NOW) is None  # unknown: today's only
+    base = tmp_path / "decisions"
+    assert decision_log.lookup_partitions(base, _new_id(NOW, 0xDEF), now=NOW) == [
+        base / f"date={decision_log._utc_date(NOW)}"]
+    # a second just after midnight: the day before is read too, after its own
+    midnight = datetime(2027, 1, 10, 0, 0, 5, tzinfo=UTC).timestamp()
+    for ts in (midnight, midnight - 3600):
+        (base / f"date={decision_log._utc_date(ts)}").mkdir(exist_ok=True)
+    assert [p.name for p in decision_log.lookup_partitions(base, _new_id(midnight), now=NOW)] == [
+        "date=2027-01-10", "date=2027-01-09"]
+
+
+def test_an_id_without_a_time_is_looked_for_in_the_last_lookback_days_only(tmp_path: Path) -> None:
+    # Random ids (made before ids carried their time), and ids whose time is in the future or has no partition.
+    _damaged_partition(tmp_path, NOW - 100 * 86400)
+    writer = DecisionLogWriter(tmp_path, flush_seconds=3600)
+    writer.append(rec(1, NOW - 10 * 86400, decision_id="5b0c4f0e2a7d9c1e3f6a8b2d"))
+    writer.append(rec(2, NOW - 40 * 86400, decision_id="0c195a68bf10202cb9bcbb9c"))
+    writer.close()
+    assert decision_log.decision_id_time("5b0c4f0e2a7d9c1e3f6a8b2d") is None  # 2018: before ids had a time
+    assert decision_log.find_decision(tmp_path, "5b0c4f0e2a7d9c1e3f6a8b2d", now=NOW) is not None
+    assert decision_log.find_decision(tmp_path, "0c195a68bf10202cb9bcbb9c", now=NOW) is None  # 40 days old
+    found = decision_log.find_decision(tmp_path, "0c195a68bf10202cb9bcbb9c", now=NOW, lookback_days=60)
+    assert found is not None and found.ts == NOW - 40 * 86400
+    for unknown in ("ffffffff0000000000000000", _new_id(NOW - 3 * 86400), "d1", "x" * 24):
+        assert decision_log.find_decision(tmp_path, unknown, now=NOW) is None  # never the damaged partition

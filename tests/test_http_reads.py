@@ -54,8 +54,28 @@ def test_unknown_decisions_are_404_and_publishable_keys_cannot_read_decisions(cl
     assert_problem(client.get(f"/v1/decisions/{d['decision_id']}", headers=PUB_H), 403)
 
 
+
+def test_a_decision_id_carries_its_second_and_an_unknown_one_reads_only_that_day(client, kassa, clock):
+    # Ids were 96 random bits: an unknown id read every date partition of the log's history (3-7 s at 10,000 files).
+    made = []
+    for step in (0.0, 0.4, 1.0, -3600.0):  # within a second, the next one, a clock set back
+        clock.advance(step)
+        made.append((clock(), client.post("/v1/decisions", json=decision_body()).json()["decision_id"]))
+    assert [did[:8] for _, did in made] == [f"{int(t):08x}" for t, _ in made]
+    assert len({did for _, did in made}) == 4 and all(len(did) == 24 and int(did, 16) for _, did in made)
+    d = {"decision_id": made[0][1]}
+    kassa.decision_log.flush()
+    old = kassa.settings.data_path / "decisions" / "date=2026-01-01"  # a file no lookup should open
+    old.mkdir()
+    (old / "part-1-1.parquet").write_bytes(b"not parquet")
+    assert client.get(f"/v1/decisions/{d['decision_id']}", headers=SECRET_H).status_code == 200
+    assert_problem(client.get(f"/v1/decisions/{d['decision_id'][:8]}{'0' * 16}", headers=SECRET_H), 404,
+                   "decision_id")
+    assert_problem(client.get(f"/v1/decisions/{'f' * 24}", headers=SECRET_H), 404, "decision_id")  # random form
+
 def test_reads_are_in_the_openapi_spec(client):
     spec = client.get("/openapi.json").json()
     assert spec["paths"]["/v1/features/{view}/{entity_key}"]["get"]["x-kassa-key"] == "secret"
     assert spec["paths"]["/v1/decisions/{decision_id}"]["get"]["responses"]["404"]
+    assert "unix second" in spec["paths"]["/v1/decisions/{decision_id}"]["get"]["parameters"][0]["description"]
     assert {"FeatureValues", "DecisionRecord"} <= set(spec["components"]["schemas"])

@@ -70,7 +70,7 @@ def test_a_closed_hour_becomes_one_file_with_the_schema_in_ts_order(tmp_path: Pa
     old = {r["decision_id"]: r for r in table.to_pylist()}
     assert old["d9"]["candidate_signals"] is None and old["d0"]["candidate_signals"] is None
     assert read_decisions(tmp_path).equals(before)  # the same rows, the same order
-    assert find_decision(tmp_path, "d4") is not None
+    assert find_decision(tmp_path, "d4", now=HOUR / 1000) is not None
 
 
 def test_an_hour_that_may_still_be_written_is_refused(tmp_path: Path) -> None:

@@ -249,7 +249,8 @@ class Kassa:
         found = self.decision_log.find_unwritten(decision_id)
         if found is not None:
             return found
-        found = await asyncio.to_thread(find_decision, self.settings.data_path, decision_id)
+        found = await asyncio.to_thread(find_decision, self.settings.data_path, decision_id, self.clock(),
+                                        self.settings.decision_lookup_days)
         # Written meanwhile (between the two looks): it is in the files now, or still in memory.
         return found if found is not None else self.decision_log.find_unwritten(decision_id)
 

@@ -207,6 +207,9 @@ class Settings(Struct, forbid_unknown_fields=True):
     state: StateSettings = field(default_factory=StateSettings)
     # Parquet flush period: a kill -9 loses at most the decisions of one period plus one write (~0.1 s)
     decision_log_flush_seconds: Annotated[float, Meta(gt=0)] = 0.5
+    # A decision id of the random form (made before ids carried their time) is looked for in this many days of the
+    # log, newest first (GET /v1/decisions/{id}, the dashboard's explorer): what bounds the cost of any lookup
+    decision_lookup_days: Annotated[float, Meta(gt=0)] = 30.0
     log_level: str = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
     # `replay_window_seconds`, ... read by POST /v1/webhooks/{platform}; see kassa.integrations.config.

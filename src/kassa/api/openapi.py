@@ -87,7 +87,12 @@ def openapi_document() -> bytes:
             "/v1/decisions/{decision_id}": {"get": {
                 **op("A served decision as logged: features, candidates, probabilities, shown offers",
                      ok=_ok(c + "DecisionRecord"), key="secret"),
-                "parameters": [{"name": "decision_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+                "parameters": [{
+                    "name": "decision_id", "in": "path", "required": True, "schema": {"type": "string"},
+                    "description": "The decision_id POST /v1/decisions answered: 24 hex digits, the unix second it was "
+                                   "made (8, big-endian) then 64 random bits; only that day's decision log is read. "
+                                   "Any other id (the random ids of Kassa 0.2.0) is looked for in the last "
+                                   "decision_lookup_days (30) days."}]}},
             "/v1/events": {"post": {**op("Record outcome and order events", c + "EventBatch", _ok(c + "EventAck")),
                                     "security": browser}},
             "/v1/features/push": {"post": op("Push feature rows of one view (proprietary signals)",

@@ -33,7 +33,7 @@ from kassa.decide.state import (
     fingerprint,
 )
 from kassa.degraded import CircuitBreaker, RateLimitedWarning
-from kassa.events.decision_log import DecisionRecord, DecisionSink, loggable_features
+from kassa.events.decision_log import DecisionRecord, DecisionSink, decision_id_base, loggable_features
 from kassa.events.join import PendingDecision
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.featurize import shared_line
@@ -103,6 +103,8 @@ class DecisionEngine:
         self.state_timeout = state_timeout
         self.rng = random.Random(seed)
         self._ids = random.Random(os.urandom(16))  # decision ids: unique, not reproducible by seed
+        self._id_from = self._id_until = 0.0  # the second `_id_base` (`decision_id_base`) is of
+        self._id_base = 0
         self.clock = clock
         self.observe = observe
         # One line per 10 s while the store is down, not a traceback per decision (issue 15: 12.9 MB in 10 s).
@@ -287,7 +289,14 @@ class DecisionEngine:
             for rank, (offer_id, score, prob) in enumerate(
                 zip(chosen, ranking.scores, ranking.probabilities, strict=True))
         ]
-        decision_id = f"{self._ids.getrandbits(96):024x}"
+        # the second it was made, then 64 random bits: a lookup by id reads only that date's partition
+        # (`kassa.events.decision_log.decision_id_time`). The second's part is made once a second; hex() of it and the
+        # random bits takes ~180 ns, formatting 96 random bits (ids before) ~245 ns, int(now) each time ~340 ns.
+        if not self._id_from <= now < self._id_until:
+            self._id_from = float(int(now))
+            self._id_until = self._id_from + 1.0
+            self._id_base = decision_id_base(now)
+        decision_id = hex(self._id_base | self._ids.getrandbits(64))[3:]
         took_ms = (time.perf_counter() - t0) * 1000.0
         response = schemas.DecisionResponse(
             decision_id, placement.id, version, out, ranking.explored, fallback, round(took_ms, 3)

@@ -13,6 +13,9 @@ A closed hour's small files are merged into one ``part-<start ms>-c<end ms>[-s<f
 Until those are removed, both are in the directory: every reader lists the files with `decision_files`, which
 leaves out the small files a merged file covers, and reads again when a listed file was removed meanwhile
 (`read_log`), so a read sees every decision once.
+
+A decision id starts with the second the decision was made (`decision_id_base`), so a lookup by id
+(`find_decision`, the dashboard's explorer) reads only that date's partition (`lookup_partitions`).
 """
 
 from __future__ import annotations
@@ -334,16 +337,70 @@ def read_log(read: Callable[[], _T], attempts: int = 5) -> _T:
     raise AssertionError("unreachable")
 
 
-def find_decision(root: Path, decision_id: str) -> DecisionRecord | None:
-    """One logged decision by id, searching the newest date partitions first (ids carry no date, so a
-    decision from long ago costs a scan of every partition; DuckDB reads only the ``decision_id`` column
-    until it finds it). ``None`` when it is not in the files."""
+# ------------------------------------------------------------------ decision ids and the lookup by id
+# A decision id is 24 hex digits: the unix second the decision was made (its record's ``ts``, so the date partition
+# it is written to), 8 digits big-endian, then 64 random bits: `kassa.decide.engine` makes it from `decision_id_base`
+# (once a second) and 64 random bits; the lookup reads the time back and opens that date's partition only.
+ID_LENGTH = 24
+# No id made by a Kassa that put the time in it is older than this (2026-12-01 UTC): a smaller prefix is an id of the
+# random form made before, whose first 8 digits mean nothing.
+ID_TIME_FROM = 1_796_083_200
+# An id of the random form is looked for in the date partitions of this many days before now, newest first
+# (``decision_lookup_days``): what bounds the cost of any lookup.
+LOOKUP_DAYS = 30.0
+# The partitions either side of an id's time that are read too, should a writer have dated its record differently.
+_ID_SKEW_SECONDS = 3600.0
+_HEX_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def decision_id_base(now: float) -> int:
+    """The part of the ids made in ``now``'s second: ``hex(base | 64 random bits)[3:]`` is the id (the 1 above the
+    second's 32 bits keeps hex() from dropping leading zeros, and ``[3:]`` drops it with the ``0x``)."""
+    return 1 << 96 | (int(now) & 0xFFFFFFFF) << 64
+
+
+def decision_id_time(decision_id: str) -> int | None:
+    """The unix second a decision id says it was made; None for an id that is not 24 lowercase hex digits, or whose
+    first 8 are before `ID_TIME_FROM` (the random ids made before ids carried their time)."""
+    if len(decision_id) != ID_LENGTH or _HEX_ID.fullmatch(decision_id) is None:
+        return None
+    t = int(decision_id[:8], 16)
+    return t if t >= ID_TIME_FROM else None
+
+
+def lookup_partitions(directory: Path, decision_id: str, now: float | None = None,
+                      lookback_days: float = LOOKUP_DAYS) -> list[Path]:
+    """The date partitions of ``directory`` (``<root>/decisions``) a decision with this id can be in, in the order to
+    read them: an id whose time is at most `_ID_SKEW_SECONDS` after ``now``, the partition of that time and its
+    neighbours that exist (at most two); any other id (the random form, or a time whose partitions do not exist),
+    the partitions from ``lookback_days`` before ``now`` on, newest first. An id of the random form whose first 8
+    digits happen to read as a time since `ID_TIME_FROM` with a partition is looked for there only (about 1 in
+    50,000 such ids per day of log since then)."""
+    now = time.time() if now is None else now
+    directory = Path(directory)
+    t = decision_id_time(decision_id)
+    if t is not None and t <= now + _ID_SKEW_SECONDS:
+        dates = dict.fromkeys(_utc_date(s) for s in (t, t - _ID_SKEW_SECONDS, t + _ID_SKEW_SECONDS))
+        own = [p for d in dates if (p := directory / f"date={d}").is_dir()]
+        if own:
+            return own
+    first = _utc_date(now - lookback_days * 86400.0)
+    try:
+        names = [e.name for e in os.scandir(directory) if e.is_dir() and e.name.startswith("date=")]
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in sorted(names, reverse=True) if n[5:] >= first]
+
+
+def find_decision(root: Path, decision_id: str, now: float | None = None,
+                  lookback_days: float = LOOKUP_DAYS) -> DecisionRecord | None:
+    """One logged decision by id, read from the partitions `lookup_partitions` names: the one of the id's time, or
+    for an id without one the last ``lookback_days`` (from ``now``) newest first, so no lookup reads the whole
+    history (DuckDB reads only the ``decision_id`` column until it finds it). ``None`` when it is not there."""
     import duckdb
 
-    base = Path(root) / "decisions"
-    dates = sorted((d for d in base.glob("date=*") if d.is_dir()), reverse=True)
     with duckdb.connect() as con:
-        for date_dir in dates:
+        for date_dir in lookup_partitions(Path(root) / "decisions", decision_id, now, lookback_days):
             def find(date_dir: Path = date_dir) -> pa.Table | None:
                 files = decision_files(date_dir)
                 if not files:

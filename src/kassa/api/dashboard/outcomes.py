@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -45,7 +46,7 @@ from kassa.api.dashboard.decision_window import DecisionLogWindow, DecisionRow
 from kassa.api.dashboard.event_window import SqliteEventWindow
 from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
-from kassa.events.decision_log import log_files, parquet_list, read_log
+from kassa.events.decision_log import decision_files, log_files, lookup_partitions, parquet_list, read_log
 from kassa.events.jetstream_log import JetStreamEventLog
 from kassa.events.log import SqliteEventLog, events_table
 
@@ -186,12 +187,18 @@ class Outcomes:
         return self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen", limit,
                                      from_day=_day(since))
 
-    def _source(self, from_day: str | None = None, path: str | None = None) -> str | None:
-        """The log as a DuckDB table: its partitions from ``from_day`` on (all: None), or one of its files; None when
-        there is nothing to read. Partitions are listed here: DuckDB opens the first file of a glob to bind the query
-        even when a filter on ``date`` then prunes it, and a parameter in that filter pruned nothing."""
+    def _source(self, from_day: str | None = None, path: str | None = None,
+                partitions: list[Path] | None = None) -> str | None:
+        """The log as a DuckDB table: its partitions from ``from_day`` on (all: None), the ``partitions`` given, or
+        one of its files; None when there is nothing to read. Partitions are listed here: DuckDB opens the first file
+        of a glob to bind the query even when a filter on ``date`` then prunes it, and a parameter in that filter
+        pruned nothing."""
         if path is not None:
             globs = [path]
+        elif partitions is not None:
+            globs = [f for part in partitions for f in decision_files(part)]
+            if not globs:
+                return None
         else:
             # the files, not a glob: a small file a compacted hour's file covers is left out (`decision_files`)
             globs = log_files(self.decisions_dir, from_day)
@@ -200,8 +207,10 @@ class Outcomes:
         return f"read_parquet({parquet_list(globs)}, hive_partitioning = true, hive_types = {{'date': DATE}})"
 
     def _query_decisions(self, where: str, params: list[Any], columns: str, limit: int,
-                         path: str | None = None, from_day: str | None = None) -> list[tuple]:
-        """A query of the log (its partitions from ``from_day`` on), or of one of its files (``path``)."""
+                         path: str | None = None, from_day: str | None = None,
+                         partitions: list[Path] | None = None) -> list[tuple]:
+        """A query of the log (its partitions from ``from_day`` on, or the ``partitions`` given), or of one of its
+        files (``path``)."""
         import duckdb  # as in read_decisions: only the offline side and the dashboard need it
 
         self.kassa.decision_log.flush()
@@ -209,7 +218,7 @@ class Outcomes:
         def query() -> list[tuple]:
             if path is not None and not os.path.exists(path):  # merged by compaction: the caller reads the log
                 return []
-            source = self._source(from_day, path)
+            source = self._source(from_day, path, partitions)
             if source is None:
                 return []
             sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}"
@@ -417,8 +426,10 @@ class Outcomes:
             path = self.decision_window.file_of(decision_id, self.kassa.clock())
             if path is not None:
                 rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1, path)
-        if not rows:
-            rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1)
+        if not rows:  # the partitions the id can be in (`lookup_partitions`), never the whole history
+            partitions = lookup_partitions(self.decisions_dir, decision_id, self.kassa.clock(),
+                                           self.kassa.settings.decision_lookup_days)
+            rows = self._query_decisions("decision_id = ?", [decision_id], columns, 1, partitions=partitions)
         if not rows:
             return None
         names = [c.strip() for c in columns.split(",")]
