@@ -105,6 +105,12 @@ class DecisionResponse(Struct):
 
 # --------------------------------------------------------------------------- events
 class Event(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """An outcome of a decision (``impression``, ``click``, ``accept``, ``dismiss``, ``conversion``, naming its
+    ``decision_id`` and ``offer_id``), a placed ``order``, or a ``refund``: an order cancelled or refunded,
+    given as ``order`` with the order's ``id`` and the refunded ``items`` (none: the whole order). A refund
+    takes back the conversion that order credited while the decision's reward window is open (for a
+    ``value`` reward, by the refunded amount); later it is stored and counted, and the learner keeps it."""
+
     event_id: Id
     type: EventType
     decision_id: Id | None = None
@@ -125,6 +131,9 @@ class EventAck(Struct):
     # Accepted outcome events whose `decision_id` this process does not hold open: unknown, or past its
     # reward window (or made before a restart). They are stored, but no reward will join them.
     unknown_decisions: int = 0
+    # Accepted refund events whose order holds no conversion of a decision still open: past the reward window,
+    # an order that converted nothing, or one not seen yet. Stored; no reward changed. Absent when 0.
+    unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class WebhookAck(Struct):

@@ -72,6 +72,10 @@ class SharedRewardJoiner:
         (a documented limit of ``state.backend: redis``)."""
         return True
 
+    # Refund events are stored but take no conversion back over the Redis join state yet (its credits are
+    # summed per offer, not kept per order): docs/learning.md says so.
+    takes_back_refunds = False
+
     def register(self, pending: PendingDecision) -> None:
         self._registered.append(pending)
 
