@@ -137,13 +137,14 @@ class EventAck(Struct):
 
 
 class WebhookAck(Struct):
-    """The 200 of ``POST /v1/webhooks/{platform}``: an ``EventAck`` for an order, or ``ignored: 1`` (and no
-    ``unknown_decisions``) for a verified delivery that is no order to count: another topic, an order not
-    placed yet, a test notification, a ping."""
+    """The 200 of ``POST /v1/webhooks/{platform}``: an ``EventAck`` for an order, a cancellation or a refund,
+    or ``ignored: 1`` (and no ``unknown_decisions``) for a verified delivery that is nothing to count: another
+    topic, an order not placed yet, a test notification, a refund of money only (no line), a ping."""
 
     accepted: int
     duplicates: int
     unknown_decisions: int | msgspec.UnsetType = msgspec.UNSET
+    unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET  # as in EventAck
     ignored: int | msgspec.UnsetType = msgspec.UNSET
     lines_dropped: int | msgspec.UnsetType = msgspec.UNSET  # an order past 500 lines: how many were left out
 

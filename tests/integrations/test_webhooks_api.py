@@ -299,7 +299,8 @@ def test_a_subscription_to_another_topic_is_said_once_in_the_log(hooks, clock, c
         for _ in range(3):
             hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/paid"))
     [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
-    assert "'orders/paid' is acknowledged and ignored: Kassa reads orders/create" in line
+    assert ("'orders/paid' is acknowledged and ignored: Kassa reads orders/cancelled, orders/create, "
+            "refunds/create") in line
 
 
 def test_an_order_not_placed_yet_is_said_once_in_the_log(hooks, clock, caplog):
