@@ -112,7 +112,7 @@ class Kassa:
         joiner = self.joiner
         self.metrics.refunds = lambda: ({"taken_back": getattr(joiner, "refunds_taken_back", 0),
                                          "unmatched": getattr(joiner, "refunds_unmatched", 0)}
-                                        if getattr(joiner, "takes_back_refunds", True) else {})
+                                        if hasattr(joiner, "refunds_unmatched") else {})
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         self.decision_log: DecisionSink = (
             DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,

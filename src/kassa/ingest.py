@@ -112,7 +112,8 @@ class EventIngest:
                 self._warn_stream("online store write failed after the durable append; the events are "
                                   "acknowledged and their rows are written from the log tail", exc)
         ack = schemas.EventAck(len(result.new), result.duplicates, unknown)
-        if unmatched and getattr(self.joiner, "takes_back_refunds", True):
+        # A joiner that applies events later (Redis state, `kassa learn`) cannot say at once: it counts them.
+        if unmatched and getattr(self.joiner, "answers_refunds", True):
             # Stored for OPE and reports that read events, but no open decision's reward changed: its order
             # converted nothing still open (past the reward window, never a conversion, or not seen yet).
             ack.unmatched_refunds = unmatched

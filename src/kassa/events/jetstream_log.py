@@ -525,7 +525,7 @@ class JoinRecordPublisher(BufferedPublisher[PendingDecision]):
         if self._idle:
             self._appended()
 
-    takes_back_refunds = False  # the learner applies refunds (as outcomes) from the stream
+    answers_refunds = False  # the learner applies refunds (as outcomes) from the stream
 
     def observe(self, _event: object) -> int:
         return 0
