@@ -66,8 +66,9 @@ def test_a_partial_refund_reduces_a_value_reward_by_the_refunded_amount():
 def test_a_fixed_weight_conversion_stays_while_a_unit_is_kept_and_goes_to_the_default_with_the_last():
     joiner = joiner_with(FIXED)
     joiner.observe(bought())
-    joiner.observe(refund("r-1", "o-1", ("SERUM-C", 1, 19.0)))
+    assert joiner.observe(refund("r-1", "o-1", ("SERUM-C", 1, 19.0))) == 1  # one of two units: not unmatched
     assert joiner._summed(joiner._pending["d1"]) == {"serum": 2.0}
+    assert (joiner.refunds_taken_back, joiner.refunds_unmatched) == (1, 0)
     joiner.observe(refund("r-2", "o-1", ("SERUM-C", 1, 19.0)))
     assert closed(joiner) == {"serum": -0.5, "cream": -0.5}  # as if never converted: the placement's default
 

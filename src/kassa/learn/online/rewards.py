@@ -179,7 +179,6 @@ class RewardJoiner:
                     key = keys.get(offer_id)
                     if refund.items and (key is None or key not in quantities):
                         continue  # this product was kept
-                    before = credit[0]
                     left = refund_conversion(credit, (amounts[key], quantities[key]) if refund.items and key
                                              else None, by_value)
                     if left is None:
@@ -187,7 +186,8 @@ class RewardJoiner:
                         pending.outcomes -= 1
                     else:
                         credit[0] = left
-                    touched = touched or left != before
+                    # taken back even when a fixed weight stays (a unit kept): a later refund finds fewer units
+                    touched = True
                 if not by_offer:
                     del pending.conversions[refund.id]  # type: ignore[union-attr]
                     self._forget(self._by_order, refund.id, decision_id)
