@@ -178,6 +178,9 @@ class HttpConnector(ABC):
     def is_order_topic(self, topic: str) -> bool:
         return topic in self.order_topics
 
+    def is_refund_topic(self, topic: str) -> bool:
+        return topic in self.refund_topics
+
     def is_placed(self, payload: Mapping[str, Any]) -> bool:
         """Whether a verified order-topic payload is a placed order. Platforms that send an order before it is
         placed (WooCommerce: a checkout draft, an unpaid order) say no, and the delivery is acknowledged and

@@ -127,7 +127,8 @@ class WebhookReceiver:
         delivery = connector.verify(headers, raw_body)
         is_order_topic = getattr(connector, "is_order_topic", None)
         reads_order = is_order_topic is None or is_order_topic(delivery.topic)
-        reads_refund = delivery.topic in getattr(connector, "refund_topics", ())
+        is_refund_topic = getattr(connector, "is_refund_topic", None)
+        reads_refund = is_refund_topic is not None and is_refund_topic(delivery.topic)
         if delivery.topic == "ping" or not (reads_order or reads_refund):
             if delivery.topic != "ping":
                 self._warn_topic(platform, delivery.topic, connector)
