@@ -181,3 +181,19 @@ def test_a_refund_without_an_order_or_decision_is_refused_naming_the_field(api):
     response = api.post("/v1/events", json={"events": [{"event_id": "r", "type": "refund"}]})
     assert response.status_code == 422
     assert response.json()["field"] == "events[0].order" and "refunded order's `id`" in response.json()["detail"]
+
+
+def test_kassa_train_replays_the_refund_with_the_log_and_joins_the_same_reduced_reward(api, kassa, clock):
+    from kassa.learn.offline.dataset import load_logged
+
+    decision_id = serum_decision(api)
+    clock.advance(10)
+    post(api, serum_order(clock), {"event_id": "refund-1", "type": "refund", "timestamp": clock() + 1,
+                                   "order": {"id": "5002", "items": [SERUM_LINE]}})
+    assert kassa.decision_log is not None
+    kassa.decision_log.flush()
+    snap = kassa.catalog.snapshot
+    data = load_logged(kassa.settings.data_path, snap.placements["order_confirmation"].placement,
+                       lambda o: (snap.offers[o].product_id or snap.offers[o].sku), until=clock() + 86_400.0)
+    i = data.decision_ids.index(decision_id)
+    assert dict(zip(data.chosen[i], data.rewards[i], strict=True))["serum-upsell"] == 19.0  # 38.00 less 19.00
