@@ -110,6 +110,57 @@ async def test_an_order_posted_to_the_other_process_converts_a_shown_product(pai
     assert rewards["serum-upsell"] > 0 and rewards["discount"] == 0.0
 
 
+async def _serum_decision(k: Kassa, customer: str) -> str:
+    response = await k.engine.decide(_request(customer=customer, candidates=["serum-upsell", "discount"],
+                                              order=order(categories=("skincare",), skus=("OTHER",))))
+    assert "serum-upsell" in [o.offer_id for o in response.offers]
+    return response.decision_id
+
+
+def _serum_order(event_id: str, order_id: str, customer: str, ts: float, qty: int = 2) -> dict:
+    return {"event_id": event_id, "type": "order", "customer": {"id": customer}, "timestamp": ts,
+            "order": {"id": order_id, "created_at": ts,
+                      "items": [{"sku": "SERUM-C", "product_id": "p-1", "qty": qty, "price": 19.0}]}}
+
+
+def _refund(event_id: str, order_id: str, qty: int | None = None) -> dict:
+    items = [] if qty is None else [{"sku": "SERUM-C", "product_id": "p-1", "qty": qty, "price": 19.0}]
+    return {"event_id": event_id, "type": "refund", "order": {"id": order_id, "items": items}}
+
+
+async def test_refunds_posted_to_the_other_process_take_conversions_back_count_exact(pair):
+    """The Redis join state keeps each order's conversion apart, so a refund (to any process) takes back
+    what the embedded joiner would: all of a cancelled order, the refunded amount of a value reward, nothing
+    twice, nothing of an unknown order; in one batch with its order too."""
+    a, b, clock = pair
+    kept, cancelled, partial, same_batch = [await _serum_decision(a, f"c-r{i}") for i in range(4)]
+    clock.advance(5)
+    await b.events.ingest(_events(*[_serum_order(f"o{i}", f"ord-{i}", f"c-r{i}", clock()) for i in range(3)]))
+    await a.events.ingest(_events(_refund("r1", "ord-1")))
+    for _ in range(2):  # a replayed refund is a duplicate
+        await b.events.ingest(_events(_refund("r2", "ord-2", qty=1)))
+    # the cancellation again under another id (Shopify's refunds/create after orders/cancelled), an unknown order
+    await a.events.ingest(_events(_refund("r3", "ord-1"), _refund("r4", "never-seen")))
+    await b.events.ingest(_events(_serum_order("o3", "ord-3", "c-r3", clock()), _refund("r5", "ord-3", qty=2)))
+    shared = [a.state.shared, b.state.shared]
+    assert sum(j.refunds_taken_back for j in shared) == 3 and sum(j.refunds_unmatched for j in shared) == 2
+    clock.advance(61)
+    await a.state.shared.claim()
+    rewards = {(ex.decision_id, ex.offer_id): ex.reward for ex in a.joiner.expire(clock())}
+    assert rewards[(kept, "serum-upsell")] == 38.0
+    assert rewards[(cancelled, "serum-upsell")] == 0.0
+    assert rewards[(partial, "serum-upsell")] == 19.0
+    assert rewards[(same_batch, "serum-upsell")] == 0.0
+    assert a.state.shared.closed_with_outcome == 2  # the cancelled and same-batch ones converted nothing left
+    client = redis.Redis.from_url(a.settings.state.redis_url)
+    try:  # the conversions' order index goes with the decisions
+        assert [k for k in client.scan_iter(match=f"{a.settings.state.key_prefix}:join:o:*")] == []
+    finally:
+        client.close()
+    await b.events.ingest(_events(_refund("r6", "ord-0")))  # after the window: learned as it was
+    assert sum(j.refunds_unmatched for j in shared) == 3
+
+
 async def test_a_frequency_cap_holds_across_both_processes(pair):
     a, b, _ = pair
     body = {"customer": "c-cap", "candidates": ["subscription", "discount"], "order": order(categories=("skincare",))}

@@ -109,6 +109,10 @@ class Kassa:
         self.metrics.dropped_state_writes = lambda: getattr(decision_state, "dropped", 0)
         self.models = ModelStore()
         self.joiner = self.state.joiner
+        joiner = self.joiner
+        self.metrics.refunds = lambda: ({"taken_back": getattr(joiner, "refunds_taken_back", 0),
+                                         "unmatched": getattr(joiner, "refunds_unmatched", 0)}
+                                        if hasattr(joiner, "refunds_unmatched") else {})
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         self.decision_log: DecisionSink = (
             DecisionLogWriter(data, flush_seconds=settings.decision_log_flush_seconds,

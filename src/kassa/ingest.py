@@ -76,6 +76,10 @@ class EventIngest:
                 raise errors.Invalid(f"unknown offer {event.offer_id!r}", f"events[{i}].offer_id")
             if event.type == "order" and event.order is None:
                 raise errors.Invalid("an order event needs an `order`", f"events[{i}].order")
+            if event.type == "refund" and event.order is None and event.decision_id is None:
+                raise errors.Invalid("a refund event needs an `order`: the refunded order's `id`, and its "
+                                     "refunded `items` (none for the whole order, a cancellation)",
+                                     f"events[{i}].order")
             if event.type in ("accept", "click", "dismiss", "impression") and event.decision_id is None:
                 raise errors.Invalid(f"{errors.with_article(event.type)} event needs a `decision_id`",
                                      f"events[{i}].decision_id")
@@ -88,9 +92,13 @@ class EventIngest:
         self.validate(batch, bound_times)
         result = await self.log.append(batch.events, self.clock())
         unknown = sum(1 for e in result.new
-                      if e.decision_id is not None and e.type != "order" and not self.joiner.is_open(e.decision_id))
+                      if e.decision_id is not None and e.type != "order" and not (e.type == "refund" and e.order)
+                      and not self.joiner.is_open(e.decision_id))
+        unmatched = 0
         for event in result.new:
-            self.apply(event)
+            changed = self.apply(event)
+            if event.type == "refund" and event.order is not None and not changed:
+                unmatched += 1
         if self.after_apply is not None and result.new:
             await self.after_apply()
         if self.stream is not None and result.new:
@@ -103,12 +111,20 @@ class EventIngest:
                 self.stream_failures += 1
                 self._warn_stream("online store write failed after the durable append; the events are "
                                   "acknowledged and their rows are written from the log tail", exc)
-        return schemas.EventAck(len(result.new), result.duplicates, unknown)
+        ack = schemas.EventAck(len(result.new), result.duplicates, unknown)
+        # A joiner that applies events later (Redis state, `kassa learn`) cannot say at once: it counts them.
+        if unmatched and getattr(self.joiner, "answers_refunds", True):
+            # Stored for OPE and reports that read events, but no open decision's reward changed: its order
+            # converted nothing still open (past the reward window, never a conversion, or not seen yet).
+            ack.unmatched_refunds = unmatched
+        return ack
 
-    def apply(self, event: schemas.Event, learn: bool = True) -> None:
-        """Apply one stored event. ``learn=False`` when replaying: old decisions are gone."""
+    def apply(self, event: schemas.Event, learn: bool = True) -> int:
+        """Apply one stored event; returns how many open decisions' rewards it changed. ``learn=False`` when
+        replaying: old decisions are gone."""
+        changed = 0
         if learn:
-            self.joiner.observe(event)
+            changed = self.joiner.observe(event)
         if event.type == "order" and event.order is not None:
             order = event.order
             customer_id = (event.customer.id if event.customer else None) or order.customer_id
@@ -118,6 +134,7 @@ class EventIngest:
             self.retriever.observe_order(order, customer_id, ts)
         if learn and self.on_event is not None:  # a replayed event was counted when it was accepted
             self.on_event(event)
+        return changed
 
     def replay(self, batch_size: int = 5000, after: int = 0) -> int:
         """Rebuild in-memory state (profiles, retrieval) from the durable log at start: the order events

@@ -105,6 +105,12 @@ class DecisionResponse(Struct):
 
 # --------------------------------------------------------------------------- events
 class Event(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """An outcome of a decision (``impression``, ``click``, ``accept``, ``dismiss``, ``conversion``, naming its
+    ``decision_id`` and ``offer_id``), a placed ``order``, or a ``refund``: an order cancelled or refunded,
+    given as ``order`` with the order's ``id`` and the refunded ``items`` (none: the whole order). A refund
+    takes back the conversion that order credited while the decision's reward window is open (for a
+    ``value`` reward, by the refunded amount); later it is stored and counted, and the learner keeps it."""
+
     event_id: Id
     type: EventType
     decision_id: Id | None = None
@@ -125,16 +131,20 @@ class EventAck(Struct):
     # Accepted outcome events whose `decision_id` this process does not hold open: unknown, or past its
     # reward window (or made before a restart). They are stored, but no reward will join them.
     unknown_decisions: int = 0
+    # Accepted refund events whose order holds no conversion of a decision still open: past the reward window,
+    # an order that converted nothing, or one not seen yet. Stored; no reward changed. Absent when 0.
+    unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class WebhookAck(Struct):
-    """The 200 of ``POST /v1/webhooks/{platform}``: an ``EventAck`` for an order, or ``ignored: 1`` (and no
-    ``unknown_decisions``) for a verified delivery that is no order to count: another topic, an order not
-    placed yet, a test notification, a ping."""
+    """The 200 of ``POST /v1/webhooks/{platform}``: an ``EventAck`` for an order, a cancellation or a refund,
+    or ``ignored: 1`` (and no ``unknown_decisions``) for a verified delivery that is nothing to count: another
+    topic, an order not placed yet, a test notification, a refund of money only (no line), a ping."""
 
     accepted: int
     duplicates: int
     unknown_decisions: int | msgspec.UnsetType = msgspec.UNSET
+    unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET  # as in EventAck
     ignored: int | msgspec.UnsetType = msgspec.UNSET
     lines_dropped: int | msgspec.UnsetType = msgspec.UNSET  # an order past 500 lines: how many were left out
 

@@ -179,3 +179,69 @@ def test_a_guest_order_matches_a_decision_by_email_sha256():
     assert example.reward == 19.0 and len(joiner) == 0
     assert joiner.observe(schemas.Event("e2", "order", customer=schemas.Customer(email_sha256=email),
                                         order=guest_order)) == 0  # closed and forgotten
+
+
+# --------------------------------------------------------------------------- Shopify cancellations and refunds
+def shopify(client: TestClient, topic: str, payload: dict[str, Any], secret: str = SHOPIFY_SECRET) -> Any:
+    body = json.dumps(payload).encode()
+    return client.post("/v1/webhooks/shopify", content=body,
+                       headers={"X-Shopify-Hmac-Sha256": sign_b64(secret, body), "X-Shopify-Topic": topic,
+                                "X-Shopify-Webhook-Id": f"w-{topic}-{payload['id']}"})
+
+
+def refund_body(refund_id: int, qty: int, order_id: int = 5002) -> dict[str, Any]:
+    # The refunds/create body: the refund, each refunded line with the order's line_item it refunds.
+    return {"id": refund_id, "order_id": order_id, "created_at": "2026-12-07T10:00:00-05:00", "note": "return",
+            "refund_line_items": [{"id": 9, "line_item_id": 1, "quantity": qty, "subtotal": 19.0 * qty,
+                                   "line_item": SERUM_LINE | {"quantity": 2}}],
+            "transactions": [{"kind": "refund", "amount": f"{19.0 * qty:.2f}"}]}
+
+
+def test_a_shopify_cancellation_in_the_window_takes_the_conversion_back(app_client, kassa, clock, joined):
+    kept, cancelled = decide(app_client), decide(app_client, customer="c-cancel")
+    clock.advance(10)
+    webhook(app_client, created=clock())
+    webhook(app_client, created=clock(), order_id=5003, customer="c-cancel")
+    cancel = fixture("shopify", "orders_create.json") | {"id": 5003, "cancelled_at": "2026-12-07T10:00:00Z",
+                                                         "cancel_reason": "customer"}
+    response = shopify(app_client, "orders/cancelled", cancel)
+    assert response.status_code == 200 and response.json() == {"accepted": 1, "duplicates": 0,
+                                                               "unknown_decisions": 0}
+    [event] = [e for _, e in kassa.event_log.read() if e.type == "refund"]
+    assert event.event_id == "shopify:cancel:5003" and event.order is not None and event.order.items == []
+    close_all(kassa, clock)
+    assert rewards_of(joined, kept["decision_id"])["serum-upsell"] == 19.0
+    assert rewards_of(joined, cancelled["decision_id"])["serum-upsell"] == 0.0
+
+
+def test_a_shopify_partial_refund_reduces_the_value_reward_once_however_often_delivered(
+        app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(10)
+    webhook(app_client, created=clock(), lines=[SERUM_LINE | {"quantity": 2}])
+    assert shopify(app_client, "refunds/create", refund_body(801, 1)).json()["accepted"] == 1
+    assert shopify(app_client, "refunds/create", refund_body(801, 1)).json() == {
+        "accepted": 0, "duplicates": 1, "unknown_decisions": 0}
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 19.0  # 38.00 bought, 19.00 refunded
+
+
+def test_a_shopify_refund_after_the_window_or_of_money_only_changes_no_learned_reward(
+        app_client, kassa, clock, joined):
+    decision = decide(app_client)
+    clock.advance(10)
+    webhook(app_client, created=clock())
+    money_only = refund_body(802, 1) | {"refund_line_items": []}  # shipping refunded: no line taken back
+    assert shopify(app_client, "refunds/create", money_only).json() == {"accepted": 0, "duplicates": 0,
+                                                                         "ignored": 1}
+    close_all(kassa, clock)
+    assert shopify(app_client, "refunds/create", refund_body(803, 1)).json() == {
+        "accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 19.0
+    assert (kassa.joiner.refunds_taken_back, kassa.joiner.refunds_unmatched) == (0, 1)
+
+
+def test_a_shopify_refund_signed_with_another_secret_is_refused_and_changes_nothing(app_client, kassa):
+    response = shopify(app_client, "refunds/create", refund_body(804, 1), secret="not-the-secret")
+    assert response.status_code == 401
+    assert [e for _, e in kassa.event_log.read()] == []

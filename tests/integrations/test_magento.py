@@ -664,3 +664,32 @@ def test_magento_webhooks_stay_off_without_a_client_id(tmp_path: Any, catalog_fi
     with TestClient(create_app(Kassa(settings))) as client:
         r = client.post("/v1/webhooks/magento", content=b"{}", headers={"content-type": "application/json"})
         assert r.status_code == 404 and "ADOBE_CLIENT_ID" in r.json()["detail"]
+
+
+def test_a_signed_credit_memo_becomes_a_refund_of_its_refunded_lines_and_a_forged_one_is_refused(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # A credit memo lists every line of the order (not refunded: qty 0) and a configurable product twice (the
+    # priced parent line and its child at 0, the same SKU): only the priced lines with a quantity are refunded.
+    client, kassa, _ = magento_app
+    memo = {"entity_id": 21, "increment_id": "000000021", "order_id": 4, "created_at": "2025-01-04 09:00:00",
+            "items": [{"sku": "24-WG085", "product_id": 7, "qty": "2.0000", "price": "15.0000"},
+                      {"sku": "24-MB01", "product_id": 1, "qty": "0.0000", "price": "34.0000"},
+                      {"sku": "WJ12-S-Blue", "product_id": 1236, "qty": "1.0000", "price": "31.0000"},
+                      {"sku": "WJ12-S-Blue", "product_id": 1220, "qty": "1.0000", "price": "0.0000"}]}
+    body = _live_event(type="com.adobe.commerce.observer.sales_order_creditmemo_save_after",
+                       data={"value": memo}, id="memo-21")
+    response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}
+    [event] = [e for _, e in kassa.event_log.read()]
+    assert (event.type, event.event_id) == ("refund", "magento:refund:21")
+    assert event.order is not None and event.order.id == "4"
+    assert [(i.sku, i.product_id, i.qty, i.price) for i in event.order.items] == [
+        ("24-WG085", "7", 2, 15.0), ("WJ12-S-Blue", "1236", 1, 31.0)]
+    adjustment = _live_event(type="com.adobe.commerce.observer.sales_order_creditmemo_save_after",
+                             data={"value": memo | {"entity_id": 22, "items": []}}, id="memo-22")
+    assert client.post("/v1/webhooks/magento", content=adjustment,
+                       headers=adobe_headers(keys, adjustment)).json() == {"accepted": 0, "duplicates": 0, "ignored": 1}
+    forged = adobe_headers(keys, body, signer1="attacker", signer2="attacker")
+    assert client.post("/v1/webhooks/magento", content=body, headers=forged).status_code == 401
+    assert kassa.event_log.count() == 1

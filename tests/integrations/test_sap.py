@@ -419,3 +419,25 @@ def test_webhook_endpoint_refuses_bad_signatures_and_writes_nothing(sap_app: Any
         response = client.post("/v1/webhooks/sap", content=body, headers=headers)
         assert response.status_code == status, response.text
     assert kassa.event_log.count() == 0
+
+
+def test_an_order_saved_as_cancelled_becomes_a_refund_of_the_whole_order_once(sap_app: Any) -> None:
+    # An ItemSavedEvent webhook (ce-type …Updated…) of the order with the integration object's `status`.
+    client, kassa = sap_app
+    updated = "sap.cx.commerce.KassaOrder.Updated.v1"
+    client.post("/v1/webhooks/sap", content=WEBHOOK_BODY, headers=delivery_headers(WEBHOOK_BODY, time.time()))
+    cancelled = json.dumps(load_fixture("webhook_order.json") | {"status": {"code": "CANCELLED"}}).encode()
+    first = client.post("/v1/webhooks/sap", content=cancelled,
+                        headers=delivery_headers(cancelled, time.time(), ce_type=updated))
+    assert first.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}
+    again = client.post("/v1/webhooks/sap", content=cancelled,
+                        headers=delivery_headers(cancelled, time.time(), ce_type=updated))
+    assert again.json() == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
+    completed = json.dumps(load_fixture("webhook_order.json") | {"status": {"code": "COMPLETED"}}).encode()
+    assert client.post("/v1/webhooks/sap", content=completed,
+                       headers=delivery_headers(completed, time.time(), ce_type=updated)).json()["duplicates"] == 1
+    placed, refund = [e for _, e in kassa.event_log.read()]
+    assert placed.type == "order" and (refund.type, refund.event_id) == ("refund", "sap:cancel:00002004")
+    assert refund.order is not None and refund.order.items == []
+    forged = delivery_headers(cancelled, time.time(), secret="wrong", ce_type=updated)
+    assert client.post("/v1/webhooks/sap", content=cancelled, headers=forged).status_code == 401

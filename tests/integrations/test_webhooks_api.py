@@ -299,7 +299,8 @@ def test_a_subscription_to_another_topic_is_said_once_in_the_log(hooks, clock, c
         for _ in range(3):
             hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, topic="orders/paid"))
     [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
-    assert "'orders/paid' is acknowledged and ignored: Kassa reads orders/create" in line
+    assert ("'orders/paid' is acknowledged and ignored: Kassa reads orders/cancelled, orders/create, "
+            "refunds/create") in line
 
 
 def test_an_order_not_placed_yet_is_said_once_in_the_log(hooks, clock, caplog):
@@ -394,3 +395,21 @@ def test_two_long_order_ids_sharing_their_start_are_two_orders(hooks, kassa, clo
     body = shopify_body(clock(), id=ids[1])  # the same long order again: still one order
     again = hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body, delivery="d-9"))
     assert again.json()["duplicates"] == 1
+
+
+def test_a_woocommerce_order_updated_to_cancelled_or_refunded_takes_the_whole_order_back_once(hooks, kassa, clock):
+    placed = woo_body(clock(), "processing")
+    hooks.post("/v1/webhooks/woocommerce", content=placed, headers=woo_headers(placed))
+    for status, delivery, answer in (
+            ("cancelled", "w-2", {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}),
+            ("refunded", "w-3", {"accepted": 0, "duplicates": 1, "unknown_decisions": 0})):
+        body = woo_body(clock(), status)
+        response = hooks.post("/v1/webhooks/woocommerce", content=body,
+                              headers=woo_headers(body, delivery=delivery, event="updated"))
+        assert response.json() == answer, status  # unmatched: no decision was made for this buyer
+    order, refund = stored(kassa)
+    assert (order.type, refund.type, refund.event_id) == ("order", "refund", "woocommerce:cancel:727")
+    assert refund.order is not None and refund.order.id == "727" and refund.order.items == []
+    bad = woo_body(clock(), "cancelled")
+    forged = woo_headers(bad, secret="not-the-secret", delivery="w-4", event="updated")
+    assert hooks.post("/v1/webhooks/woocommerce", content=bad, headers=forged).status_code == 401

@@ -525,6 +525,8 @@ class JoinRecordPublisher(BufferedPublisher[PendingDecision]):
         if self._idle:
             self._appended()
 
+    answers_refunds = False  # the learner applies refunds (as outcomes) from the stream
+
     def observe(self, _event: object) -> int:
         return 0
 

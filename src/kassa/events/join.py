@@ -33,6 +33,9 @@ class PendingDecision:
     # while a canary serves: (version meant to serve, took_ms, model failed), for the guardrails of a learner
     # in another process (`kassa learn` reports it to its CanaryGuard as the in-process engine does directly)
     served: tuple[str, float, bool] | None = None
+    # what each order converted, kept apart from `rewards` so a refund can take it back while the decision is
+    # open: order id -> offer id -> [reward credited, amount bought, quantity bought] (`refund_conversion`)
+    conversions: dict[str, dict[str, list[float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +70,30 @@ def order_buyer(event: schemas.Event) -> tuple[str | None, str | None]:
     order = event.order
     customer = (event.customer.id if event.customer else None) or (order.customer_id if order else None)
     return customer, event.customer.email_sha256 if event.customer else None
+
+
+def order_quantities(order: schemas.Order) -> dict[str, int]:
+    """Each bought (or refunded) product's quantity, keyed as `order_amounts` keys its amount."""
+    qty: dict[str, int] = {}
+    for item in order.items:
+        for key in {item.sku, item.product_id or item.sku}:
+            qty[key] = qty.get(key, 0) + item.qty
+    return qty
+
+
+def refund_conversion(credit: list[float], refunded: tuple[float, int] | None, by_value: bool) -> float | None:
+    """What is left of one order's conversion of one offer, ``credit`` = [reward, amount, quantity], after a
+    refund that took back ``refunded`` = (amount, quantity) of its product (None: the whole order, a
+    cancellation). Returns the reward left, or None when nothing of the product is kept (the conversion is
+    gone: the offer's reward falls back to its other outcomes, or the placement's default). A ``value`` reward
+    keeps the amount not refunded; a fixed weight stays whole while one unit is kept."""
+    if refunded is None:
+        return None
+    amount, qty = credit[1] - refunded[0], credit[2] - refunded[1]
+    credit[1], credit[2] = max(0.0, amount), max(0, qty)
+    if qty <= 0:
+        return None
+    return credit[1] if by_value else credit[0]
 
 
 def order_amounts(order: schemas.Order) -> dict[str, float]:

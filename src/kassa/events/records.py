@@ -74,6 +74,9 @@ class DecisionRecordLog:
         if not self._wake.is_set():  # an attribute read; set() (a lock and a notify) once per flush
             self._wake.set()
 
+    # Refunds are the learner's to apply too: `observe` cannot say whether one found an open conversion.
+    answers_refunds = False
+
     def observe(self, _event: object) -> int:
         """Outcome events are the learner's to join (it tails the event log): nothing to do here."""
         return 0

@@ -1,8 +1,8 @@
 """The canonical commerce model and the connector protocol every platform module implements.
 
-Owns: ``Order`` / ``OrderLine`` / ``Product`` (money as ``Decimal``, times as tz-aware UTC), the
-conversion of those to Kassa's wire types (``schemas.Event`` of type ``order``, ``schemas.Offer`` of kind
-``product``), the ``Connector`` protocol (verify a webhook, parse payloads, page the catalog, fetch one
+Owns: ``Order`` / ``OrderLine`` / ``Refund`` / ``Product`` (money as ``Decimal``, times as tz-aware UTC), the
+conversion of those to Kassa's wire types (``schemas.Event`` of type ``order`` or ``refund``, ``schemas.Offer``
+of kind ``product``), the ``Connector`` protocol (verify a webhook, parse payloads, page the catalog, fetch one
 order, audit credentials), the audit result type and the integration error hierarchy.
 
 Raw e-mail addresses never leave a connector: ``email_sha256`` hashes them at parse time and only the
@@ -295,19 +295,56 @@ class Order:
         customer = None
         if self.customer_id is not None or self.email_sha256 is not None:
             customer = schemas.Customer(id=self.customer_id, email_sha256=self.email_sha256)
-        if len(event_id) > _MAX_ID:
-            # Cut to the id's bound, two long order ids sharing their first ~110 characters were one event id
-            # (the second order dropped as a duplicate): the cut keeps a digest of the whole id, still the same
-            # id for every delivery of the same order.
-            digest = hashlib.sha256(event_id.encode()).hexdigest()[:32]
-            event_id = f"{event_id[:_MAX_ID - 33]}~{digest}"
         return schemas.Event(
-            event_id=event_id,
+            event_id=bounded_event_id(event_id),
             type="order",
             value=float(self.total),
             timestamp=self.created_at.timestamp(),
             customer=customer,
             order=self.to_order(),
+        )
+
+
+def bounded_event_id(event_id: str) -> str:
+    """``event_id`` within the wire bound. Cut to the bound, two long order ids sharing their first ~110
+    characters were one event id (the second order dropped as a duplicate): the cut keeps a digest of the whole
+    id, still the same id for every delivery of the same order."""
+    if len(event_id) <= _MAX_ID:
+        return event_id
+    digest = hashlib.sha256(event_id.encode()).hexdigest()[:32]
+    return f"{event_id[:_MAX_ID - 33]}~{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """An order cancelled or refunded: ``lines`` are what was refunded (their SKU or product id, quantity and
+    unit price as the order's lines had them); none means the whole order. ``refund_id`` names one refund of
+    the order (a platform may refund an order several times); None for a cancellation, of which an order has
+    one."""
+
+    platform: str
+    order_id: str
+    refund_id: str | None
+    created_at: datetime
+    lines: tuple[OrderLine, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require_id(self.order_id, "order_id")
+        if self.refund_id is not None:
+            _require_id(self.refund_id, "refund_id")
+        if self.created_at.tzinfo is None:
+            raise PayloadError("created_at must be timezone-aware", "created_at")
+
+    def to_event(self) -> schemas.Event:
+        """The ``refund`` event Kassa ingests, named so re-deliveries deduplicate: ``{platform}:refund:{id}``,
+        or ``{platform}:cancel:{order id}``."""
+        name = f"refund:{self.refund_id}" if self.refund_id is not None else f"cancel:{self.order_id}"
+        return schemas.Event(
+            event_id=bounded_event_id(f"{self.platform}:{name}"),
+            type="refund",
+            timestamp=self.created_at.timestamp(),
+            order=schemas.Order(id=self.order_id, platform=self.platform,
+                                items=[line.to_item() for line in self.lines[:MAX_ORDER_LINES]]),
         )
 
 
@@ -395,7 +432,10 @@ class Connector(Protocol):
     confirmation-page snippet on this platform) and ``webhook_steps: list[str]`` (how to subscribe Kassa's
     webhook endpoint), both shown by ``kassa integrations audit``. ``WebhookReceiver`` reads three more on a
     verified delivery, each answered 200 ``ignored`` when it says no: ``is_order_topic(topic)``,
-    ``is_test(payload)`` (a test notification or test-mode order) and ``is_placed(payload)``.
+    ``is_test(payload)`` (a test notification or test-mode order) and ``is_placed(payload)``. A connector that
+    reads cancellations and refunds says which topics may carry one, ``is_refund_topic(topic)`` (by default
+    ``topic in refund_topics``), and gives ``parse_refund(topic, payload) -> Refund | None`` (None: this
+    delivery of the topic refunds nothing, e.g. a WooCommerce ``order.updated`` to another status).
     """
 
     platform: str

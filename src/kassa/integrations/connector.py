@@ -32,6 +32,7 @@ from kassa.integrations.base import (
     Order,
     PayloadError,
     Product,
+    Refund,
     WebhookDelivery,
 )
 from kassa.integrations.config import DEFAULT_REPLAY_WINDOW_SECONDS, ConfigError
@@ -63,6 +64,8 @@ class HttpConnector(ABC):
     api_name: ClassVar[str] = "platform API"  # named in "<platform>.<key> is required to call the …"
     # The webhook topics that mean "order placed"; other verified deliveries are acknowledged and ignored.
     order_topics: ClassVar[frozenset[str]] = frozenset({"order.created"})
+    # Topics that may cancel or refund an order (`parse_refund`); none unless the platform module reads them.
+    refund_topics: ClassVar[frozenset[str]] = frozenset()
     # What the audit reports when a probe needs a config value that is not set.
     config_error_status: ClassVar[AuditStatus] = "missing_scope"
 
@@ -175,11 +178,19 @@ class HttpConnector(ABC):
     def is_order_topic(self, topic: str) -> bool:
         return topic in self.order_topics
 
+    def is_refund_topic(self, topic: str) -> bool:
+        return topic in self.refund_topics
+
     def is_placed(self, payload: Mapping[str, Any]) -> bool:
         """Whether a verified order-topic payload is a placed order. Platforms that send an order before it is
         placed (WooCommerce: a checkout draft, an unpaid order) say no, and the delivery is acknowledged and
         ignored; the placed order arrives later under the same id."""
         return True
+
+    def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
+        """The cancellation or refund a verified ``refund_topics`` delivery carries; None when it takes back no
+        line of the order (the delivery is acknowledged and ignored, or read as an order on an order topic)."""
+        return None
 
     def _parse_products(self, raws: Iterable[Any], id_key: str = "id") -> list[Product]:
         """The products of one API page; one that cannot be parsed is listed in ``skipped`` with its

@@ -4,7 +4,8 @@ Owns: the Magento REST API (``/rest[/<store>]/V1/products``, ``/V1/orders``, ``/
 integration access token as Bearer or OAuth 1.0a request signing (HMAC-SHA256, signature base string per
 RFC 5849 built here); keyset paging of the catalog by ``(updated_at, entity_id)`` through ``searchCriteria``
 filter groups; Adobe I/O Events deliveries of ``com.adobe.commerce.observer.sales_order_place_after``
-(CloudEvents signed with RSA-SHA256 by Adobe, two signatures, public keys fetched from Adobe's static host
+and ``…sales_order_creditmemo_save_after`` (a credit memo's refunded lines, a ``refund``) (CloudEvents
+signed with RSA-SHA256 by Adobe, two signatures, public keys fetched from Adobe's static host
 through an injectable fetcher with a 5 s timeout, once per key, and cached; ``verify_needs_io`` /
 ``prefetch`` let the receiver fetch them off the event loop); and the API-access audit.
 
@@ -42,6 +43,7 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
+    Refund,
     ReplayError,
     SignatureError,
     Unreachable,
@@ -61,6 +63,8 @@ from kassa.integrations.http import HttpClient, HttpStatusError
 
 ORDER_EVENT = "com.adobe.commerce.observer.sales_order_place_after"
 ORDER_SUBSCRIPTION = "observer.sales_order_place_after"  # the name `bin/magento events:subscribe` takes
+REFUND_EVENT = "com.adobe.commerce.observer.sales_order_creditmemo_save_after"
+REFUND_SUBSCRIPTION = "observer.sales_order_creditmemo_save_after"
 ADOBE_KEY_HOST = "https://static.adobeioevents.com"
 _KEY_PATH = re.compile(r"^/[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*\.pem$")
 _KEY_CACHE_MAX = 64
@@ -183,6 +187,7 @@ class MagentoConnector(HttpConnector):
 
     platform = "magento"
     order_topics = frozenset({ORDER_EVENT})
+    refund_topics = frozenset({REFUND_EVENT})
     api_name = "Magento API"
     config_error_status = "unreachable"
     snippet_steps: ClassVar[list[str]] = [
@@ -195,7 +200,8 @@ class MagentoConnector(HttpConnector):
     webhook_steps: ClassVar[list[str]] = [
         "Install Adobe I/O Events for Adobe Commerce and configure the I/O project (Stores > Configuration > "
         "Adobe Services > Adobe I/O Events).",
-        f"bin/magento events:subscribe {ORDER_SUBSCRIPTION} (or POST /V1/eventing/eventSubscribe).",
+        f"bin/magento events:subscribe {ORDER_SUBSCRIPTION} (or POST /V1/eventing/eventSubscribe), and "
+        f"{REFUND_SUBSCRIPTION} so refunded orders stop counting as conversions.",
         "In the Adobe Developer Console add a webhook event registration for the Commerce provider's "
         f"{ORDER_EVENT} event pointing to https://<kassa>/v1/webhooks/magento.",
     ]
@@ -443,6 +449,39 @@ class MagentoConnector(HttpConnector):
             ship_country=_ship_country(order),
             lines=tuple(lines),
         )
+
+    def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
+        """A credit memo (``sales_order_creditmemo_save_after``): its lines with a refunded quantity, for the
+        order ``order_id`` (the order's ``entity_id``, Kassa's Magento order id). A memo lists every line of
+        the order, those not refunded with qty 0, and a configurable product twice (the parent line priced,
+        its child at 0 with the same SKU): only priced lines with a quantity count. None when no line is
+        refunded (an adjustment or shipping only)."""
+        memo = payload.get("data", {}).get("value") if isinstance(payload.get("data"), dict) else None
+        if not isinstance(memo, dict):
+            raise PayloadError("CloudEvent `data.value` must hold the credit memo object", "data.value")
+        order_id = clip_id(memo.get("order_id"))
+        memo_id = clip_id(memo.get("entity_id")) or clip_id(memo.get("increment_id"))
+        if order_id is None or memo_id is None:
+            raise PayloadError("Magento credit memo needs `order_id` and `entity_id`", "order_id")
+        items = memo.get("items") or []
+        if not isinstance(items, list):
+            raise PayloadError("Magento credit memo `items` must be a list", "items")
+        priced: dict[str, OrderLine] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise PayloadError(f"items[{i}] must be an object", f"items[{i}]")
+            sku = clip_id(item.get("sku"))
+            qty = int(to_decimal(item.get("qty", 0), f"items[{i}].qty"))
+            price = to_decimal(item.get("price", 0), f"items[{i}].price")
+            if sku is None or qty <= 0 or price <= 0:
+                continue
+            line = priced.get(sku)
+            priced[sku] = OrderLine(sku, clip_id(item.get("product_id")), None,
+                                    qty + (line.qty if line else 0), price)
+        if not priced:
+            return None
+        created = memo.get("created_at") or payload.get("time")
+        return Refund(self.platform, order_id, memo_id, parse_time(created, "created_at"), tuple(priced.values()))
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         payload = object_payload(payload, "a Magento product")

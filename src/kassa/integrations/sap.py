@@ -5,7 +5,8 @@ catalog crawl (``/occ/v2/{site}/products/search`` paged by ``currentPage`` until
 then incremental through the ``products/expressupdate`` feed since the crawl started); single products and
 orders (``/products/{code}``, ``/users/{userId}/orders/{code}`` or the trusted-client ``/orders/{code}``);
 Integration API webhook deliveries of the order-placed event (``webhookservices`` with an ``ItemCreatedEvent``
-on an Order integration object, sent with CloudEvents ``ce-*`` headers and signed by a small extension with
+on an Order integration object, and an ``ItemSavedEvent``'s ``Updated`` with ``status`` ``CANCELLED`` as the
+order's cancellation, sent with CloudEvents ``ce-*`` headers and signed by a small extension with
 the Kassa signature of ``auth.py``); and the audit.
 
 SAP's webhook destinations authenticate with Basic or OAuth only and sign nothing, so the body signature
@@ -32,6 +33,7 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
+    Refund,
     WebhookDelivery,
     clip_id,
     country_code,
@@ -130,6 +132,25 @@ class SapConnector(HttpConnector):
             return True
         m = _CE_TYPE.match(topic)
         return bool(m and m.group("io") == self.integration_object and m.group("op") in ("Created", "Updated"))
+
+    def is_refund_topic(self, topic: str) -> bool:
+        """An ``Updated`` of the Order integration object may bring its cancellation (``parse_refund``)."""
+        m = _CE_TYPE.match(topic)
+        return bool(m and m.group("io") == self.integration_object and m.group("op") == "Updated")
+
+    def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
+        """An order saved with ``status`` ``CANCELLED`` (the integration object's ``{"code": …}`` of the
+        OrderStatus enum, or OCC's plain string): the whole order. None for any other status (read as an
+        order, a duplicate of the placed one)."""
+        order = payload.get("d") if isinstance(payload.get("d"), dict) else payload
+        assert isinstance(order, dict)
+        status = order.get("status")
+        code = status.get("code") if isinstance(status, dict) else status
+        if not isinstance(code, str) or code.upper() != "CANCELLED":
+            return None
+        changed = order.get("modifiedtime") or order.get("modifiedTime")
+        when = _sap_time(changed, "modifiedtime") if changed is not None else parse_time(self.clock(), "time")
+        return Refund(self.platform, required_id(order, "code", "SAP Commerce order"), None, when)
 
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:

@@ -1,4 +1,5 @@
-"""Shopify connector: ``orders/create`` webhooks, the GraphQL Admin API catalog, orders and an access audit.
+"""Shopify connector: ``orders/create``, ``orders/cancelled`` and ``refunds/create`` webhooks, the GraphQL Admin
+API catalog, orders and an access audit.
 
 Owns everything Shopify-specific:
 
@@ -6,7 +7,9 @@ Owns everything Shopify-specific:
   ``X-Shopify-Hmac-Sha256``; topic in ``X-Shopify-Topic``; delivery id in ``X-Shopify-Webhook-Id``. A test
   order (``"test": true``: the admin's test notification, or test mode) is acknowledged and not counted. Shopify
   signs no timestamp (``X-Shopify-Triggered-At`` is outside the HMAC and stays the same across its retries),
-  so replays are stopped by deduplication, not by a time window.
+  so replays are stopped by deduplication, not by a time window. ``orders/cancelled`` (the order body) takes
+  the whole order back, ``refunds/create`` (a refund body) its ``refund_line_items``; a refund of money only
+  (shipping, an adjustment) takes back no line and is ignored.
 - Catalog: the GraphQL Admin ``products`` connection (REST product endpoints are legacy), sorted by
   ``UPDATED_AT`` with cursor pagination (``pageInfo { hasNextPage endCursor }``) and an
   ``updated_at:>=`` search filter for incremental runs. Calculated-query-cost throttling is honoured:
@@ -34,6 +37,7 @@ from kassa.integrations.base import (
     PayloadError,
     Product,
     RateLimited,
+    Refund,
     WebhookDelivery,
     clip_id,
     country_code,
@@ -129,8 +133,10 @@ SNIPPET_STEPS = [
     "Deploy (`shopify app deploy`), then add the block to the Thank you page in the checkout editor.",
 ]
 WEBHOOK_STEPS = [
-    "Subscribe `orders/create` to https://<kassa-host>/v1/webhooks/shopify (shopify.app.toml "
-    "`[[webhooks.subscriptions]] topics = [\"orders/create\"]`, or the webhookSubscriptionCreate mutation).",
+    "Subscribe `orders/create`, and `orders/cancelled` and `refunds/create` so cancelled and returned orders "
+    "stop counting as conversions, to https://<kassa-host>/v1/webhooks/shopify (shopify.app.toml "
+    "`[[webhooks.subscriptions]] topics = [\"orders/create\", \"orders/cancelled\", \"refunds/create\"]`, or "
+    "the webhookSubscriptionCreate mutation).",
     "Give Kassa the app's client secret: KASSA_INTEGRATIONS__SHOPIFY__WEBHOOK_SECRET=<secret> "
     "(or `integrations: {shopify: {webhook_secret: ...}}` in Kassa's settings).",
 ]
@@ -185,6 +191,7 @@ class ShopifyConnector(HttpConnector):
 
     platform = "shopify"
     order_topics = frozenset({"orders/create"})
+    refund_topics = frozenset({"orders/cancelled", "refunds/create"})
     snippet_steps = SNIPPET_STEPS
     webhook_steps = WEBHOOK_STEPS
 
@@ -324,6 +331,27 @@ class ShopifyConnector(HttpConnector):
                 ship_country=country_code(shipping.get("country_code")),
                 lines=lines,
             )
+
+    def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
+        """``orders/cancelled``: the cancelled order, whole. ``refunds/create``: its ``refund_line_items``, each
+        keyed and priced as the order's line (``line_item``) was, with the refunded quantity."""
+        with malformed("Shopify refund"):
+            if topic == "orders/cancelled":
+                return Refund("shopify", required_id(payload, "id", "shopify order"), None,
+                              parse_time(payload.get("cancelled_at") or payload.get("updated_at"), "cancelled_at"))
+            lines = []
+            for i, raw in enumerate(required_list(payload, "refund_line_items", "shopify refund")):
+                where = f"refund_line_items[{i}]"
+                if not isinstance(raw, dict) or not isinstance(raw.get("line_item"), dict):
+                    raise PayloadError(f"{where} must be an object with its line_item", where)
+                line = self._parse_line(raw["line_item"], i)
+                qty = int_quantity(raw.get("quantity", line.qty), f"{where}.quantity")
+                lines.append(OrderLine(line.sku, line.product_id, line.category, qty, line.unit_price))
+            if not lines:
+                return None
+            return Refund("shopify", required_id(payload, "order_id", "shopify refund"),
+                          required_id(payload, "id", "shopify refund"),
+                          parse_time(payload.get("created_at"), "created_at"), tuple(lines))
 
     @staticmethod
     def _parse_line(item: Any, i: int) -> OrderLine:

@@ -1,4 +1,4 @@
-"""`WebhookReceiver`: one signed platform webhook → at most one canonical ``order`` event.
+"""`WebhookReceiver`: one signed platform webhook → at most one canonical ``order`` or ``refund`` event.
 
 Owns the platform-independent steps between the raw HTTP body and ``EventIngest``: pick the connector
 (built once per platform from Kassa's ``integrations`` settings), verify the signature on the raw bytes,
@@ -8,7 +8,9 @@ platform's test notifications), parse into the canonical ``Order``, keep an orde
 good, and a 422 would have the platform retry the order until it drops it), fill in line categories the
 platform left out from the offer catalog, and name the event ``{platform}:order:{order_id}`` so the durable
 event log deduplicates re-deliveries (the order id sits inside the signed body; delivery-id headers are not
-signed). It never writes anything itself: the caller ingests the event.
+signed). A cancellation or refund topic (the connector's ``refund_topics``) becomes a ``refund`` event named
+``{platform}:refund:{refund id}`` or ``{platform}:cancel:{order id}``. It never writes anything itself: the
+caller ingests the event.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import msgspec
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
-from kassa.integrations.base import MAX_ORDER_LINES, Connector, IntegrationError, MalformedBody, Order, PayloadError
+from kassa.integrations.base import (
+    MAX_ORDER_LINES,
+    Connector,
+    IntegrationError,
+    MalformedBody,
+    Order,
+    PayloadError,
+    Refund,
+)
 from kassa.integrations.config import ConfigError, connector_for, factory_for, webhook_settings
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
@@ -116,7 +126,10 @@ class WebhookReceiver:
         connector = self.connector(platform)
         delivery = connector.verify(headers, raw_body)
         is_order_topic = getattr(connector, "is_order_topic", None)
-        if delivery.topic == "ping" or (is_order_topic is not None and not is_order_topic(delivery.topic)):
+        reads_order = is_order_topic is None or is_order_topic(delivery.topic)
+        is_refund_topic = getattr(connector, "is_refund_topic", None)
+        reads_refund = is_refund_topic is not None and is_refund_topic(delivery.topic)
+        if delivery.topic == "ping" or not (reads_order or reads_refund):
             if delivery.topic != "ping":
                 self._warn_topic(platform, delivery.topic, connector)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
@@ -138,6 +151,13 @@ class WebhookReceiver:
                 log.info("%s test notification (order %r) received and verified: acknowledged and ignored, "
                          "test orders are not counted", platform, str(payload.get("id"))[:64])
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
+        if reads_refund:
+            refund = connector.parse_refund(delivery.topic, payload)  # type: ignore[attr-defined]
+            if refund is not None:
+                refund = self._believable_refund_time(refund)
+                return WebhookResult(platform, delivery.topic, delivery.delivery_id, refund.to_event())
+            if not reads_order:  # a refund of nothing but money (shipping, an adjustment): no line taken back
+                return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         is_placed = getattr(connector, "is_placed", None)
         if is_placed is not None and not is_placed(payload):
             if platform not in self._warned_unplaced:
@@ -160,7 +180,8 @@ class WebhookReceiver:
         if key in self._warned_topics or len(self._warned_topics) >= _MAX_TOPICS_WARNED:
             return
         self._warned_topics.add(key)
-        reads = ", ".join(sorted(getattr(connector, "order_topics", ()))) or "its order topics"
+        reads = ", ".join(sorted({*getattr(connector, "order_topics", ()), *getattr(connector, "refund_topics", ())})) \
+            or "its order topics"
         log.warning("%s webhook topic %r is acknowledged and ignored: Kassa reads %s (check the subscription's "
                     "topic); further deliveries of this topic are ignored without a word", platform, key[1], reads)
 
@@ -174,6 +195,13 @@ class WebhookReceiver:
                         "as placed when it arrived (further such orders are kept alike without a word)",
                         order.platform, order.order_id[:64], order.created_at.isoformat(), MAX_CLOCK_SKEW)
         return dataclasses.replace(order, created_at=datetime.fromtimestamp(now, UTC))
+
+    def _believable_refund_time(self, refund: Refund) -> Refund:
+        # The joiner does not read a refund's time; it is the event's timestamp, for reports that do.
+        now = self._clock()
+        if refund.created_at.timestamp() <= now + MAX_CLOCK_SKEW:
+            return refund
+        return dataclasses.replace(refund, created_at=datetime.fromtimestamp(now, UTC))
 
     def _within_line_bound(self, order: Order) -> tuple[Order, int]:
         # A 4xx for a long order is retried by the platform until it gives up (Shopify then deletes the

@@ -8,7 +8,9 @@ Owns everything WooCommerce-specific:
   placed (the Checkout block's ``checkout-draft`` when a buyer opens the checkout; ``pending`` until an
   off-site payment returns; ``failed``), so only ``processing``, ``on-hold`` and ``completed`` orders count,
   and ``order.updated`` is an order topic too: the update that places the order brings it (once: the
-  event id is the order id). The unsigned ``webhook_id=<n>`` ping
+  event id is the order id). An ``order.updated`` to ``cancelled`` or ``refunded`` (a full refund; a
+  partial one leaves the status, and the order body lists no refunded lines) takes the whole order back, once
+  (event ``woocommerce:cancel:{id}``). The unsigned ``webhook_id=<n>`` ping
   WooCommerce sends when a webhook is saved is acknowledged (it carries no data).
 - REST API: consumer key/secret as HTTP Basic auth (WooCommerce accepts that only over HTTPS; hosts that
   strip the ``Authorization`` header can use ``query_string_auth: true``), ``page``/``per_page`` paging
@@ -37,6 +39,7 @@ from kassa.integrations.base import (
     OrderLine,
     PayloadError,
     Product,
+    Refund,
     WebhookDelivery,
     clip_id,
     country_code,
@@ -58,6 +61,7 @@ API_PREFIX = "/wp-json/wc/v3"
 _PING = re.compile(rb"^webhook_id=\d+$")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PLACED_STATUSES = frozenset({"processing", "on-hold", "completed"})
+TAKEN_BACK_STATUSES = frozenset({"cancelled", "refunded"})  # refunded: in full (a partial refund keeps the status)
 
 SNIPPET_STEPS = [
     "Add a small plugin (or a snippet in your theme's functions.php) hooked on `woocommerce_thankyou` "
@@ -87,6 +91,7 @@ class WooCommerceConnector(HttpConnector):
 
     platform = "woocommerce"
     order_topics = frozenset({"order.created", "order.updated"})
+    refund_topics = frozenset({"order.updated"})  # to `cancelled` or `refunded`
     snippet_steps = SNIPPET_STEPS
     webhook_steps = WEBHOOK_STEPS
 
@@ -145,6 +150,16 @@ class WooCommerceConnector(HttpConnector):
         draft, pending, failed or cancelled order is not (one without a status is taken as placed)."""
         status = payload.get("status")
         return status is None or (isinstance(status, str) and status in PLACED_STATUSES)
+
+    def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
+        """An ``order.updated`` to ``cancelled`` or ``refunded``: the whole order (None for any other status,
+        which is then read as an order)."""
+        if payload.get("status") not in TAKEN_BACK_STATUSES:
+            return None
+        with malformed("WooCommerce order"):
+            changed = payload.get("date_modified_gmt") or payload.get("date_modified")
+            return Refund("woocommerce", required_id(payload, "id", "woocommerce order"), None,
+                          parse_time(changed, "date_modified_gmt"))
 
     # ------------------------------------------------------------------ parsing
     def parse_order(self, payload: dict[str, Any]) -> Order:

@@ -92,12 +92,20 @@ class _LiveCollector(Collector):
 
 
 class _CounterCollector(Collector):
-    """A counter whose value another component keeps (read at each scrape)."""
+    """A counter whose value another component keeps (read at each scrape); with ``label``, one series per
+    key of the dict ``value`` returns."""
 
-    def __init__(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+    def __init__(self, name: str, documentation: str, value: Callable[[], float],
+                 label: str | None = None, values: Callable[[], dict[str, float]] | None = None) -> None:
         self.name, self.documentation, self.value = name, documentation, value
+        self.label, self.values = label, values
 
     def collect(self) -> Iterable[Metric]:
+        if self.label is not None and self.values is not None:
+            family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+            for key, value in self.values().items():
+                family.add_metric([key], value)
+            return [family]
         family = CounterMetricFamily(self.name, self.documentation)
         family.add_metric([], self.value())
         return [family]
@@ -141,6 +149,11 @@ class Metrics:
         # State writes of served decisions given up after the state backend stayed unavailable past its retry
         # window (`RedisDecisionState.dropped`; 0 on the embedded backend, which writes locally).
         self.dropped_state_writes: Callable[[], int] = lambda: 0
+        # Refund events the reward joiner applied: `taken_back` changed an open decision's reward, `unmatched`
+        # found no open conversion of its order (past the reward window, or none): the learner keeps that reward.
+        self.refunds: Callable[[], dict[str, float]] = lambda: {}
+        r.register(_CounterCollector("kassa_refunds", "Refund events by what they did to the reward join",
+                                     lambda: 0.0, "result", lambda: self.refunds()))
         r.register(_CounterCollector("kassa_state_writes_dropped", "State writes of served decisions (idempotency, "
                                      "frequency caps, profiles, reward join) given up while the state backend "
                                      "was unavailable", lambda: self.dropped_state_writes()))

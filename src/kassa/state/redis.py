@@ -14,8 +14,11 @@ Redis Cluster hash tags, though the scripts below assume one node (they derive k
 - ``profile:{customer}`` JSON of the built-in profile; ``seen:{customer}:{order}`` dedupes an order that
   arrives twice (webhook and event) for 7 days. Updated by one script per order (atomic).
 - ``join:d:{decision}``  msgpack `PendingDecision`; ``join:r:{decision}`` hash offer -> summed reward plus
-  ``#n`` outcomes; ``join:due`` sorted set of decision ids by deadline; ``join:c:{customer}`` /
-  ``join:e:{email}`` the open decisions of a buyer (order attribution). Closing is one script that pops
+  ``#n`` outcomes, and per order conversion ``c["order","offer","r"|"a"|"q"]`` (reward, amount and quantity
+  bought, less refunds: only increments, so processes applying an order and its refund never overwrite each
+  other; the reward is worked out at close); ``join:due`` sorted set of decision ids by deadline;
+  ``join:c:{customer}`` / ``join:e:{email}`` the open decisions of a buyer (order attribution);
+  ``join:o:{order}`` the ``["decision","offer"]`` conversions of an order (its refunds). Closing is one script that pops
   due ids and returns each record with its rewards, so two learners never close a decision twice.
 
 Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency GET, profile GET, shows
@@ -189,6 +192,9 @@ class RedisState:
     @property
     def due_key(self) -> str:
         return f"{self.prefix}:join:due"
+
+    def order_key(self, order_id: str) -> str:
+        return f"{self.prefix}:join:o:{{{order_id}}}"
 
     def index_key(self, customer_id: str | None, email: str | None) -> str:
         if customer_id is not None:

@@ -2,7 +2,9 @@
 
 Split from ``kassa.state.redis`` (which owns the connection, the key layout and the scripts these use): this
 module is the event side, applying outcome events and orders to Redis and closing due decisions for the
-learner. The join rules are those of ``kassa.learn.online.rewards.RewardJoiner``.
+learner. The join rules are those of ``kassa.learn.online.rewards.RewardJoiner``, refunds included: an order's
+conversions are kept per order (``join:o:{order}`` and ``c[...]`` fields, see ``kassa.state.redis``) and a
+refund only decrements their amount and quantity, so the reward is worked out when the decision closes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 
 from kassa import schemas
 from kassa.degraded import RateLimitedWarning
-from kassa.events.join import JoinedExample, PendingDecision, order_amounts, order_buyer
+from kassa.events.join import JoinedExample, PendingDecision, order_amounts, order_buyer, order_quantities
 from kassa.state.redis import (
     _JOIN_GRACE_SECONDS,
     _SEEN_ORDER_SECONDS,
@@ -27,6 +29,16 @@ from kassa.state.redis import (
 )
 
 log = logging.getLogger("kassa.state")
+
+# (decision id, offer id, reward, and for an order's conversion: (order id, amount bought, quantity bought))
+_Credit = tuple[str, str, float, tuple[str, float, int] | None]
+# an order's conversion of one offer while a batch is applied: (order, decision, offer) -> [amount, quantity]
+_Conversions = dict[tuple[str, str, str], list[float]]
+
+
+def _conversion_field(order_id: str, offer_id: str, part: str) -> str:
+    """A reward-hash field of one order's conversion of one offer: ``r`` reward, ``a`` amount, ``q`` quantity."""
+    return "c" + json.dumps([order_id, offer_id, part], separators=(",", ":"))
 
 
 class SharedRewardJoiner:
@@ -54,6 +66,8 @@ class SharedRewardJoiner:
         self.replaying = False  # set while the event log is replayed at start: Redis already has it all
         self.matched_events = 0
         self.late_events = 0
+        self.refunds_taken_back = 0
+        self.refunds_unmatched = 0
         self.closed = 0
         self.closed_with_outcome = 0
         # a step every `interval` (0.1 s): one line per 10 s while it fails, a traceback only with the first
@@ -71,6 +85,10 @@ class SharedRewardJoiner:
         round trip per event, so a shared joiner answers yes and the events ack counts no unknown decisions
         (a documented limit of ``state.backend: redis``)."""
         return True
+
+    # `observe` queues; whether a refund found an open conversion is known at the next flush, not at once:
+    # the events ack carries no `unmatched_refunds`, the counters below (`kassa_refunds_total`) have them.
+    answers_refunds = False
 
     def register(self, pending: PendingDecision) -> None:
         self._registered.append(pending)
@@ -124,7 +142,8 @@ class SharedRewardJoiner:
 
     async def _apply(self, events: list[schemas.Event]) -> None:
         r = self.redis
-        # Round trip 1: the decisions the events name, and the open decisions of ordering buyers.
+        # Round trip 1: the decisions the events name, the open decisions of ordering buyers, and the
+        # conversions of refunded orders.
         ids = sorted({e.decision_id for e in events if e.decision_id is not None})
         buyers: list[str] = []
         for e in events:
@@ -136,24 +155,41 @@ class SharedRewardJoiner:
                 if email is not None:
                     buyers.append(r.index_key(None, email))
         buyers = list(dict.fromkeys(buyers))
+        refunded = sorted({e.order.id for e in events if e.type == "refund" and e.order is not None})
         commands: list[tuple] = [("GET", r.pend_prefix + i) for i in ids]
         commands += [("SMEMBERS", b) for b in buyers]
+        commands += [("SMEMBERS", r.order_key(o)) for o in refunded]
         replies = await r.run(commands) if commands else []
         pending: dict[str, PendingDecision] = {}
         for i, blob in zip(ids, replies[: len(ids)], strict=True):
             if blob:
                 pending[i] = _unpack_pending(blob)
         by_buyer = {b: sorted(m.decode() for m in members)
-                    for b, members in zip(buyers, replies[len(ids):], strict=True)}
-        extra = sorted({d for ms in by_buyer.values() for d in ms} - pending.keys())
+                    for b, members in zip(buyers, replies[len(ids):len(ids) + len(buyers)], strict=True)}
+        converted = [(o, *json.loads(m)) for o, members in zip(refunded, replies[len(ids) + len(buyers):],
+                                                               strict=True) for m in sorted(members)]
+        extra = sorted(({d for ms in by_buyer.values() for d in ms} | {d for _, d, _ in converted}) - pending.keys())
         if extra:
             for d, blob in zip(extra, await r.run([("GET", r.pend_prefix + d) for d in extra]), strict=True):
                 if blob:
                     pending[d] = _unpack_pending(blob)
-        # Round trip 2: the credits.
-        credits: list[tuple[str, str, float]] = []
+        # What is left of each conversion a refund may take back (one more round trip, only for refunds).
+        conversions: _Conversions = {}
+        converted = [c for c in converted if c[1] in pending]
+        if converted:
+            left = await r.run([("HMGET", r.reward_prefix + d, _conversion_field(o, offer, "a"),
+                                 _conversion_field(o, offer, "q")) for o, d, offer in converted])
+            for (o, d, offer), (amount, qty) in zip(converted, left, strict=True):
+                if qty is not None:
+                    conversions[(o, d, offer)] = [float(amount or 0.0), float(qty)]
+        # Round trip 2: the credits, and the refunds' decrements, in event order.
+        credits: list[_Credit] = []
+        taken: list[tuple[str, str, str, float, float]] = []  # (decision, order, offer, -amount, -quantity)
         for e in events:
             n = 0
+            if e.type == "refund" and e.order is not None:
+                self._take_back(e.order, pending, conversions, taken)
+                continue
             if e.decision_id is not None:
                 p = pending.get(e.decision_id)
                 if p is None:
@@ -162,29 +198,42 @@ class SharedRewardJoiner:
                 elif e.offer_id is not None:
                     n += self._credit(credits, p, e.offer_id, e.type, e.value)
             if e.type == "order" and e.order is not None:
-                n += self._attribute(credits, e, pending, by_buyer)
+                n += self._attribute(credits, e, pending, by_buyer, conversions)
             self.matched_events += bool(n)
         commands = []
         ttl = int(_JOIN_GRACE_SECONDS * 1000)
-        for decision_id, offer_id, amount in credits:
+        for decision_id, offer_id, amount, conversion in credits:
             key = r.reward_prefix + decision_id
-            commands += [("HINCRBYFLOAT", key, offer_id, amount), ("HINCRBY", key, "#n", 1), ("PEXPIRE", key, ttl)]
+            if conversion is None:
+                commands.append(("HINCRBYFLOAT", key, offer_id, amount))
+            else:
+                order_id, value, qty = conversion
+                commands += [("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "r"), amount),
+                             ("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "a"), value),
+                             ("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "q"), qty),
+                             ("SADD", r.order_key(order_id), json.dumps([decision_id, offer_id])),
+                             ("PEXPIRE", r.order_key(order_id), ttl)]
+            commands += [("HINCRBY", key, "#n", 1), ("PEXPIRE", key, ttl)]
+        for decision_id, order_id, offer_id, amount, qty in taken:
+            key = r.reward_prefix + decision_id
+            commands += [("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "a"), amount),
+                         ("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "q"), qty)]
         if commands:
             await r.run(commands)
 
-    def _credit(self, credits: list[tuple[str, str, float]], p: PendingDecision, offer_id: str, kind: str,
-                value: float | None) -> int:
+    def _credit(self, credits: list[_Credit], p: PendingDecision, offer_id: str, kind: str,
+                value: float | None, conversion: tuple[str, float, int] | None = None) -> int:
         definition = self._definition(p.placement)
         if definition is None or offer_id not in p.offers:
             return 0
         weight = definition.weights.get(kind)
         if weight is None:
             return 0
-        credits.append((p.decision_id, offer_id, (value or 0.0) if weight == "value" else float(weight)))
+        credits.append((p.decision_id, offer_id, (value or 0.0) if weight == "value" else float(weight), conversion))
         return 1
 
-    def _attribute(self, credits: list[tuple[str, str, float]], e: schemas.Event,
-                   pending: dict[str, PendingDecision], by_buyer: dict[str, list[str]]) -> int:
+    def _attribute(self, credits: list[_Credit], e: schemas.Event, pending: dict[str, PendingDecision],
+                   by_buyer: dict[str, list[str]], conversions: _Conversions) -> int:
         # The same rules as `RewardJoiner._attribute_order`.
         r = self.redis
         order = e.order
@@ -195,16 +244,51 @@ class SharedRewardJoiner:
             ids += by_buyer.get(r.index_key(customer, None), [])
         if email is not None:
             ids += by_buyer.get(r.index_key(None, email), [])
-        bought = order_amounts(order)
+        bought, quantities = order_amounts(order), order_quantities(order)
         n = 0
         for decision_id in dict.fromkeys(ids):
             p = pending.get(decision_id)
             if p is None or (order.created_at is not None and order.created_at < p.ts):
                 continue
             for offer_id, key in zip(p.offers, p.product_keys, strict=False):
-                if key is not None and key in bought:
-                    n += self._credit(credits, p, offer_id, "conversion", bought[key])
+                if key is None or key not in bought:
+                    continue
+                if self._credit(credits, p, offer_id, "conversion", bought[key],
+                                (order.id, bought[key], quantities[key])):
+                    n += 1
+                    # a refund later in the same batch sees it (it is not in Redis yet)
+                    left = conversions.setdefault((order.id, decision_id, offer_id), [0.0, 0.0])
+                    left[0] += bought[key]
+                    left[1] += quantities[key]
         return n
+
+    def _take_back(self, refund: schemas.Order, pending: dict[str, PendingDecision], conversions: _Conversions,
+                   taken: list[tuple[str, str, str, float, float]]) -> int:
+        """`RewardJoiner._take_back` over the conversions read for this batch: each one of the refunded order
+        that still holds a unit of a refunded product (any product, for a refund of the whole order) loses the
+        refunded amount and quantity. Returns how many decisions it changed."""
+        amounts, quantities = order_amounts(refund), order_quantities(refund)
+        changed: set[str] = set()
+        for (order_id, decision_id, offer_id), left in conversions.items():
+            p = pending.get(decision_id)
+            if order_id != refund.id or p is None or left[1] <= 0:
+                continue
+            if refund.items:
+                key = dict(zip(p.offers, p.product_keys, strict=False)).get(offer_id)
+                if key is None or key not in quantities:
+                    continue
+                amount, qty = amounts[key], float(quantities[key])
+            else:
+                amount, qty = left[0], left[1]  # all of it
+            left[0] -= amount
+            left[1] -= qty
+            taken.append((decision_id, order_id, offer_id, -amount, -qty))
+            changed.add(decision_id)
+        if changed:
+            self.refunds_taken_back += 1
+        else:
+            self.refunds_unmatched += 1
+        return len(changed)
 
     async def claim(self, now: float | None = None, limit: int = 10_000) -> int:
         """Close every decision whose wait ended (across all processes, each once) into the buffer
@@ -215,13 +299,14 @@ class SharedRewardJoiner:
         forget: list[tuple] = []
         for decision_id, blob, flat in rows:
             p = _unpack_pending(blob)
-            rewards = {k.decode(): float(v) for k, v in _pairs(flat)}
-            outcomes = int(rewards.pop("#n", 0))
             definition = self._definition(p.placement)
+            rewards, orders = self._rewards(flat, definition)
+            for order_id, offer_id in orders:
+                forget.append(("SREM", r.order_key(order_id), json.dumps([p.decision_id, offer_id])))
             default = definition.default if definition else 0.0
             cap = definition.cap if definition else None
             self.closed += 1
-            if outcomes:
+            if rewards:
                 self.closed_with_outcome += 1
             for slot, offer_id in enumerate(p.offers):
                 reward = default
@@ -234,6 +319,30 @@ class SharedRewardJoiner:
         if forget:
             await r.run(forget)
         return len(rows)
+
+    @staticmethod
+    def _rewards(flat: list, definition: schemas.RewardDefinition | None) -> tuple[dict[str, float],
+                                                                                   list[tuple[str, str]]]:
+        """A closed decision's reward hash as each offer's reward (what `RewardJoiner._summed` gives: an
+        order's conversion counts while a unit of it is kept, a ``value`` reward with the amount not
+        refunded), and the (order, offer) conversions it held."""
+        rewards: dict[str, float] = {}
+        parts: dict[tuple[str, str], dict[str, float]] = {}
+        for k, v in _pairs(flat):
+            field = k.decode()
+            if field == "#n":
+                continue
+            if field.startswith("c["):
+                order_id, offer_id, part = json.loads(field[1:])
+                parts.setdefault((order_id, offer_id), {})[part] = float(v)
+            else:
+                rewards[field] = float(v)
+        by_value = definition is not None and definition.weights.get("conversion") == "value"
+        for (_, offer_id), c in parts.items():
+            if c.get("q", 0.0) > 0:
+                reward = max(0.0, c.get("a", 0.0)) if by_value else c.get("r", 0.0)
+                rewards[offer_id] = rewards.get(offer_id, 0.0) + reward
+        return rewards, list(parts)
 
     async def refresh_size(self) -> None:
         r = self.redis

@@ -3,8 +3,12 @@
 A decision is registered when it is served (with the exact learner lines and slot probabilities). Outcome
 events carrying its ``decision_id`` add reward to the offer they name, weighted by the placement's reward
 definition; an ``order`` event for the same customer that buys a shown product counts as a conversion
-of that offer. When the wait time ends the decision is closed: every shown offer gets its summed reward,
-or the default if nothing happened, and the joined examples go to the learner. Late events are counted.
+of that offer. A ``refund`` event naming that order (all of it, or some of its lines) takes the conversion
+back while the decision is still open: the order's contribution is removed, or for a ``value`` reward reduced
+by the refunded amount. When the wait time ends the decision is closed: every shown offer gets its summed
+reward, or the default if nothing happened, and the joined examples go to the learner. Late events are
+counted, and so are refunds that find no open conversion of their order (past the window, or an order that
+converted nothing): the learner is not corrected after the fact.
 With a `JoinJournal` every registration, credit and close is also journaled (embedded durability), and
 `restore` brings the pending decisions back after a restart.
 """
@@ -16,7 +20,15 @@ import heapq
 from collections.abc import Callable
 
 from kassa import schemas
-from kassa.events.join import JoinedExample, JoinJournal, PendingDecision, order_amounts, order_buyer
+from kassa.events.join import (
+    JoinedExample,
+    JoinJournal,
+    PendingDecision,
+    order_amounts,
+    order_buyer,
+    order_quantities,
+    refund_conversion,
+)
 
 
 class RewardJoiner:
@@ -28,8 +40,11 @@ class RewardJoiner:
         self._deadlines: list[tuple[float, str]] = []
         self._by_customer: dict[str, list[str]] = {}
         self._by_email: dict[str, list[str]] = {}  # decisions of buyers known only by e-mail SHA-256
+        self._by_order: dict[str, list[str]] = {}  # open decisions an order converted, for its refunds
         self.matched_events = 0
         self.late_events = 0
+        self.refunds_taken_back = 0  # refund events that changed an open decision's reward
+        self.refunds_unmatched = 0  # refund events of an order with no open conversion (late, or unknown)
         self.closed = 0
         self.closed_with_outcome = 0
 
@@ -62,8 +77,13 @@ class RewardJoiner:
             self._by_customer.setdefault(pending.customer_id, []).append(pending.decision_id)
         elif pending.email_sha256 is not None:
             self._by_email.setdefault(pending.email_sha256, []).append(pending.decision_id)
+        for order_id in pending.conversions or ():
+            self._by_order.setdefault(order_id, []).append(pending.decision_id)
 
-    def _credit(self, pending: PendingDecision, offer_id: str, kind: str, value: float | None) -> bool:
+    def _credit(self, pending: PendingDecision, offer_id: str, kind: str, value: float | None,
+                order: tuple[str, int] | None = None) -> bool:
+        """Add one outcome's weighted reward; ``order`` = (order id, quantity bought) for an order's
+        conversion, kept per order so that its refund can take it back."""
         definition = self._definition(pending.placement)
         if definition is None or offer_id not in pending.offers:
             return False
@@ -71,16 +91,31 @@ class RewardJoiner:
         if weight is None:
             return False
         amount = (value or 0.0) if weight == "value" else float(weight)
-        if pending.rewards is None:
-            pending.rewards = {}
-        pending.rewards[offer_id] = pending.rewards.get(offer_id, 0.0) + amount
+        if order is not None:
+            if pending.conversions is None:
+                pending.conversions = {}
+            by_offer = pending.conversions.get(order[0])
+            if by_offer is None:
+                by_offer = pending.conversions[order[0]] = {}
+                self._by_order.setdefault(order[0], []).append(pending.decision_id)
+            credit = by_offer.setdefault(offer_id, [0.0, 0.0, 0])
+            credit[0] += amount
+            credit[1] += value or 0.0
+            credit[2] += order[1]
+        else:
+            if pending.rewards is None:
+                pending.rewards = {}
+            pending.rewards[offer_id] = pending.rewards.get(offer_id, 0.0) + amount
         pending.outcomes += 1
         if self.journal is not None:
             self.journal.credited(pending)
         return True
 
     def observe(self, event: schemas.Event) -> int:
-        """Apply one outcome event; returns how many decisions it credited."""
+        """Apply one outcome event; returns how many decisions it credited (a refund: whose reward it
+        took back)."""
+        if event.type == "refund" and event.order is not None:
+            return self._take_back(event.order)
         credited = 0
         if event.decision_id is not None:
             pending = self._pending.get(event.decision_id)
@@ -106,7 +141,7 @@ class RewardJoiner:
             ids = ids + self._by_email[email] if ids else self._by_email[email]
         if not ids:
             return 0
-        bought = order_amounts(order)
+        bought, quantities = order_amounts(order), order_quantities(order)
         # An order placed before the decision (the one that led to the confirmation page, whose webhook
         # often arrives late) is not its conversion. No upper bound: the decision is still open, so the
         # order came inside its window as far as Kassa's clock goes, whatever the platform's clock says.
@@ -120,8 +155,51 @@ class RewardJoiner:
                 continue
             for offer_id, key in zip(pending.offers, pending.product_keys, strict=False):
                 if key is not None and key in bought:
-                    credited += self._credit(pending, offer_id, "conversion", bought[key])
+                    credited += self._credit(pending, offer_id, "conversion", bought[key],
+                                             (order.id, quantities[key]))
         return credited
+
+    def _take_back(self, refund: schemas.Order) -> int:
+        """A refund of ``refund.id``: its listed lines, or the whole order when it lists none (a
+        cancellation). Open decisions that order converted lose that part of the conversion."""
+        ids = self._by_order.get(refund.id)
+        changed = 0
+        if ids:
+            amounts, quantities = order_amounts(refund), order_quantities(refund)
+            for decision_id in list(ids):
+                pending = self._pending.get(decision_id)
+                by_offer = (pending.conversions or {}).get(refund.id) if pending is not None else None
+                if pending is None or by_offer is None:
+                    continue
+                definition = self._definition(pending.placement)
+                by_value = definition is not None and definition.weights.get("conversion") == "value"
+                keys = dict(zip(pending.offers, pending.product_keys, strict=False))
+                touched = False
+                for offer_id, credit in list(by_offer.items()):
+                    key = keys.get(offer_id)
+                    if refund.items and (key is None or key not in quantities):
+                        continue  # this product was kept
+                    left = refund_conversion(credit, (amounts[key], quantities[key]) if refund.items and key
+                                             else None, by_value)
+                    if left is None:
+                        del by_offer[offer_id]
+                        pending.outcomes -= 1
+                    else:
+                        credit[0] = left
+                    # taken back even when a fixed weight stays (a unit kept): a later refund finds fewer units
+                    touched = True
+                if not by_offer:
+                    del pending.conversions[refund.id]  # type: ignore[union-attr]
+                    self._forget(self._by_order, refund.id, decision_id)
+                if touched:
+                    changed += 1
+                    if self.journal is not None:
+                        self.journal.credited(pending)
+        if changed:
+            self.refunds_taken_back += 1
+        else:
+            self.refunds_unmatched += 1
+        return changed
 
     def expire(self, now: float, limit: int = 10_000) -> list[JoinedExample]:
         """Close decisions whose wait ended; return their per-slot examples."""
@@ -140,12 +218,13 @@ class RewardJoiner:
             default = definition.default if definition else 0.0
             cap = definition.cap if definition else None
             self.closed += 1
-            if pending.rewards:
+            rewards = self._summed(pending)
+            if rewards:
                 self.closed_with_outcome += 1
             for slot, offer_id in enumerate(pending.offers):
                 reward = default
-                if pending.rewards and offer_id in pending.rewards:
-                    reward = pending.rewards[offer_id]
+                if offer_id in rewards:
+                    reward = rewards[offer_id]
                     if cap is not None:
                         reward = min(reward, cap)
                 out.append(
@@ -155,16 +234,31 @@ class RewardJoiner:
                 )
         return out
 
+    @staticmethod
+    def _summed(pending: PendingDecision) -> dict[str, float]:
+        """Each offer's reward: its outcome events' plus what the orders it converted (less their refunds)
+        credited. An offer absent here had no outcome left and gets the placement's default."""
+        if not pending.conversions:
+            return pending.rewards or {}
+        rewards = dict(pending.rewards or {})
+        for by_offer in pending.conversions.values():
+            for offer_id, credit in by_offer.items():
+                rewards[offer_id] = rewards.get(offer_id, 0.0) + credit[0]
+        return rewards
+
     def _forget_customer(self, pending: PendingDecision) -> None:
+        for order_id in pending.conversions or ():
+            self._forget(self._by_order, order_id, pending.decision_id)
         if pending.customer_id is not None:
-            index, key = self._by_customer, pending.customer_id
+            self._forget(self._by_customer, pending.customer_id, pending.decision_id)
         elif pending.email_sha256 is not None:
-            index, key = self._by_email, pending.email_sha256
-        else:
-            return
+            self._forget(self._by_email, pending.email_sha256, pending.decision_id)
+
+    @staticmethod
+    def _forget(index: dict[str, list[str]], key: str, decision_id: str) -> None:
         ids = index.get(key)
         if ids is not None:
             with contextlib.suppress(ValueError):
-                ids.remove(pending.decision_id)
+                ids.remove(decision_id)
             if not ids:
                 del index[key]
