@@ -6,10 +6,17 @@ bodies come from a few thousand pre-encoded templates (orders shaped by the prof
 per order, price range, countries, candidate count) with the order id, session id and buyer filled in
 per request by ``bytes`` formatting — building a request costs about a microsecond on the send path.
 
-Impression, click and accept beacons refer to decisions this process actually received (a ring of
-recent ones; each decision's impressions are sent once), the way a confirmation page reports what it
-showed. Order webhooks are ``orders/create`` (Shopify) or ``order.created`` (WooCommerce) deliveries in
-the platform's payload shape, signed like the platform signs them (HMAC-SHA256 of the raw body, base64,
+Impression, click and accept beacons refer to decisions this process actually received, the way a
+confirmation page reports what it showed: an impression beacon reports the newest decision not yet
+reported (each decision's impressions once; one older than `BEACON_MAX_AGE_S` is dropped, a page closed
+before its beacon, and the newest decision reported instead), a click or accept names one of the latest
+decisions received within `BEACON_MAX_AGE_S`, so they join their decision's reward even under the demo's 1 s reward
+window. Impressions oldest first (a backlog growing by the decisions that get none) and clicks on any
+of the last 4,096 decisions sent many after that window had closed: against ``kassa demo``, 197 of ~1,350
+beacon events of a 15 s run at 100/s were ``kassa_event_unknown_decisions_total`` (a QA run: 1,160 of ~2,000).
+
+Order webhooks are ``orders/create`` (Shopify) or ``order.created`` (WooCommerce) deliveries in the
+platform's payload shape, signed like the platform signs them (HMAC-SHA256 of the raw body, base64,
 in ``X-Shopify-Hmac-Sha256`` or ``X-WC-Webhook-Signature``), each with its own delivery id.
 Feature pushes write the profile's values for a random buyer with the secret key.
 """
@@ -22,6 +29,7 @@ import hmac
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -32,7 +40,9 @@ from kassa.loadtest.profiles import REQUEST_TYPES, Payload
 TYPE_CODE = {t: i for i, t in enumerate(REQUEST_TYPES)}
 DECISION, IMPRESSION, CLICK, ACCEPT, WEBHOOK, FEATURE_PUSH, NOOP = (TYPE_CODE[t] for t in REQUEST_TYPES)
 _TEMPLATES = 1024
-_RING = 4096
+_RING = 4096  # decisions awaiting their impression beacon (the newest first; the oldest fall off)
+_RECENT = 32  # decisions a click or accept picks from, newest last
+BEACON_MAX_AGE_S = 0.5  # a click or accept names a decision received at most this long ago (else the newest)
 _enc = msgspec.json.Encoder()
 
 
@@ -84,8 +94,10 @@ class RequestFactory:
         webhook_secret: str | None,
         host: str = "localhost",
         base_path: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.payload = payload
+        self.clock = clock
         self.build = build  # ConnectionPool.build(method, path, body, headers)
         self.tag = tag.encode()
         self.rng = random.Random(seed)
@@ -113,9 +125,9 @@ class RequestFactory:
                       for r in range(payload.feature_push.rows)]},
             {f"__CUST{r}__": b"c-%d" for r in range(payload.feature_push.rows)},
         )
-        # Recent decisions: (decision_id, [offer ids], order uid); impressions are reported once each.
-        self.ring: deque[tuple[bytes, list[bytes], int]] = deque(maxlen=_RING)
-        self.unimpressed: deque[tuple[bytes, list[bytes], int]] = deque(maxlen=_RING)
+        # Recent decisions: (decision_id, [offer ids], order uid, received at); impressions are reported once each.
+        self.ring: deque[tuple[bytes, list[bytes], int, float]] = deque(maxlen=_RECENT)
+        self.unimpressed: deque[tuple[bytes, list[bytes], int, float]] = deque(maxlen=_RING)
         self.orphans = 0  # beacons sent before any decision came back (refer to no real decision)
 
     # ------------------------------------------------------------------ templates
@@ -186,13 +198,19 @@ class RequestFactory:
         body = self.decision_templates[uid % _TEMPLATES] % (customer, self.tag, uid, self.tag, uid, customer)
         return self.build("POST", self.paths[path_code], body, self.pub_headers)
 
-    def _pick(self, fresh: bool) -> tuple[bytes, list[bytes], int] | None:
+    def _pick(self, fresh: bool) -> tuple[bytes, list[bytes], int, float] | None:
+        now = self.clock()
         if fresh and self.unimpressed:
-            return self.unimpressed.popleft()
+            picked = self.unimpressed.pop()  # the page just shown reports it (the oldest lag behind a backlog)
+            if now - picked[3] <= BEACON_MAX_AGE_S:
+                return picked
+            self.unimpressed.clear()  # older still: pages closed before their beacon went out
         ring = self.ring
         if not ring:
             return None
-        return ring[self.rng.randrange(len(ring))]
+        picked = ring[self.rng.randrange(len(ring))]
+        # A buyer clicks on the page in front of them: a decision older than that is past a short reward window.
+        return picked if now - picked[3] <= BEACON_MAX_AGE_S else ring[-1]
 
     def beacon(self, code: int, uid: int) -> bytes:
         picked = self._pick(code == IMPRESSION)
@@ -239,7 +257,7 @@ class RequestFactory:
     def on_decision(self, uid: int, body: bytes) -> float:
         """Remember a decision that came back (for later beacons); returns its ``took_ms``."""
         d = _decode_decision(body)
-        entry = (d.decision_id.encode(), [o.offer_id.encode() for o in d.offers], uid)
+        entry = (d.decision_id.encode(), [o.offer_id.encode() for o in d.offers], uid, self.clock())
         self.ring.append(entry)
         self.unimpressed.append(entry)
         return d.took_ms
