@@ -420,7 +420,6 @@ def test_each_view_reads_only_the_decision_log_files_written_since_the_last(
     assert window.files_read == 5
 
 
-
 def test_the_explorer_looks_an_id_up_in_its_own_days_partition_only(
         client: TestClient, kassa: Kassa, clock: Clock) -> None:
     """An unknown id was looked for in the whole log (every partition of its history)."""
@@ -435,6 +434,38 @@ def test_the_explorer_looks_an_id_up_in_its_own_days_partition_only(
         assert detail is not None and detail.record["decision_id"] == known
         assert reader.decision(known[:8] + "0" * 16) is None
         assert reader.decision("f" * 24) is None  # the random form: the last `decision_lookup_days` only
+
+
+def test_duckdb_reads_in_a_serving_process_use_one_thread_and_the_offline_reads_every_core(
+        client: TestClient, kassa: Kassa, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB starts a thread per core: the dashboard's log queries took the cores the decisions run on (decision
+    P99 ~16 -> ~420 ms under a page loop on 2 cores, bench/dashboard_contention.py)."""
+    import duckdb
+
+    from kassa.events.decision_log import find_decision, read_decisions
+
+    real, threads = duckdb.connect, []
+
+    def connect(*args: object, **kwargs: object) -> duckdb.DuckDBPyConnection:
+        con = real(*args, **kwargs)  # type: ignore[arg-type]
+        threads.append(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+        return con
+
+    monkeypatch.setattr(duckdb, "connect", connect)
+    _serve(client, kassa, clock, 3, "a")
+    assert client.put("/v1/features/customer_signals/c-9", json={"values": {"ltv": 3.0}},
+                      headers={"Authorization": f"Bearer {ADMIN}"}).status_code in (200, 201)
+    newest = Outcomes(kassa, incremental=False).recent(2)[0][0]  # the explorer
+    assert Outcomes(kassa, incremental=False).decision(newest) is not None
+    assert Outcomes(kassa).placements(clock() - 10, now=clock() + 120)  # the decision window's first read
+    assert Outcomes(kassa, incremental=False).throughput(clock() - 10, now=clock())[1]
+    assert find_decision(kassa.settings.data_path, newest) is not None  # GET /v1/decisions/{id}
+    assert "kassa_feature_age_seconds" in client.get("/metrics").text  # the offline store's newest value
+    assert len(threads) >= 6 and set(threads) == {1}, threads
+    threads.clear()
+    assert read_decisions(kassa.settings.data_path).num_rows == 3  # kassa train / evaluate: every core
+    assert threads == [os.cpu_count()]
+
 
 def test_the_reward_tables_read_only_the_last_days_of_the_decision_log(
         client: TestClient, kassa: Kassa, clock: Clock) -> None:

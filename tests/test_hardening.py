@@ -189,6 +189,7 @@ def test_a_settings_file_kassa_cannot_read_stops_with_one_line_naming_it(tmp_pat
     ("roles.workers", -3),  # was accepted and served with one worker, silently
     ("roles.learner_nice", -5),  # raising priority needs privileges: refused rather than tried
     ("roles.learner_nice", 20),
+    ("roles.learner_stall_seconds", 0),  # a loop never fast enough: the learner would exit 75 at once
 ])
 def test_server_settings_out_of_range_are_configuration_errors(tmp_path, setting, value):
     with pytest.raises(SystemExit, match=setting.split(".")[1]):

@@ -23,7 +23,7 @@ import yaml
 from kassa.config import load_settings
 from kassa.events.join import PendingDecision
 from kassa.learn.online.handover import HandoverJoiner
-from kassa.learn.online.lease import FileLease, RedisLease
+from kassa.learn.online.lease import FileLease, LeaseKeeper, LeaseLost, RedisLease
 from kassa.roles.workers import resolve_workers
 from kassa.schemas import RewardDefinition
 from tests.services import ensure_redis
@@ -344,6 +344,65 @@ def test_redis_lease_has_one_holder_and_lapses_when_not_renewed() -> None:
         client.close()
 
 
+def test_lease_keeper_renews_off_the_loop_and_stops_when_the_loop_stalls_so_the_lease_lapses() -> None:
+    client = redis.Redis.from_url(ensure_redis())
+    key = f"kassa-test-{uuid.uuid4().hex[:8]}:learn:lease:p"
+    stalled: list[str] = []
+    lease = RedisLease(client, key, 0.6)
+    keeper = LeaseKeeper(0.6, stall_seconds=0.8, on_stall=stalled.append)
+    try:
+        sent = time.monotonic()
+        assert lease.acquire()
+        keeper.hold("p", lease, sent)
+        keeper.start()
+        for _ in range(12):  # the loop comes round but renews nothing, for twice the TTL: the keeper renewed it
+            keeper.beat()
+            time.sleep(0.1)
+        keeper.check()
+        assert lease.holder() == lease.token and not stalled
+        time.sleep(1.6)  # no beat for over stall_seconds: renewal stops and the lease lapses
+        assert stalled and "has not come round for" in stalled[0] and lease.holder() is None
+        with pytest.raises(LeaseLost, match="has not come round"):
+            keeper.check()
+    finally:
+        keeper.stop()
+        client.delete(key)
+        client.close()
+
+
+class _HeldLease:
+    """A lease whose holding is all the keeper's clock check looks at (no renewal runs in that test)."""
+
+    def __init__(self, name: str, ttl_seconds: float) -> None:
+        self.name, self.ttl_seconds = name, ttl_seconds
+
+    def acquire(self) -> bool:
+        return True
+
+    def renew(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_paused_lease_holder_finds_its_lease_lost_before_its_renewal_thread_runs() -> None:
+    # SIGSTOP or a long GC pause past the TTL: the standby may hold the lease by now, so nothing may be published,
+    # even though the keeper's thread has not run since to find the renewal refused
+    now = [100.0]
+    keeper = LeaseKeeper(5.0, stall_seconds=60.0, clock=lambda: now[0])
+    keeper.hold("p", _HeldLease("p.lock", float("inf")), 100.0)  # a flock does not lapse
+    keeper.hold("q", _HeldLease("kassa:learn:lease:q", 5.0), 100.0)
+    now[0] = 103.9  # 0.8 of the TTL after the acquire was sent: still ours
+    keeper.check()
+    now[0] = 104.1
+    with pytest.raises(LeaseLost, match=r"lost the lease of q \(kassa:learn:lease:q\): not renewed"):
+        keeper.check()
+    with pytest.raises(LeaseLost):  # and stays lost
+        now[0] = 100.0
+        keeper.check()
+
+
 def test_file_lease_is_exclusive_until_its_holder_releases(tmp_path: Path) -> None:
     a, b = FileLease(tmp_path / "l.lock"), FileLease(tmp_path / "l.lock")
     assert a.acquire() and not b.acquire()
@@ -473,6 +532,44 @@ def test_a_learner_whose_lease_redis_dies_exits_75_quietly_and_its_successor_wai
         p.wait_log("learn-b.log", r"learner active for checkout", timeout=20)
     finally:
         server.kill()
+
+
+def test_an_active_learner_keeps_its_redis_lease_while_its_metadata_postgres_hangs_past_the_ttl(project) -> None:  # type: ignore[no-untyped-def]
+    # Renewed from the learning loop, which waited ~13 s on the SIGSTOPped database, the 3 s lease lapsed: the
+    # learner exited 75 and a standby took over into the same stall.
+    from tests.services import PostgresServer, fresh_database
+
+    server = PostgresServer()
+    server.start()
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}:learn:lease:checkout"
+    lease_redis = redis.Redis.from_url(ensure_redis())
+    try:
+        url, _ = fresh_database(server.url)
+        p = project(metadata={"url": url}, roles={"lease": "redis", "redis_url": ensure_redis(),
+                                                  "lease_prefix": prefix, "lease_ttl_seconds": 3.0})
+        learner = p.start("learn", log="learn.log")
+        p.wait_log("learn.log", r"learner active for checkout", timeout=40)
+        holder = lease_redis.get(key)
+        assert holder is not None and f":{learner.pid}:" in holder.decode()
+        server.pause()
+        try:
+            deadline = time.monotonic() + 14.0  # longer than the answer bound (10 s): the loop did wait on it
+            while time.monotonic() < deadline:
+                assert learner.poll() is None, p.log("learn.log")[-3000:]
+                assert lease_redis.get(key) == holder
+                time.sleep(0.5)
+            assert re.search(r"learner metadata: snapshot or registry poll failed", p.log("learn.log")), \
+                p.log("learn.log")[-3000:]
+        finally:
+            server.resume()
+        assert "exiting" not in p.log("learn.log") and "Traceback" not in p.log("learn.log")
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(30) == 0, p.log("learn.log")[-3000:]
+    finally:
+        lease_redis.delete(key)
+        lease_redis.close()
+        server.destroy()
 
 
 def test_learn_and_serve_started_before_their_metadata_postgres_wait_for_it_then_start(project) -> None:  # type: ignore[no-untyped-def]

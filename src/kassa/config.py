@@ -161,6 +161,10 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     lease_prefix: str = "kassa"
     # a dead learner's lease lapses after this; the standby takes over then
     lease_ttl_seconds: Annotated[float, Meta(gt=0)] = 5.0
+    # The active learner's leases are renewed from a thread of their own while its learning loop comes round at
+    # least this often; a loop stuck longer is taken for hung: renewal stops (its leases lapse, a standby takes
+    # over) and it exits 75. Above the ~13 s one round can wait on a hung metadata PostgreSQL (ADR 0009).
+    learner_stall_seconds: Annotated[float, Meta(gt=0)] = 60.0
     # `kassa learn` (also as `--learner child`) lowers its CPU priority by this much (os.nice) at start, so that
     # serving workers on the same cores win the CPU when it is short; the learner keeps what they leave, which
     # at 1,000 decisions/s on 2 cores is plenty (ADR 0009). 0 leaves it alone.

@@ -633,6 +633,17 @@ def test_a_batch_delivery_is_refused_saying_to_choose_single_webhook_delivery(
     assert kassa.event_log.count() == 0
 
 
+def test_a_signed_body_nested_too_deeply_is_400_not_a_500(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # json.loads raised RecursionError from the verifier: a 500 with a traceback for a signed delivery
+    client, kassa, _ = magento_app
+    for body in (b'{"data": ' * 5000 + b"1" + b"}" * 5000, b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 400 and response.json()["detail"] == "webhook body is nested too deeply", \
+            response.text
+    assert kassa.event_log.count() == 0
+
+
 def test_a_signed_body_that_is_not_json_is_400_as_on_every_platform(
         magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
     client, kassa, _ = magento_app

@@ -212,6 +212,16 @@ def test_signed_but_malformed_json_is_400(hooks, kassa):
     assert kassa.event_log.count() == 0
 
 
+@pytest.mark.parametrize("platform", ["shopify", "woocommerce"])
+def test_a_signed_body_nested_too_deeply_is_400_not_a_500(hooks, kassa, platform):
+    # msgspec raises RecursionError past its depth limit as json.loads does (the shared parser catches it)
+    body = b'{"id": 1, "line_items": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    headers = shopify_headers(body) if platform == "shopify" else woo_headers(body)
+    problem = assert_problem(hooks.post(f"/v1/webhooks/{platform}", content=body, headers=headers), 400)
+    assert problem["detail"] == "webhook body is nested too deeply"
+    assert kassa.event_log.count() == 0
+
+
 def test_signed_json_that_is_not_an_object_is_422(hooks, kassa):
     body = b"[1, 2]"
     assert_problem(hooks.post("/v1/webhooks/shopify", content=body, headers=shopify_headers(body)), 422)

@@ -322,6 +322,21 @@ def parquet_list(files: list[str]) -> str:
     return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
+# DuckDB starts a thread per core for every connection. Inside a serving process (the dashboard's reads of this log,
+# `GET /v1/decisions/{id}`, /metrics' feature freshness) those threads compete with the decisions for the cores: on
+# 2 cores with a million logged decisions, decision P99 under a dashboard page loop was lower in 3 of 3 pairs with
+# one thread (median 47 -> 18 ms; 200,000 decisions: within the VM's noise), page times unchanged
+# (bench/dashboard_contention.py, docs/benchmarks.md). Offline commands (train, evaluate, materialize) keep the default.
+SERVING_DUCKDB_THREADS = 1
+
+
+def serving_duckdb() -> Any:
+    """A DuckDB connection for a read inside a serving process: ``SERVING_DUCKDB_THREADS`` threads."""
+    import duckdb
+
+    return duckdb.connect(config={"threads": SERVING_DUCKDB_THREADS})
+
+
 def read_log(read: Callable[[], _T], attempts: int = 5) -> _T:
     """``read()`` (which lists the files, then reads them), again when a file it listed was removed before DuckDB
     opened it: compaction removes the small files it merged, and a new listing has the merged file instead."""
@@ -397,9 +412,7 @@ def find_decision(root: Path, decision_id: str, now: float | None = None,
     """One logged decision by id, read from the partitions `lookup_partitions` names: the one of the id's time, or
     for an id without one the last ``lookback_days`` (from ``now``) newest first, so no lookup reads the whole
     history (DuckDB reads only the ``decision_id`` column until it finds it). ``None`` when it is not there."""
-    import duckdb
-
-    with duckdb.connect() as con:
+    with serving_duckdb() as con:  # `GET /v1/decisions/{id}` runs it in the serving process
         for date_dir in lookup_partitions(Path(root) / "decisions", decision_id, now, lookback_days):
             def find(date_dir: Path = date_dir) -> pa.Table | None:
                 files = decision_files(date_dir)

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from kassa.events.decision_log import serving_duckdb
 from kassa.features.batch_source import ARROW_TYPES, check_column, describe, quote_ident
 from kassa.features.definitions import Entity, FeatureRepo, FeatureView
 from kassa.features.online.base import WriteItem
@@ -196,15 +197,13 @@ class OfflineStore:
 
     def newest(self, view: str) -> float | None:
         """Event time (unix seconds) of the newest logged value of ``view``; None when there is none."""
-        import duckdb
-
         files = self._files(view)
         if not files:
             return None
         # Files are partitioned by event date, so the newest value is in the newest date's files.
         newest_dir = max(f.parent for f in files)
         glob = str(newest_dir / "*.parquet").replace("'", "''")
-        with duckdb.connect() as con:
+        with serving_duckdb() as con:  # /metrics runs it in the serving process
             row = con.execute(f"SELECT max(epoch_us(event_timestamp)) FROM read_parquet('{glob}')").fetchone()
         return None if row is None or row[0] is None else row[0] / 1e6
 

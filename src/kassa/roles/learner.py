@@ -5,8 +5,11 @@ events) and joins every decision, so a standby's join state is as warm as the ac
 placement (`kassa.learn.online.lease`) says which learner learns and publishes it; the others keep what
 closes (`HandoverJoiner`) and try the lease every ``ttl / 3`` seconds. Taking a lease over: load the
 registry's newest production, read the watermark in its metadata, learn the kept examples above it, go on.
-A learner that fails to renew a lease it held exits (code 75) rather than learn on with two writers: its
-supervisor (systemd, Kubernetes, `kassa serve`) starts it again, as a standby.
+Held leases are renewed by a `LeaseKeeper` thread, not by the learning loop (a loop blocked ~13 s on a hung
+metadata database lost its 5 s lease), while the loop beats within ``roles.learner_stall_seconds``; the loop
+checks its leases before each round and before anything it publishes. A learner that fails to renew a lease it
+held, or whose loop stalled, exits (code 75) rather than learn on with two writers: its supervisor (systemd,
+Kubernetes, `kassa serve`) starts it again, as a standby.
 
 Decisions close on a clock ``settle_seconds`` behind the wall clock, the delay with which the input hands
 over events (`SqliteTailInput`, `JetStreamInput`), so an event stored just before a decision's deadline still
@@ -32,15 +35,20 @@ from kassa.degraded import RateLimitedWarning
 from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
 from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
-from kassa.learn.online.lease import FileLease, Lease, RedisLease
+from kassa.learn.online.lease import FileLease, Lease, LeaseKeeper, LeaseLost, RedisLease
 
 log = logging.getLogger("kassa.learn")
 LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: start me again (as a standby)
 _SLICE = 1000  # decisions closed per step; the learner process has no request to yield to but its own I/O
 
 
-class LeaseLost(RuntimeError):
-    pass
+__all__ = ["LEASE_LOST_EXIT", "LearnerRole", "LeaseLost", "lease_factory", "run_learner"]
+
+
+def _exit_stalled(reason: str) -> None:
+    """A hung learning loop cannot be trusted to stop itself: exit from the keeper's thread."""
+    log.error("%s: exiting so that I start again as a standby", reason)  # a StreamHandler flushes each line
+    os._exit(LEASE_LOST_EXIT)  # not logging.shutdown(): the hung thread may hold a handler's lock
 
 
 def lease_factory(settings: Settings) -> Callable[[str], Lease]:
@@ -57,7 +65,8 @@ def lease_factory(settings: Settings) -> Callable[[str], Lease]:
 class LearnerRole:
     def __init__(self, settings: Settings, placements: list[str] | None = None,
                  source: LearnerInput | None = None, leases: Callable[[str], Lease] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_stall: Callable[[str], None] | None = _exit_stalled) -> None:
         self.settings = settings
         self.only = set(placements or [])
         self.clock = clock
@@ -76,6 +85,7 @@ class LearnerRole:
         self._db_warn = RateLimitedWarning(log, "learner metadata")
         self.leases: dict[str, Lease] = {}
         self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
+        self.keeper = LeaseKeeper(settings.roles.lease_ttl_seconds, settings.roles.learner_stall_seconds, on_stall)
         self.took_over: dict[str, float] = {}  # placement -> when this learner became active
         self.input: LearnerInput | None = None
 
@@ -137,14 +147,8 @@ class LearnerRole:
             if lease is None:
                 lease = self.leases[placement] = self.new_lease(placement)
             if placement in self.joiner.active:
-                try:
-                    renewed = await asyncio.to_thread(lease.renew)
-                except Exception as exc:  # Redis away or too slow: the lease can no longer be shown to be ours
-                    raise LeaseLost(f"could not renew the lease of {placement} ({lease.name}; "
-                                    f"{type(exc).__name__}: {exc})") from exc
-                if not renewed:
-                    raise LeaseLost(f"lost the lease of {placement} ({lease.name})")
-                continue
+                continue  # the keeper's thread renews it
+            sent = time.monotonic()
             try:
                 acquired = await asyncio.to_thread(lease.acquire)
             except Exception as exc:  # stay a standby (it raised and exited 1: a crash loop while Redis was away)
@@ -152,6 +156,7 @@ class LearnerRole:
                                  f"{exc}); standby until it answers")
                 continue
             if acquired:
+                self.keeper.hold(placement, lease, sent)  # renewed from now on, while this takes the model over
                 await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
                 mark = self._watermark(placement)
                 kept = self.joiner.activate(placement, mark)
@@ -179,9 +184,11 @@ class LearnerRole:
             self.loop.step(now=closed_by, limit=_SLICE)
             if self.joiner.closed - before < _SLICE:
                 break
+            self.keeper.beat()
             await asyncio.sleep(0)
         try:
             if self.joiner.active:
+                self.keeper.check()  # nothing published on a lease that may have lapsed (a pause, a failed renew)
                 await self.loop.tick_async(64)  # snapshots, guardrails, registry
             elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
                 self.loop._last_poll = self.clock()
@@ -206,10 +213,14 @@ class LearnerRole:
             await self.kassa.stop()
             return
         last_lease = last_status = last_prune = 0.0
+        self.keeper.beat()
+        self.keeper.start()
         log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
                  self.lookback())
         try:
             while not stop.is_set():
+                self.keeper.beat()
+                self.keeper.check()
                 now = time.monotonic()
                 if now - last_lease >= self.lease_every:
                     last_lease = now
@@ -231,7 +242,13 @@ class LearnerRole:
 
     async def close(self, lost: bool = False) -> None:
         if self.joiner.active and not lost:
-            await asyncio.to_thread(self.loop.snapshot_due, None, True)  # then the successor starts from here
+            try:
+                self.keeper.check()
+            except LeaseLost as exc:
+                log.warning("no snapshot at stop: %s", exc)
+            else:
+                await asyncio.to_thread(self.loop.snapshot_due, None, True)  # then the successor starts from here
+        self.keeper.stop()
         for lease in self.leases.values():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lease.release)

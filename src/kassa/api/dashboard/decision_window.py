@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from kassa.events.decision_log import decision_files, read_log
+from kassa.events.decision_log import decision_files, read_log, serving_duckdb
 
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 _MERGED = re.compile(r"part-\d+-c(\d+)[-.]")
@@ -165,12 +165,10 @@ class DecisionLogWindow:
 
     def _read(self, paths: list[str]) -> int:
         """Read and hold ``paths``; the number of rows they hold."""
-        import duckdb  # as in outcomes: only the offline side and the dashboard need it
-
         files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
         sql = (f"SELECT filename, decision_id, ts, placement, model_version, chosen, fallback, took_ms "
                f"FROM read_parquet([{files}], filename = true)")
-        con = duckdb.connect()
+        con = serving_duckdb()
         try:
             found = con.execute(sql).fetchall()
         finally:

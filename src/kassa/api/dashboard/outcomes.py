@@ -46,7 +46,14 @@ from kassa.api.dashboard.decision_window import DecisionLogWindow, DecisionRow
 from kassa.api.dashboard.event_window import SqliteEventWindow
 from kassa.api.dashboard.stream_window import StreamEventWindow
 from kassa.app import Kassa
-from kassa.events.decision_log import decision_files, log_files, lookup_partitions, parquet_list, read_log
+from kassa.events.decision_log import (
+    decision_files,
+    log_files,
+    lookup_partitions,
+    parquet_list,
+    read_log,
+    serving_duckdb,
+)
 from kassa.events.jetstream_log import JetStreamEventLog
 from kassa.events.log import SqliteEventLog, events_table
 
@@ -211,8 +218,6 @@ class Outcomes:
                          partitions: list[Path] | None = None) -> list[tuple]:
         """A query of the log (its partitions from ``from_day`` on, or the ``partitions`` given), or of one of its
         files (``path``)."""
-        import duckdb  # as in read_decisions: only the offline side and the dashboard need it
-
         self.kassa.decision_log.flush()
 
         def query() -> list[tuple]:
@@ -222,7 +227,7 @@ class Outcomes:
             if source is None:
                 return []
             sql = f"SELECT {columns} FROM {source} WHERE {where} ORDER BY ts DESC LIMIT {int(limit)}"
-            con = duckdb.connect()
+            con = serving_duckdb()
             try:
                 return con.execute(sql, params).fetchall()
             finally:
@@ -234,8 +239,6 @@ class Outcomes:
                    ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
         """Decisions since ``since`` in time buckets, from the log as written (no flush: this runs on every
         overview refresh): (bucket seconds, [(bucket start, decisions/s, fallback share, P50 ms, P99 ms)])."""
-        import duckdb
-
         now = time.time() if now is None else now
         window = self.decision_window
         held = window.rows(since, now) if window is not None else None
@@ -247,7 +250,7 @@ class Outcomes:
             if table is None:
                 return 60.0, []
             source = f"{table} WHERE ts >= ?"
-            con = duckdb.connect()
+            con = serving_duckdb()
             try:
                 first = con.execute(f"SELECT min(ts) FROM {source}", [since]).fetchone()
                 if first is None or first[0] is None:
