@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 from kassa.api.app import create_app
 from kassa.app import Kassa
 from kassa.config import Settings, load_settings
+from kassa.events.join import JoinedExample
 
 ADMIN = "test-admin-key"
 PUB = "test-publishable-key"
@@ -126,6 +127,21 @@ def clock() -> Clock:
 @pytest.fixture
 def kassa(settings: Settings, clock: Clock) -> Kassa:
     return Kassa(settings, clock=clock, seed=7)
+
+
+@pytest.fixture
+def joined(kassa: Kassa, monkeypatch: pytest.MonkeyPatch) -> list[JoinedExample]:
+    """Every example the joiner closes, whoever closes it (the background learning loop or the test)."""
+    closed: list[JoinedExample] = []
+    expire = kassa.joiner.expire
+
+    def recording(now: float, limit: int = 10_000) -> list[JoinedExample]:
+        out = expire(now, limit)
+        closed.extend(out)
+        return out
+
+    monkeypatch.setattr(kassa.joiner, "expire", recording)
+    return closed
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from kassa import schemas
 from kassa.api.app import create_app
 from kassa.app import Kassa
-from kassa.events.join import JoinedExample, PendingDecision
+from kassa.events.join import PendingDecision
 from kassa.learn.online.handover import HandoverJoiner
 from kassa.learn.online.rewards import RewardJoiner
 from tests.conftest import PUB, decision_body, order
@@ -110,20 +110,6 @@ def test_a_journaled_conversion_is_still_taken_back_after_a_restart():
 
 
 # --------------------------------------------------------------------------- through POST /v1/events
-@pytest.fixture
-def joined(kassa: Kassa, monkeypatch: pytest.MonkeyPatch) -> list[JoinedExample]:
-    out: list[JoinedExample] = []
-    expire = kassa.joiner.expire
-
-    def recording(now: float, limit: int = 10_000) -> list[JoinedExample]:
-        examples = expire(now, limit)
-        out.extend(examples)
-        return examples
-
-    monkeypatch.setattr(kassa.joiner, "expire", recording)
-    return out
-
-
 @pytest.fixture
 def api(kassa: Kassa) -> Iterator[TestClient]:
     with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as c:

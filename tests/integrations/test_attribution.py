@@ -25,21 +25,6 @@ CUSTOMER = "115310627314723954"  # the customer of the recorded Shopify order
 
 
 @pytest.fixture
-def joined(kassa: Kassa, monkeypatch: pytest.MonkeyPatch) -> list[JoinedExample]:
-    """Every example the joiner closes, whoever closes it (the background learning loop or the test)."""
-    closed: list[JoinedExample] = []
-    expire = kassa.joiner.expire
-
-    def recording(now: float, limit: int = 10_000) -> list[JoinedExample]:
-        out = expire(now, limit)
-        closed.extend(out)
-        return out
-
-    monkeypatch.setattr(kassa.joiner, "expire", recording)
-    return closed
-
-
-@pytest.fixture
 def app_client(kassa: Kassa) -> Iterator[TestClient]:
     with TestClient(create_app(kassa)) as c:
         yield c
