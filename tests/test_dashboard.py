@@ -624,3 +624,22 @@ def test_each_view_reads_only_the_events_logged_since_the_last_on_sqlite(
     assert small._sqlite_window is not None
     small._sqlite_window.max_events = 2
     assert small.placements(since, now=clock() + 120) == again and small._sqlite_window.full_reads
+
+
+def test_a_damaged_decision_log_file_is_a_problem_naming_it_not_a_500_traceback(
+        client: TestClient, kassa: Kassa, clock: Clock) -> None:
+    """GET /v1/decisions/{id}, the explorer and the reward tables raised DuckDB's error (a bare 500)."""
+    _serve(client, kassa, clock, 1, "a")
+    known = Outcomes(kassa).recent(1)[0][0]
+    good = next((kassa.settings.data_path / "decisions").glob("date=*/*.parquet"))
+    bad = good.with_name("part-9999999999999-1.parquet")
+    bad.write_bytes(good.read_bytes()[:100])  # cut short: a copy that ran out of disk
+    r = client.get(f"/v1/decisions/{known}", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["type"].endswith("/decision-log-unreadable") and str(bad) in problem["detail"]
+    assert "move it out of the folder" in problem["detail"]
+    for path in (f"/dashboard/decisions?id={known}", "/dashboard/decisions",
+                 "/dashboard/placements/order_confirmation"):
+        r = client.get(path, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 500 and 'data-testid="error"' in r.text and str(bad) in r.text, (path, r.text[-500:])

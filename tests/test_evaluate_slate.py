@@ -128,3 +128,21 @@ def test_slate_refused_without_uniform_logging(tmp_path, settings, clock):
     both = runner.invoke(app, ["evaluate", "--placement", PLACEMENT, "--candidate", version, "--slate", "--promote",
                                "--data-dir", data_dir])
     assert both.exit_code != 0 and "--promote applies to the top-slot evaluation" in " ".join(both.output.split())
+
+
+def test_slate_with_one_qualifying_decision_says_an_interval_needs_two(client, kassa, clock):
+    """Two closed decisions pass the command's own check, but PI reads only the uniformly logged ones: one of
+    them was an OPEInputError traceback ("need at least 2 logged rows")."""
+    from kassa.learn.offline.dataset import load_logged
+    from kassa.learn.offline.evaluate import NoUniformRows, evaluate_slates
+
+    data_dir = _log(client, kassa, clock, 100, seed=5)  # the last 60 s still open: ~40 closed
+    version = _json(runner.invoke(app, ["train", "--placement", PLACEMENT, "--holdout", "0.5", "--data-dir",
+                                        data_dir, "--json"]))["version"]
+    snap, registry = kassa.catalog.snapshot, kassa.model_registry
+    mv = registry.get(version)
+    data = load_logged(Path(data_dir), snap.placements[PLACEMENT].placement, lambda o: o, mv.train_until, None)
+    assert len(data) >= 2
+    data.fallback[1:] = [True] * (len(data) - 1)  # a fallback answer is left out: one uniform slate is left
+    with pytest.raises(NoUniformRows, match=r"only 1 of the \d+ decisions .* an interval needs at least 2"):
+        evaluate_slates(data, snap, (version, registry.path(mv)), None, 3, workers=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from kassa.config import load_settings
@@ -103,24 +105,29 @@ def test_report_renders_charts_from_its_embedded_data(server_url: str, tmp_path:
     assert f'id="{DATA_ID}"' in text
 
 
+def _small_run_summary() -> dict[str, Any]:
+    """The summary of a small, invalid, failing run, as `runner.summarize` writes it."""
+    return {"profile": "p", "profile_source": "", "url": "http://x", "asked_rate": 10.0, "achieved_rate": 9.0,
+            "duration_s": 1.0, "ramp_s": 0.0, "schedule": "fixed", "requests": 10, "p50_ms": 1.0, "p90_ms": 2.0,
+            "p99_ms": 3.0, "p999_ms": 4.0, "max_ms": 5.0, "mean_ms": 1.0, "errors": 1, "error_rate": 0.1,
+            "errors_by_kind": {"http_500": 1}, "first_errors": {"decision http 500": "<boom> & </script>"},
+            "valid": False, "invalid_reasons": ["the generator fell behind"], "verdict": "FAIL",
+            "verdict_reason": "run invalid: the generator fell behind", "warnings": ["w <b>"],
+            "slo": {"p99_ms": 200.0, "error_rate": 0.001, "p50_ms": None, "p999_ms": None, "max_ms": None,
+                    "min_throughput_ratio": 0.95},
+            "mix": {"decision": 1.0}, "by_type": {}, "rate_derivation": "--rate 10",
+            "server": {"took_ms": {"p50": None, "p99": None, "max": None}, "metrics": {"available": False}},
+            "generator": {"workers": 1, "lag_limit_ms": 10.0, "cpu_us_per_request": None, "cpu_util_per_worker": [],
+                          "max_outstanding": 0, "fd_limit": {"soft": 1, "hard": 1},
+                          "send_lag_ms": {"p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}},
+            "idle_connections": {"asked": 0, "opened_at_start": 0, "seconds_to_open": 0, "held_at_end": 0,
+                                 "min_held": 0, "failed": {}, "closed_by_server": 0, "reopened": 0,
+                                 "refresh_requests": 0, "refresh_failed": 0},
+            "started_at": "now", "machine": {"cpu": "c", "cores": 2, "platform": "p", "python": "3", "loadavg_1m": 1}}
+
+
 def test_report_of_an_invalid_failing_run_says_so() -> None:
-    s = {"profile": "p", "profile_source": "", "url": "http://x", "asked_rate": 10.0, "achieved_rate": 9.0,
-         "duration_s": 1.0, "ramp_s": 0.0, "schedule": "fixed", "requests": 10, "p50_ms": 1.0, "p90_ms": 2.0,
-         "p99_ms": 3.0, "p999_ms": 4.0, "max_ms": 5.0, "mean_ms": 1.0, "errors": 1, "error_rate": 0.1,
-         "errors_by_kind": {"http_500": 1}, "first_errors": {"decision http 500": "<boom> & </script>"},
-         "valid": False, "invalid_reasons": ["the generator fell behind"], "verdict": "FAIL",
-         "verdict_reason": "run invalid: the generator fell behind", "warnings": ["w <b>"],
-         "slo": {"p99_ms": 200.0, "error_rate": 0.001, "p50_ms": None, "p999_ms": None, "max_ms": None,
-                 "min_throughput_ratio": 0.95},
-         "mix": {"decision": 1.0}, "by_type": {}, "rate_derivation": "--rate 10",
-         "server": {"took_ms": {"p50": None, "p99": None, "max": None}, "metrics": {"available": False}},
-         "generator": {"workers": 1, "lag_limit_ms": 10.0, "cpu_us_per_request": None, "cpu_util_per_worker": [],
-                       "max_outstanding": 0, "fd_limit": {"soft": 1, "hard": 1},
-                       "send_lag_ms": {"p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}},
-         "idle_connections": {"asked": 0, "opened_at_start": 0, "seconds_to_open": 0, "held_at_end": 0,
-                              "min_held": 0, "failed": {}, "closed_by_server": 0, "reopened": 0,
-                              "refresh_requests": 0, "refresh_failed": 0},
-         "started_at": "now", "machine": {"cpu": "c", "cores": 2, "platform": "p", "python": "3", "loadavg_1m": 1}}
+    s = _small_run_summary()
     result = {"summary": s, "timeline": {"t": [0], "asked": [10], "answered": [9], "errors": [1], "p50_ms": [1.0],
                                          "p99_ms": [float("nan")], "max_ms": [None], "lag_p99_ms": [0.1]},
               "curves": {"all": [[0.0, 1.0], [100.0, 5.0]]}}
@@ -393,3 +400,29 @@ def test_plan_refuses_a_file_that_is_not_a_topology_result_and_needs_url_or_meas
     assert out.returncode == 2 and "not JSON" in " ".join(out.stderr.split())
     out = _kassa("loadtest", "plan", "--profile", str(prof))
     assert out.returncode == 2 and "either --url" in " ".join(out.stderr.split())
+
+
+def test_a_request_type_with_few_latencies_is_drawn_and_tabled_only_as_far_as_they_go() -> None:
+    """2 accepts were drawn out to 99.99 % and their P99.9 given like the decisions' (the slower of the two)."""
+    from kassa.loadtest import hist
+
+    s = _small_run_summary()
+    curves: dict[str, Any] = {}
+    for name, n in (("decision", 5000), ("accept", 2)):
+        h = hist.from_seconds(np.arange(1, n + 1) / 1e5)
+        s["by_type"][name] = {"requests": n, "errors": 0, **{f"{k}_ms": v for k, v in hist.summary_ms(h).items()},
+                              "latencies": n, "thin_percentiles": hist.thin_percentiles(n)}
+        curves[name] = hist.percentile_curve(h, up_to=hist.supported_percentile(n))
+    curves["all"] = hist.percentile_curve(hist.from_seconds(np.arange(1, 5003) / 1e5))
+    assert curves["accept"][-1][0] == 50.0 and max(p for p, _ in curves["accept"]) == 50.0  # 1 - 1/2
+    assert curves["decision"][-1][0] == 99.98 and curves["all"][-1][0] == 100.0
+    assert s["by_type"]["accept"]["thin_percentiles"] == ["p50", "p90", "p99", "p999"]
+    assert s["by_type"]["decision"]["thin_percentiles"] == ["p999"]  # 5 of 5,000 beyond its P99.9
+    assert hist.thin_percentiles(10_000) == [] and hist.thin_percentiles(1_000) == ["p999"]
+    assert hist.thin_percentiles(999) == ["p99", "p999"]  # 9 beyond its P99
+    text = render_report({"summary": s, "timeline": {"t": [0], "asked": [10], "answered": [9], "errors": [1],
+                                                     "p50_ms": [1.0], "p99_ms": [1.0], "max_ms": [1.0],
+                                                     "lag_p99_ms": [0.1]}, "curves": curves})
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>(\w+)</td>.*?</tr>", text)}
+    assert rows["accept"].count("†") == 4 and rows["decision"].count("†") == 1
+    assert 'data-testid="thin-percentiles"' in text and "fewer than 10" in text

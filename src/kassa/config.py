@@ -336,7 +336,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     path = path or os.environ.get("KASSA_CONFIG")
     if path:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            with open(path, encoding="utf-8") as stream:  # a stream, so YAML errors name the file
+                loaded = yaml.safe_load(stream) or {}
         except FileNotFoundError:
             raise SystemExit(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text

@@ -146,7 +146,7 @@ class WebhookAck(Struct):
     unknown_decisions: int | msgspec.UnsetType = msgspec.UNSET
     unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET  # as in EventAck
     ignored: int | msgspec.UnsetType = msgspec.UNSET
-    lines_dropped: int | msgspec.UnsetType = msgspec.UNSET  # an order past 500 lines: how many were left out
+    lines_dropped: int | msgspec.UnsetType = msgspec.UNSET  # an order or refund past 500 lines: how many left out
 
 
 # --------------------------------------------------------------------------- catalog

@@ -230,3 +230,24 @@ def test_a_shopify_refund_signed_with_another_secret_is_refused_and_changes_noth
     response = shopify(app_client, "refunds/create", refund_body(804, 1), secret="not-the-secret")
     assert response.status_code == 401
     assert [e for _, e in kassa.event_log.read()] == []
+
+
+def test_a_shopify_refund_past_500_lines_is_stored_with_500_and_says_so(app_client, kassa, clock, joined, caplog):
+    # It was cut to its first 500 lines without a word: the offered product's line, last, was not taken back.
+    decision = decide(app_client)
+    clock.advance(10)
+    webhook(app_client, created=clock(), lines=[SERUM_LINE | {"quantity": 2}])
+    filler = [{"id": 1000 + i, "line_item_id": 100 + i, "quantity": 1, "subtotal": 1.0,
+               "line_item": SERUM_LINE | {"id": 100 + i, "product_id": f"x-{i}", "variant_id": 1000 + i,
+                                          "sku": f"FILLER-{i}", "price": "1.00"}} for i in range(600)]
+    body = refund_body(805, 1)
+    body["refund_line_items"] = [*filler, *body["refund_line_items"]]
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        answer = shopify(app_client, "refunds/create", body).json()
+    assert answer == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "lines_dropped": 101}
+    [event] = [e for _, e in kassa.event_log.read() if e.type == "refund"]
+    assert event.order is not None and len(event.order.items) == 500 and event.order.items[-1].sku == "SERUM-C"
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "shopify refund '805' of order '5002' has 601 lines" in line and "101 lines left out" in line
+    close_all(kassa, clock)
+    assert rewards_of(joined, decision["decision_id"])["serum-upsell"] == 19.0  # the offered line taken back

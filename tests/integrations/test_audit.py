@@ -108,3 +108,23 @@ def test_the_cli_exits_1_when_something_is_missing(tmp_path, shopify_fake):
     result = CliRunner().invoke(app, ["integrations", "audit", "shopify", "--config", str(config)])
     assert result.exit_code == 1
     assert "missing scope" in result.output and "read_orders" in result.output
+
+
+def _subscription(i: int, topic: str) -> dict:
+    return {"id": f"gid://shopify/WebhookSubscription/{i}", "topic": topic,
+            "endpoint": {"__typename": "WebhookHttpEndpoint", "callbackUrl": "https://kassa.example/v1/webhooks/shopify"}}
+
+
+def test_shopify_audit_recommends_the_refund_topics_and_warns_without_them(shopify_fake, shopify_cfg):
+    """Only ORDERS_CREATE was looked for: a store without orders/cancelled or refunds/create read as all set,
+    though its cancelled and returned orders then stay conversions."""
+    shopify_fake.webhook_subscriptions = [_subscription(1, "ORDERS_CREATE")]
+    found = details(run_audit(ShopifyConnector(shopify_cfg)).checks)["order_webhooks"]
+    assert "orders/create subscribed to https://kassa.example/v1/webhooks/shopify" in found
+    assert "warning: no orders/cancelled subscription" in found and "cancelled order is not taken back" in found
+    assert "warning: no refunds/create subscription" in found and "refunded order is not taken back" in found
+    shopify_fake.webhook_subscriptions += [_subscription(2, "ORDERS_CANCELLED"), _subscription(3, "REFUNDS_CREATE")]
+    found = details(run_audit(ShopifyConnector(shopify_cfg)).checks)["order_webhooks"]
+    assert "warning" not in found
+    assert "orders/cancelled subscribed to https://kassa.example" in found
+    assert "refunds/create subscribed to https://kassa.example" in found

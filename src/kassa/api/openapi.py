@@ -73,6 +73,12 @@ def openapi_document() -> bytes:
 
     def q(name: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+    get_decision = op("A served decision as logged: features, candidates, probabilities, shown offers",
+                      ok=_ok(c + "DecisionRecord"), key="secret")
+    get_decision["responses"]["500"] = {
+        "description": "A file of the decision log is damaged (type .../decision-log-unreadable; the detail names "
+                       "it: move it out of the folder)",
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "Kassa", "version": __version__,
@@ -85,8 +91,7 @@ def openapi_document() -> bytes:
             "/v1/decisions": {"post": {**op("Rank offers for a placement", c + "DecisionRequest",
                                             _ok(c + "DecisionResponse")), "security": browser}},
             "/v1/decisions/{decision_id}": {"get": {
-                **op("A served decision as logged: features, candidates, probabilities, shown offers",
-                     ok=_ok(c + "DecisionRecord"), key="secret"),
+                **get_decision,
                 "parameters": [{
                     "name": "decision_id", "in": "path", "required": True, "schema": {"type": "string"},
                     "description": "The decision_id POST /v1/decisions answered: 24 hex digits, the unix second it was "

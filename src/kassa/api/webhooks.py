@@ -52,7 +52,7 @@ async def post_webhook(request: Request) -> Response:
         kassa.metrics.duplicates.inc(ack.duplicates)
     if result.lines_dropped:
         return json_response(schemas.WebhookAck(ack.accepted, ack.duplicates, ack.unknown_decisions,
-                                                lines_dropped=result.lines_dropped))
+                                                ack.unmatched_refunds, lines_dropped=result.lines_dropped))
     return json_response(ack)
 
 

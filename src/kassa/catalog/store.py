@@ -9,6 +9,7 @@ reference assignment, so a decision in flight keeps the snapshot it started with
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import time
@@ -193,7 +194,9 @@ def read_catalog_file(path: str | Path, raw: bytes | None = None) -> schemas.Cat
         else:
             # libyaml's C loader when present: the pure-Python one takes ~40 s for 10,000 offers.
             loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-            catalog = msgspec.convert(yaml.load(raw, Loader=loader) or {}, schemas.CatalogFile)
+            stream = io.BytesIO(raw)
+            stream.name = str(path)  # YAML errors name the file, not "<byte string>"
+            catalog = msgspec.convert(yaml.load(stream, Loader=loader) or {}, schemas.CatalogFile)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
     except msgspec.ValidationError as exc:

@@ -35,6 +35,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kassa import errors
 from kassa.schemas import StoredValue
 
 log = logging.getLogger(__name__)
@@ -337,9 +338,10 @@ def serving_duckdb() -> Any:
     return duckdb.connect(config={"threads": SERVING_DUCKDB_THREADS})
 
 
-def read_log(read: Callable[[], _T], attempts: int = 5) -> _T:
+def read_log(read: Callable[[], _T], attempts: int = 5, base: Path | None = None) -> _T:
     """``read()`` (which lists the files, then reads them), again when a file it listed was removed before DuckDB
-    opened it: compaction removes the small files it merged, and a new listing has the merged file instead."""
+    opened it: compaction removes the small files it merged, and a new listing has the merged file instead. A file
+    that is not readable Parquet is `UnreadableDecisionLog` naming it (``base``: the folder read)."""
     import duckdb
 
     for attempt in range(attempts):
@@ -347,8 +349,12 @@ def read_log(read: Callable[[], _T], attempts: int = 5) -> _T:
             return read()
         except duckdb.IOException as exc:
             gone = "No such file" in str(exc) or "No files found" in str(exc)
-            if attempt == attempts - 1 or not gone:
+            if attempt == attempts - 1 and gone:
                 raise
+            if not gone:
+                raise _unreadable(base, exc) from None
+        except duckdb.InvalidInputException as exc:  # empty, cut short: was a traceback (a 500 on the API)
+            raise _unreadable(base, exc) from None
     raise AssertionError("unreachable")
 
 
@@ -420,7 +426,7 @@ def find_decision(root: Path, decision_id: str, now: float | None = None,
                     return None
                 return con.sql(f"SELECT * FROM read_parquet({parquet_list(files)}, union_by_name = true) "
                                "WHERE decision_id = ? LIMIT 1", params=[decision_id]).to_arrow_table()
-            table = read_log(find)
+            table = read_log(find, base=date_dir)
             if table is not None and table.num_rows:
                 row = table.to_pylist()[0]
                 features = msgspec.json.decode(row.pop("features_json"))
@@ -428,15 +434,19 @@ def find_decision(root: Path, decision_id: str, now: float | None = None,
     return None
 
 
-class UnreadableDecisionLog(ValueError):
+class UnreadableDecisionLog(errors.KassaError, ValueError):
     """A file of the decision log that is not readable Parquet. Kassa writes each file whole and renames it into
     place, so such a file was cut short or changed by something else (a full disk during a copy, an editor, a
-    sync tool); the message names it and says to move it aside."""
+    sync tool); the message names it and says to move it aside. On the API a 500 problem of its own type, on the
+    dashboard its error page: no answer is better than tallies that leave a file's decisions out unsaid."""
+
+    title, slug = "Decision log unreadable", "decision-log-unreadable"
 
 
-def _unreadable(base: Path, exc: Exception) -> UnreadableDecisionLog:
+def _unreadable(base: Path | None, exc: Exception) -> UnreadableDecisionLog:
+    where = f" in {base}" if base is not None else ""
     return UnreadableDecisionLog(
-        f"cannot read the decision log in {base}: {str(exc).removeprefix('Invalid Input Error: ')}. Kassa writes "
+        f"cannot read the decision log{where}: {str(exc).removeprefix('Invalid Input Error: ')}. Kassa writes "
         "each file whole, so this one was damaged outside Kassa: move it out of the folder (its decisions are "
         "then left out) and run again")
 
@@ -488,10 +498,7 @@ def read_decisions(
         finally:
             con.close()
 
-    try:
-        table = read_log(read)
-    except (duckdb.InvalidInputException, duckdb.IOException) as exc:  # a traceback in train/evaluate/drift
-        raise _unreadable(base, exc) from None
+    table = read_log(read, base=base)  # a damaged file: UnreadableDecisionLog, was a traceback in train/evaluate
     if table is None:  # nothing logged
         return SCHEMA.empty_table()
     return table.cast(SCHEMA)

@@ -308,7 +308,8 @@ def load_repo(path: str | Path) -> FeatureRepo:
         import yaml
 
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file
+                tree = yaml.safe_load(stream) or {}
             repo = msgspec.convert(tree, FeatureRepo)
         except yaml.YAMLError as exc:
             raise DefinitionError(f"{path}: not valid YAML/JSON: {exc}") from None

@@ -180,7 +180,8 @@ def load_integration_settings(
     if config_file is not None:
         path = Path(config_file)
         try:
-            tree = yaml.safe_load(path.read_text())
+            with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file
+                tree = yaml.safe_load(stream)
         except FileNotFoundError:
             raise ConfigError(f"integration config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text: was a traceback

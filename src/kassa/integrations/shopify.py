@@ -109,7 +109,7 @@ PROBES: dict[str, str] = {
     "read_products": "query { products(first: 1) { nodes { id updatedAt } } }",
     "read_orders": "query { orders(first: 1, sortKey: CREATED_AT) { nodes { id createdAt } } }",
     "order_webhooks": (
-        "query { webhookSubscriptions(first: 25, topics: [ORDERS_CREATE]) "
+        "query { webhookSubscriptions(first: 50, topics: [ORDERS_CREATE, ORDERS_CANCELLED, REFUNDS_CREATE]) "
         "{ nodes { id topic endpoint { __typename ... on WebhookHttpEndpoint { callbackUrl } } } } }"
     ),
     "inventory": "query { inventoryItems(first: 1) { nodes { id tracked } } }",
@@ -506,10 +506,20 @@ class ShopifyConnector(HttpConnector):
             found = f"; oldest readable order {str(oldest)[:10]}" if oldest else "; no orders readable yet"
             return reach + found
         if capability == "order_webhooks":
-            nodes = _dig(data, "webhookSubscriptions", "nodes") or []
-            urls = [str(u) for u in (_dig(n, "endpoint", "callbackUrl") for n in nodes) if u]
-            return (f"orders/create subscribed to {', '.join(urls)}" if urls
-                    else "no orders/create subscription yet (see the webhook steps)")
+            nodes = [n for n in _dig(data, "webhookSubscriptions", "nodes") or [] if isinstance(n, dict)]
+            said = []
+            for topic in ("orders/create", "orders/cancelled", "refunds/create"):  # GraphQL spells ORDERS_CREATE
+                urls = [str(u) for n in nodes if str(n.get("topic", "")).lower().replace("_", "/", 1) == topic
+                        and (u := _dig(n, "endpoint", "callbackUrl"))]
+                if urls:
+                    said.append(f"{topic} subscribed to {', '.join(urls)}")
+                elif topic == "orders/create":
+                    said.append("no orders/create subscription yet (see the webhook steps)")
+                else:  # refund_topics: recommended, not needed to learn from orders
+                    said.append(f"warning: no {topic} subscription (recommended: without it a "
+                                f"{'cancelled' if topic == 'orders/cancelled' else 'refunded'} order is not taken "
+                                "back and stays a conversion; see the webhook steps)")
+            return "; ".join(said)
         if capability == "inventory":
             return "inventory levels readable"
         if capability == "customer_data":

@@ -34,6 +34,7 @@ from kassa.integrations.base import (
     IntegrationError,
     MalformedBody,
     Order,
+    OrderLine,
     PayloadError,
     Refund,
 )
@@ -57,7 +58,7 @@ class WebhookResult:
     delivery_id: str | None
     event: schemas.Event | None  # None: a verified delivery that is not an order (ping, other topic)
     order: Order | None = None
-    lines_dropped: int = 0  # lines of an order past MAX_ORDER_LINES left out of its event
+    lines_dropped: int = 0  # lines of an order or refund past MAX_ORDER_LINES left out of its event
 
 
 class WebhookReceiver:
@@ -154,8 +155,9 @@ class WebhookReceiver:
         if reads_refund:
             refund = connector.parse_refund(delivery.topic, payload)  # type: ignore[attr-defined]
             if refund is not None:
-                refund = self._believable_refund_time(refund)
-                return WebhookResult(platform, delivery.topic, delivery.delivery_id, refund.to_event())
+                refund, dropped = self._refund_within_line_bound(self._believable_refund_time(refund))
+                return WebhookResult(platform, delivery.topic, delivery.delivery_id, refund.to_event(),
+                                     lines_dropped=dropped)
             if not reads_order:  # a refund of nothing but money (shipping, an adjustment): no line taken back
                 return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         is_placed = getattr(connector, "is_placed", None)
@@ -203,26 +205,42 @@ class WebhookReceiver:
             return refund
         return dataclasses.replace(refund, created_at=datetime.fromtimestamp(now, UTC))
 
-    def _within_line_bound(self, order: Order) -> tuple[Order, int]:
-        # A 4xx for a long order is retried by the platform until it gives up (Shopify then deletes the
-        # subscription), so the order is kept with MAX_ORDER_LINES lines: every line of an offered product
-        # first (attribution credits only those), then the order's first other lines; its total is kept whole.
-        if len(order.lines) <= MAX_ORDER_LINES:
-            return order, 0
+    def _bounded_lines(self, lines: tuple[OrderLine, ...]) -> tuple[OrderLine, ...]:
+        # Every line of an offered product first (attribution credits, and a refund takes back, only those),
+        # then the first other lines, in their own order: MAX_ORDER_LINES in all.
         offered = self._snapshot().product_offer if self._snapshot is not None else {}
-        kept = {i for i, line in enumerate(order.lines)
+        kept = {i for i, line in enumerate(lines)
                 if line.sku in offered or (line.product_id is not None and line.product_id in offered)}
         kept = set(sorted(kept)[:MAX_ORDER_LINES])
-        for i in range(len(order.lines)):
+        for i in range(len(lines)):
             if len(kept) >= MAX_ORDER_LINES:
                 break
             kept.add(i)
-        lines = tuple(line for i, line in enumerate(order.lines) if i in kept)
+        return tuple(line for i, line in enumerate(lines) if i in kept)
+
+    def _within_line_bound(self, order: Order) -> tuple[Order, int]:
+        # A 4xx for a long order is retried by the platform until it gives up (Shopify then deletes the
+        # subscription), so the order is kept with MAX_ORDER_LINES lines (`_bounded_lines`); its total whole.
+        if len(order.lines) <= MAX_ORDER_LINES:
+            return order, 0
+        lines = self._bounded_lines(order.lines)
         dropped = len(order.lines) - len(lines)
         log.warning("%s order %r has %d lines, more than the %d an order event holds: stored with the lines of "
                     "offered products and the first others, %d lines left out (the order's total is kept)",
                     order.platform, order.order_id[:64], len(order.lines), MAX_ORDER_LINES, dropped)
         return dataclasses.replace(order, lines=lines), dropped
+
+    def _refund_within_line_bound(self, refund: Refund) -> tuple[Refund, int]:
+        # As an order's: a refund event holds MAX_ORDER_LINES lines; those of offered products are kept first.
+        if len(refund.lines) <= MAX_ORDER_LINES:
+            return refund, 0
+        lines = self._bounded_lines(refund.lines)
+        dropped = len(refund.lines) - len(lines)
+        log.warning("%s refund %r of order %r has %d lines, more than the %d a refund event holds: stored with the "
+                    "lines of offered products and the first others, %d lines left out (not taken back)",
+                    refund.platform, (refund.refund_id or "cancellation")[:64], refund.order_id[:64],
+                    len(refund.lines), MAX_ORDER_LINES, dropped)
+        return dataclasses.replace(refund, lines=lines), dropped
 
     def _with_categories(self, order: Order) -> Order:
         # Shopify line items (and WooCommerce's) carry no category, but eligibility rules, retrieval and

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
+from kassa.loadtest.hist import MIN_BEYOND
 from kassa.loadtest.profiles import REQUEST_TYPES, Profile, ProfileError, default_profile, load_profile
 from kassa.loadtest.runner import LoadTestError, RunConfig, RunInterrupted
 
@@ -163,9 +164,15 @@ def _summary_table(s: dict[str, Any]) -> Table:
         t.add_column(col, justify="left" if not col else "right")
     t.add_row("[bold]all", f"{s['requests']:,}", f"{s['errors']:,}", ms(s["p50_ms"]), ms(s["p99_ms"]),
               ms(s["p999_ms"]), ms(s["max_ms"]))
+    thin = False
     for name, v in s["by_type"].items():
-        t.add_row(name, f"{v['requests']:,}", f"{v['errors']:,}", ms(v["p50_ms"]), ms(v["p99_ms"]),
-                  ms(v["p999_ms"]), ms(v["max_ms"]))
+        marked = v.get("thin_percentiles", ())
+        thin = thin or bool({"p50", "p99", "p999"} & set(marked))
+
+        def pct(key: str, v: dict[str, Any] = v, marked: Any = marked) -> str:
+            return ms(v[f"{key}_ms"]) + (" †" if key in marked else "")
+        t.add_row(name, f"{v['requests']:,}", f"{v['errors']:,}", pct("p50"), pct("p99"), pct("p999"),
+                  ms(v["max_ms"]))
     took = s["server"]["took_ms"]
     if took["p50"] is not None:
         t.add_row("[dim]server took_ms", "", "", ms(took["p50"]), ms(took["p99"]), ms(took["p999"]), ms(took["max"]))
@@ -174,7 +181,9 @@ def _summary_table(s: dict[str, Any]) -> Table:
                  f"{ms(g['send_lag_ms']['p99_ms'])} ms (limit {g['lag_limit_ms']:g}), "
                  f"{g['cpu_us_per_request'] or 0:,.0f} µs CPU per request; idle connections held "
                  f"{s['idle_connections']['min_held']:,} of "
-                 f"{s['idle_connections']['asked']:,}")
+                 f"{s['idle_connections']['asked']:,}"
+                 + (f"\n† fewer than {MIN_BEYOND} of the type's latencies lie beyond: its slowest few, not its tail"
+                    if thin else ""))
     return t
 
 

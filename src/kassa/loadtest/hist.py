@@ -18,6 +18,10 @@ LOWEST_US = 1
 HIGHEST_US = 3_600_000_000
 DIGITS = 3
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
+# A per-type percentile with fewer latencies than this beyond it is marked in the report's tables: it is the slowest
+# few of a small sample (the P99.9 of 2 accepts is the slower one), not the type's tail. The summary's own rule for
+# its SLO percentiles is `runner._too_few_latencies`.
+MIN_BEYOND = 10
 
 
 def new_histogram() -> HdrHistogram:
@@ -47,6 +51,16 @@ def value_at_percentile(hist: HdrHistogram, q: float) -> int:
     return int(hist.get_value_at_percentile(100.0 * rank / n))  # hdrh's int(rank + 0.5) is the rank itself
 
 
+def thin_percentiles(n: int) -> list[str]:
+    """The keys of `PERCENTILES` that fewer than `MIN_BEYOND` of ``n`` latencies lie beyond (nearest rank)."""
+    return [k for k, q in PERCENTILES.items() if n and n - math.ceil(q / 100.0 * n - 1e-9) < MIN_BEYOND]
+
+
+def supported_percentile(n: int) -> float:
+    """The highest percentile ``n`` latencies say anything about, ``100 x (1 - 1/n)``: beyond it is the maximum."""
+    return 100.0 * (1.0 - 1.0 / n) if n else 0.0
+
+
 def summary_ms(hist: HdrHistogram, exact_max_s: float | None = None) -> dict[str, float | None]:
     """p50/p90/p99/p999/max/mean in milliseconds (``None`` when nothing was recorded)."""
     if hist.get_total_count() == 0:
@@ -57,18 +71,23 @@ def summary_ms(hist: HdrHistogram, exact_max_s: float | None = None) -> dict[str
     return out
 
 
-def percentile_curve(hist: HdrHistogram, ticks_per_half_distance: int = 4) -> list[list[float]]:
-    """``[[percentile, ms], ...]`` from 0 to 100, denser towards the tail (for the report's curve)."""
+def percentile_curve(hist: HdrHistogram, ticks_per_half_distance: int = 4,
+                     up_to: float = 100.0) -> list[list[float]]:
+    """``[[percentile, ms], ...]`` from 0 to ``up_to`` (100: the maximum), denser towards the tail (for the report's
+    curve). A request type's curve stops at `supported_percentile` of its sample: 2 accepts drawn to 99.99 %
+    showed the slower of them as a tail."""
     if hist.get_total_count() == 0:
         return []
     points: list[list[float]] = []
     for it in hist.get_percentile_iterator(ticks_per_half_distance):
         pct = float(it.percentile_level_iterated_to)
-        points.append([round(pct, 6), round(it.value_iterated_to / 1e3, 3)])
-        if pct >= 100.0:
+        if pct >= up_to:
             break
-    if not points or points[-1][0] < 100.0:
+        points.append([round(pct, 6), round(it.value_iterated_to / 1e3, 3)])
+    if up_to >= 100.0:
         points.append([100.0, round(hist.get_max_value() / 1e3, 3)])
+    else:
+        points.append([round(up_to, 6), round(value_at_percentile(hist, up_to) / 1e3, 3)])
     return points
 
 

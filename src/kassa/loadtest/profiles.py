@@ -275,7 +275,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
     """Read and validate a profile file (or a built-in profile by name)."""
     path = resolve_profile_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file
+            data = yaml.safe_load(stream)
     except yaml.YAMLError as exc:
         raise ProfileError(f"{path}: not valid YAML: {exc}") from None
     except OSError as exc:

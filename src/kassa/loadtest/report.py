@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kassa.loadtest.hist import MIN_BEYOND
+
 DATA_ID = "kassa-loadtest-data"
 _PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#475569"]
 _W, _H = 860, 300
@@ -321,11 +323,19 @@ def render_report(result: dict[str, Any]) -> str:
                          " — the latencies above describe the generator, not the server; rerun with more --workers "
                          "or on a less loaded machine.") + "</div>"
                       for r in s["invalid_reasons"])
+    def pct(v: dict[str, Any], key: str) -> str:  # † : fewer than MIN_BEYOND latencies beyond it
+        return _fmt_ms(v[f"{key}_ms"]) + (" †" if key in v.get("thin_percentiles", ()) else "")
+
     by_type = _table(
         ["request type", "requests", "errors", "P50", "P90", "P99", "P99.9", "max"],
-        [[t, f"{v['requests']:,}", f"{v['errors']:,}", _fmt_ms(v["p50_ms"]), _fmt_ms(v["p90_ms"]),
-          _fmt_ms(v["p99_ms"]), _fmt_ms(v["p999_ms"]), _fmt_ms(v["max_ms"])] for t, v in s["by_type"].items()],
+        [[t, f"{v['requests']:,}", f"{v['errors']:,}", pct(v, "p50"), pct(v, "p90"), pct(v, "p99"), pct(v, "p999"),
+          _fmt_ms(v["max_ms"])] for t, v in s["by_type"].items()],
     )
+    if any(v.get("thin_percentiles") for v in s["by_type"].values()):
+        by_type += (f'<p class="small" data-testid="thin-percentiles">† fewer than {MIN_BEYOND} of the type\'s '
+                    "latencies lie beyond this percentile: it is the slowest few of a small sample, not the "
+                    "type's tail (its curve above stops at the percentile its sample supports, 1 - 1/n); run "
+                    "longer for a stable figure.</p>")
     took = server["took_ms"]
     server_rows = [["decision took_ms (in the response)", f"{s['by_type'].get('decision', {}).get('requests', 0):,}",
                     _fmt_ms(took["p50"]), _fmt_ms(took["p99"]), _fmt_ms(took["max"])]]

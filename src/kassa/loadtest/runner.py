@@ -490,8 +490,9 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
         by_type[name] = {
             "requests": int(m.sum()), "errors": int((m & failed).sum()),
             **{f"{k}_ms": v for k, v in hist.summary_ms(h, float(vals.max()) if vals.size else None).items()},
+            "latencies": int(vals.size), "thin_percentiles": hist.thin_percentiles(int(vals.size)),
         }
-        curves[name] = hist.percentile_curve(h)
+        curves[name] = hist.percentile_curve(h, up_to=hist.supported_percentile(int(vals.size)))
 
     n_steady = int(steady.sum())
     errors_by_kind: dict[str, int] = {}

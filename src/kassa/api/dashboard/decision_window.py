@@ -98,7 +98,8 @@ class DecisionLogWindow:
         if _date(since) < first_date:
             return None
         with self._lock:
-            read_log(lambda: self._update(first_date))  # again when compaction removed a listed file
+            # again when compaction removed a listed file
+            read_log(lambda: self._update(first_date), base=self.directory)
             newest = self._newest
             if newest is None:
                 # ties (one clock tick) newest written first: the files newest first, each file's rows reversed
@@ -122,7 +123,7 @@ class DecisionLogWindow:
         that one file rather than the whole log."""
         with self._lock:
             first_date = _date(now - self.span_seconds)
-            read_log(lambda: self._update(first_date))
+            read_log(lambda: self._update(first_date), base=self.directory)
             for path, rows in self._files.items():
                 if any(r.decision_id == decision_id for r in rows):
                     return path

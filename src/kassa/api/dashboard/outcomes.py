@@ -233,7 +233,7 @@ class Outcomes:
             finally:
                 con.close()
 
-        return read_log(query)
+        return read_log(query, base=self.decisions_dir)
 
     def throughput(self, since: float, points: int = 30, now: float | None = None
                    ) -> tuple[float, list[tuple[float, float, float, float, float]]]:
@@ -263,7 +263,7 @@ class Outcomes:
             finally:
                 con.close()
 
-        bucket, rows = read_log(query)
+        bucket, rows = read_log(query, base=self.decisions_dir)
         # a rate over the part of the bucket that has happened (and is inside the window): the newest bucket
         # is still filling, and n / bucket made every refresh end on a dip towards zero
         return bucket, [(float(t), n / max(min(t + bucket, now) - max(t, since), min(bucket, 1.0)),

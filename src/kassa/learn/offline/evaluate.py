@@ -334,6 +334,12 @@ def evaluate_slates(
     if not keep.any():
         raise NoUniformRows(f"none of the {len(found.rows):,} uniformly logged decisions has {slots} candidates "
                             "the catalog still describes; the model cannot rank them")
+    if keep.sum() < 2:  # one row was an OPEInputError traceback ("need at least 2 logged rows"), as the top slot's
+        reasons = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in left.items() if v)
+        raise NoUniformRows(
+            f"only 1 of the {len(data):,} decisions was logged by a uniform slate policy showing {slots} offers that "
+            f"the model can rank ({reasons or 'none left out'}); an interval needs at least 2: widen the window "
+            "(--since, or train with --holdout 0.2 to keep decisions for it)")
     r, rs = found.reward[keep], found.slot_reward[keep]
     logged, m = found.logged[keep], found.n_candidates[keep]
     rows = [row for row, k in zip(found.rows, keep, strict=True) if k]
