@@ -633,3 +633,63 @@ def test_an_active_learner_rides_out_its_metadata_postgres_going_away(project) -
         assert learner.wait(30) == 0, p.log("learn.log")[-3000:]
     finally:
         server.destroy()
+
+
+def test_a_standby_taking_over_while_its_metadata_postgres_is_down_holds_the_lease_and_takes_over_once_it_answers(
+        tmp_path: Path, catalog_file: Path, features_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Reading the predecessor's production and watermark raised OperationalError out of `kassa learn`: exit 1 with a
+    # traceback, the lease left to lapse, and the next standby met the same database.
+    import asyncio
+
+    from kassa.roles.learner import LearnerRole
+    from tests.conftest import ADMIN as admin
+    from tests.conftest import PUB as pub
+    from tests.services import PostgresServer, fresh_database
+
+    server = PostgresServer()
+    server.start()
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}:learn:lease:order_confirmation"
+    lease_redis = redis.Redis.from_url(ensure_redis())
+    role = None
+    try:
+        url, _ = fresh_database(server.url)
+        settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file),
+                                 admin_key=admin, publishable_key=pub, **{
+                                     "features.definitions_file": str(features_file), "metadata.url": url,
+                                     "roles.lease": "redis", "roles.redis_url": ensure_redis(),
+                                     "roles.lease_prefix": prefix, "roles.lease_ttl_seconds": 3.0})
+        role = LearnerRole(settings, ["order_confirmation"], on_stall=None)
+        role.keeper.start()
+
+        def pending(i: int) -> PendingDecision:
+            return PendingDecision(f"d{i:04d}", "order_confirmation", float(i), float(i) + 10.0, "shared",
+                                   ["o1"], ["a1"], [1.0])
+
+        for i in range(30):
+            role.joiner.register(pending(i))
+        assert role.joiner.expire(20.0) == []  # a standby keeps decisions 0..10
+        server.stop("immediate")
+        with caplog.at_level("WARNING", logger="kassa"):
+            asyncio.run(role.leases_round())
+        assert role.joiner.active == set()
+        holder = lease_redis.get(key)
+        assert holder is not None and holder.decode() == role.leases["order_confirmation"].token  # type: ignore[attr-defined]
+        warned = [r.getMessage() for r in caplog.records if "taking over order_confirmation failed" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith(f"metadata database {url.split('://')[0]}://"), warned
+        assert "holding its lease" in warned[0] and "trying again in 1 s" in warned[0]
+        assert role.joiner.expire(30.0) == []  # still a standby: decisions 11..20 kept too
+        time.sleep(3.5)  # past the TTL: the keeper renewed it meanwhile
+        assert lease_redis.get(key) == holder
+        server.start()
+        asyncio.run(role.leases_round())
+        assert role.joiner.active == {"order_confirmation"}
+        learned = [ex.decision_id for ex in role.joiner.expire(100.0)]
+        assert sorted(learned) == [f"d{i:04d}" for i in range(30)] and role.joiner.skipped == 0
+        role.keeper.check()
+    finally:
+        if role is not None:
+            role.keeper.stop()
+        lease_redis.delete(key)
+        lease_redis.close()
+        server.destroy()

@@ -4,7 +4,8 @@ Every learner reads the whole input (`kassa.learn.online.inputs.LearnerInput`: d
 events) and joins every decision, so a standby's join state is as warm as the active one's. A lease per
 placement (`kassa.learn.online.lease`) says which learner learns and publishes it; the others keep what
 closes (`HandoverJoiner`) and try the lease every ``ttl / 3`` seconds. Taking a lease over: load the
-registry's newest production, read the watermark in its metadata, learn the kept examples above it, go on.
+registry's newest production, read the watermark in its metadata, learn the kept examples above it, go on; the
+metadata database not answering, hold the lease and try that again with backoff (`_take_over`).
 Held leases are renewed by a `LeaseKeeper` thread, not by the learning loop (a loop blocked ~13 s on a hung
 metadata database lost its 5 s lease), while the loop beats within ``roles.learner_stall_seconds``; the loop
 checks its leases before each round and before anything it publishes. A learner that fails to renew a lease it
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 
 import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 from kassa.app import Kassa
 from kassa.config import Settings
@@ -87,6 +89,11 @@ class LearnerRole:
         self.lease_every = max(0.1, settings.roles.lease_ttl_seconds / 3)
         self.keeper = LeaseKeeper(settings.roles.lease_ttl_seconds, settings.roles.learner_stall_seconds, on_stall)
         self.took_over: dict[str, float] = {}  # placement -> when this learner became active
+        # placement -> (next try, backoff) while its lease is held but the metadata database did not answer
+        self._taking_over: dict[str, tuple[float, float]] = {}
+        url = settings.metadata_url
+        shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        self._takeover_warn = RateLimitedWarning(log, f"metadata database {shown}")
         self.input: LearnerInput | None = None
 
     def lookback(self) -> float:
@@ -148,21 +155,42 @@ class LearnerRole:
                 lease = self.leases[placement] = self.new_lease(placement)
             if placement in self.joiner.active:
                 continue  # the keeper's thread renews it
-            sent = time.monotonic()
-            try:
-                acquired = await asyncio.to_thread(lease.acquire)
-            except Exception as exc:  # stay a standby (it raised and exited 1: a crash loop while Redis was away)
-                self._lease_warn(f"could not take the lease of {placement} ({lease.name}; {type(exc).__name__}: "
-                                 f"{exc}); standby until it answers")
-                continue
-            if acquired:
+            retry = self._taking_over.get(placement)
+            if retry is None:
+                sent = time.monotonic()
+                try:
+                    acquired = await asyncio.to_thread(lease.acquire)
+                except Exception as exc:  # stay a standby (it raised and exited 1: a crash loop while Redis was away)
+                    self._lease_warn(f"could not take the lease of {placement} ({lease.name}; {type(exc).__name__}: "
+                                     f"{exc}); standby until it answers")
+                    continue
+                if not acquired:
+                    continue
                 self.keeper.hold(placement, lease, sent)  # renewed from now on, while this takes the model over
-                await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
-                mark = self._watermark(placement)
-                kept = self.joiner.activate(placement, mark)
-                self.took_over[placement] = self.clock()
-                log.info("learner active for %s (lease %s; %d kept examples to learn, watermark %s)",
-                         placement, lease.name, kept, mark)
+            elif time.monotonic() < retry[0]:
+                continue
+            await self._take_over(placement, lease)
+
+    async def _take_over(self, placement: str, lease: Lease) -> None:
+        """Continue from the predecessor's last snapshot and become active. The metadata database down or hung: keep
+        the lease (the keeper renews it), keep what closes as a standby does, and try again after 1, 2, 4, 8, then
+        every 10 s. It raised out of `run`: exit 1 with a traceback, the lease left to lapse, and the next standby
+        met the same database."""
+        try:
+            await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
+            mark = await asyncio.to_thread(self._watermark, placement)
+        except sqlalchemy.exc.DBAPIError as exc:
+            delay = min(2 * self._taking_over[placement][1], 10.0) if placement in self._taking_over else 1.0
+            self._taking_over[placement] = (time.monotonic() + delay, delay)
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            self._takeover_warn(f"taking over {placement} failed ({type(exc).__name__}: {first}); holding its lease "
+                                f"({lease.name}) as a standby and trying again in {delay:g} s")
+            return
+        self._taking_over.pop(placement, None)
+        kept = self.joiner.activate(placement, mark)
+        self.took_over[placement] = self.clock()
+        log.info("learner active for %s (lease %s; %d kept examples to learn, watermark %s)",
+                 placement, lease.name, kept, mark)
 
     async def round(self) -> int:
         """Read, join and learn what is due; returns how many decisions and events were read."""
