@@ -693,3 +693,45 @@ def test_a_standby_taking_over_while_its_metadata_postgres_is_down_holds_the_lea
         lease_redis.delete(key)
         lease_redis.close()
         server.destroy()
+
+
+def test_a_learner_releases_the_lease_of_a_placement_removed_from_the_catalog(
+        tmp_path: Path, catalog_file: Path, features_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The keeper renewed a removed placement's lease until the process stopped: a learner started for a placement
+    # of that name again waited on it.
+    import asyncio
+
+    from sqlalchemy import delete
+
+    from kassa.db import placements_table
+    from kassa.roles.learner import LearnerRole
+    from tests.conftest import ADMIN as admin
+    from tests.conftest import PUB as pub
+
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}:learn:lease:order_confirmation"
+    lease_redis = redis.Redis.from_url(ensure_redis())
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file), admin_key=admin,
+                             publishable_key=pub, **{"features.definitions_file": str(features_file),
+                                                     "roles.lease": "redis", "roles.redis_url": ensure_redis(),
+                                                     "roles.lease_prefix": prefix, "roles.lease_ttl_seconds": 3.0})
+    role = LearnerRole(settings, on_stall=None)
+    try:
+        asyncio.run(role.leases_round())
+        assert role.joiner.active == {"cross_sell", "order_confirmation"} and lease_redis.get(key) is not None
+        with role.kassa.catalog.store.engine.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(delete(placements_table).where(placements_table.c.id == "order_confirmation"))
+        role.kassa.catalog.reload()
+        with caplog.at_level("INFO", logger="kassa"):
+            asyncio.run(role.leases_round())
+        assert lease_redis.get(key) is None
+        assert role.joiner.active == {"cross_sell"} and "order_confirmation" not in role.leases
+        assert any(r.getMessage() == f"order_confirmation is no longer in the catalog: released its lease ({key})"
+                   for r in caplog.records)
+        role.keeper.renew_round()
+        role.keeper.check()  # nothing held is lost: the keeper renews it no more
+        assert lease_redis.get(key) is None and lease_redis.get(f"{prefix}:learn:lease:cross_sell") is not None
+    finally:
+        asyncio.run(role.close())
+        lease_redis.delete(key, f"{prefix}:learn:lease:cross_sell")
+        lease_redis.close()

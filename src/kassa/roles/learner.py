@@ -149,7 +149,10 @@ class LearnerRole:
         return SqliteTailInput(self.settings.data_path, self.lookback(), self.settle, self.clock)
 
     async def leases_round(self) -> None:
-        for placement in self.placements():
+        names = self.placements()
+        for placement in [p for p in self.leases if p not in names]:
+            await self._let_go(placement)
+        for placement in names:
             lease = self.leases.get(placement)
             if lease is None:
                 lease = self.leases[placement] = self.new_lease(placement)
@@ -170,6 +173,24 @@ class LearnerRole:
             elif time.monotonic() < retry[0]:
                 continue
             await self._take_over(placement, lease)
+
+    async def _let_go(self, placement: str) -> None:
+        """``placement`` left the catalog: stop learning it and release its lease. The keeper renewed it until the
+        process stopped, so a learner started for it again (a placement of that name re-created) waited on it."""
+        lease = self.leases.pop(placement)
+        held = self.keeper.drop(placement)
+        self._taking_over.pop(placement, None)
+        self.took_over.pop(placement, None)
+        self.joiner.active.discard(placement)
+        if not held:
+            return
+        try:
+            await asyncio.to_thread(lease.release)
+        except Exception as exc:  # it lapses after its TTL instead
+            self._lease_warn(f"could not release the lease of {placement} ({lease.name}; {type(exc).__name__}: "
+                             f"{exc}); it lapses after its TTL")
+            return
+        log.info("%s is no longer in the catalog: released its lease (%s)", placement, lease.name)
 
     async def _take_over(self, placement: str, lease: Lease) -> None:
         """Continue from the predecessor's last snapshot and become active. The metadata database down or hung: keep

@@ -176,6 +176,11 @@ class LeaseKeeper:
         with self._lock:
             self._held[placement] = (lease, sent + lease.ttl_seconds * _VALID_SHARE)
 
+    def drop(self, placement: str) -> bool:
+        """Renew the lease of ``placement`` no more (its placement left the catalog); True if it was held."""
+        with self._lock:
+            return self._held.pop(placement, None) is not None
+
     def check(self) -> None:
         """Raises `LeaseLost` unless every held lease is still this process's."""
         if self._lost is not None:
