@@ -35,6 +35,10 @@ models_app = typer.Typer(help="The model registry: versions, stages, promotion a
 console = Console(stderr=True)
 out = Console()
 
+# Exit codes a CI or cron job reads besides 0 (done), 1 (an error) and 2 (bad usage; `kassa drift --fail-on-alert`:
+# an alert): `kassa evaluate --promote` that did not promote.
+NOT_PROMOTED_EXIT = 3
+
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -375,7 +379,8 @@ def evaluate_command(
                                                 "is below this.")] = 100.0,
     report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,  # noqa: UP045
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
-    promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
+    promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes; exit "
+                                               f"{NOT_PROMOTED_EXIT} when it is not promoted.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
     slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
                                              "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
@@ -498,6 +503,8 @@ def evaluate_command(
         _print_json({"candidate": cand.version, "baseline": base.version if base else None, "rows": len(data),
                      "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
                      "promoted": promoted is not None, "evaluation": evaluation.to_dict()})
+    if promote and promoted is None:  # a CI job promoting on a pass must see that it did not (it was exit 0)
+        raise typer.Exit(NOT_PROMOTED_EXIT)
 
 
 def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots: int, level: float, margin: float,
