@@ -160,6 +160,17 @@ def test_cli_names_a_damaged_decision_log_file(client, kassa):
         assert "unreadable decision log: cannot read the decision log in" in text and bad.name in text, text
 
 
+def test_drift_fail_on_alert_exits_3_when_a_window_holds_no_decisions(client, kassa):
+    # "not enough data" was exit 0, what a healthy check answers: cron could not tell nothing was checked
+    client.post("/v1/decisions", json=decision_body(customer="c1", limit=1, order=order()))
+    kassa.decision_log.flush()
+    drift = ["drift", "--placement", "order_confirmation", "--since", "2020-01-01", "--until", "2020-01-02",
+             "--data-dir", str(kassa.settings.data_path)]
+    result = runner.invoke(app, [*drift, "--fail-on-alert"])
+    assert result.exit_code == 3 and "not enough data" in result.output, (result.output, result.exception)
+    assert runner.invoke(app, drift).exit_code == 0  # without --fail-on-alert: a report, as before
+
+
 @pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])
 def test_drift_refuses_last_with_a_time_window(tmp_path, window):
     # the time windows were ignored without a word (refused before any data is read)

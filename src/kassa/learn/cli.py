@@ -36,8 +36,9 @@ console = Console(stderr=True)
 out = Console()
 
 # Exit codes a CI or cron job reads besides 0 (done), 1 (an error) and 2 (bad usage; `kassa drift --fail-on-alert`:
-# an alert): `kassa evaluate --promote` that did not promote.
+# an alert): `kassa evaluate --promote` that did not promote, `kassa drift --fail-on-alert` that checked nothing.
 NOT_PROMOTED_EXIT = 3
+NOTHING_CHECKED_EXIT = 3
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
@@ -563,7 +564,9 @@ def drift_command(
     reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
                                                      "the N before them (instead of the time windows).")] = None,
-    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
+    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts, "
+                                                     f"{NOTHING_CHECKED_EXIT} when a window holds no decisions "
+                                                     "(nothing was checked), for cron/CI.")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
@@ -638,3 +641,7 @@ def drift_command(
                      "reference_source": source})
     if fail_on_alert and report.alerts:
         raise typer.Exit(2)
+    if fail_on_alert and (report.reference_n == 0 or report.live_n == 0):
+        # "not enough data" was exit 0, what a healthy check answers: a cron job could not tell that a placement
+        # which stopped logging decisions (or a mistyped window) was never checked
+        raise typer.Exit(NOTHING_CHECKED_EXIT)
