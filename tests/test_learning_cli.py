@@ -78,7 +78,8 @@ def test_evaluate_says_a_too_small_sample_once(logged, kassa):
         result = runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
                                      "--baseline", baseline, "--min-ess", "5000", "--promote", "--data-dir", logged])
         text = " ".join(result.output.split())
-        assert result.exit_code == 0 and text.count("below the minimum 5000") == 1, text
+        # exit 3: a CI job promoting on a pass cannot tell a blocked promotion from a done one by exit 0
+        assert result.exit_code == 3 and text.count("below the minimum 5000") == 1, text
         assert "not promoted" in text
 
 
@@ -157,6 +158,17 @@ def test_cli_names_a_damaged_decision_log_file(client, kassa):
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
         text = " ".join(result.output.split())
         assert "unreadable decision log: cannot read the decision log in" in text and bad.name in text, text
+
+
+def test_drift_fail_on_alert_exits_3_when_a_window_holds_no_decisions(client, kassa):
+    # "not enough data" was exit 0, what a healthy check answers: cron could not tell nothing was checked
+    client.post("/v1/decisions", json=decision_body(customer="c1", limit=1, order=order()))
+    kassa.decision_log.flush()
+    drift = ["drift", "--placement", "order_confirmation", "--since", "2020-01-01", "--until", "2020-01-02",
+             "--data-dir", str(kassa.settings.data_path)]
+    result = runner.invoke(app, [*drift, "--fail-on-alert"])
+    assert result.exit_code == 3 and "not enough data" in result.output, (result.output, result.exception)
+    assert runner.invoke(app, drift).exit_code == 0  # without --fail-on-alert: a report, as before
 
 
 @pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])

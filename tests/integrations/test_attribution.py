@@ -226,6 +226,27 @@ def test_a_shopify_refund_after_the_window_or_of_money_only_changes_no_learned_r
     assert (kassa.joiner.refunds_taken_back, kassa.joiner.refunds_unmatched) == (0, 1)
 
 
+def test_orders_and_refunds_past_500_lines_warn_at_most_once_per_10_s_each(app_client, kassa, clock, caplog):
+    # A store sending many huge orders logged one WARNING each; every answer still says lines_dropped.
+    filler = [SERUM_LINE | {"id": 100 + i, "product_id": f"x-{i}", "variant_id": 1000 + i, "sku": f"FILLER-{i}",
+                            "price": "1.00"} for i in range(600)]
+    refund_filler = [{"id": 1000 + i, "line_item_id": 100 + i, "quantity": 1, "subtotal": 1.0,
+                      "line_item": line} for i, line in enumerate(filler)]
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        for n in range(3):
+            answer = webhook(app_client, created=clock(), order_id=6000 + n, lines=[*filler, SERUM_LINE])
+            assert answer["lines_dropped"] == 101
+        for n in range(3):
+            body = refund_body(900 + n, 1)
+            body["refund_line_items"] = [*refund_filler, *body["refund_line_items"]]
+            assert shopify(app_client, "refunds/create", body).json()["lines_dropped"] == 101
+    lines = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert len(lines) == 2, lines
+    assert "shopify order '6000' has 601 lines" in lines[0] and "shopify refund '900'" in lines[1], lines
+    receiver = app_client.app.state.webhook_receiver
+    assert receiver._warn_long_order.suppressed == 2 and receiver._warn_long_refund.suppressed == 2
+
+
 def test_a_shopify_refund_signed_with_another_secret_is_refused_and_changes_nothing(app_client, kassa):
     response = shopify(app_client, "refunds/create", refund_body(804, 1), secret="not-the-secret")
     assert response.status_code == 401

@@ -517,6 +517,21 @@ def test_audit_reports_io_events_missing_or_not_subscribed(fake: MagentoFake) ->
     assert status == "unsupported" and "not installed" in detail and "Request does not match any route" in detail
 
 
+def test_audit_warns_without_the_credit_memo_subscription(fake: MagentoFake) -> None:
+    # Only the order subscription was looked for: a store without the credit-memo one read as all set, though
+    # its refunded orders then stay conversions.
+    status, detail = audit_map(connector(fake))["order_webhooks"]
+    assert status == "ok" and "observer.sales_order_place_after is subscribed" in detail
+    assert "warning: observer.sales_order_creditmemo_save_after is not subscribed" in detail
+    assert "refunded order is not taken back" in detail
+    assert "events:subscribe observer.sales_order_creditmemo_save_after" in detail
+    fake.subscriptions = [*(fake.subscriptions or []), {"name": "observer.sales_order_creditmemo_save_after",
+                                                        "fields": [{"name": "*"}]}]
+    status, detail = audit_map(connector(fake))["order_webhooks"]
+    assert status == "ok" and "warning" not in detail
+    assert "observer.sales_order_creditmemo_save_after is subscribed" in detail
+
+
 def test_audit_reports_unreachable_store() -> None:
     conn = connector(None, base_url="http://127.0.0.1:9", max_retries=0)
     result = audit_map(conn)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import traceback
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,7 +297,16 @@ def load_repo(path: str | Path) -> FeatureRepo:
         if spec is None or spec.loader is None:
             raise DefinitionError(f"{path}: cannot import")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except OSError:
+            raise  # missing, a directory, unreadable: the callers name the file and the setting
+        except Exception as exc:  # the file's own code failed: one line naming it, not a traceback
+            # a SyntaxError's text has the file and line already; otherwise the file's innermost frame
+            lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__)
+                     if Path(f.filename).resolve() == path.resolve()]
+            where = f", line {lines[-1]}" if lines and not isinstance(exc, SyntaxError) else ""
+            raise DefinitionError(f"{path}{where}: importing it raised {type(exc).__name__}: {exc}") from None
         repo = getattr(module, "repo", None)
         if not isinstance(repo, FeatureRepo):
             values = vars(module).values()
@@ -315,5 +325,7 @@ def load_repo(path: str | Path) -> FeatureRepo:
             raise DefinitionError(f"{path}: not valid YAML/JSON: {exc}") from None
         except msgspec.ValidationError as exc:
             raise DefinitionError(f"{path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # a binary or non-UTF-8 file: was a traceback from `kassa features apply`
+            raise DefinitionError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     validate(repo)
     return repo

@@ -680,7 +680,13 @@ class MagentoConnector(HttpConnector):
                     f"Adobe I/O Events is installed but {ORDER_SUBSCRIPTION} is not subscribed; run "
                     f"`bin/magento events:subscribe {ORDER_SUBSCRIPTION}`"
                 )
-            return f"{ORDER_SUBSCRIPTION} is subscribed (Adobe I/O Events)"
+            said = f"{ORDER_SUBSCRIPTION} is subscribed (Adobe I/O Events)"
+            if REFUND_SUBSCRIPTION in names:
+                return f"{said}; {REFUND_SUBSCRIPTION} is subscribed"
+            # refund_topics: recommended, not needed to learn from orders (as Shopify's audit says)
+            return (f"{said}; warning: {REFUND_SUBSCRIPTION} is not subscribed (recommended: without it a refunded "
+                    f"order is not taken back and stays a conversion; run `bin/magento events:subscribe "
+                    f"{REFUND_SUBSCRIPTION}`)")
 
         def inventory() -> str:
             # lowStock needs no SKU, so it probes the CatalogInventory ACL even on an empty catalog.

@@ -28,6 +28,7 @@ import msgspec
 
 from kassa import schemas
 from kassa.catalog.snapshot import CatalogSnapshot
+from kassa.degraded import RateLimitedWarning
 from kassa.integrations.base import (
     MAX_ORDER_LINES,
     Connector,
@@ -74,6 +75,10 @@ class WebhookReceiver:
         self._warned_unplaced: set[str] = set()
         self._said_test: set[str] = set()
         self._warned_future: set[str] = set()
+        # A store whose orders (refunds) run past MAX_ORDER_LINES sends many of them: one line per 10 s each,
+        # with the count held back (every answer still says lines_dropped).
+        self._warn_long_order = RateLimitedWarning(log, "webhooks")
+        self._warn_long_refund = RateLimitedWarning(log, "webhooks")
 
     def connector(self, platform: str) -> Connector:
         connector = self._connectors.get(platform)
@@ -225,9 +230,10 @@ class WebhookReceiver:
             return order, 0
         lines = self._bounded_lines(order.lines)
         dropped = len(order.lines) - len(lines)
-        log.warning("%s order %r has %d lines, more than the %d an order event holds: stored with the lines of "
-                    "offered products and the first others, %d lines left out (the order's total is kept)",
-                    order.platform, order.order_id[:64], len(order.lines), MAX_ORDER_LINES, dropped)
+        self._warn_long_order(
+            f"{order.platform} order {order.order_id[:64]!r} has {len(order.lines)} lines, more than the "
+            f"{MAX_ORDER_LINES} an order event holds: stored with the lines of offered products and the first "
+            f"others, {dropped} lines left out (the order's total is kept)")
         return dataclasses.replace(order, lines=lines), dropped
 
     def _refund_within_line_bound(self, refund: Refund) -> tuple[Refund, int]:
@@ -236,10 +242,11 @@ class WebhookReceiver:
             return refund, 0
         lines = self._bounded_lines(refund.lines)
         dropped = len(refund.lines) - len(lines)
-        log.warning("%s refund %r of order %r has %d lines, more than the %d a refund event holds: stored with the "
-                    "lines of offered products and the first others, %d lines left out (not taken back)",
-                    refund.platform, (refund.refund_id or "cancellation")[:64], refund.order_id[:64],
-                    len(refund.lines), MAX_ORDER_LINES, dropped)
+        self._warn_long_refund(
+            f"{refund.platform} refund {(refund.refund_id or 'cancellation')[:64]!r} of order "
+            f"{refund.order_id[:64]!r} has {len(refund.lines)} lines, more than the {MAX_ORDER_LINES} a refund "
+            f"event holds: stored with the lines of offered products and the first others, {dropped} lines left "
+            "out (not taken back)")
         return dataclasses.replace(refund, lines=lines), dropped
 
     def _with_categories(self, order: Order) -> Order:

@@ -35,6 +35,11 @@ models_app = typer.Typer(help="The model registry: versions, stages, promotion a
 console = Console(stderr=True)
 out = Console()
 
+# Exit codes a CI or cron job reads besides 0 (done), 1 (an error) and 2 (bad usage; `kassa drift --fail-on-alert`:
+# an alert): `kassa evaluate --promote` that did not promote, `kassa drift --fail-on-alert` that checked nothing.
+NOT_PROMOTED_EXIT = 3
+NOTHING_CHECKED_EXIT = 3
+
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
 DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -375,7 +380,8 @@ def evaluate_command(
                                                 "is below this.")] = 100.0,
     report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,  # noqa: UP045
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
-    promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes.")] = False,
+    promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes; exit "
+                                               f"{NOT_PROMOTED_EXIT} when it is not promoted.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
     slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
                                              "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
@@ -498,6 +504,8 @@ def evaluate_command(
         _print_json({"candidate": cand.version, "baseline": base.version if base else None, "rows": len(data),
                      "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
                      "promoted": promoted is not None, "evaluation": evaluation.to_dict()})
+    if promote and promoted is None:  # a CI job promoting on a pass must see that it did not (it was exit 0)
+        raise typer.Exit(NOT_PROMOTED_EXIT)
 
 
 def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots: int, level: float, margin: float,
@@ -556,7 +564,9 @@ def drift_command(
     reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
                                                      "the N before them (instead of the time windows).")] = None,
-    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts (for cron/CI).")] = False,
+    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts, "
+                                                     f"{NOTHING_CHECKED_EXIT} when a window holds no decisions "
+                                                     "(nothing was checked), for cron/CI.")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Feature, prediction and reward-rate drift of a placement: a reference window vs the live window."""
@@ -631,3 +641,7 @@ def drift_command(
                      "reference_source": source})
     if fail_on_alert and report.alerts:
         raise typer.Exit(2)
+    if fail_on_alert and (report.reference_n == 0 or report.live_n == 0):
+        # "not enough data" was exit 0, what a healthy check answers: a cron job could not tell that a placement
+        # which stopped logging decisions (or a mistyped window) was never checked
+        raise typer.Exit(NOTHING_CHECKED_EXIT)

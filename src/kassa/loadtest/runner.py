@@ -545,6 +545,9 @@ def summarize(cfg: RunConfig, results: list[dict[str, Any]], ready: list[dict[st
     invalid_samples, thin = _too_few_latencies(int(lat_steady.size), profile.slo)
     invalid += invalid_samples
     warnings += thin
+    beacon_codes = [REQUEST_TYPES.index(t) for t in BEACON_TYPES]
+    beacons_sent = int((np.isin(types, beacon_codes) & ~np.isnan(send_lag)).sum())
+    warnings += _unjoined_beacons(server_metrics, beacons_sent, generator["orphan_beacons"])
     saturated = [i for i, u in enumerate(generator["cpu_util_per_worker"]) if u is not None and u > 0.9]
     if saturated:
         warnings.append(f"generator process(es) {saturated} used > 90% of a core: add --workers if the lag limit "
@@ -658,6 +661,25 @@ def _too_few_latencies(n: int, slo: Any) -> tuple[list[str], list[str]]:
             warnings.append(f"the {name} rests on the {slower:,} slowest of {n:,} latencies; {10 * need:,} or more "
                             f"give a stable {name} (run longer)")
     return invalid, warnings
+
+
+BEACON_TYPES = ("impression", "click", "accept")  # the requests that name a decision the generator received
+UNJOINED_BEACONS_WARN = 0.01  # of the beacons sent: more unknown decisions than that is no rounding at the edges
+
+
+def _unjoined_beacons(server_metrics: dict[str, Any], beacons_sent: int, orphans: int) -> list[str]:
+    """A warning when ``kassa_event_unknown_decisions_total`` rose during the run by more than 1 % of the beacons
+    sent: their events joined no decision, so the run did not exercise the reward join a store's beacons do (it
+    showed only in the report's server-counters table). The orphan beacons, sent before any decision came back,
+    name no decision by design and are not counted."""
+    counters = server_metrics.get("counters", {}) if server_metrics.get("available") else {}
+    unknown = int(counters.get("kassa_event_unknown_decisions_total", 0)) - orphans
+    if beacons_sent <= 0 or unknown <= UNJOINED_BEACONS_WARN * beacons_sent:
+        return []
+    return [f"{unknown:,} beacon events were not joined to their decisions (kassa_event_unknown_decisions_total "
+            f"rose by {unknown + orphans:,} during the run, {unknown / beacons_sent:.1%} of the {beacons_sent:,} "
+            "beacons sent): the server's reward window may be shorter than the beacons' delay, or it did not keep "
+            "the decisions, so their rewards were not learned from"]
 
 
 def _merge_idle(end: list[dict[str, Any]], start: list[dict[str, Any]], asked: int,
