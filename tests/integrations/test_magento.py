@@ -528,8 +528,22 @@ def test_audit_warns_without_the_credit_memo_subscription(fake: MagentoFake) -> 
     fake.subscriptions = [*(fake.subscriptions or []), {"name": "observer.sales_order_creditmemo_save_after",
                                                         "fields": [{"name": "*"}]}]
     status, detail = audit_map(connector(fake))["order_webhooks"]
-    assert status == "ok" and "warning" not in detail
+    assert status == "ok" and "warning: observer.sales_order_creditmemo_save_after" not in detail
     assert "observer.sales_order_creditmemo_save_after is subscribed" in detail
+
+
+def test_audit_warns_without_the_order_save_subscription(fake: MagentoFake) -> None:
+    # sales_order_place_after brings an order paid off-site as pending_payment (not counted): only a later
+    # sales_order_save_after brings it paid, so a store without that subscription never sees those counted.
+    status, detail = audit_map(connector(fake))["order_webhooks"]
+    assert status == "ok" and "warning: observer.sales_order_save_after is not subscribed" in detail
+    assert "pending_payment" in detail and "events:subscribe observer.sales_order_save_after" in detail
+    fake.subscriptions = [*(fake.subscriptions or []),
+                          *({"name": name, "fields": [{"name": "*"}]} for name in (
+                              "observer.sales_order_save_after", "observer.sales_order_creditmemo_save_after"))]
+    status, detail = audit_map(connector(fake))["order_webhooks"]
+    assert status == "ok" and "warning" not in detail
+    assert "observer.sales_order_save_after is subscribed" in detail
 
 
 def test_audit_reports_unreachable_store() -> None:
@@ -690,6 +704,48 @@ def test_magento_webhooks_stay_off_without_a_client_id(tmp_path: Any, catalog_fi
     with TestClient(create_app(Kassa(settings))) as client:
         r = client.post("/v1/webhooks/magento", content=b"{}", headers={"content-type": "application/json"})
         assert r.status_code == 404 and "ADOBE_CLIENT_ID" in r.json()["detail"]
+
+
+def test_an_order_placed_unpaid_counts_once_a_later_save_brings_it_paid(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # sales_order_place_after fires for a redirect payment method's order in state pending_payment (the buyer
+    # may never pay); it was stored as a placed order and a conversion. The save that moves it on counts it.
+    client, kassa, _ = magento_app
+    order = load_fixture("order_event.json")["data"]["value"]
+    ignored = {"accepted": 0, "duplicates": 0, "ignored": 1}
+
+    def deliver(event_type: str, state: str, event_id: str) -> dict[str, Any]:
+        body = _live_event(type=f"com.adobe.commerce.observer.{event_type}", id=event_id,
+                           data={"value": order | {"state": state, "status": state}})
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert deliver("sales_order_place_after", "pending_payment", "e-1") == ignored
+    assert deliver("sales_order_save_after", "payment_review", "e-2") == ignored
+    assert kassa.event_log.count() == 0
+    assert deliver("sales_order_save_after", "processing", "e-3") == {
+        "accepted": 1, "duplicates": 0, "unknown_decisions": 0}
+    # every later save of the placed order (invoice, shipment, complete) is the same order again
+    assert deliver("sales_order_save_after", "complete", "e-4") == {
+        "accepted": 0, "duplicates": 1, "unknown_decisions": 0}
+    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:4"]
+    # an unpaid order Magento cancels (Pending Payment Order Lifetime) is never counted
+    order["entity_id"] = 5
+    assert deliver("sales_order_place_after", "pending_payment", "e-5") == ignored
+    assert deliver("sales_order_save_after", "canceled", "e-6") == ignored
+    assert kassa.event_log.count() == 1
+
+
+def test_an_order_placed_with_an_offline_payment_counts_when_placed() -> None:
+    # state new (bank transfer, check: awaiting payment) is placed, as WooCommerce's on-hold
+    conn = connector()
+    value = load_fixture("order_event.json")["data"]["value"]
+    for state, placed in (("new", True), ("processing", True), ("holded", True), ("pending_payment", False),
+                          ("payment_review", False), ("canceled", False)):
+        assert conn.is_placed({"data": {"value": value | {"state": state}}}) is placed, state
+    assert conn.is_placed(load_fixture("order_event.json"))  # no state in the payload: taken as placed
+    assert conn.is_placed(load_fixture("order.json"))  # a REST order (iter_orders, get_order)
 
 
 def test_a_signed_credit_memo_becomes_a_refund_of_its_refunded_lines_and_a_forged_one_is_refused(

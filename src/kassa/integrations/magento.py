@@ -3,8 +3,10 @@
 Owns: the Magento REST API (``/rest[/<store>]/V1/products``, ``/V1/orders``, ``/V1/categories``) with an
 integration access token as Bearer or OAuth 1.0a request signing (HMAC-SHA256, signature base string per
 RFC 5849 built here); keyset paging of the catalog by ``(updated_at, entity_id)`` through ``searchCriteria``
-filter groups; Adobe I/O Events deliveries of ``com.adobe.commerce.observer.sales_order_place_after``
-and ``…sales_order_creditmemo_save_after`` (a credit memo's refunded lines, a ``refund``) (CloudEvents
+filter groups; Adobe I/O Events deliveries of ``com.adobe.commerce.observer.sales_order_place_after``,
+``…sales_order_save_after`` (an order saved later: one placed with a redirect payment method is
+``pending_payment`` when placed and counts when a save brings it ``processing``; only placed states count,
+``is_placed``) and ``…sales_order_creditmemo_save_after`` (a credit memo's refunded lines, a ``refund``) (CloudEvents
 signed with RSA-SHA256 by Adobe, two signatures, public keys fetched from Adobe's static host
 through an injectable fetcher with a 5 s timeout, once per key, and cached; ``verify_needs_io`` /
 ``prefetch`` let the receiver fetch them off the event loop); and the API-access audit.
@@ -63,6 +65,16 @@ from kassa.integrations.http import HttpClient, HttpStatusError
 
 ORDER_EVENT = "com.adobe.commerce.observer.sales_order_place_after"
 ORDER_SUBSCRIPTION = "observer.sales_order_place_after"  # the name `bin/magento events:subscribe` takes
+# sales_order_place_after fires for an order placed with a redirect payment method (PayPal Express, a hosted card
+# page) too, in state pending_payment: the buyer may never pay, and Magento cancels it after the Pending Payment
+# Order Lifetime. The save that moves it on (processing once paid) comes only as sales_order_save_after.
+ORDER_SAVED_EVENT = "com.adobe.commerce.observer.sales_order_save_after"
+ORDER_SAVED_SUBSCRIPTION = "observer.sales_order_save_after"
+# Order states (``state``, not the store-configurable ``status``) of a placed order: ``new`` (offline payment
+# such as a bank transfer or check, awaiting it), ``processing`` (paid or authorized), ``complete``, ``closed``
+# and ``holded`` (put on hold by the merchant). Not placed: ``pending_payment`` (sent to pay off-site),
+# ``payment_review`` (payment held for fraud review: may be denied) and ``canceled``.
+PLACED_STATES = frozenset({"new", "processing", "complete", "closed", "holded"})
 REFUND_EVENT = "com.adobe.commerce.observer.sales_order_creditmemo_save_after"
 REFUND_SUBSCRIPTION = "observer.sales_order_creditmemo_save_after"
 ADOBE_KEY_HOST = "https://static.adobeioevents.com"
@@ -186,7 +198,7 @@ class MagentoConnector(HttpConnector):
     """
 
     platform = "magento"
-    order_topics = frozenset({ORDER_EVENT})
+    order_topics = frozenset({ORDER_EVENT, ORDER_SAVED_EVENT})
     refund_topics = frozenset({REFUND_EVENT})
     api_name = "Magento API"
     config_error_status = "unreachable"
@@ -200,10 +212,12 @@ class MagentoConnector(HttpConnector):
     webhook_steps: ClassVar[list[str]] = [
         "Install Adobe I/O Events for Adobe Commerce and configure the I/O project (Stores > Configuration > "
         "Adobe Services > Adobe I/O Events).",
-        f"bin/magento events:subscribe {ORDER_SUBSCRIPTION} (or POST /V1/eventing/eventSubscribe), and "
+        f"bin/magento events:subscribe {ORDER_SUBSCRIPTION} (or POST /V1/eventing/eventSubscribe), "
+        f"{ORDER_SAVED_SUBSCRIPTION} so an order placed unpaid (pending_payment) counts once it is paid, and "
         f"{REFUND_SUBSCRIPTION} so refunded orders stop counting as conversions.",
         "In the Adobe Developer Console add a webhook event registration for the Commerce provider's "
-        f"{ORDER_EVENT} event pointing to https://<kassa>/v1/webhooks/magento.",
+        f"{ORDER_EVENT}, {ORDER_SAVED_EVENT} and {REFUND_EVENT} events pointing to "
+        "https://<kassa>/v1/webhooks/magento.",
     ]
 
     WEBHOOK_IDENTITY_SETTING = "adobe_client_id"
@@ -391,6 +405,16 @@ class MagentoConnector(HttpConnector):
         return WebhookDelivery(event_id, topic, sent, raw_body)
 
     # ------------------------------------------------------------------ parsing
+    def is_placed(self, payload: Mapping[str, Any]) -> bool:
+        """An order in a placed ``state`` (``PLACED_STATES``); ``pending_payment``, ``payment_review`` and
+        ``canceled`` are not, and a later ``sales_order_save_after`` to a placed state brings the order (once:
+        the event id is the order id, so every later save of it is a duplicate). One without a state is taken
+        as placed."""
+        data = payload.get("data")
+        order = data.get("value") if isinstance(data, Mapping) else payload
+        state = order.get("state") if isinstance(order, Mapping) else None
+        return state is None or (isinstance(state, str) and state.strip().lower() in PLACED_STATES)
+
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """A Magento order from ``GET /V1/orders/{id}``, a search page item, or an I/O Events CloudEvent."""
         payload = object_payload(payload, "a Magento order")
@@ -680,13 +704,17 @@ class MagentoConnector(HttpConnector):
                     f"Adobe I/O Events is installed but {ORDER_SUBSCRIPTION} is not subscribed; run "
                     f"`bin/magento events:subscribe {ORDER_SUBSCRIPTION}`"
                 )
-            said = f"{ORDER_SUBSCRIPTION} is subscribed (Adobe I/O Events)"
-            if REFUND_SUBSCRIPTION in names:
-                return f"{said}; {REFUND_SUBSCRIPTION} is subscribed"
-            # refund_topics: recommended, not needed to learn from orders (as Shopify's audit says)
-            return (f"{said}; warning: {REFUND_SUBSCRIPTION} is not subscribed (recommended: without it a refunded "
-                    f"order is not taken back and stays a conversion; run `bin/magento events:subscribe "
-                    f"{REFUND_SUBSCRIPTION}`)")
+            said = [f"{ORDER_SUBSCRIPTION} is subscribed (Adobe I/O Events)"]
+            # Recommended, not needed to learn from orders (as Shopify's audit says): a warning, not a refusal.
+            for name, without in ((ORDER_SAVED_SUBSCRIPTION, "an order placed unpaid (pending_payment, a redirect "
+                                   "payment method) is never counted when it is paid"),
+                                  (REFUND_SUBSCRIPTION, "a refunded order is not taken back and stays a conversion")):
+                if name in names:
+                    said.append(f"{name} is subscribed")
+                else:
+                    said.append(f"warning: {name} is not subscribed (recommended: without it {without}; run "
+                                f"`bin/magento events:subscribe {name}`)")
+            return "; ".join(said)
 
         def inventory() -> str:
             # lowStock needs no SKU, so it probes the CatalogInventory ACL even on an empty catalog.
@@ -865,6 +893,7 @@ def _magento_message(exc: AuthError, resource: str) -> str:
 
 __all__ = [
     "ORDER_EVENT",
+    "ORDER_SAVED_EVENT",
     "MagentoConnector",
     "fetch_adobe_public_key",
     "oauth_base_string",
