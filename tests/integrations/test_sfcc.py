@@ -372,6 +372,43 @@ def test_poll_orders_leaves_out_failed_orders_and_steps_past_them(fake: SfccFake
     assert pages[-1][1] == "2025-01-04T10:00:00.000Z|00000004"  # the next poll starts after the failed one
 
 
+def test_poll_orders_takes_a_created_order_once_a_later_poll_finds_it_placed(fake: SfccFake) -> None:
+    # A `created` order (createOrder done, an off-site payment not back yet) was taken as placed: a conversion
+    # whether or not the buyer paid. Now it is left out and the cursor is held before it for the next poll.
+    fake.ocapi_orders = [ocapi_order(f"{i:08d}", f"2025-01-03T1{i}:00:00.000Z") for i in range(1, 5)]
+    fake.ocapi_orders[1]["status"] = "created"
+    fake.ocapi_orders[2]["status"] = "open"
+    fake.ocapi_orders[3]["status"] = "completed"
+    pages = list(connector(fake, page_size=2).poll_orders())
+    assert [o.order_id for page, _ in pages for o in page] == ["00000001", "00000003", "00000004"]
+    assert {cursor for _, cursor in pages} == {"2025-01-03T11:00:00.000Z|00000001"}  # held before 00000002
+    fake.ocapi_orders[1]["status"] = "new"  # placeOrder after the payment came back
+    again = list(connector(fake, page_size=2).poll_orders(pages[-1][1]))
+    # 00000003 and 00000004 come again: the same event ids, so duplicates when ingested
+    assert [o.order_id for page, _ in again for o in page] == ["00000002", "00000003", "00000004"]
+    assert again[-1][1] == "2025-01-03T14:00:00.000Z|00000004"
+
+
+def test_poll_orders_steps_past_a_created_order_older_than_a_day_and_orders_no_longer_placed(fake: SfccFake) -> None:
+    # a created order neither placed nor failed within UNPLACED_HOLD_SECONDS must not pin the cursor for good
+    fake.ocapi_orders = [ocapi_order(f"{i:08d}", f"2025-01-0{i}T10:00:00.000Z") for i in range(1, 4)]
+    fake.ocapi_orders[0]["status"] = "created"  # 2025-01-01, two days before the clock
+    fake.ocapi_orders[1]["status"] = "cancelled"
+    fake.ocapi_orders[2]["status"] = "replaced"  # an edited order: its replacement is an order of its own
+    pages = list(connector(fake).poll_orders())
+    assert [o.order_id for page, _ in pages for o in page] == []
+    assert pages[-1][1] == "2025-01-03T10:00:00.000Z|00000003"
+
+
+def test_a_cartridge_delivery_of_an_order_not_placed_yet_is_not_placed() -> None:
+    conn = connector()
+    cartridge = load_fixture("cartridge_order.json")
+    assert conn.is_placed(cartridge)  # no status: posted after placeOrder
+    for status, placed in (("created", False), ("failed", False), ("new", True), ("OPEN", True)):
+        assert conn.is_placed(cartridge | {"status": status}) is placed, status
+        assert conn.is_placed({"order": cartridge | {"status": status}}) is placed, status
+
+
 def test_poll_orders_steps_over_more_same_second_orders_than_a_page(fake: SfccFake) -> None:
     fake.ocapi_orders = [ocapi_order(f"{i:08d}", "2025-01-05T10:00:00.000Z") for i in range(1, 8)]
     ids = [o.order_id for page, _ in connector(fake, page_size=3).poll_orders() for o in page]

@@ -46,6 +46,13 @@ TOPIC_HEADER = "x-kassa-topic"
 _GET_PRODUCTS_MAX_IDS = 24  # Shopper Products getProducts accepts at most 24 ids
 _SEARCH_MAX_LIMIT = 200
 AM_TOKEN_URL = "https://account.demandware.com/dwsso/oauth2/access_token"
+# Order statuses of a placed order: NEW (placed), OPEN (placed and confirmed), COMPLETED. Not placed: CREATED
+# (OrderMgr.createOrder made it from the basket; placeOrder or failOrder follows, after an off-site payment
+# returns), FAILED (final), CANCELLED, and REPLACED (an order edit: the replacement is its own order).
+PLACED_STATUSES = frozenset({"new", "open", "completed"})
+# How long poll_orders keeps a CREATED order in reach (its cursor held before it) for a later poll to find it
+# placed; one older is stepped past, so an order never placed or failed cannot pin the cursor for good.
+UNPLACED_HOLD_SECONDS = 86_400.0
 
 
 # --------------------------------------------------------------------------- connector
@@ -370,19 +377,32 @@ class SfccConnector(HttpConnector):
         return orders, data["total"]  # type: ignore[return-value]
 
     def is_placed(self, payload: Mapping[str, Any]) -> bool:
-        """Not a ``failed`` order: one whose payment or placement failed (``OrderMgr.failOrder``) was never
-        placed and never will be (FAILED is final). Order search returns those too."""
+        """An order in a placed ``status`` (``PLACED_STATUSES``: new, open, completed). A ``created`` order is
+        not placed yet (its payment may still fail or never return), and a ``failed``, ``cancelled`` or
+        ``replaced`` one is no conversion; order search returns them all. One without a status (the cartridge
+        hook's payload, posted after ``placeOrder``) is taken as placed."""
         order = payload.get("order") if isinstance(payload.get("order"), dict) else payload
         status = order.get("status") if isinstance(order, Mapping) else None
-        return not (isinstance(status, str) and status.strip().lower() == "failed")
+        return status is None or (isinstance(status, str) and status.strip().lower() in PLACED_STATUSES)
+
+    def _may_still_be_placed(self, order: Mapping[str, Any]) -> bool:
+        # A CREATED order becomes NEW or FAILED; within UNPLACED_HOLD_SECONDS a later poll should see which.
+        status = order.get("status")
+        if not (isinstance(status, str) and status.strip().lower() == "created"):
+            return False
+        created = parse_time(order.get("creation_date"), "creation_date")
+        return self.clock() - created.timestamp() < UNPLACED_HOLD_SECONDS
 
     def poll_orders(self, since: datetime | str | None = None) -> Iterator[tuple[list[Order], str | None]]:
-        """Orders created at/after ``since`` (or the cursor of a previous page), oldest first.
+        """Placed orders created at/after ``since`` (or the cursor of a previous page), oldest first.
 
         The safety net for missed cartridge deliveries: run it on a schedule and feed the orders through the
         same ingest (the event id ``sfcc:order:<orderNo>`` dedupes those the webhook already delivered).
         Paging is keyset on ``(creation_date, order_no)`` — the cursor is ``"<creation_date>|<order_no>"`` —
-        because order search answers at most its first 1,000 hits of a query.
+        because order search answers at most its first 1,000 hits of a query. Orders not placed are left out
+        (``is_placed``); the cursor is held before the oldest ``created`` one younger than
+        ``UNPLACED_HOLD_SECONDS``, so the next poll from it reads that order again and takes it once it is
+        placed (the placed orders after it come again too, each a duplicate of its event id).
         """
         if isinstance(since, datetime):
             after: tuple[str, str] | None = (since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "")
@@ -391,6 +411,8 @@ class SfccConnector(HttpConnector):
             after = (ts, last_no)
         else:
             after = None
+        held = False
+        hold_at: tuple[str, str] | None = None  # the cursor before the oldest order that may still be placed
         count = self.page_size
         start = 0
         while True:
@@ -402,10 +424,15 @@ class SfccConnector(HttpConnector):
                 start += len(raw)  # a page full of orders sharing the cursor's second: step over them
                 continue
             start = 0
-            orders = [self.parse_order(o) for o in fresh if self.is_placed(o)]
-            last = fresh[-1]
-            after = (str(last.get("creation_date")), str(last.get("order_no")))
-            yield orders, f"{after[0]}|{after[1]}"
+            orders = []
+            for o in fresh:
+                if self.is_placed(o):
+                    orders.append(self.parse_order(o))
+                elif not held and self._may_still_be_placed(o):
+                    held, hold_at = True, after
+                after = (str(o.get("creation_date")), str(o.get("order_no")))
+            cursor = hold_at if held else after
+            yield orders, f"{cursor[0]}|{cursor[1]}" if cursor else None
             if len(raw) < count or len(raw) >= total:
                 return
 
