@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -707,7 +708,7 @@ def test_magento_webhooks_stay_off_without_a_client_id(tmp_path: Any, catalog_fi
 
 
 def test_an_order_placed_unpaid_counts_once_a_later_save_brings_it_paid(
-        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey], caplog: pytest.LogCaptureFixture) -> None:
     # sales_order_place_after fires for a redirect payment method's order in state pending_payment (the buyer
     # may never pay); it was stored as a placed order and a conversion. The save that moves it on counts it.
     client, kassa, _ = magento_app
@@ -721,8 +722,13 @@ def test_an_order_placed_unpaid_counts_once_a_later_save_brings_it_paid(
         assert response.status_code == 200, response.text
         return dict(response.json())
 
-    assert deliver("sales_order_place_after", "pending_payment", "e-1") == ignored
-    assert deliver("sales_order_save_after", "payment_review", "e-2") == ignored
+    with caplog.at_level(logging.WARNING, logger="kassa.integrations.webhooks"):
+        assert deliver("sales_order_place_after", "pending_payment", "e-1") == ignored
+        assert deliver("sales_order_save_after", "payment_review", "e-2") == ignored
+    # once, naming the order inside the CloudEvent (not the event's id) and where the subscriptions are said
+    [line] = [r.getMessage() for r in caplog.records if r.name == "kassa.integrations.webhooks"]
+    assert "magento order '4' (state 'pending_payment') is not placed yet" in line
+    assert "docs/integrations/magento.md" in line
     assert kassa.event_log.count() == 0
     assert deliver("sales_order_save_after", "processing", "e-3") == {
         "accepted": 1, "duplicates": 0, "unknown_decisions": 0}

@@ -407,6 +407,8 @@ def test_a_cartridge_delivery_of_an_order_not_placed_yet_is_not_placed() -> None
     for status, placed in (("created", False), ("failed", False), ("new", True), ("OPEN", True)):
         assert conn.is_placed(cartridge | {"status": status}) is placed, status
         assert conn.is_placed({"order": cartridge | {"status": status}}) is placed, status
+    # the log line saying so names the order number (an SFCC order has no `id`)
+    assert conn.describe_unplaced({"order": cartridge | {"status": "created"}}) == "order '00001604' (status 'created')"
 
 
 def test_poll_orders_steps_over_more_same_second_orders_than_a_page(fake: SfccFake) -> None:

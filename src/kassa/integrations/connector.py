@@ -187,6 +187,11 @@ class HttpConnector(ABC):
         ignored; the placed order arrives later under the same id."""
         return True
 
+    def describe_unplaced(self, payload: Mapping[str, Any]) -> str:
+        """The order a payload ``is_placed`` said no to, for the log line saying so: ``order '<id>' (status
+        '<status>')`` of the top-level fields; a platform that nests its order says where it is."""
+        return f"order {str(payload.get('id'))[:64]!r} (status {str(payload.get('status'))[:32]!r})"
+
     def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
         """The cancellation or refund a verified ``refund_topics`` delivery carries; None when it takes back no
         line of the order (the delivery is acknowledged and ignored, or read as an order on an order topic)."""

@@ -415,6 +415,14 @@ class MagentoConnector(HttpConnector):
         state = order.get("state") if isinstance(order, Mapping) else None
         return state is None or (isinstance(state, str) and state.strip().lower() in PLACED_STATES)
 
+    def describe_unplaced(self, payload: Mapping[str, Any]) -> str:
+        # the CloudEvent's own id and fields are the event's; the order is data.value
+        data = payload.get("data")
+        order = data.get("value") if isinstance(data, Mapping) else None
+        order = order if isinstance(order, Mapping) else payload
+        order_id = order.get("entity_id") or order.get("increment_id")
+        return f"order {str(order_id)[:64]!r} (state {str(order.get('state'))[:32]!r})"
+
     def parse_order(self, payload: dict[str, Any]) -> Order:
         """A Magento order from ``GET /V1/orders/{id}``, a search page item, or an I/O Events CloudEvent."""
         payload = object_payload(payload, "a Magento order")

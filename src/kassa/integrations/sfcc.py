@@ -385,6 +385,12 @@ class SfccConnector(HttpConnector):
         status = order.get("status") if isinstance(order, Mapping) else None
         return status is None or (isinstance(status, str) and status.strip().lower() in PLACED_STATUSES)
 
+    def describe_unplaced(self, payload: Mapping[str, Any]) -> str:
+        order = payload.get("order") if isinstance(payload.get("order"), dict) else payload
+        assert isinstance(order, Mapping)
+        order_no = order.get("orderNo") or order.get("order_no")
+        return f"order {str(order_no)[:64]!r} (status {str(order.get('status'))[:32]!r})"
+
     def _may_still_be_placed(self, order: Mapping[str, Any]) -> bool:
         # A CREATED order becomes NEW or FAILED; within UNPLACED_HOLD_SECONDS a later poll should see which.
         status = order.get("status")

@@ -171,9 +171,12 @@ class WebhookReceiver:
                 # Once per process: the order is counted only if a later delivery (WooCommerce: order.updated)
                 # brings it placed, which needs that subscription too.
                 self._warned_unplaced.add(platform)
-                log.warning("%s order %r (status %r) is not placed yet: acknowledged and ignored until a later "
-                            "delivery brings it placed; see docs/integrations/%s.md for the subscriptions that need",
-                            platform, str(payload.get("id"))[:64], str(payload.get("status"))[:32], platform)
+                describe = getattr(connector, "describe_unplaced", None)
+                what = describe(payload) if describe is not None else \
+                    f"order {str(payload.get('id'))[:64]!r} (status {str(payload.get('status'))[:32]!r})"
+                log.warning("%s %s is not placed yet: acknowledged and ignored until a later delivery brings it "
+                            "placed; see docs/integrations/%s.md for the subscriptions that need", platform, what,
+                            platform)
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         order, dropped = self._within_line_bound(self._believable_time(connector.parse_order(payload)))
         order = self._with_categories(order)
