@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
     ap.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"),
                     help="the Kassa source the server runs (first on its PYTHONPATH)")
+    ap.add_argument("--json", action="store_true", help="accepted: the run always ends with one JSON object")
     ap.add_argument("--data", help="reuse this directory's decision log (written there if empty)")
     args = ap.parse_args()
     root = Path(args.data or tempfile.mkdtemp(prefix="benchcontention-"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import statistics
@@ -82,13 +83,15 @@ PUB = "bench-publishable-key-0123456789"
 
 
 def _latency(kassa: Kassa, shown: list[tuple[str, list[str]]], since: float, seconds: float,
-             modes: list[tuple[str, Outcomes | None]], new: int, period: float) -> None:
+             modes: list[tuple[str, Outcomes | None]], new: int, period: float) -> list[dict[str, Any]]:
     """Decisions served one after another on the app in process while another thread appends ``new`` events and
     shows the placement page's read every ``period`` s (back to back when a view takes longer), per mode; the
     decisions' latency as the client sees it (the same in-process client overhead in every mode)."""
     from starlette.testclient import TestClient
 
     from kassa.api.app import create_app
+
+    figures: list[dict[str, Any]] = []
 
     body = {"placement": "p", "customer": {"id": "c-1"}, "context": {"device": "mobile"},
             "order": {"id": "1", "platform": "shopify", "currency": "USD", "total": 80.0, "ship_country": "US",
@@ -128,6 +131,9 @@ def _latency(kassa: Kassa, shown: list[tuple[str, list[str]]], since: float, sec
                   f"p99 {q[98] * 1000:6.2f} ms, max {took[-1] * 1000:6.1f} ms; {len(views)} views; "
                   f"process cpu "
                   f"{time.process_time() - c0:.1f} s; load {os.getloadavg()[0]:.2f}")
+            figures.append({"mode": name, "decisions": len(took), "p50_ms": round(q[49] * 1000, 2),
+                            "p99_ms": round(q[98] * 1000, 2), "max_ms": round(took[-1] * 1000, 1),
+                            "views": len(views)})
 
 
 def _view(outcomes: Outcomes, since: float) -> tuple[float, float, Any]:
@@ -144,6 +150,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=500, help="events appended before each view")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--period", type=float, default=2.0, help="seconds between two views in --latency")
+    ap.add_argument("--json", action="store_true", help="end with one JSON object of the figures")
     ap.add_argument("--latency", type=float, default=0.0,
                     help="seconds per mode of decisions served while the page is viewed in a loop (0: skip)")
     args = ap.parse_args()
@@ -186,14 +193,22 @@ def main() -> None:
         a, b = full.placements(since, now=now + 7200), window.placements(since, now=now + 7200)
         print("same numbers (full vs incremental):", a == b, "read by the window:",
               window._window.read_events if window._window else None)
+        out: dict[str, Any] = {"events": args.events, "decisions": args.decisions, "new": args.new,
+                               "same_numbers": a == b}
         for name, rows in results.items():
             print(f"{name:12s} median cpu {statistics.median(c for c, _ in rows) * 1000:.1f} ms, "
                   f"median wall {statistics.median(w for _, w in rows) * 1000:.1f} ms")
+            out[name] = {"median_cpu_ms": round(statistics.median(c for c, _ in rows) * 1000, 1),
+                         "median_wall_ms": round(statistics.median(w for _, w in rows) * 1000, 1)}
         if args.latency:
             modes: list[tuple[str, Outcomes | None]] = [("no page views", None)]
             for _ in range(2):
                 modes += [("full read per view", full), ("incremental views", window)]
-            _latency(kassa, shown, since, args.latency, modes, args.new, args.period)  # the app's lifespan stops Kassa
+            # the app's lifespan stops Kassa
+            out["latency"] = _latency(kassa, shown, since, args.latency, modes, args.new, args.period)
+        out["load_avg"] = os.getloadavg()[0]
+        if args.json:
+            print(json.dumps(out))
     finally:
         cfg = kassa.bus.cfg if kassa.bus else None
         if not args.latency:

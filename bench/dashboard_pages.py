@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -65,9 +67,10 @@ def _fill(kassa: Kassa, offers: list[str], n: int, per_file: int, now: float, im
     return len(list((kassa.settings.data_path / "decisions").rglob("*.parquet")))
 
 
-def _browser(url: str, rounds: int) -> None:
+def _browser(url: str, rounds: int) -> dict[str, float]:
     from playwright.sync_api import sync_playwright
 
+    medians: dict[str, float] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--disable-gpu", "--no-first-run"])
         page = browser.new_context().new_page()
@@ -85,7 +88,9 @@ def _browser(url: str, rounds: int) -> None:
                                 "[n.responseStart, n.responseEnd, n.domContentLoadedEventEnd, n.loadEventEnd]; }")
             print(f"chromium {path:36s} " + " ".join(f"{t * 1000:6.0f}" for t in took)
                   + " ms; last: response " + "/".join(f"{x:.0f}" for x in nav) + " ms", flush=True)
+            medians[path] = round(statistics.median(took) * 1000, 1)
         browser.close()
+    return medians
 
 
 def main() -> None:
@@ -96,6 +101,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--impressions", action="store_true", help="an impression event per shown offer too")
     ap.add_argument("--browser", action="store_true", help="also time the pages in Chromium")
+    ap.add_argument("--json", action="store_true", help="end with one JSON object of the figures")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="benchdashpages-"))
     offers = [f"offer-{i:03d}" for i in range(args.offers)]
@@ -113,6 +119,9 @@ def main() -> None:
     print(f"{args.decisions:,} decisions in {files:,} files, {args.offers} offers, filled in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     server = BackgroundServer(settings, kassa).start()
+    out: dict[str, object] = {"decisions": args.decisions, "files": files, "offers": args.offers,
+                              "impressions": args.impressions, "rounds": args.rounds, "cores": os.cpu_count(),
+                              "server_median_ms": {}}
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120) as c:
             for path in PAGES:
@@ -123,10 +132,14 @@ def main() -> None:
                     took.append(time.perf_counter() - t)
                 print(f"server   {path:36s} {r.status_code} {len(r.content):7,d} B " +
                       " ".join(f"{x * 1000:6.0f}" for x in took) + " ms", flush=True)
+                out["server_median_ms"][path] = round(statistics.median(took) * 1000, 1)  # type: ignore[index]
         if args.browser:
-            _browser(server.url, args.rounds)
+            out["chromium_median_ms"] = _browser(server.url, args.rounds)
     finally:
         server.stop()
+    out["load_avg"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":
