@@ -553,6 +553,22 @@ def test_wrong_login_keys_are_throttled_per_client_address_with_a_429_page(kassa
             assert _login(other, admin) == 303
 
 
+def test_wrong_header_keys_share_the_login_throttle_per_client_address(kassa: Kassa) -> None:
+    """Wrong keys in `Authorization: Bearer` were checked at full speed: the form's limit did not apply to them."""
+    admin = kassa.keys.create("admin", "operator")
+    app = create_app(kassa)
+    with TestClient(app, client=("203.0.113.9", 40000)) as c:
+        for _ in range(10):  # session.LOGIN_BURST
+            assert c.get("/dashboard", headers={"Authorization": "Bearer ka_wrong"}).status_code == 401
+        r = c.get("/dashboard", headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # the right key is not even checked
+        assert f"too many wrong keys from 203.0.113.9: try again in {r.headers['retry-after']} s" in r.text
+        assert _login(c, admin) == 429  # one allowance for the form and the header
+        other = TestClient(app, client=("203.0.113.10", 40000))  # another address is not held back
+        for _ in range(30):  # and right keys do not use up its allowance
+            assert other.get("/dashboard", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+
+
 def test_the_login_throttle_refills_and_tracks_a_bounded_number_of_addresses() -> None:
     from kassa.api.dashboard.session import LoginThrottle
 

@@ -12,12 +12,12 @@
 - **Header.** ``Authorization: Bearer <admin key>`` works on every dashboard URL without a session
   (scripts, curl); a browser never attaches it on its own, so it needs no CSRF token.
 
-**Login throttle.** Wrong keys on the login form are limited per client address (`LoginThrottle`): a burst of
-``LOGIN_BURST`` attempts, then one every ``60 / LOGIN_PER_MINUTE`` s; over it the form answers 429 with
-``Retry-After`` without checking the key. A successful login gives its attempt back. The address is the
-connection's (uvicorn takes ``X-Forwarded-For`` only from ``FORWARDED_ALLOW_IPS``, the local host by default). At most
-``MAX_CLIENTS`` addresses are tracked: past that, the ones whose allowance has refilled are forgotten first, then
-the least recently seen.
+**Login throttle.** Wrong keys on the login form or in the header are limited per client address, together
+(`LoginThrottle`): a burst of ``LOGIN_BURST`` attempts, then one every ``60 / LOGIN_PER_MINUTE`` s; over it the form
+(or the page asked for with the header) answers 429 with ``Retry-After`` without checking the key. A right key gives
+its attempt back. The address is the connection's (uvicorn takes ``X-Forwarded-For`` only from
+``FORWARDED_ALLOW_IPS``, the local host by default). At most ``MAX_CLIENTS`` addresses are tracked: past that, the
+ones whose allowance has refilled are forgotten first, then the least recently seen.
 
 A **flash** is a message for the next page of one session, held here, read once: a key created from the form
 answers with a redirect (POST-redirect-GET, so reloading the page does not post the form again) and its
@@ -189,9 +189,15 @@ class SessionStore:
             token = bearer(header)
             if token is None:
                 raise errors.Unauthorized("send `Authorization: Bearer <admin key>`", "Authorization")
+            client = request.client.host if request.client else ""
+            wait = self.throttle.attempt(client)  # the login form's limit: the header must not bypass it
+            if wait:
+                raise errors.TooManyRequests(f"too many wrong keys from {client}: try again in {wait} s",
+                                             "Authorization", {"Retry-After": str(wait)})
             key_hash = self._admin_hash(token)
             if key_hash is None:
                 raise errors.Unauthorized("unknown, revoked or non-admin key", "Authorization")
+            self.throttle.succeeded(client)
             return Session(key_hash, "", now + SESSION_SECONDS, via_header=True)
         token = request.cookies.get(COOKIE)
         if token:

@@ -77,5 +77,7 @@ def error_page(exc: errors.KassaError, session: Session | None = None) -> Respon
     """The error as a page; a logged-in operator keeps the navigation (a wrong link is one click from right)."""
     body = f'<p class="error" data-testid="error">{h(exc.detail or exc.title)}</p>' \
            '<p><a href="/dashboard">Back to the dashboard</a></p>'
-    return page(exc.title, body, csrf=session.csrf if session else "", status=exc.status,
-                logged_in=session is not None)
+    response = page(exc.title, body, csrf=session.csrf if session else "", status=exc.status,
+                    logged_in=session is not None)
+    response.headers.update(exc.headers or {})  # Retry-After of a 429
+    return response
