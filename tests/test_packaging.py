@@ -120,6 +120,33 @@ def test_a_cli_command_prints_no_alembic_plugin_lines(tmp_path: Path) -> None:
         assert "alembic.runtime.plugins" not in run.stderr and "setup plugin" not in run.stderr, run.stderr
 
 
+def test_ctrl_c_while_the_cli_imports_exits_130_with_one_line() -> None:
+    """A Ctrl-C in the ~0.5 s the `kassa` script spends importing the CLI printed a KeyboardInterrupt traceback."""
+    import signal
+    import time
+    import tomllib
+
+    module, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["kassa"].split(":")
+    script = f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n"  # what pip writes to bin/kassa
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    landed = 0
+    for delay in (0.05, 0.1, 0.2, 0.3):
+        proc = subprocess.Popen([sys.executable, "-c", script, "--version"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        if proc.returncode == 0 and out.startswith("kassa "):
+            continue  # too late: the imports were done and the command ran
+        if proc.returncode == -signal.SIGINT and not err:
+            continue  # too early: the interpreter had not installed its Ctrl-C handler yet (the shell says 130)
+        assert (proc.returncode, err) == (130, "interrupted\n"), err
+        landed += 1
+        if landed == 2:
+            break
+    assert landed, "no Ctrl-C landed while the CLI imported"
+
+
 @pytest.mark.parametrize("args", [["keys", "list"], ["keys", "create", "admin"], ["stream"]])
 def test_a_data_dir_that_is_a_file_is_one_line_in_every_command(tmp_path: Path, args: list[str]) -> None:
     # the metadata DB's folder could not be made: a FileExistsError traceback in each command
