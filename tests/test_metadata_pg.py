@@ -47,6 +47,7 @@ from kassa.learn.online.learner import OnlineLearner
 from kassa.learn.registry import ModelRegistry
 from tests.conftest import ADMIN, FEATURES, PUB, SECRET, decision_body
 from tests.services import PostgresServer, ensure_postgres, fresh_database
+from tests.test_registry import check_a_stale_lease_epoch_is_refused
 
 # The tables Kassa 0.2.0 made with create_all (before Alembic): what an existing data dir holds.
 LEGACY = ("offers", "placements", "api_keys", "feature_entities", "feature_views", "model_versions",
@@ -78,9 +79,9 @@ def _model_columns() -> dict[str, set[str]]:
 # ------------------------------------------------------------------ migrations
 def test_migrations_build_the_whole_schema_on_an_empty_postgres_database_and_rerun_as_a_no_op(pg_url):
     engine = make_engine(pg_url)
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     assert _columns(engine) == _model_columns()  # the migrations and the Core tables agree, column by column
-    assert migrate(engine) == "0003"  # idempotent: already at head
+    assert migrate(engine) == "0004"  # idempotent: already at head
     with engine.connect() as conn:
         topics = dict(conn.execute(sa.text("SELECT name, version FROM change_versions")).all())
         triggers = conn.execute(sa.text("SELECT tgname FROM pg_trigger WHERE tgname = 'kassa_change_notify'")).all()
@@ -195,6 +196,12 @@ def test_catalog_keys_features_and_models_round_trip_on_postgres(pg_url, tmp_pat
     restored = reader.rollback("order_confirmation", reason="test")
     assert restored.version == v1.version
     assert [e.to_stage for e in writer.history(version=v2.version)][:2] == ["archived", "production"]
+    engine.dispose()
+
+
+def test_a_snapshot_carrying_a_stale_lease_epoch_is_refused_on_postgres(pg_url, tmp_path):
+    engine = make_engine(pg_url)
+    check_a_stale_lease_epoch_is_refused(ModelRegistry(engine, tmp_path / "models"), tmp_path)
     engine.dispose()
 
 

@@ -20,7 +20,7 @@ from kassa.learn.offline.dataset import LoggedDecisions
 from kassa.learn.offline.evaluate import evaluate_models
 from kassa.learn.offline.train import train_placement
 from kassa.learn.online.learner import OnlineLearner
-from kassa.learn.registry import STAGES, ModelRegistry, StageError, feature_schema_hash
+from kassa.learn.registry import STAGES, ModelRegistry, StageError, StaleFence, feature_schema_hash
 from kassa.learn.rollout import gate_status, promote_version
 from kassa.learn.serving.store import ModelStore, in_canary
 from kassa.learn.sync import ModelSync
@@ -51,6 +51,30 @@ def registry(tmp_path: Path) -> ModelRegistry:
 def _register(registry: ModelRegistry, tmp_path: Path, name: str, prefer: str | None = None, **kw):
     return registry.register("p", _model_file(tmp_path, name, prefer), schema_hash=kw.pop("schema_hash", "s1"),
                              learner_args="--cb_explore_adf", source=kw.pop("source", "batch"), **kw)
+
+
+def check_a_stale_lease_epoch_is_refused(registry: ModelRegistry, tmp_path: Path) -> None:
+    """A learner paused past its lease between its lease check and its registration: its successor took the
+    placement over (the next epoch), so the paused one's snapshot must not land (also run on PostgreSQL)."""
+    online = {"source": "online", "stage": "production", "actor": "learner", "auto": True}
+    paused = registry.take_fence("p")
+    assert _register(registry, tmp_path, "1", fence=paused, **online).stage == "production"
+    successor = registry.take_fence("p")
+    assert (paused, successor) == (1, 2)
+    with pytest.raises(StaleFence, match=r"^the registry refused a snapshot of p with lease epoch 1: another learner "
+                                         r"took the placement over since \(epoch 2\)$") as refused:
+        _register(registry, tmp_path, "2", fence=paused, **online)
+    assert refused.value.placement == "p"
+    assert [mv.version for mv in registry.versions("p")] == ["p@1"]  # no version, no stage move, no file
+    assert registry.serving()["p"].production.version == "p@1"  # type: ignore[union-attr]
+    assert len(list((registry.artifacts / "p").glob("*.vw"))) == 1
+    assert _register(registry, tmp_path, "3", fence=successor, **online).version == "p@2"
+    assert registry.take_fence("q") == 1  # epochs are per placement
+    assert _register(registry, tmp_path, "4").version == "p@3"  # no fence (kassa train, the API): not checked
+
+
+def test_a_snapshot_carrying_a_stale_lease_epoch_is_refused_on_sqlite(registry, tmp_path):
+    check_a_stale_lease_epoch_is_refused(registry, tmp_path)
 
 
 def test_stage_rules_keep_one_production_and_record_every_move(registry, tmp_path):

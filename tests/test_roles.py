@@ -735,3 +735,47 @@ def test_a_learner_releases_the_lease_of_a_placement_removed_from_the_catalog(
         asyncio.run(role.close())
         lease_redis.delete(key, f"{prefix}:learn:lease:cross_sell")
         lease_redis.close()
+
+
+def test_a_learner_whose_lease_was_taken_over_while_paused_has_its_snapshot_refused_as_a_lost_lease(
+        tmp_path: Path, catalog_file: Path, features_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A learner paused (SIGSTOP, GC) after its lease check and before its snapshot's registry write: the lease had
+    # lapsed and a successor took the placement over, yet the write landed and the two learners' snapshots
+    # interleaved in the registry. The successor's takeover takes the next lease epoch; the stale one is refused.
+    import asyncio
+
+    from kassa.roles.learner import LearnerRole
+    from tests.conftest import ADMIN as admin
+    from tests.conftest import PUB as pub
+
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file), admin_key=admin,
+                             publishable_key=pub, **{"features.definitions_file": str(features_file),
+                                                     "learn.guard.enabled": False, "learn.snapshot_min_learns": 1,
+                                                     "learn.snapshot_every_seconds": 0.0})
+    role = LearnerRole(settings, ["order_confirmation"], on_stall=None)
+    closed = False
+    try:
+        asyncio.run(role.leases_round())
+        assert role.joiner.active == {"order_confirmation"} and role.loop.fences == {"order_confirmation": 1}
+        learner = role.loop.learner("order_confirmation")
+        assert learner is not None
+        learner.learn("shared |c country=US", " |o id=discount", 1.0, 0.5)
+        asyncio.run(role.publish())  # its own epoch: published
+        registry = role.kassa.model_registry
+        assert [mv.version for mv in registry.versions("order_confirmation")] == ["order_confirmation@1"]
+
+        assert registry.take_fence("order_confirmation") == 2  # the successor's takeover, while this one was paused
+        learner.learn("shared |c country=US", " |o id=discount", 1.0, 0.5)
+        with pytest.raises(LeaseLost, match="lease epoch 1: another learner took the placement over since"):
+            asyncio.run(role.publish())
+        assert [mv.version for mv in registry.versions("order_confirmation")] == ["order_confirmation@1"]
+        assert role.kassa.metrics.learner_fenced.labels("order_confirmation")._value.get() == 1
+        learner.learn("shared |c country=US", " |o id=discount", 1.0, 0.5)
+        with caplog.at_level("WARNING", logger="kassa"):
+            closed = True
+            asyncio.run(role.close())  # its snapshot at stop is refused the same way
+        assert any(r.getMessage().startswith("no snapshot at stop: the registry refused") for r in caplog.records)
+        assert [mv.version for mv in registry.versions("order_confirmation")] == ["order_confirmation@1"]
+    finally:
+        if not closed:
+            asyncio.run(role.close(lost=True))

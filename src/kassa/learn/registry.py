@@ -119,11 +119,31 @@ model_verdicts_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("actor", sa.String(64), nullable=False),
 )
+# The fencing token of `kassa learn`'s leases (ADR 0009, addendum of 2026-12-07 evening): the epoch a learner took
+# when it took a placement over. A snapshot registered with a lower one is refused in the registering transaction,
+# so a learner paused past its lease between its lease check and its write never publishes over its successor.
+learner_fences_table = sa.Table(
+    "learner_fences",
+    metadata,
+    sa.Column("placement", sa.String(128), primary_key=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("taken_at", sa.Float, nullable=False),
+)
 LEARNER = "learner"  # the actor of the online learner's own registrations and auto-publishes
 
 
 class ArtifactError(errors.KassaError):
     status, title, slug = 409, "Model artifact refused", "artifact-refused"
+
+
+class StaleFence(errors.KassaError):
+    """A registration carried a lease epoch lower than the placement's newest: another learner took it over."""
+
+    status, title, slug = 409, "Lease taken over", "stale-fence"
+
+    def __init__(self, placement: str, detail: str) -> None:
+        super().__init__(detail, "fence")
+        self.placement = placement
 
 
 class StageError(errors.KassaError):
@@ -303,11 +323,14 @@ class ModelRegistry:
         actor: str = "kassa",
         link: bool = False,
         auto: bool = False,
+        fence: int | None = None,
     ) -> ModelVersion:
         """Store ``artifact`` as a new version of ``placement`` (copied, or hard-linked when ``link``;
         the source file is left alone) and put it in ``stage``. With ``auto`` (the learner's auto-publish)
         a version that descends from a rolled-back one stays a candidate instead; the check and the
-        registration are one transaction, so a rollback committed a moment earlier is always seen."""
+        registration are one transaction, so a rollback committed a moment earlier is always seen. With ``fence``
+        (the lease epoch `take_fence` gave this learner) the registration is refused with `StaleFence`, in that
+        same transaction, unless it is still the placement's newest epoch."""
         folder = self.artifacts / placement
         folder.mkdir(parents=True, exist_ok=True)
         # Two writers may pick the same next number (the learner's thread and an API call here, or
@@ -316,7 +339,7 @@ class ModelRegistry:
             try:
                 with self._lock:
                     return self._register(placement, artifact, schema_hash, learner_args, source, stage, parent,
-                                          train_since, train_until, rows, metrics, reason, actor, link, auto)
+                                          train_since, train_until, rows, metrics, reason, actor, link, auto, fence)
             except sa.exc.IntegrityError:
                 if attempt == 4:
                     raise
@@ -326,7 +349,7 @@ class ModelRegistry:
     def _register(self, placement: str, artifact: Path, schema_hash: str, learner_args: str, source: str,
                   stage: Stage, parent: str | None, train_since: float | None, train_until: float | None,
                   rows: int, metrics: dict[str, Any] | None, reason: str, actor: str, link: bool,
-                  auto: bool = False) -> ModelVersion:
+                  auto: bool = False, fence: int | None = None) -> ModelVersion:
         now = self.clock()
         # The file gets a name no other writer can pick, so a writer that loses the race for the version
         # number can never have replaced the winner's artifact; it deletes its own file and retries.
@@ -334,6 +357,8 @@ class ModelRegistry:
         dest: Path | None = None
         try:
             with self.engine.begin() as conn:
+                if fence is not None:
+                    self._check_fence(conn, placement, fence)
                 t = model_versions_table
                 seq = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.seq), 0)).where(
                     t.c.placement == placement)).scalar_one()) + 1
@@ -363,6 +388,36 @@ class ModelRegistry:
                 sidecar_path(dest).unlink(missing_ok=True)
             raise
         return self.get(version)
+
+    def take_fence(self, placement: str) -> int:
+        """The next lease epoch of ``placement``, for a learner that has just taken its lease: from this commit on,
+        a registration carrying an older epoch is refused. Called before the learner reads what its predecessor
+        published, so whatever the predecessor committed before is read and whatever it commits after is refused."""
+        t = learner_fences_table
+        for attempt in range(5):
+            try:
+                with self._lock, self.engine.begin() as conn:
+                    bumped = conn.execute(sa.update(t).where(t.c.placement == placement).values(
+                        epoch=t.c.epoch + 1, taken_at=self.clock())).rowcount
+                    if not bumped:  # the placement's first fenced learner; a racing insert retries as an update
+                        conn.execute(sa.insert(t).values(placement=placement, epoch=1, taken_at=self.clock()))
+                    return int(conn.execute(sa.select(t.c.epoch).where(t.c.placement == placement)).scalar_one())
+            except sa.exc.IntegrityError:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check_fence(conn: sa.Connection, placement: str, fence: int) -> None:
+        # A write, not a read: it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) until the
+        # registration commits, so a successor's `take_fence` is ordered wholly before or wholly after it.
+        t = learner_fences_table
+        if conn.execute(sa.update(t).where(t.c.placement == placement, t.c.epoch == fence).values(
+                epoch=fence)).rowcount == 1:
+            return
+        newest = conn.execute(sa.select(t.c.epoch).where(t.c.placement == placement)).scalar()
+        raise StaleFence(placement, f"the registry refused a snapshot of {placement} with lease epoch {fence}: "
+                                    f"another learner took the placement over since (epoch {newest})")
 
     @staticmethod
     def _store_file(artifact: Path, dest: Path, link: bool) -> None:

@@ -195,6 +195,10 @@ class Metrics:
             "kassa_snapshots_held", "Online snapshots not published because OPE on recent traffic found them "
             "worse than what serves or had too small an ESS (issue 14)", ["placement", "reason"], registry=r,
         )
+        self.learner_fenced = Counter(
+            "kassa_learner_fenced", "Online snapshots the registry refused because another learner took the "
+            "placement's lease over since (the refused learner exits 75)", ["placement"], registry=r,
+        )
         self._default_children: dict[str, Counter] = {}
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
         self._shown: dict[tuple[str, str], Counter] = {}

@@ -10,7 +10,9 @@ Held leases are renewed by a `LeaseKeeper` thread, not by the learning loop (a l
 metadata database lost its 5 s lease), while the loop beats within ``roles.learner_stall_seconds``; the loop
 checks its leases before each round and before anything it publishes. A learner that fails to renew a lease it
 held, or whose loop stalled, exits (code 75) rather than learn on with two writers: its supervisor (systemd,
-Kubernetes, `kassa serve`) starts it again, as a standby.
+Kubernetes, `kassa serve`) starts it again, as a standby. A takeover first takes the placement's next lease epoch
+in the registry, which refuses snapshots carrying an older one: a learner paused between its check and its write
+finds its snapshot refused (`StaleFence`) and exits 75 the same way.
 
 Decisions close on a clock ``settle_seconds`` behind the wall clock, the delay with which the input hands
 over events (`SqliteTailInput`, `JetStreamInput`), so an event stored just before a decision's deadline still
@@ -38,6 +40,7 @@ from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
 from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
 from kassa.learn.online.lease import FileLease, Lease, LeaseKeeper, LeaseLost, RedisLease
+from kassa.learn.registry import StaleFence
 
 log = logging.getLogger("kassa.learn")
 LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: start me again (as a standby)
@@ -182,6 +185,7 @@ class LearnerRole:
         self._taking_over.pop(placement, None)
         self.took_over.pop(placement, None)
         self.joiner.active.discard(placement)
+        self.loop.fences.pop(placement, None)
         if not held:
             return
         try:
@@ -198,6 +202,8 @@ class LearnerRole:
         every 10 s. It raised out of `run`: exit 1 with a traceback, the lease left to lapse, and the next standby
         met the same database."""
         try:
+            # The fence first: what the predecessor registered before it is read next; after it, refused
+            epoch = await asyncio.to_thread(self.kassa.model_registry.take_fence, placement)
             await self.loop.poll_async()  # the newest production: the predecessor's last snapshot
             mark = await asyncio.to_thread(self._watermark, placement)
         except sqlalchemy.exc.DBAPIError as exc:
@@ -209,9 +215,10 @@ class LearnerRole:
             return
         self._taking_over.pop(placement, None)
         kept = self.joiner.activate(placement, mark)
+        self.loop.fences[placement] = epoch
         self.took_over[placement] = self.clock()
-        log.info("learner active for %s (lease %s; %d kept examples to learn, watermark %s)",
-                 placement, lease.name, kept, mark)
+        log.info("learner active for %s (lease %s, epoch %d; %d kept examples to learn, watermark %s)",
+                 placement, lease.name, epoch, kept, mark)
 
     async def round(self) -> int:
         """Read, join and learn what is due; returns how many decisions and events were read."""
@@ -238,7 +245,7 @@ class LearnerRole:
         try:
             if self.joiner.active:
                 self.keeper.check()  # nothing published on a lease that may have lapsed (a pause, a failed renew)
-                await self.loop.tick_async(64)  # snapshots, guardrails, registry
+                await self.publish()  # snapshots, guardrails, registry
             elif self.clock() - self.loop._last_poll >= self.settings.learn.registry_poll_seconds:
                 self.loop._last_poll = self.clock()
                 await self.loop.poll_async()
@@ -249,6 +256,19 @@ class LearnerRole:
             self._db_warn(f"snapshot or registry poll failed ({type(exc).__name__}: {first}); learning on in memory "
                           "and retrying")
         return len(batch)
+
+    async def publish(self, force: bool = False) -> None:
+        """Snapshots, guardrails and the registry poll (``force``: a snapshot of every learner, as at stop). A snapshot
+        the registry refused for a stale lease epoch (this process paused past its lease between `check` and the
+        write, and a successor took the placement over) is `LeaseLost`: counted, and `kassa learn` exits 75."""
+        try:
+            if force:
+                await asyncio.to_thread(self.loop.snapshot_due, None, True)
+            else:
+                await self.loop.tick_async(64)
+        except StaleFence as exc:
+            self.kassa.metrics.learner_fenced.labels(exc.placement).inc()
+            raise LeaseLost(exc.detail) from exc
 
     async def run(self, stop: asyncio.Event | None = None, interval: float = 0.05, idle_interval: float = 0.25) -> None:
         """Rounds every ``interval`` seconds while the input has something, every ``idle_interval`` after one that
@@ -293,10 +313,9 @@ class LearnerRole:
         if self.joiner.active and not lost:
             try:
                 self.keeper.check()
+                await self.publish(force=True)  # then the successor starts from here
             except LeaseLost as exc:
                 log.warning("no snapshot at stop: %s", exc)
-            else:
-                await asyncio.to_thread(self.loop.snapshot_due, None, True)  # then the successor starts from here
         self.keeper.stop()
         for lease in self.leases.values():
             with contextlib.suppress(Exception):

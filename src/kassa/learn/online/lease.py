@@ -140,8 +140,8 @@ class LeaseKeeper:
     A loop that has not beaten for ``stall_seconds`` is hung (a deadlock, a call with no bound): the keeper stops
     renewing, marks the leases lost and calls ``on_stall`` (`kassa learn` exits 75 then, so its supervisor starts
     it again as a standby; a file lease, which never lapses, is released by the kernel that way).
-    What stays open: a write already past `check` when the process pauses still lands (the registry takes no
-    fencing token); the window is one snapshot write, the same as before this keeper.
+    A write already past `check` when the process pauses is fenced by the registry instead: each takeover takes
+    the placement's next lease epoch (`ModelRegistry.take_fence`) and a snapshot carrying an older one is refused.
     """
 
     def __init__(self, ttl_seconds: float, stall_seconds: float, on_stall: Callable[[str], None] | None = None,

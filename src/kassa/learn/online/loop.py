@@ -45,7 +45,7 @@ from kassa.learn.canary import Breach, CanaryGuard
 from kassa.learn.online.guard import PublishGuard, Verdict
 from kassa.learn.online.learner import OnlineLearner, latest_snapshot
 from kassa.learn.online.rewards import RewardJoiner
-from kassa.learn.registry import ModelRegistry, Stage
+from kassa.learn.registry import ModelRegistry, Stage, StaleFence
 from kassa.learn.serving.loader import ServingModel, load_serving
 from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
@@ -102,6 +102,9 @@ class LearningLoop:
         self.learners: dict[str, OnlineLearner] = {}
         self._last_snapshot: dict[str, float] = {}
         self._published: dict[str, str] = {}  # placement -> last version the learner registered
+        # placement -> the lease epoch `kassa learn` took it over with (`ModelRegistry.take_fence`): its snapshots
+        # carry it and the registry refuses them once a successor took a newer one (`StaleFence` is raised out)
+        self.fences: dict[str, int] = {}
         self._production: dict[str, str | None] = {}  # placement -> production version last seen
         # placement -> the production model the learner must restart from before its next snapshot, and the
         # examples learned since that change (learned again after the restart)
@@ -341,6 +344,8 @@ class LearningLoop:
             if force or (due and learner.learned_since_snapshot >= self.settings.snapshot_min_learns):
                 try:
                     self.publish(placement_id, learner)
+                except StaleFence:  # another learner holds the placement now: this one must stop, not retry
+                    raise
                 except sqlalchemy.exc.DBAPIError as exc:  # the metadata database away: see `_metadata_away`
                     self._last_snapshot[placement_id] = now
                     self._metadata_away(f"snapshot of {placement_id}", exc)
@@ -377,7 +382,7 @@ class LearningLoop:
         mv = self.registry.register(
             placement_id, path, schema_hash=self.schema_hash(placement_id) or "", learner_args=learner.args,
             source="online", stage=stage, parent=self._published.get(placement_id), rows=learner.learned,
-            metrics=meta, reason=reason, actor="learner", link=True, auto=True,
+            metrics=meta, reason=reason, actor="learner", link=True, auto=True, fence=self.fences.get(placement_id),
         )
         self._published[placement_id] = mv.version
         model = load_serving(self.registry.path(mv), mv.version, meta, mv.sha256)
