@@ -72,15 +72,6 @@ def order_buyer(event: schemas.Event) -> tuple[str | None, str | None]:
     return customer, event.customer.email_sha256 if event.customer else None
 
 
-def order_quantities(order: schemas.Order) -> dict[str, int]:
-    """Each bought (or refunded) product's quantity, keyed as `order_amounts` keys its amount."""
-    qty: dict[str, int] = {}
-    for item in order.items:
-        for key in {item.sku, item.product_id or item.sku}:
-            qty[key] = qty.get(key, 0) + item.qty
-    return qty
-
-
 def refund_conversion(credit: list[float], refunded: tuple[float, int] | None, by_value: bool) -> float | None:
     """What is left of one order's conversion of one offer, ``credit`` = [reward, amount, quantity], after a
     refund that took back ``refunded`` = (amount, quantity) of its product (None: the whole order, a
@@ -96,13 +87,21 @@ def refund_conversion(credit: list[float], refunded: tuple[float, int] | None, b
     return credit[1] if by_value else credit[0]
 
 
-def order_amounts(order: schemas.Order) -> dict[str, float]:
-    """Each bought product's amount (price x quantity), by SKU and by product id: what an order credits to
-    the decisions that showed those products. Lines sharing a key add up: two sizes of one product (one
-    product id) or one SKU on two lines was credited only its last line's amount."""
-    bought: dict[str, float] = {}
+def order_totals(order: schemas.Order) -> tuple[dict[str, float], dict[str, int]]:
+    """Each bought (or refunded) product's amount (price x quantity) and quantity, by SKU and by product id:
+    what an order credits to the decisions that showed those products (a refund: takes back). Lines sharing a
+    key add up: two sizes of one product (one product id) or one SKU on two lines was credited only its last
+    line's amount."""
+    amounts: dict[str, float] = {}
+    quantities: dict[str, int] = {}
     for item in order.items:
         amount = item.price * item.qty
         for key in {item.sku, item.product_id or item.sku}:  # a line whose product id is its SKU counts once
-            bought[key] = bought.get(key, 0.0) + amount
-    return bought
+            amounts[key] = amounts.get(key, 0.0) + amount
+            quantities[key] = quantities.get(key, 0) + item.qty
+    return amounts, quantities
+
+
+def order_amounts(order: schemas.Order) -> dict[str, float]:
+    """Each bought product's amount, as `order_totals` counts it."""
+    return order_totals(order)[0]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from kassa import schemas
 from kassa.degraded import RateLimitedWarning
-from kassa.events.join import JoinedExample, PendingDecision, order_amounts, order_buyer, order_quantities
+from kassa.events.join import JoinedExample, PendingDecision, order_buyer, order_totals
 from kassa.state.redis import (
     _JOIN_GRACE_SECONDS,
     _SEEN_ORDER_SECONDS,
@@ -244,7 +244,7 @@ class SharedRewardJoiner:
             ids += by_buyer.get(r.index_key(customer, None), [])
         if email is not None:
             ids += by_buyer.get(r.index_key(None, email), [])
-        bought, quantities = order_amounts(order), order_quantities(order)
+        bought, quantities = order_totals(order)
         n = 0
         for decision_id in dict.fromkeys(ids):
             p = pending.get(decision_id)
@@ -267,7 +267,7 @@ class SharedRewardJoiner:
         """`RewardJoiner._take_back` over the conversions read for this batch: each one of the refunded order
         that still holds a unit of a refunded product (any product, for a refund of the whole order) loses the
         refunded amount and quantity. Returns how many decisions it changed."""
-        amounts, quantities = order_amounts(refund), order_quantities(refund)
+        amounts, quantities = order_totals(refund)
         changed: set[str] = set()
         for (order_id, decision_id, offer_id), left in conversions.items():
             p = pending.get(decision_id)

@@ -24,9 +24,8 @@ from kassa.events.join import (
     JoinedExample,
     JoinJournal,
     PendingDecision,
-    order_amounts,
     order_buyer,
-    order_quantities,
+    order_totals,
     refund_conversion,
 )
 
@@ -141,7 +140,7 @@ class RewardJoiner:
             ids = ids + self._by_email[email] if ids else self._by_email[email]
         if not ids:
             return 0
-        bought, quantities = order_amounts(order), order_quantities(order)
+        bought, quantities = order_totals(order)
         # An order placed before the decision (the one that led to the confirmation page, whose webhook
         # often arrives late) is not its conversion. No upper bound: the decision is still open, so the
         # order came inside its window as far as Kassa's clock goes, whatever the platform's clock says.
@@ -165,7 +164,7 @@ class RewardJoiner:
         ids = self._by_order.get(refund.id)
         changed = 0
         if ids:
-            amounts, quantities = order_amounts(refund), order_quantities(refund)
+            amounts, quantities = order_totals(refund)
             for decision_id in list(ids):
                 pending = self._pending.get(decision_id)
                 by_offer = (pending.conversions or {}).get(refund.id) if pending is not None else None
