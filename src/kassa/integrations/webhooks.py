@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -44,6 +44,7 @@ from kassa.integrations.config import ConfigError, connector_for, factory_for, w
 DEFAULT_MAX_BODY_BYTES = 1_048_576  # an order with hundreds of lines runs to a few hundred KB
 MAX_CLOCK_SKEW = 86_400.0  # seconds a store's clock may run ahead of Kassa's before an order time is not believed
 _MAX_TOPICS_WARNED = 100  # a sender cycling through made-up topics cannot grow the set without bound
+_Lined = TypeVar("_Lined", Order, Refund)  # what `_within_line_bound` keeps within MAX_ORDER_LINES lines
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class WebhookReceiver:
         if reads_refund:
             refund = connector.parse_refund(delivery.topic, payload)  # type: ignore[attr-defined]
             if refund is not None:
-                refund, dropped = self._refund_within_line_bound(self._believable_refund_time(refund))
+                refund, dropped = self._within_line_bound(self._believable_refund_time(refund))
                 return WebhookResult(platform, delivery.topic, delivery.delivery_id, refund.to_event(),
                                      lines_dropped=dropped)
             if not reads_order:  # a refund of nothing but money (shipping, an adjustment): no line taken back
@@ -226,31 +227,24 @@ class WebhookReceiver:
             kept.add(i)
         return tuple(line for i, line in enumerate(lines) if i in kept)
 
-    def _within_line_bound(self, order: Order) -> tuple[Order, int]:
+    def _within_line_bound(self, record: _Lined) -> tuple[_Lined, int]:
         # A 4xx for a long order is retried by the platform until it gives up (Shopify then deletes the
-        # subscription), so the order is kept with MAX_ORDER_LINES lines (`_bounded_lines`); its total whole.
-        if len(order.lines) <= MAX_ORDER_LINES:
-            return order, 0
-        lines = self._bounded_lines(order.lines)
-        dropped = len(order.lines) - len(lines)
-        self._warn_long_order(
-            f"{order.platform} order {order.order_id[:64]!r} has {len(order.lines)} lines, more than the "
-            f"{MAX_ORDER_LINES} an order event holds: stored with the lines of offered products and the first "
-            f"others, {dropped} lines left out (the order's total is kept)")
-        return dataclasses.replace(order, lines=lines), dropped
-
-    def _refund_within_line_bound(self, refund: Refund) -> tuple[Refund, int]:
-        # As an order's: a refund event holds MAX_ORDER_LINES lines; those of offered products are kept first.
-        if len(refund.lines) <= MAX_ORDER_LINES:
-            return refund, 0
-        lines = self._bounded_lines(refund.lines)
-        dropped = len(refund.lines) - len(lines)
-        self._warn_long_refund(
-            f"{refund.platform} refund {(refund.refund_id or 'cancellation')[:64]!r} of order "
-            f"{refund.order_id[:64]!r} has {len(refund.lines)} lines, more than the {MAX_ORDER_LINES} a refund "
-            f"event holds: stored with the lines of offered products and the first others, {dropped} lines left "
-            "out (not taken back)")
-        return dataclasses.replace(refund, lines=lines), dropped
+        # subscription), so an order or a refund is kept with MAX_ORDER_LINES lines (`_bounded_lines`, those of
+        # offered products first); an order's total whole.
+        if len(record.lines) <= MAX_ORDER_LINES:
+            return record, 0
+        lines = self._bounded_lines(record.lines)
+        dropped = len(record.lines) - len(lines)
+        if isinstance(record, Refund):
+            warn, kind, kept = self._warn_long_refund, "a refund", "not taken back"
+            subject = (f"{record.platform} refund {(record.refund_id or 'cancellation')[:64]!r} of order "
+                       f"{record.order_id[:64]!r}")
+        else:
+            warn, kind, kept = self._warn_long_order, "an order", "the order's total is kept"
+            subject = f"{record.platform} order {record.order_id[:64]!r}"
+        warn(f"{subject} has {len(record.lines)} lines, more than the {MAX_ORDER_LINES} {kind} event holds: "
+             f"stored with the lines of offered products and the first others, {dropped} lines left out ({kept})")
+        return dataclasses.replace(record, lines=lines), dropped
 
     def _with_categories(self, order: Order) -> Order:
         # Shopify line items (and WooCommerce's) carry no category, but eligibility rules, retrieval and
