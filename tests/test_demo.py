@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 from pathlib import Path
 
@@ -155,3 +156,43 @@ def test_another_learning_policy_serves_the_policy_slice_and_a_non_learning_one_
                                              r"\(squarecb, epsilon, softmax, ucb\)"):
             run_demo(headless=True, checkouts=10, seed=1, json_out=False, port=free_port(), data_dir=None,
                      keep_serving=False, policy=bad)
+
+
+def test_lift_intervals_cover_the_ratio_and_narrow_with_more_checkouts() -> None:
+    from kassa.demo.stats import ratio_interval
+
+    rng = random.Random(3)
+    small_p = [int(rng.random() < 0.30) for _ in range(400)]
+    small_s = [int(rng.random() < 0.20) for _ in range(400)]
+    big_p = [int(rng.random() < 0.30) for _ in range(40_000)]
+    big_s = [int(rng.random() < 0.20) for _ in range(40_000)]
+    small, big = ratio_interval(small_p, small_s), ratio_interval(big_p, big_s)
+    assert small is not None and big is not None
+    point = (sum(small_p) / 400) / (sum(small_s) / 400)
+    assert small[0] < point < small[1]
+    assert big[0] < 1.5 < big[1]  # the true ratio 0.30 / 0.20
+    assert big[1] - big[0] < (small[1] - small[0]) / 5  # 100x the data: ~10x narrower
+    assert ratio_interval([0, 0, 0], [1, 0, 1]) is None  # no accept: no log ratio
+    assert ratio_interval([1], [1, 0]) is None
+
+
+def test_a_run_no_longer_than_its_window_says_the_cold_start_is_in_it() -> None:
+    from kassa.demo.stats import Scoreboard
+    from kassa.demo.view import COLD_START_NOTE, summary_table
+
+    world = World(DemoStore.build(5), 5)
+    rendered = {}
+    for n, last in ((600, 5_000), (600, 300)):
+        plan = world.checkouts(n, run_id="t-")
+        board = Scoreboard(plan)
+        for i, c in enumerate(plan):
+            board.record(c, accepts=int(i % 3 == 0), expected=0.3, server_ms=1.0, client_ms=2.0, explored=False,
+                         model_version="m", fallback=False)
+        result = board.result(seed=5, last=last)
+        table = summary_table({**result, "model_version": "m"})
+        rendered[last] = str(table.caption)
+        assert result["window_is_whole_run"] is (last >= n)
+        lo, hi = result["lift_vs_static_95"]
+        assert lo < result["lift_vs_static"] < hi
+    assert COLD_START_NOTE in rendered[5_000] and "95 %" in rendered[5_000]
+    assert COLD_START_NOTE not in rendered[300]

@@ -28,6 +28,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def ratio_interval(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tuple[float, float] | None:
+    """A 95 % interval of mean(a) / mean(b) (per-checkout accepts of two slices): the delta method on the log of
+    the ratio, ``var(log mean) ~ s^2 / (n mean^2)`` for each side. None while either side has fewer than two
+    checkouts or no accept (the log is undefined)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ma, mb = float(xa.mean()), float(xb.mean())
+    if ma <= 0 or mb <= 0:
+        return None
+    v = float(xa.var(ddof=1)) / (len(xa) * ma * ma) + float(xb.var(ddof=1)) / (len(xb) * mb * mb)
+    centre, half = float(np.log(ma / mb)), z * float(np.sqrt(v))
+    return float(np.exp(centre - half)), float(np.exp(centre + half))
+
+
 @dataclass(frozen=True, slots=True)
 class SliceRates:
     checkouts: int
@@ -137,6 +152,15 @@ class Scoreboard:
                                     expected / len(idx) if idx else None)
         return out
 
+    def slice_accepts(self, start: int = 0) -> dict[str, list[int]]:
+        """Per slice, the accepts of each finished checkout with index >= ``start``."""
+        with self._lock:
+            out: dict[str, list[int]] = {s: [] for s in SLICES}
+            for i in range(start, self.total):
+                if self.finished[i]:
+                    out[self.slices[i]].append(self.accepts[i])
+        return out
+
     def result(self, seed: int, last: int = 5_000) -> dict[str, Any]:
         """The demo's JSON summary (the ``--json`` line) but for what the run adds: the production model
         version at the end, the learned examples and the policy (`kassa.demo.run`)."""
@@ -144,9 +168,14 @@ class Scoreboard:
         tail, whole = self.rates(start), self.rates(0)
         seconds = self.elapsed()
         pol, rnd, sta = (tail[s].rate for s in SLICES)
+        per = self.slice_accepts(start)
 
         def r(x: float | None, digits: int = 4) -> float | None:
             return None if x is None else round(x, digits)
+
+        def interval(other: str) -> list[float] | None:
+            ci = ratio_interval(per["policy"], per[other])
+            return None if ci is None else [round(ci[0], 3), round(ci[1], 3)]
 
         return {
             "checkouts": self.done,
@@ -156,6 +185,11 @@ class Scoreboard:
             "best_static_reward_rate": r(sta),
             "lift_vs_random": r(ratio(pol, rnd), 3),
             "lift_vs_static": r(ratio(pol, sta), 3),
+            # 95 % intervals of the two lifts (the control slices are small: ~10 % of checkouts each)
+            "lift_vs_random_95": interval("random"),
+            "lift_vs_static_95": interval("static"),
+            # A run no longer than the window compares the learner's cold start too (it starts from nothing)
+            "window_is_whole_run": start == 0,
             "policy_reward_rate_overall": r(whole["policy"].rate),
             "random_reward_rate_overall": r(whole["random"].rate),
             "best_static_reward_rate_overall": r(whole["static"].rate),

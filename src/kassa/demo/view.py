@@ -29,6 +29,16 @@ def _lift(x: float | None) -> str:
     return "-" if x is None else f"×{x:.2f}"
 
 
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f" (95 % {_lift(ci[0])}-{_lift(ci[1])})"
+
+
+COLD_START_NOTE = (
+    "this window is the whole run, the policy's cold start included: it starts from nothing, explores, and at the "
+    "demo's speed its models follow rewards ~1-2 s (over a thousand checkouts) behind; compare over the last "
+    "5,000 of a longer run (the default 20,000 checkouts)")
+
+
 def live_panel(board: Scoreboard, url: str, seed: int, shares: dict[str, float]) -> RenderableType:
     done, total = board.done, board.total
     dps = board.decisions_per_s()
@@ -86,12 +96,16 @@ def summary_table(result: dict[str, Any]) -> Table:
     for s, key, expected in rows:
         table.add_row(s, SLICE_PLACEMENT[s], f"{result['slice_checkouts'][s]:,}", _rate(result[key]),
                       _rate(result[expected]), _rate(result[f"{key}_overall"]))
-    table.caption = (
-        f"policy lift: {_lift(result['lift_vs_random'])} vs random, {_lift(result['lift_vs_static'])} vs best static"
-        f"\nserver p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms · "
-        f"client p50 {result['client_p50_ms']:.2f} ms p99 {result['client_p99_ms']:.2f} ms"
-        f"\nproduction model {result['model_version']} · explored {result['explored_share']:.0%} of policy decisions"
-    )
+    lines = [
+        f"policy lift: {_lift(result['lift_vs_random'])}{_interval(result.get('lift_vs_random_95'))} vs random, "
+        f"{_lift(result['lift_vs_static'])}{_interval(result.get('lift_vs_static_95'))} vs best static",
+        f"server p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms · "
+        f"client p50 {result['client_p50_ms']:.2f} ms p99 {result['client_p99_ms']:.2f} ms",
+        f"production model {result['model_version']} · explored {result['explored_share']:.0%} of policy decisions",
+    ]
+    if result.get("window_is_whole_run"):
+        lines.append(COLD_START_NOTE)
+    table.caption = "\n".join(lines)
     table.caption_justify = "left"
     return table
 
