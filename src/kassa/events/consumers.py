@@ -16,8 +16,12 @@ Without a position store the durable consumer's ack floor is the position: at-le
 `DecisionLogConsumer` is the decision-log writer process: it writes each batch's records as Parquet files
 named ``part-<unixms>-s<first>-<last>.parquet`` under the usual date partitions (the same layout
 `read_decisions` reads), so the files themselves are its position: a batch redelivered after a crash skips
-every record already in a file covering its sequence. `EventConsumer` decodes events for a handler (the
-reward joiner in ``kassa learn``); `run_consumer` runs any of them until a stop event.
+every record already in a file covering its sequence. `EventArchiveConsumer` is its sibling for events: it
+copies the events stream into ``<data_dir>/events.db`` (the embedded event log's table), which is what batch
+training, off-policy evaluation and the training-set tools read (`kassa.learn.offline.dataset`); its position is a
+row in that file, written in the same transaction as the events, so a redelivered batch changes nothing.
+`EventConsumer` decodes events for a handler (the reward joiner in ``kassa learn``); `run_consumer` runs any of
+them until a stop event.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import contextlib
 import logging
 import os
 import re
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -194,6 +199,63 @@ class EventConsumer(DurableConsumer):
             await apply([(seq, decoder.decode(data)) for seq, data in batch])
 
         super().__init__(cfg, "events", durable, handler, position, **kwargs)  # type: ignore[arg-type]
+
+
+class EventArchiveConsumer(DurableConsumer):
+    """The events stream copied into ``<root>/events.db``, exactly once, in stream order (see the module doc).
+
+    Each row keeps the time JetStream stored the event as its ``received_at`` (what the embedded log records: when
+    a serving process took it), its ``event_id`` unique as there; the stream position is a row of
+    ``archive_position`` committed with the batch's events."""
+
+    def __init__(self, cfg: BusConfig, root: str | Path, durable: str = "event-archive", *, batch: int = 5000,
+                 **kwargs: float) -> None:
+        from kassa.events.log import SqliteEventLog  # the table's one definition (and its pragmas)
+
+        self.path = Path(root) / "events.db"
+        SqliteEventLog(self.path).close()  # creates the file and its table when nothing wrote them yet
+        self._conn = sqlite3.connect(self.path, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS archive_position (stream TEXT PRIMARY KEY, seq INTEGER)")
+        self._conn.commit()
+        self._decoder = msgspec.json.Decoder(schemas.Event)
+        self._stored_at: dict[int, float] = {}
+        self.written = 0  # events inserted (duplicates of an event_id already there are not)
+        super().__init__(cfg, "events", durable, self._write, CallbackPosition(self._load_position),
+                         batch=batch, **kwargs)
+
+    def _load_position(self) -> int:
+        row = self._conn.execute("SELECT seq FROM archive_position WHERE stream = ?", (self.stream,)).fetchone()
+        return int(row[0]) if row else 0
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        self._stored_at = {m.metadata.sequence.stream: m.metadata.timestamp.timestamp() for m in msgs}
+        await super()._handle(msgs)
+
+    async def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        rows = []
+        for seq, data in batch:
+            ev = self._decoder.decode(data)
+            at = self._stored_at.get(seq) or ev.timestamp or time.time()
+            rows.append((ev.event_id, ev.type, ev.decision_id, at, data))
+        self.written += await asyncio.to_thread(self._insert, rows, batch[-1][0])
+
+    def _insert(self, rows: Sequence[tuple[str, str, str | None, float, bytes]], last_seq: int) -> int:
+        conn = self._conn
+        with conn:  # one transaction: the events and the position, or neither
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO events (event_id, type, decision_id, received_at, body) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+            added = conn.total_changes - before
+            conn.execute("INSERT INTO archive_position (stream, seq) VALUES (?, ?) "
+                         "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq", (self.stream, last_seq))
+        return added
+
+    async def close(self) -> None:
+        await super().close()
+        self._conn.close()
 
 
 # a compacted hour's file (`kassa.events.compaction`) keeps the lowest first and highest last sequence it merged

@@ -16,6 +16,7 @@ from kassa.config import Settings
 from kassa.events.compaction import LogCompactor
 from kassa.events.consumers import (
     DecisionLogConsumer,
+    EventArchiveConsumer,
     run_consumer,
 )
 from kassa.events.decision_log import DecisionRecord
@@ -67,14 +68,21 @@ def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecor
 
 # ---------------------------------------------------------------------------------------------- consumer runners
 async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
-                                  on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
-    """The decision-log writer role: decision records from JetStream to ``<data_dir>/decisions`` Parquet, until
-    ``stop``. One per deployment (more would split the records between them, each exactly once)."""
+                                  on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                                  events: bool = True) -> None:
+    """The decision-log writer role, until ``stop``: decision records from JetStream to ``<data_dir>/decisions``
+    Parquet and (``events``) the events stream to ``<data_dir>/events.db``, so batch training, off-policy
+    evaluation and training sets read there what the embedded backend writes. One per deployment (more would
+    split the records between them, each exactly once)."""
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
                                    on_written=on_written)
+    archive = EventArchiveConsumer(bus_config(settings, "kassa-event-archive"), settings.data_path) if events else None
     # this role owns the directory: it also merges each closed hour's small files (`kassa.events.compaction`)
     compactor = LogCompactor([settings.data_path / "decisions"]).start()
     try:
-        await run_consumer(consumer, stop)
+        if archive is None:
+            await run_consumer(consumer, stop)
+        else:
+            await asyncio.gather(run_consumer(consumer, stop), run_consumer(archive, stop))
     finally:
         await asyncio.to_thread(compactor.close)
