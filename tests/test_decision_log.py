@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -312,3 +314,33 @@ def test_an_id_without_a_time_is_looked_for_in_the_last_lookback_days_only(tmp_p
     assert found is not None and found.ts == NOW - 40 * 86400
     for unknown in ("ffffffff0000000000000000", _new_id(NOW - 3 * 86400), "d1", "x" * 24):
         assert decision_log.find_decision(tmp_path, unknown, now=NOW) is None  # never the damaged partition
+
+
+def test_two_writers_sharing_a_directory_never_overwrite_each_others_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kassa serve --workers N` on the embedded backend: every worker writes the one data dir's decision log. Two
+    flushes in the same millisecond with the same per-process sequence picked one name and one temporary name:
+    one batch was lost and the other written twice."""
+    monkeypatch.setattr(decision_log.time, "time", lambda: DAY1)  # every flush in one millisecond
+    real_write = decision_log.pq.write_table
+    both_written = threading.Barrier(2, timeout=5)
+
+    def write_table(table: object, where: object) -> None:
+        real_write(table, where)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_written.wait()  # both writers past their name check, neither renamed yet
+
+    monkeypatch.setattr(decision_log.pq, "write_table", write_table)
+    writers = [DecisionLogWriter(tmp_path, flush_seconds=3600) for _ in range(2)]
+    for i, w in enumerate(writers):
+        w.append(rec(i, DAY1 + i))
+    threads = [threading.Thread(target=w.flush) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    both_written.abort()  # a retried write (the bug) must not wait for a partner
+    for w in writers:
+        w.close()
+    assert sorted(read_decisions(tmp_path).column("decision_id").to_pylist()) == ["d0", "d1"]
+    assert len(parquet_files(tmp_path)) == 2

@@ -228,22 +228,31 @@ class DecisionLogWriter:
         part_dir = self.dir / f"date={date}"
         part_dir.mkdir(parents=True, exist_ok=True)
         unixms = int(time.time() * 1000)
-        while True:
-            self._seq += 1
-            path = part_dir / f"part-{unixms}-{self._seq}.parquet"
-            if not path.exists():  # another process may share the directory
-                break
-        # Readers glob *.parquet: write under a name they skip, fsync, then rename into place, so
-        # a reader never sees a half-written file and a crash never leaves a corrupt one.
-        tmp = part_dir / f".{path.name}.tmp"
+        # Readers glob *.parquet: write under a name they skip, fsync, then give it its name, so a reader never
+        # sees a half-written file and a crash never leaves a corrupt one. Other processes may share the
+        # directory (`kassa serve --workers N` on the embedded backend): the temporary name is this writer's
+        # own, and the final name is taken with a hard link, which fails rather than replace a file another
+        # writer named the same in the same millisecond (then the next sequence number is tried). Before, two
+        # such flushes wrote one temporary file together (a damaged Parquet file) or one renamed over the other.
+        tmp = part_dir / f".part-{unixms}-{os.getpid()}-{id(self):x}.parquet.tmp"
         try:
             pq.write_table(records_to_table(records), tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+            while True:
+                self._seq += 1
+                path = part_dir / f"part-{unixms}-{self._seq}.parquet"
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    continue
+                except OSError:  # a file system without hard links: the name check, then a rename
+                    if path.exists():
+                        continue
+                    os.replace(tmp, path)
+                break
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
         self.files_written += 1
         return path
 
