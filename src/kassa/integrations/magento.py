@@ -482,6 +482,16 @@ class MagentoConnector(HttpConnector):
             lines=tuple(lines),
         )
 
+    def order_event_key(self, order: Order) -> str:
+        """The increment id (``order_number``), else the entity id: the one field every order event carries.
+        Adobe's events reference (https://developer.adobe.com/commerce/extensibility/events/events-reference)
+        lists ``increment_id`` and no order ``entity_id`` in ``observer.sales_order_save_after``'s payload, and
+        does not list ``observer.sales_order_place_after`` at all; Magento dispatches sales_order_place_after
+        before it first saves the order (no entity id yet). Named by the entity id, an order paid at checkout
+        came twice: placed (by its increment id) and again with its invoice's save (by its entity id). The
+        order's id (what its refunds name) stays the entity id where the payload has one."""
+        return order.order_number or order.order_id
+
     def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
         """A credit memo (``sales_order_creditmemo_save_after``): its lines with a refunded quantity, for the
         order ``order_id`` (the order's ``entity_id``, Kassa's Magento order id). A memo lists every line of
