@@ -736,11 +736,13 @@ def test_an_order_placed_unpaid_counts_once_a_later_save_brings_it_paid(
     assert deliver("sales_order_save_after", "complete", "e-4") == {
         "accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004"]
-    # an unpaid order Magento cancels (Pending Payment Order Lifetime) is never counted
+    # an unpaid order Magento cancels (Pending Payment Order Lifetime) is never counted; its cancellation is
+    # stored like any other, of an order that converted nothing
     order["entity_id"], order["increment_id"] = 5, "000000005"
     assert deliver("sales_order_place_after", "pending_payment", "e-5") == ignored
-    assert deliver("sales_order_save_after", "canceled", "e-6") == ignored
-    assert kassa.event_log.count() == 1
+    assert deliver("sales_order_save_after", "canceled", "e-6") == {
+        "accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}
+    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004", "magento:cancel:5"]
 
 
 def test_an_order_placed_without_its_entity_id_and_saved_with_it_counts_once(
@@ -762,6 +764,33 @@ def test_an_order_placed_without_its_entity_id_and_saved_with_it_counts_once(
     assert deliver("sales_order_place_after", placed, "e-1")["accepted"] == 1
     assert deliver("sales_order_save_after", order, "e-2") == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
     assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004"]
+
+
+def test_an_order_saved_canceled_takes_its_conversion_back_like_a_credit_memo(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # A counted order the merchant cancels arrives as another sales_order_save_after, state `canceled`: it was
+    # acknowledged and ignored (not placed), and the cancelled order stayed a conversion.
+    client, kassa, _ = magento_app
+    order = load_fixture("order_event.json")["data"]["value"]
+
+    def deliver(event_type: str, state: str, event_id: str) -> dict[str, Any]:
+        body = _live_event(type=f"com.adobe.commerce.observer.{event_type}", id=event_id,
+                           data={"value": order | {"state": state, "status": state,
+                                                   "updated_at": "2025-01-05 10:00:00"}})
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert deliver("sales_order_place_after", "processing", "e-1")["accepted"] == 1
+    cancelled = {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}  # no decision
+    assert deliver("sales_order_save_after", "canceled", "e-2") == cancelled
+    # every later save of the cancelled order (a comment) is the same cancellation
+    assert deliver("sales_order_save_after", "canceled", "e-3") == {"accepted": 0, "duplicates": 1,
+                                                                   "unknown_decisions": 0}
+    placed, cancel = [e for _, e in kassa.event_log.read()]
+    assert (cancel.type, cancel.event_id) == ("refund", "magento:cancel:4")
+    assert cancel.order is not None and placed.order is not None
+    assert cancel.order.id == placed.order.id and cancel.order.items == []  # the whole order it converted
 
 
 def test_an_order_placed_with_an_offline_payment_counts_when_placed() -> None:
