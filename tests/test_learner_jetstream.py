@@ -179,6 +179,49 @@ async def test_jetstream_input_hands_a_decision_over_before_an_event_stored_firs
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_kassa_learn_takes_back_an_order_whose_cancellation_was_stored_before_it_also_after_a_restart(
+        tmp_path: Path, names: tuple[str, str, str, str], anyio_backend: str) -> None:
+    """The learner reads events in the stream's order, decisions first: a cancellation stored before its order
+    (webhooks are not ordered) is held, and the order is taken back as it comes; a learner started later reads
+    both again from its look-back and joins the same reward."""
+    from kassa.learn.online.handover import HandoverJoiner
+
+    value = schemas.RewardDefinition(weights={"conversion": "value"}, wait_seconds=30)
+    now = time.time()
+    pending = PendingDecision("d-held", "checkout", now, now + 2, "s", ["o1"], ["a"], [1.0], "c-held", ["SERUM-C"])
+    cancel = schemas.Event("r-held", "refund", order=schemas.Order(id="ord-held"))
+    bought = schemas.Event("o-held", "order", customer=schemas.Customer(id="c-held"),
+                           order=schemas.Order(id="ord-held", created_at=now + 0.1,
+                                               items=[schemas.OrderItem(sku="SERUM-C", qty=2, price=19.0)]))
+
+    async def learned(source: JetStreamInput) -> tuple[dict[str, float], HandoverJoiner]:
+        joiner = HandoverJoiner(lambda _p: value)
+        joiner.activate("checkout", None)
+        seen: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            batch = await source.poll()
+            for p in batch.decisions:
+                joiner.register(p)
+            for e in batch.events:
+                seen.append(e.event_id)
+                joiner.observe(e)
+        assert seen == ["r-held", "o-held"]  # the stream's order: the cancellation first
+        return {ex.offer_id: ex.reward for ex in joiner.expire(pending.deadline)}, joiner
+
+    async with _input(names) as (cfg, source, js):
+        await js.publish(cfg.records_subject, msgspec.msgpack.encode(pending))
+        await js.publish(cfg.events_subject, msgspec.json.encode(cancel))
+        await js.publish(cfg.events_subject, msgspec.json.encode(bought))
+        rewards, joiner = await learned(source)
+        assert rewards == {"o1": 0.0}  # 38.00 before: the cancelled order was learned as a conversion
+        assert (joiner.refunds_unmatched, joiner.refunds_taken_back_on_order) == (1, 1)
+    async with _input(names) as (cfg, again, js):  # a learner started after both were stored
+        assert (await learned(again))[0] == {"o1": 0.0}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_record_stored_after_its_deadline_does_not_close_before_the_events_stored_with_it(
         tmp_path: Path, names: tuple[str, str, str, str], anyio_backend: str) -> None:
     """A serving worker's spool replays a decision's record and its events after a NATS outage, past the

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from kassa import schemas
 from kassa.api.app import create_app
 from kassa.app import Kassa
-from kassa.events.join import PendingDecision
+from kassa.events.join import REFUND_HOLD_GRACE_SECONDS, PendingDecision
 from kassa.learn.online.handover import HandoverJoiner
 from kassa.learn.online.rewards import RewardJoiner
 from tests.conftest import PUB, decision_body, order
@@ -107,6 +107,82 @@ def test_a_journaled_conversion_is_still_taken_back_after_a_restart():
     joiner.restore([pending])
     assert joiner.observe(refund("r-1", "o-1", ("SERUM-C", 1, 19.0))) == 1
     assert closed(joiner) == {"serum": 19.0, "cream": 0.0}
+
+
+# --------------------------------------------------------------------------- a refund before its order
+# Webhooks are not ordered: a platform may deliver the cancellation before the order (retries, parallel
+# deliveries). The refund is held; the order arriving after it is taken back at once.
+@pytest.mark.parametrize("cls", [RewardJoiner, HandoverJoiner])  # embedded, and `kassa learn` (its input's order)
+def test_a_cancellation_delivered_before_its_order_takes_the_order_back_when_it_comes(cls):
+    joiner = joiner_with(VALUE, cls)
+    assert joiner.observe(refund("r-1")) == 0  # no conversion yet: counted unmatched (what the ack says), held
+    assert (joiner.refunds_taken_back, joiner.refunds_unmatched) == (0, 1)
+    joiner.observe(bought())
+    assert joiner.refunds_taken_back_on_order == 1
+    assert closed(joiner) == {"serum": 0.0, "cream": 0.0}  # as if it never converted
+
+
+def test_a_partial_refund_delivered_before_its_order_leaves_the_kept_amount():
+    joiner = joiner_with(FIXED)
+    joiner.observe(refund("r-1", "o-1", ("SERUM-C", 1, 19.0)))
+    joiner.observe(bought())  # 2 x 19.00: one unit kept, the conversion stays
+    assert closed(joiner) == {"serum": 2.0, "cream": -0.5}
+    value = joiner_with(VALUE)
+    value.observe(refund("r-1", "o-1", ("SERUM-C", 1, 19.0)))
+    value.observe(bought())
+    assert closed(value) == {"serum": 19.0, "cream": 0.0}
+
+
+def test_a_held_refund_is_let_go_once_every_decision_open_when_it_came_has_closed():
+    joiner = joiner_with(VALUE)  # d1 closes at 160
+    joiner.observe(refund("r-1", "o-1"))
+    joiner.expire(150.0)
+    assert joiner.held_refunds == 1
+    joiner.expire(160.0 + REFUND_HOLD_GRACE_SECONDS)
+    assert joiner.held_refunds == 0
+    joiner.register(PendingDecision("d2", "p", 300.0, 360.0, "s", ["serum"], [" |o id=serum"], [1.0], "c-1",
+                                    ["SERUM-C"]))
+    later = bought("o-1")
+    assert later.order is not None
+    later.order.created_at = 310.0
+    joiner.observe(later)  # long after: not held any more, a conversion like any other
+    assert {e.offer_id: e.reward for e in joiner.expire(360.0)} == {"serum": 38.0}
+
+
+def test_held_refunds_are_bounded_in_count_oldest_let_go_first(monkeypatch):
+    monkeypatch.setattr("kassa.learn.online.rewards.MAX_HELD_REFUNDS", 3)
+    joiner = joiner_with(VALUE)
+    for i in range(5):
+        joiner.observe(refund(f"r-{i}", f"o-{i}"))
+    assert joiner.held_refunds == 3
+    joiner.observe(bought("o-0"))  # its refund was let go: it counts
+    joiner.observe(bought("o-4", ("SERUM-C", 1, 5.0)))  # still held: taken back
+    assert closed(joiner) == {"serum": 38.0, "cream": 0.0}
+
+
+def test_a_held_refund_survives_a_restart_of_the_embedded_joiner(tmp_path):
+    from kassa.state.local import SqliteStateJournal
+
+    journal = SqliteStateJournal(tmp_path / "state.db")
+    first = RewardJoiner(lambda _p: VALUE, journal)
+    for decision_id, deadline in (("d1", 160.0), ("d2", 400.0)):
+        first.register(PendingDecision(decision_id, "p", 120.0, deadline, "s", ["serum"], [" |o id=serum"], [1.0],
+                                       "c-1", ["SERUM-C"]))
+    first.observe(refund("r-1"))
+    first.observe(refund("r-2", "o-2"))
+    first.expire(300.0)  # d1 closed; d2, open, may still be converted by o-1: both held
+    journal.close()  # "kill -9" after the journal's last commit
+
+    journal = SqliteStateJournal(tmp_path / "state.db")
+    restored = journal.load(350.0)
+    joiner = RewardJoiner(lambda _p: VALUE, journal)
+    joiner.restore(restored.pending, restored.held_refunds)
+    assert joiner.held_refunds == 2
+    joiner.observe(bought("o-1"))  # came after the restart: still taken back
+    assert {e.offer_id: e.reward for e in joiner.expire(400.0)} == {"serum": 0.0}
+    journal.close()
+    later = SqliteStateJournal(tmp_path / "state.db").load(400.0 + REFUND_HOLD_GRACE_SECONDS + 1)
+    assert later.held_refunds == []  # its time is up
 
 
 # --------------------------------------------------------------------------- through POST /v1/events

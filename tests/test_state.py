@@ -161,6 +161,50 @@ async def test_refunds_posted_to_the_other_process_take_conversions_back_count_e
     assert sum(j.refunds_unmatched for j in shared) == 3
 
 
+async def test_a_refund_posted_before_its_order_takes_the_order_back_whichever_process_gets_them(pair):
+    """Webhooks are not ordered: a cancellation may come before its order. The refund is held in Redis (until
+    every decision open when it came has closed, plus 60 s) and the order, posted to the other process (or in
+    the same batch after it), has its conversion taken back at once."""
+    a, b, clock = pair
+    t0 = clock()
+    whole, partial, kept = [await _serum_decision(a, f"c-h{i}") for i in range(3)]
+    clock.advance(5)
+    await a.events.ingest(_events(_refund("r1", "ord-h0")))  # no order yet: unmatched, held
+    await b.events.ingest(_events(_serum_order("o0", "ord-h0", "c-h0", clock())))
+    await b.events.ingest(_events(_refund("r2", "ord-h1", qty=1), _serum_order("o1", "ord-h1", "c-h1", clock())))
+    await a.events.ingest(_events(_serum_order("o2", "ord-h2", "c-h2", clock())))
+    clock.advance(61)
+    await a.state.shared.claim()
+    rewards = {(ex.decision_id, ex.offer_id): ex.reward for ex in a.joiner.expire(clock())}
+    assert rewards[(whole, "serum-upsell")] == 0.0
+    assert rewards[(partial, "serum-upsell")] == 19.0
+    assert rewards[(kept, "serum-upsell")] == 38.0
+    shared = [a.state.shared, b.state.shared]
+    assert sum(j.refunds_unmatched for j in shared) == 2 and sum(j.refunds_taken_back for j in shared) == 0
+    assert sum(j.refunds_taken_back_on_order for j in shared) == 2
+    client = redis.Redis.from_url(a.settings.state.redis_url)
+    try:  # held as long as a decision open when it came may still be converted, plus 60 s
+        assert client.pexpiretime(f"{a.settings.state.key_prefix}:join:h:{{ord-h0}}") == int((t0 + 60 + 60) * 1000)
+    finally:
+        client.close()
+    assert b.metrics.registry.get_sample_value("kassa_refunds_total", {"result": "taken_back_on_order"}) == 2.0
+
+
+async def test_refunds_held_in_redis_are_bounded_in_count_the_oldest_let_go(pair, monkeypatch):
+    monkeypatch.setattr("kassa.state.redis_join.MAX_HELD_REFUNDS", 2)
+    a, _, clock = pair
+    for i in range(3):
+        await a.events.ingest(_events(_refund(f"r{i}", f"ord-b{i}")))
+        clock.advance(1)
+    client = redis.Redis.from_url(a.settings.state.redis_url)
+    try:
+        key = f"{a.settings.state.key_prefix}:join"
+        assert sorted(client.zrange(f"{key}:held", 0, -1)) == [b"ord-b1", b"ord-b2"]
+        assert [client.exists(f"{key}:h:{{ord-b{i}}}") for i in range(3)] == [0, 1, 1]
+    finally:
+        client.close()
+
+
 async def test_a_frequency_cap_holds_across_both_processes(pair):
     a, b, _ = pair
     body = {"customer": "c-cap", "candidates": ["subscription", "discount"], "order": order(categories=("skincare",))}

@@ -111,7 +111,8 @@ class Kassa:
         self.joiner = self.state.joiner
         joiner = self.joiner
         self.metrics.refunds = lambda: ({"taken_back": getattr(joiner, "refunds_taken_back", 0),
-                                         "unmatched": getattr(joiner, "refunds_unmatched", 0)}
+                                         "unmatched": getattr(joiner, "refunds_unmatched", 0),
+                                         "taken_back_on_order": getattr(joiner, "refunds_taken_back_on_order", 0)}
                                         if hasattr(joiner, "refunds_unmatched") else {})
         self.drift = DriftWatch(self.metrics.registry, settings.learn.drift_webhook_url)
         self.decision_log: DecisionSink = (

@@ -132,7 +132,8 @@ class EventAck(Struct):
     # reward window (or made before a restart). They are stored, but no reward will join them.
     unknown_decisions: int = 0
     # Accepted refund events whose order holds no conversion of a decision still open: past the reward window,
-    # an order that converted nothing, or one not seen yet. Stored; no reward changed. Absent when 0.
+    # an order that converted nothing, or one not seen yet (held: its order, if it comes while a decision open
+    # now still is, is taken back at once). Stored; no reward changed yet. Absent when 0.
     unmatched_refunds: int | msgspec.UnsetType = msgspec.UNSET
 
 

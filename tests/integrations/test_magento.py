@@ -599,7 +599,7 @@ def test_webhook_endpoint_accepts_stores_and_dedupes_signed_order_event(
     assert first.status_code == 200, first.text
     assert first.json() == {"accepted": 1, "duplicates": 0, "unknown_decisions": 0}
     stored = [e for _, e in kassa.event_log.read()]
-    assert [e.event_id for e in stored] == ["magento:order:4"]
+    assert [e.event_id for e in stored] == ["magento:order:000000004"]
     assert stored[0].order is not None and stored[0].order.platform == "magento"
     assert stored[0].order.items[0].sku == "24-WG085" and stored[0].order.ship_country == "AT"
     replay = client.post("/v1/webhooks/magento", content=body, headers=headers)
@@ -735,12 +735,62 @@ def test_an_order_placed_unpaid_counts_once_a_later_save_brings_it_paid(
     # every later save of the placed order (invoice, shipment, complete) is the same order again
     assert deliver("sales_order_save_after", "complete", "e-4") == {
         "accepted": 0, "duplicates": 1, "unknown_decisions": 0}
-    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:4"]
-    # an unpaid order Magento cancels (Pending Payment Order Lifetime) is never counted
-    order["entity_id"] = 5
+    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004"]
+    # an unpaid order Magento cancels (Pending Payment Order Lifetime) is never counted; its cancellation is
+    # stored like any other, of an order that converted nothing
+    order["entity_id"], order["increment_id"] = 5, "000000005"
     assert deliver("sales_order_place_after", "pending_payment", "e-5") == ignored
-    assert deliver("sales_order_save_after", "canceled", "e-6") == ignored
-    assert kassa.event_log.count() == 1
+    assert deliver("sales_order_save_after", "canceled", "e-6") == {
+        "accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}
+    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004", "magento:cancel:5"]
+
+
+def test_an_order_placed_without_its_entity_id_and_saved_with_it_counts_once(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # Adobe's events reference lists no order `entity_id` in `observer.sales_order_save_after`'s payload, only
+    # `increment_id`, and Magento dispatches sales_order_place_after before the order is first saved: an order
+    # paid at checkout came as `magento:order:000000004` (placed) and `magento:order:4` (its invoice's save),
+    # two orders and two conversions. Both carry the increment id: the event is named by it.
+    client, kassa, _ = magento_app
+    order = load_fixture("order_event.json")["data"]["value"] | {"state": "processing", "status": "processing"}
+    placed = {k: v for k, v in order.items() if k != "entity_id"}
+
+    def deliver(event_type: str, value: dict[str, Any], event_id: str) -> dict[str, Any]:
+        body = _live_event(type=f"com.adobe.commerce.observer.{event_type}", id=event_id, data={"value": value})
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert deliver("sales_order_place_after", placed, "e-1")["accepted"] == 1
+    assert deliver("sales_order_save_after", order, "e-2") == {"accepted": 0, "duplicates": 1, "unknown_decisions": 0}
+    assert [e.event_id for _, e in kassa.event_log.read()] == ["magento:order:000000004"]
+
+
+def test_an_order_saved_canceled_takes_its_conversion_back_like_a_credit_memo(
+        magento_app: Any, keys: dict[str, rsa.RSAPrivateKey]) -> None:
+    # A counted order the merchant cancels arrives as another sales_order_save_after, state `canceled`: it was
+    # acknowledged and ignored (not placed), and the cancelled order stayed a conversion.
+    client, kassa, _ = magento_app
+    order = load_fixture("order_event.json")["data"]["value"]
+
+    def deliver(event_type: str, state: str, event_id: str) -> dict[str, Any]:
+        body = _live_event(type=f"com.adobe.commerce.observer.{event_type}", id=event_id,
+                           data={"value": order | {"state": state, "status": state,
+                                                   "updated_at": "2025-01-05 10:00:00"}})
+        response = client.post("/v1/webhooks/magento", content=body, headers=adobe_headers(keys, body))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    assert deliver("sales_order_place_after", "processing", "e-1")["accepted"] == 1
+    cancelled = {"accepted": 1, "duplicates": 0, "unknown_decisions": 0, "unmatched_refunds": 1}  # no decision
+    assert deliver("sales_order_save_after", "canceled", "e-2") == cancelled
+    # every later save of the cancelled order (a comment) is the same cancellation
+    assert deliver("sales_order_save_after", "canceled", "e-3") == {"accepted": 0, "duplicates": 1,
+                                                                   "unknown_decisions": 0}
+    placed, cancel = [e for _, e in kassa.event_log.read()]
+    assert (cancel.type, cancel.event_id) == ("refund", "magento:cancel:4")
+    assert cancel.order is not None and placed.order is not None
+    assert cancel.order.id == placed.order.id and cancel.order.items == []  # the whole order it converted
 
 
 def test_an_order_placed_with_an_offline_payment_counts_when_placed() -> None:

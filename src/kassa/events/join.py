@@ -10,6 +10,12 @@ from typing import Protocol
 
 from kassa import schemas
 
+# A refund that finds no conversion of its order (the platform delivered it before the order: webhooks are not
+# ordered) is held until every decision open when it came has closed, plus this, so that an order arriving
+# after it is taken back at once; the joiners hold at most `MAX_HELD_REFUNDS` (the oldest let go first).
+REFUND_HOLD_GRACE_SECONDS = 60.0
+MAX_HELD_REFUNDS = 100_000
+
 
 @dataclass(slots=True)
 class PendingDecision:
@@ -62,6 +68,10 @@ class JoinJournal(Protocol):
     def credited(self, pending: PendingDecision) -> None: ...
 
     def closed(self, decision_id: str) -> None: ...
+
+    def held_refund(self, event: schemas.Event, until: float) -> None: ...
+
+    def released_refund(self, event_id: str) -> None: ...
 
 
 def order_buyer(event: schemas.Event) -> tuple[str | None, str | None]:

@@ -432,7 +432,8 @@ class Connector(Protocol):
     confirmation-page snippet on this platform) and ``webhook_steps: list[str]`` (how to subscribe Kassa's
     webhook endpoint), both shown by ``kassa integrations audit``. ``WebhookReceiver`` reads three more on a
     verified delivery, each answered 200 ``ignored`` when it says no: ``is_order_topic(topic)``,
-    ``is_test(payload)`` (a test notification or test-mode order) and ``is_placed(payload)``. A connector that
+    ``is_test(payload)`` (a test notification or test-mode order) and ``is_placed(payload)``, and names an order's
+event by ``order_event_key(order)`` (by default its id). A connector that
     reads cancellations and refunds says which topics may carry one, ``is_refund_topic(topic)`` (by default
     ``topic in refund_topics``), and gives ``parse_refund(topic, payload) -> Refund | None`` (None: this
     delivery of the topic refunds nothing, e.g. a WooCommerce ``order.updated`` to another status).

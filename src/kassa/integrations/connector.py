@@ -192,6 +192,11 @@ class HttpConnector(ABC):
         '<status>')`` of the top-level fields; a platform that nests its order says where it is."""
         return f"order {str(payload.get('id'))[:64]!r} (status {str(payload.get('status'))[:32]!r})"
 
+    def order_event_key(self, order: Order) -> str:
+        """What names an order's event (``{platform}:order:{key}``), so that every delivery of one order is a
+        duplicate of the first: its id, unless a platform's order events do not all carry it."""
+        return order.order_id
+
     def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
         """The cancellation or refund a verified ``refund_topics`` delivery carries; None when it takes back no
         line of the order (the delivery is acknowledged and ignored, or read as an order on an order topic)."""

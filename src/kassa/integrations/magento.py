@@ -6,7 +6,8 @@ RFC 5849 built here); keyset paging of the catalog by ``(updated_at, entity_id)`
 filter groups; Adobe I/O Events deliveries of ``com.adobe.commerce.observer.sales_order_place_after``,
 ``…sales_order_save_after`` (an order saved later: one placed with a redirect payment method is
 ``pending_payment`` when placed and counts when a save brings it ``processing``; only placed states count,
-``is_placed``) and ``…sales_order_creditmemo_save_after`` (a credit memo's refunded lines, a ``refund``) (CloudEvents
+``is_placed``; one saved ``canceled`` is a ``refund`` of the whole order) and
+``…sales_order_creditmemo_save_after`` (a credit memo's refunded lines, a ``refund``) (CloudEvents
 signed with RSA-SHA256 by Adobe, two signatures, public keys fetched from Adobe's static host
 through an injectable fetcher with a 5 s timeout, once per key, and cached; ``verify_needs_io`` /
 ``prefetch`` let the receiver fetch them off the event loop); and the API-access audit.
@@ -199,7 +200,8 @@ class MagentoConnector(HttpConnector):
 
     platform = "magento"
     order_topics = frozenset({ORDER_EVENT, ORDER_SAVED_EVENT})
-    refund_topics = frozenset({REFUND_EVENT})
+    # an order saved `canceled` is its cancellation: the save topic carries refunds too (`parse_refund`)
+    refund_topics = frozenset({REFUND_EVENT, ORDER_SAVED_EVENT})
     api_name = "Magento API"
     config_error_status = "unreachable"
     snippet_steps: ClassVar[list[str]] = [
@@ -213,7 +215,8 @@ class MagentoConnector(HttpConnector):
         "Install Adobe I/O Events for Adobe Commerce and configure the I/O project (Stores > Configuration > "
         "Adobe Services > Adobe I/O Events).",
         f"bin/magento events:subscribe {ORDER_SUBSCRIPTION} (or POST /V1/eventing/eventSubscribe), "
-        f"{ORDER_SAVED_SUBSCRIPTION} so an order placed unpaid (pending_payment) counts once it is paid, and "
+        f"{ORDER_SAVED_SUBSCRIPTION} so an order placed unpaid (pending_payment) counts once it is paid and a "
+        "cancelled order stops counting as a conversion, and "
         f"{REFUND_SUBSCRIPTION} so refunded orders stop counting as conversions.",
         "In the Adobe Developer Console add a webhook event registration for the Commerce provider's "
         f"{ORDER_EVENT}, {ORDER_SAVED_EVENT} and {REFUND_EVENT} events pointing to "
@@ -433,11 +436,7 @@ class MagentoConnector(HttpConnector):
             if not isinstance(value, dict):
                 raise PayloadError("CloudEvent `data.value` must hold the order object", "data.value")
             order = value
-        entity_id = clip_id(order.get("entity_id"))
-        increment_id = clip_id(order.get("increment_id"))
-        order_id = entity_id or increment_id
-        if order_id is None:
-            raise PayloadError("Magento order has neither `entity_id` nor `increment_id`", "entity_id")
+        order_id, increment_id = _order_id(order)
         if order.get("created_at") is None:
             raise PayloadError("Magento order has no `created_at`", "created_at")
         currency = currency_code(
@@ -482,12 +481,26 @@ class MagentoConnector(HttpConnector):
             lines=tuple(lines),
         )
 
+    def order_event_key(self, order: Order) -> str:
+        """The increment id (``order_number``), else the entity id: the one field every order event carries.
+        Adobe's events reference (https://developer.adobe.com/commerce/extensibility/events/events-reference)
+        lists ``increment_id`` and no order ``entity_id`` in ``observer.sales_order_save_after``'s payload, and
+        does not list ``observer.sales_order_place_after`` at all; Magento dispatches sales_order_place_after
+        before it first saves the order (no entity id yet). Named by the entity id, an order paid at checkout
+        came twice: placed (by its increment id) and again with its invoice's save (by its entity id). The
+        order's id (what its refunds name) stays the entity id where the payload has one."""
+        return order.order_number or order.order_id
+
     def parse_refund(self, topic: str, payload: dict[str, Any]) -> Refund | None:
-        """A credit memo (``sales_order_creditmemo_save_after``): its lines with a refunded quantity, for the
+        """An order saved ``canceled`` (``sales_order_save_after``): the whole order, named as its ``order``
+        event names it (None for any other state: read as an order). Or a credit memo
+        (``sales_order_creditmemo_save_after``): its lines with a refunded quantity, for the
         order ``order_id`` (the order's ``entity_id``, Kassa's Magento order id). A memo lists every line of
         the order, those not refunded with qty 0, and a configurable product twice (the parent line priced,
         its child at 0 with the same SKU): only priced lines with a quantity count. None when no line is
         refunded (an adjustment or shipping only)."""
+        if topic == ORDER_SAVED_EVENT:
+            return self._cancellation(payload)
         memo = payload.get("data", {}).get("value") if isinstance(payload.get("data"), dict) else None
         if not isinstance(memo, dict):
             raise PayloadError("CloudEvent `data.value` must hold the credit memo object", "data.value")
@@ -514,6 +527,18 @@ class MagentoConnector(HttpConnector):
             return None
         created = memo.get("created_at") or payload.get("time")
         return Refund(self.platform, order_id, memo_id, parse_time(created, "created_at"), tuple(priced.values()))
+
+    def _cancellation(self, payload: dict[str, Any]) -> Refund | None:
+        data = payload.get("data")
+        order = data.get("value") if isinstance(data, dict) else None
+        if not isinstance(order, dict):
+            raise PayloadError("CloudEvent `data.value` must hold the order object", "data.value")
+        state = order.get("state")
+        if not isinstance(state, str) or state.strip().lower() != "canceled":
+            return None
+        order_id, _ = _order_id(order)
+        changed = order.get("updated_at") or payload.get("time")
+        return Refund(self.platform, order_id, None, parse_time(changed, "updated_at"))
 
     def parse_product(self, payload: dict[str, Any]) -> Product:
         payload = object_payload(payload, "a Magento product")
@@ -715,7 +740,8 @@ class MagentoConnector(HttpConnector):
             said = [f"{ORDER_SUBSCRIPTION} is subscribed (Adobe I/O Events)"]
             # Recommended, not needed to learn from orders (as Shopify's audit says): a warning, not a refusal.
             for name, without in ((ORDER_SAVED_SUBSCRIPTION, "an order placed unpaid (pending_payment, a redirect "
-                                   "payment method) is never counted when it is paid"),
+                                   "payment method) is never counted when it is paid, and a cancelled order is "
+                                   "not taken back"),
                                   (REFUND_SUBSCRIPTION, "a refunded order is not taken back and stays a conversion")):
                 if name in names:
                     said.append(f"{name} is subscribed")
@@ -763,6 +789,17 @@ _ACL_RESOURCES = {
 
 
 # --------------------------------------------------------------------------- helpers
+def _order_id(order: Mapping[str, Any]) -> tuple[str, str | None]:
+    """An order payload's id (its ``entity_id``, else its ``increment_id``: what its order event, its credit memos'
+    ``order_id`` and its cancellation name) and its increment id."""
+    entity_id = clip_id(order.get("entity_id"))
+    increment_id = clip_id(order.get("increment_id"))
+    order_id = entity_id or increment_id
+    if order_id is None:
+        raise PayloadError("Magento order has neither `entity_id` nor `increment_id`", "entity_id")
+    return order_id, increment_id
+
+
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)

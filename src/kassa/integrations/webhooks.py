@@ -181,7 +181,8 @@ class WebhookReceiver:
             return WebhookResult(platform, delivery.topic, delivery.delivery_id, None)
         order, dropped = self._within_line_bound(self._believable_time(connector.parse_order(payload)))
         order = self._with_categories(order)
-        event = order.to_event(f"{platform}:order:{order.order_id}")
+        key = getattr(connector, "order_event_key", None)
+        event = order.to_event(f"{platform}:order:{key(order) if key is not None else order.order_id}")
         return WebhookResult(platform, delivery.topic, delivery.delivery_id, event, order, dropped)
 
     def _warn_topic(self, platform: str, topic: str, connector: Connector) -> None:

@@ -151,6 +151,7 @@ class Metrics:
         self.dropped_state_writes: Callable[[], int] = lambda: 0
         # Refund events the reward joiner applied: `taken_back` changed an open decision's reward, `unmatched`
         # found no open conversion of its order (past the reward window, or none): the learner keeps that reward.
+        # `taken_back_on_order` counts orders that came after such a refund (held) and were taken back at once.
         self.refunds: Callable[[], dict[str, float]] = lambda: {}
         r.register(_CounterCollector("kassa_refunds", "Refund events by what they did to the reward join",
                                      lambda: 0.0, "result", lambda: self.refunds()))

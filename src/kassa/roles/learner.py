@@ -298,9 +298,11 @@ class LearnerRole:
                 if now - last_status >= 10.0:
                     last_status = now
                     log.info("learner: active for %s; %d open decisions, %d closed, %d learned, %d skipped, "
-                             "%d late events, refunds %d taken back and %d unmatched", sorted(self.joiner.active)
+                             "%d late events, refunds %d taken back and %d unmatched (%d orders taken back by one "
+                             "that came first)", sorted(self.joiner.active)
                              or "none", len(self.joiner), self.joiner.closed, self.loop.learned, self.joiner.skipped,
-                             self.joiner.late_events, self.joiner.refunds_taken_back, self.joiner.refunds_unmatched)
+                             self.joiner.late_events, self.joiner.refunds_taken_back, self.joiner.refunds_unmatched,
+                             self.joiner.refunds_taken_back_on_order)
                 if self.joiner.active and now - last_prune >= 60.0 and isinstance(self.input, SqliteTailInput):
                     last_prune = now
                     await asyncio.to_thread(self.input.records.prune, self.clock() - 2 * self.lookback())

@@ -120,12 +120,12 @@ class StateBackend:
                 await self.feed.flush(pull=False)
 
     def restore(self) -> int:
-        """Embedded: put back what the journal holds (pending decisions, idempotent responses, shows) and
+        """Embedded: put back what the journal holds (pending decisions, held refunds, idempotent responses, shows) and
         start its writer. Returns how many pending decisions came back."""
         if self.journal is None:
             return 0
         restored = self.journal.load(self.clock())
-        self.joiner.restore(restored.pending)
+        self.joiner.restore(restored.pending, restored.held_refunds)
         for customer, offer, ts in restored.shown:
             self.ledger.record(customer, (offer,), ts)
         for key, ts, fp, blob in restored.idempotent:

@@ -20,6 +20,9 @@ Redis Cluster hash tags, though the scripts below assume one node (they derive k
   ``join:c:{customer}`` / ``join:e:{email}`` the open decisions of a buyer (order attribution);
   ``join:o:{order}`` the ``["decision","offer"]`` conversions of an order (its refunds). Closing is one script that pops
   due ids and returns each record with its rewards, so two learners never close a decision twice.
+- ``join:h:{order}`` the refunds (JSON events) of an order not seen yet, held until every decision open when the
+  first came has closed plus 60 s (expiring then); ``join:held`` the held orders by that time, trimmed to the newest
+  `MAX_HELD_REFUNDS` (their lists deleted with them) by the one script that holds a refund.
 
 Round trips: `RedisDecisionState.load` is ONE pipelined round trip (idempotency GET, profile GET, shows
 ZRANGE, and the decision's online-store ``HMGET``s when the store is on this Redis: ``features``) bounded by
@@ -134,6 +137,27 @@ return out
 """
 
 
+# KEYS: held index, the order's held list. ARGV: refund JSON, until ms, order id, max held orders, now ms,
+# held list key prefix. Holds one refund of an order not seen yet; lets go of those past their time and,
+# past the bound, the oldest.
+_HOLD_LUA = """
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -16, -1)
+redis.call('PEXPIREAT', KEYS[2], ARGV[2], 'GT')
+redis.call('PEXPIREAT', KEYS[2], ARGV[2], 'NX')
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2], 'GT')
+redis.call('PEXPIREAT', KEYS[1], ARGV[2], 'NX')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if over > 0 then
+  local gone = redis.call('ZPOPMIN', KEYS[1], over)
+  for i = 1, #gone, 2 do redis.call('DEL', ARGV[6] .. '{' .. gone[i] .. '}') end
+end
+return 0
+"""
+
+
 def _sha1(script: str) -> str:
     import hashlib
 
@@ -160,8 +184,8 @@ class RedisState:
         self.cap_window = cap_window
         self.retry_seconds = retry_seconds
         self.conn = conn if conn is not None else PipelinedConnection(url)
-        self._scripts = {_sha1(s): s for s in (_COMMIT_LUA, _PROFILE_LUA, _CLAIM_LUA)}
-        self.commit_sha, self.profile_sha, self.claim_sha = list(self._scripts)
+        self._scripts = {_sha1(s): s for s in (_COMMIT_LUA, _PROFILE_LUA, _CLAIM_LUA, _HOLD_LUA)}
+        self.commit_sha, self.profile_sha, self.claim_sha, self.hold_sha = list(self._scripts)
         self._down_until = 0.0
         self.failures = 0
         self._timeouts = 0  # in a row
@@ -195,6 +219,17 @@ class RedisState:
 
     def order_key(self, order_id: str) -> str:
         return f"{self.prefix}:join:o:{{{order_id}}}"
+
+    @property
+    def held_prefix(self) -> str:
+        return f"{self.prefix}:join:h:"
+
+    def held_key(self, order_id: str) -> str:
+        return f"{self.held_prefix}{{{order_id}}}"
+
+    @property
+    def held_index_key(self) -> str:
+        return f"{self.prefix}:join:held"
 
     def index_key(self, customer_id: str | None, email: str | None) -> str:
         if customer_id is not None:

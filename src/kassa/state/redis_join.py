@@ -4,7 +4,9 @@ Split from ``kassa.state.redis`` (which owns the connection, the key layout and 
 module is the event side, applying outcome events and orders to Redis and closing due decisions for the
 learner. The join rules are those of ``kassa.learn.online.rewards.RewardJoiner``, refunds included: an order's
 conversions are kept per order (``join:o:{order}`` and ``c[...]`` fields, see ``kassa.state.redis``) and a
-refund only decrements their amount and quantity, so the reward is worked out when the decision closes.
+refund only decrements their amount and quantity, so the reward is worked out when the decision closes. A
+refund that finds no conversion is held in Redis (``join:h:{order}``) as the embedded joiner holds it: an order of
+that id applied by any process meanwhile has its conversion taken back in the same write.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from kassa import schemas
 from kassa.degraded import RateLimitedWarning
-from kassa.events.join import JoinedExample, PendingDecision, order_buyer, order_totals
+from kassa.events.join import (
+    MAX_HELD_REFUNDS,
+    REFUND_HOLD_GRACE_SECONDS,
+    JoinedExample,
+    PendingDecision,
+    order_buyer,
+    order_totals,
+)
 from kassa.state.redis import (
     _JOIN_GRACE_SECONDS,
     _SEEN_ORDER_SECONDS,
@@ -34,6 +45,7 @@ log = logging.getLogger("kassa.state")
 _Credit = tuple[str, str, float, tuple[str, float, int] | None]
 # an order's conversion of one offer while a batch is applied: (order, decision, offer) -> [amount, quantity]
 _Conversions = dict[tuple[str, str, str], list[float]]
+_decode_event = msgspec.json.Decoder(schemas.Event).decode
 
 
 def _conversion_field(order_id: str, offer_id: str, part: str) -> str:
@@ -68,6 +80,7 @@ class SharedRewardJoiner:
         self.late_events = 0
         self.refunds_taken_back = 0
         self.refunds_unmatched = 0
+        self.refunds_taken_back_on_order = 0
         self.closed = 0
         self.closed_with_outcome = 0
         # a step every `interval` (0.1 s): one line per 10 s while it fails, a traceback only with the first
@@ -142,8 +155,9 @@ class SharedRewardJoiner:
 
     async def _apply(self, events: list[schemas.Event]) -> None:
         r = self.redis
-        # Round trip 1: the decisions the events name, the open decisions of ordering buyers, and the
-        # conversions of refunded orders.
+        # Round trip 1: the decisions the events name, the open decisions of ordering buyers, the conversions
+        # of refunded orders, the refunds held for the orders (they came first), and with a refund the latest
+        # deadline of an open decision (how long to hold it if its order has not come).
         ids = sorted({e.decision_id for e in events if e.decision_id is not None})
         buyers: list[str] = []
         for e in events:
@@ -156,18 +170,32 @@ class SharedRewardJoiner:
                     buyers.append(r.index_key(None, email))
         buyers = list(dict.fromkeys(buyers))
         refunded = sorted({e.order.id for e in events if e.type == "refund" and e.order is not None})
+        ordered = sorted({e.order.id for e in events if e.type == "order" and e.order is not None})
         commands: list[tuple] = [("GET", r.pend_prefix + i) for i in ids]
         commands += [("SMEMBERS", b) for b in buyers]
         commands += [("SMEMBERS", r.order_key(o)) for o in refunded]
+        commands += [("LRANGE", r.held_key(o), 0, -1) for o in ordered]
+        if refunded:
+            commands.append(("ZRANGE", r.due_key, -1, -1, "WITHSCORES"))
         replies = await r.run(commands) if commands else []
         pending: dict[str, PendingDecision] = {}
         for i, blob in zip(ids, replies[: len(ids)], strict=True):
             if blob:
                 pending[i] = _unpack_pending(blob)
+        at = len(ids)
         by_buyer = {b: sorted(m.decode() for m in members)
-                    for b, members in zip(buyers, replies[len(ids):len(ids) + len(buyers)], strict=True)}
-        converted = [(o, *json.loads(m)) for o, members in zip(refunded, replies[len(ids) + len(buyers):],
+                    for b, members in zip(buyers, replies[at:at + len(buyers)], strict=True)}
+        at += len(buyers)
+        converted = [(o, *json.loads(m)) for o, members in zip(refunded, replies[at:at + len(refunded)],
                                                                strict=True) for m in sorted(members)]
+        at += len(refunded)
+        # by event id: a batch applied again after a failed write holds its refunds again
+        held: dict[str, list[schemas.Event]] = {
+            o: list({e.event_id: e for e in map(_decode_event, blobs)}.values())
+            for o, blobs in zip(ordered, replies[at:at + len(ordered)], strict=True) if blobs}
+        latest = _pairs(replies[-1]) if refunded else []
+        hold_until = max(self.clock(), float(latest[0][1]) if latest else 0.0) + REFUND_HOLD_GRACE_SECONDS
+        holds: list[schemas.Event] = []
         extra = sorted(({d for ms in by_buyer.values() for d in ms} | {d for _, d, _ in converted}) - pending.keys())
         if extra:
             for d, blob in zip(extra, await r.run([("GET", r.pend_prefix + d) for d in extra]), strict=True):
@@ -188,7 +216,12 @@ class SharedRewardJoiner:
         for e in events:
             n = 0
             if e.type == "refund" and e.order is not None:
-                self._take_back(e.order, pending, conversions, taken)
+                if self._take_back(e.order, pending, conversions, taken):
+                    self.refunds_taken_back += 1
+                else:  # its order may not have come yet: held (for an order later in this batch too)
+                    self.refunds_unmatched += 1
+                    held.setdefault(e.order.id, []).append(e)
+                    holds.append(e)
                 continue
             if e.decision_id is not None:
                 p = pending.get(e.decision_id)
@@ -198,7 +231,12 @@ class SharedRewardJoiner:
                 elif e.offer_id is not None:
                     n += self._credit(credits, p, e.offer_id, e.type, e.value)
             if e.type == "order" and e.order is not None:
-                n += self._attribute(credits, e, pending, by_buyer, conversions)
+                bought = self._attribute(credits, e, pending, by_buyer, conversions)
+                n += bought
+                # its refund came first: taken back in the same write
+                if bought and held.get(e.order.id) and sum([self._take_back(h.order, pending, conversions, taken)
+                                                            for h in held[e.order.id] if h.order is not None]):
+                    self.refunds_taken_back_on_order += 1
             self.matched_events += bool(n)
         commands = []
         ttl = int(_JOIN_GRACE_SECONDS * 1000)
@@ -218,6 +256,11 @@ class SharedRewardJoiner:
             key = r.reward_prefix + decision_id
             commands += [("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "a"), amount),
                          ("HINCRBYFLOAT", key, _conversion_field(order_id, offer_id, "q"), qty)]
+        for e in holds:
+            assert e.order is not None
+            commands.append(("EVALSHA", r.hold_sha, 2, r.held_index_key, r.held_key(e.order.id),
+                             msgspec.json.encode(e), int(hold_until * 1000), e.order.id, MAX_HELD_REFUNDS,
+                             int(self.clock() * 1000), r.held_prefix))
         if commands:
             await r.run(commands)
 
@@ -284,10 +327,6 @@ class SharedRewardJoiner:
             left[1] -= qty
             taken.append((decision_id, order_id, offer_id, -amount, -qty))
             changed.add(decision_id)
-        if changed:
-            self.refunds_taken_back += 1
-        else:
-            self.refunds_unmatched += 1
         return len(changed)
 
     async def claim(self, now: float | None = None, limit: int = 10_000) -> int:

@@ -9,18 +9,24 @@ by the refunded amount. When the wait time ends the decision is closed: every sh
 reward, or the default if nothing happened, and the joined examples go to the learner. Late events are
 counted, and so are refunds that find no open conversion of their order (past the window, or an order that
 converted nothing): the learner is not corrected after the fact.
-With a `JoinJournal` every registration, credit and close is also journaled (embedded durability), and
-`restore` brings the pending decisions back after a restart.
+A refund that finds no conversion is also held (`REFUND_HOLD_GRACE_SECONDS`): webhooks are not ordered, and a
+platform may deliver a cancellation before its order. Until every decision open when it came has closed (plus
+the grace), an order of that id has its conversion taken back as it is credited.
+With a `JoinJournal` every registration, credit, close and held refund is also journaled (embedded
+durability), and `restore` brings the pending decisions and held refunds back after a restart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 from kassa import schemas
 from kassa.events.join import (
+    MAX_HELD_REFUNDS,
+    REFUND_HOLD_GRACE_SECONDS,
     JoinedExample,
     JoinJournal,
     PendingDecision,
@@ -40,10 +46,17 @@ class RewardJoiner:
         self._by_customer: dict[str, list[str]] = {}
         self._by_email: dict[str, list[str]] = {}  # decisions of buyers known only by e-mail SHA-256
         self._by_order: dict[str, list[str]] = {}  # open decisions an order converted, for its refunds
+        # refunds that came before their order: order id -> [(held until, refund event)], and every held one in
+        # the order it came (its "until" never decreases: the latest deadline and the clock only grow)
+        self._held: dict[str, list[tuple[float, schemas.Event]]] = {}
+        self._held_queue: deque[tuple[float, str, str]] = deque()  # (until, order id, event id)
+        self._latest_deadline = 0.0
+        self._now = 0.0  # the latest time `expire` was given: the joiner's clock
         self.matched_events = 0
         self.late_events = 0
         self.refunds_taken_back = 0  # refund events that changed an open decision's reward
         self.refunds_unmatched = 0  # refund events of an order with no open conversion (late, or unknown)
+        self.refunds_taken_back_on_order = 0  # orders that came after their refund, taken back by the held refund
         self.closed = 0
         self.closed_with_outcome = 0
 
@@ -58,12 +71,21 @@ class RewardJoiner:
         """Whether ``decision_id`` is a decision still waiting for its reward here."""
         return decision_id in self._pending
 
-    def restore(self, pending: list[PendingDecision]) -> None:
-        """Put back decisions that were pending when the process stopped (not journaled again)."""
+    @property
+    def held_refunds(self) -> int:
+        """Refunds held for an order not seen yet."""
+        return len(self._held_queue)
+
+    def restore(self, pending: list[PendingDecision],
+                held: Iterable[tuple[float, schemas.Event]] = ()) -> None:
+        """Put back decisions that were pending, and refunds held (``(until, event)``, oldest first), when the
+        process stopped (not journaled again)."""
         journal, self.journal = self.journal, None
         try:
             for p in pending:
                 self.register(p)
+            for until, event in held:
+                self._hold(event, until)
         finally:
             self.journal = journal
 
@@ -72,6 +94,7 @@ class RewardJoiner:
             self.journal.registered(pending)
         self._pending[pending.decision_id] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.decision_id))
+        self._latest_deadline = max(self._latest_deadline, pending.deadline)
         if pending.customer_id is not None:
             self._by_customer.setdefault(pending.customer_id, []).append(pending.decision_id)
         elif pending.email_sha256 is not None:
@@ -114,7 +137,14 @@ class RewardJoiner:
         """Apply one outcome event; returns how many decisions it credited (a refund: whose reward it
         took back)."""
         if event.type == "refund" and event.order is not None:
-            return self._take_back(event.order)
+            changed = self._take_back(event.order)
+            if changed:
+                self.refunds_taken_back += 1
+            else:
+                self.refunds_unmatched += 1
+                # Its order may not have come yet: held until every decision open now has closed.
+                self._hold(event, max(self._now, self._latest_deadline) + REFUND_HOLD_GRACE_SECONDS)
+            return changed
         credited = 0
         if event.decision_id is not None:
             pending = self._pending.get(event.decision_id)
@@ -125,8 +155,33 @@ class RewardJoiner:
                 credited += 1
         if event.type == "order" and event.order is not None:
             credited += self._attribute_order(event)
+            held = self._held.get(event.order.id)
+            # its refund came first: what it credited is taken back at once (a whole order: all of it)
+            if held and credited and sum([self._take_back(refund.order) for _, refund in held
+                                          if refund.order is not None]):
+                self.refunds_taken_back_on_order += 1
         self.matched_events += bool(credited)
         return credited
+
+    def _hold(self, event: schemas.Event, until: float) -> None:
+        assert event.order is not None
+        self._held.setdefault(event.order.id, []).append((until, event))
+        self._held_queue.append((until, event.order.id, event.event_id))
+        if self.journal is not None:
+            self.journal.held_refund(event, until)
+        while len(self._held_queue) > MAX_HELD_REFUNDS:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Forget the oldest held refund (its time is up, or too many are held)."""
+        _, order_id, event_id = self._held_queue.popleft()
+        held = self._held.get(order_id)
+        if held is not None:
+            held[:] = [h for h in held if h[1].event_id != event_id]
+            if not held:
+                del self._held[order_id]
+        if self.journal is not None:
+            self.journal.released_refund(event_id)
 
     def _attribute_order(self, event: schemas.Event) -> int:
         order = event.order
@@ -194,14 +249,14 @@ class RewardJoiner:
                     changed += 1
                     if self.journal is not None:
                         self.journal.credited(pending)
-        if changed:
-            self.refunds_taken_back += 1
-        else:
-            self.refunds_unmatched += 1
         return changed
 
     def expire(self, now: float, limit: int = 10_000) -> list[JoinedExample]:
-        """Close decisions whose wait ended; return their per-slot examples."""
+        """Close decisions whose wait ended; return their per-slot examples. Held refunds whose time is up
+        are let go."""
+        self._now = max(self._now, now)
+        while self._held_queue and self._held_queue[0][0] <= now:
+            self._let_go()
         out: list[JoinedExample] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now and limit > 0:
