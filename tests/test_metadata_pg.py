@@ -205,6 +205,69 @@ def test_a_snapshot_carrying_a_stale_lease_epoch_is_refused_on_postgres(pg_url, 
     engine.dispose()
 
 
+def test_a_session_idle_inside_its_registry_write_is_ended_by_the_server_so_a_takeover_gets_the_fence_row(
+        pg_url, tmp_path, catalog_file, features_file):
+    # A learner paused inside its registration (the fence row locked) kept the lock until it resumed: the successor's
+    # `take_fence` waited for it, past the 10 s takeover target. The server now ends such a session.
+    paused = make_engine(pg_url, idle_in_transaction=0.5)
+    successor = make_engine(pg_url)
+    with successor.connect() as conn:  # every session: the settings' bound and the answer bound, server-side
+        assert conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "5s"
+        assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "10s"
+    registry = ModelRegistry(successor, tmp_path / "models")
+    assert registry.take_fence("order_confirmation") == 1
+    with paused.connect() as conn:
+        conn.execute(sa.text("UPDATE learner_fences SET epoch = 1 WHERE placement = 'order_confirmation'"))
+        t0 = time.monotonic()  # the fence row locked; nothing more is sent: a paused process
+        assert registry.take_fence("order_confirmation") == 2
+        waited = time.monotonic() - t0
+        with pytest.raises(sa.exc.DBAPIError, match="terminating connection due to idle-in-transaction timeout"):
+            conn.execute(sa.text("SELECT 1"))  # its transaction is gone: nothing of it commits
+    assert 0.4 < waited < 3.0, waited
+    with paused.connect() as conn:  # the pool hands out a live session again
+        assert conn.execute(sa.text("SELECT epoch FROM learner_fences")).scalar() == 2
+    paused.dispose()
+    successor.dispose()
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file), admin_key=ADMIN,
+                             publishable_key=PUB, **{"features.definitions_file": str(features_file),
+                                                     "metadata.url": pg_url, "metadata.idle_in_transaction_seconds": 0})
+    kassa = Kassa(settings)  # what `kassa serve` and `kassa learn` open: the setting, 0 turning it off
+    try:
+        with kassa.db.connect() as conn:
+            assert conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "0"
+    finally:
+        kassa.db.dispose()
+
+
+def test_a_statement_its_client_gave_up_on_stops_holding_the_fence_row(pg_url, tmp_path):
+    # The client stops waiting for an answer after its bound (`AnsweringConnection`) and closes the connection, but the
+    # server ran the statement on (here: waiting on a lock) with its transaction's locks held, the fence row among
+    # them, until it next wrote to the closed socket. The session's statement_timeout is that same bound now.
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    successor = make_engine(pg_url)
+    registry = ModelRegistry(successor, tmp_path / "models")
+    assert registry.take_fence("order_confirmation") == 1
+    impatient = make_engine(pg_url, migrate_schema=False, answer_timeout=1.0)
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("INSERT INTO change_versions (name, version) VALUES ('models', 1) ON CONFLICT DO NOTHING")
+        blocker.commit()
+        blocker.execute("SELECT version FROM change_versions WHERE name = 'models' FOR UPDATE")
+        with impatient.connect() as conn:  # a registration: the fence row, then the counter, held by someone else
+            conn.execute(sa.text("UPDATE learner_fences SET epoch = 1 WHERE placement = 'order_confirmation'"))
+            with pytest.raises(sa.exc.OperationalError, match="no answer from PostgreSQL within 1 s"):
+                conn.execute(sa.text("UPDATE change_versions SET version = version + 1 WHERE name = 'models'"))
+        t0 = time.monotonic()
+        assert registry.take_fence("order_confirmation") == 2  # while the counter is still held
+        waited = time.monotonic() - t0
+        blocker.rollback()
+    assert waited < 3.0, waited
+    impatient.dispose()
+    successor.dispose()
+
+
 def test_every_metadata_write_bumps_its_topic_once_per_transaction(pg_url, catalog_file, features_file, tmp_path):
     engine = make_engine(pg_url)
     feed = ChangeFeed(engine)

@@ -779,3 +779,81 @@ def test_a_learner_whose_lease_was_taken_over_while_paused_has_its_snapshot_refu
     finally:
         if not closed:
             asyncio.run(role.close(lost=True))
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` stopped (SIGSTOP taken), so none can send anything more."""
+    return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
+def test_a_learner_paused_inside_its_registry_write_holds_the_standby_back_no_longer_than_the_takeover_target(
+        project) -> None:  # type: ignore[no-untyped-def]
+    # The registration locks the placement's `learner_fences` row until it commits. A learner SIGSTOPped inside that
+    # transaction kept the lock (its session idle in transaction): the standby's takeover, which bumps that row,
+    # waited until the paused process resumed, far past the 10 s target of issue 13.
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.services import ensure_postgres, fresh_database
+
+    url, drop = fresh_database(ensure_postgres())
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
+    p = project(metadata={"url": url}, roles={"lease": "redis", "redis_url": ensure_redis(), "lease_prefix": prefix,
+                                              "lease_ttl_seconds": 5.0})
+    port = _free_port()
+    first = None
+    try:
+        p.start("serve", "--port", str(port), "--learner", "external", log="serve.log")
+        _wait_ready(port)
+        first = p.start("learn", log="learn-a.log")
+        p.wait_log("learn-a.log", r"learner active for checkout", timeout=40)
+        p.start("learn", log="learn-b.log")
+        p.wait_log("learn-b.log", r"started as standby", timeout=40)
+        _decide_and_answer(port, 30)
+        p.wait_log("learn-a.log", r"registered checkout@\d+ as production", timeout=20)
+        with psycopg.connect(dsn) as blocker, psycopg.connect(dsn, autocommit=True) as watch:
+            # Hold the `models` change counter, which a registration bumps last: A's next registration waits there,
+            # inside its transaction, with the fence row locked. Then pause A for real and let its statement finish.
+            blocker.execute("SELECT version FROM change_versions WHERE name = 'models' FOR UPDATE")
+            _decide_and_answer(port, 30)
+            deadline, waiting = time.monotonic() + 20, None
+            while waiting is None and time.monotonic() < deadline:
+                waiting = watch.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query "
+                                        "LIKE 'UPDATE change_versions%%' AND datname = current_database()").fetchone()
+                time.sleep(0.05)
+            assert waiting is not None, p.log("learn-a.log")[-3000:]
+            fence_locked = watch.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE l.pid = %s AND "
+                "c.relname = 'learner_fences' AND l.mode = 'RowExclusiveLock' AND l.granted", waiting).fetchone()
+            assert fence_locked == (1,)
+            registered = len(re.findall(r"registered checkout@", p.log("learn-a.log")))
+            os.kill(first.pid, signal.SIGSTOP)
+            paused = time.monotonic()
+            while not _stopped(first.pid):
+                time.sleep(0.005)
+            blocker.rollback()
+            deadline, state = time.monotonic() + 5, "SELECT state FROM pg_stat_activity WHERE pid = %s"
+            while time.monotonic() < deadline and watch.execute(state, waiting).fetchone() != ("idle in transaction",):
+                time.sleep(0.02)
+        took_over = p.wait_log("learn-b.log", r"learner active for checkout", timeout=25)
+        print(f"\ntakeover with the active learner paused inside its registry write: {took_over - paused:.2f} s")
+        assert took_over - paused <= 10.0, p.log("learn-b.log")[-3000:]
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(20) == 75, p.log("learn-a.log")[-3000:]
+        assert len(re.findall(r"registered checkout@", p.log("learn-a.log"))) == registered  # nothing published
+        assert "Traceback" not in p.log("learn-a.log")
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT epoch FROM learner_fences WHERE placement = 'checkout'").fetchone() == (2,)
+        before = len(re.findall(r"registered checkout@", p.log("learn-b.log")))
+        _decide_and_answer(port, 30)  # the successor learns and publishes
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(re.findall(r"registered checkout@", p.log("learn-b.log"))) <= before:
+            time.sleep(0.2)
+        assert len(re.findall(r"registered checkout@", p.log("learn-b.log"))) > before, p.log("learn-b.log")[-3000:]
+    finally:
+        if first is not None and first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+        p.stop()
+        drop()

@@ -76,7 +76,8 @@ class Kassa:
             raise DamagedDataDir(data, f"cannot be used as the data dir ({exc.strerror or exc})",
                                  "point data_dir (--data-dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
-        self.db = make_engine(settings.metadata_url)  # migrated to the newest schema (Alembic)
+        self.db = make_engine(settings.metadata_url,  # migrated to the newest schema (Alembic)
+                              idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
         # Primed before anything loads, so a change committed by another process meanwhile is not missed.
         self.changes = ChangeFeed(self.db, settings.metadata.poll_seconds, settings.metadata.recheck_seconds)
         self.changes.prime()

@@ -234,7 +234,8 @@ def stream(
     settings = _existing(_settings(config, data_dir=data_dir))
     if not wait_for_database(settings.metadata_url):  # PostgreSQL not up yet: a line per 10 s, not a traceback
         raise typer.Exit(130)
-    repo = FeatureRegistry(make_engine(settings.metadata_url)).load()
+    repo = FeatureRegistry(make_engine(settings.metadata_url,
+                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).load()
     views = [v for v in repo.views if v.kind == "stream"]
     if not views:
         console.print("[red]no stream views applied[/]; run `kassa features apply FILE` first")
@@ -291,7 +292,8 @@ def keys_create(
     except InvalidOrigin as exc:
         raise typer.BadParameter(str(exc), param_hint="--origin") from None
     settings = _settings(config, data_dir=data_dir)
-    store = KeyStore(make_engine(settings.metadata_url))
+    store = KeyStore(make_engine(settings.metadata_url,
+                                 idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
     key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]
     console.print(f"[green]created {kind} key[/] (shown once, store it now):")
     print(key)
@@ -306,7 +308,8 @@ def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     settings = _existing(_settings(config, data_dir=data_dir))
     table = Table("id", "kind", "name", "origins", "revoked")
     table.columns[3].overflow = "fold"  # an origin cut to "https://shop.exa…" does not say which it is
-    for k in KeyStore(make_engine(settings.metadata_url)).list():
+    for k in KeyStore(make_engine(settings.metadata_url,
+                                  idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).list():
         table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
 
@@ -323,7 +326,8 @@ def keys_revoke(
 
     settings = _existing(_settings(config, data_dir=data_dir))
     try:
-        revoked = KeyStore(make_engine(settings.metadata_url)).revoke(key)
+        revoked = KeyStore(make_engine(settings.metadata_url,
+                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).revoke(key)
     except AmbiguousKeyId as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None

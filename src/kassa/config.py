@@ -125,6 +125,10 @@ class MetadataSettings(Struct, forbid_unknown_fields=True):
     # PostgreSQL: changes arrive by LISTEN/NOTIFY; the counters are also re-read this often, and at once
     # after the listening connection comes back, so a notification missed while it was away is not lost.
     recheck_seconds: Annotated[float, Meta(gt=0)] = 5.0
+    # PostgreSQL: the server ends a session of this process idle inside a transaction this long (rolled back, its
+    # locks released): a paused learner (SIGSTOP, a VM freeze) kept the standby's takeover waiting on the lock of its
+    # registry write until it resumed. Under the lease's takeover time (ADR 0009); 0 turns it off.
+    idle_in_transaction_seconds: Annotated[float, Meta(ge=0, le=86400)] = 5.0
 
 
 class EventSettings(Struct, forbid_unknown_fields=True):

@@ -152,6 +152,12 @@ def bump(conn: Connection, topic: str) -> None:
 # 10 s stopped too). Nothing here is on the hot path and every metadata statement is small: ~1 ms typical, 40 ms
 # for the whole schema's migrations on an empty database; a concurrent migrator is waited for under the same bound.
 ANSWER_TIMEOUT_SECONDS = 10.0
+# Most a PostgreSQL session may sit idle inside a transaction before the server ends it (rolling it back, its row
+# locks released): `metadata.idle_in_transaction_seconds`. A process paused (SIGSTOP, a VM freeze) in its registry
+# write kept the placement's `learner_fences` row locked, so the standby's takeover, which bumps that row, waited
+# until it resumed. Kassa's transactions are a few statements back to back (the longest gap: copying a snapshot file
+# between two of them, milliseconds); 5 s stays under the lease's own takeover time (ADR 0009).
+IDLE_IN_TRANSACTION_SECONDS = 5.0
 
 
 def _answering_connection_class(limit: float) -> type[psycopg.Connection[Any]]:
@@ -177,10 +183,13 @@ def _answering_connection_class(limit: float) -> type[psycopg.Connection[Any]]:
 
 
 def make_engine(url_or_path: str | Path, migrate_schema: bool = True,
-                answer_timeout: float = ANSWER_TIMEOUT_SECONDS) -> Engine:
+                answer_timeout: float = ANSWER_TIMEOUT_SECONDS,
+                idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS) -> Engine:
     """An engine for a database URL, or a SQLite file path (created, WAL mode), migrated to the newest
     schema revision (`migrate`) unless ``migrate_schema`` is False. On PostgreSQL no wait for the server lasts
-    longer than ``answer_timeout`` seconds (`ANSWER_TIMEOUT_SECONDS`)."""
+    longer than ``answer_timeout`` seconds (`ANSWER_TIMEOUT_SECONDS`), and the server itself ends a statement
+    running that long and a session idle inside a transaction for ``idle_in_transaction`` seconds (0: never;
+    `IDLE_IN_TRANSACTION_SECONDS`), so a paused or gone client does not keep its locks."""
     url = str(url_or_path)
     if "://" not in url:
         url = f"sqlite:///{url}"
@@ -203,6 +212,23 @@ def make_engine(url_or_path: str | Path, migrate_schema: bool = True,
             @event.listens_for(engine, "do_connect")
             def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
                 return connection_class.connect(*cargs, **cparams)
+
+        # Set per session, not as startup `options` (a PgBouncer in front refuses those). statement_timeout: the
+        # server's side of ``answer_timeout``: a statement the client gave up on (waiting on a lock, say) no longer
+        # runs on, holding the locks its transaction took, until it would next write to the closed socket.
+        timeouts = (f"{round(idle_in_transaction * 1000)}", f"{round(answer_timeout * 1000)}")
+
+        @event.listens_for(engine, "connect")
+        def _session_timeouts(dbapi_conn: Any, _record: Any) -> None:
+            autocommit = dbapi_conn.autocommit
+            dbapi_conn.autocommit = True  # a SET outside any transaction: nothing left open on the new session
+            try:
+                cur = dbapi_conn.cursor()
+                cur.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+                            "set_config('statement_timeout', %s, false)", timeouts)
+                cur.close()
+            finally:
+                dbapi_conn.autocommit = autocommit
 
     else:
         engine = create_engine(url)

@@ -48,7 +48,8 @@ def _registry(settings: Settings) -> FeatureRegistry:
     from kassa.db import make_engine
     from kassa.features.registry import FeatureRegistry
 
-    return FeatureRegistry(make_engine(settings.metadata_url))
+    return FeatureRegistry(make_engine(settings.metadata_url,
+                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
 
 
 def _applied(settings: Settings) -> FeatureRepo:

@@ -140,7 +140,8 @@ def sync(
     connector, options = _open(platform, config, settings, retries, timeout)
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
-    store = SqlCatalogStore(make_engine(settings.metadata_url))
+    store = SqlCatalogStore(make_engine(settings.metadata_url,
+                                        idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
     prefix = str(options.get("offer_id_prefix") or "")
     first = True
     try:

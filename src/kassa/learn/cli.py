@@ -81,7 +81,7 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
     if missing_data(settings) is not None:
         raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
                                  "--data-dir)", param_hint="--data-dir")
-    db = make_engine(settings.metadata_url)
+    db = make_engine(settings.metadata_url, idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
     catalog = Catalog(SqlCatalogStore(db))
     repo = FeatureRegistry(db).load()
     return OfflineContext(settings, catalog, repo,

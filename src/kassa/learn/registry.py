@@ -410,7 +410,9 @@ class ModelRegistry:
     @staticmethod
     def _check_fence(conn: sa.Connection, placement: str, fence: int) -> None:
         # A write, not a read: it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) until the
-        # registration commits, so a successor's `take_fence` is ordered wholly before or wholly after it.
+        # registration commits, so a successor's `take_fence` is ordered wholly before or wholly after it. A learner
+        # paused before that commit holds the successor back until PostgreSQL ends its idle session
+        # (`metadata.idle_in_transaction_seconds`, `kassa.db.make_engine`).
         t = learner_fences_table
         if conn.execute(sa.update(t).where(t.c.placement == placement, t.c.epoch == fence).values(
                 epoch=fence)).rowcount == 1:
