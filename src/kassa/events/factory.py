@@ -3,7 +3,8 @@
 ``backend: sqlite`` (the default) keeps everything as it was: ``<data_dir>/events.db`` and Parquet decision
 files written in-process. ``backend: jetstream`` connects one `JetStreamBus` per process (it spools locally
 under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason). The runners at the
-end start the durable consumers of the other roles (decision-log writer, reward joiner/learner).
+end start the durable consumers of the other roles (the decision-log writer, which `kassa learn` or `kassa log write`
+runs under a lease: `kassa.roles.decision_log`).
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecor
 
 # ---------------------------------------------------------------------------------------------- consumer runners
 async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
-                                  on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
-    """The decision-log writer role: decision records from JetStream to ``<data_dir>/decisions`` Parquet, until
-    ``stop``. One per deployment (more would split the records between them, each exactly once)."""
+                                  on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                                  fence: Callable[[], None] | None = None, compact: bool = True) -> None:
+    """The decision-log writer: decision records from JetStream to ``<data_dir>/decisions`` Parquet, until ``stop``.
+    One per deployment, by a lease whose check is ``fence`` (`kassa.roles.decision_log`, run by `kassa learn` and
+    `kassa log write`): two would each re-create the durable consumer from their own files and write records twice.
+    ``compact``: also merge each closed hour's small files (`kassa.events.compaction`; a learner's `Kassa` does)."""
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
-                                   on_written=on_written)
-    # this role owns the directory: it also merges each closed hour's small files (`kassa.events.compaction`)
-    compactor = LogCompactor([settings.data_path / "decisions"]).start()
+                                   on_written=on_written, fence=fence)
+    compactor = LogCompactor([settings.data_path / "decisions"]).start() if compact else None
     try:
         await run_consumer(consumer, stop)
     finally:
-        await asyncio.to_thread(compactor.close)
+        if compactor is not None:
+            await asyncio.to_thread(compactor.close)
