@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from kassa.events.decision_log import read_decisions
 from kassa.roles.learner import LearnerRole
 from tests import test_learner_jetstream
 from tests.test_learner_jetstream import _settings_tree
-from tests.test_roles import HEADERS, Project, _free_port, _wait_ready
+from tests.test_roles import HEADERS, SRC, Project, _free_port, _wait_ready
 
 Names = tuple[str, str, str, str]
 jetstream_names = test_learner_jetstream.names  # the fixture: (NATS url, stream prefix, Redis url, key prefix)
@@ -164,6 +166,18 @@ async def test_a_writer_whose_lease_was_taken_writes_no_more_and_says_so(
     assert client.get(key) == b"successor:1:x"  # the lost lease was not released: it is the successor's
 
 
+def test_kassa_log_write_refuses_the_sqlite_backend_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "kassa", "log", "write", "--data-dir", str(tmp_path / "d")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "events.backend: sqlite" in lines[0] and "nothing to run" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def _publish(tree: dict, root: Path, n: int, every: float = 0.0, stop: threading.Event | None = None) -> list[str]:
     """Decisions made by a serving Kassa of this test process: ``n`` of them, or (``stop``) until it is set."""
 
@@ -181,6 +195,36 @@ def _publish(tree: dict, root: Path, n: int, every: float = 0.0, stop: threading
         return ids
 
     return asyncio.run(go())
+
+
+def test_kassa_log_write_writes_the_log_and_stops_cleanly_on_sigterm_and_ctrl_c(
+        tmp_path: Path, jetstream_names: Names) -> None:
+    tree = _settings_tree(tmp_path, *jetstream_names)
+    p = Project(tmp_path, **{**tree, "data_dir": str(tmp_path / "writer")})
+    try:
+        ids = _publish(tree, tmp_path / "serve", 20)
+        first = p.start("log", "write", log="write-1.log")
+        p.wait_log("write-1.log", r"decision-log writer active")
+        deadline = time.monotonic() + 15
+        while len(_logged(tmp_path / "writer")) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(_logged(tmp_path / "writer")) == sorted(ids)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0, p.log("write-1.log")[-2000:]
+        # The lease was released at the stop: the next writer takes it at once, and goes on from the files
+        more = _publish(tree, tmp_path / "serve", 5)
+        second = p.start("log", "write", log="write-2.log")
+        p.wait_log("write-2.log", r"decision-log writer active", timeout=10)
+        deadline = time.monotonic() + 15
+        while len(_logged(tmp_path / "writer")) < len(ids) + len(more) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert sorted(_logged(tmp_path / "writer")) == sorted(ids + more)
+        second.send_signal(signal.SIGINT)
+        assert second.wait(20) == 130, p.log("write-2.log")[-2000:]
+        assert "Traceback" not in p.log("write-1.log") + p.log("write-2.log")
+    finally:
+        p.stop()
 
 
 def test_two_learners_write_the_log_once_and_the_standby_takes_the_writer_over_a_kill_9(

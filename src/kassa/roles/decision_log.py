@@ -36,7 +36,7 @@ from kassa.events.consumers import Fenced
 from kassa.events.decision_log import DecisionRecord
 from kassa.events.factory import bus_config, run_decision_log_writer
 from kassa.learn.online.lease import Lease, LeaseKeeper, LeaseLost
-from kassa.roles.leases import decision_log_lease, exit_stalled
+from kassa.roles.leases import LEASE_LOST_EXIT, decision_log_lease, exit_stalled
 
 log = logging.getLogger("kassa.decision_log")
 _HELD = "decision-log writer"  # its lease's name in its own `LeaseKeeper` (no placement's lease is kept there)
@@ -172,3 +172,44 @@ class DecisionLogWriterRole:
         self.keeper.stop()
         await self._let_go()
 
+
+def run_writer(settings: Settings) -> int:
+    """`kassa log write` in the foreground: 0 after SIGTERM, 130 after SIGINT (Ctrl-C), 75 on a lost lease."""
+    import signal
+
+    import uvloop
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        code = 0
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            nonlocal code
+            code = 130 if signum == signal.SIGINT else 0
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        writer = DecisionLogWriterRole(settings)
+        writer.start()
+        log.info("decision-log writer started as standby (lease %s)", writer.lease.name)
+        last_status = time.monotonic()
+        try:
+            while not stop.is_set():
+                writer.check()
+                await writer.round()
+                if time.monotonic() - last_status >= 10.0:
+                    last_status = time.monotonic()
+                    log.info("%s", writer.status())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), writer.every)
+        except LeaseLost as exc:
+            log.error("%s: exiting so that I start again as a standby", exc)
+            return LEASE_LOST_EXIT
+        finally:
+            await writer.close()
+        log.info("%s; stopped", writer.status())
+        return code
+
+    return uvloop.run(main())
