@@ -50,8 +50,7 @@ async def _decide(server: Kassa, n: int, start: int = 0) -> list[str]:
         req = msgspec.convert({"placement": "checkout", "customer": {"id": f"c{i}"},
                                "order": {"id": f"ord-{i}", "currency": "USD", "total": 20.0, "items": []}},
                               schemas.DecisionRequest)
-        response = await server.engine.decide(req)
-        assert not response.fallback
+        response = await server.engine.decide(req)  # a fallback answer (a loaded machine) is logged as well
         ids.append(response.decision_id)
     return ids
 
@@ -237,6 +236,7 @@ def test_two_learners_write_the_log_once_and_the_standby_takes_the_writer_over_a
     p = Project(tmp_path, **{**tree, "data_dir": str(tmp_path / "data")})
     stop = threading.Event()
     published: list[str] = []
+    failures: list[BaseException] = []
     try:
         first = p.start("learn", log="learn-a.log")
         p.wait_log("learn-a.log", r"decision-log writer active")
@@ -246,7 +246,10 @@ def test_two_learners_write_the_log_once_and_the_standby_takes_the_writer_over_a
         assert holder is not None and f":{first.pid}:" in holder.decode()
 
         def stream() -> None:
-            published.extend(_publish(tree, tmp_path / "serve", 0, every=0.01, stop=stop))
+            try:
+                published.extend(_publish(tree, tmp_path / "serve", 0, every=0.01, stop=stop))
+            except BaseException as exc:  # reported by the test thread
+                failures.append(exc)
 
         driver = threading.Thread(target=stream, daemon=True)
         driver.start()
@@ -261,6 +264,7 @@ def test_two_learners_write_the_log_once_and_the_standby_takes_the_writer_over_a
         time.sleep(1.0)  # the stream goes on with B writing
         stop.set()
         driver.join(30)
+        assert not failures, failures
         assert published
         deadline = time.monotonic() + 15
         while len(_logged(tmp_path / "data")) < len(published) and time.monotonic() < deadline:
