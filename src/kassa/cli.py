@@ -202,6 +202,9 @@ def learn(
     within roles.lease_ttl_seconds of the first one dying. Input (roles.learner_input): sqlite tails
     events.db and decision_records.db of the data directory (one machine); jetstream reads the serving
     processes' join records and events from NATS JetStream (events.backend: jetstream; any machine).
+
+    On events.backend: jetstream one learner (a lease of its own) also writes the decision log into its data
+    directory (roles.decision_log_writer: learner; off leaves it to `kassa log write`).
     """
     from kassa.roles.learner import run_learner
 
@@ -346,8 +349,8 @@ def log_compact(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Merge each closed hour's small decision-log files (one per flush) into one file, the shadow log's too.
-    Safe while Kassa runs; one compaction per directory at a time (`kassa serve` and the writer role also run it
-    every few minutes)."""
+    Safe while Kassa runs; one compaction per directory at a time (`kassa serve`, `kassa learn` and `kassa log
+    write` also run it every few minutes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from kassa.events.compaction import CompactionBusy, compact_decision_log
@@ -384,6 +387,27 @@ def log_compact(
                       f"({result.rows:,} decisions), {result.removed:,} removed, in {result.seconds:.1f} s",
                       highlight=False)
 
+
+
+@log_app.command("write")
+def log_write(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Write the decision log from JetStream into the data directory, until SIGTERM or Ctrl-C.
+
+    With events.backend: jetstream the serving processes publish each decision's record instead of writing
+    Parquet, and one writer per deployment (a lease, roles.lease) writes <data_dir>/decisions. `kassa learn`
+    runs it already (roles.decision_log_writer: learner); run this one where the learners leave it (off). It holds
+    the same lease, so it never splits the stream with a learner's writer. Exits 0 on SIGTERM, 130 on Ctrl-C and
+    75 when it lost its lease (start it again: it waits as a standby).
+    """
+    settings = _settings(config, data_dir=data_dir)
+    if settings.events.backend != "jetstream":
+        console.print(f"kassa log write: with events.backend: {settings.events.backend} each serving process writes "
+                      f"the decision log itself ({settings.data_path / 'decisions'}); nothing to run (this is the "
+                      "writer for events.backend: jetstream)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    from kassa.roles.decision_log import run_writer
+
+    raise typer.Exit(run_writer(settings))
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

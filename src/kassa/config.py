@@ -180,6 +180,11 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     # Events are applied this long after they were stored, so a decision record written a moment after
     # its first event is registered first; the learner closes decisions on the same delayed clock.
     input_settle_seconds: float = 0.5
+    # Who writes the decision log (<data_dir>/decisions) on events.backend: jetstream, where serving workers publish
+    # each decision's record instead of writing Parquet: "learner" (`kassa learn` runs the writer beside the
+    # learning, one per deployment by a lease of its own; a standby learner takes it over) or "off" (the learners
+    # leave it to `kassa log write`, run separately). No effect on events.backend: sqlite. docs/deploy.md.
+    decision_log_writer: Literal["learner", "off"] = "learner"
 
 
 class StateSettings(Struct, forbid_unknown_fields=True):

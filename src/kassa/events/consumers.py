@@ -16,12 +16,15 @@ Without a position store the durable consumer's ack floor is the position: at-le
 `DecisionLogConsumer` is the decision-log writer process: it writes each batch's records as Parquet files
 named ``part-<unixms>-s<first>-<last>.parquet`` under the usual date partitions (the same layout
 `read_decisions` reads), so the files themselves are its position: a batch redelivered after a crash skips
-every record already in a file covering its sequence. `EventArchiveConsumer` is its sibling for events: it
-copies the events stream into ``<data_dir>/events.db`` (the embedded event log's table), which is what batch
-training, off-policy evaluation and the training-set tools read (`kassa.learn.offline.dataset`); its position is a
-row in that file, written in the same transaction as the events, so a redelivered batch changes nothing.
-`EventConsumer` decodes events for a handler (the reward joiner in ``kassa learn``); `run_consumer` runs any of
-them until a stop event.
+every record already in a file covering its sequence. Two writers on one directory would each skip and rewrite
+the other's ranges, so one writer runs per deployment, by a lease (`kassa.roles.decision_log`): its ``fence``,
+called before each file is renamed into place, raises `Fenced` once the lease can no longer be shown to be its own,
+and the consumer stops there, nothing written or acknowledged. `EventArchiveConsumer` is its sibling for events,
+run by the same role: it copies the events stream into ``<data_dir>/events.db`` (the embedded event log's table),
+which is what batch training, off-policy evaluation and the training-set tools read
+(`kassa.learn.offline.dataset`); its position is a row in that file, written in the same transaction as the
+events, so a redelivered batch changes nothing. `EventConsumer` decodes events for a handler (the reward joiner in
+``kassa learn``); `run_consumer` runs any of them until a stop event.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ class CallbackPosition:
 Handler = Callable[[list[tuple[int, bytes]]], Awaitable[None]]
 
 
+class Fenced(Exception):
+    """Raised by a handler that may apply nothing more (its writer's lease is lost): the consumer stops at once,
+    without retrying the batch or acknowledging it."""
+
+
 class DurableConsumer:
     """One durable pull consumer on the events or decisions stream; see the module doc."""
 
@@ -162,6 +170,8 @@ class DurableConsumer:
             try:
                 await self.handler(fresh)
                 break
+            except Fenced:
+                raise
             except Exception:
                 log.exception("consumer %s: handler failed on %d messages; retrying", self.durable, len(fresh))
                 await asyncio.sleep(1.0)
@@ -266,8 +276,12 @@ class DecisionLogConsumer(DurableConsumer):
     """The decision-log writer: decision records from JetStream to date-partitioned Parquet, exactly once."""
 
     def __init__(self, cfg: BusConfig, root: str | Path, durable: str = "decision-log", *, batch: int = 5000,
-                 on_written: Callable[[list[DecisionRecord]], None] | None = None, **kwargs: float) -> None:
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                 fence: Callable[[], None] | None = None, **kwargs: float) -> None:
+        """``fence``: called before each file is renamed into place; it raises `Fenced` when this writer may write
+        no more (its lease lost), and the file is not written."""
         self.root = Path(root)
+        self.fence = fence
         self.dir = self.root / "decisions"
         self.written = 0
         self.files_written = 0
@@ -324,6 +338,8 @@ class DecisionLogConsumer(DurableConsumer):
             pq.write_table(records_to_table(records), tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            if self.fence is not None:
+                self.fence()  # the last moment a lost lease can keep the file out of the log
             os.replace(tmp, path)
             dir_fd = os.open(part_dir, os.O_RDONLY)
             try:

@@ -3,7 +3,8 @@
 ``backend: sqlite`` (the default) keeps everything as it was: ``<data_dir>/events.db`` and Parquet decision
 files written in-process. ``backend: jetstream`` connects one `JetStreamBus` per process (it spools locally
 under ``spool_dir`` while NATS is unreachable, so opening it never fails for that reason). The runners at the
-end start the durable consumers of the other roles (decision-log writer, reward joiner/learner).
+end start the durable consumers of the other roles (the decision-log writer, which `kassa learn` or `kassa log write`
+runs under a lease: `kassa.roles.decision_log`).
 """
 
 from __future__ import annotations
@@ -69,20 +70,30 @@ def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecor
 # ---------------------------------------------------------------------------------------------- consumer runners
 async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
                                   on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                                  fence: Callable[[], None] | None = None, compact: bool = True,
                                   events: bool = True) -> None:
-    """The decision-log writer role, until ``stop``: decision records from JetStream to ``<data_dir>/decisions``
-    Parquet and (``events``) the events stream to ``<data_dir>/events.db``, so batch training, off-policy
-    evaluation and training sets read there what the embedded backend writes. One per deployment (more would
-    split the records between them, each exactly once)."""
+    """The decision-log writer, until ``stop``: decision records from JetStream to ``<data_dir>/decisions`` Parquet
+    and (``events``) the events stream to ``<data_dir>/events.db``, so batch training, off-policy evaluation and
+    training sets read there what the embedded backend writes. One per deployment, by a lease whose check is
+    ``fence`` (`kassa.roles.decision_log`, run by `kassa learn` and `kassa log write`): two would each re-create the
+    durable consumers from their own files and write records twice (the event archive's rows are unique by event id,
+    so a second writer there repeats nothing). ``compact``: also merge each closed hour's small files
+    (`kassa.events.compaction`; a learner's `Kassa` does)."""
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
-                                   on_written=on_written)
+                                   on_written=on_written, fence=fence)
     archive = EventArchiveConsumer(bus_config(settings, "kassa-event-archive"), settings.data_path) if events else None
-    # this role owns the directory: it also merges each closed hour's small files (`kassa.events.compaction`)
-    compactor = LogCompactor([settings.data_path / "decisions"]).start()
+    compactor = LogCompactor([settings.data_path / "decisions"]).start() if compact else None
+    tasks = [asyncio.create_task(run_consumer(c, stop), name=f"kassa-writer-{c.durable}")
+             for c in (consumer, archive) if c is not None]
     try:
-        if archive is None:
-            await run_consumer(consumer, stop)
-        else:
-            await asyncio.gather(run_consumer(consumer, stop), run_consumer(archive, stop))
+        # The first to fail (a fenced writer, a consumer's error) stops the other: the role exits as one.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
     finally:
-        await asyncio.to_thread(compactor.close)
+        for task in tasks:
+            task.cancel()  # each closes its connection in `run_consumer`
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if compactor is not None:
+            await asyncio.to_thread(compactor.close)

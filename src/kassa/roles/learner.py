@@ -39,32 +39,17 @@ from kassa.degraded import RateLimitedWarning
 from kassa.events.factory import bus_config
 from kassa.learn.online.handover import HandoverJoiner, Mark, watermark_of
 from kassa.learn.online.inputs import JetStreamInput, LearnerInput, SqliteTailInput
-from kassa.learn.online.lease import FileLease, Lease, LeaseKeeper, LeaseLost, RedisLease
+from kassa.learn.online.lease import Lease, LeaseKeeper, LeaseLost
 from kassa.learn.registry import StaleFence
+from kassa.roles.decision_log import DecisionLogWriterRole, writes_decision_log
+from kassa.roles.leases import LEASE_LOST_EXIT, lease_factory
+from kassa.roles.leases import exit_stalled as _exit_stalled
 
 log = logging.getLogger("kassa.learn")
-LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: start me again (as a standby)
 _SLICE = 1000  # decisions closed per step; the learner process has no request to yield to but its own I/O
 
 
 __all__ = ["LEASE_LOST_EXIT", "LearnerRole", "LeaseLost", "lease_factory", "run_learner"]
-
-
-def _exit_stalled(reason: str) -> None:
-    """A hung learning loop cannot be trusted to stop itself: exit from the keeper's thread."""
-    log.error("%s: exiting so that I start again as a standby", reason)  # a StreamHandler flushes each line
-    os._exit(LEASE_LOST_EXIT)  # not logging.shutdown(): the hung thread may hold a handler's lock
-
-
-def lease_factory(settings: Settings) -> Callable[[str], Lease]:
-    roles = settings.roles
-    if roles.lease == "redis":
-        import redis
-
-        client = redis.Redis.from_url(roles.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        return lambda placement: RedisLease(client, f"{roles.lease_prefix}:learn:lease:{placement}",
-                                            roles.lease_ttl_seconds)
-    return lambda placement: FileLease(settings.data_path / "leases" / f"learn-{placement}.lock")
 
 
 class LearnerRole:
@@ -98,6 +83,10 @@ class LearnerRole:
         shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
         self._takeover_warn = RateLimitedWarning(log, f"metadata database {shown}")
         self.input: LearnerInput | None = None
+        # On JetStream the decision log's writer too, under a lease of its own (`kassa.roles.decision_log`); this
+        # process's `Kassa` already compacts <data_dir>/decisions
+        self.writer = (DecisionLogWriterRole(settings, compact=False, on_stall=on_stall)
+                       if writes_decision_log(settings) else None)
 
     def lookback(self) -> float:
         """How far back a starting learner reads: the longest reward window, plus a margin."""
@@ -284,6 +273,8 @@ class LearnerRole:
         last_lease = last_status = last_prune = 0.0
         self.keeper.beat()
         self.keeper.start()
+        if self.writer is not None:
+            self.writer.start()
         log.info("learner started as standby for %s (reading back %.0f s)", ", ".join(self.placements()) or "-",
                  self.lookback())
         try:
@@ -294,6 +285,9 @@ class LearnerRole:
                 if now - last_lease >= self.lease_every:
                     last_lease = now
                     await self.leases_round()
+                if self.writer is not None:
+                    self.writer.check()  # a lost writer's lease: exit 75 as for a placement's
+                    await self.writer.round()
                 wait = interval if await self.round() else idle_interval
                 if now - last_status >= 10.0:
                     last_status = now
@@ -303,6 +297,8 @@ class LearnerRole:
                              or "none", len(self.joiner), self.joiner.closed, self.loop.learned, self.joiner.skipped,
                              self.joiner.late_events, self.joiner.refunds_taken_back, self.joiner.refunds_unmatched,
                              self.joiner.refunds_taken_back_on_order)
+                    if self.writer is not None:
+                        log.info("%s", self.writer.status())
                 if self.joiner.active and now - last_prune >= 60.0 and isinstance(self.input, SqliteTailInput):
                     last_prune = now
                     await asyncio.to_thread(self.input.records.prune, self.clock() - 2 * self.lookback())
@@ -312,6 +308,8 @@ class LearnerRole:
             await self.close(lost=not stop.is_set())
 
     async def close(self, lost: bool = False) -> None:
+        if self.writer is not None:
+            await self.writer.close()  # its last batch written, then its lease released
         if self.joiner.active and not lost:
             try:
                 self.keeper.check()
