@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -526,3 +527,16 @@ async def test_jetstream_input_reads_a_stream_created_again_after_nats_lost_its_
     finally:
         await source.close()
         await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_closing_the_input_is_not_logged_as_a_nats_outage(
+        names: tuple[str, str, str, str], anyio_backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A clean stop of `kassa learn` (SIGTERM) ended with `WARNING learner input: NATS disconnected; reconnecting`:
+    its own close fired the disconnect callback, which an SRE reads as an outage."""
+    caplog.set_level(logging.INFO, logger="kassa.learn")
+    async with _input(names) as (_cfg, source, _js):
+        assert source.nc is not None and source.nc.is_connected
+    await asyncio.sleep(0.2)  # the client's callbacks run on its tasks
+    assert not [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]

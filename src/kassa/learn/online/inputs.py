@@ -279,6 +279,7 @@ class JetStreamInput:
         self._event_decoder = msgspec.json.Decoder(schemas.Event)
         self.decisions_read = 0
         self.events_read = 0
+        self._closing = False
 
     async def start(self) -> JetStreamInput:
         self.nc = await connect(self.cfg, name=f"{self.cfg.name}-learner-input", error_cb=self._on_error,
@@ -295,6 +296,8 @@ class JetStreamInput:
         log.debug("learner input: NATS client error: %s", exc)
 
     async def _on_disconnected(self) -> None:
+        if self._closing:  # our own close: not an outage
+            return
         log.warning("learner input: NATS disconnected; reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -363,6 +366,7 @@ class JetStreamInput:
         return None  # ephemeral consumers without acks; a restart goes back `lookback_seconds`
 
     async def close(self) -> None:
+        self._closing = True
         for tail in (self._decisions, self._events):
             if tail is not None:
                 await tail.close()
