@@ -15,6 +15,7 @@ from kassa.demo.run import run_demo
 from kassa.demo.simulator import SLICES, World, decision_request, order_event, outcome_events
 from kassa.demo.store import PLACEMENTS, POLICY, SLOTS, STATIC, DemoStore
 from kassa.learn.cli import context
+from tests.signals import stop_when
 
 
 def free_port() -> int:
@@ -155,3 +156,23 @@ def test_another_learning_policy_serves_the_policy_slice_and_a_non_learning_one_
                                              r"\(squarecb, epsilon, softmax, ucb\)"):
             run_demo(headless=True, checkouts=10, seed=1, json_out=False, port=free_port(), data_dir=None,
                      keep_serving=False, policy=bad)
+
+
+def _running(folder: Path) -> bool:
+    """The shoppers are checking out: the decision log has flushed a file (every 0.5 s)."""
+    return any(folder.glob("**/decisions/**/*.parquet"))
+
+
+def test_headless_demo_stopped_with_ctrl_c_exits_130_with_the_summary_so_far(tmp_path: Path) -> None:
+    # It exited 0, as a finished run does, so a script could not tell; and its summary compared the plan's last
+    # 5,000 checkouts, which a stopped run never reached ("-" in every row).
+    n = 20_000
+    stopped = stop_when(["demo", "--headless", "--checkouts", str(n), "--json", "--exit", "--port", str(free_port()),
+                         "--data-dir", str(tmp_path / "d")], lambda: _running(tmp_path / "d"))
+    assert stopped.returncode == 130 and "Traceback" not in stopped.err, stopped.err
+    assert "interrupted: summarising the checkouts done so far" in stopped.err
+    result = json.loads(stopped.out.strip().splitlines()[-1])  # --json: still the last line, flushed
+    assert result["interrupted"] is True and 0 < result["checkouts"] < n, result
+    assert 0 < sum(result["slice_checkouts"].values()) <= result["last_window"] < n, result
+    assert result["policy_reward_rate"] is not None
+

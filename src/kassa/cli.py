@@ -185,8 +185,11 @@ def demo(
     """Simulated store + shoppers: watch Kassa decide, log and learn, with control slices."""
     from kassa.demo.run import run_demo
 
-    run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
-             data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving, policy=policy)
+    result = run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
+                      data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving,
+                      policy=policy)
+    if result["interrupted"]:  # a Ctrl-C during the run: the summary so far was printed, but the run is not done
+        raise typer.Exit(130)
 
 
 @app.command()
