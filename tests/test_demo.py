@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from kassa.demo.run import run_demo
 from kassa.demo.simulator import SLICES, World, decision_request, order_event, outcome_events
 from kassa.demo.store import PLACEMENTS, POLICY, SLOTS, STATIC, DemoStore
 from kassa.learn.cli import context
-from tests.signals import stop_when
+from tests.signals import kassa_env, stop_when
 
 
 def free_port() -> int:
@@ -176,3 +177,10 @@ def test_headless_demo_stopped_with_ctrl_c_exits_130_with_the_summary_so_far(tmp
     assert 0 < sum(result["slice_checkouts"].values()) <= result["last_window"] < n, result
     assert result["policy_reward_rate"] is not None
 
+
+def test_demo_stopped_with_sigterm_exits_143_and_removes_its_temporary_folder(tmp_path: Path) -> None:
+    # SIGTERM killed it outright (status -15): the temporary data folder (its databases, logs and models) stayed.
+    stopped = stop_when(["demo", "--headless", "--checkouts", "20000", "--exit", "--port", str(free_port())],
+                        lambda: _running(tmp_path), signal.SIGTERM, env=kassa_env(TMPDIR=str(tmp_path)))
+    assert stopped.returncode == 143 and "Traceback" not in stopped.err, stopped.err
+    assert not list(tmp_path.glob("kassa-demo-*"))
