@@ -171,6 +171,24 @@ def test_drift_fail_on_alert_exits_3_when_a_window_holds_no_decisions(client, ka
     assert runner.invoke(app, drift).exit_code == 0  # without --fail-on-alert: a report, as before
 
 
+def test_drift_fail_on_alert_exits_4_on_an_alert_and_a_usage_error_stays_2(client, kassa, clock):
+    # An alert was exit 2, Typer's code for a usage error: a CI job could not tell drift in its traffic from a
+    # mistyped option in its own command line.
+    for i in range(1_000):  # the traffic moves from phones to desktops halfway: the newest 500 against the 500 before
+        client.post("/v1/decisions", json=decision_body(customer=f"c{i}", limit=1, order=order(),
+                                                        context={"device": "mobile" if i < 500 else "desktop"}))
+        clock.advance(1)
+    kassa.decision_log.flush()
+    drift = ["drift", "--placement", "order_confirmation", "--last", "500", "--fail-on-alert",
+             "--data-dir", str(kassa.settings.data_path)]
+    alert = runner.invoke(app, [*drift, "--json"])
+    report = json.loads(alert.stdout.strip().splitlines()[-1])
+    assert alert.exit_code == 4 and report["alerts"], (alert.output, alert.exception)
+    assert any(r["feature"] == "device" and r["severity"] == "alert" for r in report["rows"]), report["rows"]
+    typo = runner.invoke(app, [*drift, "--fail-on-alerts"])
+    assert typo.exit_code == 2 and "No such option" in typo.output, typo.output
+
+
 @pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])
 def test_drift_refuses_last_with_a_time_window(tmp_path, window):
     # the time windows were ignored without a word (refused before any data is read)
