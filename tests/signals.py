@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,26 +34,30 @@ def kassa_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC, **extra}
 
 
-def stop_when(args: Sequence[str], ready: Callable[[], bool], sig: signal.Signals = signal.SIGINT, *,
-              env: dict[str, str] | None = None, cwd: Path | None = None, wait: float = 30.0,
-              python: Sequence[str] = ()) -> Stopped:
-    """Run ``python -m kassa ARGS`` (or ``python PYTHON... ARGS``), send ``sig`` once ``ready()`` holds."""
-    cmd = [sys.executable, *(python or ["-m", "kassa"]), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or kassa_env(), cwd=cwd)
-    try:
-        deadline = time.monotonic() + wait
-        while not ready():
-            if proc.poll() is not None:
-                out, err = proc.communicate()
-                raise AssertionError(f"{args} ended (status {proc.returncode}) before it was ready:\n{out}\n{err}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{args} was not ready within {wait} s")
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return Stopped(proc.returncode, out, err)
+def stop_when(args: Sequence[str], ready: Callable[[], bool] | str, sig: signal.Signals = signal.SIGINT, *,
+              env: dict[str, str] | None = None, cwd: Path | None = None, wait: float = 30.0) -> Stopped:
+    """Run ``python -m kassa ARGS``; send ``sig`` once ``ready()`` holds, or once stderr says ``ready`` (a str)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        def said() -> str:
+            err.seek(0)
+            return err.read()
+
+        is_ready = (lambda: ready in said()) if isinstance(ready, str) else ready
+        proc = subprocess.Popen([sys.executable, "-m", "kassa", *args], stdout=out, stderr=err, text=True,
+                                env=env or kassa_env(), cwd=cwd)
+        try:
+            deadline = time.monotonic() + wait
+            while not is_ready():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{args} ended (status {proc.returncode}) before it was ready:\n{said()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{args} was not ready within {wait} s:\n{said()}")
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        return Stopped(proc.returncode, out.read(), said())

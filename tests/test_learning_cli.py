@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kassa.cli import app
 from tests.conftest import decision_body, order
+from tests.signals import stop_when
 
 runner = CliRunner()
 
@@ -169,6 +170,14 @@ def test_drift_fail_on_alert_exits_3_when_a_window_holds_no_decisions(client, ka
     result = runner.invoke(app, [*drift, "--fail-on-alert"])
     assert result.exit_code == 3 and "not enough data" in result.output, (result.output, result.exception)
     assert runner.invoke(app, drift).exit_code == 0  # without --fail-on-alert: a report, as before
+
+
+def test_train_every_stopped_with_ctrl_c_between_runs_exits_130(logged):
+    # "stopped" and exit 0, as if the schedule had ended by itself
+    stopped = stop_when(["train", "--placement", "order_confirmation", "--every", "1h", "--data-dir", logged],
+                        "next run in 1h")
+    assert stopped.returncode == 130 and stopped.err.rstrip().endswith("stopped"), stopped.err
+    assert "Traceback" not in stopped.err and "registered order_confirmation@" in " ".join(stopped.err.split())
 
 
 def test_drift_fail_on_alert_exits_4_on_an_alert_and_a_usage_error_stays_2(client, kassa, clock):

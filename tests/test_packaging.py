@@ -236,3 +236,4 @@ def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) ->
     lines = err.splitlines()  # the CLI's console is stderr
     assert lines and lines[0].startswith("processed 0  lag 0 events") and lines[0].endswith("writes 0"), (out, err)
     assert lines[-1] == "stopped", (out, err)
+    assert proc.returncode == 130, (out, err)  # a Ctrl-C; it was 0, as if the worker had finished

@@ -271,8 +271,9 @@ def stream(
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the checkpoint is saved (main's finally); 130 as every Ctrl-C (README)
         console.print("stopped")
+        raise typer.Exit(130) from None
 
 
 @keys_app.command("create")

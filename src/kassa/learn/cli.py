@@ -341,9 +341,9 @@ def train_command(
         console.print(f"next run in {every} (Ctrl-C to stop)")
         try:
             time.sleep(interval)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # between runs: every candidate is registered; 130 as every Ctrl-C (README)
             console.print("stopped")
-            return
+            raise typer.Exit(130) from None
 
 
 
