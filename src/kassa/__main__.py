@@ -20,9 +20,12 @@ import sys
 from types import FrameType
 
 TERMINATED_EXIT = 128 + signal.SIGTERM
+_terminated = False
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    global _terminated
+    _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while cleaning up ends the process at once
     raise SystemExit(TERMINATED_EXIT)
 
@@ -44,6 +47,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        # The handler's exception can land where Python only prints it ("Exception ignored in ...": a finalizer a
+        # garbage collection ran) and the command then went on to finish: still not a success.
+        if _terminated and exc.code in (0, None):
+            sys.exit(TERMINATED_EXIT)
+        raise
 
 
 if __name__ == "__main__":
