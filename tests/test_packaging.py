@@ -258,3 +258,13 @@ def test_a_sigterm_whose_exit_was_swallowed_still_ends_143(tmp_path: Path) -> No
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 143 and time.monotonic() - t0 < 5
+
+
+def test_ctrl_c_of_a_running_command_ends_with_the_line_interrupted(tmp_path: Path) -> None:
+    # Typer turned it into exit 130 without a word: a log (or a half-drawn progress bar) just stopped.
+    from tests.signals import stop_when
+
+    stopped = stop_when(["serve", "--data-dir", str(tmp_path / "d"), "--port", str(_free_port())],
+                        "Application startup complete")
+    assert stopped.returncode == 130 and stopped.err.splitlines()[-1] == "interrupted", stopped.err
+    assert "Traceback" not in stopped.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -52,6 +53,15 @@ class _KassaGroup(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
         one_line_summaries(self)
         return super().parse_args(ctx, rewrite_aliases(args))
+
+    def invoke(self, ctx: Any) -> Any:
+        # A Ctrl-C ends every command as one during start-up does (`kassa.__main__`): exit 130 and the line
+        # `interrupted`. Typer exits 130 without a word, so a log or a half-drawn progress bar just stopped.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False,
