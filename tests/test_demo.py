@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from kassa.demo.run import run_demo
 from kassa.demo.simulator import SLICES, World, decision_request, order_event, outcome_events
 from kassa.demo.store import PLACEMENTS, POLICY, SLOTS, STATIC, DemoStore
 from kassa.learn.cli import context
+from tests.signals import kassa_env, stop_when
 
 
 def free_port() -> int:
@@ -196,3 +198,30 @@ def test_a_run_no_longer_than_its_window_says_the_cold_start_is_in_it() -> None:
         assert lo < result["lift_vs_static"] < hi
     assert COLD_START_NOTE in rendered[5_000] and "95 %" in rendered[5_000]
     assert COLD_START_NOTE not in rendered[300]
+
+
+def _running(folder: Path) -> bool:
+    """The shoppers are checking out: the decision log has flushed a file (every 0.5 s)."""
+    return any(folder.glob("**/decisions/**/*.parquet"))
+
+
+def test_headless_demo_stopped_with_ctrl_c_exits_130_with_the_summary_so_far(tmp_path: Path) -> None:
+    # It exited 0, as a finished run does, so a script could not tell; and its summary compared the plan's last
+    # 5,000 checkouts, which a stopped run never reached ("-" in every row).
+    n = 20_000
+    stopped = stop_when(["demo", "--headless", "--checkouts", str(n), "--json", "--exit", "--port", str(free_port()),
+                         "--data-dir", str(tmp_path / "d")], lambda: _running(tmp_path / "d"))
+    assert stopped.returncode == 130 and "Traceback" not in stopped.err, stopped.err
+    assert "interrupted: summarising the checkouts done so far" in stopped.err
+    result = json.loads(stopped.out.strip().splitlines()[-1])  # --json: still the last line, flushed
+    assert result["interrupted"] is True and 0 < result["checkouts"] < n, result
+    assert 0 < sum(result["slice_checkouts"].values()) <= result["last_window"] < n, result
+    assert result["policy_reward_rate"] is not None
+
+
+def test_demo_stopped_with_sigterm_exits_143_and_removes_its_temporary_folder(tmp_path: Path) -> None:
+    # SIGTERM killed it outright (status -15): the temporary data folder (its databases, logs and models) stayed.
+    stopped = stop_when(["demo", "--headless", "--checkouts", "20000", "--exit", "--port", str(free_port())],
+                        lambda: _running(tmp_path), signal.SIGTERM, env=kassa_env(TMPDIR=str(tmp_path)))
+    assert stopped.returncode == 143 and "Traceback" not in stopped.err, stopped.err
+    assert not list(tmp_path.glob("kassa-demo-*"))

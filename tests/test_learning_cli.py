@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kassa.cli import app
 from tests.conftest import decision_body, order
+from tests.signals import stop_when
 
 runner = CliRunner()
 
@@ -169,6 +170,32 @@ def test_drift_fail_on_alert_exits_3_when_a_window_holds_no_decisions(client, ka
     result = runner.invoke(app, [*drift, "--fail-on-alert"])
     assert result.exit_code == 3 and "not enough data" in result.output, (result.output, result.exception)
     assert runner.invoke(app, drift).exit_code == 0  # without --fail-on-alert: a report, as before
+
+
+def test_train_every_stopped_with_ctrl_c_between_runs_exits_130(logged):
+    # "stopped" and exit 0, as if the schedule had ended by itself
+    stopped = stop_when(["train", "--placement", "order_confirmation", "--every", "1h", "--data-dir", logged],
+                        "next run in 1h")
+    assert stopped.returncode == 130 and stopped.err.rstrip().endswith("stopped"), stopped.err
+    assert "Traceback" not in stopped.err and "registered order_confirmation@" in " ".join(stopped.err.split())
+
+
+def test_drift_fail_on_alert_exits_4_on_an_alert_and_a_usage_error_stays_2(client, kassa, clock):
+    # An alert was exit 2, Typer's code for a usage error: a CI job could not tell drift in its traffic from a
+    # mistyped option in its own command line.
+    for i in range(1_000):  # the traffic moves from phones to desktops halfway: the newest 500 against the 500 before
+        client.post("/v1/decisions", json=decision_body(customer=f"c{i}", limit=1, order=order(),
+                                                        context={"device": "mobile" if i < 500 else "desktop"}))
+        clock.advance(1)
+    kassa.decision_log.flush()
+    drift = ["drift", "--placement", "order_confirmation", "--last", "500", "--fail-on-alert",
+             "--data-dir", str(kassa.settings.data_path)]
+    alert = runner.invoke(app, [*drift, "--json"])
+    report = json.loads(alert.stdout.strip().splitlines()[-1])
+    assert alert.exit_code == 4 and report["alerts"], (alert.output, alert.exception)
+    assert any(r["feature"] == "device" and r["severity"] == "alert" for r in report["rows"]), report["rows"]
+    typo = runner.invoke(app, [*drift, "--fail-on-alerts"])
+    assert typo.exit_code == 2 and "No such option" in typo.output, typo.output
 
 
 @pytest.mark.parametrize("window", ["--since", "--until", "--reference-since", "--reference-until"])

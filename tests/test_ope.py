@@ -8,6 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -475,6 +476,28 @@ def test_png_report_is_written(evaluation: ope.Evaluation, tmp_path: Path) -> No
         # not a blank canvas: the interval bars and histogram put plenty of non-white pixels on it
         gray = np.asarray(im.convert("L"))
         assert (gray < 200).mean() > 0.01
+
+
+def test_a_png_report_stopped_while_drawing_leaves_the_previous_one(evaluation: ope.Evaluation, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa evaluate --png` drew straight into the file: a Ctrl-C or SIGTERM while Matplotlib wrote it (tens of ms)
+    # left half a PNG where the last run's report had been.
+    from matplotlib.figure import Figure
+
+    path = ope_report.write_png(evaluation, tmp_path / "ope.png", title="OPE")
+    before = path.read_bytes()
+
+    def stopped_halfway(self: Figure, target: Any, **kw: Any) -> None:
+        if isinstance(target, (str, Path)):
+            Path(target).write_bytes(before[:100])
+        else:
+            target.write(before[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ope_report.write_png(evaluation, path, title="OPE")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ope.png"]
 
 
 def test_read_report_data_rejects_a_page_without_data() -> None:

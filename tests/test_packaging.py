@@ -236,3 +236,35 @@ def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) ->
     lines = err.splitlines()  # the CLI's console is stderr
     assert lines and lines[0].startswith("processed 0  lag 0 events") and lines[0].endswith("writes 0"), (out, err)
     assert lines[-1] == "stopped", (out, err)
+    assert proc.returncode == 130, (out, err)  # a Ctrl-C; it was 0, as if the worker had finished
+
+
+def test_a_sigterm_whose_exit_was_swallowed_still_ends_143(tmp_path: Path) -> None:
+    # SIGTERM's exit can land in a finalizer, where Python prints it and goes on: `kassa evaluate` then finished and
+    # exited 0 with a "SystemExit: 143" traceback above its table. Here a command that swallows it stands in.
+    import signal
+    import time
+
+    script = tmp_path / "swallow.py"
+    script.write_text(
+        "import sys, time\nfrom kassa.cli import app\n\n"
+        "@app.command('swallow')\ndef swallow() -> None:\n"
+        "    print('ready', file=sys.stderr, flush=True)\n"
+        "    try:\n        time.sleep(30)\n    except BaseException:\n        pass\n\n"
+        "sys.argv = ['kassa', 'swallow']\nfrom kassa.__main__ import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stderr=subprocess.PIPE)
+    assert proc.stderr is not None and proc.stderr.readline() == "ready\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 143 and time.monotonic() - t0 < 5
+
+
+def test_ctrl_c_of_a_running_command_ends_with_the_line_interrupted(tmp_path: Path) -> None:
+    # Typer turned it into exit 130 without a word: a log (or a half-drawn progress bar) just stopped.
+    from tests.signals import stop_when
+
+    stopped = stop_when(["serve", "--data-dir", str(tmp_path / "d"), "--port", str(_free_port())],
+                        "Application startup complete")
+    assert stopped.returncode == 130 and stopped.err.splitlines()[-1] == "interrupted", stopped.err
+    assert "Traceback" not in stopped.err

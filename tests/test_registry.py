@@ -3,6 +3,7 @@ logging, the promotion gate, batch retraining and the models HTTP API."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def check_a_stale_lease_epoch_is_refused(registry: ModelRegistry, tmp_path: Path
 
 def test_a_snapshot_carrying_a_stale_lease_epoch_is_refused_on_sqlite(registry, tmp_path):
     check_a_stale_lease_epoch_is_refused(registry, tmp_path)
+
+
+def test_a_registration_stopped_while_copying_the_file_leaves_no_file_behind(registry, tmp_path, monkeypatch):
+    # A Ctrl-C or SIGTERM of `kassa train` between the copy and its rename left `<seq>-<token>.vw.tmp`, a whole or
+    # half-copied model file, in the registry's folder for good (the version itself was rolled back).
+    model = _model_file(tmp_path, "1", None)
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kassa.learn.registry.os.replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        registry.register("p", model, schema_hash="s1", learner_args="--cb_explore_adf", source="batch")
+    assert list((registry.artifacts / "p").iterdir()) == [] and registry.versions("p") == []
+    monkeypatch.setattr("kassa.learn.registry.os.replace", real_replace)
+    assert _register(registry, tmp_path, "2").version == "p@1"
 
 
 def test_stage_rules_keep_one_production_and_record_every_move(registry, tmp_path):

@@ -186,6 +186,32 @@ def test_workers_that_cannot_start_stop_the_supervisor_with_their_message(projec
     assert "the first worker exited while starting" in out and "starting it again" not in out, out
 
 
+def test_ctrl_c_stops_the_learner_with_130_and_sigterm_with_0(project) -> None:  # type: ignore[no-untyped-def]
+    # A Ctrl-C exited 0, as a supervisor's SIGTERM does (docs/deploy.md): a script could not tell it was stopped.
+    p = project()
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+        learner = p.start("learn", log=f"learn-{sig.name}.log")
+        p.wait_log(f"learn-{sig.name}.log", r"learner active for checkout")
+        learner.send_signal(sig)
+        assert learner.wait(30) == status, p.log(f"learn-{sig.name}.log")[-3000:]
+        assert "Traceback" not in p.log(f"learn-{sig.name}.log")
+
+
+def test_serve_with_workers_exits_130_on_ctrl_c_and_143_on_sigterm_as_one_process_does(project) -> None:  # type: ignore[no-untyped-def]
+    # The supervisor exited 0 on both, where `kassa serve` in one process exits 130 and 143.
+    p = project()
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        port = _free_port()
+        proc = p.start("serve", "--port", str(port), "--workers", "2", log=f"serve-{sig.name}.log")
+        _wait_ready(port)
+        kids = _children(proc.pid)
+        proc.send_signal(sig)
+        assert proc.wait(30) == status, p.log(f"serve-{sig.name}.log")[-3000:]
+        assert "Traceback" not in p.log(f"serve-{sig.name}.log")
+        for kid in kids:  # every worker stopped with it
+            _wait_dead(kid)
+
+
 def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]
     p = project()
     port = _free_port()

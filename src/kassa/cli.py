@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -52,6 +53,15 @@ class _KassaGroup(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
         one_line_summaries(self)
         return super().parse_args(ctx, rewrite_aliases(args))
+
+    def invoke(self, ctx: Any) -> Any:
+        # A Ctrl-C ends every command as one during start-up does (`kassa.__main__`): exit 130 and the line
+        # `interrupted`. Typer exits 130 without a word, so a log or a half-drawn progress bar just stopped.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(help="Kassa: real-time decisions for checkout.", no_args_is_help=True, add_completion=False,
@@ -185,8 +195,11 @@ def demo(
     """Simulated store + shoppers: watch Kassa decide, log and learn, with control slices."""
     from kassa.demo.run import run_demo
 
-    run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
-             data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving, policy=policy)
+    result = run_demo(headless=headless, checkouts=checkouts, seed=seed, json_out=json_out, port=port,
+                      data_dir=data_dir, keep_serving=(not headless) if keep_serving is None else keep_serving,
+                      policy=policy)
+    if result["interrupted"]:  # a Ctrl-C during the run: the summary so far was printed, but the run is not done
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -272,8 +285,9 @@ def stream(
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the checkpoint is saved (main's finally); 130 as every Ctrl-C (README)
         console.print("stopped")
+        raise typer.Exit(130) from None
 
 
 @keys_app.command("create")

@@ -21,6 +21,7 @@ from kassa.integrations.sync import SyncCursor, sync_catalog
 from kassa.integrations.woocommerce import WooCommerceConnector
 from tests.integrations.conftest import Sleeps
 from tests.integrations.fakes.shopify import ShopifyFake, product_node
+from tests.signals import stop_when
 
 
 @pytest.fixture
@@ -296,3 +297,15 @@ def test_a_running_server_serves_offers_the_cli_synced_within_a_second(tmp_path,
         time.sleep(0.02)
     after = {o["id"] for o in client.get("/v1/offers", headers=admin).json()["offers"]}
     assert len(after - before) == 7
+
+
+def test_sync_every_stopped_with_ctrl_c_exits_130_with_its_cursor_saved(tmp_path, woo_fake):
+    # "stopped; the cursor is saved" and exit 0, as if the schedule had ended by itself
+    config = tmp_path / "woo.yaml"
+    config.write_text(yaml.safe_dump({"woocommerce": {"url": woo_fake.url, "consumer_key": "ck_test",
+                                                      "consumer_secret": "cs_test", "per_page": 2}}))
+    data = tmp_path / "data"
+    stopped = stop_when(["integrations", "sync", "woocommerce", "--credentials", str(config), "--data-dir", str(data),
+                         "--every", "1h"], "next woocommerce sync in 1h")
+    assert stopped.returncode == 130 and "stopped; the cursor is saved" in stopped.err, stopped.err
+    assert "Traceback" not in stopped.err and (data / "integrations" / "woocommerce.cursor.json").exists()

@@ -227,6 +227,7 @@ def _run(headless: bool, n: int, seed: int, json_out: bool, port: int, path: Pat
         result["learned_examples"] = kassa.learning.learned
         result["static_order"] = static_order
         result["policy"] = policy
+        result["interrupted"] = interrupted  # `kassa demo` then exits 130, after this summary
         # The policy slice's production version in the registry now (as `kassa models list` shows it): the
         # scoreboard's is the last decision's, which predates the snapshots learned from the drained rewards
         # (and the last one, on stop) and is "baseline" or "fallback" when that one decision was.

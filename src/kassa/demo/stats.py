@@ -164,7 +164,11 @@ class Scoreboard:
     def result(self, seed: int, last: int = 5_000) -> dict[str, Any]:
         """The demo's JSON summary (the ``--json`` line) but for what the run adds: the production model
         version at the end, the learned examples and the policy (`kassa.demo.run`)."""
-        start = max(0, self.total - last)
+        # A run stopped early (Ctrl-C) ends at its last finished checkout: the plan's last `last` held none of
+        # them, and the summary compared empty slices ("-").
+        with self._lock:
+            end = next((i + 1 for i in range(self.total - 1, -1, -1) if self.finished[i]), 0)
+        start = max(0, end - last)
         tail, whole = self.rates(start), self.rates(0)
         seconds = self.elapsed()
         pol, rnd, sta = (tail[s].rate for s in SLICES)
@@ -179,7 +183,7 @@ class Scoreboard:
 
         return {
             "checkouts": self.done,
-            "last_window": self.total - start,
+            "last_window": end - start,
             "policy_reward_rate": r(pol),
             "random_reward_rate": r(rnd),
             "best_static_reward_rate": r(sta),

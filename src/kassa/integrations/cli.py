@@ -156,8 +156,9 @@ def sync(
                 break
             console.print(f"next {platform} sync in {every} (Ctrl-C to stop)")
             time.sleep(interval)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # 130 as every Ctrl-C (README); each committed page is kept with its cursor
         console.print("stopped; the cursor is saved")
+        raise typer.Exit(130) from None
     finally:
         _close(connector)
         store.engine.dispose()

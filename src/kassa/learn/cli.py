@@ -35,10 +35,11 @@ models_app = typer.Typer(help="The model registry: versions, stages, promotion a
 console = Console(stderr=True)
 out = Console()
 
-# Exit codes a CI or cron job reads besides 0 (done), 1 (an error) and 2 (bad usage; `kassa drift --fail-on-alert`:
-# an alert): `kassa evaluate --promote` that did not promote, `kassa drift --fail-on-alert` that checked nothing.
+# Exit codes a CI or cron job reads besides 0 (done), 1 (an error) and 2 (bad usage, Typer's own: nothing else may use
+# it): `kassa evaluate --promote` that did not promote, `kassa drift --fail-on-alert` that checked nothing or alerts.
 NOT_PROMOTED_EXIT = 3
 NOTHING_CHECKED_EXIT = 3
+ALERT_EXIT = 4
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--settings", "-s", help="Kassa settings file (YAML; default: $KASSA_CONFIG).")]
@@ -340,9 +341,9 @@ def train_command(
         console.print(f"next run in {every} (Ctrl-C to stop)")
         try:
             time.sleep(interval)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # between runs: every candidate is registered; 130 as every Ctrl-C (README)
             console.print("stopped")
-            return
+            raise typer.Exit(130) from None
 
 
 
@@ -564,7 +565,7 @@ def drift_command(
     reference_until: Annotated[Optional[str], typer.Option(help="End of the reference window.")] = None,  # noqa: UP045
     last: Annotated[Optional[int], typer.Option(help="Live window = the newest N logged decisions, reference = "  # noqa: UP045
                                                      "the N before them (instead of the time windows).")] = None,
-    fail_on_alert: Annotated[bool, typer.Option(help="Exit with status 2 when anything alerts, "
+    fail_on_alert: Annotated[bool, typer.Option(help=f"Exit with status {ALERT_EXIT} when anything alerts, "
                                                      f"{NOTHING_CHECKED_EXIT} when a window holds no decisions "
                                                      "(nothing was checked), for cron/CI.")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
@@ -640,7 +641,7 @@ def drift_command(
                      "live_window": [live_start, live_end],
                      "reference_source": source})
     if fail_on_alert and report.alerts:
-        raise typer.Exit(2)
+        raise typer.Exit(ALERT_EXIT)  # was 2, which a mistyped option also gives
     if fail_on_alert and (report.reference_n == 0 or report.live_n == 0):
         # "not enough data" was exit 0, what a healthy check answers: a cron job could not tell that a placement
         # which stopped logging decisions (or a mistyped window) was never checked

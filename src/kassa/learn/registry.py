@@ -425,14 +425,18 @@ class ModelRegistry:
     def _store_file(artifact: Path, dest: Path, link: bool) -> None:
         def store(src: Path, to: Path) -> None:
             tmp = to.with_name(to.name + ".tmp")
-            if link:
-                try:
-                    os.link(src, tmp)
-                except OSError:
+            try:
+                if link:
+                    try:
+                        os.link(src, tmp)
+                    except OSError:
+                        shutil.copyfile(src, tmp)
+                else:
                     shutil.copyfile(src, tmp)
-            else:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, to)
+                os.replace(tmp, to)
+            except BaseException:  # a Ctrl-C or SIGTERM mid-copy: no (half-)copied file stays (`_register`)
+                tmp.unlink(missing_ok=True)
+                raise
 
         store(artifact, dest)
         # The serving copy (linear.py): the learner writes one beside its snapshot; otherwise export it now,

@@ -326,7 +326,8 @@ class LearnerRole:
 
 
 def run_learner(settings: Settings, placements: list[str] | None = None) -> int:
-    """`kassa learn` in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    """`kassa learn` in the foreground until SIGTERM (exit 0: a supervisor's normal stop) or SIGINT (130, as every
+    Ctrl-C of `kassa`); returns the exit code. Both stop it gracefully."""
     import signal
 
     import uvloop
@@ -334,23 +335,29 @@ def run_learner(settings: Settings, placements: list[str] | None = None) -> int:
     async def main() -> int:
         stop, halt = asyncio.Event(), threading.Event()  # halt: the same signal, for the start-up wait's thread
         loop = asyncio.get_running_loop()
-        def on_signal() -> None:
+        stopped_by: list[int] = []
+
+        def on_signal(sig: int) -> None:
+            stopped_by.append(sig)
             stop.set()
             halt.set()
 
+        def status() -> int:
+            return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         # The metadata database unreachable at start: wait for it (a line per 10 s) rather than exit with a
         # traceback, as the learner already waits for JetStream (`open_input`) and for the database later on.
         if not await asyncio.to_thread(wait_for_database, settings.metadata_url, halt):
-            return 0
+            return status()
         role = LearnerRole(settings, placements)
         try:
             await role.run(stop)
         except LeaseLost as exc:
             log.error("%s: exiting so that I start again as a standby", exc)
             return LEASE_LOST_EXIT
-        return 0
+        return status()
 
     lower_priority(settings.roles.learner_nice)
     return uvloop.run(main())

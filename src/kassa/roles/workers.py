@@ -7,7 +7,7 @@ than a thread of its own (ADR 0009, addendum of 2026-12-07), and serves either t
 (``balance="shared"``) or a socket of its own bound with ``SO_REUSEPORT`` (the kernel spreads new connections
 across workers by a hash of the 4-tuple; ``balance="auto"``, the default, on Linux). ADR 0009 has the
 measurements behind the default. A worker that dies is forked again (at most once a second); SIGTERM/SIGINT
-stop every child gracefully (SIGTERM, then SIGKILL after ``grace`` seconds).
+stop every child gracefully (SIGTERM, then SIGKILL after ``grace`` seconds), then the supervisor exits 143/130.
 
 With ``roles.learner = "child"`` the supervisor also runs `kassa learn` as a child process (restarted
 when it dies), so `kassa serve` stays one command with the learner off the request path.
@@ -118,6 +118,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.learner_proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
+        self._stopped_by = 0  # the signal that stopped it: the exit status says which, as one `kassa serve` does
         self._settings_file: Path | None = None
 
     def _fork(self, index: int, sock: socket.socket | None, built_fd: int | None = None) -> None:
@@ -148,8 +149,9 @@ class Supervisor:
                                               str(self._settings_file)])
         log.info("learner (pid %d) started", self.learner_proc.pid)
 
-    def _stop(self, _signum: int, _frame: object) -> None:
+    def _stop(self, signum: int, _frame: object) -> None:
         self._stopping = True
+        self._stopped_by = self._stopped_by or signum
 
     def run(self) -> None:
         reuseport = uses_reuseport(self.settings)
@@ -204,6 +206,9 @@ class Supervisor:
         finally:
             self._shutdown()
             sock.close()
+        # 130 for a Ctrl-C, 143 for SIGTERM, after every child stopped: what uvicorn gives `kassa serve` in one
+        # process (it re-raises the signal once shut down); the supervisor exited 0 on both.
+        raise SystemExit(128 + self._stopped_by)
 
     def _reap(self) -> list[tuple[int, int]]:
         """Workers that exited (only ours: the learner's `Popen` reaps its own child)."""

@@ -19,6 +19,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -299,10 +300,19 @@ def _svg(fig: Figure) -> str:
 
 def write_png(evaluation: Evaluation, path: str | Path, *, title: str | None = None, gate: GateResult | None = None,
               dpi: int = 150) -> Path:
-    """Draw `figure` to a PNG file and return its path."""
+    """Draw `figure` to a PNG file and return its path. Drawn in memory, then written under a temporary name and
+    renamed: a Ctrl-C or SIGTERM while Matplotlib draws (tens of ms) leaves the previous file, not half a PNG."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure(evaluation, title=title, gate=gate).savefig(out, format="png", dpi=dpi, metadata={"Software": None})
+    buf = io.BytesIO()
+    figure(evaluation, title=title, gate=gate).savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
