@@ -113,6 +113,16 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert out.returncode == 0 and not out.stderr.strip(), out.stdout + out.stderr
 
 
+def test_systemd_counts_a_stop_as_a_clean_exit() -> None:
+    """`systemctl stop` sends SIGTERM, after which `kassa serve` and `kassa stream` exit 143 once they have shut down
+    cleanly (README, "Exit codes and signals"; tests/test_packaging.py and tests/test_roles.py send the signal): a unit
+    without `SuccessExitStatus=143` was left `failed` by every stop and every deploy."""
+    for unit in sorted((DEPLOY / "systemd").glob("*.service")):
+        service = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line
+                       and not line.startswith("#"))
+        assert "143" in service.get("SuccessExitStatus", "").split(), unit.name
+
+
 def test_image_is_python_3_11_slim_and_runs_as_a_non_root_user() -> None:
     lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
     froms = [line.split()[1] for line in lines if line.startswith("FROM ")]
