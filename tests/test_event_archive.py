@@ -135,3 +135,31 @@ def test_the_writer_can_leave_the_events_out(kassa: Kassa) -> None:
 
     asyncio.run(go())
     assert len(read_decisions(kassa.settings.data_path)) == 1 and _archived(kassa.settings.data_path) == []
+
+
+def test_at_a_steady_trickle_the_writer_makes_a_file_per_flush_interval_not_per_fetch(kassa: Kassa) -> None:
+    """Each fetch came back with the one or two records published since the last: a Parquet file, an fsync and a
+    directory fsync every few milliseconds (and as many tiny files for every reader of the log to open). The writer
+    gathers for `decision_log_flush_seconds` (0.5 s) before it writes."""
+    data = kassa.settings.data_path
+    with TestClient(create_app(kassa), headers={"Authorization": f"Bearer {PUB}"}) as client:
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_decision_log_writer(kassa.settings, stop))
+            await asyncio.sleep(1.0)  # the writer's consumers are up
+            for i in range(40):  # ~1.2 s of decisions, one every 30 ms, each flushed to the stream at once
+                d = await asyncio.to_thread(client.post, "/v1/decisions", json=decision_body(request_id=f"t{i}"))
+                assert d.status_code == 200
+                await asyncio.to_thread(kassa.decision_log.flush)
+                await asyncio.sleep(0.03)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(read_decisions(data)) < 40:
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+
+        asyncio.run(go())
+    assert len(read_decisions(data)) == 40
+    files = list((data / "decisions").glob("date=*/part-*.parquet"))
+    assert 1 <= len(files) <= 6, len(files)  # ~1.2 s in 0.5 s gathers (a date boundary could add one); was ~40

@@ -112,7 +112,7 @@ class DurableConsumer:
 
     def __init__(self, cfg: BusConfig, kind: str, durable: str, handler: Handler,
                  position: PositionStore | None = None, *, batch: int = 500, ack_wait: float = 30.0,
-                 fetch_timeout: float = 1.0) -> None:
+                 fetch_timeout: float = 1.0, gather_seconds: float = 0.0) -> None:
         if kind not in ("events", "decisions"):
             raise ValueError("kind must be 'events' or 'decisions'")
         self.cfg = cfg
@@ -124,6 +124,10 @@ class DurableConsumer:
         self.batch = batch
         self.ack_wait = ack_wait
         self.fetch_timeout = fetch_timeout
+        # After a fetch that came back short of ``batch``, keep fetching for up to this long and hand the handler
+        # one batch: a writer then makes one file (one transaction) per ``gather_seconds`` at a steady trickle,
+        # not one per fetch. What it holds is unacknowledged, so a crash loses nothing: it is redelivered.
+        self.gather_seconds = gather_seconds
         self.applied = 0  # messages handed to the handler
         self.skipped = 0  # redelivered messages at or below the position, acked unapplied
         self.last_seq = 0
@@ -160,8 +164,27 @@ class DurableConsumer:
                 log.warning("consumer %s: fetch failed (%s); retrying", self.durable, exc)
                 await asyncio.sleep(self.cfg.reconnect_wait_seconds)
                 continue
+            if msgs and self.gather_seconds > 0 and len(msgs) < self.batch:
+                msgs = await self._gather(msgs)
             if msgs:
                 await self._handle(msgs)
+
+    async def _gather(self, msgs: list[Msg]) -> list[Msg]:
+        assert self._sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gather_seconds
+        while len(msgs) < self.batch and not self._stop.is_set():
+            left = deadline - loop.time()
+            if left <= 0.001:
+                break
+            try:
+                msgs += await self._sub.fetch(self.batch - len(msgs), timeout=left)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            except nats.errors.Error as exc:  # write what was gathered; the next fetch says it again
+                log.debug("consumer %s: fetch while gathering failed (%s)", self.durable, exc)
+                break
+        return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
         fresh = [(m.metadata.sequence.stream, m.data) for m in msgs if m.metadata.sequence.stream > self.last_seq]
