@@ -30,6 +30,7 @@ from kassa.loadtest.report import DATA_ID, read_report_data, render_report
 from kassa.loadtest.runner import LoadTestError, RunConfig, run_loadtest
 from kassa.server import BackgroundServer
 from tests.conftest import CATALOG, PUB
+from tests.partial_writes import disk_full_halfway
 
 REQUIRED = ("asked_rate", "achieved_rate", "p50_ms", "p99_ms", "p999_ms", "max_ms", "errors", "valid", "verdict")
 
@@ -124,6 +125,22 @@ def _small_run_summary() -> dict[str, Any]:
                                  "min_held": 0, "failed": {}, "closed_by_server": 0, "reopened": 0,
                                  "refresh_requests": 0, "refresh_failed": 0},
             "started_at": "now", "machine": {"cpu": "c", "cores": 2, "platform": "p", "python": "3", "loadavg_1m": 1}}
+
+
+def test_a_report_that_fails_halfway_leaves_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa loadtest run --report` wrote the page with one write_text straight into the file: a full disk, Ctrl-C
+    # or SIGTERM half-way left half a page where the last run's report had been.
+    from kassa.loadtest.report import write_report
+
+    result = {"summary": _small_run_summary(), "timeline": {"t": [0], "asked": [10], "answered": [9], "errors": [1],
+                                                          "p50_ms": [1.0], "p99_ms": [2.0], "max_ms": [3.0],
+                                                          "lag_p99_ms": [0.1]}, "curves": {"all": [[0.0, 1.0]]}}
+    path = write_report(result, tmp_path / "report.html")
+    before = path.read_bytes()
+    disk_full_halfway(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(result, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
 def test_report_of_an_invalid_failing_run_says_so() -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from kassa.learn.offline import ope, ope_report
 from kassa.learn.offline.ope import Estimate, MeanRewardModel, OPEInputError
+from tests.partial_writes import disk_full_halfway
 
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
@@ -498,6 +499,18 @@ def test_a_png_report_stopped_while_drawing_leaves_the_previous_one(evaluation: 
     with pytest.raises(KeyboardInterrupt):
         ope_report.write_png(evaluation, path, title="OPE")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ope.png"]
+
+
+def test_an_html_report_that_fails_halfway_leaves_the_previous_one(evaluation: ope.Evaluation, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa evaluate --report` wrote the page with one write_text straight into the file: a full disk, Ctrl-C or
+    # SIGTERM half-way left half a page where the last run's report had been.
+    path = ope_report.write_html(evaluation, tmp_path / "ope.html", title="OPE")
+    before = path.read_bytes()
+    disk_full_halfway(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        ope_report.write_html(evaluation, path, title="OPE, the next run")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ope.html"]
 
 
 def test_read_report_data_rejects_a_page_without_data() -> None:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import kassa
 from kassa.cli import app, rewrite_aliases
+from tests.partial_writes import disk_full_halfway
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +96,19 @@ def test_init_writes_a_project_the_server_starts_from(tmp_path: Path, monkeypatc
 
     again = CliRunner().invoke(app, ["init", str(folder)])
     assert again.exit_code == 1 and "already has" in again.output  # nothing overwritten without --force
+
+
+def test_init_force_that_fails_halfway_leaves_the_previous_settings(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa init --force` wrote kassa.yaml in place: a full disk, Ctrl-C or SIGTERM half-way left half a settings
+    # file, its keys cut off, where the project's working one had been.
+    folder = tmp_path / "shop"
+    assert CliRunner().invoke(app, ["init", str(folder)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    disk_full_halfway(monkeypatch)
+    result = CliRunner().invoke(app, ["init", str(folder), "--force"])
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left either
 
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])

@@ -20,7 +20,9 @@ from kassa.api.demo_page import add_demo_page, confirmation_page
 from kassa.app import Kassa
 from kassa.keys import RateLimiter
 from kassa.snippet.build import SIZE_BUDGET_GZIP, build, built, minify
+from kassa.snippet.build import main as build_main
 from tests.conftest import ADMIN, PUB, SECRET, decision_body
+from tests.partial_writes import disk_full_halfway
 from tests.test_api import assert_problem
 
 SHOP = "https://shop.example"
@@ -69,6 +71,18 @@ def test_build_cli_writes_the_file_and_prints_the_tag(tmp_path: Path):
     assert info["integrity"] == built().integrity and info["gzip_bytes"] <= SIZE_BUDGET_GZIP
     assert info["script_tag"] == (f'<script async src="https://kassa.shop.example/v1/snippet.js?v={built().version}" '
                                   f'integrity="{built().integrity}" crossorigin="anonymous"></script>')
+
+
+def test_a_build_that_fails_halfway_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]):
+    # `python -m kassa.snippet.build --out` wrote the script in place: a full disk or a stop half-way left half a
+    # script where the last good build (the one the page tags' integrity hash names) had been.
+    out = tmp_path / "kassa.js"
+    out.write_bytes(b"// the previous build\n")
+    disk_full_halfway(monkeypatch)
+    assert build_main(["--out", str(out)]) == 2
+    assert "cannot write the snippet to" in capsys.readouterr().err
+    assert out.read_bytes() == b"// the previous build\n" and [p.name for p in tmp_path.iterdir()] == ["kassa.js"]
 
 
 def test_built_file_is_valid_javascript_when_node_is_available(tmp_path: Path):

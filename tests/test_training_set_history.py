@@ -333,3 +333,42 @@ def test_cli_training_set_reads_the_full_source_history_without_materialize(tmp_
     assert run() == [(1, "new"), (5, "vip"), (5, "vip"), (0, "new"), (0, "new")]
     assert run("--filter-by-created-timestamp") == [(1, "new"), (4, None), (5, "vip"), (0, "new"), (0, "new")]
     assert run("--no-defaults") == [(1, "new"), (5, "vip"), (5, "vip"), (None, None), (None, None)]
+
+
+def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa features training-set --out` wrote the Parquet file in place: a full disk, Ctrl-C or SIGTERM while
+    # pyarrow wrote it left a file without its footer where the last good training set had been.
+    source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
+    defs = tmp_path / "features.yaml"
+    defs.write_text(json.dumps({
+        "entities": [{"name": "customer", "join_key": "customer_id"}],
+        "views": [{"name": "customer_stats", "kind": "batch", "entity": "customer", "ttl": "30d",
+                   "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
+    }))
+    data = ["--data-dir", str(tmp_path / "data")]
+    runner = CliRunner()
+    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    entities = tmp_path / "entities.csv"
+    entities.write_text(f"customer_id,event_timestamp\nc1,{iso(T0 + HOUR, UTC)}\n")
+    out = tmp_path / "sets" / "train.parquet"
+    args = ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
+            "--out", str(out), *data]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    before = out.read_bytes()
+
+    real_write_table = pq.write_table
+
+    def disk_full_halfway(table: pa.Table, where: Any, *a: Any, **kw: Any) -> None:
+        sink = pa.BufferOutputStream()
+        real_write_table(table, sink, *a, **kw)
+        whole = sink.getvalue().to_pybytes()
+        Path(where).write_bytes(whole[: len(whole) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full_halfway)
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0
+    assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["train.parquet"]
+    assert pq.read_table(out).column("orders").to_pylist() == [1]

@@ -19,6 +19,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from kassa.atomicfile import write_atomic
+
 # The server's key prefixes (`kassa.keys`): kp_ publishable, ks_ secret, ka_ admin.
 _KEY_PREFIX = {"publishable": "kp_", "secret": "ks_", "admin": "ka_"}
 
@@ -164,10 +166,8 @@ def init_project(folder: str | os.PathLike[str], force: bool = False) -> Project
     try:
         root.mkdir(parents=True, exist_ok=True)
         for name, text in contents.items():
-            path = root / name
-            path.write_text(text, encoding="utf-8")
-            if name == SETTINGS_FILE:
-                path.chmod(0o600)  # it holds the keys
+            # each file whole or the previous one: `--force` stopped mid-write left half a kassa.yaml
+            path = write_atomic(root / name, text, mode=0o600 if name == SETTINGS_FILE else None)  # it holds the keys
             written.append(path)
     except OSError as exc:  # a file where the folder should be, a parent Kassa may not write, a full disk
         where = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(root) else ""

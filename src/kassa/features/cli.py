@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kassa.atomicfile import replacing
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import DefinitionError, FeatureRepo, load_repo, parse_duration
 from kassa.startup import missing_data
@@ -389,8 +390,8 @@ def training_set(
                                                 filter_by_created_timestamp=filter_by_created_timestamp)
     except ValueError as exc:
         _fail(str(exc))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_file)
+    with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
+        pq.write_table(table, tmp)
     names = [f"{v.name}:{f}" for v, fields in wanted for f in fields]
     if json_out:
         print(json.dumps({"rows": table.num_rows, "columns": table.num_columns, "features": names,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kassa.atomicfile import write_atomic
 from kassa.loadtest.hist import MIN_BEYOND
 
 DATA_ID = "kassa-loadtest-data"
@@ -429,10 +430,9 @@ cannot hide its stall. The run is valid only if the generator kept its schedule 
 
 
 def write_report(result: dict[str, Any], path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(result), encoding="utf-8")
-    return out
+    """Write `render_report` to ``path``, whole or not at all (`kassa.atomicfile`): a stop or a full disk
+    mid-write leaves the previous report."""
+    return write_atomic(path, render_report(result))
 
 
 def read_report_data(text: str) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kassa.atomicfile import write_atomic
+
 SIZE_BUDGET_GZIP = 10 * 1024  # issue 6: the served script is at most 10 KB gzipped
 
 
@@ -108,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     snippet = built()
     if args.out:
         try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_bytes(snippet.body)
+            write_atomic(args.out, snippet.body)
         except OSError as exc:  # a directory, or a folder Kassa may not write: was a traceback
             print(f"cannot write the snippet to {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 2

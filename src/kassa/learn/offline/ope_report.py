@@ -19,7 +19,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kassa.atomicfile import write_atomic
 from kassa.learn.offline.ope import LOGGED, ON_POLICY, UNIFORM, Estimate, Evaluation, GateResult
 
 if TYPE_CHECKING:
@@ -302,18 +302,9 @@ def write_png(evaluation: Evaluation, path: str | Path, *, title: str | None = N
               dpi: int = 150) -> Path:
     """Draw `figure` to a PNG file and return its path. Drawn in memory, then written under a temporary name and
     renamed: a Ctrl-C or SIGTERM while Matplotlib draws (tens of ms) leaves the previous file, not half a PNG."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     figure(evaluation, title=title, gate=gate).savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------- html
@@ -415,8 +406,5 @@ logger never offered.</p>
 
 def write_html(evaluation: Evaluation, path: str | Path, *, title: str | None = None,
                gate: GateResult | None = None) -> Path:
-    """Write `render_html` to ``path`` and return it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(evaluation, title=title, gate=gate), encoding="utf-8")
-    return out
+    """Write `render_html` to ``path`` (whole or not at all: `kassa.atomicfile`) and return it."""
+    return write_atomic(path, render_html(evaluation, title=title, gate=gate))
