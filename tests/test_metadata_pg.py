@@ -239,6 +239,60 @@ def test_a_session_idle_inside_its_registry_write_is_ended_by_the_server_so_a_ta
         kassa.db.dispose()
 
 
+def test_a_migration_paused_past_the_idle_in_transaction_bound_is_run_again(pg_url, monkeypatch, caplog):
+    # The migration is one transaction: a process paused in it (SIGSTOP, a VM freeze) past
+    # idle_in_transaction_session_timeout had its session ended by the server, and `kassa serve|learn|stream`
+    # (`wait_for_database`, which retried only OperationalError/InterfaceError) exited with an InternalError traceback.
+    from alembic import command
+
+    real_upgrade, paused = command.upgrade, []
+
+    def paused_once(cfg, revision):  # inside the transaction, after the advisory lock: the session idles in it
+        if not paused:
+            paused.append(True)
+            time.sleep(0.8)
+        return real_upgrade(cfg, revision)
+
+    monkeypatch.setattr(command, "upgrade", paused_once)
+    caplog.set_level(logging.WARNING, logger="kassa.db")
+    engine = make_engine(pg_url, idle_in_transaction=0.3)
+    assert paused and current_revision(engine) == head_revision()
+    assert _columns(engine) == _model_columns()
+    assert any("ended the session of its migration" in r.getMessage() and "migrating again" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    engine.dispose()
+
+
+def test_start_writes_paused_past_the_idle_in_transaction_bound_end_the_start_with_one_line(
+        pg_url, tmp_path, catalog_file, features_file, monkeypatch):
+    # `Kassa` writes its settings' catalog, keys and features at start under `start_writes_lock`: a process paused
+    # inside one of those transactions exited with a ~60-line InternalError traceback.
+    import kassa.catalog.store
+
+    real_bump = kassa.catalog.store.bump
+
+    def paused_bump(conn, topic):  # the transaction's first statement, then a pause inside it
+        real_bump(conn, topic)
+        time.sleep(0.8)
+
+    monkeypatch.setattr(kassa.catalog.store, "bump", paused_bump)
+    settings = load_settings(None, data_dir=str(tmp_path / "data"), catalog_file=str(catalog_file), admin_key=ADMIN,
+                             publishable_key=PUB, **{"features.definitions_file": str(features_file),
+                                                     "metadata.url": pg_url,
+                                                     "metadata.idle_in_transaction_seconds": 0.3})
+    with pytest.raises(SystemExit) as ended:
+        Kassa(settings)
+    message = str(ended.value.code)
+    assert message.startswith("cannot start: the metadata database ") and "\n" not in message, message
+    assert "metadata.idle_in_transaction_seconds" in message and "start it again" in message
+    monkeypatch.setattr(kassa.catalog.store, "bump", real_bump)
+    kassa_ = Kassa(settings)  # nothing of it was committed: a new start writes the catalog
+    try:
+        assert set(kassa_.catalog.snapshot.placements) == {"order_confirmation", "cross_sell"}
+    finally:
+        kassa_.db.dispose()
+
+
 def test_a_statement_its_client_gave_up_on_stops_holding_the_fence_row(pg_url, tmp_path):
     # The client stops waiting for an answer after its bound (`AnsweringConnection`) and closes the connection, but the
     # server ran the statement on (here: waiting on a lock) with its transaction's locks held, the fence row among

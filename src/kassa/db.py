@@ -40,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
     import psycopg
@@ -158,6 +159,23 @@ ANSWER_TIMEOUT_SECONDS = 10.0
 # until it resumed. Kassa's transactions are a few statements back to back (the longest gap: copying a snapshot file
 # between two of them, milliseconds); 5 s stays under the lease's own takeover time (ADR 0009).
 IDLE_IN_TRANSACTION_SECONDS = 5.0
+_IDLE_IN_TRANSACTION_ENDED = "25P03"  # the SQLSTATE of the server ending such a session (psycopg: an InternalError)
+
+
+def ended_idle_in_transaction(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL ending this session because it sat idle inside a transaction past
+    ``idle_in_transaction``: the transaction was rolled back, the connection is gone (the pool replaces it)."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == _IDLE_IN_TRANSACTION_ENDED
+
+
+class StartSessionEnded(SystemExit):
+    """A start-up write's session ended by the server (`ended_idle_in_transaction`): one line, not a traceback."""
+
+    def __init__(self, what: str, engine: Engine) -> None:
+        shown = engine.url.render_as_string(hide_password=True)
+        super().__init__(f"cannot start: the metadata database {shown} ended the session of {what}: this process sat "
+                         "inside the transaction longer than metadata.idle_in_transaction_seconds (paused, or "
+                         "starved of CPU); nothing of it was committed: start it again")
 
 
 def _answering_connection_class(limit: float) -> type[psycopg.Connection[Any]]:
@@ -318,6 +336,27 @@ def migrate(engine: Engine) -> str:
     A database an older Kassa made with ``create_all`` has no ``alembic_version``: revision 0001 creates
     only the tables it lacks, so the upgrade adopts it (stamps 0001) and carries on to head. Returns the
     revision the database was at before (``"none"`` for a fresh or pre-Alembic one)."""
+    # One transaction, which the server ends (rolled back) if this process pauses in it past idle_in_transaction:
+    # run it again rather than exit with an InternalError traceback (`kassa serve|learn|stream` start with this).
+    attempt = 1
+    while True:
+        try:
+            return _migrate(engine)
+        except DBAPIError as exc:
+            if not ended_idle_in_transaction(exc):
+                raise
+            if attempt == _MIGRATION_TRIES:
+                raise StartSessionEnded("its migration", engine) from None
+            attempt += 1
+            log.warning("metadata database %s ended the session of its migration (idle in its transaction past "
+                        "idle_in_transaction_session_timeout: this process was paused); migrating again",
+                        engine.url.render_as_string(hide_password=True))
+
+
+_MIGRATION_TRIES = 3
+
+
+def _migrate(engine: Engine) -> str:
     head = head_revision()
     before = current_revision(engine)  # the usual start: one small read, already at head
     if before == head:
@@ -344,7 +383,9 @@ def start_writes_lock(engine: Engine) -> Iterator[None]:
     """One process at a time writes what its settings bring at start (the catalog file, the bootstrap keys, the
     feature definitions). Each of those reads, then inserts: processes that started at the same moment (every pod
     and learner once a PostgreSQL they waited for is up, `wait_for_database`) both inserted the same key and one
-    exited with an IntegrityError. PostgreSQL: a session advisory lock; SQLite: the migration lock file."""
+    exited with an IntegrityError. PostgreSQL: a session advisory lock; SQLite: the migration lock file. A write
+    whose session the server ended (this process paused inside it, `ended_idle_in_transaction`) ends the start
+    with one line (`StartSessionEnded`): a supervisor starts it again, and the writes are all idempotent."""
     if engine.dialect.name != "postgresql":
         with _migration_lock(engine):
             yield
@@ -354,6 +395,10 @@ def start_writes_lock(engine: Engine) -> Iterator[None]:
         conn.commit()
         try:
             yield
+        except DBAPIError as exc:
+            if ended_idle_in_transaction(exc):
+                raise StartSessionEnded("its start-up writes", engine) from None
+            raise
         finally:
             with contextlib.suppress(Exception):  # the database went away meanwhile: the session lock went with it
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK + 1})
