@@ -367,7 +367,8 @@ def _gate_outcome(what: str, ess: float, n: int, min_ess: float, verdict: Any) -
 @reads_the_decision_log
 def evaluate_command(
     placement: Annotated[str, typer.Option(help="The placement whose logs to evaluate on.")],
-    candidate: Annotated[str, typer.Option(help="The version to evaluate (e.g. order_confirmation@13).")],
+    candidate: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="The version to evaluate (e.g. order_confirmation@13); not with --shadow.")] = None,
     baseline: Annotated[str, typer.Option(help="'production', 'none' or a version.")] = "production",
     since: Annotated[Optional[str], typer.Option(help="Start of the held-out window (default: the end of "  # noqa: UP045
                                                       "the candidate's training range, else all).")] = None,
@@ -388,12 +389,16 @@ def evaluate_command(
                                              "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
                                              "one, on the decisions a uniform slate policy logged (e.g. "
                                              "`policy: uniform`).")] = False,
+    shadow: Annotated[bool, typer.Option(help="Evaluate the placement's shadow version(s) from their own log "
+                                              "(no re-scoring): decisions scored, agreement with what was served, "
+                                              "IPS, SNIPS and DR beside the served mean. Informational: no gate "
+                                              "verdict is recorded.")] = False,
     config: SettingsOpt = None, data_dir: DataDirOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Off-policy evaluation (IPS, SNIPS, DR with intervals) of a candidate against production,
     uniform-random and the logged policy; records the gate's verdict on the candidate. With --slate, the
     pseudo-inverse and per-slot DR estimates of the whole slate's reward instead (uniformly logged decisions
-    only; the gate reads PI)."""
+    only; the gate reads PI). With --shadow, how the shadow version(s) would have done, from the shadow log."""
     from kassa.learn.offline import ope, ope_report
     from kassa.learn.offline.dataset import load_logged
     from kassa.learn.offline.evaluate import evaluate_models
@@ -417,6 +422,19 @@ def evaluate_command(
             if given:
                 raise typer.BadParameter(f"{name} applies to the top-slot evaluation, not to --slate",
                                          param_hint="--slate")
+    if shadow:
+        for given, name in ((candidate is not None, "--candidate"), (baseline != "production", "--baseline"),
+                            (promote, "--promote"), (slate, "--slate"), (report is not None, "--report"),
+                            (png is not None, "--png"), (margin != 0.0, "--margin"),
+                            (rule != "lcb_beats_estimate", "--rule")):
+            if given:  # the gate's options too: no gate runs on a shadow
+                raise typer.BadParameter(f"{name} does not apply to --shadow (it evaluates the shadow version(s) "
+                                         "that scored in the window)", param_hint="--shadow")
+        _evaluate_shadow(placement, since, until, estimator, level, max_weight, min_ess, config, data_dir, json_out)
+        return
+    if candidate is None:
+        raise typer.BadParameter("give the version to evaluate (e.g. order_confirmation@13), or --shadow for the "
+                                 "placement's shadow version", param_hint="--candidate")
     t0 = time.perf_counter()
     ctx = context(config, data_dir)
     pl = ctx.placement(placement)
@@ -550,6 +568,87 @@ def _evaluate_slate(ctx: Any, data: Any, snap: Any, cand: Any, base: Any, slots:
                      "rows": evaluation.n, "considered": result.considered, "left_out": result.left_out,
                      "pending": data.pending, "seconds": round(seconds, 2), "gate": record,
                      "evaluation": evaluation.to_dict()})
+
+
+def _evaluate_shadow(placement: str, since: str | None, until: str | None, estimator: str, level: float,
+                     max_weight: float | None, min_ess: float, config: Path | None, data_dir: str | None,
+                     json_out: bool) -> None:
+    """`kassa evaluate --shadow`: each shadow version that scored in the window, from its own log
+    (`kassa.learn.offline.shadow_eval`); reads only, records nothing."""
+    from kassa.learn.offline import ope, ope_report
+    from kassa.learn.offline.dataset import load_logged
+    from kassa.learn.offline.shadow_eval import evaluate_shadow, read_shadow_log
+
+    t0 = time.perf_counter()
+    ctx = context(config, data_dir)
+    pl = ctx.placement(placement)
+    now = time.time()
+    start, end = parse_time(since, now), parse_time(until, now)
+    check_window(start, end)
+    window = f"{_fmt_time(start) if start else 'the start'} .. {_fmt_time(end) if end else 'now'}"
+    shadow_log = read_shadow_log(ctx.settings.data_path, placement, start, end)
+    if shadow_log.num_rows == 0:
+        console.print(f"[red]no shadow decisions[/] for {placement} in the window {window}: put a model in shadow "
+                      f"with `kassa models promote VERSION --to shadow` (it then scores every request of {placement} "
+                      "off the request path into its own log), let traffic run, and evaluate again",
+                      highlight=False)
+        raise typer.Exit(1)
+    snap = ctx.catalog.snapshot
+
+    def product_key(offer_id: str) -> str | None:
+        offer = snap.offers.get(offer_id)
+        return (offer.product_id or offer.sku) if offer is not None else None
+
+    with _progress() as bar:
+        progress = _Stages(bar)
+        data = load_logged(ctx.settings.data_path, pl, product_key, start, end,
+                           lambda i, n: progress("join rewards", i, n))
+    reports = evaluate_shadow(data, shadow_log, level, max_weight)
+    seconds = time.perf_counter() - t0
+    summary = Table(title=f"shadow of {placement}, {window} (UTC): {len(data):,} closed served decisions",
+                    title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                    padding=(0, 1), collapse_padding=True)
+    for name in ("shadow", "scored", "closed", "open", "missed", "outside", "top agrees", "favourite agrees"):
+        summary.add_column(name, justify="left" if name == "shadow" else "right", no_wrap=name == "shadow")
+    for r in reports:
+        summary.add_row(r.version, f"{r.scored:,}", f"{r.evaluated:,}", f"{r.open:,}", f"{r.missed:,}",
+                        f"{r.outside:,}", f"{r.agreement:.1%}" if r.evaluated else "-",
+                        f"{r.greedy_agreement:.1%}" if r.evaluated else "-")
+    summary.caption = ("closed: scored decisions whose served reward is known (the estimates' rows); open: the reward "
+                       "window is still open; missed: served while in shadow but not scored (queue full or scoring "
+                       "failed); outside: served before or after its time in shadow; top agrees: it would have shown "
+                       "the same offer first; favourite agrees: its most probable offer is the served policy's")
+    summary.caption_justify = "left"
+    out.print(summary)
+    if all(r.evaluation is None for r in reports):  # as `kassa evaluate`: one closed row was an OPEInputError
+        console.print(f"[red]too few closed decisions to evaluate on[/] for {placement} in the window {window}: "
+                      f"no shadow version has 2 scored decisions with a closed reward ({data.pending:,} served "
+                      "decisions still pending); evaluate later or over a wider window (--since)", highlight=False)
+        raise typer.Exit(1)
+    versions = []
+    for r in reports:
+        item = r.to_dict()
+        if r.evaluation is None:
+            console.print(f"[yellow]{r.version}: {r.evaluated} scored decision(s) with a closed reward[/]; an interval "
+                          "needs at least 2: evaluate later or over a wider window", highlight=False)
+            item.update(estimate=None, too_small=True)
+            versions.append(item)
+            continue
+        out.print(ope_report.estimates_table(r.evaluation, title=f"shadow {r.version} vs served on {r.evaluated:,} "
+                                                                    "decisions it scored"))
+        est = r.evaluation.estimate(r.version, estimator)
+        small = not est.ess >= min_ess
+        if small:
+            console.print(f"[red]sample too small:[/] {r.version}'s {estimator} estimate rests on an effective sample "
+                          f"size of {est.ess:.0f} (of {r.evaluated:,} decisions), below the minimum {min_ess:.0f}; "
+                          "it is not a basis for a decision. Leave it in shadow on more traffic.", highlight=False)
+        served_mean = r.evaluation.estimate(ope.LOGGED, ope.ON_POLICY)
+        item.update(estimate=est.to_dict(), served=served_mean.to_dict(), too_small=small)
+        versions.append(item)
+    if json_out:
+        _print_json({"placement": placement, "shadow": True, "since": start, "until": end, "at": now,
+                     "rows": len(data), "pending": data.pending, "estimator": estimator, "min_ess": min_ess,
+                     "seconds": round(seconds, 2), "versions": versions})
 
 
 # ---------------------------------------------------------------------------------------------- drift

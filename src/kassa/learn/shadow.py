@@ -5,8 +5,8 @@ queue. The learning loop drains it in slices: the shadow model computes its dist
 candidates, samples the ranking it would have shown, and the result goes to a separate decision log
 (``<data_dir>/shadow/decisions/...``) with the same schema and the same ``decision_id`` as the served
 decision. Off-policy evaluation of the shadow then needs no re-scoring: its probability of each logged
-action is in its own log. When the queue is full (the loop fell behind) requests are dropped and
-counted, never blocking a decision.
+action is in its own log (`kassa evaluate --shadow`, `kassa.learn.offline.shadow_eval`). When the queue is
+full (the loop fell behind) requests are dropped and counted, never blocking a decision.
 """
 
 from __future__ import annotations

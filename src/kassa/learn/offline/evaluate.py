@@ -130,6 +130,18 @@ def score(model_path: Path, data: LoggedDecisions, snap: CatalogSnapshot, q: dic
 MIN_ESS = 100.0
 
 
+def top_slot_reward_model(data: LoggedDecisions, reward: np.ndarray) -> tuple[ope.MeanRewardModel, np.ndarray]:
+    """DR's reward model (each offer's mean top-slot reward over the window's decisions) and each row's logged
+    top offer; ``reward`` is `LoggedDecisions.top_slot`'s."""
+    logged_actions = np.array([c[0] for c in data.chosen], dtype=object)
+    return ope.MeanRewardModel.fit(logged_actions, reward), logged_actions
+
+
+def reward_range(reward: np.ndarray) -> tuple[float, float] | None:
+    """What every policy's value lies in (the logged rewards' range, with 0): intervals are clipped to it."""
+    return (min(0.0, float(reward.min())), max(0.0, float(reward.max()))) if len(reward) else None
+
+
 def evaluate_models(
     data: LoggedDecisions,
     snap: CatalogSnapshot,
@@ -148,8 +160,7 @@ def evaluate_models(
     and the gate's verdict of candidate vs baseline. Intervals are clipped to the logged rewards' range
     (with 0); the gate refuses a candidate whose ESS is below ``min_ess``."""
     reward, logged_prob, n_cands = data.top_slot()
-    logged_actions = np.array([c[0] for c in data.chosen], dtype=object)
-    q_model = ope.MeanRewardModel.fit(logged_actions, reward)
+    q_model, logged_actions = top_slot_reward_model(data, reward)
     offers = sorted(snap.action_lines)
     q_values = q_model.predict(np.array(offers, dtype=object)) if offers else np.zeros(0)
     q = {o: float(v) for o, v in zip(offers, q_values, strict=True)}
@@ -167,8 +178,7 @@ def evaluate_models(
                                        for cands in data.candidates])
     evaluation = ope.evaluate_policies(
         reward, logged_prob, targets, q_logged=q_logged, q_targets=q_targets, num_candidates=n_cands,
-        level=level, max_weight=max_weight,
-        reward_range=(min(0.0, float(reward.min())), max(0.0, float(reward.max()))) if len(reward) else None)
+        level=level, max_weight=max_weight, reward_range=reward_range(reward))
     verdict = None
     if baseline is not None:
         verdict = ope.gate(evaluation.estimate(candidate[0], estimator), evaluation.estimate(baseline[0], estimator),
