@@ -308,3 +308,130 @@ def test_the_decision_log_writer_setting_is_checked() -> None:
     assert load_settings(None).roles.decision_log_writer == "learner"
     with pytest.raises(SystemExit, match="decision_log_writer"):
         load_settings(None, **{"roles.decision_log_writer": "sometimes"})
+
+
+# ---------------------------------------------------------------------------------------------- the shadow log
+def _shadow_model(server: Kassa, tmp: Path) -> str:
+    """A tiny trained model of ``checkout`` registered at the shadow stage and loaded by ``server``: its version."""
+    from kassa.learn.online.learner import OnlineLearner
+
+    placement = server.catalog.snapshot.placements["checkout"].placement
+    learner = OnlineLearner(placement, tmp / "shadow-learner")
+    for k in range(60):
+        learner.learn("shared |c country=US", f" |o id=o{k % 6}", float(k % 6 == 2), 1 / 6)
+    path, _ = learner.snapshot()
+    version = server.model_registry.register("checkout", path, schema_hash=server.schema_hash("checkout") or "",
+                                             learner_args=learner.args, source="batch", stage="shadow").version
+    server.learning.poll()
+    serving = server.models.serving("checkout")
+    assert serving is not None and serving.shadow is not None and serving.shadow.version == version
+    return version
+
+
+def _shadow_logged(data_dir: Path) -> list[dict]:
+    if not (data_dir / "shadow" / "decisions").is_dir():
+        return []
+    return read_decisions(data_dir / "shadow").select(["decision_id", "model_version"]).to_pylist()
+
+
+async def _decide_shadowed(server: Kassa, n: int, start: int) -> list[str]:
+    ids = await _decide(server, n, start=start)
+    server.shadow.drain(10_000)  # what the serving worker's registry follower does every 50 ms
+    server.shadow_log.flush()
+    return ids
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_writer_writes_the_shadow_log_the_serving_process_publishes_once_and_apart(
+        tmp_path: Path, jetstream_names: Names, anyio_backend: str) -> None:
+    import nats
+
+    from kassa.events.factory import bus_config, run_decision_log_writer
+
+    nats_url = jetstream_names[0]
+    tree = _settings_tree(tmp_path, *jetstream_names)
+    writer_settings = _settings(tree, tmp_path / "w")
+    cfg = bus_config(writer_settings)
+    # A decisions stream made by an older version (its one subject): the serving process's start adds the shadow's.
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name=cfg.decisions_stream, subjects=[cfg.decisions_subject],
+                                    duplicate_window=cfg.dedupe_window_seconds)
+    server = Kassa(_settings(tree, tmp_path / "serve"), seed=1, role="serve")
+
+    async def write_until_logged(n: int) -> None:
+        """A writer run until both logs hold ``n`` decisions (then half a second more), stopped as at a SIGTERM."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_decision_log_writer(writer_settings, stop, compact=False, events=False))
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not task.done() and (
+                    len(_shadow_logged(tmp_path / "w")) < n or len(_logged(tmp_path / "w")) < n):
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # nothing more comes
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    try:
+        shadow_version = _shadow_model(server, tmp_path)
+        ids = await _decide_shadowed(server, 25, start=0)
+        assert server.shadow.scored == 25 and server.shadow.dropped == 0
+        await write_until_logged(len(ids))
+        shadow = _shadow_logged(tmp_path / "w")
+        assert sorted(r["decision_id"] for r in shadow) == sorted(ids)  # each decision's shadow record, once
+        assert {r["model_version"] for r in shadow} == {shadow_version}
+        served = read_decisions(tmp_path / "w").select(["decision_id", "model_version"]).to_pylist()
+        assert sorted(r["decision_id"] for r in served) == sorted(ids)  # the served log as before...
+        assert shadow_version not in {r["model_version"] for r in served}  # ...with no shadow record in it
+        assert not list((tmp_path / "serve").rglob("*.parquet"))  # the serving process wrote no Parquet itself
+
+        # A writer started again (a restart, a takeover) repeats nothing of either log, and goes on with both.
+        more = await _decide_shadowed(server, 5, start=25)
+        await write_until_logged(len(ids) + len(more))
+        shadow = _shadow_logged(tmp_path / "w")
+        assert sorted(r["decision_id"] for r in shadow) == sorted(ids + more)
+        assert sorted(_logged(tmp_path / "w")) == sorted(ids + more)
+        assert not list((tmp_path / "serve").rglob("*.parquet"))
+        info = await nc.jetstream().stream_info(cfg.decisions_stream)
+        assert sorted(info.config.subjects or []) == sorted([cfg.decisions_subject, cfg.shadow_decisions_subject])
+        assert info.state.messages == 2 * len(ids + more)  # no shadow record deduplicated against its served one
+    finally:
+        await server.stop()
+        await nc.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_shadow_records_reach_the_stream_after_an_older_process_took_the_shadow_subject_away(
+        tmp_path: Path, jetstream_names: Names, anyio_backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    import nats
+
+    from kassa.events.factory import bus_config
+
+    caplog.set_level("WARNING", logger="kassa.bus")
+    tree = _settings_tree(tmp_path, *jetstream_names)
+    server = Kassa(_settings(tree, tmp_path / "serve"), seed=1, role="serve")
+    cfg = bus_config(server.settings)
+    nc = await nats.connect(jetstream_names[0])
+    js = nc.jetstream()
+    try:
+        _shadow_model(server, tmp_path)
+        # A process of the previous version starting in a rolling upgrade sets the stream's one old subject again.
+        config = (await js.stream_info(cfg.decisions_stream)).config
+        assert cfg.shadow_decisions_subject in (config.subjects or [])
+        config.subjects = [cfg.decisions_subject]
+        await js.update_stream(config)
+        ids = await _decide_shadowed(server, 5, start=0)  # the shadow batch finds no stream: spooled, acknowledged
+        deadline = time.monotonic() + 15
+        info = await js.stream_info(cfg.decisions_stream)
+        while info.state.messages < 2 * len(ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            info = await js.stream_info(cfg.decisions_stream)
+        assert cfg.shadow_decisions_subject in (info.config.subjects or [])  # put back by the spool's replay
+        assert info.state.messages == 2 * len(ids)  # every served and every shadow record, once
+        assert server.bus is not None and server.bus.spool_depth == 0
+        assert "created them again" in caplog.text  # the replay found no stream for the subject and made it again
+    finally:
+        await server.stop()
+        await nc.close()

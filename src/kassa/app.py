@@ -26,7 +26,13 @@ from kassa.degraded import RateLimitedWarning
 from kassa.events import replay_state
 from kassa.events.compaction import LogCompactor
 from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, DecisionSink, find_decision
-from kassa.events.factory import open_bus, open_decision_publisher, open_event_log, open_join_records
+from kassa.events.factory import (
+    open_bus,
+    open_decision_publisher,
+    open_event_log,
+    open_join_records,
+    open_shadow_log,
+)
 from kassa.events.log import SqliteEventLog
 from kassa.features.definitions import load_repo, parse_duration
 from kassa.features.offer_features import OfferFeatureSource
@@ -125,12 +131,13 @@ class Kassa:
             bus = self.bus
             self.metrics.spool_depth.set_function(lambda: bus.spool_depth)
         self.model_registry = ModelRegistry(self.db, data / "models", clock, store=artifact_store(settings, self.db))
-        self.shadow_log = DecisionLogWriter(data / "shadow", flush_seconds=settings.decision_log_flush_seconds)
+        # The shadow models' records: <data_dir>/shadow here, or (JetStream) to the decision-log writer's data dir.
+        self.shadow_log = open_shadow_log(settings, self.bus)
         # Each closed hour's small decision-log files merged into one, in a niced child of the process that learns,
         # never of a serving worker (`kassa.events.compaction`); a flock keeps it to one process per directory.
         self.compactor = (LogCompactor([data / "decisions", data / "shadow" / "decisions"]).start()
                           if role != "serve" else None)
-        self.shadow = ShadowScorer(self.shadow_log, seed=seed,
+        self.shadow = ShadowScorer(cast(DecisionLogWriter, self.shadow_log), seed=seed,  # it only calls append
                                    on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,
@@ -392,7 +399,7 @@ class Kassa:
             await self._close(self.records)
         await self.state.close()
         await self._close(self.decision_log)
-        self.shadow_log.close()
+        await self._close(self.shadow_log)
         if self.compactor is not None:
             await asyncio.to_thread(self.compactor.close)  # kills a merge running: the next one finishes it
         self.drift.close()

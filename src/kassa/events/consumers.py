@@ -117,6 +117,8 @@ class DurableConsumer:
             raise ValueError("kind must be 'events' or 'decisions'")
         self.cfg = cfg
         self.stream = cfg.events_stream if kind == "events" else cfg.decisions_stream
+        # The one subject read (the consumer's filter): the decisions stream binds the shadow's too (`BusConfig.
+        # stream_subjects`), which a subclass may read instead by setting this before `start`.
         self.subject = cfg.events_subject if kind == "events" else cfg.decisions_subject
         self.durable = durable
         self.handler = handler
@@ -296,23 +298,29 @@ _PART = re.compile(r"part-\d+-(?:c\d+-)?s(\d+)-(\d+)\.parquet$")
 
 
 class DecisionLogConsumer(DurableConsumer):
-    """The decision-log writer: decision records from JetStream to date-partitioned Parquet, exactly once."""
+    """The decision-log writer: decision records from JetStream to date-partitioned Parquet, exactly once.
 
-    def __init__(self, cfg: BusConfig, root: str | Path, durable: str = "decision-log", *, batch: int = 5000,
+    ``shadow``: the shadow models' records instead (their subject of the decisions stream) to
+    ``<root>/shadow/decisions``, by a durable consumer of their own. Each consumer reads its subject only and
+    positions itself by its own directory's files, so the two never skip or wait for each other's sequences."""
+
+    def __init__(self, cfg: BusConfig, root: str | Path, durable: str | None = None, *, batch: int = 5000,
                  on_written: Callable[[list[DecisionRecord]], None] | None = None,
-                 fence: Callable[[], None] | None = None, **kwargs: float) -> None:
+                 fence: Callable[[], None] | None = None, shadow: bool = False, **kwargs: float) -> None:
         """``fence``: called before each file is renamed into place; it raises `Fenced` when this writer may write
         no more (its lease lost), and the file is not written."""
         self.root = Path(root)
         self.fence = fence
-        self.dir = self.root / "decisions"
+        self.dir = self.root / "shadow" / "decisions" if shadow else self.root / "decisions"
         self.written = 0
         self.files_written = 0
         self.on_written = on_written
         self._decoder = msgspec.json.Decoder(DecisionRecord)
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # date -> (first, last) of files past the position
-        super().__init__(cfg, "decisions", durable, self._write, CallbackPosition(self._load_position),
-                         batch=batch, **kwargs)
+        super().__init__(cfg, "decisions", durable or ("shadow-decision-log" if shadow else "decision-log"),
+                         self._write, CallbackPosition(self._load_position), batch=batch, **kwargs)
+        if shadow:
+            self.subject = cfg.shadow_decisions_subject
 
     def _load_position(self) -> int:
         """The highest sequence any file covers; ranges of files are kept to skip their records."""

@@ -20,7 +20,7 @@ from kassa.events.consumers import (
     EventArchiveConsumer,
     run_consumer,
 )
-from kassa.events.decision_log import DecisionRecord
+from kassa.events.decision_log import DecisionLogWriter, DecisionRecord
 from kassa.events.jetstream import BusConfig, JetStreamBus
 from kassa.events.jetstream_log import DecisionPublisher, JetStreamEventLog, JoinRecordPublisher
 from kassa.events.log import EventLog, SqliteEventLog
@@ -59,6 +59,16 @@ def open_decision_publisher(bus: JetStreamBus,
     return DecisionPublisher(bus, on_written=on_written)
 
 
+def open_shadow_log(settings: Settings, bus: JetStreamBus | None) -> DecisionLogWriter | DecisionPublisher:
+    """Where the shadow models' records go (`kassa.learn.shadow.ShadowScorer`): ``<data_dir>/shadow`` written here
+    on the embedded backend; on JetStream the shadow subject of the decisions stream, which the decision-log writer
+    writes to its own ``<data_dir>/shadow/decisions``: a serving worker's data dir is its own (an emptyDir, a VM's
+    disk) where `kassa evaluate` never looks and a restart loses what it holds."""
+    if bus is None:
+        return DecisionLogWriter(settings.data_path / "shadow", flush_seconds=settings.decision_log_flush_seconds)
+    return DecisionPublisher(bus, shadow=True)
+
+
 def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecordPublisher | DecisionRecordLog:
     """Where a serving worker hands its decisions to `kassa learn`: the join records stream when the learner
     reads JetStream (``roles.learner_input: jetstream``), else ``<data_dir>/decision_records.db``."""
@@ -72,7 +82,8 @@ async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None
                                   on_written: Callable[[list[DecisionRecord]], None] | None = None,
                                   fence: Callable[[], None] | None = None, compact: bool = True,
                                   events: bool = True) -> None:
-    """The decision-log writer, until ``stop``: decision records from JetStream to ``<data_dir>/decisions`` Parquet
+    """The decision-log writer, until ``stop``: decision records from JetStream to ``<data_dir>/decisions`` Parquet,
+    the shadow models' to ``<data_dir>/shadow/decisions`` (a consumer of their own subject, files and position),
     and (``events``) the events stream to ``<data_dir>/events.db``, so batch training, off-policy evaluation and
     training sets read there what the embedded backend writes. One per deployment, by a lease whose check is
     ``fence`` (`kassa.roles.decision_log`, run by `kassa learn` and `kassa log write`): two would each re-create the
@@ -85,13 +96,15 @@ async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None
     gather = settings.decision_log_flush_seconds
     consumer = DecisionLogConsumer(bus_config(settings, "kassa-decision-log"), settings.data_path,
                                    on_written=on_written, fence=fence, gather_seconds=gather)
+    shadow = DecisionLogConsumer(bus_config(settings, "kassa-shadow-log"), settings.data_path, fence=fence,
+                                 gather_seconds=gather, shadow=True)
     archive = (EventArchiveConsumer(bus_config(settings, "kassa-event-archive"), settings.data_path,
                                     gather_seconds=gather) if events else None)
-    compactor = LogCompactor([settings.data_path / "decisions"]).start() if compact else None
+    compactor = LogCompactor([settings.data_path / "decisions", shadow.dir]).start() if compact else None
     tasks = [asyncio.create_task(run_consumer(c, stop), name=f"kassa-writer-{c.durable}")
-             for c in (consumer, archive) if c is not None]
+             for c in (consumer, shadow, archive) if c is not None]
     try:
-        # The first to fail (a fenced writer, a consumer's error) stops the other: the role exits as one.
+        # The first to fail (a fenced writer, a consumer's error) stops the others: the role exits as one.
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = [t for t in done if not t.cancelled() and t.exception() is not None]
         if failed:

@@ -109,6 +109,12 @@ class BusConfig:
         return f"{self.prefix}.decisions"
 
     @property
+    def shadow_decisions_subject(self) -> str:
+        """The shadow models' decision records: on the decisions stream beside the served ones, a subject of their
+        own so that the writer files them apart (``<data_dir>/shadow/decisions``)."""
+        return f"{self.prefix}.decisions.shadow"
+
+    @property
     def records_subject(self) -> str:
         return f"{self.prefix}.records"
 
@@ -131,6 +137,10 @@ class BusConfig:
             out.append((self.records_stream, self.records_subject))
         return out
 
+    def stream_subjects(self, subject: str) -> list[str]:
+        """The subjects the stream of ``subject`` (one of `streams`) binds: the decisions stream also the shadow's."""
+        return [subject, self.shadow_decisions_subject] if subject == self.decisions_subject else [subject]
+
 
 def ack_delivery(reply: str) -> tuple[int, float, int]:
     """(stream sequence, stored at in unix seconds, messages left in the consumer) of a delivered message, from
@@ -148,19 +158,26 @@ def _stream_token(prefix: str) -> str:
 
 def stream_config(name: str, subject: str, cfg: BusConfig) -> api.StreamConfig:
     return api.StreamConfig(
-        name=name, subjects=[subject], storage=api.StorageType.FILE, retention=api.RetentionPolicy.LIMITS,
-        num_replicas=cfg.replicas, duplicate_window=cfg.dedupe_window_seconds,
+        name=name, subjects=cfg.stream_subjects(subject), storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS, num_replicas=cfg.replicas, duplicate_window=cfg.dedupe_window_seconds,
         max_age=cfg.retention_seconds or None,
     )
 
 
 async def ensure_streams(js: JetStreamContext, cfg: BusConfig) -> None:
-    """Create (or bring to ``cfg``) the events and decisions streams (and the join records stream if asked)."""
+    """Create (or bring to ``cfg``) the events and decisions streams (and the join records stream if asked).
+
+    An existing stream keeps every subject it binds and gains the ones ``cfg`` adds: a decisions stream made before
+    the shadow subject (`BusConfig.shadow_decisions_subject`) takes it at the first start after an upgrade. A process
+    of an older version that starts later in a rolling upgrade sets its own list again (it drops the shadow subject);
+    the next shadow publish then finds no stream and the bus's spool replay calls this again (`_recreate_streams`)."""
     for name, subject in cfg.streams():
         sc = stream_config(name, subject, cfg)
         try:
             await js.add_stream(sc)
         except nats.js.errors.BadRequestError:  # exists with another configuration
+            existing = (await js.stream_info(name)).config.subjects or []
+            sc.subjects = list(sc.subjects or []) + [s for s in existing if s not in (sc.subjects or [])]
             await js.update_stream(sc)
 
 

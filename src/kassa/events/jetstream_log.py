@@ -8,7 +8,8 @@ stream sequence, the ``seq`` of the interface, so the stream processor and start
 
 `DecisionPublisher` is the serving side of the decision log: the hot path appends a record to a deque, a task
 on the bus loop publishes them every 20 ms with ``Nats-Msg-Id = decision_id`` (or spools them); the separate
-writer process (`kassa.events.consumers.DecisionLogConsumer`) writes the Parquet files.
+writer process (`kassa.events.consumers.DecisionLogConsumer`) writes the Parquet files. A second one publishes the
+shadow models' records (``shadow=True``), written apart to ``<data_dir>/shadow/decisions``.
 
 `JoinRecordPublisher` is a serving worker's hand-over to `kassa learn` (``roles.learner_input: jetstream``):
 each decision's `PendingDecision` (the exact learner lines and probabilities the join needs, which the
@@ -38,6 +39,7 @@ from kassa.events.nats_routes import subscribe_routed, unsubscribe_routed
 
 log = logging.getLogger("kassa.bus")
 R = TypeVar("R")
+SHADOW_MSG_ID_PREFIX = "shadow:"  # a shadow record's Nats-Msg-Id: apart from its served record's (`DecisionPublisher`)
 _Pending = tuple[list[tuple[str, str, bytes]], "asyncio.Future[list[bool]]"]  # an append's rows, its caller's future
 
 
@@ -478,13 +480,19 @@ class DecisionPublisher(BufferedPublisher[DecisionRecord]):
 
     It has the surface of `DecisionLogWriter` the engine and the app use (``append``, ``pending``,
     ``find_unwritten``, ``flush``, ``close``); "written" here means acknowledged by JetStream or spooled.
+
+    ``shadow``: the shadow models' records (`kassa.learn.shadow.ShadowScorer`) instead, on the shadow subject of the
+    same stream (`BusConfig.shadow_decisions_subject`; the writer files them under ``<data_dir>/shadow/decisions``).
+    A shadow record has the served decision's ``decision_id``, and the stream's duplicate window spans its subjects,
+    so its ``Nats-Msg-Id`` is ``shadow:<decision_id>``: a decision id (hex digits) never holds a colon.
     """
 
     def __init__(self, bus: JetStreamBus, flush_seconds: float = 0.02,
-                 on_written: Callable[[list[DecisionRecord]], None] | None = None) -> None:
+                 on_written: Callable[[list[DecisionRecord]], None] | None = None, *, shadow: bool = False) -> None:
         self.on_written = on_written
         self._encode = msgspec.json.Encoder().encode
-        self._subject = bus.cfg.decisions_subject
+        self._subject = bus.cfg.shadow_decisions_subject if shadow else bus.cfg.decisions_subject
+        self._id_prefix = SHADOW_MSG_ID_PREFIX if shadow else ""
         super().__init__(bus, flush_seconds)
 
     def append(self, record: DecisionRecord) -> None:
@@ -500,7 +508,7 @@ class DecisionPublisher(BufferedPublisher[DecisionRecord]):
         return None
 
     def _row(self, record: DecisionRecord) -> tuple[str, str, bytes]:
-        return self._subject, record.decision_id, self._encode(record)
+        return self._subject, self._id_prefix + record.decision_id, self._encode(record)
 
     def _written(self, batch: list[DecisionRecord]) -> None:
         if self.on_written is not None:
