@@ -137,7 +137,7 @@ class Kassa:
         # never of a serving worker (`kassa.events.compaction`); a flock keeps it to one process per directory.
         self.compactor = (LogCompactor([data / "decisions", data / "shadow" / "decisions"]).start()
                           if role != "serve" else None)
-        self.shadow = ShadowScorer(cast(DecisionLogWriter, self.shadow_log), seed=seed,  # it only calls append
+        self.shadow = ShadowScorer(self.shadow_log, seed=seed,
                                    on_drop=lambda placement: self.metrics.shadow_dropped.labels(placement).inc())
         self.learning = LearningLoop(self.catalog, self.joiner, self.models, data / "models", settings.learn, clock,
                                      registry=self.model_registry, schema_hash=self.schema_hash, shadow=self.shadow,

@@ -18,13 +18,13 @@ from collections.abc import Callable
 
 from kassa.decide.policy import fill_slots, pmf_policy
 from kassa.decide.sinks import ShadowRequest
-from kassa.events.decision_log import DecisionLogWriter, DecisionRecord, loggable_features
+from kassa.events.decision_log import DecisionRecord, DecisionSink, loggable_features
 
 log = logging.getLogger("kassa.learn")
 
 
 class ShadowScorer:
-    def __init__(self, writer: DecisionLogWriter, max_queue: int = 20_000, seed: int | None = None,
+    def __init__(self, writer: DecisionSink, max_queue: int = 20_000, seed: int | None = None,
                  on_drop: Callable[[str], None] | None = None) -> None:
         self.writer = writer
         self.on_drop = on_drop  # hears the placement of each dropped request (the Prometheus counter)
