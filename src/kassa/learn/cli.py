@@ -268,6 +268,16 @@ def models_rollback(
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _product_key(snap: Any) -> Callable[[str], str | None]:
+    """The product id (else sku) an offer sells: what the reward join attributes orders by."""
+
+    def product_key(offer_id: str) -> str | None:
+        offer = snap.offers.get(offer_id)
+        return (offer.product_id or offer.sku) if offer is not None else None
+
+    return product_key
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
@@ -466,10 +476,7 @@ def evaluate_command(
     check_window(start, end, "--until (the window starts where the candidate's training ended)" if default_start
                  else "--since")
     snap = ctx.catalog.snapshot
-
-    def product_key(offer_id: str) -> str | None:
-        offer = snap.offers.get(offer_id)
-        return (offer.product_id or offer.sku) if offer is not None else None
+    product_key = _product_key(snap)
 
     with _progress() as bar:
         progress = _Stages(bar)
@@ -594,10 +601,7 @@ def _evaluate_shadow(placement: str, since: str | None, until: str | None, estim
                       highlight=False)
         raise typer.Exit(1)
     snap = ctx.catalog.snapshot
-
-    def product_key(offer_id: str) -> str | None:
-        offer = snap.offers.get(offer_id)
-        return (offer.product_id or offer.sku) if offer is not None else None
+    product_key = _product_key(snap)
 
     with _progress() as bar:
         progress = _Stages(bar)
@@ -709,10 +713,7 @@ def drift_command(
         live_start, live_end = ts[-last], ts[-1] + 1e-6
         source = f"the {last:,} decisions before"
     snap = ctx.catalog.snapshot
-
-    def product_key(offer_id: str) -> str | None:
-        offer = snap.offers.get(offer_id)
-        return (offer.product_id or offer.sku) if offer is not None else None
+    product_key = _product_key(snap)
 
     windows = []
     for start, end in ((ref_start, ref_end), (live_start, live_end)):
