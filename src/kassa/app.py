@@ -19,7 +19,7 @@ from kassa import schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.changes import ChangeFeed
 from kassa.config import Settings
-from kassa.db import CATALOG, FEATURES, KEYS, MODELS, make_engine, start_writes_lock
+from kassa.db import CATALOG, FEATURES, KEYS, MODELS, start_writes_lock
 from kassa.decide.engine import DecisionEngine
 from kassa.decide.retrieval import ProductRetriever
 from kassa.degraded import RateLimitedWarning
@@ -58,7 +58,7 @@ from kassa.learn.serving.store import ModelStore
 from kassa.learn.shadow import ShadowScorer
 from kassa.monitor.drift.watch import DriftWatch
 from kassa.monitor.metrics import FeatureFreshness, LiveState, Metrics
-from kassa.startup import DamagedDataDir, UnusableStartFile, check_data_dir
+from kassa.startup import DamagedDataDir, UnusableStartFile, check_data_dir, metadata_engine
 from kassa.state import StateBackend
 
 log = logging.getLogger("kassa")
@@ -82,8 +82,7 @@ class Kassa:
             raise DamagedDataDir(data, f"cannot be used as the data dir ({exc.strerror or exc})",
                                  "point data_dir (--data-dir, KASSA_DATA_DIR) at a folder Kassa may write") from None
         check_data_dir(settings)  # a damaged file stops the start here, named, with what to do
-        self.db = make_engine(settings.metadata_url,  # migrated to the newest schema (Alembic)
-                              idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
+        self.db = metadata_engine(settings)  # migrated to the newest schema (Alembic)
         # Primed before anything loads, so a change committed by another process meanwhile is not missed.
         self.changes = ChangeFeed(self.db, settings.metadata.poll_seconds, settings.metadata.recheck_seconds)
         self.changes.prime()

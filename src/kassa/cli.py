@@ -241,17 +241,17 @@ def stream(
 
     from rich.live import Live
 
-    from kassa.db import make_engine, wait_for_database
+    from kassa.db import wait_for_database
     from kassa.events.factory import open_event_log
     from kassa.features.online.factory import close_online_store, open_online_store
     from kassa.features.registry import FeatureRegistry
     from kassa.features.streaming.processor import StreamProcessor
+    from kassa.startup import metadata_engine
 
     settings = _existing(_settings(config, data_dir=data_dir))
     if not wait_for_database(settings.metadata_url):  # PostgreSQL not up yet: a line per 10 s, not a traceback
         raise typer.Exit(130)
-    repo = FeatureRegistry(make_engine(settings.metadata_url,
-                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).load()
+    repo = FeatureRegistry(metadata_engine(settings)).load()
     views = [v for v in repo.views if v.kind == "stream"]
     if not views:
         console.print("[red]no stream views applied[/]; run `kassa features apply FILE` first")
@@ -301,16 +301,15 @@ def keys_create(
     """Create a key and print it once (only its hash is stored)."""
     if kind not in ("publishable", "secret", "admin"):
         raise typer.BadParameter("kind must be publishable, secret or admin", param_hint="KIND")
-    from kassa.db import make_engine
     from kassa.keys import InvalidOrigin, KeyStore, browser_origins
+    from kassa.startup import metadata_engine
 
     try:
         browser_origins(origin or [])  # before any file is made
     except InvalidOrigin as exc:
         raise typer.BadParameter(str(exc), param_hint="--origin") from None
     settings = _settings(config, data_dir=data_dir)
-    store = KeyStore(make_engine(settings.metadata_url,
-                                 idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
+    store = KeyStore(metadata_engine(settings))
     key = store.create(kind, name or kind, origin or [])  # type: ignore[arg-type]
     console.print(f"[green]created {kind} key[/] (shown once, store it now):")
     print(key)
@@ -319,14 +318,13 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     """List keys (hash prefix, kind, name, origins)."""
-    from kassa.db import make_engine
     from kassa.keys import KeyStore
+    from kassa.startup import metadata_engine
 
     settings = _existing(_settings(config, data_dir=data_dir))
     table = Table("id", "kind", "name", "origins", "revoked")
     table.columns[3].overflow = "fold"  # an origin cut to "https://shop.exa…" does not say which it is
-    for k in KeyStore(make_engine(settings.metadata_url,
-                                  idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).list():
+    for k in KeyStore(metadata_engine(settings)).list():
         table.add_row(k["id"], k["kind"], k["name"], ", ".join(k["origins"]) or "*", str(k["revoked"]))
     Console().print(table)
 
@@ -338,13 +336,12 @@ def keys_revoke(
 ) -> None:
     """Revoke a key: give its id from `kassa keys list`, or the key itself. Running servers stop
     accepting it within a second, and a restart does not bring it back."""
-    from kassa.db import make_engine
     from kassa.keys import AmbiguousKeyId, KeyStore
+    from kassa.startup import metadata_engine
 
     settings = _existing(_settings(config, data_dir=data_dir))
     try:
-        revoked = KeyStore(make_engine(settings.metadata_url,
-                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds)).revoke(key)
+        revoked = KeyStore(metadata_engine(settings)).revoke(key)
     except AmbiguousKeyId as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
@@ -402,7 +399,6 @@ def log_compact(
                       highlight=False)
 
 
-
 @log_app.command("write")
 def log_write(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     """Write the decision log from JetStream into the data directory, until SIGTERM or Ctrl-C.
@@ -422,6 +418,7 @@ def log_write(config: SettingsOpt = None, data_dir: DataDirOpt = None) -> None:
     from kassa.roles.decision_log import run_writer
 
     raise typer.Exit(run_writer(settings))
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,7 +15,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+
 from kassa.config import Settings
+from kassa.db import make_engine
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -41,6 +44,12 @@ class UnusableStartFile(SystemExit):
         else:  # the loaders' messages already start with the path
             problem = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
         super().__init__(f"cannot start: {what} ({setting}) {problem}")
+
+
+def metadata_engine(settings: Settings) -> Engine:
+    """The metadata database of ``settings``, migrated to the newest schema, with its session limits
+    (`metadata.idle_in_transaction_seconds`): what every command and process that opens it uses."""
+    return make_engine(settings.metadata_url, idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
 
 
 def missing_data(settings: Settings) -> Path | None:

@@ -46,11 +46,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def _registry(settings: Settings) -> FeatureRegistry:
-    from kassa.db import make_engine
     from kassa.features.registry import FeatureRegistry
+    from kassa.startup import metadata_engine
 
-    return FeatureRegistry(make_engine(settings.metadata_url,
-                                       idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
+    return FeatureRegistry(metadata_engine(settings))
 
 
 def _applied(settings: Settings) -> FeatureRepo:

@@ -127,8 +127,8 @@ def sync(
     cursor, so the next run only fetches products changed since.
     """
     from kassa.catalog.store import SqlCatalogStore
-    from kassa.db import make_engine
     from kassa.features.definitions import parse_duration
+    from kassa.startup import metadata_engine
 
     interval = None
     if every is not None:
@@ -140,8 +140,7 @@ def sync(
     connector, options = _open(platform, config, settings, retries, timeout)
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
-    store = SqlCatalogStore(make_engine(settings.metadata_url,
-                                        idle_in_transaction=settings.metadata.idle_in_transaction_seconds))
+    store = SqlCatalogStore(metadata_engine(settings))
     prefix = str(options.get("offer_id_prefix") or "")
     first = True
     try:

@@ -25,11 +25,10 @@ from rich.table import Table
 from kassa import errors, schemas
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
-from kassa.db import make_engine
 from kassa.features.definitions import FeatureRepo, parse_duration
 from kassa.learn.artifacts import artifact_store
 from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
-from kassa.startup import missing_data
+from kassa.startup import metadata_engine, missing_data
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -82,7 +81,7 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
     if missing_data(settings) is not None:
         raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
                                  "--data-dir)", param_hint="--data-dir")
-    db = make_engine(settings.metadata_url, idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
+    db = metadata_engine(settings)
     catalog = Catalog(SqlCatalogStore(db))
     repo = FeatureRegistry(db).load()
     return OfflineContext(settings, catalog, repo,
