@@ -245,14 +245,12 @@ class EventArchiveConsumer(DurableConsumer):
 
     def __init__(self, cfg: BusConfig, root: str | Path, durable: str = "event-archive", *, batch: int = 5000,
                  **kwargs: float) -> None:
-        from kassa.events.log import SqliteEventLog  # the table's one definition (and its pragmas)
+        from kassa.events.log import SqliteEventLog, set_pragmas  # the table's one definition, and its pragmas
 
         self.path = Path(root) / "events.db"
         SqliteEventLog(self.path).close()  # creates the file and its table when nothing wrote them yet
         self._conn = sqlite3.connect(self.path, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=10000")
+        set_pragmas(self._conn)
         self._conn.execute("CREATE TABLE IF NOT EXISTS archive_position (stream TEXT PRIMARY KEY, seq INTEGER)")
         self._conn.commit()
         self._decoder = msgspec.json.Decoder(schemas.Event)

@@ -87,7 +87,8 @@ _EXISTS = "SELECT 1 FROM events WHERE event_id = ?"
 _INSERT = "INSERT INTO events (event_id, type, decision_id, received_at, body) VALUES (?, ?, ?, ?, ?)"
 
 
-def _set_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def set_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
+    """The event log's connection settings (WAL, synchronous=FULL, a busy timeout), for every connection to it."""
     cur = dbapi_conn.cursor()
     try:
         cur.execute("PRAGMA journal_mode=WAL")
@@ -124,7 +125,7 @@ class SqliteEventLog(EventLog):
         self.gather_seconds = gather_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._engine: Engine = sa.create_engine(f"sqlite:///{self.path}")
-        sa.event.listen(self._engine, "connect", _set_pragmas)
+        sa.event.listen(self._engine, "connect", set_pragmas)
         for attempt in range(3):
             try:
                 metadata.create_all(self._engine)
@@ -210,7 +211,7 @@ class SqliteEventLog(EventLog):
         conn = self._write_conn
         if conn is None:
             conn = self._write_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            _set_pragmas(conn, None)
+            set_pragmas(conn, None)
         cur = conn.cursor()
         encode = self._encoder.encode
         results: list[AppendResult] = []

@@ -124,10 +124,10 @@ class DecisionLogWriterRole:
             run_decision_log_writer(self.settings, self._stop, on_written=self._count, fence=self._fence,
                                     compact=self.compact), name="kassa-decision-log-writer")
         self.took_over = time.time()
-        data = self.settings.data_path
+        data, cfg = self.settings.data_path, bus_config(self.settings)
         log.info("decision-log writer active (lease %s): stream %s to %s (shadow decisions to %s), stream %s to %s",
-                 self.lease.name, bus_config(self.settings).decisions_stream, data / "decisions",
-                 data / "shadow" / "decisions", bus_config(self.settings).events_stream, data / "events.db")
+                 self.lease.name, cfg.decisions_stream, data / "decisions", data / "shadow" / "decisions",
+                 cfg.events_stream, data / "events.db")
 
     async def _stopped(self, task: asyncio.Task[None]) -> None:
         self._task = None
