@@ -210,7 +210,7 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(tmp_path
     # The URL is unreachable: the --report error coming first shows nothing was run (it was a traceback after it).
     for report, said in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "r.html", "cannot create its folder")):
         out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",
-                                  "--report", str(report)])
+                                  "--report", str(report)], env={"COLUMNS": "500"})  # no wrap inside the path
         assert out.exit_code == 2 and f"--report {report}: {said}" in " ".join(out.output.split()), out.output
     nested = tmp_path / "new" / "folder" / "r.html"  # a missing folder is made, as before
     out = runner.invoke(app, ["loadtest", "--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1",

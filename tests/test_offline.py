@@ -285,7 +285,8 @@ def test_cli_apply_materialize_get_freshness_training_set(tmp_path: Path) -> Non
     defs = tmp_path / "features.yaml"
     defs.write_text(DEFINITIONS.format(source=source, segment_type="str", segment_default="new"))
 
-    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data])  # no data dir yet: not made
+    # no data dir yet: not made (a wide console: Rich's error box wraps at 80 columns, anywhere in the sentence)
+    r = runner.invoke(app, ["features", "get", "customer_stats", "c1", *data], env={"COLUMNS": "500"})
     assert r.exit_code == 2 and "kassa features apply" in " ".join(r.output.split()), r.output
     assert not (tmp_path / "data").exists()
 

@@ -115,7 +115,7 @@ def test_init_force_that_fails_halfway_leaves_the_previous_settings(tmp_path: Pa
 def test_init_where_a_folder_cannot_be_is_one_line_not_a_traceback(tmp_path: Path, where: str) -> None:
     (tmp_path / "taken").write_text("x")
     folder = tmp_path / "taken" if where == "a-file" else tmp_path / "taken" / "shop"
-    result = CliRunner().invoke(app, ["init", str(folder)])
+    result = CliRunner().invoke(app, ["init", str(folder)], env={"COLUMNS": "500"})  # no wrap inside the path
     # was a FileExistsError / NotADirectoryError traceback
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert f"cannot write the project to {folder}" in " ".join(result.output.split()), result.output
@@ -229,6 +229,21 @@ def test_wheel_installs_in_a_clean_venv_and_runs_the_demo(tmp_path: Path) -> Non
     assert str(venv) in import_path.stdout  # the installed package ran, not the source tree
 
 
+def _first_stderr_line(proc: subprocess.Popen[str], timeout: float) -> bool:
+    """Wait until ``proc`` has written something to its stderr pipe (without reading it: `communicate` reads it
+    all later); False if it has not within ``timeout`` seconds or exited first."""
+    import select
+    import time
+
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if ready:
+            return True
+    return False
+
+
 def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) -> None:
     # Redirected, the Live status left its last frame unterminated: the log read "... writes 0stopped".
     import signal
@@ -243,7 +258,10 @@ def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-m", "kassa", "stream", "--data-dir", data],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        time.sleep(7.5)  # a line every 5 s
+        # a line every 5 s once it runs: wait for the first one (a loaded machine can take seconds to start the
+        # worker), then for part of the next period, so the stop lands mid-frame as it did when this was found
+        assert _first_stderr_line(proc, timeout=90), "kassa stream printed nothing in 90 s"
+        time.sleep(2.5)
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -38,6 +38,8 @@ def test_a_missing_or_directory_definitions_file_is_one_line_naming_it(tmp_path:
     path = tmp_path / "features.yaml"
     if what == "directory":
         path.mkdir()
-    r = runner.invoke(app, ["features", "apply", str(path), "--yes", "--data-dir", str(tmp_path / "data")])
+    # a wide console: Rich wraps at 80 columns, inside the path itself when the temp folder is deep (pytest-xdist)
+    r = runner.invoke(app, ["features", "apply", str(path), "--yes", "--data-dir", str(tmp_path / "data")],
+                      env={"COLUMNS": "500"})
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
     assert "invalid definitions" in r.output and "features.yaml" in r.output, r.output
