@@ -337,10 +337,22 @@ class DecisionLogConsumer(DurableConsumer):
         recent = [first for spans in ranges.values() for first, last in spans if last == top]
         return (min(recent) - 1) if recent else top
 
+    def _forget_ranges_below(self, position: int) -> None:
+        """Forget the files that end at or below ``position``: `_handle` hands over only what is past it, so none of
+        them can hold a record of a batch to come. Kept, every file this process wrote stayed in the ranges each
+        record is checked against: at one file per 0.5 s gather, 7,200 files after an hour, ~340 µs of CPU a record."""
+        for date, spans in list(self._ranges.items()):
+            kept = [span for span in spans if span[1] > position]
+            if kept:
+                self._ranges[date] = kept
+            else:
+                del self._ranges[date]
+
     def _already_written(self, date: str, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._ranges.get(date, ()))
 
     async def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        self._forget_ranges_below(self.last_seq)
         records = [(seq, self._decoder.decode(data)) for seq, data in batch]
         by_date: dict[str, list[tuple[int, DecisionRecord]]] = {}
         for seq, rec in records:
