@@ -344,3 +344,12 @@ def test_two_writers_sharing_a_directory_never_overwrite_each_others_file(
         w.close()
     assert sorted(read_decisions(tmp_path).column("decision_id").to_pylist()) == ["d0", "d1"]
     assert len(parquet_files(tmp_path)) == 2
+
+
+# Feature values as the decide path logs them, with what JSON encodes in more than one way (escapes, non-ASCII,
+# float forms, NaN as null): the JetStream writer keeps the publisher's JSON of them instead of decoding it.
+ODD_FEATURES = {"s": 'quote " back \\ tab \t nl \n ctl \x01 del \x7f', "u": "Grüße ✓ 日本 \U0001f600", "e": "",
+                "f1": 0.1, "f2": 1e-7, "f3": 1e22, "f4": -0.0, "f5": 123456789.123456789, "f6": 5e-324,
+                "f7": 1.7976931348623157e308, "nan": float("nan"), "i": 2**63 - 1, "n": -7, "b": True, "f": False,
+                "none": None, "cats": "a|b|c", "key with \"quote\"": 1.0}
+
