@@ -50,7 +50,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from kassa import schemas
-from kassa.events.decision_log import DecisionRecord, _utc_date, records_to_table
+from kassa.events.decision_log import EncodedDecisionRecord, _utc_date, records_to_table
 from kassa.events.jetstream import BusConfig, ack_delivery, close_connection, connect, ensure_streams, take_queued_first
 
 log = logging.getLogger("kassa.bus")
@@ -328,17 +328,18 @@ class DecisionLogConsumer(DurableConsumer):
     positions itself by its own directory's files, so the two never skip or wait for each other's sequences."""
 
     def __init__(self, cfg: BusConfig, root: str | Path, durable: str | None = None, *, batch: int = 5000,
-                 on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                 on_written: Callable[[int], None] | None = None,
                  fence: Callable[[], None] | None = None, shadow: bool = False, **kwargs: float) -> None:
         """``fence``: called before each file is renamed into place; it raises `Fenced` when this writer may write
-        no more (its lease lost), and the file is not written."""
+        no more (its lease lost), and the file is not written. ``on_written``: called with the number of records of
+        each file written."""
         self.root = Path(root)
         self.fence = fence
         self.dir = self.root / "shadow" / "decisions" if shadow else self.root / "decisions"
         self.written = 0
         self.files_written = 0
         self.on_written = on_written
-        self._decoder = msgspec.json.Decoder(DecisionRecord)
+        self._decoder = msgspec.json.Decoder(EncodedDecisionRecord)  # the features stay the JSON they came as
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # date -> (first, last) of files past the position
         super().__init__(cfg, "decisions", durable or ("shadow-decision-log" if shadow else "decision-log"),
                          self._write, CallbackPosition(self._load_position), batch=batch, **kwargs)
@@ -378,24 +379,25 @@ class DecisionLogConsumer(DurableConsumer):
 
     async def _write(self, batch: list[tuple[int, bytes]]) -> None:
         self._forget_ranges_below(self.last_seq)
-        records = [(seq, self._decoder.decode(data)) for seq, data in batch]
-        by_date: dict[str, list[tuple[int, DecisionRecord]]] = {}
-        for seq, rec in records:
+        decode = self._decoder.decode
+        by_date: dict[str, list[EncodedDecisionRecord]] = {}
+        for seq, data in batch:
+            rec = decode(data)
             date = _utc_date(rec.ts)
             if not self._already_written(date, seq):
-                by_date.setdefault(date, []).append((seq, rec))
+                by_date.setdefault(date, []).append(rec)
         first, last = batch[0][0], batch[-1][0]
         for date, rows in by_date.items():
-            await asyncio.to_thread(self._write_file, date, first, last, [r for _, r in rows])
+            await asyncio.to_thread(self._write_file, date, first, last, rows)
             self._ranges.setdefault(date, []).append((first, last))
             self.written += len(rows)
             if self.on_written is not None:
                 try:
-                    self.on_written([r for _, r in rows])
+                    self.on_written(len(rows))
                 except Exception:
                     log.exception("decision log: on_written callback failed")
 
-    def _write_file(self, date: str, first: int, last: int, records: list[DecisionRecord]) -> Path:
+    def _write_file(self, date: str, first: int, last: int, records: list[EncodedDecisionRecord]) -> Path:
         part_dir = self.dir / f"date={date}"
         part_dir.mkdir(parents=True, exist_ok=True)
         path = part_dir / f"part-{int(time.time() * 1000)}-s{first}-{last}.parquet"
