@@ -22,6 +22,10 @@ min and max over the repeats), each consumer's median over its baseline's, and t
 and the temporary directories are deleted at the end.
 
     PYTHONPATH=src python bench/writer_cpu.py --decisions 20000 --repeats 5 [--json]
+
+An A/B of two checkouts on one stream: ``--publish-only`` publishes and prints the prefix, then runs of each
+checkout (``PYTHONPATH=<its src>``) with ``--prefix <it> --decisions <the same> --keep`` alternate; the last run
+without ``--keep`` deletes the streams.
 """
 
 from __future__ import annotations
@@ -197,28 +201,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as one line of JSON")
+    p.add_argument("--publish-only", action="store_true", help="publish, print the prefix, keep the streams")
+    p.add_argument("--prefix", help="measure the streams a --publish-only run left (of as many --decisions)")
+    p.add_argument("--keep", action="store_true", help="keep the streams at the end (for another run)")
     args = p.parse_args(argv)
-    prefix = f"wcpu{uuid.uuid4().hex[:8]}"
+    prefix = args.prefix or f"wcpu{uuid.uuid4().hex[:8]}"
     cfg = BusConfig(url=args.nats_url, prefix=prefix, spool_dir=Path(f"/tmp/{prefix}-spool"))
     counts = {"decisions": args.decisions, "events": 3 * args.decisions}
     phases = args.phases.split(",")
     results: dict[str, list[float]] = {ph: [] for ph in phases}
     loads: list[float] = []
     try:
-        t0 = time.perf_counter()
-        publish(cfg, counts["decisions"], counts["events"], args.seed)
-        print(f"published {counts['decisions']:,} decision records and {counts['events']:,} events in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if args.prefix is None:
+            t0 = time.perf_counter()
+            publish(cfg, counts["decisions"], counts["events"], args.seed)
+            print(f"published {counts['decisions']:,} decision records and {counts['events']:,} events in "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if args.publish_only:
+            print(prefix)
+            return 0
         for r in range(args.repeats):
             for ph in phases:
                 n = counts["events" if ph in ("fetch_events", "event_archive") else "decisions"]
                 loads.append(os.getloadavg()[0])
-                cpu, wall = phase(ph, cfg, n, args.batch, f"{r}")
+                cpu, wall = phase(ph, cfg, n, args.batch, f"{os.getpid()}-{r}")
                 results[ph].append(cpu / n * 1e6)
                 print(f"{ph} #{r + 1}: {cpu / n * 1e6:.1f} µs CPU/message, {n / wall:,.0f} messages/s wall, "
                       f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     finally:
-        asyncio.run(drop(cfg))
+        if not (args.publish_only or args.keep):
+            asyncio.run(drop(cfg))
         shutil.rmtree(cfg.spool_dir, ignore_errors=True)
     out: dict[str, object] = {"decisions": counts["decisions"], "events": counts["events"], "batch": args.batch,
                               "repeats": args.repeats}

@@ -91,8 +91,8 @@ class EncodedDecisionRecord(msgspec.Struct):
     """A `DecisionRecord` as the JetStream writer (`kassa.events.consumers.DecisionLogConsumer`) decodes it from the
     decisions stream: the same fields, ``features`` kept as the JSON its publisher encoded (`msgspec.Raw`), which
     is the ``features_json`` `records_to_table` writes. Decoding the features into a dict to encode them again made
-    the same string (msgspec's own output decodes and encodes to itself) at ~24 µs more CPU a record of 50 candidates
-    and ~25 features (bench/writer_cpu.py's records: decode 38 -> 27 µs, `records_to_table` 26 -> 14 µs)."""
+    the same string (msgspec's own output decodes and encodes to itself) at ~25 µs more CPU a record of 50 candidates
+    and ~25 features (bench/writer_cpu.py's records: decoding 36-50 -> 25-31 µs, `records_to_table` 24-32 -> 13-19)."""
 
     decision_id: str
     ts: float
