@@ -344,3 +344,39 @@ def test_two_writers_sharing_a_directory_never_overwrite_each_others_file(
         w.close()
     assert sorted(read_decisions(tmp_path).column("decision_id").to_pylist()) == ["d0", "d1"]
     assert len(parquet_files(tmp_path)) == 2
+
+
+# Feature values as the decide path logs them, with what JSON encodes in more than one way (escapes, non-ASCII,
+# float forms, NaN as null): the JetStream writer keeps the publisher's JSON of them instead of decoding it.
+ODD_FEATURES = {"s": 'quote " back \\ tab \t nl \n ctl \x01 del \x7f', "u": "Grüße ✓ 日本 \U0001f600", "e": "",
+                "f1": 0.1, "f2": 1e-7, "f3": 1e22, "f4": -0.0, "f5": 123456789.123456789, "f6": 5e-324,
+                "f7": 1.7976931348623157e308, "nan": float("nan"), "i": 2**63 - 1, "n": -7, "b": True, "f": False,
+                "none": None, "cats": "a|b|c", "key with \"quote\"": 1.0}
+
+
+def test_a_record_decoded_with_its_features_as_they_came_makes_the_same_table_row(tmp_path: Path) -> None:
+    import msgspec
+
+    records = [rec(1, DAY1, features=ODD_FEATURES, candidate_signals=[" |r s_co rk=1", " |r", ""],
+                   candidate_offer_features=[" |g x=b1", "", " |g y=é"]),
+               rec(2, DAY2, request_id=None, customer_id=None, features={}),
+               rec(3, DAY2 + 1, features={"x": 1}, candidates=[], probabilities=[], chosen=[], chosen_probabilities=[])]
+    published = [msgspec.json.Encoder().encode(r) for r in records]  # as `DecisionPublisher` encodes them
+    before = decision_log.records_to_table([msgspec.json.decode(b, type=DecisionRecord) for b in published])
+    encoded = [msgspec.json.decode(b, type=decision_log.EncodedDecisionRecord) for b in published]
+    assert [f.name for f in msgspec.structs.fields(decision_log.EncodedDecisionRecord)] == [
+        f.name for f in msgspec.structs.fields(DecisionRecord)]
+    after = decision_log.records_to_table(encoded)
+    assert after.equals(before)
+    assert json.loads(after.column("features_json")[0].as_py())["u"] == ODD_FEATURES["u"]
+    for table, name in ((before, "before.parquet"), (after, "after.parquet")):  # the same file
+        pq.write_table(table, tmp_path / name)
+    assert (tmp_path / "before.parquet").read_bytes() == (tmp_path / "after.parquet").read_bytes()
+
+
+def test_the_memoised_utc_date_is_datetimes_up_to_the_microsecond_rounded_into_the_next_day() -> None:
+    midnight = datetime(2024, 3, 2, tzinfo=UTC).timestamp()
+    for ts in (DAY1, DAY2, midnight, midnight - 1e-6, midnight - 4e-7, midnight - 6e-7, midnight - 1.1e-6,
+               midnight - 0.5e-6, midnight + 1e-7, 0.0, -0.3, -86_400.0, 1_780_000_000.25, 4e9):
+        for _ in range(2):  # computed, then from the memo
+            assert decision_log._utc_date(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"), ts

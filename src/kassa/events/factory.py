@@ -79,7 +79,7 @@ def open_join_records(settings: Settings, bus: JetStreamBus | None) -> JoinRecor
 
 # ---------------------------------------------------------------------------------------------- consumer runners
 async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None = None,
-                                  on_written: Callable[[list[DecisionRecord]], None] | None = None,
+                                  on_written: Callable[[int], None] | None = None,
                                   fence: Callable[[], None] | None = None, compact: bool = True,
                                   events: bool = True) -> None:
     """The decision-log writer, until ``stop``: decision records from JetStream to ``<data_dir>/decisions`` Parquet,
@@ -89,7 +89,8 @@ async def run_decision_log_writer(settings: Settings, stop: asyncio.Event | None
     ``fence`` (`kassa.roles.decision_log`, run by `kassa learn` and `kassa log write`): two would each re-create the
     durable consumers from their own files and write records twice (the event archive's rows are unique by event id,
     so a second writer there repeats nothing). ``compact``: also merge each closed hour's small files
-    (`kassa.events.compaction`; a learner's `Kassa` does)."""
+    (`kassa.events.compaction`; a learner's `Kassa` does). ``on_written``: called with each decision file's number
+    of records."""
     # One Parquet file and one events.db transaction per `decision_log_flush_seconds` at a steady trickle, as the
     # embedded writer's flushes: a file per fetch was a file, an fsync and a directory fsync every few milliseconds
     # (40 files for 40 decisions a few tens of ms apart; tests/test_event_archive.py).

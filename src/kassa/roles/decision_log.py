@@ -33,7 +33,6 @@ from collections.abc import Callable
 from kassa.config import Settings
 from kassa.degraded import RateLimitedWarning
 from kassa.events.consumers import Fenced
-from kassa.events.decision_log import DecisionRecord
 from kassa.events.factory import bus_config, run_decision_log_writer
 from kassa.learn.online.lease import Lease, LeaseKeeper, LeaseLost
 from kassa.roles.leases import LEASE_LOST_EXIT, decision_log_lease, exit_stalled
@@ -94,8 +93,8 @@ class DecisionLogWriterRole:
         except LeaseLost as exc:
             raise Fenced(str(exc)) from exc
 
-    def _count(self, records: list[DecisionRecord]) -> None:
-        self.written += len(records)
+    def _count(self, n: int) -> None:
+        self.written += n
         self._backoff = 0.0
 
     async def round(self) -> None:
