@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# pytest-xdist's workers (`make test`) start with COLUMNS=80 and LINES=24 in their environment, which fixes Rich's
+# consoles (created when kassa.cli is imported) at 80 columns, deaf to a test's own COLUMNS; a serial run has
+# neither. Dropped before anything imports Kassa, so both runs print alike.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -140,20 +140,31 @@ def _wait_ready(port: int, timeout: float = 40.0) -> None:
     raise AssertionError(f"no ready server on {port}")
 
 
-def _decide_and_answer(port: int, n: int, accept_every: int = 3) -> list[str]:
-    """``n`` decisions, each on a fresh connection, with an accept of the first offer every ``accept_every``."""
+def _decide_and_answer(port: int, n: int, accept_every: int = 3, resets: list[str] | None = None) -> list[str]:
+    """``n`` decisions, each on a fresh connection, with an accept of the first offer every ``accept_every``.
+    ``resets``: a reset connection is sent again once (as a client does) and noted there; else it fails the test."""
+
+    def post(path: str, body: dict) -> httpx.Response:
+        try:
+            return httpx.post(f"http://127.0.0.1:{port}{path}", json=body, headers=HEADERS, timeout=10)
+        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            if resets is None:
+                raise
+            resets.append(f"{path}: {exc!r}")
+            return httpx.post(f"http://127.0.0.1:{port}{path}", json=body, headers=HEADERS, timeout=10)
+
     ids = []
     for i in range(n):
         body = {"placement": "checkout", "customer": {"id": f"c{i % 50}"},
                 "order": {"id": f"ord-{uuid.uuid4().hex[:8]}", "currency": "USD", "total": 20.0, "items": []}}
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/decisions", json=body, headers=HEADERS, timeout=10)
+        r = post("/v1/decisions", body)
         assert r.status_code == 200, r.text
         dec = r.json()
         ids.append(dec["decision_id"])
         if dec["offers"] and i % accept_every == 0:
             ev = {"events": [{"event_id": f"{dec['decision_id']}-a", "type": "accept",
                               "decision_id": dec["decision_id"], "offer_id": dec["offers"][0]["offer_id"]}]}
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/events", json=ev, headers=HEADERS, timeout=10)
+            r = post("/v1/events", ev)
             assert r.status_code == 200, r.text
     return ids
 
@@ -249,7 +260,11 @@ def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_s
     # claim is about the port once the worker is gone, so wait for its exit (its sockets closed) first
     os.kill(workers[0], signal.SIGKILL)
     _wait_dead(workers[0])
-    _decide_and_answer(port, 20)
+    # Even then, on a loaded machine, a connection of these 20 was now and then seen reset while the supervisor started
+    # the replacement (docs/deploy.md: clients see a reset and retry); sent again once, every request answers
+    resets: list[str] = []
+    _decide_and_answer(port, 20, resets=resets)
+    assert len(resets) <= 2, resets
     p.wait_log("serve.log", rf"worker \d \(pid {workers[0]}\) exited")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(_children(proc.pid)) < 3:
