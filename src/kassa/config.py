@@ -367,6 +367,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
+    roles = tree.get("roles")
+    if isinstance(roles, dict) and roles.get("decision_log_writer") is False:
+        # YAML 1.1 reads the documented `decision_log_writer: off` (file or KASSA_ROLES__DECISION_LOG_WRITER=off)
+        # as false: it was refused with "Expected `str`, got `bool`"
+        roles["decision_log_writer"] = "off"
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
