@@ -305,6 +305,24 @@ def test_a_bus_started_while_nats_is_down_spools_and_delivers_once_it_starts(tmp
         server.stop()
 
 
+def test_reads_while_nats_is_down_warn_once_per_interval_not_per_read(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # `kassa stream` tails the event log every 20 ms: started while NATS was away it wrote this WARNING on every read,
+    # ~50 lines a second (278 in a 6 s run), where every other dependency's outage says so once per 10 s.
+    server = start_nats()
+    server.kill()
+    log = JetStreamEventLog.connect(_cfg(server.url, tmp_path))
+    try:
+        with caplog.at_level("WARNING", logger="kassa.bus"):
+            for _ in range(50):
+                assert log.read(0, 100) == []
+        lines = [r.getMessage() for r in caplog.records if "event log read while NATS is unreachable" in r.getMessage()]
+        assert len(lines) == 1, lines
+    finally:
+        log.close()
+        server.stop()
+
+
 def test_nats_restarted_with_its_store_wiped_gets_the_streams_again_and_every_spooled_event(tmp_path: Path) -> None:
     # The streams went with the store: every replay of the spool was refused (no responders) for ever, logged
     # at DEBUG, while events kept being acknowledged into the spool.
