@@ -195,6 +195,10 @@ def test_ctrl_c_stops_the_learner_with_130_and_sigterm_with_0(project) -> None: 
         learner.send_signal(sig)
         assert learner.wait(30) == status, p.log(f"learn-{sig.name}.log")[-3000:]
         assert "Traceback" not in p.log(f"learn-{sig.name}.log")
+        # README: a Ctrl-C ends with the line `interrupted`; the learner's said nothing at all
+        lines = [ln for ln in p.log(f"learn-{sig.name}.log").splitlines()
+                 if "nanobind" not in ln and "leaked" not in ln]
+        assert (lines[-1] == "interrupted") == (sig == signal.SIGINT), lines[-3:]
 
 
 def test_serve_with_workers_exits_130_on_ctrl_c_and_143_on_sigterm_as_one_process_does(project) -> None:  # type: ignore[no-untyped-def]
