@@ -159,3 +159,13 @@ def test_a_retention_that_keeps_the_dedupe_window_loads(monkeypatch: pytest.Monk
     monkeypatch.setenv("KASSA_EVENTS__RETENTION_SECONDS", "3600")
     monkeypatch.setenv("KASSA_EVENTS__DEDUPE_WINDOW_SECONDS", "600")
     assert load_settings(None).events.dedupe_window_seconds == 600
+
+
+def test_an_unknown_log_level_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn raised KeyError: 'loud' in every worker of `kassa serve --workers N`, which the supervisor started
+    # again every second, for ever, each with its traceback
+    error = _error(monkeypatch, None, {"KASSA_LOG_LEVEL": "loud"})
+    assert error.startswith("invalid configuration (environment variable KASSA_LOG_LEVEL): "), error
+    assert "$.log_level" in error
+    monkeypatch.setenv("KASSA_LOG_LEVEL", "warning")
+    assert load_settings(None).log_level == "warning"

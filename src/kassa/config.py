@@ -225,7 +225,8 @@ class Settings(Struct, forbid_unknown_fields=True):
     # A decision id of the random form (made before ids carried their time) is looked for in this many days of the
     # log, newest first (GET /v1/decisions/{id}, the dashboard's explorer): what bounds the cost of any lookup
     decision_lookup_days: Annotated[float, Meta(gt=0)] = 30.0
-    log_level: str = "info"
+    # uvicorn's levels (the HTTP workers of `kassa serve --workers N`); another word was a KeyError in every worker
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
     # `replay_window_seconds`, ... read by POST /v1/webhooks/{platform}; see kassa.integrations.config.
     integrations: dict[str, dict[str, Any]] = field(default_factory=dict)
