@@ -166,6 +166,17 @@ def test_embedded_default_is_one_process_that_learns_itself() -> None:
     assert resolve_workers(load_settings(None, **{"roles.learner": "external"}))[0] == (os.cpu_count() or 1)
 
 
+def test_the_supervisor_says_how_a_child_ended_not_its_raw_wait_status() -> None:
+    # "worker 0 (pid N) exited (status 256)" was os.waitpid's encoding of exit code 1, "(status 9)" a SIGKILL; the
+    # learner's line said "exited with -9" (Popen's)
+    from kassa.roles.workers import describe_exit
+
+    assert describe_exit(os.waitstatus_to_exitcode(256)) == "exited with 1"
+    assert describe_exit(os.waitstatus_to_exitcode(signal.SIGKILL)) == "exited: killed by SIGKILL"
+    assert describe_exit(-signal.SIGTERM) == "exited: killed by SIGTERM"  # a Popen returncode
+    assert describe_exit(75) == "exited with 75"
+
+
 def test_default_serve_starts_no_other_process(project) -> None:  # type: ignore[no-untyped-def]
     p = project()
     port = _free_port()

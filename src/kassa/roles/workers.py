@@ -39,6 +39,19 @@ from kassa.db import wait_for_database
 log = logging.getLogger("kassa")
 
 
+def describe_exit(code: int | None) -> str:
+    """How a child ended, from its exit code as `os.waitstatus_to_exitcode` or `Popen.returncode` give it (a signal
+    as its negative number): "exited with 1", "exited: killed by SIGKILL"; None: reaped elsewhere, unknown."""
+    if code is None:
+        return "exited"
+    if code < 0:
+        try:
+            return f"exited: killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"exited: killed by signal {-code}"
+    return f"exited with {code}"
+
+
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
@@ -194,12 +207,13 @@ class Supervisor:
                 for pid, status in self._reap():
                     if not self._stopping:
                         index = self.children.pop(pid)
-                        log.warning("worker %d (pid %d) exited (status %d); starting it again", index, pid, status)
+                        log.warning("worker %d (pid %d) %s; starting it again", index, pid, describe_exit(status))
                         time.sleep(max(0.0, 1.0 - (time.monotonic() - last_fork)))
                         last_fork = time.monotonic()
                         self._fork(index, None if reuseport else sock)
                 if self.learner_proc is not None and self.learner_proc.poll() is not None and not self._stopping:
-                    log.warning("learner exited with %s; starting it again", self.learner_proc.returncode)
+                    log.warning("learner (pid %d) %s; starting it again", self.learner_proc.pid,
+                                describe_exit(self.learner_proc.returncode))
                     time.sleep(1.0)
                     self._start_learner()
                 time.sleep(0.2)
@@ -210,16 +224,18 @@ class Supervisor:
         # process (it re-raises the signal once shut down); the supervisor exited 0 on both.
         raise SystemExit(128 + self._stopped_by)
 
-    def _reap(self) -> list[tuple[int, int]]:
-        """Workers that exited (only ours: the learner's `Popen` reaps its own child)."""
-        gone = []
+    def _reap(self) -> list[tuple[int, int | None]]:
+        """Workers that exited, with their exit codes (a signal as its negative number; only ours: the learner's
+        `Popen` reaps its own child)."""
+        gone: list[tuple[int, int | None]] = []
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, -1
+            except ChildProcessError:  # reaped already: how it ended is not known
+                gone.append((pid, None))
+                continue
             if done:
-                gone.append((pid, status))
+                gone.append((pid, os.waitstatus_to_exitcode(status)))
         return gone
 
     def _shutdown(self) -> None:
