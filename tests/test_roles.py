@@ -227,6 +227,25 @@ def test_serve_with_workers_exits_130_on_ctrl_c_and_143_on_sigterm_as_one_proces
             _wait_dead(kid)
 
 
+def test_workers_and_the_child_learner_stop_when_their_supervisor_is_killed(project) -> None:  # type: ignore[no-untyped-def]
+    # A `kill -9` of the supervisor (an OOM kill, a supervisor of its own that kills only the main pid) left its
+    # workers serving the port for ever and the child learner holding its leases: a new `kassa serve` then bound
+    # beside the old workers (SO_REUSEPORT), which went on serving the old code and settings.
+    p = project()
+    port = _free_port()
+    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "child", log="serve.log")
+    _wait_ready(port)
+    deadline = time.monotonic() + 30
+    while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kids = _children(proc.pid)
+    assert len(kids) == 3, kids
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    for kid in kids:
+        _wait_dead(kid, 30)
+
+
 def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]
     p = project()
     port = _free_port()

@@ -52,6 +52,25 @@ def describe_exit(code: int | None) -> str:
     return f"exited with {code}"
 
 
+def stop_with_parent(parent: int) -> None:
+    """In a child of the supervisor (a forked worker, or the learner before its exec): receive SIGTERM when the
+    supervisor dies, however it dies (Linux `PR_SET_PDEATHSIG`), so a `kill -9` of it does not leave workers serving
+    the port and a learner holding its leases; SIGTERM stops them gracefully. ``parent`` is the supervisor's pid: if
+    it died before the call, SIGTERM at once. Elsewhere than Linux: nothing (the supervisor's own stop still ends
+    them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
@@ -135,10 +154,12 @@ class Supervisor:
         self._settings_file: Path | None = None
 
     def _fork(self, index: int, sock: socket.socket | None, built_fd: int | None = None) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
+                stop_with_parent(parent)
                 _serve_worker(self.settings, sock, index, built_fd)
             except SystemExit as exc:
                 if isinstance(exc.code, str):  # "cannot start: …": said, not lost with the exit status
@@ -158,8 +179,9 @@ class Supervisor:
             with os.fdopen(fd, "wb") as f:
                 f.write(msgspec.json.encode(self.settings))  # JSON is YAML: `--settings` reads it as is
             self._settings_file = Path(name)
+        parent = os.getpid()
         self.learner_proc = subprocess.Popen([sys.executable, "-m", "kassa", "learn", "--settings",
-                                              str(self._settings_file)])
+                                              str(self._settings_file)], preexec_fn=lambda: stop_with_parent(parent))
         log.info("learner (pid %d) started", self.learner_proc.pid)
 
     def _stop(self, signum: int, _frame: object) -> None:
