@@ -310,6 +310,20 @@ def test_the_decision_log_writer_setting_is_checked() -> None:
         load_settings(None, **{"roles.decision_log_writer": "sometimes"})
 
 
+def test_decision_log_writer_off_as_written_in_the_docs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`roles.decision_log_writer: off` (docs/deploy.md) in a YAML file or as KASSA_ROLES__DECISION_LOG_WRITER=off:
+    YAML 1.1 reads a bare `off` as false, which was refused ("Expected `str`, got `bool`")."""
+    for name in [n for n in os.environ if n.startswith("KASSA_")]:
+        monkeypatch.delenv(name)
+    path = tmp_path / "kassa.yaml"
+    path.write_text("roles:\n  decision_log_writer: off\n")
+    assert load_settings(path).roles.decision_log_writer == "off"
+    monkeypatch.setenv("KASSA_ROLES__DECISION_LOG_WRITER", "off")
+    assert load_settings(None).roles.decision_log_writer == "off"
+    monkeypatch.setenv("KASSA_ROLES__DECISION_LOG_WRITER", "learner")
+    assert load_settings(path).roles.decision_log_writer == "learner"
+
+
 # ---------------------------------------------------------------------------------------------- the shadow log
 def _shadow_model(server: Kassa, tmp: Path) -> str:
     """A tiny trained model of ``checkout`` registered at the shadow stage and loaded by ``server``: its version."""

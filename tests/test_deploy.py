@@ -98,6 +98,22 @@ def test_compose_file_passes_the_compose_spec_and_has_every_role_and_service() -
     assert "-js" in services["nats"]["command"]
 
 
+def test_compose_roles_keep_their_metadata_in_the_postgres_compose_starts() -> None:
+    # compose.yaml started PostgreSQL (and asked for its password) but no Kassa role was told about it: every role
+    # kept catalog, keys and model registry in SQLite on the shared volume and the database stayed empty.
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    pg = compose["services"]["postgres"]["environment"]
+    for name in ("serve", "learn", "stream"):
+        service = compose["services"][name]
+        assert "postgres" in service["depends_on"], name
+        url = service["environment"].get("KASSA_METADATA__URL")
+        assert url is not None, f"{name}: no KASSA_METADATA__URL"
+        url = url.replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}", "pw")  # compose's interpolation
+        settings = load_settings(DEPLOY / "kassa.yaml", **{"metadata.url": url})
+        assert settings.metadata_url == (f"postgresql+psycopg://{pg['POSTGRES_USER']}:pw@postgres:5432/"
+                                         f"{pg['POSTGRES_DB']}"), name
+
+
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

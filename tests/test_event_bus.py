@@ -306,6 +306,43 @@ def test_a_bus_started_while_nats_is_down_spools_and_delivers_once_it_starts(tmp
         server.stop()
 
 
+def test_reads_while_nats_is_down_warn_once_per_interval_not_per_read(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # `kassa stream` tails the event log every 20 ms: started while NATS was away it wrote this WARNING on every read,
+    # ~50 lines a second (278 in a 6 s run), where every other dependency's outage says so once per 10 s.
+    server = start_nats()
+    server.kill()
+    log = JetStreamEventLog.connect(_cfg(server.url, tmp_path))
+    try:
+        with caplog.at_level("WARNING", logger="kassa.bus"):
+            for _ in range(50):
+                assert log.read(0, 100) == []
+        lines = [r.getMessage() for r in caplog.records if "event log read while NATS is unreachable" in r.getMessage()]
+        assert len(lines) == 1, lines
+    finally:
+        log.close()
+        server.stop()
+
+
+def test_streams_nats_refuses_are_named_once_per_interval_not_reported_as_disconnects(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A NATS that answers but refuses the streams (here a dedupe window longer than the retention; also overlapping
+    # subjects, an account's JetStream limits): every retry closed its probe connection, which logged "NATS
+    # disconnected; spooling until it is back" twice a second, while why was only at DEBUG.
+    cfg = dataclasses.replace(_cfg(ensure_nats(), tmp_path), retention_seconds=60.0, dedupe_window_seconds=120.0)
+    with caplog.at_level("DEBUG", logger="kassa.bus"):
+        log = JetStreamEventLog.connect(cfg)
+        try:
+            time.sleep(2.0)  # ~4 retries at reconnect_wait_seconds 0.1 + the ack timeout each
+        finally:
+            log.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert not any("NATS disconnected" in w for w in warnings), warnings
+    refused = [w for w in warnings if "duplicates window can not be larger" in w]
+    assert len(refused) == 1, warnings  # the start's line; the retries' at most once per 10 s
+    _delete_streams(cfg)
+
+
 def test_nats_restarted_with_its_store_wiped_gets_the_streams_again_and_every_spooled_event(tmp_path: Path) -> None:
     # The streams went with the store: every replay of the spool was refused (no responders) for ever, logged
     # at DEBUG, while events kept being acknowledged into the spool.

@@ -683,6 +683,22 @@ def test_waiting_for_a_metadata_database_ends_when_told_to_stop():
     assert time.monotonic() - t0 < 1.0
 
 
+@pytest.mark.parametrize("command", [["models", "list"], ["keys", "list"], ["train", "--placement", "checkout"]])
+def test_a_command_with_its_postgres_unreachable_says_so_in_one_line(tmp_path, command):
+    # `kassa serve|learn|stream` wait for the database; a one-shot command (models, keys, train, evaluate, features,
+    # integrations sync) printed a ~300-line traceback ending in psycopg's OperationalError.
+    env = {**os.environ, "KASSA_METADATA__URL": "postgresql+psycopg://kassa:s3cret@127.0.0.1:9/kassa",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"), "COLUMNS": "300"}
+    out = subprocess.run([sys.executable, "-m", "kassa", *command, "--data-dir", str(tmp_path / "data")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip() and "nanobind" not in ln
+             and "leaked" not in ln and "See https://nanobind" not in ln]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert len(lines) == 1, lines[:5]
+    assert lines[0].startswith("cannot reach the metadata database postgresql+psycopg://kassa:***@127.0.0.1:9/kassa: ")
+    assert "Connection refused" in lines[0] and "s3cret" not in lines[0], lines[0]
+
+
 def test_processes_starting_at_one_moment_on_a_new_database_all_start(pg_server, tmp_path, catalog_file,
                                                                       features_file):
     # Pods and learners that waited for PostgreSQL start when it does: each read "no such key", then inserted

@@ -177,6 +177,17 @@ def test_embedded_default_is_one_process_that_learns_itself() -> None:
     assert resolve_workers(load_settings(None, **{"roles.learner": "external"}))[0] == (os.cpu_count() or 1)
 
 
+def test_the_supervisor_says_how_a_child_ended_not_its_raw_wait_status() -> None:
+    # "worker 0 (pid N) exited (status 256)" was os.waitpid's encoding of exit code 1, "(status 9)" a SIGKILL; the
+    # learner's line said "exited with -9" (Popen's)
+    from kassa.roles.workers import describe_exit
+
+    assert describe_exit(os.waitstatus_to_exitcode(256)) == "exited with 1"
+    assert describe_exit(os.waitstatus_to_exitcode(signal.SIGKILL)) == "exited: killed by SIGKILL"
+    assert describe_exit(-signal.SIGTERM) == "exited: killed by SIGTERM"  # a Popen returncode
+    assert describe_exit(75) == "exited with 75"
+
+
 def test_default_serve_starts_no_other_process(project) -> None:  # type: ignore[no-untyped-def]
     p = project()
     port = _free_port()
@@ -206,6 +217,10 @@ def test_ctrl_c_stops_the_learner_with_130_and_sigterm_with_0(project) -> None: 
         learner.send_signal(sig)
         assert learner.wait(30) == status, p.log(f"learn-{sig.name}.log")[-3000:]
         assert "Traceback" not in p.log(f"learn-{sig.name}.log")
+        # README: a Ctrl-C ends with the line `interrupted`; the learner's said nothing at all
+        lines = [ln for ln in p.log(f"learn-{sig.name}.log").splitlines()
+                 if "nanobind" not in ln and "leaked" not in ln]
+        assert (lines[-1] == "interrupted") == (sig == signal.SIGINT), lines[-3:]
 
 
 def test_serve_with_workers_exits_130_on_ctrl_c_and_143_on_sigterm_as_one_process_does(project) -> None:  # type: ignore[no-untyped-def]
@@ -221,6 +236,25 @@ def test_serve_with_workers_exits_130_on_ctrl_c_and_143_on_sigterm_as_one_proces
         assert "Traceback" not in p.log(f"serve-{sig.name}.log")
         for kid in kids:  # every worker stopped with it
             _wait_dead(kid)
+
+
+def test_workers_and_the_child_learner_stop_when_their_supervisor_is_killed(project) -> None:  # type: ignore[no-untyped-def]
+    # A `kill -9` of the supervisor (an OOM kill, a supervisor of its own that kills only the main pid) left its
+    # workers serving the port for ever and the child learner holding its leases: a new `kassa serve` then bound
+    # beside the old workers (SO_REUSEPORT), which went on serving the old code and settings.
+    p = project()
+    port = _free_port()
+    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "child", log="serve.log")
+    _wait_ready(port)
+    deadline = time.monotonic() + 30
+    while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kids = _children(proc.pid)
+    assert len(kids) == 3, kids
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    for kid in kids:
+        _wait_dead(kid, 30)
 
 
 def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]

@@ -131,3 +131,41 @@ def test_usable_metadata_nats_and_webhook_urls_load(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(name, url)
     settings = load_settings(None)
     assert url in (settings.metadata.url, settings.events.nats_url, settings.learn.drift_webhook_url)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    # NATS refused to create the streams ("duplicates window can not be larger then max age"): every process started
+    # ready, said "NATS ... unreachable at start" of a NATS that answered, spooled every event for ever and logged
+    # "NATS disconnected" twice a second
+    ({"KASSA_EVENTS__RETENTION_SECONDS": "3600"}, "events.dedupe_window_seconds (7200) must not exceed "
+                                                  "events.retention_seconds (3600)"),
+    ({"KASSA_EVENTS__RETENTION_SECONDS": "-5"}, "$.events.retention_seconds"),
+    ({"KASSA_EVENTS__DEDUPE_WINDOW_SECONDS": "-1"}, "$.events.dedupe_window_seconds"),
+    ({"KASSA_EVENTS__ACK_TIMEOUT_SECONDS": "-1"}, "$.events.ack_timeout_seconds"),  # every publish "timed out"
+    ({"KASSA_EVENTS__REPLICAS": "0"}, "$.events.replicas"),
+    ({"KASSA_ROLES__INPUT_SETTLE_SECONDS": "-1"}, "$.roles.input_settle_seconds"),
+])
+def test_event_stream_settings_nats_would_refuse_are_refused_at_load(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+    error = _error(monkeypatch, None, env)
+    assert error.startswith("invalid configuration (environment variable KASSA_") and message in error, error
+
+
+def test_a_retention_that_keeps_the_dedupe_window_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for env in [n for n in os.environ if n.startswith("KASSA_")]:
+        monkeypatch.delenv(env)
+    monkeypatch.setenv("KASSA_EVENTS__RETENTION_SECONDS", "86400")
+    assert load_settings(None).events.retention_seconds == 86400
+    monkeypatch.setenv("KASSA_EVENTS__RETENTION_SECONDS", "3600")
+    monkeypatch.setenv("KASSA_EVENTS__DEDUPE_WINDOW_SECONDS", "600")
+    assert load_settings(None).events.dedupe_window_seconds == 600
+
+
+def test_an_unknown_log_level_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn raised KeyError: 'loud' in every worker of `kassa serve --workers N`, which the supervisor started
+    # again every second, for ever, each with its traceback
+    error = _error(monkeypatch, None, {"KASSA_LOG_LEVEL": "loud"})
+    assert error.startswith("invalid configuration (environment variable KASSA_LOG_LEVEL): "), error
+    assert "$.log_level" in error
+    monkeypatch.setenv("KASSA_LOG_LEVEL", "warning")
+    assert load_settings(None).log_level == "warning"

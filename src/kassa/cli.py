@@ -221,7 +221,10 @@ def learn(
     """
     from kassa.roles.learner import run_learner
 
-    raise typer.Exit(run_learner(_settings(config, data_dir=data_dir), placement))
+    code = run_learner(_settings(config, data_dir=data_dir), placement)
+    if code == 130:  # stopped gracefully by a Ctrl-C: the line every Ctrl-C of `kassa` ends with (README)
+        print("interrupted", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
 
 
 @app.command()

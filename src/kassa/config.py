@@ -137,10 +137,12 @@ class EventSettings(Struct, forbid_unknown_fields=True):
     backend: Literal["sqlite", "jetstream"] = "sqlite"  # sqlite: <data_dir>/events.db, embedded
     nats_url: str = "nats://127.0.0.1:4222"
     prefix: str = "kassa"  # subjects <prefix>.events|decisions, streams <PREFIX>_EVENTS|_DECISIONS
-    dedupe_window_seconds: float = 7200.0  # JetStream duplicate_window: an event_id repeated within it is dropped
-    replicas: int = 1  # stream replicas (3 on a NATS cluster)
-    retention_seconds: float = 0.0  # stream max_age; 0 keeps everything
-    ack_timeout_seconds: float = 2.0  # a publish not acked within this is spooled
+    # JetStream duplicate_window: an event_id repeated within it is dropped. At most retention_seconds (when set):
+    # NATS refuses a stream whose window outlasts its messages, and every event then stayed in the spool.
+    dedupe_window_seconds: Annotated[float, Meta(ge=0)] = 7200.0
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # stream replicas (3 on a NATS cluster; JetStream allows 1-5)
+    retention_seconds: Annotated[float, Meta(ge=0)] = 0.0  # stream max_age; 0 keeps everything
+    ack_timeout_seconds: Annotated[float, Meta(gt=0)] = 2.0  # a publish not acked within this is spooled
     spool_dir: str | None = None  # default <data_dir>/spool
 
 
@@ -179,7 +181,7 @@ class RoleSettings(Struct, forbid_unknown_fields=True):
     learner_input: Literal["sqlite", "jetstream"] = "sqlite"
     # Events are applied this long after they were stored, so a decision record written a moment after
     # its first event is registered first; the learner closes decisions on the same delayed clock.
-    input_settle_seconds: float = 0.5
+    input_settle_seconds: Annotated[float, Meta(ge=0)] = 0.5
     # Who writes the decision log (<data_dir>/decisions) on events.backend: jetstream, where serving workers publish
     # each decision's record instead of writing Parquet: "learner" (`kassa learn` runs the writer beside the
     # learning, one per deployment by a lease of its own; a standby learner takes it over) or "off" (the learners
@@ -223,7 +225,8 @@ class Settings(Struct, forbid_unknown_fields=True):
     # A decision id of the random form (made before ids carried their time) is looked for in this many days of the
     # log, newest first (GET /v1/decisions/{id}, the dashboard's explorer): what bounds the cost of any lookup
     decision_lookup_days: Annotated[float, Meta(gt=0)] = 30.0
-    log_level: str = "info"
+    # uvicorn's levels (the HTTP workers of `kassa serve --workers N`); another word was a KeyError in every worker
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # Per commerce platform (shopify, woocommerce, magento, sfcc, sap): `webhook_secret`,
     # `replay_window_seconds`, ... read by POST /v1/webhooks/{platform}; see kassa.integrations.config.
     integrations: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -367,6 +370,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
+    roles = tree.get("roles")
+    if isinstance(roles, dict) and roles.get("decision_log_writer") is False:
+        # YAML 1.1 reads the documented `decision_log_writer: off` (file or KASSA_ROLES__DECISION_LOG_WRITER=off)
+        # as false: it was refused with "Expected `str`, got `bool`"
+        roles["decision_log_writer"] = "off"
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -394,6 +402,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         # was refused only once the data dir and its database were made, with a traceback
         _refuse_url("learn.drift_webhook_url", f"{hook!r} is not an http:// or https:// URL (e.g. "
                     "https://hooks.example.com/kassa-drift)", path, overrides)
+    events = settings.events
+    if events.retention_seconds and events.dedupe_window_seconds > events.retention_seconds:
+        raise SystemExit(f"invalid configuration{_error_source('at `$.events.retention_seconds', path, overrides)}: "
+                         f"events.dedupe_window_seconds ({events.dedupe_window_seconds:g}) must not exceed "
+                         f"events.retention_seconds ({events.retention_seconds:g}): JetStream refuses such a stream "
+                         "(lower the dedupe window, or keep messages longer; 0 keeps everything)")
     if settings.roles.learner_input == "jetstream" and settings.events.backend != "jetstream":
         raise SystemExit("invalid configuration: roles.learner_input: jetstream needs events.backend: jetstream "
                          "(the learner reads the decisions and events the serving processes publish there)")

@@ -46,10 +46,31 @@ class UnusableStartFile(SystemExit):
         super().__init__(f"cannot start: {what} ({setting}) {problem}")
 
 
+class MetadataUnreachable(SystemExit):
+    """The metadata PostgreSQL did not answer when a command opened it: one line naming it (password hidden)."""
+
+    def __init__(self, url: str, exc: BaseException) -> None:
+        from sqlalchemy.engine import make_url
+
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        shown = make_url(url).render_as_string(hide_password=True)
+        super().__init__(f"cannot reach the metadata database {shown}: {reason}")
+
+
 def metadata_engine(settings: Settings) -> Engine:
     """The metadata database of ``settings``, migrated to the newest schema, with its session limits
-    (`metadata.idle_in_transaction_seconds`): what every command and process that opens it uses."""
-    return make_engine(settings.metadata_url, idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
+    (`metadata.idle_in_transaction_seconds`): what every command and process that opens it uses. A PostgreSQL that
+    cannot be reached ends the command with one line (`MetadataUnreachable`), not a ~300-line traceback: `kassa
+    serve|learn|stream` wait for it first (`kassa.db.wait_for_database`), a one-shot command stops."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    url = settings.metadata_url
+    try:
+        return make_engine(url, idle_in_transaction=settings.metadata.idle_in_transaction_seconds)
+    except (OperationalError, InterfaceError) as exc:
+        if not url.startswith("postgresql"):
+            raise
+        raise MetadataUnreachable(url, exc) from None
 
 
 def missing_data(settings: Settings) -> Path | None:

@@ -371,7 +371,15 @@ class JetStreamBus:
         self._tasks.append(asyncio.create_task(self._drain_forever(), name="kassa-bus-drain"))
 
     async def _connect(self, timeout: float) -> None:
-        nc = await connect(self.cfg, timeout, disconnected_cb=self._on_disconnected,
+        adopted = False
+
+        async def on_disconnected() -> None:
+            # Not the close of a connection whose streams NATS refused: every retry of such a NATS wrote "NATS
+            # disconnected" (twice a second) while the reason was at DEBUG (`_connect_forever` names it).
+            if adopted:
+                await self._on_disconnected()
+
+        nc = await connect(self.cfg, timeout, disconnected_cb=on_disconnected,
                            reconnected_cb=self._on_reconnected, error_cb=self._on_error, closed_cb=self._on_closed)
         js = nc.jetstream(timeout=self.cfg.ack_timeout_seconds, publish_async_max_pending=50_000)
         try:
@@ -380,15 +388,22 @@ class JetStreamBus:
             await nc.close()
             raise
         self.nc, self.js = nc, js
+        adopted = True
         self._kick()
 
     async def _connect_forever(self) -> None:
+        warned, held = time.monotonic(), 0  # the start's WARNING said why; again at most once per 10 s
         while not self._closed:
             await asyncio.sleep(self.cfg.reconnect_wait_seconds)
             try:
                 await self._connect(self.cfg.ack_timeout_seconds)
             except Exception as exc:
                 log.debug("NATS connect retry failed: %s", exc)
+                held += 1
+                if time.monotonic() - warned >= 10.0:
+                    log.warning("NATS at %s still not usable (%s; %d tries in the last %.0f s); spooling events until "
+                                "it is", self.cfg.url, exc, held, time.monotonic() - warned)
+                    warned, held = time.monotonic(), 0
                 continue
             log.info("NATS at %s reachable; replaying %d spooled messages", self.cfg.url, self.spool_depth)
             return

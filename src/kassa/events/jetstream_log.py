@@ -31,6 +31,7 @@ import msgspec
 from nats.js import api
 
 from kassa import schemas
+from kassa.degraded import RateLimitedWarning
 from kassa.events.decision_log import DecisionRecord
 from kassa.events.jetstream import BusConfig, JetStreamBus, PublishFailed, ack_delivery
 from kassa.events.join import PendingDecision
@@ -55,6 +56,8 @@ class JetStreamEventLog(EventLog):
         self._subject = bus.cfg.events_subject
         self._reader: _BatchReader | None = None
         self._reader_next = 0  # stream sequence the reader delivers next
+        # a tailing reader (`kassa stream`, every 20 ms) asks again and again while NATS is away: one line per 10 s
+        self._unreachable_warning = RateLimitedWarning(log, "event log read while NATS is unreachable")
         # appends of the running pass of each caller loop, not yet handed to the bus (`_gather`)
         self._groups: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._sending: set[asyncio.Task[list[bool]]] = set()  # groups appending on the caller's (the bus's) loop
@@ -151,7 +154,7 @@ class JetStreamEventLog(EventLog):
         if js is None or not self.bus.connected:
             # A serving process must start and ack (into the spool) while NATS is away: a read then finds
             # nothing yet, and a tailing reader (the stream processor) asks again from the same position.
-            log.warning("event log read while NATS is unreachable: nothing read after seq %d", after_seq)
+            self._unreachable_warning(f"nothing read after seq {after_seq}")
             return []
         if limit <= 0:
             return []

@@ -39,6 +39,38 @@ from kassa.db import wait_for_database
 log = logging.getLogger("kassa")
 
 
+def describe_exit(code: int | None) -> str:
+    """How a child ended, from its exit code as `os.waitstatus_to_exitcode` or `Popen.returncode` give it (a signal
+    as its negative number): "exited with 1", "exited: killed by SIGKILL"; None: reaped elsewhere, unknown."""
+    if code is None:
+        return "exited"
+    if code < 0:
+        try:
+            return f"exited: killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"exited: killed by signal {-code}"
+    return f"exited with {code}"
+
+
+def stop_with_parent(parent: int) -> None:
+    """In a child of the supervisor (a forked worker, or the learner before its exec): receive SIGTERM when the
+    supervisor dies, however it dies (Linux `PR_SET_PDEATHSIG`), so a `kill -9` of it does not leave workers serving
+    the port and a learner holding its leases; SIGTERM stops them gracefully. ``parent`` is the supervisor's pid: if
+    it died before the call, SIGTERM at once. Elsewhere than Linux: nothing (the supervisor's own stop still ends
+    them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.server.host, port=settings.server.port, loop="uvloop", http="httptools",
@@ -122,10 +154,12 @@ class Supervisor:
         self._settings_file: Path | None = None
 
     def _fork(self, index: int, sock: socket.socket | None, built_fd: int | None = None) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
+                stop_with_parent(parent)
                 _serve_worker(self.settings, sock, index, built_fd)
             except SystemExit as exc:
                 if isinstance(exc.code, str):  # "cannot start: …": said, not lost with the exit status
@@ -145,8 +179,9 @@ class Supervisor:
             with os.fdopen(fd, "wb") as f:
                 f.write(msgspec.json.encode(self.settings))  # JSON is YAML: `--settings` reads it as is
             self._settings_file = Path(name)
+        parent = os.getpid()
         self.learner_proc = subprocess.Popen([sys.executable, "-m", "kassa", "learn", "--settings",
-                                              str(self._settings_file)])
+                                              str(self._settings_file)], preexec_fn=lambda: stop_with_parent(parent))
         log.info("learner (pid %d) started", self.learner_proc.pid)
 
     def _stop(self, signum: int, _frame: object) -> None:
@@ -194,12 +229,13 @@ class Supervisor:
                 for pid, status in self._reap():
                     if not self._stopping:
                         index = self.children.pop(pid)
-                        log.warning("worker %d (pid %d) exited (status %d); starting it again", index, pid, status)
+                        log.warning("worker %d (pid %d) %s; starting it again", index, pid, describe_exit(status))
                         time.sleep(max(0.0, 1.0 - (time.monotonic() - last_fork)))
                         last_fork = time.monotonic()
                         self._fork(index, None if reuseport else sock)
                 if self.learner_proc is not None and self.learner_proc.poll() is not None and not self._stopping:
-                    log.warning("learner exited with %s; starting it again", self.learner_proc.returncode)
+                    log.warning("learner (pid %d) %s; starting it again", self.learner_proc.pid,
+                                describe_exit(self.learner_proc.returncode))
                     time.sleep(1.0)
                     self._start_learner()
                 time.sleep(0.2)
@@ -210,16 +246,18 @@ class Supervisor:
         # process (it re-raises the signal once shut down); the supervisor exited 0 on both.
         raise SystemExit(128 + self._stopped_by)
 
-    def _reap(self) -> list[tuple[int, int]]:
-        """Workers that exited (only ours: the learner's `Popen` reaps its own child)."""
-        gone = []
+    def _reap(self) -> list[tuple[int, int | None]]:
+        """Workers that exited, with their exit codes (a signal as its negative number; only ours: the learner's
+        `Popen` reaps its own child)."""
+        gone: list[tuple[int, int | None]] = []
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, -1
+            except ChildProcessError:  # reaped already: how it ended is not known
+                gone.append((pid, None))
+                continue
             if done:
-                gone.append((pid, status))
+                gone.append((pid, os.waitstatus_to_exitcode(status)))
         return gone
 
     def _shutdown(self) -> None:
