@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -157,3 +159,21 @@ def test_a_read_only_command_refuses_a_data_dir_without_kassa_data_and_creates_n
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and f"no Kassa data in {typo}" in text, (text, result.exception)
     assert not typo.exists()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--learner", "foo"], "'foo' is not one of inprocess, child, external"),
+    (["--workers", "-1"], "must be 0 (one per core) or more"),
+])
+def test_a_bad_serve_option_is_bad_usage_exit_2_before_anything_starts(tmp_path: Path, args: list[str],
+                                                                         said: str) -> None:
+    # `--learner foo` was "invalid configuration" with exit 1, as if a settings file were wrong; the README's
+    # exit codes say a bad value is 2, as `--port abc` already was
+    from typer.testing import CliRunner
+
+    from kassa.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *args, "--data-dir", str(tmp_path / "d")], env={"COLUMNS": "500"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and said in text, (text, result.exception)
+    assert not (tmp_path / "d").exists()  # refused before a data dir was made

@@ -167,6 +167,11 @@ def serve(
                                                      "requests against the same models get the same offers.")] = None,
 ) -> None:
     """Run the decision API on the embedded default (nothing else to start)."""
+    # a bad value of an option is bad usage (exit 2, as `--port abc`), not an invalid settings file (exit 1)
+    if learner is not None and learner not in ("inprocess", "child", "external"):
+        raise typer.BadParameter(f"{learner!r} is not one of inprocess, child, external", param_hint="--learner")
+    if workers is not None and workers < 0:
+        raise typer.BadParameter("must be 0 (one per core) or more", param_hint="--workers")
     overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog, "roles.workers": workers,
                                     "roles.learner": learner}
     if host is not None:
