@@ -4,7 +4,6 @@ empty or unreadable metadata DB is never "ready"; a damaged cache file (the cata
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest
