@@ -135,7 +135,9 @@ def test_a_run_with_too_few_latencies_for_a_p99_is_invalid_not_a_pass(server_url
     from kassa.loadtest.report import render_report
 
     page = render_report(res)
-    assert "a P99 needs at least 100" in page and "describe the generator" not in page
+    assert "a P99 needs at least 100" in page
+    if len(s["invalid_reasons"]) == 1:  # a loaded machine can make the generator lag too, which the page then says
+        assert "describe the generator" not in page
 
 
 def test_a_p99_from_a_thin_sample_is_a_warning() -> None:

@@ -2,8 +2,9 @@
 
 It owns how the command ends on a signal (README, "Exit codes and signals"):
 
-- Ctrl-C (SIGINT): exit 130. It imports the CLI inside its own ``try``: importing Typer, Rich and every command's
-  module takes ~0.4-0.7 s, and a Ctrl-C in that time printed a traceback from whichever import it landed in. Once
+- Ctrl-C (SIGINT): exit 130. It imports the CLI inside its own ``try`` (and its own few modules inside another):
+  importing Typer, Rich and every command's module takes ~0.4-0.7 s, and a Ctrl-C in that time printed a
+  traceback from whichever import it landed in. Once
   the CLI runs, Typer turns a Ctrl-C into exit 130 itself; this catches the rest and ends the same way, with one line.
 - SIGTERM: exit 143 (128 + 15, what a shell reports for a process the signal killed) after the command's own
   cleanup: Python's default action killed the process on the spot, so no ``finally`` ran: `kassa demo` left its
@@ -14,10 +15,15 @@ It owns how the command ends on a signal (README, "Exit codes and signals"):
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-from types import FrameType
+
+try:  # `signal` brings enum, functools and collections: ~10 ms, longer on a loaded machine, where a Ctrl-C landed
+    import os
+    import signal
+    from types import FrameType
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 TERMINATED_EXIT = 128 + signal.SIGTERM
 _terminated = False
