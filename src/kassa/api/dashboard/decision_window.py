@@ -21,8 +21,15 @@ files are not listed, so they are dropped and the merged file read, each decisio
 by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``. A listed
 file removed before it is read (merged meanwhile) makes the read list again; what was read is kept.
 
-Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
-of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
+Reads serialize on a lock; the returned list is the caller's. Memory (tracemalloc; ids of placements, versions and
+offers, and each distinct list of shown offers, interned): ~23 MB for 100,000 rows showing 2 of 4 offers, ~28 MB at
+the peak of the first read (as named tuples fetched in one list: ~32 MB, peak ~100 MB); ~13 MB for 30,000 rows
+showing 3 of 300 offers was measured before, with named tuples.
+
+The first read after a start is the costly one (~1 s of CPU for ~130,000 rows, 2026-12-07): DuckDB reads into Arrow
+with the GIL released, the rows become Python objects a batch at a time, and `DecisionRow` is not tracked by the
+garbage collector, so the event loop of the serving process is not kept waiting (it waited up to 90-420 ms at a time,
+`bench/dashboard_first_view.py`); `state.Dashboard.warm` starts it when the login form is asked for.
 """
 
 from __future__ import annotations
