@@ -21,8 +21,15 @@ files are not listed, so they are dropped and the merged file read, each decisio
 by its hour's end, so it is read even when older small files of its hour were skipped past ``max_rows``. A listed
 file removed before it is read (merged meanwhile) makes the read list again; what was read is kept.
 
-Reads serialize on a lock; the returned list is the caller's. Memory: ~13 MB for 30,000 rows (tracemalloc; ids
-of placements, versions and offers interned), so ~45 MB at the 100,000-row cap.
+Reads serialize on a lock; the returned list is the caller's. Memory (tracemalloc; ids of placements, versions and
+offers, and each distinct list of shown offers, interned): ~23 MB for 100,000 rows showing 2 of 4 offers, ~28 MB at
+the peak of the first read (as named tuples fetched in one list: ~32 MB, peak ~100 MB); ~13 MB for 30,000 rows
+showing 3 of 300 offers was measured before, with named tuples.
+
+The first read after a start is the costly one (~1 s of CPU for ~130,000 rows, 2026-12-07): DuckDB reads into Arrow
+with the GIL released, the rows become Python objects a batch at a time, and `DecisionRow` is not tracked by the
+garbage collector, so the event loop of the serving process is not kept waiting (it waited up to 90-420 ms at a time,
+`bench/dashboard_first_view.py`); `state.Dashboard.warm` starts it when the login form is asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import re
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+
+import msgspec
 
 from kassa.events.decision_log import decision_files, read_log, serving_duckdb
 
@@ -42,10 +50,14 @@ _MERGED = re.compile(r"part-\d+-c(\d+)[-.]")
 # twice the last, up to `_MAX_CHUNK` (bounds the SQL text), so a busy day's big files stop the read near ``max_rows``
 _FIRST_CHUNK = 64
 _MAX_CHUNK = 2000
+# rows converted to Python objects at a time (`DecisionLogWindow._read`)
+_BATCH = 2048
 
 
-class DecisionRow(NamedTuple):
-    """The columns of a decision the dashboard's tables and charts read."""
+class DecisionRow(msgspec.Struct, frozen=True, gc=False):
+    """The columns of a decision the dashboard's tables and charts read. Not tracked by the garbage collector (it
+    holds strings, numbers and a tuple of strings, so it is never in a cycle): a window of 100,000 named tuples was
+    100,000 more objects for every full collection of the serving process to walk."""
 
     decision_id: str
     ts: float
@@ -90,6 +102,7 @@ class DecisionLogWindow:
         self._floor: tuple[int, int, str] | None = None  # files at or before this one were dropped (max_rows)
         self._newest: list[DecisionRow] | None = None  # every held row, newest first (None: rebuild)
         self._names: dict[str, str] = {}  # interned placement, version and offer ids
+        self._shown: dict[tuple[str, ...], tuple[str, ...]] = {}  # interned lists of shown offers
 
     def rows(self, since: float, now: float) -> list[DecisionRow] | None:
         """Held rows with ``ts >= since``, newest first, after reading the files written since the last read; None
@@ -165,26 +178,41 @@ class DecisionLogWindow:
             self._evict(listed)
 
     def _read(self, paths: list[str]) -> int:
-        """Read and hold ``paths``; the number of rows they hold."""
+        """Read and hold ``paths``; the number of rows they hold. DuckDB reads them into Arrow (the GIL released),
+        then the rows become Python objects ``_BATCH`` at a time: a day's first read took ~130,000 rows with
+        ``fetchall`` in one call, each row's offers a list, and the event loop waited up to ~420 ms at a time for the
+        GIL (the conversion and the full garbage collections all those new objects set off)."""
         files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
         sql = (f"SELECT filename, decision_id, ts, placement, model_version, chosen, fallback, took_ms "
                f"FROM read_parquet([{files}], filename = true)")
         con = serving_duckdb()
         try:
-            found = con.execute(sql).fetchall()
+            table = con.sql(sql).to_arrow_table()
         finally:
             con.close()
-        names = self._names
+        names, shown = self._names, self._shown
         by_file: dict[str, list[DecisionRow]] = {p: [] for p in paths}
-        for filename, decision_id, ts, placement, version, chosen, fallback, took_ms in found:
-            by_file[filename].append(DecisionRow(
-                decision_id, ts, names.setdefault(placement, placement), names.setdefault(version, version),
-                tuple(names.setdefault(o, o) for o in chosen or ()), bool(fallback), took_ms))
+        for batch in table.to_batches(max_chunksize=_BATCH):
+            # each row's offers sliced from the batch's flat list, not a list per row: those were ~130,000 objects
+            # the collector tracks, alive long enough to be promoted and walked by full collections
+            lists = batch.column(5)
+            flat = lists.flatten().to_pylist()
+            offsets = lists.offsets.to_pylist()
+            base = offsets[0]
+            columns = [batch.column(i).to_pylist() for i in (0, 1, 2, 3, 4, 6, 7)]
+            for i, (filename, decision_id, ts, placement, version, fallback, took_ms) in enumerate(
+                    zip(*columns, strict=True)):
+                offers = tuple(flat[offsets[i] - base:offsets[i + 1] - base])
+                by_file[filename].append(DecisionRow(
+                    decision_id, ts, names.setdefault(placement, placement), names.setdefault(version, version),
+                    # one tuple per distinct list of shown offers, its ids interned
+                    shown.get(offers) or shown.setdefault(offers, tuple(names.setdefault(o, o) for o in offers)),
+                    bool(fallback), took_ms))
         for path, rows in by_file.items():
             self._files[path] = rows
             self._held += len(rows)
         self.files_read += len(paths)
-        return len(found)
+        return table.num_rows
 
     def _evict(self, listed: dict[str, tuple[int, int, str]]) -> None:
         """Drop the oldest files while the rest still hold ``max_rows``; later listings skip them."""
@@ -198,3 +226,5 @@ class DecisionLogWindow:
         self._newest = None
         if len(self._names) > 4 * self.max_rows:  # ids come and go (offers renamed): do not grow for ever
             self._names = {}
+        if len(self._shown) > self.max_rows:
+            self._shown = {}

@@ -57,6 +57,7 @@ def _login_page(next_path: str, message: str = "", status: int = 200) -> Respons
 
 def login_form(dash: Dashboard) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        dash.warm()  # the decision log's day read while the operator logs in
         return _login_page(_safe_next(request.query_params.get("next")))
 
     return endpoint

@@ -182,17 +182,18 @@ class Outcomes:
                                 if incremental else None)
 
     # ------------------------------------------------------------------ raw reads
-    def _decisions_since(self, since: float, limit: int, now: float) -> list[tuple]:
-        """(decision_id, ts, placement, model_version, chosen, ...) of the newest ``limit`` decisions at or after
-        ``since``, newest first: from the window when it covers ``since``, else from the log."""
+    def _decisions_since(self, since: float, limit: int, now: float) -> list[DecisionRow]:
+        """The newest ``limit`` decisions at or after ``since``, newest first: from the window when it covers
+        ``since``, else from the log."""
         window = self.decision_window
         if window is not None and limit <= window.max_rows:
             self.kassa.decision_log.flush()
             held = window.rows(since, now)
             if held is not None:
-                return held[:limit]  # type: ignore[return-value]
-        return self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen", limit,
-                                     from_day=_day(since))
+                return held[:limit]
+        rows = self._query_decisions("ts >= ?", [since], "decision_id, ts, placement, model_version, chosen, "
+                                     "fallback, took_ms", limit, from_day=_day(since))
+        return [DecisionRow(d, ts, p, v, tuple(chosen or ()), bool(fb), took) for d, ts, p, v, chosen, fb, took in rows]
 
     def _source(self, from_day: str | None = None, path: str | None = None,
                 partitions: list[Path] | None = None) -> str | None:
@@ -320,7 +321,7 @@ class Outcomes:
         if not rows:
             return {}
         # events of these decisions only arrive after the oldest of them: no older event is read
-        events_since = min(r[1] for r in rows) - _SKEW_SECONDS
+        events_since = min(r.ts for r in rows) - _SKEW_SECONDS
         if self._window is not None:
             with self._window.since(events_since) as (held, cut_at):
                 return self._tally(rows, held, cut_at, buckets, now)
@@ -331,10 +332,10 @@ class Outcomes:
         events, cut_at = self._events_for(None, events_since)
         return self._tally(rows, events, cut_at, buckets, now)
 
-    def _tally(self, rows: list[tuple], events: Mapping[str, Sequence[tuple[float, Credited]]],
+    def _tally(self, rows: list[DecisionRow], events: Mapping[str, Sequence[tuple[float, Credited]]],
                cut_at: float | None, buckets: int, now: float) -> dict[str, PlacementOutcomes]:
         snapshot = self.kassa.catalog.snapshot
-        span = max(now - min((r[1] for r in rows), default=now), 1.0)
+        span = max(now - min((r.ts for r in rows), default=now), 1.0)
         bucket_seconds = next((b for b in _BUCKETS if b >= span / buckets), _BUCKETS[-1])
         out: dict[str, PlacementOutcomes] = {}
         curves: dict[tuple[str, str, float], list[float]] = {}
@@ -343,7 +344,8 @@ class Outcomes:
         placements: dict[str, tuple[PlacementOutcomes, schemas.RewardDefinition]] = {}
         no_events: list[tuple[float, Credited]] = []
         for row in rows:
-            decision_id, ts, placement, version, chosen = row[0], row[1], row[2], row[3], row[4]
+            decision_id, ts, placement, version, chosen = (row.decision_id, row.ts, row.placement, row.model_version,
+                                                           row.chosen)
             known = placements.get(placement)
             if known is None:
                 view = snapshot.placements.get(placement)
@@ -364,7 +366,7 @@ class Outcomes:
                         t = by_offer[offer_id] = Tally()
                     t.open += 1
                 continue
-            per_offer = self._offer_rewards(definition, ts, chosen or [], events.get(decision_id, no_events))
+            per_offer = self._offer_rewards(definition, ts, chosen, events.get(decision_id, no_events))
             reward = revenue = 0.0
             for offer_id, (r, v) in per_offer.items():
                 reward += r
@@ -393,7 +395,7 @@ class Outcomes:
                 out[placement].curve.setdefault(ALL_VERSIONS, []).append((bucket, reward / n, int(n)))
         return out
 
-    def _offer_rewards(self, definition: schemas.RewardDefinition, ts: float, chosen: list[str],
+    def _offer_rewards(self, definition: schemas.RewardDefinition, ts: float, chosen: Sequence[str],
                        events: Sequence[tuple[float, Credited]]) -> dict[str, tuple[float, float]]:
         offers = self.kassa.catalog.snapshot.offers
         deadline = ts + definition.wait_seconds

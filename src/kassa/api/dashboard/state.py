@@ -7,6 +7,8 @@ HTML page rather than problem+json.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, quote
@@ -23,6 +25,7 @@ from kassa.api.dashboard.traffic import RateMeter
 from kassa.app import Kassa
 
 MAX_FORM_BYTES = 256 * 1024
+log = logging.getLogger(__name__)
 
 Handler = Callable[["Dashboard", Request, Session, dict[str, str]], Awaitable[Response]]
 
@@ -36,6 +39,26 @@ class Dashboard:
         self.meter = RateMeter()
         self.outcomes = Outcomes(kassa)
         self.started = time.time()
+        self._warming: threading.Thread | None = None
+
+    def warm(self) -> None:
+        """Read the decision log's last day on a thread of its own, once per process, so the first page after a
+        restart finds it held (`DecisionLogWindow`): called when the login form is asked for (sessions do not
+        survive a restart, so an operator's first visit after one logs in), and a page that comes meanwhile
+        waits only for the rest of the read. Not at start: a process whose dashboard nobody opens never holds it."""
+        if self._warming is not None or self.outcomes.decision_window is None:
+            return
+        self._warming = threading.Thread(target=self._warm, name="kassa-dashboard-warm", daemon=True)
+        self._warming.start()
+
+    def _warm(self) -> None:
+        window = self.outcomes.decision_window
+        assert window is not None
+        try:
+            now = time.time()
+            window.rows(now - window.span_seconds, now)
+        except Exception:  # the first page reads it again and shows what went wrong
+            log.warning("dashboard: reading the decision log ahead of the first view failed", exc_info=True)
 
     def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -48,6 +71,7 @@ class Dashboard:
                     self.sessions.check_csrf(request, session, form.get("csrf"))
                 response = await handler(self, request, session, form)
             except LoginRequired:
+                self.warm()
                 if request.method == "GET":
                     # the query too: a link to one decision (/dashboard/decisions?id=...) lands on it after login
                     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
