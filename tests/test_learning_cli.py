@@ -113,6 +113,16 @@ def test_evaluate_says_a_too_small_sample_once(logged, kassa):
      "Invalid value for --baseline: unknown model version 'nope'"),
     (["models", "show", "order_confirmation@99"], "Invalid value for VERSION: unknown model version"),
     (["models", "promote", "order_confirmation@99", "--to", "shadow"], "unknown model version"),
+    # a bad canary share was a refused stage change (exit 1), not the bad value it is
+    (["models", "promote", "order_confirmation@1", "--to", "canary", "--share", "2"],
+     "Invalid value for --share: must be between 0 and 1 (exclusive), got 2"),
+    (["models", "promote", "order_confirmation@1", "--to", "canary"],
+     "Invalid value for --share: a canary needs its traffic share"),
+    (["models", "promote", "order_confirmation@1", "--to", "shadow", "--share", "0.1"],
+     "Invalid value for --share: only a canary takes a traffic share"),
+    # --workers 0 meant the default and a negative count one process, silently
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--workers", "0"],
+     "Invalid value for --workers: must be at least 1, got 0"),
 ])
 def test_cli_refuses_bad_input_clearly(logged, args, message):
     result = runner.invoke(app, [*args, "--data-dir", logged])

@@ -227,6 +227,13 @@ def models_promote(
 
     if to not in STAGES:
         raise typer.BadParameter(f"must be one of {', '.join(STAGES)}", param_hint="--to")
+    # A bad share is bad usage (exit 2, the option named), not a refused stage change (exit 1), as README says
+    if to == "canary" and share is None:
+        raise typer.BadParameter("a canary needs its traffic share, e.g. --share 0.1", param_hint="--share")
+    if share is not None and to != "canary":
+        raise typer.BadParameter(f"only a canary takes a traffic share, not --to {to}", param_hint="--share")
+    if share is not None and not 0.0 < share < 1.0:
+        raise typer.BadParameter(f"must be between 0 and 1 (exclusive), got {share:g}", param_hint="--share")
     ctx = context(config, data_dir)
     ctx.version(version, "VERSION")
     try:
@@ -393,7 +400,8 @@ def evaluate_command(
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes; exit "
                                                f"{NOT_PROMOTED_EXIT} when it is not promoted.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Scoring processes (default: one per core, at most 4).")] = None,
     slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
                                              "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
                                              "one, on the decisions a uniform slate policy logged (e.g. "
@@ -425,6 +433,8 @@ def evaluate_command(
         raise typer.BadParameter(f"must be a positive number, got {max_weight:g}", param_hint="--max-weight")
     if not min_ess >= 0:
         raise typer.BadParameter(f"must be at least 0, got {min_ess:g}", param_hint="--min-ess")
+    if workers is not None and workers < 1:  # 0 meant the default and a negative count one process, silently
+        raise typer.BadParameter(f"must be at least 1, got {workers}", param_hint="--workers")
     if slate:
         for given, name in ((promote, "--promote"), (max_weight is not None, "--max-weight"),
                             (report is not None, "--report"), (png is not None, "--png")):
