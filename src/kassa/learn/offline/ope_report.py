@@ -20,6 +20,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,7 +249,8 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
                   if any(e in p.estimates for p in evaluation.policies.values())] or [ON_POLICY]
     colors = _colors(evaluation)
     npol = len(evaluation.policies)
-    head_h = (0.75 if gate is not None else 0.5) if header else 0.0
+    gate_lines = _gate_lines(gate)
+    head_h = ((GATE_TOP_PT + GATE_LINE_PT * len(gate_lines) + 2) / 72 if gate_lines else 0.5) if header else 0.0
     top_h = 0.95 + 0.5 * npol
     fig = Figure(figsize=(11.5, head_h + top_h + 3.0), dpi=100, facecolor="white", layout="constrained")
     fig.get_layout_engine().set(h_pad=0.1, w_pad=0.1, hspace=0.05, wspace=0.04)  # type: ignore[call-arg, union-attr]
@@ -256,7 +258,7 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
     grid = fig.add_gridspec(len(ratios), len(estimators), height_ratios=ratios)
     row = 1 if header else 0
     if header:
-        _header(fig.add_subplot(grid[0, :]), evaluation, title, gate)
+        _header(fig.add_subplot(grid[0, :]), evaluation, title, gate, gate_lines)
     xlim = _common_xlim(evaluation, estimators)
     first: Axes | None = None
     for k, est in enumerate(estimators):
@@ -273,18 +275,32 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
     return fig
 
 
-def _header(header: Axes, evaluation: Evaluation, title: str | None, gate: GateResult | None) -> None:
-    # An empty axes rather than figure text, so constrained layout reserves room for it.
+GATE_WRAP = 100  # characters a line: the verdict starts right of the panels' labels, and ran past the PNG's edge
+SUBTITLE_TOP_PT, GATE_TOP_PT, GATE_LINE_PT = 25, 40, 14  # below the header's top; a line of the verdict
+
+
+def _gate_lines(gate: GateResult | None) -> list[str]:
+    if gate is None:
+        return []
+    return textwrap.wrap(f"Promotion gate {'passed' if gate.passed else 'blocked'}: {gate.reason}", GATE_WRAP)
+
+
+def _header(header: Axes, evaluation: Evaluation, title: str | None, gate: GateResult | None,
+            gate_lines: list[str]) -> None:
+    # An empty axes rather than figure text, so constrained layout reserves room for it; each line is placed in
+    # points below its top, so a verdict on two lines does not run into the line above it.
     header.set_axis_off()
-    header.text(0.0, 1.0, title or "Off-policy evaluation", transform=header.transAxes, ha="left", va="top",
-                fontsize=13.5, fontweight="bold", color=INK)
-    header.text(0.0, 0.52 if gate is not None else 0.1, _subtitle(evaluation)
-                + "  ·  shaded band: the logged policy's own interval", transform=header.transAxes, ha="left",
-                va="top", fontsize=9, color=MUTED)
+
+    def line(text: str, below_pt: float, **kw: Any) -> None:
+        header.annotate(text, xy=(0.0, 1.0), xycoords="axes fraction", xytext=(0, -below_pt),
+                        textcoords="offset points", ha="left", va="top", **kw)
+
+    line(title or "Off-policy evaluation", 0, fontsize=13.5, fontweight="bold", color=INK)
+    line(_subtitle(evaluation) + "  ·  shaded band: the logged policy's own interval", SUBTITLE_TOP_PT, fontsize=9,
+         color=MUTED)
     if gate is not None:
-        header.text(0.0, 0.02, f"Promotion gate {'passed' if gate.passed else 'blocked'}: {gate.reason}",
-                    transform=header.transAxes, ha="left", va="bottom", fontsize=9.5, fontweight="bold",
-                    color=PASS_COLOR if gate.passed else FAIL_COLOR)
+        line("\n".join(gate_lines), GATE_TOP_PT, fontsize=9.5, fontweight="bold",
+             color=PASS_COLOR if gate.passed else FAIL_COLOR, linespacing=1.25)
 
 
 def _svg(fig: Figure) -> str:
