@@ -243,3 +243,13 @@ def test_evaluate_on_one_decision_says_so_and_how_to_get_more(client, kassa, clo
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())
+
+
+def test_models_show_prints_the_whole_checksum_and_schema_hash_at_80_columns(logged, kassa):
+    # they were cut to "a406b520…" at 80 columns: the artifact's checksum could not be read off to check it
+    version = kassa.model_registry.versions("order_confirmation", None, limit=1)[0]
+    result = runner.invoke(app, ["models", "show", version.version, "--data-dir", logged], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    text = "".join(result.stdout.replace("│", " ").split())
+    assert version.sha256 in text and version.schema_hash in text

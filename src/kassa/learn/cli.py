@@ -199,6 +199,8 @@ def models_show(version: VersionArg, config: SettingsOpt = None, data_dir: DataD
         _print_json({**mv.to_dict(), "history": [h.to_dict() for h in history]})
         return
     table = Table(show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a checksum cut to "a406b520…" could not be checked against a file
     for key, value in mv.to_dict().items():
         if key == "metrics":
             value = json.dumps(value, indent=1, default=str)
