@@ -552,3 +552,10 @@ def test_png_header_keeps_a_long_gate_reason_inside_the_figure() -> None:
     for t in texts:
         box = t.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (t.get_text(), box.x1, fig.bbox.x1)
+
+
+def test_html_table_says_n_a_once_for_an_undefined_interval() -> None:
+    # the HTML estimates table read "[n/a, n/a]" where the text table reads "n/a"
+    ev = ope.evaluate_policies(R, LP, {"never": [0.0, 0.0, 0.0, 0.0]})
+    page = ope_report.render_html(ev, title="OPE")
+    assert "[n/a, n/a]" not in page and "<td>n/a</td>" in page

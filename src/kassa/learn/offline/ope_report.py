@@ -73,6 +73,11 @@ def _subtitle(evaluation: Evaluation) -> str:
     return " · ".join(parts)
 
 
+def _interval(est: Estimate) -> str:
+    """``[low, high]``, or ``n/a`` for an undefined estimate (the HTML table read ``[n/a, n/a]``)."""
+    return f"[{_f(est.ci_low)}, {_f(est.ci_high)}]" if est.defined else "n/a"
+
+
 def _policy_label(name: str) -> str:
     return {LOGGED: "logged (on-policy)", UNIFORM: "uniform random"}.get(name, name)
 
@@ -95,7 +100,7 @@ def estimates_table(evaluation: Evaluation, *, title: str | None = None, gate: G
         items = list(pe.estimates.items())
         for j, (key, est) in enumerate(items):
             ess_pct = f"{est.ess / est.n:.1%}" if est.n and math.isfinite(est.ess) and key != ON_POLICY else ""
-            interval = f"[{_f(est.ci_low)}, {_f(est.ci_high)}]" if est.defined else "n/a"
+            interval = _interval(est)
             # Text objects, not strings: "[...]" would otherwise be read as Rich markup.
             table.add_row(
                 Text(_policy_label(name) if j == 0 else ""), ESTIMATOR_SHORT.get(key, key), _f(est.value),
@@ -358,7 +363,7 @@ def _rows_html(evaluation: Evaluation, colors: dict[str, str]) -> str:
                 f'<tr class="{"first" if j == 0 else ""}" data-policy="{html.escape(name)}" '
                 f'data-estimator="{html.escape(key)}"><td class="l">{policy}</td>'
                 f'<td class="l">{html.escape(ESTIMATOR_TITLES.get(key, key))}</td><td>{_f(est.value)}</td>'
-                f"<td>[{_f(est.ci_low)}, {_f(est.ci_high)}]</td><td>{_f(est.std_error)}</td>"
+                f"<td>{_interval(est)}</td><td>{_f(est.std_error)}</td>"
                 f"<td>{est.ess:,.0f}</td><td>{ess_pct}</td></tr>"
             )
     return "\n".join(rows)
