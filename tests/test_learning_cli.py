@@ -253,3 +253,19 @@ def test_models_show_prints_the_whole_checksum_and_schema_hash_at_80_columns(log
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
     text = "".join(result.stdout.replace("│", " ").split())
     assert version.sha256 in text and version.schema_hash in text
+
+
+@pytest.mark.parametrize("option", ["--report", "--png"])
+def test_evaluate_refuses_a_report_it_cannot_write_before_scoring(logged, kassa, tmp_path, option):
+    # a folder, or a path under a file, was an OSError traceback after the scoring, the verdict already recorded
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--holdout", "0.25",
+                                        "--data-dir", logged, "--json"]))["version"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for path, message in ((tmp_path, "is a folder"), (a_file / "ope.out", "cannot write to")):
+        result = runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
+                                     option, str(path), "--data-dir", logged])
+        assert result.exit_code == 2, (result.output, result.exception)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert f"Invalid value for {option}:" in text and message in text, text
+    assert "evaluation" not in kassa.model_registry.get(version).metrics  # refused before any work

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kassa.atomicfile import replacing
+from kassa.atomicfile import replacing, unwritable
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import DefinitionError, FeatureRepo, load_repo, parse_duration
 from kassa.startup import missing_data
@@ -352,6 +352,9 @@ def training_set(
 
     if (entities is None) == (not from_decisions):
         raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
+    why = unwritable(out_file)  # was an OSError traceback after the join
+    if why is not None:
+        raise typer.BadParameter(why, param_hint="--out")
     if not from_decisions:  # they were ignored: every row of the file was joined
         for given, name in ((placement, "--placement"), (since, "--since"), (until, "--until")):
             if given is not None:
@@ -389,8 +392,11 @@ def training_set(
                                                 filter_by_created_timestamp=filter_by_created_timestamp)
     except ValueError as exc:
         _fail(str(exc))
-    with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
-        pq.write_table(table, tmp)
+    try:
+        with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
+            pq.write_table(table, tmp)
+    except OSError as exc:  # a disk that filled up meanwhile
+        _fail(f"cannot write {out_file}: {exc.strerror or exc}")
     names = [f"{v.name}:{f}" for v, fields in wanted for f in fields]
     if json_out:
         print(json.dumps({"rows": table.num_rows, "columns": table.num_columns, "features": names,

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from kassa import errors, schemas
+from kassa.atomicfile import unwritable
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import FeatureRepo, parse_duration
@@ -115,6 +116,24 @@ def check_window(start: float | None, end: float | None, start_hint: str = "--si
     if start is not None and end is not None and start >= end:
         raise typer.BadParameter(f"the window is empty: it starts at {_fmt_time(start)} and ends at "
                                  f"{_fmt_time(end)} (UTC)", param_hint=start_hint)
+
+
+def check_writable(path: Path | None, param_hint: str) -> None:
+    """Refuse an output file that cannot be written before any work is done: it was an OSError traceback after
+    the scoring, with the gate's verdict already recorded."""
+    why = unwritable(path) if path is not None else None
+    if why is not None:
+        raise typer.BadParameter(why, param_hint=param_hint)
+
+
+def write_output(what: str, path: Path, write: Callable[[], object]) -> None:
+    """``write()``, and on an OSError one line naming the file, exit 1 (a disk that filled up meanwhile)."""
+    try:
+        write()
+    except OSError as exc:
+        console.print(f"[red]cannot write the {what}[/] {escape(str(path))}: {escape(exc.strerror or str(exc))}",
+                      highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -453,6 +472,8 @@ def evaluate_command(
                                          "that scored in the window)", param_hint="--shadow")
         _evaluate_shadow(placement, since, until, estimator, level, max_weight, min_ess, config, data_dir, json_out)
         return
+    check_writable(report, "--report")
+    check_writable(png, "--png")
     if candidate is None:
         raise typer.BadParameter("give the version to evaluate (e.g. order_confirmation@13), or --shadow for the "
                                  "placement's shadow version", param_hint="--candidate")
@@ -521,10 +542,10 @@ def evaluate_command(
               "baseline_estimate": evaluation.estimate(base.version, estimator).to_dict() if base else None}
     ctx.registry.update_metrics(cand.version, {"evaluation": record})
     if report is not None:
-        ope_report.write_html(evaluation, report, title=title, gate=verdict)
+        write_output("report", report, lambda: ope_report.write_html(evaluation, report, title=title, gate=verdict))
         console.print(f"report: {report}")
     if png is not None:
-        ope_report.write_png(evaluation, png, title=title, gate=verdict)
+        write_output("plot", png, lambda: ope_report.write_png(evaluation, png, title=title, gate=verdict))
         console.print(f"plot: {png}")
     promoted = None
     if promote:
