@@ -390,8 +390,9 @@ def training_set(
                                                 timestamp_field=timestamp_field, full_names=full_names,
                                                 defaults=not no_defaults,
                                                 filter_by_created_timestamp=filter_by_created_timestamp)
-    except ValueError as exc:
-        _fail(str(exc))
+    except ValueError as exc:  # "Invalid isoformat string: 'x'" said neither the file nor the column
+        _fail(f"cannot join the entity rows of {entities} (timestamp column {timestamp_field!r}): {exc}"
+              if entities is not None else str(exc))
     try:
         with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
             pq.write_table(table, tmp)
