@@ -269,3 +269,12 @@ def test_evaluate_refuses_a_report_it_cannot_write_before_scoring(logged, kassa,
         text = " ".join(result.output.replace("│", " ").split())
         assert f"Invalid value for {option}:" in text and message in text, text
     assert "evaluation" not in kassa.model_registry.get(version).metrics  # refused before any work
+
+
+def test_cli_without_data_says_where_a_relative_data_dir_resolves(tmp_path, monkeypatch):
+    # a relative data_dir is read from the current folder: "no Kassa data in .kassa" did not say which one
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["models", "list", "--data-dir", "shop-data"])
+    assert result.exit_code == 2
+    text = "".join(result.output.replace("│", " ").split())
+    assert "".join(str(tmp_path / "shop-data").split()) in text, result.output

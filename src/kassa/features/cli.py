@@ -20,7 +20,7 @@ from rich.table import Table
 from kassa.atomicfile import replacing, unwritable
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import DefinitionError, FeatureRepo, load_repo, parse_duration
-from kassa.startup import missing_data
+from kassa.startup import missing_data, shown_path
 
 if TYPE_CHECKING:  # the modules themselves load on use, so `kassa --help` stays quick
     from kassa.features.offline import OfflineStore
@@ -57,8 +57,9 @@ def _applied(settings: Settings) -> FeatureRepo:
     mistyped --data-dir is refused, not made into a fresh empty database that has none."""
     data = missing_data(settings)
     if data is not None:
-        raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
-                                 "uses; `kassa features apply` or `kassa serve` makes it)", param_hint="--data-dir")
+        raise typer.BadParameter(f"no Kassa data in {shown_path(data)} (give the --data-dir or --settings "
+                                 "that `kassa serve` uses; `kassa features apply` or `kassa serve` makes it)",
+                                 param_hint="--data-dir")
     repo = _registry(settings).load()
     if not repo.views:
         _fail("no feature definitions are applied yet: run `kassa features apply FILE` first")

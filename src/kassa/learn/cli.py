@@ -29,7 +29,7 @@ from kassa.config import Settings, load_settings
 from kassa.features.definitions import FeatureRepo, parse_duration
 from kassa.learn.artifacts import artifact_store
 from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
-from kassa.startup import metadata_engine, missing_data
+from kassa.startup import metadata_engine, missing_data, shown_path
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -80,8 +80,8 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
     settings = load_settings(config, data_dir=data_dir)
     data = settings.data_path
     if missing_data(settings) is not None:
-        raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
-                                 "--data-dir)", param_hint="--data-dir")
+        raise typer.BadParameter(f"no Kassa data in {shown_path(data)} (run `kassa serve` or `kassa demo` "
+                                 "first, or pass --data-dir)", param_hint="--data-dir")
     db = metadata_engine(settings)
     catalog = Catalog(SqlCatalogStore(db))
     repo = FeatureRegistry(db).load()
