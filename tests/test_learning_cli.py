@@ -113,6 +113,16 @@ def test_evaluate_says_a_too_small_sample_once(logged, kassa):
      "Invalid value for --baseline: unknown model version 'nope'"),
     (["models", "show", "order_confirmation@99"], "Invalid value for VERSION: unknown model version"),
     (["models", "promote", "order_confirmation@99", "--to", "shadow"], "unknown model version"),
+    # a bad canary share was a refused stage change (exit 1), not the bad value it is
+    (["models", "promote", "order_confirmation@1", "--to", "canary", "--share", "2"],
+     "Invalid value for --share: must be between 0 and 1 (exclusive), got 2"),
+    (["models", "promote", "order_confirmation@1", "--to", "canary"],
+     "Invalid value for --share: a canary needs its traffic share"),
+    (["models", "promote", "order_confirmation@1", "--to", "shadow", "--share", "0.1"],
+     "Invalid value for --share: only a canary takes a traffic share"),
+    # --workers 0 meant the default and a negative count one process, silently
+    (["evaluate", "--placement", "order_confirmation", "--candidate", "order_confirmation@1", "--workers", "0"],
+     "Invalid value for --workers: must be at least 1, got 0"),
 ])
 def test_cli_refuses_bad_input_clearly(logged, args, message):
     result = runner.invoke(app, [*args, "--data-dir", logged])
@@ -233,3 +243,38 @@ def test_evaluate_on_one_decision_says_so_and_how_to_get_more(client, kassa, clo
 def test_cli_without_data_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["models", "list", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "no Kassa data" in " ".join(result.output.split())
+
+
+def test_models_show_prints_the_whole_checksum_and_schema_hash_at_80_columns(logged, kassa):
+    # they were cut to "a406b520…" at 80 columns: the artifact's checksum could not be read off to check it
+    version = kassa.model_registry.versions("order_confirmation", None, limit=1)[0]
+    result = runner.invoke(app, ["models", "show", version.version, "--data-dir", logged], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    text = "".join(result.stdout.replace("│", " ").split())
+    assert version.sha256 in text and version.schema_hash in text
+
+
+@pytest.mark.parametrize("option", ["--report", "--png"])
+def test_evaluate_refuses_a_report_it_cannot_write_before_scoring(logged, kassa, tmp_path, option):
+    # a folder, or a path under a file, was an OSError traceback after the scoring, the verdict already recorded
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--holdout", "0.25",
+                                        "--data-dir", logged, "--json"]))["version"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for path, message in ((tmp_path, "is a folder"), (a_file / "ope.out", "cannot write to")):
+        result = runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
+                                     option, str(path), "--data-dir", logged])
+        assert result.exit_code == 2, (result.output, result.exception)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert f"Invalid value for {option}:" in text and message in text, text
+    assert "evaluation" not in kassa.model_registry.get(version).metrics  # refused before any work
+
+
+def test_cli_without_data_says_where_a_relative_data_dir_resolves(tmp_path, monkeypatch):
+    # a relative data_dir is read from the current folder: "no Kassa data in .kassa" did not say which one
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["models", "list", "--data-dir", "shop-data"])
+    assert result.exit_code == 2
+    text = "".join(result.output.replace("│", " ").split())
+    assert "".join(str(tmp_path / "shop-data").split()) in text, result.output

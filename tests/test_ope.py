@@ -526,3 +526,36 @@ def test_text_table_at_80_columns_keeps_versions_apart() -> None:
     assert "…" not in text.split("\n", 3)[3]  # no cell is cut (the title line aside)
     joined = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
     assert "order_confirmation@4" in joined and "order_confirmation@3" in joined
+
+
+def test_png_header_keeps_a_long_gate_reason_inside_the_figure() -> None:
+    # The gate's "sample too small" reason ran past the right edge of the PNG ("...too uncertain to promot"):
+    # versions' names as long as the demo's push the header right, beside the interval panels' labels.
+    rng = np.random.default_rng(9)
+    x, a, r = simulate(rng, 1, 2000)
+    x, a, r = x[0], a[0], r[0]
+    evaluation = ope.evaluate_policies(r, MU[x, a], {"order_confirmation@47": PI[x, a],
+                                                     "order_confirmation@46": WORSE[x, a]}, num_candidates=K)
+    reason = ("candidate effective sample size 18 is below the minimum 100; the estimate is too uncertain to "
+              "promote")
+    fig = ope_report.figure(evaluation, title="order_confirmation@47 vs order_confirmation@46 on 3,195 decisions",
+                            gate=ope.GateResult(False, reason))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(150)  # write_png's: text is wider there than at the figure's 100 dpi
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in ax.texts if t.get_text()]
+    gate_text = [t for t in texts if "Promotion gate blocked" in t.get_text()]
+    assert gate_text and "promote" in " ".join(gate_text[0].get_text().split())
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (t.get_text(), box.x1, fig.bbox.x1)
+
+
+def test_html_table_says_n_a_once_for_an_undefined_interval() -> None:
+    # the HTML estimates table read "[n/a, n/a]" where the text table reads "n/a"
+    ev = ope.evaluate_policies(R, LP, {"never": [0.0, 0.0, 0.0, 0.0]})
+    page = ope_report.render_html(ev, title="OPE")
+    assert "[n/a, n/a]" not in page and "<td>n/a</td>" in page

@@ -294,6 +294,28 @@ def test_a_sigterm_whose_exit_was_swallowed_still_ends_143(tmp_path: Path) -> No
     assert proc.wait(20) == 143 and time.monotonic() - t0 < 5
 
 
+def test_a_sigterm_a_library_turned_into_its_own_error_still_ends_143_without_a_traceback(tmp_path: Path) -> None:
+    # DuckDB turns the handler's SystemExit into "RuntimeError: Query interrupted" (and an import under way into an
+    # ImportError): `kassa drift` stopped with SIGTERM printed that traceback and exited 1. A stand-in does the same.
+    import signal
+
+    script = tmp_path / "convert.py"
+    script.write_text(
+        "import sys, time\nfrom kassa.cli import app\n\n"
+        "@app.command('convert')\ndef convert() -> None:\n"
+        "    print('ready', file=sys.stderr, flush=True)\n"
+        "    try:\n        time.sleep(30)\n    except BaseException:\n"
+        "        raise RuntimeError('Query interrupted') from None\n\n"
+        "sys.argv = ['kassa', 'convert']\nfrom kassa.__main__ import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stderr=subprocess.PIPE)
+    assert proc.stderr is not None and proc.stderr.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Query interrupted" not in err, err
+
+
 def test_ctrl_c_of_a_running_command_ends_with_the_line_interrupted(tmp_path: Path) -> None:
     # Typer turned it into exit 130 without a word: a log (or a half-drawn progress bar) just stopped.
     from tests.signals import stop_when

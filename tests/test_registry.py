@@ -627,6 +627,10 @@ def test_models_api_lists_promotes_and_rolls_back(client, kassa, tmp_path):
     ("/v1/models/order_confirmation@9/stage", {"stage": "shadow"}, 404, "version"),
     ("/v1/models/x/stage", {"stage": "live"}, 422, "stage"),
     ("/v1/models/x/stage", {"stage": "shadow", "extra": 1}, 422, None),
+    # a share out of its range was 409 "Stage change refused", not the invalid field README's 422 is
+    ("/v1/models/order_confirmation@1/stage", {"stage": "canary", "share": 2}, 422, "share"),
+    ("/v1/models/x/stage", {"stage": "canary"}, 422, "share"),
+    ("/v1/models/x/stage", {"stage": "shadow", "share": 0.5}, 422, "share"),
     ("/v1/models/x/stage", "{not json", 400, None),
     ("/v1/placements/nope/rollback", {}, 404, "placement"),  # as every unknown placement (README)
 ])

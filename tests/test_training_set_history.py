@@ -372,3 +372,48 @@ def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Pa
     assert r.exit_code != 0
     assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["train.parquet"]
     assert pq.read_table(out).column("orders").to_pylist() == [1]
+    assert "cannot write" in r.output and "No space left on device" in r.output  # one line, not a traceback
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_training_set_out_path_it_cannot_write_is_bad_usage(tmp_path: Path, where: str) -> None:
+    # an --out that is a folder, or under a file, was an OSError traceback after the join
+    source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
+    defs = tmp_path / "features.yaml"
+    defs.write_text(json.dumps({
+        "entities": [{"name": "customer", "join_key": "customer_id"}],
+        "views": [{"name": "customer_stats", "kind": "batch", "entity": "customer", "ttl": "30d",
+                   "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
+    }))
+    data = ["--data-dir", str(tmp_path / "data")]
+    runner = CliRunner()
+    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    entities = tmp_path / "entities.csv"
+    entities.write_text(f"customer_id,event_timestamp\nc1,{iso(T0 + HOUR, UTC)}\n")
+    out = tmp_path if where == "folder" else entities / "train.parquet"
+    r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
+                            "--out", str(out), *data])
+    assert r.exit_code == 2, (r.output, r.exception)
+    text = " ".join(r.output.replace("│", " ").split())
+    assert "Invalid value for --out:" in text and ("is a folder" in text or "cannot write to" in text), text
+
+
+def test_entity_rows_with_a_bad_timestamp_name_the_file_and_column(tmp_path: Path) -> None:
+    # "Invalid isoformat string: 'notatime'" said neither which file nor which column
+    source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
+    defs = tmp_path / "features.yaml"
+    defs.write_text(json.dumps({
+        "entities": [{"name": "customer", "join_key": "customer_id"}],
+        "views": [{"name": "customer_stats", "kind": "batch", "entity": "customer", "ttl": "30d",
+                   "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
+    }))
+    data = ["--data-dir", str(tmp_path / "data")]
+    runner = CliRunner()
+    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    entities = tmp_path / "entities.csv"
+    entities.write_text("customer_id,event_timestamp\nc1,notatime\n")
+    r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
+                            "--out", str(tmp_path / "train.parquet"), *data])
+    assert r.exit_code == 1, (r.output, r.exception)
+    text = " ".join(r.output.split())
+    assert "entities.csv" in text and "'event_timestamp'" in text and "notatime" in text, text

@@ -9,8 +9,10 @@ It owns how the command ends on a signal (README, "Exit codes and signals"):
 - SIGTERM: exit 143 (128 + 15, what a shell reports for a process the signal killed) after the command's own
   cleanup: Python's default action killed the process on the spot, so no ``finally`` ran: `kassa demo` left its
   temporary data folder behind, `kassa train` its examples file, and a half-copied model file could stay in the
-  registry's folder. A second SIGTERM during that cleanup ends the process at once. Commands with a stop of their
-  own replace this handler: `kassa serve` shuts down gracefully, then exits 143; `kassa learn` exits 0.
+  registry's folder. A second SIGTERM during that cleanup ends the process at once. A library that turns the
+  handler's exception into its own error (DuckDB's "Query interrupted") still ends the command with 143, quietly.
+  Commands with a stop of their own replace this handler: `kassa serve` shuts down gracefully, then exits 143;
+  `kassa learn` exits 0.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def main() -> None:
         # The handler's exception can land where Python only prints it ("Exception ignored in ...": a finalizer a
         # garbage collection ran) and the command then went on to finish: still not a success.
         if _terminated and exc.code in (0, None):
+            sys.exit(TERMINATED_EXIT)
+        raise
+    except Exception:
+        # ... or in a library that turns it into an error of its own: DuckDB's "Query interrupted", an extension
+        # or a module being imported. `kassa drift` stopped with SIGTERM printed that traceback and exited 1.
+        if _terminated:
             sys.exit(TERMINATED_EXIT)
         raise
 

@@ -12,6 +12,7 @@ the target: a stop or a failure mid-write left a truncated file where the last g
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,3 +60,18 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why a command could not write ``path`` (a folder, a place it may not create files in), or None: checked
+    before the work whose result it is to hold. Creates ``path``'s folder, as `replacing` would."""
+    out = Path(path)
+    if out.is_dir():
+        return f"{out} is a folder; give the file to write"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write to {out.parent}: {exc.strerror or exc}"
+    return None

@@ -92,12 +92,13 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 def _existing(settings: Settings) -> Settings:
     """``settings`` when they name existing Kassa data: a read (`keys list`, `keys revoke`) of a mistyped
     --data-dir made a fresh empty database there and listed no keys, as if the store had none."""
-    from kassa.startup import missing_data
+    from kassa.startup import missing_data, shown_path
 
     data = missing_data(settings)
     if data is not None:
-        raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
-                                 "uses; `kassa keys create` or `kassa serve` makes it)", param_hint="--data-dir")
+        raise typer.BadParameter(f"no Kassa data in {shown_path(data)} (give the --data-dir or --settings "
+                                 "that `kassa serve` uses; `kassa keys create` or `kassa serve` makes it)",
+                                 param_hint="--data-dir")
     return settings
 
 

@@ -84,6 +84,13 @@ def missing_data(settings: Settings) -> Path | None:
     return None
 
 
+def shown_path(path: Path) -> str:
+    """A data dir as a message names it: a relative one with where it resolves, since it is read from the current
+    folder, not from the settings file's (``--settings shop/kassa.yaml`` run from elsewhere said "no Kassa data in
+    .kassa")."""
+    return str(path) if path.is_absolute() else f"{path} (that is {path.resolve()}, from the current folder)"
+
+
 def _sqlite_problem(path: Path, full_check: bool) -> str | None:
     """Why ``path`` is not a usable SQLite database, or None."""
     with path.open("rb") as f:

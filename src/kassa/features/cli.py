@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kassa.atomicfile import replacing
+from kassa.atomicfile import replacing, unwritable
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import DefinitionError, FeatureRepo, load_repo, parse_duration
-from kassa.startup import missing_data
+from kassa.startup import missing_data, shown_path
 
 if TYPE_CHECKING:  # the modules themselves load on use, so `kassa --help` stays quick
     from kassa.features.offline import OfflineStore
@@ -57,8 +57,9 @@ def _applied(settings: Settings) -> FeatureRepo:
     mistyped --data-dir is refused, not made into a fresh empty database that has none."""
     data = missing_data(settings)
     if data is not None:
-        raise typer.BadParameter(f"no Kassa data in {data} (give the --data-dir or --settings that `kassa serve` "
-                                 "uses; `kassa features apply` or `kassa serve` makes it)", param_hint="--data-dir")
+        raise typer.BadParameter(f"no Kassa data in {shown_path(data)} (give the --data-dir or --settings "
+                                 "that `kassa serve` uses; `kassa features apply` or `kassa serve` makes it)",
+                                 param_hint="--data-dir")
     repo = _registry(settings).load()
     if not repo.views:
         _fail("no feature definitions are applied yet: run `kassa features apply FILE` first")
@@ -352,6 +353,9 @@ def training_set(
 
     if (entities is None) == (not from_decisions):
         raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
+    why = unwritable(out_file)  # was an OSError traceback after the join
+    if why is not None:
+        raise typer.BadParameter(why, param_hint="--out")
     if not from_decisions:  # they were ignored: every row of the file was joined
         for given, name in ((placement, "--placement"), (since, "--since"), (until, "--until")):
             if given is not None:
@@ -387,10 +391,14 @@ def training_set(
                                                 timestamp_field=timestamp_field, full_names=full_names,
                                                 defaults=not no_defaults,
                                                 filter_by_created_timestamp=filter_by_created_timestamp)
-    except ValueError as exc:
-        _fail(str(exc))
-    with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
-        pq.write_table(table, tmp)
+    except ValueError as exc:  # "Invalid isoformat string: 'x'" said neither the file nor the column
+        _fail(f"cannot join the entity rows of {entities} (timestamp column {timestamp_field!r}): {exc}"
+              if entities is not None else str(exc))
+    try:
+        with replacing(out_file) as tmp:  # a stop or a failure mid-write leaves the previous file, not half of one
+            pq.write_table(table, tmp)
+    except OSError as exc:  # a disk that filled up meanwhile
+        _fail(f"cannot write {out_file}: {exc.strerror or exc}")
     names = [f"{v.name}:{f}" for v, fields in wanted for f in fields]
     if json_out:
         print(json.dumps({"rows": table.num_rows, "columns": table.num_columns, "features": names,

@@ -23,12 +23,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from kassa import errors, schemas
+from kassa.atomicfile import unwritable
 from kassa.catalog import Catalog, SqlCatalogStore
 from kassa.config import Settings, load_settings
 from kassa.features.definitions import FeatureRepo, parse_duration
 from kassa.learn.artifacts import artifact_store
 from kassa.learn.registry import STAGES, ModelRegistry, ModelVersion, feature_schema_hash
-from kassa.startup import metadata_engine, missing_data
+from kassa.startup import metadata_engine, missing_data, shown_path
 
 models_app = typer.Typer(help="The model registry: versions, stages, promotion and rollback.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -79,8 +80,8 @@ def context(config: Path | None, data_dir: str | None) -> OfflineContext:
     settings = load_settings(config, data_dir=data_dir)
     data = settings.data_path
     if missing_data(settings) is not None:
-        raise typer.BadParameter(f"no Kassa data in {data} (run `kassa serve` or `kassa demo` first, or pass "
-                                 "--data-dir)", param_hint="--data-dir")
+        raise typer.BadParameter(f"no Kassa data in {shown_path(data)} (run `kassa serve` or `kassa demo` "
+                                 "first, or pass --data-dir)", param_hint="--data-dir")
     db = metadata_engine(settings)
     catalog = Catalog(SqlCatalogStore(db))
     repo = FeatureRegistry(db).load()
@@ -115,6 +116,24 @@ def check_window(start: float | None, end: float | None, start_hint: str = "--si
     if start is not None and end is not None and start >= end:
         raise typer.BadParameter(f"the window is empty: it starts at {_fmt_time(start)} and ends at "
                                  f"{_fmt_time(end)} (UTC)", param_hint=start_hint)
+
+
+def check_writable(path: Path | None, param_hint: str) -> None:
+    """Refuse an output file that cannot be written before any work is done: it was an OSError traceback after
+    the scoring, with the gate's verdict already recorded."""
+    why = unwritable(path) if path is not None else None
+    if why is not None:
+        raise typer.BadParameter(why, param_hint=param_hint)
+
+
+def write_output(what: str, path: Path, write: Callable[[], object]) -> None:
+    """``write()``, and on an OSError one line naming the file, exit 1 (a disk that filled up meanwhile)."""
+    try:
+        write()
+    except OSError as exc:
+        console.print(f"[red]cannot write the {what}[/] {escape(str(path))}: {escape(exc.strerror or str(exc))}",
+                      highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -199,6 +218,8 @@ def models_show(version: VersionArg, config: SettingsOpt = None, data_dir: DataD
         _print_json({**mv.to_dict(), "history": [h.to_dict() for h in history]})
         return
     table = Table(show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a checksum cut to "a406b520…" could not be checked against a file
     for key, value in mv.to_dict().items():
         if key == "metrics":
             value = json.dumps(value, indent=1, default=str)
@@ -227,6 +248,13 @@ def models_promote(
 
     if to not in STAGES:
         raise typer.BadParameter(f"must be one of {', '.join(STAGES)}", param_hint="--to")
+    # A bad share is bad usage (exit 2, the option named), not a refused stage change (exit 1), as README says
+    if to == "canary" and share is None:
+        raise typer.BadParameter("a canary needs its traffic share, e.g. --share 0.1", param_hint="--share")
+    if share is not None and to != "canary":
+        raise typer.BadParameter(f"only a canary takes a traffic share, not --to {to}", param_hint="--share")
+    if share is not None and not 0.0 < share < 1.0:
+        raise typer.BadParameter(f"must be between 0 and 1 (exclusive), got {share:g}", param_hint="--share")
     ctx = context(config, data_dir)
     ctx.version(version, "VERSION")
     try:
@@ -393,7 +421,8 @@ def evaluate_command(
     png: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the estimates here.")] = None,  # noqa: UP045
     promote: Annotated[bool, typer.Option(help="Promote the candidate to production if the gate passes; exit "
                                                f"{NOT_PROMOTED_EXIT} when it is not promoted.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Scoring processes (default: one per core).")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Scoring processes (default: one per core, at most 4).")] = None,
     slate: Annotated[bool, typer.Option(help="Estimate the whole slate's reward (every shown slot) with the "
                                              "pseudo-inverse estimator and, beside it, the per-slot doubly robust "
                                              "one, on the decisions a uniform slate policy logged (e.g. "
@@ -425,6 +454,8 @@ def evaluate_command(
         raise typer.BadParameter(f"must be a positive number, got {max_weight:g}", param_hint="--max-weight")
     if not min_ess >= 0:
         raise typer.BadParameter(f"must be at least 0, got {min_ess:g}", param_hint="--min-ess")
+    if workers is not None and workers < 1:  # 0 meant the default and a negative count one process, silently
+        raise typer.BadParameter(f"must be at least 1, got {workers}", param_hint="--workers")
     if slate:
         for given, name in ((promote, "--promote"), (max_weight is not None, "--max-weight"),
                             (report is not None, "--report"), (png is not None, "--png")):
@@ -441,6 +472,8 @@ def evaluate_command(
                                          "that scored in the window)", param_hint="--shadow")
         _evaluate_shadow(placement, since, until, estimator, level, max_weight, min_ess, config, data_dir, json_out)
         return
+    check_writable(report, "--report")
+    check_writable(png, "--png")
     if candidate is None:
         raise typer.BadParameter("give the version to evaluate (e.g. order_confirmation@13), or --shadow for the "
                                  "placement's shadow version", param_hint="--candidate")
@@ -509,10 +542,10 @@ def evaluate_command(
               "baseline_estimate": evaluation.estimate(base.version, estimator).to_dict() if base else None}
     ctx.registry.update_metrics(cand.version, {"evaluation": record})
     if report is not None:
-        ope_report.write_html(evaluation, report, title=title, gate=verdict)
+        write_output("report", report, lambda: ope_report.write_html(evaluation, report, title=title, gate=verdict))
         console.print(f"report: {report}")
     if png is not None:
-        ope_report.write_png(evaluation, png, title=title, gate=verdict)
+        write_output("plot", png, lambda: ope_report.write_png(evaluation, png, title=title, gate=verdict))
         console.print(f"plot: {png}")
     promoted = None
     if promote:

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,11 @@ def _subtitle(evaluation: Evaluation) -> str:
     return " · ".join(parts)
 
 
+def _interval(est: Estimate) -> str:
+    """``[low, high]``, or ``n/a`` for an undefined estimate (the HTML table read ``[n/a, n/a]``)."""
+    return f"[{_f(est.ci_low)}, {_f(est.ci_high)}]" if est.defined else "n/a"
+
+
 def _policy_label(name: str) -> str:
     return {LOGGED: "logged (on-policy)", UNIFORM: "uniform random"}.get(name, name)
 
@@ -94,7 +100,7 @@ def estimates_table(evaluation: Evaluation, *, title: str | None = None, gate: G
         items = list(pe.estimates.items())
         for j, (key, est) in enumerate(items):
             ess_pct = f"{est.ess / est.n:.1%}" if est.n and math.isfinite(est.ess) and key != ON_POLICY else ""
-            interval = f"[{_f(est.ci_low)}, {_f(est.ci_high)}]" if est.defined else "n/a"
+            interval = _interval(est)
             # Text objects, not strings: "[...]" would otherwise be read as Rich markup.
             table.add_row(
                 Text(_policy_label(name) if j == 0 else ""), ESTIMATOR_SHORT.get(key, key), _f(est.value),
@@ -248,7 +254,8 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
                   if any(e in p.estimates for p in evaluation.policies.values())] or [ON_POLICY]
     colors = _colors(evaluation)
     npol = len(evaluation.policies)
-    head_h = (0.75 if gate is not None else 0.5) if header else 0.0
+    gate_lines = _gate_lines(gate)
+    head_h = ((GATE_TOP_PT + GATE_LINE_PT * len(gate_lines) + 2) / 72 if gate_lines else 0.5) if header else 0.0
     top_h = 0.95 + 0.5 * npol
     fig = Figure(figsize=(11.5, head_h + top_h + 3.0), dpi=100, facecolor="white", layout="constrained")
     fig.get_layout_engine().set(h_pad=0.1, w_pad=0.1, hspace=0.05, wspace=0.04)  # type: ignore[call-arg, union-attr]
@@ -256,7 +263,7 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
     grid = fig.add_gridspec(len(ratios), len(estimators), height_ratios=ratios)
     row = 1 if header else 0
     if header:
-        _header(fig.add_subplot(grid[0, :]), evaluation, title, gate)
+        _header(fig.add_subplot(grid[0, :]), evaluation, title, gate, gate_lines)
     xlim = _common_xlim(evaluation, estimators)
     first: Axes | None = None
     for k, est in enumerate(estimators):
@@ -273,18 +280,32 @@ def figure(evaluation: Evaluation, *, title: str | None = None, gate: GateResult
     return fig
 
 
-def _header(header: Axes, evaluation: Evaluation, title: str | None, gate: GateResult | None) -> None:
-    # An empty axes rather than figure text, so constrained layout reserves room for it.
+GATE_WRAP = 100  # characters a line: the verdict starts right of the panels' labels, and ran past the PNG's edge
+SUBTITLE_TOP_PT, GATE_TOP_PT, GATE_LINE_PT = 25, 40, 14  # below the header's top; a line of the verdict
+
+
+def _gate_lines(gate: GateResult | None) -> list[str]:
+    if gate is None:
+        return []
+    return textwrap.wrap(f"Promotion gate {'passed' if gate.passed else 'blocked'}: {gate.reason}", GATE_WRAP)
+
+
+def _header(header: Axes, evaluation: Evaluation, title: str | None, gate: GateResult | None,
+            gate_lines: list[str]) -> None:
+    # An empty axes rather than figure text, so constrained layout reserves room for it; each line is placed in
+    # points below its top, so a verdict on two lines does not run into the line above it.
     header.set_axis_off()
-    header.text(0.0, 1.0, title or "Off-policy evaluation", transform=header.transAxes, ha="left", va="top",
-                fontsize=13.5, fontweight="bold", color=INK)
-    header.text(0.0, 0.52 if gate is not None else 0.1, _subtitle(evaluation)
-                + "  ·  shaded band: the logged policy's own interval", transform=header.transAxes, ha="left",
-                va="top", fontsize=9, color=MUTED)
+
+    def line(text: str, below_pt: float, **kw: Any) -> None:
+        header.annotate(text, xy=(0.0, 1.0), xycoords="axes fraction", xytext=(0, -below_pt),
+                        textcoords="offset points", ha="left", va="top", **kw)
+
+    line(title or "Off-policy evaluation", 0, fontsize=13.5, fontweight="bold", color=INK)
+    line(_subtitle(evaluation) + "  ·  shaded band: the logged policy's own interval", SUBTITLE_TOP_PT, fontsize=9,
+         color=MUTED)
     if gate is not None:
-        header.text(0.0, 0.02, f"Promotion gate {'passed' if gate.passed else 'blocked'}: {gate.reason}",
-                    transform=header.transAxes, ha="left", va="bottom", fontsize=9.5, fontweight="bold",
-                    color=PASS_COLOR if gate.passed else FAIL_COLOR)
+        line("\n".join(gate_lines), GATE_TOP_PT, fontsize=9.5, fontweight="bold",
+             color=PASS_COLOR if gate.passed else FAIL_COLOR, linespacing=1.25)
 
 
 def _svg(fig: Figure) -> str:
@@ -342,7 +363,7 @@ def _rows_html(evaluation: Evaluation, colors: dict[str, str]) -> str:
                 f'<tr class="{"first" if j == 0 else ""}" data-policy="{html.escape(name)}" '
                 f'data-estimator="{html.escape(key)}"><td class="l">{policy}</td>'
                 f'<td class="l">{html.escape(ESTIMATOR_TITLES.get(key, key))}</td><td>{_f(est.value)}</td>'
-                f"<td>[{_f(est.ci_low)}, {_f(est.ci_high)}]</td><td>{_f(est.std_error)}</td>"
+                f"<td>{_interval(est)}</td><td>{_f(est.std_error)}</td>"
                 f"<td>{est.ess:,.0f}</td><td>{ess_pct}</td></tr>"
             )
     return "\n".join(rows)
