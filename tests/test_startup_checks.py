@@ -154,7 +154,8 @@ def test_a_read_only_command_refuses_a_data_dir_without_kassa_data_and_creates_n
     from kassa.cli import app
 
     typo = tmp_path / "typo"
-    result = CliRunner().invoke(app, [*(a.replace("{tmp}", str(tmp_path)) for a in args), "--data-dir", str(typo)])
+    result = CliRunner().invoke(app, [*(a.replace("{tmp}", str(tmp_path)) for a in args), "--data-dir", str(typo)],
+                                env={"COLUMNS": "500"})  # Rich's box wraps at 80 columns, inside a deep temp path
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and f"no Kassa data in {typo}" in text, (text, result.exception)
     assert not typo.exists()

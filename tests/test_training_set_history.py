@@ -413,7 +413,8 @@ def test_entity_rows_with_a_bad_timestamp_name_the_file_and_column(tmp_path: Pat
     entities = tmp_path / "entities.csv"
     entities.write_text("customer_id,event_timestamp\nc1,notatime\n")
     r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
-                            "--out", str(tmp_path / "train.parquet"), *data])
+                            "--out", str(tmp_path / "train.parquet"), *data],
+                      env={"COLUMNS": "500"})  # Rich wraps at 80 columns, inside a deep temp path
     assert r.exit_code == 1, (r.output, r.exception)
     text = " ".join(r.output.split())
     assert "entities.csv" in text and "'event_timestamp'" in text and "notatime" in text, text
