@@ -335,10 +335,8 @@ def test_cli_training_set_reads_the_full_source_history_without_materialize(tmp_
     assert run("--no-defaults") == [(1, "new"), (5, "vip"), (5, "vip"), (None, None), (None, None)]
 
 
-def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    # `kassa features training-set --out` wrote the Parquet file in place: a full disk, Ctrl-C or SIGTERM while
-    # pyarrow wrote it left a file without its footer where the last good training set had been.
+def _one_view_applied(tmp_path: Path) -> list[str]:
+    """A data dir with one batch view (``customer_stats``: c1 made 1 order at T0) applied; its ``--data-dir`` args."""
     source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
     defs = tmp_path / "features.yaml"
     defs.write_text(json.dumps({
@@ -347,8 +345,15 @@ def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Pa
                    "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
     }))
     data = ["--data-dir", str(tmp_path / "data")]
-    runner = CliRunner()
-    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    assert CliRunner().invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    return data
+
+
+def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kassa features training-set --out` wrote the Parquet file in place: a full disk, Ctrl-C or SIGTERM while
+    # pyarrow wrote it left a file without its footer where the last good training set had been.
+    runner, data = CliRunner(), _one_view_applied(tmp_path)
     entities = tmp_path / "entities.csv"
     entities.write_text(f"customer_id,event_timestamp\nc1,{iso(T0 + HOUR, UTC)}\n")
     out = tmp_path / "sets" / "train.parquet"
@@ -378,16 +383,7 @@ def test_a_training_set_that_fails_halfway_leaves_the_previous_file(tmp_path: Pa
 @pytest.mark.parametrize("where", ["folder", "under_a_file"])
 def test_a_training_set_out_path_it_cannot_write_is_bad_usage(tmp_path: Path, where: str) -> None:
     # an --out that is a folder, or under a file, was an OSError traceback after the join
-    source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
-    defs = tmp_path / "features.yaml"
-    defs.write_text(json.dumps({
-        "entities": [{"name": "customer", "join_key": "customer_id"}],
-        "views": [{"name": "customer_stats", "kind": "batch", "entity": "customer", "ttl": "30d",
-                   "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
-    }))
-    data = ["--data-dir", str(tmp_path / "data")]
-    runner = CliRunner()
-    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    runner, data = CliRunner(), _one_view_applied(tmp_path)
     entities = tmp_path / "entities.csv"
     entities.write_text(f"customer_id,event_timestamp\nc1,{iso(T0 + HOUR, UTC)}\n")
     out = tmp_path if where == "folder" else entities / "train.parquet"
@@ -400,16 +396,7 @@ def test_a_training_set_out_path_it_cannot_write_is_bad_usage(tmp_path: Path, wh
 
 def test_entity_rows_with_a_bad_timestamp_name_the_file_and_column(tmp_path: Path) -> None:
     # "Invalid isoformat string: 'notatime'" said neither which file nor which column
-    source = write_source([Version("c1", T0, T0, 1, "new")], tmp_path / "stats.parquet")
-    defs = tmp_path / "features.yaml"
-    defs.write_text(json.dumps({
-        "entities": [{"name": "customer", "join_key": "customer_id"}],
-        "views": [{"name": "customer_stats", "kind": "batch", "entity": "customer", "ttl": "30d",
-                   "source": {"path": source}, "fields": [{"name": "orders", "dtype": "int", "default": 0}]}],
-    }))
-    data = ["--data-dir", str(tmp_path / "data")]
-    runner = CliRunner()
-    assert runner.invoke(app, ["features", "apply", str(defs), "--yes", *data]).exit_code == 0
+    runner, data = CliRunner(), _one_view_applied(tmp_path)
     entities = tmp_path / "entities.csv"
     entities.write_text("customer_id,event_timestamp\nc1,notatime\n")
     r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
