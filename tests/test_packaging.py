@@ -273,22 +273,29 @@ def test_kassa_stream_into_a_pipe_prints_whole_progress_lines(tmp_path: Path) ->
     assert proc.returncode == 130, (out, err)  # a Ctrl-C; it was 0, as if the worker had finished
 
 
+def _stand_in_command(tmp_path: Path, name: str, on_signal: str) -> subprocess.Popen[str]:
+    """A `kassa NAME` command started through the real entry point that sleeps, doing ``on_signal`` (one statement)
+    with whatever exception a signal raises in it; returned once it said it is ready."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(
+        "import sys, time\nfrom kassa.cli import app\n\n"
+        f"@app.command('{name}')\ndef {name}() -> None:\n"
+        "    print('ready', file=sys.stderr, flush=True)\n"
+        f"    try:\n        time.sleep(30)\n    except BaseException:\n        {on_signal}\n\n"
+        f"sys.argv = ['kassa', '{name}']\nfrom kassa.__main__ import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stderr=subprocess.PIPE)
+    assert proc.stderr is not None and proc.stderr.readline() == "ready\n"
+    return proc
+
+
 def test_a_sigterm_whose_exit_was_swallowed_still_ends_143(tmp_path: Path) -> None:
     # SIGTERM's exit can land in a finalizer, where Python prints it and goes on: `kassa evaluate` then finished and
     # exited 0 with a "SystemExit: 143" traceback above its table. Here a command that swallows it stands in.
     import signal
     import time
 
-    script = tmp_path / "swallow.py"
-    script.write_text(
-        "import sys, time\nfrom kassa.cli import app\n\n"
-        "@app.command('swallow')\ndef swallow() -> None:\n"
-        "    print('ready', file=sys.stderr, flush=True)\n"
-        "    try:\n        time.sleep(30)\n    except BaseException:\n        pass\n\n"
-        "sys.argv = ['kassa', 'swallow']\nfrom kassa.__main__ import main\nmain()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stderr=subprocess.PIPE)
-    assert proc.stderr is not None and proc.stderr.readline() == "ready\n"
+    proc = _stand_in_command(tmp_path, "swallow", "pass")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 143 and time.monotonic() - t0 < 5
@@ -299,17 +306,7 @@ def test_a_sigterm_a_library_turned_into_its_own_error_still_ends_143_without_a_
     # ImportError): `kassa drift` stopped with SIGTERM printed that traceback and exited 1. A stand-in does the same.
     import signal
 
-    script = tmp_path / "convert.py"
-    script.write_text(
-        "import sys, time\nfrom kassa.cli import app\n\n"
-        "@app.command('convert')\ndef convert() -> None:\n"
-        "    print('ready', file=sys.stderr, flush=True)\n"
-        "    try:\n        time.sleep(30)\n    except BaseException:\n"
-        "        raise RuntimeError('Query interrupted') from None\n\n"
-        "sys.argv = ['kassa', 'convert']\nfrom kassa.__main__ import main\nmain()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(kassa.__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True, stderr=subprocess.PIPE)
-    assert proc.stderr is not None and proc.stderr.readline() == "ready\n"
+    proc = _stand_in_command(tmp_path, "convert", "raise RuntimeError('Query interrupted') from None")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
