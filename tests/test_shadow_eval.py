@@ -168,6 +168,7 @@ def test_no_shadow_log_says_how_to_put_a_model_in_shadow(client, kassa, clock):
     text = " ".join(result.output.split())
     assert result.exit_code == 1, text
     assert "no shadow decisions for order_confirmation" in text and "kassa models promote VERSION --to shadow" in text
+    assert "in the window from the first logged decision to now" in text  # was "the window the start .. now"
     assert "Traceback" not in text
     unknown = runner.invoke(app, ["evaluate", "--placement", "nope", "--shadow", "--data-dir", data_dir])
     assert unknown.exit_code == 2 and "unknown placement 'nope'" in " ".join(unknown.output.split())

@@ -624,7 +624,8 @@ def _evaluate_shadow(placement: str, since: str | None, until: str | None, estim
     now = time.time()
     start, end = parse_time(since, now), parse_time(until, now)
     check_window(start, end)
-    window = f"{_fmt_time(start) if start else 'the start'} .. {_fmt_time(end) if end else 'now'}"
+    # read "in the window from the first logged decision to now" (was "the start .. now")
+    window = f"from {_fmt_time(start) if start else 'the first logged decision'} to {_fmt_time(end) if end else 'now'}"
     shadow_log = read_shadow_log(ctx.settings.data_path, placement, start, end)
     if shadow_log.num_rows == 0:
         console.print(f"[red]no shadow decisions[/] for {placement} in the window {window}: put a model in shadow "
