@@ -321,3 +321,23 @@ def test_ctrl_c_of_a_running_command_ends_with_the_line_interrupted(tmp_path: Pa
                         "Application startup complete")
     assert stopped.returncode == 130 and stopped.err.splitlines()[-1] == "interrupted", stopped.err
     assert "Traceback" not in stopped.err
+
+
+def test_a_sigterm_during_a_native_import_is_delivered_once_the_import_is_done(tmp_path: Path) -> None:
+    # DuckDB's bindings (nanobind) abort the process, exit 134 with a "critical error", when the SIGTERM handler's
+    # SystemExit lands inside their module initialisation. A module that sends itself SIGTERM half-way through its
+    # import stands in: imported through `import_whole` it finishes, and the command then ends with 143, quietly.
+    import signal
+
+    (tmp_path / "selfstop.py").write_text(
+        "import os, signal, sys, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\n"
+        "print('imported whole', flush=True)\n")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\nfrom kassa.cli import app\nfrom kassa.nativeimport import import_whole\n\n"
+        "@app.command('native')\ndef native() -> None:\n    import_whole('selfstop')\n    print('not reached')\n\n"
+        "sys.argv = ['kassa', 'native']\nfrom kassa.__main__ import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": f"{Path(kassa.__file__).resolve().parents[1]}:{tmp_path}"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, text=True, capture_output=True, timeout=60)
+    assert proc.stdout == "imported whole\n", (proc.stdout, proc.stderr)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in proc.stderr, proc.stderr

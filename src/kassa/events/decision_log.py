@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kassa import errors
+from kassa.nativeimport import import_duckdb
 from kassa.schemas import StoredValue
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ SERVING_DUCKDB_THREADS = 1
 
 def serving_duckdb() -> Any:
     """A DuckDB connection for a read inside a serving process: ``SERVING_DUCKDB_THREADS`` threads."""
-    import duckdb
+    duckdb = import_duckdb()
 
     return duckdb.connect(config={"threads": SERVING_DUCKDB_THREADS})
 
@@ -392,7 +393,7 @@ def read_log(read: Callable[[], _T], attempts: int = 5, base: Path | None = None
     """``read()`` (which lists the files, then reads them), again when a file it listed was removed before DuckDB
     opened it: compaction removes the small files it merged, and a new listing has the merged file instead. A file
     that is not readable Parquet is `UnreadableDecisionLog` naming it (``base``: the folder read)."""
-    import duckdb
+    duckdb = import_duckdb()
 
     for attempt in range(attempts):
         try:
@@ -510,7 +511,7 @@ def read_decisions(
     """Logged decisions under ``root`` ordered by time, optionally for one placement and in
     ``[since, until)`` (unix seconds). Columns are ``SCHEMA``; empty table when nothing is logged.
     `UnreadableDecisionLog` names a file that is not readable Parquet."""
-    import duckdb  # imported here: DuckDB is only needed offline, not at server start
+    duckdb = import_duckdb()  # imported here: DuckDB is only needed offline, not at server start
 
     base = Path(root) / "decisions"
     where: list[str] = []

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kassa.features.definitions import Entity, FeatureView, Field
+from kassa.nativeimport import import_duckdb
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "int": pa.int64(),
@@ -94,7 +95,7 @@ def describe(con: Any, view: FeatureView, entities: Iterable[Entity]) -> BatchSo
 
     ``entities`` name the join key of ``view``'s entity (``<entity>_id`` when they do not); ``con`` is
     an open DuckDB connection."""
-    import duckdb
+    duckdb = import_duckdb()
 
     v = view
     if v.kind != "batch" or v.source is None or not v.source.path:

@@ -25,6 +25,7 @@ from kassa.features.batch_source import SourceError, check_column, describe, quo
 from kassa.features.definitions import FeatureRepo, FeatureView
 from kassa.features.offline import TIMESTAMP, OfflineStore, Timestamp, to_epoch
 from kassa.features.online.base import OnlineStore, WriteItem
+from kassa.nativeimport import import_duckdb
 
 Progress = Callable[[int, int], None]  # (rows written so far, rows to write)
 
@@ -102,7 +103,7 @@ def select_latest(repo: FeatureRepo, view: FeatureView, start: float | None, end
     columns ``entity_key``, ``__ts`` (UTC timestamp) and one per field in the field's Arrow type. Rows
     sharing the newest event time are told apart by their created timestamp (the later write wins).
     Null values stay null: serving applies a field's default only to a missing or stale row."""
-    import duckdb  # offline only: keep DuckDB out of server start-up
+    duckdb = import_duckdb()  # offline only: keep DuckDB out of server start-up
 
     v = view
     if v.kind != "batch" or v.source is None or not v.source.path:

@@ -33,6 +33,7 @@ from kassa.events.decision_log import serving_duckdb
 from kassa.features.batch_source import ARROW_TYPES, check_column, describe, quote_ident
 from kassa.features.definitions import Entity, FeatureRepo, FeatureView
 from kassa.features.online.base import WriteItem
+from kassa.nativeimport import import_duckdb
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -169,7 +170,7 @@ class OfflineStore:
     def read(self, view: FeatureView, start: Timestamp | None = None, end: Timestamp | None = None) -> pa.Table:
         """Every logged row of ``view`` with ``start <= event_timestamp < end``, oldest first, in the
         view's current schema (fields added since a file was written are null there)."""
-        import duckdb  # offline only: keep DuckDB out of server start-up
+        duckdb = import_duckdb()  # offline only: keep DuckDB out of server start-up
 
         if not self._files(view.name):
             return view_schema(view).empty_table()
@@ -236,7 +237,7 @@ class OfflineStore:
         (``view__field`` with ``full_names``). Rows keep their order and all their columns: one output
         row per input row, duplicates included.
         """
-        import duckdb
+        duckdb = import_duckdb()
 
         table = load_entity_rows(entity_rows)
         if timestamp_field not in table.column_names:
