@@ -6,6 +6,7 @@ import inspect
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kassa.config import Settings, load_settings
+from kassa.config import RoleSettings, Settings, load_settings
 from kassa.features.cli import features_app
 from kassa.integrations.cli import integrations_app
 from kassa.learn.cli import drift_command, evaluate_command, models_app, train_command
@@ -169,8 +170,9 @@ def serve(
 ) -> None:
     """Run the decision API on the embedded default (nothing else to start)."""
     # a bad value of an option is bad usage (exit 2, as `--port abc`), not an invalid settings file (exit 1)
-    if learner is not None and learner not in ("inprocess", "child", "external"):
-        raise typer.BadParameter(f"{learner!r} is not one of inprocess, child, external", param_hint="--learner")
+    places = typing.get_args(typing.get_type_hints(RoleSettings)["learner"])  # roles.learner's own values
+    if learner is not None and learner not in places:
+        raise typer.BadParameter(f"{learner!r} is not one of {', '.join(places)}", param_hint="--learner")
     if workers is not None and workers < 0:
         raise typer.BadParameter("must be 0 (one per core) or more", param_hint="--workers")
     overrides: dict[str, object] = {"data_dir": data_dir, "catalog_file": catalog, "roles.workers": workers,

@@ -39,6 +39,10 @@ class RateLimitedWarning:
         self.written = 0
         self._last = -float("inf")
 
+    def said(self) -> None:
+        """A line about it went out elsewhere just now (e.g. the start's own WARNING): the next waits ``interval``."""
+        self._last = self.clock()
+
     def __call__(self, message: str, exc: BaseException | None = None) -> bool:
         """Log ``message`` (about ``exc``) unless a line went out less than ``interval`` ago; True if written."""
         now = self.clock()

@@ -88,11 +88,6 @@ async def change_stage(request: Request) -> Response:
     body = decode(await read_body(request, kassa.settings.server.max_body_bytes), StageChange)
     if body.reason is not None:
         no_nul(body.reason, "reason")
-    # A share out of its range is an invalid field (422, README), not a refused stage change (409)
-    if body.stage == "canary" and (body.share is None or not 0.0 < body.share < 1.0):
-        raise errors.Invalid("a canary needs a traffic share between 0 and 1 (exclusive)", "share")
-    if body.stage != "canary" and body.share is not None:
-        raise errors.Invalid("only a canary takes a traffic share", "share")
     # Registry writes commit with fsync: off the event loop, like the loading that follows.
     mv = await asyncio.to_thread(promote_version, kassa.model_registry, version, body.stage,
                                  share=body.share, reason=body.reason, force=body.force, actor="api")

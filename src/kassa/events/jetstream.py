@@ -392,18 +392,15 @@ class JetStreamBus:
         self._kick()
 
     async def _connect_forever(self) -> None:
-        warned, held = time.monotonic(), 0  # the start's WARNING said why; again at most once per 10 s
+        warn = RateLimitedWarning(log, f"NATS at {self.cfg.url}")
+        warn.said()  # the start's WARNING said why; the retries' again at most once per 10 s
         while not self._closed:
             await asyncio.sleep(self.cfg.reconnect_wait_seconds)
             try:
                 await self._connect(self.cfg.ack_timeout_seconds)
             except Exception as exc:
                 log.debug("NATS connect retry failed: %s", exc)
-                held += 1
-                if time.monotonic() - warned >= 10.0:
-                    log.warning("NATS at %s still not usable (%s; %d tries in the last %.0f s); spooling events until "
-                                "it is", self.cfg.url, exc, held, time.monotonic() - warned)
-                    warned, held = time.monotonic(), 0
+                warn(f"still not usable ({exc}); spooling events until it is")
                 continue
             log.info("NATS at %s reachable; replaying %d spooled messages", self.cfg.url, self.spool_depth)
             return

@@ -150,6 +150,22 @@ class StageError(errors.KassaError):
     status, title, slug = 409, "Stage change refused", "stage-refused"
 
 
+class InvalidShare(StageError):
+    """A canary's traffic share out of (0, 1), missing, or given for another stage: an invalid field (422, as the
+    README lists), not a refused stage change."""
+
+    status, title, slug = errors.Invalid.status, errors.Invalid.title, errors.Invalid.slug
+
+
+def check_share(stage: str, share: float | None) -> None:
+    """Refuse a traffic share that does not fit ``stage`` (`InvalidShare`)."""
+    if stage == "canary":
+        if share is None or not 0.0 < share < 1.0:
+            raise InvalidShare("a canary needs a traffic share between 0 and 1 (exclusive)", "share")
+    elif share is not None:
+        raise InvalidShare("only a canary takes a traffic share", "share")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelVersion:
     version: str
@@ -471,11 +487,7 @@ class ModelRegistry:
         (a guardrail archiving a canary) records one."""
         if stage not in STAGES:
             raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", "stage")
-        if stage == "canary":
-            if share is None or not 0.0 < share < 1.0:
-                raise StageError("a canary needs a traffic share between 0 and 1 (exclusive)", "share")
-        elif share is not None:
-            raise StageError("only a canary takes a traffic share", "share")
+        check_share(stage, share)
         now = self.clock()
         with self._lock, self.engine.begin() as conn:
             mv = self._get(conn, version)

@@ -7,7 +7,7 @@ promotion says so in the stage history. Shadow, canary, candidate and archived n
 
 from __future__ import annotations
 
-from kassa.learn.registry import ModelRegistry, ModelVersion, Stage, StageError, check_move
+from kassa.learn.registry import ModelRegistry, ModelVersion, Stage, StageError, check_move, check_share
 
 
 def gate_status(mv: ModelVersion) -> tuple[bool, str]:
@@ -23,6 +23,7 @@ def gate_status(mv: ModelVersion) -> tuple[bool, str]:
 
 def promote_version(registry: ModelRegistry, version: str, stage: Stage, *, share: float | None = None,
                     reason: str | None = None, force: bool = False, actor: str = "cli") -> ModelVersion:
+    check_share(stage, share)  # an invalid field (422) whatever the version, before it is looked up
     mv = registry.get(version)
     note = reason or f"promoted to {stage}"
     if stage == "production":
