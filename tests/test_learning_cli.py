@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from datetime import UTC, datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -278,3 +280,28 @@ def test_cli_without_data_says_where_a_relative_data_dir_resolves(tmp_path, monk
     assert result.exit_code == 2
     text = "".join(result.output.replace("│", " ").split())
     assert "".join(str(tmp_path / "shop-data").split()) in text, result.output
+
+
+def test_models_show_prints_metric_times_as_utc_dates_not_unix_seconds(logged, kassa):
+    # the metrics' times (an evaluation's at/since/until, a snapshot's snapshot_at) were raw unix seconds,
+    # 1800000400.0, beside created_at printed as 2027-01-15 08:06:40
+    version = _json(runner.invoke(app, ["train", "--placement", "order_confirmation", "--holdout", "0.25",
+                                        "--data-dir", logged, "--json"]))["version"]
+    _json(runner.invoke(app, ["evaluate", "--placement", "order_confirmation", "--candidate", version,
+                              "--baseline", "none", "--since", "1800000000", "--data-dir", logged, "--json"]))
+    shown = _json(runner.invoke(app, ["models", "show", version, "--data-dir", logged, "--json"]))
+    evaluation = shown["metrics"]["evaluation"]
+    assert isinstance(evaluation["at"], float) and evaluation["since"] == 1_800_000_000  # --json: unchanged
+    result = runner.invoke(app, ["models", "show", version, "--data-dir", logged], env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output
+    assert '"since": "2027-01-15 08:00:00"' in result.stdout, result.stdout
+    at = datetime.fromtimestamp(evaluation["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert f'"at": "{at}"' in result.stdout, result.stdout
+    assert not re.search(r"\b1[78]\d{8}\b", result.stdout), result.stdout  # no unix time anywhere
+
+    snapshot = kassa.model_registry.versions("order_confirmation", None, limit=50)
+    online = next(v for v in snapshot if "snapshot_at" in v.metrics)
+    result = runner.invoke(app, ["models", "show", online.version, "--data-dir", logged], env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output
+    at = datetime.fromtimestamp(online.metrics["snapshot_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert f'"snapshot_at": "{at}"' in result.stdout, result.stdout

@@ -140,6 +140,25 @@ def _fmt_time(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _metric_times(value: Any, key: str = "") -> Any:
+    """``value`` (a version's metrics) with its times as `_fmt_time` prints them, for `kassa models show`: an
+    evaluation's ``at``/``since``/``until``, a snapshot's ``snapshot_at``, a learner's ``watermark`` were unix
+    seconds (1796682638.492095) beside ``created_at`` as a date. ``--json`` keeps the numbers."""
+    if isinstance(value, dict):
+        return {k: _metric_times(v, str(k)) for k, v in value.items()}
+    if key == "watermark" and isinstance(value, list) and len(value) == 2 and _is_number(value[0]):
+        return [_fmt_time(value[0]), value[1]]  # (decision time, decision id)
+    if isinstance(value, list):
+        return [_metric_times(v) for v in value]
+    if (key in ("at", "since", "until") or key.endswith("_at")) and _is_number(value):
+        return _fmt_time(value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
@@ -222,7 +241,7 @@ def models_show(version: VersionArg, config: SettingsOpt = None, data_dir: DataD
     table.add_column("value", overflow="fold")  # a checksum cut to "a406b520…" could not be checked against a file
     for key, value in mv.to_dict().items():
         if key == "metrics":
-            value = json.dumps(value, indent=1, default=str)
+            value = json.dumps(_metric_times(value), indent=1, default=str)
         elif key in ("created_at", "stage_changed_at", "train_since", "train_until"):
             value = _fmt_time(value)
         table.add_row(key, str(value))
