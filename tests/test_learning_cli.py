@@ -282,6 +282,27 @@ def test_cli_without_data_says_where_a_relative_data_dir_resolves(tmp_path, monk
     assert "".join(str(tmp_path / "shop-data").split()) in text, result.output
 
 
+def test_training_set_from_decisions_refuses_an_unknown_placement_as_train_does(logged, kassa, tmp_path):
+    # `kassa features training-set --from-decisions --placement nope` said "no logged decisions of nope" and
+    # exited 1, as if the placement existed and had served nothing; `kassa train|evaluate|drift` say it is unknown
+    out = tmp_path / "train.parquet"
+    args = ["features", "training-set", "--from-decisions", "--features", "customer_signals:ltv", "--out", str(out),
+            "--data-dir", logged]
+    result = runner.invoke(app, [*args, "--placement", "order_confirmaton"], env={"COLUMNS": "500"})
+    assert result.exit_code == 2, (result.output, result.exception)
+    text = " ".join(result.output.replace("│", " ").split())
+    assert ("Invalid value for --placement: unknown placement 'order_confirmaton' "
+            "(known: cross_sell, order_confirmation)") in text, text
+    assert not out.exists()
+    # a known placement with no decision in the window is still "no logged decisions" (exit 1), and one with
+    # decisions makes the training set
+    result = runner.invoke(app, [*args, "--placement", "cross_sell"], env={"COLUMNS": "500"})
+    assert result.exit_code == 1 and "no logged decisions of cross_sell" in result.output, result.output
+    result = runner.invoke(app, [*args, "--placement", "order_confirmation", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] == 400 and out.exists()
+
+
 def test_models_show_prints_metric_times_as_utc_dates_not_unix_seconds(logged, kassa):
     # the metrics' times (an evaluation's at/since/until, a snapshot's snapshot_at) were raw unix seconds,
     # 1800000400.0, beside created_at printed as 2027-01-15 08:06:40

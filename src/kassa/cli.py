@@ -16,7 +16,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from kassa.config import RoleSettings, Settings, load_settings
-from kassa.features.cli import features_app
+from kassa.features.cli import check_placements_with, features_app
 from kassa.integrations.cli import integrations_app
 from kassa.learn.cli import drift_command, evaluate_command, models_app, train_command
 from kassa.loadtest.cli import loadtest_app
@@ -78,6 +78,19 @@ app.add_typer(loadtest_app, name="loadtest")
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("drift")(drift_command)
+
+
+def _catalog_placement_ids(settings: Settings) -> list[str]:
+    """The catalog's placement ids, for `kassa features training-set --placement` (the feature store is below the
+    catalog, so it cannot read them itself)."""
+    from kassa.catalog.store import SqlCatalogStore
+    from kassa.startup import metadata_engine
+
+    return [p.id for p in SqlCatalogStore(metadata_engine(settings)).load()[1]]
+
+
+check_placements_with(_catalog_placement_ids)
+
 console = Console(stderr=True)
 
 SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045

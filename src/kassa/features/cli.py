@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -38,6 +39,17 @@ SettingsOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
 DataDirOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--data-dir", help="Where Kassa keeps its files (default: data_dir of the settings, .kassa).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+# The catalog's placement ids, to check `training-set --placement` against: the catalog is a layer above the
+# feature store (pyproject.toml's import-linter contract), so the `kassa` command (`kassa.cli`) hands its reader in.
+_placement_ids: Callable[[Settings], Iterable[str]] | None = None
+
+
+def check_placements_with(placement_ids: Callable[[Settings], Iterable[str]]) -> None:
+    """Have `training-set --from-decisions --placement` refuse a placement ``placement_ids`` does not list."""
+    global _placement_ids
+    _placement_ids = placement_ids
 
 
 def _fail(message: str) -> NoReturn:
@@ -376,6 +388,13 @@ def training_set(
             rows: Any = entities_from_decisions(settings.data_path, placement, start, end)
         except UnreadableDecisionLog as exc:  # was a DuckDB traceback
             _fail(str(exc))
+        if rows.num_rows == 0 and placement is not None and _placement_ids is not None:
+            # a mistyped placement was "no logged decisions of ..." (exit 1); checked only here, so a placement
+            # since removed from the catalog still gives the decisions it logged
+            known = sorted(_placement_ids(settings))
+            if placement not in known:
+                raise typer.BadParameter(f"unknown placement {placement!r} (known: {', '.join(known) or 'none'})",
+                                         param_hint="--placement")
         if rows.num_rows == 0:  # an empty Parquet file was written, and the command said "wrote 0 rows"
             window = (f" from {_iso(start)}" if start is not None else "") + (
                 f" until {_iso(end)}" if end is not None else "")
