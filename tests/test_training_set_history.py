@@ -394,14 +394,55 @@ def test_a_training_set_out_path_it_cannot_write_is_bad_usage(tmp_path: Path, wh
     assert "Invalid value for --out:" in text and ("is a folder" in text or "cannot write to" in text), text
 
 
-def test_entity_rows_with_a_bad_timestamp_name_the_file_and_column(tmp_path: Path) -> None:
-    # "Invalid isoformat string: 'notatime'" said neither which file nor which column
+def _bad_entity_file(tmp_path: Path, case: str) -> Path:
+    csv = tmp_path / "entities.csv"
+    if case == "missing":
+        return tmp_path / "nowhere.csv"
+    if case == "folder":
+        csv.mkdir()
+    elif case == "no_timestamp_column":
+        csv.write_text("customer_id,ts\nc1,2023-11-14\n")
+    elif case == "no_join_key_column":
+        csv.write_text("customer,event_timestamp\nc1,2023-11-14\n")
+    elif case == "no_timestamp_column_parquet":
+        pq.write_table(pa.table({"customer_id": ["c1"]}), tmp_path / "entities.parquet")
+        return tmp_path / "entities.parquet"
+    elif case == "bad_timestamp":
+        csv.write_text("customer_id,event_timestamp\nc1,notatime\n")
+    elif case == "empty":
+        csv.write_text("")
+    elif case == "ragged_csv":
+        csv.write_text("customer_id,event_timestamp\nc1,2023-11-14,extra\n")
+    elif case == "not_parquet":
+        (tmp_path / "entities.txt").write_text("customer_id,event_timestamp\nc1,2023-11-14\n")
+        return tmp_path / "entities.txt"
+    return csv
+
+
+@pytest.mark.parametrize(("case", "problem"), [
+    ("missing", "no such file"),  # already exit 2
+    ("folder", "is a folder"),  # was an OSError traceback
+    # the rest were exit 1: "cannot join the entity rows of ...", as if the join, not the file, had failed
+    ("no_timestamp_column", "has no timestamp column 'event_timestamp' (columns: customer_id, ts)"),
+    ("no_timestamp_column_parquet", "has no timestamp column 'event_timestamp' (columns: customer_id)"),
+    ("no_join_key_column", "has no join key column 'customer_id' for view 'customer_stats' (entity 'customer'; "
+                           "columns: customer, event_timestamp)"),
+    ("bad_timestamp", "cannot read column 'event_timestamp' as times: Invalid isoformat string: 'notatime'"),
+    ("empty", "is not a readable CSV file: Empty CSV file"),
+    ("ragged_csv", "is not a readable CSV file: CSV parse error: Expected 2 columns, got 3"),
+    ("not_parquet", "is not a readable Parquet file (a .csv name reads it as CSV):"),
+])
+def test_a_bad_entity_file_is_bad_usage_naming_the_file_and_what_is_wrong(tmp_path: Path, case: str,
+                                                                          problem: str) -> None:
     runner, data = CliRunner(), _one_view_applied(tmp_path)
-    entities = tmp_path / "entities.csv"
-    entities.write_text("customer_id,event_timestamp\nc1,notatime\n")
+    entities = _bad_entity_file(tmp_path, case)
+    out = tmp_path / "train.parquet"
     r = runner.invoke(app, ["features", "training-set", "--entities", str(entities), "--features", "customer_stats:*",
-                            "--out", str(tmp_path / "train.parquet"), *data],
+                            "--out", str(out), *data],
                       env={"COLUMNS": "500"})  # Rich wraps at 80 columns, inside a deep temp path
-    assert r.exit_code == 1, (r.output, r.exception)
-    text = " ".join(r.output.split())
-    assert "entities.csv" in text and "'event_timestamp'" in text and "notatime" in text, text
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (r.output, r.exception)  # no traceback
+    lines = [line.strip("│ ") for line in r.output.splitlines() if line.strip("│ ╭╮╰╯─")]
+    [message] = [line for line in lines if line.startswith("Invalid value")]  # one line
+    assert message.startswith("Invalid value for --entities: ") and str(entities) in message, message
+    assert problem in message, message
+    assert not out.exists()

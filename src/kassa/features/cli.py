@@ -361,7 +361,7 @@ def training_set(
     import pyarrow.parquet as pq
 
     from kassa.events.decision_log import UnreadableDecisionLog
-    from kassa.features.offline import entities_from_decisions, resolve_features
+    from kassa.features.offline import EntityRowsError, entities_from_decisions, resolve_features
 
     if (entities is None) == (not from_decisions):
         raise typer.BadParameter("give exactly one of --entities FILE or --from-decisions", param_hint="--entities")
@@ -410,7 +410,11 @@ def training_set(
                                                 timestamp_field=timestamp_field, full_names=full_names,
                                                 defaults=not no_defaults,
                                                 filter_by_created_timestamp=filter_by_created_timestamp)
-    except ValueError as exc:  # "Invalid isoformat string: 'x'" said neither the file nor the column
+    except EntityRowsError as exc:  # a file that cannot be read or lacks a column: bad input, named (was exit 1)
+        if entities is None:  # the decision log's rows: not the user's input
+            _fail(str(exc))
+        raise typer.BadParameter(str(exc), param_hint="--entities") from None
+    except ValueError as exc:  # the join itself: a batch source DuckDB cannot read, feature names that clash
         _fail(f"cannot join the entity rows of {entities} (timestamp column {timestamp_field!r}): {exc}"
               if entities is not None else str(exc))
     try:

@@ -40,6 +40,11 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 Timestamp = float | int | datetime | str
 
 
+class EntityRowsError(ValueError):
+    """Entity rows `OfflineStore.training_set` cannot join: a file it cannot read, a timestamp or join key column
+    missing, timestamps it cannot read. The message names the file when the rows came from one."""
+
+
 def to_epoch(value: Timestamp) -> float:
     """Unix seconds from seconds, a datetime or an ISO-8601 string (naive means UTC)."""
     if isinstance(value, (int, float)):
@@ -240,8 +245,10 @@ class OfflineStore:
         duckdb = import_duckdb()
 
         table = load_entity_rows(entity_rows)
+        rows_are = str(entity_rows) if isinstance(entity_rows, (str, Path)) else "the entity table"
+        columns = ", ".join(table.column_names) or "none"
         if timestamp_field not in table.column_names:
-            raise ValueError(f"entity rows have no timestamp column {timestamp_field!r}")
+            raise EntityRowsError(f"{rows_are} has no timestamp column {timestamp_field!r} (columns: {columns})")
         entities = list(entities)
         join_keys = {e.name: e.join_key for e in entities}
 
@@ -252,8 +259,8 @@ class OfflineStore:
         for view, fields in features:
             key = key_of(view)
             if key not in table.column_names:
-                raise ValueError(f"view {view.name!r}: entity rows have no join key column {key!r} "
-                                 f"(entity {view.entity!r})")
+                raise EntityRowsError(f"{rows_are} has no join key column {key!r} for view {view.name!r} "
+                                      f"(entity {view.entity!r}; columns: {columns})")
             for name in fields:
                 if view.field(name) is None:
                     raise ValueError(f"view {view.name!r} has no field {name!r}")
@@ -264,14 +271,21 @@ class OfflineStore:
         if not features:
             return table
 
-        ts = timestamp_micros(table.column(timestamp_field))
+        try:
+            ts = timestamp_micros(table.column(timestamp_field))
+        except (ValueError, pa.ArrowException) as exc:  # pyarrow's "Invalid isoformat string: 'x'" named neither
+            raise EntityRowsError(f"{rows_are}: cannot read column {timestamp_field!r} as times: {exc}") from None
         left: dict[str, Any] = {"__row": pa.array(range(table.num_rows), pa.int64()), "__ts": ts}
         keys: dict[str, str] = {}  # join key column -> its __k alias in the left table
         for view, _ in features:
             key = key_of(view)
             if key not in keys:
                 keys[key] = f"__k{len(keys)}"
-                left[keys[key]] = table.column(key).cast(pa.string())
+                try:
+                    left[keys[key]] = table.column(key).cast(pa.string())
+                except pa.ArrowException as exc:  # a list or struct column
+                    raise EntityRowsError(f"{rows_are}: join key column {key!r} is not text or numbers "
+                                          f"({table.schema.field(key).type}): {exc}") from None
         left_table = pa.table(left)
         valid = pc.drop_null(ts)
         lo, hi = (pc.min(valid).as_py(), pc.max(valid).as_py()) if len(valid) else (0, 0)
@@ -400,14 +414,27 @@ def _duck_type(view: FeatureView, name: str) -> str:
 
 
 def load_entity_rows(rows: pa.Table | Sequence[Mapping[str, Any]] | str | Path) -> pa.Table:
-    """Entity rows for `OfflineStore.training_set` from a table, a list of dicts or a Parquet/CSV file."""
+    """Entity rows for `OfflineStore.training_set` from a table, a list of dicts or a Parquet/CSV file (a file named
+    ``.csv`` is read as CSV, any other file or a folder of them as Parquet). `EntityRowsError` names a file it cannot
+    read and why."""
     if isinstance(rows, pa.Table):
         return rows
     if isinstance(rows, (str, Path)):
         path = Path(rows)
-        if path.suffix.lower() == ".csv":
-            return pacsv.read_csv(path)
-        return pq.read_table(path)
+        csv = path.suffix.lower() == ".csv"
+        if csv and path.is_dir():
+            raise EntityRowsError(f"{path} is a folder, not a CSV file")
+        try:
+            return pacsv.read_csv(path) if csv else pq.read_table(path)
+        except FileNotFoundError:
+            raise EntityRowsError(f"no such file: {path}") from None
+        except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+            reason = getattr(exc, "strerror", None) or str(exc)
+            # pyarrow repeats the path: "Could not open Parquet input source '<path>': Parquet magic bytes ..."
+            reason = reason.replace(f"Could not open Parquet input source '{path}': ", "")
+            kind = "a readable CSV file" if csv else "a readable Parquet file (a .csv name reads it as CSV)"
+            raise EntityRowsError(f"{path} is not {kind}: {reason.splitlines()[0] if reason else type(exc).__name__}"
+                                  ) from None
     return pa.Table.from_pylist([dict(r) for r in rows])
 
 
