@@ -104,3 +104,26 @@ def test_with_a_half_life_older_examples_weigh_less(tmp_path: Path) -> None:
     # the weighted fit's optimality along its own direction; the unweighted condition does not hold
     assert abs(float((age * pred) @ (pred - y)) + w2) < 1e-3 * float(age @ (y * y))
     assert abs(float(pred @ (pred - y)) + w2) > 1e-2 * float(y @ y)
+
+
+def test_a_feature_repeated_in_a_line_counts_as_its_sum(tmp_path: Path) -> None:
+    # VW adds a repeated feature's values on one weight; the normal equations must see x = 2, not two x = 1 terms
+    examples = [(s, a.replace(" |o id=", " |o dup dup id="), r) for s, a, r in _stream(800, seed=3)]
+    learner = OnlineLearner(schemas.Placement(id="p", regression="ridge"), tmp_path)
+    for shared, act, r in examples:
+        learner.learn(shared, act, r, 0.1)
+    served = LinearModel.open(learner.snapshot()[0], "d")
+    pred = np.array([served.scores(s, [a])[0] for s, a, _ in examples], dtype=np.float64)
+    y = np.array([-r for _, _, r in examples])
+    w2 = float(np.square(served.w.astype(np.float64)).sum())
+    assert abs(float(pred @ (pred - y)) + w2) < 1e-3 * float(y @ y)
+
+
+@pytest.mark.parametrize("content", [b"not a numpy file", b"PK\x03\x04 truncated zip"])
+def test_an_unreadable_ridge_state_starts_the_fit_again(tmp_path: Path, content: bytes,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    _, path = _learned(tmp_path, "ridge", _stream(300))
+    path.with_suffix(SUFFIX).write_bytes(content)
+    again = OnlineLearner(schemas.Placement(id="p", regression="ridge"), tmp_path)
+    assert again.ridge is not None and again.ridge.n == 0 and again.learned == 300
+    assert "ridge state" in caplog.text and "unreadable" in caplog.text

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import pylibvw
@@ -241,7 +242,7 @@ def _ridge_of(model: Path | None, spec: LinearSpec, half_life: float) -> RidgeRe
         return RidgeRefit(spec, half_life=half_life)
     try:
         return RidgeRefit.load(saved, spec, half_life=half_life)
-    except (OSError, ValueError, KeyError) as why:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as why:
         log.warning("ridge state of %s unreadable (%s): fitting again from the next examples", model, why)
         return RidgeRefit(spec, half_life=half_life)
 

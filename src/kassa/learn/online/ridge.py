@@ -34,7 +34,7 @@ SUFFIX = ".ridge.npz"
 def all_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str,
               cache: dict[str, tuple[dict, np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every term of one (shared, action) example as the scorer computes it: masked weight indices and feature
-    values, repeated indices summed. ``cache`` keeps each line's own terms (its linear terms and the crosses
+    values (an index may repeat: the normal equations' sums come out the same). ``cache`` keeps each line's own terms (its linear terms and the crosses
     within it), which do not depend on the other line."""
     mask = (1 << spec.bits) - 1
     sh, sh_idx, sh_val = _line_terms(hashing_, spec, shared, cache, constant=spec.constant)
@@ -47,8 +47,7 @@ def all_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str,
                 continue
             idx.append((((a[0] * FNV_PRIME)[:, None] ^ b[0][None, :]) & mask).ravel())
             val.append(np.outer(a[1], b[1]).ravel())
-    index, inverse = np.unique(np.concatenate(idx), return_inverse=True)
-    return index, np.bincount(inverse, weights=np.concatenate(val))
+    return np.concatenate(idx), np.concatenate(val)
 
 
 def _line_terms(hashing_: Hashing, spec: LinearSpec, line: str,
@@ -109,14 +108,15 @@ class RidgeRefit:
         new = j < 0
         if new.any():
             d = self.terms.size
-            fresh = index[new]
+            fresh = np.unique(index[new])
             if d + fresh.size > self.max_terms:
                 self.overflow = True
                 self._pending.clear()
                 log.warning("ridge regression: more than %d terms; VW's online weights serve from now on",
                             self.max_terms)
                 return
-            j[new] = self._slot[fresh] = np.arange(d, d + fresh.size, dtype=np.int32)
+            self._slot[fresh] = np.arange(d, d + fresh.size, dtype=np.int32)
+            j = self._slot[index]
             self.terms = np.concatenate([self.terms, fresh])
         self._pending.append((j, x, y))
         self.n += 1
@@ -177,19 +177,21 @@ class RidgeRefit:
         self._flush()
         d = self.terms.size
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, terms=self.terms, a=self.a[:d, :d], b=self.b[:d], n=np.array([self.n]),
-                 overflow=np.array([self.overflow]))
+        rows, cols = np.nonzero(np.triu(self.a[:d, :d]))  # sparse: terms meet only within examples
+        np.savez(tmp, terms=self.terms, rows=rows.astype(np.int32), cols=cols.astype(np.int32),
+                 values=self.a[rows, cols], b=self.b[:d], n=np.array([self.n]), overflow=np.array([self.overflow]))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path, spec: LinearSpec, **kwargs: object) -> RidgeRefit:
         r = cls(spec, **kwargs)  # type: ignore[arg-type]
         with np.load(path) as f:
-            terms, a, b = f["terms"], f["a"], f["b"]
+            terms, rows, cols, values, b = f["terms"], f["rows"], f["cols"], f["values"], f["b"]
             r.n, r.overflow = int(f["n"][0]), bool(f["overflow"][0])
         r.terms = terms.astype(I64)
         r._slot[r.terms] = np.arange(r.terms.size, dtype=np.int32)
         r._grow(terms.size)
-        r.a[:terms.size, :terms.size] = a
+        r.a[rows, cols] = values
+        r.a[cols, rows] = values
         r.b[:terms.size] = b
         return r
