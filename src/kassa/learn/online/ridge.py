@@ -34,8 +34,8 @@ SUFFIX = ".ridge.npz"
 def all_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str,
               cache: dict[str, tuple[dict, np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every term of one (shared, action) example as the scorer computes it: masked weight indices and feature
-    values (an index may repeat: the normal equations' sums come out the same). ``cache`` keeps each line's own terms (its linear terms and the crosses
-    within it), which do not depend on the other line."""
+    values (an index may repeat: the normal equations' sums come out the same). ``cache`` keeps each line's own
+    terms (its linear terms and the crosses within it), which do not depend on the other line."""
     mask = (1 << spec.bits) - 1
     sh, sh_idx, sh_val = _line_terms(hashing_, spec, shared, cache, constant=spec.constant)
     ac, ac_idx, ac_val = _line_terms(hashing_, spec, action, cache, constant=False)
