@@ -249,6 +249,10 @@ class Placement(Struct, forbid_unknown_fields=True, omit_defaults=True):
     ucb_alpha: Annotated[float, Meta(ge=0, le=1e6)] = 0.1
     ucb_epsilon: Probability = 0.02
     ucb_half_life: Count = 0  # ucb: learned examples after which a count weighs half (0: never forgotten)
+    # the online learner's regression: VW's online steps, or solved exactly at each snapshot over the same
+    # features (`kassa.learn.online.ridge`; for small feature spaces: tens of offers, a few context features)
+    regression: Literal["online", "ridge"] = "online"
+    ridge_half_life: Count = 0  # ridge: learned examples after which an example weighs half (0: never forgotten)
     # "value" ranks product placements (those with `retrieval`) by retrieval score, as "retrieval" does
     baseline: Literal["value", "popularity", "listed", "retrieval"] = "value"
     min_learned_decisions: Count = 200  # cold start: baseline until this many rewarded decisions

@@ -18,12 +18,15 @@ import logging
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import pylibvw
 import vowpalwabbit
 
 from kassa import policies, schemas
+from kassa.learn.online.ridge import SUFFIX as RIDGE_SUFFIX
+from kassa.learn.online.ridge import RidgeRefit
 from kassa.learn.serving.bonus import WeightCounts
 from kassa.learn.serving.sidecar import (
     LinearSpec,
@@ -129,6 +132,16 @@ class OnlineLearner:
         if self.ucb_alpha is not None:
             spec = spec_from_args(self.workspace.get_arguments(), 0)
             self.counts = _counts_of(latest[1] if init and latest else None, spec, float(placement.ucb_half_life))
+        self.ridge: RidgeRefit | None = None
+        if placement.regression == "ridge":
+            try:
+                ridge_spec = spec_from_args(self.workspace.get_arguments(), 0)
+            except UnsupportedModel as why:
+                log.warning("%s: regression ridge needs a model the linear scorer reproduces (%s); VW's online "
+                            "regression serves", placement.id, why)
+            else:
+                self.ridge = _ridge_of(latest[1] if init and latest else None, ridge_spec,
+                                       float(placement.ridge_half_life))
 
     def restart_from(self, path: Path, meta: dict | None = None) -> None:
         """Continue from another model's weights (a promoted or restored version) with this
@@ -139,6 +152,8 @@ class OnlineLearner:
         self.counter = model_counter(path)
         if self.counts is not None:
             self.counts = _counts_of(Path(path), self.counts.spec, self.counts.half_life)
+        if self.ridge is not None:  # another lineage's weights: the exact fit starts again from its next examples
+            self.ridge = RidgeRefit(self.ridge.spec, half_life=self.ridge.half_life)
         meta = meta or {}
         self.learned = int(meta.get("learned", self.learned))
         self.rewarded_decisions = int(meta.get("rewarded_decisions", self.rewarded_decisions))
@@ -162,13 +177,16 @@ class OnlineLearner:
         (tests/test_linear.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`."""
         del probability  # kept in the signature: callers pass what was logged
         ws = self.workspace
-        ec = ws._parse(f"{shared}\n0:{-self.scale(reward):.6g}:1{action}")
+        cost = -self.scale(reward)
+        ec = ws._parse(f"{shared}\n0:{cost:.6g}:1{action}")
         try:
             _learn_multi(ws, ec)
         finally:
             _finish_multi(ws, ec)
         if self.counts is not None:
             self.counts.add(shared, action)
+        if self.ridge is not None:
+            self.ridge.add(shared, action, float(f"{cost:.6g}"))  # the label VW learned
         self.counter += 1
         self.learned += 1
         self.learned_since_snapshot += 1
@@ -178,6 +196,7 @@ class OnlineLearner:
         self.seq += 1
         path = self.dir / f"{self.seq:08d}.vw"
         tmp = path.with_suffix(".tmp")
+        exact = self.ridge is not None and self.ridge.apply(self.workspace)
         self.workspace.save(str(tmp))
         os.replace(tmp, path)
         try:  # the serving copy, from the weights in memory (no second load)
@@ -188,12 +207,16 @@ class OnlineLearner:
         meta = {"seq": self.seq, "args": self.args, "learned": self.learned,
                 "rewarded_decisions": self.rewarded_decisions, "reward_sum": self.reward_sum, "created_at": time.time(),
                 "ucb": self.counts is not None, **self.scale.state()}
+        if self.ridge is not None:
+            self.ridge.save(path.with_suffix(RIDGE_SUFFIX))
+            meta.update(regression="ridge", ridge_exact=exact, ridge_terms=len(self.ridge.terms))
         path.with_suffix(".json").write_text(json.dumps(meta))
         self.learned_since_snapshot = 0
         for old in sorted(self.dir.glob("*.vw"))[:-keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
             sidecar_path(old).unlink(missing_ok=True)
+            old.with_suffix(RIDGE_SUFFIX).unlink(missing_ok=True)
         return path, version_name(self.placement_id, self.seq)
 
 
@@ -210,6 +233,18 @@ def _counts_of(model: Path | None, spec: LinearSpec, half_life: float) -> Weight
         if counts is None:
             log.warning("%s has no UCB counts (not a UCB model): counting from zero", model.name)
     return WeightCounts(spec, counts, half_life)
+
+
+def _ridge_of(model: Path | None, spec: LinearSpec, half_life: float) -> RidgeRefit:
+    """A ridge learner's normal equations, continued from ``model``'s when it saved them (else from zero)."""
+    saved = None if model is None else model.with_suffix(RIDGE_SUFFIX)
+    if saved is None or not saved.exists():
+        return RidgeRefit(spec, half_life=half_life)
+    try:
+        return RidgeRefit.load(saved, spec, half_life=half_life)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as why:
+        log.warning("ridge state of %s unreadable (%s): fitting again from the next examples", model, why)
+        return RidgeRefit(spec, half_life=half_life)
 
 
 def version_name(placement_id: str, seq: int) -> str:
