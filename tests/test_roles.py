@@ -83,8 +83,8 @@ class Project:
         self.config.write_text(yaml.safe_dump(cfg))
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    def start(self, *args: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         out = open(self.root / log, "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen([sys.executable, "-m", "kassa", *args, "--settings", str(self.config)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -244,7 +244,10 @@ def test_workers_and_the_child_learner_stop_when_their_supervisor_is_killed(proj
     # beside the old workers (SO_REUSEPORT), which went on serving the old code and settings.
     p = project()
     port = _free_port()
-    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "child", log="serve.log")
+    tmp = p.root / "tmp"  # the supervisor's temporary directory: its settings (keys, database URLs) stay off disk
+    tmp.mkdir()
+    proc = p.start("serve", "--port", str(port), "--workers", "2", "--learner", "child", log="serve.log",
+                   env={"TMPDIR": str(tmp)})
     _wait_ready(port)
     deadline = time.monotonic() + 30
     while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:
@@ -255,6 +258,8 @@ def test_workers_and_the_child_learner_stop_when_their_supervisor_is_killed(proj
     proc.wait(10)
     for kid in kids:
         _wait_dead(kid, 30)
+    # the child learner's settings went through a memory file: a kill -9 leaves no copy of them behind
+    assert list(tmp.iterdir()) == []
 
 
 def test_two_workers_answer_on_one_port_and_the_child_learner_learns_what_both_served(project) -> None:  # type: ignore[no-untyped-def]

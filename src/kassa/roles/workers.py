@@ -174,14 +174,30 @@ class Supervisor:
         self.children[pid] = index
 
     def _start_learner(self) -> None:
-        if self._settings_file is None:
-            fd, name = tempfile.mkstemp(prefix="kassa-learn-", suffix=".json")
-            with os.fdopen(fd, "wb") as f:
-                f.write(msgspec.json.encode(self.settings))  # JSON is YAML: `--settings` reads it as is
-            self._settings_file = Path(name)
+        """Start `kassa learn` with this process's settings. They hold keys and database URLs, so on Linux they go
+        through a memory file the child inherits (`--settings /proc/self/fd/N`), which no kill -9 can leave behind;
+        elsewhere through a private temporary file, removed when the supervisor stops."""
         parent = os.getpid()
-        self.learner_proc = subprocess.Popen([sys.executable, "-m", "kassa", "learn", "--settings",
-                                              str(self._settings_file)], preexec_fn=lambda: stop_with_parent(parent))
+        encoded = msgspec.json.encode(self.settings)  # JSON is YAML: `--settings` reads it as is
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None:
+            fd = memfd("kassa-learn-settings")
+            try:
+                os.write(fd, encoded)
+                self.learner_proc = subprocess.Popen(
+                    [sys.executable, "-m", "kassa", "learn", "--settings", f"/proc/self/fd/{fd}"], pass_fds=(fd,),
+                    preexec_fn=lambda: stop_with_parent(parent))
+            finally:
+                os.close(fd)
+        else:
+            if self._settings_file is None:
+                fd, name = tempfile.mkstemp(prefix="kassa-learn-", suffix=".json")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(encoded)
+                self._settings_file = Path(name)
+            self.learner_proc = subprocess.Popen(
+                [sys.executable, "-m", "kassa", "learn", "--settings", str(self._settings_file)],
+                preexec_fn=lambda: stop_with_parent(parent))
         log.info("learner (pid %d) started", self.learner_proc.pid)
 
     def _stop(self, signum: int, _frame: object) -> None:
