@@ -530,7 +530,8 @@ def test_handover_learns_every_example_exactly_once_across_a_takeover() -> None:
     ("all", "memory", "external", False),
 ])
 def test_which_process_computes_the_stream_views(tmp_path: Path, catalog_file: Path, features_file: Path,
-                                                 role: str, store: str, mode: str, computes: bool) -> None:
+                                                 role: str, store: str, mode: str, computes: bool,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     from kassa.app import Kassa
 
     prefix = f"kassa-test-{uuid.uuid4().hex[:8]}"
@@ -543,6 +544,12 @@ def test_which_process_computes_the_stream_views(tmp_path: Path, catalog_file: P
         assert any(v.kind == "stream" for v in kassa.repo.views)
         assert (kassa.stream is not None) is computes
         assert (kassa.events.stream is not None) is computes
+        # where this process leaves its stream views to `kassa stream`, it says so once at start (they stayed stale,
+        # silently, when none ran)
+        said = [r.getMessage() for r in caplog.records if "kassa stream" in r.getMessage()]
+        assert len(said) == (0 if computes else 1), said
+        if not computes:
+            assert "customer_activity" in said[0] and "features.streaming" in said[0]
     finally:
         kassa.event_log.close()
         kassa.decision_log.close()

@@ -176,6 +176,11 @@ class Kassa:
             StreamProcessor(stream_views, self.store, self.event_log, clock, checkpoint_path=data / "stream.checkpoint")
             if stream_views and self.streams_in_process() else None
         )
+        if stream_views and self.stream is None and role != "learn":  # they stayed stale, silently, without it
+            log.warning("stream views %s are computed by `kassa stream` (features.streaming: %s, %s online store): "
+                        "run it beside this process, or set features.streaming: inprocess",
+                        ", ".join(v.name for v in stream_views), settings.features.streaming,
+                        settings.features.online_store)
         # A serving worker joins nothing itself: `kassa learn` reads the events from the log.
         ingest_joiner = cast(RewardJoiner, self.records) if self.records is not None else self.joiner
         self.events = EventIngest(self.event_log, self.catalog, ingest_joiner, self.profiles,
