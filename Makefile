@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # `make test` runs the test files in this many processes (pytest-xdist, a file per process at a time: a file's
 # tests share their servers and fixtures as they did serially). 2 on this 2-core machine: 17:11 -> 9:51 and 8:52.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint bench serve clean schemathesis
 
