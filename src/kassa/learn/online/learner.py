@@ -177,8 +177,8 @@ class OnlineLearner:
         (tests/test_linear.py), ~9 instead of ~15 µs per example, 3 examples per decision in `kassa learn`."""
         del probability  # kept in the signature: callers pass what was logged
         ws = self.workspace
-        cost = -self.scale(reward)
-        ec = ws._parse(f"{shared}\n0:{cost:.6g}:1{action}")
+        cost = f"{-self.scale(reward):.6g}"  # the label as VW reads it; the exact fit learns the same number
+        ec = ws._parse(f"{shared}\n0:{cost}:1{action}")
         try:
             _learn_multi(ws, ec)
         finally:
@@ -186,7 +186,7 @@ class OnlineLearner:
         if self.counts is not None:
             self.counts.add(shared, action)
         if self.ridge is not None:
-            self.ridge.add(shared, action, float(f"{cost:.6g}"))  # the label VW learned
+            self.ridge.add(shared, action, float(cost))
         self.counter += 1
         self.learned += 1
         self.learned_since_snapshot += 1

@@ -4,8 +4,8 @@ VW's online learner makes one adaptive gradient step per example. On `bench/qual
 exploration rules Kassa offers reached more on an exact least-squares fit of the same features than on VW's
 online one (ADR 0010's addendum of 2026-12-07 morning: squareCB 0.776 of the oracle against 0.713). This keeps
 the normal equations of every example the online learner learns, over the same hashed terms VW and the numpy
-scorer use (`kassa.learn.serving.linear.LinearModel.scores`: the constant, the linear terms of both lines and
-the quadratic crosses), and solves ``(X'X + lambda I) w = X'y`` when a snapshot is written. The solution is
+scorer use (`kassa.learn.serving.terms.all_terms`: the constant, the linear terms of both lines and the quadratic
+crosses), and solves ``(X'X + lambda I) w = X'y`` when a snapshot is written. The solution is
 written into the VW workspace's weights before it is saved, so the ``.vw`` file, its ``.lin`` sidecar and
 everything that reads either (serving, `kassa evaluate`, restarts) see one model.
 
@@ -23,60 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kassa.learn.serving.hashing import CONSTANT, FNV_PRIME, I64, Hashing, hashing
+from kassa.learn.serving.hashing import I64, hashing
 from kassa.learn.serving.sidecar import LinearSpec
+from kassa.learn.serving.terms import LineCache, all_terms
 
 log = logging.getLogger("kassa.learn")
 
 SUFFIX = ".ridge.npz"
-
-
-def all_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str,
-              cache: dict[str, tuple[dict, np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every term of one (shared, action) example as the scorer computes it: masked weight indices and feature
-    values (an index may repeat: the normal equations' sums come out the same). ``cache`` keeps each line's own
-    terms (its linear terms and the crosses within it), which do not depend on the other line."""
-    mask = (1 << spec.bits) - 1
-    sh, sh_idx, sh_val = _line_terms(hashing_, spec, shared, cache, constant=spec.constant)
-    ac, ac_idx, ac_val = _line_terms(hashing_, spec, action, cache, constant=False)
-    idx: list[np.ndarray] = [sh_idx, ac_idx]
-    val: list[np.ndarray] = [sh_val, ac_val]
-    for x, y in spec.quadratic:
-        for a, b in ((sh.get(x), ac.get(y)), (ac.get(x), sh.get(y))):
-            if a is None or b is None:
-                continue
-            idx.append((((a[0] * FNV_PRIME)[:, None] ^ b[0][None, :]) & mask).ravel())
-            val.append(np.outer(a[1], b[1]).ravel())
-    return np.concatenate(idx), np.concatenate(val)
-
-
-def _line_terms(hashing_: Hashing, spec: LinearSpec, line: str,
-                cache: dict[str, tuple[dict, np.ndarray, np.ndarray]] | None,
-                constant: bool) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One line's features by namespace (hashes as int64, values as float64), and the terms within the line."""
-    hit = None if cache is None else cache.get(line)
-    if hit is not None:
-        return hit
-    mask = (1 << spec.bits) - 1
-    ns = {k: (np.asarray(hs, dtype=I64), np.asarray(vs, dtype=np.float64))
-          for k, (hs, vs) in hashing_.parse(line).items()}
-    idx: list[np.ndarray] = [np.array([CONSTANT & mask], dtype=I64)] if constant else []
-    val: list[np.ndarray] = [np.ones(1)] if constant else []
-    for k, (hs, vs) in ns.items():
-        if k not in spec.ignore_linear:
-            idx.append(hs & mask)
-            val.append(vs)
-    for x, y in spec.quadratic:
-        a, b = ns.get(x), ns.get(y)
-        if a is not None and b is not None:
-            idx.append((((a[0] * FNV_PRIME)[:, None] ^ b[0][None, :]) & mask).ravel())
-            val.append(np.outer(a[1], b[1]).ravel())
-    out = (ns, np.concatenate(idx) if idx else np.zeros(0, dtype=I64), np.concatenate(val) if val else np.zeros(0))
-    if cache is not None:
-        if len(cache) >= 10_000:
-            cache.clear()
-        cache[line] = out
-    return out
 
 
 class RidgeRefit:
@@ -94,7 +47,7 @@ class RidgeRefit:
         self.terms = np.zeros(0, dtype=I64)  # term j's masked weight index
         self._slot = np.full(1 << spec.bits, -1, dtype=np.int32)  # masked weight index -> term j
         self._pending: list[tuple[np.ndarray, np.ndarray, float]] = []  # examples not yet in a and b
-        self._lines: dict[str, tuple[dict, np.ndarray, np.ndarray]] = {}  # `all_terms`' cache
+        self._lines: LineCache = {}
         self.a = np.zeros((0, 0))
         self.b = np.zeros(0)
         self.n = 0  # examples added

@@ -16,32 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from kassa.learn.serving.hashing import FNV_PRIME, I64, Hashing, hashing
+from kassa.learn.serving.hashing import Hashing, hashing
 from kassa.learn.serving.sidecar import Counts, LinearSpec
+from kassa.learn.serving.terms import LineCache, action_terms
 
 
-def example_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str) -> tuple[np.ndarray, np.ndarray]:
+def example_terms(hashing_: Hashing, spec: LinearSpec, shared: str, action: str,
+                  cache: LineCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The weight indices (masked to the table) and squared values of one example's action-dependent terms,
     as `kassa.learn.serving.linear.LinearModel.scores` crosses them (an index may repeat)."""
-    mask = (1 << spec.bits) - 1
-    sh, ac = hashing_.parse(shared), hashing_.parse(action)
-    idx: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    for ns, (hs, vs) in ac.items():
-        if ns not in spec.ignore_linear:
-            idx.append(np.asarray(hs, dtype=I64) & mask)
-            val.append(np.square(vs, dtype=np.float64))
-    for x, y in spec.quadratic:
-        sx, ax, sy, ay = sh.get(x), ac.get(x), sh.get(y), ac.get(y)
-        for a, b in ((sx, ay), (ax, sy), (ax, ay)):
-            if a is None or b is None:
-                continue
-            ha, hb = np.asarray(a[0], dtype=I64), np.asarray(b[0], dtype=I64)
-            idx.append((((ha * FNV_PRIME)[:, None] ^ hb[None, :]) & mask).ravel())
-            val.append(np.square(np.outer(a[1], b[1]), dtype=np.float64).ravel())
-    if not idx:
-        return np.zeros(0, dtype=I64), np.zeros(0)
-    return np.concatenate(idx), np.concatenate(val)
+    idx, val = action_terms(hashing_, spec, shared, action, cache)
+    return idx, np.square(val)
 
 
 class WeightCounts:
@@ -56,6 +41,7 @@ class WeightCounts:
         self.half_life = half_life
         self._decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
         self._hashing = hashing(spec.bits)
+        self._lines: LineCache = {}
         if counts is not None and counts[0].size:
             self._stored[counts[0].astype(np.intp) & ((1 << spec.bits) - 1)] = counts[1]
 
@@ -69,7 +55,7 @@ class WeightCounts:
             if self._scale < 1e-100:
                 self._stored *= self._scale
                 self._scale = 1.0
-        idx, val = example_terms(self._hashing, self.spec, shared, action)
+        idx, val = example_terms(self._hashing, self.spec, shared, action, self._lines)
         np.add.at(self._stored, idx, val / self._scale)
 
     def nonzero(self) -> Counts:
